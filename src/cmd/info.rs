@@ -1,0 +1,68 @@
+//! `vggctl info` and `vggctl --version`.
+
+use anyhow::Result;
+use serde::Serialize;
+use tch::Cuda;
+use vggctl::device::{LIBTORCH_VERSION, gpu_names};
+
+use super::{print_json, print_out};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize)]
+struct Info {
+    vggctl: &'static str,
+    libtorch: &'static str,
+    cuda_available: bool,
+    cuda_devices: i64,
+    cudnn_available: bool,
+    gpus: Vec<String>,
+    threads: i32,
+}
+
+fn gather() -> Info {
+    Info {
+        vggctl: env!("CARGO_PKG_VERSION"),
+        libtorch: LIBTORCH_VERSION,
+        cuda_available: Cuda::is_available(),
+        cuda_devices: Cuda::device_count(),
+        cudnn_available: Cuda::cudnn_is_available(),
+        gpus: gpu_names(),
+        threads: tch::get_num_threads(),
+    }
+}
+
+pub fn print_version(json: bool) -> Result<()> {
+    let i = gather();
+    if json {
+        return print_json(&i);
+    }
+    let mut s = format!("vggctl {}\nlibtorch {}\n", i.vggctl, i.libtorch);
+    if i.cuda_available {
+        s += &format!("CUDA: available, {} device(s)\n", i.cuda_devices);
+        for (n, name) in i.gpus.iter().enumerate() {
+            s += &format!("  cuda:{n}  {name}\n");
+        }
+        s += &format!(
+            "cuDNN: {}\n",
+            if i.cudnn_available {
+                "available"
+            } else {
+                "not available"
+            }
+        );
+    } else {
+        s += "CUDA: not available (running on CPU)\n";
+    }
+    s += &format!("CPU threads: {}\n", i.threads);
+    print_out(&s)
+}
+
+pub fn run(args: Args) -> Result<()> {
+    print_version(args.json)
+}

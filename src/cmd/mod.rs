@@ -1,0 +1,127 @@
+//! One module per subcommand, each with its `Args` and `run`; this module
+//! holds the options they share and the dispatch.
+
+mod info;
+mod params;
+
+use std::io::Write;
+
+use anyhow::{Result, bail};
+use clap::{Args, Parser, Subcommand};
+use tch::Device;
+use vggctl::device::parse_device;
+use vggctl::model::{Arch, Head, ModelSpec};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "vggctl",
+    about = "Train, evaluate, fine-tune and export VGG image classifiers (libtorch, no Python)",
+    disable_version_flag = true
+)]
+pub struct Cli {
+    /// Print vggctl's and libtorch's versions and what CUDA devices are visible.
+    #[arg(short = 'V', long = "version", global = false)]
+    version: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Versions, CUDA/cuDNN availability and device names.
+    Info(info::Args),
+    /// Parameters, shapes, multiply-adds and receptive fields per layer.
+    Params(params::Args),
+    /// Train on CIFAR-10 with the recipe (not implemented yet).
+    Train(Pending),
+    /// Evaluate a checkpoint (not implemented yet).
+    Eval(Pending),
+    /// Fine-tune torchvision's ImageNet weights (not implemented yet).
+    Finetune(Pending),
+    /// Export to safetensors, TorchScript or ONNX (not implemented yet).
+    Export(Pending),
+    /// Classify images (not implemented yet).
+    Predict(Pending),
+}
+
+/// Placeholder arguments for subcommands whose issues have not landed.
+#[derive(Args, Debug)]
+struct Pending {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    rest: Vec<String>,
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    if cli.version {
+        return info::print_version(false);
+    }
+    let Some(command) = cli.command else {
+        bail!("no subcommand given; see 'vggctl --help'");
+    };
+    match command {
+        Command::Info(args) => info::run(args),
+        Command::Params(args) => params::run(args),
+        Command::Train(_) => not_implemented("train"),
+        Command::Eval(_) => not_implemented("eval"),
+        Command::Finetune(_) => not_implemented("finetune"),
+        Command::Export(_) => not_implemented("export"),
+        Command::Predict(_) => not_implemented("predict"),
+    }
+}
+
+fn not_implemented(name: &str) -> Result<()> {
+    bail!("'vggctl {name}' is not implemented yet")
+}
+
+/// Options every model-building subcommand shares.
+#[derive(Args, Debug, Clone)]
+pub struct ModelOpts {
+    /// vgg11, vgg13, vgg16 or vgg19 (a `_bn` suffix implies --bn).
+    #[arg(long, default_value = "vgg16")]
+    pub arch: String,
+    /// With BatchNorm after every convolution.
+    #[arg(long)]
+    pub bn: bool,
+    /// Classifier head: imagenet (torchvision's), cifar (512-512-N) or gap (global pool + linear).
+    #[arg(long, value_enum)]
+    pub head: Option<Head>,
+    /// Number of classes [default: 1000 for the imagenet head, 10 otherwise].
+    #[arg(long)]
+    pub classes: Option<i64>,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Print one JSON document on stdout instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl ModelOpts {
+    /// The model these options name; `default_head` is the subcommand's.
+    pub fn spec(&self, default_head: Head) -> Result<ModelSpec> {
+        let (arch, bn_suffix) = Arch::parse_with_bn(&self.arch)?;
+        let head = self.head.unwrap_or(default_head);
+        let classes = self.classes.unwrap_or(head.default_classes());
+        if classes < 1 {
+            bail!("--classes {classes}: a classifier needs at least one class");
+        }
+        Ok(ModelSpec::new(arch, self.bn || bn_suffix, head, classes))
+    }
+
+    #[allow(dead_code)] // used by the training subcommands
+    pub fn device(&self) -> Result<Device> {
+        parse_device(&self.device)
+    }
+}
+
+/// Writes `text` to stdout; a closed pipe surfaces as an io error that main ignores.
+pub fn print_out(text: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()?;
+    Ok(())
+}
+
+pub fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
+    print_out(&(serde_json::to_string_pretty(value)? + "\n"))
+}

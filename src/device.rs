@@ -1,0 +1,61 @@
+//! Choosing a device, and what libtorch reports about CUDA.
+
+use anyhow::{Result, bail};
+use tch::{Cuda, Device};
+
+/// The libtorch version the binary was built against (from the torch
+/// package's `version.py`, read by build.rs).
+pub const LIBTORCH_VERSION: &str = env!("VGGCTL_LIBTORCH_VERSION");
+
+/// Parses `auto`, `cpu`, `cuda` or `cuda:N`; `auto` picks CUDA when present.
+pub fn parse_device(s: &str) -> Result<Device> {
+    let count = Cuda::device_count();
+    let cuda = |i: usize| -> Result<Device> {
+        if (i as i64) < count {
+            Ok(Device::Cuda(i))
+        } else if count == 0 {
+            bail!("--device {s}: CUDA is not available (libtorch {LIBTORCH_VERSION} sees no GPU)")
+        } else {
+            bail!("--device {s}: there are only {count} CUDA devices")
+        }
+    };
+    match s {
+        "auto" => Ok(if count > 0 {
+            Device::Cuda(0)
+        } else {
+            Device::Cpu
+        }),
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => cuda(0),
+        _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(i)) => cuda(i),
+            _ => bail!("unknown device '{s}' (expected auto, cpu, cuda or cuda:N)"),
+        },
+    }
+}
+
+pub fn device_name(d: Device) -> String {
+    match d {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(i) => format!("cuda:{i}"),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+/// GPU model names as the NVIDIA driver lists them (tch binds no
+/// cudaGetDeviceProperties). Empty when there is no driver.
+pub fn gpu_names() -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir("/proc/driver/nvidia/gpus") else {
+        return Vec::new();
+    };
+    let mut entries: Vec<_> = dir.flatten().map(|e| e.path()).collect();
+    entries.sort();
+    entries
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p.join("information")).ok())
+        .filter_map(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("Model:").map(|m| m.trim().to_string()))
+        })
+        .collect()
+}

@@ -1,0 +1,21 @@
+//! vggctl's library: the VGG models and everything the subcommands share.
+//! Nothing here knows about clap or the terminal; `cmd/` wires it together.
+
+pub mod device;
+pub mod fsutil;
+pub mod model;
+pub mod report;
+pub mod weights;
+
+/// Returned when Ctrl-C stopped a run after it saved its state; the binary
+/// exits with 130.
+#[derive(Debug)]
+pub struct Interrupted(pub String);
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Interrupted {}

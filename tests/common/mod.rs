@@ -1,0 +1,63 @@
+//! Helpers shared by the integration tests: running the real binary in a
+//! fresh temporary directory, and finding the Python-written fixtures.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_vggctl")
+}
+
+/// Where `scripts/test` has `tests/make_reference.py` and friends write.
+pub fn fixtures() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    assert!(
+        dir.is_dir(),
+        "{} is missing: run scripts/test (it writes the Python reference tensors first)",
+        dir.display()
+    );
+    dir
+}
+
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+pub fn run_in(dir: &Path, args: &[&str]) -> Run {
+    let out: Output = Command::new(bin())
+        .args(args)
+        .current_dir(dir)
+        .env_remove("VGGCTL_CIFAR10_URL")
+        .output()
+        .expect("running vggctl");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("temp dir")
+}
+
+/// An error run: non-zero exit, and one line on stderr that contains `needle`.
+pub fn assert_one_line_error(r: &Run, code: i32, needle: &str) {
+    assert_eq!(r.code, code, "exit code; stderr: {}", r.stderr);
+    let lines: Vec<&str> = r.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "expected one error line, got: {:?}",
+        r.stderr
+    );
+    assert!(
+        lines[0].contains(needle),
+        "error {:?} should mention {needle:?}",
+        lines[0]
+    );
+    assert!(!r.stderr.contains("panicked"), "panic: {}", r.stderr);
+}
