@@ -1,10 +1,16 @@
 //! vggctl's library: the VGG models and everything the subcommands share.
 //! Nothing here knows about clap or the terminal; `cmd/` wires it together.
 
+pub mod checkpoint;
+pub mod data;
 pub mod device;
 pub mod fsutil;
 pub mod model;
+pub mod optim;
+pub mod pickle;
+pub mod plot;
 pub mod report;
+pub mod train;
 pub mod weights;
 
 /// Returned when Ctrl-C stopped a run after it saved its state; the binary

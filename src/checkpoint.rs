@@ -1,0 +1,121 @@
+//! vggctl's checkpoint files: torchvision-named weights in safetensors, with
+//! string metadata that says how to rebuild and feed the model.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use anyhow::{Context, Result, anyhow};
+use serde::{Deserialize, Serialize};
+use tch::Tensor;
+
+use crate::model::{Arch, Head, ModelSpec, Vgg};
+use crate::weights::{read_safetensors, write_safetensors};
+
+/// What a model file says about itself.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ModelMeta {
+    pub arch: Arch,
+    pub bn: bool,
+    pub head: Head,
+    pub classes: i64,
+    pub class_names: Vec<String>,
+    pub mean: [f64; 3],
+    pub std: [f64; 3],
+    pub input_size: i64,
+    pub dataset: String,
+    /// Epochs completed when written (0 for weights that were never trained here).
+    pub epoch: usize,
+    /// Test top-1 accuracy (percent) at that epoch, if evaluated.
+    pub accuracy: Option<f64>,
+}
+
+const FORMAT_KEY: &str = "format";
+const FORMAT: &str = "vggctl-1";
+
+impl ModelMeta {
+    pub fn spec(&self) -> ModelSpec {
+        ModelSpec::new(self.arch, self.bn, self.head, self.classes)
+    }
+
+    /// Flat string pairs, as safetensors metadata must be.
+    pub fn to_metadata(&self) -> HashMap<String, String> {
+        let mut m = HashMap::new();
+        m.insert(FORMAT_KEY.into(), FORMAT.into());
+        m.insert("arch".into(), self.arch.name().into());
+        m.insert("bn".into(), self.bn.to_string());
+        m.insert("head".into(), self.head.name().into());
+        m.insert("classes".into(), self.classes.to_string());
+        m.insert(
+            "class_names".into(),
+            serde_json::to_string(&self.class_names).unwrap_or_default(),
+        );
+        m.insert(
+            "mean".into(),
+            serde_json::to_string(&self.mean).unwrap_or_default(),
+        );
+        m.insert(
+            "std".into(),
+            serde_json::to_string(&self.std).unwrap_or_default(),
+        );
+        m.insert("input_size".into(), self.input_size.to_string());
+        m.insert("dataset".into(), self.dataset.clone());
+        m.insert("epoch".into(), self.epoch.to_string());
+        if let Some(a) = self.accuracy {
+            m.insert("accuracy".into(), format!("{a}"));
+        }
+        m
+    }
+
+    /// `None` when the file has no vggctl metadata (a plain state dict).
+    pub fn from_metadata(m: &HashMap<String, String>) -> Result<Option<ModelMeta>> {
+        if m.get(FORMAT_KEY).map(String::as_str) != Some(FORMAT) {
+            return Ok(None);
+        }
+        let get = |k: &str| m.get(k).ok_or_else(|| anyhow!("metadata lacks '{k}'"));
+        let json = |k: &str| -> Result<serde_json::Value> {
+            serde_json::from_str(get(k)?).with_context(|| format!("metadata '{k}' is not JSON"))
+        };
+        let num = |k: &str| -> Result<i64> {
+            get(k)?
+                .parse()
+                .with_context(|| format!("metadata '{k}' is not a number"))
+        };
+        Ok(Some(ModelMeta {
+            arch: Arch::parse_with_bn(get("arch")?)?.0,
+            bn: get("bn")? == "true",
+            head: get("head")?.parse()?,
+            classes: num("classes")?,
+            class_names: serde_json::from_value(json("class_names")?)?,
+            mean: serde_json::from_value(json("mean")?)?,
+            std: serde_json::from_value(json("std")?)?,
+            input_size: num("input_size")?,
+            dataset: get("dataset")?.clone(),
+            epoch: num("epoch")? as usize,
+            accuracy: m.get("accuracy").and_then(|a| a.parse().ok()),
+        }))
+    }
+}
+
+/// Writes the model's state dict (torchvision names, `num_batches_tracked`
+/// included) with `meta`, atomically.
+pub fn save_model(path: &Path, model: &Vgg, meta: &ModelMeta) -> Result<()> {
+    write_safetensors(path, &model.state_dict(), &meta.to_metadata())
+}
+
+/// A model file: its metadata (if vggctl wrote it) and tensors.
+pub struct ModelFile {
+    pub meta: Option<ModelMeta>,
+    pub tensors: BTreeMap<String, Tensor>,
+    pub metadata: HashMap<String, String>,
+}
+
+pub fn read_model_file(path: &Path) -> Result<ModelFile> {
+    let sd = read_safetensors(path)?;
+    let meta = ModelMeta::from_metadata(&sd.metadata)
+        .with_context(|| format!("{}: bad vggctl metadata", path.display()))?;
+    Ok(ModelFile {
+        meta,
+        tensors: sd.tensors,
+        metadata: sd.metadata,
+    })
+}

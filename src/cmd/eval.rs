@@ -1,0 +1,129 @@
+//! `vggctl eval`: top-1/top-5, loss, per-class accuracy and the confusion
+//! matrix of a checkpoint on a dataset's test split.
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use serde::Serialize;
+use vggctl::checkpoint::read_model_file;
+use vggctl::data::augment::Normalizer;
+use vggctl::model::{Head, Vgg};
+use vggctl::train::{DeviceSplit, EvalResult, evaluate};
+
+use super::data_opts::DataOpts;
+use super::{ModelOpts, print_json, print_out};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// A vggctl checkpoint (last/best.safetensors), or a torchvision-named
+    /// safetensors state dict together with --arch/--bn/--head/--classes.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    #[command(flatten)]
+    model: ModelOpts,
+    #[command(flatten)]
+    data: DataOpts,
+    #[arg(long, default_value_t = 100)]
+    batch_size: i64,
+    /// Evaluate on the first N test images only.
+    #[arg(long)]
+    limit_test: Option<i64>,
+}
+
+#[derive(Serialize)]
+struct Report {
+    checkpoint: PathBuf,
+    model: String,
+    dataset: String,
+    classes: Vec<String>,
+    #[serde(flatten)]
+    result: EvalResult,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    if args.batch_size < 1 {
+        bail!("--batch-size must be at least 1");
+    }
+    let device = args.model.device()?;
+    let file = read_model_file(&args.checkpoint)?;
+    let spec = match &file.meta {
+        Some(meta) => meta.spec(),
+        None => args.model.spec(Head::Cifar)?,
+    };
+    let mut data = args.data.clone();
+    if let Some(meta) = &file.meta
+        && data.dataset != meta.dataset
+        && meta.dataset == "cifar10"
+    {
+        data.dataset = meta.dataset.clone();
+    }
+    let dataset = data.load(false)?;
+    if dataset.classes.len() as i64 != spec.classes {
+        bail!(
+            "{}: the model has {} classes but {} has {}",
+            args.checkpoint.display(),
+            spec.classes,
+            dataset.name,
+            dataset.classes.len()
+        );
+    }
+    let (mean, std) = file
+        .meta
+        .as_ref()
+        .map_or((dataset.mean, dataset.std), |m| (m.mean, m.std));
+    let mut model = Vgg::new(spec, device);
+    model.load_state_dict(&args.checkpoint.display().to_string(), &file.tensors)?;
+    let test = DeviceSplit::new(&dataset.test.limit(args.limit_test), device);
+    let result = evaluate(
+        &model,
+        &test,
+        args.batch_size,
+        &Normalizer::new(mean, std, device),
+    );
+    let report = Report {
+        checkpoint: args.checkpoint.clone(),
+        model: spec.model_name(),
+        dataset: dataset.name.clone(),
+        classes: dataset.classes.clone(),
+        result,
+    };
+    if args.model.json {
+        print_json(&report)
+    } else {
+        print_out(&render(&report))
+    }
+}
+
+fn render(r: &Report) -> String {
+    let e = &r.result;
+    let mut s = format!(
+        "{} on {} test ({} images): top-1 {:.2}%  top-5 {:.2}%  loss {:.4}\n\nper-class accuracy:\n",
+        r.model, r.dataset, e.images, e.top1, e.top5, e.loss
+    );
+    let w = r.classes.iter().map(|c| c.len()).max().unwrap_or(5).max(5);
+    for (name, acc) in r.classes.iter().zip(&e.per_class) {
+        s += &format!("  {name:<w$}  {acc:6.2}%\n");
+    }
+    s += "\nconfusion matrix (rows: true class, columns: predicted):\n";
+    let cw = e
+        .confusion
+        .iter()
+        .flatten()
+        .map(|v| v.to_string().len())
+        .max()
+        .unwrap_or(1)
+        .max(3);
+    s += &format!("  {:<w$} ", "");
+    for i in 0..r.classes.len() {
+        s += &format!(" {i:>cw$}");
+    }
+    s.push('\n');
+    for (i, (name, row)) in r.classes.iter().zip(&e.confusion).enumerate() {
+        s += &format!("  {:<w$} ", format!("{i} {name}"));
+        for v in row {
+            s += &format!(" {v:>cw$}");
+        }
+        s.push('\n');
+    }
+    s
+}

@@ -1,0 +1,591 @@
+//! The training loop (`train_one_epoch`, `evaluate`, `fit`): the CIFAR recipe
+//! on a device-resident dataset, with checkpoints that resume exactly.
+//!
+//! Exact resume comes from the randomness being a function of the position:
+//! each epoch's permutation is drawn after seeding with (seed, epoch), and
+//! each step's augmentation and dropout after seeding with (seed, epoch, step).
+//! A run restarted at any step therefore draws exactly what the uninterrupted
+//! run drew.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Reduction, Tensor};
+
+use crate::Interrupted;
+use crate::checkpoint::{ModelMeta, save_model};
+use crate::data::augment::{Normalizer, random_crop_flip};
+use crate::data::{Dataset, Split};
+use crate::fsutil::write_atomic_bytes;
+use crate::model::{ModelSpec, Vgg};
+use crate::optim::{Optimizer, OptimizerConfig};
+use crate::weights::{read_safetensors, write_safetensors};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum SchedulerKind {
+    Multistep,
+    Cosine,
+}
+
+/// Every resolved option of a training run (written to `config.json`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TrainConfig {
+    pub model: ModelSpec,
+    pub dataset: String,
+    pub data_dir: String,
+    pub epochs: usize,
+    pub batch_size: i64,
+    pub test_batch_size: i64,
+    pub optimizer: OptimizerConfig,
+    pub lr: f64,
+    pub scheduler: SchedulerKind,
+    pub milestones: Vec<usize>,
+    pub gamma: f64,
+    pub warmup_epochs: usize,
+    pub label_smoothing: f64,
+    pub seed: u64,
+    pub limit_train: Option<i64>,
+    pub limit_test: Option<i64>,
+    pub device: String,
+    pub out: PathBuf,
+    /// Side of the (square) training input.
+    pub input_size: i64,
+    /// Zero padding of the random crop.
+    pub crop_padding: i64,
+}
+
+impl TrainConfig {
+    /// The learning rate of `epoch` (0-based): linear warm-up, then
+    /// MultiStepLR or cosine annealing, each a pure function of the epoch
+    /// (PyTorch's schedulers stepped once per epoch).
+    pub fn lr_at(&self, epoch: usize) -> f64 {
+        if epoch < self.warmup_epochs {
+            return self.lr * (epoch + 1) as f64 / self.warmup_epochs as f64;
+        }
+        match self.scheduler {
+            SchedulerKind::Multistep => {
+                let passed = self.milestones.iter().filter(|&&m| epoch >= m).count();
+                self.lr * self.gamma.powi(passed as i32)
+            }
+            SchedulerKind::Cosine => {
+                let span = (self.epochs - self.warmup_epochs).max(1) as f64;
+                let t = (epoch - self.warmup_epochs) as f64;
+                self.lr * 0.5 * (1.0 + (std::f64::consts::PI * t / span).cos())
+            }
+        }
+    }
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct EpochMetrics {
+    /// 1-based.
+    pub epoch: usize,
+    pub lr: f64,
+    pub train_loss: f64,
+    pub train_acc: f64,
+    pub test_loss: f64,
+    pub test_top1: f64,
+    pub test_top5: f64,
+    pub images_per_s: f64,
+    pub seconds: f64,
+}
+
+/// Running sums of the epoch in progress (saved on interrupt).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Partial {
+    pub loss_sum: f64,
+    pub correct: i64,
+    pub seen: i64,
+    pub seconds: f64,
+}
+
+/// Where a run stands; with the weights and optimizer state it is a resume point.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TrainState {
+    pub config: TrainConfig,
+    pub class_names: Vec<String>,
+    pub mean: [f64; 3],
+    pub std: [f64; 3],
+    /// 0-based epoch in progress, and batches of it already done.
+    pub epoch: usize,
+    pub step: usize,
+    pub partial: Partial,
+    pub optimizer_steps: i64,
+    pub best_top1: Option<f64>,
+    pub history: Vec<EpochMetrics>,
+}
+
+/// What a finished run reports.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TrainSummary {
+    pub out: PathBuf,
+    pub epochs: usize,
+    pub final_metrics: Option<EpochMetrics>,
+    pub best_top1: Option<f64>,
+    pub last: PathBuf,
+    pub best: PathBuf,
+}
+
+/// Hooks for whoever shows progress (the CLI's bars and lines).
+pub trait Observer {
+    fn epoch_start(&mut self, _epoch: usize, _epochs: usize, _steps: usize, _done: usize) {}
+    fn progress(&mut self, _step: usize, _loss: f64, _acc: f64, _images_per_s: f64) {}
+    fn epoch_end(&mut self, _m: &EpochMetrics) {}
+}
+
+pub struct Silent;
+impl Observer for Silent {}
+
+/// Full evaluation of a model on a split.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct EvalResult {
+    pub images: i64,
+    pub loss: f64,
+    pub top1: f64,
+    pub top5: f64,
+    pub per_class: Vec<f64>,
+    /// `confusion[true][predicted]`.
+    pub confusion: Vec<Vec<i64>>,
+}
+
+/// The split on the device: uint8 images and int64 labels, moved once.
+pub struct DeviceSplit {
+    pub images: Tensor,
+    pub labels: Tensor,
+}
+
+impl DeviceSplit {
+    pub fn new(split: &Split, device: Device) -> Self {
+        DeviceSplit {
+            images: split.images.to_device(device),
+            labels: split.labels.to_device(device),
+        }
+    }
+
+    pub fn len(&self) -> i64 {
+        self.labels.size()[0]
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A seed for libtorch's generator from (seed, epoch, step), well mixed so
+/// that neighbouring positions get unrelated streams (splitmix64).
+pub fn position_seed(seed: u64, epoch: usize, step: usize) -> i64 {
+    let mut z = seed
+        ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ (step as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    ((z ^ (z >> 31)) >> 1) as i64
+}
+
+const PERMUTATION_STEP: usize = usize::MAX;
+
+pub fn evaluate(model: &Vgg, data: &DeviceSplit, batch: i64, norm: &Normalizer) -> EvalResult {
+    let classes = model.spec.classes;
+    let n = data.len();
+    let dev = data.images.device();
+    let k = classes.min(5);
+    tch::no_grad(|| {
+        let mut loss_sum = Tensor::zeros([], (Kind::Double, dev));
+        let mut top5 = Tensor::zeros([], (Kind::Int64, dev));
+        let mut confusion = Tensor::zeros([classes * classes], (Kind::Int64, dev));
+        let mut start = 0;
+        while start < n {
+            let len = batch.min(n - start);
+            let x = norm.apply(&data.images.narrow(0, start, len));
+            let y = data.labels.narrow(0, start, len);
+            let logits = model.forward_t(&x, false);
+            let loss = logits.cross_entropy_loss::<Tensor>(&y, None, Reduction::Sum, -100, 0.0);
+            loss_sum += loss.to_kind(Kind::Double);
+            let pred = logits.argmax(-1, false);
+            confusion += (&y * classes + &pred).bincount::<Tensor>(None, classes * classes);
+            let topk = logits.topk(k, -1, true, true).1;
+            top5 += topk
+                .eq_tensor(&y.unsqueeze(1))
+                .any_dim(1, false)
+                .sum(Kind::Int64);
+            start += len;
+        }
+        let confusion: Vec<i64> =
+            Vec::<i64>::try_from(confusion.to_device(Device::Cpu)).unwrap_or_default();
+        let rows: Vec<Vec<i64>> = confusion
+            .chunks(classes as usize)
+            .map(|r| r.to_vec())
+            .collect();
+        let correct: i64 = (0..classes as usize).map(|c| rows[c][c]).sum();
+        let per_class = rows
+            .iter()
+            .enumerate()
+            .map(|(c, r)| {
+                let total: i64 = r.iter().sum();
+                if total == 0 {
+                    0.0
+                } else {
+                    100.0 * r[c] as f64 / total as f64
+                }
+            })
+            .collect();
+        let nf = n.max(1) as f64;
+        EvalResult {
+            images: n,
+            loss: loss_sum.double_value(&[]) / nf,
+            top1: 100.0 * correct as f64 / nf,
+            top5: 100.0 * top5.int64_value(&[]) as f64 / nf,
+            per_class,
+            confusion: rows,
+        }
+    })
+}
+
+/// The files a run writes into its output directory.
+pub struct RunFiles {
+    pub dir: PathBuf,
+}
+
+impl RunFiles {
+    pub fn config(&self) -> PathBuf {
+        self.dir.join("config.json")
+    }
+    pub fn metrics(&self) -> PathBuf {
+        self.dir.join("metrics.jsonl")
+    }
+    pub fn last(&self) -> PathBuf {
+        self.dir.join("last.safetensors")
+    }
+    pub fn best(&self) -> PathBuf {
+        self.dir.join("best.safetensors")
+    }
+    pub fn resume(&self) -> PathBuf {
+        self.dir.join("resume.safetensors")
+    }
+    pub fn curves(&self) -> PathBuf {
+        self.dir.join("curves.svg")
+    }
+}
+
+const STATE_KEY: &str = "vggctl_train_state";
+
+/// Reads a resume point: `resume.safetensors` or the run directory holding it.
+pub fn read_resume(path: &Path) -> Result<(TrainState, BTreeMap<String, Tensor>)> {
+    let file = if path.is_dir() {
+        path.join("resume.safetensors")
+    } else {
+        path.to_path_buf()
+    };
+    let sd = read_safetensors(&file)?;
+    let state = sd.metadata.get(STATE_KEY).ok_or_else(|| {
+        anyhow!(
+            "{}: not a resume checkpoint (use the run's resume.safetensors; last/best.safetensors hold weights only)",
+            file.display()
+        )
+    })?;
+    let state: TrainState = serde_json::from_str(state)
+        .with_context(|| format!("{}: unreadable training state", file.display()))?;
+    Ok((state, sd.tensors))
+}
+
+/// Removes temporary files that a killed run left mid-write (their
+/// checkpoints were never renamed into place, so nothing refers to them).
+fn remove_stale_temp_files(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') && name.contains(".tmp-") {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// Everything a training run holds.
+pub struct Trainer<'a> {
+    pub state: TrainState,
+    pub model: Vgg,
+    opt: Optimizer,
+    train: DeviceSplit,
+    test: DeviceSplit,
+    norm: Normalizer,
+    files: RunFiles,
+    stop: &'a AtomicBool,
+}
+
+impl<'a> Trainer<'a> {
+    /// A new run (`resume` None) or the continuation of a saved one.
+    pub fn new(
+        config: TrainConfig,
+        data: &Dataset,
+        model: Vgg,
+        resume: Option<(TrainState, BTreeMap<String, Tensor>)>,
+        stop: &'a AtomicBool,
+    ) -> Result<Self> {
+        let device = model.device();
+        let train = DeviceSplit::new(&data.train, device);
+        let test = DeviceSplit::new(&data.test, device);
+        if train.is_empty() || test.is_empty() {
+            bail!(
+                "{}: the training and test splits must both hold images",
+                data.source
+            );
+        }
+        let norm = Normalizer::new(data.mean, data.std, device);
+        let files = RunFiles {
+            dir: config.out.clone(),
+        };
+        let mut model = model;
+        let mut state = TrainState {
+            config: config.clone(),
+            class_names: data.classes.clone(),
+            mean: data.mean,
+            std: data.std,
+            epoch: 0,
+            step: 0,
+            partial: Partial::default(),
+            optimizer_steps: 0,
+            best_top1: None,
+            history: Vec::new(),
+        };
+        let resume_tensors = match resume {
+            Some((saved, tensors)) => {
+                let source = files.resume().display().to_string();
+                let weights: BTreeMap<String, Tensor> = tensors
+                    .iter()
+                    .filter(|(k, _)| !k.starts_with("optimizer."))
+                    .map(|(k, v)| (k.clone(), v.shallow_clone()))
+                    .collect();
+                model.load_state_dict(&source, &weights)?;
+                state = TrainState { config, ..saved };
+                Some((source, tensors))
+            }
+            None => None,
+        };
+        let mut opt = Optimizer::new(state.config.optimizer.clone(), model.trainable_parameters());
+        if let Some((source, tensors)) = resume_tensors {
+            opt.load_state(&source, &tensors, state.optimizer_steps)?;
+        }
+        Ok(Trainer {
+            state,
+            model,
+            opt,
+            train,
+            test,
+            norm,
+            files,
+            stop,
+        })
+    }
+
+    fn meta(&self, epoch: usize, accuracy: Option<f64>) -> ModelMeta {
+        let c = &self.state.config;
+        ModelMeta {
+            arch: c.model.arch,
+            bn: c.model.bn,
+            head: c.model.head,
+            classes: c.model.classes,
+            class_names: self.state.class_names.clone(),
+            mean: self.state.mean,
+            std: self.state.std,
+            input_size: c.input_size,
+            dataset: c.dataset.clone(),
+            epoch,
+            accuracy,
+        }
+    }
+
+    /// Writes the resume point: weights, optimizer state and `TrainState`, in one file.
+    fn save_resume(&self) -> Result<()> {
+        let mut tensors = self.model.state_dict();
+        tensors.extend(self.opt.state_tensors());
+        let mut meta = self
+            .meta(
+                self.state.history.len(),
+                self.state.history.last().map(|m| m.test_top1),
+            )
+            .to_metadata();
+        let mut state = self.state.clone();
+        state.optimizer_steps = self.opt.steps;
+        meta.insert(STATE_KEY.into(), serde_json::to_string(&state)?);
+        write_safetensors(&self.files.resume(), &tensors, &meta)
+    }
+
+    fn write_metrics(&self) -> Result<()> {
+        let mut text = String::new();
+        for m in &self.state.history {
+            text += &serde_json::to_string(m)?;
+            text.push('\n');
+        }
+        write_atomic_bytes(&self.files.metrics(), text.as_bytes())
+    }
+
+    /// Trains until `config.epochs`, or until Ctrl-C (then `Interrupted`).
+    pub fn fit(&mut self, obs: &mut dyn Observer) -> Result<TrainSummary> {
+        std::fs::create_dir_all(&self.files.dir)
+            .with_context(|| format!("creating {}", self.files.dir.display()))?;
+        remove_stale_temp_files(&self.files.dir);
+        write_atomic_bytes(
+            &self.files.config(),
+            serde_json::to_string_pretty(&self.state.config)?.as_bytes(),
+        )?;
+        while self.state.epoch < self.state.config.epochs {
+            self.train_one_epoch(obs)?;
+            let epoch = self.state.epoch;
+            let eval = evaluate(
+                &self.model,
+                &self.test,
+                self.state.config.test_batch_size,
+                &self.norm,
+            );
+            let p = &self.state.partial;
+            let m = EpochMetrics {
+                epoch: epoch + 1,
+                lr: self.state.config.lr_at(epoch),
+                train_loss: p.loss_sum / p.seen.max(1) as f64,
+                train_acc: 100.0 * p.correct as f64 / p.seen.max(1) as f64,
+                test_loss: eval.loss,
+                test_top1: eval.top1,
+                test_top5: eval.top5,
+                images_per_s: p.seen as f64 / p.seconds.max(1e-9),
+                seconds: p.seconds,
+            };
+            self.state.history.push(m.clone());
+            self.state.epoch += 1;
+            self.state.step = 0;
+            self.state.partial = Partial::default();
+            let meta = self.meta(epoch + 1, Some(m.test_top1));
+            save_model(&self.files.last(), &self.model, &meta)?;
+            if self.state.best_top1.is_none_or(|b| m.test_top1 > b) {
+                self.state.best_top1 = Some(m.test_top1);
+                save_model(&self.files.best(), &self.model, &meta)?;
+            }
+            self.save_resume()?;
+            self.write_metrics()?;
+            if let Err(e) = crate::plot::curves(&self.files.curves(), &self.state.history) {
+                // A plot is a convenience; its failure must not end a run.
+                eprintln!(
+                    "warning: could not draw {}: {e:#}",
+                    self.files.curves().display()
+                );
+            }
+            obs.epoch_end(&m);
+        }
+        Ok(TrainSummary {
+            out: self.files.dir.clone(),
+            epochs: self.state.history.len(),
+            final_metrics: self.state.history.last().cloned(),
+            best_top1: self.state.best_top1,
+            last: self.files.last(),
+            best: self.files.best(),
+        })
+    }
+
+    fn train_one_epoch(&mut self, obs: &mut dyn Observer) -> Result<()> {
+        let cfg = self.state.config.clone();
+        let epoch = self.state.epoch;
+        let lr = cfg.lr_at(epoch);
+        let n = self.train.len();
+        let b = cfg.batch_size;
+        let steps = ((n + b - 1) / b) as usize;
+        let dev = self.train.images.device();
+        tch::manual_seed(position_seed(cfg.seed, epoch, PERMUTATION_STEP));
+        let perm = Tensor::randperm(n, (Kind::Int64, dev));
+        obs.epoch_start(epoch + 1, cfg.epochs, steps, self.state.step);
+
+        // Losses and correct counts stay on the device and are read every
+        // few steps: a read is a host-device synchronization.
+        let report_every = if dev == Device::Cpu { 1 } else { 25 };
+        let mut pending: Vec<(usize, Tensor, Tensor, i64)> = Vec::new();
+        let mut clock = Instant::now();
+        while self.state.step < steps {
+            let step = self.state.step;
+            if self.stop.load(Ordering::SeqCst) {
+                self.save_resume()?;
+                return Err(Interrupted(format!(
+                    "interrupted at epoch {}, step {step}; resume with --resume {}",
+                    epoch + 1,
+                    self.files.resume().display()
+                ))
+                .into());
+            }
+            tch::manual_seed(position_seed(cfg.seed, epoch, step));
+            let start = step as i64 * b;
+            let len = b.min(n - start);
+            let idx = perm.narrow(0, start, len);
+            let x = self.train.images.index_select(0, &idx);
+            let y = self.train.labels.index_select(0, &idx);
+            let x = self.norm.apply(&random_crop_flip(&x, cfg.crop_padding));
+            let logits = self.model.forward_t(&x, true);
+            let loss = logits.cross_entropy_loss::<Tensor>(
+                &y,
+                None,
+                Reduction::Mean,
+                -100,
+                cfg.label_smoothing,
+            );
+            self.opt.zero_grad();
+            loss.backward();
+            self.opt.step(lr);
+            let correct = logits.argmax(-1, false).eq_tensor(&y).sum(Kind::Int64);
+            pending.push((step, loss.detach(), correct, len));
+            self.state.step += 1;
+            if pending.len() >= report_every || self.state.step == steps {
+                self.flush(&mut pending, epoch, &mut clock)?;
+                let p = &self.state.partial;
+                obs.progress(
+                    self.state.step,
+                    p.loss_sum / p.seen.max(1) as f64,
+                    100.0 * p.correct as f64 / p.seen.max(1) as f64,
+                    p.seen as f64 / p.seconds.max(1e-9),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the pending per-step values, stops on a non-finite loss (naming
+    /// its epoch and step), and adds them to the epoch's sums.
+    fn flush(
+        &mut self,
+        pending: &mut Vec<(usize, Tensor, Tensor, i64)>,
+        epoch: usize,
+        clock: &mut Instant,
+    ) -> Result<()> {
+        let losses = Tensor::stack(
+            &pending
+                .iter()
+                .map(|p| p.1.to_kind(Kind::Double))
+                .collect::<Vec<_>>(),
+            0,
+        );
+        let corrects = Tensor::stack(&pending.iter().map(|p| &p.2).collect::<Vec<_>>(), 0);
+        let losses: Vec<f64> = Vec::try_from(losses.to_device(Device::Cpu))?;
+        let corrects: Vec<i64> = Vec::try_from(corrects.to_device(Device::Cpu))?;
+        self.state.partial.seconds += clock.elapsed().as_secs_f64();
+        *clock = Instant::now();
+        for ((step, _, _, len), (loss, correct)) in pending.iter().zip(losses.iter().zip(corrects))
+        {
+            if !loss.is_finite() {
+                bail!(
+                    "loss became {loss} at epoch {}, step {}; stopped without saving (the last good checkpoint is {})",
+                    epoch + 1,
+                    step + 1,
+                    self.files.last().display()
+                );
+            }
+            self.state.partial.loss_sum += loss * *len as f64;
+            self.state.partial.correct += correct;
+            self.state.partial.seen += len;
+        }
+        pending.clear();
+        Ok(())
+    }
+}

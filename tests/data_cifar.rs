@@ -1,0 +1,346 @@
+//! CIFAR-10 loading: both layouts give the same real images; malformed files
+//! give one error line naming the file; the download is fetched from a local
+//! HTTP server, verified, extracted, and rejected without leftovers when bad;
+//! the augmentation equals torchvision's transforms.
+
+mod common;
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::Path;
+
+use tch::{Device, Kind, Tensor};
+use vggctl::data::augment::{Normalizer, crop_flip, random_crop_flip};
+use vggctl::data::cifar;
+use vggctl::weights::read_safetensors;
+
+fn copy_dir(from: &Path, to: &Path) {
+    fs::create_dir_all(to).unwrap();
+    for e in fs::read_dir(from).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            copy_dir(&p, &to.join(e.file_name()));
+        } else {
+            fs::copy(&p, to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+#[test]
+fn both_layouts_hold_the_same_images() {
+    let f = common::fixtures();
+    let bin = cifar::load(&f.join("digits-bin"), None, &mut |_, _| {}).unwrap();
+    let py = cifar::load(&f.join("digits-py"), None, &mut |_, _| {}).unwrap();
+    assert_eq!(bin.train.len(), 1500);
+    assert_eq!(bin.test.len(), 297);
+    assert!(bin.train.images.equal(&py.train.images));
+    assert!(bin.train.labels.equal(&py.train.labels));
+    assert!(bin.test.images.equal(&py.test.images));
+    assert!(bin.test.labels.equal(&py.test.labels));
+    assert_eq!(bin.classes, py.classes);
+    assert_eq!(bin.classes[3], "three");
+    // Real digits: all ten classes, and images that are not blank.
+    let per_class = bin.train.labels.bincount::<Tensor>(None, 10);
+    assert!(per_class.min().int64_value(&[]) > 100, "{per_class:?}");
+    assert!(
+        bin.train
+            .images
+            .to_kind(Kind::Float)
+            .std(true)
+            .double_value(&[])
+            > 30.0
+    );
+}
+
+fn load_error(args: &[&str], data_dir: &Path) -> common::Run {
+    let dir = common::tempdir();
+    let mut all = vec![
+        "train",
+        "--epochs",
+        "1",
+        "--no-download",
+        "--data-dir",
+        data_dir.to_str().unwrap(),
+    ];
+    all.extend_from_slice(args);
+    common::run_in(dir.path(), &all)
+}
+
+#[test]
+fn malformed_binary_files_are_named() {
+    let f = common::fixtures();
+    let tmp = common::tempdir();
+    let root = tmp.path();
+    let bin = root.join("cifar-10-batches-bin");
+
+    // A truncated record: the file size is not a whole number of records.
+    copy_dir(&f.join("digits-bin"), root);
+    let p = bin.join("data_batch_2.bin");
+    let len = fs::metadata(&p).unwrap().len();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&p)
+        .unwrap()
+        .set_len(len - 100)
+        .unwrap();
+    common::assert_one_line_error(
+        &load_error(&[], root),
+        2,
+        "data_batch_2.bin: 921800 bytes is not a whole number of 3073-byte records",
+    );
+
+    // A label outside 0..9.
+    copy_dir(&f.join("digits-bin"), root);
+    let p = bin.join("test_batch.bin");
+    let mut bytes = fs::read(&p).unwrap();
+    bytes[3073 * 5] = 12;
+    fs::write(&p, bytes).unwrap();
+    common::assert_one_line_error(
+        &load_error(&[], root),
+        2,
+        "test_batch.bin: record 5 has label 12, outside 0..9",
+    );
+
+    // A missing batch.
+    copy_dir(&f.join("digits-bin"), root);
+    fs::remove_file(bin.join("data_batch_3.bin")).unwrap();
+    common::assert_one_line_error(&load_error(&[], root), 2, "data_batch_3.bin: missing");
+
+    // An empty file.
+    copy_dir(&f.join("digits-bin"), root);
+    fs::write(bin.join("data_batch_1.bin"), b"").unwrap();
+    common::assert_one_line_error(&load_error(&[], root), 2, "data_batch_1.bin: 0 bytes");
+}
+
+#[test]
+fn malformed_pickles_are_named() {
+    let f = common::fixtures();
+    let tmp = common::tempdir();
+    let root = tmp.path();
+    copy_dir(&f.join("digits-py"), root);
+    let py = root.join("cifar-10-batches-py");
+
+    // A pickle of a dict without 'data': {'foo': 1} (protocol 2).
+    fs::write(
+        py.join("data_batch_4"),
+        b"\x80\x02}q\x00X\x03\x00\x00\x00fooq\x01K\x01s.",
+    )
+    .unwrap();
+    common::assert_one_line_error(
+        &load_error(&[], root),
+        2,
+        "data_batch_4: unexpected content: no 'data' entry",
+    );
+
+    // A pickle that would run os.system('true'): refused, never executed.
+    fs::write(
+        py.join("data_batch_4"),
+        b"\x80\x02cos\nsystem\nq\x00X\x04\x00\x00\x00trueq\x01\x85q\x02Rq\x03.",
+    )
+    .unwrap();
+    common::assert_one_line_error(
+        &load_error(&[], root),
+        2,
+        "refusing to load the Python global os.system",
+    );
+
+    // Truncated in the middle of the pixel data.
+    let good = fs::read(f.join("digits-py/cifar-10-batches-py/data_batch_4")).unwrap();
+    fs::write(py.join("data_batch_4"), &good[..good.len() / 2]).unwrap();
+    common::assert_one_line_error(
+        &load_error(&[], root),
+        2,
+        "data_batch_4: not a CIFAR-10 pickle: pickle truncated",
+    );
+}
+
+#[test]
+fn missing_data_without_download_says_where_to_put_it() {
+    let tmp = common::tempdir();
+    let r = load_error(&[], tmp.path());
+    common::assert_one_line_error(&r, 2, "cifar-10-batches-bin/");
+    assert!(
+        r.stderr.contains("downloading is off") && r.stderr.contains("by hand"),
+        "{}",
+        r.stderr
+    );
+}
+
+/// Serves `body` to every request on 127.0.0.1 for as long as the test runs.
+fn serve(body: Vec<u8>) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(16) {
+            let Ok(mut s) = stream else { continue };
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = s.write_all(head.as_bytes());
+            let _ = s.write_all(&body);
+        }
+    });
+    format!("http://{addr}/cifar-10-binary.tar.gz")
+}
+
+fn archive_of(dir: &Path, extra_evil: bool) -> Vec<u8> {
+    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let mut tar = tar::Builder::new(gz);
+    tar.append_dir_all("cifar-10-batches-bin", dir).unwrap();
+    if extra_evil {
+        // A member outside the expected folder must never be written.
+        let data = b"pwned";
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        tar.append_data(&mut h, "evil.txt", &data[..]).unwrap();
+    }
+    tar.into_inner().unwrap().finish().unwrap()
+}
+
+fn md5_hex(bytes: &[u8]) -> String {
+    use md5::Digest;
+    md5::Md5::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn train_with_download(url: &str, md5: &str, data_dir: &Path) -> common::Run {
+    let out = common::tempdir();
+    let r = std::process::Command::new(common::bin())
+        .args([
+            "train",
+            "--arch",
+            "vgg11",
+            "--epochs",
+            "1",
+            "--limit-train",
+            "16",
+            "--limit-test",
+            "8",
+            "--batch-size",
+            "8",
+            "--quiet",
+        ])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--out")
+        .arg(out.path().join("run"))
+        .env("VGGCTL_CIFAR10_URL", url)
+        .env("VGGCTL_CIFAR10_MD5", md5)
+        .output()
+        .unwrap();
+    common::Run {
+        code: r.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&r.stdout).into(),
+        stderr: String::from_utf8_lossy(&r.stderr).into(),
+    }
+}
+
+#[test]
+fn download_verifies_extracts_and_cleans_up() {
+    let src = common::fixtures().join("digits-bin/cifar-10-batches-bin");
+    let good = archive_of(&src, true);
+    let url = serve(good.clone());
+
+    // A good archive: fetched, verified, extracted (only expected members).
+    let data = common::tempdir();
+    let r = train_with_download(&url, &md5_hex(&good), data.path());
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let bin = data.path().join("cifar-10-batches-bin");
+    for name in [
+        "data_batch_1.bin",
+        "data_batch_5.bin",
+        "test_batch.bin",
+        "batches.meta.txt",
+    ] {
+        assert_eq!(
+            fs::read(bin.join(name)).unwrap(),
+            fs::read(src.join(name)).unwrap(),
+            "{name}"
+        );
+    }
+    assert!(!data.path().join("evil.txt").exists() && !bin.join("evil.txt").exists());
+
+    // A corrupted archive: rejected on its checksum, nothing left behind.
+    let mut bad = good.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0xff;
+    let url = serve(bad);
+    let data = common::tempdir();
+    let r = train_with_download(&url, &md5_hex(&good), data.path());
+    common::assert_one_line_error(&r, 2, "checksum mismatch");
+    assert!(r.stderr.contains(&url), "{}", r.stderr);
+    let left: Vec<_> = fs::read_dir(data.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+
+    // Offline: one line naming the URL and where to put the files.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = format!("http://{}/x.tar.gz", listener.local_addr().unwrap());
+    drop(listener);
+    let data = common::tempdir();
+    let r = train_with_download(&dead, "0", data.path());
+    common::assert_one_line_error(&r, 2, &dead);
+    assert!(r.stderr.contains("by hand"));
+}
+
+#[test]
+fn augmentation_matches_torchvision() {
+    let refs = read_safetensors(&common::fixtures().join("augment.safetensors"))
+        .unwrap()
+        .tensors;
+    let flip = refs["flip"].to_kind(Kind::Bool);
+    let cropped = crop_flip(&refs["images"], &refs["oy"], &refs["ox"], &flip, 4);
+    let norm = Normalizer::new(cifar::MEAN, cifar::STD, Device::Cpu);
+    let got = norm.apply(&cropped);
+    let err = (&got - &refs["expected"]).abs().max().double_value(&[]);
+    // torchvision divides by 255 and then normalizes; one fused multiply-add differs in rounding only.
+    assert!(err < 1e-5, "max abs error {err}");
+}
+
+#[test]
+fn random_crops_stay_in_bounds_and_flips_flip() {
+    tch::manual_seed(3);
+    // Distinct values per pixel so each window can be identified.
+    let x = Tensor::arange(3 * 32 * 32, (Kind::Int64, Device::Cpu))
+        .view([1, 3, 32, 32])
+        .repeat([64, 1, 1, 1])
+        + 1;
+    let out = random_crop_flip(&x, 4);
+    let padded = x.constant_pad_nd([4, 4, 4, 4]);
+    let mut flips = 0;
+    for i in 0..64 {
+        let o = out.get(i);
+        let mut found = None;
+        'search: for oy in 0..=8 {
+            for ox in 0..=8 {
+                let window = padded.get(i).narrow(1, oy, 32).narrow(2, ox, 32);
+                for fl in [false, true] {
+                    let w = if fl {
+                        window.flip([2])
+                    } else {
+                        window.shallow_clone()
+                    };
+                    if w.equal(&o) {
+                        found = Some(fl);
+                        break 'search;
+                    }
+                }
+            }
+        }
+        flips +=
+            found.unwrap_or_else(|| panic!("image {i} is not a window of the padded image")) as i32;
+    }
+    // p = 0.5 over 64 images: far outside [12, 52] only with probability < 1e-6.
+    assert!((12..=52).contains(&flips), "{flips} flips");
+}

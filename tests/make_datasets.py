@@ -1,0 +1,100 @@
+"""Writes the real-image fixtures the data and training tests use:
+
+- digits-bin/cifar-10-batches-bin/ and digits-py/cifar-10-batches-py/:
+  scikit-learn's 1,797 real 8x8 handwritten digits, upscaled to 32x32 RGB,
+  as a CIFAR-10 dataset in both published layouts (binary records; Python
+  pickles with protocol 2, like the originals), with one fixed train/test split;
+- augment.safetensors: scikit-image photographs at 32x32 with explicit crop
+  offsets and flip decisions, and what torchvision's transforms make of them.
+
+Usage: make_datasets.py OUT_DIR"""
+import os
+import pickle
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as tnf
+import torchvision.transforms.functional as F
+from PIL import Image
+from safetensors.torch import save_file
+from skimage import data as skdata
+from sklearn.datasets import load_digits
+
+NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+TEST = 297  # the rest (1,500) is split into five training batches of 300
+
+
+def digits_as_cifar():
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32)[:, None] * (255.0 / 16.0)
+    x = tnf.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
+    x = x.round().clamp(0, 255).to(torch.uint8).repeat(1, 3, 1, 1)  # N x 3 x 32 x 32
+    y = np.asarray(d.target, dtype=np.int64)
+    order = np.random.RandomState(0).permutation(len(y))
+    x, y = x.numpy()[order].reshape(len(y), 3072), y[order]
+    return (x[TEST:], y[TEST:]), (x[:TEST], y[:TEST])
+
+
+def write_bin(root, batches, test):
+    d = os.path.join(root, "cifar-10-batches-bin")
+    os.makedirs(d, exist_ok=True)
+    for name, (x, y) in list(zip([f"data_batch_{i}.bin" for i in range(1, 6)], batches)) + [("test_batch.bin", test)]:
+        recs = np.concatenate([y.astype(np.uint8)[:, None], x], axis=1)
+        recs.tofile(os.path.join(d, name))
+    with open(os.path.join(d, "batches.meta.txt"), "w") as f:
+        f.write("\n".join(NAMES) + "\n\n")
+
+
+def write_py(root, batches, test):
+    d = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(d, exist_ok=True)
+    named = list(zip([f"data_batch_{i}" for i in range(1, 6)], batches)) + [("test_batch", test)]
+    for name, (x, y) in named:
+        entry = {
+            "batch_label": f"{name} of digits",
+            "labels": [int(v) for v in y],
+            "data": np.ascontiguousarray(x),
+            "filenames": [f"digit_{i}.png" for i in range(len(y))],
+        }
+        with open(os.path.join(d, name), "wb") as f:
+            pickle.dump(entry, f, protocol=2)
+    with open(os.path.join(d, "batches.meta"), "wb") as f:
+        pickle.dump({"label_names": NAMES, "num_cases_per_batch": 300, "num_vis": 3072}, f, protocol=2)
+
+
+def write_augment(path):
+    photos = [skdata.astronaut(), skdata.chelsea(), skdata.coffee(), skdata.rocket()]
+    imgs = [Image.fromarray(p).convert("RGB").resize((32, 32), Image.BILINEAR) for p in photos]
+    g = torch.Generator().manual_seed(0)
+    n = 16
+    src = [imgs[i % len(imgs)] for i in range(n)]
+    oy = torch.randint(0, 9, (n,), generator=g)
+    ox = torch.randint(0, 9, (n,), generator=g)
+    flip = torch.rand(n, generator=g) < 0.5
+    outs = []
+    for img, a, b, fl in zip(src, oy.tolist(), ox.tolist(), flip.tolist()):
+        # The recipe: RandomCrop(32, padding=4), RandomHorizontalFlip, ToTensor, Normalize.
+        t = F.crop(F.pad(img, 4, fill=0), a, b, 32, 32)
+        if fl:
+            t = F.hflip(t)
+        outs.append(F.normalize(F.to_tensor(t), MEAN, STD))
+    images = torch.stack([torch.from_numpy(np.asarray(i)).permute(2, 0, 1) for i in src])
+    save_file(
+        {"images": images.contiguous(), "oy": oy, "ox": ox, "flip": flip.to(torch.uint8), "expected": torch.stack(outs)},
+        path,
+    )
+
+
+def main(out):
+    (xtr, ytr), test = digits_as_cifar()
+    batches = [(xtr[i * 300:(i + 1) * 300], ytr[i * 300:(i + 1) * 300]) for i in range(5)]
+    write_bin(os.path.join(out, "digits-bin"), batches, test)
+    write_py(os.path.join(out, "digits-py"), batches, test)
+    write_augment(os.path.join(out, "augment.safetensors"))
+    print("wrote digits datasets and augmentation references", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

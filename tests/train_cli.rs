@@ -1,0 +1,415 @@
+//! `vggctl train` / `vggctl eval` through the real binary on real images
+//! (scikit-learn's handwritten digits as CIFAR-10): accuracy, the files a run
+//! writes, eval agreeing exactly with training, exact resume (after a clean
+//! stop and after Ctrl-C), checkpoints surviving SIGKILL, and NaN detection.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vggctl::train::{EpochMetrics, TrainSummary, read_resume};
+use vggctl::weights::{read_safetensors, write_safetensors};
+
+fn digits(layout: &str) -> String {
+    common::fixtures()
+        .join(format!("digits-{layout}"))
+        .display()
+        .to_string()
+}
+
+fn vggctl(args: &[&str]) -> common::Run {
+    let dir = common::tempdir();
+    common::run_in(dir.path(), args)
+}
+
+fn metrics(dir: &Path) -> Vec<EpochMetrics> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn assert_same_weights(a: &Path, b: &Path) {
+    let a = read_safetensors(a).unwrap().tensors;
+    let b = read_safetensors(b).unwrap().tensors;
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for (k, t) in &a {
+        assert!(t.equal(&b[k]), "{k} differs");
+    }
+}
+
+#[test]
+fn digits_reach_90_percent_and_eval_agrees() {
+    let tmp = common::tempdir();
+    let out = tmp.path().join("run");
+    let r = vggctl(&[
+        "train",
+        "--arch",
+        "vgg11",
+        "--bn",
+        "--epochs",
+        "5",
+        "--batch-size",
+        "32",
+        "--scheduler",
+        "cosine",
+        "--data-dir",
+        &digits("bin"),
+        "--no-download",
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let summary: TrainSummary = serde_json::from_str(&r.stdout).unwrap();
+    let last = summary.final_metrics.unwrap();
+    assert!(
+        last.test_top1 >= 90.0,
+        "test top-1 {:.2}% after 5 epochs",
+        last.test_top1
+    );
+    // One progress line per epoch on a non-terminal stderr, nothing else on stdout.
+    assert_eq!(
+        r.stderr.lines().filter(|l| l.starts_with("epoch")).count(),
+        5,
+        "{}",
+        r.stderr
+    );
+
+    for f in [
+        "config.json",
+        "metrics.jsonl",
+        "last.safetensors",
+        "best.safetensors",
+        "resume.safetensors",
+        "curves.svg",
+    ] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    let m = metrics(&out);
+    assert_eq!(m.len(), 5);
+    assert_eq!(m[4], last);
+    let svg = std::fs::read_to_string(out.join("curves.svg")).unwrap();
+    assert!(
+        svg.starts_with("<svg") && svg.contains("<polyline"),
+        "curves.svg has no lines"
+    );
+    let meta = read_safetensors(&out.join("last.safetensors"))
+        .unwrap()
+        .metadata;
+    assert_eq!(meta["arch"], "vgg11");
+    assert_eq!(
+        meta["class_names"],
+        r#"["zero","one","two","three","four","five","six","seven","eight","nine"]"#
+    );
+
+    // eval on the checkpoint, reading the other layout: exactly the training's figure.
+    let ckpt = out.join("last.safetensors");
+    let r = vggctl(&[
+        "eval",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--data-dir",
+        &digits("py"),
+        "--json",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let e: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(e["top1"].as_f64().unwrap(), last.test_top1);
+    assert_eq!(e["top5"].as_f64().unwrap(), last.test_top5);
+    assert_eq!(e["images"].as_i64().unwrap(), 297);
+    let confusion: Vec<Vec<i64>> = serde_json::from_value(e["confusion"].clone()).unwrap();
+    assert_eq!(confusion.iter().flatten().sum::<i64>(), 297);
+
+    // The table form names classes and shows the confusion matrix.
+    let r = vggctl(&[
+        "eval",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--data-dir",
+        &digits("bin"),
+    ]);
+    assert!(
+        r.stdout.contains("seven") && r.stdout.contains("confusion matrix"),
+        "{}",
+        r.stdout
+    );
+
+    // A plain torchvision-named state dict (no metadata) with the model given on the command line.
+    let plain = tmp.path().join("plain.safetensors");
+    let sd = read_safetensors(&ckpt).unwrap();
+    let tensors: Vec<_> = sd.tensors.into_iter().collect();
+    write_safetensors(&plain, &tensors, &HashMap::new()).unwrap();
+    let r = vggctl(&[
+        "eval",
+        "--checkpoint",
+        plain.to_str().unwrap(),
+        "--arch",
+        "vgg11_bn",
+        "--head",
+        "cifar",
+        "--data-dir",
+        &digits("bin"),
+        "--json",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let e: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(e["top1"].as_f64().unwrap(), last.test_top1);
+    // ... and a wrong architecture for it is one clear line.
+    let r = vggctl(&[
+        "eval",
+        "--checkpoint",
+        plain.to_str().unwrap(),
+        "--arch",
+        "vgg11",
+        "--data-dir",
+        &digits("bin"),
+    ]);
+    common::assert_one_line_error(&r, 2, "without BatchNorm");
+}
+
+const SMALL: [&str; 12] = [
+    "--arch",
+    "vgg11",
+    "--bn",
+    "--batch-size",
+    "32",
+    "--limit-train",
+    "320",
+    "--limit-test",
+    "32",
+    "--seed",
+    "7",
+    "--quiet",
+];
+
+fn train_small(out: &Path, extra: &[&str]) -> common::Run {
+    let mut args = vec!["train", "--data-dir"];
+    let d = digits("bin");
+    args.push(&d);
+    args.extend_from_slice(&SMALL);
+    args.extend_from_slice(&["--out", out.to_str().unwrap()]);
+    args.extend_from_slice(extra);
+    vggctl(&args)
+}
+
+#[test]
+fn resume_is_exact_after_a_stop_and_after_ctrl_c() {
+    let tmp = common::tempdir();
+    let straight = tmp.path().join("straight");
+    let r = train_small(&straight, &["--epochs", "2"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+
+    // 1 epoch, stop, --resume for 1 more: same weights and metrics as 2 in one go.
+    let split = tmp.path().join("split");
+    assert_eq!(train_small(&split, &["--epochs", "1"]).code, 0);
+    let resume = split.join("resume.safetensors");
+    let r = vggctl(&[
+        "train",
+        "--resume",
+        resume.to_str().unwrap(),
+        "--epochs",
+        "2",
+        "--data-dir",
+        &digits("bin"),
+        "--quiet",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_same_weights(
+        &straight.join("last.safetensors"),
+        &split.join("last.safetensors"),
+    );
+    assert_eq!(
+        metrics(&straight)
+            .iter()
+            .map(|m| m.test_top1)
+            .collect::<Vec<_>>(),
+        metrics(&split)
+            .iter()
+            .map(|m| m.test_top1)
+            .collect::<Vec<_>>()
+    );
+
+    // Ctrl-C in the middle of training: exit 130 with a resumable checkpoint;
+    // resuming ends with the uninterrupted run's weights.
+    let stopped = tmp.path().join("stopped");
+    let d = digits("bin");
+    let mut cmd = Command::new(common::bin());
+    cmd.args(["train", "--data-dir", &d])
+        .args(SMALL)
+        .args(["--epochs", "2", "--out"])
+        .arg(&stopped);
+    let child = cmd
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !stopped.join("config.json").exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "training never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("--resume"), "{stderr}");
+    let (state, _) = read_resume(&stopped.join("resume.safetensors")).unwrap();
+    assert!(
+        state.epoch < 2,
+        "the run had already finished when interrupted"
+    );
+    let r = vggctl(&[
+        "train",
+        "--resume",
+        stopped.to_str().unwrap(),
+        "--data-dir",
+        &digits("bin"),
+        "--quiet",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_same_weights(
+        &straight.join("last.safetensors"),
+        &stopped.join("last.safetensors"),
+    );
+}
+
+fn temp_files(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.to_string_lossy().contains(".tmp-"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn sigkill_during_a_checkpoint_write_leaves_the_previous_one_loadable() {
+    let tmp = common::tempdir();
+    let out = tmp.path().join("run");
+    let d = digits("bin");
+    let mut child = Command::new(common::bin())
+        .args([
+            "train",
+            "--arch",
+            "vgg11",
+            "--data-dir",
+            &d,
+            "--epochs",
+            "200",
+            "--batch-size",
+            "16",
+        ])
+        .args([
+            "--limit-train",
+            "16",
+            "--limit-test",
+            "8",
+            "--quiet",
+            "--out",
+        ])
+        .arg(&out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait for a checkpoint to exist, then for a later write to be in flight.
+    let t0 = Instant::now();
+    let mut caught = false;
+    while t0.elapsed() < Duration::from_secs(120) {
+        if out.join("resume.safetensors").exists() && !temp_files(&out).is_empty() {
+            child.kill().unwrap();
+            caught = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let _ = child.kill();
+    child.wait().unwrap();
+    assert!(caught, "never saw a checkpoint being written");
+    // Every checkpoint present reads back whole.
+    read_resume(&out.join("resume.safetensors")).unwrap();
+    let last = out.join("last.safetensors");
+    let r = vggctl(&[
+        "eval",
+        "--checkpoint",
+        last.to_str().unwrap(),
+        "--data-dir",
+        &d,
+        "--limit-test",
+        "8",
+        "--json",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    // A resumed run cleans up what the killed one left and carries on.
+    let (state, _) = read_resume(&out).unwrap();
+    let more = (state.epoch + 1).to_string();
+    let r = vggctl(&[
+        "train",
+        "--resume",
+        out.to_str().unwrap(),
+        "--data-dir",
+        &d,
+        "--quiet",
+        "--epochs",
+        &more,
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(temp_files(&out).is_empty(), "{:?}", temp_files(&out));
+    assert_eq!(read_resume(&out).unwrap().0.epoch, state.epoch + 1);
+}
+
+#[test]
+fn nan_loss_stops_with_epoch_and_step() {
+    let tmp = common::tempdir();
+    let out = tmp.path().join("run");
+    let r = train_small(&out, &["--epochs", "1", "--lr", "1e12"]);
+    common::assert_one_line_error(&r, 2, "at epoch 1, step");
+    assert!(r.stderr.contains("loss became"), "{}", r.stderr);
+    assert!(!out.join("last.safetensors").exists());
+}
+
+#[test]
+fn bad_training_arguments() {
+    let d = digits("bin");
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["train", "--classes", "7", "--data-dir", &d],
+            "--classes 7 does not match cifar10, which has 10 classes",
+        ),
+        (
+            &["train", "--dataset", "mnist", "--data-dir", &d],
+            "unknown dataset 'mnist'",
+        ),
+        (
+            &["train", "--batch-size", "0", "--data-dir", &d],
+            "--batch-size",
+        ),
+        (
+            &[
+                "train",
+                "--resume",
+                "/nonexistent/resume.safetensors",
+                "--data-dir",
+                &d,
+            ],
+            "/nonexistent/resume.safetensors",
+        ),
+    ];
+    for (args, needle) in cases {
+        common::assert_one_line_error(&vggctl(args), 2, needle);
+    }
+}
