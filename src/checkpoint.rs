@@ -23,6 +23,10 @@ pub struct ModelMeta {
     pub std: [f64; 3],
     pub input_size: i64,
     pub dataset: String,
+    /// Evaluation preprocessing: resize the shorter side to this, then take the
+    /// central `input_size` square (torchvision's eval transform); `None`
+    /// resizes the whole image to `input_size` square (CIFAR-style models).
+    pub resize: Option<i64>,
     /// Epochs completed when written (0 for weights that were never trained here).
     pub epoch: usize,
     /// Test top-1 accuracy (percent) at that epoch, if evaluated.
@@ -59,6 +63,9 @@ impl ModelMeta {
         );
         m.insert("input_size".into(), self.input_size.to_string());
         m.insert("dataset".into(), self.dataset.clone());
+        if let Some(r) = self.resize {
+            m.insert("resize".into(), r.to_string());
+        }
         m.insert("epoch".into(), self.epoch.to_string());
         if let Some(a) = self.accuracy {
             m.insert("accuracy".into(), format!("{a}"));
@@ -90,6 +97,7 @@ impl ModelMeta {
             std: serde_json::from_value(json("std")?)?,
             input_size: num("input_size")?,
             dataset: get("dataset")?.clone(),
+            resize: m.get("resize").and_then(|r| r.parse().ok()),
             epoch: num("epoch")? as usize,
             accuracy: m.get("accuracy").and_then(|a| a.parse().ok()),
         }))
@@ -118,4 +126,31 @@ pub fn read_model_file(path: &Path) -> Result<ModelFile> {
         tensors: sd.tensors,
         metadata: sd.metadata,
     })
+}
+
+/// Any state dict a user may hand over: a vggctl checkpoint or plain
+/// safetensors file (`.safetensors`), or a `torch.save` file in either format
+/// (`.pth`, `.pt`, anything else), read natively.
+pub fn read_weights(path: &Path) -> Result<ModelFile> {
+    let is_safetensors = path.extension().is_some_and(|e| e == "safetensors");
+    if is_safetensors {
+        return read_model_file(path);
+    }
+    if !path.is_file() {
+        anyhow::bail!("{}: no such file", path.display());
+    }
+    let tensors = crate::pth::read_pth(path)?;
+    Ok(ModelFile {
+        meta: None,
+        tensors,
+        metadata: HashMap::new(),
+    })
+}
+
+/// torchvision's ImageNet class names, index by index.
+pub fn imagenet_classes() -> Vec<String> {
+    include_str!("imagenet_classes.txt")
+        .lines()
+        .map(String::from)
+        .collect()
 }

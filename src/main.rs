@@ -16,10 +16,10 @@ fn main() -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             if err.downcast_ref::<vggctl::Interrupted>().is_some() {
-                eprintln!("vggctl: {err:#}");
+                eprintln!("vggctl: {}", one_line(&err));
                 return ExitCode::from(130);
             }
-            eprintln!("vggctl: error: {err:#}");
+            eprintln!("vggctl: error: {}", one_line(&err));
             ExitCode::from(2)
         }
     }
@@ -30,4 +30,13 @@ fn is_broken_pipe(err: &anyhow::Error) -> bool {
     err.chain()
         .filter_map(|e| e.downcast_ref::<io::Error>())
         .any(|e| e.kind() == io::ErrorKind::BrokenPipe)
+}
+
+/// The whole context chain on one line: some libraries' messages carry
+/// newlines of their own.
+fn one_line(err: &anyhow::Error) -> String {
+    format!("{err:#}")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
 }

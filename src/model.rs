@@ -554,6 +554,15 @@ impl Sequential {
         x
     }
 
+    /// Runs the layers from index `n` on.
+    pub fn forward_from(&self, x: &Tensor, n: usize, train: bool) -> Tensor {
+        let mut x = x.shallow_clone();
+        for (_, layer) in self.layers.iter().skip(n) {
+            x = layer.forward(&x, train);
+        }
+        x
+    }
+
     /// Runs only the first `n` layers (n counts every module, as torchvision's index does).
     pub fn forward_prefix(&self, x: &Tensor, n: usize, train: bool) -> Tensor {
         let mut x = x.shallow_clone();
@@ -570,9 +579,10 @@ pub struct Vgg {
     pub features: Sequential,
     pub pool_size: i64,
     pub classifier: Sequential,
-    /// Keeps BatchNorm layers of `features` in eval mode while training
-    /// (fine-tuning with frozen features).
-    pub features_eval: bool,
+    /// The first `frozen_prefix` modules of `features` are frozen: their
+    /// parameters get no gradient and their BatchNorm layers stay in eval
+    /// mode while the rest trains.
+    pub frozen_prefix: usize,
 }
 
 /// One tensor of the state dict.
@@ -595,7 +605,7 @@ impl Vgg {
             features: Sequential::build(&spec.feature_layers()),
             pool_size: spec.head.pool_size(),
             classifier: Sequential::build(&classifier_specs),
-            features_eval: false,
+            frozen_prefix: 0,
         };
         model.to_device(device);
         model
@@ -615,7 +625,13 @@ impl Vgg {
     }
 
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
-        let f = self.features.forward_t(x, train && !self.features_eval);
+        let frozen = self.frozen_prefix.min(self.features.layers.len());
+        let f = if train && frozen > 0 {
+            let head = self.features.forward_prefix(x, frozen, false);
+            self.features.forward_from(&head, frozen, true)
+        } else {
+            self.features.forward_t(x, train)
+        };
         self.head_forward_t(&f, train)
     }
 
@@ -714,11 +730,26 @@ impl Vgg {
     /// Freezes the first `n` modules of `features` (n counts every module as
     /// torchvision's index does; `usize::MAX` freezes all of `features`).
     pub fn freeze_features(&mut self, n: usize) {
+        self.frozen_prefix = n.min(self.features.layers.len());
         for (_, layer) in self.features.layers.iter_mut().take(n) {
             for (_, tensor, _) in layer.tensors_mut() {
                 *tensor = tensor.detach().set_requires_grad(false);
             }
         }
+    }
+
+    /// Replaces the last linear layer (`classifier.6`, `classifier.3` or
+    /// `classifier`) by a new one with `classes` outputs and torchvision's
+    /// init (normal(0, 0.01), bias 0), on the model's device.
+    pub fn replace_last_linear(&mut self, classes: i64) {
+        let device = self.device();
+        if let Some((_, Layer::Linear { weight, bias })) = self.classifier.layers.last_mut() {
+            let fin = weight.size()[1];
+            let w = Tensor::randn([classes, fin], (Kind::Float, Device::Cpu)) * 0.01;
+            *weight = w.to_device(device).set_requires_grad(true);
+            *bias = Tensor::zeros([classes], (Kind::Float, device)).set_requires_grad(true);
+        }
+        self.spec.classes = classes;
     }
 
     /// Copies a state dict into the model after checking names and shapes.

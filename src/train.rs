@@ -18,7 +18,7 @@ use tch::{Device, Kind, Reduction, Tensor};
 
 use crate::Interrupted;
 use crate::checkpoint::{ModelMeta, save_model};
-use crate::data::augment::{Normalizer, random_crop_flip};
+use crate::data::augment::{Augment, Normalizer, Preprocess};
 use crate::data::{Dataset, Split};
 use crate::fsutil::write_atomic_bytes;
 use crate::model::{ModelSpec, Vgg};
@@ -38,6 +38,9 @@ pub struct TrainConfig {
     pub model: ModelSpec,
     pub dataset: String,
     pub data_dir: String,
+    /// Image folders: the validation folder, or the fraction held out.
+    pub val_dir: Option<String>,
+    pub val_split: f64,
     pub epochs: usize,
     pub batch_size: i64,
     pub test_batch_size: i64,
@@ -53,10 +56,16 @@ pub struct TrainConfig {
     pub limit_test: Option<i64>,
     pub device: String,
     pub out: PathBuf,
-    /// Side of the (square) training input.
+    /// Side of the (square) model input.
     pub input_size: i64,
-    /// Zero padding of the random crop.
-    pub crop_padding: i64,
+    pub augment: Augment,
+    /// Normalize with ImageNet's mean/std (fine-tuning) instead of the dataset's.
+    pub imagenet_normalization: bool,
+    /// Modules of `features` that are frozen (not trained, BatchNorm in eval
+    /// mode): 0 trains everything.
+    pub freeze_prefix: usize,
+    /// Where the starting weights came from (fine-tuning), if not from scratch.
+    pub weights: Option<String>,
 }
 
 impl TrainConfig {
@@ -190,7 +199,7 @@ pub fn position_seed(seed: u64, epoch: usize, step: usize) -> i64 {
 
 const PERMUTATION_STEP: usize = usize::MAX;
 
-pub fn evaluate(model: &Vgg, data: &DeviceSplit, batch: i64, norm: &Normalizer) -> EvalResult {
+pub fn evaluate(model: &Vgg, data: &DeviceSplit, batch: i64, pre: &Preprocess) -> EvalResult {
     let classes = model.spec.classes;
     let n = data.len();
     let dev = data.images.device();
@@ -202,7 +211,7 @@ pub fn evaluate(model: &Vgg, data: &DeviceSplit, batch: i64, norm: &Normalizer) 
         let mut start = 0;
         while start < n {
             let len = batch.min(n - start);
-            let x = norm.apply(&data.images.narrow(0, start, len));
+            let x = pre.eval(&data.images.narrow(0, start, len));
             let y = data.labels.narrow(0, start, len);
             let logits = model.forward_t(&x, false);
             let loss = logits.cross_entropy_loss::<Tensor>(&y, None, Reduction::Sum, -100, 0.0);
@@ -315,7 +324,7 @@ pub struct Trainer<'a> {
     opt: Optimizer,
     train: DeviceSplit,
     test: DeviceSplit,
-    norm: Normalizer,
+    pre: Preprocess,
     files: RunFiles,
     stop: &'a AtomicBool,
 }
@@ -338,11 +347,16 @@ impl<'a> Trainer<'a> {
                 data.source
             );
         }
-        let norm = Normalizer::new(data.mean, data.std, device);
+        let pre = Preprocess {
+            augment: config.augment,
+            input: config.input_size,
+            norm: Normalizer::new(data.mean, data.std, device),
+        };
         let files = RunFiles {
             dir: config.out.clone(),
         };
         let mut model = model;
+        model.freeze_features(config.freeze_prefix);
         let mut state = TrainState {
             config: config.clone(),
             class_names: data.classes.clone(),
@@ -379,7 +393,7 @@ impl<'a> Trainer<'a> {
             opt,
             train,
             test,
-            norm,
+            pre,
             files,
             stop,
         })
@@ -397,6 +411,10 @@ impl<'a> Trainer<'a> {
             std: self.state.std,
             input_size: c.input_size,
             dataset: c.dataset.clone(),
+            resize: match c.augment {
+                Augment::ResizedCrop => Some(c.input_size * 256 / 224),
+                Augment::CropFlip { .. } => None,
+            },
             epoch,
             accuracy,
         }
@@ -443,7 +461,7 @@ impl<'a> Trainer<'a> {
                 &self.model,
                 &self.test,
                 self.state.config.test_batch_size,
-                &self.norm,
+                &self.pre,
             );
             let p = &self.state.partial;
             let m = EpochMetrics {
@@ -522,7 +540,7 @@ impl<'a> Trainer<'a> {
             let idx = perm.narrow(0, start, len);
             let x = self.train.images.index_select(0, &idx);
             let y = self.train.labels.index_select(0, &idx);
-            let x = self.norm.apply(&random_crop_flip(&x, cfg.crop_padding));
+            let x = self.pre.train(&x);
             let logits = self.model.forward_t(&x, true);
             let loss = logits.cross_entropy_loss::<Tensor>(
                 &y,

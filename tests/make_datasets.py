@@ -4,6 +4,7 @@
   scikit-learn's 1,797 real 8x8 handwritten digits, upscaled to 32x32 RGB,
   as a CIFAR-10 dataset in both published layouts (binary records; Python
   pickles with protocol 2, like the originals), with one fixed train/test split;
+- photos/<class>/*.png|jpg: scikit-image photographs as a 3-class image folder;
 - augment.safetensors: scikit-image photographs at 32x32 with explicit crop
   offsets and flip decisions, and what torchvision's transforms make of them.
 
@@ -87,12 +88,35 @@ def write_augment(path):
     )
 
 
+def write_photos(root):
+    """A small image folder of real photographs: 3 classes, augmented copies
+    (crops, flips, brightness) as PNG and JPEG, plus one unreadable file."""
+    classes = {"astronaut": skdata.astronaut(), "cat": skdata.chelsea(), "coffee": skdata.coffee()}
+    rng = np.random.RandomState(0)
+    for name, arr in classes.items():
+        d = os.path.join(root, name)
+        os.makedirs(d, exist_ok=True)
+        img = Image.fromarray(arr).convert("RGB")
+        w, h = img.size
+        for i in range(12):
+            cw, ch = int(w * rng.uniform(0.6, 1.0)), int(h * rng.uniform(0.6, 1.0))
+            x0, y0 = rng.randint(0, w - cw + 1), rng.randint(0, h - ch + 1)
+            v = img.crop((x0, y0, x0 + cw, y0 + ch)).resize((96, 80), Image.BILINEAR)
+            if i % 2:
+                v = v.transpose(Image.FLIP_LEFT_RIGHT)
+            v = Image.fromarray(np.clip(np.asarray(v, dtype=np.float32) * rng.uniform(0.7, 1.3), 0, 255).astype(np.uint8))
+            v.save(os.path.join(d, f"{name}_{i:02d}.{'png' if i % 3 else 'jpg'}"))
+    with open(os.path.join(root, "cat", "broken.jpg"), "wb") as f:
+        f.write(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+
+
 def main(out):
     (xtr, ytr), test = digits_as_cifar()
     batches = [(xtr[i * 300:(i + 1) * 300], ytr[i * 300:(i + 1) * 300]) for i in range(5)]
     write_bin(os.path.join(out, "digits-bin"), batches, test)
     write_py(os.path.join(out, "digits-py"), batches, test)
     write_augment(os.path.join(out, "augment.safetensors"))
+    write_photos(os.path.join(out, "photos"))
     print("wrote digits datasets and augmentation references", file=sys.stderr)
 
 

@@ -1,21 +1,24 @@
 //! The dataset options shared by train, eval and finetune.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 use vggctl::data::Dataset;
 use vggctl::data::cifar::{self, DownloadSource};
+use vggctl::data::folder::{self, FolderOptions, IMAGENET_MEAN, IMAGENET_STD};
+use vggctl::train::TrainConfig;
 
 use super::progress::download_bar;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct DataOpts {
-    /// Dataset: cifar10.
+    /// Dataset: cifar10, or folder (one subfolder of JPEG/PNG images per class).
     #[arg(long, default_value = "cifar10")]
     pub dataset: String,
-    /// Directory holding cifar-10-batches-py/ (torchvision's) or cifar-10-batches-bin/.
-    #[arg(long, default_value = "./data")]
-    pub data_dir: PathBuf,
+    /// cifar10: the directory holding cifar-10-batches-py/ (torchvision's) or
+    /// cifar-10-batches-bin/; folder: the class folders [default: ./data].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
     /// Where to download the binary CIFAR-10 archive from when it is missing.
     #[arg(long, env = "VGGCTL_CIFAR10_URL", default_value = cifar::URL)]
     pub data_url: String,
@@ -25,20 +28,87 @@ pub struct DataOpts {
     /// Never download; fail if the data is not in --data-dir.
     #[arg(long)]
     pub no_download: bool,
+    /// folder: validation images in their own class folders.
+    #[arg(long)]
+    pub val_dir: Option<PathBuf>,
+    /// folder without --val-dir: the fraction of images held out (seeded by --seed).
+    #[arg(long, default_value_t = 0.1)]
+    pub val_split: f64,
+    /// folder: fail on an unreadable image instead of skipping it.
+    #[arg(long)]
+    pub strict: bool,
 }
 
 impl DataOpts {
-    pub fn load(&self, quiet: bool) -> Result<Dataset> {
-        match self.dataset.as_str() {
+    pub fn dir(&self) -> PathBuf {
+        self.data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("./data"))
+    }
+
+    /// The dataset a training configuration names.
+    pub fn load_for(&self, c: &TrainConfig, quiet: bool) -> Result<Dataset> {
+        let mut d = self.load_named(
+            &c.dataset,
+            Path::new(&c.data_dir),
+            c.val_dir.as_deref().map(Path::new),
+            c.val_split,
+            c.seed,
+            c.input_size * 256 / 224,
+            quiet,
+        )?;
+        if c.imagenet_normalization {
+            d.mean = IMAGENET_MEAN;
+            d.std = IMAGENET_STD;
+        }
+        Ok(d)
+    }
+
+    /// The dataset these options name, images cached at `cache_size` for folders.
+    pub fn load(&self, quiet: bool, seed: u64, cache_size: i64) -> Result<Dataset> {
+        self.load_named(
+            &self.dataset,
+            &self.dir(),
+            self.val_dir.as_deref(),
+            self.val_split,
+            seed,
+            cache_size,
+            quiet,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn load_named(
+        &self,
+        name: &str,
+        dir: &Path,
+        val_dir: Option<&Path>,
+        val_split: f64,
+        seed: u64,
+        cache_size: i64,
+        quiet: bool,
+    ) -> Result<Dataset> {
+        match name {
             "cifar10" => {
                 let src = DownloadSource {
                     url: self.data_url.clone(),
                     md5: self.data_md5.clone(),
                 };
                 let src = (!self.no_download).then_some(&src);
-                cifar::load(&self.data_dir, src, &mut download_bar(quiet))
+                cifar::load(dir, src, &mut download_bar(quiet))
             }
-            other => bail!("unknown dataset '{other}' (expected cifar10)"),
+            "folder" => {
+                let opts = FolderOptions {
+                    dir: dir.to_path_buf(),
+                    val_dir: val_dir.map(Path::to_path_buf),
+                    val_split,
+                    seed,
+                    cache_size,
+                    strict: self.strict,
+                };
+                folder::load(&opts, &mut |w| eprintln!("warning: {w}"))
+            }
+            other => bail!("unknown dataset '{other}' (expected cifar10 or folder)"),
         }
     }
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use serde::Serialize;
 use vggctl::checkpoint::read_model_file;
-use vggctl::data::augment::Normalizer;
+use vggctl::data::augment::{Augment, Normalizer, Preprocess};
 use vggctl::model::{Head, Vgg};
 use vggctl::train::{DeviceSplit, EvalResult, evaluate};
 
@@ -28,6 +28,9 @@ pub struct Args {
     /// Evaluate on the first N test images only.
     #[arg(long)]
     limit_test: Option<i64>,
+    /// folder datasets split by --val-split: the training run's --seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 #[derive(Serialize)]
@@ -53,11 +56,17 @@ pub fn run(args: Args) -> Result<()> {
     let mut data = args.data.clone();
     if let Some(meta) = &file.meta
         && data.dataset != meta.dataset
-        && meta.dataset == "cifar10"
+        && meta.dataset == "folder"
     {
         data.dataset = meta.dataset.clone();
     }
-    let dataset = data.load(false)?;
+    let input = file.meta.as_ref().map_or(32, |m| m.input_size);
+    let cache = file
+        .meta
+        .as_ref()
+        .and_then(|m| m.resize)
+        .unwrap_or(input * 256 / 224);
+    let dataset = data.load(false, args.seed, cache)?;
     if dataset.classes.len() as i64 != spec.classes {
         bail!(
             "{}: the model has {} classes but {} has {}",
@@ -74,12 +83,15 @@ pub fn run(args: Args) -> Result<()> {
     let mut model = Vgg::new(spec, device);
     model.load_state_dict(&args.checkpoint.display().to_string(), &file.tensors)?;
     let test = DeviceSplit::new(&dataset.test.limit(args.limit_test), device);
-    let result = evaluate(
-        &model,
-        &test,
-        args.batch_size,
-        &Normalizer::new(mean, std, device),
-    );
+    let pre = Preprocess {
+        augment: match file.meta.as_ref().and_then(|m| m.resize) {
+            Some(_) => Augment::ResizedCrop,
+            None => Augment::CropFlip { padding: 4 },
+        },
+        input: file.meta.as_ref().map_or(32, |m| m.input_size),
+        norm: Normalizer::new(mean, std, device),
+    };
+    let result = evaluate(&model, &test, args.batch_size, &pre);
     let report = Report {
         checkpoint: args.checkpoint.clone(),
         model: spec.model_name(),

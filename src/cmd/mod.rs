@@ -3,8 +3,10 @@
 
 mod data_opts;
 mod eval;
+mod finetune;
 mod info;
 mod params;
+mod predict;
 mod progress;
 mod train;
 
@@ -40,12 +42,12 @@ enum Command {
     Train(train::Args),
     /// Evaluate a checkpoint: top-1/top-5, per-class accuracy, confusion matrix.
     Eval(eval::Args),
-    /// Fine-tune torchvision's ImageNet weights (not implemented yet).
-    Finetune(Pending),
+    /// Fine-tune torchvision's ImageNet weights on your classes.
+    Finetune(finetune::Args),
     /// Export to safetensors, TorchScript or ONNX (not implemented yet).
     Export(Pending),
-    /// Classify images (not implemented yet).
-    Predict(Pending),
+    /// Classify images with a checkpoint or torchvision's weights.
+    Predict(predict::Args),
 }
 
 /// Placeholder arguments for subcommands whose issues have not landed.
@@ -67,9 +69,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Params(args) => params::run(args),
         Command::Train(args) => train::run(args),
         Command::Eval(args) => eval::run(args),
-        Command::Finetune(_) => not_implemented("finetune"),
+        Command::Finetune(args) => finetune::run(args),
         Command::Export(_) => not_implemented("export"),
-        Command::Predict(_) => not_implemented("predict"),
+        Command::Predict(args) => predict::run(args),
     }
 }
 

@@ -4,10 +4,14 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Result, bail};
+use std::collections::BTreeMap;
+use vggctl::data::augment::Augment;
 use vggctl::device::device_name;
-use vggctl::model::{Head, Vgg};
+
+use tch::{Device, Tensor};
+use vggctl::model::{Head, ModelSpec, Vgg};
 use vggctl::optim::{OptimizerConfig, OptimizerKind};
-use vggctl::train::{SchedulerKind, TrainConfig, TrainSummary, Trainer, read_resume};
+use vggctl::train::{SchedulerKind, TrainConfig, TrainState, TrainSummary, Trainer, read_resume};
 
 use super::data_opts::DataOpts;
 use super::progress::EpochBars;
@@ -146,71 +150,111 @@ impl HyperOpts {
     }
 }
 
+impl HyperOpts {
+    /// A new run's configuration from these options; the caller fills in
+    /// what differs between training from scratch and fine-tuning.
+    pub fn config(
+        &self,
+        spec: ModelSpec,
+        data: &DataOpts,
+        device: Device,
+        default_epochs: usize,
+    ) -> TrainConfig {
+        let out = self.out.clone().unwrap_or_else(|| {
+            PathBuf::from("runs").join(format!(
+                "{}-{}-{}",
+                spec.model_name(),
+                data.dataset,
+                timestamp()
+            ))
+        });
+        TrainConfig {
+            model: spec,
+            dataset: data.dataset.clone(),
+            data_dir: data.dir().display().to_string(),
+            val_dir: data.val_dir.as_ref().map(|d| d.display().to_string()),
+            val_split: data.val_split,
+            epochs: self.epochs.unwrap_or(default_epochs),
+            batch_size: self.batch_size,
+            test_batch_size: self.test_batch_size,
+            optimizer: OptimizerConfig {
+                kind: self.optimizer,
+                momentum: self.momentum,
+                weight_decay: self.weight_decay,
+                nesterov: self.nesterov,
+                betas: (0.9, 0.999),
+                eps: 1e-8,
+            },
+            lr: self.lr,
+            scheduler: self.scheduler,
+            milestones: self.milestones.clone(),
+            gamma: self.gamma,
+            warmup_epochs: self.warmup_epochs,
+            label_smoothing: self.label_smoothing,
+            seed: self.seed,
+            limit_train: self.limit_train,
+            limit_test: self.limit_test,
+            device: device_name(device),
+            out,
+            input_size: 32,
+            augment: Augment::CropFlip { padding: 4 },
+            imagenet_normalization: false,
+            freeze_prefix: 0,
+            weights: None,
+        }
+    }
+}
+
 pub fn run(args: Args) -> Result<()> {
     let h = &args.hyper;
     h.validate()?;
     let device = args.model.device()?;
-    let resume = h.resume.as_ref().map(|p| read_resume(p)).transpose()?;
-    let config = match &resume {
-        Some((saved, _)) => {
-            let mut c = saved.config.clone();
-            if let Some(e) = h.epochs {
-                c.epochs = e;
-            }
-            c.device = device_name(device);
-            c
-        }
-        None => {
-            let spec = args.model.spec(Head::Cifar)?;
-            let out = h.out.clone().unwrap_or_else(|| {
-                PathBuf::from("runs").join(format!(
-                    "{}-{}-{}",
-                    spec.model_name(),
-                    args.data.dataset,
-                    timestamp()
-                ))
-            });
-            TrainConfig {
-                model: spec,
-                dataset: args.data.dataset.clone(),
-                data_dir: args.data.data_dir.display().to_string(),
-                epochs: h.epochs.unwrap_or(100),
-                batch_size: h.batch_size,
-                test_batch_size: h.test_batch_size,
-                optimizer: OptimizerConfig {
-                    kind: h.optimizer,
-                    momentum: h.momentum,
-                    weight_decay: h.weight_decay,
-                    nesterov: h.nesterov,
-                    betas: (0.9, 0.999),
-                    eps: 1e-8,
-                },
-                lr: h.lr,
-                scheduler: h.scheduler,
-                milestones: h.milestones.clone(),
-                gamma: h.gamma,
-                warmup_epochs: h.warmup_epochs,
-                label_smoothing: h.label_smoothing,
-                seed: h.seed,
-                limit_train: h.limit_train,
-                limit_test: h.limit_test,
-                device: device_name(device),
-                out,
-                input_size: 32,
-                crop_padding: 4,
-            }
-        }
-    };
-    let mut data = args.data.clone();
-    if resume.is_some() {
-        data.dataset = config.dataset.clone();
+    if h.resume.is_some() {
+        return resume(h, &args.data, device, args.model.json);
     }
-    let dataset = data.load(h.quiet)?;
+    let config = h.config(args.model.spec(Head::Cifar)?, &args.data, device, 100);
+    tch::manual_seed(config.seed as i64);
+    let model = Vgg::new(config.model, device);
+    execute(config, &args.data, model, None, h.quiet, args.model.json)
+}
+
+/// Continues the run saved at `--resume` (written by train or finetune).
+pub fn resume(h: &HyperOpts, data: &DataOpts, device: Device, json: bool) -> Result<()> {
+    let path = h.resume.as_ref().expect("resume path");
+    let (saved, tensors) = read_resume(path)?;
+    let mut config = saved.config.clone();
+    if let Some(e) = h.epochs {
+        config.epochs = e;
+    }
+    config.device = device_name(device);
+    if let Some(dir) = &data.data_dir {
+        config.data_dir = dir.display().to_string();
+    }
+    // A resumed run continues in the directory its checkpoint is in.
+    config.out = if path.is_dir() {
+        path.clone()
+    } else {
+        path.parent().map(PathBuf::from).unwrap_or_default()
+    };
+    let model = Vgg::new(config.model, device);
+    execute(config, data, model, Some((saved, tensors)), h.quiet, json)
+}
+
+/// Loads the data a configuration names, then trains.
+pub fn execute(
+    config: TrainConfig,
+    data: &DataOpts,
+    model: Vgg,
+    resume: Option<(TrainState, BTreeMap<String, Tensor>)>,
+    quiet: bool,
+    json: bool,
+) -> Result<()> {
+    let dataset = data.load_for(&config, quiet)?;
     if dataset.classes.len() as i64 != config.model.classes {
         bail!(
             "--classes {} does not match {}, which has {} classes",
             config.model.classes,
-            dataset.name,
+            dataset.source,
             dataset.classes.len()
         );
     }
@@ -219,37 +263,35 @@ pub fn run(args: Args) -> Result<()> {
         test: dataset.test.limit(config.limit_test),
         ..dataset
     };
-    // A resumed run continues in the directory its checkpoint is in.
-    let mut config = config;
-    if let Some(p) = &h.resume {
-        config.out = if p.is_dir() {
-            p.clone()
-        } else {
-            p.parent().map(PathBuf::from).unwrap_or_default()
-        };
-    }
-
-    tch::manual_seed(config.seed as i64);
-    let model = Vgg::new(config.model, device);
     install_ctrlc();
     let mut trainer = Trainer::new(config, &dataset, model, resume, &STOP)?;
-    if !h.quiet {
+    if !quiet {
         let c = &trainer.state.config;
+        let trainable: i64 = trainer
+            .model
+            .trainable_parameters()
+            .iter()
+            .map(|(_, t)| t.numel() as i64)
+            .sum();
         eprintln!(
-            "training {} ({} head) on {} ({} train / {} test images) on {}, {} epochs, batch {}, writing {}",
+            "training {} ({} head, {} classes, {} trainable parameters) on {} ({} train / {} test images, {}x{}) on {}, {} epochs, batch {}, writing {}",
             c.model.model_name(),
             c.model.head.name(),
+            c.model.classes,
+            trainable,
             c.dataset,
             dataset.train.len(),
             dataset.test.len(),
+            c.input_size,
+            c.input_size,
             c.device,
             c.epochs,
             c.batch_size,
             c.out.display()
         );
     }
-    let summary = trainer.fit(&mut EpochBars::new(h.quiet))?;
-    report(&summary, args.model.json)
+    let summary = trainer.fit(&mut EpochBars::new(quiet))?;
+    report(&summary, json)
 }
 
 fn report(s: &TrainSummary, json: bool) -> Result<()> {

@@ -67,3 +67,83 @@ impl Normalizer {
         x.to_kind(Kind::Float) * &self.scale + &self.shift
     }
 }
+
+/// torchvision's `RandomResizedCrop(size)` (scale 0.08-1, ratio 3/4-4/3)
+/// followed by `RandomHorizontalFlip`, batched: each image's box is drawn on
+/// the device and one `grid_sample` crops, resizes and mirrors the whole
+/// batch. Boxes that do not fit are clamped to the image instead of redrawn.
+pub fn random_resized_crop_flip(x: &Tensor, size: i64) -> Tensor {
+    let b = x.size()[0];
+    let dev = x.device();
+    let opts = (Kind::Float, dev);
+    let area = Tensor::rand([b], opts) * 0.92 + 0.08;
+    let (lo, hi) = ((3.0f64 / 4.0).ln(), (4.0f64 / 3.0).ln());
+    let log_ratio = Tensor::rand([b], opts) * (hi - lo) + lo;
+    let ratio = log_ratio.exp();
+    // Box width and height as fractions of the image side.
+    let fw = (&area * &ratio).sqrt().clamp_max(1.0);
+    let fh = (&area / &ratio).sqrt().clamp_max(1.0);
+    let fx = Tensor::rand([b], opts) * (1.0 - &fw);
+    let fy = Tensor::rand([b], opts) * (1.0 - &fh);
+    let sign = Tensor::rand([b], opts).lt(0.5).to_kind(Kind::Float) * -2.0 + 1.0;
+    // Normalized coordinates: output x in [-1, 1] maps to the box's centre +- half its width.
+    let cx = (&fx + &fw * 0.5) * 2.0 - 1.0;
+    let cy = (&fy + &fh * 0.5) * 2.0 - 1.0;
+    let zero = Tensor::zeros([b], opts);
+    let theta =
+        Tensor::stack(&[&fw * &sign, zero.shallow_clone(), cx, zero, fh, cy], 1).view([b, 2, 3]);
+    let grid = Tensor::affine_grid_generator(&theta, [b, 3, size, size], false);
+    Tensor::grid_sampler(&x.to_kind(Kind::Float), &grid, 0, 1, false)
+}
+
+/// The central `size` x `size` window (torchvision's `CenterCrop`).
+pub fn center_crop(x: &Tensor, size: i64) -> Tensor {
+    let (_, _, h, w) = x.size4().expect("center_crop expects a 4-d batch");
+    let top = ((h - size) as f64 / 2.0).round() as i64;
+    let left = ((w - size) as f64 / 2.0).round() as i64;
+    x.narrow(2, top, size).narrow(3, left, size)
+}
+
+/// How a dataset's uint8 batches become the model's input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Augment {
+    /// CIFAR: random crop with zero padding + flip; evaluation as is. Then
+    /// bilinear resizing when the model's input differs from the images.
+    CropFlip { padding: i64 },
+    /// ImageNet: RandomResizedCrop + flip; evaluation takes the centre crop
+    /// of the (already resized) cached images.
+    ResizedCrop,
+}
+
+pub struct Preprocess {
+    pub augment: Augment,
+    pub input: i64,
+    pub norm: Normalizer,
+}
+
+impl Preprocess {
+    fn resize(&self, x: Tensor) -> Tensor {
+        if x.size()[3] == self.input && x.size()[2] == self.input {
+            x
+        } else {
+            x.upsample_bilinear2d([self.input, self.input], false, None, None)
+        }
+    }
+
+    pub fn train(&self, x: &Tensor) -> Tensor {
+        match self.augment {
+            Augment::CropFlip { padding } => {
+                self.resize(self.norm.apply(&random_crop_flip(x, padding)))
+            }
+            Augment::ResizedCrop => self.norm.apply(&random_resized_crop_flip(x, self.input)),
+        }
+    }
+
+    pub fn eval(&self, x: &Tensor) -> Tensor {
+        match self.augment {
+            Augment::CropFlip { .. } => self.resize(self.norm.apply(x)),
+            Augment::ResizedCrop => self.norm.apply(&center_crop(x, self.input)),
+        }
+    }
+}

@@ -4,6 +4,8 @@
 pub mod augment;
 pub mod cifar;
 pub mod download;
+pub mod folder;
+pub mod image;
 
 use tch::Tensor;
 

@@ -1,0 +1,136 @@
+//! `vggctl finetune`: torchvision's ImageNet weights (or any state dict),
+//! `classifier.6` swapped for a new layer with `--classes` outputs, `features`
+//! frozen by default, then the training loop of `vggctl train`.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use vggctl::checkpoint::read_weights;
+use vggctl::data::augment::Augment;
+use vggctl::hub::resolve_imagenet;
+use vggctl::model::{Arch, Head, ModelSpec, Vgg};
+
+use super::ModelOpts;
+use super::data_opts::DataOpts;
+use super::progress::download_bar;
+use super::train::{HyperOpts, execute, resume};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// `imagenet` (torchvision's file for --arch/--bn: ./weights/, the torch hub
+    /// cache, or a verified download), or a state dict: .pth/.pt (either
+    /// torch.save format), .safetensors, or a vggctl checkpoint.
+    #[arg(long, default_value = "imagenet")]
+    weights: String,
+    /// Train all of `features` too (by default they are frozen).
+    #[arg(long, conflicts_with = "freeze_until")]
+    train_features: bool,
+    /// Freeze only `features.0` .. `features.{INDEX-1}` (torchvision's module index).
+    #[arg(long)]
+    freeze_until: Option<usize>,
+    /// Input side [default: 224].
+    #[arg(long)]
+    input: Option<i64>,
+    #[command(flatten)]
+    model: ModelOpts,
+    #[command(flatten)]
+    data: DataOpts,
+    #[command(flatten)]
+    hyper: HyperOpts,
+}
+
+/// Resolves `--weights` to a file, downloading torchvision's when needed.
+pub fn weights_path(weights: &str, arch: Arch, bn: bool, quiet: bool) -> Result<PathBuf> {
+    if weights == "imagenet" {
+        resolve_imagenet(arch, bn, true, &mut download_bar(quiet))
+    } else {
+        Ok(PathBuf::from(weights))
+    }
+}
+
+/// Builds the imagenet-head model and loads a state dict into it; the class
+/// count comes from the file's last layer.
+pub fn load_pretrained(
+    path: &std::path::Path,
+    arch: Arch,
+    bn: bool,
+    device: tch::Device,
+) -> Result<Vgg> {
+    let file = read_weights(path)?;
+    let classes = match file.tensors.get("classifier.6.weight") {
+        Some(t) if t.dim() == 2 => t.size()[0],
+        _ => 1000,
+    };
+    let spec = ModelSpec::new(arch, bn, Head::Imagenet, classes);
+    let mut model = Vgg::new(spec, device);
+    model
+        .load_state_dict(&path.display().to_string(), &file.tensors)
+        .with_context(|| {
+            "fine-tuning needs torchvision's VGG state dict (imagenet head)".to_string()
+        })?;
+    Ok(model)
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let h = &args.hyper;
+    let device = args.model.device()?;
+    if h.resume.is_some() {
+        return resume(h, &args.data, device, args.model.json);
+    }
+    if args.model.head.is_some_and(|hd| hd != Head::Imagenet) {
+        bail!("--head: fine-tuning starts from torchvision's imagenet head");
+    }
+    let input = args.input.unwrap_or(224);
+    if input < 32 {
+        bail!("--input {input} is too small: VGG's five 2x2 poolings need at least 32x32 pixels");
+    }
+    let spec = args.model.spec(Head::Imagenet)?;
+    // The dataset decides the class count unless --classes says otherwise (then they must agree).
+    let mut data = args.data.clone();
+    if data.dataset == "folder" && data.data_dir.is_none() {
+        bail!("--dataset folder needs --data-dir DIR (one subfolder of images per class)");
+    }
+    data.data_dir.get_or_insert_with(|| PathBuf::from("./data"));
+    let dataset_classes = match data.dataset.as_str() {
+        "folder" => vggctl::data::folder::scan(&data.dir())?.0.len() as i64,
+        "cifar10" => 10,
+        other => bail!("unknown dataset '{other}' (expected cifar10 or folder)"),
+    };
+    let classes = args.model.classes.unwrap_or(dataset_classes);
+    if classes != dataset_classes {
+        bail!(
+            "--classes {classes} does not match the dataset, which has {dataset_classes} classes"
+        );
+    }
+
+    let path = weights_path(&args.weights, spec.arch, spec.bn, h.quiet)?;
+    tch::manual_seed(h.seed as i64);
+    let mut model = load_pretrained(&path, spec.arch, spec.bn, device)?;
+    model.replace_last_linear(classes);
+    let n_features = model.features.layers.len();
+    let freeze = if args.train_features {
+        0
+    } else {
+        args.freeze_until.unwrap_or(n_features)
+    };
+    if freeze > n_features {
+        bail!("--freeze-until {freeze}: features has only {n_features} modules");
+    }
+    let mut config = h.config(model.spec, &data, device, 10);
+    config.input_size = input;
+    config.augment = match data.dataset.as_str() {
+        "folder" => Augment::ResizedCrop,
+        _ => Augment::CropFlip { padding: 4 },
+    };
+    config.imagenet_normalization = true;
+    config.freeze_prefix = freeze;
+    config.weights = Some(path.display().to_string());
+    if h.out.is_none() {
+        config.out = PathBuf::from(config.out.display().to_string().replacen(
+            "runs/",
+            "runs/finetune-",
+            1,
+        ));
+    }
+    execute(config, &data, model, None, h.quiet, args.model.json)
+}

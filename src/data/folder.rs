@@ -1,0 +1,290 @@
+//! Image-folder datasets (`DIR/<class>/<image>.jpg|png`, as torchvision's
+//! `ImageFolder`): each image is decoded once, in parallel on all cores,
+//! resized so its shorter side is the cache size and centre-cropped square,
+//! and kept as uint8; the result is cached on disk (keyed by the file list,
+//! sizes, modification times and the cache size) for the next run.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::UNIX_EPOCH;
+
+use anyhow::{Context, Result, bail};
+use rayon::prelude::*;
+use sha2::{Digest, Sha256};
+use tch::Tensor;
+
+use super::{Dataset, Split};
+use crate::weights::{read_safetensors, write_safetensors};
+
+pub const IMAGENET_MEAN: [f64; 3] = [0.485, 0.456, 0.406];
+pub const IMAGENET_STD: [f64; 3] = [0.229, 0.224, 0.225];
+const EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
+
+pub struct FolderOptions {
+    pub dir: PathBuf,
+    pub val_dir: Option<PathBuf>,
+    /// Fraction held out for validation when there is no `val_dir`.
+    pub val_split: f64,
+    pub seed: u64,
+    /// Side of the cached square images (256 for a 224 input).
+    pub cache_size: i64,
+    /// Fail on the first unreadable image instead of skipping it.
+    pub strict: bool,
+}
+
+/// Image files with their class index.
+pub type LabeledFiles = Vec<(PathBuf, i64)>;
+
+/// Class names (sorted subfolders) and every image file with its class.
+pub fn scan(dir: &Path) -> Result<(Vec<String>, LabeledFiles)> {
+    let entries = fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
+    let mut classes: Vec<String> = entries
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    classes.sort();
+    if classes.is_empty() {
+        bail!(
+            "{}: no class folders (expected {}/<class>/<image>.jpg)",
+            dir.display(),
+            dir.display()
+        );
+    }
+    let mut files = Vec::new();
+    for (label, class) in classes.iter().enumerate() {
+        let cdir = dir.join(class);
+        let mut imgs: Vec<PathBuf> = fs::read_dir(&cdir)
+            .with_context(|| format!("reading {}", cdir.display()))?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.extension()
+                    .map(|e| {
+                        EXTENSIONS.contains(&e.to_string_lossy().to_ascii_lowercase().as_str())
+                    })
+                    .unwrap_or(false)
+            })
+            .collect();
+        imgs.sort();
+        files.extend(imgs.into_iter().map(|p| (p, label as i64)));
+    }
+    if files.is_empty() {
+        bail!(
+            "{}: no .jpg/.jpeg/.png images in its class folders",
+            dir.display()
+        );
+    }
+    Ok((classes, files))
+}
+
+/// Decodes an image and returns it as `3 x side x side` uint8 (shorter side
+/// resized to `side`, then the central square).
+pub fn decode_square(path: &Path, side: u32) -> Result<Vec<u8>> {
+    let img = image::ImageReader::open(path)
+        .with_context(|| format!("opening {}", path.display()))?
+        .with_guessed_format()
+        .with_context(|| format!("reading {}", path.display()))?
+        .decode()
+        .with_context(|| format!("decoding {}", path.display()))?
+        .to_rgb8();
+    let (w, h) = img.dimensions();
+    let scale = side as f64 / w.min(h) as f64;
+    let (nw, nh) = (
+        ((w as f64 * scale).round() as u32).max(side),
+        ((h as f64 * scale).round() as u32).max(side),
+    );
+    let resized = image::imageops::resize(&img, nw, nh, image::imageops::FilterType::Triangle);
+    let (left, top) = ((nw - side) / 2, (nh - side) / 2);
+    let s = side as usize;
+    let mut chw = vec![0u8; 3 * s * s];
+    for y in 0..s {
+        for x in 0..s {
+            let p = resized.get_pixel(left + x as u32, top + y as u32);
+            for c in 0..3 {
+                chw[c * s * s + y * s + x] = p[c];
+            }
+        }
+    }
+    Ok(chw)
+}
+
+fn cache_key(files: &[(PathBuf, i64)], side: i64) -> String {
+    let mut h = Sha256::new();
+    h.update(format!("vggctl-folder-v1 {side}\n"));
+    for (p, label) in files {
+        let meta = fs::metadata(p).ok();
+        let size = meta.as_ref().map(|m| m.len()).unwrap_or(0);
+        let mtime = meta
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        h.update(format!("{} {label} {size} {mtime}\n", p.display()));
+    }
+    h.finalize()
+        .iter()
+        .take(16)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Loads (or builds and caches) every image of `dir`. Returns the split and
+/// how many files could not be read.
+fn load_dir(
+    dir: &Path,
+    files: &[(PathBuf, i64)],
+    side: i64,
+    strict: bool,
+) -> Result<(Split, usize)> {
+    let cache_dir = dir.join(".vggctl-cache");
+    let cache = cache_dir.join(format!("{}.safetensors", cache_key(files, side)));
+    if let Ok(sd) = read_safetensors(&cache)
+        && let (Some(images), Some(labels)) = (sd.tensors.get("images"), sd.tensors.get("labels"))
+    {
+        let skipped: usize = sd
+            .metadata
+            .get("skipped")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        // --strict must name the unreadable file, so it decodes again.
+        if !(strict && skipped > 0) {
+            return Ok((
+                Split {
+                    images: images.shallow_clone(),
+                    labels: labels.shallow_clone(),
+                },
+                skipped,
+            ));
+        }
+    }
+    let decoded: Vec<Result<Vec<u8>>> = files
+        .par_iter()
+        .map(|(p, _)| decode_square(p, side as u32))
+        .collect();
+    let mut pixels = Vec::new();
+    let mut labels = Vec::new();
+    let mut skipped = 0;
+    for (r, (_, label)) in decoded.into_iter().zip(files) {
+        match r {
+            Ok(px) => {
+                pixels.extend_from_slice(&px);
+                labels.push(*label);
+            }
+            Err(e) if strict => return Err(e.context("unreadable image (--strict)")),
+            Err(_) => skipped += 1,
+        }
+    }
+    if labels.is_empty() {
+        bail!(
+            "{}: none of its {} images could be read",
+            dir.display(),
+            files.len()
+        );
+    }
+    let n = labels.len() as i64;
+    let split = Split {
+        images: Tensor::from_slice(&pixels).view([n, 3, side, side]),
+        labels: Tensor::from_slice(&labels),
+    };
+    // The cache is an optimization: failing to write it is not an error.
+    if fs::create_dir_all(&cache_dir).is_ok() {
+        let meta = HashMap::from([("skipped".to_string(), skipped.to_string())]);
+        let tensors = vec![
+            ("images".to_string(), split.images.shallow_clone()),
+            ("labels".to_string(), split.labels.shallow_clone()),
+        ];
+        let _ = write_safetensors(&cache, &tensors, &meta);
+    }
+    Ok((split, skipped))
+}
+
+/// A seeded shuffle (splitmix64-driven Fisher-Yates), independent of libtorch.
+fn shuffled(n: usize, seed: u64) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..n).collect();
+    let mut s = seed ^ 0x5851_F42D_4C95_7F2D;
+    let mut next = || {
+        s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = s;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    for i in (1..n).rev() {
+        let j = (next() % (i as u64 + 1)) as usize;
+        idx.swap(i, j);
+    }
+    idx
+}
+
+fn take(split: &Split, idx: &[usize]) -> Split {
+    let t = Tensor::from_slice(&idx.iter().map(|&i| i as i64).collect::<Vec<_>>());
+    Split {
+        images: split.images.index_select(0, &t),
+        labels: split.labels.index_select(0, &t),
+    }
+}
+
+/// Loads an image-folder dataset; `warn` hears about skipped images.
+pub fn load(opts: &FolderOptions, warn: &mut dyn FnMut(String)) -> Result<Dataset> {
+    let (classes, files) = scan(&opts.dir)?;
+    let (all, skipped) = load_dir(&opts.dir, &files, opts.cache_size, opts.strict)?;
+    if skipped > 0 {
+        warn(format!(
+            "skipped {skipped} unreadable image(s) in {} (--strict makes this an error)",
+            opts.dir.display()
+        ));
+    }
+    let (train, test) = match &opts.val_dir {
+        Some(vdir) => {
+            let (vclasses, vfiles) = scan(vdir)?;
+            if vclasses != classes {
+                bail!(
+                    "{}: class folders {:?} differ from {}'s {:?}",
+                    vdir.display(),
+                    vclasses,
+                    opts.dir.display(),
+                    classes
+                );
+            }
+            let (val, vskipped) = load_dir(vdir, &vfiles, opts.cache_size, opts.strict)?;
+            if vskipped > 0 {
+                warn(format!(
+                    "skipped {vskipped} unreadable image(s) in {}",
+                    vdir.display()
+                ));
+            }
+            (all, val)
+        }
+        None => {
+            if !(opts.val_split > 0.0 && opts.val_split < 1.0) {
+                bail!(
+                    "--val-split {} must be between 0 and 1 (or give --val-dir)",
+                    opts.val_split
+                );
+            }
+            let n = all.len() as usize;
+            let n_val =
+                ((n as f64 * opts.val_split).round() as usize).clamp(1, n.saturating_sub(1).max(1));
+            if n < 2 {
+                bail!(
+                    "{}: {n} readable image(s) cannot be split into training and validation",
+                    opts.dir.display()
+                );
+            }
+            let idx = shuffled(n, opts.seed);
+            (take(&all, &idx[n_val..]), take(&all, &idx[..n_val]))
+        }
+    };
+    Ok(Dataset {
+        name: "folder".into(),
+        train,
+        test,
+        classes,
+        mean: IMAGENET_MEAN,
+        std: IMAGENET_STD,
+        source: opts.dir.display().to_string(),
+    })
+}

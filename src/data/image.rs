@@ -1,0 +1,55 @@
+//! Single images for prediction: decoding and torchvision's eval transform
+//! (resize the shorter side with antialiasing, centre crop), as tensors.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use tch::{Kind, Tensor};
+
+/// Decodes a JPEG/PNG file into a `3 x H x W` uint8 tensor.
+pub fn read_image(path: &Path) -> Result<Tensor> {
+    let img = image::ImageReader::open(path)
+        .with_context(|| format!("opening {}", path.display()))?
+        .with_guessed_format()
+        .with_context(|| format!("reading {}", path.display()))?
+        .decode()
+        .with_context(|| format!("{}: not a readable JPEG or PNG image", path.display()))?
+        .to_rgb8();
+    let (w, h) = img.dimensions();
+    Ok(Tensor::from_slice(img.as_raw())
+        .view([h as i64, w as i64, 3])
+        .permute([2, 0, 1])
+        .contiguous())
+}
+
+/// Bilinear resize with antialiasing of a uint8 `3 x H x W` image, rounded
+/// back to uint8 as torchvision's `F.resize(..., antialias=True)` does.
+fn resize_u8(img: &Tensor, h: i64, w: i64) -> Tensor {
+    img.unsqueeze(0)
+        .to_kind(Kind::Float)
+        .internal_upsample_bilinear2d_aa([h, w], false, None, None)
+        .round()
+        .clamp(0.0, 255.0)
+        .to_kind(Kind::Uint8)
+        .squeeze_dim(0)
+}
+
+/// torchvision's eval transform up to `ToTensor`: `Resize(resize)` (shorter
+/// side) then `CenterCrop(size)`; with `resize` None, the whole image is
+/// resized to `size` x `size`. Returns uint8 `3 x size x size`.
+pub fn eval_transform(img: &Tensor, resize: Option<i64>, size: i64) -> Tensor {
+    let (_, h, w) = img.size3().expect("a 3 x H x W image");
+    let Some(short) = resize else {
+        return resize_u8(img, size, size);
+    };
+    // torchvision: the long side is int(short * long / short_side).
+    let (nh, nw) = if h <= w {
+        (short, (short as f64 * w as f64 / h as f64) as i64)
+    } else {
+        ((short as f64 * h as f64 / w as f64) as i64, short)
+    };
+    let r = resize_u8(img, nh, nw);
+    let top = ((nh - size) as f64 / 2.0).round() as i64;
+    let left = ((nw - size) as f64 / 2.0).round() as i64;
+    r.narrow(1, top, size).narrow(2, left, size)
+}

@@ -1,0 +1,64 @@
+"""`vggctl predict --weights imagenet` against torchvision on the same
+weights (a torchvision vgg11 state dict in torch.save's legacy format, found
+through $TORCH_HOME/hub/checkpoints/ under torchvision's file name) and the
+same images, preprocessed by torchvision's eval transform on tensors
+(Resize(256, antialias) + CenterCrop(224) + Normalize): same top-5 indices,
+probabilities within 1e-3. The JPEG is decoded by a different decoder on
+each side (libjpeg-turbo vs. the image crate), so for it the top-1 index and
+all 1,000 probabilities (within 1e-3) are compared, not the order of the
+near-zero tail."""
+import json
+import os
+import subprocess
+
+import torch
+import torchvision
+import torchvision.transforms.functional as F
+from torchvision.io import ImageReadMode, decode_image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.environ.get("VGGCTL_BIN", os.path.join(ROOT, "target", "release", "vggctl"))
+FIX = os.path.join(ROOT, "tests", "fixtures")
+IMAGES = [
+    os.path.join(FIX, "photos", "cat", "cat_01.png"),
+    os.path.join(FIX, "photos", "astronaut", "astronaut_02.png"),
+    os.path.join(FIX, "photos", "coffee", "coffee_00.jpg"),
+]
+
+
+def test_predict_matches_torchvision(tmp_path):
+    weights = os.path.join(FIX, "pth", "vgg11.legacy.pth")
+    hub = tmp_path / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    (hub / "vgg11-8a719046.pth").symlink_to(weights)
+    env = dict(os.environ, TORCH_HOME=str(tmp_path), VGGCTL_WEIGHTS_URL="http://127.0.0.1:9/none")
+    out = subprocess.run(
+        [BIN, "predict", "--weights", "imagenet", "--arch", "vgg11", "--device", "cpu", "--json", "--topk", "1000", *IMAGES],
+        check=True, capture_output=True, text=True, env=env, cwd=tmp_path,
+    )
+    ours = json.loads(out.stdout)
+
+    model = torchvision.models.vgg11()
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    model.eval()
+    batch = []
+    for path in IMAGES:
+        t = decode_image(path, mode=ImageReadMode.RGB)
+        t = F.center_crop(F.resize(t, 256, antialias=True), 224)
+        batch.append(F.normalize(t.float() / 255.0, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]))
+    with torch.no_grad():
+        probs = model(torch.stack(batch)).softmax(-1)
+    p, idx = probs.topk(5, -1)
+    names = torchvision.models.VGG11_Weights.IMAGENET1K_V1.meta["categories"]
+    for i, pred in enumerate(ours):
+        assert len(pred["top"]) == 1000
+        mine = torch.zeros(1000)
+        for g in pred["top"]:
+            mine[g["index"]] = g["probability"]
+            assert g["label"] == names[g["index"]]
+        assert (mine - probs[i]).abs().max().item() <= 1e-3, pred["image"]
+        top5 = [g["index"] for g in pred["top"][:5]]
+        if pred["image"].endswith(".png"):
+            assert top5 == idx[i].tolist(), pred["image"]
+        else:
+            assert top5[0] == idx[i][0].item(), pred["image"]
