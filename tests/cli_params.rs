@@ -101,7 +101,7 @@ fn bad_arguments_exit_2_with_one_line() {
         ),
         (&["params", "--classes", "0"], "--classes 0"),
         (&["params", "--input", "16"], "too small"),
-        (&["finetune"], "not implemented"),
+        (&["export"], "not implemented"),
     ];
     for (args, needle) in cases {
         let r = common::run_in(dir.path(), args);

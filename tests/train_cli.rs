@@ -388,7 +388,7 @@ fn bad_training_arguments() {
     let cases: [(&[&str], &str); 4] = [
         (
             &["train", "--classes", "7", "--data-dir", &d],
-            "--classes 7 does not match cifar10, which has 10 classes",
+            "cifar-10-batches-bin, which has 10 classes",
         ),
         (
             &["train", "--dataset", "mnist", "--data-dir", &d],
