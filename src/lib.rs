@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod data;
 pub mod device;
+pub mod export;
 pub mod fsutil;
 pub mod hub;
 pub mod model;

@@ -7,9 +7,14 @@ use std::io;
 use std::process::ExitCode;
 
 use clap::Parser;
+use clap::error::ErrorKind;
 
 fn main() -> ExitCode {
-    match cmd::run(cmd::Cli::parse()) {
+    let cli = match cmd::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
+    match cmd::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             if is_broken_pipe(&err) {
@@ -39,4 +44,37 @@ fn one_line(err: &anyhow::Error) -> String {
         .split_whitespace()
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// Help and version go to stdout as clap writes them; a usage error becomes
+/// one line (clap's own message spans several) and exit code 2.
+fn usage_error(e: clap::Error) -> ExitCode {
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        let _ = e.print();
+        return ExitCode::SUCCESS;
+    }
+    let text = e.render().to_string();
+    let first = text
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("invalid arguments");
+    let first = first.trim_start_matches("error: ");
+    // clap lists the accepted values on a later line; keep them on this one.
+    let hint = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("[possible values: "))
+        .map(|v| {
+            format!(
+                " (possible values: {}",
+                v.trim_end_matches(']').to_string() + ")"
+            )
+        })
+        .unwrap_or_default();
+    eprintln!("vggctl: error: {first}{hint}; see 'vggctl --help'");
+    ExitCode::from(2)
 }

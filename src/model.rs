@@ -420,10 +420,41 @@ pub enum Layer {
     },
 }
 
-const BN_EPS: f64 = 1e-5;
+pub const BN_EPS: f64 = 1e-5;
 const BN_MOMENTUM: f64 = 0.1;
 
 impl Layer {
+    /// Another handle on the same tensors (for read-only rewrites such as
+    /// BatchNorm folding).
+    pub fn shallow(&self) -> Layer {
+        match self {
+            Layer::Conv { weight, bias } => Layer::Conv {
+                weight: weight.shallow_clone(),
+                bias: bias.shallow_clone(),
+            },
+            Layer::Linear { weight, bias } => Layer::Linear {
+                weight: weight.shallow_clone(),
+                bias: bias.shallow_clone(),
+            },
+            Layer::BatchNorm {
+                weight,
+                bias,
+                running_mean,
+                running_var,
+                num_batches_tracked,
+            } => Layer::BatchNorm {
+                weight: weight.shallow_clone(),
+                bias: bias.shallow_clone(),
+                running_mean: running_mean.shallow_clone(),
+                running_var: running_var.shallow_clone(),
+                num_batches_tracked: num_batches_tracked.clone(),
+            },
+            Layer::Relu => Layer::Relu,
+            Layer::MaxPool => Layer::MaxPool,
+            Layer::Dropout(p) => Layer::Dropout(*p),
+        }
+    }
+
     /// Builds a layer with torchvision's initialization (on the CPU, from
     /// libtorch's global generator).
     fn init(kind: &LayerKind) -> Option<Layer> {
@@ -736,6 +767,19 @@ impl Vgg {
                 *tensor = tensor.detach().set_requires_grad(false);
             }
         }
+    }
+
+    /// Detaches every parameter from autograd (export and tracing need
+    /// constants, not leaves that require grad).
+    pub fn into_inference(mut self) -> Vgg {
+        for section in [&mut self.features, &mut self.classifier] {
+            for (_, layer) in &mut section.layers {
+                for (_, tensor, _) in layer.tensors_mut() {
+                    *tensor = tensor.detach().set_requires_grad(false);
+                }
+            }
+        }
+        self
     }
 
     /// Replaces the last linear layer (`classifier.6`, `classifier.3` or

@@ -101,7 +101,10 @@ fn bad_arguments_exit_2_with_one_line() {
         ),
         (&["params", "--classes", "0"], "--classes 0"),
         (&["params", "--input", "16"], "too small"),
-        (&["export"], "not implemented"),
+        (
+            &["params", "--head", "big"],
+            "invalid value 'big' for '--head",
+        ),
     ];
     for (args, needle) in cases {
         let r = common::run_in(dir.path(), args);

@@ -3,6 +3,7 @@
 
 mod data_opts;
 mod eval;
+mod export;
 mod finetune;
 mod info;
 mod params;
@@ -44,17 +45,10 @@ enum Command {
     Eval(eval::Args),
     /// Fine-tune torchvision's ImageNet weights on your classes.
     Finetune(finetune::Args),
-    /// Export to safetensors, TorchScript or ONNX (not implemented yet).
-    Export(Pending),
+    /// Export to safetensors (torchvision-loadable), TorchScript or ONNX.
+    Export(export::Args),
     /// Classify images with a checkpoint or torchvision's weights.
     Predict(predict::Args),
-}
-
-/// Placeholder arguments for subcommands whose issues have not landed.
-#[derive(Args, Debug)]
-struct Pending {
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    rest: Vec<String>,
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -70,13 +64,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Train(args) => train::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Finetune(args) => finetune::run(args),
-        Command::Export(_) => not_implemented("export"),
+        Command::Export(args) => export::run(args),
         Command::Predict(args) => predict::run(args),
     }
-}
-
-fn not_implemented(name: &str) -> Result<()> {
-    bail!("'vggctl {name}' is not implemented yet")
 }
 
 /// Options every model-building subcommand shares.

@@ -1,0 +1,173 @@
+//! `vggctl export`: safetensors that torchvision loads, TorchScript, ONNX.
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use tch::Device;
+use vggctl::checkpoint::{ModelMeta, imagenet_classes, read_model_file, read_weights};
+use vggctl::data::cifar;
+use vggctl::data::folder::{IMAGENET_MEAN, IMAGENET_STD};
+use vggctl::export::{check_target, export_onnx, export_safetensors, export_torchscript, fold_bn};
+use vggctl::model::{Head, Vgg};
+
+use super::finetune::{load_pretrained, weights_path};
+use super::{ModelOpts, print_json, print_out};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    Safetensors,
+    Torchscript,
+    Onnx,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// A vggctl checkpoint (last/best.safetensors).
+    #[arg(long, conflicts_with = "weights")]
+    checkpoint: Option<PathBuf>,
+    /// `imagenet` (torchvision's weights for --arch/--bn) or a state dict file
+    /// (.pth/.pt/.safetensors) for --arch/--bn/--head/--classes.
+    #[arg(long)]
+    weights: Option<String>,
+    #[arg(long, value_enum)]
+    format: Format,
+    /// The file to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// Input side the TorchScript/ONNX graph is built for [default: the checkpoint's, else 224 / 32].
+    #[arg(long)]
+    input: Option<i64>,
+    /// Fold BatchNorm into the preceding convolution (torchscript, onnx).
+    #[arg(long)]
+    fold_bn: bool,
+    /// Store float16 weights (safetensors).
+    #[arg(long)]
+    half: bool,
+    /// Overwrite an existing --out.
+    #[arg(long)]
+    force: bool,
+    #[command(flatten)]
+    model: ModelOpts,
+}
+
+#[derive(serde::Serialize)]
+struct Written {
+    path: PathBuf,
+    bytes: u64,
+    format: Format,
+    model: String,
+    input_shape: Vec<String>,
+    folded_bn: bool,
+    half: bool,
+}
+
+/// The model and its metadata from --checkpoint or --weights.
+fn load(args: &Args) -> Result<(Vgg, ModelMeta)> {
+    let device = Device::Cpu;
+    if let Some(path) = &args.checkpoint {
+        let file = read_model_file(path)?;
+        let Some(meta) = file.meta else {
+            bail!(
+                "{}: no vggctl metadata; use --weights {} with --arch/--bn/--head/--classes",
+                path.display(),
+                path.display()
+            );
+        };
+        let mut model = Vgg::new(meta.spec(), device);
+        model.load_state_dict(&path.display().to_string(), &file.tensors)?;
+        return Ok((model, meta));
+    }
+    let Some(w) = &args.weights else {
+        bail!("give --checkpoint PATH or --weights imagenet|PATH");
+    };
+    let (model, dataset) = if w == "imagenet" {
+        let spec = args.model.spec(Head::Imagenet)?;
+        let path = weights_path(w, spec.arch, spec.bn, false)?;
+        (
+            load_pretrained(&path, spec.arch, spec.bn, device)?,
+            "imagenet",
+        )
+    } else {
+        let spec = args.model.spec(Head::Imagenet)?;
+        let path = PathBuf::from(w);
+        let file = read_weights(&path)?;
+        let mut model = Vgg::new(spec, device);
+        model.load_state_dict(&path.display().to_string(), &file.tensors)?;
+        (
+            model,
+            if spec.head == Head::Imagenet {
+                "imagenet"
+            } else {
+                "cifar10"
+            },
+        )
+    };
+    let spec = model.spec;
+    let imagenet = spec.head == Head::Imagenet;
+    let meta = ModelMeta {
+        arch: spec.arch,
+        bn: spec.bn,
+        head: spec.head,
+        classes: spec.classes,
+        class_names: if imagenet && spec.classes == 1000 {
+            imagenet_classes()
+        } else {
+            (0..spec.classes).map(|i| format!("class {i}")).collect()
+        },
+        mean: if imagenet { IMAGENET_MEAN } else { cifar::MEAN },
+        std: if imagenet { IMAGENET_STD } else { cifar::STD },
+        input_size: if imagenet { 224 } else { 32 },
+        dataset: dataset.into(),
+        resize: imagenet.then_some(256),
+        epoch: 0,
+        accuracy: None,
+    };
+    Ok((model, meta))
+}
+
+pub fn run(args: Args) -> Result<()> {
+    if args.half && args.format != Format::Safetensors {
+        bail!("--half applies to --format safetensors only");
+    }
+    if args.fold_bn && args.format == Format::Safetensors {
+        bail!(
+            "--fold-bn applies to torchscript and onnx (a folded state dict is no longer torchvision's)"
+        );
+    }
+    check_target(&args.out, args.force)?;
+    let (model, meta) = load(&args)?;
+    let input = args.input.unwrap_or(meta.input_size);
+    if input < 32 {
+        bail!("--input {input} is too small: VGG's five 2x2 poolings need at least 32x32 pixels");
+    }
+    let folded = args.fold_bn && model.spec.bn;
+    let model = if folded { fold_bn(&model) } else { model }.into_inference();
+    match args.format {
+        Format::Safetensors => export_safetensors(&model, &meta, &args.out, args.half)?,
+        Format::Torchscript => export_torchscript(&model, input, &args.out)?,
+        Format::Onnx => export_onnx(&model, &meta, input, folded, &args.out)?,
+    }
+    let written = Written {
+        path: args.out.clone(),
+        bytes: std::fs::metadata(&args.out).map(|m| m.len()).unwrap_or(0),
+        format: args.format,
+        model: meta.spec().model_name(),
+        input_shape: vec!["N".into(), "3".into(), input.to_string(), input.to_string()],
+        folded_bn: folded,
+        half: args.half,
+    };
+    if args.model.json {
+        return print_json(&written);
+    }
+    print_out(&format!(
+        "wrote {} ({:.1} MiB, {:?}, {} with {} classes, input N x 3 x {input} x {input}{}{})\n",
+        written.path.display(),
+        written.bytes as f64 / (1024.0 * 1024.0),
+        written.format,
+        written.model,
+        meta.classes,
+        if folded { ", BatchNorm folded" } else { "" },
+        if args.half { ", float16" } else { "" },
+    ))
+}

@@ -1,0 +1,135 @@
+//! Exports a model for deployment: safetensors that torchvision loads,
+//! TorchScript traced from the model's own forward, and ONNX written here.
+//! Every writer refuses to overwrite unless asked and writes atomically.
+
+pub mod onnx;
+pub mod onnx_proto;
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use tch::{CModule, Device, Kind, Tensor};
+
+use crate::checkpoint::ModelMeta;
+use crate::fsutil::{temp_path, write_atomic};
+use crate::model::{BN_EPS, Layer, Sequential, Vgg};
+use crate::weights::write_safetensors;
+
+/// Fails when `path` exists and `force` is off, or when its directory is missing.
+pub fn check_target(path: &Path, force: bool) -> Result<()> {
+    if path.exists() && !force {
+        bail!(
+            "{} already exists (use --force to overwrite)",
+            path.display()
+        );
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.is_dir()
+    {
+        bail!(
+            "{}: directory {} does not exist",
+            path.display(),
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// A copy of the model with every BatchNorm folded into the convolution before
+/// it (inference only): w' = w * g / sqrt(var + eps), b' = (b - mean) * g / sqrt(var + eps) + beta.
+pub fn fold_bn(model: &Vgg) -> Vgg {
+    let mut layers = Vec::new();
+    let mut it = model.features.layers.iter().peekable();
+    while let Some((name, layer)) = it.next() {
+        if let (
+            Layer::Conv { weight, bias },
+            Some((
+                _,
+                Layer::BatchNorm {
+                    weight: g,
+                    bias: beta,
+                    running_mean,
+                    running_var,
+                    ..
+                },
+            )),
+        ) = (layer, it.peek())
+        {
+            let scale = tch::no_grad(|| g / (running_var + BN_EPS).sqrt());
+            let w = tch::no_grad(|| weight * scale.view([-1, 1, 1, 1]));
+            let b = tch::no_grad(|| (bias - running_mean) * &scale + beta);
+            layers.push((name.clone(), Layer::Conv { weight: w, bias: b }));
+            it.next();
+        } else {
+            layers.push((name.clone(), layer.shallow()));
+        }
+    }
+    let mut spec = model.spec;
+    spec.bn = false;
+    Vgg {
+        spec,
+        features: Sequential { layers },
+        pool_size: model.pool_size,
+        classifier: Sequential {
+            layers: model
+                .classifier
+                .layers
+                .iter()
+                .map(|(n, l)| (n.clone(), l.shallow()))
+                .collect(),
+        },
+        frozen_prefix: 0,
+    }
+}
+
+/// torchvision's state dict (BN `num_batches_tracked` as int64 included) and
+/// vggctl's metadata; `half` stores floating-point tensors as float16.
+pub fn export_safetensors(model: &Vgg, meta: &ModelMeta, path: &Path, half: bool) -> Result<()> {
+    let mut sd = model.state_dict();
+    if half {
+        for (_, t) in sd.iter_mut() {
+            if t.is_floating_point() {
+                *t = t.to_kind(Kind::Half);
+            }
+        }
+    }
+    write_safetensors(path, &sd, &meta.to_metadata())
+}
+
+/// Traces the eval-mode forward at `input` x `input` and saves TorchScript
+/// that `torch.jit.load` and libtorch's C++ loader run. The graph flattens
+/// with `flatten(1, -1)`, so any batch size works.
+pub fn export_torchscript(model: &Vgg, input: i64, path: &Path) -> Result<()> {
+    let example = Tensor::zeros([2, 3, input, input], (Kind::Float, Device::Cpu));
+    let mut forward = |xs: &[Tensor]| vec![tch::no_grad(|| model.forward_t(&xs[0], false))];
+    let module = CModule::create_by_tracing("VGG", "forward", &[example], &mut forward)
+        .context("tracing the model")?;
+    let tmp = temp_path(path);
+    let result = module
+        .save(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))
+        .and_then(|()| {
+            std::fs::rename(&tmp, path)
+                .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+        });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// ONNX (opset 17) written by vggctl, with a dynamic batch dimension.
+pub fn export_onnx(
+    model: &Vgg,
+    meta: &ModelMeta,
+    input: i64,
+    folded: bool,
+    path: &Path,
+) -> Result<()> {
+    let bytes = onnx::model_bytes(model, meta, input, folded)?;
+    write_atomic(path, |w| {
+        use std::io::Write;
+        w.write_all(&bytes)
+            .with_context(|| format!("writing {}", path.display()))
+    })
+}
