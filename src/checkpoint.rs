@@ -147,6 +147,55 @@ pub fn read_weights(path: &Path) -> Result<ModelFile> {
     })
 }
 
+/// A vggctl checkpoint's model, loaded, and its metadata; a file without
+/// vggctl metadata is an error that points to `--weights`.
+pub fn load_checkpoint(path: &Path, device: tch::Device) -> Result<(Vgg, ModelMeta)> {
+    let file = read_model_file(path)?;
+    let Some(meta) = file.meta else {
+        anyhow::bail!(
+            "{}: no vggctl metadata; for a plain state dict use --weights {} with --arch/--bn/--head/--classes",
+            path.display(),
+            path.display()
+        );
+    };
+    let mut model = Vgg::new(meta.spec(), device);
+    model.load_state_dict(&path.display().to_string(), &file.tensors)?;
+    Ok((model, meta))
+}
+
+/// What a model loaded from a plain state dict is taken to be: torchvision's
+/// ImageNet preprocessing and class names for the imagenet head with 1,000
+/// classes, the CIFAR recipe's normalization for the small heads.
+pub fn meta_for_weights(spec: ModelSpec) -> ModelMeta {
+    let imagenet = spec.head == Head::Imagenet;
+    ModelMeta {
+        arch: spec.arch,
+        bn: spec.bn,
+        head: spec.head,
+        classes: spec.classes,
+        class_names: if imagenet && spec.classes == 1000 {
+            imagenet_classes()
+        } else {
+            (0..spec.classes).map(|i| format!("class {i}")).collect()
+        },
+        mean: if imagenet {
+            crate::data::folder::IMAGENET_MEAN
+        } else {
+            crate::data::cifar::MEAN
+        },
+        std: if imagenet {
+            crate::data::folder::IMAGENET_STD
+        } else {
+            crate::data::cifar::STD
+        },
+        input_size: if imagenet { 224 } else { 32 },
+        dataset: if imagenet { "imagenet" } else { "cifar10" }.into(),
+        resize: imagenet.then_some(256),
+        epoch: 0,
+        accuracy: None,
+    }
+}
+
 /// torchvision's ImageNet class names, index by index.
 pub fn imagenet_classes() -> Vec<String> {
     include_str!("imagenet_classes.txt")

@@ -6,7 +6,6 @@
 mod common;
 
 use std::fs;
-use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::Path;
 
@@ -169,22 +168,7 @@ fn missing_data_without_download_says_where_to_put_it() {
 
 /// Serves `body` to every request on 127.0.0.1 for as long as the test runs.
 fn serve(body: Vec<u8>) -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().take(16) {
-            let Ok(mut s) = stream else { continue };
-            let mut buf = [0u8; 4096];
-            let _ = s.read(&mut buf);
-            let head = format!(
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = s.write_all(head.as_bytes());
-            let _ = s.write_all(&body);
-        }
-    });
-    format!("http://{addr}/cifar-10-binary.tar.gz")
+    format!("http://{}/cifar-10-binary.tar.gz", common::serve(body))
 }
 
 fn archive_of(dir: &Path, extra_evil: bool) -> Vec<u8> {

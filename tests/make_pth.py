@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(__file__))
-from vgg_reference import build  # noqa: E402
+from vgg_reference import build, randomize_bn  # noqa: E402
 
 
 def save(obj, path, legacy):
@@ -37,11 +37,7 @@ def main(out):
             # layer gives predict's top-5 test distinct probabilities.
             model.classifier[6].weight.mul_(400.0)
         if bn:
-            with torch.no_grad():
-                for m in model.modules():
-                    if isinstance(m, torch.nn.BatchNorm2d):
-                        m.running_mean.uniform_(-0.1, 0.1)
-                        m.running_var.uniform_(0.5, 2.0)
+            randomize_bn(model, 0)
         x = torch.randn(2, 3, 64, 64)
         sd = model.state_dict()
         save(sd, os.path.join(d, f"{name}.zip.pth"), legacy=False)

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(__file__))
-from vgg_reference import build  # noqa: E402
+from vgg_reference import build, randomize_bn  # noqa: E402
 
 # (arch, bn, head, classes, input size)
 CASES = [(a, bn, "imagenet", 1000, 64) for a in ("vgg11", "vgg13", "vgg16", "vgg19") for bn in (False, True)]
@@ -27,13 +27,7 @@ def main(out):
         torch.manual_seed(1000 + i)
         model = build(arch, bn, head, classes)
         if bn:
-            # Non-trivial running statistics, as a trained model has.
-            with torch.no_grad():
-                for m in model.modules():
-                    if isinstance(m, torch.nn.BatchNorm2d):
-                        m.running_mean.uniform_(-0.1, 0.1)
-                        m.running_var.uniform_(0.5, 2.0)
-                        m.num_batches_tracked.fill_(i + 7)
+            randomize_bn(model, i + 7)
         model.eval()
         x = torch.randn(2, 3, size, size)
         with torch.no_grad():

@@ -51,3 +51,13 @@ def build(arch, bn, head, classes, device=None):
         else:
             raise ValueError(head)
         return SmallHeadVGG(features, classifier)
+
+
+def randomize_bn(model, num_batches_tracked):
+    """Non-trivial BatchNorm running statistics, as a trained model has."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+                m.num_batches_tracked.fill_(num_batches_tracked)

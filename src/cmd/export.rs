@@ -4,9 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 use tch::Device;
-use vggctl::checkpoint::{ModelMeta, imagenet_classes, read_model_file, read_weights};
-use vggctl::data::cifar;
-use vggctl::data::folder::{IMAGENET_MEAN, IMAGENET_STD};
+use vggctl::checkpoint::{ModelMeta, load_checkpoint, meta_for_weights, read_weights};
 use vggctl::export::{check_target, export_onnx, export_safetensors, export_torchscript, fold_bn};
 use vggctl::model::{Head, Vgg};
 
@@ -66,63 +64,23 @@ struct Written {
 fn load(args: &Args) -> Result<(Vgg, ModelMeta)> {
     let device = Device::Cpu;
     if let Some(path) = &args.checkpoint {
-        let file = read_model_file(path)?;
-        let Some(meta) = file.meta else {
-            bail!(
-                "{}: no vggctl metadata; use --weights {} with --arch/--bn/--head/--classes",
-                path.display(),
-                path.display()
-            );
-        };
-        let mut model = Vgg::new(meta.spec(), device);
-        model.load_state_dict(&path.display().to_string(), &file.tensors)?;
-        return Ok((model, meta));
+        return load_checkpoint(path, device);
     }
     let Some(w) = &args.weights else {
         bail!("give --checkpoint PATH or --weights imagenet|PATH");
     };
-    let (model, dataset) = if w == "imagenet" {
-        let spec = args.model.spec(Head::Imagenet)?;
+    let spec = args.model.spec(Head::Imagenet)?;
+    let model = if w == "imagenet" {
         let path = weights_path(w, spec.arch, spec.bn, false)?;
-        (
-            load_pretrained(&path, spec.arch, spec.bn, device)?,
-            "imagenet",
-        )
+        load_pretrained(&path, spec.arch, spec.bn, device)?
     } else {
-        let spec = args.model.spec(Head::Imagenet)?;
         let path = PathBuf::from(w);
         let file = read_weights(&path)?;
         let mut model = Vgg::new(spec, device);
         model.load_state_dict(&path.display().to_string(), &file.tensors)?;
-        (
-            model,
-            if spec.head == Head::Imagenet {
-                "imagenet"
-            } else {
-                "cifar10"
-            },
-        )
+        model
     };
-    let spec = model.spec;
-    let imagenet = spec.head == Head::Imagenet;
-    let meta = ModelMeta {
-        arch: spec.arch,
-        bn: spec.bn,
-        head: spec.head,
-        classes: spec.classes,
-        class_names: if imagenet && spec.classes == 1000 {
-            imagenet_classes()
-        } else {
-            (0..spec.classes).map(|i| format!("class {i}")).collect()
-        },
-        mean: if imagenet { IMAGENET_MEAN } else { cifar::MEAN },
-        std: if imagenet { IMAGENET_STD } else { cifar::STD },
-        input_size: if imagenet { 224 } else { 32 },
-        dataset: dataset.into(),
-        resize: imagenet.then_some(256),
-        epoch: 0,
-        accuracy: None,
-    };
+    let meta = meta_for_weights(model.spec);
     Ok((model, meta))
 }
 

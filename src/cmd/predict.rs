@@ -6,11 +6,10 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use serde::Serialize;
 use tch::{Kind, Tensor};
-use vggctl::checkpoint::{imagenet_classes, read_model_file};
+use vggctl::checkpoint::{load_checkpoint, meta_for_weights};
 use vggctl::data::augment::Normalizer;
-use vggctl::data::folder::{IMAGENET_MEAN, IMAGENET_STD};
 use vggctl::data::image::{eval_transform, read_image};
-use vggctl::model::{Head, Vgg};
+use vggctl::model::Head;
 
 use super::finetune::{load_pretrained, weights_path};
 use super::{ModelOpts, print_json, print_out};
@@ -54,49 +53,23 @@ pub fn run(args: Args) -> Result<()> {
     if args.topk < 1 {
         bail!("--topk must be at least 1");
     }
-    let (model, names, mean, std, input, resize) = match (&args.checkpoint, &args.weights) {
-        (Some(path), _) => {
-            let file = read_model_file(path)?;
-            let Some(meta) = file.meta else {
-                bail!(
-                    "{}: no vggctl metadata; use --weights {} --arch ... for a plain state dict",
-                    path.display(),
-                    path.display()
-                );
-            };
-            let mut model = Vgg::new(meta.spec(), device);
-            model.load_state_dict(&path.display().to_string(), &file.tensors)?;
-            (
-                model,
-                meta.class_names.clone(),
-                meta.mean,
-                meta.std,
-                meta.input_size,
-                meta.resize,
-            )
-        }
+    let (model, meta) = match (&args.checkpoint, &args.weights) {
+        (Some(path), _) => load_checkpoint(path, device)?,
         (None, Some(w)) => {
             let spec = args.model.spec(Head::Imagenet)?;
             let path = weights_path(w, spec.arch, spec.bn, false)?;
             let model = load_pretrained(&path, spec.arch, spec.bn, device)?;
-            let classes = model.spec.classes;
-            let names = if classes == 1000 {
-                imagenet_classes()
-            } else {
-                (0..classes).map(|i| format!("class {i}")).collect()
-            };
-            let input = args.input.unwrap_or(224);
-            (
-                model,
-                names,
-                IMAGENET_MEAN,
-                IMAGENET_STD,
-                input,
-                Some(input * 256 / 224),
-            )
+            let mut meta = meta_for_weights(model.spec);
+            if let Some(input) = args.input {
+                meta.input_size = input;
+                meta.resize = Some(input * 256 / 224);
+            }
+            (model, meta)
         }
         (None, None) => bail!("give --checkpoint PATH or --weights imagenet|PATH"),
     };
+    let (names, input, resize) = (&meta.class_names, meta.input_size, meta.resize);
+    let (mean, std) = (meta.mean, meta.std);
     let batch: Vec<Tensor> = args
         .images
         .iter()

@@ -83,13 +83,7 @@ pub fn scan(dir: &Path) -> Result<(Vec<String>, LabeledFiles)> {
 /// Decodes an image and returns it as `3 x side x side` uint8 (shorter side
 /// resized to `side`, then the central square).
 pub fn decode_square(path: &Path, side: u32) -> Result<Vec<u8>> {
-    let img = image::ImageReader::open(path)
-        .with_context(|| format!("opening {}", path.display()))?
-        .with_guessed_format()
-        .with_context(|| format!("reading {}", path.display()))?
-        .decode()
-        .with_context(|| format!("decoding {}", path.display()))?
-        .to_rgb8();
+    let img = super::image::decode_rgb(path)?;
     let (w, h) = img.dimensions();
     let scale = side as f64 / w.min(h) as f64;
     let (nw, nh) = (

@@ -6,15 +6,20 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use tch::{Kind, Tensor};
 
-/// Decodes a JPEG/PNG file into a `3 x H x W` uint8 tensor.
-pub fn read_image(path: &Path) -> Result<Tensor> {
-    let img = image::ImageReader::open(path)
+/// Decodes a JPEG/PNG file (format from its content) into 8-bit RGB.
+pub fn decode_rgb(path: &Path) -> Result<image::RgbImage> {
+    Ok(image::ImageReader::open(path)
         .with_context(|| format!("opening {}", path.display()))?
         .with_guessed_format()
         .with_context(|| format!("reading {}", path.display()))?
         .decode()
         .with_context(|| format!("{}: not a readable JPEG or PNG image", path.display()))?
-        .to_rgb8();
+        .to_rgb8())
+}
+
+/// Decodes a JPEG/PNG file into a `3 x H x W` uint8 tensor.
+pub fn read_image(path: &Path) -> Result<Tensor> {
+    let img = decode_rgb(path)?;
     let (w, h) = img.dimensions();
     Ok(Tensor::from_slice(img.as_raw())
         .view([h as i64, w as i64, 3])

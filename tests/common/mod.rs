@@ -61,3 +61,25 @@ pub fn assert_one_line_error(r: &Run, code: i32, needle: &str) {
     );
     assert!(!r.stderr.contains("panicked"), "panic: {}", r.stderr);
 }
+
+/// Serves `body` with status 200 to the next few requests on 127.0.0.1 and
+/// returns the server's address (`127.0.0.1:PORT`).
+pub fn serve(body: Vec<u8>) -> std::net::SocketAddr {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(16) {
+            let Ok(mut s) = stream else { continue };
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = s.write_all(head.as_bytes());
+            let _ = s.write_all(&body);
+        }
+    });
+    addr
+}
