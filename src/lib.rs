@@ -1,6 +1,7 @@
 //! vggctl's library: the VGG models and everything the subcommands share.
 //! Nothing here knows about clap or the terminal; `cmd/` wires it together.
 
+pub mod amp;
 pub mod checkpoint;
 pub mod data;
 pub mod device;

@@ -769,6 +769,57 @@ impl Vgg {
         }
     }
 
+    /// Moves the trainable parameters into one flat buffer, each parameter
+    /// becoming a view of it (a leaf that requires grad), for the fused
+    /// optimizer. With `channels_last`, convolution weights are stored NHWC.
+    /// Returns the buffer; the parameters' values are unchanged.
+    pub fn flatten_trainable(&mut self, channels_last: bool) -> Tensor {
+        let device = self.device();
+        let mut total = 0;
+        for section in [&self.features, &self.classifier] {
+            for (_, layer) in &section.layers {
+                for (_, t, is_param) in layer.tensors() {
+                    if is_param && t.requires_grad() {
+                        total += t.numel() as i64;
+                    }
+                }
+            }
+        }
+        let flat = Tensor::zeros([total], (Kind::Float, device));
+        let mut offset = 0;
+        tch::no_grad(|| {
+            for section in [&mut self.features, &mut self.classifier] {
+                for (_, layer) in &mut section.layers {
+                    for (_, t, is_param) in layer.tensors_mut() {
+                        if !(is_param && t.requires_grad()) {
+                            continue;
+                        }
+                        let n = t.numel() as i64;
+                        let size = t.size();
+                        let seg = flat.narrow(0, offset, n);
+                        let view = if channels_last && size.len() == 4 {
+                            let mut nhwc = seg.view([size[0], size[2], size[3], size[1]]);
+                            nhwc.copy_(&t.permute([0, 2, 3, 1]));
+                            nhwc.permute([0, 3, 1, 2])
+                        } else {
+                            let mut v = seg.view(size.as_slice());
+                            v.copy_(t);
+                            v
+                        };
+                        *t = view.detach().set_requires_grad(true);
+                        offset += n;
+                    }
+                }
+            }
+        });
+        flat
+    }
+
+    /// Convolution weights in NHWC strides (cuDNN then runs channels-last).
+    pub fn to_channels_last(&mut self) {
+        self.map_tensors(|_, t| crate::amp::to_channels_last(t));
+    }
+
     /// Detaches every parameter from autograd (export and tracing need
     /// constants, not leaves that require grad).
     pub fn into_inference(mut self) -> Vgg {

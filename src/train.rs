@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Reduction, Tensor};
 
 use crate::Interrupted;
+use crate::amp::{LossScaler, Precision, resolve};
 use crate::checkpoint::{ModelMeta, save_model};
 use crate::data::augment::{Augment, Normalizer, Preprocess};
 use crate::data::{Dataset, Split};
@@ -66,6 +67,26 @@ pub struct TrainConfig {
     pub freeze_prefix: usize,
     /// Where the starting weights came from (fine-tuning), if not from scratch.
     pub weights: Option<String>,
+    /// Requested precision; what ran is in `metrics.jsonl`'s run header.
+    #[serde(default = "default_precision")]
+    pub precision: Precision,
+    /// NHWC memory layout for inputs and convolution weights.
+    #[serde(default)]
+    pub channels_last: bool,
+    /// One flat parameter buffer and one multi-tensor update (see optim.rs).
+    #[serde(default = "default_true")]
+    pub fused: bool,
+    /// Time the parts of each step (synchronizing the device) and report them.
+    #[serde(default)]
+    pub profile: bool,
+}
+
+fn default_precision() -> Precision {
+    Precision::Fp32
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl TrainConfig {
@@ -103,6 +124,12 @@ pub struct EpochMetrics {
     pub test_top5: f64,
     pub images_per_s: f64,
     pub seconds: f64,
+    /// With `--profile`: where the training steps' time went.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<StepProfile>,
+    /// fp16: steps skipped for non-finite gradients so far, and the loss scale.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<f64>,
 }
 
 /// Running sums of the epoch in progress (saved on interrupt).
@@ -126,6 +153,9 @@ pub struct TrainState {
     pub step: usize,
     pub partial: Partial,
     pub optimizer_steps: i64,
+    /// fp16 loss scaling state, so a resumed run scales as the original would.
+    #[serde(default)]
+    pub scaler: Option<LossScaler>,
     pub best_top1: Option<f64>,
     pub history: Vec<EpochMetrics>,
 }
@@ -211,9 +241,8 @@ pub fn evaluate(model: &Vgg, data: &DeviceSplit, batch: i64, pre: &Preprocess) -
         let mut start = 0;
         while start < n {
             let len = batch.min(n - start);
-            let x = pre.eval(&data.images.narrow(0, start, len));
             let y = data.labels.narrow(0, start, len);
-            let logits = model.forward_t(&x, false);
+            let logits = pre.logits(model, &data.images.narrow(0, start, len), false);
             let loss = logits.cross_entropy_loss::<Tensor>(&y, None, Reduction::Sum, -100, 0.0);
             loss_sum += loss.to_kind(Kind::Double);
             let pred = logits.argmax(-1, false);
@@ -303,6 +332,59 @@ pub fn read_resume(path: &Path) -> Result<(TrainState, BTreeMap<String, Tensor>)
     Ok((state, sd.tensors))
 }
 
+/// Seconds spent in each part of the training steps of an epoch (`--profile`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct StepProfile {
+    pub steps: u64,
+    /// Gathering the batch, augmentation, layout.
+    pub data: f64,
+    /// Forward pass and loss.
+    pub forward: f64,
+    /// Backward pass and optimizer update.
+    pub backward_update: f64,
+}
+
+/// Times the parts of a step when profiling; each lap synchronizes the
+/// device so the time is the work's, not the launch's.
+struct StepTimer {
+    on: bool,
+    device: Device,
+    at: Instant,
+}
+
+impl StepTimer {
+    fn start(on: bool, device: Device) -> Self {
+        let t = StepTimer {
+            on,
+            device,
+            at: Instant::now(),
+        };
+        t.sync();
+        StepTimer {
+            at: Instant::now(),
+            ..t
+        }
+    }
+
+    fn sync(&self) {
+        if let (true, Device::Cuda(i)) = (self.on, self.device) {
+            tch::Cuda::synchronize(i as i64);
+        }
+    }
+
+    fn lap(self, into: &mut f64) -> Self {
+        if !self.on {
+            return self;
+        }
+        self.sync();
+        *into += self.at.elapsed().as_secs_f64();
+        StepTimer {
+            at: Instant::now(),
+            ..self
+        }
+    }
+}
+
 /// Removes temporary files that a killed run left mid-write (their
 /// checkpoints were never renamed into place, so nothing refers to them).
 fn remove_stale_temp_files(dir: &Path) {
@@ -325,6 +407,7 @@ pub struct Trainer<'a> {
     train: DeviceSplit,
     test: DeviceSplit,
     pre: Preprocess,
+    profile: StepProfile,
     files: RunFiles,
     stop: &'a AtomicBool,
 }
@@ -347,11 +430,11 @@ impl<'a> Trainer<'a> {
                 data.source
             );
         }
-        let pre = Preprocess {
-            augment: config.augment,
-            input: config.input_size,
-            norm: Normalizer::new(data.mean, data.std, device),
-        };
+        let mut pre = Preprocess::plain(
+            config.augment,
+            config.input_size,
+            Normalizer::new(data.mean, data.std, device),
+        );
         let files = RunFiles {
             dir: config.out.clone(),
         };
@@ -366,6 +449,7 @@ impl<'a> Trainer<'a> {
             step: 0,
             partial: Partial::default(),
             optimizer_steps: 0,
+            scaler: None,
             best_top1: None,
             history: Vec::new(),
         };
@@ -383,7 +467,30 @@ impl<'a> Trainer<'a> {
             }
             None => None,
         };
-        let mut opt = Optimizer::new(state.config.optimizer.clone(), model.trainable_parameters());
+        if device.is_cuda() {
+            tch::Cuda::cudnn_set_benchmark(true);
+        }
+        let run = resolve(
+            state.config.precision,
+            state.config.channels_last,
+            device,
+            &mut |w| eprintln!("warning: {w}"),
+        );
+        let ocfg = state.config.optimizer.clone();
+        let mut opt = if state.config.fused || run.precision == Precision::Fp16 {
+            let flat = model.flatten_trainable(run.channels_last);
+            Optimizer::fused(ocfg, model.trainable_parameters(), flat)
+        } else {
+            if run.channels_last {
+                model.to_channels_last();
+            }
+            Optimizer::new(ocfg, model.trainable_parameters())
+        };
+        pre.channels_last = run.channels_last;
+        pre.fp16 = run.precision == Precision::Fp16;
+        if pre.fp16 && state.scaler.is_none() {
+            state.scaler = Some(LossScaler::default());
+        }
         if let Some((source, tensors)) = resume_tensors {
             opt.load_state(&source, &tensors, state.optimizer_steps)?;
         }
@@ -394,6 +501,7 @@ impl<'a> Trainer<'a> {
             train,
             test,
             pre,
+            profile: StepProfile::default(),
             files,
             stop,
         })
@@ -474,6 +582,12 @@ impl<'a> Trainer<'a> {
                 test_top5: eval.top5,
                 images_per_s: p.seen as f64 / p.seconds.max(1e-9),
                 seconds: p.seconds,
+                profile: self
+                    .state
+                    .config
+                    .profile
+                    .then(|| std::mem::take(&mut self.profile)),
+                loss_scale: self.state.scaler.as_ref().map(|s| s.scale),
             };
             self.state.history.push(m.clone());
             self.state.epoch += 1;
@@ -540,8 +654,10 @@ impl<'a> Trainer<'a> {
             let idx = perm.narrow(0, start, len);
             let x = self.train.images.index_select(0, &idx);
             let y = self.train.labels.index_select(0, &idx);
-            let x = self.pre.train(&x);
-            let logits = self.model.forward_t(&x, true);
+            let timer = StepTimer::start(cfg.profile, dev);
+            let x = self.pre.model_input(&x, true);
+            let timer = timer.lap(&mut self.profile.data);
+            let logits = self.pre.forward(&self.model, &x, true);
             let loss = logits.cross_entropy_loss::<Tensor>(
                 &y,
                 None,
@@ -549,9 +665,11 @@ impl<'a> Trainer<'a> {
                 -100,
                 cfg.label_smoothing,
             );
-            self.opt.zero_grad();
-            loss.backward();
-            self.opt.step(lr);
+            let timer = timer.lap(&mut self.profile.forward);
+            self.opt
+                .backward_step(&loss, lr, self.state.scaler.as_mut());
+            timer.lap(&mut self.profile.backward_update);
+            self.profile.steps += 1;
             let correct = logits.argmax(-1, false).eq_tensor(&y).sum(Kind::Int64);
             pending.push((step, loss.detach(), correct, len));
             self.state.step += 1;

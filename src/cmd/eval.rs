@@ -83,14 +83,12 @@ pub fn run(args: Args) -> Result<()> {
     let mut model = Vgg::new(spec, device);
     model.load_state_dict(&args.checkpoint.display().to_string(), &file.tensors)?;
     let test = DeviceSplit::new(&dataset.test.limit(args.limit_test), device);
-    let pre = Preprocess {
-        augment: match file.meta.as_ref().and_then(|m| m.resize) {
-            Some(_) => Augment::ResizedCrop,
-            None => Augment::CropFlip { padding: 4 },
-        },
-        input: file.meta.as_ref().map_or(32, |m| m.input_size),
-        norm: Normalizer::new(mean, std, device),
+    let augment = match file.meta.as_ref().and_then(|m| m.resize) {
+        Some(_) => Augment::ResizedCrop,
+        None => Augment::CropFlip { padding: 4 },
     };
+    let input = file.meta.as_ref().map_or(32, |m| m.input_size);
+    let pre = Preprocess::plain(augment, input, Normalizer::new(mean, std, device));
     let result = evaluate(&model, &test, args.batch_size, &pre);
     let report = Report {
         checkpoint: args.checkpoint.clone(),

@@ -66,6 +66,16 @@ impl Observer for EpochBars {
                 m.images_per_s,
                 m.seconds
             );
+            if let Some(p) = &m.profile {
+                let per = |s: f64| 1000.0 * s / p.steps.max(1) as f64;
+                eprintln!(
+                    "           per step: data {:.2} ms, forward {:.2} ms, backward+update {:.2} ms ({} steps)",
+                    per(p.data),
+                    per(p.forward),
+                    per(p.backward_update),
+                    p.steps
+                );
+            }
         }
     }
 }

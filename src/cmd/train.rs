@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Result, bail};
 use std::collections::BTreeMap;
+use vggctl::amp::Precision;
 use vggctl::data::augment::Augment;
 use vggctl::device::device_name;
 
@@ -76,6 +77,23 @@ pub struct HyperOpts {
     /// No progress on stderr.
     #[arg(long)]
     pub quiet: bool,
+    /// fp32, tf32, fp16 (autocast + dynamic loss scaling) or bf16; on a CPU
+    /// (and where this build lacks the switch) anything but fp32 falls back
+    /// to fp32 with a warning.
+    #[arg(long, value_enum, default_value = "fp32")]
+    pub precision: Precision,
+    /// NHWC inputs and convolution weights [default: on with CUDA].
+    #[arg(long, conflicts_with = "contiguous")]
+    pub channels_last: bool,
+    /// Plain NCHW layout even on CUDA.
+    #[arg(long)]
+    pub contiguous: bool,
+    /// Update each parameter separately instead of the fused flat-buffer update.
+    #[arg(long)]
+    pub no_fused: bool,
+    /// Time data, forward and backward+update of every step (synchronizing) and report them per epoch.
+    #[arg(long)]
+    pub profile: bool,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -201,6 +219,10 @@ impl HyperOpts {
             imagenet_normalization: false,
             freeze_prefix: 0,
             weights: None,
+            precision: self.precision,
+            channels_last: self.channels_last || (device.is_cuda() && !self.contiguous),
+            fused: !self.no_fused,
+            profile: self.profile,
         }
     }
 }
@@ -227,6 +249,7 @@ pub fn resume(h: &HyperOpts, data: &DataOpts, device: Device, json: bool) -> Res
         config.epochs = e;
     }
     config.device = device_name(device);
+    config.profile = h.profile;
     if let Some(dir) = &data.data_dir {
         config.data_dir = dir.display().to_string();
     }

@@ -116,13 +116,30 @@ pub enum Augment {
     ResizedCrop,
 }
 
+/// How a uint8 batch becomes logits: preprocessing, then the model in the
+/// run's memory layout and precision.
 pub struct Preprocess {
     pub augment: Augment,
     pub input: i64,
     pub norm: Normalizer,
+    /// Feed the model NHWC-strided batches.
+    pub channels_last: bool,
+    /// Run the forward pass under CUDA autocast (float16).
+    pub fp16: bool,
 }
 
 impl Preprocess {
+    /// fp32, contiguous: what evaluation on the CPU and the tests use.
+    pub fn plain(augment: Augment, input: i64, norm: Normalizer) -> Self {
+        Preprocess {
+            augment,
+            input,
+            norm,
+            channels_last: false,
+            fp16: false,
+        }
+    }
+
     fn resize(&self, x: Tensor) -> Tensor {
         if x.size()[3] == self.input && x.size()[2] == self.input {
             x
@@ -145,5 +162,31 @@ impl Preprocess {
             Augment::CropFlip { .. } => self.resize(self.norm.apply(x)),
             Augment::ResizedCrop => self.norm.apply(&center_crop(x, self.input)),
         }
+    }
+
+    /// The model's input for a uint8 batch: training augmentation when
+    /// `train`, in the run's memory layout.
+    pub fn model_input(&self, x: &Tensor, train: bool) -> Tensor {
+        let x = if train { self.train(x) } else { self.eval(x) };
+        if self.channels_last {
+            crate::amp::to_channels_last(&x)
+        } else {
+            x
+        }
+    }
+
+    /// Float32 logits of the model in the run's precision.
+    pub fn forward(&self, model: &crate::model::Vgg, x: &Tensor, train: bool) -> Tensor {
+        let out = if self.fp16 {
+            tch::autocast(true, || model.forward_t(x, train))
+        } else {
+            model.forward_t(x, train)
+        };
+        out.to_kind(Kind::Float)
+    }
+
+    /// Logits for a uint8 batch.
+    pub fn logits(&self, model: &crate::model::Vgg, x: &Tensor, train: bool) -> Tensor {
+        self.forward(model, &self.model_input(x, train), train)
     }
 }

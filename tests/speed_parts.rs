@@ -1,0 +1,181 @@
+//! The CPU-testable parts of the GPU speed work: dynamic loss scaling skips
+//! overflowing steps and adapts its scale; channels-last keeps values and
+//! shapes; the fused flat-buffer optimizer matches the per-parameter SGD and
+//! AdamW updates to 1e-6 (also channels-last) and its state round-trips.
+
+use tch::{Device, Kind, Tensor};
+use vggctl::amp::{LossScaler, is_channels_last, to_channels_last};
+use vggctl::model::{Arch, Head, ModelSpec, Vgg};
+use vggctl::optim::{Optimizer, OptimizerConfig, OptimizerKind};
+
+fn sgd(nesterov: bool) -> OptimizerConfig {
+    OptimizerConfig {
+        kind: OptimizerKind::Sgd,
+        momentum: 0.9,
+        weight_decay: 5e-4,
+        nesterov,
+        betas: (0.9, 0.999),
+        eps: 1e-8,
+    }
+}
+
+fn adamw() -> OptimizerConfig {
+    OptimizerConfig {
+        kind: OptimizerKind::Adamw,
+        momentum: 0.0,
+        weight_decay: 0.05,
+        nesterov: false,
+        betas: (0.9, 0.999),
+        eps: 1e-8,
+    }
+}
+
+#[test]
+fn an_overflowing_step_is_skipped_and_the_scale_adapts() {
+    let flat = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0]);
+    let p = flat
+        .narrow(0, 0, 4)
+        .view([2, 2])
+        .detach()
+        .set_requires_grad(true);
+    let mut opt = Optimizer::fused(sgd(false), vec![("w".into(), &p)], flat.shallow_clone());
+    let mut scaler = LossScaler {
+        growth_interval: 3,
+        ..LossScaler::default()
+    };
+    let before = flat.copy();
+
+    // A gradient of inf: no update, scale halves.
+    let loss = (&p * f64::INFINITY).sum(Kind::Float);
+    assert!(!opt.backward_step(&loss, 0.1, Some(&mut scaler)));
+    assert!(flat.equal(&before), "parameters changed on a skipped step");
+    assert_eq!(scaler.scale, 32768.0);
+    assert_eq!(opt.skipped, 1);
+    assert_eq!(opt.steps, 0);
+
+    // Clean steps: updates taken (gradients unscaled), growth after 3 of them.
+    for i in 1..=3 {
+        let loss = (&p * &p).sum(Kind::Float);
+        assert!(opt.backward_step(&loss, 0.1, Some(&mut scaler)));
+        assert_eq!(
+            scaler.scale,
+            if i < 3 { 32768.0 } else { 65536.0 },
+            "after {i} clean steps"
+        );
+    }
+    assert_eq!(opt.steps, 3);
+    assert!(!flat.equal(&before));
+    // The first clean update was w - 0.1 * (2w + 5e-4 w): unscaled gradients.
+    let mut q = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0])
+        .view([2, 2])
+        .set_requires_grad(true);
+    let mut reference = Optimizer::new(sgd(false), vec![("w".into(), &q)]);
+    for _ in 0..3 {
+        reference.backward_step(&(&q * &q).sum(Kind::Float), 0.1, None);
+    }
+    let err = (&p - &q).abs().max().double_value(&[]);
+    assert!(err < 1e-6, "{err}");
+    let _ = &mut q;
+}
+
+#[test]
+fn channels_last_keeps_values_and_shapes() {
+    let x = Tensor::randn([2, 3, 8, 8], (Kind::Float, Device::Cpu));
+    let y = to_channels_last(&x);
+    assert_eq!(y.size(), x.size());
+    assert!(is_channels_last(&y) && !is_channels_last(&x));
+    assert!(y.equal(&x));
+    tch::manual_seed(0);
+    let mut m = Vgg::new(
+        ModelSpec::new(Arch::Vgg11, true, Head::Cifar, 10),
+        Device::Cpu,
+    );
+    let want = tch::no_grad(|| m.forward_t(&x.upsample_nearest2d([32, 32], None, None), false));
+    m.to_channels_last();
+    let conv = m.features.layers[0].1.shallow();
+    if let vggctl::model::Layer::Conv { weight, .. } = conv {
+        assert!(is_channels_last(&weight));
+    }
+    let got = tch::no_grad(|| {
+        m.forward_t(
+            &to_channels_last(&x.upsample_nearest2d([32, 32], None, None)),
+            false,
+        )
+    });
+    let err = (&got - &want).abs().max().double_value(&[]);
+    assert!(err < 1e-5, "{err}");
+}
+
+/// A loss whose gradient is exactly `g` for every parameter: both
+/// optimizers then see identical gradients, so any difference is the update's.
+fn linear_loss(params: &[(String, &Tensor)], grads: &[Tensor]) -> Tensor {
+    params
+        .iter()
+        .zip(grads)
+        .map(|((_, p), g)| (*p * g).sum(Kind::Float))
+        .fold(Tensor::from(0f32), |a, b| a + b)
+}
+
+/// Three updates of the same model with the same gradients, two ways.
+fn compare(cfg: OptimizerConfig, channels_last: bool) {
+    let spec = ModelSpec::new(Arch::Vgg11, true, Head::Cifar, 10);
+    // Copies, not equal seeds: tests run in parallel threads that share
+    // libtorch's generator.
+    let a = Vgg::new(spec, Device::Cpu);
+    let mut b = Vgg::new(spec, Device::Cpu);
+    b.load_state_dict("a", &a.state_dict().into_iter().collect())
+        .unwrap();
+    let flat = b.flatten_trainable(channels_last);
+    let mut plain = Optimizer::new(cfg.clone(), a.trainable_parameters());
+    let mut fused = Optimizer::fused(cfg.clone(), b.trainable_parameters(), flat);
+    for _ in 0..3 {
+        let grads: Vec<Tensor> = a
+            .trainable_parameters()
+            .iter()
+            .map(|(_, p)| Tensor::randn(p.size(), (Kind::Float, Device::Cpu)) * 0.01)
+            .collect();
+        assert!(plain.backward_step(&linear_loss(&a.trainable_parameters(), &grads), 0.05, None));
+        assert!(fused.backward_step(&linear_loss(&b.trainable_parameters(), &grads), 0.05, None));
+    }
+    for ((name, pa), (_, pb)) in a.parameters().iter().zip(b.parameters()) {
+        let err = (*pa - pb).abs().max().double_value(&[]);
+        assert!(err <= 1e-6, "{name}: {err}");
+        if channels_last && pb.dim() == 4 {
+            assert!(
+                is_channels_last(pb),
+                "{name} lost its NHWC strides in the update"
+            );
+        }
+    }
+    // The state saved per parameter is the same either way ...
+    let saved: std::collections::BTreeMap<String, Tensor> =
+        fused.state_tensors().into_iter().collect();
+    for (name, t) in plain.state_tensors() {
+        let err = (&t - &saved[&name]).abs().max().double_value(&[]);
+        assert!(err <= 1e-6, "{name}: {err}");
+    }
+    // ... and loads back into a fresh fused optimizer exactly.
+    let mut c = Vgg::new(spec, Device::Cpu);
+    let flat = c.flatten_trainable(channels_last);
+    let mut again = Optimizer::fused(cfg, c.trainable_parameters(), flat);
+    again.load_state("test", &saved, 3).unwrap();
+    for (k, t) in again.state_tensors() {
+        assert!(t.equal(&saved[&k]), "{k} round trip");
+    }
+}
+
+#[test]
+fn fused_sgd_matches_per_parameter_sgd() {
+    compare(sgd(false), false);
+    compare(sgd(true), false);
+}
+
+#[test]
+fn fused_adamw_matches_per_parameter_adamw() {
+    compare(adamw(), false);
+}
+
+#[test]
+fn fused_channels_last_matches_contiguous() {
+    compare(sgd(true), true);
+}
