@@ -33,12 +33,16 @@ pub fn curves(path: &Path, history: &[EpochMetrics]) -> Result<()> {
             let mut chart = ChartBuilder::on(area)
                 .caption(title, ("sans-serif", 18))
                 .margin(12)
-                .x_label_area_size(32)
+                .x_label_area_size(44)
                 .y_label_area_size(48)
                 .build_cartesian_2d(1.0..epochs, 0.0..top)
                 .map_err(|e| anyhow!("{e}"))?;
             chart
                 .configure_mesh()
+                .light_line_style(WHITE)
+                .bold_line_style(BLACK.mix(0.15))
+                .x_labels((epochs as usize).min(10))
+                .x_label_formatter(&|v| format!("{v:.0}"))
                 .x_desc("epoch")
                 .draw()
                 .map_err(|e| anyhow!("{e}"))?;
