@@ -6,12 +6,16 @@ the same synthetic CIFAR-shaped data (VGG16, cifar head, SGD step):
       DataLoader with num_workers=0 (and 8 on a GPU), batch 128;
   (b) PyTorch model-only steps on a normalized batch already on the device;
   (c) vggctl train end to end (device-resident data, augmentation, step),
-      read from its metrics.jsonl (second epoch, so warm).
+      read from its metrics.jsonl (epochs after the first, so warm).
+
+Each figure is the median of --repeat measurements: on a shared machine
+single runs vary by +-15%.
 
 Prints images/s and the ratios. Not a test: timings vary with the machine."""
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -100,14 +104,14 @@ def write_bin_dataset(root, data, labels):
         f.write("\n".join(f"class{i}" for i in range(10)) + "\n")
 
 
-def vggctl_loop(binary, root, dev, batch, n, bn):
+def vggctl_loop(binary, root, dev, batch, n, bn, repeat):
     out = os.path.join(root, "run")
-    cmd = [binary, "train", "--arch", "vgg16", "--epochs", "2", "--batch-size", str(batch), "--data-dir", root,
+    cmd = [binary, "train", "--arch", "vgg16", "--epochs", str(repeat + 1), "--batch-size", str(batch), "--data-dir", root,
            "--no-download", "--limit-train", str(n), "--limit-test", "100", "--out", out, "--quiet",
            "--device", "cuda" if dev.type == "cuda" else "cpu"] + (["--bn"] if bn else [])
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     with open(os.path.join(out, "metrics.jsonl")) as f:
-        return json.loads(f.read().splitlines()[-1])["images_per_s"]
+        return statistics.median(json.loads(line)["images_per_s"] for line in f.read().splitlines()[1:])
 
 
 def main():
@@ -116,6 +120,7 @@ def main():
     p.add_argument("--images", type=int, default=None, help="training images per measurement")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--bn", action="store_true", help="VGG16-BN instead of the recipe's VGG16")
+    p.add_argument("--repeat", type=int, default=3, help="measurements per configuration (median)")
     p.add_argument("--vggctl", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "target", "release", "vggctl"))
     a = p.parse_args()
     dev = torch.device(a.device)
@@ -124,16 +129,20 @@ def main():
     data = rng.randint(0, 256, (n, 32, 32, 3), dtype=np.uint8)
     labels = rng.randint(0, 10, n)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {name}; VGG16{'-BN' if a.bn else ''} cifar head, batch {a.batch}, {n} images per measurement")
+    print(f"device: {name}; VGG16{'-BN' if a.bn else ''} cifar head, batch {a.batch}, {n} images per measurement, median of {a.repeat}")
+
+    def median(f):
+        return statistics.median(f() for _ in range(a.repeat))
 
     rows = []
-    rows.append(("PyTorch recipe loop (DataLoader, num_workers=0)", recipe_loop(data, labels, dev, a.batch, 0, a.bn)))
+    rows.append(("PyTorch recipe loop (DataLoader, num_workers=0)", median(lambda: recipe_loop(data, labels, dev, a.batch, 0, a.bn))))
     if dev.type == "cuda":
-        rows.append(("PyTorch recipe loop (DataLoader, num_workers=8)", recipe_loop(data, labels, dev, a.batch, 8, a.bn)))
-    rows.append(("PyTorch eager model-only, fp32, data on device", model_only(dev, a.batch, max(4, n // a.batch // 2), a.bn)))
+        rows.append(("PyTorch recipe loop (DataLoader, num_workers=8)", median(lambda: recipe_loop(data, labels, dev, a.batch, 8, a.bn))))
+    steps = max(4, n // a.batch // 2)
+    rows.append(("PyTorch eager model-only, fp32, data on device", median(lambda: model_only(dev, a.batch, steps, a.bn))))
     with tempfile.TemporaryDirectory() as root:
         write_bin_dataset(root, data, labels)
-        ours = vggctl_loop(a.vggctl, root, dev, a.batch, n, a.bn)
+        ours = vggctl_loop(a.vggctl, root, dev, a.batch, n, a.bn, a.repeat)
     print(f"{'configuration':<52} {'images/s':>10} {'vggctl is':>10}")
     for label, v in rows:
         print(f"{label:<52} {v:>10.1f} {ours / v:>9.2f}x")
