@@ -114,7 +114,6 @@ pub fn save_model(path: &Path, model: &Vgg, meta: &ModelMeta) -> Result<()> {
 pub struct ModelFile {
     pub meta: Option<ModelMeta>,
     pub tensors: BTreeMap<String, Tensor>,
-    pub metadata: HashMap<String, String>,
 }
 
 pub fn read_model_file(path: &Path) -> Result<ModelFile> {
@@ -124,7 +123,6 @@ pub fn read_model_file(path: &Path) -> Result<ModelFile> {
     Ok(ModelFile {
         meta,
         tensors: sd.tensors,
-        metadata: sd.metadata,
     })
 }
 
@@ -143,7 +141,6 @@ pub fn read_weights(path: &Path) -> Result<ModelFile> {
     Ok(ModelFile {
         meta: None,
         tensors,
-        metadata: HashMap::new(),
     })
 }
 

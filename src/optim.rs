@@ -243,7 +243,7 @@ impl Optimizer {
         true
     }
 
-    pub fn zero_grad(&mut self) {
+    fn zero_grad(&mut self) {
         for s in &mut self.slots {
             let mut g = s.param.grad();
             if g.defined() {
@@ -270,12 +270,6 @@ impl Optimizer {
                 update(&cfg, steps, lr, &mut p, &g, &mut b1, &mut b2);
             }
         });
-    }
-
-    /// Compatibility with the plain `zero_grad(); backward(); step()` loop.
-    pub fn step(&mut self, lr: f64) {
-        self.steps += 1;
-        self.step_per_parameter(lr);
     }
 
     fn names(&self) -> (&'static str, Option<&'static str>) {
