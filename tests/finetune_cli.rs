@@ -283,3 +283,68 @@ fn downloads_are_kept_only_when_the_hash_prefix_matches() {
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     assert_eq!(hub::hash_prefix("vgg16-397923af.pth"), Some("397923af"));
 }
+
+#[test]
+fn bad_predict_and_eval_requests() {
+    let dir = common::tempdir();
+    let photo = fixture("photos/cat/cat_01.png");
+    let broken = fixture("photos/cat/broken.jpg");
+    let weights = fixture("pth/vgg11.legacy.pth");
+    let plain = fixture("models/vgg11-cifar.safetensors");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["predict", &photo],
+            "give --checkpoint PATH or --weights imagenet|PATH",
+        ),
+        (
+            vec![
+                "predict",
+                "--weights",
+                &weights,
+                "--arch",
+                "vgg11",
+                "--topk",
+                "0",
+                &photo,
+            ],
+            "--topk must be at least 1",
+        ),
+        (
+            vec![
+                "predict",
+                "--weights",
+                &weights,
+                "--arch",
+                "vgg11",
+                "--input",
+                "32",
+                &broken,
+            ],
+            "broken.jpg: not a readable JPEG or PNG image",
+        ),
+        (
+            vec!["predict", "--checkpoint", &plain, &photo],
+            "no vggctl metadata",
+        ),
+        (
+            vec![
+                "eval",
+                "--checkpoint",
+                &plain,
+                "--arch",
+                "vgg11",
+                "--head",
+                "cifar",
+                "--classes",
+                "7",
+                "--data-dir",
+                "/no/data",
+                "--no-download",
+            ],
+            "/no/data",
+        ),
+    ];
+    for (args, needle) in cases {
+        common::assert_one_line_error(&common::run_in(dir.path(), &args), 2, needle);
+    }
+}
