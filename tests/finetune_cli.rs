@@ -54,7 +54,7 @@ fn changed(a: &tch::Tensor, b: &tch::Tensor) -> bool {
 #[test]
 fn frozen_features_stay_bit_identical_and_the_head_trains() {
     let tmp = common::tempdir();
-    let weights = fixture("pth/vgg16_bn.legacy.pth");
+    let weights = fixture("pth/vgg16_bn.zip.pth");
     let out = tmp.path().join("ft");
     let r = finetune(&out, &weights, "vgg16_bn", &["--input", "32"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
@@ -102,7 +102,7 @@ fn frozen_features_stay_bit_identical_and_the_head_trains() {
 #[test]
 fn unfreezing_trains_the_features() {
     let tmp = common::tempdir();
-    let weights = fixture("pth/vgg11.zip.pth");
+    let weights = fixture("pth/vgg11.legacy.pth");
     let before = read_pth(Path::new(&weights)).unwrap();
 
     let out = tmp.path().join("all");

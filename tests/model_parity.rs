@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 use tch::{Device, Kind, Tensor};
 use vggctl::model::{Arch, Head, Layer, ModelSpec, Vgg};
+use vggctl::pth::read_pth;
 use vggctl::weights::read_safetensors;
 
 fn spec_from_meta(meta: &std::collections::HashMap<String, String>) -> ModelSpec {
@@ -20,8 +21,36 @@ fn spec_from_meta(meta: &std::collections::HashMap<String, String>) -> ModelSpec
     )
 }
 
+/// Same keys and shapes as torchvision, logits within 1e-4, and the state
+/// dict comes back out bit-identical (num_batches_tracked included).
+fn check_parity(
+    source: &str,
+    spec: ModelSpec,
+    weights: &BTreeMap<String, Tensor>,
+    io: &BTreeMap<String, Tensor>,
+) {
+    let mut model = Vgg::new(spec, Device::Cpu);
+    let ours: BTreeMap<String, Vec<i64>> = model
+        .state_dict()
+        .into_iter()
+        .map(|(k, t)| (k, t.size()))
+        .collect();
+    let theirs: BTreeMap<String, Vec<i64>> =
+        weights.iter().map(|(k, t)| (k.clone(), t.size())).collect();
+    assert_eq!(ours, theirs, "{source}: state-dict keys/shapes");
+
+    model.load_state_dict(source, weights).unwrap();
+    let logits = tch::no_grad(|| model.forward_t(&io["input"], false));
+    let err = (&logits - &io["logits"]).abs().max().double_value(&[]);
+    assert!(err <= 1e-4, "{source}: max abs error {err}");
+
+    for (name, t) in model.state_dict() {
+        assert!(t.equal(&weights[&name]), "{source}: {name} round trip");
+    }
+}
+
 #[test]
-fn logits_match_torchvision() {
+fn small_heads_match_torchvision_for_every_arch() {
     let dir = common::fixtures().join("models");
     let mut cases: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
@@ -30,8 +59,8 @@ fn logits_match_torchvision() {
         .filter(|p| p.to_string_lossy().ends_with(".io.safetensors"))
         .collect();
     cases.sort();
-    // 8 torchvision models + 2 cifar-head + 2 gap-head models.
-    assert_eq!(cases.len(), 12, "fixtures in {}", dir.display());
+    // vgg11/13/16/19 with and without BatchNorm, cifar and gap heads.
+    assert_eq!(cases.len(), 8, "fixtures in {}", dir.display());
     for io_path in cases {
         let weights_path = io_path
             .to_string_lossy()
@@ -39,38 +68,23 @@ fn logits_match_torchvision() {
         let weights = read_safetensors(weights_path.as_ref()).unwrap();
         let io = read_safetensors(&io_path).unwrap();
         let spec = spec_from_meta(&weights.metadata);
-        let mut model = Vgg::new(spec, Device::Cpu);
+        check_parity(&weights_path, spec, &weights.tensors, &io.tensors);
+    }
+}
 
-        // Exactly torchvision's keys and shapes, nothing more, nothing less.
-        let ours: BTreeMap<String, Vec<i64>> = model
-            .state_dict()
-            .into_iter()
-            .map(|(k, t)| (k, t.size()))
-            .collect();
-        let theirs: BTreeMap<String, Vec<i64>> = weights
-            .tensors
-            .iter()
-            .map(|(k, t)| (k.clone(), t.size()))
-            .collect();
-        assert_eq!(ours, theirs, "{weights_path}: state-dict keys/shapes");
-
-        model
-            .load_state_dict(&weights_path, &weights.tensors)
-            .unwrap();
-        let logits = tch::no_grad(|| model.forward_t(&io.tensors["input"], false));
-        let err = (&logits - &io.tensors["logits"])
-            .abs()
-            .max()
-            .double_value(&[]);
-        assert!(err <= 1e-4, "{weights_path}: max abs error {err}");
-
-        // The state dict comes back out bit-identical, num_batches_tracked included.
-        for (name, t) in model.state_dict() {
-            assert!(
-                t.equal(&weights.tensors[&name]),
-                "{weights_path}: {name} round trip"
-            );
-        }
+#[test]
+fn imagenet_head_matches_torchvision() {
+    // Full-size torchvision models, stored once as .pth (see tests/make_pth.py).
+    let dir = common::fixtures().join("pth");
+    for (file, io, arch, bn) in [
+        ("vgg11.legacy.pth", "vgg11", Arch::Vgg11, false),
+        ("vgg16_bn.zip.pth", "vgg16_bn", Arch::Vgg16, true),
+    ] {
+        let path = dir.join(file);
+        let weights = read_pth(&path).unwrap();
+        let io = read_safetensors(&dir.join(format!("{io}.io.safetensors"))).unwrap();
+        let spec = ModelSpec::new(arch, bn, Head::Imagenet, 1000);
+        check_parity(&path.display().to_string(), spec, &weights, &io.tensors);
     }
 }
 
