@@ -1,9 +1,10 @@
 //! Links the binary (and test binaries) against libtorch so that it runs
-//! without LD_LIBRARY_PATH and sees CUDA on a GPU machine, and records
-//! libtorch's version for `vggctl --version`.
+//! without LD_LIBRARY_PATH and sees CUDA on a GPU machine, records
+//! libtorch's version for `vggctl --version`, and compiles the C++ shim
+//! (src/shim.cpp) for what tch does not bind.
 use std::env;
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 fn main() {
     // torch-sys (links = "tch") exports the libtorch lib dir it linked against.
@@ -13,14 +14,80 @@ fn main() {
         libtorch_version(&lib)
     );
     if lib.is_empty() {
-        return;
+        panic!("torch-sys did not say where libtorch is (DEP_TCH_LIBTORCH_LIB)");
     }
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
     // Nothing in the binary references libtorch_cuda.so directly, so the
     // linker would drop it and CUDA would never be registered (tch-rs #904).
-    if Path::new(&lib).join("libtorch_cuda.so").exists() {
+    let cuda = Path::new(&lib).join("libtorch_cuda.so").exists();
+    if cuda {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-L{lib},-ltorch_cuda,--as-needed");
     }
+    build_shim(Path::new(&lib), cuda);
+}
+
+/// The shim's CUDA half needs the CUDA runtime headers, which a libtorch
+/// install does not carry: the torch wheel's `nvidia-cuda-runtime` package
+/// has them next to torch, a CUDA toolkit under $CUDA_HOME.
+fn cuda_headers(torch_root: &Path) -> Option<PathBuf> {
+    let mut candidates: Vec<PathBuf> = ["CUDA_HOME", "CUDA_PATH"]
+        .iter()
+        .filter_map(env::var_os)
+        .map(|d| PathBuf::from(d).join("include"))
+        .collect();
+    let site = torch_root.join("..");
+    for pkg in ["nvidia/cu13/include", "nvidia/cuda_runtime/include"] {
+        candidates.push(site.join(pkg));
+    }
+    candidates.push("/usr/local/cuda/include".into());
+    candidates
+        .into_iter()
+        .find(|d| d.join("cuda_runtime_api.h").exists())
+}
+
+fn build_shim(lib: &Path, cuda: bool) {
+    println!("cargo:rerun-if-changed=src/shim.cpp");
+    for v in [
+        "CUDA_HOME",
+        "CUDA_PATH",
+        "LIBTORCH_INCLUDE",
+        "LIBTORCH_CXX11_ABI",
+    ] {
+        println!("cargo:rerun-if-env-changed={v}");
+    }
+    let root = lib.join("..");
+    let include = env::var_os("LIBTORCH_INCLUDE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.clone());
+    let abi = env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .file("src/shim.cpp")
+        .include(include.join("include"))
+        .flag("-std=c++17")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+        .flag("-DGLOG_USE_GLOG_EXPORT")
+        .warnings(false);
+    let headers = if cuda { cuda_headers(&root) } else { None };
+    match &headers {
+        Some(dir) => {
+            build.include(dir).define("VGGCTL_CUDA", None);
+        }
+        None if cuda => println!(
+            "cargo:warning=CUDA runtime headers not found (set CUDA_HOME): \
+             building without bf16 autocast checks, GPU memory statistics and CUDA graphs"
+        ),
+        None => {}
+    }
+    build.compile("vggctl_shim");
+    println!("cargo:rustc-link-search=native={}", lib.display());
+    if headers.is_some() {
+        println!("cargo:rustc-link-lib=dylib=torch_cuda");
+        println!("cargo:rustc-link-lib=dylib=c10_cuda");
+    }
+    println!("cargo:rustc-link-lib=dylib=torch_cpu");
+    println!("cargo:rustc-link-lib=dylib=c10");
 }
 
 /// `version.py` of a torch Python package, or `build-version` of a libtorch archive.

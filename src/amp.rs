@@ -1,17 +1,48 @@
-//! Mixed precision without a GradScaler in tch: dynamic loss scaling for
-//! fp16 (skip a step whose gradients overflow and halve the scale; double it
-//! after a run of clean steps), and the channels-last memory layout.
+//! Precision and memory layout: which precision a run gets on its device
+//! (the switches tch lacks go through `shim`), dynamic loss scaling for fp16
+//! since tch has no GradScaler (skip a step whose gradients overflow and
+//! halve the scale; double it after a run of clean steps), and the
+//! channels-last layout.
 
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
+use crate::shim::{self, AutocastDtype};
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
+    /// bf16 on a CUDA GPU that has it, else fp32.
+    Auto,
+    /// Strict fp32 (TF32 off in cuBLAS and cuDNN).
     Fp32,
+    /// fp32 storage, TensorFloat-32 matmuls and convolutions (Ampere and later).
     Tf32,
+    /// float16 autocast with dynamic loss scaling.
     Fp16,
+    /// bfloat16 autocast (no loss scaling needed).
     Bf16,
+}
+
+impl Precision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Auto => "auto",
+            Precision::Fp32 => "fp32",
+            Precision::Tf32 => "tf32",
+            Precision::Fp16 => "fp16",
+            Precision::Bf16 => "bf16",
+        }
+    }
+
+    /// The dtype the forward pass autocasts to, if any.
+    pub fn autocast(self) -> Option<AutocastDtype> {
+        match self {
+            Precision::Fp16 => Some(AutocastDtype::Float16),
+            Precision::Bf16 => Some(AutocastDtype::BFloat16),
+            _ => None,
+        }
+    }
 }
 
 /// What a run actually uses, after degrading what the device cannot do.
@@ -21,7 +52,9 @@ pub struct Resolved {
     pub channels_last: bool,
 }
 
-/// Degrades unsupported requests with a warning (through `warn`), never an error.
+/// Picks what runs and sets libtorch's switches for it (TF32, the autocast
+/// dtype). Degrades unsupported requests with a warning (through `warn`),
+/// never an error: no CUDA means fp32; a GPU without bf16 means fp16.
 pub fn resolve(
     precision: Precision,
     channels_last: bool,
@@ -29,20 +62,50 @@ pub fn resolve(
     warn: &mut dyn FnMut(String),
 ) -> Resolved {
     let cuda = device.is_cuda();
-    let precision = match precision {
-        Precision::Fp32 => Precision::Fp32,
-        p if !cuda => {
-            warn(format!("--precision {p:?} needs a CUDA device; training in fp32").to_lowercase());
-            Precision::Fp32
-        }
-        Precision::Fp16 => Precision::Fp16,
-        // tch binds neither at::autocast::set_autocast_dtype (bf16) nor the
-        // TF32 switches; both need the C++ shim that is not written yet.
-        p => {
-            warn(format!("--precision {p:?} is not available in this build (tch binds no switch for it); training in fp32").to_lowercase());
-            Precision::Fp32
+    let bf16 = match shim::bf16_supported(device) {
+        Ok(b) => b,
+        Err(e) => {
+            warn(format!("{e:#}; assuming no bf16"));
+            false
         }
     };
+    let mut precision = match precision {
+        Precision::Auto if cuda && bf16 => Precision::Bf16,
+        Precision::Auto => Precision::Fp32,
+        Precision::Fp32 => Precision::Fp32,
+        p if !cuda => {
+            warn(format!(
+                "--precision {} needs a CUDA device; training in fp32",
+                p.name()
+            ));
+            Precision::Fp32
+        }
+        Precision::Bf16 if !bf16 => {
+            warn(if shim::has_cuda() {
+                "this GPU has no native bf16 (compute capability < 8.0); training in fp16 with loss scaling".into()
+            } else {
+                "this vggctl was built without the CUDA runtime headers, so it cannot check for bf16; training in fp16 with loss scaling".into()
+            });
+            Precision::Fp16
+        }
+        p => p,
+    };
+    if cuda {
+        // PyTorch's own default is TF32 in cuDNN but not in cuBLAS; here
+        // fp32 means fp32 and tf32 means both.
+        if let Err(e) = shim::set_tf32(precision == Precision::Tf32) {
+            warn(format!("{e:#}"));
+            if precision == Precision::Tf32 {
+                precision = Precision::Fp32;
+            }
+        }
+        if let Some(dtype) = precision.autocast()
+            && let Err(e) = shim::set_autocast_dtype(dtype)
+        {
+            warn(format!("{e:#}; training in fp32"));
+            precision = Precision::Fp32;
+        }
+    }
     Resolved {
         precision,
         channels_last,

@@ -14,6 +14,7 @@ pub mod pickle;
 pub mod plot;
 pub mod pth;
 pub mod report;
+pub mod shim;
 pub mod train;
 pub mod weights;
 

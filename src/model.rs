@@ -723,6 +723,22 @@ impl Vgg {
             .collect()
     }
 
+    /// Adds `delta[i]` to the i-th BatchNorm layer's `num_batches_tracked`
+    /// (the order of [`Vgg::num_batches_tracked`]): a replayed CUDA graph
+    /// runs the forward pass without the host code that counts.
+    pub fn add_batches_tracked(&self, delta: &[i64]) {
+        let counters = self.features.layers.iter().filter_map(|(_, l)| match l {
+            Layer::BatchNorm {
+                num_batches_tracked,
+                ..
+            } => Some(num_batches_tracked),
+            _ => None,
+        });
+        for (c, d) in counters.zip(delta) {
+            c.set(c.get() + d);
+        }
+    }
+
     /// Applies `f` to every tensor (parameters and buffers) and stores the result.
     pub fn map_tensors(&mut self, mut f: impl FnMut(&str, &Tensor) -> Tensor) {
         for section in [&mut self.features, &mut self.classifier] {

@@ -65,6 +65,10 @@ pub struct Optimizer {
     buf1: Tensor,
     /// AdamW: second moment (empty for SGD).
     buf2: Tensor,
+    /// The learning rate and step number of the update in progress (0-dim,
+    /// on the parameters' device).
+    lr: Tensor,
+    step: Tensor,
     /// Updates taken (AdamW's bias correction).
     pub steps: i64,
     /// Updates skipped because of non-finite gradients (fp16 loss scaling).
@@ -73,10 +77,13 @@ pub struct Optimizer {
 
 /// The same elementwise update for a parameter tensor (flat or not), its
 /// gradient and its state.
+/// One update of `p` with gradient `g`. The learning rate and the step
+/// number are 0-dim tensors on the parameters' device, so that a captured
+/// CUDA graph reads their current values on every replay.
 fn update(
     cfg: &OptimizerConfig,
-    steps: i64,
-    lr: f64,
+    lr: &Tensor,
+    step: &Tensor,
     p: &mut Tensor,
     g: &Tensor,
     b1: &mut Tensor,
@@ -90,7 +97,6 @@ fn update(
                 g.shallow_clone()
             };
             if cfg.momentum != 0.0 {
-                // A zero buffer makes the first update `buf = d`, PyTorch's first-step rule.
                 let _ = b1.g_mul_scalar_(cfg.momentum).g_add_(&d);
                 d = if cfg.nesterov {
                     &d + &*b1 * cfg.momentum
@@ -98,18 +104,17 @@ fn update(
                     b1.shallow_clone()
                 };
             }
-            let _ = p.g_add_(&(d * -lr));
+            let _ = p.g_sub_(&(d * lr));
         }
         OptimizerKind::Adamw => {
             let (beta1, beta2) = cfg.betas;
-            let t = steps as f64;
-            let _ = p.g_mul_scalar_(1.0 - lr * cfg.weight_decay);
+            let _ = p.g_mul_(&(lr * -cfg.weight_decay + 1.0));
             let _ = b1.g_mul_scalar_(beta1).g_add_(&(g * (1.0 - beta1)));
             let _ = b2.g_mul_scalar_(beta2).g_add_(&(g * g * (1.0 - beta2)));
-            let bc1 = 1.0 - beta1.powf(t);
-            let bc2 = 1.0 - beta2.powf(t);
+            let bc1 = -Tensor::pow_scalar(beta1, step) + 1.0;
+            let bc2 = -Tensor::pow_scalar(beta2, step) + 1.0;
             let denom = b2.sqrt() / bc2.sqrt() + cfg.eps;
-            let _ = p.g_add_(&(&*b1 / denom * (-lr / bc1)));
+            let _ = p.g_sub_(&(&*b1 / denom * (lr / bc1)));
         }
     }
 }
@@ -159,6 +164,8 @@ impl Optimizer {
             flat,
             buf1,
             buf2,
+            lr: Tensor::zeros([], opts),
+            step: Tensor::zeros([], opts),
             steps: 0,
             skipped: 0,
         }
@@ -190,20 +197,36 @@ impl Optimizer {
         }
     }
 
-    /// Backward pass and update for `loss`. With a loss scaler (fp16), the
-    /// loss is scaled, the gradients unscaled and checked, and a step with
-    /// non-finite gradients is skipped. Returns whether the update was taken.
+    /// Backward pass and update for `loss` (`prepare` + `backward_update`).
+    /// With a loss scaler (fp16), the loss is scaled, the gradients unscaled
+    /// and checked, and a step with non-finite gradients is skipped. Returns
+    /// whether the update was taken.
     pub fn backward_step(
         &mut self,
         loss: &Tensor,
         lr: f64,
         scaler: Option<&mut LossScaler>,
     ) -> bool {
+        self.prepare(lr);
+        self.backward_update(loss, scaler)
+    }
+
+    /// Counts the step and sets its learning rate and step number on the
+    /// device. Runs eagerly, also before each replay of a captured step.
+    pub fn prepare(&mut self, lr: f64) {
+        self.steps += 1;
+        let _ = self.lr.fill_(lr);
+        let _ = self.step.fill_(self.steps as f64);
+    }
+
+    /// The backward pass and the update for the step `prepare` set up; all
+    /// device work without host synchronization unless a loss scaler checks
+    /// the gradients, so with the fused update it can be captured in a CUDA graph.
+    pub fn backward_update(&mut self, loss: &Tensor, scaler: Option<&mut LossScaler>) -> bool {
         let Some(flat) = &self.flat else {
             self.zero_grad();
             loss.backward();
-            self.steps += 1;
-            self.step_per_parameter(lr);
+            self.step_per_parameter();
             return true;
         };
         let mut flat = flat.shallow_clone();
@@ -223,17 +246,17 @@ impl Optimizer {
             g *= 1.0 / s.scale;
             let finite = s.check_and_update(&g);
             if !finite {
+                self.steps -= 1;
                 self.skipped += 1;
                 return false;
             }
         }
-        self.steps += 1;
-        let (cfg, steps) = (self.cfg.clone(), self.steps);
+        let cfg = self.cfg.clone();
         tch::no_grad(|| {
             update(
                 &cfg,
-                steps,
-                lr,
+                &self.lr,
+                &self.step,
                 &mut flat,
                 &g,
                 &mut self.buf1,
@@ -252,8 +275,8 @@ impl Optimizer {
         }
     }
 
-    fn step_per_parameter(&mut self, lr: f64) {
-        let (cfg, steps) = (self.cfg.clone(), self.steps);
+    fn step_per_parameter(&mut self) {
+        let cfg = self.cfg.clone();
         tch::no_grad(|| {
             for s in &self.slots {
                 let g = s.param.grad();
@@ -267,7 +290,7 @@ impl Optimizer {
                     self.buf2.shallow_clone()
                 };
                 let mut p = s.param.shallow_clone();
-                update(&cfg, steps, lr, &mut p, &g, &mut b1, &mut b2);
+                update(&cfg, &self.lr, &self.step, &mut p, &g, &mut b1, &mut b2);
             }
         });
     }

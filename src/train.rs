@@ -17,13 +17,14 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Reduction, Tensor};
 
 use crate::Interrupted;
-use crate::amp::{LossScaler, Precision, resolve};
+use crate::amp::{LossScaler, Precision, Resolved, resolve};
 use crate::checkpoint::{ModelMeta, save_model};
 use crate::data::augment::{Augment, Normalizer, Preprocess};
 use crate::data::{Dataset, Split};
 use crate::fsutil::write_atomic_bytes;
 use crate::model::{ModelSpec, Vgg};
 use crate::optim::{Optimizer, OptimizerConfig};
+use crate::shim::{self, CudaGraph};
 use crate::weights::{read_safetensors, write_safetensors};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -67,9 +68,12 @@ pub struct TrainConfig {
     pub freeze_prefix: usize,
     /// Where the starting weights came from (fine-tuning), if not from scratch.
     pub weights: Option<String>,
-    /// Requested precision; what ran is in `metrics.jsonl`'s run header.
+    /// Requested precision; what ran is each epoch's `ran_as` in `metrics.jsonl`.
     #[serde(default = "default_precision")]
     pub precision: Precision,
+    /// Capture the full-batch training step in a CUDA graph and replay it.
+    #[serde(default)]
+    pub cuda_graphs: bool,
     /// NHWC memory layout for inputs and convolution weights.
     #[serde(default)]
     pub channels_last: bool,
@@ -82,7 +86,7 @@ pub struct TrainConfig {
 }
 
 fn default_precision() -> Precision {
-    Precision::Fp32
+    Precision::Auto
 }
 
 fn default_true() -> bool {
@@ -130,6 +134,12 @@ pub struct EpochMetrics {
     /// fp16: steps skipped for non-finite gradients so far, and the loss scale.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loss_scale: Option<f64>,
+    /// What the epoch ran as: precision, layout, CUDA graphs.
+    #[serde(default)]
+    pub ran_as: String,
+    /// CUDA: the most memory tensors held during the epoch (training and evaluation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_gpu_bytes: Option<i64>,
 }
 
 /// Running sums of the epoch in progress (saved on interrupt).
@@ -342,6 +352,12 @@ pub struct StepProfile {
     pub forward: f64,
     /// Backward pass and optimizer update.
     pub backward_update: f64,
+    /// Steps run as one CUDA graph replay (forward, backward and update
+    /// together), and their time.
+    #[serde(default)]
+    pub graphed_steps: u64,
+    #[serde(default)]
+    pub graphed: f64,
 }
 
 /// Times the parts of a step when profiling; each lap synchronizes the
@@ -407,9 +423,37 @@ pub struct Trainer<'a> {
     train: DeviceSplit,
     test: DeviceSplit,
     pre: Preprocess,
+    run: Resolved,
+    graph: Option<GraphedStep>,
     profile: StepProfile,
     files: RunFiles,
     stop: &'a AtomicBool,
+}
+
+/// Eager warm-up steps on the graph's stream before the capture: they
+/// settle cuDNN's algorithm choices and cuBLAS's workspace, which a capture
+/// must not create.
+const GRAPH_WARMUP_STEPS: usize = 3;
+
+/// The full-batch training step as a CUDA graph: forward, loss, backward and
+/// the fused update, replayed on static input and output tensors. The
+/// learning rate and step number are device tensors the optimizer fills
+/// before each replay; the data pipeline stays eager (its randomness is
+/// seeded per step, so a resumed run replays the same batches).
+struct GraphedStep {
+    graph: CudaGraph,
+    warmup_left: usize,
+    /// Static tensors, set at the capture.
+    io: Option<GraphIo>,
+    /// What one replay adds to each BatchNorm's `num_batches_tracked`.
+    bn_delta: Vec<i64>,
+}
+
+struct GraphIo {
+    x: Tensor,
+    y: Tensor,
+    loss: Tensor,
+    correct: Tensor,
 }
 
 impl<'a> Trainer<'a> {
@@ -487,10 +531,30 @@ impl<'a> Trainer<'a> {
             Optimizer::new(ocfg, model.trainable_parameters())
         };
         pre.channels_last = run.channels_last;
-        pre.fp16 = run.precision == Precision::Fp16;
-        if pre.fp16 && state.scaler.is_none() {
+        pre.autocast = run.precision.autocast();
+        if run.precision == Precision::Fp16 && state.scaler.is_none() {
             state.scaler = Some(LossScaler::default());
         }
+        let graph = if !state.config.cuda_graphs {
+            None
+        } else if !device.is_cuda() {
+            eprintln!("warning: --cuda-graphs needs a CUDA device; running eagerly");
+            None
+        } else if !opt.is_fused() || run.precision == Precision::Fp16 {
+            // The per-parameter update accumulates into .grad, and fp16's
+            // loss scaler reads the gradients on the host every step.
+            eprintln!(
+                "warning: --cuda-graphs needs the fused update and no fp16 loss scaling; running eagerly"
+            );
+            None
+        } else {
+            Some(GraphedStep {
+                graph: CudaGraph::new(device)?,
+                warmup_left: GRAPH_WARMUP_STEPS,
+                io: None,
+                bn_delta: Vec::new(),
+            })
+        };
         if let Some((source, tensors)) = resume_tensors {
             opt.load_state(&source, &tensors, state.optimizer_steps)?;
         }
@@ -501,6 +565,8 @@ impl<'a> Trainer<'a> {
             train,
             test,
             pre,
+            run,
+            graph,
             profile: StepProfile::default(),
             files,
             stop,
@@ -562,7 +628,9 @@ impl<'a> Trainer<'a> {
             &self.files.config(),
             serde_json::to_string_pretty(&self.state.config)?.as_bytes(),
         )?;
+        let device = self.model.device();
         while self.state.epoch < self.state.config.epochs {
+            shim::peak_memory(device, true)?;
             self.train_one_epoch(obs)?;
             let epoch = self.state.epoch;
             let eval = evaluate(
@@ -588,6 +656,8 @@ impl<'a> Trainer<'a> {
                     .profile
                     .then(|| std::mem::take(&mut self.profile)),
                 loss_scale: self.state.scaler.as_ref().map(|s| s.scale),
+                ran_as: self.ran_as(),
+                peak_gpu_bytes: shim::peak_memory(device, false)?,
             };
             self.state.history.push(m.clone());
             self.state.epoch += 1;
@@ -657,21 +727,23 @@ impl<'a> Trainer<'a> {
             let timer = StepTimer::start(cfg.profile, dev);
             let x = self.pre.model_input(&x, true);
             let timer = timer.lap(&mut self.profile.data);
-            let logits = self.pre.forward(&self.model, &x, true);
-            let loss = logits.cross_entropy_loss::<Tensor>(
-                &y,
-                None,
-                Reduction::Mean,
-                -100,
-                cfg.label_smoothing,
-            );
-            let timer = timer.lap(&mut self.profile.forward);
-            self.opt
-                .backward_step(&loss, lr, self.state.scaler.as_mut());
-            timer.lap(&mut self.profile.backward_update);
+            let (loss, correct) = match self.graph.take() {
+                Some(mut g) if len == b => {
+                    let out = self.graphed_step(&mut g, &x, &y, lr);
+                    self.graph = Some(g);
+                    let out = out?;
+                    timer.lap(&mut self.profile.graphed);
+                    self.profile.graphed_steps += 1;
+                    out
+                }
+                g => {
+                    // The last, partial batch runs eagerly.
+                    self.graph = g;
+                    self.eager_step(&x, &y, lr, Some(timer))
+                }
+            };
             self.profile.steps += 1;
-            let correct = logits.argmax(-1, false).eq_tensor(&y).sum(Kind::Int64);
-            pending.push((step, loss.detach(), correct, len));
+            pending.push((step, loss, correct, len));
             self.state.step += 1;
             if pending.len() >= report_every || self.state.step == steps {
                 self.flush(&mut pending, epoch, &mut clock)?;
@@ -685,6 +757,123 @@ impl<'a> Trainer<'a> {
             }
         }
         Ok(())
+    }
+
+    /// One training step, op by op: forward, loss, backward, update. Returns
+    /// the loss and the number of correct predictions (on the device).
+    fn eager_step(
+        &mut self,
+        x: &Tensor,
+        y: &Tensor,
+        lr: f64,
+        timer: Option<StepTimer>,
+    ) -> (Tensor, Tensor) {
+        let logits = self.pre.forward(&self.model, x, true);
+        let loss = logits.cross_entropy_loss::<Tensor>(
+            y,
+            None,
+            Reduction::Mean,
+            -100,
+            self.state.config.label_smoothing,
+        );
+        let timer = timer.map(|t| t.lap(&mut self.profile.forward));
+        self.opt
+            .backward_step(&loss, lr, self.state.scaler.as_mut());
+        if let Some(t) = timer {
+            t.lap(&mut self.profile.backward_update);
+        }
+        let correct = logits.argmax(-1, false).eq_tensor(y).sum(Kind::Int64);
+        (loss.detach(), correct)
+    }
+
+    /// A full-batch step through the CUDA graph: a few eager warm-up steps
+    /// on the graph's stream, then one capture (which records without
+    /// running), then a replay per step, the captured one included.
+    fn graphed_step(
+        &mut self,
+        g: &mut GraphedStep,
+        x: &Tensor,
+        y: &Tensor,
+        lr: f64,
+    ) -> Result<(Tensor, Tensor)> {
+        if g.warmup_left > 0 {
+            g.warmup_left -= 1;
+            return g
+                .graph
+                .on_side_stream(|_| Ok(self.eager_step(x, y, lr, None)));
+        }
+        self.opt.prepare(lr);
+        match &mut g.io {
+            Some(io) => {
+                io.x.copy_(x);
+                io.y.copy_(y);
+                self.model.add_batches_tracked(&g.bn_delta);
+            }
+            None => {
+                let (sx, sy) = (x.copy(), y.copy());
+                let before: Vec<i64> = self.counts();
+                let smoothing = self.state.config.label_smoothing;
+                let (model, pre, opt) = (&self.model, &self.pre, &mut self.opt);
+                let (loss, correct) = g.graph.on_side_stream(|graph| {
+                    // Cached casts of the weights would be freed inside the capture.
+                    shim::set_autocast_cache(false)?;
+                    let out = graph.capture(|| {
+                        let logits = pre.forward(model, &sx, true);
+                        let loss = logits.cross_entropy_loss::<Tensor>(
+                            &sy,
+                            None,
+                            Reduction::Mean,
+                            -100,
+                            smoothing,
+                        );
+                        opt.backward_update(&loss, None);
+                        let correct = logits.argmax(-1, false).eq_tensor(&sy).sum(Kind::Int64);
+                        (loss.detach(), correct)
+                    });
+                    shim::set_autocast_cache(true)?;
+                    out
+                })?;
+                g.bn_delta = self
+                    .counts()
+                    .iter()
+                    .zip(&before)
+                    .map(|(a, b)| a - b)
+                    .collect();
+                g.io = Some(GraphIo {
+                    x: sx,
+                    y: sy,
+                    loss,
+                    correct,
+                });
+            }
+        }
+        g.graph.replay()?;
+        let io = g.io.as_ref().expect("set above");
+        // The outputs are overwritten by the next replay.
+        Ok((io.loss.copy(), io.correct.copy()))
+    }
+
+    fn counts(&self) -> Vec<i64> {
+        self.model
+            .num_batches_tracked()
+            .into_iter()
+            .map(|(_, n)| n)
+            .collect()
+    }
+
+    /// What this run computes with, for `metrics.jsonl` and the log.
+    pub fn ran_as(&self) -> String {
+        let mut parts = vec![self.run.precision.name().to_string()];
+        if self.run.channels_last {
+            parts.push("channels_last".into());
+        }
+        if self.opt.is_fused() {
+            parts.push("fused update".into());
+        }
+        if self.graph.is_some() {
+            parts.push("CUDA graph".into());
+        }
+        parts.join(", ")
     }
 
     /// Reads the pending per-step values, stops on a non-finite loss (naming

@@ -1,7 +1,9 @@
 //! The CPU-testable parts of the GPU speed work: dynamic loss scaling skips
 //! overflowing steps and adapts its scale; channels-last keeps values and
 //! shapes; the fused flat-buffer optimizer matches the per-parameter SGD and
-//! AdamW updates to 1e-6 (also channels-last) and its state round-trips.
+//! AdamW updates to 1e-6 (also channels-last) and its state round-trips;
+//! both follow PyTorch's documented SGD (momentum, Nesterov, weight decay)
+//! and AdamW updates, computed independently in f64, to 1e-6 (relative).
 
 use tch::{Device, Kind, Tensor};
 use vggctl::amp::{LossScaler, is_channels_last, to_channels_last};
@@ -178,4 +180,75 @@ fn fused_adamw_matches_per_parameter_adamw() {
 #[test]
 fn fused_channels_last_matches_contiguous() {
     compare(sgd(true), true);
+}
+
+/// PyTorch's documented SGD and AdamW updates, in f64, for one parameter vector.
+fn reference_update(cfg: &OptimizerConfig, p0: &[f64], grads: &[Vec<f64>], lr: f64) -> Vec<f64> {
+    let mut p = p0.to_vec();
+    let (mut m, mut v) = (vec![0.0; p.len()], vec![0.0; p.len()]);
+    for (t, g) in grads.iter().enumerate() {
+        let t = (t + 1) as i32;
+        for i in 0..p.len() {
+            match cfg.kind {
+                OptimizerKind::Sgd => {
+                    let d = g[i] + cfg.weight_decay * p[i];
+                    m[i] = if t == 1 { d } else { cfg.momentum * m[i] + d };
+                    let step = if cfg.nesterov {
+                        d + cfg.momentum * m[i]
+                    } else {
+                        m[i]
+                    };
+                    p[i] -= lr * step;
+                }
+                OptimizerKind::Adamw => {
+                    let (b1, b2) = cfg.betas;
+                    p[i] *= 1.0 - lr * cfg.weight_decay;
+                    m[i] = b1 * m[i] + (1.0 - b1) * g[i];
+                    v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
+                    let (bc1, bc2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
+                    let denom = v[i].sqrt() / bc2.sqrt() + cfg.eps;
+                    p[i] -= lr / bc1 * m[i] / denom;
+                }
+            }
+        }
+    }
+    p
+}
+
+#[test]
+fn updates_follow_pytorchs_sgd_and_adamw() {
+    let p0 = [0.5, -1.25, 2.0, 0.0, 3.5, -0.75];
+    let grads: Vec<Vec<f64>> = (0..4)
+        .map(|t| {
+            (0..p0.len())
+                .map(|i| ((i * 7 + t * 3) % 11) as f64 / 10.0 - 0.5)
+                .collect()
+        })
+        .collect();
+    for cfg in [sgd(false), sgd(true), adamw()] {
+        let want = reference_update(&cfg, &p0, &grads, 0.05);
+        for fused in [false, true] {
+            let flat = Tensor::from_slice(&p0.map(|x| x as f32));
+            let p = flat.view([2, 3]).detach().set_requires_grad(true);
+            let mut opt = if fused {
+                Optimizer::fused(cfg.clone(), vec![("w".into(), &p)], flat.shallow_clone())
+            } else {
+                Optimizer::new(cfg.clone(), vec![("w".into(), &p)])
+            };
+            for g in &grads {
+                let g = Tensor::from_slice(&g.iter().map(|&x| x as f32).collect::<Vec<_>>())
+                    .view([2, 3]);
+                assert!(opt.backward_step(&(&p * &g).sum(Kind::Float), 0.05, None));
+            }
+            let got: Vec<f32> = Vec::try_from(p.detach().reshape([-1])).unwrap();
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                // f32 arithmetic: 1e-6 relative to the value.
+                assert!(
+                    (*g as f64 - w).abs() <= 1e-6 * w.abs().max(1.0),
+                    "{:?} fused={fused} [{i}]: {g} vs {w}",
+                    cfg.kind
+                );
+            }
+        }
+    }
 }

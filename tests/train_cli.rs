@@ -373,6 +373,43 @@ fn sigkill_during_a_checkpoint_write_leaves_the_previous_one_loadable() {
 }
 
 #[test]
+fn gpu_options_degrade_on_the_cpu_with_a_warning() {
+    let tmp = common::tempdir();
+    let out = tmp.path().join("run");
+    let r = train_small(
+        &out,
+        &[
+            "--epochs",
+            "1",
+            "--device",
+            "cpu",
+            "--precision",
+            "bf16",
+            "--cuda-graphs",
+            "--profile",
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    for warning in [
+        "warning: --precision bf16 needs a CUDA device; training in fp32",
+        "warning: --cuda-graphs needs a CUDA device; running eagerly",
+    ] {
+        assert!(r.stderr.contains(warning), "{}", r.stderr);
+    }
+    let m = &metrics(&out)[0];
+    assert_eq!(m.ran_as, "fp32, fused update");
+    assert_eq!(m.peak_gpu_bytes, None);
+    let p = m.profile.as_ref().unwrap();
+    assert_eq!((p.steps, p.graphed_steps), (10, 0));
+    // auto is fp32 on the CPU, without a warning.
+    let out = tmp.path().join("auto");
+    let r = train_small(&out, &["--epochs", "1", "--device", "cpu"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(!r.stderr.contains("warning"), "{}", r.stderr);
+    assert_eq!(metrics(&out)[0].ran_as, "fp32, fused update");
+}
+
+#[test]
 fn nan_loss_stops_with_epoch_and_step() {
     let tmp = common::tempdir();
     let out = tmp.path().join("run");

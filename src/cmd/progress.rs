@@ -67,14 +67,27 @@ impl Observer for EpochBars {
                 m.seconds
             );
             if let Some(p) = &m.profile {
-                let per = |s: f64| 1000.0 * s / p.steps.max(1) as f64;
-                eprintln!(
-                    "           per step: data {:.2} ms, forward {:.2} ms, backward+update {:.2} ms ({} steps)",
-                    per(p.data),
-                    per(p.forward),
-                    per(p.backward_update),
-                    p.steps
-                );
+                let per = |s: f64, n: u64| 1000.0 * s / n.max(1) as f64;
+                let eager = p.steps - p.graphed_steps;
+                let mut line = format!("           per step: data {:.2} ms", per(p.data, p.steps));
+                if p.graphed_steps > 0 {
+                    line += &format!(
+                        ", CUDA graph (forward+backward+update) {:.2} ms ({} steps)",
+                        per(p.graphed, p.graphed_steps),
+                        p.graphed_steps
+                    );
+                }
+                if eager > 0 {
+                    line += &format!(
+                        ", forward {:.2} ms, backward+update {:.2} ms ({eager} eager steps)",
+                        per(p.forward, eager),
+                        per(p.backward_update, eager),
+                    );
+                }
+                if let Some(b) = m.peak_gpu_bytes {
+                    line += &format!("; peak GPU memory {:.0} MiB", b as f64 / (1024.0 * 1024.0));
+                }
+                eprintln!("{line}");
             }
         }
     }

@@ -77,10 +77,10 @@ pub struct HyperOpts {
     /// No progress on stderr.
     #[arg(long)]
     pub quiet: bool,
-    /// fp32, tf32, fp16 (autocast + dynamic loss scaling) or bf16; on a CPU
-    /// (and where this build lacks the switch) anything but fp32 falls back
-    /// to fp32 with a warning.
-    #[arg(long, value_enum, default_value = "fp32")]
+    /// auto (bf16 on a GPU that has it, else fp32), fp32 (strict), tf32,
+    /// fp16 (autocast + dynamic loss scaling) or bf16 (autocast); without
+    /// CUDA anything but fp32 falls back to fp32 with a warning.
+    #[arg(long, value_enum, default_value = "auto")]
     pub precision: Precision,
     /// NHWC inputs and convolution weights [default: on with CUDA].
     #[arg(long, conflicts_with = "contiguous")]
@@ -88,6 +88,11 @@ pub struct HyperOpts {
     /// Plain NCHW layout even on CUDA.
     #[arg(long)]
     pub contiguous: bool,
+    /// Capture the full-batch training step (forward, backward, fused
+    /// update) in a CUDA graph and replay it: removes the per-kernel launch
+    /// cost that bounds small batches. Not with fp16 or --no-fused.
+    #[arg(long)]
+    pub cuda_graphs: bool,
     /// Update each parameter separately instead of the fused flat-buffer update.
     #[arg(long)]
     pub no_fused: bool,
@@ -222,6 +227,7 @@ impl HyperOpts {
             precision: self.precision,
             channels_last: self.channels_last || (device.is_cuda() && !self.contiguous),
             fused: !self.no_fused,
+            cuda_graphs: self.cuda_graphs,
             profile: self.profile,
         }
     }
@@ -250,6 +256,7 @@ pub fn resume(h: &HyperOpts, data: &DataOpts, device: Device, json: bool) -> Res
     }
     config.device = device_name(device);
     config.profile = h.profile;
+    config.cuda_graphs = h.cuda_graphs;
     if let Some(dir) = &data.data_dir {
         config.data_dir = dir.display().to_string();
     }
@@ -297,7 +304,7 @@ pub fn execute(
             .map(|(_, t)| t.numel() as i64)
             .sum();
         eprintln!(
-            "training {} ({} head, {} classes, {} trainable parameters) on {} ({} train / {} test images, {}x{}) on {}, {} epochs, batch {}, writing {}",
+            "training {} ({} head, {} classes, {} trainable parameters) on {} ({} train / {} test images, {}x{}) on {} ({}), {} epochs, batch {}, writing {}",
             c.model.model_name(),
             c.model.head.name(),
             c.model.classes,
@@ -308,6 +315,7 @@ pub fn execute(
             c.input_size,
             c.input_size,
             c.device,
+            trainer.ran_as(),
             c.epochs,
             c.batch_size,
             c.out.display()

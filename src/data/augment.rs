@@ -124,8 +124,8 @@ pub struct Preprocess {
     pub norm: Normalizer,
     /// Feed the model NHWC-strided batches.
     pub channels_last: bool,
-    /// Run the forward pass under CUDA autocast (float16).
-    pub fp16: bool,
+    /// Run the forward pass under CUDA autocast to this dtype.
+    pub autocast: Option<crate::shim::AutocastDtype>,
 }
 
 impl Preprocess {
@@ -136,7 +136,7 @@ impl Preprocess {
             input,
             norm,
             channels_last: false,
-            fp16: false,
+            autocast: None,
         }
     }
 
@@ -177,7 +177,10 @@ impl Preprocess {
 
     /// Float32 logits of the model in the run's precision.
     pub fn forward(&self, model: &crate::model::Vgg, x: &Tensor, train: bool) -> Tensor {
-        let out = if self.fp16 {
+        let out = if let Some(dtype) = self.autocast {
+            // Autocast's dtype is per thread; amp::resolve has checked that
+            // setting it works, so a failure here cannot happen.
+            let _ = crate::shim::set_autocast_dtype(dtype);
             tch::autocast(true, || model.forward_t(x, train))
         } else {
             model.forward_t(x, train)

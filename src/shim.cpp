@@ -1,0 +1,245 @@
+// The libtorch calls tch does not bind: the autocast dtype, the TF32
+// switches, CUDA memory statistics, bf16 support and CUDA graphs. Compiled
+// by build.rs against the libtorch that tch links; the CUDA parts only when
+// that libtorch has CUDA and the CUDA runtime headers are found
+// (VGGCTL_CUDA). The one Rust caller is src/shim.rs.
+//
+// Every function catches C++ exceptions: an error comes back as a non-zero
+// status with its message copied into `err` (never an exception crossing
+// into Rust).
+#include <ATen/Context.h>
+#include <ATen/autocast_mode.h>
+
+#include <cstdint>
+#include <cstring>
+#include <exception>
+#include <optional>
+#include <stdexcept>
+#include <string>
+
+#ifdef VGGCTL_CUDA
+#include <dlfcn.h>
+
+#include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/core/StreamGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/core/Event.h>
+#endif
+
+namespace {
+
+void copy_err(const std::string &msg, char *err, size_t len) {
+  if (err == nullptr || len == 0) return;
+  size_t n = msg.size() < len - 1 ? msg.size() : len - 1;
+  std::memcpy(err, msg.data(), n);
+  err[n] = '\0';
+}
+
+template <typename F>
+int guarded(char *err, size_t len, F f) {
+  try {
+    f();
+    return 0;
+  } catch (const std::exception &e) {
+    copy_err(e.what(), err, len);
+  } catch (...) {
+    copy_err("unknown C++ exception", err, len);
+  }
+  return 1;
+}
+
+#ifdef VGGCTL_CUDA
+// A graph captures, and warms up before that, on a side stream of its own
+// (capture cannot use the default stream, and the first steps on a stream
+// create its cuBLAS workspace and cuDNN plans, which a capture must not).
+// `enter`/`leave` are separate calls from Rust with the step's tensor
+// operations in between, so the guard lives here.
+struct Graph {
+  explicit Graph(c10::DeviceIndex device)
+      : side(c10::cuda::getStreamFromPool(false, device)) {}
+  at::cuda::CUDAGraph graph;
+  c10::cuda::CUDAStream side;
+  std::optional<c10::StreamGuard> guard;
+  bool captured = false;
+};
+
+// `waiter` waits for the work queued on `on` so far, without blocking the host.
+void stream_wait(const c10::Stream &waiter, const c10::Stream &on) {
+  c10::Event ev(c10::DeviceType::CUDA);
+  ev.record(on);
+  ev.block(waiter);
+}
+#endif
+
+}  // namespace
+
+extern "C" {
+
+int vggctl_shim_has_cuda() {
+#ifdef VGGCTL_CUDA
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// dtype: 0 = float16, 1 = bfloat16. Autocast's dtype is per thread.
+int vggctl_set_autocast_dtype_cuda(int dtype, char *err, size_t len) {
+  return guarded(err, len, [&] {
+    at::autocast::set_autocast_dtype(at::kCUDA, dtype == 1 ? at::kBFloat16 : at::kHalf);
+  });
+}
+
+// Cached casts of the weights would outlive a captured graph's pool.
+int vggctl_set_autocast_cache(int on, char *err, size_t len) {
+  return guarded(err, len, [&] { at::autocast::set_autocast_cache_enabled(on != 0); });
+}
+
+int vggctl_set_tf32(int on, char *err, size_t len) {
+  return guarded(err, len, [&] {
+    at::globalContext().setAllowTF32CuBLAS(on != 0);
+    at::globalContext().setAllowTF32CuDNN(on != 0);
+  });
+}
+
+// 1 when the device computes in bfloat16 natively (compute capability >= 8).
+int vggctl_cuda_bf16_supported(int device, int *out, char *err, size_t len) {
+  *out = 0;
+  return guarded(err, len, [&] {
+#ifdef VGGCTL_CUDA
+    // From the driver (libcuda, loaded by libtorch already): the runtime's
+    // cudaGetDeviceProperties would tie this binary to libcudart's path.
+    using GetAttr = int (*)(int *, int, int);
+    using GetDev = int (*)(int *, int);
+    void *cuda = dlopen("libcuda.so.1", RTLD_LAZY | RTLD_NOLOAD);
+    if (cuda == nullptr) cuda = dlopen("libcuda.so.1", RTLD_LAZY);
+    if (cuda == nullptr) throw std::runtime_error("libcuda.so.1 not found");
+    auto get_dev = reinterpret_cast<GetDev>(dlsym(cuda, "cuDeviceGet"));
+    auto get_attr = reinterpret_cast<GetAttr>(dlsym(cuda, "cuDeviceGetAttribute"));
+    if (get_dev == nullptr || get_attr == nullptr) throw std::runtime_error("libcuda lacks cuDeviceGetAttribute");
+    int dev = 0, major = 0;
+    const int kComputeCapabilityMajor = 75;  // CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR
+    if (get_dev(&dev, device) != 0 || get_attr(&major, kComputeCapabilityMajor, dev) != 0)
+      throw std::runtime_error("cuDeviceGetAttribute failed");
+    *out = major >= 8 ? 1 : 0;
+#else
+    (void)device;
+#endif
+  });
+}
+
+// Peak bytes held by tensors since the last reset, as
+// torch.cuda.max_memory_allocated reports it.
+int vggctl_cuda_peak_bytes(int device, int64_t *out, int reset, char *err, size_t len) {
+  *out = 0;
+  return guarded(err, len, [&] {
+#ifdef VGGCTL_CUDA
+    auto *alloc = c10::cuda::CUDACachingAllocator::get();
+    if (alloc == nullptr) return;
+    auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device);
+    *out = stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)].peak;
+    if (reset) c10::cuda::CUDACachingAllocator::resetPeakStats(device);
+#else
+    (void)device;
+    (void)reset;
+#endif
+  });
+}
+
+#ifdef VGGCTL_CUDA
+#define NO_CUDA_GRAPHS(...)
+#else
+#define NO_CUDA_GRAPHS(...)                                                  \
+  do {                                                                       \
+    (void)g;                                                                 \
+    copy_err("this vggctl was built without CUDA graph support", err, len); \
+    return 1;                                                                \
+  } while (0)
+#endif
+
+int vggctl_graph_new(int device, void **g, char *err, size_t len) {
+  *g = nullptr;
+  (void)device;
+  NO_CUDA_GRAPHS();
+#ifdef VGGCTL_CUDA
+  return guarded(err, len, [&] { *g = new Graph(static_cast<c10::DeviceIndex>(device)); });
+#endif
+}
+
+void vggctl_graph_free(void *g) {
+#ifdef VGGCTL_CUDA
+  try {
+    auto *graph = static_cast<Graph *>(g);
+    graph->guard.reset();
+    delete graph;
+  } catch (...) {
+  }
+#else
+  (void)g;
+#endif
+}
+
+// Makes the graph's side stream current, after the work already queued.
+int vggctl_graph_enter(void *g, char *err, size_t len) {
+  NO_CUDA_GRAPHS();
+#ifdef VGGCTL_CUDA
+  return guarded(err, len, [&] {
+    auto *graph = static_cast<Graph *>(g);
+    if (graph->guard) throw std::runtime_error("graph stream entered twice");
+    stream_wait(graph->side.unwrap(),
+                c10::cuda::getCurrentCUDAStream(graph->side.device_index()).unwrap());
+    graph->guard.emplace(graph->side.unwrap());
+  });
+#endif
+}
+
+// Back to the stream that was current, which waits for the side stream's work.
+int vggctl_graph_leave(void *g, char *err, size_t len) {
+  NO_CUDA_GRAPHS();
+#ifdef VGGCTL_CUDA
+  return guarded(err, len, [&] {
+    auto *graph = static_cast<Graph *>(g);
+    if (!graph->guard) throw std::runtime_error("graph stream left but not entered");
+    graph->guard.reset();
+    stream_wait(c10::cuda::getCurrentCUDAStream(graph->side.device_index()).unwrap(),
+                graph->side.unwrap());
+  });
+#endif
+}
+
+int vggctl_graph_capture_begin(void *g, char *err, size_t len) {
+  NO_CUDA_GRAPHS();
+#ifdef VGGCTL_CUDA
+  return guarded(err, len, [&] {
+    auto *graph = static_cast<Graph *>(g);
+    if (!graph->guard) throw std::runtime_error("capture must run on the graph's stream");
+    graph->graph.capture_begin();
+  });
+#endif
+}
+
+int vggctl_graph_capture_end(void *g, char *err, size_t len) {
+  NO_CUDA_GRAPHS();
+#ifdef VGGCTL_CUDA
+  return guarded(err, len, [&] {
+    auto *graph = static_cast<Graph *>(g);
+    graph->graph.capture_end();
+    graph->captured = true;
+  });
+#endif
+}
+
+// Launches the captured work on the current stream.
+int vggctl_graph_replay(void *g, char *err, size_t len) {
+  NO_CUDA_GRAPHS();
+#ifdef VGGCTL_CUDA
+  return guarded(err, len, [&] {
+    auto *graph = static_cast<Graph *>(g);
+    if (!graph->captured) throw std::runtime_error("replay of a graph that was never captured");
+    graph->graph.replay();
+  });
+#endif
+}
+
+}  // extern "C"

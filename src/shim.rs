@@ -1,0 +1,223 @@
+//! Safe wrappers over src/shim.cpp: the libtorch calls tch does not bind
+//! (autocast dtype, TF32, bf16 support, CUDA memory statistics, CUDA
+//! graphs). This is the only module with `unsafe` code of vggctl's own.
+//!
+//! Every call reports a C++ exception as an `Err` with libtorch's message;
+//! on a build or a device without CUDA they answer "unsupported" rather
+//! than fail, so callers degrade with a warning.
+
+use std::ffi::{CStr, c_char, c_int, c_void};
+
+use anyhow::{Result, bail};
+use tch::Device;
+
+const ERR_LEN: usize = 1024;
+
+unsafe extern "C" {
+    fn vggctl_shim_has_cuda() -> c_int;
+    fn vggctl_set_autocast_dtype_cuda(dtype: c_int, err: *mut c_char, len: usize) -> c_int;
+    fn vggctl_set_autocast_cache(on: c_int, err: *mut c_char, len: usize) -> c_int;
+    fn vggctl_set_tf32(on: c_int, err: *mut c_char, len: usize) -> c_int;
+    fn vggctl_cuda_bf16_supported(
+        device: c_int,
+        out: *mut c_int,
+        err: *mut c_char,
+        len: usize,
+    ) -> c_int;
+    fn vggctl_cuda_peak_bytes(
+        device: c_int,
+        out: *mut i64,
+        reset: c_int,
+        err: *mut c_char,
+        len: usize,
+    ) -> c_int;
+    fn vggctl_graph_new(device: c_int, g: *mut *mut c_void, err: *mut c_char, len: usize) -> c_int;
+    fn vggctl_graph_free(g: *mut c_void);
+    fn vggctl_graph_enter(g: *mut c_void, err: *mut c_char, len: usize) -> c_int;
+    fn vggctl_graph_leave(g: *mut c_void, err: *mut c_char, len: usize) -> c_int;
+    fn vggctl_graph_capture_begin(g: *mut c_void, err: *mut c_char, len: usize) -> c_int;
+    fn vggctl_graph_capture_end(g: *mut c_void, err: *mut c_char, len: usize) -> c_int;
+    fn vggctl_graph_replay(g: *mut c_void, err: *mut c_char, len: usize) -> c_int;
+}
+
+/// Runs one shim call with an error buffer; a non-zero status becomes an error.
+fn call(what: &str, f: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<()> {
+    let mut buf = [0 as c_char; ERR_LEN];
+    if f(buf.as_mut_ptr(), ERR_LEN) == 0 {
+        return Ok(());
+    }
+    // SAFETY: the shim always NUL-terminates what it copies into `buf`, and
+    // `buf` starts zeroed, so it holds a C string either way.
+    let msg = unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy();
+    let first = msg.lines().next().unwrap_or("").trim();
+    bail!("{what}: {first}")
+}
+
+/// Whether this binary was built with the shim's CUDA half (CUDA headers found).
+pub fn has_cuda() -> bool {
+    // SAFETY: takes no arguments, touches no state.
+    unsafe { vggctl_shim_has_cuda() == 1 }
+}
+
+fn cuda_index(device: Device) -> Option<c_int> {
+    match device {
+        Device::Cuda(i) => Some(i as c_int),
+        _ => None,
+    }
+}
+
+/// The dtype CUDA autocast computes in on this thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AutocastDtype {
+    Float16,
+    BFloat16,
+}
+
+pub fn set_autocast_dtype(dtype: AutocastDtype) -> Result<()> {
+    let code = match dtype {
+        AutocastDtype::Float16 => 0,
+        AutocastDtype::BFloat16 => 1,
+    };
+    // SAFETY: `err`/`len` describe the live buffer `call` owns.
+    call("setting the autocast dtype", |err, len| unsafe {
+        vggctl_set_autocast_dtype_cuda(code, err, len)
+    })
+}
+
+/// Autocast's cache of cast weights; off while a CUDA graph is captured.
+pub fn set_autocast_cache(on: bool) -> Result<()> {
+    // SAFETY: as above.
+    call("switching the autocast cache", |err, len| unsafe {
+        vggctl_set_autocast_cache(c_int::from(on), err, len)
+    })
+}
+
+/// TensorFloat-32 in cuBLAS matmuls and cuDNN convolutions.
+pub fn set_tf32(on: bool) -> Result<()> {
+    // SAFETY: as above.
+    call("switching TF32", |err, len| unsafe {
+        vggctl_set_tf32(c_int::from(on), err, len)
+    })
+}
+
+/// Whether `device` computes natively in bfloat16 (compute capability >= 8);
+/// false on CPU and in builds without the CUDA half.
+pub fn bf16_supported(device: Device) -> Result<bool> {
+    let Some(i) = cuda_index(device).filter(|_| has_cuda()) else {
+        return Ok(false);
+    };
+    let mut out: c_int = 0;
+    // SAFETY: `out` outlives the call; err/len as above.
+    call("querying the GPU", |err, len| unsafe {
+        vggctl_cuda_bf16_supported(i, &mut out, err, len)
+    })?;
+    Ok(out == 1)
+}
+
+/// Peak bytes held by tensors on `device` since the last reset (what
+/// `torch.cuda.max_memory_allocated` reports); None on CPU or without the
+/// CUDA half. `reset` starts a new peak.
+pub fn peak_memory(device: Device, reset: bool) -> Result<Option<i64>> {
+    let Some(i) = cuda_index(device).filter(|_| has_cuda()) else {
+        return Ok(None);
+    };
+    let mut out: i64 = 0;
+    // SAFETY: `out` outlives the call; err/len as above.
+    call("reading CUDA memory statistics", |err, len| unsafe {
+        vggctl_cuda_peak_bytes(i, &mut out, c_int::from(reset), err, len)
+    })?;
+    Ok(Some(out))
+}
+
+/// A CUDA graph (libtorch's `at::cuda::CUDAGraph`) with the side stream it
+/// warms up and captures on. Capture records kernels without running them;
+/// `replay` runs them on the current stream with the same tensor addresses,
+/// so everything a graph reads or writes must stay allocated while it lives.
+pub struct CudaGraph {
+    ptr: *mut c_void,
+    entered: bool,
+}
+
+impl CudaGraph {
+    pub fn new(device: Device) -> Result<Self> {
+        let Some(i) = cuda_index(device) else {
+            bail!("CUDA graphs need a CUDA device");
+        };
+        let mut ptr = std::ptr::null_mut();
+        // SAFETY: `ptr` outlives the call and receives a new object or stays null.
+        call("creating a CUDA graph", |err, len| unsafe {
+            vggctl_graph_new(i, &mut ptr, err, len)
+        })?;
+        Ok(CudaGraph {
+            ptr,
+            entered: false,
+        })
+    }
+
+    /// Runs `f` on the graph's side stream (after the work queued so far;
+    /// the stream that was current then waits for it).
+    pub fn on_side_stream<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        // SAFETY: `self.ptr` is a live graph until drop.
+        call("entering the graph's stream", |err, len| unsafe {
+            vggctl_graph_enter(self.ptr, err, len)
+        })?;
+        self.entered = true;
+        let out = f(self);
+        self.entered = false;
+        // SAFETY: as above; entered just before.
+        let left = call("leaving the graph's stream", |err, len| unsafe {
+            vggctl_graph_leave(self.ptr, err, len)
+        });
+        let out = out?;
+        left?;
+        Ok(out)
+    }
+
+    /// Captures what `f` enqueues (without running it). Call inside
+    /// `on_side_stream`, after a few eager warm-up runs of the same work.
+    pub fn capture<T>(&mut self, f: impl FnOnce() -> T) -> Result<T> {
+        if !self.entered {
+            bail!("a CUDA graph captures on its own stream (on_side_stream)");
+        }
+        // SAFETY: `self.ptr` is a live graph.
+        call("starting the CUDA graph capture", |err, len| unsafe {
+            vggctl_graph_capture_begin(self.ptr, err, len)
+        })?;
+        let out = f();
+        // SAFETY: as above; capture was begun.
+        call("ending the CUDA graph capture", |err, len| unsafe {
+            vggctl_graph_capture_end(self.ptr, err, len)
+        })?;
+        Ok(out)
+    }
+
+    pub fn replay(&self) -> Result<()> {
+        // SAFETY: `self.ptr` is a live graph.
+        call("replaying the CUDA graph", |err, len| unsafe {
+            vggctl_graph_replay(self.ptr, err, len)
+        })
+    }
+}
+
+impl Drop for CudaGraph {
+    fn drop(&mut self) {
+        // SAFETY: created by vggctl_graph_new, freed once here.
+        unsafe { vggctl_graph_free(self.ptr) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_answers_unsupported_without_failing() {
+        assert!(!bf16_supported(Device::Cpu).unwrap());
+        assert_eq!(peak_memory(Device::Cpu, true).unwrap(), None);
+        assert!(CudaGraph::new(Device::Cpu).is_err());
+        // The dtype and TF32 switches are plain settings: harmless without a GPU.
+        set_autocast_dtype(AutocastDtype::BFloat16).unwrap();
+        set_autocast_dtype(AutocastDtype::Float16).unwrap();
+        set_tf32(false).unwrap();
+    }
+}
