@@ -201,6 +201,10 @@ pub struct EvalResult {
     pub per_class: Vec<f64>,
     /// `confusion[true][predicted]`.
     pub confusion: Vec<Vec<i64>>,
+    /// Throughput after the first batch (which pays for cuDNN's algorithm
+    /// search), preprocessing included.
+    #[serde(default)]
+    pub images_per_s: f64,
 }
 
 /// The split on the device: uint8 images and int64 labels, moved once.
@@ -249,7 +253,12 @@ pub fn evaluate(model: &Vgg, data: &DeviceSplit, batch: i64, pre: &Preprocess) -
         let mut top5 = Tensor::zeros([], (Kind::Int64, dev));
         let mut confusion = Tensor::zeros([classes * classes], (Kind::Int64, dev));
         let mut start = 0;
+        let mut clock: Option<(Instant, i64)> = None;
         while start < n {
+            if start > 0 && clock.is_none() {
+                sync(dev);
+                clock = Some((Instant::now(), start));
+            }
             let len = batch.min(n - start);
             let y = data.labels.narrow(0, start, len);
             let logits = pre.logits(model, &data.images.narrow(0, start, len), false);
@@ -266,6 +275,10 @@ pub fn evaluate(model: &Vgg, data: &DeviceSplit, batch: i64, pre: &Preprocess) -
         }
         let confusion: Vec<i64> =
             Vec::<i64>::try_from(confusion.to_device(Device::Cpu)).unwrap_or_default();
+        let images_per_s = match clock {
+            Some((t, from)) => (n - from) as f64 / t.elapsed().as_secs_f64().max(1e-9),
+            None => 0.0,
+        };
         let rows: Vec<Vec<i64>> = confusion
             .chunks(classes as usize)
             .map(|r| r.to_vec())
@@ -291,6 +304,7 @@ pub fn evaluate(model: &Vgg, data: &DeviceSplit, batch: i64, pre: &Preprocess) -
             top5: 100.0 * top5.int64_value(&[]) as f64 / nf,
             per_class,
             confusion: rows,
+            images_per_s,
         }
     })
 }
@@ -360,6 +374,13 @@ pub struct StepProfile {
     pub graphed: f64,
 }
 
+/// Waits for the device's queued work (a no-op on the CPU).
+fn sync(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
 /// Times the parts of a step when profiling; each lap synchronizes the
 /// device so the time is the work's, not the launch's.
 struct StepTimer {
@@ -383,8 +404,8 @@ impl StepTimer {
     }
 
     fn sync(&self) {
-        if let (true, Device::Cuda(i)) = (self.on, self.device) {
-            tch::Cuda::synchronize(i as i64);
+        if self.on {
+            sync(self.device);
         }
     }
 

@@ -5,13 +5,14 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 use serde::Serialize;
+use vggctl::amp::resolve;
 use vggctl::checkpoint::read_model_file;
 use vggctl::data::augment::{Augment, Normalizer, Preprocess};
 use vggctl::model::{Head, Vgg};
 use vggctl::train::{DeviceSplit, EvalResult, evaluate};
 
 use super::data_opts::DataOpts;
-use super::{ModelOpts, print_json, print_out};
+use super::{ModelOpts, NumericsOpts, print_json, print_out};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -31,6 +32,11 @@ pub struct Args {
     /// folder datasets split by --val-split: the training run's --seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Input side for the model [default: the checkpoint's, else 32].
+    #[arg(long)]
+    input: Option<i64>,
+    #[command(flatten)]
+    numerics: NumericsOpts,
 }
 
 #[derive(Serialize)]
@@ -60,7 +66,12 @@ pub fn run(args: Args) -> Result<()> {
     {
         data.dataset = meta.dataset.clone();
     }
-    let input = file.meta.as_ref().map_or(32, |m| m.input_size);
+    if args.input.is_some_and(|i| i < 32) {
+        bail!("--input must be at least 32 (five 2x2 poolings)");
+    }
+    let input = args
+        .input
+        .unwrap_or_else(|| file.meta.as_ref().map_or(32, |m| m.input_size));
     let cache = file
         .meta
         .as_ref()
@@ -87,8 +98,22 @@ pub fn run(args: Args) -> Result<()> {
         Some(_) => Augment::ResizedCrop,
         None => Augment::CropFlip { padding: 4 },
     };
-    let input = file.meta.as_ref().map_or(32, |m| m.input_size);
-    let pre = Preprocess::plain(augment, input, Normalizer::new(mean, std, device));
+    let mut pre = Preprocess::plain(augment, input, Normalizer::new(mean, std, device));
+    // The training run's precision and layout choices, for the same speed.
+    let run = resolve(
+        args.numerics.precision,
+        args.numerics.channels_last_on(device),
+        device,
+        &mut |w| eprintln!("warning: {}", w.replace("training in", "evaluating in")),
+    );
+    if run.channels_last {
+        model.to_channels_last();
+    }
+    pre.channels_last = run.channels_last;
+    pre.autocast = run.precision.autocast();
+    if device.is_cuda() {
+        tch::Cuda::cudnn_set_benchmark(true);
+    }
     let result = evaluate(&model, &test, args.batch_size, &pre);
     let report = Report {
         checkpoint: args.checkpoint.clone(),
@@ -107,8 +132,8 @@ pub fn run(args: Args) -> Result<()> {
 fn render(r: &Report) -> String {
     let e = &r.result;
     let mut s = format!(
-        "{} on {} test ({} images): top-1 {:.2}%  top-5 {:.2}%  loss {:.4}\n\nper-class accuracy:\n",
-        r.model, r.dataset, e.images, e.top1, e.top5, e.loss
+        "{} on {} test ({} images): top-1 {:.2}%  top-5 {:.2}%  loss {:.4}  ({:.0} img/s)\n\nper-class accuracy:\n",
+        r.model, r.dataset, e.images, e.top1, e.top5, e.loss, e.images_per_s
     );
     let w = r.classes.iter().map(|c| c.len()).max().unwrap_or(5).max(5);
     for (name, acc) in r.classes.iter().zip(&e.per_class) {

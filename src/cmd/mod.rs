@@ -110,6 +110,28 @@ impl ModelOpts {
 }
 
 /// Writes `text` to stdout; a closed pipe surfaces as an io error that main ignores.
+/// How the model computes: precision and memory layout (train, finetune, eval).
+#[derive(Args, Debug, Clone)]
+pub struct NumericsOpts {
+    /// auto (bf16 on a GPU that has it, else fp32), fp32 (strict), tf32,
+    /// fp16 (autocast + dynamic loss scaling) or bf16 (autocast); without
+    /// CUDA anything but fp32 falls back to fp32 with a warning.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub precision: vggctl::amp::Precision,
+    /// NHWC inputs and convolution weights [default: on with CUDA].
+    #[arg(long, conflicts_with = "contiguous")]
+    pub channels_last: bool,
+    /// Plain NCHW layout even on CUDA.
+    #[arg(long)]
+    pub contiguous: bool,
+}
+
+impl NumericsOpts {
+    pub fn channels_last_on(&self, device: Device) -> bool {
+        self.channels_last || (device.is_cuda() && !self.contiguous)
+    }
+}
+
 pub fn print_out(text: &str) -> Result<()> {
     let mut out = std::io::stdout().lock();
     out.write_all(text.as_bytes())?;

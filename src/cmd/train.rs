@@ -5,7 +5,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Result, bail};
 use std::collections::BTreeMap;
-use vggctl::amp::Precision;
 use vggctl::data::augment::Augment;
 use vggctl::device::device_name;
 
@@ -16,7 +15,7 @@ use vggctl::train::{SchedulerKind, TrainConfig, TrainState, TrainSummary, Traine
 
 use super::data_opts::DataOpts;
 use super::progress::EpochBars;
-use super::{ModelOpts, print_json, print_out};
+use super::{ModelOpts, NumericsOpts, print_json, print_out};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -77,17 +76,8 @@ pub struct HyperOpts {
     /// No progress on stderr.
     #[arg(long)]
     pub quiet: bool,
-    /// auto (bf16 on a GPU that has it, else fp32), fp32 (strict), tf32,
-    /// fp16 (autocast + dynamic loss scaling) or bf16 (autocast); without
-    /// CUDA anything but fp32 falls back to fp32 with a warning.
-    #[arg(long, value_enum, default_value = "auto")]
-    pub precision: Precision,
-    /// NHWC inputs and convolution weights [default: on with CUDA].
-    #[arg(long, conflicts_with = "contiguous")]
-    pub channels_last: bool,
-    /// Plain NCHW layout even on CUDA.
-    #[arg(long)]
-    pub contiguous: bool,
+    #[command(flatten)]
+    pub numerics: NumericsOpts,
     /// Capture the full-batch training step (forward, backward, fused
     /// update) in a CUDA graph and replay it: removes the per-kernel launch
     /// cost that bounds small batches. Not with fp16 or --no-fused.
@@ -224,8 +214,8 @@ impl HyperOpts {
             imagenet_normalization: false,
             freeze_prefix: 0,
             weights: None,
-            precision: self.precision,
-            channels_last: self.channels_last || (device.is_cuda() && !self.contiguous),
+            precision: self.numerics.precision,
+            channels_last: self.numerics.channels_last_on(device),
             fused: !self.no_fused,
             cuda_graphs: self.cuda_graphs,
             profile: self.profile,

@@ -1,0 +1,390 @@
+"""vggctl against PyTorch on one GPU, in one run, on the same synthetic
+CIFAR-shaped data (uint8 images, 10 classes):
+
+1. training, VGG16-BN with the CIFAR head, batch 512 and 128:
+   vggctl train end to end (device-resident data, augmentation, step; its
+   default precision and layout, then also with --cuda-graphs) against
+   PyTorch model-only steps on a batch already on the GPU: eager fp32,
+   eager bf16 autocast + channels_last, torch.compile of the model (default
+   mode and mode="reduce-overhead", both bf16 + channels_last;
+   cudagraph_mark_step_begin per step);
+2. the recipe's PyTorch loop (per-image transforms, DataLoader with
+   num_workers 0 and 8, batch 128);
+3. inference, ImageNet-head VGG16 at 224x224, batch 64: vggctl eval
+   (32x32 images resized on the GPU) against PyTorch eager bf16 + channels_last;
+4. peak GPU memory of each (torch.cuda.max_memory_allocated; vggctl's
+   metrics.jsonl reads the same allocator statistic);
+5. accuracy: with --digits DIR (tests/fixtures/digits-bin, made by
+   scripts/test), vggctl trains VGG11-BN on the real digits in each precision
+   and with CUDA graphs; each must reach fp32's test accuracy within 1 point.
+
+Prints images/s, ratios and the time each part took. The model is built here
+with the same layers as torchvision's (no torchvision needed on the GPU
+machine). Not a test: timings vary with the machine."""
+import argparse
+import json
+import os
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+DEV = torch.device("cuda")
+
+
+def sync():
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_peak():
+    if DEV.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak():
+    return torch.cuda.max_memory_allocated() if DEV.type == "cuda" else 0
+
+
+class VGG(nn.Module):
+    """torchvision's VGG layout and state-dict names (features, avgpool,
+    classifier), with the CIFAR head as an option."""
+
+    def __init__(self, bn, head, classes):
+        super().__init__()
+        layers, c = [], 3
+        for v in VGG16:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+                continue
+            layers.append(nn.Conv2d(c, v, 3, padding=1))
+            if bn:
+                layers.append(nn.BatchNorm2d(v))
+            layers.append(nn.ReLU(inplace=True))
+            c = v
+        self.features = nn.Sequential(*layers)
+        if head == "cifar":
+            self.avgpool = nn.AdaptiveAvgPool2d(1)
+            self.classifier = nn.Sequential(nn.Linear(512, 512), nn.ReLU(True), nn.Dropout(0.5), nn.Linear(512, classes))
+        else:
+            self.avgpool = nn.AdaptiveAvgPool2d(7)
+            self.classifier = nn.Sequential(nn.Linear(25088, 4096), nn.ReLU(True), nn.Dropout(0.5),
+                                            nn.Linear(4096, 4096), nn.ReLU(True), nn.Dropout(0.5), nn.Linear(4096, classes))
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+def vgg16(bn, head, classes):
+    return VGG(bn, head, classes)
+
+
+def timed(f, *args):
+    t = time.perf_counter()
+    out = f(*args)
+    return out, time.perf_counter() - t
+
+
+# ---------------------------------------------------------------- PyTorch
+
+def pytorch_train(batch, steps, mode):
+    """Model-only SGD steps; returns (images/s, peak bytes)."""
+    torch.manual_seed(0)
+    model = vgg16(True, "cifar", 10).to(DEV).train()
+    half = mode != "fp32"
+    x = torch.randn(batch, 3, 32, 32, device=DEV)
+    if half:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,), device=DEV)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    fwd = model
+    if mode == "compile":
+        fwd = torch.compile(model)
+    elif mode == "compile-reduce-overhead":
+        fwd = torch.compile(model, mode="reduce-overhead")
+
+    def step():
+        if mode == "compile-reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=half):
+            loss = F.cross_entropy(fwd(x), y)
+        loss.backward()
+        opt.step()
+
+    for _ in range(5):
+        step()
+    sync()
+    reset_peak()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    return batch * steps / (time.perf_counter() - t), peak()
+
+
+def pytorch_infer(batch, steps):
+    model = vgg16(False, "imagenet", 1000).to(DEV).eval().to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, 224, 224, device=DEV).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        for _ in range(3):
+            model(x)
+        sync()
+        reset_peak()
+        t = time.perf_counter()
+        for _ in range(steps):
+            model(x)
+        sync()
+    return batch * steps / (time.perf_counter() - t), peak()
+
+
+class RecipeDataset(torch.utils.data.Dataset):
+    """What torchvision's CIFAR10 + RandomCrop(32, 4) + RandomHorizontalFlip
+    + ToTensor + Normalize do per image (torchvision's transforms when
+    installed, the same arithmetic in numpy otherwise)."""
+
+    def __init__(self, data, labels):
+        self.data, self.labels = data, labels
+        try:
+            import torchvision.transforms as T
+            from PIL import Image
+
+            t = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
+            self.transform = lambda a: t(Image.fromarray(a))
+        except ImportError:
+            mean, std = np.array(MEAN, np.float32), np.array(STD, np.float32)
+
+            def numpy_transform(a):
+                p = np.pad(a, ((4, 4), (4, 4), (0, 0)))
+                i, j = np.random.randint(0, 9, 2)
+                a = p[i:i + 32, j:j + 32]
+                if np.random.rand() < 0.5:
+                    a = a[:, ::-1]
+                return torch.from_numpy(((a / np.float32(255) - mean) / std).transpose(2, 0, 1).copy())
+
+            self.transform = numpy_transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.transform(self.data[i]), int(self.labels[i])
+
+
+def recipe_loop(data, labels, workers, batches):
+    loader = torch.utils.data.DataLoader(RecipeDataset(data, labels), batch_size=128, shuffle=True,
+                                         num_workers=workers, drop_last=True)
+    model = vgg16(True, "cifar", 10).to(DEV).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    seen, t0 = 0, None
+    reset_peak()
+    for i, (x, y) in enumerate(loader):
+        if i == 2:  # warm: cuDNN, workers
+            sync()
+            t0, seen = time.perf_counter(), 0
+        if i == batches + 2:
+            break
+        x, y = x.to(DEV), y.to(DEV)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        seen += len(y)
+    sync()
+    return seen / (time.perf_counter() - t0), peak()
+
+
+# ---------------------------------------------------------------- vggctl
+
+def write_cifar_bin(root, data, labels, test):
+    d = os.path.join(root, "cifar-10-batches-bin")
+    os.makedirs(d)
+    recs = np.concatenate([labels.astype(np.uint8)[:, None], data.transpose(0, 3, 1, 2).reshape(len(labels), -1)], 1)
+    for i in range(1, 6):
+        recs[(i - 1) * len(recs) // 5: i * len(recs) // 5].tofile(os.path.join(d, f"data_batch_{i}.bin"))
+    recs[:test].tofile(os.path.join(d, "test_batch.bin"))
+    with open(os.path.join(d, "batches.meta.txt"), "w") as f:
+        f.write("\n".join(f"class{i}" for i in range(10)) + "\n")
+
+
+def write_safetensors(path, tensors):
+    """The format, written directly (no safetensors package needed)."""
+    names = {torch.float32: "F32", torch.int64: "I64"}
+    header, blobs, offset = {}, [], 0
+    for k, t in tensors.items():
+        b = t.detach().cpu().contiguous().numpy().tobytes()
+        header[k] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(b)]}
+        blobs.append(b)
+        offset += len(b)
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h)
+        for b in blobs:
+            f.write(b)
+
+
+def run(cmd):
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)}\n{r.stderr.strip()}")
+    return r
+
+
+def vggctl_train(binary, data_dir, out, batch, n, extra, epochs=3, arch=("vgg16", "--bn")):
+    limit = ["--limit-train", str(n)] if n else []
+    """images/s (median of the epochs after the first), peak bytes, what it ran as, last test top-1."""
+    run([binary, "train", "--arch", arch[0], *arch[1:], "--epochs", str(epochs), "--batch-size", str(batch),
+         "--data-dir", data_dir, "--no-download", *limit, "--out", out, "--quiet", "--device", DEV.type,
+         *extra])
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        m = [json.loads(line) for line in f.read().splitlines()]
+    speed = statistics.median(e["images_per_s"] for e in m[1:]) if len(m) > 1 else m[0]["images_per_s"]
+    return speed, max(e.get("peak_gpu_bytes") or 0 for e in m), m[-1].get("ran_as", "?"), m[-1]["test_top1"]
+
+
+def vggctl_eval(binary, data_dir, weights, batch, n):
+    r = run([binary, "eval", "--checkpoint", weights, "--arch", "vgg16", "--head", "imagenet", "--classes", "10",
+             "--data-dir", data_dir, "--no-download", "--input", "224", "--batch-size", str(batch),
+             "--limit-test", str(n), "--device", DEV.type, "--json"])
+    return json.loads(r.stdout)["images_per_s"]
+
+
+# ---------------------------------------------------------------- report
+
+def mib(b):
+    return f"{b / 2**20:,.0f} MiB" if b else "-"
+
+
+def main():
+    here = os.path.dirname(os.path.abspath(__file__))
+    p = argparse.ArgumentParser()
+    p.add_argument("--vggctl", default=os.path.join(here, "..", "target", "release", "vggctl"))
+    p.add_argument("--digits", default=os.path.join(here, "..", "tests", "fixtures", "digits-bin"),
+                   help="the real-digits dataset for the accuracy check (skipped when absent)")
+    p.add_argument("--skip-compile", action="store_true", help="leave out torch.compile (its builds take minutes)")
+    p.add_argument("--quick", action="store_true", help="fewer images and steps")
+    p.add_argument("--smoke", action="store_true",
+                   help="a tiny run on the CPU that checks this script's plumbing (its figures mean nothing)")
+    a = p.parse_args()
+    global DEV
+    if a.smoke:
+        DEV = torch.device("cpu")
+        a.skip_compile = True
+    elif not torch.cuda.is_available():
+        sys.exit("bench-gpu: no CUDA device (--smoke checks the script on the CPU)")
+    began = time.perf_counter()
+    n = 640 if a.smoke else 20480 if a.quick else 51200
+    steps = {512: 20 if a.quick else 50, 128: 40 if a.quick else 100}
+    if a.smoke:
+        steps = {64: 1, 16: 1}
+    rng = np.random.RandomState(0)
+    data = rng.randint(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    labels = rng.randint(0, 10, n)
+    info = run([a.vggctl, "info"]).stdout.strip().replace("\n", "; ")
+    name = torch.cuda.get_device_name(0) if DEV.type == "cuda" else "CPU (smoke run)"
+    print(f"device: {name}; PyTorch {torch.__version__}; {info}")
+    print(f"synthetic CIFAR-shaped data, {n} images; VGG16-BN cifar head for training\n")
+    rows = []  # (section, label, images/s, peak bytes, note)
+
+    def add(section, label, value, note=""):
+        (speed, peak), secs = value
+        rows.append((section, label, speed, peak, note or f"{secs:.0f}s"))
+        print(f"  {section}: {label}: {speed:,.0f} img/s ({rows[-1][4]})", file=sys.stderr, flush=True)
+
+    with tempfile.TemporaryDirectory() as root:
+        write_cifar_bin(root, data, labels, test=64 if a.smoke else 3200)
+        for batch in (512, 128):
+            sec = f"train, batch {batch}"
+            if a.smoke:
+                batch = batch // 8
+            add(sec, "PyTorch eager fp32 (model only)", timed(pytorch_train, batch, steps[batch], "fp32"))
+            add(sec, "PyTorch eager bf16 + channels_last (model only)", timed(pytorch_train, batch, steps[batch], "bf16"))
+            if not a.skip_compile:
+                add(sec, "torch.compile, bf16 + channels_last (model only)",
+                    timed(pytorch_train, batch, steps[batch], "compile"))
+                add(sec, "torch.compile reduce-overhead, bf16 + channels_last",
+                    timed(pytorch_train, batch, steps[batch], "compile-reduce-overhead"))
+            for extra in ([], ["--cuda-graphs"]):
+                out = os.path.join(root, f"run-{batch}-{len(extra)}")
+                (speed, peak, ran_as, _), secs = timed(vggctl_train, a.vggctl, root, out, batch, 128 if a.smoke else n, extra)
+                rows.append((sec, f"vggctl train end to end ({ran_as})", speed, peak, f"{secs:.0f}s"))
+                print(f"  {sec}: vggctl {ran_as}: {speed:,.0f} img/s", file=sys.stderr, flush=True)
+
+        sec = "recipe loop, batch 128"
+        for workers in (0, 8):
+            add(sec, f"PyTorch recipe loop, DataLoader num_workers={workers}",
+                timed(recipe_loop, data, labels, workers, 1 if a.smoke else 20 if workers == 0 else 60))
+
+        sec = "inference 224x224, batch 64"
+        ib = 4 if a.smoke else 64
+        add(sec, "PyTorch eager bf16 + channels_last (model only)", timed(pytorch_infer, ib, 1 if a.smoke else 30 if a.quick else 60))
+        weights = os.path.join(root, "vgg16-10.safetensors")
+        write_safetensors(weights, vgg16(False, "imagenet", 10).state_dict())
+        speed, secs = timed(vggctl_eval, a.vggctl, root, weights, ib, 3 * ib if a.smoke else 3200)
+        rows.append((sec, "vggctl eval (default precision/layout; resize on the GPU)", speed, 0, f"{secs:.0f}s"))
+
+        accuracy = []
+        if os.path.isdir(a.digits):
+            digits = os.path.dirname(a.digits) if a.digits.endswith("cifar-10-batches-bin") else a.digits
+            for extra in (["--precision", "fp32"], ["--precision", "tf32"], ["--precision", "fp16"],
+                          ["--precision", "bf16"], ["--precision", "bf16", "--cuda-graphs"]):
+                out = os.path.join(root, "digits-" + "-".join(x.strip("-") for x in extra))
+                _, _, ran_as, top1 = vggctl_train(a.vggctl, digits, out, 32, 320 if a.smoke else None,
+                                                  extra + ["--seed", "7", "--scheduler", "cosine"],
+                                                  epochs=1 if a.smoke else 5, arch=("vgg11", "--bn"))
+                accuracy.append((ran_as, top1))
+
+    print(f"{'configuration':<62} {'images/s':>10} {'peak memory':>12}  {'took':>5}")
+    for section in dict.fromkeys(r[0] for r in rows):
+        print(f"-- {section}")
+        for s, label, speed, peak, note in rows:
+            if s == section:
+                print(f"{label:<62} {speed:>10,.0f} {mib(peak):>12}  {note:>5}")
+
+    def best(section, prefix):
+        vals = [r[2] for r in rows if r[0] == section and r[1].startswith(prefix)]
+        return max(vals) if vals else None
+
+    print("\nratios (vggctl's best configuration / the reference; target in brackets):")
+    targets = []
+    for batch in (512, 128):
+        sec = f"train, batch {batch}"
+        ours = best(sec, "vggctl")
+        targets.append((f"batch {batch} vs PyTorch eager bf16 + channels_last", ours, best(sec, "PyTorch eager bf16"),
+                        1.25 if batch == 512 else 3.0))
+        if not a.skip_compile:
+            targets.append((f"batch {batch} vs torch.compile's best", ours, best(sec, "torch.compile"), 1.1))
+        if batch == 128:
+            targets.append(("batch 128 vs PyTorch's best model-only", ours,
+                            max(r[2] for r in rows if r[0] == sec and r[1].startswith(("PyTorch", "torch"))), 1.1))
+            targets.append(("batch 128 vs the recipe loop, num_workers=0", ours,
+                            best("recipe loop, batch 128", "PyTorch recipe loop, DataLoader num_workers=0"), 24.0))
+    sec = "inference 224x224, batch 64"
+    targets.append(("inference vs PyTorch eager bf16 + channels_last", best(sec, "vggctl"), best(sec, "PyTorch"), 1.1))
+    for label, ours, ref, target in targets:
+        ratio = ours / ref
+        print(f"  {label:<52} {ratio:6.2f}x  [>= {target}x: {'met' if ratio >= target else 'NOT met'}]")
+
+    if accuracy:
+        print("\naccuracy, VGG11-BN on the real digits, 5 epochs (test top-1; must be within 1 point of fp32):")
+        ref = accuracy[0][1]
+        for ran_as, top1 in accuracy:
+            ok = abs(top1 - ref) <= 1.0
+            print(f"  {ran_as:<50} {top1:6.2f}%  {top1 - ref:+5.2f}  {'ok' if ok else 'NOT ok'}")
+    else:
+        print(f"\naccuracy check skipped: no {a.digits}")
+    print(f"\nbench-gpu took {time.perf_counter() - began:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
