@@ -183,12 +183,30 @@ impl CudaGraph {
         call("starting the CUDA graph capture", |err, len| unsafe {
             vggctl_graph_capture_begin(self.ptr, err, len)
         })?;
-        let out = f();
+        // An operation that cannot be captured makes tch panic; that must
+        // end the capture and come back as an error, not as a crash.
+        let hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+        std::panic::set_hook(hook);
         // SAFETY: as above; capture was begun.
-        call("ending the CUDA graph capture", |err, len| unsafe {
+        let ended = call("ending the CUDA graph capture", |err, len| unsafe {
             vggctl_graph_capture_end(self.ptr, err, len)
-        })?;
-        Ok(out)
+        });
+        match out {
+            Ok(out) => ended.map(|_| out),
+            Err(panic) => {
+                let msg = panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("unknown error");
+                let first = msg.lines().next().unwrap_or("").trim();
+                bail!(
+                    "capturing the step in a CUDA graph failed (run without --cuda-graphs): {first}"
+                )
+            }
+        }
     }
 
     pub fn replay(&self) -> Result<()> {
