@@ -125,6 +125,55 @@ fn digits_reach_90_percent_and_eval_agrees() {
     let confusion: Vec<Vec<i64>> = serde_json::from_value(e["confusion"].clone()).unwrap();
     assert_eq!(confusion.iter().flatten().sum::<i64>(), 297);
 
+    assert!(e["images_per_s"].as_f64().unwrap() > 0.0);
+
+    // GPU-only options fall back to fp32 with a warning: the same figures.
+    let r = vggctl(&[
+        "eval",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--data-dir",
+        &digits("bin"),
+        "--precision",
+        "bf16",
+        "--device",
+        "cpu",
+        "--json",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("warning: --precision bf16 needs a CUDA device; evaluating in fp32"),
+        "{}",
+        r.stderr
+    );
+    let e: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(e["top1"].as_f64().unwrap(), last.test_top1);
+    // --input resizes the images for the model; below 32 is one clear line.
+    let r = vggctl(&[
+        "eval",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--data-dir",
+        &digits("bin"),
+        "--input",
+        "48",
+        "--json",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let e: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(e["images"].as_i64().unwrap(), 297);
+    let r = vggctl(&[
+        "eval",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--data-dir",
+        &digits("bin"),
+        "--input",
+        "16",
+    ]);
+    common::assert_one_line_error(&r, 2, "--input must be at least 32");
+
     // The table form names classes and shows the confusion matrix.
     let r = vggctl(&[
         "eval",
