@@ -5,13 +5,18 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_vggctl")
+/// The binary under test. `VGGCTL_TEST_BIN` overrides the path cargo built
+/// it at, for test binaries carried to another machine (scripts/gpu-kit).
+pub fn bin() -> String {
+    std::env::var("VGGCTL_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_vggctl").to_string())
 }
 
-/// Where `scripts/test` has `tests/make_reference.py` and friends write.
+/// Where `scripts/test` has `tests/make_reference.py` and friends write
+/// (`VGGCTL_FIXTURES` overrides it, as `VGGCTL_TEST_BIN` does the binary).
 pub fn fixtures() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let dir = std::env::var_os("VGGCTL_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"));
     assert!(
         dir.is_dir(),
         "{} is missing: run scripts/test (it writes the Python reference tensors first)",

@@ -1,0 +1,156 @@
+//! GPU-only checks, ignored elsewhere; `scripts/gpu-kit` builds them for a
+//! CUDA machine, where `scripts/gpu-check` runs them with the benchmark:
+//! - the shim's CUDA graph records on its own stream and a replay reads the
+//!   static input's current values; memory statistics and bf16 answer;
+//! - training with `--cuda-graphs` follows eager training (fp32: losses
+//!   within 1e-3 relative, weights within 1e-3, BatchNorm counters exact)
+//!   while the learning rate changes between epochs;
+//! - each precision runs and says what it ran as, with its peak memory.
+
+mod common;
+
+use std::path::Path;
+
+use tch::{Device, Kind, Tensor};
+use vggctl::shim::{self, CudaGraph};
+use vggctl::train::EpochMetrics;
+use vggctl::weights::read_safetensors;
+
+const GPU: &str = "needs a CUDA GPU (scripts/gpu-check runs it)";
+
+fn digits() -> String {
+    common::fixtures().join("digits-bin").display().to_string()
+}
+
+fn train(out: &Path, epochs: u32, extra: &[&str]) -> Vec<EpochMetrics> {
+    let d = digits();
+    let o = out.display().to_string();
+    let e = epochs.to_string();
+    let mut args = vec![
+        "train",
+        "--arch",
+        "vgg11",
+        "--bn",
+        "--batch-size",
+        "32",
+        "--limit-train",
+        "320",
+        "--limit-test",
+        "64",
+        "--epochs",
+        &e,
+        "--scheduler",
+        "cosine",
+        "--seed",
+        "7",
+        "--device",
+        "cuda",
+        "--quiet",
+        "--profile",
+        "--data-dir",
+        &d,
+        "--out",
+        &o,
+    ];
+    args.extend_from_slice(extra);
+    let dir = common::tempdir();
+    let r = common::run_in(dir.path(), &args);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU (scripts/gpu-check runs it)"]
+fn shim_graphs_replay_on_current_inputs() {
+    assert!(tch::Cuda::is_available(), "{GPU}");
+    assert!(shim::has_cuda(), "this build has no CUDA half in its shim");
+    let dev = Device::Cuda(0);
+    let mut x = Tensor::ones([1 << 20], (Kind::Float, dev));
+    let mut graph = CudaGraph::new(dev).unwrap();
+    let y = graph
+        .on_side_stream(|g| {
+            let _ = &x * 2.0 + 1.0; // warm-up, as for real steps
+            g.capture(|| &x * 2.0 + 1.0)
+        })
+        .unwrap();
+    let _ = x.fill_(3.0);
+    graph.replay().unwrap();
+    assert_eq!(y.min().double_value(&[]), 7.0);
+    assert_eq!(y.max().double_value(&[]), 7.0);
+    let _ = x.fill_(-1.0);
+    graph.replay().unwrap();
+    assert_eq!(y.max().double_value(&[]), -1.0);
+
+    let peak = shim::peak_memory(dev, false).unwrap().unwrap();
+    assert!(peak >= 8 << 20, "peak {peak} bytes with two 4 MiB tensors");
+    shim::bf16_supported(dev).unwrap();
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU (scripts/gpu-check runs it)"]
+fn graphed_training_follows_eager_training() {
+    let tmp = common::tempdir();
+    let (a, b) = (tmp.path().join("eager"), tmp.path().join("graph"));
+    let eager = train(&a, 2, &["--precision", "fp32"]);
+    let graph = train(&b, 2, &["--precision", "fp32", "--cuda-graphs"]);
+    assert!(
+        graph[0].ran_as.ends_with("CUDA graph"),
+        "{}",
+        graph[0].ran_as
+    );
+    for (e, g) in eager.iter().zip(&graph) {
+        let rel = (e.train_loss - g.train_loss).abs() / e.train_loss.abs().max(1e-9);
+        assert!(
+            rel <= 1e-3,
+            "epoch {}: loss {} eager vs {} graphed",
+            e.epoch,
+            e.train_loss,
+            g.train_loss
+        );
+        // 10 full batches per epoch, all through the graph path (3 warm-ups first).
+        assert_eq!(g.profile.as_ref().unwrap().graphed_steps, 10);
+        assert!(g.peak_gpu_bytes.unwrap() > 0);
+    }
+    assert_ne!(eager[0].lr, eager[1].lr, "the check needs an LR change");
+    let ea = read_safetensors(&a.join("last.safetensors"))
+        .unwrap()
+        .tensors;
+    let gb = read_safetensors(&b.join("last.safetensors"))
+        .unwrap()
+        .tensors;
+    for (k, t) in &ea {
+        if k.ends_with("num_batches_tracked") {
+            assert!(t.equal(&gb[k]), "{k}");
+        } else {
+            let err = (t - &gb[k]).abs().max().double_value(&[]);
+            assert!(err <= 1e-3, "{k}: {err}");
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU (scripts/gpu-check runs it)"]
+fn every_precision_runs_and_says_what_it_ran_as() {
+    let tmp = common::tempdir();
+    let bf16 = shim::bf16_supported(Device::Cuda(0)).unwrap();
+    for (precision, want) in [
+        ("fp32", "fp32"),
+        ("tf32", "tf32"),
+        ("fp16", "fp16"),
+        ("bf16", if bf16 { "bf16" } else { "fp16" }),
+        ("auto", if bf16 { "bf16" } else { "fp32" }),
+    ] {
+        let m = train(&tmp.path().join(precision), 1, &["--precision", precision]);
+        assert!(
+            m[0].ran_as.starts_with(&format!("{want}, channels_last")),
+            "{precision}: {}",
+            m[0].ran_as
+        );
+        assert!(m[0].train_loss.is_finite(), "{precision}");
+        assert_eq!(m[0].loss_scale.is_some(), want == "fp16", "{precision}");
+    }
+}
