@@ -348,3 +348,36 @@ fn bad_predict_and_eval_requests() {
         common::assert_one_line_error(&common::run_in(dir.path(), &args), 2, needle);
     }
 }
+
+#[test]
+fn cached_folder_images_are_exactly_what_predict_sees() {
+    use tch::Tensor;
+    use vggctl::data::augment::center_crop;
+    use vggctl::data::folder::decode_square;
+    use vggctl::data::image::{eval_transform, read_image};
+    // The fixture photos are landscape; add a portrait one.
+    let tmp = common::tempdir();
+    let portrait = tmp.path().join("portrait.png");
+    image::open(fixture("photos/cat/cat_01.png"))
+        .unwrap()
+        .rotate90()
+        .save(&portrait)
+        .unwrap();
+    let mut paths: Vec<PathBuf> = [
+        "photos/cat/cat_00.jpg",
+        "photos/cat/cat_01.png",
+        "photos/coffee/coffee_03.jpg",
+    ]
+    .iter()
+    .map(|p| PathBuf::from(fixture(p)))
+    .collect();
+    paths.push(portrait);
+    for path in &paths {
+        // What fine-tuning and eval feed the model: the cached square's centre.
+        let cached = Tensor::from_slice(&decode_square(path, 256).unwrap()).view([1, 3, 256, 256]);
+        let eval = center_crop(&cached, 224);
+        // What predict feeds it: torchvision's Resize(256) + CenterCrop(224).
+        let predict = eval_transform(&read_image(path).unwrap(), Some(256), 224).unsqueeze(0);
+        assert!(eval.equal(&predict), "{}", path.display());
+    }
+}

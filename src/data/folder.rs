@@ -80,34 +80,21 @@ pub fn scan(dir: &Path) -> Result<(Vec<String>, LabeledFiles)> {
     Ok((classes, files))
 }
 
-/// Decodes an image and returns it as `3 x side x side` uint8 (shorter side
-/// resized to `side`, then the central square).
+/// Decodes an image and returns it as `3 x side x side` uint8: the shorter
+/// side resized to `side`, then the central square, by the same code as
+/// `predict`'s eval transform (torchvision's antialiased bilinear `Resize`
+/// and `CenterCrop`). So the centre crop of a cached image is exactly what
+/// `predict` feeds the model for that file.
 pub fn decode_square(path: &Path, side: u32) -> Result<Vec<u8>> {
-    let img = super::image::decode_rgb(path)?;
-    let (w, h) = img.dimensions();
-    let scale = side as f64 / w.min(h) as f64;
-    let (nw, nh) = (
-        ((w as f64 * scale).round() as u32).max(side),
-        ((h as f64 * scale).round() as u32).max(side),
-    );
-    let resized = image::imageops::resize(&img, nw, nh, image::imageops::FilterType::Triangle);
-    let (left, top) = ((nw - side) / 2, (nh - side) / 2);
-    let s = side as usize;
-    let mut chw = vec![0u8; 3 * s * s];
-    for y in 0..s {
-        for x in 0..s {
-            let p = resized.get_pixel(left + x as u32, top + y as u32);
-            for c in 0..3 {
-                chw[c * s * s + y * s + x] = p[c];
-            }
-        }
-    }
-    Ok(chw)
+    let img = super::image::read_image(path)?;
+    let side = side as i64;
+    let square = super::image::eval_transform(&img, Some(side), side);
+    Ok(Vec::<u8>::try_from(square.contiguous().view([-1]))?)
 }
 
 fn cache_key(files: &[(PathBuf, i64)], side: i64) -> String {
     let mut h = Sha256::new();
-    h.update(format!("vggctl-folder-v1 {side}\n"));
+    h.update(format!("vggctl-folder-v2 {side}\n"));
     for (p, label) in files {
         let meta = fs::metadata(p).ok();
         let size = meta.as_ref().map(|m| m.len()).unwrap_or(0);
