@@ -5,7 +5,7 @@
 //! channels-last layout.
 
 use serde::{Deserialize, Serialize};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 use crate::shim::{self, AutocastDtype};
 
@@ -146,35 +146,6 @@ impl Default for LossScaler {
             backoff_factor: 0.5,
             growth_interval: 2000,
             good_steps: 0,
-        }
-    }
-}
-
-impl LossScaler {
-    /// Looks at unscaled gradients; on inf/nan halves the scale and returns
-    /// false (the caller skips the step), else counts a clean step.
-    pub fn check_and_update(&mut self, grads: &Tensor) -> bool {
-        let finite = grads
-            .isfinite()
-            .all()
-            .to_kind(Kind::Int64)
-            .to_device(Device::Cpu)
-            .int64_value(&[])
-            == 1;
-        self.update(finite);
-        finite
-    }
-
-    pub fn update(&mut self, finite: bool) {
-        if finite {
-            self.good_steps += 1;
-            if self.good_steps >= self.growth_interval {
-                self.scale *= self.growth_factor;
-                self.good_steps = 0;
-            }
-        } else {
-            self.scale *= self.backoff_factor;
-            self.good_steps = 0;
         }
     }
 }

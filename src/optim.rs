@@ -65,14 +65,27 @@ pub struct Optimizer {
     buf1: Tensor,
     /// AdamW: second moment (empty for SGD).
     buf2: Tensor,
-    /// The learning rate and step number of the update in progress (0-dim,
-    /// on the parameters' device).
+    /// The learning rate of the update in progress and the number of
+    /// updates taken (AdamW's bias correction), 0-dim on the parameters'
+    /// device: a captured CUDA graph reads their current values, and a
+    /// skipped fp16 step is not counted, without the host looking.
     lr: Tensor,
     step: Tensor,
-    /// Updates taken (AdamW's bias correction).
-    pub steps: i64,
-    /// Updates skipped because of non-finite gradients (fp16 loss scaling).
-    pub skipped: i64,
+    scaler: Option<DeviceScaler>,
+}
+
+/// fp16 loss scaling on the device, with PyTorch GradScaler's policy
+/// (`LossScaler` is its saved form): no host synchronization per step, so
+/// an fp16 step can run ahead of the GPU and be captured in a CUDA graph.
+struct DeviceScaler {
+    scale: Tensor,
+    /// Clean steps since the scale last changed (int32, as `_amp_update_scale_` wants).
+    tracker: Tensor,
+    /// Steps skipped so far (int64).
+    skipped: Tensor,
+    growth_factor: f64,
+    backoff_factor: f64,
+    growth_interval: i64,
 }
 
 /// The same elementwise update for a parameter tensor (flat or not), its
@@ -166,9 +179,45 @@ impl Optimizer {
             buf2,
             lr: Tensor::zeros([], opts),
             step: Tensor::zeros([], opts),
-            steps: 0,
-            skipped: 0,
+            scaler: None,
         }
+    }
+
+    /// Scales the loss and skips steps with non-finite gradients (fp16),
+    /// starting from `state`. Only the fused update supports it.
+    pub fn enable_loss_scaling(&mut self, state: &LossScaler) {
+        let dev = self.lr.device();
+        self.scaler = Some(DeviceScaler {
+            scale: Tensor::from(state.scale as f32).to_device(dev),
+            tracker: Tensor::from(state.good_steps as i32).to_device(dev),
+            skipped: Tensor::zeros([], (Kind::Int64, dev)),
+            growth_factor: state.growth_factor,
+            backoff_factor: state.backoff_factor,
+            growth_interval: state.growth_interval as i64,
+        });
+    }
+
+    /// The loss scaler's current state (reads the device), if scaling.
+    pub fn loss_scaler(&self) -> Option<LossScaler> {
+        self.scaler.as_ref().map(|s| LossScaler {
+            scale: s.scale.double_value(&[]),
+            growth_factor: s.growth_factor,
+            backoff_factor: s.backoff_factor,
+            growth_interval: s.growth_interval as u32,
+            good_steps: s.tracker.int64_value(&[]) as u32,
+        })
+    }
+
+    /// Updates taken so far (reads the device).
+    pub fn steps(&self) -> i64 {
+        self.step.double_value(&[]) as i64
+    }
+
+    /// Steps skipped for non-finite gradients so far (reads the device).
+    pub fn skipped(&self) -> i64 {
+        self.scaler
+            .as_ref()
+            .map_or(0, |s| s.skipped.int64_value(&[]))
     }
 
     pub fn is_fused(&self) -> bool {
@@ -198,40 +247,34 @@ impl Optimizer {
     }
 
     /// Backward pass and update for `loss` (`prepare` + `backward_update`).
-    /// With a loss scaler (fp16), the loss is scaled, the gradients unscaled
-    /// and checked, and a step with non-finite gradients is skipped. Returns
-    /// whether the update was taken.
-    pub fn backward_step(
-        &mut self,
-        loss: &Tensor,
-        lr: f64,
-        scaler: Option<&mut LossScaler>,
-    ) -> bool {
+    /// With loss scaling (fp16), the loss is scaled, the gradients unscaled
+    /// and checked, and a step with non-finite gradients leaves parameters
+    /// and state as they were, all on the device.
+    pub fn backward_step(&mut self, loss: &Tensor, lr: f64) {
         self.prepare(lr);
-        self.backward_update(loss, scaler)
+        self.backward_update(loss);
     }
 
-    /// Counts the step and sets its learning rate and step number on the
-    /// device. Runs eagerly, also before each replay of a captured step.
+    /// Sets the step's learning rate on the device. Runs eagerly, also
+    /// before each replay of a captured step.
     pub fn prepare(&mut self, lr: f64) {
-        self.steps += 1;
         let _ = self.lr.fill_(lr);
-        let _ = self.step.fill_(self.steps as f64);
     }
 
-    /// The backward pass and the update for the step `prepare` set up; all
-    /// device work without host synchronization unless a loss scaler checks
-    /// the gradients, so with the fused update it can be captured in a CUDA graph.
-    pub fn backward_update(&mut self, loss: &Tensor, scaler: Option<&mut LossScaler>) -> bool {
+    /// The backward pass and the update with the learning rate `prepare`
+    /// set: device work only, never a host synchronization, so with the
+    /// fused update it can be captured in a CUDA graph.
+    pub fn backward_update(&mut self, loss: &Tensor) {
         let Some(flat) = &self.flat else {
             self.zero_grad();
             loss.backward();
+            let _ = self.step.g_add_scalar_(1.0);
             self.step_per_parameter();
-            return true;
+            return;
         };
         let mut flat = flat.shallow_clone();
-        let scaled = match &scaler {
-            Some(s) => loss * s.scale,
+        let scaled = match &self.scaler {
+            Some(s) => loss * &s.scale,
             None => loss.shallow_clone(),
         };
         let params: Vec<&Tensor> = self.slots.iter().map(|s| &s.param).collect();
@@ -242,17 +285,28 @@ impl Optimizer {
             .map(|(g, s)| Self::flat_grad(g, s))
             .collect();
         let mut g = Tensor::cat(&parts, 0).to_kind(flat.kind());
-        if let Some(s) = scaler {
-            g *= 1.0 / s.scale;
-            let finite = s.check_and_update(&g);
-            if !finite {
-                self.steps -= 1;
-                self.skipped += 1;
-                return false;
-            }
-        }
         let cfg = self.cfg.clone();
         tch::no_grad(|| {
+            let Some(s) = &mut self.scaler else {
+                let _ = self.step.g_add_scalar_(1.0);
+                update(
+                    &cfg,
+                    &self.lr,
+                    &self.step,
+                    &mut flat,
+                    &g,
+                    &mut self.buf1,
+                    &mut self.buf2,
+                );
+                return;
+            };
+            g *= s.scale.reciprocal();
+            let found = g.isfinite().all().logical_not();
+            let keep = found.logical_not();
+            // The update runs either way (no branch on a device value);
+            // where it must not count, the old values are put back.
+            let old = [flat.copy(), self.buf1.copy(), self.buf2.copy()];
+            let _ = self.step.g_add_(&keep.to_kind(self.step.kind()));
             update(
                 &cfg,
                 &self.lr,
@@ -261,9 +315,23 @@ impl Optimizer {
                 &g,
                 &mut self.buf1,
                 &mut self.buf2,
-            )
+            );
+            for (now, was) in [&mut flat, &mut self.buf1, &mut self.buf2]
+                .into_iter()
+                .zip(&old)
+            {
+                let kept = now.where_self(&keep, was);
+                now.copy_(&kept);
+            }
+            let _ = s.skipped.g_add_(&found.to_kind(Kind::Int64));
+            let _ = s.scale.internal_amp_update_scale_(
+                &s.tracker,
+                &found.to_kind(Kind::Float),
+                s.growth_factor,
+                s.backoff_factor,
+                s.growth_interval,
+            );
         });
-        true
     }
 
     fn zero_grad(&mut self) {
@@ -353,7 +421,7 @@ impl Optimizer {
                 tch::no_grad(|| buf.copy_(t));
             }
         }
-        self.steps = steps;
+        let _ = self.step.fill_(steps as f64);
         Ok(())
     }
 }

@@ -553,19 +553,15 @@ impl<'a> Trainer<'a> {
         };
         pre.channels_last = run.channels_last;
         pre.autocast = run.precision.autocast();
-        if run.precision == Precision::Fp16 && state.scaler.is_none() {
-            state.scaler = Some(LossScaler::default());
-        }
         let graph = if !state.config.cuda_graphs {
             None
         } else if !device.is_cuda() {
             eprintln!("warning: --cuda-graphs needs a CUDA device; running eagerly");
             None
-        } else if !opt.is_fused() || run.precision == Precision::Fp16 {
-            // The per-parameter update accumulates into .grad, and fp16's
-            // loss scaler reads the gradients on the host every step.
+        } else if !opt.is_fused() {
+            // The per-parameter update accumulates into .grad.
             eprintln!(
-                "warning: --cuda-graphs needs the fused update and no fp16 loss scaling; running eagerly"
+                "warning: --cuda-graphs needs the fused update (not --no-fused); running eagerly"
             );
             None
         } else {
@@ -578,6 +574,9 @@ impl<'a> Trainer<'a> {
         };
         if let Some((source, tensors)) = resume_tensors {
             opt.load_state(&source, &tensors, state.optimizer_steps)?;
+        }
+        if run.precision == Precision::Fp16 {
+            opt.enable_loss_scaling(state.scaler.get_or_insert_with(LossScaler::default));
         }
         Ok(Trainer {
             state,
@@ -626,7 +625,10 @@ impl<'a> Trainer<'a> {
             )
             .to_metadata();
         let mut state = self.state.clone();
-        state.optimizer_steps = self.opt.steps;
+        state.optimizer_steps = self.opt.steps();
+        if let Some(scaler) = self.opt.loss_scaler() {
+            state.scaler = Some(scaler);
+        }
         meta.insert(STATE_KEY.into(), serde_json::to_string(&state)?);
         write_safetensors(&self.files.resume(), &tensors, &meta)
     }
@@ -676,7 +678,7 @@ impl<'a> Trainer<'a> {
                     .config
                     .profile
                     .then(|| std::mem::take(&mut self.profile)),
-                loss_scale: self.state.scaler.as_ref().map(|s| s.scale),
+                loss_scale: self.opt.loss_scaler().map(|s| s.scale),
                 ran_as: self.ran_as(),
                 peak_gpu_bytes: shim::peak_memory(device, false)?,
             };
@@ -798,8 +800,7 @@ impl<'a> Trainer<'a> {
             self.state.config.label_smoothing,
         );
         let timer = timer.map(|t| t.lap(&mut self.profile.forward));
-        self.opt
-            .backward_step(&loss, lr, self.state.scaler.as_mut());
+        self.opt.backward_step(&loss, lr);
         if let Some(t) = timer {
             t.lap(&mut self.profile.backward_update);
         }
@@ -847,7 +848,7 @@ impl<'a> Trainer<'a> {
                             -100,
                             smoothing,
                         );
-                        opt.backward_update(&loss, None);
+                        opt.backward_update(&loss);
                         let correct = logits.argmax(-1, false).eq_tensor(&sy).sum(Kind::Int64);
                         (loss.detach(), correct)
                     });

@@ -41,39 +41,50 @@ fn an_overflowing_step_is_skipped_and_the_scale_adapts() {
         .detach()
         .set_requires_grad(true);
     let mut opt = Optimizer::fused(sgd(false), vec![("w".into(), &p)], flat.shallow_clone());
-    let mut scaler = LossScaler {
+    opt.enable_loss_scaling(&LossScaler {
         growth_interval: 3,
         ..LossScaler::default()
-    };
+    });
     let before = flat.copy();
+    let momentum = |o: &Optimizer| o.state_tensors()[0].1.copy();
+    let zero_state = momentum(&opt);
 
-    // A gradient of inf: no update, scale halves.
-    let loss = (&p * f64::INFINITY).sum(Kind::Float);
-    assert!(!opt.backward_step(&loss, 0.1, Some(&mut scaler)));
-    assert!(flat.equal(&before), "parameters changed on a skipped step");
-    assert_eq!(scaler.scale, 32768.0);
-    assert_eq!(opt.skipped, 1);
-    assert_eq!(opt.steps, 0);
+    // Gradients of inf, then of NaN: no update, no momentum, the scale
+    // halves each time; all decided on the device.
+    for (bad, scale) in [(f64::INFINITY, 32768.0), (f64::NAN, 16384.0)] {
+        let loss = (&p * bad).sum(Kind::Float);
+        opt.backward_step(&loss, 0.1);
+        assert!(flat.equal(&before), "parameters changed on a skipped step");
+        assert!(
+            momentum(&opt).equal(&zero_state),
+            "state changed on a skipped step"
+        );
+        assert_eq!(opt.loss_scaler().unwrap().scale, scale);
+    }
+    assert_eq!(opt.skipped(), 2);
+    assert_eq!(opt.steps(), 0);
 
     // Clean steps: updates taken (gradients unscaled), growth after 3 of them.
     for i in 1..=3 {
         let loss = (&p * &p).sum(Kind::Float);
-        assert!(opt.backward_step(&loss, 0.1, Some(&mut scaler)));
+        opt.backward_step(&loss, 0.1);
+        let s = opt.loss_scaler().unwrap();
         assert_eq!(
-            scaler.scale,
-            if i < 3 { 32768.0 } else { 65536.0 },
+            (s.scale, s.good_steps),
+            if i < 3 { (16384.0, i) } else { (32768.0, 0) },
             "after {i} clean steps"
         );
     }
-    assert_eq!(opt.steps, 3);
+    assert_eq!(opt.steps(), 3);
+    assert_eq!(opt.skipped(), 2);
     assert!(!flat.equal(&before));
-    // The first clean update was w - 0.1 * (2w + 5e-4 w): unscaled gradients.
+    // The same updates as without scaling: gradients were unscaled.
     let mut q = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0])
         .view([2, 2])
         .set_requires_grad(true);
     let mut reference = Optimizer::new(sgd(false), vec![("w".into(), &q)]);
     for _ in 0..3 {
-        reference.backward_step(&(&q * &q).sum(Kind::Float), 0.1, None);
+        reference.backward_step(&(&q * &q).sum(Kind::Float), 0.1);
     }
     let err = (&p - &q).abs().max().double_value(&[]);
     assert!(err < 1e-6, "{err}");
@@ -136,8 +147,8 @@ fn compare(cfg: OptimizerConfig, channels_last: bool) {
             .iter()
             .map(|(_, p)| Tensor::randn(p.size(), (Kind::Float, Device::Cpu)) * 0.01)
             .collect();
-        assert!(plain.backward_step(&linear_loss(&a.trainable_parameters(), &grads), 0.05, None));
-        assert!(fused.backward_step(&linear_loss(&b.trainable_parameters(), &grads), 0.05, None));
+        plain.backward_step(&linear_loss(&a.trainable_parameters(), &grads), 0.05);
+        fused.backward_step(&linear_loss(&b.trainable_parameters(), &grads), 0.05);
     }
     for ((name, pa), (_, pb)) in a.parameters().iter().zip(b.parameters()) {
         let err = (*pa - pb).abs().max().double_value(&[]);
@@ -238,7 +249,7 @@ fn updates_follow_pytorchs_sgd_and_adamw() {
             for g in &grads {
                 let g = Tensor::from_slice(&g.iter().map(|&x| x as f32).collect::<Vec<_>>())
                     .view([2, 3]);
-                assert!(opt.backward_step(&(&p * &g).sum(Kind::Float), 0.05, None));
+                opt.backward_step(&(&p * &g).sum(Kind::Float), 0.05);
             }
             let got: Vec<f32> = Vec::try_from(p.detach().reshape([-1])).unwrap();
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
@@ -250,5 +261,30 @@ fn updates_follow_pytorchs_sgd_and_adamw() {
                 );
             }
         }
+    }
+}
+
+#[test]
+fn a_skipped_step_does_not_count_for_adamw_either() {
+    // 3 clean steps after an overflow equal 3 steps without scaling (AdamW's
+    // bias correction would differ if the skipped step were counted).
+    for cfg in [sgd(true), adamw()] {
+        let run = |scaled: bool| {
+            let flat = Tensor::from_slice(&[0.5f32, -1.0, 2.0, 0.25]);
+            let p = flat.view([2, 2]).detach().set_requires_grad(true);
+            let mut opt =
+                Optimizer::fused(cfg.clone(), vec![("w".into(), &p)], flat.shallow_clone());
+            if scaled {
+                opt.enable_loss_scaling(&LossScaler::default());
+                opt.backward_step(&(&p * f64::INFINITY).sum(Kind::Float), 0.05);
+            }
+            for _ in 0..3 {
+                opt.backward_step(&(&p * &p * &p).sum(Kind::Float), 0.05);
+            }
+            assert_eq!(opt.steps(), 3);
+            flat
+        };
+        let err = (run(true) - run(false)).abs().max().double_value(&[]);
+        assert!(err <= 1e-6, "{:?}: {err}", cfg.kind);
     }
 }

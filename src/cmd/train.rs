@@ -80,7 +80,7 @@ pub struct HyperOpts {
     pub numerics: NumericsOpts,
     /// Capture the full-batch training step (forward, backward, fused
     /// update) in a CUDA graph and replay it: removes the per-kernel launch
-    /// cost that bounds small batches. Not with fp16 or --no-fused.
+    /// cost that bounds small batches. Not with --no-fused.
     #[arg(long)]
     pub cuda_graphs: bool,
     /// Update each parameter separately instead of the fused flat-buffer update.
