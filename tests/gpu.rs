@@ -4,7 +4,7 @@
 //!   static input's current values; memory statistics and bf16 answer;
 //! - training with `--cuda-graphs` follows eager training (fp32: losses
 //!   within 1e-3 relative, weights within 1e-3, BatchNorm counters exact)
-//!   while the learning rate changes between epochs;
+//!   while the learning rate changes between epochs; fp16 steps graph too;
 //! - each precision runs and says what it ran as, with its peak memory.
 
 mod common;
@@ -116,6 +116,14 @@ fn graphed_training_follows_eager_training() {
         assert!(g.peak_gpu_bytes.unwrap() > 0);
     }
     assert_ne!(eager[0].lr, eager[1].lr, "the check needs an LR change");
+    // fp16 graphs too: its loss scaler decides on the device.
+    let half = train(
+        &tmp.path().join("fp16"),
+        2,
+        &["--precision", "fp16", "--cuda-graphs"],
+    );
+    assert!(half[1].ran_as.starts_with("fp16") && half[1].ran_as.ends_with("CUDA graph"));
+    assert!(half[1].train_loss.is_finite() && half[1].loss_scale.is_some());
     let ea = read_safetensors(&a.join("last.safetensors"))
         .unwrap()
         .tensors;
