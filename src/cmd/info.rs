@@ -4,6 +4,7 @@ use anyhow::Result;
 use serde::Serialize;
 use tch::Cuda;
 use vggctl::device::{LIBTORCH_VERSION, gpu_names};
+use vggctl::shim;
 
 use super::{print_json, print_out};
 
@@ -22,6 +23,10 @@ struct Info {
     cuda_devices: i64,
     cudnn_available: bool,
     gpus: Vec<String>,
+    /// Per CUDA device: native bf16 (compute capability >= 8.0).
+    bf16: Vec<bool>,
+    /// Whether the shim was built with its CUDA half (CUDA graphs, memory statistics).
+    cuda_graphs: bool,
     threads: i32,
 }
 
@@ -33,6 +38,10 @@ fn gather() -> Info {
         cuda_devices: Cuda::device_count(),
         cudnn_available: Cuda::cudnn_is_available(),
         gpus: gpu_names(),
+        bf16: (0..Cuda::device_count().max(0) as usize)
+            .map(|i| shim::bf16_supported(tch::Device::Cuda(i)).unwrap_or(false))
+            .collect(),
+        cuda_graphs: shim::has_cuda(),
         threads: tch::get_num_threads(),
     }
 }
@@ -46,8 +55,21 @@ pub fn print_version(json: bool) -> Result<()> {
     if i.cuda_available {
         s += &format!("CUDA: available, {} device(s)\n", i.cuda_devices);
         for (n, name) in i.gpus.iter().enumerate() {
-            s += &format!("  cuda:{n}  {name}\n");
+            let bf16 = if i.bf16.get(n) == Some(&true) {
+                "bf16"
+            } else {
+                "no bf16"
+            };
+            s += &format!("  cuda:{n}  {name} ({bf16})\n");
         }
+        s += &format!(
+            "CUDA graphs: {}\n",
+            if i.cuda_graphs {
+                "available"
+            } else {
+                "not in this build (no CUDA runtime headers at build time)"
+            }
+        );
         s += &format!(
             "cuDNN: {}\n",
             if i.cudnn_available {
