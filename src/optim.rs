@@ -287,26 +287,19 @@ impl Optimizer {
         let mut g = Tensor::cat(&parts, 0).to_kind(flat.kind());
         let cfg = self.cfg.clone();
         tch::no_grad(|| {
-            let Some(s) = &mut self.scaler else {
-                let _ = self.step.g_add_scalar_(1.0);
-                update(
-                    &cfg,
-                    &self.lr,
-                    &self.step,
-                    &mut flat,
-                    &g,
-                    &mut self.buf1,
-                    &mut self.buf2,
-                );
-                return;
+            // With loss scaling: unscale, look for inf/nan on the device, and
+            // keep the old values. The update then runs either way (no branch
+            // on a device value) and is undone where it must not count.
+            let check = self.scaler.as_ref().map(|s| {
+                g *= s.scale.reciprocal();
+                let found = g.isfinite().all().logical_not();
+                let old = [flat.copy(), self.buf1.copy(), self.buf2.copy()];
+                (found, old)
+            });
+            let _ = match &check {
+                Some((found, _)) => self.step.g_add_(&found.logical_not().to_kind(Kind::Float)),
+                None => self.step.g_add_scalar_(1.0),
             };
-            g *= s.scale.reciprocal();
-            let found = g.isfinite().all().logical_not();
-            let keep = found.logical_not();
-            // The update runs either way (no branch on a device value);
-            // where it must not count, the old values are put back.
-            let old = [flat.copy(), self.buf1.copy(), self.buf2.copy()];
-            let _ = self.step.g_add_(&keep.to_kind(self.step.kind()));
             update(
                 &cfg,
                 &self.lr,
@@ -316,6 +309,10 @@ impl Optimizer {
                 &mut self.buf1,
                 &mut self.buf2,
             );
+            let (Some(s), Some((found, old))) = (&mut self.scaler, check) else {
+                return;
+            };
+            let keep = found.logical_not();
             for (now, was) in [&mut flat, &mut self.buf1, &mut self.buf2]
                 .into_iter()
                 .zip(&old)
