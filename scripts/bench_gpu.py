@@ -252,10 +252,10 @@ def vggctl_train(binary, data_dir, out, batch, n, extra, epochs=3, arch=("vgg16"
     return speed, max(e.get("peak_gpu_bytes") or 0 for e in m), m[-1].get("ran_as", "?"), m[-1]["test_top1"]
 
 
-def vggctl_eval(binary, data_dir, weights, batch, n):
+def vggctl_eval(binary, data_dir, weights, batch, n, extra=()):
     r = run([binary, "eval", "--checkpoint", weights, "--arch", "vgg16", "--head", "imagenet", "--classes", "10",
              "--data-dir", data_dir, "--no-download", "--input", "224", "--batch-size", str(batch),
-             "--limit-test", str(n), "--device", DEV.type, "--json"])
+             "--limit-test", str(n), "--device", DEV.type, "--json", *extra])
     return json.loads(r.stdout)["images_per_s"]
 
 
@@ -334,8 +334,10 @@ def main():
         add(sec, "PyTorch eager bf16 + channels_last (model only)", timed(pytorch_infer, ib, 1 if a.smoke else 30 if a.quick else 60))
         weights = os.path.join(root, "vgg16-10.safetensors")
         write_safetensors(weights, vgg16(False, "imagenet", 10).state_dict())
-        speed, secs = timed(vggctl_eval, a.vggctl, root, weights, ib, 3 * ib if a.smoke else 3200)
-        rows.append((sec, "vggctl eval (default precision/layout; resize on the GPU)", speed, 0, f"{secs:.0f}s"))
+        for extra in ([], ["--cuda-graphs"]):
+            speed, secs = timed(vggctl_eval, a.vggctl, root, weights, ib, 3 * ib if a.smoke else 3200, extra)
+            label = "vggctl eval (default precision/layout; resize on the GPU)" + (" + CUDA graph" if extra else "")
+            rows.append((sec, label, speed, 0, f"{secs:.0f}s"))
 
         accuracy = []
         if os.path.isdir(a.digits):

@@ -243,15 +243,123 @@ pub fn position_seed(seed: u64, epoch: usize, step: usize) -> i64 {
 
 const PERMUTATION_STEP: usize = usize::MAX;
 
+/// Running sums of an evaluation, on the device: summed loss, top-5 hits,
+/// and the confusion counts (`true * classes + predicted`).
+struct EvalSums {
+    loss: Tensor,
+    top5: Tensor,
+    confusion: Tensor,
+}
+
+impl EvalSums {
+    fn new(classes: i64, dev: Device) -> Self {
+        EvalSums {
+            loss: Tensor::zeros([], (Kind::Double, dev)),
+            top5: Tensor::zeros([], (Kind::Int64, dev)),
+            confusion: Tensor::zeros([classes * classes], (Kind::Int64, dev)),
+        }
+    }
+
+    fn zero(&mut self) {
+        let _ = self.loss.zero_();
+        let _ = self.top5.zero_();
+        let _ = self.confusion.zero_();
+    }
+
+    /// Adds one uint8 batch's figures: device work only, in place, no host
+    /// synchronization (so a CUDA graph can capture it).
+    fn add(&mut self, model: &Vgg, pre: &Preprocess, x: &Tensor, y: &Tensor) {
+        let classes = model.spec.classes;
+        let logits = pre.logits(model, x, false);
+        let loss = logits.cross_entropy_loss::<Tensor>(y, None, Reduction::Sum, -100, 0.0);
+        self.loss += loss.to_kind(Kind::Double);
+        let pred = logits.argmax(-1, false);
+        // index_add_, not bincount: bincount's output size is read on the host.
+        let cell = y * classes + &pred;
+        let _ = self
+            .confusion
+            .index_add_(0, &cell, &pred.ones_like().to_kind(Kind::Int64));
+        let topk = logits.topk(classes.min(5), -1, true, true).1;
+        self.top5 += topk
+            .eq_tensor(&y.unsqueeze(1))
+            .any_dim(1, false)
+            .sum(Kind::Int64);
+    }
+}
+
+/// The evaluation step as a CUDA graph (see [`GraphedStep`] for training):
+/// preprocessing, forward and the sums on a static full batch; a partial
+/// last batch runs eagerly into the same sums.
+pub struct EvalGraph {
+    graph: CudaGraph,
+    warmup_left: usize,
+    /// Static input batch and labels, and the sums the graph adds into.
+    io: Option<(Tensor, Tensor)>,
+    sums: EvalSums,
+}
+
+impl EvalGraph {
+    pub fn new(model: &Vgg) -> Result<Self> {
+        let dev = model.device();
+        Ok(EvalGraph {
+            graph: CudaGraph::new(dev)?,
+            warmup_left: GRAPH_WARMUP_STEPS,
+            io: None,
+            sums: EvalSums::new(model.spec.classes, dev),
+        })
+    }
+
+    fn batch(&mut self, model: &Vgg, pre: &Preprocess, x: &Tensor, y: &Tensor) -> Result<()> {
+        let sums = &mut self.sums;
+        if self.warmup_left > 0 {
+            self.warmup_left -= 1;
+            return self.graph.on_side_stream(|_| {
+                sums.add(model, pre, x, y);
+                Ok(())
+            });
+        }
+        match &mut self.io {
+            Some((sx, sy)) => {
+                sx.copy_(x);
+                sy.copy_(y);
+            }
+            None => {
+                let (sx, sy) = (x.copy(), y.copy());
+                self.graph.on_side_stream(|g| {
+                    shim::set_autocast_cache(false)?;
+                    let out = g.capture(|| sums.add(model, pre, &sx, &sy));
+                    shim::set_autocast_cache(true)?;
+                    out
+                })?;
+                self.io = Some((sx, sy));
+            }
+        }
+        self.graph.replay()
+    }
+}
+
+/// Loss, top-1/top-5, per-class accuracy and the confusion matrix of
+/// `model` on `data`, in `pre`'s precision and layout.
 pub fn evaluate(model: &Vgg, data: &DeviceSplit, batch: i64, pre: &Preprocess) -> EvalResult {
+    evaluate_with(model, data, batch, pre, None).expect("eager evaluation has no fallible step")
+}
+
+/// [`evaluate`], with full batches through a CUDA graph when one is given.
+pub fn evaluate_with(
+    model: &Vgg,
+    data: &DeviceSplit,
+    batch: i64,
+    pre: &Preprocess,
+    mut graph: Option<&mut EvalGraph>,
+) -> Result<EvalResult> {
     let classes = model.spec.classes;
     let n = data.len();
     let dev = data.images.device();
-    let k = classes.min(5);
     tch::no_grad(|| {
-        let mut loss_sum = Tensor::zeros([], (Kind::Double, dev));
-        let mut top5 = Tensor::zeros([], (Kind::Int64, dev));
-        let mut confusion = Tensor::zeros([classes * classes], (Kind::Int64, dev));
+        let mut own = EvalSums::new(classes, dev);
+        if let Some(g) = graph.as_mut() {
+            g.sums.zero();
+        }
         let mut start = 0;
         let mut clock: Option<(Instant, i64)> = None;
         while start < n {
@@ -261,20 +369,17 @@ pub fn evaluate(model: &Vgg, data: &DeviceSplit, batch: i64, pre: &Preprocess) -
             }
             let len = batch.min(n - start);
             let y = data.labels.narrow(0, start, len);
-            let logits = pre.logits(model, &data.images.narrow(0, start, len), false);
-            let loss = logits.cross_entropy_loss::<Tensor>(&y, None, Reduction::Sum, -100, 0.0);
-            loss_sum += loss.to_kind(Kind::Double);
-            let pred = logits.argmax(-1, false);
-            confusion += (&y * classes + &pred).bincount::<Tensor>(None, classes * classes);
-            let topk = logits.topk(k, -1, true, true).1;
-            top5 += topk
-                .eq_tensor(&y.unsqueeze(1))
-                .any_dim(1, false)
-                .sum(Kind::Int64);
+            let x = data.images.narrow(0, start, len);
+            match graph.as_mut() {
+                Some(g) if len == batch => g.batch(model, pre, &x, &y)?,
+                Some(g) => g.sums.add(model, pre, &x, &y),
+                None => own.add(model, pre, &x, &y),
+            }
             start += len;
         }
+        let sums = graph.map_or(&own, |g| &g.sums);
         let confusion: Vec<i64> =
-            Vec::<i64>::try_from(confusion.to_device(Device::Cpu)).unwrap_or_default();
+            Vec::<i64>::try_from(sums.confusion.to_device(Device::Cpu)).unwrap_or_default();
         let images_per_s = match clock {
             Some((t, from)) => (n - from) as f64 / t.elapsed().as_secs_f64().max(1e-9),
             None => 0.0,
@@ -297,15 +402,15 @@ pub fn evaluate(model: &Vgg, data: &DeviceSplit, batch: i64, pre: &Preprocess) -
             })
             .collect();
         let nf = n.max(1) as f64;
-        EvalResult {
+        Ok(EvalResult {
             images: n,
-            loss: loss_sum.double_value(&[]) / nf,
+            loss: sums.loss.double_value(&[]) / nf,
             top1: 100.0 * correct as f64 / nf,
-            top5: 100.0 * top5.int64_value(&[]) as f64 / nf,
+            top5: 100.0 * sums.top5.int64_value(&[]) as f64 / nf,
             per_class,
             confusion: rows,
             images_per_s,
-        }
+        })
     })
 }
 
@@ -446,6 +551,7 @@ pub struct Trainer<'a> {
     pre: Preprocess,
     run: Resolved,
     graph: Option<GraphedStep>,
+    eval_graph: Option<EvalGraph>,
     profile: StepProfile,
     files: RunFiles,
     stop: &'a AtomicBool,
@@ -572,6 +678,10 @@ impl<'a> Trainer<'a> {
                 bn_delta: Vec::new(),
             })
         };
+        let eval_graph = match graph {
+            Some(_) => Some(EvalGraph::new(&model)?),
+            None => None,
+        };
         if let Some((source, tensors)) = resume_tensors {
             opt.load_state(&source, &tensors, state.optimizer_steps)?;
         }
@@ -587,6 +697,7 @@ impl<'a> Trainer<'a> {
             pre,
             run,
             graph,
+            eval_graph,
             profile: StepProfile::default(),
             files,
             stop,
@@ -656,12 +767,13 @@ impl<'a> Trainer<'a> {
             shim::peak_memory(device, true)?;
             self.train_one_epoch(obs)?;
             let epoch = self.state.epoch;
-            let eval = evaluate(
+            let eval = evaluate_with(
                 &self.model,
                 &self.test,
                 self.state.config.test_batch_size,
                 &self.pre,
-            );
+                self.eval_graph.as_mut(),
+            )?;
             let p = &self.state.partial;
             let m = EpochMetrics {
                 epoch: epoch + 1,

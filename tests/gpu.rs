@@ -2,8 +2,9 @@
 //! CUDA machine, where `scripts/gpu-check` runs them with the benchmark:
 //! - the shim's CUDA graph records on its own stream and a replay reads the
 //!   static input's current values; memory statistics and bf16 answer;
-//! - training with `--cuda-graphs` follows eager training (fp32: losses
-//!   within 1e-3 relative, weights within 1e-3, BatchNorm counters exact)
+//! - training with `--cuda-graphs` follows eager training (fp32: training
+//!   and evaluation losses within 1e-3 relative, weights within 1e-3,
+//!   BatchNorm counters exact)
 //!   while the learning rate changes between epochs; fp16 steps graph too;
 //! - each precision runs and says what it ran as, with its peak memory.
 
@@ -103,14 +104,18 @@ fn graphed_training_follows_eager_training() {
         graph[0].ran_as
     );
     for (e, g) in eager.iter().zip(&graph) {
-        let rel = (e.train_loss - g.train_loss).abs() / e.train_loss.abs().max(1e-9);
-        assert!(
-            rel <= 1e-3,
-            "epoch {}: loss {} eager vs {} graphed",
-            e.epoch,
-            e.train_loss,
-            g.train_loss
-        );
+        // Training steps and the (also graphed) evaluation.
+        for (what, x, y) in [
+            ("train loss", e.train_loss, g.train_loss),
+            ("test loss", e.test_loss, g.test_loss),
+        ] {
+            let rel = (x - y).abs() / x.abs().max(1e-9);
+            assert!(
+                rel <= 1e-3,
+                "epoch {}: {what} {x} eager vs {y} graphed",
+                e.epoch
+            );
+        }
         // 10 full batches per epoch, all through the graph path (3 warm-ups first).
         assert_eq!(g.profile.as_ref().unwrap().graphed_steps, 10);
         assert!(g.peak_gpu_bytes.unwrap() > 0);

@@ -136,17 +136,18 @@ fn digits_reach_90_percent_and_eval_agrees() {
         &digits("bin"),
         "--precision",
         "bf16",
+        "--cuda-graphs",
         "--device",
         "cpu",
         "--json",
     ]);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    assert!(
-        r.stderr
-            .contains("warning: --precision bf16 needs a CUDA device; evaluating in fp32"),
-        "{}",
-        r.stderr
-    );
+    for warning in [
+        "warning: --precision bf16 needs a CUDA device; evaluating in fp32",
+        "warning: --cuda-graphs needs a CUDA device; evaluating eagerly",
+    ] {
+        assert!(r.stderr.contains(warning), "{}", r.stderr);
+    }
     let e: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(e["top1"].as_f64().unwrap(), last.test_top1);
     // --input resizes the images for the model; below 32 is one clear line.

@@ -9,7 +9,7 @@ use vggctl::amp::resolve;
 use vggctl::checkpoint::read_model_file;
 use vggctl::data::augment::{Augment, Normalizer, Preprocess};
 use vggctl::model::{Head, Vgg};
-use vggctl::train::{DeviceSplit, EvalResult, evaluate};
+use vggctl::train::{DeviceSplit, EvalGraph, EvalResult, evaluate_with};
 
 use super::data_opts::DataOpts;
 use super::{ModelOpts, NumericsOpts, print_json, print_out};
@@ -37,6 +37,9 @@ pub struct Args {
     input: Option<i64>,
     #[command(flatten)]
     numerics: NumericsOpts,
+    /// Run full batches through a CUDA graph (see `train --cuda-graphs`).
+    #[arg(long)]
+    cuda_graphs: bool,
 }
 
 #[derive(Serialize)]
@@ -114,7 +117,15 @@ pub fn run(args: Args) -> Result<()> {
     if device.is_cuda() {
         tch::Cuda::cudnn_set_benchmark(true);
     }
-    let result = evaluate(&model, &test, args.batch_size, &pre);
+    let mut graph = match (args.cuda_graphs, device.is_cuda()) {
+        (true, true) => Some(EvalGraph::new(&model)?),
+        (true, false) => {
+            eprintln!("warning: --cuda-graphs needs a CUDA device; evaluating eagerly");
+            None
+        }
+        _ => None,
+    };
+    let result = evaluate_with(&model, &test, args.batch_size, &pre, graph.as_mut())?;
     let report = Report {
         checkpoint: args.checkpoint.clone(),
         model: spec.model_name(),
