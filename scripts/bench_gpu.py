@@ -350,12 +350,12 @@ def main():
                                                   epochs=1 if a.smoke else 5, arch=("vgg11", "--bn"))
                 accuracy.append((ran_as, top1))
 
-    print(f"{'configuration':<62} {'images/s':>10} {'peak memory':>12}  {'took':>5}")
+    print(f"{'configuration':<72} {'images/s':>10} {'peak memory':>12}  {'took':>5}")
     for section in dict.fromkeys(r[0] for r in rows):
         print(f"-- {section}")
         for s, label, speed, peak, note in rows:
             if s == section:
-                print(f"{label:<62} {speed:>10,.0f} {mib(peak):>12}  {note:>5}")
+                print(f"{label:<72} {speed:>10,.0f} {mib(peak):>12}  {note:>5}")
 
     def best(section, prefix):
         vals = [r[2] for r in rows if r[0] == section and r[1].startswith(prefix)]
