@@ -1,8 +1,8 @@
 //! Precision and memory layout: which precision a run gets on its device
-//! (the switches tch lacks go through `shim`), dynamic loss scaling for fp16
-//! since tch has no GradScaler (skip a step whose gradients overflow and
-//! halve the scale; double it after a run of clean steps), and the
-//! channels-last layout.
+//! (the switches tch lacks go through `shim`), the saved state of fp16's
+//! dynamic loss scaling (tch has no GradScaler; the scaling itself runs on
+//! the device inside the fused update, see `optim`), and the channels-last
+//! layout.
 
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
@@ -126,8 +126,9 @@ pub fn is_channels_last(t: &Tensor) -> bool {
     size.len() == 4 && stride[1] == 1 && stride[3] == size[1]
 }
 
-/// PyTorch GradScaler's policy: start at 2^16, halve on overflow, double
-/// after `growth_interval` clean steps.
+/// fp16 loss scaling as saved in a resume checkpoint, with PyTorch
+/// GradScaler's policy: start at 2^16, halve on overflow (and skip that
+/// step), double after `growth_interval` clean steps.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LossScaler {
     pub scale: f64,
