@@ -256,7 +256,8 @@ def vggctl_eval(binary, data_dir, weights, batch, n, extra=()):
     r = run([binary, "eval", "--checkpoint", weights, "--arch", "vgg16", "--head", "imagenet", "--classes", "10",
              "--data-dir", data_dir, "--no-download", "--input", "224", "--batch-size", str(batch),
              "--limit-test", str(n), "--device", DEV.type, "--json", *extra])
-    return json.loads(r.stdout)["images_per_s"]
+    report = json.loads(r.stdout)
+    return report["images_per_s"], report.get("peak_gpu_bytes", 0)
 
 
 # ---------------------------------------------------------------- report
@@ -335,9 +336,9 @@ def main():
         weights = os.path.join(root, "vgg16-10.safetensors")
         write_safetensors(weights, vgg16(False, "imagenet", 10).state_dict())
         for extra in ([], ["--cuda-graphs"]):
-            speed, secs = timed(vggctl_eval, a.vggctl, root, weights, ib, 3 * ib if a.smoke else 3200, extra)
+            (speed, peak), secs = timed(vggctl_eval, a.vggctl, root, weights, ib, 3 * ib if a.smoke else 3200, extra)
             label = "vggctl eval (default precision/layout; resize on the GPU)" + (" + CUDA graph" if extra else "")
-            rows.append((sec, label, speed, 0, f"{secs:.0f}s"))
+            rows.append((sec, label, speed, peak, f"{secs:.0f}s"))
 
         accuracy = []
         if os.path.isdir(a.digits):

@@ -126,6 +126,10 @@ fn digits_reach_90_percent_and_eval_agrees() {
     assert_eq!(confusion.iter().flatten().sum::<i64>(), 297);
 
     assert!(e["images_per_s"].as_f64().unwrap() > 0.0);
+    assert!(
+        e.get("peak_gpu_bytes").is_none(),
+        "no GPU memory figure on the CPU"
+    );
 
     // GPU-only options fall back to fp32 with a warning: the same figures.
     let r = vggctl(&[

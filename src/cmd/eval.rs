@@ -9,6 +9,7 @@ use vggctl::amp::resolve;
 use vggctl::checkpoint::read_model_file;
 use vggctl::data::augment::{Augment, Normalizer, Preprocess};
 use vggctl::model::{Head, Vgg};
+use vggctl::shim;
 use vggctl::train::{DeviceSplit, EvalGraph, EvalResult, evaluate_with};
 
 use super::data_opts::DataOpts;
@@ -50,6 +51,9 @@ struct Report {
     classes: Vec<String>,
     #[serde(flatten)]
     result: EvalResult,
+    /// CUDA: the most memory tensors held during the evaluation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    peak_gpu_bytes: Option<i64>,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -125,13 +129,16 @@ pub fn run(args: Args) -> Result<()> {
         }
         _ => None,
     };
+    shim::peak_memory(device, true)?;
     let result = evaluate_with(&model, &test, args.batch_size, &pre, graph.as_mut())?;
+    let peak_gpu_bytes = shim::peak_memory(device, false)?;
     let report = Report {
         checkpoint: args.checkpoint.clone(),
         model: spec.model_name(),
         dataset: dataset.name.clone(),
         classes: dataset.classes.clone(),
         result,
+        peak_gpu_bytes,
     };
     if args.model.json {
         print_json(&report)
