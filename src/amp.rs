@@ -55,10 +55,12 @@ pub struct Resolved {
 /// Picks what runs and sets libtorch's switches for it (TF32, the autocast
 /// dtype). Degrades unsupported requests with a warning (through `warn`),
 /// never an error: no CUDA means fp32; a GPU without bf16 means fp16.
+/// `activity` ("training", "evaluating") words the warnings.
 pub fn resolve(
     precision: Precision,
     channels_last: bool,
     device: Device,
+    activity: &str,
     warn: &mut dyn FnMut(String),
 ) -> Resolved {
     let cuda = device.is_cuda();
@@ -75,16 +77,20 @@ pub fn resolve(
         Precision::Fp32 => Precision::Fp32,
         p if !cuda => {
             warn(format!(
-                "--precision {} needs a CUDA device; training in fp32",
+                "--precision {} needs a CUDA device; {activity} in fp32",
                 p.name()
             ));
             Precision::Fp32
         }
         Precision::Bf16 if !bf16 => {
             warn(if shim::has_cuda() {
-                "this GPU has no native bf16 (compute capability < 8.0); training in fp16 with loss scaling".into()
+                format!(
+                    "this GPU has no native bf16 (compute capability < 8.0); {activity} in fp16 with loss scaling"
+                )
             } else {
-                "this vggctl was built without the CUDA runtime headers, so it cannot check for bf16; training in fp16 with loss scaling".into()
+                format!(
+                    "this vggctl was built without the CUDA runtime headers, so it cannot check for bf16; {activity} in fp16 with loss scaling"
+                )
             });
             Precision::Fp16
         }
@@ -102,7 +108,7 @@ pub fn resolve(
         if let Some(dtype) = precision.autocast()
             && let Err(e) = shim::set_autocast_dtype(dtype)
         {
-            warn(format!("{e:#}; training in fp32"));
+            warn(format!("{e:#}; {activity} in fp32"));
             precision = Precision::Fp32;
         }
     }

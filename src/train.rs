@@ -339,13 +339,9 @@ impl EvalGraph {
 }
 
 /// Loss, top-1/top-5, per-class accuracy and the confusion matrix of
-/// `model` on `data`, in `pre`'s precision and layout.
-pub fn evaluate(model: &Vgg, data: &DeviceSplit, batch: i64, pre: &Preprocess) -> EvalResult {
-    evaluate_with(model, data, batch, pre, None).expect("eager evaluation has no fallible step")
-}
-
-/// [`evaluate`], with full batches through a CUDA graph when one is given.
-pub fn evaluate_with(
+/// `model` on `data`, in `pre`'s precision and layout; full batches through
+/// a CUDA graph when one is given.
+pub fn evaluate(
     model: &Vgg,
     data: &DeviceSplit,
     batch: i64,
@@ -645,6 +641,7 @@ impl<'a> Trainer<'a> {
             state.config.precision,
             state.config.channels_last,
             device,
+            "training",
             &mut |w| eprintln!("warning: {w}"),
         );
         let ocfg = state.config.optimizer.clone();
@@ -767,7 +764,7 @@ impl<'a> Trainer<'a> {
             shim::peak_memory(device, true)?;
             self.train_one_epoch(obs)?;
             let epoch = self.state.epoch;
-            let eval = evaluate_with(
+            let eval = evaluate(
                 &self.model,
                 &self.test,
                 self.state.config.test_batch_size,

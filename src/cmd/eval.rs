@@ -10,7 +10,7 @@ use vggctl::checkpoint::read_model_file;
 use vggctl::data::augment::{Augment, Normalizer, Preprocess};
 use vggctl::model::{Head, Vgg};
 use vggctl::shim;
-use vggctl::train::{DeviceSplit, EvalGraph, EvalResult, evaluate_with};
+use vggctl::train::{DeviceSplit, EvalGraph, EvalResult, evaluate};
 
 use super::data_opts::DataOpts;
 use super::{ModelOpts, NumericsOpts, print_json, print_out};
@@ -111,7 +111,8 @@ pub fn run(args: Args) -> Result<()> {
         args.numerics.precision,
         args.numerics.channels_last_on(device),
         device,
-        &mut |w| eprintln!("warning: {}", w.replace("training in", "evaluating in")),
+        "evaluating",
+        &mut |w| eprintln!("warning: {w}"),
     );
     if run.channels_last {
         model.to_channels_last();
@@ -130,7 +131,7 @@ pub fn run(args: Args) -> Result<()> {
         _ => None,
     };
     shim::peak_memory(device, true)?;
-    let result = evaluate_with(&model, &test, args.batch_size, &pre, graph.as_mut())?;
+    let result = evaluate(&model, &test, args.batch_size, &pre, graph.as_mut())?;
     let peak_gpu_bytes = shim::peak_memory(device, false)?;
     let report = Report {
         checkpoint: args.checkpoint.clone(),
