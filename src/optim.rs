@@ -88,20 +88,40 @@ struct DeviceScaler {
     growth_interval: i64,
 }
 
-/// The same elementwise update for a parameter tensor (flat or not), its
-/// gradient and its state.
-/// One update of `p` with gradient `g`. The learning rate and the step
-/// number are 0-dim tensors on the parameters' device, so that a captured
-/// CUDA graph reads their current values on every replay.
+/// One update of `p` with gradient `g` and its state `b1`, `b2`. The
+/// learning rate and the step number are 0-dim tensors on the parameters'
+/// device, so that a captured CUDA graph reads their current values on every
+/// replay.
+///
+/// `skip` (fp16 loss scaling) is a 0-dim bool tensor, true when this step's
+/// gradients were not finite; `g` has then been zeroed. The step runs either
+/// way (no branch on a device value) and is made a no-op by its factors:
+/// learning rate 0, momentum/betas 1, nothing added. Parameters and state
+/// then come out bit for bit as they were, without copies of them.
+#[allow(clippy::too_many_arguments)]
 fn update(
     cfg: &OptimizerConfig,
     lr: &Tensor,
     step: &Tensor,
+    skip: Option<&Tensor>,
     p: &mut Tensor,
     g: &Tensor,
     b1: &mut Tensor,
     b2: &mut Tensor,
 ) {
+    // A decay factor that becomes 1 on a skipped step.
+    let hold =
+        |factor: f64| -> Option<Tensor> { skip.map(|s| Tensor::where_scalar(s, 1.0, factor)) };
+    let decay = |b: &mut Tensor, factor: f64| {
+        let _ = match hold(factor) {
+            Some(f) => b.g_mul_(&f),
+            None => b.g_mul_scalar_(factor),
+        };
+    };
+    let lr = match skip {
+        Some(s) => lr * s.logical_not(),
+        None => lr.shallow_clone(),
+    };
     match cfg.kind {
         OptimizerKind::Sgd => {
             let mut d = if cfg.weight_decay != 0.0 {
@@ -110,24 +130,37 @@ fn update(
                 g.shallow_clone()
             };
             if cfg.momentum != 0.0 {
-                let _ = b1.g_mul_scalar_(cfg.momentum).g_add_(&d);
+                decay(b1, cfg.momentum);
+                let _ = match skip {
+                    // The decay term is not zero on a skipped step.
+                    Some(s) if cfg.weight_decay != 0.0 => b1.g_add_(&d.masked_fill(s, 0.0)),
+                    _ => b1.g_add_(&d),
+                };
                 d = if cfg.nesterov {
                     &d + &*b1 * cfg.momentum
                 } else {
                     b1.shallow_clone()
                 };
             }
-            let _ = p.g_sub_(&(d * lr));
+            let _ = p.g_sub_(&(d * &lr));
         }
         OptimizerKind::Adamw => {
             let (beta1, beta2) = cfg.betas;
-            let _ = p.g_mul_(&(lr * -cfg.weight_decay + 1.0));
-            let _ = b1.g_mul_scalar_(beta1).g_add_(&(g * (1.0 - beta1)));
-            let _ = b2.g_mul_scalar_(beta2).g_add_(&(g * g * (1.0 - beta2)));
-            let bc1 = -Tensor::pow_scalar(beta1, step) + 1.0;
-            let bc2 = -Tensor::pow_scalar(beta2, step) + 1.0;
+            let _ = p.g_mul_(&(&lr * -cfg.weight_decay + 1.0));
+            decay(b1, beta1);
+            let _ = b1.g_add_(&(g * (1.0 - beta1)));
+            decay(b2, beta2);
+            let _ = b2.g_add_(&(g * g * (1.0 - beta2)));
+            // A first step that is skipped leaves `step` at 0: its bias
+            // correction would be 0/0 (times a learning rate of 0).
+            let t = match skip {
+                Some(_) => step.clamp_min(1.0),
+                None => step.shallow_clone(),
+            };
+            let bc1 = -Tensor::pow_scalar(beta1, &t) + 1.0;
+            let bc2 = -Tensor::pow_scalar(beta2, &t) + 1.0;
             let denom = b2.sqrt() / bc2.sqrt() + cfg.eps;
-            let _ = p.g_sub_(&(&*b1 / denom * (lr / bc1)));
+            let _ = p.g_sub_(&(&*b1 / denom * (&lr / bc1)));
         }
     }
 }
@@ -288,38 +321,30 @@ impl Optimizer {
         let cfg = self.cfg.clone();
         tch::no_grad(|| {
             // With loss scaling: unscale, look for inf/nan on the device, and
-            // keep the old values. The update then runs either way (no branch
-            // on a device value) and is undone where it must not count.
-            let check = self.scaler.as_ref().map(|s| {
+            // zero the gradients of a step that must not count (see `update`).
+            let skip = self.scaler.as_ref().map(|s| {
                 g *= s.scale.reciprocal();
                 let found = g.isfinite().all().logical_not();
-                let old = [flat.copy(), self.buf1.copy(), self.buf2.copy()];
-                (found, old)
+                let _ = g.masked_fill_(&found, 0.0);
+                found
             });
-            let _ = match &check {
-                Some((found, _)) => self.step.g_add_(&found.logical_not().to_kind(Kind::Float)),
+            let _ = match &skip {
+                Some(found) => self.step.g_add_(&found.logical_not().to_kind(Kind::Float)),
                 None => self.step.g_add_scalar_(1.0),
             };
             update(
                 &cfg,
                 &self.lr,
                 &self.step,
+                skip.as_ref(),
                 &mut flat,
                 &g,
                 &mut self.buf1,
                 &mut self.buf2,
             );
-            let (Some(s), Some((found, old))) = (&mut self.scaler, check) else {
+            let (Some(s), Some(found)) = (&mut self.scaler, skip) else {
                 return;
             };
-            let keep = found.logical_not();
-            for (now, was) in [&mut flat, &mut self.buf1, &mut self.buf2]
-                .into_iter()
-                .zip(&old)
-            {
-                let kept = now.where_self(&keep, was);
-                now.copy_(&kept);
-            }
             let _ = s.skipped.g_add_(&found.to_kind(Kind::Int64));
             let _ = s.scale.internal_amp_update_scale_(
                 &s.tracker,
@@ -355,7 +380,9 @@ impl Optimizer {
                     self.buf2.shallow_clone()
                 };
                 let mut p = s.param.shallow_clone();
-                update(&cfg, &self.lr, &self.step, &mut p, &g, &mut b1, &mut b2);
+                update(
+                    &cfg, &self.lr, &self.step, None, &mut p, &g, &mut b1, &mut b2,
+                );
             }
         });
     }

@@ -265,6 +265,41 @@ fn updates_follow_pytorchs_sgd_and_adamw() {
 }
 
 #[test]
+fn a_skipped_step_leaves_parameters_and_state_bit_for_bit() {
+    // After clean steps the state is not zero (a momentum buffer of zeros
+    // would hide a decay applied on a skipped step); weight decay is on.
+    for cfg in [sgd(false), sgd(true), adamw()] {
+        let flat = Tensor::from_slice(&[0.5f32, -1.0, 2.0, 0.25, 3.0, -0.75]);
+        let p = flat.view([2, 3]).detach().set_requires_grad(true);
+        let mut opt = Optimizer::fused(cfg.clone(), vec![("w".into(), &p)], flat.shallow_clone());
+        opt.enable_loss_scaling(&LossScaler::default());
+        for _ in 0..2 {
+            opt.backward_step(&(&p * &p * &p).sum(Kind::Float), 0.05);
+        }
+        let snapshot = |o: &Optimizer| -> Vec<Tensor> {
+            let mut v = vec![flat.copy()];
+            v.extend(o.state_tensors().into_iter().map(|(_, t)| t.copy()));
+            v
+        };
+        let before = snapshot(&opt);
+        assert!(
+            before[1..]
+                .iter()
+                .all(|t| t.abs().min().double_value(&[]) > 0.0),
+            "{:?}: state should be non-zero before the skip",
+            cfg.kind
+        );
+        for bad in [f64::INFINITY, f64::NAN, f64::NEG_INFINITY] {
+            opt.backward_step(&(&p * bad).sum(Kind::Float), 0.05);
+            for (now, was) in snapshot(&opt).iter().zip(&before) {
+                assert!(now.equal(was), "{:?}: changed on a skipped step", cfg.kind);
+            }
+        }
+        assert_eq!((opt.steps(), opt.skipped()), (2, 3), "{:?}", cfg.kind);
+    }
+}
+
+#[test]
 fn a_skipped_step_does_not_count_for_adamw_either() {
     // 3 clean steps after an overflow equal 3 steps without scaling (AdamW's
     // bias correction would differ if the skipped step were counted).
