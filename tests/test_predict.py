@@ -6,7 +6,11 @@ same images, preprocessed by torchvision's eval transform on tensors
 probabilities within 1e-3. The JPEG is decoded by a different decoder on
 each side (libjpeg-turbo vs. the image crate), so for it the top-1 index and
 all 1,000 probabilities (within 1e-3) are compared, not the order of the
-near-zero tail."""
+near-zero tail. Classified two at a time (--batch-size 2: a batch of two,
+then one), the same images come back in the same order with the same
+probabilities within 1e-5 (a batch's size changes the CPU kernels' blocking,
+so not bit for bit). `--precision bf16` without CUDA warns and gives the
+fp32 answers exactly."""
 import json
 import os
 import subprocess
@@ -32,11 +36,26 @@ def test_predict_matches_torchvision(tmp_path):
     hub.mkdir(parents=True)
     (hub / "vgg11-8a719046.pth").symlink_to(weights)
     env = dict(os.environ, TORCH_HOME=str(tmp_path), VGGCTL_WEIGHTS_URL="http://127.0.0.1:9/none")
-    out = subprocess.run(
-        [BIN, "predict", "--weights", "imagenet", "--arch", "vgg11", "--device", "cpu", "--json", "--topk", "1000", *IMAGES],
-        check=True, capture_output=True, text=True, env=env, cwd=tmp_path,
-    )
-    ours = json.loads(out.stdout)
+    def predict(*extra, warning=""):
+        out = subprocess.run(
+            [BIN, "predict", "--weights", "imagenet", "--arch", "vgg11", "--device", "cpu", "--json",
+             "--topk", "1000", *extra, *IMAGES],
+            check=True, capture_output=True, text=True, env=env, cwd=tmp_path,
+        )
+        assert out.stderr.strip() == warning
+        return json.loads(out.stdout)
+
+    ours = predict()
+    bf16 = predict("--precision", "bf16",
+                   warning="warning: --precision bf16 needs a CUDA device; predicting in fp32")
+    assert bf16 == ours
+    by_twos = predict("--batch-size", "2")
+    assert [p["image"] for p in by_twos] == [p["image"] for p in ours] == IMAGES
+    for a, b in zip(by_twos, ours):
+        pa = {g["index"]: g["probability"] for g in a["top"]}
+        pb = {g["index"]: g["probability"] for g in b["top"]}
+        assert pa.keys() == pb.keys()
+        assert max(abs(pa[i] - pb[i]) for i in pa) <= 1e-5, a["image"]
 
     model = torchvision.models.vgg11()
     model.load_state_dict(torch.load(weights, weights_only=True))

@@ -109,8 +109,8 @@ impl ModelOpts {
     }
 }
 
-/// Writes `text` to stdout; a closed pipe surfaces as an io error that main ignores.
-/// How the model computes: precision and memory layout (train, finetune, eval).
+/// How the model computes: precision and memory layout (train, finetune,
+/// eval, predict).
 #[derive(Args, Debug, Clone)]
 pub struct NumericsOpts {
     /// auto (bf16 on a GPU that has it, else fp32), fp32 (strict), tf32,
@@ -132,6 +132,7 @@ impl NumericsOpts {
     }
 }
 
+/// Writes `text` to stdout; a closed pipe surfaces as an io error that main ignores.
 pub fn print_out(text: &str) -> Result<()> {
     let mut out = std::io::stdout().lock();
     out.write_all(text.as_bytes())?;

@@ -6,13 +6,14 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use serde::Serialize;
 use tch::{Kind, Tensor};
+use vggctl::amp::resolve;
 use vggctl::checkpoint::{load_checkpoint, meta_for_weights};
-use vggctl::data::augment::Normalizer;
+use vggctl::data::augment::{Augment, Normalizer, Preprocess};
 use vggctl::data::image::{eval_transform, read_image};
 use vggctl::model::Head;
 
 use super::finetune::{load_pretrained, weights_path};
-use super::{ModelOpts, print_json, print_out};
+use super::{ModelOpts, NumericsOpts, print_json, print_out};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -31,8 +32,13 @@ pub struct Args {
     /// Input side for --weights [default: 224].
     #[arg(long)]
     input: Option<i64>,
+    /// Images read and classified at a time.
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
     #[command(flatten)]
     model: ModelOpts,
+    #[command(flatten)]
+    numerics: NumericsOpts,
 }
 
 #[derive(Serialize)]
@@ -53,7 +59,10 @@ pub fn run(args: Args) -> Result<()> {
     if args.topk < 1 {
         bail!("--topk must be at least 1");
     }
-    let (model, meta) = match (&args.checkpoint, &args.weights) {
+    if args.batch_size < 1 {
+        bail!("--batch-size must be at least 1");
+    }
+    let (mut model, meta) = match (&args.checkpoint, &args.weights) {
         (Some(path), _) => load_checkpoint(path, device)?,
         (None, Some(w)) => {
             let spec = args.model.spec(Head::Imagenet)?;
@@ -69,40 +78,56 @@ pub fn run(args: Args) -> Result<()> {
         (None, None) => bail!("give --checkpoint PATH or --weights imagenet|PATH"),
     };
     let (names, input, resize) = (&meta.class_names, meta.input_size, meta.resize);
-    let (mean, std) = (meta.mean, meta.std);
-    let batch: Vec<Tensor> = args
-        .images
-        .iter()
-        .map(|p| read_image(p).map(|img| eval_transform(&img, resize, input)))
-        .collect::<Result<_>>()?;
-    let x = Normalizer::new(mean, std, device).apply(&Tensor::stack(&batch, 0).to_device(device));
-    let probs = tch::no_grad(|| model.forward_t(&x, false).softmax(-1, Kind::Float));
+    let run = resolve(
+        args.numerics.precision,
+        args.numerics.channels_last_on(device),
+        device,
+        "predicting",
+        &mut |w| eprintln!("warning: {w}"),
+    );
+    if run.channels_last {
+        model.to_channels_last();
+    }
+    // The images arrive resized and cropped (torchvision's eval transform).
+    let mut pre = Preprocess::plain(
+        Augment::ResizedCrop,
+        input,
+        Normalizer::new(meta.mean, meta.std, device),
+    );
+    pre.channels_last = run.channels_last;
+    pre.autocast = run.precision.autocast();
     let k = args.topk.min(model.spec.classes);
-    let (p, idx) = probs.topk(k, -1, true, true);
-    let p: Vec<f32> = Vec::try_from(p.to_device(tch::Device::Cpu).flatten(0, -1))?;
-    let idx: Vec<i64> = Vec::try_from(idx.to_device(tch::Device::Cpu).flatten(0, -1))?;
-    let preds: Vec<Prediction> = args
-        .images
-        .iter()
-        .enumerate()
-        .map(|(i, image)| Prediction {
-            image: image.clone(),
-            top: (0..k as usize)
-                .map(|j| {
-                    let n = i * k as usize + j;
-                    let index = idx[n];
-                    Guess {
-                        index,
-                        label: names
-                            .get(index as usize)
-                            .cloned()
-                            .unwrap_or_else(|| format!("class {index}")),
-                        probability: p[n] as f64,
-                    }
-                })
-                .collect(),
-        })
-        .collect();
+    let mut preds = Vec::with_capacity(args.images.len());
+    for chunk in args.images.chunks(args.batch_size) {
+        let batch: Vec<Tensor> = chunk
+            .iter()
+            .map(|p| read_image(p).map(|img| eval_transform(&img, resize, input)))
+            .collect::<Result<_>>()?;
+        let x = Tensor::stack(&batch, 0).to_device(device);
+        let probs = tch::no_grad(|| pre.logits(&model, &x, false).softmax(-1, Kind::Float));
+        let (p, idx) = probs.topk(k, -1, true, true);
+        let p: Vec<f32> = Vec::try_from(p.to_device(tch::Device::Cpu).flatten(0, -1))?;
+        let idx: Vec<i64> = Vec::try_from(idx.to_device(tch::Device::Cpu).flatten(0, -1))?;
+        preds.extend(chunk.iter().enumerate().map(|(i, image)| {
+            Prediction {
+                image: image.clone(),
+                top: (0..k as usize)
+                    .map(|j| {
+                        let n = i * k as usize + j;
+                        let index = idx[n];
+                        Guess {
+                            index,
+                            label: names
+                                .get(index as usize)
+                                .cloned()
+                                .unwrap_or_else(|| format!("class {index}")),
+                            probability: p[n] as f64,
+                        }
+                    })
+                    .collect(),
+            }
+        }));
+    }
     if args.model.json {
         return print_json(&preds);
     }
