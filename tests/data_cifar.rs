@@ -1,7 +1,10 @@
 //! CIFAR-10 loading: both layouts give the same real images; malformed files
 //! give one error line naming the file; the download is fetched from a local
 //! HTTP server, verified, extracted, and rejected without leftovers when bad;
-//! the augmentation equals torchvision's transforms.
+//! the augmentation equals torchvision's transforms: RandomCrop + flip
+//! exactly; RandomResizedCrop's boxes drawn from the same distribution as
+//! torchvision's get_params (two-sample Kolmogorov-Smirnov test), and the
+//! crop + resize + flip of given boxes equal to `F.resized_crop` within 1e-3.
 
 mod common;
 
@@ -10,7 +13,9 @@ use std::net::TcpListener;
 use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
-use vggctl::data::augment::{Normalizer, crop_flip, random_crop_flip};
+use vggctl::data::augment::{
+    CropBoxes, Normalizer, crop_flip, random_crop_flip, random_resized_boxes, resized_crop_flip,
+};
 use vggctl::data::cifar;
 use vggctl::weights::read_safetensors;
 
@@ -290,6 +295,92 @@ fn augmentation_matches_torchvision() {
     let err = (&got - &refs["expected"]).abs().max().double_value(&[]);
     // torchvision divides by 255 and then normalizes; one fused multiply-add differs in rounding only.
     assert!(err < 1e-5, "max abs error {err}");
+}
+
+fn resized_crop_refs() -> std::collections::BTreeMap<String, Tensor> {
+    read_safetensors(&common::fixtures().join("resized_crop.safetensors"))
+        .unwrap()
+        .tensors
+}
+
+/// The largest distance between the empirical distribution functions of two
+/// samples of whole numbers.
+fn ks_distance(a: &[i64], b: &[i64]) -> f64 {
+    let (mut a, mut b) = (a.to_vec(), b.to_vec());
+    a.sort_unstable();
+    b.sort_unstable();
+    let (mut i, mut j, mut d) = (0, 0, 0.0f64);
+    while i < a.len() && j < b.len() {
+        let v = a[i].min(b[j]);
+        while i < a.len() && a[i] == v {
+            i += 1;
+        }
+        while j < b.len() && b[j] == v {
+            j += 1;
+        }
+        d = d.max((i as f64 / a.len() as f64 - j as f64 / b.len() as f64).abs());
+    }
+    d
+}
+
+#[test]
+fn resized_crop_boxes_follow_torchvisions_distribution() {
+    let refs = resized_crop_refs();
+    tch::manual_seed(5);
+    for (h, w) in [(73, 73), (40, 100), (100, 40)] {
+        let theirs = &refs[&format!("boxes_{h}x{w}")];
+        let n = theirs.size()[0];
+        let b = random_resized_boxes(n, h, w, Device::Cpu);
+        let ours = Tensor::stack(&[&b.top, &b.left, &b.height, &b.width], 1);
+        assert!(ours.equal(&ours.round()), "{h}x{w}: boxes are whole pixels");
+        let ours = ours.to_kind(Kind::Int64);
+        let (top, left, bh, bw) = (
+            ours.select(1, 0),
+            ours.select(1, 1),
+            ours.select(1, 2),
+            ours.select(1, 3),
+        );
+        assert!(bh.min().int64_value(&[]) >= 1 && bw.min().int64_value(&[]) >= 1);
+        assert!((&top + &bh).max().int64_value(&[]) <= h && top.min().int64_value(&[]) >= 0);
+        assert!((&left + &bw).max().int64_value(&[]) <= w && left.min().int64_value(&[]) >= 0);
+        // Critical distance at a 0.001 level for two samples of n: 1.95 * sqrt(2 / n).
+        let critical = 1.95 * (2.0 / n as f64).sqrt();
+        for (k, what) in ["top", "left", "height", "width"].iter().enumerate() {
+            let a: Vec<i64> = Vec::try_from(ours.select(1, k as i64)).unwrap();
+            let t: Vec<i64> = Vec::try_from(theirs.select(1, k as i64)).unwrap();
+            let d = ks_distance(&a, &t);
+            assert!(
+                d < critical,
+                "{h}x{w} {what}: KS distance {d:.4} >= {critical:.4}"
+            );
+        }
+        // Area fraction: the joint of height and width.
+        let area =
+            |t: &Tensor| -> Vec<i64> { Vec::try_from(t.select(1, 2) * t.select(1, 3)).unwrap() };
+        let d = ks_distance(&area(&ours), &area(theirs));
+        assert!(
+            d < critical,
+            "{h}x{w} area: KS distance {d:.4} >= {critical:.4}"
+        );
+    }
+}
+
+#[test]
+fn resized_crops_match_torchvision() {
+    let refs = resized_crop_refs();
+    let boxes = refs["boxes"].to_kind(Kind::Float);
+    let boxes = CropBoxes {
+        top: boxes.select(1, 0),
+        left: boxes.select(1, 1),
+        height: boxes.select(1, 2),
+        width: boxes.select(1, 3),
+    };
+    let flip = refs["flip"].to_kind(Kind::Bool);
+    let got = resized_crop_flip(&refs["images"], &boxes, &flip, 32);
+    assert_eq!(got.size(), refs["expected"].size());
+    // Pixel values 0-255; float rounding of the source positions only.
+    let err = (&got - &refs["expected"]).abs().max().double_value(&[]);
+    assert!(err < 1e-3, "max abs error {err}");
 }
 
 #[test]

@@ -6,7 +6,11 @@
   pickles with protocol 2, like the originals), with one fixed train/test split;
 - photos/<class>/*.png|jpg: scikit-image photographs as a 3-class image folder;
 - augment.safetensors: scikit-image photographs at 32x32 with explicit crop
-  offsets and flip decisions, and what torchvision's transforms make of them.
+  offsets and flip decisions, and what torchvision's transforms make of them;
+- resized_crop.safetensors: 20,000 boxes from torchvision's
+  RandomResizedCrop.get_params for each of three image shapes (square,
+  landscape, portrait), and photographs cropped to given boxes, resized
+  (F.resized_crop, antialias=False) and flipped.
 
 Usage: make_datasets.py OUT_DIR"""
 import os
@@ -88,6 +92,46 @@ def write_augment(path):
     )
 
 
+RRC_SHAPES = [(73, 73), (40, 100), (100, 40)]
+RRC_DRAWS = 20000
+
+
+def write_resized_crop(path):
+    from torchvision.transforms import RandomResizedCrop
+
+    out = {}
+    torch.manual_seed(0)
+    for h, w in RRC_SHAPES:
+        img = torch.empty(3, h, w)
+        boxes = [RandomResizedCrop.get_params(img, (0.08, 1.0), (3 / 4, 4 / 3)) for _ in range(RRC_DRAWS)]
+        out[f"boxes_{h}x{w}"] = torch.tensor(boxes, dtype=torch.int64)
+    # Explicit boxes on real photographs (48 high, 40 wide), crops smaller and
+    # larger than the 32x32 output, some at the image's edges.
+    photos = [skdata.astronaut(), skdata.chelsea(), skdata.coffee(), skdata.rocket()]
+    imgs = [torch.from_numpy(np.array(Image.fromarray(p).convert("RGB").resize((40, 48), Image.BILINEAR)))
+            .permute(2, 0, 1).contiguous() for p in photos]
+    g = torch.Generator().manual_seed(1)
+    n = 16
+    images, boxes, flips, expected = [], [], [], []
+    for k in range(n):
+        img = imgs[k % len(imgs)]
+        bh = int(torch.randint(4, 49, (1,), generator=g))
+        bw = int(torch.randint(4, 41, (1,), generator=g))
+        top = 0 if k % 5 == 0 else int(torch.randint(0, 48 - bh + 1, (1,), generator=g))
+        left = 40 - bw if k % 7 == 0 else int(torch.randint(0, 40 - bw + 1, (1,), generator=g))
+        flip = bool(torch.rand(1, generator=g) < 0.5)
+        t = F.resized_crop(img.float(), top, left, bh, bw, [32, 32], antialias=False)
+        expected.append(F.hflip(t) if flip else t)
+        images.append(img)
+        boxes.append([top, left, bh, bw])
+        flips.append(flip)
+    out["images"] = torch.stack(images)
+    out["boxes"] = torch.tensor(boxes, dtype=torch.int64)
+    out["flip"] = torch.tensor(flips, dtype=torch.uint8)
+    out["expected"] = torch.stack(expected)
+    save_file(out, path)
+
+
 def write_photos(root):
     """A small image folder of real photographs: 3 classes, augmented copies
     (crops, flips, brightness) as PNG and JPEG, plus one unreadable file."""
@@ -116,6 +160,7 @@ def main(out):
     write_bin(os.path.join(out, "digits-bin"), batches, test)
     write_py(os.path.join(out, "digits-py"), batches, test)
     write_augment(os.path.join(out, "augment.safetensors"))
+    write_resized_crop(os.path.join(out, "resized_crop.safetensors"))
     write_photos(os.path.join(out, "photos"))
     print("wrote digits datasets and augmentation references", file=sys.stderr)
 

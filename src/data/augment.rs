@@ -68,32 +68,113 @@ impl Normalizer {
     }
 }
 
-/// torchvision's `RandomResizedCrop(size)` (scale 0.08-1, ratio 3/4-4/3)
-/// followed by `RandomHorizontalFlip`, batched: each image's box is drawn on
-/// the device and one `grid_sample` crops, resizes and mirrors the whole
-/// batch. Boxes that do not fit are clamped to the image instead of redrawn.
-pub fn random_resized_crop_flip(x: &Tensor, size: i64) -> Tensor {
-    let b = x.size()[0];
-    let dev = x.device();
+/// Crop boxes in pixels, one per image of a batch (float tensors of shape
+/// `[B]` holding whole numbers).
+pub struct CropBoxes {
+    pub top: Tensor,
+    pub left: Tensor,
+    pub height: Tensor,
+    pub width: Tensor,
+}
+
+/// Draws of `RandomResizedCrop.get_params` per image.
+const CROP_ATTEMPTS: i64 = 10;
+
+/// torchvision's `RandomResizedCrop.get_params(img, scale=(0.08, 1),
+/// ratio=(3/4, 4/3))` for `b` images of `height` x `width` pixels, drawn on
+/// `dev` for the whole batch at once: per image, up to 10 candidate boxes
+/// (area fraction uniform, aspect ratio log-uniform, sides rounded half to
+/// even like Python's `round`); the first that fits is taken at a uniform
+/// integer offset; if none fits, the centre crop with the ratio clamped.
+pub fn random_resized_boxes(b: i64, height: i64, width: i64, dev: Device) -> CropBoxes {
     let opts = (Kind::Float, dev);
-    let area = Tensor::rand([b], opts) * 0.92 + 0.08;
+    let (hf, wf) = (height as f64, width as f64);
+    let area = (Tensor::rand([b, CROP_ATTEMPTS], opts) * 0.92 + 0.08) * (hf * wf);
     let (lo, hi) = ((3.0f64 / 4.0).ln(), (4.0f64 / 3.0).ln());
-    let log_ratio = Tensor::rand([b], opts) * (hi - lo) + lo;
-    let ratio = log_ratio.exp();
-    // Box width and height as fractions of the image side.
-    let fw = (&area * &ratio).sqrt().clamp_max(1.0);
-    let fh = (&area / &ratio).sqrt().clamp_max(1.0);
-    let fx = Tensor::rand([b], opts) * (1.0 - &fw);
-    let fy = Tensor::rand([b], opts) * (1.0 - &fh);
-    let sign = Tensor::rand([b], opts).lt(0.5).to_kind(Kind::Float) * -2.0 + 1.0;
-    // Normalized coordinates: output x in [-1, 1] maps to the box's centre +- half its width.
-    let cx = (&fx + &fw * 0.5) * 2.0 - 1.0;
-    let cy = (&fy + &fh * 0.5) * 2.0 - 1.0;
-    let zero = Tensor::zeros([b], opts);
-    let theta =
-        Tensor::stack(&[&fw * &sign, zero.shallow_clone(), cx, zero, fh, cy], 1).view([b, 2, 3]);
-    let grid = Tensor::affine_grid_generator(&theta, [b, 3, size, size], false);
-    Tensor::grid_sampler(&x.to_kind(Kind::Float), &grid, 0, 1, false)
+    let ratio = (Tensor::rand([b, CROP_ATTEMPTS], opts) * (hi - lo) + lo).exp();
+    let w = (&area * &ratio).sqrt().round();
+    let h = (&area / &ratio).sqrt().round();
+    let fits = w
+        .gt(0.0)
+        .logical_and(&w.le(wf))
+        .logical_and(&h.gt(0.0))
+        .logical_and(&h.le(hf));
+    // The first candidate that fits (argmax returns the first maximum).
+    let first = fits.to_kind(Kind::Int).argmax(1, true);
+    let any = fits.any_dim(1, false);
+    // No candidate fits: torchvision's fallback, the centre crop of the
+    // whole image with its aspect ratio clamped to 3/4-4/3.
+    let in_ratio = wf / hf;
+    let (fw, fh) = if in_ratio < 3.0 / 4.0 {
+        (wf, (wf / (3.0 / 4.0)).round_ties_even())
+    } else if in_ratio > 4.0 / 3.0 {
+        ((hf * (4.0 / 3.0)).round_ties_even(), hf)
+    } else {
+        (wf, hf)
+    };
+    let pick = |t: &Tensor, fallback: f64| {
+        t.gather(1, &first, false)
+            .squeeze_dim(1)
+            .where_self(&any, &Tensor::full([b], fallback, opts))
+    };
+    let (w, h) = (pick(&w, fw), pick(&h, fh));
+    // A drawn box sits at a uniform integer offset, the fallback in the middle.
+    let offset = |side: f64, len: &Tensor| {
+        let room = -len + side;
+        let drawn = (Tensor::rand([b], opts) * (&room + 1.0))
+            .floor()
+            .minimum(&room);
+        drawn.where_self(&any, &(room / 2.0).floor())
+    };
+    CropBoxes {
+        top: offset(hf, &h),
+        left: offset(wf, &w),
+        height: h,
+        width: w,
+    }
+}
+
+/// Crops each image of `x` (`B x C x H x W`, any dtype) to its box, resizes
+/// the crop to `size` x `size` by bilinear interpolation
+/// (`F.resized_crop(..., antialias=False)` on float tensors: the same source
+/// positions, clamped to the crop, as `interpolate(align_corners=False)`)
+/// and mirrors it where `flip` is true; one `grid_sample` for the batch.
+pub fn resized_crop_flip(x: &Tensor, boxes: &CropBoxes, flip: &Tensor, size: i64) -> Tensor {
+    let (b, _, h, w) = x.size4().expect("resized_crop_flip expects a 4-d batch");
+    let dev = x.device();
+    let out = Tensor::arange(size, (Kind::Float, dev)).view([1, size]) + 0.5;
+    // Source pixel positions of the output's rows and columns, in the crop,
+    // then in the image, then as grid_sample's [-1, 1] with align_corners.
+    let source = |start: &Tensor, len: &Tensor, side: i64| {
+        let len = len.view([b, 1]);
+        let p = (&out * (&len / size as f64) - 0.5)
+            .maximum(&Tensor::zeros([], (Kind::Float, dev)))
+            .minimum(&(&len - 1.0));
+        (p + start.view([b, 1])) * (2.0 / (side - 1).max(1) as f64) - 1.0
+    };
+    let ys = source(&boxes.top, &boxes.height, h);
+    let xs = source(&boxes.left, &boxes.width, w);
+    let xs = xs.flip([1]).where_self(&flip.view([b, 1]), &xs);
+    let grid = Tensor::stack(
+        &[
+            xs.view([b, 1, size]).expand([b, size, size], false),
+            ys.view([b, size, 1]).expand([b, size, size], false),
+        ],
+        3,
+    );
+    Tensor::grid_sampler(&x.to_kind(Kind::Float), &grid, 0, 1, true)
+}
+
+/// torchvision's `RandomResizedCrop(size, antialias=False)` followed by
+/// `RandomHorizontalFlip`, batched, with boxes and flips drawn on the device.
+pub fn random_resized_crop_flip(x: &Tensor, size: i64) -> Tensor {
+    let (b, _, h, w) = x
+        .size4()
+        .expect("random_resized_crop_flip expects a 4-d batch");
+    let dev = x.device();
+    let boxes = random_resized_boxes(b, h, w, dev);
+    let flip = Tensor::rand([b], (Kind::Float, dev)).lt(0.5);
+    resized_crop_flip(x, &boxes, &flip, size)
 }
 
 /// The central `size` x `size` window (torchvision's `CenterCrop`).
