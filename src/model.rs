@@ -23,81 +23,38 @@ pub enum Cfg {
 
 use Cfg::{Conv as C, Pool as M};
 
-/// torchvision's cfgs "A", "B", "D", "E".
+/// torchvision's cfgs "A", "B", "D", "E": convolutions of N channels, 2x2 max pools.
+#[rustfmt::skip]
 const CFG_A: &[Cfg] = &[
-    C(64),
-    M,
-    C(128),
-    M,
-    C(256),
-    C(256),
-    M,
-    C(512),
-    C(512),
-    M,
-    C(512),
-    C(512),
-    M,
+    C(64), M,
+    C(128), M,
+    C(256), C(256), M,
+    C(512), C(512), M,
+    C(512), C(512), M,
 ];
+#[rustfmt::skip]
 const CFG_B: &[Cfg] = &[
-    C(64),
-    C(64),
-    M,
-    C(128),
-    C(128),
-    M,
-    C(256),
-    C(256),
-    M,
-    C(512),
-    C(512),
-    M,
-    C(512),
-    C(512),
-    M,
+    C(64), C(64), M,
+    C(128), C(128), M,
+    C(256), C(256), M,
+    C(512), C(512), M,
+    C(512), C(512), M,
 ];
+#[rustfmt::skip]
 const CFG_D: &[Cfg] = &[
-    C(64),
-    C(64),
-    M,
-    C(128),
-    C(128),
-    M,
-    C(256),
-    C(256),
-    C(256),
-    M,
-    C(512),
-    C(512),
-    C(512),
-    M,
-    C(512),
-    C(512),
-    C(512),
-    M,
+    C(64), C(64), M,
+    C(128), C(128), M,
+    C(256), C(256), C(256), M,
+    C(512), C(512), C(512), M,
+    C(512), C(512), C(512), M,
 ];
+#[rustfmt::skip]
 const CFG_E: &[Cfg] = &[
-    C(64),
-    C(64),
-    M,
-    C(128),
-    C(128),
-    M,
-    C(256),
-    C(256),
-    C(256),
-    C(256),
-    M,
-    C(512),
-    C(512),
-    C(512),
-    C(512),
-    M,
-    C(512),
-    C(512),
-    C(512),
-    C(512),
-    M,
+    C(64), C(64), M,
+    C(128), C(128), M,
+    C(256), C(256), C(256), C(256), M,
+    C(512), C(512), C(512), C(512), M,
+    C(512), C(512), C(512), C(512), M,
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -423,6 +380,31 @@ pub enum Layer {
 pub const BN_EPS: f64 = 1e-5;
 const BN_MOMENTUM: f64 = 0.1;
 
+/// A layer's tensors by torchvision suffix: one match serving `&Layer` and
+/// `&mut Layer` (binding modes give `&Tensor` or `&mut Tensor`).
+macro_rules! layer_tensors {
+    ($layer:expr) => {
+        match $layer {
+            Layer::Conv { weight, bias } | Layer::Linear { weight, bias } => {
+                vec![("weight", weight, true), ("bias", bias, true)]
+            }
+            Layer::BatchNorm {
+                weight,
+                bias,
+                running_mean,
+                running_var,
+                ..
+            } => vec![
+                ("weight", weight, true),
+                ("bias", bias, true),
+                ("running_mean", running_mean, false),
+                ("running_var", running_var, false),
+            ],
+            _ => vec![],
+        }
+    };
+}
+
 impl Layer {
     /// Another handle on the same tensors (for read-only rewrites such as
     /// BatchNorm folding).
@@ -521,45 +503,11 @@ impl Layer {
 
     /// (suffix, tensor, is a learnable parameter)
     fn tensors(&self) -> Vec<(&'static str, &Tensor, bool)> {
-        match self {
-            Layer::Conv { weight, bias } | Layer::Linear { weight, bias } => {
-                vec![("weight", weight, true), ("bias", bias, true)]
-            }
-            Layer::BatchNorm {
-                weight,
-                bias,
-                running_mean,
-                running_var,
-                ..
-            } => vec![
-                ("weight", weight, true),
-                ("bias", bias, true),
-                ("running_mean", running_mean, false),
-                ("running_var", running_var, false),
-            ],
-            _ => vec![],
-        }
+        layer_tensors!(self)
     }
 
     fn tensors_mut(&mut self) -> Vec<(&'static str, &mut Tensor, bool)> {
-        match self {
-            Layer::Conv { weight, bias } | Layer::Linear { weight, bias } => {
-                vec![("weight", weight, true), ("bias", bias, true)]
-            }
-            Layer::BatchNorm {
-                weight,
-                bias,
-                running_mean,
-                running_var,
-                ..
-            } => vec![
-                ("weight", weight, true),
-                ("bias", bias, true),
-                ("running_mean", running_mean, false),
-                ("running_var", running_var, false),
-            ],
-            _ => vec![],
-        }
+        layer_tensors!(self)
     }
 }
 

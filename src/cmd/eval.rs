@@ -5,7 +5,6 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 use serde::Serialize;
-use vggctl::amp::resolve;
 use vggctl::checkpoint::read_model_file;
 use vggctl::data::augment::{Augment, Normalizer, Preprocess};
 use vggctl::model::{Head, Vgg};
@@ -107,21 +106,8 @@ pub fn run(args: Args) -> Result<()> {
     };
     let mut pre = Preprocess::plain(augment, input, Normalizer::new(mean, std, device));
     // The training run's precision and layout choices, for the same speed.
-    let run = resolve(
-        args.numerics.precision,
-        args.numerics.channels_last_on(device),
-        device,
-        "evaluating",
-        &mut |w| eprintln!("warning: {w}"),
-    );
-    if run.channels_last {
-        model.to_channels_last();
-    }
-    pre.channels_last = run.channels_last;
-    pre.autocast = run.precision.autocast();
-    if device.is_cuda() {
-        tch::Cuda::cudnn_set_benchmark(true);
-    }
+    args.numerics
+        .setup_inference(device, "evaluating", &mut model, &mut pre);
     let mut graph = match (args.cuda_graphs, device.is_cuda()) {
         (true, true) => Some(EvalGraph::new(&model)?),
         (true, false) => {

@@ -130,6 +130,33 @@ impl NumericsOpts {
     pub fn channels_last_on(&self, device: Device) -> bool {
         self.channels_last || (device.is_cuda() && !self.contiguous)
     }
+
+    /// Inference (eval, predict): resolves precision and layout for
+    /// `device`, warning on stderr where a request degrades, and sets the
+    /// model, the preprocessing and cuDNN's autotuning up for them.
+    pub fn setup_inference(
+        &self,
+        device: Device,
+        activity: &str,
+        model: &mut vggctl::model::Vgg,
+        pre: &mut vggctl::data::augment::Preprocess,
+    ) {
+        let run = vggctl::amp::resolve(
+            self.precision,
+            self.channels_last_on(device),
+            device,
+            activity,
+            &mut |w| eprintln!("warning: {w}"),
+        );
+        if run.channels_last {
+            model.to_channels_last();
+        }
+        pre.channels_last = run.channels_last;
+        pre.autocast = run.precision.autocast();
+        if device.is_cuda() {
+            tch::Cuda::cudnn_set_benchmark(true);
+        }
+    }
 }
 
 /// Writes `text` to stdout; a closed pipe surfaces as an io error that main ignores.

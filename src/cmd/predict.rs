@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use serde::Serialize;
 use tch::{Kind, Tensor};
-use vggctl::amp::resolve;
 use vggctl::checkpoint::{load_checkpoint, meta_for_weights};
 use vggctl::data::augment::{Augment, Normalizer, Preprocess};
 use vggctl::data::image::{eval_transform, read_image};
@@ -78,24 +77,14 @@ pub fn run(args: Args) -> Result<()> {
         (None, None) => bail!("give --checkpoint PATH or --weights imagenet|PATH"),
     };
     let (names, input, resize) = (&meta.class_names, meta.input_size, meta.resize);
-    let run = resolve(
-        args.numerics.precision,
-        args.numerics.channels_last_on(device),
-        device,
-        "predicting",
-        &mut |w| eprintln!("warning: {w}"),
-    );
-    if run.channels_last {
-        model.to_channels_last();
-    }
     // The images arrive resized and cropped (torchvision's eval transform).
     let mut pre = Preprocess::plain(
         Augment::ResizedCrop,
         input,
         Normalizer::new(meta.mean, meta.std, device),
     );
-    pre.channels_last = run.channels_last;
-    pre.autocast = run.precision.autocast();
+    args.numerics
+        .setup_inference(device, "predicting", &mut model, &mut pre);
     let k = args.topk.min(model.spec.classes);
     let mut preds = Vec::with_capacity(args.images.len());
     for chunk in args.images.chunks(args.batch_size) {
