@@ -56,6 +56,11 @@ fn is_nhwc(t: &Tensor) -> bool {
     size.len() == 4 && size[1] > 1 && stride[1] == 1
 }
 
+/// What `Optimizer::backward` computed: the fused mode's flat gradient
+/// (in the parameters' storage order), or nothing where the gradients are
+/// in the parameters' `.grad`.
+pub struct Gradients(Option<Tensor>);
+
 pub struct Optimizer {
     cfg: OptimizerConfig,
     slots: Vec<Slot>,
@@ -99,7 +104,7 @@ struct DeviceScaler {
 /// learning rate 0, momentum/betas 1, nothing added. Parameters and state
 /// then come out bit for bit as they were, without copies of them.
 #[allow(clippy::too_many_arguments)]
-fn update(
+fn apply_update(
     cfg: &OptimizerConfig,
     lr: &Tensor,
     step: &Tensor,
@@ -298,14 +303,19 @@ impl Optimizer {
     /// set: device work only, never a host synchronization, so with the
     /// fused update it can be captured in a CUDA graph.
     pub fn backward_update(&mut self, loss: &Tensor) {
-        let Some(flat) = &self.flat else {
+        let g = self.backward(loss);
+        self.update(g);
+    }
+
+    /// The backward pass alone (`update` takes what it returns): the fused
+    /// mode's flat gradient, or the gradients left in each parameter's
+    /// `.grad`.
+    pub fn backward(&mut self, loss: &Tensor) -> Gradients {
+        if self.flat.is_none() {
             self.zero_grad();
             loss.backward();
-            let _ = self.step.g_add_scalar_(1.0);
-            self.step_per_parameter();
-            return;
-        };
-        let mut flat = flat.shallow_clone();
+            return Gradients(None);
+        }
         let scaled = match &self.scaler {
             Some(s) => loss * &s.scale,
             None => loss.shallow_clone(),
@@ -317,11 +327,24 @@ impl Optimizer {
             .zip(&self.slots)
             .map(|(g, s)| Self::flat_grad(g, s))
             .collect();
-        let mut g = Tensor::cat(&parts, 0).to_kind(flat.kind());
+        Gradients(Some(Tensor::cat(&parts, 0)))
+    }
+
+    /// The update for the gradients of `backward`. With loss scaling (fp16)
+    /// the gradients are unscaled and checked, and a step with non-finite
+    /// ones leaves parameters and state as they were, all on the device.
+    pub fn update(&mut self, grads: Gradients) {
+        let (Some(flat), Some(g)) = (&self.flat, grads.0) else {
+            let _ = self.step.g_add_scalar_(1.0);
+            self.step_per_parameter();
+            return;
+        };
+        let mut flat = flat.shallow_clone();
+        let mut g = g.to_kind(flat.kind());
         let cfg = self.cfg.clone();
         tch::no_grad(|| {
             // With loss scaling: unscale, look for inf/nan on the device, and
-            // zero the gradients of a step that must not count (see `update`).
+            // zero the gradients of a step that must not count (see `apply_update`).
             let skip = self.scaler.as_ref().map(|s| {
                 g *= s.scale.reciprocal();
                 let found = g.isfinite().all().logical_not();
@@ -332,7 +355,7 @@ impl Optimizer {
                 Some(found) => self.step.g_add_(&found.logical_not().to_kind(Kind::Float)),
                 None => self.step.g_add_scalar_(1.0),
             };
-            update(
+            apply_update(
                 &cfg,
                 &self.lr,
                 &self.step,
@@ -380,7 +403,7 @@ impl Optimizer {
                     self.buf2.shallow_clone()
                 };
                 let mut p = s.param.shallow_clone();
-                update(
+                apply_update(
                     &cfg, &self.lr, &self.step, None, &mut p, &g, &mut b1, &mut b2,
                 );
             }

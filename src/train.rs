@@ -465,8 +465,12 @@ pub struct StepProfile {
     pub data: f64,
     /// Forward pass and loss.
     pub forward: f64,
-    /// Backward pass and optimizer update.
-    pub backward_update: f64,
+    /// Backward pass.
+    #[serde(default)]
+    pub backward: f64,
+    /// Optimizer update.
+    #[serde(default)]
+    pub update: f64,
     /// Steps run as one CUDA graph replay (forward, backward and update
     /// together), and their time.
     #[serde(default)]
@@ -909,9 +913,12 @@ impl<'a> Trainer<'a> {
             self.state.config.label_smoothing,
         );
         let timer = timer.map(|t| t.lap(&mut self.profile.forward));
-        self.opt.backward_step(&loss, lr);
+        self.opt.prepare(lr);
+        let grads = self.opt.backward(&loss);
+        let timer = timer.map(|t| t.lap(&mut self.profile.backward));
+        self.opt.update(grads);
         if let Some(t) = timer {
-            t.lap(&mut self.profile.backward_update);
+            t.lap(&mut self.profile.update);
         }
         let correct = logits.argmax(-1, false).eq_tensor(y).sum(Kind::Int64);
         (loss.detach(), correct)

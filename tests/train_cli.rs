@@ -455,6 +455,19 @@ fn gpu_options_degrade_on_the_cpu_with_a_warning() {
     assert_eq!(m.peak_gpu_bytes, None);
     let p = m.profile.as_ref().unwrap();
     assert_eq!((p.steps, p.graphed_steps), (10, 0));
+    // Every part of an eager step is timed on its own.
+    for (part, secs) in [
+        ("data", p.data),
+        ("forward", p.forward),
+        ("backward", p.backward),
+        ("update", p.update),
+    ] {
+        assert!(secs > 0.0, "{part}: {secs}");
+    }
+    assert!(
+        p.backward > p.update,
+        "a VGG backward outweighs an SGD update"
+    );
     // auto is fp32 on the CPU, without a warning.
     let out = tmp.path().join("auto");
     let r = train_small(&out, &["--epochs", "1", "--device", "cpu"]);

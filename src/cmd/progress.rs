@@ -79,9 +79,10 @@ impl Observer for EpochBars {
                 }
                 if eager > 0 {
                     line += &format!(
-                        ", forward {:.2} ms, backward+update {:.2} ms ({eager} eager steps)",
+                        ", forward {:.2} ms, backward {:.2} ms, update {:.2} ms ({eager} eager steps)",
                         per(p.forward, eager),
-                        per(p.backward_update, eager),
+                        per(p.backward, eager),
+                        per(p.update, eager),
                     );
                 }
                 if let Some(b) = m.peak_gpu_bytes {
