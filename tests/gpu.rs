@@ -6,13 +6,18 @@
 //!   and evaluation losses within 1e-3 relative, weights within 1e-3,
 //!   BatchNorm counters exact)
 //!   while the learning rate changes between epochs; fp16 steps graph too;
-//! - each precision runs and says what it ran as, with its peak memory.
+//! - each precision runs and says what it ran as, with its peak memory;
+//! - fp16 loss scaling on the device (CUDA's `_amp_update_scale_` and the
+//!   skip): an overflowing step leaves parameters and state bit for bit and
+//!   halves the scale, clean steps grow it, and the updates equal the CPU's.
 
 mod common;
 
 use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
+use vggctl::amp::LossScaler;
+use vggctl::optim::{Optimizer, OptimizerConfig, OptimizerKind};
 use vggctl::shim::{self, CudaGraph};
 use vggctl::train::EpochMetrics;
 use vggctl::weights::read_safetensors;
@@ -89,6 +94,61 @@ fn shim_graphs_replay_on_current_inputs() {
     let peak = shim::peak_memory(dev, false).unwrap().unwrap();
     assert!(peak >= 8 << 20, "peak {peak} bytes with two 4 MiB tensors");
     shim::bf16_supported(dev).unwrap();
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU (scripts/gpu-check runs it)"]
+fn loss_scaling_runs_on_the_device() {
+    assert!(tch::Cuda::is_available(), "{GPU}");
+    for kind in [OptimizerKind::Sgd, OptimizerKind::Adamw] {
+        let cfg = OptimizerConfig {
+            kind,
+            momentum: 0.9,
+            weight_decay: 5e-4,
+            nesterov: true,
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+        };
+        // The same steps on the CPU and on the GPU.
+        let run = |dev: Device| {
+            let flat = Tensor::from_slice(&[0.5f32, -1.0, 2.0, 0.25, 3.0, -0.75]).to_device(dev);
+            let p = flat.view([2, 3]).detach().set_requires_grad(true);
+            let mut opt =
+                Optimizer::fused(cfg.clone(), vec![("w".into(), &p)], flat.shallow_clone());
+            opt.enable_loss_scaling(&LossScaler {
+                growth_interval: 2,
+                ..LossScaler::default()
+            });
+            let cube = |p: &Tensor| (p * p * p).sum(Kind::Float);
+            opt.backward_step(&cube(&p), 0.05);
+            let before = flat.copy();
+            let state = opt.state_tensors();
+            opt.backward_step(&(&p * f64::INFINITY).sum(Kind::Float), 0.05);
+            assert!(
+                flat.equal(&before),
+                "{kind:?} on {dev:?}: parameters changed"
+            );
+            for ((_, now), (_, was)) in opt.state_tensors().iter().zip(&state) {
+                assert!(now.equal(was), "{kind:?} on {dev:?}: state changed");
+            }
+            assert_eq!(opt.loss_scaler().unwrap().scale, 32768.0);
+            for _ in 0..2 {
+                opt.backward_step(&cube(&p), 0.05);
+            }
+            assert_eq!(
+                opt.loss_scaler().unwrap().scale,
+                65536.0,
+                "{kind:?} on {dev:?}"
+            );
+            assert_eq!((opt.steps(), opt.skipped()), (3, 1));
+            flat.to_device(Device::Cpu)
+        };
+        let err = (run(Device::Cpu) - run(Device::Cuda(0)))
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(err <= 1e-6, "{kind:?}: GPU and CPU updates differ by {err}");
+    }
 }
 
 #[test]

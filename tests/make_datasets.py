@@ -85,7 +85,7 @@ def write_augment(path):
         if fl:
             t = F.hflip(t)
         outs.append(F.normalize(F.to_tensor(t), MEAN, STD))
-    images = torch.stack([torch.from_numpy(np.asarray(i)).permute(2, 0, 1) for i in src])
+    images = torch.stack([torch.from_numpy(np.array(i)).permute(2, 0, 1) for i in src])
     save_file(
         {"images": images.contiguous(), "oy": oy, "ox": ox, "flip": flip.to(torch.uint8), "expected": torch.stack(outs)},
         path,
