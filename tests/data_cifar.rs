@@ -4,7 +4,7 @@
 //! the augmentation equals torchvision's transforms: RandomCrop + flip
 //! exactly; RandomResizedCrop's boxes drawn from the same distribution as
 //! torchvision's get_params (two-sample Kolmogorov-Smirnov test), and the
-//! crop + resize + flip of given boxes equal to `F.resized_crop` within 1e-3.
+//! crop + resize + flip of given boxes equal to `F.resized_crop` (antialiased) within 1e-3.
 
 mod common;
 

@@ -10,7 +10,7 @@
 - resized_crop.safetensors: 20,000 boxes from torchvision's
   RandomResizedCrop.get_params for each of three image shapes (square,
   landscape, portrait), and photographs cropped to given boxes, resized
-  (F.resized_crop, antialias=False) and flipped.
+  (F.resized_crop, antialiased bilinear) and flipped.
 
 Usage: make_datasets.py OUT_DIR"""
 import os
@@ -120,7 +120,7 @@ def write_resized_crop(path):
         top = 0 if k % 5 == 0 else int(torch.randint(0, 48 - bh + 1, (1,), generator=g))
         left = 40 - bw if k % 7 == 0 else int(torch.randint(0, 40 - bw + 1, (1,), generator=g))
         flip = bool(torch.rand(1, generator=g) < 0.5)
-        t = F.resized_crop(img.float(), top, left, bh, bw, [32, 32], antialias=False)
+        t = F.resized_crop(img.float(), top, left, bh, bw, [32, 32], antialias=True)
         expected.append(F.hflip(t) if flip else t)
         images.append(img)
         boxes.append([top, left, bh, bw])

@@ -134,38 +134,45 @@ pub fn random_resized_boxes(b: i64, height: i64, width: i64, dev: Device) -> Cro
     }
 }
 
-/// Crops each image of `x` (`B x C x H x W`, any dtype) to its box, resizes
-/// the crop to `size` x `size` by bilinear interpolation
-/// (`F.resized_crop(..., antialias=False)` on float tensors: the same source
-/// positions, clamped to the crop, as `interpolate(align_corners=False)`)
-/// and mirrors it where `flip` is true; one `grid_sample` for the batch.
-pub fn resized_crop_flip(x: &Tensor, boxes: &CropBoxes, flip: &Tensor, size: i64) -> Tensor {
-    let (b, _, h, w) = x.size4().expect("resized_crop_flip expects a 4-d batch");
-    let dev = x.device();
-    let out = Tensor::arange(size, (Kind::Float, dev)).view([1, size]) + 0.5;
-    // Source pixel positions of the output's rows and columns, in the crop,
-    // then in the image, then as grid_sample's [-1, 1] with align_corners.
-    let source = |start: &Tensor, len: &Tensor, side: i64| {
-        let len = len.view([b, 1]);
-        let p = (&out * (&len / size as f64) - 0.5)
-            .maximum(&Tensor::zeros([], (Kind::Float, dev)))
-            .minimum(&(&len - 1.0));
-        (p + start.view([b, 1])) * (2.0 / (side - 1).max(1) as f64) - 1.0
-    };
-    let ys = source(&boxes.top, &boxes.height, h);
-    let xs = source(&boxes.left, &boxes.width, w);
-    let xs = xs.flip([1]).where_self(&flip.view([b, 1]), &xs);
-    let grid = Tensor::stack(
-        &[
-            xs.view([b, 1, size]).expand([b, size, size], false),
-            ys.view([b, size, 1]).expand([b, size, size], false),
-        ],
-        3,
-    );
-    Tensor::grid_sampler(&x.to_kind(Kind::Float), &grid, 0, 1, true)
+/// Per image, the `[B, size, side]` matrix that resizes the crop
+/// `start..start + len` of an axis of `side` pixels to `size` pixels as
+/// `interpolate(mode="bilinear", antialias=True)` does: output pixel `i`
+/// centred at `start + (i + 0.5)·len/size` takes a triangle filter of the
+/// crop's pixels, as wide as the scale when shrinking (1 when enlarging,
+/// which is plain bilinear), its weights normalized to sum to 1.
+fn resize_weights(start: &Tensor, len: &Tensor, side: i64, size: i64) -> Tensor {
+    let b = start.size()[0];
+    let dev = start.device();
+    let opts = (Kind::Float, dev);
+    let (start, len) = (start.view([b, 1, 1]), len.view([b, 1, 1]));
+    let scale = &len / size as f64;
+    let centre = &start + (Tensor::arange(size, opts).view([1, size, 1]) + 0.5) * &scale;
+    let pixel = Tensor::arange(side, opts).view([1, 1, side]);
+    let width = scale.clamp_min(1.0);
+    let w = (-((&pixel + 0.5 - centre).abs() / width) + 1.0).clamp_min(0.0);
+    let in_crop = pixel
+        .ge_tensor(&start)
+        .logical_and(&pixel.lt_tensor(&(&start + &len)));
+    let w = w * in_crop;
+    &w / w.sum_dim_intlist(2, true, Kind::Float)
 }
 
-/// torchvision's `RandomResizedCrop(size, antialias=False)` followed by
+/// Crops each image of `x` (`B x C x H x W`, any dtype) to its box, resizes
+/// the crop to `size` x `size` with antialiased bilinear interpolation and
+/// mirrors it where `flip` is true: `F.resized_crop(img, ..., antialias=True)`
+/// (+ `F.hflip`) on float tensors, as two batched matrix products.
+pub fn resized_crop_flip(x: &Tensor, boxes: &CropBoxes, flip: &Tensor, size: i64) -> Tensor {
+    let (b, _, h, w) = x.size4().expect("resized_crop_flip expects a 4-d batch");
+    let rows = resize_weights(&boxes.top, &boxes.height, h, size);
+    let cols = resize_weights(&boxes.left, &boxes.width, w, size);
+    let cols = cols.flip([1]).where_self(&flip.view([b, 1, 1]), &cols);
+    // [B, 1, size, H] @ [B, C, H, W] @ [B, 1, W, size]
+    rows.unsqueeze(1)
+        .matmul(&x.to_kind(Kind::Float))
+        .matmul(&cols.transpose(1, 2).unsqueeze(1))
+}
+
+/// torchvision's `RandomResizedCrop(size)` (antialiased) followed by
 /// `RandomHorizontalFlip`, batched, with boxes and flips drawn on the device.
 pub fn random_resized_crop_flip(x: &Tensor, size: i64) -> Tensor {
     let (b, _, h, w) = x
