@@ -1,5 +1,6 @@
 // The libtorch calls tch does not bind: the autocast dtype, the TF32
-// switches, CUDA memory statistics, bf16 support and CUDA graphs. Compiled
+// switches, CUDA memory statistics, bf16 support, CUDA graphs and the fused
+// (multi-tensor) SGD and AdamW updates. Compiled
 // by build.rs against the libtorch that tch links; the CUDA parts only when
 // that libtorch has CUDA and the CUDA runtime headers are found
 // (VGGCTL_CUDA). The one Rust caller is src/shim.rs.
@@ -9,6 +10,9 @@
 // into Rust).
 #include <ATen/Context.h>
 #include <ATen/autocast_mode.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/_fused_adamw.h>
+#include <ATen/ops/_fused_sgd.h>
 
 #include <cstdint>
 #include <cstring>
@@ -16,6 +20,7 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #ifdef VGGCTL_CUDA
 #include <dlfcn.h>
@@ -126,6 +131,40 @@ int vggctl_cuda_bf16_supported(int device, int *out, char *err, size_t len) {
 #else
     (void)device;
 #endif
+  });
+}
+
+// libtorch's fused SGD (`_fused_sgd_`, the learning rate a tensor on the
+// parameters' device so a captured graph reads its current value): one pass
+// over parameters, gradients and momentum buffer. `buf` is null without
+// momentum; with `found_inf` (a float that is 1 on an overflowed fp16 step)
+// the kernel leaves everything untouched.
+int vggctl_fused_sgd(at::Tensor *param, at::Tensor *grad, at::Tensor *buf, double weight_decay,
+                     double momentum, at::Tensor *lr, int nesterov, at::Tensor *found_inf,
+                     char *err, size_t len) {
+  return guarded(err, len, [&] {
+    std::vector<at::Tensor> bufs;
+    if (buf != nullptr) bufs.push_back(*buf);
+    std::optional<at::Tensor> found;
+    if (found_inf != nullptr) found = *found_inf;
+    at::_fused_sgd_({*param}, {*grad}, bufs, weight_decay, momentum, *lr, /*dampening=*/0.0,
+                    nesterov != 0, /*maximize=*/false, /*is_first_step=*/false,
+                    /*grad_scale=*/std::nullopt, found);
+  });
+}
+
+// libtorch's fused AdamW (`_fused_adamw_`): `step` is the float count of
+// updates taken, this one included, on the parameters' device.
+int vggctl_fused_adamw(at::Tensor *param, at::Tensor *grad, at::Tensor *exp_avg,
+                       at::Tensor *exp_avg_sq, at::Tensor *step, at::Tensor *lr, double beta1,
+                       double beta2, double weight_decay, double eps, at::Tensor *found_inf,
+                       char *err, size_t len) {
+  return guarded(err, len, [&] {
+    std::optional<at::Tensor> found;
+    if (found_inf != nullptr) found = *found_inf;
+    at::_fused_adamw_({*param}, {*grad}, {*exp_avg}, {*exp_avg_sq}, /*max_exp_avg_sqs=*/{}, {*step},
+                      *lr, beta1, beta2, weight_decay, eps, /*amsgrad=*/false,
+                      /*maximize=*/false, /*grad_scale=*/std::nullopt, found);
   });
 }
 

@@ -875,7 +875,7 @@ impl<'a> Trainer<'a> {
                 g => {
                     // The last, partial batch runs eagerly.
                     self.graph = g;
-                    self.eager_step(&x, &y, lr, Some(timer))
+                    self.eager_step(&x, &y, lr, Some(timer))?
                 }
             };
             self.profile.steps += 1;
@@ -903,7 +903,7 @@ impl<'a> Trainer<'a> {
         y: &Tensor,
         lr: f64,
         timer: Option<StepTimer>,
-    ) -> (Tensor, Tensor) {
+    ) -> Result<(Tensor, Tensor)> {
         let logits = self.pre.forward(&self.model, x, true);
         let loss = logits.cross_entropy_loss::<Tensor>(
             y,
@@ -916,12 +916,12 @@ impl<'a> Trainer<'a> {
         self.opt.prepare(lr);
         let grads = self.opt.backward(&loss);
         let timer = timer.map(|t| t.lap(&mut self.profile.backward));
-        self.opt.update(grads);
+        self.opt.update(grads)?;
         if let Some(t) = timer {
             t.lap(&mut self.profile.update);
         }
         let correct = logits.argmax(-1, false).eq_tensor(y).sum(Kind::Int64);
-        (loss.detach(), correct)
+        Ok((loss.detach(), correct))
     }
 
     /// A full-batch step through the CUDA graph: a few eager warm-up steps
@@ -936,9 +936,7 @@ impl<'a> Trainer<'a> {
     ) -> Result<(Tensor, Tensor)> {
         if g.warmup_left > 0 {
             g.warmup_left -= 1;
-            return g
-                .graph
-                .on_side_stream(|_| Ok(self.eager_step(x, y, lr, None)));
+            return g.graph.on_side_stream(|_| self.eager_step(x, y, lr, None));
         }
         self.opt.prepare(lr);
         match &mut g.io {
@@ -964,12 +962,12 @@ impl<'a> Trainer<'a> {
                             -100,
                             smoothing,
                         );
-                        opt.backward_update(&loss);
+                        opt.backward_update(&loss)?;
                         let correct = logits.argmax(-1, false).eq_tensor(&sy).sum(Kind::Int64);
-                        (loss.detach(), correct)
+                        Ok((loss.detach(), correct))
                     });
                     shim::set_autocast_cache(true)?;
-                    out
+                    out.and_then(|step| step)
                 })?;
                 g.bn_delta = self
                     .counts()

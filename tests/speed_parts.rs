@@ -53,7 +53,7 @@ fn an_overflowing_step_is_skipped_and_the_scale_adapts() {
     // halves each time; all decided on the device.
     for (bad, scale) in [(f64::INFINITY, 32768.0), (f64::NAN, 16384.0)] {
         let loss = (&p * bad).sum(Kind::Float);
-        opt.backward_step(&loss, 0.1);
+        opt.backward_step(&loss, 0.1).unwrap();
         assert!(flat.equal(&before), "parameters changed on a skipped step");
         assert!(
             momentum(&opt).equal(&zero_state),
@@ -67,7 +67,7 @@ fn an_overflowing_step_is_skipped_and_the_scale_adapts() {
     // Clean steps: updates taken (gradients unscaled), growth after 3 of them.
     for i in 1..=3 {
         let loss = (&p * &p).sum(Kind::Float);
-        opt.backward_step(&loss, 0.1);
+        opt.backward_step(&loss, 0.1).unwrap();
         let s = opt.loss_scaler().unwrap();
         assert_eq!(
             (s.scale, s.good_steps),
@@ -84,7 +84,9 @@ fn an_overflowing_step_is_skipped_and_the_scale_adapts() {
         .set_requires_grad(true);
     let mut reference = Optimizer::new(sgd(false), vec![("w".into(), &q)]);
     for _ in 0..3 {
-        reference.backward_step(&(&q * &q).sum(Kind::Float), 0.1);
+        reference
+            .backward_step(&(&q * &q).sum(Kind::Float), 0.1)
+            .unwrap();
     }
     let err = (&p - &q).abs().max().double_value(&[]);
     assert!(err < 1e-6, "{err}");
@@ -147,8 +149,12 @@ fn compare(cfg: OptimizerConfig, channels_last: bool) {
             .iter()
             .map(|(_, p)| Tensor::randn(p.size(), (Kind::Float, Device::Cpu)) * 0.01)
             .collect();
-        plain.backward_step(&linear_loss(&a.trainable_parameters(), &grads), 0.05);
-        fused.backward_step(&linear_loss(&b.trainable_parameters(), &grads), 0.05);
+        plain
+            .backward_step(&linear_loss(&a.trainable_parameters(), &grads), 0.05)
+            .unwrap();
+        fused
+            .backward_step(&linear_loss(&b.trainable_parameters(), &grads), 0.05)
+            .unwrap();
     }
     for ((name, pa), (_, pb)) in a.parameters().iter().zip(b.parameters()) {
         let err = (*pa - pb).abs().max().double_value(&[]);
@@ -249,7 +255,8 @@ fn updates_follow_pytorchs_sgd_and_adamw() {
             for g in &grads {
                 let g = Tensor::from_slice(&g.iter().map(|&x| x as f32).collect::<Vec<_>>())
                     .view([2, 3]);
-                opt.backward_step(&(&p * &g).sum(Kind::Float), 0.05);
+                opt.backward_step(&(&p * &g).sum(Kind::Float), 0.05)
+                    .unwrap();
             }
             let got: Vec<f32> = Vec::try_from(p.detach().reshape([-1])).unwrap();
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
@@ -274,7 +281,8 @@ fn a_skipped_step_leaves_parameters_and_state_bit_for_bit() {
         let mut opt = Optimizer::fused(cfg.clone(), vec![("w".into(), &p)], flat.shallow_clone());
         opt.enable_loss_scaling(&LossScaler::default());
         for _ in 0..2 {
-            opt.backward_step(&(&p * &p * &p).sum(Kind::Float), 0.05);
+            opt.backward_step(&(&p * &p * &p).sum(Kind::Float), 0.05)
+                .unwrap();
         }
         let snapshot = |o: &Optimizer| -> Vec<Tensor> {
             let mut v = vec![flat.copy()];
@@ -290,7 +298,8 @@ fn a_skipped_step_leaves_parameters_and_state_bit_for_bit() {
             cfg.kind
         );
         for bad in [f64::INFINITY, f64::NAN, f64::NEG_INFINITY] {
-            opt.backward_step(&(&p * bad).sum(Kind::Float), 0.05);
+            opt.backward_step(&(&p * bad).sum(Kind::Float), 0.05)
+                .unwrap();
             for (now, was) in snapshot(&opt).iter().zip(&before) {
                 assert!(now.equal(was), "{:?}: changed on a skipped step", cfg.kind);
             }
@@ -311,10 +320,12 @@ fn a_skipped_step_does_not_count_for_adamw_either() {
                 Optimizer::fused(cfg.clone(), vec![("w".into(), &p)], flat.shallow_clone());
             if scaled {
                 opt.enable_loss_scaling(&LossScaler::default());
-                opt.backward_step(&(&p * f64::INFINITY).sum(Kind::Float), 0.05);
+                opt.backward_step(&(&p * f64::INFINITY).sum(Kind::Float), 0.05)
+                    .unwrap();
             }
             for _ in 0..3 {
-                opt.backward_step(&(&p * &p * &p).sum(Kind::Float), 0.05);
+                opt.backward_step(&(&p * &p * &p).sum(Kind::Float), 0.05)
+                    .unwrap();
             }
             assert_eq!(opt.steps(), 3);
             flat
