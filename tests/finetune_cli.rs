@@ -284,6 +284,14 @@ fn downloads_are_kept_only_when_the_hash_prefix_matches() {
     assert_eq!(hub::hash_prefix("vgg16-397923af.pth"), Some("397923af"));
 }
 
+/// `predict` with vgg11 weights from `weights`, `extra` options and one image.
+fn predict_args<'a>(weights: &'a str, extra: &[&'a str], image: &'a str) -> Vec<&'a str> {
+    let mut v = vec!["predict", "--weights", weights, "--arch", "vgg11"];
+    v.extend_from_slice(extra);
+    v.push(image);
+    v
+}
+
 #[test]
 fn bad_predict_and_eval_requests() {
     let dir = common::tempdir();
@@ -297,42 +305,15 @@ fn bad_predict_and_eval_requests() {
             "give --checkpoint PATH or --weights imagenet|PATH",
         ),
         (
-            vec![
-                "predict",
-                "--weights",
-                &weights,
-                "--arch",
-                "vgg11",
-                "--topk",
-                "0",
-                &photo,
-            ],
+            predict_args(&weights, &["--topk", "0"], &photo),
             "--topk must be at least 1",
         ),
         (
-            vec![
-                "predict",
-                "--weights",
-                &weights,
-                "--arch",
-                "vgg11",
-                "--batch-size",
-                "0",
-                &photo,
-            ],
+            predict_args(&weights, &["--batch-size", "0"], &photo),
             "--batch-size must be at least 1",
         ),
         (
-            vec![
-                "predict",
-                "--weights",
-                &weights,
-                "--arch",
-                "vgg11",
-                "--input",
-                "32",
-                &broken,
-            ],
+            predict_args(&weights, &["--input", "32"], &broken),
             "broken.jpg: not a readable JPEG or PNG image",
         ),
         (
