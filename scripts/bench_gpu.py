@@ -26,6 +26,7 @@ machine). Not a test: timings vary with the machine."""
 import argparse
 import json
 import os
+import shutil
 import statistics
 import struct
 import subprocess
@@ -264,6 +265,17 @@ def vggctl_eval(binary, data_dir, weights, batch, n, extra=()):
 
 # ---------------------------------------------------------------- report
 
+def keep_run(keep, out):
+    """Copies a training run's small files (not its checkpoints) to keep/<run>/."""
+    if not keep or not os.path.isdir(out):
+        return
+    dest = os.path.join(keep, os.path.basename(out))
+    os.makedirs(dest, exist_ok=True)
+    for name in ("config.json", "metrics.jsonl"):
+        if os.path.exists(os.path.join(out, name)):
+            shutil.copy(os.path.join(out, name), dest)
+
+
 def mib(b):
     return f"{b / 2**20:,.0f} MiB" if b else "-"
 
@@ -278,6 +290,8 @@ def main():
     p.add_argument("--quick", action="store_true", help="fewer images and steps")
     p.add_argument("--budget", type=float, default=240,
                    help="seconds after which torch.compile variants are left out (they take minutes to build)")
+    p.add_argument("--keep", metavar="DIR",
+                   help="copy each vggctl training run's config.json and metrics.jsonl here (per-epoch figures, profile)")
     p.add_argument("--smoke", action="store_true",
                    help="a tiny run on the CPU that checks this script's plumbing (its figures mean nothing)")
     a = p.parse_args()
@@ -344,6 +358,7 @@ def main():
                 out = os.path.join(root, f"run-{batch}-{'-'.join(x.strip('-') for x in extra) or 'default'}")
                 label = f"vggctl train end to end ({' '.join(extra) or 'defaults'})"
                 r = attempt(sec, label, vggctl_train, a.vggctl, root, out, batch, 128 if a.smoke else n, extra)
+                keep_run(a.keep, out)
                 if r:
                     (speed, peak, ran_as, _), secs = r
                     rows.append((sec, f"vggctl train end to end ({ran_as})", speed, peak, f"{secs:.0f}s"))
@@ -379,6 +394,7 @@ def main():
                 r = attempt("accuracy", " ".join(extra), vggctl_train, a.vggctl, digits, out, 32,
                             320 if a.smoke else None, extra + ["--seed", "7", "--scheduler", "cosine"],
                             1 if a.smoke else 5, ("vgg11", "--bn"))
+                keep_run(a.keep, out)
                 if r:
                     (_, _, ran_as, top1), _ = r
                     accuracy.append((ran_as, top1))
