@@ -298,10 +298,17 @@ impl CudaGraph {
         if !self.entered {
             bail!("a CUDA graph captures on its own stream (on_side_stream)");
         }
+        // Autocast's cached casts of the weights would be made inside the
+        // capture and freed with it; every capture runs without the cache.
+        set_autocast_cache(false)?;
         // SAFETY: `self.ptr` is a live graph.
-        call("starting the CUDA graph capture", |err, len| unsafe {
+        let begun = call("starting the CUDA graph capture", |err, len| unsafe {
             vggctl_graph_capture_begin(self.ptr, err, len)
-        })?;
+        });
+        if let Err(e) = begun {
+            set_autocast_cache(true)?;
+            return Err(e);
+        }
         // An operation that cannot be captured makes tch panic; that must
         // end the capture and come back as an error, not as a crash.
         let hook = std::panic::take_hook();
@@ -312,6 +319,7 @@ impl CudaGraph {
         let ended = call("ending the CUDA graph capture", |err, len| unsafe {
             vggctl_graph_capture_end(self.ptr, err, len)
         });
+        set_autocast_cache(true)?;
         match out {
             Ok(out) => ended.map(|_| out),
             Err(panic) => {

@@ -325,12 +325,8 @@ impl EvalGraph {
             }
             None => {
                 let (sx, sy) = (x.copy(), y.copy());
-                self.graph.on_side_stream(|g| {
-                    shim::set_autocast_cache(false)?;
-                    let out = g.capture(|| sums.add(model, pre, &sx, &sy));
-                    shim::set_autocast_cache(true)?;
-                    out
-                })?;
+                self.graph
+                    .on_side_stream(|g| g.capture(|| sums.add(model, pre, &sx, &sy)))?;
                 self.io = Some((sx, sy));
             }
         }
@@ -951,8 +947,6 @@ impl<'a> Trainer<'a> {
                 let smoothing = self.state.config.label_smoothing;
                 let (model, pre, opt) = (&self.model, &self.pre, &mut self.opt);
                 let (loss, correct) = g.graph.on_side_stream(|graph| {
-                    // Cached casts of the weights would be freed inside the capture.
-                    shim::set_autocast_cache(false)?;
                     let out = graph.capture(|| {
                         let logits = pre.forward(model, &sx, true);
                         let loss = logits.cross_entropy_loss::<Tensor>(
@@ -966,7 +960,6 @@ impl<'a> Trainer<'a> {
                         let correct = logits.argmax(-1, false).eq_tensor(&sy).sum(Kind::Int64);
                         Ok((loss.detach(), correct))
                     });
-                    shim::set_autocast_cache(true)?;
                     out.and_then(|step| step)
                 })?;
                 g.bn_delta = self

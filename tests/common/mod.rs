@@ -88,3 +88,11 @@ pub fn serve(body: Vec<u8>) -> std::net::SocketAddr {
     });
     addr
 }
+
+/// `r` succeeded and printed each of `warnings` on stderr.
+pub fn assert_warned(r: &Run, warnings: &[&str]) {
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    for w in warnings {
+        assert!(r.stderr.contains(w), "missing {w:?} in:\n{}", r.stderr);
+    }
+}
