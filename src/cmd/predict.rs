@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Result, bail};
+use rayon::prelude::*;
 use serde::Serialize;
 use tch::{Kind, Tensor};
 use vggctl::checkpoint::{load_checkpoint, meta_for_weights};
@@ -88,10 +89,13 @@ pub fn run(args: Args) -> Result<()> {
     let k = args.topk.min(model.spec.classes);
     let mut preds = Vec::with_capacity(args.images.len());
     for chunk in args.images.chunks(args.batch_size) {
+        // Decoding and resizing dominate on the CPU: all cores, one image each.
         let batch: Vec<Tensor> = chunk
-            .iter()
+            .par_iter()
             .map(|p| read_image(p).map(|img| eval_transform(&img, resize, input)))
-            .collect::<Result<_>>()?;
+            .collect::<Vec<_>>()
+            .into_iter()
+            .collect::<Result<_>>()?; // the first unreadable file in order
         let x = Tensor::stack(&batch, 0).to_device(device);
         let probs = tch::no_grad(|| pre.logits(&model, &x, false).softmax(-1, Kind::Float));
         let (p, idx) = probs.topk(k, -1, true, true);
