@@ -4,7 +4,8 @@
 //! the new class count; `--train-features` / `--freeze-until` unfreeze;
 //! unreadable images are skipped or, with --strict, an error; torchvision's
 //! files are found in ./weights and $TORCH_HOME and downloaded with their
-//! hash checked.
+//! hash checked; predict's preprocessing is torchvision's eval transform
+//! pixel for pixel.
 
 mod common;
 
@@ -373,5 +374,32 @@ fn cached_folder_images_are_exactly_what_predict_sees() {
         // What predict feeds it: torchvision's Resize(256) + CenterCrop(224).
         let predict = eval_transform(&read_image(path).unwrap(), Some(256), 224).unsqueeze(0);
         assert!(eval.equal(&predict), "{}", path.display());
+    }
+}
+
+/// torchvision's eval transform on uint8 tensors (Resize(256, antialias) +
+/// CenterCrop(224)) and ours agree pixel for pixel, at sizes whose centre
+/// offset is a half: a 4:3 photo resizes to 341 x 256, and CenterCrop
+/// rounds 58.5 to 58 as Python does (rounding it up shifted every 4:3
+/// landscape photo by one column).
+#[test]
+fn predicts_preprocessing_is_torchvisions_eval_transform() {
+    use vggctl::data::image::eval_transform;
+    let refs = read_safetensors(&common::fixtures().join("eval_transform.safetensors"))
+        .unwrap()
+        .tensors;
+    for k in 0..5 {
+        let source = &refs[&format!("source_{k}")];
+        let theirs = &refs[&format!("expected_{k}")];
+        let ours = eval_transform(source, Some(256), 224);
+        assert_eq!(ours.size(), theirs.size(), "image {k}");
+        let diff = (ours.to_kind(tch::Kind::Float) - theirs.to_kind(tch::Kind::Float)).abs();
+        assert!(
+            ours.equal(theirs),
+            "image {k} {:?}: max difference {}, mean {}",
+            source.size(),
+            diff.max().double_value(&[]),
+            diff.mean(tch::Kind::Float).double_value(&[])
+        );
     }
 }

@@ -11,6 +11,8 @@
   RandomResizedCrop.get_params for each of three image shapes (square,
   landscape, portrait), and photographs cropped to given boxes, resized
   (F.resized_crop, antialiased bilinear) and flipped.
+- eval_transform.safetensors: photographs of five sizes and torchvision's
+  Resize(256, antialias) + CenterCrop(224) of each, as uint8.
 
 Usage: make_datasets.py OUT_DIR"""
 import os
@@ -132,6 +134,23 @@ def write_resized_crop(path):
     save_file(out, path)
 
 
+EVAL_SIZES = [(120, 90), (90, 120), (101, 77), (77, 101), (64, 64)]  # (width, height)
+
+
+def write_eval_transform(path):
+    """Photographs at sizes whose centre crops need rounding (4:3 resizes to
+    341 x 256: an offset of 58.5, which Python rounds to 58), through
+    torchvision's eval transform on uint8 tensors."""
+    photos = [skdata.chelsea(), skdata.coffee(), skdata.astronaut(), skdata.rocket(), skdata.chelsea()]
+    out = {}
+    for k, ((w, h), arr) in enumerate(zip(EVAL_SIZES, photos)):
+        img = torch.from_numpy(np.array(Image.fromarray(arr).convert("RGB").resize((w, h), Image.BILINEAR)))
+        img = img.permute(2, 0, 1).contiguous()
+        out[f"source_{k}"] = img
+        out[f"expected_{k}"] = F.center_crop(F.resize(img, 256, antialias=True), 224).contiguous()
+    save_file(out, path)
+
+
 def write_photos(root):
     """A small image folder of real photographs: 3 classes, augmented copies
     (crops, flips, brightness) as PNG and JPEG, plus one unreadable file."""
@@ -161,6 +180,7 @@ def main(out):
     write_py(os.path.join(out, "digits-py"), batches, test)
     write_augment(os.path.join(out, "augment.safetensors"))
     write_resized_crop(os.path.join(out, "resized_crop.safetensors"))
+    write_eval_transform(os.path.join(out, "eval_transform.safetensors"))
     write_photos(os.path.join(out, "photos"))
     print("wrote digits datasets and augmentation references", file=sys.stderr)
 

@@ -187,8 +187,8 @@ pub fn random_resized_crop_flip(x: &Tensor, size: i64) -> Tensor {
 /// The central `size` x `size` window (torchvision's `CenterCrop`).
 pub fn center_crop(x: &Tensor, size: i64) -> Tensor {
     let (_, _, h, w) = x.size4().expect("center_crop expects a 4-d batch");
-    let top = ((h - size) as f64 / 2.0).round() as i64;
-    let left = ((w - size) as f64 / 2.0).round() as i64;
+    let top = ((h - size) as f64 / 2.0).round_ties_even() as i64;
+    let left = ((w - size) as f64 / 2.0).round_ties_even() as i64;
     x.narrow(2, top, size).narrow(3, left, size)
 }
 

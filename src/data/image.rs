@@ -54,7 +54,8 @@ pub fn eval_transform(img: &Tensor, resize: Option<i64>, size: i64) -> Tensor {
         ((short as f64 * h as f64 / w as f64) as i64, short)
     };
     let r = resize_u8(img, nh, nw);
-    let top = ((nh - size) as f64 / 2.0).round() as i64;
-    let left = ((nw - size) as f64 / 2.0).round() as i64;
+    // CenterCrop rounds with Python's round(): halves to even (58.5 -> 58).
+    let top = ((nh - size) as f64 / 2.0).round_ties_even() as i64;
+    let left = ((nw - size) as f64 / 2.0).round_ties_even() as i64;
     r.narrow(1, top, size).narrow(2, left, size)
 }
