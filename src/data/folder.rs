@@ -94,7 +94,8 @@ pub fn decode_square(path: &Path, side: u32) -> Result<Vec<u8>> {
 
 fn cache_key(files: &[(PathBuf, i64)], side: i64) -> String {
     let mut h = Sha256::new();
-    h.update(format!("vggctl-folder-v2 {side}\n"));
+    // v3: centre crops round halves to even (v2's 4:3 squares were a column off).
+    h.update(format!("vggctl-folder-v3 {side}\n"));
     for (p, label) in files {
         let meta = fs::metadata(p).ok();
         let size = meta.as_ref().map(|m| m.len()).unwrap_or(0);
