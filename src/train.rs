@@ -207,10 +207,38 @@ pub struct EvalResult {
     pub images_per_s: f64,
 }
 
-/// The split on the device: uint8 images and int64 labels, moved once.
+/// The split on the device: uint8 images, their canvas layout (image
+/// folders) and int64 labels, moved once.
 pub struct DeviceSplit {
     pub images: Tensor,
     pub labels: Tensor,
+    pub layout: Option<Tensor>,
+}
+
+/// A batch of a [`DeviceSplit`].
+struct Batch {
+    x: Tensor,
+    layout: Option<Tensor>,
+    y: Tensor,
+}
+
+impl Batch {
+    fn copy(&self) -> Batch {
+        Batch {
+            x: self.x.copy(),
+            layout: self.layout.as_ref().map(Tensor::copy),
+            y: self.y.copy(),
+        }
+    }
+
+    /// Writes `from` into this batch's tensors (a graph's static input).
+    fn fill(&mut self, from: &Batch) {
+        self.x.copy_(&from.x);
+        if let (Some(l), Some(f)) = (&mut self.layout, &from.layout) {
+            l.copy_(f);
+        }
+        self.y.copy_(&from.y);
+    }
 }
 
 impl DeviceSplit {
@@ -218,6 +246,25 @@ impl DeviceSplit {
         DeviceSplit {
             images: split.images.to_device(device),
             labels: split.labels.to_device(device),
+            layout: split.layout.as_ref().map(|l| l.to_device(device)),
+        }
+    }
+
+    /// Examples `start..start + len`.
+    fn narrow(&self, start: i64, len: i64) -> Batch {
+        Batch {
+            x: self.images.narrow(0, start, len),
+            layout: self.layout.as_ref().map(|l| l.narrow(0, start, len)),
+            y: self.labels.narrow(0, start, len),
+        }
+    }
+
+    /// The examples at `idx`.
+    fn select(&self, idx: &Tensor) -> Batch {
+        Batch {
+            x: self.images.index_select(0, idx),
+            layout: self.layout.as_ref().map(|l| l.index_select(0, idx)),
+            y: self.labels.index_select(0, idx),
         }
     }
 
@@ -268,9 +315,10 @@ impl EvalSums {
 
     /// Adds one uint8 batch's figures: device work only, in place, no host
     /// synchronization (so a CUDA graph can capture it).
-    fn add(&mut self, model: &Vgg, pre: &Preprocess, x: &Tensor, y: &Tensor) {
+    fn add(&mut self, model: &Vgg, pre: &Preprocess, batch: &Batch) {
         let classes = model.spec.classes;
-        let logits = pre.logits(model, x, false);
+        let y = &batch.y;
+        let logits = pre.logits(model, &batch.x, batch.layout.as_ref(), false);
         let loss = logits.cross_entropy_loss::<Tensor>(y, None, Reduction::Sum, -100, 0.0);
         self.loss += loss.to_kind(Kind::Double);
         let pred = logits.argmax(-1, false);
@@ -293,8 +341,8 @@ impl EvalSums {
 pub struct EvalGraph {
     graph: CudaGraph,
     warmup_left: usize,
-    /// Static input batch and labels, and the sums the graph adds into.
-    io: Option<(Tensor, Tensor)>,
+    /// The static input batch, and the sums the graph adds into.
+    io: Option<Batch>,
     sums: EvalSums,
 }
 
@@ -309,25 +357,22 @@ impl EvalGraph {
         })
     }
 
-    fn batch(&mut self, model: &Vgg, pre: &Preprocess, x: &Tensor, y: &Tensor) -> Result<()> {
+    fn batch(&mut self, model: &Vgg, pre: &Preprocess, batch: &Batch) -> Result<()> {
         let sums = &mut self.sums;
         if self.warmup_left > 0 {
             self.warmup_left -= 1;
             return self.graph.on_side_stream(|_| {
-                sums.add(model, pre, x, y);
+                sums.add(model, pre, batch);
                 Ok(())
             });
         }
         match &mut self.io {
-            Some((sx, sy)) => {
-                sx.copy_(x);
-                sy.copy_(y);
-            }
+            Some(io) => io.fill(batch),
             None => {
-                let (sx, sy) = (x.copy(), y.copy());
+                let io = batch.copy();
                 self.graph
-                    .on_side_stream(|g| g.capture(|| sums.add(model, pre, &sx, &sy)))?;
-                self.io = Some((sx, sy));
+                    .on_side_stream(|g| g.capture(|| sums.add(model, pre, &io)))?;
+                self.io = Some(io);
             }
         }
         self.graph.replay()
@@ -360,12 +405,11 @@ pub fn evaluate(
                 clock = Some((Instant::now(), start));
             }
             let len = batch.min(n - start);
-            let y = data.labels.narrow(0, start, len);
-            let x = data.images.narrow(0, start, len);
+            let b = data.narrow(start, len);
             match graph.as_mut() {
-                Some(g) if len == batch => g.batch(model, pre, &x, &y)?,
-                Some(g) => g.sums.add(model, pre, &x, &y),
-                None => own.add(model, pre, &x, &y),
+                Some(g) if len == batch => g.batch(model, pre, &b)?,
+                Some(g) => g.sums.add(model, pre, &b),
+                None => own.add(model, pre, &b),
             }
             start += len;
         }
@@ -854,10 +898,9 @@ impl<'a> Trainer<'a> {
             let start = step as i64 * b;
             let len = b.min(n - start);
             let idx = perm.narrow(0, start, len);
-            let x = self.train.images.index_select(0, &idx);
-            let y = self.train.labels.index_select(0, &idx);
+            let Batch { x, layout, y } = self.train.select(&idx);
             let timer = StepTimer::start(cfg.profile, dev);
-            let x = self.pre.model_input(&x, true);
+            let x = self.pre.model_input(&x, layout.as_ref(), true);
             let timer = timer.lap(&mut self.profile.data);
             let (loss, correct) = match self.graph.take() {
                 Some(mut g) if len == b => {

@@ -327,11 +327,19 @@ fn ks_distance(a: &[i64], b: &[i64]) -> f64 {
 fn resized_crop_boxes_follow_torchvisions_distribution() {
     let refs = resized_crop_refs();
     tch::manual_seed(5);
-    for (h, w) in [(73, 73), (40, 100), (100, 40)] {
+    // One batch of all three shapes, interleaved: each image's own size counts.
+    let shapes = [(73, 73), (40, 100), (100, 40)];
+    let n = refs["boxes_73x73"].size()[0];
+    let dims = |k: usize| {
+        let one = |s: [i64; 3]| Tensor::from_slice(&s.map(|v| v as f32)).repeat([n]);
+        one(shapes.map(|s| if k == 0 { s.0 } else { s.1 }))
+    };
+    let b = random_resized_boxes(&dims(0), &dims(1));
+    let all = Tensor::stack(&[&b.top, &b.left, &b.height, &b.width], 1);
+    for (k, (h, w)) in shapes.into_iter().enumerate() {
         let theirs = &refs[&format!("boxes_{h}x{w}")];
-        let n = theirs.size()[0];
-        let b = random_resized_boxes(n, h, w, Device::Cpu);
-        let ours = Tensor::stack(&[&b.top, &b.left, &b.height, &b.width], 1);
+        assert_eq!(theirs.size()[0], n);
+        let ours = all.slice(0, k as i64, None, 3);
         assert!(ours.equal(&ours.round()), "{h}x{w}: boxes are whole pixels");
         let ours = ours.to_kind(Kind::Int64);
         let (top, left, bh, bw) = (

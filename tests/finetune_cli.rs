@@ -344,36 +344,127 @@ fn bad_predict_and_eval_requests() {
     }
 }
 
+/// A photo at each shape a folder can hold (width x height): the fixtures'
+/// 6:5 landscape, 4:3 and 3:4, 2:1 and 1:2 (wider than the 3:2 canvas),
+/// square.
+fn photos_of_every_shape(dir: &Path) -> Vec<PathBuf> {
+    let photo = image::open(fixture("photos/cat/cat_01.png")).unwrap();
+    [
+        (96, 80),
+        (120, 90),
+        (90, 120),
+        (200, 100),
+        (100, 200),
+        (80, 80),
+    ]
+    .iter()
+    .map(|&(w, h)| {
+        let path = dir.join(format!("{w}x{h}.png"));
+        photo
+            .resize_exact(w, h, image::imageops::FilterType::Triangle)
+            .save(&path)
+            .unwrap();
+        path
+    })
+    .collect()
+}
+
 #[test]
 fn cached_folder_images_are_exactly_what_predict_sees() {
     use tch::Tensor;
-    use vggctl::data::augment::center_crop;
-    use vggctl::data::folder::decode_square;
+    use vggctl::data::augment::{canvas_centre, center_crop};
+    use vggctl::data::folder::decode_canvas;
     use vggctl::data::image::{eval_transform, read_image};
-    // The fixture photos are landscape; add a portrait one.
     let tmp = common::tempdir();
-    let portrait = tmp.path().join("portrait.png");
-    image::open(fixture("photos/cat/cat_01.png"))
-        .unwrap()
-        .rotate90()
-        .save(&portrait)
-        .unwrap();
-    let mut paths: Vec<PathBuf> = [
-        "photos/cat/cat_00.jpg",
-        "photos/cat/cat_01.png",
-        "photos/coffee/coffee_03.jpg",
-    ]
-    .iter()
-    .map(|p| PathBuf::from(fixture(p)))
-    .collect();
-    paths.push(portrait);
+    let mut paths = photos_of_every_shape(tmp.path());
+    paths.push(PathBuf::from(fixture("photos/coffee/coffee_03.jpg")));
     for path in &paths {
-        // What fine-tuning and eval feed the model: the cached square's centre.
-        let cached = Tensor::from_slice(&decode_square(path, 256).unwrap()).view([1, 3, 256, 256]);
-        let eval = center_crop(&cached, 224);
+        // What fine-tuning and eval feed the model: the centre of the
+        // cached canvas's centre square.
+        let (pixels, layout) = decode_canvas(path, 256).unwrap();
+        let canvas = Tensor::from_slice(&pixels).view([1, 3, 256, 384]);
+        let layout = Tensor::from_slice(&layout).view([1, 3]);
+        let eval = center_crop(&canvas_centre(&canvas, &layout), 224);
         // What predict feeds it: torchvision's Resize(256) + CenterCrop(224).
         let predict = eval_transform(&read_image(path).unwrap(), Some(256), 224).unsqueeze(0);
         assert!(eval.equal(&predict), "{}", path.display());
+    }
+}
+
+/// A cached canvas holds the whole resized image (up to 3:2; beyond, the
+/// window around the centre square), and a random resized crop of a batch
+/// of canvases equals `resized_crop_flip` (itself equal to torchvision's
+/// `F.resized_crop`) of each resized image with the same box and flip,
+/// within 1e-3 of 255 (float rounding of the source positions).
+#[test]
+fn canvas_crops_are_crops_of_the_whole_resized_image() {
+    use tch::{Kind, Tensor};
+    use vggctl::data::augment::{
+        CropBoxes, canvas_crop_flip, random_resized_boxes, resized_crop_flip,
+    };
+    use vggctl::data::folder::decode_canvas;
+    use vggctl::data::image::{centre_offset, read_image, resize_shorter};
+    let tmp = common::tempdir();
+    let paths = photos_of_every_shape(tmp.path());
+    let side = 64;
+    let (mut canvases, mut layouts, mut images) = (Vec::new(), Vec::new(), Vec::new());
+    for path in &paths {
+        let (pixels, layout) = decode_canvas(path, side).unwrap();
+        let canvas = Tensor::from_slice(&pixels).view([3, side, 96]);
+        let [first, visible, transposed] = layout;
+        let unpacked = canvas.narrow(2, first, visible);
+        let unpacked = if transposed == 1 {
+            unpacked.transpose(1, 2)
+        } else {
+            unpacked
+        };
+        let resized = resize_shorter(&read_image(path).unwrap(), side);
+        let (_, h, w) = resized.size3().unwrap();
+        let (axis, long) = if h > w { (1, h) } else { (2, w) };
+        assert_eq!(transposed == 1, h > w, "{}", path.display());
+        if long <= 96 {
+            assert_eq!(visible, long, "{}", path.display());
+            assert!(unpacked.equal(&resized), "{}", path.display());
+        } else {
+            // The window the canvas keeps holds the centre square.
+            let centre = centre_offset(long, side);
+            let start = (0..=long - 96)
+                .find(|&s| resized.narrow(axis, s, 96).equal(&unpacked))
+                .unwrap_or_else(|| panic!("{}: not a window", path.display()));
+            assert!(start <= centre && centre + side <= start + 96);
+        }
+        canvases.push(canvas);
+        layouts.push(Tensor::from_slice(&layout));
+        images.push(unpacked);
+    }
+    let (canvases, layout) = (Tensor::stack(&canvases, 0), Tensor::stack(&layouts, 0));
+    let b = images.len() as i64;
+    tch::manual_seed(11);
+    for round in 0..4 {
+        let dims = |axis: usize| {
+            let v: Vec<f32> = images.iter().map(|i| i.size()[axis] as f32).collect();
+            Tensor::from_slice(&v)
+        };
+        let boxes = random_resized_boxes(&dims(1), &dims(2));
+        let flip = Tensor::rand([b], (Kind::Float, tch::Device::Cpu)).lt(0.5);
+        let got = canvas_crop_flip(&canvases, &layout, &boxes, &flip, 32);
+        for (i, img) in images.iter().enumerate() {
+            let i = i as i64;
+            let one = |t: &Tensor| t.narrow(0, i, 1);
+            let own = CropBoxes {
+                top: one(&boxes.top),
+                left: one(&boxes.left),
+                height: one(&boxes.height),
+                width: one(&boxes.width),
+            };
+            let want = resized_crop_flip(&img.unsqueeze(0), &own, &one(&flip), 32);
+            let err = (got.narrow(0, i, 1) - want).abs().max().double_value(&[]);
+            assert!(
+                err < 1e-3,
+                "round {round}, {}: max error {err}",
+                paths[i as usize].display()
+            );
+        }
     }
 }
 

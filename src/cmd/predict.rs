@@ -97,7 +97,7 @@ pub fn run(args: Args) -> Result<()> {
             .into_iter()
             .collect::<Result<_>>()?; // the first unreadable file in order
         let x = Tensor::stack(&batch, 0).to_device(device);
-        let probs = tch::no_grad(|| pre.logits(&model, &x, false).softmax(-1, Kind::Float));
+        let probs = tch::no_grad(|| pre.logits(&model, &x, None, false).softmax(-1, Kind::Float));
         let (p, idx) = probs.topk(k, -1, true, true);
         let p: Vec<f32> = Vec::try_from(p.to_device(tch::Device::Cpu).flatten(0, -1))?;
         let idx: Vec<i64> = Vec::try_from(idx.to_device(tch::Device::Cpu).flatten(0, -1))?;

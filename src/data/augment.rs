@@ -4,6 +4,8 @@
 
 use tch::{Device, Kind, Tensor};
 
+use super::image::centre_offset;
+
 /// Crops `x` (`B x C x H x W`, any dtype) after zero-padding it by `pad` on
 /// every side, at per-image offsets `oy`, `ox` in `0..=2*pad`, and mirrors
 /// the images where `flip` is true: torchvision's `RandomCrop(H, padding=pad)`
@@ -81,54 +83,63 @@ pub struct CropBoxes {
 const CROP_ATTEMPTS: i64 = 10;
 
 /// torchvision's `RandomResizedCrop.get_params(img, scale=(0.08, 1),
-/// ratio=(3/4, 4/3))` for `b` images of `height` x `width` pixels, drawn on
-/// `dev` for the whole batch at once: per image, up to 10 candidate boxes
-/// (area fraction uniform, aspect ratio log-uniform, sides rounded half to
-/// even like Python's `round`); the first that fits is taken at a uniform
-/// integer offset; if none fits, the centre crop with the ratio clamped.
-pub fn random_resized_boxes(b: i64, height: i64, width: i64, dev: Device) -> CropBoxes {
-    let opts = (Kind::Float, dev);
-    let (hf, wf) = (height as f64, width as f64);
-    let area = (Tensor::rand([b, CROP_ATTEMPTS], opts) * 0.92 + 0.08) * (hf * wf);
+/// ratio=(3/4, 4/3))` for images of `height[i]` x `width[i]` pixels (float
+/// tensors `[B]`), drawn on their device for the whole batch at once: per
+/// image, up to 10 candidate boxes (area fraction uniform, aspect ratio
+/// log-uniform, sides rounded half to even like Python's `round`); the
+/// first that fits is taken at a uniform integer offset; if none fits, the
+/// centre crop with the ratio clamped.
+pub fn random_resized_boxes(height: &Tensor, width: &Tensor) -> CropBoxes {
+    let b = height.size()[0];
+    let opts = (Kind::Float, height.device());
+    let (hf, wf) = (
+        height.to_kind(Kind::Float).view([b, 1]),
+        width.to_kind(Kind::Float).view([b, 1]),
+    );
+    let area = (Tensor::rand([b, CROP_ATTEMPTS], opts) * 0.92 + 0.08) * (&hf * &wf);
     let (lo, hi) = ((3.0f64 / 4.0).ln(), (4.0f64 / 3.0).ln());
     let ratio = (Tensor::rand([b, CROP_ATTEMPTS], opts) * (hi - lo) + lo).exp();
     let w = (&area * &ratio).sqrt().round();
     let h = (&area / &ratio).sqrt().round();
     let fits = w
         .gt(0.0)
-        .logical_and(&w.le(wf))
+        .logical_and(&w.le_tensor(&wf))
         .logical_and(&h.gt(0.0))
-        .logical_and(&h.le(hf));
+        .logical_and(&h.le_tensor(&hf));
     // The first candidate that fits (argmax returns the first maximum).
     let first = fits.to_kind(Kind::Int).argmax(1, true);
     let any = fits.any_dim(1, false);
     // No candidate fits: torchvision's fallback, the centre crop of the
-    // whole image with its aspect ratio clamped to 3/4-4/3.
-    let in_ratio = wf / hf;
-    let (fw, fh) = if in_ratio < 3.0 / 4.0 {
-        (wf, (wf / (3.0 / 4.0)).round_ties_even())
-    } else if in_ratio > 4.0 / 3.0 {
-        ((hf * (4.0 / 3.0)).round_ties_even(), hf)
-    } else {
-        (wf, hf)
-    };
-    let pick = |t: &Tensor, fallback: f64| {
+    // whole image with its aspect ratio clamped to 3/4-4/3 (in f64, as
+    // Python computes it).
+    let (hd, wd) = (
+        hf.view([b]).to_kind(Kind::Double),
+        wf.view([b]).to_kind(Kind::Double),
+    );
+    let in_ratio = &wd / &hd;
+    let fw = (&hd * (4.0 / 3.0))
+        .round()
+        .where_self(&in_ratio.gt(4.0 / 3.0), &wd);
+    let fh = (&wd / (3.0 / 4.0))
+        .round()
+        .where_self(&in_ratio.lt(3.0 / 4.0), &hd);
+    let pick = |t: &Tensor, fallback: Tensor| {
         t.gather(1, &first, false)
             .squeeze_dim(1)
-            .where_self(&any, &Tensor::full([b], fallback, opts))
+            .where_self(&any, &fallback.to_kind(Kind::Float))
     };
     let (w, h) = (pick(&w, fw), pick(&h, fh));
     // A drawn box sits at a uniform integer offset, the fallback in the middle.
-    let offset = |side: f64, len: &Tensor| {
-        let room = -len + side;
+    let offset = |side: &Tensor, len: &Tensor| {
+        let room = side.view([b]) - len;
         let drawn = (Tensor::rand([b], opts) * (&room + 1.0))
             .floor()
             .minimum(&room);
         drawn.where_self(&any, &(room / 2.0).floor())
     };
     CropBoxes {
-        top: offset(hf, &h),
-        left: offset(wf, &w),
+        top: offset(&hf, &h),
+        left: offset(&wf, &w),
         height: h,
         width: w,
     }
@@ -157,19 +168,29 @@ fn resize_weights(start: &Tensor, len: &Tensor, side: i64, size: i64) -> Tensor 
     &w / w.sum_dim_intlist(2, true, Kind::Float)
 }
 
+/// `rows` (`[B, size, H]`) @ `x` (`B x C x H x W`) @ `cols`ᵀ (`[B, size, W]`).
+fn resize_matmul(x: &Tensor, rows: &Tensor, cols: &Tensor) -> Tensor {
+    rows.unsqueeze(1)
+        .matmul(&x.to_kind(Kind::Float))
+        .matmul(&cols.transpose(1, 2).unsqueeze(1))
+}
+
+/// The weight matrices `w` (`[B, size, side]`) reversed along the output
+/// axis where `flip` is true: the resized crop comes out mirrored.
+fn flip_where(w: Tensor, flip: &Tensor) -> Tensor {
+    let b = w.size()[0];
+    w.flip([1]).where_self(&flip.view([b, 1, 1]), &w)
+}
+
 /// Crops each image of `x` (`B x C x H x W`, any dtype) to its box, resizes
 /// the crop to `size` x `size` with antialiased bilinear interpolation and
 /// mirrors it where `flip` is true: `F.resized_crop(img, ..., antialias=True)`
 /// (+ `F.hflip`) on float tensors, as two batched matrix products.
 pub fn resized_crop_flip(x: &Tensor, boxes: &CropBoxes, flip: &Tensor, size: i64) -> Tensor {
-    let (b, _, h, w) = x.size4().expect("resized_crop_flip expects a 4-d batch");
+    let (_, _, h, w) = x.size4().expect("resized_crop_flip expects a 4-d batch");
     let rows = resize_weights(&boxes.top, &boxes.height, h, size);
     let cols = resize_weights(&boxes.left, &boxes.width, w, size);
-    let cols = cols.flip([1]).where_self(&flip.view([b, 1, 1]), &cols);
-    // [B, 1, size, H] @ [B, C, H, W] @ [B, 1, W, size]
-    rows.unsqueeze(1)
-        .matmul(&x.to_kind(Kind::Float))
-        .matmul(&cols.transpose(1, 2).unsqueeze(1))
+    resize_matmul(x, &rows, &flip_where(cols, flip))
 }
 
 /// torchvision's `RandomResizedCrop(size)` (antialiased) followed by
@@ -178,18 +199,124 @@ pub fn random_resized_crop_flip(x: &Tensor, size: i64) -> Tensor {
     let (b, _, h, w) = x
         .size4()
         .expect("random_resized_crop_flip expects a 4-d batch");
-    let dev = x.device();
-    let boxes = random_resized_boxes(b, h, w, dev);
-    let flip = Tensor::rand([b], (Kind::Float, dev)).lt(0.5);
+    let opts = (Kind::Float, x.device());
+    let boxes = random_resized_boxes(
+        &Tensor::full([b], h as f64, opts),
+        &Tensor::full([b], w as f64, opts),
+    );
+    let flip = Tensor::rand([b], opts).lt(0.5);
     resized_crop_flip(x, &boxes, &flip, size)
+}
+
+/// Image-folder datasets keep each image whole, at a fixed batch shape, in
+/// a canvas of `side x canvas_width(side)` (3:2): resized so its shorter
+/// side is `side` (torchvision's `Resize`), portrait images transposed so
+/// that side runs down, and placed so that the eval transform's centre
+/// square fills the canvas' middle `side` columns. A longer side beyond 3:2
+/// is cut to the canvas around that square. Per image, `layout` (int64
+/// `[N, 3]`) holds the first canvas column of the image, its visible width
+/// and whether it is transposed (1) or not (0). Random resized crops draw
+/// their boxes in the whole (visible) image, as torchvision does.
+pub fn canvas_width(side: i64) -> i64 {
+    side * 3 / 2
+}
+
+/// Lays a resized uint8 image (`3 x H x W`, its shorter side the canvas
+/// side) into its canvas; returns the canvas and its layout row.
+pub fn pack_canvas(resized: &Tensor) -> (Tensor, [i64; 3]) {
+    let (c, h, w) = resized
+        .size3()
+        .expect("pack_canvas expects a 3 x H x W image");
+    let transposed = h > w;
+    let img = if transposed {
+        resized.transpose(1, 2)
+    } else {
+        resized.shallow_clone()
+    };
+    let (side, long) = (h.min(w), h.max(w));
+    let width = canvas_width(side);
+    let middle = centre_offset(width, side);
+    // Where the eval transform's square starts along the longer side.
+    let centre = centre_offset(long, side);
+    let mut canvas = Tensor::zeros([c, side, width], (resized.kind(), resized.device()));
+    let (first, visible) = if long <= width {
+        // Fits (first >= 0 and first + long <= width for every side and long).
+        let first = middle - centre;
+        canvas.narrow(2, first, long).copy_(&img);
+        (first, long)
+    } else {
+        canvas.copy_(&img.narrow(2, centre - middle, width));
+        (0, width)
+    };
+    (canvas, [first, visible, transposed as i64])
+}
+
+/// The eval transform's centre square (`side x side`, uint8) of each canvas
+/// of a batch, in the image's own orientation.
+pub fn canvas_centre(x: &Tensor, layout: &Tensor) -> Tensor {
+    let (b, _, side, width) = x.size4().expect("canvas_centre expects a 4-d batch");
+    let square = x.narrow(3, centre_offset(width, side), side);
+    let transposed = layout.select(1, 2).gt(0).view([b, 1, 1, 1]);
+    square.transpose(2, 3).where_self(&transposed, &square)
+}
+
+/// The images of a batch as squares: canvases' centre squares (CIFAR-style
+/// training on an image folder), other batches as they are.
+fn squares(x: &Tensor, layout: Option<&Tensor>) -> Tensor {
+    match layout {
+        Some(l) => canvas_centre(x, l),
+        None => x.shallow_clone(),
+    }
+}
+
+/// `resized_crop_flip` for canvases: `boxes` are in each image's own pixels
+/// and orientation (top-left of the visible image at 0, 0).
+pub fn canvas_crop_flip(
+    x: &Tensor,
+    layout: &Tensor,
+    boxes: &CropBoxes,
+    flip: &Tensor,
+    size: i64,
+) -> Tensor {
+    let (b, _, side, width) = x.size4().expect("canvas_crop_flip expects a 4-d batch");
+    let first = layout.select(1, 0).to_kind(Kind::Float);
+    let t = layout.select(1, 2).gt(0);
+    // A transposed image's rows run across the canvas, its columns down.
+    let row_start = boxes.left.where_self(&t, &boxes.top);
+    let row_len = boxes.width.where_self(&t, &boxes.height);
+    let col_start = boxes.top.where_self(&t, &boxes.left) + first;
+    let col_len = boxes.height.where_self(&t, &boxes.width);
+    let rows = resize_weights(&row_start, &row_len, side, size);
+    let cols = resize_weights(&col_start, &col_len, width, size);
+    let rows = flip_where(rows, &flip.logical_and(&t));
+    let cols = flip_where(cols, &flip.logical_and(&t.logical_not()));
+    let out = resize_matmul(x, &rows, &cols);
+    out.transpose(2, 3).where_self(&t.view([b, 1, 1, 1]), &out)
+}
+
+/// `RandomResizedCrop(size)` + `RandomHorizontalFlip` of canvases: boxes
+/// drawn in each whole (visible) image.
+pub fn random_canvas_crop_flip(x: &Tensor, layout: &Tensor, size: i64) -> Tensor {
+    let (b, _, side, _) = x
+        .size4()
+        .expect("random_canvas_crop_flip expects a 4-d batch");
+    let opts = (Kind::Float, x.device());
+    let visible = layout.select(1, 1).to_kind(Kind::Float);
+    let t = layout.select(1, 2).gt(0);
+    let side = Tensor::full([b], side as f64, opts);
+    let boxes = random_resized_boxes(
+        &visible.where_self(&t, &side),
+        &side.where_self(&t, &visible),
+    );
+    let flip = Tensor::rand([b], opts).lt(0.5);
+    canvas_crop_flip(x, layout, &boxes, &flip, size)
 }
 
 /// The central `size` x `size` window (torchvision's `CenterCrop`).
 pub fn center_crop(x: &Tensor, size: i64) -> Tensor {
     let (_, _, h, w) = x.size4().expect("center_crop expects a 4-d batch");
-    let top = ((h - size) as f64 / 2.0).round_ties_even() as i64;
-    let left = ((w - size) as f64 / 2.0).round_ties_even() as i64;
-    x.narrow(2, top, size).narrow(3, left, size)
+    x.narrow(2, centre_offset(h, size), size)
+        .narrow(3, centre_offset(w, size), size)
 }
 
 /// How a dataset's uint8 batches become the model's input.
@@ -200,7 +327,8 @@ pub enum Augment {
     /// bilinear resizing when the model's input differs from the images.
     CropFlip { padding: i64 },
     /// ImageNet: RandomResizedCrop + flip; evaluation takes the centre crop
-    /// of the (already resized) cached images.
+    /// of the (already resized) images: of a canvas' centre square, or of
+    /// the whole image.
     ResizedCrop,
 }
 
@@ -236,26 +364,41 @@ impl Preprocess {
         }
     }
 
-    pub fn train(&self, x: &Tensor) -> Tensor {
-        match self.augment {
-            Augment::CropFlip { padding } => {
-                self.resize(self.norm.apply(&random_crop_flip(x, padding)))
+    /// `layout`: where the images lie in their canvases (image folders), or
+    /// None for images that fill the batch (CIFAR, predict's crops).
+    pub fn train(&self, x: &Tensor, layout: Option<&Tensor>) -> Tensor {
+        match (self.augment, layout) {
+            (Augment::CropFlip { padding }, _) => {
+                let x = squares(x, layout);
+                self.resize(self.norm.apply(&random_crop_flip(&x, padding)))
             }
-            Augment::ResizedCrop => self.norm.apply(&random_resized_crop_flip(x, self.input)),
+            (Augment::ResizedCrop, Some(l)) => {
+                self.norm.apply(&random_canvas_crop_flip(x, l, self.input))
+            }
+            (Augment::ResizedCrop, None) => {
+                self.norm.apply(&random_resized_crop_flip(x, self.input))
+            }
         }
     }
 
-    pub fn eval(&self, x: &Tensor) -> Tensor {
-        match self.augment {
-            Augment::CropFlip { .. } => self.resize(self.norm.apply(x)),
-            Augment::ResizedCrop => self.norm.apply(&center_crop(x, self.input)),
+    pub fn eval(&self, x: &Tensor, layout: Option<&Tensor>) -> Tensor {
+        match (self.augment, layout) {
+            (Augment::CropFlip { .. }, _) => self.resize(self.norm.apply(&squares(x, layout))),
+            (Augment::ResizedCrop, Some(l)) => self
+                .norm
+                .apply(&center_crop(&canvas_centre(x, l), self.input)),
+            (Augment::ResizedCrop, None) => self.norm.apply(&center_crop(x, self.input)),
         }
     }
 
     /// The model's input for a uint8 batch: training augmentation when
     /// `train`, in the run's memory layout.
-    pub fn model_input(&self, x: &Tensor, train: bool) -> Tensor {
-        let x = if train { self.train(x) } else { self.eval(x) };
+    pub fn model_input(&self, x: &Tensor, layout: Option<&Tensor>, train: bool) -> Tensor {
+        let x = if train {
+            self.train(x, layout)
+        } else {
+            self.eval(x, layout)
+        };
         if self.channels_last {
             crate::amp::to_channels_last(&x)
         } else {
@@ -277,7 +420,13 @@ impl Preprocess {
     }
 
     /// Logits for a uint8 batch.
-    pub fn logits(&self, model: &crate::model::Vgg, x: &Tensor, train: bool) -> Tensor {
-        self.forward(model, &self.model_input(x, train), train)
+    pub fn logits(
+        &self,
+        model: &crate::model::Vgg,
+        x: &Tensor,
+        layout: Option<&Tensor>,
+        train: bool,
+    ) -> Tensor {
+        self.forward(model, &self.model_input(x, layout, train), train)
     }
 }

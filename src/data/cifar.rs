@@ -80,6 +80,7 @@ fn collect(batches: Vec<(Vec<u8>, Vec<i64>)>) -> Split {
     Split {
         images: Tensor::from_slice(&images).view([n, 3, SIDE, SIDE]),
         labels: Tensor::from_slice(&labels),
+        layout: None,
     }
 }
 

@@ -1,8 +1,9 @@
 //! Image-folder datasets (`DIR/<class>/<image>.jpg|png`, as torchvision's
 //! `ImageFolder`): each image is decoded once, in parallel on all cores,
-//! resized so its shorter side is the cache size and centre-cropped square,
-//! and kept as uint8; the result is cached on disk (keyed by the file list,
-//! sizes, modification times and the cache size) for the next run.
+//! resized so its shorter side is the cache size and kept whole as uint8 in
+//! a 3:2 canvas (`augment::canvas_width`); the result is cached on disk
+//! (keyed by the file list, sizes, modification times and the cache size)
+//! for the next run.
 
 use std::collections::HashMap;
 use std::fs;
@@ -14,6 +15,8 @@ use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 use tch::Tensor;
 
+use super::augment::{canvas_width, pack_canvas};
+use super::image::resize_shorter;
 use super::{Dataset, Split};
 use crate::weights::{read_safetensors, write_safetensors};
 
@@ -27,7 +30,7 @@ pub struct FolderOptions {
     /// Fraction held out for validation when there is no `val_dir`.
     pub val_split: f64,
     pub seed: u64,
-    /// Side of the cached square images (256 for a 224 input).
+    /// Shorter side of the cached images (256 for a 224 input).
     pub cache_size: i64,
     /// Fail on the first unreadable image instead of skipping it.
     pub strict: bool,
@@ -80,22 +83,22 @@ pub fn scan(dir: &Path) -> Result<(Vec<String>, LabeledFiles)> {
     Ok((classes, files))
 }
 
-/// Decodes an image and returns it as `3 x side x side` uint8: the shorter
-/// side resized to `side`, then the central square, by the same code as
-/// `predict`'s eval transform (torchvision's antialiased bilinear `Resize`
-/// and `CenterCrop`). So the centre crop of a cached image is exactly what
+/// Decodes an image into its canvas (`3 x side x canvas_width(side)`
+/// uint8) and layout row: the shorter side resized to `side` by the same
+/// code as `predict`'s eval transform (torchvision's antialiased bilinear
+/// `Resize`), so the centre crop of a cached image is exactly what
 /// `predict` feeds the model for that file.
-pub fn decode_square(path: &Path, side: u32) -> Result<Vec<u8>> {
+pub fn decode_canvas(path: &Path, side: i64) -> Result<(Vec<u8>, [i64; 3])> {
     let img = super::image::read_image(path)?;
-    let side = side as i64;
-    let square = super::image::eval_transform(&img, Some(side), side);
-    Ok(Vec::<u8>::try_from(square.contiguous().view([-1]))?)
+    let (canvas, layout) = pack_canvas(&resize_shorter(&img, side));
+    Ok((Vec::<u8>::try_from(canvas.view([-1]))?, layout))
 }
 
 fn cache_key(files: &[(PathBuf, i64)], side: i64) -> String {
     let mut h = Sha256::new();
-    // v3: centre crops round halves to even (v2's 4:3 squares were a column off).
-    h.update(format!("vggctl-folder-v3 {side}\n"));
+    // v4: whole images in canvases (v3: centre squares; v2's 4:3 squares
+    // were a column off).
+    h.update(format!("vggctl-folder-v4 {side}\n"));
     for (p, label) in files {
         let meta = fs::metadata(p).ok();
         let size = meta.as_ref().map(|m| m.len()).unwrap_or(0);
@@ -124,7 +127,11 @@ fn load_dir(
     let cache_dir = dir.join(".vggctl-cache");
     let cache = cache_dir.join(format!("{}.safetensors", cache_key(files, side)));
     if let Ok(sd) = read_safetensors(&cache)
-        && let (Some(images), Some(labels)) = (sd.tensors.get("images"), sd.tensors.get("labels"))
+        && let (Some(images), Some(labels), Some(layout)) = (
+            sd.tensors.get("images"),
+            sd.tensors.get("labels"),
+            sd.tensors.get("layout"),
+        )
     {
         let skipped: usize = sd
             .metadata
@@ -137,23 +144,26 @@ fn load_dir(
                 Split {
                     images: images.shallow_clone(),
                     labels: labels.shallow_clone(),
+                    layout: Some(layout.shallow_clone()),
                 },
                 skipped,
             ));
         }
     }
-    let decoded: Vec<Result<Vec<u8>>> = files
+    let decoded: Vec<Result<(Vec<u8>, [i64; 3])>> = files
         .par_iter()
-        .map(|(p, _)| decode_square(p, side as u32))
+        .map(|(p, _)| decode_canvas(p, side))
         .collect();
     let mut pixels = Vec::new();
     let mut labels = Vec::new();
+    let mut layout = Vec::new();
     let mut skipped = 0;
     for (r, (_, label)) in decoded.into_iter().zip(files) {
         match r {
-            Ok(px) => {
+            Ok((px, row)) => {
                 pixels.extend_from_slice(&px);
                 labels.push(*label);
+                layout.extend_from_slice(&row);
             }
             Err(e) if strict => return Err(e.context("unreadable image (--strict)")),
             Err(_) => skipped += 1,
@@ -168,8 +178,9 @@ fn load_dir(
     }
     let n = labels.len() as i64;
     let split = Split {
-        images: Tensor::from_slice(&pixels).view([n, 3, side, side]),
+        images: Tensor::from_slice(&pixels).view([n, 3, side, canvas_width(side)]),
         labels: Tensor::from_slice(&labels),
+        layout: Some(Tensor::from_slice(&layout).view([n, 3])),
     };
     // The cache is an optimization: failing to write it is not an error.
     if fs::create_dir_all(&cache_dir).is_ok() {
@@ -177,6 +188,10 @@ fn load_dir(
         let tensors = vec![
             ("images".to_string(), split.images.shallow_clone()),
             ("labels".to_string(), split.labels.shallow_clone()),
+            (
+                "layout".to_string(),
+                Tensor::from_slice(&layout).view([n, 3]),
+            ),
         ];
         let _ = write_safetensors(&cache, &tensors, &meta);
     }
@@ -206,6 +221,7 @@ fn take(split: &Split, idx: &[usize]) -> Split {
     Split {
         images: split.images.index_select(0, &t),
         labels: split.labels.index_select(0, &t),
+        layout: split.layout.as_ref().map(|l| l.index_select(0, &t)),
     }
 }
 

@@ -39,23 +39,34 @@ fn resize_u8(img: &Tensor, h: i64, w: i64) -> Tensor {
         .squeeze_dim(0)
 }
 
-/// torchvision's eval transform up to `ToTensor`: `Resize(resize)` (shorter
-/// side) then `CenterCrop(size)`; with `resize` None, the whole image is
-/// resized to `size` x `size`. Returns uint8 `3 x size x size`.
-pub fn eval_transform(img: &Tensor, resize: Option<i64>, size: i64) -> Tensor {
+/// torchvision's `Resize(short)` of a uint8 `3 x H x W` image: the shorter
+/// side becomes `short`, the longer `int(short * long / shorter)`.
+pub fn resize_shorter(img: &Tensor, short: i64) -> Tensor {
     let (_, h, w) = img.size3().expect("a 3 x H x W image");
-    let Some(short) = resize else {
-        return resize_u8(img, size, size);
-    };
-    // torchvision: the long side is int(short * long / short_side).
     let (nh, nw) = if h <= w {
         (short, (short as f64 * w as f64 / h as f64) as i64)
     } else {
         ((short as f64 * h as f64 / w as f64) as i64, short)
     };
-    let r = resize_u8(img, nh, nw);
-    // CenterCrop rounds with Python's round(): halves to even (58.5 -> 58).
-    let top = ((nh - size) as f64 / 2.0).round_ties_even() as i64;
-    let left = ((nw - size) as f64 / 2.0).round_ties_even() as i64;
-    r.narrow(1, top, size).narrow(2, left, size)
+    resize_u8(img, nh, nw)
+}
+
+/// The offset of a centred window of `size` in `len` pixels, rounded as
+/// torchvision's `CenterCrop` does with Python's `round()`: halves to even
+/// (58.5 -> 58).
+pub fn centre_offset(len: i64, size: i64) -> i64 {
+    ((len - size) as f64 / 2.0).round_ties_even() as i64
+}
+
+/// torchvision's eval transform up to `ToTensor`: `Resize(resize)` (shorter
+/// side) then `CenterCrop(size)`; with `resize` None, the whole image is
+/// resized to `size` x `size`. Returns uint8 `3 x size x size`.
+pub fn eval_transform(img: &Tensor, resize: Option<i64>, size: i64) -> Tensor {
+    let Some(short) = resize else {
+        return resize_u8(img, size, size);
+    };
+    let r = resize_shorter(img, short);
+    let (_, nh, nw) = r.size3().expect("a 3 x H x W image");
+    r.narrow(1, centre_offset(nh, size), size)
+        .narrow(2, centre_offset(nw, size), size)
 }

@@ -14,6 +14,9 @@ use tch::Tensor;
 pub struct Split {
     pub images: Tensor,
     pub labels: Tensor,
+    /// Image folders: where each image lies in its canvas (see
+    /// `augment::canvas_width`); None where images fill their tensor.
+    pub layout: Option<Tensor>,
 }
 
 impl Split {
@@ -31,6 +34,7 @@ impl Split {
             Some(n) if n < self.len() => Split {
                 images: self.images.narrow(0, 0, n),
                 labels: self.labels.narrow(0, 0, n),
+                layout: self.layout.map(|l| l.narrow(0, 0, n)),
             },
             _ => self,
         }
