@@ -8,6 +8,10 @@ the same synthetic CIFAR-shaped data (VGG16, cifar head, SGD step):
   (c) vggctl train end to end (device-resident data, augmentation, step),
       read from its metrics.jsonl (epochs after the first, so warm).
 
+With --bf16, also (b) and (c) in bfloat16: PyTorch under
+torch.autocast(bfloat16) with channels_last model and batch, vggctl with
+--precision bf16 (on a CPU, this needs native bf16: AVX512-BF16 or AMX).
+
 Each figure is the median of --repeat measurements: on a shared machine
 single runs vary by +-15%.
 
@@ -76,17 +80,22 @@ def recipe_loop(data, labels, dev, batch, workers, bn):
     return seen / (time.perf_counter() - t0)
 
 
-def model_only(dev, batch, steps, bn):
+def model_only(dev, batch, steps, bn, bf16=False):
     model = build("vgg16", bn, "cifar", 10).to(dev).train()
     opt, crit = sgd(model), nn.CrossEntropyLoss()
     x = torch.randn(batch, 3, 32, 32, device=dev)
     y = torch.randint(0, 10, (batch,), device=dev)
+    if bf16:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     for i in range(steps + 2):
         if i == 2:
             sync(dev)
             t0 = time.perf_counter()
         opt.zero_grad()
-        crit(model(x), y).backward()
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = crit(model(x), y)
+        loss.backward()
         opt.step()
     sync(dev)
     return batch * steps / (time.perf_counter() - t0)
@@ -104,11 +113,12 @@ def write_bin_dataset(root, data, labels):
         f.write("\n".join(f"class{i}" for i in range(10)) + "\n")
 
 
-def vggctl_loop(binary, root, dev, batch, n, bn, repeat):
-    out = os.path.join(root, "run")
+def vggctl_loop(binary, root, dev, batch, n, bn, repeat, bf16=False):
+    out = os.path.join(root, "run-bf16" if bf16 else "run")
     cmd = [binary, "train", "--arch", "vgg16", "--epochs", str(repeat + 1), "--batch-size", str(batch), "--data-dir", root,
            "--no-download", "--limit-train", str(n), "--limit-test", "100", "--out", out, "--quiet",
            "--device", "cuda" if dev.type == "cuda" else "cpu"] + (["--bn"] if bn else [])
+    cmd += ["--precision", "bf16" if bf16 else "fp32"]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return statistics.median(json.loads(line)["images_per_s"] for line in f.read().splitlines()[1:])
@@ -121,6 +131,7 @@ def main():
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--bn", action="store_true", help="VGG16-BN instead of the recipe's VGG16")
     p.add_argument("--repeat", type=int, default=3, help="measurements per configuration (median)")
+    p.add_argument("--bf16", action="store_true", help="also PyTorch bf16 autocast + channels_last and vggctl --precision bf16")
     p.add_argument("--vggctl", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "target", "release", "vggctl"))
     a = p.parse_args()
     dev = torch.device(a.device)
@@ -140,13 +151,18 @@ def main():
         rows.append(("PyTorch recipe loop (DataLoader, num_workers=8)", median(lambda: recipe_loop(data, labels, dev, a.batch, 8, a.bn))))
     steps = max(4, n // a.batch // 2)
     rows.append(("PyTorch eager model-only, fp32, data on device", median(lambda: model_only(dev, a.batch, steps, a.bn))))
+    if a.bf16:
+        rows.append(("PyTorch eager model-only, bf16 + channels_last", median(lambda: model_only(dev, a.batch, steps, a.bn, True))))
     with tempfile.TemporaryDirectory() as root:
         write_bin_dataset(root, data, labels)
-        ours = vggctl_loop(a.vggctl, root, dev, a.batch, n, a.bn, a.repeat)
-    print(f"{'configuration':<52} {'images/s':>10} {'vggctl is':>10}")
+        ours = [("vggctl fp32", vggctl_loop(a.vggctl, root, dev, a.batch, n, a.bn, a.repeat))]
+        if a.bf16:
+            ours.append(("vggctl bf16", vggctl_loop(a.vggctl, root, dev, a.batch, n, a.bn, a.repeat, True)))
+    print(f"{'configuration':<52} {'images/s':>10} " + " ".join(f"{name + ' is':>14}" for name, _ in ours))
     for label, v in rows:
-        print(f"{label:<52} {v:>10.1f} {ours / v:>9.2f}x")
-    print(f"{'vggctl train, end to end (device pipeline + step)':<52} {ours:>10.1f}")
+        print(f"{label:<52} {v:>10.1f} " + " ".join(f"{o / v:>13.2f}x" for _, o in ours))
+    for name, o in ours:
+        print(f"{name + ' train, end to end (device pipeline + step)':<52} {o:>10.1f}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ use crate::shim::{self, AutocastDtype};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
-    /// bf16 on a CUDA GPU that has it, else fp32.
+    /// bf16 on a CUDA GPU that has it, else fp32 (on a CPU too).
     Auto,
     /// Strict fp32 (TF32 off in cuBLAS and cuDNN).
     Fp32,
@@ -20,7 +20,8 @@ pub enum Precision {
     Tf32,
     /// float16 autocast with dynamic loss scaling.
     Fp16,
-    /// bfloat16 autocast (no loss scaling needed).
+    /// bfloat16 autocast (no loss scaling needed); on a CPU with native
+    /// bf16 too.
     Bf16,
 }
 
@@ -54,7 +55,8 @@ pub struct Resolved {
 
 /// Picks what runs and sets libtorch's switches for it (TF32, the autocast
 /// dtype). Degrades unsupported requests with a warning (through `warn`),
-/// never an error: no CUDA means fp32; a GPU without bf16 means fp16.
+/// never an error: on a CPU, bf16 needs native bf16 instructions and
+/// everything else but fp32 means fp32; a GPU without bf16 means fp16.
 /// `activity` ("training", "evaluating") words the warnings.
 pub fn resolve(
     precision: Precision,
@@ -75,6 +77,15 @@ pub fn resolve(
         Precision::Auto if cuda && bf16 => Precision::Bf16,
         Precision::Auto => Precision::Fp32,
         Precision::Fp32 => Precision::Fp32,
+        Precision::Bf16 if !cuda => match cpu_bf16() {
+            Ok(()) => Precision::Bf16,
+            Err(why) => {
+                warn(format!(
+                    "--precision bf16 on the CPU {why}; {activity} in fp32"
+                ));
+                Precision::Fp32
+            }
+        },
         p if !cuda => {
             warn(format!(
                 "--precision {} needs a CUDA device; {activity} in fp32",
@@ -116,6 +127,34 @@ pub fn resolve(
         precision,
         channels_last,
     }
+}
+
+/// Whether this CPU computes bfloat16 natively (AVX512-BF16, which CPUs
+/// with AMX also have, or Arm's BF16): without it oneDNN emulates bf16,
+/// slower than fp32.
+pub fn cpu_has_native_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        std::arch::is_aarch64_feature_detected!("bf16")
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        false
+    }
+}
+
+/// Ok when CPU autocast to bf16 is worth running here; else why not.
+fn cpu_bf16() -> std::result::Result<(), String> {
+    if !cpu_has_native_bf16() {
+        return Err(
+            "needs native bf16 instructions (AVX512-BF16 or AMX), which this CPU lacks".into(),
+        );
+    }
+    shim::cpu_autocast(|| ()).map_err(|e| format!("failed: {e:#}"))
 }
 
 /// NCHW shape with NHWC strides (cuDNN follows the strides); other tensors unchanged.

@@ -1,4 +1,4 @@
-// The libtorch calls tch does not bind: the autocast dtype, the TF32
+// The libtorch calls tch does not bind: the autocast dtype, CPU autocast, the TF32
 // switches, CUDA memory statistics, bf16 support, CUDA graphs and the fused
 // (multi-tensor) SGD and AdamW updates. Compiled
 // by build.rs against the libtorch that tch links; the CUDA parts only when
@@ -93,6 +93,27 @@ int vggctl_shim_has_cuda() {
 int vggctl_set_autocast_dtype_cuda(int dtype, char *err, size_t len) {
   return guarded(err, len, [&] {
     at::autocast::set_autocast_dtype(at::kCUDA, dtype == 1 ? at::kBFloat16 : at::kHalf);
+  });
+}
+
+// CPU autocast to bfloat16 around a forward pass (tch binds only CUDA's),
+// as `torch.autocast("cpu")` does: `enter` reports whether it was on before,
+// `leave` restores that and clears the cast cache when the outermost
+// autocast region ends.
+int vggctl_cpu_autocast_enter(int *prev, char *err, size_t len) {
+  *prev = 0;
+  return guarded(err, len, [&] {
+    *prev = at::autocast::is_autocast_enabled(at::kCPU) ? 1 : 0;
+    at::autocast::set_autocast_dtype(at::kCPU, at::kBFloat16);
+    at::autocast::set_autocast_enabled(at::kCPU, true);
+    at::autocast::increment_nesting();
+  });
+}
+
+int vggctl_cpu_autocast_leave(int prev, char *err, size_t len) {
+  return guarded(err, len, [&] {
+    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+    at::autocast::set_autocast_enabled(at::kCPU, prev != 0);
   });
 }
 

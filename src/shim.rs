@@ -1,5 +1,5 @@
 //! Safe wrappers over src/shim.cpp: the libtorch calls tch does not bind
-//! (autocast dtype, TF32, bf16 support, CUDA memory statistics, CUDA
+//! (autocast dtype, CPU autocast, TF32, bf16 support, CUDA memory statistics, CUDA
 //! graphs, the fused SGD and AdamW updates). This is the only module with
 //! `unsafe` code of vggctl's own.
 //!
@@ -19,6 +19,8 @@ unsafe extern "C" {
     fn vggctl_shim_has_cuda() -> c_int;
     fn vggctl_set_autocast_dtype_cuda(dtype: c_int, err: *mut c_char, len: usize) -> c_int;
     fn vggctl_set_autocast_cache(on: c_int, err: *mut c_char, len: usize) -> c_int;
+    fn vggctl_cpu_autocast_enter(prev: *mut c_int, err: *mut c_char, len: usize) -> c_int;
+    fn vggctl_cpu_autocast_leave(prev: c_int, err: *mut c_char, len: usize) -> c_int;
     fn vggctl_set_tf32(on: c_int, err: *mut c_char, len: usize) -> c_int;
     fn vggctl_cuda_bf16_supported(
         device: c_int,
@@ -203,6 +205,21 @@ pub fn set_autocast_dtype(dtype: AutocastDtype) -> Result<()> {
     })
 }
 
+/// Runs `f` under CPU autocast to bfloat16 (`torch.autocast("cpu")`).
+pub fn cpu_autocast<T>(f: impl FnOnce() -> T) -> Result<T> {
+    let mut prev: c_int = 0;
+    // SAFETY: `prev` outlives the call; err/len as above.
+    call("starting CPU autocast", |err, len| unsafe {
+        vggctl_cpu_autocast_enter(&mut prev, err, len)
+    })?;
+    let out = f();
+    // SAFETY: as above; entered just before.
+    call("ending CPU autocast", |err, len| unsafe {
+        vggctl_cpu_autocast_leave(prev, err, len)
+    })?;
+    Ok(out)
+}
+
 /// Autocast's cache of cast weights; off while a CUDA graph is captured.
 pub fn set_autocast_cache(on: bool) -> Result<()> {
     // SAFETY: as above.
@@ -364,5 +381,16 @@ mod tests {
         set_autocast_dtype(AutocastDtype::BFloat16).unwrap();
         set_autocast_dtype(AutocastDtype::Float16).unwrap();
         set_tf32(false).unwrap();
+    }
+
+    #[test]
+    fn cpu_autocast_computes_in_bf16_inside_only() {
+        let a = Tensor::ones([4, 4], (tch::Kind::Float, Device::Cpu));
+        let inside = cpu_autocast(|| a.matmul(&a)).unwrap();
+        assert_eq!(inside.kind(), tch::Kind::BFloat16);
+        // Nested regions restore the outer state, and the outermost ends it.
+        let nested = cpu_autocast(|| cpu_autocast(|| a.matmul(&a)).unwrap().kind()).unwrap();
+        assert_eq!(nested, tch::Kind::BFloat16);
+        assert_eq!(a.matmul(&a).kind(), tch::Kind::Float);
     }
 }

@@ -65,9 +65,7 @@ pub fn load_pretrained(
     let mut model = Vgg::new(spec, device);
     model
         .load_state_dict(&path.display().to_string(), &file.tensors)
-        .with_context(|| {
-            "fine-tuning needs torchvision's VGG state dict (imagenet head)".to_string()
-        })?;
+        .context("--weights must be torchvision's VGG state dict (imagenet head)")?;
     Ok(model)
 }
 

@@ -28,6 +28,8 @@ struct Info {
     /// Whether the shim was built with its CUDA half (CUDA graphs, memory statistics).
     cuda_graphs: bool,
     threads: i32,
+    /// Whether the CPU computes bf16 natively (`--precision bf16` on the CPU).
+    cpu_bf16: bool,
 }
 
 fn gather() -> Info {
@@ -43,6 +45,7 @@ fn gather() -> Info {
             .collect(),
         cuda_graphs: shim::has_cuda(),
         threads: tch::get_num_threads(),
+        cpu_bf16: vggctl::amp::cpu_has_native_bf16(),
     }
 }
 
@@ -81,7 +84,15 @@ pub fn print_version(json: bool) -> Result<()> {
     } else {
         s += "CUDA: not available (running on CPU)\n";
     }
-    s += &format!("CPU threads: {}\n", i.threads);
+    s += &format!(
+        "CPU threads: {} ({})\n",
+        i.threads,
+        if i.cpu_bf16 {
+            "native bf16"
+        } else {
+            "no native bf16"
+        }
+    );
     print_out(&s)
 }
 

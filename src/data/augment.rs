@@ -408,13 +408,20 @@ impl Preprocess {
 
     /// Float32 logits of the model in the run's precision.
     pub fn forward(&self, model: &crate::model::Vgg, x: &Tensor, train: bool) -> Tensor {
-        let out = if let Some(dtype) = self.autocast {
-            // Autocast's dtype is per thread; amp::resolve has checked that
-            // setting it works, so a failure here cannot happen.
-            let _ = crate::shim::set_autocast_dtype(dtype);
-            tch::autocast(true, || model.forward_t(x, train))
-        } else {
-            model.forward_t(x, train)
+        let out = match self.autocast {
+            // amp::resolve has checked that CPU autocast starts and ends, so
+            // the plain forward here is a fallback that cannot happen.
+            Some(_) if x.device() == tch::Device::Cpu => {
+                crate::shim::cpu_autocast(|| model.forward_t(x, train))
+                    .unwrap_or_else(|_| model.forward_t(x, train))
+            }
+            Some(dtype) => {
+                // Autocast's dtype is per thread; amp::resolve has checked
+                // that setting it works, so a failure here cannot happen.
+                let _ = crate::shim::set_autocast_dtype(dtype);
+                tch::autocast(true, || model.forward_t(x, train))
+            }
+            None => model.forward_t(x, train),
         };
         out.to_kind(Kind::Float)
     }
