@@ -272,7 +272,13 @@ pub fn peak_memory(device: Device, reset: bool) -> Result<Option<i64>> {
 pub struct CudaGraph {
     ptr: *mut c_void,
     entered: bool,
+    warmup_left: usize,
 }
+
+/// Eager warm-up steps on the graph's stream before the capture: they
+/// settle cuDNN's algorithm choices and cuBLAS's workspace, which a capture
+/// must not create.
+const GRAPH_WARMUP_STEPS: usize = 3;
 
 impl CudaGraph {
     pub fn new(device: Device) -> Result<Self> {
@@ -287,7 +293,16 @@ impl CudaGraph {
         Ok(CudaGraph {
             ptr,
             entered: false,
+            warmup_left: GRAPH_WARMUP_STEPS,
         })
+    }
+
+    /// True for the first few calls (counting them): the caller runs those
+    /// steps eagerly on the side stream, then captures the next one.
+    pub fn warming_up(&mut self) -> bool {
+        let warm = self.warmup_left > 0;
+        self.warmup_left = self.warmup_left.saturating_sub(1);
+        warm
     }
 
     /// Runs `f` on the graph's side stream (after the work queued so far;

@@ -340,7 +340,6 @@ impl EvalSums {
 /// last batch runs eagerly into the same sums.
 pub struct EvalGraph {
     graph: CudaGraph,
-    warmup_left: usize,
     /// The static input batch, and the sums the graph adds into.
     io: Option<Batch>,
     sums: EvalSums,
@@ -351,7 +350,6 @@ impl EvalGraph {
         let dev = model.device();
         Ok(EvalGraph {
             graph: CudaGraph::new(dev)?,
-            warmup_left: GRAPH_WARMUP_STEPS,
             io: None,
             sums: EvalSums::new(model.spec.classes, dev),
         })
@@ -359,8 +357,7 @@ impl EvalGraph {
 
     fn batch(&mut self, model: &Vgg, pre: &Preprocess, batch: &Batch) -> Result<()> {
         let sums = &mut self.sums;
-        if self.warmup_left > 0 {
-            self.warmup_left -= 1;
+        if self.graph.warming_up() {
             return self.graph.on_side_stream(|_| {
                 sums.add(model, pre, batch);
                 Ok(())
@@ -597,11 +594,6 @@ pub struct Trainer<'a> {
     stop: &'a AtomicBool,
 }
 
-/// Eager warm-up steps on the graph's stream before the capture: they
-/// settle cuDNN's algorithm choices and cuBLAS's workspace, which a capture
-/// must not create.
-const GRAPH_WARMUP_STEPS: usize = 3;
-
 /// The full-batch training step as a CUDA graph: forward, loss, backward and
 /// the fused update, replayed on static input and output tensors. The
 /// learning rate and step number are device tensors the optimizer fills
@@ -609,7 +601,6 @@ const GRAPH_WARMUP_STEPS: usize = 3;
 /// seeded per step, so a resumed run replays the same batches).
 struct GraphedStep {
     graph: CudaGraph,
-    warmup_left: usize,
     /// Static tensors, set at the capture.
     io: Option<GraphIo>,
     /// What one replay adds to each BatchNorm's `num_batches_tracked`.
@@ -714,7 +705,6 @@ impl<'a> Trainer<'a> {
         } else {
             Some(GraphedStep {
                 graph: CudaGraph::new(device)?,
-                warmup_left: GRAPH_WARMUP_STEPS,
                 io: None,
                 bn_delta: Vec::new(),
             })
@@ -973,8 +963,7 @@ impl<'a> Trainer<'a> {
         y: &Tensor,
         lr: f64,
     ) -> Result<(Tensor, Tensor)> {
-        if g.warmup_left > 0 {
-            g.warmup_left -= 1;
+        if g.graph.warming_up() {
             return g.graph.on_side_stream(|_| self.eager_step(x, y, lr, None));
         }
         self.opt.prepare(lr);
