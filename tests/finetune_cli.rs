@@ -318,6 +318,10 @@ fn bad_predict_and_eval_requests() {
             "broken.jpg: not a readable JPEG or PNG image",
         ),
         (
+            predict_args(&weights, &[], dir.path().to_str().unwrap()),
+            "no .jpg/.jpeg/.png images in this directory",
+        ),
+        (
             vec!["predict", "--checkpoint", &plain, &photo],
             "no vggctl metadata",
         ),

@@ -9,7 +9,8 @@ all 1,000 probabilities (within 1e-3) are compared, not the order of the
 near-zero tail. Classified two at a time (--batch-size 2: a batch of two,
 then one), the same images come back in the same order with the same
 probabilities within 1e-5 (a batch's size changes the CPU kernels' blocking,
-so not bit for bit). `--precision bf16` on a CPU with native bf16 runs in
+so not bit for bit). A directory argument stands for its images, sorted by
+name (other files ignored), with the same answers. `--precision bf16` on a CPU with native bf16 runs in
 bf16 (same top-1, probabilities within 0.05 of fp32's); on one without, it
 warns and gives the fp32 answers exactly."""
 import json
@@ -46,16 +47,26 @@ def test_predict_matches_torchvision(tmp_path):
     hub.mkdir(parents=True)
     (hub / "vgg11-8a719046.pth").symlink_to(weights)
     env = dict(os.environ, TORCH_HOME=str(tmp_path), VGGCTL_WEIGHTS_URL="http://127.0.0.1:9/none")
-    def predict(*extra, warning=""):
+    def predict(*extra, warning="", images=IMAGES):
         out = subprocess.run(
             [BIN, "predict", "--weights", "imagenet", "--arch", "vgg11", "--device", "cpu", "--json",
-             "--topk", "1000", *extra, *IMAGES],
+             "--topk", "1000", *extra, *images],
             check=True, capture_output=True, text=True, env=env, cwd=tmp_path,
         )
         assert out.stderr.strip() == warning
         return json.loads(out.stdout)
 
     ours = predict()
+    # A directory stands for its images, sorted by name.
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    names = [f"{i}-{os.path.basename(p)}" for i, p in enumerate(IMAGES)]
+    for name, path in zip(names, IMAGES):
+        (folder / name).symlink_to(path)
+    (folder / "notes.txt").write_text("not an image")
+    listed = predict(images=[str(folder)])
+    assert [p["image"] for p in listed] == [str(folder / n) for n in names]
+    assert [p["top"] for p in listed] == [p["top"] for p in ours]
     if native_bf16():
         # bf16 autocast on the CPU (NHWC): the same top-1, probabilities
         # within 0.05 (measured on the fixture photos: up to 0.023).

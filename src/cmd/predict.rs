@@ -9,6 +9,7 @@ use serde::Serialize;
 use tch::{Kind, Tensor};
 use vggctl::checkpoint::{load_checkpoint, meta_for_weights};
 use vggctl::data::augment::{Augment, Normalizer, Preprocess};
+use vggctl::data::folder::image_files;
 use vggctl::data::image::{eval_transform, read_image};
 use vggctl::model::Head;
 
@@ -17,7 +18,7 @@ use super::{ModelOpts, NumericsOpts, print_json, print_out};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Images (JPEG or PNG).
+    /// Images (JPEG or PNG), or directories: their .jpg/.jpeg/.png files, sorted.
     #[arg(required = true)]
     images: Vec<PathBuf>,
     /// A vggctl checkpoint (architecture, class names and preprocessing from its metadata).
@@ -54,6 +55,26 @@ struct Prediction {
     top: Vec<Guess>,
 }
 
+/// The image files `paths` name: files as given, directories as their images.
+fn expand_dirs(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            let found = image_files(p)?;
+            if found.is_empty() {
+                bail!(
+                    "{}: no .jpg/.jpeg/.png images in this directory",
+                    p.display()
+                );
+            }
+            files.extend(found);
+        } else {
+            files.push(p.clone());
+        }
+    }
+    Ok(files)
+}
+
 pub fn run(args: Args) -> Result<()> {
     let device = args.model.device()?;
     if args.topk < 1 {
@@ -87,8 +108,9 @@ pub fn run(args: Args) -> Result<()> {
     args.numerics
         .setup_inference(device, "predicting", &mut model, &mut pre);
     let k = args.topk.min(model.spec.classes);
-    let mut preds = Vec::with_capacity(args.images.len());
-    for chunk in args.images.chunks(args.batch_size) {
+    let images = expand_dirs(&args.images)?;
+    let mut preds = Vec::with_capacity(images.len());
+    for chunk in images.chunks(args.batch_size) {
         // Decoding and resizing dominate on the CPU: all cores, one image each.
         let batch: Vec<Tensor> = chunk
             .par_iter()

@@ -58,20 +58,7 @@ pub fn scan(dir: &Path) -> Result<(Vec<String>, LabeledFiles)> {
     }
     let mut files = Vec::new();
     for (label, class) in classes.iter().enumerate() {
-        let cdir = dir.join(class);
-        let mut imgs: Vec<PathBuf> = fs::read_dir(&cdir)
-            .with_context(|| format!("reading {}", cdir.display()))?
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| {
-                p.extension()
-                    .map(|e| {
-                        EXTENSIONS.contains(&e.to_string_lossy().to_ascii_lowercase().as_str())
-                    })
-                    .unwrap_or(false)
-            })
-            .collect();
-        imgs.sort();
+        let imgs = image_files(&dir.join(class))?;
         files.extend(imgs.into_iter().map(|p| (p, label as i64)));
     }
     if files.is_empty() {
@@ -81,6 +68,23 @@ pub fn scan(dir: &Path) -> Result<(Vec<String>, LabeledFiles)> {
         );
     }
     Ok((classes, files))
+}
+
+/// The .jpg/.jpeg/.png files directly in `dir`, sorted by name.
+pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut imgs: Vec<PathBuf> = fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.is_file()
+                && p.extension().is_some_and(|e| {
+                    EXTENSIONS.contains(&e.to_string_lossy().to_ascii_lowercase().as_str())
+                })
+        })
+        .collect();
+    imgs.sort();
+    Ok(imgs)
 }
 
 /// Decodes an image into its canvas (`3 x side x canvas_width(side)`
