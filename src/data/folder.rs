@@ -181,10 +181,11 @@ fn load_dir(
         );
     }
     let n = labels.len() as i64;
+    let layout = Tensor::from_slice(&layout).view([n, 3]);
     let split = Split {
         images: Tensor::from_slice(&pixels).view([n, 3, side, canvas_width(side)]),
         labels: Tensor::from_slice(&labels),
-        layout: Some(Tensor::from_slice(&layout).view([n, 3])),
+        layout: Some(layout.shallow_clone()),
     };
     // The cache is an optimization: failing to write it is not an error.
     if fs::create_dir_all(&cache_dir).is_ok() {
@@ -192,10 +193,7 @@ fn load_dir(
         let tensors = vec![
             ("images".to_string(), split.images.shallow_clone()),
             ("labels".to_string(), split.labels.shallow_clone()),
-            (
-                "layout".to_string(),
-                Tensor::from_slice(&layout).view([n, 3]),
-            ),
+            ("layout".to_string(), layout),
         ];
         let _ = write_safetensors(&cache, &tensors, &meta);
     }
