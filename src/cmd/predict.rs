@@ -83,6 +83,7 @@ pub fn run(args: Args) -> Result<()> {
     if args.batch_size < 1 {
         bail!("--batch-size must be at least 1");
     }
+    let images = expand_dirs(&args.images)?;
     let (mut model, meta) = match (&args.checkpoint, &args.weights) {
         (Some(path), _) => load_checkpoint(path, device)?,
         (None, Some(w)) => {
@@ -108,7 +109,6 @@ pub fn run(args: Args) -> Result<()> {
     args.numerics
         .setup_inference(device, "predicting", &mut model, &mut pre);
     let k = args.topk.min(model.spec.classes);
-    let images = expand_dirs(&args.images)?;
     let mut preds = Vec::with_capacity(images.len());
     for chunk in images.chunks(args.batch_size) {
         // Decoding and resizing dominate on the CPU: all cores, one image each.
