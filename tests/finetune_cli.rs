@@ -498,3 +498,86 @@ fn predicts_preprocessing_is_torchvisions_eval_transform() {
         );
     }
 }
+
+/// The on-disk folder cache: a second load reads it (a cache edited on
+/// disk comes back as edited), a changed image file changes the key and is
+/// decoded again, and a damaged cache is rebuilt without an error.
+#[test]
+fn the_folder_cache_is_reused_and_rebuilt_when_files_change() {
+    use std::collections::HashMap;
+    use vggctl::data::folder::{FolderOptions, load};
+    use vggctl::weights::write_safetensors;
+    let tmp = common::tempdir();
+    let root = tmp.path().join("data");
+    for class in ["cat", "coffee"] {
+        std::fs::create_dir_all(root.join(class)).unwrap();
+        for i in ["01", "02", "04"] {
+            let name = format!("{class}_{i}.png");
+            std::fs::copy(
+                fixture(&format!("photos/{class}/{name}")),
+                root.join(class).join(&name),
+            )
+            .unwrap();
+        }
+    }
+    let opts = FolderOptions {
+        dir: root.clone(),
+        val_dir: None,
+        val_split: 0.5,
+        seed: 0,
+        cache_size: 36,
+        strict: true,
+    };
+    let caches = || -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(root.join(".vggctl-cache"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        v.sort();
+        v
+    };
+    let all = |d: &vggctl::data::Dataset| {
+        tch::Tensor::cat(&[&d.train.images, &d.test.images], 0)
+            .sum(tch::Kind::Int64)
+            .int64_value(&[])
+    };
+    let first = load(&opts, &mut |w| panic!("{w}")).unwrap();
+    assert_eq!(first.train.layout.as_ref().unwrap().size(), [3, 3]);
+    let cache = caches();
+    assert_eq!(cache.len(), 1);
+    assert_eq!(
+        all(&load(&opts, &mut |w| panic!("{w}")).unwrap()),
+        all(&first)
+    );
+
+    // Edited on disk: read as it is (the cache is trusted while its key holds).
+    let sd = read_safetensors(&cache[0]).unwrap();
+    let mut tensors: Vec<(String, tch::Tensor)> = sd.tensors.into_iter().collect();
+    for (name, t) in tensors.iter_mut() {
+        if name == "images" {
+            *t = t.zeros_like();
+        }
+    }
+    write_safetensors(&cache[0], &tensors, &HashMap::new()).unwrap();
+    assert_eq!(all(&load(&opts, &mut |w| panic!("{w}")).unwrap()), 0);
+
+    // A changed image: a new key, decoded again.
+    let changed = root.join("cat").join("cat_01.png");
+    image::open(&changed)
+        .unwrap()
+        .fliph()
+        .save(&changed)
+        .unwrap();
+    let again = load(&opts, &mut |w| panic!("{w}")).unwrap();
+    assert_eq!(caches().len(), 2);
+    assert!(all(&again) > 0);
+
+    // A damaged cache is rebuilt.
+    for c in caches() {
+        std::fs::write(&c, b"damaged").unwrap();
+    }
+    assert_eq!(
+        all(&load(&opts, &mut |w| panic!("{w}")).unwrap()),
+        all(&again)
+    );
+}
