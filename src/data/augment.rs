@@ -185,27 +185,20 @@ fn flip_where(w: Tensor, flip: &Tensor) -> Tensor {
 /// Crops each image of `x` (`B x C x H x W`, any dtype) to its box, resizes
 /// the crop to `size` x `size` with antialiased bilinear interpolation and
 /// mirrors it where `flip` is true: `F.resized_crop(img, ..., antialias=True)`
-/// (+ `F.hflip`) on float tensors, as two batched matrix products.
+/// (+ `F.hflip`) on float tensors, as two batched matrix products. The same
+/// code as for canvases, each image filling its own.
 pub fn resized_crop_flip(x: &Tensor, boxes: &CropBoxes, flip: &Tensor, size: i64) -> Tensor {
-    let (_, _, h, w) = x.size4().expect("resized_crop_flip expects a 4-d batch");
-    let rows = resize_weights(&boxes.top, &boxes.height, h, size);
-    let cols = resize_weights(&boxes.left, &boxes.width, w, size);
-    resize_matmul(x, &rows, &flip_where(cols, flip))
+    canvas_crop_flip(x, &whole_images(x), boxes, flip, size)
 }
 
-/// torchvision's `RandomResizedCrop(size)` (antialiased) followed by
-/// `RandomHorizontalFlip`, batched, with boxes and flips drawn on the device.
-pub fn random_resized_crop_flip(x: &Tensor, size: i64) -> Tensor {
-    let (b, _, h, w) = x
-        .size4()
-        .expect("random_resized_crop_flip expects a 4-d batch");
-    let opts = (Kind::Float, x.device());
-    let boxes = random_resized_boxes(
-        &Tensor::full([b], h as f64, opts),
-        &Tensor::full([b], w as f64, opts),
-    );
-    let flip = Tensor::rand([b], opts).lt(0.5);
-    resized_crop_flip(x, &boxes, &flip, size)
+/// The canvas layout of a batch whose images fill it: from column 0, all
+/// of its width visible, none transposed.
+fn whole_images(x: &Tensor) -> Tensor {
+    let (b, _, _, w) = x.size4().expect("a 4-d batch");
+    Tensor::from_slice(&[0, w, 0])
+        .to_device(x.device())
+        .view([1, 3])
+        .repeat([b, 1])
 }
 
 /// Image-folder datasets keep each image whole, at a fixed batch shape, in
@@ -372,11 +365,17 @@ impl Preprocess {
                 let x = squares(x, layout);
                 self.resize(self.norm.apply(&random_crop_flip(&x, padding)))
             }
-            (Augment::ResizedCrop, Some(l)) => {
-                self.norm.apply(&random_canvas_crop_flip(x, l, self.input))
-            }
-            (Augment::ResizedCrop, None) => {
-                self.norm.apply(&random_resized_crop_flip(x, self.input))
+            (Augment::ResizedCrop, layout) => {
+                let whole;
+                let layout = match layout {
+                    Some(l) => l,
+                    None => {
+                        whole = whole_images(x);
+                        &whole
+                    }
+                };
+                self.norm
+                    .apply(&random_canvas_crop_flip(x, layout, self.input))
             }
         }
     }
