@@ -236,8 +236,10 @@ def write_safetensors(path, tensors):
             f.write(b)
 
 
-def run(cmd):
-    r = subprocess.run(cmd, capture_output=True, text=True)
+def run(cmd, timeout=180):
+    """Runs vggctl; a run past `timeout` seconds (a hang) fails that
+    configuration only."""
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)}\n{r.stderr.strip()}")
     return r
@@ -292,6 +294,9 @@ def main():
                    help="seconds after which torch.compile variants are left out (they take minutes to build)")
     p.add_argument("--keep", metavar="DIR",
                    help="copy each vggctl training run's config.json and metrics.jsonl here (per-epoch figures, profile)")
+    p.add_argument("--profile", action="store_true",
+                   help="vggctl training runs with --profile (step time split in the kept metrics.jsonl; "
+                        "its synchronisations cost speed)")
     p.add_argument("--smoke", action="store_true",
                    help="a tiny run on the CPU that checks this script's plumbing (its figures mean nothing)")
     a = p.parse_args()
@@ -357,7 +362,8 @@ def main():
             for extra in ([], ["--cuda-graphs"], ["--precision", "fp16", "--cuda-graphs"]):
                 out = os.path.join(root, f"run-{batch}-{'-'.join(x.strip('-') for x in extra) or 'default'}")
                 label = f"vggctl train end to end ({' '.join(extra) or 'defaults'})"
-                r = attempt(sec, label, vggctl_train, a.vggctl, root, out, batch, 128 if a.smoke else n, extra)
+                r = attempt(sec, label, vggctl_train, a.vggctl, root, out, batch, 128 if a.smoke else n,
+                            extra + ["--profile"] * a.profile)
                 keep_run(a.keep, out)
                 if r:
                     (speed, peak, ran_as, _), secs = r
