@@ -3,8 +3,8 @@ CIFAR-shaped data (uint8 images, 10 classes):
 
 1. training, VGG16-BN with the CIFAR head, batch 512 and 128:
    vggctl train end to end (device-resident data, augmentation, step; its
-   default precision and layout, then with --cuda-graphs, then fp16 with
-   --cuda-graphs) against
+   defaults: fp16, channels_last, CUDA graphs; then bf16, and eager steps
+   without graphs) against
    PyTorch model-only steps on a batch already on the GPU: eager fp32,
    eager bf16 autocast + channels_last, torch.compile of the model (default
    mode and mode="reduce-overhead", both bf16 + channels_last;
@@ -12,7 +12,8 @@ CIFAR-shaped data (uint8 images, 10 classes):
 2. the recipe's PyTorch loop (per-image transforms, DataLoader with
    num_workers 0 and 8, batch 128);
 3. inference, ImageNet-head VGG16 at 224x224, batch 64: vggctl eval
-   (32x32 images resized on the GPU) against PyTorch eager bf16 + channels_last;
+   (32x32 images resized on the GPU; defaults, bf16, and the model run
+   layer by layer without graphs) against PyTorch eager bf16 + channels_last;
 4. peak GPU memory of each (torch.cuda.max_memory_allocated; vggctl's
    metrics.jsonl reads the same allocator statistic);
 5. accuracy: with --digits DIR (tests/fixtures/digits-bin, made by
@@ -258,11 +259,12 @@ def vggctl_train(binary, data_dir, out, batch, n, extra, epochs=3, arch=("vgg16"
 
 
 def vggctl_eval(binary, data_dir, weights, batch, n, extra=()):
+    """images/s, peak bytes, what it ran as."""
     r = run([binary, "eval", "--checkpoint", weights, "--arch", "vgg16", "--head", "imagenet", "--classes", "10",
              "--data-dir", data_dir, "--no-download", "--input", "224", "--batch-size", str(batch),
              "--limit-test", str(n), "--device", DEV.type, "--json", *extra])
     report = json.loads(r.stdout)
-    return report["images_per_s"], report.get("peak_gpu_bytes", 0)
+    return report["images_per_s"], report.get("peak_gpu_bytes", 0), report.get("ran_as", "?")
 
 
 # ---------------------------------------------------------------- report
@@ -357,9 +359,9 @@ def main():
                     r = attempt(sec, label, pytorch_train, batch, steps[batch], mode)
                     if r:
                         add(sec, label, r)
-            # The default (auto: bf16 where the GPU has it), with CUDA graphs,
-            # and fp16 with CUDA graphs: the figures that decide the defaults.
-            for extra in ([], ["--cuda-graphs"], ["--precision", "fp16", "--cuda-graphs"]):
+            # The defaults (fp16, channels_last, CUDA graphs), bf16, and eager
+            # steps: the figures behind the defaults.
+            for extra in ([], ["--precision", "bf16"], ["--no-cuda-graphs"]):
                 out = os.path.join(root, f"run-{batch}-{'-'.join(x.strip('-') for x in extra) or 'default'}")
                 label = f"vggctl train end to end ({' '.join(extra) or 'defaults'})"
                 r = attempt(sec, label, vggctl_train, a.vggctl, root, out, batch, 128 if a.smoke else n,
@@ -385,17 +387,18 @@ def main():
             add(sec, label, r)
         weights = os.path.join(root, "vgg16-10.safetensors")
         write_safetensors(weights, vgg16(False, "imagenet", 10).state_dict())
-        for extra in ([], ["--cuda-graphs"]):
-            label = "vggctl eval (default precision/layout; resize on the GPU)" + (" + CUDA graph" if extra else "")
+        for extra in ([], ["--precision", "bf16"], ["--layerwise", "--no-cuda-graphs"]):
+            label = f"vggctl eval ({' '.join(extra) or 'defaults'})"
             r = attempt(sec, label, vggctl_eval, a.vggctl, root, weights, ib, 3 * ib if a.smoke else 3200, extra)
             if r:
-                add(sec, label, r)
+                (speed, peak, ran_as), secs = r
+                add(sec, f"vggctl eval ({ran_as})", ((speed, peak), secs))
 
         accuracy = []
         if os.path.isdir(a.digits):
             digits = os.path.dirname(a.digits) if a.digits.endswith("cifar-10-batches-bin") else a.digits
             for extra in (["--precision", "fp32"], ["--precision", "tf32"], ["--precision", "fp16"],
-                          ["--precision", "bf16"], ["--precision", "bf16", "--cuda-graphs"]):
+                          ["--precision", "bf16"], ["--precision", "fp16", "--no-cuda-graphs"]):
                 out = os.path.join(root, "digits-" + "-".join(x.strip("-") for x in extra))
                 r = attempt("accuracy", " ".join(extra), vggctl_train, a.vggctl, digits, out, 32,
                             320 if a.smoke else None, extra + ["--seed", "7", "--scheduler", "cosine"],

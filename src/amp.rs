@@ -12,7 +12,8 @@ use crate::shim::{self, AutocastDtype};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
-    /// bf16 on a CUDA GPU that has it, else fp32 (on a CPU too).
+    /// fp16 with loss scaling on a CUDA GPU with tensor cores (compute
+    /// capability 7.0 on), else fp32 (on a CPU too).
     Auto,
     /// Strict fp32 (TF32 off in cuBLAS and cuDNN).
     Fp32,
@@ -66,15 +67,19 @@ pub fn resolve(
     warn: &mut dyn FnMut(String),
 ) -> Resolved {
     let cuda = device.is_cuda();
-    let bf16 = match shim::bf16_supported(device) {
-        Ok(b) => b,
+    let major = match shim::compute_capability(device) {
+        Ok(m) => m.unwrap_or(0),
         Err(e) => {
-            warn(format!("{e:#}; assuming no bf16"));
-            false
+            warn(format!("{e:#}; assuming no bf16 and no tensor cores"));
+            0
         }
     };
+    let bf16 = major >= 8;
     let mut precision = match precision {
-        Precision::Auto if cuda && bf16 => Precision::Bf16,
+        // fp16 with loss scaling: on an H200 it trained VGG16-BN 7-14 %
+        // faster than bf16 at the same accuracy (README, benchmarks);
+        // tensor cores take fp16 from compute capability 7.0 on.
+        Precision::Auto if cuda && major >= 7 => Precision::Fp16,
         Precision::Auto => Precision::Fp32,
         Precision::Fp32 => Precision::Fp32,
         Precision::Bf16 if !cuda => match cpu_bf16() {
@@ -126,6 +131,14 @@ pub fn resolve(
     Resolved {
         precision,
         channels_last,
+    }
+}
+
+/// cuDNN autotuning (`cudnn.benchmark`) on CUDA, unless `--deterministic`
+/// asked for heuristic, deterministic algorithms.
+pub fn autotune_cudnn(device: Device) {
+    if device.is_cuda() && !shim::cudnn_deterministic() {
+        tch::Cuda::cudnn_set_benchmark(true);
     }
 }
 

@@ -8,6 +8,7 @@ pub mod device;
 pub mod export;
 pub mod fsutil;
 pub mod hub;
+pub mod infer;
 pub mod model;
 pub mod optim;
 pub mod pickle;

@@ -562,6 +562,9 @@ pub struct Vgg {
     /// parameters get no gradient and their BatchNorm layers stay in eval
     /// mode while the rest trains.
     pub frozen_prefix: usize,
+    /// eval/predict: the fused inference form of these weights
+    /// (`InferencePlan`), which `Preprocess::forward` runs instead when set.
+    pub inference: Option<crate::infer::InferencePlan>,
 }
 
 /// One tensor of the state dict.
@@ -585,6 +588,7 @@ impl Vgg {
             pool_size: spec.head.pool_size(),
             classifier: Sequential::build(&classifier_specs),
             frozen_prefix: 0,
+            inference: None,
         };
         model.to_device(device);
         model
@@ -923,4 +927,52 @@ pub fn check_state_dict(
         spec.classes,
         parts.join("; ")
     )
+}
+
+/// A copy of the model with every BatchNorm folded into the convolution before
+/// it (inference only): w' = w * g / sqrt(var + eps), b' = (b - mean) * g / sqrt(var + eps) + beta.
+pub fn fold_bn(model: &Vgg) -> Vgg {
+    let mut layers = Vec::new();
+    let mut it = model.features.layers.iter().peekable();
+    while let Some((name, layer)) = it.next() {
+        if let (
+            Layer::Conv { weight, bias },
+            Some((
+                _,
+                Layer::BatchNorm {
+                    weight: g,
+                    bias: beta,
+                    running_mean,
+                    running_var,
+                    ..
+                },
+            )),
+        ) = (layer, it.peek())
+        {
+            let scale = tch::no_grad(|| g / (running_var + BN_EPS).sqrt());
+            let w = tch::no_grad(|| weight * scale.view([-1, 1, 1, 1]));
+            let b = tch::no_grad(|| (bias - running_mean) * &scale + beta);
+            layers.push((name.clone(), Layer::Conv { weight: w, bias: b }));
+            it.next();
+        } else {
+            layers.push((name.clone(), layer.shallow()));
+        }
+    }
+    let mut spec = model.spec;
+    spec.bn = false;
+    Vgg {
+        spec,
+        features: Sequential { layers },
+        pool_size: model.pool_size,
+        classifier: Sequential {
+            layers: model
+                .classifier
+                .layers
+                .iter()
+                .map(|(n, l)| (n.clone(), l.shallow()))
+                .collect(),
+        },
+        frozen_prefix: 0,
+        inference: None,
+    }
 }

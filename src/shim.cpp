@@ -122,6 +122,17 @@ int vggctl_set_autocast_cache(int on, char *err, size_t len) {
   return guarded(err, len, [&] { at::autocast::set_autocast_cache_enabled(on != 0); });
 }
 
+// cuDNN: deterministic algorithms only, chosen by heuristics (no timing
+// runs), as `torch.backends.cudnn.deterministic = True; benchmark = False`.
+int vggctl_set_cudnn_deterministic(int on, char *err, size_t len) {
+  return guarded(err, len, [&] {
+    at::globalContext().setDeterministicCuDNN(on != 0);
+    if (on != 0) at::globalContext().setBenchmarkCuDNN(false);
+  });
+}
+
+int vggctl_cudnn_deterministic() { return at::globalContext().deterministicCuDNN() ? 1 : 0; }
+
 int vggctl_set_tf32(int on, char *err, size_t len) {
   return guarded(err, len, [&] {
     at::globalContext().setAllowTF32CuBLAS(on != 0);
@@ -129,8 +140,8 @@ int vggctl_set_tf32(int on, char *err, size_t len) {
   });
 }
 
-// 1 when the device computes in bfloat16 natively (compute capability >= 8).
-int vggctl_cuda_bf16_supported(int device, int *out, char *err, size_t len) {
+// The device's compute capability, major version (0 without the CUDA half).
+int vggctl_cuda_capability(int device, int *out, char *err, size_t len) {
   *out = 0;
   return guarded(err, len, [&] {
 #ifdef VGGCTL_CUDA
@@ -141,6 +152,12 @@ int vggctl_cuda_bf16_supported(int device, int *out, char *err, size_t len) {
     void *cuda = dlopen("libcuda.so.1", RTLD_LAZY | RTLD_NOLOAD);
     if (cuda == nullptr) cuda = dlopen("libcuda.so.1", RTLD_LAZY);
     if (cuda == nullptr) throw std::runtime_error("libcuda.so.1 not found");
+    // cuInit first: a process may ask before anything else touched CUDA
+    // (the driver answers CUDA_ERROR_NOT_INITIALIZED then); a second
+    // cuInit is a no-op.
+    using Init = int (*)(unsigned);
+    auto init = reinterpret_cast<Init>(dlsym(cuda, "cuInit"));
+    if (init == nullptr || init(0) != 0) throw std::runtime_error("cuInit failed");
     auto get_dev = reinterpret_cast<GetDev>(dlsym(cuda, "cuDeviceGet"));
     auto get_attr = reinterpret_cast<GetAttr>(dlsym(cuda, "cuDeviceGetAttribute"));
     if (get_dev == nullptr || get_attr == nullptr) throw std::runtime_error("libcuda lacks cuDeviceGetAttribute");
@@ -148,7 +165,7 @@ int vggctl_cuda_bf16_supported(int device, int *out, char *err, size_t len) {
     const int kComputeCapabilityMajor = 75;  // CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR
     if (get_dev(&dev, device) != 0 || get_attr(&major, kComputeCapabilityMajor, dev) != 0)
       throw std::runtime_error("cuDeviceGetAttribute failed");
-    *out = major >= 8 ? 1 : 0;
+    *out = major;
 #else
     (void)device;
 #endif

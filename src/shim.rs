@@ -22,7 +22,9 @@ unsafe extern "C" {
     fn vggctl_cpu_autocast_enter(prev: *mut c_int, err: *mut c_char, len: usize) -> c_int;
     fn vggctl_cpu_autocast_leave(prev: c_int, err: *mut c_char, len: usize) -> c_int;
     fn vggctl_set_tf32(on: c_int, err: *mut c_char, len: usize) -> c_int;
-    fn vggctl_cuda_bf16_supported(
+    fn vggctl_set_cudnn_deterministic(on: c_int, err: *mut c_char, len: usize) -> c_int;
+    fn vggctl_cudnn_deterministic() -> c_int;
+    fn vggctl_cuda_capability(
         device: c_int,
         out: *mut c_int,
         err: *mut c_char,
@@ -236,18 +238,37 @@ pub fn set_tf32(on: bool) -> Result<()> {
     })
 }
 
-/// Whether `device` computes natively in bfloat16 (compute capability >= 8);
-/// false on CPU and in builds without the CUDA half.
-pub fn bf16_supported(device: Device) -> Result<bool> {
+/// cuDNN restricted to deterministic algorithms, without autotuning
+/// (`--deterministic`): the same run gives the same numbers.
+pub fn set_cudnn_deterministic(on: bool) -> Result<()> {
+    // SAFETY: as above.
+    call("switching cuDNN determinism", |err, len| unsafe {
+        vggctl_set_cudnn_deterministic(c_int::from(on), err, len)
+    })
+}
+
+pub fn cudnn_deterministic() -> bool {
+    // SAFETY: reads one flag of libtorch's global context.
+    unsafe { vggctl_cudnn_deterministic() == 1 }
+}
+
+/// The major compute capability of `device`; None on CPU and in builds
+/// without the CUDA half.
+pub fn compute_capability(device: Device) -> Result<Option<i32>> {
     let Some(i) = cuda_index(device).filter(|_| has_cuda()) else {
-        return Ok(false);
+        return Ok(None);
     };
     let mut out: c_int = 0;
     // SAFETY: `out` outlives the call; err/len as above.
     call("querying the GPU", |err, len| unsafe {
-        vggctl_cuda_bf16_supported(i, &mut out, err, len)
+        vggctl_cuda_capability(i, &mut out, err, len)
     })?;
-    Ok(out == 1)
+    Ok(Some(out))
+}
+
+/// Whether `device` computes natively in bfloat16 (compute capability >= 8).
+pub fn bf16_supported(device: Device) -> Result<bool> {
+    Ok(compute_capability(device)?.is_some_and(|m| m >= 8))
 }
 
 /// Peak bytes held by tensors on `device` since the last reset (what

@@ -669,9 +669,7 @@ impl<'a> Trainer<'a> {
             }
             None => None,
         };
-        if device.is_cuda() {
-            tch::Cuda::cudnn_set_benchmark(true);
-        }
+        crate::amp::autotune_cudnn(device);
         let run = resolve(
             state.config.precision,
             state.config.channels_last,

@@ -2,10 +2,12 @@
 //! CUDA machine, where `scripts/gpu-check` runs them with the benchmark:
 //! - the shim's CUDA graph records on its own stream and a replay reads the
 //!   static input's current values; memory statistics and bf16 answer;
-//! - training with `--cuda-graphs` follows eager training (fp32: training
-//!   and evaluation losses within 1e-3 relative, weights within 1e-3,
-//!   BatchNorm counters exact)
-//!   while the learning rate changes between epochs; fp16 steps graph too;
+//! - training with CUDA graphs follows eager training: with
+//!   `--deterministic` in fp32, two eager runs agree (their difference is
+//!   the floor) and the graphed run is within 1e-4 + 10x that floor of
+//!   them (training and evaluation losses relative, every weight
+//!   absolute; BatchNorm counters exact) while the learning rate changes
+//!   between epochs; fp16 steps graph too;
 //! - each precision runs and says what it ran as, with its peak memory;
 //! - fp16 loss scaling on the device (CUDA's `_amp_update_scale_` and the
 //!   skip): an overflowing step leaves parameters and state bit for bit and
@@ -156,24 +158,32 @@ fn loss_scaling_runs_on_the_device() {
 #[ignore = "needs a CUDA GPU (scripts/gpu-check runs it)"]
 fn graphed_training_follows_eager_training() {
     let tmp = common::tempdir();
-    let (a, b) = (tmp.path().join("eager"), tmp.path().join("graph"));
-    let eager = train(&a, 2, &["--precision", "fp32"]);
-    let graph = train(&b, 2, &["--precision", "fp32", "--cuda-graphs"]);
-    assert!(
-        graph[0].ran_as.ends_with("CUDA graph"),
-        "{}",
-        graph[0].ran_as
+    let (a, a2, b) = (
+        tmp.path().join("eager"),
+        tmp.path().join("eager-again"),
+        tmp.path().join("graph"),
     );
-    for (e, g) in eager.iter().zip(&graph) {
+    let det = ["--precision", "fp32", "--deterministic"];
+    let eager = train(&a, 2, &[&det[..], &["--no-cuda-graphs"]].concat());
+    let again = train(&a2, 2, &[&det[..], &["--no-cuda-graphs"]].concat());
+    let graph = train(&b, 2, &[&det[..], &["--cuda-graphs"]].concat());
+    assert!(
+        graph[0].ran_as.ends_with("CUDA graph") && !eager[0].ran_as.ends_with("CUDA graph"),
+        "{} / {}",
+        graph[0].ran_as,
+        eager[0].ran_as
+    );
+    let rel = |x: f64, y: f64| (x - y).abs() / x.abs().max(1e-9);
+    for ((e, e2), g) in eager.iter().zip(&again).zip(&graph) {
         // Training steps and the (also graphed) evaluation.
-        for (what, x, y) in [
-            ("train loss", e.train_loss, g.train_loss),
-            ("test loss", e.test_loss, g.test_loss),
+        for (what, x, x2, y) in [
+            ("train loss", e.train_loss, e2.train_loss, g.train_loss),
+            ("test loss", e.test_loss, e2.test_loss, g.test_loss),
         ] {
-            let rel = (x - y).abs() / x.abs().max(1e-9);
+            println!("epoch {}: {what}: eager {x} / {x2}, graphed {y}", e.epoch);
             assert!(
-                rel <= 1e-3,
-                "epoch {}: {what} {x} eager vs {y} graphed",
+                rel(x, y) <= 1e-4 + 10.0 * rel(x, x2),
+                "epoch {}: {what} {x} eager (again: {x2}) vs {y} graphed",
                 e.epoch
             );
         }
@@ -190,33 +200,41 @@ fn graphed_training_follows_eager_training() {
     );
     assert!(half[1].ran_as.starts_with("fp16") && half[1].ran_as.ends_with("CUDA graph"));
     assert!(half[1].train_loss.is_finite() && half[1].loss_scale.is_some());
-    let ea = read_safetensors(&a.join("last.safetensors"))
-        .unwrap()
-        .tensors;
-    let gb = read_safetensors(&b.join("last.safetensors"))
-        .unwrap()
-        .tensors;
+    let load = |dir: &Path| {
+        read_safetensors(&dir.join("last.safetensors"))
+            .unwrap()
+            .tensors
+    };
+    let (ea, ea2, gb) = (load(&a), load(&a2), load(&b));
+    let mut bad = Vec::new();
     for (k, t) in &ea {
         if k.ends_with("num_batches_tracked") {
             assert!(t.equal(&gb[k]), "{k}");
-        } else {
-            let err = (t - &gb[k]).abs().max().double_value(&[]);
-            assert!(err <= 1e-3, "{k}: {err}");
+            continue;
+        }
+        let floor = (t - &ea2[k]).abs().max().double_value(&[]);
+        let err = (t - &gb[k]).abs().max().double_value(&[]);
+        println!("{k}: graphed vs eager {err:.3e}, eager vs eager {floor:.3e}");
+        if err > 1e-4 + 10.0 * floor {
+            bad.push(format!("{k}: {err:.3e} (floor {floor:.3e})"));
         }
     }
+    assert!(bad.is_empty(), "graphed weights differ: {bad:?}");
 }
 
 #[test]
 #[ignore = "needs a CUDA GPU (scripts/gpu-check runs it)"]
 fn every_precision_runs_and_says_what_it_ran_as() {
     let tmp = common::tempdir();
+    let major = shim::compute_capability(Device::Cuda(0)).unwrap().unwrap();
     let bf16 = shim::bf16_supported(Device::Cuda(0)).unwrap();
+    assert_eq!(bf16, major >= 8);
     for (precision, want) in [
         ("fp32", "fp32"),
         ("tf32", "tf32"),
         ("fp16", "fp16"),
         ("bf16", if bf16 { "bf16" } else { "fp16" }),
-        ("auto", if bf16 { "bf16" } else { "fp32" }),
+        ("auto", if major >= 7 { "fp16" } else { "fp32" }),
     ] {
         let m = train(&tmp.path().join(precision), 1, &["--precision", precision]);
         assert!(
@@ -226,5 +244,40 @@ fn every_precision_runs_and_says_what_it_ran_as() {
         );
         assert!(m[0].train_loss.is_finite(), "{precision}");
         assert_eq!(m[0].loss_scale.is_some(), want == "fp16", "{precision}");
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU (scripts/gpu-check runs it)"]
+fn fused_inference_plan_matches_the_model() {
+    use vggctl::infer::InferencePlan;
+    use vggctl::model::{Arch, Head, ModelSpec, Vgg};
+    assert!(tch::Cuda::is_available(), "{GPU}");
+    tch::manual_seed(5);
+    let dev = Device::Cuda(0);
+    for (bn, head) in [(true, Head::Cifar), (false, Head::Imagenet)] {
+        let model = Vgg::new(ModelSpec::new(Arch::Vgg11, bn, head, 10), dev);
+        let x = Tensor::randn([8, 3, 64, 64], (Kind::Float, dev));
+        let want = tch::no_grad(|| model.forward_t(&x, false));
+        let scale = want.abs().max().double_value(&[]);
+        for (kind, tol) in [
+            (Kind::Float, 1e-2),
+            (Kind::Half, 1e-2),
+            (Kind::BFloat16, 5e-2),
+        ] {
+            let plan = InferencePlan::new(&model, kind, true);
+            let got = plan.forward(&x);
+            let err = (&got - &want).abs().max().double_value(&[]) / scale;
+            println!(
+                "fused plan, bn {bn}, {kind:?}: max error {err:.2e} of the largest logit, fused kernels {:?}",
+                plan.fused()
+            );
+            assert_eq!(
+                plan.fused(),
+                Some(true),
+                "{kind:?}: cuDNN's conv+bias+ReLU did not run"
+            );
+            assert!(err <= tol, "bn {bn}, {kind:?}: {err}");
+        }
     }
 }

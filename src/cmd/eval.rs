@@ -12,7 +12,7 @@ use vggctl::shim;
 use vggctl::train::{DeviceSplit, EvalGraph, EvalResult, evaluate};
 
 use super::data_opts::DataOpts;
-use super::{ModelOpts, NumericsOpts, print_json, print_out};
+use super::{GraphOpts, InferenceOpts, ModelOpts, NumericsOpts, print_json, print_out};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -37,9 +37,10 @@ pub struct Args {
     input: Option<i64>,
     #[command(flatten)]
     numerics: NumericsOpts,
-    /// Run full batches through a CUDA graph (see `train --cuda-graphs`).
-    #[arg(long)]
-    cuda_graphs: bool,
+    #[command(flatten)]
+    inference: InferenceOpts,
+    #[command(flatten)]
+    graphs: GraphOpts,
 }
 
 #[derive(Serialize)]
@@ -50,6 +51,8 @@ struct Report {
     classes: Vec<String>,
     #[serde(flatten)]
     result: EvalResult,
+    /// What ran: precision, layout, the model's form, CUDA graph.
+    ran_as: String,
     /// CUDA: the most memory tensors held during the evaluation.
     #[serde(skip_serializing_if = "Option::is_none")]
     peak_gpu_bytes: Option<i64>,
@@ -106,9 +109,14 @@ pub fn run(args: Args) -> Result<()> {
     };
     let mut pre = Preprocess::plain(augment, input, Normalizer::new(mean, std, device));
     // The training run's precision and layout choices, for the same speed.
-    args.numerics
-        .setup_inference(device, "evaluating", &mut model, &mut pre);
-    let mut graph = match (args.cuda_graphs, device.is_cuda()) {
+    let run = args.numerics.setup_inference(
+        device,
+        "evaluating",
+        &mut model,
+        &mut pre,
+        args.inference.layerwise,
+    )?;
+    let mut graph = match (args.graphs.wanted(device, true), device.is_cuda()) {
         (true, true) => Some(EvalGraph::new(&model)?),
         (true, false) => {
             eprintln!("warning: --cuda-graphs needs a CUDA device; evaluating eagerly");
@@ -119,7 +127,20 @@ pub fn run(args: Args) -> Result<()> {
     shim::peak_memory(device, true)?;
     let result = evaluate(&model, &test, args.batch_size, &pre, graph.as_mut())?;
     let peak_gpu_bytes = shim::peak_memory(device, false)?;
+    let mut ran_as = vec![run.precision.name().to_string()];
+    if run.channels_last {
+        ran_as.push("channels_last".into());
+    }
+    match model.inference.as_ref().and_then(|p| p.fused()) {
+        Some(true) => ran_as.push("inference form, fused conv+ReLU".into()),
+        Some(false) => ran_as.push("inference form, plain ops".into()),
+        None => {}
+    }
+    if graph.is_some() {
+        ran_as.push("CUDA graph".into());
+    }
     let report = Report {
+        ran_as: ran_as.join(", "),
         checkpoint: args.checkpoint.clone(),
         model: spec.model_name(),
         dataset: dataset.name.clone(),
@@ -137,8 +158,8 @@ pub fn run(args: Args) -> Result<()> {
 fn render(r: &Report) -> String {
     let e = &r.result;
     let mut s = format!(
-        "{} on {} test ({} images): top-1 {:.2}%  top-5 {:.2}%  loss {:.4}  ({:.0} img/s)\n\nper-class accuracy:\n",
-        r.model, r.dataset, e.images, e.top1, e.top5, e.loss, e.images_per_s
+        "{} on {} test ({} images): top-1 {:.2}%  top-5 {:.2}%  loss {:.4}  ({:.0} img/s; {})\n\nper-class accuracy:\n",
+        r.model, r.dataset, e.images, e.top1, e.top5, e.loss, e.images_per_s, r.ran_as
     );
     let w = r.classes.iter().map(|c| c.len()).max().unwrap_or(5).max(5);
     for (name, acc) in r.classes.iter().zip(&e.per_class) {

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use tch::Device;
 use vggctl::checkpoint::{ModelMeta, load_checkpoint, meta_for_weights, read_weights};
-use vggctl::export::{check_target, export_onnx, export_safetensors, export_torchscript, fold_bn};
+use vggctl::export::{check_target, export_onnx, export_safetensors, export_torchscript};
+use vggctl::model::fold_bn;
 use vggctl::model::{Head, Vgg};
 
 use super::finetune::{load_pretrained, weights_path};

@@ -72,6 +72,7 @@ pub fn load_pretrained(
 pub fn run(args: Args) -> Result<()> {
     let h = &args.hyper;
     let device = args.model.device()?;
+    h.numerics.apply_determinism(device)?;
     if h.resume.is_some() {
         return resume(h, &args.data, device, args.model.json);
     }

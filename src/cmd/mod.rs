@@ -113,7 +113,8 @@ impl ModelOpts {
 /// eval, predict).
 #[derive(Args, Debug, Clone)]
 pub struct NumericsOpts {
-    /// auto (bf16 on a GPU that has it, else fp32), fp32 (strict), tf32,
+    /// auto (fp16 with loss scaling on a GPU with tensor cores, else
+    /// fp32), fp32 (strict), tf32,
     /// fp16 (autocast + dynamic loss scaling) or bf16 (autocast, also on a
     /// CPU with native bf16); what the device cannot do falls back to fp32
     /// with a warning.
@@ -125,6 +126,44 @@ pub struct NumericsOpts {
     /// Plain NCHW layout even on CUDA.
     #[arg(long)]
     pub contiguous: bool,
+    /// CUDA: deterministic cuDNN algorithms without autotuning
+    /// (cudnn.deterministic), so a rerun gives the same numbers; slower.
+    #[arg(long)]
+    pub deterministic: bool,
+}
+
+/// How eval and predict run the model.
+#[derive(Args, Debug, Clone)]
+pub struct InferenceOpts {
+    /// CUDA: run the model layer by layer as trained, instead of its
+    /// inference form (BatchNorm folded into the convolutions, convolution
+    /// + bias + ReLU fused, weights stored in the compute dtype).
+    #[arg(long)]
+    pub layerwise: bool,
+}
+
+/// CUDA graphs (train, finetune, eval).
+#[derive(Args, Debug, Clone)]
+pub struct GraphOpts {
+    /// Capture each full-batch step (training: forward, loss, backward,
+    /// fused update; eval: the forward and the sums) in a CUDA graph and
+    /// replay it, which removes the per-kernel launch cost that bounds small
+    /// batches [default: on with CUDA and the fused update].
+    #[arg(long, conflicts_with = "no_cuda_graphs")]
+    pub cuda_graphs: bool,
+    /// Run every step op by op, even on CUDA.
+    #[arg(long)]
+    pub no_cuda_graphs: bool,
+}
+
+impl GraphOpts {
+    /// Asked for, or by default on CUDA (with the shim's CUDA half and the
+    /// fused update). Only an explicit request on a device that cannot
+    /// graph leads to a warning, later.
+    pub fn wanted(&self, device: Device, fused: bool) -> bool {
+        self.cuda_graphs
+            || (!self.no_cuda_graphs && device.is_cuda() && vggctl::shim::has_cuda() && fused)
+    }
 }
 
 impl NumericsOpts {
@@ -145,7 +184,9 @@ impl NumericsOpts {
         activity: &str,
         model: &mut vggctl::model::Vgg,
         pre: &mut vggctl::data::augment::Preprocess,
-    ) {
+        layerwise: bool,
+    ) -> Result<vggctl::amp::Resolved> {
+        self.apply_determinism(device)?;
         let run = vggctl::amp::resolve(
             self.precision,
             self.channels_last_on(device),
@@ -158,9 +199,28 @@ impl NumericsOpts {
         }
         pre.channels_last = run.channels_last;
         pre.autocast = run.precision.autocast();
-        if device.is_cuda() {
-            tch::Cuda::cudnn_set_benchmark(true);
+        vggctl::amp::autotune_cudnn(device);
+        if device.is_cuda() && !layerwise {
+            let kind = match run.precision.autocast() {
+                Some(vggctl::shim::AutocastDtype::Float16) => tch::Kind::Half,
+                Some(vggctl::shim::AutocastDtype::BFloat16) => tch::Kind::BFloat16,
+                None => tch::Kind::Float,
+            };
+            model.inference = Some(vggctl::infer::InferencePlan::new(
+                model,
+                kind,
+                run.channels_last,
+            ));
         }
+        Ok(run)
+    }
+
+    /// `--deterministic`: set before any model runs.
+    pub fn apply_determinism(&self, device: Device) -> Result<()> {
+        if self.deterministic && device.is_cuda() {
+            vggctl::shim::set_cudnn_deterministic(true)?;
+        }
+        Ok(())
     }
 }
 

@@ -14,7 +14,7 @@ use vggctl::data::image::{eval_transform, read_image};
 use vggctl::model::Head;
 
 use super::finetune::{load_pretrained, weights_path};
-use super::{ModelOpts, NumericsOpts, print_json, print_out};
+use super::{InferenceOpts, ModelOpts, NumericsOpts, print_json, print_out};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -40,6 +40,8 @@ pub struct Args {
     model: ModelOpts,
     #[command(flatten)]
     numerics: NumericsOpts,
+    #[command(flatten)]
+    inference: InferenceOpts,
 }
 
 #[derive(Serialize)]
@@ -106,8 +108,13 @@ pub fn run(args: Args) -> Result<()> {
         input,
         Normalizer::new(meta.mean, meta.std, device),
     );
-    args.numerics
-        .setup_inference(device, "predicting", &mut model, &mut pre);
+    args.numerics.setup_inference(
+        device,
+        "predicting",
+        &mut model,
+        &mut pre,
+        args.inference.layerwise,
+    )?;
     let k = args.topk.min(model.spec.classes);
     let mut preds = Vec::with_capacity(images.len());
     for chunk in images.chunks(args.batch_size) {

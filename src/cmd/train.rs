@@ -15,7 +15,7 @@ use vggctl::train::{SchedulerKind, TrainConfig, TrainState, TrainSummary, Traine
 
 use super::data_opts::DataOpts;
 use super::progress::EpochBars;
-use super::{ModelOpts, NumericsOpts, print_json, print_out};
+use super::{GraphOpts, ModelOpts, NumericsOpts, print_json, print_out};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -78,11 +78,8 @@ pub struct HyperOpts {
     pub quiet: bool,
     #[command(flatten)]
     pub numerics: NumericsOpts,
-    /// Capture the full-batch training step (forward, backward, fused
-    /// update) in a CUDA graph and replay it: removes the per-kernel launch
-    /// cost that bounds small batches. Not with --no-fused.
-    #[arg(long)]
-    pub cuda_graphs: bool,
+    #[command(flatten)]
+    pub graphs: GraphOpts,
     /// Update each parameter separately instead of the fused flat-buffer update.
     #[arg(long)]
     pub no_fused: bool,
@@ -217,7 +214,7 @@ impl HyperOpts {
             precision: self.numerics.precision,
             channels_last: self.numerics.channels_last_on(device),
             fused: !self.no_fused,
-            cuda_graphs: self.cuda_graphs,
+            cuda_graphs: self.graphs.wanted(device, !self.no_fused),
             profile: self.profile,
         }
     }
@@ -227,6 +224,7 @@ pub fn run(args: Args) -> Result<()> {
     let h = &args.hyper;
     h.validate()?;
     let device = args.model.device()?;
+    h.numerics.apply_determinism(device)?;
     if h.resume.is_some() {
         return resume(h, &args.data, device, args.model.json);
     }
@@ -246,7 +244,7 @@ pub fn resume(h: &HyperOpts, data: &DataOpts, device: Device, json: bool) -> Res
     }
     config.device = device_name(device);
     config.profile = h.profile;
-    config.cuda_graphs = h.cuda_graphs;
+    config.cuda_graphs = h.graphs.wanted(device, config.fused);
     if let Some(dir) = &data.data_dir {
         config.data_dir = dir.display().to_string();
     }

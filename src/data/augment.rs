@@ -407,6 +407,9 @@ impl Preprocess {
 
     /// Float32 logits of the model in the run's precision.
     pub fn forward(&self, model: &crate::model::Vgg, x: &Tensor, train: bool) -> Tensor {
+        if !train && let Some(plan) = &model.inference {
+            return plan.forward(x);
+        }
         let out = match self.autocast {
             // amp::resolve has checked that CPU autocast starts and ends, so
             // the plain forward here is a fallback that cannot happen.

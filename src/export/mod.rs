@@ -12,7 +12,7 @@ use tch::{CModule, Device, Kind, Tensor};
 
 use crate::checkpoint::ModelMeta;
 use crate::fsutil::{temp_path, write_atomic};
-use crate::model::{BN_EPS, Layer, Sequential, Vgg};
+use crate::model::Vgg;
 use crate::weights::write_safetensors;
 
 /// Fails when `path` exists and `force` is off, or when its directory is missing.
@@ -33,53 +33,6 @@ pub fn check_target(path: &Path, force: bool) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// A copy of the model with every BatchNorm folded into the convolution before
-/// it (inference only): w' = w * g / sqrt(var + eps), b' = (b - mean) * g / sqrt(var + eps) + beta.
-pub fn fold_bn(model: &Vgg) -> Vgg {
-    let mut layers = Vec::new();
-    let mut it = model.features.layers.iter().peekable();
-    while let Some((name, layer)) = it.next() {
-        if let (
-            Layer::Conv { weight, bias },
-            Some((
-                _,
-                Layer::BatchNorm {
-                    weight: g,
-                    bias: beta,
-                    running_mean,
-                    running_var,
-                    ..
-                },
-            )),
-        ) = (layer, it.peek())
-        {
-            let scale = tch::no_grad(|| g / (running_var + BN_EPS).sqrt());
-            let w = tch::no_grad(|| weight * scale.view([-1, 1, 1, 1]));
-            let b = tch::no_grad(|| (bias - running_mean) * &scale + beta);
-            layers.push((name.clone(), Layer::Conv { weight: w, bias: b }));
-            it.next();
-        } else {
-            layers.push((name.clone(), layer.shallow()));
-        }
-    }
-    let mut spec = model.spec;
-    spec.bn = false;
-    Vgg {
-        spec,
-        features: Sequential { layers },
-        pool_size: model.pool_size,
-        classifier: Sequential {
-            layers: model
-                .classifier
-                .layers
-                .iter()
-                .map(|(n, l)| (n.clone(), l.shallow()))
-                .collect(),
-        },
-        frozen_prefix: 0,
-    }
 }
 
 /// torchvision's state dict (BN `num_batches_tracked` as int64 included) and
