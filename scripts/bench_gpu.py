@@ -18,7 +18,9 @@ CIFAR-shaped data (uint8 images, 10 classes):
    metrics.jsonl reads the same allocator statistic);
 5. accuracy: with --digits DIR (tests/fixtures/digits-bin, made by
    scripts/test), vggctl trains VGG11-BN on the real digits in each precision
-   and with CUDA graphs; each must reach fp32's test accuracy within 1 point.
+   (graphed, and fp16 eager) with --seeds seeds each; each mode's mean test
+   accuracy must be within 1 point of fp32's mean (one run is not enough:
+   on an H200 fp32's own seeds spanned 2 points of the 297 test images).
 
 Prints images/s, ratios and the time each part took. A configuration that
 fails is reported and left out, the rest still runs (exit status 1 then). The model is built here
@@ -296,6 +298,7 @@ def main():
                    help="seconds after which torch.compile variants are left out (they take minutes to build)")
     p.add_argument("--keep", metavar="DIR",
                    help="copy each vggctl training run's config.json and metrics.jsonl here (per-epoch figures, profile)")
+    p.add_argument("--seeds", type=int, default=3, help="training runs per precision in the accuracy check")
     p.add_argument("--profile", action="store_true",
                    help="vggctl training runs with --profile (step time split in the kept metrics.jsonl; "
                         "its synchronisations cost speed)")
@@ -394,19 +397,24 @@ def main():
                 (speed, peak, ran_as), secs = r
                 add(sec, f"vggctl eval ({ran_as})", ((speed, peak), secs))
 
-        accuracy = []
+        accuracy = []  # (what it ran as, [test top-1 per seed])
+        seeds = [7, 1, 2, 3, 4][:max(1, min(a.seeds, 2) if a.smoke else a.seeds)]
         if os.path.isdir(a.digits):
             digits = os.path.dirname(a.digits) if a.digits.endswith("cifar-10-batches-bin") else a.digits
             for extra in (["--precision", "fp32"], ["--precision", "tf32"], ["--precision", "fp16"],
                           ["--precision", "bf16"], ["--precision", "fp16", "--no-cuda-graphs"]):
-                out = os.path.join(root, "digits-" + "-".join(x.strip("-") for x in extra))
-                r = attempt("accuracy", " ".join(extra), vggctl_train, a.vggctl, digits, out, 32,
-                            320 if a.smoke else None, extra + ["--seed", "7", "--scheduler", "cosine"],
-                            1 if a.smoke else 5, ("vgg11", "--bn"))
-                keep_run(a.keep, out)
-                if r:
-                    (_, _, ran_as, top1), _ = r
-                    accuracy.append((ran_as, top1))
+                top1s, ran = [], "?"
+                for seed in seeds:
+                    out = os.path.join(root, "digits-" + "-".join(x.strip("-") for x in extra) + f"-seed{seed}")
+                    r = attempt("accuracy", f"{' '.join(extra)} seed {seed}", vggctl_train, a.vggctl, digits, out,
+                                32, 320 if a.smoke else None, extra + ["--seed", str(seed), "--scheduler", "cosine"],
+                                1 if a.smoke else 5, ("vgg11", "--bn"))
+                    keep_run(a.keep, out)
+                    if r:
+                        (_, _, ran, top1), _ = r
+                        top1s.append(top1)
+                if top1s:
+                    accuracy.append((ran, top1s))
 
     print(f"{'configuration':<72} {'images/s':>10} {'peak memory':>12}  {'took':>5}")
     for section in dict.fromkeys(r[0] for r in rows):
@@ -444,11 +452,14 @@ def main():
         print(f"  {label:<52} {ratio:6.2f}x  [>= {target}x: {'met' if ratio >= target else 'NOT met'}]")
 
     if accuracy:
-        print("\naccuracy, VGG11-BN on the real digits, 5 epochs (test top-1; must be within 1 point of fp32):")
-        ref = accuracy[0][1]
-        for ran_as, top1 in accuracy:
+        print(f"\naccuracy, VGG11-BN on the real digits, 5 epochs, seeds {seeds} "
+              "(test top-1; the mean must be within 1 point of fp32's):")
+        ref = statistics.mean(accuracy[0][1])
+        for ran_as, top1s in accuracy:
+            top1 = statistics.mean(top1s)
+            runs = " ".join(f"{t:6.2f}" for t in top1s)
             ok = abs(top1 - ref) <= 1.0
-            print(f"  {ran_as:<50} {top1:6.2f}%  {top1 - ref:+5.2f}  {'ok' if ok else 'NOT ok'}")
+            print(f"  {ran_as:<50} {top1:6.2f}%  {top1 - ref:+5.2f}  {'ok' if ok else 'NOT ok'}   (runs: {runs})")
     else:
         print(f"\naccuracy check skipped: no {a.digits}")
     if failures:
