@@ -76,7 +76,7 @@ pub fn resolve(
     };
     let bf16 = major >= 8;
     let mut precision = match precision {
-        // fp16 with loss scaling: on an H200 it trained VGG16-BN 7-14 %
+        // fp16 with loss scaling: on an H200 it trained VGG16-BN 7-11 %
         // faster than bf16 at the same accuracy (README, benchmarks);
         // tensor cores take fp16 from compute capability 7.0 on.
         Precision::Auto if cuda && major >= 7 => Precision::Fp16,
