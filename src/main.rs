@@ -1,10 +1,15 @@
 //! The vggctl binary: parses the command line, dispatches to `cmd::*`, and
-//! turns errors into one line on stderr and an exit code.
+//! turns errors into one line on stderr and an exit code. libtorch failures
+//! that tch reports by panicking (running out of CPU or GPU memory, above
+//! all) become such a line too, not a panic message with a C++ backtrace.
 
 mod cmd;
 
+use std::any::Any;
 use std::io;
+use std::panic;
 use std::process::ExitCode;
+use std::sync::Mutex;
 
 use clap::Parser;
 use clap::error::ErrorKind;
@@ -14,7 +19,25 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),
     };
-    match cmd::run(cli) {
+    // Where a panic happened, for the one-line report; the default hook's
+    // multi-line message is not printed.
+    static PANIC_AT: Mutex<Option<String>> = Mutex::new(None);
+    panic::set_hook(Box::new(|info| {
+        if let Ok(mut at) = PANIC_AT.lock() {
+            *at = info
+                .location()
+                .map(|l| format!("{}:{}", l.file(), l.line()));
+        }
+    }));
+    let outcome = match panic::catch_unwind(|| cmd::run(cli)) {
+        Ok(outcome) => outcome,
+        Err(payload) => {
+            let at = PANIC_AT.lock().ok().and_then(|a| a.clone());
+            eprintln!("vggctl: error: {}", panic_line(payload.as_ref(), at));
+            return ExitCode::from(2);
+        }
+    };
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             if is_broken_pipe(&err) {
@@ -27,6 +50,44 @@ fn main() -> ExitCode {
             eprintln!("vggctl: error: {}", one_line(&err));
             ExitCode::from(2)
         }
+    }
+}
+
+/// One line for a panic: libtorch's own first line when tch unwrapped a
+/// libtorch error (with a hint when memory ran out), else the message and
+/// where it happened (a bug of ours).
+fn panic_line(payload: &(dyn Any + Send), at: Option<String>) -> String {
+    let msg = payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+        .unwrap_or("unknown panic");
+    // tch: called `Result::unwrap()` on an `Err` value: Torch("<what>\nframe #0: ...")
+    if let Some(start) = msg.find("Torch(\"") {
+        let what = &msg[start + 7..];
+        let what = what.split("\\n").next().unwrap_or(what);
+        let what = what.trim_end_matches("\")").trim();
+        // "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: ..."
+        let what = match what.strip_prefix('[') {
+            Some(rest) => rest.split_once("] ").map_or(what, |(_, w)| w),
+            None => what,
+        };
+        let what = what.strip_prefix("err == 0. ").unwrap_or(what);
+        let oom = what.contains("out of memory") || what.contains("can't allocate memory");
+        return format!(
+            "libtorch: {}{}",
+            what.split_whitespace().collect::<Vec<_>>().join(" "),
+            if oom {
+                " (a smaller --batch-size or --input needs less)"
+            } else {
+                ""
+            }
+        );
+    }
+    let first = msg.lines().next().unwrap_or(msg);
+    match at {
+        Some(at) => format!("internal error at {at}: {first} (please report this)"),
+        None => format!("internal error: {first} (please report this)"),
     }
 }
 

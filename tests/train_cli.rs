@@ -207,6 +207,27 @@ fn digits_reach_90_percent_and_eval_agrees() {
         "16",
     ]);
     common::assert_one_line_error(&r, 2, "--input must be at least 32");
+    // Memory running out inside libtorch (tch panics on it) is one line
+    // with libtorch's reason, not a panic with a C++ backtrace: here a
+    // 3,000,000-pixel side, over 400 TB for the first batch, more than any
+    // address space holds.
+    let r = vggctl(&[
+        "eval",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--data-dir",
+        &digits("bin"),
+        "--input",
+        "3000000",
+        "--batch-size",
+        "4",
+    ]);
+    common::assert_one_line_error(
+        &r,
+        2,
+        "libtorch: DefaultCPUAllocator: can't allocate memory",
+    );
+    assert!(r.stderr.contains("a smaller --batch-size"), "{}", r.stderr);
 
     // On a CPU with native bf16, `--precision bf16` trains in bf16 autocast
     // (NHWC by default) to the fp32 run's accuracy. Within 2 points (6 of
