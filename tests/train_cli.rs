@@ -42,11 +42,19 @@ fn assert_same_weights(a: &Path, b: &Path) {
     }
 }
 
+/// `vggctl train` on the digits (binary layout) with `fixed`, `--out`, then `extra`.
+fn train_on_digits(fixed: &[&str], out: &Path, extra: &[&str]) -> common::Run {
+    let data = digits("bin");
+    let mut args = vec!["train", "--data-dir", &data];
+    args.extend_from_slice(fixed);
+    args.extend_from_slice(&["--out", out.to_str().unwrap()]);
+    args.extend_from_slice(extra);
+    vggctl(&args)
+}
+
 /// VGG11-BN on the digits for 5 epochs (`extra` appended).
 fn train_digits(out: &Path, extra: &[&str]) -> common::Run {
-    let data = digits("bin");
-    let mut args = vec![
-        "train",
+    let fixed = [
         "--arch",
         "vgg11",
         "--bn",
@@ -56,15 +64,10 @@ fn train_digits(out: &Path, extra: &[&str]) -> common::Run {
         "32",
         "--scheduler",
         "cosine",
-        "--data-dir",
-        &data,
         "--no-download",
-        "--out",
-        out.to_str().unwrap(),
         "--json",
     ];
-    args.extend_from_slice(extra);
-    vggctl(&args)
+    train_on_digits(&fixed, out, extra)
 }
 
 #[test]
@@ -184,44 +187,25 @@ fn digits_reach_90_percent_and_eval_agrees() {
         last.test_top1
     );
     // --input resizes the images for the model; below 32 is one clear line.
-    let r = vggctl(&[
-        "eval",
-        "--checkpoint",
-        ckpt.to_str().unwrap(),
-        "--data-dir",
-        &digits("bin"),
-        "--input",
-        "48",
-        "--json",
-    ]);
+    let eval_at = |input: &str, extra: &[&str]| {
+        let mut args = vec!["eval", "--checkpoint", ckpt.to_str().unwrap(), "--data-dir"];
+        let data = digits("bin");
+        args.push(&data);
+        args.extend_from_slice(&["--input", input]);
+        args.extend_from_slice(extra);
+        vggctl(&args)
+    };
+    let r = eval_at("48", &["--json"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let e: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(e["images"].as_i64().unwrap(), 297);
-    let r = vggctl(&[
-        "eval",
-        "--checkpoint",
-        ckpt.to_str().unwrap(),
-        "--data-dir",
-        &digits("bin"),
-        "--input",
-        "16",
-    ]);
+    let r = eval_at("16", &[]);
     common::assert_one_line_error(&r, 2, "--input must be at least 32");
     // Memory running out inside libtorch (tch panics on it) is one line
     // with libtorch's reason, not a panic with a C++ backtrace: here a
     // 3,000,000-pixel side, over 400 TB for the first batch, more than any
     // address space holds.
-    let r = vggctl(&[
-        "eval",
-        "--checkpoint",
-        ckpt.to_str().unwrap(),
-        "--data-dir",
-        &digits("bin"),
-        "--input",
-        "3000000",
-        "--batch-size",
-        "4",
-    ]);
+    let r = eval_at("3000000", &["--batch-size", "4"]);
     common::assert_one_line_error(
         &r,
         2,
@@ -311,13 +295,7 @@ const SMALL: [&str; 12] = [
 ];
 
 fn train_small(out: &Path, extra: &[&str]) -> common::Run {
-    let mut args = vec!["train", "--data-dir"];
-    let d = digits("bin");
-    args.push(&d);
-    args.extend_from_slice(&SMALL);
-    args.extend_from_slice(&["--out", out.to_str().unwrap()]);
-    args.extend_from_slice(extra);
-    vggctl(&args)
+    train_on_digits(&SMALL, out, extra)
 }
 
 #[test]
