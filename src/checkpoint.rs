@@ -1,15 +1,17 @@
-//! vggctl's checkpoint files: torchvision-named weights in safetensors, with
-//! string metadata that says how to rebuild and feed the model.
+//! Weights into models, for every subcommand: vggctl's checkpoint files
+//! (torchvision-named weights in safetensors, with string metadata that
+//! says how to rebuild and feed the model), plain state dicts in any format
+//! a user hands over, and torchvision's pretrained files.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use anyhow::{Context, Result, anyhow};
 use serde::{Deserialize, Serialize};
-use tch::Tensor;
+use tch::{Device, Tensor};
 
+use crate::formats::safetensors::{read_safetensors, write_safetensors};
 use crate::model::{Arch, Head, ModelSpec, Vgg};
-use crate::weights::{read_safetensors, write_safetensors};
 
 /// What a model file says about itself.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -137,7 +139,7 @@ pub fn read_weights(path: &Path) -> Result<ModelFile> {
     if !path.is_file() {
         anyhow::bail!("{}: no such file", path.display());
     }
-    let tensors = crate::pth::read_pth(path)?;
+    let tensors = crate::formats::pth::read_pth(path)?;
     Ok(ModelFile {
         meta: None,
         tensors,
@@ -146,7 +148,7 @@ pub fn read_weights(path: &Path) -> Result<ModelFile> {
 
 /// A vggctl checkpoint's model, loaded, and its metadata; a file without
 /// vggctl metadata is an error that points to `--weights`.
-pub fn load_checkpoint(path: &Path, device: tch::Device) -> Result<(Vgg, ModelMeta)> {
+pub fn load_checkpoint(path: &Path, device: Device) -> Result<(Vgg, ModelMeta)> {
     let file = read_model_file(path)?;
     let Some(meta) = file.meta else {
         anyhow::bail!(
@@ -158,6 +160,31 @@ pub fn load_checkpoint(path: &Path, device: tch::Device) -> Result<(Vgg, ModelMe
     let mut model = Vgg::new(meta.spec(), device);
     model.load_state_dict(&path.display().to_string(), &file.tensors)?;
     Ok((model, meta))
+}
+
+/// A model of `spec` with the state dict in `path` (any format
+/// [`read_weights`] takes).
+pub fn load_weights(path: &Path, spec: ModelSpec, device: Device) -> Result<Vgg> {
+    let file = read_weights(path)?;
+    let mut model = Vgg::new(spec, device);
+    model.load_state_dict(&path.display().to_string(), &file.tensors)?;
+    Ok(model)
+}
+
+/// torchvision's pretrained layout (the imagenet head) with the state dict
+/// in `path`; the class count comes from the file's last layer.
+pub fn load_pretrained(path: &Path, arch: Arch, bn: bool, device: Device) -> Result<Vgg> {
+    let file = read_weights(path)?;
+    let classes = match file.tensors.get("classifier.6.weight") {
+        Some(t) if t.dim() == 2 => t.size()[0],
+        _ => 1000,
+    };
+    let spec = ModelSpec::new(arch, bn, Head::Imagenet, classes);
+    let mut model = Vgg::new(spec, device);
+    model
+        .load_state_dict(&path.display().to_string(), &file.tensors)
+        .context("--weights must be torchvision's VGG state dict (imagenet head)")?;
+    Ok(model)
 }
 
 /// What a model loaded from a plain state dict is taken to be: torchvision's

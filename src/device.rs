@@ -59,3 +59,11 @@ pub fn gpu_names() -> Vec<String> {
         })
         .collect()
 }
+
+/// Waits for the device's queued work (a no-op on the CPU): timing device
+/// work needs it, since launches return before the work is done.
+pub fn synchronize(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}

@@ -1,5 +1,6 @@
 //! Writing files so that a crash or kill at any moment leaves either the old
-//! file or the new one, never a half-written one.
+//! file or the new one, never a half-written one: every file vggctl writes
+//! goes through [`replace_atomically`].
 
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
@@ -8,7 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 
 /// The temporary sibling a write goes to before it is renamed into place.
-pub fn temp_path(path: &Path) -> PathBuf {
+fn temp_path(path: &Path) -> PathBuf {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -16,30 +17,36 @@ pub fn temp_path(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
+/// `write` writes the whole file to the temporary path it is given, which
+/// is then renamed over `path`. On error the temporary file is removed.
+pub fn replace_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let tmp = temp_path(path);
+    let result = write(&tmp).and_then(|()| {
+        fs::rename(&tmp, path)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+    });
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
 /// Writes through `fill` into a temporary file, syncs it, then renames it
-/// over `path`. On error the temporary file is removed.
+/// over `path`.
 pub fn write_atomic(
     path: &Path,
     fill: impl FnOnce(&mut BufWriter<File>) -> Result<()>,
 ) -> Result<()> {
-    let tmp = temp_path(path);
-    let result = (|| -> Result<()> {
-        let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    replace_atomically(path, |tmp| {
+        let file = File::create(tmp).with_context(|| format!("creating {}", tmp.display()))?;
         let mut w = BufWriter::new(file);
         fill(&mut w)?;
         w.flush()
             .with_context(|| format!("writing {}", tmp.display()))?;
         w.get_ref()
             .sync_all()
-            .with_context(|| format!("syncing {}", tmp.display()))?;
-        fs::rename(&tmp, path)
-            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+            .with_context(|| format!("syncing {}", tmp.display()))
+    })
 }
 
 pub fn write_atomic_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -47,4 +54,33 @@ pub fn write_atomic_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
         w.write_all(bytes)
             .with_context(|| format!("writing {}", path.display()))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A write that fails leaves the old file and no temporary file; one
+    /// that succeeds replaces the file whole.
+    #[test]
+    fn a_failed_write_leaves_the_old_file_and_nothing_else() {
+        let dir = std::env::temp_dir().join(format!("vggctl-fsutil-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("f.txt");
+        write_atomic_bytes(&path, b"old").unwrap();
+        let err = replace_atomically(&path, |tmp| {
+            fs::write(tmp, b"half")?;
+            anyhow::bail!("disk full")
+        });
+        assert!(err.is_err());
+        assert_eq!(fs::read(&path).unwrap(), b"old");
+        assert_eq!(
+            fs::read_dir(&dir).unwrap().count(),
+            1,
+            "the temporary file is gone"
+        );
+        write_atomic_bytes(&path, b"new").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"new");
+        fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -119,3 +119,18 @@ pub fn resolve_imagenet(
     fetch(&base, name, &hub, progress)
         .with_context(|| format!("could not download {name} from {base}; {where_}"))
 }
+
+/// What `--weights` names: `imagenet` (torchvision's file for the model,
+/// found or downloaded as [`resolve_imagenet`] does), or a file path.
+pub fn weights_file(
+    weights: &str,
+    arch: Arch,
+    bn: bool,
+    progress: &mut dyn FnMut(u64, Option<u64>),
+) -> Result<PathBuf> {
+    if weights == "imagenet" {
+        resolve_imagenet(arch, bn, true, progress)
+    } else {
+        Ok(PathBuf::from(weights))
+    }
+}

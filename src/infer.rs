@@ -1,7 +1,8 @@
-//! The inference form of a model (eval and predict on CUDA): what PyTorch's
-//! `torch.jit.freeze` + `optimize_for_inference` do for a VGG, without
-//! TorchScript.
-//! - BatchNorm folded into the convolution before it (`model::fold_bn`);
+//! How eval and predict run a model, and its inference form (eval and
+//! predict on CUDA): what PyTorch's `torch.jit.freeze` +
+//! `optimize_for_inference` do for a VGG, without TorchScript.
+//! - BatchNorm folded into the convolution before it ([`fold_bn`], which
+//!   export's `--fold-bn` uses too);
 //! - each convolution fused with its bias and the ReLU after it (cuDNN's
 //!   conv+bias+ReLU, `cudnn_convolution_relu`), each linear layer with its
 //!   bias and ReLU (cuBLASLt's epilogue, `_addmm_activation`): the eager
@@ -18,7 +19,71 @@ use std::cell::Cell;
 
 use tch::{Device, Kind, Tensor};
 
-use crate::model::{Layer, Vgg, fold_bn};
+use crate::model::{BN_EPS, Layer, Sequential, Vgg, to_channels_last};
+use crate::numerics::Numerics;
+
+/// What evaluation runs: float32 logits of a preprocessed fp32 NCHW batch.
+pub trait Logits {
+    fn logits(&self, x: &Tensor) -> Tensor;
+}
+
+/// A model in evaluation mode as trained, layer by layer, in a run's
+/// numerics (training's evaluation, `--layerwise`, the CPU).
+pub struct Layerwise<'a> {
+    pub model: &'a Vgg,
+    pub numerics: &'a Numerics,
+}
+
+impl Logits for Layerwise<'_> {
+    fn logits(&self, x: &Tensor) -> Tensor {
+        self.numerics.forward(self.model, x, false)
+    }
+}
+
+/// What eval and predict hold: the model as trained, or its inference form
+/// (which owns the only copy of the weights it needs, so it cannot go
+/// stale).
+pub enum Inference {
+    Layerwise { model: Vgg, numerics: Numerics },
+    Plan(InferencePlan),
+}
+
+impl Inference {
+    /// The inference form on CUDA unless `layerwise`; elsewhere the model
+    /// itself, in `numerics`' layout.
+    pub fn new(mut model: Vgg, numerics: Numerics, layerwise: bool) -> Inference {
+        if numerics.device.is_cuda() && !layerwise {
+            let kind = numerics.compute_kind();
+            return Inference::Plan(InferencePlan::new(&model, kind, numerics.channels_last));
+        }
+        if numerics.channels_last {
+            model.to_channels_last();
+        }
+        Inference::Layerwise { model, numerics }
+    }
+
+    /// What ran, for `ran_as`: the inference form and whether its fused
+    /// kernels ran (known after the first batch), else nothing.
+    pub fn form(&self) -> Option<&'static str> {
+        match self {
+            Inference::Layerwise { .. } => None,
+            Inference::Plan(plan) => match plan.fused() {
+                Some(true) => Some("inference form, fused conv+ReLU"),
+                Some(false) => Some("inference form, plain ops"),
+                None => None,
+            },
+        }
+    }
+}
+
+impl Logits for Inference {
+    fn logits(&self, x: &Tensor) -> Tensor {
+        match self {
+            Inference::Layerwise { model, numerics } => numerics.forward(model, x, false),
+            Inference::Plan(plan) => plan.forward(x),
+        }
+    }
+}
 
 enum Op {
     /// 3x3 convolution, stride 1, padding 1; `relu` when a ReLU follows.
@@ -56,7 +121,7 @@ impl InferencePlan {
                 let cast = |t: &Tensor| {
                     let t = t.detach().to_kind(kind);
                     if channels_last {
-                        crate::amp::to_channels_last(&t)
+                        to_channels_last(&t)
                     } else {
                         t.contiguous()
                     }
@@ -106,7 +171,7 @@ impl InferencePlan {
         tch::no_grad(|| {
             let mut x = x.to_kind(self.kind);
             if self.channels_last {
-                x = crate::amp::to_channels_last(&x);
+                x = to_channels_last(&x);
             }
             let fuse = x.device() != Device::Cpu && self.fused.get() != Some(false);
             let out = if fuse {
@@ -166,6 +231,53 @@ fn apply(op: &Op, x: &Tensor, fused: bool) -> Result<Tensor, tch::TchError> {
     })
 }
 
+/// A copy of the model with every BatchNorm folded into the convolution before
+/// it (inference only): w' = w * g / sqrt(var + eps), b' = (b - mean) * g / sqrt(var + eps) + beta.
+pub fn fold_bn(model: &Vgg) -> Vgg {
+    let mut layers = Vec::new();
+    let mut it = model.features.layers.iter().peekable();
+    while let Some((name, layer)) = it.next() {
+        if let (
+            Layer::Conv { weight, bias },
+            Some((
+                _,
+                Layer::BatchNorm {
+                    weight: g,
+                    bias: beta,
+                    running_mean,
+                    running_var,
+                    ..
+                },
+            )),
+        ) = (layer, it.peek())
+        {
+            let scale = tch::no_grad(|| g / (running_var + BN_EPS).sqrt());
+            let w = tch::no_grad(|| weight * scale.view([-1, 1, 1, 1]));
+            let b = tch::no_grad(|| (bias - running_mean) * &scale + beta);
+            layers.push((name.clone(), Layer::Conv { weight: w, bias: b }));
+            it.next();
+        } else {
+            layers.push((name.clone(), layer.shallow()));
+        }
+    }
+    let mut spec = model.spec;
+    spec.bn = false;
+    Vgg {
+        spec,
+        features: Sequential { layers },
+        pool_size: model.pool_size,
+        classifier: Sequential {
+            layers: model
+                .classifier
+                .layers
+                .iter()
+                .map(|(n, l)| (n.clone(), l.shallow()))
+                .collect(),
+        },
+        frozen_prefix: 0,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -215,5 +327,25 @@ mod tests {
                 assert_eq!(plan.fused(), Some(false), "the CPU runs the plain ops");
             }
         }
+    }
+
+    /// eval and predict on the CPU run the model as trained (in the
+    /// decided layout), and say nothing of an inference form.
+    #[test]
+    fn the_cpu_runs_the_model_layerwise() {
+        tch::manual_seed(5);
+        let spec = ModelSpec::new(Arch::Vgg11, true, Head::Cifar, 10);
+        let model = Vgg::new(spec, Device::Cpu);
+        let x = Tensor::randn([2, 3, 32, 32], (Kind::Float, Device::Cpu));
+        let want = tch::no_grad(|| model.forward_t(&x, false));
+        let numerics = Numerics {
+            channels_last: true,
+            ..Numerics::plain_cpu()
+        };
+        let net = Inference::new(model, numerics, false);
+        assert!(matches!(net, Inference::Layerwise { .. }));
+        let got = tch::no_grad(|| net.logits(&x));
+        assert!((&got - &want).abs().max().double_value(&[]) < 1e-4);
+        assert_eq!(net.form(), None);
     }
 }

@@ -1,23 +1,32 @@
 //! vggctl's library: the VGG models and everything the subcommands share.
-//! Nothing here knows about clap or the terminal; `cmd/` wires it together.
+//! Nothing here knows about clap or the terminal; `cmd/` wires it together,
+//! and what a user should see (progress, warnings) leaves through the
+//! callbacks and observers the commands supply.
+//!
+//! Dependencies point down:
+//! - bottom: `shim` (the only `unsafe`), `fsutil`, `device`, `choice`,
+//!   `formats` (pickle, numpy, `.pth`, safetensors);
+//! - `model`, `data`, `optim`, then `numerics` (runs a model in a precision
+//!   and layout);
+//! - `checkpoint`, `hub`, `report`, `infer` (how eval and predict run a model);
+//! - `eval`, `export`, then `train`.
 
-pub mod amp;
 pub mod checkpoint;
+pub mod choice;
 pub mod data;
 pub mod device;
+pub mod eval;
 pub mod export;
+pub mod formats;
 pub mod fsutil;
 pub mod hub;
 pub mod infer;
 pub mod model;
+pub mod numerics;
 pub mod optim;
-pub mod pickle;
-pub mod plot;
-pub mod pth;
 pub mod report;
 pub mod shim;
 pub mod train;
-pub mod weights;
 
 /// Returned when Ctrl-C stopped a run after it saved its state; the binary
 /// exits with 130.

@@ -13,6 +13,9 @@
 //!   ~130 chains of optimizer kernels to one kernel, and there is no zeroing
 //!   of gradients.
 //!
+//! fp16's dynamic loss scaling (tch has no GradScaler) runs on the device
+//! inside the fused update; [`LossScaler`] is its saved form.
+//!
 //! The state is kept as flat buffers in both modes and saved per parameter
 //! (`optimizer.momentum_buffer.<name>`), so a checkpoint does not depend on
 //! the mode that wrote it.
@@ -23,14 +26,30 @@ use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-use crate::amp::LossScaler;
+use crate::choice::Choice;
 use crate::shim;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OptimizerKind {
     Sgd,
     Adamw,
+}
+
+impl Choice for OptimizerKind {
+    const ALL: &'static [Self] = &[OptimizerKind::Sgd, OptimizerKind::Adamw];
+    fn name(self) -> &'static str {
+        match self {
+            OptimizerKind::Sgd => "sgd",
+            OptimizerKind::Adamw => "adamw",
+        }
+    }
+    fn help(self) -> &'static str {
+        match self {
+            OptimizerKind::Sgd => "SGD with momentum (PyTorch's semantics), optionally Nesterov",
+            OptimizerKind::Adamw => "AdamW (decoupled weight decay)",
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -229,10 +248,6 @@ impl Optimizer {
         self.scaler
             .as_ref()
             .map_or(0, |s| s.skipped.int64_value(&[]))
-    }
-
-    pub fn is_fused(&self) -> bool {
-        self.flat.is_some()
     }
 
     /// A flat buffer's segment for one parameter, in the parameter's shape
@@ -459,5 +474,30 @@ impl Optimizer {
         }
         let _ = self.step.fill_(steps as f64);
         Ok(())
+    }
+}
+
+/// fp16 loss scaling as saved in a resume checkpoint, with PyTorch
+/// GradScaler's policy: start at 2^16, halve on overflow (and skip that
+/// step), double after `growth_interval` clean steps.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LossScaler {
+    pub scale: f64,
+    pub growth_factor: f64,
+    pub backoff_factor: f64,
+    pub growth_interval: u32,
+    /// Clean steps since the last change of scale.
+    pub good_steps: u32,
+}
+
+impl Default for LossScaler {
+    fn default() -> Self {
+        LossScaler {
+            scale: 65536.0,
+            growth_factor: 2.0,
+            backoff_factor: 0.5,
+            growth_interval: 2000,
+            good_steps: 0,
+        }
     }
 }

@@ -4,13 +4,10 @@
 //! Everything is computed from the same layer list that builds the model, so
 //! the report describes exactly the network that `Vgg::new` creates.
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
-use crate::model::{LayerKind, ModelSpec};
-
-/// Five 2x2 poolings need at least this many pixels per side.
-pub const MIN_INPUT: i64 = 32;
+use crate::model::{LayerKind, ModelSpec, check_input};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct LayerRow {
@@ -74,11 +71,7 @@ pub struct ParamsReport {
 const MIB: f64 = 1024.0 * 1024.0;
 
 pub fn params_report(spec: &ModelSpec, input: i64) -> Result<ParamsReport> {
-    if input < MIN_INPUT {
-        bail!(
-            "--input {input} is too small: VGG's five 2x2 poolings need at least {MIN_INPUT}x{MIN_INPUT} pixels"
-        );
-    }
+    check_input(input)?;
     let mut shape = vec![3, input, input];
     // Receptive field side and the distance between neighbouring outputs, in input pixels.
     let (mut rf, mut jump) = (1i64, 1i64);
@@ -204,13 +197,9 @@ fn shape_str(s: &[i64]) -> String {
         .join("x")
 }
 
-/// The human-readable report printed by `vggctl params`.
-pub fn render_table(r: &ParamsReport) -> String {
-    let mut out = String::new();
-    out.push_str(&format!(
-        "{} ({} head, {} classes), input 3x{}x{}\n\n",
-        r.model, r.head, r.classes, r.input, r.input
-    ));
+/// The per-layer table: names and layer descriptions left-aligned, numbers
+/// right-aligned, every column as wide as its widest cell.
+fn layer_table(r: &ParamsReport) -> String {
     let header = [
         "name",
         "layer",
@@ -244,7 +233,6 @@ pub fn render_table(r: &ParamsReport) -> String {
     let fmt_row = |row: &[String]| -> String {
         let mut line = String::new();
         for (i, (c, w)) in row.iter().zip(&widths).enumerate() {
-            // Names and layer descriptions left-aligned, numbers right-aligned.
             if i < 2 {
                 line.push_str(&format!("{c:<w$}  "));
             } else {
@@ -253,13 +241,24 @@ pub fn render_table(r: &ParamsReport) -> String {
         }
         line.trim_end().to_string() + "\n"
     };
-    out.push_str(&fmt_row(&header.map(String::from)));
+    let mut out = fmt_row(&header.map(String::from));
     out.push_str(&fmt_row(
         &widths.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>(),
     ));
     for row in &cells {
         out.push_str(&fmt_row(row));
     }
+    out
+}
+
+/// The human-readable report printed by `vggctl params`.
+pub fn render_table(r: &ParamsReport) -> String {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "{} ({} head, {} classes), input 3x{}x{}\n\n",
+        r.model, r.head, r.classes, r.input, r.input
+    ));
+    out.push_str(&layer_table(r));
     out.push('\n');
     out.push_str(&format!(
         "total parameters      {}\n",

@@ -363,11 +363,9 @@ impl CudaGraph {
             return Err(e);
         }
         // An operation that cannot be captured makes tch panic; that must
-        // end the capture and come back as an error, not as a crash.
-        let hook = std::panic::take_hook();
-        std::panic::set_hook(Box::new(|_| {}));
+        // end the capture and come back as an error, not as a crash. (The
+        // binary's panic hook, in main.rs, prints nothing for it.)
         let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
-        std::panic::set_hook(hook);
         // SAFETY: as above; capture was begun.
         let ended = call("ending the CUDA graph capture", |err, len| unsafe {
             vggctl_graph_capture_end(self.ptr, err, len)

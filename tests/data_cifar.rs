@@ -17,7 +17,7 @@ use vggctl::data::augment::{
     CropBoxes, Normalizer, crop_flip, random_crop_flip, random_resized_boxes, resized_crop_flip,
 };
 use vggctl::data::cifar;
-use vggctl::weights::read_safetensors;
+use vggctl::formats::safetensors::read_safetensors;
 
 fn copy_dir(from: &Path, to: &Path) {
     fs::create_dir_all(to).unwrap();

@@ -7,8 +7,8 @@
 mod common;
 
 use tch::{CModule, Device, Kind, Tensor};
+use vggctl::formats::safetensors::read_safetensors;
 use vggctl::model::{Arch, Head, ModelSpec, Vgg};
-use vggctl::weights::read_safetensors;
 
 #[test]
 fn torchscript_runs_in_libtorch_with_vggctl_logits() {

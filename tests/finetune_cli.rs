@@ -11,9 +11,9 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
+use vggctl::formats::pth::read_pth;
+use vggctl::formats::safetensors::read_safetensors;
 use vggctl::hub;
-use vggctl::pth::read_pth;
-use vggctl::weights::read_safetensors;
 
 fn fixture(p: &str) -> String {
     common::fixtures().join(p).display().to_string()
@@ -506,7 +506,7 @@ fn predicts_preprocessing_is_torchvisions_eval_transform() {
 fn the_folder_cache_is_reused_and_rebuilt_when_files_change() {
     use std::collections::HashMap;
     use vggctl::data::folder::{FolderOptions, load};
-    use vggctl::weights::write_safetensors;
+    use vggctl::formats::safetensors::write_safetensors;
     let tmp = common::tempdir();
     let root = tmp.path().join("data");
     for class in ["cat", "coffee"] {

@@ -18,11 +18,11 @@ mod common;
 use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
-use vggctl::amp::LossScaler;
+use vggctl::formats::safetensors::read_safetensors;
+use vggctl::optim::LossScaler;
 use vggctl::optim::{Optimizer, OptimizerConfig, OptimizerKind};
 use vggctl::shim::{self, CudaGraph};
-use vggctl::train::EpochMetrics;
-use vggctl::weights::read_safetensors;
+use vggctl::train::state::EpochMetrics;
 
 const GPU: &str = "needs a CUDA GPU (scripts/gpu-check runs it)";
 

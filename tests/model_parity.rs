@@ -7,9 +7,9 @@ mod common;
 use std::collections::BTreeMap;
 
 use tch::{Device, Kind, Tensor};
+use vggctl::formats::pth::read_pth;
+use vggctl::formats::safetensors::read_safetensors;
 use vggctl::model::{Arch, Head, Layer, ModelSpec, Vgg};
-use vggctl::pth::read_pth;
-use vggctl::weights::read_safetensors;
 
 fn spec_from_meta(meta: &std::collections::HashMap<String, String>) -> ModelSpec {
     let (arch, _) = Arch::parse_with_bn(&meta["arch"]).unwrap();

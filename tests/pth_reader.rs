@@ -10,9 +10,9 @@ use std::io::{Cursor, Read, Write};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use tch::{Device, Kind};
+use vggctl::formats::pth::{parse_pth, read_pth};
+use vggctl::formats::safetensors::read_safetensors;
 use vggctl::model::{Arch, Head, ModelSpec, Vgg};
-use vggctl::pth::{parse_pth, read_pth};
-use vggctl::weights::read_safetensors;
 
 fn pth_dir() -> std::path::PathBuf {
     common::fixtures().join("pth")

@@ -6,8 +6,9 @@
 //! and AdamW updates, computed independently in f64, to 1e-6 (relative).
 
 use tch::{Device, Kind, Tensor};
-use vggctl::amp::{LossScaler, is_channels_last, to_channels_last};
 use vggctl::model::{Arch, Head, ModelSpec, Vgg};
+use vggctl::model::{is_channels_last, to_channels_last};
+use vggctl::optim::LossScaler;
 use vggctl::optim::{Optimizer, OptimizerConfig, OptimizerKind};
 
 fn sgd(nesterov: bool) -> OptimizerConfig {

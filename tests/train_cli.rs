@@ -10,8 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use vggctl::train::{EpochMetrics, TrainSummary, read_resume};
-use vggctl::weights::{read_safetensors, write_safetensors};
+use vggctl::formats::safetensors::{read_safetensors, write_safetensors};
+use vggctl::train::read_resume;
+use vggctl::train::state::{EpochMetrics, TrainSummary};
 
 fn digits(layout: &str) -> String {
     common::fixtures()
@@ -172,11 +173,11 @@ fn digits_reach_90_percent_and_eval_agrees() {
     // the fp32-trained model scores within 1 point.
     let r = eval_as("bf16");
     let mut warnings = vec!["warning: --cuda-graphs needs a CUDA device; evaluating eagerly"];
-    if !vggctl::amp::cpu_has_native_bf16() {
+    if !vggctl::numerics::cpu_has_native_bf16() {
         warnings.push("warning: --precision bf16 on the CPU needs native bf16 instructions");
     }
     common::assert_warned(&r, &warnings);
-    if vggctl::amp::cpu_has_native_bf16() {
+    if vggctl::numerics::cpu_has_native_bf16() {
         assert!(!r.stderr.contains("--precision"), "{}", r.stderr);
     }
     let e: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
@@ -217,7 +218,7 @@ fn digits_reach_90_percent_and_eval_agrees() {
     // (NHWC by default) to the fp32 run's accuracy. Within 2 points (6 of
     // 297 images): fp32 itself moves by 1 point between seeds here (seeds
     // 0-2: 96.0, 97.0, 97.0 %; bf16: 94.6, 96.3, 97.3 %).
-    if vggctl::amp::cpu_has_native_bf16() {
+    if vggctl::numerics::cpu_has_native_bf16() {
         let out = tmp.path().join("bf16");
         let r = train_digits(&out, &["--precision", "bf16"]);
         assert_eq!(r.code, 0, "{}", r.stderr);

@@ -6,8 +6,9 @@ use anyhow::{Result, bail};
 use vggctl::data::Dataset;
 use vggctl::data::cifar::{self, DownloadSource};
 use vggctl::data::folder::{self, FolderOptions, IMAGENET_MEAN, IMAGENET_STD};
-use vggctl::train::TrainConfig;
+use vggctl::train::config::TrainConfig;
 
+use super::output::warn;
 use super::progress::download_bar;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -106,7 +107,7 @@ impl DataOpts {
                     cache_size,
                     strict: self.strict,
                 };
-                folder::load(&opts, &mut |w| eprintln!("warning: {w}"))
+                folder::load(&opts, &mut warn)
             }
             other => bail!("unknown dataset '{other}' (expected cifar10 or folder)"),
         }

@@ -5,14 +5,19 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 use serde::Serialize;
-use vggctl::checkpoint::read_model_file;
+use tch::Device;
+use vggctl::checkpoint::{ModelMeta, read_model_file};
+use vggctl::data::Dataset;
 use vggctl::data::augment::{Augment, Normalizer, Preprocess};
-use vggctl::model::{Head, Vgg};
+use vggctl::eval::{EvalGraph, EvalResult, evaluate};
+use vggctl::infer::Inference;
+use vggctl::model::{Head, Vgg, check_input};
+use vggctl::numerics::{Activity, Numerics};
 use vggctl::shim;
-use vggctl::train::{DeviceSplit, EvalGraph, EvalResult, evaluate};
 
 use super::data_opts::DataOpts;
-use super::{GraphOpts, InferenceOpts, ModelOpts, NumericsOpts, print_json, print_out};
+use super::opts::{GraphOpts, InferenceOpts, ModelOpts, NumericsOpts};
+use super::output::{print_json, print_out, warn};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -68,25 +73,7 @@ pub fn run(args: Args) -> Result<()> {
         Some(meta) => meta.spec(),
         None => args.model.spec(Head::Cifar)?,
     };
-    let mut data = args.data.clone();
-    if let Some(meta) = &file.meta
-        && data.dataset != meta.dataset
-        && meta.dataset == "folder"
-    {
-        data.dataset = meta.dataset.clone();
-    }
-    if args.input.is_some_and(|i| i < 32) {
-        bail!("--input must be at least 32 (five 2x2 poolings)");
-    }
-    let input = args
-        .input
-        .unwrap_or_else(|| file.meta.as_ref().map_or(32, |m| m.input_size));
-    let cache = file
-        .meta
-        .as_ref()
-        .and_then(|m| m.resize)
-        .unwrap_or(input * 256 / 224);
-    let dataset = data.load(false, args.seed, cache)?;
+    let (dataset, pre) = load_data(&args, file.meta.as_ref(), device)?;
     if dataset.classes.len() as i64 != spec.classes {
         bail!(
             "{}: the model has {} classes but {} has {}",
@@ -96,63 +83,71 @@ pub fn run(args: Args) -> Result<()> {
             dataset.classes.len()
         );
     }
-    let (mean, std) = file
-        .meta
-        .as_ref()
-        .map_or((dataset.mean, dataset.std), |m| (m.mean, m.std));
     let mut model = Vgg::new(spec, device);
     model.load_state_dict(&args.checkpoint.display().to_string(), &file.tensors)?;
-    let test = DeviceSplit::new(&dataset.test.limit(args.limit_test), device);
-    let augment = match file.meta.as_ref().and_then(|m| m.resize) {
-        Some(_) => Augment::ResizedCrop,
-        None => Augment::CropFlip { padding: 4 },
-    };
-    let mut pre = Preprocess::plain(augment, input, Normalizer::new(mean, std, device));
+    let test = dataset.test.limit(args.limit_test).to_device(device);
     // The training run's precision and layout choices, for the same speed.
-    let run = args.numerics.setup_inference(
-        device,
-        "evaluating",
-        &mut model,
-        &mut pre,
-        args.inference.layerwise,
-    )?;
-    let mut graph = match (args.graphs.wanted(device, true), device.is_cuda()) {
-        (true, true) => Some(EvalGraph::new(&model)?),
-        (true, false) => {
-            eprintln!("warning: --cuda-graphs needs a CUDA device; evaluating eagerly");
-            None
-        }
-        _ => None,
+    let request = args.numerics.request(Some(&args.graphs), true);
+    let numerics = Numerics::decide(&request, device, Activity::Evaluating, &mut warn)?;
+    let mut graph = match numerics.cuda_graphs {
+        true => Some(EvalGraph::new(device, spec.classes)?),
+        false => None,
     };
+    let net = Inference::new(model, numerics.clone(), args.inference.layerwise);
     shim::peak_memory(device, true)?;
-    let result = evaluate(&model, &test, args.batch_size, &pre, graph.as_mut())?;
-    let peak_gpu_bytes = shim::peak_memory(device, false)?;
-    let mut ran_as = vec![run.precision.name().to_string()];
-    if run.channels_last {
-        ran_as.push("channels_last".into());
-    }
-    match model.inference.as_ref().and_then(|p| p.fused()) {
-        Some(true) => ran_as.push("inference form, fused conv+ReLU".into()),
-        Some(false) => ran_as.push("inference form, plain ops".into()),
-        None => {}
-    }
-    if graph.is_some() {
-        ran_as.push("CUDA graph".into());
-    }
+    let result = evaluate(
+        &net,
+        spec.classes,
+        &test,
+        args.batch_size,
+        &pre,
+        graph.as_mut(),
+    )?;
     let report = Report {
-        ran_as: ran_as.join(", "),
+        ran_as: numerics.ran_as(net.form()),
+        peak_gpu_bytes: shim::peak_memory(device, false)?,
         checkpoint: args.checkpoint.clone(),
         model: spec.model_name(),
         dataset: dataset.name.clone(),
         classes: dataset.classes.clone(),
         result,
-        peak_gpu_bytes,
     };
     if args.model.json {
         print_json(&report)
     } else {
         print_out(&render(&report))
     }
+}
+
+/// The dataset to evaluate on (a folder checkpoint's dataset is a folder),
+/// and its evaluation transform at the model's input size.
+fn load_data(
+    args: &Args,
+    meta: Option<&ModelMeta>,
+    device: Device,
+) -> Result<(Dataset, Preprocess)> {
+    let mut data = args.data.clone();
+    if let Some(meta) = meta
+        && data.dataset != meta.dataset
+        && meta.dataset == "folder"
+    {
+        data.dataset = meta.dataset.clone();
+    }
+    if let Some(input) = args.input {
+        check_input(input)?;
+    }
+    let input = args
+        .input
+        .unwrap_or_else(|| meta.map_or(32, |m| m.input_size));
+    let resize = meta.and_then(|m| m.resize);
+    let dataset = data.load(false, args.seed, resize.unwrap_or(input * 256 / 224))?;
+    let (mean, std) = meta.map_or((dataset.mean, dataset.std), |m| (m.mean, m.std));
+    let augment = match resize {
+        Some(_) => Augment::ResizedCrop,
+        None => Augment::CropFlip { padding: 4 },
+    };
+    let pre = Preprocess::new(augment, input, Normalizer::new(mean, std, device));
+    Ok((dataset, pre))
 }
 
 fn render(r: &Report) -> String {

@@ -4,13 +4,17 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 use tch::Device;
-use vggctl::checkpoint::{ModelMeta, load_checkpoint, meta_for_weights, read_weights};
+use vggctl::checkpoint::{
+    ModelMeta, load_checkpoint, load_pretrained, load_weights, meta_for_weights,
+};
 use vggctl::export::{check_target, export_onnx, export_safetensors, export_torchscript};
-use vggctl::model::fold_bn;
-use vggctl::model::{Head, Vgg};
+use vggctl::hub::weights_file;
+use vggctl::infer::fold_bn;
+use vggctl::model::{Head, Vgg, check_input};
 
-use super::finetune::{load_pretrained, weights_path};
-use super::{ModelOpts, print_json, print_out};
+use super::opts::ModelOpts;
+use super::output::{print_json, print_out};
+use super::progress::download_bar;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -72,14 +76,10 @@ fn load(args: &Args) -> Result<(Vgg, ModelMeta)> {
     };
     let spec = args.model.spec(Head::Imagenet)?;
     let model = if w == "imagenet" {
-        let path = weights_path(w, spec.arch, spec.bn, false)?;
+        let path = weights_file(w, spec.arch, spec.bn, &mut download_bar(false))?;
         load_pretrained(&path, spec.arch, spec.bn, device)?
     } else {
-        let path = PathBuf::from(w);
-        let file = read_weights(&path)?;
-        let mut model = Vgg::new(spec, device);
-        model.load_state_dict(&path.display().to_string(), &file.tensors)?;
-        model
+        load_weights(&PathBuf::from(w), spec, device)?
     };
     let meta = meta_for_weights(model.spec);
     Ok((model, meta))
@@ -97,9 +97,7 @@ pub fn run(args: Args) -> Result<()> {
     check_target(&args.out, args.force)?;
     let (model, meta) = load(&args)?;
     let input = args.input.unwrap_or(meta.input_size);
-    if input < 32 {
-        bail!("--input {input} is too small: VGG's five 2x2 poolings need at least 32x32 pixels");
-    }
+    check_input(input)?;
     let folded = args.fold_bn && model.spec.bn;
     let model = if folded { fold_bn(&model) } else { model }.into_inference();
     match args.format {

@@ -4,16 +4,16 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
-use vggctl::checkpoint::read_weights;
+use anyhow::{Result, bail};
+use vggctl::checkpoint::load_pretrained;
 use vggctl::data::augment::Augment;
-use vggctl::hub::resolve_imagenet;
-use vggctl::model::{Arch, Head, ModelSpec, Vgg};
+use vggctl::hub::weights_file;
+use vggctl::model::{Head, check_input};
 
-use super::ModelOpts;
 use super::data_opts::DataOpts;
+use super::opts::ModelOpts;
 use super::progress::download_bar;
-use super::train::{HyperOpts, execute, resume};
+use super::training::{HyperOpts, execute, resume};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -39,40 +39,9 @@ pub struct Args {
     hyper: HyperOpts,
 }
 
-/// Resolves `--weights` to a file, downloading torchvision's when needed.
-pub fn weights_path(weights: &str, arch: Arch, bn: bool, quiet: bool) -> Result<PathBuf> {
-    if weights == "imagenet" {
-        resolve_imagenet(arch, bn, true, &mut download_bar(quiet))
-    } else {
-        Ok(PathBuf::from(weights))
-    }
-}
-
-/// Builds the imagenet-head model and loads a state dict into it; the class
-/// count comes from the file's last layer.
-pub fn load_pretrained(
-    path: &std::path::Path,
-    arch: Arch,
-    bn: bool,
-    device: tch::Device,
-) -> Result<Vgg> {
-    let file = read_weights(path)?;
-    let classes = match file.tensors.get("classifier.6.weight") {
-        Some(t) if t.dim() == 2 => t.size()[0],
-        _ => 1000,
-    };
-    let spec = ModelSpec::new(arch, bn, Head::Imagenet, classes);
-    let mut model = Vgg::new(spec, device);
-    model
-        .load_state_dict(&path.display().to_string(), &file.tensors)
-        .context("--weights must be torchvision's VGG state dict (imagenet head)")?;
-    Ok(model)
-}
-
 pub fn run(args: Args) -> Result<()> {
     let h = &args.hyper;
     let device = args.model.device()?;
-    h.numerics.apply_determinism(device)?;
     if h.resume.is_some() {
         return resume(h, &args.data, device, args.model.json);
     }
@@ -80,9 +49,7 @@ pub fn run(args: Args) -> Result<()> {
         bail!("--head: fine-tuning starts from torchvision's imagenet head");
     }
     let input = args.input.unwrap_or(224);
-    if input < 32 {
-        bail!("--input {input} is too small: VGG's five 2x2 poolings need at least 32x32 pixels");
-    }
+    check_input(input)?;
     let spec = args.model.spec(Head::Imagenet)?;
     // The dataset decides the class count unless --classes says otherwise (then they must agree).
     let mut data = args.data.clone();
@@ -102,7 +69,12 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
 
-    let path = weights_path(&args.weights, spec.arch, spec.bn, h.quiet)?;
+    let path = weights_file(
+        &args.weights,
+        spec.arch,
+        spec.bn,
+        &mut download_bar(h.quiet),
+    )?;
     tch::manual_seed(h.seed as i64);
     let mut model = load_pretrained(&path, spec.arch, spec.bn, device)?;
     model.replace_last_linear(classes);
@@ -131,5 +103,5 @@ pub fn run(args: Args) -> Result<()> {
             1,
         ));
     }
-    execute(config, &data, model, None, h.quiet, args.model.json)
+    execute(config, h, &data, model, None, args.model.json)
 }

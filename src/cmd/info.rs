@@ -6,7 +6,7 @@ use tch::Cuda;
 use vggctl::device::{LIBTORCH_VERSION, gpu_names};
 use vggctl::shim;
 
-use super::{print_json, print_out};
+use super::output::{print_json, print_out};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -45,7 +45,7 @@ fn gather() -> Info {
             .collect(),
         cuda_graphs: shim::has_cuda(),
         threads: tch::get_num_threads(),
-        cpu_bf16: vggctl::amp::cpu_has_native_bf16(),
+        cpu_bf16: vggctl::numerics::cpu_has_native_bf16(),
     }
 }
 

@@ -4,7 +4,8 @@ use anyhow::Result;
 use vggctl::model::Head;
 use vggctl::report::{params_report, render_table};
 
-use super::{ModelOpts, print_json, print_out};
+use super::opts::ModelOpts;
+use super::output::{print_json, print_out};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {

@@ -6,15 +6,19 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use rayon::prelude::*;
 use serde::Serialize;
-use tch::{Kind, Tensor};
-use vggctl::checkpoint::{load_checkpoint, meta_for_weights};
+use tch::{Device, Kind, Tensor};
+use vggctl::checkpoint::{ModelMeta, load_checkpoint, load_pretrained, meta_for_weights};
 use vggctl::data::augment::{Augment, Normalizer, Preprocess};
 use vggctl::data::folder::image_files;
 use vggctl::data::image::{eval_transform, read_image};
-use vggctl::model::Head;
+use vggctl::hub::weights_file;
+use vggctl::infer::{Inference, Logits};
+use vggctl::model::{Head, Vgg, check_input};
+use vggctl::numerics::{Activity, Numerics};
 
-use super::finetune::{load_pretrained, weights_path};
-use super::{InferenceOpts, ModelOpts, NumericsOpts, print_json, print_out};
+use super::opts::{InferenceOpts, ModelOpts, NumericsOpts};
+use super::output::{print_json, print_out, warn};
+use super::progress::download_bar;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -77,6 +81,25 @@ fn expand_dirs(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// The model and its metadata from --checkpoint or --weights.
+fn load_model(args: &Args, device: Device) -> Result<(Vgg, ModelMeta)> {
+    match (&args.checkpoint, &args.weights) {
+        (Some(path), _) => load_checkpoint(path, device),
+        (None, Some(w)) => {
+            let spec = args.model.spec(Head::Imagenet)?;
+            let path = weights_file(w, spec.arch, spec.bn, &mut download_bar(false))?;
+            let model = load_pretrained(&path, spec.arch, spec.bn, device)?;
+            let mut meta = meta_for_weights(model.spec);
+            if let Some(input) = args.input {
+                meta.input_size = input;
+                meta.resize = Some(input * 256 / 224);
+            }
+            Ok((model, meta))
+        }
+        (None, None) => bail!("give --checkpoint PATH or --weights imagenet|PATH"),
+    }
+}
+
 pub fn run(args: Args) -> Result<()> {
     let device = args.model.device()?;
     if args.topk < 1 {
@@ -85,70 +108,25 @@ pub fn run(args: Args) -> Result<()> {
     if args.batch_size < 1 {
         bail!("--batch-size must be at least 1");
     }
+    if let Some(input) = args.input {
+        check_input(input)?;
+    }
     let images = expand_dirs(&args.images)?;
-    let (mut model, meta) = match (&args.checkpoint, &args.weights) {
-        (Some(path), _) => load_checkpoint(path, device)?,
-        (None, Some(w)) => {
-            let spec = args.model.spec(Head::Imagenet)?;
-            let path = weights_path(w, spec.arch, spec.bn, false)?;
-            let model = load_pretrained(&path, spec.arch, spec.bn, device)?;
-            let mut meta = meta_for_weights(model.spec);
-            if let Some(input) = args.input {
-                meta.input_size = input;
-                meta.resize = Some(input * 256 / 224);
-            }
-            (model, meta)
-        }
-        (None, None) => bail!("give --checkpoint PATH or --weights imagenet|PATH"),
-    };
-    let (names, input, resize) = (&meta.class_names, meta.input_size, meta.resize);
+    let (model, meta) = load_model(&args, device)?;
+    check_input(meta.input_size)?;
+    let k = args.topk.min(model.spec.classes);
     // The images arrive resized and cropped (torchvision's eval transform).
-    let mut pre = Preprocess::plain(
+    let pre = Preprocess::new(
         Augment::ResizedCrop,
-        input,
+        meta.input_size,
         Normalizer::new(meta.mean, meta.std, device),
     );
-    args.numerics.setup_inference(
-        device,
-        "predicting",
-        &mut model,
-        &mut pre,
-        args.inference.layerwise,
-    )?;
-    let k = args.topk.min(model.spec.classes);
+    let request = args.numerics.request(None, false);
+    let numerics = Numerics::decide(&request, device, Activity::Predicting, &mut warn)?;
+    let net = Inference::new(model, numerics, args.inference.layerwise);
     let mut preds = Vec::with_capacity(images.len());
     for chunk in images.chunks(args.batch_size) {
-        // Decoding and resizing dominate on the CPU: all cores, one image each.
-        let batch: Vec<Tensor> = chunk
-            .par_iter()
-            .map(|p| read_image(p).map(|img| eval_transform(&img, resize, input)))
-            .collect::<Vec<_>>()
-            .into_iter()
-            .collect::<Result<_>>()?; // the first unreadable file in order
-        let x = Tensor::stack(&batch, 0).to_device(device);
-        let probs = tch::no_grad(|| pre.logits(&model, &x, None, false).softmax(-1, Kind::Float));
-        let (p, idx) = probs.topk(k, -1, true, true);
-        let p: Vec<f32> = Vec::try_from(p.to_device(tch::Device::Cpu).flatten(0, -1))?;
-        let idx: Vec<i64> = Vec::try_from(idx.to_device(tch::Device::Cpu).flatten(0, -1))?;
-        preds.extend(chunk.iter().enumerate().map(|(i, image)| {
-            Prediction {
-                image: image.clone(),
-                top: (0..k as usize)
-                    .map(|j| {
-                        let n = i * k as usize + j;
-                        let index = idx[n];
-                        Guess {
-                            index,
-                            label: names
-                                .get(index as usize)
-                                .cloned()
-                                .unwrap_or_else(|| format!("class {index}")),
-                            probability: p[n] as f64,
-                        }
-                    })
-                    .collect(),
-            }
-        }));
+        preds.extend(classify(chunk, &meta, &pre, &net, k, device)?);
     }
     if args.model.json {
         return print_json(&preds);
@@ -166,4 +144,49 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     print_out(&s)
+}
+
+/// The top `k` classes of each image in `chunk`.
+fn classify(
+    chunk: &[PathBuf],
+    meta: &ModelMeta,
+    pre: &Preprocess,
+    net: &Inference,
+    k: i64,
+    device: Device,
+) -> Result<Vec<Prediction>> {
+    // Decoding and resizing dominate on the CPU: all cores, one image each.
+    let batch: Vec<Tensor> = chunk
+        .par_iter()
+        .map(|p| read_image(p).map(|img| eval_transform(&img, meta.resize, meta.input_size)))
+        .collect::<Vec<_>>()
+        .into_iter()
+        .collect::<Result<_>>()?; // the first unreadable file in order
+    let x = Tensor::stack(&batch, 0).to_device(device);
+    let probs = tch::no_grad(|| net.logits(&pre.eval(&x, None)).softmax(-1, Kind::Float));
+    let (p, idx) = probs.topk(k, -1, true, true);
+    let p: Vec<f32> = Vec::try_from(p.to_device(Device::Cpu).flatten(0, -1))?;
+    let idx: Vec<i64> = Vec::try_from(idx.to_device(Device::Cpu).flatten(0, -1))?;
+    let names = &meta.class_names;
+    Ok(chunk
+        .iter()
+        .enumerate()
+        .map(|(i, image)| Prediction {
+            image: image.clone(),
+            top: (0..k as usize)
+                .map(|j| {
+                    let n = i * k as usize + j;
+                    let index = idx[n];
+                    Guess {
+                        index,
+                        label: names
+                            .get(index as usize)
+                            .cloned()
+                            .unwrap_or_else(|| format!("class {index}")),
+                        probability: p[n] as f64,
+                    }
+                })
+                .collect(),
+        })
+        .collect())
 }

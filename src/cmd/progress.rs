@@ -5,7 +5,10 @@ use std::io::IsTerminal;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use vggctl::train::{EpochMetrics, Observer};
+use vggctl::train::Observer;
+
+use super::output::warn;
+use vggctl::train::state::EpochMetrics;
 
 pub struct EpochBars {
     quiet: bool,
@@ -47,6 +50,10 @@ impl Observer for EpochBars {
                 "loss {loss:.4} acc {acc:.2}% {images_per_s:.0} img/s"
             ));
         }
+    }
+
+    fn warn(&mut self, message: &str) {
+        warn(message.to_string());
     }
 
     fn epoch_end(&mut self, m: &EpochMetrics) {

@@ -4,6 +4,7 @@
 
 use tch::{Device, Kind, Tensor};
 
+use super::Split;
 use super::image::centre_offset;
 
 /// Crops `x` (`B x C x H x W`, any dtype) after zero-padding it by `pad` on
@@ -325,27 +326,22 @@ pub enum Augment {
     ResizedCrop,
 }
 
-/// How a uint8 batch becomes logits: preprocessing, then the model in the
-/// run's memory layout and precision.
+/// How a dataset's uint8 batches become the model's fp32 NCHW input:
+/// augmentation (training), the eval crop, resizing and normalization. It
+/// only prepares inputs; running the model (layout, precision) is
+/// `numerics`' and `infer`'s.
 pub struct Preprocess {
     pub augment: Augment,
     pub input: i64,
     pub norm: Normalizer,
-    /// Feed the model NHWC-strided batches.
-    pub channels_last: bool,
-    /// Run the forward pass under CUDA autocast to this dtype.
-    pub autocast: Option<crate::shim::AutocastDtype>,
 }
 
 impl Preprocess {
-    /// fp32, contiguous: what evaluation on the CPU and the tests use.
-    pub fn plain(augment: Augment, input: i64, norm: Normalizer) -> Self {
+    pub fn new(augment: Augment, input: i64, norm: Normalizer) -> Self {
         Preprocess {
             augment,
             input,
             norm,
-            channels_last: false,
-            autocast: None,
         }
     }
 
@@ -390,52 +386,14 @@ impl Preprocess {
         }
     }
 
-    /// The model's input for a uint8 batch: training augmentation when
-    /// `train`, in the run's memory layout.
-    pub fn model_input(&self, x: &Tensor, layout: Option<&Tensor>, train: bool) -> Tensor {
-        let x = if train {
-            self.train(x, layout)
+    /// The model's input for a batch of a split: training augmentation
+    /// when `train`, else the evaluation transform.
+    pub fn batch(&self, batch: &Split, train: bool) -> Tensor {
+        let layout = batch.layout.as_ref();
+        if train {
+            self.train(&batch.images, layout)
         } else {
-            self.eval(x, layout)
-        };
-        if self.channels_last {
-            crate::amp::to_channels_last(&x)
-        } else {
-            x
+            self.eval(&batch.images, layout)
         }
-    }
-
-    /// Float32 logits of the model in the run's precision.
-    pub fn forward(&self, model: &crate::model::Vgg, x: &Tensor, train: bool) -> Tensor {
-        if !train && let Some(plan) = &model.inference {
-            return plan.forward(x);
-        }
-        let out = match self.autocast {
-            // amp::resolve has checked that CPU autocast starts and ends, so
-            // the plain forward here is a fallback that cannot happen.
-            Some(_) if x.device() == tch::Device::Cpu => {
-                crate::shim::cpu_autocast(|| model.forward_t(x, train))
-                    .unwrap_or_else(|_| model.forward_t(x, train))
-            }
-            Some(dtype) => {
-                // Autocast's dtype is per thread; amp::resolve has checked
-                // that setting it works, so a failure here cannot happen.
-                let _ = crate::shim::set_autocast_dtype(dtype);
-                tch::autocast(true, || model.forward_t(x, train))
-            }
-            None => model.forward_t(x, train),
-        };
-        out.to_kind(Kind::Float)
-    }
-
-    /// Logits for a uint8 batch.
-    pub fn logits(
-        &self,
-        model: &crate::model::Vgg,
-        x: &Tensor,
-        layout: Option<&Tensor>,
-        train: bool,
-    ) -> Tensor {
-        self.forward(model, &self.model_input(x, layout, train), train)
     }
 }

@@ -11,7 +11,8 @@ use tch::Tensor;
 
 use super::download::{Checksum, download};
 use super::{Dataset, Split};
-use crate::pickle::{Allowlist, NUMPY_GLOBALS, Unpickler, ndarray};
+use crate::formats::numpy::{NUMPY_GLOBALS, ndarray};
+use crate::formats::pickle::{Allowlist, Unpickler, Value};
 
 pub const URL: &str = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz";
 pub const MD5: &str = "c32a1d4ab5d03f1284b67883e8d87530";
@@ -145,7 +146,7 @@ const PY_ALLOW: Allowlist = Allowlist {
     dict_like: &[],
 };
 
-fn unpickle(path: &Path) -> Result<crate::pickle::Value> {
+fn unpickle(path: &Path) -> Result<Value> {
     let bytes = read_file(path)?;
     Unpickler::new(&bytes, &PY_ALLOW)
         .load()

@@ -18,7 +18,7 @@ use tch::Tensor;
 use super::augment::{canvas_width, pack_canvas};
 use super::image::resize_shorter;
 use super::{Dataset, Split};
-use crate::weights::{read_safetensors, write_safetensors};
+use crate::formats::safetensors::{read_safetensors, write_safetensors};
 
 pub const IMAGENET_MEAN: [f64; 3] = [0.485, 0.456, 0.406];
 pub const IMAGENET_STD: [f64; 3] = [0.229, 0.224, 0.225];
@@ -219,12 +219,9 @@ fn shuffled(n: usize, seed: u64) -> Vec<usize> {
 }
 
 fn take(split: &Split, idx: &[usize]) -> Split {
-    let t = Tensor::from_slice(&idx.iter().map(|&i| i as i64).collect::<Vec<_>>());
-    Split {
-        images: split.images.index_select(0, &t),
-        labels: split.labels.index_select(0, &t),
-        layout: split.layout.as_ref().map(|l| l.index_select(0, &t)),
-    }
+    split.select(&Tensor::from_slice(
+        &idx.iter().map(|&i| i as i64).collect::<Vec<_>>(),
+    ))
 }
 
 /// Loads an image-folder dataset; `warn` hears about skipped images.

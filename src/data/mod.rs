@@ -1,5 +1,6 @@
 //! Datasets as uint8 tensors, loaded once, and the batched augmentation that
-//! runs on the training device.
+//! runs on the training device. Nothing here knows about the model or the
+//! shim: `augment` turns uint8 batches into the model's fp32 input.
 
 pub mod augment;
 pub mod cifar;
@@ -7,10 +8,10 @@ pub mod download;
 pub mod folder;
 pub mod image;
 
-use tch::Tensor;
+use tch::{Device, Tensor};
 
-/// One split: images `N x 3 x H x W` uint8 and labels `N` int64, on the CPU
-/// until the trainer moves them to its device in one copy.
+/// One split, or a batch of one: images `N x 3 x H x W` uint8 and labels
+/// `N` int64, loaded on the CPU and moved to the device in one copy.
 pub struct Split {
     pub images: Tensor,
     pub labels: Tensor,
@@ -28,14 +29,55 @@ impl Split {
         self.len() == 0
     }
 
+    /// The same examples on `device`.
+    pub fn to_device(&self, device: Device) -> Split {
+        Split {
+            images: self.images.to_device(device),
+            labels: self.labels.to_device(device),
+            layout: self.layout.as_ref().map(|l| l.to_device(device)),
+        }
+    }
+
+    /// Examples `start..start + len` (views, no copy).
+    pub fn narrow(&self, start: i64, len: i64) -> Split {
+        Split {
+            images: self.images.narrow(0, start, len),
+            labels: self.labels.narrow(0, start, len),
+            layout: self.layout.as_ref().map(|l| l.narrow(0, start, len)),
+        }
+    }
+
+    /// The examples at `idx` (int64, on the split's device).
+    pub fn select(&self, idx: &Tensor) -> Split {
+        Split {
+            images: self.images.index_select(0, idx),
+            labels: self.labels.index_select(0, idx),
+            layout: self.layout.as_ref().map(|l| l.index_select(0, idx)),
+        }
+    }
+
+    /// A copy with its own storage (a CUDA graph's static input).
+    pub fn copy(&self) -> Split {
+        Split {
+            images: self.images.copy(),
+            labels: self.labels.copy(),
+            layout: self.layout.as_ref().map(Tensor::copy),
+        }
+    }
+
+    /// Writes `from` into this split's tensors, which keep their storage.
+    pub fn fill(&mut self, from: &Split) {
+        self.images.copy_(&from.images);
+        if let (Some(l), Some(f)) = (&mut self.layout, &from.layout) {
+            l.copy_(f);
+        }
+        self.labels.copy_(&from.labels);
+    }
+
     /// The first `n` examples (`--limit-train`, `--limit-test`).
     pub fn limit(self, n: Option<i64>) -> Split {
         match n {
-            Some(n) if n < self.len() => Split {
-                images: self.images.narrow(0, 0, n),
-                labels: self.labels.narrow(0, 0, n),
-                layout: self.layout.map(|l| l.narrow(0, 0, n)),
-            },
+            Some(n) if n < self.len() => self.narrow(0, n),
             _ => self,
         }
     }
@@ -52,4 +94,50 @@ pub struct Dataset {
     pub std: [f64; 3],
     /// Where it was read from, for messages.
     pub source: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Kind;
+
+    fn split(n: i64) -> Split {
+        Split {
+            images: Tensor::arange(n * 3 * 2 * 2, (Kind::Uint8, Device::Cpu)).view([n, 3, 2, 2]),
+            labels: Tensor::arange(n, (Kind::Int64, Device::Cpu)),
+            layout: Some(Tensor::arange(n * 3, (Kind::Int64, Device::Cpu)).view([n, 3])),
+        }
+    }
+
+    fn labels(s: &Split) -> Vec<i64> {
+        Vec::try_from(&s.labels).unwrap()
+    }
+
+    /// narrow, select and limit keep images, labels and layout rows
+    /// together; fill writes into a copy's own storage.
+    #[test]
+    fn batches_keep_images_labels_and_layout_together() {
+        let s = split(5);
+        let b = s.narrow(1, 3);
+        assert_eq!(labels(&b), [1, 2, 3]);
+        let picked = s.select(&Tensor::from_slice(&[4i64, 0]));
+        assert_eq!(labels(&picked), [4, 0]);
+        assert!(picked.images.get(0).equal(&s.images.get(4)));
+        assert!(
+            picked
+                .layout
+                .as_ref()
+                .unwrap()
+                .get(1)
+                .equal(&s.layout.as_ref().unwrap().get(0))
+        );
+        let mut io = b.copy();
+        io.fill(&s.narrow(2, 3));
+        assert_eq!(labels(&io), [2, 3, 4]);
+        assert_eq!(labels(&b), [1, 2, 3], "the copy has its own storage");
+        assert!(io.images.equal(&s.images.narrow(0, 2, 3)));
+        assert_eq!(labels(&s.to_device(Device::Cpu)), [0, 1, 2, 3, 4]);
+        assert_eq!(split(5).limit(Some(2)).len(), 2);
+        assert_eq!(split(5).limit(Some(9)).len(), 5);
+    }
 }

@@ -11,9 +11,9 @@ use anyhow::{Context, Result, bail};
 use tch::{CModule, Device, Kind, Tensor};
 
 use crate::checkpoint::ModelMeta;
-use crate::fsutil::{temp_path, write_atomic};
+use crate::formats::safetensors::write_safetensors;
+use crate::fsutil::{replace_atomically, write_atomic_bytes};
 use crate::model::Vgg;
-use crate::weights::write_safetensors;
 
 /// Fails when `path` exists and `force` is off, or when its directory is missing.
 pub fn check_target(path: &Path, force: bool) -> Result<()> {
@@ -57,18 +57,11 @@ pub fn export_torchscript(model: &Vgg, input: i64, path: &Path) -> Result<()> {
     let mut forward = |xs: &[Tensor]| vec![tch::no_grad(|| model.forward_t(&xs[0], false))];
     let module = CModule::create_by_tracing("VGG", "forward", &[example], &mut forward)
         .context("tracing the model")?;
-    let tmp = temp_path(path);
-    let result = module
-        .save(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))
-        .and_then(|()| {
-            std::fs::rename(&tmp, path)
-                .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
-        });
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    replace_atomically(path, |tmp| {
+        module
+            .save(tmp)
+            .with_context(|| format!("writing {}", tmp.display()))
+    })
 }
 
 /// ONNX (opset 17) written by vggctl, with a dynamic batch dimension.
@@ -80,9 +73,5 @@ pub fn export_onnx(
     path: &Path,
 ) -> Result<()> {
     let bytes = onnx::model_bytes(model, meta, input, folded)?;
-    write_atomic(path, |w| {
-        use std::io::Write;
-        w.write_all(&bytes)
-            .with_context(|| format!("writing {}", path.display()))
-    })
+    write_atomic_bytes(path, &bytes)
 }

@@ -9,8 +9,8 @@ use tch::{Kind, Tensor};
 
 use super::onnx_proto::*;
 use crate::checkpoint::ModelMeta;
-use crate::model::{BN_EPS, Layer, Vgg};
-use crate::weights::tensor_bytes;
+use crate::formats::safetensors::tensor_bytes;
+use crate::model::{BN_EPS, Layer, Vgg, check_input};
 
 pub const OPSET: i64 = 17;
 pub const IR_VERSION: i64 = 8;
@@ -123,12 +123,9 @@ fn adaptive_bins(len: i64, out: i64) -> Tensor {
     Tensor::from_slice(&m).view([out, len])
 }
 
-pub fn model_bytes(model: &Vgg, meta: &ModelMeta, input: i64, folded: bool) -> Result<Vec<u8>> {
-    let mut b = Builder {
-        nodes: Vec::new(),
-        inits: Vec::new(),
-        current: "input".into(),
-    };
+/// The convolution part: every layer of `features`; returns the side of its
+/// output for an `input` x `input` image.
+fn features(b: &mut Builder, model: &Vgg, input: i64) -> Result<i64> {
     let mut side = input;
     for (name, layer) in &model.features.layers {
         match layer {
@@ -179,10 +176,12 @@ pub fn model_bytes(model: &Vgg, meta: &ModelMeta, input: i64, folded: bool) -> R
             Layer::Linear { .. } => bail!("a linear layer inside features"),
         }
     }
-    if side < 1 {
-        bail!("--input {input} is too small: VGG's five 2x2 poolings need at least 32x32 pixels");
-    }
-    let p = model.pool_size;
+    Ok(side)
+}
+
+/// The head's adaptive average pooling of a `side` x `side` map to the
+/// model's pool size, in the ONNX ops that compute it exactly.
+fn avgpool(b: &mut Builder, side: i64, p: i64) {
     if p == 1 {
         b.node("GlobalAveragePool", "avgpool", vec![], vec![]);
     } else if side != p && side % p == 0 {
@@ -212,7 +211,9 @@ pub fn model_bytes(model: &Vgg, meta: &ModelMeta, input: i64, folded: bool) -> R
         });
         b.current = "avgpool".into();
     }
-    b.node("Flatten", "flatten", vec![], vec![attr_int("axis", 1)]);
+}
+
+fn classifier(b: &mut Builder, model: &Vgg) -> Result<()> {
     for (name, layer) in &model.classifier.layers {
         match layer {
             Layer::Linear { weight, bias } => {
@@ -225,6 +226,20 @@ pub fn model_bytes(model: &Vgg, meta: &ModelMeta, input: i64, folded: bool) -> R
             _ => bail!("unexpected layer {name} in the classifier"),
         }
     }
+    Ok(())
+}
+
+pub fn model_bytes(model: &Vgg, meta: &ModelMeta, input: i64, folded: bool) -> Result<Vec<u8>> {
+    check_input(input)?;
+    let mut b = Builder {
+        nodes: Vec::new(),
+        inits: Vec::new(),
+        current: "input".into(),
+    };
+    let side = features(&mut b, model, input)?;
+    avgpool(&mut b, side, model.pool_size);
+    b.node("Flatten", "flatten", vec![], vec![attr_int("axis", 1)]);
+    classifier(&mut b, model)?;
     // The last node's output is the graph's `logits`.
     if let Some(last) = b.nodes.last_mut() {
         last.output = vec!["logits".into()];

@@ -5,8 +5,8 @@ use std::path::Path;
 use anyhow::{Result, anyhow};
 use plotters::prelude::*;
 
+use super::state::EpochMetrics;
 use crate::fsutil::write_atomic_bytes;
-use crate::train::EpochMetrics;
 
 /// A named line: its label, its (epoch, value) points and its colour.
 type Series<'a> = (&'a str, Vec<(f64, f64)>, RGBColor);

@@ -1,5 +1,6 @@
-//! State dicts on disk: safetensors reading and writing with vggctl's
-//! metadata. Names are torchvision's, so files move between vggctl and PyTorch.
+//! safetensors: reading and writing named tensors with string metadata
+//! (vggctl's checkpoints, exports and caches). Names are torchvision's, so
+//! files move between vggctl and PyTorch.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
@@ -9,7 +10,7 @@ use anyhow::{Context, Result, bail};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use tch::{Kind, Tensor};
 
-use crate::fsutil::write_atomic;
+use crate::fsutil::write_atomic_bytes;
 
 /// Tensors by name plus the file's string metadata.
 pub struct StateDict {
@@ -103,9 +104,5 @@ pub fn write_safetensors(
     };
     let bytes = safetensors::tensor::serialize(views, meta)
         .with_context(|| format!("serializing {}", path.display()))?;
-    write_atomic(path, |w| {
-        use std::io::Write;
-        w.write_all(&bytes)
-            .with_context(|| format!("writing {}", path.display()))
-    })
+    write_atomic_bytes(path, &bytes)
 }

@@ -15,7 +15,7 @@ use std::path::Path;
 use anyhow::{Context, Result, anyhow, bail};
 use tch::{Kind, Tensor};
 
-use crate::pickle::{Allowlist, Unpickler, Value};
+use super::pickle::{Allowlist, Unpickler, Value};
 
 const GLOBALS: &[(&str, &str)] = &[
     ("torch._utils", "_rebuild_tensor_v2"),
@@ -316,7 +316,7 @@ fn tensor(v: &Value, storages: &Storages, cache: &mut HashMap<String, Tensor>) -
                 bail!("malformed _rebuild_from_type_v2");
             };
             let inner = Value::Call(std::rc::Rc::new(std::cell::RefCell::new(
-                crate::pickle::Call {
+                super::pickle::Call {
                     module: func.0.clone(),
                     name: func.1.clone(),
                     args: args.items().unwrap_or_default(),
@@ -332,56 +332,68 @@ fn tensor(v: &Value, storages: &Storages, cache: &mut HashMap<String, Tensor>) -
             let Value::PersistentId(pid) = pid else {
                 bail!("tensor without a storage")
             };
-            let r = storage_ref(pid)?;
-            let (kind, data) = &storages[&r.key];
-            let base = match cache.get(&r.key) {
-                Some(t) => t.shallow_clone(),
-                None => {
-                    let n = (data.len() / kind.elt_size_in_bytes()) as i64;
-                    let t = Tensor::f_from_data_size(
-                        &data[..n as usize * kind.elt_size_in_bytes()],
-                        &[n],
-                        *kind,
-                    )?;
-                    cache.insert(r.key.clone(), t.shallow_clone());
-                    t
-                }
-            };
-            let (view_off, view_len) = r.view.unwrap_or((0, r.numel));
-            let offset = offset
-                .as_int()
-                .filter(|&o| o >= 0)
-                .ok_or_else(|| anyhow!("bad storage offset"))?;
-            let size = sizes(size, "size")?;
-            let stride = sizes(stride, "stride")?;
-            if size.len() != stride.len() {
-                bail!("tensor size {size:?} and stride {stride:?} differ in rank");
-            }
-            // Highest element index the view touches, with overflow checks.
-            let last = if size.contains(&0) {
-                Some(0)
-            } else {
-                size.iter().zip(&stride).try_fold(offset, |acc, (&s, &st)| {
-                    (s - 1).checked_mul(st).and_then(|x| acc.checked_add(x))
-                })
-            };
-            match last {
-                Some(l) if size.contains(&0) || (l as u64) < view_len as u64 => {}
-                _ => bail!(
-                    "tensor of size {size:?} at offset {offset} runs past its storage of {view_len} elements"
-                ),
-            }
-            // A state dict's tensors never repeat elements; a tiny storage
-            // viewed with zero strides could otherwise expand without bound.
-            let numel = size.iter().try_fold(1i64, |a, &s| a.checked_mul(s));
-            if numel.is_none_or(|n| n as u64 > view_len as u64) {
-                bail!("tensor of size {size:?} has more elements than its storage of {view_len}");
-            }
-            let t = base.f_as_strided(&size, &stride, Some(offset + view_off as i64))?;
-            Ok(t.f_contiguous()?)
+            rebuild_view(&storage_ref(pid)?, offset, size, stride, storages, cache)
         }
         other => bail!("expected a tensor, found {}.{}", call.module, other),
     }
+}
+
+/// The view `_rebuild_tensor_v2` describes (offset, size, stride into a
+/// storage), checked to lie inside the storage, as a contiguous tensor.
+fn rebuild_view(
+    r: &StorageRef,
+    offset: &Value,
+    size: &Value,
+    stride: &Value,
+    storages: &Storages,
+    cache: &mut HashMap<String, Tensor>,
+) -> Result<Tensor> {
+    let (kind, data) = &storages[&r.key];
+    let base = match cache.get(&r.key) {
+        Some(t) => t.shallow_clone(),
+        None => {
+            let n = (data.len() / kind.elt_size_in_bytes()) as i64;
+            let t = Tensor::f_from_data_size(
+                &data[..n as usize * kind.elt_size_in_bytes()],
+                &[n],
+                *kind,
+            )?;
+            cache.insert(r.key.clone(), t.shallow_clone());
+            t
+        }
+    };
+    let (view_off, view_len) = r.view.unwrap_or((0, r.numel));
+    let offset = offset
+        .as_int()
+        .filter(|&o| o >= 0)
+        .ok_or_else(|| anyhow!("bad storage offset"))?;
+    let size = sizes(size, "size")?;
+    let stride = sizes(stride, "stride")?;
+    if size.len() != stride.len() {
+        bail!("tensor size {size:?} and stride {stride:?} differ in rank");
+    }
+    // Highest element index the view touches, with overflow checks.
+    let last = if size.contains(&0) {
+        Some(0)
+    } else {
+        size.iter().zip(&stride).try_fold(offset, |acc, (&s, &st)| {
+            (s - 1).checked_mul(st).and_then(|x| acc.checked_add(x))
+        })
+    };
+    match last {
+        Some(l) if size.contains(&0) || (l as u64) < view_len as u64 => {}
+        _ => bail!(
+            "tensor of size {size:?} at offset {offset} runs past its storage of {view_len} elements"
+        ),
+    }
+    // A state dict's tensors never repeat elements; a tiny storage
+    // viewed with zero strides could otherwise expand without bound.
+    let numel = size.iter().try_fold(1i64, |a, &s| a.checked_mul(s));
+    if numel.is_none_or(|n| n as u64 > view_len as u64) {
+        bail!("tensor of size {size:?} has more elements than its storage of {view_len}");
+    }
+    let t = base.f_as_strided(&size, &stride, Some(offset + view_off as i64))?;
+    Ok(t.f_contiguous()?)
 }
 
 /// The state dict inside the unpickled object: the object itself, or the

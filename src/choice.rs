@@ -1,0 +1,62 @@
+//! Closed sets of named values that a user picks from (precision, head,
+//! optimizer, LR schedule, export format): each enum lists its names with
+//! one line of help, and `cmd` turns that list into command-line values.
+//! The library itself knows no command-line parser.
+
+use anyhow::{Result, bail};
+
+pub trait Choice: Copy + PartialEq + Send + Sync + 'static {
+    /// Every value, in the order help lists them.
+    const ALL: &'static [Self];
+    /// The name a user types and files record.
+    fn name(self) -> &'static str;
+    /// One line for `--help`.
+    fn help(self) -> &'static str;
+}
+
+/// The value of `T` named `s`; `what` names the set in the error.
+pub fn parse<T: Choice>(what: &str, s: &str) -> Result<T> {
+    if let Some(v) = T::ALL.iter().find(|v| v.name() == s) {
+        return Ok(*v);
+    }
+    let names: Vec<&str> = T::ALL.iter().map(|v| v.name()).collect();
+    let expected = match names.split_last() {
+        Some((last, [])) => last.to_string(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => String::new(),
+    };
+    bail!("unknown {what} '{s}' (expected {expected})")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    enum Colour {
+        Red,
+        Green,
+        Blue,
+    }
+
+    impl Choice for Colour {
+        const ALL: &'static [Self] = &[Colour::Red, Colour::Green, Colour::Blue];
+        fn name(self) -> &'static str {
+            match self {
+                Colour::Red => "red",
+                Colour::Green => "green",
+                Colour::Blue => "blue",
+            }
+        }
+        fn help(self) -> &'static str {
+            ""
+        }
+    }
+
+    #[test]
+    fn parses_names_and_lists_them_when_unknown() {
+        assert_eq!(parse::<Colour>("colour", "green").unwrap(), Colour::Green);
+        let err = parse::<Colour>("colour", "Green").unwrap_err().to_string();
+        assert_eq!(err, "unknown colour 'Green' (expected red, green or blue)");
+    }
+}

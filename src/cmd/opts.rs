@@ -1,0 +1,136 @@
+//! The options several subcommands share (the model, how it computes,
+//! CUDA graphs), each turned into the library's plain request once, and
+//! clap's parser for the library's named value sets.
+
+use anyhow::{Result, bail};
+use clap::Args;
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+use tch::Device;
+use vggctl::choice::Choice;
+use vggctl::device::parse_device;
+use vggctl::model::{Arch, Head, ModelSpec};
+use vggctl::numerics::{NumericsRequest, Precision};
+
+/// Options every model-building subcommand shares.
+#[derive(Args, Debug, Clone)]
+pub struct ModelOpts {
+    /// vgg11, vgg13, vgg16 or vgg19 (a `_bn` suffix implies --bn).
+    #[arg(long, default_value = "vgg16")]
+    pub arch: String,
+    /// With BatchNorm after every convolution.
+    #[arg(long)]
+    pub bn: bool,
+    /// Classifier head: imagenet (torchvision's), cifar (512-512-N) or gap (global pool + linear).
+    #[arg(long, value_parser = choice::<Head>())]
+    pub head: Option<Head>,
+    /// Number of classes [default: 1000 for the imagenet head, 10 otherwise].
+    #[arg(long)]
+    pub classes: Option<i64>,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Print one JSON document on stdout instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl ModelOpts {
+    /// The model these options name; `default_head` is the subcommand's.
+    pub fn spec(&self, default_head: Head) -> Result<ModelSpec> {
+        let (arch, bn_suffix) = Arch::parse_with_bn(&self.arch)?;
+        let head = self.head.unwrap_or(default_head);
+        let classes = self.classes.unwrap_or(head.default_classes());
+        if classes < 1 {
+            bail!("--classes {classes}: a classifier needs at least one class");
+        }
+        Ok(ModelSpec::new(arch, self.bn || bn_suffix, head, classes))
+    }
+
+    pub fn device(&self) -> Result<Device> {
+        parse_device(&self.device)
+    }
+}
+
+/// How the model computes: precision and memory layout (train, finetune,
+/// eval, predict).
+#[derive(Args, Debug, Clone)]
+pub struct NumericsOpts {
+    /// auto (fp16 with loss scaling on a GPU with tensor cores, else
+    /// fp32), fp32 (strict), tf32,
+    /// fp16 (autocast + dynamic loss scaling) or bf16 (autocast, also on a
+    /// CPU with native bf16); what the device cannot do falls back to fp32
+    /// with a warning.
+    #[arg(long, value_parser = choice::<Precision>(), default_value = "auto")]
+    pub precision: Precision,
+    /// NHWC inputs and convolution weights [default: on with CUDA, and with bf16 on a CPU].
+    #[arg(long, conflicts_with = "contiguous")]
+    pub channels_last: bool,
+    /// Plain NCHW layout even on CUDA.
+    #[arg(long)]
+    pub contiguous: bool,
+    /// CUDA: deterministic cuDNN algorithms without autotuning
+    /// (cudnn.deterministic), so a rerun gives the same numbers; slower.
+    #[arg(long)]
+    pub deterministic: bool,
+}
+
+/// How eval and predict run the model.
+#[derive(Args, Debug, Clone)]
+pub struct InferenceOpts {
+    /// CUDA: run the model layer by layer as trained, instead of its
+    /// inference form (BatchNorm folded into the convolutions, convolution
+    /// + bias + ReLU fused, weights stored in the compute dtype).
+    #[arg(long)]
+    pub layerwise: bool,
+}
+
+/// CUDA graphs (train, finetune, eval).
+#[derive(Args, Debug, Clone)]
+pub struct GraphOpts {
+    /// Capture each full-batch step (training: forward, loss, backward,
+    /// fused update; eval: the forward and the sums) in a CUDA graph and
+    /// replay it, which removes the per-kernel launch cost that bounds small
+    /// batches [default: on with CUDA and the fused update].
+    #[arg(long, conflicts_with = "no_cuda_graphs")]
+    pub cuda_graphs: bool,
+    /// Run every step op by op, even on CUDA.
+    #[arg(long)]
+    pub no_cuda_graphs: bool,
+}
+
+/// Yes, no, or the default: a pair of flags as one request.
+fn either(yes: bool, no: bool) -> Option<bool> {
+    match (yes, no) {
+        (true, _) => Some(true),
+        (_, true) => Some(false),
+        _ => None,
+    }
+}
+
+impl NumericsOpts {
+    /// What these flags ask for; `graphs` None where the subcommand has no
+    /// CUDA graphs (predict), `fused` false where it has no optimizer.
+    pub fn request(&self, graphs: Option<&GraphOpts>, fused: bool) -> NumericsRequest {
+        NumericsRequest {
+            precision: self.precision,
+            channels_last: either(self.channels_last, self.contiguous),
+            cuda_graphs: match graphs {
+                Some(g) => either(g.cuda_graphs, g.no_cuda_graphs),
+                None => Some(false),
+            },
+            fused,
+            deterministic: self.deterministic,
+        }
+    }
+}
+
+/// clap's parser for one of the library's named value sets: their names,
+/// with their help, are the possible values.
+pub fn choice<T: Choice>() -> impl TypedValueParser<Value = T> {
+    PossibleValuesParser::new(
+        T::ALL
+            .iter()
+            .map(|v| PossibleValue::new(v.name()).help(v.help())),
+    )
+    .try_map(|s| vggctl::choice::parse::<T>("value", &s))
+}

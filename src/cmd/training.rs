@@ -1,0 +1,325 @@
+//! The training run that `train` and `finetune` share: the recipe's
+//! options, a new run's configuration, resuming a saved one, and running
+//! the loop with progress on stderr and the summary on stdout.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{Result, bail};
+use tch::Device;
+use vggctl::data::augment::Augment;
+use vggctl::device::device_name;
+use vggctl::model::{ModelSpec, Vgg};
+use vggctl::numerics::{Activity, Numerics};
+use vggctl::optim::{OptimizerConfig, OptimizerKind};
+use vggctl::train::config::TrainConfig;
+use vggctl::train::state::TrainSummary;
+use vggctl::train::{Resume, SchedulerKind, Trainer, read_resume};
+
+use super::data_opts::DataOpts;
+use super::opts::{GraphOpts, NumericsOpts, choice};
+use super::output::{print_json, print_out, warn};
+use super::progress::EpochBars;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct HyperOpts {
+    /// Epochs to train in all [default: 100].
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    #[arg(long, default_value_t = 128)]
+    pub batch_size: i64,
+    #[arg(long, default_value_t = 100)]
+    pub test_batch_size: i64,
+    #[arg(long, value_parser = choice::<OptimizerKind>(), default_value = "sgd")]
+    pub optimizer: OptimizerKind,
+    #[arg(long, default_value_t = 0.01)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 0.9)]
+    pub momentum: f64,
+    #[arg(long, default_value_t = 5e-4)]
+    pub weight_decay: f64,
+    #[arg(long)]
+    pub nesterov: bool,
+    #[arg(long, value_parser = choice::<SchedulerKind>(), default_value = "multistep")]
+    pub scheduler: SchedulerKind,
+    /// Epochs at which MultiStepLR multiplies the LR by --gamma.
+    #[arg(long, value_delimiter = ',', default_value = "50,80")]
+    pub milestones: Vec<usize>,
+    #[arg(long, default_value_t = 0.1)]
+    pub gamma: f64,
+    #[arg(long, default_value_t = 0)]
+    pub warmup_epochs: usize,
+    #[arg(long, default_value_t = 0.0)]
+    pub label_smoothing: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output directory [default: runs/<arch>[_bn]-<dataset>-<timestamp>].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Continue a run: its resume.safetensors, or its directory.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Train on the first N training images only.
+    #[arg(long)]
+    pub limit_train: Option<i64>,
+    /// Evaluate on the first N test images only.
+    #[arg(long)]
+    pub limit_test: Option<i64>,
+    /// No progress on stderr.
+    #[arg(long)]
+    pub quiet: bool,
+    #[command(flatten)]
+    pub numerics: NumericsOpts,
+    #[command(flatten)]
+    pub graphs: GraphOpts,
+    /// Update each parameter separately instead of the fused flat-buffer update.
+    #[arg(long)]
+    pub no_fused: bool,
+    /// Time data, forward and backward+update of every step (synchronizing) and report them per epoch.
+    #[arg(long)]
+    pub profile: bool,
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// Ctrl-C asks the loop to stop after its current step; a second one exits at once.
+pub fn install_ctrlc() {
+    let _ = ctrlc::set_handler(|| {
+        if STOP.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\nstopping after this step (Ctrl-C again to quit without saving)...");
+    });
+}
+
+fn timestamp() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    // UTC yyyymmdd-hhmmss without a date crate.
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(days as i64);
+    format!(
+        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Howard Hinnant's days-to-civil algorithm.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + (m <= 2) as i64, m, d)
+}
+
+impl HyperOpts {
+    pub fn validate(&self) -> Result<()> {
+        if self.batch_size < 1 || self.test_batch_size < 1 {
+            bail!("--batch-size and --test-batch-size must be at least 1");
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            bail!("--lr {} must be a positive number", self.lr);
+        }
+        if !(0.0..1.0).contains(&self.label_smoothing) {
+            bail!(
+                "--label-smoothing {} must be in [0, 1)",
+                self.label_smoothing
+            );
+        }
+        if self.epochs == Some(0) {
+            bail!("--epochs must be at least 1");
+        }
+        for (name, v) in [
+            ("--limit-train", self.limit_train),
+            ("--limit-test", self.limit_test),
+        ] {
+            if let Some(v) = v
+                && v < 1
+            {
+                bail!("{name} {v} must be at least 1");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl HyperOpts {
+    /// A new run's configuration from these options; the caller fills in
+    /// what differs between training from scratch and fine-tuning.
+    pub fn config(
+        &self,
+        spec: ModelSpec,
+        data: &DataOpts,
+        device: Device,
+        default_epochs: usize,
+    ) -> TrainConfig {
+        let numerics = self.numerics.request(Some(&self.graphs), !self.no_fused);
+        let out = self.out.clone().unwrap_or_else(|| {
+            PathBuf::from("runs").join(format!(
+                "{}-{}-{}",
+                spec.model_name(),
+                data.dataset,
+                timestamp()
+            ))
+        });
+        TrainConfig {
+            model: spec,
+            dataset: data.dataset.clone(),
+            data_dir: data.dir().display().to_string(),
+            val_dir: data.val_dir.as_ref().map(|d| d.display().to_string()),
+            val_split: data.val_split,
+            epochs: self.epochs.unwrap_or(default_epochs),
+            batch_size: self.batch_size,
+            test_batch_size: self.test_batch_size,
+            optimizer: OptimizerConfig {
+                kind: self.optimizer,
+                momentum: self.momentum,
+                weight_decay: self.weight_decay,
+                nesterov: self.nesterov,
+                betas: (0.9, 0.999),
+                eps: 1e-8,
+            },
+            lr: self.lr,
+            scheduler: self.scheduler,
+            milestones: self.milestones.clone(),
+            gamma: self.gamma,
+            warmup_epochs: self.warmup_epochs,
+            label_smoothing: self.label_smoothing,
+            seed: self.seed,
+            limit_train: self.limit_train,
+            limit_test: self.limit_test,
+            device: device_name(device),
+            out,
+            input_size: 32,
+            augment: Augment::CropFlip { padding: 4 },
+            imagenet_normalization: false,
+            freeze_prefix: 0,
+            weights: None,
+            precision: numerics.precision,
+            channels_last: numerics.channels_last_on(device),
+            fused: numerics.fused,
+            cuda_graphs: numerics.cuda_graphs_on(device),
+            profile: self.profile,
+        }
+    }
+}
+
+/// Continues the run saved at `--resume` (written by train or finetune).
+pub fn resume(h: &HyperOpts, data: &DataOpts, device: Device, json: bool) -> Result<()> {
+    let path = h.resume.as_ref().expect("resume path");
+    let (saved, tensors) = read_resume(path)?;
+    let mut config = saved.config.clone();
+    if let Some(e) = h.epochs {
+        config.epochs = e;
+    }
+    config.device = device_name(device);
+    config.profile = h.profile;
+    config.cuda_graphs = h
+        .numerics
+        .request(Some(&h.graphs), config.fused)
+        .cuda_graphs_on(device);
+    if let Some(dir) = &data.data_dir {
+        config.data_dir = dir.display().to_string();
+    }
+    // A resumed run continues in the directory its checkpoint is in.
+    config.out = if path.is_dir() {
+        path.clone()
+    } else {
+        path.parent().map(PathBuf::from).unwrap_or_default()
+    };
+    let model = Vgg::new(config.model, device);
+    execute(config, h, data, model, Some((saved, tensors)), json)
+}
+
+/// Decides the run's numerics, loads the data its configuration names,
+/// then trains.
+pub fn execute(
+    config: TrainConfig,
+    h: &HyperOpts,
+    data: &DataOpts,
+    model: Vgg,
+    resume: Option<Resume>,
+    json: bool,
+) -> Result<()> {
+    let quiet = h.quiet;
+    let numerics = Numerics::decide(
+        &config.numerics_request(h.numerics.deterministic),
+        model.device(),
+        Activity::Training,
+        &mut warn,
+    )?;
+    let dataset = data.load_for(&config, quiet)?;
+    if dataset.classes.len() as i64 != config.model.classes {
+        bail!(
+            "--classes {} does not match {}, which has {} classes",
+            config.model.classes,
+            dataset.source,
+            dataset.classes.len()
+        );
+    }
+    let dataset = vggctl::data::Dataset {
+        train: dataset.train.limit(config.limit_train),
+        test: dataset.test.limit(config.limit_test),
+        ..dataset
+    };
+    install_ctrlc();
+    let mut trainer = Trainer::new(config, &dataset, model, resume, numerics, &STOP)?;
+    if !quiet {
+        let c = &trainer.state.config;
+        let trainable: i64 = trainer
+            .model
+            .trainable_parameters()
+            .iter()
+            .map(|(_, t)| t.numel() as i64)
+            .sum();
+        eprintln!(
+            "training {} ({} head, {} classes, {} trainable parameters) on {} ({} train / {} test images, {}x{}) on {} ({}), {} epochs, batch {}, writing {}",
+            c.model.model_name(),
+            c.model.head.name(),
+            c.model.classes,
+            trainable,
+            c.dataset,
+            dataset.train.len(),
+            dataset.test.len(),
+            c.input_size,
+            c.input_size,
+            c.device,
+            trainer.ran_as(),
+            c.epochs,
+            c.batch_size,
+            c.out.display()
+        );
+    }
+    let summary = trainer.fit(&mut EpochBars::new(quiet))?;
+    report(&summary, json)
+}
+
+fn report(s: &TrainSummary, json: bool) -> Result<()> {
+    if json {
+        return print_json(s);
+    }
+    let mut text = format!(
+        "trained {} epochs; files in {}\n",
+        s.epochs,
+        s.out.display()
+    );
+    if let Some(m) = &s.final_metrics {
+        text += &format!(
+            "final: test top-1 {:.2}%  top-5 {:.2}%  loss {:.4}  (train acc {:.2}%)\n",
+            m.test_top1, m.test_top5, m.test_loss, m.train_acc
+        );
+    }
+    if let Some(b) = s.best_top1 {
+        text += &format!("best test top-1 {b:.2}% -> {}\n", s.best.display());
+    }
+    print_out(&text)
+}

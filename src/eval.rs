@@ -1,0 +1,194 @@
+//! Evaluation of a classifier on a split: loss, top-1/top-5, per-class
+//! accuracy and the confusion matrix, summed on the device (no host
+//! synchronization per batch) and, on CUDA, with full batches replayed from
+//! a CUDA graph. Training's per-epoch evaluation and `vggctl eval` both
+//! call [`evaluate`].
+
+use std::time::Instant;
+
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Reduction, Tensor};
+
+use crate::data::Split;
+use crate::data::augment::Preprocess;
+use crate::device::synchronize;
+use crate::infer::Logits;
+use crate::shim::CudaGraph;
+
+/// Full evaluation of a model on a split.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct EvalResult {
+    pub images: i64,
+    pub loss: f64,
+    pub top1: f64,
+    pub top5: f64,
+    pub per_class: Vec<f64>,
+    /// `confusion[true][predicted]`.
+    pub confusion: Vec<Vec<i64>>,
+    /// Throughput after the first batch (which pays for cuDNN's algorithm
+    /// search), preprocessing included.
+    #[serde(default)]
+    pub images_per_s: f64,
+}
+
+/// Running sums of an evaluation, on the device: summed loss, top-5 hits,
+/// and the confusion counts (`true * classes + predicted`).
+struct EvalSums {
+    classes: i64,
+    loss: Tensor,
+    top5: Tensor,
+    confusion: Tensor,
+}
+
+impl EvalSums {
+    fn new(classes: i64, dev: Device) -> Self {
+        EvalSums {
+            classes,
+            loss: Tensor::zeros([], (Kind::Double, dev)),
+            top5: Tensor::zeros([], (Kind::Int64, dev)),
+            confusion: Tensor::zeros([classes * classes], (Kind::Int64, dev)),
+        }
+    }
+
+    fn zero(&mut self) {
+        let _ = self.loss.zero_();
+        let _ = self.top5.zero_();
+        let _ = self.confusion.zero_();
+    }
+
+    /// Adds one uint8 batch's figures: device work only, in place, no host
+    /// synchronization (so a CUDA graph can capture it).
+    fn add(&mut self, net: &dyn Logits, pre: &Preprocess, batch: &Split) {
+        let classes = self.classes;
+        let y = &batch.labels;
+        let logits = net.logits(&pre.batch(batch, false));
+        let loss = logits.cross_entropy_loss::<Tensor>(y, None, Reduction::Sum, -100, 0.0);
+        self.loss += loss.to_kind(Kind::Double);
+        let pred = logits.argmax(-1, false);
+        // index_add_, not bincount: bincount's output size is read on the host.
+        let cell = y * classes + &pred;
+        let _ = self
+            .confusion
+            .index_add_(0, &cell, &pred.ones_like().to_kind(Kind::Int64));
+        let topk = logits.topk(classes.min(5), -1, true, true).1;
+        self.top5 += topk
+            .eq_tensor(&y.unsqueeze(1))
+            .any_dim(1, false)
+            .sum(Kind::Int64);
+    }
+
+    /// The figures for `n` images, read from the device.
+    fn result(&self, n: i64, images_per_s: f64) -> EvalResult {
+        let classes = self.classes as usize;
+        let confusion: Vec<i64> =
+            Vec::<i64>::try_from(self.confusion.to_device(Device::Cpu)).unwrap_or_default();
+        let rows: Vec<Vec<i64>> = confusion.chunks(classes).map(|r| r.to_vec()).collect();
+        let correct: i64 = (0..classes).map(|c| rows[c][c]).sum();
+        let per_class = rows
+            .iter()
+            .enumerate()
+            .map(|(c, r)| {
+                let total: i64 = r.iter().sum();
+                if total == 0 {
+                    0.0
+                } else {
+                    100.0 * r[c] as f64 / total as f64
+                }
+            })
+            .collect();
+        let nf = n.max(1) as f64;
+        EvalResult {
+            images: n,
+            loss: self.loss.double_value(&[]) / nf,
+            top1: 100.0 * correct as f64 / nf,
+            top5: 100.0 * self.top5.int64_value(&[]) as f64 / nf,
+            per_class,
+            confusion: rows,
+            images_per_s,
+        }
+    }
+}
+
+/// The evaluation step as a CUDA graph (see `train::graphed` for
+/// training): preprocessing, forward and the sums on a static full batch; a
+/// partial last batch runs eagerly into the same sums.
+pub struct EvalGraph {
+    graph: CudaGraph,
+    /// The static input batch, and the sums the graph adds into.
+    io: Option<Split>,
+    sums: EvalSums,
+}
+
+impl EvalGraph {
+    pub fn new(device: Device, classes: i64) -> Result<Self> {
+        Ok(EvalGraph {
+            graph: CudaGraph::new(device)?,
+            io: None,
+            sums: EvalSums::new(classes, device),
+        })
+    }
+
+    fn batch(&mut self, net: &dyn Logits, pre: &Preprocess, batch: &Split) -> Result<()> {
+        let sums = &mut self.sums;
+        if self.graph.warming_up() {
+            return self.graph.on_side_stream(|_| {
+                sums.add(net, pre, batch);
+                Ok(())
+            });
+        }
+        match &mut self.io {
+            Some(io) => io.fill(batch),
+            None => {
+                let io = batch.copy();
+                self.graph
+                    .on_side_stream(|g| g.capture(|| sums.add(net, pre, &io)))?;
+                self.io = Some(io);
+            }
+        }
+        self.graph.replay()
+    }
+}
+
+/// Loss, top-1/top-5, per-class accuracy and the confusion matrix of `net`
+/// (with `classes` outputs) on `data`, in batches of `batch`; full batches
+/// through a CUDA graph when one is given.
+pub fn evaluate(
+    net: &dyn Logits,
+    classes: i64,
+    data: &Split,
+    batch: i64,
+    pre: &Preprocess,
+    mut graph: Option<&mut EvalGraph>,
+) -> Result<EvalResult> {
+    let n = data.len();
+    let dev = data.images.device();
+    tch::no_grad(|| {
+        let mut own = EvalSums::new(classes, dev);
+        if let Some(g) = graph.as_mut() {
+            g.sums.zero();
+        }
+        let mut start = 0;
+        let mut clock: Option<(Instant, i64)> = None;
+        while start < n {
+            if start > 0 && clock.is_none() {
+                synchronize(dev);
+                clock = Some((Instant::now(), start));
+            }
+            let len = batch.min(n - start);
+            let b = data.narrow(start, len);
+            match graph.as_mut() {
+                Some(g) if len == batch => g.batch(net, pre, &b)?,
+                Some(g) => g.sums.add(net, pre, &b),
+                None => own.add(net, pre, &b),
+            }
+            start += len;
+        }
+        let images_per_s = match clock {
+            Some((t, from)) => (n - from) as f64 / t.elapsed().as_secs_f64().max(1e-9),
+            None => 0.0,
+        };
+        let sums = graph.map_or(&own, |g| &g.sums);
+        Ok(sums.result(n, images_per_s))
+    })
+}

@@ -1,0 +1,208 @@
+//! The modules a VGG is made of (convolution, BatchNorm, ReLU, pooling,
+//! dropout, linear), each owning its tensors under torchvision's suffixes,
+//! built with torchvision's initialization, and runs of them (`Sequential`).
+
+use std::cell::Cell;
+
+use tch::{Device, Kind, Tensor};
+
+use super::spec::{LayerKind, LayerSpec};
+
+/// The parameters and buffers of one module.
+pub enum Layer {
+    Conv {
+        weight: Tensor,
+        bias: Tensor,
+    },
+    BatchNorm {
+        weight: Tensor,
+        bias: Tensor,
+        running_mean: Tensor,
+        running_var: Tensor,
+        /// torchvision's `num_batches_tracked`, kept on the host: it is only
+        /// ever exported, and a device scalar would cost a kernel per layer.
+        num_batches_tracked: Cell<i64>,
+    },
+    Relu,
+    MaxPool,
+    Dropout(f64),
+    Linear {
+        weight: Tensor,
+        bias: Tensor,
+    },
+}
+
+pub const BN_EPS: f64 = 1e-5;
+const BN_MOMENTUM: f64 = 0.1;
+
+/// A layer's tensors by torchvision suffix: one match serving `&Layer` and
+/// `&mut Layer` (binding modes give `&Tensor` or `&mut Tensor`).
+macro_rules! layer_tensors {
+    ($layer:expr) => {
+        match $layer {
+            Layer::Conv { weight, bias } | Layer::Linear { weight, bias } => {
+                vec![("weight", weight, true), ("bias", bias, true)]
+            }
+            Layer::BatchNorm {
+                weight,
+                bias,
+                running_mean,
+                running_var,
+                ..
+            } => vec![
+                ("weight", weight, true),
+                ("bias", bias, true),
+                ("running_mean", running_mean, false),
+                ("running_var", running_var, false),
+            ],
+            _ => vec![],
+        }
+    };
+}
+
+impl Layer {
+    /// Another handle on the same tensors (for read-only rewrites such as
+    /// BatchNorm folding).
+    pub fn shallow(&self) -> Layer {
+        match self {
+            Layer::Conv { weight, bias } => Layer::Conv {
+                weight: weight.shallow_clone(),
+                bias: bias.shallow_clone(),
+            },
+            Layer::Linear { weight, bias } => Layer::Linear {
+                weight: weight.shallow_clone(),
+                bias: bias.shallow_clone(),
+            },
+            Layer::BatchNorm {
+                weight,
+                bias,
+                running_mean,
+                running_var,
+                num_batches_tracked,
+            } => Layer::BatchNorm {
+                weight: weight.shallow_clone(),
+                bias: bias.shallow_clone(),
+                running_mean: running_mean.shallow_clone(),
+                running_var: running_var.shallow_clone(),
+                num_batches_tracked: num_batches_tracked.clone(),
+            },
+            Layer::Relu => Layer::Relu,
+            Layer::MaxPool => Layer::MaxPool,
+            Layer::Dropout(p) => Layer::Dropout(*p),
+        }
+    }
+
+    /// Builds a layer with torchvision's initialization (on the CPU, from
+    /// libtorch's global generator).
+    pub(super) fn init(kind: &LayerKind) -> Option<Layer> {
+        let opts = (Kind::Float, Device::Cpu);
+        Some(match *kind {
+            LayerKind::Conv { cin, cout } => {
+                // kaiming_normal_(mode="fan_out", nonlinearity="relu")
+                let std = (2.0 / (cout * 9) as f64).sqrt();
+                Layer::Conv {
+                    weight: Tensor::randn([cout, cin, 3, 3], opts) * std,
+                    bias: Tensor::zeros([cout], opts),
+                }
+            }
+            LayerKind::BatchNorm { channels } => Layer::BatchNorm {
+                weight: Tensor::ones([channels], opts),
+                bias: Tensor::zeros([channels], opts),
+                running_mean: Tensor::zeros([channels], opts),
+                running_var: Tensor::ones([channels], opts),
+                num_batches_tracked: Cell::new(0),
+            },
+            LayerKind::Relu => Layer::Relu,
+            LayerKind::MaxPool => Layer::MaxPool,
+            LayerKind::Dropout { p } => Layer::Dropout(p),
+            LayerKind::Linear { fin, fout } => Layer::Linear {
+                // normal_(0, 0.01), bias 0
+                weight: Tensor::randn([fout, fin], opts) * 0.01,
+                bias: Tensor::zeros([fout], opts),
+            },
+            LayerKind::AdaptiveAvgPool { .. } | LayerKind::Flatten => return None,
+        })
+    }
+
+    pub(super) fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        match self {
+            Layer::Conv { weight, bias } => x.conv2d(weight, Some(bias), [1, 1], [1, 1], [1, 1], 1),
+            Layer::BatchNorm {
+                weight,
+                bias,
+                running_mean,
+                running_var,
+                num_batches_tracked,
+            } => {
+                if train {
+                    num_batches_tracked.set(num_batches_tracked.get() + 1);
+                }
+                Tensor::batch_norm(
+                    x,
+                    Some(weight),
+                    Some(bias),
+                    Some(running_mean),
+                    Some(running_var),
+                    train,
+                    BN_MOMENTUM,
+                    BN_EPS,
+                    true,
+                )
+            }
+            Layer::Relu => x.relu(),
+            Layer::MaxPool => x.max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false),
+            Layer::Dropout(p) => x.dropout(*p, train),
+            Layer::Linear { weight, bias } => x.linear(weight, Some(bias)),
+        }
+    }
+
+    /// (suffix, tensor, is a learnable parameter)
+    pub(super) fn tensors(&self) -> Vec<(&'static str, &Tensor, bool)> {
+        layer_tensors!(self)
+    }
+
+    pub(super) fn tensors_mut(&mut self) -> Vec<(&'static str, &mut Tensor, bool)> {
+        layer_tensors!(self)
+    }
+}
+
+/// A run of named layers (`features.*` or `classifier.*`).
+pub struct Sequential {
+    pub layers: Vec<(String, Layer)>,
+}
+
+impl Sequential {
+    pub(super) fn build(specs: &[LayerSpec]) -> Self {
+        let layers = specs
+            .iter()
+            .filter_map(|s| Layer::init(&s.kind).map(|l| (s.name.clone(), l)))
+            .collect();
+        Sequential { layers }
+    }
+
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        let mut x = x.shallow_clone();
+        for (_, layer) in &self.layers {
+            x = layer.forward(&x, train);
+        }
+        x
+    }
+
+    /// Runs the layers from index `n` on.
+    pub fn forward_from(&self, x: &Tensor, n: usize, train: bool) -> Tensor {
+        let mut x = x.shallow_clone();
+        for (_, layer) in self.layers.iter().skip(n) {
+            x = layer.forward(&x, train);
+        }
+        x
+    }
+
+    /// Runs only the first `n` layers (n counts every module, as torchvision's index does).
+    pub fn forward_prefix(&self, x: &Tensor, n: usize, train: bool) -> Tensor {
+        let mut x = x.shallow_clone();
+        for (_, layer) in self.layers.iter().take(n) {
+            x = layer.forward(&x, train);
+        }
+        x
+    }
+}

@@ -1,0 +1,337 @@
+//! The VGG family: torchvision's cfg table, one builder, parameters named as in
+//! torchvision's state dict and initialized with torchvision's scheme.
+//!
+//! The model owns its tensors (no `tch::nn::VarStore`) so that names, init,
+//! freezing, dtype/layout changes and the optimizer's state are all explicit.
+//! It has no modes: how it is run (precision, the inference form) is
+//! decided above it, in `numerics` and `infer`.
+//! - `spec`: what fixes the structure (cfgs, heads, layer list, input size);
+//! - `layer`: the modules and their tensors;
+//! - `state_dict`: the check of a state dict against torchvision's names
+//!   and shapes (loading and reading one are `Vgg`'s own).
+
+mod layer;
+mod spec;
+mod state_dict;
+
+pub use layer::{BN_EPS, Layer, Sequential};
+pub use spec::{Arch, Cfg, Head, LayerKind, LayerSpec, MIN_INPUT, ModelSpec, check_input};
+pub use state_dict::check_state_dict;
+
+use std::collections::BTreeMap;
+
+use anyhow::Result;
+use tch::{Device, Kind, Tensor};
+
+/// NCHW shape with NHWC strides (cuDNN and oneDNN follow the strides); other
+/// tensors unchanged.
+pub fn to_channels_last(t: &Tensor) -> Tensor {
+    if t.dim() == 4 {
+        t.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
+    } else {
+        t.shallow_clone()
+    }
+}
+
+pub fn is_channels_last(t: &Tensor) -> bool {
+    let (size, stride) = (t.size(), t.stride());
+    size.len() == 4 && stride[1] == 1 && stride[3] == size[1]
+}
+
+/// A VGG network: `features`, then the head's pooling, flattening and `classifier`.
+pub struct Vgg {
+    pub spec: ModelSpec,
+    pub features: Sequential,
+    pub pool_size: i64,
+    pub classifier: Sequential,
+    /// The first `frozen_prefix` modules of `features` are frozen: their
+    /// parameters get no gradient and their BatchNorm layers stay in eval
+    /// mode while the rest trains.
+    pub frozen_prefix: usize,
+}
+
+/// One tensor of the state dict.
+pub struct Entry<'a> {
+    pub name: String,
+    pub tensor: &'a Tensor,
+    pub is_param: bool,
+}
+
+impl Vgg {
+    /// A freshly initialized model, moved to `device`. Parameters require grad.
+    pub fn new(spec: ModelSpec, device: Device) -> Vgg {
+        let head = spec.head_layers();
+        let classifier_specs: Vec<LayerSpec> = head
+            .into_iter()
+            .filter(|l| l.name.starts_with("classifier"))
+            .collect();
+        let mut model = Vgg {
+            spec,
+            features: Sequential::build(&spec.feature_layers()),
+            pool_size: spec.head.pool_size(),
+            classifier: Sequential::build(&classifier_specs),
+            frozen_prefix: 0,
+        };
+        model.to_device(device);
+        model
+    }
+
+    pub fn device(&self) -> Device {
+        self.entries()[0].tensor.device()
+    }
+
+    /// The head: adaptive pooling, flatten, classifier. `flatten(1, -1)`
+    /// keeps the batch dimension symbolic when traced.
+    pub fn head_forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        let x = x
+            .adaptive_avg_pool2d([self.pool_size, self.pool_size])
+            .flatten(1, -1);
+        self.classifier.forward_t(&x, train)
+    }
+
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        let frozen = self.frozen_prefix.min(self.features.layers.len());
+        let f = if train && frozen > 0 {
+            let head = self.features.forward_prefix(x, frozen, false);
+            self.features.forward_from(&head, frozen, true)
+        } else {
+            self.features.forward_t(x, train)
+        };
+        self.head_forward_t(&f, train)
+    }
+
+    fn sections(&self) -> [&Sequential; 2] {
+        [&self.features, &self.classifier]
+    }
+
+    /// Parameters and running statistics, in torchvision's state-dict order
+    /// (without `num_batches_tracked`, see [`Vgg::num_batches_tracked`]).
+    pub fn entries(&self) -> Vec<Entry<'_>> {
+        let mut out = Vec::new();
+        for section in self.sections() {
+            for (name, layer) in &section.layers {
+                for (suffix, tensor, is_param) in layer.tensors() {
+                    out.push(Entry {
+                        name: format!("{name}.{suffix}"),
+                        tensor,
+                        is_param,
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// Learnable parameters by name, in state-dict order.
+    pub fn parameters(&self) -> Vec<(String, &Tensor)> {
+        self.entries()
+            .into_iter()
+            .filter(|e| e.is_param)
+            .map(|e| (e.name, e.tensor))
+            .collect()
+    }
+
+    /// Parameters that currently require a gradient.
+    pub fn trainable_parameters(&self) -> Vec<(String, &Tensor)> {
+        self.parameters()
+            .into_iter()
+            .filter(|(_, t)| t.requires_grad())
+            .collect()
+    }
+
+    /// `features.{i}.num_batches_tracked` for every BatchNorm layer.
+    pub fn num_batches_tracked(&self) -> Vec<(String, i64)> {
+        self.features
+            .layers
+            .iter()
+            .filter_map(|(name, layer)| match layer {
+                Layer::BatchNorm {
+                    num_batches_tracked,
+                    ..
+                } => Some((
+                    format!("{name}.num_batches_tracked"),
+                    num_batches_tracked.get(),
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Adds `delta[i]` to the i-th BatchNorm layer's `num_batches_tracked`
+    /// (the order of [`Vgg::num_batches_tracked`]): a replayed CUDA graph
+    /// runs the forward pass without the host code that counts.
+    pub fn add_batches_tracked(&self, delta: &[i64]) {
+        let counters = self.features.layers.iter().filter_map(|(_, l)| match l {
+            Layer::BatchNorm {
+                num_batches_tracked,
+                ..
+            } => Some(num_batches_tracked),
+            _ => None,
+        });
+        for (c, d) in counters.zip(delta) {
+            c.set(c.get() + d);
+        }
+    }
+
+    /// Applies `f` to every tensor (parameters and buffers) and stores the result.
+    pub fn map_tensors(&mut self, mut f: impl FnMut(&str, &Tensor) -> Tensor) {
+        for section in [&mut self.features, &mut self.classifier] {
+            for (name, layer) in &mut section.layers {
+                for (suffix, tensor, is_param) in layer.tensors_mut() {
+                    let requires_grad = is_param && tensor.requires_grad();
+                    let new = tch::no_grad(|| f(&format!("{name}.{suffix}"), tensor));
+                    *tensor = new.detach().set_requires_grad(requires_grad);
+                }
+            }
+        }
+    }
+
+    /// Moves every tensor to `device`; parameters stay leaves that require grad.
+    pub fn to_device(&mut self, device: Device) {
+        let first = self
+            .features
+            .layers
+            .first()
+            .map(|(_, l)| l.tensors()[0].1.device());
+        let moved = first != Some(device);
+        for section in [&mut self.features, &mut self.classifier] {
+            for (_, layer) in &mut section.layers {
+                for (_, tensor, is_param) in layer.tensors_mut() {
+                    let t = if moved {
+                        tensor.to_device(device)
+                    } else {
+                        tensor.shallow_clone()
+                    };
+                    *tensor = t.detach().set_requires_grad(is_param);
+                }
+            }
+        }
+    }
+
+    /// Freezes the first `n` modules of `features` (n counts every module as
+    /// torchvision's index does; `usize::MAX` freezes all of `features`).
+    pub fn freeze_features(&mut self, n: usize) {
+        self.frozen_prefix = n.min(self.features.layers.len());
+        for (_, layer) in self.features.layers.iter_mut().take(n) {
+            for (_, tensor, _) in layer.tensors_mut() {
+                *tensor = tensor.detach().set_requires_grad(false);
+            }
+        }
+    }
+
+    /// Moves the trainable parameters into one flat buffer, each parameter
+    /// becoming a view of it (a leaf that requires grad), for the fused
+    /// optimizer. With `channels_last`, convolution weights are stored NHWC.
+    /// Returns the buffer; the parameters' values are unchanged.
+    pub fn flatten_trainable(&mut self, channels_last: bool) -> Tensor {
+        let device = self.device();
+        let mut total = 0;
+        for section in [&self.features, &self.classifier] {
+            for (_, layer) in &section.layers {
+                for (_, t, is_param) in layer.tensors() {
+                    if is_param && t.requires_grad() {
+                        total += t.numel() as i64;
+                    }
+                }
+            }
+        }
+        let flat = Tensor::zeros([total], (Kind::Float, device));
+        let mut offset = 0;
+        tch::no_grad(|| {
+            for section in [&mut self.features, &mut self.classifier] {
+                for (_, layer) in &mut section.layers {
+                    for (_, t, is_param) in layer.tensors_mut() {
+                        if !(is_param && t.requires_grad()) {
+                            continue;
+                        }
+                        let n = t.numel() as i64;
+                        let size = t.size();
+                        let seg = flat.narrow(0, offset, n);
+                        let view = if channels_last && size.len() == 4 {
+                            let mut nhwc = seg.view([size[0], size[2], size[3], size[1]]);
+                            nhwc.copy_(&t.permute([0, 2, 3, 1]));
+                            nhwc.permute([0, 3, 1, 2])
+                        } else {
+                            let mut v = seg.view(size.as_slice());
+                            v.copy_(t);
+                            v
+                        };
+                        *t = view.detach().set_requires_grad(true);
+                        offset += n;
+                    }
+                }
+            }
+        });
+        flat
+    }
+
+    /// Convolution weights in NHWC strides (cuDNN then runs channels-last).
+    pub fn to_channels_last(&mut self) {
+        self.map_tensors(|_, t| to_channels_last(t));
+    }
+
+    /// Detaches every parameter from autograd (export and tracing need
+    /// constants, not leaves that require grad).
+    pub fn into_inference(mut self) -> Vgg {
+        for section in [&mut self.features, &mut self.classifier] {
+            for (_, layer) in &mut section.layers {
+                for (_, tensor, _) in layer.tensors_mut() {
+                    *tensor = tensor.detach().set_requires_grad(false);
+                }
+            }
+        }
+        self
+    }
+
+    /// Replaces the last linear layer (`classifier.6`, `classifier.3` or
+    /// `classifier`) by a new one with `classes` outputs and torchvision's
+    /// init (normal(0, 0.01), bias 0), on the model's device.
+    pub fn replace_last_linear(&mut self, classes: i64) {
+        let device = self.device();
+        if let Some((_, Layer::Linear { weight, bias })) = self.classifier.layers.last_mut() {
+            let fin = weight.size()[1];
+            let w = Tensor::randn([classes, fin], (Kind::Float, Device::Cpu)) * 0.01;
+            *weight = w.to_device(device).set_requires_grad(true);
+            *bias = Tensor::zeros([classes], (Kind::Float, device)).set_requires_grad(true);
+        }
+        self.spec.classes = classes;
+    }
+
+    /// Copies a state dict into the model after checking names and shapes.
+    /// `num_batches_tracked` may be present (int64 scalar) or absent.
+    pub fn load_state_dict(&mut self, source: &str, dict: &BTreeMap<String, Tensor>) -> Result<()> {
+        check_state_dict(&self.spec, source, dict)?;
+        let device = self.device();
+        self.map_tensors(|name, t| dict[name].to_kind(t.kind()).to_device(device).contiguous());
+        for (name, layer) in &self.features.layers {
+            if let Layer::BatchNorm {
+                num_batches_tracked,
+                ..
+            } = layer
+            {
+                let key = format!("{name}.num_batches_tracked");
+                if let Some(t) = dict.get(&key) {
+                    num_batches_tracked.set(t.int64_value(&[]));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The state dict as torchvision has it: parameters, running statistics
+    /// and int64 `num_batches_tracked` scalars, on the CPU, in order.
+    pub fn state_dict(&self) -> Vec<(String, Tensor)> {
+        let nbt: BTreeMap<String, i64> = self.num_batches_tracked().into_iter().collect();
+        let mut out = Vec::new();
+        for e in self.entries() {
+            let t = e.tensor.detach().to_device(Device::Cpu).contiguous();
+            let is_var = e.name.ends_with(".running_var");
+            out.push((e.name.clone(), t));
+            if is_var {
+                let key = e.name.replace(".running_var", ".num_batches_tracked");
+                out.push((key.clone(), Tensor::from(nbt[&key])));
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,156 @@
+//! The check of a state dict against a model spec: torchvision's names and
+//! shapes, one error listing every problem (and naming a BatchNorm mix-up).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use anyhow::{Result, bail};
+use tch::Tensor;
+
+use super::spec::ModelSpec;
+
+/// Checks a state dict's names and shapes against a model spec; one error
+/// lists every problem.
+pub fn check_state_dict(
+    spec: &ModelSpec,
+    source: &str,
+    dict: &BTreeMap<String, Tensor>,
+) -> Result<()> {
+    let expected = spec.state_dict_shapes();
+    let expected_names: BTreeSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
+    let mut missing = Vec::new();
+    let mut misshaped = Vec::new();
+    for (name, shape) in &expected {
+        match dict.get(name) {
+            None if name.ends_with(".num_batches_tracked") => {}
+            None => missing.push(name.clone()),
+            Some(t) if name.ends_with(".num_batches_tracked") => {
+                if t.numel() != 1 {
+                    misshaped.push(format!("{name} {:?} (expected a scalar)", t.size()));
+                }
+            }
+            Some(t) if &t.size() != shape => {
+                misshaped.push(format!("{name} {:?} (expected {:?})", t.size(), shape))
+            }
+            Some(_) => {}
+        }
+    }
+    let unexpected: Vec<&String> = dict
+        .keys()
+        .filter(|k| !expected_names.contains(k.as_str()))
+        .collect();
+    if missing.is_empty() && misshaped.is_empty() && unexpected.is_empty() {
+        return Ok(());
+    }
+    let has_bn_keys = dict.keys().any(|k| k.ends_with(".running_mean"));
+    let model = spec.model_name();
+    if has_bn_keys != spec.bn && dict.keys().any(|k| k.starts_with("features.")) {
+        let (theirs, ours) = if has_bn_keys {
+            ("with", "without")
+        } else {
+            ("without", "with")
+        };
+        bail!(
+            "{source}: weights are for a model {theirs} BatchNorm, but the model is {model} ({ours} BatchNorm); {}",
+            if has_bn_keys { "add --bn" } else { "drop --bn" }
+        );
+    }
+    let mut parts = Vec::new();
+    let list = |v: Vec<String>| -> String {
+        let n = v.len();
+        let mut shown: Vec<String> = v.into_iter().take(8).collect();
+        if n > 8 {
+            shown.push(format!("... ({n} in all)"));
+        }
+        shown.join(", ")
+    };
+    if !missing.is_empty() {
+        parts.push(format!("missing keys: {}", list(missing)));
+    }
+    if !unexpected.is_empty() {
+        parts.push(format!(
+            "unexpected keys: {}",
+            list(unexpected.into_iter().cloned().collect())
+        ));
+    }
+    if !misshaped.is_empty() {
+        parts.push(format!("wrong shapes: {}", list(misshaped)));
+    }
+    bail!(
+        "{source}: state dict does not match {model} with the {} head and {} classes: {}",
+        spec.head.name(),
+        spec.classes,
+        parts.join("; ")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Arch, Head};
+    use tch::{Device, Kind};
+
+    fn dict(spec: &ModelSpec) -> BTreeMap<String, Tensor> {
+        spec.state_dict_shapes()
+            .into_iter()
+            .map(|(n, s)| {
+                let t = if s.is_empty() {
+                    Tensor::from(0i64)
+                } else {
+                    Tensor::zeros(s.as_slice(), (Kind::Float, Device::Cpu))
+                };
+                (n, t)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_matching_dict_passes_and_every_problem_is_listed_once() {
+        let spec = ModelSpec::new(Arch::Vgg11, false, Head::Cifar, 10);
+        let mut d = dict(&spec);
+        check_state_dict(&spec, "f.pth", &d).unwrap();
+        d.remove("features.0.bias");
+        d.insert(
+            "classifier.3.weight".into(),
+            Tensor::zeros([7, 512], (Kind::Float, Device::Cpu)),
+        );
+        d.insert("extra.weight".into(), Tensor::from(1.0));
+        let err = check_state_dict(&spec, "f.pth", &d)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "f.pth: state dict does not match vgg11 with the cifar head and 10 classes: \
+             missing keys: features.0.bias; unexpected keys: extra.weight; \
+             wrong shapes: classifier.3.weight [7, 512] (expected [10, 512])"
+        );
+    }
+
+    #[test]
+    fn batchnorm_mix_ups_are_named_with_the_fix() {
+        let bn = ModelSpec::new(Arch::Vgg11, true, Head::Cifar, 10);
+        let plain = ModelSpec::new(Arch::Vgg11, false, Head::Cifar, 10);
+        let err = check_state_dict(&plain, "bn.pth", &dict(&bn))
+            .unwrap_err()
+            .to_string();
+        assert!(err.ends_with("add --bn"), "{err}");
+        let err = check_state_dict(&bn, "plain.pth", &dict(&plain))
+            .unwrap_err()
+            .to_string();
+        assert!(err.ends_with("drop --bn"), "{err}");
+        // num_batches_tracked may be absent (older files), never misshaped.
+        let mut d = dict(&bn);
+        d.retain(|k, _| !k.ends_with("num_batches_tracked"));
+        check_state_dict(&bn, "old.pth", &d).unwrap();
+        d.insert(
+            "features.1.num_batches_tracked".into(),
+            Tensor::from_slice(&[1i64, 2]),
+        );
+        let err = check_state_dict(&bn, "odd.pth", &d)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("features.1.num_batches_tracked [2] (expected a scalar)"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,225 @@
+//! A training run's options as `config.json` records them, and the learning
+//! rate schedule they define.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::choice::Choice;
+use crate::data::augment::Augment;
+use crate::model::ModelSpec;
+use crate::numerics::{NumericsRequest, Precision};
+use crate::optim::OptimizerConfig;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SchedulerKind {
+    Multistep,
+    Cosine,
+}
+
+impl Choice for SchedulerKind {
+    const ALL: &'static [Self] = &[SchedulerKind::Multistep, SchedulerKind::Cosine];
+    fn name(self) -> &'static str {
+        match self {
+            SchedulerKind::Multistep => "multistep",
+            SchedulerKind::Cosine => "cosine",
+        }
+    }
+    fn help(self) -> &'static str {
+        match self {
+            SchedulerKind::Multistep => "MultiStepLR: the LR times --gamma at each milestone",
+            SchedulerKind::Cosine => "cosine annealing from --lr to 0 over the epochs",
+        }
+    }
+}
+
+/// Every resolved option of a training run (written to `config.json`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TrainConfig {
+    pub model: ModelSpec,
+    pub dataset: String,
+    pub data_dir: String,
+    /// Image folders: the validation folder, or the fraction held out.
+    pub val_dir: Option<String>,
+    pub val_split: f64,
+    pub epochs: usize,
+    pub batch_size: i64,
+    pub test_batch_size: i64,
+    pub optimizer: OptimizerConfig,
+    pub lr: f64,
+    pub scheduler: SchedulerKind,
+    pub milestones: Vec<usize>,
+    pub gamma: f64,
+    pub warmup_epochs: usize,
+    pub label_smoothing: f64,
+    pub seed: u64,
+    pub limit_train: Option<i64>,
+    pub limit_test: Option<i64>,
+    pub device: String,
+    pub out: PathBuf,
+    /// Side of the (square) model input.
+    pub input_size: i64,
+    pub augment: Augment,
+    /// Normalize with ImageNet's mean/std (fine-tuning) instead of the dataset's.
+    pub imagenet_normalization: bool,
+    /// Modules of `features` that are frozen (not trained, BatchNorm in eval
+    /// mode): 0 trains everything.
+    pub freeze_prefix: usize,
+    /// Where the starting weights came from (fine-tuning), if not from scratch.
+    pub weights: Option<String>,
+    /// Requested precision; what ran is each epoch's `ran_as` in `metrics.jsonl`.
+    #[serde(default = "default_precision")]
+    pub precision: Precision,
+    /// Capture the full-batch training step in a CUDA graph and replay it.
+    #[serde(default)]
+    pub cuda_graphs: bool,
+    /// NHWC memory layout for inputs and convolution weights.
+    #[serde(default)]
+    pub channels_last: bool,
+    /// One flat parameter buffer and one multi-tensor update (see optim.rs).
+    #[serde(default = "default_true")]
+    pub fused: bool,
+    /// Time the parts of each step (synchronizing the device) and report them.
+    #[serde(default)]
+    pub profile: bool,
+}
+
+fn default_precision() -> Precision {
+    Precision::Auto
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl TrainConfig {
+    /// The learning rate of `epoch` (0-based): linear warm-up, then
+    /// MultiStepLR or cosine annealing, each a pure function of the epoch
+    /// (PyTorch's schedulers stepped once per epoch).
+    pub fn lr_at(&self, epoch: usize) -> f64 {
+        if epoch < self.warmup_epochs {
+            return self.lr * (epoch + 1) as f64 / self.warmup_epochs as f64;
+        }
+        match self.scheduler {
+            SchedulerKind::Multistep => {
+                let passed = self.milestones.iter().filter(|&&m| epoch >= m).count();
+                self.lr * self.gamma.powi(passed as i32)
+            }
+            SchedulerKind::Cosine => {
+                let span = (self.epochs - self.warmup_epochs).max(1) as f64;
+                let t = (epoch - self.warmup_epochs) as f64;
+                self.lr * 0.5 * (1.0 + (std::f64::consts::PI * t / span).cos())
+            }
+        }
+    }
+
+    /// The numerics this configuration asks for (its layout and CUDA-graph
+    /// choices were settled when the run started or resumed).
+    pub fn numerics_request(&self, deterministic: bool) -> NumericsRequest {
+        NumericsRequest {
+            precision: self.precision,
+            channels_last: Some(self.channels_last),
+            cuda_graphs: Some(self.cuda_graphs),
+            fused: self.fused,
+            deterministic,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Arch, Head};
+    use crate::optim::OptimizerKind;
+
+    fn config(scheduler: SchedulerKind, epochs: usize, warmup: usize) -> TrainConfig {
+        TrainConfig {
+            model: ModelSpec::new(Arch::Vgg11, false, Head::Cifar, 10),
+            dataset: "cifar10".into(),
+            data_dir: "data".into(),
+            val_dir: None,
+            val_split: 0.1,
+            epochs,
+            batch_size: 128,
+            test_batch_size: 100,
+            optimizer: OptimizerConfig {
+                kind: OptimizerKind::Sgd,
+                momentum: 0.9,
+                weight_decay: 5e-4,
+                nesterov: false,
+                betas: (0.9, 0.999),
+                eps: 1e-8,
+            },
+            lr: 0.1,
+            scheduler,
+            milestones: vec![50, 80],
+            gamma: 0.1,
+            warmup_epochs: warmup,
+            label_smoothing: 0.0,
+            seed: 0,
+            limit_train: None,
+            limit_test: None,
+            device: "cpu".into(),
+            out: "runs/x".into(),
+            input_size: 32,
+            augment: Augment::CropFlip { padding: 4 },
+            imagenet_normalization: false,
+            freeze_prefix: 0,
+            weights: None,
+            precision: Precision::Auto,
+            cuda_graphs: false,
+            channels_last: false,
+            fused: true,
+            profile: false,
+        }
+    }
+
+    /// PyTorch's MultiStepLR(milestones=[50, 80], gamma=0.1) stepped once
+    /// per epoch: lr for epochs 0-49, lr·0.1 for 50-79, lr·0.01 from 80.
+    #[test]
+    fn multistep_decays_at_each_milestone() {
+        let c = config(SchedulerKind::Multistep, 100, 0);
+        for (epoch, want) in [
+            (0, 0.1),
+            (49, 0.1),
+            (50, 0.01),
+            (79, 0.01),
+            (80, 0.001),
+            (99, 0.001),
+        ] {
+            assert!(
+                (c.lr_at(epoch) - want).abs() < 1e-15,
+                "epoch {epoch}: {}",
+                c.lr_at(epoch)
+            );
+        }
+    }
+
+    /// CosineAnnealingLR(T_max = epochs - warmup, eta_min 0) after a linear
+    /// warm-up of 2 epochs: lr/2, lr, then lr·(1 + cos(π t / 8)) / 2.
+    #[test]
+    fn cosine_follows_the_closed_form_after_warm_up() {
+        let c = config(SchedulerKind::Cosine, 10, 2);
+        assert!((c.lr_at(0) - 0.05).abs() < 1e-15);
+        assert!((c.lr_at(1) - 0.1).abs() < 1e-15);
+        for epoch in 2..10 {
+            let t = (epoch - 2) as f64;
+            let want = 0.1 * 0.5 * (1.0 + (std::f64::consts::PI * t / 8.0).cos());
+            assert!((c.lr_at(epoch) - want).abs() < 1e-15, "epoch {epoch}");
+        }
+        assert!((c.lr_at(6) - 0.05).abs() < 1e-15, "half-way is lr/2");
+    }
+
+    /// The request carries the configuration's settled choices.
+    #[test]
+    fn numerics_request_repeats_the_configuration() {
+        let mut c = config(SchedulerKind::Multistep, 1, 0);
+        c.channels_last = true;
+        c.fused = false;
+        let r = c.numerics_request(true);
+        assert_eq!(r.channels_last, Some(true));
+        assert_eq!(r.cuda_graphs, Some(false));
+        assert!(!r.fused && r.deterministic);
+    }
+}

@@ -1,0 +1,500 @@
+//! The training loop (`Trainer`: `train_one_epoch`, `fit`): the CIFAR recipe
+//! on a device-resident dataset, with checkpoints that resume exactly.
+//! - `config`: the options and the LR schedule; `state`: epoch records and
+//!   the resume state; `run_dir`: the files of a run;
+//! - `step`: the forward-loss-accuracy computation both steps share;
+//!   `graphed`: the CUDA-graph step; `profile`: `--profile`'s timings;
+//!   `curves`: `curves.svg`.
+//!
+//! Exact resume comes from the randomness being a function of the position:
+//! each epoch's permutation is drawn after seeding with (seed, epoch), and
+//! each step's augmentation and dropout after seeding with (seed, epoch, step).
+//! A run restarted at any step therefore draws exactly what the uninterrupted
+//! run drew.
+
+pub mod config;
+pub mod curves;
+pub mod graphed;
+pub mod profile;
+pub mod run_dir;
+pub mod state;
+pub mod step;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use anyhow::{Result, bail};
+use tch::{Device, Kind, Tensor};
+
+use crate::Interrupted;
+use crate::checkpoint::save_model;
+use crate::data::augment::{Normalizer, Preprocess};
+use crate::data::{Dataset, Split};
+use crate::eval::{EvalGraph, evaluate};
+use crate::infer::Layerwise;
+use crate::model::Vgg;
+use crate::numerics::{Numerics, Precision};
+use crate::optim::{LossScaler, Optimizer};
+use crate::shim;
+use config::TrainConfig;
+use graphed::{GraphedStep, StepParts};
+use profile::{StepProfile, StepTimer};
+use run_dir::RunDir;
+use state::{EpochMetrics, Partial, TrainState, TrainSummary};
+use step::{Forward, forward_loss};
+
+pub use config::SchedulerKind;
+pub use run_dir::read_resume;
+
+/// Hooks for whoever shows progress and warnings (the CLI's bars and lines).
+pub trait Observer {
+    fn epoch_start(&mut self, _epoch: usize, _epochs: usize, _steps: usize, _done: usize) {}
+    fn progress(&mut self, _step: usize, _loss: f64, _acc: f64, _images_per_s: f64) {}
+    fn epoch_end(&mut self, _m: &EpochMetrics) {}
+    /// Something the user should know that does not stop the run.
+    fn warn(&mut self, _message: &str) {}
+}
+
+/// A seed for libtorch's generator from (seed, epoch, step), well mixed so
+/// that neighbouring positions get unrelated streams (splitmix64).
+pub fn position_seed(seed: u64, epoch: usize, step: usize) -> i64 {
+    let mut z = seed
+        ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ (step as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    ((z ^ (z >> 31)) >> 1) as i64
+}
+
+/// The step position whose seed draws an epoch's permutation.
+const PERMUTATION_STEP: usize = usize::MAX;
+
+/// A saved run to continue: its state and its tensors (weights and
+/// optimizer state).
+pub type Resume = (TrainState, BTreeMap<String, Tensor>);
+
+/// Optimizer tensors still to load, with the file they came from.
+type OptimizerState = (String, BTreeMap<String, Tensor>);
+
+/// Everything a training run holds.
+pub struct Trainer<'a> {
+    pub state: TrainState,
+    pub model: Vgg,
+    numerics: Numerics,
+    opt: Optimizer,
+    train: Split,
+    test: Split,
+    pre: Preprocess,
+    graph: Option<GraphedStep>,
+    eval_graph: Option<EvalGraph>,
+    profile: StepProfile,
+    run_dir: RunDir,
+    stop: &'a AtomicBool,
+}
+
+/// The first state of a run: a fresh one, or the saved one (with `config`'s
+/// changes) after loading its weights into `model`. Returns the optimizer
+/// tensors still to load, with the file they came from.
+fn start_state(
+    config: TrainConfig,
+    data: &Dataset,
+    model: &mut Vgg,
+    resume: Option<Resume>,
+    run_dir: &RunDir,
+) -> Result<(TrainState, Option<OptimizerState>)> {
+    let Some((saved, tensors)) = resume else {
+        let state = TrainState {
+            config,
+            class_names: data.classes.clone(),
+            mean: data.mean,
+            std: data.std,
+            epoch: 0,
+            step: 0,
+            partial: Partial::default(),
+            optimizer_steps: 0,
+            scaler: None,
+            best_top1: None,
+            history: Vec::new(),
+        };
+        return Ok((state, None));
+    };
+    let source = run_dir.resume().display().to_string();
+    let weights: BTreeMap<String, Tensor> = tensors
+        .iter()
+        .filter(|(k, _)| !k.starts_with("optimizer."))
+        .map(|(k, v)| (k.clone(), v.shallow_clone()))
+        .collect();
+    model.load_state_dict(&source, &weights)?;
+    Ok((TrainState { config, ..saved }, Some((source, tensors))))
+}
+
+/// The optimizer the numerics ask for: the fused update over one flat
+/// buffer (parameters in the run's layout), or one per parameter.
+fn build_optimizer(model: &mut Vgg, numerics: &Numerics, config: &TrainConfig) -> Optimizer {
+    let ocfg = config.optimizer.clone();
+    if numerics.fused {
+        let flat = model.flatten_trainable(numerics.channels_last);
+        Optimizer::fused(ocfg, model.trainable_parameters(), flat)
+    } else {
+        if numerics.channels_last {
+            model.to_channels_last();
+        }
+        Optimizer::new(ocfg, model.trainable_parameters())
+    }
+}
+
+impl<'a> Trainer<'a> {
+    /// A new run (`resume` None) or the continuation of a saved one, in the
+    /// numerics decided for it.
+    pub fn new(
+        config: TrainConfig,
+        data: &Dataset,
+        mut model: Vgg,
+        resume: Option<Resume>,
+        numerics: Numerics,
+        stop: &'a AtomicBool,
+    ) -> Result<Self> {
+        let device = model.device();
+        let train = data.train.to_device(device);
+        let test = data.test.to_device(device);
+        if train.is_empty() || test.is_empty() {
+            bail!(
+                "{}: the training and test splits must both hold images",
+                data.source
+            );
+        }
+        let pre = Preprocess::new(
+            config.augment,
+            config.input_size,
+            Normalizer::new(data.mean, data.std, device),
+        );
+        let run_dir = RunDir {
+            dir: config.out.clone(),
+        };
+        model.freeze_features(config.freeze_prefix);
+        let (mut state, resume_tensors) = start_state(config, data, &mut model, resume, &run_dir)?;
+        let mut opt = build_optimizer(&mut model, &numerics, &state.config);
+        let (graph, eval_graph) = if numerics.cuda_graphs {
+            let classes = state.config.model.classes;
+            (
+                Some(GraphedStep::new(device)?),
+                Some(EvalGraph::new(device, classes)?),
+            )
+        } else {
+            (None, None)
+        };
+        if let Some((source, tensors)) = resume_tensors {
+            opt.load_state(&source, &tensors, state.optimizer_steps)?;
+        }
+        if numerics.precision == Precision::Fp16 {
+            opt.enable_loss_scaling(state.scaler.get_or_insert_with(LossScaler::default));
+        }
+        Ok(Trainer {
+            state,
+            model,
+            numerics,
+            opt,
+            train,
+            test,
+            pre,
+            graph,
+            eval_graph,
+            profile: StepProfile::default(),
+            run_dir,
+            stop,
+        })
+    }
+
+    /// Writes the resume point: weights, optimizer state and `TrainState`, in one file.
+    fn save_resume(&self) -> Result<()> {
+        let mut tensors = self.model.state_dict();
+        tensors.extend(self.opt.state_tensors());
+        let meta = self
+            .state
+            .meta(
+                self.state.history.len(),
+                self.state.history.last().map(|m| m.test_top1),
+            )
+            .to_metadata();
+        let mut state = self.state.clone();
+        state.optimizer_steps = self.opt.steps();
+        if let Some(scaler) = self.opt.loss_scaler() {
+            state.scaler = Some(scaler);
+        }
+        self.run_dir.save_resume(&tensors, meta, &state)
+    }
+
+    /// Trains until `config.epochs`, or until Ctrl-C (then `Interrupted`).
+    pub fn fit(&mut self, obs: &mut dyn Observer) -> Result<TrainSummary> {
+        self.run_dir.start(&self.state.config)?;
+        let device = self.model.device();
+        while self.state.epoch < self.state.config.epochs {
+            shim::peak_memory(device, true)?;
+            self.train_one_epoch(obs)?;
+            let m = self.end_epoch(obs)?;
+            obs.epoch_end(&m);
+        }
+        Ok(TrainSummary {
+            out: self.run_dir.dir.clone(),
+            epochs: self.state.history.len(),
+            final_metrics: self.state.history.last().cloned(),
+            best_top1: self.state.best_top1,
+            last: self.run_dir.last(),
+            best: self.run_dir.best(),
+        })
+    }
+
+    /// After an epoch's steps: evaluation, its record, the checkpoints, the
+    /// metrics and the curves.
+    fn end_epoch(&mut self, obs: &mut dyn Observer) -> Result<EpochMetrics> {
+        let epoch = self.state.epoch;
+        let net = Layerwise {
+            model: &self.model,
+            numerics: &self.numerics,
+        };
+        let eval = evaluate(
+            &net,
+            self.state.config.model.classes,
+            &self.test,
+            self.state.config.test_batch_size,
+            &self.pre,
+            self.eval_graph.as_mut(),
+        )?;
+        let p = &self.state.partial;
+        let m = EpochMetrics {
+            epoch: epoch + 1,
+            lr: self.state.config.lr_at(epoch),
+            train_loss: p.mean_loss(),
+            train_acc: p.accuracy(),
+            test_loss: eval.loss,
+            test_top1: eval.top1,
+            test_top5: eval.top5,
+            images_per_s: p.images_per_s(),
+            seconds: p.seconds,
+            profile: self
+                .state
+                .config
+                .profile
+                .then(|| std::mem::take(&mut self.profile)),
+            loss_scale: self.opt.loss_scaler().map(|s| s.scale),
+            ran_as: self.ran_as(),
+            peak_gpu_bytes: shim::peak_memory(self.model.device(), false)?,
+        };
+        self.state.history.push(m.clone());
+        self.state.epoch += 1;
+        self.state.step = 0;
+        self.state.partial = Partial::default();
+        let meta = self.state.meta(epoch + 1, Some(m.test_top1));
+        save_model(&self.run_dir.last(), &self.model, &meta)?;
+        if self.state.best_top1.is_none_or(|b| m.test_top1 > b) {
+            self.state.best_top1 = Some(m.test_top1);
+            save_model(&self.run_dir.best(), &self.model, &meta)?;
+        }
+        self.save_resume()?;
+        self.run_dir.write_metrics(&self.state.history)?;
+        let curves = self.run_dir.curves();
+        if let Err(e) = curves::curves(&curves, &self.state.history) {
+            // A plot is a convenience; its failure must not end a run.
+            obs.warn(&format!("could not draw {}: {e:#}", curves.display()));
+        }
+        Ok(m)
+    }
+
+    fn train_one_epoch(&mut self, obs: &mut dyn Observer) -> Result<()> {
+        let cfg = self.state.config.clone();
+        let epoch = self.state.epoch;
+        let n = self.train.len();
+        let b = cfg.batch_size;
+        let steps = ((n + b - 1) / b) as usize;
+        let dev = self.train.images.device();
+        tch::manual_seed(position_seed(cfg.seed, epoch, PERMUTATION_STEP));
+        let perm = Tensor::randperm(n, (Kind::Int64, dev));
+        obs.epoch_start(epoch + 1, cfg.epochs, steps, self.state.step);
+
+        // Losses and correct counts stay on the device and are read every
+        // few steps: a read is a host-device synchronization.
+        let report_every = if dev == Device::Cpu { 1 } else { 25 };
+        let mut pending: Vec<Pending> = Vec::new();
+        let mut clock = Instant::now();
+        while self.state.step < steps {
+            let step = self.state.step;
+            if self.stop.load(Ordering::SeqCst) {
+                self.save_resume()?;
+                return Err(Interrupted(format!(
+                    "interrupted at epoch {}, step {step}; resume with --resume {}",
+                    epoch + 1,
+                    self.run_dir.resume().display()
+                ))
+                .into());
+            }
+            tch::manual_seed(position_seed(cfg.seed, epoch, step));
+            let start = step as i64 * b;
+            let len = b.min(n - start);
+            let (loss, correct) = self.step(&perm.narrow(0, start, len), len == b)?;
+            self.profile.steps += 1;
+            pending.push(Pending {
+                step,
+                loss,
+                correct,
+                len,
+            });
+            self.state.step += 1;
+            if pending.len() >= report_every || self.state.step == steps {
+                self.flush(&mut pending, epoch, &mut clock)?;
+                let p = &self.state.partial;
+                obs.progress(
+                    self.state.step,
+                    p.mean_loss(),
+                    p.accuracy(),
+                    p.images_per_s(),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// One step on the examples `idx` of the training split: through the
+    /// CUDA graph when there is one and the batch is `full`, else eagerly.
+    fn step(&mut self, idx: &Tensor, full: bool) -> Result<(Tensor, Tensor)> {
+        let lr = self.state.config.lr_at(self.state.epoch);
+        let batch = self.train.select(idx);
+        let timer = StepTimer::start(self.state.config.profile, self.train.images.device());
+        let x = self.pre.batch(&batch, true);
+        let timer = timer.lap(&mut self.profile.data);
+        let y = &batch.labels;
+        match self.graph.take() {
+            Some(mut g) if full => {
+                let out = if g.warming_up() {
+                    g.eager(|| self.eager_step(&x, y, lr, None))
+                } else {
+                    let parts = StepParts {
+                        model: &self.model,
+                        numerics: &self.numerics,
+                        opt: &mut self.opt,
+                        label_smoothing: self.state.config.label_smoothing,
+                    };
+                    g.step(parts, &x, y, lr)
+                };
+                self.graph = Some(g);
+                let out = out?;
+                timer.lap(&mut self.profile.graphed);
+                self.profile.graphed_steps += 1;
+                Ok(out)
+            }
+            g => {
+                // The last, partial batch runs eagerly.
+                self.graph = g;
+                self.eager_step(&x, y, lr, Some(timer))
+            }
+        }
+    }
+
+    /// One training step, op by op: forward, loss, backward, update. Returns
+    /// the loss and the number of correct predictions (on the device).
+    fn eager_step(
+        &mut self,
+        x: &Tensor,
+        y: &Tensor,
+        lr: f64,
+        timer: Option<StepTimer>,
+    ) -> Result<(Tensor, Tensor)> {
+        let Forward { loss, correct } = forward_loss(
+            &self.model,
+            &self.numerics,
+            x,
+            y,
+            self.state.config.label_smoothing,
+        );
+        let timer = timer.map(|t| t.lap(&mut self.profile.forward));
+        self.opt.prepare(lr);
+        let grads = self.opt.backward(&loss);
+        let timer = timer.map(|t| t.lap(&mut self.profile.backward));
+        self.opt.update(grads)?;
+        if let Some(t) = timer {
+            t.lap(&mut self.profile.update);
+        }
+        Ok((loss.detach(), correct))
+    }
+
+    /// What this run computes with, for `metrics.jsonl` and the log.
+    pub fn ran_as(&self) -> String {
+        self.numerics.ran_as(None)
+    }
+
+    /// Reads the pending per-step values, stops on a non-finite loss (naming
+    /// its epoch and step), and adds them to the epoch's sums.
+    fn flush(
+        &mut self,
+        pending: &mut Vec<Pending>,
+        epoch: usize,
+        clock: &mut Instant,
+    ) -> Result<()> {
+        let losses = Tensor::stack(
+            &pending
+                .iter()
+                .map(|p| p.loss.to_kind(Kind::Double))
+                .collect::<Vec<_>>(),
+            0,
+        );
+        let corrects = Tensor::stack(&pending.iter().map(|p| &p.correct).collect::<Vec<_>>(), 0);
+        let losses: Vec<f64> = Vec::try_from(losses.to_device(Device::Cpu))?;
+        let corrects: Vec<i64> = Vec::try_from(corrects.to_device(Device::Cpu))?;
+        self.state.partial.seconds += clock.elapsed().as_secs_f64();
+        *clock = Instant::now();
+        for (p, (loss, correct)) in pending.iter().zip(losses.iter().zip(corrects)) {
+            if !loss.is_finite() {
+                bail!(
+                    "loss became {loss} at epoch {}, step {}; stopped without saving (the last good checkpoint is {})",
+                    epoch + 1,
+                    p.step + 1,
+                    self.run_dir.last().display()
+                );
+            }
+            self.state.partial.loss_sum += loss * p.len as f64;
+            self.state.partial.correct += correct;
+            self.state.partial.seen += p.len;
+        }
+        pending.clear();
+        Ok(())
+    }
+}
+
+/// A step's figures, still on the device until the next flush.
+struct Pending {
+    step: usize,
+    loss: Tensor,
+    correct: Tensor,
+    len: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Neighbouring positions get unrelated seeds, the same position the
+    /// same seed (which exact resume rests on), and every seed is a
+    /// non-negative i64 (libtorch's `manual_seed` takes those).
+    #[test]
+    fn position_seed_is_a_pure_well_mixed_function_of_the_position() {
+        assert_eq!(position_seed(7, 3, 11), position_seed(7, 3, 11));
+        let mut seen = std::collections::BTreeSet::new();
+        for seed in 0..3 {
+            for epoch in 0..20 {
+                for step in (0..50).chain([PERMUTATION_STEP]) {
+                    let s = position_seed(seed, epoch, step);
+                    assert!(s >= 0);
+                    assert!(
+                        seen.insert(s),
+                        "seed {seed} epoch {epoch} step {step} repeats"
+                    );
+                }
+            }
+        }
+        // One flipped input bit changes about half of the output bits.
+        let a = position_seed(0, 1, 2) as u64;
+        let b = position_seed(0, 1, 3) as u64;
+        let flipped = (a ^ b).count_ones();
+        assert!((16..=48).contains(&flipped), "{flipped} bits differ");
+    }
+}

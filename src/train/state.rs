@@ -1,0 +1,118 @@
+//! Where a run stands: one record per finished epoch (`metrics.jsonl`), the
+//! sums of the epoch in progress, the resume state saved with the weights,
+//! and what a finished run reports.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::config::TrainConfig;
+use super::profile::StepProfile;
+use crate::checkpoint::ModelMeta;
+use crate::data::augment::Augment;
+use crate::optim::LossScaler;
+
+/// One line of `metrics.jsonl`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct EpochMetrics {
+    /// 1-based.
+    pub epoch: usize,
+    pub lr: f64,
+    pub train_loss: f64,
+    pub train_acc: f64,
+    pub test_loss: f64,
+    pub test_top1: f64,
+    pub test_top5: f64,
+    pub images_per_s: f64,
+    pub seconds: f64,
+    /// With `--profile`: where the training steps' time went.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<StepProfile>,
+    /// fp16: the loss scale at the end of the epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<f64>,
+    /// What the epoch ran as: precision, layout, CUDA graphs.
+    #[serde(default)]
+    pub ran_as: String,
+    /// CUDA: the most memory tensors held during the epoch (training and evaluation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_gpu_bytes: Option<i64>,
+}
+
+/// Running sums of the epoch in progress (saved on interrupt).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Partial {
+    pub loss_sum: f64,
+    pub correct: i64,
+    pub seen: i64,
+    pub seconds: f64,
+}
+
+impl Partial {
+    pub fn mean_loss(&self) -> f64 {
+        self.loss_sum / self.seen.max(1) as f64
+    }
+
+    pub fn accuracy(&self) -> f64 {
+        100.0 * self.correct as f64 / self.seen.max(1) as f64
+    }
+
+    pub fn images_per_s(&self) -> f64 {
+        self.seen as f64 / self.seconds.max(1e-9)
+    }
+}
+
+/// Where a run stands; with the weights and optimizer state it is a resume point.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TrainState {
+    pub config: TrainConfig,
+    pub class_names: Vec<String>,
+    pub mean: [f64; 3],
+    pub std: [f64; 3],
+    /// 0-based epoch in progress, and batches of it already done.
+    pub epoch: usize,
+    pub step: usize,
+    pub partial: Partial,
+    pub optimizer_steps: i64,
+    /// fp16 loss scaling state, so a resumed run scales as the original would.
+    #[serde(default)]
+    pub scaler: Option<LossScaler>,
+    pub best_top1: Option<f64>,
+    pub history: Vec<EpochMetrics>,
+}
+
+impl TrainState {
+    /// The metadata a checkpoint of this run carries after `epoch` epochs,
+    /// with its test accuracy then.
+    pub fn meta(&self, epoch: usize, accuracy: Option<f64>) -> ModelMeta {
+        let c = &self.config;
+        ModelMeta {
+            arch: c.model.arch,
+            bn: c.model.bn,
+            head: c.model.head,
+            classes: c.model.classes,
+            class_names: self.class_names.clone(),
+            mean: self.mean,
+            std: self.std,
+            input_size: c.input_size,
+            dataset: c.dataset.clone(),
+            resize: match c.augment {
+                Augment::ResizedCrop => Some(c.input_size * 256 / 224),
+                Augment::CropFlip { .. } => None,
+            },
+            epoch,
+            accuracy,
+        }
+    }
+}
+
+/// What a finished run reports.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TrainSummary {
+    pub out: PathBuf,
+    pub epochs: usize,
+    pub final_metrics: Option<EpochMetrics>,
+    pub best_top1: Option<f64>,
+    pub last: PathBuf,
+    pub best: PathBuf,
+}
