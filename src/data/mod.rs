@@ -4,6 +4,7 @@
 
 pub mod augment;
 pub mod cifar;
+pub mod digits;
 pub mod download;
 pub mod folder;
 pub mod image;
