@@ -26,12 +26,7 @@ use vggctl::train::state::EpochMetrics;
 
 const GPU: &str = "needs a CUDA GPU (scripts/gpu-check runs it)";
 
-fn digits() -> String {
-    common::fixtures().join("digits-bin").display().to_string()
-}
-
 fn train(out: &Path, epochs: u32, extra: &[&str]) -> Vec<EpochMetrics> {
-    let d = digits();
     let o = out.display().to_string();
     let e = epochs.to_string();
     let mut args = vec![
@@ -55,8 +50,8 @@ fn train(out: &Path, epochs: u32, extra: &[&str]) -> Vec<EpochMetrics> {
         "cuda",
         "--quiet",
         "--profile",
-        "--data-dir",
-        &d,
+        "--dataset",
+        "digits",
         "--out",
         &o,
     ];

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Result, bail};
 use vggctl::data::Dataset;
 use vggctl::data::cifar::{self, DownloadSource};
+use vggctl::data::digits;
 use vggctl::data::folder::{self, FolderOptions, IMAGENET_MEAN, IMAGENET_STD};
 use vggctl::train::config::TrainConfig;
 
@@ -13,9 +14,11 @@ use super::progress::download_bar;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct DataOpts {
-    /// Dataset: cifar10, or folder (one subfolder of JPEG/PNG images per class).
-    #[arg(long, default_value = "cifar10")]
-    pub dataset: String,
+    /// Dataset: cifar10, digits (scikit-learn's handwritten digits, built
+    /// into vggctl: no download), or folder (one subfolder of JPEG/PNG
+    /// images per class) [default: cifar10; eval: the checkpoint's].
+    #[arg(long)]
+    pub dataset: Option<String>,
     /// cifar10: the directory holding cifar-10-batches-py/ (torchvision's) or
     /// cifar-10-batches-bin/; folder: the class folders [default: ./data].
     #[arg(long)]
@@ -41,6 +44,11 @@ pub struct DataOpts {
 }
 
 impl DataOpts {
+    /// The dataset named, cifar10 if none.
+    pub fn dataset(&self) -> &str {
+        self.dataset.as_deref().unwrap_or("cifar10")
+    }
+
     pub fn dir(&self) -> PathBuf {
         self.data_dir
             .clone()
@@ -68,7 +76,7 @@ impl DataOpts {
     /// The dataset these options name, images cached at `cache_size` for folders.
     pub fn load(&self, quiet: bool, seed: u64, cache_size: i64) -> Result<Dataset> {
         self.load_named(
-            &self.dataset,
+            self.dataset(),
             &self.dir(),
             self.val_dir.as_deref(),
             self.val_split,
@@ -109,7 +117,8 @@ impl DataOpts {
                 };
                 folder::load(&opts, &mut warn)
             }
-            other => bail!("unknown dataset '{other}' (expected cifar10 or folder)"),
+            "digits" => digits::load(),
+            other => bail!("unknown dataset '{other}' (expected cifar10, digits or folder)"),
         }
     }
 }

@@ -119,7 +119,7 @@ pub fn run(args: Args) -> Result<()> {
     }
 }
 
-/// The dataset to evaluate on (a folder checkpoint's dataset is a folder),
+/// The dataset to evaluate on (`--dataset`, else the checkpoint's),
 /// and its evaluation transform at the model's input size.
 fn load_data(
     args: &Args,
@@ -127,11 +127,8 @@ fn load_data(
     device: Device,
 ) -> Result<(Dataset, Preprocess)> {
     let mut data = args.data.clone();
-    if let Some(meta) = meta
-        && data.dataset != meta.dataset
-        && meta.dataset == "folder"
-    {
-        data.dataset = meta.dataset.clone();
+    if data.dataset.is_none() {
+        data.dataset = meta.map(|m| m.dataset.clone());
     }
     if let Some(input) = args.input {
         check_input(input)?;

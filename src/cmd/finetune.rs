@@ -53,14 +53,15 @@ pub fn run(args: Args) -> Result<()> {
     let spec = args.model.spec(Head::Imagenet)?;
     // The dataset decides the class count unless --classes says otherwise (then they must agree).
     let mut data = args.data.clone();
-    if data.dataset == "folder" && data.data_dir.is_none() {
+    let dataset = data.dataset().to_string();
+    if dataset == "folder" && data.data_dir.is_none() {
         bail!("--dataset folder needs --data-dir DIR (one subfolder of images per class)");
     }
     data.data_dir.get_or_insert_with(|| PathBuf::from("./data"));
-    let dataset_classes = match data.dataset.as_str() {
+    let dataset_classes = match dataset.as_str() {
         "folder" => vggctl::data::folder::scan(&data.dir())?.0.len() as i64,
-        "cifar10" => 10,
-        other => bail!("unknown dataset '{other}' (expected cifar10 or folder)"),
+        "cifar10" | "digits" => 10,
+        other => bail!("unknown dataset '{other}' (expected cifar10, digits or folder)"),
     };
     let classes = args.model.classes.unwrap_or(dataset_classes);
     if classes != dataset_classes {
@@ -89,7 +90,7 @@ pub fn run(args: Args) -> Result<()> {
     }
     let mut config = h.config(model.spec, &data, device, 10);
     config.input_size = input;
-    config.augment = match data.dataset.as_str() {
+    config.augment = match dataset.as_str() {
         "folder" => Augment::ResizedCrop,
         _ => Augment::CropFlip { padding: 4 },
     };

@@ -167,13 +167,13 @@ impl HyperOpts {
             PathBuf::from("runs").join(format!(
                 "{}-{}-{}",
                 spec.model_name(),
-                data.dataset,
+                data.dataset(),
                 timestamp()
             ))
         });
         TrainConfig {
             model: spec,
-            dataset: data.dataset.clone(),
+            dataset: data.dataset().to_string(),
             data_dir: data.dir().display().to_string(),
             val_dir: data.val_dir.as_ref().map(|d| d.display().to_string()),
             val_split: data.val_split,
