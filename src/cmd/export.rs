@@ -7,7 +7,9 @@ use tch::Device;
 use vggctl::checkpoint::{
     ModelMeta, load_checkpoint, load_pretrained, load_weights, meta_for_weights,
 };
-use vggctl::export::{check_target, export_onnx, export_safetensors, export_torchscript};
+use vggctl::export::{
+    check_target, export_onnx, export_pt2, export_safetensors, export_torchscript,
+};
 use vggctl::hub::weights_file;
 use vggctl::infer::fold_bn;
 use vggctl::model::{Head, Vgg, check_input};
@@ -22,6 +24,8 @@ pub enum Format {
     Safetensors,
     Torchscript,
     Onnx,
+    /// PyTorch 2's `torch.export` archive (`torch.export.load`, AOTInductor).
+    Pt2,
 }
 
 #[derive(clap::Args, Debug)]
@@ -38,10 +42,10 @@ pub struct Args {
     /// The file to write.
     #[arg(long)]
     out: PathBuf,
-    /// Input side the TorchScript/ONNX graph is built for [default: the checkpoint's, else 224 / 32].
+    /// Input side the TorchScript/ONNX/pt2 graph is built for [default: the checkpoint's, else 224 / 32].
     #[arg(long)]
     input: Option<i64>,
-    /// Fold BatchNorm into the preceding convolution (torchscript, onnx).
+    /// Fold BatchNorm into the preceding convolution (torchscript, onnx, pt2).
     #[arg(long)]
     fold_bn: bool,
     /// Store float16 weights (safetensors).
@@ -91,7 +95,7 @@ pub fn run(args: Args) -> Result<()> {
     }
     if args.fold_bn && args.format == Format::Safetensors {
         bail!(
-            "--fold-bn applies to torchscript and onnx (a folded state dict is no longer torchvision's)"
+            "--fold-bn applies to torchscript, onnx and pt2 (a folded state dict is no longer torchvision's)"
         );
     }
     check_target(&args.out, args.force)?;
@@ -104,6 +108,7 @@ pub fn run(args: Args) -> Result<()> {
         Format::Safetensors => export_safetensors(&model, &meta, &args.out, args.half)?,
         Format::Torchscript => export_torchscript(&model, input, &args.out)?,
         Format::Onnx => export_onnx(&model, &meta, input, folded, &args.out)?,
+        Format::Pt2 => export_pt2(&model, &meta, input, &args.out)?,
     }
     let written = Written {
         path: args.out.clone(),

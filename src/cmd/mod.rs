@@ -47,7 +47,7 @@ enum Command {
     Eval(eval::Args),
     /// Fine-tune torchvision's ImageNet weights on your classes.
     Finetune(finetune::Args),
-    /// Export to safetensors (torchvision-loadable), TorchScript or ONNX.
+    /// Export to safetensors (torchvision-loadable), TorchScript, ONNX or a torch.export archive (pt2).
     Export(export::Args),
     /// Classify images with a checkpoint or torchvision's weights.
     Predict(predict::Args),

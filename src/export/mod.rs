@@ -1,9 +1,11 @@
 //! Exports a model for deployment: safetensors that torchvision loads,
-//! TorchScript traced from the model's own forward, and ONNX written here.
+//! TorchScript traced from the model's own forward, and ONNX and PyTorch 2's
+//! `torch.export` archive (`pt2`) written here.
 //! Every writer refuses to overwrite unless asked and writes atomically.
 
 pub mod onnx;
 pub mod onnx_proto;
+pub mod pt2;
 
 use std::path::Path;
 
@@ -12,7 +14,7 @@ use tch::{CModule, Device, Kind, Tensor};
 
 use crate::checkpoint::ModelMeta;
 use crate::formats::safetensors::write_safetensors;
-use crate::fsutil::{replace_atomically, write_atomic_bytes};
+use crate::fsutil::{replace_atomically, write_atomic, write_atomic_bytes};
 use crate::model::Vgg;
 
 /// Fails when `path` exists and `force` is off, or when its directory is missing.
@@ -74,4 +76,31 @@ pub fn export_onnx(
 ) -> Result<()> {
     let bytes = onnx::model_bytes(model, meta, input, folded)?;
     write_atomic_bytes(path, &bytes)
+}
+
+/// A `torch.export` archive (`.pt2`) with a dynamic batch dimension.
+pub fn export_pt2(model: &Vgg, meta: &ModelMeta, input: i64, path: &Path) -> Result<()> {
+    // torch names the archive's folder after the file, as `torch.export.save` does.
+    let root: String = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let root = if root.is_empty() {
+        "model".into()
+    } else {
+        root
+    };
+    write_atomic(path, |w| {
+        pt2::write_pt2(w, &root, model, meta, input)
+            .with_context(|| format!("writing {}", path.display()))
+    })
 }

@@ -33,7 +33,7 @@ pub enum Layer {
 }
 
 pub const BN_EPS: f64 = 1e-5;
-const BN_MOMENTUM: f64 = 0.1;
+pub const BN_MOMENTUM: f64 = 0.1;
 
 /// A layer's tensors by torchvision suffix: one match serving `&Layer` and
 /// `&mut Layer` (binding modes give `&Tensor` or `&mut Tensor`).

@@ -14,7 +14,7 @@ mod layer;
 mod spec;
 mod state_dict;
 
-pub use layer::{BN_EPS, Layer, Sequential};
+pub use layer::{BN_EPS, BN_MOMENTUM, Layer, Sequential};
 pub use spec::{Arch, Cfg, Head, LayerKind, LayerSpec, MIN_INPUT, ModelSpec, check_input};
 pub use state_dict::check_state_dict;
 
