@@ -291,3 +291,121 @@ fn mutated_files_never_panic_or_over_allocate() {
     // Both outcomes occur, so the mutations reach past the header checks.
     assert!(ok > 0 && refused > 0, "ok {ok}, refused {refused}");
 }
+
+/// Pickles built to exhaust the reader: 2,000,000 nested lists (4 MB), a
+/// list that contains itself, one tuple shared 64 levels deep (2^64 paths,
+/// 586 bytes), and a dict of 200,000 keys. Each ends in one error (or, for
+/// the dict, is read whole with later keys replacing earlier ones), within
+/// seconds, without overflowing the stack: the walk is iterative, by
+/// identity, and dict keys are indexed.
+fn nested_lists(n: usize) -> Vec<u8> {
+    let mut p = b"\x80\x02".to_vec();
+    p.extend(std::iter::repeat_n(b']', n));
+    p.extend(std::iter::repeat_n(b'a', n - 1));
+    p.push(b'.');
+    p
+}
+
+fn shared_tuples(levels: u8) -> Vec<u8> {
+    // t0 = (1,); t_i = (t_{i-1}, t_{i-1}), each memoized at i.
+    let mut p = b"\x80\x02K\x01\x85q\x00".to_vec();
+    for i in 1..=levels {
+        p.extend_from_slice(&[b'h', i - 1, b'h', i - 1, 0x86, b'q', i]);
+    }
+    p.push(b'.');
+    p
+}
+
+fn dict_of(keys: usize, repeat_first: bool) -> Vec<u8> {
+    let mut p = b"\x80\x02}(".to_vec();
+    let key = |p: &mut Vec<u8>, k: &str, v: u8| {
+        p.push(b'X');
+        p.extend_from_slice(&(k.len() as u32).to_le_bytes());
+        p.extend_from_slice(k.as_bytes());
+        p.extend_from_slice(&[b'K', v]);
+    };
+    for i in 0..keys {
+        key(&mut p, &format!("k{i}"), 1);
+    }
+    if repeat_first {
+        key(&mut p, "k0", 2);
+    }
+    p.extend_from_slice(b"u.");
+    p
+}
+
+#[test]
+fn deep_cyclic_shared_and_wide_pickles_end_cleanly_and_quickly() {
+    use vggctl::formats::pickle::{Allowlist, Unpickler};
+    let t0 = std::time::Instant::now();
+    let in_zip = |pkl: &[u8]| err_of(&zip_with(&[("archive/data.pkl", pkl)]));
+    let e = in_zip(&nested_lists(2_000_000));
+    assert!(e.contains("nests containers more than 100 deep"), "{e}");
+    let e = in_zip(b"\x80\x02]q\x00h\x00a.");
+    assert!(e.contains("holds a container inside itself"), "{e}");
+    let e = in_zip(&shared_tuples(64));
+    assert!(e.contains("holds a tuple, not a state dict"), "{e}");
+    // The legacy format walks the same way.
+    let e = err_of(&legacy_with(&nested_lists(100_000)));
+    assert!(e.contains("more than 100 deep"), "{e}");
+    let allow = Allowlist {
+        globals: &[],
+        dict_like: &[],
+    };
+    let wide = dict_of(200_000, true);
+    let d = Unpickler::new(&wide, &allow).load().unwrap();
+    let entries = d.entries().unwrap();
+    assert_eq!(entries.len(), 200_000);
+    assert_eq!(d.get("k0").unwrap().as_int(), Some(2), "the later k0 wins");
+    assert_eq!(d.get("k199999").unwrap().as_int(), Some(1));
+    // 100 levels is the limit, not a round number near it.
+    let at_limit = Unpickler::new(&nested_lists(100), &allow).load();
+    assert!(at_limit.is_ok());
+    let over = Unpickler::new(&nested_lists(101), &allow).load();
+    assert!(over.is_err());
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(30),
+        "took {:?}",
+        t0.elapsed()
+    );
+}
+
+/// Through the binary, as a user meets them: one line naming the file,
+/// exit 2, no crash.
+#[test]
+fn hostile_pth_files_are_one_line_errors_in_the_cli() {
+    let tmp = common::tempdir();
+    let cases: [(&str, Vec<u8>, &str); 3] = [
+        ("deep.pth", nested_lists(2_000_000), "more than 100 deep"),
+        (
+            "self.pth",
+            b"\x80\x02]q\x00h\x00a.".to_vec(),
+            "inside itself",
+        ),
+        ("shared.pth", shared_tuples(64), "not a state dict"),
+    ];
+    for (name, pkl, needle) in cases {
+        let path = tmp.path().join(name);
+        std::fs::write(&path, zip_with(&[("archive/data.pkl", &pkl)])).unwrap();
+        let out = tmp.path().join("out.safetensors");
+        let r = common::run_in(
+            tmp.path(),
+            &[
+                "export",
+                "--weights",
+                path.to_str().unwrap(),
+                "--arch",
+                "vgg11",
+                "--head",
+                "cifar",
+                "--format",
+                "safetensors",
+                "--out",
+                out.to_str().unwrap(),
+            ],
+        );
+        common::assert_one_line_error(&r, 2, needle);
+        assert!(r.stderr.contains(name), "{}", r.stderr);
+        assert!(!out.exists());
+    }
+}

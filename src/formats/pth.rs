@@ -2,13 +2,13 @@
 //! (torch >= 1.6) and the legacy stream of pickles that torchvision's published
 //! VGG weights use (libtorch's C++ loader cannot read those).
 //!
-//! Safe by construction: the pickles go through [`crate::pickle`] with an
+//! Safe by construction: the pickles go through [`super::pickle`] with an
 //! allowlist of the globals a state dict needs (OrderedDict, the tensor
 //! rebuild functions, the storage classes); nothing is ever called. Every
 //! storage size, offset and stride read from the file is checked against the
 //! bytes the file actually holds before anything is allocated.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{Cursor, Read};
 use std::path::Path;
 
@@ -268,22 +268,20 @@ fn parse_legacy(bytes: &[u8]) -> Result<BTreeMap<String, Tensor>> {
     state_dict(&obj, &storages)
 }
 
-/// Finds every storage a value refers to.
-fn collect_refs(v: &Value, out: &mut Vec<StorageRef>) -> Result<()> {
-    match v {
-        Value::PersistentId(pid) => out.push(storage_ref(pid)?),
-        Value::Tuple(t) => t.iter().try_for_each(|x| collect_refs(x, out))?,
-        Value::List(l) => l.borrow().iter().try_for_each(|x| collect_refs(x, out))?,
-        Value::Dict(d) => d.borrow().iter().try_for_each(|(k, x)| {
-            collect_refs(k, out)?;
-            collect_refs(x, out)
-        })?,
-        Value::Call(c) => c
-            .borrow()
-            .args
-            .iter()
-            .try_for_each(|x| collect_refs(x, out))?,
-        _ => {}
+/// Finds every storage a value refers to: an explicit stack, and each
+/// shared container walked once (a value that shares one sub-structure 64
+/// levels deep has 2^64 paths).
+fn collect_refs(root: &Value, out: &mut Vec<StorageRef>) -> Result<()> {
+    let mut seen = HashSet::new();
+    let mut work = vec![root.clone()];
+    while let Some(v) = work.pop() {
+        if let Value::PersistentId(pid) = &v {
+            out.push(storage_ref(pid)?);
+            continue;
+        }
+        if v.id().is_some_and(|id| seen.insert(id)) {
+            work.extend(v.children());
+        }
     }
     Ok(())
 }

@@ -18,7 +18,12 @@ use std::rc::Rc;
 
 use anyhow::{Result, anyhow, bail};
 
-pub use value::{Call, Value};
+pub use value::{Call, Dict, Value, check_nesting, dismantle};
+
+/// The deepest nesting of containers a pickle may build: a state dict
+/// nests about five levels (dict, tensor rebuild call, storage id, tuple),
+/// a numpy array in CIFAR's batches about as many.
+pub const MAX_DEPTH: usize = 100;
 
 /// What a pickle may reference: `(module, name)` pairs. Globals listed in
 /// `dict_like` are constructors of an empty dict (OrderedDict) and become a
@@ -122,10 +127,34 @@ impl<'a> Unpickler<'a> {
         }
     }
 
-    /// Runs the pickle to its STOP opcode and returns the object it built.
+    /// Runs the pickle to its STOP opcode and returns the object it built,
+    /// which nests no deeper than [`MAX_DEPTH`] and holds no container
+    /// inside itself. Whatever else it built is taken apart without
+    /// recursion, on success and on failure alike.
     pub fn load(&mut self) -> Result<Value> {
         let mut stack: Vec<Item> = Vec::new();
         let mut memo: HashMap<usize, Value> = HashMap::new();
+        let built = self.run(&mut stack, &mut memo);
+        let mut rest: Vec<Value> = stack
+            .into_iter()
+            .filter_map(|i| match i {
+                Item::Value(v) => Some(v),
+                Item::Mark => None,
+            })
+            .collect();
+        rest.extend(memo.into_values());
+        let result = built.and_then(|v| match check_nesting(&v, MAX_DEPTH) {
+            Ok(()) => Ok(v),
+            Err(e) => {
+                rest.push(v);
+                Err(e)
+            }
+        });
+        dismantle(rest);
+        result
+    }
+
+    fn run(&mut self, stack: &mut Vec<Item>, memo: &mut HashMap<usize, Value>) -> Result<Value> {
         loop {
             let at = self.pos;
             let op = self.u8()?;
@@ -136,13 +165,13 @@ impl<'a> Unpickler<'a> {
                 };
             }
             if let Some(v) = self.number(op)? {
-                push(&mut stack, v);
+                push(stack, v);
             } else if let Some(v) = self.text(op, at)? {
-                push(&mut stack, v);
-            } else if !(self.container(op, &mut stack)?
-                || self.memo_op(op, &mut stack, &mut memo)?
-                || self.call_op(op, at, &mut stack)?
-                || self.stack_op(op, &mut stack)?)
+                push(stack, v);
+            } else if !(self.container(op, stack)?
+                || self.memo_op(op, stack, memo)?
+                || self.call_op(op, at, stack)?
+                || self.stack_op(op, stack)?)
             {
                 bail!("unsupported pickle opcode 0x{op:02x} at offset {at}");
             }
@@ -225,7 +254,10 @@ impl<'a> Unpickler<'a> {
             b')' => push(stack, Value::Tuple(Rc::default())),
             b'd' => {
                 let items = pop_mark(stack)?;
-                push(stack, Value::Dict(Rc::new(RefCell::new(pairs(items)?))))
+                push(
+                    stack,
+                    Value::Dict(Rc::new(RefCell::new(Dict::new(pairs(items)?)))),
+                )
             }
             b'l' => {
                 let items = pop_mark(stack)?;
@@ -421,7 +453,7 @@ impl<'a> Unpickler<'a> {
                     .unwrap_or_default(),
                 None => Vec::new(),
             };
-            return Ok(Value::Dict(Rc::new(RefCell::new(init))));
+            return Ok(Value::Dict(Rc::new(RefCell::new(Dict::new(init)))));
         }
         Ok(Value::Call(Rc::new(RefCell::new(Call {
             module: g.0.clone(),
@@ -504,15 +536,7 @@ fn dict_extend(target: &Value, items: Vec<(Value, Value)>) -> Result<()> {
         Value::Dict(d) => {
             let mut d = d.borrow_mut();
             for (k, v) in items {
-                // Later keys replace earlier ones, as in Python.
-                let key = k.as_text();
-                match d
-                    .iter_mut()
-                    .find(|(k2, _)| key.is_some() && k2.as_text() == key)
-                {
-                    Some(slot) => slot.1 = v,
-                    None => d.push((k, v)),
-                }
+                d.insert(k, v);
             }
             Ok(())
         }
