@@ -4,7 +4,7 @@
 //! Everything is computed from the same layer list that builds the model, so
 //! the report describes exactly the network that `Vgg::new` creates.
 
-use anyhow::Result;
+use anyhow::{Result, anyhow};
 use serde::{Deserialize, Serialize};
 
 use crate::model::{LayerKind, ModelSpec, check_input};
@@ -77,12 +77,20 @@ pub fn params_report(spec: &ModelSpec, input: i64) -> Result<ParamsReport> {
     let (mut rf, mut jump) = (1i64, 1i64);
     let mut global = false;
     let mut rows = Vec::new();
+    // Counts in 128 bits, checked into the report's 64 at the end: a huge
+    // --input must be an error, not a negative figure.
+    let too_large =
+        || anyhow!("--input {input} is too large: its counts do not fit in 64-bit integers");
+    let fit = |v: i128| i64::try_from(v).map_err(|_| too_large());
     for l in spec.layers() {
-        let mut macs = 0;
+        let mut macs: i128 = 0;
         match l.kind {
             LayerKind::Conv { cin, cout } => {
                 shape = vec![cout, shape[1], shape[2]];
-                macs = cin * 9 * cout * shape[1] * shape[2];
+                macs = [cin, 9, cout, shape[1], shape[2]]
+                    .iter()
+                    .map(|&v| v as i128)
+                    .product();
                 rf += 2 * jump;
             }
             LayerKind::MaxPool => {
@@ -104,7 +112,7 @@ pub fn params_report(spec: &ModelSpec, input: i64) -> Result<ParamsReport> {
             LayerKind::Flatten => shape = vec![shape.iter().product()],
             LayerKind::Linear { fin, fout } => {
                 shape = vec![fout];
-                macs = fin * fout;
+                macs = fin as i128 * fout as i128;
                 global = true;
             }
             LayerKind::BatchNorm { .. } | LayerKind::Relu | LayerKind::Dropout { .. } => {}
@@ -114,14 +122,14 @@ pub fn params_report(spec: &ModelSpec, input: i64) -> Result<ParamsReport> {
             layer: l.kind.describe(),
             output_shape: shape.clone(),
             params: l.kind.param_count(),
-            macs,
+            macs: fit(macs)?,
             receptive_field: (!global).then_some(rf),
-            activation_elements: shape.iter().product(),
+            activation_elements: fit(shape.iter().map(|&v| v as i128).product())?,
         });
     }
     let total_params: i64 = rows.iter().map(|r| r.params).sum();
-    let total_macs: i64 = rows.iter().map(|r| r.macs).sum();
-    let activation_elements: i64 = rows.iter().map(|r| r.activation_elements).sum();
+    let total_macs = fit(rows.iter().map(|r| r.macs as i128).sum())?;
+    let activation_elements = fit(rows.iter().map(|r| r.activation_elements as i128).sum())?;
     Ok(ParamsReport {
         model: spec.model_name(),
         arch: spec.arch.name().into(),

@@ -94,7 +94,11 @@ fn table_output_is_readable() {
 #[test]
 fn bad_arguments_exit_2_with_one_line() {
     let dir = common::tempdir();
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &["params", "--input", "20000000"],
+            "--input 20000000 is too large: its counts do not fit in 64-bit integers",
+        ),
         (
             &["params", "--arch", "vgg15"],
             "unknown architecture 'vgg15'",
@@ -110,4 +114,31 @@ fn bad_arguments_exit_2_with_one_line() {
         let r = common::run_in(dir.path(), args);
         common::assert_one_line_error(&r, 2, needle);
     }
+}
+
+/// A large input that still fits gives positive counts that scale with the
+/// area (no silent overflow): 1,000,000 pixels a side.
+#[test]
+fn large_inputs_count_without_overflow() {
+    let dir = common::tempdir();
+    let at = |input: &str| -> ParamsReport {
+        let r = common::run_in(
+            dir.path(),
+            &["params", "--arch", "vgg16", "--input", input, "--json"],
+        );
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        serde_json::from_str(&r.stdout).unwrap()
+    };
+    let (small, big) = (at("224"), at("1000000"));
+    let conv = |r: &ParamsReport| {
+        r.layers
+            .iter()
+            .filter(|l| l.name.starts_with("features"))
+            .map(|l| l.macs)
+            .sum::<i64>()
+    };
+    let ratio = conv(&big) as f64 / conv(&small) as f64;
+    let area = (1_000_000.0f64 / 224.0).powi(2);
+    assert!((ratio / area - 1.0).abs() < 0.01, "{ratio} vs {area}");
+    assert!(big.total_macs > small.total_macs && big.activation_elements > 0);
 }
