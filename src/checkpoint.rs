@@ -136,7 +136,7 @@ pub fn read_weights(path: &Path) -> Result<ModelFile> {
     if is_safetensors {
         return read_model_file(path);
     }
-    if !path.is_file() {
+    if !path.exists() {
         anyhow::bail!("{}: no such file", path.display());
     }
     let tensors = crate::formats::pth::read_pth(path)?;

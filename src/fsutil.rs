@@ -1,12 +1,45 @@
-//! Writing files so that a crash or kill at any moment leaves either the old
-//! file or the new one, never a half-written one: every file vggctl writes
-//! goes through [`replace_atomically`].
+//! Files in and out. Writing: a crash or kill at any moment leaves either
+//! the old file or the new one, never a half-written one (every file vggctl
+//! writes goes through [`replace_atomically`]). Reading: only regular files
+//! of a size known before reading ([`read_regular`]), so a device such as
+//! `/dev/zero`, a FIFO without a writer or a directory is one error, never
+//! an endless read or a hang.
 
 use std::fs::{self, File};
-use std::io::{BufWriter, Write};
+use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
+
+/// Reads the whole regular file `path` (symbolic links followed) after
+/// checking, before opening it, that it is one and holds at most `max`
+/// bytes; `what` names the kind of file in the error.
+pub fn read_regular(path: &Path, what: &str, max: u64) -> Result<Vec<u8>> {
+    let meta = fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+    if !meta.is_file() {
+        let kind = if meta.is_dir() {
+            "a directory"
+        } else {
+            "not a regular file (a device, FIFO or socket)"
+        };
+        bail!("{}: {kind}, not {what}", path.display());
+    }
+    if meta.len() > max {
+        bail!(
+            "{}: {} bytes, more than {what} can hold ({max})",
+            path.display(),
+            meta.len()
+        );
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    File::open(path)
+        .and_then(|f| f.take(max + 1).read_to_end(&mut bytes))
+        .with_context(|| format!("reading {}", path.display()))?;
+    if bytes.len() as u64 > max {
+        bail!("{}: grew past {max} bytes while being read", path.display());
+    }
+    Ok(bytes)
+}
 
 /// The temporary sibling a write goes to before it is renamed into place.
 fn temp_path(path: &Path) -> PathBuf {

@@ -103,7 +103,7 @@ fn bad_export_requests() {
                 "--out",
                 "f.safetensors",
             ]),
-            "--fold-bn applies to torchscript and onnx",
+            "--fold-bn applies to torchscript, onnx and pt2",
         ),
         (
             with(&["--format", "onnx", "--input", "16", "--out", "s.onnx"]),

@@ -102,7 +102,8 @@ fn read_file(path: &Path) -> Result<Vec<u8>> {
             path.display()
         );
     }
-    fs::read(path).with_context(|| format!("reading {}", path.display()))
+    // A batch is 30.7 MB in either layout.
+    crate::fsutil::read_regular(path, "a CIFAR-10 batch", 64 << 20)
 }
 
 /// One binary batch: records of 1 label byte + 3,072 pixel bytes (R, G, B planes).
@@ -131,7 +132,9 @@ fn load_bin(dir: &Path) -> Result<Dataset> {
         .collect::<Result<Vec<_>>>()?;
     let test = read_bin_batch(&dir.join("test_batch.bin"))?;
     let meta = dir.join("batches.meta.txt");
-    let text = fs::read_to_string(&meta).with_context(|| format!("reading {}", meta.display()))?;
+    let bytes = crate::fsutil::read_regular(&meta, "a class list", 1 << 20)?;
+    let text =
+        String::from_utf8(bytes).with_context(|| format!("{}: not UTF-8 text", meta.display()))?;
     let classes: Vec<String> = text
         .lines()
         .map(str::trim)

@@ -6,10 +6,13 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use tch::{Kind, Tensor};
 
+/// The largest image file read.
+const MAX_IMAGE_FILE: u64 = 1 << 30;
+
 /// Decodes a JPEG/PNG file (format from its content) into 8-bit RGB.
 pub fn decode_rgb(path: &Path) -> Result<image::RgbImage> {
-    Ok(image::ImageReader::open(path)
-        .with_context(|| format!("opening {}", path.display()))?
+    let bytes = crate::fsutil::read_regular(path, "an image", MAX_IMAGE_FILE)?;
+    Ok(image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .with_context(|| format!("reading {}", path.display()))?
         .decode()

@@ -43,6 +43,9 @@ const ALLOW: Allowlist = Allowlist {
 
 /// `torch.save(obj, f, _use_new_zipfile_serialization=False)` starts with
 /// the pickle of this magic number (protocol 2, LONG1 of 10 bytes).
+/// The largest `.pth` file read: torchvision's biggest VGG is 0.55 GB.
+const MAX_FILE: u64 = 16 << 30;
+
 const LEGACY_MAGIC: &[u8] = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19.";
 const LEGACY_PROTOCOL: i64 = 1001;
 
@@ -122,7 +125,7 @@ type Storages = HashMap<String, (Kind, Vec<u8>)>;
 
 /// Reads a state dict (tensors by name) from a `torch.save` file of either format.
 pub fn read_pth(path: &Path) -> Result<BTreeMap<String, Tensor>> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let bytes = crate::fsutil::read_regular(path, "a torch.save file", MAX_FILE)?;
     parse_pth(&bytes).with_context(|| format!("reading {}", path.display()))
 }
 

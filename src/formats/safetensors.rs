@@ -3,14 +3,17 @@
 //! files move between vggctl and PyTorch.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use tch::{Kind, Tensor};
 
-use crate::fsutil::write_atomic_bytes;
+use crate::fsutil::{read_regular, write_atomic_bytes};
+
+/// The largest safetensors file read (a resume point of VGG19 with AdamW
+/// state is 1.7 GB; an image folder's cache grows with the folder).
+const MAX_FILE: u64 = 256 << 30;
 
 /// Tensors by name plus the file's string metadata.
 pub struct StateDict {
@@ -60,7 +63,7 @@ pub fn tensor_bytes(t: &Tensor) -> Vec<u8> {
 }
 
 pub fn read_safetensors(path: &Path) -> Result<StateDict> {
-    let bytes = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let bytes = read_regular(path, "a safetensors file", MAX_FILE)?;
     parse_safetensors(&bytes).with_context(|| format!("reading {}", path.display()))
 }
 
