@@ -427,3 +427,53 @@ fn random_crops_stay_in_bounds_and_flips_flip() {
     // p = 0.5 over 64 images: far outside [12, 52] only with probability < 1e-6.
     assert!((12..=52).contains(&flips), "{flips} flips");
 }
+
+/// A server on 127.0.0.1 that accepts connections and never answers: the
+/// download gives up after `VGGCTL_HTTP_TIMEOUT` seconds per try (3 tries),
+/// names the URL, and leaves nothing behind, instead of hanging forever.
+#[test]
+fn a_server_that_never_answers_times_out() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!(
+        "http://{}/cifar-10-binary.tar.gz",
+        listener.local_addr().unwrap()
+    );
+    std::thread::spawn(move || {
+        // Hold every connection open without a byte of answer.
+        let held: Vec<_> = listener.incoming().take(8).flatten().collect();
+        std::thread::sleep(std::time::Duration::from_secs(60));
+        drop(held);
+    });
+    let tmp = common::tempdir();
+    let data = tmp.path().join("data");
+    let t0 = std::time::Instant::now();
+    let out = std::process::Command::new(common::bin())
+        .args([
+            "train",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--data-url",
+            &url,
+        ])
+        .args(["--epochs", "1", "--quiet"])
+        .current_dir(tmp.path())
+        .env("VGGCTL_HTTP_TIMEOUT", "1")
+        .output()
+        .unwrap();
+    let elapsed = t0.elapsed();
+    let r = common::Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    common::assert_one_line_error(&r, 2, "did not answer within 1 s (3 tries)");
+    assert!(r.stderr.contains(&url), "{}", r.stderr);
+    assert!(
+        elapsed < std::time::Duration::from_secs(20),
+        "took {elapsed:?}"
+    );
+    let left: Vec<_> = std::fs::read_dir(&data)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}

@@ -409,3 +409,66 @@ fn hostile_pth_files_are_one_line_errors_in_the_cli() {
         assert!(!out.exists());
     }
 }
+
+/// A flipped byte inside a storage (the CRC-32 no longer matches, which
+/// Python's `testzip` reports) is an error; and members whose inflated
+/// sizes together exceed 64 times the archive (each under that cap alone)
+/// are refused before they are inflated.
+#[test]
+fn zip_checksums_and_the_total_inflated_size_are_enforced() {
+    let good = std::fs::read(pth_dir().join("views.zip.pth")).unwrap();
+    parse_pth(&good).unwrap();
+    let mut archive = zip::ZipArchive::new(Cursor::new(&good)).unwrap();
+    let (start, len) = {
+        let names: Vec<String> = archive
+            .file_names()
+            .filter_map(|n| n.ok().map(|n| n.into_owned()))
+            .collect();
+        let name = names.iter().find(|n| n.contains("/data/")).unwrap().clone();
+        let f = archive.by_name(&name).unwrap();
+        (f.data_start().unwrap() as usize, f.size() as usize)
+    };
+    let mut bad = good.clone();
+    bad[start + len / 2] ^= 0x40;
+    let e = err_of(&bad);
+    assert!(e.contains("checksum does not match"), "{e}");
+
+    // 40 deflated members of 1 MiB of zeros each (about 1 KB apiece): each
+    // is under 64 times the archive, all together are over.
+    let zeros = vec![0u8; 1 << 20];
+    let mut w = zip::ZipWriter::new(Cursor::new(Vec::new()));
+    let deflate = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Deflated);
+    let mut pkl = b"\x80\x02}(".to_vec();
+    for i in 0..40 {
+        let key = format!("t{i}");
+        pkl.push(b'X');
+        pkl.extend_from_slice(&(key.len() as u32).to_le_bytes());
+        pkl.extend_from_slice(key.as_bytes());
+        pkl.extend_from_slice(
+            b"ctorch._utils\n_rebuild_tensor_v2\n((X\x07\x00\x00\x00storagectorch\nFloatStorage\n",
+        );
+        pkl.push(b'X');
+        pkl.extend_from_slice(&(key.len() as u32).to_le_bytes());
+        pkl.extend_from_slice(key.as_bytes());
+        pkl.extend_from_slice(b"X\x03\x00\x00\x00cpuJ\x00\x00\x04\x00tQK\x00J\x00\x00\x04\x00\x85K\x01\x85\x89ccollections\nOrderedDict\n)RtR");
+    }
+    pkl.extend_from_slice(b"u.");
+    w.start_file("archive/data.pkl", deflate).unwrap();
+    w.write_all(&pkl).unwrap();
+    for i in 0..40 {
+        w.start_file(format!("archive/data/t{i}"), deflate).unwrap();
+        w.write_all(&zeros).unwrap();
+    }
+    let bomb = w.finish().unwrap().into_inner();
+    assert!(
+        bomb.len() * 64 > zeros.len(),
+        "each member is under the cap alone"
+    );
+    assert!(
+        bomb.len() * 64 < 40 * zeros.len(),
+        "all together are over it"
+    );
+    let e = err_of(&bomb);
+    assert!(e.contains("with its other members"), "{e}");
+}

@@ -1,9 +1,12 @@
 //! Downloads with a `.part` file, checksum verification and a progress
-//! callback; nothing is left behind when a download fails.
+//! callback; nothing is left behind when a download fails. A server that
+//! never answers or stalls is given up on after a timeout (a couple of
+//! tries), with the URL named.
 
 use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use md5::Md5;
@@ -35,7 +38,24 @@ pub fn download(
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default()
     ));
-    let result = fetch(url, &part, checksum, progress);
+    let timeout = timeout();
+    let mut result = fetch(url, &part, checksum, timeout, progress);
+    for _ in 1..TRIES {
+        match &result {
+            Err(e) if is_timeout(e) => {
+                result = fetch(url, &part, checksum, timeout, progress);
+            }
+            _ => break,
+        }
+    }
+    if let Err(e) = result.as_ref()
+        && is_timeout(e)
+    {
+        let secs = timeout.as_secs();
+        result = Err(anyhow::anyhow!(
+            "{url} did not answer within {secs} s ({TRIES} tries): {e:#}"
+        ));
+    }
     match result {
         Ok(()) => fs::rename(&part, dest)
             .with_context(|| format!("renaming {} to {}", part.display(), dest.display())),
@@ -46,13 +66,46 @@ pub fn download(
     }
 }
 
+/// Tries of a download that timed out.
+const TRIES: usize = 3;
+
+/// How long a connection, a response, and each read of the body may take:
+/// `VGGCTL_HTTP_TIMEOUT` seconds, 60 by default.
+fn timeout() -> Duration {
+    let secs = std::env::var("VGGCTL_HTTP_TIMEOUT")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .filter(|&s| s > 0)
+        .unwrap_or(60);
+    Duration::from_secs(secs)
+}
+
+fn is_timeout(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<ureq::Error>(),
+            Some(ureq::Error::Timeout(_))
+        ) || c
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+    })
+}
+
 fn fetch(
     url: &str,
     part: &Path,
     checksum: &Checksum,
+    timeout: Duration,
     progress: &mut dyn FnMut(u64, Option<u64>),
 ) -> Result<()> {
-    let mut response = ureq::get(url)
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_connect(Some(timeout))
+        .timeout_send_request(Some(timeout))
+        .timeout_recv_response(Some(timeout))
+        .build()
+        .into();
+    let mut response = agent
+        .get(url)
         .call()
         .with_context(|| format!("downloading {url}"))?;
     let total = response

@@ -156,7 +156,8 @@ fn parse_zip(bytes: &[u8]) -> Result<BTreeMap<String, Tensor>> {
             bail!("big-endian torch.save files are not supported");
         }
     }
-    let pkl = read_member(&mut zip, &pkl_name, bytes.len())?;
+    let mut budget = (bytes.len() as u64).saturating_mul(64);
+    let pkl = read_member(&mut zip, &pkl_name, bytes.len(), &mut budget)?;
     let obj = Unpickler::new(&pkl, &ALLOW).load().context("data.pkl")?;
     let mut refs = Vec::new();
     collect_refs(&obj, &mut refs)?;
@@ -166,7 +167,7 @@ fn parse_zip(bytes: &[u8]) -> Result<BTreeMap<String, Tensor>> {
             continue;
         }
         let name = format!("{prefix}data/{}", r.key);
-        let data = read_member(&mut zip, &name, bytes.len())
+        let data = read_member(&mut zip, &name, bytes.len(), &mut budget)
             .with_context(|| format!("storage {} is missing", r.key))?;
         let need = r
             .numel
@@ -184,11 +185,14 @@ fn parse_zip(bytes: &[u8]) -> Result<BTreeMap<String, Tensor>> {
     state_dict(&obj, &storages)
 }
 
-/// Reads one zip member, refusing members that claim more than the archive holds.
+/// Reads one zip member, refusing members that claim more than the archive
+/// holds, and more in all than `budget` (what is left of 64 times the
+/// archive's size: 40 members of 96 MiB of zeros each fit in 4 MB).
 fn read_member(
     zip: &mut zip::ZipArchive<Cursor<&[u8]>>,
     name: &str,
     archive_len: usize,
+    budget: &mut u64,
 ) -> Result<Vec<u8>> {
     let f = zip
         .by_name(name)
@@ -205,10 +209,16 @@ fn read_member(
     if size > cap {
         bail!("{name} claims {size} bytes, more than the archive can hold");
     }
+    if size > *budget {
+        bail!("{name} claims {size} bytes, more than the archive can hold with its other members");
+    }
+    *budget -= size;
     let mut out = Vec::with_capacity(size as usize);
-    f.take(size)
+    // Read to the member's end (one byte more than it claims, at most):
+    // the zip reader checks the CRC-32 there, so a flipped byte is an error.
+    f.take(size + 1)
         .read_to_end(&mut out)
-        .with_context(|| format!("reading {name}"))?;
+        .with_context(|| format!("reading {name} (damaged: its checksum does not match)"))?;
     if out.len() as u64 != size {
         bail!("{name} is truncated: {} of {size} bytes", out.len());
     }
