@@ -32,19 +32,7 @@ fn devices_fifos_and_directories_are_refused_before_reading() {
     for bad in ["/dev/zero", fifo.as_str(), folder.as_str()] {
         let cases: [Vec<&str>; 3] = [
             vec!["eval", "--checkpoint", bad, "--dataset", "digits"],
-            vec![
-                "export",
-                "--weights",
-                bad,
-                "--arch",
-                "vgg11",
-                "--head",
-                "cifar",
-                "--format",
-                "safetensors",
-                "--out",
-                out,
-            ],
+            common::export_vgg11_args(bad, out),
             vec!["predict", "--checkpoint", bad, "photo.png"],
         ];
         for args in cases {

@@ -388,22 +388,8 @@ fn hostile_pth_files_are_one_line_errors_in_the_cli() {
         let path = tmp.path().join(name);
         std::fs::write(&path, zip_with(&[("archive/data.pkl", &pkl)])).unwrap();
         let out = tmp.path().join("out.safetensors");
-        let r = common::run_in(
-            tmp.path(),
-            &[
-                "export",
-                "--weights",
-                path.to_str().unwrap(),
-                "--arch",
-                "vgg11",
-                "--head",
-                "cifar",
-                "--format",
-                "safetensors",
-                "--out",
-                out.to_str().unwrap(),
-            ],
-        );
+        let args = common::export_vgg11_args(path.to_str().unwrap(), out.to_str().unwrap());
+        let r = common::run_in(tmp.path(), &args);
         common::assert_one_line_error(&r, 2, needle);
         assert!(r.stderr.contains(name), "{}", r.stderr);
         assert!(!out.exists());

@@ -378,6 +378,10 @@ fn weights_config(b: &Builder) -> Value {
 /// with one pickle (protocol 2) naming one float storage.
 fn sample_inputs(input: i64) -> Result<Vec<u8>> {
     let numel = EXAMPLE_BATCH * 3 * input * input;
+    // The pickle stores sizes as 32-bit ints (BININT), as torch.save's does.
+    if numel > i32::MAX as i64 {
+        bail!("--input {input} is too large for a pt2 archive's example input");
+    }
     let mut pkl: Vec<u8> = vec![0x80, 2];
     let global = |p: &mut Vec<u8>, module: &str, name: &str| {
         p.push(b'c');

@@ -45,6 +45,25 @@ pub fn run_in(dir: &Path, args: &[&str]) -> Run {
     }
 }
 
+/// `export` of the state dict `weights` as a vgg11 with the CIFAR head to
+/// safetensors at `out`: the request the hostile-file tests feed bad
+/// weights to.
+pub fn export_vgg11_args<'a>(weights: &'a str, out: &'a str) -> Vec<&'a str> {
+    vec![
+        "export",
+        "--weights",
+        weights,
+        "--arch",
+        "vgg11",
+        "--head",
+        "cifar",
+        "--format",
+        "safetensors",
+        "--out",
+        out,
+    ]
+}
+
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::tempdir().expect("temp dir")
 }
