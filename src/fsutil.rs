@@ -1,11 +1,15 @@
 //! Files in and out. Writing: a crash or kill at any moment leaves either
-//! the old file or the new one, never a half-written one (every file vggctl
-//! writes goes through [`replace_atomically`]). Reading: only regular files
-//! of a size known before reading ([`read_regular`]), so a device such as
+//! the old file or the new one, never a half-written one: every file vggctl
+//! writes is first a [`TempFile`] beside its target (created exclusively,
+//! under an unpredictable name, never through a symbolic link), then renamed
+//! into place, and only over a regular file or nothing (never over a
+//! device, a FIFO, a directory or a link). Reading: only regular files of a
+//! size known before reading ([`read_regular`]), so a device such as
 //! `/dev/zero`, a FIFO without a writer or a directory is one error, never
 //! an endless read or a hang.
 
-use std::fs::{self, File};
+use std::fs::{self, File, OpenOptions};
+use std::hash::{BuildHasher, Hasher, RandomState};
 use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
@@ -41,45 +45,137 @@ pub fn read_regular(path: &Path, what: &str, max: u64) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// The temporary sibling a write goes to before it is renamed into place.
-fn temp_path(path: &Path) -> PathBuf {
-    let name = path
+/// What kind of file `meta` describes, for messages.
+fn kind(meta: &fs::Metadata) -> &'static str {
+    let t = meta.file_type();
+    if t.is_symlink() {
+        "a symbolic link"
+    } else if t.is_dir() {
+        "a directory"
+    } else {
+        "not a regular file (a device, FIFO or socket)"
+    }
+}
+
+/// A name no other process can guess: `.NAME.tmp-<16 hex digits>`.
+pub fn temp_name(target: &Path) -> PathBuf {
+    let name = target
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
-}
-
-/// `write` writes the whole file to the temporary path it is given, which
-/// is then renamed over `path`. On error the temporary file is removed.
-pub fn replace_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let tmp = temp_path(path);
-    let result = write(&tmp).and_then(|()| {
-        fs::rename(&tmp, path)
-            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
-    });
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
+    // std seeds each RandomState from the operating system's random source.
+    let mut h = RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    if let Ok(t) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        h.write_u128(t.as_nanos());
     }
-    result
+    target.with_file_name(format!(".{name}.tmp-{:016x}", h.finish()))
 }
 
-/// Writes through `fill` into a temporary file, syncs it, then renames it
-/// over `path`.
+/// Whether `name` is one of [`temp_name`]'s (what a killed process left).
+pub fn is_temp_name(name: &str) -> bool {
+    name.starts_with('.') && name.contains(".tmp-")
+}
+
+/// Refuses to replace anything at `target` but a regular file: the rename
+/// would put a regular file where a device, FIFO, directory or link was.
+pub fn check_replaceable(target: &Path) -> Result<()> {
+    match fs::symlink_metadata(target) {
+        Ok(meta) if !meta.file_type().is_file() => bail!(
+            "{}: {}; vggctl only replaces regular files, so choose another path",
+            target.display(),
+            kind(&meta)
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// A file being written beside its target: created exclusively (a name
+/// already taken, a planted link included, is never opened), renamed over
+/// the target by [`TempFile::commit`], removed if dropped before that.
+pub struct TempFile {
+    path: PathBuf,
+    file: Option<File>,
+}
+
+impl TempFile {
+    pub fn beside(target: &Path) -> Result<TempFile> {
+        check_replaceable(target)?;
+        for _ in 0..16 {
+            let path = temp_name(target);
+            match OpenOptions::new().write(true).create_new(true).open(&path) {
+                Ok(file) => {
+                    return Ok(TempFile {
+                        path,
+                        file: Some(file),
+                    });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => {
+                    return Err(e).with_context(|| format!("creating {}", path.display()));
+                }
+            }
+        }
+        bail!(
+            "{}: could not create a temporary file beside it",
+            target.display()
+        )
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn file(&mut self) -> &mut File {
+        self.file.as_mut().expect("an open temporary file")
+    }
+
+    /// Empties the file (a retried download starts again).
+    pub fn restart(&mut self) -> Result<()> {
+        use std::io::Seek;
+        let path = self.path.clone();
+        let f = self.file();
+        f.set_len(0)
+            .and_then(|()| f.rewind())
+            .with_context(|| format!("truncating {}", path.display()))
+    }
+
+    /// Syncs the file and renames it over `target` (a regular file or nothing).
+    pub fn commit(mut self, target: &Path) -> Result<()> {
+        let file = self.file.take().expect("an open temporary file");
+        file.sync_all()
+            .with_context(|| format!("writing {}", self.path.display()))?;
+        drop(file);
+        check_replaceable(target)?;
+        fs::rename(&self.path, target)
+            .with_context(|| format!("renaming {} to {}", self.path.display(), target.display()))?;
+        self.path = PathBuf::new();
+        Ok(())
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if !self.path.as_os_str().is_empty() {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Writes through `fill` into a [`TempFile`], syncs it, then renames it
+/// over `path`; on error nothing is left but the old file.
 pub fn write_atomic(
     path: &Path,
-    fill: impl FnOnce(&mut BufWriter<File>) -> Result<()>,
+    fill: impl FnOnce(&mut BufWriter<&mut File>) -> Result<()>,
 ) -> Result<()> {
-    replace_atomically(path, |tmp| {
-        let file = File::create(tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        let mut w = BufWriter::new(file);
+    let mut tmp = TempFile::beside(path)?;
+    let shown = tmp.path().display().to_string();
+    {
+        let mut w = BufWriter::new(tmp.file());
         fill(&mut w)?;
-        w.flush()
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        w.get_ref()
-            .sync_all()
-            .with_context(|| format!("syncing {}", tmp.display()))
-    })
+        w.flush().with_context(|| format!("writing {shown}"))?;
+    }
+    tmp.commit(path)
 }
 
 pub fn write_atomic_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -97,23 +193,64 @@ mod tests {
     /// that succeeds replaces the file whole.
     #[test]
     fn a_failed_write_leaves_the_old_file_and_nothing_else() {
-        let dir = std::env::temp_dir().join(format!("vggctl-fsutil-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("f.txt");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.txt");
         write_atomic_bytes(&path, b"old").unwrap();
-        let err = replace_atomically(&path, |tmp| {
-            fs::write(tmp, b"half")?;
+        let err = write_atomic(&path, |w| {
+            w.write_all(b"half")?;
             anyhow::bail!("disk full")
         });
         assert!(err.is_err());
         assert_eq!(fs::read(&path).unwrap(), b"old");
         assert_eq!(
-            fs::read_dir(&dir).unwrap().count(),
+            fs::read_dir(dir.path()).unwrap().count(),
             1,
             "the temporary file is gone"
         );
         write_atomic_bytes(&path, b"new").unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"new");
-        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Nothing but a regular file is replaced: a link stays a link (and
+    /// the file it points to keeps its bytes), a directory stays, a device
+    /// stays a device.
+    #[test]
+    fn only_regular_files_are_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, b"keep").unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        let sub = dir.path().join("sub");
+        fs::create_dir(&sub).unwrap();
+        for (target, what) in [
+            (&link, "a symbolic link"),
+            (&sub, "a directory"),
+            (&PathBuf::from("/dev/null"), "not a regular file"),
+        ] {
+            let err = write_atomic_bytes(target, b"new").unwrap_err().to_string();
+            assert!(err.contains(what), "{err}");
+        }
+        assert_eq!(fs::read(&victim).unwrap(), b"keep");
+        assert!(
+            fs::symlink_metadata(&link)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        assert_eq!(
+            fs::read_dir(dir.path()).unwrap().count(),
+            3,
+            "no temporary file left"
+        );
+    }
+
+    /// Temporary names are not guessable from the process id: two in a row differ.
+    #[test]
+    fn temporary_names_differ() {
+        let t = Path::new("/x/model.onnx");
+        let (a, b) = (temp_name(t), temp_name(t));
+        assert_ne!(a, b);
+        assert!(is_temp_name(&a.file_name().unwrap().to_string_lossy()));
     }
 }

@@ -11,11 +11,10 @@ use std::panic;
 use std::process::ExitCode;
 use std::sync::Mutex;
 
-use clap::Parser;
 use clap::error::ErrorKind;
 
 fn main() -> ExitCode {
-    let cli = match cmd::Cli::try_parse() {
+    let cli = match cmd::parse() {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),
     };
@@ -45,7 +44,9 @@ fn main() -> ExitCode {
             }
             if err.downcast_ref::<vggctl::Interrupted>().is_some() {
                 eprintln!("vggctl: {}", one_line(&err));
-                return ExitCode::from(130);
+                // 128 + the signal, as a shell reports a process it killed.
+                let sig = vggctl::shim::stop_signal().unwrap_or(2);
+                return ExitCode::from(128 + sig as u8);
             }
             eprintln!("vggctl: error: {}", one_line(&err));
             ExitCode::from(2)

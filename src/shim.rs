@@ -16,6 +16,15 @@ use torch_sys::C_tensor;
 const ERR_LEN: usize = 1024;
 
 unsafe extern "C" {
+    fn vggctl_install_stop_signals();
+    fn vggctl_stop_signal() -> c_int;
+    fn vggctl_jit_save_bytes(
+        module: *mut c_void,
+        ctx: *mut c_void,
+        sink: extern "C" fn(*mut c_void, *const c_char, usize),
+        err: *mut c_char,
+        len: usize,
+    ) -> c_int;
     fn vggctl_shim_has_cuda() -> c_int;
     fn vggctl_set_autocast_dtype_cuda(dtype: c_int, err: *mut c_char, len: usize) -> c_int;
     fn vggctl_set_autocast_cache(on: c_int, err: *mut c_char, len: usize) -> c_int;
@@ -174,6 +183,48 @@ fn call(what: &str, f: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<()> {
     let msg = unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy();
     let first = msg.lines().next().unwrap_or("").trim();
     bail!("{what}: {first}")
+}
+
+/// From now on the first SIGINT (Ctrl-C) or SIGTERM only records itself
+/// (see [`stop_signal`]) and a second one ends the process at once (exit
+/// 128 + signal) without running exit handlers, so libtorch's threads are
+/// never torn down while they run.
+pub fn install_stop_signals() {
+    // SAFETY: installs a handler that only writes to stderr, stores a flag
+    // and calls _exit, all async-signal-safe.
+    unsafe { vggctl_install_stop_signals() }
+}
+
+/// The signal that asked the process to stop (2 for SIGINT, 15 for
+/// SIGTERM), once [`install_stop_signals`] has seen one.
+pub fn stop_signal() -> Option<i32> {
+    // SAFETY: reads a sig_atomic_t.
+    let sig = unsafe { vggctl_stop_signal() };
+    (sig != 0).then_some(sig)
+}
+
+extern "C" fn append_bytes(ctx: *mut c_void, data: *const c_char, len: usize) {
+    // SAFETY: `ctx` is the `Vec<u8>` that `jit_save_bytes` passed, alive for
+    // the call; `data` points to `len` bytes owned by the shim for the call.
+    unsafe {
+        let out = &mut *(ctx as *mut Vec<u8>);
+        out.extend_from_slice(std::slice::from_raw_parts(data as *const u8, len));
+    }
+}
+
+/// A TorchScript module serialized as `torch.jit.save` writes it, in memory.
+pub fn jit_save_bytes(module: &tch::CModule) -> Result<Vec<u8>> {
+    const _: () = assert!(size_of::<tch::CModule>() == size_of::<*mut c_void>());
+    // SAFETY: tch's CModule is a struct of one field, the torch::jit::Module
+    // pointer it owns (checked in size above); it is only borrowed here.
+    let handle: *mut c_void = unsafe { std::mem::transmute_copy(module) };
+    let mut out: Vec<u8> = Vec::new();
+    let ctx = &mut out as *mut Vec<u8> as *mut c_void;
+    // SAFETY: the module outlives the call; `append_bytes` writes only into `out`.
+    call("saving TorchScript", |err, len| unsafe {
+        vggctl_jit_save_bytes(handle, ctx, append_bytes, err, len)
+    })?;
+    Ok(out)
 }
 
 /// Whether this binary was built with the shim's CUDA half (CUDA headers found).

@@ -14,7 +14,7 @@ use vggctl::numerics::{Activity, Numerics};
 use vggctl::optim::{OptimizerConfig, OptimizerKind};
 use vggctl::train::config::TrainConfig;
 use vggctl::train::state::TrainSummary;
-use vggctl::train::{Resume, SchedulerKind, Trainer, read_resume};
+use vggctl::train::{Resume, RunDir, SchedulerKind, Trainer, read_resume};
 
 use super::data_opts::DataOpts;
 use super::opts::{GraphOpts, NumericsOpts, choice};
@@ -65,6 +65,9 @@ pub struct HyperOpts {
     /// Evaluate on the first N test images only.
     #[arg(long)]
     pub limit_test: Option<i64>,
+    /// Start over in an --out directory that holds a run (its files are replaced).
+    #[arg(long)]
+    pub force: bool,
     /// No progress on stderr.
     #[arg(long)]
     pub quiet: bool,
@@ -78,17 +81,44 @@ pub struct HyperOpts {
     /// Time data, forward and backward+update of every step (synchronizing) and report them per epoch.
     #[arg(long)]
     pub profile: bool,
+    /// The options typed on the command line (set by `cmd::parse`).
+    #[arg(skip)]
+    pub typed: Vec<String>,
 }
+
+/// What `--resume` lets a command line say: how long, where and how
+/// visibly to go on, and where the data now is; nothing the run's
+/// results depend on.
+const KEPT_ON_RESUME: &[&str] = &[
+    "resume",
+    "epochs",
+    "device",
+    "quiet",
+    "json",
+    "profile",
+    "cuda_graphs",
+    "no_cuda_graphs",
+    "deterministic",
+    "data_dir",
+    "data_url",
+    "data_md5",
+    "no_download",
+    "allow_nonfinite",
+];
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
-/// Ctrl-C asks the loop to stop after its current step; a second one exits at once.
-pub fn install_ctrlc() {
-    let _ = ctrlc::set_handler(|| {
-        if STOP.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
+/// Ctrl-C or SIGTERM (what torchrun and Slurm send) asks the loop to stop
+/// after its current step and save; a second one ends the process at once
+/// (see `shim::install_stop_signals`). The shim records the signal; a
+/// watcher thread passes it on to the loop's flag.
+pub fn install_stop_signals() {
+    vggctl::shim::install_stop_signals();
+    std::thread::spawn(|| {
+        while vggctl::shim::stop_signal().is_none() {
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        eprintln!("\nstopping after this step (Ctrl-C again to quit without saving)...");
+        STOP.store(true, Ordering::SeqCst);
     });
 }
 
@@ -122,7 +152,23 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 }
 
 impl HyperOpts {
-    pub fn validate(&self) -> Result<()> {
+    pub fn validate(&self, data: &DataOpts) -> Result<()> {
+        // A run records its paths in config.json, as text.
+        for (flag, path) in [
+            ("--out", &self.out),
+            ("--resume", &self.resume),
+            ("--data-dir", &data.data_dir),
+            ("--val-dir", &data.val_dir),
+        ] {
+            if let Some(p) = path
+                && p.to_str().is_none()
+            {
+                bail!(
+                    "{flag} {}: not valid UTF-8; a run records its paths in config.json as text, so rename it",
+                    p.display()
+                );
+            }
+        }
         if self.batch_size < 1 || self.test_batch_size < 1 {
             bail!("--batch-size and --test-batch-size must be at least 1");
         }
@@ -216,6 +262,19 @@ impl HyperOpts {
 /// Continues the run saved at `--resume` (written by train or finetune).
 pub fn resume(h: &HyperOpts, data: &DataOpts, device: Device, json: bool) -> Result<()> {
     let path = h.resume.as_ref().expect("resume path");
+    let changed: Vec<String> = h
+        .typed
+        .iter()
+        .filter(|id| !KEPT_ON_RESUME.contains(&id.as_str()))
+        .map(|id| format!("--{}", id.replace('_', "-")))
+        .collect();
+    if !changed.is_empty() {
+        bail!(
+            "{} would change the run that --resume {} continues (it keeps its recorded settings; --epochs, --device and --data-dir may be given); start a new run with --out for different settings",
+            changed.join(", "),
+            path.display()
+        );
+    }
     let (saved, tensors) = read_resume(path)?;
     let mut config = saved.config.clone();
     if let Some(e) = h.epochs {
@@ -251,6 +310,10 @@ pub fn execute(
     json: bool,
 ) -> Result<()> {
     let quiet = h.quiet;
+    let run_dir = RunDir {
+        dir: config.out.clone(),
+    };
+    let _lock = run_dir.claim(resume.is_none(), h.force)?;
     let numerics = Numerics::decide(
         &config.numerics_request(h.numerics.deterministic),
         model.device(),
@@ -271,7 +334,7 @@ pub fn execute(
         test: dataset.test.limit(config.limit_test),
         ..dataset
     };
-    install_ctrlc();
+    install_stop_signals();
     let mut trainer = Trainer::new(config, &dataset, model, resume, numerics, &STOP)?;
     if !quiet {
         let c = &trainer.state.config;

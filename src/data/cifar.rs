@@ -253,7 +253,10 @@ fn fetch_binary(
         &Checksum::Md5(src.md5.clone()),
         progress,
     )?;
-    let tmp = dir.join(format!(".{BIN_DIR}.tmp-{}", std::process::id()));
+    // A fresh directory of an unguessable name: `create_dir` never follows
+    // or reuses what is already there.
+    let tmp = crate::fsutil::temp_name(&dir.join(BIN_DIR));
+    fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let result = extract(&archive, &tmp).and_then(|()| {
         fs::rename(&tmp, dir.join(BIN_DIR))
             .with_context(|| format!("moving {} into place", tmp.display()))
@@ -266,7 +269,6 @@ fn fetch_binary(
 }
 
 fn extract(archive: &Path, into: &Path) -> Result<()> {
-    fs::create_dir_all(into).with_context(|| format!("creating {}", into.display()))?;
     let file = File::open(archive).with_context(|| format!("opening {}", archive.display()))?;
     let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(file));
     let mut found: Vec<&str> = Vec::new();

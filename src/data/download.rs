@@ -3,14 +3,16 @@
 //! never answers or stalls is given up on after a timeout (a couple of
 //! tries), with the URL named.
 
-use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::path::Path;
+use std::sync::mpsc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use md5::Md5;
 use sha2::{Digest, Sha256};
+
+use crate::fsutil::TempFile;
 
 /// Which digest to check a download against.
 pub enum Checksum {
@@ -24,26 +26,22 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Fetches `url` into `dest` (through `dest.part`), verifying `checksum`.
-/// `progress(done, total)` is called as bytes arrive.
+/// Fetches `url` into `dest` (through a [`TempFile`] beside it), verifying
+/// `checksum`. `progress(done, total)` is called as bytes arrive.
 pub fn download(
     url: &str,
     dest: &Path,
     checksum: &Checksum,
     progress: &mut dyn FnMut(u64, Option<u64>),
 ) -> Result<()> {
-    let part = dest.with_file_name(format!(
-        "{}.part",
-        dest.file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    ));
+    let mut part = TempFile::beside(dest)?;
     let timeout = timeout();
-    let mut result = fetch(url, &part, checksum, timeout, progress);
+    let mut result = fetch(url, &mut part, checksum, timeout, progress);
     for _ in 1..TRIES {
         match &result {
             Err(e) if is_timeout(e) => {
-                result = fetch(url, &part, checksum, timeout, progress);
+                part.restart()?;
+                result = fetch(url, &mut part, checksum, timeout, progress);
             }
             _ => break,
         }
@@ -56,14 +54,8 @@ pub fn download(
             "{url} did not answer within {secs} s ({TRIES} tries): {e:#}"
         ));
     }
-    match result {
-        Ok(()) => fs::rename(&part, dest)
-            .with_context(|| format!("renaming {} to {}", part.display(), dest.display())),
-        Err(e) => {
-            let _ = fs::remove_file(&part);
-            Err(e)
-        }
-    }
+    // Dropping `part` on error removes it.
+    result.and_then(|()| part.commit(dest))
 }
 
 /// Tries of a download that timed out.
@@ -93,7 +85,7 @@ fn is_timeout(e: &anyhow::Error) -> bool {
 
 fn fetch(
     url: &str,
-    part: &Path,
+    part: &mut TempFile,
     checksum: &Checksum,
     timeout: Duration,
     progress: &mut dyn FnMut(u64, Option<u64>),
@@ -104,7 +96,7 @@ fn fetch(
         .timeout_recv_response(Some(timeout))
         .build()
         .into();
-    let mut response = agent
+    let response = agent
         .get(url)
         .call()
         .with_context(|| format!("downloading {url}"))?;
@@ -113,30 +105,33 @@ fn fetch(
         .get("content-length")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let mut reader = response.body_mut().with_config().limit(u64::MAX).reader();
-    let mut file = File::create(part).with_context(|| format!("creating {}", part.display()))?;
+    let chunks = body_chunks(response, url);
+    let shown = part.path().display().to_string();
+    let file = part.file();
     let mut md5 = Md5::new();
     let mut sha = Sha256::new();
-    let mut buf = vec![0u8; 1 << 16];
     let mut done = 0u64;
     loop {
-        let n = reader
-            .read(&mut buf)
-            .with_context(|| format!("downloading {url}"))?;
-        if n == 0 {
-            break;
-        }
+        let chunk = match chunks.recv_timeout(timeout) {
+            Ok(chunk) => chunk?,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no data for {} s after {done} bytes", timeout.as_secs()),
+                ))
+                .with_context(|| format!("downloading {url}"));
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        };
         match checksum {
-            Checksum::Md5(_) => md5.update(&buf[..n]),
-            Checksum::Sha256Prefix(_) => sha.update(&buf[..n]),
+            Checksum::Md5(_) => md5.update(&chunk),
+            Checksum::Sha256Prefix(_) => sha.update(&chunk),
         }
-        file.write_all(&buf[..n])
-            .with_context(|| format!("writing {}", part.display()))?;
-        done += n as u64;
+        file.write_all(&chunk)
+            .with_context(|| format!("writing {shown}"))?;
+        done += chunk.len() as u64;
         progress(done, total);
     }
-    file.sync_all()
-        .with_context(|| format!("writing {}", part.display()))?;
     if let Some(total) = total
         && done != total
     {
@@ -157,4 +152,39 @@ fn fetch(
         }
     }
     Ok(())
+}
+
+/// The response body, read on a thread of its own and handed over in
+/// chunks, so that a server that stops sending mid-body is noticed: the
+/// receiver waits at most `timeout` for each chunk (ureq bounds only the
+/// whole body). A stalled reader thread is left blocked on its socket and
+/// ends with the process.
+fn body_chunks(
+    mut response: ureq::http::Response<ureq::Body>,
+    url: &str,
+) -> mpsc::Receiver<Result<Vec<u8>>> {
+    let (tx, rx) = mpsc::sync_channel(8);
+    let url = url.to_string();
+    std::thread::spawn(move || {
+        let mut reader = response.body_mut().with_config().limit(u64::MAX).reader();
+        loop {
+            let mut buf = vec![0u8; 1 << 16];
+            match reader.read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => {
+                    buf.truncate(n);
+                    if tx.send(Ok(buf)).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(
+                        anyhow::Error::new(e).context(format!("downloading {url}"))
+                    ));
+                    return;
+                }
+            }
+        }
+    });
+    rx
 }

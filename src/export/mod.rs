@@ -14,7 +14,7 @@ use tch::{CModule, Device, Kind, Tensor};
 
 use crate::checkpoint::ModelMeta;
 use crate::formats::safetensors::write_safetensors;
-use crate::fsutil::{replace_atomically, write_atomic, write_atomic_bytes};
+use crate::fsutil::{write_atomic, write_atomic_bytes};
 use crate::model::Vgg;
 
 /// Fails when `path` exists and `force` is off, or when its directory is missing.
@@ -59,11 +59,10 @@ pub fn export_torchscript(model: &Vgg, input: i64, path: &Path) -> Result<()> {
     let mut forward = |xs: &[Tensor]| vec![tch::no_grad(|| model.forward_t(&xs[0], false))];
     let module = CModule::create_by_tracing("VGG", "forward", &[example], &mut forward)
         .context("tracing the model")?;
-    replace_atomically(path, |tmp| {
-        module
-            .save(tmp)
-            .with_context(|| format!("writing {}", tmp.display()))
-    })
+    // libtorch writes into memory (its file writer aborts the process when
+    // the disk fills); the bytes then go to disk like every other file.
+    let bytes = crate::shim::jit_save_bytes(&module).context("serializing TorchScript")?;
+    write_atomic_bytes(path, &bytes)
 }
 
 /// ONNX (opset 17) written by vggctl, with a dynamic batch dimension.

@@ -3,9 +3,11 @@
 //! written atomically; temporary files a killed run left are removed.
 
 use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use tch::Tensor;
 
 use super::config::TrainConfig;
@@ -39,6 +41,80 @@ impl RunDir {
     }
     pub fn curves(&self) -> PathBuf {
         self.dir.join("curves.svg")
+    }
+
+    /// The files that make the directory a run's (what `--force` replaces).
+    fn run_files(&self) -> [PathBuf; 6] {
+        [
+            self.config(),
+            self.metrics(),
+            self.last(),
+            self.best(),
+            self.resume(),
+            self.curves(),
+        ]
+    }
+
+    /// Creates the directory and locks it for this process's life (the
+    /// lock is the returned file; the kernel drops it when the process
+    /// ends, however it ends). A directory another run holds is refused
+    /// with that run's PID. A `fresh` run refuses a directory that holds a
+    /// run already, unless `force`, which removes that run's files first.
+    pub fn claim(&self, fresh: bool, force: bool) -> Result<RunLock> {
+        let dir = &self.dir;
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let path = dir.join(".lock");
+        crate::fsutil::check_replaceable(&path)?;
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                let mut pid = String::new();
+                let _ = file.read_to_string(&mut pid);
+                bail!(
+                    "{} is in use by another training run (PID {}); wait for it to end or choose another --out",
+                    dir.display(),
+                    pid.trim()
+                );
+            }
+            Err(TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("locking {}", path.display()));
+            }
+        }
+        file.set_len(0)
+            .and_then(|()| file.rewind())
+            .and_then(|()| write!(file, "{}", std::process::id()))
+            .with_context(|| format!("writing {}", path.display()))?;
+        let held: Vec<PathBuf> = self
+            .run_files()
+            .into_iter()
+            .filter(|p| p.exists())
+            .collect();
+        if fresh && !held.is_empty() {
+            if !force {
+                let names: Vec<String> = held
+                    .iter()
+                    .filter_map(|p| p.file_name())
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .collect();
+                bail!(
+                    "{} already holds a run ({}); continue it with --resume {}, or pass --force to start over there",
+                    dir.display(),
+                    names.join(", "),
+                    dir.display()
+                );
+            }
+            for p in held {
+                std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+            }
+        }
+        Ok(RunLock { _file: file })
     }
 
     /// Creates the directory, clears what a killed run left mid-write, and
@@ -75,6 +151,11 @@ impl RunDir {
     }
 }
 
+/// A run directory's lock, held while this lives.
+pub struct RunLock {
+    _file: File,
+}
+
 /// Reads a resume point: `resume.safetensors` or the run directory holding it.
 pub fn read_resume(path: &Path) -> Result<(TrainState, BTreeMap<String, Tensor>)> {
     let file = if path.is_dir() {
@@ -91,6 +172,9 @@ pub fn read_resume(path: &Path) -> Result<(TrainState, BTreeMap<String, Tensor>)
     })?;
     let state: TrainState = serde_json::from_str(state)
         .with_context(|| format!("{}: unreadable training state", file.display()))?;
+    state
+        .check()
+        .with_context(|| format!("{}: bad training state", file.display()))?;
     Ok((state, sd.tensors))
 }
 
@@ -102,7 +186,7 @@ fn remove_stale_temp_files(dir: &Path) {
     };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') && name.contains(".tmp-") {
+        if crate::fsutil::is_temp_name(&name) {
             let _ = std::fs::remove_file(e.path());
         }
     }
