@@ -6,12 +6,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
 
 use crate::formats::safetensors::{read_safetensors, write_safetensors};
-use crate::model::{Arch, Head, ModelSpec, Vgg};
+use crate::model::{Arch, Head, ModelSpec, Values, Vgg};
 
 /// What a model file says about itself.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -34,6 +34,9 @@ pub struct ModelMeta {
     /// Test top-1 accuracy (percent) at that epoch, if evaluated.
     pub accuracy: Option<f64>,
 }
+
+/// The largest input side a model file may ask for.
+pub const MAX_INPUT: i64 = 4096;
 
 const FORMAT_KEY: &str = "format";
 const FORMAT: &str = "vggctl-1";
@@ -89,7 +92,7 @@ impl ModelMeta {
                 .parse()
                 .with_context(|| format!("metadata '{k}' is not a number"))
         };
-        Ok(Some(ModelMeta {
+        let meta = ModelMeta {
             arch: Arch::parse_with_bn(get("arch")?)?.0,
             bn: get("bn")? == "true",
             head: get("head")?.parse()?,
@@ -102,7 +105,55 @@ impl ModelMeta {
             resize: m.get("resize").and_then(|r| r.parse().ok()),
             epoch: num("epoch")? as usize,
             accuracy: m.get("accuracy").and_then(|a| a.parse().ok()),
-        }))
+        };
+        meta.check()?;
+        Ok(Some(meta))
+    }
+
+    /// What a model file must say to be used: a class count a head can
+    /// have and one name per class, an input side VGG can take (and a
+    /// resize that leaves room for it), finite means and positive finite
+    /// standard deviations.
+    pub fn check(&self) -> Result<()> {
+        crate::model::check_classes(self.classes).map_err(|_| {
+            anyhow!(
+                "metadata 'classes' is {}, not 1 to {}",
+                self.classes,
+                crate::model::MAX_CLASSES
+            )
+        })?;
+        if self.class_names.len() as i64 != self.classes {
+            bail!(
+                "metadata names {} classes but 'classes' is {}",
+                self.class_names.len(),
+                self.classes
+            );
+        }
+        if !(crate::model::MIN_INPUT..=MAX_INPUT).contains(&self.input_size) {
+            bail!(
+                "metadata 'input_size' is {}, not {} to {MAX_INPUT}",
+                self.input_size,
+                crate::model::MIN_INPUT
+            );
+        }
+        if let Some(r) = self.resize
+            && !(self.input_size..=MAX_INPUT).contains(&r)
+        {
+            bail!(
+                "metadata 'resize' is {r}, not {} (the input size) to {MAX_INPUT}",
+                self.input_size
+            );
+        }
+        if self.mean.iter().any(|m| !m.is_finite()) {
+            bail!("metadata 'mean' {:?} is not finite", self.mean);
+        }
+        if self.std.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+            bail!(
+                "metadata 'std' {:?} must be positive and finite (inputs are divided by it)",
+                self.std
+            );
+        }
+        Ok(())
     }
 }
 
@@ -137,7 +188,7 @@ pub fn read_weights(path: &Path) -> Result<ModelFile> {
         return read_model_file(path);
     }
     if !path.exists() {
-        anyhow::bail!("{}: no such file", path.display());
+        bail!("{}: no such file", path.display());
     }
     let tensors = crate::formats::pth::read_pth(path)?;
     Ok(ModelFile {
@@ -148,32 +199,38 @@ pub fn read_weights(path: &Path) -> Result<ModelFile> {
 
 /// A vggctl checkpoint's model, loaded, and its metadata; a file without
 /// vggctl metadata is an error that points to `--weights`.
-pub fn load_checkpoint(path: &Path, device: Device) -> Result<(Vgg, ModelMeta)> {
+pub fn load_checkpoint(path: &Path, device: Device, values: Values) -> Result<(Vgg, ModelMeta)> {
     let file = read_model_file(path)?;
     let Some(meta) = file.meta else {
-        anyhow::bail!(
+        bail!(
             "{}: no vggctl metadata; for a plain state dict use --weights {} with --arch/--bn/--head/--classes",
             path.display(),
             path.display()
         );
     };
     let mut model = Vgg::new(meta.spec(), device);
-    model.load_state_dict(&path.display().to_string(), &file.tensors)?;
+    model.load_state_dict(&path.display().to_string(), &file.tensors, values)?;
     Ok((model, meta))
 }
 
 /// A model of `spec` with the state dict in `path` (any format
 /// [`read_weights`] takes).
-pub fn load_weights(path: &Path, spec: ModelSpec, device: Device) -> Result<Vgg> {
+pub fn load_weights(path: &Path, spec: ModelSpec, device: Device, values: Values) -> Result<Vgg> {
     let file = read_weights(path)?;
     let mut model = Vgg::new(spec, device);
-    model.load_state_dict(&path.display().to_string(), &file.tensors)?;
+    model.load_state_dict(&path.display().to_string(), &file.tensors, values)?;
     Ok(model)
 }
 
 /// torchvision's pretrained layout (the imagenet head) with the state dict
 /// in `path`; the class count comes from the file's last layer.
-pub fn load_pretrained(path: &Path, arch: Arch, bn: bool, device: Device) -> Result<Vgg> {
+pub fn load_pretrained(
+    path: &Path,
+    arch: Arch,
+    bn: bool,
+    device: Device,
+    values: Values,
+) -> Result<Vgg> {
     let file = read_weights(path)?;
     let classes = match file.tensors.get("classifier.6.weight") {
         Some(t) if t.dim() == 2 => t.size()[0],
@@ -182,7 +239,7 @@ pub fn load_pretrained(path: &Path, arch: Arch, bn: bool, device: Device) -> Res
     let spec = ModelSpec::new(arch, bn, Head::Imagenet, classes);
     let mut model = Vgg::new(spec, device);
     model
-        .load_state_dict(&path.display().to_string(), &file.tensors)
+        .load_state_dict(&path.display().to_string(), &file.tensors, values)
         .context("--weights must be torchvision's VGG state dict (imagenet head)")?;
     Ok(model)
 }

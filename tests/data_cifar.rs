@@ -225,11 +225,7 @@ fn train_with_download(url: &str, md5: &str, data_dir: &Path) -> common::Run {
         .env("VGGCTL_CIFAR10_MD5", md5)
         .output()
         .unwrap();
-    common::Run {
-        code: r.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&r.stdout).into(),
-        stderr: String::from_utf8_lossy(&r.stderr).into(),
-    }
+    common::Run::from(r)
 }
 
 #[test]
@@ -461,11 +457,7 @@ fn a_server_that_never_answers_times_out() {
         .output()
         .unwrap();
     let elapsed = t0.elapsed();
-    let r = common::Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    };
+    let r = common::Run::from(out);
     common::assert_one_line_error(&r, 2, "did not answer within 1 s (3 tries)");
     assert!(r.stderr.contains(&url), "{}", r.stderr);
     assert!(

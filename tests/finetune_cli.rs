@@ -200,11 +200,7 @@ fn predict_with(cwd: &Path, torch_home: &Path, url: &str, arch: &str) -> common:
         .env("VGGCTL_WEIGHTS_URL", url)
         .output()
         .unwrap();
-    common::Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into(),
-        stderr: String::from_utf8_lossy(&out.stderr).into(),
-    }
+    common::Run::from(out)
 }
 
 fn link(target: &str, at: PathBuf) {
@@ -500,8 +496,9 @@ fn predicts_preprocessing_is_torchvisions_eval_transform() {
 }
 
 /// The on-disk folder cache: a second load reads it (a cache edited on
-/// disk comes back as edited), a changed image file changes the key and is
-/// decoded again, and a damaged cache is rebuilt without an error.
+/// disk comes back as edited, unless its labels or layout cannot be this
+/// folder's), a changed image file changes the key and is decoded again,
+/// and a damaged cache is rebuilt without an error.
 #[test]
 fn the_folder_cache_is_reused_and_rebuilt_when_files_change() {
     use std::collections::HashMap;
@@ -560,6 +557,17 @@ fn the_folder_cache_is_reused_and_rebuilt_when_files_change() {
     }
     write_safetensors(&cache[0], &tensors, &HashMap::new()).unwrap();
     assert_eq!(all(&load(&opts, &mut |w| panic!("{w}")).unwrap()), 0);
+
+    // Labels no file has (or layout rows outside the canvas): rebuilt from the files.
+    for (name, t) in tensors.iter_mut() {
+        if name == "labels" {
+            *t = t.full_like(99);
+        }
+    }
+    write_safetensors(&cache[0], &tensors, &HashMap::new()).unwrap();
+    let rebuilt = load(&opts, &mut |w| panic!("{w}")).unwrap();
+    assert_eq!(all(&rebuilt), all(&first));
+    assert!(rebuilt.train.labels.max().int64_value(&[]) < 2);
 
     // A changed image: a new key, decoded again.
     let changed = root.join("cat").join("cat_01.png");

@@ -39,7 +39,9 @@ fn check_parity(
         weights.iter().map(|(k, t)| (k.clone(), t.size())).collect();
     assert_eq!(ours, theirs, "{source}: state-dict keys/shapes");
 
-    model.load_state_dict(source, weights).unwrap();
+    model
+        .load_state_dict(source, weights, vggctl::model::Values::FiniteOnly)
+        .unwrap();
     let logits = tch::no_grad(|| model.forward_t(&io["input"], false));
     let err = (&logits - &io["logits"]).abs().max().double_value(&[]);
     assert!(err <= 1e-4, "{source}: max abs error {err}");
@@ -191,7 +193,12 @@ fn bn_mismatch_is_named() {
     );
     let err = format!(
         "{:#}",
-        bn.load_state_dict("plain.safetensors", &dict).unwrap_err()
+        bn.load_state_dict(
+            "plain.safetensors",
+            &dict,
+            vggctl::model::Values::FiniteOnly
+        )
+        .unwrap_err()
     );
     assert!(
         err.contains("without BatchNorm") && err.contains("plain.safetensors"),

@@ -139,8 +139,12 @@ fn compare(cfg: OptimizerConfig, channels_last: bool) {
     // libtorch's generator.
     let a = Vgg::new(spec, Device::Cpu);
     let mut b = Vgg::new(spec, Device::Cpu);
-    b.load_state_dict("a", &a.state_dict().into_iter().collect())
-        .unwrap();
+    b.load_state_dict(
+        "a",
+        &a.state_dict().into_iter().collect(),
+        vggctl::model::Values::FiniteOnly,
+    )
+    .unwrap();
     let flat = b.flatten_trainable(channels_last);
     let mut plain = Optimizer::new(cfg.clone(), a.trainable_parameters());
     let mut fused = Optimizer::fused(cfg.clone(), b.trainable_parameters(), flat);

@@ -551,6 +551,12 @@ fn nan_loss_stops_with_epoch_and_step() {
     let r = train_small(&out, &["--epochs", "1", "--lr", "1e12"]);
     common::assert_one_line_error(&r, 2, "at epoch 1, step");
     assert!(r.stderr.contains("loss became"), "{}", r.stderr);
+    // It diverged before the first epoch ended: no checkpoint to point to.
+    assert!(
+        r.stderr.contains("no checkpoint had been written yet"),
+        "{}",
+        r.stderr
+    );
     assert!(!out.join("last.safetensors").exists());
 }
 

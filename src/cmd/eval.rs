@@ -67,6 +67,11 @@ pub fn run(args: Args) -> Result<()> {
     if args.batch_size < 1 {
         bail!("--batch-size must be at least 1");
     }
+    if let Some(n) = args.limit_test
+        && n < 1
+    {
+        bail!("--limit-test {n} must be at least 1");
+    }
     let device = args.model.device()?;
     let file = read_model_file(&args.checkpoint)?;
     let spec = match &file.meta {
@@ -84,7 +89,11 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
     let mut model = Vgg::new(spec, device);
-    model.load_state_dict(&args.checkpoint.display().to_string(), &file.tensors)?;
+    model.load_state_dict(
+        &args.checkpoint.display().to_string(),
+        &file.tensors,
+        args.model.values(),
+    )?;
     let test = dataset.test.limit(args.limit_test).to_device(device);
     // The training run's precision and layout choices, for the same speed.
     let request = args.numerics.request(Some(&args.graphs), true);

@@ -73,7 +73,7 @@ struct Written {
 fn load(args: &Args) -> Result<(Vgg, ModelMeta)> {
     let device = Device::Cpu;
     if let Some(path) = &args.checkpoint {
-        return load_checkpoint(path, device);
+        return load_checkpoint(path, device, args.model.values());
     }
     let Some(w) = &args.weights else {
         bail!("give --checkpoint PATH or --weights imagenet|PATH");
@@ -81,9 +81,9 @@ fn load(args: &Args) -> Result<(Vgg, ModelMeta)> {
     let spec = args.model.spec(Head::Imagenet)?;
     let model = if w == "imagenet" {
         let path = weights_file(w, spec.arch, spec.bn, &mut download_bar(false))?;
-        load_pretrained(&path, spec.arch, spec.bn, device)?
+        load_pretrained(&path, spec.arch, spec.bn, device, args.model.values())?
     } else {
-        load_weights(&PathBuf::from(w), spec, device)?
+        load_weights(&PathBuf::from(w), spec, device, args.model.values())?
     };
     let meta = meta_for_weights(model.spec);
     Ok((model, meta))

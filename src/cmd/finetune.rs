@@ -36,11 +36,12 @@ pub struct Args {
     #[command(flatten)]
     data: DataOpts,
     #[command(flatten)]
-    hyper: HyperOpts,
+    pub hyper: HyperOpts,
 }
 
 pub fn run(args: Args) -> Result<()> {
     let h = &args.hyper;
+    h.validate(&args.data)?;
     let device = args.model.device()?;
     if h.resume.is_some() {
         return resume(h, &args.data, device, args.model.json);
@@ -77,7 +78,7 @@ pub fn run(args: Args) -> Result<()> {
         &mut download_bar(h.quiet),
     )?;
     tch::manual_seed(h.seed as i64);
-    let mut model = load_pretrained(&path, spec.arch, spec.bn, device)?;
+    let mut model = load_pretrained(&path, spec.arch, spec.bn, device, args.model.values())?;
     model.replace_last_linear(classes);
     let n_features = model.features.layers.len();
     let freeze = if args.train_features {

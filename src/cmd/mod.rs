@@ -53,6 +53,34 @@ enum Command {
     Predict(predict::Args),
 }
 
+/// Parses the command line. Training runs also learn which of their
+/// options were typed (not defaulted): `--resume` refuses those that would
+/// change the run it continues.
+pub fn parse() -> Result<Cli, clap::Error> {
+    use clap::parser::ValueSource;
+    use clap::{CommandFactory, FromArgMatches};
+    let command = Cli::command();
+    let matches = command.clone().try_get_matches()?;
+    let mut cli = Cli::from_arg_matches(&matches)?;
+    if let Some((name, sub)) = matches.subcommand() {
+        // Options only: the matches also hold the flattened groups' ids.
+        let options: Vec<String> = command
+            .find_subcommand(name)
+            .map(|c| c.get_arguments().map(|a| a.get_id().to_string()).collect())
+            .unwrap_or_default();
+        let typed: Vec<String> = options
+            .into_iter()
+            .filter(|id| sub.value_source(id) == Some(ValueSource::CommandLine))
+            .collect();
+        match &mut cli.command {
+            Some(Command::Train(a)) => a.hyper.typed = typed,
+            Some(Command::Finetune(a)) => a.hyper.typed = typed,
+            _ => {}
+        }
+    }
+    Ok(cli)
+}
+
 pub fn run(cli: Cli) -> Result<()> {
     if cli.version {
         return info::print_version(false);

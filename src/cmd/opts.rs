@@ -2,13 +2,13 @@
 //! CUDA graphs), each turned into the library's plain request once, and
 //! clap's parser for the library's named value sets.
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use clap::Args;
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use tch::Device;
 use vggctl::choice::Choice;
 use vggctl::device::parse_device;
-use vggctl::model::{Arch, Head, ModelSpec};
+use vggctl::model::{Arch, Head, ModelSpec, Values};
 use vggctl::numerics::{NumericsRequest, Precision};
 
 /// Options every model-building subcommand shares.
@@ -32,6 +32,9 @@ pub struct ModelOpts {
     /// Print one JSON document on stdout instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Load weights that hold NaN or infinite values (refused by default).
+    #[arg(long)]
+    pub allow_nonfinite: bool,
 }
 
 impl ModelOpts {
@@ -40,10 +43,17 @@ impl ModelOpts {
         let (arch, bn_suffix) = Arch::parse_with_bn(&self.arch)?;
         let head = self.head.unwrap_or(default_head);
         let classes = self.classes.unwrap_or(head.default_classes());
-        if classes < 1 {
-            bail!("--classes {classes}: a classifier needs at least one class");
-        }
+        vggctl::model::check_classes(classes)?;
         Ok(ModelSpec::new(arch, self.bn || bn_suffix, head, classes))
+    }
+
+    /// What weight values loading accepts.
+    pub fn values(&self) -> Values {
+        if self.allow_nonfinite {
+            Values::Any
+        } else {
+            Values::FiniteOnly
+        }
     }
 
     pub fn device(&self) -> Result<Device> {

@@ -84,11 +84,11 @@ fn expand_dirs(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
 /// The model and its metadata from --checkpoint or --weights.
 fn load_model(args: &Args, device: Device) -> Result<(Vgg, ModelMeta)> {
     match (&args.checkpoint, &args.weights) {
-        (Some(path), _) => load_checkpoint(path, device),
+        (Some(path), _) => load_checkpoint(path, device, args.model.values()),
         (None, Some(w)) => {
             let spec = args.model.spec(Head::Imagenet)?;
             let path = weights_file(w, spec.arch, spec.bn, &mut download_bar(false))?;
-            let model = load_pretrained(&path, spec.arch, spec.bn, device)?;
+            let model = load_pretrained(&path, spec.arch, spec.bn, device, args.model.values())?;
             let mut meta = meta_for_weights(model.spec);
             if let Some(input) = args.input {
                 meta.input_size = input;

@@ -19,7 +19,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     let h = &args.hyper;
-    h.validate()?;
+    h.validate(&args.data)?;
     let device = args.model.device()?;
     if h.resume.is_some() {
         return resume(h, &args.data, device, args.model.json);

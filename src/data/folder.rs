@@ -13,7 +13,7 @@ use std::time::UNIX_EPOCH;
 use anyhow::{Context, Result, bail};
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 use super::augment::{canvas_width, pack_canvas};
 use super::image::resize_shorter;
@@ -120,6 +120,44 @@ fn cache_key(files: &[(PathBuf, i64)], side: i64) -> String {
         .collect()
 }
 
+/// Whether a cache's tensors can be what [`load_dir`] built for `files`:
+/// uint8 canvases of the side's shape, one label (of the files' labels)
+/// and one layout row inside the canvas per image, at most one per file.
+fn cache_fits(
+    images: &Tensor,
+    labels: &Tensor,
+    layout: &Tensor,
+    files: &[(PathBuf, i64)],
+    side: i64,
+) -> bool {
+    let width = canvas_width(side);
+    let n = labels.numel() as i64;
+    let classes = files.iter().map(|(_, l)| l + 1).max().unwrap_or(0);
+    let in_range = |t: &Tensor, lo: i64, hi: i64| {
+        t.numel() == 0 || (t.min().int64_value(&[]) >= lo && t.max().int64_value(&[]) <= hi)
+    };
+    if !(1..=files.len() as i64).contains(&n)
+        || images.kind() != Kind::Uint8
+        || images.size() != [n, 3, side, width]
+        || labels.kind() != Kind::Int64
+        || labels.size() != [n]
+        || layout.kind() != Kind::Int64
+        || layout.size() != [n, 3]
+    {
+        return false;
+    }
+    let (first, visible, transposed) = (
+        layout.select(1, 0),
+        layout.select(1, 1),
+        layout.select(1, 2),
+    );
+    in_range(labels, 0, classes - 1)
+        && in_range(&first, 0, width - 1)
+        && in_range(&visible, 1, width)
+        && in_range(&(&first + &visible), 1, width)
+        && in_range(&transposed, 0, 1)
+}
+
 /// Loads (or builds and caches) every image of `dir`. Returns the split and
 /// how many files could not be read.
 fn load_dir(
@@ -130,12 +168,15 @@ fn load_dir(
 ) -> Result<(Split, usize)> {
     let cache_dir = dir.join(".vggctl-cache");
     let cache = cache_dir.join(format!("{}.safetensors", cache_key(files, side)));
+    // A cache that does not describe these files (damaged, or edited) is
+    // rebuilt: labels, shapes and layout rows are checked before use.
     if let Ok(sd) = read_safetensors(&cache)
         && let (Some(images), Some(labels), Some(layout)) = (
             sd.tensors.get("images"),
             sd.tensors.get("labels"),
             sd.tensors.get("layout"),
         )
+        && cache_fits(images, labels, layout, files, side)
     {
         let skipped: usize = sd
             .metadata

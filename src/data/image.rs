@@ -9,9 +9,36 @@ use tch::{Kind, Tensor};
 /// The largest image file read.
 const MAX_IMAGE_FILE: u64 = 1 << 30;
 
+/// Whether a JPEG's image data reaches its end-of-image marker (FF D9), as
+/// PIL insists: the segments before the first scan are skipped by their
+/// lengths (an embedded thumbnail's marker does not count), then the marker
+/// must follow. The decoder would fill a truncated image with grey.
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    let mut i = 2;
+    while i + 4 <= bytes.len() {
+        if bytes[i] != 0xFF {
+            return false;
+        }
+        let marker = bytes[i + 1];
+        match marker {
+            0xFF => i += 1,
+            0xDA => return bytes[i..].windows(2).any(|w| w == [0xFF, 0xD9]),
+            0x01 | 0xD0..=0xD7 => i += 2,
+            _ => i += 2 + u16::from_be_bytes([bytes[i + 2], bytes[i + 3]]) as usize,
+        }
+    }
+    false
+}
+
 /// Decodes a JPEG/PNG file (format from its content) into 8-bit RGB.
 pub fn decode_rgb(path: &Path) -> Result<image::RgbImage> {
     let bytes = crate::fsutil::read_regular(path, "an image", MAX_IMAGE_FILE)?;
+    if bytes.starts_with(&[0xFF, 0xD8]) && !jpeg_is_complete(&bytes) {
+        anyhow::bail!(
+            "{}: truncated JPEG (its image data has no end marker)",
+            path.display()
+        );
+    }
     Ok(image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .with_context(|| format!("reading {}", path.display()))?
@@ -72,4 +99,34 @@ pub fn eval_transform(img: &Tensor, resize: Option<i64>, size: i64) -> Tensor {
     let (_, nh, nw) = r.size3().expect("a 3 x H x W image");
     r.narrow(1, centre_offset(nh, size), size)
         .narrow(2, centre_offset(nw, size), size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A JPEG or PNG cut to a third of its bytes is refused (the JPEG
+    /// decoder alone would fill the missing rows with grey); whole files decode.
+    #[test]
+    fn truncated_images_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let img =
+            image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([x as u8 * 4, y as u8 * 5, 7]));
+        for (name, format) in [
+            ("a.jpg", image::ImageFormat::Jpeg),
+            ("a.png", image::ImageFormat::Png),
+        ] {
+            let path = dir.path().join(name);
+            img.save_with_format(&path, format).unwrap();
+            assert_eq!(decode_rgb(&path).unwrap().dimensions(), (64, 48));
+            let bytes = std::fs::read(&path).unwrap();
+            if format == image::ImageFormat::Jpeg {
+                assert!(jpeg_is_complete(&bytes));
+                assert!(!jpeg_is_complete(&bytes[..bytes.len() / 3]));
+            }
+            std::fs::write(&path, &bytes[..bytes.len() / 3]).unwrap();
+            let err = format!("{:#}", decode_rgb(&path).unwrap_err());
+            assert!(err.contains(name), "{err}");
+        }
+    }
 }

@@ -15,8 +15,11 @@ mod spec;
 mod state_dict;
 
 pub use layer::{BN_EPS, BN_MOMENTUM, Layer, Sequential};
-pub use spec::{Arch, Cfg, Head, LayerKind, LayerSpec, MIN_INPUT, ModelSpec, check_input};
-pub use state_dict::check_state_dict;
+pub use spec::{
+    Arch, Cfg, Head, LayerKind, LayerSpec, MAX_CLASSES, MIN_INPUT, ModelSpec, check_classes,
+    check_input,
+};
+pub use state_dict::{Values, check_finite, check_state_dict};
 
 use std::collections::BTreeMap;
 
@@ -299,8 +302,16 @@ impl Vgg {
 
     /// Copies a state dict into the model after checking names and shapes.
     /// `num_batches_tracked` may be present (int64 scalar) or absent.
-    pub fn load_state_dict(&mut self, source: &str, dict: &BTreeMap<String, Tensor>) -> Result<()> {
+    pub fn load_state_dict(
+        &mut self,
+        source: &str,
+        dict: &BTreeMap<String, Tensor>,
+        values: Values,
+    ) -> Result<()> {
         check_state_dict(&self.spec, source, dict)?;
+        if values == Values::FiniteOnly {
+            check_finite(source, dict)?;
+        }
         let device = self.device();
         self.map_tensors(|name, t| dict[name].to_kind(t.kind()).to_device(device).contiguous());
         for (name, layer) in &self.features.layers {

@@ -13,6 +13,18 @@ use crate::choice::Choice;
 /// VGG's five 2x2/stride-2 poolings need at least this many pixels per side.
 pub const MIN_INPUT: i64 = 32;
 
+/// The most classes a head may have: 1,000,000 (ImageNet-21k has 21,841;
+/// a million already makes VGG's last layer 16 GB in fp32).
+pub const MAX_CLASSES: i64 = 1_000_000;
+
+/// The one check of a class count (`--classes`, a file's metadata).
+pub fn check_classes(classes: i64) -> Result<()> {
+    if !(1..=MAX_CLASSES).contains(&classes) {
+        bail!("--classes {classes}: a classifier needs between 1 and {MAX_CLASSES} classes");
+    }
+    Ok(())
+}
+
 /// The one check of a model input side (`--input`), for every subcommand.
 pub fn check_input(input: i64) -> Result<()> {
     if input < MIN_INPUT {

@@ -4,12 +4,46 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{Result, bail};
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 use super::spec::ModelSpec;
 
-/// Checks a state dict's names and shapes against a model spec; one error
-/// lists every problem.
+/// Which weight values loading accepts: finite ones only (the default), or
+/// any (`--allow-nonfinite`, to inspect a diverged model).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Values {
+    FiniteOnly,
+    Any,
+}
+
+fn is_float(kind: Kind) -> bool {
+    matches!(
+        kind,
+        Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16
+    )
+}
+
+/// Refuses NaN or infinite values in a state dict's floating-point tensors,
+/// naming the first tensor that holds them.
+pub fn check_finite(source: &str, dict: &BTreeMap<String, Tensor>) -> Result<()> {
+    for (name, t) in dict {
+        if !is_float(t.kind()) {
+            continue;
+        }
+        let bad = t.numel() as i64 - t.isfinite().sum(Kind::Int64).int64_value(&[]);
+        if bad > 0 {
+            bail!(
+                "{source}: {name} holds {bad} NaN or infinite values (of {}); pass --allow-nonfinite to load it anyway",
+                t.numel()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Checks a state dict's names, shapes and kinds (floating point, but
+/// integer `num_batches_tracked`) against a model spec; one error lists
+/// every problem.
 pub fn check_state_dict(
     spec: &ModelSpec,
     source: &str,
@@ -19,6 +53,7 @@ pub fn check_state_dict(
     let expected_names: BTreeSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
     let mut missing = Vec::new();
     let mut misshaped = Vec::new();
+    let mut wrong_kinds = Vec::new();
     for (name, shape) in &expected {
         match dict.get(name) {
             None if name.ends_with(".num_batches_tracked") => {}
@@ -31,6 +66,9 @@ pub fn check_state_dict(
             Some(t) if &t.size() != shape => {
                 misshaped.push(format!("{name} {:?} (expected {:?})", t.size(), shape))
             }
+            Some(t) if !is_float(t.kind()) => {
+                wrong_kinds.push(format!("{name} {:?} (expected floating point)", t.kind()))
+            }
             Some(_) => {}
         }
     }
@@ -38,7 +76,8 @@ pub fn check_state_dict(
         .keys()
         .filter(|k| !expected_names.contains(k.as_str()))
         .collect();
-    if missing.is_empty() && misshaped.is_empty() && unexpected.is_empty() {
+    if missing.is_empty() && misshaped.is_empty() && unexpected.is_empty() && wrong_kinds.is_empty()
+    {
         return Ok(());
     }
     let has_bn_keys = dict.keys().any(|k| k.ends_with(".running_mean"));
@@ -74,6 +113,9 @@ pub fn check_state_dict(
     }
     if !misshaped.is_empty() {
         parts.push(format!("wrong shapes: {}", list(misshaped)));
+    }
+    if !wrong_kinds.is_empty() {
+        parts.push(format!("wrong kinds: {}", list(wrong_kinds)));
     }
     bail!(
         "{source}: state dict does not match {model} with the {} head and {} classes: {}",
@@ -122,6 +164,36 @@ mod tests {
             "f.pth: state dict does not match vgg11 with the cifar head and 10 classes: \
              missing keys: features.0.bias; unexpected keys: extra.weight; \
              wrong shapes: classifier.3.weight [7, 512] (expected [10, 512])"
+        );
+    }
+
+    /// Integer weights are refused by kind; NaN or infinite values by
+    /// `check_finite`, naming the tensor and the count.
+    #[test]
+    fn integer_and_nonfinite_weights_are_named() {
+        let spec = ModelSpec::new(Arch::Vgg11, false, Head::Cifar, 10);
+        let mut d = dict(&spec);
+        d.insert(
+            "features.0.bias".into(),
+            Tensor::zeros([64], (Kind::Int64, Device::Cpu)),
+        );
+        let err = check_state_dict(&spec, "f.pth", &d)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.ends_with("wrong kinds: features.0.bias Int64 (expected floating point)"),
+            "{err}"
+        );
+        let mut d = dict(&spec);
+        check_finite("f.pth", &d).unwrap();
+        let w = Tensor::zeros([64], (Kind::Float, Device::Cpu));
+        let _ = w.get(3).fill_(f64::NAN);
+        let _ = w.get(7).fill_(f64::INFINITY);
+        d.insert("features.0.bias".into(), w);
+        let err = check_finite("f.pth", &d).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "f.pth: features.0.bias holds 2 NaN or infinite values (of 64); pass --allow-nonfinite to load it anyway"
         );
     }
 

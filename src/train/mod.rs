@@ -33,19 +33,18 @@ use crate::data::augment::{Normalizer, Preprocess};
 use crate::data::{Dataset, Split};
 use crate::eval::{EvalGraph, evaluate};
 use crate::infer::Layerwise;
-use crate::model::Vgg;
+use crate::model::{Values, Vgg};
 use crate::numerics::{Numerics, Precision};
 use crate::optim::{LossScaler, Optimizer};
 use crate::shim;
 use config::TrainConfig;
 use graphed::{GraphedStep, StepParts};
 use profile::{StepProfile, StepTimer};
-use run_dir::RunDir;
 use state::{EpochMetrics, Partial, TrainState, TrainSummary};
 use step::{Forward, forward_loss};
 
 pub use config::SchedulerKind;
-pub use run_dir::read_resume;
+pub use run_dir::{RunDir, read_resume};
 
 /// Hooks for whoever shows progress and warnings (the CLI's bars and lines).
 pub trait Observer {
@@ -120,12 +119,20 @@ fn start_state(
         return Ok((state, None));
     };
     let source = run_dir.resume().display().to_string();
+    let (b, n) = (saved.config.batch_size as u128, data.train.len() as u128);
+    if saved.step as u128 * b > n {
+        bail!(
+            "{source}: step {} of epoch {} is past the end of an epoch of {n} images at batch {b}; the file does not belong to this data",
+            saved.step,
+            saved.epoch + 1
+        );
+    }
     let weights: BTreeMap<String, Tensor> = tensors
         .iter()
         .filter(|(k, _)| !k.starts_with("optimizer."))
         .map(|(k, v)| (k.clone(), v.shallow_clone()))
         .collect();
-    model.load_state_dict(&source, &weights)?;
+    model.load_state_dict(&source, &weights, Values::FiniteOnly)?;
     Ok((TrainState { config, ..saved }, Some((source, tensors))))
 }
 
@@ -444,11 +451,16 @@ impl<'a> Trainer<'a> {
         *clock = Instant::now();
         for (p, (loss, correct)) in pending.iter().zip(losses.iter().zip(corrects)) {
             if !loss.is_finite() {
+                let last = self.run_dir.last();
+                let saved = if last.is_file() {
+                    format!("the last good checkpoint is {}", last.display())
+                } else {
+                    "no checkpoint had been written yet".to_string()
+                };
                 bail!(
-                    "loss became {loss} at epoch {}, step {}; stopped without saving (the last good checkpoint is {})",
+                    "loss became {loss} at epoch {}, step {}; stopped without saving ({saved}; a smaller --lr may help)",
                     epoch + 1,
-                    p.step + 1,
-                    self.run_dir.last().display()
+                    p.step + 1
                 );
             }
             self.state.partial.loss_sum += loss * p.len as f64;

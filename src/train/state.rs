@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 
+use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
 
 use super::config::TrainConfig;
@@ -82,6 +83,36 @@ pub struct TrainState {
 }
 
 impl TrainState {
+    /// What a saved state must say to be continued: a usable model file's
+    /// metadata, at least one epoch and one image per batch, a positive
+    /// finite learning rate, and a position inside the run.
+    pub fn check(&self) -> Result<()> {
+        let c = &self.config;
+        self.meta(0, None).check()?;
+        if c.epochs < 1 || c.batch_size < 1 || c.test_batch_size < 1 {
+            bail!(
+                "epochs {}, batch_size {} and test_batch_size {} must each be at least 1",
+                c.epochs,
+                c.batch_size,
+                c.test_batch_size
+            );
+        }
+        if !(c.lr > 0.0 && c.lr.is_finite() && c.gamma.is_finite()) {
+            bail!(
+                "lr {} and gamma {} must be finite, lr positive",
+                c.lr,
+                c.gamma
+            );
+        }
+        if !(0.0..1.0).contains(&c.label_smoothing) {
+            bail!("label_smoothing {} is not in [0, 1)", c.label_smoothing);
+        }
+        if self.epoch > c.epochs {
+            bail!("epoch {} is past the run's {} epochs", self.epoch, c.epochs);
+        }
+        Ok(())
+    }
+
     /// The metadata a checkpoint of this run carries after `epoch` epochs,
     /// with its test accuracy then.
     pub fn meta(&self, epoch: usize, accuracy: Option<f64>) -> ModelMeta {

@@ -31,6 +31,16 @@ pub struct Run {
     pub stderr: String,
 }
 
+impl From<Output> for Run {
+    fn from(out: Output) -> Run {
+        Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
 pub fn run_in(dir: &Path, args: &[&str]) -> Run {
     let out: Output = Command::new(bin())
         .args(args)
@@ -38,11 +48,7 @@ pub fn run_in(dir: &Path, args: &[&str]) -> Run {
         .env_remove("VGGCTL_CIFAR10_URL")
         .output()
         .expect("running vggctl");
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    Run::from(out)
 }
 
 /// `export` of the state dict `weights` as a vgg11 with the CIFAR head to
@@ -114,4 +120,44 @@ pub fn assert_warned(r: &Run, warnings: &[&str]) {
     for w in warnings {
         assert!(r.stderr.contains(w), "missing {w:?} in:\n{}", r.stderr);
     }
+}
+
+/// xorshift64*: a fixed, dependency-free stream of mutations.
+pub struct Rng(pub u64);
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// One to four random edits: a bit flip, a boundary byte, a truncation, a
+/// run of 0xff, or a repeated chunk.
+pub fn mutate(rng: &mut Rng, src: &[u8]) -> Vec<u8> {
+    let mut m = src.to_vec();
+    for _ in 0..1 + rng.below(4) {
+        let i = rng.below(m.len().max(1));
+        match rng.below(5) {
+            0 => m[i] ^= 1 << rng.below(8),
+            1 => m[i] = [0x00, 0xff, 0x7f, 0x80][rng.below(4)],
+            2 => m.truncate(i),
+            3 => {
+                let end = (i + 8).min(m.len());
+                m[i..end].fill(0xff);
+            }
+            _ => {
+                let chunk: Vec<u8> = m[i..(i + 16).min(m.len())].to_vec();
+                m.splice(i..i, chunk);
+            }
+        }
+        if m.is_empty() {
+            break;
+        }
+    }
+    m
 }

@@ -1,0 +1,329 @@
+//! Files and flags whose bytes parse but whose values cannot be used: NaN
+//! or integer weights, checkpoint metadata with a zero std or an 8-pixel
+//! input, a truncated JPEG, a resume state with batch size 0 or a step past
+//! its data, resume flags that would change the run, impossible class
+//! counts and limits. Each is one error line naming the file or the flag,
+//! through the real binary.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use common::{assert_one_line_error, run_in};
+use tch::Tensor;
+use vggctl::checkpoint::meta_for_weights;
+use vggctl::formats::safetensors::{read_safetensors, write_safetensors};
+use vggctl::model::{Arch, Head, ModelSpec};
+
+fn vgg11_tensors() -> Vec<(String, Tensor)> {
+    read_safetensors(&common::fixtures().join("models/vgg11-cifar.safetensors"))
+        .unwrap()
+        .tensors
+        .into_iter()
+        .collect()
+}
+
+fn vgg11_meta() -> HashMap<String, String> {
+    meta_for_weights(ModelSpec::new(Arch::Vgg11, false, Head::Cifar, 10)).to_metadata()
+}
+
+fn replaced(name: &str, t: Tensor) -> Vec<(String, Tensor)> {
+    vgg11_tensors()
+        .into_iter()
+        .map(|(n, v)| {
+            if n == name {
+                (n, t.shallow_clone())
+            } else {
+                (n, v)
+            }
+        })
+        .collect()
+}
+
+/// NaN weights are refused by name (and loaded with --allow-nonfinite);
+/// integer weights are refused by kind.
+#[test]
+fn nonfinite_and_integer_weights_are_named() {
+    let tmp = common::tempdir();
+    let dir = tmp.path();
+    let nan = Tensor::full([64], f64::NAN, (tch::Kind::Float, tch::Device::Cpu));
+    write_safetensors(
+        &dir.join("nan.safetensors"),
+        &replaced("features.0.bias", nan),
+        &vgg11_meta(),
+    )
+    .unwrap();
+    let ints = Tensor::zeros([64], (tch::Kind::Int64, tch::Device::Cpu));
+    write_safetensors(
+        &dir.join("int.safetensors"),
+        &replaced("features.0.bias", ints),
+        &vgg11_meta(),
+    )
+    .unwrap();
+    for cmd in [
+        vec![
+            "eval",
+            "--checkpoint",
+            "nan.safetensors",
+            "--dataset",
+            "digits",
+        ],
+        vec![
+            "export",
+            "--checkpoint",
+            "nan.safetensors",
+            "--format",
+            "onnx",
+            "--out",
+            "m.onnx",
+        ],
+        vec!["predict", "--checkpoint", "nan.safetensors", "photo.png"],
+    ] {
+        let r = run_in(dir, &cmd);
+        assert_one_line_error(
+            &r,
+            2,
+            "nan.safetensors: features.0.bias holds 64 NaN or infinite values (of 64); pass --allow-nonfinite",
+        );
+    }
+    let r = run_in(
+        dir,
+        &[
+            "export",
+            "--checkpoint",
+            "nan.safetensors",
+            "--format",
+            "safetensors",
+            "--out",
+            "m.safetensors",
+            "--allow-nonfinite",
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = run_in(
+        dir,
+        &[
+            "export",
+            "--checkpoint",
+            "int.safetensors",
+            "--format",
+            "onnx",
+            "--out",
+            "m.onnx",
+        ],
+    );
+    assert_one_line_error(
+        &r,
+        2,
+        "wrong kinds: features.0.bias Int64 (expected floating point)",
+    );
+    assert!(!dir.join("m.onnx").exists());
+}
+
+/// Metadata that cannot describe a usable model names the file and the key.
+#[test]
+fn impossible_metadata_is_named() {
+    let tmp = common::tempdir();
+    let dir = tmp.path();
+    let cases: [(&str, &str, &str, &str); 4] = [
+        (
+            "std0.safetensors",
+            "std",
+            "[0.0,0.2,0.2]",
+            "metadata 'std' [0.0, 0.2, 0.2] must be positive and finite",
+        ),
+        (
+            "input8.safetensors",
+            "input_size",
+            "8",
+            "metadata 'input_size' is 8, not 32 to 4096",
+        ),
+        (
+            "classes.safetensors",
+            "classes",
+            "100000000000",
+            "metadata 'classes' is 100000000000, not 1 to 1000000",
+        ),
+        (
+            "names.safetensors",
+            "class_names",
+            "[\"a\"]",
+            "metadata names 1 classes but 'classes' is 10",
+        ),
+    ];
+    for (file, key, value, needle) in cases {
+        let mut meta = vgg11_meta();
+        meta.insert(key.into(), value.into());
+        write_safetensors(&dir.join(file), &vgg11_tensors(), &meta).unwrap();
+        for cmd in [
+            vec!["eval", "--checkpoint", file, "--dataset", "digits"],
+            vec!["predict", "--checkpoint", file, "photo.png"],
+            vec![
+                "export",
+                "--checkpoint",
+                file,
+                "--format",
+                "onnx",
+                "--out",
+                "m.onnx",
+            ],
+        ] {
+            let r = run_in(dir, &cmd);
+            assert_one_line_error(&r, 2, needle);
+            assert!(
+                r.stderr.contains(&format!("{file}: bad vggctl metadata")),
+                "{}",
+                r.stderr
+            );
+        }
+    }
+}
+
+/// A JPEG cut to a third of its bytes is refused by `predict`, as PIL
+/// refuses it; the whole file is classified.
+#[test]
+fn a_truncated_jpeg_is_refused() {
+    let tmp = common::tempdir();
+    let dir = tmp.path();
+    write_safetensors(&dir.join("m.safetensors"), &vgg11_tensors(), &vgg11_meta()).unwrap();
+    let photo =
+        std::fs::read(common::fixtures().join("photos/astronaut/astronaut_00.jpg")).unwrap();
+    std::fs::write(dir.join("whole.jpg"), &photo).unwrap();
+    std::fs::write(dir.join("cut.jpg"), &photo[..photo.len() / 3]).unwrap();
+    let r = run_in(
+        dir,
+        &["predict", "--checkpoint", "m.safetensors", "whole.jpg"],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = run_in(
+        dir,
+        &["predict", "--checkpoint", "m.safetensors", "cut.jpg"],
+    );
+    assert_one_line_error(&r, 2, "cut.jpg: truncated JPEG");
+}
+
+/// Flags with values no run can have: one line each.
+#[test]
+fn impossible_flags_are_refused() {
+    let tmp = common::tempdir();
+    let dir = tmp.path();
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &["params", "--classes", "100000000000"],
+            "--classes 100000000000: a classifier needs between 1 and 1000000 classes",
+        ),
+        (
+            &["train", "--dataset", "digits", "--classes", "0"],
+            "--classes 0",
+        ),
+        (
+            &["eval", "--checkpoint", "x.safetensors", "--limit-test", "0"],
+            "--limit-test 0 must be at least 1",
+        ),
+    ];
+    for (args, needle) in cases {
+        assert_one_line_error(&run_in(dir, args), 2, needle);
+    }
+    // A path that is not UTF-8 cannot be recorded in config.json.
+    use std::os::unix::ffi::OsStrExt;
+    let bad = std::ffi::OsStr::from_bytes(b"data-\xff");
+    let out = std::process::Command::new(common::bin())
+        .args(["train", "--dataset", "digits", "--out"])
+        .arg(bad)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    let r = common::Run::from(out);
+    assert_one_line_error(&r, 2, "not valid UTF-8");
+    assert!(
+        std::fs::read_dir(dir).unwrap().next().is_none(),
+        "nothing created"
+    );
+}
+
+fn rewrite_state(resume: &Path, edit: impl Fn(&mut serde_json::Value)) {
+    let sd = read_safetensors(resume).unwrap();
+    let mut meta = sd.metadata.clone();
+    let mut state: serde_json::Value = serde_json::from_str(&meta["vggctl_train_state"]).unwrap();
+    edit(&mut state);
+    meta.insert("vggctl_train_state".into(), state.to_string());
+    let tensors: Vec<(String, Tensor)> = sd.tensors.into_iter().collect();
+    write_safetensors(resume, &tensors, &meta).unwrap();
+}
+
+/// `--resume` refuses flags that would change the run, by name; a resume
+/// state with batch size 0 or a step past its data names the file.
+#[test]
+fn resume_refuses_changes_and_bad_states() {
+    let tmp = common::tempdir();
+    let dir = tmp.path();
+    let r = run_in(
+        dir,
+        &[
+            "train",
+            "--dataset",
+            "digits",
+            "--arch",
+            "vgg11",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "32",
+            "--limit-train",
+            "64",
+            "--limit-test",
+            "32",
+            "--out",
+            "run",
+            "--quiet",
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = run_in(
+        dir,
+        &[
+            "train",
+            "--resume",
+            "run",
+            "--lr",
+            "0.5",
+            "--batch-size",
+            "64",
+            "--epochs",
+            "2",
+        ],
+    );
+    assert_one_line_error(
+        &r,
+        2,
+        "--batch-size, --lr would change the run that --resume run continues",
+    );
+    let r = run_in(dir, &["finetune", "--resume", "run", "--arch", "vgg13"]);
+    assert_one_line_error(&r, 2, "--arch would change the run");
+
+    let resume = dir.join("run/resume.safetensors");
+    let original = std::fs::read(&resume).unwrap();
+    rewrite_state(&resume, |s| s["config"]["batch_size"] = 0.into());
+    let r = run_in(
+        dir,
+        &["train", "--resume", "run", "--epochs", "2", "--quiet"],
+    );
+    assert_one_line_error(
+        &r,
+        2,
+        "run/resume.safetensors: bad training state: epochs 1, batch_size 0",
+    );
+    std::fs::write(&resume, &original).unwrap();
+    rewrite_state(&resume, |s| s["step"] = 1_000_000_000.into());
+    let r = run_in(
+        dir,
+        &["train", "--resume", "run", "--epochs", "2", "--quiet"],
+    );
+    assert_one_line_error(
+        &r,
+        2,
+        "step 1000000000 of epoch 2 is past the end of an epoch of 64 images at batch 32",
+    );
+    assert!(r.stderr.contains("run/resume.safetensors"), "{}", r.stderr);
+}
