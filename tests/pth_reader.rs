@@ -40,7 +40,11 @@ fn torchvision_state_dicts_give_torchvision_logits() {
         let path = pth_dir().join(file);
         let mut model = Vgg::new(ModelSpec::new(arch, bn, Head::Imagenet, 1000), Device::Cpu);
         model
-            .load_state_dict(&path.display().to_string(), &read_pth(&path).unwrap())
+            .load_state_dict(
+                &path.display().to_string(),
+                &read_pth(&path).unwrap(),
+                vggctl::model::Values::FiniteOnly,
+            )
             .unwrap();
         let err = logits_error(&model, &io, "logits");
         assert!(err <= 1e-4, "{file}: max abs error {err}");
@@ -75,7 +79,11 @@ fn every_format_and_dtype_gives_the_same_logits() {
                 assert_eq!(sd["features.1.num_batches_tracked"].kind(), Kind::Int64);
             }
             model
-                .load_state_dict(&path.display().to_string(), &sd)
+                .load_state_dict(
+                    &path.display().to_string(),
+                    &sd,
+                    vggctl::model::Values::FiniteOnly,
+                )
                 .unwrap();
             let err = logits_error(&model, &io, reference);
             assert!(err <= 1e-4, "{name}.{variant}: max abs error {err}");
@@ -225,52 +233,14 @@ fn damaged_files_are_clean_errors() {
     assert!(e.contains("storage 0 holds"), "{e}");
 }
 
-/// xorshift64*: a fixed, dependency-free stream of mutations.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
-fn mutate(rng: &mut Rng, src: &[u8]) -> Vec<u8> {
-    let mut m = src.to_vec();
-    for _ in 0..1 + rng.below(4) {
-        let i = rng.below(m.len().max(1));
-        match rng.below(5) {
-            0 => m[i] ^= 1 << rng.below(8),
-            1 => m[i] = [0x00, 0xff, 0x7f, 0x80][rng.below(4)],
-            2 => m.truncate(i),
-            3 => {
-                let end = (i + 8).min(m.len());
-                m[i..end].fill(0xff);
-            }
-            _ => {
-                let chunk: Vec<u8> = m[i..(i + 16).min(m.len())].to_vec();
-                m.splice(i..i, chunk);
-            }
-        }
-        if m.is_empty() {
-            break;
-        }
-    }
-    m
-}
-
 #[test]
 fn mutated_files_never_panic_or_over_allocate() {
-    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    let mut rng = common::Rng(0x9E37_79B9_7F4A_7C15);
     let (mut ok, mut refused) = (0, 0);
     for name in ["views.legacy.pth", "views.zip.pth"] {
         let src = std::fs::read(pth_dir().join(name)).unwrap();
         for _ in 0..2000 {
-            let m = mutate(&mut rng, &src);
+            let m = common::mutate(&mut rng, &src);
             let result = catch_unwind(AssertUnwindSafe(|| parse_pth(&m)));
             match result.unwrap_or_else(|_| panic!("reader panicked on a mutation of {name}")) {
                 Ok(sd) => {

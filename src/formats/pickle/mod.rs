@@ -18,7 +18,7 @@ use std::rc::Rc;
 
 use anyhow::{Result, anyhow, bail};
 
-pub use value::{Call, Dict, Value, check_nesting, dismantle};
+pub use value::{Call, Dict, Value, check_nesting};
 
 /// The deepest nesting of containers a pickle may build: a state dict
 /// nests about five levels (dict, tensor rebuild call, storage id, tuple),
@@ -129,29 +129,13 @@ impl<'a> Unpickler<'a> {
 
     /// Runs the pickle to its STOP opcode and returns the object it built,
     /// which nests no deeper than [`MAX_DEPTH`] and holds no container
-    /// inside itself. Whatever else it built is taken apart without
-    /// recursion, on success and on failure alike.
+    /// inside itself.
     pub fn load(&mut self) -> Result<Value> {
         let mut stack: Vec<Item> = Vec::new();
         let mut memo: HashMap<usize, Value> = HashMap::new();
         let built = self.run(&mut stack, &mut memo);
-        let mut rest: Vec<Value> = stack
-            .into_iter()
-            .filter_map(|i| match i {
-                Item::Value(v) => Some(v),
-                Item::Mark => None,
-            })
-            .collect();
-        rest.extend(memo.into_values());
-        let result = built.and_then(|v| match check_nesting(&v, MAX_DEPTH) {
-            Ok(()) => Ok(v),
-            Err(e) => {
-                rest.push(v);
-                Err(e)
-            }
-        });
-        dismantle(rest);
-        result
+        // The stack and memo drop here, without recursion (see `impl Drop for Value`).
+        built.and_then(|v| check_nesting(&v, MAX_DEPTH).map(|()| v))
     }
 
     fn run(&mut self, stack: &mut Vec<Item>, memo: &mut HashMap<usize, Value>) -> Result<Value> {
@@ -365,7 +349,7 @@ impl<'a> Unpickler<'a> {
                 let args = pop(stack)?;
                 let func = pop(stack)?;
                 let args = match args {
-                    Value::Tuple(t) => t.as_ref().clone(),
+                    Value::Tuple(ref t) => t.as_ref().clone(),
                     other => bail!("call arguments must be a tuple, got {}", other.type_name()),
                 };
                 push(stack, self.apply(func, args)?)
@@ -427,7 +411,7 @@ impl<'a> Unpickler<'a> {
     }
 
     fn apply(&self, func: Value, args: Vec<Value>) -> Result<Value> {
-        let Value::Global(g) = func else {
+        let Value::Global(ref g) = func else {
             bail!(
                 "pickle calls a {}, which is not an allowed global",
                 func.type_name()

@@ -1,7 +1,8 @@
 //! The values a pickle builds: Python's scalars, strings and containers,
 //! allowlisted globals, and calls recorded but never executed. Containers
 //! are shared (`Rc`), as the pickle's memo shares them; walking them is
-//! iterative and by identity ([`check_nesting`], [`dismantle`]), so a deep,
+//! iterative and by identity ([`check_nesting`], and dropping: see
+//! `impl Drop for Value`), so a deep,
 //! shared or self-containing value can neither overflow the stack nor be
 //! visited once per path.
 
@@ -245,39 +246,53 @@ pub fn check_nesting(root: &Value, max: usize) -> Result<()> {
     Ok(())
 }
 
-/// Drops `values` without recursion: each container whose last reference
-/// this is gives its children to the loop before it goes (a deeply nested
-/// value dropped the ordinary way would recurse once per level).
-pub fn dismantle(mut work: Vec<Value>) {
-    while let Some(v) = work.pop() {
-        match v {
-            Value::Tuple(t) => {
-                if let Ok(items) = Rc::try_unwrap(t) {
-                    work.extend(items);
-                }
-            }
-            Value::List(l) => {
-                if let Ok(items) = Rc::try_unwrap(l) {
-                    work.extend(items.into_inner());
-                }
-            }
-            Value::Dict(d) => {
-                if let Ok(d) = Rc::try_unwrap(d) {
-                    work.extend(d.into_inner().items.into_iter().flat_map(|(k, v)| [k, v]));
-                }
-            }
-            Value::Call(c) => {
-                if let Ok(c) = Rc::try_unwrap(c) {
-                    let c = c.into_inner();
-                    work.extend(c.args.into_iter().chain(c.state));
-                }
-            }
-            Value::PersistentId(p) => {
-                if let Ok(inner) = Rc::try_unwrap(p) {
-                    work.push(inner);
-                }
-            }
-            _ => {}
+/// Dropping a value never recurses: a container whose last reference
+/// goes hands its children to a work list first, so a value nested two
+/// million deep (or one dropped half-built by a failing pickle, anywhere)
+/// is freed in a loop, not one stack frame per level.
+impl Drop for Value {
+    fn drop(&mut self) {
+        let mut work = Vec::new();
+        take_children(self, &mut work);
+        while let Some(mut v) = work.pop() {
+            take_children(&mut v, &mut work);
         }
+    }
+}
+
+/// Moves the children of `v` into `work` if `v` holds the last reference
+/// to its container (a shared one is left to its other owners).
+fn take_children(v: &mut Value, work: &mut Vec<Value>) {
+    match v {
+        Value::Tuple(t) => {
+            if let Some(items) = Rc::get_mut(t) {
+                work.append(items);
+            }
+        }
+        Value::List(l) => {
+            if let Some(items) = Rc::get_mut(l) {
+                work.append(items.get_mut());
+            }
+        }
+        Value::Dict(d) => {
+            if let Some(d) = Rc::get_mut(d) {
+                let d = d.get_mut();
+                d.index.clear();
+                work.extend(d.items.drain(..).flat_map(|(k, v)| [k, v]));
+            }
+        }
+        Value::Call(c) => {
+            if let Some(c) = Rc::get_mut(c) {
+                let c = c.get_mut();
+                work.append(&mut c.args);
+                work.extend(c.state.take());
+            }
+        }
+        Value::PersistentId(p) => {
+            if let Some(inner) = Rc::get_mut(p) {
+                work.push(std::mem::replace(inner, Value::None));
+            }
+        }
+        _ => {}
     }
 }

@@ -1,0 +1,403 @@
+//! Fuzzing of every reader of untrusted bytes: the pickle machine (through
+//! its own entry point and inside a legacy `.pth` container, where the
+//! storage walk runs over what it built), both `.pth` layouts, safetensors
+//! with vggctl's metadata check, both CIFAR-10 layouts and the image
+//! decoder.
+//!
+//! Inputs are mutations of real files (the fixtures) and, for pickles,
+//! programs drawn from a grammar of the opcodes hostile files use: deep
+//! nesting, memo references that make a container hold itself or share
+//! one value many times, lengths that claim gigabytes, unknown globals,
+//! frames, garbage. An input whose outcome (success, or its error with
+//! numbers removed) is new joins the target's corpus and is mutated
+//! further. Every input must end in `Ok` or `Err` within `SLOW` seconds,
+//! without a panic, and the process's peak memory must stay under 1 GiB
+//! above where it started. An input that fails any of that is written to
+//! `tests/fuzz-cases/<target>/` and the test fails; every case kept there
+//! is run first, each time. A crash that kills the process (a stack
+//! overflow) leaves the input in `target/fuzz/<target>.input`.
+//!
+//! `VGGCTL_FUZZ_SECS` (default 60, spread over the targets) and
+//! `VGGCTL_FUZZ_SEED` set the run; `scripts/fuzz` runs it longer with a
+//! fresh seed and prints the figures.
+
+mod common;
+
+use std::collections::HashSet;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use common::{Rng, mutate};
+use vggctl::formats::pickle::{Allowlist, Unpickler};
+
+/// The longest any one input may take.
+const SLOW: Duration = Duration::from_secs(2);
+/// The most a target's corpus keeps.
+const CORPUS_MAX: usize = 512;
+
+type Reader = fn(&Path, &[u8]) -> Result<()>;
+
+struct Target {
+    name: &'static str,
+    read: Reader,
+    seeds: fn() -> Vec<Vec<u8>>,
+    /// Whether grammar pickles are drawn for it too.
+    pickles: bool,
+}
+
+const TORCH_AND_NUMPY: Allowlist = Allowlist {
+    globals: &[
+        ("torch._utils", "_rebuild_tensor_v2"),
+        ("torch", "FloatStorage"),
+        ("collections", "OrderedDict"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    ],
+    dict_like: &[("collections", "OrderedDict")],
+};
+
+fn read_pickle(_: &Path, bytes: &[u8]) -> Result<()> {
+    Unpickler::new(bytes, &TORCH_AND_NUMPY).load().map(drop)
+}
+
+/// A legacy `torch.save` container around the input as its object pickle.
+fn read_in_legacy_pth(_: &Path, bytes: &[u8]) -> Result<()> {
+    let mut file = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19.".to_vec();
+    file.extend_from_slice(b"\x80\x02M\xe9\x03.\x80\x02}.");
+    file.extend_from_slice(bytes);
+    file.extend_from_slice(b"\x80\x02].");
+    vggctl::formats::pth::parse_pth(&file).map(drop)
+}
+
+fn read_pth(_: &Path, bytes: &[u8]) -> Result<()> {
+    vggctl::formats::pth::parse_pth(bytes).map(drop)
+}
+
+fn read_safetensors(_: &Path, bytes: &[u8]) -> Result<()> {
+    let sd = vggctl::formats::safetensors::parse_safetensors(bytes)?;
+    vggctl::checkpoint::ModelMeta::from_metadata(&sd.metadata).map(drop)
+}
+
+fn read_cifar_bin(path: &Path, _: &[u8]) -> Result<()> {
+    vggctl::data::cifar::read_bin_batch(path).map(drop)
+}
+
+fn read_cifar_py(path: &Path, _: &[u8]) -> Result<()> {
+    vggctl::data::cifar::read_py_batch(path).map(drop)
+}
+
+fn read_image(path: &Path, _: &[u8]) -> Result<()> {
+    vggctl::data::image::decode_rgb(path).map(drop)
+}
+
+fn fixture(rel: &str) -> Vec<u8> {
+    std::fs::read(common::fixtures().join(rel)).unwrap()
+}
+
+fn pth_seeds() -> Vec<Vec<u8>> {
+    vec![
+        fixture("pth/views.legacy.pth"),
+        fixture("pth/views.zip.pth"),
+    ]
+}
+
+fn pickle_seeds() -> Vec<Vec<u8>> {
+    // The object pickle of the legacy fixture, and CIFAR's batch pickle.
+    let mut s = vec![fixture("digits-py/cifar-10-batches-py/batches.meta")];
+    s.push(b"\x80\x02}q\x00(X\x01\x00\x00\x00aq\x01]q\x02K\x01aX\x01\x00\x00\x00bh\x02u.".to_vec());
+    s
+}
+
+fn safetensors_seeds() -> Vec<Vec<u8>> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.safetensors");
+    let spec = vggctl::model::ModelSpec::new(
+        vggctl::model::Arch::Vgg11,
+        false,
+        vggctl::model::Head::Gap,
+        3,
+    );
+    let meta = vggctl::checkpoint::meta_for_weights(spec);
+    let t = tch::Tensor::arange(12, (tch::Kind::Float, tch::Device::Cpu)).view([3, 4]);
+    vggctl::formats::safetensors::write_safetensors(
+        &path,
+        &[("w".to_string(), t)],
+        &meta.to_metadata(),
+    )
+    .unwrap();
+    vec![std::fs::read(&path).unwrap()]
+}
+
+fn cifar_bin_seeds() -> Vec<Vec<u8>> {
+    // Four records of the test batch keep each read short.
+    let b = fixture("digits-bin/cifar-10-batches-bin/test_batch.bin");
+    vec![b[..4 * 3073].to_vec()]
+}
+
+fn cifar_py_seeds() -> Vec<Vec<u8>> {
+    vec![fixture("digits-py/cifar-10-batches-py/test_batch")]
+}
+
+fn image_seeds() -> Vec<Vec<u8>> {
+    let img = image::RgbImage::from_fn(40, 30, |x, y| image::Rgb([x as u8 * 6, y as u8 * 8, 90]));
+    let mut out = Vec::new();
+    for format in [image::ImageFormat::Jpeg, image::ImageFormat::Png] {
+        let mut bytes = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut bytes, format).unwrap();
+        out.push(bytes.into_inner());
+    }
+    out
+}
+
+const TARGETS: &[Target] = &[
+    Target {
+        name: "pickle",
+        read: read_pickle,
+        seeds: pickle_seeds,
+        pickles: true,
+    },
+    Target {
+        name: "pickle-in-pth",
+        read: read_in_legacy_pth,
+        seeds: pickle_seeds,
+        pickles: true,
+    },
+    Target {
+        name: "pth",
+        read: read_pth,
+        seeds: pth_seeds,
+        pickles: false,
+    },
+    Target {
+        name: "safetensors",
+        read: read_safetensors,
+        seeds: safetensors_seeds,
+        pickles: false,
+    },
+    Target {
+        name: "cifar-bin",
+        read: read_cifar_bin,
+        seeds: cifar_bin_seeds,
+        pickles: false,
+    },
+    Target {
+        name: "cifar-py",
+        read: read_cifar_py,
+        seeds: cifar_py_seeds,
+        pickles: true,
+    },
+    Target {
+        name: "image",
+        read: read_image,
+        seeds: image_seeds,
+        pickles: false,
+    },
+];
+
+/// One pickle opcode sequence from the grammar; `depth` bounds how far a
+/// "deep" production nests.
+fn grammar_pickle(rng: &mut Rng) -> Vec<u8> {
+    let mut p = vec![0x80, 2 + rng.below(4) as u8];
+    let ops = 1 + rng.below(24);
+    for _ in 0..ops {
+        match rng.below(16) {
+            0 => {
+                // Deep nesting: lists, tuples or dicts inside each other.
+                let n = [10, 99, 100, 101, 5_000, 200_000][rng.below(6)];
+                let open = [b']', b'(', b'}'][rng.below(3)];
+                p.extend(std::iter::repeat_n(open, n));
+                let close = [b'a', b't', b'e'][rng.below(3)];
+                p.extend(std::iter::repeat_n(close, n / 2));
+            }
+            1 => p.extend_from_slice(&[b']', b'q', 0, b'h', 0, b'a']), // a list inside itself
+            2 => {
+                // One value shared 2^k ways.
+                p.extend_from_slice(b"K\x01\x85q\x00");
+                for i in 1..=(1 + rng.below(63)) as u8 {
+                    p.extend_from_slice(&[b'h', i - 1, b'h', i - 1, 0x86, b'q', i]);
+                }
+            }
+            3 => {
+                // A length that claims far more than the file holds.
+                let op = [b'X', b'B', 0x8e, 0x8d, 0x8b, 0x95][rng.below(6)];
+                p.push(op);
+                let len = [u64::MAX, 1 << 40, 0xFFFF_FFF0, 1 << 20][rng.below(4)];
+                p.extend_from_slice(
+                    &len.to_le_bytes()[..if op == 0x8e || op == 0x8d || op == 0x95 {
+                        8
+                    } else {
+                        4
+                    }],
+                );
+            }
+            4 => p.extend_from_slice(b"cos\nsystem\n"),
+            5 => p.extend_from_slice(b"ctorch._utils\n_rebuild_tensor_v2\n"),
+            6 => p.extend_from_slice(b"ccollections\nOrderedDict\n)R"),
+            7 => p.extend_from_slice(&[b'h', rng.below(256) as u8]), // memo get, maybe unset
+            8 => p.extend_from_slice(&[b'j', 0xff, 0xff, 0xff, 0x7f]),
+            9 => p.extend_from_slice(&[b'(', b'X', 1, 0, 0, 0, b'k', b'K', 7, b'u']),
+            10 => p.extend_from_slice(&[b'(', b'X', 3, 0, 0, 0, b'1', b'2', b'3', b'Q']), // persistent id
+            11 => p.extend_from_slice(&[b'R', b'b', b's', b'0', b'2', b'1'][rng.below(6)..][..1]),
+            12 => {
+                let n = rng.below(8);
+                for _ in 0..n {
+                    p.push(rng.next() as u8);
+                }
+            }
+            13 => p.extend_from_slice(b"\x8a\x08\xff\xff\xff\xff\xff\xff\xff\x7f"),
+            14 => p.extend_from_slice(b"G\x7f\xf8\x00\x00\x00\x00\x00\x00"),
+            _ => p.push(b'.'),
+        }
+    }
+    p.push(b'.');
+    p
+}
+
+/// What an outcome looks like, numbers and paths removed: new ones grow the corpus.
+fn signature(r: &Result<()>) -> String {
+    match r {
+        Ok(()) => "ok".into(),
+        Err(e) => format!("{e:#}")
+            .replace(|c: char| c.is_ascii_digit(), "")
+            .chars()
+            .take(80)
+            .collect(),
+    }
+}
+
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn cases_dir(target: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fuzz-cases")
+        .join(target)
+}
+
+struct Finding {
+    what: String,
+    kept: PathBuf,
+}
+
+/// Runs one input; writes it to `scratch` first (the path readers read it
+/// there, and a crash leaves it behind). A panic or a slow input is kept
+/// as a regression case.
+fn exec(t: &Target, scratch: &Path, input: &[u8]) -> Result<Result<()>, Finding> {
+    std::fs::write(scratch, input).unwrap();
+    let t0 = Instant::now();
+    let outcome = catch_unwind(AssertUnwindSafe(|| (t.read)(scratch, input)));
+    let took = t0.elapsed();
+    let what = match &outcome {
+        Err(_) => "panicked".to_string(),
+        Ok(_) if took > SLOW => format!("took {took:?}"),
+        Ok(_) => return Ok(outcome.unwrap()),
+    };
+    let dir = cases_dir(t.name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let hash: u64 = input.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    });
+    let kept = dir.join(format!("{hash:016x}.bin"));
+    std::fs::write(&kept, input).unwrap();
+    Err(Finding { what, kept })
+}
+
+struct Figures {
+    execs: u64,
+    corpus: usize,
+    outcomes: usize,
+    regressions: usize,
+}
+
+fn fuzz_target(t: &Target, rng: &mut Rng, budget: Duration, scratch: &Path) -> Figures {
+    let mut regressions = 0;
+    if let Ok(dir) = std::fs::read_dir(cases_dir(t.name)) {
+        for case in dir.flatten() {
+            let input = std::fs::read(case.path()).unwrap();
+            if let Err(f) = exec(t, scratch, &input) {
+                panic!(
+                    "{}: regression case {} {}",
+                    t.name,
+                    f.kept.display(),
+                    f.what
+                );
+            }
+            regressions += 1;
+        }
+    }
+    let mut corpus = (t.seeds)();
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut execs = 0u64;
+    let t0 = Instant::now();
+    while t0.elapsed() < budget {
+        let input = if t.pickles && rng.below(3) == 0 {
+            grammar_pickle(rng)
+        } else {
+            let parent = &corpus[rng.below(corpus.len())];
+            mutate(rng, parent)
+        };
+        let outcome = exec(t, scratch, &input).unwrap_or_else(|f| {
+            panic!(
+                "{}: an input {} (kept as {})",
+                t.name,
+                f.what,
+                f.kept.display()
+            )
+        });
+        execs += 1;
+        if seen.insert(signature(&outcome)) && corpus.len() < CORPUS_MAX && !input.is_empty() {
+            corpus.push(input);
+        }
+    }
+    Figures {
+        execs,
+        corpus: corpus.len(),
+        outcomes: seen.len(),
+        regressions,
+    }
+}
+
+#[test]
+fn readers_survive_fuzzing() {
+    let secs: f64 = std::env::var("VGGCTL_FUZZ_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60.0);
+    let seed: u64 = std::env::var("VGGCTL_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5eed_f00d);
+    let budget = Duration::from_secs_f64(secs / TARGETS.len() as f64);
+    let work = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/fuzz");
+    std::fs::create_dir_all(&work).unwrap();
+    let start_rss = peak_rss_kib();
+    let mut rng = Rng(seed | 1);
+    let mut total = 0;
+    for t in TARGETS {
+        let scratch = work.join(format!("{}.input", t.name));
+        let f = fuzz_target(t, &mut rng, budget, &scratch);
+        total += f.execs;
+        println!(
+            "fuzz {:<14} {:>8} executions, corpus {:>3}, {:>3} distinct outcomes, {} regression cases",
+            t.name, f.execs, f.corpus, f.outcomes, f.regressions
+        );
+        let _ = std::fs::remove_file(&scratch);
+    }
+    let grown = peak_rss_kib().saturating_sub(start_rss);
+    println!(
+        "fuzz total: {total} executions in {secs} s (seed {seed}), peak memory +{} MiB",
+        grown / 1024
+    );
+    assert!(grown < 1 << 20, "peak memory grew by {grown} KiB");
+}
