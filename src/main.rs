@@ -121,22 +121,40 @@ fn usage_error(e: clap::Error) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let text = e.render().to_string();
-    let first = text
-        .lines()
+    let mut lines = text.lines().map(str::trim_end);
+    let first = lines
+        .by_ref()
         .find(|l| !l.trim().is_empty())
         .unwrap_or("invalid arguments");
-    let first = first.trim_start_matches("error: ");
-    // clap lists the accepted values on a later line; keep them on this one.
-    let hint = text
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("[possible values: "))
-        .map(|v| {
-            format!(
-                " (possible values: {}",
-                v.trim_end_matches(']').to_string() + ")"
-            )
-        })
-        .unwrap_or_default();
-    eprintln!("vggctl: error: {first}{hint}; see 'vggctl --help'");
+    let mut message = first
+        .trim_start_matches("error: ")
+        .trim_end_matches(':')
+        .to_string();
+    // The indented lines right after it: the missing arguments' names.
+    let listed: Vec<&str> = lines
+        .by_ref()
+        .take_while(|l| l.starts_with("  ") && !l.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    if !listed.is_empty() {
+        message += &format!(": {}", listed.join(", "));
+    }
+    // clap's "did you mean" and the accepted values come on later lines.
+    for l in text.lines().map(str::trim) {
+        if let Some(tip) = l.strip_prefix("tip: ") {
+            message += &format!(" ({tip})");
+        } else if let Some(v) = l.strip_prefix("[possible values: ") {
+            message += &format!(" (possible values: {})", v.trim_end_matches(']'));
+        }
+    }
+    // The help to read: the subcommand's, when one was named.
+    let sub = std::env::args()
+        .nth(1)
+        .filter(|a| cmd::SUBCOMMANDS.contains(&a.as_str()));
+    let help = match sub {
+        Some(s) => format!("vggctl {s} --help"),
+        None => "vggctl --help".to_string(),
+    };
+    eprintln!("vggctl: error: {message}; see '{help}'");
     ExitCode::from(2)
 }

@@ -200,7 +200,11 @@ fn a_truncated_jpeg_is_refused() {
         dir,
         &["predict", "--checkpoint", "m.safetensors", "cut.jpg"],
     );
-    assert_one_line_error(&r, 2, "cut.jpg: truncated JPEG");
+    assert_one_line_error(
+        &r,
+        2,
+        "cut.jpg: not a readable JPEG or PNG image: truncated JPEG",
+    );
 }
 
 /// Flags with values no run can have: one line each.
@@ -326,4 +330,32 @@ fn resume_refuses_changes_and_bad_states() {
         "step 1000000000 of epoch 2 is past the end of an epoch of 64 images at batch 32",
     );
     assert!(r.stderr.contains("run/resume.safetensors"), "{}", r.stderr);
+}
+
+/// Usage errors keep what clap knows, on one line: the missing arguments'
+/// names, "did you mean", and the subcommand's own help to read.
+#[test]
+fn usage_errors_name_what_is_missing_and_suggest() {
+    let tmp = common::tempdir();
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["eval"],
+            "the following required arguments were not provided: --checkpoint <CHECKPOINT>; see 'vggctl eval --help'",
+        ),
+        (
+            &["parms"],
+            "(a similar subcommand exists: 'params'); see 'vggctl --help'",
+        ),
+        (
+            &["train", "--batchsize", "3"],
+            "unexpected argument '--batchsize' found (a similar argument exists: '--batch-size'); see 'vggctl train --help'",
+        ),
+        (
+            &["eval", "--checkpoint", "a", "--precision", "x"],
+            "(possible values: auto, fp32, tf32, fp16, bf16); see 'vggctl eval --help'",
+        ),
+    ];
+    for (args, needle) in cases {
+        assert_one_line_error(&run_in(tmp.path(), args), 2, needle);
+    }
 }

@@ -53,6 +53,11 @@ enum Command {
     Predict(predict::Args),
 }
 
+/// The subcommands' names, as typed.
+pub const SUBCOMMANDS: &[&str] = &[
+    "info", "params", "train", "eval", "finetune", "export", "predict",
+];
+
 /// Parses the command line. Training runs also learn which of their
 /// options were typed (not defaulted): `--resume` refuses those that would
 /// change the run it continues.
@@ -96,5 +101,21 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Finetune(args) => finetune::run(args),
         Command::Export(args) => export::run(args),
         Command::Predict(args) => predict::run(args),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// The list the usage errors use to name a subcommand's help is clap's own.
+    #[test]
+    fn subcommand_names_are_clap_s() {
+        let names: Vec<String> = Cli::command()
+            .get_subcommands()
+            .map(|c| c.get_name().to_string())
+            .collect();
+        assert_eq!(names, SUBCOMMANDS);
     }
 }
