@@ -35,7 +35,7 @@ pub fn decode_rgb(path: &Path) -> Result<image::RgbImage> {
     let bytes = crate::fsutil::read_regular(path, "an image", MAX_IMAGE_FILE)?;
     if bytes.starts_with(&[0xFF, 0xD8]) && !jpeg_is_complete(&bytes) {
         anyhow::bail!(
-            "{}: truncated JPEG (its image data has no end marker)",
+            "{}: not a readable JPEG or PNG image: truncated JPEG (its image data has no end marker)",
             path.display()
         );
     }

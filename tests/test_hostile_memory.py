@@ -1,0 +1,132 @@
+"""Hostile inputs through the real binary under a time and memory bound.
+
+Each file is built here, in Python, the way an attacker would: a `.pth` zip
+of 16 members that each inflate to 96 MiB of zeros (1.5 GiB), pickles of 2,000,000
+nested lists, of a list that contains itself, of one tuple shared 64 levels
+deep (2^64 paths), of 200,000 dict keys, and PyTorch's own `torch.save` of a
+tensor with NaN. Each goes to `vggctl export --weights`, and `/dev/zero` and
+a FIFO without a writer to `eval --checkpoint`. Every run must end with exit
+2 and one error line within 60 s, its peak resident memory (the child's own,
+from `wait4`) at most 1 GiB above a clean `export` of the same small model:
+what the file claims never becomes an allocation.
+"""
+import io
+import os
+import struct
+import subprocess
+import time
+import zipfile
+
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from vgg_reference import build  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.environ.get("VGGCTL_BIN", os.path.join(ROOT, "target", "release", "vggctl"))
+GIB_KIB = 1 << 20
+
+
+def run(args, cwd):
+    """Runs vggctl; returns (exit code, stderr, seconds, peak RSS in KiB)."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen([BIN, *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # Read stderr before reaping, so the child's own rusage comes back with it.
+    err = proc.stderr.read().decode()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, err, time.monotonic() - t0, usage.ru_maxrss
+
+
+def export_args(weights):
+    return ["export", "--weights", weights, "--arch", "vgg11", "--head", "cifar",
+            "--format", "safetensors", "--out", "out.safetensors"]
+
+
+def legacy_pth(object_pickle):
+    """A legacy torch.save file whose object is `object_pickle`."""
+    magic = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19."
+    return magic + b"\x80\x02M\xe9\x03." + b"\x80\x02}." + object_pickle + b"\x80\x02]."
+
+
+def nested_lists(n):
+    return b"\x80\x02" + b"]" * n + b"a" * (n - 1) + b"."
+
+
+def self_containing_list():
+    return b"\x80\x02]q\x00h\x00a."
+
+
+def shared_tuples(levels):
+    p = b"\x80\x02K\x01\x85q\x00"
+    for i in range(1, levels + 1):
+        p += bytes([ord("h"), i - 1, ord("h"), i - 1, 0x86, ord("q"), i])
+    return p + b"."
+
+
+def dict_of(keys):
+    p = b"\x80\x02}("
+    for i in range(keys):
+        k = f"k{i}".encode()
+        p += b"X" + struct.pack("<I", len(k)) + k + b"K\x01"
+    return p + b"u."
+
+
+def zip_bomb(members, size):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("archive/data.pkl", b"\x80\x02}.")
+        zeros = b"\0" * size
+        for i in range(members):
+            z.writestr(f"archive/data/{i}", zeros)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    """Peak memory of a clean export of a small vgg11 (libtorch's footprint)."""
+    d = tmp_path_factory.mktemp("base")
+    model = build("vgg11", False, "cifar", 10)
+    torch.save(model.state_dict(), d / "ok.pth")
+    code, err, _, rss = run(export_args("ok.pth"), d)
+    assert code == 0, err
+    return rss
+
+
+def hostile_files(d):
+    (d / "bomb.pth").write_bytes(zip_bomb(16, 96 << 20))
+    (d / "nested.pth").write_bytes(legacy_pth(nested_lists(2_000_000)))
+    (d / "cycle.pth").write_bytes(legacy_pth(self_containing_list()))
+    (d / "shared.pth").write_bytes(legacy_pth(shared_tuples(64)))
+    (d / "dict.pth").write_bytes(legacy_pth(dict_of(200_000)))
+
+    sd = build("vgg11", False, "cifar", 10).state_dict()
+    sd["features.0.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(sd, d / "nan.pth")
+    os.mkfifo(d / "fifo")
+    return [
+        (export_args("bomb.pth"), "bomb.pth"),
+        (export_args("nested.pth"), "nested.pth"),
+        (export_args("cycle.pth"), "cycle.pth"),
+        (export_args("shared.pth"), "shared.pth"),
+        (export_args("dict.pth"), "dict.pth"),
+        (export_args("nan.pth"), "NaN or infinite"),
+        (["eval", "--checkpoint", "/dev/zero", "--dataset", "digits"], "/dev/zero"),
+        (["eval", "--checkpoint", "fifo", "--dataset", "digits"], "fifo"),
+    ]
+
+
+def test_hostile_inputs_stay_within_time_and_memory(tmp_path, baseline):
+    for args, needle in hostile_files(tmp_path):
+        code, err, secs, rss = run(args, tmp_path)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 2, (args, err)
+        assert len(lines) == 1 and needle in lines[0], (args, err)
+        assert "panicked" not in err
+        assert secs < 60, (args, secs)
+        assert rss - baseline < GIB_KIB, (args, rss, baseline)
+        print(f"{args[2]}: {secs:.1f} s, peak +{max(rss - baseline, 0) // 1024} MiB over a clean export")
+    assert not (tmp_path / "out.safetensors").exists()
