@@ -306,6 +306,14 @@ fn resume_refuses_changes_and_bad_states() {
     let r = run_in(dir, &["finetune", "--resume", "run", "--arch", "vgg13"]);
     assert_one_line_error(&r, 2, "--arch would change the run");
 
+    // A finished run has nothing left to do without more epochs.
+    let r = run_in(dir, &["train", "--resume", "run", "--quiet"]);
+    assert_one_line_error(
+        &r,
+        2,
+        "run: the run is finished (epoch 1 of 1); give a larger --epochs to train further",
+    );
+
     let resume = dir.join("run/resume.safetensors");
     let original = std::fs::read(&resume).unwrap();
     rewrite_state(&resume, |s| s["config"]["batch_size"] = 0.into());

@@ -113,6 +113,10 @@ fn bad_export_requests() {
             with(&["--format", "onnx", "--input", "16", "--out", "s.onnx"]),
             "--input 16 is too small",
         ),
+        (
+            with(&["--out", "m.bin"]),
+            "--out m.bin: give --format, or an extension that names one (.safetensors, .pt, .onnx, .pt2)",
+        ),
     ];
     for (args, needle) in cases {
         let mut all = vec!["export"];
@@ -132,14 +136,14 @@ fn bad_export_requests() {
             "vgg11",
             "--head",
             "cifar",
-            "--format",
-            "onnx",
             "--out",
             e,
             "--force",
         ],
     );
     assert_eq!(r.code, 0, "{}", r.stderr);
+    // The format came from the extension, and is named as people write it.
+    assert!(r.stdout.contains("MiB, ONNX, vgg11"), "{}", r.stdout);
     assert!(std::fs::metadata(&existing).unwrap().len() > 1_000_000);
     let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
         .unwrap()

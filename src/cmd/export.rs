@@ -37,8 +37,9 @@ pub struct Args {
     /// (.pth/.pt/.safetensors) for --arch/--bn/--head/--classes.
     #[arg(long)]
     weights: Option<String>,
+    /// [default: from --out's extension: .safetensors, .pt (TorchScript), .onnx, .pt2]
     #[arg(long, value_enum)]
-    format: Format,
+    format: Option<Format>,
     /// The file to write.
     #[arg(long)]
     out: PathBuf,
@@ -64,7 +65,8 @@ struct Written {
     bytes: u64,
     format: Format,
     model: String,
-    input_shape: Vec<String>,
+    /// `[null, 3, H, W]`: the batch dimension is dynamic.
+    input_shape: [Option<i64>; 4],
     folded_bn: bool,
     half: bool,
 }
@@ -89,22 +91,58 @@ fn load(args: &Args) -> Result<(Vgg, ModelMeta)> {
     Ok((model, meta))
 }
 
+impl Format {
+    fn name(self) -> &'static str {
+        match self {
+            Format::Safetensors => "safetensors",
+            Format::Torchscript => "TorchScript",
+            Format::Onnx => "ONNX",
+            Format::Pt2 => "pt2 (torch.export)",
+        }
+    }
+
+    /// The format `--out`'s extension names.
+    fn of(out: &std::path::Path) -> Result<Format> {
+        let ext = out
+            .extension()
+            .map(|e| e.to_string_lossy().to_ascii_lowercase());
+        Ok(match ext.as_deref() {
+            Some("safetensors") => Format::Safetensors,
+            Some("pt") | Some("ts") => Format::Torchscript,
+            Some("onnx") => Format::Onnx,
+            Some("pt2") => Format::Pt2,
+            _ => bail!(
+                "--out {}: give --format, or an extension that names one (.safetensors, .pt, .onnx, .pt2)",
+                out.display()
+            ),
+        })
+    }
+}
+
 pub fn run(args: Args) -> Result<()> {
-    if args.half && args.format != Format::Safetensors {
+    let format = match args.format {
+        Some(f) => f,
+        None => Format::of(&args.out)?,
+    };
+    run_as(&args, format)
+}
+
+fn run_as(args: &Args, format: Format) -> Result<()> {
+    if args.half && format != Format::Safetensors {
         bail!("--half applies to --format safetensors only");
     }
-    if args.fold_bn && args.format == Format::Safetensors {
+    if args.fold_bn && format == Format::Safetensors {
         bail!(
             "--fold-bn applies to torchscript, onnx and pt2 (a folded state dict is no longer torchvision's)"
         );
     }
     check_target(&args.out, args.force)?;
-    let (model, meta) = load(&args)?;
+    let (model, meta) = load(args)?;
     let input = args.input.unwrap_or(meta.input_size);
     check_input(input)?;
     let folded = args.fold_bn && model.spec.bn;
     let model = if folded { fold_bn(&model) } else { model }.into_inference();
-    match args.format {
+    match format {
         Format::Safetensors => export_safetensors(&model, &meta, &args.out, args.half)?,
         Format::Torchscript => export_torchscript(&model, input, &args.out)?,
         Format::Onnx => export_onnx(&model, &meta, input, folded, &args.out)?,
@@ -113,9 +151,9 @@ pub fn run(args: Args) -> Result<()> {
     let written = Written {
         path: args.out.clone(),
         bytes: std::fs::metadata(&args.out).map(|m| m.len()).unwrap_or(0),
-        format: args.format,
+        format,
         model: meta.spec().model_name(),
-        input_shape: vec!["N".into(), "3".into(), input.to_string(), input.to_string()],
+        input_shape: [None, Some(3), Some(input), Some(input)],
         folded_bn: folded,
         half: args.half,
     };
@@ -123,10 +161,10 @@ pub fn run(args: Args) -> Result<()> {
         return print_json(&written);
     }
     print_out(&format!(
-        "wrote {} ({:.1} MiB, {:?}, {} with {} classes, input N x 3 x {input} x {input}{}{})\n",
+        "wrote {} ({:.1} MiB, {}, {} with {} classes, input N x 3 x {input} x {input}{}{})\n",
         written.path.display(),
         written.bytes as f64 / (1024.0 * 1024.0),
-        written.format,
+        format.name(),
         written.model,
         meta.classes,
         if folded { ", BatchNorm folded" } else { "" },

@@ -280,6 +280,14 @@ pub fn resume(h: &HyperOpts, data: &DataOpts, device: Device, json: bool) -> Res
     if let Some(e) = h.epochs {
         config.epochs = e;
     }
+    if saved.epoch >= config.epochs {
+        bail!(
+            "{}: the run is finished (epoch {} of {}); give a larger --epochs to train further",
+            path.display(),
+            saved.epoch,
+            config.epochs
+        );
+    }
     config.device = device_name(device);
     config.profile = h.profile;
     config.cuda_graphs = h
