@@ -252,7 +252,7 @@ def vggctl_train(binary, data_dir, out, batch, n, extra, epochs=3, arch=("vgg16"
     limit = ["--limit-train", str(n)] if n else []
     """images/s (median of the epochs after the first), peak bytes, what it ran as, last test top-1."""
     run([binary, "train", "--arch", arch[0], *arch[1:], "--epochs", str(epochs), "--batch-size", str(batch),
-         "--data-dir", data_dir, "--no-download", *limit, "--out", out, "--quiet", "--device", DEV.type,
+         "--data-dir", data_dir, "--no-download", *limit, "--out", out, "--force", "--quiet", "--device", DEV.type,
          *extra])
     with open(os.path.join(out, "metrics.jsonl")) as f:
         m = [json.loads(line) for line in f.read().splitlines()]

@@ -116,7 +116,7 @@ def write_bin_dataset(root, data, labels):
 def vggctl_loop(binary, root, dev, batch, n, bn, repeat, bf16=False):
     out = os.path.join(root, "run-bf16" if bf16 else "run")
     cmd = [binary, "train", "--arch", "vgg16", "--epochs", str(repeat + 1), "--batch-size", str(batch), "--data-dir", root,
-           "--no-download", "--limit-train", str(n), "--limit-test", "100", "--out", out, "--quiet",
+           "--no-download", "--limit-train", str(n), "--limit-test", "100", "--out", out, "--force", "--quiet",
            "--device", "cuda" if dev.type == "cuda" else "cpu"] + (["--bn"] if bn else [])
     cmd += ["--precision", "bf16" if bf16 else "fp32"]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
