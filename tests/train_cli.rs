@@ -591,3 +591,59 @@ fn bad_training_arguments() {
         common::assert_one_line_error(&vggctl(args), 2, needle);
     }
 }
+
+/// `eval` of a checkpoint in its run directory, started from another
+/// directory without --data-dir, reads the data the run trained on (its
+/// config.json records the directory, absolute) instead of looking in
+/// ./data or downloading; its accuracy is the run's last test accuracy.
+#[test]
+fn eval_finds_the_runs_data_from_anywhere() {
+    let tmp = common::tempdir();
+    let work = tmp.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    std::fs::create_dir(tmp.path().join("elsewhere")).unwrap();
+    let data = digits("bin");
+    let r = common::run_in(
+        &work,
+        &[
+            "train",
+            "--data-dir",
+            &data,
+            "--arch",
+            "vgg11",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "32",
+            "--limit-train",
+            "64",
+            "--limit-test",
+            "32",
+            "--no-download",
+            "--out",
+            "run",
+            "--quiet",
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let trained = metrics(&work.join("run"))[0].test_top1;
+    let r = common::run_in(
+        &tmp.path().join("elsewhere"),
+        &[
+            "eval",
+            "--checkpoint",
+            "../work/run/best.safetensors",
+            "--limit-test",
+            "32",
+            "--no-download",
+            "--json",
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let report: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let top1 = report["top1"].as_f64().unwrap();
+    assert!(
+        (top1 - trained).abs() < 1e-9,
+        "eval {top1} vs trained {trained}"
+    );
+}

@@ -14,6 +14,7 @@ use vggctl::infer::Inference;
 use vggctl::model::{Head, Vgg, check_input};
 use vggctl::numerics::{Activity, Numerics};
 use vggctl::shim;
+use vggctl::train::run_dir::config_beside;
 
 use super::data_opts::DataOpts;
 use super::opts::{GraphOpts, InferenceOpts, ModelOpts, NumericsOpts};
@@ -138,6 +139,18 @@ fn load_data(
     let mut data = args.data.clone();
     if data.dataset.is_none() {
         data.dataset = meta.map(|m| m.dataset.clone());
+    }
+    // A checkpoint in its run directory: the data the run trained on, from
+    // wherever eval is started (unless --data-dir says otherwise).
+    if data.data_dir.is_none()
+        && let Some(run) = config_beside(&args.checkpoint)
+        && run.dataset == data.dataset()
+    {
+        data.data_dir = Some(PathBuf::from(run.data_dir));
+        if data.val_dir.is_none() {
+            data.val_dir = run.val_dir.map(PathBuf::from);
+            data.val_split = run.val_split;
+        }
     }
     if let Some(input) = args.input {
         check_input(input)?;

@@ -122,6 +122,15 @@ pub fn install_stop_signals() {
     });
 }
 
+/// A path as config.json records it: absolute, so that `eval` and
+/// `--resume` find the data from any directory.
+fn absolute(path: &std::path::Path) -> String {
+    std::path::absolute(path)
+        .unwrap_or_else(|_| path.to_path_buf())
+        .display()
+        .to_string()
+}
+
 fn timestamp() -> String {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -220,8 +229,8 @@ impl HyperOpts {
         TrainConfig {
             model: spec,
             dataset: data.dataset().to_string(),
-            data_dir: data.dir().display().to_string(),
-            val_dir: data.val_dir.as_ref().map(|d| d.display().to_string()),
+            data_dir: absolute(&data.dir()),
+            val_dir: data.val_dir.as_deref().map(absolute),
             val_split: data.val_split,
             epochs: self.epochs.unwrap_or(default_epochs),
             batch_size: self.batch_size,
@@ -295,7 +304,7 @@ pub fn resume(h: &HyperOpts, data: &DataOpts, device: Device, json: bool) -> Res
         .request(Some(&h.graphs), config.fused)
         .cuda_graphs_on(device);
     if let Some(dir) = &data.data_dir {
-        config.data_dir = dir.display().to_string();
+        config.data_dir = absolute(dir);
     }
     // A resumed run continues in the directory its checkpoint is in.
     config.out = if path.is_dir() {

@@ -151,6 +151,14 @@ impl RunDir {
     }
 }
 
+/// The configuration of the run that wrote `checkpoint`, if the file sits
+/// in its run directory (`config.json` beside it, readable and vggctl's).
+pub fn config_beside(checkpoint: &Path) -> Option<TrainConfig> {
+    let config = checkpoint.parent()?.join("config.json");
+    let bytes = crate::fsutil::read_regular(&config, "a run configuration", 1 << 20).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
 /// A run directory's lock, held while this lives.
 pub struct RunLock {
     _file: File,
