@@ -41,7 +41,7 @@ enum Command {
     Info(info::Args),
     /// Parameters, shapes, multiply-adds and receptive fields per layer.
     Params(params::Args),
-    /// Train on CIFAR-10 with the recipe (SGD 0.01, momentum 0.9, wd 5e-4, 100 epochs).
+    /// Train a VGG from scratch: CIFAR-10's recipe by default (SGD 0.01, momentum 0.9, wd 5e-4, 100 epochs), or the built-in digits or an image folder.
     Train(train::Args),
     /// Evaluate a checkpoint: top-1/top-5, per-class accuracy, confusion matrix.
     Eval(eval::Args),

@@ -23,21 +23,28 @@ use super::progress::EpochBars;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct HyperOpts {
-    /// Epochs to train in all [default: 100].
-    #[arg(long)]
+    /// Epochs to train in all [default: train 100, finetune 10].
+    #[arg(short, long)]
     pub epochs: Option<usize>,
-    #[arg(long, default_value_t = 128)]
+    /// Images per training step.
+    #[arg(short, long, default_value_t = 128)]
     pub batch_size: i64,
+    /// Images per evaluation batch (after each epoch).
     #[arg(long, default_value_t = 100)]
     pub test_batch_size: i64,
+    /// The update rule.
     #[arg(long, value_parser = choice::<OptimizerKind>(), default_value = "sgd")]
     pub optimizer: OptimizerKind,
+    /// Peak learning rate (after --warmup-epochs).
     #[arg(long, default_value_t = 0.01)]
     pub lr: f64,
+    /// SGD momentum.
     #[arg(long, default_value_t = 0.9)]
     pub momentum: f64,
+    /// L2 penalty (SGD) or decoupled weight decay (AdamW).
     #[arg(long, default_value_t = 5e-4)]
     pub weight_decay: f64,
+    /// Nesterov momentum (SGD).
     #[arg(long)]
     pub nesterov: bool,
     #[arg(long, value_parser = choice::<SchedulerKind>(), default_value = "multistep")]
@@ -45,16 +52,20 @@ pub struct HyperOpts {
     /// Epochs at which MultiStepLR multiplies the LR by --gamma.
     #[arg(long, value_delimiter = ',', default_value = "50,80")]
     pub milestones: Vec<usize>,
+    /// What MultiStepLR multiplies the LR by at each milestone.
     #[arg(long, default_value_t = 0.1)]
     pub gamma: f64,
+    /// Epochs of linear warm-up from 0 to --lr.
     #[arg(long, default_value_t = 0)]
     pub warmup_epochs: usize,
+    /// Cross-entropy label smoothing, in [0, 1).
     #[arg(long, default_value_t = 0.0)]
     pub label_smoothing: f64,
+    /// Seeds initialization, the epoch order and every augmentation.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Output directory [default: runs/<arch>[_bn]-<dataset>-<timestamp>].
-    #[arg(long)]
+    #[arg(short, long)]
     pub out: Option<PathBuf>,
     /// Continue a run: its resume.safetensors, or its directory.
     #[arg(long)]
@@ -69,7 +80,7 @@ pub struct HyperOpts {
     #[arg(long)]
     pub force: bool,
     /// No progress on stderr.
-    #[arg(long)]
+    #[arg(short, long)]
     pub quiet: bool,
     #[command(flatten)]
     pub numerics: NumericsOpts,
@@ -388,8 +399,9 @@ fn report(s: &TrainSummary, json: bool) -> Result<()> {
         return print_json(s);
     }
     let mut text = format!(
-        "trained {} epochs; files in {}\n",
+        "trained {} epoch{}; files in {}\n",
         s.epochs,
+        if s.epochs == 1 { "" } else { "s" },
         s.out.display()
     );
     if let Some(m) = &s.final_metrics {

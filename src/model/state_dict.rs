@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use anyhow::{Result, bail};
 use tch::{Kind, Tensor};
 
-use super::spec::ModelSpec;
+use super::spec::{Arch, ModelSpec};
 
 /// Which weight values loading accepts: finite ones only (the default), or
 /// any (`--allow-nonfinite`, to inspect a diverged model).
@@ -39,6 +39,24 @@ pub fn check_finite(source: &str, dict: &BTreeMap<String, Tensor>) -> Result<()>
         }
     }
     Ok(())
+}
+
+/// Whether `dict`'s `features.*` tensors are exactly those of `spec`
+/// (names and shapes).
+fn features_match(spec: &ModelSpec, dict: &BTreeMap<String, Tensor>) -> bool {
+    let want: Vec<(String, Vec<i64>)> = spec
+        .state_dict_shapes()
+        .into_iter()
+        .filter(|(n, _)| n.starts_with("features.") && !n.ends_with(".num_batches_tracked"))
+        .collect();
+    let have = dict
+        .keys()
+        .filter(|k| k.starts_with("features.") && !k.ends_with(".num_batches_tracked"))
+        .count();
+    have == want.len()
+        && want
+            .iter()
+            .all(|(n, shape)| dict.get(n).is_some_and(|t| &t.size() == shape))
 }
 
 /// Checks a state dict's names, shapes and kinds (floating point, but
@@ -80,8 +98,18 @@ pub fn check_state_dict(
     {
         return Ok(());
     }
-    let has_bn_keys = dict.keys().any(|k| k.ends_with(".running_mean"));
     let model = spec.model_name();
+    // Weights of another VGG given without --arch (predict and export
+    // default to vgg16): name the one whose feature layers they are.
+    let other = Arch::ALL
+        .iter()
+        .flat_map(|&a| [false, true].map(|bn| ModelSpec::new(a, bn, spec.head, spec.classes)))
+        .find(|s| s.arch != spec.arch && features_match(s, dict));
+    if let Some(other) = other {
+        let name = other.model_name();
+        bail!("{source}: the weights are a {name}'s, but the model is {model}; use --arch {name}");
+    }
+    let has_bn_keys = dict.keys().any(|k| k.ends_with(".running_mean"));
     if has_bn_keys != spec.bn && dict.keys().any(|k| k.starts_with("features.")) {
         let (theirs, ours) = if has_bn_keys {
             ("with", "without")
@@ -195,6 +223,25 @@ mod tests {
             err,
             "f.pth: features.0.bias holds 2 NaN or infinite values (of 64); pass --allow-nonfinite to load it anyway"
         );
+    }
+
+    /// Another VGG's weights are named as that VGG, with the flag to give.
+    #[test]
+    fn another_arch_is_named() {
+        let vgg16 = ModelSpec::new(Arch::Vgg16, false, Head::Imagenet, 1000);
+        let vgg11 = ModelSpec::new(Arch::Vgg11, false, Head::Imagenet, 1000);
+        let err = check_state_dict(&vgg16, "vgg11.pth", &dict(&vgg11))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "vgg11.pth: the weights are a vgg11's, but the model is vgg16; use --arch vgg11"
+        );
+        let bn19 = ModelSpec::new(Arch::Vgg19, true, Head::Imagenet, 1000);
+        let err = check_state_dict(&vgg16, "v.pth", &dict(&bn19))
+            .unwrap_err()
+            .to_string();
+        assert!(err.ends_with("use --arch vgg19_bn"), "{err}");
     }
 
     #[test]
