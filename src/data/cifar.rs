@@ -54,7 +54,7 @@ pub fn load(
     }
     if !bin.is_dir() {
         let how = format!(
-            "put the binary version's {BIN_DIR}/ (from {URL}) or torchvision's {PY_DIR}/ into {} by hand",
+            "put the binary version's {BIN_DIR}/ (from {URL}) or torchvision's {PY_DIR}/ into {} by hand, or point --data-dir at a copy (--data-url names a mirror, --dataset digits needs no download)",
             dir.display()
         );
         let Some(src) = download_from else {
@@ -65,7 +65,14 @@ pub fn load(
                 bin.display()
             );
         };
+        // A data directory made for a download that failed is not left behind.
+        let made = !dir.exists();
         fetch_binary(dir, src, progress)
+            .inspect_err(|_| {
+                if made {
+                    let _ = fs::remove_dir(dir);
+                }
+            })
             .with_context(|| format!("could not download CIFAR-10 from {}; {how}", src.url))?;
     }
     load_bin(&bin)

@@ -62,6 +62,12 @@ impl RunDir {
     /// run already, unless `force`, which removes that run's files first.
     pub fn claim(&self, fresh: bool, force: bool) -> Result<RunLock> {
         let dir = &self.dir;
+        // The directories this claim creates, deepest first.
+        let made: Vec<PathBuf> = dir
+            .ancestors()
+            .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
+            .map(PathBuf::from)
+            .collect();
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let path = dir.join(".lock");
         crate::fsutil::check_replaceable(&path)?;
@@ -114,7 +120,7 @@ impl RunDir {
                 std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
             }
         }
-        Ok(RunLock { _file: file })
+        Ok(RunLock { _file: file, made })
     }
 
     /// Creates the directory, clears what a killed run left mid-write, and
@@ -159,9 +165,28 @@ pub fn config_beside(checkpoint: &Path) -> Option<TrainConfig> {
     serde_json::from_slice(&bytes).ok()
 }
 
-/// A run directory's lock, held while this lives.
+/// A run directory's lock, held while this lives. A directory the claim
+/// created is removed again if the run never wrote into it (its data
+/// failed to load, say): nothing half-made is left behind.
 pub struct RunLock {
     _file: File,
+    made: Vec<PathBuf>,
+}
+
+impl Drop for RunLock {
+    fn drop(&mut self) {
+        let Some(dir) = self.made.first() else { return };
+        let only_lock = std::fs::read_dir(dir)
+            .map(|d| d.flatten().all(|e| e.file_name() == ".lock"))
+            .unwrap_or(false);
+        if only_lock {
+            let _ = std::fs::remove_file(dir.join(".lock"));
+            // remove_dir removes only empty directories.
+            for d in &self.made {
+                let _ = std::fs::remove_dir(d);
+            }
+        }
+    }
 }
 
 /// Reads a resume point: `resume.safetensors` or the run directory holding it.
