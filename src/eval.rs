@@ -23,7 +23,12 @@ pub struct EvalResult {
     pub loss: f64,
     pub top1: f64,
     pub top5: f64,
-    pub per_class: Vec<f64>,
+    /// Per class, by its index: accuracy (recall, percent; `None` for a
+    /// class with no images), precision (percent; `None` when nothing was
+    /// predicted as it) and how many images it has.
+    pub per_class: Vec<Option<f64>>,
+    pub precision: Vec<Option<f64>>,
+    pub support: Vec<i64>,
     /// `confusion[true][predicted]`.
     pub confusion: Vec<Vec<i64>>,
     /// Throughput after the first batch (which pays for cuDNN's algorithm
@@ -85,17 +90,13 @@ impl EvalSums {
             Vec::<i64>::try_from(self.confusion.to_device(Device::Cpu)).unwrap_or_default();
         let rows: Vec<Vec<i64>> = confusion.chunks(classes).map(|r| r.to_vec()).collect();
         let correct: i64 = (0..classes).map(|c| rows[c][c]).sum();
-        let per_class = rows
-            .iter()
-            .enumerate()
-            .map(|(c, r)| {
-                let total: i64 = r.iter().sum();
-                if total == 0 {
-                    0.0
-                } else {
-                    100.0 * r[c] as f64 / total as f64
-                }
-            })
+        let percent = |hits: i64, of: i64| (of > 0).then(|| 100.0 * hits as f64 / of as f64);
+        let support: Vec<i64> = rows.iter().map(|r| r.iter().sum()).collect();
+        let per_class = (0..classes)
+            .map(|c| percent(rows[c][c], support[c]))
+            .collect();
+        let precision = (0..classes)
+            .map(|c| percent(rows[c][c], rows.iter().map(|r| r[c]).sum()))
             .collect();
         let nf = n.max(1) as f64;
         EvalResult {
@@ -104,6 +105,8 @@ impl EvalSums {
             top1: 100.0 * correct as f64 / nf,
             top5: 100.0 * self.top5.int64_value(&[]) as f64 / nf,
             per_class,
+            precision,
+            support,
             confusion: rows,
             images_per_s,
         }

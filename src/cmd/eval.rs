@@ -171,34 +171,110 @@ fn load_data(
 
 fn render(r: &Report) -> String {
     let e = &r.result;
+    let k = r.classes.len().min(5);
+    let top5 = if r.classes.len() > 5 {
+        format!("top-5 {:.2}%", e.top5)
+    } else {
+        // With five classes or fewer, top-5 says nothing.
+        format!("top-{k} —")
+    };
     let mut s = format!(
-        "{} on {} test ({} images): top-1 {:.2}%  top-5 {:.2}%  loss {:.4}  ({:.0} img/s; {})\n\nper-class accuracy:\n",
-        r.model, r.dataset, e.images, e.top1, e.top5, e.loss, e.images_per_s, r.ran_as
+        "{} on {} test ({} images): top-1 {:.2}%  {top5}  loss {:.4}  ({:.0} img/s; {})\n\n",
+        r.model, r.dataset, e.images, e.top1, e.loss, e.images_per_s, r.ran_as
     );
-    let w = r.classes.iter().map(|c| c.len()).max().unwrap_or(5).max(5);
-    for (name, acc) in r.classes.iter().zip(&e.per_class) {
-        s += &format!("  {name:<w$}  {acc:6.2}%\n");
+    let labels: Vec<String> = r
+        .classes
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            if *name == i.to_string() {
+                name.clone()
+            } else {
+                format!("{i} {name}")
+            }
+        })
+        .collect();
+    let w = labels
+        .iter()
+        .map(|l| l.chars().count())
+        .max()
+        .unwrap_or(5)
+        .max(5);
+    let pct = |v: Option<f64>| v.map_or("—".to_string(), |v| format!("{v:.2}%"));
+    s += &format!(
+        "  {:<w$}  {:>7}  {:>9}  {:>9}\n",
+        "class", "images", "accuracy", "precision"
+    );
+    for (i, label) in labels.iter().enumerate() {
+        s += &format!(
+            "  {label:<w$}  {:>7}  {:>9}  {:>9}\n",
+            e.support[i],
+            pct(e.per_class[i]),
+            pct(e.precision[i])
+        );
     }
-    s += "\nconfusion matrix (rows: true class, columns: predicted):\n";
+    s += "\nconfusion matrix (rows: true class, columns: predicted class index):\n";
     let cw = e
         .confusion
         .iter()
         .flatten()
         .map(|v| v.to_string().len())
+        .chain([(r.classes.len().saturating_sub(1)).to_string().len()])
         .max()
-        .unwrap_or(1)
-        .max(3);
-    s += &format!("  {:<w$} ", "");
+        .unwrap_or(1);
+    s += &format!("  {:<w$}", "");
     for i in 0..r.classes.len() {
         s += &format!(" {i:>cw$}");
     }
     s.push('\n');
-    for (i, (name, row)) in r.classes.iter().zip(&e.confusion).enumerate() {
-        s += &format!("  {:<w$} ", format!("{i} {name}"));
+    for (label, row) in labels.iter().zip(&e.confusion) {
+        s += &format!("  {label:<w$}");
         for v in row {
             s += &format!(" {v:>cw$}");
         }
         s.push('\n');
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Three classes, one without images and one never predicted: dashes,
+    /// not 0.00%; no top-5 with five classes or fewer; aligned columns.
+    #[test]
+    fn the_table_shows_dashes_for_undefined_figures() {
+        let report = Report {
+            checkpoint: PathBuf::from("m.safetensors"),
+            model: "vgg11".into(),
+            dataset: "folder".into(),
+            classes: vec!["cat".into(), "dog".into(), "a long name".into()],
+            result: EvalResult {
+                images: 4,
+                loss: 0.5,
+                top1: 50.0,
+                top5: 100.0,
+                per_class: vec![Some(100.0), Some(0.0), None],
+                precision: vec![Some(50.0), None, None],
+                support: vec![2, 2, 0],
+                confusion: vec![vec![2, 0, 0], vec![2, 0, 0], vec![0, 0, 0]],
+                images_per_s: 10.0,
+            },
+            ran_as: "fp32".into(),
+            peak_gpu_bytes: None,
+        };
+        let text = render(&report);
+        assert!(text.contains("top-1 50.00%  top-3 —  loss"), "{text}");
+        assert!(
+            text.contains("  1 dog                2      0.00%          —\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  2 a long name        0          —          —\n"),
+            "{text}"
+        );
+        let matrix: Vec<&str> = text.lines().rev().take(4).collect();
+        assert!(matrix.iter().all(|l| l.len() == matrix[0].len()), "{text}");
+    }
 }
