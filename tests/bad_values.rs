@@ -262,27 +262,7 @@ fn rewrite_state(resume: &Path, edit: impl Fn(&mut serde_json::Value)) {
 fn resume_refuses_changes_and_bad_states() {
     let tmp = common::tempdir();
     let dir = tmp.path();
-    let r = run_in(
-        dir,
-        &[
-            "train",
-            "--dataset",
-            "digits",
-            "--arch",
-            "vgg11",
-            "--epochs",
-            "1",
-            "--batch-size",
-            "32",
-            "--limit-train",
-            "64",
-            "--limit-test",
-            "32",
-            "--out",
-            "run",
-            "--quiet",
-        ],
-    );
+    let r = common::tiny_run(dir, &["--dataset", "digits"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let r = run_in(
         dir,

@@ -51,6 +51,30 @@ pub fn run_in(dir: &Path, args: &[&str]) -> Run {
     Run::from(out)
 }
 
+/// A one-epoch vgg11 run on 64 training and 32 test images of `data`
+/// (e.g. `["--dataset", "digits"]`), into `dir/run`: the smallest real
+/// run, for tests that need a run directory.
+pub fn tiny_run(dir: &Path, data: &[&str]) -> Run {
+    let mut args = vec!["train"];
+    args.extend_from_slice(data);
+    args.extend_from_slice(&[
+        "--arch",
+        "vgg11",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--limit-train",
+        "64",
+        "--limit-test",
+        "32",
+        "--out",
+        "run",
+        "--quiet",
+    ]);
+    run_in(dir, &args)
+}
+
 /// `export` of the state dict `weights` as a vgg11 with the CIFAR head to
 /// safetensors at `out`: the request the hostile-file tests feed bad
 /// weights to.
