@@ -640,3 +640,43 @@ fn eval_finds_the_runs_data_from_anywhere() {
         "eval {top1} vs trained {trained}"
     );
 }
+
+/// On a stderr that is not a terminal, a running epoch says where it is
+/// now and then (VGGCTL_HEARTBEAT_SECS, 30 by default), indented under the
+/// per-epoch lines, with an ETA.
+#[test]
+fn a_log_hears_from_a_running_epoch() {
+    let tmp = common::tempdir();
+    let out = std::process::Command::new(common::bin())
+        .args([
+            "train",
+            "--dataset",
+            "digits",
+            "--arch",
+            "vgg11",
+            "-e",
+            "1",
+            "-b",
+            "16",
+        ])
+        .args(["--limit-train", "160", "--limit-test", "16", "-o", "run"])
+        .current_dir(tmp.path())
+        .env("VGGCTL_HEARTBEAT_SECS", "0")
+        .output()
+        .unwrap();
+    let r = common::Run::from(out);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let beats: Vec<&str> = r
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("  epoch 1/1 step "))
+        .collect();
+    // One per step report after the first: 10 steps of 16.
+    assert!(beats.len() >= 9, "{}", r.stderr);
+    assert!(beats.iter().all(|l| l.contains(" ETA ")), "{}", r.stderr);
+    assert!(beats.last().unwrap().contains("step 10/10"), "{}", r.stderr);
+    assert_eq!(
+        r.stderr.lines().filter(|l| l.starts_with("epoch")).count(),
+        1
+    );
+}

@@ -2,7 +2,7 @@
 //! one plain line per epoch otherwise, nothing with --quiet.
 
 use std::io::IsTerminal;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use vggctl::train::Observer;
@@ -14,6 +14,26 @@ pub struct EpochBars {
     quiet: bool,
     tty: bool,
     bar: Option<ProgressBar>,
+    /// The epoch under way: its number, the run's epochs, its steps, the
+    /// step it started from, when, and when a plain line was last printed.
+    epoch: usize,
+    epochs: usize,
+    steps: usize,
+    first_step: usize,
+    started: Instant,
+    last_line: Instant,
+    heartbeat: Duration,
+}
+
+/// How often a plain (non-terminal) stderr hears about a running epoch:
+/// every 30 s, or `VGGCTL_HEARTBEAT_SECS`.
+fn heartbeat() -> Duration {
+    let secs = std::env::var("VGGCTL_HEARTBEAT_SECS")
+        .ok()
+        .and_then(|s| s.parse::<f64>().ok())
+        .filter(|s| *s >= 0.0)
+        .unwrap_or(30.0);
+    Duration::from_secs_f64(secs)
 }
 
 impl EpochBars {
@@ -22,33 +42,81 @@ impl EpochBars {
             quiet,
             tty: std::io::stderr().is_terminal(),
             bar: None,
+            epoch: 0,
+            epochs: 0,
+            steps: 0,
+            first_step: 0,
+            started: Instant::now(),
+            last_line: Instant::now(),
+            heartbeat: heartbeat(),
         }
+    }
+
+    /// Time left in the epoch from its own pace so far; a dash until a
+    /// step has finished (an estimate from nothing is a guess).
+    fn eta(&self, step: usize) -> String {
+        let done = step.saturating_sub(self.first_step);
+        if done == 0 {
+            return "—".into();
+        }
+        let per_step = self.started.elapsed().as_secs_f64() / done as f64;
+        clock(per_step * self.steps.saturating_sub(step) as f64)
+    }
+}
+
+/// Seconds as `1h02m`, `3m05s` or `42s`.
+fn clock(secs: f64) -> String {
+    let s = secs.round() as u64;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
     }
 }
 
 impl Observer for EpochBars {
     fn epoch_start(&mut self, epoch: usize, epochs: usize, steps: usize, done: usize) {
+        (self.epoch, self.epochs, self.steps, self.first_step) = (epoch, epochs, steps, done);
+        self.started = Instant::now();
+        self.last_line = Instant::now();
         if self.quiet || !self.tty {
             return;
         }
         let bar = ProgressBar::new(steps as u64);
         bar.set_style(
-            ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ETA {eta}")
+            ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg}")
                 .unwrap_or_else(|_| ProgressStyle::default_bar())
                 .progress_chars("=> "),
         );
         bar.set_prefix(format!("epoch {epoch}/{epochs}"));
         bar.set_position(done as u64);
+        bar.set_message("ETA —");
         bar.enable_steady_tick(Duration::from_millis(250));
         self.bar = Some(bar);
     }
 
     fn progress(&mut self, step: usize, loss: f64, acc: f64, images_per_s: f64) {
+        let figures = format!("loss {loss:.4} acc {acc:.2}% {images_per_s:.0} img/s");
         if let Some(bar) = &self.bar {
             bar.set_position(step as u64);
-            bar.set_message(format!(
-                "loss {loss:.4} acc {acc:.2}% {images_per_s:.0} img/s"
-            ));
+            bar.set_message(format!("{figures} ETA {}", self.eta(step)));
+        } else if !self.quiet && self.last_line.elapsed() >= self.heartbeat {
+            // Not a terminal (a log file, CI): a line now and then, so that
+            // minutes of silence do not look like a hang.
+            self.last_line = Instant::now();
+            eprintln!(
+                "  epoch {}/{} step {step}/{}  {figures}  ETA {}",
+                self.epoch,
+                self.epochs,
+                self.steps,
+                self.eta(step)
+            );
+        }
+    }
+
+    fn evaluating(&mut self, images: usize) {
+        if let Some(bar) = &self.bar {
+            bar.set_message(format!("evaluating on {images} test images..."));
         }
     }
 

@@ -50,6 +50,8 @@ pub use run_dir::{RunDir, read_resume};
 pub trait Observer {
     fn epoch_start(&mut self, _epoch: usize, _epochs: usize, _steps: usize, _done: usize) {}
     fn progress(&mut self, _step: usize, _loss: f64, _acc: f64, _images_per_s: f64) {}
+    /// The epoch's steps are done; its evaluation on `_images` test images starts.
+    fn evaluating(&mut self, _images: usize) {}
     fn epoch_end(&mut self, _m: &EpochMetrics) {}
     /// Something the user should know that does not stop the run.
     fn warn(&mut self, _message: &str) {}
@@ -256,6 +258,7 @@ impl<'a> Trainer<'a> {
     /// metrics and the curves.
     fn end_epoch(&mut self, obs: &mut dyn Observer) -> Result<EpochMetrics> {
         let epoch = self.state.epoch;
+        obs.evaluating(self.test.len() as usize);
         let net = Layerwise {
             model: &self.model,
             numerics: &self.numerics,
