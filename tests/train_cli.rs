@@ -679,4 +679,12 @@ fn a_log_hears_from_a_running_epoch() {
         r.stderr.lines().filter(|l| l.starts_with("epoch")).count(),
         1
     );
+    // The header says that the default milestones never apply to 1 epoch.
+    assert!(
+        r.stderr.contains(
+            "1 epoch (milestones 50,80 are not before the last epoch: the LR never decays there)"
+        ),
+        "{}",
+        r.stderr
+    );
 }

@@ -373,7 +373,7 @@ pub fn execute(
             .map(|(_, t)| t.numel() as i64)
             .sum();
         eprintln!(
-            "training {} ({} head, {} classes, {} trainable parameters) on {} ({} train / {} test images, {}x{}) on {} ({}), {} epochs, batch {}, writing {}",
+            "training {} ({} head, {} classes, {} trainable parameters) on {} ({} train / {} test images, {}x{}) on {} ({}), {} epoch{}{}, batch {}, writing {}",
             c.model.model_name(),
             c.model.head.name(),
             c.model.classes,
@@ -386,6 +386,13 @@ pub fn execute(
             c.device,
             trainer.ran_as(),
             c.epochs,
+            if c.epochs == 1 { "" } else { "s" },
+            match c.unreached_milestones() {
+                Some(m) => format!(
+                    " (milestones {m} are not before the last epoch: the LR never decays there)"
+                ),
+                None => String::new(),
+            },
             c.batch_size,
             c.out.display()
         );

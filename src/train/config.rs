@@ -94,6 +94,21 @@ fn default_true() -> bool {
 }
 
 impl TrainConfig {
+    /// MultiStepLR milestones at or past the last epoch, which never apply
+    /// (the CIFAR defaults 50,80 with a short run), as `--milestones` lists them.
+    pub fn unreached_milestones(&self) -> Option<String> {
+        if self.scheduler != SchedulerKind::Multistep {
+            return None;
+        }
+        let late: Vec<String> = self
+            .milestones
+            .iter()
+            .filter(|&&m| m >= self.epochs)
+            .map(|m| m.to_string())
+            .collect();
+        (!late.is_empty()).then(|| late.join(","))
+    }
+
     /// The learning rate of `epoch` (0-based): linear warm-up, then
     /// MultiStepLR or cosine annealing, each a pure function of the epoch
     /// (PyTorch's schedulers stepped once per epoch).
@@ -194,6 +209,23 @@ mod tests {
                 c.lr_at(epoch)
             );
         }
+    }
+
+    /// Milestones at or past the last epoch are named (they never apply:
+    /// the LR of the last epoch, 0-based epochs - 1, is undecayed).
+    #[test]
+    fn milestones_past_the_run_are_named() {
+        let c = config(SchedulerKind::Multistep, 100, 0);
+        assert_eq!(c.unreached_milestones(), None);
+        let c = config(SchedulerKind::Multistep, 50, 0);
+        assert_eq!(c.unreached_milestones().as_deref(), Some("50,80"));
+        assert!((c.lr_at(49) - c.lr).abs() < 1e-15);
+        let c = config(SchedulerKind::Multistep, 60, 0);
+        assert_eq!(c.unreached_milestones().as_deref(), Some("80"));
+        assert_eq!(
+            config(SchedulerKind::Cosine, 3, 0).unreached_milestones(),
+            None
+        );
     }
 
     /// CosineAnnealingLR(T_max = epochs - warmup, eta_min 0) after a linear
