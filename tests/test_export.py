@@ -70,7 +70,7 @@ def test_exports_compute_what_the_model_computes(tmp_path, arch, bn, head):
     # safetensors -> PyTorch, strict.
     st = str(tmp_path / "m.safetensors")
     out = vggctl("export", *common, "--format", "safetensors", "--out", st)
-    assert st in out.stdout and "Safetensors" in out.stdout
+    assert st in out.stdout and "MiB, safetensors, " in out.stdout
     again = build(arch, bn, head, classes)
     again.load_state_dict(load_file(st), strict=True)
     again.eval()

@@ -48,6 +48,16 @@ def code_lines(path):
     return out
 
 
+def without_unit_tests(lines):
+    """The lines before a file's `#[cfg(test)] mod tests` (at its end, as
+    everywhere here): a unit test module's `use super::*` reaches into its
+    own file's module, not the parent, and tests are not the layering."""
+    for i, line in enumerate(lines):
+        if line.strip() == "#[cfg(test)]" and i + 1 < len(lines) and lines[i + 1].strip().startswith("mod tests"):
+            return lines[:i]
+    return lines
+
+
 def use_paths(lines):
     """Every path a file names through `use` (braces expanded) or inline
     (`crate::a::b`, `super::x`), with its line number."""
@@ -113,7 +123,7 @@ def graph():
     modules = {module_of(p): p for p in sources()}
     edges = {}
     for key, path in modules.items():
-        for line, p in use_paths(code_lines(path)):
+        for line, p in use_paths(without_unit_tests(code_lines(path))):
             target = resolve(key[0], key[1], p, modules)
             if target is None or target == key:
                 continue

@@ -59,6 +59,36 @@ fn features_match(spec: &ModelSpec, dict: &BTreeMap<String, Tensor>) -> bool {
             .all(|(n, shape)| dict.get(n).is_some_and(|t| &t.size() == shape))
 }
 
+/// A state dict for another VGG than `spec` is named as such, with the
+/// flag that fixes it: another architecture (predict and export default to
+/// vgg16), or BatchNorm with or without.
+fn name_the_mix_up(spec: &ModelSpec, source: &str, dict: &BTreeMap<String, Tensor>) -> Result<()> {
+    let model = spec.model_name();
+    // Weights of another VGG given without --arch (predict and export
+    // default to vgg16): name the one whose feature layers they are.
+    let other = Arch::ALL
+        .iter()
+        .flat_map(|&a| [false, true].map(|bn| ModelSpec::new(a, bn, spec.head, spec.classes)))
+        .find(|s| s.arch != spec.arch && features_match(s, dict));
+    if let Some(other) = other {
+        let name = other.model_name();
+        bail!("{source}: the weights are a {name}'s, but the model is {model}; use --arch {name}");
+    }
+    let has_bn_keys = dict.keys().any(|k| k.ends_with(".running_mean"));
+    if has_bn_keys != spec.bn && dict.keys().any(|k| k.starts_with("features.")) {
+        let (theirs, ours) = if has_bn_keys {
+            ("with", "without")
+        } else {
+            ("without", "with")
+        };
+        bail!(
+            "{source}: weights are for a model {theirs} BatchNorm, but the model is {model} ({ours} BatchNorm); {}",
+            if has_bn_keys { "add --bn" } else { "drop --bn" }
+        );
+    }
+    Ok(())
+}
+
 /// Checks a state dict's names, shapes and kinds (floating point, but
 /// integer `num_batches_tracked`) against a model spec; one error lists
 /// every problem.
@@ -98,29 +128,8 @@ pub fn check_state_dict(
     {
         return Ok(());
     }
+    name_the_mix_up(spec, source, dict)?;
     let model = spec.model_name();
-    // Weights of another VGG given without --arch (predict and export
-    // default to vgg16): name the one whose feature layers they are.
-    let other = Arch::ALL
-        .iter()
-        .flat_map(|&a| [false, true].map(|bn| ModelSpec::new(a, bn, spec.head, spec.classes)))
-        .find(|s| s.arch != spec.arch && features_match(s, dict));
-    if let Some(other) = other {
-        let name = other.model_name();
-        bail!("{source}: the weights are a {name}'s, but the model is {model}; use --arch {name}");
-    }
-    let has_bn_keys = dict.keys().any(|k| k.ends_with(".running_mean"));
-    if has_bn_keys != spec.bn && dict.keys().any(|k| k.starts_with("features.")) {
-        let (theirs, ours) = if has_bn_keys {
-            ("with", "without")
-        } else {
-            ("without", "with")
-        };
-        bail!(
-            "{source}: weights are for a model {theirs} BatchNorm, but the model is {model} ({ours} BatchNorm); {}",
-            if has_bn_keys { "add --bn" } else { "drop --bn" }
-        );
-    }
     let mut parts = Vec::new();
     let list = |v: Vec<String>| -> String {
         let n = v.len();
