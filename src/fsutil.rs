@@ -21,12 +21,7 @@ use anyhow::{Context, Result, bail};
 pub fn read_regular(path: &Path, what: &str, max: u64) -> Result<Vec<u8>> {
     let meta = fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
     if !meta.is_file() {
-        let kind = if meta.is_dir() {
-            "a directory"
-        } else {
-            "not a regular file (a device, FIFO or socket)"
-        };
-        bail!("{}: {kind}, not {what}", path.display());
+        bail!("{}: {}, not {what}", path.display(), kind(&meta));
     }
     if meta.len() > max {
         bail!(
