@@ -47,6 +47,8 @@ fn cuda_headers(torch_root: &Path) -> Option<PathBuf> {
 
 fn build_shim(lib: &Path, cuda: bool) {
     println!("cargo:rerun-if-changed=src/shim.cpp");
+    println!("cargo:rerun-if-changed=src/shim_dist.cpp");
+    println!("cargo:rerun-if-changed=src/gloo-stubs");
     for v in [
         "CUDA_HOME",
         "CUDA_PATH",
@@ -64,7 +66,14 @@ fn build_shim(lib: &Path, cuda: bool) {
     build
         .cpp(true)
         .file("src/shim.cpp")
+        .file("src/shim_dist.cpp")
         .include(include.join("include"))
+        // c10d's Gloo backend is declared only under USE_C10D_GLOO; its
+        // header's gloo includes are met by stand-ins (see src/gloo-stubs).
+        .define("USE_C10D_GLOO", None)
+        .include("src/gloo-stubs")
+        // ProcessGroupGloo.hpp reaches torch/types.h through c10d's logger.
+        .include(include.join("include/torch/csrc/api/include"))
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .flag("-DGLOG_USE_GLOG_EXPORT")

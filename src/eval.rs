@@ -13,6 +13,7 @@ use tch::{Device, Kind, Reduction, Tensor};
 use crate::data::Split;
 use crate::data::augment::Preprocess;
 use crate::device::synchronize;
+use crate::dist::World;
 use crate::infer::Logits;
 use crate::shim::CudaGraph;
 
@@ -155,7 +156,9 @@ impl EvalGraph {
 
 /// Loss, top-1/top-5, per-class accuracy and the confusion matrix of `net`
 /// (with `classes` outputs) on `data`, in batches of `batch`; full batches
-/// through a CUDA graph when one is given.
+/// through a CUDA graph when one is given. Over several ranks, each
+/// evaluates its contiguous part and the sums are added up, so the counts
+/// are exactly one process's.
 pub fn evaluate(
     net: &dyn Logits,
     classes: i64,
@@ -163,8 +166,10 @@ pub fn evaluate(
     batch: i64,
     pre: &Preprocess,
     mut graph: Option<&mut EvalGraph>,
+    world: &World,
 ) -> Result<EvalResult> {
-    let n = data.len();
+    let (first, n) = world.range_of(data.len());
+    let data = &data.narrow(first, n);
     let dev = data.images.device();
     tch::no_grad(|| {
         let mut own = EvalSums::new(classes, dev);
@@ -192,6 +197,11 @@ pub fn evaluate(
             None => 0.0,
         };
         let sums = graph.map_or(&own, |g| &g.sums);
-        Ok(sums.result(n, images_per_s))
+        for t in [&sums.loss, &sums.top5, &sums.confusion] {
+            world.sum(t)?;
+        }
+        let mut total = [n as f64];
+        world.sum_f64(&mut total)?;
+        Ok(sums.result(total[0] as i64, images_per_s))
     })
 }

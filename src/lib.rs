@@ -5,6 +5,7 @@
 //!
 //! Dependencies point down:
 //! - bottom: `shim` (the only `unsafe`), `fsutil`, `device`, `choice`,
+//!   `dist` (the ranks of a data-parallel run, c10d's collectives),
 //!   `formats` (pickle, numpy, `.pth`, safetensors);
 //! - `model`, `data`, `optim`, then `numerics` (runs a model in a precision
 //!   and layout);
@@ -15,6 +16,7 @@ pub mod checkpoint;
 pub mod choice;
 pub mod data;
 pub mod device;
+pub mod dist;
 pub mod eval;
 pub mod export;
 pub mod formats;

@@ -42,13 +42,18 @@ fn main() -> ExitCode {
             if is_broken_pipe(&err) {
                 return ExitCode::SUCCESS;
             }
+            // One of several ranks says which it is; only rank 0 tells how to resume.
+            let joined = vggctl::dist::joined();
+            let who = joined.map_or(String::new(), |(r, w)| format!(" [rank {r}/{w}]"));
             if err.downcast_ref::<vggctl::Interrupted>().is_some() {
-                eprintln!("vggctl: {}", one_line(&err));
+                if joined.is_none_or(|(r, _)| r == 0) {
+                    eprintln!("vggctl{who}: {}", one_line(&err));
+                }
                 // 128 + the signal, as a shell reports a process it killed.
                 let sig = vggctl::shim::stop_signal().unwrap_or(2);
                 return ExitCode::from(128 + sig as u8);
             }
-            eprintln!("vggctl: error: {}", one_line(&err));
+            eprintln!("vggctl{who}: error: {}", one_line(&err));
             ExitCode::from(2)
         }
     }

@@ -318,6 +318,35 @@ impl Optimizer {
         Gradients(Some(Tensor::cat(&parts, 0)))
     }
 
+    /// Lets `reduce` change the gradients `backward` computed, as one flat
+    /// tensor (data-parallel training averages them across ranks): the
+    /// fused mode's flat gradient itself, else the parameters' `.grad`s
+    /// gathered into one and put back.
+    pub fn reduce_gradients(
+        &self,
+        grads: &Gradients,
+        reduce: impl FnOnce(&Tensor) -> Result<()>,
+    ) -> Result<()> {
+        if let Some(g) = &grads.0 {
+            return reduce(g);
+        }
+        let gs: Vec<Tensor> = self
+            .slots
+            .iter()
+            .map(|s| s.param.grad())
+            .filter(|g| g.defined())
+            .collect();
+        let flat = Tensor::cat(&gs.iter().map(|g| g.reshape([-1])).collect::<Vec<_>>(), 0);
+        reduce(&flat)?;
+        let mut at = 0;
+        for g in &gs {
+            let n = g.numel() as i64;
+            tch::no_grad(|| g.shallow_clone().copy_(&flat.narrow(0, at, n).view_as(g)));
+            at += n;
+        }
+        Ok(())
+    }
+
     /// The update for the gradients of `backward`. Fused, it is libtorch's
     /// multi-tensor kernel (`_fused_sgd_` / `_fused_adamw_`): one pass over
     /// the flat parameters, gradients and state. With loss scaling (fp16)

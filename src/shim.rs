@@ -1,7 +1,8 @@
 //! Safe wrappers over src/shim.cpp: the libtorch calls tch does not bind
 //! (autocast dtype, CPU autocast, TF32, bf16 support, CUDA memory statistics, CUDA
-//! graphs, the fused SGD and AdamW updates). This is the only module with
-//! `unsafe` code of vggctl's own.
+//! graphs, the fused SGD and AdamW updates; c10d's process group in `dist`,
+//! over src/shim_dist.cpp). This module and its `dist` are the only ones
+//! with `unsafe` code of vggctl's own.
 //!
 //! Every call reports a C++ exception as an `Err` with libtorch's message;
 //! on a build or a device without CUDA they answer "unsupported" rather
@@ -12,6 +13,8 @@ use std::ffi::{CStr, c_char, c_int, c_void};
 use anyhow::{Result, bail};
 use tch::{Device, Tensor};
 use torch_sys::C_tensor;
+
+pub mod dist;
 
 const ERR_LEN: usize = 1024;
 

@@ -208,7 +208,7 @@ def test_the_library_knows_no_clap_terminal_or_unsafe():
             for pat in [r"\bclap::", r"\beprintln!", r"\bprintln!", r"\bprint!", r"\beprint!"]:
                 if re.search(pat, text):
                     bad.append(f"{rel}: {pat}")
-        if re.search(r"\bunsafe\b", text) and rel != Path("shim.rs"):
+        if re.search(r"\bunsafe\b", text) and rel not in (Path("shim.rs"), Path("shim/dist.rs")):
             bad.append(f"{rel}: unsafe outside the shim")
         if "set_hook" in text:
             hooks.append(str(rel))

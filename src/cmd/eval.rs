@@ -17,7 +17,7 @@ use vggctl::shim;
 use vggctl::train::run_dir::config_beside;
 
 use super::data_opts::DataOpts;
-use super::opts::{GraphOpts, InferenceOpts, ModelOpts, NumericsOpts};
+use super::opts::{DistOpts, GraphOpts, InferenceOpts, ModelOpts, NumericsOpts};
 use super::output::{print_json, print_out, warn};
 
 #[derive(clap::Args, Debug)]
@@ -47,6 +47,8 @@ pub struct Args {
     inference: InferenceOpts,
     #[command(flatten)]
     graphs: GraphOpts,
+    #[command(flatten)]
+    dist: DistOpts,
 }
 
 #[derive(Serialize)]
@@ -73,7 +75,9 @@ pub fn run(args: Args) -> Result<()> {
     {
         bail!("--limit-test {n} must be at least 1");
     }
-    let device = args.model.device()?;
+    // Under torchrun, each rank evaluates its part and rank 0 reports the sums.
+    let world = args.dist.world()?;
+    let device = DistOpts::rank_device(args.model.device()?, &world);
     let file = read_model_file(&args.checkpoint)?;
     let spec = match &file.meta {
         Some(meta) => meta.spec(),
@@ -112,7 +116,11 @@ pub fn run(args: Args) -> Result<()> {
         args.batch_size,
         &pre,
         graph.as_mut(),
+        &world,
     )?;
+    if !world.is_main() {
+        return Ok(());
+    }
     let report = Report {
         ran_as: numerics.ran_as(net.form()),
         peak_gpu_bytes: shim::peak_memory(device, false)?,

@@ -11,7 +11,7 @@ use vggctl::hub::weights_file;
 use vggctl::model::{Head, check_input};
 
 use super::data_opts::DataOpts;
-use super::opts::ModelOpts;
+use super::opts::{DistOpts, ModelOpts};
 use super::progress::download_bar;
 use super::training::{HyperOpts, execute, resume};
 
@@ -42,9 +42,10 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let h = &args.hyper;
     h.validate(&args.data)?;
-    let device = args.model.device()?;
+    let world = h.dist.world()?;
+    let device = DistOpts::rank_device(args.model.device()?, &world);
     if h.resume.is_some() {
-        return resume(h, &args.data, device, args.model.json);
+        return resume(h, &args.data, device, args.model.json, &world);
     }
     if args.model.head.is_some_and(|hd| hd != Head::Imagenet) {
         bail!("--head: fine-tuning starts from torchvision's imagenet head");
@@ -105,5 +106,5 @@ pub fn run(args: Args) -> Result<()> {
             1,
         ));
     }
-    execute(config, h, &data, model, None, args.model.json)
+    execute(config, h, &data, model, None, args.model.json, &world)
 }

@@ -8,6 +8,7 @@ use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use tch::Device;
 use vggctl::choice::Choice;
 use vggctl::device::parse_device;
+use vggctl::dist::{Backend, DEFAULT_TIMEOUT, Launch, World};
 use vggctl::model::{Arch, Head, ModelSpec, Values};
 use vggctl::numerics::{NumericsRequest, Precision};
 
@@ -58,6 +59,47 @@ impl ModelOpts {
 
     pub fn device(&self) -> Result<Device> {
         parse_device(&self.device)
+    }
+}
+
+/// Data-parallel runs: launched by torchrun (or srun), which set RANK,
+/// WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT (train, finetune,
+/// eval).
+#[derive(Args, Debug, Clone)]
+pub struct DistOpts {
+    /// Data-parallel runs: the collective backend (PyTorch's c10d).
+    #[arg(long, value_parser = choice::<Backend>(), default_value = "gloo")]
+    pub dist_backend: Backend,
+    /// Data-parallel runs: seconds a rank waits for the others (to join, and
+    /// in every collective) before it fails naming the rank it lost.
+    #[arg(long, default_value_t = DEFAULT_TIMEOUT.as_secs())]
+    pub dist_timeout: u64,
+}
+
+impl DistOpts {
+    /// The world the launcher's environment describes (joined), or a world
+    /// of one without a launcher.
+    pub fn world(&self) -> Result<World> {
+        if self.dist_timeout == 0 {
+            anyhow::bail!("--dist-timeout must be at least 1 second");
+        }
+        match Launch::from_env(|k| std::env::var(k).ok())? {
+            None => Ok(World::single()),
+            Some(l) => World::join(
+                &l,
+                self.dist_backend,
+                std::time::Duration::from_secs(self.dist_timeout),
+            ),
+        }
+    }
+
+    /// `device` for this rank: its own GPU (cuda:LOCAL_RANK) when the
+    /// device is CUDA and the world has several ranks.
+    pub fn rank_device(device: Device, world: &World) -> Device {
+        match device {
+            Device::Cuda(_) if world.size > 1 => Device::Cuda(world.local_rank),
+            d => d,
+        }
     }
 }
 

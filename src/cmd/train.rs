@@ -1,10 +1,13 @@
 //! `vggctl train`: the CIFAR-10 recipe, with resumable checkpoints.
 
+use std::path::PathBuf;
+
 use anyhow::Result;
+use vggctl::checkpoint::load_weights;
 use vggctl::model::{Head, Vgg};
 
 use super::data_opts::DataOpts;
-use super::opts::ModelOpts;
+use super::opts::{DistOpts, ModelOpts};
 use super::training::{HyperOpts, execute, resume};
 
 #[derive(clap::Args, Debug)]
@@ -13,6 +16,10 @@ pub struct Args {
     pub model: ModelOpts,
     #[command(flatten)]
     pub data: DataOpts,
+    /// Start from these weights instead of a fresh initialization (a state
+    /// dict of the same model: .safetensors, .pth/.pt or a vggctl checkpoint).
+    #[arg(long)]
+    pub initial_checkpoint: Option<PathBuf>,
     #[command(flatten)]
     pub hyper: HyperOpts,
 }
@@ -20,12 +27,22 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let h = &args.hyper;
     h.validate(&args.data)?;
-    let device = args.model.device()?;
+    let world = h.dist.world()?;
+    let device = DistOpts::rank_device(args.model.device()?, &world);
     if h.resume.is_some() {
-        return resume(h, &args.data, device, args.model.json);
+        if args.initial_checkpoint.is_some() {
+            anyhow::bail!("--initial-checkpoint starts a new run; --resume continues one");
+        }
+        return resume(h, &args.data, device, args.model.json, &world);
     }
-    let config = h.config(args.model.spec(Head::Cifar)?, &args.data, device, 100);
+    let mut config = h.config(args.model.spec(Head::Cifar)?, &args.data, device, 100);
     tch::manual_seed(config.seed as i64);
-    let model = Vgg::new(config.model, device);
-    execute(config, h, &args.data, model, None, args.model.json)
+    let model = match &args.initial_checkpoint {
+        Some(path) => {
+            config.weights = Some(path.display().to_string());
+            load_weights(path, config.model, device, args.model.values())?
+        }
+        None => Vgg::new(config.model, device),
+    };
+    execute(config, h, &args.data, model, None, args.model.json, &world)
 }

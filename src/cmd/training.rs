@@ -7,8 +7,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Result, bail};
 use tch::Device;
+use vggctl::choice::Choice;
 use vggctl::data::augment::Augment;
 use vggctl::device::device_name;
+use vggctl::dist::World;
 use vggctl::model::{ModelSpec, Vgg};
 use vggctl::numerics::{Activity, Numerics};
 use vggctl::optim::{OptimizerConfig, OptimizerKind};
@@ -17,7 +19,7 @@ use vggctl::train::state::TrainSummary;
 use vggctl::train::{Resume, RunDir, SchedulerKind, Trainer, read_resume};
 
 use super::data_opts::DataOpts;
-use super::opts::{GraphOpts, NumericsOpts, choice};
+use super::opts::{DistOpts, GraphOpts, NumericsOpts, choice};
 use super::output::{print_json, print_out, warn};
 use super::progress::EpochBars;
 
@@ -92,6 +94,11 @@ pub struct HyperOpts {
     /// Time data, forward and backward+update of every step (synchronizing) and report them per epoch.
     #[arg(long)]
     pub profile: bool,
+    /// Train on the evaluation transform: no random crops or flips.
+    #[arg(long)]
+    pub no_augment: bool,
+    #[command(flatten)]
+    pub dist: DistOpts,
     /// The options typed on the command line (set by `cmd::parse`).
     #[arg(skip)]
     pub typed: Vec<String>,
@@ -115,6 +122,8 @@ const KEPT_ON_RESUME: &[&str] = &[
     "data_md5",
     "no_download",
     "allow_nonfinite",
+    "dist_backend",
+    "dist_timeout",
 ];
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -267,6 +276,8 @@ impl HyperOpts {
             out,
             input_size: 32,
             augment: Augment::CropFlip { padding: 4 },
+            no_augment: self.no_augment,
+            world_size: 1,
             imagenet_normalization: false,
             freeze_prefix: 0,
             weights: None,
@@ -280,7 +291,13 @@ impl HyperOpts {
 }
 
 /// Continues the run saved at `--resume` (written by train or finetune).
-pub fn resume(h: &HyperOpts, data: &DataOpts, device: Device, json: bool) -> Result<()> {
+pub fn resume(
+    h: &HyperOpts,
+    data: &DataOpts,
+    device: Device,
+    json: bool,
+    world: &World,
+) -> Result<()> {
     let path = h.resume.as_ref().expect("resume path");
     let changed: Vec<String> = h
         .typed
@@ -296,6 +313,19 @@ pub fn resume(h: &HyperOpts, data: &DataOpts, device: Device, json: bool) -> Res
         );
     }
     let (saved, tensors) = read_resume(path)?;
+    if saved.config.world_size != world.size {
+        bail!(
+            "{}: the run was trained on {} rank{} and continues only on as many (each rank's place in an epoch depends on the number of ranks); this launch has {}",
+            path.display(),
+            saved.config.world_size,
+            if saved.config.world_size == 1 {
+                ""
+            } else {
+                "s"
+            },
+            world.size
+        );
+    }
     let mut config = saved.config.clone();
     if let Some(e) = h.epochs {
         config.epochs = e;
@@ -324,31 +354,52 @@ pub fn resume(h: &HyperOpts, data: &DataOpts, device: Device, json: bool) -> Res
         path.parent().map(PathBuf::from).unwrap_or_default()
     };
     let model = Vgg::new(config.model, device);
-    execute(config, h, data, model, Some((saved, tensors)), json)
+    execute(config, h, data, model, Some((saved, tensors)), json, world)
 }
 
 /// Decides the run's numerics, loads the data its configuration names,
-/// then trains.
+/// then trains (rank 0 of a data-parallel run prints and writes).
 pub fn execute(
-    config: TrainConfig,
+    mut config: TrainConfig,
     h: &HyperOpts,
     data: &DataOpts,
     model: Vgg,
     resume: Option<Resume>,
     json: bool,
+    world: &World,
 ) -> Result<()> {
-    let quiet = h.quiet;
+    let quiet = h.quiet || !world.is_main();
+    if resume.is_none() {
+        if world.size > 1 && h.out.is_none() {
+            bail!("a data-parallel run needs --out: every rank must name the same run directory");
+        }
+        config.world_size = world.size;
+    }
     let run_dir = RunDir {
         dir: config.out.clone(),
     };
-    let _lock = run_dir.claim(resume.is_none(), h.force)?;
+    let _lock = match world.is_main() {
+        true => Some(run_dir.claim(resume.is_none(), h.force)?),
+        false => None,
+    };
     let numerics = Numerics::decide(
         &config.numerics_request(h.numerics.deterministic),
         model.device(),
         Activity::Training,
-        &mut warn,
+        &mut |m: String| {
+            if world.is_main() {
+                warn(m)
+            }
+        },
     )?;
+    // Rank 0 first: it may download the data the others then read.
+    if !world.is_main() {
+        world.barrier()?;
+    }
     let dataset = data.load_for(&config, quiet)?;
+    if world.is_main() {
+        world.barrier()?;
+    }
     if dataset.classes.len() as i64 != config.model.classes {
         bail!(
             "--classes {} does not match {}, which has {} classes",
@@ -363,42 +414,58 @@ pub fn execute(
         ..dataset
     };
     install_stop_signals();
-    let mut trainer = Trainer::new(config, &dataset, model, resume, numerics, &STOP)?;
+    let mut trainer = Trainer::new(config, &dataset, model, resume, numerics, &STOP, world)?;
     if !quiet {
-        let c = &trainer.state.config;
-        let trainable: i64 = trainer
-            .model
-            .trainable_parameters()
-            .iter()
-            .map(|(_, t)| t.numel() as i64)
-            .sum();
-        eprintln!(
-            "training {} ({} head, {} classes, {} trainable parameters) on {} ({} train / {} test images, {}x{}) on {} ({}), {} epoch{}{}, batch {}, writing {}",
-            c.model.model_name(),
-            c.model.head.name(),
-            c.model.classes,
-            trainable,
-            c.dataset,
-            dataset.train.len(),
-            dataset.test.len(),
-            c.input_size,
-            c.input_size,
-            c.device,
-            trainer.ran_as(),
-            c.epochs,
-            if c.epochs == 1 { "" } else { "s" },
-            match c.unreached_milestones() {
-                Some(m) => format!(
-                    " (milestones {m} are not before the last epoch: the LR never decays there)"
-                ),
-                None => String::new(),
-            },
-            c.batch_size,
-            c.out.display()
-        );
+        print_header(&trainer, &dataset, world);
     }
     let summary = trainer.fit(&mut EpochBars::new(quiet))?;
+    if !world.is_main() {
+        return Ok(());
+    }
     report(&summary, json)
+}
+
+/// What a run is about to do, on stderr.
+fn print_header(trainer: &Trainer, dataset: &vggctl::data::Dataset, world: &World) {
+    let c = &trainer.state.config;
+    let trainable: i64 = trainer
+        .model
+        .trainable_parameters()
+        .iter()
+        .map(|(_, t)| t.numel() as i64)
+        .sum();
+    let batch = match world.size {
+        1 => format!("batch {}", c.batch_size),
+        n => format!(
+            "batch {} per rank on {n} ranks ({}; global batch {})",
+            c.batch_size,
+            world.backend.name(),
+            c.batch_size * n as i64
+        ),
+    };
+    eprintln!(
+        "training {} ({} head, {} classes, {} trainable parameters) on {} ({} train / {} test images, {}x{}) on {} ({}), {} epoch{}{}, {batch}, writing {}",
+        c.model.model_name(),
+        c.model.head.name(),
+        c.model.classes,
+        trainable,
+        c.dataset,
+        dataset.train.len(),
+        dataset.test.len(),
+        c.input_size,
+        c.input_size,
+        c.device,
+        trainer.ran_as(),
+        c.epochs,
+        if c.epochs == 1 { "" } else { "s" },
+        match c.unreached_milestones() {
+            Some(m) => format!(
+                " (milestones {m} are not before the last epoch: the LR never decays there)"
+            ),
+            None => String::new(),
+        },
+        c.out.display()
+    );
 }
 
 fn report(s: &TrainSummary, json: bool) -> Result<()> {

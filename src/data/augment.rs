@@ -334,6 +334,8 @@ pub struct Preprocess {
     pub augment: Augment,
     pub input: i64,
     pub norm: Normalizer,
+    /// Training batches get the evaluation transform (`--no-augment`).
+    pub plain_training: bool,
 }
 
 impl Preprocess {
@@ -342,6 +344,7 @@ impl Preprocess {
             augment,
             input,
             norm,
+            plain_training: false,
         }
     }
 
@@ -356,6 +359,9 @@ impl Preprocess {
     /// `layout`: where the images lie in their canvases (image folders), or
     /// None for images that fill the batch (CIFAR, predict's crops).
     pub fn train(&self, x: &Tensor, layout: Option<&Tensor>) -> Tensor {
+        if self.plain_training {
+            return self.eval(x, layout);
+        }
         match (self.augment, layout) {
             (Augment::CropFlip { padding }, _) => {
                 let x = squares(x, layout);

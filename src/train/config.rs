@@ -61,6 +61,12 @@ pub struct TrainConfig {
     /// Side of the (square) model input.
     pub input_size: i64,
     pub augment: Augment,
+    /// Training sees the evaluation transform: no random crops or flips.
+    #[serde(default)]
+    pub no_augment: bool,
+    /// Ranks of a data-parallel run; `batch_size` is per rank.
+    #[serde(default = "default_one")]
+    pub world_size: usize,
     /// Normalize with ImageNet's mean/std (fine-tuning) instead of the dataset's.
     pub imagenet_normalization: bool,
     /// Modules of `features` that are frozen (not trained, BatchNorm in eval
@@ -91,6 +97,10 @@ fn default_precision() -> Precision {
 
 fn default_true() -> bool {
     true
+}
+
+fn default_one() -> usize {
+    1
 }
 
 impl TrainConfig {
@@ -179,6 +189,8 @@ mod tests {
             out: "runs/x".into(),
             input_size: 32,
             augment: Augment::CropFlip { padding: 4 },
+            no_augment: false,
+            world_size: 1,
             imagenet_normalization: false,
             freeze_prefix: 0,
             weights: None,

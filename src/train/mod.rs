@@ -17,10 +17,10 @@ pub mod curves;
 pub mod graphed;
 pub mod profile;
 pub mod run_dir;
+pub mod start;
 pub mod state;
 pub mod step;
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
@@ -31,20 +31,23 @@ use crate::Interrupted;
 use crate::checkpoint::save_model;
 use crate::data::augment::{Normalizer, Preprocess};
 use crate::data::{Dataset, Split};
+use crate::dist::World;
 use crate::eval::{EvalGraph, evaluate};
 use crate::infer::Layerwise;
-use crate::model::{Values, Vgg};
+use crate::model::Vgg;
 use crate::numerics::{Numerics, Precision};
 use crate::optim::{LossScaler, Optimizer};
 use crate::shim;
 use config::TrainConfig;
 use graphed::{GraphedStep, StepParts};
 use profile::{StepProfile, StepTimer};
+use start::{build_optimizer, join_world, start_state};
 use state::{EpochMetrics, Partial, TrainState, TrainSummary};
 use step::{Forward, forward_loss};
 
 pub use config::SchedulerKind;
 pub use run_dir::{RunDir, read_resume};
+pub use start::Resume;
 
 /// Hooks for whoever shows progress and warnings (the CLI's bars and lines).
 pub trait Observer {
@@ -71,13 +74,6 @@ pub fn position_seed(seed: u64, epoch: usize, step: usize) -> i64 {
 /// The step position whose seed draws an epoch's permutation.
 const PERMUTATION_STEP: usize = usize::MAX;
 
-/// A saved run to continue: its state and its tensors (weights and
-/// optimizer state).
-pub type Resume = (TrainState, BTreeMap<String, Tensor>);
-
-/// Optimizer tensors still to load, with the file they came from.
-type OptimizerState = (String, BTreeMap<String, Tensor>);
-
 /// Everything a training run holds.
 pub struct Trainer<'a> {
     pub state: TrainState,
@@ -92,65 +88,8 @@ pub struct Trainer<'a> {
     profile: StepProfile,
     run_dir: RunDir,
     stop: &'a AtomicBool,
-}
-
-/// The first state of a run: a fresh one, or the saved one (with `config`'s
-/// changes) after loading its weights into `model`. Returns the optimizer
-/// tensors still to load, with the file they came from.
-fn start_state(
-    config: TrainConfig,
-    data: &Dataset,
-    model: &mut Vgg,
-    resume: Option<Resume>,
-    run_dir: &RunDir,
-) -> Result<(TrainState, Option<OptimizerState>)> {
-    let Some((saved, tensors)) = resume else {
-        let state = TrainState {
-            config,
-            class_names: data.classes.clone(),
-            mean: data.mean,
-            std: data.std,
-            epoch: 0,
-            step: 0,
-            partial: Partial::default(),
-            optimizer_steps: 0,
-            scaler: None,
-            best_top1: None,
-            history: Vec::new(),
-        };
-        return Ok((state, None));
-    };
-    let source = run_dir.resume().display().to_string();
-    let (b, n) = (saved.config.batch_size as u128, data.train.len() as u128);
-    if saved.step as u128 * b > n {
-        bail!(
-            "{source}: step {} of epoch {} is past the end of an epoch of {n} images at batch {b}; the file does not belong to this data",
-            saved.step,
-            saved.epoch + 1
-        );
-    }
-    let weights: BTreeMap<String, Tensor> = tensors
-        .iter()
-        .filter(|(k, _)| !k.starts_with("optimizer."))
-        .map(|(k, v)| (k.clone(), v.shallow_clone()))
-        .collect();
-    model.load_state_dict(&source, &weights, Values::FiniteOnly)?;
-    Ok((TrainState { config, ..saved }, Some((source, tensors))))
-}
-
-/// The optimizer the numerics ask for: the fused update over one flat
-/// buffer (parameters in the run's layout), or one per parameter.
-fn build_optimizer(model: &mut Vgg, numerics: &Numerics, config: &TrainConfig) -> Optimizer {
-    let ocfg = config.optimizer.clone();
-    if numerics.fused {
-        let flat = model.flatten_trainable(numerics.channels_last);
-        Optimizer::fused(ocfg, model.trainable_parameters(), flat)
-    } else {
-        if numerics.channels_last {
-            model.to_channels_last();
-        }
-        Optimizer::new(ocfg, model.trainable_parameters())
-    }
+    /// The ranks of a data-parallel run (a world of one otherwise).
+    world: &'a World,
 }
 
 impl<'a> Trainer<'a> {
@@ -161,8 +100,9 @@ impl<'a> Trainer<'a> {
         data: &Dataset,
         mut model: Vgg,
         resume: Option<Resume>,
-        numerics: Numerics,
+        mut numerics: Numerics,
         stop: &'a AtomicBool,
+        world: &'a World,
     ) -> Result<Self> {
         let device = model.device();
         let train = data.train.to_device(device);
@@ -173,16 +113,18 @@ impl<'a> Trainer<'a> {
                 data.source
             );
         }
-        let pre = Preprocess::new(
+        let mut pre = Preprocess::new(
             config.augment,
             config.input_size,
             Normalizer::new(data.mean, data.std, device),
         );
+        pre.plain_training = config.no_augment;
         let run_dir = RunDir {
             dir: config.out.clone(),
         };
         model.freeze_features(config.freeze_prefix);
         let (mut state, resume_tensors) = start_state(config, data, &mut model, resume, &run_dir)?;
+        join_world(world, &model, &mut state, &mut numerics)?;
         let mut opt = build_optimizer(&mut model, &numerics, &state.config);
         let (graph, eval_graph) = if numerics.cuda_graphs {
             let classes = state.config.model.classes;
@@ -212,11 +154,37 @@ impl<'a> Trainer<'a> {
             profile: StepProfile::default(),
             run_dir,
             stop,
+            world,
         })
     }
 
-    /// Writes the resume point: weights, optimizer state and `TrainState`, in one file.
+    /// The epoch's sums so far over all ranks (the slowest rank's time).
+    fn global_partial(&self) -> Result<Partial> {
+        let p = &self.state.partial;
+        let mut sums = [p.loss_sum, p.correct as f64, p.seen as f64];
+        self.world.sum_f64(&mut sums)?;
+        let mut time = [p.seconds];
+        if self.world.size > 1 {
+            let t = Tensor::from_slice(&time);
+            self.world.max(&t)?;
+            time[0] = t.double_value(&[0]);
+        }
+        Ok(Partial {
+            loss_sum: sums[0],
+            correct: sums[1].round() as i64,
+            seen: sums[2].round() as i64,
+            seconds: time[0],
+        })
+    }
+
+    /// Writes the resume point (rank 0): weights, optimizer state and
+    /// `TrainState`, in one file. Every rank calls it (the epoch's sums are
+    /// taken across ranks).
     fn save_resume(&self) -> Result<()> {
+        let partial = self.global_partial()?;
+        if !self.world.is_main() {
+            return Ok(());
+        }
         let mut tensors = self.model.state_dict();
         tensors.extend(self.opt.state_tensors());
         let meta = self
@@ -227,6 +195,7 @@ impl<'a> Trainer<'a> {
             )
             .to_metadata();
         let mut state = self.state.clone();
+        state.partial = partial;
         state.optimizer_steps = self.opt.steps();
         if let Some(scaler) = self.opt.loss_scaler() {
             state.scaler = Some(scaler);
@@ -236,7 +205,9 @@ impl<'a> Trainer<'a> {
 
     /// Trains until `config.epochs`, or until Ctrl-C (then `Interrupted`).
     pub fn fit(&mut self, obs: &mut dyn Observer) -> Result<TrainSummary> {
-        self.run_dir.start(&self.state.config)?;
+        if self.world.is_main() {
+            self.run_dir.start(&self.state.config)?;
+        }
         let device = self.model.device();
         while self.state.epoch < self.state.config.epochs {
             shim::peak_memory(device, true)?;
@@ -259,6 +230,11 @@ impl<'a> Trainer<'a> {
     fn end_epoch(&mut self, obs: &mut dyn Observer) -> Result<EpochMetrics> {
         let epoch = self.state.epoch;
         obs.evaluating(self.test.len() as usize);
+        // As DDP broadcasts buffers: every rank evaluates, and rank 0
+        // saves, rank 0's running statistics.
+        let buffers = self.model.entries();
+        self.world
+            .broadcast_all(buffers.iter().filter(|e| !e.is_param).map(|e| e.tensor))?;
         let net = Layerwise {
             model: &self.model,
             numerics: &self.numerics,
@@ -270,8 +246,9 @@ impl<'a> Trainer<'a> {
             self.state.config.test_batch_size,
             &self.pre,
             self.eval_graph.as_mut(),
+            self.world,
         )?;
-        let p = &self.state.partial;
+        let p = self.global_partial()?;
         let m = EpochMetrics {
             epoch: epoch + 1,
             lr: self.state.config.lr_at(epoch),
@@ -295,31 +272,50 @@ impl<'a> Trainer<'a> {
         self.state.epoch += 1;
         self.state.step = 0;
         self.state.partial = Partial::default();
-        let meta = self.state.meta(epoch + 1, Some(m.test_top1));
-        save_model(&self.run_dir.last(), &self.model, &meta)?;
-        if self.state.best_top1.is_none_or(|b| m.test_top1 > b) {
+        self.save_epoch(&m, obs)?;
+        Ok(m)
+    }
+
+    /// The files of a finished epoch (rank 0): `last`, `best` when it is,
+    /// the resume point, the metrics and the curves.
+    fn save_epoch(&mut self, m: &EpochMetrics, obs: &mut dyn Observer) -> Result<()> {
+        let best = self.state.best_top1.is_none_or(|b| m.test_top1 > b);
+        if best {
             self.state.best_top1 = Some(m.test_top1);
-            save_model(&self.run_dir.best(), &self.model, &meta)?;
+        }
+        if self.world.is_main() {
+            let meta = self.state.meta(m.epoch, Some(m.test_top1));
+            save_model(&self.run_dir.last(), &self.model, &meta)?;
+            if best {
+                save_model(&self.run_dir.best(), &self.model, &meta)?;
+            }
         }
         self.save_resume()?;
+        if !self.world.is_main() {
+            return Ok(());
+        }
         self.run_dir.write_metrics(&self.state.history)?;
         let curves = self.run_dir.curves();
         if let Err(e) = curves::curves(&curves, &self.state.history) {
             // A plot is a convenience; its failure must not end a run.
             obs.warn(&format!("could not draw {}: {e:#}", curves.display()));
         }
-        Ok(m)
+        Ok(())
     }
 
     fn train_one_epoch(&mut self, obs: &mut dyn Observer) -> Result<()> {
         let cfg = self.state.config.clone();
         let epoch = self.state.epoch;
-        let n = self.train.len();
         let b = cfg.batch_size;
-        let steps = ((n + b - 1) / b) as usize;
         let dev = self.train.images.device();
         tch::manual_seed(position_seed(cfg.seed, epoch, PERMUTATION_STEP));
-        let perm = Tensor::randperm(n, (Kind::Int64, dev));
+        // Every rank draws the same order and takes its own part of it.
+        let perm = self
+            .world
+            .shard_of(&Tensor::randperm(self.train.len(), (Kind::Int64, dev)));
+        let n = perm.size()[0];
+        let steps = ((n + b - 1) / b) as usize;
+        let seed = self.world.seed_for(cfg.seed);
         obs.epoch_start(epoch + 1, cfg.epochs, steps, self.state.step);
 
         // Losses and correct counts stay on the device and are read every
@@ -329,7 +325,7 @@ impl<'a> Trainer<'a> {
         let mut clock = Instant::now();
         while self.state.step < steps {
             let step = self.state.step;
-            if self.stop.load(Ordering::SeqCst) {
+            if self.world.any(self.stop.load(Ordering::SeqCst))? {
                 self.save_resume()?;
                 return Err(Interrupted(format!(
                     "interrupted at epoch {}, step {step}; resume with --resume {}",
@@ -338,7 +334,7 @@ impl<'a> Trainer<'a> {
                 ))
                 .into());
             }
-            tch::manual_seed(position_seed(cfg.seed, epoch, step));
+            tch::manual_seed(position_seed(seed, epoch, step));
             let start = step as i64 * b;
             let len = b.min(n - start);
             let (loss, correct) = self.step(&perm.narrow(0, start, len), len == b)?;
@@ -419,6 +415,8 @@ impl<'a> Trainer<'a> {
         let timer = timer.map(|t| t.lap(&mut self.profile.forward));
         self.opt.prepare(lr);
         let grads = self.opt.backward(&loss);
+        let world = self.world;
+        self.opt.reduce_gradients(&grads, |g| world.average(g))?;
         let timer = timer.map(|t| t.lap(&mut self.profile.backward));
         self.opt.update(grads)?;
         if let Some(t) = timer {

@@ -1,0 +1,437 @@
+//! Data-parallel runs: which rank this process is, how it finds its peers
+//! (the environment `torchrun` or Slurm's `srun` set), and the collectives
+//! training and evaluation use, through PyTorch's c10d (`shim::dist`).
+//!
+//! A process started without a launcher is a world of one: every
+//! collective is then a no-op, so single-process code paths need no
+//! special case.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use tch::{Device, Kind, Tensor};
+
+use crate::choice::Choice;
+use crate::shim::dist::{ProcessGroup, ReduceOp, Rendezvous};
+
+/// The collective backend: Gloo (CPU tensors, any device through host
+/// copies) or NCCL (CUDA).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Gloo,
+    Nccl,
+}
+
+impl Choice for Backend {
+    const ALL: &'static [Self] = &[Backend::Gloo, Backend::Nccl];
+    fn name(self) -> &'static str {
+        match self {
+            Backend::Gloo => "gloo",
+            Backend::Nccl => "nccl",
+        }
+    }
+    fn help(self) -> &'static str {
+        match self {
+            Backend::Gloo => "PyTorch's Gloo (CPU; the default)",
+            Backend::Nccl => "NVIDIA NCCL (CUDA)",
+        }
+    }
+}
+
+/// The default bound on the rendezvous and every collective.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// What a launcher says about this process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Launch {
+    pub rank: usize,
+    pub world: usize,
+    pub local_rank: usize,
+    pub master_addr: String,
+    pub master_port: u16,
+    /// torchrun's agent serves the store (`TORCHELASTIC_USE_AGENT_STORE`):
+    /// every rank is its client.
+    pub agent_store: bool,
+    /// torchrun's restart count (keys of a restarted group stay apart).
+    pub restart: u32,
+}
+
+fn parse<T: std::str::FromStr>(var: &str, value: &str) -> Result<T> {
+    match value.trim().parse() {
+        Ok(v) => Ok(v),
+        Err(_) => bail!("{var}={value:?} is not a non-negative integer"),
+    }
+}
+
+impl Launch {
+    /// The launch `env` describes (torchrun's `RANK`/`WORLD_SIZE`/..., else
+    /// Slurm's `SLURM_PROCID`/`SLURM_NTASKS`/`SLURM_LOCALID`), or `None`
+    /// for a single process.
+    pub fn from_env(env: impl Fn(&str) -> Option<String>) -> Result<Option<Launch>> {
+        let (rank_var, world_var, local_var) =
+            if env("RANK").is_some() || env("WORLD_SIZE").is_some() {
+                ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+            } else if env("SLURM_NTASKS").is_some() {
+                ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
+            } else {
+                return Ok(None);
+            };
+        let get = |var: &str| -> Result<String> {
+            match env(var) {
+                Some(v) => Ok(v),
+                None => bail!(
+                    "{world_var} is set but {var} is not: launch with torchrun (or srun), or set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT"
+                ),
+            }
+        };
+        let world: usize = parse(world_var, &get(world_var)?)?;
+        let rank: usize = parse(rank_var, &get(rank_var)?)?;
+        if world == 0 || rank >= world {
+            bail!("{rank_var}={rank} is not a rank of a world of {world_var}={world}");
+        }
+        if world == 1 {
+            return Ok(None);
+        }
+        let local_rank = match env(local_var) {
+            Some(v) => parse(local_var, &v)?,
+            None => 0,
+        };
+        let master_addr = get("MASTER_ADDR")?;
+        let master_port: u16 = match parse("MASTER_PORT", &get("MASTER_PORT")?) {
+            Ok(0) | Err(_) => bail!("MASTER_PORT must be a port number (1-65535)"),
+            Ok(p) => p,
+        };
+        let agent_store = env("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|v| v == "True");
+        let restart = match env("TORCHELASTIC_RESTART_COUNT") {
+            Some(v) => parse("TORCHELASTIC_RESTART_COUNT", &v)?,
+            None => 0,
+        };
+        Ok(Some(Launch {
+            rank,
+            world,
+            local_rank,
+            master_addr,
+            master_port,
+            agent_store,
+            restart,
+        }))
+    }
+}
+
+/// Runs the collective `f` in place on `t`: directly on a contiguous CPU
+/// tensor, else on a contiguous host copy whose result is copied back
+/// (Gloo works on host memory).
+fn on_host(t: &Tensor, f: impl FnOnce(&Tensor) -> Result<()>) -> Result<()> {
+    if t.device() == Device::Cpu && t.is_contiguous() {
+        return f(t);
+    }
+    let host = t.to_device(Device::Cpu).contiguous();
+    f(&host)?;
+    tch::no_grad(|| t.shallow_clone().copy_(&host));
+    Ok(())
+}
+
+/// This process's place in its run's world, and its group's collectives.
+pub struct World {
+    pub rank: usize,
+    pub size: usize,
+    pub local_rank: usize,
+    pub backend: Backend,
+    group: Option<ProcessGroup>,
+}
+
+/// (rank, world size) of this process once it joined a group of several,
+/// for the binary's error lines.
+static JOINED: OnceLock<(usize, usize)> = OnceLock::new();
+
+/// (rank, world size) when this process joined a group of several ranks.
+pub fn joined() -> Option<(usize, usize)> {
+    JOINED.get().copied()
+}
+
+impl World {
+    /// A world of one: every collective does nothing.
+    pub fn single() -> Self {
+        World {
+            rank: 0,
+            size: 1,
+            local_rank: 0,
+            backend: Backend::Gloo,
+            group: None,
+        }
+    }
+
+    /// Joins the group `launch` describes (all ranks must call this).
+    pub fn join(launch: &Launch, backend: Backend, timeout: Duration) -> Result<Self> {
+        if backend == Backend::Nccl {
+            bail!(
+                "--dist-backend nccl: this vggctl is built without NCCL; use --dist-backend gloo"
+            );
+        }
+        let _ = JOINED.set((launch.rank, launch.world));
+        let prefix = format!("vggctl/{}/", launch.restart);
+        let group = ProcessGroup::join(&Rendezvous {
+            host: &launch.master_addr,
+            port: launch.master_port,
+            rank: launch.rank,
+            world: launch.world,
+            serve: launch.rank == 0 && !launch.agent_store,
+            prefix: &prefix,
+            timeout,
+        })
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "could not join the group of {} ranks at {}:{} within {} s: {e:#}",
+                launch.world,
+                launch.master_addr,
+                launch.master_port,
+                timeout.as_secs()
+            )
+        })?;
+        Ok(World {
+            rank: launch.rank,
+            size: launch.world,
+            local_rank: launch.local_rank,
+            backend,
+            group: Some(group),
+        })
+    }
+
+    /// Returns once every rank has called it.
+    pub fn barrier(&self) -> Result<()> {
+        match &self.group {
+            Some(g) => g.barrier().map_err(|e| self.lost(e)),
+            None => Ok(()),
+        }
+    }
+
+    /// Rank 0: the one that prints and writes.
+    pub fn is_main(&self) -> bool {
+        self.rank == 0
+    }
+
+    fn reduce(&self, t: &Tensor, op: ReduceOp) -> Result<()> {
+        match &self.group {
+            Some(g) => on_host(t, |h| g.all_reduce(h, op)).map_err(|e| self.lost(e)),
+            None => Ok(()),
+        }
+    }
+
+    /// What a failed collective means to the user: a peer died, hung or
+    /// disagreed.
+    fn lost(&self, e: anyhow::Error) -> anyhow::Error {
+        let who = if self.size == 2 {
+            format!("rank {}", 1 - self.rank)
+        } else {
+            "another rank".to_string()
+        };
+        anyhow::anyhow!("lost contact with {who} (it stopped, or hung past --dist-timeout): {e:#}")
+    }
+
+    /// Sums `t` over the ranks, in place.
+    pub fn sum(&self, t: &Tensor) -> Result<()> {
+        self.reduce(t, ReduceOp::Sum)
+    }
+
+    /// The mean of the ranks' `t`, in place (DDP's gradient averaging).
+    pub fn average(&self, t: &Tensor) -> Result<()> {
+        if self.size > 1 {
+            self.sum(t)?;
+            let _ = t.shallow_clone().g_div_scalar_(self.size as f64);
+        }
+        Ok(())
+    }
+
+    /// The largest of the ranks' `t`, in place.
+    pub fn max(&self, t: &Tensor) -> Result<()> {
+        self.reduce(t, ReduceOp::Max)
+    }
+
+    /// Overwrites `t` with rank 0's values, in place.
+    pub fn broadcast(&self, t: &Tensor) -> Result<()> {
+        match &self.group {
+            Some(g) => on_host(t, |h| g.broadcast(h, 0)).map_err(|e| self.lost(e)),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether any rank says yes (every rank must ask at the same point).
+    pub fn any(&self, yes: bool) -> Result<bool> {
+        if self.group.is_none() {
+            return Ok(yes);
+        }
+        let t = Tensor::from_slice(&[i64::from(yes)]);
+        self.max(&t)?;
+        Ok(t.int64_value(&[0]) != 0)
+    }
+
+    /// Fails on every rank unless all ranks hold the same `fingerprint` of
+    /// `what` (e.g. the model's shapes and the run's settings).
+    pub fn check_same(&self, what: &str, fingerprint: i64) -> Result<()> {
+        if self.group.is_none() {
+            return Ok(());
+        }
+        // max of (f, -f) is (max f, -min f): one collective.
+        let t = Tensor::from_slice(&[fingerprint, fingerprint.wrapping_neg()]);
+        self.max(&t)?;
+        let (hi, lo) = (t.int64_value(&[0]), t.int64_value(&[1]).wrapping_neg());
+        if hi != lo {
+            bail!(
+                "the {} ranks disagree on {what}: every rank must be started with the same command line and data",
+                self.size
+            );
+        }
+        Ok(())
+    }
+
+    /// This rank's part of the `n` examples of an epoch whose order is
+    /// `perm` (the same on every rank), as PyTorch's `DistributedSampler`
+    /// takes it: the order padded with its own first examples to a multiple
+    /// of the world size, then every `size`-th example from `rank` on. Every
+    /// rank gets the same number of examples.
+    pub fn shard_of(&self, perm: &Tensor) -> Tensor {
+        if self.size == 1 {
+            return perm.shallow_clone();
+        }
+        let n = perm.size()[0];
+        let size = self.size as i64;
+        let total = (n + size - 1) / size * size;
+        let mut padded = perm.shallow_clone();
+        while padded.size()[0] < total {
+            let more = (total - padded.size()[0]).min(n);
+            padded = Tensor::cat(&[&padded, &perm.narrow(0, 0, more)], 0);
+        }
+        padded.slice(0, self.rank as i64, total, size)
+    }
+
+    /// This rank's contiguous part (start, length) of `n` evaluation
+    /// examples: no padding, so the ranks' summed counts are exactly one
+    /// process's.
+    pub fn range_of(&self, n: i64) -> (i64, i64) {
+        let (r, w) = (self.rank as i64, self.size as i64);
+        let start = n * r / w;
+        (start, n * (r + 1) / w - start)
+    }
+
+    /// A seed for this rank's random draws (augmentation, dropout) from the
+    /// run's: rank 0 keeps it, so one process draws what rank 0 of many does.
+    pub fn seed_for(&self, seed: u64) -> u64 {
+        seed ^ (self.rank as u64).wrapping_mul(0xA24B_AED4_963E_E407)
+    }
+
+    /// Broadcasts every tensor of `tensors` from rank 0, one collective per
+    /// tensor.
+    pub fn broadcast_all<'a>(&self, tensors: impl IntoIterator<Item = &'a Tensor>) -> Result<()> {
+        for t in tensors {
+            self.broadcast(t)?;
+        }
+        Ok(())
+    }
+
+    /// Sums `values` over the ranks (f64, on the host).
+    pub fn sum_f64(&self, values: &mut [f64]) -> Result<()> {
+        if self.group.is_none() {
+            return Ok(());
+        }
+        let t = Tensor::from_slice(values).to_kind(Kind::Double);
+        self.sum(&t)?;
+        values.copy_from_slice(&Vec::<f64>::try_from(t)?);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn launch(vars: &[(&str, &str)]) -> Result<Option<Launch>> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Launch::from_env(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn launches_are_read_as_torchrun_and_slurm_write_them() {
+        assert_eq!(launch(&[]).unwrap(), None);
+        let torchrun = launch(&[
+            ("RANK", "1"),
+            ("WORLD_SIZE", "2"),
+            ("LOCAL_RANK", "1"),
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", "29500"),
+            ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+            ("TORCHELASTIC_RESTART_COUNT", "3"),
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            (torchrun.rank, torchrun.world, torchrun.local_rank),
+            (1, 2, 1)
+        );
+        assert!(torchrun.agent_store);
+        assert_eq!(torchrun.restart, 3);
+        let slurm = launch(&[
+            ("SLURM_PROCID", "3"),
+            ("SLURM_NTASKS", "4"),
+            ("SLURM_LOCALID", "1"),
+            ("MASTER_ADDR", "node1"),
+            ("MASTER_PORT", "12345"),
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!((slurm.rank, slurm.world, slurm.local_rank), (3, 4, 1));
+        assert!(!slurm.agent_store);
+        // One rank is one process.
+        assert_eq!(launch(&[("RANK", "0"), ("WORLD_SIZE", "1")]).unwrap(), None);
+    }
+
+    #[test]
+    fn bad_launches_say_what_is_missing() {
+        let e = launch(&[("WORLD_SIZE", "2")]).unwrap_err().to_string();
+        assert!(e.contains("WORLD_SIZE is set but RANK is not"), "{e}");
+        let e = launch(&[("RANK", "2"), ("WORLD_SIZE", "2")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("RANK=2 is not a rank"), "{e}");
+        let e = launch(&[("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "h")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("MASTER_PORT is not"), "{e}");
+        let e = launch(&[("RANK", "x"), ("WORLD_SIZE", "2")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("RANK=\"x\""), "{e}");
+    }
+
+    /// DistributedSampler's split: padding from the start of the order,
+    /// then strided; each example once when the world size divides n.
+    #[test]
+    fn shards_are_distributed_samplers() {
+        let perm = Tensor::from_slice(&[4i64, 0, 3, 1, 2]);
+        let shard = |rank, size| {
+            let w = World {
+                rank,
+                size,
+                ..World::single()
+            };
+            Vec::<i64>::try_from(w.shard_of(&perm)).unwrap()
+        };
+        assert_eq!(shard(0, 2), vec![4, 3, 2]);
+        assert_eq!(shard(1, 2), vec![0, 1, 4]);
+        assert_eq!(shard(2, 3), vec![3, 0]);
+        assert_eq!(shard(0, 1), vec![4, 0, 3, 1, 2]);
+        // More ranks than examples: the order repeats.
+        assert_eq!(shard(6, 7), vec![4]);
+        let w = World {
+            rank: 1,
+            size: 3,
+            ..World::single()
+        };
+        assert_eq!(w.range_of(10), (3, 3));
+        assert_eq!(World::single().range_of(10), (0, 10));
+    }
+}

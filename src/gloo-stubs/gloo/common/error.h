@@ -1,0 +1,2 @@
+// Declaration-only stand-in (see gloo/algorithm.h).
+#pragma once

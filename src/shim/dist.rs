@@ -1,0 +1,130 @@
+//! Safe wrappers over src/shim_dist.cpp: a c10d process group (TCPStore
+//! rendezvous, Gloo backend) and its collectives. What a group is for and
+//! how a run finds its peers is `crate::dist`'s.
+
+use std::ffi::{CString, c_char, c_int, c_void};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tch::Tensor;
+use torch_sys::C_tensor;
+
+use super::{call, ptr};
+
+unsafe extern "C" {
+    fn vggctl_dist_new(
+        host: *const c_char,
+        port: c_int,
+        rank: c_int,
+        world: c_int,
+        serve: c_int,
+        prefix: *const c_char,
+        timeout_ms: i64,
+        out: *mut *mut c_void,
+        err: *mut c_char,
+        len: usize,
+    ) -> c_int;
+    fn vggctl_dist_free(g: *mut c_void);
+    fn vggctl_dist_all_reduce(
+        g: *mut c_void,
+        t: *mut C_tensor,
+        op: c_int,
+        err: *mut c_char,
+        len: usize,
+    ) -> c_int;
+    fn vggctl_dist_broadcast(
+        g: *mut c_void,
+        t: *mut C_tensor,
+        root: c_int,
+        err: *mut c_char,
+        len: usize,
+    ) -> c_int;
+    fn vggctl_dist_barrier(g: *mut c_void, err: *mut c_char, len: usize) -> c_int;
+}
+
+/// How `all_reduce` combines the ranks' values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReduceOp {
+    Sum,
+    Max,
+    Min,
+}
+
+/// Where and how a rank joins its group.
+pub struct Rendezvous<'a> {
+    pub host: &'a str,
+    pub port: u16,
+    pub rank: usize,
+    pub world: usize,
+    /// Serve the TCPStore (rank 0 when no launcher serves it).
+    pub serve: bool,
+    /// Prefix of this group's keys in the store.
+    pub prefix: &'a str,
+    /// Bound on every wait: the rendezvous and each collective.
+    pub timeout: Duration,
+}
+
+/// A joined c10d process group with the Gloo backend.
+pub struct ProcessGroup(*mut c_void);
+
+impl ProcessGroup {
+    pub fn join(r: &Rendezvous) -> Result<Self> {
+        let host = CString::new(r.host).context("MASTER_ADDR holds a NUL byte")?;
+        let prefix = CString::new(r.prefix).context("store prefix holds a NUL byte")?;
+        let mut g: *mut c_void = std::ptr::null_mut();
+        let ms = i64::try_from(r.timeout.as_millis()).unwrap_or(i64::MAX);
+        // SAFETY: the strings are NUL-terminated and outlive the call; `g`
+        // is written only on success; err/len as in `call`.
+        call("c10d", |err, len| unsafe {
+            vggctl_dist_new(
+                host.as_ptr(),
+                c_int::from(r.port),
+                r.rank as c_int,
+                r.world as c_int,
+                c_int::from(r.serve),
+                prefix.as_ptr(),
+                ms,
+                &mut g,
+                err,
+                len,
+            )
+        })?;
+        Ok(ProcessGroup(g))
+    }
+
+    /// Combines `t` across the ranks, in place on every rank.
+    pub fn all_reduce(&self, t: &Tensor, op: ReduceOp) -> Result<()> {
+        let op = match op {
+            ReduceOp::Sum => 0,
+            ReduceOp::Max => 1,
+            ReduceOp::Min => 2,
+        };
+        // SAFETY: `self.0` is a live group, `t` a live tensor.
+        call("all-reduce", |err, len| unsafe {
+            vggctl_dist_all_reduce(self.0, ptr(t), op, err, len)
+        })
+    }
+
+    /// Overwrites `t` on every rank with rank `root`'s values.
+    pub fn broadcast(&self, t: &Tensor, root: usize) -> Result<()> {
+        // SAFETY: as in `all_reduce`.
+        call("broadcast", |err, len| unsafe {
+            vggctl_dist_broadcast(self.0, ptr(t), root as c_int, err, len)
+        })
+    }
+
+    /// Returns once every rank has called it.
+    pub fn barrier(&self) -> Result<()> {
+        // SAFETY: as in `all_reduce`.
+        call("barrier", |err, len| unsafe {
+            vggctl_dist_barrier(self.0, err, len)
+        })
+    }
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        // SAFETY: `self.0` came from `vggctl_dist_new` and is freed once.
+        unsafe { vggctl_dist_free(self.0) }
+    }
+}

@@ -1,0 +1,146 @@
+// PyTorch's c10d from C: a TCPStore rendezvous and a Gloo process group with
+// the collectives data-parallel training needs (all-reduce, broadcast,
+// barrier). The one Rust caller is src/shim/dist.rs.
+//
+// Compiled with USE_C10D_GLOO (without it ProcessGroupGloo.hpp declares
+// nothing) against the stand-in gloo headers in src/gloo-stubs: the wheel
+// ships no gloo headers, and nothing here touches a gloo type (gloo is
+// linked statically inside libtorch_cpu.so).
+//
+// As in src/shim.cpp, every function catches C++ exceptions: an error comes
+// back as a non-zero status with its message copied into `err`.
+#include <ATen/core/Tensor.h>
+#include <c10/util/Logging.h>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+#include <chrono>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace {
+
+void copy_err(const std::string &msg, char *err, size_t len) {
+  if (err == nullptr || len == 0) return;
+  size_t n = msg.size() < len - 1 ? msg.size() : len - 1;
+  std::memcpy(err, msg.data(), n);
+  err[n] = '\0';
+}
+
+template <typename F>
+int guarded(char *err, size_t len, F f) {
+  try {
+    f();
+    return 0;
+  } catch (const std::exception &e) {
+    copy_err(e.what(), err, len);
+  } catch (...) {
+    copy_err("unknown C++ exception", err, len);
+  }
+  return 1;
+}
+
+struct Group {
+  c10::intrusive_ptr<c10d::Store> store;
+  c10::intrusive_ptr<c10d::ProcessGroupGloo> pg;
+};
+
+// The network device Gloo binds to, chosen as PyTorch does: the interfaces
+// in GLOO_SOCKET_IFNAME, else this host's address. A group whose store is on
+// the loopback address is one machine, so it binds there too (a hostname
+// that resolves to an outside address would otherwise be used).
+std::vector<std::shared_ptr<gloo::transport::Device>> devices(const std::string &host) {
+  std::vector<std::shared_ptr<gloo::transport::Device>> out;
+  if (const char *names = std::getenv("GLOO_SOCKET_IFNAME"); names && *names) {
+    std::stringstream ss(names);
+    std::string name;
+    while (std::getline(ss, name, ',')) {
+      if (!name.empty()) out.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(name));
+    }
+    return out;
+  }
+  if (host == "localhost" || host.rfind("127.", 0) == 0) {
+    out.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
+  } else {
+    out.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+  }
+  return out;
+}
+
+c10d::ReduceOp reduce_op(int op) {
+  switch (op) {
+    case 1:
+      return c10d::ReduceOp::MAX;
+    case 2:
+      return c10d::ReduceOp::MIN;
+    default:
+      return c10d::ReduceOp::SUM;
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// Joins the group of `world` processes whose TCPStore is at host:port: as
+// its server when `serve` (rank 0 without a launcher's store), else as a
+// client. Keys go under `prefix`, clear of a launcher's own. Every wait,
+// the store's and the collectives', is bounded by `timeout_ms`.
+int vggctl_dist_new(const char *host, int port, int rank, int world, int serve,
+                    const char *prefix, int64_t timeout_ms, void **out, char *err,
+                    size_t len) {
+  *out = nullptr;
+  return guarded(err, len, [&] {
+    // c10d logs each failure with a stack trace on stderr before throwing
+    // it; the exception's message reaches the user as vggctl's one error
+    // line. TORCH_CPP_LOG_LEVEL still asks for libtorch's logs.
+    if (std::getenv("TORCH_CPP_LOG_LEVEL") == nullptr) FLAGS_caffe2_log_level = 3;
+    std::chrono::milliseconds timeout(timeout_ms);
+    c10d::TCPStoreOptions opts;
+    opts.port = static_cast<std::uint16_t>(port);
+    opts.isServer = serve != 0;
+    if (serve != 0) opts.numWorkers = static_cast<std::size_t>(world);
+    opts.waitWorkers = false;
+    opts.timeout = timeout;
+    auto tcp = c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
+    auto store = c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), tcp);
+    auto options = c10d::ProcessGroupGloo::Options::create(timeout);
+    options->devices = devices(host);
+    auto pg = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, options);
+    *out = new Group{tcp, pg};
+  });
+}
+
+void vggctl_dist_free(void *g) { delete static_cast<Group *>(g); }
+
+// In place, on every rank: op 0 sum, 1 max, 2 min.
+int vggctl_dist_all_reduce(void *g, at::Tensor *t, int op, char *err, size_t len) {
+  return guarded(err, len, [&] {
+    std::vector<at::Tensor> v{*t};
+    c10d::AllreduceOptions o;
+    o.reduceOp = reduce_op(op);
+    static_cast<Group *>(g)->pg->allreduce(v, o)->wait();
+  });
+}
+
+// In place: every rank gets rank `root`'s values.
+int vggctl_dist_broadcast(void *g, at::Tensor *t, int root, char *err, size_t len) {
+  return guarded(err, len, [&] {
+    std::vector<at::Tensor> v{*t};
+    c10d::BroadcastOptions o;
+    o.rootRank = root;
+    static_cast<Group *>(g)->pg->broadcast(v, o)->wait();
+  });
+}
+
+int vggctl_dist_barrier(void *g, char *err, size_t len) {
+  return guarded(err, len, [&] { static_cast<Group *>(g)->pg->barrier()->wait(); });
+}
+
+}  // extern "C"

@@ -1,0 +1,124 @@
+//! How a run starts: a fresh state or the saved one, the ranks of a
+//! data-parallel run made alike, and the optimizer the numerics ask for.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Result, bail};
+use tch::Tensor;
+
+use crate::data::Dataset;
+use crate::dist::World;
+use crate::model::{Values, Vgg};
+use crate::numerics::Numerics;
+use crate::optim::Optimizer;
+
+use super::config::TrainConfig;
+use super::run_dir::RunDir;
+use super::state::{Partial, TrainState};
+
+/// A saved run to continue: its state and its tensors (weights and
+/// optimizer state).
+pub type Resume = (TrainState, BTreeMap<String, Tensor>);
+
+/// Optimizer tensors still to load, with the file they came from.
+pub type OptimizerState = (String, BTreeMap<String, Tensor>);
+
+/// The first state of a run: a fresh one, or the saved one (with `config`'s
+/// changes) after loading its weights into `model`. Returns the optimizer
+/// tensors still to load, with the file they came from.
+pub fn start_state(
+    config: TrainConfig,
+    data: &Dataset,
+    model: &mut Vgg,
+    resume: Option<Resume>,
+    run_dir: &RunDir,
+) -> Result<(TrainState, Option<OptimizerState>)> {
+    let Some((saved, tensors)) = resume else {
+        let state = TrainState {
+            config,
+            class_names: data.classes.clone(),
+            mean: data.mean,
+            std: data.std,
+            epoch: 0,
+            step: 0,
+            partial: Partial::default(),
+            optimizer_steps: 0,
+            scaler: None,
+            best_top1: None,
+            history: Vec::new(),
+        };
+        return Ok((state, None));
+    };
+    let source = run_dir.resume().display().to_string();
+    let b = saved.config.batch_size as u128;
+    let n = (data.train.len() as u128).div_ceil(saved.config.world_size.max(1) as u128);
+    if saved.step as u128 * b > n {
+        bail!(
+            "{source}: step {} of epoch {} is past the end of an epoch of {n} images at batch {b}; the file does not belong to this data",
+            saved.step,
+            saved.epoch + 1
+        );
+    }
+    let weights: BTreeMap<String, Tensor> = tensors
+        .iter()
+        .filter(|(k, _)| !k.starts_with("optimizer."))
+        .map(|(k, v)| (k.clone(), v.shallow_clone()))
+        .collect();
+    model.load_state_dict(&source, &weights, Values::FiniteOnly)?;
+    Ok((TrainState { config, ..saved }, Some((source, tensors))))
+}
+
+/// Makes the ranks of a data-parallel run start alike: the same model and
+/// settings (checked), rank 0's weights and buffers, and the epoch's sums so
+/// far held by rank 0 alone (sums are taken across the ranks). CUDA graphs
+/// are off: Gloo's collectives cannot be captured.
+pub fn join_world(
+    world: &World,
+    model: &Vgg,
+    state: &mut TrainState,
+    numerics: &mut Numerics,
+) -> Result<()> {
+    if world.size == 1 {
+        return Ok(());
+    }
+    world.check_same(
+        "the model and the run's settings",
+        fingerprint(model, &state.config),
+    )?;
+    world.broadcast_all(model.entries().iter().map(|e| e.tensor))?;
+    if !world.is_main() {
+        state.partial = Partial::default();
+    }
+    numerics.cuda_graphs = false;
+    Ok(())
+}
+
+/// A hash of the model's tensor names and shapes and of the run's settings
+/// (the device left out: each rank has its own).
+fn fingerprint(model: &Vgg, config: &TrainConfig) -> i64 {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for e in model.entries() {
+        h.update(format!("{}{:?};", e.name, e.tensor.size()));
+    }
+    let mut c = config.clone();
+    c.device = String::new();
+    h.update(serde_json::to_vec(&c).unwrap_or_default());
+    let d = h.finalize();
+    i64::from_le_bytes(d[..8].try_into().expect("8 bytes"))
+}
+
+/// The optimizer the numerics ask for: the fused update over one flat
+/// buffer (parameters in the run's layout), or one per parameter.
+pub fn build_optimizer(model: &mut Vgg, numerics: &Numerics, config: &TrainConfig) -> Optimizer {
+    let ocfg = config.optimizer.clone();
+    if numerics.fused {
+        let flat = model.flatten_trainable(numerics.channels_last);
+        Optimizer::fused(ocfg, model.trainable_parameters(), flat)
+    } else {
+        if numerics.channels_last {
+            model.to_channels_last();
+        }
+        Optimizer::new(ocfg, model.trainable_parameters())
+    }
+}

@@ -1,0 +1,204 @@
+"""Data-parallel vggctl under the virtualenv's `torchrun --no-python`, two
+Gloo ranks on 127.0.0.1, against the real thing:
+
+- training: the same VGG11 and VGG11-BN (CIFAR head, dropout on; BatchNorm
+  statistics per rank, rank 0's kept, as DDP does), the same initial weights, the same per-rank batches (each epoch's order split by PyTorch's
+  DistributedSampler) and dropout draws, trained two epochs by PyTorch's
+  DistributedDataParallel (tests/ddp_reference.py, also under torchrun):
+  final weights within 1e-5; the run's metrics count every image once;
+- evaluation: `vggctl eval` over 2 ranks reports exactly one process's
+  counts, accuracies and confusion matrix (loss within 1e-6 relative: the
+  ranks' partial sums are added in another order);
+- launches that cannot work end with one line each, promptly: WORLD_SIZE
+  without RANK, a store nobody serves, ranks started with different models,
+  a rank killed mid-run (the survivor names it).
+
+Every process is bounded by a timeout; ports are picked free on 127.0.0.1.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import vgg_reference  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.environ.get("VGGCTL_BIN", os.path.join(ROOT, "target", "release", "vggctl"))
+VENV_BIN = os.path.dirname(sys.executable)
+TORCHRUN = os.path.join(VENV_BIN, "torchrun")
+DATA = os.path.join(ROOT, "tests", "fixtures", "digits-bin")
+LIMIT, BATCH, EPOCHS = 100, 16, 2
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args, timeout=300):
+    cmd = [TORCHRUN, "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def initial_weights(path, bn):
+    torch.manual_seed(0)
+    model = vgg_reference.build("vgg11", bn, "cifar", 10)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+
+
+@pytest.mark.parametrize("bn", [False, True], ids=["vgg11", "vgg11_bn"])
+def test_two_ranks_train_as_pytorch_ddp_and_evaluate_as_one_process(tmp_path, bn):
+    init = str(tmp_path / "init.safetensors")
+    initial_weights(init, bn)
+    with_bn = ["--bn"] if bn else []
+    run = tmp_path / "run"
+    ours = torchrun(
+        "--no-python", BIN, "train", "--dataset", "cifar10", "--data-dir", DATA, "--no-download",
+        "--arch", "vgg11", *with_bn, "--initial-checkpoint", init, "--no-augment",
+        "--limit-train", str(LIMIT), "--limit-test", "37", "--epochs", str(EPOCHS),
+        "--batch-size", str(BATCH), "--device", "cpu", "--out", str(run),
+    )
+    assert ours.returncode == 0, ours.stderr[-3000:]
+    # Only rank 0 speaks and writes.
+    assert ours.stdout.count("trained 2 epochs") == 1, ours.stdout
+    assert "batch 16 per rank on 2 ranks (gloo; global batch 32)" in ours.stderr
+    assert json.loads((run / "config.json").read_text())["world_size"] == 2
+    metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == EPOCHS
+
+    ref = str(tmp_path / "ddp.safetensors")
+    theirs = torchrun(
+        os.path.join(ROOT, "tests", "ddp_reference.py"), "--data",
+        os.path.join(DATA, "cifar-10-batches-bin"), "--init", init, "--out", ref,
+        "--limit-train", str(LIMIT), "--epochs", str(EPOCHS), "--batch-size", str(BATCH), *with_bn,
+    )
+    assert theirs.returncode == 0, theirs.stderr[-3000:]
+    a, b = load_file(str(run / "last.safetensors")), load_file(ref)
+    assert set(a) == set(b)
+    start = load_file(init)
+    for k in b:
+        # BatchNorm's running statistics are rank 0's, as DDP broadcasts them.
+        diff = (a[k].double() - b[k].double()).abs().max().item()
+        assert diff < 1e-5, f"{k}: {diff}"
+    moved = max((b[k] - start[k]).abs().max().item() for k in b)
+    assert moved > 1e-3, "training did not move the weights; the comparison proves nothing"
+
+    # Evaluation over 2 ranks (37 images: an odd split) = one process.
+    one = subprocess.run([BIN, "eval", "--checkpoint", str(run / "last.safetensors"),
+                          "--limit-test", "37", "--batch-size", "8", "--device", "cpu", "--json"],
+                         capture_output=True, text=True, timeout=120, check=True)
+    two = torchrun("--no-python", BIN, "eval", "--checkpoint", str(run / "last.safetensors"),
+                   "--limit-test", "37", "--batch-size", "8", "--device", "cpu", "--json")
+    assert two.returncode == 0, two.stderr[-3000:]
+    r1, r2 = json.loads(one.stdout), json.loads(two.stdout)
+    for key in ("images", "top1", "top5", "per_class", "precision", "support", "confusion"):
+        assert r1[key] == r2[key], key
+    assert r1["images"] == 37
+    assert abs(r1["loss"] - r2["loss"]) <= 1e-6 * abs(r1["loss"])
+    # The training run's last evaluation was the same sharded computation.
+    assert abs(metrics[-1]["test_top1"] - r1["top1"]) < 1e-9
+
+
+def rank_env(rank, port, **extra):
+    env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    env.update(extra)
+    return env
+
+
+TRAIN = ["train", "--dataset", "cifar10", "--data-dir", DATA, "--no-download", "--device", "cpu"]
+
+
+def test_bad_launches_fail_with_one_line_and_no_hang(tmp_path):
+    # WORLD_SIZE without RANK.
+    env = dict(os.environ, WORLD_SIZE="2")
+    env.pop("RANK", None)
+    out = subprocess.run([BIN, *TRAIN, "--out", str(tmp_path / "a")], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines() == [
+        "vggctl: error: WORLD_SIZE is set but RANK is not: launch with torchrun (or srun), "
+        "or set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT"]
+    assert not (tmp_path / "a").exists()
+
+    # A store nobody serves: rank 1 gives up after --dist-timeout.
+    start = time.monotonic()
+    out = subprocess.run([BIN, *TRAIN, "--dist-timeout", "3", "--out", str(tmp_path / "b")],
+                         env=rank_env(1, free_port()), capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "vggctl [rank 1/2]: error: could not join the group of 2 ranks at 127.0.0.1:"), lines
+    assert time.monotonic() - start < 30
+
+    # Rank 0 cannot serve on a port in use.
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = subprocess.run([BIN, *TRAIN, "--dist-timeout", "3", "--out", str(tmp_path / "c")],
+                             env=rank_env(0, port), capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "could not join the group" in lines[0], lines
+    assert "address already in use" in lines[0].lower(), lines
+
+
+def test_ranks_with_different_models_refuse_to_start(tmp_path):
+    port = free_port()
+    procs = [
+        subprocess.Popen([BIN, *TRAIN, "--arch", arch, "--limit-train", "64", "--limit-test", "16",
+                          "--dist-timeout", "20",
+                          "--epochs", "1", "--out", str(tmp_path / "run")],
+                         env=rank_env(rank, port), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for rank, arch in ((0, "vgg11"), (1, "vgg13"))
+    ]
+    for rank, p in enumerate(procs):
+        _, err = p.communicate(timeout=120)
+        assert p.returncode != 0
+        assert err.strip().splitlines()[-1] == (
+            f"vggctl [rank {rank}/2]: error: the 2 ranks disagree on the model and the run's settings: "
+            "every rank must be started with the same command line and data"), err
+    # Nothing written but the claim rank 0 gave back.
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_a_killed_rank_is_named_by_the_survivor(tmp_path):
+    port = free_port()
+    args = [BIN, *TRAIN, "--arch", "vgg11", "--limit-train", "4000", "--limit-test", "16",
+            "--batch-size", "8", "--epochs", "5", "--dist-timeout", "20", "--out", str(tmp_path / "run")]
+    r0 = subprocess.Popen(args, env=rank_env(0, port), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+    r1 = subprocess.Popen(args, env=rank_env(1, port), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+    try:
+        # The header comes after the ranks joined and agreed on the model.
+        deadline = time.monotonic() + 120
+        seen = ""
+        while "training vgg11" not in seen and time.monotonic() < deadline:
+            seen += r0.stderr.readline()
+        assert "training vgg11" in seen, seen
+        time.sleep(1)
+        r1.send_signal(signal.SIGKILL)
+        start = time.monotonic()
+        _, err = r0.communicate(timeout=60)
+        assert r0.returncode not in (0, None)
+        assert time.monotonic() - start < 25
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("vggctl [rank 0/2]: error: lost contact with rank 1"), last
+    finally:
+        for p in (r0, r1):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
