@@ -407,8 +407,9 @@ mod tests {
         assert!(e.contains("RANK=\"x\""), "{e}");
     }
 
-    /// DistributedSampler's split: padding from the start of the order,
-    /// then strided; each example once when the world size divides n.
+    /// DistributedSampler's split (the expected values are what
+    /// `DistributedSampler(range(5), num_replicas, rank, shuffle=False)`
+    /// picks from the order): padding from the start, then strided.
     #[test]
     fn shards_are_distributed_samplers() {
         let perm = Tensor::from_slice(&[4i64, 0, 3, 1, 2]);
@@ -422,10 +423,10 @@ mod tests {
         };
         assert_eq!(shard(0, 2), vec![4, 3, 2]);
         assert_eq!(shard(1, 2), vec![0, 1, 4]);
-        assert_eq!(shard(2, 3), vec![3, 0]);
+        assert_eq!(shard(2, 3), vec![3, 4]);
         assert_eq!(shard(0, 1), vec![4, 0, 3, 1, 2]);
         // More ranks than examples: the order repeats.
-        assert_eq!(shard(6, 7), vec![4]);
+        assert_eq!(shard(6, 7), vec![0]);
         let w = World {
             rank: 1,
             size: 3,

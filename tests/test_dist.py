@@ -202,3 +202,45 @@ def test_a_killed_rank_is_named_by_the_survivor(tmp_path):
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+def test_a_restarted_group_continues_to_the_same_weights(tmp_path):
+    """torchrun --max-restarts 1 with --resume auto: rank 1 killed in the
+    second epoch, the restarted group continues from the last checkpoint
+    and ends with the uninterrupted run's weights, bit for bit."""
+    common = ["--no-python", BIN, *TRAIN, "--arch", "vgg11", "--limit-train", "480", "--limit-test", "16",
+              "--batch-size", "16", "--epochs", "3", "--dist-timeout", "20", "--resume", "auto"]
+    straight = torchrun(*common, "--out", str(tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    run = tmp_path / "restarted"
+    p = subprocess.Popen(
+        [TORCHRUN, "--nproc-per-node", "2", "--max-restarts", "1", "--master-addr", "127.0.0.1",
+         "--master-port", str(free_port()), *common, "--out", str(run)],
+        stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        deadline = time.monotonic() + 240
+        seen = ""
+        while "epoch   1 " not in seen and time.monotonic() < deadline and p.poll() is None:
+            seen += p.stderr.readline()
+        assert "epoch   1 " in seen, seen
+        time.sleep(0.5)
+        workers = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
+        rank1 = [w for w in workers if b"RANK=1\0" in open(f"/proc/{w}/environ", "rb").read()]
+        assert len(rank1) == 1, workers
+        os.kill(int(rank1[0]), signal.SIGKILL)
+        out, err = p.communicate(timeout=300)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 0, (seen + err)[-3000:]
+    assert "lost contact with rank 1" in err, err[-3000:]
+    assert out.count("trained 3 epochs") == 1, out
+    metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2, 3]
+    a = load_file(str(run / "last.safetensors"))
+    b = load_file(str(tmp_path / "straight" / "last.safetensors"))
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

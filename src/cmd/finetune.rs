@@ -13,7 +13,7 @@ use vggctl::model::{Head, check_input};
 use super::data_opts::DataOpts;
 use super::opts::{DistOpts, ModelOpts};
 use super::progress::download_bar;
-use super::training::{HyperOpts, execute, resume};
+use super::training::{HyperOpts, Start, execute, resume};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -44,8 +44,9 @@ pub fn run(args: Args) -> Result<()> {
     h.validate(&args.data)?;
     let world = h.dist.world()?;
     let device = DistOpts::rank_device(args.model.device()?, &world);
-    if h.resume.is_some() {
-        return resume(h, &args.data, device, args.model.json, &world);
+    let start = h.start()?;
+    if let Start::Resume(path) = &start {
+        return resume(path, h, &args.data, device, args.model.json, &world, None);
     }
     if args.model.head.is_some_and(|hd| hd != Head::Imagenet) {
         bail!("--head: fine-tuning starts from torchvision's imagenet head");
@@ -105,6 +106,10 @@ pub fn run(args: Args) -> Result<()> {
             "runs/finetune-",
             1,
         ));
+    }
+    if let Start::AutoResume(path) = &start {
+        let json = args.model.json;
+        return resume(path, h, &args.data, device, json, &world, Some(&config));
     }
     execute(config, h, &data, model, None, args.model.json, &world)
 }

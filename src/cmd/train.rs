@@ -8,7 +8,7 @@ use vggctl::model::{Head, Vgg};
 
 use super::data_opts::DataOpts;
 use super::opts::{DistOpts, ModelOpts};
-use super::training::{HyperOpts, execute, resume};
+use super::training::{HyperOpts, Start, execute, resume};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -29,13 +29,22 @@ pub fn run(args: Args) -> Result<()> {
     h.validate(&args.data)?;
     let world = h.dist.world()?;
     let device = DistOpts::rank_device(args.model.device()?, &world);
-    if h.resume.is_some() {
+    let start = h.start()?;
+    if let Start::Resume(path) = &start {
         if args.initial_checkpoint.is_some() {
             anyhow::bail!("--initial-checkpoint starts a new run; --resume continues one");
         }
-        return resume(h, &args.data, device, args.model.json, &world);
+        return resume(path, h, &args.data, device, args.model.json, &world, None);
     }
     let mut config = h.config(args.model.spec(Head::Cifar)?, &args.data, device, 100);
+    if let Start::AutoResume(path) = &start {
+        config.weights = args
+            .initial_checkpoint
+            .as_ref()
+            .map(|p| p.display().to_string());
+        let json = args.model.json;
+        return resume(path, h, &args.data, device, json, &world, Some(&config));
+    }
     tch::manual_seed(config.seed as i64);
     let model = match &args.initial_checkpoint {
         Some(path) => {

@@ -69,7 +69,9 @@ pub struct HyperOpts {
     /// Output directory [default: runs/<arch>[_bn]-<dataset>-<timestamp>].
     #[arg(short, long)]
     pub out: Option<PathBuf>,
-    /// Continue a run: its resume.safetensors, or its directory.
+    /// Continue a run: its resume.safetensors, or its directory; `auto` (with
+    /// --out) continues the run in --out if it has a resume point and
+    /// starts it there otherwise (restarts under torchrun, requeued jobs).
     #[arg(long)]
     pub resume: Option<PathBuf>,
     /// Train on the first N training images only.
@@ -290,19 +292,65 @@ impl HyperOpts {
     }
 }
 
-/// Continues the run saved at `--resume` (written by train or finetune).
+/// Where a training command starts.
+pub enum Start {
+    Fresh,
+    /// `--resume PATH`: the command line may only change what
+    /// `KEPT_ON_RESUME` lists.
+    Resume(PathBuf),
+    /// `--resume auto` found a resume point in `--out`: the command line
+    /// must describe the same run.
+    AutoResume(PathBuf),
+}
+
+/// The run settings `--resume auto` lets differ from the recorded ones
+/// (those `KEPT_ON_RESUME` allows, as config.json names them).
+const FREE_ON_AUTO_RESUME: &[&str] = &[
+    "epochs",
+    "device",
+    "profile",
+    "cuda_graphs",
+    "channels_last",
+    "data_dir",
+    "out",
+    "world_size",
+];
+
+impl HyperOpts {
+    pub fn start(&self) -> Result<Start> {
+        match &self.resume {
+            None => Ok(Start::Fresh),
+            Some(p) if p.as_os_str() == "auto" => {
+                let Some(out) = &self.out else {
+                    bail!("--resume auto needs --out DIR: the run to continue, or to start");
+                };
+                let dir = RunDir { dir: out.clone() };
+                Ok(match dir.resume().exists() {
+                    true => Start::AutoResume(out.clone()),
+                    false => Start::Fresh,
+                })
+            }
+            Some(p) => Ok(Start::Resume(p.clone())),
+        }
+    }
+}
+
+/// Continues the run saved at `path` (written by train or finetune). With
+/// `fresh` (`--resume auto`), the configuration this command line would
+/// start must be the run's.
 pub fn resume(
+    path: &std::path::Path,
     h: &HyperOpts,
     data: &DataOpts,
     device: Device,
     json: bool,
     world: &World,
+    fresh: Option<&TrainConfig>,
 ) -> Result<()> {
-    let path = h.resume.as_ref().expect("resume path");
     let changed: Vec<String> = h
         .typed
         .iter()
-        .filter(|id| !KEPT_ON_RESUME.contains(&id.as_str()))
+        .filter(|id| fresh.is_none() && !KEPT_ON_RESUME.contains(&id.as_str()))
         .map(|id| format!("--{}", id.replace('_', "-")))
         .collect();
     if !changed.is_empty() {
@@ -313,6 +361,16 @@ pub fn resume(
         );
     }
     let (saved, tensors) = read_resume(path)?;
+    if let Some(fresh) = fresh {
+        let differ = saved.config.differing(fresh, FREE_ON_AUTO_RESUME);
+        if !differ.is_empty() {
+            bail!(
+                "{}: --resume auto would continue this run, but its recorded {} differ from this command line's; give another --out for a new run",
+                path.display(),
+                differ.join(", ")
+            );
+        }
+    }
     if saved.config.world_size != world.size {
         bail!(
             "{}: the run was trained on {} rank{} and continues only on as many (each rank's place in an epoch depends on the number of ranks); this launch has {}",
@@ -349,7 +407,7 @@ pub fn resume(
     }
     // A resumed run continues in the directory its checkpoint is in.
     config.out = if path.is_dir() {
-        path.clone()
+        path.to_path_buf()
     } else {
         path.parent().map(PathBuf::from).unwrap_or_default()
     };

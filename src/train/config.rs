@@ -104,6 +104,20 @@ fn default_one() -> usize {
 }
 
 impl TrainConfig {
+    /// The settings (`config.json` keys) in which `self` and `other`
+    /// differ, leaving out those named in `free`.
+    pub fn differing(&self, other: &TrainConfig, free: &[&str]) -> Vec<String> {
+        use serde_json::Value;
+        match (serde_json::to_value(self), serde_json::to_value(other)) {
+            (Ok(Value::Object(a)), Ok(Value::Object(b))) => a
+                .iter()
+                .filter(|(k, v)| !free.contains(&k.as_str()) && b.get(*k) != Some(*v))
+                .map(|(k, _)| k.clone())
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
     /// MultiStepLR milestones at or past the last epoch, which never apply
     /// (the CIFAR defaults 50,80 with a short run), as `--milestones` lists them.
     pub fn unreached_milestones(&self) -> Option<String> {
