@@ -6,7 +6,7 @@
 //! collective is then a no-op, so single-process code paths need no
 //! special case.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use anyhow::{Result, bail};
@@ -138,8 +138,15 @@ pub struct World {
     pub size: usize,
     pub local_rank: usize,
     pub backend: Backend,
-    group: Option<ProcessGroup>,
+    group: Option<Arc<ProcessGroup>>,
+    /// A collective that failed inside the model's forward pass (which
+    /// returns tensors, not errors), for [`World::check`].
+    failure: Arc<Mutex<Option<String>>>,
 }
+
+/// A differentiable sum over the ranks, for layers that compute across
+/// them (SyncBatchNorm).
+pub type SumAcross = Arc<dyn Fn(&Tensor) -> Tensor + Send + Sync>;
 
 /// (rank, world size) of this process once it joined a group of several,
 /// for the binary's error lines.
@@ -159,6 +166,7 @@ impl World {
             local_rank: 0,
             backend: Backend::Gloo,
             group: None,
+            failure: Arc::default(),
         }
     }
 
@@ -194,7 +202,8 @@ impl World {
             size: launch.world,
             local_rank: launch.local_rank,
             backend,
-            group: Some(group),
+            group: Some(Arc::new(group)),
+            failure: Arc::default(),
         })
     }
 
@@ -202,6 +211,30 @@ impl World {
     pub fn barrier(&self) -> Result<()> {
         match &self.group {
             Some(g) => g.barrier().map_err(|e| self.lost(e)),
+            None => Ok(()),
+        }
+    }
+
+    /// The differentiable sum over the ranks (None for a world of one). A
+    /// failure is kept for [`World::check`], and the local value returned.
+    pub fn sum_across(&self) -> Option<SumAcross> {
+        let group = self.group.clone()?;
+        let failure = self.failure.clone();
+        Some(Arc::new(move |x: &Tensor| match group.sum_autograd(x) {
+            Ok(y) => y,
+            Err(e) => {
+                if let Ok(mut f) = failure.lock() {
+                    f.get_or_insert_with(|| format!("{e:#}"));
+                }
+                x.shallow_clone()
+            }
+        }))
+    }
+
+    /// Fails if a collective inside a forward pass failed (see `sum_across`).
+    pub fn check(&self) -> Result<()> {
+        match self.failure.lock().ok().and_then(|f| f.clone()) {
+            Some(e) => Err(self.lost(anyhow::anyhow!(e))),
             None => Ok(()),
         }
     }

@@ -264,7 +264,7 @@ pub fn fold_bn(model: &Vgg) -> Vgg {
     spec.bn = false;
     Vgg {
         spec,
-        features: Sequential { layers },
+        features: Sequential { layers, sync: None },
         pool_size: model.pool_size,
         classifier: Sequential {
             layers: model
@@ -273,6 +273,7 @@ pub fn fold_bn(model: &Vgg) -> Vgg {
                 .iter()
                 .map(|(n, l)| (n.clone(), l.shallow()))
                 .collect(),
+            sync: None,
         },
         frozen_prefix: 0,
     }

@@ -14,6 +14,7 @@
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#include <torch/csrc/autograd/custom_function.h>
 
 #include <chrono>
 #include <cstdint>
@@ -84,6 +85,31 @@ c10d::ReduceOp reduce_op(int op) {
   }
 }
 
+// `x` summed over the ranks, as a new tensor on x's device (through a host
+// copy: Gloo works on host memory).
+at::Tensor sum_across(Group *g, const at::Tensor &x) {
+  auto host = x.detach().to(at::kCPU, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  std::vector<at::Tensor> v{host};
+  g->pg->allreduce(v)->wait();
+  return host.to(x.device());
+}
+
+// A differentiable sum over the ranks: forward sums the ranks' values, and
+// backward sums the ranks' gradients (each rank's input influenced every
+// rank's output). SyncBatchNorm's statistics go through it.
+struct SumAcross : public torch::autograd::Function<SumAcross> {
+  static at::Tensor forward(torch::autograd::AutogradContext *ctx, const at::Tensor &x,
+                            int64_t group) {
+    ctx->saved_data["group"] = group;
+    return sum_across(reinterpret_cast<Group *>(group), x);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext *ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto *g = reinterpret_cast<Group *>(ctx->saved_data["group"].toInt());
+    return {sum_across(g, grads[0]), at::Tensor()};
+  }
+};
+
 }  // namespace
 
 extern "C" {
@@ -136,6 +162,14 @@ int vggctl_dist_broadcast(void *g, at::Tensor *t, int root, char *err, size_t le
     c10d::BroadcastOptions o;
     o.rootRank = root;
     static_cast<Group *>(g)->pg->broadcast(v, o)->wait();
+  });
+}
+
+// A new tensor: `x` summed over the ranks, differentiably (see SumAcross).
+int vggctl_dist_sum_autograd(void *g, at::Tensor *x, at::Tensor **out, char *err, size_t len) {
+  *out = nullptr;
+  return guarded(err, len, [&] {
+    *out = new at::Tensor(SumAcross::apply(*x, reinterpret_cast<int64_t>(g)));
   });
 }
 

@@ -6,6 +6,11 @@ because every step seeds the generator as vggctl does. Rank 0 writes the
 final state dict.
 
     torchrun --nproc-per-node 2 tests/ddp_reference.py --data DIR --init FILE --out FILE ...
+
+With --as-one-process N it is instead one process that trains on what N
+ranks would see together: each step's batch is the concatenation of the N
+ranks' batches (what SyncBatchNorm over N ranks computes, for a model
+without dropout).
 """
 import argparse
 import os
@@ -69,13 +74,19 @@ def main():
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--head", default="cifar")
+    p.add_argument("--as-one-process", type=int, default=0, metavar="N")
     a = p.parse_args()
 
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    model = vgg_reference.build(a.arch, a.bn, "cifar", 10)
+    one = a.as_one_process > 0
+    if one:
+        ranks, world = list(range(a.as_one_process)), a.as_one_process
+    else:
+        dist.init_process_group("gloo")
+        ranks, world = [dist.get_rank()], dist.get_world_size()
+    model = vgg_reference.build(a.arch, a.bn, a.head, 10)
     model.load_state_dict(load_file(a.init))
-    ddp = DistributedDataParallel(model)
+    ddp = model if one else DistributedDataParallel(model)
     opt = torch.optim.SGD(model.parameters(), lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay)
     images, labels = train_split(a.data, a.limit_train)
     x_all = normalize(images, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
@@ -83,20 +94,21 @@ def main():
     for epoch in range(a.epochs):
         torch.manual_seed(position_seed(a.seed, epoch, PERMUTATION_STEP))
         perm = torch.randperm(n)
-        sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=False)
-        mine = perm[list(sampler)]
+        shards = [perm[list(DistributedSampler(range(n), num_replicas=world, rank=r, shuffle=False))]
+                  for r in ranks]
         model.train()
-        for step, start in enumerate(range(0, len(mine), a.batch_size)):
-            idx = mine[start : start + a.batch_size]
-            torch.manual_seed(position_seed(rank_seed(a.seed, rank), epoch, step))
+        for step, start in enumerate(range(0, len(shards[0]), a.batch_size)):
+            idx = torch.cat([mine[start : start + a.batch_size] for mine in shards])
+            torch.manual_seed(position_seed(rank_seed(a.seed, ranks[0]), epoch, step))
             loss = torch.nn.functional.cross_entropy(ddp(x_all[idx]), labels[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
-    if rank == 0:
+    if ranks[0] == 0:
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
         save_file(state, a.out)
-    dist.destroy_process_group()
+    if not one:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

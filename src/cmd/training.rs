@@ -99,6 +99,10 @@ pub struct HyperOpts {
     /// Train on the evaluation transform: no random crops or flips.
     #[arg(long)]
     pub no_augment: bool,
+    /// Data-parallel runs: BatchNorm statistics over all ranks' batches
+    /// (PyTorch's SyncBatchNorm) instead of each rank's own (DDP's default).
+    #[arg(long)]
+    pub sync_bn: bool,
     #[command(flatten)]
     pub dist: DistOpts,
     /// The options typed on the command line (set by `cmd::parse`).
@@ -279,6 +283,7 @@ impl HyperOpts {
             input_size: 32,
             augment: Augment::CropFlip { padding: 4 },
             no_augment: self.no_augment,
+            sync_bn: self.sync_bn,
             world_size: 1,
             imagenet_normalization: false,
             freeze_prefix: 0,

@@ -124,7 +124,7 @@ impl Layer {
         })
     }
 
-    pub(super) fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+    pub(super) fn forward(&self, x: &Tensor, train: bool, sync: Option<&SumAcross>) -> Tensor {
         match self {
             Layer::Conv { weight, bias } => x.conv2d(weight, Some(bias), [1, 1], [1, 1], [1, 1], 1),
             Layer::BatchNorm {
@@ -136,6 +136,9 @@ impl Layer {
             } => {
                 if train {
                     num_batches_tracked.set(num_batches_tracked.get() + 1);
+                }
+                if let (true, Some(sum)) = (train, sync) {
+                    return sync_batch_norm(x, weight, bias, running_mean, running_var, sum);
                 }
                 Tensor::batch_norm(
                     x,
@@ -166,9 +169,54 @@ impl Layer {
     }
 }
 
+/// A differentiable sum over the ranks of a data-parallel run (what
+/// `dist::World::sum_across` gives).
+pub type SumAcross = std::sync::Arc<dyn Fn(&Tensor) -> Tensor + Send + Sync>;
+
+/// Training-mode BatchNorm over all ranks' batches together (PyTorch's
+/// SyncBatchNorm): mean and biased variance from sums taken across the
+/// ranks by `sum` (two passes, in fp32), the running statistics updated
+/// with them (the variance unbiased over the global count).
+fn sync_batch_norm(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    sum: &SumAcross,
+) -> Tensor {
+    let c = x.size()[1];
+    let per_channel = |t: &Tensor| t.sum_dim_intlist(&[0i64, 2, 3][..], false, Kind::Float);
+    let xf = x.to_kind(Kind::Float);
+    let local = Tensor::from_slice(&[(x.numel() as i64 / c) as f32]).to_device(x.device());
+    let sums = sum(&Tensor::cat(&[per_channel(&xf), local], 0));
+    let n = sums.narrow(0, c, 1);
+    let mean = sums.narrow(0, 0, c) / &n;
+    let centered = xf - mean.view([1, c, 1, 1]);
+    let var = sum(&per_channel(&centered.square())) / &n;
+    let scale = (&var + BN_EPS).rsqrt() * weight;
+    let y = centered * scale.view([1, c, 1, 1]) + bias.view([1, c, 1, 1]);
+    tch::no_grad(|| {
+        let unbiased = var.detach() * &n / (&n - 1.0);
+        let m = BN_MOMENTUM;
+        let _ = running_mean
+            .shallow_clone()
+            .g_mul_scalar_(1.0 - m)
+            .g_add_(&(mean.detach() * m));
+        let _ = running_var
+            .shallow_clone()
+            .g_mul_scalar_(1.0 - m)
+            .g_add_(&(unbiased * m));
+    });
+    y.to_kind(x.kind())
+}
+
 /// A run of named layers (`features.*` or `classifier.*`).
 pub struct Sequential {
     pub layers: Vec<(String, Layer)>,
+    /// Set for SyncBatchNorm: BatchNorm's training statistics are taken
+    /// across the ranks.
+    pub sync: Option<SumAcross>,
 }
 
 impl Sequential {
@@ -177,13 +225,13 @@ impl Sequential {
             .iter()
             .filter_map(|s| Layer::init(&s.kind).map(|l| (s.name.clone(), l)))
             .collect();
-        Sequential { layers }
+        Sequential { layers, sync: None }
     }
 
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
         let mut x = x.shallow_clone();
         for (_, layer) in &self.layers {
-            x = layer.forward(&x, train);
+            x = layer.forward(&x, train, self.sync.as_ref());
         }
         x
     }
@@ -192,7 +240,7 @@ impl Sequential {
     pub fn forward_from(&self, x: &Tensor, n: usize, train: bool) -> Tensor {
         let mut x = x.shallow_clone();
         for (_, layer) in self.layers.iter().skip(n) {
-            x = layer.forward(&x, train);
+            x = layer.forward(&x, train, self.sync.as_ref());
         }
         x
     }
@@ -201,7 +249,7 @@ impl Sequential {
     pub fn forward_prefix(&self, x: &Tensor, n: usize, train: bool) -> Tensor {
         let mut x = x.shallow_clone();
         for (_, layer) in self.layers.iter().take(n) {
-            x = layer.forward(&x, train);
+            x = layer.forward(&x, train, self.sync.as_ref());
         }
         x
     }

@@ -40,6 +40,13 @@ unsafe extern "C" {
         len: usize,
     ) -> c_int;
     fn vggctl_dist_barrier(g: *mut c_void, err: *mut c_char, len: usize) -> c_int;
+    fn vggctl_dist_sum_autograd(
+        g: *mut c_void,
+        x: *mut C_tensor,
+        out: *mut *mut C_tensor,
+        err: *mut c_char,
+        len: usize,
+    ) -> c_int;
 }
 
 /// How `all_reduce` combines the ranks' values.
@@ -113,6 +120,20 @@ impl ProcessGroup {
         })
     }
 
+    /// A new tensor: `x` summed over the ranks, differentiably (its backward
+    /// sums the ranks' gradients, so each rank's input gets its share of
+    /// every rank's loss).
+    pub fn sum_autograd(&self, x: &Tensor) -> Result<Tensor> {
+        let mut out: *mut C_tensor = std::ptr::null_mut();
+        // SAFETY: as in `all_reduce`; `out` is written only on success.
+        call("all-reduce", |err, len| unsafe {
+            vggctl_dist_sum_autograd(self.0, ptr(x), &mut out, err, len)
+        })?;
+        // SAFETY: on success the shim handed over a new at::Tensor that
+        // nothing else owns.
+        Ok(unsafe { Tensor::from_ptr(out) })
+    }
+
     /// Returns once every rank has called it.
     pub fn barrier(&self) -> Result<()> {
         // SAFETY: as in `all_reduce`.
@@ -121,6 +142,12 @@ impl ProcessGroup {
         })
     }
 }
+
+// SAFETY: c10d's process groups are used from any thread (PyTorch's own
+// DDP issues collectives from autograd threads); every call from here takes
+// the group by pointer and c10d serializes its work queue internally.
+unsafe impl Send for ProcessGroup {}
+unsafe impl Sync for ProcessGroup {}
 
 impl Drop for ProcessGroup {
     fn drop(&mut self) {

@@ -64,6 +64,9 @@ pub struct TrainConfig {
     /// Training sees the evaluation transform: no random crops or flips.
     #[serde(default)]
     pub no_augment: bool,
+    /// BatchNorm statistics over all ranks' batches (SyncBatchNorm).
+    #[serde(default)]
+    pub sync_bn: bool,
     /// Ranks of a data-parallel run; `batch_size` is per rank.
     #[serde(default = "default_one")]
     pub world_size: usize,
@@ -204,6 +207,7 @@ mod tests {
             input_size: 32,
             augment: Augment::CropFlip { padding: 4 },
             no_augment: false,
+            sync_bn: false,
             world_size: 1,
             imagenet_normalization: false,
             freeze_prefix: 0,

@@ -124,7 +124,7 @@ impl<'a> Trainer<'a> {
         };
         model.freeze_features(config.freeze_prefix);
         let (mut state, resume_tensors) = start_state(config, data, &mut model, resume, &run_dir)?;
-        join_world(world, &model, &mut state, &mut numerics)?;
+        join_world(world, &mut model, &mut state, &mut numerics)?;
         let mut opt = build_optimizer(&mut model, &numerics, &state.config);
         let (graph, eval_graph) = if numerics.cuda_graphs {
             let classes = state.config.model.classes;
@@ -412,6 +412,8 @@ impl<'a> Trainer<'a> {
             y,
             self.state.config.label_smoothing,
         );
+        // SyncBatchNorm's collectives report a failure here, before backward.
+        self.world.check()?;
         let timer = timer.map(|t| t.lap(&mut self.profile.forward));
         self.opt.prepare(lr);
         let grads = self.opt.backward(&loss);

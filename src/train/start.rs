@@ -70,11 +70,12 @@ pub fn start_state(
 
 /// Makes the ranks of a data-parallel run start alike: the same model and
 /// settings (checked), rank 0's weights and buffers, and the epoch's sums so
-/// far held by rank 0 alone (sums are taken across the ranks). CUDA graphs
-/// are off: Gloo's collectives cannot be captured.
+/// far held by rank 0 alone (sums are taken across the ranks), and
+/// BatchNorm synchronized if asked. CUDA graphs are off: Gloo's collectives
+/// cannot be captured.
 pub fn join_world(
     world: &World,
-    model: &Vgg,
+    model: &mut Vgg,
     state: &mut TrainState,
     numerics: &mut Numerics,
 ) -> Result<()> {
@@ -88,6 +89,9 @@ pub fn join_world(
     world.broadcast_all(model.entries().iter().map(|e| e.tensor))?;
     if !world.is_main() {
         state.partial = Partial::default();
+    }
+    if state.config.sync_bn {
+        model.features.sync = world.sum_across();
     }
     numerics.cuda_graphs = false;
     Ok(())
