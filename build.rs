@@ -48,6 +48,7 @@ fn cuda_headers(torch_root: &Path) -> Option<PathBuf> {
 fn build_shim(lib: &Path, cuda: bool) {
     println!("cargo:rerun-if-changed=src/shim.cpp");
     println!("cargo:rerun-if-changed=src/shim_dist.cpp");
+    println!("cargo:rerun-if-changed=src/shim.h");
     println!("cargo:rerun-if-changed=src/gloo-stubs");
     for v in [
         "CUDA_HOME",

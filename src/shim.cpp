@@ -8,6 +8,8 @@
 // Every function catches C++ exceptions: an error comes back as a non-zero
 // status with its message copied into `err` (never an exception crossing
 // into Rust).
+#include "shim.h"
+
 #include <ATen/Context.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/core/Tensor.h>
@@ -40,25 +42,8 @@
 
 namespace {
 
-void copy_err(const std::string &msg, char *err, size_t len) {
-  if (err == nullptr || len == 0) return;
-  size_t n = msg.size() < len - 1 ? msg.size() : len - 1;
-  std::memcpy(err, msg.data(), n);
-  err[n] = '\0';
-}
-
-template <typename F>
-int guarded(char *err, size_t len, F f) {
-  try {
-    f();
-    return 0;
-  } catch (const std::exception &e) {
-    copy_err(e.what(), err, len);
-  } catch (...) {
-    copy_err("unknown C++ exception", err, len);
-  }
-  return 1;
-}
+using vggctl_shim::copy_err;
+using vggctl_shim::guarded;
 
 #ifdef VGGCTL_CUDA
 // A graph captures, and warms up before that, on a side stream of its own

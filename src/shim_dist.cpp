@@ -7,8 +7,11 @@
 // ships no gloo headers, and nothing here touches a gloo type (gloo is
 // linked statically inside libtorch_cpu.so).
 //
-// As in src/shim.cpp, every function catches C++ exceptions: an error comes
-// back as a non-zero status with its message copied into `err`.
+// As in src/shim.cpp, every function catches C++ exceptions (`guarded`,
+// src/shim.h): an error comes back as a non-zero status with its message
+// copied into `err`.
+#include "shim.h"
+
 #include <ATen/core/Tensor.h>
 #include <c10/util/Logging.h>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
@@ -27,25 +30,7 @@
 
 namespace {
 
-void copy_err(const std::string &msg, char *err, size_t len) {
-  if (err == nullptr || len == 0) return;
-  size_t n = msg.size() < len - 1 ? msg.size() : len - 1;
-  std::memcpy(err, msg.data(), n);
-  err[n] = '\0';
-}
-
-template <typename F>
-int guarded(char *err, size_t len, F f) {
-  try {
-    f();
-    return 0;
-  } catch (const std::exception &e) {
-    copy_err(e.what(), err, len);
-  } catch (...) {
-    copy_err("unknown C++ exception", err, len);
-  }
-  return 1;
-}
+using vggctl_shim::guarded;
 
 struct Group {
   c10::intrusive_ptr<c10d::Store> store;

@@ -35,7 +35,7 @@ BIN = os.environ.get("VGGCTL_BIN", os.path.join(ROOT, "target", "release", "vggc
 VENV_BIN = os.path.dirname(sys.executable)
 TORCHRUN = os.path.join(VENV_BIN, "torchrun")
 DATA = os.path.join(ROOT, "tests", "fixtures", "digits-bin")
-LIMIT, BATCH, EPOCHS = 100, 16, 2
+LIMIT, BATCH, EPOCHS = 72, 16, 2
 
 
 def free_port():
@@ -94,7 +94,11 @@ def test_two_ranks_train_as_pytorch_ddp_and_evaluate_as_one_process(tmp_path, bn
     moved = max((b[k] - start[k]).abs().max().item() for k in b)
     assert moved > 1e-3, "training did not move the weights; the comparison proves nothing"
 
-    # Evaluation over 2 ranks (37 images: an odd split) = one process.
+    if not bn:
+        return
+    # Evaluation over 2 ranks (37 images: an odd split) = one process; with
+    # BatchNorm the training run's own evaluations used rank 0's statistics
+    # on both ranks, or its last one would differ.
     one = subprocess.run([BIN, "eval", "--checkpoint", str(run / "last.safetensors"),
                           "--limit-test", "37", "--batch-size", "8", "--device", "cpu", "--json"],
                          capture_output=True, text=True, timeout=120, check=True)
@@ -228,10 +232,13 @@ def test_ranks_with_different_models_refuse_to_start(tmp_path):
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 
 
-def test_a_killed_rank_is_named_by_the_survivor(tmp_path):
+@pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP], ids=["dies", "hangs"])
+def test_a_lost_rank_is_named_by_the_survivor_within_the_timeout(tmp_path, fault):
+    """Rank 1 killed (its sockets close) or stopped (it stays silent):
+    rank 0 ends with one line naming it, at once or after --dist-timeout."""
     port = free_port()
     args = [BIN, *TRAIN, "--arch", "vgg11", "--limit-train", "4000", "--limit-test", "16",
-            "--batch-size", "8", "--epochs", "5", "--dist-timeout", "20", "--out", str(tmp_path / "run")]
+            "--batch-size", "8", "--epochs", "5", "--dist-timeout", "5", "--out", str(tmp_path / "run")]
     r0 = subprocess.Popen(args, env=rank_env(0, port), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
     r1 = subprocess.Popen(args, env=rank_env(1, port), stdout=subprocess.DEVNULL,
@@ -244,11 +251,11 @@ def test_a_killed_rank_is_named_by_the_survivor(tmp_path):
             seen += r0.stderr.readline()
         assert "training vgg11" in seen, seen
         time.sleep(1)
-        r1.send_signal(signal.SIGKILL)
+        r1.send_signal(fault)
         start = time.monotonic()
         _, err = r0.communicate(timeout=60)
         assert r0.returncode not in (0, None)
-        assert time.monotonic() - start < 25
+        assert time.monotonic() - start < 5 + 10
         last = err.strip().splitlines()[-1]
         assert last.startswith("vggctl [rank 0/2]: error: lost contact with rank 1"), last
     finally:
@@ -262,7 +269,7 @@ def test_a_restarted_group_continues_to_the_same_weights(tmp_path):
     """torchrun --max-restarts 1 with --resume auto: rank 1 killed in the
     second epoch, the restarted group continues from the last checkpoint
     and ends with the uninterrupted run's weights, bit for bit."""
-    common = ["--no-python", BIN, *TRAIN, "--arch", "vgg11", "--limit-train", "480", "--limit-test", "16",
+    common = ["--no-python", BIN, *TRAIN, "--arch", "vgg11", "--limit-train", "320", "--limit-test", "16",
               "--batch-size", "16", "--epochs", "3", "--dist-timeout", "20", "--resume", "auto"]
     straight = torchrun(*common, "--out", str(tmp_path / "straight"))
     assert straight.returncode == 0, straight.stderr[-3000:]
