@@ -226,7 +226,7 @@ def test_ranks_with_different_models_refuse_to_start(tmp_path):
         _, err = p.communicate(timeout=120)
         assert p.returncode != 0
         assert err.strip().splitlines()[-1] == (
-            f"vggctl [rank {rank}/2]: error: the 2 ranks disagree on the model and the run's settings: "
+            f"vggctl [rank {rank}/2]: error: the 2 ranks disagree on the model, the data's size and the run's settings: "
             "every rank must be started with the same command line and data"), err
     # Nothing written but the claim rank 0 gave back.
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())

@@ -124,7 +124,13 @@ impl<'a> Trainer<'a> {
         };
         model.freeze_features(config.freeze_prefix);
         let (mut state, resume_tensors) = start_state(config, data, &mut model, resume, &run_dir)?;
-        join_world(world, &mut model, &mut state, &mut numerics)?;
+        join_world(
+            world,
+            &mut model,
+            &mut state,
+            &mut numerics,
+            [train.len(), test.len()],
+        )?;
         let mut opt = build_optimizer(&mut model, &numerics, &state.config);
         let (graph, eval_graph) = if numerics.cuda_graphs {
             let classes = state.config.model.classes;

@@ -68,8 +68,8 @@ pub fn start_state(
     Ok((TrainState { config, ..saved }, Some((source, tensors))))
 }
 
-/// Makes the ranks of a data-parallel run start alike: the same model and
-/// settings (checked), rank 0's weights and buffers, and the epoch's sums so
+/// Makes the ranks of a data-parallel run start alike: the same model,
+/// split sizes (`sizes`: train, test) and settings (checked), rank 0's weights and buffers, and the epoch's sums so
 /// far held by rank 0 alone (sums are taken across the ranks), and
 /// BatchNorm synchronized if asked. CUDA graphs are off: Gloo's collectives
 /// cannot be captured.
@@ -78,13 +78,14 @@ pub fn join_world(
     model: &mut Vgg,
     state: &mut TrainState,
     numerics: &mut Numerics,
+    sizes: [i64; 2],
 ) -> Result<()> {
     if world.size == 1 {
         return Ok(());
     }
     world.check_same(
-        "the model and the run's settings",
-        fingerprint(model, &state.config),
+        "the model, the data's size and the run's settings",
+        fingerprint(model, &state.config, sizes),
     )?;
     world.broadcast_all(model.entries().iter().map(|e| e.tensor))?;
     if !world.is_main() {
@@ -97,16 +98,20 @@ pub fn join_world(
     Ok(())
 }
 
-/// A hash of the model's tensor names and shapes and of the run's settings
-/// (the device left out: each rank has its own).
-fn fingerprint(model: &Vgg, config: &TrainConfig) -> i64 {
+/// A hash of the model's tensor names and shapes, the splits' sizes and the
+/// run's settings; the device and the paths are left out (each rank has its
+/// own GPU, and each machine may keep the data in its own place).
+fn fingerprint(model: &Vgg, config: &TrainConfig, sizes: [i64; 2]) -> i64 {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
     for e in model.entries() {
         h.update(format!("{}{:?};", e.name, e.tensor.size()));
     }
+    h.update(format!("{sizes:?}"));
     let mut c = config.clone();
     c.device = String::new();
+    c.data_dir = String::new();
+    c.val_dir = None;
     h.update(serde_json::to_vec(&c).unwrap_or_default());
     let d = h.finalize();
     i64::from_le_bytes(d[..8].try_into().expect("8 bytes"))
