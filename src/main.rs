@@ -33,7 +33,7 @@ fn main() -> ExitCode {
         Err(payload) => {
             let at = PANIC_AT.lock().ok().and_then(|a| a.clone());
             eprintln!("vggctl: error: {}", panic_line(payload.as_ref(), at));
-            return ExitCode::from(2);
+            return ExitCode::from(1);
         }
     };
     match outcome {
@@ -54,7 +54,12 @@ fn main() -> ExitCode {
                 return ExitCode::from(128 + sig as u8);
             }
             eprintln!("vggctl{who}: error: {}", one_line(&err));
-            ExitCode::from(2)
+            // 2 for a command line that cannot work, as clap's own errors;
+            // 1 for everything that failed while running.
+            match err.downcast_ref::<cmd::Usage>() {
+                Some(_) => ExitCode::from(2),
+                None => ExitCode::from(1),
+            }
         }
     }
 }

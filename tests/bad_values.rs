@@ -83,7 +83,7 @@ fn nonfinite_and_integer_weights_are_named() {
         let r = run_in(dir, &cmd);
         assert_one_line_error(
             &r,
-            2,
+            1,
             "nan.safetensors: features.0.bias holds 64 NaN or infinite values (of 64); pass --allow-nonfinite",
         );
     }
@@ -115,7 +115,7 @@ fn nonfinite_and_integer_weights_are_named() {
     );
     assert_one_line_error(
         &r,
-        2,
+        1,
         "wrong kinds: features.0.bias Int64 (expected floating point)",
     );
     assert!(!dir.join("m.onnx").exists());
@@ -170,7 +170,7 @@ fn impossible_metadata_is_named() {
             ],
         ] {
             let r = run_in(dir, &cmd);
-            assert_one_line_error(&r, 2, needle);
+            assert_one_line_error(&r, 1, needle);
             assert!(
                 r.stderr.contains(&format!("{file}: bad vggctl metadata")),
                 "{}",
@@ -202,7 +202,7 @@ fn a_truncated_jpeg_is_refused() {
     );
     assert_one_line_error(
         &r,
-        2,
+        1,
         "cut.jpg: not a readable JPEG or PNG image: truncated JPEG",
     );
 }
@@ -290,7 +290,7 @@ fn resume_refuses_changes_and_bad_states() {
     let r = run_in(dir, &["train", "--resume", "run", "--quiet"]);
     assert_one_line_error(
         &r,
-        2,
+        1,
         "run: the run is finished (epoch 1 of 1); give a larger --epochs to train further",
     );
 
@@ -303,7 +303,7 @@ fn resume_refuses_changes_and_bad_states() {
     );
     assert_one_line_error(
         &r,
-        2,
+        1,
         "run/resume.safetensors: bad training state: epochs 1, batch_size 0",
     );
     std::fs::write(&resume, &original).unwrap();
@@ -314,7 +314,7 @@ fn resume_refuses_changes_and_bad_states() {
     );
     assert_one_line_error(
         &r,
-        2,
+        1,
         "step 1000000000 of epoch 2 is past the end of an epoch of 64 images at batch 32",
     );
     assert!(r.stderr.contains("run/resume.safetensors"), "{}", r.stderr);
@@ -358,7 +358,7 @@ fn another_vggs_weights_are_named() {
     let r = run_in(tmp.path(), &["predict", "--weights", w, "photo.png"]);
     assert_one_line_error(
         &r,
-        2,
+        1,
         "the weights are a vgg11's, but the model is vgg16; use --arch vgg11",
     );
 }

@@ -90,7 +90,7 @@ fn malformed_binary_files_are_named() {
         .unwrap();
     common::assert_one_line_error(
         &load_error(&[], root),
-        2,
+        1,
         "data_batch_2.bin: 921800 bytes is not a whole number of 3073-byte records",
     );
 
@@ -102,19 +102,19 @@ fn malformed_binary_files_are_named() {
     fs::write(&p, bytes).unwrap();
     common::assert_one_line_error(
         &load_error(&[], root),
-        2,
+        1,
         "test_batch.bin: record 5 has label 12, outside 0..9",
     );
 
     // A missing batch.
     copy_dir(&f.join("digits-bin"), root);
     fs::remove_file(bin.join("data_batch_3.bin")).unwrap();
-    common::assert_one_line_error(&load_error(&[], root), 2, "data_batch_3.bin: missing");
+    common::assert_one_line_error(&load_error(&[], root), 1, "data_batch_3.bin: missing");
 
     // An empty file.
     copy_dir(&f.join("digits-bin"), root);
     fs::write(bin.join("data_batch_1.bin"), b"").unwrap();
-    common::assert_one_line_error(&load_error(&[], root), 2, "data_batch_1.bin: 0 bytes");
+    common::assert_one_line_error(&load_error(&[], root), 1, "data_batch_1.bin: 0 bytes");
 }
 
 #[test]
@@ -133,7 +133,7 @@ fn malformed_pickles_are_named() {
     .unwrap();
     common::assert_one_line_error(
         &load_error(&[], root),
-        2,
+        1,
         "data_batch_4: unexpected content: no 'data' entry",
     );
 
@@ -145,7 +145,7 @@ fn malformed_pickles_are_named() {
     .unwrap();
     common::assert_one_line_error(
         &load_error(&[], root),
-        2,
+        1,
         "refusing to load the Python global os.system",
     );
 
@@ -154,7 +154,7 @@ fn malformed_pickles_are_named() {
     fs::write(py.join("data_batch_4"), &good[..good.len() / 2]).unwrap();
     common::assert_one_line_error(
         &load_error(&[], root),
-        2,
+        1,
         "data_batch_4: not a CIFAR-10 pickle: pickle truncated",
     );
 }
@@ -163,7 +163,7 @@ fn malformed_pickles_are_named() {
 fn missing_data_without_download_says_where_to_put_it() {
     let tmp = common::tempdir();
     let r = load_error(&[], tmp.path());
-    common::assert_one_line_error(&r, 2, "cifar-10-batches-bin/");
+    common::assert_one_line_error(&r, 1, "cifar-10-batches-bin/");
     assert!(
         r.stderr.contains("downloading is off") && r.stderr.contains("by hand"),
         "{}",
@@ -260,7 +260,7 @@ fn download_verifies_extracts_and_cleans_up() {
     let url = serve(bad);
     let data = common::tempdir();
     let r = train_with_download(&url, &md5_hex(&good), data.path());
-    common::assert_one_line_error(&r, 2, "checksum mismatch");
+    common::assert_one_line_error(&r, 1, "checksum mismatch");
     assert!(r.stderr.contains(&url), "{}", r.stderr);
     let left: Vec<_> = fs::read_dir(data.path())
         .unwrap()
@@ -275,7 +275,7 @@ fn download_verifies_extracts_and_cleans_up() {
     drop(listener);
     let data = common::tempdir();
     let r = train_with_download(&dead, "0", data.path());
-    common::assert_one_line_error(&r, 2, &dead);
+    common::assert_one_line_error(&r, 1, &dead);
     assert!(r.stderr.contains("by hand"));
 }
 
@@ -458,7 +458,7 @@ fn a_server_that_never_answers_times_out() {
         .unwrap();
     let elapsed = t0.elapsed();
     let r = common::Run::from(out);
-    common::assert_one_line_error(&r, 2, "did not answer within 1 s (3 tries)");
+    common::assert_one_line_error(&r, 1, "did not answer within 1 s (3 tries)");
     assert!(r.stderr.contains(&url), "{}", r.stderr);
     assert!(
         elapsed < std::time::Duration::from_secs(20),

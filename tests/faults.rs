@@ -69,7 +69,7 @@ fn exports_replace_only_regular_files() {
         ("pt2", "sub.onnx", "a directory"),
     ] {
         let r = export(dir, format, out);
-        assert_one_line_error(&r, 2, what);
+        assert_one_line_error(&r, 1, what);
         assert!(r.stderr.contains(out), "{}", r.stderr);
     }
     use std::os::unix::fs::FileTypeExt;
@@ -85,7 +85,7 @@ fn exports_replace_only_regular_files() {
 
 /// A disk that fills (here: a file-size limit of 1 MiB, with SIGXFSZ
 /// ignored so that writes fail with EFBIG as on a full disk) stops every
-/// export format with one line and exit 2, leaving no temporary file.
+/// export format with one line and exit 1, leaving no temporary file.
 /// TorchScript used to abort inside libtorch's file writer.
 #[test]
 fn a_full_disk_fails_every_export_cleanly() {
@@ -106,7 +106,7 @@ fn a_full_disk_fails_every_export_cleanly() {
             .output()
             .unwrap();
         let r = common::Run::from(o);
-        assert_one_line_error(&r, 2, "File too large");
+        assert_one_line_error(&r, 1, "File too large");
         assert!(entries(dir).is_empty(), "{format}: left {:?}", entries(dir));
     }
 }
@@ -143,7 +143,7 @@ fn a_download_that_stalls_mid_body_times_out() {
         .output()
         .unwrap();
     let r = common::Run::from(o);
-    assert_one_line_error(&r, 2, "no data for 1 s after 4096 bytes");
+    assert_one_line_error(&r, 1, "no data for 1 s after 4096 bytes");
     assert!(r.stderr.contains(&url), "{}", r.stderr);
     assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
     // Neither the data directory made for the download nor the run
@@ -172,7 +172,7 @@ fn planted_links_never_redirect_a_download() {
             tmp.path(),
             &["train", "--data-dir", &d, "--data-url", &url, "--quiet"],
         );
-        assert_eq!(r.code, 2, "{}", r.stderr);
+        assert_eq!(r.code, 1, "{}", r.stderr);
         assert!(
             std::fs::symlink_metadata(&link)
                 .unwrap()
@@ -253,7 +253,7 @@ fn one_run_per_directory_and_sigterm_saves() {
     let second = run_in(dir, &args.iter().map(String::as_str).collect::<Vec<_>>());
     assert_one_line_error(
         &second,
-        2,
+        1,
         &format!("in use by another training run (PID {})", first.id()),
     );
     kill(&first, "-TERM");
@@ -270,7 +270,7 @@ fn one_run_per_directory_and_sigterm_saves() {
     short.extend(["--epochs", "1", "--limit-train", "64", "--quiet"].map(String::from));
     let short: Vec<&str> = short.iter().map(String::as_str).collect();
     let again = run_in(dir, &short);
-    assert_one_line_error(&again, 2, "run already holds a run");
+    assert_one_line_error(&again, 1, "run already holds a run");
     assert!(again.stderr.contains("--resume run"), "{}", again.stderr);
     let mut forced = short.clone();
     forced.push("--force");

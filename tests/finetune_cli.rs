@@ -151,7 +151,7 @@ fn bad_fine_tuning_input() {
         "vgg11",
         &["--input", "32", "--strict"],
     );
-    common::assert_one_line_error(&r, 2, "broken.jpg");
+    common::assert_one_line_error(&r, 1, "broken.jpg");
     let r = finetune(
         &tmp.path().join("b"),
         &weights,
@@ -160,7 +160,7 @@ fn bad_fine_tuning_input() {
     );
     common::assert_one_line_error(
         &r,
-        2,
+        1,
         "--classes 5 does not match the dataset, which has 3 classes",
     );
     let r = finetune(
@@ -169,14 +169,14 @@ fn bad_fine_tuning_input() {
         "vgg11_bn",
         &["--input", "32"],
     );
-    common::assert_one_line_error(&r, 2, "without BatchNorm");
+    common::assert_one_line_error(&r, 1, "without BatchNorm");
     let r = finetune(
         &tmp.path().join("d"),
         "/no/such/weights.pth",
         "vgg11",
         &["--input", "32"],
     );
-    common::assert_one_line_error(&r, 2, "/no/such/weights.pth");
+    common::assert_one_line_error(&r, 1, "/no/such/weights.pth");
 }
 
 fn predict_with(cwd: &Path, torch_home: &Path, url: &str, arch: &str) -> common::Run {
@@ -228,7 +228,7 @@ fn torchvision_files_are_found_in_weights_and_torch_home() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     // Nowhere, and offline: one line saying which file to put where.
     let r = predict_with(common::tempdir().path(), empty_home.path(), dead, "vgg13");
-    common::assert_one_line_error(&r, 2, "put vgg13-19584684.pth into ./weights/ or");
+    common::assert_one_line_error(&r, 1, "put vgg13-19584684.pth into ./weights/ or");
     assert!(
         r.stderr.contains(
             &empty_home
@@ -340,7 +340,13 @@ fn bad_predict_and_eval_requests() {
         ),
     ];
     for (args, needle) in cases {
-        common::assert_one_line_error(&common::run_in(dir.path(), &args), 2, needle);
+        // The flags' own mistakes are usage errors (2); the rest failed running (1).
+        let code = if needle.starts_with("give ") || needle.starts_with("--") {
+            2
+        } else {
+            1
+        };
+        common::assert_one_line_error(&common::run_in(dir.path(), &args), code, needle);
     }
 }
 

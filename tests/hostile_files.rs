@@ -1,7 +1,7 @@
 //! Files that are not files: a device (`/dev/zero`, endless), a FIFO with
 //! no writer (blocks on open) and a directory, given wherever a user names
 //! a file (a checkpoint for eval and predict, weights for export, a
-//! CIFAR-10 batch behind a symbolic link). Each is one error line naming the path, exit 2, within
+//! CIFAR-10 batch behind a symbolic link). Each is one error line naming the path, exit 1, within
 //! seconds: readers check that a path is a regular file before opening it.
 
 mod common;
@@ -42,7 +42,7 @@ fn devices_fifos_and_directories_are_refused_before_reading() {
             } else {
                 "not a regular file"
             };
-            common::assert_one_line_error(&r, 2, needle);
+            common::assert_one_line_error(&r, 1, needle);
             assert!(r.stderr.contains(bad), "{args:?}: {}", r.stderr);
         }
     }
@@ -68,7 +68,7 @@ fn devices_fifos_and_directories_are_refused_before_reading() {
             "--quiet",
         ],
     );
-    common::assert_one_line_error(&r, 2, "test_batch.bin: not a regular file");
+    common::assert_one_line_error(&r, 1, "test_batch.bin: not a regular file");
     assert!(
         t0.elapsed() < Duration::from_secs(120),
         "took {:?}",

@@ -341,7 +341,7 @@ fn deep_cyclic_shared_and_wide_pickles_end_cleanly_and_quickly() {
 }
 
 /// Through the binary, as a user meets them: one line naming the file,
-/// exit 2, no crash.
+/// exit 1, no crash.
 #[test]
 fn hostile_pth_files_are_one_line_errors_in_the_cli() {
     let tmp = common::tempdir();
@@ -360,7 +360,7 @@ fn hostile_pth_files_are_one_line_errors_in_the_cli() {
         let out = tmp.path().join("out.safetensors");
         let args = common::export_vgg11_args(path.to_str().unwrap(), out.to_str().unwrap());
         let r = common::run_in(tmp.path(), &args);
-        common::assert_one_line_error(&r, 2, needle);
+        common::assert_one_line_error(&r, 1, needle);
         assert!(r.stderr.contains(name), "{}", r.stderr);
         assert!(!out.exists());
     }

@@ -2,14 +2,14 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use vggctl::data::Dataset;
 use vggctl::data::cifar::{self, DownloadSource};
 use vggctl::data::digits;
 use vggctl::data::folder::{self, FolderOptions, IMAGENET_MEAN, IMAGENET_STD};
 use vggctl::train::config::TrainConfig;
 
-use super::output::warn;
+use super::output::{usage, warn};
 use super::progress::download_bar;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -118,7 +118,9 @@ impl DataOpts {
                 folder::load(&opts, &mut warn)
             }
             "digits" => digits::load(),
-            other => bail!("unknown dataset '{other}' (expected cifar10, digits or folder)"),
+            other => Err(usage(format!(
+                "unknown dataset '{other}' (expected cifar10, digits or folder)"
+            ))),
         }
     }
 }

@@ -18,7 +18,7 @@ use vggctl::train::run_dir::config_beside;
 
 use super::data_opts::DataOpts;
 use super::opts::{DistOpts, GraphOpts, InferenceOpts, ModelOpts, NumericsOpts};
-use super::output::{print_json, print_out, warn};
+use super::output::{as_usage, print_json, print_out, usage, warn};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -68,12 +68,12 @@ struct Report {
 
 pub fn run(args: Args) -> Result<()> {
     if args.batch_size < 1 {
-        bail!("--batch-size must be at least 1");
+        return Err(usage("--batch-size must be at least 1"));
     }
     if let Some(n) = args.limit_test
         && n < 1
     {
-        bail!("--limit-test {n} must be at least 1");
+        return Err(usage(format!("--limit-test {n} must be at least 1")));
     }
     // Under torchrun, each rank evaluates its part and rank 0 reports the sums.
     let world = args.dist.world()?;
@@ -161,7 +161,7 @@ fn load_data(
         }
     }
     if let Some(input) = args.input {
-        check_input(input)?;
+        check_input(input).map_err(as_usage)?;
     }
     let input = args
         .input

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use tch::Device;
 use vggctl::checkpoint::{
     ModelMeta, load_checkpoint, load_pretrained, load_weights, meta_for_weights,
@@ -15,7 +15,7 @@ use vggctl::infer::fold_bn;
 use vggctl::model::{Head, Vgg, check_input};
 
 use super::opts::ModelOpts;
-use super::output::{print_json, print_out};
+use super::output::{as_usage, print_json, print_out, usage};
 use super::progress::download_bar;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -78,7 +78,7 @@ fn load(args: &Args) -> Result<(Vgg, ModelMeta)> {
         return load_checkpoint(path, device, args.model.values());
     }
     let Some(w) = &args.weights else {
-        bail!("give --checkpoint PATH or --weights imagenet|PATH");
+        return Err(usage("give --checkpoint PATH or --weights imagenet|PATH"));
     };
     let spec = args.model.spec(Head::Imagenet)?;
     let model = if w == "imagenet" {
@@ -111,10 +111,12 @@ impl Format {
             Some("pt") | Some("ts") => Format::Torchscript,
             Some("onnx") => Format::Onnx,
             Some("pt2") => Format::Pt2,
-            _ => bail!(
-                "--out {}: give --format, or an extension that names one (.safetensors, .pt, .onnx, .pt2)",
-                out.display()
-            ),
+            _ => {
+                return Err(usage(format!(
+                    "--out {}: give --format, or an extension that names one (.safetensors, .pt, .onnx, .pt2)",
+                    out.display()
+                )));
+            }
         })
     }
 }
@@ -129,17 +131,17 @@ pub fn run(args: Args) -> Result<()> {
 
 fn run_as(args: &Args, format: Format) -> Result<()> {
     if args.half && format != Format::Safetensors {
-        bail!("--half applies to --format safetensors only");
+        return Err(usage("--half applies to --format safetensors only"));
     }
     if args.fold_bn && format == Format::Safetensors {
-        bail!(
-            "--fold-bn applies to torchscript, onnx and pt2 (a folded state dict is no longer torchvision's)"
-        );
+        return Err(usage(
+            "--fold-bn applies to torchscript, onnx and pt2 (a folded state dict is no longer torchvision's)",
+        ));
     }
     check_target(&args.out, args.force)?;
     let (model, meta) = load(args)?;
     let input = args.input.unwrap_or(meta.input_size);
-    check_input(input)?;
+    check_input(input).map_err(as_usage)?;
     let folded = args.fold_bn && model.spec.bn;
     let model = if folded { fold_bn(&model) } else { model }.into_inference();
     match format {

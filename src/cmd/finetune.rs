@@ -12,6 +12,7 @@ use vggctl::model::{Head, check_input};
 
 use super::data_opts::DataOpts;
 use super::opts::{DistOpts, ModelOpts};
+use super::output::{as_usage, usage};
 use super::progress::download_bar;
 use super::training::{HyperOpts, Start, execute, resume};
 
@@ -49,29 +50,15 @@ pub fn run(args: Args) -> Result<()> {
         return resume(path, h, &args.data, device, args.model.json, &world, None);
     }
     if args.model.head.is_some_and(|hd| hd != Head::Imagenet) {
-        bail!("--head: fine-tuning starts from torchvision's imagenet head");
+        return Err(usage(
+            "--head: fine-tuning starts from torchvision's imagenet head",
+        ));
     }
     let input = args.input.unwrap_or(224);
-    check_input(input)?;
+    check_input(input).map_err(as_usage)?;
     let spec = args.model.spec(Head::Imagenet)?;
-    // The dataset decides the class count unless --classes says otherwise (then they must agree).
     let mut data = args.data.clone();
-    let dataset = data.dataset().to_string();
-    if dataset == "folder" && data.data_dir.is_none() {
-        bail!("--dataset folder needs --data-dir DIR (one subfolder of images per class)");
-    }
-    data.data_dir.get_or_insert_with(|| PathBuf::from("./data"));
-    let dataset_classes = match dataset.as_str() {
-        "folder" => vggctl::data::folder::scan(&data.dir())?.0.len() as i64,
-        "cifar10" | "digits" => 10,
-        other => bail!("unknown dataset '{other}' (expected cifar10, digits or folder)"),
-    };
-    let classes = args.model.classes.unwrap_or(dataset_classes);
-    if classes != dataset_classes {
-        bail!(
-            "--classes {classes} does not match the dataset, which has {dataset_classes} classes"
-        );
-    }
+    let classes = class_count(&mut data, args.model.classes)?;
 
     let path = weights_file(
         &args.weights,
@@ -89,11 +76,13 @@ pub fn run(args: Args) -> Result<()> {
         args.freeze_until.unwrap_or(n_features)
     };
     if freeze > n_features {
-        bail!("--freeze-until {freeze}: features has only {n_features} modules");
+        return Err(usage(format!(
+            "--freeze-until {freeze}: features has only {n_features} modules"
+        )));
     }
     let mut config = h.config(model.spec, &data, device, 10);
     config.input_size = input;
-    config.augment = match dataset.as_str() {
+    config.augment = match data.dataset() {
         "folder" => Augment::ResizedCrop,
         _ => Augment::CropFlip { padding: 4 },
     };
@@ -112,4 +101,31 @@ pub fn run(args: Args) -> Result<()> {
         return resume(path, h, &args.data, device, json, &world, Some(&config));
     }
     execute(config, h, &data, model, None, args.model.json, &world)
+}
+
+/// The number of classes to fine-tune for: the dataset's (a folder's class
+/// folders, or 10), which `--classes` may repeat but not change. Fills in
+/// the default data directory.
+fn class_count(data: &mut DataOpts, asked: Option<i64>) -> Result<i64> {
+    let dataset = data.dataset().to_string();
+    if dataset == "folder" && data.data_dir.is_none() {
+        return Err(usage(
+            "--dataset folder needs --data-dir DIR (one subfolder of images per class)",
+        ));
+    }
+    data.data_dir.get_or_insert_with(|| PathBuf::from("./data"));
+    let found = match dataset.as_str() {
+        "folder" => vggctl::data::folder::scan(&data.dir())?.0.len() as i64,
+        "cifar10" | "digits" => 10,
+        other => {
+            return Err(usage(format!(
+                "unknown dataset '{other}' (expected cifar10, digits or folder)"
+            )));
+        }
+    };
+    let classes = asked.unwrap_or(found);
+    if classes != found {
+        bail!("--classes {classes} does not match the dataset, which has {found} classes");
+    }
+    Ok(classes)
 }

@@ -18,8 +18,10 @@ mod progress;
 mod train;
 mod training;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
+
 use clap::{Parser, Subcommand};
+pub use output::Usage;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -91,7 +93,7 @@ pub fn run(cli: Cli) -> Result<()> {
         return info::print_version(false);
     }
     let Some(command) = cli.command else {
-        bail!("no subcommand given; see 'vggctl --help'");
+        return Err(output::usage("no subcommand given; see 'vggctl --help'"));
     };
     match command {
         Command::Info(args) => info::run(args),

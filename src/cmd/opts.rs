@@ -12,6 +12,8 @@ use vggctl::dist::{Backend, DEFAULT_TIMEOUT, Launch, World};
 use vggctl::model::{Arch, Head, ModelSpec, Values};
 use vggctl::numerics::{NumericsRequest, Precision};
 
+use super::output::{as_usage, usage};
+
 /// Options every model-building subcommand shares.
 #[derive(Args, Debug, Clone)]
 pub struct ModelOpts {
@@ -41,10 +43,10 @@ pub struct ModelOpts {
 impl ModelOpts {
     /// The model these options name; `default_head` is the subcommand's.
     pub fn spec(&self, default_head: Head) -> Result<ModelSpec> {
-        let (arch, bn_suffix) = Arch::parse_with_bn(&self.arch)?;
+        let (arch, bn_suffix) = Arch::parse_with_bn(&self.arch).map_err(as_usage)?;
         let head = self.head.unwrap_or(default_head);
         let classes = self.classes.unwrap_or(head.default_classes());
-        vggctl::model::check_classes(classes)?;
+        vggctl::model::check_classes(classes).map_err(as_usage)?;
         Ok(ModelSpec::new(arch, self.bn || bn_suffix, head, classes))
     }
 
@@ -58,7 +60,7 @@ impl ModelOpts {
     }
 
     pub fn device(&self) -> Result<Device> {
-        parse_device(&self.device)
+        parse_device(&self.device).map_err(as_usage)
     }
 }
 
@@ -81,7 +83,7 @@ impl DistOpts {
     /// of one without a launcher.
     pub fn world(&self) -> Result<World> {
         if self.dist_timeout == 0 {
-            anyhow::bail!("--dist-timeout must be at least 1 second");
+            return Err(usage("--dist-timeout must be at least 1 second"));
         }
         match Launch::from_env(|k| std::env::var(k).ok())? {
             None => Ok(World::single()),

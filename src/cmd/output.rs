@@ -1,10 +1,36 @@
-//! What leaves the process: results on stdout (tables, `--json`), and the
+//! What leaves the process: results on stdout (tables, `--json`), the
 //! one-line warnings on stderr that the library hands back through its
-//! callbacks.
+//! callbacks, and which failures are usage errors (exit code 2; every other
+//! failure exits 1).
 
 use std::io::Write;
 
 use anyhow::Result;
+
+/// A command line that cannot work as typed, whatever the files and data:
+/// a value out of range, options that contradict each other. main exits
+/// with 2 for it, as for clap's own usage errors.
+#[derive(Debug)]
+pub struct Usage(pub String);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Usage {}
+
+/// A usage error with this message.
+pub fn usage(message: impl Into<String>) -> anyhow::Error {
+    Usage(message.into()).into()
+}
+
+/// The library's verdict on a typed value (an arch, a device, an input
+/// size) as a usage error.
+pub fn as_usage(e: anyhow::Error) -> anyhow::Error {
+    usage(format!("{e:#}"))
+}
 
 /// The warning callback every subcommand hands the library.
 pub fn warn(message: String) {

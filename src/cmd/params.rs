@@ -5,7 +5,7 @@ use vggctl::model::Head;
 use vggctl::report::{params_report, render_table};
 
 use super::opts::ModelOpts;
-use super::output::{print_json, print_out};
+use super::output::{as_usage, print_json, print_out};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -21,7 +21,8 @@ pub fn run(args: Args) -> Result<()> {
     let input = args
         .input
         .unwrap_or(if spec.head == Head::Imagenet { 224 } else { 32 });
-    let report = params_report(&spec, input)?;
+    // Every failure of the report is about the input size asked for.
+    let report = params_report(&spec, input).map_err(as_usage)?;
     if args.model.json {
         print_json(&report)
     } else {

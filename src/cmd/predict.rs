@@ -17,7 +17,7 @@ use vggctl::model::{Head, Vgg, check_input};
 use vggctl::numerics::{Activity, Numerics};
 
 use super::opts::{InferenceOpts, ModelOpts, NumericsOpts};
-use super::output::{print_json, print_out, warn};
+use super::output::{as_usage, print_json, print_out, usage, warn};
 use super::progress::download_bar;
 
 #[derive(clap::Args, Debug)]
@@ -96,20 +96,20 @@ fn load_model(args: &Args, device: Device) -> Result<(Vgg, ModelMeta)> {
             }
             Ok((model, meta))
         }
-        (None, None) => bail!("give --checkpoint PATH or --weights imagenet|PATH"),
+        (None, None) => Err(usage("give --checkpoint PATH or --weights imagenet|PATH")),
     }
 }
 
 pub fn run(args: Args) -> Result<()> {
     let device = args.model.device()?;
     if args.topk < 1 {
-        bail!("--topk must be at least 1");
+        return Err(usage("--topk must be at least 1"));
     }
     if args.batch_size < 1 {
-        bail!("--batch-size must be at least 1");
+        return Err(usage("--batch-size must be at least 1"));
     }
     if let Some(input) = args.input {
-        check_input(input)?;
+        check_input(input).map_err(as_usage)?;
     }
     let images = expand_dirs(&args.images)?;
     let (model, meta) = load_model(&args, device)?;

@@ -8,6 +8,7 @@ use vggctl::model::{Head, Vgg};
 
 use super::data_opts::DataOpts;
 use super::opts::{DistOpts, ModelOpts};
+use super::output::usage;
 use super::training::{HyperOpts, Start, execute, resume};
 
 #[derive(clap::Args, Debug)]
@@ -32,7 +33,9 @@ pub fn run(args: Args) -> Result<()> {
     let start = h.start()?;
     if let Start::Resume(path) = &start {
         if args.initial_checkpoint.is_some() {
-            anyhow::bail!("--initial-checkpoint starts a new run; --resume continues one");
+            return Err(usage(
+                "--initial-checkpoint starts a new run; --resume continues one",
+            ));
         }
         return resume(path, h, &args.data, device, args.model.json, &world, None);
     }

@@ -20,7 +20,7 @@ use vggctl::train::{Resume, RunDir, SchedulerKind, Trainer, read_resume};
 
 use super::data_opts::DataOpts;
 use super::opts::{DistOpts, GraphOpts, NumericsOpts, choice};
-use super::output::{print_json, print_out, warn};
+use super::output::{print_json, print_out, usage, warn};
 use super::progress::EpochBars;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -198,26 +198,28 @@ impl HyperOpts {
             if let Some(p) = path
                 && p.to_str().is_none()
             {
-                bail!(
+                return Err(usage(format!(
                     "{flag} {}: not valid UTF-8; a run records its paths in config.json as text, so rename it",
                     p.display()
-                );
+                )));
             }
         }
         if self.batch_size < 1 || self.test_batch_size < 1 {
-            bail!("--batch-size and --test-batch-size must be at least 1");
+            return Err(usage(
+                "--batch-size and --test-batch-size must be at least 1",
+            ));
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
-            bail!("--lr {} must be a positive number", self.lr);
+            return Err(usage(format!("--lr {} must be a positive number", self.lr)));
         }
         if !(0.0..1.0).contains(&self.label_smoothing) {
-            bail!(
+            return Err(usage(format!(
                 "--label-smoothing {} must be in [0, 1)",
                 self.label_smoothing
-            );
+            )));
         }
         if self.epochs == Some(0) {
-            bail!("--epochs must be at least 1");
+            return Err(usage("--epochs must be at least 1"));
         }
         for (name, v) in [
             ("--limit-train", self.limit_train),
@@ -226,7 +228,7 @@ impl HyperOpts {
             if let Some(v) = v
                 && v < 1
             {
-                bail!("{name} {v} must be at least 1");
+                return Err(usage(format!("{name} {v} must be at least 1")));
             }
         }
         Ok(())
@@ -327,7 +329,9 @@ impl HyperOpts {
             None => Ok(Start::Fresh),
             Some(p) if p.as_os_str() == "auto" => {
                 let Some(out) = &self.out else {
-                    bail!("--resume auto needs --out DIR: the run to continue, or to start");
+                    return Err(usage(
+                        "--resume auto needs --out DIR: the run to continue, or to start",
+                    ));
                 };
                 let dir = RunDir { dir: out.clone() };
                 Ok(match dir.resume().exists() {
@@ -359,11 +363,11 @@ pub fn resume(
         .map(|id| format!("--{}", id.replace('_', "-")))
         .collect();
     if !changed.is_empty() {
-        bail!(
+        return Err(usage(format!(
             "{} would change the run that --resume {} continues (it keeps its recorded settings; --epochs, --device and --data-dir may be given); start a new run with --out for different settings",
             changed.join(", "),
             path.display()
-        );
+        )));
     }
     let (saved, tensors) = read_resume(path)?;
     if let Some(fresh) = fresh {
@@ -434,7 +438,9 @@ pub fn execute(
     let quiet = h.quiet || !world.is_main();
     if resume.is_none() {
         if world.size > 1 && h.out.is_none() {
-            bail!("a data-parallel run needs --out: every rank must name the same run directory");
+            return Err(usage(
+                "a data-parallel run needs --out: every rank must name the same run directory",
+            ));
         }
         config.world_size = world.size;
     }
