@@ -145,6 +145,7 @@ fn usage_error(e: clap::Error) -> ExitCode {
         .by_ref()
         .take_while(|l| l.starts_with("  ") && !l.trim().is_empty())
         .map(str::trim)
+        .filter(|l| !l.starts_with("[possible values: "))
         .collect();
     if !listed.is_empty() {
         message += &format!(": {}", listed.join(", "));

@@ -340,7 +340,7 @@ fn usage_errors_name_what_is_missing_and_suggest() {
         ),
         (
             &["eval", "--checkpoint", "a", "--precision", "x"],
-            "(possible values: auto, fp32, tf32, fp16, bf16); see 'vggctl eval --help'",
+            "invalid value 'x' for '--precision <PRECISION>' (possible values: auto, fp32, tf32, fp16, bf16); see 'vggctl eval --help'",
         ),
     ];
     for (args, needle) in cases {
