@@ -131,12 +131,14 @@ def main():
         return worker(a)
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
+        # torchrun's per-launch log directories go with the rest.
+        os.environ["TMPDIR"] = tmp
         make_data(tmp, a.images)
         one_all = vggctl_ips(tmp, os.path.join(tmp, "one-all"), a, 1, cores)
         one_1t = vggctl_ips(tmp, os.path.join(tmp, "one-1t"), a, 1, 1)
         two = vggctl_ips(tmp, os.path.join(tmp, "two"), a, 2, 1)
-    ddp = run_worker("ddp", a)["images_per_s"]
-    ar = run_worker("allreduce", a)
+        ddp = run_worker("ddp", a)["images_per_s"]
+        ar = run_worker("allreduce", a)
     step = a.batch / (two / 2)
     print(f"VGG11 cifar head, {a.images} images, batch {a.batch} per rank, {cores} cores, fp32 on the CPU")
     print(f"vggctl 1 process, {cores} threads : {one_all:8.1f} img/s")

@@ -38,6 +38,15 @@ DATA = os.path.join(ROOT, "tests", "fixtures", "digits-bin")
 LIMIT, BATCH, EPOCHS = 72, 16, 2
 
 
+@pytest.fixture(autouse=True)
+def own_tmpdir(tmp_path, monkeypatch):
+    """torchrun leaves a torchelastic_* log directory in $TMPDIR per launch:
+    point it into the test's own temporary directory, which pytest removes."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
