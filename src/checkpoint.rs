@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
 
 use crate::formats::safetensors::{read_safetensors, write_safetensors};
-use crate::model::{Arch, Head, ModelSpec, Values, Vgg};
+use crate::model::{Arch, Head, ModelSpec, SpecRequest, Values, Vgg};
 
 /// What a model file says about itself.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -222,26 +222,22 @@ pub fn load_weights(path: &Path, spec: ModelSpec, device: Device, values: Values
     Ok(model)
 }
 
-/// torchvision's pretrained layout (the imagenet head) with the state dict
-/// in `path`; the class count comes from the file's last layer.
-pub fn load_pretrained(
+/// The model for the state dict in `path` (any format [`read_weights`]
+/// takes): what `request` says, the rest recognized from the weights' names
+/// and shapes; with the line saying what was inferred, if anything.
+pub fn load_resolved(
     path: &Path,
-    arch: Arch,
-    bn: bool,
+    request: SpecRequest,
+    default_head: Head,
     device: Device,
     values: Values,
-) -> Result<Vgg> {
+) -> Result<(Vgg, Option<String>)> {
     let file = read_weights(path)?;
-    let classes = match file.tensors.get("classifier.6.weight") {
-        Some(t) if t.dim() == 2 => t.size()[0],
-        _ => 1000,
-    };
-    let spec = ModelSpec::new(arch, bn, Head::Imagenet, classes);
-    let mut model = Vgg::new(spec, device);
-    model
-        .load_state_dict(&path.display().to_string(), &file.tensors, values)
-        .context("--weights must be torchvision's VGG state dict (imagenet head)")?;
-    Ok(model)
+    let source = path.display().to_string();
+    let resolved = request.resolve(&source, &file.tensors, default_head)?;
+    let mut model = Vgg::new(resolved.spec, device);
+    model.load_state_dict(&source, &file.tensors, values)?;
+    Ok((model, resolved.inferred))
 }
 
 /// What a model loaded from a plain state dict is taken to be: torchvision's

@@ -348,17 +348,20 @@ fn usage_errors_name_what_is_missing_and_suggest() {
     }
 }
 
-/// torchvision's vgg11 weights given to `predict` without --arch (which
-/// defaults to vgg16): the error names the model they are and the flag.
+/// torchvision's vgg11 weights given to `predict` with --arch vgg16: the
+/// error names the model they are and the flag that says otherwise.
 #[test]
 fn another_vggs_weights_are_named() {
     let tmp = common::tempdir();
     let weights = common::fixtures().join("pth/vgg11.legacy.pth");
     let w = weights.to_str().unwrap();
-    let r = run_in(tmp.path(), &["predict", "--weights", w, "photo.png"]);
+    let r = run_in(
+        tmp.path(),
+        &["predict", "--weights", w, "--arch", "vgg16", "photo.png"],
+    );
     assert_one_line_error(
         &r,
         1,
-        "the weights are a vgg11's, but the model is vgg16; use --arch vgg11",
+        "the weights are a vgg11 with the imagenet head and 1000 classes, but --arch says vgg16",
     );
 }

@@ -169,7 +169,11 @@ fn bad_fine_tuning_input() {
         "vgg11_bn",
         &["--input", "32"],
     );
-    common::assert_one_line_error(&r, 1, "without BatchNorm");
+    common::assert_one_line_error(
+        &r,
+        1,
+        "the weights are a vgg11 with the imagenet head and 1000 classes, but --arch/--bn ask for vgg11_bn",
+    );
     let r = finetune(
         &tmp.path().join("d"),
         "/no/such/weights.pth",
@@ -331,7 +335,7 @@ fn bad_predict_and_eval_requests() {
                 "--head",
                 "cifar",
                 "--classes",
-                "7",
+                "10",
                 "--data-dir",
                 "/no/data",
                 "--no-download",

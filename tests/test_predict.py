@@ -10,7 +10,9 @@ near-zero tail. Classified two at a time (--batch-size 2: a batch of two,
 then one), the same images come back in the same order with the same
 probabilities within 1e-5 (a batch's size changes the CPU kernels' blocking,
 so not bit for bit). A directory argument stands for its images, sorted by
-name (other files ignored), with the same answers. `--precision bf16` on a CPU with native bf16 runs in
+name (other files ignored), with the same answers. The state dict file
+given itself without --arch is recognized as a vgg11 (said on stderr) with
+the same answers. `--precision bf16` on a CPU with native bf16 runs in
 bf16 (same top-1, probabilities within 0.05 of fp32's); on one without, it
 warns and gives the fp32 answers exactly."""
 import json
@@ -80,6 +82,12 @@ def test_predict_matches_torchvision(tmp_path):
         bf16 = predict("--precision", "bf16", warning="warning: --precision bf16 on the CPU needs "
                        "native bf16 instructions (AVX512-BF16 or AMX), which this CPU lacks; predicting in fp32")
         assert bf16 == ours
+    # The state dict file itself, without --arch: inferred, said, the same answers.
+    inferred = subprocess.run(
+        [BIN, "predict", "--weights", weights, "--device", "cpu", "--json", "--topk", "1000", *IMAGES],
+        check=True, capture_output=True, text=True, cwd=tmp_path)
+    assert inferred.stderr == f"note: {weights}: inferred vgg11 with the imagenet head and 1000 classes from its weights\n"
+    assert json.loads(inferred.stdout) == ours
     by_twos = predict("--batch-size", "2")
     assert [p["image"] for p in by_twos] == [p["image"] for p in ours] == IMAGES
     for a, b in zip(by_twos, ours):

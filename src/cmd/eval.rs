@@ -18,12 +18,12 @@ use vggctl::train::run_dir::config_beside;
 
 use super::data_opts::DataOpts;
 use super::opts::{DistOpts, GraphOpts, InferenceOpts, ModelOpts, NumericsOpts};
-use super::output::{as_usage, print_json, print_out, usage, warn};
+use super::output::{as_usage, note, print_json, print_out, usage, warn};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// A vggctl checkpoint (last/best.safetensors), or a torchvision-named
-    /// safetensors state dict together with --arch/--bn/--head/--classes.
+    /// safetensors state dict (its architecture, head and classes inferred).
     #[arg(long)]
     checkpoint: PathBuf,
     #[command(flatten)]
@@ -81,7 +81,17 @@ pub fn run(args: Args) -> Result<()> {
     let file = read_model_file(&args.checkpoint)?;
     let spec = match &file.meta {
         Some(meta) => meta.spec(),
-        None => args.model.spec(Head::Cifar)?,
+        None => {
+            let source = args.checkpoint.display().to_string();
+            let resolved = args
+                .model
+                .request()?
+                .resolve(&source, &file.tensors, Head::Cifar)?;
+            if let Some(line) = resolved.inferred.filter(|_| world.is_main()) {
+                note(line);
+            }
+            resolved.spec
+        }
     };
     let (dataset, pre) = load_data(&args, file.meta.as_ref(), device)?;
     if dataset.classes.len() as i64 != spec.classes {

@@ -4,19 +4,15 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use tch::Device;
-use vggctl::checkpoint::{
-    ModelMeta, load_checkpoint, load_pretrained, load_weights, meta_for_weights,
-};
+use vggctl::checkpoint::{ModelMeta, load_checkpoint, meta_for_weights};
 use vggctl::export::{
     check_target, export_onnx, export_pt2, export_safetensors, export_torchscript,
 };
-use vggctl::hub::weights_file;
 use vggctl::infer::fold_bn;
 use vggctl::model::{Head, Vgg, check_input};
 
 use super::opts::ModelOpts;
 use super::output::{as_usage, print_json, print_out, usage};
-use super::progress::download_bar;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -34,7 +30,7 @@ pub struct Args {
     #[arg(long, conflicts_with = "weights")]
     checkpoint: Option<PathBuf>,
     /// `imagenet` (torchvision's weights for --arch/--bn) or a state dict file
-    /// (.pth/.pt/.safetensors) for --arch/--bn/--head/--classes.
+    /// (.pth/.pt/.safetensors; its architecture, head and classes inferred).
     #[arg(long)]
     weights: Option<String>,
     /// [default: from --out's extension: .safetensors, .pt (TorchScript), .onnx, .pt2]
@@ -65,6 +61,8 @@ struct Written {
     bytes: u64,
     format: Format,
     model: String,
+    head: Head,
+    classes: i64,
     /// `[null, 3, H, W]`: the batch dimension is dynamic.
     input_shape: [Option<i64>; 4],
     folded_bn: bool,
@@ -80,13 +78,9 @@ fn load(args: &Args) -> Result<(Vgg, ModelMeta)> {
     let Some(w) = &args.weights else {
         return Err(usage("give --checkpoint PATH or --weights imagenet|PATH"));
     };
-    let spec = args.model.spec(Head::Imagenet)?;
-    let model = if w == "imagenet" {
-        let path = weights_file(w, spec.arch, spec.bn, &mut download_bar(false))?;
-        load_pretrained(&path, spec.arch, spec.bn, device, args.model.values())?
-    } else {
-        load_weights(&PathBuf::from(w), spec, device, args.model.values())?
-    };
+    let (model, _) = args
+        .model
+        .load_weights(w, args.model.request()?, device, false)?;
     let meta = meta_for_weights(model.spec);
     Ok((model, meta))
 }
@@ -138,10 +132,13 @@ fn run_as(args: &Args, format: Format) -> Result<()> {
             "--fold-bn applies to torchscript, onnx and pt2 (a folded state dict is no longer torchvision's)",
         ));
     }
+    if let Some(input) = args.input {
+        check_input(input).map_err(as_usage)?;
+    }
     check_target(&args.out, args.force)?;
     let (model, meta) = load(args)?;
     let input = args.input.unwrap_or(meta.input_size);
-    check_input(input).map_err(as_usage)?;
+    check_input(input)?;
     let folded = args.fold_bn && model.spec.bn;
     let model = if folded { fold_bn(&model) } else { model }.into_inference();
     match format {
@@ -155,6 +152,8 @@ fn run_as(args: &Args, format: Format) -> Result<()> {
         bytes: std::fs::metadata(&args.out).map(|m| m.len()).unwrap_or(0),
         format,
         model: meta.spec().model_name(),
+        head: meta.head,
+        classes: meta.classes,
         input_shape: [None, Some(3), Some(input), Some(input)],
         folded_bn: folded,
         half: args.half,

@@ -5,15 +5,12 @@
 use std::path::PathBuf;
 
 use anyhow::{Result, bail};
-use vggctl::checkpoint::load_pretrained;
 use vggctl::data::augment::Augment;
-use vggctl::hub::weights_file;
-use vggctl::model::{Head, check_input};
+use vggctl::model::{Head, SpecRequest, check_input};
 
 use super::data_opts::DataOpts;
 use super::opts::{DistOpts, ModelOpts};
 use super::output::{as_usage, usage};
-use super::progress::download_bar;
 use super::training::{HyperOpts, Start, execute, resume};
 
 #[derive(clap::Args, Debug)]
@@ -56,18 +53,24 @@ pub fn run(args: Args) -> Result<()> {
     }
     let input = args.input.unwrap_or(224);
     check_input(input).map_err(as_usage)?;
-    let spec = args.model.spec(Head::Imagenet)?;
     let mut data = args.data.clone();
     let classes = class_count(&mut data, args.model.classes)?;
-
-    let path = weights_file(
-        &args.weights,
-        spec.arch,
-        spec.bn,
-        &mut download_bar(h.quiet),
-    )?;
     tch::manual_seed(h.seed as i64);
-    let mut model = load_pretrained(&path, spec.arch, spec.bn, device, args.model.values())?;
+    // --classes is the new head's; the weights keep their own.
+    let request = SpecRequest {
+        classes: None,
+        ..args.model.request()?
+    };
+    let (mut model, path) = args
+        .model
+        .load_weights(&args.weights, request, device, h.quiet)?;
+    if model.spec.head != Head::Imagenet {
+        bail!(
+            "{}: the weights have the {} head; fine-tuning starts from torchvision's imagenet head",
+            path.display(),
+            model.spec.head.name()
+        );
+    }
     model.replace_last_linear(classes);
     let n_features = model.features.layers.len();
     let freeze = if args.train_features {

@@ -2,32 +2,41 @@
 //! CUDA graphs), each turned into the library's plain request once, and
 //! clap's parser for the library's named value sets.
 
+use std::path::PathBuf;
+
 use anyhow::Result;
 use clap::Args;
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use tch::Device;
+use vggctl::checkpoint::load_resolved;
 use vggctl::choice::Choice;
 use vggctl::device::parse_device;
 use vggctl::dist::{Backend, DEFAULT_TIMEOUT, Launch, World};
-use vggctl::model::{Arch, Head, ModelSpec, Values};
+use vggctl::hub::weights_file;
+use vggctl::model::{Arch, Head, ModelSpec, SpecRequest, Values, Vgg};
 use vggctl::numerics::{NumericsRequest, Precision};
 
-use super::output::{as_usage, usage};
+use super::output::{as_usage, note, usage};
+use super::progress::download_bar;
 
 /// Options every model-building subcommand shares.
 #[derive(Args, Debug, Clone)]
 pub struct ModelOpts {
-    /// vgg11, vgg13, vgg16 or vgg19 (a `_bn` suffix implies --bn).
-    #[arg(long, default_value = "vgg16")]
-    pub arch: String,
+    /// vgg11, vgg13, vgg16 or vgg19 (a `_bn` suffix implies --bn)
+    /// [default: vgg16; with a plain state dict: what its weights are].
+    #[arg(long, help_heading = "Model")]
+    pub arch: Option<String>,
     /// With BatchNorm after every convolution.
-    #[arg(long)]
+    #[arg(long, help_heading = "Model")]
     pub bn: bool,
-    /// Classifier head: imagenet (torchvision's), cifar (512-512-N) or gap (global pool + linear).
-    #[arg(long, value_parser = choice::<Head>())]
+    /// Classifier head: imagenet (torchvision's), cifar (512-512-N) or gap
+    /// (global pool + linear) [default: the subcommand's; with a plain state
+    /// dict: what its weights are].
+    #[arg(long, value_parser = choice::<Head>(), help_heading = "Model")]
     pub head: Option<Head>,
-    /// Number of classes [default: 1000 for the imagenet head, 10 otherwise].
-    #[arg(long)]
+    /// Number of classes [default: 1000 for the imagenet head, 10 otherwise;
+    /// with a plain state dict: what its weights are].
+    #[arg(long, help_heading = "Model")]
     pub classes: Option<i64>,
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
@@ -36,18 +45,69 @@ pub struct ModelOpts {
     #[arg(long)]
     pub json: bool,
     /// Load weights that hold NaN or infinite values (refused by default).
-    #[arg(long)]
+    #[arg(long, help_heading = "Model")]
     pub allow_nonfinite: bool,
 }
 
 impl ModelOpts {
+    /// What these options say about the model (`None` where nothing).
+    pub fn request(&self) -> Result<SpecRequest> {
+        let (arch, bn_suffix) = match &self.arch {
+            Some(a) => {
+                let (arch, bn) = Arch::parse_with_bn(a).map_err(as_usage)?;
+                (Some(arch), bn)
+            }
+            None => (None, false),
+        };
+        if let Some(c) = self.classes {
+            vggctl::model::check_classes(c).map_err(as_usage)?;
+        }
+        Ok(SpecRequest {
+            arch,
+            // --arch vgg16 says "no BatchNorm" unless --bn says otherwise.
+            bn: match arch {
+                Some(_) => Some(self.bn || bn_suffix),
+                None => self.bn.then_some(true),
+            },
+            head: self.head,
+            classes: self.classes,
+        })
+    }
+
     /// The model these options name; `default_head` is the subcommand's.
     pub fn spec(&self, default_head: Head) -> Result<ModelSpec> {
-        let (arch, bn_suffix) = Arch::parse_with_bn(&self.arch).map_err(as_usage)?;
-        let head = self.head.unwrap_or(default_head);
-        let classes = self.classes.unwrap_or(head.default_classes());
-        vggctl::model::check_classes(classes).map_err(as_usage)?;
-        Ok(ModelSpec::new(arch, self.bn || bn_suffix, head, classes))
+        self.request()?.spec(default_head).map_err(as_usage)
+    }
+
+    /// The model in `--weights`: `imagenet` (torchvision's file for
+    /// --arch/--bn, found or downloaded) or a state dict file, whose
+    /// architecture, head and classes are inferred where no flag gives them
+    /// (and said on stderr); with the file it read.
+    pub fn load_weights(
+        &self,
+        weights: &str,
+        request: SpecRequest,
+        device: Device,
+        quiet: bool,
+    ) -> Result<(Vgg, PathBuf)> {
+        if weights != "imagenet" {
+            let path = PathBuf::from(weights);
+            let (model, inferred) =
+                load_resolved(&path, request, Head::Imagenet, device, self.values())?;
+            if let Some(line) = inferred {
+                note(line);
+            }
+            return Ok((model, path));
+        }
+        let spec = request.spec(Head::Imagenet).map_err(as_usage)?;
+        let path = weights_file(weights, spec.arch, spec.bn, &mut download_bar(quiet))?;
+        let request = SpecRequest {
+            arch: Some(spec.arch),
+            bn: Some(spec.bn),
+            ..request
+        };
+        let (model, _) = load_resolved(&path, request, Head::Imagenet, device, self.values())?;
+        Ok((model, path))
     }
 
     /// What weight values loading accepts.
@@ -68,6 +128,7 @@ impl ModelOpts {
 /// WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT (train, finetune,
 /// eval).
 #[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Data-parallel")]
 pub struct DistOpts {
     /// Data-parallel runs: the collective backend (PyTorch's c10d).
     #[arg(long, value_parser = choice::<Backend>(), default_value = "gloo")]
@@ -108,6 +169,7 @@ impl DistOpts {
 /// How the model computes: precision and memory layout (train, finetune,
 /// eval, predict).
 #[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Speed")]
 pub struct NumericsOpts {
     /// auto (fp16 with loss scaling on a GPU with tensor cores, else
     /// fp32), fp32 (strict), tf32,
@@ -130,6 +192,7 @@ pub struct NumericsOpts {
 
 /// How eval and predict run the model.
 #[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Speed")]
 pub struct InferenceOpts {
     /// CUDA: run the model layer by layer as trained, instead of its
     /// inference form (BatchNorm folded into the convolutions, convolution
@@ -140,6 +203,7 @@ pub struct InferenceOpts {
 
 /// CUDA graphs (train, finetune, eval).
 #[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Speed")]
 pub struct GraphOpts {
     /// Capture each full-batch step (training: forward, loss, backward,
     /// fused update; eval: the forward and the sums) in a CUDA graph and

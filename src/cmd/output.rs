@@ -37,6 +37,11 @@ pub fn warn(message: String) {
     eprintln!("warning: {message}");
 }
 
+/// What the user should know but need not act on (what was inferred).
+pub fn note(message: String) {
+    eprintln!("note: {message}");
+}
+
 /// Writes `text` to stdout; a closed pipe surfaces as an io error that main ignores.
 pub fn print_out(text: &str) -> Result<()> {
     let mut out = std::io::stdout().lock();

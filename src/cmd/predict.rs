@@ -7,18 +7,16 @@ use anyhow::{Result, bail};
 use rayon::prelude::*;
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
-use vggctl::checkpoint::{ModelMeta, load_checkpoint, load_pretrained, meta_for_weights};
+use vggctl::checkpoint::{ModelMeta, load_checkpoint, meta_for_weights};
 use vggctl::data::augment::{Augment, Normalizer, Preprocess};
 use vggctl::data::folder::image_files;
 use vggctl::data::image::{eval_transform, read_image};
-use vggctl::hub::weights_file;
 use vggctl::infer::{Inference, Logits};
-use vggctl::model::{Head, Vgg, check_input};
+use vggctl::model::{Vgg, check_input};
 use vggctl::numerics::{Activity, Numerics};
 
 use super::opts::{InferenceOpts, ModelOpts, NumericsOpts};
 use super::output::{as_usage, print_json, print_out, usage, warn};
-use super::progress::download_bar;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -28,7 +26,8 @@ pub struct Args {
     /// A vggctl checkpoint (architecture, class names and preprocessing from its metadata).
     #[arg(long, conflicts_with = "weights")]
     checkpoint: Option<PathBuf>,
-    /// `imagenet` (torchvision's weights for --arch/--bn) or a state dict file (imagenet head).
+    /// `imagenet` (torchvision's weights for --arch/--bn) or a state dict file
+    /// (.pth/.pt/.safetensors; its architecture, head and classes inferred).
     #[arg(long)]
     weights: Option<String>,
     /// How many classes to list per image.
@@ -86,9 +85,9 @@ fn load_model(args: &Args, device: Device) -> Result<(Vgg, ModelMeta)> {
     match (&args.checkpoint, &args.weights) {
         (Some(path), _) => load_checkpoint(path, device, args.model.values()),
         (None, Some(w)) => {
-            let spec = args.model.spec(Head::Imagenet)?;
-            let path = weights_file(w, spec.arch, spec.bn, &mut download_bar(false))?;
-            let model = load_pretrained(&path, spec.arch, spec.bn, device, args.model.values())?;
+            let (model, _) = args
+                .model
+                .load_weights(w, args.model.request()?, device, false)?;
             let mut meta = meta_for_weights(model.spec);
             if let Some(input) = args.input {
                 meta.input_size = input;

@@ -8,13 +8,17 @@
 //! - `spec`: what fixes the structure (cfgs, heads, layer list, input size);
 //! - `layer`: the modules and their tensors;
 //! - `state_dict`: the check of a state dict against torchvision's names
-//!   and shapes (loading and reading one are `Vgg`'s own).
+//!   and shapes (loading and reading one are `Vgg`'s own);
+//! - `recognize`: which VGG a state dict is, and the model a request leaves
+//!   open resolved from it.
 
 mod layer;
+mod recognize;
 mod spec;
 mod state_dict;
 
 pub use layer::{BN_EPS, BN_MOMENTUM, Layer, Sequential};
+pub use recognize::{Resolved, SpecRequest, recognize};
 pub use spec::{
     Arch, Cfg, Head, LayerKind, LayerSpec, MAX_CLASSES, MIN_INPUT, ModelSpec, check_classes,
     check_input,

@@ -1,0 +1,75 @@
+"""Plain torchvision state dicts carry no metadata: `export`, `eval` and
+`predict` given one without --arch/--bn/--head/--classes infer the model from
+its names and shapes and say so on stderr. Every VGG of torchvision
+(`torchvision.models.vgg11` .. `vgg19_bn`, saved with `torch.save`) is
+recognized, with the small heads vggctl trains (`cifar`: torchvision's VGG
+with `avgpool` 1x1 and a 512-512-N classifier; `gap`: one Linear(512, N));
+the file vggctl then writes holds the very tensors torchvision saved. A flag
+that contradicts the weights is one error line naming both."""
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+import torchvision
+from safetensors.torch import load_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.environ.get("VGGCTL_BIN", os.path.join(ROOT, "target", "release", "vggctl"))
+ARCHS = ["vgg11", "vgg13", "vgg16", "vgg19"]
+
+
+def torchvision_vgg(name, head, classes):
+    """torchvision's model `name` with one of vggctl's small heads."""
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)()
+    model.avgpool = torch.nn.AdaptiveAvgPool2d(1)
+    if head == "cifar":
+        model.classifier = torch.nn.Sequential(
+            torch.nn.Linear(512, 512), torch.nn.ReLU(True), torch.nn.Dropout(), torch.nn.Linear(512, classes))
+    else:
+        model.classifier = torch.nn.Linear(512, classes)
+    return model
+
+
+def run(*args, cwd):
+    return subprocess.run([BIN, *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_vgg_is_recognized(tmp_path, arch):
+    for bn, (head, classes) in [(False, ("cifar", 10)), (True, ("gap", 7))]:
+        name = arch + ("_bn" if bn else "")
+        model = torchvision_vgg(name, head, classes)
+        pth = tmp_path / f"{name}.pth"
+        torch.save(model.state_dict(), pth)
+        out = tmp_path / f"{name}.safetensors"
+        r = run("export", "--weights", str(pth), "--out", str(out), "--json", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert r.stderr == f"note: {pth}: inferred {name} with the {head} head and {classes} classes from its weights\n"
+        written = json.loads(r.stdout)
+        assert (written["model"], written["head"], written["classes"]) == (name, head, classes)
+        ours = load_file(out)
+        theirs = model.state_dict()
+        assert ours.keys() == theirs.keys()
+        for k, t in theirs.items():
+            assert torch.equal(ours[k], t), k
+
+
+def test_flags_that_agree_or_contradict(tmp_path):
+    pth = tmp_path / "w.pth"
+    torch.save(torchvision_vgg("vgg11_bn", "cifar", 10).state_dict(), pth)
+    out = tmp_path / "w.safetensors"
+    # Flags that say it all: no note.
+    r = run("export", "--weights", str(pth), "--out", str(out), "--arch", "vgg11_bn",
+            "--head", "cifar", "--classes", "10", cwd=tmp_path)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    what = f"vggctl: error: {pth}: the weights are a vgg11_bn with the cifar head and 10 classes, but "
+    for flags, said in [(["--arch", "vgg16"], "--arch says vgg16"),
+                        (["--arch", "vgg11"], "--arch says vgg11 (no BatchNorm)"),
+                        (["--head", "gap"], "--head says gap"),
+                        (["--classes", "100"], "--classes says 100")]:
+        r = run("export", "--weights", str(pth), "--out", str(tmp_path / "no.onnx"), *flags, cwd=tmp_path)
+        assert (r.returncode, r.stderr) == (1, what + said + "\n")
+        assert not (tmp_path / "no.onnx").exists()
