@@ -13,6 +13,7 @@ use super::output::{usage, warn};
 use super::progress::download_bar;
 
 #[derive(clap::Args, Debug, Clone)]
+#[command(next_help_heading = "Data")]
 pub struct DataOpts {
     /// Dataset: cifar10, digits (scikit-learn's handwritten digits, built
     /// into vggctl: no download), or folder (one subfolder of JPEG/PNG

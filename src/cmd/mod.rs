@@ -9,6 +9,7 @@ mod data_opts;
 mod eval;
 mod export;
 mod finetune;
+mod help;
 mod info;
 mod opts;
 mod output;
@@ -27,6 +28,8 @@ pub use output::Usage;
 #[command(
     name = "vggctl",
     about = "Train, evaluate, fine-tune and export VGG image classifiers (libtorch, no Python)",
+    version,
+    after_help = help::TOP,
     disable_version_flag = true
 )]
 pub struct Cli {
@@ -42,22 +45,42 @@ enum Command {
     /// Versions, CUDA/cuDNN availability and device names.
     Info(info::Args),
     /// Parameters, shapes, multiply-adds and receptive fields per layer.
+    #[command(after_help = help::PARAMS)]
     Params(params::Args),
     /// Train a VGG from scratch: CIFAR-10's recipe by default (SGD 0.01, momentum 0.9, wd 5e-4, 100 epochs), or the built-in digits or an image folder.
+    #[command(after_help = help::TRAIN)]
     Train(train::Args),
     /// Evaluate a checkpoint: top-1/top-5, per-class accuracy, confusion matrix.
+    #[command(after_help = help::EVAL)]
     Eval(eval::Args),
     /// Fine-tune torchvision's ImageNet weights on your classes.
+    #[command(after_help = help::FINETUNE)]
     Finetune(finetune::Args),
     /// Export to safetensors (torchvision-loadable), TorchScript, ONNX or a torch.export archive (pt2).
+    #[command(after_help = help::EXPORT)]
     Export(export::Args),
     /// Classify images with a checkpoint or torchvision's weights.
+    #[command(after_help = help::PREDICT)]
     Predict(predict::Args),
+    /// Shell completions (bash, zsh, fish, powershell, elvish) on stdout.
+    #[command(after_help = help::COMPLETIONS)]
+    Completions(help::CompletionsArgs),
+    /// The manual page (roff), from the same definitions as --help.
+    #[command(after_help = help::MAN)]
+    Man(help::ManArgs),
 }
 
 /// The subcommands' names, as typed.
 pub const SUBCOMMANDS: &[&str] = &[
-    "info", "params", "train", "eval", "finetune", "export", "predict",
+    "info",
+    "params",
+    "train",
+    "eval",
+    "finetune",
+    "export",
+    "predict",
+    "completions",
+    "man",
 ];
 
 /// Parses the command line. Training runs also learn which of their
@@ -103,6 +126,10 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Finetune(args) => finetune::run(args),
         Command::Export(args) => export::run(args),
         Command::Predict(args) => predict::run(args),
+        Command::Completions(args) => {
+            help::completions(args, <Cli as clap::CommandFactory>::command())
+        }
+        Command::Man(args) => help::man(args, <Cli as clap::CommandFactory>::command()),
     }
 }
 

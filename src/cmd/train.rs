@@ -19,7 +19,7 @@ pub struct Args {
     pub data: DataOpts,
     /// Start from these weights instead of a fresh initialization (a state
     /// dict of the same model: .safetensors, .pth/.pt or a vggctl checkpoint).
-    #[arg(long)]
+    #[arg(long, help_heading = "Model")]
     pub initial_checkpoint: Option<PathBuf>,
     #[command(flatten)]
     pub hyper: HyperOpts,

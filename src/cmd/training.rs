@@ -26,82 +26,87 @@ use super::progress::EpochBars;
 #[derive(clap::Args, Debug, Clone)]
 pub struct HyperOpts {
     /// Epochs to train in all [default: train 100, finetune 10].
-    #[arg(short, long)]
+    #[arg(short, long, help_heading = "Schedule")]
     pub epochs: Option<usize>,
     /// Images per training step.
-    #[arg(short, long, default_value_t = 128)]
+    #[arg(short, long, default_value_t = 128, help_heading = "Optimizer")]
     pub batch_size: i64,
     /// Images per evaluation batch (after each epoch).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, help_heading = "Data")]
     pub test_batch_size: i64,
     /// The update rule.
-    #[arg(long, value_parser = choice::<OptimizerKind>(), default_value = "sgd")]
+    #[arg(long, value_parser = choice::<OptimizerKind>(), default_value = "sgd", help_heading = "Optimizer")]
     pub optimizer: OptimizerKind,
     /// Peak learning rate (after --warmup-epochs).
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(long, default_value_t = 0.01, help_heading = "Optimizer")]
     pub lr: f64,
     /// SGD momentum.
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, default_value_t = 0.9, help_heading = "Optimizer")]
     pub momentum: f64,
     /// L2 penalty (SGD) or decoupled weight decay (AdamW).
-    #[arg(long, default_value_t = 5e-4)]
+    #[arg(long, default_value_t = 5e-4, help_heading = "Optimizer")]
     pub weight_decay: f64,
     /// Nesterov momentum (SGD).
-    #[arg(long)]
+    #[arg(long, help_heading = "Optimizer")]
     pub nesterov: bool,
-    #[arg(long, value_parser = choice::<SchedulerKind>(), default_value = "multistep")]
+    #[arg(long, value_parser = choice::<SchedulerKind>(), default_value = "multistep", help_heading = "Schedule")]
     pub scheduler: SchedulerKind,
     /// Epochs at which MultiStepLR multiplies the LR by --gamma.
-    #[arg(long, value_delimiter = ',', default_value = "50,80")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "50,80",
+        help_heading = "Schedule"
+    )]
     pub milestones: Vec<usize>,
     /// What MultiStepLR multiplies the LR by at each milestone.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, help_heading = "Schedule")]
     pub gamma: f64,
     /// Epochs of linear warm-up from 0 to --lr.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, help_heading = "Schedule")]
     pub warmup_epochs: usize,
     /// Cross-entropy label smoothing, in [0, 1).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, help_heading = "Optimizer")]
     pub label_smoothing: f64,
     /// Seeds initialization, the epoch order and every augmentation.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, help_heading = "Data")]
     pub seed: u64,
     /// Output directory [default: runs/<arch>[_bn]-<dataset>-<timestamp>].
-    #[arg(short, long)]
+    #[arg(short, long, help_heading = "Output")]
     pub out: Option<PathBuf>,
     /// Continue a run: its resume.safetensors, or its directory; `auto` (with
     /// --out) continues the run in --out if it has a resume point and
     /// starts it there otherwise (restarts under torchrun, requeued jobs).
-    #[arg(long)]
+    #[arg(long, help_heading = "Output")]
     pub resume: Option<PathBuf>,
     /// Train on the first N training images only.
-    #[arg(long)]
+    #[arg(long, help_heading = "Data")]
     pub limit_train: Option<i64>,
     /// Evaluate on the first N test images only.
-    #[arg(long)]
+    #[arg(long, help_heading = "Data")]
     pub limit_test: Option<i64>,
     /// Start over in an --out directory that holds a run (its files are replaced).
-    #[arg(long)]
+    #[arg(long, help_heading = "Output")]
     pub force: bool,
     /// No progress on stderr.
-    #[arg(short, long)]
+    #[arg(short, long, help_heading = "Output")]
     pub quiet: bool,
     #[command(flatten)]
     pub numerics: NumericsOpts,
     #[command(flatten)]
     pub graphs: GraphOpts,
     /// Update each parameter separately instead of the fused flat-buffer update.
-    #[arg(long)]
+    #[arg(long, help_heading = "Speed")]
     pub no_fused: bool,
     /// Time data, forward and backward+update of every step (synchronizing) and report them per epoch.
-    #[arg(long)]
+    #[arg(long, help_heading = "Speed")]
     pub profile: bool,
     /// Train on the evaluation transform: no random crops or flips.
-    #[arg(long)]
+    #[arg(long, help_heading = "Data")]
     pub no_augment: bool,
     /// Data-parallel runs: BatchNorm statistics over all ranks' batches
     /// (PyTorch's SyncBatchNorm) instead of each rank's own (DDP's default).
-    #[arg(long)]
+    #[arg(long, help_heading = "Data-parallel")]
     pub sync_bn: bool,
     #[command(flatten)]
     pub dist: DistOpts,

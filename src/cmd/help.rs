@@ -1,0 +1,143 @@
+//! What `--help` shows after the options: each subcommand's examples, and
+//! the environment and exit codes on the top-level page; and the
+//! `completions` and `man` subcommands, generated from the same definitions.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap_complete::Shell;
+
+pub const TOP: &str = "\
+Environment:
+  VGGCTL_WEIGHTS_DIR    a folder searched first for torchvision's weight files
+  VGGCTL_WEIGHTS_URL    where to download them from [default: https://download.pytorch.org/models]
+  TORCH_HOME            torch hub's cache: $TORCH_HOME/hub/checkpoints [default: ~/.cache/torch]
+  VGGCTL_CIFAR10_URL    where to download CIFAR-10 from (also --data-url)
+  VGGCTL_HTTP_TIMEOUT   seconds a download may stall [default: 60]
+  VGGCTL_HEARTBEAT_SECS seconds between progress lines when stderr is no terminal [default: 30]
+  RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT
+                        data-parallel ranks, as torchrun sets them (Slurm's SLURM_PROCID,
+                        SLURM_NTASKS and SLURM_LOCALID too)
+
+Exit status:
+  0 success, 1 a failure while running, 2 a command line that cannot work,
+  130/143 stopped by Ctrl-C/SIGTERM after saving a resume point
+
+'vggctl <command> --help' shows a command's options and examples.";
+
+pub const TRAIN: &str = "\
+Examples:
+  vggctl train                                     CIFAR-10's recipe (VGG16, 100 epochs; downloads to ./data)
+  vggctl train --arch vgg11_bn --head cifar -e 30 -o runs/v11
+  vggctl train --dataset folder --data-dir photos --arch vgg11 --head gap
+  vggctl train --resume runs/v11 -e 60             continue a run (Ctrl-C saves), or extend it
+  torchrun --no-python --nproc-per-node 8 vggctl train -o runs/big --resume auto";
+
+pub const EVAL: &str = "\
+Examples:
+  vggctl eval --checkpoint runs/v11/best.safetensors        the run's own data and split
+  vggctl eval --checkpoint model.safetensors --dataset folder --data-dir val --json";
+
+pub const FINETUNE: &str = "\
+Examples:
+  vggctl finetune --dataset folder --data-dir photos --arch vgg16
+  vggctl finetune --weights mine.pth --dataset folder --data-dir photos --train-features -e 20";
+
+pub const EXPORT: &str = "\
+Examples:
+  vggctl export --checkpoint runs/v11/best.safetensors --out v11.onnx
+  vggctl export --weights imagenet --arch vgg16_bn --out vgg16_bn.pt2
+  vggctl export --weights vgg11.pth --out vgg11.safetensors          (the model is inferred)";
+
+pub const PREDICT: &str = "\
+Examples:
+  vggctl predict --weights imagenet --arch vgg16 cat.jpg dog.jpg
+  vggctl predict --checkpoint runs/v11/best.safetensors --topk 3 photos/";
+
+pub const PARAMS: &str = "\
+Examples:
+  vggctl params --arch vgg16_bn
+  vggctl params --arch vgg11 --head cifar --input 32 --json";
+
+#[derive(clap::Args, Debug)]
+pub struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum)]
+    shell: Shell,
+}
+
+pub const COMPLETIONS: &str = "\
+Examples:
+  vggctl completions bash > ~/.local/share/bash-completion/completions/vggctl
+  vggctl completions zsh > ~/.zfunc/_vggctl
+  vggctl completions fish > ~/.config/fish/completions/vggctl.fish";
+
+/// Writes the completion script for `args.shell` to stdout.
+pub fn completions(args: CompletionsArgs, mut command: clap::Command) -> Result<()> {
+    let mut out = Vec::new();
+    clap_complete::generate(args.shell, &mut command, "vggctl", &mut out);
+    super::output::print_out(&String::from_utf8_lossy(&out))
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ManArgs {
+    /// Write vggctl.1 and one page per command (vggctl-train.1, ...) into
+    /// this folder, instead of vggctl.1 to stdout.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+pub const MAN: &str = "\
+Examples:
+  vggctl man | man -l -
+  vggctl man --dir ~/.local/share/man/man1";
+
+/// The man pages, from the same definitions as `--help`.
+pub fn man(args: ManArgs, command: clap::Command) -> Result<()> {
+    let Some(dir) = args.dir else {
+        return super::output::print_out(&String::from_utf8_lossy(&page(command)?));
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("{}", dir.display()))?;
+    // Each page is written whole or not at all; subcommands' pages are
+    // named as man(1) looks them up.
+    let mut pages = vec![(String::from("vggctl"), command.clone())];
+    for sub in command.get_subcommands().filter(|c| c.get_name() != "help") {
+        let name = format!("vggctl-{}", sub.get_name());
+        pages.push((name.clone(), sub.clone().name(name)));
+    }
+    for (name, page_command) in pages {
+        let path = dir.join(format!("{name}.1"));
+        vggctl::fsutil::write_atomic_bytes(&path, &page(page_command)?)?;
+    }
+    Ok(())
+}
+
+/// One man page: clap_mangen's sections, then the text `--help` shows after
+/// the options (examples, environment, exit status) as sections of their
+/// own, each line kept as written.
+fn page(command: clap::Command) -> Result<Vec<u8>> {
+    let extra = command.get_after_help().map(|t| t.to_string());
+    let man = clap_mangen::Man::new(command.clone());
+    let mut out = Vec::new();
+    man.render_title(&mut out)?;
+    man.render_name_section(&mut out)?;
+    man.render_synopsis_section(&mut out)?;
+    man.render_description_section(&mut out)?;
+    man.render_options_section(&mut out)?;
+    if command.has_subcommands() {
+        man.render_subcommands_section(&mut out)?;
+    }
+    for line in extra.as_deref().unwrap_or("").lines() {
+        let roff = match line.strip_suffix(':') {
+            Some(heading) if !line.starts_with(' ') => {
+                format!(".SH {}\n.nf", heading.to_uppercase())
+            }
+            _ if line.is_empty() => ".fi".to_string(),
+            _ => format!("\\&{}", line.replace('\\', "\\e").replace('-', "\\-")),
+        };
+        writeln!(out, "{roff}")?;
+    }
+    writeln!(out, ".fi")?;
+    Ok(out)
+}
