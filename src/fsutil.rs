@@ -52,6 +52,14 @@ fn kind(meta: &fs::Metadata) -> &'static str {
     }
 }
 
+/// The user's cache directory: `$XDG_CACHE_HOME`, else `~/.cache`.
+pub fn user_cache_dir() -> Option<PathBuf> {
+    std::env::var_os("XDG_CACHE_HOME")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+}
+
 /// A name no other process can guess: `.NAME.tmp-<16 hex digits>`.
 pub fn temp_name(target: &Path) -> PathBuf {
     let name = target

@@ -36,12 +36,7 @@ pub fn hash_prefix(name: &str) -> Option<&str> {
 pub fn torch_hub_dir() -> Option<PathBuf> {
     let home = match std::env::var_os("TORCH_HOME") {
         Some(h) => PathBuf::from(h),
-        None => {
-            let cache = std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
-            cache.join("torch")
-        }
+        None => crate::fsutil::user_cache_dir()?.join("torch"),
     };
     Some(home.join("hub").join("checkpoints"))
 }

@@ -534,9 +534,10 @@ fn the_folder_cache_is_reused_and_rebuilt_when_files_change() {
         seed: 0,
         cache_size: 36,
         strict: true,
+        cache_dir: Some(tmp.path().join("cache")),
     };
     let caches = || -> Vec<PathBuf> {
-        let mut v: Vec<PathBuf> = std::fs::read_dir(root.join(".vggctl-cache"))
+        let mut v: Vec<PathBuf> = std::fs::read_dir(tmp.path().join("cache"))
             .unwrap()
             .map(|e| e.unwrap().path())
             .collect();
@@ -598,4 +599,80 @@ fn the_folder_cache_is_reused_and_rebuilt_when_files_change() {
         all(&load(&opts, &mut |w| panic!("{w}")).unwrap()),
         all(&again)
     );
+}
+
+/// The folder cache goes to `--cache-dir`, else under `$XDG_CACHE_HOME`,
+/// never into the data folder, which a run leaves as it was.
+#[test]
+fn the_folder_cache_lives_outside_the_data() {
+    let tmp = common::tempdir();
+    let root = tmp.path().join("data");
+    for class in ["cat", "coffee"] {
+        std::fs::create_dir_all(root.join(class)).unwrap();
+        for i in ["01", "02"] {
+            let name = format!("{class}_{i}.png");
+            let src = fixture(&format!("photos/{class}/{name}"));
+            std::fs::copy(src, root.join(class).join(&name)).unwrap();
+        }
+    }
+    let listing = |d: &Path| -> Vec<String> {
+        let mut v: Vec<String> = walk(d)
+            .iter()
+            .map(|p| p.strip_prefix(d).unwrap().display().to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    let before = listing(&root);
+    for (i, by_flag) in [false, true].into_iter().enumerate() {
+        let xdg = tmp.path().join(format!("xdg{i}"));
+        let flag_dir = tmp.path().join(format!("flag{i}"));
+        let out = tmp.path().join(format!("run{i}"));
+        let mut cmd = std::process::Command::new(common::bin());
+        cmd.args([
+            "train",
+            "--dataset",
+            "folder",
+            "--arch",
+            "vgg11",
+            "--head",
+            "gap",
+        ])
+        .args(["--epochs", "1", "--batch-size", "2", "--quiet"])
+        .arg("--data-dir")
+        .arg(&root)
+        .arg("--out")
+        .arg(&out)
+        .env("XDG_CACHE_HOME", &xdg)
+        .env_remove("VGGCTL_CACHE_DIR");
+        if by_flag {
+            cmd.arg("--cache-dir").arg(&flag_dir);
+        }
+        let r = common::Run::from(cmd.output().unwrap());
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let cache = if by_flag {
+            flag_dir
+        } else {
+            xdg.join("vggctl/folders")
+        };
+        let cached = listing(&cache);
+        assert!(
+            cached.len() == 1 && cached[0].ends_with(".safetensors"),
+            "{cached:?}"
+        );
+        assert_eq!(listing(&root), before, "the data folder changed");
+    }
+}
+
+fn walk(d: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            files.extend(walk(&p));
+        } else {
+            files.push(p);
+        }
+    }
+    files
 }

@@ -316,6 +316,22 @@ fn digits_reach_90_percent_and_eval_agrees() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     let e: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(e["top1"].as_f64().unwrap(), last.test_top1);
+    // ... the same with the model inferred from it (said on stderr) ...
+    let r = vggctl(&[
+        "eval",
+        "--checkpoint",
+        plain.to_str().unwrap(),
+        "--dataset",
+        "digits",
+        "--json",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("inferred vgg11_bn with the cifar head and 10 classes")
+    );
+    let e: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(e["top1"].as_f64().unwrap(), last.test_top1);
     // ... and a wrong architecture for it is one clear line.
     let r = vggctl(&[
         "eval",
@@ -326,7 +342,7 @@ fn digits_reach_90_percent_and_eval_agrees() {
         "--dataset",
         "digits",
     ]);
-    common::assert_one_line_error(&r, 1, "without BatchNorm");
+    common::assert_one_line_error(&r, 1, "but --arch says vgg11 (no BatchNorm)");
 }
 
 const SMALL: [&str; 12] = [

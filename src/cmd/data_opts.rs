@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use vggctl::data::Dataset;
 use vggctl::data::cifar::{self, DownloadSource};
 use vggctl::data::digits;
@@ -42,6 +42,10 @@ pub struct DataOpts {
     /// folder: fail on an unreadable image instead of skipping it.
     #[arg(long)]
     pub strict: bool,
+    /// folder: where the decoded images are cached for the next run
+    /// [default: $XDG_CACHE_HOME/vggctl/folders, i.e. ~/.cache/vggctl/folders].
+    #[arg(long, env = "VGGCTL_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
 }
 
 impl DataOpts {
@@ -54,6 +58,33 @@ impl DataOpts {
         self.data_dir
             .clone()
             .unwrap_or_else(|| PathBuf::from("./data"))
+    }
+
+    /// The number of classes to train for: the dataset's (a folder's class
+    /// folders, or 10), which `--classes` may repeat but not change. Fills in
+    /// the default data directory.
+    pub fn class_count(&mut self, asked: Option<i64>) -> Result<i64> {
+        let dataset = self.dataset().to_string();
+        if dataset == "folder" && self.data_dir.is_none() {
+            return Err(usage(
+                "--dataset folder needs --data-dir DIR (one subfolder of images per class)",
+            ));
+        }
+        self.data_dir.get_or_insert_with(|| PathBuf::from("./data"));
+        let found = match dataset.as_str() {
+            "folder" => folder::scan(&self.dir())?.0.len() as i64,
+            "cifar10" | "digits" => 10,
+            other => {
+                return Err(usage(format!(
+                    "unknown dataset '{other}' (expected cifar10, digits or folder)"
+                )));
+            }
+        };
+        let classes = asked.unwrap_or(found);
+        if classes != found {
+            bail!("--classes {classes} does not match the dataset, which has {found} classes");
+        }
+        Ok(classes)
     }
 
     /// The dataset a training configuration names.
@@ -115,6 +146,7 @@ impl DataOpts {
                     seed,
                     cache_size,
                     strict: self.strict,
+                    cache_dir: self.cache_dir.clone().or_else(folder::default_cache_dir),
                 };
                 folder::load(&opts, &mut warn)
             }

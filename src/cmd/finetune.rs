@@ -54,7 +54,7 @@ pub fn run(args: Args) -> Result<()> {
     let input = args.input.unwrap_or(224);
     check_input(input).map_err(as_usage)?;
     let mut data = args.data.clone();
-    let classes = class_count(&mut data, args.model.classes)?;
+    let classes = data.class_count(args.model.classes)?;
     tch::manual_seed(h.seed as i64);
     // --classes is the new head's; the weights keep their own.
     let request = SpecRequest {
@@ -104,31 +104,4 @@ pub fn run(args: Args) -> Result<()> {
         return resume(path, h, &args.data, device, json, &world, Some(&config));
     }
     execute(config, h, &data, model, None, args.model.json, &world)
-}
-
-/// The number of classes to fine-tune for: the dataset's (a folder's class
-/// folders, or 10), which `--classes` may repeat but not change. Fills in
-/// the default data directory.
-fn class_count(data: &mut DataOpts, asked: Option<i64>) -> Result<i64> {
-    let dataset = data.dataset().to_string();
-    if dataset == "folder" && data.data_dir.is_none() {
-        return Err(usage(
-            "--dataset folder needs --data-dir DIR (one subfolder of images per class)",
-        ));
-    }
-    data.data_dir.get_or_insert_with(|| PathBuf::from("./data"));
-    let found = match dataset.as_str() {
-        "folder" => vggctl::data::folder::scan(&data.dir())?.0.len() as i64,
-        "cifar10" | "digits" => 10,
-        other => {
-            return Err(usage(format!(
-                "unknown dataset '{other}' (expected cifar10, digits or folder)"
-            )));
-        }
-    };
-    let classes = asked.unwrap_or(found);
-    if classes != found {
-        bail!("--classes {classes} does not match the dataset, which has {found} classes");
-    }
-    Ok(classes)
 }

@@ -14,6 +14,8 @@ Environment:
   VGGCTL_WEIGHTS_URL    where to download them from [default: https://download.pytorch.org/models]
   TORCH_HOME            torch hub's cache: $TORCH_HOME/hub/checkpoints [default: ~/.cache/torch]
   VGGCTL_CIFAR10_URL    where to download CIFAR-10 from (also --data-url)
+  VGGCTL_CACHE_DIR      where image folders' decoded images are cached (also --cache-dir)
+                        [default: $XDG_CACHE_HOME/vggctl/folders, i.e. ~/.cache/vggctl/folders]
   VGGCTL_HTTP_TIMEOUT   seconds a download may stall [default: 60]
   VGGCTL_HEARTBEAT_SECS seconds between progress lines when stderr is no terminal [default: 30]
   RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use vggctl::checkpoint::load_weights;
-use vggctl::model::{Head, Vgg};
+use vggctl::model::{Head, ModelSpec, Vgg};
 
 use super::data_opts::DataOpts;
 use super::opts::{DistOpts, ModelOpts};
@@ -39,14 +39,22 @@ pub fn run(args: Args) -> Result<()> {
         }
         return resume(path, h, &args.data, device, args.model.json, &world, None);
     }
-    let mut config = h.config(args.model.spec(Head::Cifar)?, &args.data, device, 100);
+    // The classes are the dataset's (a folder's class folders): --classes
+    // may repeat them.
+    let mut data = args.data.clone();
+    let classes = data.class_count(args.model.classes)?;
+    let spec = ModelSpec {
+        classes,
+        ..args.model.spec(Head::Cifar)?
+    };
+    let mut config = h.config(spec, &data, device, 100);
     if let Start::AutoResume(path) = &start {
         config.weights = args
             .initial_checkpoint
             .as_ref()
             .map(|p| p.display().to_string());
         let json = args.model.json;
-        return resume(path, h, &args.data, device, json, &world, Some(&config));
+        return resume(path, h, &data, device, json, &world, Some(&config));
     }
     tch::manual_seed(config.seed as i64);
     let model = match &args.initial_checkpoint {
@@ -56,5 +64,5 @@ pub fn run(args: Args) -> Result<()> {
         }
         None => Vgg::new(config.model, device),
     };
-    execute(config, h, &args.data, model, None, args.model.json, &world)
+    execute(config, h, &data, model, None, args.model.json, &world)
 }

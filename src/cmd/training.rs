@@ -14,7 +14,7 @@ use vggctl::dist::World;
 use vggctl::model::{ModelSpec, Vgg};
 use vggctl::numerics::{Activity, Numerics};
 use vggctl::optim::{OptimizerConfig, OptimizerKind};
-use vggctl::train::config::TrainConfig;
+use vggctl::train::config::{Keep, TrainConfig};
 use vggctl::train::state::TrainSummary;
 use vggctl::train::{Resume, RunDir, SchedulerKind, Trainer, read_resume};
 
@@ -91,6 +91,12 @@ pub struct HyperOpts {
     /// No progress on stderr.
     #[arg(short, long, help_heading = "Output")]
     pub quiet: bool,
+    /// Weight files kept beside last.safetensors: best (best.safetensors),
+    /// last (none), all (also epoch-NNN.safetensors for every epoch) or
+    /// top-K (those of the K best epochs); may change on --resume
+    /// [default: best].
+    #[arg(long, help_heading = "Output")]
+    pub keep: Option<Keep>,
     #[command(flatten)]
     pub numerics: NumericsOpts,
     #[command(flatten)]
@@ -121,6 +127,7 @@ pub struct HyperOpts {
 const KEPT_ON_RESUME: &[&str] = &[
     "resume",
     "epochs",
+    "keep",
     "device",
     "quiet",
     "json",
@@ -132,6 +139,7 @@ const KEPT_ON_RESUME: &[&str] = &[
     "data_url",
     "data_md5",
     "no_download",
+    "cache_dir",
     "allow_nonfinite",
     "dist_backend",
     "dist_timeout",
@@ -291,6 +299,7 @@ impl HyperOpts {
             augment: Augment::CropFlip { padding: 4 },
             no_augment: self.no_augment,
             sync_bn: self.sync_bn,
+            keep: self.keep.unwrap_or_default(),
             world_size: 1,
             imagenet_normalization: false,
             freeze_prefix: 0,
@@ -319,6 +328,7 @@ pub enum Start {
 /// (those `KEPT_ON_RESUME` allows, as config.json names them).
 const FREE_ON_AUTO_RESUME: &[&str] = &[
     "epochs",
+    "keep",
     "device",
     "profile",
     "cuda_graphs",
@@ -369,7 +379,7 @@ pub fn resume(
         .collect();
     if !changed.is_empty() {
         return Err(usage(format!(
-            "{} would change the run that --resume {} continues (it keeps its recorded settings; --epochs, --device and --data-dir may be given); start a new run with --out for different settings",
+            "{} would change the run that --resume {} continues (it keeps its recorded settings; --epochs, --keep, --device and --data-dir may be given); start a new run with --out for different settings",
             changed.join(", "),
             path.display()
         )));
@@ -401,6 +411,9 @@ pub fn resume(
     let mut config = saved.config.clone();
     if let Some(e) = h.epochs {
         config.epochs = e;
+    }
+    if let Some(k) = h.keep {
+        config.keep = k;
     }
     if saved.epoch >= config.epochs {
         bail!(
@@ -558,8 +571,8 @@ fn report(s: &TrainSummary, json: bool) -> Result<()> {
             m.test_top1, m.test_top5, m.test_loss, m.train_acc
         );
     }
-    if let Some(b) = s.best_top1 {
-        text += &format!("best test top-1 {b:.2}% -> {}\n", s.best.display());
+    if let (Some(b), Some(path)) = (s.best_top1, &s.best) {
+        text += &format!("best test top-1 {b:.2}% -> {}\n", path.display());
     }
     print_out(&text)
 }

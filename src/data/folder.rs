@@ -32,6 +32,8 @@ pub struct FolderOptions {
     pub seed: u64,
     /// Shorter side of the cached images (256 for a 224 input).
     pub cache_size: i64,
+    /// Where decoded images are cached between runs (None: not at all).
+    pub cache_dir: Option<PathBuf>,
     /// Fail on the first unreadable image instead of skipping it.
     pub strict: bool,
 }
@@ -98,13 +100,25 @@ pub fn decode_canvas(path: &Path, side: i64) -> Result<(Vec<u8>, [i64; 3])> {
     Ok((Vec::<u8>::try_from(canvas.view([-1]))?, layout))
 }
 
+/// The cache a folder's images are kept in by default: under the user's
+/// cache directory (`$XDG_CACHE_HOME/vggctl/folders`), not in the data.
+pub fn default_cache_dir() -> Option<PathBuf> {
+    Some(
+        crate::fsutil::user_cache_dir()?
+            .join("vggctl")
+            .join("folders"),
+    )
+}
+
 fn cache_key(files: &[(PathBuf, i64)], side: i64) -> String {
     let mut h = Sha256::new();
-    // v4: whole images in canvases (v3: centre squares; v2's 4:3 squares
-    // were a column off).
-    h.update(format!("vggctl-folder-v4 {side}\n"));
+    // v5: absolute paths, as one cache directory serves every folder (v4:
+    // whole images in canvases; v3: centre squares; v2's 4:3 squares were
+    // a column off).
+    h.update(format!("vggctl-folder-v5 {side}\n"));
     for (p, label) in files {
-        let meta = fs::metadata(p).ok();
+        let p = fs::canonicalize(p).unwrap_or_else(|_| p.clone());
+        let meta = fs::metadata(&p).ok();
         let size = meta.as_ref().map(|m| m.len()).unwrap_or(0);
         let mtime = meta
             .and_then(|m| m.modified().ok())
@@ -164,13 +178,17 @@ fn load_dir(
     dir: &Path,
     files: &[(PathBuf, i64)],
     side: i64,
-    strict: bool,
+    opts: &FolderOptions,
 ) -> Result<(Split, usize)> {
-    let cache_dir = dir.join(".vggctl-cache");
-    let cache = cache_dir.join(format!("{}.safetensors", cache_key(files, side)));
+    let strict = opts.strict;
+    let cache = opts
+        .cache_dir
+        .as_ref()
+        .map(|d| d.join(format!("{}.safetensors", cache_key(files, side))));
     // A cache that does not describe these files (damaged, or edited) is
     // rebuilt: labels, shapes and layout rows are checked before use.
-    if let Ok(sd) = read_safetensors(&cache)
+    if let Some(cache) = &cache
+        && let Ok(sd) = read_safetensors(cache)
         && let (Some(images), Some(labels), Some(layout)) = (
             sd.tensors.get("images"),
             sd.tensors.get("labels"),
@@ -229,14 +247,18 @@ fn load_dir(
         layout: Some(layout.shallow_clone()),
     };
     // The cache is an optimization: failing to write it is not an error.
-    if fs::create_dir_all(&cache_dir).is_ok() {
+    if let Some(cache) = &cache
+        && cache
+            .parent()
+            .is_some_and(|d| fs::create_dir_all(d).is_ok())
+    {
         let meta = HashMap::from([("skipped".to_string(), skipped.to_string())]);
         let tensors = vec![
             ("images".to_string(), split.images.shallow_clone()),
             ("labels".to_string(), split.labels.shallow_clone()),
             ("layout".to_string(), layout),
         ];
-        let _ = write_safetensors(&cache, &tensors, &meta);
+        let _ = write_safetensors(cache, &tensors, &meta);
     }
     Ok((split, skipped))
 }
@@ -268,7 +290,7 @@ fn take(split: &Split, idx: &[usize]) -> Split {
 /// Loads an image-folder dataset; `warn` hears about skipped images.
 pub fn load(opts: &FolderOptions, warn: &mut dyn FnMut(String)) -> Result<Dataset> {
     let (classes, files) = scan(&opts.dir)?;
-    let (all, skipped) = load_dir(&opts.dir, &files, opts.cache_size, opts.strict)?;
+    let (all, skipped) = load_dir(&opts.dir, &files, opts.cache_size, opts)?;
     if skipped > 0 {
         warn(format!(
             "skipped {skipped} unreadable image(s) in {} (--strict makes this an error)",
@@ -287,7 +309,7 @@ pub fn load(opts: &FolderOptions, warn: &mut dyn FnMut(String)) -> Result<Datase
                     classes
                 );
             }
-            let (val, vskipped) = load_dir(vdir, &vfiles, opts.cache_size, opts.strict)?;
+            let (val, vskipped) = load_dir(vdir, &vfiles, opts.cache_size, opts)?;
             if vskipped > 0 {
                 warn(format!(
                     "skipped {vskipped} unreadable image(s) in {}",

@@ -24,11 +24,10 @@ pub mod step;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use tch::{Device, Kind, Tensor};
 
 use crate::Interrupted;
-use crate::checkpoint::save_model;
 use crate::data::augment::{Normalizer, Preprocess};
 use crate::data::{Dataset, Split};
 use crate::dist::World;
@@ -38,7 +37,7 @@ use crate::model::Vgg;
 use crate::numerics::{Numerics, Precision};
 use crate::optim::{LossScaler, Optimizer};
 use crate::shim;
-use config::TrainConfig;
+use config::{Keep, TrainConfig};
 use graphed::{GraphedStep, StepParts};
 use profile::{StepProfile, StepTimer};
 use start::{build_optimizer, join_world, start_state};
@@ -183,16 +182,15 @@ impl<'a> Trainer<'a> {
         })
     }
 
-    /// Writes the resume point (rank 0): weights, optimizer state and
-    /// `TrainState`, in one file. Every rank calls it (the epoch's sums are
-    /// taken across ranks).
-    fn save_resume(&self) -> Result<()> {
+    /// Writes the resume point (rank 0): inside an epoch, weights, optimizer
+    /// state and `TrainState` in one file; at an epoch's end, the weights
+    /// into `last.safetensors` and the rest beside them. Every rank calls it
+    /// (the epoch's sums are taken across ranks).
+    fn save_resume(&self, at_epoch_end: bool) -> Result<()> {
         let partial = self.global_partial()?;
         if !self.world.is_main() {
             return Ok(());
         }
-        let mut tensors = self.model.state_dict();
-        tensors.extend(self.opt.state_tensors());
         let meta = self
             .state
             .meta(
@@ -206,6 +204,15 @@ impl<'a> Trainer<'a> {
         if let Some(scaler) = self.opt.loss_scaler() {
             state.scaler = Some(scaler);
         }
+        let weights = self.model.state_dict();
+        let optimizer = self.opt.state_tensors();
+        if at_epoch_end {
+            return self
+                .run_dir
+                .save_epoch_point(&weights, meta, &optimizer, &state);
+        }
+        let mut tensors = weights;
+        tensors.extend(optimizer);
         self.run_dir.save_resume(&tensors, meta, &state)
     }
 
@@ -227,7 +234,7 @@ impl<'a> Trainer<'a> {
             final_metrics: self.state.history.last().cloned(),
             best_top1: self.state.best_top1,
             last: self.run_dir.last(),
-            best: self.run_dir.best(),
+            best: (self.state.config.keep != Keep::Last).then(|| self.run_dir.best()),
         })
     }
 
@@ -289,22 +296,40 @@ impl<'a> Trainer<'a> {
         if best {
             self.state.best_top1 = Some(m.test_top1);
         }
-        if self.world.is_main() {
-            let meta = self.state.meta(m.epoch, Some(m.test_top1));
-            save_model(&self.run_dir.last(), &self.model, &meta)?;
-            if best {
-                save_model(&self.run_dir.best(), &self.model, &meta)?;
-            }
-        }
-        self.save_resume()?;
+        self.save_resume(true)?;
         if !self.world.is_main() {
             return Ok(());
         }
+        self.keep_files(best)?;
         self.run_dir.write_metrics(&self.state.history)?;
         let curves = self.run_dir.curves();
         if let Err(e) = curves::curves(&curves, &self.state.history) {
             // A plot is a convenience; its failure must not end a run.
             obs.warn(&format!("could not draw {}: {e:#}", curves.display()));
+        }
+        Ok(())
+    }
+
+    /// The weight files `--keep` asks for beside `last` (just written):
+    /// `best` when this epoch is, the epoch's own file when kept, and no
+    /// epoch file any more that the policy no longer keeps.
+    fn keep_files(&self, best: bool) -> Result<()> {
+        let keep = self.state.config.keep;
+        let run = &self.run_dir;
+        if best && keep != Keep::Last {
+            run.keep_last_as(&run.best())?;
+        }
+        let top1: Vec<f64> = self.state.history.iter().map(|m| m.test_top1).collect();
+        let kept = keep.epoch_files(&top1);
+        if kept.contains(&top1.len()) {
+            run.keep_last_as(&run.epoch_file(top1.len()))?;
+        }
+        for epoch in run.kept_epochs() {
+            if !kept.contains(&epoch) {
+                let path = run.epoch_file(epoch);
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("removing {}", path.display()))?;
+            }
         }
         Ok(())
     }
@@ -332,7 +357,7 @@ impl<'a> Trainer<'a> {
         while self.state.step < steps {
             let step = self.state.step;
             if self.world.any(self.stop.load(Ordering::SeqCst))? {
-                self.save_resume()?;
+                self.save_resume(false)?;
                 return Err(Interrupted(format!(
                     "interrupted at epoch {}, step {step}; resume with --resume {}",
                     epoch + 1,

@@ -17,6 +17,9 @@ use crate::fsutil::write_atomic_bytes;
 
 /// The metadata key of the resume state in `resume.safetensors`.
 const STATE_KEY: &str = "vggctl_train_state";
+/// The metadata key in `last.safetensors` naming the resume point whose
+/// weights it holds (the resume file then holds only the rest).
+const POINT_KEY: &str = "vggctl_resume_point";
 
 /// The files a run writes into its output directory.
 pub struct RunDir {
@@ -42,17 +45,48 @@ impl RunDir {
     pub fn curves(&self) -> PathBuf {
         self.dir.join("curves.svg")
     }
+    /// The next `last.safetensors` while the resume point that needs it is
+    /// written (found there if a run was killed between the two renames).
+    fn last_pending(&self) -> PathBuf {
+        self.dir.join("last.pending.safetensors")
+    }
+    /// The weights after `epoch` epochs (`--keep all` and `top-K`).
+    pub fn epoch_file(&self, epoch: usize) -> PathBuf {
+        self.dir.join(format!("epoch-{epoch:03}.safetensors"))
+    }
+
+    /// The epochs whose `epoch-NNN.safetensors` the directory holds.
+    pub fn kept_epochs(&self) -> Vec<usize> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let mut epochs: Vec<usize> = entries
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.strip_prefix("epoch-")?
+                    .strip_suffix(".safetensors")?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        epochs.sort_unstable();
+        epochs
+    }
 
     /// The files that make the directory a run's (what `--force` replaces).
-    fn run_files(&self) -> [PathBuf; 6] {
-        [
+    fn run_files(&self) -> Vec<PathBuf> {
+        let mut files = vec![
             self.config(),
             self.metrics(),
             self.last(),
+            self.last_pending(),
             self.best(),
             self.resume(),
             self.curves(),
-        ]
+        ];
+        files.extend(self.kept_epochs().into_iter().map(|e| self.epoch_file(e)));
+        files
     }
 
     /// Creates the directory and locks it for this process's life (the
@@ -145,7 +179,8 @@ impl RunDir {
         write_atomic_bytes(&self.metrics(), text.as_bytes())
     }
 
-    /// The resume point: weights, optimizer state and `state`, in one file.
+    /// A resume point inside an epoch (Ctrl-C, SIGTERM): weights, optimizer
+    /// state and `state`, in one file.
     pub fn save_resume(
         &self,
         tensors: &[(String, Tensor)],
@@ -154,6 +189,43 @@ impl RunDir {
     ) -> Result<()> {
         meta.insert(STATE_KEY.into(), serde_json::to_string(state)?);
         write_safetensors(&self.resume(), tensors, &meta)
+    }
+
+    /// An epoch's end: the weights into `last.safetensors` and a resume
+    /// point beside it that holds only what `last` does not (the optimizer
+    /// state and `state`), so no weights are stored twice. Safe against a
+    /// kill at any moment: the weights are written under a pending name
+    /// first, then the resume point naming them, then renamed into place;
+    /// [`read_resume`] finds them under either name.
+    pub fn save_epoch_point(
+        &self,
+        weights: &[(String, Tensor)],
+        meta: HashMap<String, String>,
+        optimizer: &[(String, Tensor)],
+        state: &TrainState,
+    ) -> Result<()> {
+        let point = state.point_id();
+        let mut last_meta = meta.clone();
+        last_meta.insert(POINT_KEY.into(), point.clone());
+        write_safetensors(&self.last_pending(), weights, &last_meta)?;
+        let mut state = state.clone();
+        state.weights_in_last = Some(point);
+        self.save_resume(optimizer, meta, &state)?;
+        std::fs::rename(self.last_pending(), self.last())
+            .with_context(|| format!("renaming {}", self.last_pending().display()))
+    }
+
+    /// `last.safetensors` also as `target` (best, an epoch's file): a hard
+    /// link, so the copy costs no disk until `last` is replaced, or a copy
+    /// where the file system has no links. Atomic either way.
+    pub fn keep_last_as(&self, target: &Path) -> Result<()> {
+        let tmp = crate::fsutil::temp_name(target);
+        if std::fs::hard_link(self.last(), &tmp).is_err() {
+            std::fs::copy(self.last(), &tmp).with_context(|| {
+                format!("copying {} to {}", self.last().display(), tmp.display())
+            })?;
+        }
+        std::fs::rename(&tmp, target).with_context(|| format!("writing {}", target.display()))
     }
 }
 
@@ -189,7 +261,9 @@ impl Drop for RunLock {
     }
 }
 
-/// Reads a resume point: `resume.safetensors` or the run directory holding it.
+/// Reads a resume point: `resume.safetensors` or the run directory holding
+/// it; the weights of an epoch's end come from the `last.safetensors` beside
+/// it (or the pending one a killed save left, then put in place).
 pub fn read_resume(path: &Path) -> Result<(TrainState, BTreeMap<String, Tensor>)> {
     let file = if path.is_dir() {
         path.join("resume.safetensors")
@@ -208,7 +282,38 @@ pub fn read_resume(path: &Path) -> Result<(TrainState, BTreeMap<String, Tensor>)
     state
         .check()
         .with_context(|| format!("{}: bad training state", file.display()))?;
-    Ok((state, sd.tensors))
+    let mut tensors = sd.tensors;
+    if let Some(point) = &state.weights_in_last {
+        let run = RunDir {
+            dir: file.parent().map(Path::to_path_buf).unwrap_or_default(),
+        };
+        tensors.extend(weights_of_point(&run, point, &file)?);
+    }
+    Ok((state, tensors))
+}
+
+/// The weights of resume point `point`: `last.safetensors` if it is
+/// theirs, else the pending file a save killed before its rename left
+/// (renamed into place now).
+fn weights_of_point(run: &RunDir, point: &str, resume: &Path) -> Result<BTreeMap<String, Tensor>> {
+    for candidate in [run.last(), run.last_pending()] {
+        if !candidate.exists() {
+            continue;
+        }
+        let sd = read_safetensors(&candidate)?;
+        if sd.metadata.get(POINT_KEY).map(String::as_str) == Some(point) {
+            if candidate == run.last_pending() {
+                std::fs::rename(&candidate, run.last())
+                    .with_context(|| format!("renaming {}", candidate.display()))?;
+            }
+            return Ok(sd.tensors);
+        }
+    }
+    bail!(
+        "{}: its weights are those of {} (resume point {point}), which is missing or holds other weights",
+        resume.display(),
+        run.last().display()
+    )
 }
 
 /// Removes temporary files that a killed run left mid-write (their

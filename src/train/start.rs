@@ -46,6 +46,8 @@ pub fn start_state(
             scaler: None,
             best_top1: None,
             history: Vec::new(),
+            run_id: TrainState::new_run_id(),
+            weights_in_last: None,
         };
         return Ok((state, None));
     };

@@ -80,6 +80,14 @@ pub struct TrainState {
     pub scaler: Option<LossScaler>,
     pub best_top1: Option<f64>,
     pub history: Vec<EpochMetrics>,
+    /// Drawn when the run starts: tells this run's resume points from
+    /// another's in the same directory.
+    #[serde(default)]
+    pub run_id: u64,
+    /// At an epoch's end: the resume point whose weights `last.safetensors`
+    /// holds (the resume file then holds none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights_in_last: Option<String>,
 }
 
 impl TrainState {
@@ -111,6 +119,20 @@ impl TrainState {
             bail!("epoch {} is past the run's {} epochs", self.epoch, c.epochs);
         }
         Ok(())
+    }
+
+    /// A number no other run draws (std seeds each `RandomState` from the
+    /// operating system's random source).
+    pub fn new_run_id() -> u64 {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        h.finish()
+    }
+
+    /// This resume point's name: the run and the epochs done.
+    pub fn point_id(&self) -> String {
+        format!("{:016x}-{}", self.run_id, self.epoch)
     }
 
     /// The metadata a checkpoint of this run carries after `epoch` epochs,
@@ -145,5 +167,6 @@ pub struct TrainSummary {
     pub final_metrics: Option<EpochMetrics>,
     pub best_top1: Option<f64>,
     pub last: PathBuf,
-    pub best: PathBuf,
+    /// None with `--keep last`.
+    pub best: Option<PathBuf>,
 }

@@ -1,0 +1,218 @@
+//! What a run directory holds on disk: no weights stored twice (the resume
+//! point beside `last.safetensors` holds only the optimizer state; `best`
+//! is a hard link to `last` while they are the same epoch), the resume
+//! point found whole after a kill between its two renames, one clear error
+//! when `last` is not the resume point's, and `--keep` keeping exactly the
+//! files it names (computed from the run's own metrics).
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use vggctl::formats::safetensors::read_safetensors;
+use vggctl::train::state::EpochMetrics;
+
+const SMALL: [&str; 14] = [
+    "--dataset",
+    "digits",
+    "--arch",
+    "vgg11",
+    "--head",
+    "gap",
+    "--batch-size",
+    "32",
+    "--limit-train",
+    "96",
+    "--limit-test",
+    "64",
+    "--quiet",
+    "--seed=3",
+];
+
+fn train(out: &Path, extra: &[&str]) -> common::Run {
+    let mut args = vec!["train"];
+    args.extend_from_slice(&SMALL);
+    args.extend_from_slice(&["--out", out.to_str().unwrap()]);
+    args.extend_from_slice(extra);
+    common::run_in(out.parent().unwrap(), &args)
+}
+
+fn files(dir: &Path) -> BTreeSet<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".safetensors"))
+        .collect()
+}
+
+fn top1s(dir: &Path) -> Vec<f64> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<EpochMetrics>(l).unwrap().test_top1)
+        .collect()
+}
+
+fn same_tensors(a: &Path, b: &Path) -> bool {
+    let a = read_safetensors(a).unwrap().tensors;
+    let b = read_safetensors(b).unwrap().tensors;
+    a.len() == b.len() && a.iter().all(|(k, t)| b.get(k).is_some_and(|u| t.equal(u)))
+}
+
+#[test]
+fn no_weights_are_stored_twice_and_a_kill_between_renames_resumes_exactly() {
+    let tmp = common::tempdir();
+    let straight = tmp.path().join("straight");
+    let r = train(&straight, &["--epochs", "2"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let last = read_safetensors(&straight.join("last.safetensors")).unwrap();
+    let resume = read_safetensors(&straight.join("resume.safetensors")).unwrap();
+    // The resume point: the optimizer's momentum for every parameter and
+    // nothing of the model's own.
+    let params: BTreeSet<&String> = last
+        .tensors
+        .keys()
+        .filter(|k| !k.ends_with("running_mean") && !k.ends_with("running_var"))
+        .collect();
+    let momenta: BTreeSet<String> = resume.tensors.keys().cloned().collect();
+    let expected: BTreeSet<String> = params
+        .iter()
+        .map(|k| format!("optimizer.momentum_buffer.{k}"))
+        .collect();
+    assert_eq!(momenta, expected);
+    // best is last's inode while it is the same epoch, else its own file.
+    let top1 = top1s(&straight);
+    let ino = |n: &str| std::fs::metadata(straight.join(n)).unwrap().ino();
+    assert_eq!(
+        ino("best.safetensors") == ino("last.safetensors"),
+        top1[1] > top1[0]
+    );
+
+    // Killed after the resume point was written but before the weights it
+    // names were renamed into place: last.safetensors is still epoch 1's.
+    let split = tmp.path().join("split");
+    assert_eq!(train(&split, &["--epochs", "2"]).code, 0);
+    let pending = split.join("last.pending.safetensors");
+    std::fs::rename(split.join("last.safetensors"), &pending).unwrap();
+    let one = tmp.path().join("one");
+    assert_eq!(train(&one, &["--epochs", "1"]).code, 0);
+    std::fs::copy(one.join("last.safetensors"), split.join("last.safetensors")).unwrap();
+    let r = common::run_in(
+        tmp.path(),
+        &[
+            "train",
+            "--resume",
+            split.to_str().unwrap(),
+            "--epochs",
+            "3",
+            "--quiet",
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(!pending.exists());
+    let r = common::run_in(
+        tmp.path(),
+        &[
+            "train",
+            "--resume",
+            straight.to_str().unwrap(),
+            "--epochs",
+            "3",
+            "--quiet",
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(same_tensors(
+        &straight.join("last.safetensors"),
+        &split.join("last.safetensors")
+    ));
+
+    // A last.safetensors that is not the resume point's: one error naming it.
+    std::fs::copy(
+        one.join("last.safetensors"),
+        straight.join("last.safetensors"),
+    )
+    .unwrap();
+    let r = common::run_in(
+        tmp.path(),
+        &[
+            "train",
+            "--resume",
+            straight.to_str().unwrap(),
+            "--epochs",
+            "4",
+            "--quiet",
+        ],
+    );
+    let last = straight.join("last.safetensors");
+    common::assert_one_line_error(&r, 1, "which is missing or holds other weights");
+    assert!(
+        r.stderr.contains(&last.display().to_string()),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn keep_keeps_what_it_names() {
+    let tmp = common::tempdir();
+    for (keep, epochs) in [("last", 2), ("all", 3), ("top-2", 4)] {
+        let out = tmp.path().join(keep);
+        let r = train(&out, &["--epochs", &epochs.to_string(), "--keep", keep]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let top1 = top1s(&out);
+        let mut ranked: Vec<usize> = (1..=epochs).collect();
+        ranked.sort_by(|&a, &b| top1[b - 1].total_cmp(&top1[a - 1]));
+        let kept: Vec<usize> = match keep {
+            "last" => vec![],
+            "all" => (1..=epochs).collect(),
+            _ => ranked[..2].to_vec(),
+        };
+        let mut expected: BTreeSet<String> = ["last.safetensors", "resume.safetensors"]
+            .map(String::from)
+            .into();
+        if keep != "last" {
+            expected.insert("best.safetensors".into());
+        }
+        expected.extend(kept.iter().map(|e| format!("epoch-{e:03}.safetensors")));
+        assert_eq!(files(&out), expected, "--keep {keep}: top-1s {top1:?}");
+        if keep != "last" {
+            let best = format!("epoch-{:03}.safetensors", ranked[0]);
+            assert!(same_tensors(&out.join("best.safetensors"), &out.join(best)));
+        }
+    }
+    // The policy may change on resume: top-1 drops the others.
+    let out = tmp.path().join("all");
+    let r = common::run_in(
+        tmp.path(),
+        &[
+            "train",
+            "--resume",
+            out.to_str().unwrap(),
+            "--epochs",
+            "4",
+            "--keep",
+            "top-1",
+            "--quiet",
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let top1 = top1s(&out);
+    let best = (1..=4).fold(1, |b, e| if top1[e - 1] > top1[b - 1] { e } else { b });
+    assert!(files(&out).contains(&format!("epoch-{best:03}.safetensors")));
+    assert_eq!(
+        files(&out)
+            .iter()
+            .filter(|f| f.starts_with("epoch-"))
+            .count(),
+        1
+    );
+    let r = train(&tmp.path().join("bad"), &["--keep", "top-0"]);
+    common::assert_one_line_error(
+        &r,
+        2,
+        "--keep top-0: expected last, best, all or top-K with K at least 1",
+    );
+}
