@@ -29,6 +29,10 @@ pub struct EvalResult {
     /// predicted as it) and how many images it has.
     pub per_class: Vec<Option<f64>>,
     pub precision: Vec<Option<f64>>,
+    /// Per class: F1, the harmonic mean of recall and precision (percent;
+    /// `None` for a class neither present nor predicted).
+    #[serde(default)]
+    pub f1: Vec<Option<f64>>,
     pub support: Vec<i64>,
     /// `confusion[true][predicted]`.
     pub confusion: Vec<Vec<i64>>,
@@ -99,6 +103,14 @@ impl EvalSums {
         let precision = (0..classes)
             .map(|c| percent(rows[c][c], rows.iter().map(|r| r[c]).sum()))
             .collect();
+        // 2·tp / (2·tp + fp + fn): defined wherever the class was present
+        // or predicted (scikit-learn's f1_score).
+        let f1 = (0..classes)
+            .map(|c| {
+                let predicted: i64 = rows.iter().map(|r| r[c]).sum();
+                percent(2 * rows[c][c], support[c] + predicted)
+            })
+            .collect();
         let nf = n.max(1) as f64;
         EvalResult {
             images: n,
@@ -107,6 +119,7 @@ impl EvalSums {
             top5: 100.0 * self.top5.int64_value(&[]) as f64 / nf,
             per_class,
             precision,
+            f1,
             support,
             confusion: rows,
             images_per_s,

@@ -195,10 +195,16 @@ fn keep_keeps_what_it_names() {
             "4",
             "--keep",
             "top-1",
-            "--quiet",
         ],
     );
     assert_eq!(r.code, 0, "{}", r.stderr);
+    // A resumed run says where it continues from (96 images at 32: 3 steps).
+    let first = r.stderr.lines().next().unwrap_or_default();
+    let expected = format!(
+        "resuming {} at epoch 4/4, step 0/3 (last val top-1 ",
+        out.display()
+    );
+    assert!(first.starts_with(&expected), "{}", r.stderr);
     let top1 = top1s(&out);
     let best = (1..=4).fold(1, |b, e| if top1[e - 1] > top1[b - 1] { e } else { b });
     assert!(files(&out).contains(&format!("epoch-{best:03}.safetensors")));

@@ -16,6 +16,9 @@ Gloo ranks on 127.0.0.1, against the real thing:
 Every process is bounded by a timeout; ports are picked free on 127.0.0.1.
 """
 import json
+
+import numpy as np
+from sklearn.metrics import precision_recall_fscore_support
 import os
 import signal
 import socket
@@ -115,9 +118,18 @@ def test_two_ranks_train_as_pytorch_ddp_and_evaluate_as_one_process(tmp_path, bn
                    "--limit-test", "37", "--batch-size", "8", "--device", "cpu", "--json")
     assert two.returncode == 0, two.stderr[-3000:]
     r1, r2 = json.loads(one.stdout), json.loads(two.stdout)
-    for key in ("images", "top1", "top5", "per_class", "precision", "support", "confusion"):
+    for key in ("images", "top1", "top5", "per_class", "precision", "f1", "support", "confusion"):
         assert r1[key] == r2[key], key
     assert r1["images"] == 37
+    # Per-class recall, precision and F1 are scikit-learn's for the same
+    # predictions (rebuilt from the confusion matrix), undefined ones null.
+    cm = np.array(r1["confusion"])
+    y_true = np.repeat(np.arange(10), cm.sum(1))
+    y_pred = np.concatenate([np.repeat(np.arange(10), row) for row in cm])
+    ref = precision_recall_fscore_support(y_true, y_pred, labels=range(10), zero_division=np.nan)
+    for key, values in zip(("precision", "per_class", "f1"), ref[:3]):
+        ours = np.array([np.nan if v is None else v / 100 for v in r1[key]])
+        assert np.allclose(ours, values, atol=1e-12, equal_nan=True), (key, ours, values)
     assert abs(r1["loss"] - r2["loss"]) <= 1e-6 * abs(r1["loss"])
     # The training run's last evaluation was the same sharded computation.
     assert abs(metrics[-1]["test_top1"] - r1["top1"]) < 1e-9

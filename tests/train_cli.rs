@@ -110,6 +110,21 @@ fn digits_reach_90_percent_and_eval_agrees() {
         svg.starts_with("<svg") && svg.contains("<polyline"),
         "curves.svg has no lines"
     );
+    // Titled with the run, three panels, the best epoch (by the metrics) marked.
+    let texts: Vec<&str> = svg
+        .split("<text")
+        .skip(1)
+        .map(|t| t[t.find('>').unwrap() + 1..t.find("</text>").unwrap()].trim())
+        .collect();
+    assert_eq!(texts[0], format!("{}: vgg11_bn on digits", out.display()));
+    for caption in ["loss", "top-1 accuracy (%)", "learning rate"] {
+        assert!(texts.contains(&caption), "{caption}: {texts:?}");
+    }
+    let best = m
+        .iter()
+        .fold(&m[0], |b, e| if e.test_top1 > b.test_top1 { e } else { b });
+    let mark = format!("best: epoch {}", best.epoch);
+    assert_eq!(texts.iter().filter(|t| **t == mark).count(), 2, "{texts:?}");
     let meta = read_safetensors(&out.join("last.safetensors"))
         .unwrap()
         .metadata;
@@ -272,13 +287,14 @@ fn digits_reach_90_percent_and_eval_agrees() {
         );
     }
 
-    // The table form names the dataset, has images, accuracy and precision
+    // The table form names the dataset, has images, recall, precision and F1
     // per class, and a confusion matrix whose lines all line up with its
     // header (10 rows of 10 counts).
     let r = vggctl(&["eval", "--checkpoint", ckpt.to_str().unwrap()]);
     assert!(
         r.stdout.contains("vgg11_bn on digits test (297 images)")
-            && r.stdout.contains("class   images   accuracy  precision"),
+            && r.stdout
+                .contains("class   images     recall  precision         F1"),
         "{}",
         r.stdout
     );
@@ -664,7 +680,8 @@ fn eval_finds_the_runs_data_from_anywhere() {
 
 /// On a stderr that is not a terminal, a running epoch says where it is
 /// now and then (VGGCTL_HEARTBEAT_SECS, 30 by default), indented under the
-/// per-epoch lines, with an ETA.
+/// per-epoch lines, with an ETA; once an epoch has finished and while
+/// another is to come, with the whole run's ETA too.
 #[test]
 fn a_log_hears_from_a_running_epoch() {
     let tmp = common::tempdir();
@@ -676,34 +693,43 @@ fn a_log_hears_from_a_running_epoch() {
             "--arch",
             "vgg11",
             "-e",
-            "1",
+            "3",
             "-b",
             "16",
         ])
-        .args(["--limit-train", "160", "--limit-test", "16", "-o", "run"])
+        .args(["--limit-train", "96", "--limit-test", "16", "-o", "run"])
         .current_dir(tmp.path())
         .env("VGGCTL_HEARTBEAT_SECS", "0")
         .output()
         .unwrap();
     let r = common::Run::from(out);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    let beats: Vec<&str> = r
-        .stderr
-        .lines()
-        .filter(|l| l.starts_with("  epoch 1/1 step "))
-        .collect();
-    // One per step report after the first: 10 steps of 16.
-    assert!(beats.len() >= 9, "{}", r.stderr);
-    assert!(beats.iter().all(|l| l.contains(" ETA ")), "{}", r.stderr);
-    assert!(beats.last().unwrap().contains("step 10/10"), "{}", r.stderr);
+    for epoch in 1..=3 {
+        let beats: Vec<&str> = r
+            .stderr
+            .lines()
+            .filter(|l| l.starts_with(&format!("  epoch {epoch}/3 step ")))
+            .collect();
+        // One per step report after the first: 6 steps of 16.
+        assert!(beats.len() >= 5, "{}", r.stderr);
+        assert!(beats.iter().all(|l| l.contains(" ETA ")), "{}", r.stderr);
+        let run_eta = beats.iter().filter(|l| l.contains(" (run ")).count();
+        assert_eq!(
+            run_eta,
+            if epoch == 2 { beats.len() } else { 0 },
+            "{}",
+            r.stderr
+        );
+        assert!(beats.last().unwrap().contains("step 6/6"), "{}", r.stderr);
+    }
     assert_eq!(
         r.stderr.lines().filter(|l| l.starts_with("epoch")).count(),
-        1
+        3
     );
-    // The header says that the default milestones never apply to 1 epoch.
+    // The header says that the default milestones never apply to 3 epochs.
     assert!(
         r.stderr.contains(
-            "1 epoch (milestones 50,80 are not before the last epoch: the LR never decays there)"
+            "3 epochs (milestones 50,80 are not before the last epoch: the LR never decays there)"
         ),
         "{}",
         r.stderr

@@ -220,15 +220,16 @@ fn render(r: &Report) -> String {
         .max(5);
     let pct = |v: Option<f64>| v.map_or("—".to_string(), |v| format!("{v:.2}%"));
     s += &format!(
-        "  {:<w$}  {:>7}  {:>9}  {:>9}\n",
-        "class", "images", "accuracy", "precision"
+        "  {:<w$}  {:>7}  {:>9}  {:>9}  {:>9}\n",
+        "class", "images", "recall", "precision", "F1"
     );
     for (i, label) in labels.iter().enumerate() {
         s += &format!(
-            "  {label:<w$}  {:>7}  {:>9}  {:>9}\n",
+            "  {label:<w$}  {:>7}  {:>9}  {:>9}  {:>9}\n",
             e.support[i],
             pct(e.per_class[i]),
-            pct(e.precision[i])
+            pct(e.precision[i]),
+            pct(e.f1.get(i).copied().flatten())
         );
     }
     s += "\nconfusion matrix (rows: true class, columns: predicted class index):\n";
@@ -275,6 +276,7 @@ mod tests {
                 top5: 100.0,
                 per_class: vec![Some(100.0), Some(0.0), None],
                 precision: vec![Some(50.0), None, None],
+                f1: vec![Some(200.0 / 3.0), Some(0.0), None],
                 support: vec![2, 2, 0],
                 confusion: vec![vec![2, 0, 0], vec![2, 0, 0], vec![0, 0, 0]],
                 images_per_s: 10.0,
@@ -285,11 +287,15 @@ mod tests {
         let text = render(&report);
         assert!(text.contains("top-1 50.00%  top-3 —  loss"), "{text}");
         assert!(
-            text.contains("  1 dog                2      0.00%          —\n"),
+            text.contains("  0 cat                2    100.00%     50.00%     66.67%\n"),
             "{text}"
         );
         assert!(
-            text.contains("  2 a long name        0          —          —\n"),
+            text.contains("  1 dog                2      0.00%          —      0.00%\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  2 a long name        0          —          —          —\n"),
             "{text}"
         );
         let matrix: Vec<&str> = text.lines().rev().take(4).collect();

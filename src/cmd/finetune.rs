@@ -53,13 +53,14 @@ pub fn run(args: Args) -> Result<()> {
     }
     let input = args.input.unwrap_or(224);
     check_input(input).map_err(as_usage)?;
+    let request = args.model.request()?;
     let mut data = args.data.clone();
     let classes = data.class_count(args.model.classes)?;
     tch::manual_seed(h.seed as i64);
     // --classes is the new head's; the weights keep their own.
     let request = SpecRequest {
         classes: None,
-        ..args.model.request()?
+        ..request
     };
     let (mut model, path) = args
         .model

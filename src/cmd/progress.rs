@@ -23,6 +23,9 @@ pub struct EpochBars {
     started: Instant,
     last_line: Instant,
     heartbeat: Duration,
+    /// Wall seconds of the epochs finished in this process (training and
+    /// evaluation), for the whole run's estimate.
+    epoch_seconds: Vec<f64>,
 }
 
 /// How often a plain (non-terminal) stderr hears about a running epoch:
@@ -49,18 +52,28 @@ impl EpochBars {
             started: Instant::now(),
             last_line: Instant::now(),
             heartbeat: heartbeat(),
+            epoch_seconds: Vec::new(),
         }
     }
 
     /// Time left in the epoch from its own pace so far; a dash until a
-    /// step has finished (an estimate from nothing is a guess).
+    /// step has finished (an estimate from nothing is a guess). With an
+    /// epoch finished and more to come, the whole run's too: the epochs
+    /// left at the mean wall time of those finished here.
     fn eta(&self, step: usize) -> String {
         let done = step.saturating_sub(self.first_step);
         if done == 0 {
             return "—".into();
         }
         let per_step = self.started.elapsed().as_secs_f64() / done as f64;
-        clock(per_step * self.steps.saturating_sub(step) as f64)
+        let epoch_left = per_step * self.steps.saturating_sub(step) as f64;
+        let finished = &self.epoch_seconds;
+        if finished.is_empty() || self.epoch >= self.epochs {
+            return clock(epoch_left);
+        }
+        let mean = finished.iter().sum::<f64>() / finished.len() as f64;
+        let run_left = epoch_left + mean * (self.epochs - self.epoch) as f64;
+        format!("{} (run {})", clock(epoch_left), clock(run_left))
     }
 }
 
@@ -125,6 +138,10 @@ impl Observer for EpochBars {
     }
 
     fn epoch_end(&mut self, m: &EpochMetrics) {
+        if self.first_step == 0 {
+            self.epoch_seconds
+                .push(self.started.elapsed().as_secs_f64());
+        }
         if let Some(bar) = self.bar.take() {
             bar.finish_and_clear();
         }

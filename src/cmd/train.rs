@@ -41,12 +41,10 @@ pub fn run(args: Args) -> Result<()> {
     }
     // The classes are the dataset's (a folder's class folders): --classes
     // may repeat them.
+    let spec = args.model.spec(Head::Cifar)?;
     let mut data = args.data.clone();
     let classes = data.class_count(args.model.classes)?;
-    let spec = ModelSpec {
-        classes,
-        ..args.model.spec(Head::Cifar)?
-    };
+    let spec = ModelSpec { classes, ..spec };
     let mut config = h.config(spec, &data, device, 100);
     if let Start::AutoResume(path) = &start {
         config.weights = args

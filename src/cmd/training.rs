@@ -512,9 +512,30 @@ pub fn execute(
     report(&summary, json)
 }
 
-/// What a run is about to do, on stderr.
+/// What a run is about to do, on stderr: where a resumed run continues
+/// from, then the run.
 fn print_header(trainer: &Trainer, dataset: &vggctl::data::Dataset, world: &World) {
     let c = &trainer.state.config;
+    let st = &trainer.state;
+    if st.epoch > 0 || st.step > 0 {
+        // Steps per epoch as each rank takes them (DistributedSampler's split).
+        let per_rank = (dataset.train.len() as usize).div_ceil(world.size);
+        let steps = per_rank.div_ceil(c.batch_size as usize);
+        eprintln!(
+            "resuming {} at epoch {}/{}, step {}/{steps}{}",
+            c.out.display(),
+            st.epoch + 1,
+            c.epochs,
+            st.step,
+            match st.history.last() {
+                Some(m) => format!(
+                    " (last val top-1 {:.2}% after epoch {})",
+                    m.test_top1, m.epoch
+                ),
+                None => String::new(),
+            }
+        );
+    }
     let trainable: i64 = trainer
         .model
         .trainable_parameters()

@@ -1,8 +1,10 @@
-//! `curves.svg`: loss and accuracy per epoch, drawn with plotters.
+//! `curves.svg`: loss, accuracy and learning rate per epoch, drawn with
+//! plotters, under a title naming the run, with the best epoch marked.
 
 use std::path::Path;
 
 use anyhow::{Result, anyhow};
+use plotters::coord::Shift;
 use plotters::prelude::*;
 
 use super::state::EpochMetrics;
@@ -11,76 +13,122 @@ use crate::fsutil::write_atomic_bytes;
 /// A named line: its label, its (epoch, value) points and its colour.
 type Series<'a> = (&'a str, Vec<(f64, f64)>, RGBColor);
 
-/// Two panels side by side: train/test loss, and train/test top-1 accuracy.
-pub fn curves(path: &Path, history: &[EpochMetrics]) -> Result<()> {
+type Area<'a> = DrawingArea<SVGBackend<'a>, Shift>;
+
+fn err(e: impl std::fmt::Display) -> anyhow::Error {
+    anyhow!("{e}")
+}
+
+/// One panel: its lines, a grey vertical line at the best epoch, and the
+/// legend where the lines are not (`legend`: losses fall, so upper right;
+/// accuracies rise, so lower right).
+fn panel(
+    area: &Area<'_>,
+    title: &str,
+    series: &[Series<'_>],
+    epochs: f64,
+    best: Option<usize>,
+    legend: SeriesLabelPosition,
+) -> Result<()> {
+    let values = || series.iter().flat_map(|s| s.1.iter().map(|p| p.1));
+    let top = values()
+        .filter(|v| v.is_finite())
+        .fold(0.0f64, f64::max)
+        .max(1e-6)
+        * 1.08;
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, ("sans-serif", 17))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(56)
+        .build_cartesian_2d(1.0..epochs, 0.0..top)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .light_line_style(WHITE)
+        .bold_line_style(BLACK.mix(0.15))
+        .x_labels((epochs as usize).min(10))
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .x_desc("epoch")
+        .draw()
+        .map_err(err)?;
+    if let Some(b) = best {
+        let grey = BLACK.mix(0.35);
+        chart
+            .draw_series(std::iter::once(PathElement::new(
+                vec![(b as f64, 0.0), (b as f64, top)],
+                grey.stroke_width(1),
+            )))
+            .map_err(err)?
+            .label(format!("best: epoch {b}"))
+            .legend(move |(x, y)| PathElement::new(vec![(x + 8, y - 6), (x + 8, y + 6)], grey));
+    }
+    for (name, points, color) in series {
+        let color = *color;
+        chart
+            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
+            .map_err(err)?
+            .label(*name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
+    }
+    if series.len() > 1 || best.is_some() {
+        chart
+            .configure_series_labels()
+            .position(legend)
+            .border_style(BLACK)
+            .background_style(WHITE.mix(0.85))
+            .draw()
+            .map_err(err)?;
+    }
+    Ok(())
+}
+
+/// The epoch (1-based) with the highest validation top-1, the first of
+/// equals: the one `best.safetensors` holds.
+pub fn best_epoch(history: &[EpochMetrics]) -> Option<usize> {
+    let best = history.iter().fold(None::<&EpochMetrics>, |b, m| match b {
+        Some(b) if b.test_top1 >= m.test_top1 => Some(b),
+        _ => Some(m),
+    })?;
+    Some(best.epoch)
+}
+
+/// Three panels side by side under `title`: train/val loss, train/val
+/// top-1 accuracy, and the learning rate.
+pub fn curves(path: &Path, title: &str, history: &[EpochMetrics]) -> Result<()> {
     let mut svg = String::new();
     {
-        let root = SVGBackend::with_string(&mut svg, (960, 400)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
-        let (left, right) = root.split_horizontally(480);
+        let root = SVGBackend::with_string(&mut svg, (1200, 420)).into_drawing_area();
+        root.fill(&WHITE).map_err(err)?;
+        let root = root.titled(title, ("sans-serif", 20)).map_err(err)?;
+        let panels = root.split_evenly((1, 3));
         let epochs = history.len().max(2) as f64;
-        let panel = |area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
-                     title: &str,
-                     series: [Series<'_>; 2]|
-         -> Result<()> {
-            let top = series
-                .iter()
-                .flat_map(|s| s.1.iter().map(|p| p.1))
-                .filter(|v| v.is_finite())
-                .fold(0.0f64, f64::max)
-                .max(1e-6)
-                * 1.05;
-            let mut chart = ChartBuilder::on(area)
-                .caption(title, ("sans-serif", 18))
-                .margin(12)
-                .x_label_area_size(44)
-                .y_label_area_size(48)
-                .build_cartesian_2d(1.0..epochs, 0.0..top)
-                .map_err(|e| anyhow!("{e}"))?;
-            chart
-                .configure_mesh()
-                .light_line_style(WHITE)
-                .bold_line_style(BLACK.mix(0.15))
-                .x_labels((epochs as usize).min(10))
-                .x_label_formatter(&|v| format!("{v:.0}"))
-                .x_desc("epoch")
-                .draw()
-                .map_err(|e| anyhow!("{e}"))?;
-            for (name, points, color) in series {
-                chart
-                    .draw_series(LineSeries::new(points, color.stroke_width(2)))
-                    .map_err(|e| anyhow!("{e}"))?
-                    .label(name)
-                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
-            }
-            chart
-                .configure_series_labels()
-                .border_style(BLACK)
-                .background_style(WHITE.mix(0.8))
-                .draw()
-                .map_err(|e| anyhow!("{e}"))?;
-            Ok(())
-        };
+        let best = best_epoch(history);
         let pts = |f: fn(&EpochMetrics) -> f64| -> Vec<(f64, f64)> {
             history.iter().map(|m| (m.epoch as f64, f(m))).collect()
         };
+        let loss = [
+            ("train", pts(|m| m.train_loss), BLUE),
+            ("val", pts(|m| m.test_loss), RED),
+        ];
+        let upper = || SeriesLabelPosition::UpperRight;
+        panel(&panels[0], "loss", &loss, epochs, best, upper())?;
+        let accuracy = [
+            ("train", pts(|m| m.train_acc), BLUE),
+            ("val", pts(|m| m.test_top1), RED),
+        ];
+        let lower = SeriesLabelPosition::LowerRight;
         panel(
-            &left,
-            "loss",
-            [
-                ("train", pts(|m| m.train_loss), BLUE),
-                ("test", pts(|m| m.test_loss), RED),
-            ],
-        )?;
-        panel(
-            &right,
+            &panels[1],
             "top-1 accuracy (%)",
-            [
-                ("train", pts(|m| m.train_acc), BLUE),
-                ("test", pts(|m| m.test_top1), RED),
-            ],
+            &accuracy,
+            epochs,
+            best,
+            lower,
         )?;
-        root.present().map_err(|e| anyhow!("{e}"))?;
+        let lr = [("learning rate", pts(|m| m.lr), GREEN)];
+        panel(&panels[2], "learning rate", &lr, epochs, None, upper())?;
+        root.present().map_err(err)?;
     }
     write_atomic_bytes(path, svg.as_bytes())
 }

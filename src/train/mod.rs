@@ -303,7 +303,14 @@ impl<'a> Trainer<'a> {
         self.keep_files(best)?;
         self.run_dir.write_metrics(&self.state.history)?;
         let curves = self.run_dir.curves();
-        if let Err(e) = curves::curves(&curves, &self.state.history) {
+        let c = &self.state.config;
+        let title = format!(
+            "{}: {} on {}",
+            self.run_dir.dir.display(),
+            c.model.model_name(),
+            c.dataset
+        );
+        if let Err(e) = curves::curves(&curves, &title, &self.state.history) {
             // A plot is a convenience; its failure must not end a run.
             obs.warn(&format!("could not draw {}: {e:#}", curves.display()));
         }
