@@ -98,6 +98,8 @@ pub struct Optimizer {
     /// skipped fp16 step is not counted, without the host looking.
     lr: Tensor,
     step: Tensor,
+    /// `--clip-grad-norm`: the most the gradients' global 2-norm may be.
+    clip: Option<f64>,
     scaler: Option<DeviceScaler>,
 }
 
@@ -209,8 +211,27 @@ impl Optimizer {
             buf2,
             lr: Tensor::zeros([], opts),
             step: Tensor::zeros([], opts),
+            clip: None,
             scaler: None,
         }
+    }
+
+    /// Scales every step's gradients so their global 2-norm is at most
+    /// `max_norm`, as `torch.nn.utils.clip_grad_norm_` does before
+    /// `optimizer.step()` (after unscaling, with fp16).
+    pub fn clip_grad_norm(&mut self, max_norm: Option<f64>) {
+        self.clip = max_norm;
+    }
+
+    /// `clip_grad_norm_`'s factor for `grads` (one tensor per parameter),
+    /// on the device: the norm of the per-parameter 2-norms, then
+    /// `min(1, max_norm / (norm + 1e-6))`.
+    fn clip_factor(&self, grads: &[Tensor]) -> Option<Tensor> {
+        let max_norm = self.clip?;
+        let norms: Vec<Tensor> = grads.iter().map(|g| g.norm()).collect();
+        let total = Tensor::stack(&norms, 0).norm();
+        let max = Tensor::full([], max_norm, (total.kind(), total.device()));
+        Some((max / (total + 1e-6)).clamp_max(1.0))
     }
 
     /// Scales the loss and skips steps with non-finite gradients (fp16),
@@ -356,6 +377,11 @@ impl Optimizer {
     pub fn update(&mut self, grads: Gradients) -> Result<()> {
         let (Some(flat), Some(mut g)) = (&self.flat, grads.0) else {
             let _ = self.step.g_add_scalar_(1.0);
+            let gs: Vec<Tensor> = self.slots.iter().map(|s| s.param.grad()).collect();
+            let gs: Vec<Tensor> = gs.into_iter().filter(|g| g.defined()).collect();
+            if let Some(f) = self.clip_factor(&gs) {
+                tch::no_grad(|| gs.iter().for_each(|g| _ = g.shallow_clone().g_mul_(&f)));
+            }
             self.step_per_parameter();
             return Ok(());
         };
@@ -367,6 +393,13 @@ impl Optimizer {
             g.internal_amp_non_finite_check_and_unscale(&mut found, &s.scale.reciprocal());
             found
         });
+        let per_parameter: Vec<Tensor> = match self.clip {
+            Some(_) => self.slots.iter().map(|s| Self::view(&g, s)).collect(),
+            None => Vec::new(),
+        };
+        if let Some(f) = self.clip_factor(&per_parameter) {
+            let _ = g.g_mul_(&f);
+        }
         let _ = match &found_inf {
             Some(found) => self.step.g_add_(&(-found + 1.0)),
             None => self.step.g_add_scalar_(1.0),

@@ -10,7 +10,8 @@ final state dict.
 With --as-one-process N it is instead one process that trains on what N
 ranks would see together: each step's batch is the concatenation of the N
 ranks' batches (what SyncBatchNorm over N ranks computes, for a model
-without dropout).
+without dropout); with N = 1, vggctl's one-process run. --clip-grad-norm
+clips with torch.nn.utils.clip_grad_norm_ before each step.
 """
 import argparse
 import os
@@ -76,6 +77,7 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--head", default="cifar")
     p.add_argument("--as-one-process", type=int, default=0, metavar="N")
+    p.add_argument("--clip-grad-norm", type=float, default=None)
     a = p.parse_args()
 
     one = a.as_one_process > 0
@@ -103,6 +105,8 @@ def main():
             loss = torch.nn.functional.cross_entropy(ddp(x_all[idx]), labels[idx])
             opt.zero_grad()
             loss.backward()
+            if a.clip_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), a.clip_grad_norm)
             opt.step()
     if ranks[0] == 0:
         state = {k: v.contiguous() for k, v in model.state_dict().items()}

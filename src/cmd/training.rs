@@ -46,6 +46,11 @@ pub struct HyperOpts {
     /// L2 penalty (SGD) or decoupled weight decay (AdamW).
     #[arg(long, default_value_t = 5e-4, help_heading = "Optimizer")]
     pub weight_decay: f64,
+    /// Scale each step's gradients so their global 2-norm is at most this
+    /// (torch.nn.utils.clip_grad_norm_; after the data-parallel average and
+    /// fp16 unscaling).
+    #[arg(long, help_heading = "Optimizer")]
+    pub clip_grad_norm: Option<f64>,
     /// Nesterov momentum (SGD).
     #[arg(long, help_heading = "Optimizer")]
     pub nesterov: bool,
@@ -234,6 +239,13 @@ impl HyperOpts {
         if self.epochs == Some(0) {
             return Err(usage("--epochs must be at least 1"));
         }
+        if let Some(c) = self.clip_grad_norm
+            && !(c > 0.0 && c.is_finite())
+        {
+            return Err(usage(format!(
+                "--clip-grad-norm {c} must be a positive number"
+            )));
+        }
         for (name, v) in [
             ("--limit-train", self.limit_train),
             ("--limit-test", self.limit_test),
@@ -300,6 +312,7 @@ impl HyperOpts {
             no_augment: self.no_augment,
             sync_bn: self.sync_bn,
             keep: self.keep.unwrap_or_default(),
+            clip_grad_norm: self.clip_grad_norm,
             world_size: 1,
             imagenet_normalization: false,
             freeze_prefix: 0,

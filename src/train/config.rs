@@ -169,6 +169,9 @@ pub struct TrainConfig {
     /// Which weight files are kept.
     #[serde(default)]
     pub keep: Keep,
+    /// The most the gradients' global 2-norm may be (clip_grad_norm_).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clip_grad_norm: Option<f64>,
 }
 
 fn default_precision() -> Precision {
@@ -295,6 +298,7 @@ mod tests {
             fused: true,
             profile: false,
             keep: Keep::Best,
+            clip_grad_norm: None,
         }
     }
 

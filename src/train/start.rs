@@ -123,7 +123,7 @@ fn fingerprint(model: &Vgg, config: &TrainConfig, sizes: [i64; 2]) -> i64 {
 /// buffer (parameters in the run's layout), or one per parameter.
 pub fn build_optimizer(model: &mut Vgg, numerics: &Numerics, config: &TrainConfig) -> Optimizer {
     let ocfg = config.optimizer.clone();
-    if numerics.fused {
+    let mut opt = if numerics.fused {
         let flat = model.flatten_trainable(numerics.channels_last);
         Optimizer::fused(ocfg, model.trainable_parameters(), flat)
     } else {
@@ -131,5 +131,7 @@ pub fn build_optimizer(model: &mut Vgg, numerics: &Numerics, config: &TrainConfi
             model.to_channels_last();
         }
         Optimizer::new(ocfg, model.trainable_parameters())
-    }
+    };
+    opt.clip_grad_norm(config.clip_grad_norm);
+    opt
 }
