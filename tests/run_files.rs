@@ -39,6 +39,13 @@ fn train(out: &Path, extra: &[&str]) -> common::Run {
     common::run_in(out.parent().unwrap(), &args)
 }
 
+/// `train --resume DIR` with `extra`.
+fn resume_run(dir: &Path, extra: &[&str]) -> common::Run {
+    let mut args = vec!["train", "--resume", dir.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    common::run_in(dir.parent().unwrap(), &args)
+}
+
 fn files(dir: &Path) -> BTreeSet<String> {
     std::fs::read_dir(dir)
         .unwrap()
@@ -99,30 +106,10 @@ fn no_weights_are_stored_twice_and_a_kill_between_renames_resumes_exactly() {
     let one = tmp.path().join("one");
     assert_eq!(train(&one, &["--epochs", "1"]).code, 0);
     std::fs::copy(one.join("last.safetensors"), split.join("last.safetensors")).unwrap();
-    let r = common::run_in(
-        tmp.path(),
-        &[
-            "train",
-            "--resume",
-            split.to_str().unwrap(),
-            "--epochs",
-            "3",
-            "--quiet",
-        ],
-    );
+    let r = resume_run(&split, &["--epochs", "3", "--quiet"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(!pending.exists());
-    let r = common::run_in(
-        tmp.path(),
-        &[
-            "train",
-            "--resume",
-            straight.to_str().unwrap(),
-            "--epochs",
-            "3",
-            "--quiet",
-        ],
-    );
+    let r = resume_run(&straight, &["--epochs", "3", "--quiet"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(same_tensors(
         &straight.join("last.safetensors"),
@@ -135,17 +122,7 @@ fn no_weights_are_stored_twice_and_a_kill_between_renames_resumes_exactly() {
         straight.join("last.safetensors"),
     )
     .unwrap();
-    let r = common::run_in(
-        tmp.path(),
-        &[
-            "train",
-            "--resume",
-            straight.to_str().unwrap(),
-            "--epochs",
-            "4",
-            "--quiet",
-        ],
-    );
+    let r = resume_run(&straight, &["--epochs", "4", "--quiet"]);
     let last = straight.join("last.safetensors");
     common::assert_one_line_error(&r, 1, "which is missing or holds other weights");
     assert!(
@@ -185,18 +162,7 @@ fn keep_keeps_what_it_names() {
     }
     // The policy may change on resume: top-1 drops the others.
     let out = tmp.path().join("all");
-    let r = common::run_in(
-        tmp.path(),
-        &[
-            "train",
-            "--resume",
-            out.to_str().unwrap(),
-            "--epochs",
-            "4",
-            "--keep",
-            "top-1",
-        ],
-    );
+    let r = resume_run(&out, &["--epochs", "4", "--keep", "top-1"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     // A resumed run says where it continues from (96 images at 32: 3 steps).
     let first = r.stderr.lines().next().unwrap_or_default();

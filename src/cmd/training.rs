@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Result, bail};
 use tch::Device;
-use vggctl::choice::Choice;
 use vggctl::data::augment::Augment;
 use vggctl::device::device_name;
 use vggctl::dist::World;
@@ -21,7 +20,7 @@ use vggctl::train::{Resume, RunDir, SchedulerKind, Trainer, read_resume};
 use super::data_opts::DataOpts;
 use super::opts::{DistOpts, GraphOpts, NumericsOpts, choice};
 use super::output::{print_json, print_out, usage, warn};
-use super::progress::EpochBars;
+use super::progress::{EpochBars, print_header};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct HyperOpts {
@@ -523,70 +522,6 @@ pub fn execute(
         return Ok(());
     }
     report(&summary, json)
-}
-
-/// What a run is about to do, on stderr: where a resumed run continues
-/// from, then the run.
-fn print_header(trainer: &Trainer, dataset: &vggctl::data::Dataset, world: &World) {
-    let c = &trainer.state.config;
-    let st = &trainer.state;
-    if st.epoch > 0 || st.step > 0 {
-        // Steps per epoch as each rank takes them (DistributedSampler's split).
-        let per_rank = (dataset.train.len() as usize).div_ceil(world.size);
-        let steps = per_rank.div_ceil(c.batch_size as usize);
-        eprintln!(
-            "resuming {} at epoch {}/{}, step {}/{steps}{}",
-            c.out.display(),
-            st.epoch + 1,
-            c.epochs,
-            st.step,
-            match st.history.last() {
-                Some(m) => format!(
-                    " (last val top-1 {:.2}% after epoch {})",
-                    m.test_top1, m.epoch
-                ),
-                None => String::new(),
-            }
-        );
-    }
-    let trainable: i64 = trainer
-        .model
-        .trainable_parameters()
-        .iter()
-        .map(|(_, t)| t.numel() as i64)
-        .sum();
-    let batch = match world.size {
-        1 => format!("batch {}", c.batch_size),
-        n => format!(
-            "batch {} per rank on {n} ranks ({}; global batch {})",
-            c.batch_size,
-            world.backend.name(),
-            c.batch_size * n as i64
-        ),
-    };
-    eprintln!(
-        "training {} ({} head, {} classes, {} trainable parameters) on {} ({} train / {} test images, {}x{}) on {} ({}), {} epoch{}{}, {batch}, writing {}",
-        c.model.model_name(),
-        c.model.head.name(),
-        c.model.classes,
-        trainable,
-        c.dataset,
-        dataset.train.len(),
-        dataset.test.len(),
-        c.input_size,
-        c.input_size,
-        c.device,
-        trainer.ran_as(),
-        c.epochs,
-        if c.epochs == 1 { "" } else { "s" },
-        match c.unreached_milestones() {
-            Some(m) => format!(
-                " (milestones {m} are not before the last epoch: the LR never decays there)"
-            ),
-            None => String::new(),
-        },
-        c.out.display()
-    );
 }
 
 fn report(s: &TrainSummary, json: bool) -> Result<()> {

@@ -172,6 +172,48 @@ fn cache_fits(
         && in_range(&transposed, 0, 1)
 }
 
+/// The cached split for `files`, with its count of unreadable files, if
+/// `cache` describes them. A cache that does not (damaged, or edited) is
+/// rebuilt: labels, shapes and layout rows are checked before use.
+fn read_cache(cache: &Path, files: &[(PathBuf, i64)], side: i64) -> Option<(Split, usize)> {
+    let sd = read_safetensors(cache).ok()?;
+    let (images, labels, layout) = (
+        sd.tensors.get("images")?,
+        sd.tensors.get("labels")?,
+        sd.tensors.get("layout")?,
+    );
+    if !cache_fits(images, labels, layout, files, side) {
+        return None;
+    }
+    let skipped = sd.metadata.get("skipped").and_then(|s| s.parse().ok());
+    let split = Split {
+        images: images.shallow_clone(),
+        labels: labels.shallow_clone(),
+        layout: Some(layout.shallow_clone()),
+    };
+    Some((split, skipped.unwrap_or(0)))
+}
+
+/// Keeps `split` in `cache` for the next run. The cache is an
+/// optimization: failing to write it is not an error.
+fn write_cache(cache: &Path, split: &Split, skipped: usize) {
+    if cache
+        .parent()
+        .is_none_or(|d| fs::create_dir_all(d).is_err())
+    {
+        return;
+    }
+    let meta = HashMap::from([("skipped".to_string(), skipped.to_string())]);
+    let mut tensors = vec![
+        ("images".to_string(), split.images.shallow_clone()),
+        ("labels".to_string(), split.labels.shallow_clone()),
+    ];
+    if let Some(layout) = &split.layout {
+        tensors.push(("layout".to_string(), layout.shallow_clone()));
+    }
+    let _ = write_safetensors(cache, &tensors, &meta);
+}
+
 /// Loads (or builds and caches) every image of `dir`. Returns the split and
 /// how many files could not be read.
 fn load_dir(
@@ -185,32 +227,10 @@ fn load_dir(
         .cache_dir
         .as_ref()
         .map(|d| d.join(format!("{}.safetensors", cache_key(files, side))));
-    // A cache that does not describe these files (damaged, or edited) is
-    // rebuilt: labels, shapes and layout rows are checked before use.
-    if let Some(cache) = &cache
-        && let Ok(sd) = read_safetensors(cache)
-        && let (Some(images), Some(labels), Some(layout)) = (
-            sd.tensors.get("images"),
-            sd.tensors.get("labels"),
-            sd.tensors.get("layout"),
-        )
-        && cache_fits(images, labels, layout, files, side)
-    {
-        let skipped: usize = sd
-            .metadata
-            .get("skipped")
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
+    if let Some(found) = cache.as_deref().and_then(|c| read_cache(c, files, side)) {
         // --strict must name the unreadable file, so it decodes again.
-        if !(strict && skipped > 0) {
-            return Ok((
-                Split {
-                    images: images.shallow_clone(),
-                    labels: labels.shallow_clone(),
-                    layout: Some(layout.shallow_clone()),
-                },
-                skipped,
-            ));
+        if !(strict && found.1 > 0) {
+            return Ok(found);
         }
     }
     let decoded: Vec<Result<(Vec<u8>, [i64; 3])>> = files
@@ -240,25 +260,13 @@ fn load_dir(
         );
     }
     let n = labels.len() as i64;
-    let layout = Tensor::from_slice(&layout).view([n, 3]);
     let split = Split {
         images: Tensor::from_slice(&pixels).view([n, 3, side, canvas_width(side)]),
         labels: Tensor::from_slice(&labels),
-        layout: Some(layout.shallow_clone()),
+        layout: Some(Tensor::from_slice(&layout).view([n, 3])),
     };
-    // The cache is an optimization: failing to write it is not an error.
-    if let Some(cache) = &cache
-        && cache
-            .parent()
-            .is_some_and(|d| fs::create_dir_all(d).is_ok())
-    {
-        let meta = HashMap::from([("skipped".to_string(), skipped.to_string())]);
-        let tensors = vec![
-            ("images".to_string(), split.images.shallow_clone()),
-            ("labels".to_string(), split.labels.shallow_clone()),
-            ("layout".to_string(), layout),
-        ];
-        let _ = write_safetensors(cache, &tensors, &meta);
+    if let Some(cache) = &cache {
+        write_cache(cache, &split, skipped);
     }
     Ok((split, skipped))
 }
