@@ -212,10 +212,30 @@ fn a_truncated_jpeg_is_refused() {
 fn impossible_flags_are_refused() {
     let tmp = common::tempdir();
     let dir = tmp.path();
-    let cases: [(&[&str], &str); 3] = [
+    let cases: [(&[&str], &str); 6] = [
         (
             &["params", "--classes", "100000000000"],
             "--classes 100000000000: a classifier needs between 1 and 1000000 classes",
+        ),
+        (
+            &["train", "--dataset", "digits", "--resume", "auto"],
+            "--resume auto needs --out DIR: the run to continue, or to start",
+        ),
+        (
+            &["train", "--dataset", "digits", "--dist-timeout", "0"],
+            "--dist-timeout must be at least 1 second",
+        ),
+        (
+            &[
+                "train",
+                "--dataset",
+                "digits",
+                "--initial-checkpoint",
+                "w.pth",
+                "--resume",
+                "run",
+            ],
+            "--initial-checkpoint starts a new run; --resume continues one",
         ),
         (
             &["train", "--dataset", "digits", "--classes", "0"],
