@@ -2,8 +2,9 @@
 //! point beside `last.safetensors` holds only the optimizer state; `best`
 //! is a hard link to `last` while they are the same epoch), the resume
 //! point found whole after a kill between its two renames, one clear error
-//! when `last` is not the resume point's, and `--keep` keeping exactly the
-//! files it names (computed from the run's own metrics).
+//! when `last` is not the resume point's, `--keep` keeping exactly the
+//! files it names (computed from the run's own metrics), and `--early-stop`
+//! ending a run, and a resume, where the patience says.
 
 mod common;
 
@@ -187,4 +188,38 @@ fn keep_keeps_what_it_names() {
         2,
         "--keep top-0: expected last, best, all or top-K with K at least 1",
     );
+}
+
+/// At a learning rate too small to change any prediction the val top-1
+/// stays put: `--early-stop 1` ends the run after epoch 2; resuming it is
+/// refused until a larger patience is given, which then ends after epoch 4.
+#[test]
+fn early_stop_ends_the_run_where_the_patience_says() {
+    let tmp = common::tempdir();
+    let out = tmp.path().join("run");
+    let r = train(
+        &out,
+        &["--epochs", "6", "--lr", "1e-9", "--early-stop", "1"],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let top1 = top1s(&out);
+    assert_eq!(top1.len(), 2, "{top1:?}");
+    assert_eq!(top1[0], top1[1]);
+    assert!(
+        r.stdout
+            .contains("stopped early: no better val top-1 than epoch 1's in the epoch since"),
+        "{}",
+        r.stdout
+    );
+    let r = resume_run(&out, &["--quiet"]);
+    common::assert_one_line_error(
+        &r,
+        1,
+        "the run stopped early after epoch 2 (no better val top-1 than epoch 1's in --early-stop 1); give a larger --early-stop to train further",
+    );
+    let r = resume_run(&out, &["--early-stop", "3", "--quiet"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(top1s(&out).len(), 4);
+    let r = train(&tmp.path().join("bad"), &["--early-stop", "0"]);
+    common::assert_one_line_error(&r, 2, "--early-stop must be at least 1 epoch");
 }

@@ -50,6 +50,10 @@ pub struct HyperOpts {
     /// fp16 unscaling).
     #[arg(long, help_heading = "Optimizer")]
     pub clip_grad_norm: Option<f64>,
+    /// Stop once the validation top-1 has not beaten the best for N epochs in
+    /// a row (Keras' EarlyStopping patience); may change on --resume.
+    #[arg(long, value_name = "N", help_heading = "Schedule")]
+    pub early_stop: Option<usize>,
     /// Nesterov momentum (SGD).
     #[arg(long, help_heading = "Optimizer")]
     pub nesterov: bool,
@@ -132,6 +136,7 @@ const KEPT_ON_RESUME: &[&str] = &[
     "resume",
     "epochs",
     "keep",
+    "early_stop",
     "device",
     "quiet",
     "json",
@@ -238,6 +243,9 @@ impl HyperOpts {
         if self.epochs == Some(0) {
             return Err(usage("--epochs must be at least 1"));
         }
+        if self.early_stop == Some(0) {
+            return Err(usage("--early-stop must be at least 1 epoch"));
+        }
         if let Some(c) = self.clip_grad_norm
             && !(c > 0.0 && c.is_finite())
         {
@@ -312,6 +320,7 @@ impl HyperOpts {
             sync_bn: self.sync_bn,
             keep: self.keep.unwrap_or_default(),
             clip_grad_norm: self.clip_grad_norm,
+            early_stop: self.early_stop,
             world_size: 1,
             imagenet_normalization: false,
             freeze_prefix: 0,
@@ -341,6 +350,7 @@ pub enum Start {
 const FREE_ON_AUTO_RESUME: &[&str] = &[
     "epochs",
     "keep",
+    "early_stop",
     "device",
     "profile",
     "cuda_graphs",
@@ -391,7 +401,7 @@ pub fn resume(
         .collect();
     if !changed.is_empty() {
         return Err(usage(format!(
-            "{} would change the run that --resume {} continues (it keeps its recorded settings; --epochs, --keep, --device and --data-dir may be given); start a new run with --out for different settings",
+            "{} would change the run that --resume {} continues (it keeps its recorded settings; --epochs, --early-stop, --keep, --device and --data-dir may be given); start a new run with --out for different settings",
             changed.join(", "),
             path.display()
         )));
@@ -426,6 +436,17 @@ pub fn resume(
     }
     if let Some(k) = h.keep {
         config.keep = k;
+    }
+    if h.early_stop.is_some() {
+        config.early_stop = h.early_stop;
+    }
+    if let Some(best) = config.stops_early(&saved.history) {
+        bail!(
+            "{}: the run stopped early after epoch {} (no better val top-1 than epoch {best}'s in --early-stop {}); give a larger --early-stop to train further",
+            path.display(),
+            saved.history.len(),
+            config.early_stop.unwrap_or(0)
+        );
     }
     if saved.epoch >= config.epochs {
         bail!(
@@ -534,6 +555,15 @@ fn report(s: &TrainSummary, json: bool) -> Result<()> {
         if s.epochs == 1 { "" } else { "s" },
         s.out.display()
     );
+    if let Some(best) = s.stopped_early {
+        text += &format!(
+            "stopped early: no better val top-1 than epoch {best}'s in the {} since\n",
+            match s.epochs - best {
+                1 => "epoch".to_string(),
+                n => format!("{n} epochs"),
+            }
+        );
+    }
     if let Some(m) = &s.final_metrics {
         text += &format!(
             "final: test top-1 {:.2}%  top-5 {:.2}%  loss {:.4}  (train acc {:.2}%)\n",

@@ -172,6 +172,10 @@ pub struct TrainConfig {
     /// The most the gradients' global 2-norm may be (clip_grad_norm_).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clip_grad_norm: Option<f64>,
+    /// Stop once the validation top-1 has not beaten the best for this many
+    /// epochs in a row.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub early_stop: Option<usize>,
 }
 
 fn default_precision() -> Precision {
@@ -199,6 +203,14 @@ impl TrainConfig {
                 .collect(),
             _ => Vec::new(),
         }
+    }
+
+    /// With `early_stop`, after these epochs: the best epoch (1-based, the
+    /// first of equals) if the epochs since it have reached the patience.
+    pub fn stops_early(&self, history: &[super::state::EpochMetrics]) -> Option<usize> {
+        let patience = self.early_stop?;
+        let best = super::state::best_epoch(history)?;
+        (history.len() - best >= patience).then_some(best)
     }
 
     /// MultiStepLR milestones at or past the last epoch, which never apply
@@ -299,6 +311,7 @@ mod tests {
             profile: false,
             keep: Keep::Best,
             clip_grad_norm: None,
+            early_stop: None,
         }
     }
 

@@ -7,7 +7,7 @@ use anyhow::{Result, anyhow};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-use super::state::EpochMetrics;
+use super::state::{EpochMetrics, best_epoch};
 use crate::fsutil::write_atomic_bytes;
 
 /// A named line: its label, its (epoch, value) points and its colour.
@@ -81,16 +81,6 @@ fn panel(
             .map_err(err)?;
     }
     Ok(())
-}
-
-/// The epoch (1-based) with the highest validation top-1, the first of
-/// equals: the one `best.safetensors` holds.
-pub fn best_epoch(history: &[EpochMetrics]) -> Option<usize> {
-    let best = history.iter().fold(None::<&EpochMetrics>, |b, m| match b {
-        Some(b) if b.test_top1 >= m.test_top1 => Some(b),
-        _ => Some(m),
-    })?;
-    Some(best.epoch)
 }
 
 /// Three panels side by side under `title`: train/val loss, train/val

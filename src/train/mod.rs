@@ -222,11 +222,17 @@ impl<'a> Trainer<'a> {
             self.run_dir.start(&self.state.config)?;
         }
         let device = self.model.device();
+        let mut stopped_early = None;
         while self.state.epoch < self.state.config.epochs {
             shim::peak_memory(device, true)?;
             self.train_one_epoch(obs)?;
             let m = self.end_epoch(obs)?;
             obs.epoch_end(&m);
+            // Every rank decides alike: the metrics are global.
+            stopped_early = self.state.config.stops_early(&self.state.history);
+            if stopped_early.is_some() {
+                break;
+            }
         }
         Ok(TrainSummary {
             out: self.run_dir.dir.clone(),
@@ -235,6 +241,7 @@ impl<'a> Trainer<'a> {
             best_top1: self.state.best_top1,
             last: self.run_dir.last(),
             best: (self.state.config.keep != Keep::Last).then(|| self.run_dir.best()),
+            stopped_early,
         })
     }
 

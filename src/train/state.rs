@@ -169,4 +169,18 @@ pub struct TrainSummary {
     pub last: PathBuf,
     /// None with `--keep last`.
     pub best: Option<PathBuf>,
+    /// With `--early-stop`: the best epoch, if the run stopped for want of
+    /// a better one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped_early: Option<usize>,
+}
+
+/// The epoch (1-based) with the highest validation top-1, the first of
+/// equals: the one `best.safetensors` holds.
+pub fn best_epoch(history: &[EpochMetrics]) -> Option<usize> {
+    let best = history.iter().fold(None::<&EpochMetrics>, |b, m| match b {
+        Some(b) if b.test_top1 >= m.test_top1 => Some(b),
+        _ => Some(m),
+    })?;
+    Some(best.epoch)
 }
