@@ -14,7 +14,7 @@ use vggctl::model::{ModelSpec, Vgg};
 use vggctl::numerics::{Activity, Numerics};
 use vggctl::optim::{OptimizerConfig, OptimizerKind};
 use vggctl::train::config::{Keep, TrainConfig};
-use vggctl::train::state::TrainSummary;
+use vggctl::train::state::{TrainState, TrainSummary, stopped_early};
 use vggctl::train::{Resume, RunDir, SchedulerKind, Trainer, read_resume};
 
 use super::data_opts::DataOpts;
@@ -430,6 +430,21 @@ pub fn resume(
             world.size
         );
     }
+    let config = continued_config(path, &saved, h, data, device)?;
+    let model = Vgg::new(config.model, device);
+    execute(config, h, data, model, Some((saved, tensors)), json, world)
+}
+
+/// The configuration a resumed run continues with: the recorded one, with
+/// what the command line may change (length, patience, files kept, device,
+/// data directory); refused if the run has nothing left to do.
+fn continued_config(
+    path: &std::path::Path,
+    saved: &TrainState,
+    h: &HyperOpts,
+    data: &DataOpts,
+    device: Device,
+) -> Result<TrainConfig> {
     let mut config = saved.config.clone();
     if let Some(e) = h.epochs {
         config.epochs = e;
@@ -440,7 +455,7 @@ pub fn resume(
     if h.early_stop.is_some() {
         config.early_stop = h.early_stop;
     }
-    if let Some(best) = config.stops_early(&saved.history) {
+    if let Some(best) = stopped_early(config.early_stop, &saved.history) {
         bail!(
             "{}: the run stopped early after epoch {} (no better val top-1 than epoch {best}'s in --early-stop {}); give a larger --early-stop to train further",
             path.display(),
@@ -471,8 +486,7 @@ pub fn resume(
     } else {
         path.parent().map(PathBuf::from).unwrap_or_default()
     };
-    let model = Vgg::new(config.model, device);
-    execute(config, h, data, model, Some((saved, tensors)), json, world)
+    Ok(config)
 }
 
 /// Decides the run's numerics, loads the data its configuration names,

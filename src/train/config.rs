@@ -205,14 +205,6 @@ impl TrainConfig {
         }
     }
 
-    /// With `early_stop`, after these epochs: the best epoch (1-based, the
-    /// first of equals) if the epochs since it have reached the patience.
-    pub fn stops_early(&self, history: &[super::state::EpochMetrics]) -> Option<usize> {
-        let patience = self.early_stop?;
-        let best = super::state::best_epoch(history)?;
-        (history.len() - best >= patience).then_some(best)
-    }
-
     /// MultiStepLR milestones at or past the last epoch, which never apply
     /// (the CIFAR defaults 50,80 with a short run), as `--milestones` lists them.
     pub fn unreached_milestones(&self) -> Option<String> {

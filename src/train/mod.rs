@@ -229,7 +229,7 @@ impl<'a> Trainer<'a> {
             let m = self.end_epoch(obs)?;
             obs.epoch_end(&m);
             // Every rank decides alike: the metrics are global.
-            stopped_early = self.state.config.stops_early(&self.state.history);
+            stopped_early = state::stopped_early(self.state.config.early_stop, &self.state.history);
             if stopped_early.is_some() {
                 break;
             }

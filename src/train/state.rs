@@ -184,3 +184,12 @@ pub fn best_epoch(history: &[EpochMetrics]) -> Option<usize> {
     })?;
     Some(best.epoch)
 }
+
+/// With the patience `early_stop`, after the epochs of `history`: the best
+/// epoch (1-based, the first of equals) if the epochs since it have reached
+/// the patience.
+pub fn stopped_early(early_stop: Option<usize>, history: &[EpochMetrics]) -> Option<usize> {
+    let patience = early_stop?;
+    let best = best_epoch(history)?;
+    (history.len() - best >= patience).then_some(best)
+}
