@@ -614,7 +614,7 @@ fn bad_training_arguments() {
         (
             &["train", "--classes", "7", "--data-dir", &d],
             1,
-            "cifar-10-batches-bin, which has 10 classes",
+            "(cifar10), which has 10 classes",
         ),
         (
             &["train", "--dataset", "mnist", "--data-dir", &d],

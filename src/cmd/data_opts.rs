@@ -82,7 +82,10 @@ impl DataOpts {
         };
         let classes = asked.unwrap_or(found);
         if classes != found {
-            bail!("--classes {classes} does not match the dataset, which has {found} classes");
+            bail!(
+                "--classes {classes} does not match {} ({dataset}), which has {found} classes",
+                self.dir().display()
+            );
         }
         Ok(classes)
     }
