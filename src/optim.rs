@@ -339,6 +339,24 @@ impl Optimizer {
         Gradients(Some(Tensor::cat(&parts, 0)))
     }
 
+    /// The backward pass of one of the batches whose gradients make one
+    /// update (gradient accumulation): `acc` is the sum of the earlier
+    /// batches' (None for the first), and the result adds this batch's.
+    pub fn backward_adding(&mut self, loss: &Tensor, acc: Option<Gradients>) -> Gradients {
+        let Some(earlier) = acc else {
+            return self.backward(loss);
+        };
+        if self.flat.is_none() {
+            // The parameters' `.grad`s add up by themselves.
+            loss.backward();
+            return earlier;
+        }
+        match (earlier.0, self.backward(loss).0) {
+            (Some(a), Some(b)) => Gradients(Some(a + b)),
+            (a, b) => Gradients(a.or(b)),
+        }
+    }
+
     /// Lets `reduce` change the gradients `backward` computed, as one flat
     /// tensor (data-parallel training averages them across ranks): the
     /// fused mode's flat gradient itself, else the parameters' `.grad`s

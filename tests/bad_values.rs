@@ -212,7 +212,7 @@ fn a_truncated_jpeg_is_refused() {
 fn impossible_flags_are_refused() {
     let tmp = common::tempdir();
     let dir = tmp.path();
-    let cases: [(&[&str], &str); 6] = [
+    let cases: [(&[&str], &str); 14] = [
         (
             &["params", "--classes", "100000000000"],
             "--classes 100000000000: a classifier needs between 1 and 1000000 classes",
@@ -244,6 +244,38 @@ fn impossible_flags_are_refused() {
         (
             &["eval", "--checkpoint", "x.safetensors", "--limit-test", "0"],
             "--limit-test 0 must be at least 1",
+        ),
+        (
+            &["train", "--dataset", "digits", "--model-ema-steps", "0"],
+            "--model-ema-steps must be at least 1",
+        ),
+        (
+            &["train", "--dataset", "digits", "--model-ema-decay", "1"],
+            "--model-ema-decay 1 must be between 0 and 1",
+        ),
+        (
+            &["train", "--dataset", "digits", "--accum-steps", "0"],
+            "--accum-steps must be at least 1",
+        ),
+        (
+            &["train", "--dataset", "digits", "--mixup-alpha=-1"],
+            "--mixup-alpha -1 must be a finite number, 0 or more",
+        ),
+        (
+            &["finetune", "--dataset", "digits", "--cutmix-alpha", "inf"],
+            "--cutmix-alpha inf must be a finite number, 0 or more",
+        ),
+        (
+            &["train", "--dataset", "digits", "--random-erase", "1.5"],
+            "--random-erase 1.5 must be a probability in [0, 1]",
+        ),
+        (
+            &["train", "--dataset", "digits", "--auto-augment", "mnist"],
+            "invalid value 'mnist' for '--auto-augment <POLICY>'",
+        ),
+        (
+            &["train", "--dataset", "digits", "--log-interval", "0"],
+            "0: expected a number of steps (50) or of seconds (30s)",
         ),
     ];
     for (args, needle) in cases {

@@ -12,12 +12,25 @@ ranks would see together: each step's batch is the concatenation of the N
 ranks' batches (what SyncBatchNorm over N ranks computes, for a model
 without dropout); with N = 1, vggctl's one-process run. --clip-grad-norm
 clips with torch.nn.utils.clip_grad_norm_ before each step.
+
+The options of torchvision's reference recipe, as its train.py applies
+them: --auto-augment POLICY (transforms.AutoAugment on each uint8 image,
+before normalization), --random-erase P (transforms.RandomErasing(P) on
+each normalized image), then
+--mixup-alpha/--cutmix-alpha (v2.RandomChoice of v2.MixUp and v2.CutMix on
+the batch), --accum-steps K (the gradients of K batches, each loss / K, per
+optimizer step) and --model-ema-steps N (torchvision's
+ExponentialMovingAverage updated after every N-th optimizer step of an
+epoch, its decay adjusted as train.py does, reset during --warmup-epochs;
+written to --ema-out).
 """
 import argparse
 import os
 
 import torch
 import torch.distributed as dist
+import torchvision.transforms as transforms
+import torchvision.transforms.v2 as v2
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
@@ -39,6 +52,16 @@ def position_seed(seed, epoch, step):
 def rank_seed(seed, rank):
     """vggctl's seed for a rank's own draws (dist::World::seed_for)."""
     return seed ^ ((rank * 0xA24BAED4963EE407) & MASK)
+
+
+class ExponentialMovingAverage(torch.optim.swa_utils.AveragedModel):
+    """torchvision's references/classification/utils.py, verbatim in effect."""
+
+    def __init__(self, model, decay, device="cpu"):
+        def ema_avg(avg_model_param, model_param, num_averaged):
+            return decay * avg_model_param + (1 - decay) * model_param
+
+        super().__init__(model, device, ema_avg, use_buffers=True)
 
 
 def read_cifar_bin(path):
@@ -78,6 +101,16 @@ def main():
     p.add_argument("--head", default="cifar")
     p.add_argument("--as-one-process", type=int, default=0, metavar="N")
     p.add_argument("--clip-grad-norm", type=float, default=None)
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--auto-augment", default=None)
+    p.add_argument("--random-erase", type=float, default=0.0)
+    p.add_argument("--mixup-alpha", type=float, default=0.0)
+    p.add_argument("--cutmix-alpha", type=float, default=0.0)
+    p.add_argument("--accum-steps", type=int, default=1)
+    p.add_argument("--model-ema-steps", type=int, default=0)
+    p.add_argument("--model-ema-decay", type=float, default=0.99998)
+    p.add_argument("--warmup-epochs", type=int, default=0)
+    p.add_argument("--ema-out")
     a = p.parse_args()
 
     one = a.as_one_process > 0
@@ -93,21 +126,54 @@ def main():
     images, labels = train_split(a.data, a.limit_train)
     x_all = normalize(images, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
     n = len(labels)
+    erase = transforms.RandomErasing(p=a.random_erase) if a.random_erase > 0 else None
+    auto = None
+    if a.auto_augment:
+        auto = transforms.AutoAugment(transforms.AutoAugmentPolicy(a.auto_augment))
+    mixes = [v2.MixUp(alpha=a.mixup_alpha, num_classes=10)] if a.mixup_alpha > 0 else []
+    mixes += [v2.CutMix(alpha=a.cutmix_alpha, num_classes=10)] if a.cutmix_alpha > 0 else []
+    mix = v2.RandomChoice(mixes) if mixes else None
+    ema = None
+    if a.model_ema_steps:
+        # train.py: adjust = world_size * batch_size * model_ema_steps / epochs
+        # (the batch here is what one optimizer step sees per rank).
+        adjust = world * a.batch_size * a.accum_steps * a.model_ema_steps / a.epochs
+        alpha = min(1.0, (1.0 - a.model_ema_decay) * adjust)
+        ema = ExponentialMovingAverage(model, decay=1.0 - alpha)
+    k = a.accum_steps
     for epoch in range(a.epochs):
         torch.manual_seed(position_seed(a.seed, epoch, PERMUTATION_STEP))
         perm = torch.randperm(n)
         shards = [perm[list(DistributedSampler(range(n), num_replicas=world, rank=r, shuffle=False))]
                   for r in ranks]
         model.train()
-        for step, start in enumerate(range(0, len(shards[0]), a.batch_size)):
+        starts = list(range(0, len(shards[0]), a.batch_size))
+        opt.zero_grad()
+        for step, start in enumerate(starts):
             idx = torch.cat([mine[start : start + a.batch_size] for mine in shards])
             torch.manual_seed(position_seed(rank_seed(a.seed, ranks[0]), epoch, step))
-            loss = torch.nn.functional.cross_entropy(ddp(x_all[idx]), labels[idx])
-            opt.zero_grad()
-            loss.backward()
+            x, y = x_all[idx], labels[idx]
+            if auto is not None:
+                augmented = torch.stack([auto(img) for img in images[idx]])
+                x = normalize(augmented, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+            if erase is not None:
+                x = torch.stack([erase(img) for img in x])
+            if mix is not None:
+                x, y = mix(x, y)
+            loss = torch.nn.functional.cross_entropy(ddp(x), y, label_smoothing=a.label_smoothing)
+            (loss / k if k > 1 else loss).backward()
+            if (step + 1) % k and step + 1 < len(starts):
+                continue
             if a.clip_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), a.clip_grad_norm)
             opt.step()
+            opt.zero_grad()
+            if ema is not None and (step // k) % a.model_ema_steps == 0:
+                ema.update_parameters(model)
+                if epoch < a.warmup_epochs:
+                    ema.n_averaged.fill_(0)
+    if ema is not None and ranks[0] == 0:
+        save_file({k: v.contiguous() for k, v in ema.module.state_dict().items()}, a.ema_out)
     if ranks[0] == 0:
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
         save_file(state, a.out)

@@ -1,7 +1,8 @@
 //! What a run directory holds on disk: no weights stored twice (the resume
-//! point beside `last.safetensors` holds only the optimizer state; `best`
-//! is a hard link to `last` while they are the same epoch), the resume
-//! point found whole after a kill between its two renames, one clear error
+//! point beside `last.safetensors` and `--model-ema`'s `ema.safetensors`
+//! holds only the optimizer state; `best` is a hard link to `last` while
+//! they are the same epoch), the resume point found whole after a kill
+//! between its renames (both weight files still pending), one clear error
 //! when `last` is not the resume point's, `--keep` keeping exactly the
 //! files it names (computed from the run's own metrics), and `--early-stop`
 //! ending a run, and a resume, where the patience says.
@@ -31,6 +32,9 @@ const SMALL: [&str; 14] = [
     "--quiet",
     "--seed=3",
 ];
+
+/// The weights' moving average, whose file is an epoch-end point's too.
+const EMA: [&str; 3] = ["--model-ema", "--model-ema-steps", "2"];
 
 fn train(out: &Path, extra: &[&str]) -> common::Run {
     let mut args = vec!["train"];
@@ -73,7 +77,7 @@ fn same_tensors(a: &Path, b: &Path) -> bool {
 fn no_weights_are_stored_twice_and_a_kill_between_renames_resumes_exactly() {
     let tmp = common::tempdir();
     let straight = tmp.path().join("straight");
-    let r = train(&straight, &["--epochs", "2"]);
+    let r = train(&straight, &["--epochs", "2", EMA[0], EMA[1], EMA[2]]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let last = read_safetensors(&straight.join("last.safetensors")).unwrap();
     let resume = read_safetensors(&straight.join("resume.safetensors")).unwrap();
@@ -99,23 +103,37 @@ fn no_weights_are_stored_twice_and_a_kill_between_renames_resumes_exactly() {
     );
 
     // Killed after the resume point was written but before the weights it
-    // names were renamed into place: last.safetensors is still epoch 1's.
+    // names were renamed into place: last.safetensors (and the average's
+    // ema.safetensors) are still epoch 1's.
     let split = tmp.path().join("split");
-    assert_eq!(train(&split, &["--epochs", "2"]).code, 0);
-    let pending = split.join("last.pending.safetensors");
-    std::fs::rename(split.join("last.safetensors"), &pending).unwrap();
+    assert_eq!(
+        train(&split, &["--epochs", "2", EMA[0], EMA[1], EMA[2]]).code,
+        0
+    );
     let one = tmp.path().join("one");
-    assert_eq!(train(&one, &["--epochs", "1"]).code, 0);
-    std::fs::copy(one.join("last.safetensors"), split.join("last.safetensors")).unwrap();
+    assert_eq!(
+        train(&one, &["--epochs", "1", EMA[0], EMA[1], EMA[2]]).code,
+        0
+    );
+    let mut pendings = Vec::new();
+    for name in ["last", "ema"] {
+        let pending = split.join(format!("{name}.pending.safetensors"));
+        let file = format!("{name}.safetensors");
+        std::fs::rename(split.join(&file), &pending).unwrap();
+        std::fs::copy(one.join(&file), split.join(&file)).unwrap();
+        pendings.push(pending);
+    }
     let r = resume_run(&split, &["--epochs", "3", "--quiet"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    assert!(!pending.exists());
+    assert!(pendings.iter().all(|p| !p.exists()));
     let r = resume_run(&straight, &["--epochs", "3", "--quiet"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    assert!(same_tensors(
-        &straight.join("last.safetensors"),
-        &split.join("last.safetensors")
-    ));
+    for file in ["last.safetensors", "ema.safetensors"] {
+        assert!(
+            same_tensors(&straight.join(file), &split.join(file)),
+            "{file}"
+        );
+    }
 
     // A last.safetensors that is not the resume point's: one error naming it.
     std::fs::copy(

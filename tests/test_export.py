@@ -1,5 +1,7 @@
-"""`vggctl export` read back by the tools users deploy with. For vgg11 and
-vgg16_bn with each head, on a 64x64 input (32x32 for the cifar head), batch 3:
+"""`vggctl export` read back by the tools users deploy with. For vgg11 with
+each head and vgg16_bn with the cifar and gap heads (the ImageNet head's
+550 MB model once, without BatchNorm, keeps the suite's time), on a 64x64
+input (32x32 for the cifar head), batch 3:
 
 - safetensors: torchvision's (or the reference head's) `load_state_dict(strict=True)`
   accepts it, BN `num_batches_tracked` is int64, and the logits equal the
@@ -30,7 +32,8 @@ from vgg_reference import build  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.environ.get("VGGCTL_BIN", os.path.join(ROOT, "target", "release", "vggctl"))
 TOL = 1e-4
-CASES = [(a, bn, h) for a, bn in (("vgg11", False), ("vgg16", True)) for h in ("imagenet", "cifar", "gap")]
+CASES = [(a, bn, h) for a, bn in (("vgg11", False), ("vgg16", True)) for h in ("imagenet", "cifar", "gap")
+         if (a, h) != ("vgg16", "imagenet")]
 
 
 def vggctl(*args):

@@ -51,7 +51,7 @@ pub struct Args {
     dist: DistOpts,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Clone)]
 struct Report {
     checkpoint: PathBuf,
     model: String,
@@ -187,6 +187,11 @@ fn load_data(
     Ok((dataset, pre))
 }
 
+/// More classes than this get no text matrix (it would be wider than any
+/// terminal); more label characters than this, rows labelled by index.
+const MATRIX_CLASSES: usize = 40;
+const MATRIX_LABEL: usize = 24;
+
 fn render(r: &Report) -> String {
     let e = &r.result;
     let k = r.classes.len().min(5);
@@ -232,6 +237,30 @@ fn render(r: &Report) -> String {
             pct(e.f1.get(i).copied().flatten())
         );
     }
+    s + &matrix(r, labels, w)
+}
+
+/// The confusion matrix, rows labelled as the class table's (`labels`,
+/// `w` wide) or, for long names, by index; too many classes, a line.
+fn matrix(r: &Report, labels: Vec<String>, w: usize) -> String {
+    let e = &r.result;
+    let mut s = String::new();
+    if r.classes.len() > MATRIX_CLASSES {
+        s += &format!(
+            "\nconfusion matrix: {} classes are too many to print here; --json holds it (`confusion`)\n",
+            r.classes.len()
+        );
+        return s;
+    }
+    // Long names: the rows go by index too, the table above is the legend.
+    let (labels, w) = match w > MATRIX_LABEL {
+        true => {
+            let ids: Vec<String> = (0..labels.len()).map(|i| i.to_string()).collect();
+            let w = ids.last().map_or(1, |l| l.len()).max(5);
+            (ids, w)
+        }
+        false => (labels, w),
+    };
     s += "\nconfusion matrix (rows: true class, columns: predicted class index):\n";
     let cw = e
         .confusion
@@ -300,5 +329,21 @@ mod tests {
         );
         let matrix: Vec<&str> = text.lines().rev().take(4).collect();
         assert!(matrix.iter().all(|l| l.len() == matrix[0].len()), "{text}");
+
+        // A name longer than the matrix can carry: rows by index, aligned.
+        let mut long = report.clone();
+        long.classes[2] = "a name far too long to stand before every row".into();
+        let text = render(&long);
+        let matrix: Vec<&str> = text.lines().rev().take(4).collect();
+        assert!(matrix.iter().all(|l| l.len() == matrix[0].len()), "{text}");
+        assert_eq!(matrix[0], "  2     0 0 0", "{text}");
+
+        // Too many classes for text: said, and where the numbers are.
+        let mut many = report;
+        many.classes = (0..41).map(|i| format!("c{i}")).collect();
+        let e = &mut many.result;
+        (e.per_class, e.precision, e.f1) = (vec![None; 41], vec![None; 41], vec![None; 41]);
+        (e.support, e.confusion) = (vec![0; 41], vec![vec![0; 41]; 41]);
+        assert!(render(&many).contains("41 classes are too many to print here; --json holds it"));
     }
 }

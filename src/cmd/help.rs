@@ -17,7 +17,8 @@ Environment:
   VGGCTL_CACHE_DIR      where image folders' decoded images are cached (also --cache-dir)
                         [default: $XDG_CACHE_HOME/vggctl/folders, i.e. ~/.cache/vggctl/folders]
   VGGCTL_HTTP_TIMEOUT   seconds a download may stall [default: 60]
-  VGGCTL_HEARTBEAT_SECS seconds between progress lines when stderr is no terminal [default: 30]
+  VGGCTL_LOG_INTERVAL   steps (50) or seconds (30s) between progress lines when stderr is
+                        no terminal (also --log-interval) [default: 30s]
   RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT
                         data-parallel ranks, as torchrun sets them (Slurm's SLURM_PROCID,
                         SLURM_NTASKS and SLURM_LOCALID too)
@@ -34,6 +35,7 @@ Examples:
   vggctl train --arch vgg11_bn --head cifar -e 30 -o runs/v11
   vggctl train --dataset folder --data-dir photos --arch vgg11 --head gap
   vggctl train --resume runs/v11 -e 60             continue a run (Ctrl-C saves), or extend it
+  vggctl train --arch vgg11_bn --model-ema --mixup-alpha 0.2 --cutmix-alpha 1.0 --tensorboard
   torchrun --no-python --nproc-per-node 8 vggctl train -o runs/big --resume auto";
 
 pub const EVAL: &str = "\

@@ -16,6 +16,7 @@ mod output;
 mod params;
 mod predict;
 mod progress;
+mod recipe;
 mod train;
 mod training;
 

@@ -10,8 +10,10 @@ use vggctl::choice::Choice;
 use vggctl::dist::World;
 use vggctl::train::{Observer, Trainer};
 
-use super::output::warn;
+use super::output::{print_json, print_out, warn};
+use anyhow::Result;
 use vggctl::train::state::EpochMetrics;
+use vggctl::train::state::TrainSummary;
 
 pub struct EpochBars {
     quiet: bool,
@@ -25,25 +27,43 @@ pub struct EpochBars {
     first_step: usize,
     started: Instant,
     last_line: Instant,
-    heartbeat: Duration,
+    /// The step of the last plain line.
+    last_line_step: usize,
+    interval: LogInterval,
     /// Wall seconds of the epochs finished in this process (training and
     /// evaluation), for the whole run's estimate.
     epoch_seconds: Vec<f64>,
 }
 
-/// How often a plain (non-terminal) stderr hears about a running epoch:
-/// every 30 s, or `VGGCTL_HEARTBEAT_SECS`.
-fn heartbeat() -> Duration {
-    let secs = std::env::var("VGGCTL_HEARTBEAT_SECS")
-        .ok()
-        .and_then(|s| s.parse::<f64>().ok())
-        .filter(|s| *s >= 0.0)
-        .unwrap_or(30.0);
-    Duration::from_secs_f64(secs)
+/// How often a plain (non-terminal) stderr hears about a running epoch
+/// (`--log-interval`): every N steps, or every so many seconds.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum LogInterval {
+    Steps(usize),
+    Every(Duration),
+}
+
+impl std::str::FromStr for LogInterval {
+    type Err = String;
+    fn from_str(s: &str) -> Result<LogInterval, String> {
+        let bad = || format!("{s}: expected a number of steps (50) or of seconds (30s)");
+        match s.strip_suffix('s') {
+            Some(secs) => match secs.parse::<f64>() {
+                Ok(v) if v >= 0.0 && v.is_finite() => {
+                    Ok(LogInterval::Every(Duration::from_secs_f64(v)))
+                }
+                _ => Err(bad()),
+            },
+            None => match s.parse::<usize>() {
+                Ok(n) if n >= 1 => Ok(LogInterval::Steps(n)),
+                _ => Err(bad()),
+            },
+        }
+    }
 }
 
 impl EpochBars {
-    pub fn new(quiet: bool) -> Self {
+    pub fn new(quiet: bool, interval: LogInterval) -> Self {
         EpochBars {
             quiet,
             tty: std::io::stderr().is_terminal(),
@@ -54,8 +74,21 @@ impl EpochBars {
             first_step: 0,
             started: Instant::now(),
             last_line: Instant::now(),
-            heartbeat: heartbeat(),
+            last_line_step: 0,
+            interval,
             epoch_seconds: Vec::new(),
+        }
+    }
+
+    /// Whether a plain line is due at `step` (the epoch's last step has
+    /// its epoch line instead).
+    fn line_due(&self, step: usize) -> bool {
+        if step >= self.steps {
+            return false;
+        }
+        match self.interval {
+            LogInterval::Steps(n) => step >= self.last_line_step + n,
+            LogInterval::Every(t) => self.last_line.elapsed() >= t,
         }
     }
 
@@ -95,6 +128,7 @@ impl Observer for EpochBars {
         (self.epoch, self.epochs, self.steps, self.first_step) = (epoch, epochs, steps, done);
         self.started = Instant::now();
         self.last_line = Instant::now();
+        self.last_line_step = done;
         if self.quiet || !self.tty {
             return;
         }
@@ -116,10 +150,11 @@ impl Observer for EpochBars {
         if let Some(bar) = &self.bar {
             bar.set_position(step as u64);
             bar.set_message(format!("{figures} ETA {}", self.eta(step)));
-        } else if !self.quiet && self.last_line.elapsed() >= self.heartbeat {
+        } else if !self.quiet && self.line_due(step) {
             // Not a terminal (a log file, CI): a line now and then, so that
             // minutes of silence do not look like a hang.
             self.last_line = Instant::now();
+            self.last_line_step = step;
             eprintln!(
                 "  epoch {}/{} step {step}/{}  {figures}  ETA {}",
                 self.epoch,
@@ -132,7 +167,7 @@ impl Observer for EpochBars {
 
     fn evaluating(&mut self, images: usize) {
         if let Some(bar) = &self.bar {
-            bar.set_message(format!("evaluating on {images} test images..."));
+            bar.set_message(format!("evaluating on {images} val images..."));
         }
     }
 
@@ -150,7 +185,7 @@ impl Observer for EpochBars {
         }
         if !self.quiet {
             eprintln!(
-                "epoch {:>3}  lr {:.5}  train loss {:.4} acc {:.2}%  test loss {:.4} top-1 {:.2}% top-5 {:.2}%  {:.0} img/s  {:.1}s",
+                "epoch {:>3}  lr {:.5}  train loss {:.4} acc {:.2}%  val loss {:.4} top-1 {:.2}% top-5 {:.2}%{}  {:.0} img/s  {:.1}s",
                 m.epoch,
                 m.lr,
                 m.train_loss,
@@ -158,6 +193,10 @@ impl Observer for EpochBars {
                 m.test_loss,
                 m.test_top1,
                 m.test_top5,
+                match &m.ema {
+                    Some(e) => format!("  EMA top-1 {:.2}%", e.top1),
+                    None => String::new(),
+                },
                 m.images_per_s,
                 m.seconds
             );
@@ -254,7 +293,7 @@ pub fn print_header(trainer: &Trainer, dataset: &vggctl::data::Dataset, world: &
         ),
     };
     eprintln!(
-        "training {} ({} head, {} classes, {} trainable parameters) on {} ({} train / {} test images, {}x{}) on {} ({}), {} epoch{}{}, {batch}, writing {}",
+        "training {} ({} head, {} classes, {} trainable parameters) on {} ({} train / {} val images, {}x{}) on {} ({}), {} epoch{}{}, {batch}, writing {}",
         c.model.model_name(),
         c.model.head.name(),
         c.model.classes,
@@ -276,4 +315,49 @@ pub fn print_header(trainer: &Trainer, dataset: &vggctl::data::Dataset, world: &
         },
         c.out.display()
     );
+    let val = dataset.test.len();
+    if val < SMALL_VAL {
+        warn(format!(
+            "the validation split holds only {val} image{}: its top-1 moves in steps of {:.2}%, so the best epoch (best.safetensors, --early-stop) may be chosen by chance; a larger --val-split or --limit-test helps",
+            if val == 1 { "" } else { "s" },
+            100.0 / val.max(1) as f64
+        ));
+    }
+}
+
+/// Fewer validation images than this: one image is more than a point of
+/// top-1, and a run is warned that its best epoch is a matter of chance.
+const SMALL_VAL: i64 = 100;
+
+/// What a finished run prints on stdout: its length, where its files are,
+/// how it ended, its last and best figures (`--json`: the summary).
+pub fn report(s: &TrainSummary, json: bool) -> Result<()> {
+    if json {
+        return print_json(s);
+    }
+    let mut text = format!(
+        "trained {} epoch{}; files in {}\n",
+        s.epochs,
+        if s.epochs == 1 { "" } else { "s" },
+        s.out.display()
+    );
+    if let Some(best) = s.stopped_early {
+        text += &format!(
+            "stopped early: no better val top-1 than epoch {best}'s in the {} since\n",
+            match s.epochs - best {
+                1 => "epoch".to_string(),
+                n => format!("{n} epochs"),
+            }
+        );
+    }
+    if let Some(m) = &s.final_metrics {
+        text += &format!(
+            "final: val top-1 {:.2}%  top-5 {:.2}%  loss {:.4}  (train acc {:.2}%)\n",
+            m.test_top1, m.test_top5, m.test_loss, m.train_acc
+        );
+    }
+    if let (Some(b), Some(path)) = (s.best_top1, &s.best) {
+        text += &format!("best val top-1 {b:.2}% -> {}\n", path.display());
+    }
+    print_out(&text)
 }

@@ -14,13 +14,14 @@ use vggctl::model::{ModelSpec, Vgg};
 use vggctl::numerics::{Activity, Numerics};
 use vggctl::optim::{OptimizerConfig, OptimizerKind};
 use vggctl::train::config::{Keep, TrainConfig};
-use vggctl::train::state::{TrainState, TrainSummary, stopped_early};
+use vggctl::train::state::{TrainState, stopped_early};
 use vggctl::train::{Resume, RunDir, SchedulerKind, Trainer, read_resume};
 
 use super::data_opts::DataOpts;
 use super::opts::{DistOpts, GraphOpts, NumericsOpts, choice};
-use super::output::{print_json, print_out, usage, warn};
+use super::output::{usage, warn};
 use super::progress::{EpochBars, print_header};
+use super::recipe::{RecipeOpts, settle_ema};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct HyperOpts {
@@ -124,6 +125,8 @@ pub struct HyperOpts {
     pub sync_bn: bool,
     #[command(flatten)]
     pub dist: DistOpts,
+    #[command(flatten)]
+    pub recipe: RecipeOpts,
     /// The options typed on the command line (set by `cmd::parse`).
     #[arg(skip)]
     pub typed: Vec<String>,
@@ -152,6 +155,8 @@ const KEPT_ON_RESUME: &[&str] = &[
     "allow_nonfinite",
     "dist_backend",
     "dist_timeout",
+    "tensorboard",
+    "log_interval",
 ];
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -253,6 +258,7 @@ impl HyperOpts {
                 "--clip-grad-norm {c} must be a positive number"
             )));
         }
+        self.recipe.validate()?;
         for (name, v) in [
             ("--limit-train", self.limit_train),
             ("--limit-test", self.limit_test),
@@ -286,7 +292,7 @@ impl HyperOpts {
                 timestamp()
             ))
         });
-        TrainConfig {
+        let mut config = TrainConfig {
             model: spec,
             dataset: data.dataset().to_string(),
             data_dir: absolute(&data.dir()),
@@ -330,7 +336,15 @@ impl HyperOpts {
             fused: numerics.fused,
             cuda_graphs: numerics.cuda_graphs_on(device),
             profile: self.profile,
-        }
+            model_ema: None,
+            mixing: Default::default(),
+            auto_augment: None,
+            random_erase: 0.0,
+            accum_steps: 1,
+            tensorboard: false,
+        };
+        self.recipe.configure(&mut config);
+        config
     }
 }
 
@@ -358,6 +372,7 @@ const FREE_ON_AUTO_RESUME: &[&str] = &[
     "data_dir",
     "out",
     "world_size",
+    "tensorboard",
 ];
 
 impl HyperOpts {
@@ -401,7 +416,7 @@ pub fn resume(
         .collect();
     if !changed.is_empty() {
         return Err(usage(format!(
-            "{} would change the run that --resume {} continues (it keeps its recorded settings; --epochs, --early-stop, --keep, --device and --data-dir may be given); start a new run with --out for different settings",
+            "{} would change the run that --resume {} continues (it keeps its recorded settings; --epochs, --early-stop, --keep, --device, --data-dir and --tensorboard may be given); start a new run with --out for different settings",
             changed.join(", "),
             path.display()
         )));
@@ -473,6 +488,7 @@ fn continued_config(
     }
     config.device = device_name(device);
     config.profile = h.profile;
+    config.tensorboard |= h.recipe.tensorboard;
     config.cuda_graphs = h
         .numerics
         .request(Some(&h.graphs), config.fused)
@@ -508,6 +524,7 @@ pub fn execute(
             ));
         }
         config.world_size = world.size;
+        settle_ema(&mut config);
     }
     let run_dir = RunDir {
         dir: config.out.clone(),
@@ -552,40 +569,9 @@ pub fn execute(
     if !quiet {
         print_header(&trainer, &dataset, world);
     }
-    let summary = trainer.fit(&mut EpochBars::new(quiet))?;
+    let summary = trainer.fit(&mut EpochBars::new(quiet, h.recipe.log_interval))?;
     if !world.is_main() {
         return Ok(());
     }
-    report(&summary, json)
-}
-
-fn report(s: &TrainSummary, json: bool) -> Result<()> {
-    if json {
-        return print_json(s);
-    }
-    let mut text = format!(
-        "trained {} epoch{}; files in {}\n",
-        s.epochs,
-        if s.epochs == 1 { "" } else { "s" },
-        s.out.display()
-    );
-    if let Some(best) = s.stopped_early {
-        text += &format!(
-            "stopped early: no better val top-1 than epoch {best}'s in the {} since\n",
-            match s.epochs - best {
-                1 => "epoch".to_string(),
-                n => format!("{n} epochs"),
-            }
-        );
-    }
-    if let Some(m) = &s.final_metrics {
-        text += &format!(
-            "final: test top-1 {:.2}%  top-5 {:.2}%  loss {:.4}  (train acc {:.2}%)\n",
-            m.test_top1, m.test_top5, m.test_loss, m.train_acc
-        );
-    }
-    if let (Some(b), Some(path)) = (s.best_top1, &s.best) {
-        text += &format!("best test top-1 {b:.2}% -> {}\n", path.display());
-    }
-    print_out(&text)
+    super::progress::report(&summary, json)
 }

@@ -5,6 +5,7 @@
 use tch::{Device, Kind, Tensor};
 
 use super::Split;
+use super::auto_augment::{Policy, auto_augment};
 use super::image::centre_offset;
 
 /// Crops `x` (`B x C x H x W`, any dtype) after zero-padding it by `pad` on
@@ -336,6 +337,9 @@ pub struct Preprocess {
     pub norm: Normalizer,
     /// Training batches get the evaluation transform (`--no-augment`).
     pub plain_training: bool,
+    /// Training batches get AutoAugment after the crop and flip (or, with
+    /// `plain_training`, after the evaluation crop), before normalization.
+    pub auto_augment: Option<Policy>,
 }
 
 impl Preprocess {
@@ -345,7 +349,21 @@ impl Preprocess {
             input,
             norm,
             plain_training: false,
+            auto_augment: None,
         }
+    }
+
+    /// `--auto-augment` on a training batch (rounded to uint8 first where
+    /// resizing made it float, as PIL's crops are whole pixels).
+    fn auto(&self, x: Tensor) -> Tensor {
+        let Some(policy) = self.auto_augment else {
+            return x;
+        };
+        let x = match x.kind() {
+            Kind::Uint8 => x,
+            _ => x.round().clamp(0.0, 255.0).to_kind(Kind::Uint8),
+        };
+        auto_augment(&x, policy)
     }
 
     fn resize(&self, x: Tensor) -> Tensor {
@@ -360,12 +378,13 @@ impl Preprocess {
     /// None for images that fill the batch (CIFAR, predict's crops).
     pub fn train(&self, x: &Tensor, layout: Option<&Tensor>) -> Tensor {
         if self.plain_training {
-            return self.eval(x, layout);
+            return self.evaluation(x, layout, true);
         }
         match (self.augment, layout) {
             (Augment::CropFlip { padding }, _) => {
                 let x = squares(x, layout);
-                self.resize(self.norm.apply(&random_crop_flip(&x, padding)))
+                let x = self.auto(random_crop_flip(&x, padding));
+                self.resize(self.norm.apply(&x))
             }
             (Augment::ResizedCrop, layout) => {
                 let whole;
@@ -376,19 +395,31 @@ impl Preprocess {
                         &whole
                     }
                 };
-                self.norm
-                    .apply(&random_canvas_crop_flip(x, layout, self.input))
+                let x = self.auto(random_canvas_crop_flip(x, layout, self.input));
+                self.norm.apply(&x)
             }
         }
     }
 
     pub fn eval(&self, x: &Tensor, layout: Option<&Tensor>) -> Tensor {
+        self.evaluation(x, layout, false)
+    }
+
+    /// The evaluation transform; with `training`, `--auto-augment` before
+    /// normalization (`--no-augment` leaves out only the crops and flips).
+    fn evaluation(&self, x: &Tensor, layout: Option<&Tensor>, training: bool) -> Tensor {
+        let auto = |x: Tensor| match training {
+            true => self.auto(x),
+            false => x,
+        };
         match (self.augment, layout) {
-            (Augment::CropFlip { .. }, _) => self.resize(self.norm.apply(&squares(x, layout))),
+            (Augment::CropFlip { .. }, _) => {
+                self.resize(self.norm.apply(&auto(squares(x, layout))))
+            }
             (Augment::ResizedCrop, Some(l)) => self
                 .norm
-                .apply(&center_crop(&canvas_centre(x, l), self.input)),
-            (Augment::ResizedCrop, None) => self.norm.apply(&center_crop(x, self.input)),
+                .apply(&auto(center_crop(&canvas_centre(x, l), self.input))),
+            (Augment::ResizedCrop, None) => self.norm.apply(&auto(center_crop(x, self.input))),
         }
     }
 

@@ -3,11 +3,13 @@
 //! shim: `augment` turns uint8 batches into the model's fp32 input.
 
 pub mod augment;
+pub mod auto_augment;
 pub mod cifar;
 pub mod digits;
 pub mod download;
 pub mod folder;
 pub mod image;
+pub mod mix;
 
 use tch::{Device, Tensor};
 

@@ -7,9 +7,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::choice::Choice;
 use crate::data::augment::Augment;
+use crate::data::auto_augment::Policy;
+use crate::data::mix::Mixing;
 use crate::model::ModelSpec;
 use crate::numerics::{NumericsRequest, Precision};
 use crate::optim::OptimizerConfig;
+
+use super::ema::EmaConfig;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -176,6 +180,36 @@ pub struct TrainConfig {
     /// epochs in a row.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub early_stop: Option<usize>,
+    /// An exponential moving average of the weights (`--model-ema`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_ema: Option<EmaConfig>,
+    /// Batch mixing (`--mixup-alpha`, `--cutmix-alpha`; 0 is off).
+    #[serde(default, skip_serializing_if = "Mixing::is_off")]
+    pub mixing: Mixing,
+    /// AutoAugment's policy for training images (`--auto-augment`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_augment: Option<Policy>,
+    /// Random erasing's probability per training image (0 is off).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub random_erase: f64,
+    /// Batches whose gradients make one optimizer step.
+    #[serde(default = "default_one", skip_serializing_if = "is_one")]
+    pub accum_steps: usize,
+    /// TensorBoard event files in the run directory.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub tensorboard: bool,
+}
+
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
+}
+
+fn is_one(v: &usize) -> bool {
+    *v == 1
+}
+
+fn is_false(v: &bool) -> bool {
+    !*v
 }
 
 fn default_precision() -> Precision {
@@ -304,6 +338,12 @@ mod tests {
             keep: Keep::Best,
             clip_grad_norm: None,
             early_stop: None,
+            model_ema: None,
+            mixing: Mixing::default(),
+            auto_augment: None,
+            random_erase: 0.0,
+            accum_steps: 1,
+            tensorboard: false,
         }
     }
 

@@ -4,7 +4,8 @@
 //!   the resume state; `run_dir`: the files of a run;
 //! - `step`: the forward-loss-accuracy computation both steps share;
 //!   `graphed`: the CUDA-graph step; `profile`: `--profile`'s timings;
-//!   `curves`: `curves.svg`.
+//!   `curves`: `curves.svg`; `confusion`: `confusion.svg`; `ema`: `--model-ema`'s average;
+//!   `epoch_end`: evaluation and the files of each finished epoch.
 //!
 //! Exact resume comes from the randomness being a function of the position:
 //! each epoch's permutation is drawn after seeding with (seed, epoch), and
@@ -13,7 +14,10 @@
 //! run drew.
 
 pub mod config;
+pub mod confusion;
 pub mod curves;
+pub mod ema;
+mod epoch_end;
 pub mod graphed;
 pub mod profile;
 pub mod run_dir;
@@ -24,20 +28,22 @@ pub mod step;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use tch::{Device, Kind, Tensor};
 
 use crate::Interrupted;
 use crate::data::augment::{Normalizer, Preprocess};
+use crate::data::mix::random_erase;
 use crate::data::{Dataset, Split};
 use crate::dist::World;
-use crate::eval::{EvalGraph, evaluate};
-use crate::infer::Layerwise;
+use crate::eval::EvalGraph;
+use crate::formats::tfevents::EventWriter;
 use crate::model::Vgg;
 use crate::numerics::{Numerics, Precision};
-use crate::optim::{LossScaler, Optimizer};
+use crate::optim::{Gradients, LossScaler, Optimizer};
 use crate::shim;
 use config::{Keep, TrainConfig};
+use ema::Ema;
 use graphed::{GraphedStep, StepParts};
 use profile::{StepProfile, StepTimer};
 use start::{build_optimizer, join_world, start_state};
@@ -70,6 +76,19 @@ pub fn position_seed(seed: u64, epoch: usize, step: usize) -> i64 {
     ((z ^ (z >> 31)) >> 1) as i64
 }
 
+/// How a run's batches become the model's input: the dataset's
+/// normalization, the run's augmentation.
+fn preprocess(config: &TrainConfig, data: &Dataset, device: Device) -> Preprocess {
+    let mut pre = Preprocess::new(
+        config.augment,
+        config.input_size,
+        Normalizer::new(data.mean, data.std, device),
+    );
+    pre.plain_training = config.no_augment;
+    pre.auto_augment = config.auto_augment;
+    pre
+}
+
 /// The step position whose seed draws an epoch's permutation.
 const PERMUTATION_STEP: usize = usize::MAX;
 
@@ -84,6 +103,15 @@ pub struct Trainer<'a> {
     pre: Preprocess,
     graph: Option<GraphedStep>,
     eval_graph: Option<EvalGraph>,
+    /// `--model-ema`: the moving average of the weights, and its own
+    /// evaluation graph (CUDA graphs).
+    ema: Option<Ema>,
+    ema_eval_graph: Option<EvalGraph>,
+    /// Gradient accumulation: the gradients of the batches so far of the
+    /// optimizer step under way.
+    accumulated: Option<Gradients>,
+    /// `--tensorboard`: this process's event file, from the first epoch it ends.
+    events: Option<EventWriter>,
     profile: StepProfile,
     run_dir: RunDir,
     stop: &'a AtomicBool,
@@ -112,12 +140,7 @@ impl<'a> Trainer<'a> {
                 data.source
             );
         }
-        let mut pre = Preprocess::new(
-            config.augment,
-            config.input_size,
-            Normalizer::new(data.mean, data.std, device),
-        );
-        pre.plain_training = config.no_augment;
+        let pre = preprocess(&config, data, device);
         let run_dir = RunDir {
             dir: config.out.clone(),
         };
@@ -131,17 +154,28 @@ impl<'a> Trainer<'a> {
             [train.len(), test.len()],
         )?;
         let mut opt = build_optimizer(&mut model, &numerics, &state.config);
-        let (graph, eval_graph) = if numerics.cuda_graphs {
-            let classes = state.config.model.classes;
-            (
-                Some(GraphedStep::new(device)?),
-                Some(EvalGraph::new(device, classes)?),
-            )
-        } else {
-            (None, None)
+        let classes = state.config.model.classes;
+        let eval_graph = |on: bool| -> Result<Option<EvalGraph>> {
+            Ok(match on && numerics.cuda_graphs {
+                true => Some(EvalGraph::new(device, classes)?),
+                false => None,
+            })
         };
-        if let Some((source, tensors)) = resume_tensors {
+        let (graph, eval_graph, ema_eval_graph) = (
+            match numerics.cuda_graphs {
+                true => Some(GraphedStep::new(device)?),
+                false => None,
+            },
+            eval_graph(true)?,
+            eval_graph(state.config.model_ema.is_some())?,
+        );
+        let mut ema = state.config.model_ema.map(|c| Ema::new(&model, c));
+        if let Some((source, mut tensors)) = resume_tensors {
             opt.load_state(&source, &tensors, state.optimizer_steps)?;
+            if let Some(ema) = &mut ema {
+                ema.load(&source, &model, &mut tensors)?;
+                ema.n_averaged = state.ema_averaged.unwrap_or(0);
+            }
         }
         if numerics.precision == Precision::Fp16 {
             opt.enable_loss_scaling(state.scaler.get_or_insert_with(LossScaler::default));
@@ -156,6 +190,10 @@ impl<'a> Trainer<'a> {
             pre,
             graph,
             eval_graph,
+            ema,
+            ema_eval_graph,
+            accumulated: None,
+            events: None,
             profile: StepProfile::default(),
             run_dir,
             stop,
@@ -180,40 +218,6 @@ impl<'a> Trainer<'a> {
             seen: sums[2].round() as i64,
             seconds: time[0],
         })
-    }
-
-    /// Writes the resume point (rank 0): inside an epoch, weights, optimizer
-    /// state and `TrainState` in one file; at an epoch's end, the weights
-    /// into `last.safetensors` and the rest beside them. Every rank calls it
-    /// (the epoch's sums are taken across ranks).
-    fn save_resume(&self, at_epoch_end: bool) -> Result<()> {
-        let partial = self.global_partial()?;
-        if !self.world.is_main() {
-            return Ok(());
-        }
-        let meta = self
-            .state
-            .meta(
-                self.state.history.len(),
-                self.state.history.last().map(|m| m.test_top1),
-            )
-            .to_metadata();
-        let mut state = self.state.clone();
-        state.partial = partial;
-        state.optimizer_steps = self.opt.steps();
-        if let Some(scaler) = self.opt.loss_scaler() {
-            state.scaler = Some(scaler);
-        }
-        let weights = self.model.state_dict();
-        let optimizer = self.opt.state_tensors();
-        if at_epoch_end {
-            return self
-                .run_dir
-                .save_epoch_point(&weights, meta, &optimizer, &state);
-        }
-        let mut tensors = weights;
-        tensors.extend(optimizer);
-        self.run_dir.save_resume(&tensors, meta, &state)
     }
 
     /// Trains until `config.epochs`, or until Ctrl-C (then `Interrupted`).
@@ -245,109 +249,6 @@ impl<'a> Trainer<'a> {
         })
     }
 
-    /// After an epoch's steps: evaluation, its record, the checkpoints, the
-    /// metrics and the curves.
-    fn end_epoch(&mut self, obs: &mut dyn Observer) -> Result<EpochMetrics> {
-        let epoch = self.state.epoch;
-        obs.evaluating(self.test.len() as usize);
-        // As DDP broadcasts buffers: every rank evaluates, and rank 0
-        // saves, rank 0's running statistics.
-        let buffers = self.model.entries();
-        self.world
-            .broadcast_all(buffers.iter().filter(|e| !e.is_param).map(|e| e.tensor))?;
-        let net = Layerwise {
-            model: &self.model,
-            numerics: &self.numerics,
-        };
-        let eval = evaluate(
-            &net,
-            self.state.config.model.classes,
-            &self.test,
-            self.state.config.test_batch_size,
-            &self.pre,
-            self.eval_graph.as_mut(),
-            self.world,
-        )?;
-        let p = self.global_partial()?;
-        let m = EpochMetrics {
-            epoch: epoch + 1,
-            lr: self.state.config.lr_at(epoch),
-            train_loss: p.mean_loss(),
-            train_acc: p.accuracy(),
-            test_loss: eval.loss,
-            test_top1: eval.top1,
-            test_top5: eval.top5,
-            images_per_s: p.images_per_s(),
-            seconds: p.seconds,
-            profile: self
-                .state
-                .config
-                .profile
-                .then(|| std::mem::take(&mut self.profile)),
-            loss_scale: self.opt.loss_scaler().map(|s| s.scale),
-            ran_as: self.ran_as(),
-            peak_gpu_bytes: shim::peak_memory(self.model.device(), false)?,
-        };
-        self.state.history.push(m.clone());
-        self.state.epoch += 1;
-        self.state.step = 0;
-        self.state.partial = Partial::default();
-        self.save_epoch(&m, obs)?;
-        Ok(m)
-    }
-
-    /// The files of a finished epoch (rank 0): `last`, `best` when it is,
-    /// the resume point, the metrics and the curves.
-    fn save_epoch(&mut self, m: &EpochMetrics, obs: &mut dyn Observer) -> Result<()> {
-        let best = self.state.best_top1.is_none_or(|b| m.test_top1 > b);
-        if best {
-            self.state.best_top1 = Some(m.test_top1);
-        }
-        self.save_resume(true)?;
-        if !self.world.is_main() {
-            return Ok(());
-        }
-        self.keep_files(best)?;
-        self.run_dir.write_metrics(&self.state.history)?;
-        let curves = self.run_dir.curves();
-        let c = &self.state.config;
-        let title = format!(
-            "{}: {} on {}",
-            self.run_dir.dir.display(),
-            c.model.model_name(),
-            c.dataset
-        );
-        if let Err(e) = curves::curves(&curves, &title, &self.state.history) {
-            // A plot is a convenience; its failure must not end a run.
-            obs.warn(&format!("could not draw {}: {e:#}", curves.display()));
-        }
-        Ok(())
-    }
-
-    /// The weight files `--keep` asks for beside `last` (just written):
-    /// `best` when this epoch is, the epoch's own file when kept, and no
-    /// epoch file any more that the policy no longer keeps.
-    fn keep_files(&self, best: bool) -> Result<()> {
-        let keep = self.state.config.keep;
-        let run = &self.run_dir;
-        if best && keep != Keep::Last {
-            run.keep_last_as(&run.best())?;
-        }
-        let top1: Vec<f64> = self.state.history.iter().map(|m| m.test_top1).collect();
-        let kept = keep.epoch_files(&top1);
-        if kept.contains(&top1.len()) {
-            run.keep_last_as(&run.epoch_file(top1.len()))?;
-        }
-        for epoch in run.kept_epochs() {
-            if !kept.contains(&epoch) {
-                let path = run.epoch_file(epoch);
-                std::fs::remove_file(&path)
-                    .with_context(|| format!("removing {}", path.display()))?;
-            }
-        }
-        Ok(())
-    }
-
     fn train_one_epoch(&mut self, obs: &mut dyn Observer) -> Result<()> {
         let cfg = self.state.config.clone();
         let epoch = self.state.epoch;
@@ -368,9 +269,12 @@ impl<'a> Trainer<'a> {
         let report_every = if dev == Device::Cpu { 1 } else { 25 };
         let mut pending: Vec<Pending> = Vec::new();
         let mut clock = Instant::now();
+        let k = cfg.accum_steps.max(1);
         while self.state.step < steps {
             let step = self.state.step;
-            if self.world.any(self.stop.load(Ordering::SeqCst))? {
+            // Gradient accumulation stops only between optimizer steps, so
+            // a resume point never holds half-summed gradients.
+            if step.is_multiple_of(k) && self.world.any(self.stop.load(Ordering::SeqCst))? {
                 self.save_resume(false)?;
                 return Err(Interrupted(format!(
                     "interrupted at epoch {}, step {step}; resume with --resume {}",
@@ -382,7 +286,11 @@ impl<'a> Trainer<'a> {
             tch::manual_seed(position_seed(seed, epoch, step));
             let start = step as i64 * b;
             let len = b.min(n - start);
-            let (loss, correct) = self.step(&perm.narrow(0, start, len), len == b)?;
+            let updates = (step + 1).is_multiple_of(k) || step + 1 == steps;
+            let (loss, correct) = self.step(&perm.narrow(0, start, len), len == b, updates)?;
+            if updates && let Some(ema) = &mut self.ema {
+                ema.after_step(&self.model, epoch, step / k, cfg.warmup_epochs);
+            }
             self.profile.steps += 1;
             pending.push(Pending {
                 step,
@@ -405,19 +313,24 @@ impl<'a> Trainer<'a> {
         Ok(())
     }
 
-    /// One step on the examples `idx` of the training split: through the
-    /// CUDA graph when there is one and the batch is `full`, else eagerly.
-    fn step(&mut self, idx: &Tensor, full: bool) -> Result<(Tensor, Tensor)> {
-        let lr = self.state.config.lr_at(self.state.epoch);
+    /// One step on the examples `idx` of the training split (random
+    /// erasing and mixing after the transform, as torchvision's reference
+    /// does them): through the CUDA graph when there is one, the batch is
+    /// `full` and every batch is an optimizer step, else eagerly; the
+    /// optimizer updates when `updates` (the last batch of an accumulation).
+    fn step(&mut self, idx: &Tensor, full: bool, updates: bool) -> Result<(Tensor, Tensor)> {
+        let cfg = &self.state.config;
+        let lr = cfg.lr_at(self.state.epoch);
         let batch = self.train.select(idx);
-        let timer = StepTimer::start(self.state.config.profile, self.train.images.device());
-        let x = self.pre.batch(&batch, true);
+        let timer = StepTimer::start(cfg.profile, self.train.images.device());
+        let x = random_erase(&self.pre.batch(&batch, true), cfg.random_erase);
+        let (x, y) = cfg.mixing.apply(&x, &batch.labels, cfg.model.classes);
         let timer = timer.lap(&mut self.profile.data);
-        let y = &batch.labels;
+        let whole_steps = cfg.accum_steps <= 1;
         match self.graph.take() {
-            Some(mut g) if full => {
+            Some(mut g) if full && whole_steps => {
                 let out = if g.warming_up() {
-                    g.eager(|| self.eager_step(&x, y, lr, None))
+                    g.eager(|| self.eager_step(&x, &y, lr, None, true))
                 } else {
                     let parts = StepParts {
                         model: &self.model,
@@ -425,7 +338,7 @@ impl<'a> Trainer<'a> {
                         opt: &mut self.opt,
                         label_smoothing: self.state.config.label_smoothing,
                     };
-                    g.step(parts, &x, y, lr)
+                    g.step(parts, &x, &y, lr)
                 };
                 self.graph = Some(g);
                 let out = out?;
@@ -436,12 +349,14 @@ impl<'a> Trainer<'a> {
             g => {
                 // The last, partial batch runs eagerly.
                 self.graph = g;
-                self.eager_step(&x, y, lr, Some(timer))
+                self.eager_step(&x, &y, lr, Some(timer), updates)
             }
         }
     }
 
-    /// One training step, op by op: forward, loss, backward, update. Returns
+    /// One training step, op by op: forward, loss, backward and, when
+    /// `updates`, the update (else the gradients add up for a later one;
+    /// with accumulation each batch's loss counts 1/accum_steps). Returns
     /// the loss and the number of correct predictions (on the device).
     fn eager_step(
         &mut self,
@@ -449,6 +364,7 @@ impl<'a> Trainer<'a> {
         y: &Tensor,
         lr: f64,
         timer: Option<StepTimer>,
+        updates: bool,
     ) -> Result<(Tensor, Tensor)> {
         let Forward { loss, correct } = forward_loss(
             &self.model,
@@ -460,8 +376,17 @@ impl<'a> Trainer<'a> {
         // SyncBatchNorm's collectives report a failure here, before backward.
         self.world.check()?;
         let timer = timer.map(|t| t.lap(&mut self.profile.forward));
+        let k = self.state.config.accum_steps.max(1);
+        let share = match k {
+            1 => loss.shallow_clone(),
+            _ => &loss / k as f64,
+        };
+        let grads = self.opt.backward_adding(&share, self.accumulated.take());
+        if !updates {
+            self.accumulated = Some(grads);
+            return Ok((loss.detach(), correct));
+        }
         self.opt.prepare(lr);
-        let grads = self.opt.backward(&loss);
         let world = self.world;
         self.opt.reduce_gradients(&grads, |g| world.average(g))?;
         let timer = timer.map(|t| t.lap(&mut self.profile.backward));

@@ -45,6 +45,30 @@ impl RunDir {
     pub fn curves(&self) -> PathBuf {
         self.dir.join("curves.svg")
     }
+    pub fn confusion(&self) -> PathBuf {
+        self.dir.join("confusion.svg")
+    }
+    /// `--model-ema`: the moving average of the weights at the last epoch's end.
+    pub fn ema(&self) -> PathBuf {
+        self.dir.join("ema.safetensors")
+    }
+    fn ema_pending(&self) -> PathBuf {
+        self.dir.join("ema.pending.safetensors")
+    }
+    /// TensorBoard's event files (`--tensorboard`), one per process.
+    fn event_files(&self) -> Vec<PathBuf> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.starts_with("events.out.tfevents.") && name.ends_with(".vggctl")
+            })
+            .map(|e| e.path())
+            .collect()
+    }
     /// The next `last.safetensors` while the resume point that needs it is
     /// written (found there if a run was killed between the two renames).
     fn last_pending(&self) -> PathBuf {
@@ -84,8 +108,12 @@ impl RunDir {
             self.best(),
             self.resume(),
             self.curves(),
+            self.confusion(),
+            self.ema(),
+            self.ema_pending(),
         ];
         files.extend(self.kept_epochs().into_iter().map(|e| self.epoch_file(e)));
+        files.extend(self.event_files());
         files
     }
 
@@ -191,28 +219,39 @@ impl RunDir {
         write_safetensors(&self.resume(), tensors, &meta)
     }
 
-    /// An epoch's end: the weights into `last.safetensors` and a resume
-    /// point beside it that holds only what `last` does not (the optimizer
-    /// state and `state`), so no weights are stored twice. Safe against a
-    /// kill at any moment: the weights are written under a pending name
-    /// first, then the resume point naming them, then renamed into place;
-    /// [`read_resume`] finds them under either name.
+    /// An epoch's end: the weights into `last.safetensors` (their moving
+    /// average, if any, into `ema.safetensors`) and a resume point beside
+    /// them that holds only what they do not (the optimizer state and
+    /// `state`), so no weights are stored twice. Safe against a kill at any
+    /// moment: the weights are written under pending names first, then the
+    /// resume point naming them, then renamed into place; [`read_resume`]
+    /// finds them under either name.
     pub fn save_epoch_point(
         &self,
         weights: &[(String, Tensor)],
+        ema: Option<&[(String, Tensor)]>,
         meta: HashMap<String, String>,
         optimizer: &[(String, Tensor)],
         state: &TrainState,
     ) -> Result<()> {
         let point = state.point_id();
-        let mut last_meta = meta.clone();
-        last_meta.insert(POINT_KEY.into(), point.clone());
-        write_safetensors(&self.last_pending(), weights, &last_meta)?;
+        let mut file_meta = meta.clone();
+        file_meta.insert(POINT_KEY.into(), point.clone());
+        write_safetensors(&self.last_pending(), weights, &file_meta)?;
+        if let Some(ema) = ema {
+            write_safetensors(&self.ema_pending(), ema, &file_meta)?;
+        }
         let mut state = state.clone();
         state.weights_in_last = Some(point);
         self.save_resume(optimizer, meta, &state)?;
-        std::fs::rename(self.last_pending(), self.last())
-            .with_context(|| format!("renaming {}", self.last_pending().display()))
+        let mut renames = vec![(self.last_pending(), self.last())];
+        if ema.is_some() {
+            renames.push((self.ema_pending(), self.ema()));
+        }
+        for (from, to) in renames {
+            std::fs::rename(&from, to).with_context(|| format!("renaming {}", from.display()))?;
+        }
+        Ok(())
     }
 
     /// `last.safetensors` also as `target` (best, an epoch's file): a hard
@@ -287,23 +326,38 @@ pub fn read_resume(path: &Path) -> Result<(TrainState, BTreeMap<String, Tensor>)
         let run = RunDir {
             dir: file.parent().map(Path::to_path_buf).unwrap_or_default(),
         };
-        tensors.extend(weights_of_point(&run, point, &file)?);
+        tensors.extend(weights_of_point(
+            [run.last(), run.last_pending()],
+            point,
+            &file,
+        )?);
+        if state.config.model_ema.is_some() {
+            let ema = weights_of_point([run.ema(), run.ema_pending()], point, &file)?;
+            tensors.extend(
+                ema.into_iter()
+                    .map(|(k, v)| (format!("{}{k}", super::ema::PREFIX), v)),
+            );
+        }
     }
     Ok((state, tensors))
 }
 
-/// The weights of resume point `point`: `last.safetensors` if it is
-/// theirs, else the pending file a save killed before its rename left
-/// (renamed into place now).
-fn weights_of_point(run: &RunDir, point: &str, resume: &Path) -> Result<BTreeMap<String, Tensor>> {
-    for candidate in [run.last(), run.last_pending()] {
+/// The weights of resume point `point` from `[file, pending]`: the file
+/// if it is theirs, else the pending one a save killed before its rename
+/// left (renamed into place now).
+fn weights_of_point(
+    [file, pending]: [PathBuf; 2],
+    point: &str,
+    resume: &Path,
+) -> Result<BTreeMap<String, Tensor>> {
+    for candidate in [&file, &pending] {
         if !candidate.exists() {
             continue;
         }
-        let sd = read_safetensors(&candidate)?;
+        let sd = read_safetensors(candidate)?;
         if sd.metadata.get(POINT_KEY).map(String::as_str) == Some(point) {
-            if candidate == run.last_pending() {
-                std::fs::rename(&candidate, run.last())
+            if *candidate == pending {
+                std::fs::rename(candidate, &file)
                     .with_context(|| format!("renaming {}", candidate.display()))?;
             }
             return Ok(sd.tensors);
@@ -312,7 +366,7 @@ fn weights_of_point(run: &RunDir, point: &str, resume: &Path) -> Result<BTreeMap
     bail!(
         "{}: its weights are those of {} (resume point {point}), which is missing or holds other weights",
         resume.display(),
-        run.last().display()
+        file.display()
     )
 }
 

@@ -48,6 +48,7 @@ pub fn start_state(
             history: Vec::new(),
             run_id: TrainState::new_run_id(),
             weights_in_last: None,
+            ema_averaged: None,
         };
         return Ok((state, None));
     };
@@ -63,7 +64,7 @@ pub fn start_state(
     }
     let weights: BTreeMap<String, Tensor> = tensors
         .iter()
-        .filter(|(k, _)| !k.starts_with("optimizer."))
+        .filter(|(k, _)| !k.starts_with("optimizer.") && !k.starts_with(super::ema::PREFIX))
         .map(|(k, v)| (k.clone(), v.shallow_clone()))
         .collect();
     model.load_state_dict(&source, &weights, Values::FiniteOnly)?;

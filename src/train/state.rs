@@ -24,6 +24,9 @@ pub struct EpochMetrics {
     pub test_loss: f64,
     pub test_top1: f64,
     pub test_top5: f64,
+    /// `--model-ema`: the moving average's validation figures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ema: Option<EmaMetrics>,
     pub images_per_s: f64,
     pub seconds: f64,
     /// With `--profile`: where the training steps' time went.
@@ -38,6 +41,14 @@ pub struct EpochMetrics {
     /// CUDA: the most memory tensors held during the epoch (training and evaluation).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peak_gpu_bytes: Option<i64>,
+}
+
+/// The validation figures of the weights' moving average.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct EmaMetrics {
+    pub loss: f64,
+    pub top1: f64,
+    pub top5: f64,
 }
 
 /// Running sums of the epoch in progress (saved on interrupt).
@@ -88,6 +99,9 @@ pub struct TrainState {
     /// holds (the resume file then holds none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weights_in_last: Option<String>,
+    /// `--model-ema`: how many updates the average has had.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ema_averaged: Option<i64>,
 }
 
 impl TrainState {
@@ -114,6 +128,28 @@ impl TrainState {
         }
         if !(0.0..1.0).contains(&c.label_smoothing) {
             bail!("label_smoothing {} is not in [0, 1)", c.label_smoothing);
+        }
+        if c.accum_steps < 1 {
+            bail!("accum_steps {} must be at least 1", c.accum_steps);
+        }
+        if let Some(e) = &c.model_ema
+            && !(e.steps >= 1 && (0.0..=1.0).contains(&e.update_decay))
+        {
+            bail!(
+                "model_ema steps {} must be at least 1 and its decay {} in [0, 1]",
+                e.steps,
+                e.update_decay
+            );
+        }
+        let m = &c.mixing;
+        let finite = m.mixup_alpha.is_finite() && m.cutmix_alpha.is_finite();
+        if !(finite && (0.0..=1.0).contains(&c.random_erase)) {
+            bail!(
+                "mixup/cutmix alphas {} and {} must be finite, random_erase {} in [0, 1]",
+                m.mixup_alpha,
+                m.cutmix_alpha,
+                c.random_erase
+            );
         }
         if self.epoch > c.epochs {
             bail!("epoch {} is past the run's {} epochs", self.epoch, c.epochs);

@@ -14,7 +14,9 @@ pub struct Forward {
     pub correct: Tensor,
 }
 
-/// Training-mode forward pass of `model` on the fp32 batch `x` with labels `y`.
+/// Training-mode forward pass of `model` on the fp32 batch `x` with labels
+/// `y`: class indices, or (mixed batches) one probability row per image,
+/// whose largest entry counts as the class for accuracy.
 pub fn forward_loss(
     model: &Vgg,
     numerics: &Numerics,
@@ -24,6 +26,10 @@ pub fn forward_loss(
 ) -> Forward {
     let logits = numerics.forward(model, x, true);
     let loss = logits.cross_entropy_loss::<Tensor>(y, None, Reduction::Mean, -100, label_smoothing);
-    let correct = logits.argmax(-1, false).eq_tensor(y).sum(Kind::Int64);
+    let target = match y.dim() {
+        2 => y.argmax(-1, false),
+        _ => y.shallow_clone(),
+    };
+    let correct = logits.argmax(-1, false).eq_tensor(&target).sum(Kind::Int64);
     Forward { loss, correct }
 }

@@ -1,0 +1,156 @@
+//! The training options of torchvision's reference recipe and timm beyond
+//! the CIFAR basics (`train` and `finetune` share them): the weights'
+//! moving average, AutoAugment, MixUp/CutMix, random erasing, gradient
+//! accumulation,
+//! and the run's TensorBoard events and log lines.
+
+use anyhow::Result;
+use vggctl::data::auto_augment::Policy;
+use vggctl::data::mix::Mixing;
+use vggctl::train::config::TrainConfig;
+use vggctl::train::ema::EmaConfig;
+
+use super::opts::choice;
+use super::output::usage;
+use super::progress::LogInterval;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct RecipeOpts {
+    /// Keep an exponential moving average of the weights (torchvision's
+    /// reference --model-ema): evaluated after every epoch beside the
+    /// weights and saved as ema.safetensors.
+    #[arg(long, help_heading = "Optimizer")]
+    pub model_ema: bool,
+    /// Optimizer steps between updates of the average.
+    #[arg(
+        long,
+        default_value_t = 32,
+        value_name = "N",
+        help_heading = "Optimizer"
+    )]
+    pub model_ema_steps: usize,
+    /// The average's decay per optimizer step; as torchvision's recipe,
+    /// each update applies 1 - min(1, (1 - decay) * ranks * batch * steps / epochs).
+    #[arg(long, default_value_t = 0.99998, help_heading = "Optimizer")]
+    pub model_ema_decay: f64,
+    /// Sum the gradients of N batches into each optimizer step (an
+    /// effective batch of N x --batch-size; each batch's loss counts 1/N).
+    #[arg(
+        long,
+        default_value_t = 1,
+        value_name = "N",
+        help_heading = "Optimizer"
+    )]
+    pub accum_steps: usize,
+    /// MixUp: blend each training batch with itself rolled by one, in a
+    /// Beta(alpha, alpha) proportion, labels alike (torchvision's v2.MixUp); 0 is off.
+    #[arg(
+        long,
+        default_value_t = 0.0,
+        value_name = "ALPHA",
+        help_heading = "Data"
+    )]
+    pub mixup_alpha: f64,
+    /// CutMix: paste a box of the batch rolled by one (torchvision's
+    /// v2.CutMix); with --mixup-alpha too, each batch takes one of the two.
+    #[arg(
+        long,
+        default_value_t = 0.0,
+        value_name = "ALPHA",
+        help_heading = "Data"
+    )]
+    pub cutmix_alpha: f64,
+    /// AutoAugment each training image with the policy searched on this
+    /// dataset (torchvision's transforms.AutoAugment, after the crop and
+    /// flip, before normalization).
+    #[arg(long, value_name = "POLICY", value_parser = choice::<Policy>(), help_heading = "Data")]
+    pub auto_augment: Option<Policy>,
+    /// Erase a random box of each training image with this probability
+    /// (torchvision's RandomErasing after normalization); 0 is off.
+    #[arg(long, default_value_t = 0.0, value_name = "P", help_heading = "Data")]
+    pub random_erase: f64,
+    /// Write TensorBoard event files into the run directory (`tensorboard
+    /// --logdir runs`); may be turned on at --resume.
+    #[arg(long, help_heading = "Output")]
+    pub tensorboard: bool,
+    /// When stderr is not a terminal, a progress line every N steps (`50`)
+    /// or every N seconds (`30s`).
+    #[arg(
+        long,
+        default_value = "30s",
+        value_name = "N|Ns",
+        env = "VGGCTL_LOG_INTERVAL",
+        help_heading = "Output"
+    )]
+    pub log_interval: LogInterval,
+}
+
+impl RecipeOpts {
+    pub fn validate(&self) -> Result<()> {
+        if self.model_ema_steps < 1 {
+            return Err(usage("--model-ema-steps must be at least 1"));
+        }
+        if !(self.model_ema_decay > 0.0 && self.model_ema_decay < 1.0) {
+            return Err(usage(format!(
+                "--model-ema-decay {} must be between 0 and 1",
+                self.model_ema_decay
+            )));
+        }
+        if self.accum_steps < 1 {
+            return Err(usage("--accum-steps must be at least 1"));
+        }
+        for (flag, alpha) in [
+            ("--mixup-alpha", self.mixup_alpha),
+            ("--cutmix-alpha", self.cutmix_alpha),
+        ] {
+            if !(alpha >= 0.0 && alpha.is_finite()) {
+                return Err(usage(format!(
+                    "{flag} {alpha} must be a finite number, 0 or more"
+                )));
+            }
+        }
+        if !(0.0..=1.0).contains(&self.random_erase) {
+            return Err(usage(format!(
+                "--random-erase {} must be a probability in [0, 1]",
+                self.random_erase
+            )));
+        }
+        Ok(())
+    }
+
+    /// Writes these options into a new run's configuration; the average's
+    /// decay is settled by [`settle_ema`] once the ranks are known.
+    pub fn configure(&self, config: &mut TrainConfig) {
+        config.accum_steps = self.accum_steps;
+        config.model_ema = self.model_ema.then(|| {
+            EmaConfig::new(
+                self.model_ema_steps,
+                self.model_ema_decay,
+                1,
+                config.batch_size * config.accum_steps as i64,
+                config.epochs,
+            )
+        });
+        config.mixing = Mixing {
+            mixup_alpha: self.mixup_alpha,
+            cutmix_alpha: self.cutmix_alpha,
+        };
+        config.random_erase = self.random_erase;
+        config.auto_augment = self.auto_augment;
+        config.tensorboard = self.tensorboard;
+    }
+}
+
+/// A new run's moving-average decay for its number of ranks (torchvision
+/// adjusts it by the global batch: ranks × batch, here × --accum-steps).
+pub fn settle_ema(config: &mut TrainConfig) {
+    if let Some(e) = config.model_ema {
+        config.model_ema = Some(EmaConfig::new(
+            e.steps,
+            e.decay,
+            config.world_size,
+            config.batch_size * config.accum_steps as i64,
+            config.epochs,
+        ));
+    }
+}
