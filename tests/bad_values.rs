@@ -1,7 +1,7 @@
 //! Files and flags whose bytes parse but whose values cannot be used: NaN
 //! or integer weights, checkpoint metadata with a zero std or an 8-pixel
 //! input, a truncated JPEG, a resume state with batch size 0 or a step past
-//! its data, resume flags that would change the run, impossible class
+//! its data, resume flags that would change the run (ignored, named), impossible class
 //! counts and limits. Each is one error line naming the file or the flag,
 //! through the real binary.
 
@@ -308,14 +308,16 @@ fn rewrite_state(resume: &Path, edit: impl Fn(&mut serde_json::Value)) {
     write_safetensors(resume, &tensors, &meta).unwrap();
 }
 
-/// `--resume` refuses flags that would change the run, by name; a resume
-/// state with batch size 0 or a step past its data names the file.
+/// `--resume` ignores flags that would change the run, each named in a
+/// warning, and continues as recorded; a resume state with batch size 0 or
+/// a step past its data names the file.
 #[test]
 fn resume_refuses_changes_and_bad_states() {
     let tmp = common::tempdir();
     let dir = tmp.path();
     let r = common::tiny_run(dir, &["--dataset", "digits"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
+    let config = std::fs::read_to_string(dir.join("run/config.json")).unwrap();
     let r = run_in(
         dir,
         &[
@@ -326,24 +328,40 @@ fn resume_refuses_changes_and_bad_states() {
             "0.5",
             "--batch-size",
             "64",
+            "--arch",
+            "vgg13",
             "--epochs",
             "2",
+            "--quiet",
         ],
     );
-    assert_one_line_error(
-        &r,
-        2,
-        "--batch-size, --lr would change the run that --resume run continues",
-    );
-    let r = run_in(dir, &["finetune", "--resume", "run", "--arch", "vgg13"]);
-    assert_one_line_error(&r, 2, "--arch would change the run");
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let warned: Vec<&str> = r.stderr.lines().collect();
+    for (line, flag) in warned.iter().zip(["--arch", "--batch-size", "--lr"]) {
+        assert!(
+            line.starts_with(&format!(
+                "warning: {flag} is ignored: --resume run continues the run with the settings it recorded"
+            )),
+            "{}",
+            r.stderr
+        );
+    }
+    assert_eq!(warned.len(), 3, "{}", r.stderr);
+    let after: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("run/config.json")).unwrap())
+            .unwrap();
+    let before: serde_json::Value = serde_json::from_str(&config).unwrap();
+    for key in ["lr", "batch_size", "model"] {
+        assert_eq!(after[key], before[key], "{key}");
+    }
+    assert_eq!(after["epochs"], 2);
 
     // A finished run has nothing left to do without more epochs.
     let r = run_in(dir, &["train", "--resume", "run", "--quiet"]);
     assert_one_line_error(
         &r,
         1,
-        "run: the run is finished (epoch 1 of 1); give a larger --epochs to train further",
+        "run: the run is finished (epoch 2 of 2); give a larger --epochs to train further",
     );
 
     let resume = dir.join("run/resume.safetensors");
@@ -351,23 +369,23 @@ fn resume_refuses_changes_and_bad_states() {
     rewrite_state(&resume, |s| s["config"]["batch_size"] = 0.into());
     let r = run_in(
         dir,
-        &["train", "--resume", "run", "--epochs", "2", "--quiet"],
+        &["train", "--resume", "run", "--epochs", "3", "--quiet"],
     );
     assert_one_line_error(
         &r,
         1,
-        "run/resume.safetensors: bad training state: epochs 1, batch_size 0",
+        "run/resume.safetensors: bad training state: epochs 2, batch_size 0",
     );
     std::fs::write(&resume, &original).unwrap();
     rewrite_state(&resume, |s| s["step"] = 1_000_000_000.into());
     let r = run_in(
         dir,
-        &["train", "--resume", "run", "--epochs", "2", "--quiet"],
+        &["train", "--resume", "run", "--epochs", "3", "--quiet"],
     );
     assert_one_line_error(
         &r,
         1,
-        "step 1000000000 of epoch 2 is past the end of an epoch of 64 images at batch 32",
+        "step 1000000000 of epoch 3 is past the end of an epoch of 64 images at batch 32",
     );
     assert!(r.stderr.contains("run/resume.safetensors"), "{}", r.stderr);
 }

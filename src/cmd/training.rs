@@ -134,7 +134,7 @@ pub struct HyperOpts {
 
 /// What `--resume` lets a command line say: how long, where and how
 /// visibly to go on, and where the data now is; nothing the run's
-/// results depend on.
+/// results depend on (any other flag is ignored with a warning).
 const KEPT_ON_RESUME: &[&str] = &[
     "resume",
     "epochs",
@@ -408,20 +408,21 @@ pub fn resume(
     world: &World,
     fresh: Option<&TrainConfig>,
 ) -> Result<()> {
-    let changed: Vec<String> = h
+    let ignored: Vec<String> = h
         .typed
         .iter()
         .filter(|id| fresh.is_none() && !KEPT_ON_RESUME.contains(&id.as_str()))
         .map(|id| format!("--{}", id.replace('_', "-")))
         .collect();
-    if !changed.is_empty() {
-        return Err(usage(format!(
-            "{} would change the run that --resume {} continues (it keeps its recorded settings; --epochs, --early-stop, --keep, --device, --data-dir and --tensorboard may be given); start a new run with --out for different settings",
-            changed.join(", "),
-            path.display()
-        )));
-    }
     let (saved, tensors) = read_resume(path)?;
+    if world.is_main() {
+        for flag in &ignored {
+            warn(format!(
+                "{flag} is ignored: --resume {} continues the run with the settings it recorded (only --epochs, --early-stop, --keep, --device, --data-dir, --tensorboard and display options apply); start a new run with --out for different settings",
+                path.display()
+            ));
+        }
+    }
     if let Some(fresh) = fresh {
         let differ = saved.config.differing(fresh, FREE_ON_AUTO_RESUME);
         if !differ.is_empty() {
