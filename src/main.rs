@@ -53,6 +53,13 @@ fn main() -> ExitCode {
                 let sig = vggctl::shim::stop_signal().unwrap_or(2);
                 return ExitCode::from(128 + sig as u8);
             }
+            // --nproc-per-node: the ranks have spoken; exit as the failed one.
+            if let Some(f) = err.downcast_ref::<cmd::RanksFailed>() {
+                if let Some(m) = &f.message {
+                    eprintln!("vggctl: error: {m}");
+                }
+                return ExitCode::from(f.code);
+            }
             eprintln!("vggctl{who}: error: {}", one_line(&err));
             // 2 for a command line that cannot work, as clap's own errors;
             // 1 for everything that failed while running.

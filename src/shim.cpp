@@ -106,6 +106,9 @@ void vggctl_install_stop_signals() {
 
 int vggctl_stop_signal() { return g_stop_signal; }
 
+// Sends `sig` to process `pid` (the ranks `--nproc-per-node` started).
+int vggctl_send_signal(int pid, int sig) { return kill(static_cast<pid_t>(pid), sig); }
+
 // A TorchScript module (tch's handle: a torch::jit::Module*) serialized into
 // memory; `sink` receives the bytes once.
 int vggctl_jit_save_bytes(void *module, void *ctx, void (*sink)(void *, const char *, size_t),

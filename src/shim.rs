@@ -21,6 +21,7 @@ const ERR_LEN: usize = 1024;
 unsafe extern "C" {
     fn vggctl_install_stop_signals();
     fn vggctl_stop_signal() -> c_int;
+    fn vggctl_send_signal(pid: c_int, sig: c_int) -> c_int;
     fn vggctl_jit_save_bytes(
         module: *mut c_void,
         ctx: *mut c_void,
@@ -204,6 +205,13 @@ pub fn stop_signal() -> Option<i32> {
     // SAFETY: reads a sig_atomic_t.
     let sig = unsafe { vggctl_stop_signal() };
     (sig != 0).then_some(sig)
+}
+
+/// Sends signal `sig` to process `pid` (a child this process started);
+/// a process that has ended already is no error.
+pub fn send_signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) with a child's PID; it touches no memory of ours.
+    let _ = unsafe { vggctl_send_signal(pid as c_int, sig) };
 }
 
 extern "C" fn append_bytes(ctx: *mut c_void, data: *const c_char, len: usize) {

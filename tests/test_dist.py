@@ -6,12 +6,16 @@ Gloo ranks on 127.0.0.1, against the real thing:
   DistributedSampler) and dropout draws, trained two epochs by PyTorch's
   DistributedDataParallel (tests/ddp_reference.py, also under torchrun):
   final weights within 1e-5; the run's metrics count every image once;
+  the VGG11 run is launched by vggctl itself (`--nproc-per-node 2`), the
+  VGG11-BN one by torchrun;
 - evaluation: `vggctl eval` over 2 ranks reports exactly one process's
   counts, accuracies and confusion matrix (loss within 1e-6 relative: the
   ranks' partial sums are added in another order);
 - launches that cannot work end with one line each, promptly: WORLD_SIZE
   without RANK, a store nobody serves, ranks started with different models,
-  a rank killed mid-run (the survivor names it).
+  a rank killed mid-run (the survivor names it), `--nproc-per-node` under a
+  launcher, and `--nproc-per-node 2` whose ranks fail (the launcher names
+  the first and exits as it did).
 
 Every process is bounded by a timeout; ports are picked free on 127.0.0.1.
 """
@@ -75,12 +79,16 @@ def test_two_ranks_train_as_pytorch_ddp_and_evaluate_as_one_process(tmp_path, bn
     initial_weights(init, bn)
     with_bn = ["--bn"] if bn else []
     run = tmp_path / "run"
-    ours = torchrun(
-        "--no-python", BIN, "train", "--dataset", "cifar10", "--data-dir", DATA, "--no-download",
-        "--arch", "vgg11", *with_bn, "--initial-checkpoint", init, "--no-augment",
-        "--limit-train", str(LIMIT), "--limit-test", "37", "--epochs", str(EPOCHS),
-        "--batch-size", str(BATCH), "--device", "cpu", "--out", str(run),
-    )
+    train = [BIN, "train", "--dataset", "cifar10", "--data-dir", DATA, "--no-download",
+             "--arch", "vgg11", *with_bn, "--initial-checkpoint", init, "--no-augment",
+             "--limit-train", str(LIMIT), "--limit-test", "37", "--epochs", str(EPOCHS),
+             "--batch-size", str(BATCH), "--device", "cpu", "--out", str(run)]
+    if bn:
+        ours = torchrun("--no-python", *train)
+    else:
+        # vggctl as its own launcher: the same ranks, the same code path.
+        ours = subprocess.run([*train, "--nproc-per-node", "2"], capture_output=True, text=True,
+                              timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert ours.returncode == 0, ours.stderr[-3000:]
     # Only rank 0 speaks and writes.
     assert ours.stdout.count("trained 2 epochs") == 1, ours.stdout
@@ -232,6 +240,26 @@ def test_bad_launches_fail_with_one_line_and_no_hang(tmp_path):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "could not join the group" in lines[0], lines
     assert "address already in use" in lines[0].lower(), lines
+
+    # --nproc-per-node under a launcher: one usage line.
+    out = subprocess.run([BIN, *TRAIN, "--nproc-per-node", "2", "--out", str(tmp_path / "d")],
+                         env=rank_env(0, free_port()), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "vggctl: error: --nproc-per-node starts the ranks itself, but RANK says a launcher "
+        "(torchrun, srun) already did: leave one of them out"]
+
+    # Ranks that fail (no data there): each says so with its rank, and the
+    # launcher names the first and exits as it did.
+    out = subprocess.run([BIN, "train", "--dataset", "cifar10", "--data-dir", str(tmp_path / "none"),
+                          "--no-download", "--nproc-per-node", "2", "--dist-timeout", "10",
+                          "--out", str(tmp_path / "e")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert lines[-1].startswith("vggctl: error: rank ") and lines[-1].endswith(
+        "of 2 failed (exit status 1); its error is above"), lines
+    assert any(l.startswith("vggctl [rank 0/2]: error: ") for l in lines), lines
 
 
 def test_ranks_with_different_models_refuse_to_start(tmp_path):

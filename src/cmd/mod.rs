@@ -2,7 +2,9 @@
 //! its `Args` and `run`. What several share has a module of its own, which
 //! no subcommand module is: `opts` (model, numerics and CUDA-graph
 //! options), `data_opts` (datasets), `training` (the run train and finetune
-//! share), `progress` (bars on stderr), `output` (stdout and warnings).
+//! share), `recipe` (its torchvision-recipe options), `launch`
+//! (`--nproc-per-node`'s local ranks), `progress` (bars on stderr),
+//! `output` (stdout and warnings).
 //! No subcommand imports another, and none imports this module.
 
 mod data_opts;
@@ -11,6 +13,7 @@ mod export;
 mod finetune;
 mod help;
 mod info;
+mod launch;
 mod opts;
 mod output;
 mod params;
@@ -23,6 +26,7 @@ mod training;
 use anyhow::Result;
 
 use clap::{Parser, Subcommand};
+pub use launch::RanksFailed;
 pub use output::Usage;
 
 #[derive(Parser, Debug)]

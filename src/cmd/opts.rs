@@ -137,6 +137,10 @@ pub struct DistOpts {
     /// in every collective) before it fails naming the rank it lost.
     #[arg(long, default_value_t = DEFAULT_TIMEOUT.as_secs())]
     pub dist_timeout: u64,
+    /// Start N ranks of this command on this machine and wait for them
+    /// (torchrun --standalone --nproc-per-node N); not under torchrun or srun.
+    #[arg(long, value_name = "N")]
+    pub nproc_per_node: Option<usize>,
 }
 
 impl DistOpts {

@@ -7,6 +7,7 @@ use vggctl::checkpoint::load_weights;
 use vggctl::model::{Head, ModelSpec, Vgg};
 
 use super::data_opts::DataOpts;
+use super::launch::run_local_ranks;
 use super::opts::{DistOpts, ModelOpts};
 use super::output::usage;
 use super::training::{HyperOpts, Start, execute, resume};
@@ -28,6 +29,9 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let h = &args.hyper;
     h.validate(&args.data)?;
+    if let Some(n) = h.dist.nproc_per_node {
+        return run_local_ranks(n);
+    }
     let world = h.dist.world()?;
     let device = DistOpts::rank_device(args.model.device()?, &world);
     let start = h.start()?;
