@@ -14,8 +14,10 @@ Gloo ranks on 127.0.0.1, against the real thing:
 - launches that cannot work end with one line each, promptly: WORLD_SIZE
   without RANK, a store nobody serves, ranks started with different models,
   a rank killed mid-run (the survivor names it), `--nproc-per-node` under a
-  launcher, and `--nproc-per-node 2` whose ranks fail (the launcher names
-  the first and exits as it did).
+  launcher, `--nproc-per-node 2` whose ranks fail (the launcher names
+  the first and exits as it did), several ranks without `--out`, a
+  one-process run resumed on two ranks, `--resume auto` with another
+  `--lr`.
 
 Every process is bounded by a timeout; ports are picked free on 127.0.0.1.
 """
@@ -260,6 +262,33 @@ def test_bad_launches_fail_with_one_line_and_no_hang(tmp_path):
     assert lines[-1].startswith("vggctl: error: rank ") and lines[-1].endswith(
         "of 2 failed (exit status 1); its error is above"), lines
     assert any(l.startswith("vggctl [rank 0/2]: error: ") for l in lines), lines
+
+    # Several ranks need one run directory named on the command line.
+    out = subprocess.run([BIN, *TRAIN, "--nproc-per-node", "2", "--dist-timeout", "10"],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert ("vggctl [rank 0/2]: error: a data-parallel run needs --out: every rank must name the "
+            "same run directory") in out.stderr.splitlines(), out.stderr
+    assert not (tmp_path / "runs").exists()
+
+    # A run trained by one process continues only on one, and --resume auto
+    # only with the command line that started it.
+    one = tmp_path / "one"
+    small = [*TRAIN, "--arch", "vgg11", "--limit-train", "32", "--limit-test", "16", "--batch-size", "16",
+             "--epochs", "1", "--quiet", "--out", str(one)]
+    subprocess.run([BIN, *small], check=True, capture_output=True, timeout=120)
+    out = subprocess.run([BIN, "train", "--resume", str(one), "--epochs", "2", "--nproc-per-node", "2",
+                          "--dist-timeout", "10"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stderr
+    assert (f"vggctl [rank 0/2]: error: {one}: the run was trained on 1 rank and continues only on as "
+            "many (each rank's place in an epoch depends on the number of ranks); this launch has 2"
+            ) in out.stderr.splitlines(), out.stderr
+    out = subprocess.run([BIN, *small, "--resume", "auto", "--lr", "0.5"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        f"vggctl: error: {one}: --resume auto would continue this run, but its recorded lr differ "
+        "from this command line's; give another --out for a new run"]
 
 
 def test_ranks_with_different_models_refuse_to_start(tmp_path):
