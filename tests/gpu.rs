@@ -8,6 +8,11 @@
 //!   them (training and evaluation losses relative, every weight
 //!   absolute; BatchNorm counters exact) while the learning rate changes
 //!   between epochs; fp16 steps graph too;
+//! - the recipe's options on the GPU (`--model-ema`, `--auto-augment`,
+//!   `--random-erase`, `--mixup-alpha`/`--cutmix-alpha`: soft labels through
+//!   the captured step) follow the eager step as above, the average is
+//!   written, `--accum-steps 2` steps eagerly; the data time per step with
+//!   them is printed (AutoAugment runs image by image);
 //! - each precision runs and says what it ran as, with its peak memory;
 //! - fp16 loss scaling on the device (CUDA's `_amp_update_scale_` and the
 //!   skip): an overflowing step leaves parameters and state bit for bit and
@@ -215,6 +220,54 @@ fn graphed_training_follows_eager_training() {
         }
     }
     assert!(bad.is_empty(), "graphed weights differ: {bad:?}");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU (scripts/gpu-check runs it)"]
+fn recipe_options_follow_eager_training_through_the_graph() {
+    let tmp = common::tempdir();
+    let recipe = [
+        "--precision",
+        "fp32",
+        "--deterministic",
+        "--model-ema",
+        "--model-ema-steps",
+        "2",
+        "--auto-augment",
+        "cifar10",
+        "--random-erase",
+        "0.5",
+        "--mixup-alpha",
+        "0.4",
+        "--cutmix-alpha",
+        "1.0",
+    ];
+    let (e, g) = (tmp.path().join("eager"), tmp.path().join("graph"));
+    let eager = train(&e, 2, &[&recipe[..], &["--no-cuda-graphs"]].concat());
+    let graph = train(&g, 2, &[&recipe[..], &["--cuda-graphs"]].concat());
+    let rel = |x: f64, y: f64| (x - y).abs() / x.abs().max(1e-9);
+    for (a, b) in eager.iter().zip(&graph) {
+        let p = b.profile.as_ref().unwrap();
+        println!(
+            "epoch {}: train loss eager {} graphed {}; EMA top-1 {:?}; data {:.2} ms/step",
+            a.epoch,
+            a.train_loss,
+            b.train_loss,
+            b.ema.as_ref().map(|m| m.top1),
+            1000.0 * p.data / p.steps.max(1) as f64
+        );
+        assert!(rel(a.train_loss, b.train_loss) <= 1e-3, "epoch {}", a.epoch);
+        assert_eq!(p.graphed_steps, 10);
+        assert!(b.ema.is_some());
+    }
+    assert!(g.join("ema.safetensors").is_file());
+    let acc = train(
+        &tmp.path().join("accum"),
+        1,
+        &["--accum-steps", "2", "--cuda-graphs"],
+    );
+    assert_eq!(acc[0].profile.as_ref().unwrap().graphed_steps, 0);
+    assert!(acc[0].train_loss.is_finite());
 }
 
 #[test]

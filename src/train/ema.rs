@@ -58,10 +58,9 @@ impl Ema {
             .map(|e| (e.name, e.tensor))
             .collect();
         copy.map_tensors(|name, _| sources[name].detach().copy());
-        copy.freeze_features(usize::MAX);
-        copy.map_tensors(|_, t| t.detach());
         Ema {
-            model: copy,
+            // Plain tensors: the average is computed, never differentiated.
+            model: copy.into_inference(),
             config,
             n_averaged: 0,
         }

@@ -162,7 +162,8 @@ impl<'a> Trainer<'a> {
             })
         };
         let (graph, eval_graph, ema_eval_graph) = (
-            match numerics.cuda_graphs {
+            // Accumulated steps update every few batches: eager only.
+            match numerics.cuda_graphs && state.config.accum_steps <= 1 {
                 true => Some(GraphedStep::new(device)?),
                 false => None,
             },
