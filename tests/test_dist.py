@@ -346,9 +346,11 @@ def test_a_lost_rank_is_named_by_the_survivor_within_the_timeout(tmp_path, fault
 def test_a_restarted_group_continues_to_the_same_weights(tmp_path):
     """torchrun --max-restarts 1 with --resume auto: rank 1 killed in the
     second epoch, the restarted group continues from the last checkpoint
-    and ends with the uninterrupted run's weights, bit for bit."""
+    and ends with the uninterrupted run's weights and moving average
+    (restored from ema.safetensors at the epoch's end), bit for bit."""
     common = ["--no-python", BIN, *TRAIN, "--arch", "vgg11", "--limit-train", "320", "--limit-test", "16",
-              "--batch-size", "16", "--epochs", "3", "--dist-timeout", "20", "--resume", "auto"]
+              "--batch-size", "16", "--epochs", "3", "--dist-timeout", "20", "--resume", "auto",
+              "--model-ema", "--model-ema-steps", "4"]
     straight = torchrun(*common, "--out", str(tmp_path / "straight"))
     assert straight.returncode == 0, straight.stderr[-3000:]
 
@@ -378,8 +380,9 @@ def test_a_restarted_group_continues_to_the_same_weights(tmp_path):
     assert out.count("trained 3 epochs") == 1, out
     metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2, 3]
-    a = load_file(str(run / "last.safetensors"))
-    b = load_file(str(tmp_path / "straight" / "last.safetensors"))
-    assert set(a) == set(b)
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    for name in ["last.safetensors", "ema.safetensors"]:
+        a = load_file(str(run / name))
+        b = load_file(str(tmp_path / "straight" / name))
+        assert set(a) == set(b)
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{name}: {k}"

@@ -424,7 +424,12 @@ pub fn resume(
         }
     }
     if let Some(fresh) = fresh {
-        let differ = saved.config.differing(fresh, FREE_ON_AUTO_RESUME);
+        // What this launch would have started: its ranks, and (--epochs
+        // being free) the average's decay for the recorded length.
+        let mut fresh = fresh.clone();
+        (fresh.world_size, fresh.epochs) = (world.size, saved.config.epochs);
+        settle_ema(&mut fresh);
+        let differ = saved.config.differing(&fresh, FREE_ON_AUTO_RESUME);
         if !differ.is_empty() {
             bail!(
                 "{}: --resume auto would continue this run, but its recorded {} differ from this command line's; give another --out for a new run",

@@ -416,6 +416,22 @@ mod tests {
         assert!((c.lr_at(6) - 0.05).abs() < 1e-15, "half-way is lr/2");
     }
 
+    /// A resumed run continues with the very floats it started with:
+    /// config.json and the resume state give them back bit for bit
+    /// (serde_json's float_roundtrip; its default parser reads the
+    /// average's decay for 2 ranks, batch 16, 1 epoch, 0.9795199999999795,
+    /// an ulp off, which made `--resume auto` refuse the run).
+    #[test]
+    fn floats_survive_json_bit_for_bit() {
+        let mut c = config(SchedulerKind::Cosine, 1, 0);
+        c.model_ema = Some(EmaConfig::new(32, 0.99998, 2, 16, 1));
+        c.lr = 0.1 * 3.0f64.sqrt();
+        let text = serde_json::to_string(&c).unwrap();
+        assert!(text.contains("0.9795199999999795"), "{text}");
+        let back: TrainConfig = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, c);
+    }
+
     /// The request carries the configuration's settled choices.
     #[test]
     fn numerics_request_repeats_the_configuration() {
