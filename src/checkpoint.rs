@@ -251,17 +251,17 @@ pub fn meta_for_weights(spec: ModelSpec) -> ModelMeta {
         head: spec.head,
         classes: spec.classes,
         class_names: if imagenet && spec.classes == 1000 {
-            imagenet_classes()
+            crate::data::imagenet::classes()
         } else {
             (0..spec.classes).map(|i| format!("class {i}")).collect()
         },
         mean: if imagenet {
-            crate::data::folder::IMAGENET_MEAN
+            crate::data::imagenet::MEAN
         } else {
             crate::data::cifar::MEAN
         },
         std: if imagenet {
-            crate::data::folder::IMAGENET_STD
+            crate::data::imagenet::STD
         } else {
             crate::data::cifar::STD
         },
@@ -271,12 +271,4 @@ pub fn meta_for_weights(spec: ModelSpec) -> ModelMeta {
         epoch: 0,
         accuracy: None,
     }
-}
-
-/// torchvision's ImageNet class names, index by index.
-pub fn imagenet_classes() -> Vec<String> {
-    include_str!("imagenet_classes.txt")
-        .lines()
-        .map(String::from)
-        .collect()
 }

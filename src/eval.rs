@@ -10,8 +10,8 @@ use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Reduction, Tensor};
 
-use crate::data::Split;
 use crate::data::augment::Preprocess;
+use crate::data::{Images, Split};
 use crate::device::synchronize;
 use crate::dist::World;
 use crate::infer::Logits;
@@ -40,6 +40,9 @@ pub struct EvalResult {
     /// search), preprocessing included.
     #[serde(default)]
     pub images_per_s: f64,
+    /// Streamed images that could not be read (not in `images`).
+    #[serde(default)]
+    pub skipped: i64,
 }
 
 /// Running sums of an evaluation, on the device: summed loss, top-5 hits,
@@ -123,6 +126,7 @@ impl EvalSums {
             support,
             confusion: rows,
             images_per_s,
+            skipped: 0,
         }
     }
 }
@@ -171,50 +175,53 @@ impl EvalGraph {
 /// (with `classes` outputs) on `data`, in batches of `batch`; full batches
 /// through a CUDA graph when one is given. Over several ranks, each
 /// evaluates its contiguous part and the sums are added up, so the counts
-/// are exactly one process's.
+/// are exactly one process's. Streamed images that cannot be read are
+/// left out (and counted in `skipped`).
 pub fn evaluate(
     net: &dyn Logits,
     classes: i64,
-    data: &Split,
+    data: &Images,
     batch: i64,
     pre: &Preprocess,
     mut graph: Option<&mut EvalGraph>,
     world: &World,
 ) -> Result<EvalResult> {
     let (first, n) = world.range_of(data.len());
-    let data = &data.narrow(first, n);
-    let dev = data.images.device();
+    let dev = pre.device();
+    let mut batches = data.in_order(first, n, batch, pre.stream_transform(false), dev)?;
     tch::no_grad(|| {
         let mut own = EvalSums::new(classes, dev);
         if let Some(g) = graph.as_mut() {
             g.sums.zero();
         }
-        let mut start = 0;
+        let mut seen = 0;
         let mut clock: Option<(Instant, i64)> = None;
-        while start < n {
-            if start > 0 && clock.is_none() {
+        while let Some(b) = batches.next_batch()? {
+            if seen > 0 && clock.is_none() {
                 synchronize(dev);
-                clock = Some((Instant::now(), start));
+                clock = Some((Instant::now(), seen));
             }
-            let len = batch.min(n - start);
-            let b = data.narrow(start, len);
+            let len = b.len();
             match graph.as_mut() {
                 Some(g) if len == batch => g.batch(net, pre, &b)?,
                 Some(g) => g.sums.add(net, pre, &b),
-                None => own.add(net, pre, &b),
+                None if len > 0 => own.add(net, pre, &b),
+                None => {}
             }
-            start += len;
+            seen += len;
         }
         let images_per_s = match clock {
-            Some((t, from)) => (n - from) as f64 / t.elapsed().as_secs_f64().max(1e-9),
+            Some((t, from)) => (seen - from) as f64 / t.elapsed().as_secs_f64().max(1e-9),
             None => 0.0,
         };
         let sums = graph.map_or(&own, |g| &g.sums);
         for t in [&sums.loss, &sums.top5, &sums.confusion] {
             world.sum(t)?;
         }
-        let mut total = [n as f64];
+        let mut total = [seen as f64, batches.skipped().len() as f64];
         world.sum_f64(&mut total)?;
-        Ok(sums.result(total[0] as i64, images_per_s))
+        let mut result = sums.result(total[0] as i64, images_per_s);
+        result.skipped = total[1] as i64;
+        Ok(result)
     })
 }

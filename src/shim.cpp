@@ -18,6 +18,9 @@
 
 #include <torch/csrc/jit/api/module.h>
 
+#include <ATen/Parallel.h>
+
+#include <dlfcn.h>
 #include <signal.h>
 #include <unistd.h>
 
@@ -31,8 +34,6 @@
 #include <vector>
 
 #ifdef VGGCTL_CUDA
-#include <dlfcn.h>
-
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/core/StreamGuard.h>
@@ -108,6 +109,20 @@ int vggctl_stop_signal() { return g_stop_signal; }
 
 // Sends `sig` to process `pid` (the ranks `--nproc-per-node` started).
 int vggctl_send_signal(int pid, int sig) { return kill(static_cast<pid_t>(pid), sig); }
+
+// libtorch's CPU operators on the calling thread run on that thread alone
+// (a data-loading worker): OpenMP's thread count is a per-thread setting,
+// read by at::parallel_for through omp_get_max_threads. ATen first sets
+// this thread's count from the process's (its lazy per-thread set-up), then
+// it is lowered to 1 here. Returns 0 where libtorch has no OpenMP.
+int vggctl_one_cpu_thread_here() {
+  at::get_num_threads();
+  using SetThreads = void (*)(int);
+  auto set = reinterpret_cast<SetThreads>(dlsym(RTLD_DEFAULT, "omp_set_num_threads"));
+  if (set == nullptr) return 0;
+  set(1);
+  return at::get_num_threads() == 1;
+}
 
 // A TorchScript module (tch's handle: a torch::jit::Module*) serialized into
 // memory; `sink` receives the bytes once.

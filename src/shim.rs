@@ -22,6 +22,7 @@ unsafe extern "C" {
     fn vggctl_install_stop_signals();
     fn vggctl_stop_signal() -> c_int;
     fn vggctl_send_signal(pid: c_int, sig: c_int) -> c_int;
+    fn vggctl_one_cpu_thread_here() -> c_int;
     fn vggctl_jit_save_bytes(
         module: *mut c_void,
         ctx: *mut c_void,
@@ -212,6 +213,14 @@ pub fn stop_signal() -> Option<i32> {
 pub fn send_signal(pid: u32, sig: i32) {
     // SAFETY: kill(2) with a child's PID; it touches no memory of ours.
     let _ = unsafe { vggctl_send_signal(pid as c_int, sig) };
+}
+
+/// libtorch's CPU operators called from this thread (a data-loading
+/// worker) use this thread only, not a team of all cores each; false where
+/// that could not be arranged.
+pub fn one_cpu_thread_here() -> bool {
+    // SAFETY: sets a per-thread OpenMP setting; touches no memory of ours.
+    unsafe { vggctl_one_cpu_thread_here() != 0 }
 }
 
 extern "C" fn append_bytes(ctx: *mut c_void, data: *const c_char, len: usize) {

@@ -405,11 +405,10 @@ fn cached_folder_images_are_exactly_what_predict_sees() {
 #[test]
 fn canvas_crops_are_crops_of_the_whole_resized_image() {
     use tch::{Kind, Tensor};
-    use vggctl::data::augment::{
-        CropBoxes, canvas_crop_flip, random_resized_boxes, resized_crop_flip,
-    };
+    use vggctl::data::augment::{canvas_crop_flip, resized_crop_flip};
     use vggctl::data::folder::decode_canvas;
     use vggctl::data::image::{centre_offset, read_image, resize_shorter};
+    use vggctl::data::resized_crop::{CropBoxes, random_resized_boxes};
     let tmp = common::tempdir();
     let paths = photos_of_every_shape(tmp.path());
     let side = 64;
@@ -531,6 +530,9 @@ fn the_folder_cache_is_reused_and_rebuilt_when_files_change() {
         cache_size: 36,
         strict: true,
         cache_dir: Some(tmp.path().join("cache")),
+        cache_mem: u64::MAX,
+        workers: 1,
+        imagenet: false,
     };
     let caches = || -> Vec<PathBuf> {
         let mut v: Vec<PathBuf> = std::fs::read_dir(tmp.path().join("cache"))
@@ -541,12 +543,26 @@ fn the_folder_cache_is_reused_and_rebuilt_when_files_change() {
         v
     };
     let all = |d: &vggctl::data::Dataset| {
-        tch::Tensor::cat(&[&d.train.images, &d.test.images], 0)
+        let (train, test) = (
+            d.train.as_resident().unwrap(),
+            d.test.as_resident().unwrap(),
+        );
+        tch::Tensor::cat(&[&train.images, &test.images], 0)
             .sum(tch::Kind::Int64)
             .int64_value(&[])
     };
     let first = load(&opts, &mut |w| panic!("{w}")).unwrap();
-    assert_eq!(first.train.layout.as_ref().unwrap().size(), [3, 3]);
+    assert_eq!(
+        first
+            .train
+            .as_resident()
+            .unwrap()
+            .layout
+            .as_ref()
+            .unwrap()
+            .size(),
+        [3, 3]
+    );
     let cache = caches();
     assert_eq!(cache.len(), 1);
     assert_eq!(
@@ -574,7 +590,16 @@ fn the_folder_cache_is_reused_and_rebuilt_when_files_change() {
     write_safetensors(&cache[0], &tensors, &HashMap::new()).unwrap();
     let rebuilt = load(&opts, &mut |w| panic!("{w}")).unwrap();
     assert_eq!(all(&rebuilt), all(&first));
-    assert!(rebuilt.train.labels.max().int64_value(&[]) < 2);
+    assert!(
+        rebuilt
+            .train
+            .as_resident()
+            .unwrap()
+            .labels
+            .max()
+            .int64_value(&[])
+            < 2
+    );
 
     // A changed image: a new key, decoded again.
     let changed = root.join("cat").join("cat_01.png");

@@ -169,10 +169,11 @@ fn digits_reach_90_percent_and_eval_agrees() {
     let pngs = tmp.path().join("pngs");
     std::fs::create_dir(&pngs).unwrap();
     let d = vggctl::data::digits::load().unwrap();
-    let labels: Vec<i64> = Vec::try_from(&d.test.labels).unwrap();
+    let test = d.test.as_resident().unwrap();
+    let labels: Vec<i64> = Vec::try_from(&test.labels).unwrap();
     for class in 0..10 {
         let i = labels.iter().position(|&l| l == class).unwrap() as i64;
-        let hwc = d.test.images.get(i).permute([1, 2, 0]).contiguous();
+        let hwc = test.images.get(i).permute([1, 2, 0]).contiguous();
         let px: Vec<u8> = Vec::try_from(hwc.view([-1])).unwrap();
         image::RgbImage::from_raw(32, 32, px)
             .unwrap()

@@ -6,7 +6,9 @@ use anyhow::{Result, bail};
 use vggctl::data::Dataset;
 use vggctl::data::cifar::{self, DownloadSource};
 use vggctl::data::digits;
-use vggctl::data::folder::{self, FolderOptions, IMAGENET_MEAN, IMAGENET_STD};
+use vggctl::data::folder::{self, FolderOptions};
+use vggctl::data::imagenet;
+use vggctl::dist::World;
 use vggctl::train::config::TrainConfig;
 
 use super::output::{usage, warn};
@@ -16,12 +18,15 @@ use super::progress::download_bar;
 #[command(next_help_heading = "Data")]
 pub struct DataOpts {
     /// Dataset: cifar10, digits (scikit-learn's handwritten digits, built
-    /// into vggctl: no download), or folder (one subfolder of JPEG/PNG
-    /// images per class) [default: cifar10; eval: the checkpoint's].
+    /// into vggctl: no download), folder (one subfolder of JPEG/PNG images
+    /// per class) or imagenet (DIR/train/<wnid>/ and DIR/val/<wnid>/,
+    /// torchvision's ImageFolder layout, classes named by their WordNet
+    /// ids) [default: cifar10; eval: the checkpoint's].
     #[arg(long)]
     pub dataset: Option<String>,
     /// cifar10: the directory holding cifar-10-batches-py/ (torchvision's) or
-    /// cifar-10-batches-bin/; folder: the class folders [default: ./data].
+    /// cifar-10-batches-bin/; folder: the class folders; imagenet: the
+    /// directory holding train/ and val/ [default: ./data].
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
     /// Where to download the binary CIFAR-10 archive from when it is missing.
@@ -46,6 +51,52 @@ pub struct DataOpts {
     /// [default: $XDG_CACHE_HOME/vggctl/folders, i.e. ~/.cache/vggctl/folders].
     #[arg(long, env = "VGGCTL_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
+    /// folder, imagenet: the memory decoded images may take (bytes, or with
+    /// K, M, G); a folder needing more is read from its files as training
+    /// goes, by --workers threads, instead of decoded into memory first
+    /// (0 always streams) [default: half of the available memory].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub cache_mem: Option<u64>,
+    /// folder, imagenet: threads decoding streamed images [default: the cores].
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
+}
+
+/// `4G`, `512M`, `64K` or a number of bytes.
+fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let (digits, unit) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => t.split_at(i),
+        None => (t, ""),
+    };
+    let shift = match unit.to_ascii_uppercase().trim_end_matches(['B', 'I']) {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return Err(format!("'{s}' is not a size (e.g. 4G, 512M or bytes)")),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .ok_or_else(|| format!("'{s}' is not a size (e.g. 4G, 512M or bytes)"))
+}
+
+/// Half of the memory the kernel says is available (1 GiB if unknown).
+fn default_cache_mem() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemAvailable:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse::<u64>()
+                .ok()
+        })
+        .map_or(1 << 30, |kib| kib * 1024 / 2)
 }
 
 impl DataOpts {
@@ -73,12 +124,9 @@ impl DataOpts {
         self.data_dir.get_or_insert_with(|| PathBuf::from("./data"));
         let found = match dataset.as_str() {
             "folder" => folder::scan(&self.dir())?.0.len() as i64,
+            "imagenet" => folder::scan(&self.dir().join("train"))?.0.len() as i64,
             "cifar10" | "digits" => 10,
-            other => {
-                return Err(usage(format!(
-                    "unknown dataset '{other}' (expected cifar10, digits or folder)"
-                )));
-            }
+            other => return Err(usage(unknown(other))),
         };
         let classes = asked.unwrap_or(found);
         if classes != found {
@@ -99,11 +147,11 @@ impl DataOpts {
             c.val_split,
             c.seed,
             c.input_size * 256 / 224,
-            quiet,
+            (quiet, c.streamed),
         )?;
         if c.imagenet_normalization {
-            d.mean = IMAGENET_MEAN;
-            d.std = IMAGENET_STD;
+            d.mean = imagenet::MEAN;
+            d.std = imagenet::STD;
         }
         Ok(d)
     }
@@ -117,10 +165,11 @@ impl DataOpts {
             self.val_split,
             seed,
             cache_size,
-            quiet,
+            (quiet, None),
         )
     }
 
+    /// `streamed`: how a run recorded its folder (None: by --cache-mem).
     #[allow(clippy::too_many_arguments)]
     fn load_named(
         &self,
@@ -130,7 +179,7 @@ impl DataOpts {
         val_split: f64,
         seed: u64,
         cache_size: i64,
-        quiet: bool,
+        (quiet, streamed): (bool, Option<bool>),
     ) -> Result<Dataset> {
         match name {
             "cifar10" => {
@@ -141,22 +190,54 @@ impl DataOpts {
                 let src = (!self.no_download).then_some(&src);
                 cifar::load(dir, src, &mut download_bar(quiet))
             }
-            "folder" => {
+            "folder" | "imagenet" => {
+                let imagenet = name == "imagenet";
+                let (dir, val_dir) = match imagenet {
+                    true => (dir.join("train"), Some(dir.join("val"))),
+                    false => (dir.to_path_buf(), val_dir.map(Path::to_path_buf)),
+                };
+                let cache_mem = match streamed {
+                    Some(true) => 0,
+                    Some(false) => u64::MAX,
+                    None => self.cache_mem.unwrap_or_else(default_cache_mem),
+                };
                 let opts = FolderOptions {
-                    dir: dir.to_path_buf(),
-                    val_dir: val_dir.map(Path::to_path_buf),
+                    dir,
+                    val_dir,
                     val_split,
                     seed,
                     cache_size,
                     strict: self.strict,
                     cache_dir: self.cache_dir.clone().or_else(folder::default_cache_dir),
+                    cache_mem,
+                    workers: self.workers.unwrap_or_else(|| {
+                        std::thread::available_parallelism().map_or(1, |n| n.get())
+                    }),
+                    imagenet,
                 };
                 folder::load(&opts, &mut warn)
             }
             "digits" => digits::load(),
-            other => Err(usage(format!(
-                "unknown dataset '{other}' (expected cifar10, digits or folder)"
-            ))),
+            other => Err(usage(unknown(other))),
         }
     }
+}
+
+fn unknown(name: &str) -> String {
+    format!("unknown dataset '{name}' (expected cifar10, digits, folder or imagenet)")
+}
+
+/// Rank 0 tells the other ranks (after loading the data, so it also
+/// waits for them) whether it streams a folder; returns what it said.
+pub fn streamed_as_rank0(world: &World, streamed: Option<bool>) -> Result<Option<bool>> {
+    if world.size == 1 {
+        return Ok(streamed);
+    }
+    let code = streamed.map_or(-1, i64::from);
+    let t = tch::Tensor::from_slice(&[code]);
+    world.broadcast(&t)?;
+    Ok(match t.int64_value(&[0]) {
+        -1 => None,
+        v => Some(v == 1),
+    })
 }

@@ -308,6 +308,7 @@ mod tests {
                 f1: vec![Some(200.0 / 3.0), Some(0.0), None],
                 support: vec![2, 2, 0],
                 confusion: vec![vec![2, 0, 0], vec![2, 0, 0], vec![0, 0, 0]],
+                skipped: 0,
                 images_per_s: 10.0,
             },
             ran_as: "fp32".into(),

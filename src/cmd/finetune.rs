@@ -91,7 +91,7 @@ pub fn run(args: Args) -> Result<()> {
     let mut config = h.config(model.spec, &data, device, 10);
     config.input_size = input;
     config.augment = match data.dataset() {
-        "folder" => Augment::ResizedCrop,
+        "folder" | "imagenet" => Augment::ResizedCrop,
         _ => Augment::CropFlip { padding: 4 },
     };
     config.imagenet_normalization = true;

@@ -5,6 +5,7 @@
 //! and the run's TensorBoard events and log lines.
 
 use anyhow::Result;
+use vggctl::data::augment::Augment;
 use vggctl::data::auto_augment::Policy;
 use vggctl::data::mix::Mixing;
 use vggctl::train::config::TrainConfig;
@@ -153,4 +154,28 @@ pub fn settle_ema(config: &mut TrainConfig) {
             config.epochs,
         ));
     }
+}
+
+/// `--dataset imagenet` from scratch: torchvision's reference recipe
+/// for VGG (SGD 0.01, momentum 0.9, weight decay 1e-4, the LR times
+/// 0.1 every 30 epochs, 90 epochs, batch 32 per GPU; RandomResizedCrop
+/// 224 and flips, evaluation at Resize 256 + CenterCrop 224) for what
+/// the command line leaves out (`typed`: the options it gives).
+pub fn imagenet_recipe(typed: &[String], config: &mut TrainConfig) {
+    let typed = |id: &str| typed.iter().any(|t| t == id);
+    if !typed("weight_decay") {
+        config.optimizer.weight_decay = 1e-4;
+    }
+    if !typed("milestones") {
+        config.milestones = vec![30, 60];
+    }
+    if !typed("batch_size") {
+        config.batch_size = 32;
+    }
+    if !typed("epochs") {
+        config.epochs = 90;
+    }
+    config.input_size = 224;
+    config.augment = Augment::ResizedCrop;
+    config.imagenet_normalization = true;
 }

@@ -1,4 +1,5 @@
-//! `vggctl train`: the CIFAR-10 recipe, with resumable checkpoints.
+//! `vggctl train`: the CIFAR-10 recipe (torchvision's ImageNet recipe with
+//! `--dataset imagenet`), with resumable checkpoints.
 
 use std::path::PathBuf;
 
@@ -10,6 +11,7 @@ use super::data_opts::DataOpts;
 use super::launch::run_local_ranks;
 use super::opts::{DistOpts, ModelOpts};
 use super::output::usage;
+use super::recipe::imagenet_recipe;
 use super::training::{HyperOpts, Start, execute, resume};
 
 #[derive(clap::Args, Debug)]
@@ -45,11 +47,18 @@ pub fn run(args: Args) -> Result<()> {
     }
     // The classes are the dataset's (a folder's class folders): --classes
     // may repeat them.
-    let spec = args.model.spec(Head::Cifar)?;
+    let imagenet = args.data.dataset() == "imagenet";
+    let spec = args.model.spec(match imagenet {
+        true => Head::Imagenet,
+        false => Head::Cifar,
+    })?;
     let mut data = args.data.clone();
     let classes = data.class_count(args.model.classes)?;
     let spec = ModelSpec { classes, ..spec };
     let mut config = h.config(spec, &data, device, 100);
+    if imagenet {
+        imagenet_recipe(&h.typed, &mut config);
+    }
     if let Start::AutoResume(path) = &start {
         config.weights = args
             .initial_checkpoint

@@ -17,7 +17,7 @@ use vggctl::train::config::{Keep, TrainConfig};
 use vggctl::train::state::{TrainState, stopped_early};
 use vggctl::train::{Resume, RunDir, SchedulerKind, Trainer, read_resume};
 
-use super::data_opts::DataOpts;
+use super::data_opts::{DataOpts, streamed_as_rank0};
 use super::opts::{DistOpts, GraphOpts, NumericsOpts, choice};
 use super::output::{usage, warn};
 use super::progress::{EpochBars, print_header};
@@ -152,6 +152,8 @@ const KEPT_ON_RESUME: &[&str] = &[
     "data_md5",
     "no_download",
     "cache_dir",
+    "cache_mem",
+    "workers",
     "allow_nonfinite",
     "dist_backend",
     "dist_timeout",
@@ -342,6 +344,7 @@ impl HyperOpts {
             random_erase: 0.0,
             accum_steps: 1,
             tensorboard: false,
+            streamed: None,
         };
         self.recipe.configure(&mut config);
         config
@@ -373,6 +376,7 @@ const FREE_ON_AUTO_RESUME: &[&str] = &[
     "out",
     "world_size",
     "tensorboard",
+    "streamed",
 ];
 
 impl HyperOpts {
@@ -549,13 +553,22 @@ pub fn execute(
             }
         },
     )?;
-    // Rank 0 first: it may download the data the others then read.
+    let folder = matches!(config.dataset.as_str(), "folder" | "imagenet");
+    if folder && resume.is_some() && config.streamed.is_none() {
+        // A run started before streaming existed held its images in memory.
+        config.streamed = Some(false);
+    }
+    // Rank 0 first: it may download the data the others then read, and
+    // decides for them whether a folder is streamed.
     if !world.is_main() {
-        world.barrier()?;
+        config.streamed = streamed_as_rank0(world, None)?.or(config.streamed);
     }
     let dataset = data.load_for(&config, quiet)?;
+    if folder && config.streamed.is_none() {
+        config.streamed = Some(dataset.train.is_streamed());
+    }
     if world.is_main() {
-        world.barrier()?;
+        streamed_as_rank0(world, config.streamed)?;
     }
     if dataset.classes.len() as i64 != config.model.classes {
         bail!(

@@ -7,6 +7,7 @@ use tch::{Device, Kind, Tensor};
 use super::Split;
 use super::auto_augment::{Policy, auto_augment};
 use super::image::centre_offset;
+use super::resized_crop::{CropBoxes, random_resized_boxes};
 
 /// Crops `x` (`B x C x H x W`, any dtype) after zero-padding it by `pad` on
 /// every side, at per-image offsets `oy`, `ox` in `0..=2*pad`, and mirrors
@@ -66,84 +67,13 @@ impl Normalizer {
         }
     }
 
+    pub fn device(&self) -> Device {
+        self.scale.device()
+    }
+
     /// uint8 `B x 3 x H x W` -> normalized float32.
     pub fn apply(&self, x: &Tensor) -> Tensor {
         x.to_kind(Kind::Float) * &self.scale + &self.shift
-    }
-}
-
-/// Crop boxes in pixels, one per image of a batch (float tensors of shape
-/// `[B]` holding whole numbers).
-pub struct CropBoxes {
-    pub top: Tensor,
-    pub left: Tensor,
-    pub height: Tensor,
-    pub width: Tensor,
-}
-
-/// Draws of `RandomResizedCrop.get_params` per image.
-const CROP_ATTEMPTS: i64 = 10;
-
-/// torchvision's `RandomResizedCrop.get_params(img, scale=(0.08, 1),
-/// ratio=(3/4, 4/3))` for images of `height[i]` x `width[i]` pixels (float
-/// tensors `[B]`), drawn on their device for the whole batch at once: per
-/// image, up to 10 candidate boxes (area fraction uniform, aspect ratio
-/// log-uniform, sides rounded half to even like Python's `round`); the
-/// first that fits is taken at a uniform integer offset; if none fits, the
-/// centre crop with the ratio clamped.
-pub fn random_resized_boxes(height: &Tensor, width: &Tensor) -> CropBoxes {
-    let b = height.size()[0];
-    let opts = (Kind::Float, height.device());
-    let (hf, wf) = (
-        height.to_kind(Kind::Float).view([b, 1]),
-        width.to_kind(Kind::Float).view([b, 1]),
-    );
-    let area = (Tensor::rand([b, CROP_ATTEMPTS], opts) * 0.92 + 0.08) * (&hf * &wf);
-    let (lo, hi) = ((3.0f64 / 4.0).ln(), (4.0f64 / 3.0).ln());
-    let ratio = (Tensor::rand([b, CROP_ATTEMPTS], opts) * (hi - lo) + lo).exp();
-    let w = (&area * &ratio).sqrt().round();
-    let h = (&area / &ratio).sqrt().round();
-    let fits = w
-        .gt(0.0)
-        .logical_and(&w.le_tensor(&wf))
-        .logical_and(&h.gt(0.0))
-        .logical_and(&h.le_tensor(&hf));
-    // The first candidate that fits (argmax returns the first maximum).
-    let first = fits.to_kind(Kind::Int).argmax(1, true);
-    let any = fits.any_dim(1, false);
-    // No candidate fits: torchvision's fallback, the centre crop of the
-    // whole image with its aspect ratio clamped to 3/4-4/3 (in f64, as
-    // Python computes it).
-    let (hd, wd) = (
-        hf.view([b]).to_kind(Kind::Double),
-        wf.view([b]).to_kind(Kind::Double),
-    );
-    let in_ratio = &wd / &hd;
-    let fw = (&hd * (4.0 / 3.0))
-        .round()
-        .where_self(&in_ratio.gt(4.0 / 3.0), &wd);
-    let fh = (&wd / (3.0 / 4.0))
-        .round()
-        .where_self(&in_ratio.lt(3.0 / 4.0), &hd);
-    let pick = |t: &Tensor, fallback: Tensor| {
-        t.gather(1, &first, false)
-            .squeeze_dim(1)
-            .where_self(&any, &fallback.to_kind(Kind::Float))
-    };
-    let (w, h) = (pick(&w, fw), pick(&h, fh));
-    // A drawn box sits at a uniform integer offset, the fallback in the middle.
-    let offset = |side: &Tensor, len: &Tensor| {
-        let room = side.view([b]) - len;
-        let drawn = (Tensor::rand([b], opts) * (&room + 1.0))
-            .floor()
-            .minimum(&room);
-        drawn.where_self(&any, &(room / 2.0).floor())
-    };
-    CropBoxes {
-        top: offset(&hf, &h),
-        left: offset(&wf, &w),
-        height: h,
-        width: w,
     }
 }
 
@@ -314,6 +244,18 @@ pub fn center_crop(x: &Tensor, size: i64) -> Tensor {
         .narrow(3, centre_offset(w, size), size)
 }
 
+/// What a worker makes of one image (uint8, `3 x S x S`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transform {
+    /// `Resize(side)` + `CenterCrop(side)`: the square an in-memory canvas
+    /// keeps in its middle (CIFAR-style training on a folder).
+    Square,
+    /// `Resize(side)` + `CenterCrop(size)`: `predict`'s eval transform.
+    Eval { size: i64 },
+    /// `RandomResizedCrop(size)` + `RandomHorizontalFlip` with the job's draws.
+    Random { size: i64 },
+}
+
 /// How a dataset's uint8 batches become the model's input.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -420,6 +362,34 @@ impl Preprocess {
                 .norm
                 .apply(&auto(center_crop(&canvas_centre(x, l), self.input))),
             (Augment::ResizedCrop, None) => self.norm.apply(&auto(center_crop(x, self.input))),
+        }
+    }
+
+    /// Where the model's inputs are made.
+    pub fn device(&self) -> Device {
+        self.norm.device()
+    }
+
+    /// What a streaming worker makes of each image for this preprocessing:
+    /// the random crop itself (training with `ResizedCrop`), else what an
+    /// in-memory batch would hold before [`Preprocess::batch`].
+    pub fn stream_transform(&self, train: bool) -> Transform {
+        match self.augment {
+            Augment::CropFlip { .. } => Transform::Square,
+            Augment::ResizedCrop if train && !self.plain_training => {
+                Transform::Random { size: self.input }
+            }
+            Augment::ResizedCrop => Transform::Eval { size: self.input },
+        }
+    }
+
+    /// The model's input for a streamed batch made by `transform`.
+    pub fn streamed(&self, x: &Tensor, train: bool, transform: Transform) -> Tensor {
+        match (transform, train) {
+            // Cropped and flipped by the worker.
+            (Transform::Random { .. }, _) => self.norm.apply(&self.auto(x.shallow_clone())),
+            (_, true) => self.train(x, None),
+            (_, false) => self.eval(x, None),
         }
     }
 

@@ -10,7 +10,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use tch::Tensor;
 
 use super::download::{Checksum, download};
-use super::{Dataset, Split};
+use super::{Dataset, Images, Split};
 use crate::formats::numpy::{NUMPY_GLOBALS, ndarray};
 use crate::formats::pickle::{Allowlist, Unpickler, Value};
 
@@ -235,8 +235,8 @@ fn dataset(
     }
     Ok(Dataset {
         name: "cifar10".into(),
-        train,
-        test,
+        train: Images::Resident(train),
+        test: Images::Resident(test),
         classes,
         mean: MEAN,
         std: STD,

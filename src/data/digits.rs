@@ -14,7 +14,7 @@ use anyhow::{Context, Result, bail};
 use flate2::read::ZlibDecoder;
 use tch::{Kind, Tensor};
 
-use super::{Dataset, Split};
+use super::{Dataset, Images, Split};
 
 const DATA: &[u8] = include_bytes!("digits.bin");
 const MAGIC: &[u8] = b"vggctl-digits 1\n";
@@ -101,8 +101,8 @@ pub fn load() -> Result<Dataset> {
     let (test, train) = all.split_at(TEST);
     Ok(Dataset {
         name: "digits".into(),
-        train: split(train),
-        test: split(test),
+        train: Images::Resident(split(train)),
+        test: Images::Resident(split(test)),
         classes: (0..10).map(|c| c.to_string()).collect(),
         mean: MEAN,
         std: STD,
@@ -123,9 +123,13 @@ mod tests {
         seen.sort();
         assert_eq!(seen, (0..1797).collect::<Vec<u16>>());
         let d = load().unwrap();
-        assert_eq!((d.train.len(), d.test.len()), (1500, 297));
-        assert_eq!(d.train.images.size(), [1500, 3, 32, 32]);
-        for split in [&d.train, &d.test] {
+        let (train, test) = (
+            d.train.as_resident().unwrap(),
+            d.test.as_resident().unwrap(),
+        );
+        assert_eq!((train.len(), test.len()), (1500, 297));
+        assert_eq!(train.images.size(), [1500, 3, 32, 32]);
+        for split in [train, test] {
             let counts = split.labels.bincount::<Tensor>(None, 10);
             assert!(
                 Vec::<i64>::try_from(&counts)
@@ -134,10 +138,10 @@ mod tests {
                     .all(|&c| c > 0)
             );
         }
-        let x = d.train.images.to_kind(Kind::Double) / 255.0;
+        let x = train.images.to_kind(Kind::Double) / 255.0;
         let (mean, std) = (x.mean(Kind::Double), x.std(false));
         assert!((mean.double_value(&[]) - MEAN[0]).abs() < 1e-4);
         assert!((std.double_value(&[]) - STD[0]).abs() < 1e-4);
-        assert_eq!(d.train.images.device(), tch::Device::Cpu);
+        assert_eq!(train.images.device(), tch::Device::Cpu);
     }
 }

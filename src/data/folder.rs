@@ -3,11 +3,13 @@
 //! resized so its shorter side is the cache size and kept whole as uint8 in
 //! a 3:2 canvas (`augment::canvas_width`); the result is cached on disk
 //! (keyed by the file list, sizes, modification times and the cache size)
-//! for the next run.
+//! for the next run. Folders whose canvases would not fit `cache_mem` are
+//! streamed from their files instead (`stream`).
 
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
 use anyhow::{Context, Result, bail};
@@ -17,11 +19,10 @@ use tch::{Kind, Tensor};
 
 use super::augment::{canvas_width, pack_canvas};
 use super::image::resize_shorter;
-use super::{Dataset, Split};
+use super::stream::Streamed;
+use super::{Dataset, Images, Split};
 use crate::formats::safetensors::{read_safetensors, write_safetensors};
 
-pub const IMAGENET_MEAN: [f64; 3] = [0.485, 0.456, 0.406];
-pub const IMAGENET_STD: [f64; 3] = [0.229, 0.224, 0.225];
 const EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
 
 pub struct FolderOptions {
@@ -36,6 +37,19 @@ pub struct FolderOptions {
     pub cache_dir: Option<PathBuf>,
     /// Fail on the first unreadable image instead of skipping it.
     pub strict: bool,
+    /// The memory the decoded images may take (`--cache-mem`); a folder
+    /// whose canvases need more is streamed.
+    pub cache_mem: u64,
+    /// Streaming's decoding threads.
+    pub workers: usize,
+    /// ImageNet's layout: the class folders are WordNet ids, named by
+    /// torchvision's class names.
+    pub imagenet: bool,
+}
+
+/// The memory the canvases of `n` images of `side` take.
+pub fn canvas_bytes(n: usize, side: i64) -> u64 {
+    n as u64 * 3 * side as u64 * canvas_width(side) as u64
 }
 
 /// Image files with their class index.
@@ -297,15 +311,8 @@ fn take(split: &Split, idx: &[usize]) -> Split {
 
 /// Loads an image-folder dataset; `warn` hears about skipped images.
 pub fn load(opts: &FolderOptions, warn: &mut dyn FnMut(String)) -> Result<Dataset> {
-    let (classes, files) = scan(&opts.dir)?;
-    let (all, skipped) = load_dir(&opts.dir, &files, opts.cache_size, opts)?;
-    if skipped > 0 {
-        warn(format!(
-            "skipped {skipped} unreadable image(s) in {} (--strict makes this an error)",
-            opts.dir.display()
-        ));
-    }
-    let (train, test) = match &opts.val_dir {
+    let (mut classes, files) = scan(&opts.dir)?;
+    let val = match &opts.val_dir {
         Some(vdir) => {
             let (vclasses, vfiles) = scan(vdir)?;
             if vclasses != classes {
@@ -317,6 +324,92 @@ pub fn load(opts: &FolderOptions, warn: &mut dyn FnMut(String)) -> Result<Datase
                     classes
                 );
             }
+            Some(vfiles)
+        }
+        None => {
+            if !(opts.val_split > 0.0 && opts.val_split < 1.0) {
+                bail!(
+                    "--val-split {} must be between 0 and 1 (or give --val-dir)",
+                    opts.val_split
+                );
+            }
+            None
+        }
+    };
+    if opts.imagenet {
+        classes = super::imagenet::names(&opts.dir, &classes)?;
+    }
+    let total = files.len() + val.as_ref().map_or(0, Vec::len);
+    let (train, test) = match canvas_bytes(total, opts.cache_size) > opts.cache_mem {
+        true => streamed(opts, files, val)?,
+        false => resident(opts, files, val, warn)?,
+    };
+    Ok(Dataset {
+        name: if opts.imagenet { "imagenet" } else { "folder" }.into(),
+        train,
+        test,
+        classes,
+        mean: super::imagenet::MEAN,
+        std: super::imagenet::STD,
+        source: opts.dir.display().to_string(),
+    })
+}
+
+/// The number of held-out images of `n`, or an error if `n` cannot be split.
+fn held_out(opts: &FolderOptions, n: usize) -> Result<usize> {
+    if n < 2 {
+        bail!(
+            "{}: {n} readable image(s) cannot be split into training and validation",
+            opts.dir.display()
+        );
+    }
+    Ok(((n as f64 * opts.val_split).round() as usize).clamp(1, n - 1))
+}
+
+/// Both splits streamed from their files; without a validation folder,
+/// the held-out files are drawn as the in-memory path draws its images.
+fn streamed(
+    opts: &FolderOptions,
+    files: LabeledFiles,
+    val: Option<LabeledFiles>,
+) -> Result<(Images, Images)> {
+    let (train, val) = match val {
+        Some(v) => (files, v),
+        None => {
+            let idx = shuffled(files.len(), opts.seed);
+            let n_val = held_out(opts, files.len())?;
+            let pick = |ids: &[usize]| ids.iter().map(|&i| files[i].clone()).collect();
+            (pick(&idx[n_val..]), pick(&idx[..n_val]))
+        }
+    };
+    let split = |files: LabeledFiles| {
+        Images::Streamed(Streamed {
+            files: Arc::new(files),
+            side: opts.cache_size,
+            strict: opts.strict,
+            workers: opts.workers,
+            pin: false,
+        })
+    };
+    Ok((split(train), split(val)))
+}
+
+/// Both splits decoded into memory (or read from the cache).
+fn resident(
+    opts: &FolderOptions,
+    files: LabeledFiles,
+    val: Option<LabeledFiles>,
+    warn: &mut dyn FnMut(String),
+) -> Result<(Images, Images)> {
+    let (all, skipped) = load_dir(&opts.dir, &files, opts.cache_size, opts)?;
+    if skipped > 0 {
+        warn(format!(
+            "skipped {skipped} unreadable image(s) in {} (--strict makes this an error)",
+            opts.dir.display()
+        ));
+    }
+    let (train, test) = match (val, &opts.val_dir) {
+        (Some(vfiles), Some(vdir)) => {
             let (val, vskipped) = load_dir(vdir, &vfiles, opts.cache_size, opts)?;
             if vskipped > 0 {
                 warn(format!(
@@ -326,33 +419,12 @@ pub fn load(opts: &FolderOptions, warn: &mut dyn FnMut(String)) -> Result<Datase
             }
             (all, val)
         }
-        None => {
-            if !(opts.val_split > 0.0 && opts.val_split < 1.0) {
-                bail!(
-                    "--val-split {} must be between 0 and 1 (or give --val-dir)",
-                    opts.val_split
-                );
-            }
+        _ => {
             let n = all.len() as usize;
-            let n_val =
-                ((n as f64 * opts.val_split).round() as usize).clamp(1, n.saturating_sub(1).max(1));
-            if n < 2 {
-                bail!(
-                    "{}: {n} readable image(s) cannot be split into training and validation",
-                    opts.dir.display()
-                );
-            }
+            let n_val = held_out(opts, n)?;
             let idx = shuffled(n, opts.seed);
             (take(&all, &idx[n_val..]), take(&all, &idx[..n_val]))
         }
     };
-    Ok(Dataset {
-        name: "folder".into(),
-        train,
-        test,
-        classes,
-        mean: IMAGENET_MEAN,
-        std: IMAGENET_STD,
-        source: opts.dir.display().to_string(),
-    })
+    Ok((Images::Resident(train), Images::Resident(test)))
 }

@@ -30,8 +30,24 @@ fn jpeg_is_complete(bytes: &[u8]) -> bool {
     false
 }
 
-/// Decodes a JPEG/PNG file (format from its content) into 8-bit RGB.
+/// The most pixels an image may have: twice PIL's `MAX_IMAGE_PIXELS`,
+/// where PIL refuses an image as a decompression bomb.
+pub const MAX_IMAGE_PIXELS: u64 = 2 * 89_478_485;
+
+/// Decodes a JPEG/PNG file (format from its content) into 8-bit RGB, as
+/// PIL's `convert("RGB")` would take it: grayscale, CMYK and 16-bit
+/// images too. Its size is read from the header first and refused beyond
+/// [`MAX_IMAGE_PIXELS`], before any pixel is decoded.
 pub fn decode_rgb(path: &Path) -> Result<image::RgbImage> {
+    Ok(decode_sized(path, |_, _| ())?.0)
+}
+
+/// [`decode_rgb`], calling `header(height, width)` with the header's size
+/// before decoding; returns the image and what `header` returned.
+pub fn decode_sized<T>(
+    path: &Path,
+    header: impl FnOnce(i64, i64) -> T,
+) -> Result<(image::RgbImage, T)> {
     let bytes = crate::fsutil::read_regular(path, "an image", MAX_IMAGE_FILE)?;
     if bytes.starts_with(&[0xFF, 0xD8]) && !jpeg_is_complete(&bytes) {
         anyhow::bail!(
@@ -39,27 +55,47 @@ pub fn decode_rgb(path: &Path) -> Result<image::RgbImage> {
             path.display()
         );
     }
-    Ok(image::ImageReader::new(std::io::Cursor::new(bytes))
-        .with_guessed_format()
-        .with_context(|| format!("reading {}", path.display()))?
+    let reader = || {
+        image::ImageReader::new(std::io::Cursor::new(&bytes[..]))
+            .with_guessed_format()
+            .with_context(|| format!("reading {}", path.display()))
+    };
+    let (w, h) = reader()?
+        .into_dimensions()
+        .with_context(|| format!("{}: not a readable JPEG or PNG image", path.display()))?;
+    if w as u64 * h as u64 > MAX_IMAGE_PIXELS {
+        anyhow::bail!(
+            "{}: {w}x{h} pixels is more than an image may have ({MAX_IMAGE_PIXELS}, PIL's decompression-bomb limit)",
+            path.display()
+        );
+    }
+    let told = header(h as i64, w as i64);
+    let mut reader = reader()?;
+    reader.no_limits();
+    let img = reader
         .decode()
         .with_context(|| format!("{}: not a readable JPEG or PNG image", path.display()))?
-        .to_rgb8())
+        .to_rgb8();
+    Ok((img, told))
+}
+
+/// An 8-bit RGB image as a `3 x H x W` uint8 tensor.
+pub fn rgb_tensor(img: &image::RgbImage) -> Tensor {
+    let (w, h) = img.dimensions();
+    Tensor::from_slice(img.as_raw())
+        .view([h as i64, w as i64, 3])
+        .permute([2, 0, 1])
+        .contiguous()
 }
 
 /// Decodes a JPEG/PNG file into a `3 x H x W` uint8 tensor.
 pub fn read_image(path: &Path) -> Result<Tensor> {
-    let img = decode_rgb(path)?;
-    let (w, h) = img.dimensions();
-    Ok(Tensor::from_slice(img.as_raw())
-        .view([h as i64, w as i64, 3])
-        .permute([2, 0, 1])
-        .contiguous())
+    Ok(rgb_tensor(&decode_rgb(path)?))
 }
 
 /// Bilinear resize with antialiasing of a uint8 `3 x H x W` image, rounded
 /// back to uint8 as torchvision's `F.resize(..., antialias=True)` does.
-fn resize_u8(img: &Tensor, h: i64, w: i64) -> Tensor {
+pub fn resize_u8(img: &Tensor, h: i64, w: i64) -> Tensor {
     img.unsqueeze(0)
         .to_kind(Kind::Float)
         .internal_upsample_bilinear2d_aa([h, w], false, None, None)

@@ -1,6 +1,7 @@
-//! Datasets as uint8 tensors, loaded once, and the batched augmentation that
-//! runs on the training device. Nothing here knows about the model or the
-//! shim: `augment` turns uint8 batches into the model's fp32 input.
+//! Datasets as uint8 tensors, loaded once (or, for image folders too
+//! large for memory, streamed from their files: `stream`), and the batched
+//! augmentation that runs on the training device. Nothing here knows about
+//! the model: `augment` turns uint8 batches into the model's fp32 input.
 
 pub mod augment;
 pub mod auto_augment;
@@ -9,9 +10,16 @@ pub mod digits;
 pub mod download;
 pub mod folder;
 pub mod image;
+pub mod imagenet;
 pub mod mix;
+pub mod resized_crop;
+pub mod stream;
 
+use anyhow::Result;
 use tch::{Device, Tensor};
+
+use augment::Transform;
+use stream::{InOrder, Streamed};
 
 /// One split, or a batch of one: images `N x 3 x H x W` uint8 and labels
 /// `N` int64, loaded on the CPU and moved to the device in one copy.
@@ -32,10 +40,12 @@ impl Split {
         self.len() == 0
     }
 
-    /// The same examples on `device`.
+    /// The same examples on `device` (asynchronously from pinned memory).
     pub fn to_device(&self, device: Device) -> Split {
         Split {
-            images: self.images.to_device(device),
+            images: self
+                .images
+                .to_device_(device, self.images.kind(), true, false),
             labels: self.labels.to_device(device),
             layout: self.layout.as_ref().map(|l| l.to_device(device)),
         }
@@ -86,11 +96,134 @@ impl Split {
     }
 }
 
+/// A split held in memory, or read from its files as it is used.
+pub enum Images {
+    Resident(Split),
+    Streamed(Streamed),
+}
+
+impl Images {
+    pub fn len(&self) -> i64 {
+        match self {
+            Images::Resident(s) => s.len(),
+            Images::Streamed(s) => s.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The split, when it is held in memory.
+    pub fn as_resident(&self) -> Option<&Split> {
+        match self {
+            Images::Resident(s) => Some(s),
+            Images::Streamed(_) => None,
+        }
+    }
+
+    pub fn is_streamed(&self) -> bool {
+        matches!(self, Images::Streamed(_))
+    }
+
+    /// The first `n` examples (`--limit-train`, `--limit-test`).
+    pub fn limit(self, n: Option<i64>) -> Images {
+        match self {
+            Images::Resident(s) => Images::Resident(s.limit(n)),
+            Images::Streamed(s) => Images::Streamed(s.limit(n)),
+        }
+    }
+
+    /// The same split for `device`: resident images move there; streamed
+    /// ones are copied through pinned memory when it is a GPU.
+    pub fn to_device(&self, device: Device) -> Images {
+        match self {
+            Images::Resident(s) => Images::Resident(s.to_device(device)),
+            Images::Streamed(s) => Images::Streamed(Streamed {
+                pin: device.is_cuda(),
+                ..s.clone()
+            }),
+        }
+    }
+
+    /// Examples `first..first + n` in batches of `batch`, in order, on
+    /// `device` (streamed images through `transform`).
+    pub fn in_order(
+        &self,
+        first: i64,
+        n: i64,
+        batch: i64,
+        transform: Transform,
+        device: Device,
+    ) -> Result<Batches<'_>> {
+        Ok(match self {
+            Images::Resident(s) => Batches::Resident {
+                split: s,
+                next: first,
+                end: first + n,
+                batch,
+            },
+            Images::Streamed(s) => Batches::Streamed {
+                stream: InOrder::new(s, first, n, batch, transform)?,
+                device,
+            },
+        })
+    }
+}
+
+/// The batches of [`Images::in_order`].
+pub enum Batches<'a> {
+    Resident {
+        split: &'a Split,
+        next: i64,
+        end: i64,
+        batch: i64,
+    },
+    Streamed {
+        stream: InOrder,
+        device: Device,
+    },
+}
+
+impl Batches<'_> {
+    /// The next batch (streamed: without the images that could not be
+    /// read), or None after the last.
+    pub fn next_batch(&mut self) -> Result<Option<Split>> {
+        match self {
+            Batches::Resident {
+                split,
+                next,
+                end,
+                batch,
+            } => {
+                if next >= end {
+                    return Ok(None);
+                }
+                let len = (*batch).min(*end - *next);
+                let b = split.narrow(*next, len);
+                *next += len;
+                Ok(Some(b))
+            }
+            Batches::Streamed { stream, device } => {
+                Ok(stream.next_batch()?.map(|b| b.to_device(*device)))
+            }
+        }
+    }
+
+    /// The messages of the images skipped so far.
+    pub fn skipped(&self) -> &[String] {
+        match self {
+            Batches::Resident { .. } => &[],
+            Batches::Streamed { stream, .. } => &stream.skipped,
+        }
+    }
+}
+
 pub struct Dataset {
     /// `cifar10`
     pub name: String,
-    pub train: Split,
-    pub test: Split,
+    pub train: Images,
+    pub test: Images,
     pub classes: Vec<String>,
     /// Per-channel normalization of [0, 1] pixels.
     pub mean: [f64; 3],

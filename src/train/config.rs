@@ -198,6 +198,11 @@ pub struct TrainConfig {
     /// TensorBoard event files in the run directory.
     #[serde(default, skip_serializing_if = "is_false")]
     pub tensorboard: bool,
+    /// Image folders: read from the files as they are used (too large for
+    /// memory) rather than decoded into memory; decided when the run starts
+    /// and kept on resume, as the two differ in rounding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub streamed: Option<bool>,
 }
 
 fn is_zero(v: &f64) -> bool {
@@ -344,6 +349,7 @@ mod tests {
             random_erase: 0.0,
             accum_steps: 1,
             tensorboard: false,
+            streamed: None,
         }
     }
 

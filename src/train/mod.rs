@@ -18,6 +18,7 @@ pub mod confusion;
 pub mod curves;
 pub mod ema;
 mod epoch_end;
+mod feed;
 pub mod graphed;
 pub mod profile;
 pub mod run_dir;
@@ -34,7 +35,7 @@ use tch::{Device, Kind, Tensor};
 use crate::Interrupted;
 use crate::data::augment::{Normalizer, Preprocess};
 use crate::data::mix::random_erase;
-use crate::data::{Dataset, Split};
+use crate::data::{Dataset, Images};
 use crate::dist::World;
 use crate::eval::EvalGraph;
 use crate::formats::tfevents::EventWriter;
@@ -44,6 +45,7 @@ use crate::optim::{Gradients, LossScaler, Optimizer};
 use crate::shim;
 use config::{Keep, TrainConfig};
 use ema::Ema;
+use feed::Feed;
 use graphed::{GraphedStep, StepParts};
 use profile::{StepProfile, StepTimer};
 use start::{build_optimizer, join_world, start_state};
@@ -98,8 +100,8 @@ pub struct Trainer<'a> {
     pub model: Vgg,
     numerics: Numerics,
     opt: Optimizer,
-    train: Split,
-    test: Split,
+    train: Images,
+    test: Images,
     pre: Preprocess,
     graph: Option<GraphedStep>,
     eval_graph: Option<EvalGraph>,
@@ -254,15 +256,26 @@ impl<'a> Trainer<'a> {
         let cfg = self.state.config.clone();
         let epoch = self.state.epoch;
         let b = cfg.batch_size;
-        let dev = self.train.images.device();
+        let dev = self.model.device();
+        // Streamed images are picked on the host.
+        let perm_dev = match self.train.is_streamed() {
+            true => Device::Cpu,
+            false => dev,
+        };
         tch::manual_seed(position_seed(cfg.seed, epoch, PERMUTATION_STEP));
         // Every rank draws the same order and takes its own part of it.
         let perm = self
             .world
-            .shard_of(&Tensor::randperm(self.train.len(), (Kind::Int64, dev)));
-        let n = perm.size()[0];
-        let steps = ((n + b - 1) / b) as usize;
+            .shard_of(&Tensor::randperm(self.train.len(), (Kind::Int64, perm_dev)));
         let seed = self.world.seed_for(cfg.seed);
+        let mut feed = Feed::new(
+            &self.train,
+            perm,
+            b,
+            (seed, epoch, self.state.step),
+            &self.pre,
+        )?;
+        let steps = feed.steps();
         obs.epoch_start(epoch + 1, cfg.epochs, steps, self.state.step);
 
         // Losses and correct counts stay on the device and are read every
@@ -284,11 +297,10 @@ impl<'a> Trainer<'a> {
                 ))
                 .into());
             }
+            feed.prefetch(step);
             tch::manual_seed(position_seed(seed, epoch, step));
-            let start = step as i64 * b;
-            let len = b.min(n - start);
             let updates = (step + 1).is_multiple_of(k) || step + 1 == steps;
-            let (loss, correct) = self.step(&perm.narrow(0, start, len), len == b, updates)?;
+            let (loss, correct, len) = self.step(&mut feed, step, updates)?;
             if updates && let Some(ema) = &mut self.ema {
                 ema.after_step(&self.model, epoch, step / k, cfg.warmup_epochs);
             }
@@ -311,24 +323,36 @@ impl<'a> Trainer<'a> {
                 );
             }
         }
+        if !feed.skipped.is_empty() {
+            obs.warn(&skipped_message(&feed.skipped, epoch));
+        }
         Ok(())
     }
 
-    /// One step on the examples `idx` of the training split (random
-    /// erasing and mixing after the transform, as torchvision's reference
-    /// does them): through the CUDA graph when there is one, the batch is
-    /// `full` and every batch is an optimizer step, else eagerly; the
-    /// optimizer updates when `updates` (the last batch of an accumulation).
-    fn step(&mut self, idx: &Tensor, full: bool, updates: bool) -> Result<(Tensor, Tensor)> {
+    /// One step on `step`'s batch (random erasing and mixing after the
+    /// transform, as torchvision's reference does them): through the CUDA
+    /// graph when there is one, the batch is full and every batch is an
+    /// optimizer step, else eagerly; the optimizer updates when `updates`
+    /// (the last batch of an accumulation). Returns the loss, the correct
+    /// count (on the device) and the batch's size.
+    fn step(
+        &mut self,
+        feed: &mut Feed,
+        step: usize,
+        updates: bool,
+    ) -> Result<(Tensor, Tensor, i64)> {
         let cfg = &self.state.config;
         let lr = cfg.lr_at(self.state.epoch);
-        let batch = self.train.select(idx);
-        let timer = StepTimer::start(cfg.profile, self.train.images.device());
-        let x = random_erase(&self.pre.batch(&batch, true), cfg.random_erase);
-        let (x, y) = cfg.mixing.apply(&x, &batch.labels, cfg.model.classes);
+        let dev = self.model.device();
+        let timer = StepTimer::start(cfg.profile, dev);
+        let (x, labels) = feed.batch(&self.train, step, &self.pre, dev)?;
+        let len = labels.size()[0];
+        let full = len == cfg.batch_size;
+        let x = random_erase(&x, cfg.random_erase);
+        let (x, y) = cfg.mixing.apply(&x, &labels, cfg.model.classes);
         let timer = timer.lap(&mut self.profile.data);
         let whole_steps = cfg.accum_steps <= 1;
-        match self.graph.take() {
+        let (loss, correct) = match self.graph.take() {
             Some(mut g) if full && whole_steps => {
                 let out = if g.warming_up() {
                     g.eager(|| self.eager_step(&x, &y, lr, None, true))
@@ -345,14 +369,15 @@ impl<'a> Trainer<'a> {
                 let out = out?;
                 timer.lap(&mut self.profile.graphed);
                 self.profile.graphed_steps += 1;
-                Ok(out)
+                out
             }
             g => {
                 // The last, partial batch runs eagerly.
                 self.graph = g;
-                self.eager_step(&x, &y, lr, Some(timer), updates)
+                self.eager_step(&x, &y, lr, Some(timer), updates)?
             }
-        }
+        };
+        Ok((loss, correct, len))
     }
 
     /// One training step, op by op: forward, loss, backward and, when
@@ -444,6 +469,17 @@ impl<'a> Trainer<'a> {
         pending.clear();
         Ok(())
     }
+}
+
+/// The warning for the images an epoch could not read: how many, and the
+/// first one's message.
+fn skipped_message(skipped: &[String], epoch: usize) -> String {
+    format!(
+        "skipped {} unreadable image(s) in epoch {} (--strict makes this an error), e.g. {}",
+        skipped.len(),
+        epoch + 1,
+        skipped[0]
+    )
 }
 
 /// A step's figures, still on the device until the next flush.

@@ -1,0 +1,246 @@
+//! Image folders read as they are used, for folders too large to keep in
+//! memory (ImageNet): each batch's images are read, decoded and transformed
+//! by a pool of worker threads into one uint8 batch, a few batches ahead of
+//! the step that takes them, in order. Memory holds the batches in the
+//! queue and one image per worker, whatever the folder's size.
+//!
+//! The transforms are the in-memory path's, one image at a time: the
+//! evaluation crop is `predict`'s code (bit for bit), and a training crop's
+//! box comes from the same draws and arithmetic as a canvas batch's
+//! (`augment::crop_box`), in the file's own pixels.
+
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, Sender, SyncSender, channel, sync_channel};
+use std::sync::{Arc, OnceLock};
+
+use anyhow::{Context, Result, anyhow};
+use rayon::prelude::*;
+use tch::{Device, Tensor};
+
+use super::Split;
+use super::augment::Transform;
+use super::image::{decode_sized, eval_transform, resize_u8, rgb_tensor};
+use super::resized_crop::{ImageDraws, crop_box};
+
+/// Batches prepared ahead of the one in use.
+pub const AHEAD: usize = 3;
+
+/// What each decoding thread runs first: the binary has libtorch's CPU
+/// operators there use that thread alone (`shim::one_cpu_thread_here`),
+/// not a team of all cores per worker.
+static WORKER_SETUP: OnceLock<fn()> = OnceLock::new();
+
+/// Sets what each decoding thread runs first (once per process).
+pub fn set_worker_setup(setup: fn()) {
+    let _ = WORKER_SETUP.set(setup);
+}
+
+/// A split whose images stay in their files.
+#[derive(Clone)]
+pub struct Streamed {
+    /// Image files with their class index.
+    pub files: Arc<Vec<(PathBuf, i64)>>,
+    /// The evaluation transform's `Resize` (shorter side), 256 for 224.
+    pub side: i64,
+    /// Stop on an unreadable image (naming it) instead of skipping it.
+    pub strict: bool,
+    /// Decoding threads.
+    pub workers: usize,
+    /// Copy batches through pinned host memory (training on CUDA).
+    pub pin: bool,
+}
+
+/// One batch to prepare: the split's examples at `indices`, with each
+/// image's draws for [`Transform::Random`].
+pub struct Job {
+    pub indices: Vec<i64>,
+    pub draws: Vec<ImageDraws>,
+}
+
+/// A prepared batch: the images that could be read, and the messages of
+/// those that could not.
+pub struct Loaded {
+    pub batch: Split,
+    pub skipped: Vec<String>,
+}
+
+impl Streamed {
+    pub fn len(&self) -> i64 {
+        self.files.len() as i64
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
+
+    /// The first `n` examples.
+    pub fn limit(self, n: Option<i64>) -> Streamed {
+        match n {
+            Some(n) if n < self.len() => Streamed {
+                files: Arc::new(self.files[..n as usize].to_vec()),
+                ..self
+            },
+            _ => self,
+        }
+    }
+
+    /// One image, transformed.
+    fn image(&self, i: usize, transform: Transform, draws: Option<&ImageDraws>) -> Result<Tensor> {
+        let (path, _) = &self.files[i];
+        let side = self.side;
+        Ok(match (transform, draws) {
+            (Transform::Square, _) => eval_transform(&image(path)?, Some(side), side),
+            (Transform::Eval { size }, _) => eval_transform(&image(path)?, Some(side), size),
+            (Transform::Random { size }, Some(d)) => {
+                let (img, [top, left, h, w]) = decode_sized(path, |h, w| crop_box(d, h, w))?;
+                let crop = rgb_tensor(&img).narrow(1, top, h).narrow(2, left, w);
+                let out = resize_u8(&crop, size, size);
+                match d.flip {
+                    true => out.flip([2]),
+                    false => out,
+                }
+            }
+            (Transform::Random { .. }, None) => {
+                return Err(anyhow!("a random crop without its draws"));
+            }
+        })
+    }
+
+    /// The images of `job`, in order, as one batch; an unreadable image is
+    /// left out (or, `strict`, ends the batch with its error).
+    fn batch(&self, job: &Job, transform: Transform) -> Result<Loaded> {
+        let results: Vec<Result<Tensor>> = job
+            .indices
+            .par_iter()
+            .enumerate()
+            .map(|(k, &i)| self.image(i as usize, transform, job.draws.get(k)))
+            .collect();
+        let (mut images, mut labels, mut skipped) = (Vec::new(), Vec::new(), Vec::new());
+        for (r, &i) in results.into_iter().zip(&job.indices) {
+            match r {
+                Ok(t) => {
+                    images.push(t);
+                    labels.push(self.files[i as usize].1);
+                }
+                Err(e) if self.strict => return Err(e.context("unreadable image (--strict)")),
+                Err(e) => skipped.push(format!("{e:#}")),
+            }
+        }
+        let images = match images.is_empty() {
+            true => Tensor::empty([0, 3, 1, 1], (tch::Kind::Uint8, Device::Cpu)),
+            false => Tensor::stack(&images, 0),
+        };
+        let images = match self.pin {
+            true => images.pin_memory(Device::Cuda(0)),
+            false => images,
+        };
+        let batch = Split {
+            images,
+            labels: Tensor::from_slice(&labels),
+            layout: None,
+        };
+        Ok(Loaded { batch, skipped })
+    }
+}
+
+fn image(path: &std::path::Path) -> Result<Tensor> {
+    Ok(rgb_tensor(&decode_sized(path, |_, _| ())?.0))
+}
+
+/// A thread that prepares the jobs it is given, in the order given, on
+/// its own pool of workers, holding at most [`AHEAD`] finished batches.
+pub struct Loader {
+    jobs: Sender<Job>,
+    ready: Receiver<Result<Loaded>>,
+    /// Jobs given and not yet taken.
+    pub pending: usize,
+}
+
+impl Loader {
+    pub fn new(data: &Streamed, transform: Transform) -> Result<Self> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(data.workers.max(1))
+            .thread_name(|i| format!("vggctl-data-{i}"))
+            .start_handler(|_| {
+                if let Some(setup) = WORKER_SETUP.get() {
+                    setup();
+                }
+            })
+            .build()
+            .context("starting the data-loading threads")?;
+        let (jobs, todo) = channel::<Job>();
+        let (done, ready): (SyncSender<Result<Loaded>>, _) = sync_channel(AHEAD);
+        let data = data.clone();
+        std::thread::Builder::new()
+            .name("vggctl-loader".into())
+            .spawn(move || {
+                for job in todo {
+                    let loaded = pool.install(|| data.batch(&job, transform));
+                    // The receiver is gone: the epoch or evaluation ended.
+                    if done.send(loaded).is_err() {
+                        return;
+                    }
+                }
+            })
+            .context("starting the data-loading thread")?;
+        Ok(Loader {
+            jobs,
+            ready,
+            pending: 0,
+        })
+    }
+
+    pub fn submit(&mut self, job: Job) {
+        // The thread lives as long as `ready`, which this loader holds.
+        let _ = self.jobs.send(job);
+        self.pending += 1;
+    }
+
+    /// The next batch, in the order submitted.
+    pub fn take(&mut self) -> Result<Loaded> {
+        self.pending = self.pending.saturating_sub(1);
+        self.ready
+            .recv()
+            .map_err(|_| anyhow!("the data-loading thread stopped"))?
+    }
+}
+
+/// Examples `first..first + n` of a streamed split in batches of `batch`,
+/// in order, through `transform`; counts what it skipped.
+pub struct InOrder {
+    loader: Loader,
+    end: i64,
+    batch: i64,
+    next_job: i64,
+    pub skipped: Vec<String>,
+}
+
+impl InOrder {
+    pub fn new(data: &Streamed, first: i64, n: i64, batch: i64, t: Transform) -> Result<Self> {
+        Ok(InOrder {
+            loader: Loader::new(data, t)?,
+            end: first + n,
+            batch,
+            next_job: first,
+            skipped: Vec::new(),
+        })
+    }
+
+    /// The next batch, or None after the last.
+    pub fn next_batch(&mut self) -> Result<Option<Split>> {
+        while self.loader.pending <= AHEAD && self.next_job < self.end {
+            let len = self.batch.min(self.end - self.next_job);
+            self.loader.submit(Job {
+                indices: (self.next_job..self.next_job + len).collect(),
+                draws: Vec::new(),
+            });
+            self.next_job += len;
+        }
+        if self.loader.pending == 0 {
+            return Ok(None);
+        }
+        let loaded = self.loader.take()?;
+        self.skipped.extend(loaded.skipped);
+        Ok(Some(loaded.batch))
+    }
+}

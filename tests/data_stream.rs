@@ -1,0 +1,328 @@
+//! Streamed image folders (`--cache-mem` too small for the canvases):
+//! the same seed gives the in-memory path's random crops, to the rounding
+//! of a uint8 batch, and leaves libtorch's generator where that path
+//! leaves it; evaluation crops are `predict`'s bit for bit; unreadable,
+//! truncated and decompression-bomb files are skipped with their message,
+//! or with --strict the first one ends the batch naming its file; and a
+//! folder trained streamed ends with the in-memory run's weights bit for
+//! bit, also when interrupted mid-epoch and resumed.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tch::{Kind, Tensor};
+use vggctl::data::Images;
+use vggctl::data::augment::{Transform, canvas_centre, center_crop, random_canvas_crop_flip};
+use vggctl::data::folder::{FolderOptions, load};
+use vggctl::data::image::{eval_transform, read_image};
+use vggctl::data::resized_crop::draw_resized_crops;
+use vggctl::data::stream::{InOrder, Job, Loader, Streamed};
+
+/// The canvases' side: the folder's photos have it as their shorter side,
+/// so the in-memory canvases hold them unresized.
+const SIDE: i64 = 64;
+
+/// Real photographs of every shape a canvas holds whole (wide and tall up
+/// to 3:2, square), as PNG and JPEG, in two class folders of `root`.
+fn photo_folder(root: &Path) -> Vec<PathBuf> {
+    let mut paths = Vec::new();
+    for (class, photo) in [
+        ("cat", "cat/cat_01.png"),
+        ("coffee", "coffee/coffee_03.jpg"),
+    ] {
+        let img = image::open(common::fixtures().join("photos").join(photo)).unwrap();
+        std::fs::create_dir_all(root.join(class)).unwrap();
+        for (i, (w, h)) in [(96, 64), (64, 96), (64, 64), (80, 64), (64, 85)]
+            .iter()
+            .enumerate()
+        {
+            let ext = if i % 2 == 0 { "png" } else { "jpg" };
+            let path = root.join(class).join(format!("{w}x{h}.{ext}"));
+            img.resize_exact(*w, *h, image::imageops::FilterType::Triangle)
+                .to_rgb8()
+                .save(&path)
+                .unwrap();
+            paths.push(path);
+        }
+    }
+    paths
+}
+
+fn options(root: &Path, cache_mem: u64, strict: bool) -> FolderOptions {
+    FolderOptions {
+        dir: root.to_path_buf(),
+        // Every file in the training split, in the folder's order.
+        val_dir: Some(root.to_path_buf()),
+        val_split: 0.1,
+        seed: 0,
+        cache_size: SIDE,
+        cache_dir: None,
+        strict,
+        cache_mem,
+        workers: 2,
+        imagenet: false,
+    }
+}
+
+fn streamed(images: &Images) -> &Streamed {
+    match images {
+        Images::Streamed(s) => s,
+        Images::Resident(_) => panic!("not streamed"),
+    }
+}
+
+/// The same seed: each streamed crop (decoded, cropped, resized and
+/// flipped by a worker, rounded to uint8) is within half a level of the
+/// in-memory batch's float crop of the same image, and the generator goes
+/// on from the same state.
+#[test]
+fn streamed_crops_are_the_in_memory_crops_of_the_same_seed() {
+    let tmp = common::tempdir();
+    photo_folder(tmp.path());
+    let warn = &mut |w: String| panic!("{w}");
+    let memory = load(&options(tmp.path(), u64::MAX, true), warn).unwrap();
+    let stream = load(&options(tmp.path(), 0, true), warn).unwrap();
+    let split = memory.train.as_resident().unwrap();
+    let files = streamed(&stream.train);
+    let n = split.len();
+    assert_eq!(n, 10);
+    let mut loader = Loader::new(files, Transform::Random { size: 56 }).unwrap();
+    let mut previous: Option<Tensor> = None;
+    for seed in 0..6 {
+        tch::manual_seed(seed);
+        let expected = random_canvas_crop_flip(&split.images, split.layout.as_ref().unwrap(), 56);
+        let next_in_memory = Tensor::rand([4], (Kind::Float, tch::Device::Cpu));
+        tch::manual_seed(seed);
+        let draws = draw_resized_crops(n);
+        let next_streamed = Tensor::rand([4], (Kind::Float, tch::Device::Cpu));
+        assert!(next_in_memory.equal(&next_streamed));
+        loader.submit(Job {
+            indices: (0..n).collect(),
+            draws,
+        });
+        let got = loader.take().unwrap();
+        assert!(got.skipped.is_empty());
+        assert!(got.batch.labels.equal(&split.labels));
+        let images = got.batch.images;
+        assert_eq!(images.kind(), Kind::Uint8);
+        assert_eq!(images.size(), [n, 3, 56, 56]);
+        let diff = (images.to_kind(Kind::Float) - &expected)
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(diff <= 0.501, "seed {seed}: {diff} levels apart");
+        // Different seeds, different crops.
+        if let Some(p) = &previous {
+            assert!(!p.equal(&images));
+        }
+        previous = Some(images);
+    }
+}
+
+/// Streamed evaluation batches are `predict`'s transform of each file and
+/// the in-memory canvases' centre crops, bit for bit, in order.
+#[test]
+fn streamed_evaluation_crops_are_predicts() {
+    let tmp = common::tempdir();
+    let paths = photo_folder(tmp.path());
+    let warn = &mut |w: String| panic!("{w}");
+    let memory = load(&options(tmp.path(), u64::MAX, true), warn).unwrap();
+    let stream = load(&options(tmp.path(), 0, true), warn).unwrap();
+    let split = memory.test.as_resident().unwrap();
+    let canvas = center_crop(
+        &canvas_centre(&split.images, split.layout.as_ref().unwrap()),
+        56,
+    );
+    let mut batches = InOrder::new(
+        streamed(&stream.test),
+        0,
+        10,
+        4,
+        Transform::Eval { size: 56 },
+    )
+    .unwrap();
+    let mut got = Vec::new();
+    while let Some(b) = batches.next_batch().unwrap() {
+        got.push(b.images);
+    }
+    assert_eq!(
+        got.iter().map(|t| t.size()[0]).collect::<Vec<_>>(),
+        [4, 4, 2]
+    );
+    let got = Tensor::cat(&got, 0);
+    assert!(got.equal(&canvas));
+    let mut sorted = paths.clone();
+    sorted.sort();
+    for (i, p) in sorted.iter().enumerate() {
+        let predict = eval_transform(&read_image(p).unwrap(), Some(SIDE), 56);
+        assert!(got.get(i as i64).equal(&predict), "{}", p.display());
+    }
+}
+
+/// A PNG whose header claims 20000 x 20000 pixels (and holds one byte).
+fn bomb_png() -> Vec<u8> {
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut ihdr = b"IHDR".to_vec();
+    ihdr.extend_from_slice(&20000u32.to_be_bytes());
+    ihdr.extend_from_slice(&20000u32.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+    png.extend_from_slice(&13u32.to_be_bytes());
+    png.extend_from_slice(&ihdr);
+    png.extend_from_slice(&crc32(&ihdr).to_be_bytes());
+    // A row's worth of a zlib stream (one stored block: filter byte 0).
+    let mut idat = b"IDAT".to_vec();
+    idat.extend_from_slice(&[0x78, 0x01, 0x01, 0x01, 0x00, 0xFE, 0xFF, 0x00]);
+    png.extend_from_slice(&(idat.len() as u32 - 4).to_be_bytes());
+    png.extend_from_slice(&idat);
+    png.extend_from_slice(&crc32(&idat).to_be_bytes());
+    png.extend_from_slice(&[0, 0, 0, 0]);
+    png.extend_from_slice(b"IEND");
+    png.extend_from_slice(&crc32(b"IEND").to_be_bytes());
+    png
+}
+
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in bytes {
+        crc ^= b as u32;
+        for _ in 0..8 {
+            crc = (crc >> 1) ^ (0xEDB8_8320 & (crc & 1).wrapping_neg());
+        }
+    }
+    !crc
+}
+
+/// Bad files in a streamed folder: left out of their batch with one
+/// message each naming the file; with --strict, the first ends the batch.
+#[test]
+fn unreadable_streamed_images_are_skipped_or_named() {
+    let tmp = common::tempdir();
+    photo_folder(tmp.path());
+    let cat = tmp.path().join("cat");
+    let jpeg = std::fs::read(cat.join("64x96.jpg")).unwrap();
+    std::fs::write(cat.join("a_truncated.jpg"), &jpeg[..jpeg.len() / 2]).unwrap();
+    std::fs::write(cat.join("b_bomb.png"), bomb_png()).unwrap();
+    std::fs::write(cat.join("c_text.png"), b"not an image").unwrap();
+    let warn = &mut |w: String| panic!("{w}");
+    let stream = load(&options(tmp.path(), 0, false), warn).unwrap();
+    let files = streamed(&stream.test);
+    assert_eq!(files.len(), 13);
+    let mut batches = InOrder::new(files, 0, 13, 13, Transform::Eval { size: 56 }).unwrap();
+    let batch = batches.next_batch().unwrap().unwrap();
+    assert_eq!(batch.len(), 10);
+    assert_eq!(batches.skipped.len(), 3);
+    for (msg, name) in batches
+        .skipped
+        .iter()
+        .zip(["a_truncated", "b_bomb", "c_text"])
+    {
+        assert!(msg.contains(name), "{msg}");
+    }
+    assert!(batches.skipped[0].contains("truncated"));
+    assert!(
+        batches.skipped[1].contains("20000x20000"),
+        "{}",
+        batches.skipped[1]
+    );
+
+    let strict = load(&options(tmp.path(), 0, true), warn).unwrap();
+    let mut batches = InOrder::new(
+        streamed(&strict.test),
+        0,
+        13,
+        13,
+        Transform::Eval { size: 56 },
+    )
+    .unwrap();
+    let err = format!("{:#}", batches.next_batch().err().unwrap());
+    assert!(
+        err.contains("a_truncated.jpg") && err.contains("--strict"),
+        "{err}"
+    );
+}
+
+fn train(dir: &Path, out: &Path, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(common::bin());
+    cmd.args(["train", "--dataset", "folder", "--data-dir"])
+        .arg(dir)
+        .args(["--arch", "vgg11", "--batch-size", "2", "--val-split", "0.2"])
+        .args([
+            "--epochs", "2", "--keep", "last", "--device", "cpu", "--out",
+        ])
+        .arg(out)
+        .args(extra);
+    cmd
+}
+
+fn same_weights(a: &Path, b: &Path) {
+    let (a, b) = (
+        vggctl::formats::safetensors::read_safetensors(&a.join("last.safetensors")).unwrap(),
+        vggctl::formats::safetensors::read_safetensors(&b.join("last.safetensors")).unwrap(),
+    );
+    assert_eq!(a.tensors.len(), b.tensors.len());
+    for (k, t) in &a.tensors {
+        assert!(t.equal(&b.tensors[k]), "{k} differs");
+    }
+}
+
+/// CIFAR-style training on a folder (centre squares, then the batch's
+/// crops and flips): streamed, the run ends with the in-memory run's
+/// weights bit for bit, and so does a streamed run stopped by Ctrl-C in
+/// the middle of an epoch and resumed.
+#[test]
+fn a_streamed_folder_trains_as_the_in_memory_one_and_resumes_exactly() {
+    let tmp = common::tempdir();
+    let data = tmp.path().join("data");
+    photo_folder(&data);
+    let cache = tmp.path().join("cache").display().to_string();
+    let run = |out: &str, extra: &[&str]| {
+        let r = common::Run::from(
+            train(&data, &tmp.path().join(out), extra)
+                .args(["--cache-dir", &cache, "--quiet"])
+                .output()
+                .unwrap(),
+        );
+        assert_eq!(r.code, 0, "{}", r.stderr);
+    };
+    run("memory", &[]);
+    run("streamed", &["--cache-mem", "0"]);
+    same_weights(&tmp.path().join("memory"), &tmp.path().join("streamed"));
+    let config = std::fs::read_to_string(tmp.path().join("streamed/config.json")).unwrap();
+    assert!(config.contains("\"streamed\": true"), "{config}");
+
+    // Ctrl-C after the third step of the first epoch (of 4 per epoch).
+    let stopped = tmp.path().join("stopped");
+    let mut child = train(
+        &data,
+        &stopped,
+        &["--cache-mem", "0", "--log-interval", "1"],
+    )
+    .stderr(Stdio::piped())
+    .stdout(Stdio::null())
+    .spawn()
+    .unwrap();
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let t0 = Instant::now();
+    let mut line = String::new();
+    while !line.contains("step 3/") {
+        line.clear();
+        assert!(std::io::BufRead::read_line(&mut stderr, &mut line).unwrap() > 0);
+        assert!(t0.elapsed() < Duration::from_secs(120));
+    }
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(130), "{rest}");
+    let r = common::run_in(
+        tmp.path(),
+        &["train", "--resume", stopped.to_str().unwrap(), "--quiet"],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    same_weights(&tmp.path().join("memory"), &stopped);
+}
