@@ -326,3 +326,118 @@ fn a_streamed_folder_trains_as_the_in_memory_one_and_resumes_exactly() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     same_weights(&tmp.path().join("memory"), &stopped);
 }
+
+fn batch_of(data: &Images, t: Transform, seed: i64) -> Tensor {
+    let s = streamed(data);
+    let mut loader = Loader::new(s, t).unwrap();
+    tch::manual_seed(seed);
+    let n = s.len();
+    let draws = match t {
+        Transform::Random { .. } => draw_resized_crops(n),
+        _ => Vec::new(),
+    };
+    loader.submit(Job {
+        indices: (0..n).collect(),
+        draws,
+    });
+    let got = loader.take().unwrap();
+    assert!(got.skipped.is_empty(), "{:?}", got.skipped);
+    got.batch.images
+}
+
+/// `vggctl prepare` of a folder whose images are small enough to keep
+/// their bytes: training and evaluation batches from the file are the
+/// folder's bit for bit for the same seed (and its held-out split the
+/// same). Damage is one clear error: a flipped byte in an image (even
+/// without --strict), a cut file, an index that fails its checksum.
+#[test]
+fn a_prepared_file_gives_the_folders_batches_and_refuses_damage() {
+    use vggctl::data::pack;
+    use vggctl::data::prepared::{self, Prepared};
+    let tmp = common::tempdir();
+    let data = tmp.path().join("data");
+    photo_folder(&data);
+    let file = tmp.path().join("photos.vggdata");
+    let done = pack::prepare(&data, None, &file, SIDE, (90, true)).unwrap();
+    assert_eq!((done.images, done.resized, done.skipped.len()), (10, 0, 0));
+    assert!(prepared::is_prepared(&file) && !prepared::is_prepared(&data));
+    let mut opts = options(&data, 0, true);
+    opts.val_dir = None;
+    opts.val_split = 0.3;
+    let folder = load(&opts, &mut |w| panic!("{w}")).unwrap();
+    opts.dir = file.clone();
+    let packed = pack::load(&opts).unwrap();
+    assert_eq!(packed.classes, folder.classes);
+    for (a, b) in [(&folder.train, &packed.train), (&folder.test, &packed.test)] {
+        assert_eq!(a.len(), b.len());
+        for seed in 0..3 {
+            let t = Transform::Random { size: 48 };
+            assert!(batch_of(a, t, seed).equal(&batch_of(b, t, seed)));
+        }
+        let t = Transform::Eval { size: 48 };
+        assert!(batch_of(a, t, 0).equal(&batch_of(b, t, 0)));
+    }
+
+    // Smaller --max-side: every image resized (its shorter side 40).
+    let small = tmp.path().join("small.vggdata");
+    let done = pack::prepare(&data, None, &small, 40, (90, true)).unwrap();
+    assert_eq!(done.resized, 10);
+    let store = Prepared::open(&small).unwrap();
+    for e in &store.index.train {
+        let name = std::path::Path::new(&e.name);
+        let (img, _) =
+            vggctl::data::image::decode_bytes(&store.bytes(e).unwrap(), name, |_, _| ()).unwrap();
+        assert_eq!(img.width().min(img.height()), 40, "{}", e.name);
+    }
+
+    // A flipped byte in the first image's data: the batch that reads it fails.
+    let mut bytes = std::fs::read(&file).unwrap();
+    let first = Prepared::open(&file).unwrap().index.train[0].clone();
+    bytes[first.offset as usize + 100] ^= 0x40;
+    std::fs::write(&file, &bytes).unwrap();
+    opts.strict = false;
+    let damaged = pack::load(&opts).unwrap();
+    let s = streamed(&damaged.train);
+    let mut loader = Loader::new(s, Transform::Eval { size: 48 }).unwrap();
+    loader.submit(Job {
+        indices: (0..s.len()).collect(),
+        draws: Vec::new(),
+    });
+    let err = format!("{:#}", loader.take().err().unwrap());
+    assert!(
+        err.contains("damaged prepared dataset") && err.contains(&first.name),
+        "{err}"
+    );
+    // Cut short, or an index edited: refused when opened.
+    bytes[first.offset as usize + 100] ^= 0x40;
+    let index_at = bytes.len() - 28;
+    for (name, damage) in [
+        ("cut.vggdata", bytes[..bytes.len() - 10].to_vec()),
+        ("index.vggdata", {
+            let mut b = bytes.clone();
+            b[index_at - 5] ^= 1;
+            b
+        }),
+    ] {
+        let path = tmp.path().join(name);
+        std::fs::write(&path, damage).unwrap();
+        let err = format!("{:#}", Prepared::open(&path).err().unwrap());
+        assert!(
+            err.contains(name) && err.contains("damaged prepared dataset"),
+            "{err}"
+        );
+        let r = common::run_in(
+            tmp.path(),
+            &[
+                "train",
+                "--dataset",
+                "folder",
+                "--data-dir",
+                name,
+                "--out",
+                "x",
+            ],
+        );
+        common::assert_one_line_error(&r, 1, "damaged prepared dataset");
+    }
+}

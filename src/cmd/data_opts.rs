@@ -8,6 +8,8 @@ use vggctl::data::cifar::{self, DownloadSource};
 use vggctl::data::digits;
 use vggctl::data::folder::{self, FolderOptions};
 use vggctl::data::imagenet;
+use vggctl::data::pack;
+use vggctl::data::prepared::{self, Prepared};
 use vggctl::dist::World;
 use vggctl::train::config::TrainConfig;
 
@@ -26,7 +28,8 @@ pub struct DataOpts {
     pub dataset: Option<String>,
     /// cifar10: the directory holding cifar-10-batches-py/ (torchvision's) or
     /// cifar-10-batches-bin/; folder: the class folders; imagenet: the
-    /// directory holding train/ and val/ [default: ./data].
+    /// directory holding train/ and val/; folder, imagenet: or the file
+    /// `vggctl prepare` made of them [default: ./data].
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
     /// Where to download the binary CIFAR-10 archive from when it is missing.
@@ -123,6 +126,9 @@ impl DataOpts {
         }
         self.data_dir.get_or_insert_with(|| PathBuf::from("./data"));
         let found = match dataset.as_str() {
+            "folder" | "imagenet" if prepared::is_prepared(&self.dir()) => {
+                Prepared::open(&self.dir())?.index.classes.len() as i64
+            }
             "folder" => folder::scan(&self.dir())?.0.len() as i64,
             "imagenet" => folder::scan(&self.dir().join("train"))?.0.len() as i64,
             "cifar10" | "digits" => 10,
@@ -192,9 +198,10 @@ impl DataOpts {
             }
             "folder" | "imagenet" => {
                 let imagenet = name == "imagenet";
-                let (dir, val_dir) = match imagenet {
-                    true => (dir.join("train"), Some(dir.join("val"))),
-                    false => (dir.to_path_buf(), val_dir.map(Path::to_path_buf)),
+                let file = prepared::is_prepared(dir);
+                let (dir, val_dir) = match (imagenet, file) {
+                    (true, false) => (dir.join("train"), Some(dir.join("val"))),
+                    _ => (dir.to_path_buf(), val_dir.map(Path::to_path_buf)),
                 };
                 let cache_mem = match streamed {
                     Some(true) => 0,
@@ -215,7 +222,10 @@ impl DataOpts {
                     }),
                     imagenet,
                 };
-                folder::load(&opts, &mut warn)
+                match file {
+                    true => pack::load(&opts),
+                    false => folder::load(&opts, &mut warn),
+                }
             }
             "digits" => digits::load(),
             other => Err(usage(unknown(other))),

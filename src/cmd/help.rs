@@ -34,6 +34,7 @@ Examples:
   vggctl train                                     CIFAR-10's recipe (VGG16, 100 epochs; downloads to ./data)
   vggctl train --arch vgg11_bn --head cifar -e 30 -o runs/v11
   vggctl train --dataset folder --data-dir photos --arch vgg11 --head gap
+  vggctl train --dataset imagenet --data-dir /data/imagenet --arch vgg16    torchvision's recipe
   vggctl train --resume runs/v11 -e 60             continue a run (Ctrl-C saves), or extend it
   vggctl train --arch vgg11_bn --model-ema --mixup-alpha 0.2 --cutmix-alpha 1.0 --tensorboard
   torchrun --no-python --nproc-per-node 8 vggctl train -o runs/big --resume auto";
@@ -58,6 +59,11 @@ pub const PREDICT: &str = "\
 Examples:
   vggctl predict --weights imagenet --arch vgg16 cat.jpg dog.jpg
   vggctl predict --checkpoint runs/v11/best.safetensors --topk 3 photos/";
+
+pub const PREPARE: &str = "\
+Examples:
+  vggctl prepare --dataset imagenet --data-dir /data/imagenet --out imagenet.vggdata
+  vggctl train --dataset imagenet --data-dir imagenet.vggdata      (the same flags as the folder)";
 
 pub const PARAMS: &str = "\
 Examples:

@@ -18,6 +18,7 @@ mod opts;
 mod output;
 mod params;
 mod predict;
+mod prepare;
 mod progress;
 mod recipe;
 mod train;
@@ -67,6 +68,9 @@ enum Command {
     /// Classify images with a checkpoint or torchvision's weights.
     #[command(after_help = help::PREDICT)]
     Predict(predict::Args),
+    /// Pack an image folder (or ImageNet's layout) into one file that training reads through memory mapping.
+    #[command(after_help = help::PREPARE)]
+    Prepare(prepare::Args),
     /// Shell completions (bash, zsh, fish, powershell, elvish) on stdout.
     #[command(after_help = help::COMPLETIONS)]
     Completions(help::CompletionsArgs),
@@ -84,6 +88,7 @@ pub const SUBCOMMANDS: &[&str] = &[
     "finetune",
     "export",
     "predict",
+    "prepare",
     "completions",
     "man",
 ];
@@ -131,6 +136,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Finetune(args) => finetune::run(args),
         Command::Export(args) => export::run(args),
         Command::Predict(args) => predict::run(args),
+        Command::Prepare(args) => prepare::run(args),
         Command::Completions(args) => {
             help::completions(args, <Cli as clap::CommandFactory>::command())
         }

@@ -19,7 +19,7 @@ use tch::{Kind, Tensor};
 
 use super::augment::{canvas_width, pack_canvas};
 use super::image::resize_shorter;
-use super::stream::Streamed;
+use super::stream::{Item, Streamed};
 use super::{Dataset, Images, Split};
 use crate::formats::safetensors::{read_safetensors, write_safetensors};
 
@@ -286,7 +286,7 @@ fn load_dir(
 }
 
 /// A seeded shuffle (splitmix64-driven Fisher-Yates), independent of libtorch.
-fn shuffled(n: usize, seed: u64) -> Vec<usize> {
+pub fn shuffled(n: usize, seed: u64) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..n).collect();
     let mut s = seed ^ 0x5851_F42D_4C95_7F2D;
     let mut next = || {
@@ -327,12 +327,7 @@ pub fn load(opts: &FolderOptions, warn: &mut dyn FnMut(String)) -> Result<Datase
             Some(vfiles)
         }
         None => {
-            if !(opts.val_split > 0.0 && opts.val_split < 1.0) {
-                bail!(
-                    "--val-split {} must be between 0 and 1 (or give --val-dir)",
-                    opts.val_split
-                );
-            }
+            check_val_split(opts.val_split)?;
             None
         }
     };
@@ -355,8 +350,16 @@ pub fn load(opts: &FolderOptions, warn: &mut dyn FnMut(String)) -> Result<Datase
     })
 }
 
+/// A fraction to hold out for validation.
+pub fn check_val_split(val_split: f64) -> Result<()> {
+    if !(val_split > 0.0 && val_split < 1.0) {
+        bail!("--val-split {val_split} must be between 0 and 1 (or give --val-dir)");
+    }
+    Ok(())
+}
+
 /// The number of held-out images of `n`, or an error if `n` cannot be split.
-fn held_out(opts: &FolderOptions, n: usize) -> Result<usize> {
+pub fn held_out(opts: &FolderOptions, n: usize) -> Result<usize> {
     if n < 2 {
         bail!(
             "{}: {n} readable image(s) cannot be split into training and validation",
@@ -384,7 +387,8 @@ fn streamed(
     };
     let split = |files: LabeledFiles| {
         Images::Streamed(Streamed {
-            files: Arc::new(files),
+            items: Arc::new(files.into_iter().map(|(p, l)| Item::file(p, l)).collect()),
+            store: None,
             side: opts.cache_size,
             strict: opts.strict,
             workers: opts.workers,

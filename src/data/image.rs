@@ -49,14 +49,23 @@ pub fn decode_sized<T>(
     header: impl FnOnce(i64, i64) -> T,
 ) -> Result<(image::RgbImage, T)> {
     let bytes = crate::fsutil::read_regular(path, "an image", MAX_IMAGE_FILE)?;
-    if bytes.starts_with(&[0xFF, 0xD8]) && !jpeg_is_complete(&bytes) {
+    decode_bytes(&bytes, path, header)
+}
+
+/// [`decode_sized`] of an image file's bytes (`path` names it in messages).
+pub fn decode_bytes<T>(
+    bytes: &[u8],
+    path: &Path,
+    header: impl FnOnce(i64, i64) -> T,
+) -> Result<(image::RgbImage, T)> {
+    if bytes.starts_with(&[0xFF, 0xD8]) && !jpeg_is_complete(bytes) {
         anyhow::bail!(
             "{}: not a readable JPEG or PNG image: truncated JPEG (its image data has no end marker)",
             path.display()
         );
     }
     let reader = || {
-        image::ImageReader::new(std::io::Cursor::new(&bytes[..]))
+        image::ImageReader::new(std::io::Cursor::new(bytes))
             .with_guessed_format()
             .with_context(|| format!("reading {}", path.display()))
     };

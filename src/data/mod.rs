@@ -12,6 +12,8 @@ pub mod folder;
 pub mod image;
 pub mod imagenet;
 pub mod mix;
+pub mod pack;
+pub mod prepared;
 pub mod resized_crop;
 pub mod stream;
 

@@ -19,7 +19,8 @@ use tch::{Device, Tensor};
 
 use super::Split;
 use super::augment::Transform;
-use super::image::{decode_sized, eval_transform, resize_u8, rgb_tensor};
+use super::image::{decode_bytes, decode_sized, eval_transform, resize_u8, rgb_tensor};
+use super::prepared::{Entry, Prepared};
 use super::resized_crop::{ImageDraws, crop_box};
 
 /// Batches prepared ahead of the one in use.
@@ -35,11 +36,39 @@ pub fn set_worker_setup(setup: fn()) {
     let _ = WORKER_SETUP.set(setup);
 }
 
+/// One image of a streamed split: a file, or an entry of a prepared
+/// dataset (`path` then names it in messages).
+#[derive(Clone, Debug)]
+pub struct Item {
+    pub path: PathBuf,
+    pub label: i64,
+    pub stored: Option<Entry>,
+}
+
+impl Item {
+    pub fn file(path: PathBuf, label: i64) -> Item {
+        Item {
+            path,
+            label,
+            stored: None,
+        }
+    }
+}
+
+/// Why an image is missing from its batch: it could not be read (the
+/// batch goes on without it), or the prepared dataset is damaged (the run
+/// stops).
+enum Missing {
+    Unreadable(anyhow::Error),
+    Damaged(anyhow::Error),
+}
+
 /// A split whose images stay in their files.
 #[derive(Clone)]
 pub struct Streamed {
-    /// Image files with their class index.
-    pub files: Arc<Vec<(PathBuf, i64)>>,
+    pub items: Arc<Vec<Item>>,
+    /// The prepared dataset holding the items' bytes, if they are entries.
+    pub store: Option<Arc<Prepared>>,
     /// The evaluation transform's `Resize` (shorter side), 256 for 224.
     pub side: i64,
     /// Stop on an unreadable image (naming it) instead of skipping it.
@@ -66,50 +95,74 @@ pub struct Loaded {
 
 impl Streamed {
     pub fn len(&self) -> i64 {
-        self.files.len() as i64
+        self.items.len() as i64
     }
 
     pub fn is_empty(&self) -> bool {
-        self.files.is_empty()
+        self.items.is_empty()
     }
 
     /// The first `n` examples.
     pub fn limit(self, n: Option<i64>) -> Streamed {
         match n {
             Some(n) if n < self.len() => Streamed {
-                files: Arc::new(self.files[..n as usize].to_vec()),
+                items: Arc::new(self.items[..n as usize].to_vec()),
                 ..self
             },
             _ => self,
         }
     }
 
+    /// Decodes item `i`, calling `header(height, width)` first.
+    fn decode<T>(
+        &self,
+        i: usize,
+        header: impl FnOnce(i64, i64) -> T,
+    ) -> Result<(image::RgbImage, T), Missing> {
+        let item = &self.items[i];
+        match (&self.store, &item.stored) {
+            (Some(store), Some(e)) => {
+                let bytes = store.bytes(e).map_err(Missing::Damaged)?;
+                decode_bytes(&bytes, &item.path, header).map_err(Missing::Unreadable)
+            }
+            _ => decode_sized(&item.path, header).map_err(Missing::Unreadable),
+        }
+    }
+
     /// One image, transformed.
-    fn image(&self, i: usize, transform: Transform, draws: Option<&ImageDraws>) -> Result<Tensor> {
-        let (path, _) = &self.files[i];
+    fn image(
+        &self,
+        i: usize,
+        transform: Transform,
+        draws: Option<&ImageDraws>,
+    ) -> Result<Tensor, Missing> {
         let side = self.side;
-        Ok(match (transform, draws) {
-            (Transform::Square, _) => eval_transform(&image(path)?, Some(side), side),
-            (Transform::Eval { size }, _) => eval_transform(&image(path)?, Some(side), size),
+        let whole = |size| -> Result<Tensor, Missing> {
+            let img = rgb_tensor(&self.decode(i, |_, _| ())?.0);
+            Ok(eval_transform(&img, Some(side), size))
+        };
+        match (transform, draws) {
+            (Transform::Square, _) => whole(side),
+            (Transform::Eval { size }, _) => whole(size),
             (Transform::Random { size }, Some(d)) => {
-                let (img, [top, left, h, w]) = decode_sized(path, |h, w| crop_box(d, h, w))?;
+                let (img, [top, left, h, w]) = self.decode(i, |h, w| crop_box(d, h, w))?;
                 let crop = rgb_tensor(&img).narrow(1, top, h).narrow(2, left, w);
                 let out = resize_u8(&crop, size, size);
-                match d.flip {
+                Ok(match d.flip {
                     true => out.flip([2]),
                     false => out,
-                }
+                })
             }
             (Transform::Random { .. }, None) => {
-                return Err(anyhow!("a random crop without its draws"));
+                Err(Missing::Damaged(anyhow!("a random crop without its draws")))
             }
-        })
+        }
     }
 
     /// The images of `job`, in order, as one batch; an unreadable image is
     /// left out (or, `strict`, ends the batch with its error).
     fn batch(&self, job: &Job, transform: Transform) -> Result<Loaded> {
-        let results: Vec<Result<Tensor>> = job
+        let results: Vec<Result<Tensor, Missing>> = job
             .indices
             .par_iter()
             .enumerate()
@@ -120,10 +173,13 @@ impl Streamed {
             match r {
                 Ok(t) => {
                     images.push(t);
-                    labels.push(self.files[i as usize].1);
+                    labels.push(self.items[i as usize].label);
                 }
-                Err(e) if self.strict => return Err(e.context("unreadable image (--strict)")),
-                Err(e) => skipped.push(format!("{e:#}")),
+                Err(Missing::Damaged(e)) => return Err(e),
+                Err(Missing::Unreadable(e)) if self.strict => {
+                    return Err(e.context("unreadable image (--strict)"));
+                }
+                Err(Missing::Unreadable(e)) => skipped.push(format!("{e:#}")),
             }
         }
         let images = match images.is_empty() {
@@ -141,10 +197,6 @@ impl Streamed {
         };
         Ok(Loaded { batch, skipped })
     }
-}
-
-fn image(path: &std::path::Path) -> Result<Tensor> {
-    Ok(rgb_tensor(&decode_sized(path, |_, _| ())?.0))
 }
 
 /// A thread that prepares the jobs it is given, in the order given, on

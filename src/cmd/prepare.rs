@@ -1,0 +1,87 @@
+//! `vggctl prepare`: an image folder (or ImageNet's layout) as one file
+//! that training, eval and fine-tuning read through memory mapping.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use vggctl::data::pack::prepare;
+
+use super::output::{usage, warn};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// folder (one subfolder of images per class) or imagenet (DIR/train/<wnid>/
+    /// and DIR/val/<wnid>/).
+    #[arg(long, default_value = "folder")]
+    dataset: String,
+    /// folder: the class folders; imagenet: the directory holding train/ and val/.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// folder: validation images in their own class folders.
+    #[arg(long)]
+    val_dir: Option<PathBuf>,
+    /// The file to write (replaced only once it is whole).
+    #[arg(long, short)]
+    out: PathBuf,
+    /// Images whose shorter side is longer are resized to it (torchvision's
+    /// Resize) and stored again; the others keep their own bytes, so they
+    /// decode to exactly the folder's pixels.
+    #[arg(long, default_value_t = 512)]
+    max_side: i64,
+    /// JPEG quality of the resized images (PNGs stay PNG).
+    #[arg(long, default_value_t = 90)]
+    quality: u8,
+    /// Fail on an unreadable image instead of skipping it.
+    #[arg(long)]
+    strict: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    if args.max_side < 1 {
+        return Err(usage(format!(
+            "--max-side {} must be at least 1",
+            args.max_side
+        )));
+    }
+    if !(1..=100).contains(&args.quality) {
+        return Err(usage(format!(
+            "--quality {} must be between 1 and 100",
+            args.quality
+        )));
+    }
+    let (dir, val_dir) = match args.dataset.as_str() {
+        "folder" => (args.data_dir.clone(), args.val_dir.clone()),
+        "imagenet" if args.val_dir.is_none() => {
+            (args.data_dir.join("train"), Some(args.data_dir.join("val")))
+        }
+        "imagenet" => return Err(usage("--val-dir: imagenet's validation images are DIR/val")),
+        other => {
+            return Err(usage(format!(
+                "--dataset {other}: prepare takes folder or imagenet"
+            )));
+        }
+    };
+    let done = prepare(
+        &dir,
+        val_dir.as_deref(),
+        &args.out,
+        args.max_side,
+        (args.quality, args.strict),
+    )?;
+    if let Some(first) = done.skipped.first() {
+        warn(format!(
+            "skipped {} unreadable image(s) (--strict makes this an error), e.g. {first}",
+            done.skipped.len()
+        ));
+    }
+    let bytes = std::fs::metadata(&args.out).map_or(0, |m| m.len());
+    println!(
+        "prepared {} images ({} resized to a shorter side of {}) into {} ({:.1} MB)",
+        done.images,
+        done.resized,
+        args.max_side,
+        args.out.display(),
+        bytes as f64 / 1e6
+    );
+    Ok(())
+}

@@ -1,0 +1,197 @@
+//! `vggctl prepare`'s writing of a prepared dataset (the format is
+//! `prepared`'s), and reading one as the folder it was made of.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use rayon::prelude::*;
+
+use super::folder::{FolderOptions, LabeledFiles, check_val_split, held_out, scan, shuffled};
+use super::image::{resize_shorter, rgb_tensor};
+use super::prepared::{END, Entry, Index, MAGIC, MAX_IMAGE_BYTES, Prepared};
+use super::stream::{Item, Streamed};
+use super::{Dataset, Images};
+
+/// Images prepared at a time (their bytes are held until written).
+const CHUNK: usize = 256;
+
+/// What `prepare` did: images stored, and the messages of those skipped.
+pub struct Prepare {
+    pub images: usize,
+    pub resized: usize,
+    pub skipped: Vec<String>,
+}
+
+/// The bytes to store for one image file: its own when its shorter side is
+/// at most `max_side`, else the resized image encoded again.
+fn stored_bytes(path: &Path, max_side: i64, quality: u8) -> Result<(Vec<u8>, bool)> {
+    let raw = crate::fsutil::read_regular(path, "an image", MAX_IMAGE_BYTES)?;
+    let (img, short) = super::image::decode_bytes(&raw, path, |h, w| h.min(w))?;
+    if short <= max_side {
+        return Ok((raw, false));
+    }
+    let resized = resize_shorter(&rgb_tensor(&img), max_side);
+    let (_, h, w) = resized.size3()?;
+    let px = Vec::<u8>::try_from(resized.permute([1, 2, 0]).contiguous().view([-1]))?;
+    let img = image::RgbImage::from_raw(w as u32, h as u32, px).context("a resized image")?;
+    let mut out = Vec::new();
+    let png = raw.starts_with(b"\x89PNG");
+    let encoded = match png {
+        true => img.write_with_encoder(image::codecs::png::PngEncoder::new(&mut out)),
+        false => img.write_with_encoder(image::codecs::jpeg::JpegEncoder::new_with_quality(
+            &mut out, quality,
+        )),
+    };
+    encoded.with_context(|| format!("encoding {} again", path.display()))?;
+    Ok((out, true))
+}
+
+/// Writes `files` (in order) into `w` from `*at` on; returns their entries.
+fn write_split(
+    w: &mut impl Write,
+    at: &mut u64,
+    root: &Path,
+    files: &LabeledFiles,
+    (max_side, quality, strict): (i64, u8, bool),
+    done: &mut Prepare,
+) -> Result<Vec<Entry>> {
+    let mut entries = Vec::new();
+    for chunk in files.chunks(CHUNK) {
+        let stored: Vec<_> = chunk
+            .par_iter()
+            .map(|(p, _)| stored_bytes(p, max_side, quality))
+            .collect();
+        for ((path, label), r) in chunk.iter().zip(stored) {
+            let (bytes, resized) = match r {
+                Ok(b) => b,
+                Err(e) if strict => return Err(e.context("unreadable image (--strict)")),
+                Err(e) => {
+                    done.skipped.push(format!("{e:#}"));
+                    continue;
+                }
+            };
+            w.write_all(&bytes)
+                .context("writing the prepared dataset")?;
+            let name = path.strip_prefix(root).unwrap_or(path);
+            entries.push(Entry {
+                name: name.display().to_string(),
+                label: *label,
+                offset: *at,
+                len: bytes.len() as u64,
+                crc: crc32fast::hash(&bytes),
+            });
+            *at += bytes.len() as u64;
+            done.images += 1;
+            done.resized += resized as usize;
+        }
+    }
+    Ok(entries)
+}
+
+/// `vggctl prepare`: the images of `dir` (and of `val_dir`) into `out`,
+/// written beside it and renamed into place when whole.
+pub fn prepare(
+    dir: &Path,
+    val_dir: Option<&Path>,
+    out: &Path,
+    max_side: i64,
+    (quality, strict): (u8, bool),
+) -> Result<Prepare> {
+    let (classes, files) = scan(dir)?;
+    let val = match val_dir {
+        Some(v) => {
+            let (vclasses, vfiles) = scan(v)?;
+            if vclasses != classes {
+                bail!(
+                    "{}: class folders differ from {}'s",
+                    v.display(),
+                    dir.display()
+                );
+            }
+            Some((v, vfiles))
+        }
+        None => None,
+    };
+    let mut done = Prepare {
+        images: 0,
+        resized: 0,
+        skipped: Vec::new(),
+    };
+    let opts = (max_side, quality, strict);
+    crate::fsutil::write_atomic(out, |w| {
+        w.write_all(MAGIC)?;
+        let mut at = MAGIC.len() as u64;
+        let train = write_split(w, &mut at, dir, &files, opts, &mut done)?;
+        let val = match &val {
+            Some((v, vfiles)) => Some(write_split(w, &mut at, v, vfiles, opts, &mut done)?),
+            None => None,
+        };
+        if train.is_empty() {
+            bail!("{}: none of its images could be read", dir.display());
+        }
+        let index = serde_json::to_vec(&Index {
+            classes,
+            max_side,
+            train,
+            val,
+        })?;
+        w.write_all(&index)?;
+        w.write_all(&at.to_le_bytes())?;
+        w.write_all(&(index.len() as u64).to_le_bytes())?;
+        w.write_all(&crc32fast::hash(&index).to_le_bytes())?;
+        w.write_all(END)?;
+        Ok(())
+    })?;
+    Ok(done)
+}
+
+/// A prepared dataset (`opts.dir`) as `folder::load` gives its folder,
+/// streamed: its own validation split, or the same held-out part (of the
+/// images it holds) for the same seed.
+pub fn load(opts: &FolderOptions) -> Result<Dataset> {
+    let store = Prepared::open(&opts.dir)?;
+    let idx = &store.index;
+    let classes = match opts.imagenet {
+        true => super::imagenet::names(&opts.dir, &idx.classes)?,
+        false => idx.classes.clone(),
+    };
+    let item = |e: &Entry| Item {
+        path: PathBuf::from(format!("{}:{}", opts.dir.display(), e.name)),
+        label: e.label,
+        stored: Some(e.clone()),
+    };
+    let (train, val): (Vec<Item>, Vec<Item>) = match &idx.val {
+        Some(v) => (
+            idx.train.iter().map(item).collect(),
+            v.iter().map(item).collect(),
+        ),
+        None => {
+            check_val_split(opts.val_split)?;
+            let order = shuffled(idx.train.len(), opts.seed);
+            let n_val = held_out(opts, idx.train.len())?;
+            let pick = |ids: &[usize]| ids.iter().map(|&i| item(&idx.train[i])).collect();
+            (pick(&order[n_val..]), pick(&order[..n_val]))
+        }
+    };
+    let split = |items: Vec<Item>| {
+        Images::Streamed(Streamed {
+            items: Arc::new(items),
+            store: Some(store.clone()),
+            side: opts.cache_size,
+            strict: opts.strict,
+            workers: opts.workers,
+            pin: false,
+        })
+    };
+    Ok(Dataset {
+        name: if opts.imagenet { "imagenet" } else { "folder" }.into(),
+        train: split(train),
+        test: split(val),
+        classes,
+        mean: super::imagenet::MEAN,
+        std: super::imagenet::STD,
+        source: opts.dir.display().to_string(),
+    })
+}
