@@ -10,7 +10,7 @@ use tch::{Device, Kind, Tensor};
 use vggctl::checkpoint::{ModelMeta, load_checkpoint, meta_for_weights};
 use vggctl::data::augment::{Augment, Normalizer, Preprocess};
 use vggctl::data::folder::image_files;
-use vggctl::data::image::{eval_transform, read_image};
+use vggctl::data::image::{decode_rgb, eval_crop};
 use vggctl::infer::{Inference, Logits};
 use vggctl::model::{Vgg, check_input};
 use vggctl::numerics::{Activity, Numerics};
@@ -157,7 +157,12 @@ fn classify(
     // Decoding and resizing dominate on the CPU: all cores, one image each.
     let batch: Vec<Tensor> = chunk
         .par_iter()
-        .map(|p| read_image(p).map(|img| eval_transform(&img, meta.resize, meta.input_size)))
+        .map(|p| {
+            decode_rgb(p).map(|img| {
+                let size = (img.height() as usize, img.width() as usize);
+                eval_crop(img.as_raw(), size, meta.resize, meta.input_size)
+            })
+        })
         .collect::<Vec<_>>()
         .into_iter()
         .collect::<Result<_>>()?; // the first unreadable file in order

@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 use tch::{Kind, Tensor};
 
 use super::augment::{canvas_width, pack_canvas};
-use super::image::resize_shorter;
+use super::image::{resized_window, shorter_size};
 use super::stream::{Item, Streamed};
 use super::{Dataset, Images, Split};
 use crate::formats::safetensors::{read_safetensors, write_safetensors};
@@ -109,8 +109,19 @@ pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
 /// `Resize`), so the centre crop of a cached image is exactly what
 /// `predict` feeds the model for that file.
 pub fn decode_canvas(path: &Path, side: i64) -> Result<(Vec<u8>, [i64; 3])> {
-    let img = super::image::read_image(path)?;
-    let (canvas, layout) = pack_canvas(&resize_shorter(&img, side));
+    let img = super::image::decode_rgb(path)?;
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let (nh, nw) = shorter_size(h as i64, w as i64, side);
+    let out = (nh as usize, nw as usize);
+    let resized = resized_window(
+        img.as_raw(),
+        w,
+        (0, 0, h, w),
+        out,
+        (0, 0, out.0, out.1),
+        false,
+    );
+    let (canvas, layout) = pack_canvas(&resized);
     Ok((Vec::<u8>::try_from(canvas.view([-1]))?, layout))
 }
 

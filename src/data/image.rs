@@ -4,7 +4,9 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use tch::{Kind, Tensor};
+use tch::Tensor;
+
+use super::resize::{Window, resize_window};
 
 /// The largest image file read.
 const MAX_IMAGE_FILE: u64 = 1 << 30;
@@ -102,27 +104,51 @@ pub fn read_image(path: &Path) -> Result<Tensor> {
     Ok(rgb_tensor(&decode_rgb(path)?))
 }
 
-/// Bilinear resize with antialiasing of a uint8 `3 x H x W` image, rounded
-/// back to uint8 as torchvision's `F.resize(..., antialias=True)` does.
-pub fn resize_u8(img: &Tensor, h: i64, w: i64) -> Tensor {
-    img.unsqueeze(0)
-        .to_kind(Kind::Float)
-        .internal_upsample_bilinear2d_aa([h, w], false, None, None)
-        .round()
-        .clamp(0.0, 255.0)
-        .to_kind(Kind::Uint8)
-        .squeeze_dim(0)
+/// A `3 x H x W` uint8 tensor as interleaved RGB bytes, with its height
+/// and width.
+fn interleaved(img: &Tensor) -> (Vec<u8>, usize, usize) {
+    let (_, h, w) = img.size3().expect("a 3 x H x W image");
+    let hwc = img.permute([1, 2, 0]).contiguous().view([-1]);
+    let bytes = Vec::<u8>::try_from(hwc).expect("a uint8 image");
+    (bytes, h as usize, w as usize)
 }
 
-/// torchvision's `Resize(short)` of a uint8 `3 x H x W` image: the shorter
-/// side becomes `short`, the longer `int(short * long / shorter)`.
-pub fn resize_shorter(img: &Tensor, short: i64) -> Tensor {
-    let (_, h, w) = img.size3().expect("a 3 x H x W image");
-    let (nh, nw) = if h <= w {
+/// `resize::resize_window` as a `3 x h x w` uint8 tensor (`keep`'s size).
+pub fn resized_window(
+    rgb: &[u8],
+    width: usize,
+    src: Window,
+    out: (usize, usize),
+    keep: Window,
+    flip: bool,
+) -> Tensor {
+    let px = resize_window(rgb, width, src, out, keep, flip);
+    Tensor::from_slice(&px).view([3, keep.2 as i64, keep.3 as i64])
+}
+
+/// Bilinear resize with antialiasing of a uint8 `3 x H x W` image, rounded
+/// back to uint8 as torchvision's `F.resize(..., antialias=True)` does on a
+/// tensor (its float path, bit for bit: see `resize`).
+pub fn resize_u8(img: &Tensor, h: i64, w: i64) -> Tensor {
+    let (rgb, ih, iw) = interleaved(img);
+    let out = (h as usize, w as usize);
+    resized_window(&rgb, iw, (0, 0, ih, iw), out, (0, 0, out.0, out.1), false)
+}
+
+/// The size torchvision's `Resize(short)` gives an image of `h` x `w`: the
+/// shorter side `short`, the longer `int(short * long / shorter)`.
+pub fn shorter_size(h: i64, w: i64, short: i64) -> (i64, i64) {
+    if h <= w {
         (short, (short as f64 * w as f64 / h as f64) as i64)
     } else {
         ((short as f64 * h as f64 / w as f64) as i64, short)
-    };
+    }
+}
+
+/// torchvision's `Resize(short)` of a uint8 `3 x H x W` image.
+pub fn resize_shorter(img: &Tensor, short: i64) -> Tensor {
+    let (_, h, w) = img.size3().expect("a 3 x H x W image");
+    let (nh, nw) = shorter_size(h, w, short);
     resize_u8(img, nh, nw)
 }
 
@@ -137,13 +163,34 @@ pub fn centre_offset(len: i64, size: i64) -> i64 {
 /// side) then `CenterCrop(size)`; with `resize` None, the whole image is
 /// resized to `size` x `size`. Returns uint8 `3 x size x size`.
 pub fn eval_transform(img: &Tensor, resize: Option<i64>, size: i64) -> Tensor {
-    let Some(short) = resize else {
-        return resize_u8(img, size, size);
+    let (rgb, h, w) = interleaved(img);
+    eval_crop(&rgb, (h, w), resize, size)
+}
+
+/// [`eval_transform`] of an interleaved RGB image of `(height, width)`:
+/// only the crop's pixels of the resized image are computed. A resize
+/// shorter than the crop (which checkpoints' metadata never has) crops
+/// the whole resized image.
+pub fn eval_crop(rgb: &[u8], (h, w): (usize, usize), resize: Option<i64>, size: i64) -> Tensor {
+    let (nh, nw) = match resize {
+        Some(short) => shorter_size(h as i64, w as i64, short),
+        None => (size, size),
     };
-    let r = resize_shorter(img, short);
-    let (_, nh, nw) = r.size3().expect("a 3 x H x W image");
-    r.narrow(1, centre_offset(nh, size), size)
-        .narrow(2, centre_offset(nw, size), size)
+    let (kh, kw) = (size.min(nh), size.min(nw));
+    let keep = (
+        centre_offset(nh, kh) as usize,
+        centre_offset(nw, kw) as usize,
+        kh as usize,
+        kw as usize,
+    );
+    resized_window(
+        rgb,
+        w,
+        (0, 0, h, w),
+        (nh as usize, nw as usize),
+        keep,
+        false,
+    )
 }
 
 #[cfg(test)]

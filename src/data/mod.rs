@@ -14,6 +14,7 @@ pub mod imagenet;
 pub mod mix;
 pub mod pack;
 pub mod prepared;
+pub mod resize;
 pub mod resized_crop;
 pub mod stream;
 

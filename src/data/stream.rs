@@ -19,7 +19,7 @@ use tch::{Device, Tensor};
 
 use super::Split;
 use super::augment::Transform;
-use super::image::{decode_bytes, decode_sized, eval_transform, resize_u8, rgb_tensor};
+use super::image::{decode_bytes, decode_sized, eval_crop, resized_window};
 use super::prepared::{Entry, Prepared};
 use super::resized_crop::{ImageDraws, crop_box};
 
@@ -138,20 +138,33 @@ impl Streamed {
     ) -> Result<Tensor, Missing> {
         let side = self.side;
         let whole = |size| -> Result<Tensor, Missing> {
-            let img = rgb_tensor(&self.decode(i, |_, _| ())?.0);
-            Ok(eval_transform(&img, Some(side), size))
+            let img = self.decode(i, |_, _| ())?.0;
+            let (w, h) = img.dimensions();
+            Ok(eval_crop(
+                img.as_raw(),
+                (h as usize, w as usize),
+                Some(side),
+                size,
+            ))
         };
         match (transform, draws) {
             (Transform::Square, _) => whole(side),
             (Transform::Eval { size }, _) => whole(size),
             (Transform::Random { size }, Some(d)) => {
                 let (img, [top, left, h, w]) = self.decode(i, |h, w| crop_box(d, h, w))?;
-                let crop = rgb_tensor(&img).narrow(1, top, h).narrow(2, left, w);
-                let out = resize_u8(&crop, size, size);
-                Ok(match d.flip {
-                    true => out.flip([2]),
-                    false => out,
-                })
+                let (s, window) = (size as usize, [top, left, h, w].map(|v| v as usize));
+                let (width, window) = (
+                    img.width() as usize,
+                    (window[0], window[1], window[2], window[3]),
+                );
+                Ok(resized_window(
+                    img.as_raw(),
+                    width,
+                    window,
+                    (s, s),
+                    (0, 0, s, s),
+                    d.flip,
+                ))
             }
             (Transform::Random { .. }, None) => {
                 Err(Missing::Damaged(anyhow!("a random crop without its draws")))

@@ -1,0 +1,160 @@
+"""The image pipeline alone, vggctl against torchvision, in one run on this
+machine's cores: images/s from JPEG files to ready uint8 224x224 batches.
+
+Data: a generated folder of JPEGs with ImageNet-like sizes and quality
+(random crops of scikit-image's real photographs at about 500x375, quality
+90, 10 class folders; made once and kept in --dir).
+
+  (a) torchvision: ImageFolder (PIL decode) + DataLoader(num_workers=cores,
+      batch 256, shuffle), transform RandomResizedCrop(224) +
+      RandomHorizontalFlip + PILToTensor (training) or Resize(256) +
+      CenterCrop(224) + PILToTensor (evaluation);
+  (b) vggctl streaming the folder (`--cache-mem` too small: worker threads
+      decode, crop and resize each batch; tests/bench_data.rs);
+  (c) vggctl streaming a prepared file of the same folder (`vggctl prepare`,
+      timed separately).
+
+Peak RSS: vggctl's process; torchvision's main process plus its workers
+(sampled). Streaming is measured at two folder sizes, so that its memory
+can be seen not to grow with the folder.
+
+Usage: scripts/bench-data [--images 5000] [--dir DIR] [--workers N]
+Prints images/s, the ratios and peak RSS. Not a test: figures vary."""
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+
+import torch
+import torchvision.transforms as T
+from PIL import Image
+from skimage import data as skdata
+from torchvision.datasets import ImageFolder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field",
+          "immunohistochemistry", "retina", "colorwheel"]
+SHAPES = [(500, 375), (375, 500), (500, 333), (450, 450), (640, 480), (400, 300)]
+
+
+def make_folder(root, n):
+    """n JPEGs (quality 90) in 10 class folders: random windows of the
+    photographs resized to ImageNet-like shapes (seeded)."""
+    stamp = os.path.join(root, f".complete-{n}")
+    if os.path.exists(stamp):
+        return
+    rng = random.Random(0)
+    photos = [Image.fromarray(getattr(skdata, p)()).convert("RGB") for p in PHOTOS]
+    for i in range(n):
+        img = rng.choice(photos)
+        w, h = img.size
+        cw, ch = rng.randint(w // 2, w), rng.randint(h // 2, h)
+        x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+        size = rng.choice(SHAPES)
+        d = os.path.join(root, f"class{i % 10}")
+        os.makedirs(d, exist_ok=True)
+        img.crop((x, y, x + cw, y + ch)).resize(size, Image.BILINEAR).save(
+            os.path.join(d, f"{i:06d}.jpg"), quality=90)
+    open(stamp, "w").close()
+
+
+class TreeRss:
+    """Peak of the summed RSS of this process and its children, sampled."""
+
+    def __init__(self):
+        self.peak, self.stop = 0, False
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def rss(pid):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return 0
+
+    def run(self):
+        me = os.getpid()
+        while not self.stop:
+            kids = []
+            try:
+                with open(f"/proc/{me}/task/{me}/children") as f:
+                    kids = [int(p) for p in f.read().split()]
+            except OSError:
+                pass
+            self.peak = max(self.peak, self.rss(me) + sum(self.rss(k) for k in kids))
+            time.sleep(0.05)
+
+    def done(self):
+        self.stop = True
+        self.thread.join()
+        return self.peak / 2**20
+
+
+def torchvision_run(folder, train, workers, batch=256):
+    tf = (T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.PILToTensor()]) if train
+          else T.Compose([T.Resize(256), T.CenterCrop(224), T.PILToTensor()]))
+    ds = ImageFolder(folder, transform=tf)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=train, num_workers=workers)
+    meter = TreeRss()
+    t0 = time.perf_counter()
+    n = 0
+    for x, _ in loader:
+        assert x.dtype == torch.uint8 and x.shape[1:] == (3, 224, 224)
+        n += x.shape[0]
+    seconds = time.perf_counter() - t0
+    return {"images": n, "seconds": seconds, "images_per_s": n / seconds, "peak_rss_mb": meter.done()}
+
+
+def vggctl_run(data, mode, workers, limit=None):
+    env = dict(os.environ, BENCH_DATA=data, BENCH_MODE=mode, BENCH_WORKERS=str(workers),
+               BENCH_LIMIT=str(limit or ""))
+    out = subprocess.run(["cargo", "test", "--release", "-q", "--test", "bench_data", "--",
+                          "--ignored", "--nocapture", "--exact", "bench"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
+    return json.loads(next(l for l in out.splitlines() if l.startswith("{")))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=5000)
+    ap.add_argument("--dir", default=os.path.join(ROOT, "target", "bench-data"))
+    ap.add_argument("--workers", type=int, default=os.cpu_count())
+    args = ap.parse_args()
+    folder = os.path.join(args.dir, f"jpeg-{args.images}")
+    t0 = time.perf_counter()
+    make_folder(folder, args.images)
+    print(f"data: {args.images} JPEGs in {folder} ({time.perf_counter() - t0:.0f} s to make or find)")
+    packed = os.path.join(args.dir, f"jpeg-{args.images}.vggdata")
+    t0 = time.perf_counter()
+    subprocess.run([os.path.join(ROOT, "scripts", "vggctl"), "prepare", "--data-dir", folder,
+                    "--out", packed, "--max-side", "512"], check=True)
+    print(f"vggctl prepare: {time.perf_counter() - t0:.1f} s")
+    subprocess.run(["cargo", "test", "--release", "-q", "--test", "bench_data", "--no-run"],
+                   cwd=ROOT, check=True, capture_output=True)
+    w = args.workers
+    print(f"{w} workers; images/s to ready uint8 224x224 batches of 256; peak RSS")
+    for mode in ["train", "eval"]:
+        tv = torchvision_run(folder, mode == "train", w)
+        rows = [("torchvision ImageFolder + DataLoader", tv),
+                ("vggctl streaming the folder", vggctl_run(folder, mode, w)),
+                ("vggctl streaming the prepared file", vggctl_run(packed, mode, w))]
+        if mode == "train":
+            rows.append(("vggctl streaming the folder, first quarter",
+                         vggctl_run(folder, mode, w, args.images // 4)))
+        print(f"\n{mode}:")
+        for name, r in rows:
+            print(f"  {name:44s} {r['images_per_s']:8.0f} img/s  {r['images_per_s'] / tv['images_per_s']:5.2f}x"
+                  f"  {r['peak_rss_mb']:7.0f} MB  ({r['images']} images, {r['seconds']:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,255 @@
+//! torchvision's antialiased bilinear resize (`F.resize(..., antialias=True)`
+//! on a float tensor, then rounded to uint8) of a window of an 8-bit RGB
+//! image, computed on the host without libtorch: the same weights (a
+//! triangle filter as wide as the scale, normalized) in the same float
+//! arithmetic and order as libtorch's separable CPU kernel, rows first,
+//! then columns, so the pixels are libtorch's bit for bit (checked against
+//! it in the tests). It is several times faster per image, which is what
+//! streaming workers and `predict` spend their time on.
+
+/// One axis' taps: per output pixel the first input pixel, how many, and
+/// the weights (`per` slots each).
+struct Taps {
+    first: Vec<usize>,
+    count: Vec<usize>,
+    weights: Vec<f32>,
+    per: usize,
+}
+
+/// libtorch's `_compute_indices_min_size_weights_aa` for bilinear
+/// (`interp_size` 2), input `len` pixels to `out` pixels.
+fn taps(len: usize, out: usize) -> Taps {
+    let scale = len as f32 / out as f32;
+    let support: f32 = if scale >= 1.0 { scale } else { 1.0 };
+    let per = (support.ceil() as usize) * 2 + 1;
+    let invscale = if scale >= 1.0 {
+        (1.0f64 / scale as f64) as f32
+    } else {
+        1.0
+    };
+    let mut t = Taps {
+        first: Vec::with_capacity(out),
+        count: Vec::with_capacity(out),
+        weights: vec![0.0; out * per],
+        per,
+    };
+    for i in 0..out {
+        let centre = (scale as f64 * (i as f64 + 0.5)) as f32;
+        let first = (((centre - support) as f64 + 0.5) as i64).max(0);
+        let end = (((centre + support) as f64 + 0.5) as i64).min(len as i64);
+        let count = (end - first).clamp(0, per as i64) as usize;
+        let w = &mut t.weights[i * per..(i + 1) * per];
+        let mut total = 0.0f32;
+        for (j, wj) in w.iter_mut().enumerate().take(count) {
+            let x = ((((j as i64 + first) as f32 - centre) as f64 + 0.5) * invscale as f64) as f32;
+            let x = x.abs();
+            *wj = if x < 1.0 {
+                (1.0 - x as f64) as f32
+            } else {
+                0.0
+            };
+            total += *wj;
+        }
+        if total != 0.0 {
+            w.iter_mut().take(count).for_each(|wj| *wj /= total);
+        }
+        t.first.push(first as usize);
+        t.count.push(count);
+    }
+    t
+}
+
+/// An image's window in pixels: top, left, height, width.
+pub type Window = (usize, usize, usize, usize);
+
+/// The window `src` of `rgb` (interleaved, `width` pixels a row) resized
+/// to `out` (height, width) and rounded to uint8, of which only the window
+/// `keep` of the output is computed (a centre crop after the resize costs
+/// no more than the crop), as a `3 x h x w` (CHW) buffer of `keep`'s size;
+/// mirrored left-right when `flip`.
+pub fn resize_window(
+    rgb: &[u8],
+    width: usize,
+    src: Window,
+    out: (usize, usize),
+    keep: Window,
+    flip: bool,
+) -> Vec<u8> {
+    let (top, left, h, w) = src;
+    let (ky, kx, kh, kw) = keep;
+    let cols = (w != out.1).then(|| taps(w, out.1));
+    let down = (h != out.0).then(|| taps(h, out.0));
+    // The input rows the kept output rows read.
+    let (y_from, y_to) = match &down {
+        None => (ky, ky + kh),
+        Some(t) => (
+            t.first[ky],
+            (ky..ky + kh)
+                .map(|y| t.first[y] + t.count[y])
+                .max()
+                .unwrap_or(0),
+        ),
+    };
+    let mut rows = vec![0f32; (y_to - y_from) * kw * 3];
+    for y in y_from..y_to {
+        let start = ((top + y) * width + left) * 3;
+        let dst = &mut rows[(y - y_from) * kw * 3..(y - y_from + 1) * kw * 3];
+        row_pass(&rgb[start..start + w * 3], dst, cols.as_ref(), kx);
+    }
+    let mut out = vec![0u8; 3 * kh * kw];
+    let mut line = vec![0f32; kw * 3];
+    for y in 0..kh {
+        let yi = ky + y;
+        let line = match &down {
+            None => &rows[(yi - y_from) * kw * 3..(yi - y_from + 1) * kw * 3],
+            Some(t) => {
+                let (f, n) = (t.first[yi] - y_from, t.count[yi]);
+                let weights = &t.weights[yi * t.per..yi * t.per + n];
+                column_pass(&rows[f * kw * 3..(f + n) * kw * 3], weights, &mut line);
+                &line[..]
+            }
+        };
+        let plane = kh * kw;
+        for c in 0..3 {
+            let dst = &mut out[c * plane + y * kw..c * plane + (y + 1) * kw];
+            store_channel(line, c, dst, flip);
+        }
+    }
+    out
+}
+
+/// Channel `c` of an interleaved line of floats into `dst` as uint8,
+/// rounded half to even and clamped (torch's `round()` then `clamp`),
+/// mirrored when `flip`. The values are sums of non-negative weights
+/// times bytes, so never negative: adding and taking away 2^23 rounds
+/// them half to even in the default rounding mode, as `rint` does.
+#[multiversion::multiversion(targets("x86_64+avx2+fma"))]
+fn store_channel(line: &[f32], c: usize, dst: &mut [u8], flip: bool) {
+    const MAGIC: f32 = 8_388_608.0;
+    let n = dst.len();
+    for (x, v) in line.iter().skip(c).step_by(3).take(n).enumerate() {
+        let r = (v.clamp(0.0, 255.0) + MAGIC) - MAGIC;
+        let ox = if flip { n - 1 - x } else { x };
+        dst[ox] = r as u8;
+    }
+}
+
+/// One input row (interleaved RGB bytes) to the kept output columns
+/// `kx..kx + dst.len() / 3`: per output pixel and channel the first tap's
+/// product, then each further tap fused-multiply-added, as libtorch's
+/// kernel (compiled with FMA) sums them.
+#[multiversion::multiversion(targets("x86_64+avx2+fma"))]
+fn row_pass(row: &[u8], dst: &mut [f32], cols: Option<&Taps>, kx: usize) {
+    let Some(t) = cols else {
+        for (d, &s) in dst.iter_mut().zip(&row[kx * 3..]) {
+            *d = s as f32;
+        }
+        return;
+    };
+    for (x, px) in dst.chunks_exact_mut(3).enumerate() {
+        let xi = kx + x;
+        let (f, n) = (t.first[xi], t.count[xi]);
+        let w = &t.weights[xi * t.per..xi * t.per + n];
+        let src = &row[f * 3..(f + n) * 3];
+        let mut acc = [
+            src[0] as f32 * w[0],
+            src[1] as f32 * w[0],
+            src[2] as f32 * w[0],
+        ];
+        for (s, &wk) in src.chunks_exact(3).zip(w).skip(1) {
+            for c in 0..3 {
+                acc[c] = (s[c] as f32).mul_add(wk, acc[c]);
+            }
+        }
+        px.copy_from_slice(&acc);
+    }
+}
+
+/// The rows `rows` (each `line.len()` floats, `weights.len()` of them)
+/// summed into `line` with their weights, in libtorch's order.
+#[multiversion::multiversion(targets("x86_64+avx2+fma"))]
+fn column_pass(rows: &[f32], weights: &[f32], line: &mut [f32]) {
+    let n = line.len();
+    for (d, &s) in line.iter_mut().zip(&rows[..n]) {
+        *d = s * weights[0];
+    }
+    for (k, &wk) in weights.iter().enumerate().skip(1) {
+        for (d, &s) in line.iter_mut().zip(&rows[k * n..(k + 1) * n]) {
+            *d = s.mul_add(wk, *d);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Kind, Tensor};
+
+    /// Bit for bit libtorch's float path (`_upsample_bilinear2d_aa`, then
+    /// round and clamp), enlarging and shrinking, whole images and windows.
+    #[test]
+    fn windows_resize_as_libtorch_does() {
+        tch::manual_seed(3);
+        let cases = [
+            (64, 48, (0, 0, 64, 48), (224, 224)),
+            (500, 375, (0, 0, 500, 375), (256, 341)),
+            (375, 500, (10, 37, 300, 401), (224, 224)),
+            (97, 131, (5, 3, 41, 77), (32, 56)),
+            (300, 300, (0, 0, 300, 300), (256, 256)),
+            (90, 120, (0, 0, 90, 120), (256, 341)),
+            (1000, 37, (0, 0, 1000, 37), (224, 9)),
+        ];
+        for (hh, ww, (top, left, h, w), (oh, ow)) in cases {
+            let img = Tensor::randint(256, [hh, ww, 3], (Kind::Uint8, tch::Device::Cpu));
+            let rgb = Vec::<u8>::try_from(img.view([-1])).unwrap();
+            for flip in [false, true] {
+                let whole = (0, 0, oh, ow);
+                let ours =
+                    resize_window(&rgb, ww as usize, (top, left, h, w), (oh, ow), whole, flip);
+                let window = img
+                    .permute([2, 0, 1])
+                    .narrow(1, top as i64, h as i64)
+                    .narrow(2, left as i64, w as i64);
+                let mut theirs = window
+                    .unsqueeze(0)
+                    .to_kind(Kind::Float)
+                    .internal_upsample_bilinear2d_aa([oh as i64, ow as i64], false, None, None)
+                    .round()
+                    .clamp(0.0, 255.0)
+                    .to_kind(Kind::Uint8)
+                    .squeeze_dim(0);
+                if flip {
+                    theirs = theirs.flip([2]);
+                }
+                let ours = Tensor::from_slice(&ours).view([3, oh as i64, ow as i64]);
+                // A kept window of the output is that window of the whole.
+                let (ky, kx) = (oh / 3, ow / 5);
+                let (kh, kw) = (oh - ky - 1, ow / 2);
+                let part = resize_window(
+                    &rgb,
+                    ww as usize,
+                    (top, left, h, w),
+                    (oh, ow),
+                    (ky, kx, kh, kw),
+                    flip,
+                );
+                let fx = if flip { ow - kx - kw } else { kx };
+                let expected = theirs
+                    .narrow(1, ky as i64, kh as i64)
+                    .narrow(2, fx as i64, kw as i64);
+                assert!(
+                    Tensor::from_slice(&part)
+                        .view([3, kh as i64, kw as i64])
+                        .equal(&expected)
+                );
+                let diff = (ours.to_kind(Kind::Int) - theirs.to_kind(Kind::Int)).abs();
+                assert_eq!(
+                    diff.max().int64_value(&[]),
+                    0,
+                    "{hh}x{ww} window {h}x{w} to {oh}x{ow}: {} pixels differ",
+                    diff.gt(0).sum(Kind::Int64).int64_value(&[])
+                );
+            }
+        }
+    }
+}
