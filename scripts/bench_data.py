@@ -12,7 +12,10 @@ Data: a generated folder of JPEGs with ImageNet-like sizes and quality
   (b) vggctl streaming the folder (`--cache-mem` too small: worker threads
       decode, crop and resize each batch; tests/bench_data.rs);
   (c) vggctl streaming a prepared file of the same folder (`vggctl prepare`,
-      timed separately).
+      timed separately): with --max-side 512 every image keeps its own bytes
+      (the same pixels as the folder); with --max-side 256 they are stored
+      resized to a shorter side of 256, as FFCV stores them (fewer pixels to
+      decode; crops of the smaller image).
 
 Peak RSS: vggctl's process; torchvision's main process plus its workers
 (sampled). Streaming is measured at two folder sizes, so that its memory
@@ -133,11 +136,13 @@ def main():
     t0 = time.perf_counter()
     make_folder(folder, args.images)
     print(f"data: {args.images} JPEGs in {folder} ({time.perf_counter() - t0:.0f} s to make or find)")
-    packed = os.path.join(args.dir, f"jpeg-{args.images}.vggdata")
-    t0 = time.perf_counter()
-    subprocess.run([os.path.join(ROOT, "scripts", "vggctl"), "prepare", "--data-dir", folder,
-                    "--out", packed, "--max-side", "512"], check=True)
-    print(f"vggctl prepare: {time.perf_counter() - t0:.1f} s")
+    packed = {}
+    for side in [512, 256]:
+        packed[side] = os.path.join(args.dir, f"jpeg-{args.images}-{side}.vggdata")
+        t0 = time.perf_counter()
+        subprocess.run([os.path.join(ROOT, "scripts", "vggctl"), "prepare", "--data-dir", folder,
+                        "--out", packed[side], "--max-side", str(side)], check=True)
+        print(f"vggctl prepare --max-side {side}: {time.perf_counter() - t0:.1f} s")
     subprocess.run(["cargo", "test", "--release", "-q", "--test", "bench_data", "--no-run"],
                    cwd=ROOT, check=True, capture_output=True)
     w = args.workers
@@ -146,7 +151,8 @@ def main():
         tv = torchvision_run(folder, mode == "train", w)
         rows = [("torchvision ImageFolder + DataLoader", tv),
                 ("vggctl streaming the folder", vggctl_run(folder, mode, w)),
-                ("vggctl streaming the prepared file", vggctl_run(packed, mode, w))]
+                ("vggctl, prepared file (--max-side 512)", vggctl_run(packed[512], mode, w)),
+                ("vggctl, prepared file (--max-side 256)", vggctl_run(packed[256], mode, w))]
         if mode == "train":
             rows.append(("vggctl streaming the folder, first quarter",
                          vggctl_run(folder, mode, w, args.images // 4)))

@@ -441,3 +441,117 @@ fn a_prepared_file_gives_the_folders_batches_and_refuses_damage() {
         common::assert_one_line_error(&r, 1, "damaged prepared dataset");
     }
 }
+
+/// A folder of `n` JPEGs of 500 x 375 (ImageNet's typical size): a few
+/// real photographs' bytes, repeated.
+fn jpeg_folder(root: &Path, n: usize) {
+    let photos = [
+        "cat/cat_01.png",
+        "coffee/coffee_03.jpg",
+        "astronaut/astronaut_01.png",
+    ];
+    let encoded: Vec<Vec<u8>> = photos
+        .iter()
+        .map(|p| {
+            let img = image::open(common::fixtures().join("photos").join(p)).unwrap();
+            let img = img.resize_exact(500, 375, image::imageops::FilterType::Triangle);
+            let mut out = Vec::new();
+            img.to_rgb8()
+                .write_with_encoder(image::codecs::jpeg::JpegEncoder::new_with_quality(
+                    &mut out, 90,
+                ))
+                .unwrap();
+            out
+        })
+        .collect();
+    for i in 0..n {
+        let dir = root.join(format!("class{}", i % 2));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(format!("{i:05}.jpg")), &encoded[i % 3]).unwrap();
+    }
+}
+
+/// The child of `streaming_memory_stays_flat`: one epoch of training
+/// batches (64 random 224 crops each) from MEMORY_DATA, streamed
+/// (MEMORY_MODE=stream) or decoded into 256-pixel canvases first
+/// (resident); prints its peak RSS in KiB.
+#[test]
+#[ignore = "run as a child process by streaming_memory_stays_flat"]
+fn memory_child() {
+    let Ok(dir) = std::env::var("MEMORY_DATA") else {
+        return;
+    };
+    let stream = std::env::var("MEMORY_MODE").as_deref() == Ok("stream");
+    let mut opts = options(Path::new(&dir), if stream { 0 } else { u64::MAX }, true);
+    opts.cache_size = 256;
+    let d = load(&opts, &mut |w| panic!("{w}")).unwrap();
+    if let Images::Streamed(s) = &d.train {
+        let mut loader = Loader::new(s, Transform::Random { size: 224 }).unwrap();
+        let mut seen = 0;
+        for (step, start) in (0..s.len()).step_by(64).enumerate() {
+            let len = 64.min(s.len() - start);
+            tch::manual_seed(step as i64);
+            loader.submit(Job {
+                indices: (start..start + len).collect(),
+                draws: draw_resized_crops(len),
+            });
+            if loader.pending > 2 {
+                seen += loader.take().unwrap().batch.len();
+            }
+        }
+        while loader.pending > 0 {
+            seen += loader.take().unwrap().batch.len();
+        }
+        assert_eq!(seen, s.len());
+    }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let hwm = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    println!("peak {}", hwm.split_whitespace().nth(1).unwrap());
+}
+
+/// Streaming an epoch of a folder four times larger (600 against 150
+/// photographs of 500 x 375) costs less than 40 MB more at its peak,
+/// and stays under 1 GB; decoding the same folders into memory (the
+/// in-memory path, which this bound would catch) grows by over 100 MB.
+#[test]
+fn streaming_memory_stays_flat() {
+    let tmp = common::tempdir();
+    let peak = |n: usize, mode: &str| -> f64 {
+        let dir = tmp.path().join(format!("{n}"));
+        if !dir.exists() {
+            jpeg_folder(&dir, n);
+        }
+        let out = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--ignored",
+                "--exact",
+                "memory_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("MEMORY_DATA", &dir)
+            .env("MEMORY_MODE", mode)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let kib: f64 = text
+            .lines()
+            .find_map(|l| l.split_once("peak ").map(|(_, kib)| kib.trim()))
+            .unwrap_or_else(|| panic!("{text}{}", String::from_utf8_lossy(&out.stderr)))
+            .parse()
+            .unwrap();
+        kib / 1024.0
+    };
+    let (small, large) = (peak(150, "stream"), peak(600, "stream"));
+    eprintln!("streaming: {small:.0} MB, then {large:.0} MB");
+    assert!(
+        large - small < 40.0 && large < 1024.0,
+        "streaming: {small:.0} MB, then {large:.0} MB"
+    );
+    let (small, large) = (peak(150, "resident"), peak(600, "resident"));
+    eprintln!("in memory: {small:.0} MB, then {large:.0} MB");
+    assert!(
+        large - small > 100.0,
+        "in memory: {small:.0} MB, then {large:.0} MB"
+    );
+}

@@ -1,8 +1,8 @@
 //! Fuzzing of every reader of untrusted bytes: the pickle machine (through
 //! its own entry point and inside a legacy `.pth` container, where the
 //! storage walk runs over what it built), both `.pth` layouts, safetensors
-//! with vggctl's metadata check, both CIFAR-10 layouts and the image
-//! decoder.
+//! with vggctl's metadata check, both CIFAR-10 layouts, the image
+//! decoder and prepared datasets (index, checksums, the images in them).
 //!
 //! Inputs are mutations of real files (the fixtures) and, for pickles,
 //! programs drawn from a grammar of the opcodes hostile files use: deep
@@ -17,7 +17,7 @@
 //! is run first, each time. A crash that kills the process (a stack
 //! overflow) leaves the input in `target/fuzz/<target>.input`.
 //!
-//! `VGGCTL_FUZZ_SECS` (default 60, spread over the targets) and
+//! `VGGCTL_FUZZ_SECS` (default 45, spread over the targets) and
 //! `VGGCTL_FUZZ_SEED` set the run; `scripts/fuzz` runs it longer with a
 //! fresh seed and prints the figures.
 
@@ -93,6 +93,21 @@ fn read_image(path: &Path, _: &[u8]) -> Result<()> {
     vggctl::data::image::decode_rgb(path).map(drop)
 }
 
+fn read_prepared(path: &Path, _: &[u8]) -> Result<()> {
+    let store = vggctl::data::prepared::Prepared::open(path)?;
+    for e in store
+        .index
+        .train
+        .iter()
+        .chain(store.index.val.iter().flatten())
+        .take(4)
+    {
+        let bytes = store.bytes(e)?;
+        vggctl::data::image::decode_bytes(&bytes, path, |_, _| ())?;
+    }
+    Ok(())
+}
+
 fn fixture(rel: &str) -> Vec<u8> {
     std::fs::read(common::fixtures().join(rel)).unwrap()
 }
@@ -152,6 +167,21 @@ fn image_seeds() -> Vec<Vec<u8>> {
     out
 }
 
+/// A prepared dataset of two classes of the image seeds.
+fn prepared_seeds() -> Vec<Vec<u8>> {
+    let dir = common::tempdir();
+    let seeds = image_seeds();
+    for class in ["a", "b"] {
+        let d = dir.path().join(class);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("x.jpg"), &seeds[0]).unwrap();
+        std::fs::write(d.join("y.png"), &seeds[1]).unwrap();
+    }
+    let file = dir.path().join("p.vggdata");
+    vggctl::data::pack::prepare(dir.path(), None, &file, 512, (90, true)).unwrap();
+    vec![std::fs::read(file).unwrap()]
+}
+
 const TARGETS: &[Target] = &[
     Target {
         name: "pickle",
@@ -193,6 +223,12 @@ const TARGETS: &[Target] = &[
         name: "image",
         read: read_image,
         seeds: image_seeds,
+        pickles: false,
+    },
+    Target {
+        name: "prepared",
+        read: read_prepared,
+        seeds: prepared_seeds,
         pickles: false,
     },
 ];
@@ -373,7 +409,7 @@ fn readers_survive_fuzzing() {
     let secs: f64 = std::env::var("VGGCTL_FUZZ_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(60.0);
+        .unwrap_or(45.0);
     let seed: u64 = std::env::var("VGGCTL_FUZZ_SEED")
         .ok()
         .and_then(|s| s.parse().ok())

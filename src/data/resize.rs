@@ -90,92 +90,106 @@ pub fn resize_window(
                 .unwrap_or(0),
         ),
     };
-    let mut rows = vec![0f32; (y_to - y_from) * kw * 3];
+    // Pixels as four floats (R, G, B and an unused lane), so that a
+    // pixel's three sums are one vector operation; each lane's sum keeps
+    // libtorch's order.
+    let mut pixels = vec![[0f32; 4]; w];
+    let mut rows = vec![[0f32; 4]; (y_to - y_from) * kw];
     for y in y_from..y_to {
         let start = ((top + y) * width + left) * 3;
-        let dst = &mut rows[(y - y_from) * kw * 3..(y - y_from + 1) * kw * 3];
-        row_pass(&rgb[start..start + w * 3], dst, cols.as_ref(), kx);
+        widen(&rgb[start..start + w * 3], &mut pixels);
+        let dst = &mut rows[(y - y_from) * kw..(y - y_from + 1) * kw];
+        row_pass(&pixels, dst, cols.as_ref(), kx);
     }
     let mut out = vec![0u8; 3 * kh * kw];
-    let mut line = vec![0f32; kw * 3];
+    let mut line = vec![[0f32; 4]; kw];
+    let plane = kh * kw;
     for y in 0..kh {
         let yi = ky + y;
         let line = match &down {
-            None => &rows[(yi - y_from) * kw * 3..(yi - y_from + 1) * kw * 3],
+            None => &rows[(yi - y_from) * kw..(yi - y_from + 1) * kw],
             Some(t) => {
                 let (f, n) = (t.first[yi] - y_from, t.count[yi]);
                 let weights = &t.weights[yi * t.per..yi * t.per + n];
-                column_pass(&rows[f * kw * 3..(f + n) * kw * 3], weights, &mut line);
+                column_pass(&rows[f * kw..(f + n) * kw], weights, &mut line);
                 &line[..]
             }
         };
-        let plane = kh * kw;
-        for c in 0..3 {
-            let dst = &mut out[c * plane + y * kw..c * plane + (y + 1) * kw];
-            store_channel(line, c, dst, flip);
-        }
+        let (r, rest) = out.split_at_mut(plane);
+        let (g, b) = rest.split_at_mut(plane);
+        let at = y * kw..(y + 1) * kw;
+        store(
+            line,
+            [&mut r[at.clone()], &mut g[at.clone()], &mut b[at]],
+            flip,
+        );
     }
     out
 }
 
-/// Channel `c` of an interleaved line of floats into `dst` as uint8,
-/// rounded half to even and clamped (torch's `round()` then `clamp`),
-/// mirrored when `flip`. The values are sums of non-negative weights
-/// times bytes, so never negative: adding and taking away 2^23 rounds
-/// them half to even in the default rounding mode, as `rint` does.
+/// Interleaved RGB bytes as four-float pixels.
 #[multiversion::multiversion(targets("x86_64+avx2+fma"))]
-fn store_channel(line: &[f32], c: usize, dst: &mut [u8], flip: bool) {
-    const MAGIC: f32 = 8_388_608.0;
-    let n = dst.len();
-    for (x, v) in line.iter().skip(c).step_by(3).take(n).enumerate() {
-        let r = (v.clamp(0.0, 255.0) + MAGIC) - MAGIC;
-        let ox = if flip { n - 1 - x } else { x };
-        dst[ox] = r as u8;
+fn widen(rgb: &[u8], pixels: &mut [[f32; 4]]) {
+    for (p, s) in pixels.iter_mut().zip(rgb.chunks_exact(3)) {
+        *p = [s[0] as f32, s[1] as f32, s[2] as f32, 0.0];
     }
 }
 
-/// One input row (interleaved RGB bytes) to the kept output columns
-/// `kx..kx + dst.len() / 3`: per output pixel and channel the first tap's
-/// product, then each further tap fused-multiply-added, as libtorch's
-/// kernel (compiled with FMA) sums them.
+/// A line of pixels into three planes as uint8, rounded half to even and
+/// clamped (torch's `round()` then `clamp`), mirrored when `flip`. The
+/// values are sums of non-negative weights times bytes, so never
+/// negative: adding and taking away 2^23 rounds them half to even in the
+/// default rounding mode, as `rint` does.
 #[multiversion::multiversion(targets("x86_64+avx2+fma"))]
-fn row_pass(row: &[u8], dst: &mut [f32], cols: Option<&Taps>, kx: usize) {
+fn store(line: &[[f32; 4]], planes: [&mut [u8]; 3], flip: bool) {
+    const MAGIC: f32 = 8_388_608.0;
+    let n = line.len();
+    let [r, g, b] = planes;
+    for (x, p) in line.iter().enumerate() {
+        let ox = if flip { n - 1 - x } else { x };
+        let q = p.map(|v| ((v.clamp(0.0, 255.0) + MAGIC) - MAGIC) as u8);
+        (r[ox], g[ox], b[ox]) = (q[0], q[1], q[2]);
+    }
+}
+
+/// One row of pixels to the kept output columns `kx..kx + dst.len()`:
+/// per output pixel the first tap's product, then each further tap
+/// fused-multiply-added, as libtorch's kernel (compiled with FMA) sums
+/// them.
+#[multiversion::multiversion(targets("x86_64+avx2+fma"))]
+fn row_pass(row: &[[f32; 4]], dst: &mut [[f32; 4]], cols: Option<&Taps>, kx: usize) {
     let Some(t) = cols else {
-        for (d, &s) in dst.iter_mut().zip(&row[kx * 3..]) {
-            *d = s as f32;
-        }
+        dst.copy_from_slice(&row[kx..kx + dst.len()]);
         return;
     };
-    for (x, px) in dst.chunks_exact_mut(3).enumerate() {
+    for (x, px) in dst.iter_mut().enumerate() {
         let xi = kx + x;
         let (f, n) = (t.first[xi], t.count[xi]);
         let w = &t.weights[xi * t.per..xi * t.per + n];
-        let src = &row[f * 3..(f + n) * 3];
-        let mut acc = [
-            src[0] as f32 * w[0],
-            src[1] as f32 * w[0],
-            src[2] as f32 * w[0],
-        ];
-        for (s, &wk) in src.chunks_exact(3).zip(w).skip(1) {
-            for c in 0..3 {
-                acc[c] = (s[c] as f32).mul_add(wk, acc[c]);
+        let src = &row[f..f + n];
+        let mut acc = src[0].map(|v| v * w[0]);
+        for (s, &wk) in src.iter().zip(w).skip(1) {
+            for c in 0..4 {
+                acc[c] = s[c].mul_add(wk, acc[c]);
             }
         }
-        px.copy_from_slice(&acc);
+        *px = acc;
     }
 }
 
-/// The rows `rows` (each `line.len()` floats, `weights.len()` of them)
+/// The rows `rows` (each `line.len()` pixels, `weights.len()` of them)
 /// summed into `line` with their weights, in libtorch's order.
 #[multiversion::multiversion(targets("x86_64+avx2+fma"))]
-fn column_pass(rows: &[f32], weights: &[f32], line: &mut [f32]) {
+fn column_pass(rows: &[[f32; 4]], weights: &[f32], line: &mut [[f32; 4]]) {
     let n = line.len();
-    for (d, &s) in line.iter_mut().zip(&rows[..n]) {
-        *d = s * weights[0];
+    for (d, s) in line.iter_mut().zip(&rows[..n]) {
+        *d = s.map(|v| v * weights[0]);
     }
     for (k, &wk) in weights.iter().enumerate().skip(1) {
-        for (d, &s) in line.iter_mut().zip(&rows[k * n..(k + 1) * n]) {
-            *d = s.mul_add(wk, *d);
+        for (d, s) in line.iter_mut().zip(&rows[k * n..(k + 1) * n]) {
+            for c in 0..4 {
+                d[c] = s[c].mul_add(wk, d[c]);
+            }
         }
     }
 }
