@@ -15,7 +15,8 @@ Data: a generated folder of JPEGs with ImageNet-like sizes and quality
       timed separately): with --max-side 512 every image keeps its own bytes
       (the same pixels as the folder); with --max-side 256 they are stored
       resized to a shorter side of 256, as FFCV stores them (fewer pixels to
-      decode; crops of the smaller image).
+      decode; crops of the smaller image), and with --raw as decoded pixels
+      (nothing to decode; about ten times the size).
 
 Peak RSS: vggctl's process; torchvision's main process plus its workers
 (sampled). Streaming is measured at two folder sizes, so that its memory
@@ -137,12 +138,14 @@ def main():
     make_folder(folder, args.images)
     print(f"data: {args.images} JPEGs in {folder} ({time.perf_counter() - t0:.0f} s to make or find)")
     packed = {}
-    for side in [512, 256]:
-        packed[side] = os.path.join(args.dir, f"jpeg-{args.images}-{side}.vggdata")
+    for side, raw in [(512, False), (256, False), (256, True)]:
+        key = (side, raw)
+        packed[key] = os.path.join(args.dir, f"jpeg-{args.images}-{side}{'-raw' if raw else ''}.vggdata")
         t0 = time.perf_counter()
         subprocess.run([os.path.join(ROOT, "scripts", "vggctl"), "prepare", "--data-dir", folder,
-                        "--out", packed[side], "--max-side", str(side)], check=True)
-        print(f"vggctl prepare --max-side {side}: {time.perf_counter() - t0:.1f} s")
+                        "--out", packed[key], "--max-side", str(side)] + (["--raw"] if raw else []),
+                       check=True)
+        print(f"vggctl prepare --max-side {side}{' --raw' if raw else ''}: {time.perf_counter() - t0:.1f} s")
     subprocess.run(["cargo", "test", "--release", "-q", "--test", "bench_data", "--no-run"],
                    cwd=ROOT, check=True, capture_output=True)
     w = args.workers
@@ -151,8 +154,9 @@ def main():
         tv = torchvision_run(folder, mode == "train", w)
         rows = [("torchvision ImageFolder + DataLoader", tv),
                 ("vggctl streaming the folder", vggctl_run(folder, mode, w)),
-                ("vggctl, prepared file (--max-side 512)", vggctl_run(packed[512], mode, w)),
-                ("vggctl, prepared file (--max-side 256)", vggctl_run(packed[256], mode, w))]
+                ("vggctl, prepared file (--max-side 512)", vggctl_run(packed[512, False], mode, w)),
+                ("vggctl, prepared file (--max-side 256)", vggctl_run(packed[256, False], mode, w)),
+                ("vggctl, prepared file (--max-side 256 --raw)", vggctl_run(packed[256, True], mode, w))]
         if mode == "train":
             rows.append(("vggctl streaming the folder, first quarter",
                          vggctl_run(folder, mode, w, args.images // 4)))

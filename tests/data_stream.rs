@@ -327,6 +327,15 @@ fn a_streamed_folder_trains_as_the_in_memory_one_and_resumes_exactly() {
     same_weights(&tmp.path().join("memory"), &stopped);
 }
 
+fn opts_of(max_side: i64, raw: bool) -> vggctl::data::pack::PrepareOptions {
+    vggctl::data::pack::PrepareOptions {
+        max_side,
+        quality: 90,
+        raw,
+        strict: true,
+    }
+}
+
 fn batch_of(data: &Images, t: Transform, seed: i64) -> Tensor {
     let s = streamed(data);
     let mut loader = Loader::new(s, t).unwrap();
@@ -348,7 +357,7 @@ fn batch_of(data: &Images, t: Transform, seed: i64) -> Tensor {
 /// `vggctl prepare` of a folder whose images are small enough to keep
 /// their bytes: training and evaluation batches from the file are the
 /// folder's bit for bit for the same seed (and its held-out split the
-/// same). Damage is one clear error: a flipped byte in an image (even
+/// same), stored as files or as raw pixels. Damage is one clear error: a flipped byte in an image (even
 /// without --strict), a cut file, an index that fails its checksum.
 #[test]
 fn a_prepared_file_gives_the_folders_batches_and_refuses_damage() {
@@ -358,29 +367,36 @@ fn a_prepared_file_gives_the_folders_batches_and_refuses_damage() {
     let data = tmp.path().join("data");
     photo_folder(&data);
     let file = tmp.path().join("photos.vggdata");
-    let done = pack::prepare(&data, None, &file, SIDE, (90, true)).unwrap();
-    assert_eq!((done.images, done.resized, done.skipped.len()), (10, 0, 0));
+    let raw_file = tmp.path().join("raw.vggdata");
+    for (path, raw) in [(&raw_file, true), (&file, false)] {
+        let done = pack::prepare(&data, None, path, opts_of(SIDE, raw)).unwrap();
+        assert_eq!((done.images, done.resized, done.skipped.len()), (10, 0, 0));
+    }
     assert!(prepared::is_prepared(&file) && !prepared::is_prepared(&data));
     let mut opts = options(&data, 0, true);
     opts.val_dir = None;
     opts.val_split = 0.3;
     let folder = load(&opts, &mut |w| panic!("{w}")).unwrap();
-    opts.dir = file.clone();
-    let packed = pack::load(&opts).unwrap();
-    assert_eq!(packed.classes, folder.classes);
-    for (a, b) in [(&folder.train, &packed.train), (&folder.test, &packed.test)] {
-        assert_eq!(a.len(), b.len());
-        for seed in 0..3 {
-            let t = Transform::Random { size: 48 };
-            assert!(batch_of(a, t, seed).equal(&batch_of(b, t, seed)));
+    for path in [&raw_file, &file] {
+        opts.dir = path.to_path_buf();
+        let packed = pack::load(&opts).unwrap();
+        assert_eq!(packed.classes, folder.classes);
+        for (a, b) in [(&folder.train, &packed.train), (&folder.test, &packed.test)] {
+            assert_eq!(a.len(), b.len());
+            for seed in 0..3 {
+                let t = Transform::Random { size: 48 };
+                assert!(batch_of(a, t, seed).equal(&batch_of(b, t, seed)));
+            }
+            let t = Transform::Eval { size: 48 };
+            assert!(batch_of(a, t, 0).equal(&batch_of(b, t, 0)));
         }
-        let t = Transform::Eval { size: 48 };
-        assert!(batch_of(a, t, 0).equal(&batch_of(b, t, 0)));
     }
+    let raw_bytes = std::fs::metadata(&raw_file).unwrap().len();
+    assert!(raw_bytes > std::fs::metadata(&file).unwrap().len());
 
     // Smaller --max-side: every image resized (its shorter side 40).
     let small = tmp.path().join("small.vggdata");
-    let done = pack::prepare(&data, None, &small, 40, (90, true)).unwrap();
+    let done = pack::prepare(&data, None, &small, opts_of(40, false)).unwrap();
     assert_eq!(done.resized, 10);
     let store = Prepared::open(&small).unwrap();
     for e in &store.index.train {

@@ -95,15 +95,14 @@ fn read_image(path: &Path, _: &[u8]) -> Result<()> {
 
 fn read_prepared(path: &Path, _: &[u8]) -> Result<()> {
     let store = vggctl::data::prepared::Prepared::open(path)?;
-    for e in store
+    let entries = store
         .index
         .train
         .iter()
-        .chain(store.index.val.iter().flatten())
-        .take(4)
-    {
+        .chain(store.index.val.iter().flatten());
+    for e in entries.take(4) {
         let bytes = store.bytes(e)?;
-        vggctl::data::image::decode_bytes(&bytes, path, |_, _| ())?;
+        store.image(e, bytes, path, |_, _| ())?;
     }
     Ok(())
 }
@@ -167,7 +166,8 @@ fn image_seeds() -> Vec<Vec<u8>> {
     out
 }
 
-/// A prepared dataset of two classes of the image seeds.
+/// Prepared datasets of two classes of the image seeds, resized (to 24)
+/// and stored as files or raw.
 fn prepared_seeds() -> Vec<Vec<u8>> {
     let dir = common::tempdir();
     let seeds = image_seeds();
@@ -177,9 +177,20 @@ fn prepared_seeds() -> Vec<Vec<u8>> {
         std::fs::write(d.join("x.jpg"), &seeds[0]).unwrap();
         std::fs::write(d.join("y.png"), &seeds[1]).unwrap();
     }
-    let file = dir.path().join("p.vggdata");
-    vggctl::data::pack::prepare(dir.path(), None, &file, 512, (90, true)).unwrap();
-    vec![std::fs::read(file).unwrap()]
+    [false, true]
+        .into_iter()
+        .map(|raw| {
+            let file = dir.path().join("p.vggdata");
+            let opts = vggctl::data::pack::PrepareOptions {
+                max_side: 24,
+                quality: 90,
+                raw,
+                strict: true,
+            };
+            vggctl::data::pack::prepare(dir.path(), None, &file, opts).unwrap();
+            std::fs::read(file).unwrap()
+        })
+        .collect()
 }
 
 const TARGETS: &[Target] = &[

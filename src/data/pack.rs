@@ -24,28 +24,52 @@ pub struct Prepare {
     pub skipped: Vec<String>,
 }
 
-/// The bytes to store for one image file: its own when its shorter side is
-/// at most `max_side`, else the resized image encoded again.
-fn stored_bytes(path: &Path, max_side: i64, quality: u8) -> Result<(Vec<u8>, bool)> {
-    let raw = crate::fsutil::read_regular(path, "an image", MAX_IMAGE_BYTES)?;
-    let (img, short) = super::image::decode_bytes(&raw, path, |h, w| h.min(w))?;
-    if short <= max_side {
-        return Ok((raw, false));
+/// How `prepare` stores images.
+#[derive(Clone, Copy, Debug)]
+pub struct PrepareOptions {
+    /// Images whose shorter side is longer are resized to it.
+    pub max_side: i64,
+    /// JPEG quality of resized images.
+    pub quality: u8,
+    /// Decoded RGB bytes instead of image files.
+    pub raw: bool,
+    /// An unreadable image is an error instead of skipped.
+    pub strict: bool,
+}
+
+/// What to store for one image file: its own bytes when its shorter side
+/// is at most `max_side`, else the resized image encoded again; with
+/// `raw`, the (resized) pixels. Returns the bytes, whether it was resized
+/// and, raw, its height and width.
+fn stored_bytes(path: &Path, o: PrepareOptions) -> Result<(Vec<u8>, bool, Option<[u32; 2]>)> {
+    let file = crate::fsutil::read_regular(path, "an image", MAX_IMAGE_BYTES)?;
+    let (img, short) = super::image::decode_bytes(&file, path, |h, w| h.min(w))?;
+    let resized = short > o.max_side;
+    if !resized && !o.raw {
+        return Ok((file, false, None));
     }
-    let resized = resize_shorter(&rgb_tensor(&img), max_side);
-    let (_, h, w) = resized.size3()?;
-    let px = Vec::<u8>::try_from(resized.permute([1, 2, 0]).contiguous().view([-1]))?;
-    let img = image::RgbImage::from_raw(w as u32, h as u32, px).context("a resized image")?;
+    let img = match resized {
+        true => {
+            let small = resize_shorter(&rgb_tensor(&img), o.max_side);
+            let (_, h, w) = small.size3()?;
+            let px = Vec::<u8>::try_from(small.permute([1, 2, 0]).contiguous().view([-1]))?;
+            image::RgbImage::from_raw(w as u32, h as u32, px).context("a resized image")?
+        }
+        false => img,
+    };
+    if o.raw {
+        let dims = [img.height(), img.width()];
+        return Ok((img.into_raw(), resized, Some(dims)));
+    }
     let mut out = Vec::new();
-    let png = raw.starts_with(b"\x89PNG");
-    let encoded = match png {
+    let encoded = match file.starts_with(b"\x89PNG") {
         true => img.write_with_encoder(image::codecs::png::PngEncoder::new(&mut out)),
         false => img.write_with_encoder(image::codecs::jpeg::JpegEncoder::new_with_quality(
-            &mut out, quality,
+            &mut out, o.quality,
         )),
     };
     encoded.with_context(|| format!("encoding {} again", path.display()))?;
-    Ok((out, true))
+    Ok((out, true, None))
 }
 
 /// Writes `files` (in order) into `w` from `*at` on; returns their entries.
@@ -54,19 +78,16 @@ fn write_split(
     at: &mut u64,
     root: &Path,
     files: &LabeledFiles,
-    (max_side, quality, strict): (i64, u8, bool),
+    o: PrepareOptions,
     done: &mut Prepare,
 ) -> Result<Vec<Entry>> {
     let mut entries = Vec::new();
     for chunk in files.chunks(CHUNK) {
-        let stored: Vec<_> = chunk
-            .par_iter()
-            .map(|(p, _)| stored_bytes(p, max_side, quality))
-            .collect();
+        let stored: Vec<_> = chunk.par_iter().map(|(p, _)| stored_bytes(p, o)).collect();
         for ((path, label), r) in chunk.iter().zip(stored) {
-            let (bytes, resized) = match r {
+            let (bytes, resized, raw) = match r {
                 Ok(b) => b,
-                Err(e) if strict => return Err(e.context("unreadable image (--strict)")),
+                Err(e) if o.strict => return Err(e.context("unreadable image (--strict)")),
                 Err(e) => {
                     done.skipped.push(format!("{e:#}"));
                     continue;
@@ -81,6 +102,7 @@ fn write_split(
                 offset: *at,
                 len: bytes.len() as u64,
                 crc: crc32fast::hash(&bytes),
+                raw,
             });
             *at += bytes.len() as u64;
             done.images += 1;
@@ -96,8 +118,7 @@ pub fn prepare(
     dir: &Path,
     val_dir: Option<&Path>,
     out: &Path,
-    max_side: i64,
-    (quality, strict): (u8, bool),
+    opts: PrepareOptions,
 ) -> Result<Prepare> {
     let (classes, files) = scan(dir)?;
     let val = match val_dir {
@@ -119,7 +140,6 @@ pub fn prepare(
         resized: 0,
         skipped: Vec::new(),
     };
-    let opts = (max_side, quality, strict);
     crate::fsutil::write_atomic(out, |w| {
         w.write_all(MAGIC)?;
         let mut at = MAGIC.len() as u64;
@@ -133,7 +153,7 @@ pub fn prepare(
         }
         let index = serde_json::to_vec(&Index {
             classes,
-            max_side,
+            max_side: opts.max_side,
             train,
             val,
         })?;

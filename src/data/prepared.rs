@@ -4,7 +4,9 @@
 //! is at most `max_side` (then it decodes to exactly the folder's pixels,
 //! so the same seed gives the same batches), else resized so that side is
 //! `max_side` (torchvision's antialiased `Resize`) and stored again (PNG as
-//! PNG, others as JPEG of the given quality).
+//! PNG, others as JPEG of the given quality); or, with `--raw`, every image
+//! as its decoded RGB bytes (nothing to decode when read, about ten times
+//! the size).
 //!
 //! Layout: `VGGCTL-PREPARED1`, the images' bytes one after another, the
 //! index (JSON: classes, splits, and per image its name, label, offset,
@@ -23,6 +25,8 @@ use std::sync::Arc;
 use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
+use super::image::{MAX_IMAGE_PIXELS, decode_bytes};
+
 pub const MAGIC: &[u8; 16] = b"VGGCTL-PREPARED1";
 pub const END: &[u8; 8] = b"VGGCTLPX";
 const TRAILER: usize = 8 + 8 + 4 + 8;
@@ -38,6 +42,10 @@ pub struct Entry {
     pub offset: u64,
     pub len: u64,
     pub crc: u32,
+    /// Stored as decoded RGB bytes (`prepare --raw`) of this height and
+    /// width; None: an image file's bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw: Option<[u32; 2]>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -103,7 +111,11 @@ impl Prepared {
         let classes = index.classes.len() as i64;
         for e in index.train.iter().chain(index.val.iter().flatten()) {
             let inside = e.offset >= 16 && e.offset.saturating_add(e.len) <= offset;
-            if !inside || !(0..classes).contains(&e.label) || e.len > MAX_IMAGE_BYTES {
+            let raw_fits = e.raw.is_none_or(|[h, w]| {
+                let pixels = h as u64 * w as u64;
+                pixels > 0 && pixels <= MAX_IMAGE_PIXELS && pixels * 3 == e.len
+            });
+            if !inside || !raw_fits || !(0..classes).contains(&e.label) || e.len > MAX_IMAGE_BYTES {
                 return Err(damaged(&format!(
                     "entry {} lies outside its data or has no class",
                     e.name
@@ -115,6 +127,28 @@ impl Prepared {
             file,
             index,
         }))
+    }
+
+    /// The image of entry `e` from its checked bytes: decoded (calling
+    /// `header(height, width)` first), or as stored when raw. `name` names
+    /// it in messages.
+    pub fn image<T>(
+        &self,
+        e: &Entry,
+        bytes: Vec<u8>,
+        name: &Path,
+        header: impl FnOnce(i64, i64) -> T,
+    ) -> Result<(image::RgbImage, T)> {
+        match e.raw {
+            Some([h, w]) => {
+                let told = header(h as i64, w as i64);
+                let img = image::RgbImage::from_raw(w, h, bytes).with_context(|| {
+                    format!("{}: a raw image of the wrong size", name.display())
+                })?;
+                Ok((img, told))
+            }
+            None => decode_bytes(&bytes, name, header),
+        }
     }
 
     /// An image's bytes, checked against its checksum.

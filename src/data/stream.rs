@@ -19,7 +19,7 @@ use tch::{Device, Tensor};
 
 use super::Split;
 use super::augment::Transform;
-use super::image::{decode_bytes, decode_sized, eval_crop, resized_window};
+use super::image::{decode_sized, eval_crop, resized_window};
 use super::prepared::{Entry, Prepared};
 use super::resized_crop::{ImageDraws, crop_box};
 
@@ -123,7 +123,9 @@ impl Streamed {
         match (&self.store, &item.stored) {
             (Some(store), Some(e)) => {
                 let bytes = store.bytes(e).map_err(Missing::Damaged)?;
-                decode_bytes(&bytes, &item.path, header).map_err(Missing::Unreadable)
+                store
+                    .image(e, bytes, &item.path, header)
+                    .map_err(Missing::Unreadable)
             }
             _ => decode_sized(&item.path, header).map_err(Missing::Unreadable),
         }
