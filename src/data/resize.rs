@@ -93,16 +93,23 @@ pub fn resize_window(
     // Pixels as four floats (R, G, B and an unused lane), so that a
     // pixel's three sums are one vector operation; each lane's sum keeps
     // libtorch's order.
-    let mut pixels = vec![[0f32; 4]; w];
-    let mut rows = vec![[0f32; 4]; (y_to - y_from) * kw];
+    let (mut pixels, mut rows, mut line) = SCRATCH.take();
+    for (buf, n) in [
+        (&mut pixels, w),
+        (&mut rows, (y_to - y_from) * kw),
+        (&mut line, kw),
+    ] {
+        if buf.len() < n {
+            buf.resize(n, [0.0; 4]);
+        }
+    }
     for y in y_from..y_to {
         let start = ((top + y) * width + left) * 3;
-        widen(&rgb[start..start + w * 3], &mut pixels);
+        widen(&rgb[start..start + w * 3], &mut pixels[..w]);
         let dst = &mut rows[(y - y_from) * kw..(y - y_from + 1) * kw];
         row_pass(&pixels, dst, cols.as_ref(), kx);
     }
     let mut out = vec![0u8; 3 * kh * kw];
-    let mut line = vec![[0f32; 4]; kw];
     let plane = kh * kw;
     for y in 0..kh {
         let yi = ky + y;
@@ -111,8 +118,8 @@ pub fn resize_window(
             Some(t) => {
                 let (f, n) = (t.first[yi] - y_from, t.count[yi]);
                 let weights = &t.weights[yi * t.per..yi * t.per + n];
-                column_pass(&rows[f * kw..(f + n) * kw], weights, &mut line);
-                &line[..]
+                column_pass(&rows[f * kw..(f + n) * kw], weights, &mut line[..kw]);
+                &line[..kw]
             }
         };
         let (r, rest) = out.split_at_mut(plane);
@@ -124,7 +131,19 @@ pub fn resize_window(
             flip,
         );
     }
+    SCRATCH.set((pixels, rows, line));
     out
+}
+
+/// Each thread's buffers, kept between images: a fresh buffer of this
+/// size is fresh pages from the kernel, faulted in one by one. Every
+/// element a resize reads it has written first.
+type Buffers = (Vec<[f32; 4]>, Vec<[f32; 4]>, Vec<[f32; 4]>);
+
+thread_local! {
+    static SCRATCH: std::cell::Cell<Buffers> = const {
+        std::cell::Cell::new((Vec::new(), Vec::new(), Vec::new()))
+    };
 }
 
 /// Interleaved RGB bytes as four-float pixels.
@@ -136,19 +155,22 @@ fn widen(rgb: &[u8], pixels: &mut [[f32; 4]]) {
 }
 
 /// A line of pixels into three planes as uint8, rounded half to even and
-/// clamped (torch's `round()` then `clamp`), mirrored when `flip`. The
-/// values are sums of non-negative weights times bytes, so never
-/// negative: adding and taking away 2^23 rounds them half to even in the
-/// default rounding mode, as `rint` does.
+/// clamped (torch's `round()` then `clamp`), mirrored when `flip`. Adding
+/// 2^23 to a value in 0..=255 rounds it half to even (the default rounding
+/// mode, as `rint` does) into the float's low mantissa bits, which are then
+/// the byte.
 #[multiversion::multiversion(targets("x86_64+avx2+fma"))]
 fn store(line: &[[f32; 4]], planes: [&mut [u8]; 3], flip: bool) {
     const MAGIC: f32 = 8_388_608.0;
     let n = line.len();
-    let [r, g, b] = planes;
-    for (x, p) in line.iter().enumerate() {
-        let ox = if flip { n - 1 - x } else { x };
-        let q = p.map(|v| ((v.clamp(0.0, 255.0) + MAGIC) - MAGIC) as u8);
-        (r[ox], g[ox], b[ox]) = (q[0], q[1], q[2]);
+    for (c, plane) in planes.into_iter().enumerate() {
+        let plane = &mut plane[..n];
+        for x in 0..n {
+            plane[x] = (line[x][c].clamp(0.0, 255.0) + MAGIC).to_bits() as u8;
+        }
+        if flip {
+            plane.reverse();
+        }
     }
 }
 
@@ -168,7 +190,8 @@ fn row_pass(row: &[[f32; 4]], dst: &mut [[f32; 4]], cols: Option<&Taps>, kx: usi
         let w = &t.weights[xi * t.per..xi * t.per + n];
         let src = &row[f..f + n];
         let mut acc = src[0].map(|v| v * w[0]);
-        for (s, &wk) in src.iter().zip(w).skip(1) {
+        for k in 1..n {
+            let (s, wk) = (src[k], w[k]);
             for c in 0..4 {
                 acc[c] = s[c].mul_add(wk, acc[c]);
             }
