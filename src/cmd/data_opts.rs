@@ -60,7 +60,8 @@ pub struct DataOpts {
     /// (0 always streams) [default: half of the available memory].
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub cache_mem: Option<u64>,
-    /// folder, imagenet: threads decoding streamed images [default: the cores].
+    /// folder, imagenet: threads decoding streamed images [default: the cores,
+    /// shared among the machine's ranks].
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
 }
@@ -85,6 +86,17 @@ fn parse_size(s: &str) -> std::result::Result<u64, String> {
         .ok()
         .and_then(|n| n.checked_mul(1 << shift))
         .ok_or_else(|| format!("'{s}' is not a size (e.g. 4G, 512M or bytes)"))
+}
+
+/// The cores, shared among this machine's ranks (torchrun's
+/// `LOCAL_WORLD_SIZE`), one at least.
+fn default_workers() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let ranks = std::env::var("LOCAL_WORLD_SIZE")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(1);
+    (cores / ranks.max(1)).max(1)
 }
 
 /// Half of the memory the kernel says is available (1 GiB if unknown).
@@ -217,9 +229,7 @@ impl DataOpts {
                     strict: self.strict,
                     cache_dir: self.cache_dir.clone().or_else(folder::default_cache_dir),
                     cache_mem,
-                    workers: self.workers.unwrap_or_else(|| {
-                        std::thread::available_parallelism().map_or(1, |n| n.get())
-                    }),
+                    workers: self.workers.unwrap_or_else(default_workers),
                     imagenet,
                 };
                 match file {
