@@ -9,8 +9,9 @@ use anyhow::{Context, Result, bail};
 use rayon::prelude::*;
 
 use super::folder::{FolderOptions, LabeledFiles, check_val_split, held_out, scan, shuffled};
-use super::image::{resize_shorter, rgb_tensor};
+use super::image::shorter_size;
 use super::prepared::{END, Entry, Index, MAGIC, MAX_IMAGE_BYTES, Prepared};
+use super::resize::resize_window;
 use super::stream::{Item, Streamed};
 use super::{Dataset, Images};
 
@@ -37,6 +38,28 @@ pub struct PrepareOptions {
     pub strict: bool,
 }
 
+/// torchvision's `Resize(short)` of an image (host code, no libtorch:
+/// `prepare` runs on rayon's threads).
+fn shrink(img: &image::RgbImage, short: i64) -> Result<image::RgbImage> {
+    let (h, w) = (img.height() as usize, img.width() as usize);
+    let (nh, nw) = shorter_size(h as i64, w as i64, short);
+    let (nh, nw) = (nh as usize, nw as usize);
+    let planes = resize_window(
+        img.as_raw(),
+        w,
+        (0, 0, h, w),
+        (nh, nw),
+        (0, 0, nh, nw),
+        false,
+    );
+    let plane = nh * nw;
+    let mut px = vec![0u8; 3 * plane];
+    for (i, p) in px.chunks_exact_mut(3).enumerate() {
+        p.copy_from_slice(&[planes[i], planes[plane + i], planes[2 * plane + i]]);
+    }
+    image::RgbImage::from_raw(nw as u32, nh as u32, px).context("a resized image")
+}
+
 /// What to store for one image file: its own bytes when its shorter side
 /// is at most `max_side`, else the resized image encoded again; with
 /// `raw`, the (resized) pixels. Returns the bytes, whether it was resized
@@ -49,12 +72,7 @@ fn stored_bytes(path: &Path, o: PrepareOptions) -> Result<(Vec<u8>, bool, Option
         return Ok((file, false, None));
     }
     let img = match resized {
-        true => {
-            let small = resize_shorter(&rgb_tensor(&img), o.max_side);
-            let (_, h, w) = small.size3()?;
-            let px = Vec::<u8>::try_from(small.permute([1, 2, 0]).contiguous().view([-1]))?;
-            image::RgbImage::from_raw(w as u32, h as u32, px).context("a resized image")?
-        }
+        true => shrink(&img, o.max_side)?,
         false => img,
     };
     if o.raw {
