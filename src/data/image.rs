@@ -86,7 +86,7 @@ pub fn decode_bytes<T>(
     let img = reader
         .decode()
         .with_context(|| format!("{}: not a readable JPEG or PNG image", path.display()))?
-        .to_rgb8();
+        .into_rgb8();
     Ok((img, told))
 }
 
