@@ -14,6 +14,9 @@
 //!   written, `--accum-steps 2` steps eagerly; the data time per step with
 //!   them is printed (AutoAugment runs image by image);
 //! - each precision runs and says what it ran as, with its peak memory;
+//! - a streamed image folder (pinned host batches, asynchronous copies)
+//!   trains on the GPU, and `eval` of its checkpoint streamed counts
+//!   exactly what it counts with the folder in memory;
 //! - fp16 loss scaling on the device (CUDA's `_amp_update_scale_` and the
 //!   skip): an overflowing step leaves parameters and state bit for bit and
 //!   halves the scale, clean steps grow it, and the updates equal the CPU's.
@@ -328,4 +331,69 @@ fn fused_inference_plan_matches_the_model() {
             assert!(err <= tol, "bn {bn}, {kind:?}: {err}");
         }
     }
+}
+
+/// Runs vggctl in `dir`; its stdout, after checking it succeeded.
+fn ok(dir: &Path, args: &[&str]) -> String {
+    let r = common::run_in(dir, args);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    r.stdout
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU (scripts/gpu-check runs it)"]
+fn a_streamed_folder_trains_on_the_gpu_and_evaluates_as_in_memory() {
+    let tmp = common::tempdir();
+    let photos = tmp.path().join("photos");
+    for entry in std::fs::read_dir(common::fixtures().join("photos")).unwrap() {
+        let class = entry.unwrap().path();
+        let dst = photos.join(class.file_name().unwrap());
+        std::fs::create_dir_all(&dst).unwrap();
+        for f in std::fs::read_dir(&class).unwrap() {
+            let f = f.unwrap().path();
+            // Readable images only: both paths then hold out the same files.
+            if f.file_name().unwrap() != "broken.jpg" {
+                std::fs::copy(&f, dst.join(f.file_name().unwrap())).unwrap();
+            }
+        }
+    }
+    let (data, cache) = (photos.display().to_string(), tmp.path().join("cache"));
+    let cache = cache.display().to_string();
+    let common_args = [
+        "--dataset",
+        "folder",
+        "--data-dir",
+        &data,
+        "--device",
+        "cuda",
+    ];
+    let mut train = vec![
+        "train",
+        "--arch",
+        "vgg11",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+    ];
+    train.extend_from_slice(&common_args);
+    train.extend_from_slice(&["--cache-mem", "0", "--out", "run", "--quiet"]);
+    ok(tmp.path(), &train);
+    let config = std::fs::read_to_string(tmp.path().join("run/config.json")).unwrap();
+    assert!(config.contains("\"streamed\": true"), "{config}");
+    let eval = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec!["eval", "--checkpoint", "run/last.safetensors", "--json"];
+        args.extend_from_slice(&common_args);
+        args.extend_from_slice(&["--cache-dir", &cache]);
+        args.extend_from_slice(extra);
+        serde_json::from_str(&ok(tmp.path(), &args)).unwrap()
+    };
+    let (streamed, resident) = (eval(&["--cache-mem", "0"]), eval(&[]));
+    for key in ["images", "confusion", "support"] {
+        assert_eq!(streamed[key], resident[key], "{key}");
+    }
+    println!(
+        "streamed eval on the GPU: {} images, top-1 {}",
+        streamed["images"], streamed["top1"]
+    );
 }
