@@ -320,28 +320,35 @@ fn take(split: &Split, idx: &[usize]) -> Split {
     ))
 }
 
+/// The class names and files of a training folder, and the files of its
+/// validation folder if there is one (which must have the same classes).
+pub fn scan_splits(
+    dir: &Path,
+    val_dir: Option<&Path>,
+) -> Result<(Vec<String>, LabeledFiles, Option<LabeledFiles>)> {
+    let (classes, files) = scan(dir)?;
+    let Some(vdir) = val_dir else {
+        return Ok((classes, files, None));
+    };
+    let (vclasses, vfiles) = scan(vdir)?;
+    if vclasses != classes {
+        bail!(
+            "{}: class folders {:?} differ from {}'s {:?}",
+            vdir.display(),
+            vclasses,
+            dir.display(),
+            classes
+        );
+    }
+    Ok((classes, files, Some(vfiles)))
+}
+
 /// Loads an image-folder dataset; `warn` hears about skipped images.
 pub fn load(opts: &FolderOptions, warn: &mut dyn FnMut(String)) -> Result<Dataset> {
-    let (mut classes, files) = scan(&opts.dir)?;
-    let val = match &opts.val_dir {
-        Some(vdir) => {
-            let (vclasses, vfiles) = scan(vdir)?;
-            if vclasses != classes {
-                bail!(
-                    "{}: class folders {:?} differ from {}'s {:?}",
-                    vdir.display(),
-                    vclasses,
-                    opts.dir.display(),
-                    classes
-                );
-            }
-            Some(vfiles)
-        }
-        None => {
-            check_val_split(opts.val_split)?;
-            None
-        }
-    };
+    let (mut classes, files, val) = scan_splits(&opts.dir, opts.val_dir.as_deref())?;
+    if val.is_none() {
+        check_val_split(opts.val_split)?;
+    }
     if opts.imagenet {
         classes = super::imagenet::names(&opts.dir, &classes)?;
     }

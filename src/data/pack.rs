@@ -8,7 +8,9 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use rayon::prelude::*;
 
-use super::folder::{FolderOptions, LabeledFiles, check_val_split, held_out, scan, shuffled};
+use super::folder::{
+    FolderOptions, LabeledFiles, check_val_split, held_out, scan_splits, shuffled,
+};
 use super::image::shorter_size;
 use super::prepared::{END, Entry, Index, MAGIC, MAX_IMAGE_BYTES, Prepared};
 use super::resize::resize_window;
@@ -138,21 +140,8 @@ pub fn prepare(
     out: &Path,
     opts: PrepareOptions,
 ) -> Result<Prepare> {
-    let (classes, files) = scan(dir)?;
-    let val = match val_dir {
-        Some(v) => {
-            let (vclasses, vfiles) = scan(v)?;
-            if vclasses != classes {
-                bail!(
-                    "{}: class folders differ from {}'s",
-                    v.display(),
-                    dir.display()
-                );
-            }
-            Some((v, vfiles))
-        }
-        None => None,
-    };
+    let (classes, files, val) = scan_splits(dir, val_dir)?;
+    let val = val_dir.zip(val);
     let mut done = Prepare {
         images: 0,
         resized: 0,
