@@ -35,7 +35,10 @@ fn main() -> ExitCode {
         Ok(outcome) => outcome,
         Err(payload) => {
             let at = PANIC_AT.lock().ok().and_then(|a| a.clone());
-            eprintln!("vggctl: error: {}", panic_line(payload.as_ref(), at));
+            cmd::say(&format!(
+                "vggctl: error: {}",
+                panic_line(payload.as_ref(), at)
+            ));
             return ExitCode::from(1);
         }
     };
@@ -50,7 +53,7 @@ fn main() -> ExitCode {
             let who = joined.map_or(String::new(), |(r, w)| format!(" [rank {r}/{w}]"));
             if err.downcast_ref::<vggctl::Interrupted>().is_some() {
                 if joined.is_none_or(|(r, _)| r == 0) {
-                    eprintln!("vggctl{who}: {}", one_line(&err));
+                    cmd::say(&format!("vggctl{who}: {}", one_line(&err)));
                 }
                 // 128 + the signal, as a shell reports a process it killed.
                 let sig = vggctl::shim::stop_signal().unwrap_or(2);
@@ -59,11 +62,11 @@ fn main() -> ExitCode {
             // --nproc-per-node: the ranks have spoken; exit as the failed one.
             if let Some(f) = err.downcast_ref::<cmd::RanksFailed>() {
                 if let Some(m) = &f.message {
-                    eprintln!("vggctl: error: {m}");
+                    cmd::say(&format!("vggctl: error: {m}"));
                 }
                 return ExitCode::from(f.code);
             }
-            eprintln!("vggctl{who}: error: {}", one_line(&err));
+            cmd::say(&format!("vggctl{who}: error: {}", one_line(&err)));
             // 2 for a command line that cannot work, as clap's own errors;
             // 1 for everything that failed while running.
             match err.downcast_ref::<cmd::Usage>() {
@@ -176,6 +179,6 @@ fn usage_error(e: clap::Error) -> ExitCode {
         Some(s) => format!("vggctl {s} --help"),
         None => "vggctl --help".to_string(),
     };
-    eprintln!("vggctl: error: {message}; see '{help}'");
+    cmd::say(&format!("vggctl: error: {message}; see '{help}'"));
     ExitCode::from(2)
 }

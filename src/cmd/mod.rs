@@ -28,7 +28,7 @@ use anyhow::Result;
 
 use clap::{Parser, Subcommand};
 pub use launch::RanksFailed;
-pub use output::Usage;
+pub use output::{Usage, say};
 
 #[derive(Parser, Debug)]
 #[command(

@@ -32,14 +32,22 @@ pub fn as_usage(e: anyhow::Error) -> anyhow::Error {
     usage(format!("{e:#}"))
 }
 
+/// One line to stderr in one write, so that the lines of processes
+/// sharing it (the ranks under torchrun) never mix within a line, as
+/// `eprintln!` writes its pieces one by one.
+pub fn say(line: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
+}
+
 /// The warning callback every subcommand hands the library.
 pub fn warn(message: String) {
-    eprintln!("warning: {message}");
+    say(&format!("warning: {message}"));
 }
 
 /// What the user should know but need not act on (what was inferred).
 pub fn note(message: String) {
-    eprintln!("note: {message}");
+    say(&format!("note: {message}"));
 }
 
 /// Writes `text` to stdout; a closed pipe surfaces as an io error that main ignores.

@@ -155,13 +155,13 @@ impl Observer for EpochBars {
             // minutes of silence do not look like a hang.
             self.last_line = Instant::now();
             self.last_line_step = step;
-            eprintln!(
+            super::say(&format!(
                 "  epoch {}/{} step {step}/{}  {figures}  ETA {}",
                 self.epoch,
                 self.epochs,
                 self.steps,
                 self.eta(step)
-            );
+            ));
         }
     }
 
@@ -184,7 +184,7 @@ impl Observer for EpochBars {
             bar.finish_and_clear();
         }
         if !self.quiet {
-            eprintln!(
+            super::say(&format!(
                 "epoch {:>3}  lr {:.5}  train loss {:.4} acc {:.2}%  val loss {:.4} top-1 {:.2}% top-5 {:.2}%{}  {:.0} img/s  {:.1}s",
                 m.epoch,
                 m.lr,
@@ -199,7 +199,7 @@ impl Observer for EpochBars {
                 },
                 m.images_per_s,
                 m.seconds
-            );
+            ));
             if let Some(p) = &m.profile {
                 let per = |s: f64, n: u64| 1000.0 * s / n.max(1) as f64;
                 let eager = p.steps - p.graphed_steps;
@@ -222,7 +222,7 @@ impl Observer for EpochBars {
                 if let Some(b) = m.peak_gpu_bytes {
                     line += &format!("; peak GPU memory {:.0} MiB", b as f64 / (1024.0 * 1024.0));
                 }
-                eprintln!("{line}");
+                super::say(&line);
             }
         }
     }
@@ -262,7 +262,7 @@ pub fn print_header(trainer: &Trainer, dataset: &vggctl::data::Dataset, world: &
         // Steps per epoch as each rank takes them (DistributedSampler's split).
         let per_rank = (dataset.train.len() as usize).div_ceil(world.size);
         let steps = per_rank.div_ceil(c.batch_size as usize);
-        eprintln!(
+        super::say(&format!(
             "resuming {} at epoch {}/{}, step {}/{steps}{}",
             c.out.display(),
             st.epoch + 1,
@@ -275,7 +275,7 @@ pub fn print_header(trainer: &Trainer, dataset: &vggctl::data::Dataset, world: &
                 ),
                 None => String::new(),
             }
-        );
+        ));
     }
     let trainable: i64 = trainer
         .model
@@ -292,7 +292,7 @@ pub fn print_header(trainer: &Trainer, dataset: &vggctl::data::Dataset, world: &
             c.batch_size * n as i64
         ),
     };
-    eprintln!(
+    super::say(&format!(
         "training {} ({} head, {} classes, {} trainable parameters) on {} ({} train / {} val images, {}x{}) on {} ({}), {} epoch{}{}, {batch}, writing {}",
         c.model.model_name(),
         c.model.head.name(),
@@ -314,7 +314,7 @@ pub fn print_header(trainer: &Trainer, dataset: &vggctl::data::Dataset, world: &
             None => String::new(),
         },
         c.out.display()
-    );
+    ));
     let val = dataset.test.len();
     if val < SMALL_VAL {
         warn(format!(
