@@ -5,6 +5,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use tch::Tensor;
+use zune_core::bytestream::ZCursor;
 
 use super::resize::{Window, resize_window};
 
@@ -24,7 +25,7 @@ fn jpeg_is_complete(bytes: &[u8]) -> bool {
         let marker = bytes[i + 1];
         match marker {
             0xFF => i += 1,
-            0xDA => return bytes[i..].windows(2).any(|w| w == [0xFF, 0xD9]),
+            0xDA => return bytes[i..].windows(2).rev().any(|w| w == [0xFF, 0xD9]),
             0x01 | 0xD0..=0xD7 => i += 2,
             _ => i += 2 + u16::from_be_bytes([bytes[i + 2], bytes[i + 3]]) as usize,
         }
@@ -55,17 +56,71 @@ pub fn decode_sized<T>(
 }
 
 /// [`decode_sized`] of an image file's bytes (`path` names it in messages).
+/// A colour (YCbCr or RGB) JPEG, nearly every photograph, is decoded by
+/// zune-jpeg directly, with the options the `image` crate gives it, so the
+/// pixels are the same without its copy of the file and second reading of
+/// the header; anything else goes through `image`.
 pub fn decode_bytes<T>(
     bytes: &[u8],
     path: &Path,
     header: impl FnOnce(i64, i64) -> T,
 ) -> Result<(image::RgbImage, T)> {
-    if bytes.starts_with(&[0xFF, 0xD8]) && !jpeg_is_complete(bytes) {
+    if !bytes.starts_with(&[0xFF, 0xD8]) {
+        return decode_any(bytes, path, header);
+    }
+    if !jpeg_is_complete(bytes) {
         anyhow::bail!(
             "{}: not a readable JPEG or PNG image: truncated JPEG (its image data has no end marker)",
             path.display()
         );
     }
+    use zune_core::colorspace::ColorSpace;
+    let unreadable = |e: zune_jpeg::errors::DecodeErrors| {
+        anyhow::Error::new(e).context(format!(
+            "{}: not a readable JPEG or PNG image",
+            path.display()
+        ))
+    };
+    let options = zune_core::options::DecoderOptions::default()
+        .set_strict_mode(false)
+        .set_max_width(usize::MAX)
+        .set_max_height(usize::MAX)
+        .jpeg_set_out_colorspace(ColorSpace::RGB);
+    let mut jpeg = zune_jpeg::JpegDecoder::new_with_options(ZCursor::new(bytes), options);
+    jpeg.decode_headers().map_err(unreadable)?;
+    let colour = matches!(
+        jpeg.input_colorspace(),
+        Some(ColorSpace::YCbCr | ColorSpace::RGB)
+    );
+    let (Some((w, h)), true) = (jpeg.dimensions(), colour) else {
+        return decode_any(bytes, path, header);
+    };
+    check_pixels(w as u64, h as u64, path)?;
+    let told = header(h as i64, w as i64);
+    let mut rgb = vec![0u8; jpeg.output_buffer_size().unwrap_or(0)];
+    jpeg.decode_into(&mut rgb).map_err(unreadable)?;
+    let img = image::RgbImage::from_raw(w as u32, h as u32, rgb)
+        .with_context(|| format!("{}: decoded to the wrong size", path.display()))?;
+    Ok((img, told))
+}
+
+/// Refuses an image of more than [`MAX_IMAGE_PIXELS`] from its header.
+fn check_pixels(w: u64, h: u64, path: &Path) -> Result<()> {
+    if w * h > MAX_IMAGE_PIXELS {
+        anyhow::bail!(
+            "{}: {w}x{h} pixels is more than an image may have ({MAX_IMAGE_PIXELS}, PIL's decompression-bomb limit)",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// [`decode_bytes`] of any image through the `image` crate.
+fn decode_any<T>(
+    bytes: &[u8],
+    path: &Path,
+    header: impl FnOnce(i64, i64) -> T,
+) -> Result<(image::RgbImage, T)> {
     let reader = || {
         image::ImageReader::new(std::io::Cursor::new(bytes))
             .with_guessed_format()
@@ -74,12 +129,7 @@ pub fn decode_bytes<T>(
     let (w, h) = reader()?
         .into_dimensions()
         .with_context(|| format!("{}: not a readable JPEG or PNG image", path.display()))?;
-    if w as u64 * h as u64 > MAX_IMAGE_PIXELS {
-        anyhow::bail!(
-            "{}: {w}x{h} pixels is more than an image may have ({MAX_IMAGE_PIXELS}, PIL's decompression-bomb limit)",
-            path.display()
-        );
-    }
+    check_pixels(w as u64, h as u64, path)?;
     let told = header(h as i64, w as i64);
     let mut reader = reader()?;
     reader.no_limits();
@@ -219,6 +269,38 @@ mod tests {
             std::fs::write(&path, &bytes[..bytes.len() / 3]).unwrap();
             let err = format!("{:#}", decode_rgb(&path).unwrap_err());
             assert!(err.contains(name), "{err}");
+        }
+    }
+
+    /// The direct zune-jpeg path gives the `image` crate's pixels for
+    /// colour photographs (4:2:0 and 4:4:4, the fixture's real photos).
+    #[test]
+    fn colour_jpegs_decode_as_the_image_crate_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let photos = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/photos");
+        let mut files = vec![];
+        for class in std::fs::read_dir(photos).unwrap() {
+            for f in std::fs::read_dir(class.unwrap().path()).unwrap() {
+                files.push(std::fs::read(f.unwrap().path()).unwrap());
+            }
+        }
+        // A 4:4:4 one too (the `image` encoder's subsampling).
+        let img =
+            image::RgbImage::from_fn(61, 47, |x, y| image::Rgb([x as u8 * 4, y as u8 * 5, 7]));
+        let path = dir.path().join("a.jpg");
+        img.save_with_format(&path, image::ImageFormat::Jpeg)
+            .unwrap();
+        files.push(std::fs::read(&path).unwrap());
+        let jpegs: Vec<_> = files
+            .iter()
+            .filter(|b| b.starts_with(&[0xFF, 0xD8]) && jpeg_is_complete(b))
+            .collect();
+        assert!(jpegs.len() >= 3, "the fixture's JPEGs");
+        for bytes in jpegs {
+            let ours = decode_bytes(bytes, &path, |h, w| (h, w)).unwrap();
+            let theirs = decode_any(bytes, &path, |h, w| (h, w)).unwrap();
+            assert_eq!(ours.1, theirs.1);
+            assert!(ours.0 == theirs.0, "pixels differ");
         }
     }
 }

@@ -14,6 +14,8 @@ struct Taps {
     count: Vec<usize>,
     weights: Vec<f32>,
     per: usize,
+    /// The most taps any output pixel has.
+    widest: usize,
 }
 
 /// libtorch's `_compute_indices_min_size_weights_aa` for bilinear
@@ -32,6 +34,7 @@ fn taps(len: usize, out: usize) -> Taps {
         count: Vec::with_capacity(out),
         weights: vec![0.0; out * per],
         per,
+        widest: 0,
     };
     for i in 0..out {
         let centre = (scale as f64 * (i as f64 + 0.5)) as f32;
@@ -55,9 +58,13 @@ fn taps(len: usize, out: usize) -> Taps {
         }
         t.first.push(first as usize);
         t.count.push(count);
+        t.widest = t.widest.max(count);
     }
     t
 }
+
+/// Zero pixels after a row, for [`row_pass`]'s padded taps.
+const PAD: usize = 8;
 
 /// An image's window in pixels: top, left, height, width.
 pub type Window = (usize, usize, usize, usize);
@@ -95,7 +102,7 @@ pub fn resize_window(
     // libtorch's order.
     let (mut pixels, mut rows, mut line) = SCRATCH.take();
     for (buf, n) in [
-        (&mut pixels, w),
+        (&mut pixels, w + PAD),
         (&mut rows, (y_to - y_from) * kw),
         (&mut line, kw),
     ] {
@@ -103,6 +110,9 @@ pub fn resize_window(
             buf.resize(n, [0.0; 4]);
         }
     }
+    // Zero pixels past the row's end, read by the padded taps of the
+    // last output pixels.
+    pixels[w..w + PAD].fill([0.0; 4]);
     for y in y_from..y_to {
         let start = ((top + y) * width + left) * 3;
         widen(&rgb[start..start + w * 3], &mut pixels[..w]);
@@ -177,13 +187,54 @@ fn store(line: &[[f32; 4]], planes: [&mut [u8]; 3], flip: bool) {
 /// One row of pixels to the kept output columns `kx..kx + dst.len()`:
 /// per output pixel the first tap's product, then each further tap
 /// fused-multiply-added, as libtorch's kernel (compiled with FMA) sums
-/// them.
+/// them. Every pixel takes as many taps as the widest (`N`, a constant
+/// for the usual few, so the loop unrolls): a tap past a pixel's own has
+/// weight 0 (and reads a pixel of `row`'s zero padding at the right
+/// edge), and `fma(s, 0, acc)` is `acc` exactly, so the sums are the same.
 #[multiversion::multiversion(targets("x86_64+avx2+fma"))]
 fn row_pass(row: &[[f32; 4]], dst: &mut [[f32; 4]], cols: Option<&Taps>, kx: usize) {
     let Some(t) = cols else {
         dst.copy_from_slice(&row[kx..kx + dst.len()]);
         return;
     };
+    let taps = (t, kx, dst.len());
+    match t.widest {
+        1 => taps_n::<1>(row, dst, taps),
+        2 => taps_n::<2>(row, dst, taps),
+        3 => taps_n::<3>(row, dst, taps),
+        4 => taps_n::<4>(row, dst, taps),
+        5 => taps_n::<5>(row, dst, taps),
+        6 => taps_n::<6>(row, dst, taps),
+        7 => taps_n::<7>(row, dst, taps),
+        8 => taps_n::<8>(row, dst, taps),
+        _ => taps_any(row, dst, taps),
+    }
+}
+
+/// [`row_pass`] with `N` taps a pixel.
+#[inline(always)]
+fn taps_n<const N: usize>(
+    row: &[[f32; 4]],
+    dst: &mut [[f32; 4]],
+    (t, kx, n): (&Taps, usize, usize),
+) {
+    let weights = t.weights[kx * t.per..].chunks_exact(t.per);
+    for ((px, &f), w) in dst.iter_mut().zip(&t.first[kx..kx + n]).zip(weights) {
+        let src: &[[f32; 4]; N] = row[f..f + N].try_into().expect("N pixels");
+        let w: &[f32; N] = w[..N].try_into().expect("N weights");
+        let mut acc = src[0].map(|v| v * w[0]);
+        for k in 1..N {
+            for c in 0..4 {
+                acc[c] = src[k][c].mul_add(w[k], acc[c]);
+            }
+        }
+        *px = acc;
+    }
+}
+
+/// [`row_pass`] with any number of taps (a strong reduction).
+#[inline(always)]
+fn taps_any(row: &[[f32; 4]], dst: &mut [[f32; 4]], (t, kx, _): (&Taps, usize, usize)) {
     for (x, px) in dst.iter_mut().enumerate() {
         let xi = kx + x;
         let (f, n) = (t.first[xi], t.count[xi]);
