@@ -97,7 +97,7 @@ pub fn decode_bytes<T>(
     };
     check_pixels(w as u64, h as u64, path)?;
     let told = header(h as i64, w as i64);
-    let mut rgb = vec![0u8; jpeg.output_buffer_size().unwrap_or(0)];
+    let mut rgb = pixel_buffer(jpeg.output_buffer_size().unwrap_or(0));
     jpeg.decode_into(&mut rgb).map_err(unreadable)?;
     let img = image::RgbImage::from_raw(w as u32, h as u32, rgb)
         .with_context(|| format!("{}: decoded to the wrong size", path.display()))?;
@@ -222,6 +222,17 @@ pub fn eval_transform(img: &Tensor, resize: Option<i64>, size: i64) -> Tensor {
 /// shorter than the crop (which checkpoints' metadata never has) crops
 /// the whole resized image.
 pub fn eval_crop(rgb: &[u8], (h, w): (usize, usize), resize: Option<i64>, size: i64) -> Tensor {
+    let (out, keep) = eval_window((h, w), resize, size);
+    resized_window(rgb, w, (0, 0, h, w), out, keep, false)
+}
+
+/// Where [`eval_crop`] resizes an image of `(height, width)` to, and the
+/// window of that it keeps.
+pub fn eval_window(
+    (h, w): (usize, usize),
+    resize: Option<i64>,
+    size: i64,
+) -> ((usize, usize), Window) {
     let (nh, nw) = match resize {
         Some(short) => shorter_size(h as i64, w as i64, short),
         None => (size, size),
@@ -233,14 +244,28 @@ pub fn eval_crop(rgb: &[u8], (h, w): (usize, usize), resize: Option<i64>, size: 
         kh as usize,
         kw as usize,
     );
-    resized_window(
-        rgb,
-        w,
-        (0, 0, h, w),
-        (nh as usize, nw as usize),
-        keep,
-        false,
-    )
+    ((nh as usize, nw as usize), keep)
+}
+
+thread_local! {
+    /// A decoded image's buffer given back by [`recycle`], for the
+    /// thread's next image: a fresh buffer of this size is fresh pages
+    /// from the kernel, each faulted in.
+    static PIXELS: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// `n` zero bytes for decoded pixels, in the thread's recycled buffer
+/// when there is one.
+fn pixel_buffer(n: usize) -> Vec<u8> {
+    let mut buffer = PIXELS.take();
+    buffer.clear();
+    buffer.resize(n, 0);
+    buffer
+}
+
+/// Gives a decoded image's buffer back for the thread's next image.
+pub fn recycle(img: image::RgbImage) {
+    PIXELS.set(img.into_raw());
 }
 
 #[cfg(test)]

@@ -82,6 +82,21 @@ pub fn resize_window(
     keep: Window,
     flip: bool,
 ) -> Vec<u8> {
+    let mut planes = vec![0u8; 3 * keep.2 * keep.3];
+    resize_window_into(rgb, width, src, out, keep, flip, &mut planes);
+    planes
+}
+
+/// [`resize_window`] into `planes` (`3 x h x w` of `keep`'s size).
+pub fn resize_window_into(
+    rgb: &[u8],
+    width: usize,
+    src: Window,
+    out: (usize, usize),
+    keep: Window,
+    flip: bool,
+    planes: &mut [u8],
+) {
     let (top, left, h, w) = src;
     let (ky, kx, kh, kw) = keep;
     let cols = (w != out.1).then(|| taps(w, out.1));
@@ -119,7 +134,6 @@ pub fn resize_window(
         let dst = &mut rows[(y - y_from) * kw..(y - y_from + 1) * kw];
         row_pass(&pixels, dst, cols.as_ref(), kx);
     }
-    let mut out = vec![0u8; 3 * kh * kw];
     let plane = kh * kw;
     for y in 0..kh {
         let yi = ky + y;
@@ -132,7 +146,7 @@ pub fn resize_window(
                 &line[..kw]
             }
         };
-        let (r, rest) = out.split_at_mut(plane);
+        let (r, rest) = planes.split_at_mut(plane);
         let (g, b) = rest.split_at_mut(plane);
         let at = y * kw..(y + 1) * kw;
         store(
@@ -142,7 +156,6 @@ pub fn resize_window(
         );
     }
     SCRATCH.set((pixels, rows, line));
-    out
 }
 
 /// Each thread's buffers, kept between images: a fresh buffer of this

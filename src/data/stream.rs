@@ -19,8 +19,9 @@ use tch::{Device, Tensor};
 
 use super::Split;
 use super::augment::Transform;
-use super::image::{decode_sized, eval_crop, resized_window};
+use super::image::{decode_sized, eval_window, recycle};
 use super::prepared::{Entry, Prepared};
+use super::resize::resize_window_into;
 use super::resized_crop::{ImageDraws, crop_box};
 
 /// Batches prepared ahead of the one in use.
@@ -131,63 +132,77 @@ impl Streamed {
         }
     }
 
-    /// One image, transformed.
+    /// One image, transformed, into `planes` (`3 x s x s`, `s` the
+    /// transform's side).
     fn image(
         &self,
         i: usize,
         transform: Transform,
         draws: Option<&ImageDraws>,
-    ) -> Result<Tensor, Missing> {
-        let side = self.side;
-        let whole = |size| -> Result<Tensor, Missing> {
-            let img = self.decode(i, |_, _| ())?.0;
-            let (w, h) = img.dimensions();
-            Ok(eval_crop(
-                img.as_raw(),
-                (h as usize, w as usize),
-                Some(side),
-                size,
-            ))
-        };
-        match (transform, draws) {
-            (Transform::Square, _) => whole(side),
-            (Transform::Eval { size }, _) => whole(size),
+        planes: &mut [u8],
+    ) -> Result<(), Missing> {
+        let (img, (src, out, keep, flip)) = match (transform, draws) {
+            (Transform::Square | Transform::Eval { .. }, _) => {
+                let size = self.out_side(transform);
+                let (img, ()) = self.decode(i, |_, _| ())?;
+                let (h, w) = (img.height() as usize, img.width() as usize);
+                let (out, keep) = eval_window((h, w), Some(self.side), size);
+                if (keep.2 as i64, keep.3 as i64) != (size, size) {
+                    return Err(Missing::Damaged(anyhow!(
+                        "a resize to {} is smaller than the crop {size}",
+                        self.side
+                    )));
+                }
+                (img, ((0, 0, h, w), out, keep, false))
+            }
             (Transform::Random { size }, Some(d)) => {
                 let (img, [top, left, h, w]) = self.decode(i, |h, w| crop_box(d, h, w))?;
-                let (s, window) = (size as usize, [top, left, h, w].map(|v| v as usize));
-                let (width, window) = (
-                    img.width() as usize,
-                    (window[0], window[1], window[2], window[3]),
-                );
-                Ok(resized_window(
-                    img.as_raw(),
-                    width,
-                    window,
-                    (s, s),
-                    (0, 0, s, s),
-                    d.flip,
-                ))
+                let s = size as usize;
+                let src = [top, left, h, w].map(|v| v as usize);
+                let src = (src[0], src[1], src[2], src[3]);
+                (img, (src, (s, s), (0, 0, s, s), d.flip))
             }
             (Transform::Random { .. }, None) => {
-                Err(Missing::Damaged(anyhow!("a random crop without its draws")))
+                return Err(Missing::Damaged(anyhow!("a random crop without its draws")));
             }
+        };
+        let width = img.width() as usize;
+        resize_window_into(img.as_raw(), width, src, out, keep, flip, planes);
+        recycle(img);
+        Ok(())
+    }
+
+    /// The side of the square images `transform` makes.
+    fn out_side(&self, transform: Transform) -> i64 {
+        match transform {
+            Transform::Square => self.side,
+            Transform::Eval { size } | Transform::Random { size } => size,
         }
     }
 
     /// The images of `job`, in order, as one batch; an unreadable image is
-    /// left out (or, `strict`, ends the batch with its error).
-    fn batch(&self, job: &Job, transform: Transform) -> Result<Loaded> {
-        let results: Vec<Result<Tensor, Missing>> = job
-            .indices
-            .par_iter()
+    /// left out (or, `strict`, ends the batch with its error). Each worker
+    /// writes its images into their places in `pixels` (kept by the
+    /// loader between batches).
+    fn batch(&self, job: &Job, transform: Transform, pixels: &mut Vec<u8>) -> Result<Loaded> {
+        let side = self.out_side(transform);
+        let per = (3 * side * side) as usize;
+        pixels.resize(per * job.indices.len(), 0);
+        let results: Vec<Result<(), Missing>> = pixels
+            .par_chunks_mut(per.max(1))
+            .zip(&job.indices)
             .enumerate()
-            .map(|(k, &i)| self.image(i as usize, transform, job.draws.get(k)))
+            .map(|(k, (planes, &i))| self.image(i as usize, transform, job.draws.get(k), planes))
             .collect();
-        let (mut images, mut labels, mut skipped) = (Vec::new(), Vec::new(), Vec::new());
-        for (r, &i) in results.into_iter().zip(&job.indices) {
+        let (mut kept, mut labels, mut skipped) = (0, Vec::new(), Vec::new());
+        for (k, (r, &i)) in results.into_iter().zip(&job.indices).enumerate() {
             match r {
-                Ok(t) => {
-                    images.push(t);
+                Ok(()) => {
+                    // Close the gaps of the images left out before it.
+                    if kept < k {
+                        pixels.copy_within(k * per..(k + 1) * per, kept * per);
+                    }
+                    kept += 1;
                     labels.push(self.items[i as usize].label);
                 }
                 Err(Missing::Damaged(e)) => return Err(e),
@@ -197,9 +212,9 @@ impl Streamed {
                 Err(Missing::Unreadable(e)) => skipped.push(format!("{e:#}")),
             }
         }
-        let images = match images.is_empty() {
-            true => Tensor::empty([0, 3, 1, 1], (tch::Kind::Uint8, Device::Cpu)),
-            false => Tensor::stack(&images, 0),
+        let images = match kept {
+            0 => Tensor::empty([0, 3, 1, 1], (tch::Kind::Uint8, Device::Cpu)),
+            n => Tensor::from_slice(&pixels[..n * per]).view([n as i64, 3, side, side]),
         };
         let images = match self.pin {
             true => images.pin_memory(Device::Cuda(0)),
@@ -241,8 +256,9 @@ impl Loader {
         std::thread::Builder::new()
             .name("vggctl-loader".into())
             .spawn(move || {
+                let mut pixels = Vec::new();
                 for job in todo {
-                    let loaded = pool.install(|| data.batch(&job, transform));
+                    let loaded = pool.install(|| data.batch(&job, transform, &mut pixels));
                     // The receiver is gone: the epoch or evaluation ended.
                     if done.send(loaded).is_err() {
                         return;
