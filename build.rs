@@ -45,6 +45,16 @@ fn cuda_headers(torch_root: &Path) -> Option<PathBuf> {
         .find(|d| d.join("cuda_runtime_api.h").exists())
 }
 
+/// NCCL's header (the torch wheel's `nvidia-nccl` package, the version
+/// libtorch was built with: ProcessGroupNCCL's options embed its config
+/// struct) when the CUDA headers can compile ProcessGroupNCCL.hpp: that
+/// also needs CCCL's `<nv/target>` (the `nvidia-cuda-cccl` wheel, which
+/// scripts/setup installs).
+fn nccl_headers(torch_root: &Path, cuda_headers: &Path) -> Option<PathBuf> {
+    let dir = torch_root.join("../nvidia/nccl/include");
+    (dir.join("nccl.h").exists() && cuda_headers.join("nv/target").exists()).then_some(dir)
+}
+
 fn build_shim(lib: &Path, cuda: bool) {
     println!("cargo:rerun-if-changed=src/shim.cpp");
     println!("cargo:rerun-if-changed=src/shim_dist.cpp");
@@ -80,9 +90,23 @@ fn build_shim(lib: &Path, cuda: bool) {
         .flag("-DGLOG_USE_GLOG_EXPORT")
         .warnings(false);
     let headers = if cuda { cuda_headers(&root) } else { None };
+    println!("cargo::rustc-check-cfg=cfg(vggctl_nccl)");
     match &headers {
         Some(dir) => {
             build.include(dir).define("VGGCTL_CUDA", None);
+            if let Some(nccl) = nccl_headers(&root, dir) {
+                // c10d's NCCL backend is declared only under USE_C10D_NCCL.
+                build
+                    .include(nccl)
+                    .define("USE_C10D_NCCL", None)
+                    .define("VGGCTL_NCCL", None);
+                println!("cargo:rustc-cfg=vggctl_nccl");
+            } else {
+                println!(
+                    "cargo:warning=NCCL or CCCL headers not found (scripts/setup installs nvidia-cuda-cccl): \
+                     building data-parallel training with Gloo only"
+                );
+            }
         }
         None if cuda => println!(
             "cargo:warning=CUDA runtime headers not found (set CUDA_HOME): \

@@ -16,25 +16,52 @@ use crate::choice::Choice;
 use crate::shim::dist::{ProcessGroup, ReduceOp, Rendezvous};
 
 /// The collective backend: Gloo (CPU tensors, any device through host
-/// copies) or NCCL (CUDA).
+/// copies) or NCCL (CUDA tensors on the rank's GPU); `Auto` is resolved
+/// with the run's device ([`Backend::resolve`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
+    Auto,
     Gloo,
     Nccl,
 }
 
+/// Whether this build has c10d's NCCL backend (build.rs compiles it into
+/// the shim when the wheel's NCCL and CCCL headers are there).
+pub const NCCL_BUILT: bool = cfg!(vggctl_nccl);
+
 impl Choice for Backend {
-    const ALL: &'static [Self] = &[Backend::Gloo, Backend::Nccl];
+    const ALL: &'static [Self] = &[Backend::Auto, Backend::Gloo, Backend::Nccl];
     fn name(self) -> &'static str {
         match self {
+            Backend::Auto => "auto",
             Backend::Gloo => "gloo",
             Backend::Nccl => "nccl",
         }
     }
     fn help(self) -> &'static str {
         match self {
-            Backend::Gloo => "PyTorch's Gloo (CPU; the default)",
+            Backend::Auto => "NCCL on CUDA, Gloo on a CPU (the default)",
+            Backend::Gloo => "PyTorch's Gloo (any device; CUDA through host copies)",
             Backend::Nccl => "NVIDIA NCCL (CUDA)",
+        }
+    }
+}
+
+impl Backend {
+    /// The backend a run on `device` uses: `Auto` is NCCL on CUDA (when
+    /// built with it) and Gloo elsewhere; NCCL is refused off CUDA.
+    pub fn resolve(self, device: Device) -> Result<Backend> {
+        let cuda = matches!(device, Device::Cuda(_));
+        match self {
+            Backend::Auto if cuda && NCCL_BUILT => Ok(Backend::Nccl),
+            Backend::Auto => Ok(Backend::Gloo),
+            Backend::Nccl if !NCCL_BUILT => bail!(
+                "--dist-backend nccl: this vggctl is built without NCCL; use --dist-backend gloo"
+            ),
+            Backend::Nccl if !cuda => {
+                bail!("--dist-backend nccl needs a CUDA device; use --dist-backend gloo on a CPU")
+            }
+            b => Ok(b),
         }
     }
 }
@@ -119,16 +146,16 @@ impl Launch {
     }
 }
 
-/// Runs the collective `f` in place on `t`: directly on a contiguous CPU
-/// tensor, else on a contiguous host copy whose result is copied back
-/// (Gloo works on host memory).
-fn on_host(t: &Tensor, f: impl FnOnce(&Tensor) -> Result<()>) -> Result<()> {
-    if t.device() == Device::Cpu && t.is_contiguous() {
+/// Runs the collective `f` in place on `t`: directly on a contiguous
+/// tensor on the backend's `device` (the host for Gloo, the rank's GPU for
+/// NCCL), else on a contiguous copy there whose result is copied back.
+fn on_device(t: &Tensor, device: Device, f: impl FnOnce(&Tensor) -> Result<()>) -> Result<()> {
+    if t.device() == device && t.is_contiguous() {
         return f(t);
     }
-    let host = t.to_device(Device::Cpu).contiguous();
-    f(&host)?;
-    tch::no_grad(|| t.shallow_clone().copy_(&host));
+    let there = t.to_device(device).contiguous();
+    f(&there)?;
+    tch::no_grad(|| t.shallow_clone().copy_(&there));
     Ok(())
 }
 
@@ -138,6 +165,9 @@ pub struct World {
     pub size: usize,
     pub local_rank: usize,
     pub backend: Backend,
+    /// Where the backend's collectives work: the host (Gloo) or the
+    /// rank's GPU (NCCL).
+    device: Device,
     group: Option<Arc<ProcessGroup>>,
     /// A collective that failed inside the model's forward pass (which
     /// returns tensors, not errors), for [`World::check`].
@@ -165,18 +195,19 @@ impl World {
             size: 1,
             local_rank: 0,
             backend: Backend::Gloo,
+            device: Device::Cpu,
             group: None,
             failure: Arc::default(),
         }
     }
 
-    /// Joins the group `launch` describes (all ranks must call this).
+    /// Joins the group `launch` describes (all ranks must call this) with
+    /// `backend` as [`Backend::resolve`] gave it.
     pub fn join(launch: &Launch, backend: Backend, timeout: Duration) -> Result<Self> {
-        if backend == Backend::Nccl {
-            bail!(
-                "--dist-backend nccl: this vggctl is built without NCCL; use --dist-backend gloo"
-            );
-        }
+        let device = match backend {
+            Backend::Nccl => Device::Cuda(launch.local_rank),
+            _ => Device::Cpu,
+        };
         let _ = JOINED.set((launch.rank, launch.world));
         let prefix = format!("vggctl/{}/", launch.restart);
         let group = ProcessGroup::join(&Rendezvous {
@@ -187,6 +218,7 @@ impl World {
             serve: launch.rank == 0 && !launch.agent_store,
             prefix: &prefix,
             timeout,
+            nccl_device: (backend == Backend::Nccl).then_some(launch.local_rank),
         })
         .map_err(|e| {
             anyhow::anyhow!(
@@ -202,6 +234,7 @@ impl World {
             size: launch.world,
             local_rank: launch.local_rank,
             backend,
+            device,
             group: Some(Arc::new(group)),
             failure: Arc::default(),
         })
@@ -246,7 +279,7 @@ impl World {
 
     fn reduce(&self, t: &Tensor, op: ReduceOp) -> Result<()> {
         match &self.group {
-            Some(g) => on_host(t, |h| g.all_reduce(h, op)).map_err(|e| self.lost(e)),
+            Some(g) => on_device(t, self.device, |h| g.all_reduce(h, op)).map_err(|e| self.lost(e)),
             None => Ok(()),
         }
     }
@@ -284,7 +317,7 @@ impl World {
     /// Overwrites `t` with rank 0's values, in place.
     pub fn broadcast(&self, t: &Tensor) -> Result<()> {
         match &self.group {
-            Some(g) => on_host(t, |h| g.broadcast(h, 0)).map_err(|e| self.lost(e)),
+            Some(g) => on_device(t, self.device, |h| g.broadcast(h, 0)).map_err(|e| self.lost(e)),
             None => Ok(()),
         }
     }
@@ -378,6 +411,23 @@ impl World {
 mod tests {
     use super::*;
     use std::collections::HashMap;
+
+    /// `auto` is NCCL on CUDA only when built with it, Gloo otherwise;
+    /// NCCL is refused on a CPU; Gloo is taken anywhere.
+    #[test]
+    fn backends_resolve_by_device() {
+        let cuda = Device::Cuda(0);
+        assert_eq!(Backend::Auto.resolve(Device::Cpu).unwrap(), Backend::Gloo);
+        let auto_cuda = if NCCL_BUILT {
+            Backend::Nccl
+        } else {
+            Backend::Gloo
+        };
+        assert_eq!(Backend::Auto.resolve(cuda).unwrap(), auto_cuda);
+        assert_eq!(Backend::Gloo.resolve(cuda).unwrap(), Backend::Gloo);
+        assert!(Backend::Nccl.resolve(Device::Cpu).is_err());
+        assert_eq!(Backend::Nccl.resolve(cuda).is_ok(), NCCL_BUILT);
+    }
 
     fn launch(vars: &[(&str, &str)]) -> Result<Option<Launch>> {
         let map: HashMap<String, String> = vars

@@ -1,6 +1,11 @@
-// PyTorch's c10d from C: a TCPStore rendezvous and a Gloo process group with
-// the collectives data-parallel training needs (all-reduce, broadcast,
-// barrier). The one Rust caller is src/shim/dist.rs.
+// PyTorch's c10d from C: a TCPStore rendezvous and a Gloo (host memory) or
+// NCCL (the rank's GPU) process group with the collectives data-parallel
+// training needs (all-reduce, broadcast, barrier). The one Rust caller is
+// src/shim/dist.rs.
+//
+// NCCL is compiled in when build.rs finds its headers (VGGCTL_NCCL, with
+// USE_C10D_NCCL, without which ProcessGroupNCCL.hpp declares nothing);
+// ProcessGroupNCCL itself is in libtorch_cuda.so.
 //
 // Compiled with USE_C10D_GLOO (without it ProcessGroupGloo.hpp declares
 // nothing) against the stand-in gloo headers in src/gloo-stubs: the wheel
@@ -18,6 +23,10 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #include <torch/csrc/autograd/custom_function.h>
+#ifdef VGGCTL_NCCL
+#include <c10/cuda/CUDAFunctions.h>
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
 
 #include <chrono>
 #include <cstdint>
@@ -34,7 +43,9 @@ using vggctl_shim::guarded;
 
 struct Group {
   c10::intrusive_ptr<c10d::Store> store;
-  c10::intrusive_ptr<c10d::ProcessGroupGloo> pg;
+  c10::intrusive_ptr<c10d::Backend> pg;
+  // Gloo's tensors are host tensors; NCCL's are on the rank's GPU.
+  bool on_host;
 };
 
 // The network device Gloo binds to, chosen as PyTorch does: the interfaces
@@ -71,12 +82,38 @@ c10d::ReduceOp reduce_op(int op) {
 }
 
 // `x` summed over the ranks, as a new tensor on x's device (through a host
-// copy: Gloo works on host memory).
+// copy for Gloo, which works on host memory).
 at::Tensor sum_across(Group *g, const at::Tensor &x) {
-  auto host = x.detach().to(at::kCPU, /*non_blocking=*/false, /*copy=*/true).contiguous();
-  std::vector<at::Tensor> v{host};
+  auto at = g->on_host ? at::Device(at::kCPU) : x.device();
+  auto copy = x.detach().to(at, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  std::vector<at::Tensor> v{copy};
   g->pg->allreduce(v)->wait();
-  return host.to(x.device());
+  return copy.to(x.device());
+}
+
+// The group's backend: Gloo when `cuda_device` is negative, else NCCL on
+// that GPU (made the current device, bound to the group, and connected
+// now, so that a failed rendezvous fails here, within the timeout).
+c10::intrusive_ptr<c10d::Backend> backend(const c10::intrusive_ptr<c10d::Store> &store,
+                                          const std::string &host, int rank, int world,
+                                          int cuda_device, std::chrono::milliseconds timeout) {
+  if (cuda_device < 0) {
+    auto options = c10d::ProcessGroupGloo::Options::create(timeout);
+    options->devices = devices(host);
+    return c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, options);
+  }
+#ifdef VGGCTL_NCCL
+  auto device = at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(cuda_device));
+  c10::cuda::set_device(device.index());
+  auto options = c10d::ProcessGroupNCCL::Options::create();
+  options->timeout = timeout;
+  auto pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world, options);
+  pg->setBoundDeviceId(device);
+  pg->eagerConnectSingleDevice(device);
+  return pg;
+#else
+  throw std::runtime_error("this vggctl is built without NCCL");
+#endif
 }
 
 // A differentiable sum over the ranks: forward sums the ranks' values, and
@@ -102,10 +139,11 @@ extern "C" {
 // Joins the group of `world` processes whose TCPStore is at host:port: as
 // its server when `serve` (rank 0 without a launcher's store), else as a
 // client. Keys go under `prefix`, clear of a launcher's own. Every wait,
-// the store's and the collectives', is bounded by `timeout_ms`.
+// the store's and the collectives', is bounded by `timeout_ms`. Gloo when
+// `cuda_device` is negative, else NCCL on that GPU.
 int vggctl_dist_new(const char *host, int port, int rank, int world, int serve,
-                    const char *prefix, int64_t timeout_ms, void **out, char *err,
-                    size_t len) {
+                    const char *prefix, int64_t timeout_ms, int cuda_device, void **out,
+                    char *err, size_t len) {
   *out = nullptr;
   return guarded(err, len, [&] {
     // c10d logs each failure with a stack trace on stderr before throwing
@@ -121,14 +159,24 @@ int vggctl_dist_new(const char *host, int port, int rank, int world, int serve,
     opts.timeout = timeout;
     auto tcp = c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
     auto store = c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), tcp);
-    auto options = c10d::ProcessGroupGloo::Options::create(timeout);
-    options->devices = devices(host);
-    auto pg = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, options);
-    *out = new Group{tcp, pg};
+    auto pg = backend(store, std::string(host), rank, world, cuda_device, timeout);
+    *out = new Group{tcp, pg, cuda_device < 0};
   });
 }
 
-void vggctl_dist_free(void *g) { delete static_cast<Group *>(g); }
+// NCCL's group is shut down first (its communicators and watchdog), as
+// torch.distributed.destroy_process_group does; a failure there changes
+// nothing for a process that is ending its run.
+void vggctl_dist_free(void *p) {
+  auto *g = static_cast<Group *>(p);
+  if (!g->on_host) {
+    try {
+      g->pg->shutdown();
+    } catch (...) {
+    }
+  }
+  delete g;
+}
 
 // In place, on every rank: op 0 sum, 1 max, 2 min.
 int vggctl_dist_all_reduce(void *g, at::Tensor *t, int op, char *err, size_t len) {

@@ -17,6 +17,9 @@
 //! - a streamed image folder (pinned host batches, asynchronous copies)
 //!   trains on the GPU, and `eval` of its checkpoint streamed counts
 //!   exactly what it counts with the folder in memory;
+//! - a world of one under torchrun's variables with `--dist-backend nccl`
+//!   joins its group through NCCL, keeps the step in the CUDA graph, and
+//!   trains as a plain run does;
 //! - fp16 loss scaling on the device (CUDA's `_amp_update_scale_` and the
 //!   skip): an overflowing step leaves parameters and state bit for bit and
 //!   halves the scale, clean steps grow it, and the updates equal the CPU's.
@@ -35,6 +38,16 @@ use vggctl::train::state::EpochMetrics;
 const GPU: &str = "needs a CUDA GPU (scripts/gpu-check runs it)";
 
 fn train(out: &Path, epochs: u32, extra: &[&str]) -> Vec<EpochMetrics> {
+    train_with_env(out, epochs, extra, &[])
+}
+
+/// [`train`] with these environment variables (a launcher's).
+fn train_with_env(
+    out: &Path,
+    epochs: u32,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Vec<EpochMetrics> {
     let o = out.display().to_string();
     let e = epochs.to_string();
     let mut args = vec![
@@ -65,7 +78,14 @@ fn train(out: &Path, epochs: u32, extra: &[&str]) -> Vec<EpochMetrics> {
     ];
     args.extend_from_slice(extra);
     let dir = common::tempdir();
-    let r = common::run_in(dir.path(), &args);
+    let r = common::Run::from(
+        std::process::Command::new(common::bin())
+            .args(&args)
+            .current_dir(dir.path())
+            .envs(env.iter().copied())
+            .output()
+            .expect("running vggctl"),
+    );
     assert_eq!(r.code, 0, "{}", r.stderr);
     std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
@@ -396,4 +416,49 @@ fn a_streamed_folder_trains_on_the_gpu_and_evaluates_as_in_memory() {
         "streamed eval on the GPU: {} images, top-1 {}",
         streamed["images"], streamed["top1"]
     );
+}
+
+/// `WORLD_SIZE=1` under NCCL (what one lent GPU can run of the NCCL path):
+/// the rank joins a c10d group through ProcessGroupNCCL (the run's sums
+/// and maxima then go through NCCL on the GPU), the training step stays in
+/// the CUDA graph, and with `--deterministic` the run equals a plain one.
+#[test]
+#[ignore = "needs a CUDA GPU (scripts/gpu-check runs it)"]
+fn nccl_world_of_one_trains_as_one_process_in_the_graph() {
+    if !vggctl::dist::NCCL_BUILT {
+        panic!("this vggctl was built without NCCL (scripts/setup installs its headers)");
+    }
+    let tmp = common::tempdir();
+    let det = ["--precision", "fp32", "--deterministic", "--cuda-graphs"];
+    let started = std::time::Instant::now();
+    let plain = train(&tmp.path().join("plain"), 2, &det);
+    let plain_s = started.elapsed().as_secs_f64();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port()
+        .to_string();
+    let env = [
+        ("RANK", "0"),
+        ("WORLD_SIZE", "1"),
+        ("LOCAL_RANK", "0"),
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("MASTER_PORT", port.as_str()),
+    ];
+    let started = std::time::Instant::now();
+    let nccl = train_with_env(
+        &tmp.path().join("nccl"),
+        2,
+        &[&det[..], &["--dist-backend", "nccl"]].concat(),
+        &env,
+    );
+    println!(
+        "plain {plain_s:.1} s, NCCL world of one {:.1} s (whole runs, start-up included)",
+        started.elapsed().as_secs_f64()
+    );
+    for (p, n) in plain.iter().zip(&nccl) {
+        assert!(n.ran_as.ends_with("CUDA graph"), "{}", n.ran_as);
+        assert_eq!(n.profile.as_ref().unwrap().graphed_steps, 10);
+        assert_eq!((p.train_loss, p.test_loss), (n.train_loss, n.test_loss));
+    }
 }

@@ -221,6 +221,16 @@ def test_bad_launches_fail_with_one_line_and_no_hang(tmp_path):
         "or set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT"]
     assert not (tmp_path / "a").exists()
 
+    # NCCL asked for on a CPU: refused before anything joins.
+    out = subprocess.run([BIN, *TRAIN, "--dist-backend", "nccl", "--out", str(tmp_path / "n")],
+                         env=rank_env(1, free_port()), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() in (
+        ["vggctl: error: --dist-backend nccl needs a CUDA device; use --dist-backend gloo on a CPU"],
+        ["vggctl: error: --dist-backend nccl: this vggctl is built without NCCL; use --dist-backend gloo"],
+    ), out.stderr
+    assert not (tmp_path / "n").exists()
+
     # A store nobody serves: rank 1 gives up after --dist-timeout.
     start = time.monotonic()
     out = subprocess.run([BIN, *TRAIN, "--dist-timeout", "3", "--out", str(tmp_path / "b")],

@@ -76,8 +76,9 @@ pub fn run(args: Args) -> Result<()> {
         return Err(usage(format!("--limit-test {n} must be at least 1")));
     }
     // Under torchrun, each rank evaluates its part and rank 0 reports the sums.
-    let world = args.dist.world()?;
-    let device = DistOpts::rank_device(args.model.device()?, &world);
+    let device = args.model.device()?;
+    let world = args.dist.world(device)?;
+    let device = DistOpts::rank_device(device, &world);
     let file = read_model_file(&args.checkpoint)?;
     let spec = match &file.meta {
         Some(meta) => meta.spec(),

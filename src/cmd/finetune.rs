@@ -44,8 +44,9 @@ pub fn run(args: Args) -> Result<()> {
     if let Some(n) = h.dist.nproc_per_node {
         return run_local_ranks(n);
     }
-    let world = h.dist.world()?;
-    let device = DistOpts::rank_device(args.model.device()?, &world);
+    let device = args.model.device()?;
+    let world = h.dist.world(device)?;
+    let device = DistOpts::rank_device(device, &world);
     let start = h.start()?;
     if let Start::Resume(path) = &start {
         return resume(path, h, &args.data, device, args.model.json, &world, None);

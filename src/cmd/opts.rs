@@ -131,7 +131,7 @@ impl ModelOpts {
 #[command(next_help_heading = "Data-parallel")]
 pub struct DistOpts {
     /// Data-parallel runs: the collective backend (PyTorch's c10d).
-    #[arg(long, value_parser = choice::<Backend>(), default_value = "gloo")]
+    #[arg(long, value_parser = choice::<Backend>(), default_value = "auto")]
     pub dist_backend: Backend,
     /// Data-parallel runs: seconds a rank waits for the others (to join, and
     /// in every collective) before it fails naming the rank it lost.
@@ -144,9 +144,9 @@ pub struct DistOpts {
 }
 
 impl DistOpts {
-    /// The world the launcher's environment describes (joined), or a world
-    /// of one without a launcher.
-    pub fn world(&self) -> Result<World> {
+    /// The world the launcher's environment describes (joined, with the
+    /// backend for `device`), or a world of one without a launcher.
+    pub fn world(&self, device: Device) -> Result<World> {
         if self.dist_timeout == 0 {
             return Err(usage("--dist-timeout must be at least 1 second"));
         }
@@ -154,7 +154,7 @@ impl DistOpts {
             None => Ok(World::single()),
             Some(l) => World::join(
                 &l,
-                self.dist_backend,
+                self.dist_backend.resolve(device).map_err(as_usage)?,
                 std::time::Duration::from_secs(self.dist_timeout),
             ),
         }

@@ -20,6 +20,7 @@ unsafe extern "C" {
         serve: c_int,
         prefix: *const c_char,
         timeout_ms: i64,
+        cuda_device: c_int,
         out: *mut *mut c_void,
         err: *mut c_char,
         len: usize,
@@ -69,6 +70,8 @@ pub struct Rendezvous<'a> {
     pub prefix: &'a str,
     /// Bound on every wait: the rendezvous and each collective.
     pub timeout: Duration,
+    /// NCCL on this GPU; Gloo when None.
+    pub nccl_device: Option<usize>,
 }
 
 /// A joined c10d process group with the Gloo backend.
@@ -91,6 +94,7 @@ impl ProcessGroup {
                 c_int::from(r.serve),
                 prefix.as_ptr(),
                 ms,
+                r.nccl_device.map_or(-1, |d| d as c_int),
                 &mut g,
                 err,
                 len,
