@@ -76,9 +76,7 @@ pub fn run(args: Args) -> Result<()> {
         return Err(usage(format!("--limit-test {n} must be at least 1")));
     }
     // Under torchrun, each rank evaluates its part and rank 0 reports the sums.
-    let device = args.model.device()?;
-    let world = args.dist.world(device)?;
-    let device = DistOpts::rank_device(device, &world);
+    let (world, device) = args.dist.join(args.model.device()?)?;
     let file = read_model_file(&args.checkpoint)?;
     let spec = match &file.meta {
         Some(meta) => meta.spec(),

@@ -10,7 +10,7 @@ use vggctl::model::{Head, SpecRequest, check_input};
 
 use super::data_opts::DataOpts;
 use super::launch::run_local_ranks;
-use super::opts::{DistOpts, ModelOpts};
+use super::opts::ModelOpts;
 use super::output::{as_usage, usage};
 use super::training::{HyperOpts, Start, execute, resume};
 
@@ -44,9 +44,7 @@ pub fn run(args: Args) -> Result<()> {
     if let Some(n) = h.dist.nproc_per_node {
         return run_local_ranks(n);
     }
-    let device = args.model.device()?;
-    let world = h.dist.world(device)?;
-    let device = DistOpts::rank_device(device, &world);
+    let (world, device) = h.dist.join(args.model.device()?)?;
     let start = h.start()?;
     if let Start::Resume(path) = &start {
         return resume(path, h, &args.data, device, args.model.json, &world, None);

@@ -160,13 +160,16 @@ impl DistOpts {
         }
     }
 
-    /// `device` for this rank: its own GPU (cuda:LOCAL_RANK) when the
-    /// device is CUDA and the world has several ranks.
-    pub fn rank_device(device: Device, world: &World) -> Device {
-        match device {
+    /// [`DistOpts::world`] for a run on `device`, and the device this rank
+    /// runs on: its own GPU (cuda:LOCAL_RANK) when the device is CUDA and
+    /// the world has several ranks.
+    pub fn join(&self, device: Device) -> Result<(World, Device)> {
+        let world = self.world(device)?;
+        let device = match device {
             Device::Cuda(_) if world.size > 1 => Device::Cuda(world.local_rank),
             d => d,
-        }
+        };
+        Ok((world, device))
     }
 }
 

@@ -155,7 +155,7 @@ impl Observer for EpochBars {
             // minutes of silence do not look like a hang.
             self.last_line = Instant::now();
             self.last_line_step = step;
-            super::say(&format!(
+            super::output::say(&format!(
                 "  epoch {}/{} step {step}/{}  {figures}  ETA {}",
                 self.epoch,
                 self.epochs,
@@ -184,7 +184,7 @@ impl Observer for EpochBars {
             bar.finish_and_clear();
         }
         if !self.quiet {
-            super::say(&format!(
+            super::output::say(&format!(
                 "epoch {:>3}  lr {:.5}  train loss {:.4} acc {:.2}%  val loss {:.4} top-1 {:.2}% top-5 {:.2}%{}  {:.0} img/s  {:.1}s",
                 m.epoch,
                 m.lr,
@@ -222,7 +222,7 @@ impl Observer for EpochBars {
                 if let Some(b) = m.peak_gpu_bytes {
                     line += &format!("; peak GPU memory {:.0} MiB", b as f64 / (1024.0 * 1024.0));
                 }
-                super::say(&line);
+                super::output::say(&line);
             }
         }
     }
@@ -262,7 +262,7 @@ pub fn print_header(trainer: &Trainer, dataset: &vggctl::data::Dataset, world: &
         // Steps per epoch as each rank takes them (DistributedSampler's split).
         let per_rank = (dataset.train.len() as usize).div_ceil(world.size);
         let steps = per_rank.div_ceil(c.batch_size as usize);
-        super::say(&format!(
+        super::output::say(&format!(
             "resuming {} at epoch {}/{}, step {}/{steps}{}",
             c.out.display(),
             st.epoch + 1,
@@ -292,7 +292,7 @@ pub fn print_header(trainer: &Trainer, dataset: &vggctl::data::Dataset, world: &
             c.batch_size * n as i64
         ),
     };
-    super::say(&format!(
+    super::output::say(&format!(
         "training {} ({} head, {} classes, {} trainable parameters) on {} ({} train / {} val images, {}x{}) on {} ({}), {} epoch{}{}, {batch}, writing {}",
         c.model.model_name(),
         c.model.head.name(),

@@ -9,7 +9,7 @@ use vggctl::model::{Head, ModelSpec, Vgg};
 
 use super::data_opts::DataOpts;
 use super::launch::run_local_ranks;
-use super::opts::{DistOpts, ModelOpts};
+use super::opts::ModelOpts;
 use super::output::usage;
 use super::recipe::imagenet_recipe;
 use super::training::{HyperOpts, Start, execute, resume};
@@ -34,9 +34,7 @@ pub fn run(args: Args) -> Result<()> {
     if let Some(n) = h.dist.nproc_per_node {
         return run_local_ranks(n);
     }
-    let device = args.model.device()?;
-    let world = h.dist.world(device)?;
-    let device = DistOpts::rank_device(device, &world);
+    let (world, device) = h.dist.join(args.model.device()?)?;
     let start = h.start()?;
     if let Start::Resume(path) = &start {
         if args.initial_checkpoint.is_some() {
