@@ -19,6 +19,7 @@ use tch::{Kind, Tensor};
 
 use super::augment::{canvas_width, pack_canvas};
 use super::image::{resized_window, shorter_size};
+use super::resize::Resize;
 use super::stream::{Item, Streamed};
 use super::{Dataset, Images, Split};
 use crate::formats::safetensors::{read_safetensors, write_safetensors};
@@ -112,14 +113,10 @@ pub fn decode_canvas(path: &Path, side: i64) -> Result<(Vec<u8>, [i64; 3])> {
     let img = super::image::decode_rgb(path)?;
     let (w, h) = (img.width() as usize, img.height() as usize);
     let (nh, nw) = shorter_size(h as i64, w as i64, side);
-    let out = (nh as usize, nw as usize);
     let resized = resized_window(
         img.as_raw(),
         w,
-        (0, 0, h, w),
-        out,
-        (0, 0, out.0, out.1),
-        false,
+        &Resize::whole((h, w), (nh as usize, nw as usize)),
     );
     let (canvas, layout) = pack_canvas(&resized);
     Ok((Vec::<u8>::try_from(canvas.view([-1]))?, layout))

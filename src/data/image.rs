@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use tch::Tensor;
 use zune_core::bytestream::ZCursor;
 
-use super::resize::{Window, resize_window};
+use super::resize::{Resize, resize_window};
 
 /// The largest image file read.
 const MAX_IMAGE_FILE: u64 = 1 << 30;
@@ -164,16 +164,9 @@ fn interleaved(img: &Tensor) -> (Vec<u8>, usize, usize) {
 }
 
 /// `resize::resize_window` as a `3 x h x w` uint8 tensor (`keep`'s size).
-pub fn resized_window(
-    rgb: &[u8],
-    width: usize,
-    src: Window,
-    out: (usize, usize),
-    keep: Window,
-    flip: bool,
-) -> Tensor {
-    let px = resize_window(rgb, width, src, out, keep, flip);
-    Tensor::from_slice(&px).view([3, keep.2 as i64, keep.3 as i64])
+pub fn resized_window(rgb: &[u8], width: usize, r: &Resize) -> Tensor {
+    let px = resize_window(rgb, width, r);
+    Tensor::from_slice(&px).view([3, r.keep.2 as i64, r.keep.3 as i64])
 }
 
 /// Bilinear resize with antialiasing of a uint8 `3 x H x W` image, rounded
@@ -181,8 +174,7 @@ pub fn resized_window(
 /// tensor (its float path, bit for bit: see `resize`).
 pub fn resize_u8(img: &Tensor, h: i64, w: i64) -> Tensor {
     let (rgb, ih, iw) = interleaved(img);
-    let out = (h as usize, w as usize);
-    resized_window(&rgb, iw, (0, 0, ih, iw), out, (0, 0, out.0, out.1), false)
+    resized_window(&rgb, iw, &Resize::whole((ih, iw), (h as usize, w as usize)))
 }
 
 /// The size torchvision's `Resize(short)` gives an image of `h` x `w`: the
@@ -222,17 +214,11 @@ pub fn eval_transform(img: &Tensor, resize: Option<i64>, size: i64) -> Tensor {
 /// shorter than the crop (which checkpoints' metadata never has) crops
 /// the whole resized image.
 pub fn eval_crop(rgb: &[u8], (h, w): (usize, usize), resize: Option<i64>, size: i64) -> Tensor {
-    let (out, keep) = eval_window((h, w), resize, size);
-    resized_window(rgb, w, (0, 0, h, w), out, keep, false)
+    resized_window(rgb, w, &eval_window((h, w), resize, size))
 }
 
-/// Where [`eval_crop`] resizes an image of `(height, width)` to, and the
-/// window of that it keeps.
-pub fn eval_window(
-    (h, w): (usize, usize),
-    resize: Option<i64>,
-    size: i64,
-) -> ((usize, usize), Window) {
+/// The resize [`eval_crop`] makes of an image of `(height, width)`.
+pub fn eval_window((h, w): (usize, usize), resize: Option<i64>, size: i64) -> Resize {
     let (nh, nw) = match resize {
         Some(short) => shorter_size(h as i64, w as i64, short),
         None => (size, size),
@@ -244,7 +230,10 @@ pub fn eval_window(
         kh as usize,
         kw as usize,
     );
-    ((nh as usize, nw as usize), keep)
+    Resize {
+        keep,
+        ..Resize::whole((h, w), (nh as usize, nw as usize))
+    }
 }
 
 thread_local! {

@@ -13,7 +13,7 @@ use super::folder::{
 };
 use super::image::shorter_size;
 use super::prepared::{END, Entry, Index, MAGIC, MAX_IMAGE_BYTES, Prepared};
-use super::resize::resize_window;
+use super::resize::{Resize, resize_window};
 use super::stream::{Item, Streamed};
 use super::{Dataset, Images};
 
@@ -46,14 +46,7 @@ fn shrink(img: &image::RgbImage, short: i64) -> Result<image::RgbImage> {
     let (h, w) = (img.height() as usize, img.width() as usize);
     let (nh, nw) = shorter_size(h as i64, w as i64, short);
     let (nh, nw) = (nh as usize, nw as usize);
-    let planes = resize_window(
-        img.as_raw(),
-        w,
-        (0, 0, h, w),
-        (nh, nw),
-        (0, 0, nh, nw),
-        false,
-    );
+    let planes = resize_window(img.as_raw(), w, &Resize::whole((h, w), (nh, nw)));
     let plane = nh * nw;
     let mut px = vec![0u8; 3 * plane];
     for (i, p) in px.chunks_exact_mut(3).enumerate() {

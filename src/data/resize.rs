@@ -69,34 +69,51 @@ const PAD: usize = 8;
 /// An image's window in pixels: top, left, height, width.
 pub type Window = (usize, usize, usize, usize);
 
-/// The window `src` of `rgb` (interleaved, `width` pixels a row) resized
-/// to `out` (height, width) and rounded to uint8, of which only the window
-/// `keep` of the output is computed (a centre crop after the resize costs
-/// no more than the crop), as a `3 x h x w` (CHW) buffer of `keep`'s size;
-/// mirrored left-right when `flip`.
-pub fn resize_window(
-    rgb: &[u8],
-    width: usize,
-    src: Window,
-    out: (usize, usize),
-    keep: Window,
-    flip: bool,
-) -> Vec<u8> {
-    let mut planes = vec![0u8; 3 * keep.2 * keep.3];
-    resize_window_into(rgb, width, src, out, keep, flip, &mut planes);
+/// One resize: the window `src` of an image to `out` (height, width), of
+/// which only the window `keep` of the output is computed (a centre crop
+/// after the resize costs no more than the crop), mirrored left-right when
+/// `flip`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Resize {
+    pub src: Window,
+    pub out: (usize, usize),
+    pub keep: Window,
+    pub flip: bool,
+}
+
+impl Resize {
+    /// A whole image of `(height, width)` to `out`, all of it kept.
+    pub fn whole((h, w): (usize, usize), out: (usize, usize)) -> Resize {
+        Resize {
+            src: (0, 0, h, w),
+            out,
+            keep: (0, 0, out.0, out.1),
+            flip: false,
+        }
+    }
+
+    /// The bytes of its `3 x h x w` result (`keep`'s size).
+    pub fn bytes(&self) -> usize {
+        3 * self.keep.2 * self.keep.3
+    }
+}
+
+/// `r` of `rgb` (interleaved, `width` pixels a row), rounded to uint8, as a
+/// `3 x h x w` (CHW) buffer of `keep`'s size.
+pub fn resize_window(rgb: &[u8], width: usize, r: &Resize) -> Vec<u8> {
+    let mut planes = vec![0u8; r.bytes()];
+    resize_window_into(rgb, width, r, &mut planes);
     planes
 }
 
-/// [`resize_window`] into `planes` (`3 x h x w` of `keep`'s size).
-pub fn resize_window_into(
-    rgb: &[u8],
-    width: usize,
-    src: Window,
-    out: (usize, usize),
-    keep: Window,
-    flip: bool,
-    planes: &mut [u8],
-) {
+/// [`resize_window`] into `planes` ([`Resize::bytes`] of them).
+pub fn resize_window_into(rgb: &[u8], width: usize, r: &Resize, planes: &mut [u8]) {
+    let Resize {
+        src,
+        out,
+        keep,
+        flip,
+    } = *r;
     let (top, left, h, w) = src;
     let (ky, kx, kh, kw) = keep;
     let cols = (w != out.1).then(|| taps(w, out.1));
@@ -305,8 +322,13 @@ mod tests {
             let rgb = Vec::<u8>::try_from(img.view([-1])).unwrap();
             for flip in [false, true] {
                 let whole = (0, 0, oh, ow);
-                let ours =
-                    resize_window(&rgb, ww as usize, (top, left, h, w), (oh, ow), whole, flip);
+                let r = Resize {
+                    src: (top, left, h, w),
+                    out: (oh, ow),
+                    keep: whole,
+                    flip,
+                };
+                let ours = resize_window(&rgb, ww as usize, &r);
                 let window = img
                     .permute([2, 0, 1])
                     .narrow(1, top as i64, h as i64)
@@ -326,14 +348,8 @@ mod tests {
                 // A kept window of the output is that window of the whole.
                 let (ky, kx) = (oh / 3, ow / 5);
                 let (kh, kw) = (oh - ky - 1, ow / 2);
-                let part = resize_window(
-                    &rgb,
-                    ww as usize,
-                    (top, left, h, w),
-                    (oh, ow),
-                    (ky, kx, kh, kw),
-                    flip,
-                );
+                let keep = (ky, kx, kh, kw);
+                let part = resize_window(&rgb, ww as usize, &Resize { keep, ..r });
                 let fx = if flip { ow - kx - kw } else { kx };
                 let expected = theirs
                     .narrow(1, ky as i64, kh as i64)

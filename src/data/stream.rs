@@ -21,7 +21,7 @@ use super::Split;
 use super::augment::Transform;
 use super::image::{decode_sized, eval_window, recycle};
 use super::prepared::{Entry, Prepared};
-use super::resize::resize_window_into;
+use super::resize::{Resize, resize_window_into};
 use super::resized_crop::{ImageDraws, crop_box};
 
 /// Batches prepared ahead of the one in use.
@@ -141,33 +141,37 @@ impl Streamed {
         draws: Option<&ImageDraws>,
         planes: &mut [u8],
     ) -> Result<(), Missing> {
-        let (img, (src, out, keep, flip)) = match (transform, draws) {
+        let (img, resize) = match (transform, draws) {
             (Transform::Square | Transform::Eval { .. }, _) => {
                 let size = self.out_side(transform);
                 let (img, ()) = self.decode(i, |_, _| ())?;
                 let (h, w) = (img.height() as usize, img.width() as usize);
-                let (out, keep) = eval_window((h, w), Some(self.side), size);
-                if (keep.2 as i64, keep.3 as i64) != (size, size) {
+                let resize = eval_window((h, w), Some(self.side), size);
+                if (resize.keep.2 as i64, resize.keep.3 as i64) != (size, size) {
                     return Err(Missing::Damaged(anyhow!(
                         "a resize to {} is smaller than the crop {size}",
                         self.side
                     )));
                 }
-                (img, ((0, 0, h, w), out, keep, false))
+                (img, resize)
             }
             (Transform::Random { size }, Some(d)) => {
                 let (img, [top, left, h, w]) = self.decode(i, |h, w| crop_box(d, h, w))?;
                 let s = size as usize;
                 let src = [top, left, h, w].map(|v| v as usize);
-                let src = (src[0], src[1], src[2], src[3]);
-                (img, (src, (s, s), (0, 0, s, s), d.flip))
+                let resize = Resize {
+                    src: (src[0], src[1], src[2], src[3]),
+                    out: (s, s),
+                    keep: (0, 0, s, s),
+                    flip: d.flip,
+                };
+                (img, resize)
             }
             (Transform::Random { .. }, None) => {
                 return Err(Missing::Damaged(anyhow!("a random crop without its draws")));
             }
         };
-        let width = img.width() as usize;
-        resize_window_into(img.as_raw(), width, src, out, keep, flip, planes);
+        resize_window_into(img.as_raw(), img.width() as usize, &resize, planes);
         recycle(img);
         Ok(())
     }
