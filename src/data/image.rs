@@ -244,9 +244,13 @@ thread_local! {
 }
 
 /// `n` zero bytes for decoded pixels, in the thread's recycled buffer
-/// when there is one.
+/// when there is one and it is not far larger (one huge image must not
+/// keep its memory held by the thread).
 fn pixel_buffer(n: usize) -> Vec<u8> {
     let mut buffer = PIXELS.take();
+    if buffer.capacity() > 4 * n.max(1 << 20) {
+        buffer = Vec::new();
+    }
     buffer.clear();
     buffer.resize(n, 0);
     buffer
