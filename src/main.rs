@@ -14,9 +14,7 @@ use std::sync::Mutex;
 use clap::error::ErrorKind;
 
 fn main() -> ExitCode {
-    vggctl::data::stream::set_worker_setup(|| {
-        vggctl::shim::one_cpu_thread_here();
-    });
+    vggctl::data::stream::set_worker_setup(vggctl::shim::data_worker_setup);
     let cli = match cmd::parse() {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),

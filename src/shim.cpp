@@ -21,6 +21,7 @@
 #include <ATen/Parallel.h>
 
 #include <dlfcn.h>
+#include <malloc.h>
 #include <signal.h>
 #include <unistd.h>
 
@@ -122,6 +123,20 @@ int vggctl_one_cpu_thread_here() {
   if (set == nullptr) return 0;
   set(1);
   return at::get_num_threads() == 1;
+}
+
+// Blocks of `bytes` or more are mapped from the kernel and unmapped when
+// freed, whatever was freed before: glibc otherwise raises this threshold
+// to the largest block freed, after which batches of images (megabytes,
+// made by one thread and freed by another) come from the heaps, whose
+// peak then grows with the run. Returns 0 where malloc has no such setting.
+int vggctl_map_big_blocks(size_t bytes) {
+#if defined(__GLIBC__)
+  return mallopt(M_MMAP_THRESHOLD, static_cast<int>(bytes));
+#else
+  (void)bytes;
+  return 0;
+#endif
 }
 
 // A TorchScript module (tch's handle: a torch::jit::Module*) serialized into

@@ -23,6 +23,7 @@ unsafe extern "C" {
     fn vggctl_stop_signal() -> c_int;
     fn vggctl_send_signal(pid: c_int, sig: c_int) -> c_int;
     fn vggctl_one_cpu_thread_here() -> c_int;
+    fn vggctl_map_big_blocks(bytes: usize) -> c_int;
     fn vggctl_jit_save_bytes(
         module: *mut c_void,
         ctx: *mut c_void,
@@ -221,6 +222,26 @@ pub fn send_signal(pid: u32, sig: i32) {
 pub fn one_cpu_thread_here() -> bool {
     // SAFETY: sets a per-thread OpenMP setting; touches no memory of ours.
     unsafe { vggctl_one_cpu_thread_here() != 0 }
+}
+
+/// What each data-loading thread runs first: libtorch's CPU operators
+/// there use that thread alone ([`one_cpu_thread_here`]), and blocks of
+/// 4 MiB and more (a batch of 28 or more images of 224 x 224) are mapped
+/// on their own ([`map_big_blocks`]), so that a streamed run's peak memory
+/// stays flat.
+pub fn data_worker_setup() {
+    one_cpu_thread_here();
+    map_big_blocks(4 << 20);
+}
+
+/// Memory blocks of `bytes` or more are mapped from the kernel on their
+/// own and given back when freed (glibc's `M_MMAP_THRESHOLD`, fixed):
+/// batches of images, made by one thread and freed by another, then never
+/// pile up in malloc's heaps, whose peak would grow over a long run.
+/// False where malloc has no such setting.
+pub fn map_big_blocks(bytes: usize) -> bool {
+    // SAFETY: mallopt(3) changes a malloc setting; touches no memory of ours.
+    unsafe { vggctl_map_big_blocks(bytes) != 0 }
 }
 
 extern "C" fn append_bytes(ctx: *mut c_void, data: *const c_char, len: usize) {

@@ -62,9 +62,7 @@ fn split(data: PathBuf, workers: usize) -> Streamed {
 #[test]
 #[ignore = "a measurement for scripts/bench-data"]
 fn bench() {
-    vggctl::data::stream::set_worker_setup(|| {
-        vggctl::shim::one_cpu_thread_here();
-    });
+    vggctl::data::stream::set_worker_setup(vggctl::shim::data_worker_setup);
     let data = PathBuf::from(env("BENCH_DATA").expect("BENCH_DATA"));
     let mode = env("BENCH_MODE").unwrap_or_else(|| "train".into());
     let batch: i64 = env("BENCH_BATCH").map_or(256, |v| v.parse().unwrap());
@@ -87,7 +85,9 @@ fn bench() {
         images = pool.install(|| {
             s.items[..limit as usize]
                 .par_iter()
-                .filter(|it| vggctl::data::image::decode_sized(&it.path, |_, _| ()).is_ok())
+                .filter(|it| {
+                    vggctl::data::image::decode_sized(&it.path, |h, _| ((), h as usize)).is_ok()
+                })
                 .count() as i64
         });
     } else if mode == "train" {

@@ -102,7 +102,7 @@ fn read_prepared(path: &Path, _: &[u8]) -> Result<()> {
         .chain(store.index.val.iter().flatten());
     for e in entries.take(4) {
         let bytes = store.bytes(e)?;
-        store.image(e, bytes, path, |_, _| ())?;
+        store.image(e, bytes, path, |h, _| ((), h as usize))?;
     }
     Ok(())
 }

@@ -42,28 +42,41 @@ pub const MAX_IMAGE_PIXELS: u64 = 2 * 89_478_485;
 /// images too. Its size is read from the header first and refused beyond
 /// [`MAX_IMAGE_PIXELS`], before any pixel is decoded.
 pub fn decode_rgb(path: &Path) -> Result<image::RgbImage> {
-    Ok(decode_sized(path, |_, _| ())?.0)
+    Ok(decode_sized(path, |h, _| ((), h as usize))?.0)
 }
 
 /// [`decode_rgb`], calling `header(height, width)` with the header's size
-/// before decoding; returns the image and what `header` returned.
+/// before decoding; it returns a value and how many rows from the top are
+/// needed (see [`decode_rows`]). Returns the image and that value.
 pub fn decode_sized<T>(
+    path: &Path,
+    header: impl FnOnce(i64, i64) -> (T, usize),
+) -> Result<(image::RgbImage, T)> {
+    let bytes = crate::fsutil::read_regular(path, "an image", MAX_IMAGE_FILE)?;
+    decode_rows(&bytes, path, header)
+}
+
+/// [`decode_rows`] of a whole image: `header(height, width)` gives a value.
+pub fn decode_bytes<T>(
+    bytes: &[u8],
     path: &Path,
     header: impl FnOnce(i64, i64) -> T,
 ) -> Result<(image::RgbImage, T)> {
-    let bytes = crate::fsutil::read_regular(path, "an image", MAX_IMAGE_FILE)?;
-    decode_bytes(&bytes, path, header)
+    decode_rows(bytes, path, |h, w| (header(h, w), h as usize))
 }
 
 /// [`decode_sized`] of an image file's bytes (`path` names it in messages).
 /// A colour (YCbCr or RGB) JPEG, nearly every photograph, is decoded by
 /// zune-jpeg directly, with the options the `image` crate gives it, so the
 /// pixels are the same without its copy of the file and second reading of
-/// the header; anything else goes through `image`.
-pub fn decode_bytes<T>(
+/// the header; anything else goes through `image`. The image may stop
+/// after the rows `header` says are needed (a crop's last row and a
+/// little more): a sequential JPEG is decoded only that far, with the same
+/// pixels in those rows.
+pub fn decode_rows<T>(
     bytes: &[u8],
     path: &Path,
-    header: impl FnOnce(i64, i64) -> T,
+    header: impl FnOnce(i64, i64) -> (T, usize),
 ) -> Result<(image::RgbImage, T)> {
     if !bytes.starts_with(&[0xFF, 0xD8]) {
         return decode_any(bytes, path, header);
@@ -92,16 +105,79 @@ pub fn decode_bytes<T>(
         jpeg.input_colorspace(),
         Some(ColorSpace::YCbCr | ColorSpace::RGB)
     );
-    let (Some((w, h)), true) = (jpeg.dimensions(), colour) else {
+    let (Some((w, h0)), true) = (jpeg.dimensions(), colour) else {
         return decode_any(bytes, path, header);
     };
-    check_pixels(w as u64, h as u64, path)?;
-    let told = header(h as i64, w as i64);
-    let mut rgb = pixel_buffer(jpeg.output_buffer_size().unwrap_or(0));
+    check_pixels(w as u64, h0 as u64, path)?;
+    let (told, rows) = header(h0 as i64, w as i64);
+    let cut = shortened(bytes, h0, rows);
+    let mut h = h0;
+    if let Some((shorter, rows)) = &cut {
+        jpeg = zune_jpeg::JpegDecoder::new_with_options(ZCursor::new(&shorter[..]), options);
+        jpeg.decode_headers().map_err(unreadable)?;
+        h = *rows;
+    }
+    let mut rgb = pixel_buffer(jpeg.output_buffer_size().unwrap_or(0), 3 * w * h0);
     jpeg.decode_into(&mut rgb).map_err(unreadable)?;
     let img = image::RgbImage::from_raw(w as u32, h as u32, rgb)
         .with_context(|| format!("{}: decoded to the wrong size", path.display()))?;
     Ok((img, told))
+}
+
+/// A copy of a JPEG of `height` rows that says it has fewer, at least
+/// `rows` and one MCU row more (whose chroma the rows above it are
+/// upsampled with), and that number: when its header allows (a sequential
+/// JPEG with every component in its one scan, whose data is MCU rows in
+/// order, so that a decoder stops after the first ones) and it saves rows.
+fn shortened(bytes: &[u8], height: usize, rows: usize) -> Option<(Vec<u8>, usize)> {
+    let (at, mcu) = sequential_rows(bytes)?;
+    let cut = (rows.div_ceil(mcu) + 1) * mcu;
+    if cut >= height || usize::from(u16::from_be_bytes([bytes[at], bytes[at + 1]])) != height {
+        return None;
+    }
+    let mut shorter = bytes.to_vec();
+    shorter[at..at + 2].copy_from_slice(&(cut as u16).to_be_bytes());
+    Some((shorter, cut))
+}
+
+/// Where a sequential (baseline or extended Huffman) JPEG whose first
+/// scan holds all its components keeps its height (the offset of the
+/// frame header's two height bytes), and its MCU's height in rows; None
+/// for any other JPEG (progressive, lossless, arithmetic-coded, one scan
+/// per component) or a malformed header.
+fn sequential_rows(bytes: &[u8]) -> Option<(usize, usize)> {
+    let mut i = 2;
+    let mut frame = None;
+    while i + 4 <= bytes.len() {
+        if bytes[i] != 0xFF {
+            return None;
+        }
+        let marker = bytes[i + 1];
+        if matches!(marker, 0xFF | 0x01 | 0xD0..=0xD7) {
+            i += if marker == 0xFF { 1 } else { 2 };
+            continue;
+        }
+        let len = usize::from(u16::from_be_bytes([bytes[i + 2], bytes[i + 3]]));
+        let segment = bytes.get(i + 4..i + 2 + len)?;
+        match marker {
+            0xC0 | 0xC1 => {
+                // Precision, height, width, components (id, sampling, table).
+                let n = usize::from(*segment.get(5)?);
+                let tallest = (0..n)
+                    .map(|c| segment.get(7 + 3 * c).map(|s| usize::from(s & 0x0F)))
+                    .try_fold(0, |m, v| Some(m.max(v?)))?;
+                frame = Some((i + 5, 8 * tallest.clamp(1, 4), n));
+            }
+            0xC2 | 0xC3 | 0xC5..=0xC7 | 0xC9..=0xCB | 0xCD..=0xCF => return None,
+            0xDA => {
+                let (at, mcu, n) = frame?;
+                return (usize::from(*segment.first()?) == n).then_some((at, mcu));
+            }
+            _ => {}
+        }
+        i += 2 + len;
+    }
+    None
 }
 
 /// Refuses an image of more than [`MAX_IMAGE_PIXELS`] from its header.
@@ -119,7 +195,7 @@ fn check_pixels(w: u64, h: u64, path: &Path) -> Result<()> {
 fn decode_any<T>(
     bytes: &[u8],
     path: &Path,
-    header: impl FnOnce(i64, i64) -> T,
+    header: impl FnOnce(i64, i64) -> (T, usize),
 ) -> Result<(image::RgbImage, T)> {
     let reader = || {
         image::ImageReader::new(std::io::Cursor::new(bytes))
@@ -130,7 +206,7 @@ fn decode_any<T>(
         .into_dimensions()
         .with_context(|| format!("{}: not a readable JPEG or PNG image", path.display()))?;
     check_pixels(w as u64, h as u64, path)?;
-    let told = header(h as i64, w as i64);
+    let (told, _) = header(h as i64, w as i64);
     let mut reader = reader()?;
     reader.no_limits();
     let img = reader
@@ -245,13 +321,16 @@ thread_local! {
 
 /// `n` zero bytes for decoded pixels, in the thread's recycled buffer
 /// when there is one and it is not far larger (one huge image must not
-/// keep its memory held by the thread).
-fn pixel_buffer(n: usize) -> Vec<u8> {
+/// keep its memory held by the thread). A buffer that must grow takes
+/// `whole` (the whole image's bytes), so that images of one size cut at
+/// different rows keep reusing it.
+fn pixel_buffer(n: usize, whole: usize) -> Vec<u8> {
     let mut buffer = PIXELS.take();
     if buffer.capacity() > 4 * n.max(1 << 20) {
         buffer = Vec::new();
     }
     buffer.clear();
+    buffer.reserve_exact(whole.max(n));
     buffer.resize(n, 0);
     buffer
 }
@@ -316,9 +395,54 @@ mod tests {
         assert!(jpegs.len() >= 3, "the fixture's JPEGs");
         for bytes in jpegs {
             let ours = decode_bytes(bytes, &path, |h, w| (h, w)).unwrap();
-            let theirs = decode_any(bytes, &path, |h, w| (h, w)).unwrap();
+            let theirs = decode_any(bytes, &path, |h, w| ((h, w), h as usize)).unwrap();
             assert_eq!(ours.1, theirs.1);
             assert!(ours.0 == theirs.0, "pixels differ");
         }
+    }
+
+    /// A JPEG decoded only as far as a crop needs has the whole decode's
+    /// pixels in the rows asked for (the fixture's real 4:2:0 photos and a
+    /// 4:4:4 one, cut at every MCU row), and stops early; a progressive
+    /// JPEG's header is not cut.
+    #[test]
+    fn jpegs_cut_short_keep_their_rows() {
+        let photos = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/photos");
+        let mut files = vec![];
+        for class in std::fs::read_dir(photos).unwrap() {
+            for f in std::fs::read_dir(class.unwrap().path()).unwrap() {
+                let bytes = std::fs::read(f.unwrap().path()).unwrap();
+                if bytes.starts_with(&[0xFF, 0xD8]) && jpeg_is_complete(&bytes) {
+                    files.push(bytes);
+                }
+            }
+        }
+        let img = image::RgbImage::from_fn(61, 90, |x, y| image::Rgb([x as u8 * 4, y as u8, 7]));
+        let mut small = vec![];
+        image::codecs::jpeg::JpegEncoder::new(&mut small)
+            .encode_image(&img)
+            .unwrap();
+        files.push(small);
+        let path = Path::new("a.jpg");
+        let mut cut = 0;
+        for bytes in &files {
+            let whole = decode_bytes(bytes, path, |_, _| ()).unwrap().0;
+            let row = 3 * whole.width() as usize;
+            for rows in (1..whole.height() as usize).step_by(7) {
+                let part = decode_rows(bytes, path, |_, _| ((), rows)).unwrap().0;
+                assert!(part.height() as usize >= rows);
+                assert!(whole.as_raw()[..rows * row] == part.as_raw()[..rows * row]);
+                cut += usize::from(part.height() < whole.height());
+            }
+        }
+        assert!(cut > 20, "{cut} decodes were cut short");
+        let mut progressive = files[0].clone();
+        let at = progressive
+            .windows(2)
+            .position(|w| w == [0xFF, 0xC0])
+            .unwrap();
+        assert!(sequential_rows(&progressive).is_some());
+        progressive[at + 1] = 0xC2;
+        assert!(sequential_rows(&progressive).is_none());
     }
 }

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
-use super::image::{MAX_IMAGE_PIXELS, decode_bytes};
+use super::image::{MAX_IMAGE_PIXELS, decode_rows};
 
 pub const MAGIC: &[u8; 16] = b"VGGCTL-PREPARED1";
 pub const END: &[u8; 8] = b"VGGCTLPX";
@@ -130,24 +130,25 @@ impl Prepared {
     }
 
     /// The image of entry `e` from its checked bytes: decoded (calling
-    /// `header(height, width)` first), or as stored when raw. `name` names
+    /// `header(height, width)` first, which gives a value and the rows
+    /// needed, as for `decode_rows`), or as stored when raw. `name` names
     /// it in messages.
     pub fn image<T>(
         &self,
         e: &Entry,
         bytes: Vec<u8>,
         name: &Path,
-        header: impl FnOnce(i64, i64) -> T,
+        header: impl FnOnce(i64, i64) -> (T, usize),
     ) -> Result<(image::RgbImage, T)> {
         match e.raw {
             Some([h, w]) => {
-                let told = header(h as i64, w as i64);
+                let (told, _) = header(h as i64, w as i64);
                 let img = image::RgbImage::from_raw(w, h, bytes).with_context(|| {
                     format!("{}: a raw image of the wrong size", name.display())
                 })?;
                 Ok((img, told))
             }
-            None => decode_bytes(&bytes, name, header),
+            None => decode_rows(&bytes, name, header),
         }
     }
 

@@ -92,9 +92,32 @@ impl Resize {
         }
     }
 
+    /// How many of the image's rows from the top it reads: the end of
+    /// what its kept rows read in the window.
+    pub fn rows_read(&self) -> usize {
+        let (top, _, h, _) = self.src;
+        let down = (h != self.out.0).then(|| taps(h, self.out.0));
+        top + rows_read(down.as_ref(), self.keep.0, self.keep.2).1
+    }
+
     /// The bytes of its `3 x h x w` result (`keep`'s size).
     pub fn bytes(&self) -> usize {
         3 * self.keep.2 * self.keep.3
+    }
+}
+
+/// The window's rows (from its top, end exclusive) that the kept output
+/// rows `ky..ky + kh` read, with `down` the rows' taps (None: not resized).
+fn rows_read(down: Option<&Taps>, ky: usize, kh: usize) -> (usize, usize) {
+    match down {
+        None => (ky, ky + kh),
+        Some(t) => (
+            t.first[ky],
+            (ky..ky + kh)
+                .map(|y| t.first[y] + t.count[y])
+                .max()
+                .unwrap_or(0),
+        ),
     }
 }
 
@@ -118,17 +141,7 @@ pub fn resize_window_into(rgb: &[u8], width: usize, r: &Resize, planes: &mut [u8
     let (ky, kx, kh, kw) = keep;
     let cols = (w != out.1).then(|| taps(w, out.1));
     let down = (h != out.0).then(|| taps(h, out.0));
-    // The input rows the kept output rows read.
-    let (y_from, y_to) = match &down {
-        None => (ky, ky + kh),
-        Some(t) => (
-            t.first[ky],
-            (ky..ky + kh)
-                .map(|y| t.first[y] + t.count[y])
-                .max()
-                .unwrap_or(0),
-        ),
-    };
+    let (y_from, y_to) = rows_read(down.as_ref(), ky, kh);
     // Pixels as four floats (R, G, B and an unused lane), so that a
     // pixel's three sums are one vector operation; each lane's sum keeps
     // libtorch's order.

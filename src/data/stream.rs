@@ -27,9 +27,9 @@ use super::resized_crop::{ImageDraws, crop_box};
 /// Batches prepared ahead of the one in use.
 pub const AHEAD: usize = 3;
 
-/// What each decoding thread runs first: the binary has libtorch's CPU
-/// operators there use that thread alone (`shim::one_cpu_thread_here`),
-/// not a team of all cores per worker.
+/// What each decoding thread runs first: the binary's is
+/// `shim::data_worker_setup` (libtorch's CPU operators there use that
+/// thread alone, and batches are kept out of malloc's heaps).
 static WORKER_SETUP: OnceLock<fn()> = OnceLock::new();
 
 /// Sets what each decoding thread runs first (once per process).
@@ -114,12 +114,17 @@ impl Streamed {
         }
     }
 
-    /// Decodes item `i`, calling `header(height, width)` first.
-    fn decode<T>(
+    /// Decodes item `i` as far as the resize `header(height, width)`
+    /// gives (called first) reads; returns the image and the resize.
+    fn decode(
         &self,
         i: usize,
-        header: impl FnOnce(i64, i64) -> T,
-    ) -> Result<(image::RgbImage, T), Missing> {
+        header: impl FnOnce(i64, i64) -> Resize,
+    ) -> Result<(image::RgbImage, Resize), Missing> {
+        let header = |h, w| {
+            let r = header(h, w);
+            (r, r.rows_read())
+        };
         let item = &self.items[i];
         match (&self.store, &item.stored) {
             (Some(store), Some(e)) => {
@@ -144,9 +149,8 @@ impl Streamed {
         let (img, resize) = match (transform, draws) {
             (Transform::Square | Transform::Eval { .. }, _) => {
                 let size = self.out_side(transform);
-                let (img, ()) = self.decode(i, |_, _| ())?;
-                let (h, w) = (img.height() as usize, img.width() as usize);
-                let resize = eval_window((h, w), Some(self.side), size);
+                let window = |h, w| eval_window((h as usize, w as usize), Some(self.side), size);
+                let (img, resize) = self.decode(i, window)?;
                 if (resize.keep.2 as i64, resize.keep.3 as i64) != (size, size) {
                     return Err(Missing::Damaged(anyhow!(
                         "a resize to {} is smaller than the crop {size}",
@@ -155,18 +159,16 @@ impl Streamed {
                 }
                 (img, resize)
             }
-            (Transform::Random { size }, Some(d)) => {
-                let (img, [top, left, h, w]) = self.decode(i, |h, w| crop_box(d, h, w))?;
+            (Transform::Random { size }, Some(d)) => self.decode(i, |h, w| {
                 let s = size as usize;
-                let src = [top, left, h, w].map(|v| v as usize);
-                let resize = Resize {
-                    src: (src[0], src[1], src[2], src[3]),
+                let [top, left, h, w] = crop_box(d, h, w).map(|v| v as usize);
+                Resize {
+                    src: (top, left, h, w),
                     out: (s, s),
                     keep: (0, 0, s, s),
                     flip: d.flip,
-                };
-                (img, resize)
-            }
+                }
+            })?,
             (Transform::Random { .. }, None) => {
                 return Err(Missing::Damaged(anyhow!("a random crop without its draws")));
             }
