@@ -130,6 +130,9 @@ pub fn decode_rows<T>(
 /// JPEG with every component in its one scan, whose data is MCU rows in
 /// order, so that a decoder stops after the first ones) and it saves rows.
 fn shortened(bytes: &[u8], height: usize, rows: usize) -> Option<(Vec<u8>, usize)> {
+    if rows >= height {
+        return None;
+    }
     let (at, mcu) = sequential_rows(bytes)?;
     let cut = (rows.div_ceil(mcu) + 1) * mcu;
     if cut >= height || usize::from(u16::from_be_bytes([bytes[at], bytes[at + 1]])) != height {
