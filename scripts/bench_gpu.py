@@ -277,7 +277,7 @@ def keep_run(keep, out):
         return
     dest = os.path.join(keep, os.path.basename(out))
     os.makedirs(dest, exist_ok=True)
-    for name in ("config.json", "metrics.jsonl"):
+    for name in ("config.json", "metrics.jsonl", "ops.csv"):
         if os.path.exists(os.path.join(out, name)):
             shutil.copy(os.path.join(out, name), dest)
 
@@ -297,10 +297,11 @@ def main():
     p.add_argument("--budget", type=float, default=240,
                    help="seconds after which torch.compile variants are left out (they take minutes to build)")
     p.add_argument("--keep", metavar="DIR",
-                   help="copy each vggctl training run's config.json and metrics.jsonl here (per-epoch figures, profile)")
+                   help="copy each vggctl training run's config.json, metrics.jsonl and ops.csv here (per-epoch figures, profile)")
     p.add_argument("--seeds", type=int, default=3, help="training runs per precision in the accuracy check")
     p.add_argument("--profile", action="store_true",
-                   help="vggctl training runs with --profile (step time split in the kept metrics.jsonl; "
+                   help="vggctl training runs with --profile (step time split in the kept metrics.jsonl, "
+                        "kernels of 10 replayed steps in ops.csv; "
                         "its synchronisations cost speed)")
     p.add_argument("--smoke", action="store_true",
                    help="a tiny run on the CPU that checks this script's plumbing (its figures mean nothing)")

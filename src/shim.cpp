@@ -16,11 +16,13 @@
 #include <ATen/ops/_fused_adamw.h>
 #include <ATen/ops/_fused_sgd.h>
 
+#include <torch/csrc/autograd/profiler_kineto.h>
 #include <torch/csrc/jit/api/module.h>
 
 #include <ATen/Parallel.h>
 
 #include <dlfcn.h>
+#include <fcntl.h>
 #include <malloc.h>
 #include <signal.h>
 #include <unistd.h>
@@ -29,7 +31,9 @@
 #include <cstring>
 #include <sstream>
 #include <exception>
+#include <functional>
 #include <optional>
+#include <set>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -142,6 +146,65 @@ int vggctl_map_big_blocks(size_t bytes) {
   (void)bytes;
   return 0;
 #endif
+}
+
+// libtorch's profiler (Kineto), as torch.profiler runs it: the operators
+// called on the host and, with `cuda`, every kernel run on the GPU
+// (those replayed by a CUDA graph too, through CUPTI). Without a GPU,
+// stderr is closed while Kineto starts and stops: a CUDA build's Kineto
+// logs a GPU count it failed to read ("gpuGetDeviceCount failed") as an
+// error line that means nothing for a CPU run; a real failure still comes
+// back as an exception.
+static bool g_profiling_cuda = false;
+
+static void without_stderr_unless(bool keep, const std::function<void()> &f) {
+  const int saved = keep ? -1 : dup(2);
+  const int null = saved < 0 ? -1 : open("/dev/null", O_WRONLY);
+  if (null >= 0) dup2(null, 2);
+  auto restore = [&] {
+    if (null >= 0) dup2(saved, 2), close(null);
+    if (saved >= 0) close(saved);
+  };
+  try {
+    f();
+  } catch (...) {
+    restore();
+    throw;
+  }
+  restore();
+}
+
+int vggctl_profiler_start(int cuda, char *err, size_t len) {
+  return guarded(err, len, [&] {
+    namespace p = torch::profiler::impl;
+    std::set<p::ActivityType> what{p::ActivityType::CPU};
+    if (cuda) what.insert(p::ActivityType::CUDA);
+    const p::ProfilerConfig config(p::ProfilerState::KINETO);
+    g_profiling_cuda = cuda != 0;
+    without_stderr_unless(g_profiling_cuda, [&] {
+      torch::autograd::profiler::prepareProfiler(config, what);
+      torch::autograd::profiler::enableProfiler(config, what);
+    });
+  });
+}
+
+// Stops the profiler; `sink` gets each event recorded: its name, whether it
+// ran on a GPU, the thread (or stream) it ran on, its start and duration in
+// nanoseconds.
+int vggctl_profiler_stop(void *ctx,
+                         void (*sink)(void *, const char *, int, uint64_t, uint64_t, uint64_t),
+                         char *err, size_t len) {
+  return guarded(err, len, [&] {
+    std::unique_ptr<torch::autograd::profiler::ProfilerResult> result;
+    without_stderr_unless(g_profiling_cuda,
+                          [&] { result = torch::autograd::profiler::disableProfiler(); });
+    if (!result) throw std::runtime_error("the profiler was not running");
+    for (const auto &e : result->events()) {
+      const int gpu = e.deviceType() == c10::DeviceType::CUDA;
+      const uint64_t lane = gpu ? static_cast<uint64_t>(e.deviceResourceId()) : e.startThreadId();
+      sink(ctx, e.name().c_str(), gpu, lane, e.startNs(), e.durationNs());
+    }
+  });
 }
 
 // A TorchScript module (tch's handle: a torch::jit::Module*) serialized into

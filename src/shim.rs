@@ -15,6 +15,7 @@ use tch::{Device, Tensor};
 use torch_sys::C_tensor;
 
 pub mod dist;
+pub mod profiler;
 
 const ERR_LEN: usize = 1024;
 
@@ -416,6 +417,11 @@ impl CudaGraph {
         let warm = self.warmup_left > 0;
         self.warmup_left = self.warmup_left.saturating_sub(1);
         warm
+    }
+
+    /// Whether the warm-up is over (the next step captures or replays).
+    pub fn warmed_up(&self) -> bool {
+        self.warmup_left == 0
     }
 
     /// Runs `f` on the graph's side stream (after the work queued so far;

@@ -215,6 +215,18 @@ fn graphed_training_follows_eager_training() {
         assert!(g.peak_gpu_bytes.unwrap() > 0);
     }
     assert_ne!(eager[0].lr, eager[1].lr, "the check needs an LR change");
+    // --profile's ops.csv holds the replayed graph's kernels (CUPTI sees
+    // inside graph launches): 8 convolutions forward and backward are
+    // more than 16 kernels a step.
+    let ops = std::fs::read_to_string(b.join("ops.csv")).unwrap();
+    println!("ops.csv of the graphed run (top 30):");
+    ops.lines().take(31).for_each(|l| println!("  {l}"));
+    let kernels: f64 = ops
+        .lines()
+        .filter(|l| l.starts_with("cuda,"))
+        .map(|l| l.split(',').nth(1).unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert!(kernels > 16.0, "{kernels} GPU kernels a step:\n{ops}");
     // fp16 graphs too: its loss scaler decides on the device.
     let half = train(
         &tmp.path().join("fp16"),

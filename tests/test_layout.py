@@ -7,7 +7,8 @@ change that breaks one fails this test with the offending file and line.
 - `model`, `data`, `formats` and `optim` import nothing from `train`,
   `eval`, `export` or `cmd`; `data` imports neither the model nor the shim.
 - No module of `cmd/` imports another subcommand's module.
-- The library knows no clap and no terminal; `unsafe` only in `src/shim.rs`;
+- The library knows no clap and no terminal; `unsafe` only in the shim
+  (`src/shim.rs` and `src/shim/`);
   one place sets the panic hook.
 - No source file over 600 lines, no function over 80.
 """
@@ -208,7 +209,7 @@ def test_the_library_knows_no_clap_terminal_or_unsafe():
             for pat in [r"\bclap::", r"\beprintln!", r"\bprintln!", r"\bprint!", r"\beprint!"]:
                 if re.search(pat, text):
                     bad.append(f"{rel}: {pat}")
-        if re.search(r"\bunsafe\b", text) and rel not in (Path("shim.rs"), Path("shim/dist.rs")):
+        if re.search(r"\bunsafe\b", text) and rel != Path("shim.rs") and rel.parts[0] != "shim":
             bad.append(f"{rel}: unsafe outside the shim")
         if "set_hook" in text:
             hooks.append(str(rel))

@@ -562,6 +562,46 @@ fn sigkill_during_a_checkpoint_write_leaves_the_previous_one_loadable() {
     assert_eq!(read_resume(&out).unwrap().0.epoch, state.epoch + 1);
 }
 
+/// `--profile`'s ops.csv of a VGG11-BN on the CPU: per step exactly 8
+/// convolutions forward and backward and 8 batch norms (its 8 conv
+/// layers), CPU shares summing to 1, and self times (each operator's own,
+/// without its callees) that add up to the step's measured time (its
+/// parts, accumulation's backward-only steps included), not to a multiple
+/// of it (summing whole durations would count every nested operator
+/// again: conv2d, convolution, _convolution, mkldnn_convolution).
+fn assert_ops_table(path: &Path, steps: u64, step_seconds: f64) {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut lines = text.lines();
+    assert_eq!(
+        lines.next(),
+        Some("device,calls_per_step,ms_per_step,share,name")
+    );
+    let rows: Vec<(f64, f64, f64, String)> = lines
+        .map(|l| {
+            let f: Vec<&str> = l.splitn(5, ',').collect();
+            assert_eq!(f[0], "cpu", "{l}");
+            let num = |i: usize| f[i].parse::<f64>().unwrap();
+            (num(1), num(2), num(3), f[4].trim_matches('"').to_string())
+        })
+        .collect();
+    let calls = |name: &str| rows.iter().find(|r| r.3 == name).map(|r| r.0);
+    for op in [
+        "aten::conv2d",
+        "aten::convolution_backward",
+        "aten::native_batch_norm",
+    ] {
+        assert_eq!(calls(op), Some(8.0), "{op}: {text}");
+    }
+    let share: f64 = rows.iter().map(|r| r.2).sum();
+    assert!((share - 1.0).abs() < 1e-3, "{share}");
+    let ms: f64 = rows.iter().map(|r| r.1).sum();
+    let measured = 1e3 * step_seconds / steps as f64;
+    assert!(
+        ms > 0.5 * measured && ms < 1.2 * measured,
+        "{ms:.1} ms of operators a step against {measured:.1} ms measured"
+    );
+}
+
 #[test]
 fn gpu_options_degrade_on_the_cpu_with_a_warning() {
     let tmp = common::tempdir();
@@ -603,6 +643,11 @@ fn gpu_options_degrade_on_the_cpu_with_a_warning() {
     assert!(
         p.backward > p.update,
         "a VGG backward outweighs an SGD update"
+    );
+    assert_ops_table(
+        &out.join("ops.csv"),
+        p.steps,
+        p.data + p.forward + p.backward + p.update,
     );
     // auto is fp32 on the CPU, without a warning.
     let out = tmp.path().join("auto");

@@ -51,6 +51,11 @@ impl GraphedStep {
         self.graph.warming_up()
     }
 
+    /// Whether the warm-up is over (without counting a step).
+    pub fn warmed_up(&self) -> bool {
+        self.graph.warmed_up()
+    }
+
     /// Runs an eager warm-up step on the graph's stream.
     pub fn eager<T>(&mut self, step: impl FnOnce() -> Result<T>) -> Result<T> {
         self.graph.on_side_stream(|_| step())

@@ -47,7 +47,7 @@ use config::{Keep, TrainConfig};
 use ema::Ema;
 use feed::Feed;
 use graphed::{GraphedStep, StepParts};
-use profile::{StepProfile, StepTimer};
+use profile::{OpsRecorder, StepProfile, StepTimer};
 use start::{build_optimizer, join_world, start_state};
 use state::{EpochMetrics, Partial, TrainState, TrainSummary};
 use step::{Forward, forward_loss};
@@ -115,6 +115,8 @@ pub struct Trainer<'a> {
     /// `--tensorboard`: this process's event file, from the first epoch it ends.
     events: Option<EventWriter>,
     profile: StepProfile,
+    /// `--profile`'s operators and kernels of a few warm steps (ops.csv).
+    ops: OpsRecorder,
     run_dir: RunDir,
     stop: &'a AtomicBool,
     /// The ranks of a data-parallel run (a world of one otherwise).
@@ -184,6 +186,7 @@ impl<'a> Trainer<'a> {
             opt.enable_loss_scaling(state.scaler.get_or_insert_with(LossScaler::default));
         }
         Ok(Trainer {
+            ops: OpsRecorder::new(state.config.profile && world.is_main(), device),
             state,
             model,
             numerics,
@@ -323,6 +326,7 @@ impl<'a> Trainer<'a> {
                 );
             }
         }
+        self.ops.finish(&self.run_dir.ops())?;
         if !feed.skipped.is_empty() {
             obs.warn(&skipped_message(&feed.skipped, epoch));
         }
@@ -344,6 +348,8 @@ impl<'a> Trainer<'a> {
         let cfg = &self.state.config;
         let lr = cfg.lr_at(self.state.epoch);
         let dev = self.model.device();
+        let warm = self.graph.as_ref().is_none_or(|g| g.warmed_up());
+        self.ops.before_step(warm)?;
         let timer = StepTimer::start(cfg.profile, dev);
         let (x, labels) = feed.batch(&self.train, step, &self.pre, dev)?;
         let len = labels.size()[0];
@@ -377,6 +383,7 @@ impl<'a> Trainer<'a> {
                 self.eager_step(&x, &y, lr, Some(timer), updates)?
             }
         };
+        self.ops.after_step(&self.run_dir.ops())?;
         Ok((loss, correct, len))
     }
 
@@ -410,6 +417,9 @@ impl<'a> Trainer<'a> {
         let grads = self.opt.backward_adding(&share, self.accumulated.take());
         if !updates {
             self.accumulated = Some(grads);
+            if let Some(t) = timer {
+                t.lap(&mut self.profile.backward);
+            }
             return Ok((loss.detach(), correct));
         }
         self.opt.prepare(lr);

@@ -48,6 +48,10 @@ impl RunDir {
     pub fn confusion(&self) -> PathBuf {
         self.dir.join("confusion.svg")
     }
+    /// `--profile`: the operators and kernels of a few steps.
+    pub fn ops(&self) -> PathBuf {
+        self.dir.join("ops.csv")
+    }
     /// `--model-ema`: the moving average of the weights at the last epoch's end.
     pub fn ema(&self) -> PathBuf {
         self.dir.join("ema.safetensors")
