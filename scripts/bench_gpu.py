@@ -21,12 +21,15 @@ CIFAR-shaped data (uint8 images, 10 classes):
    (graphed, and fp16 eager) with --seeds seeds each; each mode's mean test
    accuracy must be within 1 point of fp32's mean (one run is not enough:
    on an H200 fp32's own seeds spanned 2 points of the 297 test images).
+6. where vggctl's replayed step's time goes, kernel by kernel (VGG16-BN,
+   batch 512, one epoch with --profile: its ops.csv, 10 warm steps).
 
 Prints images/s, ratios and the time each part took. A configuration that
 fails is reported and left out, the rest still runs (exit status 1 then). The model is built here
 with the same layers as torchvision's (no torchvision needed on the GPU
 machine). Not a test: timings vary with the machine."""
 import argparse
+import csv
 import json
 import os
 import shutil
@@ -260,6 +263,31 @@ def vggctl_train(binary, data_dir, out, batch, n, extra, epochs=3, arch=("vgg16"
     return speed, max(e.get("peak_gpu_bytes") or 0 for e in m), m[-1].get("ran_as", "?"), m[-1]["test_top1"]
 
 
+def vggctl_ops(binary, data_dir, out, batch):
+    """The kernels of today's replayed step (issue #18 starts from them):
+    one epoch of 16 full batches with --profile, whose ops.csv holds 10
+    warm steps; returns its GPU rows (or, on the CPU, its operators) as
+    (calls a step, ms a step, share, name)."""
+    vggctl_train(binary, data_dir, out, batch, 16 * batch, ["--profile"], epochs=1)
+    with open(os.path.join(out, "ops.csv")) as f:
+        rows = list(csv.DictReader(f))
+    device = "cuda" if any(r["device"] == "cuda" for r in rows) else "cpu"
+    return [(float(r["calls_per_step"]), float(r["ms_per_step"]), float(r["share"]), r["name"])
+            for r in rows if r["device"] == device]
+
+
+def print_ops(batch, rows, top=25):
+    total = sum(r[1] for r in rows)
+    print(f"\nkernels of vggctl's replayed step, VGG16-BN, batch {batch} (--profile's ops.csv; "
+          f"{total:.2f} ms a step in {sum(r[0] for r in rows):.0f} kernels):")
+    for calls, ms, share, name in rows[:top]:
+        print(f"  {ms:8.3f} ms {100 * share:5.1f}% {calls:5.0f}x  {name[:110]}")
+    if len(rows) > top:
+        rest = rows[top:]
+        print(f"  {sum(r[1] for r in rest):8.3f} ms {100 * sum(r[2] for r in rest):5.1f}%        "
+              f"the other {len(rest)} kernels")
+
+
 def vggctl_eval(binary, data_dir, weights, batch, n, extra=()):
     """images/s, peak bytes, what it ran as."""
     r = run([binary, "eval", "--checkpoint", weights, "--arch", "vgg16", "--head", "imagenet", "--classes", "10",
@@ -332,6 +360,7 @@ def main():
         print(f"  {section}: {label}: {speed:,.0f} img/s ({rows[-1][4]})", file=sys.stderr, flush=True)
 
     failures = []
+    ops_tables = []  # (batch, kernel rows)
 
     def attempt(section, label, f, *args):
         """f(*args) timed; a failure is reported and recorded, and the run goes
@@ -375,6 +404,14 @@ def main():
                     (speed, peak, ran_as, _), secs = r
                     rows.append((sec, f"vggctl train end to end ({ran_as})", speed, peak, f"{secs:.0f}s"))
                     print(f"  {sec}: vggctl {ran_as}: {speed:,.0f} img/s", file=sys.stderr, flush=True)
+
+        # Where the replayed step's time goes, kernel by kernel.
+        for batch in (64,) if a.smoke else (512,):
+            out = os.path.join(root, f"run-{batch}-ops")
+            r = attempt(f"train, batch {batch}", "vggctl --profile kernels", vggctl_ops, a.vggctl, root, out, batch)
+            keep_run(a.keep, out)
+            if r:
+                ops_tables.append((batch, r[0]))
 
         sec = "recipe loop, batch 128"
         for workers in (0, 8):
@@ -451,6 +488,9 @@ def main():
             continue
         ratio = ours / ref
         print(f"  {label:<52} {ratio:6.2f}x  [>= {target}x: {'met' if ratio >= target else 'NOT met'}]")
+
+    for batch, ops in ops_tables:
+        print_ops(batch, ops)
 
     if accuracy:
         print(f"\naccuracy, VGG11-BN on the real digits, 5 epochs, seeds {seeds} "
