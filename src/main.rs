@@ -14,7 +14,10 @@ use std::sync::Mutex;
 use clap::error::ErrorKind;
 
 fn main() -> ExitCode {
-    vggctl::data::stream::set_worker_setup(vggctl::shim::data_worker_setup);
+    vggctl::data::stream::set_loader_hooks(vggctl::data::stream::LoaderHooks {
+        worker_setup: vggctl::shim::data_worker_setup,
+        new_batch: vggctl::shim::filled_u8,
+    });
     let cli = match cmd::parse() {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),

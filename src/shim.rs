@@ -25,6 +25,14 @@ unsafe extern "C" {
     fn vggctl_send_signal(pid: c_int, sig: c_int) -> c_int;
     fn vggctl_one_cpu_thread_here() -> c_int;
     fn vggctl_map_big_blocks(bytes: usize) -> c_int;
+    fn vggctl_pooled_bytes(
+        dims: *const i64,
+        ndims: usize,
+        out: *mut *mut C_tensor,
+        data: *mut *mut u8,
+        err: *mut c_char,
+        len: usize,
+    ) -> c_int;
     fn vggctl_jit_save_bytes(
         module: *mut c_void,
         ctx: *mut c_void,
@@ -243,6 +251,32 @@ pub fn data_worker_setup() {
 pub fn map_big_blocks(bytes: usize) -> bool {
     // SAFETY: mallopt(3) changes a malloc setting; touches no memory of ours.
     unsafe { vggctl_map_big_blocks(bytes) != 0 }
+}
+
+/// A new uint8 tensor of `shape` on the CPU whose bytes `fill` writes in
+/// place (a batch of images, written by the data-loading threads, with no
+/// copy). Its memory is reused: when the tensor is freed its bytes wait
+/// for the next batch of that size (a few are kept), so that a run faults
+/// pages in for its first batches only (see src/shim.cpp). The bytes
+/// `fill` sees are an earlier batch's or zeros.
+pub fn filled_u8(shape: &[i64], fill: &mut dyn FnMut(&mut [u8])) -> Result<Tensor> {
+    let n: i64 = shape.iter().product();
+    let (mut out, mut data) = (std::ptr::null_mut(), std::ptr::null_mut());
+    call("allocating a batch", |err, len| {
+        // SAFETY: `shape` is `shape.len()` sizes; the shim writes a new
+        // tensor handle and its data pointer into `out` and `data`.
+        unsafe { vggctl_pooled_bytes(shape.as_ptr(), shape.len(), &mut out, &mut data, err, len) }
+    })?;
+    // SAFETY: `out` is a new heap-allocated torch::Tensor handle, which
+    // the returned Tensor now owns (and frees).
+    let t = unsafe { Tensor::from_ptr(out) };
+    // SAFETY: `data` is the start of `t`'s storage, at least `n` bytes
+    // (one byte for an empty shape), initialized (zeroed when new, or
+    // written by an earlier batch), referred to by no other handle; the
+    // slice lives only while `fill` runs, and `t` outlives it.
+    let bytes = unsafe { std::slice::from_raw_parts_mut(data, n as usize) };
+    fill(bytes);
+    Ok(t)
 }
 
 extern "C" fn append_bytes(ctx: *mut c_void, data: *const c_char, len: usize) {
@@ -513,6 +547,30 @@ mod tests {
         set_autocast_dtype(AutocastDtype::BFloat16).unwrap();
         set_autocast_dtype(AutocastDtype::Float16).unwrap();
         set_tf32(false).unwrap();
+    }
+
+    /// A batch holds what `fill` wrote; its memory is taken again only
+    /// once no tensor (a view either) refers to it.
+    #[test]
+    fn batches_are_written_in_place_and_their_memory_reused() {
+        // A size no other test asks for.
+        let shape = [3, 5, 7, 11];
+        let pattern = |b: &mut [u8]| b.iter_mut().enumerate().for_each(|(i, v)| *v = i as u8);
+        let a = filled_u8(&shape, &mut |b| pattern(b)).unwrap();
+        assert_eq!(a.size(), shape);
+        let expected = Tensor::arange(3 * 5 * 7 * 11, (tch::Kind::Int64, Device::Cpu))
+            .remainder(256)
+            .to_kind(tch::Kind::Uint8);
+        assert!(a.view([-1]).equal(&expected));
+        let (first, view) = (a.data_ptr() as usize, a.narrow(0, 1, 1));
+        drop(a);
+        let b = filled_u8(&shape, &mut |_| {}).unwrap();
+        assert_ne!(b.data_ptr() as usize, first, "taken while a view held it");
+        drop(view);
+        let c = filled_u8(&shape, &mut |b| assert_eq!(b[300], 300u16 as u8)).unwrap();
+        assert_eq!(c.data_ptr() as usize, first);
+        let other = filled_u8(&[3, 5, 7, 12], &mut |_| {}).unwrap();
+        assert_ne!(other.data_ptr() as usize, b.data_ptr() as usize);
     }
 
     #[test]

@@ -62,7 +62,10 @@ fn split(data: PathBuf, workers: usize) -> Streamed {
 #[test]
 #[ignore = "a measurement for scripts/bench-data"]
 fn bench() {
-    vggctl::data::stream::set_worker_setup(vggctl::shim::data_worker_setup);
+    vggctl::data::stream::set_loader_hooks(vggctl::data::stream::LoaderHooks {
+        worker_setup: vggctl::shim::data_worker_setup,
+        new_batch: vggctl::shim::filled_u8,
+    });
     let data = PathBuf::from(env("BENCH_DATA").expect("BENCH_DATA"));
     let mode = env("BENCH_MODE").unwrap_or_else(|| "train".into());
     let batch: i64 = env("BENCH_BATCH").map_or(256, |v| v.parse().unwrap());

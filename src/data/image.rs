@@ -322,18 +322,19 @@ thread_local! {
     static PIXELS: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
-/// `n` zero bytes for decoded pixels, in the thread's recycled buffer
-/// when there is one and it is not far larger (one huge image must not
-/// keep its memory held by the thread). A buffer that must grow takes
-/// `whole` (the whole image's bytes), so that images of one size cut at
-/// different rows keep reusing it.
+/// `n` bytes for decoded pixels (the decoder writes them all), in the
+/// thread's recycled buffer when there is one and it is not far larger
+/// (one huge image must not keep its memory held by the thread): its
+/// bytes are the last image's, and only bytes beyond them are zeroed. A
+/// buffer that must grow takes `whole` (the whole image's bytes), so that
+/// images of one size cut at different rows keep reusing it.
 fn pixel_buffer(n: usize, whole: usize) -> Vec<u8> {
     let mut buffer = PIXELS.take();
     if buffer.capacity() > 4 * n.max(1 << 20) {
         buffer = Vec::new();
     }
-    buffer.clear();
-    buffer.reserve_exact(whole.max(n));
+    buffer.truncate(n);
+    buffer.reserve_exact(whole.max(n) - buffer.len());
     buffer.resize(n, 0);
     buffer
 }

@@ -27,14 +27,39 @@ use super::resized_crop::{ImageDraws, crop_box};
 /// Batches prepared ahead of the one in use.
 pub const AHEAD: usize = 3;
 
-/// What each decoding thread runs first: the binary's is
-/// `shim::data_worker_setup` (libtorch's CPU operators there use that
-/// thread alone, and batches are kept out of malloc's heaps).
-static WORKER_SETUP: OnceLock<fn()> = OnceLock::new();
+/// What the binary lends the data-loading threads from the shim (the
+/// library's `data` does not import it): see [`set_loader_hooks`].
+#[derive(Clone, Copy)]
+pub struct LoaderHooks {
+    /// What each decoding thread runs first: `shim::data_worker_setup`
+    /// (libtorch's CPU operators there use that thread alone, and batches
+    /// are kept out of malloc's heaps).
+    pub worker_setup: fn(),
+    /// A new uint8 batch of a shape, its bytes written in place by the
+    /// function given: `shim::filled_u8` (no copy, memory reused).
+    pub new_batch: NewBatch,
+}
 
-/// Sets what each decoding thread runs first (once per process).
-pub fn set_worker_setup(setup: fn()) {
-    let _ = WORKER_SETUP.set(setup);
+/// A new uint8 batch of a shape whose bytes the given function writes.
+pub type NewBatch = fn(&[i64], &mut dyn FnMut(&mut [u8])) -> Result<Tensor>;
+
+static LOADER_HOOKS: OnceLock<LoaderHooks> = OnceLock::new();
+
+/// Sets the data-loading threads' hooks (once per process); without them
+/// the threads run as they start and batches are written into a buffer,
+/// then copied into their tensor.
+pub fn set_loader_hooks(hooks: LoaderHooks) {
+    let _ = LOADER_HOOKS.set(hooks);
+}
+
+/// A new uint8 batch of `shape` that `fill` writes ([`LoaderHooks::new_batch`]).
+fn new_batch(shape: &[i64], fill: &mut dyn FnMut(&mut [u8])) -> Result<Tensor> {
+    if let Some(hooks) = LOADER_HOOKS.get() {
+        return (hooks.new_batch)(shape, fill);
+    }
+    let mut bytes = vec![0u8; shape.iter().product::<i64>() as usize];
+    fill(&mut bytes);
+    Ok(Tensor::from_slice(&bytes).view(shape))
 }
 
 /// One image of a streamed split: a file, or an entry of a prepared
@@ -188,29 +213,33 @@ impl Streamed {
 
     /// The images of `job`, in order, as one batch; an unreadable image is
     /// left out (or, `strict`, ends the batch with its error). Each worker
-    /// writes its images into their places in `pixels` (kept by the
-    /// loader between batches).
-    fn batch(&self, job: &Job, transform: Transform, pixels: &mut Vec<u8>) -> Result<Loaded> {
+    /// writes its images into their places in the batch's tensor.
+    fn batch(&self, job: &Job, transform: Transform) -> Result<Loaded> {
         let side = self.out_side(transform);
         let per = (3 * side * side) as usize;
-        pixels.resize(per * job.indices.len(), 0);
-        let results: Vec<Result<(), Missing>> = pixels
-            .par_chunks_mut(per.max(1))
-            .zip(&job.indices)
-            .enumerate()
-            .map(|(k, (planes, &i))| self.image(i as usize, transform, job.draws.get(k), planes))
-            .collect();
-        let (mut kept, mut labels, mut skipped) = (0, Vec::new(), Vec::new());
-        for (k, (r, &i)) in results.into_iter().zip(&job.indices).enumerate() {
-            match r {
-                Ok(()) => {
-                    // Close the gaps of the images left out before it.
-                    if kept < k {
-                        pixels.copy_within(k * per..(k + 1) * per, kept * per);
-                    }
-                    kept += 1;
-                    labels.push(self.items[i as usize].label);
+        let n = job.indices.len();
+        let mut results = Vec::new();
+        let images = new_batch(&[n as i64, 3, side, side], &mut |pixels| {
+            results = pixels
+                .par_chunks_mut(per.max(1))
+                .zip(&job.indices)
+                .enumerate()
+                .map(|(k, (planes, &i))| {
+                    self.image(i as usize, transform, job.draws.get(k), planes)
+                })
+                .collect();
+            // Close the gaps of the images left out.
+            let ok = results.iter().enumerate().filter(|(_, r)| r.is_ok());
+            for (kept, (k, _)) in ok.enumerate() {
+                if kept < k {
+                    pixels.copy_within(k * per..(k + 1) * per, kept * per);
                 }
+            }
+        })?;
+        let (mut labels, mut skipped) = (Vec::new(), Vec::new());
+        for (r, &i) in results.into_iter().zip(&job.indices) {
+            match r {
+                Ok(()) => labels.push(self.items[i as usize].label),
                 Err(Missing::Damaged(e)) => return Err(e),
                 Err(Missing::Unreadable(e)) if self.strict => {
                     return Err(e.context("unreadable image (--strict)"));
@@ -218,10 +247,7 @@ impl Streamed {
                 Err(Missing::Unreadable(e)) => skipped.push(format!("{e:#}")),
             }
         }
-        let images = match kept {
-            0 => Tensor::empty([0, 3, 1, 1], (tch::Kind::Uint8, Device::Cpu)),
-            n => Tensor::from_slice(&pixels[..n * per]).view([n as i64, 3, side, side]),
-        };
+        let images = images.narrow(0, 0, labels.len() as i64);
         let images = match self.pin {
             true => images.pin_memory(Device::Cuda(0)),
             false => images,
@@ -250,8 +276,8 @@ impl Loader {
             .num_threads(data.workers.max(1))
             .thread_name(|i| format!("vggctl-data-{i}"))
             .start_handler(|_| {
-                if let Some(setup) = WORKER_SETUP.get() {
-                    setup();
+                if let Some(hooks) = LOADER_HOOKS.get() {
+                    (hooks.worker_setup)();
                 }
             })
             .build()
@@ -262,9 +288,8 @@ impl Loader {
         std::thread::Builder::new()
             .name("vggctl-loader".into())
             .spawn(move || {
-                let mut pixels = Vec::new();
                 for job in todo {
-                    let loaded = pool.install(|| data.batch(&job, transform, &mut pixels));
+                    let loaded = pool.install(|| data.batch(&job, transform));
                     // The receiver is gone: the epoch or evaluation ended.
                     if done.send(loaded).is_err() {
                         return;
