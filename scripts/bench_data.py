@@ -23,7 +23,12 @@ Peak RSS: vggctl's process; torchvision's main process plus its workers
 can be seen not to grow with the folder.
 
 Usage: scripts/bench-data [--images 5000] [--dir DIR] [--workers N]
-Prints images/s, the ratios and peak RSS. Not a test: figures vary."""
+Prints images/s, the ratios and peak RSS. Not a test: figures vary.
+
+On a GPU machine (scripts/gpu-check; no Rust, maybe no torchvision):
+--bench-bin and --vggctl name the kit's binaries, --epochs reads its small
+folder several times, and without torchvision only vggctl's rows print.
+--make-only makes the folder and stops (scripts/gpu-kit)."""
 import argparse
 import json
 import os
@@ -32,12 +37,6 @@ import subprocess
 import sys
 import threading
 import time
-
-import torch
-import torchvision.transforms as T
-from PIL import Image
-from skimage import data as skdata
-from torchvision.datasets import ImageFolder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field",
@@ -51,6 +50,9 @@ def make_folder(root, n):
     stamp = os.path.join(root, f".complete-{n}")
     if os.path.exists(stamp):
         return
+    from PIL import Image
+    from skimage import data as skdata
+
     rng = random.Random(0)
     photos = [Image.fromarray(getattr(skdata, p)()).convert("RGB") for p in PHOTOS]
     for i in range(n):
@@ -103,28 +105,43 @@ class TreeRss:
         return self.peak / 2**20
 
 
-def torchvision_run(folder, train, workers, batch=256):
+def torchvision_run(folder, train, workers, epochs, batch=256):
+    import torch
+    import torchvision.transforms as T
+    from torchvision.datasets import ImageFolder
+
     tf = (T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.PILToTensor()]) if train
           else T.Compose([T.Resize(256), T.CenterCrop(224), T.PILToTensor()]))
     ds = ImageFolder(folder, transform=tf)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=train, num_workers=workers)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=train, num_workers=workers,
+                                         persistent_workers=workers > 0)
     meter = TreeRss()
     t0 = time.perf_counter()
     n = 0
-    for x, _ in loader:
-        assert x.dtype == torch.uint8 and x.shape[1:] == (3, 224, 224)
-        n += x.shape[0]
+    for _ in range(epochs):
+        for x, _ in loader:
+            assert x.dtype == torch.uint8 and x.shape[1:] == (3, 224, 224)
+            n += x.shape[0]
     seconds = time.perf_counter() - t0
     return {"images": n, "seconds": seconds, "images_per_s": n / seconds, "peak_rss_mb": meter.done()}
 
 
-def vggctl_run(data, mode, workers, limit=None):
+def vggctl_run(args, data, mode, workers, limit=None):
     env = dict(os.environ, BENCH_DATA=data, BENCH_MODE=mode, BENCH_WORKERS=str(workers),
-               BENCH_LIMIT=str(limit or ""))
-    out = subprocess.run(["cargo", "test", "--release", "-q", "--test", "bench_data", "--",
-                          "--ignored", "--nocapture", "--exact", "bench"],
+               BENCH_LIMIT=str(limit or ""), BENCH_EPOCHS=str(args.epochs))
+    cmd = ([args.bench_bin] if args.bench_bin else
+           ["cargo", "test", "--release", "-q", "--test", "bench_data", "--"])
+    out = subprocess.run(cmd + ["--ignored", "--nocapture", "--exact", "bench"],
                          cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
     return json.loads(next(l for l in out.splitlines() if l.startswith("{")))
+
+
+def has_torchvision():
+    try:
+        import torchvision  # noqa: F401
+        return True
+    except ImportError:
+        return False
 
 
 def main():
@@ -132,37 +149,49 @@ def main():
     ap.add_argument("--images", type=int, default=5000)
     ap.add_argument("--dir", default=os.path.join(ROOT, "target", "bench-data"))
     ap.add_argument("--workers", type=int, default=os.cpu_count())
+    ap.add_argument("--epochs", type=int, default=1, help="passes over the folder per measurement")
+    ap.add_argument("--vggctl", default=os.path.join(ROOT, "scripts", "vggctl"))
+    ap.add_argument("--bench-bin", default=None, help="tests/bench_data.rs built (else cargo runs it)")
+    ap.add_argument("--make-only", action="store_true")
     args = ap.parse_args()
     folder = os.path.join(args.dir, f"jpeg-{args.images}")
     t0 = time.perf_counter()
     make_folder(folder, args.images)
     print(f"data: {args.images} JPEGs in {folder} ({time.perf_counter() - t0:.0f} s to make or find)")
+    if args.make_only:
+        return
     packed = {}
     for side, raw in [(512, False), (256, False), (256, True)]:
         key = (side, raw)
         packed[key] = os.path.join(args.dir, f"jpeg-{args.images}-{side}{'-raw' if raw else ''}.vggdata")
         t0 = time.perf_counter()
-        subprocess.run([os.path.join(ROOT, "scripts", "vggctl"), "prepare", "--data-dir", folder,
+        subprocess.run([args.vggctl, "prepare", "--data-dir", folder,
                         "--out", packed[key], "--max-side", str(side)] + (["--raw"] if raw else []),
                        check=True)
         print(f"vggctl prepare --max-side {side}{' --raw' if raw else ''}: {time.perf_counter() - t0:.1f} s")
-    subprocess.run(["cargo", "test", "--release", "-q", "--test", "bench_data", "--no-run"],
-                   cwd=ROOT, check=True, capture_output=True)
+    if not args.bench_bin:
+        subprocess.run(["cargo", "test", "--release", "-q", "--test", "bench_data", "--no-run"],
+                       cwd=ROOT, check=True, capture_output=True)
     w = args.workers
-    print(f"{w} workers; images/s to ready uint8 224x224 batches of 256; peak RSS")
+    tv_ok = has_torchvision()
+    print(f"{w} workers; images/s to ready uint8 224x224 batches of 256; peak RSS"
+          + ("" if tv_ok else "; torchvision is not installed: vggctl's rows only"))
     for mode in ["train", "eval"]:
-        tv = torchvision_run(folder, mode == "train", w)
+        tv = torchvision_run(folder, mode == "train", w, args.epochs) if tv_ok else None
         rows = [("torchvision ImageFolder + DataLoader", tv),
-                ("vggctl streaming the folder", vggctl_run(folder, mode, w)),
-                ("vggctl, prepared file (--max-side 512)", vggctl_run(packed[512, False], mode, w)),
-                ("vggctl, prepared file (--max-side 256)", vggctl_run(packed[256, False], mode, w)),
-                ("vggctl, prepared file (--max-side 256 --raw)", vggctl_run(packed[256, True], mode, w))]
+                ("vggctl streaming the folder", vggctl_run(args, folder, mode, w)),
+                ("vggctl, prepared file (--max-side 512)", vggctl_run(args, packed[512, False], mode, w)),
+                ("vggctl, prepared file (--max-side 256)", vggctl_run(args, packed[256, False], mode, w)),
+                ("vggctl, prepared file (--max-side 256 --raw)", vggctl_run(args, packed[256, True], mode, w))]
         if mode == "train":
             rows.append(("vggctl streaming the folder, first quarter",
-                         vggctl_run(folder, mode, w, args.images // 4)))
+                         vggctl_run(args, folder, mode, w, args.images // 4)))
         print(f"\n{mode}:")
         for name, r in rows:
-            print(f"  {name:44s} {r['images_per_s']:8.0f} img/s  {r['images_per_s'] / tv['images_per_s']:5.2f}x"
+            if r is None:
+                continue
+            ratio = f"{r['images_per_s'] / tv['images_per_s']:5.2f}x" if tv else "    -"
+            print(f"  {name:44s} {r['images_per_s']:8.0f} img/s  {ratio}"
                   f"  {r['peak_rss_mb']:7.0f} MB  ({r['images']} images, {r['seconds']:.1f} s)")
 
 

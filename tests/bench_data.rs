@@ -7,7 +7,8 @@
 //!
 //! Environment: BENCH_DATA (a folder or a prepared file), BENCH_MODE
 //! (train, eval, or decode: the decoder alone), BENCH_LIMIT (images), BENCH_BATCH (256),
-//! BENCH_WORKERS (the cores).
+//! BENCH_WORKERS (the cores), BENCH_EPOCHS (passes over the data, 1: a
+//! small folder read several times, as on a GPU machine's kit).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -93,8 +94,26 @@ fn bench() {
                 })
                 .count() as i64
         });
-    } else if mode == "train" {
-        let mut loader = Loader::new(&s, Transform::Random { size: 224 }).unwrap();
+    } else {
+        let epochs: i64 = env("BENCH_EPOCHS").map_or(1, |v| v.parse().unwrap());
+        for _ in 0..epochs {
+            images += pass(&s, &mode, limit, batch);
+        }
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    println!(
+        "{{\"images\": {images}, \"seconds\": {seconds:.3}, \"images_per_s\": {:.1}, \"peak_rss_mb\": {:.1}, \"workers\": {workers}}}",
+        images as f64 / seconds,
+        peak_rss_mb()
+    );
+}
+
+/// One pass of `mode` (train or eval) over the first `limit` images; the
+/// images it made.
+fn pass(s: &Streamed, mode: &str, limit: i64, batch: i64) -> i64 {
+    let mut images = 0;
+    if mode == "train" {
+        let mut loader = Loader::new(s, Transform::Random { size: 224 }).unwrap();
         let mut next = 0;
         let mut step = 0;
         while next < limit || loader.pending > 0 {
@@ -110,15 +129,10 @@ fn bench() {
             images += loader.take().unwrap().batch.len();
         }
     } else {
-        let mut batches = InOrder::new(&s, 0, limit, batch, Transform::Eval { size: 224 }).unwrap();
+        let mut batches = InOrder::new(s, 0, limit, batch, Transform::Eval { size: 224 }).unwrap();
         while let Some(b) = batches.next_batch().unwrap() {
             images += b.len();
         }
     }
-    let seconds = t0.elapsed().as_secs_f64();
-    println!(
-        "{{\"images\": {images}, \"seconds\": {seconds:.3}, \"images_per_s\": {:.1}, \"peak_rss_mb\": {:.1}, \"workers\": {workers}}}",
-        images as f64 / seconds,
-        peak_rss_mb()
-    );
+    images
 }
