@@ -156,7 +156,7 @@ int vggctl_map_big_blocks(size_t bytes) {
 // list when its tensor is freed (on whatever thread), and the next batch of
 // that size takes them, so that a run faults its batches' pages in once,
 // not every step (a fresh 38 MB batch every step cost the streamed loader
-// a fifth of its time in the kernel's page faults and zeroing).
+// a third of a prepared file's time in page faults and zeroing).
 namespace {
 
 struct BatchPool {
