@@ -5,6 +5,9 @@ CIFAR-shaped data (uint8 images, 10 classes):
    vggctl train end to end (device-resident data, augmentation, step; its
    defaults: fp16, channels_last, CUDA graphs; then bf16, and eager steps
    without graphs) against
+   at batch 128 also the defaults in a world of one under NCCL (torchrun's
+   variables for one rank: the gradients' all-reduce inside the CUDA
+   graph; within 3 % of one process is the target), against
    PyTorch model-only steps on a batch already on the GPU: eager fp32,
    eager bf16 autocast + channels_last, torch.compile of the model (default
    mode and mode="reduce-overhead", both bf16 + channels_last;
@@ -33,6 +36,7 @@ import csv
 import json
 import os
 import shutil
+import socket
 import statistics
 import struct
 import subprocess
@@ -242,25 +246,35 @@ def write_safetensors(path, tensors):
             f.write(b)
 
 
-def run(cmd, timeout=180):
+def run(cmd, timeout=180, env=None):
     """Runs vggctl; a run past `timeout` seconds (a hang) fails that
     configuration only."""
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)}\n{r.stderr.strip()}")
     return r
 
 
-def vggctl_train(binary, data_dir, out, batch, n, extra, epochs=3, arch=("vgg16", "--bn")):
-    limit = ["--limit-train", str(n)] if n else []
+def vggctl_train(binary, data_dir, out, batch, n, extra, epochs=3, arch=("vgg16", "--bn"), env=None):
     """images/s (median of the epochs after the first), peak bytes, what it ran as, last test top-1."""
+    limit = ["--limit-train", str(n)] if n else []
     run([binary, "train", "--arch", arch[0], *arch[1:], "--epochs", str(epochs), "--batch-size", str(batch),
          "--data-dir", data_dir, "--no-download", *limit, "--out", out, "--force", "--quiet", "--device", DEV.type,
-         *extra])
+         *extra], env=env)
     with open(os.path.join(out, "metrics.jsonl")) as f:
         m = [json.loads(line) for line in f.read().splitlines()]
     speed = statistics.median(e["images_per_s"] for e in m[1:]) if len(m) > 1 else m[0]["images_per_s"]
     return speed, max(e.get("peak_gpu_bytes") or 0 for e in m), m[-1].get("ran_as", "?"), m[-1]["test_top1"]
+
+
+def world_of_one():
+    """The environment torchrun gives the one rank of `--nproc-per-node 1`
+    (a free port on 127.0.0.1; rank 0 serves the store)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port))
 
 
 def vggctl_ops(binary, data_dir, out, batch):
@@ -361,6 +375,8 @@ def main():
 
     failures = []
     ops_tables = []  # (batch, kernel rows)
+    plain = {}  # batch -> images/s of vggctl's defaults
+    world_one = {}  # batch -> (backend, images/s) of a world of one
 
     def attempt(section, label, f, *args):
         """f(*args) timed; a failure is reported and recorded, and the run goes
@@ -404,6 +420,22 @@ def main():
                     (speed, peak, ran_as, _), secs = r
                     rows.append((sec, f"vggctl train end to end ({ran_as})", speed, peak, f"{secs:.0f}s"))
                     print(f"  {sec}: vggctl {ran_as}: {speed:,.0f} img/s", file=sys.stderr, flush=True)
+                    if not extra:
+                        plain[batch] = speed
+            if batch == (16 if a.smoke else 128):
+                # A world of one under NCCL (Gloo in a smoke run): the same
+                # step with its all-reduce inside the CUDA graph.
+                backend = "gloo" if a.smoke else "nccl"
+                out = os.path.join(root, f"run-{batch}-{backend}")
+                r = attempt(sec, f"{backend} world of one", lambda: vggctl_train(
+                    a.vggctl, root, out, batch, 128 if a.smoke else n, ["--dist-backend", backend],
+                    env=world_of_one()))
+                keep_run(a.keep, out)
+                if r:
+                    (speed, peak, ran_as, _), secs = r
+                    rows.append((sec, f"{backend} world of one: vggctl ({ran_as})", speed, peak, f"{secs:.0f}s"))
+                    print(f"  {sec}: {backend} world of one: {speed:,.0f} img/s", file=sys.stderr, flush=True)
+                    world_one[batch] = (backend, speed)
 
         # Where the replayed step's time goes, kernel by kernel.
         for batch in (64,) if a.smoke else (512,):
@@ -480,6 +512,8 @@ def main():
                                 default=None), 1.1))
             targets.append(("batch 128 vs the recipe loop, num_workers=0", ours,
                             best("recipe loop, batch 128", "PyTorch recipe loop, DataLoader num_workers=0"), 24.0))
+    for batch, (backend, speed) in world_one.items():
+        targets.append((f"batch {batch}, {backend} world of one vs one process", speed, plain.get(batch), 0.97))
     sec = "inference 224x224, batch 64"
     targets.append(("inference vs PyTorch eager bf16 + channels_last", best(sec, "vggctl"), best(sec, "PyTorch"), 1.1))
     for label, ours, ref, target in targets:

@@ -13,7 +13,7 @@ use anyhow::{Result, bail};
 use tch::{Device, Kind, Tensor};
 
 use crate::choice::Choice;
-use crate::shim::dist::{ProcessGroup, ReduceOp, Rendezvous};
+use crate::shim::dist::{ProcessGroup, ReduceOp, Rendezvous, await_device};
 
 /// The collective backend: Gloo (CPU tensors, any device through host
 /// copies) or NCCL (CUDA tensors on the rank's GPU); `Auto` is resolved
@@ -117,7 +117,10 @@ impl Launch {
         if world == 0 || rank >= world {
             bail!("{rank_var}={rank} is not a rank of a world of {world_var}={world}");
         }
-        if world == 1 {
+        // One rank with a rendezvous address (`torchrun --nproc-per-node
+        // 1`) joins a group of one, as `init_process_group` does; without
+        // one (a one-task Slurm job, say) it is a plain process.
+        if world == 1 && (env("MASTER_ADDR").is_none() || env("MASTER_PORT").is_none()) {
             return Ok(None);
         }
         let local_rank = match env(local_var) {
@@ -169,6 +172,9 @@ pub struct World {
     /// rank's GPU (NCCL).
     device: Device,
     group: Option<Arc<ProcessGroup>>,
+    /// --dist-timeout: the bound on every collective and on a wait for
+    /// the steps that hold collectives.
+    timeout: Duration,
     /// A collective that failed inside the model's forward pass (which
     /// returns tensors, not errors), for [`World::check`].
     failure: Arc<Mutex<Option<String>>>,
@@ -197,18 +203,28 @@ impl World {
             backend: Backend::Gloo,
             device: Device::Cpu,
             group: None,
+            timeout: DEFAULT_TIMEOUT,
             failure: Arc::default(),
         }
     }
 
     /// Joins the group `launch` describes (all ranks must call this) with
-    /// `backend` as [`Backend::resolve`] gave it.
-    pub fn join(launch: &Launch, backend: Backend, timeout: Duration) -> Result<Self> {
-        let device = match backend {
-            Backend::Nccl => Device::Cuda(launch.local_rank),
+    /// `backend` as [`Backend::resolve`] gave it, for a rank that runs on
+    /// `device` (NCCL's GPU).
+    pub fn join(
+        launch: &Launch,
+        backend: Backend,
+        device: Device,
+        timeout: Duration,
+    ) -> Result<Self> {
+        let device = match (backend, device) {
+            (Backend::Nccl, Device::Cuda(i)) => Device::Cuda(i),
+            (Backend::Nccl, _) => bail!("NCCL needs a CUDA device"),
             _ => Device::Cpu,
         };
-        let _ = JOINED.set((launch.rank, launch.world));
+        if launch.world > 1 {
+            let _ = JOINED.set((launch.rank, launch.world));
+        }
         let prefix = format!("vggctl/{}/", launch.restart);
         let group = ProcessGroup::join(&Rendezvous {
             host: &launch.master_addr,
@@ -218,7 +234,10 @@ impl World {
             serve: launch.rank == 0 && !launch.agent_store,
             prefix: &prefix,
             timeout,
-            nccl_device: (backend == Backend::Nccl).then_some(launch.local_rank),
+            nccl_device: match device {
+                Device::Cuda(i) => Some(i),
+                _ => None,
+            },
         })
         .map_err(|e| {
             anyhow::anyhow!(
@@ -236,6 +255,7 @@ impl World {
             backend,
             device,
             group: Some(Arc::new(group)),
+            timeout,
             failure: Arc::default(),
         })
     }
@@ -262,6 +282,24 @@ impl World {
                 x.shallow_clone()
             }
         }))
+    }
+
+    /// Waits for the steps queued on `device` so far: at most
+    /// --dist-timeout where they hold collectives that c10d's watchdog
+    /// cannot see (NCCL's all-reduce replayed by a CUDA graph, several
+    /// ranks), so that a rank lost inside a step ends this one with the
+    /// usual line, not a hang. Elsewhere it returns at once.
+    pub fn await_steps(&self, device: Device) -> Result<()> {
+        let Device::Cuda(i) = device else {
+            return Ok(());
+        };
+        if self.size == 1 || self.backend != Backend::Nccl || await_device(i, self.timeout)? {
+            return Ok(());
+        }
+        Err(self.lost(anyhow::anyhow!(
+            "a training step did not finish within {} s",
+            self.timeout.as_secs()
+        )))
     }
 
     /// Fails if a collective inside a forward pass failed (see `sum_across`).
@@ -300,13 +338,27 @@ impl World {
         self.reduce(t, ReduceOp::Sum)
     }
 
-    /// The mean of the ranks' `t`, in place (DDP's gradient averaging).
+    /// The mean of the ranks' `t`, in place (DDP's gradient averaging):
+    /// an all-reduce whenever there is a group, a group of one included, as
+    /// DDP does.
     pub fn average(&self, t: &Tensor) -> Result<()> {
+        self.sum(t)?;
         if self.size > 1 {
-            self.sum(t)?;
             let _ = t.shallow_clone().g_div_scalar_(self.size as f64);
         }
         Ok(())
+    }
+
+    /// Whether this process joined a group (a launcher's world, of one
+    /// rank or more), so that its collectives run.
+    pub fn has_group(&self) -> bool {
+        self.group.is_some()
+    }
+
+    /// Whether the collectives can be captured in a CUDA graph: NCCL's
+    /// can (they run on the GPU); Gloo's go through the host.
+    pub fn graphable(&self) -> bool {
+        self.group.is_none() || self.backend == Backend::Nccl
     }
 
     /// The largest of the ranks' `t`, in place.
@@ -468,8 +520,20 @@ mod tests {
         .unwrap();
         assert_eq!((slurm.rank, slurm.world, slurm.local_rank), (3, 4, 1));
         assert!(!slurm.agent_store);
-        // One rank is one process.
+        // One rank is one process, unless it has a group to join.
         assert_eq!(launch(&[("RANK", "0"), ("WORLD_SIZE", "1")]).unwrap(), None);
+        assert_eq!(
+            launch(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "1")]).unwrap(),
+            None
+        );
+        let one = [
+            ("RANK", "0"),
+            ("WORLD_SIZE", "1"),
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", "29500"),
+        ];
+        let one = launch(&one).unwrap().unwrap();
+        assert_eq!((one.rank, one.world, one.local_rank), (0, 1, 0));
     }
 
     #[test]

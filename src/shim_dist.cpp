@@ -23,6 +23,10 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #include <torch/csrc/autograd/custom_function.h>
+#ifdef VGGCTL_CUDA
+#include <c10/core/Event.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
 #ifdef VGGCTL_NCCL
 #include <c10/cuda/CUDAFunctions.h>
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
@@ -35,6 +39,7 @@
 #include <exception>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -208,6 +213,34 @@ int vggctl_dist_sum_autograd(void *g, at::Tensor *x, at::Tensor **out, char *err
 
 int vggctl_dist_barrier(void *g, char *err, size_t len) {
   return guarded(err, len, [&] { static_cast<Group *>(g)->pg->barrier()->wait(); });
+}
+
+// Waits at most `timeout_ms` for the work queued so far on GPU `device`'s
+// current stream: *done is 1 once it has finished, 0 if the time ran out
+// (the work goes on). It polls an event, sleeping 100 us between looks,
+// where a copy to the host would block in the driver for good: a step
+// whose captured all-reduce waits for a rank that is gone never ends, and
+// c10d's watchdog does not watch collectives replayed by a graph.
+int vggctl_dist_await_device(int device, int64_t timeout_ms, int *done, char *err, size_t len) {
+  *done = 1;
+  return guarded(err, len, [&] {
+#ifdef VGGCTL_CUDA
+    auto stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device));
+    c10::Event ev(c10::DeviceType::CUDA);
+    ev.record(stream);
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+    while (!ev.query()) {
+      if (std::chrono::steady_clock::now() >= deadline) {
+        *done = 0;
+        return;
+      }
+      std::this_thread::sleep_for(std::chrono::microseconds(100));
+    }
+#else
+    (void)device;
+    (void)timeout_ms;
+#endif
+  });
 }
 
 }  // extern "C"

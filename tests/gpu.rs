@@ -17,6 +17,8 @@
 //! - a streamed image folder (pinned host batches, asynchronous copies)
 //!   trains on the GPU, and `eval` of its checkpoint streamed counts
 //!   exactly what it counts with the folder in memory;
+//! - a bounded wait for the GPU gives up in time and leaves the work
+//!   running;
 //! - a world of one under torchrun's variables with `--dist-backend nccl`
 //!   joins its group through NCCL, keeps the step in the CUDA graph, and
 //!   trains as a plain run does;
@@ -48,6 +50,16 @@ fn train_with_env(
     extra: &[&str],
     env: &[(&str, &str)],
 ) -> Vec<EpochMetrics> {
+    train_run(out, epochs, extra, env).0
+}
+
+/// [`train_with_env`], with the run's output.
+fn train_run(
+    out: &Path,
+    epochs: u32,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (Vec<EpochMetrics>, common::Run) {
     let o = out.display().to_string();
     let e = epochs.to_string();
     let mut args = vec![
@@ -87,11 +99,12 @@ fn train_with_env(
             .expect("running vggctl"),
     );
     assert_eq!(r.code, 0, "{}", r.stderr);
-    std::fs::read_to_string(out.join("metrics.jsonl"))
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+        .collect();
+    (metrics, r)
 }
 
 #[test]
@@ -119,6 +132,40 @@ fn shim_graphs_replay_on_current_inputs() {
     let peak = shim::peak_memory(dev, false).unwrap().unwrap();
     assert!(peak >= 8 << 20, "peak {peak} bytes with two 4 MiB tensors");
     shim::bf16_supported(dev).unwrap();
+}
+
+/// The bounded wait that stands in for c10d's watchdog around replayed
+/// all-reduces: seconds of queued matrix products are not done within a
+/// millisecond (false, promptly, the work left running), and are within a
+/// minute (true), their result then readable.
+#[test]
+#[ignore = "needs a CUDA GPU (scripts/gpu-check runs it)"]
+fn waits_for_the_gpu_are_bounded() {
+    assert!(tch::Cuda::is_available(), "{GPU}");
+    let a = Tensor::randn([4096, 4096], (Kind::Float, Device::Cuda(0))) / 64.0;
+    tch::Cuda::synchronize(0);
+    let mut x = a.shallow_clone();
+    for _ in 0..2000 {
+        x = x.matmul(&a);
+    }
+    let started = std::time::Instant::now();
+    let within = std::time::Duration::from_millis(1);
+    assert!(
+        !shim::dist::await_device(0, within).unwrap(),
+        "2000 products of 4096x4096 in 1 ms?"
+    );
+    let gave_up = started.elapsed();
+    assert!(
+        gave_up < std::time::Duration::from_millis(500),
+        "gave up after {gave_up:?}"
+    );
+    let minute = std::time::Duration::from_secs(60);
+    assert!(shim::dist::await_device(0, minute).unwrap());
+    println!(
+        "a wait gave up after {gave_up:?}; the products took {:?}",
+        started.elapsed()
+    );
+    let _ = x.sum(Kind::Float).double_value(&[]);
 }
 
 #[test]
@@ -431,9 +478,11 @@ fn a_streamed_folder_trains_on_the_gpu_and_evaluates_as_in_memory() {
 }
 
 /// `WORLD_SIZE=1` under NCCL (what one lent GPU can run of the NCCL path):
-/// the rank joins a c10d group through ProcessGroupNCCL (the run's sums
-/// and maxima then go through NCCL on the GPU), the training step stays in
-/// the CUDA graph, and with `--deterministic` the run equals a plain one.
+/// the rank joins a c10d group through ProcessGroupNCCL (NCCL's own log
+/// says its communicator started; the run's sums and maxima then go
+/// through NCCL on the GPU), the training step stays in the CUDA graph
+/// with the gradients' all-reduce captured in it, and with
+/// `--deterministic` the run equals a plain one.
 #[test]
 #[ignore = "needs a CUDA GPU (scripts/gpu-check runs it)"]
 fn nccl_world_of_one_trains_as_one_process_in_the_graph() {
@@ -456,14 +505,17 @@ fn nccl_world_of_one_trains_as_one_process_in_the_graph() {
         ("LOCAL_RANK", "0"),
         ("MASTER_ADDR", "127.0.0.1"),
         ("MASTER_PORT", port.as_str()),
+        ("NCCL_DEBUG", "INFO"),
     ];
     let started = std::time::Instant::now();
-    let nccl = train_with_env(
+    let (nccl, run) = train_run(
         &tmp.path().join("nccl"),
         2,
         &[&det[..], &["--dist-backend", "nccl"]].concat(),
         &env,
     );
+    let log = format!("{}{}", run.stdout, run.stderr);
+    assert!(log.contains("NCCL INFO"), "NCCL never started:\n{log}");
     println!(
         "plain {plain_s:.1} s, NCCL world of one {:.1} s (whole runs, start-up included)",
         started.elapsed().as_secs_f64()

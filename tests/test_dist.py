@@ -62,8 +62,8 @@ def free_port():
         return s.getsockname()[1]
 
 
-def torchrun(*args, timeout=300):
-    cmd = [TORCHRUN, "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+def torchrun(*args, timeout=300, ranks=2):
+    cmd = [TORCHRUN, "--nproc-per-node", str(ranks), "--master-addr", "127.0.0.1",
            "--master-port", str(free_port()), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -143,6 +143,40 @@ def test_two_ranks_train_as_pytorch_ddp_and_evaluate_as_one_process(tmp_path, bn
     assert abs(r1["loss"] - r2["loss"]) <= 1e-6 * abs(r1["loss"])
     # The training run's last evaluation was the same sharded computation.
     assert abs(metrics[-1]["test_top1"] - r1["top1"]) < 1e-9
+
+
+def test_a_world_of_one_joins_its_group_and_trains_as_one_process(tmp_path):
+    """torchrun --nproc-per-node 1: the rank joins a c10d group of one (as
+    init_process_group does; its gradients go through Gloo's all-reduce,
+    as DDP's do) and ends with a plain process's weights, bit for bit. On
+    a GPU the same world under NCCL keeps its all-reduce inside the CUDA
+    graph (tests/gpu.rs)."""
+    train = [BIN, "train", "--dataset", "cifar10", "--data-dir", DATA, "--no-download",
+             "--arch", "vgg11", "--limit-train", "48", "--limit-test", "16", "--epochs", "2",
+             "--batch-size", str(BATCH), "--device", "cpu"]
+    one = torchrun("--no-python", *train, "--out", str(tmp_path / "one"), ranks=1)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert f"batch {BATCH} on 1 rank (gloo)" in one.stderr, one.stderr
+    plain = subprocess.run([*train, "--out", str(tmp_path / "plain")], capture_output=True, text=True,
+                           timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    assert f"batch {BATCH}, " in plain.stderr and "rank" not in plain.stderr, plain.stderr
+    a = load_file(str(tmp_path / "one" / "last.safetensors"))
+    b = load_file(str(tmp_path / "plain" / "last.safetensors"))
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # It really serves its group's store: not on a port in use.
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        env = dict(rank_env(0, busy.getsockname()[1]), WORLD_SIZE="1")
+        out = subprocess.run([*train, "--dist-timeout", "3", "--out", str(tmp_path / "busy")],
+                             env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "vggctl: error: could not join the group of 1 ranks at 127.0.0.1:"), lines
 
 
 def noise_cifar(root, per_batch=20, seed=0):

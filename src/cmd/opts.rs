@@ -144,32 +144,24 @@ pub struct DistOpts {
 }
 
 impl DistOpts {
-    /// The world the launcher's environment describes (joined, with the
-    /// backend for `device`), or a world of one without a launcher.
-    pub fn world(&self, device: Device) -> Result<World> {
+    /// The world the launcher's environment describes, joined with the
+    /// backend for `device`, or a world of one without a launcher; and the
+    /// device this rank runs on: its own GPU (cuda:LOCAL_RANK) when the
+    /// device is CUDA and the world has several ranks.
+    pub fn join(&self, device: Device) -> Result<(World, Device)> {
         if self.dist_timeout == 0 {
             return Err(usage("--dist-timeout must be at least 1 second"));
         }
-        match Launch::from_env(|k| std::env::var(k).ok())? {
-            None => Ok(World::single()),
-            Some(l) => World::join(
-                &l,
-                self.dist_backend.resolve(device).map_err(as_usage)?,
-                std::time::Duration::from_secs(self.dist_timeout),
-            ),
-        }
-    }
-
-    /// [`DistOpts::world`] for a run on `device`, and the device this rank
-    /// runs on: its own GPU (cuda:LOCAL_RANK) when the device is CUDA and
-    /// the world has several ranks.
-    pub fn join(&self, device: Device) -> Result<(World, Device)> {
-        let world = self.world(device)?;
+        let Some(launch) = Launch::from_env(|k| std::env::var(k).ok())? else {
+            return Ok((World::single(), device));
+        };
         let device = match device {
-            Device::Cuda(_) if world.size > 1 => Device::Cuda(world.local_rank),
+            Device::Cuda(_) if launch.world > 1 => Device::Cuda(launch.local_rank),
             d => d,
         };
-        Ok((world, device))
+        let backend = self.dist_backend.resolve(device).map_err(as_usage)?;
+        let timeout = std::time::Duration::from_secs(self.dist_timeout);
+        Ok((World::join(&launch, backend, device, timeout)?, device))
     }
 }
 

@@ -284,6 +284,11 @@ pub fn print_header(trainer: &Trainer, dataset: &vggctl::data::Dataset, world: &
         .map(|(_, t)| t.numel() as i64)
         .sum();
     let batch = match world.size {
+        1 if world.has_group() => format!(
+            "batch {} on 1 rank ({})",
+            c.batch_size,
+            world.backend.name()
+        ),
         1 => format!("batch {}", c.batch_size),
         n => format!(
             "batch {} per rank on {n} ranks ({}; global batch {})",

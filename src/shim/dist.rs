@@ -41,6 +41,13 @@ unsafe extern "C" {
         len: usize,
     ) -> c_int;
     fn vggctl_dist_barrier(g: *mut c_void, err: *mut c_char, len: usize) -> c_int;
+    fn vggctl_dist_await_device(
+        device: c_int,
+        timeout_ms: i64,
+        done: *mut c_int,
+        err: *mut c_char,
+        len: usize,
+    ) -> c_int;
     fn vggctl_dist_sum_autograd(
         g: *mut c_void,
         x: *mut C_tensor,
@@ -145,6 +152,19 @@ impl ProcessGroup {
             vggctl_dist_barrier(self.0, err, len)
         })
     }
+}
+
+/// Waits at most `timeout` for the work queued so far on GPU `device`'s
+/// current stream, polling: true once it finished, false if the time ran
+/// out (the work goes on). True at once in a build without CUDA.
+pub fn await_device(device: usize, timeout: Duration) -> Result<bool> {
+    let ms = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX);
+    let mut done: c_int = 1;
+    // SAFETY: `done` outlives the call; err/len as in `call`.
+    call("waiting for the GPU", |err, len| unsafe {
+        vggctl_dist_await_device(device as c_int, ms, &mut done, err, len)
+    })?;
+    Ok(done == 1)
 }
 
 // SAFETY: c10d's process groups are used from any thread (PyTorch's own

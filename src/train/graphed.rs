@@ -1,5 +1,7 @@
-//! The full-batch training step as a CUDA graph: forward, loss, backward and
-//! the fused update, replayed on static input and output tensors. The
+//! The full-batch training step as a CUDA graph: forward, loss, backward,
+//! the gradients' average over the ranks (NCCL's all-reduce, captured with
+//! the rest; nothing in a plain run) and the fused update, replayed on
+//! static input and output tensors. The
 //! learning rate and step number are device tensors the optimizer fills
 //! before each replay; the data pipeline stays eager (its randomness is
 //! seeded per step, so a resumed run replays the same batches).
@@ -8,6 +10,7 @@ use anyhow::Result;
 use tch::{Device, Tensor};
 
 use super::step::{Forward, forward_loss};
+use crate::dist::World;
 use crate::model::Vgg;
 use crate::numerics::Numerics;
 use crate::optim::Optimizer;
@@ -34,6 +37,7 @@ pub struct StepParts<'a> {
     pub numerics: &'a Numerics,
     pub opt: &'a mut Optimizer,
     pub label_smoothing: f64,
+    pub world: &'a World,
 }
 
 impl GraphedStep {
@@ -77,6 +81,7 @@ impl GraphedStep {
             numerics,
             opt,
             label_smoothing,
+            world,
         } = parts;
         opt.prepare(lr);
         match &mut self.io {
@@ -92,7 +97,9 @@ impl GraphedStep {
                     let out = graph.capture(|| {
                         let Forward { loss, correct } =
                             forward_loss(model, numerics, &sx, &sy, label_smoothing);
-                        opt.backward_update(&loss)?;
+                        let grads = opt.backward(&loss);
+                        opt.reduce_gradients(&grads, |g| world.average(g))?;
+                        opt.update(grads)?;
                         Ok((loss.detach(), correct))
                     });
                     out.and_then(|step| step)

@@ -287,19 +287,17 @@ impl<'a> Trainer<'a> {
         let mut pending: Vec<Pending> = Vec::new();
         let mut clock = Instant::now();
         let k = cfg.accum_steps.max(1);
+        // Ranks agree on a stop through a collective, on a GPU a wait for
+        // the step before: there, every `report_every` steps only.
+        let agree_every = match self.world.has_group() {
+            true => k * report_every,
+            false => k,
+        };
         while self.state.step < steps {
             let step = self.state.step;
             // Gradient accumulation stops only between optimizer steps, so
             // a resume point never holds half-summed gradients.
-            if step.is_multiple_of(k) && self.world.any(self.stop.load(Ordering::SeqCst))? {
-                self.save_resume(false)?;
-                return Err(Interrupted(format!(
-                    "interrupted at epoch {}, step {step}; resume with --resume {}",
-                    epoch + 1,
-                    self.run_dir.resume().display()
-                ))
-                .into());
-            }
+            self.stop_if_asked(epoch, step, agree_every)?;
             feed.prefetch(step);
             tch::manual_seed(position_seed(seed, epoch, step));
             let updates = (step + 1).is_multiple_of(k) || step + 1 == steps;
@@ -331,6 +329,21 @@ impl<'a> Trainer<'a> {
             obs.warn(&skipped_message(&feed.skipped, epoch));
         }
         Ok(())
+    }
+
+    /// Where `step` is a multiple of `every`: if any rank was asked to stop,
+    /// saves the resume point and stops with [`Interrupted`].
+    fn stop_if_asked(&mut self, epoch: usize, step: usize, every: usize) -> Result<()> {
+        if !step.is_multiple_of(every) || !self.world.any(self.stop.load(Ordering::SeqCst))? {
+            return Ok(());
+        }
+        self.save_resume(false)?;
+        Err(Interrupted(format!(
+            "interrupted at epoch {}, step {step}; resume with --resume {}",
+            epoch + 1,
+            self.run_dir.resume().display()
+        ))
+        .into())
     }
 
     /// One step on `step`'s batch (random erasing and mixing after the
@@ -368,6 +381,7 @@ impl<'a> Trainer<'a> {
                         numerics: &self.numerics,
                         opt: &mut self.opt,
                         label_smoothing: self.state.config.label_smoothing,
+                        world: self.world,
                     };
                     g.step(parts, &x, &y, lr)
                 };
@@ -446,6 +460,7 @@ impl<'a> Trainer<'a> {
         epoch: usize,
         clock: &mut Instant,
     ) -> Result<()> {
+        self.world.await_steps(self.model.device())?;
         let losses = Tensor::stack(
             &pending
                 .iter()

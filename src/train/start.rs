@@ -74,8 +74,9 @@ pub fn start_state(
 /// Makes the ranks of a data-parallel run start alike: the same model,
 /// split sizes (`sizes`: train, test) and settings (checked), rank 0's weights and buffers, and the epoch's sums so
 /// far held by rank 0 alone (sums are taken across the ranks), and
-/// BatchNorm synchronized if asked. CUDA graphs are off: Gloo's collectives
-/// cannot be captured.
+/// BatchNorm synchronized if asked. CUDA graphs stay on with NCCL (the
+/// gradients' all-reduce is captured in the step's graph) and are off with
+/// Gloo (its collectives go through the host) and with SyncBatchNorm.
 pub fn join_world(
     world: &World,
     model: &mut Vgg,
@@ -83,6 +84,9 @@ pub fn join_world(
     numerics: &mut Numerics,
     sizes: [i64; 2],
 ) -> Result<()> {
+    if !world.graphable() {
+        numerics.cuda_graphs = false;
+    }
     if world.size == 1 {
         return Ok(());
     }
@@ -96,8 +100,8 @@ pub fn join_world(
     }
     if state.config.sync_bn {
         model.features.sync = world.sum_across();
+        numerics.cuda_graphs = false;
     }
-    numerics.cuda_graphs = false;
     Ok(())
 }
 
