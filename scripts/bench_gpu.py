@@ -3,8 +3,9 @@ CIFAR-shaped data (uint8 images, 10 classes):
 
 1. training, VGG16-BN with the CIFAR head, batch 512 and 128:
    vggctl train end to end (device-resident data, augmentation, step; its
-   defaults: fp16, channels_last, CUDA graphs; then bf16, and eager steps
-   without graphs) against
+   defaults: fp16, channels_last, the fused step, CUDA graphs; then bf16,
+   eager steps without graphs, and --no-fused-step, the reference step)
+   against
    at batch 128 also the defaults in a world of one under NCCL (torchrun's
    variables for one rank: the gradients' all-reduce inside the CUDA
    graph; within 3 % of one process is the target), against
@@ -109,10 +110,10 @@ def timed(f, *args):
 
 # ---------------------------------------------------------------- PyTorch
 
-def pytorch_train(batch, steps, mode):
+def pytorch_train(batch, steps, mode, bn=True):
     """Model-only SGD steps; returns (images/s, peak bytes)."""
     torch.manual_seed(0)
-    model = vgg16(True, "cifar", 10).to(DEV).train()
+    model = vgg16(bn, "cifar", 10).to(DEV).train()
     half = mode != "fp32"
     x = torch.randn(batch, 3, 32, 32, device=DEV)
     if half:
@@ -194,10 +195,10 @@ class RecipeDataset(torch.utils.data.Dataset):
         return self.transform(self.data[i]), int(self.labels[i])
 
 
-def recipe_loop(data, labels, workers, batches):
+def recipe_loop(data, labels, workers, batches, bn=True):
     loader = torch.utils.data.DataLoader(RecipeDataset(data, labels), batch_size=128, shuffle=True,
                                          num_workers=workers, drop_last=True)
-    model = vgg16(True, "cifar", 10).to(DEV).train()
+    model = vgg16(bn, "cifar", 10).to(DEV).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     seen, t0 = 0, None
     reset_peak()
@@ -267,6 +268,44 @@ def vggctl_train(binary, data_dir, out, batch, n, extra, epochs=3, arch=("vgg16"
     return speed, max(e.get("peak_gpu_bytes") or 0 for e in m), m[-1].get("ran_as", "?"), m[-1]["test_top1"]
 
 
+def train_flops_per_image(size=32, head_in=512, head=(512, 10)):
+    """FLOPs of one training image through VGG16 (CIFAR head) at size x
+    size: 2 per multiply-add forward, and backward twice the forward (input
+    and weight gradients); BatchNorm, pooling and the update are left out
+    (bandwidth, not arithmetic). 1.88 GFLOP at 32x32."""
+    macs, c, hw = 0, 3, size * size
+    for v in VGG16:
+        if v == "M":
+            hw //= 4
+            continue
+        macs += hw * c * v * 9
+        c = v
+    prev = head_in
+    for n in head:
+        macs += prev * n
+        prev = n
+    return 3 * 2 * macs
+
+
+def dense_fp16_peak():
+    """The GPU's dense fp16/bf16 tensor-core peak in FLOP/s, where known
+    (H100/H200 SXM: 989 TFLOP/s), else None."""
+    name = torch.cuda.get_device_name(0) if DEV.type == "cuda" else ""
+    return 989e12 if ("H100" in name or "H200" in name) else None
+
+
+def vggctl_recipe(binary, data_dir, out, smoke):
+    """`vggctl train --arch vgg16 --dataset cifar10` with the recipe's
+    defaults (100 epochs, batch 128, evaluation every epoch); returns the
+    epochs and the test top-1 of the last (the wall time is timed())."""
+    small = ["--epochs", "1", "--limit-train", "256", "--limit-test", "64"] if smoke else []
+    run([binary, "train", "--arch", "vgg16", "--dataset", "cifar10", "--data-dir", data_dir, "--no-download",
+         "--out", out, "--force", "--quiet", "--device", DEV.type, *small], timeout=600)
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        m = [json.loads(line) for line in f.read().splitlines()]
+    return len(m), m[-1]["test_top1"], m[-1].get("ran_as", "?")
+
+
 def world_of_one():
     """The environment torchrun gives the one rank of `--nproc-per-node 1`
     (a free port on 127.0.0.1; rank 0 serves the store)."""
@@ -328,6 +367,61 @@ def mib(b):
     return f"{b / 2**20:,.0f} MiB" if b else "-"
 
 
+def recipe_sections(a, root, data, labels, attempt, add, rows, recipe):
+    """--recipe: VGG16 without BatchNorm at batch 128 (vggctl's defaults
+    against PyTorch's model-only steps and the recipe's loop), then the
+    recipe end to end on 50,000 training and 10,000 test images."""
+    batch = 16 if a.smoke else 128
+    sec = f"train, batch {batch}, VGG16 without BN (the recipe's model)"
+    modes = [("PyTorch eager bf16 + channels_last (model only)", "bf16")]
+    if not a.skip_compile:
+        modes.append(("torch.compile reduce-overhead, bf16 + channels_last", "compile-reduce-overhead"))
+    for label, mode in modes:
+        r = attempt(sec, label, pytorch_train, batch, 1 if a.smoke else 100, mode, False)
+        if r:
+            add(sec, label, r)
+    out = os.path.join(root, "run-recipe-model")
+    r = attempt(sec, "vggctl train end to end (defaults)", vggctl_train, a.vggctl, root, out, batch,
+                128 if a.smoke else len(labels), [], 3, ("vgg16",))
+    keep_run(a.keep, out)
+    if r:
+        (speed, peak, ran_as, _), secs = r
+        rows.append((sec, f"vggctl train end to end ({ran_as})", speed, peak, f"{secs:.0f}s"))
+    label = "PyTorch recipe loop, DataLoader num_workers=0"
+    r = attempt(sec, label, recipe_loop, data, labels, 0, 1 if a.smoke else 20, False)
+    if r:
+        add(sec, label, r)
+        recipe["loop"] = r[0][0]
+    sec = "the recipe end to end"
+    n_train = 256 if a.smoke else 50000
+    here = os.path.join(root, "recipe-data")
+    os.makedirs(here)
+    reps = -(-(n_train + 10000) // len(labels))
+    write_cifar_bin(here, np.tile(data, (reps, 1, 1, 1))[:n_train + 10000],
+                    np.tile(labels, reps)[:n_train + 10000], test=10000)
+    out = os.path.join(root, "run-recipe")
+    r = attempt(sec, "vggctl train --arch vgg16 --dataset cifar10 (defaults)", vggctl_recipe, a.vggctl, here, out,
+                a.smoke)
+    keep_run(a.keep, out)
+    if r:
+        (epochs, top1, ran_as), secs = r
+        recipe.update(epochs=epochs, secs=secs, ran_as=ran_as, train=n_train)
+        rows.append((sec, f"vggctl, {epochs} epochs, wall time ({ran_as})", 0.0, 0, f"{secs:.0f}s"))
+
+
+def print_recipe(recipe):
+    """The recipe's wall time next to the PyTorch loop's, extrapolated
+    from its images/s (its training only: its evaluations not counted)."""
+    if "secs" not in recipe:
+        return
+    print(f"\nthe recipe end to end ({recipe['ran_as']}): {recipe['epochs']} epochs of {recipe['train']:,} images "
+          f"and their evaluations in {recipe['secs']:.0f} s (target: under 60 s on an H100/H200)")
+    if recipe.get("loop"):
+        loop = recipe["epochs"] * recipe["train"] / recipe["loop"]
+        print(f"  the seed's PyTorch loop (num_workers=0, {recipe['loop']:,.0f} img/s), its training alone: "
+              f"{loop:,.0f} s ({loop / recipe['secs']:.1f}x vggctl's whole run)")
+
+
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
     p = argparse.ArgumentParser()
@@ -345,6 +439,10 @@ def main():
                    help="vggctl training runs with --profile (step time split in the kept metrics.jsonl, "
                         "kernels of 10 replayed steps in ops.csv; "
                         "its synchronisations cost speed)")
+    p.add_argument("--recipe", action="store_true",
+                   help="also VGG16 without BN at batch 128 (the recipe's model) and the recipe end to end: "
+                        "100 epochs of vggctl train's defaults on 50,000/10,000 synthetic images "
+                        "(about 2 more minutes)")
     p.add_argument("--smoke", action="store_true",
                    help="a tiny run on the CPU that checks this script's plumbing (its figures mean nothing)")
     a = p.parse_args()
@@ -377,6 +475,8 @@ def main():
     ops_tables = []  # (batch, kernel rows)
     plain = {}  # batch -> images/s of vggctl's defaults
     world_one = {}  # batch -> (backend, images/s) of a world of one
+    unfused = {}  # batch -> images/s of --no-fused-step (today's step, the reference)
+    recipe = {}  # what the recipe's end-to-end run measured
 
     def attempt(section, label, f, *args):
         """f(*args) timed; a failure is reported and recorded, and the run goes
@@ -410,7 +510,7 @@ def main():
                         add(sec, label, r)
             # The defaults (fp16, channels_last, CUDA graphs), bf16, and eager
             # steps: the figures behind the defaults.
-            for extra in ([], ["--precision", "bf16"], ["--no-cuda-graphs"]):
+            for extra in ([], ["--precision", "bf16"], ["--no-cuda-graphs"], ["--no-fused-step"]):
                 out = os.path.join(root, f"run-{batch}-{'-'.join(x.strip('-') for x in extra) or 'default'}")
                 label = f"vggctl train end to end ({' '.join(extra) or 'defaults'})"
                 r = attempt(sec, label, vggctl_train, a.vggctl, root, out, batch, 128 if a.smoke else n,
@@ -422,6 +522,8 @@ def main():
                     print(f"  {sec}: vggctl {ran_as}: {speed:,.0f} img/s", file=sys.stderr, flush=True)
                     if not extra:
                         plain[batch] = speed
+                    elif extra == ["--no-fused-step"]:
+                        unfused[batch] = speed
             if batch == (16 if a.smoke else 128):
                 # A world of one under NCCL (Gloo in a smoke run): the same
                 # step with its all-reduce inside the CUDA graph.
@@ -451,6 +553,9 @@ def main():
             r = attempt(sec, label, recipe_loop, data, labels, workers, 1 if a.smoke else 20 if workers == 0 else 60)
             if r:
                 add(sec, label, r)
+
+        if a.recipe:
+            recipe_sections(a, root, data, labels, attempt, add, rows, recipe)
 
         sec = "inference 224x224, batch 64"
         ib = 4 if a.smoke else 64
@@ -486,12 +591,22 @@ def main():
                 if top1s:
                     accuracy.append((ran, top1s))
 
-    print(f"{'configuration':<72} {'images/s':>10} {'peak memory':>12}  {'took':>5}")
+    # Training rows: the model's arithmetic per second (VGG16, 32x32) and
+    # its share of the GPU's dense fp16 peak.
+    flops, top = train_flops_per_image(), dense_fp16_peak()
+    print(f"{'configuration':<72} {'images/s':>10} {'peak memory':>12}  {'took':>5}  {'TFLOP/s':>8} {'of peak':>8}")
     for section in dict.fromkeys(r[0] for r in rows):
         print(f"-- {section}")
         for s, label, speed, peak, note in rows:
             if s == section:
-                print(f"{label:<72} {speed:>10,.0f} {mib(peak):>12}  {note:>5}")
+                arith = ""
+                if s.startswith("train") and speed > 0:
+                    tf = speed * flops / 1e12
+                    arith = f"  {tf:>8.1f} {f'{tf * 1e12 / top:.1%}' if top else 'n/a':>8}"
+                print(f"{label:<72} {speed:>10,.0f} {mib(peak):>12}  {note:>5}{arith}")
+    print(f"(TFLOP/s: {flops / 1e9:.2f} GFLOP per training image, VGG16 at 32x32, forward and backward; "
+          f"peak: {'989 TFLOP/s dense fp16' if top else 'unknown for this GPU'})")
+    print_recipe(recipe)
 
     def best(section, prefix):
         vals = [r[2] for r in rows if r[0] == section and r[1].startswith(prefix) and r[2] > 0]
@@ -512,6 +627,8 @@ def main():
                                 default=None), 1.1))
             targets.append(("batch 128 vs the recipe loop, num_workers=0", ours,
                             best("recipe loop, batch 128", "PyTorch recipe loop, DataLoader num_workers=0"), 24.0))
+    for batch, speed in unfused.items():
+        targets.append((f"batch {batch}, fused step vs --no-fused-step", plain.get(batch), speed, 1.0))
     for batch, (backend, speed) in world_one.items():
         targets.append((f"batch {batch}, {backend} world of one vs one process", speed, plain.get(batch), 0.97))
     sec = "inference 224x224, batch 64"

@@ -264,7 +264,11 @@ pub fn fold_bn(model: &Vgg) -> Vgg {
     spec.bn = false;
     Vgg {
         spec,
-        features: Sequential { layers, sync: None },
+        features: Sequential {
+            layers,
+            sync: None,
+            bias_free: false,
+        },
         pool_size: model.pool_size,
         classifier: Sequential {
             layers: model
@@ -274,6 +278,7 @@ pub fn fold_bn(model: &Vgg) -> Vgg {
                 .map(|(n, l)| (n.clone(), l.shallow()))
                 .collect(),
             sync: None,
+            bias_free: false,
         },
         frozen_prefix: 0,
     }

@@ -119,6 +119,8 @@ pub struct NumericsRequest {
     pub cuda_graphs: Option<bool>,
     /// Training: one flat parameter buffer and libtorch's fused update.
     pub fused: bool,
+    /// Training on CUDA: the fused step (not `--no-fused-step`).
+    pub fused_step: bool,
     /// CUDA: deterministic cuDNN algorithms without autotuning.
     pub deterministic: bool,
 }
@@ -149,6 +151,10 @@ pub struct Numerics {
     pub channels_last: bool,
     /// Training with the fused update (fp16's loss scaling needs it).
     pub fused: bool,
+    /// Training on CUDA with the fused step: for now, convolutions before
+    /// BatchNorm without their (zero) bias (`Sequential::bias_free`); the
+    /// trainer turns it off where the model has nothing it fuses.
+    pub fused_step: bool,
     pub cuda_graphs: bool,
 }
 
@@ -194,6 +200,7 @@ impl Numerics {
             precision,
             channels_last: req.channels_last_on(device),
             fused,
+            fused_step: training && device.is_cuda() && req.fused_step,
             cuda_graphs,
         })
     }
@@ -206,6 +213,7 @@ impl Numerics {
             precision: Precision::Fp32,
             channels_last: false,
             fused: false,
+            fused_step: false,
             cuda_graphs: false,
         }
     }
@@ -262,6 +270,9 @@ impl Numerics {
             parts.push("fused update".into());
         }
         parts.extend(form.map(String::from));
+        if self.fused_step {
+            parts.push("fused step".into());
+        }
         if self.cuda_graphs {
             parts.push("CUDA graph".into());
         }
@@ -380,6 +391,7 @@ mod tests {
             channels_last: None,
             cuda_graphs: None,
             fused: true,
+            fused_step: true,
             deterministic: false,
         }
     }
@@ -399,6 +411,7 @@ mod tests {
         let (n, w) = decide(&req, Activity::Training);
         assert_eq!(n.precision, Precision::Fp32);
         assert!(!n.cuda_graphs && n.fused && !n.channels_last);
+        assert!(!n.fused_step, "the fused step is CUDA's");
         assert_eq!(
             w,
             [

@@ -285,7 +285,13 @@ impl Optimizer {
     }
 
     /// A gradient flattened in its parameter's storage order.
+    /// `g` as its slot's segment of the flat gradient; a parameter the
+    /// loss did not use (a convolution's bias skipped before BatchNorm)
+    /// has none, and gets zeros.
     fn flat_grad(g: &Tensor, s: &Slot) -> Tensor {
+        if !g.defined() {
+            return s.param.zeros_like().reshape([-1]);
+        }
         if s.nhwc {
             g.permute([0, 2, 3, 1]).reshape([-1])
         } else {

@@ -236,6 +236,7 @@ impl NumericsOpts {
                 None => Some(false),
             },
             fused,
+            fused_step: false,
             deterministic: self.deterministic,
         }
     }

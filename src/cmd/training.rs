@@ -113,6 +113,11 @@ pub struct HyperOpts {
     /// Update each parameter separately instead of the fused flat-buffer update.
     #[arg(long, help_heading = "Speed")]
     pub no_fused: bool,
+    /// CUDA: train with libtorch's kernels as they are instead of the fused
+    /// step (which, for now, leaves out the convolutions' zero biases
+    /// before BatchNorm).
+    #[arg(long, help_heading = "Speed")]
+    pub no_fused_step: bool,
     /// Time data, forward and backward+update of every step (synchronizing) and report them per epoch.
     #[arg(long, help_heading = "Speed")]
     pub profile: bool,
@@ -146,6 +151,7 @@ const KEPT_ON_RESUME: &[&str] = &[
     "profile",
     "cuda_graphs",
     "no_cuda_graphs",
+    "no_fused_step",
     "deterministic",
     "data_dir",
     "data_url",
@@ -184,35 +190,6 @@ fn absolute(path: &std::path::Path) -> String {
         .unwrap_or_else(|_| path.to_path_buf())
         .display()
         .to_string()
-}
-
-fn timestamp() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    // UTC yyyymmdd-hhmmss without a date crate.
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let (y, m, d) = civil_from_days(days as i64);
-    format!(
-        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-/// Howard Hinnant's days-to-civil algorithm.
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + (m <= 2) as i64, m, d)
 }
 
 impl HyperOpts {
@@ -287,12 +264,7 @@ impl HyperOpts {
     ) -> TrainConfig {
         let numerics = self.numerics.request(Some(&self.graphs), !self.no_fused);
         let out = self.out.clone().unwrap_or_else(|| {
-            PathBuf::from("runs").join(format!(
-                "{}-{}-{}",
-                spec.model_name(),
-                data.dataset(),
-                timestamp()
-            ))
+            PathBuf::from("runs").join(RunDir::default_name(&spec.model_name(), data.dataset()))
         });
         let mut config = TrainConfig {
             model: spec,
@@ -336,6 +308,7 @@ impl HyperOpts {
             precision: numerics.precision,
             channels_last: numerics.channels_last_on(device),
             fused: numerics.fused,
+            fused_step: !self.no_fused_step,
             cuda_graphs: numerics.cuda_graphs_on(device),
             profile: self.profile,
             model_ema: None,
@@ -371,6 +344,7 @@ const FREE_ON_AUTO_RESUME: &[&str] = &[
     "device",
     "profile",
     "cuda_graphs",
+    "fused_step",
     "channels_last",
     "data_dir",
     "out",
@@ -499,6 +473,7 @@ fn continued_config(
     config.device = device_name(device);
     config.profile = h.profile;
     config.tensorboard |= h.recipe.tensorboard;
+    config.fused_step = !h.no_fused_step;
     config.cuda_graphs = h
         .numerics
         .request(Some(&h.graphs), config.fused)

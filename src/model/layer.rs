@@ -124,9 +124,20 @@ impl Layer {
         })
     }
 
-    pub(super) fn forward(&self, x: &Tensor, train: bool, sync: Option<&SumAcross>) -> Tensor {
+    /// The layer on `x`; `conv_bias` false runs a convolution without its
+    /// bias (see [`Sequential::bias_free`]).
+    pub(super) fn forward(
+        &self,
+        x: &Tensor,
+        train: bool,
+        sync: Option<&SumAcross>,
+        conv_bias: bool,
+    ) -> Tensor {
         match self {
-            Layer::Conv { weight, bias } => x.conv2d(weight, Some(bias), [1, 1], [1, 1], [1, 1], 1),
+            Layer::Conv { weight, bias } => {
+                let bias = conv_bias.then_some(bias);
+                x.conv2d(weight, bias, [1, 1], [1, 1], [1, 1], 1)
+            }
             Layer::BatchNorm {
                 weight,
                 bias,
@@ -217,6 +228,12 @@ pub struct Sequential {
     /// Set for SyncBatchNorm: BatchNorm's training statistics are taken
     /// across the ranks.
     pub sync: Option<SumAcross>,
+    /// In training mode, a convolution followed by BatchNorm runs without
+    /// its bias: BatchNorm subtracts the batch mean, so the bias cancels in
+    /// its output and its gradient is zero. Set only while those biases
+    /// are zero (they then stay zero, and the running statistics are the
+    /// same), see [`Sequential::conv_biases_before_bn_are_zero`].
+    pub bias_free: bool,
 }
 
 impl Sequential {
@@ -225,32 +242,55 @@ impl Sequential {
             .iter()
             .filter_map(|s| Layer::init(&s.kind).map(|l| (s.name.clone(), l)))
             .collect();
-        Sequential { layers, sync: None }
+        Sequential {
+            layers,
+            sync: None,
+            bias_free: false,
+        }
+    }
+
+    /// Runs the layers `range` (indices count every module, as
+    /// torchvision's do).
+    fn run(&self, x: &Tensor, range: std::ops::Range<usize>, train: bool) -> Tensor {
+        let mut x = x.shallow_clone();
+        for i in range {
+            let bias = !(self.bias_free && train && self.bn_follows(i));
+            x = self.layers[i]
+                .1
+                .forward(&x, train, self.sync.as_ref(), bias);
+        }
+        x
+    }
+
+    /// Whether layer `i` is a convolution whose output goes to BatchNorm.
+    fn bn_follows(&self, i: usize) -> bool {
+        matches!(self.layers[i].1, Layer::Conv { .. })
+            && matches!(self.layers.get(i + 1), Some((_, Layer::BatchNorm { .. })))
+    }
+
+    /// Whether every convolution from layer `from` on that is followed by
+    /// BatchNorm has an all-zero bias (torchvision initializes them so;
+    /// pretrained weights are not).
+    pub fn conv_biases_before_bn_are_zero(&self, from: usize) -> bool {
+        (from..self.layers.len())
+            .filter(|&i| self.bn_follows(i))
+            .all(|i| match &self.layers[i].1 {
+                Layer::Conv { bias, .. } => bias.abs().max().double_value(&[]) == 0.0,
+                _ => true,
+            })
     }
 
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
-        let mut x = x.shallow_clone();
-        for (_, layer) in &self.layers {
-            x = layer.forward(&x, train, self.sync.as_ref());
-        }
-        x
+        self.run(x, 0..self.layers.len(), train)
     }
 
     /// Runs the layers from index `n` on.
     pub fn forward_from(&self, x: &Tensor, n: usize, train: bool) -> Tensor {
-        let mut x = x.shallow_clone();
-        for (_, layer) in self.layers.iter().skip(n) {
-            x = layer.forward(&x, train, self.sync.as_ref());
-        }
-        x
+        self.run(x, n.min(self.layers.len())..self.layers.len(), train)
     }
 
     /// Runs only the first `n` layers (n counts every module, as torchvision's index does).
     pub fn forward_prefix(&self, x: &Tensor, n: usize, train: bool) -> Tensor {
-        let mut x = x.shallow_clone();
-        for (_, layer) in self.layers.iter().take(n) {
-            x = layer.forward(&x, train, self.sync.as_ref());
-        }
-        x
+        self.run(x, 0..n.min(self.layers.len()), train)
     }
 }

@@ -167,6 +167,11 @@ pub struct TrainConfig {
     /// One flat parameter buffer and one multi-tensor update (see optim.rs).
     #[serde(default = "default_true")]
     pub fused: bool,
+    /// CUDA: the fused step (`Numerics::fused_step`) where the model has
+    /// something it fuses; `--no-fused-step` runs libtorch's kernels as
+    /// they are (the reference).
+    #[serde(default = "default_true")]
+    pub fused_step: bool,
     /// Time the parts of each step (synchronizing the device) and report them.
     #[serde(default)]
     pub profile: bool,
@@ -287,6 +292,7 @@ impl TrainConfig {
             channels_last: Some(self.channels_last),
             cuda_graphs: Some(self.cuda_graphs),
             fused: self.fused,
+            fused_step: self.fused_step,
             deterministic,
         }
     }
@@ -339,6 +345,7 @@ mod tests {
             cuda_graphs: false,
             channels_last: false,
             fused: true,
+            fused_step: true,
             profile: false,
             keep: Keep::Best,
             clip_grad_norm: None,

@@ -48,7 +48,7 @@ use ema::Ema;
 use feed::Feed;
 use graphed::{GraphedStep, StepParts};
 use profile::{OpsRecorder, StepProfile, StepTimer};
-use start::{build_optimizer, join_world, start_state};
+use start::{build_optimizer, fuse_step, join_world, start_state};
 use state::{EpochMetrics, Partial, TrainState, TrainSummary};
 use step::{Forward, forward_loss};
 
@@ -123,6 +123,29 @@ pub struct Trainer<'a> {
     world: &'a World,
 }
 
+/// The CUDA graphs a run replays, where its numerics graph: the training
+/// step (not with accumulation, whose steps update every few batches),
+/// evaluation, and the moving average's evaluation.
+type Graphs = (Option<GraphedStep>, Option<EvalGraph>, Option<EvalGraph>);
+
+fn graphs(numerics: &Numerics, config: &TrainConfig, device: Device) -> Result<Graphs> {
+    let classes = config.model.classes;
+    let eval_graph = |on: bool| -> Result<Option<EvalGraph>> {
+        Ok(match on && numerics.cuda_graphs {
+            true => Some(EvalGraph::new(device, classes)?),
+            false => None,
+        })
+    };
+    Ok((
+        match numerics.cuda_graphs && config.accum_steps <= 1 {
+            true => Some(GraphedStep::new(device)?),
+            false => None,
+        },
+        eval_graph(true)?,
+        eval_graph(config.model_ema.is_some())?,
+    ))
+}
+
 impl<'a> Trainer<'a> {
     /// A new run (`resume` None) or the continuation of a saved one, in the
     /// numerics decided for it.
@@ -157,23 +180,9 @@ impl<'a> Trainer<'a> {
             &mut numerics,
             [train.len(), test.len()],
         )?;
+        fuse_step(&mut model, &mut numerics);
         let mut opt = build_optimizer(&mut model, &numerics, &state.config);
-        let classes = state.config.model.classes;
-        let eval_graph = |on: bool| -> Result<Option<EvalGraph>> {
-            Ok(match on && numerics.cuda_graphs {
-                true => Some(EvalGraph::new(device, classes)?),
-                false => None,
-            })
-        };
-        let (graph, eval_graph, ema_eval_graph) = (
-            // Accumulated steps update every few batches: eager only.
-            match numerics.cuda_graphs && state.config.accum_steps <= 1 {
-                true => Some(GraphedStep::new(device)?),
-                false => None,
-            },
-            eval_graph(true)?,
-            eval_graph(state.config.model_ema.is_some())?,
-        );
+        let (graph, eval_graph, ema_eval_graph) = graphs(&numerics, &state.config, device)?;
         let mut ema = state.config.model_ema.map(|c| Ema::new(&model, c));
         if let Some((source, mut tensors)) = resume_tensors {
             opt.load_state(&source, &tensors, state.optimizer_steps)?;

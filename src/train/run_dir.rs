@@ -26,7 +26,43 @@ pub struct RunDir {
     pub dir: PathBuf,
 }
 
+/// The current UTC time as `yyyymmdd-hhmmss`.
+fn timestamp() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    // UTC yyyymmdd-hhmmss without a date crate.
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(days as i64);
+    format!(
+        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Howard Hinnant's days-to-civil algorithm.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + (m <= 2) as i64, m, d)
+}
+
 impl RunDir {
+    /// The directory name of a run without `--out` (under `runs/`):
+    /// `<model>-<dataset>-<UTC time>`.
+    pub fn default_name(model: &str, dataset: &str) -> String {
+        format!("{model}-{dataset}-{}", timestamp())
+    }
+
     pub fn config(&self) -> PathBuf {
         self.dir.join("config.json")
     }

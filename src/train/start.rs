@@ -124,6 +124,18 @@ fn fingerprint(model: &Vgg, config: &TrainConfig, sizes: [i64; 2]) -> i64 {
     i64::from_le_bytes(d[..8].try_into().expect("8 bytes"))
 }
 
+/// What the fused step does for this model (`numerics.fused_step`, turned
+/// off where it does nothing): convolutions before BatchNorm leave out
+/// their bias while training, if every such bias in the trained layers
+/// is zero (from scratch; torchvision's pretrained ones are not).
+pub fn fuse_step(model: &mut Vgg, numerics: &mut Numerics) {
+    let from = model.frozen_prefix;
+    let features = &mut model.features;
+    features.bias_free =
+        numerics.fused_step && model.spec.bn && features.conv_biases_before_bn_are_zero(from);
+    numerics.fused_step = features.bias_free;
+}
+
 /// The optimizer the numerics ask for: the fused update over one flat
 /// buffer (parameters in the run's layout), or one per parameter.
 pub fn build_optimizer(model: &mut Vgg, numerics: &Numerics, config: &TrainConfig) -> Optimizer {

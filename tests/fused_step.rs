@@ -1,0 +1,248 @@
+//! The fused training step's algebra (issue #18), checked on CPU tensors:
+//! a convolution followed by training-mode BatchNorm may leave out its
+//! bias (`Sequential::bias_free`), because BatchNorm subtracts the batch
+//! mean. With any bias the outputs and the other gradients are the
+//! reference's and the bias's own gradient is zero; only the running mean
+//! moves by the bias, which is why the trainer turns it on only while the
+//! biases are zero. From torchvision's zero biases, training with the
+//! fused update equals the reference step (the bias-free parameters'
+//! gradients are zero-filled) and the biases stay exactly zero.
+
+use tch::{Device, Kind, Tensor};
+use vggctl::model::{Arch, Head, Layer, ModelSpec, Vgg};
+use vggctl::optim::{Optimizer, OptimizerConfig, OptimizerKind};
+
+/// libtorch's generator is the process's: each test holds this while it
+/// seeds and draws, so that tests running side by side draw alike.
+static SEEDED: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The `.bias` names of the model's convolutions.
+fn conv_bias_names(m: &Vgg) -> Vec<String> {
+    m.features
+        .layers
+        .iter()
+        .filter(|(_, l)| matches!(l, Layer::Conv { .. }))
+        .map(|(n, _)| format!("{n}.bias"))
+        .collect()
+}
+
+/// VGG11-BN with the GAP head (no dropout), seeded: two calls give the
+/// same model.
+fn model() -> Vgg {
+    tch::manual_seed(11);
+    Vgg::new(
+        ModelSpec::new(Arch::Vgg11, true, Head::Gap, 10),
+        Device::Cpu,
+    )
+}
+
+fn batch() -> (Tensor, Tensor) {
+    tch::manual_seed(5);
+    let x = Tensor::randn([8, 3, 32, 32], (Kind::Float, Device::Cpu));
+    let y = Tensor::randint(10, [8], (Kind::Int64, Device::Cpu));
+    (x, y)
+}
+
+/// Largest |a - b| over the largest |b| (or 1e-30).
+fn rel(a: &Tensor, b: &Tensor) -> f64 {
+    let diff = (a - b).abs().max().double_value(&[]);
+    diff / b.abs().max().double_value(&[]).max(1e-30)
+}
+
+/// The convolutions' biases (those before BatchNorm: all of them here).
+fn conv_biases(m: &Vgg) -> Vec<Tensor> {
+    m.features
+        .layers
+        .iter()
+        .filter_map(|(_, l)| match l {
+            Layer::Conv { bias, .. } => Some(bias.shallow_clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn running(m: &Vgg, which: &str) -> Vec<Tensor> {
+    m.features
+        .layers
+        .iter()
+        .filter_map(|(_, l)| match l {
+            Layer::BatchNorm {
+                running_mean,
+                running_var,
+                ..
+            } => Some(match which {
+                "mean" => running_mean.copy(),
+                _ => running_var.copy(),
+            }),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_bias_before_training_batchnorm_cancels() {
+    let _seeded = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
+    let (reference, fused) = (model(), model());
+    assert!(fused.features.conv_biases_before_bn_are_zero(0));
+    tch::manual_seed(3);
+    for (a, b) in conv_biases(&reference).iter().zip(conv_biases(&fused)) {
+        let values = Tensor::randn(a.size(), (Kind::Float, Device::Cpu)) * 0.1;
+        tch::no_grad(|| {
+            a.shallow_clone().copy_(&values);
+            b.shallow_clone().copy_(&values);
+        });
+    }
+    assert!(!fused.features.conv_biases_before_bn_are_zero(0));
+    // Only the last convolution's bias is beyond the first 25 modules.
+    assert!(!fused.features.conv_biases_before_bn_are_zero(25));
+    let mut fused = fused;
+    fused.features.bias_free = true;
+    let (x, y) = batch();
+    let mut grads = Vec::new();
+    for m in [&reference, &fused] {
+        let logits = m.forward_t(&x, true);
+        let loss = logits.cross_entropy_for_logits(&y);
+        let params: Vec<Tensor> = m
+            .parameters()
+            .into_iter()
+            .map(|(_, t)| t.shallow_clone())
+            .collect();
+        let g = Tensor::run_backward(&[&loss], &params, false, false);
+        grads.push((logits, g));
+    }
+    let ((logits_a, grads_a), (logits_b, grads_b)) = (&grads[0], &grads[1]);
+    assert!(
+        rel(logits_b, logits_a) < 1e-5,
+        "{}",
+        rel(logits_b, logits_a)
+    );
+    let names: Vec<String> = reference.parameters().into_iter().map(|(n, _)| n).collect();
+    let biases = conv_biases(&reference);
+    let conv_bias_names = conv_bias_names(&reference);
+    assert_eq!(conv_bias_names.len(), 8);
+    let scale = grads_a
+        .iter()
+        .map(|g| g.abs().max().double_value(&[]))
+        .fold(0.0, f64::max);
+    for ((name, a), b) in names.iter().zip(grads_a).zip(grads_b) {
+        if conv_bias_names.contains(name) {
+            assert!(!b.defined(), "{name}: the fused model used its bias");
+            // The reference's gradient is zero up to rounding; the fused
+            // model's is absent (the bias is not in its graph).
+            let top = a.abs().max().double_value(&[]);
+            assert!(top < 1e-6 * scale, "{name}: {top} against {scale}");
+        } else {
+            assert!(b.defined(), "{name} has no gradient");
+            assert!(rel(b, a) < 1e-5, "{name}: {}", rel(b, a));
+        }
+    }
+    let undefined = grads_b.iter().filter(|g| !g.defined()).count();
+    assert_eq!(
+        undefined,
+        biases.len(),
+        "every convolution's bias, and nothing else"
+    );
+    // The running mean is the batch mean of what BatchNorm saw: shifted
+    // by the bias (times the momentum); the variance is not.
+    for ((ma, mb), bias) in running(&reference, "mean")
+        .iter()
+        .zip(running(&fused, "mean"))
+        .zip(&biases)
+    {
+        let shift = ma - &mb;
+        assert!(
+            rel(&shift, &(bias * 0.1)) < 1e-5,
+            "{}",
+            rel(&shift, &(bias * 0.1))
+        );
+    }
+    for (va, vb) in running(&reference, "var")
+        .iter()
+        .zip(running(&fused, "var"))
+    {
+        assert!(rel(&vb, va) < 1e-5, "{}", rel(&vb, va));
+    }
+}
+
+/// Five steps of the fused SGD update (momentum, weight decay) from
+/// torchvision's zero biases: the bias-free model follows the reference
+/// within 1e-5 and its biases stay exactly zero.
+#[test]
+fn from_zero_biases_the_fused_step_trains_as_the_reference() {
+    let _seeded = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
+    let cfg = OptimizerConfig {
+        kind: OptimizerKind::Sgd,
+        momentum: 0.9,
+        weight_decay: 5e-4,
+        nesterov: false,
+        betas: (0.9, 0.999),
+        eps: 1e-8,
+    };
+    let (x, y) = batch();
+    let mut runs = Vec::new();
+    for bias_free in [false, true] {
+        let mut m = model();
+        m.features.bias_free = bias_free;
+        let flat = m.flatten_trainable(false);
+        let mut opt = Optimizer::fused(cfg.clone(), m.trainable_parameters(), flat);
+        for _ in 0..5 {
+            let loss = m.forward_t(&x, true).cross_entropy_for_logits(&y);
+            opt.backward_step(&loss, 0.05).unwrap();
+        }
+        runs.push(m);
+    }
+    let (reference, fused) = (&runs[0], &runs[1]);
+    for b in conv_biases(fused) {
+        assert_eq!(b.abs().max().double_value(&[]), 0.0, "a bias moved");
+    }
+    let moved = conv_biases(reference)
+        .iter()
+        .map(|b| b.abs().max().double_value(&[]))
+        .fold(0.0, f64::max);
+    assert!(moved < 1e-6, "the reference's biases moved by {moved}");
+    let start = model();
+    let mut travelled = 0.0f64;
+    for (((name, a), (_, b)), (_, s)) in reference
+        .parameters()
+        .into_iter()
+        .zip(fused.parameters())
+        .zip(start.parameters())
+    {
+        if conv_bias_names(reference).contains(&name) {
+            continue; // checked above
+        }
+        assert!(rel(b, a) < 1e-5, "{name}: {}", rel(b, a));
+        travelled = travelled.max(rel(a, s));
+    }
+    assert!(
+        travelled > 1e-3,
+        "training did not move the weights: {travelled}"
+    );
+    for which in ["mean", "var"] {
+        for (a, b) in running(reference, which).iter().zip(running(fused, which)) {
+            assert!(rel(&b, a) < 1e-5, "running {which}: {}", rel(&b, a));
+        }
+    }
+}
+
+/// Without BatchNorm nothing is left out: every bias is used.
+#[test]
+fn without_batchnorm_every_bias_is_used() {
+    let _seeded = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
+    tch::manual_seed(11);
+    let mut m = Vgg::new(
+        ModelSpec::new(Arch::Vgg11, false, Head::Gap, 10),
+        Device::Cpu,
+    );
+    m.features.bias_free = true;
+    assert!(m.features.conv_biases_before_bn_are_zero(0), "vacuously");
+    let (x, y) = batch();
+    let loss = m.forward_t(&x, true).cross_entropy_for_logits(&y);
+    let params: Vec<Tensor> = m
+        .parameters()
+        .into_iter()
+        .map(|(_, t)| t.shallow_clone())
+        .collect();
+    let grads = Tensor::run_backward(&[&loss], &params, false, false);
+    assert!(grads.iter().all(|g| g.defined()));
+}
