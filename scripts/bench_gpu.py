@@ -603,7 +603,8 @@ def main():
                 if s.startswith("train") and speed > 0:
                     tf = speed * flops / 1e12
                     arith = f"  {tf:>8.1f} {f'{tf * 1e12 / top:.1%}' if top else 'n/a':>8}"
-                print(f"{label:<72} {speed:>10,.0f} {mib(peak):>12}  {note:>5}{arith}")
+                rate = f"{speed:>10,.0f}" if speed else f"{'-':>10}"
+                print(f"{label:<72} {rate} {mib(peak):>12}  {note:>5}{arith}")
     print(f"(TFLOP/s: {flops / 1e9:.2f} GFLOP per training image, VGG16 at 32x32, forward and backward; "
           f"peak: {'989 TFLOP/s dense fp16' if top else 'unknown for this GPU'})")
     print_recipe(recipe)

@@ -43,6 +43,20 @@ fn batch() -> (Tensor, Tensor) {
     (x, y)
 }
 
+/// Training-mode logits on `x` and the gradients of their cross-entropy
+/// with `y` for every parameter (undefined for one the loss did not use).
+fn gradients(m: &Vgg, x: &Tensor, y: &Tensor) -> (Tensor, Vec<Tensor>) {
+    let logits = m.forward_t(x, true);
+    let loss = logits.cross_entropy_for_logits(y);
+    let params: Vec<Tensor> = m
+        .parameters()
+        .into_iter()
+        .map(|(_, t)| t.shallow_clone())
+        .collect();
+    let grads = Tensor::run_backward(&[&loss], &params, false, false);
+    (logits, grads)
+}
+
 /// Largest |a - b| over the largest |b| (or 1e-30).
 fn rel(a: &Tensor, b: &Tensor) -> f64 {
     let diff = (a - b).abs().max().double_value(&[]);
@@ -98,18 +112,7 @@ fn a_bias_before_training_batchnorm_cancels() {
     let mut fused = fused;
     fused.features.bias_free = true;
     let (x, y) = batch();
-    let mut grads = Vec::new();
-    for m in [&reference, &fused] {
-        let logits = m.forward_t(&x, true);
-        let loss = logits.cross_entropy_for_logits(&y);
-        let params: Vec<Tensor> = m
-            .parameters()
-            .into_iter()
-            .map(|(_, t)| t.shallow_clone())
-            .collect();
-        let g = Tensor::run_backward(&[&loss], &params, false, false);
-        grads.push((logits, g));
-    }
+    let grads = [gradients(&reference, &x, &y), gradients(&fused, &x, &y)];
     let ((logits_a, grads_a), (logits_b, grads_b)) = (&grads[0], &grads[1]);
     assert!(
         rel(logits_b, logits_a) < 1e-5,
@@ -237,12 +240,6 @@ fn without_batchnorm_every_bias_is_used() {
     m.features.bias_free = true;
     assert!(m.features.conv_biases_before_bn_are_zero(0), "vacuously");
     let (x, y) = batch();
-    let loss = m.forward_t(&x, true).cross_entropy_for_logits(&y);
-    let params: Vec<Tensor> = m
-        .parameters()
-        .into_iter()
-        .map(|(_, t)| t.shallow_clone())
-        .collect();
-    let grads = Tensor::run_backward(&[&loss], &params, false, false);
+    let (_, grads) = gradients(&m, &x, &y);
     assert!(grads.iter().all(|g| g.defined()));
 }
