@@ -58,6 +58,7 @@ fn nccl_headers(torch_root: &Path, cuda_headers: &Path) -> Option<PathBuf> {
 fn build_shim(lib: &Path, cuda: bool) {
     println!("cargo:rerun-if-changed=src/shim.cpp");
     println!("cargo:rerun-if-changed=src/shim_dist.cpp");
+    println!("cargo:rerun-if-changed=src/shim_step.cpp");
     println!("cargo:rerun-if-changed=src/shim.h");
     println!("cargo:rerun-if-changed=src/gloo-stubs");
     for v in [
@@ -78,6 +79,7 @@ fn build_shim(lib: &Path, cuda: bool) {
         .cpp(true)
         .file("src/shim.cpp")
         .file("src/shim_dist.cpp")
+        .file("src/shim_step.cpp")
         .include(include.join("include"))
         // c10d's Gloo backend is declared only under USE_C10D_GLOO; its
         // header's gloo includes are met by stand-ins (see src/gloo-stubs).

@@ -268,6 +268,7 @@ pub fn fold_bn(model: &Vgg) -> Vgg {
             layers,
             sync: None,
             bias_free: false,
+            conv_relu: false,
         },
         pool_size: model.pool_size,
         classifier: Sequential {
@@ -279,6 +280,7 @@ pub fn fold_bn(model: &Vgg) -> Vgg {
                 .collect(),
             sync: None,
             bias_free: false,
+            conv_relu: false,
         },
         frozen_prefix: 0,
     }

@@ -152,8 +152,10 @@ pub struct Numerics {
     /// Training with the fused update (fp16's loss scaling needs it).
     pub fused: bool,
     /// Training on CUDA with the fused step: for now, convolutions before
-    /// BatchNorm without their (zero) bias (`Sequential::bias_free`); the
-    /// trainer turns it off where the model has nothing it fuses.
+    /// BatchNorm without their (zero) bias (`Sequential::bias_free`), and
+    /// without BatchNorm conv+bias+ReLU in one cuDNN kernel
+    /// (`Sequential::conv_relu`); the trainer turns it off where the model
+    /// has nothing it fuses.
     pub fused_step: bool,
     pub cuda_graphs: bool,
 }

@@ -1,7 +1,8 @@
 //! Safe wrappers over src/shim.cpp: the libtorch calls tch does not bind
 //! (autocast dtype, CPU autocast, TF32, bf16 support, CUDA memory statistics, CUDA
 //! graphs, the fused SGD and AdamW updates; c10d's process group in `dist`,
-//! over src/shim_dist.cpp). This module and its `dist` are the only ones
+//! over src/shim_dist.cpp; the fused step's operations in `step`, over
+//! src/shim_step.cpp). This module and those under it are the only ones
 //! with `unsafe` code of vggctl's own.
 //!
 //! Every call reports a C++ exception as an `Err` with libtorch's message;
@@ -16,6 +17,7 @@ use torch_sys::C_tensor;
 
 pub mod dist;
 pub mod profiler;
+pub mod step;
 
 const ERR_LEN: usize = 1024;
 

@@ -57,6 +57,49 @@ fn gradients(m: &Vgg, x: &Tensor, y: &Tensor) -> (Tensor, Vec<Tensor>) {
     (logits, grads)
 }
 
+/// `m` after five steps of the fused SGD update (momentum 0.9, weight
+/// decay 5e-4, lr 0.05) on the test batch.
+fn five_steps(mut m: Vgg) -> Vgg {
+    let cfg = OptimizerConfig {
+        kind: OptimizerKind::Sgd,
+        momentum: 0.9,
+        weight_decay: 5e-4,
+        nesterov: false,
+        betas: (0.9, 0.999),
+        eps: 1e-8,
+    };
+    let (x, y) = batch();
+    let flat = m.flatten_trainable(false);
+    let mut opt = Optimizer::fused(cfg, m.trainable_parameters(), flat);
+    for _ in 0..5 {
+        let loss = m.forward_t(&x, true).cross_entropy_for_logits(&y);
+        opt.backward_step(&loss, 0.05).unwrap();
+    }
+    m
+}
+
+/// Every parameter of `fused` but those named in `skip` within 1e-5 of
+/// `reference`'s, and training moved them away from `start`'s.
+fn assert_trained_alike(reference: &Vgg, fused: &Vgg, start: &Vgg, skip: &[String]) {
+    let mut travelled = 0.0f64;
+    for (((name, a), (_, b)), (_, s)) in reference
+        .parameters()
+        .into_iter()
+        .zip(fused.parameters())
+        .zip(start.parameters())
+    {
+        if skip.contains(&name) {
+            continue;
+        }
+        assert!(rel(b, a) < 1e-5, "{name}: {}", rel(b, a));
+        travelled = travelled.max(rel(a, s));
+    }
+    assert!(
+        travelled > 1e-3,
+        "training did not move the weights: {travelled}"
+    );
+}
+
 /// Largest |a - b| over the largest |b| (or 1e-30).
 fn rel(a: &Tensor, b: &Tensor) -> f64 {
     let diff = (a - b).abs().max().double_value(&[]);
@@ -173,27 +216,11 @@ fn a_bias_before_training_batchnorm_cancels() {
 #[test]
 fn from_zero_biases_the_fused_step_trains_as_the_reference() {
     let _seeded = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
-    let cfg = OptimizerConfig {
-        kind: OptimizerKind::Sgd,
-        momentum: 0.9,
-        weight_decay: 5e-4,
-        nesterov: false,
-        betas: (0.9, 0.999),
-        eps: 1e-8,
-    };
-    let (x, y) = batch();
-    let mut runs = Vec::new();
-    for bias_free in [false, true] {
+    let runs = [false, true].map(|bias_free| {
         let mut m = model();
         m.features.bias_free = bias_free;
-        let flat = m.flatten_trainable(false);
-        let mut opt = Optimizer::fused(cfg.clone(), m.trainable_parameters(), flat);
-        for _ in 0..5 {
-            let loss = m.forward_t(&x, true).cross_entropy_for_logits(&y);
-            opt.backward_step(&loss, 0.05).unwrap();
-        }
-        runs.push(m);
-    }
+        five_steps(m)
+    });
     let (reference, fused) = (&runs[0], &runs[1]);
     for b in conv_biases(fused) {
         assert_eq!(b.abs().max().double_value(&[]), 0.0, "a bias moved");
@@ -203,24 +230,8 @@ fn from_zero_biases_the_fused_step_trains_as_the_reference() {
         .map(|b| b.abs().max().double_value(&[]))
         .fold(0.0, f64::max);
     assert!(moved < 1e-6, "the reference's biases moved by {moved}");
-    let start = model();
-    let mut travelled = 0.0f64;
-    for (((name, a), (_, b)), (_, s)) in reference
-        .parameters()
-        .into_iter()
-        .zip(fused.parameters())
-        .zip(start.parameters())
-    {
-        if conv_bias_names(reference).contains(&name) {
-            continue; // checked above
-        }
-        assert!(rel(b, a) < 1e-5, "{name}: {}", rel(b, a));
-        travelled = travelled.max(rel(a, s));
-    }
-    assert!(
-        travelled > 1e-3,
-        "training did not move the weights: {travelled}"
-    );
+    // The biases are checked above.
+    assert_trained_alike(reference, fused, &model(), &conv_bias_names(reference));
     for which in ["mean", "var"] {
         for (a, b) in running(reference, which).iter().zip(running(fused, which)) {
             assert!(rel(&b, a) < 1e-5, "running {which}: {}", rel(&b, a));
@@ -242,4 +253,114 @@ fn without_batchnorm_every_bias_is_used() {
     let (x, y) = batch();
     let (_, grads) = gradients(&m, &x, &y);
     assert!(grads.iter().all(|g| g.defined()));
+}
+
+/// VGG11 without BatchNorm, GAP head (no dropout), seeded.
+fn plain_model() -> Vgg {
+    tch::manual_seed(11);
+    Vgg::new(
+        ModelSpec::new(Arch::Vgg11, false, Head::Gap, 10),
+        Device::Cpu,
+    )
+}
+
+/// Convolution, bias and ReLU as one operation with its own backward
+/// (the shim's; on the CPU its forward is the plain ops, so the backward is
+/// what this checks): the logits equal the plain model's, every gradient
+/// within 1e-6 of the largest, in fp32 and under bf16 autocast (1e-2, each
+/// side rounding in its own order).
+#[test]
+fn conv_bias_relu_is_the_plain_ops_with_their_gradients() {
+    let _seeded = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
+    let reference = plain_model();
+    let mut fused = plain_model();
+    fused.features.conv_relu = true;
+    tch::manual_seed(3);
+    for (a, b) in conv_biases(&reference).iter().zip(conv_biases(&fused)) {
+        let values = Tensor::randn(a.size(), (Kind::Float, Device::Cpu)) * 0.1;
+        tch::no_grad(|| {
+            a.shallow_clone().copy_(&values);
+            b.shallow_clone().copy_(&values);
+        });
+    }
+    let (x, y) = batch();
+    for (autocast, tolerance) in [(false, 1e-6), (true, 1e-2)] {
+        let run = |m: &Vgg| match autocast {
+            true => vggctl::shim::cpu_autocast(|| gradients(m, &x, &y)).unwrap(),
+            false => gradients(m, &x, &y),
+        };
+        let ((la, ga), (lb, gb)) = (run(&reference), run(&fused));
+        assert!(
+            rel(&lb, &la) <= tolerance,
+            "autocast {autocast}: logits {}",
+            rel(&lb, &la)
+        );
+        let names: Vec<String> = reference.parameters().into_iter().map(|(n, _)| n).collect();
+        for ((name, a), b) in names.iter().zip(&ga).zip(&gb) {
+            assert!(b.defined() && b.kind() == Kind::Float, "{name}");
+            assert!(
+                rel(b, a) <= tolerance,
+                "autocast {autocast}: {name}: {}",
+                rel(b, a)
+            );
+        }
+    }
+}
+
+/// Five fused SGD steps with the conv+bias+ReLU operation equal the plain
+/// model's within 1e-5.
+#[test]
+fn conv_bias_relu_trains_as_the_plain_ops() {
+    let _seeded = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
+    let runs = [false, true].map(|conv_relu| {
+        let mut m = plain_model();
+        m.features.conv_relu = conv_relu;
+        five_steps(m)
+    });
+    assert_trained_alike(&runs[0], &runs[1], &plain_model(), &[]);
+}
+
+/// The shim's operation itself (the model falls back to the plain ops if
+/// it fails, which the model-level checks above could not tell): it
+/// answers, and input, weight and bias gradients equal autograd's through
+/// the plain ops, in fp32 and channels-last.
+#[test]
+fn the_shims_conv_bias_relu_answers_with_autograds_gradients() {
+    let _seeded = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
+    tch::manual_seed(7);
+    let opts = (Kind::Float, Device::Cpu);
+    for channels_last in [false, true] {
+        let layout = |t: Tensor| match channels_last {
+            true => vggctl::model::to_channels_last(&t),
+            false => t,
+        };
+        let x = layout(Tensor::randn([4, 8, 6, 6], opts)).set_requires_grad(true);
+        let w = layout(Tensor::randn([5, 8, 3, 3], opts) * 0.2).set_requires_grad(true);
+        let b = Tensor::randn([5], opts).set_requires_grad(true);
+        let weights = Tensor::randn([4, 5, 6, 6], opts);
+        let fused = vggctl::shim::step::conv_bias_relu(&x, &w, &b).unwrap();
+        let plain = x.conv2d(&w, Some(&b), [1, 1], [1, 1], [1, 1], 1).relu();
+        assert!(rel(&fused, &plain) < 1e-6);
+        assert!(fused.min().double_value(&[]) == 0.0, "no ReLU");
+        let inputs = [&x, &w, &b];
+        let gf = Tensor::run_backward(
+            &[(&fused * &weights).sum(Kind::Float)],
+            &inputs,
+            false,
+            false,
+        );
+        let gp = Tensor::run_backward(
+            &[(&plain * &weights).sum(Kind::Float)],
+            &inputs,
+            false,
+            false,
+        );
+        for (what, (f, p)) in ["input", "weight", "bias"].iter().zip(gf.iter().zip(&gp)) {
+            assert!(
+                rel(f, p) < 1e-5,
+                "{what} (channels_last {channels_last}): {}",
+                rel(f, p)
+            );
+        }
+    }
 }

@@ -90,6 +90,10 @@ fn train_run(
         "--out",
         &o,
     ];
+    // An `--arch` among the extra arguments replaces VGG11-BN.
+    if extra.contains(&"--arch") {
+        args.drain(1..4);
+    }
     args.extend_from_slice(extra);
     let dir = common::tempdir();
     let r = common::Run::from(
@@ -226,13 +230,14 @@ fn loss_scaling_runs_on_the_device() {
     }
 }
 
-/// The fused step (VGG11-BN from torchvision's zero biases: convolutions
-/// before BatchNorm without their bias) against `--no-fused-step`, both
-/// graphed, fp32 with `--deterministic`: after 20 steps the weights and
-/// running statistics are within 1e-4 of the reference's (relative to
-/// each tensor's largest value; the convolutions' biases, zero in the
-/// fused run, within 1e-4 absolute), BatchNorm counters equal, and fp16
-/// runs it too.
+/// The fused step against `--no-fused-step`, both graphed, fp32 with
+/// `--deterministic` — VGG11-BN from torchvision's zero biases
+/// (convolutions before BatchNorm without their bias) and VGG11 without
+/// BatchNorm (conv+bias+ReLU in one cuDNN kernel): after 20 steps the
+/// weights and running statistics are within 1e-4 of the reference's
+/// (relative to each tensor's largest value; the BN model's convolution
+/// biases, zero in the fused run, within 1e-4 absolute), BatchNorm counters
+/// equal, and fp16 runs both too.
 #[test]
 #[ignore = "needs a CUDA GPU (scripts/gpu-check runs it)"]
 fn the_fused_step_trains_as_the_reference_step() {
@@ -277,6 +282,45 @@ fn the_fused_step_trains_as_the_reference_step() {
         worst.0, worst.1
     );
     let half = train(&tmp.path().join("fp16"), 1, &["--precision", "fp16"]);
+    assert!(half[0].ran_as.contains("fused step") && half[0].train_loss.is_finite());
+    // VGG11 without BatchNorm: conv+bias+ReLU in one cuDNN kernel.
+    let plain = ["--arch", "vgg11"];
+    let fused = train(
+        &tmp.path().join("plain-fused"),
+        2,
+        &[&plain[..], &det[..]].concat(),
+    );
+    let reference = train(
+        &tmp.path().join("plain-reference"),
+        2,
+        &[&plain[..], &det[..], &["--no-fused-step"]].concat(),
+    );
+    assert!(
+        fused[0].ran_as.contains("fused step"),
+        "{}",
+        fused[0].ran_as
+    );
+    let (a, b) = (
+        load(&tmp.path().join("plain-fused")),
+        load(&tmp.path().join("plain-reference")),
+    );
+    for (k, t) in &b {
+        let err = (&a[k] - t).abs().max().double_value(&[]);
+        let rel = err / t.abs().max().double_value(&[]).max(1e-3);
+        println!("{k}: conv+bias+ReLU vs reference {rel:.3e}");
+        assert!(rel <= 1e-4, "{k}: {rel}");
+    }
+    for (f, r) in fused.iter().zip(&reference) {
+        println!(
+            "epoch {}: train loss {} fused, {} reference",
+            f.epoch, f.train_loss, r.train_loss
+        );
+    }
+    let half = train(
+        &tmp.path().join("plain-fp16"),
+        1,
+        &[&plain[..], &["--precision", "fp16"]].concat(),
+    );
     assert!(half[0].ran_as.contains("fused step") && half[0].train_loss.is_finite());
 }
 

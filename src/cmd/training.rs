@@ -115,7 +115,8 @@ pub struct HyperOpts {
     pub no_fused: bool,
     /// CUDA: train with libtorch's kernels as they are instead of the fused
     /// step (which, for now, leaves out the convolutions' zero biases
-    /// before BatchNorm).
+    /// before BatchNorm, and without BatchNorm runs each convolution with
+    /// its bias and ReLU in one cuDNN kernel).
     #[arg(long, help_heading = "Speed")]
     pub no_fused_step: bool,
     /// Time data, forward and backward+update of every step (synchronizing) and report them per epoch.

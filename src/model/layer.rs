@@ -234,6 +234,10 @@ pub struct Sequential {
     /// are zero (they then stay zero, and the running statistics are the
     /// same), see [`Sequential::conv_biases_before_bn_are_zero`].
     pub bias_free: bool,
+    /// In training mode, a convolution followed by ReLU runs as one
+    /// operation (`shim::step::conv_bias_relu`: cuDNN's conv+bias+ReLU on
+    /// CUDA, with its own backward); the plain ops if it fails.
+    pub conv_relu: bool,
 }
 
 impl Sequential {
@@ -246,6 +250,7 @@ impl Sequential {
             layers,
             sync: None,
             bias_free: false,
+            conv_relu: false,
         }
     }
 
@@ -253,13 +258,31 @@ impl Sequential {
     /// torchvision's do).
     fn run(&self, x: &Tensor, range: std::ops::Range<usize>, train: bool) -> Tensor {
         let mut x = x.shallow_clone();
-        for i in range {
+        let mut i = range.start;
+        while i < range.end {
+            let layer = &self.layers[i].1;
+            if let (true, Layer::Conv { weight, bias }) = (self.fuses_relu(i, &range, train), layer)
+            {
+                x = crate::shim::step::conv_bias_relu(&x, weight, bias)
+                    .unwrap_or_else(|_| layer.forward(&x, train, None, true).relu());
+                i += 2;
+                continue;
+            }
             let bias = !(self.bias_free && train && self.bn_follows(i));
-            x = self.layers[i]
-                .1
-                .forward(&x, train, self.sync.as_ref(), bias);
+            x = layer.forward(&x, train, self.sync.as_ref(), bias);
+            i += 1;
         }
         x
+    }
+
+    /// Whether layer `i` and the ReLU after it (both in `range`) run as one
+    /// operation.
+    fn fuses_relu(&self, i: usize, range: &std::ops::Range<usize>, train: bool) -> bool {
+        self.conv_relu
+            && train
+            && i + 1 < range.end
+            && matches!(self.layers[i].1, Layer::Conv { .. })
+            && matches!(self.layers[i + 1].1, Layer::Relu)
     }
 
     /// Whether layer `i` is a convolution whose output goes to BatchNorm.

@@ -125,15 +125,54 @@ fn fingerprint(model: &Vgg, config: &TrainConfig, sizes: [i64; 2]) -> i64 {
 }
 
 /// What the fused step does for this model (`numerics.fused_step`, turned
-/// off where it does nothing): convolutions before BatchNorm leave out
-/// their bias while training, if every such bias in the trained layers
-/// is zero (from scratch; torchvision's pretrained ones are not).
+/// off where it does nothing): with BatchNorm, convolutions before it leave
+/// out their bias while training, if every such bias in the trained layers
+/// is zero (from scratch; torchvision's pretrained ones are not); without
+/// BatchNorm, convolution, bias and ReLU run as one operation where it
+/// runs on this device and agrees with the plain ops.
 pub fn fuse_step(model: &mut Vgg, numerics: &mut Numerics) {
     let from = model.frozen_prefix;
     let features = &mut model.features;
     features.bias_free =
         numerics.fused_step && model.spec.bn && features.conv_biases_before_bn_are_zero(from);
-    numerics.fused_step = features.bias_free;
+    features.conv_relu = numerics.fused_step && !model.spec.bn && conv_relu_works(numerics);
+    numerics.fused_step = features.bias_free || features.conv_relu;
+}
+
+/// Whether the fused conv+bias+ReLU runs on the run's device, in its
+/// compute dtype and layout, and computes what the plain ops compute (fp32
+/// within 1e-4, TF32 and half precision within 1e-2 of the largest value), checked
+/// once on a small batch of fixed values (no random draws: the run's
+/// generator is left as it was).
+fn conv_relu_works(numerics: &Numerics) -> bool {
+    let (dev, kind) = (numerics.device, numerics.compute_kind());
+    let values = |shape: &[i64], scale: f64| {
+        let n: i64 = shape.iter().product();
+        (Tensor::arange(n, (tch::Kind::Float, dev)) * 0.7)
+            .sin()
+            .view(shape)
+            * scale
+    };
+    let x = numerics.input(&values(&[2, 16, 8, 8], 1.0)).to_kind(kind);
+    let w = numerics.input(&values(&[16, 16, 3, 3], 0.1)).to_kind(kind);
+    let b = values(&[16], 0.1).to_kind(kind);
+    let Ok(got) = crate::shim::step::conv_bias_relu(&x, &w, &b) else {
+        return false;
+    };
+    let (f, wf, bf) = (
+        x.to_kind(tch::Kind::Float),
+        w.to_kind(tch::Kind::Float),
+        b.to_kind(tch::Kind::Float),
+    );
+    let want = f.conv2d(&wf, Some(&bf), [1, 1], [1, 1], [1, 1], 1).relu();
+    let err = (got.to_kind(tch::Kind::Float) - &want)
+        .abs()
+        .max()
+        .double_value(&[]);
+    // TF32 (and half precision) round the products: their kernels differ more.
+    let strict = numerics.precision == crate::numerics::Precision::Fp32;
+    let tolerance = if strict { 1e-4 } else { 1e-2 };
+    err <= tolerance * want.abs().max().double_value(&[])
 }
 
 /// The optimizer the numerics ask for: the fused update over one flat
@@ -151,4 +190,26 @@ pub fn build_optimizer(model: &mut Vgg, numerics: &Numerics, config: &TrainConfi
     };
     opt.clip_grad_norm(config.clip_grad_norm);
     opt
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The start-up check of the fused conv+bias+ReLU passes where the
+    /// operation is the plain ops (the CPU), in both layouts, and leaves
+    /// libtorch's generator as it was.
+    #[test]
+    fn the_conv_relu_check_passes_where_it_is_the_plain_ops() {
+        let mut numerics = Numerics::plain_cpu();
+        tch::manual_seed(1);
+        let before = Tensor::randn([4], (tch::Kind::Float, tch::Device::Cpu));
+        for channels_last in [false, true] {
+            numerics.channels_last = channels_last;
+            tch::manual_seed(1);
+            assert!(conv_relu_works(&numerics), "channels_last {channels_last}");
+            let after = Tensor::randn([4], (tch::Kind::Float, tch::Device::Cpu));
+            assert!(after.equal(&before), "the check drew random numbers");
+        }
+    }
 }
