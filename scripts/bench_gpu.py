@@ -380,13 +380,15 @@ def recipe_sections(a, root, data, labels, attempt, add, rows, recipe):
         r = attempt(sec, label, pytorch_train, batch, 1 if a.smoke else 100, mode, False)
         if r:
             add(sec, label, r)
-    out = os.path.join(root, "run-recipe-model")
-    r = attempt(sec, "vggctl train end to end (defaults)", vggctl_train, a.vggctl, root, out, batch,
-                128 if a.smoke else len(labels), [], 3, ("vgg16",))
-    keep_run(a.keep, out)
-    if r:
-        (speed, peak, ran_as, _), secs = r
-        rows.append((sec, f"vggctl train end to end ({ran_as})", speed, peak, f"{secs:.0f}s"))
+    for extra in ([], ["--no-fused-step"]):
+        out = os.path.join(root, "run-recipe-model" + "".join(extra))
+        r = attempt(sec, f"vggctl train end to end ({' '.join(extra) or 'defaults'})", vggctl_train, a.vggctl,
+                    root, out, batch, 128 if a.smoke else len(labels), extra, 3, ("vgg16",))
+        keep_run(a.keep, out)
+        if r:
+            (speed, peak, ran_as, _), secs = r
+            rows.append((sec, f"vggctl train end to end ({ran_as})", speed, peak, f"{secs:.0f}s"))
+            recipe["fused" if not extra else "unfused"] = speed
     label = "PyTorch recipe loop, DataLoader num_workers=0"
     r = attempt(sec, label, recipe_loop, data, labels, 0, 1 if a.smoke else 20, False)
     if r:
@@ -412,6 +414,9 @@ def recipe_sections(a, root, data, labels, attempt, add, rows, recipe):
 def print_recipe(recipe):
     """The recipe's wall time next to the PyTorch loop's, extrapolated
     from its images/s (its training only: its evaluations not counted)."""
+    if recipe.get("fused") and recipe.get("unfused"):
+        print(f"\nVGG16 without BN, batch 128: the fused step (conv+bias+ReLU in one kernel) "
+              f"{recipe['fused'] / recipe['unfused']:.2f}x --no-fused-step")
     if "secs" not in recipe:
         return
     print(f"\nthe recipe end to end ({recipe['ran_as']}): {recipe['epochs']} epochs of {recipe['train']:,} images "
