@@ -415,7 +415,7 @@ def print_recipe(recipe):
     """The recipe's wall time next to the PyTorch loop's, extrapolated
     from its images/s (its training only: its evaluations not counted)."""
     if recipe.get("fused") and recipe.get("unfused"):
-        print(f"\nVGG16 without BN, batch 128: the fused step (conv+bias+ReLU in one kernel) "
+        print(f"\nVGG16 without BN, the recipe's batch: the fused step (conv+bias+ReLU in one kernel) "
               f"{recipe['fused'] / recipe['unfused']:.2f}x --no-fused-step")
     if "secs" not in recipe:
         return
