@@ -78,6 +78,27 @@ fn five_steps(mut m: Vgg) -> Vgg {
     m
 }
 
+/// Gives the convolutions of both models the same random biases
+/// (N(0, 0.1²), seeded).
+fn same_random_conv_biases(a: &Vgg, b: &Vgg) {
+    tch::manual_seed(3);
+    for (x, y) in conv_biases(a).iter().zip(conv_biases(b)) {
+        let values = Tensor::randn(x.size(), (Kind::Float, Device::Cpu)) * 0.1;
+        tch::no_grad(|| {
+            x.shallow_clone().copy_(&values);
+            y.shallow_clone().copy_(&values);
+        });
+    }
+}
+
+/// What `make` builds after five steps, and after five steps with `fuse`
+/// applied to it first.
+fn reference_and_fused(make: fn() -> Vgg, fuse: fn(&mut Vgg)) -> [Vgg; 2] {
+    let mut fused = make();
+    fuse(&mut fused);
+    [five_steps(make()), five_steps(fused)]
+}
+
 /// Every parameter of `fused` but those named in `skip` within 1e-5 of
 /// `reference`'s, and training moved them away from `start`'s.
 fn assert_trained_alike(reference: &Vgg, fused: &Vgg, start: &Vgg, skip: &[String]) {
@@ -141,14 +162,7 @@ fn a_bias_before_training_batchnorm_cancels() {
     let _seeded = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
     let (reference, fused) = (model(), model());
     assert!(fused.features.conv_biases_before_bn_are_zero(0));
-    tch::manual_seed(3);
-    for (a, b) in conv_biases(&reference).iter().zip(conv_biases(&fused)) {
-        let values = Tensor::randn(a.size(), (Kind::Float, Device::Cpu)) * 0.1;
-        tch::no_grad(|| {
-            a.shallow_clone().copy_(&values);
-            b.shallow_clone().copy_(&values);
-        });
-    }
+    same_random_conv_biases(&reference, &fused);
     assert!(!fused.features.conv_biases_before_bn_are_zero(0));
     // Only the last convolution's bias is beyond the first 25 modules.
     assert!(!fused.features.conv_biases_before_bn_are_zero(25));
@@ -216,11 +230,7 @@ fn a_bias_before_training_batchnorm_cancels() {
 #[test]
 fn from_zero_biases_the_fused_step_trains_as_the_reference() {
     let _seeded = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
-    let runs = [false, true].map(|bias_free| {
-        let mut m = model();
-        m.features.bias_free = bias_free;
-        five_steps(m)
-    });
+    let runs = reference_and_fused(model, |m| m.features.bias_free = true);
     let (reference, fused) = (&runs[0], &runs[1]);
     for b in conv_biases(fused) {
         assert_eq!(b.abs().max().double_value(&[]), 0.0, "a bias moved");
@@ -275,14 +285,7 @@ fn conv_bias_relu_is_the_plain_ops_with_their_gradients() {
     let reference = plain_model();
     let mut fused = plain_model();
     fused.features.conv_relu = true;
-    tch::manual_seed(3);
-    for (a, b) in conv_biases(&reference).iter().zip(conv_biases(&fused)) {
-        let values = Tensor::randn(a.size(), (Kind::Float, Device::Cpu)) * 0.1;
-        tch::no_grad(|| {
-            a.shallow_clone().copy_(&values);
-            b.shallow_clone().copy_(&values);
-        });
-    }
+    same_random_conv_biases(&reference, &fused);
     let (x, y) = batch();
     for (autocast, tolerance) in [(false, 1e-6), (true, 1e-2)] {
         let run = |m: &Vgg| match autocast {
@@ -312,11 +315,7 @@ fn conv_bias_relu_is_the_plain_ops_with_their_gradients() {
 #[test]
 fn conv_bias_relu_trains_as_the_plain_ops() {
     let _seeded = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
-    let runs = [false, true].map(|conv_relu| {
-        let mut m = plain_model();
-        m.features.conv_relu = conv_relu;
-        five_steps(m)
-    });
+    let runs = reference_and_fused(plain_model, |m| m.features.conv_relu = true);
     assert_trained_alike(&runs[0], &runs[1], &plain_model(), &[]);
 }
 
