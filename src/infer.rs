@@ -262,28 +262,18 @@ pub fn fold_bn(model: &Vgg) -> Vgg {
     }
     let mut spec = model.spec;
     spec.bn = false;
-    Vgg {
+    let classifier = model
+        .classifier
+        .layers
+        .iter()
+        .map(|(n, l)| (n.clone(), l.shallow()))
+        .collect();
+    Vgg::of(
         spec,
-        features: Sequential {
-            layers,
-            sync: None,
-            bias_free: false,
-            conv_relu: false,
-        },
-        pool_size: model.pool_size,
-        classifier: Sequential {
-            layers: model
-                .classifier
-                .layers
-                .iter()
-                .map(|(n, l)| (n.clone(), l.shallow()))
-                .collect(),
-            sync: None,
-            bias_free: false,
-            conv_relu: false,
-        },
-        frozen_prefix: 0,
-    }
+        Sequential::new(layers),
+        model.pool_size,
+        Sequential::new(classifier),
+    )
 }
 
 #[cfg(test)]

@@ -69,7 +69,7 @@ fn five_steps(mut m: Vgg) -> Vgg {
         eps: 1e-8,
     };
     let (x, y) = batch();
-    let flat = m.flatten_trainable(false);
+    let flat = m.flatten_trainable(false, None);
     let mut opt = Optimizer::fused(cfg, m.trainable_parameters(), flat);
     for _ in 0..5 {
         let loss = m.forward_t(&x, true).cross_entropy_for_logits(&y);
@@ -360,6 +360,138 @@ fn the_shims_conv_bias_relu_answers_with_autograds_gradients() {
                 "{what} (channels_last {channels_last}): {}",
                 rel(f, p)
             );
+        }
+    }
+}
+
+/// The test batch, in NHWC strides if asked.
+fn batch_in(channels_last: bool) -> (Tensor, Tensor) {
+    let (x, y) = batch();
+    match channels_last {
+        true => (vggctl::model::to_channels_last(&x), y),
+        false => (x, y),
+    }
+}
+
+/// VGG11-BN (GAP head) with its trained weights flattened with `compute`
+/// (the weights' compute copy) in the layout asked for, and the fused SGD
+/// update over them.
+fn flattened(compute: Option<Kind>, channels_last: bool) -> (Vgg, Optimizer) {
+    let mut m = model();
+    let cfg = OptimizerConfig {
+        kind: OptimizerKind::Sgd,
+        momentum: 0.9,
+        weight_decay: 5e-4,
+        nesterov: false,
+        betas: (0.9, 0.999),
+        eps: 1e-8,
+    };
+    let flat = m.flatten_trainable(channels_last, compute);
+    let mut opt = Optimizer::fused(cfg, m.trainable_parameters(), flat);
+    opt.differentiate(m.compute_views());
+    (m, opt)
+}
+
+/// The cross-entropy of `m`'s training-mode logits under bf16 autocast.
+fn bf16_loss(m: &Vgg, x: &Tensor, y: &Tensor) -> Tensor {
+    vggctl::shim::cpu_autocast(|| m.forward_t(x, true))
+        .unwrap()
+        .to_kind(Kind::Float)
+        .cross_entropy_for_logits(y)
+}
+
+/// The weights cast to bf16 once per step (one compute copy that autograd
+/// differentiates) give autocast's gradients bit for bit, in both layouts:
+/// the copy's views hold every convolution and linear tensor in bf16 and
+/// their gradients, cast to fp32, are the ones autocast's casts per layer
+/// give the parameters.
+#[test]
+fn weights_cast_once_give_autocasts_gradients() {
+    let _seeded = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
+    for channels_last in [false, true] {
+        let (x, y) = batch_in(channels_last);
+        let (reference, _) = flattened(None, channels_last);
+        let (cast, _) = flattened(Some(Kind::BFloat16), channels_last);
+        assert!(reference.compute_views().is_empty());
+        let views: std::collections::BTreeMap<String, Tensor> =
+            cast.compute_views().into_iter().collect();
+        // VGG11: 8 convolutions and one linear layer, weight and bias each.
+        assert_eq!(views.len(), 18, "channels_last {channels_last}");
+        let names: Vec<String> = reference.parameters().into_iter().map(|(n, _)| n).collect();
+        let sources: Vec<Tensor> = cast
+            .parameters()
+            .into_iter()
+            .map(|(n, t)| views.get(&n).unwrap_or(t).shallow_clone())
+            .collect();
+        let params: Vec<Tensor> = reference
+            .parameters()
+            .into_iter()
+            .map(|(_, t)| t.shallow_clone())
+            .collect();
+        let want = Tensor::run_backward(&[bf16_loss(&reference, &x, &y)], &params, false, false);
+        let got = Tensor::run_backward(&[bf16_loss(&cast, &x, &y)], &sources, false, false);
+        for ((name, w), g) in names.iter().zip(&want).zip(&got) {
+            let copied = views.contains_key(name);
+            let kind = if copied { Kind::BFloat16 } else { Kind::Float };
+            assert_eq!(g.kind(), kind, "{name}");
+            assert!(w.equal(&g.to_kind(Kind::Float)), "{name}: {}", rel(g, w));
+            if copied && channels_last && g.dim() == 4 {
+                assert!(vggctl::model::is_channels_last(&views[name]), "{name}");
+            }
+        }
+    }
+}
+
+/// Three fused SGD steps with the weights cast once per step equal
+/// autocast's within 1e-6 (the gradients are equal bit for bit, above;
+/// the update's CPU kernel rounds an element in its vector body or its
+/// scalar tail by where the element sits in the flat buffer, and the copy
+/// moves the convolution and linear weights to its front), momentum
+/// buffers too, in both layouts; the update leaves the copy stale and the
+/// next training forward pass refreshes it.
+#[test]
+fn weights_cast_once_per_step_train_as_autocast_casts() {
+    let _seeded = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
+    for channels_last in [false, true] {
+        let (x, y) = batch_in(channels_last);
+        let mut runs = [None, Some(Kind::BFloat16)].map(|compute| {
+            let (m, mut opt) = flattened(compute, channels_last);
+            for _ in 0..3 {
+                opt.backward_step(&bf16_loss(&m, &x, &y), 0.05).unwrap();
+            }
+            (m, opt.state_tensors())
+        });
+        let [(reference, ref_state), (cast, cast_state)] = &mut runs;
+        let dict: std::collections::BTreeMap<String, Tensor> =
+            cast.state_dict().into_iter().collect();
+        for (name, a) in reference.state_dict() {
+            assert!(
+                rel(&dict[&name], &a) < 1e-6,
+                "{name} (channels_last {channels_last}): {}",
+                rel(&dict[&name], &a)
+            );
+        }
+        assert_trained_alike(reference, cast, &model(), &[]);
+        assert_eq!(ref_state.len(), cast_state.len());
+        for ((na, a), (nb, b)) in ref_state.iter().zip(cast_state.iter()) {
+            assert_eq!(na, nb);
+            assert!(
+                rel(b, a) < 1e-6,
+                "{na} (channels_last {channels_last}): {}",
+                rel(b, a)
+            );
+        }
+        let params: std::collections::BTreeMap<String, Tensor> = cast
+            .parameters()
+            .into_iter()
+            .map(|(n, t)| (n, t.to_kind(Kind::BFloat16)))
+            .collect();
+        let views = cast.compute_views();
+        let stale = views.iter().filter(|(n, v)| !v.equal(&params[n])).count();
+        assert!(stale > 0, "the update wrote the copy");
+        let _ = bf16_loss(cast, &x, &y);
+        for (name, view) in &views {
+            assert!(view.equal(&params[name]), "{name} not refreshed");
         }
     }
 }

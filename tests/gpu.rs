@@ -15,6 +15,8 @@
 //!   them is printed (AutoAugment runs image by image);
 //! - the fused step (BatchNorm's convolutions without their zero bias)
 //!   trains as `--no-fused-step` does, within 1e-4 after 20 steps in fp32;
+//!   its fp16 copy of the weights, cast once per step, gives autocast's
+//!   gradients bit for bit;
 //! - each precision runs and says what it ran as, with its peak memory;
 //! - a streamed image folder (pinned host batches, asynchronous copies)
 //!   trains on the GPU, and `eval` of its checkpoint streamed counts
@@ -322,6 +324,58 @@ fn the_fused_step_trains_as_the_reference_step() {
         &[&plain[..], &["--precision", "fp16"]].concat(),
     );
     assert!(half[0].ran_as.contains("fused step") && half[0].train_loss.is_finite());
+}
+
+/// The fused step's fp16 copy of the weights (cast once per step from the
+/// flat fp32 buffer, autograd differentiating the copy) gives autocast's
+/// gradients bit for bit on CUDA: VGG11-BN, NHWC as training runs it,
+/// deterministic cuDNN (both sides run the same kernels on the same
+/// numbers, so any difference is the copy's). The copy holds the 18
+/// convolution and linear tensors, their gradients come in fp16.
+#[test]
+#[ignore = "needs a CUDA GPU (scripts/gpu-check runs it)"]
+fn the_weights_cast_once_give_autocasts_gradients() {
+    use std::collections::BTreeMap;
+    use vggctl::model::{Arch, Head, ModelSpec, Vgg, to_channels_last};
+    assert!(tch::Cuda::is_available(), "{GPU}");
+    let dev = Device::Cuda(0);
+    shim::set_cudnn_deterministic(true).unwrap();
+    tch::Cuda::cudnn_set_benchmark(false);
+    shim::set_autocast_dtype(shim::AutocastDtype::Float16).unwrap();
+    tch::manual_seed(5);
+    let x = to_channels_last(&Tensor::randn([32, 3, 32, 32], (Kind::Float, dev)));
+    let y = Tensor::randint(10, [32], (Kind::Int64, dev));
+    let gradients = |compute: Option<Kind>| {
+        tch::manual_seed(11);
+        let mut m = Vgg::new(ModelSpec::new(Arch::Vgg11, true, Head::Gap, 10), dev);
+        let _flat = m.flatten_trainable(true, compute);
+        let views: BTreeMap<String, Tensor> = m.compute_views().into_iter().collect();
+        let (names, sources): (Vec<String>, Vec<Tensor>) = m
+            .parameters()
+            .into_iter()
+            .map(|(n, t)| {
+                let source = views.get(&n).unwrap_or(t).shallow_clone();
+                (n, source)
+            })
+            .unzip();
+        let loss = tch::autocast(true, || m.forward_t(&x, true))
+            .to_kind(Kind::Float)
+            .cross_entropy_for_logits(&y);
+        let grads = Tensor::run_backward(&[loss], &sources, false, false);
+        (names, grads, views.len())
+    };
+    let (names, want, none) = gradients(None);
+    let (_, got, copied) = gradients(Some(Kind::Half));
+    assert_eq!((none, copied), (0, 18));
+    let mut halves = 0;
+    for ((name, w), g) in names.iter().zip(&want).zip(&got) {
+        halves += usize::from(g.kind() == Kind::Half);
+        let diff = (&g.to_kind(Kind::Float) - w).abs().max().double_value(&[]);
+        println!("{name}: cast once vs autocast, largest difference {diff:.3e}");
+        assert!(w.equal(&g.to_kind(Kind::Float)), "{name}: {diff}");
+    }
+    assert_eq!(halves, 18);
+    shim::set_cudnn_deterministic(false).unwrap();
 }
 
 #[test]

@@ -145,7 +145,7 @@ fn compare(cfg: OptimizerConfig, channels_last: bool) {
         vggctl::model::Values::FiniteOnly,
     )
     .unwrap();
-    let flat = b.flatten_trainable(channels_last);
+    let flat = b.flatten_trainable(channels_last, None);
     let mut plain = Optimizer::new(cfg.clone(), a.trainable_parameters());
     let mut fused = Optimizer::fused(cfg.clone(), b.trainable_parameters(), flat);
     for _ in 0..3 {
@@ -180,7 +180,7 @@ fn compare(cfg: OptimizerConfig, channels_last: bool) {
     }
     // ... and loads back into a fresh fused optimizer exactly.
     let mut c = Vgg::new(spec, Device::Cpu);
-    let flat = c.flatten_trainable(channels_last);
+    let flat = c.flatten_trainable(channels_last, None);
     let mut again = Optimizer::fused(cfg, c.trainable_parameters(), flat);
     again.load_state("test", &saved, 3).unwrap();
     for (k, t) in again.state_tensors() {

@@ -3,6 +3,7 @@
 //! built with torchvision's initialization, and runs of them (`Sequential`).
 
 use std::cell::Cell;
+use std::collections::BTreeMap;
 
 use tch::{Device, Kind, Tensor};
 
@@ -238,19 +239,30 @@ pub struct Sequential {
     /// operation (`shim::step::conv_bias_relu`: cuDNN's conv+bias+ReLU on
     /// CUDA, with its own backward); the plain ops if it fails.
     pub conv_relu: bool,
+    /// In training mode, layers computing with other tensors than their
+    /// own, by index: the compute copy's views of their weights (see
+    /// `Vgg::flatten_trainable`).
+    pub stand_ins: BTreeMap<usize, Layer>,
 }
 
 impl Sequential {
     pub(super) fn build(specs: &[LayerSpec]) -> Self {
-        let layers = specs
-            .iter()
-            .filter_map(|s| Layer::init(&s.kind).map(|l| (s.name.clone(), l)))
-            .collect();
+        Self::new(
+            specs
+                .iter()
+                .filter_map(|s| Layer::init(&s.kind).map(|l| (s.name.clone(), l)))
+                .collect(),
+        )
+    }
+
+    /// The layers, run plainly.
+    pub fn new(layers: Vec<(String, Layer)>) -> Self {
         Sequential {
             layers,
             sync: None,
             bias_free: false,
             conv_relu: false,
+            stand_ins: BTreeMap::new(),
         }
     }
 
@@ -260,7 +272,10 @@ impl Sequential {
         let mut x = x.shallow_clone();
         let mut i = range.start;
         while i < range.end {
-            let layer = &self.layers[i].1;
+            let layer = match (train, self.stand_ins.get(&i)) {
+                (true, Some(stand_in)) => stand_in,
+                _ => &self.layers[i].1,
+            };
             if let (true, Layer::Conv { weight, bias }) = (self.fuses_relu(i, &range, train), layer)
             {
                 x = crate::shim::step::conv_bias_relu(&x, weight, bias)

@@ -7,16 +7,20 @@
 //! decided above it, in `numerics` and `infer`.
 //! - `spec`: what fixes the structure (cfgs, heads, layer list, input size);
 //! - `layer`: the modules and their tensors;
+//! - `flat`: the trained parameters as views of one flat buffer (the fused
+//!   optimizer's), and the fused step's half-precision copy of the weights;
 //! - `state_dict`: the check of a state dict against torchvision's names
 //!   and shapes (loading and reading one are `Vgg`'s own);
 //! - `recognize`: which VGG a state dict is, and the model a request leaves
 //!   open resolved from it.
 
+mod flat;
 mod layer;
 mod recognize;
 mod spec;
 mod state_dict;
 
+pub use flat::ComputeCopy;
 pub use layer::{BN_EPS, BN_MOMENTUM, Layer, Sequential};
 pub use recognize::{Resolved, SpecRequest, recognize};
 pub use spec::{
@@ -55,6 +59,10 @@ pub struct Vgg {
     /// parameters get no gradient and their BatchNorm layers stay in eval
     /// mode while the rest trains.
     pub frozen_prefix: usize,
+    /// Training in half precision with the fused step: the trained
+    /// convolution and linear weights' compute-dtype copy (see
+    /// [`Vgg::flatten_trainable`]).
+    compute: Option<ComputeCopy>,
 }
 
 /// One tensor of the state dict.
@@ -72,15 +80,31 @@ impl Vgg {
             .into_iter()
             .filter(|l| l.name.starts_with("classifier"))
             .collect();
-        let mut model = Vgg {
+        let mut model = Vgg::of(
             spec,
-            features: Sequential::build(&spec.feature_layers()),
-            pool_size: spec.head.pool_size(),
-            classifier: Sequential::build(&classifier_specs),
-            frozen_prefix: 0,
-        };
+            Sequential::build(&spec.feature_layers()),
+            spec.head.pool_size(),
+            Sequential::build(&classifier_specs),
+        );
         model.to_device(device);
         model
+    }
+
+    /// A model of these parts, nothing frozen.
+    pub fn of(
+        spec: ModelSpec,
+        features: Sequential,
+        pool_size: i64,
+        classifier: Sequential,
+    ) -> Vgg {
+        Vgg {
+            spec,
+            features,
+            pool_size,
+            classifier,
+            frozen_prefix: 0,
+            compute: None,
+        }
     }
 
     pub fn device(&self) -> Device {
@@ -97,6 +121,9 @@ impl Vgg {
     }
 
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        if let (true, Some(copy)) = (train, &self.compute) {
+            copy.refresh();
+        }
         let frozen = self.frozen_prefix.min(self.features.layers.len());
         let f = if train && frozen > 0 {
             let head = self.features.forward_prefix(x, frozen, false);
@@ -182,6 +209,7 @@ impl Vgg {
 
     /// Applies `f` to every tensor (parameters and buffers) and stores the result.
     pub fn map_tensors(&mut self, mut f: impl FnMut(&str, &Tensor) -> Tensor) {
+        self.drop_compute_copy();
         for section in [&mut self.features, &mut self.classifier] {
             for (name, layer) in &mut section.layers {
                 for (suffix, tensor, is_param) in layer.tensors_mut() {
@@ -195,6 +223,7 @@ impl Vgg {
 
     /// Moves every tensor to `device`; parameters stay leaves that require grad.
     pub fn to_device(&mut self, device: Device) {
+        self.drop_compute_copy();
         let first = self
             .features
             .layers
@@ -218,58 +247,13 @@ impl Vgg {
     /// Freezes the first `n` modules of `features` (n counts every module as
     /// torchvision's index does; `usize::MAX` freezes all of `features`).
     pub fn freeze_features(&mut self, n: usize) {
+        self.drop_compute_copy();
         self.frozen_prefix = n.min(self.features.layers.len());
         for (_, layer) in self.features.layers.iter_mut().take(n) {
             for (_, tensor, _) in layer.tensors_mut() {
                 *tensor = tensor.detach().set_requires_grad(false);
             }
         }
-    }
-
-    /// Moves the trainable parameters into one flat buffer, each parameter
-    /// becoming a view of it (a leaf that requires grad), for the fused
-    /// optimizer. With `channels_last`, convolution weights are stored NHWC.
-    /// Returns the buffer; the parameters' values are unchanged.
-    pub fn flatten_trainable(&mut self, channels_last: bool) -> Tensor {
-        let device = self.device();
-        let mut total = 0;
-        for section in [&self.features, &self.classifier] {
-            for (_, layer) in &section.layers {
-                for (_, t, is_param) in layer.tensors() {
-                    if is_param && t.requires_grad() {
-                        total += t.numel() as i64;
-                    }
-                }
-            }
-        }
-        let flat = Tensor::zeros([total], (Kind::Float, device));
-        let mut offset = 0;
-        tch::no_grad(|| {
-            for section in [&mut self.features, &mut self.classifier] {
-                for (_, layer) in &mut section.layers {
-                    for (_, t, is_param) in layer.tensors_mut() {
-                        if !(is_param && t.requires_grad()) {
-                            continue;
-                        }
-                        let n = t.numel() as i64;
-                        let size = t.size();
-                        let seg = flat.narrow(0, offset, n);
-                        let view = if channels_last && size.len() == 4 {
-                            let mut nhwc = seg.view([size[0], size[2], size[3], size[1]]);
-                            nhwc.copy_(&t.permute([0, 2, 3, 1]));
-                            nhwc.permute([0, 3, 1, 2])
-                        } else {
-                            let mut v = seg.view(size.as_slice());
-                            v.copy_(t);
-                            v
-                        };
-                        *t = view.detach().set_requires_grad(true);
-                        offset += n;
-                    }
-                }
-            }
-        });
-        flat
     }
 
     /// Convolution weights in NHWC strides (cuDNN then runs channels-last).
@@ -280,6 +264,7 @@ impl Vgg {
     /// Detaches every parameter from autograd (export and tracing need
     /// constants, not leaves that require grad).
     pub fn into_inference(mut self) -> Vgg {
+        self.drop_compute_copy();
         for section in [&mut self.features, &mut self.classifier] {
             for (_, layer) in &mut section.layers {
                 for (_, tensor, _) in layer.tensors_mut() {
@@ -294,6 +279,7 @@ impl Vgg {
     /// `classifier`) by a new one with `classes` outputs and torchvision's
     /// init (normal(0, 0.01), bias 0), on the model's device.
     pub fn replace_last_linear(&mut self, classes: i64) {
+        self.drop_compute_copy();
         let device = self.device();
         if let Some((_, Layer::Linear { weight, bias })) = self.classifier.layers.last_mut() {
             let fin = weight.size()[1];

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use anyhow::{Result, bail};
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 use crate::data::Dataset;
 use crate::dist::World;
@@ -129,14 +129,23 @@ fn fingerprint(model: &Vgg, config: &TrainConfig, sizes: [i64; 2]) -> i64 {
 /// out their bias while training, if every such bias in the trained layers
 /// is zero (from scratch; torchvision's pretrained ones are not); without
 /// BatchNorm, convolution, bias and ReLU run as one operation where it
-/// runs on this device and agrees with the plain ops.
+/// runs on this device and agrees with the plain ops; in half precision,
+/// the weights are cast once per step (see [`build_optimizer`]).
 pub fn fuse_step(model: &mut Vgg, numerics: &mut Numerics) {
     let from = model.frozen_prefix;
     let features = &mut model.features;
     features.bias_free =
         numerics.fused_step && model.spec.bn && features.conv_biases_before_bn_are_zero(from);
     features.conv_relu = numerics.fused_step && !model.spec.bn && conv_relu_works(numerics);
-    numerics.fused_step = features.bias_free || features.conv_relu;
+    numerics.fused_step =
+        features.bias_free || features.conv_relu || casts_once(numerics).is_some();
+}
+
+/// The dtype the fused step keeps its copy of the weights in (half
+/// precision with the fused update), if it keeps one.
+fn casts_once(numerics: &Numerics) -> Option<Kind> {
+    let kind = numerics.compute_kind();
+    (numerics.fused_step && numerics.fused && kind != Kind::Float).then_some(kind)
 }
 
 /// Whether the fused conv+bias+ReLU runs on the run's device, in its
@@ -176,12 +185,16 @@ fn conv_relu_works(numerics: &Numerics) -> bool {
 }
 
 /// The optimizer the numerics ask for: the fused update over one flat
-/// buffer (parameters in the run's layout), or one per parameter.
+/// buffer (parameters in the run's layout; with the fused step in half
+/// precision, autograd differentiates the weights' compute copy), or one
+/// per parameter.
 pub fn build_optimizer(model: &mut Vgg, numerics: &Numerics, config: &TrainConfig) -> Optimizer {
     let ocfg = config.optimizer.clone();
     let mut opt = if numerics.fused {
-        let flat = model.flatten_trainable(numerics.channels_last);
-        Optimizer::fused(ocfg, model.trainable_parameters(), flat)
+        let flat = model.flatten_trainable(numerics.channels_last, casts_once(numerics));
+        let mut opt = Optimizer::fused(ocfg, model.trainable_parameters(), flat);
+        opt.differentiate(model.compute_views());
+        opt
     } else {
         if numerics.channels_last {
             model.to_channels_last();

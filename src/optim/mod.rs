@@ -20,14 +20,15 @@
 //! (`optimizer.momentum_buffer.<name>`), so a checkpoint does not depend on
 //! the mode that wrote it.
 
-use std::collections::BTreeMap;
-
-use anyhow::{Result, bail};
+use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use crate::choice::Choice;
+
+mod saved;
 use crate::shim;
+pub use saved::LossScaler;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -66,11 +67,23 @@ pub struct OptimizerConfig {
 struct Slot {
     name: String,
     param: Tensor,
+    /// What autograd differentiates for it (fused mode): the parameter, or
+    /// its compute-dtype copy (see [`Optimizer::differentiate`]).
+    source: Tensor,
+    /// Zeros standing in for the gradient of a parameter the loss did not
+    /// use, made once.
+    zeros: Option<Tensor>,
     offset: i64,
     numel: i64,
     /// A 4-d parameter stored channels-last (NHWC strides): its flat segment
     /// holds the elements in that order.
     nhwc: bool,
+}
+
+/// Where the view `p` starts in the flat buffer `flat`, in elements.
+fn offset_in(flat: &Tensor, p: &Tensor) -> i64 {
+    let bytes = p.data_ptr() as i64 - flat.data_ptr() as i64;
+    bytes / flat.kind().elt_size_in_bytes() as i64
 }
 
 fn is_nhwc(t: &Tensor) -> bool {
@@ -85,7 +98,11 @@ pub struct Gradients(Option<Tensor>);
 
 pub struct Optimizer {
     cfg: OptimizerConfig,
+    /// The parameters in the order given (that of the saved state).
     slots: Vec<Slot>,
+    /// The slots in the flat buffer's order (fused mode; in which the flat
+    /// gradient is concatenated).
+    buffer_order: Vec<usize>,
     /// The flat parameter buffer the parameters are views of (fused mode).
     flat: Option<Tensor>,
     /// SGD: momentum buffer. AdamW: first moment. Flat, all parameters.
@@ -172,7 +189,7 @@ impl Optimizer {
     }
 
     /// Fused mode: `flat` is the buffer every parameter is a view of, in
-    /// order (see `Vgg::flatten_trainable`).
+    /// any order (see `Vgg::flatten_trainable`).
     pub fn fused(cfg: OptimizerConfig, params: Vec<(String, &Tensor)>, flat: Tensor) -> Self {
         Self::build(cfg, params, Some(flat))
     }
@@ -186,7 +203,9 @@ impl Optimizer {
                 let s = Slot {
                     name,
                     param: p.shallow_clone(),
-                    offset,
+                    source: p.shallow_clone(),
+                    zeros: None,
+                    offset: flat.as_ref().map_or(offset, |f| offset_in(f, p)),
                     numel,
                     nhwc: is_nhwc(p),
                 };
@@ -194,6 +213,8 @@ impl Optimizer {
                 s
             })
             .collect();
+        let mut buffer_order: Vec<usize> = (0..slots.len()).collect();
+        buffer_order.sort_by_key(|&i| slots[i].offset);
         let opts = slots.first().map_or((Kind::Float, tch::Device::Cpu), |s| {
             (s.param.kind(), s.param.device())
         });
@@ -206,6 +227,7 @@ impl Optimizer {
         Optimizer {
             cfg,
             slots,
+            buffer_order,
             flat,
             buf1,
             buf2,
@@ -284,18 +306,36 @@ impl Optimizer {
         }
     }
 
-    /// A gradient flattened in its parameter's storage order.
-    /// `g` as its slot's segment of the flat gradient; a parameter the
-    /// loss did not use (a convolution's bias skipped before BatchNorm)
-    /// has none, and gets zeros.
-    fn flat_grad(g: &Tensor, s: &Slot) -> Tensor {
+    /// `g` as its slot's segment of the flat gradient, in the parameter's
+    /// storage order; a parameter the loss did not use (a convolution's
+    /// bias skipped before BatchNorm) has none, and gets zeros.
+    fn flat_grad(g: &Tensor, s: &mut Slot) -> Tensor {
         if !g.defined() {
-            return s.param.zeros_like().reshape([-1]);
+            let source = &s.source;
+            return s
+                .zeros
+                .get_or_insert_with(|| source.zeros_like().reshape([-1]))
+                .shallow_clone();
         }
         if s.nhwc {
             g.permute([0, 2, 3, 1]).reshape([-1])
         } else {
             g.reshape([-1])
+        }
+    }
+
+    /// Autograd differentiates `views` (by parameter name: the compute
+    /// copy's, `Vgg::compute_views`) in place of those parameters, and the
+    /// update applies their gradients to the parameters. Fused mode only
+    /// (the per-parameter update reads each parameter's `.grad`).
+    pub fn differentiate(&mut self, views: Vec<(String, Tensor)>) {
+        if self.flat.is_none() {
+            return;
+        }
+        for (name, view) in views {
+            if let Some(s) = self.slots.iter_mut().find(|s| s.name == name) {
+                s.source = view;
+            }
         }
     }
 
@@ -335,14 +375,25 @@ impl Optimizer {
             Some(s) => loss * &s.scale,
             None => loss.shallow_clone(),
         };
-        let params: Vec<&Tensor> = self.slots.iter().map(|s| &s.param).collect();
-        let grads = Tensor::run_backward(&[&scaled], &params, false, false);
+        let order = &self.buffer_order;
+        let sources: Vec<&Tensor> = order.iter().map(|&i| &self.slots[i].source).collect();
+        let grads = Tensor::run_backward(&[&scaled], &sources, false, false);
         let parts: Vec<Tensor> = grads
             .iter()
-            .zip(&self.slots)
-            .map(|(g, s)| Self::flat_grad(g, s))
+            .zip(order)
+            .map(|(g, &i)| Self::flat_grad(g, &mut self.slots[i]))
             .collect();
-        Gradients(Some(Tensor::cat(&parts, 0)))
+        // One concatenation per run of gradients in one dtype (a compute
+        // copy's come first), cast to the parameters' dtype.
+        let kind = self.slots.first().map_or(Kind::Float, |s| s.param.kind());
+        let mut runs: Vec<Tensor> = parts
+            .chunk_by(|a, b| a.kind() == b.kind())
+            .map(|run| Tensor::cat(run, 0).to_kind(kind))
+            .collect();
+        Gradients(Some(match runs.len() {
+            1 => runs.remove(0),
+            _ => Tensor::cat(&runs, 0),
+        }))
     }
 
     /// The backward pass of one of the batches whose gradients make one
@@ -498,92 +549,5 @@ impl Optimizer {
                 apply_update(&cfg, &self.lr, &self.step, &mut p, &g, &mut b1, &mut b2);
             }
         });
-    }
-
-    fn names(&self) -> (&'static str, Option<&'static str>) {
-        match self.cfg.kind {
-            OptimizerKind::Sgd => ("momentum_buffer", None),
-            OptimizerKind::Adamw => ("exp_avg", Some("exp_avg_sq")),
-        }
-    }
-
-    /// The state as named tensors (`optimizer.momentum_buffer.<param>`, ...), on the CPU.
-    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
-        let (n1, n2) = self.names();
-        let mut out = Vec::new();
-        for s in &self.slots {
-            out.push((
-                format!("optimizer.{n1}.{}", s.name),
-                Self::view(&self.buf1, s).to_device(tch::Device::Cpu),
-            ));
-            if let Some(n2) = n2 {
-                out.push((
-                    format!("optimizer.{n2}.{}", s.name),
-                    Self::view(&self.buf2, s).to_device(tch::Device::Cpu),
-                ));
-            }
-        }
-        out
-    }
-
-    pub fn load_state(
-        &mut self,
-        source: &str,
-        tensors: &BTreeMap<String, Tensor>,
-        steps: i64,
-    ) -> Result<()> {
-        let (n1, n2) = self.names();
-        for s in &self.slots {
-            let mut pairs = vec![(
-                format!("optimizer.{n1}.{}", s.name),
-                Self::view(&self.buf1, s),
-            )];
-            if let Some(n2) = n2 {
-                pairs.push((
-                    format!("optimizer.{n2}.{}", s.name),
-                    Self::view(&self.buf2, s),
-                ));
-            }
-            for (key, mut buf) in pairs {
-                let Some(t) = tensors.get(&key) else {
-                    bail!("{source}: optimizer state lacks {key}");
-                };
-                if t.size() != buf.size() {
-                    bail!(
-                        "{source}: {key} has shape {:?}, expected {:?}",
-                        t.size(),
-                        buf.size()
-                    );
-                }
-                tch::no_grad(|| buf.copy_(t));
-            }
-        }
-        let _ = self.step.fill_(steps as f64);
-        Ok(())
-    }
-}
-
-/// fp16 loss scaling as saved in a resume checkpoint, with PyTorch
-/// GradScaler's policy: start at 2^16, halve on overflow (and skip that
-/// step), double after `growth_interval` clean steps.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct LossScaler {
-    pub scale: f64,
-    pub growth_factor: f64,
-    pub backoff_factor: f64,
-    pub growth_interval: u32,
-    /// Clean steps since the last change of scale.
-    pub good_steps: u32,
-}
-
-impl Default for LossScaler {
-    fn default() -> Self {
-        LossScaler {
-            scale: 65536.0,
-            growth_factor: 2.0,
-            backoff_factor: 0.5,
-            growth_interval: 2000,
-            good_steps: 0,
-        }
     }
 }
