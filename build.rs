@@ -55,6 +55,13 @@ fn nccl_headers(torch_root: &Path, cuda_headers: &Path) -> Option<PathBuf> {
     (dir.join("nccl.h").exists() && cuda_headers.join("nv/target").exists()).then_some(dir)
 }
 
+/// cuDNN's headers (the torch wheel's `nvidia-cudnn` package, the cuDNN
+/// libtorch loads), for the fused step's BatchNorm+ReLU.
+fn cudnn_headers(torch_root: &Path) -> Option<PathBuf> {
+    let dir = torch_root.join("../nvidia/cudnn/include");
+    dir.join("cudnn.h").exists().then_some(dir)
+}
+
 fn build_shim(lib: &Path, cuda: bool) {
     println!("cargo:rerun-if-changed=src/shim.cpp");
     println!("cargo:rerun-if-changed=src/shim_dist.cpp");
@@ -96,6 +103,12 @@ fn build_shim(lib: &Path, cuda: bool) {
     match &headers {
         Some(dir) => {
             build.include(dir).define("VGGCTL_CUDA", None);
+            match cudnn_headers(&root) {
+                Some(cudnn) => _ = build.include(cudnn).define("VGGCTL_CUDNN", None),
+                None => println!(
+                    "cargo:warning=cuDNN headers not found: building without the fused step's BatchNorm+ReLU"
+                ),
+            }
             if let Some(nccl) = nccl_headers(&root, dir) {
                 // c10d's NCCL backend is declared only under USE_C10D_NCCL.
                 build

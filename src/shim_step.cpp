@@ -12,6 +12,15 @@
 // weight gradients only. Under autocast it computes in autocast's dtype, as
 // the eager convolution would (inputs cast, gradients returned in each
 // input's own dtype).
+//
+// BnRelu: training-mode BatchNorm and the ReLU after it in one pass each
+// way, cuDNN's `cudnnBatchNormalizationForwardTrainingEx` /
+// `BackwardEx` with `CUDNN_BATCHNORM_OPS_BN_ACTIVATION` (fp16 NHWC batches,
+// fp32 parameters; libtorch calls the same functions without the
+// activation), on libtorch's cuDNN handle and current stream, so a CUDA
+// graph captures it. The running statistics are updated as libtorch's
+// cuDNN BatchNorm updates them. CUDA only: elsewhere it refuses, and the
+// model runs the plain ops.
 #include "shim.h"
 
 #include <ATen/autocast_mode.h>
@@ -25,6 +34,13 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <array>
+
+#ifdef VGGCTL_CUDNN
+#include <ATen/cudnn/Handle.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <dlfcn.h>
+#endif
 
 namespace {
 
@@ -86,6 +102,193 @@ struct ConvBiasRelu : public torch::autograd::Function<ConvBiasRelu> {
   }
 };
 
+#ifdef VGGCTL_CUDNN
+// cuDNN's legacy BatchNorm functions, found at run time in the libcudnn that
+// libtorch loaded: linking libcudnn ourselves would make the binary's start
+// depend on finding it through our own library path.
+struct Cudnn {
+  decltype(&cudnnCreateTensorDescriptor) create_tensor;
+  decltype(&cudnnSetTensor4dDescriptor) set_tensor;
+  decltype(&cudnnDestroyTensorDescriptor) destroy_tensor;
+  decltype(&cudnnCreateActivationDescriptor) create_activation;
+  decltype(&cudnnSetActivationDescriptor) set_activation;
+  decltype(&cudnnDestroyActivationDescriptor) destroy_activation;
+  decltype(&cudnnGetBatchNormalizationForwardTrainingExWorkspaceSize) forward_workspace;
+  decltype(&cudnnGetBatchNormalizationTrainingExReserveSpaceSize) reserve_size;
+  decltype(&cudnnBatchNormalizationForwardTrainingEx) forward;
+  decltype(&cudnnGetBatchNormalizationBackwardExWorkspaceSize) backward_workspace;
+  decltype(&cudnnBatchNormalizationBackwardEx) backward;
+  decltype(&cudnnGetErrorString) error_string;
+};
+
+template <typename F>
+void resolve(F &f, const char *name) {
+  f = reinterpret_cast<F>(dlsym(RTLD_DEFAULT, name));
+  TORCH_CHECK(f != nullptr, "the loaded cuDNN has no ", name);
+}
+
+const Cudnn &cudnn() {
+  static const Cudnn api = [] {
+    Cudnn a{};
+    resolve(a.create_tensor, "cudnnCreateTensorDescriptor");
+    resolve(a.set_tensor, "cudnnSetTensor4dDescriptor");
+    resolve(a.destroy_tensor, "cudnnDestroyTensorDescriptor");
+    resolve(a.create_activation, "cudnnCreateActivationDescriptor");
+    resolve(a.set_activation, "cudnnSetActivationDescriptor");
+    resolve(a.destroy_activation, "cudnnDestroyActivationDescriptor");
+    resolve(a.forward_workspace, "cudnnGetBatchNormalizationForwardTrainingExWorkspaceSize");
+    resolve(a.reserve_size, "cudnnGetBatchNormalizationTrainingExReserveSpaceSize");
+    resolve(a.forward, "cudnnBatchNormalizationForwardTrainingEx");
+    resolve(a.backward_workspace, "cudnnGetBatchNormalizationBackwardExWorkspaceSize");
+    resolve(a.backward, "cudnnBatchNormalizationBackwardEx");
+    resolve(a.error_string, "cudnnGetErrorString");
+    return a;
+  }();
+  return api;
+}
+
+void check(cudnnStatus_t status, const char *what) {
+  TORCH_CHECK(status == CUDNN_STATUS_SUCCESS, what, ": ", cudnn().error_string(status));
+}
+
+// A 4-d tensor descriptor: the batch (NHWC fp16) or the per-channel
+// parameters (1 x C x 1 x 1 fp32).
+struct TensorDesc {
+  cudnnTensorDescriptor_t desc = nullptr;
+  TensorDesc(cudnnTensorFormat_t format, cudnnDataType_t type, int64_t n, int64_t c, int64_t h,
+             int64_t w) {
+    check(cudnn().create_tensor(&desc), "creating a tensor descriptor");
+    try {
+      check(cudnn().set_tensor(desc, format, type, static_cast<int>(n), static_cast<int>(c),
+                               static_cast<int>(h), static_cast<int>(w)),
+            "describing a tensor");
+    } catch (...) {
+      cudnn().destroy_tensor(desc);
+      throw;
+    }
+  }
+  ~TensorDesc() { cudnn().destroy_tensor(desc); }
+  TensorDesc(const TensorDesc &) = delete;
+  TensorDesc &operator=(const TensorDesc &) = delete;
+};
+
+struct ReluDesc {
+  cudnnActivationDescriptor_t desc = nullptr;
+  ReluDesc() {
+    check(cudnn().create_activation(&desc), "creating an activation descriptor");
+    try {
+      check(cudnn().set_activation(desc, CUDNN_ACTIVATION_RELU, CUDNN_PROPAGATE_NAN, 0.0),
+            "describing ReLU");
+    } catch (...) {
+      cudnn().destroy_activation(desc);
+      throw;
+    }
+  }
+  ~ReluDesc() { cudnn().destroy_activation(desc); }
+  ReluDesc(const ReluDesc &) = delete;
+  ReluDesc &operator=(const ReluDesc &) = delete;
+};
+
+// The descriptors one BnRelu call needs, for the batch `x`.
+struct BnReluDescs {
+  TensorDesc batch;
+  TensorDesc params;
+  ReluDesc relu;
+  explicit BnReluDescs(const at::Tensor &x)
+      : batch(CUDNN_TENSOR_NHWC, CUDNN_DATA_HALF, x.size(0), x.size(1), x.size(2), x.size(3)),
+        params(CUDNN_TENSOR_NCHW, CUDNN_DATA_FLOAT, 1, x.size(1), 1, 1) {}
+};
+
+constexpr cudnnBatchNormMode_t kMode = CUDNN_BATCHNORM_SPATIAL_PERSISTENT;
+constexpr cudnnBatchNormOps_t kOps = CUDNN_BATCHNORM_OPS_BN_ACTIVATION;
+
+at::Tensor bytes(size_t n, const at::Tensor &like) {
+  return at::empty({static_cast<int64_t>(n)}, like.options().dtype(at::kByte));
+}
+
+void check_inputs(const at::Tensor &x, const at::Tensor &weight, const at::Tensor &bias,
+                  const at::Tensor &mean, const at::Tensor &var) {
+  TORCH_CHECK(x.is_cuda() && x.scalar_type() == at::kHalf && x.dim() == 4 &&
+                  x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "BatchNorm+ReLU runs on CUDA fp16 channels-last batches");
+  TORCH_CHECK(x.size(1) % 4 == 0, "BatchNorm+ReLU needs a multiple of 4 channels");
+  for (const auto *t : {&weight, &bias, &mean, &var}) {
+    TORCH_CHECK(t->is_cuda() && t->scalar_type() == at::kFloat && t->is_contiguous() &&
+                    t->numel() == x.size(1),
+                "BatchNorm+ReLU needs contiguous fp32 parameters, one per channel");
+  }
+}
+
+struct BnRelu : public torch::autograd::Function<BnRelu> {
+  static at::Tensor forward(AutogradContext *ctx, const at::Tensor &x, const at::Tensor &weight,
+                            const at::Tensor &bias, const at::Tensor &running_mean,
+                            const at::Tensor &running_var, double momentum, double eps) {
+    check_inputs(x, weight, bias, running_mean, running_var);
+    const auto &api = cudnn();
+    auto handle = at::native::getCudnnHandle();
+    BnReluDescs d(x);
+    size_t workspace_size = 0;
+    size_t reserve_size = 0;
+    check(api.forward_workspace(handle, kMode, kOps, d.batch.desc, nullptr, d.batch.desc,
+                                d.params.desc, d.relu.desc, &workspace_size),
+          "sizing BatchNorm+ReLU's workspace");
+    check(api.reserve_size(handle, kMode, kOps, d.relu.desc, d.batch.desc, &reserve_size),
+          "sizing BatchNorm+ReLU's reserve");
+    auto y = at::empty_like(x, x.options(), at::MemoryFormat::ChannelsLast);
+    auto workspace = bytes(workspace_size, x);
+    auto reserve = bytes(reserve_size, x);
+    auto save_mean = at::empty({x.size(1)}, weight.options());
+    auto save_invstd = at::empty({x.size(1)}, weight.options());
+    float one = 1.0f;
+    float zero = 0.0f;
+    check(api.forward(handle, kMode, kOps, &one, &zero, d.batch.desc, x.const_data_ptr(), nullptr,
+                      nullptr, d.batch.desc, y.data_ptr(), d.params.desc, weight.const_data_ptr(),
+                      bias.const_data_ptr(), momentum, running_mean.data_ptr(),
+                      running_var.data_ptr(), eps, save_mean.data_ptr(), save_invstd.data_ptr(),
+                      d.relu.desc, workspace.data_ptr(), workspace_size, reserve.data_ptr(),
+                      reserve_size),
+          "BatchNorm+ReLU forward");
+    ctx->save_for_backward({x, weight, bias, save_mean, save_invstd, reserve, y});
+    ctx->saved_data["eps"] = eps;
+    return y;
+  }
+
+  static variable_list backward(AutogradContext *ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const auto &x = saved[0];
+    const auto &weight = saved[1];
+    const auto &bias = saved[2];
+    const auto &reserve = saved[5];
+    const auto &y = saved[6];
+    auto dy = grads[0].to(at::kHalf).contiguous(at::MemoryFormat::ChannelsLast);
+    const auto &api = cudnn();
+    auto handle = at::native::getCudnnHandle();
+    BnReluDescs d(x);
+    size_t workspace_size = 0;
+    check(api.backward_workspace(handle, kMode, kOps, d.batch.desc, d.batch.desc, d.batch.desc,
+                                 nullptr, d.batch.desc, d.params.desc, d.relu.desc,
+                                 &workspace_size),
+          "sizing BatchNorm+ReLU's backward workspace");
+    auto workspace = bytes(workspace_size, x);
+    auto dx = at::empty_like(x, x.options(), at::MemoryFormat::ChannelsLast);
+    auto dweight = at::empty_like(weight);
+    auto dbias = at::empty_like(weight);
+    float one = 1.0f;
+    float zero = 0.0f;
+    check(api.backward(handle, kMode, kOps, &one, &zero, &one, &zero, d.batch.desc,
+                       x.const_data_ptr(), d.batch.desc, y.const_data_ptr(), d.batch.desc,
+                       dy.const_data_ptr(), nullptr, nullptr, d.batch.desc, dx.data_ptr(),
+                       d.params.desc, weight.const_data_ptr(), bias.const_data_ptr(),
+                       dweight.data_ptr(), dbias.data_ptr(), ctx->saved_data["eps"].toDouble(),
+                       saved[3].const_data_ptr(), saved[4].const_data_ptr(), d.relu.desc,
+                       workspace.data_ptr(), workspace_size, reserve.data_ptr(),
+                       static_cast<size_t>(reserve.numel())),
+          "BatchNorm+ReLU backward");
+    return {dx, dweight, dbias, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+#endif  // VGGCTL_CUDNN
+
 }  // namespace
 
 extern "C" {
@@ -96,6 +299,22 @@ int vggctl_conv_bias_relu(const at::Tensor *x, const at::Tensor *w, const at::Te
                           at::Tensor **out, char *err, size_t len) {
   *out = nullptr;
   return guarded(err, len, [&] { *out = new at::Tensor(ConvBiasRelu::apply(*x, *w, *b)); });
+}
+
+// relu(batch_norm(x)) in training mode as one operation (see BnRelu),
+// updating the running statistics; *out is a new tensor on success.
+int vggctl_bn_relu(const at::Tensor *x, const at::Tensor *weight, const at::Tensor *bias,
+                   const at::Tensor *running_mean, const at::Tensor *running_var, double momentum,
+                   double eps, at::Tensor **out, char *err, size_t len) {
+  *out = nullptr;
+  return guarded(err, len, [&] {
+#ifdef VGGCTL_CUDNN
+    *out = new at::Tensor(
+        BnRelu::apply(*x, *weight, *bias, *running_mean, *running_var, momentum, eps));
+#else
+    TORCH_CHECK(false, "this build has no cuDNN headers: BatchNorm+ReLU is not fused");
+#endif
+  });
 }
 
 }  // extern "C"

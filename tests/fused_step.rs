@@ -493,3 +493,42 @@ fn weights_cast_once_per_step_train_as_autocast_casts() {
         }
     }
 }
+
+/// BatchNorm+ReLU as one operation is cuDNN's (CUDA, fp16, channels-last):
+/// elsewhere the shim refuses it with an error, not a crash, and a model
+/// asked to fuse it runs the plain ops instead, exactly: the same logits
+/// bit for bit, the same running statistics, each BatchNorm counted once.
+#[test]
+fn batchnorm_relu_falls_back_to_the_plain_ops_where_cudnn_cannot_run_it() {
+    let _seeded = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
+    let opts = (Kind::Float, Device::Cpu);
+    let (x, _) = batch();
+    let (w, b) = (Tensor::ones([3], opts), Tensor::zeros([3], opts));
+    let (m, v) = (Tensor::zeros([3], opts), Tensor::ones([3], opts));
+    let err = vggctl::shim::step::bn_relu(&x, &w, &b, &m, &v, 0.1, 1e-5).unwrap_err();
+    let err = format!("{err:#}");
+    // Built with cuDNN's headers (the torch wheel's), or without.
+    assert!(
+        err.contains("CUDA fp16 channels-last") || err.contains("no cuDNN headers"),
+        "{err}"
+    );
+    assert_eq!(
+        m.abs().max().double_value(&[]),
+        0.0,
+        "the refusal moved the statistics"
+    );
+    let (reference, mut fused) = (model(), model());
+    fused.features.bn_relu = true;
+    let (a, b) = (reference.forward_t(&x, true), fused.forward_t(&x, true));
+    assert!(a.equal(&b), "{}", rel(&b, &a));
+    for which in ["mean", "var"] {
+        for (a, b) in running(&reference, which)
+            .iter()
+            .zip(running(&fused, which))
+        {
+            assert!(a.equal(&b), "running {which}");
+        }
+    }
+    assert_eq!(reference.num_batches_tracked(), fused.num_batches_tracked());
+    assert!(fused.num_batches_tracked().iter().all(|(_, n)| *n == 1));
+}

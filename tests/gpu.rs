@@ -16,7 +16,8 @@
 //! - the fused step (BatchNorm's convolutions without their zero bias)
 //!   trains as `--no-fused-step` does, within 1e-4 after 20 steps in fp32;
 //!   its fp16 copy of the weights, cast once per step, gives autocast's
-//!   gradients bit for bit;
+//!   gradients bit for bit; its BatchNorm+ReLU (cuDNN, one pass each way)
+//!   computes what the plain ops compute, eagerly and in a CUDA graph;
 //! - each precision runs and says what it ran as, with its peak memory;
 //! - a streamed image folder (pinned host batches, asynchronous copies)
 //!   trains on the GPU, and `eval` of its checkpoint streamed counts
@@ -283,8 +284,18 @@ fn the_fused_step_trains_as_the_reference_step() {
         "fused step vs reference after 20 steps: worst {:.3e} ({})",
         worst.0, worst.1
     );
+    // fp16: bias-free convolutions, BatchNorm+ReLU in one cuDNN pass, the
+    // weights cast once. Rounding differs, the training does not.
     let half = train(&tmp.path().join("fp16"), 1, &["--precision", "fp16"]);
+    let half_reference = train(
+        &tmp.path().join("fp16-reference"),
+        1,
+        &["--precision", "fp16", "--no-fused-step"],
+    );
     assert!(half[0].ran_as.contains("fused step") && half[0].train_loss.is_finite());
+    let (lf, lr) = (half[0].train_loss, half_reference[0].train_loss);
+    println!("fp16, one epoch: train loss {lf} fused, {lr} reference");
+    assert!((lf - lr).abs() <= 0.05 * lr, "{lf} against {lr}");
     // VGG11 without BatchNorm: conv+bias+ReLU in one cuDNN kernel.
     let plain = ["--arch", "vgg11"];
     let fused = train(
@@ -376,6 +387,104 @@ fn the_weights_cast_once_give_autocasts_gradients() {
     }
     assert_eq!(halves, 18);
     shim::set_cudnn_deterministic(false).unwrap();
+}
+
+/// The fused step's BatchNorm+ReLU (cuDNN's BatchNorm with its activation,
+/// fp16 NHWC) computes what BatchNorm and ReLU compute in fp32: output,
+/// running statistics and the input, weight and bias gradients within
+/// 1e-2 of each one's largest value, eagerly and replayed from a CUDA graph
+/// (the running statistics move once per replay).
+#[test]
+#[ignore = "needs a CUDA GPU (scripts/gpu-check runs it)"]
+fn the_fused_batchnorm_relu_matches_the_plain_ops() {
+    use vggctl::model::{BN_EPS, BN_MOMENTUM, to_channels_last};
+    assert!(tch::Cuda::is_available(), "{GPU}");
+    let dev = Device::Cuda(0);
+    let opts = (Kind::Float, dev);
+    tch::manual_seed(3);
+    let x = to_channels_last(&(Tensor::randn([64, 128, 16, 16], opts) * 2.0 + 0.5));
+    let dy = to_channels_last(&Tensor::randn([64, 128, 16, 16], opts));
+    let weight = Tensor::rand([128], opts) + 0.5;
+    let bias = Tensor::randn([128], opts) * 0.1;
+    let close = |what: &str, got: &Tensor, want: &Tensor, tolerance: f64| {
+        let err = (got.to_kind(Kind::Float) - want)
+            .abs()
+            .max()
+            .double_value(&[]);
+        let rel = err / want.abs().max().double_value(&[]);
+        println!("BatchNorm+ReLU {what}: {rel:.3e} of the largest");
+        assert!(rel <= tolerance, "{what}: {rel}");
+    };
+    // One step either way: output, running statistics, gradients.
+    let step = |fused: bool, xs: &Tensor, stats: &[Tensor; 2]| {
+        let leaves = [xs.shallow_clone(), weight.copy(), bias.copy()]
+            .map(|t| t.detach().set_requires_grad(true));
+        let [x, w, b] = &leaves;
+        let y = if fused {
+            shim::step::bn_relu(x, w, b, &stats[0], &stats[1], BN_MOMENTUM, BN_EPS).unwrap()
+        } else {
+            Tensor::batch_norm(
+                x,
+                Some(w),
+                Some(b),
+                Some(&stats[0]),
+                Some(&stats[1]),
+                true,
+                BN_MOMENTUM,
+                BN_EPS,
+                false,
+            )
+            .relu()
+        };
+        let loss = (y.to_kind(Kind::Float) * &dy).sum(Kind::Float);
+        let grads = Tensor::run_backward(&[loss], &leaves, false, false);
+        (y, grads)
+    };
+    let fresh = || [Tensor::zeros([128], opts), Tensor::ones([128], opts)];
+    let (want_stats, got_stats) = (fresh(), fresh());
+    let (want_y, want_g) = step(false, &x, &want_stats);
+    let half = x.to_kind(Kind::Half);
+    let (got_y, got_g) = step(true, &half, &got_stats);
+    close("output", &got_y, &want_y, 1e-2);
+    close("running mean", &got_stats[0], &want_stats[0], 1e-3);
+    close("running var", &got_stats[1], &want_stats[1], 1e-3);
+    for (what, (g, w)) in ["input grad", "weight grad", "bias grad"]
+        .iter()
+        .zip(got_g.iter().zip(&want_g))
+    {
+        close(what, g, w, 1e-2);
+    }
+    // Captured and replayed twice: the outputs again, the statistics moved twice.
+    let graph_stats = fresh();
+    let mut graph = CudaGraph::new(dev).unwrap();
+    let (y, g) = graph
+        .on_side_stream(|graph| {
+            let _ = step(true, &half, &fresh()); // warm-up
+            graph.capture(|| step(true, &half, &graph_stats))
+        })
+        .unwrap();
+    for (t, v) in graph_stats.iter().zip(fresh()) {
+        tch::no_grad(|| t.shallow_clone().copy_(&v));
+    }
+    graph.replay().unwrap();
+    graph.replay().unwrap();
+    close("output replayed", &y, &want_y, 1e-2);
+    close("input grad replayed", &g[0], &want_g[0], 1e-2);
+    let twice = fresh();
+    let _ = step(false, &x, &twice);
+    let _ = step(false, &x, &twice);
+    close(
+        "running mean after two replays",
+        &graph_stats[0],
+        &twice[0],
+        1e-3,
+    );
+    close(
+        "running var after two replays",
+        &graph_stats[1],
+        &twice[1],
+        1e-3,
+    );
 }
 
 #[test]

@@ -239,6 +239,10 @@ pub struct Sequential {
     /// operation (`shim::step::conv_bias_relu`: cuDNN's conv+bias+ReLU on
     /// CUDA, with its own backward); the plain ops if it fails.
     pub conv_relu: bool,
+    /// In training mode, BatchNorm followed by ReLU runs as one operation
+    /// (`shim::step::bn_relu`: cuDNN's BatchNorm with its activation, one
+    /// pass each way; not with SyncBatchNorm); the plain ops if it fails.
+    pub bn_relu: bool,
     /// In training mode, layers computing with other tensors than their
     /// own, by index: the compute copy's views of their weights (see
     /// `Vgg::flatten_trainable`).
@@ -262,6 +266,7 @@ impl Sequential {
             sync: None,
             bias_free: false,
             conv_relu: false,
+            bn_relu: false,
             stand_ins: BTreeMap::new(),
         }
     }
@@ -276,10 +281,8 @@ impl Sequential {
                 (true, Some(stand_in)) => stand_in,
                 _ => &self.layers[i].1,
             };
-            if let (true, Layer::Conv { weight, bias }) = (self.fuses_relu(i, &range, train), layer)
-            {
-                x = crate::shim::step::conv_bias_relu(&x, weight, bias)
-                    .unwrap_or_else(|_| layer.forward(&x, train, None, true).relu());
+            if let Some(y) = self.with_relu(i, layer, &x, &range, train) {
+                x = y;
                 i += 2;
                 continue;
             }
@@ -290,14 +293,46 @@ impl Sequential {
         x
     }
 
-    /// Whether layer `i` and the ReLU after it (both in `range`) run as one
-    /// operation.
-    fn fuses_relu(&self, i: usize, range: &std::ops::Range<usize>, train: bool) -> bool {
-        self.conv_relu
-            && train
-            && i + 1 < range.end
-            && matches!(self.layers[i].1, Layer::Conv { .. })
-            && matches!(self.layers[i + 1].1, Layer::Relu)
+    /// Layer `i` (`layer`, or its stand-in) and the ReLU after it (both in
+    /// `range`) run on `x` as one operation, where the fused step does that
+    /// and the operation runs; None leaves them to the plain ops.
+    fn with_relu(
+        &self,
+        i: usize,
+        layer: &Layer,
+        x: &Tensor,
+        range: &std::ops::Range<usize>,
+        train: bool,
+    ) -> Option<Tensor> {
+        if !(train && i + 1 < range.end && matches!(self.layers[i + 1].1, Layer::Relu)) {
+            return None;
+        }
+        match layer {
+            Layer::Conv { weight, bias } if self.conv_relu => {
+                crate::shim::step::conv_bias_relu(x, weight, bias).ok()
+            }
+            Layer::BatchNorm {
+                weight,
+                bias,
+                running_mean,
+                running_var,
+                num_batches_tracked,
+            } if self.bn_relu && self.sync.is_none() => {
+                let y = crate::shim::step::bn_relu(
+                    x,
+                    weight,
+                    bias,
+                    running_mean,
+                    running_var,
+                    BN_MOMENTUM,
+                    BN_EPS,
+                )
+                .ok()?;
+                num_batches_tracked.set(num_batches_tracked.get() + 1);
+                Some(y)
+            }
+            _ => None,
+        }
     }
 
     /// Whether layer `i` is a convolution whose output goes to BatchNorm.

@@ -36,3 +36,55 @@ pub fn conv_bias_relu(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     // else owns.
     Ok(unsafe { Tensor::from_ptr(out) })
 }
+
+unsafe extern "C" {
+    fn vggctl_bn_relu(
+        x: *mut C_tensor,
+        weight: *mut C_tensor,
+        bias: *mut C_tensor,
+        running_mean: *mut C_tensor,
+        running_var: *mut C_tensor,
+        momentum: f64,
+        eps: f64,
+        out: *mut *mut C_tensor,
+        err: *mut c_char,
+        len: usize,
+    ) -> std::ffi::c_int;
+}
+
+/// `relu(batch_norm(x))` in training mode as one differentiable operation,
+/// updating the running statistics with `momentum` as BatchNorm does:
+/// cuDNN's BatchNorm with its ReLU in one pass forward and one backward.
+/// Only for CUDA fp16 channels-last batches with fp32 parameters and a
+/// multiple of 4 channels; anything else is an error (the caller runs the
+/// plain ops).
+pub fn bn_relu(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    momentum: f64,
+    eps: f64,
+) -> Result<Tensor> {
+    let mut out: *mut C_tensor = std::ptr::null_mut();
+    // SAFETY: the tensors are live; the running statistics are written in
+    // place on the device; `out` is written only on success; err/len as in
+    // `call`.
+    call("BatchNorm+ReLU", |err, len| unsafe {
+        vggctl_bn_relu(
+            ptr(x),
+            ptr(weight),
+            ptr(bias),
+            ptr(running_mean),
+            ptr(running_var),
+            momentum,
+            eps,
+            &mut out,
+            err,
+            len,
+        )
+    })?;
+    // SAFETY: as in `conv_bias_relu`.
+    Ok(unsafe { Tensor::from_ptr(out) })
+}

@@ -8,7 +8,7 @@ use tch::{Kind, Tensor};
 
 use crate::data::Dataset;
 use crate::dist::World;
-use crate::model::{Values, Vgg};
+use crate::model::{BN_EPS, BN_MOMENTUM, Values, Vgg};
 use crate::numerics::Numerics;
 use crate::optim::Optimizer;
 
@@ -128,17 +128,21 @@ fn fingerprint(model: &Vgg, config: &TrainConfig, sizes: [i64; 2]) -> i64 {
 /// off where it does nothing): with BatchNorm, convolutions before it leave
 /// out their bias while training, if every such bias in the trained layers
 /// is zero (from scratch; torchvision's pretrained ones are not); without
-/// BatchNorm, convolution, bias and ReLU run as one operation where it
-/// runs on this device and agrees with the plain ops; in half precision,
-/// the weights are cast once per step (see [`build_optimizer`]).
+/// BatchNorm, convolution, bias and ReLU run as one operation, and with it
+/// (fp16, channels-last) BatchNorm and ReLU, each where it runs on this
+/// device and agrees with the plain ops; in half precision, the weights
+/// are cast once per step (see [`build_optimizer`]).
 pub fn fuse_step(model: &mut Vgg, numerics: &mut Numerics) {
     let from = model.frozen_prefix;
+    let (fused, bn) = (numerics.fused_step, model.spec.bn);
     let features = &mut model.features;
-    features.bias_free =
-        numerics.fused_step && model.spec.bn && features.conv_biases_before_bn_are_zero(from);
-    features.conv_relu = numerics.fused_step && !model.spec.bn && conv_relu_works(numerics);
-    numerics.fused_step =
-        features.bias_free || features.conv_relu || casts_once(numerics).is_some();
+    features.bias_free = fused && bn && features.conv_biases_before_bn_are_zero(from);
+    features.conv_relu = fused && !bn && conv_relu_works(numerics);
+    features.bn_relu = fused && bn && bn_relu_works(numerics);
+    numerics.fused_step = features.bias_free
+        || features.conv_relu
+        || features.bn_relu
+        || casts_once(numerics).is_some();
 }
 
 /// The dtype the fused step keeps its copy of the weights in (half
@@ -155,33 +159,99 @@ fn casts_once(numerics: &Numerics) -> Option<Kind> {
 /// generator is left as it was).
 fn conv_relu_works(numerics: &Numerics) -> bool {
     let (dev, kind) = (numerics.device, numerics.compute_kind());
-    let values = |shape: &[i64], scale: f64| {
-        let n: i64 = shape.iter().product();
-        (Tensor::arange(n, (tch::Kind::Float, dev)) * 0.7)
-            .sin()
-            .view(shape)
-            * scale
-    };
-    let x = numerics.input(&values(&[2, 16, 8, 8], 1.0)).to_kind(kind);
-    let w = numerics.input(&values(&[16, 16, 3, 3], 0.1)).to_kind(kind);
-    let b = values(&[16], 0.1).to_kind(kind);
+    let x = numerics
+        .input(&fixed_values(&[2, 16, 8, 8], 1.0, dev))
+        .to_kind(kind);
+    let w = numerics
+        .input(&fixed_values(&[16, 16, 3, 3], 0.1, dev))
+        .to_kind(kind);
+    let b = fixed_values(&[16], 0.1, dev).to_kind(kind);
     let Ok(got) = crate::shim::step::conv_bias_relu(&x, &w, &b) else {
         return false;
     };
     let (f, wf, bf) = (
-        x.to_kind(tch::Kind::Float),
-        w.to_kind(tch::Kind::Float),
-        b.to_kind(tch::Kind::Float),
+        x.to_kind(Kind::Float),
+        w.to_kind(Kind::Float),
+        b.to_kind(Kind::Float),
     );
     let want = f.conv2d(&wf, Some(&bf), [1, 1], [1, 1], [1, 1], 1).relu();
-    let err = (got.to_kind(tch::Kind::Float) - &want)
+    // TF32 (and half precision) round the products: their kernels differ more.
+    let strict = numerics.precision == crate::numerics::Precision::Fp32;
+    close(&got, &want, if strict { 1e-4 } else { 1e-2 })
+}
+
+/// Fixed values in `shape` on `dev` (sines of a ramp, times `scale`): the
+/// start-up checks draw no random numbers, so the run's generator is left
+/// as it was.
+fn fixed_values(shape: &[i64], scale: f64, dev: tch::Device) -> Tensor {
+    let n: i64 = shape.iter().product();
+    (Tensor::arange(n, (Kind::Float, dev)) * 0.7)
+        .sin()
+        .view(shape)
+        * scale
+}
+
+/// Whether `got` is within `tolerance` of `want`'s largest value of it.
+fn close(got: &Tensor, want: &Tensor, tolerance: f64) -> bool {
+    let want = want.to_kind(Kind::Float);
+    let err = (got.to_kind(Kind::Float) - &want)
         .abs()
         .max()
         .double_value(&[]);
-    // TF32 (and half precision) round the products: their kernels differ more.
-    let strict = numerics.precision == crate::numerics::Precision::Fp32;
-    let tolerance = if strict { 1e-4 } else { 1e-2 };
     err <= tolerance * want.abs().max().double_value(&[])
+}
+
+/// Whether the fused BatchNorm+ReLU runs here (CUDA, fp16, channels-last)
+/// and computes what the plain ops compute in fp32 within 1e-2 of the
+/// largest value: output, running statistics and the three gradients,
+/// checked once on a small batch of fixed values.
+fn bn_relu_works(numerics: &Numerics) -> bool {
+    let dev = numerics.device;
+    if !(dev.is_cuda() && numerics.compute_kind() == Kind::Half && numerics.channels_last) {
+        return false;
+    }
+    let shape = [4, 16, 8, 8];
+    let x = numerics
+        .input(&fixed_values(&shape, 2.0, dev))
+        .to_kind(Kind::Half);
+    let dy = numerics.input(&fixed_values(&shape, 1.0, dev).flip([0]));
+    let weight = fixed_values(&[16], 0.5, dev) + 1.0;
+    let bias = fixed_values(&[16], 0.1, dev).flip([0]);
+    let run = |x: Tensor, fused: bool| {
+        let leaves = [x, weight.copy(), bias.copy()].map(|t| t.set_requires_grad(true));
+        let stats = [
+            Tensor::zeros([16], (Kind::Float, dev)),
+            Tensor::ones([16], (Kind::Float, dev)),
+        ];
+        let [x, w, b] = &leaves;
+        let y = match fused {
+            true => crate::shim::step::bn_relu(x, w, b, &stats[0], &stats[1], BN_MOMENTUM, BN_EPS)
+                .ok()?,
+            false => Tensor::batch_norm(
+                x,
+                Some(w),
+                Some(b),
+                Some(&stats[0]),
+                Some(&stats[1]),
+                true,
+                BN_MOMENTUM,
+                BN_EPS,
+                false,
+            )
+            .relu(),
+        };
+        let loss = (y.to_kind(Kind::Float) * &dy).sum(Kind::Float);
+        let grads = Tensor::run_backward(&[loss], &leaves, false, false);
+        Some((y, stats, grads))
+    };
+    let (Some(got), Some(want)) = (run(x.copy(), true), run(x.to_kind(Kind::Float), false)) else {
+        return false;
+    };
+    let pairs = [(&got.0, &want.0)]
+        .into_iter()
+        .chain(got.1.iter().zip(&want.1))
+        .chain(got.2.iter().zip(&want.2));
+    pairs.into_iter().all(|(g, w)| close(g, w, 1e-2))
 }
 
 /// The optimizer the numerics ask for: the fused update over one flat
