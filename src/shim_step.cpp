@@ -39,6 +39,7 @@
 #include <ATen/cudnn/Handle.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/native_batch_norm_backward.h>
 #include <dlfcn.h>
 #endif
 
@@ -253,14 +254,32 @@ struct BnRelu : public torch::autograd::Function<BnRelu> {
     return y;
   }
 
+  // cuDNN's backward; should it fail (a shape the start-up check did not
+  // meet), the same gradients from the ReLU's mask and libtorch's
+  // BatchNorm backward with the saved statistics.
   static variable_list backward(AutogradContext *ctx, variable_list grads) {
     auto saved = ctx->get_saved_variables();
+    auto dy = grads[0].to(at::kHalf).contiguous(at::MemoryFormat::ChannelsLast);
+    double eps = ctx->saved_data["eps"].toDouble();
+    try {
+      return cudnn_backward(saved, dy, eps);
+    } catch (const c10::Error &) {
+      auto g = at::threshold_backward(dy, saved[6], 0);
+      auto parts = at::native_batch_norm_backward(g, saved[0], saved[1], std::nullopt,
+                                                  std::nullopt, saved[3], saved[4], true, eps,
+                                                  {true, true, true});
+      return {std::get<0>(parts), std::get<1>(parts), std::get<2>(parts), at::Tensor(),
+              at::Tensor(), at::Tensor(), at::Tensor()};
+    }
+  }
+
+  static variable_list cudnn_backward(const variable_list &saved, const at::Tensor &dy,
+                                      double eps) {
     const auto &x = saved[0];
     const auto &weight = saved[1];
     const auto &bias = saved[2];
     const auto &reserve = saved[5];
     const auto &y = saved[6];
-    auto dy = grads[0].to(at::kHalf).contiguous(at::MemoryFormat::ChannelsLast);
     const auto &api = cudnn();
     auto handle = at::native::getCudnnHandle();
     BnReluDescs d(x);
@@ -279,7 +298,7 @@ struct BnRelu : public torch::autograd::Function<BnRelu> {
                        x.const_data_ptr(), d.batch.desc, y.const_data_ptr(), d.batch.desc,
                        dy.const_data_ptr(), nullptr, nullptr, d.batch.desc, dx.data_ptr(),
                        d.params.desc, weight.const_data_ptr(), bias.const_data_ptr(),
-                       dweight.data_ptr(), dbias.data_ptr(), ctx->saved_data["eps"].toDouble(),
+                       dweight.data_ptr(), dbias.data_ptr(), eps,
                        saved[3].const_data_ptr(), saved[4].const_data_ptr(), d.relu.desc,
                        workspace.data_ptr(), workspace_size, reserve.data_ptr(),
                        static_cast<size_t>(reserve.numel())),
