@@ -22,11 +22,13 @@ CIFAR-shaped data (uint8 images, 10 classes):
    metrics.jsonl reads the same allocator statistic);
 5. accuracy: with --digits DIR (tests/fixtures/digits-bin, made by
    scripts/test), vggctl trains VGG11-BN on the real digits in each precision
-   (graphed, and fp16 eager) with --seeds seeds each; each mode's mean test
-   accuracy must be within 1 point of fp32's mean (one run is not enough:
-   on an H200 fp32's own seeds spanned 2 points of the 297 test images).
+   (graphed, fp16 eager, and fp16 with --no-fused-step, the reference step)
+   with --seeds seeds each; each mode's mean test accuracy must be within 1
+   point of fp32's mean (one run is not enough: on an H200 fp32's own seeds
+   spanned 2 points of the 297 test images).
 6. where vggctl's replayed step's time goes, kernel by kernel (VGG16-BN,
-   batch 512, one epoch with --profile: its ops.csv, 10 warm steps).
+   batch 512, one epoch with --profile: its ops.csv, 10 warm steps), for
+   the fused step and the reference step (--no-fused-step).
 
 Prints images/s, ratios and the time each part took. A configuration that
 fails is reported and left out, the rest still runs (exit status 1 then). The model is built here
@@ -316,12 +318,13 @@ def world_of_one():
                 MASTER_PORT=str(port))
 
 
-def vggctl_ops(binary, data_dir, out, batch):
-    """The kernels of today's replayed step (issue #18 starts from them):
-    one epoch of 16 full batches with --profile, whose ops.csv holds 10
-    warm steps; returns its GPU rows (or, on the CPU, its operators) as
-    (calls a step, ms a step, share, name)."""
-    vggctl_train(binary, data_dir, out, batch, 16 * batch, ["--profile"], epochs=1)
+def vggctl_ops(binary, data_dir, out, batch, extra=()):
+    """The kernels of the replayed step (the fused one, or with
+    --no-fused-step the reference step issue #18 starts from): one epoch
+    of 16 full batches with --profile, whose ops.csv holds 10 warm steps;
+    returns its GPU rows (or, on the CPU, its operators) as (calls a step,
+    ms a step, share, name)."""
+    vggctl_train(binary, data_dir, out, batch, 16 * batch, ["--profile", *extra], epochs=1)
     with open(os.path.join(out, "ops.csv")) as f:
         rows = list(csv.DictReader(f))
     device = "cuda" if any(r["device"] == "cuda" for r in rows) else "cpu"
@@ -329,9 +332,9 @@ def vggctl_ops(binary, data_dir, out, batch):
             for r in rows if r["device"] == device]
 
 
-def print_ops(batch, rows, top=25):
+def print_ops(batch, rows, step, top=25):
     total = sum(r[1] for r in rows)
-    print(f"\nkernels of vggctl's replayed step, VGG16-BN, batch {batch} (--profile's ops.csv; "
+    print(f"\nkernels of vggctl's replayed {step}, VGG16-BN, batch {batch} (--profile's ops.csv; "
           f"{total:.2f} ms a step in {sum(r[0] for r in rows):.0f} kernels):")
     for calls, ms, share, name in rows[:top]:
         print(f"  {ms:8.3f} ms {100 * share:5.1f}% {calls:5.0f}x  {name[:110]}")
@@ -545,12 +548,16 @@ def main():
                     world_one[batch] = (backend, speed)
 
         # Where the replayed step's time goes, kernel by kernel.
+        # The fused step's and the reference step's, side by side: what each
+        # lever of the fused step removed or replaced.
         for batch in (64,) if a.smoke else (512,):
-            out = os.path.join(root, f"run-{batch}-ops")
-            r = attempt(f"train, batch {batch}", "vggctl --profile kernels", vggctl_ops, a.vggctl, root, out, batch)
-            keep_run(a.keep, out)
-            if r:
-                ops_tables.append((batch, r[0]))
+            for step, extra in (("fused step", []), ("reference step (--no-fused-step)", ["--no-fused-step"])):
+                out = os.path.join(root, f"run-{batch}-ops" + "-reference" * bool(extra))
+                r = attempt(f"train, batch {batch}", f"vggctl --profile kernels, {step}", vggctl_ops,
+                            a.vggctl, root, out, batch, extra)
+                keep_run(a.keep, out)
+                if r:
+                    ops_tables.append((batch, step, r[0]))
 
         sec = "recipe loop, batch 128"
         for workers in (0, 8):
@@ -582,7 +589,8 @@ def main():
         if os.path.isdir(a.digits):
             digits = os.path.dirname(a.digits) if a.digits.endswith("cifar-10-batches-bin") else a.digits
             for extra in (["--precision", "fp32"], ["--precision", "tf32"], ["--precision", "fp16"],
-                          ["--precision", "bf16"], ["--precision", "fp16", "--no-cuda-graphs"]):
+                          ["--precision", "bf16"], ["--precision", "fp16", "--no-cuda-graphs"],
+                          ["--precision", "fp16", "--no-fused-step"]):
                 top1s, ran = [], "?"
                 for seed in seeds:
                     out = os.path.join(root, "digits-" + "-".join(x.strip("-") for x in extra) + f"-seed{seed}")
@@ -646,8 +654,8 @@ def main():
         ratio = ours / ref
         print(f"  {label:<52} {ratio:6.2f}x  [>= {target}x: {'met' if ratio >= target else 'NOT met'}]")
 
-    for batch, ops in ops_tables:
-        print_ops(batch, ops)
+    for batch, step, ops in ops_tables:
+        print_ops(batch, ops, step)
 
     if accuracy:
         print(f"\naccuracy, VGG11-BN on the real digits, 5 epochs, seeds {seeds} "
