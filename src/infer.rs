@@ -44,7 +44,7 @@ impl Logits for Layerwise<'_> {
 /// (which owns the only copy of the weights it needs, so it cannot go
 /// stale).
 pub enum Inference {
-    Layerwise { model: Vgg, numerics: Numerics },
+    Layerwise { model: Box<Vgg>, numerics: Numerics },
     Plan(InferencePlan),
 }
 
@@ -59,7 +59,10 @@ impl Inference {
         if numerics.channels_last {
             model.to_channels_last();
         }
-        Inference::Layerwise { model, numerics }
+        Inference::Layerwise {
+            model: Box::new(model),
+            numerics,
+        }
     }
 
     /// What ran, for `ran_as`: the inference form and whether its fused

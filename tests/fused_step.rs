@@ -497,7 +497,8 @@ fn weights_cast_once_per_step_train_as_autocast_casts() {
 /// BatchNorm+ReLU as one operation is cuDNN's (CUDA, fp16, channels-last):
 /// elsewhere the shim refuses it with an error, not a crash, and a model
 /// asked to fuse it runs the plain ops instead, exactly: the same logits
-/// bit for bit, the same running statistics, each BatchNorm counted once.
+/// bit for bit, the same running statistics, each BatchNorm counted once;
+/// it keeps the failure for the trainer to report once, and stops trying.
 #[test]
 fn batchnorm_relu_falls_back_to_the_plain_ops_where_cudnn_cannot_run_it() {
     let _seeded = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
@@ -531,4 +532,14 @@ fn batchnorm_relu_falls_back_to_the_plain_ops_where_cudnn_cannot_run_it() {
     }
     assert_eq!(reference.num_batches_tracked(), fused.num_batches_tracked());
     assert!(fused.num_batches_tracked().iter().all(|(_, n)| *n == 1));
+    // The failure is kept for the trainer's warning, once; after it the
+    // model does not try again.
+    let why = fused
+        .features
+        .take_fusion_failure()
+        .expect("a failure to report");
+    assert!(why.contains("BatchNorm+ReLU"), "{why}");
+    assert_eq!(fused.features.take_fusion_failure(), None);
+    let _ = fused.forward_t(&x, true);
+    assert_eq!(fused.features.take_fusion_failure(), None, "it tried again");
 }

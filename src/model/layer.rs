@@ -2,7 +2,7 @@
 //! dropout, linear), each owning its tensors under torchvision's suffixes,
 //! built with torchvision's initialization, and runs of them (`Sequential`).
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 
 use tch::{Device, Kind, Tensor};
@@ -247,6 +247,11 @@ pub struct Sequential {
     /// own, by index: the compute copy's views of their weights (see
     /// `Vgg::flatten_trainable`).
     pub stand_ins: BTreeMap<usize, Layer>,
+    /// Set when a fused operation failed (after the start-up check passed):
+    /// from then on the plain ops run without trying it again.
+    fusion_failed: Cell<bool>,
+    /// That failure, until someone takes it to report it.
+    fusion_failure: RefCell<Option<String>>,
 }
 
 impl Sequential {
@@ -268,6 +273,8 @@ impl Sequential {
             conv_relu: false,
             bn_relu: false,
             stand_ins: BTreeMap::new(),
+            fusion_failed: Cell::new(false),
+            fusion_failure: RefCell::new(None),
         }
     }
 
@@ -304,12 +311,14 @@ impl Sequential {
         range: &std::ops::Range<usize>,
         train: bool,
     ) -> Option<Tensor> {
-        if !(train && i + 1 < range.end && matches!(self.layers[i + 1].1, Layer::Relu)) {
+        if !(train && i + 1 < range.end && matches!(self.layers[i + 1].1, Layer::Relu))
+            || self.fusion_failed.get()
+        {
             return None;
         }
-        match layer {
+        let fused = match layer {
             Layer::Conv { weight, bias } if self.conv_relu => {
-                crate::shim::step::conv_bias_relu(x, weight, bias).ok()
+                crate::shim::step::conv_bias_relu(x, weight, bias)
             }
             Layer::BatchNorm {
                 weight,
@@ -326,13 +335,26 @@ impl Sequential {
                     running_var,
                     BN_MOMENTUM,
                     BN_EPS,
-                )
-                .ok()?;
-                num_batches_tracked.set(num_batches_tracked.get() + 1);
-                Some(y)
+                );
+                if y.is_ok() {
+                    num_batches_tracked.set(num_batches_tracked.get() + 1);
+                }
+                y
             }
-            _ => None,
-        }
+            _ => return None,
+        };
+        fused
+            .inspect_err(|e| {
+                self.fusion_failed.set(true);
+                *self.fusion_failure.borrow_mut() = Some(format!("{e:#}"));
+            })
+            .ok()
+    }
+
+    /// Why a fused operation failed, once: the layers then run the plain
+    /// ops (for the trainer to warn; the model does not print).
+    pub fn take_fusion_failure(&self) -> Option<String> {
+        self.fusion_failure.borrow_mut().take()
     }
 
     /// Whether layer `i` is a convolution whose output goes to BatchNorm.

@@ -337,6 +337,11 @@ impl<'a> Trainer<'a> {
         if !feed.skipped.is_empty() {
             obs.warn(&skipped_message(&feed.skipped, epoch));
         }
+        if let Some(why) = self.model.features.take_fusion_failure() {
+            obs.warn(&format!(
+                "the fused step's {why}; those layers run the plain ops from then on"
+            ));
+        }
         Ok(())
     }
 
