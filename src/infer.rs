@@ -290,6 +290,7 @@ mod tests {
     /// NHWC; BatchNorm statistics are made non-trivial first.
     #[test]
     fn plan_computes_the_eval_mode_model() {
+        let _seeded = crate::seeded();
         tch::manual_seed(3);
         for bn in [false, true] {
             let mut model = Vgg::new(
@@ -334,6 +335,7 @@ mod tests {
     /// decided layout), and say nothing of an inference form.
     #[test]
     fn the_cpu_runs_the_model_layerwise() {
+        let _seeded = crate::seeded();
         tch::manual_seed(5);
         let spec = ModelSpec::new(Arch::Vgg11, true, Head::Cifar, 10);
         let model = Vgg::new(spec, Device::Cpu);

@@ -42,3 +42,12 @@ impl std::fmt::Display for Interrupted {
 }
 
 impl std::error::Error for Interrupted {}
+
+/// libtorch's random generator is the process's: a unit test that seeds it
+/// or draws from it holds this, so that tests running side by side do not
+/// draw from each other's sequence.
+#[cfg(test)]
+pub(crate) fn seeded() -> std::sync::MutexGuard<'static, ()> {
+    static SEEDED: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SEEDED.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -457,6 +457,7 @@ mod tests {
     /// `forward` feeds the model in the decided layout and returns fp32.
     #[test]
     fn forward_in_channels_last_equals_the_plain_forward() {
+        let _seeded = crate::seeded();
         use crate::model::{Arch, Head, ModelSpec};
         tch::manual_seed(1);
         let mut model = Vgg::new(ModelSpec::new(Arch::Vgg11, true, Head::Gap, 4), Device::Cpu);

@@ -322,6 +322,7 @@ mod tests {
     /// round and clamp), enlarging and shrinking, whole images and windows.
     #[test]
     fn windows_resize_as_libtorch_does() {
+        let _seeded = crate::seeded();
         tch::manual_seed(3);
         let cases = [
             (64, 48, (0, 0, 64, 48), (224, 224)),

@@ -195,6 +195,7 @@ mod tests {
     /// no candidate fits and the fallback decides), and beyond 4:3.
     #[test]
     fn one_image_boxes_are_the_batch_boxes() {
+        let _seeded = crate::seeded();
         let sizes: [(i64, i64); 8] = [
             (256, 256),
             (256, 384),

@@ -284,6 +284,7 @@ mod tests {
     /// libtorch's generator as it was.
     #[test]
     fn the_conv_relu_check_passes_where_it_is_the_plain_ops() {
+        let _seeded = crate::seeded();
         let mut numerics = Numerics::plain_cpu();
         tch::manual_seed(1);
         let before = Tensor::randn([4], (tch::Kind::Float, tch::Device::Cpu));
