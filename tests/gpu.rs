@@ -397,7 +397,7 @@ fn the_weights_cast_once_give_autocasts_gradients() {
 #[test]
 #[ignore = "needs a CUDA GPU (scripts/gpu-check runs it)"]
 fn the_fused_batchnorm_relu_matches_the_plain_ops() {
-    use vggctl::model::{BN_EPS, BN_MOMENTUM, to_channels_last};
+    use vggctl::model::{BN_EPS, BN_MOMENTUM, batch_norm, to_channels_last};
     assert!(tch::Cuda::is_available(), "{GPU}");
     let dev = Device::Cuda(0);
     let opts = (Kind::Float, dev);
@@ -423,18 +423,7 @@ fn the_fused_batchnorm_relu_matches_the_plain_ops() {
         let y = if fused {
             shim::step::bn_relu(x, w, b, &stats[0], &stats[1], BN_MOMENTUM, BN_EPS).unwrap()
         } else {
-            Tensor::batch_norm(
-                x,
-                Some(w),
-                Some(b),
-                Some(&stats[0]),
-                Some(&stats[1]),
-                true,
-                BN_MOMENTUM,
-                BN_EPS,
-                false,
-            )
-            .relu()
+            batch_norm(x, w, b, &stats[0], &stats[1], true).relu()
         };
         let loss = (y.to_kind(Kind::Float) * &dy).sum(Kind::Float);
         let grads = Tensor::run_backward(&[loss], &leaves, false, false);

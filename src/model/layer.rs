@@ -152,17 +152,7 @@ impl Layer {
                 if let (true, Some(sum)) = (train, sync) {
                     return sync_batch_norm(x, weight, bias, running_mean, running_var, sum);
                 }
-                Tensor::batch_norm(
-                    x,
-                    Some(weight),
-                    Some(bias),
-                    Some(running_mean),
-                    Some(running_var),
-                    train,
-                    BN_MOMENTUM,
-                    BN_EPS,
-                    true,
-                )
+                batch_norm(x, weight, bias, running_mean, running_var, train)
             }
             Layer::Relu => x.relu(),
             Layer::MaxPool => x.max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false),
@@ -179,6 +169,29 @@ impl Layer {
     pub(super) fn tensors_mut(&mut self) -> Vec<(&'static str, &mut Tensor, bool)> {
         layer_tensors!(self)
     }
+}
+
+/// torchvision's BatchNorm2d on `x` (training mode: batch statistics,
+/// the running ones updated; else the running ones).
+pub fn batch_norm(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    train: bool,
+) -> Tensor {
+    Tensor::batch_norm(
+        x,
+        Some(weight),
+        Some(bias),
+        Some(running_mean),
+        Some(running_var),
+        train,
+        BN_MOMENTUM,
+        BN_EPS,
+        true,
+    )
 }
 
 /// A differentiable sum over the ranks of a data-parallel run (what

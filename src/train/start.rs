@@ -8,7 +8,7 @@ use tch::{Kind, Tensor};
 
 use crate::data::Dataset;
 use crate::dist::World;
-use crate::model::{BN_EPS, BN_MOMENTUM, Values, Vgg};
+use crate::model::{BN_EPS, BN_MOMENTUM, Values, Vgg, batch_norm};
 use crate::numerics::Numerics;
 use crate::optim::Optimizer;
 
@@ -227,18 +227,7 @@ fn bn_relu_works(numerics: &Numerics) -> bool {
         let y = match fused {
             true => crate::shim::step::bn_relu(x, w, b, &stats[0], &stats[1], BN_MOMENTUM, BN_EPS)
                 .ok()?,
-            false => Tensor::batch_norm(
-                x,
-                Some(w),
-                Some(b),
-                Some(&stats[0]),
-                Some(&stats[1]),
-                true,
-                BN_MOMENTUM,
-                BN_EPS,
-                false,
-            )
-            .relu(),
+            false => batch_norm(x, w, b, &stats[0], &stats[1], true).relu(),
         };
         let loss = (y.to_kind(Kind::Float) * &dy).sum(Kind::Float);
         let grads = Tensor::run_backward(&[loss], &leaves, false, false);
