@@ -241,3 +241,43 @@ fn early_stop_ends_the_run_where_the_patience_says() {
     let r = train(&tmp.path().join("bad"), &["--early-stop", "0"]);
     common::assert_one_line_error(&r, 2, "--early-stop must be at least 1 epoch");
 }
+
+/// An epoch's files are written on a thread of their own while the next
+/// epoch trains, from copies taken at the epoch's end: after three epochs
+/// with `--keep all`, `epoch-001` and `epoch-002` hold, bit for bit, the
+/// weights of runs stopped after one and two epochs (the moving average
+/// written beside them), and the last resume point continues exactly.
+/// (On the CPU the copies are what keeps the next epoch's updates out of
+/// the files; these small files are written before its first update, so
+/// this checks the files and their order, not that race.)
+#[test]
+fn an_epochs_files_hold_its_weights_though_written_while_the_next_trains() {
+    let tmp = common::tempdir();
+    let run = |name: &str, epochs: &str, keep: &str| {
+        let out = tmp.path().join(name);
+        let r = train(
+            &out,
+            &["--epochs", epochs, "--keep", keep, EMA[0], EMA[1], EMA[2]],
+        );
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        out
+    };
+    let all = run("all", "3", "all");
+    for epochs in ["1", "2"] {
+        let alone = run(&format!("alone-{epochs}"), epochs, "last");
+        let kept = all.join(format!("epoch-00{epochs}.safetensors"));
+        assert!(
+            same_tensors(&kept, &alone.join("last.safetensors")),
+            "epoch {epochs}"
+        );
+        if epochs == "2" {
+            // Continued to three epochs, it ends with the three-epoch run's
+            // weights (not its average: the average's decay depends on the
+            // run's length, as in torchvision's reference).
+            let r = resume_run(&alone, &["--epochs", "3"]);
+            assert_eq!(r.code, 0, "{}", r.stderr);
+            let last = "last.safetensors";
+            assert!(same_tensors(&all.join(last), &alone.join(last)));
+        }
+    }
+}

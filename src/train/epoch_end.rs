@@ -3,10 +3,14 @@
 //! resume point, the kept weight files, `metrics.jsonl`, `curves.svg`,
 //! `confusion.svg` and the TensorBoard events.
 
+use std::collections::HashMap;
+
 use anyhow::{Context, Result};
+use tch::Tensor;
 
 use super::config::Keep;
-use super::state::{EmaMetrics, EpochMetrics, Partial};
+use super::run_dir::RunDir;
+use super::state::{EmaMetrics, EpochMetrics, Partial, TrainState};
 use super::{Observer, Trainer};
 use super::{confusion, curves};
 use crate::eval::{EvalGraph, EvalResult, evaluate};
@@ -16,15 +20,12 @@ use crate::model::Vgg;
 use crate::shim;
 
 impl Trainer<'_> {
-    /// Writes the resume point (rank 0): inside an epoch, weights, optimizer
-    /// state, the moving average and `TrainState` in one file; at an
-    /// epoch's end, the weights into `last.safetensors` (the average into
-    /// `ema.safetensors`) and the rest beside them. Every rank calls it
-    /// (the epoch's sums are taken across ranks).
-    pub(super) fn save_resume(&self, at_epoch_end: bool) -> Result<()> {
+    /// What a resume point holds, gathered on every rank (the epoch's sums
+    /// are taken across ranks); rank 0 gets it, the others None.
+    fn resume_parts(&self) -> Result<Option<ResumeParts>> {
         let partial = self.global_partial()?;
         if !self.world.is_main() {
-            return Ok(());
+            return Ok(None);
         }
         let meta = self
             .state
@@ -40,24 +41,64 @@ impl Trainer<'_> {
         if let Some(scaler) = self.opt.loss_scaler() {
             state.scaler = Some(scaler);
         }
-        let weights = self.model.state_dict();
-        let optimizer = self.opt.state_tensors();
-        if at_epoch_end {
-            let ema = self.ema.as_ref().map(|e| e.model.state_dict());
-            return self.run_dir.save_epoch_point(
-                &weights,
-                ema.as_deref(),
-                meta,
-                &optimizer,
-                &state,
-            );
-        }
-        let mut tensors = weights;
-        tensors.extend(optimizer);
+        Ok(Some(ResumeParts {
+            weights: self.model.state_dict(),
+            optimizer: self.opt.state_tensors(),
+            meta,
+            state,
+        }))
+    }
+
+    /// Writes the resume point inside an epoch (rank 0; every rank calls
+    /// it): weights, optimizer state, the moving average and `TrainState`
+    /// in one file, once the files of the epoch before are written.
+    pub(super) fn save_resume(&mut self) -> Result<()> {
+        self.writes.wait()?;
+        let Some(parts) = self.resume_parts()? else {
+            return Ok(());
+        };
+        let mut tensors = parts.weights;
+        tensors.extend(parts.optimizer);
         if let Some(ema) = &self.ema {
             tensors.extend(ema.resume_tensors());
         }
-        self.run_dir.save_resume(&tensors, meta, &state)
+        self.run_dir.save_resume(&tensors, parts.meta, &parts.state)
+    }
+
+    /// An epoch's weight files (rank 0; every rank calls it): the weights
+    /// into `last.safetensors` (the average into `ema.safetensors`), the
+    /// rest of the resume point beside them, then the files `--keep` asks
+    /// for. Their values are taken now (copies of the live tensors); they
+    /// are written on a thread of their own while the next epoch trains
+    /// (the next write, and the end of the run, wait for them and report
+    /// their failure).
+    fn save_epoch_point(&mut self, best: bool) -> Result<()> {
+        self.writes.wait()?;
+        let Some(mut parts) = self.resume_parts()? else {
+            return Ok(());
+        };
+        let mut ema = self.ema.as_ref().map(|e| e.model.state_dict());
+        // Copied off a GPU they are already the writer's own; on the CPU
+        // they are the live tensors the next epoch changes.
+        if self.model.device() == tch::Device::Cpu {
+            let own = |v: &mut Vec<(String, Tensor)>| v.iter_mut().for_each(|(_, t)| *t = t.copy());
+            own(&mut parts.weights);
+            own(&mut parts.optimizer);
+            ema.iter_mut().for_each(own);
+        }
+        let run = self.run_dir.clone();
+        let keep = self.state.config.keep;
+        let top1: Vec<f64> = self.state.history.iter().map(|m| m.test_top1).collect();
+        self.writes.start(move || {
+            let ResumeParts {
+                weights,
+                optimizer,
+                meta,
+                state,
+            } = parts;
+            run.save_epoch_point(&weights, ema.as_deref(), meta, &optimizer, &state)?;
+            keep_files(&run, keep, &top1, best)
+        })
     }
 
     /// Evaluates `model` on the validation split with the run's numerics,
@@ -146,11 +187,10 @@ impl Trainer<'_> {
         if best {
             self.state.best_top1 = Some(m.test_top1);
         }
-        self.save_resume(true)?;
+        self.save_epoch_point(best)?;
         if !self.world.is_main() {
             return Ok(());
         }
-        self.keep_files(best)?;
         self.run_dir.write_metrics(&self.state.history)?;
         let curves = self.run_dir.curves();
         let c = &self.state.config;
@@ -208,28 +248,33 @@ impl Trainer<'_> {
         }
         events.scalars(m.epoch as i64, &values)
     }
+}
 
-    /// The weight files `--keep` asks for beside `last` (just written):
-    /// `best` when this epoch is, the epoch's own file when kept, and no
-    /// epoch file any more that the policy no longer keeps.
-    fn keep_files(&self, best: bool) -> Result<()> {
-        let keep = self.state.config.keep;
-        let run = &self.run_dir;
-        if best && keep != Keep::Last {
-            run.keep_last_as(&run.best())?;
-        }
-        let top1: Vec<f64> = self.state.history.iter().map(|m| m.test_top1).collect();
-        let kept = keep.epoch_files(&top1);
-        if kept.contains(&top1.len()) {
-            run.keep_last_as(&run.epoch_file(top1.len()))?;
-        }
-        for epoch in run.kept_epochs() {
-            if !kept.contains(&epoch) {
-                let path = run.epoch_file(epoch);
-                std::fs::remove_file(&path)
-                    .with_context(|| format!("removing {}", path.display()))?;
-            }
-        }
-        Ok(())
+/// What a resume point holds besides the moving average.
+struct ResumeParts {
+    weights: Vec<(String, Tensor)>,
+    optimizer: Vec<(String, Tensor)>,
+    meta: HashMap<String, String>,
+    state: TrainState,
+}
+
+/// The weight files `--keep` asks for beside `last` (just written):
+/// `best` when this epoch is, the epoch's own file when kept, and no
+/// epoch file any more that the policy no longer keeps (`top1`: each
+/// epoch's validation top-1 so far).
+fn keep_files(run: &RunDir, keep: Keep, top1: &[f64], best: bool) -> Result<()> {
+    if best && keep != Keep::Last {
+        run.keep_last_as(&run.best())?;
     }
+    let kept = keep.epoch_files(top1);
+    if kept.contains(&top1.len()) {
+        run.keep_last_as(&run.epoch_file(top1.len()))?;
+    }
+    for epoch in run.kept_epochs() {
+        if !kept.contains(&epoch) {
+            let path = run.epoch_file(epoch);
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        }
+    }
+    Ok(())
 }

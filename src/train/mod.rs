@@ -53,6 +53,7 @@ use state::{EpochMetrics, Partial, TrainState, TrainSummary};
 use step::{Forward, forward_loss};
 
 pub use config::SchedulerKind;
+use run_dir::Background;
 pub use run_dir::{RunDir, read_resume};
 pub use start::Resume;
 
@@ -118,6 +119,8 @@ pub struct Trainer<'a> {
     /// `--profile`'s operators and kernels of a few warm steps (ops.csv).
     ops: OpsRecorder,
     run_dir: RunDir,
+    /// The last epoch's files, being written while the next one trains.
+    writes: Background,
     stop: &'a AtomicBool,
     /// The ranks of a data-parallel run (a world of one otherwise).
     world: &'a World,
@@ -211,6 +214,7 @@ impl<'a> Trainer<'a> {
             events: None,
             profile: StepProfile::default(),
             run_dir,
+            writes: Background::default(),
             stop,
             world,
         })
@@ -253,6 +257,7 @@ impl<'a> Trainer<'a> {
                 break;
             }
         }
+        self.writes.wait()?;
         Ok(TrainSummary {
             out: self.run_dir.dir.clone(),
             epochs: self.state.history.len(),
@@ -351,7 +356,7 @@ impl<'a> Trainer<'a> {
         if !step.is_multiple_of(every) || !self.world.any(self.stop.load(Ordering::SeqCst))? {
             return Ok(());
         }
-        self.save_resume(false)?;
+        self.save_resume()?;
         Err(Interrupted(format!(
             "interrupted at epoch {}, step {step}; resume with --resume {}",
             epoch + 1,

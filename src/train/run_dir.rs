@@ -22,6 +22,7 @@ const STATE_KEY: &str = "vggctl_train_state";
 const POINT_KEY: &str = "vggctl_resume_point";
 
 /// The files a run writes into its output directory.
+#[derive(Clone)]
 pub struct RunDir {
     pub dir: PathBuf,
 }
@@ -421,5 +422,84 @@ fn remove_stale_temp_files(dir: &Path) {
         if crate::fsutil::is_temp_name(&name) {
             let _ = std::fs::remove_file(e.path());
         }
+    }
+}
+
+/// Files written on a thread of their own while training goes on (an
+/// epoch's checkpoints): one job at a time, each start waiting for the job
+/// before; a job's failure is the error of the wait that ends it. Dropping
+/// it waits too, so no job outlives the run.
+#[derive(Default)]
+pub struct Background {
+    job: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl Background {
+    /// Waits for the job in progress, then starts `job`.
+    pub fn start(&mut self, job: impl FnOnce() -> Result<()> + Send + 'static) -> Result<()> {
+        self.wait()?;
+        let handle = std::thread::Builder::new()
+            .name("vggctl-writer".into())
+            .spawn(job)
+            .context("starting the thread that writes the epoch's files")?;
+        self.job = Some(handle);
+        Ok(())
+    }
+
+    /// Waits for the job in progress, if any: its outcome.
+    pub fn wait(&mut self) -> Result<()> {
+        match self.job.take() {
+            Some(job) => job
+                .join()
+                .map_err(|_| anyhow!("writing the epoch's files failed unexpectedly"))?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Jobs run one at a time in order; a failed job's error is what the
+    /// next start (or wait) returns, and the job after it then runs; a
+    /// panicking job is an error, not a crash; dropping waits.
+    #[test]
+    fn background_jobs_run_in_turn_and_report_their_failure() {
+        let done = Arc::new(AtomicUsize::new(0));
+        let mut writes = Background::default();
+        let d = done.clone();
+        writes
+            .start(move || {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                d.fetch_add(1, Ordering::SeqCst);
+                bail!("disk full")
+            })
+            .unwrap();
+        let err = writes.start(|| Ok(())).unwrap_err();
+        assert_eq!(format!("{err:#}"), "disk full");
+        assert_eq!(done.load(Ordering::SeqCst), 1, "the start did not wait");
+        writes.start(|| Ok(())).unwrap();
+        writes.wait().unwrap();
+        writes.start(|| panic!("a bug")).unwrap();
+        assert!(writes.wait().is_err());
+        let d = done.clone();
+        writes
+            .start(move || {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                d.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            })
+            .unwrap();
+        drop(writes);
+        assert_eq!(done.load(Ordering::SeqCst), 2, "the drop did not wait");
     }
 }
