@@ -20,8 +20,6 @@ use super::{Layer, Sequential, Vgg};
 pub struct ComputeCopy {
     master: Tensor,
     copy: Tensor,
-    /// Each copied parameter's view of `copy`, by state-dict name.
-    views: Vec<(String, Tensor)>,
 }
 
 impl ComputeCopy {
@@ -109,34 +107,27 @@ impl Vgg {
     /// the flat buffer, in layer order) and the layers' stand-ins.
     fn copy_for_compute(&mut self, master: Tensor, kind: Kind, channels_last: bool) {
         let copy = Tensor::zeros([master.numel() as i64], (kind, master.device()));
-        let mut views = Vec::new();
         let mut offset = 0;
         for section in [&mut self.features, &mut self.classifier] {
             let Sequential {
                 layers, stand_ins, ..
             } = section;
-            for (i, (name, layer)) in layers.iter().enumerate() {
+            for (i, (_, layer)) in layers.iter().enumerate() {
                 if !copied(layer) {
                     continue;
                 }
                 let mut twin = layer.shallow();
-                for (suffix, t, _) in twin.tensors_mut() {
+                for (_, t, _) in twin.tensors_mut() {
                     let n = t.numel() as i64;
-                    let view = view_in(&copy.narrow(0, offset, n), &t.size(), channels_last)
+                    *t = view_in(&copy.narrow(0, offset, n), &t.size(), channels_last)
                         .detach()
                         .set_requires_grad(true);
-                    views.push((format!("{name}.{suffix}"), view.shallow_clone()));
-                    *t = view;
                     offset += n;
                 }
                 stand_ins.insert(i, twin);
             }
         }
-        let c = ComputeCopy {
-            master,
-            copy,
-            views,
-        };
+        let c = ComputeCopy { master, copy };
         c.refresh();
         self.compute = Some(c);
     }
@@ -144,12 +135,16 @@ impl Vgg {
     /// The compute copy's views by parameter name (what autograd
     /// differentiates in place of those parameters), if there is a copy.
     pub fn compute_views(&self) -> Vec<(String, Tensor)> {
-        self.compute.as_ref().map_or_else(Vec::new, |c| {
-            c.views
-                .iter()
-                .map(|(n, t)| (n.clone(), t.shallow_clone()))
-                .collect()
-        })
+        let mut views = Vec::new();
+        for section in [&self.features, &self.classifier] {
+            for (i, stand_in) in &section.stand_ins {
+                let name = &section.layers[*i].0;
+                for (suffix, t, _) in stand_in.tensors() {
+                    views.push((format!("{name}.{suffix}"), t.shallow_clone()));
+                }
+            }
+        }
+        views
     }
 
     /// Forgets the compute copy (the parameters are being replaced).

@@ -18,17 +18,20 @@
 //!
 //! The state is kept as flat buffers in both modes and saved per parameter
 //! (`optimizer.momentum_buffer.<name>`), so a checkpoint does not depend on
-//! the mode that wrote it.
+//! the mode that wrote it (`saved`). With a compute copy of the weights
+//! (`Vgg::flatten_trainable`), autograd differentiates the copy and the
+//! update applies its gradients to the fp32 parameters.
+
+mod saved;
+
+pub use saved::LossScaler;
 
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use crate::choice::Choice;
-
-mod saved;
 use crate::shim;
-pub use saved::LossScaler;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
