@@ -4,7 +4,9 @@ CIFAR-shaped data (uint8 images, 10 classes):
 1. training, VGG16-BN with the CIFAR head, batch 512 and 128:
    vggctl train end to end (device-resident data, augmentation, step; its
    defaults: fp16, channels_last, the fused step, CUDA graphs; then bf16,
-   eager steps without graphs, and --no-fused-step, the reference step)
+   eager steps without graphs, and --no-fused-step, the reference step;
+   then each part of the fused step the defaults used, left out in turn
+   with --no-fused-step=PART: what each part brings)
    against
    at batch 128 also the defaults in a world of one under NCCL (torchrun's
    variables for one rank: the gradients' all-reduce inside the CUDA
@@ -38,6 +40,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import shutil
 import socket
 import statistics
@@ -318,6 +321,45 @@ def world_of_one():
                 MASTER_PORT=str(port))
 
 
+def step_parts(ran_as):
+    """The fused step's parts a run used, as its ran_as names them
+    ("..., fused step (no-bias, bn-relu, cast-once), ...")."""
+    m = re.search(r"fused step \(([^)]*)\)", ran_as or "")
+    return m.group(1).split(", ") if m else []
+
+
+def leave_out_parts(a, root, sec, batch, n, arch, ran_as, attempt, rows):
+    """Each part of the fused step that the defaults' run used
+    (`ran_as`), left out in turn (--no-fused-step=PART): what each part
+    brings is the defaults' images/s over this run's. Returns [(part,
+    images/s without it)]."""
+    without = []
+    # A smoke run on a CPU has no fused step: one part, to run the path.
+    for part in step_parts(ran_as) or (["cast-once"] if a.smoke else []):
+        out = os.path.join(root, f"run-{batch}-{arch[0]}-without-{part}")
+        label = f"vggctl train end to end (--no-fused-step={part})"
+        r = attempt(sec, label, vggctl_train, a.vggctl, root, out, batch, n, [f"--no-fused-step={part}"], 3, arch)
+        keep_run(a.keep, out)
+        if r:
+            (speed, peak, ran, _), secs = r
+            rows.append((sec, f"vggctl train end to end, without {part} ({ran})", speed, peak, f"{secs:.0f}s"))
+            print(f"  {sec}: vggctl without {part}: {speed:,.0f} img/s", file=sys.stderr, flush=True)
+            without.append((part, speed))
+    return without
+
+
+def print_parts(parts):
+    """What each part of the fused step brings: the defaults' images/s over
+    those of the run without it (above 1: the part makes the step faster)."""
+    if not parts:
+        return
+    print("\nthe fused step's parts, each left out in turn (defaults' images/s / without the part; "
+          "above 1.00x the part pays):")
+    for what, default, without in parts:
+        for part, speed in without:
+            print(f"  {what:<40} {part:<10} {default / speed:6.3f}x  ({default:,.0f} vs {speed:,.0f} img/s)")
+
+
 def vggctl_ops(binary, data_dir, out, batch, extra=()):
     """The kernels of the replayed step (the fused one, or with
     --no-fused-step the reference step issue #18 starts from): one epoch
@@ -370,8 +412,9 @@ def mib(b):
     return f"{b / 2**20:,.0f} MiB" if b else "-"
 
 
-def recipe_sections(a, root, data, labels, attempt, add, rows, recipe):
-    """--recipe: VGG16 without BatchNorm at batch 128 (vggctl's defaults
+def recipe_sections(a, root, data, labels, attempt, add, rows, recipe, parts):
+    """--recipe: VGG16 without BatchNorm at batch 128 (vggctl's defaults,
+    each part of their fused step left out in turn, and the reference step,
     against PyTorch's model-only steps and the recipe's loop), then the
     recipe end to end on 50,000 training and 10,000 test images."""
     batch = 16 if a.smoke else 128
@@ -392,6 +435,10 @@ def recipe_sections(a, root, data, labels, attempt, add, rows, recipe):
             (speed, peak, ran_as, _), secs = r
             rows.append((sec, f"vggctl train end to end ({ran_as})", speed, peak, f"{secs:.0f}s"))
             recipe["fused" if not extra else "unfused"] = speed
+            if not extra:
+                without = leave_out_parts(a, root, sec, batch, 128 if a.smoke else len(labels), ("vgg16",), ran_as,
+                                          attempt, rows)
+                parts.append((f"VGG16 without BN, batch {batch}", speed, without))
     label = "PyTorch recipe loop, DataLoader num_workers=0"
     r = attempt(sec, label, recipe_loop, data, labels, 0, 1 if a.smoke else 20, False)
     if r:
@@ -484,6 +531,7 @@ def main():
     plain = {}  # batch -> images/s of vggctl's defaults
     world_one = {}  # batch -> (backend, images/s) of a world of one
     unfused = {}  # batch -> images/s of --no-fused-step (today's step, the reference)
+    parts = []  # (model and batch, the defaults' images/s, [(part, images/s without it)])
     recipe = {}  # what the recipe's end-to-end run measured
 
     def attempt(section, label, f, *args):
@@ -529,9 +577,13 @@ def main():
                     rows.append((sec, f"vggctl train end to end ({ran_as})", speed, peak, f"{secs:.0f}s"))
                     print(f"  {sec}: vggctl {ran_as}: {speed:,.0f} img/s", file=sys.stderr, flush=True)
                     if not extra:
-                        plain[batch] = speed
+                        plain[batch], plain_as = speed, ran_as
                     elif extra == ["--no-fused-step"]:
                         unfused[batch] = speed
+            if batch in plain:
+                without = leave_out_parts(a, root, sec, batch, 128 if a.smoke else n, ("vgg16", "--bn"), plain_as,
+                                          attempt, rows)
+                parts.append((f"VGG16-BN, batch {batch}", plain[batch], without))
             if batch == (16 if a.smoke else 128):
                 # A world of one under NCCL (Gloo in a smoke run): the same
                 # step with its all-reduce inside the CUDA graph.
@@ -567,7 +619,7 @@ def main():
                 add(sec, label, r)
 
         if a.recipe:
-            recipe_sections(a, root, data, labels, attempt, add, rows, recipe)
+            recipe_sections(a, root, data, labels, attempt, add, rows, recipe, parts)
 
         sec = "inference 224x224, batch 64"
         ib = 4 if a.smoke else 64
@@ -654,6 +706,7 @@ def main():
         ratio = ours / ref
         print(f"  {label:<52} {ratio:6.2f}x  [>= {target}x: {'met' if ratio >= target else 'NOT met'}]")
 
+    print_parts(parts)
     for batch, step, ops in ops_tables:
         print_ops(batch, ops, step)
 

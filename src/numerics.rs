@@ -84,6 +84,98 @@ impl Precision {
     }
 }
 
+/// A part of the fused training step (issue #18). Each is on by default
+/// where it applies; `--no-fused-step=PART,...` leaves parts out, to
+/// measure what each brings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StepPart {
+    /// Convolutions before BatchNorm without their zero bias.
+    NoBias,
+    /// Without BatchNorm: convolution, bias and ReLU in one cuDNN kernel.
+    ConvRelu,
+    /// BatchNorm and ReLU in one cuDNN pass each way (fp16, channels-last).
+    BnRelu,
+    /// Half precision: the weights cast once per step, not per use.
+    CastOnce,
+}
+
+impl Choice for StepPart {
+    const ALL: &'static [Self] = &[
+        StepPart::NoBias,
+        StepPart::ConvRelu,
+        StepPart::BnRelu,
+        StepPart::CastOnce,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            StepPart::NoBias => "no-bias",
+            StepPart::ConvRelu => "conv-relu",
+            StepPart::BnRelu => "bn-relu",
+            StepPart::CastOnce => "cast-once",
+        }
+    }
+
+    fn help(self) -> &'static str {
+        match self {
+            StepPart::NoBias => "convolutions before BatchNorm without their zero bias",
+            StepPart::ConvRelu => {
+                "without BatchNorm: convolution, bias and ReLU in one cuDNN kernel"
+            }
+            StepPart::BnRelu => {
+                "BatchNorm and ReLU in one cuDNN pass each way (fp16, channels-last)"
+            }
+            StepPart::CastOnce => "half precision: the weights cast once per step, not per use",
+        }
+    }
+}
+
+/// A set of [`StepPart`]s: those a run may use (the request), or those it
+/// uses once the trainer has fitted them to the model and the device.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FusedStep(u8);
+
+impl FusedStep {
+    /// The reference step: libtorch's kernels as they are.
+    pub const NONE: FusedStep = FusedStep(0);
+
+    /// Every part but `left_out`.
+    pub fn without(left_out: &[StepPart]) -> FusedStep {
+        let mut parts = FusedStep::NONE;
+        for &p in StepPart::ALL {
+            parts.set(p, !left_out.contains(&p));
+        }
+        parts
+    }
+
+    fn bit(part: StepPart) -> u8 {
+        let i = StepPart::ALL.iter().position(|&p| p == part);
+        1 << i.expect("every part is in ALL")
+    }
+
+    pub fn has(self, part: StepPart) -> bool {
+        self.0 & Self::bit(part) != 0
+    }
+
+    pub fn set(&mut self, part: StepPart, on: bool) {
+        match on {
+            true => self.0 |= Self::bit(part),
+            false => self.0 &= !Self::bit(part),
+        }
+    }
+
+    pub fn any(self) -> bool {
+        self.0 != 0
+    }
+
+    /// The parts' names, comma-separated, in `StepPart::ALL`'s order.
+    pub fn names(self) -> String {
+        let on = StepPart::ALL.iter().filter(|&&p| self.has(p));
+        on.map(|p| p.name()).collect::<Vec<_>>().join(", ")
+    }
+}
+
 /// What the run does, for the rules that differ (the fused update and its
 /// CUDA-graph requirement are training's) and for the warnings' wording.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -119,8 +211,9 @@ pub struct NumericsRequest {
     pub cuda_graphs: Option<bool>,
     /// Training: one flat parameter buffer and libtorch's fused update.
     pub fused: bool,
-    /// Training on CUDA: the fused step (not `--no-fused-step`).
-    pub fused_step: bool,
+    /// Training on CUDA: the parts of the fused step it may use (all but
+    /// those `--no-fused-step` names).
+    pub fused_step: FusedStep,
     /// CUDA: deterministic cuDNN algorithms without autotuning.
     pub deterministic: bool,
 }
@@ -151,12 +244,10 @@ pub struct Numerics {
     pub channels_last: bool,
     /// Training with the fused update (fp16's loss scaling needs it).
     pub fused: bool,
-    /// Training on CUDA with the fused step: for now, convolutions before
-    /// BatchNorm without their (zero) bias (`Sequential::bias_free`), and
-    /// without BatchNorm conv+bias+ReLU in one cuDNN kernel
-    /// (`Sequential::conv_relu`); the trainer turns it off where the model
-    /// has nothing it fuses.
-    pub fused_step: bool,
+    /// Training on CUDA: the parts of the fused step it uses (see
+    /// [`StepPart`]); the trainer keeps those that apply to the model and
+    /// pass their start-up checks (`train::start::fuse_step`).
+    pub fused_step: FusedStep,
     pub cuda_graphs: bool,
 }
 
@@ -202,7 +293,10 @@ impl Numerics {
             precision,
             channels_last: req.channels_last_on(device),
             fused,
-            fused_step: training && device.is_cuda() && req.fused_step,
+            fused_step: match training && device.is_cuda() {
+                true => req.fused_step,
+                false => FusedStep::NONE,
+            },
             cuda_graphs,
         })
     }
@@ -215,7 +309,7 @@ impl Numerics {
             precision: Precision::Fp32,
             channels_last: false,
             fused: false,
-            fused_step: false,
+            fused_step: FusedStep::NONE,
             cuda_graphs: false,
         }
     }
@@ -272,8 +366,8 @@ impl Numerics {
             parts.push("fused update".into());
         }
         parts.extend(form.map(String::from));
-        if self.fused_step {
-            parts.push("fused step".into());
+        if self.fused_step.any() {
+            parts.push(format!("fused step ({})", self.fused_step.names()));
         }
         if self.cuda_graphs {
             parts.push("CUDA graph".into());
@@ -393,7 +487,7 @@ mod tests {
             channels_last: None,
             cuda_graphs: None,
             fused: true,
-            fused_step: true,
+            fused_step: FusedStep::without(&[]),
             deterministic: false,
         }
     }
@@ -413,7 +507,7 @@ mod tests {
         let (n, w) = decide(&req, Activity::Training);
         assert_eq!(n.precision, Precision::Fp32);
         assert!(!n.cuda_graphs && n.fused && !n.channels_last);
-        assert!(!n.fused_step, "the fused step is CUDA's");
+        assert!(!n.fused_step.any(), "the fused step is CUDA's");
         assert_eq!(
             w,
             [
@@ -472,5 +566,22 @@ mod tests {
         assert_eq!(got.kind(), Kind::Float);
         let err = (&got - &plain).abs().max().double_value(&[]);
         assert!(err < 1e-4, "{err}");
+    }
+
+    /// A run may leave out any part of the fused step; `ran_as` names the
+    /// parts it uses.
+    #[test]
+    fn fused_step_parts_are_left_out_by_name() {
+        let all = FusedStep::without(&[]);
+        assert_eq!(all.names(), "no-bias, conv-relu, bn-relu, cast-once");
+        let some = FusedStep::without(&[StepPart::ConvRelu, StepPart::NoBias]);
+        assert_eq!(some.names(), "bn-relu, cast-once");
+        assert!(!some.has(StepPart::NoBias) && some.has(StepPart::CastOnce));
+        assert!(!FusedStep::without(StepPart::ALL).any());
+        let n = Numerics {
+            fused_step: some,
+            ..Numerics::plain_cpu()
+        };
+        assert_eq!(n.ran_as(None), "fp32, fused step (bn-relu, cast-once)");
     }
 }

@@ -656,12 +656,20 @@ fn gpu_options_degrade_on_the_cpu_with_a_warning() {
         p.steps,
         p.data + p.forward + p.backward + p.update,
     );
-    // auto is fp32 on the CPU, without a warning.
+    // auto is fp32 on the CPU, without a warning; the fused step is
+    // CUDA's, and the parts of it left out are recorded all the same.
     let out = tmp.path().join("auto");
-    let r = train_small(&out, &["--epochs", "1", "--device", "cpu"]);
+    let left_out = "--no-fused-step=bn-relu,cast-once";
+    let r = train_small(&out, &["--epochs", "1", "--device", "cpu", left_out]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(!r.stderr.contains("warning"), "{}", r.stderr);
     assert_eq!(metrics(&out)[0].ran_as, "fp32, fused update");
+    let config = std::fs::read_to_string(out.join("config.json")).unwrap();
+    let config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    assert_eq!(
+        config["fused_step_without"],
+        serde_json::json!(["bn-relu", "cast-once"])
+    );
 }
 
 #[test]
@@ -684,11 +692,16 @@ fn nan_loss_stops_with_epoch_and_step() {
 fn bad_training_arguments() {
     let d = digits("bin");
     // Exit 2 for a command line that cannot work, 1 for what failed running.
-    let cases: [(&[&str], i32, &str); 4] = [
+    let cases: [(&[&str], i32, &str); 5] = [
         (
             &["train", "--classes", "7", "--data-dir", &d],
             1,
             "(cifar10), which has 10 classes",
+        ),
+        (
+            &["train", "--no-fused-step=bn-relu,pool", "--data-dir", &d],
+            2,
+            "invalid value 'pool' for '--no-fused-step",
         ),
         (
             &["train", "--dataset", "mnist", "--data-dir", &d],

@@ -14,7 +14,7 @@ use vggctl::device::parse_device;
 use vggctl::dist::{Backend, DEFAULT_TIMEOUT, Launch, World};
 use vggctl::hub::weights_file;
 use vggctl::model::{Arch, Head, ModelSpec, SpecRequest, Values, Vgg};
-use vggctl::numerics::{NumericsRequest, Precision};
+use vggctl::numerics::{FusedStep, NumericsRequest, Precision};
 
 use super::output::{as_usage, note, usage};
 use super::progress::download_bar;
@@ -236,7 +236,7 @@ impl NumericsOpts {
                 None => Some(false),
             },
             fused,
-            fused_step: false,
+            fused_step: FusedStep::NONE,
             deterministic: self.deterministic,
         }
     }

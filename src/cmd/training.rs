@@ -11,7 +11,7 @@ use vggctl::data::augment::Augment;
 use vggctl::device::device_name;
 use vggctl::dist::World;
 use vggctl::model::{ModelSpec, Vgg};
-use vggctl::numerics::{Activity, Numerics};
+use vggctl::numerics::{Activity, Numerics, StepPart};
 use vggctl::optim::{OptimizerConfig, OptimizerKind};
 use vggctl::train::config::{Keep, TrainConfig};
 use vggctl::train::state::{TrainState, stopped_early};
@@ -114,11 +114,10 @@ pub struct HyperOpts {
     #[arg(long, help_heading = "Speed")]
     pub no_fused: bool,
     /// CUDA: train with libtorch's kernels as they are instead of the fused
-    /// step (which, for now, leaves out the convolutions' zero biases
-    /// before BatchNorm, and without BatchNorm runs each convolution with
-    /// its bias and ReLU in one cuDNN kernel).
-    #[arg(long, help_heading = "Speed")]
-    pub no_fused_step: bool,
+    /// step; `--no-fused-step=PART,...` leaves out only those parts of it.
+    #[arg(long, help_heading = "Speed", value_name = "PART", num_args = 0..,
+          require_equals = true, value_delimiter = ',', value_parser = choice::<StepPart>())]
+    pub no_fused_step: Option<Vec<StepPart>>,
     /// Time data, forward and backward+update of every step (synchronizing) and report them per epoch.
     #[arg(long, help_heading = "Speed")]
     pub profile: bool,
@@ -309,7 +308,8 @@ impl HyperOpts {
             precision: numerics.precision,
             channels_last: numerics.channels_last_on(device),
             fused: numerics.fused,
-            fused_step: !self.no_fused_step,
+            fused_step: self.fused_step(),
+            fused_step_without: self.no_fused_step.clone().unwrap_or_default(),
             cuda_graphs: numerics.cuda_graphs_on(device),
             profile: self.profile,
             model_ema: None,
@@ -346,6 +346,7 @@ const FREE_ON_AUTO_RESUME: &[&str] = &[
     "profile",
     "cuda_graphs",
     "fused_step",
+    "fused_step_without",
     "channels_last",
     "data_dir",
     "out",
@@ -355,6 +356,13 @@ const FREE_ON_AUTO_RESUME: &[&str] = &[
 ];
 
 impl HyperOpts {
+    /// Whether the fused step may run (a bare `--no-fused-step` says no).
+    fn fused_step(&self) -> bool {
+        self.no_fused_step
+            .as_ref()
+            .is_none_or(|parts| !parts.is_empty())
+    }
+
     pub fn start(&self) -> Result<Start> {
         match &self.resume {
             None => Ok(Start::Fresh),
@@ -474,7 +482,8 @@ fn continued_config(
     config.device = device_name(device);
     config.profile = h.profile;
     config.tensorboard |= h.recipe.tensorboard;
-    config.fused_step = !h.no_fused_step;
+    config.fused_step = h.fused_step();
+    config.fused_step_without = h.no_fused_step.clone().unwrap_or_default();
     config.cuda_graphs = h
         .numerics
         .request(Some(&h.graphs), config.fused)

@@ -10,7 +10,7 @@ use crate::data::augment::Augment;
 use crate::data::auto_augment::Policy;
 use crate::data::mix::Mixing;
 use crate::model::ModelSpec;
-use crate::numerics::{NumericsRequest, Precision};
+use crate::numerics::{FusedStep, NumericsRequest, Precision, StepPart};
 use crate::optim::OptimizerConfig;
 
 use super::ema::EmaConfig;
@@ -172,6 +172,9 @@ pub struct TrainConfig {
     /// they are (the reference).
     #[serde(default = "default_true")]
     pub fused_step: bool,
+    /// The fused step's parts left out (`--no-fused-step=PART,...`).
+    #[serde(default)]
+    pub fused_step_without: Vec<StepPart>,
     /// Time the parts of each step (synchronizing the device) and report them.
     #[serde(default)]
     pub profile: bool,
@@ -292,7 +295,10 @@ impl TrainConfig {
             channels_last: Some(self.channels_last),
             cuda_graphs: Some(self.cuda_graphs),
             fused: self.fused,
-            fused_step: self.fused_step,
+            fused_step: match self.fused_step {
+                true => FusedStep::without(&self.fused_step_without),
+                false => FusedStep::NONE,
+            },
             deterministic,
         }
     }
@@ -346,6 +352,7 @@ mod tests {
             channels_last: false,
             fused: true,
             fused_step: true,
+            fused_step_without: Vec::new(),
             profile: false,
             keep: Keep::Best,
             clip_grad_norm: None,

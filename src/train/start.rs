@@ -9,7 +9,7 @@ use tch::{Kind, Tensor};
 use crate::data::Dataset;
 use crate::dist::World;
 use crate::model::{BN_EPS, BN_MOMENTUM, Values, Vgg, batch_norm};
-use crate::numerics::Numerics;
+use crate::numerics::{FusedStep, Numerics, StepPart};
 use crate::optim::Optimizer;
 
 use super::config::TrainConfig;
@@ -124,32 +124,37 @@ fn fingerprint(model: &Vgg, config: &TrainConfig, sizes: [i64; 2]) -> i64 {
     i64::from_le_bytes(d[..8].try_into().expect("8 bytes"))
 }
 
-/// What the fused step does for this model (`numerics.fused_step`, turned
-/// off where it does nothing): with BatchNorm, convolutions before it leave
-/// out their bias while training, if every such bias in the trained layers
-/// is zero (from scratch; torchvision's pretrained ones are not); without
-/// BatchNorm, convolution, bias and ReLU run as one operation, and with it
-/// (fp16, channels-last) BatchNorm and ReLU, each where it runs on this
-/// device and agrees with the plain ops; in half precision, the weights
-/// are cast once per step (see [`build_optimizer`]).
+/// What the fused step does for this model (`numerics.fused_step`: the
+/// parts the run may use, narrowed to those it uses): with BatchNorm,
+/// convolutions before it leave out their bias while training, if every
+/// such bias in the trained layers is zero (from scratch; torchvision's
+/// pretrained ones are not); without BatchNorm, convolution, bias and ReLU
+/// run as one operation, and with it (fp16, channels-last) BatchNorm and
+/// ReLU, each where it runs on this device and agrees with the plain ops;
+/// in half precision, the weights are cast once per step (see
+/// [`build_optimizer`]).
 pub fn fuse_step(model: &mut Vgg, numerics: &mut Numerics) {
     let from = model.frozen_prefix;
-    let (fused, bn) = (numerics.fused_step, model.spec.bn);
+    let (may, bn) = (numerics.fused_step, model.spec.bn);
     let features = &mut model.features;
-    features.bias_free = fused && bn && features.conv_biases_before_bn_are_zero(from);
-    features.conv_relu = fused && !bn && conv_relu_works(numerics);
-    features.bn_relu = fused && bn && bn_relu_works(numerics);
-    numerics.fused_step = features.bias_free
-        || features.conv_relu
-        || features.bn_relu
-        || casts_once(numerics).is_some();
+    features.bias_free =
+        may.has(StepPart::NoBias) && bn && features.conv_biases_before_bn_are_zero(from);
+    features.conv_relu = may.has(StepPart::ConvRelu) && !bn && conv_relu_works(numerics);
+    features.bn_relu = may.has(StepPart::BnRelu) && bn && bn_relu_works(numerics);
+    let mut uses = FusedStep::NONE;
+    uses.set(StepPart::NoBias, features.bias_free);
+    uses.set(StepPart::ConvRelu, features.conv_relu);
+    uses.set(StepPart::BnRelu, features.bn_relu);
+    uses.set(StepPart::CastOnce, casts_once(numerics).is_some());
+    numerics.fused_step = uses;
 }
 
 /// The dtype the fused step keeps its copy of the weights in (half
 /// precision with the fused update), if it keeps one.
 fn casts_once(numerics: &Numerics) -> Option<Kind> {
     let kind = numerics.compute_kind();
-    (numerics.fused_step && numerics.fused && kind != Kind::Float).then_some(kind)
+    let may = numerics.fused_step.has(StepPart::CastOnce);
+    (may && numerics.fused && kind != Kind::Float).then_some(kind)
 }
 
 /// Whether the fused conv+bias+ReLU runs on the run's device, in its
@@ -284,5 +289,39 @@ mod tests {
             let after = Tensor::randn([4], (tch::Kind::Float, tch::Device::Cpu));
             assert!(after.equal(&before), "the check drew random numbers");
         }
+    }
+
+    /// The fused step uses the parts asked for that apply to the model and
+    /// run here, and none that `--no-fused-step=PART` left out (the CPU:
+    /// BatchNorm+ReLU refuses, the rest runs as plain ops).
+    #[test]
+    fn the_fused_step_uses_the_parts_asked_for_that_apply() {
+        use crate::model::{Arch, Head, ModelSpec};
+        let _seeded = crate::seeded();
+        let numerics = |left_out: &[StepPart]| Numerics {
+            precision: crate::numerics::Precision::Bf16,
+            fused: true,
+            fused_step: FusedStep::without(left_out),
+            ..Numerics::plain_cpu()
+        };
+        let fused = |bn: bool, left_out: &[StepPart]| {
+            let spec = ModelSpec::new(Arch::Vgg11, bn, Head::Cifar, 10);
+            let mut model = Vgg::new(spec, tch::Device::Cpu);
+            let mut n = numerics(left_out);
+            fuse_step(&mut model, &mut n);
+            let f = &model.features;
+            assert_eq!(
+                [f.bias_free, f.conv_relu, f.bn_relu],
+                [StepPart::NoBias, StepPart::ConvRelu, StepPart::BnRelu]
+                    .map(|p| n.fused_step.has(p)),
+                "the layers do what the numerics say"
+            );
+            n.fused_step.names()
+        };
+        assert_eq!(fused(true, &[]), "no-bias, cast-once");
+        assert_eq!(fused(true, &[StepPart::NoBias]), "cast-once");
+        assert_eq!(fused(false, &[]), "conv-relu, cast-once");
+        assert_eq!(fused(false, &[StepPart::CastOnce]), "conv-relu");
+        assert_eq!(fused(false, &[StepPart::ConvRelu, StepPart::CastOnce]), "");
     }
 }
