@@ -178,6 +178,26 @@ pub struct World {
     /// A collective that failed inside the model's forward pass (which
     /// returns tensors, not errors), for [`World::check`].
     failure: Arc<Mutex<Option<String>>>,
+    /// Who a failed collective lost (see [`World::lost`]), found once.
+    lost: OnceLock<String>,
+}
+
+/// How long the survivors of a failed collective wait for each other at
+/// the roll call that names the ranks lost (at most --dist-timeout).
+const ROLL_CALL: Duration = Duration::from_secs(3);
+
+/// "rank 2" or "ranks 1, 3": those absent from a roll call; empty when
+/// all answered or none could be asked.
+fn missing_ranks(present: &[bool]) -> String {
+    let missing: Vec<String> = (0..present.len())
+        .filter(|&r| !present[r])
+        .map(|r| r.to_string())
+        .collect();
+    match missing.len() {
+        0 => String::new(),
+        1 => format!("rank {}", missing[0]),
+        _ => format!("ranks {}", missing.join(", ")),
+    }
 }
 
 /// A differentiable sum over the ranks, for layers that compute across
@@ -205,6 +225,7 @@ impl World {
             group: None,
             timeout: DEFAULT_TIMEOUT,
             failure: Arc::default(),
+            lost: OnceLock::new(),
         }
     }
 
@@ -257,6 +278,7 @@ impl World {
             group: Some(Arc::new(group)),
             timeout,
             failure: Arc::default(),
+            lost: OnceLock::new(),
         })
     }
 
@@ -323,13 +345,20 @@ impl World {
     }
 
     /// What a failed collective means to the user: a peer died, hung or
-    /// disagreed.
+    /// disagreed. In a world of two the peer is the other rank; in a
+    /// larger one, the ranks that miss the roll call through the store
+    /// (every survivor answers it within `ROLL_CALL`).
     fn lost(&self, e: anyhow::Error) -> anyhow::Error {
-        let who = if self.size == 2 {
-            format!("rank {}", 1 - self.rank)
-        } else {
-            "another rank".to_string()
-        };
+        let who = self.lost.get_or_init(|| match (self.size, &self.group) {
+            (2, _) => format!("rank {}", 1 - self.rank),
+            (_, Some(g)) => {
+                let wait = ROLL_CALL.min(self.timeout);
+                let present = g.roll_call(self.rank, self.size, wait).unwrap_or_default();
+                missing_ranks(&present)
+            }
+            (_, None) => String::new(),
+        });
+        let who = if who.is_empty() { "another rank" } else { who };
         anyhow::anyhow!("lost contact with {who} (it stopped, or hung past --dist-timeout): {e:#}")
     }
 
@@ -557,6 +586,15 @@ mod tests {
     /// DistributedSampler's split (the expected values are what
     /// `DistributedSampler(range(5), num_replicas, rank, shuffle=False)`
     /// picks from the order): padding from the start, then strided.
+    /// The ranks absent from a roll call, as the error line names them.
+    #[test]
+    fn a_roll_call_names_the_ranks_that_missed_it() {
+        assert_eq!(missing_ranks(&[true, false, true]), "rank 1");
+        assert_eq!(missing_ranks(&[true, false, true, false]), "ranks 1, 3");
+        assert_eq!(missing_ranks(&[true, true, true]), "");
+        assert_eq!(missing_ranks(&[]), "", "the store was out of reach");
+    }
+
     #[test]
     fn shards_are_distributed_samplers() {
         let perm = Tensor::from_slice(&[4i64, 0, 3, 1, 2]);

@@ -37,6 +37,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <mutex>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -47,10 +48,39 @@ namespace {
 using vggctl_shim::guarded;
 
 struct Group {
+  // The group's own keys in the launcher's or rank 0's TCPStore.
   c10::intrusive_ptr<c10d::Store> store;
   c10::intrusive_ptr<c10d::Backend> pg;
   // Gloo's tensors are host tensors; NCCL's are on the rank's GPU.
   bool on_host;
+
+  std::mutex lock;  // guards pg, which close() may end from any thread
+
+  // The backend, while the group is open (see close); a collective
+  // running on another thread keeps it alive until it returns.
+  c10::intrusive_ptr<c10d::Backend> backend() {
+    std::lock_guard<std::mutex> hold(lock);
+    if (!pg) throw std::runtime_error("the group was closed after a failed collective");
+    return pg;
+  }
+
+  // Ends the backend: its connections close, so that peers blocked in a
+  // collective with this rank fail at once instead of at their timeout.
+  // NCCL's is shut down first, as torch.distributed.destroy_process_group
+  // does; a failure there changes nothing for a rank that is ending.
+  void close() {
+    c10::intrusive_ptr<c10d::Backend> ended;
+    {
+      std::lock_guard<std::mutex> hold(lock);
+      ended = std::move(pg);
+    }
+    if (ended && !on_host) {
+      try {
+        ended->shutdown();
+      } catch (...) {
+      }
+    }
+  }
 };
 
 // The network device Gloo binds to, chosen as PyTorch does: the interfaces
@@ -92,7 +122,7 @@ at::Tensor sum_across(Group *g, const at::Tensor &x) {
   auto at = g->on_host ? at::Device(at::kCPU) : x.device();
   auto copy = x.detach().to(at, /*non_blocking=*/false, /*copy=*/true).contiguous();
   std::vector<at::Tensor> v{copy};
-  g->pg->allreduce(v)->wait();
+  g->backend()->allreduce(v)->wait();
   return copy.to(x.device());
 }
 
@@ -165,21 +195,13 @@ int vggctl_dist_new(const char *host, int port, int rank, int world, int serve,
     auto tcp = c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
     auto store = c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), tcp);
     auto pg = backend(store, std::string(host), rank, world, cuda_device, timeout);
-    *out = new Group{tcp, pg, cuda_device < 0};
+    *out = new Group{store, pg, cuda_device < 0};
   });
 }
 
-// NCCL's group is shut down first (its communicators and watchdog), as
-// torch.distributed.destroy_process_group does; a failure there changes
-// nothing for a process that is ending its run.
 void vggctl_dist_free(void *p) {
   auto *g = static_cast<Group *>(p);
-  if (!g->on_host) {
-    try {
-      g->pg->shutdown();
-    } catch (...) {
-    }
-  }
+  g->close();
   delete g;
 }
 
@@ -189,7 +211,7 @@ int vggctl_dist_all_reduce(void *g, at::Tensor *t, int op, char *err, size_t len
     std::vector<at::Tensor> v{*t};
     c10d::AllreduceOptions o;
     o.reduceOp = reduce_op(op);
-    static_cast<Group *>(g)->pg->allreduce(v, o)->wait();
+    static_cast<Group *>(g)->backend()->allreduce(v, o)->wait();
   });
 }
 
@@ -199,7 +221,7 @@ int vggctl_dist_broadcast(void *g, at::Tensor *t, int root, char *err, size_t le
     std::vector<at::Tensor> v{*t};
     c10d::BroadcastOptions o;
     o.rootRank = root;
-    static_cast<Group *>(g)->pg->broadcast(v, o)->wait();
+    static_cast<Group *>(g)->backend()->broadcast(v, o)->wait();
   });
 }
 
@@ -211,8 +233,48 @@ int vggctl_dist_sum_autograd(void *g, at::Tensor *x, at::Tensor **out, char *err
   });
 }
 
+// The roll call after a failed collective, through the store (as c10d's
+// own desync report finds the ranks that never joined a collective): this
+// rank closes its backend (the other survivors' collectives with it then
+// fail at once, and they come to the roll call too), checks in, then looks
+// for every rank's check-in for at most `wait_ms`; present[r] says whether
+// rank r checked in. Fails if the store is out of reach (it may have been
+// served by a rank that is gone); should it go while this rank looks (rank
+// 0, which served it, ending its own roll call), what was seen stands if
+// another rank had checked in, else it fails.
+int vggctl_dist_roll_call(void *p, int rank, int world, int64_t wait_ms, uint8_t *present,
+                          char *err, size_t len) {
+  return guarded(err, len, [&] {
+    auto *g = static_cast<Group *>(p);
+    g->close();
+    auto &store = g->store;
+    std::chrono::milliseconds wait(wait_ms);
+    store->setTimeout(wait);
+    auto key = [](int r) { return "roll-call/" + std::to_string(r); };
+    store->set(key(rank), std::vector<uint8_t>{1});
+    present[rank] = 1;
+    bool others = false;
+    auto deadline = std::chrono::steady_clock::now() + wait;
+    for (;;) {
+      bool all = true;
+      for (int r = 0; r < world; ++r) {
+        try {
+          present[r] = present[r] != 0 || store->check({key(r)}) ? 1 : 0;
+        } catch (const std::exception &) {
+          if (others) return;
+          throw;
+        }
+        others = others || (r != rank && present[r] != 0);
+        all = all && present[r] != 0;
+      }
+      if (all || std::chrono::steady_clock::now() >= deadline) return;
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+  });
+}
+
 int vggctl_dist_barrier(void *g, char *err, size_t len) {
-  return guarded(err, len, [&] { static_cast<Group *>(g)->pg->barrier()->wait(); });
+  return guarded(err, len, [&] { static_cast<Group *>(g)->backend()->barrier()->wait(); });
 }
 
 // Waits at most `timeout_ms` for the work queued so far on GPU `device`'s

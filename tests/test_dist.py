@@ -13,7 +13,8 @@ Gloo ranks on 127.0.0.1, against the real thing:
   ranks' partial sums are added in another order);
 - launches that cannot work end with one line each, promptly: WORLD_SIZE
   without RANK, a store nobody serves, ranks started with different models,
-  a rank killed mid-run (the survivor names it), `--nproc-per-node` under a
+  a rank killed or stopped mid-run (the survivors name it, in a world of
+  two and of three), `--nproc-per-node` under a
   launcher, `--nproc-per-node 2` whose ranks fail (the launcher names
   the first and exits as it did), several ranks without `--out`, a
   one-process run resumed on two ranks, `--resume auto` with another
@@ -354,34 +355,37 @@ def test_ranks_with_different_models_refuse_to_start(tmp_path):
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 
 
+@pytest.mark.parametrize("world", [2, 3], ids=["of-2", "of-3"])
 @pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP], ids=["dies", "hangs"])
-def test_a_lost_rank_is_named_by_the_survivor_within_the_timeout(tmp_path, fault):
+def test_a_lost_rank_is_named_by_the_survivors_within_the_timeout(tmp_path, fault, world):
     """Rank 1 killed (its sockets close) or stopped (it stays silent):
-    rank 0 ends with one line naming it, at once or after --dist-timeout."""
+    every other rank ends with one line naming it, at once or after
+    --dist-timeout; in a world of three, after the roll call through the
+    store (at most 3 s) that finds who is missing."""
     port = free_port()
     args = [BIN, *TRAIN, "--arch", "vgg11", "--limit-train", "4000", "--limit-test", "16",
             "--batch-size", "8", "--epochs", "5", "--dist-timeout", "5", "--out", str(tmp_path / "run")]
-    r0 = subprocess.Popen(args, env=rank_env(0, port), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
-    r1 = subprocess.Popen(args, env=rank_env(1, port), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+    ranks = [subprocess.Popen(args, env=rank_env(r, port, WORLD_SIZE=str(world)), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL if r == 1 else subprocess.PIPE, text=True)
+             for r in range(world)]
     try:
         # The header comes after the ranks joined and agreed on the model.
         deadline = time.monotonic() + 120
         seen = ""
         while "training vgg11" not in seen and time.monotonic() < deadline:
-            seen += r0.stderr.readline()
+            seen += ranks[0].stderr.readline()
         assert "training vgg11" in seen, seen
         time.sleep(1)
-        r1.send_signal(fault)
+        ranks[1].send_signal(fault)
         start = time.monotonic()
-        _, err = r0.communicate(timeout=60)
-        assert r0.returncode not in (0, None)
-        assert time.monotonic() - start < 5 + 10
-        last = err.strip().splitlines()[-1]
-        assert last.startswith("vggctl [rank 0/2]: error: lost contact with rank 1"), last
+        for r in [r for r in range(world) if r != 1]:
+            _, err = ranks[r].communicate(timeout=60)
+            assert ranks[r].returncode not in (0, None)
+            assert time.monotonic() - start < 5 + 3 * (world > 2) + 10
+            last = err.strip().splitlines()[-1]
+            assert last.startswith(f"vggctl [rank {r}/{world}]: error: lost contact with rank 1 "), last
     finally:
-        for p in (r0, r1):
+        for p in ranks:
             if p.poll() is None:
                 p.kill()
                 p.wait()

@@ -41,6 +41,15 @@ unsafe extern "C" {
         len: usize,
     ) -> c_int;
     fn vggctl_dist_barrier(g: *mut c_void, err: *mut c_char, len: usize) -> c_int;
+    fn vggctl_dist_roll_call(
+        g: *mut c_void,
+        rank: c_int,
+        world: c_int,
+        wait_ms: i64,
+        present: *mut u8,
+        err: *mut c_char,
+        len: usize,
+    ) -> c_int;
     fn vggctl_dist_await_device(
         device: c_int,
         timeout_ms: i64,
@@ -151,6 +160,28 @@ impl ProcessGroup {
         call("barrier", |err, len| unsafe {
             vggctl_dist_barrier(self.0, err, len)
         })
+    }
+
+    /// After a failed collective: checks in as `rank` through the store
+    /// and returns, per rank of the `world`, whether it checked in within
+    /// `wait` (every survivor calls this once).
+    pub fn roll_call(&self, rank: usize, world: usize, wait: Duration) -> Result<Vec<bool>> {
+        let mut present = vec![0u8; world];
+        let ms = i64::try_from(wait.as_millis()).unwrap_or(i64::MAX);
+        // SAFETY: as in `all_reduce`; `present` holds `world` bytes and
+        // outlives the call.
+        call("roll call", |err, len| unsafe {
+            vggctl_dist_roll_call(
+                self.0,
+                rank as c_int,
+                world as c_int,
+                ms,
+                present.as_mut_ptr(),
+                err,
+                len,
+            )
+        })?;
+        Ok(present.into_iter().map(|p| p != 0).collect())
     }
 }
 
