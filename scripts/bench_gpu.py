@@ -58,6 +58,11 @@ from torch import nn
 VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 DEV = torch.device("cuda")
+# --time-limit: the moment by which the report must be printed, and the
+# seconds kept back for it; a configuration that would start with less
+# than START_SECONDS left is left out.
+DEADLINE = float("inf")
+REPORT_SECONDS, START_SECONDS = 10, 45
 
 
 def sync():
@@ -252,9 +257,16 @@ def write_safetensors(path, tensors):
             f.write(b)
 
 
+def seconds_left():
+    """Seconds to --time-limit (infinite without one)."""
+    return DEADLINE - time.perf_counter()
+
+
 def run(cmd, timeout=180, env=None):
-    """Runs vggctl; a run past `timeout` seconds (a hang) fails that
+    """Runs vggctl; a run past `timeout` seconds (a hang), or one that
+    would end too near --time-limit to print the report, fails that
     configuration only."""
+    timeout = max(1.0, min(timeout, seconds_left() - REPORT_SECONDS))
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)}\n{r.stderr.strip()}")
@@ -498,10 +510,15 @@ def main():
                    help="also VGG16 without BN at batch 128 (the recipe's model) and the recipe end to end: "
                         "100 epochs of vggctl train's defaults on 50,000/10,000 synthetic images "
                         "(about 2 more minutes)")
+    p.add_argument("--time-limit", type=float, metavar="SECS",
+                   help="print the report within SECS seconds: configurations that would run past it are "
+                        "left out or stopped (gpu-check passes what is left of its budget)")
     p.add_argument("--smoke", action="store_true",
                    help="a tiny run on the CPU that checks this script's plumbing (its figures mean nothing)")
     a = p.parse_args()
-    global DEV
+    global DEV, DEADLINE
+    if a.time_limit:
+        DEADLINE = time.perf_counter() + a.time_limit
     if a.smoke:
         DEV = torch.device("cpu")
         a.skip_compile = True
@@ -536,7 +553,13 @@ def main():
 
     def attempt(section, label, f, *args):
         """f(*args) timed; a failure is reported and recorded, and the run goes
-        on: one GPU slot must give every figure it can."""
+        on: one GPU slot must give every figure it can. Near --time-limit
+        the configuration is left out, so that the report still prints."""
+        if seconds_left() < START_SECONDS:
+            print(f"  {section}: {label}: left out: --time-limit near", file=sys.stderr, flush=True)
+            failures.append((section, label, "left out: --time-limit near"))
+            rows.append((section, label, 0.0, 0, "left out"))
+            return None
         try:
             return timed(f, *args)
         except Exception as e:  # noqa: BLE001 -- any failure of one configuration
@@ -722,7 +745,7 @@ def main():
     else:
         print(f"\naccuracy check skipped: no {a.digits}")
     if failures:
-        print("\nFAILED configurations (the rest of the run went on):")
+        print("\nFAILED or left-out configurations (the rest of the run went on):")
         for section, label, why in failures:
             print(f"  {section}: {label}: {why}")
     print(f"\nbench-gpu took {time.perf_counter() - began:.0f}s")
