@@ -543,3 +543,39 @@ fn batchnorm_relu_falls_back_to_the_plain_ops_where_cudnn_cannot_run_it() {
     let _ = fused.forward_t(&x, true);
     assert_eq!(fused.features.take_fusion_failure(), None, "it tried again");
 }
+
+/// The first convolution with its input and weight zero-padded to 8
+/// channels (`Sequential::pad_input`, here in fp32 to check the algebra)
+/// computes what the plain layer computes (VGG11 without BatchNorm, so
+/// that every bias has a gradient): logits and every gradient within 1e-5,
+/// NCHW and channels-last, alone and with conv+bias+ReLU as one operation,
+/// the weight's gradient with the weight's 3 channels; five fused SGD
+/// steps train alike.
+#[test]
+fn a_first_convolution_padded_to_8_channels_computes_the_plain_one() {
+    let _seeded = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
+    let pad = |m: &mut Vgg| m.features.pad_input = Some(Kind::Float);
+    for (channels_last, conv_relu) in [(false, false), (true, false), (true, true)] {
+        let (x, y) = batch();
+        let [mut plain, mut padded] = [plain_model(), plain_model()];
+        pad(&mut padded);
+        padded.features.conv_relu = conv_relu;
+        let x = match channels_last {
+            true => {
+                plain.to_channels_last();
+                padded.to_channels_last();
+                vggctl::model::to_channels_last(&x)
+            }
+            false => x,
+        };
+        let (l0, g0) = gradients(&plain, &x, &y);
+        let (l1, g1) = gradients(&padded, &x, &y);
+        assert!(rel(&l1, &l0) < 1e-5, "logits: {}", rel(&l1, &l0));
+        for ((name, _), (a, b)) in plain.parameters().into_iter().zip(g1.iter().zip(&g0)) {
+            assert_eq!(a.size(), b.size(), "{name}");
+            assert!(rel(a, b) < 1e-5, "{name}: {}", rel(a, b));
+        }
+    }
+    let [reference, fused] = reference_and_fused(plain_model, pad);
+    assert_trained_alike(&reference, &fused, &plain_model(), &[]);
+}

@@ -236,6 +236,10 @@ fn sync_batch_norm(
     y.to_kind(x.kind())
 }
 
+/// The channels the first convolution's input is padded to by
+/// [`Sequential::pad_input`].
+pub const PAD_CHANNELS: i64 = 8;
+
 /// A run of named layers (`features.*` or `classifier.*`).
 pub struct Sequential {
     pub layers: Vec<(String, Layer)>,
@@ -256,6 +260,12 @@ pub struct Sequential {
     /// (`shim::step::bn_relu`: cuDNN's BatchNorm with its activation, one
     /// pass each way; not with SyncBatchNorm); the plain ops if it fails.
     pub bn_relu: bool,
+    /// In training mode, the first convolution's input channels (3) and its
+    /// weight's are zero-padded to [`PAD_CHANNELS`], in this dtype:
+    /// cuDNN's tensor-core kernels want channels in multiples of 8. The
+    /// padded channels add zeros, so the output is the same, and the
+    /// weight's gradient is the padded gradient's first channels.
+    pub pad_input: Option<Kind>,
     /// In training mode, layers computing with other tensors than their
     /// own, by index: the compute copy's views of their weights (see
     /// `Vgg::flatten_trainable`).
@@ -285,6 +295,7 @@ impl Sequential {
             bias_free: false,
             conv_relu: false,
             bn_relu: false,
+            pad_input: None,
             stand_ins: BTreeMap::new(),
             fusion_failed: Cell::new(false),
             fusion_failure: RefCell::new(None),
@@ -297,10 +308,14 @@ impl Sequential {
         let mut x = x.shallow_clone();
         let mut i = range.start;
         while i < range.end {
-            let layer = match (train, self.stand_ins.get(&i)) {
+            let mut layer = match (train, self.stand_ins.get(&i)) {
                 (true, Some(stand_in)) => stand_in,
                 _ => &self.layers[i].1,
             };
+            let padded = self.padded(i, layer, &x, train);
+            if let Some((conv, input)) = &padded {
+                (layer, x) = (conv, input.shallow_clone());
+            }
             if let Some(y) = self.with_relu(i, layer, &x, &range, train) {
                 x = y;
                 i += 2;
@@ -311,6 +326,27 @@ impl Sequential {
             i += 1;
         }
         x
+    }
+
+    /// Layer `i` (`layer`, or its stand-in) as a convolution on
+    /// [`PAD_CHANNELS`] input channels and `x` zero-padded to match, where
+    /// `pad_input` asks for that and the layer is the first convolution.
+    fn padded(&self, i: usize, layer: &Layer, x: &Tensor, train: bool) -> Option<(Layer, Tensor)> {
+        let kind = self.pad_input.filter(|_| train && i == 0)?;
+        let Layer::Conv { weight, bias } = layer else {
+            return None;
+        };
+        let extra = PAD_CHANNELS - weight.size()[1];
+        if extra <= 0 {
+            return None;
+        }
+        // Zeros after the channels; constant_pad_nd keeps the layout.
+        let pad = [0, 0, 0, 0, 0, extra];
+        let conv = Layer::Conv {
+            weight: weight.to_kind(kind).constant_pad_nd(pad),
+            bias: bias.shallow_clone(),
+        };
+        Some((conv, x.to_kind(kind).constant_pad_nd(pad)))
     }
 
     /// Layer `i` (`layer`, or its stand-in) and the ReLU after it (both in
@@ -400,5 +436,69 @@ impl Sequential {
     /// Runs only the first `n` layers (n counts every module, as torchvision's index does).
     pub fn forward_prefix(&self, x: &Tensor, n: usize, train: bool) -> Tensor {
         self.run(x, 0..n.min(self.layers.len()), train)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The padded first convolution: its weight and input gain zero
+    /// channels up to `PAD_CHANNELS`, in the asked dtype and the input's
+    /// layout; later layers, evaluation and wide inputs are left alone.
+    #[test]
+    fn the_first_convolution_is_padded_with_zero_channels() {
+        let _seeded = crate::seeded();
+        tch::manual_seed(2);
+        let opts = (Kind::Float, Device::Cpu);
+        let conv = Layer::Conv {
+            weight: Tensor::randn([4, 3, 3, 3], opts),
+            bias: Tensor::randn([4], opts),
+        };
+        let mut seq = Sequential::new(vec![("0".into(), conv), ("1".into(), Layer::Relu)]);
+        seq.pad_input = Some(Kind::BFloat16);
+        let x = super::super::to_channels_last(&Tensor::randn([2, 3, 5, 5], opts));
+        let Some((Layer::Conv { weight, .. }, px)) = seq.padded(0, &seq.layers[0].1, &x, true)
+        else {
+            panic!("not padded");
+        };
+        let Layer::Conv { weight: w, .. } = &seq.layers[0].1 else {
+            unreachable!()
+        };
+        assert_eq!(weight.size(), [4, PAD_CHANNELS, 3, 3]);
+        assert_eq!(px.size(), [2, PAD_CHANNELS, 5, 5]);
+        assert_eq!((weight.kind(), px.kind()), (Kind::BFloat16, Kind::BFloat16));
+        assert!(super::super::is_channels_last(&px));
+        assert!(weight.narrow(1, 0, 3).equal(&w.to_kind(Kind::BFloat16)));
+        assert!(px.narrow(1, 0, 3).equal(&x.to_kind(Kind::BFloat16)));
+        assert_eq!(
+            weight
+                .narrow(1, 3, 5)
+                .abs()
+                .sum(Kind::Float)
+                .double_value(&[]),
+            0.0
+        );
+        assert_eq!(
+            px.narrow(1, 3, 5).abs().sum(Kind::Float).double_value(&[]),
+            0.0
+        );
+        assert!(
+            seq.padded(0, &seq.layers[0].1, &x, false).is_none(),
+            "evaluation"
+        );
+        assert!(
+            seq.padded(1, &seq.layers[1].1, &x, true).is_none(),
+            "not a convolution"
+        );
+        let wide = Tensor::randn([2, PAD_CHANNELS, 5, 5], opts);
+        let conv = Layer::Conv {
+            weight: Tensor::randn([4, PAD_CHANNELS, 3, 3], opts),
+            bias: Tensor::randn([4], opts),
+        };
+        assert!(
+            seq.padded(0, &conv, &wide, true).is_none(),
+            "already 8 channels"
+        );
     }
 }

@@ -8,7 +8,7 @@ use tch::{Kind, Tensor};
 
 use crate::data::Dataset;
 use crate::dist::World;
-use crate::model::{BN_EPS, BN_MOMENTUM, Values, Vgg, batch_norm};
+use crate::model::{BN_EPS, BN_MOMENTUM, Layer, PAD_CHANNELS, Values, Vgg, batch_norm};
 use crate::numerics::{FusedStep, Numerics, StepPart};
 use crate::optim::Optimizer;
 
@@ -132,7 +132,8 @@ fn fingerprint(model: &Vgg, config: &TrainConfig, sizes: [i64; 2]) -> i64 {
 /// run as one operation, and with it (fp16, channels-last) BatchNorm and
 /// ReLU, each where it runs on this device and agrees with the plain ops;
 /// in half precision, the weights are cast once per step (see
-/// [`build_optimizer`]).
+/// [`build_optimizer`]), and channels-last the first convolution's input
+/// is padded to 8 channels.
 pub fn fuse_step(model: &mut Vgg, numerics: &mut Numerics) {
     let from = model.frozen_prefix;
     let (may, bn) = (numerics.fused_step, model.spec.bn);
@@ -141,11 +142,17 @@ pub fn fuse_step(model: &mut Vgg, numerics: &mut Numerics) {
         may.has(StepPart::NoBias) && bn && features.conv_biases_before_bn_are_zero(from);
     features.conv_relu = may.has(StepPart::ConvRelu) && !bn && conv_relu_works(numerics);
     features.bn_relu = may.has(StepPart::BnRelu) && bn && bn_relu_works(numerics);
+    let kind = numerics.compute_kind();
+    let narrow = matches!(&features.layers[0].1, Layer::Conv { weight, .. }
+        if weight.size()[1] < PAD_CHANNELS);
+    let pad = may.has(StepPart::PadInput) && numerics.channels_last && kind != Kind::Float;
+    features.pad_input = (pad && narrow).then_some(kind);
     let mut uses = FusedStep::NONE;
     uses.set(StepPart::NoBias, features.bias_free);
     uses.set(StepPart::ConvRelu, features.conv_relu);
     uses.set(StepPart::BnRelu, features.bn_relu);
     uses.set(StepPart::CastOnce, casts_once(numerics).is_some());
+    uses.set(StepPart::PadInput, features.pad_input.is_some());
     numerics.fused_step = uses;
 }
 
@@ -298,17 +305,20 @@ mod tests {
     fn the_fused_step_uses_the_parts_asked_for_that_apply() {
         use crate::model::{Arch, Head, ModelSpec};
         let _seeded = crate::seeded();
-        let numerics = |left_out: &[StepPart]| Numerics {
+        let numerics = |left_out: &[StepPart], channels_last: bool| Numerics {
             precision: crate::numerics::Precision::Bf16,
+            channels_last,
             fused: true,
             fused_step: FusedStep::without(left_out),
             ..Numerics::plain_cpu()
         };
-        let fused = |bn: bool, left_out: &[StepPart]| {
+        let fused_as = |bn: bool, left_out: &[StepPart], channels_last: bool| {
             let spec = ModelSpec::new(Arch::Vgg11, bn, Head::Cifar, 10);
             let mut model = Vgg::new(spec, tch::Device::Cpu);
-            let mut n = numerics(left_out);
+            let mut n = numerics(left_out, channels_last);
             fuse_step(&mut model, &mut n);
+            let padded = model.features.pad_input == Some(Kind::BFloat16);
+            assert_eq!(padded, n.fused_step.has(StepPart::PadInput));
             let f = &model.features;
             assert_eq!(
                 [f.bias_free, f.conv_relu, f.bn_relu],
@@ -318,7 +328,13 @@ mod tests {
             );
             n.fused_step.names()
         };
+        let fused = |bn: bool, left_out: &[StepPart]| fused_as(bn, left_out, false);
         assert_eq!(fused(true, &[]), "no-bias, cast-once");
+        assert_eq!(fused_as(true, &[], true), "no-bias, cast-once, pad-input");
+        assert_eq!(
+            fused_as(false, &[StepPart::PadInput], true),
+            "conv-relu, cast-once"
+        );
         assert_eq!(fused(true, &[StepPart::NoBias]), "cast-once");
         assert_eq!(fused(false, &[]), "conv-relu, cast-once");
         assert_eq!(fused(false, &[StepPart::CastOnce]), "conv-relu");

@@ -16,6 +16,10 @@ use crate::choice::Choice;
 use crate::model::{Vgg, to_channels_last};
 use crate::shim::{self, AutocastDtype};
 
+mod step_parts;
+
+pub use step_parts::{FusedStep, StepPart};
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
@@ -81,98 +85,6 @@ impl Precision {
             Precision::Bf16 => Some(AutocastDtype::BFloat16),
             _ => None,
         }
-    }
-}
-
-/// A part of the fused training step (issue #18). Each is on by default
-/// where it applies; `--no-fused-step=PART,...` leaves parts out, to
-/// measure what each brings.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum StepPart {
-    /// Convolutions before BatchNorm without their zero bias.
-    NoBias,
-    /// Without BatchNorm: convolution, bias and ReLU in one cuDNN kernel.
-    ConvRelu,
-    /// BatchNorm and ReLU in one cuDNN pass each way (fp16, channels-last).
-    BnRelu,
-    /// Half precision: the weights cast once per step, not per use.
-    CastOnce,
-}
-
-impl Choice for StepPart {
-    const ALL: &'static [Self] = &[
-        StepPart::NoBias,
-        StepPart::ConvRelu,
-        StepPart::BnRelu,
-        StepPart::CastOnce,
-    ];
-
-    fn name(self) -> &'static str {
-        match self {
-            StepPart::NoBias => "no-bias",
-            StepPart::ConvRelu => "conv-relu",
-            StepPart::BnRelu => "bn-relu",
-            StepPart::CastOnce => "cast-once",
-        }
-    }
-
-    fn help(self) -> &'static str {
-        match self {
-            StepPart::NoBias => "convolutions before BatchNorm without their zero bias",
-            StepPart::ConvRelu => {
-                "without BatchNorm: convolution, bias and ReLU in one cuDNN kernel"
-            }
-            StepPart::BnRelu => {
-                "BatchNorm and ReLU in one cuDNN pass each way (fp16, channels-last)"
-            }
-            StepPart::CastOnce => "half precision: the weights cast once per step, not per use",
-        }
-    }
-}
-
-/// A set of [`StepPart`]s: those a run may use (the request), or those it
-/// uses once the trainer has fitted them to the model and the device.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct FusedStep(u8);
-
-impl FusedStep {
-    /// The reference step: libtorch's kernels as they are.
-    pub const NONE: FusedStep = FusedStep(0);
-
-    /// Every part but `left_out`.
-    pub fn without(left_out: &[StepPart]) -> FusedStep {
-        let mut parts = FusedStep::NONE;
-        for &p in StepPart::ALL {
-            parts.set(p, !left_out.contains(&p));
-        }
-        parts
-    }
-
-    fn bit(part: StepPart) -> u8 {
-        let i = StepPart::ALL.iter().position(|&p| p == part);
-        1 << i.expect("every part is in ALL")
-    }
-
-    pub fn has(self, part: StepPart) -> bool {
-        self.0 & Self::bit(part) != 0
-    }
-
-    pub fn set(&mut self, part: StepPart, on: bool) {
-        match on {
-            true => self.0 |= Self::bit(part),
-            false => self.0 &= !Self::bit(part),
-        }
-    }
-
-    pub fn any(self) -> bool {
-        self.0 != 0
-    }
-
-    /// The parts' names, comma-separated, in `StepPart::ALL`'s order.
-    pub fn names(self) -> String {
-        let on = StepPart::ALL.iter().filter(|&&p| self.has(p));
-        on.map(|p| p.name()).collect::<Vec<_>>().join(", ")
     }
 }
 
@@ -566,22 +478,5 @@ mod tests {
         assert_eq!(got.kind(), Kind::Float);
         let err = (&got - &plain).abs().max().double_value(&[]);
         assert!(err < 1e-4, "{err}");
-    }
-
-    /// A run may leave out any part of the fused step; `ran_as` names the
-    /// parts it uses.
-    #[test]
-    fn fused_step_parts_are_left_out_by_name() {
-        let all = FusedStep::without(&[]);
-        assert_eq!(all.names(), "no-bias, conv-relu, bn-relu, cast-once");
-        let some = FusedStep::without(&[StepPart::ConvRelu, StepPart::NoBias]);
-        assert_eq!(some.names(), "bn-relu, cast-once");
-        assert!(!some.has(StepPart::NoBias) && some.has(StepPart::CastOnce));
-        assert!(!FusedStep::without(StepPart::ALL).any());
-        let n = Numerics {
-            fused_step: some,
-            ..Numerics::plain_cpu()
-        };
-        assert_eq!(n.ran_as(None), "fp32, fused step (bn-relu, cast-once)");
     }
 }

@@ -1,0 +1,135 @@
+//! The parts of the fused training step (issue #18) and the sets of them a
+//! run asks for and uses; `--no-fused-step=PART,...` leaves parts out.
+
+use serde::{Deserialize, Serialize};
+
+use crate::choice::Choice;
+
+/// A part of the fused training step (issue #18). Each is on by default
+/// where it applies; `--no-fused-step=PART,...` leaves parts out, to
+/// measure what each brings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StepPart {
+    /// Convolutions before BatchNorm without their zero bias.
+    NoBias,
+    /// Without BatchNorm: convolution, bias and ReLU in one cuDNN kernel.
+    ConvRelu,
+    /// BatchNorm and ReLU in one cuDNN pass each way (fp16, channels-last).
+    BnRelu,
+    /// Half precision: the weights cast once per step, not per use.
+    CastOnce,
+    /// Half precision, channels-last: the first convolution's 3 input
+    /// channels zero-padded to 8.
+    PadInput,
+}
+
+impl Choice for StepPart {
+    const ALL: &'static [Self] = &[
+        StepPart::NoBias,
+        StepPart::ConvRelu,
+        StepPart::BnRelu,
+        StepPart::CastOnce,
+        StepPart::PadInput,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            StepPart::NoBias => "no-bias",
+            StepPart::ConvRelu => "conv-relu",
+            StepPart::BnRelu => "bn-relu",
+            StepPart::CastOnce => "cast-once",
+            StepPart::PadInput => "pad-input",
+        }
+    }
+
+    fn help(self) -> &'static str {
+        match self {
+            StepPart::NoBias => "convolutions before BatchNorm without their zero bias",
+            StepPart::ConvRelu => {
+                "without BatchNorm: convolution, bias and ReLU in one cuDNN kernel"
+            }
+            StepPart::BnRelu => {
+                "BatchNorm and ReLU in one cuDNN pass each way (fp16, channels-last)"
+            }
+            StepPart::CastOnce => "half precision: the weights cast once per step, not per use",
+            StepPart::PadInput => {
+                "half precision, channels-last: the first convolution's 3 input channels zero-padded to 8 (tensor-core kernels want multiples of 8)"
+            }
+        }
+    }
+}
+
+/// A set of [`StepPart`]s: those a run may use (the request), or those it
+/// uses once the trainer has fitted them to the model and the device.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FusedStep(u8);
+
+impl FusedStep {
+    /// The reference step: libtorch's kernels as they are.
+    pub const NONE: FusedStep = FusedStep(0);
+
+    /// Every part but `left_out`.
+    pub fn without(left_out: &[StepPart]) -> FusedStep {
+        let mut parts = FusedStep::NONE;
+        for &p in StepPart::ALL {
+            parts.set(p, !left_out.contains(&p));
+        }
+        parts
+    }
+
+    fn bit(part: StepPart) -> u8 {
+        let i = StepPart::ALL.iter().position(|&p| p == part);
+        1 << i.expect("every part is in ALL")
+    }
+
+    pub fn has(self, part: StepPart) -> bool {
+        self.0 & Self::bit(part) != 0
+    }
+
+    pub fn set(&mut self, part: StepPart, on: bool) {
+        match on {
+            true => self.0 |= Self::bit(part),
+            false => self.0 &= !Self::bit(part),
+        }
+    }
+
+    pub fn any(self) -> bool {
+        self.0 != 0
+    }
+
+    /// The parts' names, comma-separated, in `StepPart::ALL`'s order.
+    pub fn names(self) -> String {
+        let on = StepPart::ALL.iter().filter(|&&p| self.has(p));
+        on.map(|p| p.name()).collect::<Vec<_>>().join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::numerics::Numerics;
+
+    /// A run may leave out any part of the fused step; `ran_as` names the
+    /// parts it uses.
+    #[test]
+    fn fused_step_parts_are_left_out_by_name() {
+        let all = FusedStep::without(&[]);
+        assert_eq!(
+            all.names(),
+            "no-bias, conv-relu, bn-relu, cast-once, pad-input"
+        );
+        let some = FusedStep::without(&[StepPart::ConvRelu, StepPart::NoBias]);
+        assert_eq!(some.names(), "bn-relu, cast-once, pad-input");
+        assert!(!some.has(StepPart::NoBias) && some.has(StepPart::CastOnce));
+        assert!(!FusedStep::without(StepPart::ALL).any());
+        let n = Numerics {
+            fused_step: some,
+            ..Numerics::plain_cpu()
+        };
+        assert_eq!(
+            n.ran_as(None),
+            "fp32, fused step (bn-relu, cast-once, pad-input)"
+        );
+    }
+}
