@@ -1,17 +1,21 @@
 // The fused training step's own operations (issue #18), as autograd
 // functions libtorch does not have. The one Rust caller is src/shim/step.rs.
 //
-// ConvBiasRelu: a 3x3 convolution (stride 1, padding 1), its bias and the
-// ReLU after it. Forward on CUDA is cuDNN's conv+bias+ReLU in one kernel
-// (`cudnn_convolution_relu`, which has no autograd of its own), where the
-// eager model writes the convolution's output, then reads and writes it
-// again for the bias and once more for the ReLU; elsewhere it is the same
-// arithmetic in plain ops (what the CPU tests check the backward against).
-// Backward: the ReLU's mask from the saved output, the bias gradient as its
-// sum over batch and pixels, and `convolution_backward` for the input and
-// weight gradients only. Under autocast it computes in autocast's dtype, as
-// the eager convolution would (inputs cast, gradients returned in each
-// input's own dtype).
+// Conv3x3: a 3x3 convolution (stride 1, padding 1), with or without its
+// bias, and optionally the ReLU after it. Forward on CUDA with the ReLU is
+// cuDNN's conv+bias+ReLU in one kernel (`cudnn_convolution_relu`, which
+// has no autograd of its own), where the eager model writes the
+// convolution's output, then reads and writes it again for the bias and
+// once more for the ReLU; elsewhere it is the same arithmetic in plain ops
+// (what the CPU tests check the backward against). Backward: the ReLU's
+// mask from the saved output, the bias gradient as its sum over batch and
+// pixels, and `convolution_backward` for the input and weight gradients;
+// with `two_streams` on CUDA the weight gradient (and the bias's) is
+// computed on a side stream while the input gradient is computed on the
+// current one, forked and joined with events, so that a CUDA graph
+// captures two branches the GPU runs side by side. Under autocast it
+// computes in autocast's dtype, as the eager convolution would (inputs
+// cast, gradients returned in each input's own dtype).
 //
 // BnRelu: training-mode BatchNorm and the ReLU after it in one pass each
 // way, cuDNN's `cudnnBatchNormalizationForwardTrainingEx` /
@@ -34,6 +38,17 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <array>
+#include <optional>
+#include <tuple>
+
+#ifdef VGGCTL_CUDA
+// The device-generic event and stream guard (through c10's registered CUDA
+// implementation): ATen's CUDA ones call the CUDA runtime inline, which
+// this binary does not link.
+#include <c10/core/Event.h>
+#include <c10/core/StreamGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
 
 #ifdef VGGCTL_CUDNN
 #include <ATen/cudnn/Handle.h>
@@ -59,26 +74,77 @@ at::ScalarType compute_dtype(const at::Tensor &x) {
   return x.scalar_type();
 }
 
-struct ConvBiasRelu : public torch::autograd::Function<ConvBiasRelu> {
+// The input and weight gradients of a 3x3 convolution of `x` by `w` whose
+// output's gradient is `g`, for those `mask` asks for.
+std::tuple<at::Tensor, at::Tensor> conv_grads(const at::Tensor &g, const at::Tensor &x,
+                                              const at::Tensor &w, std::array<bool, 2> mask) {
+  auto parts = at::convolution_backward(g, x, w, std::nullopt, {1, 1}, {1, 1}, {1, 1}, false,
+                                        {0, 0}, 1, {mask[0], mask[1], false});
+  return {std::get<0>(parts), std::get<1>(parts)};
+}
+
+at::Tensor bias_grad(const at::Tensor &g) { return g.sum({0, 2, 3}, false, at::kFloat); }
+
+#ifdef VGGCTL_CUDA
+// Input, weight and bias (if `bias`) gradients with the input's on the
+// current stream and the other two on a side stream forked from it and
+// joined back, so that they overlap (and a CUDA graph captures both).
+std::array<at::Tensor, 3> two_stream_grads(const at::Tensor &g, const at::Tensor &x,
+                                           const at::Tensor &w, bool bias) {
+  auto index = g.device().index();
+  c10::Stream current = c10::cuda::getCurrentCUDAStream(index);
+  c10::Stream side = c10::cuda::getStreamFromPool(false, index);
+  c10::Event forked(c10::DeviceType::CUDA);
+  forked.record(current);
+  forked.block(side);
+  at::Tensor gw;
+  at::Tensor gb;
+  {
+    c10::StreamGuard on_side(side);
+    gw = std::get<1>(conv_grads(g, x, w, {false, true}));
+    if (bias) gb = bias_grad(g);
+  }
+  auto gx = std::get<0>(conv_grads(g, x, w, {true, false}));
+  c10::Event joined(c10::DeviceType::CUDA);
+  joined.record(side);
+  joined.block(current);
+  // Made on the side stream, read on the current one from now on: the
+  // caching allocator must not give their memory to the side stream again
+  // before the current stream is done with them. (g, x and w were made on
+  // the current stream, which now waits for the side stream's work.)
+  gw.record_stream(current);
+  if (gb.defined()) gb.record_stream(current);
+  return {gx, gw, gb};
+}
+#endif
+
+struct Conv3x3 : public torch::autograd::Function<Conv3x3> {
+  // `b` absent: no bias (autograd then has two inputs with gradients).
   static at::Tensor forward(AutogradContext *ctx, const at::Tensor &x, const at::Tensor &w,
-                            const at::Tensor &b) {
+                            const std::optional<at::Tensor> &b, bool relu, bool two_streams) {
     auto dtype = compute_dtype(x);
     // The casts below are the ones autocast would make; no second round.
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     auto format = x.suggest_memory_format();
     auto xc = x.to(dtype).contiguous(format);
     auto wc = w.to(dtype).contiguous(format);
-    auto bc = b.to(dtype);
+    std::optional<at::Tensor> bc;
+    if (b) bc = b->to(dtype);
     at::Tensor y;
-    if (x.is_cuda()) {
+    if (relu && x.is_cuda()) {
       y = at::cudnn_convolution_relu(xc, wc, bc, {1, 1}, {1, 1}, {1, 1}, 1);
     } else {
-      y = at::relu(at::conv2d(xc, wc, bc, {1, 1}, {1, 1}, {1, 1}, 1));
+      y = at::conv2d(xc, wc, bc, {1, 1}, {1, 1}, {1, 1}, 1);
+      if (relu) y = at::relu(y);
     }
-    ctx->save_for_backward({xc, wc, y});
+    // The output is saved only for the ReLU's mask.
+    ctx->save_for_backward({xc, wc, relu ? y : at::Tensor()});
+    ctx->saved_data["relu"] = relu;
+    ctx->saved_data["two_streams"] = two_streams;
     ctx->saved_data["x_dtype"] = static_cast<int64_t>(x.scalar_type());
     ctx->saved_data["w_dtype"] = static_cast<int64_t>(w.scalar_type());
-    ctx->saved_data["b_dtype"] = static_cast<int64_t>(b.scalar_type());
+    ctx->saved_data["has_bias"] = b.has_value();
+    ctx->saved_data["b_dtype"] = static_cast<int64_t>(b ? b->scalar_type() : at::kFloat);
     return y;
   }
 
@@ -86,20 +152,30 @@ struct ConvBiasRelu : public torch::autograd::Function<ConvBiasRelu> {
     auto saved = ctx->get_saved_variables();
     const auto &xc = saved[0];
     const auto &wc = saved[1];
-    const auto &y = saved[2];
     auto dtype_of = [&](const char *key) {
       return static_cast<at::ScalarType>(ctx->saved_data[key].toInt());
     };
-    auto g = at::threshold_backward(grads[0].to(y.scalar_type()), y, 0);
-    auto gb = g.sum({0, 2, 3}, false, at::kFloat).to(dtype_of("b_dtype"));
-    std::array<bool, 3> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1), false};
-    auto parts = at::convolution_backward(g.contiguous(xc.suggest_memory_format()), xc, wc,
-                                          std::nullopt, {1, 1}, {1, 1}, {1, 1}, false, {0, 0},
-                                          1, mask);
-    auto gx = std::get<0>(parts);
-    auto gw = std::get<1>(parts);
+    auto g = grads[0].to(xc.scalar_type());
+    if (ctx->saved_data["relu"].toBool()) g = at::threshold_backward(g, saved[2], 0);
+    g = g.contiguous(xc.suggest_memory_format());
+    bool bias = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2);
+    std::array<bool, 2> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1)};
+    at::Tensor gx, gw, gb;
+#ifdef VGGCTL_CUDA
+    if (ctx->saved_data["two_streams"].toBool() && g.is_cuda() && mask[0] && mask[1]) {
+      auto three = two_stream_grads(g, xc, wc, bias);
+      gx = three[0];
+      gw = three[1];
+      gb = three[2];
+    }
+#endif
+    if (!gw.defined() && !gx.defined()) {
+      std::tie(gx, gw) = conv_grads(g, xc, wc, mask);
+      if (bias) gb = bias_grad(g);
+    }
     return {gx.defined() ? gx.to(dtype_of("x_dtype")) : gx,
-            gw.defined() ? gw.to(dtype_of("w_dtype")) : gw, gb};
+            gw.defined() ? gw.to(dtype_of("w_dtype")) : gw,
+            gb.defined() ? gb.to(dtype_of("b_dtype")) : gb, at::Tensor(), at::Tensor()};
   }
 };
 
@@ -312,12 +388,17 @@ struct BnRelu : public torch::autograd::Function<BnRelu> {
 
 extern "C" {
 
-// relu(conv3x3(x, w) + b) as one operation with its own backward (see
-// ConvBiasRelu); *out is a new tensor on success.
-int vggctl_conv_bias_relu(const at::Tensor *x, const at::Tensor *w, const at::Tensor *b,
-                          at::Tensor **out, char *err, size_t len) {
+// conv3x3(x, w) + b (b null: no bias), relu'd if `relu`, as one operation
+// with its own backward, on two streams if `two_streams` (see Conv3x3);
+// *out is a new tensor on success.
+int vggctl_conv3x3(const at::Tensor *x, const at::Tensor *w, const at::Tensor *b, int relu,
+                   int two_streams, at::Tensor **out, char *err, size_t len) {
   *out = nullptr;
-  return guarded(err, len, [&] { *out = new at::Tensor(ConvBiasRelu::apply(*x, *w, *b)); });
+  return guarded(err, len, [&] {
+    std::optional<at::Tensor> bias;
+    if (b != nullptr) bias = *b;
+    *out = new at::Tensor(Conv3x3::apply(*x, *w, bias, relu != 0, two_streams != 0));
+  });
 }
 
 // relu(batch_norm(x)) in training mode as one operation (see BnRelu),

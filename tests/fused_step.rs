@@ -324,47 +324,50 @@ fn conv_bias_relu_trains_as_the_plain_ops() {
     assert_trained_alike(&runs[0], &runs[1], &plain_model(), &[]);
 }
 
-/// The shim's operation itself (the model falls back to the plain ops if
-/// it fails, which the model-level checks above could not tell): it
-/// answers, and input, weight and bias gradients equal autograd's through
-/// the plain ops, in fp32 and channels-last.
+/// The shim's convolution itself (the model falls back to the plain ops if
+/// it fails, which the model-level checks above could not tell): with and
+/// without its bias and ReLU, asked for two streams or not (one stream on
+/// a CPU), it answers, and its output and the input, weight and bias
+/// gradients equal autograd's through the plain ops, in fp32 and
+/// channels-last.
 #[test]
-fn the_shims_conv_bias_relu_answers_with_autograds_gradients() {
+fn the_shims_convolution_answers_with_autograds_gradients() {
     let _seeded = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
     tch::manual_seed(7);
     let opts = (Kind::Float, Device::Cpu);
+    let forms = [
+        (true, true, false),
+        (true, false, true),
+        (false, false, true),
+        (false, true, true),
+    ];
     for channels_last in [false, true] {
-        let layout = |t: Tensor| match channels_last {
-            true => vggctl::model::to_channels_last(&t),
-            false => t,
-        };
-        let x = layout(Tensor::randn([4, 8, 6, 6], opts)).set_requires_grad(true);
-        let w = layout(Tensor::randn([5, 8, 3, 3], opts) * 0.2).set_requires_grad(true);
-        let b = Tensor::randn([5], opts).set_requires_grad(true);
-        let weights = Tensor::randn([4, 5, 6, 6], opts);
-        let fused = vggctl::shim::step::conv_bias_relu(&x, &w, &b).unwrap();
-        let plain = x.conv2d(&w, Some(&b), [1, 1], [1, 1], [1, 1], 1).relu();
-        assert!(rel(&fused, &plain) < 1e-6);
-        assert!(fused.min().double_value(&[]) == 0.0, "no ReLU");
-        let inputs = [&x, &w, &b];
-        let gf = Tensor::run_backward(
-            &[(&fused * &weights).sum(Kind::Float)],
-            &inputs,
-            false,
-            false,
-        );
-        let gp = Tensor::run_backward(
-            &[(&plain * &weights).sum(Kind::Float)],
-            &inputs,
-            false,
-            false,
-        );
-        for (what, (f, p)) in ["input", "weight", "bias"].iter().zip(gf.iter().zip(&gp)) {
-            assert!(
-                rel(f, p) < 1e-5,
-                "{what} (channels_last {channels_last}): {}",
-                rel(f, p)
-            );
+        for (bias, relu, two_streams) in forms {
+            let layout = |t: Tensor| match channels_last {
+                true => vggctl::model::to_channels_last(&t),
+                false => t,
+            };
+            let x = layout(Tensor::randn([4, 8, 6, 6], opts)).set_requires_grad(true);
+            let w = layout(Tensor::randn([5, 8, 3, 3], opts) * 0.2).set_requires_grad(true);
+            let b = Tensor::randn([5], opts).set_requires_grad(true);
+            let weights = Tensor::randn([4, 5, 6, 6], opts);
+            let b = bias.then_some(&b);
+            let fused = vggctl::shim::step::conv3x3(&x, &w, b, relu, two_streams).unwrap();
+            let mut plain = x.conv2d(&w, b, [1, 1], [1, 1], [1, 1], 1);
+            if relu {
+                plain = plain.relu();
+                assert!(fused.min().double_value(&[]) == 0.0, "no ReLU");
+            }
+            let form = format!("bias {bias}, relu {relu}, channels_last {channels_last}");
+            assert!(rel(&fused, &plain) < 1e-6, "{form}");
+            let inputs: Vec<&Tensor> = [Some(&x), Some(&w), b].into_iter().flatten().collect();
+            let grads = |y: &Tensor| {
+                Tensor::run_backward(&[(y * &weights).sum(Kind::Float)], &inputs, false, false)
+            };
+            let (gf, gp) = (grads(&fused), grads(&plain));
+            for (what, (f, p)) in ["input", "weight", "bias"].iter().zip(gf.iter().zip(&gp)) {
+                assert!(rel(f, p) < 1e-5, "{what} ({form}): {}", rel(f, p));
+            }
         }
     }
 }
@@ -577,5 +580,49 @@ fn a_first_convolution_padded_to_8_channels_computes_the_plain_one() {
         }
     }
     let [reference, fused] = reference_and_fused(plain_model, pad);
+    assert_trained_alike(&reference, &fused, &plain_model(), &[]);
+}
+
+/// Every convolution run as the shim's operation (`Sequential::two_streams`;
+/// on a CPU its gradients come from one stream, so this checks the model's
+/// use of it): logits and every gradient within 1e-5 of the plain model's,
+/// with BatchNorm (also without the biases before it) and without (also
+/// with conv+bias+ReLU as one operation); five fused SGD steps alike.
+#[test]
+fn convolutions_as_the_shims_operation_compute_the_plain_ones() {
+    let _seeded = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
+    let (x, y) = batch();
+    for (bn, bias_free, conv_relu) in [
+        (true, false, false),
+        (true, true, false),
+        (false, false, true),
+    ] {
+        let make = if bn { model } else { plain_model };
+        let (plain, mut shims) = (make(), make());
+        shims.features.two_streams = true;
+        shims.features.bias_free = bias_free;
+        shims.features.conv_relu = conv_relu;
+        let (l0, g0) = gradients(&plain, &x, &y);
+        let (l1, g1) = gradients(&shims, &x, &y);
+        let failed = shims.features.take_fusion_failure();
+        assert!(
+            failed.is_none(),
+            "the shim's convolution failed: {failed:?}"
+        );
+        assert!(rel(&l1, &l0) < 1e-5, "logits: {}", rel(&l1, &l0));
+        for ((name, _), (a, b)) in plain.parameters().into_iter().zip(g1.iter().zip(&g0)) {
+            if bn && conv_bias_names(&plain).contains(&name) {
+                // Before BatchNorm the bias cancels: it is left out (no
+                // gradient) or its gradient is rounding.
+                match a.defined() {
+                    true => assert!(a.abs().max().double_value(&[]) < 1e-6, "{name}"),
+                    false => assert!(bias_free, "{name}"),
+                }
+                continue;
+            }
+            assert!(rel(a, b) < 1e-5, "{name}: {}", rel(a, b));
+        }
+    }
+    let [reference, fused] = reference_and_fused(plain_model, |m| m.features.two_streams = true);
     assert_trained_alike(&reference, &fused, &plain_model(), &[]);
 }

@@ -17,7 +17,9 @@
 //!   trains as `--no-fused-step` does, within 1e-4 after 20 steps in fp32;
 //!   its fp16 copy of the weights, cast once per step, gives autocast's
 //!   gradients bit for bit; its BatchNorm+ReLU (cuDNN, one pass each way)
-//!   computes what the plain ops compute, eagerly and in a CUDA graph;
+//!   computes what the plain ops compute, eagerly and in a CUDA graph; its
+//!   convolution with the weight gradient on a second stream gives the
+//!   one-stream gradients, eagerly and replayed with new input values;
 //! - each precision runs and says what it ran as, with its peak memory;
 //! - a streamed image folder (pinned host batches, asynchronous copies)
 //!   trains on the GPU, and `eval` of its checkpoint streamed counts
@@ -474,6 +476,74 @@ fn the_fused_batchnorm_relu_matches_the_plain_ops() {
         &twice[1],
         1e-3,
     );
+}
+
+/// The shim's convolution with its weight and bias gradients on a second
+/// stream (the fused step's `two-streams`): its gradients equal the
+/// one-stream ones within 1e-3 of the largest (fp16, channels-last, with
+/// and without bias and ReLU), eagerly and replayed from a CUDA graph with
+/// new values in the captured input (a missing fork or join would show as
+/// stale or torn gradients there).
+#[test]
+#[ignore = "needs a CUDA GPU (scripts/gpu-check runs it)"]
+fn the_convolution_on_two_streams_gives_one_streams_gradients() {
+    use vggctl::model::to_channels_last;
+    assert!(tch::Cuda::is_available(), "{GPU}");
+    let dev = Device::Cuda(0);
+    let opts = (Kind::Half, dev);
+    tch::manual_seed(4);
+    let w = to_channels_last(&(Tensor::randn([256, 128, 3, 3], opts) * 0.05));
+    let b = Tensor::randn([256], opts) * 0.1;
+    let dy = to_channels_last(&Tensor::randn([64, 256, 16, 16], opts));
+    let close = |what: &str, got: &Tensor, want: &Tensor| {
+        let (got, want) = (got.to_kind(Kind::Float), want.to_kind(Kind::Float));
+        let err = (&got - &want).abs().max().double_value(&[]);
+        let rel = err / want.abs().max().double_value(&[]);
+        println!("two streams, {what}: {rel:.3e} of the largest");
+        assert!(rel <= 1e-3, "{what}: {rel}");
+    };
+    for (bias, relu) in [(true, true), (false, false)] {
+        let step = |x: &Tensor, two_streams: bool| {
+            let mut leaves: Vec<Tensor> =
+                [x, &w].map(|t| t.detach().set_requires_grad(true)).into();
+            if bias {
+                leaves.push(b.detach().set_requires_grad(true));
+            }
+            let y = shim::step::conv3x3(&leaves[0], &leaves[1], leaves.get(2), relu, two_streams)
+                .unwrap();
+            Tensor::run_backward(&[(&y * &dy).sum(Kind::Float)], &leaves, false, false)
+        };
+        let x = to_channels_last(&Tensor::randn([64, 128, 16, 16], opts));
+        let want = step(&x, false);
+        for (what, (g, w)) in ["input", "weight", "bias"]
+            .iter()
+            .zip(step(&x, true).iter().zip(&want))
+        {
+            close(&format!("{what} grad (bias {bias}, relu {relu})"), g, w);
+        }
+        let captured = x.copy();
+        let mut graph = CudaGraph::new(dev).unwrap();
+        let got = graph
+            .on_side_stream(|graph| {
+                let _ = step(&captured, true); // warm-up
+                graph.capture(|| step(&captured, true))
+            })
+            .unwrap();
+        let x2 = to_channels_last(&Tensor::randn([64, 128, 16, 16], opts));
+        tch::no_grad(|| captured.shallow_clone().copy_(&x2));
+        graph.replay().unwrap();
+        let want = step(&x2, false);
+        for (what, (g, w)) in ["input", "weight", "bias"]
+            .iter()
+            .zip(got.iter().zip(&want))
+        {
+            close(
+                &format!("{what} grad replayed (bias {bias}, relu {relu})"),
+                g,
+                w,
+            );
+        }
+    }
 }
 
 #[test]

@@ -253,9 +253,13 @@ pub struct Sequential {
     /// same), see [`Sequential::conv_biases_before_bn_are_zero`].
     pub bias_free: bool,
     /// In training mode, a convolution followed by ReLU runs as one
-    /// operation (`shim::step::conv_bias_relu`: cuDNN's conv+bias+ReLU on
-    /// CUDA, with its own backward); the plain ops if it fails.
+    /// operation (`shim::step::conv3x3`: cuDNN's conv+bias+ReLU on CUDA,
+    /// with its own backward); the plain ops if it fails.
     pub conv_relu: bool,
+    /// In training mode, every convolution runs as the shim's operation
+    /// (`shim::step::conv3x3`), whose backward computes the weight's (and
+    /// bias's) gradient on a second CUDA stream beside the input's.
+    pub two_streams: bool,
     /// In training mode, BatchNorm followed by ReLU runs as one operation
     /// (`shim::step::bn_relu`: cuDNN's BatchNorm with its activation, one
     /// pass each way; not with SyncBatchNorm); the plain ops if it fails.
@@ -294,6 +298,7 @@ impl Sequential {
             sync: None,
             bias_free: false,
             conv_relu: false,
+            two_streams: false,
             bn_relu: false,
             pad_input: None,
             stand_ins: BTreeMap::new(),
@@ -322,7 +327,10 @@ impl Sequential {
                 continue;
             }
             let bias = !(self.bias_free && train && self.bn_follows(i));
-            x = layer.forward(&x, train, self.sync.as_ref(), bias);
+            x = match self.on_two_streams(layer, &x, train, bias) {
+                Some(y) => y,
+                None => layer.forward(&x, train, self.sync.as_ref(), bias),
+            };
             i += 1;
         }
         x
@@ -367,7 +375,7 @@ impl Sequential {
         }
         let fused = match layer {
             Layer::Conv { weight, bias } if self.conv_relu => {
-                crate::shim::step::conv_bias_relu(x, weight, bias)
+                crate::shim::step::conv3x3(x, weight, Some(bias), true, self.two_streams)
             }
             Layer::BatchNorm {
                 weight,
@@ -392,6 +400,26 @@ impl Sequential {
             }
             _ => return None,
         };
+        self.latched(fused)
+    }
+
+    /// A convolution `layer` (with its bias if `bias`) on `x` as the shim's
+    /// operation with its gradients on two streams, where `two_streams`
+    /// asks for it; None leaves it to the plain op.
+    fn on_two_streams(&self, layer: &Layer, x: &Tensor, train: bool, bias: bool) -> Option<Tensor> {
+        let Layer::Conv { weight, bias: b } = layer else {
+            return None;
+        };
+        if !(train && self.two_streams) || self.fusion_failed.get() {
+            return None;
+        }
+        let b = bias.then_some(b);
+        self.latched(crate::shim::step::conv3x3(x, weight, b, false, true))
+    }
+
+    /// A fused operation's result; a failure is latched (the plain ops run
+    /// from then on) and kept for `take_fusion_failure`.
+    fn latched(&self, fused: anyhow::Result<Tensor>) -> Option<Tensor> {
         fused
             .inspect_err(|e| {
                 self.fusion_failed.set(true);

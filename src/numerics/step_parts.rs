@@ -22,6 +22,9 @@ pub enum StepPart {
     /// Half precision, channels-last: the first convolution's 3 input
     /// channels zero-padded to 8.
     PadInput,
+    /// Backward: each convolution's weight gradient on a second CUDA stream
+    /// beside its input gradient.
+    TwoStreams,
 }
 
 impl Choice for StepPart {
@@ -31,6 +34,7 @@ impl Choice for StepPart {
         StepPart::BnRelu,
         StepPart::CastOnce,
         StepPart::PadInput,
+        StepPart::TwoStreams,
     ];
 
     fn name(self) -> &'static str {
@@ -40,6 +44,7 @@ impl Choice for StepPart {
             StepPart::BnRelu => "bn-relu",
             StepPart::CastOnce => "cast-once",
             StepPart::PadInput => "pad-input",
+            StepPart::TwoStreams => "two-streams",
         }
     }
 
@@ -55,6 +60,9 @@ impl Choice for StepPart {
             StepPart::CastOnce => "half precision: the weights cast once per step, not per use",
             StepPart::PadInput => {
                 "half precision, channels-last: the first convolution's 3 input channels zero-padded to 8 (tensor-core kernels want multiples of 8)"
+            }
+            StepPart::TwoStreams => {
+                "backward: each convolution's weight gradient on a second CUDA stream, beside its input gradient"
             }
         }
     }
@@ -117,10 +125,10 @@ mod tests {
         let all = FusedStep::without(&[]);
         assert_eq!(
             all.names(),
-            "no-bias, conv-relu, bn-relu, cast-once, pad-input"
+            "no-bias, conv-relu, bn-relu, cast-once, pad-input, two-streams"
         );
         let some = FusedStep::without(&[StepPart::ConvRelu, StepPart::NoBias]);
-        assert_eq!(some.names(), "bn-relu, cast-once, pad-input");
+        assert_eq!(some.names(), "bn-relu, cast-once, pad-input, two-streams");
         assert!(!some.has(StepPart::NoBias) && some.has(StepPart::CastOnce));
         assert!(!FusedStep::without(StepPart::ALL).any());
         let n = Numerics {
@@ -129,7 +137,7 @@ mod tests {
         };
         assert_eq!(
             n.ran_as(None),
-            "fp32, fused step (bn-relu, cast-once, pad-input)"
+            "fp32, fused step (bn-relu, cast-once, pad-input, two-streams)"
         );
     }
 }

@@ -7,30 +7,49 @@ use anyhow::Result;
 use tch::Tensor;
 use torch_sys::C_tensor;
 
-use super::{call, ptr};
+use super::{call, opt_ptr, ptr};
 
 unsafe extern "C" {
-    fn vggctl_conv_bias_relu(
+    fn vggctl_conv3x3(
         x: *mut C_tensor,
         w: *mut C_tensor,
         b: *mut C_tensor,
+        relu: std::ffi::c_int,
+        two_streams: std::ffi::c_int,
         out: *mut *mut C_tensor,
         err: *mut c_char,
         len: usize,
     ) -> std::ffi::c_int;
 }
 
-/// `relu(conv2d(x, w, b))` for a 3x3 convolution with stride 1 and padding
-/// 1, as one differentiable operation: forward on CUDA is cuDNN's
+/// `conv2d(x, w, b)` for a 3x3 convolution with stride 1 and padding 1
+/// (without a bias where `b` is None), then ReLU if `relu`, as one
+/// differentiable operation: forward on CUDA with the ReLU is cuDNN's
 /// conv+bias+ReLU kernel; backward masks with the saved output and gives
-/// the bias gradient as a sum. Under autocast it computes in autocast's
-/// dtype, as the eager convolution does.
-pub fn conv_bias_relu(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+/// the bias gradient as a sum; with `two_streams` on CUDA the weight and
+/// bias gradients are computed on a side stream beside the input's. Under
+/// autocast it computes in autocast's dtype, as the eager convolution does.
+pub fn conv3x3(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    relu: bool,
+    two_streams: bool,
+) -> Result<Tensor> {
     let mut out: *mut C_tensor = std::ptr::null_mut();
-    // SAFETY: the tensors are live; `out` is written only on success;
-    // err/len as in `call`.
-    call("conv+bias+ReLU", |err, len| unsafe {
-        vggctl_conv_bias_relu(ptr(x), ptr(w), ptr(b), &mut out, err, len)
+    // SAFETY: the tensors are live (a null bias means none); `out` is
+    // written only on success; err/len as in `call`.
+    call("convolution", |err, len| unsafe {
+        vggctl_conv3x3(
+            ptr(x),
+            ptr(w),
+            opt_ptr(b),
+            i32::from(relu),
+            i32::from(two_streams),
+            &mut out,
+            err,
+            len,
+        )
     })?;
     // SAFETY: on success the shim handed over a new at::Tensor that nothing
     // else owns.
@@ -85,6 +104,6 @@ pub fn bn_relu(
             len,
         )
     })?;
-    // SAFETY: as in `conv_bias_relu`.
+    // SAFETY: as in `conv3x3`.
     Ok(unsafe { Tensor::from_ptr(out) })
 }

@@ -133,7 +133,8 @@ fn fingerprint(model: &Vgg, config: &TrainConfig, sizes: [i64; 2]) -> i64 {
 /// ReLU, each where it runs on this device and agrees with the plain ops;
 /// in half precision, the weights are cast once per step (see
 /// [`build_optimizer`]), and channels-last the first convolution's input
-/// is padded to 8 channels.
+/// is padded to 8 channels; on CUDA each convolution's weight gradient is
+/// computed on a second stream beside its input gradient.
 pub fn fuse_step(model: &mut Vgg, numerics: &mut Numerics) {
     let from = model.frozen_prefix;
     let (may, bn) = (numerics.fused_step, model.spec.bn);
@@ -147,12 +148,14 @@ pub fn fuse_step(model: &mut Vgg, numerics: &mut Numerics) {
         if weight.size()[1] < PAD_CHANNELS);
     let pad = may.has(StepPart::PadInput) && numerics.channels_last && kind != Kind::Float;
     features.pad_input = (pad && narrow).then_some(kind);
+    features.two_streams = may.has(StepPart::TwoStreams) && two_streams_work(numerics);
     let mut uses = FusedStep::NONE;
     uses.set(StepPart::NoBias, features.bias_free);
     uses.set(StepPart::ConvRelu, features.conv_relu);
     uses.set(StepPart::BnRelu, features.bn_relu);
     uses.set(StepPart::CastOnce, casts_once(numerics).is_some());
     uses.set(StepPart::PadInput, features.pad_input.is_some());
+    uses.set(StepPart::TwoStreams, features.two_streams);
     numerics.fused_step = uses;
 }
 
@@ -178,7 +181,7 @@ fn conv_relu_works(numerics: &Numerics) -> bool {
         .input(&fixed_values(&[16, 16, 3, 3], 0.1, dev))
         .to_kind(kind);
     let b = fixed_values(&[16], 0.1, dev).to_kind(kind);
-    let Ok(got) = crate::shim::step::conv_bias_relu(&x, &w, &b) else {
+    let Ok(got) = crate::shim::step::conv3x3(&x, &w, Some(&b), true, false) else {
         return false;
     };
     let (f, wf, bf) = (
@@ -190,6 +193,32 @@ fn conv_relu_works(numerics: &Numerics) -> bool {
     // TF32 (and half precision) round the products: their kernels differ more.
     let strict = numerics.precision == crate::numerics::Precision::Fp32;
     close(&got, &want, if strict { 1e-4 } else { 1e-2 })
+}
+
+/// Whether the convolution with its gradients on two streams runs on the
+/// run's device (CUDA: elsewhere there is one stream) in its compute dtype
+/// and layout, and gives the one-stream gradients (within 1e-3 of the
+/// largest), checked once on a small batch of fixed values.
+fn two_streams_work(numerics: &Numerics) -> bool {
+    let (dev, kind) = (numerics.device, numerics.compute_kind());
+    if !dev.is_cuda() {
+        return false;
+    }
+    let x = numerics.input(&fixed_values(&[2, 16, 8, 8], 1.0, dev));
+    let w = numerics.input(&fixed_values(&[16, 16, 3, 3], 0.1, dev));
+    let b = fixed_values(&[16], 0.1, dev);
+    let dy = numerics.input(&fixed_values(&[2, 16, 8, 8], 1.0, dev).flip([0]));
+    let grads = |two_streams: bool| {
+        let leaves = [&x, &w, &b].map(|t| t.to_kind(kind).set_requires_grad(true));
+        let [x, w, b] = &leaves;
+        let y = crate::shim::step::conv3x3(x, w, Some(b), false, two_streams).ok()?;
+        let loss = (y.to_kind(Kind::Float) * &dy).sum(Kind::Float);
+        Some(Tensor::run_backward(&[loss], &leaves, false, false))
+    };
+    match (grads(true), grads(false)) {
+        (Some(got), Some(want)) => got.iter().zip(&want).all(|(g, w)| close(g, w, 1e-3)),
+        _ => false,
+    }
 }
 
 /// Fixed values in `shape` on `dev` (sines of a ramp, times `scale`): the
