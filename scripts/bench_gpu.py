@@ -62,6 +62,7 @@ DEV = torch.device("cuda")
 # seconds kept back for it; a configuration that would start with less
 # than START_SECONDS left is left out.
 DEADLINE = float("inf")
+SECTIONS = ("train", "kernels", "loop", "recipe", "inference", "accuracy")
 REPORT_SECONDS, START_SECONDS = 10, 45
 
 
@@ -510,12 +511,17 @@ def main():
                    help="also VGG16 without BN at batch 128 (the recipe's model) and the recipe end to end: "
                         "100 epochs of vggctl train's defaults on 50,000/10,000 synthetic images "
                         "(about 2 more minutes)")
+    p.add_argument("--only", type=lambda v: v.split(","), metavar="SECTION,...",
+                   help=f"run only these sections of {', '.join(SECTIONS)} (e.g. a second, shorter GPU call: "
+                        "--only recipe,accuracy)")
     p.add_argument("--time-limit", type=float, metavar="SECS",
                    help="print the report within SECS seconds: configurations that would run past it are "
                         "left out or stopped (gpu-check passes what is left of its budget)")
     p.add_argument("--smoke", action="store_true",
                    help="a tiny run on the CPU that checks this script's plumbing (its figures mean nothing)")
     a = p.parse_args()
+    if a.only and set(a.only) - set(SECTIONS):
+        p.error(f"--only: unknown section(s) {', '.join(sorted(set(a.only) - set(SECTIONS)))}")
     global DEV, DEADLINE
     if a.time_limit:
         DEADLINE = time.perf_counter() + a.time_limit
@@ -568,9 +574,14 @@ def main():
             rows.append((section, label, 0.0, 0, "FAILED"))
             return None
 
+    def want(section):
+        """Whether this run has `section` (--only, else all but the recipe
+        unless --recipe)."""
+        return section in a.only if a.only else section != "recipe" or a.recipe
+
     with tempfile.TemporaryDirectory() as root:
         write_cifar_bin(root, data, labels, test=64 if a.smoke else 3200)
-        for batch in (512, 128):
+        for batch in (512, 128) if want("train") else ():
             sec = f"train, batch {batch}"
             if a.smoke:
                 batch = batch // 8
@@ -625,7 +636,7 @@ def main():
         # Where the replayed step's time goes, kernel by kernel.
         # The fused step's and the reference step's, side by side: what each
         # lever of the fused step removed or replaced.
-        for batch in (64,) if a.smoke else (512,):
+        for batch in ((64,) if a.smoke else (512,)) if want("kernels") else ():
             for step, extra in (("fused step", []), ("reference step (--no-fused-step)", ["--no-fused-step"])):
                 out = os.path.join(root, f"run-{batch}-ops" + "-reference" * bool(extra))
                 r = attempt(f"train, batch {batch}", f"vggctl --profile kernels, {step}", vggctl_ops,
@@ -635,24 +646,24 @@ def main():
                     ops_tables.append((batch, step, r[0]))
 
         sec = "recipe loop, batch 128"
-        for workers in (0, 8):
+        for workers in (0, 8) if want("loop") else ():
             label = f"PyTorch recipe loop, DataLoader num_workers={workers}"
             r = attempt(sec, label, recipe_loop, data, labels, workers, 1 if a.smoke else 20 if workers == 0 else 60)
             if r:
                 add(sec, label, r)
 
-        if a.recipe:
+        if want("recipe"):
             recipe_sections(a, root, data, labels, attempt, add, rows, recipe, parts)
 
         sec = "inference 224x224, batch 64"
         ib = 4 if a.smoke else 64
         label = "PyTorch eager bf16 + channels_last (model only)"
-        r = attempt(sec, label, pytorch_infer, ib, 1 if a.smoke else 30 if a.quick else 60)
+        r = attempt(sec, label, pytorch_infer, ib, 1 if a.smoke else 30 if a.quick else 60) if want("inference") else None
         if r:
             add(sec, label, r)
         weights = os.path.join(root, "vgg16-10.safetensors")
         write_safetensors(weights, vgg16(False, "imagenet", 10).state_dict())
-        for extra in ([], ["--precision", "bf16"], ["--layerwise", "--no-cuda-graphs"]):
+        for extra in ([], ["--precision", "bf16"], ["--layerwise", "--no-cuda-graphs"]) if want("inference") else ():
             label = f"vggctl eval ({' '.join(extra) or 'defaults'})"
             r = attempt(sec, label, vggctl_eval, a.vggctl, root, weights, ib, 3 * ib if a.smoke else 3200, extra)
             if r:
@@ -661,7 +672,7 @@ def main():
 
         accuracy = []  # (what it ran as, [test top-1 per seed])
         seeds = [7, 1, 2, 3, 4][:max(1, min(a.seeds, 2) if a.smoke else a.seeds)]
-        if os.path.isdir(a.digits):
+        if want("accuracy") and os.path.isdir(a.digits):
             digits = os.path.dirname(a.digits) if a.digits.endswith("cifar-10-batches-bin") else a.digits
             for extra in (["--precision", "fp32"], ["--precision", "tf32"], ["--precision", "fp16"],
                           ["--precision", "bf16"], ["--precision", "fp16", "--no-cuda-graphs"],
