@@ -391,6 +391,16 @@ fn the_weights_cast_once_give_autocasts_gradients() {
     shim::set_cudnn_deterministic(false).unwrap();
 }
 
+/// Asserts that `got` is within `tolerance` of `want`'s largest value
+/// (both compared in fp32), printing the error under `what`.
+fn assert_close(what: &str, got: &Tensor, want: &Tensor, tolerance: f64) {
+    let (got, want) = (got.to_kind(Kind::Float), want.to_kind(Kind::Float));
+    let err = (&got - &want).abs().max().double_value(&[]);
+    let rel = err / want.abs().max().double_value(&[]);
+    println!("{what}: {rel:.3e} of the largest");
+    assert!(rel <= tolerance, "{what}: {rel}");
+}
+
 /// The fused step's BatchNorm+ReLU (cuDNN's BatchNorm with its activation,
 /// fp16 NHWC) computes what BatchNorm and ReLU compute in fp32: output,
 /// running statistics and the input, weight and bias gradients within
@@ -409,13 +419,7 @@ fn the_fused_batchnorm_relu_matches_the_plain_ops() {
     let weight = Tensor::rand([128], opts) + 0.5;
     let bias = Tensor::randn([128], opts) * 0.1;
     let close = |what: &str, got: &Tensor, want: &Tensor, tolerance: f64| {
-        let err = (got.to_kind(Kind::Float) - want)
-            .abs()
-            .max()
-            .double_value(&[]);
-        let rel = err / want.abs().max().double_value(&[]);
-        println!("BatchNorm+ReLU {what}: {rel:.3e} of the largest");
-        assert!(rel <= tolerance, "{what}: {rel}");
+        assert_close(&format!("BatchNorm+ReLU {what}"), got, want, tolerance)
     };
     // One step either way: output, running statistics, gradients.
     let step = |fused: bool, xs: &Tensor, stats: &[Tensor; 2]| {
@@ -496,11 +500,7 @@ fn the_convolution_on_two_streams_gives_one_streams_gradients() {
     let b = Tensor::randn([256], opts) * 0.1;
     let dy = to_channels_last(&Tensor::randn([64, 256, 16, 16], opts));
     let close = |what: &str, got: &Tensor, want: &Tensor| {
-        let (got, want) = (got.to_kind(Kind::Float), want.to_kind(Kind::Float));
-        let err = (&got - &want).abs().max().double_value(&[]);
-        let rel = err / want.abs().max().double_value(&[]);
-        println!("two streams, {what}: {rel:.3e} of the largest");
-        assert!(rel <= 1e-3, "{what}: {rel}");
+        assert_close(&format!("two streams, {what}"), got, want, 1e-3)
     };
     for (bias, relu) in [(true, true), (false, false)] {
         let step = |x: &Tensor, two_streams: bool| {
