@@ -66,6 +66,8 @@ fn build_shim(lib: &Path, cuda: bool) {
     println!("cargo:rerun-if-changed=src/shim.cpp");
     println!("cargo:rerun-if-changed=src/shim_dist.cpp");
     println!("cargo:rerun-if-changed=src/shim_step.cpp");
+    println!("cargo:rerun-if-changed=src/shim_kernels.cpp");
+    println!("cargo:rerun-if-changed=src/kernels.cu");
     println!("cargo:rerun-if-changed=src/shim.h");
     println!("cargo:rerun-if-changed=src/gloo-stubs");
     for v in [
@@ -87,6 +89,8 @@ fn build_shim(lib: &Path, cuda: bool) {
         .file("src/shim.cpp")
         .file("src/shim_dist.cpp")
         .file("src/shim_step.cpp")
+        .file("src/shim_kernels.cpp")
+        .include(kernels_source())
         .include(include.join("include"))
         // c10d's Gloo backend is declared only under USE_C10D_GLOO; its
         // header's gloo includes are met by stand-ins (see src/gloo-stubs).
@@ -137,6 +141,16 @@ fn build_shim(lib: &Path, cuda: bool) {
     }
     println!("cargo:rustc-link-lib=dylib=torch_cpu");
     println!("cargo:rustc-link-lib=dylib=c10");
+}
+
+/// A directory holding `kernels_source.inc`: src/kernels.cu as one C++ raw
+/// string literal, the source the shim hands NVRTC at run time.
+fn kernels_source() -> PathBuf {
+    let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let source = fs::read_to_string("src/kernels.cu").expect("src/kernels.cu");
+    let literal = format!("R\"vggctl_kernels({source})vggctl_kernels\"\n");
+    fs::write(out.join("kernels_source.inc"), literal).expect("writing kernels_source.inc");
+    out
 }
 
 /// `version.py` of a torch Python package, or `build-version` of a libtorch archive.

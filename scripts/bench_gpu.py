@@ -446,6 +446,9 @@ def arguments():
     p.add_argument("--time-limit", type=float, metavar="SECS",
                    help="print the report within SECS seconds: configurations that would run past it are "
                         "left out or stopped (gpu-check passes what is left of its budget)")
+    p.add_argument("--leave-out", type=lambda v: v.split(","), default=[], metavar="PART,...",
+                   help="leave these fused-step parts out of every vggctl training run (gpu-check leaves out "
+                        "bn-relu-pool when vggctl's own kernels failed their GPU test)")
     p.add_argument("--smoke", action="store_true",
                    help="a tiny run on the CPU that checks this script's plumbing (its figures mean nothing)")
     a = p.parse_args()
@@ -458,6 +461,7 @@ def main():
     a = arguments()
     if a.time_limit:
         runs.DEADLINE = time.perf_counter() + a.time_limit
+    runs.LEAVE_OUT = a.leave_out
     if a.smoke:
         runs.DEV = torch.device("cpu")
         a.skip_compile = True

@@ -23,11 +23,13 @@ from torch import nn
 
 VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-# Set by bench_gpu.main: the device (the CPU in a smoke run), and with
-# --time-limit the moment by which the report must be printed; a vggctl run
-# is stopped REPORT_SECONDS before it.
+# Set by bench_gpu.main: the device (the CPU in a smoke run), with
+# --time-limit the moment by which the report must be printed (a vggctl run
+# is stopped REPORT_SECONDS before it), and --leave-out's fused-step parts
+# (left out of every vggctl training run).
 DEV = torch.device("cuda")
 DEADLINE = float("inf")
+LEAVE_OUT = []
 REPORT_SECONDS = 10
 
 
@@ -239,12 +241,23 @@ def run(cmd, timeout=180, env=None):
     return r
 
 
+def with_left_out(extra):
+    """`extra` with --leave-out's parts left out of the fused step as well
+    (merged into its --no-fused-step=PART; a bare --no-fused-step, the
+    reference step, already leaves every part out)."""
+    if not LEAVE_OUT or "--no-fused-step" in extra:
+        return list(extra)
+    parts = ",".join(LEAVE_OUT)
+    merged = [f"{a},{parts}" if a.startswith("--no-fused-step=") else a for a in extra]
+    return merged if merged != list(extra) else [*extra, f"--no-fused-step={parts}"]
+
+
 def vggctl_train(binary, data_dir, out, batch, n, extra, epochs=3, arch=("vgg16", "--bn"), env=None):
     """images/s (median of the epochs after the first), peak bytes, what it ran as, last test top-1."""
     limit = ["--limit-train", str(n)] if n else []
     run([binary, "train", "--arch", arch[0], *arch[1:], "--epochs", str(epochs), "--batch-size", str(batch),
          "--data-dir", data_dir, "--no-download", *limit, "--out", out, "--force", "--quiet", "--device", DEV.type,
-         *extra], env=env)
+         *with_left_out(extra)], env=env)
     with open(os.path.join(out, "metrics.jsonl")) as f:
         m = [json.loads(line) for line in f.read().splitlines()]
     speed = statistics.median(e["images_per_s"] for e in m[1:]) if len(m) > 1 else m[0]["images_per_s"]
@@ -257,7 +270,7 @@ def vggctl_recipe(binary, data_dir, out, smoke):
     epochs and the test top-1 of the last (the wall time is timed())."""
     small = ["--epochs", "1", "--limit-train", "256", "--limit-test", "64"] if smoke else []
     run([binary, "train", "--arch", "vgg16", "--dataset", "cifar10", "--data-dir", data_dir, "--no-download",
-         "--out", out, "--force", "--quiet", "--device", DEV.type, *small], timeout=600)
+         "--out", out, "--force", "--quiet", "--device", DEV.type, *small, *with_left_out([])], timeout=600)
     with open(os.path.join(out, "metrics.jsonl")) as f:
         m = [json.loads(line) for line in f.read().splitlines()]
     return len(m), m[-1]["test_top1"], m[-1].get("ran_as", "?")

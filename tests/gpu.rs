@@ -409,27 +409,68 @@ fn assert_close(what: &str, got: &Tensor, want: &Tensor, tolerance: f64) {
 #[test]
 #[ignore = "needs a CUDA GPU (scripts/gpu-check runs it)"]
 fn the_fused_batchnorm_relu_matches_the_plain_ops() {
+    fused_batchnorm_matches_the_plain_ops(false);
+}
+
+/// The fused step's BatchNorm+ReLU+max-pool (vggctl's own kernels,
+/// src/kernels.cu, compiled by NVRTC on first use and launched through the
+/// driver API) computes what BatchNorm, ReLU and max_pool2d compute in fp32,
+/// as `the_fused_batchnorm_relu_matches_the_plain_ops` checks it, eagerly
+/// and replayed from a CUDA graph. gpu-check runs it in a process of its
+/// own: should a kernel fault, the CUDA context of the other tests is not
+/// lost with it, and the benchmark leaves the part out.
+#[test]
+#[ignore = "needs a CUDA GPU (scripts/gpu-check runs it)"]
+fn the_fused_kernels_bn_relu_pool_match_the_plain_ops() {
+    fused_batchnorm_matches_the_plain_ops(true);
+}
+
+/// BatchNorm+ReLU (and max-pool, with `pool`) fused against the plain ops.
+fn fused_batchnorm_matches_the_plain_ops(pool: bool) {
     use vggctl::model::{BN_EPS, BN_MOMENTUM, batch_norm, to_channels_last};
     assert!(tch::Cuda::is_available(), "{GPU}");
     let dev = Device::Cuda(0);
     let opts = (Kind::Float, dev);
     tch::manual_seed(3);
-    let x = to_channels_last(&(Tensor::randn([64, 128, 16, 16], opts) * 2.0 + 0.5));
-    let dy = to_channels_last(&Tensor::randn([64, 128, 16, 16], opts));
+    let mut x = Tensor::randn([64, 128, 16, 16], opts) * 2.0 + 0.5;
+    if pool {
+        // No near-ties in a window: multiples of 0.5 plus 0.125 times the
+        // position in the window, so that fp16 and fp32 pick the same
+        // maximum (a near-tie's gradient could go to either position).
+        let parity = |shape: [i64; 4]| Tensor::arange(16, opts).remainder(2).view(shape);
+        x = (x * 2.0).round() * 0.5 + (parity([1, 1, 16, 1]) * 2.0 + parity([1, 1, 1, 16])) * 0.125;
+    }
+    let x = to_channels_last(&x);
+    let side = if pool { 8 } else { 16 };
+    let dy = to_channels_last(&Tensor::randn([64, 128, side, side], opts));
     let weight = Tensor::rand([128], opts) + 0.5;
     let bias = Tensor::randn([128], opts) * 0.1;
+    let name = if pool {
+        "BatchNorm+ReLU+max-pool"
+    } else {
+        "BatchNorm+ReLU"
+    };
     let close = |what: &str, got: &Tensor, want: &Tensor, tolerance: f64| {
-        assert_close(&format!("BatchNorm+ReLU {what}"), got, want, tolerance)
+        assert_close(&format!("{name} {what}"), got, want, tolerance)
     };
     // One step either way: output, running statistics, gradients.
     let step = |fused: bool, xs: &Tensor, stats: &[Tensor; 2]| {
         let leaves = [xs.shallow_clone(), weight.copy(), bias.copy()]
             .map(|t| t.detach().set_requires_grad(true));
         let [x, w, b] = &leaves;
-        let y = if fused {
-            shim::step::bn_relu(x, w, b, &stats[0], &stats[1], BN_MOMENTUM, BN_EPS).unwrap()
-        } else {
-            batch_norm(x, w, b, &stats[0], &stats[1], true).relu()
+        let (mean, var) = (&stats[0], &stats[1]);
+        let y = match (fused, pool) {
+            (true, false) => shim::step::bn_relu(x, w, b, mean, var, BN_MOMENTUM, BN_EPS).unwrap(),
+            (true, true) => {
+                shim::step::bn_relu_pool(x, w, b, mean, var, BN_MOMENTUM, BN_EPS).unwrap()
+            }
+            (false, _) => {
+                let y = batch_norm(x, w, b, mean, var, true).relu();
+                match pool {
+                    true => y.max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false),
+                    false => y,
+                }
+            }
         };
         let loss = (y.to_kind(Kind::Float) * &dy).sum(Kind::Float);
         let grads = Tensor::run_backward(&[loss], &leaves, false, false);

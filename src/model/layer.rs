@@ -264,6 +264,11 @@ pub struct Sequential {
     /// (`shim::step::bn_relu`: cuDNN's BatchNorm with its activation, one
     /// pass each way; not with SyncBatchNorm); the plain ops if it fails.
     pub bn_relu: bool,
+    /// In training mode, BatchNorm followed by ReLU and a max-pool runs as
+    /// one operation (`shim::step::bn_relu_pool`: kernels of the shim's
+    /// own, fp16 channels-last, 1-byte pool indices; not with
+    /// SyncBatchNorm); the plain ops if it fails.
+    pub bn_relu_pool: bool,
     /// In training mode, the first convolution's input channels (3) and its
     /// weight's are zero-padded to [`PAD_CHANNELS`], in this dtype:
     /// cuDNN's tensor-core kernels want channels in multiples of 8. The
@@ -300,6 +305,7 @@ impl Sequential {
             conv_relu: false,
             two_streams: false,
             bn_relu: false,
+            bn_relu_pool: false,
             pad_input: None,
             stand_ins: BTreeMap::new(),
             fusion_failed: Cell::new(false),
@@ -321,9 +327,9 @@ impl Sequential {
             if let Some((conv, input)) = &padded {
                 (layer, x) = (conv, input.shallow_clone());
             }
-            if let Some(y) = self.with_relu(i, layer, &x, &range, train) {
+            if let Some((y, ran)) = self.with_relu(i, layer, &x, &range, train) {
                 x = y;
-                i += 2;
+                i += ran;
                 continue;
             }
             let bias = !(self.bias_free && train && self.bn_follows(i));
@@ -357,9 +363,11 @@ impl Sequential {
         Some((conv, x.to_kind(kind).constant_pad_nd(pad)))
     }
 
-    /// Layer `i` (`layer`, or its stand-in) and the ReLU after it (both in
-    /// `range`) run on `x` as one operation, where the fused step does that
-    /// and the operation runs; None leaves them to the plain ops.
+    /// Layer `i` (`layer`, or its stand-in) and the ReLU after it (and for
+    /// BatchNorm, the max-pool after that where `bn_relu_pool` asks), all in
+    /// `range`, run on `x` as one operation, where the fused step does that
+    /// and the operation runs: its output and how many layers it ran. None
+    /// leaves them to the plain ops.
     fn with_relu(
         &self,
         i: usize,
@@ -367,24 +375,30 @@ impl Sequential {
         x: &Tensor,
         range: &std::ops::Range<usize>,
         train: bool,
-    ) -> Option<Tensor> {
-        if !(train && i + 1 < range.end && matches!(self.layers[i + 1].1, Layer::Relu))
-            || self.fusion_failed.get()
-        {
+    ) -> Option<(Tensor, usize)> {
+        let followed_by =
+            |k: usize, what: fn(&Layer) -> bool| i + k < range.end && what(&self.layers[i + k].1);
+        if !(train && followed_by(1, |l| matches!(l, Layer::Relu))) || self.fusion_failed.get() {
             return None;
         }
-        let fused = match layer {
-            Layer::Conv { weight, bias } if self.conv_relu => {
-                crate::shim::step::conv3x3(x, weight, Some(bias), true, self.two_streams)
-            }
+        let pool = self.bn_relu_pool && followed_by(2, |l| matches!(l, Layer::MaxPool));
+        let (fused, ran) = match layer {
+            Layer::Conv { weight, bias } if self.conv_relu => (
+                crate::shim::step::conv3x3(x, weight, Some(bias), true, self.two_streams),
+                2,
+            ),
             Layer::BatchNorm {
                 weight,
                 bias,
                 running_mean,
                 running_var,
                 num_batches_tracked,
-            } if self.bn_relu && self.sync.is_none() => {
-                let y = crate::shim::step::bn_relu(
+            } if (self.bn_relu || pool) && self.sync.is_none() => {
+                let op = match pool {
+                    true => crate::shim::step::bn_relu_pool,
+                    false => crate::shim::step::bn_relu,
+                };
+                let y = op(
                     x,
                     weight,
                     bias,
@@ -396,11 +410,11 @@ impl Sequential {
                 if y.is_ok() {
                     num_batches_tracked.set(num_batches_tracked.get() + 1);
                 }
-                y
+                (y, if pool { 3 } else { 2 })
             }
             _ => return None,
         };
-        self.latched(fused)
+        self.latched(fused).map(|y| (y, ran))
     }
 
     /// A convolution `layer` (with its bias if `bias`) on `x` as the shim's

@@ -17,6 +17,9 @@ pub enum StepPart {
     ConvRelu,
     /// BatchNorm and ReLU in one cuDNN pass each way (fp16, channels-last).
     BnRelu,
+    /// BatchNorm, ReLU and the max-pool after them in one kernel of
+    /// vggctl's own each way (fp16, channels-last, 1-byte pool indices).
+    BnReluPool,
     /// Half precision: the weights cast once per step, not per use.
     CastOnce,
     /// Half precision, channels-last: the first convolution's 3 input
@@ -32,6 +35,7 @@ impl Choice for StepPart {
         StepPart::NoBias,
         StepPart::ConvRelu,
         StepPart::BnRelu,
+        StepPart::BnReluPool,
         StepPart::CastOnce,
         StepPart::PadInput,
         StepPart::TwoStreams,
@@ -42,6 +46,7 @@ impl Choice for StepPart {
             StepPart::NoBias => "no-bias",
             StepPart::ConvRelu => "conv-relu",
             StepPart::BnRelu => "bn-relu",
+            StepPart::BnReluPool => "bn-relu-pool",
             StepPart::CastOnce => "cast-once",
             StepPart::PadInput => "pad-input",
             StepPart::TwoStreams => "two-streams",
@@ -56,6 +61,9 @@ impl Choice for StepPart {
             }
             StepPart::BnRelu => {
                 "BatchNorm and ReLU in one cuDNN pass each way (fp16, channels-last)"
+            }
+            StepPart::BnReluPool => {
+                "BatchNorm, ReLU and the max-pool after them in one kernel of vggctl's own each way (fp16, channels-last; 1-byte pool indices)"
             }
             StepPart::CastOnce => "half precision: the weights cast once per step, not per use",
             StepPart::PadInput => {
@@ -125,10 +133,13 @@ mod tests {
         let all = FusedStep::without(&[]);
         assert_eq!(
             all.names(),
-            "no-bias, conv-relu, bn-relu, cast-once, pad-input, two-streams"
+            "no-bias, conv-relu, bn-relu, bn-relu-pool, cast-once, pad-input, two-streams"
         );
         let some = FusedStep::without(&[StepPart::ConvRelu, StepPart::NoBias]);
-        assert_eq!(some.names(), "bn-relu, cast-once, pad-input, two-streams");
+        assert_eq!(
+            some.names(),
+            "bn-relu, bn-relu-pool, cast-once, pad-input, two-streams"
+        );
         assert!(!some.has(StepPart::NoBias) && some.has(StepPart::CastOnce));
         assert!(!FusedStep::without(StepPart::ALL).any());
         let n = Numerics {
@@ -137,7 +148,7 @@ mod tests {
         };
         assert_eq!(
             n.ran_as(None),
-            "fp32, fused step (bn-relu, cast-once, pad-input, two-streams)"
+            "fp32, fused step (bn-relu, bn-relu-pool, cast-once, pad-input, two-streams)"
         );
     }
 }

@@ -107,3 +107,75 @@ pub fn bn_relu(
     // SAFETY: as in `conv3x3`.
     Ok(unsafe { Tensor::from_ptr(out) })
 }
+
+unsafe extern "C" {
+    fn vggctl_bn_relu_pool(
+        x: *mut C_tensor,
+        weight: *mut C_tensor,
+        bias: *mut C_tensor,
+        running_mean: *mut C_tensor,
+        running_var: *mut C_tensor,
+        momentum: f64,
+        eps: f64,
+        out: *mut *mut C_tensor,
+        err: *mut c_char,
+        len: usize,
+    ) -> std::ffi::c_int;
+    fn vggctl_compile_kernels(
+        major: std::ffi::c_int,
+        minor: std::ffi::c_int,
+        bytes: *mut usize,
+        err: *mut c_char,
+        len: usize,
+    ) -> std::ffi::c_int;
+}
+
+/// `max_pool2d(relu(batch_norm(x)), 2)` in training mode as one
+/// differentiable operation, updating the running statistics with
+/// `momentum` as BatchNorm does: the statistics, then one kernel of the
+/// shim's own (src/kernels.cu) that writes only the pooled output and a
+/// 1-byte window position per output; backward, one kernel for the pool's
+/// and the ReLU's gradient, then libtorch's BatchNorm backward. For fp16
+/// channels-last batches (2x2 or larger) with fp32 parameters, on CUDA
+/// (kernels compiled by NVRTC) or on the CPU (the same kernels run
+/// thread by thread: for tests); anything else is an error.
+pub fn bn_relu_pool(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    momentum: f64,
+    eps: f64,
+) -> Result<Tensor> {
+    let mut out: *mut C_tensor = std::ptr::null_mut();
+    // SAFETY: as in `bn_relu`.
+    call("BatchNorm+ReLU+max-pool", |err, len| unsafe {
+        vggctl_bn_relu_pool(
+            ptr(x),
+            ptr(weight),
+            ptr(bias),
+            ptr(running_mean),
+            ptr(running_var),
+            momentum,
+            eps,
+            &mut out,
+            err,
+            len,
+        )
+    })?;
+    // SAFETY: as in `conv3x3`.
+    Ok(unsafe { Tensor::from_ptr(out) })
+}
+
+/// Compiles the shim's kernels with NVRTC for compute capability
+/// `major.minor`, as a GPU run does on first use; the cubin's size in bytes.
+/// Needs no GPU, only NVRTC.
+pub fn compile_kernels(major: i32, minor: i32) -> Result<usize> {
+    let mut bytes = 0usize;
+    // SAFETY: `bytes` is a live usize the shim writes; err/len as in `call`.
+    call("compiling the kernels", |err, len| unsafe {
+        vggctl_compile_kernels(major, minor, &mut bytes, err, len)
+    })?;
+    Ok(bytes)
+}

@@ -130,7 +130,8 @@ fn fingerprint(model: &Vgg, config: &TrainConfig, sizes: [i64; 2]) -> i64 {
 /// such bias in the trained layers is zero (from scratch; torchvision's
 /// pretrained ones are not); without BatchNorm, convolution, bias and ReLU
 /// run as one operation, and with it (fp16, channels-last) BatchNorm and
-/// ReLU, each where it runs on this device and agrees with the plain ops;
+/// ReLU (and the max-pool after them, where one follows), each where it
+/// runs on this device and agrees with the plain ops;
 /// in half precision, the weights are cast once per step (see
 /// [`build_optimizer`]), and channels-last the first convolution's input
 /// is padded to 8 channels; on CUDA each convolution's weight gradient is
@@ -142,7 +143,8 @@ pub fn fuse_step(model: &mut Vgg, numerics: &mut Numerics) {
     features.bias_free =
         may.has(StepPart::NoBias) && bn && features.conv_biases_before_bn_are_zero(from);
     features.conv_relu = may.has(StepPart::ConvRelu) && !bn && conv_relu_works(numerics);
-    features.bn_relu = may.has(StepPart::BnRelu) && bn && bn_relu_works(numerics);
+    features.bn_relu = may.has(StepPart::BnRelu) && bn && bn_relu_works(numerics, false);
+    features.bn_relu_pool = may.has(StepPart::BnReluPool) && bn && bn_relu_works(numerics, true);
     let kind = numerics.compute_kind();
     let narrow = matches!(&features.layers[0].1, Layer::Conv { weight, .. }
         if weight.size()[1] < PAD_CHANNELS);
@@ -153,6 +155,7 @@ pub fn fuse_step(model: &mut Vgg, numerics: &mut Numerics) {
     uses.set(StepPart::NoBias, features.bias_free);
     uses.set(StepPart::ConvRelu, features.conv_relu);
     uses.set(StepPart::BnRelu, features.bn_relu);
+    uses.set(StepPart::BnReluPool, features.bn_relu_pool);
     uses.set(StepPart::CastOnce, casts_once(numerics).is_some());
     uses.set(StepPart::PadInput, features.pad_input.is_some());
     uses.set(StepPart::TwoStreams, features.two_streams);
@@ -242,20 +245,27 @@ fn close(got: &Tensor, want: &Tensor, tolerance: f64) -> bool {
     err <= tolerance * want.abs().max().double_value(&[])
 }
 
-/// Whether the fused BatchNorm+ReLU runs here (CUDA, fp16, channels-last)
-/// and computes what the plain ops compute in fp32 within 1e-2 of the
-/// largest value: output, running statistics and the three gradients,
-/// checked once on a small batch of fixed values.
-fn bn_relu_works(numerics: &Numerics) -> bool {
+/// Whether the fused BatchNorm+ReLU (with `pool`, BatchNorm+ReLU+max-pool)
+/// runs here (CUDA, fp16, channels-last) and computes what the plain ops
+/// compute in fp32 within 1e-2 of the largest value: output, running
+/// statistics and the three gradients, checked once on a small batch of
+/// fixed values.
+fn bn_relu_works(numerics: &Numerics, pool: bool) -> bool {
     let dev = numerics.device;
-    if !(dev.is_cuda() && numerics.compute_kind() == Kind::Half && numerics.channels_last) {
-        return false;
-    }
+    dev.is_cuda()
+        && numerics.compute_kind() == Kind::Half
+        && numerics.channels_last
+        && fused_bn_agrees(dev, pool, |t| numerics.input(t))
+}
+
+/// Whether the fused BatchNorm+ReLU (+max-pool with `pool`) on `dev`
+/// computes what the plain ops compute in fp32 within 1e-2 of the largest
+/// value (see [`bn_relu_works`]); `layout` puts a batch in the run's layout.
+fn fused_bn_agrees(dev: tch::Device, pool: bool, layout: impl Fn(&Tensor) -> Tensor) -> bool {
     let shape = [4, 16, 8, 8];
-    let x = numerics
-        .input(&fixed_values(&shape, 2.0, dev))
-        .to_kind(Kind::Half);
-    let dy = numerics.input(&fixed_values(&shape, 1.0, dev).flip([0]));
+    let x = layout(&untied_values(&shape, dev)).to_kind(Kind::Half);
+    let out_shape = if pool { [4, 16, 4, 4] } else { shape };
+    let dy = layout(&fixed_values(&out_shape, 1.0, dev).flip([0]));
     let weight = fixed_values(&[16], 0.5, dev) + 1.0;
     let bias = fixed_values(&[16], 0.1, dev).flip([0]);
     let run = |x: Tensor, fused: bool| {
@@ -265,10 +275,22 @@ fn bn_relu_works(numerics: &Numerics) -> bool {
             Tensor::ones([16], (Kind::Float, dev)),
         ];
         let [x, w, b] = &leaves;
-        let y = match fused {
-            true => crate::shim::step::bn_relu(x, w, b, &stats[0], &stats[1], BN_MOMENTUM, BN_EPS)
-                .ok()?,
-            false => batch_norm(x, w, b, &stats[0], &stats[1], true).relu(),
+        let (mean, var) = (&stats[0], &stats[1]);
+        let y = match (fused, pool) {
+            (true, false) => {
+                crate::shim::step::bn_relu(x, w, b, mean, var, BN_MOMENTUM, BN_EPS).ok()?
+            }
+            (true, true) => {
+                crate::shim::step::bn_relu_pool(x, w, b, mean, var, BN_MOMENTUM, BN_EPS).ok()?
+            }
+            (false, false) => batch_norm(x, w, b, mean, var, true).relu(),
+            (false, true) => batch_norm(x, w, b, mean, var, true).relu().max_pool2d(
+                [2, 2],
+                [2, 2],
+                [0, 0],
+                [1, 1],
+                false,
+            ),
         };
         let loss = (y.to_kind(Kind::Float) * &dy).sum(Kind::Float);
         let grads = Tensor::run_backward(&[loss], &leaves, false, false);
@@ -282,6 +304,19 @@ fn bn_relu_works(numerics: &Numerics) -> bool {
         .chain(got.1.iter().zip(&want.1))
         .chain(got.2.iter().zip(&want.2));
     pairs.into_iter().all(|(g, w)| close(g, w, 1e-2))
+}
+
+/// Fixed values in `shape` (NCHW) without near-ties in any 2x2 window:
+/// multiples of 0.5 (from [`fixed_values`]) plus 0.125 times the position in
+/// the window (0 to 3), so that two values of a window differ by 0.125 or
+/// more, and a max-pool picks the same position in fp16 as in fp32 (the
+/// gradient of a near-tie could go to either).
+fn untied_values(shape: &[i64; 4], dev: tch::Device) -> Tensor {
+    let base = fixed_values(shape, 4.0, dev).round() * 0.5;
+    let parity = |n: i64| Tensor::arange(n, (Kind::Float, dev)).remainder(2);
+    let h = parity(shape[2]).view([1, 1, -1, 1]);
+    let w = parity(shape[3]).view([1, 1, 1, -1]);
+    base + (h * 2.0 + w) * 0.125
 }
 
 /// The optimizer the numerics ask for: the fused update over one flat
@@ -327,6 +362,17 @@ mod tests {
         }
     }
 
+    /// The start-up check of BatchNorm+ReLU+max-pool passes on the kernels
+    /// as the CPU runs them (the GPU's source, thread by thread), and fails
+    /// for BatchNorm+ReLU, which only cuDNN runs.
+    #[test]
+    fn the_batchnorm_pool_check_passes_on_the_kernels_run_on_the_cpu() {
+        let _seeded = crate::seeded();
+        let layout = |t: &Tensor| crate::model::to_channels_last(t);
+        assert!(fused_bn_agrees(tch::Device::Cpu, true, layout));
+        assert!(!fused_bn_agrees(tch::Device::Cpu, false, layout));
+    }
+
     /// The fused step uses the parts asked for that apply to the model and
     /// run here, and none that `--no-fused-step=PART` left out (the CPU:
     /// BatchNorm+ReLU refuses, the rest runs as plain ops).
@@ -350,9 +396,14 @@ mod tests {
             assert_eq!(padded, n.fused_step.has(StepPart::PadInput));
             let f = &model.features;
             assert_eq!(
-                [f.bias_free, f.conv_relu, f.bn_relu],
-                [StepPart::NoBias, StepPart::ConvRelu, StepPart::BnRelu]
-                    .map(|p| n.fused_step.has(p)),
+                [f.bias_free, f.conv_relu, f.bn_relu, f.bn_relu_pool],
+                [
+                    StepPart::NoBias,
+                    StepPart::ConvRelu,
+                    StepPart::BnRelu,
+                    StepPart::BnReluPool
+                ]
+                .map(|p| n.fused_step.has(p)),
                 "the layers do what the numerics say"
             );
             n.fused_step.names()

@@ -1,0 +1,89 @@
+// The fused step's kernels of its own (issue #18, lever 4): BatchNorm's
+// affine transform, ReLU and the 2x2 max-pool after them in one pass
+// forward, and the pool's and the ReLU's backward in one pass back, on
+// channels-last (NHWC) fp16 batches.
+//
+// This one source is compiled twice: at run time by NVRTC for the GPU in
+// use (src/shim_kernels.cpp prepends the device prelude), and by the C++
+// compiler into the shim with the host prelude of src/shim_kernels.cpp,
+// which runs each kernel's every thread in turn on the CPU. The CPU tests
+// run the very code the GPU runs, indexing and rounding included. So: no
+// shared memory, no __syncthreads, no atomics, no warp functions; a thread
+// owns its outputs; every loop is grid-stride, so any launch size covers
+// the whole tensor. The prelude supplies `half_t` (fp16 bits), `to_float`,
+// `to_half` (round to nearest even), `KERNEL` and the thread indices.
+
+// The i-th element's coordinates in an NHWC tensor of C channels and
+// width W; `row` gets the rest (n * H + h).
+#define NHWC_SPLIT(i, C, W, c, w, row)  \
+  int c = (int)((i) % (C));              \
+  long long row = (i) / (C);             \
+  int w = (int)(row % (W));              \
+  row /= (W);
+
+// relu(x * scale + shift) rounded to fp16 and back: the value the plain
+// ops' fp16 BatchNorm output would hold after the ReLU (rounding keeps
+// order and sign, so rounding before or after the ReLU is the same). A NaN
+// stays NaN, as in ReLU.
+DEVICE_FN float bn_relu_value(half_t x, float scale, float shift) {
+  float y = to_float(x) * scale + shift;
+  return to_float(to_half(y < 0.f ? 0.f : y));
+}
+
+// out[n, oh, ow, c] = max over the 2x2 window of relu(batch_norm(x)), with
+// the window position of the maximum (0..3, row-major) in `argmax`: the
+// first maximum, or the last NaN, as max_pool2d picks it. BatchNorm's
+// transform is x * scale + shift with scale = weight * invstd and
+// shift = bias - mean * scale. Odd heights and widths lose their last row
+// and column, as max_pool2d's floor mode does.
+KERNEL void bn_relu_pool_forward(const half_t *x, const float *mean, const float *invstd,
+                                 const float *weight, const float *bias, half_t *out,
+                                 unsigned char *argmax, long long n_out, int C, int H, int W) {
+  int OH = H / 2;
+  int OW = W / 2;
+  for (long long i = FIRST_INDEX; i < n_out; i += INDEX_STRIDE) {
+    NHWC_SPLIT(i, C, OW, c, ow, row)
+    int oh = (int)(row % OH);
+    long long n = row / OH;
+    float scale = weight[c] * invstd[c];
+    float shift = bias[c] - mean[c] * scale;
+    float best = 0.f;
+    int arg = 0;
+    for (int k = 0; k < 4; ++k) {
+      long long at = ((n * H + 2 * oh + (k >> 1)) * W + 2 * ow + (k & 1)) * C + c;
+      float v = bn_relu_value(x[at], scale, shift);
+      if (k == 0 || v > best || v != v) {
+        best = v;
+        arg = k;
+      }
+    }
+    out[i] = to_half(best);
+    argmax[i] = (unsigned char)arg;
+  }
+}
+
+// The gradient of relu(batch_norm(x)) from the pooled output's: a
+// position gets its window's gradient where it was the window's maximum
+// and that maximum was positive (ReLU's gradient is zero at and below 0),
+// zero elsewhere (and in the rows and columns the pool dropped).
+KERNEL void bn_relu_pool_backward(const half_t *grad_out, const half_t *out,
+                                  const unsigned char *argmax, half_t *grad_in, long long n_in,
+                                  int C, int H, int W) {
+  int OH = H / 2;
+  int OW = W / 2;
+  for (long long i = FIRST_INDEX; i < n_in; i += INDEX_STRIDE) {
+    NHWC_SPLIT(i, C, W, c, w, row)
+    int h = (int)(row % H);
+    long long n = row / H;
+    int oh = h >> 1;
+    int ow = w >> 1;
+    half_t g = 0;
+    if (oh < OH && ow < OW) {
+      long long o = ((n * OH + oh) * OW + ow) * C + c;
+      if ((int)argmax[o] == (((h & 1) << 1) | (w & 1)) && to_float(out[o]) > 0.f) {
+        g = grad_out[o];
+      }
+    }
+    grad_in[i] = g;
+  }
+}

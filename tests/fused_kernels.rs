@@ -1,0 +1,271 @@
+//! The fused step's kernels of vggctl's own (issue #18, src/kernels.cu),
+//! checked on the CPU, where the shim runs the very kernel source the GPU
+//! compiles, thread by thread: BatchNorm+ReLU+max-pool as one operation
+//! against libtorch's plain ops in fp16 (output, running statistics and
+//! gradients), ties and odd sizes included; a model's layers fused with it
+//! against the plain layers; and NVRTC compiling the kernels for each GPU
+//! generation libtorch 2.11 supports, as a GPU run does on first use.
+
+use std::cell::Cell;
+
+use tch::{Device, Kind, Tensor};
+use vggctl::model::{BN_EPS, BN_MOMENTUM, Layer, Sequential, batch_norm, to_channels_last};
+
+/// libtorch's generator is the process's: each test holds this while it
+/// seeds and draws.
+static SEEDED: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn seeded(seed: i64) -> std::sync::MutexGuard<'static, ()> {
+    let guard = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
+    tch::manual_seed(seed);
+    guard
+}
+
+const F32: (Kind, Device) = (Kind::Float, Device::Cpu);
+
+/// `max|a - b| / max|b|`, in fp32.
+fn rel(a: &Tensor, b: &Tensor) -> f64 {
+    let (a, b) = (a.to_kind(Kind::Float), b.to_kind(Kind::Float));
+    let diff = (&a - &b).abs().max().double_value(&[]);
+    diff / b.abs().max().double_value(&[]).max(1e-30)
+}
+
+/// What one BatchNorm+ReLU+max-pool computes on a copy of `x`: the output,
+/// the running mean and variance after it, and the gradients of
+/// `sum(out * dy)` for x, the weight and the bias.
+struct Ran {
+    out: Tensor,
+    running: [Tensor; 2],
+    grads: Vec<Tensor>,
+}
+
+fn run(x: &Tensor, weight: &Tensor, bias: &Tensor, dy: &Tensor, fused: bool) -> Ran {
+    let leaves = [x, weight, bias].map(|t| t.copy().set_requires_grad(true));
+    let running = [Tensor::zeros_like(weight), Tensor::ones_like(weight)];
+    let [x, w, b] = &leaves;
+    let [mean, var] = &running;
+    let out = match fused {
+        true => vggctl::shim::step::bn_relu_pool(x, w, b, mean, var, BN_MOMENTUM, BN_EPS)
+            .expect("the fused operation runs on the CPU"),
+        false => batch_norm(x, w, b, mean, var, true).relu().max_pool2d(
+            [2, 2],
+            [2, 2],
+            [0, 0],
+            [1, 1],
+            false,
+        ),
+    };
+    let loss = (out.to_kind(Kind::Float) * dy).sum(Kind::Float);
+    let grads = Tensor::run_backward(&[loss], &leaves, false, false);
+    Ran {
+        out,
+        running,
+        grads,
+    }
+}
+
+/// Checks the fused operation against the plain fp16 ops on `x`: the
+/// output in fp16's layout and dtype within 2e-3 of its largest value (the
+/// two round BatchNorm's transform alike up to an ulp), the running
+/// statistics within 1e-5, the input's gradient within 1e-2 and the
+/// parameters' within 2e-3 (a gradient routed to another position of a
+/// window would miss both by far).
+fn assert_fused_is_plain(x: &Tensor, weight: &Tensor, bias: &Tensor) {
+    let s = x.size();
+    let dy = Tensor::randn([s[0], s[1], s[2] / 2, s[3] / 2], F32);
+    let (got, want) = (
+        run(x, weight, bias, &dy, true),
+        run(x, weight, bias, &dy, false),
+    );
+    assert_eq!(got.out.size(), want.out.size(), "{s:?}");
+    assert_eq!(got.out.kind(), Kind::Half);
+    assert!(vggctl::model::is_channels_last(&got.out));
+    assert!(
+        rel(&got.out, &want.out) <= 2e-3,
+        "output {s:?}: {}",
+        rel(&got.out, &want.out)
+    );
+    for (i, (g, w)) in got.running.iter().zip(&want.running).enumerate() {
+        assert!(
+            rel(g, w) <= 1e-5,
+            "running statistic {i} {s:?}: {}",
+            rel(g, w)
+        );
+    }
+    let tolerance = [1e-2, 2e-3, 2e-3];
+    for (i, (g, w)) in got.grads.iter().zip(&want.grads).enumerate() {
+        assert_eq!(g.kind(), w.kind(), "gradient {i}");
+        assert!(
+            rel(g, w) <= tolerance[i],
+            "gradient {i} {s:?}: {}",
+            rel(g, w)
+        );
+    }
+}
+
+fn half_channels_last(x: &Tensor) -> Tensor {
+    to_channels_last(x).to_kind(Kind::Half)
+}
+
+/// On batches of several shapes (odd heights and widths lose their last
+/// row and column, as max_pool2d's floor mode does; 2x2 is one window),
+/// with weights of both signs, the fused operation is the plain ops.
+#[test]
+fn batchnorm_relu_pool_is_the_plain_fp16_ops_with_their_gradients() {
+    let _seeded = seeded(3);
+    for shape in [[3, 8, 6, 10], [2, 12, 5, 7], [4, 4, 2, 2]] {
+        let x = half_channels_last(&(Tensor::randn(shape, F32) * 2.0 + 0.5));
+        let c = shape[1];
+        let weight = Tensor::randn([c], F32);
+        let bias = Tensor::randn([c], F32) * 0.5;
+        assert_fused_is_plain(&x, &weight, &bias);
+    }
+}
+
+/// Where a window holds equal values (small integers: ties everywhere),
+/// the gradient goes where max_pool2d sends it, the first maximum; a window
+/// that ReLU zeroed passes no gradient.
+#[test]
+fn batchnorm_relu_pool_breaks_ties_as_max_pool_does() {
+    let _seeded = seeded(4);
+    let x = half_channels_last(&Tensor::randint(3, [4, 8, 6, 6], F32));
+    let weight = Tensor::randn([8], F32);
+    let bias = Tensor::randn([8], F32) * 0.1;
+    assert_fused_is_plain(&x, &weight, &bias);
+}
+
+/// A stack of conv, BatchNorm, ReLU, max-pool (twice, then once without a
+/// pool) with `bn_relu_pool`: training-mode output, running statistics and
+/// every parameter's gradient are the plain layers' within fp16's
+/// tolerance, each BatchNorm is counted once, and no fused operation
+/// failed (a silent fallback to the plain ops would pass the rest).
+#[test]
+fn layers_fused_with_the_pool_train_as_the_plain_layers() {
+    let _seeded = seeded(5);
+    let conv = |cin: i64, cout: i64| Layer::Conv {
+        weight: to_channels_last(&(Tensor::randn([cout, cin, 3, 3], F32) * 0.3))
+            .to_kind(Kind::Half),
+        bias: (Tensor::randn([cout], F32) * 0.1).to_kind(Kind::Half),
+    };
+    let bn = |c: i64| Layer::BatchNorm {
+        weight: Tensor::rand([c], F32) + 0.5,
+        bias: Tensor::randn([c], F32) * 0.1,
+        running_mean: Tensor::zeros([c], F32),
+        running_var: Tensor::ones([c], F32),
+        num_batches_tracked: Cell::new(0),
+    };
+    let stack = || {
+        let layers = vec![
+            conv(4, 8),
+            bn(8),
+            Layer::Relu,
+            Layer::MaxPool,
+            conv(8, 8),
+            bn(8),
+            Layer::Relu,
+            Layer::MaxPool,
+            conv(8, 8),
+            bn(8),
+            Layer::Relu,
+        ];
+        Sequential::new(
+            layers
+                .into_iter()
+                .enumerate()
+                .map(|(i, l)| (i.to_string(), l))
+                .collect(),
+        )
+    };
+    let x = half_channels_last(&Tensor::randn([3, 4, 12, 12], F32));
+    let dy = Tensor::randn([3, 8, 3, 3], F32);
+    tch::manual_seed(6);
+    let plain = stack();
+    tch::manual_seed(6);
+    let mut fused = stack();
+    fused.bn_relu_pool = true;
+    let ran = |s: &Sequential| {
+        let params: Vec<Tensor> = s
+            .layers
+            .iter()
+            .flat_map(|(_, l)| match l {
+                Layer::Conv { weight, bias } | Layer::BatchNorm { weight, bias, .. } => {
+                    vec![weight.set_requires_grad(true), bias.set_requires_grad(true)]
+                }
+                _ => vec![],
+            })
+            .collect();
+        let y = s.forward_t(&x, true);
+        let loss = (y.to_kind(Kind::Float) * &dy).sum(Kind::Float);
+        (y, Tensor::run_backward(&[loss], &params, false, false))
+    };
+    let ((y, got), (want_y, want)) = (ran(&fused), ran(&plain));
+    assert_eq!(fused.take_fusion_failure(), None);
+    assert!(rel(&y, &want_y) <= 1e-2, "output: {}", rel(&y, &want_y));
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!(rel(g, w) <= 2e-2, "gradient {i}: {}", rel(g, w));
+    }
+    for ((_, a), (_, b)) in fused.layers.iter().zip(&plain.layers) {
+        if let (
+            Layer::BatchNorm {
+                running_mean: m1,
+                running_var: v1,
+                num_batches_tracked: n1,
+                ..
+            },
+            Layer::BatchNorm {
+                running_mean: m2,
+                running_var: v2,
+                num_batches_tracked: n2,
+                ..
+            },
+        ) = (a, b)
+        {
+            assert!(rel(m1, m2) <= 1e-2 && rel(v1, v2) <= 1e-2);
+            assert_eq!((n1.get(), n2.get()), (1, 1));
+        }
+    }
+}
+
+/// What the operation refuses, with an error and its statistics untouched
+/// (the model then runs the plain ops): fp32 batches, NCHW fp16 batches,
+/// fp16 parameters, a batch narrower than one window.
+#[test]
+fn batchnorm_relu_pool_refuses_what_its_kernels_do_not_run() {
+    let _seeded = seeded(7);
+    let good = half_channels_last(&Tensor::randn([2, 4, 4, 4], F32));
+    let (w, b) = (Tensor::ones([4], F32), Tensor::zeros([4], F32));
+    let cases = [
+        (good.to_kind(Kind::Float), w.copy(), "fp16 channels-last"),
+        (good.contiguous(), w.copy(), "fp16 channels-last"),
+        (good.copy(), w.to_kind(Kind::Half), "fp32 parameters"),
+        (
+            half_channels_last(&Tensor::randn([2, 4, 4, 1], F32)),
+            w.copy(),
+            "2x2 or more",
+        ),
+    ];
+    for (x, w, why) in cases {
+        let (m, v) = (Tensor::zeros([4], F32), Tensor::ones([4], F32));
+        let err = vggctl::shim::step::bn_relu_pool(&x, &w, &b, &m, &v, 0.1, 1e-5).unwrap_err();
+        assert!(format!("{err:#}").contains(why), "{why}: {err:#}");
+        assert_eq!(
+            m.abs().max().double_value(&[]),
+            0.0,
+            "{why}: moved the statistics"
+        );
+    }
+}
+
+/// NVRTC (the torch wheel's) compiles the kernels for Turing, Ampere, Ada,
+/// Hopper and Blackwell, as a GPU run does on first use: a non-empty cubin
+/// each. An architecture NVRTC does not know fails with its message.
+#[test]
+fn nvrtc_compiles_the_kernels_for_each_gpu_generation() {
+    for (major, minor) in [(7, 5), (8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0)] {
+        let bytes = vggctl::shim::step::compile_kernels(major, minor)
+            .unwrap_or_else(|e| panic!("sm_{major}{minor}: {e:#}"));
+        assert!(bytes > 1000, "sm_{major}{minor}: a cubin of {bytes} bytes");
+    }
+    let err = vggctl::shim::step::compile_kernels(1, 0).unwrap_err();
+    assert!(format!("{err:#}").contains("sm_10"), "{err:#}");
+}
