@@ -67,6 +67,7 @@ fn build_shim(lib: &Path, cuda: bool) {
     println!("cargo:rerun-if-changed=src/shim_dist.cpp");
     println!("cargo:rerun-if-changed=src/shim_step.cpp");
     println!("cargo:rerun-if-changed=src/shim_kernels.cpp");
+    println!("cargo:rerun-if-changed=src/shim_kernels.h");
     println!("cargo:rerun-if-changed=src/kernels.cu");
     println!("cargo:rerun-if-changed=src/shim.h");
     println!("cargo:rerun-if-changed=src/gloo-stubs");

@@ -448,7 +448,7 @@ def arguments():
                         "left out or stopped (gpu-check passes what is left of its budget)")
     p.add_argument("--leave-out", type=lambda v: v.split(","), default=[], metavar="PART,...",
                    help="leave these fused-step parts out of every vggctl training run (gpu-check leaves out "
-                        "bn-relu-pool when vggctl's own kernels failed their GPU test)")
+                        "bn-relu-pool and relu-bias-grad when vggctl's own kernels failed their GPU tests)")
     p.add_argument("--smoke", action="store_true",
                    help="a tiny run on the CPU that checks this script's plumbing (its figures mean nothing)")
     a = p.parse_args()

@@ -1,7 +1,8 @@
-// The fused step's kernels of its own (issue #18, lever 4): BatchNorm's
-// affine transform, ReLU and the 2x2 max-pool after them in one pass
-// forward, and the pool's and the ReLU's backward in one pass back, on
-// channels-last (NHWC) fp16 batches.
+// The fused step's kernels of its own (issue #18), on channels-last (NHWC)
+// fp16 batches: BatchNorm's affine transform, ReLU and the 2x2 max-pool
+// after them in one pass forward, and the pool's and the ReLU's backward
+// in one pass back (lever 4); without BatchNorm, the ReLU's backward and
+// the convolution bias's gradient in one pass (lever 6).
 //
 // This one source is compiled twice: at run time by NVRTC for the GPU in
 // use (src/shim_kernels.cpp prepends the device prelude), and by the C++
@@ -85,5 +86,30 @@ KERNEL void bn_relu_pool_backward(const half_t *grad_out, const half_t *out,
       }
     }
     grad_in[i] = g;
+  }
+}
+
+// Without BatchNorm (issue #18, lever 6): the gradient through the ReLU
+// after a convolution and its bias, and the bias's gradient, in one pass
+// over rows (n, h, w) of C channels. Thread j owns channel j % C of the
+// rows of chunk j / C: it writes the masked gradient (the incoming one
+// where the saved output is positive, else zero, as ReLU's backward) and
+// the chunk's sum of it to partial[j], in fp32; the caller sums the
+// chunks. No atomics: the sum is the same on every run.
+KERNEL void relu_bias_grad(const half_t *grad, const half_t *out, half_t *grad_in,
+                           float *partial, long long rows, int C, long long rows_per_chunk,
+                           long long n_threads) {
+  for (long long j = FIRST_INDEX; j < n_threads; j += INDEX_STRIDE) {
+    int c = (int)(j % C);
+    long long first = (j / C) * rows_per_chunk;
+    long long last = first + rows_per_chunk < rows ? first + rows_per_chunk : rows;
+    float sum = 0.f;
+    for (long long r = first; r < last; ++r) {
+      long long i = r * C + c;
+      half_t g = to_float(out[i]) > 0.f ? grad[i] : (half_t)0;
+      grad_in[i] = g;
+      sum += to_float(g);
+    }
+    partial[j] = sum;
   }
 }

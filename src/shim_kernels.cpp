@@ -1,8 +1,9 @@
-// The fused step's kernels of its own (issue #18, lever 4; their source is
-// src/kernels.cu) and the operation they make: BnReluPool, training-mode
-// BatchNorm, ReLU and the 2x2 max-pool after them as one autograd
-// function on channels-last fp16 batches. The one Rust caller is
-// src/shim/step.rs.
+// The fused step's kernels of its own (issue #18; their source is
+// src/kernels.cu) and what they make: BnReluPool, training-mode BatchNorm,
+// ReLU and the 2x2 max-pool after them as one autograd function on
+// channels-last fp16 batches (its Rust caller is src/shim/step.rs); and
+// relu_bias_grad, the backward of conv+bias+ReLU's ReLU and bias in one
+// pass (for Conv3x3 in src/shim_step.cpp, through shim_kernels.h).
 //
 // Forward: the batch statistics and the running statistics' update
 // (libtorch's `batch_norm_update_stats`), then one kernel that reads the
@@ -21,6 +22,7 @@
 // compiled into the shim with a host prelude, runs each thread in turn:
 // what the CPU tests check is the GPU's code.
 #include "shim.h"
+#include "shim_kernels.h"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/batch_norm_update_stats.h>
@@ -31,6 +33,7 @@
 #include <c10/util/Half.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <string>
@@ -41,7 +44,6 @@
 #include <dlfcn.h>
 #include <nvrtc.h>
 
-#include <algorithm>
 #include <map>
 #include <mutex>
 #include <vector>
@@ -384,6 +386,35 @@ struct BnReluPool : public torch::autograd::Function<BnReluPool> {
 
 }  // namespace
 
+namespace vggctl_shim {
+
+bool relu_bias_grad_fits(const at::Tensor &grad, const at::Tensor &out) {
+  auto fits = [](const at::Tensor &t) {
+    return t.scalar_type() == at::kHalf && t.dim() == 4 && t.is_contiguous(kChannelsLast);
+  };
+  return fits(grad) && fits(out) && grad.sizes() == out.sizes() && grad.device() == out.device();
+}
+
+std::tuple<at::Tensor, at::Tensor> relu_bias_grad(const at::Tensor &grad, const at::Tensor &out) {
+  TORCH_CHECK(relu_bias_grad_fits(grad, out),
+              "ReLU+bias gradient runs on fp16 channels-last batches of one shape");
+  c10::DeviceGuard on_device(grad.device());
+  int C = static_cast<int>(grad.size(1));
+  long long rows = grad.numel() / C;
+  // About 64k threads (fewer for few rows), each summing a chunk of rows.
+  long long chunks = std::max<long long>(1, std::min<long long>(rows, 65536 / C));
+  long long rows_per_chunk = (rows + chunks - 1) / chunks;
+  chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;
+  auto grad_in = at::empty_like(grad, grad.options(), kChannelsLast);
+  auto partial = at::empty({chunks, C}, grad.options().dtype(at::kFloat));
+  run("relu_bias_grad", host::relu_bias_grad, grad, chunks * C, ptr<const half_t>(grad),
+      ptr<const half_t>(out), ptr<half_t>(grad_in), ptr<float>(partial), rows, C,
+      rows_per_chunk, chunks * C);
+  return {grad_in, partial.sum(0)};
+}
+
+}  // namespace vggctl_shim
+
 extern "C" {
 
 // max_pool2d(relu(batch_norm(x)), 2) in training mode as one operation (see
@@ -396,6 +427,19 @@ int vggctl_bn_relu_pool(const at::Tensor *x, const at::Tensor *weight, const at:
   return guarded(err, len, [&] {
     *out = new at::Tensor(
         BnReluPool::apply(*x, *weight, *bias, *running_mean, *running_var, momentum, eps));
+  });
+}
+
+// The ReLU's and the bias's gradients in one kernel (see relu_bias_grad):
+// *grad_in and *bias_grad are new tensors on success.
+int vggctl_relu_bias_grad(const at::Tensor *grad, const at::Tensor *out, at::Tensor **grad_in,
+                          at::Tensor **bias_grad, char *err, size_t len) {
+  *grad_in = nullptr;
+  *bias_grad = nullptr;
+  return guarded(err, len, [&] {
+    auto both = vggctl_shim::relu_bias_grad(*grad, *out);
+    *grad_in = new at::Tensor(std::get<0>(both));
+    *bias_grad = new at::Tensor(std::get<1>(both));
   });
 }
 

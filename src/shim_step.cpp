@@ -9,7 +9,9 @@
 // once more for the ReLU; elsewhere it is the same arithmetic in plain ops
 // (what the CPU tests check the backward against). Backward: the ReLU's
 // mask from the saved output, the bias gradient as its sum over batch and
-// pixels, and `convolution_backward` for the input and weight gradients;
+// pixels (with `fused_grad`, both in one pass of vggctl's own kernel,
+// src/kernels.cu, where the batch is fp16 channels-last), and
+// `convolution_backward` for the input and weight gradients;
 // with `two_streams` on CUDA the weight gradient (and the bias's) is
 // computed on a side stream while the input gradient is computed on the
 // current one, forked and joined with events, so that a CUDA graph
@@ -26,6 +28,7 @@
 // cuDNN BatchNorm updates them. CUDA only: elsewhere it refuses, and the
 // model runs the plain ops.
 #include "shim.h"
+#include "shim_kernels.h"
 
 #include <ATen/autocast_mode.h>
 #include <ATen/core/Tensor.h>
@@ -121,7 +124,8 @@ std::array<at::Tensor, 3> two_stream_grads(const at::Tensor &g, const at::Tensor
 struct Conv3x3 : public torch::autograd::Function<Conv3x3> {
   // `b` absent: no bias (autograd then has two inputs with gradients).
   static at::Tensor forward(AutogradContext *ctx, const at::Tensor &x, const at::Tensor &w,
-                            const std::optional<at::Tensor> &b, bool relu, bool two_streams) {
+                            const std::optional<at::Tensor> &b, bool relu, bool two_streams,
+                            bool fused_grad) {
     auto dtype = compute_dtype(x);
     // The casts below are the ones autocast would make; no second round.
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
@@ -141,6 +145,7 @@ struct Conv3x3 : public torch::autograd::Function<Conv3x3> {
     ctx->save_for_backward({xc, wc, relu ? y : at::Tensor()});
     ctx->saved_data["relu"] = relu;
     ctx->saved_data["two_streams"] = two_streams;
+    ctx->saved_data["fused_grad"] = fused_grad;
     ctx->saved_data["x_dtype"] = static_cast<int64_t>(x.scalar_type());
     ctx->saved_data["w_dtype"] = static_cast<int64_t>(w.scalar_type());
     ctx->saved_data["has_bias"] = b.has_value();
@@ -155,18 +160,29 @@ struct Conv3x3 : public torch::autograd::Function<Conv3x3> {
     auto dtype_of = [&](const char *key) {
       return static_cast<at::ScalarType>(ctx->saved_data[key].toInt());
     };
-    auto g = grads[0].to(xc.scalar_type());
-    if (ctx->saved_data["relu"].toBool()) g = at::threshold_backward(g, saved[2], 0);
-    g = g.contiguous(xc.suggest_memory_format());
+    auto format = xc.suggest_memory_format();
+    auto g = grads[0].to(xc.scalar_type()).contiguous(format);
     bool bias = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2);
     std::array<bool, 2> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1)};
     at::Tensor gx, gw, gb;
+    if (ctx->saved_data["relu"].toBool()) {
+      // The ReLU's gradient and the bias's in one pass where asked and it
+      // fits (fp16 channels-last), else ReLU's backward (and the bias's
+      // sum below).
+      if (bias && ctx->saved_data["fused_grad"].toBool() &&
+          vggctl_shim::relu_bias_grad_fits(g, saved[2])) {
+        std::tie(g, gb) = vggctl_shim::relu_bias_grad(g, saved[2]);
+        bias = false;
+      } else {
+        g = at::threshold_backward(g, saved[2], 0).contiguous(format);
+      }
+    }
 #ifdef VGGCTL_CUDA
     if (ctx->saved_data["two_streams"].toBool() && g.is_cuda() && mask[0] && mask[1]) {
       auto three = two_stream_grads(g, xc, wc, bias);
       gx = three[0];
       gw = three[1];
-      gb = three[2];
+      if (three[2].defined()) gb = three[2];
     }
 #endif
     if (!gw.defined() && !gx.defined()) {
@@ -175,7 +191,8 @@ struct Conv3x3 : public torch::autograd::Function<Conv3x3> {
     }
     return {gx.defined() ? gx.to(dtype_of("x_dtype")) : gx,
             gw.defined() ? gw.to(dtype_of("w_dtype")) : gw,
-            gb.defined() ? gb.to(dtype_of("b_dtype")) : gb, at::Tensor(), at::Tensor()};
+            gb.defined() ? gb.to(dtype_of("b_dtype")) : gb, at::Tensor(), at::Tensor(),
+            at::Tensor()};
   }
 };
 
@@ -389,15 +406,18 @@ struct BnRelu : public torch::autograd::Function<BnRelu> {
 extern "C" {
 
 // conv3x3(x, w) + b (b null: no bias), relu'd if `relu`, as one operation
-// with its own backward, on two streams if `two_streams` (see Conv3x3);
+// with its own backward, on two streams if `two_streams`, the ReLU's and
+// the bias's gradients in one kernel of vggctl's own if `fused_grad` (see
+// Conv3x3);
 // *out is a new tensor on success.
 int vggctl_conv3x3(const at::Tensor *x, const at::Tensor *w, const at::Tensor *b, int relu,
-                   int two_streams, at::Tensor **out, char *err, size_t len) {
+                   int two_streams, int fused_grad, at::Tensor **out, char *err, size_t len) {
   *out = nullptr;
   return guarded(err, len, [&] {
     std::optional<at::Tensor> bias;
     if (b != nullptr) bias = *b;
-    *out = new at::Tensor(Conv3x3::apply(*x, *w, bias, relu != 0, two_streams != 0));
+    *out = new at::Tensor(
+        Conv3x3::apply(*x, *w, bias, relu != 0, two_streams != 0, fused_grad != 0));
   });
 }
 

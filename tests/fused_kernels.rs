@@ -269,3 +269,69 @@ fn nvrtc_compiles_the_kernels_for_each_gpu_generation() {
     let err = vggctl::shim::step::compile_kernels(1, 0).unwrap_err();
     assert!(format!("{err:#}").contains("sm_10"), "{err:#}");
 }
+
+/// The ReLU's and the bias's gradients in one kernel (without BatchNorm):
+/// the masked gradient is ReLU's backward bit for bit and the bias's
+/// gradient its fp32 sum within 1e-6, for channel counts that give one row
+/// per chunk of the kernel's threads and a last chunk cut short (2048
+/// channels over 198 rows: 32 chunks of 7 rows, the last of 1), with
+/// outputs of both signs and exact zeros.
+#[test]
+fn relu_and_bias_gradients_in_one_kernel_are_relus_backward_and_a_sum() {
+    let _seeded = seeded(8);
+    for shape in [[3, 8, 6, 6], [2, 2048, 9, 11], [1, 4, 1, 1]] {
+        let grad = half_channels_last(&Tensor::randn(shape, F32));
+        // Both signs, and exact zeros where both draws are negative.
+        let signed = Tensor::randn(shape, F32).relu() - Tensor::randn(shape, F32).relu();
+        let out = half_channels_last(&signed);
+        let (masked, bias) = vggctl::shim::step::relu_bias_grad(&grad, &out).unwrap();
+        // tch's receiver is the forward's output, the argument the gradient.
+        let want = out.threshold_backward(&grad, 0);
+        assert!(masked.equal(&want), "{shape:?}: the masked gradient");
+        assert!(vggctl::model::is_channels_last(&masked));
+        let want_bias = want.sum_dim_intlist([0, 2, 3].as_slice(), false, Kind::Float);
+        assert_eq!(bias.kind(), Kind::Float);
+        assert!(
+            rel(&bias, &want_bias) <= 1e-6,
+            "{shape:?}: {}",
+            rel(&bias, &want_bias)
+        );
+    }
+    let fp32 = Tensor::randn([2, 4, 3, 3], F32);
+    let err = vggctl::shim::step::relu_bias_grad(&fp32, &fp32).unwrap_err();
+    assert!(format!("{err:#}").contains("fp16 channels-last"), "{err:#}");
+}
+
+/// conv+bias+ReLU with its backward's ReLU and bias gradients in one
+/// kernel (`fused_grad`, fp16 channels-last on the CPU): the input and
+/// weight gradients are the plain backward's bit for bit (the masked
+/// gradient is), the bias's within 1e-5, alone and on two streams' path.
+#[test]
+fn a_convolutions_fused_relu_and_bias_gradients_are_the_plain_ones() {
+    use vggctl::shim::step::{ConvOptions, conv3x3};
+    let _seeded = seeded(9);
+    let x = half_channels_last(&Tensor::randn([3, 8, 6, 6], F32));
+    let w = half_channels_last(&(Tensor::randn([16, 8, 3, 3], F32) * 0.2));
+    let b = (Tensor::randn([16], F32) * 0.1).to_kind(Kind::Half);
+    let dy = Tensor::randn([3, 16, 6, 6], F32);
+    let grads = |fused_grad: bool| {
+        let leaves = [&x, &w, &b].map(|t| t.copy().set_requires_grad(true));
+        let opts = ConvOptions {
+            relu: true,
+            two_streams: false,
+            fused_grad,
+        };
+        let y = conv3x3(&leaves[0], &leaves[1], Some(&leaves[2]), opts).unwrap();
+        let loss = (y.to_kind(Kind::Float) * &dy).sum(Kind::Float);
+        Tensor::run_backward(&[loss], &leaves, false, false)
+    };
+    let (got, want) = (grads(true), grads(false));
+    assert!(got[0].equal(&want[0]), "input gradient");
+    assert!(got[1].equal(&want[1]), "weight gradient");
+    assert_eq!(got[2].kind(), Kind::Half);
+    assert!(
+        rel(&got[2], &want[2]) <= 1e-3,
+        "bias gradient: {}",
+        rel(&got[2], &want[2])
+    );
+}

@@ -352,7 +352,12 @@ fn the_shims_convolution_answers_with_autograds_gradients() {
             let b = Tensor::randn([5], opts).set_requires_grad(true);
             let weights = Tensor::randn([4, 5, 6, 6], opts);
             let b = bias.then_some(&b);
-            let fused = vggctl::shim::step::conv3x3(&x, &w, b, relu, two_streams).unwrap();
+            let conv = vggctl::shim::step::ConvOptions {
+                relu,
+                two_streams,
+                fused_grad: false,
+            };
+            let fused = vggctl::shim::step::conv3x3(&x, &w, b, conv).unwrap();
             let mut plain = x.conv2d(&w, b, [1, 1], [1, 1], [1, 1], 1);
             if relu {
                 plain = plain.relu();

@@ -425,6 +425,72 @@ fn the_fused_kernels_bn_relu_pool_match_the_plain_ops() {
     fused_batchnorm_matches_the_plain_ops(true);
 }
 
+/// conv+bias+ReLU's backward with the ReLU's and the bias's gradients in
+/// one kernel of vggctl's own (NVRTC; fp16 channels-last): input, weight
+/// and bias gradients within 1e-3 of the plain backward's, alone and with
+/// two streams, eagerly and replayed from a CUDA graph with new input
+/// values. In gpu-check's process of its own with the other kernel test.
+#[test]
+#[ignore = "needs a CUDA GPU (scripts/gpu-check runs it)"]
+fn the_fused_kernels_relu_bias_grad_match_the_plain_backward() {
+    assert!(tch::Cuda::is_available(), "{GPU}");
+    use vggctl::model::to_channels_last;
+    let dev = Device::Cuda(0);
+    let opts = (Kind::Float, dev);
+    tch::manual_seed(5);
+    let half = |t: Tensor| to_channels_last(&t).to_kind(Kind::Half);
+    let w = half(Tensor::randn([256, 128, 3, 3], opts) * 0.05);
+    let b = (Tensor::randn([256], opts) * 0.1).to_kind(Kind::Half);
+    let dy = to_channels_last(&Tensor::randn([64, 256, 16, 16], opts));
+    let step = |x: &Tensor, fused_grad: bool, two_streams: bool| {
+        let leaves = [x, &w, &b].map(|t| t.detach().set_requires_grad(true));
+        let conv = shim::step::ConvOptions {
+            relu: true,
+            two_streams,
+            fused_grad,
+        };
+        let y = shim::step::conv3x3(&leaves[0], &leaves[1], Some(&leaves[2]), conv).unwrap();
+        let loss = (y.to_kind(Kind::Float) * &dy).sum(Kind::Float);
+        Tensor::run_backward(&[loss], &leaves, false, false)
+    };
+    let x = half(Tensor::randn([64, 128, 16, 16], opts));
+    let want = step(&x, false, false);
+    for two_streams in [false, true] {
+        let got = step(&x, true, two_streams);
+        for (what, (g, w)) in ["input", "weight", "bias"]
+            .iter()
+            .zip(got.iter().zip(&want))
+        {
+            let name = format!("ReLU+bias gradient, {what} grad (two streams {two_streams})");
+            assert_close(&name, g, w, 1e-3);
+        }
+    }
+    // Captured, then replayed on new values in the captured input.
+    let captured = x.copy();
+    let mut graph = CudaGraph::new(dev).unwrap();
+    let grads = graph
+        .on_side_stream(|graph| {
+            let _ = step(&captured, true, true); // warm-up
+            graph.capture(|| step(&captured, true, true))
+        })
+        .unwrap();
+    let x2 = half(Tensor::randn([64, 128, 16, 16], opts));
+    tch::no_grad(|| captured.shallow_clone().copy_(&x2));
+    graph.replay().unwrap();
+    let want2 = step(&x2, false, false);
+    for (what, (g, w)) in ["input", "weight", "bias"]
+        .iter()
+        .zip(grads.iter().zip(&want2))
+    {
+        assert_close(
+            &format!("ReLU+bias gradient replayed, {what} grad"),
+            g,
+            w,
+            1e-3,
+        );
+    }
+}
+
 /// BatchNorm+ReLU (and max-pool, with `pool`) fused against the plain ops.
 fn fused_batchnorm_matches_the_plain_ops(pool: bool) {
     use vggctl::model::{BN_EPS, BN_MOMENTUM, batch_norm, to_channels_last};
@@ -550,8 +616,12 @@ fn the_convolution_on_two_streams_gives_one_streams_gradients() {
             if bias {
                 leaves.push(b.detach().set_requires_grad(true));
             }
-            let y = shim::step::conv3x3(&leaves[0], &leaves[1], leaves.get(2), relu, two_streams)
-                .unwrap();
+            let conv = shim::step::ConvOptions {
+                relu,
+                two_streams,
+                fused_grad: false,
+            };
+            let y = shim::step::conv3x3(&leaves[0], &leaves[1], leaves.get(2), conv).unwrap();
             Tensor::run_backward(&[(&y * &dy).sum(Kind::Float)], &leaves, false, false)
         };
         let x = to_channels_last(&Tensor::randn([64, 128, 16, 16], opts));

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use tch::{Device, Kind, Tensor};
 
 use super::spec::{LayerKind, LayerSpec};
+use crate::shim::step::{ConvOptions, conv3x3};
 
 /// The parameters and buffers of one module.
 pub enum Layer {
@@ -256,6 +257,10 @@ pub struct Sequential {
     /// operation (`shim::step::conv3x3`: cuDNN's conv+bias+ReLU on CUDA,
     /// with its own backward); the plain ops if it fails.
     pub conv_relu: bool,
+    /// With `conv_relu`, that operation's backward computes the ReLU's
+    /// gradient and the bias's in one kernel of vggctl's own (fp16
+    /// channels-last batches; elsewhere the plain ops).
+    pub relu_bias_grad: bool,
     /// In training mode, every convolution runs as the shim's operation
     /// (`shim::step::conv3x3`), whose backward computes the weight's (and
     /// bias's) gradient on a second CUDA stream beside the input's.
@@ -303,6 +308,7 @@ impl Sequential {
             sync: None,
             bias_free: false,
             conv_relu: false,
+            relu_bias_grad: false,
             two_streams: false,
             bn_relu: false,
             bn_relu_pool: false,
@@ -383,10 +389,14 @@ impl Sequential {
         }
         let pool = self.bn_relu_pool && followed_by(2, |l| matches!(l, Layer::MaxPool));
         let (fused, ran) = match layer {
-            Layer::Conv { weight, bias } if self.conv_relu => (
-                crate::shim::step::conv3x3(x, weight, Some(bias), true, self.two_streams),
-                2,
-            ),
+            Layer::Conv { weight, bias } if self.conv_relu => {
+                let opts = ConvOptions {
+                    relu: true,
+                    two_streams: self.two_streams,
+                    fused_grad: self.relu_bias_grad,
+                };
+                (conv3x3(x, weight, Some(bias), opts), 2)
+            }
             Layer::BatchNorm {
                 weight,
                 bias,
@@ -428,7 +438,11 @@ impl Sequential {
             return None;
         }
         let b = bias.then_some(b);
-        self.latched(crate::shim::step::conv3x3(x, weight, b, false, true))
+        let opts = ConvOptions {
+            two_streams: true,
+            ..ConvOptions::default()
+        };
+        self.latched(conv3x3(x, weight, b, opts))
     }
 
     /// A fused operation's result; a failure is latched (the plain ops run

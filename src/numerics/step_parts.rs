@@ -15,6 +15,9 @@ pub enum StepPart {
     NoBias,
     /// Without BatchNorm: convolution, bias and ReLU in one cuDNN kernel.
     ConvRelu,
+    /// Without BatchNorm, backward: the ReLU's gradient and the bias's in
+    /// one kernel of vggctl's own (fp16, channels-last).
+    ReluBiasGrad,
     /// BatchNorm and ReLU in one cuDNN pass each way (fp16, channels-last).
     BnRelu,
     /// BatchNorm, ReLU and the max-pool after them in one kernel of
@@ -34,6 +37,7 @@ impl Choice for StepPart {
     const ALL: &'static [Self] = &[
         StepPart::NoBias,
         StepPart::ConvRelu,
+        StepPart::ReluBiasGrad,
         StepPart::BnRelu,
         StepPart::BnReluPool,
         StepPart::CastOnce,
@@ -45,6 +49,7 @@ impl Choice for StepPart {
         match self {
             StepPart::NoBias => "no-bias",
             StepPart::ConvRelu => "conv-relu",
+            StepPart::ReluBiasGrad => "relu-bias-grad",
             StepPart::BnRelu => "bn-relu",
             StepPart::BnReluPool => "bn-relu-pool",
             StepPart::CastOnce => "cast-once",
@@ -58,6 +63,9 @@ impl Choice for StepPart {
             StepPart::NoBias => "convolutions before BatchNorm without their zero bias",
             StepPart::ConvRelu => {
                 "without BatchNorm: convolution, bias and ReLU in one cuDNN kernel"
+            }
+            StepPart::ReluBiasGrad => {
+                "without BatchNorm, backward: the ReLU's gradient and the bias's in one kernel of vggctl's own (fp16, channels-last)"
             }
             StepPart::BnRelu => {
                 "BatchNorm and ReLU in one cuDNN pass each way (fp16, channels-last)"
@@ -133,9 +141,10 @@ mod tests {
         let all = FusedStep::without(&[]);
         assert_eq!(
             all.names(),
-            "no-bias, conv-relu, bn-relu, bn-relu-pool, cast-once, pad-input, two-streams"
+            "no-bias, conv-relu, relu-bias-grad, bn-relu, bn-relu-pool, cast-once, pad-input, two-streams"
         );
-        let some = FusedStep::without(&[StepPart::ConvRelu, StepPart::NoBias]);
+        let some =
+            FusedStep::without(&[StepPart::ConvRelu, StepPart::NoBias, StepPart::ReluBiasGrad]);
         assert_eq!(
             some.names(),
             "bn-relu, bn-relu-pool, cast-once, pad-input, two-streams"

@@ -16,26 +16,36 @@ unsafe extern "C" {
         b: *mut C_tensor,
         relu: std::ffi::c_int,
         two_streams: std::ffi::c_int,
+        fused_grad: std::ffi::c_int,
         out: *mut *mut C_tensor,
         err: *mut c_char,
         len: usize,
     ) -> std::ffi::c_int;
 }
 
+/// How [`conv3x3`] runs.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ConvOptions {
+    /// The ReLU after the convolution, in the same operation.
+    pub relu: bool,
+    /// On CUDA, the weight and bias gradients on a side stream beside the
+    /// input's.
+    pub two_streams: bool,
+    /// With `relu` and a bias, the ReLU's gradient and the bias's in one
+    /// pass of vggctl's own kernel, where the batch is fp16 channels-last
+    /// (elsewhere the plain ops).
+    pub fused_grad: bool,
+}
+
 /// `conv2d(x, w, b)` for a 3x3 convolution with stride 1 and padding 1
-/// (without a bias where `b` is None), then ReLU if `relu`, as one
+/// (without a bias where `b` is None), then ReLU if `opts.relu`, as one
 /// differentiable operation: forward on CUDA with the ReLU is cuDNN's
 /// conv+bias+ReLU kernel; backward masks with the saved output and gives
-/// the bias gradient as a sum; with `two_streams` on CUDA the weight and
-/// bias gradients are computed on a side stream beside the input's. Under
-/// autocast it computes in autocast's dtype, as the eager convolution does.
-pub fn conv3x3(
-    x: &Tensor,
-    w: &Tensor,
-    b: Option<&Tensor>,
-    relu: bool,
-    two_streams: bool,
-) -> Result<Tensor> {
+/// the bias gradient as a sum (both in one kernel with `fused_grad`); with
+/// `two_streams` on CUDA the weight and bias gradients are computed on a
+/// side stream beside the input's. Under autocast it computes in autocast's
+/// dtype, as the eager convolution does.
+pub fn conv3x3(x: &Tensor, w: &Tensor, b: Option<&Tensor>, opts: ConvOptions) -> Result<Tensor> {
     let mut out: *mut C_tensor = std::ptr::null_mut();
     // SAFETY: the tensors are live (a null bias means none); `out` is
     // written only on success; err/len as in `call`.
@@ -44,8 +54,9 @@ pub fn conv3x3(
             ptr(x),
             ptr(w),
             opt_ptr(b),
-            i32::from(relu),
-            i32::from(two_streams),
+            i32::from(opts.relu),
+            i32::from(opts.two_streams),
+            i32::from(opts.fused_grad),
             &mut out,
             err,
             len,
@@ -121,6 +132,14 @@ unsafe extern "C" {
         err: *mut c_char,
         len: usize,
     ) -> std::ffi::c_int;
+    fn vggctl_relu_bias_grad(
+        grad: *mut C_tensor,
+        out: *mut C_tensor,
+        grad_in: *mut *mut C_tensor,
+        bias_grad: *mut *mut C_tensor,
+        err: *mut c_char,
+        len: usize,
+    ) -> std::ffi::c_int;
     fn vggctl_compile_kernels(
         major: std::ffi::c_int,
         minor: std::ffi::c_int,
@@ -166,6 +185,24 @@ pub fn bn_relu_pool(
     })?;
     // SAFETY: as in `conv3x3`.
     Ok(unsafe { Tensor::from_ptr(out) })
+}
+
+/// The backward of `relu(conv(x) + bias)` up to the convolution, in one
+/// pass of vggctl's own kernel (what [`ConvOptions::fused_grad`] runs):
+/// `grad` where the saved output `out` is positive, else zero, and the
+/// bias's gradient, its sum over batch and pixels in fp32. For fp16
+/// channels-last batches of one shape, on CUDA or (for tests) the CPU.
+pub fn relu_bias_grad(grad: &Tensor, out: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (mut g, mut b): (*mut C_tensor, *mut C_tensor) =
+        (std::ptr::null_mut(), std::ptr::null_mut());
+    // SAFETY: the tensors are live; the outputs are written only on
+    // success; err/len as in `call`.
+    call("ReLU+bias gradient", |err, len| unsafe {
+        vggctl_relu_bias_grad(ptr(grad), ptr(out), &mut g, &mut b, err, len)
+    })?;
+    // SAFETY: on success the shim handed over two new at::Tensors that
+    // nothing else owns.
+    Ok(unsafe { (Tensor::from_ptr(g), Tensor::from_ptr(b)) })
 }
 
 /// Compiles the shim's kernels with NVRTC for compute capability

@@ -11,6 +11,7 @@ use crate::dist::World;
 use crate::model::{BN_EPS, BN_MOMENTUM, Layer, PAD_CHANNELS, Values, Vgg, batch_norm};
 use crate::numerics::{FusedStep, Numerics, StepPart};
 use crate::optim::Optimizer;
+use crate::shim::step::{ConvOptions, conv3x3};
 
 use super::config::TrainConfig;
 use super::run_dir::RunDir;
@@ -129,7 +130,8 @@ fn fingerprint(model: &Vgg, config: &TrainConfig, sizes: [i64; 2]) -> i64 {
 /// convolutions before it leave out their bias while training, if every
 /// such bias in the trained layers is zero (from scratch; torchvision's
 /// pretrained ones are not); without BatchNorm, convolution, bias and ReLU
-/// run as one operation, and with it (fp16, channels-last) BatchNorm and
+/// run as one operation (in fp16 channels-last, its backward's ReLU and
+/// bias gradients in one kernel), and with it (fp16, channels-last) BatchNorm and
 /// ReLU (and the max-pool after them, where one follows), each where it
 /// runs on this device and agrees with the plain ops;
 /// in half precision, the weights are cast once per step (see
@@ -143,6 +145,8 @@ pub fn fuse_step(model: &mut Vgg, numerics: &mut Numerics) {
     features.bias_free =
         may.has(StepPart::NoBias) && bn && features.conv_biases_before_bn_are_zero(from);
     features.conv_relu = may.has(StepPart::ConvRelu) && !bn && conv_relu_works(numerics);
+    features.relu_bias_grad =
+        may.has(StepPart::ReluBiasGrad) && features.conv_relu && relu_bias_grad_works(numerics);
     features.bn_relu = may.has(StepPart::BnRelu) && bn && bn_relu_works(numerics, false);
     features.bn_relu_pool = may.has(StepPart::BnReluPool) && bn && bn_relu_works(numerics, true);
     let kind = numerics.compute_kind();
@@ -154,6 +158,7 @@ pub fn fuse_step(model: &mut Vgg, numerics: &mut Numerics) {
     let mut uses = FusedStep::NONE;
     uses.set(StepPart::NoBias, features.bias_free);
     uses.set(StepPart::ConvRelu, features.conv_relu);
+    uses.set(StepPart::ReluBiasGrad, features.relu_bias_grad);
     uses.set(StepPart::BnRelu, features.bn_relu);
     uses.set(StepPart::BnReluPool, features.bn_relu_pool);
     uses.set(StepPart::CastOnce, casts_once(numerics).is_some());
@@ -184,7 +189,11 @@ fn conv_relu_works(numerics: &Numerics) -> bool {
         .input(&fixed_values(&[16, 16, 3, 3], 0.1, dev))
         .to_kind(kind);
     let b = fixed_values(&[16], 0.1, dev).to_kind(kind);
-    let Ok(got) = crate::shim::step::conv3x3(&x, &w, Some(&b), true, false) else {
+    let relu = ConvOptions {
+        relu: true,
+        ..ConvOptions::default()
+    };
+    let Ok(got) = conv3x3(&x, &w, Some(&b), relu) else {
         return false;
     };
     let (f, wf, bf) = (
@@ -204,21 +213,56 @@ fn conv_relu_works(numerics: &Numerics) -> bool {
 /// largest), checked once on a small batch of fixed values.
 fn two_streams_work(numerics: &Numerics) -> bool {
     let (dev, kind) = (numerics.device, numerics.compute_kind());
-    if !dev.is_cuda() {
-        return false;
-    }
-    let x = numerics.input(&fixed_values(&[2, 16, 8, 8], 1.0, dev));
-    let w = numerics.input(&fixed_values(&[16, 16, 3, 3], 0.1, dev));
+    let opts = ConvOptions {
+        two_streams: true,
+        ..ConvOptions::default()
+    };
+    dev.is_cuda() && same_conv_grads(dev, kind, |t| numerics.input(t), opts)
+}
+
+/// Whether conv+bias+ReLU's backward with the ReLU's and the bias's
+/// gradients in one kernel of vggctl's own runs here (CUDA, fp16,
+/// channels-last) and gives the plain backward's gradients (within 1e-3 of
+/// the largest), checked once on a small batch of fixed values.
+fn relu_bias_grad_works(numerics: &Numerics) -> bool {
+    let (dev, kind) = (numerics.device, numerics.compute_kind());
+    let opts = ConvOptions {
+        relu: true,
+        fused_grad: true,
+        ..ConvOptions::default()
+    };
+    dev.is_cuda()
+        && kind == Kind::Half
+        && numerics.channels_last
+        && same_conv_grads(dev, kind, |t| numerics.input(t), opts)
+}
+
+/// Whether the shim's convolution run as `opts` gives the input, weight and
+/// bias gradients it gives with only `opts.relu` (within 1e-3 of the
+/// largest), in `kind` on `dev`, on fixed values that `layout` puts in the
+/// run's layout.
+fn same_conv_grads(
+    dev: tch::Device,
+    kind: Kind,
+    layout: impl Fn(&Tensor) -> Tensor,
+    opts: ConvOptions,
+) -> bool {
+    let x = layout(&fixed_values(&[2, 16, 8, 8], 1.0, dev));
+    let w = layout(&fixed_values(&[16, 16, 3, 3], 0.1, dev));
     let b = fixed_values(&[16], 0.1, dev);
-    let dy = numerics.input(&fixed_values(&[2, 16, 8, 8], 1.0, dev).flip([0]));
-    let grads = |two_streams: bool| {
+    let dy = layout(&fixed_values(&[2, 16, 8, 8], 1.0, dev).flip([0]));
+    let grads = |opts: ConvOptions| {
         let leaves = [&x, &w, &b].map(|t| t.to_kind(kind).set_requires_grad(true));
         let [x, w, b] = &leaves;
-        let y = crate::shim::step::conv3x3(x, w, Some(b), false, two_streams).ok()?;
+        let y = conv3x3(x, w, Some(b), opts).ok()?;
         let loss = (y.to_kind(Kind::Float) * &dy).sum(Kind::Float);
         Some(Tensor::run_backward(&[loss], &leaves, false, false))
     };
-    match (grads(true), grads(false)) {
+    let plain = ConvOptions {
+        relu: opts.relu,
+        ..ConvOptions::default()
+    };
+    match (grads(opts), grads(plain)) {
         (Some(got), Some(want)) => got.iter().zip(&want).all(|(g, w)| close(g, w, 1e-3)),
         _ => false,
     }
@@ -371,6 +415,20 @@ mod tests {
         let layout = |t: &Tensor| crate::model::to_channels_last(t);
         assert!(fused_bn_agrees(tch::Device::Cpu, true, layout));
         assert!(!fused_bn_agrees(tch::Device::Cpu, false, layout));
+    }
+
+    /// The start-up check of the fused ReLU and bias gradients passes on the
+    /// kernel as the CPU runs it (fp16, channels-last).
+    #[test]
+    fn the_relu_bias_grad_check_passes_on_the_kernel_run_on_the_cpu() {
+        let _seeded = crate::seeded();
+        let layout = |t: &Tensor| crate::model::to_channels_last(t);
+        let opts = ConvOptions {
+            relu: true,
+            fused_grad: true,
+            ..ConvOptions::default()
+        };
+        assert!(same_conv_grads(tch::Device::Cpu, Kind::Half, layout, opts));
     }
 
     /// The fused step uses the parts asked for that apply to the model and
