@@ -401,8 +401,9 @@ std::tuple<at::Tensor, at::Tensor> relu_bias_grad(const at::Tensor &grad, const 
   c10::DeviceGuard on_device(grad.device());
   int C = static_cast<int>(grad.size(1));
   long long rows = grad.numel() / C;
-  // About 64k threads (fewer for few rows), each summing a chunk of rows.
-  long long chunks = std::max<long long>(1, std::min<long long>(rows, 65536 / C));
+  // About 256k threads (enough to fill an H100/H200; fewer for few rows),
+  // each summing a chunk of rows.
+  long long chunks = std::max<long long>(1, std::min<long long>(rows, (1 << 18) / C));
   long long rows_per_chunk = (rows + chunks - 1) / chunks;
   chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;
   auto grad_in = at::empty_like(grad, grad.options(), kChannelsLast);

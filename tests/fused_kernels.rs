@@ -273,13 +273,13 @@ fn nvrtc_compiles_the_kernels_for_each_gpu_generation() {
 /// The ReLU's and the bias's gradients in one kernel (without BatchNorm):
 /// the masked gradient is ReLU's backward bit for bit and the bias's
 /// gradient its fp32 sum within 1e-6, for channel counts that give one row
-/// per chunk of the kernel's threads and a last chunk cut short (2048
-/// channels over 198 rows: 32 chunks of 7 rows, the last of 1), with
+/// per chunk of the kernel's threads and a last chunk cut short (8192
+/// channels over 198 rows: 29 chunks of 7 rows, the last of 2), with
 /// outputs of both signs and exact zeros.
 #[test]
 fn relu_and_bias_gradients_in_one_kernel_are_relus_backward_and_a_sum() {
     let _seeded = seeded(8);
-    for shape in [[3, 8, 6, 6], [2, 2048, 9, 11], [1, 4, 1, 1]] {
+    for shape in [[3, 8, 6, 6], [2, 8192, 9, 11], [1, 4, 1, 1]] {
         let grad = half_channels_last(&Tensor::randn(shape, F32));
         // Both signs, and exact zeros where both draws are negative.
         let signed = Tensor::randn(shape, F32).relu() - Tensor::randn(shape, F32).relu();
