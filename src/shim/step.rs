@@ -97,19 +97,58 @@ pub fn bn_relu(
     momentum: f64,
     eps: f64,
 ) -> Result<Tensor> {
+    let args = BatchNormArgs {
+        x,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        momentum,
+        eps,
+    };
+    batch_norm_op("BatchNorm+ReLU", vggctl_bn_relu, &args)
+}
+
+/// What the shim's BatchNorm operations take.
+struct BatchNormArgs<'a> {
+    x: &'a Tensor,
+    weight: &'a Tensor,
+    bias: &'a Tensor,
+    running_mean: &'a Tensor,
+    running_var: &'a Tensor,
+    momentum: f64,
+    eps: f64,
+}
+
+/// The C signature of the shim's BatchNorm operations.
+type BatchNormFn = unsafe extern "C" fn(
+    *mut C_tensor,
+    *mut C_tensor,
+    *mut C_tensor,
+    *mut C_tensor,
+    *mut C_tensor,
+    f64,
+    f64,
+    *mut *mut C_tensor,
+    *mut c_char,
+    usize,
+) -> std::ffi::c_int;
+
+/// Runs the shim's BatchNorm operation `f` (named `what` in its errors).
+fn batch_norm_op(what: &str, f: BatchNormFn, a: &BatchNormArgs) -> Result<Tensor> {
     let mut out: *mut C_tensor = std::ptr::null_mut();
-    // SAFETY: the tensors are live; the running statistics are written in
-    // place on the device; `out` is written only on success; err/len as in
-    // `call`.
-    call("BatchNorm+ReLU", |err, len| unsafe {
-        vggctl_bn_relu(
-            ptr(x),
-            ptr(weight),
-            ptr(bias),
-            ptr(running_mean),
-            ptr(running_var),
-            momentum,
-            eps,
+    // SAFETY: `f` is one of the shim's BatchNorm operations; the tensors
+    // are live; the running statistics are written in place on the device;
+    // `out` is written only on success; err/len as in `call`.
+    call(what, |err, len| unsafe {
+        f(
+            ptr(a.x),
+            ptr(a.weight),
+            ptr(a.bias),
+            ptr(a.running_mean),
+            ptr(a.running_var),
+            a.momentum,
+            a.eps,
             &mut out,
             err,
             len,
@@ -167,24 +206,16 @@ pub fn bn_relu_pool(
     momentum: f64,
     eps: f64,
 ) -> Result<Tensor> {
-    let mut out: *mut C_tensor = std::ptr::null_mut();
-    // SAFETY: as in `bn_relu`.
-    call("BatchNorm+ReLU+max-pool", |err, len| unsafe {
-        vggctl_bn_relu_pool(
-            ptr(x),
-            ptr(weight),
-            ptr(bias),
-            ptr(running_mean),
-            ptr(running_var),
-            momentum,
-            eps,
-            &mut out,
-            err,
-            len,
-        )
-    })?;
-    // SAFETY: as in `conv3x3`.
-    Ok(unsafe { Tensor::from_ptr(out) })
+    let args = BatchNormArgs {
+        x,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        momentum,
+        eps,
+    };
+    batch_norm_op("BatchNorm+ReLU+max-pool", vggctl_bn_relu_pool, &args)
 }
 
 /// The backward of `relu(conv(x) + bias)` up to the convolution, in one
