@@ -1,7 +1,8 @@
 // The fused step's kernels of its own (issue #18), on channels-last (NHWC)
 // fp16 batches: BatchNorm's affine transform, ReLU and the 2x2 max-pool
-// after them in one pass forward, and the pool's and the ReLU's backward
-// in one pass back (lever 4); without BatchNorm, the ReLU's backward and
+// after them in one pass forward, and back the pool's, the ReLU's and
+// BatchNorm's backward in a reduction over the pooled gradient and one
+// pass over the batch (lever 4); without BatchNorm, the ReLU's backward and
 // the convolution bias's gradient in one pass (lever 6).
 //
 // This one source is compiled twice: at run time by NVRTC for the GPU in
@@ -63,13 +64,59 @@ KERNEL void bn_relu_pool_forward(const half_t *x, const float *mean, const float
   }
 }
 
-// The gradient of relu(batch_norm(x)) from the pooled output's: a
-// position gets its window's gradient where it was the window's maximum
-// and that maximum was positive (ReLU's gradient is zero at and below 0),
-// zero elsewhere (and in the rows and columns the pool dropped).
+// The gradient reaching relu(batch_norm(x))'s output at pooled output o
+// (the window's maximum): the pooled gradient where that maximum was
+// positive, else zero (ReLU's gradient is zero at and below 0).
+DEVICE_FN float routed_grad(const half_t *grad_out, const half_t *out, long long o) {
+  return to_float(out[o]) > 0.f ? to_float(grad_out[o]) : 0.f;
+}
+
+// BatchNorm's backward needs two sums per channel of the gradient g that
+// reaches its output: sum(g) and sum(g * xhat), xhat = (x - mean) * invstd.
+// The pool sends each window's gradient to one position, so both are sums
+// over the pooled outputs: thread j owns channel j % C of the pooled rows
+// (n, oh, ow) of chunk j / C, and writes its chunk's two sums to
+// sum_g[j] and sum_gx[j] (the caller adds up the chunks; no atomics).
+KERNEL void bn_relu_pool_backward_reduce(const half_t *grad_out, const half_t *out,
+                                         const unsigned char *argmax, const half_t *x,
+                                         const float *mean, const float *invstd, float *sum_g,
+                                         float *sum_gx, long long rows, int C, int H, int W,
+                                         long long rows_per_chunk, long long n_threads) {
+  int OH = H / 2;
+  int OW = W / 2;
+  for (long long j = FIRST_INDEX; j < n_threads; j += INDEX_STRIDE) {
+    int c = (int)(j % C);
+    long long first = (j / C) * rows_per_chunk;
+    long long last = first + rows_per_chunk < rows ? first + rows_per_chunk : rows;
+    float sg = 0.f;
+    float sgx = 0.f;
+    for (long long r = first; r < last; ++r) {
+      long long o = r * C + c;
+      float g = routed_grad(grad_out, out, o);
+      if (g == 0.f) continue;
+      int ow = (int)(r % OW);
+      int oh = (int)((r / OW) % OH);
+      long long n = r / OW / OH;
+      int k = argmax[o];
+      long long at = ((n * H + 2 * oh + (k >> 1)) * W + 2 * ow + (k & 1)) * C + c;
+      sg += g;
+      sgx += g * (to_float(x[at]) - mean[c]) * invstd[c];
+    }
+    sum_g[j] = sg;
+    sum_gx[j] = sgx;
+  }
+}
+
+// BatchNorm's input gradient, with the pool's and the ReLU's backward in
+// the same pass: g (the routed gradient: the window's where this position
+// was its maximum, zero elsewhere and in the rows and columns the pool
+// dropped), then dx = weight * invstd * (g - sum_g / count - xhat *
+// sum_gx / count), count = N * H * W, as BatchNorm's training backward.
 KERNEL void bn_relu_pool_backward(const half_t *grad_out, const half_t *out,
-                                  const unsigned char *argmax, half_t *grad_in, long long n_in,
-                                  int C, int H, int W) {
+                                  const unsigned char *argmax, const half_t *x,
+                                  const float *mean, const float *invstd, const float *weight,
+                                  const float *sum_g, const float *sum_gx, half_t *grad_in,
+                                  long long n_in, int C, int H, int W, float inv_count) {
   int OH = H / 2;
   int OW = W / 2;
   for (long long i = FIRST_INDEX; i < n_in; i += INDEX_STRIDE) {
@@ -78,14 +125,14 @@ KERNEL void bn_relu_pool_backward(const half_t *grad_out, const half_t *out,
     long long n = row / H;
     int oh = h >> 1;
     int ow = w >> 1;
-    half_t g = 0;
+    float g = 0.f;
     if (oh < OH && ow < OW) {
       long long o = ((n * OH + oh) * OW + ow) * C + c;
-      if ((int)argmax[o] == (((h & 1) << 1) | (w & 1)) && to_float(out[o]) > 0.f) {
-        g = grad_out[o];
-      }
+      if ((int)argmax[o] == (((h & 1) << 1) | (w & 1))) g = routed_grad(grad_out, out, o);
     }
-    grad_in[i] = g;
+    float xhat = (to_float(x[i]) - mean[c]) * invstd[c];
+    float dx = weight[c] * invstd[c] * (g - sum_g[c] * inv_count - xhat * sum_gx[c] * inv_count);
+    grad_in[i] = to_half(dx);
   }
 }
 

@@ -10,9 +10,12 @@
 // batch once and writes only the pooled output and a 1-byte window
 // position per output (max_pool2d keeps 8-byte indices, and the plain ops
 // also write and read back the full-size BatchNorm and ReLU outputs).
-// Backward: one kernel that routes the pooled gradient to each window's
-// maximum where it was positive (the pool's and the ReLU's backward), then
-// libtorch's BatchNorm backward with the saved statistics.
+// Backward: BatchNorm's two per-channel sums, taken over the pooled
+// gradient (each window sends its gradient to one position, where its
+// maximum was positive: the pool's and the ReLU's backward), then one pass
+// over the batch for the input gradient; where the plain ops write the
+// pool's full-size gradient, mask it, and read it and the batch twice
+// more in BatchNorm's backward.
 //
 // On CUDA the kernels are compiled at run time by NVRTC (from the torch
 // wheel's nvidia packages) for the GPU in use and launched through the
@@ -28,7 +31,6 @@
 #include <ATen/ops/batch_norm_update_stats.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/native_batch_norm_backward.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/util/Half.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -325,6 +327,20 @@ T *ptr(const at::Tensor &t) {
 
 constexpr auto kChannelsLast = at::MemoryFormat::ChannelsLast;
 
+// How a per-channel reduction over `rows` rows of C channels is split: a
+// thread per (chunk of rows, channel), about 256k threads (enough to fill
+// an H100/H200; fewer for few rows), each summing its chunk.
+struct Chunks {
+  long long count;
+  long long rows;
+};
+
+Chunks chunked(long long rows, int C) {
+  long long count = std::max<long long>(1, std::min<long long>(rows, (1 << 18) / C));
+  long long per_chunk = (rows + count - 1) / count;
+  return {(rows + per_chunk - 1) / per_chunk, per_chunk};
+}
+
 void check_inputs(const at::Tensor &x, const at::Tensor &weight, const at::Tensor &bias,
                   const at::Tensor &mean, const at::Tensor &var) {
   TORCH_CHECK(x.scalar_type() == at::kHalf && x.dim() == 4 && x.is_contiguous(kChannelsLast),
@@ -359,28 +375,41 @@ struct BnReluPool : public torch::autograd::Function<BnReluPool> {
         ptr<const float>(bias), ptr<half_t>(out), ptr<unsigned char>(argmax),
         static_cast<long long>(out.numel()), C, H, W);
     ctx->save_for_backward({x, weight, mean, invstd, out, argmax});
-    ctx->saved_data["eps"] = eps;
     return out;
   }
 
+  // BatchNorm's two per-channel sums from the pooled gradient (a reduction
+  // over a quarter of the batch), then the input gradient in one pass; the
+  // weight's and bias's gradients are those sums.
   static variable_list backward(AutogradContext *ctx, variable_list grads) {
     auto saved = ctx->get_saved_variables();
     const auto &x = saved[0];
+    const auto &mean = saved[2];
+    const auto &invstd = saved[3];
     const auto &out = saved[4];
+    const auto &argmax = saved[5];
     c10::DeviceGuard on_device(x.device());
     auto dy = grads[0].to(at::kHalf).contiguous(kChannelsLast);
-    auto g = at::empty_like(x, x.options(), kChannelsLast);
-    run("bn_relu_pool_backward", host::bn_relu_pool_backward, x, g.numel(),
-        ptr<const half_t>(dy), ptr<const half_t>(out), ptr<const unsigned char>(saved[5]),
-        ptr<half_t>(g), static_cast<long long>(g.numel()), static_cast<int>(x.size(1)),
-        static_cast<int>(x.size(2)), static_cast<int>(x.size(3)));
-    std::array<bool, 3> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
-                             ctx->needs_input_grad(2)};
-    auto parts = at::native_batch_norm_backward(g, x, saved[1], std::nullopt, std::nullopt,
-                                                saved[2], saved[3], true,
-                                                ctx->saved_data["eps"].toDouble(), mask);
-    return {std::get<0>(parts), std::get<1>(parts), std::get<2>(parts), at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor()};
+    int C = static_cast<int>(x.size(1));
+    int H = static_cast<int>(x.size(2));
+    int W = static_cast<int>(x.size(3));
+    long long rows = out.numel() / C;
+    auto chunks = chunked(rows, C);
+    auto partial = at::empty({2, chunks.count, C}, x.options().dtype(at::kFloat));
+    run("bn_relu_pool_backward_reduce", host::bn_relu_pool_backward_reduce, x,
+        chunks.count * C, ptr<const half_t>(dy), ptr<const half_t>(out),
+        ptr<const unsigned char>(argmax), ptr<const half_t>(x), ptr<const float>(mean),
+        ptr<const float>(invstd), ptr<float>(partial[0]), ptr<float>(partial[1]), rows, C, H, W,
+        chunks.rows, chunks.count * C);
+    auto sums = partial.sum(1);  // [2, C]: sum(g), sum(g * xhat)
+    auto dx = at::empty_like(x, x.options(), kChannelsLast);
+    float inv_count = 1.0f / static_cast<float>(x.numel() / C);
+    run("bn_relu_pool_backward", host::bn_relu_pool_backward, x, dx.numel(), ptr<const half_t>(dy),
+        ptr<const half_t>(out), ptr<const unsigned char>(argmax), ptr<const half_t>(x),
+        ptr<const float>(mean), ptr<const float>(invstd), ptr<const float>(saved[1]),
+        ptr<const float>(sums[0]), ptr<const float>(sums[1]), ptr<half_t>(dx),
+        static_cast<long long>(dx.numel()), C, H, W, inv_count);
+    return {dx, sums[1], sums[0], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -401,16 +430,12 @@ std::tuple<at::Tensor, at::Tensor> relu_bias_grad(const at::Tensor &grad, const 
   c10::DeviceGuard on_device(grad.device());
   int C = static_cast<int>(grad.size(1));
   long long rows = grad.numel() / C;
-  // About 256k threads (enough to fill an H100/H200; fewer for few rows),
-  // each summing a chunk of rows.
-  long long chunks = std::max<long long>(1, std::min<long long>(rows, (1 << 18) / C));
-  long long rows_per_chunk = (rows + chunks - 1) / chunks;
-  chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;
+  auto chunks = chunked(rows, C);
   auto grad_in = at::empty_like(grad, grad.options(), kChannelsLast);
-  auto partial = at::empty({chunks, C}, grad.options().dtype(at::kFloat));
-  run("relu_bias_grad", host::relu_bias_grad, grad, chunks * C, ptr<const half_t>(grad),
-      ptr<const half_t>(out), ptr<half_t>(grad_in), ptr<float>(partial), rows, C,
-      rows_per_chunk, chunks * C);
+  auto partial = at::empty({chunks.count, C}, grad.options().dtype(at::kFloat));
+  run("relu_bias_grad", host::relu_bias_grad, grad, chunks.count * C, ptr<const half_t>(grad),
+      ptr<const half_t>(out), ptr<half_t>(grad_in), ptr<float>(partial), rows, C, chunks.rows,
+      chunks.count * C);
   return {grad_in, partial.sum(0)};
 }
 

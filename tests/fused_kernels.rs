@@ -65,11 +65,12 @@ fn run(x: &Tensor, weight: &Tensor, bias: &Tensor, dy: &Tensor, fused: bool) -> 
 }
 
 /// Checks the fused operation against the plain fp16 ops on `x`: the
-/// output in fp16's layout and dtype within 2e-3 of its largest value (the
-/// two round BatchNorm's transform alike up to an ulp), the running
-/// statistics within 1e-5, the input's gradient within 1e-2 and the
-/// parameters' within 2e-3 (a gradient routed to another position of a
-/// window would miss both by far).
+/// output in fp16's layout and dtype and the input's gradient within 1e-3
+/// of their largest value (an fp16 ulp: the two may round BatchNorm's
+/// transform a little apart; measured here: equal, and 8e-8), the running
+/// statistics and the parameters' gradients within 1e-5 (measured: equal,
+/// and up to 1.4e-7). A gradient routed to another position of a window,
+/// or a BatchNorm term off by 10 %, misses by far more (0.3 to 1; 1.5e-2).
 fn assert_fused_is_plain(x: &Tensor, weight: &Tensor, bias: &Tensor) {
     let s = x.size();
     let dy = Tensor::randn([s[0], s[1], s[2] / 2, s[3] / 2], F32);
@@ -81,7 +82,7 @@ fn assert_fused_is_plain(x: &Tensor, weight: &Tensor, bias: &Tensor) {
     assert_eq!(got.out.kind(), Kind::Half);
     assert!(vggctl::model::is_channels_last(&got.out));
     assert!(
-        rel(&got.out, &want.out) <= 2e-3,
+        rel(&got.out, &want.out) <= 1e-3,
         "output {s:?}: {}",
         rel(&got.out, &want.out)
     );
@@ -92,7 +93,7 @@ fn assert_fused_is_plain(x: &Tensor, weight: &Tensor, bias: &Tensor) {
             rel(g, w)
         );
     }
-    let tolerance = [1e-2, 2e-3, 2e-3];
+    let tolerance = [1e-3, 1e-5, 1e-5];
     for (i, (g, w)) in got.grads.iter().zip(&want.grads).enumerate() {
         assert_eq!(g.kind(), w.kind(), "gradient {i}");
         assert!(
@@ -135,9 +136,10 @@ fn batchnorm_relu_pool_breaks_ties_as_max_pool_does() {
 }
 
 /// A stack of conv, BatchNorm, ReLU, max-pool (twice, then once without a
-/// pool) with `bn_relu_pool`: training-mode output, running statistics and
-/// every parameter's gradient are the plain layers' within fp16's
-/// tolerance, each BatchNorm is counted once, and no fused operation
+/// pool) with `bn_relu_pool`: training-mode output and every parameter's
+/// gradient are the plain layers' within 1e-3 (an fp16 ulp; measured: up
+/// to 1.7e-4, a convolution bias's fp16 gradient), the running statistics
+/// within 1e-5, each BatchNorm is counted once, and no fused operation
 /// failed (a silent fallback to the plain ops would pass the rest).
 #[test]
 fn layers_fused_with_the_pool_train_as_the_plain_layers() {
@@ -200,9 +202,9 @@ fn layers_fused_with_the_pool_train_as_the_plain_layers() {
     };
     let ((y, got), (want_y, want)) = (ran(&fused), ran(&plain));
     assert_eq!(fused.take_fusion_failure(), None);
-    assert!(rel(&y, &want_y) <= 1e-2, "output: {}", rel(&y, &want_y));
+    assert!(rel(&y, &want_y) <= 1e-3, "output: {}", rel(&y, &want_y));
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-        assert!(rel(g, w) <= 2e-2, "gradient {i}: {}", rel(g, w));
+        assert!(rel(g, w) <= 1e-3, "gradient {i}: {}", rel(g, w));
     }
     for ((_, a), (_, b)) in fused.layers.iter().zip(&plain.layers) {
         if let (
@@ -220,7 +222,7 @@ fn layers_fused_with_the_pool_train_as_the_plain_layers() {
             },
         ) = (a, b)
         {
-            assert!(rel(m1, m2) <= 1e-2 && rel(v1, v2) <= 1e-2);
+            assert!(rel(m1, m2) <= 1e-5 && rel(v1, v2) <= 1e-5);
             assert_eq!((n1.get(), n2.get()), (1, 1));
         }
     }
