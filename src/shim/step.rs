@@ -192,8 +192,9 @@ unsafe extern "C" {
 /// differentiable operation, updating the running statistics with
 /// `momentum` as BatchNorm does: the statistics, then one kernel of the
 /// shim's own (src/kernels.cu) that writes only the pooled output and a
-/// 1-byte window position per output; backward, one kernel for the pool's
-/// and the ReLU's gradient, then libtorch's BatchNorm backward. For fp16
+/// 1-byte window position per output; backward, BatchNorm's sums over the
+/// pooled gradient, then one kernel for the input gradient with the pool's
+/// and the ReLU's backward folded in. For fp16
 /// channels-last batches (2x2 or larger) with fp32 parameters, on CUDA
 /// (kernels compiled by NVRTC) or on the CPU (the same kernels run
 /// thread by thread: for tests); anything else is an error.
