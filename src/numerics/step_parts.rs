@@ -20,8 +20,9 @@ pub enum StepPart {
     ReluBiasGrad,
     /// BatchNorm and ReLU in one cuDNN pass each way (fp16, channels-last).
     BnRelu,
-    /// BatchNorm, ReLU and the max-pool after them in one kernel of
-    /// vggctl's own each way (fp16, channels-last, 1-byte pool indices).
+    /// BatchNorm, ReLU and the max-pool after them in kernels of vggctl's
+    /// own: one pass forward, a reduction over the pooled gradient and one
+    /// pass backward (fp16, channels-last, 1-byte pool indices).
     BnReluPool,
     /// Half precision: the weights cast once per step, not per use.
     CastOnce,
@@ -71,7 +72,7 @@ impl Choice for StepPart {
                 "BatchNorm and ReLU in one cuDNN pass each way (fp16, channels-last)"
             }
             StepPart::BnReluPool => {
-                "BatchNorm, ReLU and the max-pool after them in one kernel of vggctl's own each way (fp16, channels-last; 1-byte pool indices)"
+                "BatchNorm, ReLU and the max-pool after them in kernels of vggctl's own: one pass forward, BatchNorm's sums over the pooled gradient and one pass backward (fp16, channels-last; 1-byte pool indices)"
             }
             StepPart::CastOnce => "half precision: the weights cast once per step, not per use",
             StepPart::PadInput => {
