@@ -43,6 +43,7 @@
 #ifdef VGGCTL_CUDA
 #include <c10/cuda/CUDAStream.h>
 #include <cuda.h>
+#include <dirent.h>
 #include <dlfcn.h>
 #include <nvrtc.h>
 
@@ -132,9 +133,23 @@ struct Nvrtc {
   decltype(&nvrtcGetErrorString) error_string;
 };
 
+// Opens, with its full path, each of `dir`'s libnvrtc-builtins for CUDA
+// `major` (the one its libnvrtc opens by name: whichever minor version
+// the wheel shipped).
+void open_builtins(const std::string &dir, const std::string &major) {
+  DIR *listing = opendir(dir.c_str());
+  if (listing == nullptr) return;
+  const std::string prefix = "libnvrtc-builtins.so." + major + ".";
+  while (const dirent *entry = readdir(listing)) {
+    if (std::string(entry->d_name).rfind(prefix, 0) == 0) {
+      dlopen((dir + entry->d_name).c_str(), RTLD_LAZY | RTLD_GLOBAL);
+    }
+  }
+  closedir(listing);
+}
+
 void *open_nvrtc() {
   const std::string major = std::to_string(CUDA_VERSION / 1000);
-  const std::string minor = std::to_string(CUDA_VERSION % 1000 / 10);
   const std::string name = "libnvrtc.so." + major;
   if (void *lib = dlopen(name.c_str(), RTLD_LAZY | RTLD_NOLOAD)) return lib;
   Dl_info info{};
@@ -142,11 +157,9 @@ void *open_nvrtc() {
   if (dladdr(anchor, &info) != 0 && info.dli_fname != nullptr) {
     std::string dir = info.dli_fname;
     dir = dir.substr(0, dir.rfind('/') + 1) + "../../nvidia/";
-    for (const char *pkg : {"cu13/lib/", "cuda_nvrtc/lib/"}) {
-      std::string lib_dir = dir + pkg;
-      dlopen((lib_dir + "libnvrtc-builtins.so." + major + "." + minor).c_str(),
-             RTLD_LAZY | RTLD_GLOBAL);
-      if (void *lib = dlopen((lib_dir + name).c_str(), RTLD_LAZY)) return lib;
+    for (const std::string pkg : {"cu" + major + "/lib/", std::string("cuda_nvrtc/lib/")}) {
+      open_builtins(dir + pkg, major);
+      if (void *lib = dlopen((dir + pkg + name).c_str(), RTLD_LAZY)) return lib;
     }
   }
   return dlopen(name.c_str(), RTLD_LAZY);
