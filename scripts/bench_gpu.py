@@ -164,11 +164,16 @@ class Bench:
         """Each part of the fused step that the defaults' run used
         (`ran_as`), left out in turn (--no-fused-step=PART): what each part
         brings is the defaults' images/s over this run's. Returns [(part,
-        images/s without it)]."""
+        images/s without it)]. Where vggctl's BatchNorm+ReLU ran, leaving it
+        out runs cuDNN's instead (which of the two is faster); leaving out
+        both, the plain ops (what the faster one brings)."""
         without = []
         # A smoke run on a CPU has no fused step: one part, to run the path.
-        for part in step_parts(ran_as) or (["cast-once"] if self.a.smoke else []):
-            out = os.path.join(self.root, f"run-{batch}-{arch[0]}-without-{part}")
+        parts = step_parts(ran_as) or (["cast-once"] if self.a.smoke else [])
+        if "bn-relu-own" in parts:
+            parts.insert(parts.index("bn-relu-own") + 1, "bn-relu-own,bn-relu")
+        for part in parts:
+            out = os.path.join(self.root, f"run-{batch}-{arch[0]}-without-{part.replace(',', '+')}")
             r = self.attempt(sec, f"vggctl train end to end (--no-fused-step={part})", vggctl_train, self.a.vggctl,
                              self.root, out, batch, n, [f"--no-fused-step={part}"], 3, arch)
             keep_run(self.a.keep, out)
@@ -375,7 +380,7 @@ def print_parts(parts):
           "above 1.00x the part pays):")
     for what, default, without in parts:
         for part, speed in without:
-            print(f"  {what:<40} {part:<11} {default / speed:6.3f}x  ({default:,.0f} vs {speed:,.0f} img/s)")
+            print(f"  {what:<40} {part:<19} {default / speed:6.3f}x  ({default:,.0f} vs {speed:,.0f} img/s)")
 
 
 def print_ops(batch, rows, step, top=25):
@@ -448,7 +453,7 @@ def arguments():
                         "left out or stopped (gpu-check passes what is left of its budget)")
     p.add_argument("--leave-out", type=lambda v: v.split(","), default=[], metavar="PART,...",
                    help="leave these fused-step parts out of every vggctl training run (gpu-check leaves out "
-                        "bn-relu-pool and relu-bias-grad when vggctl's own kernels failed their GPU tests)")
+                        "bn-relu-own, bn-relu-pool and relu-bias-grad when vggctl's own kernels failed their GPU tests)")
     p.add_argument("--smoke", action="store_true",
                    help="a tiny run on the CPU that checks this script's plumbing (its figures mean nothing)")
     a = p.parse_args()

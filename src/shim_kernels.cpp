@@ -1,7 +1,8 @@
 // The fused step's kernels of its own (issue #18; their source is
-// src/kernels.cu) and what they make: BnReluPool, training-mode BatchNorm,
-// ReLU and the 2x2 max-pool after them as one autograd function on
-// channels-last fp16 batches (its Rust caller is src/shim/step.rs); and
+// src/kernels.cu) and what they make: BnReluKernels, training-mode
+// BatchNorm, ReLU and the 2x2 max-pool after them (or no pool) as one
+// autograd function on channels-last fp16 batches (its Rust caller is
+// src/shim/step.rs); and
 // relu_bias_grad, the backward of conv+bias+ReLU's ReLU and bias in one
 // pass (for Conv3x3 in src/shim_step.cpp, through shim_kernels.h).
 //
@@ -15,7 +16,9 @@
 // maximum was positive: the pool's and the ReLU's backward), then one pass
 // over the batch for the input gradient; where the plain ops write the
 // pool's full-size gradient, mask it, and read it and the batch twice
-// more in BatchNorm's backward.
+// more in BatchNorm's backward. Without a pool the same kernels write
+// relu(batch_norm(x)) and keep no window positions: one pass forward, one
+// reduction and one pass back (the ReLU's mask is the saved output's sign).
 //
 // On CUDA the kernels are compiled at run time by NVRTC (from the torch
 // wheel's nvidia packages) for the GPU in use and launched through the
@@ -354,23 +357,33 @@ Chunks chunked(long long rows, int C) {
   return {(rows + per_chunk - 1) / per_chunk, per_chunk};
 }
 
+// What BnReluKernels is called in its errors.
+const char *bn_relu_name(int64_t pool) {
+  return pool == 2 ? "BatchNorm+ReLU+max-pool" : "BatchNorm+ReLU (vggctl's kernels)";
+}
+
 void check_inputs(const at::Tensor &x, const at::Tensor &weight, const at::Tensor &bias,
-                  const at::Tensor &mean, const at::Tensor &var) {
+                  const at::Tensor &mean, const at::Tensor &var, int64_t pool) {
+  const char *name = bn_relu_name(pool);
+  TORCH_CHECK(pool == 1 || pool == 2, name, ": pool must be 1 or 2");
   TORCH_CHECK(x.scalar_type() == at::kHalf && x.dim() == 4 && x.is_contiguous(kChannelsLast),
-              "BatchNorm+ReLU+max-pool runs on fp16 channels-last batches");
-  TORCH_CHECK(x.size(2) >= 2 && x.size(3) >= 2, "BatchNorm+ReLU+max-pool needs 2x2 or more");
+              name, " runs on fp16 channels-last batches");
+  TORCH_CHECK(x.size(2) >= pool && x.size(3) >= pool, name, " needs 2x2 or more");
   for (const auto *t : {&weight, &bias, &mean, &var}) {
     TORCH_CHECK(t->device() == x.device() && t->scalar_type() == at::kFloat &&
                     t->is_contiguous() && t->numel() == x.size(1),
-                "BatchNorm+ReLU+max-pool needs contiguous fp32 parameters, one per channel");
+                name, " needs contiguous fp32 parameters, one per channel");
   }
 }
 
-struct BnReluPool : public torch::autograd::Function<BnReluPool> {
+// Training-mode BatchNorm and the ReLU after it, and with pool = 2 the 2x2
+// max-pool after that, as one autograd function (pool = 1: no pool).
+struct BnReluKernels : public torch::autograd::Function<BnReluKernels> {
   static at::Tensor forward(AutogradContext *ctx, const at::Tensor &x, const at::Tensor &weight,
                             const at::Tensor &bias, const at::Tensor &running_mean,
-                            const at::Tensor &running_var, double momentum, double eps) {
-    check_inputs(x, weight, bias, running_mean, running_var);
+                            const at::Tensor &running_var, double momentum, double eps,
+                            int64_t pool) {
+    check_inputs(x, weight, bias, running_mean, running_var, pool);
     c10::DeviceGuard on_device(x.device());
     // Biased variance for the batch; the running variance gets the
     // unbiased one, as BatchNorm's update does.
@@ -380,20 +393,24 @@ struct BnReluPool : public torch::autograd::Function<BnReluPool> {
     int C = static_cast<int>(x.size(1));
     int H = static_cast<int>(x.size(2));
     int W = static_cast<int>(x.size(3));
-    auto pooled = x.options().memory_format(kChannelsLast);
-    auto out = at::empty({x.size(0), C, H / 2, W / 2}, pooled);
-    auto argmax = at::empty(out.sizes(), pooled.dtype(at::kByte));
-    run("bn_relu_pool_forward", host::bn_relu_pool_forward, x, out.numel(), ptr<const half_t>(x),
+    int P = static_cast<int>(pool);
+    auto layout = x.options().memory_format(kChannelsLast);
+    auto out = at::empty({x.size(0), C, H / P, W / P}, layout);
+    // Without a pool every gradient goes to position 0: no positions kept.
+    at::Tensor argmax = pool == 2 ? at::empty(out.sizes(), layout.dtype(at::kByte)) : at::Tensor();
+    auto *positions = argmax.defined() ? ptr<unsigned char>(argmax) : nullptr;
+    run("bn_relu_forward", host::bn_relu_forward, x, out.numel(), ptr<const half_t>(x),
         ptr<const float>(mean), ptr<const float>(invstd), ptr<const float>(weight),
-        ptr<const float>(bias), ptr<half_t>(out), ptr<unsigned char>(argmax),
-        static_cast<long long>(out.numel()), C, H, W);
+        ptr<const float>(bias), ptr<half_t>(out), positions, static_cast<long long>(out.numel()),
+        C, H, W, P);
     ctx->save_for_backward({x, weight, mean, invstd, out, argmax});
+    ctx->saved_data["pool"] = pool;
     return out;
   }
 
-  // BatchNorm's two per-channel sums from the pooled gradient (a reduction
-  // over a quarter of the batch), then the input gradient in one pass; the
-  // weight's and bias's gradients are those sums.
+  // BatchNorm's two per-channel sums from the (pooled) gradient (with a
+  // pool, a reduction over a quarter of the batch), then the input
+  // gradient in one pass; the weight's and bias's gradients are those sums.
   static variable_list backward(AutogradContext *ctx, variable_list grads) {
     auto saved = ctx->get_saved_variables();
     const auto &x = saved[0];
@@ -401,6 +418,8 @@ struct BnReluPool : public torch::autograd::Function<BnReluPool> {
     const auto &invstd = saved[3];
     const auto &out = saved[4];
     const auto &argmax = saved[5];
+    const auto *positions = argmax.defined() ? ptr<const unsigned char>(argmax) : nullptr;
+    int P = static_cast<int>(ctx->saved_data["pool"].toInt());
     c10::DeviceGuard on_device(x.device());
     auto dy = grads[0].to(at::kHalf).contiguous(kChannelsLast);
     int C = static_cast<int>(x.size(1));
@@ -409,20 +428,20 @@ struct BnReluPool : public torch::autograd::Function<BnReluPool> {
     long long rows = out.numel() / C;
     auto chunks = chunked(rows, C);
     auto partial = at::empty({2, chunks.count, C}, x.options().dtype(at::kFloat));
-    run("bn_relu_pool_backward_reduce", host::bn_relu_pool_backward_reduce, x,
-        chunks.count * C, ptr<const half_t>(dy), ptr<const half_t>(out),
-        ptr<const unsigned char>(argmax), ptr<const half_t>(x), ptr<const float>(mean),
-        ptr<const float>(invstd), ptr<float>(partial[0]), ptr<float>(partial[1]), rows, C, H, W,
-        chunks.rows, chunks.count * C);
+    run("bn_relu_backward_reduce", host::bn_relu_backward_reduce, x, chunks.count * C,
+        ptr<const half_t>(dy), ptr<const half_t>(out), positions, ptr<const half_t>(x),
+        ptr<const float>(mean), ptr<const float>(invstd), ptr<float>(partial[0]),
+        ptr<float>(partial[1]), rows, C, H, W, P, chunks.rows, chunks.count * C);
     auto sums = partial.sum(1);  // [2, C]: sum(g), sum(g * xhat)
     auto dx = at::empty_like(x, x.options(), kChannelsLast);
     float inv_count = 1.0f / static_cast<float>(x.numel() / C);
-    run("bn_relu_pool_backward", host::bn_relu_pool_backward, x, dx.numel(), ptr<const half_t>(dy),
-        ptr<const half_t>(out), ptr<const unsigned char>(argmax), ptr<const half_t>(x),
-        ptr<const float>(mean), ptr<const float>(invstd), ptr<const float>(saved[1]),
-        ptr<const float>(sums[0]), ptr<const float>(sums[1]), ptr<half_t>(dx),
-        static_cast<long long>(dx.numel()), C, H, W, inv_count);
-    return {dx, sums[1], sums[0], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    run("bn_relu_backward", host::bn_relu_backward, x, dx.numel(), ptr<const half_t>(dy),
+        ptr<const half_t>(out), positions, ptr<const half_t>(x), ptr<const float>(mean),
+        ptr<const float>(invstd), ptr<const float>(saved[1]), ptr<const float>(sums[0]),
+        ptr<const float>(sums[1]), ptr<half_t>(dx), static_cast<long long>(dx.numel()), C, H, W,
+        P, inv_count);
+    return {dx,           sums[1],      sums[0],      at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -457,15 +476,28 @@ std::tuple<at::Tensor, at::Tensor> relu_bias_grad(const at::Tensor &grad, const 
 extern "C" {
 
 // max_pool2d(relu(batch_norm(x)), 2) in training mode as one operation (see
-// BnReluPool), updating the running statistics; *out is a new tensor on
+// BnReluKernels), updating the running statistics; *out is a new tensor on
 // success.
 int vggctl_bn_relu_pool(const at::Tensor *x, const at::Tensor *weight, const at::Tensor *bias,
                         const at::Tensor *running_mean, const at::Tensor *running_var,
                         double momentum, double eps, at::Tensor **out, char *err, size_t len) {
   *out = nullptr;
   return guarded(err, len, [&] {
-    *out = new at::Tensor(
-        BnReluPool::apply(*x, *weight, *bias, *running_mean, *running_var, momentum, eps));
+    *out = new at::Tensor(BnReluKernels::apply(*x, *weight, *bias, *running_mean, *running_var,
+                                               momentum, eps, 2));
+  });
+}
+
+// relu(batch_norm(x)) in training mode as one operation of vggctl's own
+// kernels (see BnReluKernels), updating the running statistics; *out is a
+// new tensor on success.
+int vggctl_bn_relu_own(const at::Tensor *x, const at::Tensor *weight, const at::Tensor *bias,
+                       const at::Tensor *running_mean, const at::Tensor *running_var,
+                       double momentum, double eps, at::Tensor **out, char *err, size_t len) {
+  *out = nullptr;
+  return guarded(err, len, [&] {
+    *out = new at::Tensor(BnReluKernels::apply(*x, *weight, *bias, *running_mean, *running_var,
+                                               momentum, eps, 1));
   });
 }
 

@@ -514,7 +514,8 @@ fn batchnorm_relu_falls_back_to_the_plain_ops_where_cudnn_cannot_run_it() {
     let (x, _) = batch();
     let (w, b) = (Tensor::ones([3], opts), Tensor::zeros([3], opts));
     let (m, v) = (Tensor::zeros([3], opts), Tensor::ones([3], opts));
-    let err = vggctl::shim::step::bn_relu(&x, &w, &b, &m, &v, 0.1, 1e-5).unwrap_err();
+    let cudnn = vggctl::shim::step::FusedBn::Cudnn;
+    let err = cudnn.run(&x, [&w, &b], [&m, &v], 0.1, 1e-5).unwrap_err();
     let err = format!("{err:#}");
     // Built with cuDNN's headers (the torch wheel's), or without.
     assert!(
@@ -527,7 +528,7 @@ fn batchnorm_relu_falls_back_to_the_plain_ops_where_cudnn_cannot_run_it() {
         "the refusal moved the statistics"
     );
     let (reference, mut fused) = (model(), model());
-    fused.features.bn_relu = true;
+    fused.features.bn_relu = Some(cudnn);
     let (a, b) = (reference.forward_t(&x, true), fused.forward_t(&x, true));
     assert!(a.equal(&b), "{}", rel(&b, &a));
     for which in ["mean", "var"] {

@@ -286,7 +286,7 @@ fn the_fused_step_trains_as_the_reference_step() {
         "fused step vs reference after 20 steps: worst {:.3e} ({})",
         worst.0, worst.1
     );
-    // fp16: bias-free convolutions, BatchNorm+ReLU in one cuDNN pass, the
+    // fp16: bias-free convolutions, BatchNorm+ReLU (and max-pool) in one pass, the
     // weights cast once. Rounding differs, the training does not.
     let half = train(&tmp.path().join("fp16"), 1, &["--precision", "fp16"]);
     let half_reference = train(
@@ -409,7 +409,7 @@ fn assert_close(what: &str, got: &Tensor, want: &Tensor, tolerance: f64) {
 #[test]
 #[ignore = "needs a CUDA GPU (scripts/gpu-check runs it)"]
 fn the_fused_batchnorm_relu_matches_the_plain_ops() {
-    fused_batchnorm_matches_the_plain_ops(false);
+    fused_batchnorm_matches_the_plain_ops(shim::step::FusedBn::Cudnn);
 }
 
 /// The fused step's BatchNorm+ReLU+max-pool (vggctl's own kernels,
@@ -422,7 +422,17 @@ fn the_fused_batchnorm_relu_matches_the_plain_ops() {
 #[test]
 #[ignore = "needs a CUDA GPU (scripts/gpu-check runs it)"]
 fn the_fused_kernels_bn_relu_pool_match_the_plain_ops() {
-    fused_batchnorm_matches_the_plain_ops(true);
+    fused_batchnorm_matches_the_plain_ops(shim::step::FusedBn::OwnPool);
+}
+
+/// The fused step's BatchNorm+ReLU in vggctl's own kernels (no pool; the
+/// alternative to cuDNN's pass) against the plain ops in fp32, as
+/// `the_fused_batchnorm_relu_matches_the_plain_ops` checks cuDNN's. In
+/// gpu-check's process of its own with the other kernel tests.
+#[test]
+#[ignore = "needs a CUDA GPU (scripts/gpu-check runs it)"]
+fn the_fused_kernels_bn_relu_own_match_the_plain_ops() {
+    fused_batchnorm_matches_the_plain_ops(shim::step::FusedBn::Own);
 }
 
 /// conv+bias+ReLU's backward with the ReLU's and the bias's gradients in
@@ -491,12 +501,14 @@ fn the_fused_kernels_relu_bias_grad_match_the_plain_backward() {
     }
 }
 
-/// BatchNorm+ReLU (and max-pool, with `pool`) fused against the plain ops.
-fn fused_batchnorm_matches_the_plain_ops(pool: bool) {
+/// BatchNorm+ReLU (and max-pool, for `FusedBn::OwnPool`) fused as `op`
+/// against the plain ops.
+fn fused_batchnorm_matches_the_plain_ops(op: shim::step::FusedBn) {
     use vggctl::model::{BN_EPS, BN_MOMENTUM, batch_norm, to_channels_last};
     assert!(tch::Cuda::is_available(), "{GPU}");
     let dev = Device::Cuda(0);
     let opts = (Kind::Float, dev);
+    let pool = op == shim::step::FusedBn::OwnPool;
     tch::manual_seed(3);
     let mut x = Tensor::randn([64, 128, 16, 16], opts) * 2.0 + 0.5;
     if pool {
@@ -511,11 +523,10 @@ fn fused_batchnorm_matches_the_plain_ops(pool: bool) {
     let dy = to_channels_last(&Tensor::randn([64, 128, side, side], opts));
     let weight = Tensor::rand([128], opts) + 0.5;
     let bias = Tensor::randn([128], opts) * 0.1;
-    let name = if pool {
-        "BatchNorm+ReLU+max-pool"
-    } else {
-        "BatchNorm+ReLU"
-    };
+    let name = format!(
+        "{op:?} BatchNorm+ReLU{}",
+        if pool { "+max-pool" } else { "" }
+    );
     let close = |what: &str, got: &Tensor, want: &Tensor, tolerance: f64| {
         assert_close(&format!("{name} {what}"), got, want, tolerance)
     };
@@ -525,12 +536,9 @@ fn fused_batchnorm_matches_the_plain_ops(pool: bool) {
             .map(|t| t.detach().set_requires_grad(true));
         let [x, w, b] = &leaves;
         let (mean, var) = (&stats[0], &stats[1]);
-        let y = match (fused, pool) {
-            (true, false) => shim::step::bn_relu(x, w, b, mean, var, BN_MOMENTUM, BN_EPS).unwrap(),
-            (true, true) => {
-                shim::step::bn_relu_pool(x, w, b, mean, var, BN_MOMENTUM, BN_EPS).unwrap()
-            }
-            (false, _) => {
+        let y = match fused {
+            true => op.run(x, [w, b], [mean, var], BN_MOMENTUM, BN_EPS).unwrap(),
+            false => {
                 let y = batch_norm(x, w, b, mean, var, true).relu();
                 match pool {
                     true => y.max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false),

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use tch::{Device, Kind, Tensor};
 
 use super::spec::{LayerKind, LayerSpec};
-use crate::shim::step::{ConvOptions, conv3x3};
+use crate::shim::step::{ConvOptions, FusedBn, conv3x3};
 
 /// The parameters and buffers of one module.
 pub enum Layer {
@@ -265,12 +265,14 @@ pub struct Sequential {
     /// (`shim::step::conv3x3`), whose backward computes the weight's (and
     /// bias's) gradient on a second CUDA stream beside the input's.
     pub two_streams: bool,
-    /// In training mode, BatchNorm followed by ReLU runs as one operation
-    /// (`shim::step::bn_relu`: cuDNN's BatchNorm with its activation, one
-    /// pass each way; not with SyncBatchNorm); the plain ops if it fails.
-    pub bn_relu: bool,
+    /// In training mode, BatchNorm followed by ReLU (and no max-pool that
+    /// `bn_relu_pool` fuses) runs as this one operation (`FusedBn::Cudnn`:
+    /// cuDNN's BatchNorm with its activation, one pass each way; or
+    /// `FusedBn::Own`: vggctl's kernels; not with SyncBatchNorm); the plain
+    /// ops if it fails.
+    pub bn_relu: Option<FusedBn>,
     /// In training mode, BatchNorm followed by ReLU and a max-pool runs as
-    /// one operation (`shim::step::bn_relu_pool`: kernels of the shim's
+    /// one operation (`FusedBn::OwnPool`: kernels of the shim's
     /// own, fp16 channels-last, 1-byte pool indices; not with
     /// SyncBatchNorm); the plain ops if it fails.
     pub bn_relu_pool: bool,
@@ -310,7 +312,7 @@ impl Sequential {
             conv_relu: false,
             relu_bias_grad: false,
             two_streams: false,
-            bn_relu: false,
+            bn_relu: None,
             bn_relu_pool: false,
             pad_input: None,
             stand_ins: BTreeMap::new(),
@@ -388,6 +390,11 @@ impl Sequential {
             return None;
         }
         let pool = self.bn_relu_pool && followed_by(2, |l| matches!(l, Layer::MaxPool));
+        let bn_op = if pool {
+            Some(FusedBn::OwnPool)
+        } else {
+            self.bn_relu
+        };
         let (fused, ran) = match layer {
             Layer::Conv { weight, bias } if self.conv_relu => {
                 let opts = ConvOptions {
@@ -403,20 +410,9 @@ impl Sequential {
                 running_mean,
                 running_var,
                 num_batches_tracked,
-            } if (self.bn_relu || pool) && self.sync.is_none() => {
-                let op = match pool {
-                    true => crate::shim::step::bn_relu_pool,
-                    false => crate::shim::step::bn_relu,
-                };
-                let y = op(
-                    x,
-                    weight,
-                    bias,
-                    running_mean,
-                    running_var,
-                    BN_MOMENTUM,
-                    BN_EPS,
-                );
+            } if self.sync.is_none() => {
+                let stats = [running_mean, running_var];
+                let y = bn_op?.run(x, [weight, bias], stats, BN_MOMENTUM, BN_EPS);
                 if y.is_ok() {
                     num_batches_tracked.set(num_batches_tracked.get() + 1);
                 }

@@ -20,6 +20,10 @@ pub enum StepPart {
     ReluBiasGrad,
     /// BatchNorm and ReLU in one cuDNN pass each way (fp16, channels-last).
     BnRelu,
+    /// BatchNorm and ReLU (where no max-pool follows) in kernels of
+    /// vggctl's own: one pass forward, a reduction and one pass backward
+    /// (fp16, channels-last); where it runs, `BnRelu`'s cuDNN pass does not.
+    BnReluOwn,
     /// BatchNorm, ReLU and the max-pool after them in kernels of vggctl's
     /// own: one pass forward, a reduction over the pooled gradient and one
     /// pass backward (fp16, channels-last, 1-byte pool indices).
@@ -40,6 +44,7 @@ impl Choice for StepPart {
         StepPart::ConvRelu,
         StepPart::ReluBiasGrad,
         StepPart::BnRelu,
+        StepPart::BnReluOwn,
         StepPart::BnReluPool,
         StepPart::CastOnce,
         StepPart::PadInput,
@@ -52,6 +57,7 @@ impl Choice for StepPart {
             StepPart::ConvRelu => "conv-relu",
             StepPart::ReluBiasGrad => "relu-bias-grad",
             StepPart::BnRelu => "bn-relu",
+            StepPart::BnReluOwn => "bn-relu-own",
             StepPart::BnReluPool => "bn-relu-pool",
             StepPart::CastOnce => "cast-once",
             StepPart::PadInput => "pad-input",
@@ -71,6 +77,9 @@ impl Choice for StepPart {
             StepPart::BnRelu => {
                 "BatchNorm and ReLU in one cuDNN pass each way (fp16, channels-last)"
             }
+            StepPart::BnReluOwn => {
+                "BatchNorm and ReLU where no max-pool follows, in kernels of vggctl's own instead of bn-relu's cuDNN pass: one pass forward, BatchNorm's sums and one pass backward (fp16, channels-last)"
+            }
             StepPart::BnReluPool => {
                 "BatchNorm, ReLU and the max-pool after them in kernels of vggctl's own: one pass forward, BatchNorm's sums over the pooled gradient and one pass backward (fp16, channels-last; 1-byte pool indices)"
             }
@@ -88,7 +97,7 @@ impl Choice for StepPart {
 /// A set of [`StepPart`]s: those a run may use (the request), or those it
 /// uses once the trainer has fitted them to the model and the device.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct FusedStep(u8);
+pub struct FusedStep(u16);
 
 impl FusedStep {
     /// The reference step: libtorch's kernels as they are.
@@ -103,7 +112,7 @@ impl FusedStep {
         parts
     }
 
-    fn bit(part: StepPart) -> u8 {
+    fn bit(part: StepPart) -> u16 {
         let i = StepPart::ALL.iter().position(|&p| p == part);
         1 << i.expect("every part is in ALL")
     }
@@ -142,10 +151,14 @@ mod tests {
         let all = FusedStep::without(&[]);
         assert_eq!(
             all.names(),
-            "no-bias, conv-relu, relu-bias-grad, bn-relu, bn-relu-pool, cast-once, pad-input, two-streams"
+            "no-bias, conv-relu, relu-bias-grad, bn-relu, bn-relu-own, bn-relu-pool, cast-once, pad-input, two-streams"
         );
-        let some =
-            FusedStep::without(&[StepPart::ConvRelu, StepPart::NoBias, StepPart::ReluBiasGrad]);
+        let some = FusedStep::without(&[
+            StepPart::ConvRelu,
+            StepPart::NoBias,
+            StepPart::ReluBiasGrad,
+            StepPart::BnReluOwn,
+        ]);
         assert_eq!(
             some.names(),
             "bn-relu, bn-relu-pool, cast-once, pad-input, two-streams"

@@ -80,85 +80,18 @@ unsafe extern "C" {
         err: *mut c_char,
         len: usize,
     ) -> std::ffi::c_int;
-}
-
-/// `relu(batch_norm(x))` in training mode as one differentiable operation,
-/// updating the running statistics with `momentum` as BatchNorm does:
-/// cuDNN's BatchNorm with its ReLU in one pass forward and one backward.
-/// Only for CUDA fp16 channels-last batches with fp32 parameters and a
-/// multiple of 4 channels; anything else is an error (the caller runs the
-/// plain ops).
-pub fn bn_relu(
-    x: &Tensor,
-    weight: &Tensor,
-    bias: &Tensor,
-    running_mean: &Tensor,
-    running_var: &Tensor,
-    momentum: f64,
-    eps: f64,
-) -> Result<Tensor> {
-    let args = BatchNormArgs {
-        x,
-        weight,
-        bias,
-        running_mean,
-        running_var,
-        momentum,
-        eps,
-    };
-    batch_norm_op("BatchNorm+ReLU", vggctl_bn_relu, &args)
-}
-
-/// What the shim's BatchNorm operations take.
-struct BatchNormArgs<'a> {
-    x: &'a Tensor,
-    weight: &'a Tensor,
-    bias: &'a Tensor,
-    running_mean: &'a Tensor,
-    running_var: &'a Tensor,
-    momentum: f64,
-    eps: f64,
-}
-
-/// The C signature of the shim's BatchNorm operations.
-type BatchNormFn = unsafe extern "C" fn(
-    *mut C_tensor,
-    *mut C_tensor,
-    *mut C_tensor,
-    *mut C_tensor,
-    *mut C_tensor,
-    f64,
-    f64,
-    *mut *mut C_tensor,
-    *mut c_char,
-    usize,
-) -> std::ffi::c_int;
-
-/// Runs the shim's BatchNorm operation `f` (named `what` in its errors).
-fn batch_norm_op(what: &str, f: BatchNormFn, a: &BatchNormArgs) -> Result<Tensor> {
-    let mut out: *mut C_tensor = std::ptr::null_mut();
-    // SAFETY: `f` is one of the shim's BatchNorm operations; the tensors
-    // are live; the running statistics are written in place on the device;
-    // `out` is written only on success; err/len as in `call`.
-    call(what, |err, len| unsafe {
-        f(
-            ptr(a.x),
-            ptr(a.weight),
-            ptr(a.bias),
-            ptr(a.running_mean),
-            ptr(a.running_var),
-            a.momentum,
-            a.eps,
-            &mut out,
-            err,
-            len,
-        )
-    })?;
-    // SAFETY: as in `conv3x3`.
-    Ok(unsafe { Tensor::from_ptr(out) })
-}
-
-unsafe extern "C" {
+    fn vggctl_bn_relu_own(
+        x: *mut C_tensor,
+        weight: *mut C_tensor,
+        bias: *mut C_tensor,
+        running_mean: *mut C_tensor,
+        running_var: *mut C_tensor,
+        momentum: f64,
+        eps: f64,
+        out: *mut *mut C_tensor,
+        err: *mut c_char,
+        len: usize,
+    ) -> std::ffi::c_int;
     fn vggctl_bn_relu_pool(
         x: *mut C_tensor,
         weight: *mut C_tensor,
@@ -188,36 +121,84 @@ unsafe extern "C" {
     ) -> std::ffi::c_int;
 }
 
-/// `max_pool2d(relu(batch_norm(x)), 2)` in training mode as one
-/// differentiable operation, updating the running statistics with
-/// `momentum` as BatchNorm does: the statistics, then one kernel of the
-/// shim's own (src/kernels.cu) that writes only the pooled output and a
-/// 1-byte window position per output; backward, BatchNorm's sums over the
-/// pooled gradient, then one kernel for the input gradient with the pool's
-/// and the ReLU's backward folded in. For fp16
-/// channels-last batches (2x2 or larger) with fp32 parameters, on CUDA
-/// (kernels compiled by NVRTC) or on the CPU (the same kernels run
-/// thread by thread: for tests); anything else is an error.
-pub fn bn_relu_pool(
-    x: &Tensor,
-    weight: &Tensor,
-    bias: &Tensor,
-    running_mean: &Tensor,
-    running_var: &Tensor,
-    momentum: f64,
-    eps: f64,
-) -> Result<Tensor> {
-    let args = BatchNormArgs {
-        x,
-        weight,
-        bias,
-        running_mean,
-        running_var,
-        momentum,
-        eps,
-    };
-    batch_norm_op("BatchNorm+ReLU+max-pool", vggctl_bn_relu_pool, &args)
+/// The fused step's training-mode BatchNorm operations: BatchNorm and the
+/// ReLU after it (and a max-pool after that) as one differentiable
+/// operation that updates the running statistics as BatchNorm does. Each
+/// takes fp16 channels-last batches with fp32 parameters; anything else is
+/// an error (the caller runs the plain ops).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FusedBn {
+    /// `relu(batch_norm(x))`: cuDNN's BatchNorm with its ReLU in one pass
+    /// forward and one backward. CUDA only, channels in multiples of 4.
+    Cudnn,
+    /// `relu(batch_norm(x))` in vggctl's own kernels (src/kernels.cu): one
+    /// kernel forward after the statistics; backward, BatchNorm's two sums
+    /// (the ReLU's mask is the saved output's sign), then one kernel for
+    /// the input gradient. On CUDA (compiled by NVRTC) or the CPU (the
+    /// same kernels run thread by thread: for tests).
+    Own,
+    /// `max_pool2d(relu(batch_norm(x)), 2)` in vggctl's own kernels: one
+    /// kernel forward that writes only the pooled output and a 1-byte
+    /// window position per output; backward, BatchNorm's sums over the
+    /// pooled gradient, then one kernel for the input gradient with the
+    /// pool's and the ReLU's backward folded in. Batches of 2x2 or more; on
+    /// CUDA or the CPU, as `Own`.
+    OwnPool,
 }
+
+impl FusedBn {
+    /// The operation on `x` with BatchNorm's parameters and running
+    /// statistics, updated with `momentum`.
+    pub fn run(
+        self,
+        x: &Tensor,
+        [weight, bias]: [&Tensor; 2],
+        [running_mean, running_var]: [&Tensor; 2],
+        momentum: f64,
+        eps: f64,
+    ) -> Result<Tensor> {
+        let (what, f): (&str, BatchNormFn) = match self {
+            FusedBn::Cudnn => ("BatchNorm+ReLU", vggctl_bn_relu),
+            FusedBn::Own => ("BatchNorm+ReLU (vggctl's kernels)", vggctl_bn_relu_own),
+            FusedBn::OwnPool => ("BatchNorm+ReLU+max-pool", vggctl_bn_relu_pool),
+        };
+        let mut out: *mut C_tensor = std::ptr::null_mut();
+        // SAFETY: `f` is one of the shim's BatchNorm operations; the
+        // tensors are live; the running statistics are written in place on
+        // the device; `out` is written only on success; err/len as in
+        // `call`.
+        call(what, |err, len| unsafe {
+            f(
+                ptr(x),
+                ptr(weight),
+                ptr(bias),
+                ptr(running_mean),
+                ptr(running_var),
+                momentum,
+                eps,
+                &mut out,
+                err,
+                len,
+            )
+        })?;
+        // SAFETY: as in `conv3x3`.
+        Ok(unsafe { Tensor::from_ptr(out) })
+    }
+}
+
+/// The C signature of the shim's BatchNorm operations.
+type BatchNormFn = unsafe extern "C" fn(
+    *mut C_tensor,
+    *mut C_tensor,
+    *mut C_tensor,
+    *mut C_tensor,
+    *mut C_tensor,
+    f64,
+    f64,
+    *mut *mut C_tensor,
+    *mut c_char,
+    usize,
+) -> std::ffi::c_int;
 
 /// The backward of `relu(conv(x) + bias)` up to the convolution, in one
 /// pass of vggctl's own kernel (what [`ConvOptions::fused_grad`] runs):

@@ -11,7 +11,7 @@ use crate::dist::World;
 use crate::model::{BN_EPS, BN_MOMENTUM, Layer, PAD_CHANNELS, Values, Vgg, batch_norm};
 use crate::numerics::{FusedStep, Numerics, StepPart};
 use crate::optim::Optimizer;
-use crate::shim::step::{ConvOptions, conv3x3};
+use crate::shim::step::{ConvOptions, FusedBn, conv3x3};
 
 use super::config::TrainConfig;
 use super::run_dir::RunDir;
@@ -132,8 +132,9 @@ fn fingerprint(model: &Vgg, config: &TrainConfig, sizes: [i64; 2]) -> i64 {
 /// pretrained ones are not); without BatchNorm, convolution, bias and ReLU
 /// run as one operation (in fp16 channels-last, its backward's ReLU and
 /// bias gradients in one kernel), and with it (fp16, channels-last) BatchNorm and
-/// ReLU (and the max-pool after them, where one follows), each where it
-/// runs on this device and agrees with the plain ops;
+/// ReLU (in vggctl's kernels, else cuDNN's; and the max-pool after them,
+/// where one follows), each where it runs on this device and agrees with
+/// the plain ops;
 /// in half precision, the weights are cast once per step (see
 /// [`build_optimizer`]), and channels-last the first convolution's input
 /// is padded to 8 channels; on CUDA each convolution's weight gradient is
@@ -147,8 +148,14 @@ pub fn fuse_step(model: &mut Vgg, numerics: &mut Numerics) {
     features.conv_relu = may.has(StepPart::ConvRelu) && !bn && conv_relu_works(numerics);
     features.relu_bias_grad =
         may.has(StepPart::ReluBiasGrad) && features.conv_relu && relu_bias_grad_works(numerics);
-    features.bn_relu = may.has(StepPart::BnRelu) && bn && bn_relu_works(numerics, false);
-    features.bn_relu_pool = may.has(StepPart::BnReluPool) && bn && bn_relu_works(numerics, true);
+    let bn_op = |part: StepPart, op: FusedBn| may.has(part) && bn && bn_relu_works(numerics, op);
+    features.bn_relu = [
+        (StepPart::BnReluOwn, FusedBn::Own),
+        (StepPart::BnRelu, FusedBn::Cudnn),
+    ]
+    .into_iter()
+    .find_map(|(part, op)| bn_op(part, op).then_some(op));
+    features.bn_relu_pool = bn_op(StepPart::BnReluPool, FusedBn::OwnPool);
     let kind = numerics.compute_kind();
     let narrow = matches!(&features.layers[0].1, Layer::Conv { weight, .. }
         if weight.size()[1] < PAD_CHANNELS);
@@ -159,7 +166,8 @@ pub fn fuse_step(model: &mut Vgg, numerics: &mut Numerics) {
     uses.set(StepPart::NoBias, features.bias_free);
     uses.set(StepPart::ConvRelu, features.conv_relu);
     uses.set(StepPart::ReluBiasGrad, features.relu_bias_grad);
-    uses.set(StepPart::BnRelu, features.bn_relu);
+    uses.set(StepPart::BnRelu, features.bn_relu == Some(FusedBn::Cudnn));
+    uses.set(StepPart::BnReluOwn, features.bn_relu == Some(FusedBn::Own));
     uses.set(StepPart::BnReluPool, features.bn_relu_pool);
     uses.set(StepPart::CastOnce, casts_once(numerics).is_some());
     uses.set(StepPart::PadInput, features.pad_input.is_some());
@@ -289,24 +297,24 @@ fn close(got: &Tensor, want: &Tensor, tolerance: f64) -> bool {
     err <= tolerance * want.abs().max().double_value(&[])
 }
 
-/// Whether the fused BatchNorm+ReLU (with `pool`, BatchNorm+ReLU+max-pool)
-/// runs here (CUDA, fp16, channels-last) and computes what the plain ops
-/// compute in fp32 within 1e-2 of the largest value: output, running
-/// statistics and the three gradients, checked once on a small batch of
-/// fixed values.
-fn bn_relu_works(numerics: &Numerics, pool: bool) -> bool {
+/// Whether the fused BatchNorm operation `op` runs here (CUDA, fp16,
+/// channels-last) and computes what the plain ops compute in fp32 within
+/// 1e-2 of the largest value: output, running statistics and the three
+/// gradients, checked once on a small batch of fixed values.
+fn bn_relu_works(numerics: &Numerics, op: FusedBn) -> bool {
     let dev = numerics.device;
     dev.is_cuda()
         && numerics.compute_kind() == Kind::Half
         && numerics.channels_last
-        && fused_bn_agrees(dev, pool, |t| numerics.input(t))
+        && fused_bn_agrees(dev, op, |t| numerics.input(t))
 }
 
-/// Whether the fused BatchNorm+ReLU (+max-pool with `pool`) on `dev`
-/// computes what the plain ops compute in fp32 within 1e-2 of the largest
-/// value (see [`bn_relu_works`]); `layout` puts a batch in the run's layout.
-fn fused_bn_agrees(dev: tch::Device, pool: bool, layout: impl Fn(&Tensor) -> Tensor) -> bool {
+/// Whether the fused BatchNorm operation `op` on `dev` computes what the
+/// plain ops compute in fp32 within 1e-2 of the largest value (see
+/// [`bn_relu_works`]); `layout` puts a batch in the run's layout.
+fn fused_bn_agrees(dev: tch::Device, op: FusedBn, layout: impl Fn(&Tensor) -> Tensor) -> bool {
     let shape = [4, 16, 8, 8];
+    let pool = op == FusedBn::OwnPool;
     let x = layout(&untied_values(&shape, dev)).to_kind(Kind::Half);
     let out_shape = if pool { [4, 16, 4, 4] } else { shape };
     let dy = layout(&fixed_values(&out_shape, 1.0, dev).flip([0]));
@@ -320,21 +328,15 @@ fn fused_bn_agrees(dev: tch::Device, pool: bool, layout: impl Fn(&Tensor) -> Ten
         ];
         let [x, w, b] = &leaves;
         let (mean, var) = (&stats[0], &stats[1]);
-        let y = match (fused, pool) {
-            (true, false) => {
-                crate::shim::step::bn_relu(x, w, b, mean, var, BN_MOMENTUM, BN_EPS).ok()?
+        let y = match fused {
+            true => op.run(x, [w, b], [mean, var], BN_MOMENTUM, BN_EPS).ok()?,
+            false => {
+                let y = batch_norm(x, w, b, mean, var, true).relu();
+                match pool {
+                    true => y.max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false),
+                    false => y,
+                }
             }
-            (true, true) => {
-                crate::shim::step::bn_relu_pool(x, w, b, mean, var, BN_MOMENTUM, BN_EPS).ok()?
-            }
-            (false, false) => batch_norm(x, w, b, mean, var, true).relu(),
-            (false, true) => batch_norm(x, w, b, mean, var, true).relu().max_pool2d(
-                [2, 2],
-                [2, 2],
-                [0, 0],
-                [1, 1],
-                false,
-            ),
         };
         let loss = (y.to_kind(Kind::Float) * &dy).sum(Kind::Float);
         let grads = Tensor::run_backward(&[loss], &leaves, false, false);
@@ -406,15 +408,17 @@ mod tests {
         }
     }
 
-    /// The start-up check of BatchNorm+ReLU+max-pool passes on the kernels
-    /// as the CPU runs them (the GPU's source, thread by thread), and fails
-    /// for BatchNorm+ReLU, which only cuDNN runs.
+    /// The start-up checks of BatchNorm+ReLU (+max-pool) in vggctl's
+    /// kernels pass on the kernels as the CPU runs them (the GPU's source,
+    /// thread by thread), and the check of cuDNN's BatchNorm+ReLU fails
+    /// there (only cuDNN runs it).
     #[test]
-    fn the_batchnorm_pool_check_passes_on_the_kernels_run_on_the_cpu() {
+    fn the_batchnorm_checks_pass_on_the_kernels_run_on_the_cpu() {
         let _seeded = crate::seeded();
         let layout = |t: &Tensor| crate::model::to_channels_last(t);
-        assert!(fused_bn_agrees(tch::Device::Cpu, true, layout));
-        assert!(!fused_bn_agrees(tch::Device::Cpu, false, layout));
+        assert!(fused_bn_agrees(tch::Device::Cpu, FusedBn::OwnPool, layout));
+        assert!(fused_bn_agrees(tch::Device::Cpu, FusedBn::Own, layout));
+        assert!(!fused_bn_agrees(tch::Device::Cpu, FusedBn::Cudnn, layout));
     }
 
     /// The start-up check of the fused ReLU and bias gradients passes on the
@@ -453,12 +457,20 @@ mod tests {
             let padded = model.features.pad_input == Some(Kind::BFloat16);
             assert_eq!(padded, n.fused_step.has(StepPart::PadInput));
             let f = &model.features;
+            let bn_relu = |op| f.bn_relu == Some(op);
             assert_eq!(
-                [f.bias_free, f.conv_relu, f.bn_relu, f.bn_relu_pool],
+                [
+                    f.bias_free,
+                    f.conv_relu,
+                    bn_relu(FusedBn::Cudnn),
+                    bn_relu(FusedBn::Own),
+                    f.bn_relu_pool
+                ],
                 [
                     StepPart::NoBias,
                     StepPart::ConvRelu,
                     StepPart::BnRelu,
+                    StepPart::BnReluOwn,
                     StepPart::BnReluPool
                 ]
                 .map(|p| n.fused_step.has(p)),
