@@ -2,7 +2,7 @@
 //! or integer weights, checkpoint metadata with a zero std or an 8-pixel
 //! input, a truncated JPEG, a resume state with batch size 0 or a step past
 //! its data, resume flags that would change the run (ignored, named), impossible class
-//! counts and limits. Each is one error line naming the file or the flag,
+//! counts and limits, an --out that is a file. Each is one error line naming the file or the flag,
 //! through the real binary.
 
 mod common;
@@ -212,7 +212,7 @@ fn a_truncated_jpeg_is_refused() {
 fn impossible_flags_are_refused() {
     let tmp = common::tempdir();
     let dir = tmp.path();
-    let cases: [(&[&str], &str); 14] = [
+    let cases: [(&[&str], &str); 15] = [
         (
             &["params", "--classes", "100000000000"],
             "--classes 100000000000: a classifier needs between 1 and 1000000 classes",
@@ -266,6 +266,18 @@ fn impossible_flags_are_refused() {
             "--cutmix-alpha inf must be a finite number, 0 or more",
         ),
         (
+            &[
+                "train",
+                "--dataset",
+                "folder",
+                "--data-dir",
+                "photos",
+                "--val-split",
+                "1.5",
+            ],
+            "--val-split 1.5 must be between 0 and 1 (or give --val-dir)",
+        ),
+        (
             &["train", "--dataset", "digits", "--random-erase", "1.5"],
             "--random-erase 1.5 must be a probability in [0, 1]",
         ),
@@ -295,6 +307,14 @@ fn impossible_flags_are_refused() {
     assert!(
         std::fs::read_dir(dir).unwrap().next().is_none(),
         "nothing created"
+    );
+    // An --out that is a file is named as one, and left as it was.
+    std::fs::write(dir.join("notes.txt"), "mine").unwrap();
+    let r = run_in(dir, &["train", "--dataset", "digits", "--out", "notes.txt"]);
+    assert_one_line_error(&r, 1, "notes.txt: a file, not a directory");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("notes.txt")).unwrap(),
+        "mine"
     );
 }
 

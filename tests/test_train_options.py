@@ -136,3 +136,31 @@ def test_a_clip_norm_must_be_positive(tmp_path):
         assert r.returncode == 2
         assert r.stderr == f"vggctl: error: --clip-grad-norm {shown} must be a positive number\n"
         assert not (tmp_path / "r").exists()
+
+
+def test_optimizer_values_torch_refuses_are_usage_errors(tmp_path):
+    """What torch.optim.SGD refuses (a negative momentum or weight decay,
+    Nesterov without momentum), vggctl refuses before anything is written,
+    with one line naming the option, exit 2; also what torch lets through but
+    cannot train (NaN, infinite values; a schedule's gamma of 0 or less). A
+    negative number given as its own word reaches the option's check
+    (`--lr -1`), not clap's "unexpected argument"."""
+    param = [torch.zeros(1, requires_grad=True)]
+    cases = [
+        (["--momentum", "-0.5"], "--momentum -0.5 must be a finite number, 0 or more", dict(momentum=-0.5)),
+        (["--weight-decay", "-1"], "--weight-decay -1 must be a finite number, 0 or more", dict(weight_decay=-1.0)),
+        (["--nesterov", "--momentum", "0"], "--nesterov needs a --momentum above 0", dict(nesterov=True)),
+        (["--lr", "-1"], "--lr -1 must be a positive number", dict(lr=-1.0)),
+        (["--momentum", "nan"], "--momentum NaN must be a finite number, 0 or more", None),
+        (["--weight-decay", "inf"], "--weight-decay inf must be a finite number, 0 or more", None),
+        (["--gamma", "0"], "--gamma 0 must be a positive number", None),
+        (["--gamma", "-1"], "--gamma -1 must be a positive number", None),
+    ]
+    for args, message, torch_args in cases:
+        if torch_args is not None:
+            with pytest.raises(ValueError):
+                torch.optim.SGD(param, **{"lr": 0.1, **torch_args})
+        r = subprocess.run([BIN, "train", "--dataset", "digits", *args, "--out", str(tmp_path / "r")],
+                           capture_output=True, text=True, timeout=60)
+        assert (r.returncode, r.stderr) == (2, f"vggctl: error: {message}\n"), args
+        assert not (tmp_path / "r").exists()

@@ -136,6 +136,9 @@ impl DataOpts {
                 "--dataset folder needs --data-dir DIR (one subfolder of images per class)",
             ));
         }
+        if dataset == "folder" && self.val_dir.is_none() {
+            folder::check_val_split(self.val_split).map_err(|e| usage(e.to_string()))?;
+        }
         self.data_dir.get_or_insert_with(|| PathBuf::from("./data"));
         let found = match dataset.as_str() {
             "folder" | "imagenet" if prepared::is_prepared(&self.dir()) => {

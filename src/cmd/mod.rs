@@ -99,7 +99,7 @@ pub const SUBCOMMANDS: &[&str] = &[
 pub fn parse() -> Result<Cli, clap::Error> {
     use clap::parser::ValueSource;
     use clap::{CommandFactory, FromArgMatches};
-    let command = Cli::command();
+    let command = negative_numbers(Cli::command());
     let matches = command.clone().try_get_matches()?;
     let mut cli = Cli::from_arg_matches(&matches)?;
     if let Some((name, sub)) = matches.subcommand() {
@@ -119,6 +119,18 @@ pub fn parse() -> Result<Cli, clap::Error> {
         }
     }
     Ok(cli)
+}
+
+/// Every option that takes a value takes a negative number too: `--lr -1`
+/// reaches the option's own check, which says what is wrong with it, not
+/// clap's "unexpected argument '-1'".
+fn negative_numbers(command: clap::Command) -> clap::Command {
+    command
+        .mut_args(|a| match a.get_action().takes_values() {
+            true => a.allow_negative_numbers(true),
+            false => a,
+        })
+        .mut_subcommands(negative_numbers)
 }
 
 pub fn run(cli: Cli) -> Result<()> {

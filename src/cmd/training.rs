@@ -218,6 +218,26 @@ impl HyperOpts {
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             return Err(usage(format!("--lr {} must be a positive number", self.lr)));
         }
+        // torch.optim.SGD's checks (AdamW's take the same values).
+        for (name, v) in [
+            ("--momentum", self.momentum),
+            ("--weight-decay", self.weight_decay),
+        ] {
+            if !(v >= 0.0 && v.is_finite()) {
+                return Err(usage(format!(
+                    "{name} {v} must be a finite number, 0 or more"
+                )));
+            }
+        }
+        if self.nesterov && self.momentum == 0.0 {
+            return Err(usage("--nesterov needs a --momentum above 0"));
+        }
+        if !(self.gamma > 0.0 && self.gamma.is_finite()) {
+            return Err(usage(format!(
+                "--gamma {} must be a positive number",
+                self.gamma
+            )));
+        }
         if !(0.0..1.0).contains(&self.label_smoothing) {
             return Err(usage(format!(
                 "--label-smoothing {} must be in [0, 1)",

@@ -171,6 +171,12 @@ impl RunDir {
             .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
             .map(PathBuf::from)
             .collect();
+        if dir.exists() && !dir.is_dir() {
+            bail!(
+                "{}: a file, not a directory (--out names the run's directory)",
+                dir.display()
+            );
+        }
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let path = dir.join(".lock");
         crate::fsutil::check_replaceable(&path)?;
