@@ -200,9 +200,14 @@ fn render(r: &Report) -> String {
         // With five classes or fewer, top-5 says nothing.
         format!("top-{k} —")
     };
+    // Throughput is measured after the first batch: one batch has none.
+    let speed = match e.images_per_s > 0.0 {
+        true => format!("{:.0} img/s; ", e.images_per_s),
+        false => String::new(),
+    };
     let mut s = format!(
-        "{} on {} test ({} images): top-1 {:.2}%  {top5}  loss {:.4}  ({:.0} img/s; {})\n\n",
-        r.model, r.dataset, e.images, e.top1, e.loss, e.images_per_s, r.ran_as
+        "{} on {} test ({} images): top-1 {:.2}%  {top5}  loss {:.4}  ({speed}{})\n\n",
+        r.model, r.dataset, e.images, e.top1, e.loss, r.ran_as
     );
     let labels: Vec<String> = r
         .classes
@@ -315,6 +320,12 @@ mod tests {
         };
         let text = render(&report);
         assert!(text.contains("top-1 50.00%  top-3 —  loss"), "{text}");
+        assert!(text.contains("loss 0.5000  (10 img/s; fp32)"), "{text}");
+        // One batch: no throughput measured, none shown (not "0 img/s").
+        let mut one_batch = report.clone();
+        one_batch.result.images_per_s = 0.0;
+        let text1 = render(&one_batch);
+        assert!(text1.contains("loss 0.5000  (fp32)"), "{text1}");
         assert!(
             text.contains("  0 cat                2    100.00%     50.00%     66.67%\n"),
             "{text}"
