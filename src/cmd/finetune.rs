@@ -8,6 +8,7 @@ use anyhow::{Result, bail};
 use vggctl::data::augment::Augment;
 use vggctl::model::{Head, SpecRequest, check_input};
 
+use super::checks::warn_unused_options;
 use super::data_opts::DataOpts;
 use super::launch::run_local_ranks;
 use super::opts::ModelOpts;
@@ -107,5 +108,6 @@ pub fn run(args: Args) -> Result<()> {
         let json = args.model.json;
         return resume(path, h, &args.data, device, json, &world, Some(&config));
     }
+    warn_unused_options(h, &config, &world);
     execute(config, h, &data, model, None, args.model.json, &world)
 }

@@ -7,6 +7,7 @@
 //! `output` (stdout and warnings).
 //! No subcommand imports another, and none imports this module.
 
+mod checks;
 mod data_opts;
 mod eval;
 mod export;

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressStyle};
 use vggctl::choice::Choice;
 use vggctl::dist::World;
+use vggctl::train::config::TrainConfig;
 use vggctl::train::{Observer, Trainer};
 
 use super::output::{print_json, print_out, warn};
@@ -320,14 +321,26 @@ pub fn print_header(trainer: &Trainer, dataset: &vggctl::data::Dataset, world: &
         },
         c.out.display()
     ));
-    let val = dataset.test.len();
-    if val < SMALL_VAL {
-        warn(format!(
-            "the validation split holds only {val} image{}: its top-1 moves in steps of {:.2}%, so the best epoch (best.safetensors, --early-stop) may be chosen by chance; a larger --val-split or --limit-test helps",
-            if val == 1 { "" } else { "s" },
-            100.0 / val.max(1) as f64
-        ));
+    warn_small_val(c, dataset.test.len());
+}
+
+/// Warns where the validation split is too small for its top-1 to pick
+/// the best epoch, with what this run can change to hold more.
+fn warn_small_val(c: &TrainConfig, val: i64) {
+    if val >= SMALL_VAL {
+        return;
     }
+    let helps = match (c.limit_test, &c.val_dir) {
+        (Some(_), _) => "a larger --limit-test helps",
+        (None, Some(_)) => "more images in --val-dir help",
+        (None, None) if c.dataset == "folder" => "a larger --val-split helps",
+        (None, None) => "more validation images help",
+    };
+    warn(format!(
+        "the validation split holds only {val} image{}: its top-1 moves in steps of {:.2}%, so the best epoch (best.safetensors, --early-stop) may be chosen by chance; {helps}",
+        if val == 1 { "" } else { "s" },
+        100.0 / val.max(1) as f64
+    ));
 }
 
 /// Fewer validation images than this: one image is more than a point of

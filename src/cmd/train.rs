@@ -7,6 +7,7 @@ use anyhow::Result;
 use vggctl::checkpoint::load_weights;
 use vggctl::model::{Head, ModelSpec, Vgg};
 
+use super::checks::warn_unused_options;
 use super::data_opts::DataOpts;
 use super::launch::run_local_ranks;
 use super::opts::ModelOpts;
@@ -74,5 +75,6 @@ pub fn run(args: Args) -> Result<()> {
         }
         None => Vgg::new(config.model, device),
     };
+    warn_unused_options(h, &config, &world);
     execute(config, h, &data, model, None, args.model.json, &world)
 }

@@ -1,0 +1,151 @@
+//! The training options' checks before a run starts: values no run can
+//! use (a usage error each, exit 2, nothing written), and options typed
+//! for a new run that this run has no use for (a warning each, where
+//! PyTorch's scripts would ignore them silently).
+
+use anyhow::Result;
+use vggctl::dist::World;
+use vggctl::optim::OptimizerKind;
+use vggctl::train::SchedulerKind;
+use vggctl::train::config::TrainConfig;
+
+use super::data_opts::DataOpts;
+use super::output::{usage, warn};
+use super::training::HyperOpts;
+
+impl HyperOpts {
+    pub fn validate(&self, data: &DataOpts) -> Result<()> {
+        // A run records its paths in config.json, as text.
+        for (flag, path) in [
+            ("--out", &self.out),
+            ("--resume", &self.resume),
+            ("--data-dir", &data.data_dir),
+            ("--val-dir", &data.val_dir),
+        ] {
+            if let Some(p) = path
+                && p.to_str().is_none()
+            {
+                return Err(usage(format!(
+                    "{flag} {}: not valid UTF-8; a run records its paths in config.json as text, so rename it",
+                    p.display()
+                )));
+            }
+        }
+        if self.batch_size < 1 || self.test_batch_size < 1 {
+            return Err(usage(
+                "--batch-size and --test-batch-size must be at least 1",
+            ));
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return Err(usage(format!("--lr {} must be a positive number", self.lr)));
+        }
+        // torch.optim.SGD's checks (AdamW's take the same values).
+        for (name, v) in [
+            ("--momentum", self.momentum),
+            ("--weight-decay", self.weight_decay),
+        ] {
+            if !(v >= 0.0 && v.is_finite()) {
+                return Err(usage(format!(
+                    "{name} {v} must be a finite number, 0 or more"
+                )));
+            }
+        }
+        if self.nesterov && self.momentum == 0.0 {
+            return Err(usage("--nesterov needs a --momentum above 0"));
+        }
+        if !(self.gamma > 0.0 && self.gamma.is_finite()) {
+            return Err(usage(format!(
+                "--gamma {} must be a positive number",
+                self.gamma
+            )));
+        }
+        if !(0.0..1.0).contains(&self.label_smoothing) {
+            return Err(usage(format!(
+                "--label-smoothing {} must be in [0, 1)",
+                self.label_smoothing
+            )));
+        }
+        if self.epochs == Some(0) {
+            return Err(usage("--epochs must be at least 1"));
+        }
+        if self.early_stop == Some(0) {
+            return Err(usage("--early-stop must be at least 1 epoch"));
+        }
+        if let Some(c) = self.clip_grad_norm
+            && !(c > 0.0 && c.is_finite())
+        {
+            return Err(usage(format!(
+                "--clip-grad-norm {c} must be a positive number"
+            )));
+        }
+        self.recipe.validate()?;
+        for (name, v) in [
+            ("--limit-train", self.limit_train),
+            ("--limit-test", self.limit_test),
+        ] {
+            if let Some(v) = v
+                && v < 1
+            {
+                return Err(usage(format!("{name} {v} must be at least 1")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Warns (rank 0) of each option typed for the new run `config` that it has
+/// no use for (see [`unused_options`]).
+pub fn warn_unused_options(h: &HyperOpts, config: &TrainConfig, world: &World) {
+    if world.is_main() {
+        unused_options(&h.typed, config).into_iter().for_each(warn);
+    }
+}
+
+/// The options typed for a new run (`typed`: their ids) that `config`'s
+/// run has no use for, each with what it applies to.
+fn unused_options(typed: &[String], config: &TrainConfig) -> Vec<String> {
+    let dataset = config.dataset.as_str();
+    let folder = dataset == "folder";
+    let images = folder || dataset == "imagenet";
+    let sgd = config.optimizer.kind == OptimizerKind::Sgd;
+    let multistep = config.scheduler == SchedulerKind::Multistep;
+    let rules: [(&[&str], bool, &str); 6] = [
+        (
+            &["momentum", "nesterov"],
+            sgd,
+            "applies to --optimizer sgd only",
+        ),
+        (
+            &["milestones", "gamma"],
+            multistep,
+            "applies to --scheduler multistep only",
+        ),
+        (&["val_dir"], folder, "applies to --dataset folder only"),
+        (
+            &["val_split"],
+            folder && config.val_dir.is_none(),
+            "applies to --dataset folder without --val-dir only",
+        ),
+        (
+            &["strict", "cache_dir", "cache_mem", "workers"],
+            images,
+            "applies to --dataset folder or imagenet only",
+        ),
+        (
+            &["data_url", "no_download"],
+            dataset == "cifar10",
+            "applies to --dataset cifar10 only",
+        ),
+    ];
+    let mut unused = Vec::new();
+    for (ids, applies, why) in rules {
+        for id in ids
+            .iter()
+            .filter(|id| !applies && typed.iter().any(|t| t == *id))
+        {
+            let flag = format!("--{}", id.replace('_', "-"));
+            unused.push(format!("{flag} is ignored: it {why}"));
+        }
+    }
+    unused
+}
