@@ -10,7 +10,7 @@ use vggctl::train::SchedulerKind;
 use vggctl::train::config::TrainConfig;
 
 use super::data_opts::DataOpts;
-use super::output::{usage, warn};
+use super::output::{non_negative, positive, usage, warn};
 use super::training::HyperOpts;
 
 impl HyperOpts {
@@ -36,29 +36,14 @@ impl HyperOpts {
                 "--batch-size and --test-batch-size must be at least 1",
             ));
         }
-        if !(self.lr > 0.0 && self.lr.is_finite()) {
-            return Err(usage(format!("--lr {} must be a positive number", self.lr)));
-        }
+        positive("--lr", self.lr)?;
         // torch.optim.SGD's checks (AdamW's take the same values).
-        for (name, v) in [
-            ("--momentum", self.momentum),
-            ("--weight-decay", self.weight_decay),
-        ] {
-            if !(v >= 0.0 && v.is_finite()) {
-                return Err(usage(format!(
-                    "{name} {v} must be a finite number, 0 or more"
-                )));
-            }
-        }
+        non_negative("--momentum", self.momentum)?;
+        non_negative("--weight-decay", self.weight_decay)?;
         if self.nesterov && self.momentum == 0.0 {
             return Err(usage("--nesterov needs a --momentum above 0"));
         }
-        if !(self.gamma > 0.0 && self.gamma.is_finite()) {
-            return Err(usage(format!(
-                "--gamma {} must be a positive number",
-                self.gamma
-            )));
-        }
+        positive("--gamma", self.gamma)?;
         if !(0.0..1.0).contains(&self.label_smoothing) {
             return Err(usage(format!(
                 "--label-smoothing {} must be in [0, 1)",
@@ -71,12 +56,8 @@ impl HyperOpts {
         if self.early_stop == Some(0) {
             return Err(usage("--early-stop must be at least 1 epoch"));
         }
-        if let Some(c) = self.clip_grad_norm
-            && !(c > 0.0 && c.is_finite())
-        {
-            return Err(usage(format!(
-                "--clip-grad-norm {c} must be a positive number"
-            )));
+        if let Some(c) = self.clip_grad_norm {
+            positive("--clip-grad-norm", c)?;
         }
         self.recipe.validate()?;
         for (name, v) in [

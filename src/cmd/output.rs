@@ -26,6 +26,24 @@ pub fn usage(message: impl Into<String>) -> anyhow::Error {
     Usage(message.into()).into()
 }
 
+/// A usage error unless `flag`'s value `v` is a finite number above 0.
+pub fn positive(flag: &str, v: f64) -> Result<()> {
+    match v > 0.0 && v.is_finite() {
+        true => Ok(()),
+        false => Err(usage(format!("{flag} {v} must be a positive number"))),
+    }
+}
+
+/// A usage error unless `flag`'s value `v` is a finite number, 0 or more.
+pub fn non_negative(flag: &str, v: f64) -> Result<()> {
+    match v >= 0.0 && v.is_finite() {
+        true => Ok(()),
+        false => Err(usage(format!(
+            "{flag} {v} must be a finite number, 0 or more"
+        ))),
+    }
+}
+
 /// The library's verdict on a typed value (an arch, a device, an input
 /// size) as a usage error.
 pub fn as_usage(e: anyhow::Error) -> anyhow::Error {

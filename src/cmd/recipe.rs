@@ -12,7 +12,7 @@ use vggctl::train::config::TrainConfig;
 use vggctl::train::ema::EmaConfig;
 
 use super::opts::choice;
-use super::output::usage;
+use super::output::{non_negative, usage};
 use super::progress::LogInterval;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -100,16 +100,8 @@ impl RecipeOpts {
         if self.accum_steps < 1 {
             return Err(usage("--accum-steps must be at least 1"));
         }
-        for (flag, alpha) in [
-            ("--mixup-alpha", self.mixup_alpha),
-            ("--cutmix-alpha", self.cutmix_alpha),
-        ] {
-            if !(alpha >= 0.0 && alpha.is_finite()) {
-                return Err(usage(format!(
-                    "{flag} {alpha} must be a finite number, 0 or more"
-                )));
-            }
-        }
+        non_negative("--mixup-alpha", self.mixup_alpha)?;
+        non_negative("--cutmix-alpha", self.cutmix_alpha)?;
         if !(0.0..=1.0).contains(&self.random_erase) {
             return Err(usage(format!(
                 "--random-erase {} must be a probability in [0, 1]",
