@@ -1,7 +1,8 @@
 //! The training options' checks before a run starts: values no run can
 //! use (a usage error each, exit 2, nothing written), and options typed
-//! for a new run that this run has no use for (a warning each, where
-//! PyTorch's scripts would ignore them silently).
+//! for a new run that would change what it computes but that this run has
+//! no use for (a warning each, where PyTorch's scripts would ignore them
+//! silently).
 
 use anyhow::Result;
 use vggctl::dist::World;
@@ -85,12 +86,13 @@ pub fn warn_unused_options(h: &HyperOpts, config: &TrainConfig, world: &World) {
 /// The options typed for a new run (`typed`: their ids) that `config`'s
 /// run has no use for, each with what it applies to.
 fn unused_options(typed: &[String], config: &TrainConfig) -> Vec<String> {
-    let dataset = config.dataset.as_str();
-    let folder = dataset == "folder";
-    let images = folder || dataset == "imagenet";
+    // Only options that change what a run computes: a resource or policy
+    // option (--workers, --no-download, --strict) set out of habit is no
+    // surprise when it has nothing to do.
+    let folder = config.dataset == "folder";
     let sgd = config.optimizer.kind == OptimizerKind::Sgd;
     let multistep = config.scheduler == SchedulerKind::Multistep;
-    let rules: [(&[&str], bool, &str); 6] = [
+    let rules: [(&[&str], bool, &str); 4] = [
         (
             &["momentum", "nesterov"],
             sgd,
@@ -106,16 +108,6 @@ fn unused_options(typed: &[String], config: &TrainConfig) -> Vec<String> {
             &["val_split"],
             folder && config.val_dir.is_none(),
             "applies to --dataset folder without --val-dir only",
-        ),
-        (
-            &["strict", "cache_dir", "cache_mem", "workers"],
-            images,
-            "applies to --dataset folder or imagenet only",
-        ),
-        (
-            &["data_url", "no_download"],
-            dataset == "cifar10",
-            "applies to --dataset cifar10 only",
         ),
     ];
     let mut unused = Vec::new();
