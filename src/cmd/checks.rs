@@ -15,6 +15,8 @@ use super::output::{non_negative, positive, usage, warn};
 use super::training::HyperOpts;
 
 impl HyperOpts {
+    /// A usage error for the first value here (or in `data`'s paths) that
+    /// no run can use; checked before anything is written.
     pub fn validate(&self, data: &DataOpts) -> Result<()> {
         // A run records its paths in config.json, as text.
         for (flag, path) in [
