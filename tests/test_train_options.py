@@ -15,6 +15,7 @@ draws (vggctl draws on the generator state torchvision would see):
 ExponentialMovingAverage (an AveragedModel over parameters and buffers)
 within 1e-6, here with `--accum-steps 2` (PyTorch's summed `.grad`s of
 loss / 2) and a warm-up epoch (the average restarts after each update)."""
+import json
 import os
 import subprocess
 import sys
@@ -191,3 +192,27 @@ def test_options_a_run_has_no_use_for_are_named_once_each(tmp_path):
     r = subprocess.run([BIN, *common, *used, "--out", str(tmp_path / "b")],
                        capture_output=True, text=True, timeout=120, env=ENV)
     assert r.returncode == 0 and "is ignored" not in r.stderr, r.stderr
+
+
+def test_a_run_too_short_for_its_warm_up_or_accumulation_says_so(tmp_path):
+    """A warm-up longer than the run never reaches --lr: one warning naming
+    the last epoch's LR, which metrics.jsonl records; an accumulation of
+    more batches than an epoch holds (64 images in batches of 32: 2 steps)
+    makes every update smaller: one warning. Where both fit, neither."""
+    common = ["train", "--dataset", "digits", "--arch", "vgg11", "--head", "cifar", "--limit-train", "64",
+              "--limit-test", "100", "--batch-size", "32"]
+    r = subprocess.run([BIN, *common, "--epochs", "2", "--warmup-epochs", "5", "--accum-steps", "3",
+                        "--out", str(tmp_path / "a")], capture_output=True, text=True, timeout=120, env=ENV)
+    assert r.returncode == 0, r.stderr
+    with open(tmp_path / "a" / "metrics.jsonl") as f:
+        last_lr = [json.loads(line) for line in f][-1]["lr"]
+    assert last_lr == pytest.approx(0.01 * 2 / 5)
+    warned = [line for line in r.stderr.splitlines() if line.startswith("warning: --")]
+    assert warned == [
+        f"warning: --warmup-epochs 5 is longer than the run's 2 epochs: the LR never reaches --lr 0.01 "
+        f"(its last is {last_lr})",
+        "warning: --accum-steps 3 is more than an epoch's 2 steps: every update sums 2 batches of loss / 3, "
+        "as an epoch's last, shorter group does"], r.stderr
+    r = subprocess.run([BIN, *common, "--epochs", "2", "--warmup-epochs", "2", "--accum-steps", "2",
+                        "--out", str(tmp_path / "b")], capture_output=True, text=True, timeout=120, env=ENV)
+    assert r.returncode == 0 and "warning: --" not in r.stderr, r.stderr

@@ -259,10 +259,10 @@ pub fn download_bar(quiet: bool) -> impl FnMut(u64, Option<u64>) {
 pub fn print_header(trainer: &Trainer, dataset: &vggctl::data::Dataset, world: &World) {
     let c = &trainer.state.config;
     let st = &trainer.state;
+    // Steps per epoch as each rank takes them (DistributedSampler's split).
+    let per_rank = (dataset.train.len() as usize).div_ceil(world.size);
+    let steps = per_rank.div_ceil(c.batch_size as usize);
     if st.epoch > 0 || st.step > 0 {
-        // Steps per epoch as each rank takes them (DistributedSampler's split).
-        let per_rank = (dataset.train.len() as usize).div_ceil(world.size);
-        let steps = per_rank.div_ceil(c.batch_size as usize);
         super::output::say(&format!(
             "resuming {} at epoch {}/{}, step {}/{steps}{}",
             c.out.display(),
@@ -322,6 +322,32 @@ pub fn print_header(trainer: &Trainer, dataset: &vggctl::data::Dataset, world: &
         c.out.display()
     ));
     warn_small_val(c, dataset.test.len());
+    warn_short_run(c, steps);
+}
+
+/// Warns where the run is too short for what its options ask: a warm-up
+/// longer than the run (the LR never reaches --lr), an accumulation of
+/// more batches than an epoch's `steps` (every update is of fewer).
+fn warn_short_run(c: &TrainConfig, steps: usize) {
+    if c.warmup_epochs > c.epochs {
+        warn(format!(
+            "--warmup-epochs {} is longer than the run's {} epoch{}: the LR never reaches --lr {} (its last is {})",
+            c.warmup_epochs,
+            c.epochs,
+            if c.epochs == 1 { "" } else { "s" },
+            c.lr,
+            c.lr_at(c.epochs - 1)
+        ));
+    }
+    if c.accum_steps > steps {
+        warn(format!(
+            "--accum-steps {} is more than an epoch's {steps} step{}: every update sums {steps} batch{} of loss / {}, as an epoch's last, shorter group does",
+            c.accum_steps,
+            if steps == 1 { "" } else { "s" },
+            if steps == 1 { "" } else { "es" },
+            c.accum_steps
+        ));
+    }
 }
 
 /// Warns where the validation split is too small for its top-1 to pick
