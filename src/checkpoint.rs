@@ -10,6 +10,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
 
+use crate::formats::Sniffed;
 use crate::formats::safetensors::{read_safetensors, write_safetensors};
 use crate::model::{Arch, Head, ModelSpec, SpecRequest, Values, Vgg};
 
@@ -179,16 +180,18 @@ pub fn read_model_file(path: &Path) -> Result<ModelFile> {
     })
 }
 
-/// Any state dict a user may hand over: a vggctl checkpoint or plain
-/// safetensors file (`.safetensors`), or a `torch.save` file in either format
-/// (`.pth`, `.pt`, anything else), read natively.
+/// Any state dict a user may hand over, told apart by its content rather
+/// than its name: a vggctl checkpoint or plain safetensors file, or a
+/// `torch.save` file in either format (`.pth`, `.pt`), read natively.
 pub fn read_weights(path: &Path) -> Result<ModelFile> {
-    let is_safetensors = path.extension().is_some_and(|e| e == "safetensors");
-    if is_safetensors {
-        return read_model_file(path);
-    }
-    if !path.exists() {
-        bail!("{}: no such file", path.display());
+    match Sniffed::of_file(path) {
+        Sniffed::Safetensors => return read_model_file(path),
+        Sniffed::Png | Sniffed::Jpeg | Sniffed::Json | Sniffed::Empty => bail!(
+            "{}: not a state dict (safetensors or torch.save): it is {}",
+            path.display(),
+            Sniffed::of_file(path).describe()
+        ),
+        _ => {}
     }
     let tensors = crate::formats::pth::read_pth(path)?;
     Ok(ModelFile {
@@ -200,6 +203,13 @@ pub fn read_weights(path: &Path) -> Result<ModelFile> {
 /// A vggctl checkpoint's model, loaded, and its metadata; a file without
 /// vggctl metadata is an error that points to `--weights`.
 pub fn load_checkpoint(path: &Path, device: Device, values: Values) -> Result<(Vgg, ModelMeta)> {
+    if Sniffed::of_file(path).is_torch_save() {
+        bail!(
+            "{}: a torch.save file, not a vggctl checkpoint (safetensors); pass it as --weights {}",
+            path.display(),
+            path.display()
+        );
+    }
     let file = read_model_file(path)?;
     let Some(meta) = file.meta else {
         bail!(

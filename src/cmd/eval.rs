@@ -6,12 +6,13 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use serde::Serialize;
 use tch::Device;
-use vggctl::checkpoint::{ModelMeta, read_model_file};
+use vggctl::checkpoint::{ModelFile, ModelMeta, meta_for_weights, read_weights};
 use vggctl::data::Dataset;
 use vggctl::data::augment::{Augment, Normalizer, Preprocess};
+use vggctl::dist::World;
 use vggctl::eval::{EvalGraph, EvalResult, evaluate};
 use vggctl::infer::Inference;
-use vggctl::model::{Head, Vgg, check_input};
+use vggctl::model::{Head, ModelSpec, Vgg, check_input};
 use vggctl::numerics::{Activity, Numerics};
 use vggctl::shim;
 use vggctl::train::run_dir::config_beside;
@@ -22,8 +23,9 @@ use super::output::{as_usage, note, print_json, print_out, usage, warn};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// A vggctl checkpoint (last/best.safetensors), or a torchvision-named
-    /// safetensors state dict (its architecture, head and classes inferred).
+    /// A vggctl checkpoint (last/best.safetensors), or a torchvision state
+    /// dict (.pth or safetensors: its architecture, head and classes
+    /// inferred; with the ImageNet head, torchvision's evaluation transform).
     #[arg(long)]
     checkpoint: PathBuf,
     #[command(flatten)]
@@ -77,22 +79,9 @@ pub fn run(args: Args) -> Result<()> {
     }
     // Under torchrun, each rank evaluates its part and rank 0 reports the sums.
     let (world, device) = args.dist.join(args.model.device()?)?;
-    let file = read_model_file(&args.checkpoint)?;
-    let spec = match &file.meta {
-        Some(meta) => meta.spec(),
-        None => {
-            let source = args.checkpoint.display().to_string();
-            let resolved = args
-                .model
-                .request()?
-                .resolve(&source, &file.tensors, Head::Cifar)?;
-            if let Some(line) = resolved.inferred.filter(|_| world.is_main()) {
-                note(line);
-            }
-            resolved.spec
-        }
-    };
-    let (dataset, pre) = load_data(&args, file.meta.as_ref(), device)?;
+    let file = read_weights(&args.checkpoint)?;
+    let (spec, meta) = model_of(&args, &file, &world)?;
+    let (dataset, pre) = load_data(&args, meta.as_ref(), device)?;
     if dataset.classes.len() as i64 != spec.classes {
         bail!(
             "{}: the model has {} classes but {} has {}",
@@ -144,6 +133,33 @@ pub fn run(args: Args) -> Result<()> {
     } else {
         print_out(&render(&report))
     }
+}
+
+/// The model a weights file holds and how to feed it: from vggctl's
+/// metadata, or for a plain state dict, inferred from its weights, with
+/// torchvision's evaluation transform for torchvision's ImageNet head
+/// (resize 256, crop 224, ImageNet's mean and std).
+fn model_of(
+    args: &Args,
+    file: &ModelFile,
+    world: &World,
+) -> Result<(ModelSpec, Option<ModelMeta>)> {
+    if let Some(meta) = &file.meta {
+        return Ok((meta.spec(), Some(meta.clone())));
+    }
+    let source = args.checkpoint.display().to_string();
+    let resolved = args
+        .model
+        .request()?
+        .resolve(&source, &file.tensors, Head::Cifar)?;
+    if let Some(line) = resolved.inferred.filter(|_| world.is_main()) {
+        note(line);
+    }
+    let spec = resolved.spec;
+    Ok((
+        spec,
+        (spec.head == Head::Imagenet).then(|| meta_for_weights(spec)),
+    ))
 }
 
 /// The dataset to evaluate on (`--dataset`, else the checkpoint's),

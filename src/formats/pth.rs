@@ -15,6 +15,7 @@ use std::path::Path;
 use anyhow::{Context, Result, anyhow, bail};
 use tch::{Kind, Tensor};
 
+use super::Sniffed;
 use super::pickle::{Allowlist, Unpickler, Value};
 
 const GLOBALS: &[(&str, &str)] = &[
@@ -46,7 +47,7 @@ const ALLOW: Allowlist = Allowlist {
 /// The largest `.pth` file read: torchvision's biggest VGG is 0.55 GB.
 const MAX_FILE: u64 = 16 << 30;
 
-const LEGACY_MAGIC: &[u8] = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19.";
+pub(crate) const LEGACY_MAGIC: &[u8] = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19.";
 const LEGACY_PROTOCOL: i64 = 1001;
 
 fn storage_kind(name: &str) -> Option<Kind> {
@@ -136,6 +137,11 @@ pub fn parse_pth(bytes: &[u8]) -> Result<BTreeMap<String, Tensor>> {
         parse_legacy(bytes)
     } else if bytes.starts_with(b"\x80") {
         bail!("not a torch.save file: a pickle without torch's magic number")
+    } else if Sniffed::of(bytes) != Sniffed::Unknown {
+        bail!(
+            "not a torch.save file: it is {}",
+            Sniffed::of(bytes).describe()
+        )
     } else {
         bail!("not a torch.save file (neither a zip archive nor the legacy format's magic number)")
     }

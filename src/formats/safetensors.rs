@@ -9,6 +9,7 @@ use anyhow::{Context, Result, bail};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use tch::{Kind, Tensor};
 
+use crate::formats::Sniffed;
 use crate::fsutil::{read_regular, write_atomic_bytes};
 
 /// The largest safetensors file read (a resume point of VGG19 with AdamW
@@ -68,6 +69,10 @@ pub fn read_safetensors(path: &Path) -> Result<StateDict> {
 }
 
 pub fn parse_safetensors(bytes: &[u8]) -> Result<StateDict> {
+    let sniffed = Sniffed::of(bytes);
+    if !matches!(sniffed, Sniffed::Safetensors | Sniffed::Unknown) {
+        bail!("not a safetensors file: it is {}", sniffed.describe());
+    }
     let (_, header) = SafeTensors::read_metadata(bytes).context("not a valid safetensors file")?;
     let metadata = header.metadata().clone().unwrap_or_default();
     let st = SafeTensors::deserialize(bytes).context("not a valid safetensors file")?;
