@@ -36,7 +36,7 @@ fn devices_fifos_and_directories_are_refused_before_reading() {
             vec!["predict", "--checkpoint", bad, "photo.png"],
         ];
         for args in cases {
-            let r = common::run_in(dir, &args);
+            let r = common::run_within(dir, &args, Duration::from_secs(60));
             let needle = if bad == folder {
                 "a directory"
             } else {

@@ -14,6 +14,7 @@ import io
 import os
 import struct
 import subprocess
+import threading
 import time
 import zipfile
 
@@ -34,9 +35,13 @@ def run(args, cwd):
     """Runs vggctl; returns (exit code, stderr, seconds, peak RSS in KiB)."""
     t0 = time.monotonic()
     proc = subprocess.Popen([BIN, *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # A hang (a FIFO opened for reading) is killed, and fails on its exit code.
+    watchdog = threading.Timer(120, proc.kill)
+    watchdog.start()
     # Read stderr before reaping, so the child's own rusage comes back with it.
     err = proc.stderr.read().decode()
     _, status, usage = os.wait4(proc.pid, 0)
+    watchdog.cancel()
     proc.returncode = os.waitstatus_to_exitcode(status)
     return proc.returncode, err, time.monotonic() - t0, usage.ru_maxrss
 

@@ -2,8 +2,10 @@
 //! fresh temporary directory, and finding the Python-written fixtures.
 #![allow(dead_code)]
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 /// The binary under test. `VGGCTL_TEST_BIN` overrides the path cargo built
 /// it at, for test binaries carried to another machine (scripts/gpu-kit).
@@ -41,14 +43,50 @@ impl From<Output> for Run {
     }
 }
 
+/// The longest one command of the tests may run: a hang fails its test
+/// with the command named instead of stalling the suite.
+pub const RUN_LIMIT: Duration = Duration::from_secs(600);
+
 pub fn run_in(dir: &Path, args: &[&str]) -> Run {
-    let out: Output = Command::new(bin())
+    run_within(dir, args, RUN_LIMIT)
+}
+
+/// `run_in`, killed and failed when it runs past `limit`.
+pub fn run_within(dir: &Path, args: &[&str], limit: Duration) -> Run {
+    let mut child = Command::new(bin())
         .args(args)
         .current_dir(dir)
         .env_remove("VGGCTL_CIFAR10_URL")
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("running vggctl");
-    Run::from(out)
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            pipe.read_to_end(&mut bytes).ok();
+            bytes
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().expect("piped")));
+    let stderr = drain(Box::new(child.stderr.take().expect("piped")));
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waiting for vggctl") {
+            break status;
+        }
+        if started.elapsed() > limit {
+            child.kill().ok();
+            child.wait().ok();
+            panic!("vggctl {args:?} ran past {limit:?} and was killed");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Run::from(Output {
+        status,
+        stdout: stdout.join().expect("stdout reader"),
+        stderr: stderr.join().expect("stderr reader"),
+    })
 }
 
 /// A one-epoch vgg11 run on 64 training and 32 test images of `data`
