@@ -115,7 +115,23 @@ impl TempFile {
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
                 Err(e) => {
-                    return Err(e).with_context(|| format!("creating {}", path.display()));
+                    // Named by the file asked for, not the temporary one.
+                    let dir = match target.parent() {
+                        Some(d) if !d.as_os_str().is_empty() => d,
+                        _ => Path::new("."),
+                    };
+                    if e.kind() == std::io::ErrorKind::NotFound {
+                        bail!(
+                            "{}: directory {} does not exist",
+                            target.display(),
+                            dir.display()
+                        );
+                    }
+                    bail!(
+                        "{}: cannot create a file in {}: {e}",
+                        target.display(),
+                        dir.display()
+                    );
                 }
             }
         }
@@ -246,6 +262,21 @@ mod tests {
             3,
             "no temporary file left"
         );
+    }
+
+    /// A file that cannot be created is named as asked, with its directory,
+    /// never by its temporary name.
+    #[test]
+    fn a_missing_directory_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("no").join("model.onnx");
+        let err = write_atomic_bytes(&target, b"x").unwrap_err().to_string();
+        let want = format!(
+            "{}: directory {} does not exist",
+            target.display(),
+            dir.path().join("no").display()
+        );
+        assert_eq!(err, want);
     }
 
     /// Temporary names are not guessable from the process id: two in a row differ.

@@ -2,7 +2,8 @@
 //! or integer weights, checkpoint metadata with a zero std or an 8-pixel
 //! input, a truncated JPEG, a resume state with batch size 0 or a step past
 //! its data, resume flags that would change the run (ignored, named), impossible class
-//! counts and limits, an --out that is a file. Each is one error line naming the file or the flag,
+//! counts and limits, an --out that is a file, a file that is not what its
+//! option takes (named by what it is), a folder of one class. Each is one error line naming the file or the flag,
 //! through the real binary.
 
 mod common;
@@ -205,6 +206,50 @@ fn a_truncated_jpeg_is_refused() {
         1,
         "cut.jpg: not a readable JPEG or PNG image: truncated JPEG",
     );
+}
+
+/// Files that are not what their option takes, named by what they are;
+/// a folder of one class; an output in a directory that does not exist.
+#[test]
+fn files_are_named_by_what_they_are() {
+    let tmp = common::tempdir();
+    let dir = tmp.path();
+    let photo = common::fixtures().join("photos/cat/cat_01.png");
+    std::fs::copy(&photo, dir.join("cat.png")).unwrap();
+    std::fs::create_dir_all(dir.join("one/cat")).unwrap();
+    for i in 0..4 {
+        std::fs::copy(&photo, dir.join(format!("one/cat/{i}.png"))).unwrap();
+    }
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["predict", "--checkpoint", "cat.png", "cat.png"],
+            "reading cat.png: not a safetensors file: it is a PNG image",
+        ),
+        (
+            &["eval", "--checkpoint", "cat.png", "--dataset", "digits"],
+            "cat.png: not a state dict (safetensors or torch.save): it is a PNG image",
+        ),
+        (
+            &["train", "--dataset", "folder", "--data-dir", "one"],
+            "one: only 1 class folder; a classifier needs at least two",
+        ),
+        (
+            &[
+                "prepare",
+                "--dataset",
+                "folder",
+                "--data-dir",
+                "one",
+                "--out",
+                "no/x.vggdata",
+            ],
+            "no/x.vggdata: directory no does not exist",
+        ),
+    ];
+    for (args, needle) in cases {
+        assert_one_line_error(&run_in(dir, args), 1, needle);
+    }
+    assert!(!dir.join("run").exists() && !dir.join("no").exists());
 }
 
 /// Flags with values no run can have: one line each.

@@ -692,11 +692,16 @@ fn nan_loss_stops_with_epoch_and_step() {
 fn bad_training_arguments() {
     let d = digits("bin");
     // Exit 2 for a command line that cannot work, 1 for what failed running.
-    let cases: [(&[&str], i32, &str); 5] = [
+    let cases: [(&[&str], i32, &str); 6] = [
         (
             &["train", "--classes", "7", "--data-dir", &d],
             1,
             "(cifar10), which has 10 classes",
+        ),
+        (
+            &["train", "--dataset", "digits", "--classes", "7"],
+            1,
+            "--classes 7 does not match the built-in digits, which has 10 classes",
         ),
         (
             &["train", "--no-fused-step=bn-relu,pool", "--data-dir", &d],

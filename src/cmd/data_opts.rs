@@ -149,12 +149,19 @@ impl DataOpts {
             "cifar10" | "digits" => 10,
             other => return Err(usage(unknown(other))),
         };
-        let classes = asked.unwrap_or(found);
-        if classes != found {
+        if found < 2 {
             bail!(
-                "--classes {classes} does not match {} ({dataset}), which has {found} classes",
+                "{}: only {found} class folder; a classifier needs at least two",
                 self.dir().display()
             );
+        }
+        let classes = asked.unwrap_or(found);
+        if classes != found {
+            let data = match dataset.as_str() {
+                "digits" => "the built-in digits".to_string(),
+                _ => format!("{} ({dataset})", self.dir().display()),
+            };
+            bail!("--classes {classes} does not match {data}, which has {found} classes");
         }
         Ok(classes)
     }
