@@ -114,11 +114,12 @@ def test_training_imagenet_from_scratch_takes_torchvisions_recipe(imagenet, tmp_
     meta = metadata(out / "last.safetensors")
     assert json.loads(meta["class_names"]) == [CLASSES[w] for w in sorted(CLASSES)]
 
-    # A class folder that is not a WordNet id: one line naming it.
+    # Class folders that are not WordNet ids: one line naming the first.
     bad = tmp_path / "bad"
     for split in ["train", "val"]:
-        (bad / split / "cats").mkdir(parents=True)
-        Image.fromarray(skdata.chelsea()).save(bad / split / "cats" / "c.png")
+        for name in ["cats", "dogs"]:
+            (bad / split / name).mkdir(parents=True)
+            Image.fromarray(skdata.chelsea()).save(bad / split / name / "c.png")
     r = vggctl("train", "--dataset", "imagenet", "--data-dir", str(bad), "--out", str(tmp_path / "x"))
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
