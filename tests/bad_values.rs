@@ -201,11 +201,7 @@ fn a_truncated_jpeg_is_refused() {
         dir,
         &["predict", "--checkpoint", "m.safetensors", "cut.jpg"],
     );
-    assert_one_line_error(
-        &r,
-        1,
-        "cut.jpg: not a readable JPEG or PNG image: truncated JPEG",
-    );
+    assert_one_line_error(&r, 1, "cut.jpg: not a readable image: truncated JPEG");
 }
 
 /// Files that are not what their option takes, named by what they are;

@@ -311,11 +311,11 @@ fn bad_predict_and_eval_requests() {
         ),
         (
             predict_args(&weights, &["--input", "32"], &broken),
-            "broken.jpg: not a readable JPEG or PNG image",
+            "broken.jpg: not a readable image",
         ),
         (
             predict_args(&weights, &[], dir.path().to_str().unwrap()),
-            "no .jpg/.jpeg/.png images in this directory",
+            "no images in this directory or its subfolders (images are .jpg, .jpeg, .png, .ppm, .bmp, .pgm, .tif, .tiff, .webp)",
         ),
         (
             vec!["predict", "--checkpoint", &plain, &photo],

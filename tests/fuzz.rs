@@ -18,8 +18,9 @@
 //! overflow) leaves the input in `target/fuzz/<target>.input`.
 //!
 //! `VGGCTL_FUZZ_SECS` (default 45, spread over the targets) and
-//! `VGGCTL_FUZZ_SEED` set the run; `scripts/fuzz` runs it longer with a
-//! fresh seed and prints the figures.
+//! `VGGCTL_FUZZ_SEED` set the run, `VGGCTL_FUZZ_TARGETS` (names, comma
+//! separated) limits it to some targets; `scripts/fuzz` runs it longer
+//! with a fresh seed and prints the figures.
 
 mod common;
 
@@ -161,7 +162,8 @@ fn cifar_py_seeds() -> Vec<Vec<u8>> {
 fn image_seeds() -> Vec<Vec<u8>> {
     let img = image::RgbImage::from_fn(40, 30, |x, y| image::Rgb([x as u8 * 6, y as u8 * 8, 90]));
     let mut out = Vec::new();
-    for format in [image::ImageFormat::Jpeg, image::ImageFormat::Png] {
+    use image::ImageFormat::{Bmp, Jpeg, Png, Pnm, Tiff, WebP};
+    for format in [Jpeg, Png, Bmp, Pnm, Tiff, WebP] {
         let mut bytes = std::io::Cursor::new(Vec::new());
         img.write_to(&mut bytes, format).unwrap();
         out.push(bytes.into_inner());
@@ -428,13 +430,20 @@ fn readers_survive_fuzzing() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(0x5eed_f00d);
-    let budget = Duration::from_secs_f64(secs / TARGETS.len() as f64);
+    // VGGCTL_FUZZ_TARGETS=image,prepared: only those (a new decoder's run).
+    let only = std::env::var("VGGCTL_FUZZ_TARGETS").unwrap_or_default();
+    let targets: Vec<&Target> = TARGETS
+        .iter()
+        .filter(|t| only.is_empty() || only.split(',').any(|n| n == t.name))
+        .collect();
+    assert!(!targets.is_empty(), "no fuzz target is named {only:?}");
+    let budget = Duration::from_secs_f64(secs / targets.len() as f64);
     let work = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/fuzz");
     std::fs::create_dir_all(&work).unwrap();
     let start_rss = peak_rss_kib();
     let mut rng = Rng(seed | 1);
     let mut total = 0;
-    for t in TARGETS {
+    for t in targets {
         let scratch = work.join(format!("{}.input", t.name));
         let f = fuzz_target(t, &mut rng, budget, &scratch);
         total += f.execs;

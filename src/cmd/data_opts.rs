@@ -20,10 +20,10 @@ use super::progress::download_bar;
 #[command(next_help_heading = "Data")]
 pub struct DataOpts {
     /// Dataset: cifar10, digits (scikit-learn's handwritten digits, built
-    /// into vggctl: no download), folder (one subfolder of JPEG/PNG images
-    /// per class) or imagenet (DIR/train/<wnid>/ and DIR/val/<wnid>/,
-    /// torchvision's ImageFolder layout, classes named by their WordNet
-    /// ids) [default: cifar10; eval: the checkpoint's].
+    /// into vggctl: no download), folder (one subfolder of images per
+    /// class, read as torchvision's ImageFolder reads it) or imagenet
+    /// (DIR/train/<wnid>/ and DIR/val/<wnid>/, torchvision's ImageFolder
+    /// layout, classes named by their WordNet ids) [default: cifar10; eval: the checkpoint's].
     #[arg(long)]
     pub dataset: Option<String>,
     /// cifar10: the directory holding cifar-10-batches-py/ (torchvision's) or

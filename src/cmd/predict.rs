@@ -9,7 +9,7 @@ use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 use vggctl::checkpoint::{ModelMeta, load_checkpoint, meta_for_weights};
 use vggctl::data::augment::{Augment, Normalizer, Preprocess};
-use vggctl::data::folder::image_files;
+use vggctl::data::folder::{extension_list, image_files};
 use vggctl::data::image::{decode_rgb, eval_crop};
 use vggctl::infer::{Inference, Logits};
 use vggctl::model::{Vgg, check_input};
@@ -20,7 +20,8 @@ use super::output::{as_usage, print_json, print_out, usage, warn};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Images (JPEG or PNG), or directories: their .jpg/.jpeg/.png files, sorted.
+    /// Images (JPEG, PNG, BMP, PPM/PGM, TIFF or WebP), or directories: the
+    /// images in them and their subfolders, in ImageFolder's order.
     #[arg(required = true)]
     images: Vec<PathBuf>,
     /// A vggctl checkpoint (architecture, class names and preprocessing from its metadata).
@@ -68,8 +69,9 @@ fn expand_dirs(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
             let found = image_files(p)?;
             if found.is_empty() {
                 bail!(
-                    "{}: no .jpg/.jpeg/.png images in this directory",
-                    p.display()
+                    "{}: no images in this directory or its subfolders (images are {})",
+                    p.display(),
+                    extension_list()
                 );
             }
             files.extend(found);

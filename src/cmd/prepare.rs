@@ -28,7 +28,7 @@ pub struct Args {
     /// decode to exactly the folder's pixels.
     #[arg(long, default_value_t = 512)]
     max_side: i64,
-    /// JPEG quality of the resized images (PNGs stay PNG).
+    /// JPEG quality of the resized JPEGs (other formats are stored as PNG).
     #[arg(long, default_value_t = 90)]
     quality: u8,
     /// Store every image as decoded RGB pixels: nothing to decode when

@@ -1,5 +1,5 @@
-//! Image-folder datasets (`DIR/<class>/<image>.jpg|png`, as torchvision's
-//! `ImageFolder`): each image is decoded once, in parallel on all cores,
+//! Image-folder datasets (`DIR/<class>/**/<image>`, read as torchvision's
+//! `ImageFolder` reads them: the same files, classes and order): each image is decoded once, in parallel on all cores,
 //! resized so its shorter side is the cache size and kept whole as uint8 in
 //! a 3:2 canvas (`augment::canvas_width`); the result is cached on disk
 //! (keyed by the file list, sizes, modification times and the cache size)
@@ -23,8 +23,6 @@ use super::resize::Resize;
 use super::stream::{Item, Streamed};
 use super::{Dataset, Images, Split};
 use crate::formats::safetensors::{read_safetensors, write_safetensors};
-
-const EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
 
 pub struct FolderOptions {
     pub dir: PathBuf,
@@ -56,7 +54,21 @@ pub fn canvas_bytes(n: usize, side: i64) -> u64 {
 /// Image files with their class index.
 pub type LabeledFiles = Vec<(PathBuf, i64)>;
 
-/// Class names (sorted subfolders) and every image file with its class.
+/// The file extensions torchvision's `ImageFolder` takes (its
+/// `IMG_EXTENSIONS`), compared without regard to case.
+pub const EXTENSIONS: [&str; 9] = [
+    "jpg", "jpeg", "png", "ppm", "bmp", "pgm", "tif", "tiff", "webp",
+];
+
+/// [`EXTENSIONS`] for messages: `.jpg, .jpeg, ...`.
+pub fn extension_list() -> String {
+    EXTENSIONS.map(|e| format!(".{e}")).join(", ")
+}
+
+/// Class names (sorted subfolders, those whose names start with a dot
+/// left out) and every image file with its class, in `ImageFolder`'s
+/// order. A class folder without images is an error naming it, as it is
+/// for torchvision.
 pub fn scan(dir: &Path) -> Result<(Vec<String>, LabeledFiles)> {
     let entries = fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
     let mut classes: Vec<String> = entries
@@ -74,34 +86,78 @@ pub fn scan(dir: &Path) -> Result<(Vec<String>, LabeledFiles)> {
         );
     }
     let mut files = Vec::new();
+    let mut empty = Vec::new();
     for (label, class) in classes.iter().enumerate() {
         let imgs = image_files(&dir.join(class))?;
+        if imgs.is_empty() {
+            empty.push(class.as_str());
+        }
         files.extend(imgs.into_iter().map(|p| (p, label as i64)));
     }
     if files.is_empty() {
         bail!(
-            "{}: no .jpg/.jpeg/.png images in its class folders",
-            dir.display()
+            "{}: no images in its class folders (images are {})",
+            dir.display(),
+            extension_list()
+        );
+    }
+    if !empty.is_empty() {
+        bail!(
+            "{}: no images in class folder(s) {}: every class needs one (images are {})",
+            dir.display(),
+            empty.join(", "),
+            extension_list()
         );
     }
     Ok((classes, files))
 }
 
-/// The .jpg/.jpeg/.png files directly in `dir`, sorted by name.
+/// The image files under `dir` (by [`EXTENSIONS`]) in `ImageFolder`'s
+/// order: its folders (itself and every subfolder, links followed) sorted
+/// by path as strings, each one's files sorted by name. Folders whose
+/// names start with a dot are left out, and a folder reached again
+/// through a link (a loop, or two links to one place) is read once. A
+/// file that is not a regular file (a broken link, a FIFO) is listed, so
+/// that reading it reports it.
 pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut imgs: Vec<PathBuf> = fs::read_dir(dir)
-        .with_context(|| format!("reading {}", dir.display()))?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.is_file()
-                && p.extension().is_some_and(|e| {
-                    EXTENSIONS.contains(&e.to_string_lossy().to_ascii_lowercase().as_str())
-                })
-        })
-        .collect();
-    imgs.sort();
-    Ok(imgs)
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::MetadataExt;
+    let reading = |d: &Path| format!("reading {}", d.display());
+    let mut seen = std::collections::HashSet::new();
+    let mut folders = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        let meta = fs::metadata(&d).with_context(|| reading(&d))?;
+        if !seen.insert((meta.dev(), meta.ino())) {
+            continue;
+        }
+        let mut files = Vec::new();
+        for entry in fs::read_dir(&d).with_context(|| reading(&d))? {
+            let path = entry.with_context(|| reading(&d))?.path();
+            let name = path.file_name().unwrap_or_default().as_bytes();
+            if path.is_dir() {
+                if !name.starts_with(b".") {
+                    todo.push(path);
+                }
+            } else if is_image_name(name) {
+                files.push(path);
+            }
+        }
+        files.sort();
+        folders.push((d, files));
+    }
+    folders.sort_by(|a, b| a.0.as_os_str().as_bytes().cmp(b.0.as_os_str().as_bytes()));
+    Ok(folders.into_iter().flat_map(|(_, files)| files).collect())
+}
+
+/// Whether a file name ends in one of [`EXTENSIONS`] (any case).
+fn is_image_name(name: &[u8]) -> bool {
+    let name = name.to_ascii_lowercase();
+    EXTENSIONS.iter().any(|e| {
+        name.len() > e.len()
+            && name.ends_with(e.as_bytes())
+            && name[name.len() - e.len() - 1] == b'.'
+    })
 }
 
 /// Decodes an image into its canvas (`3 x side x canvas_width(side)`

@@ -37,9 +37,9 @@ fn jpeg_is_complete(bytes: &[u8]) -> bool {
 /// where PIL refuses an image as a decompression bomb.
 pub const MAX_IMAGE_PIXELS: u64 = 2 * 89_478_485;
 
-/// Decodes a JPEG/PNG file (format from its content) into 8-bit RGB, as
-/// PIL's `convert("RGB")` would take it: grayscale, CMYK and 16-bit
-/// images too. Its size is read from the header first and refused beyond
+/// Decodes an image file (JPEG, PNG, BMP, PPM/PGM, TIFF or WebP; the
+/// format from its content) into 8-bit RGB, as PIL's `convert("RGB")`
+/// would take it: grayscale, CMYK and 16-bit images too (see [`rgb8`]). Its size is read from the header first and refused beyond
 /// [`MAX_IMAGE_PIXELS`], before any pixel is decoded.
 pub fn decode_rgb(path: &Path) -> Result<image::RgbImage> {
     Ok(decode_sized(path, |h, _| ((), h as usize))?.0)
@@ -83,16 +83,13 @@ pub fn decode_rows<T>(
     }
     if !jpeg_is_complete(bytes) {
         anyhow::bail!(
-            "{}: not a readable JPEG or PNG image: truncated JPEG (its image data has no end marker)",
+            "{}: not a readable image: truncated JPEG (its image data has no end marker)",
             path.display()
         );
     }
     use zune_core::colorspace::ColorSpace;
     let unreadable = |e: zune_jpeg::errors::DecodeErrors| {
-        anyhow::Error::new(e).context(format!(
-            "{}: not a readable JPEG or PNG image",
-            path.display()
-        ))
+        anyhow::Error::new(e).context(format!("{}: not a readable image", path.display()))
     };
     let options = zune_core::options::DecoderOptions::default()
         .set_strict_mode(false)
@@ -207,16 +204,47 @@ fn decode_any<T>(
     };
     let (w, h) = reader()?
         .into_dimensions()
-        .with_context(|| format!("{}: not a readable JPEG or PNG image", path.display()))?;
+        .with_context(|| format!("{}: not a readable image", path.display()))?;
     check_pixels(w as u64, h as u64, path)?;
     let (told, _) = header(h as i64, w as i64);
     let mut reader = reader()?;
     reader.no_limits();
     let img = reader
         .decode()
-        .with_context(|| format!("{}: not a readable JPEG or PNG image", path.display()))?
-        .into_rgb8();
-    Ok((img, told))
+        .with_context(|| format!("{}: not a readable image", path.display()))?;
+    Ok((rgb8(img), told))
+}
+
+/// An image in 8-bit RGB as PIL's `convert("RGB")` gives it: alpha
+/// dropped, gray repeated, and 16 bits per sample cut to their high byte,
+/// as PIL reads 16-bit colour (PIL clips 16-bit grayscale at 255 instead,
+/// which turns most of such an image white; vggctl takes its high byte
+/// too).
+fn rgb8(img: image::DynamicImage) -> image::RgbImage {
+    use image::DynamicImage::{ImageLuma16, ImageLumaA16, ImageRgb16, ImageRgba16};
+    let high = |v: u16| (v >> 8) as u8;
+    let (w, h) = (img.width(), img.height());
+    let rgb: Option<Vec<u8>> = match &img {
+        ImageLuma16(g) => Some(g.as_raw().iter().flat_map(|&v| [high(v); 3]).collect()),
+        ImageLumaA16(g) => Some(
+            g.as_raw()
+                .chunks_exact(2)
+                .flat_map(|p| [high(p[0]); 3])
+                .collect(),
+        ),
+        ImageRgb16(c) => Some(c.as_raw().iter().map(|&v| high(v)).collect()),
+        ImageRgba16(c) => Some(
+            c.as_raw()
+                .chunks_exact(4)
+                .flat_map(|p| [high(p[0]), high(p[1]), high(p[2])])
+                .collect(),
+        ),
+        _ => None,
+    };
+    match rgb {
+        Some(px) => image::RgbImage::from_raw(w, h, px).expect("3 bytes a pixel"),
+        None => img.into_rgb8(),
+    }
 }
 
 /// An 8-bit RGB image as a `3 x H x W` uint8 tensor.
@@ -228,7 +256,7 @@ pub fn rgb_tensor(img: &image::RgbImage) -> Tensor {
         .contiguous()
 }
 
-/// Decodes a JPEG/PNG file into a `3 x H x W` uint8 tensor.
+/// Decodes an image file into a `3 x H x W` uint8 tensor.
 pub fn read_image(path: &Path) -> Result<Tensor> {
     Ok(rgb_tensor(&decode_rgb(path)?))
 }

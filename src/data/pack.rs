@@ -75,11 +75,12 @@ fn stored_bytes(path: &Path, o: PrepareOptions) -> Result<(Vec<u8>, bool, Option
         return Ok((img.into_raw(), resized, Some(dims)));
     }
     let mut out = Vec::new();
-    let encoded = match file.starts_with(b"\x89PNG") {
-        true => img.write_with_encoder(image::codecs::png::PngEncoder::new(&mut out)),
-        false => img.write_with_encoder(image::codecs::jpeg::JpegEncoder::new_with_quality(
+    // JPEG stays JPEG; the lossless formats (and WebP) become PNG.
+    let encoded = match file.starts_with(&[0xFF, 0xD8]) {
+        true => img.write_with_encoder(image::codecs::jpeg::JpegEncoder::new_with_quality(
             &mut out, o.quality,
         )),
+        false => img.write_with_encoder(image::codecs::png::PngEncoder::new(&mut out)),
     };
     encoded.with_context(|| format!("encoding {} again", path.display()))?;
     Ok((out, true, None))

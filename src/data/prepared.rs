@@ -3,8 +3,8 @@
 //! million small files. Each image is kept as its file's own bytes when its shorter side
 //! is at most `max_side` (then it decodes to exactly the folder's pixels,
 //! so the same seed gives the same batches), else resized so that side is
-//! `max_side` (torchvision's antialiased `Resize`) and stored again (PNG as
-//! PNG, others as JPEG of the given quality); or, with `--raw`, every image
+//! `max_side` (torchvision's antialiased `Resize`) and stored again (JPEG
+//! as JPEG of the given quality, other formats as PNG); or, with `--raw`, every image
 //! as its decoded RGB bytes (nothing to decode when read, about ten times
 //! the size).
 //!
