@@ -370,8 +370,9 @@ fn rewrite_state(resume: &Path, edit: impl Fn(&mut serde_json::Value)) {
 }
 
 /// `--resume` ignores flags that would change the run, each named in a
-/// warning, and continues as recorded; a resume state with batch size 0 or
-/// a step past its data names the file.
+/// warning, and continues as recorded; another file of the run (its
+/// config.json, its weights) points to the run directory; a resume state
+/// with batch size 0 or a step past its data names the file.
 #[test]
 fn resume_refuses_changes_and_bad_states() {
     let tmp = common::tempdir();
@@ -424,6 +425,21 @@ fn resume_refuses_changes_and_bad_states() {
         1,
         "run: the run is finished (epoch 2 of 2); give a larger --epochs to train further",
     );
+
+    // Another file of the run points to the run.
+    for (file, needle) in [
+        (
+            "run/config.json",
+            "run/config.json: not a resume checkpoint (it is JSON text); pass the run directory run or its run/resume.safetensors",
+        ),
+        (
+            "run/last.safetensors",
+            "run/last.safetensors: not a resume checkpoint (last/best.safetensors hold weights only); pass the run directory run",
+        ),
+    ] {
+        let r = run_in(dir, &["train", "--resume", file, "--epochs", "3"]);
+        assert_one_line_error(&r, 1, needle);
+    }
 
     let resume = dir.join("run/resume.safetensors");
     let original = std::fs::read(&resume).unwrap();

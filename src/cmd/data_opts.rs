@@ -13,7 +13,7 @@ use vggctl::data::prepared::{self, Prepared};
 use vggctl::dist::World;
 use vggctl::train::config::TrainConfig;
 
-use super::output::{usage, warn};
+use super::output::{usage, warn, whole};
 use super::progress::download_bar;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -62,7 +62,7 @@ pub struct DataOpts {
     pub cache_mem: Option<u64>,
     /// folder, imagenet: threads decoding streamed images [default: the cores,
     /// shared among the machine's ranks].
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = whole::<usize>)]
     pub workers: Option<usize>,
 }
 

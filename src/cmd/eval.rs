@@ -19,7 +19,7 @@ use vggctl::train::run_dir::config_beside;
 
 use super::data_opts::DataOpts;
 use super::opts::{DistOpts, GraphOpts, InferenceOpts, ModelOpts, NumericsOpts};
-use super::output::{as_usage, note, print_json, print_out, usage, warn};
+use super::output::{as_usage, note, print_json, print_out, usage, warn, whole};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -32,16 +32,16 @@ pub struct Args {
     model: ModelOpts,
     #[command(flatten)]
     data: DataOpts,
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_parser = whole::<i64>)]
     batch_size: i64,
     /// Evaluate on the first N test images only.
-    #[arg(long)]
+    #[arg(long, value_parser = whole::<i64>)]
     limit_test: Option<i64>,
     /// folder datasets split by --val-split: the training run's --seed.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = whole::<u64>)]
     seed: u64,
     /// Input side for the model [default: the checkpoint's, else 32].
-    #[arg(long)]
+    #[arg(long, value_parser = whole::<i64>)]
     input: Option<i64>,
     #[command(flatten)]
     numerics: NumericsOpts,

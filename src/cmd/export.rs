@@ -12,7 +12,7 @@ use vggctl::infer::fold_bn;
 use vggctl::model::{Head, Vgg, check_input};
 
 use super::opts::ModelOpts;
-use super::output::{as_usage, print_json, print_out, usage};
+use super::output::{as_usage, print_json, print_out, usage, whole};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -40,7 +40,7 @@ pub struct Args {
     #[arg(long)]
     out: PathBuf,
     /// Input side the TorchScript/ONNX/pt2 graph is built for [default: the checkpoint's, else 224 / 32].
-    #[arg(long)]
+    #[arg(long, value_parser = whole::<i64>)]
     input: Option<i64>,
     /// Fold BatchNorm into the preceding convolution (torchscript, onnx, pt2).
     #[arg(long)]

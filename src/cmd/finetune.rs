@@ -12,7 +12,7 @@ use super::checks::warn_unused_options;
 use super::data_opts::DataOpts;
 use super::launch::run_local_ranks;
 use super::opts::ModelOpts;
-use super::output::{as_usage, usage};
+use super::output::{as_usage, usage, whole};
 use super::training::{HyperOpts, Start, execute, resume};
 
 #[derive(clap::Args, Debug)]
@@ -26,10 +26,10 @@ pub struct Args {
     #[arg(long, conflicts_with = "freeze_until")]
     train_features: bool,
     /// Freeze only `features.0` .. `features.{INDEX-1}` (torchvision's module index).
-    #[arg(long)]
+    #[arg(long, value_parser = whole::<usize>)]
     freeze_until: Option<usize>,
     /// Input side [default: 224].
-    #[arg(long)]
+    #[arg(long, value_parser = whole::<i64>)]
     input: Option<i64>,
     #[command(flatten)]
     model: ModelOpts,

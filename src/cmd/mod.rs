@@ -171,4 +171,38 @@ mod tests {
             .collect();
         assert_eq!(names, SUBCOMMANDS);
     }
+
+    /// A number an option cannot take (`-1`, `1.5`, one too large) is
+    /// named by what the option takes, for every option of every
+    /// subcommand, never by Rust's parsers ("invalid digit found in
+    /// string"); the integer options are at least those counted here.
+    #[test]
+    fn numbers_an_option_cannot_take_are_named_by_what_it_takes() {
+        let cli = Cli::command().args_override_self(true);
+        let mut integers = 0;
+        for sub in cli.get_subcommands() {
+            for arg in sub.get_arguments() {
+                let Some(long) = arg.get_long().filter(|_| arg.get_action().takes_values()) else {
+                    continue;
+                };
+                let mut named = false;
+                for value in ["-1", "1.5", "1e999", "99999999999999999999999"] {
+                    let given = format!("--{long}={value}");
+                    let Err(e) = sub.clone().try_get_matches_from(["vggctl", &given]) else {
+                        continue;
+                    };
+                    let text = e.to_string();
+                    for rust in ["invalid digit", "invalid float", "number too large to fit"] {
+                        assert!(!text.contains(rust), "{} {given}: {text}", sub.get_name());
+                    }
+                    named |= text.contains("expected a whole number");
+                }
+                integers += usize::from(named);
+            }
+        }
+        assert!(
+            integers >= 50,
+            "{integers} integer options (50 when written)"
+        );
+    }
 }

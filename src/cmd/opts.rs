@@ -16,7 +16,7 @@ use vggctl::hub::weights_file;
 use vggctl::model::{Arch, Head, ModelSpec, SpecRequest, Values, Vgg};
 use vggctl::numerics::{FusedStep, NumericsRequest, Precision};
 
-use super::output::{as_usage, note, usage};
+use super::output::{as_usage, note, usage, whole};
 use super::progress::download_bar;
 
 /// Options every model-building subcommand shares.
@@ -36,7 +36,7 @@ pub struct ModelOpts {
     pub head: Option<Head>,
     /// Number of classes [default: 1000 for the imagenet head, 10 otherwise;
     /// with a plain state dict: what its weights are].
-    #[arg(long, help_heading = "Model")]
+    #[arg(long, help_heading = "Model", value_parser = whole::<i64>)]
     pub classes: Option<i64>,
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
@@ -135,11 +135,11 @@ pub struct DistOpts {
     pub dist_backend: Backend,
     /// Data-parallel runs: seconds a rank waits for the others (to join, and
     /// in every collective) before it fails naming the rank it lost.
-    #[arg(long, default_value_t = DEFAULT_TIMEOUT.as_secs())]
+    #[arg(long, default_value_t = DEFAULT_TIMEOUT.as_secs(), value_parser = whole::<u64>)]
     pub dist_timeout: u64,
     /// Start N ranks of this command on this machine and wait for them
     /// (torchrun --standalone --nproc-per-node N); not under torchrun or srun.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = whole::<usize>)]
     pub nproc_per_node: Option<usize>,
 }
 

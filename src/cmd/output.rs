@@ -44,6 +44,22 @@ pub fn non_negative(flag: &str, v: f64) -> Result<()> {
     }
 }
 
+/// clap's parser for every integer option (`--epochs`, `--input`,
+/// `--seed`, ...): its message says what the option takes, where Rust's
+/// integer parser would say "invalid digit found in string" of `-1` or
+/// `1.5`. A negative number for a signed option reaches that option's own
+/// check.
+pub fn whole<T: TryFrom<i128>>(s: &str) -> std::result::Result<T, String> {
+    let v: i128 = s
+        .trim()
+        .parse()
+        .map_err(|_| "expected a whole number".to_string())?;
+    T::try_from(v).map_err(|_| match v < 0 {
+        true => "expected a whole number, 0 or more".into(),
+        false => "too large for this option".into(),
+    })
+}
+
 /// The library's verdict on a typed value (an arch, a device, an input
 /// size) as a usage error.
 pub fn as_usage(e: anyhow::Error) -> anyhow::Error {

@@ -5,14 +5,14 @@ use vggctl::model::Head;
 use vggctl::report::{params_report, render_table};
 
 use super::opts::ModelOpts;
-use super::output::{as_usage, print_json, print_out};
+use super::output::{as_usage, print_json, print_out, whole};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
     #[command(flatten)]
     model: ModelOpts,
     /// Input height and width [default: 224 for the imagenet head, 32 otherwise].
-    #[arg(long)]
+    #[arg(long, value_parser = whole::<i64>)]
     input: Option<i64>,
 }
 

@@ -16,7 +16,7 @@ use vggctl::model::{Vgg, check_input};
 use vggctl::numerics::{Activity, Numerics};
 
 use super::opts::{InferenceOpts, ModelOpts, NumericsOpts};
-use super::output::{as_usage, print_json, print_out, usage, warn};
+use super::output::{as_usage, print_json, print_out, usage, warn, whole};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -32,13 +32,13 @@ pub struct Args {
     #[arg(long)]
     weights: Option<String>,
     /// How many classes to list per image.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = whole::<i64>)]
     topk: i64,
     /// Input side for --weights [default: 224].
-    #[arg(long)]
+    #[arg(long, value_parser = whole::<i64>)]
     input: Option<i64>,
     /// Images read and classified at a time.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = whole::<usize>)]
     batch_size: usize,
     #[command(flatten)]
     model: ModelOpts,

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use vggctl::data::pack::{PrepareOptions, prepare};
 
-use super::output::{usage, warn};
+use super::output::{usage, warn, whole};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -26,10 +26,10 @@ pub struct Args {
     /// Images whose shorter side is longer are resized to it (torchvision's
     /// Resize) and stored again; the others keep their own bytes, so they
     /// decode to exactly the folder's pixels.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = whole::<i64>)]
     max_side: i64,
     /// JPEG quality of the resized JPEGs (other formats are stored as PNG).
-    #[arg(long, default_value_t = 90)]
+    #[arg(long, default_value_t = 90, value_parser = whole::<u8>)]
     quality: u8,
     /// Store every image as decoded RGB pixels: nothing to decode when
     /// training reads it (faster), about ten times the size of JPEGs.

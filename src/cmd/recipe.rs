@@ -12,7 +12,7 @@ use vggctl::train::config::TrainConfig;
 use vggctl::train::ema::EmaConfig;
 
 use super::opts::choice;
-use super::output::{non_negative, usage};
+use super::output::{non_negative, usage, whole};
 use super::progress::LogInterval;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -27,7 +27,8 @@ pub struct RecipeOpts {
         long,
         default_value_t = 32,
         value_name = "N",
-        help_heading = "Optimizer"
+        help_heading = "Optimizer",
+        value_parser = whole::<usize>
     )]
     pub model_ema_steps: usize,
     /// The average's decay per optimizer step; as torchvision's recipe,
@@ -40,7 +41,8 @@ pub struct RecipeOpts {
         long,
         default_value_t = 1,
         value_name = "N",
-        help_heading = "Optimizer"
+        help_heading = "Optimizer",
+        value_parser = whole::<usize>
     )]
     pub accum_steps: usize,
     /// MixUp: blend each training batch with itself rolled by one, in a

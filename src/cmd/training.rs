@@ -19,20 +19,20 @@ use vggctl::train::{Resume, RunDir, SchedulerKind, Trainer, read_resume};
 
 use super::data_opts::{DataOpts, streamed_as_rank0};
 use super::opts::{DistOpts, GraphOpts, NumericsOpts, choice};
-use super::output::{usage, warn};
+use super::output::{usage, warn, whole};
 use super::progress::{EpochBars, print_header};
 use super::recipe::{RecipeOpts, settle_ema};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct HyperOpts {
     /// Epochs to train in all [default: train 100, finetune 10].
-    #[arg(short, long, help_heading = "Schedule")]
+    #[arg(short, long, help_heading = "Schedule", value_parser = whole::<usize>)]
     pub epochs: Option<usize>,
     /// Images per training step.
-    #[arg(short, long, default_value_t = 128, help_heading = "Optimizer")]
+    #[arg(short, long, default_value_t = 128, help_heading = "Optimizer", value_parser = whole::<i64>)]
     pub batch_size: i64,
     /// Images per evaluation batch (after each epoch).
-    #[arg(long, default_value_t = 100, help_heading = "Data")]
+    #[arg(long, default_value_t = 100, help_heading = "Data", value_parser = whole::<i64>)]
     pub test_batch_size: i64,
     /// The update rule.
     #[arg(long, value_parser = choice::<OptimizerKind>(), default_value = "sgd", help_heading = "Optimizer")]
@@ -53,7 +53,7 @@ pub struct HyperOpts {
     pub clip_grad_norm: Option<f64>,
     /// Stop once the validation top-1 has not beaten the best for N epochs in
     /// a row (Keras' EarlyStopping patience); may change on --resume.
-    #[arg(long, value_name = "N", help_heading = "Schedule")]
+    #[arg(long, value_name = "N", help_heading = "Schedule", value_parser = whole::<usize>)]
     pub early_stop: Option<usize>,
     /// Nesterov momentum (SGD).
     #[arg(long, help_heading = "Optimizer")]
@@ -65,20 +65,21 @@ pub struct HyperOpts {
         long,
         value_delimiter = ',',
         default_value = "50,80",
-        help_heading = "Schedule"
+        help_heading = "Schedule",
+        value_parser = whole::<usize>
     )]
     pub milestones: Vec<usize>,
     /// What MultiStepLR multiplies the LR by at each milestone.
     #[arg(long, default_value_t = 0.1, help_heading = "Schedule")]
     pub gamma: f64,
     /// Epochs of linear warm-up from 0 to --lr.
-    #[arg(long, default_value_t = 0, help_heading = "Schedule")]
+    #[arg(long, default_value_t = 0, help_heading = "Schedule", value_parser = whole::<usize>)]
     pub warmup_epochs: usize,
     /// Cross-entropy label smoothing, in [0, 1).
     #[arg(long, default_value_t = 0.0, help_heading = "Optimizer")]
     pub label_smoothing: f64,
     /// Seeds initialization, the epoch order and every augmentation.
-    #[arg(long, default_value_t = 0, help_heading = "Data")]
+    #[arg(long, default_value_t = 0, help_heading = "Data", value_parser = whole::<u64>)]
     pub seed: u64,
     /// Output directory [default: runs/<arch>[_bn]-<dataset>-<timestamp>].
     #[arg(short, long, help_heading = "Output")]
@@ -89,10 +90,10 @@ pub struct HyperOpts {
     #[arg(long, help_heading = "Output")]
     pub resume: Option<PathBuf>,
     /// Train on the first N training images only.
-    #[arg(long, help_heading = "Data")]
+    #[arg(long, help_heading = "Data", value_parser = whole::<i64>)]
     pub limit_train: Option<i64>,
     /// Evaluate on the first N test images only.
-    #[arg(long, help_heading = "Data")]
+    #[arg(long, help_heading = "Data", value_parser = whole::<i64>)]
     pub limit_test: Option<i64>,
     /// Start over in an --out directory that holds a run (its files are replaced).
     #[arg(long, help_heading = "Output")]

@@ -12,6 +12,7 @@ use tch::Tensor;
 
 use super::config::TrainConfig;
 use super::state::{EpochMetrics, TrainState};
+use crate::formats::Sniffed;
 use crate::formats::safetensors::{read_safetensors, write_safetensors};
 use crate::fsutil::write_atomic_bytes;
 
@@ -356,12 +357,34 @@ pub fn read_resume(path: &Path) -> Result<(TrainState, BTreeMap<String, Tensor>)
     } else {
         path.to_path_buf()
     };
-    let sd = read_safetensors(&file)?;
-    let state = sd.metadata.get(STATE_KEY).ok_or_else(|| {
-        anyhow!(
+    // Another file of a run directory: point to the run.
+    let beside = file
+        .parent()
+        .map(|d| (d, d.join("resume.safetensors")))
+        .filter(|(_, r)| r.is_file() && *r != file);
+    let sd = read_safetensors(&file).map_err(|e| {
+        let what = Sniffed::of_file(&file);
+        match &beside {
+            Some((run, resume)) if what != Sniffed::Safetensors => anyhow!(
+                "{}: not a resume checkpoint (it is {}); pass the run directory {} or its {}",
+                file.display(),
+                what.describe(),
+                run.display(),
+                resume.display()
+            ),
+            _ => e,
+        }
+    })?;
+    let state = sd.metadata.get(STATE_KEY).ok_or_else(|| match &beside {
+        Some((run, _)) => anyhow!(
+            "{}: not a resume checkpoint (last/best.safetensors hold weights only); pass the run directory {}",
+            file.display(),
+            run.display()
+        ),
+        None => anyhow!(
             "{}: not a resume checkpoint (use the run's resume.safetensors; last/best.safetensors hold weights only)",
             file.display()
-        )
+        ),
     })?;
     let state: TrainState = serde_json::from_str(state)
         .with_context(|| format!("{}: unreadable training state", file.display()))?;
