@@ -1,6 +1,7 @@
 //! `vggctl export` through the binary: the TorchScript it writes runs in
 //! libtorch's C++ loader (tch's CModule) with vggctl's own logits at any batch
-//! size, and bad requests are one-line errors that leave existing files alone.
+//! size, and bad requests are one-line errors that leave existing files alone
+//! (a --format the extension contradicts is written with a warning).
 //! (Python-side checks with torchvision, torch.jit and onnxruntime are in
 //! tests/test_export.py.)
 
@@ -148,6 +149,37 @@ fn bad_export_requests() {
     // The format came from the extension, and is named as people write it.
     assert!(r.stdout.contains("MiB, ONNX, vgg11"), "{}", r.stdout);
     assert!(std::fs::metadata(&existing).unwrap().len() > 1_000_000);
+    assert_eq!(r.stderr, "");
+    // A --format its extension contradicts is written, with a warning.
+    let r = common::run_in(
+        tmp.path(),
+        &[
+            "export",
+            "--weights",
+            src,
+            "--arch",
+            "vgg11",
+            "--head",
+            "cifar",
+            "--out",
+            e,
+            "--force",
+            "--format",
+            "pt2",
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(
+        r.stderr,
+        format!(
+            "warning: {e}: writing pt2 (torch.export) into a file whose extension names ONNX\n"
+        )
+    );
+    assert!(
+        r.stdout.contains("MiB, pt2 (torch.export), vgg11"),
+        "{}",
+        r.stdout
+    );
     let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
         .unwrap()
         .flatten()

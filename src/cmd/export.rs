@@ -12,7 +12,7 @@ use vggctl::infer::fold_bn;
 use vggctl::model::{Head, Vgg, check_input};
 
 use super::opts::ModelOpts;
-use super::output::{as_usage, print_json, print_out, usage, whole};
+use super::output::{as_usage, print_json, print_out, usage, warn, whole};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -120,6 +120,14 @@ pub fn run(args: Args) -> Result<()> {
         Some(f) => f,
         None => Format::of(&args.out)?,
     };
+    if let Some(named) = Format::of(&args.out).ok().filter(|&n| n != format) {
+        warn(format!(
+            "{}: writing {} into a file whose extension names {}",
+            args.out.display(),
+            format.name(),
+            named.name()
+        ));
+    }
     run_as(&args, format)
 }
 
