@@ -18,7 +18,8 @@ components), beside files it does not take (.gif, .txt):
   and 0.11-0.37 on average; 4:4:4 data within 1);
 - `predict DIR` takes a class folder's images in the same order;
 - a class folder without images is refused naming it, as ImageFolder
-  refuses it.
+  refuses it; so is a class folder whose name is not UTF-8 (ImageFolder
+  takes it, but a checkpoint's class names are text).
 
 Where vggctl does not follow it, on purpose: folders whose names start
 with a dot are skipped (ImageFolder takes `.ipynb_checkpoints` as a class),
@@ -160,7 +161,7 @@ def test_a_folder_is_read_as_imagefolder_reads_it(tmp_path):
     assert not (tmp_path / "s.vggdata").exists()
 
 
-def test_a_class_folder_without_images_is_refused(tmp_path):
+def test_class_folders_vggctl_cannot_take_are_refused(tmp_path):
     tree = tmp_path / "photos"
     for c in ["a", "b"]:
         (tree / c).mkdir(parents=True)
@@ -177,3 +178,13 @@ def test_a_class_folder_without_images_is_refused(tmp_path):
             f"vggctl: error: {tree}: no images in class folder(s) empty: every class needs one "
             "(images are .jpg, .jpeg, .png, .ppm, .bmp, .pgm, .tif, .tiff, .webp)"], r.stderr
     assert not (tmp_path / "t.vggdata").exists() and not (tmp_path / "run").exists()
+
+    # A class name that is not UTF-8 cannot go into a checkpoint: named.
+    os.rename(tree / "empty", os.path.join(os.fsencode(tree), b"caf\xe9"))
+    photo("astronaut", (40, 40)).save(os.path.join(os.fsencode(tree), b"caf\xe9", b"x.png"))
+    assert len(torchvision.datasets.ImageFolder(str(tree)).classes) == 3
+    r = run("prepare", "--out", str(tmp_path / "t.vggdata"), "--dataset", "folder", "--data-dir", str(tree),
+            cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr == (
+        f"vggctl: error: {tree}/caf\ufffd: a class folder's name is not UTF-8 (class names go into the "
+        "checkpoint as text): rename it\n"), r.stderr

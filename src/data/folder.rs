@@ -71,12 +71,18 @@ pub fn extension_list() -> String {
 /// for torchvision.
 pub fn scan(dir: &Path) -> Result<(Vec<String>, LabeledFiles)> {
     let entries = fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
-    let mut classes: Vec<String> = entries
-        .flatten()
-        .filter(|e| e.path().is_dir())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| !n.starts_with('.'))
-        .collect();
+    let mut classes = Vec::new();
+    for e in entries.flatten().filter(|e| e.path().is_dir()) {
+        let Some(name) = e.file_name().to_str().map(str::to_string) else {
+            bail!(
+                "{}: a class folder's name is not UTF-8 (class names go into the checkpoint as text): rename it",
+                e.path().display()
+            );
+        };
+        if !name.starts_with('.') {
+            classes.push(name);
+        }
+    }
     classes.sort();
     if classes.is_empty() {
         bail!(
