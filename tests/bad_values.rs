@@ -371,7 +371,9 @@ fn rewrite_state(resume: &Path, edit: impl Fn(&mut serde_json::Value)) {
 
 /// `--resume` ignores flags that would change the run, each named in a
 /// warning, and continues as recorded; another file of the run (its
-/// config.json, its weights) points to the run directory; a resume state
+/// config.json, its weights) points to the run directory; `eval` of its
+/// checkpoint on a folder whose classes have other names is refused; a
+/// resume state
 /// with batch size 0 or a step past its data names the file.
 #[test]
 fn resume_refuses_changes_and_bad_states() {
@@ -440,6 +442,32 @@ fn resume_refuses_changes_and_bad_states() {
         let r = run_in(dir, &["train", "--resume", file, "--epochs", "3"]);
         assert_one_line_error(&r, 1, needle);
     }
+
+    // Data whose classes are not the model's, by name: refused.
+    let photo = common::fixtures().join("photos/cat/cat_01.png");
+    for class in ["0", "1", "2", "3", "4", "5", "6", "7", "8", "nine"] {
+        std::fs::create_dir_all(dir.join("ten").join(class)).unwrap();
+        std::fs::copy(&photo, dir.join("ten").join(class).join("a.png")).unwrap();
+    }
+    let r = run_in(
+        dir,
+        &[
+            "eval",
+            "--checkpoint",
+            "run/last.safetensors",
+            "--dataset",
+            "folder",
+            "--data-dir",
+            "ten",
+            "--val-dir",
+            "ten",
+        ],
+    );
+    assert_one_line_error(
+        &r,
+        1,
+        "run/last.safetensors: the model's classes differ from folder's: class 9 is \"9\" in the model, \"nine\" in ten (name the class folders as the model's)",
+    );
 
     let resume = dir.join("run/resume.safetensors");
     let original = std::fs::read(&resume).unwrap();

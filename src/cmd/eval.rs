@@ -1,7 +1,7 @@
 //! `vggctl eval`: top-1/top-5, loss, per-class accuracy and the confusion
 //! matrix of a checkpoint on a dataset's test split.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 use serde::Serialize;
@@ -82,15 +82,7 @@ pub fn run(args: Args) -> Result<()> {
     let file = read_weights(&args.checkpoint)?;
     let (spec, meta) = model_of(&args, &file, &world)?;
     let (dataset, pre) = load_data(&args, meta.as_ref(), device)?;
-    if dataset.classes.len() as i64 != spec.classes {
-        bail!(
-            "{}: the model has {} classes but {} has {}",
-            args.checkpoint.display(),
-            spec.classes,
-            dataset.name,
-            dataset.classes.len()
-        );
-    }
+    same_classes(&args.checkpoint, spec.classes, meta.as_ref(), &dataset)?;
     let mut model = Vgg::new(spec, device);
     model.load_state_dict(
         &args.checkpoint.display().to_string(),
@@ -160,6 +152,50 @@ fn model_of(
         spec,
         (spec.head == Head::Imagenet).then(|| meta_for_weights(spec)),
     ))
+}
+
+/// Refuses data whose classes are not the model's: another number of
+/// them, or, where the model names its classes (a checkpoint, or
+/// torchvision's 1,000 ImageNet classes), other names in its order; the
+/// scores would be counted against the wrong labels.
+fn same_classes(
+    checkpoint: &Path,
+    classes: i64,
+    meta: Option<&ModelMeta>,
+    dataset: &Dataset,
+) -> Result<()> {
+    if dataset.classes.len() as i64 != classes {
+        bail!(
+            "{}: the model has {} classes but {} has {}",
+            checkpoint.display(),
+            classes,
+            dataset.name,
+            dataset.classes.len()
+        );
+    }
+    let unnamed = |names: &[String]| {
+        names
+            .iter()
+            .enumerate()
+            .all(|(i, n)| *n == format!("class {i}"))
+    };
+    let Some(names) = meta.map(|m| &m.class_names).filter(|n| !unnamed(n)) else {
+        return Ok(());
+    };
+    if let Some((i, (ours, theirs))) = names
+        .iter()
+        .zip(&dataset.classes)
+        .enumerate()
+        .find(|(_, (a, b))| a != b)
+    {
+        bail!(
+            "{}: the model's classes differ from {}'s: class {i} is {ours:?} in the model, {theirs:?} in {} (name the class folders as the model's)",
+            checkpoint.display(),
+            dataset.name,
+            dataset.source
+        );
+    }
+    Ok(())
 }
 
 /// The dataset to evaluate on (`--dataset`, else the checkpoint's),
