@@ -155,9 +155,9 @@ fn model_of(
 }
 
 /// Refuses data whose classes are not the model's: another number of
-/// them, or, where the model names its classes (a checkpoint, or
-/// torchvision's 1,000 ImageNet classes), other names in its order; the
-/// scores would be counted against the wrong labels.
+/// them, or, for an image folder, where the model names its classes (a
+/// checkpoint, or torchvision's 1,000 ImageNet classes), other names in
+/// its order; the scores would be counted against the wrong labels.
 fn same_classes(
     checkpoint: &Path,
     classes: i64,
@@ -173,13 +173,19 @@ fn same_classes(
             dataset.classes.len()
         );
     }
+    // A folder's labels are its class names' places in sorted order (a
+    // CIFAR file stores its labels; its names are only shown).
+    let by_name = matches!(dataset.name.as_str(), "folder" | "imagenet");
     let unnamed = |names: &[String]| {
         names
             .iter()
             .enumerate()
             .all(|(i, n)| *n == format!("class {i}"))
     };
-    let Some(names) = meta.map(|m| &m.class_names).filter(|n| !unnamed(n)) else {
+    let Some(names) = meta
+        .map(|m| &m.class_names)
+        .filter(|n| by_name && !unnamed(n))
+    else {
         return Ok(());
     };
     if let Some((i, (ours, theirs))) = names
