@@ -17,6 +17,8 @@ components), beside files it does not take (.gif, .txt):
   photo JPEGs at most 8 levels, at the right edge of a partly filled MCU,
   and 0.11-0.37 on average; 4:4:4 data within 1);
 - `predict DIR` takes a class folder's images in the same order;
+- a run resumes only on the classes it trained on (a class folder added or
+  renamed since is one error naming the difference, the run untouched);
 - a class folder without images is refused naming it, as ImageFolder
   refuses it; so is a class folder whose name is not UTF-8 (ImageFolder
   takes it, but a checkpoint's class names are text).
@@ -188,3 +190,30 @@ def test_class_folders_vggctl_cannot_take_are_refused(tmp_path):
     assert r.returncode == 1 and r.stderr == (
         f"vggctl: error: {tree}/caf\ufffd: a class folder's name is not UTF-8 (class names go into the "
         "checkpoint as text): rename it\n"), r.stderr
+
+
+def test_a_run_resumes_on_its_own_classes(tmp_path):
+    tree = tmp_path / "photos"
+    for c, name in [("cat", "chelsea"), ("dog", "astronaut")]:
+        (tree / c).mkdir(parents=True)
+        for i in range(3):
+            photo(name, (40 + i, 40)).save(tree / c / f"{i}.png")
+    r = run("train", "--dataset", "folder", "--data-dir", str(tree), "--arch", "vgg11", "--epochs", "1",
+            "--batch-size", "2", "--out", "run", "--quiet", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    before = (tmp_path / "run" / "resume.safetensors").read_bytes()
+    (tree / "bird").mkdir()
+    photo("rocket", (40, 40)).save(tree / "bird" / "0.png")
+    r = run("train", "--resume", "run", "--epochs", "2", cwd=tmp_path)
+    assert (r.returncode, r.stderr) == (1, f"vggctl: error: run: the run trained on 2 classes; {tree} now has "
+                                           "3: a run resumes on the classes it started with\n")
+    (tree / "bird" / "0.png").unlink()
+    (tree / "bird").rmdir()
+    (tree / "dog").rename(tree / "dogs")
+    r = run("train", "--resume", "run", "--epochs", "2", cwd=tmp_path)
+    assert (r.returncode, r.stderr) == (1, f"vggctl: error: run: the run's class 1 is \"dog\"; in {tree} it is "
+                                           "\"dogs\": a run resumes on the classes it started with\n")
+    assert (tmp_path / "run" / "resume.safetensors").read_bytes() == before
+    (tree / "dogs").rename(tree / "dog")
+    r = run("train", "--resume", "run", "--epochs", "2", "--quiet", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr

@@ -441,6 +441,33 @@ fn continued_config(
     Ok(config)
 }
 
+/// Refuses to resume a run on data whose classes are not those it
+/// trained on (a class folder added, removed or renamed since).
+fn same_classes_as_run(
+    out: &std::path::Path,
+    recorded: &[String],
+    dataset: &vggctl::data::Dataset,
+) -> Result<()> {
+    let now = &dataset.classes;
+    let differ = match recorded.iter().zip(now).position(|(a, b)| a != b) {
+        _ if recorded.len() != now.len() => format!(
+            "the run trained on {} classes; {} now has {}",
+            recorded.len(),
+            dataset.source,
+            now.len()
+        ),
+        Some(i) => format!(
+            "the run's class {i} is {:?}; in {} it is {:?}",
+            recorded[i], dataset.source, now[i]
+        ),
+        None => return Ok(()),
+    };
+    bail!(
+        "{}: {differ}: a run resumes on the classes it started with",
+        out.display()
+    )
+}
+
 /// Decides the run's numerics, loads the data its configuration names,
 /// then trains (rank 0 of a data-parallel run prints and writes).
 pub fn execute(
@@ -495,6 +522,9 @@ pub fn execute(
     }
     if world.is_main() {
         streamed_as_rank0(world, config.streamed)?;
+    }
+    if let Some((state, _)) = &resume {
+        same_classes_as_run(&config.out, &state.class_names, &dataset)?;
     }
     if dataset.classes.len() as i64 != config.model.classes {
         bail!(
