@@ -130,9 +130,8 @@ fn bad_export_requests() {
     }
     assert_eq!(std::fs::read(&existing).unwrap(), b"keep me");
     // With --force it is replaced, atomically, by a real model.
-    let r = common::run_in(
-        tmp.path(),
-        &[
+    let force = |more: &[&str]| {
+        let mut args = vec![
             "export",
             "--weights",
             src,
@@ -143,31 +142,18 @@ fn bad_export_requests() {
             "--out",
             e,
             "--force",
-        ],
-    );
+        ];
+        args.extend(more);
+        common::run_in(tmp.path(), &args)
+    };
+    let r = force(&[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     // The format came from the extension, and is named as people write it.
     assert!(r.stdout.contains("MiB, ONNX, vgg11"), "{}", r.stdout);
     assert!(std::fs::metadata(&existing).unwrap().len() > 1_000_000);
     assert_eq!(r.stderr, "");
     // A --format its extension contradicts is written, with a warning.
-    let r = common::run_in(
-        tmp.path(),
-        &[
-            "export",
-            "--weights",
-            src,
-            "--arch",
-            "vgg11",
-            "--head",
-            "cifar",
-            "--out",
-            e,
-            "--force",
-            "--format",
-            "pt2",
-        ],
-    );
+    let r = force(&["--format", "pt2"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(
         r.stderr,
