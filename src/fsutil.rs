@@ -204,6 +204,27 @@ pub fn write_atomic_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
+/// Fails when an output `path` exists and `force` is off, or when its
+/// directory is missing: checked before the work that makes its content.
+pub fn check_target(path: &Path, force: bool) -> Result<()> {
+    if path.exists() && !force {
+        bail!(
+            "{} already exists (use --force to overwrite)",
+            path.display()
+        );
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.is_dir()
+    {
+        bail!(
+            "{}: directory {} does not exist",
+            path.display(),
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,6 +17,7 @@ components), beside files it does not take (.gif, .txt):
   photo JPEGs at most 8 levels, at the right edge of a partly filled MCU,
   and 0.11-0.37 on average; 4:4:4 data within 1);
 - `predict DIR` takes a class folder's images in the same order;
+- `prepare` replaces an existing file only with `--force`;
 - a run resumes only on the classes it trained on (a class folder added or
   renamed since is one error naming the difference, the run untouched);
 - a class folder without images is refused naming it, as ImageFolder
@@ -137,6 +138,16 @@ def test_a_folder_is_read_as_imagefolder_reads_it(tmp_path):
             assert diff.max() <= 10 and diff.mean() <= 0.5, (entry["name"], diff.max(), diff.mean())
         else:
             assert diff.max() == 0, (entry["name"], diff.max())
+
+    # An existing file is replaced only with --force.
+    out = tmp_path / "t.vggdata"
+    out.write_bytes(b"keep me")
+    r = run("prepare", "--data-dir", str(tree), "--out", str(out), cwd=tmp_path)
+    assert (r.returncode, r.stderr) == (1, f"vggctl: error: {out} already exists (use --force to overwrite)\n")
+    assert out.read_bytes() == b"keep me"
+    r = run("prepare", "--data-dir", str(tree), "--out", str(out), "--force", cwd=tmp_path)
+    assert r.returncode == 0 and prepared_index(out)[0]["classes"] == reference.classes, r.stderr
+    out.unlink()
 
     # predict takes a class folder's images in the same order.
     r = run("predict", "--weights", PTH, "--input", "32", "--device", "cpu", "--json", "--topk", "1",

@@ -5,9 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use tch::Device;
 use vggctl::checkpoint::{ModelMeta, load_checkpoint, meta_for_weights};
-use vggctl::export::{
-    check_target, export_onnx, export_pt2, export_safetensors, export_torchscript,
-};
+use vggctl::export::{export_onnx, export_pt2, export_safetensors, export_torchscript};
 use vggctl::infer::fold_bn;
 use vggctl::model::{Head, Vgg, check_input};
 
@@ -143,7 +141,7 @@ fn run_as(args: &Args, format: Format) -> Result<()> {
     if let Some(input) = args.input {
         check_input(input).map_err(as_usage)?;
     }
-    check_target(&args.out, args.force)?;
+    vggctl::fsutil::check_target(&args.out, args.force)?;
     let (model, meta) = load(args)?;
     let input = args.input.unwrap_or(meta.input_size);
     check_input(input)?;

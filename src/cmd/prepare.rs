@@ -38,6 +38,9 @@ pub struct Args {
     /// Fail on an unreadable image instead of skipping it.
     #[arg(long)]
     strict: bool,
+    /// Overwrite an existing --out.
+    #[arg(long)]
+    force: bool,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -65,6 +68,7 @@ pub fn run(args: Args) -> Result<()> {
             )));
         }
     };
+    vggctl::fsutil::check_target(&args.out, args.force)?;
     let opts = PrepareOptions {
         max_side: args.max_side,
         quality: args.quality,

@@ -9,33 +9,13 @@ pub mod pt2;
 
 use std::path::Path;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use tch::{CModule, Device, Kind, Tensor};
 
 use crate::checkpoint::ModelMeta;
 use crate::formats::safetensors::write_safetensors;
 use crate::fsutil::{write_atomic, write_atomic_bytes};
 use crate::model::Vgg;
-
-/// Fails when `path` exists and `force` is off, or when its directory is missing.
-pub fn check_target(path: &Path, force: bool) -> Result<()> {
-    if path.exists() && !force {
-        bail!(
-            "{} already exists (use --force to overwrite)",
-            path.display()
-        );
-    }
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
-        && !dir.is_dir()
-    {
-        bail!(
-            "{}: directory {} does not exist",
-            path.display(),
-            dir.display()
-        );
-    }
-    Ok(())
-}
 
 /// torchvision's state dict (BN `num_batches_tracked` as int64 included) and
 /// vggctl's metadata; `half` stores floating-point tensors as float16.
