@@ -157,9 +157,7 @@ fn bad_export_requests() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(
         r.stderr,
-        format!(
-            "warning: {e}: writing pt2 (torch.export) into a file whose extension names ONNX\n"
-        )
+        format!("warning: {e}: wrote pt2 (torch.export) into a file whose extension names ONNX\n")
     );
     assert!(
         r.stdout.contains("MiB, pt2 (torch.export), vgg11"),

@@ -118,15 +118,17 @@ pub fn run(args: Args) -> Result<()> {
         Some(f) => f,
         None => Format::of(&args.out)?,
     };
+    run_as(&args, format)?;
+    // Said once the file is written (a refused export says only why).
     if let Some(named) = Format::of(&args.out).ok().filter(|&n| n != format) {
         warn(format!(
-            "{}: writing {} into a file whose extension names {}",
+            "{}: wrote {} into a file whose extension names {}",
             args.out.display(),
             format.name(),
             named.name()
         ));
     }
-    run_as(&args, format)
+    Ok(())
 }
 
 fn run_as(args: &Args, format: Format) -> Result<()> {
