@@ -34,7 +34,8 @@ pub struct EvalResult {
     #[serde(default)]
     pub f1: Vec<Option<f64>>,
     pub support: Vec<i64>,
-    /// `confusion[true][predicted]`.
+    /// `confusion[true][predicted]`; scored over some of a model's classes,
+    /// each row has one more count: predicted as another of its classes.
     pub confusion: Vec<Vec<i64>>,
     /// Throughput after the first batch (which pays for cuDNN's algorithm
     /// search), preprocessing included.
@@ -45,22 +46,100 @@ pub struct EvalResult {
     pub skipped: i64,
 }
 
+/// What a model's outputs are scored against: the data's classes, which
+/// are the model's own, or some of them (`subset`: the model's index of
+/// each of the data's classes, in the data's order). Over a subset, the
+/// loss and top-k are the whole model's, and the confusion matrix has one
+/// more column: predicted as one of the model's other classes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Scoring {
+    /// The model's outputs.
+    pub outputs: i64,
+    pub subset: Option<Vec<i64>>,
+}
+
+impl From<i64> for Scoring {
+    fn from(outputs: i64) -> Self {
+        Scoring {
+            outputs,
+            subset: None,
+        }
+    }
+}
+
+impl Scoring {
+    /// The data's classes.
+    pub fn classes(&self) -> i64 {
+        self.subset
+            .as_ref()
+            .map_or(self.outputs, |s| s.len() as i64)
+    }
+
+    /// The confusion matrix's columns: the data's classes, and "another of
+    /// the model's" over a subset.
+    pub fn columns(&self) -> i64 {
+        self.classes() + i64::from(self.subset.is_some())
+    }
+}
+
+/// A model's logits for some of its classes only (`indices`, in that
+/// order): a classifier of those classes.
+pub struct AmongClasses<L> {
+    net: L,
+    indices: Tensor,
+}
+
+impl<L: Logits> AmongClasses<L> {
+    pub fn new(net: L, indices: &[i64], device: Device) -> Self {
+        AmongClasses {
+            net,
+            indices: Tensor::from_slice(indices).to_device(device),
+        }
+    }
+}
+
+impl<L: Logits> Logits for AmongClasses<L> {
+    fn logits(&self, x: &Tensor) -> Tensor {
+        self.net.logits(x).index_select(1, &self.indices)
+    }
+}
+
 /// Running sums of an evaluation, on the device: summed loss, top-5 hits,
-/// and the confusion counts (`true * classes + predicted`).
+/// and the confusion counts (`true * columns + predicted`).
 struct EvalSums {
-    classes: i64,
+    outputs: i64,
+    columns: i64,
+    /// Over a subset: the data's labels as the model's indices, and the
+    /// model's indices as the data's (its other classes as `columns - 1`).
+    to_model: Option<Tensor>,
+    to_data: Option<Tensor>,
     loss: Tensor,
     top5: Tensor,
     confusion: Tensor,
 }
 
 impl EvalSums {
-    fn new(classes: i64, dev: Device) -> Self {
+    fn new(scoring: &Scoring, dev: Device) -> Self {
+        let columns = scoring.columns();
+        let (to_model, to_data) = match &scoring.subset {
+            Some(s) => {
+                let mut back = vec![columns - 1; scoring.outputs as usize];
+                for (i, &m) in s.iter().enumerate() {
+                    back[m as usize] = i as i64;
+                }
+                let t = |v: &[i64]| Some(Tensor::from_slice(v).to_device(dev));
+                (t(s), t(&back))
+            }
+            None => (None, None),
+        };
         EvalSums {
-            classes,
+            outputs: scoring.outputs,
+            columns,
+            to_model,
+            to_data,
             loss: Tensor::zeros([], (Kind::Double, dev)),
             top5: Tensor::zeros([], (Kind::Int64, dev)),
-            confusion: Tensor::zeros([classes * classes], (Kind::Int64, dev)),
+            confusion: Tensor::zeros([scoring.classes() * columns], (Kind::Int64, dev)),
         }
     }
 
@@ -73,30 +152,41 @@ impl EvalSums {
     /// Adds one uint8 batch's figures: device work only, in place, no host
     /// synchronization (so a CUDA graph can capture it).
     fn add(&mut self, net: &dyn Logits, pre: &Preprocess, batch: &Split) {
-        let classes = self.classes;
         let y = &batch.labels;
+        let as_model = |t: &Tensor| match &self.to_model {
+            Some(m) => m.index_select(0, t),
+            None => t.shallow_clone(),
+        };
         let logits = net.logits(&pre.batch(batch, false));
-        let loss = logits.cross_entropy_loss::<Tensor>(y, None, Reduction::Sum, -100, 0.0);
+        let target = as_model(y);
+        let loss = logits.cross_entropy_loss::<Tensor>(&target, None, Reduction::Sum, -100, 0.0);
         self.loss += loss.to_kind(Kind::Double);
         let pred = logits.argmax(-1, false);
+        let pred = match &self.to_data {
+            Some(d) => d.index_select(0, &pred),
+            None => pred,
+        };
         // index_add_, not bincount: bincount's output size is read on the host.
-        let cell = y * classes + &pred;
+        let cell = y * self.columns + &pred;
         let _ = self
             .confusion
             .index_add_(0, &cell, &pred.ones_like().to_kind(Kind::Int64));
-        let topk = logits.topk(classes.min(5), -1, true, true).1;
+        let topk = logits.topk(self.outputs.min(5), -1, true, true).1;
         self.top5 += topk
-            .eq_tensor(&y.unsqueeze(1))
+            .eq_tensor(&target.unsqueeze(1))
             .any_dim(1, false)
             .sum(Kind::Int64);
     }
 
     /// The figures for `n` images, read from the device.
     fn result(&self, n: i64, images_per_s: f64) -> EvalResult {
-        let classes = self.classes as usize;
         let confusion: Vec<i64> =
             Vec::<i64>::try_from(self.confusion.to_device(Device::Cpu)).unwrap_or_default();
-        let rows: Vec<Vec<i64>> = confusion.chunks(classes).map(|r| r.to_vec()).collect();
+        let rows: Vec<Vec<i64>> = confusion
+            .chunks(self.columns as usize)
+            .map(|r| r.to_vec())
+            .collect();
+        let classes = rows.len();
         let correct: i64 = (0..classes).map(|c| rows[c][c]).sum();
         let percent = |hits: i64, of: i64| (of > 0).then(|| 100.0 * hits as f64 / of as f64);
         let support: Vec<i64> = rows.iter().map(|r| r.iter().sum()).collect();
@@ -142,11 +232,11 @@ pub struct EvalGraph {
 }
 
 impl EvalGraph {
-    pub fn new(device: Device, classes: i64) -> Result<Self> {
+    pub fn new(device: Device, scoring: &Scoring) -> Result<Self> {
         Ok(EvalGraph {
             graph: CudaGraph::new(device)?,
             io: None,
-            sums: EvalSums::new(classes, device),
+            sums: EvalSums::new(scoring, device),
         })
     }
 
@@ -172,14 +262,14 @@ impl EvalGraph {
 }
 
 /// Loss, top-1/top-5, per-class accuracy and the confusion matrix of `net`
-/// (with `classes` outputs) on `data`, in batches of `batch`; full batches
+/// (its outputs scored as `scoring` says) on `data`, in batches of `batch`; full batches
 /// through a CUDA graph when one is given. Over several ranks, each
 /// evaluates its contiguous part and the sums are added up, so the counts
 /// are exactly one process's. Streamed images that cannot be read are
 /// left out (and counted in `skipped`).
 pub fn evaluate(
     net: &dyn Logits,
-    classes: i64,
+    scoring: &Scoring,
     data: &Images,
     batch: i64,
     pre: &Preprocess,
@@ -190,7 +280,7 @@ pub fn evaluate(
     let dev = pre.device();
     let mut batches = data.in_order(first, n, batch, pre.stream_transform(false), dev)?;
     tch::no_grad(|| {
-        let mut own = EvalSums::new(classes, dev);
+        let mut own = EvalSums::new(scoring, dev);
         if let Some(g) = graph.as_mut() {
             g.sums.zero();
         }

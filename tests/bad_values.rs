@@ -443,7 +443,7 @@ fn resume_refuses_changes_and_bad_states() {
         assert_one_line_error(&r, 1, needle);
     }
 
-    // Data whose classes are not the model's, by name: refused.
+    // Data with a class the model lacks, by name: refused, naming it.
     let photo = common::fixtures().join("photos/cat/cat_01.png");
     for class in ["0", "1", "2", "3", "4", "5", "6", "7", "8", "nine"] {
         std::fs::create_dir_all(dir.join("ten").join(class)).unwrap();
@@ -466,7 +466,7 @@ fn resume_refuses_changes_and_bad_states() {
     assert_one_line_error(
         &r,
         1,
-        "run/last.safetensors: the model's classes differ from folder's: class 9 is \"9\" in the model, \"nine\" in ten (name the class folders as the model's)",
+        "run/last.safetensors: class \"nine\" of ten is not one of the model's classes (0, 1, 2, 3, … 10 in all)",
     );
 
     let resume = dir.join("run/resume.safetensors");

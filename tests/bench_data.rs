@@ -44,6 +44,7 @@ fn split(data: PathBuf, workers: usize) -> Streamed {
         cache_mem: 0,
         workers,
         imagenet: false,
+        test_only: false,
     };
     let d = match prepared::is_prepared(&data) {
         true => pack::load(&FolderOptions {

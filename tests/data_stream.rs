@@ -74,6 +74,7 @@ fn options(root: &Path, cache_mem: u64, strict: bool) -> FolderOptions {
         cache_mem,
         workers: 2,
         imagenet: false,
+        test_only: false,
     }
 }
 

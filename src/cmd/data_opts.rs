@@ -41,7 +41,9 @@ pub struct DataOpts {
     /// Never download; fail if the data is not in --data-dir.
     #[arg(long)]
     pub no_download: bool,
-    /// folder: validation images in their own class folders.
+    /// folder: validation images in their own class folders; eval (folder,
+    /// imagenet): the class folders to evaluate on, every image of them
+    /// (no --data-dir needed).
     #[arg(long)]
     pub val_dir: Option<PathBuf>,
     /// folder without --val-dir: the fraction of images held out (seeded by --seed).
@@ -175,7 +177,11 @@ impl DataOpts {
             c.val_split,
             c.seed,
             c.input_size * 256 / 224,
-            (quiet, c.streamed),
+            Reading {
+                quiet,
+                streamed: c.streamed,
+                test_only: false,
+            },
         )?;
         if c.imagenet_normalization {
             d.mean = imagenet::MEAN;
@@ -184,8 +190,9 @@ impl DataOpts {
         Ok(d)
     }
 
-    /// The dataset these options name, images cached at `cache_size` for folders.
-    pub fn load(&self, quiet: bool, seed: u64, cache_size: i64) -> Result<Dataset> {
+    /// The dataset these options name, to evaluate on, images cached at
+    /// `cache_size` for folders: with --val-dir, only that folder is read.
+    pub fn load_test(&self, seed: u64, cache_size: i64) -> Result<Dataset> {
         self.load_named(
             self.dataset(),
             &self.dir(),
@@ -193,11 +200,14 @@ impl DataOpts {
             self.val_split,
             seed,
             cache_size,
-            (quiet, None),
+            Reading {
+                quiet: false,
+                streamed: None,
+                test_only: true,
+            },
         )
     }
 
-    /// `streamed`: how a run recorded its folder (None: by --cache-mem).
     #[allow(clippy::too_many_arguments)]
     fn load_named(
         &self,
@@ -207,8 +217,13 @@ impl DataOpts {
         val_split: f64,
         seed: u64,
         cache_size: i64,
-        (quiet, streamed): (bool, Option<bool>),
+        how: Reading,
     ) -> Result<Dataset> {
+        let Reading {
+            quiet,
+            streamed,
+            test_only,
+        } = how;
         match name {
             "cifar10" => {
                 let src = DownloadSource {
@@ -222,7 +237,14 @@ impl DataOpts {
                 let imagenet = name == "imagenet";
                 let file = prepared::is_prepared(dir);
                 let (dir, val_dir) = match (imagenet, file) {
-                    (true, false) => (dir.join("train"), Some(dir.join("val"))),
+                    // Evaluation reads DIR/val (or --val-dir) only.
+                    (true, false) => (
+                        dir.join("train"),
+                        Some(match (test_only, val_dir) {
+                            (true, Some(v)) => v.to_path_buf(),
+                            _ => dir.join("val"),
+                        }),
+                    ),
                     _ => (dir.to_path_buf(), val_dir.map(Path::to_path_buf)),
                 };
                 let cache_mem = match streamed {
@@ -241,6 +263,7 @@ impl DataOpts {
                     cache_mem,
                     workers: self.workers.unwrap_or_else(default_workers),
                     imagenet,
+                    test_only,
                 };
                 match file {
                     true => pack::load(&opts),
@@ -251,6 +274,15 @@ impl DataOpts {
             other => Err(usage(unknown(other))),
         }
     }
+}
+
+/// How a dataset is read: `quiet` (no download bar), `streamed` (how a
+/// run recorded its folder; None: by --cache-mem), `test_only` (for
+/// evaluation: a validation folder alone).
+struct Reading {
+    quiet: bool,
+    streamed: Option<bool>,
+    test_only: bool,
 }
 
 fn unknown(name: &str) -> String {

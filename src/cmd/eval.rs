@@ -9,9 +9,10 @@ use tch::Device;
 use vggctl::checkpoint::{ModelFile, ModelMeta, meta_for_weights, read_weights};
 use vggctl::data::Dataset;
 use vggctl::data::augment::{Augment, Normalizer, Preprocess};
+use vggctl::data::imagenet;
 use vggctl::dist::World;
-use vggctl::eval::{EvalGraph, EvalResult, evaluate};
-use vggctl::infer::Inference;
+use vggctl::eval::{AmongClasses, EvalGraph, EvalResult, Scoring, evaluate};
+use vggctl::infer::{Inference, Logits};
 use vggctl::model::{Head, ModelSpec, Vgg, check_input};
 use vggctl::numerics::{Activity, Numerics};
 use vggctl::shim;
@@ -43,6 +44,11 @@ pub struct Args {
     /// Input side for the model [default: the checkpoint's, else 32].
     #[arg(long, value_parser = whole::<i64>)]
     input: Option<i64>,
+    /// Data with some of the model's classes (by name; ImageNet's layout by
+    /// WordNet id): predict among those classes only, the others' logits
+    /// left out (ImageNet-A/-R's protocol), instead of among all the model's.
+    #[arg(long)]
+    only_data_classes: bool,
     #[command(flatten)]
     numerics: NumericsOpts,
     #[command(flatten)]
@@ -59,6 +65,9 @@ struct Report {
     model: String,
     dataset: String,
     classes: Vec<String>,
+    /// Data with some of the model's classes: which, and how scored.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    subset_of_model: Option<SubsetOf>,
     #[serde(flatten)]
     result: EvalResult,
     /// What ran: precision, layout, the model's form, CUDA graph.
@@ -66,6 +75,18 @@ struct Report {
     /// CUDA: the most memory tensors held during the evaluation.
     #[serde(skip_serializing_if = "Option::is_none")]
     peak_gpu_bytes: Option<i64>,
+}
+
+/// The data's classes as some of the model's.
+#[derive(Serialize, Clone)]
+struct SubsetOf {
+    model_classes: i64,
+    /// The model's index of each of the data's classes.
+    indices: Vec<i64>,
+    /// "model": among all the model's classes (the confusion matrix's last
+    /// column: predicted as a class the data lacks); "data": among the
+    /// data's classes only (--only-data-classes).
+    predicted_among: &'static str,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -82,7 +103,12 @@ pub fn run(args: Args) -> Result<()> {
     let file = read_weights(&args.checkpoint)?;
     let (spec, meta) = model_of(&args, &file, &world)?;
     let (dataset, pre) = load_data(&args, meta.as_ref(), device)?;
-    same_classes(&args.checkpoint, spec.classes, meta.as_ref(), &dataset)?;
+    let scoring = match_classes(&args.checkpoint, spec.classes, meta.as_ref(), &dataset)?;
+    if args.only_data_classes && scoring.subset.is_none() {
+        warn(
+            "--only-data-classes: the data has all the model's classes; it changes nothing".into(),
+        );
+    }
     let mut model = Vgg::new(spec, device);
     model.load_state_dict(
         &args.checkpoint.display().to_string(),
@@ -93,15 +119,17 @@ pub fn run(args: Args) -> Result<()> {
     // The training run's precision and layout choices, for the same speed.
     let request = args.numerics.request(Some(&args.graphs), true);
     let numerics = Numerics::decide(&request, device, Activity::Evaluating, &mut warn)?;
+    let net = Inference::new(model, numerics.clone(), args.inference.layerwise);
+    let form = net.form();
+    let (net, scored) = scored_as(net, &scoring, args.only_data_classes, device);
     let mut graph = match numerics.cuda_graphs {
-        true => Some(EvalGraph::new(device, spec.classes)?),
+        true => Some(EvalGraph::new(device, &scored)?),
         false => None,
     };
-    let net = Inference::new(model, numerics.clone(), args.inference.layerwise);
     shim::peak_memory(device, true)?;
     let result = evaluate(
-        &net,
-        spec.classes,
+        &*net,
+        &scored,
         &test,
         args.batch_size,
         &pre,
@@ -112,7 +140,16 @@ pub fn run(args: Args) -> Result<()> {
         return Ok(());
     }
     let report = Report {
-        ran_as: numerics.ran_as(net.form()),
+        ran_as: numerics.ran_as(form),
+        subset_of_model: scoring.subset.map(|indices| SubsetOf {
+            model_classes: spec.classes,
+            indices,
+            predicted_among: if args.only_data_classes {
+                "data"
+            } else {
+                "model"
+            },
+        }),
         peak_gpu_bytes: shim::peak_memory(device, false)?,
         checkpoint: args.checkpoint.clone(),
         model: spec.model_name(),
@@ -154,25 +191,17 @@ fn model_of(
     ))
 }
 
-/// Refuses data whose classes are not the model's: another number of
-/// them, or, for an image folder, where the model names its classes (a
-/// checkpoint, or torchvision's 1,000 ImageNet classes), other names in
-/// its order; the scores would be counted against the wrong labels.
-fn same_classes(
+/// How the model's outputs meet the data's classes: the same classes (by
+/// count; for an image folder, by name where the model names its classes:
+/// a checkpoint, or torchvision's 1,000 ImageNet classes), or some of the
+/// model's classes by name (ImageNet's layout: by WordNet id). Anything
+/// else is refused: the scores would be counted against the wrong labels.
+fn match_classes(
     checkpoint: &Path,
     classes: i64,
     meta: Option<&ModelMeta>,
     dataset: &Dataset,
-) -> Result<()> {
-    if dataset.classes.len() as i64 != classes {
-        bail!(
-            "{}: the model has {} classes but {} has {}",
-            checkpoint.display(),
-            classes,
-            dataset.name,
-            dataset.classes.len()
-        );
-    }
+) -> Result<Scoring> {
     // A folder's labels are its class names' places in sorted order (a
     // CIFAR file stores its labels; its names are only shown).
     let by_name = matches!(dataset.name.as_str(), "folder" | "imagenet");
@@ -182,26 +211,91 @@ fn same_classes(
             .enumerate()
             .all(|(i, n)| *n == format!("class {i}"))
     };
-    let Some(names) = meta
-        .map(|m| &m.class_names)
-        .filter(|n| by_name && !unnamed(n))
-    else {
-        return Ok(());
+    let names = meta
+        .map(|m| m.class_names.as_slice())
+        .filter(|n| by_name && !unnamed(n));
+    let Some(names) = names else {
+        if dataset.classes.len() as i64 != classes {
+            bail!(
+                "{}: the model has {} classes but {} has {}",
+                checkpoint.display(),
+                classes,
+                dataset.name,
+                dataset.classes.len()
+            );
+        }
+        return Ok(classes.into());
     };
-    if let Some((i, (ours, theirs))) = names
-        .iter()
-        .zip(&dataset.classes)
-        .enumerate()
-        .find(|(_, (a, b))| a != b)
+    let indices = model_indices(checkpoint, names, dataset)?;
+    let same =
+        indices.len() == names.len() && indices.iter().enumerate().all(|(i, &m)| m == i as i64);
+    Ok(Scoring {
+        outputs: classes,
+        subset: (!same).then_some(indices),
+    })
+}
+
+/// The model's index of each of the data's classes: by WordNet id for
+/// ImageNet's layout and torchvision's 1,000 classes (the ids are what the
+/// indices are sorted by), else by name, which must name one of the
+/// model's classes, and only one (a checkpoint's names could repeat).
+fn model_indices(checkpoint: &Path, names: &[String], dataset: &Dataset) -> Result<Vec<i64>> {
+    if let Some(wnids) = &dataset.wnids
+        && names == imagenet::classes()
     {
+        let all = imagenet::wnids();
+        return Ok(wnids
+            .iter()
+            .filter_map(|w| all.binary_search(&w.as_str()).ok())
+            .map(|i| i as i64)
+            .collect());
+    }
+    let shown = match names.len() {
+        0..=6 => names.join(", "),
+        n => format!("{}, … {n} in all", names[..4].join(", ")),
+    };
+    let mut indices = Vec::new();
+    for class in &dataset.classes {
+        let mut at = names.iter().enumerate().filter(|(_, n)| *n == class);
+        let why = match (at.next(), at.next()) {
+            (Some((i, _)), None) => {
+                indices.push(i as i64);
+                continue;
+            }
+            (Some(_), Some(_)) => "names two of the model's classes".to_string(),
+            // WordNet-id folders beside torchvision's names: the layout says how.
+            (None, _)
+                if names == imagenet::classes() && imagenet::wnids().contains(&class.as_str()) =>
+            {
+                "is a WordNet id: read ImageNet's layout with --dataset imagenet".to_string()
+            }
+            (None, _) => format!("is not one of the model's classes ({shown})"),
+        };
         bail!(
-            "{}: the model's classes differ from {}'s: class {i} is {ours:?} in the model, {theirs:?} in {} (name the class folders as the model's)",
+            "{}: class {class:?} of {} {why}",
             checkpoint.display(),
-            dataset.name,
             dataset.source
         );
     }
-    Ok(())
+    Ok(indices)
+}
+
+/// The model as scored: among the data's classes only (`only_data`, over
+/// some of the model's classes), their logits alone, scored as a model of
+/// its own; else the model's every output.
+fn scored_as(
+    net: Inference,
+    scoring: &Scoring,
+    only_data: bool,
+    device: Device,
+) -> (Box<dyn Logits>, Scoring) {
+    match &scoring.subset {
+        Some(s) if only_data => (
+            Box::new(AmongClasses::new(net, s, device)),
+            scoring.classes().into(),
+        ),
+        _ => (Box::new(net), scoring.clone()),
+    }
 }
 
 /// The dataset to evaluate on (`--dataset`, else the checkpoint's),
@@ -234,7 +328,7 @@ fn load_data(
         .input
         .unwrap_or_else(|| meta.map_or(32, |m| m.input_size));
     let resize = meta.and_then(|m| m.resize);
-    let dataset = data.load(false, args.seed, resize.unwrap_or(input * 256 / 224))?;
+    let dataset = data.load_test(args.seed, resize.unwrap_or(input * 256 / 224))?;
     let (mean, std) = meta.map_or((dataset.mean, dataset.std), |m| (m.mean, m.std));
     let augment = match resize {
         Some(_) => Augment::ResizedCrop,
@@ -248,15 +342,21 @@ fn load_data(
 /// terminal); more label characters than this, rows labelled by index.
 const MATRIX_CLASSES: usize = 40;
 const MATRIX_LABEL: usize = 24;
+/// The confusion matrix's column of the model's classes the data lacks.
+const OTHER: &str = "other";
 
 fn render(r: &Report) -> String {
     let e = &r.result;
-    let k = r.classes.len().min(5);
-    let top5 = if r.classes.len() > 5 {
+    // The classes predicted among: the data's, or all the model's.
+    let among = match &r.subset_of_model {
+        Some(s) if s.predicted_among == "model" => s.model_classes as usize,
+        _ => r.classes.len(),
+    };
+    let top5 = if among > 5 {
         format!("top-5 {:.2}%", e.top5)
     } else {
         // With five classes or fewer, top-5 says nothing.
-        format!("top-{k} —")
+        format!("top-{among} —")
     };
     // Throughput is measured after the first batch: one batch has none.
     let speed = match e.images_per_s > 0.0 {
@@ -267,6 +367,22 @@ fn render(r: &Report) -> String {
         "{} on {} test ({} images): top-1 {:.2}%  {top5}  loss {:.4}  ({speed}{})\n\n",
         r.model, r.dataset, e.images, e.top1, e.loss, r.ran_as
     );
+    if let Some(sub) = &r.subset_of_model {
+        s += &match sub.predicted_among {
+            "model" => format!(
+                "The data has {} of the model's {} classes; predicted among all {} (column `other`: predicted as a class the data lacks).\n\n",
+                r.classes.len(),
+                sub.model_classes,
+                sub.model_classes
+            ),
+            _ => format!(
+                "The data has {} of the model's {} classes; predicted among those {} only (--only-data-classes).\n\n",
+                r.classes.len(),
+                sub.model_classes,
+                r.classes.len()
+            ),
+        };
+    }
     let labels: Vec<String> = r
         .classes
         .iter()
@@ -332,9 +448,18 @@ fn matrix(r: &Report, labels: Vec<String>, w: usize) -> String {
         .chain([(r.classes.len().saturating_sub(1)).to_string().len()])
         .max()
         .unwrap_or(1);
+    // Over some of the model's classes: a last column, the others.
+    let other = e
+        .confusion
+        .first()
+        .is_some_and(|row| row.len() > r.classes.len());
+    let cw = cw.max(if other { OTHER.len() } else { 0 });
     s += &format!("  {:<w$}", "");
     for i in 0..r.classes.len() {
         s += &format!(" {i:>cw$}");
+    }
+    if other {
+        s += &format!(" {OTHER:>cw$}");
     }
     s.push('\n');
     for (label, row) in labels.iter().zip(&e.confusion) {
@@ -351,15 +476,14 @@ fn matrix(r: &Report, labels: Vec<String>, w: usize) -> String {
 mod tests {
     use super::*;
 
-    /// Three classes, one without images and one never predicted: dashes,
-    /// not 0.00%; no top-5 with five classes or fewer; aligned columns.
-    #[test]
-    fn the_table_shows_dashes_for_undefined_figures() {
-        let report = Report {
+    /// Three classes, one of them without images, one never predicted.
+    fn report() -> Report {
+        Report {
             checkpoint: PathBuf::from("m.safetensors"),
             model: "vgg11".into(),
             dataset: "folder".into(),
             classes: vec!["cat".into(), "dog".into(), "a long name".into()],
+            subset_of_model: None,
             result: EvalResult {
                 images: 4,
                 loss: 0.5,
@@ -375,7 +499,14 @@ mod tests {
             },
             ran_as: "fp32".into(),
             peak_gpu_bytes: None,
-        };
+        }
+    }
+
+    /// Dashes for undefined figures, not 0.00%; no top-5 with five classes
+    /// or fewer; aligned columns.
+    #[test]
+    fn the_table_shows_dashes_for_undefined_figures() {
+        let report = report();
         let text = render(&report);
         assert!(text.contains("top-1 50.00%  top-3 —  loss"), "{text}");
         assert!(text.contains("loss 0.5000  (10 img/s; fp32)"), "{text}");
@@ -414,5 +545,29 @@ mod tests {
         (e.per_class, e.precision, e.f1) = (vec![None; 41], vec![None; 41], vec![None; 41]);
         (e.support, e.confusion) = (vec![0; 41], vec![vec![0; 41]; 41]);
         assert!(render(&many).contains("41 classes are too many to print here; --json holds it"));
+    }
+
+    /// Three of a model's 1,000 classes: top-5 among the 1,000, said so,
+    /// and an aligned `other` column.
+    #[test]
+    fn a_subset_of_the_models_classes_is_said_and_has_an_other_column() {
+        let mut subset = report();
+        subset.subset_of_model = Some(SubsetOf {
+            model_classes: 1000,
+            indices: vec![3, 1, 7],
+            predicted_among: "model",
+        });
+        let e = &mut subset.result;
+        e.confusion = vec![vec![1, 0, 0, 1], vec![0, 0, 0, 2], vec![0, 0, 0, 0]];
+        let text = render(&subset);
+        assert!(text.contains("top-1 50.00%  top-5 100.00%  loss"), "{text}");
+        assert!(
+            text.contains("The data has 3 of the model's 1000 classes; predicted among all 1000"),
+            "{text}"
+        );
+        let matrix: Vec<&str> = text.lines().rev().take(4).collect();
+        assert!(matrix.iter().all(|l| l.len() == matrix[0].len()), "{text}");
+        assert!(matrix[3].ends_with("  0     1     2 other"), "{text}");
+        assert!(matrix[2].ends_with("  1     0     0     1"), "{text}");
     }
 }

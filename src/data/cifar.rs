@@ -241,6 +241,7 @@ fn dataset(
         mean: MEAN,
         std: STD,
         source: dir.display().to_string(),
+        wnids: None,
     })
 }
 

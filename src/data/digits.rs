@@ -107,6 +107,7 @@ pub fn load() -> Result<Dataset> {
         mean: MEAN,
         std: STD,
         source: "the embedded digits".into(),
+        wnids: None,
     })
 }
 

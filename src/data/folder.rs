@@ -44,6 +44,9 @@ pub struct FolderOptions {
     /// ImageNet's layout: the class folders are WordNet ids, named by
     /// torchvision's class names.
     pub imagenet: bool,
+    /// Evaluation only: with a `val_dir`, that folder alone is read (every
+    /// image of it a test image; `dir` is not needed).
+    pub test_only: bool,
 }
 
 /// The memory the canvases of `n` images of `side` take.
@@ -404,13 +407,16 @@ pub fn scan_splits(
 
 /// Loads an image-folder dataset; `warn` hears about skipped images.
 pub fn load(opts: &FolderOptions, warn: &mut dyn FnMut(String)) -> Result<Dataset> {
-    let (mut classes, files, val) = scan_splits(&opts.dir, opts.val_dir.as_deref())?;
+    if opts.test_only
+        && let Some(vdir) = &opts.val_dir
+    {
+        return load_test(opts, vdir, warn);
+    }
+    let (folders, files, val) = scan_splits(&opts.dir, opts.val_dir.as_deref())?;
     if val.is_none() {
         check_val_split(opts.val_split)?;
     }
-    if opts.imagenet {
-        classes = super::imagenet::names(&opts.dir, &classes)?;
-    }
+    let (classes, wnids) = named(opts, &opts.dir, folders)?;
     let total = files.len() + val.as_ref().map_or(0, Vec::len);
     let (train, test) = match canvas_bytes(total, opts.cache_size) > opts.cache_mem {
         true => streamed(opts, files, val)?,
@@ -424,6 +430,50 @@ pub fn load(opts: &FolderOptions, warn: &mut dyn FnMut(String)) -> Result<Datase
         mean: super::imagenet::MEAN,
         std: super::imagenet::STD,
         source: opts.dir.display().to_string(),
+        wnids,
+    })
+}
+
+/// Evaluation's dataset: every image of the folder `vdir` a test image,
+/// no training split.
+fn load_test(opts: &FolderOptions, vdir: &Path, warn: &mut dyn FnMut(String)) -> Result<Dataset> {
+    let (folders, files) = scan(vdir)?;
+    let (classes, wnids) = named(opts, vdir, folders)?;
+    let test = match canvas_bytes(files.len(), opts.cache_size) > opts.cache_mem {
+        true => streamed_split(opts, files),
+        false => {
+            let (split, skipped) = load_dir(vdir, &files, opts.cache_size, opts)?;
+            if skipped > 0 {
+                warn(format!(
+                    "skipped {skipped} unreadable image(s) in {} (--strict makes this an error)",
+                    vdir.display()
+                ));
+            }
+            Images::Resident(split)
+        }
+    };
+    Ok(Dataset {
+        name: if opts.imagenet { "imagenet" } else { "folder" }.into(),
+        train: streamed_split(opts, Vec::new()),
+        test,
+        classes,
+        mean: super::imagenet::MEAN,
+        std: super::imagenet::STD,
+        source: vdir.display().to_string(),
+        wnids,
+    })
+}
+
+/// A folder's class names, and for ImageNet's layout, torchvision's names
+/// of its WordNet ids beside the ids themselves.
+fn named(
+    opts: &FolderOptions,
+    dir: &Path,
+    folders: Vec<String>,
+) -> Result<(Vec<String>, Option<Vec<String>>)> {
+    Ok(match opts.imagenet {
+        true => (super::imagenet::names(dir, &folders)?, Some(folders)),
+        false => (folders, None),
     })
 }
 
@@ -462,17 +512,19 @@ fn streamed(
             (pick(&idx[n_val..]), pick(&idx[..n_val]))
         }
     };
-    let split = |files: LabeledFiles| {
-        Images::Streamed(Streamed {
-            items: Arc::new(files.into_iter().map(|(p, l)| Item::file(p, l)).collect()),
-            store: None,
-            side: opts.cache_size,
-            strict: opts.strict,
-            workers: opts.workers,
-            pin: false,
-        })
-    };
-    Ok((split(train), split(val)))
+    Ok((streamed_split(opts, train), streamed_split(opts, val)))
+}
+
+/// A split read from its files as it goes.
+fn streamed_split(opts: &FolderOptions, files: LabeledFiles) -> Images {
+    Images::Streamed(Streamed {
+        items: Arc::new(files.into_iter().map(|(p, l)| Item::file(p, l)).collect()),
+        store: None,
+        side: opts.cache_size,
+        strict: opts.strict,
+        workers: opts.workers,
+        pin: false,
+    })
 }
 
 /// Both splits decoded into memory (or read from the cache).

@@ -233,6 +233,9 @@ pub struct Dataset {
     pub std: [f64; 3],
     /// Where it was read from, for messages.
     pub source: String,
+    /// ImageNet's layout: each class's WordNet id (its folder), by which
+    /// its index among ImageNet's 1,000 classes is known.
+    pub wnids: Option<Vec<String>>,
 }
 
 #[cfg(test)]

@@ -178,6 +178,7 @@ pub fn load(opts: &FolderOptions) -> Result<Dataset> {
         true => super::imagenet::names(&opts.dir, &idx.classes)?,
         false => idx.classes.clone(),
     };
+    let wnids = opts.imagenet.then(|| idx.classes.clone());
     let item = |e: &Entry| Item {
         path: PathBuf::from(format!("{}:{}", opts.dir.display(), e.name)),
         label: e.label,
@@ -214,5 +215,6 @@ pub fn load(opts: &FolderOptions) -> Result<Dataset> {
         mean: super::imagenet::MEAN,
         std: super::imagenet::STD,
         source: opts.dir.display().to_string(),
+        wnids,
     })
 }

@@ -27,7 +27,15 @@ fn is_float(kind: Kind) -> bool {
 /// naming the first tensor that holds them.
 pub fn check_finite(source: &str, dict: &BTreeMap<String, Tensor>) -> Result<()> {
     for (name, t) in dict {
-        if !is_float(t.kind()) {
+        if !is_float(t.kind()) || t.numel() == 0 {
+            continue;
+        }
+        // The least and largest values are finite only if every value is
+        // (a NaN makes both NaN): no tensor-sized temporaries, unlike
+        // `isfinite`, which is only counted with when one is not.
+        let (least, most) = t.aminmax(None, false);
+        let ends = Tensor::stack(&[least, most], 0).to_kind(Kind::Double);
+        if Vec::<f64>::try_from(&ends).is_ok_and(|v| v.iter().all(|x| x.is_finite())) {
             continue;
         }
         let bad = t.numel() as i64 - t.isfinite().sum(Kind::Int64).int64_value(&[]);
@@ -232,6 +240,19 @@ mod tests {
             err,
             "f.pth: features.0.bias holds 2 NaN or infinite values (of 64); pass --allow-nonfinite to load it anyway"
         );
+        // One NaN alone, one -inf alone, in every floating-point kind; an
+        // empty tensor has nothing to refuse.
+        for kind in [Kind::Float, Kind::Double, Kind::Half, Kind::BFloat16] {
+            for bad in [f64::NAN, f64::NEG_INFINITY] {
+                let w = Tensor::ones([64], (kind, Device::Cpu));
+                let _ = w.get(63).fill_(bad);
+                let d = BTreeMap::from([("w".to_string(), w)]);
+                let err = check_finite("f", &d).unwrap_err().to_string();
+                assert!(err.starts_with("f: w holds 1 NaN"), "{kind:?} {bad}: {err}");
+            }
+            let d = BTreeMap::from([("w".to_string(), Tensor::zeros([0], (kind, Device::Cpu)))]);
+            check_finite("f", &d).unwrap();
+        }
     }
 
     /// Another VGG's weights are named as that VGG, with the flag to give.

@@ -114,7 +114,7 @@ impl Trainer<'_> {
         };
         evaluate(
             &net,
-            self.state.config.model.classes,
+            &self.state.config.model.classes.into(),
             &self.test,
             self.state.config.test_batch_size,
             &self.pre,

@@ -135,7 +135,7 @@ fn graphs(numerics: &Numerics, config: &TrainConfig, device: Device) -> Result<G
     let classes = config.model.classes;
     let eval_graph = |on: bool| -> Result<Option<EvalGraph>> {
         Ok(match on && numerics.cuda_graphs {
-            true => Some(EvalGraph::new(device, classes)?),
+            true => Some(EvalGraph::new(device, &classes.into())?),
             false => None,
         })
     };
