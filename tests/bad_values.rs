@@ -482,6 +482,17 @@ fn resume_refuses_changes_and_bad_states() {
         "run/resume.safetensors: bad training state: epochs 2, batch_size 0",
     );
     std::fs::write(&resume, &original).unwrap();
+    rewrite_state(&resume, |s| s["config"]["ra_magnitude"] = 31.into());
+    let r = run_in(
+        dir,
+        &["train", "--resume", "run", "--epochs", "3", "--quiet"],
+    );
+    assert_one_line_error(
+        &r,
+        1,
+        "bad training state: ra_magnitude 31 is not one of RandAugment's bins 0 to 30",
+    );
+    std::fs::write(&resume, &original).unwrap();
     rewrite_state(&resume, |s| s["step"] = 1_000_000_000.into());
     let r = run_in(
         dir,

@@ -15,7 +15,8 @@ clips with torch.nn.utils.clip_grad_norm_ before each step.
 
 The options of torchvision's reference recipe, as its train.py applies
 them: --auto-augment POLICY (transforms.AutoAugment on each uint8 image,
-before normalization), --random-erase P (transforms.RandomErasing(P) on
+before normalization; `ra`: transforms.RandAugment(magnitude=--ra-magnitude),
+`ta_wide`: transforms.TrivialAugmentWide()), --random-erase P (transforms.RandomErasing(P) on
 each normalized image), then
 --mixup-alpha/--cutmix-alpha (v2.RandomChoice of v2.MixUp and v2.CutMix on
 the batch), --accum-steps K (the gradients of K batches, each loss / K, per
@@ -103,6 +104,7 @@ def main():
     p.add_argument("--clip-grad-norm", type=float, default=None)
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--auto-augment", default=None)
+    p.add_argument("--ra-magnitude", type=int, default=9)
     p.add_argument("--random-erase", type=float, default=0.0)
     p.add_argument("--mixup-alpha", type=float, default=0.0)
     p.add_argument("--cutmix-alpha", type=float, default=0.0)
@@ -128,7 +130,11 @@ def main():
     n = len(labels)
     erase = transforms.RandomErasing(p=a.random_erase) if a.random_erase > 0 else None
     auto = None
-    if a.auto_augment:
+    if a.auto_augment == "ra":
+        auto = transforms.RandAugment(magnitude=a.ra_magnitude)
+    elif a.auto_augment == "ta_wide":
+        auto = transforms.TrivialAugmentWide()
+    elif a.auto_augment:
         auto = transforms.AutoAugment(transforms.AutoAugmentPolicy(a.auto_augment))
     mixes = [v2.MixUp(alpha=a.mixup_alpha, num_classes=10)] if a.mixup_alpha > 0 else []
     mixes += [v2.CutMix(alpha=a.cutmix_alpha, num_classes=10)] if a.cutmix_alpha > 0 else []

@@ -8,7 +8,8 @@ per-parameter one, within 1e-5 relative after 2 epochs; the clipping binds
 
 The recipe's other options against torchvision's own code with the same
 draws (vggctl draws on the generator state torchvision would see):
-`--auto-augment cifar10` is transforms.AutoAugment per uint8 image,
+`--auto-augment cifar10` is transforms.AutoAugment per uint8 image (`ra`
+transforms.RandAugment, `ta_wide` transforms.TrivialAugmentWide),
 `--random-erase` is transforms.RandomErasing per image, `--mixup-alpha` /
 `--cutmix-alpha` are v2.RandomChoice([v2.MixUp, v2.CutMix]) on the batch
 (with label smoothing on the soft labels); `--model-ema` is torchvision's
@@ -99,14 +100,18 @@ def test_random_erase_mixup_and_cutmix_equal_torchvision(runs):
     assert apart(free, want) > 1e-3, "the options changed nothing: the comparison proves nothing"
 
 
-@pytest.mark.parametrize("policy", ["cifar10", "imagenet"])
+@pytest.mark.parametrize("policy", [["cifar10"], ["imagenet"], ["ra", "--ra-magnitude", "17"], ["ta_wide"]])
 def test_auto_augment_equals_torchvision(runs, policy):
-    """Between them the two policies' 256 images draw every op (counted in
-    the reference: the CIFAR-10 one all but ShearX and Invert, the ImageNet
-    one those); the weights after 2 epochs equal PyTorch's."""
+    """Between them the two AutoAugment policies' 256 images draw every op
+    (counted in the reference: the CIFAR-10 one all but ShearX and Invert,
+    the ImageNet one those); RandAugment (at magnitude 17, not the default
+    9) and TrivialAugment Wide draw each of their 14 ops many times over
+    (two or one per image, the signs and TrivialAugment's bins too); the
+    weights after 2 epochs equal PyTorch's."""
     tmp, init, _, free = runs
-    want = reference(tmp, init, str(tmp / f"auto-{policy}-ref.safetensors"), "--auto-augment", policy)
-    ours = vggctl_train(tmp / f"auto-{policy}", init, "--batch-size", str(BATCH), "--auto-augment", policy)
+    name = policy[0]
+    want = reference(tmp, init, str(tmp / f"auto-{name}-ref.safetensors"), "--auto-augment", *policy)
+    ours = vggctl_train(tmp / f"auto-{name}", init, "--batch-size", str(BATCH), "--auto-augment", *policy)
     assert apart(ours, want) < 1e-5
     assert apart(free, want) > 1e-3, "the policy changed nothing: the comparison proves nothing"
 
@@ -170,7 +175,8 @@ def test_optimizer_values_torch_refuses_are_usage_errors(tmp_path):
 def test_options_a_run_has_no_use_for_are_named_once_each(tmp_path):
     """Options typed for a new run that would change what it computes but
     that it cannot use (an SGD option with AdamW, a MultiStepLR option with
-    cosine, a folder's validation options with the digits) each get one
+    cosine, a folder's validation options with the digits, RandAugment's
+    magnitude without it) each get one
     warning saying what they apply to; the run goes on. Where they apply,
     no warning; resource and policy options (--workers, --no-download,
     --strict) pass without one."""
@@ -178,17 +184,19 @@ def test_options_a_run_has_no_use_for_are_named_once_each(tmp_path):
               "--limit-train", "16", "--limit-test", "100", "--quiet", "--workers", "2", "--no-download",
               "--strict"]
     unused = ["--optimizer", "adamw", "--momentum", "0.5", "--nesterov", "--scheduler", "cosine",
-              "--milestones", "3", "--gamma", "0.5", "--val-dir", str(tmp_path), "--val-split", "0.2"]
+              "--milestones", "3", "--gamma", "0.5", "--val-dir", str(tmp_path), "--val-split", "0.2",
+              "--ra-magnitude", "5"]
     r = subprocess.run([BIN, *common, *unused, "--out", str(tmp_path / "a")],
                        capture_output=True, text=True, timeout=120, env=ENV)
     assert r.returncode == 0, r.stderr
     warned = [line for line in r.stderr.splitlines() if "is ignored" in line]
     sgd, step = "applies to --optimizer sgd only", "applies to --scheduler multistep only"
     assert warned == [f"warning: {flag} is ignored: it {why}" for flag, why in [
-        ("--momentum", sgd), ("--nesterov", sgd), ("--milestones", step), ("--gamma", step),
+        ("--ra-magnitude", "applies to --auto-augment ra only"), ("--momentum", sgd), ("--nesterov", sgd), ("--milestones", step), ("--gamma", step),
         ("--val-dir", "applies to --dataset folder only"),
         ("--val-split", "applies to --dataset folder without --val-dir only")]], r.stderr
-    used = ["--momentum", "0.5", "--nesterov", "--milestones", "3", "--gamma", "0.5"]
+    used = ["--momentum", "0.5", "--nesterov", "--milestones", "3", "--gamma", "0.5", "--auto-augment", "ra",
+            "--ra-magnitude", "5"]
     r = subprocess.run([BIN, *common, *used, "--out", str(tmp_path / "b")],
                        capture_output=True, text=True, timeout=120, env=ENV)
     assert r.returncode == 0 and "is ignored" not in r.stderr, r.stderr

@@ -5,6 +5,7 @@
 //! silently).
 
 use anyhow::Result;
+use vggctl::data::auto_augment::Policy;
 use vggctl::dist::World;
 use vggctl::optim::OptimizerKind;
 use vggctl::train::SchedulerKind;
@@ -94,7 +95,9 @@ fn unused_options(typed: &[String], config: &TrainConfig) -> Vec<String> {
     let folder = config.dataset == "folder";
     let sgd = config.optimizer.kind == OptimizerKind::Sgd;
     let multistep = config.scheduler == SchedulerKind::Multistep;
-    let rules: [(&[&str], bool, &str); 4] = [
+    let ra = config.auto_augment == Some(Policy::Ra);
+    let rules: [(&[&str], bool, &str); 5] = [
+        (&["ra_magnitude"], ra, "applies to --auto-augment ra only"),
         (
             &["momentum", "nesterov"],
             sgd,

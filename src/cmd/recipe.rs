@@ -6,7 +6,7 @@
 
 use anyhow::Result;
 use vggctl::data::augment::Augment;
-use vggctl::data::auto_augment::Policy;
+use vggctl::data::auto_augment::{Policy, RA_BINS, RA_MAGNITUDE};
 use vggctl::data::mix::Mixing;
 use vggctl::train::config::TrainConfig;
 use vggctl::train::ema::EmaConfig;
@@ -63,11 +63,15 @@ pub struct RecipeOpts {
         help_heading = "Data"
     )]
     pub cutmix_alpha: f64,
-    /// AutoAugment each training image with the policy searched on this
-    /// dataset (torchvision's transforms.AutoAugment, after the crop and
-    /// flip, before normalization).
+    /// Augment each training image automatically, as torchvision's
+    /// reference train.py --auto-augment: AutoAugment with the policy
+    /// searched on a dataset, RandAugment or TrivialAugment Wide (after the
+    /// crop and flip, before normalization).
     #[arg(long, value_name = "POLICY", value_parser = choice::<Policy>(), help_heading = "Data")]
     pub auto_augment: Option<Policy>,
+    /// RandAugment's magnitude, 0 to 30 (torchvision's --ra-magnitude).
+    #[arg(long, value_name = "M", default_value_t = RA_MAGNITUDE, value_parser = whole::<i64>, help_heading = "Data")]
+    pub ra_magnitude: i64,
     /// Erase a random box of each training image with this probability
     /// (torchvision's RandomErasing after normalization); 0 is off.
     #[arg(long, default_value_t = 0.0, value_name = "P", help_heading = "Data")]
@@ -102,6 +106,13 @@ impl RecipeOpts {
         if self.accum_steps < 1 {
             return Err(usage("--accum-steps must be at least 1"));
         }
+        if !(0..RA_BINS).contains(&self.ra_magnitude) {
+            return Err(usage(format!(
+                "--ra-magnitude {} must be 0 to {} (RandAugment's bins)",
+                self.ra_magnitude,
+                RA_BINS - 1
+            )));
+        }
         non_negative("--mixup-alpha", self.mixup_alpha)?;
         non_negative("--cutmix-alpha", self.cutmix_alpha)?;
         if !(0.0..=1.0).contains(&self.random_erase) {
@@ -132,6 +143,7 @@ impl RecipeOpts {
         };
         config.random_erase = self.random_erase;
         config.auto_augment = self.auto_augment;
+        config.ra_magnitude = self.ra_magnitude;
         config.tensorboard = self.tensorboard;
     }
 }

@@ -256,6 +256,7 @@ impl HyperOpts {
             model_ema: None,
             mixing: Default::default(),
             auto_augment: None,
+            ra_magnitude: vggctl::data::auto_augment::RA_MAGNITUDE,
             random_erase: 0.0,
             accum_steps: 1,
             tensorboard: false,

@@ -5,7 +5,7 @@
 use tch::{Device, Kind, Tensor};
 
 use super::Split;
-use super::auto_augment::{Policy, auto_augment};
+use super::auto_augment::{Policy, RA_MAGNITUDE, auto_augment};
 use super::image::centre_offset;
 use super::resized_crop::{CropBoxes, random_resized_boxes};
 
@@ -279,9 +279,12 @@ pub struct Preprocess {
     pub norm: Normalizer,
     /// Training batches get the evaluation transform (`--no-augment`).
     pub plain_training: bool,
-    /// Training batches get AutoAugment after the crop and flip (or, with
-    /// `plain_training`, after the evaluation crop), before normalization.
+    /// Training batches get AutoAugment, RandAugment or TrivialAugment
+    /// after the crop and flip (or, with `plain_training`, after the
+    /// evaluation crop), before normalization.
     pub auto_augment: Option<Policy>,
+    /// RandAugment's magnitude bin.
+    pub ra_magnitude: i64,
 }
 
 impl Preprocess {
@@ -292,6 +295,7 @@ impl Preprocess {
             norm,
             plain_training: false,
             auto_augment: None,
+            ra_magnitude: RA_MAGNITUDE,
         }
     }
 
@@ -305,7 +309,7 @@ impl Preprocess {
             Kind::Uint8 => x,
             _ => x.round().clamp(0.0, 255.0).to_kind(Kind::Uint8),
         };
-        auto_augment(&x, policy)
+        auto_augment(&x, policy, self.ra_magnitude)
     }
 
     fn resize(&self, x: Tensor) -> Tensor {

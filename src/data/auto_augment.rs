@@ -1,43 +1,71 @@
-//! torchvision's AutoAugment (`transforms.AutoAugment(policy)`) on uint8
-//! image tensors, op for op as its tensor path computes them
+//! torchvision's automatic augmentations on uint8 image tensors, as
+//! torchvision's reference `train.py --auto-augment` offers them:
+//! AutoAugment with a searched policy (`transforms.AutoAugment(policy)`),
+//! RandAugment (`transforms.RandAugment(magnitude=m)`: two ops of 14 per
+//! image at one magnitude) and TrivialAugment Wide
+//! (`transforms.TrivialAugmentWide()`: one op at a random magnitude). Op for
+//! op as torchvision's tensor path computes them
 //! (`transforms._functional_tensor`: the affine grid and nearest
 //! `grid_sample`, `_blend`, the grayscale weights, the 13-tap sharpness
-//! kernel, the equalization LUT), with its draws (a sub-policy, two
-//! probabilities, two signs per image, on the CPU generator) — so that the
-//! same generator state gives torchvision's images. Each image of a batch
-//! is augmented in turn, as a DataLoader's workers would.
+//! kernel, the equalization LUT), with their draws in torchvision's order on
+//! the CPU generator, so that the same generator state gives torchvision's
+//! images. Each image of a batch is augmented in turn, as a DataLoader's
+//! workers would.
 
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use crate::choice::Choice;
 
-/// `AutoAugmentPolicy`: the sub-policies learned on each dataset.
+/// `--auto-augment`: `AutoAugmentPolicy` (the sub-policies learned on a
+/// dataset), or RandAugment (`ra`) or TrivialAugment Wide (`ta_wide`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Policy {
     Imagenet,
     Cifar10,
     Svhn,
+    Ra,
+    #[serde(rename = "ta_wide")]
+    TaWide,
 }
 
 impl Choice for Policy {
-    const ALL: &'static [Self] = &[Policy::Imagenet, Policy::Cifar10, Policy::Svhn];
+    const ALL: &'static [Self] = &[
+        Policy::Imagenet,
+        Policy::Cifar10,
+        Policy::Svhn,
+        Policy::Ra,
+        Policy::TaWide,
+    ];
     fn name(self) -> &'static str {
         match self {
             Policy::Imagenet => "imagenet",
             Policy::Cifar10 => "cifar10",
             Policy::Svhn => "svhn",
+            Policy::Ra => "ra",
+            Policy::TaWide => "ta_wide",
         }
     }
     fn help(self) -> &'static str {
         match self {
-            Policy::Imagenet => "the policy searched on ImageNet (image folders)",
-            Policy::Cifar10 => "the policy searched on CIFAR-10",
-            Policy::Svhn => "the policy searched on SVHN",
+            Policy::Imagenet => "AutoAugment, the policy searched on ImageNet (image folders)",
+            Policy::Cifar10 => "AutoAugment, the policy searched on CIFAR-10",
+            Policy::Svhn => "AutoAugment, the policy searched on SVHN",
+            Policy::Ra => {
+                "RandAugment: two of 14 ops per image at --ra-magnitude (transforms.RandAugment)"
+            }
+            Policy::TaWide => {
+                "TrivialAugment Wide: one of 14 ops per image at a random magnitude (transforms.TrivialAugmentWide)"
+            }
         }
     }
 }
+
+/// RandAugment's magnitude bins: `--ra-magnitude` is 0 to `RA_BINS - 1`.
+pub const RA_BINS: i64 = 31;
+/// torchvision's default `--ra-magnitude` (`RandAugment(magnitude=9)`).
+pub const RA_MAGNITUDE: i64 = 9;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Op {
@@ -55,7 +83,26 @@ enum Op {
     AutoContrast,
     Equalize,
     Invert,
+    Identity,
 }
+
+/// RandAugment's and TrivialAugment's ops, in their `_augmentation_space`'s order.
+const SPACE_OPS: [Op; 14] = [
+    Op::Identity,
+    Op::ShearX,
+    Op::ShearY,
+    Op::TranslateX,
+    Op::TranslateY,
+    Op::Rotate,
+    Op::Brightness,
+    Op::Color,
+    Op::Contrast,
+    Op::Sharpness,
+    Op::Posterize,
+    Op::Solarize,
+    Op::AutoContrast,
+    Op::Equalize,
+];
 
 /// An op, its probability and its magnitude bin (-1: none).
 type Step = (Op, f32, i8);
@@ -144,76 +191,136 @@ const SVHN: [[Step; 2]; 25] = [
     [(Op::ShearX, 0.7, 2), (Op::Invert, 0.1, -1)],
 ];
 
-impl Policy {
-    fn table(self) -> &'static [[Step; 2]] {
-        match self {
-            Policy::Imagenet => &IMAGENET,
-            Policy::Cifar10 => &CIFAR10,
-            Policy::Svhn => &SVHN,
-        }
-    }
+/// An `_augmentation_space`: `bins` magnitudes per op over AutoAugment's
+/// and RandAugment's ranges, or TrivialAugment Wide's (`wide`).
+#[derive(Clone, Copy)]
+struct Space {
+    bins: i64,
+    wide: bool,
 }
 
-const BINS: i64 = 10;
+const AUTO: Space = Space {
+    bins: 10,
+    wide: false,
+};
+const RAND: Space = Space {
+    bins: RA_BINS,
+    wide: false,
+};
+const WIDE: Space = Space {
+    bins: 31,
+    wide: true,
+};
 
-/// The `magnitude_id`-th of `_augmentation_space(10, (h, w))`'s
-/// magnitudes for `op` (float32 as torchvision's tensors hold them), and
-/// whether it takes a random sign.
-fn magnitude(op: Op, bin: i64, h: i64, w: i64) -> (f64, bool) {
-    let space = |end: f64| {
-        Tensor::linspace(0.0, end, BINS, (Kind::Float, Device::Cpu)).double_value(&[bin])
+/// The `bin`-th of `space`'s magnitudes for `op` on an `h x w` image
+/// (float32 as torchvision's tensors hold them), and whether it takes a
+/// random sign; `None` for an op without magnitudes.
+fn magnitude(space: Space, op: Op, bin: i64, h: i64, w: i64) -> Option<(f64, bool)> {
+    let Space { bins, wide } = space;
+    let range = |end: f64| {
+        Tensor::linspace(0.0, end, bins, (Kind::Float, Device::Cpu)).double_value(&[bin])
     };
-    match op {
-        Op::ShearX | Op::ShearY => (space(0.3), true),
-        Op::TranslateX => (space(150.0 / 331.0 * w as f64), true),
-        Op::TranslateY => (space(150.0 / 331.0 * h as f64), true),
-        Op::Rotate => (space(30.0), true),
-        Op::Brightness | Op::Color | Op::Contrast | Op::Sharpness => (space(0.9), true),
-        // 8 - (arange(10) / ((10 - 1) / 4)).round().int()
+    let either = |narrow: f64, wide_end: f64| if wide { wide_end } else { narrow };
+    let translate = |side: i64| either(150.0 / 331.0 * side as f64, 32.0);
+    Some(match op {
+        Op::ShearX | Op::ShearY => (range(either(0.3, 0.99)), true),
+        Op::TranslateX => (range(translate(w)), true),
+        Op::TranslateY => (range(translate(h)), true),
+        Op::Rotate => (range(either(30.0, 135.0)), true),
+        Op::Brightness | Op::Color | Op::Contrast | Op::Sharpness => {
+            (range(either(0.9, 0.99)), true)
+        }
+        // 8 - (arange(bins) / ((bins - 1) / 4)).round().int() (/ 6 wide)
         Op::Posterize => {
-            let v = (Tensor::arange(BINS, (Kind::Int64, Device::Cpu)) / ((BINS - 1) as f64 / 4.0))
-                .round()
-                .to_kind(Kind::Int)
-                .int64_value(&[bin]);
+            let v = (Tensor::arange(bins, (Kind::Int64, Device::Cpu))
+                / ((bins - 1) as f64 / either(4.0, 6.0)))
+            .round()
+            .to_kind(Kind::Int)
+            .int64_value(&[bin]);
             ((8 - v) as f64, false)
         }
         Op::Solarize => (
-            Tensor::linspace(255.0, 0.0, BINS, (Kind::Float, Device::Cpu)).double_value(&[bin]),
+            Tensor::linspace(255.0, 0.0, bins, (Kind::Float, Device::Cpu)).double_value(&[bin]),
             false,
         ),
-        Op::AutoContrast | Op::Equalize | Op::Invert => (0.0, false),
-    }
+        Op::AutoContrast | Op::Equalize | Op::Invert | Op::Identity => return None,
+    })
 }
 
-/// `AutoAugment(policy)` applied to each uint8 image of the NCHW batch `x`
-/// in turn (on `x`'s device; the draws on the CPU generator).
-pub fn auto_augment(x: &Tensor, policy: Policy) -> Tensor {
+/// `--auto-augment` applied to each uint8 image of the NCHW batch `x` in
+/// turn (on `x`'s device; the draws on the CPU generator); `ra_magnitude`
+/// is RandAugment's.
+pub fn auto_augment(x: &Tensor, policy: Policy, ra_magnitude: i64) -> Tensor {
     let (b, _, h, w) = x.size4().expect("a batch of images");
-    let table = policy.table();
-    let cpu = (Kind::Int64, Device::Cpu);
     let images: Vec<Tensor> = (0..b)
         .map(|i| {
-            let id = Tensor::randint(table.len() as i64, [1], cpu).int64_value(&[0]) as usize;
-            let probs = Tensor::rand([2], (Kind::Float, Device::Cpu));
-            let signs = Tensor::randint(2, [2], cpu);
-            let mut img = x.get(i);
-            for (k, &(op, p, bin)) in table[id].iter().enumerate() {
-                if probs.double_value(&[k as i64]) as f32 > p {
-                    continue;
-                }
-                let (mut m, signed) = match bin {
-                    -1 => (0.0, false),
-                    bin => magnitude(op, bin as i64, h, w),
-                };
-                if signed && signs.int64_value(&[k as i64]) == 0 {
-                    m = -m;
-                }
-                img = apply(&img, op, m);
+            let img = x.get(i);
+            match policy {
+                Policy::Imagenet => searched(img, &IMAGENET, h, w),
+                Policy::Cifar10 => searched(img, &CIFAR10, h, w),
+                Policy::Svhn => searched(img, &SVHN, h, w),
+                Policy::Ra => rand_augment(img, ra_magnitude, h, w),
+                Policy::TaWide => trivial_augment(img, h, w),
             }
-            img
         })
         .collect();
     Tensor::stack(&images, 0)
+}
+
+/// A draw of `torch.randint(high, (1,))`.
+fn randint(high: i64) -> i64 {
+    Tensor::randint(high, [1], (Kind::Int64, Device::Cpu)).int64_value(&[0])
+}
+
+/// `AutoAugment.forward`: a sub-policy, two probabilities and two signs
+/// drawn, each op applied if its probability says so (negated on a 0).
+fn searched(mut img: Tensor, table: &[[Step; 2]], h: i64, w: i64) -> Tensor {
+    let id = randint(table.len() as i64) as usize;
+    let probs = Tensor::rand([2], (Kind::Float, Device::Cpu));
+    let signs = Tensor::randint(2, [2], (Kind::Int64, Device::Cpu));
+    for (k, &(op, p, bin)) in table[id].iter().enumerate() {
+        if probs.double_value(&[k as i64]) as f32 > p {
+            continue;
+        }
+        let (mut m, signed) = match bin {
+            -1 => (0.0, false),
+            bin => magnitude(AUTO, op, bin as i64, h, w).unwrap_or((0.0, false)),
+        };
+        if signed && signs.int64_value(&[k as i64]) == 0 {
+            m = -m;
+        }
+        img = apply(&img, op, m);
+    }
+    img
+}
+
+/// `RandAugment.forward`: two ops drawn in turn, each at the bin
+/// `magnitude_bin`, a sign drawn for the signed ones (negated on a 1).
+fn rand_augment(mut img: Tensor, magnitude_bin: i64, h: i64, w: i64) -> Tensor {
+    for _ in 0..2 {
+        let op = SPACE_OPS[randint(SPACE_OPS.len() as i64) as usize];
+        let (mut m, signed) = magnitude(RAND, op, magnitude_bin, h, w).unwrap_or((0.0, false));
+        if signed && randint(2) != 0 {
+            m = -m;
+        }
+        img = apply(&img, op, m);
+    }
+    img
+}
+
+/// `TrivialAugmentWide.forward`: one op drawn, then its bin (ops with
+/// magnitudes), then its sign (signed ops; negated on a 1).
+fn trivial_augment(img: Tensor, h: i64, w: i64) -> Tensor {
+    let op = SPACE_OPS[randint(SPACE_OPS.len() as i64) as usize];
+    let without = matches!(op, Op::Identity | Op::AutoContrast | Op::Equalize);
+    let (mut m, signed) = match without {
+        true => (0.0, false),
+        false => magnitude(WIDE, op, randint(WIDE.bins), h, w).unwrap_or((0.0, false)),
+    };
+    if signed && randint(2) != 0 {
+        m = -m;
+    }
+    apply(&img, op, m)
 }
 
 /// `_apply_op` on one uint8 CHW image.
@@ -252,6 +359,7 @@ fn apply(img: &Tensor, op: Op, m: f64) -> Tensor {
         Op::AutoContrast => auto_contrast(img),
         Op::Equalize => equalize(img),
         Op::Invert => img.bitwise_not(),
+        Op::Identity => img.shallow_clone(),
     }
 }
 

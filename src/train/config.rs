@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::choice::Choice;
 use crate::data::augment::Augment;
-use crate::data::auto_augment::Policy;
+use crate::data::auto_augment::{Policy, RA_MAGNITUDE};
 use crate::data::mix::Mixing;
 use crate::model::ModelSpec;
 use crate::numerics::{FusedStep, NumericsRequest, Precision, StepPart};
@@ -194,9 +194,15 @@ pub struct TrainConfig {
     /// Batch mixing (`--mixup-alpha`, `--cutmix-alpha`; 0 is off).
     #[serde(default, skip_serializing_if = "Mixing::is_off")]
     pub mixing: Mixing,
-    /// AutoAugment's policy for training images (`--auto-augment`).
+    /// The automatic augmentation of training images (`--auto-augment`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auto_augment: Option<Policy>,
+    /// RandAugment's magnitude bin (`--ra-magnitude`).
+    #[serde(
+        default = "default_ra_magnitude",
+        skip_serializing_if = "is_default_ra_magnitude"
+    )]
+    pub ra_magnitude: i64,
     /// Random erasing's probability per training image (0 is off).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub random_erase: f64,
@@ -235,6 +241,14 @@ fn default_true() -> bool {
 
 fn default_one() -> usize {
     1
+}
+
+fn default_ra_magnitude() -> i64 {
+    RA_MAGNITUDE
+}
+
+fn is_default_ra_magnitude(v: &i64) -> bool {
+    *v == RA_MAGNITUDE
 }
 
 impl TrainConfig {
@@ -360,6 +374,7 @@ mod tests {
             model_ema: None,
             mixing: Mixing::default(),
             auto_augment: None,
+            ra_magnitude: RA_MAGNITUDE,
             random_erase: 0.0,
             accum_steps: 1,
             tensorboard: false,

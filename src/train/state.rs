@@ -11,6 +11,7 @@ use super::config::TrainConfig;
 use super::profile::StepProfile;
 use crate::checkpoint::ModelMeta;
 use crate::data::augment::Augment;
+use crate::data::auto_augment::RA_BINS;
 use crate::optim::LossScaler;
 
 /// One line of `metrics.jsonl`.
@@ -149,6 +150,13 @@ impl TrainState {
                 m.mixup_alpha,
                 m.cutmix_alpha,
                 c.random_erase
+            );
+        }
+        if !(0..RA_BINS).contains(&c.ra_magnitude) {
+            bail!(
+                "ra_magnitude {} is not one of RandAugment's bins 0 to {}",
+                c.ra_magnitude,
+                RA_BINS - 1
             );
         }
         if self.epoch > c.epochs {
