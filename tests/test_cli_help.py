@@ -58,8 +58,9 @@ def test_training_options_are_grouped():
         assert headings == ["Options", "Model", "Data", "Schedule", "Optimizer", "Output", "Speed",
                             "Data-parallel", "Examples"], (sub, headings)
         group = lambda opt: [h for h in headings if re.search(
-            rf"^{h}:\n(?:(?!^[A-Z][\w-]*:$).*\n)*?^\s+(-\w, )?{opt}\b", text, re.M)]
+            rf"^{h}:\n(?:(?!^[A-Z][\w-]*:$).*\n)*?^\s+(-\w, )?{opt}(?![\w-])", text, re.M)]
         assert group("--lr") == ["Optimizer"] and group("--milestones") == ["Schedule"]
+        assert group("--lr-min") == ["Schedule"]
         assert group("--data-dir") == ["Data"] and group("--arch") == ["Model"]
         assert group("--precision") == ["Speed"] and group("--out") == ["Output"]
 

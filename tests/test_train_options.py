@@ -176,7 +176,7 @@ def test_options_a_run_has_no_use_for_are_named_once_each(tmp_path):
     """Options typed for a new run that would change what it computes but
     that it cannot use (an SGD option with AdamW, a MultiStepLR option with
     cosine, a folder's validation options with the digits, RandAugment's
-    magnitude without it) each get one
+    magnitude without it, a warm-up's factor without a warm-up) each get one
     warning saying what they apply to; the run goes on. Where they apply,
     no warning; resource and policy options (--workers, --no-download,
     --strict) pass without one."""
@@ -185,14 +185,17 @@ def test_options_a_run_has_no_use_for_are_named_once_each(tmp_path):
               "--strict"]
     unused = ["--optimizer", "adamw", "--momentum", "0.5", "--nesterov", "--scheduler", "cosine",
               "--milestones", "3", "--gamma", "0.5", "--val-dir", str(tmp_path), "--val-split", "0.2",
-              "--ra-magnitude", "5"]
+              "--ra-magnitude", "5", "--warmup-decay", "0.1"]
     r = subprocess.run([BIN, *common, *unused, "--out", str(tmp_path / "a")],
                        capture_output=True, text=True, timeout=120, env=ENV)
     assert r.returncode == 0, r.stderr
     warned = [line for line in r.stderr.splitlines() if "is ignored" in line]
     sgd, step = "applies to --optimizer sgd only", "applies to --scheduler multistep only"
     assert warned == [f"warning: {flag} is ignored: it {why}" for flag, why in [
-        ("--ra-magnitude", "applies to --auto-augment ra only"), ("--momentum", sgd), ("--nesterov", sgd), ("--milestones", step), ("--gamma", step),
+        ("--ra-magnitude", "applies to --auto-augment ra only"),
+        ("--gamma", "applies to --scheduler multistep, step or exponential only"),
+        ("--warmup-decay", "applies with --warmup-epochs only"),
+        ("--momentum", sgd), ("--nesterov", sgd), ("--milestones", step),
         ("--val-dir", "applies to --dataset folder only"),
         ("--val-split", "applies to --dataset folder without --val-dir only")]], r.stderr
     used = ["--momentum", "0.5", "--nesterov", "--milestones", "3", "--gamma", "0.5", "--auto-augment", "ra",

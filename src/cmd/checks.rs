@@ -48,6 +48,13 @@ impl HyperOpts {
             return Err(usage("--nesterov needs a --momentum above 0"));
         }
         positive("--gamma", self.gamma)?;
+        non_negative("--lr-min", self.lr_min)?;
+        if self.step_size < 1 {
+            return Err(usage("--step-size must be at least 1"));
+        }
+        if let Some(problem) = self.warmup().and_then(|w| w.problem()) {
+            return Err(usage(format!("--warmup-decay: {problem}")));
+        }
         if !(0.0..1.0).contains(&self.label_smoothing) {
             return Err(usage(format!(
                 "--label-smoothing {} must be in [0, 1)",
@@ -95,16 +102,30 @@ fn unused_options(typed: &[String], config: &TrainConfig) -> Vec<String> {
     let folder = config.dataset == "folder";
     let sgd = config.optimizer.kind == OptimizerKind::Sgd;
     let multistep = config.scheduler == SchedulerKind::Multistep;
+    let cosine = config.scheduler == SchedulerKind::Cosine;
+    let step = config.scheduler == SchedulerKind::Step;
     let ra = config.auto_augment == Some(Policy::Ra);
-    let rules: [(&[&str], bool, &str); 5] = [
+    let rules: [(&[&str], bool, &str); 9] = [
         (&["ra_magnitude"], ra, "applies to --auto-augment ra only"),
+        (
+            &["gamma"],
+            !cosine,
+            "applies to --scheduler multistep, step or exponential only",
+        ),
+        (&["step_size"], step, "applies to --scheduler step only"),
+        (&["lr_min"], cosine, "applies to --scheduler cosine only"),
+        (
+            &["warmup_method", "warmup_decay"],
+            config.warmup_epochs > 0,
+            "applies with --warmup-epochs only",
+        ),
         (
             &["momentum", "nesterov"],
             sgd,
             "applies to --optimizer sgd only",
         ),
         (
-            &["milestones", "gamma"],
+            &["milestones"],
             multistep,
             "applies to --scheduler multistep only",
         ),

@@ -14,6 +14,7 @@ use vggctl::model::{ModelSpec, Vgg};
 use vggctl::numerics::{Activity, Numerics, StepPart};
 use vggctl::optim::{OptimizerConfig, OptimizerKind};
 use vggctl::train::config::{Keep, TrainConfig};
+use vggctl::train::schedule::{DEFAULT_STEP_SIZE, DEFAULT_WARMUP_DECAY, Warmup, WarmupMethod};
 use vggctl::train::state::{TrainState, stopped_early};
 use vggctl::train::{Resume, RunDir, SchedulerKind, Trainer, read_resume};
 
@@ -69,12 +70,27 @@ pub struct HyperOpts {
         value_parser = whole::<usize>
     )]
     pub milestones: Vec<usize>,
-    /// What MultiStepLR multiplies the LR by at each milestone.
+    /// What MultiStepLR and StepLR multiply the LR by at each step, and
+    /// ExponentialLR every epoch.
     #[arg(long, default_value_t = 0.1, help_heading = "Schedule")]
     pub gamma: f64,
-    /// Epochs of linear warm-up from 0 to --lr.
+    /// StepLR's period in epochs.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_STEP_SIZE, help_heading = "Schedule", value_parser = whole::<usize>)]
+    pub step_size: usize,
+    /// Cosine annealing's floor (CosineAnnealingLR's eta_min).
+    #[arg(long, default_value_t = 0.0, help_heading = "Schedule")]
+    pub lr_min: f64,
+    /// Epochs of warm-up: alone, a linear ramp lr*(epoch+1)/N; with
+    /// --warmup-method or --warmup-decay, torchvision's warm-up.
     #[arg(long, default_value_t = 0, help_heading = "Schedule", value_parser = whole::<usize>)]
     pub warmup_epochs: usize,
+    /// torchvision's warm-up (its train.py's --lr-warmup-method), then the
+    /// schedule counts its epochs from the warm-up's end, as SequentialLR.
+    #[arg(long, value_parser = choice::<WarmupMethod>(), help_heading = "Schedule")]
+    pub warmup_method: Option<WarmupMethod>,
+    /// The warm-up's factor of --lr (--lr-warmup-decay) [default: 0.01].
+    #[arg(long, value_name = "F", help_heading = "Schedule")]
+    pub warmup_decay: Option<f64>,
     /// Cross-entropy label smoothing, in [0, 1).
     #[arg(long, default_value_t = 0.0, help_heading = "Optimizer")]
     pub label_smoothing: f64,
@@ -194,6 +210,14 @@ fn absolute(path: &std::path::Path) -> String {
 }
 
 impl HyperOpts {
+    /// torchvision's warm-up, where --warmup-method or --warmup-decay asks for it.
+    pub fn warmup(&self) -> Option<Warmup> {
+        (self.warmup_method.is_some() || self.warmup_decay.is_some()).then(|| Warmup {
+            method: self.warmup_method.unwrap_or(WarmupMethod::Linear),
+            decay: self.warmup_decay.unwrap_or(DEFAULT_WARMUP_DECAY),
+        })
+    }
+
     /// A new run's configuration from these options; the caller fills in
     /// what differs between training from scratch and fine-tuning.
     pub fn config(
@@ -228,7 +252,10 @@ impl HyperOpts {
             scheduler: self.scheduler,
             milestones: self.milestones.clone(),
             gamma: self.gamma,
+            step_size: self.step_size,
+            lr_min: self.lr_min,
             warmup_epochs: self.warmup_epochs,
+            warmup: self.warmup(),
             label_smoothing: self.label_smoothing,
             seed: self.seed,
             limit_train: self.limit_train,

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::choice::Choice;
 use crate::data::augment::Augment;
 use crate::data::auto_augment::{Policy, RA_MAGNITUDE};
 use crate::data::mix::Mixing;
@@ -14,29 +13,7 @@ use crate::numerics::{FusedStep, NumericsRequest, Precision, StepPart};
 use crate::optim::OptimizerConfig;
 
 use super::ema::EmaConfig;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SchedulerKind {
-    Multistep,
-    Cosine,
-}
-
-impl Choice for SchedulerKind {
-    const ALL: &'static [Self] = &[SchedulerKind::Multistep, SchedulerKind::Cosine];
-    fn name(self) -> &'static str {
-        match self {
-            SchedulerKind::Multistep => "multistep",
-            SchedulerKind::Cosine => "cosine",
-        }
-    }
-    fn help(self) -> &'static str {
-        match self {
-            SchedulerKind::Multistep => "MultiStepLR: the LR times --gamma at each milestone",
-            SchedulerKind::Cosine => "cosine annealing from --lr to 0 over the epochs",
-        }
-    }
-}
+pub use super::schedule::{DEFAULT_STEP_SIZE, SchedulerKind, Warmup, WarmupMethod};
 
 /// Which weight files a run keeps beside `last.safetensors` (which the
 /// resume point needs): `best.safetensors` (`best`, the default), nothing
@@ -129,7 +106,20 @@ pub struct TrainConfig {
     pub scheduler: SchedulerKind,
     pub milestones: Vec<usize>,
     pub gamma: f64,
+    /// StepLR's period in epochs.
+    #[serde(
+        default = "default_step_size",
+        skip_serializing_if = "is_default_step_size"
+    )]
+    pub step_size: usize,
+    /// Cosine annealing's floor (`eta_min`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub lr_min: f64,
     pub warmup_epochs: usize,
+    /// torchvision's warm-up (LinearLR or ConstantLR from a factor); none:
+    /// vggctl's ramp `lr · (epoch + 1) / warmup_epochs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warmup: Option<Warmup>,
     pub label_smoothing: f64,
     pub seed: u64,
     pub limit_train: Option<i64>,
@@ -243,6 +233,14 @@ fn default_one() -> usize {
     1
 }
 
+fn default_step_size() -> usize {
+    DEFAULT_STEP_SIZE
+}
+
+fn is_default_step_size(v: &usize) -> bool {
+    *v == DEFAULT_STEP_SIZE
+}
+
 fn default_ra_magnitude() -> i64 {
     RA_MAGNITUDE
 }
@@ -281,23 +279,40 @@ impl TrainConfig {
         (!late.is_empty()).then(|| late.join(","))
     }
 
-    /// The learning rate of `epoch` (0-based): linear warm-up, then
-    /// MultiStepLR or cosine annealing, each a pure function of the epoch
-    /// (PyTorch's schedulers stepped once per epoch).
+    /// The learning rate of `epoch` (0-based): the warm-up, then the main
+    /// schedule, each a pure function of the epoch. After a warm-up of `w`
+    /// epochs the main schedule counts its own epochs from `w`, as
+    /// SequentialLR steps it; MultiStepLR's milestones stay epochs of the
+    /// run.
     pub fn lr_at(&self, epoch: usize) -> f64 {
-        if epoch < self.warmup_epochs {
-            return self.lr * (epoch + 1) as f64 / self.warmup_epochs as f64;
+        let w = self.warmup_epochs;
+        if epoch < w {
+            let e = epoch as f64;
+            return match self.warmup {
+                None => self.lr * (e + 1.0) / w as f64,
+                Some(Warmup {
+                    method: WarmupMethod::Linear,
+                    decay,
+                }) => self.lr * (decay + (1.0 - decay) * e / w as f64),
+                Some(Warmup {
+                    method: WarmupMethod::Constant,
+                    decay,
+                }) => self.lr * decay,
+            };
         }
+        let t = epoch - w;
         match self.scheduler {
             SchedulerKind::Multistep => {
                 let passed = self.milestones.iter().filter(|&&m| epoch >= m).count();
                 self.lr * self.gamma.powi(passed as i32)
             }
             SchedulerKind::Cosine => {
-                let span = (self.epochs - self.warmup_epochs).max(1) as f64;
-                let t = (epoch - self.warmup_epochs) as f64;
-                self.lr * 0.5 * (1.0 + (std::f64::consts::PI * t / span).cos())
+                let span = (self.epochs - w).max(1) as f64;
+                let cos = (std::f64::consts::PI * t as f64 / span).cos();
+                self.lr_min + (self.lr - self.lr_min) * 0.5 * (1.0 + cos)
             }
+            SchedulerKind::Step => self.lr * self.gamma.powi((t / self.step_size.max(1)) as i32),
+            SchedulerKind::Exponential => self.lr * self.gamma.powi(t as i32),
         }
     }
 
@@ -346,7 +361,10 @@ mod tests {
             scheduler,
             milestones: vec![50, 80],
             gamma: 0.1,
+            step_size: DEFAULT_STEP_SIZE,
+            lr_min: 0.0,
             warmup_epochs: warmup,
+            warmup: None,
             label_smoothing: 0.0,
             seed: 0,
             limit_train: None,

@@ -22,6 +22,7 @@ mod feed;
 pub mod graphed;
 pub mod profile;
 pub mod run_dir;
+pub mod schedule;
 pub mod start;
 pub mod state;
 pub mod step;

@@ -152,6 +152,16 @@ impl TrainState {
                 c.random_erase
             );
         }
+        if let Some(problem) = c.warmup.and_then(|w| w.problem()) {
+            bail!("{problem}");
+        }
+        if !(c.lr_min >= 0.0 && c.lr_min.is_finite() && c.step_size >= 1) {
+            bail!(
+                "lr_min {} must be finite and 0 or more, step_size {} at least 1",
+                c.lr_min,
+                c.step_size
+            );
+        }
         if !(0..RA_BINS).contains(&c.ra_magnitude) {
             bail!(
                 "ra_magnitude {} is not one of RandAugment's bins 0 to {}",

@@ -1,0 +1,100 @@
+"""The learning rate of every epoch (metrics.jsonl's `lr`) equals PyTorch's
+own schedulers stepped once per epoch, as torchvision's reference
+`train.py` builds them, within 1e-12 relative (PyTorch's are recursive,
+vggctl's closed forms):
+
+- `--scheduler multistep`: MultiStepLR;
+- `--warmup-epochs W` with `--warmup-method linear|constant` and
+  `--warmup-decay F`: SequentialLR of LinearLR(start_factor=F) or
+  ConstantLR(factor=F) over W epochs and the main scheduler, which then
+  counts its own epochs: CosineAnnealingLR(T_max=epochs-W, eta_min=--lr-min),
+  StepLR(--step-size, --gamma), ExponentialLR(--gamma);
+- `--warmup-epochs W` alone, vggctl's ramp lr·(e+1)/W: SequentialLR of
+  LinearLR(start_factor=1/W, total_iters=W-1) and the main scheduler.
+
+Impossible values are one usage error each.
+"""
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.environ.get("VGGCTL_BIN", os.path.join(ROOT, "target", "release", "vggctl"))
+EPOCHS, LR = 7, 0.1
+S = torch.optim.lr_scheduler
+
+
+def pytorch_lrs(main, warmup=None, w=0):
+    """The LR of each epoch: `main(optimizer)` after `warmup(optimizer)`
+    for `w` epochs, joined by SequentialLR."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=LR)
+    sched = S.SequentialLR(opt, [warmup(opt), main(opt)], milestones=[w]) if warmup else main(opt)
+    lrs = []
+    for _ in range(EPOCHS):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs
+
+
+CASES = {
+    "multistep": (["--scheduler", "multistep", "--milestones", "2,5", "--gamma", "0.5"],
+                  lambda: pytorch_lrs(lambda o: S.MultiStepLR(o, [2, 5], 0.5))),
+    "cosine-linear": (["--scheduler", "cosine", "--lr-min", "0.001", "--warmup-epochs", "2",
+                       "--warmup-decay", "0.1"],
+                      lambda: pytorch_lrs(lambda o: S.CosineAnnealingLR(o, EPOCHS - 2, eta_min=0.001),
+                                          lambda o: S.LinearLR(o, start_factor=0.1, total_iters=2), 2)),
+    "step-constant": (["--scheduler", "step", "--step-size", "2", "--gamma", "0.5", "--warmup-epochs", "2",
+                       "--warmup-method", "constant", "--warmup-decay", "0.25"],
+                      lambda: pytorch_lrs(lambda o: S.StepLR(o, 2, 0.5),
+                                          lambda o: S.ConstantLR(o, factor=0.25, total_iters=2), 2)),
+    "exponential-default-decay": (["--scheduler", "exponential", "--gamma", "0.7", "--warmup-epochs", "3",
+                                   "--warmup-method", "linear"],
+                                  lambda: pytorch_lrs(lambda o: S.ExponentialLR(o, 0.7),
+                                                      lambda o: S.LinearLR(o, start_factor=0.01, total_iters=3), 3)),
+    "cosine-ramp": (["--scheduler", "cosine", "--warmup-epochs", "3"],
+                    lambda: pytorch_lrs(lambda o: S.CosineAnnealingLR(o, EPOCHS - 3),
+                                        lambda o: S.LinearLR(o, start_factor=1 / 3, total_iters=2), 3)),
+}
+
+
+def train(tmp_path, name, flags):
+    out = tmp_path / name
+    r = subprocess.run(
+        [BIN, "train", "--dataset", "digits", "--arch", "vgg11", "--head", "cifar", "--epochs", str(EPOCHS),
+         "--lr", str(LR), "--limit-train", "8", "--limit-test", "8", "--batch-size", "8", "--keep", "last",
+         "--quiet", "--out", str(out), *flags],
+        capture_output=True, text=True, timeout=300)
+    return r, out
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_each_epochs_lr_is_pytorchs(tmp_path, name):
+    flags, reference = CASES[name]
+    r, out = train(tmp_path, name, flags)
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+    with open(out / "metrics.jsonl") as f:
+        ours = [json.loads(line)["lr"] for line in f]
+    want = reference()
+    assert len(ours) == EPOCHS
+    for epoch, (a, b) in enumerate(zip(ours, want)):
+        assert abs(a - b) <= 1e-12 * b, (epoch, ours, want)
+    assert len(set(round(v, 12) for v in want)) > 2, "a schedule that hardly changes proves little"
+
+
+def test_impossible_values_are_usage_errors(tmp_path):
+    for flags, message in [
+        (["--warmup-epochs", "2", "--warmup-decay", "0"],
+         "--warmup-decay: warm-up decay 0 must be in (0, 1] for the linear warm-up"),
+        (["--warmup-epochs", "2", "--warmup-method", "constant", "--warmup-decay", "1.5"],
+         "--warmup-decay: warm-up decay 1.5 must be in [0, 1] for the constant warm-up"),
+        (["--scheduler", "step", "--step-size", "0"], "--step-size must be at least 1"),
+        (["--scheduler", "cosine", "--lr-min", "-1"], "--lr-min"),
+    ]:
+        r, out = train(tmp_path, "bad", flags)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and message in lines[0], (flags, r.stderr)
+        assert not out.exists()
