@@ -469,41 +469,34 @@ fn resume_refuses_changes_and_bad_states() {
         "run/last.safetensors: class \"nine\" of ten is not one of the model's classes (0, 1, 2, 3, … 10 in all)",
     );
 
+    // States no run can continue: one error line each, naming the file.
     let resume = dir.join("run/resume.safetensors");
     let original = std::fs::read(&resume).unwrap();
-    rewrite_state(&resume, |s| s["config"]["batch_size"] = 0.into());
-    let r = run_in(
-        dir,
-        &["train", "--resume", "run", "--epochs", "3", "--quiet"],
-    );
-    assert_one_line_error(
-        &r,
-        1,
-        "run/resume.safetensors: bad training state: epochs 2, batch_size 0",
-    );
-    std::fs::write(&resume, &original).unwrap();
-    rewrite_state(&resume, |s| s["config"]["ra_magnitude"] = 31.into());
-    let r = run_in(
-        dir,
-        &["train", "--resume", "run", "--epochs", "3", "--quiet"],
-    );
-    assert_one_line_error(
-        &r,
-        1,
-        "bad training state: ra_magnitude 31 is not one of RandAugment's bins 0 to 30",
-    );
-    std::fs::write(&resume, &original).unwrap();
-    rewrite_state(&resume, |s| s["step"] = 1_000_000_000.into());
-    let r = run_in(
-        dir,
-        &["train", "--resume", "run", "--epochs", "3", "--quiet"],
-    );
-    assert_one_line_error(
-        &r,
-        1,
-        "step 1000000000 of epoch 3 is past the end of an epoch of 64 images at batch 32",
-    );
-    assert!(r.stderr.contains("run/resume.safetensors"), "{}", r.stderr);
+    type Edit = fn(&mut serde_json::Value);
+    let bad_states: [(Edit, &str); 3] = [
+        (
+            |s| s["config"]["batch_size"] = 0.into(),
+            "bad training state: epochs 2, batch_size 0",
+        ),
+        (
+            |s| s["config"]["ra_magnitude"] = 31.into(),
+            "bad training state: ra_magnitude 31 is not one of RandAugment's bins 0 to 30",
+        ),
+        (
+            |s| s["step"] = 1_000_000_000.into(),
+            "step 1000000000 of epoch 3 is past the end of an epoch of 64 images at batch 32",
+        ),
+    ];
+    for (edit, needle) in bad_states {
+        std::fs::write(&resume, &original).unwrap();
+        rewrite_state(&resume, edit);
+        let r = run_in(
+            dir,
+            &["train", "--resume", "run", "--epochs", "3", "--quiet"],
+        );
+        assert_one_line_error(&r, 1, needle);
+        assert!(r.stderr.contains("run/resume.safetensors"), "{}", r.stderr);
+    }
 }
 
 /// Usage errors keep what clap knows, on one line: the missing arguments'

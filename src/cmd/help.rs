@@ -37,12 +37,14 @@ Examples:
   vggctl train --dataset imagenet --data-dir /data/imagenet --arch vgg16    torchvision's recipe
   vggctl train --resume runs/v11 -e 60             continue a run (Ctrl-C saves), or extend it
   vggctl train --arch vgg11_bn --model-ema --mixup-alpha 0.2 --cutmix-alpha 1.0 --tensorboard
+  vggctl train --auto-augment ta_wide --scheduler cosine --warmup-epochs 5 --warmup-method linear
   torchrun --no-python --nproc-per-node 8 vggctl train -o runs/big --resume auto";
 
 pub const EVAL: &str = "\
 Examples:
   vggctl eval --checkpoint runs/v11/best.safetensors        the run's own data and split
-  vggctl eval --checkpoint model.safetensors --dataset folder --data-dir val --json";
+  vggctl eval --checkpoint model.safetensors --dataset folder --val-dir test --json   every image of test/
+  vggctl eval --checkpoint vgg16-397923af.pth --dataset imagenet --val-dir imagenet-r --only-data-classes";
 
 pub const FINETUNE: &str = "\
 Examples:
