@@ -9,7 +9,8 @@ per-parameter one, within 1e-5 relative after 2 epochs; the clipping binds
 The recipe's other options against torchvision's own code with the same
 draws (vggctl draws on the generator state torchvision would see):
 `--auto-augment cifar10` is transforms.AutoAugment per uint8 image (`ra`
-transforms.RandAugment, `ta_wide` transforms.TrivialAugmentWide),
+transforms.RandAugment, `ta_wide` transforms.TrivialAugmentWide, `augmix`
+transforms.AugMix),
 `--random-erase` is transforms.RandomErasing per image, `--mixup-alpha` /
 `--cutmix-alpha` are v2.RandomChoice([v2.MixUp, v2.CutMix]) on the batch
 (with label smoothing on the soft labels); `--model-ema` is torchvision's
@@ -100,18 +101,25 @@ def test_random_erase_mixup_and_cutmix_equal_torchvision(runs):
     assert apart(free, want) > 1e-3, "the options changed nothing: the comparison proves nothing"
 
 
-@pytest.mark.parametrize("policy", [["cifar10"], ["imagenet"], ["ra", "--ra-magnitude", "17"], ["ta_wide"]])
-def test_auto_augment_equals_torchvision(runs, policy):
+@pytest.mark.parametrize("policy, ours_extra, ref_extra", [
+    ("cifar10", [], []), ("imagenet", [], []), ("ra", ["--ra-magnitude", "17"], ["--ra-magnitude", "17"]),
+    ("ta_wide", [], []), ("augmix", [], []),
+    ("ta_wide", ["--augment-interpolation", "bilinear"], ["--interpolation", "bilinear"])])
+def test_auto_augment_equals_torchvision(runs, policy, ours_extra, ref_extra):
     """Between them the two AutoAugment policies' 256 images draw every op
     (counted in the reference: the CIFAR-10 one all but ShearX and Invert,
     the ImageNet one those); RandAugment (at magnitude 17, not the default
     9) and TrivialAugment Wide draw each of their 14 ops many times over
-    (two or one per image, the signs and TrivialAugment's bins too); the
-    weights after 2 epochs equal PyTorch's."""
+    (two or one per image, the signs and TrivialAugment's bins too), AugMix
+    its 13 (three chains of 1-3 per image, bilinear, Dirichlet-blended);
+    TrivialAugment again with bilinear interpolation, as torchvision's
+    reference train.py passes it; the weights after 2 epochs equal
+    PyTorch's."""
     tmp, init, _, free = runs
-    name = policy[0]
-    want = reference(tmp, init, str(tmp / f"auto-{name}-ref.safetensors"), "--auto-augment", *policy)
-    ours = vggctl_train(tmp / f"auto-{name}", init, "--batch-size", str(BATCH), "--auto-augment", *policy)
+    name = "-".join([policy, *ours_extra])
+    want = reference(tmp, init, str(tmp / f"auto-{name}-ref.safetensors"), "--auto-augment", policy, *ref_extra)
+    ours = vggctl_train(tmp / f"auto-{name}", init, "--batch-size", str(BATCH), "--auto-augment", policy,
+                        *ours_extra)
     assert apart(ours, want) < 1e-5
     assert apart(free, want) > 1e-3, "the policy changed nothing: the comparison proves nothing"
 
@@ -185,7 +193,7 @@ def test_options_a_run_has_no_use_for_are_named_once_each(tmp_path):
               "--strict"]
     unused = ["--optimizer", "adamw", "--momentum", "0.5", "--nesterov", "--scheduler", "cosine",
               "--milestones", "3", "--gamma", "0.5", "--val-dir", str(tmp_path), "--val-split", "0.2",
-              "--ra-magnitude", "5", "--warmup-decay", "0.1"]
+              "--ra-magnitude", "5", "--warmup-decay", "0.1", "--augment-interpolation", "bilinear"]
     r = subprocess.run([BIN, *common, *unused, "--out", str(tmp_path / "a")],
                        capture_output=True, text=True, timeout=120, env=ENV)
     assert r.returncode == 0, r.stderr
@@ -193,6 +201,7 @@ def test_options_a_run_has_no_use_for_are_named_once_each(tmp_path):
     sgd, step = "applies to --optimizer sgd only", "applies to --scheduler multistep only"
     assert warned == [f"warning: {flag} is ignored: it {why}" for flag, why in [
         ("--ra-magnitude", "applies to --auto-augment ra only"),
+        ("--augment-interpolation", "applies with --auto-augment only"),
         ("--gamma", "applies to --scheduler multistep, step or exponential only"),
         ("--warmup-decay", "applies with --warmup-epochs only"),
         ("--momentum", sgd), ("--nesterov", sgd), ("--milestones", step),

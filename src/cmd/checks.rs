@@ -105,8 +105,13 @@ fn unused_options(typed: &[String], config: &TrainConfig) -> Vec<String> {
     let cosine = config.scheduler == SchedulerKind::Cosine;
     let step = config.scheduler == SchedulerKind::Step;
     let ra = config.auto_augment == Some(Policy::Ra);
-    let rules: [(&[&str], bool, &str); 9] = [
+    let rules: [(&[&str], bool, &str); 10] = [
         (&["ra_magnitude"], ra, "applies to --auto-augment ra only"),
+        (
+            &["augment_interpolation"],
+            config.auto_augment.is_some(),
+            "applies with --auto-augment only",
+        ),
         (
             &["gamma"],
             !cosine,

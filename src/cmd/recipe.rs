@@ -6,7 +6,7 @@
 
 use anyhow::Result;
 use vggctl::data::augment::Augment;
-use vggctl::data::auto_augment::{Policy, RA_BINS, RA_MAGNITUDE};
+use vggctl::data::auto_augment::{Interpolation, Policy, RA_BINS, RA_MAGNITUDE};
 use vggctl::data::mix::Mixing;
 use vggctl::train::config::TrainConfig;
 use vggctl::train::ema::EmaConfig;
@@ -69,6 +69,10 @@ pub struct RecipeOpts {
     /// crop and flip, before normalization).
     #[arg(long, value_name = "POLICY", value_parser = choice::<Policy>(), help_heading = "Data")]
     pub auto_augment: Option<Policy>,
+    /// The augmentations' shears, translations and rotations: nearest or
+    /// bilinear [default: each transform's own: nearest, bilinear for augmix].
+    #[arg(long, value_name = "MODE", value_parser = choice::<Interpolation>(), help_heading = "Data")]
+    pub augment_interpolation: Option<Interpolation>,
     /// RandAugment's magnitude, 0 to 30 (torchvision's --ra-magnitude).
     #[arg(long, value_name = "M", default_value_t = RA_MAGNITUDE, value_parser = whole::<i64>, help_heading = "Data")]
     pub ra_magnitude: i64,
@@ -144,6 +148,7 @@ impl RecipeOpts {
         config.random_erase = self.random_erase;
         config.auto_augment = self.auto_augment;
         config.ra_magnitude = self.ra_magnitude;
+        config.augment_interpolation = self.augment_interpolation;
         config.tensorboard = self.tensorboard;
     }
 }

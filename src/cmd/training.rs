@@ -284,6 +284,7 @@ impl HyperOpts {
             mixing: Default::default(),
             auto_augment: None,
             ra_magnitude: vggctl::data::auto_augment::RA_MAGNITUDE,
+            augment_interpolation: None,
             random_erase: 0.0,
             accum_steps: 1,
             tensorboard: false,

@@ -5,7 +5,7 @@
 use tch::{Device, Kind, Tensor};
 
 use super::Split;
-use super::auto_augment::{Policy, RA_MAGNITUDE, auto_augment};
+use super::auto_augment::{Interpolation, Policy, RA_MAGNITUDE, auto_augment};
 use super::image::centre_offset;
 use super::resized_crop::{CropBoxes, random_resized_boxes};
 
@@ -285,6 +285,8 @@ pub struct Preprocess {
     pub auto_augment: Option<Policy>,
     /// RandAugment's magnitude bin.
     pub ra_magnitude: i64,
+    /// The augmentations' geometric ops' interpolation (None: each one's default).
+    pub augment_interpolation: Option<Interpolation>,
 }
 
 impl Preprocess {
@@ -296,6 +298,7 @@ impl Preprocess {
             plain_training: false,
             auto_augment: None,
             ra_magnitude: RA_MAGNITUDE,
+            augment_interpolation: None,
         }
     }
 
@@ -309,7 +312,7 @@ impl Preprocess {
             Kind::Uint8 => x,
             _ => x.round().clamp(0.0, 255.0).to_kind(Kind::Uint8),
         };
-        auto_augment(&x, policy, self.ra_magnitude)
+        auto_augment(&x, policy, self.ra_magnitude, self.augment_interpolation)
     }
 
     fn resize(&self, x: Tensor) -> Tensor {

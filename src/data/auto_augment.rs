@@ -3,7 +3,9 @@
 //! AutoAugment with a searched policy (`transforms.AutoAugment(policy)`),
 //! RandAugment (`transforms.RandAugment(magnitude=m)`: two ops of 14 per
 //! image at one magnitude) and TrivialAugment Wide
-//! (`transforms.TrivialAugmentWide()`: one op at a random magnitude). Op for
+//! (`transforms.TrivialAugmentWide()`: one op at a random magnitude) and
+//! AugMix (`transforms.AugMix()`: the image blended with three chains of
+//! ops, bilinear as its default, the others nearest as theirs). Op for
 //! op as torchvision's tensor path computes them
 //! (`transforms._functional_tensor`: the affine grid and nearest
 //! `grid_sample`, `_blend`, the grayscale weights, the 13-tap sharpness
@@ -15,10 +17,11 @@
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
+use super::uint8_ops::{auto_contrast, blend, blurred, equalize, grayscale, warp};
 use crate::choice::Choice;
 
 /// `--auto-augment`: `AutoAugmentPolicy` (the sub-policies learned on a
-/// dataset), or RandAugment (`ra`) or TrivialAugment Wide (`ta_wide`).
+/// dataset), RandAugment (`ra`), TrivialAugment Wide (`ta_wide`) or AugMix.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Policy {
@@ -28,6 +31,7 @@ pub enum Policy {
     Ra,
     #[serde(rename = "ta_wide")]
     TaWide,
+    Augmix,
 }
 
 impl Choice for Policy {
@@ -37,6 +41,7 @@ impl Choice for Policy {
         Policy::Svhn,
         Policy::Ra,
         Policy::TaWide,
+        Policy::Augmix,
     ];
     fn name(self) -> &'static str {
         match self {
@@ -45,6 +50,7 @@ impl Choice for Policy {
             Policy::Svhn => "svhn",
             Policy::Ra => "ra",
             Policy::TaWide => "ta_wide",
+            Policy::Augmix => "augmix",
         }
     }
     fn help(self) -> &'static str {
@@ -58,6 +64,46 @@ impl Choice for Policy {
             Policy::TaWide => {
                 "TrivialAugment Wide: one of 14 ops per image at a random magnitude (transforms.TrivialAugmentWide)"
             }
+            Policy::Augmix => {
+                "AugMix: the image blended with three chains of 1-3 ops (transforms.AugMix, severity 3)"
+            }
+        }
+    }
+}
+
+/// `--augment-interpolation`: how the automatic augmentations' geometric
+/// ops (shears, translations, rotations) sample the image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Interpolation {
+    Nearest,
+    Bilinear,
+}
+
+impl Choice for Interpolation {
+    const ALL: &'static [Self] = &[Interpolation::Nearest, Interpolation::Bilinear];
+    fn name(self) -> &'static str {
+        match self {
+            Interpolation::Nearest => "nearest",
+            Interpolation::Bilinear => "bilinear",
+        }
+    }
+    fn help(self) -> &'static str {
+        match self {
+            Interpolation::Nearest => "InterpolationMode.NEAREST",
+            Interpolation::Bilinear => {
+                "InterpolationMode.BILINEAR (what torchvision's reference train.py passes)"
+            }
+        }
+    }
+}
+
+impl Interpolation {
+    /// grid_sample's mode.
+    fn mode(self) -> i64 {
+        match self {
+            Interpolation::Nearest => NEAREST,
+            Interpolation::Bilinear => BILINEAR,
         }
     }
 }
@@ -191,37 +237,81 @@ const SVHN: [[Step; 2]; 25] = [
     [(Op::ShearX, 0.7, 2), (Op::Invert, 0.1, -1)],
 ];
 
-/// An `_augmentation_space`: `bins` magnitudes per op over AutoAugment's
-/// and RandAugment's ranges, or TrivialAugment Wide's (`wide`).
+/// AugMix's ops (`all_ops`), in its `_augmentation_space`'s order.
+const AUGMIX_OPS: [Op; 13] = [
+    Op::ShearX,
+    Op::ShearY,
+    Op::TranslateX,
+    Op::TranslateY,
+    Op::Rotate,
+    Op::Posterize,
+    Op::Solarize,
+    Op::AutoContrast,
+    Op::Equalize,
+    Op::Brightness,
+    Op::Color,
+    Op::Contrast,
+    Op::Sharpness,
+];
+
+/// AugMix's `severity` (torchvision's default): its magnitudes are drawn
+/// from the first 3 of 10 bins.
+const AUGMIX_SEVERITY: i64 = 3;
+
+/// Whose magnitude ranges: AutoAugment's and RandAugment's, TrivialAugment
+/// Wide's, or AugMix's.
+#[derive(Clone, Copy, PartialEq)]
+enum Ranges {
+    Auto,
+    Wide,
+    Augmix,
+}
+
+/// An `_augmentation_space`: `bins` magnitudes per op over `ranges`.
 #[derive(Clone, Copy)]
 struct Space {
     bins: i64,
-    wide: bool,
+    ranges: Ranges,
 }
 
 const AUTO: Space = Space {
     bins: 10,
-    wide: false,
+    ranges: Ranges::Auto,
 };
 const RAND: Space = Space {
     bins: RA_BINS,
-    wide: false,
+    ranges: Ranges::Auto,
 };
 const WIDE: Space = Space {
     bins: 31,
-    wide: true,
+    ranges: Ranges::Wide,
 };
+const AUGMIX: Space = Space {
+    bins: 10,
+    ranges: Ranges::Augmix,
+};
+
+/// grid_sample's modes: torchvision's `InterpolationMode.NEAREST` (the
+/// default of AutoAugment, RandAugment and TrivialAugment) and `BILINEAR`
+/// (AugMix's).
+const NEAREST: i64 = 1;
+const BILINEAR: i64 = 0;
 
 /// The `bin`-th of `space`'s magnitudes for `op` on an `h x w` image
 /// (float32 as torchvision's tensors hold them), and whether it takes a
 /// random sign; `None` for an op without magnitudes.
 fn magnitude(space: Space, op: Op, bin: i64, h: i64, w: i64) -> Option<(f64, bool)> {
-    let Space { bins, wide } = space;
+    let Space { bins, ranges } = space;
     let range = |end: f64| {
         Tensor::linspace(0.0, end, bins, (Kind::Float, Device::Cpu)).double_value(&[bin])
     };
+    let wide = ranges == Ranges::Wide;
     let either = |narrow: f64, wide_end: f64| if wide { wide_end } else { narrow };
-    let translate = |side: i64| either(150.0 / 331.0 * side as f64, 32.0);
+    let translate = |side: i64| match ranges {
+        Ranges::Auto => 150.0 / 331.0 * side as f64,
+        Ranges::Wide => 32.0,
+        Ranges::Augmix => side as f64 / 3.0,
+    };
     Some(match op {
         Op::ShearX | Op::ShearY => (range(either(0.3, 0.99)), true),
         Op::TranslateX => (range(translate(w)), true),
@@ -230,14 +320,16 @@ fn magnitude(space: Space, op: Op, bin: i64, h: i64, w: i64) -> Option<(f64, boo
         Op::Brightness | Op::Color | Op::Contrast | Op::Sharpness => {
             (range(either(0.9, 0.99)), true)
         }
-        // 8 - (arange(bins) / ((bins - 1) / 4)).round().int() (/ 6 wide)
+        // top - (arange(bins) / ((bins - 1) / 4)).round().int(): top 8 (4
+        // for AugMix), / 6 for TrivialAugment Wide.
         Op::Posterize => {
+            let top = if ranges == Ranges::Augmix { 4 } else { 8 };
             let v = (Tensor::arange(bins, (Kind::Int64, Device::Cpu))
                 / ((bins - 1) as f64 / either(4.0, 6.0)))
             .round()
             .to_kind(Kind::Int)
             .int64_value(&[bin]);
-            ((8 - v) as f64, false)
+            ((top - v) as f64, false)
         }
         Op::Solarize => (
             Tensor::linspace(255.0, 0.0, bins, (Kind::Float, Device::Cpu)).double_value(&[bin]),
@@ -249,23 +341,38 @@ fn magnitude(space: Space, op: Op, bin: i64, h: i64, w: i64) -> Option<(f64, boo
 
 /// `--auto-augment` applied to each uint8 image of the NCHW batch `x` in
 /// turn (on `x`'s device; the draws on the CPU generator); `ra_magnitude`
-/// is RandAugment's.
-pub fn auto_augment(x: &Tensor, policy: Policy, ra_magnitude: i64) -> Tensor {
+/// is RandAugment's; `interpolation` the geometric ops' (None: each
+/// transform's default, nearest, bilinear for AugMix).
+pub fn auto_augment(
+    x: &Tensor,
+    policy: Policy,
+    ra_magnitude: i64,
+    interpolation: Option<Interpolation>,
+) -> Tensor {
     let (b, _, h, w) = x.size4().expect("a batch of images");
+    let default = match policy {
+        Policy::Augmix => BILINEAR,
+        _ => NEAREST,
+    };
+    let mode = interpolation.map_or(default, Interpolation::mode);
     let images: Vec<Tensor> = (0..b)
         .map(|i| {
             let img = x.get(i);
             match policy {
-                Policy::Imagenet => searched(img, &IMAGENET, h, w),
-                Policy::Cifar10 => searched(img, &CIFAR10, h, w),
-                Policy::Svhn => searched(img, &SVHN, h, w),
-                Policy::Ra => rand_augment(img, ra_magnitude, h, w),
-                Policy::TaWide => trivial_augment(img, h, w),
+                Policy::Imagenet => searched(img, &IMAGENET, (h, w, mode)),
+                Policy::Cifar10 => searched(img, &CIFAR10, (h, w, mode)),
+                Policy::Svhn => searched(img, &SVHN, (h, w, mode)),
+                Policy::Ra => rand_augment(img, ra_magnitude, (h, w, mode)),
+                Policy::TaWide => trivial_augment(img, (h, w, mode)),
+                Policy::Augmix => aug_mix(img, (h, w, mode)),
             }
         })
         .collect();
     Tensor::stack(&images, 0)
 }
+
+/// An image's height and width, and the grid_sample mode of its ops.
+type Frame = (i64, i64, i64);
 
 /// A draw of `torch.randint(high, (1,))`.
 fn randint(high: i64) -> i64 {
@@ -274,7 +381,7 @@ fn randint(high: i64) -> i64 {
 
 /// `AutoAugment.forward`: a sub-policy, two probabilities and two signs
 /// drawn, each op applied if its probability says so (negated on a 0).
-fn searched(mut img: Tensor, table: &[[Step; 2]], h: i64, w: i64) -> Tensor {
+fn searched(mut img: Tensor, table: &[[Step; 2]], (h, w, mode): Frame) -> Tensor {
     let id = randint(table.len() as i64) as usize;
     let probs = Tensor::rand([2], (Kind::Float, Device::Cpu));
     let signs = Tensor::randint(2, [2], (Kind::Int64, Device::Cpu));
@@ -289,28 +396,28 @@ fn searched(mut img: Tensor, table: &[[Step; 2]], h: i64, w: i64) -> Tensor {
         if signed && signs.int64_value(&[k as i64]) == 0 {
             m = -m;
         }
-        img = apply(&img, op, m);
+        img = apply(&img, op, m, mode);
     }
     img
 }
 
 /// `RandAugment.forward`: two ops drawn in turn, each at the bin
 /// `magnitude_bin`, a sign drawn for the signed ones (negated on a 1).
-fn rand_augment(mut img: Tensor, magnitude_bin: i64, h: i64, w: i64) -> Tensor {
+fn rand_augment(mut img: Tensor, magnitude_bin: i64, (h, w, mode): Frame) -> Tensor {
     for _ in 0..2 {
         let op = SPACE_OPS[randint(SPACE_OPS.len() as i64) as usize];
         let (mut m, signed) = magnitude(RAND, op, magnitude_bin, h, w).unwrap_or((0.0, false));
         if signed && randint(2) != 0 {
             m = -m;
         }
-        img = apply(&img, op, m);
+        img = apply(&img, op, m, mode);
     }
     img
 }
 
 /// `TrivialAugmentWide.forward`: one op drawn, then its bin (ops with
 /// magnitudes), then its sign (signed ops; negated on a 1).
-fn trivial_augment(img: Tensor, h: i64, w: i64) -> Tensor {
+fn trivial_augment(img: Tensor, (h, w, mode): Frame) -> Tensor {
     let op = SPACE_OPS[randint(SPACE_OPS.len() as i64) as usize];
     let without = matches!(op, Op::Identity | Op::AutoContrast | Op::Equalize);
     let (mut m, signed) = match without {
@@ -320,22 +427,73 @@ fn trivial_augment(img: Tensor, h: i64, w: i64) -> Tensor {
     if signed && randint(2) != 0 {
         m = -m;
     }
-    apply(&img, op, m)
+    apply(&img, op, m, mode)
 }
 
-/// `_apply_op` on one uint8 CHW image.
-fn apply(img: &Tensor, op: Op, m: f64) -> Tensor {
+/// `AugMix.forward` (severity 3, width 3, depth 1-3, alpha 1, all ops):
+/// the blend weights drawn (Beta as a 2-way Dirichlet, then a
+/// 3-way one), then each chain's depth, and per op its index, bin and sign
+/// (negated on a 1); the image times its weight plus each chain's times
+/// its own, in float32, truncated to uint8 as `.to(torch.uint8)` does.
+fn aug_mix(img: Tensor, (h, w, mode): Frame) -> Tensor {
+    const WIDTH: i64 = 3;
+    let dirichlet = |n: i64| {
+        Tensor::ones([1, n], (Kind::Float, Device::Cpu))
+            .internal_sample_dirichlet()
+            .to_device(img.device())
+    };
+    let beta = dirichlet(2);
+    let weights = dirichlet(WIDTH) * beta.select(1, 1).view([1, -1]);
+    let mut mix = beta.select(1, 0) * &img;
+    for i in 0..WIDTH {
+        let depth = Tensor::randint_low(1, 4, [1], (Kind::Int64, Device::Cpu)).int64_value(&[0]);
+        let mut aug = img.shallow_clone();
+        for _ in 0..depth {
+            let op = AUGMIX_OPS[randint(AUGMIX_OPS.len() as i64) as usize];
+            let without = matches!(op, Op::AutoContrast | Op::Equalize);
+            let (mut m, signed) = match without {
+                true => (0.0, false),
+                false => {
+                    magnitude(AUGMIX, op, randint(AUGMIX_SEVERITY), h, w).unwrap_or((0.0, false))
+                }
+            };
+            if signed && randint(2) != 0 {
+                m = -m;
+            }
+            aug = apply(&aug, op, m, mode);
+        }
+        mix += weights.select(1, i) * aug;
+    }
+    mix.to_kind(Kind::Uint8)
+}
+
+/// `_apply_op` on one uint8 CHW image (`mode`: grid_sample's interpolation).
+fn apply(img: &Tensor, op: Op, m: f64, mode: i64) -> Tensor {
     let (h, w) = (img.size()[1], img.size()[2]);
     // F.affine with center [0, 0] (the shears) or None (the rest): the
     // centre relative to the image centre, as torchvision's tensor path has it.
     let corner = [-(w as f64) * 0.5, -(h as f64) * 0.5];
     match op {
-        Op::ShearX => warp(img, corner, 0.0, [0.0, 0.0], [m.atan().to_degrees(), 0.0]),
-        Op::ShearY => warp(img, corner, 0.0, [0.0, 0.0], [0.0, m.atan().to_degrees()]),
-        Op::TranslateX => warp(img, [0.0, 0.0], 0.0, [m.trunc(), 0.0], [0.0, 0.0]),
-        Op::TranslateY => warp(img, [0.0, 0.0], 0.0, [0.0, m.trunc()], [0.0, 0.0]),
+        Op::ShearX => warp(
+            img,
+            corner,
+            0.0,
+            [0.0, 0.0],
+            [m.atan().to_degrees(), 0.0],
+            mode,
+        ),
+        Op::ShearY => warp(
+            img,
+            corner,
+            0.0,
+            [0.0, 0.0],
+            [0.0, m.atan().to_degrees()],
+            mode,
+        ),
+        Op::TranslateX => warp(img, [0.0, 0.0], 0.0, [m.trunc(), 0.0], [0.0, 0.0], mode),
+        Op::TranslateY => warp(img, [0.0, 0.0], 0.0, [0.0, m.trunc()], [0.0, 0.0], mode),
         // F.rotate: the inverse matrix of -angle.
-        Op::Rotate => warp(img, [0.0, 0.0], -m, [0.0, 0.0], [0.0, 0.0]),
+        Op::Rotate => warp(img, [0.0, 0.0], -m, [0.0, 0.0], [0.0, 0.0], mode),
         Op::Brightness => blend(img, &img.zeros_like(), 1.0 + m),
         Op::Color => match img.size()[0] {
             1 => img.shallow_clone(),
@@ -361,146 +519,4 @@ fn apply(img: &Tensor, op: Op, m: f64) -> Tensor {
         Op::Invert => img.bitwise_not(),
         Op::Identity => img.shallow_clone(),
     }
-}
-
-/// `_blend`: `(r·a + (1 − r)·b).clamp(0, 255)`, truncated to uint8.
-fn blend(a: &Tensor, b: &Tensor, ratio: f64) -> Tensor {
-    (a.g_mul_scalar(ratio) + b.g_mul_scalar(1.0 - ratio))
-        .clamp(0.0, 255.0)
-        .to_kind(Kind::Uint8)
-}
-
-/// `rgb_to_grayscale`: `0.2989 r + 0.587 g + 0.114 b`, truncated, 1×H×W.
-fn grayscale(img: &Tensor) -> Tensor {
-    let c = img.unbind(0);
-    (c[0].g_mul_scalar(0.2989) + c[1].g_mul_scalar(0.587) + c[2].g_mul_scalar(0.114))
-        .to_kind(Kind::Uint8)
-        .unsqueeze(0)
-}
-
-/// `_blurred_degenerate_image`: the 3×3 kernel (1s around a 5, / 13) per
-/// channel inside a one-pixel border that stays as it was.
-fn blurred(img: &Tensor) -> Tensor {
-    let c = img.size()[0];
-    let mut kernel = Tensor::ones([3, 3], (Kind::Float, img.device()));
-    let _ = kernel.get(1).get(1).fill_(5.0);
-    kernel = &kernel / kernel.sum(None::<Kind>);
-    let kernel = kernel.expand([c, 1, 3, 3], false);
-    let inner = img
-        .unsqueeze(0)
-        .to_kind(Kind::Float)
-        .conv2d(&kernel, None::<Tensor>, [1, 1], [0, 0], [1, 1], c)
-        .round()
-        .to_kind(Kind::Uint8)
-        .squeeze_dim(0);
-    let out = img.copy();
-    let (h, w) = (img.size()[1], img.size()[2]);
-    out.narrow(1, 1, h - 2).narrow(2, 1, w - 2).copy_(&inner);
-    out
-}
-
-/// `autocontrast`: each channel stretched to 0..255 (a flat one left).
-fn auto_contrast(img: &Tensor) -> Tensor {
-    let lo = img.amin(&[-2i64, -1][..], true).to_kind(Kind::Float);
-    let hi = img.amax(&[-2i64, -1][..], true).to_kind(Kind::Float);
-    // `bound / (hi - lo)` is torch's __rtruediv__: reciprocal, then times.
-    let scale = (&hi - &lo).reciprocal() * 255.0;
-    let flat = scale.isfinite().logical_not();
-    let lo = lo.masked_fill(&flat, 0.0);
-    let scale = scale.masked_fill(&flat, 1.0);
-    ((img - lo) * scale).clamp(0.0, 255.0).to_kind(Kind::Uint8)
-}
-
-/// `equalize`: each channel through the LUT of its cumulative histogram
-/// (integer arithmetic, on the host).
-fn equalize(img: &Tensor) -> Tensor {
-    let channels: Vec<Tensor> = img
-        .unbind(0)
-        .iter()
-        .map(|chan| {
-            let hist: Vec<i64> = Vec::try_from(
-                chan.reshape([-1])
-                    .bincount(None::<Tensor>, 256)
-                    .to_device(Device::Cpu),
-            )
-            .unwrap_or_default();
-            let nonzero: Vec<i64> = hist.iter().copied().filter(|&v| v != 0).collect();
-            let step = nonzero[..nonzero.len().saturating_sub(1)]
-                .iter()
-                .sum::<i64>()
-                / 255;
-            if step == 0 {
-                return chan.shallow_clone();
-            }
-            let mut lut = vec![0i64; 256];
-            let mut cum = 0;
-            for (i, v) in hist.iter().enumerate().take(255) {
-                cum += v;
-                lut[i + 1] = ((cum + step / 2) / step).clamp(0, 255);
-            }
-            let lut = Tensor::from_slice(&lut).to_device(chan.device());
-            lut.index_select(0, &chan.reshape([-1]).to_kind(Kind::Int64))
-                .view_as(chan)
-                .to_kind(Kind::Uint8)
-        })
-        .collect();
-    Tensor::stack(&channels, 0)
-}
-
-/// `F.affine`/`F.rotate` on a tensor with nearest interpolation and no
-/// fill: `_get_inverse_affine_matrix`, `_gen_affine_grid` and
-/// `grid_sample` (zeros outside), rounded back to uint8.
-fn warp(
-    img: &Tensor,
-    center: [f64; 2],
-    angle: f64,
-    translate: [f64; 2],
-    shear: [f64; 2],
-) -> Tensor {
-    let (h, w) = (img.size()[1], img.size()[2]);
-    let matrix = inverse_affine(center, angle, translate, shear);
-    let dev = img.device();
-    let theta = Tensor::from_slice(&matrix.map(|v| v as f32))
-        .to_device(dev)
-        .view([1, 2, 3]);
-    let opts = (Kind::Float, dev);
-    let base = Tensor::empty([1, h, w, 3], opts);
-    let d = 0.5;
-    let xs = Tensor::linspace(-(w as f64) * 0.5 + d, w as f64 * 0.5 + d - 1.0, w, opts);
-    let ys =
-        Tensor::linspace(-(h as f64) * 0.5 + d, h as f64 * 0.5 + d - 1.0, h, opts).unsqueeze(-1);
-    base.select(3, 0).copy_(&xs);
-    base.select(3, 1).copy_(&ys);
-    let _ = base.select(3, 2).fill_(1.0);
-    let half = Tensor::from_slice(&[0.5 * w as f64, 0.5 * h as f64])
-        .to_kind(Kind::Float)
-        .to_device(dev);
-    let rescaled = theta.transpose(1, 2) / half;
-    let grid = base.view([1, h * w, 3]).bmm(&rescaled).view([1, h, w, 2]);
-    // mode 0 = bilinear, 1 = nearest; padding 0 = zeros.
-    img.unsqueeze(0)
-        .to_kind(Kind::Float)
-        .grid_sampler(&grid, 1, 0, false)
-        .round()
-        .to_kind(Kind::Uint8)
-        .squeeze_dim(0)
-}
-
-/// torchvision's `_get_inverse_affine_matrix` (scale 1, inverted), in
-/// degrees as it takes them.
-fn inverse_affine(center: [f64; 2], angle: f64, translate: [f64; 2], shear: [f64; 2]) -> [f64; 6] {
-    let rot = angle.to_radians();
-    let (sx, sy) = (shear[0].to_radians(), shear[1].to_radians());
-    let [cx, cy] = center;
-    let [tx, ty] = translate;
-    let a = (rot - sy).cos() / sy.cos();
-    let b = -(rot - sy).cos() * sx.tan() / sy.cos() - rot.sin();
-    let c = (rot - sy).sin() / sy.cos();
-    let d = -(rot - sy).sin() * sx.tan() / sy.cos() + rot.cos();
-    let mut m = [d, -b, 0.0, -c, a, 0.0];
-    m[2] += m[0] * (-cx - tx) + m[1] * (-cy - ty);
-    m[5] += m[3] * (-cx - tx) + m[4] * (-cy - ty);
-    m[2] += cx;
-    m[5] += cy;
-    m
 }

@@ -17,6 +17,7 @@ pub mod prepared;
 pub mod resize;
 pub mod resized_crop;
 pub mod stream;
+pub mod uint8_ops;
 
 use anyhow::Result;
 use tch::{Device, Tensor};

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::data::augment::Augment;
-use crate::data::auto_augment::{Policy, RA_MAGNITUDE};
+use crate::data::auto_augment::{Interpolation, Policy, RA_MAGNITUDE};
 use crate::data::mix::Mixing;
 use crate::model::ModelSpec;
 use crate::numerics::{FusedStep, NumericsRequest, Precision, StepPart};
@@ -187,6 +187,10 @@ pub struct TrainConfig {
     /// The automatic augmentation of training images (`--auto-augment`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auto_augment: Option<Policy>,
+    /// The augmentations' geometric interpolation (`--augment-interpolation`;
+    /// none: each one's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub augment_interpolation: Option<Interpolation>,
     /// RandAugment's magnitude bin (`--ra-magnitude`).
     #[serde(
         default = "default_ra_magnitude",
@@ -393,6 +397,7 @@ mod tests {
             mixing: Mixing::default(),
             auto_augment: None,
             ra_magnitude: RA_MAGNITUDE,
+            augment_interpolation: None,
             random_erase: 0.0,
             accum_steps: 1,
             tensorboard: false,

@@ -91,6 +91,7 @@ fn preprocess(config: &TrainConfig, data: &Dataset, device: Device) -> Preproces
     pre.plain_training = config.no_augment;
     pre.auto_augment = config.auto_augment;
     pre.ra_magnitude = config.ra_magnitude;
+    pre.augment_interpolation = config.augment_interpolation;
     pre
 }
 
