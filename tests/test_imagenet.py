@@ -24,6 +24,7 @@ from skimage import data as skdata
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.environ.get("VGGCTL_BIN", os.path.join(ROOT, "target", "release", "vggctl"))
 WEIGHTS = os.path.join(ROOT, "tests", "fixtures", "pth", "vgg11.legacy.pth")
+CIFAR_WEIGHTS = os.path.join(ROOT, "tests", "fixtures", "pth", "vgg11-cifar.zip.pth")
 # torchvision's class names of these WordNet ids.
 CLASSES = {"n01440764": "tench", "n02123045": "tabby", "n03000134": "chainlink fence"}
 PHOTOS = {
@@ -124,3 +125,15 @@ def test_training_imagenet_from_scratch_takes_torchvisions_recipe(imagenet, tmp_
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "train/cats" in lines[0] and "WordNet" in lines[0], r.stderr
+
+    # A folder that is not the layout (its class folders directly, as
+    # ImageNet-R ships): one line saying what the layout is, for train,
+    # prepare and eval alike; nothing written.
+    flat = imagenet / "val"
+    layout = f"vggctl: error: {flat}: no train/ folder: --dataset imagenet reads DIR/train/<wnid>/ and DIR/val/<wnid>/"
+    for args in [["train", "--out", str(tmp_path / "y")], ["prepare", "--out", str(tmp_path / "y.vggdata")]]:
+        r = vggctl(*args, "--dataset", "imagenet", "--data-dir", str(flat))
+        assert r.returncode == 1 and r.stderr.startswith(layout) and len(r.stderr.splitlines()) == 1, r.stderr
+    r = vggctl("eval", "--checkpoint", CIFAR_WEIGHTS, "--dataset", "imagenet", "--data-dir", str(flat), "--device", "cpu")
+    assert r.returncode == 1 and r.stderr.splitlines()[-1].startswith(layout.replace("no train/", "no val/")), r.stderr
+    assert not (tmp_path / "y").exists() and not (tmp_path / "y.vggdata").exists()

@@ -147,7 +147,9 @@ impl DataOpts {
                 Prepared::open(&self.dir())?.index.classes.len() as i64
             }
             "folder" => folder::scan(&self.dir())?.0.len() as i64,
-            "imagenet" => folder::scan(&self.dir().join("train"))?.0.len() as i64,
+            "imagenet" => folder::scan(&imagenet_split(&self.dir(), "train")?)?
+                .0
+                .len() as i64,
             "cifar10" | "digits" => 10,
             other => return Err(usage(unknown(other))),
         };
@@ -238,13 +240,14 @@ impl DataOpts {
                 let file = prepared::is_prepared(dir);
                 let (dir, val_dir) = match (imagenet, file) {
                     // Evaluation reads DIR/val (or --val-dir) only.
-                    (true, false) => (
-                        dir.join("train"),
-                        Some(match (test_only, val_dir) {
-                            (true, Some(v)) => v.to_path_buf(),
-                            _ => dir.join("val"),
-                        }),
-                    ),
+                    (true, false) => match (test_only, val_dir) {
+                        (true, Some(v)) => (dir.join("train"), Some(v.to_path_buf())),
+                        (true, None) => (dir.join("train"), Some(imagenet_split(dir, "val")?)),
+                        (false, _) => (
+                            imagenet_split(dir, "train")?,
+                            Some(imagenet_split(dir, "val")?),
+                        ),
+                    },
                     _ => (dir.to_path_buf(), val_dir.map(Path::to_path_buf)),
                 };
                 let cache_mem = match streamed {
@@ -283,6 +286,19 @@ struct Reading {
     quiet: bool,
     streamed: Option<bool>,
     test_only: bool,
+}
+
+/// `DIR/train` or `DIR/val` of ImageNet's layout, or an error saying
+/// what the layout is.
+pub fn imagenet_split(dir: &Path, split: &str) -> Result<PathBuf> {
+    let path = dir.join(split);
+    if !path.is_dir() {
+        bail!(
+            "{}: no {split}/ folder: --dataset imagenet reads DIR/train/<wnid>/ and DIR/val/<wnid>/ (eval reads DIR/val, or with --val-dir any folder of WordNet-id class folders)",
+            dir.display()
+        );
+    }
+    Ok(path)
 }
 
 fn unknown(name: &str) -> String {

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use vggctl::data::pack::{PrepareOptions, prepare};
 
+use super::data_opts::imagenet_split;
 use super::output::{usage, warn, whole};
 
 #[derive(clap::Args, Debug)]
@@ -58,9 +59,10 @@ pub fn run(args: Args) -> Result<()> {
     }
     let (dir, val_dir) = match args.dataset.as_str() {
         "folder" => (args.data_dir.clone(), args.val_dir.clone()),
-        "imagenet" if args.val_dir.is_none() => {
-            (args.data_dir.join("train"), Some(args.data_dir.join("val")))
-        }
+        "imagenet" if args.val_dir.is_none() => (
+            imagenet_split(&args.data_dir, "train")?,
+            Some(imagenet_split(&args.data_dir, "val")?),
+        ),
         "imagenet" => return Err(usage("--val-dir: imagenet's validation images are DIR/val")),
         other => {
             return Err(usage(format!(
