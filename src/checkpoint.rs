@@ -218,8 +218,8 @@ pub fn load_checkpoint(path: &Path, device: Device, values: Values) -> Result<(V
             path.display()
         );
     };
-    let mut model = Vgg::new(meta.spec(), device);
-    model.load_state_dict(&path.display().to_string(), &file.tensors, values)?;
+    let source = path.display().to_string();
+    let model = Vgg::from_state_dict(meta.spec(), device, &source, &file.tensors, values)?;
     Ok((model, meta))
 }
 
@@ -227,9 +227,8 @@ pub fn load_checkpoint(path: &Path, device: Device, values: Values) -> Result<(V
 /// [`read_weights`] takes).
 pub fn load_weights(path: &Path, spec: ModelSpec, device: Device, values: Values) -> Result<Vgg> {
     let file = read_weights(path)?;
-    let mut model = Vgg::new(spec, device);
-    model.load_state_dict(&path.display().to_string(), &file.tensors, values)?;
-    Ok(model)
+    let source = path.display().to_string();
+    Build::Initialized.model(spec, device, &source, &file.tensors, values)
 }
 
 /// The model for the state dict in `path` (any format [`read_weights`]
@@ -239,15 +238,44 @@ pub fn load_resolved(
     path: &Path,
     request: SpecRequest,
     default_head: Head,
-    device: Device,
-    values: Values,
+    (device, values, build): (Device, Values, Build),
 ) -> Result<(Vgg, Option<String>)> {
     let file = read_weights(path)?;
     let source = path.display().to_string();
     let resolved = request.resolve(&source, &file.tensors, default_head)?;
-    let mut model = Vgg::new(resolved.spec, device);
-    model.load_state_dict(&source, &file.tensors, values)?;
+    let model = build.model(resolved.spec, device, &source, &file.tensors, values)?;
     Ok((model, resolved.inferred))
+}
+
+/// How a model that loads a state dict is built: initialized first, as a
+/// fresh model (drawing from the global generator, so that what training
+/// draws next, such as fine-tuning's new head, is what it was before), or
+/// blank (no initialization nor copy: eval, predict, export).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Build {
+    Initialized,
+    Blank,
+}
+
+impl Build {
+    /// The model of `spec` on `device` holding `dict`.
+    pub fn model(
+        self,
+        spec: ModelSpec,
+        device: Device,
+        source: &str,
+        dict: &BTreeMap<String, Tensor>,
+        values: Values,
+    ) -> Result<Vgg> {
+        match self {
+            Build::Blank => Vgg::from_state_dict(spec, device, source, dict, values),
+            Build::Initialized => {
+                let mut model = Vgg::new(spec, device);
+                model.load_state_dict(source, dict, values)?;
+                Ok(model)
+            }
+        }
+    }
 }
 
 /// What a model loaded from a plain state dict is taken to be: torchvision's

@@ -109,12 +109,8 @@ pub fn run(args: Args) -> Result<()> {
             "--only-data-classes: the data has all the model's classes; it changes nothing".into(),
         );
     }
-    let mut model = Vgg::new(spec, device);
-    model.load_state_dict(
-        &args.checkpoint.display().to_string(),
-        &file.tensors,
-        args.model.values(),
-    )?;
+    let source = args.checkpoint.display().to_string();
+    let model = Vgg::from_state_dict(spec, device, &source, &file.tensors, args.model.values())?;
     let test = dataset.test.limit(args.limit_test).to_device(device);
     // The training run's precision and layout choices, for the same speed.
     let request = args.numerics.request(Some(&args.graphs), true);

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use tch::Device;
-use vggctl::checkpoint::{ModelMeta, load_checkpoint, meta_for_weights};
+use vggctl::checkpoint::{Build, ModelMeta, load_checkpoint, meta_for_weights};
 use vggctl::export::{export_onnx, export_pt2, export_safetensors, export_torchscript};
 use vggctl::infer::fold_bn;
 use vggctl::model::{Head, Vgg, check_input};
@@ -76,9 +76,9 @@ fn load(args: &Args) -> Result<(Vgg, ModelMeta)> {
     let Some(w) = &args.weights else {
         return Err(usage("give --checkpoint PATH or --weights imagenet|PATH"));
     };
-    let (model, _) = args
-        .model
-        .load_weights(w, args.model.request()?, device, false)?;
+    let (model, _) =
+        args.model
+            .load_weights(w, args.model.request()?, (device, Build::Blank), false)?;
     let meta = meta_for_weights(model.spec);
     Ok((model, meta))
 }

@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Result, bail};
+use vggctl::checkpoint::Build;
 use vggctl::data::augment::Augment;
 use vggctl::model::{Head, SpecRequest, check_input};
 
@@ -66,9 +67,12 @@ pub fn run(args: Args) -> Result<()> {
         classes: None,
         ..request
     };
-    let (mut model, path) = args
-        .model
-        .load_weights(&args.weights, request, device, h.quiet)?;
+    let (mut model, path) = args.model.load_weights(
+        &args.weights,
+        request,
+        (device, Build::Initialized),
+        h.quiet,
+    )?;
     if model.spec.head != Head::Imagenet {
         bail!(
             "{}: the weights have the {} head; fine-tuning starts from torchvision's imagenet head",

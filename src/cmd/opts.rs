@@ -8,7 +8,7 @@ use anyhow::Result;
 use clap::Args;
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use tch::Device;
-use vggctl::checkpoint::load_resolved;
+use vggctl::checkpoint::{Build, load_resolved};
 use vggctl::choice::Choice;
 use vggctl::device::parse_device;
 use vggctl::dist::{Backend, DEFAULT_TIMEOUT, Launch, World};
@@ -87,13 +87,13 @@ impl ModelOpts {
         &self,
         weights: &str,
         request: SpecRequest,
-        device: Device,
+        (device, build): (Device, Build),
         quiet: bool,
     ) -> Result<(Vgg, PathBuf)> {
+        let how = (device, self.values(), build);
         if weights != "imagenet" {
             let path = PathBuf::from(weights);
-            let (model, inferred) =
-                load_resolved(&path, request, Head::Imagenet, device, self.values())?;
+            let (model, inferred) = load_resolved(&path, request, Head::Imagenet, how)?;
             if let Some(line) = inferred {
                 note(line);
             }
@@ -106,7 +106,7 @@ impl ModelOpts {
             bn: Some(spec.bn),
             ..request
         };
-        let (model, _) = load_resolved(&path, request, Head::Imagenet, device, self.values())?;
+        let (model, _) = load_resolved(&path, request, Head::Imagenet, how)?;
         Ok((model, path))
     }
 

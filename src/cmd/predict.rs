@@ -7,7 +7,7 @@ use anyhow::{Result, bail};
 use rayon::prelude::*;
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
-use vggctl::checkpoint::{ModelMeta, load_checkpoint, meta_for_weights};
+use vggctl::checkpoint::{Build, ModelMeta, load_checkpoint, meta_for_weights};
 use vggctl::data::augment::{Augment, Normalizer, Preprocess};
 use vggctl::data::folder::{extension_list, image_files};
 use vggctl::data::image::{decode_rgb, eval_crop};
@@ -87,9 +87,9 @@ fn load_model(args: &Args, device: Device) -> Result<(Vgg, ModelMeta)> {
     match (&args.checkpoint, &args.weights) {
         (Some(path), _) => load_checkpoint(path, device, args.model.values()),
         (None, Some(w)) => {
-            let (model, _) = args
-                .model
-                .load_weights(w, args.model.request()?, device, false)?;
+            let (model, _) =
+                args.model
+                    .load_weights(w, args.model.request()?, (device, Build::Blank), false)?;
             let mut meta = meta_for_weights(model.spec);
             if let Some(input) = args.input {
                 meta.input_size = input;

@@ -10,6 +10,13 @@ use tch::{Device, Kind, Tensor};
 use super::spec::{LayerKind, LayerSpec};
 use crate::shim::step::{ConvOptions, FusedBn, conv3x3};
 
+/// How [`Layer::init`] fills a tensor.
+#[derive(Clone, Copy)]
+enum Fill {
+    Normal(f64),
+    Constant(f64),
+}
+
 /// The parameters and buffers of one module.
 pub enum Layer {
     Conv {
@@ -95,23 +102,30 @@ impl Layer {
     }
 
     /// Builds a layer with torchvision's initialization (on the CPU, from
-    /// libtorch's global generator).
-    pub(super) fn init(kind: &LayerKind) -> Option<Layer> {
-        let opts = (Kind::Float, Device::Cpu);
+    /// libtorch's global generator), or, `blank` on a device, with
+    /// uninitialized tensors there, for a state dict to replace every one.
+    pub(super) fn init(kind: &LayerKind, blank: Option<Device>) -> Option<Layer> {
+        let opts = (Kind::Float, blank.unwrap_or(Device::Cpu));
+        // A tensor of `shape`: normal with this std, or this constant.
+        let make = |shape: &[i64], fill: Fill| match (blank, fill) {
+            (Some(_), _) => Tensor::empty(shape, opts),
+            (None, Fill::Normal(std)) => Tensor::randn(shape, opts) * std,
+            (None, Fill::Constant(v)) => Tensor::full(shape, v, opts),
+        };
         Some(match *kind {
-            LayerKind::Conv { cin, cout } => {
+            LayerKind::Conv { cin, cout } => Layer::Conv {
                 // kaiming_normal_(mode="fan_out", nonlinearity="relu")
-                let std = (2.0 / (cout * 9) as f64).sqrt();
-                Layer::Conv {
-                    weight: Tensor::randn([cout, cin, 3, 3], opts) * std,
-                    bias: Tensor::zeros([cout], opts),
-                }
-            }
+                weight: make(
+                    &[cout, cin, 3, 3],
+                    Fill::Normal((2.0 / (cout * 9) as f64).sqrt()),
+                ),
+                bias: make(&[cout], Fill::Constant(0.0)),
+            },
             LayerKind::BatchNorm { channels } => Layer::BatchNorm {
-                weight: Tensor::ones([channels], opts),
-                bias: Tensor::zeros([channels], opts),
-                running_mean: Tensor::zeros([channels], opts),
-                running_var: Tensor::ones([channels], opts),
+                weight: make(&[channels], Fill::Constant(1.0)),
+                bias: make(&[channels], Fill::Constant(0.0)),
+                running_mean: make(&[channels], Fill::Constant(0.0)),
+                running_var: make(&[channels], Fill::Constant(1.0)),
                 num_batches_tracked: Cell::new(0),
             },
             LayerKind::Relu => Layer::Relu,
@@ -119,8 +133,8 @@ impl Layer {
             LayerKind::Dropout { p } => Layer::Dropout(p),
             LayerKind::Linear { fin, fout } => Layer::Linear {
                 // normal_(0, 0.01), bias 0
-                weight: Tensor::randn([fout, fin], opts) * 0.01,
-                bias: Tensor::zeros([fout], opts),
+                weight: make(&[fout, fin], Fill::Normal(0.01)),
+                bias: make(&[fout], Fill::Constant(0.0)),
             },
             LayerKind::AdaptiveAvgPool { .. } | LayerKind::Flatten => return None,
         })
@@ -294,11 +308,13 @@ pub struct Sequential {
 }
 
 impl Sequential {
-    pub(super) fn build(specs: &[LayerSpec]) -> Self {
+    /// The layers of `specs`, initialized as torchvision does, or `blank`
+    /// (see [`Layer::init`]).
+    pub(super) fn build(specs: &[LayerSpec], blank: Option<Device>) -> Self {
         Self::new(
             specs
                 .iter()
-                .filter_map(|s| Layer::init(&s.kind).map(|l| (s.name.clone(), l)))
+                .filter_map(|s| Layer::init(&s.kind, blank).map(|l| (s.name.clone(), l)))
                 .collect(),
         )
     }

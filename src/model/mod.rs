@@ -75,19 +75,42 @@ pub struct Entry<'a> {
 impl Vgg {
     /// A freshly initialized model, moved to `device`. Parameters require grad.
     pub fn new(spec: ModelSpec, device: Device) -> Vgg {
-        let head = spec.head_layers();
-        let classifier_specs: Vec<LayerSpec> = head
+        let mut model = Self::built(spec, None);
+        model.to_device(device);
+        model
+    }
+
+    /// A model of `spec` on `device` holding the state dict `dict`, checked
+    /// as [`Vgg::load_state_dict`] checks it, as [`Vgg::new`] then
+    /// `load_state_dict` would give it; nothing is initialized or copied
+    /// first (the weights' only copy is `dict`'s, moved to `device`).
+    pub fn from_state_dict(
+        spec: ModelSpec,
+        device: Device,
+        source: &str,
+        dict: &BTreeMap<String, Tensor>,
+        values: Values,
+    ) -> Result<Vgg> {
+        let mut model = Self::built(spec, Some(device));
+        // Already there: marks the parameters as requiring grad, copies nothing.
+        model.to_device(device);
+        model.load_state_dict(source, dict, values)?;
+        Ok(model)
+    }
+
+    /// `spec`'s layers, initialized, or `blank` on a device.
+    fn built(spec: ModelSpec, blank: Option<Device>) -> Vgg {
+        let classifier_specs: Vec<LayerSpec> = spec
+            .head_layers()
             .into_iter()
             .filter(|l| l.name.starts_with("classifier"))
             .collect();
-        let mut model = Vgg::of(
+        Vgg::of(
             spec,
-            Sequential::build(&spec.feature_layers()),
+            Sequential::build(&spec.feature_layers(), blank),
             spec.head.pool_size(),
-            Sequential::build(&classifier_specs),
-        );
-        model.to_device(device);
-        model
+            Sequential::build(&classifier_specs, blank),
+        )
     }
 
     /// A model of these parts, nothing frozen.
