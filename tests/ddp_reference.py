@@ -16,7 +16,7 @@ clips with torch.nn.utils.clip_grad_norm_ before each step.
 The options of torchvision's reference recipe, as its train.py applies
 them: --auto-augment POLICY (transforms.AutoAugment on each uint8 image,
 before normalization; `ra`: transforms.RandAugment(magnitude=--ra-magnitude),
-`ta_wide`: transforms.TrivialAugmentWide(), `augmix`: transforms.AugMix()), --random-erase P (transforms.RandomErasing(P) on
+`ta_wide`: transforms.TrivialAugmentWide(), `augmix`: transforms.AugMix(severity=--augmix-severity)), --random-erase P (transforms.RandomErasing(P) on
 each normalized image), then
 --mixup-alpha/--cutmix-alpha (v2.RandomChoice of v2.MixUp and v2.CutMix on
 the batch), --accum-steps K (the gradients of K batches, each loss / K, per
@@ -106,6 +106,7 @@ def main():
     p.add_argument("--auto-augment", default=None)
     p.add_argument("--ra-magnitude", type=int, default=9)
     p.add_argument("--interpolation", default=None)
+    p.add_argument("--augmix-severity", type=int, default=3)
     p.add_argument("--random-erase", type=float, default=0.0)
     p.add_argument("--mixup-alpha", type=float, default=0.0)
     p.add_argument("--cutmix-alpha", type=float, default=0.0)
@@ -138,7 +139,7 @@ def main():
     elif a.auto_augment == "ta_wide":
         auto = transforms.TrivialAugmentWide(**interp)
     elif a.auto_augment == "augmix":
-        auto = transforms.AugMix(**interp)
+        auto = transforms.AugMix(severity=a.augmix_severity, **interp)
     elif a.auto_augment:
         auto = transforms.AutoAugment(transforms.AutoAugmentPolicy(a.auto_augment), **interp)
     mixes = [v2.MixUp(alpha=a.mixup_alpha, num_classes=10)] if a.mixup_alpha > 0 else []

@@ -103,7 +103,7 @@ def test_random_erase_mixup_and_cutmix_equal_torchvision(runs):
 
 @pytest.mark.parametrize("policy, ours_extra, ref_extra", [
     ("cifar10", [], []), ("imagenet", [], []), ("ra", ["--ra-magnitude", "17"], ["--ra-magnitude", "17"]),
-    ("ta_wide", [], []), ("augmix", [], []),
+    ("ta_wide", [], []), ("augmix", [], []), ("augmix", ["--augmix-severity", "7"], ["--augmix-severity", "7"]),
     ("ta_wide", ["--augment-interpolation", "bilinear"], ["--interpolation", "bilinear"])])
 def test_auto_augment_equals_torchvision(runs, policy, ours_extra, ref_extra):
     """Between them the two AutoAugment policies' 256 images draw every op
@@ -111,7 +111,8 @@ def test_auto_augment_equals_torchvision(runs, policy, ours_extra, ref_extra):
     the ImageNet one those); RandAugment (at magnitude 17, not the default
     9) and TrivialAugment Wide draw each of their 14 ops many times over
     (two or one per image, the signs and TrivialAugment's bins too), AugMix
-    its 13 (three chains of 1-3 per image, bilinear, Dirichlet-blended);
+    its 13 (three chains of 1-3 per image, bilinear, Dirichlet-blended; at
+    severity 3 and 7);
     TrivialAugment again with bilinear interpolation, as torchvision's
     reference train.py passes it; the weights after 2 epochs equal
     PyTorch's."""
@@ -193,7 +194,8 @@ def test_options_a_run_has_no_use_for_are_named_once_each(tmp_path):
               "--strict"]
     unused = ["--optimizer", "adamw", "--momentum", "0.5", "--nesterov", "--scheduler", "cosine",
               "--milestones", "3", "--gamma", "0.5", "--val-dir", str(tmp_path), "--val-split", "0.2",
-              "--ra-magnitude", "5", "--warmup-decay", "0.1", "--augment-interpolation", "bilinear"]
+              "--ra-magnitude", "5", "--warmup-decay", "0.1", "--augment-interpolation", "bilinear",
+              "--augmix-severity", "5"]
     r = subprocess.run([BIN, *common, *unused, "--out", str(tmp_path / "a")],
                        capture_output=True, text=True, timeout=120, env=ENV)
     assert r.returncode == 0, r.stderr
@@ -201,6 +203,7 @@ def test_options_a_run_has_no_use_for_are_named_once_each(tmp_path):
     sgd, step = "applies to --optimizer sgd only", "applies to --scheduler multistep only"
     assert warned == [f"warning: {flag} is ignored: it {why}" for flag, why in [
         ("--ra-magnitude", "applies to --auto-augment ra only"),
+        ("--augmix-severity", "applies to --auto-augment augmix only"),
         ("--augment-interpolation", "applies with --auto-augment only"),
         ("--gamma", "applies to --scheduler multistep, step or exponential only"),
         ("--warmup-decay", "applies with --warmup-epochs only"),

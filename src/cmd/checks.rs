@@ -105,8 +105,14 @@ fn unused_options(typed: &[String], config: &TrainConfig) -> Vec<String> {
     let cosine = config.scheduler == SchedulerKind::Cosine;
     let step = config.scheduler == SchedulerKind::Step;
     let ra = config.auto_augment == Some(Policy::Ra);
-    let rules: [(&[&str], bool, &str); 10] = [
+    let augmix = config.auto_augment == Some(Policy::Augmix);
+    let rules: [(&[&str], bool, &str); 11] = [
         (&["ra_magnitude"], ra, "applies to --auto-augment ra only"),
+        (
+            &["augmix_severity"],
+            augmix,
+            "applies to --auto-augment augmix only",
+        ),
         (
             &["augment_interpolation"],
             config.auto_augment.is_some(),

@@ -6,7 +6,9 @@
 
 use anyhow::Result;
 use vggctl::data::augment::Augment;
-use vggctl::data::auto_augment::{Interpolation, Policy, RA_BINS, RA_MAGNITUDE};
+use vggctl::data::auto_augment::{
+    AUGMIX_BINS, AUGMIX_SEVERITY, Interpolation, Policy, RA_BINS, RA_MAGNITUDE,
+};
 use vggctl::data::mix::Mixing;
 use vggctl::train::config::TrainConfig;
 use vggctl::train::ema::EmaConfig;
@@ -73,6 +75,9 @@ pub struct RecipeOpts {
     /// bilinear [default: each transform's own: nearest, bilinear for augmix].
     #[arg(long, value_name = "MODE", value_parser = choice::<Interpolation>(), help_heading = "Data")]
     pub augment_interpolation: Option<Interpolation>,
+    /// AugMix's severity, 1 to 10 (torchvision's --augmix-severity).
+    #[arg(long, value_name = "N", default_value_t = AUGMIX_SEVERITY, value_parser = whole::<i64>, help_heading = "Data")]
+    pub augmix_severity: i64,
     /// RandAugment's magnitude, 0 to 30 (torchvision's --ra-magnitude).
     #[arg(long, value_name = "M", default_value_t = RA_MAGNITUDE, value_parser = whole::<i64>, help_heading = "Data")]
     pub ra_magnitude: i64,
@@ -109,6 +114,12 @@ impl RecipeOpts {
         }
         if self.accum_steps < 1 {
             return Err(usage("--accum-steps must be at least 1"));
+        }
+        if !(1..=AUGMIX_BINS).contains(&self.augmix_severity) {
+            return Err(usage(format!(
+                "--augmix-severity {} must be 1 to {AUGMIX_BINS}",
+                self.augmix_severity
+            )));
         }
         if !(0..RA_BINS).contains(&self.ra_magnitude) {
             return Err(usage(format!(
@@ -148,6 +159,7 @@ impl RecipeOpts {
         config.random_erase = self.random_erase;
         config.auto_augment = self.auto_augment;
         config.ra_magnitude = self.ra_magnitude;
+        config.augmix_severity = self.augmix_severity;
         config.augment_interpolation = self.augment_interpolation;
         config.tensorboard = self.tensorboard;
     }

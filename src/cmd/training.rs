@@ -284,6 +284,7 @@ impl HyperOpts {
             mixing: Default::default(),
             auto_augment: None,
             ra_magnitude: vggctl::data::auto_augment::RA_MAGNITUDE,
+            augmix_severity: vggctl::data::auto_augment::AUGMIX_SEVERITY,
             augment_interpolation: None,
             random_erase: 0.0,
             accum_steps: 1,

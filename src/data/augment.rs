@@ -5,7 +5,7 @@
 use tch::{Device, Kind, Tensor};
 
 use super::Split;
-use super::auto_augment::{Interpolation, Policy, RA_MAGNITUDE, auto_augment};
+use super::auto_augment::AutoAugment;
 use super::image::centre_offset;
 use super::resized_crop::{CropBoxes, random_resized_boxes};
 
@@ -279,14 +279,10 @@ pub struct Preprocess {
     pub norm: Normalizer,
     /// Training batches get the evaluation transform (`--no-augment`).
     pub plain_training: bool,
-    /// Training batches get AutoAugment, RandAugment or TrivialAugment
-    /// after the crop and flip (or, with `plain_training`, after the
+    /// Training batches get AutoAugment, RandAugment, TrivialAugment or
+    /// AugMix after the crop and flip (or, with `plain_training`, after the
     /// evaluation crop), before normalization.
-    pub auto_augment: Option<Policy>,
-    /// RandAugment's magnitude bin.
-    pub ra_magnitude: i64,
-    /// The augmentations' geometric ops' interpolation (None: each one's default).
-    pub augment_interpolation: Option<Interpolation>,
+    pub auto_augment: Option<AutoAugment>,
 }
 
 impl Preprocess {
@@ -297,22 +293,20 @@ impl Preprocess {
             norm,
             plain_training: false,
             auto_augment: None,
-            ra_magnitude: RA_MAGNITUDE,
-            augment_interpolation: None,
         }
     }
 
     /// `--auto-augment` on a training batch (rounded to uint8 first where
     /// resizing made it float, as PIL's crops are whole pixels).
     fn auto(&self, x: Tensor) -> Tensor {
-        let Some(policy) = self.auto_augment else {
+        let Some(augment) = &self.auto_augment else {
             return x;
         };
         let x = match x.kind() {
             Kind::Uint8 => x,
             _ => x.round().clamp(0.0, 255.0).to_kind(Kind::Uint8),
         };
-        auto_augment(&x, policy, self.ra_magnitude, self.augment_interpolation)
+        augment.apply(&x)
     }
 
     fn resize(&self, x: Tensor) -> Tensor {

@@ -65,7 +65,7 @@ impl Choice for Policy {
                 "TrivialAugment Wide: one of 14 ops per image at a random magnitude (transforms.TrivialAugmentWide)"
             }
             Policy::Augmix => {
-                "AugMix: the image blended with three chains of 1-3 ops (transforms.AugMix, severity 3)"
+                "AugMix: the image blended with three chains of 1-3 ops at --augmix-severity (transforms.AugMix)"
             }
         }
     }
@@ -254,9 +254,11 @@ const AUGMIX_OPS: [Op; 13] = [
     Op::Sharpness,
 ];
 
-/// AugMix's `severity` (torchvision's default): its magnitudes are drawn
-/// from the first 3 of 10 bins.
-const AUGMIX_SEVERITY: i64 = 3;
+/// AugMix's default `severity` (torchvision's): its magnitudes are drawn
+/// from the first 3 of its 10 bins; `--augmix-severity` is 1 to
+/// `AUGMIX_BINS`.
+pub const AUGMIX_SEVERITY: i64 = 3;
+pub const AUGMIX_BINS: i64 = 10;
 
 /// Whose magnitude ranges: AutoAugment's and RandAugment's, TrivialAugment
 /// Wide's, or AugMix's.
@@ -287,7 +289,7 @@ const WIDE: Space = Space {
     ranges: Ranges::Wide,
 };
 const AUGMIX: Space = Space {
-    bins: 10,
+    bins: AUGMIX_BINS,
     ranges: Ranges::Augmix,
 };
 
@@ -339,36 +341,49 @@ fn magnitude(space: Space, op: Op, bin: i64, h: i64, w: i64) -> Option<(f64, boo
     })
 }
 
-/// `--auto-augment` applied to each uint8 image of the NCHW batch `x` in
-/// turn (on `x`'s device; the draws on the CPU generator); `ra_magnitude`
-/// is RandAugment's; `interpolation` the geometric ops' (None: each
-/// transform's default, nearest, bilinear for AugMix).
-pub fn auto_augment(
-    x: &Tensor,
-    policy: Policy,
-    ra_magnitude: i64,
-    interpolation: Option<Interpolation>,
-) -> Tensor {
-    let (b, _, h, w) = x.size4().expect("a batch of images");
-    let default = match policy {
-        Policy::Augmix => BILINEAR,
-        _ => NEAREST,
-    };
-    let mode = interpolation.map_or(default, Interpolation::mode);
-    let images: Vec<Tensor> = (0..b)
-        .map(|i| {
-            let img = x.get(i);
-            match policy {
-                Policy::Imagenet => searched(img, &IMAGENET, (h, w, mode)),
-                Policy::Cifar10 => searched(img, &CIFAR10, (h, w, mode)),
-                Policy::Svhn => searched(img, &SVHN, (h, w, mode)),
-                Policy::Ra => rand_augment(img, ra_magnitude, (h, w, mode)),
-                Policy::TaWide => trivial_augment(img, (h, w, mode)),
-                Policy::Augmix => aug_mix(img, (h, w, mode)),
-            }
-        })
-        .collect();
-    Tensor::stack(&images, 0)
+/// `--auto-augment` with its settings.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AutoAugment {
+    pub policy: Policy,
+    /// RandAugment's magnitude bin (`--ra-magnitude`).
+    pub ra_magnitude: i64,
+    /// AugMix's severity (`--augmix-severity`): its magnitudes come from
+    /// the first that many of 10 bins.
+    pub augmix_severity: i64,
+    /// The geometric ops' interpolation (None: each transform's default,
+    /// nearest, bilinear for AugMix).
+    pub interpolation: Option<Interpolation>,
+}
+
+impl AutoAugment {
+    /// Applied to each uint8 image of the NCHW batch `x` in turn (on `x`'s
+    /// device; the draws on the CPU generator).
+    pub fn apply(&self, x: &Tensor) -> Tensor {
+        let (b, _, h, w) = x.size4().expect("a batch of images");
+        let default = match self.policy {
+            Policy::Augmix => BILINEAR,
+            _ => NEAREST,
+        };
+        let frame = (
+            h,
+            w,
+            self.interpolation.map_or(default, Interpolation::mode),
+        );
+        let images: Vec<Tensor> = (0..b)
+            .map(|i| {
+                let img = x.get(i);
+                match self.policy {
+                    Policy::Imagenet => searched(img, &IMAGENET, frame),
+                    Policy::Cifar10 => searched(img, &CIFAR10, frame),
+                    Policy::Svhn => searched(img, &SVHN, frame),
+                    Policy::Ra => rand_augment(img, self.ra_magnitude, frame),
+                    Policy::TaWide => trivial_augment(img, frame),
+                    Policy::Augmix => aug_mix(img, self.augmix_severity, frame),
+                }
+            })
+            .collect();
+        Tensor::stack(&images, 0)
+    }
 }
 
 /// An image's height and width, and the grid_sample mode of its ops.
@@ -430,12 +445,12 @@ fn trivial_augment(img: Tensor, (h, w, mode): Frame) -> Tensor {
     apply(&img, op, m, mode)
 }
 
-/// `AugMix.forward` (severity 3, width 3, depth 1-3, alpha 1, all ops):
+/// `AugMix.forward` (width 3, depth 1-3, alpha 1, all ops):
 /// the blend weights drawn (Beta as a 2-way Dirichlet, then a
 /// 3-way one), then each chain's depth, and per op its index, bin and sign
 /// (negated on a 1); the image times its weight plus each chain's times
 /// its own, in float32, truncated to uint8 as `.to(torch.uint8)` does.
-fn aug_mix(img: Tensor, (h, w, mode): Frame) -> Tensor {
+fn aug_mix(img: Tensor, severity: i64, (h, w, mode): Frame) -> Tensor {
     const WIDTH: i64 = 3;
     let dirichlet = |n: i64| {
         Tensor::ones([1, n], (Kind::Float, Device::Cpu))
@@ -453,9 +468,7 @@ fn aug_mix(img: Tensor, (h, w, mode): Frame) -> Tensor {
             let without = matches!(op, Op::AutoContrast | Op::Equalize);
             let (mut m, signed) = match without {
                 true => (0.0, false),
-                false => {
-                    magnitude(AUGMIX, op, randint(AUGMIX_SEVERITY), h, w).unwrap_or((0.0, false))
-                }
+                false => magnitude(AUGMIX, op, randint(severity), h, w).unwrap_or((0.0, false)),
             };
             if signed && randint(2) != 0 {
                 m = -m;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::data::augment::Augment;
-use crate::data::auto_augment::{Interpolation, Policy, RA_MAGNITUDE};
+use crate::data::auto_augment::{AUGMIX_SEVERITY, Interpolation, Policy, RA_MAGNITUDE};
 use crate::data::mix::Mixing;
 use crate::model::ModelSpec;
 use crate::numerics::{FusedStep, NumericsRequest, Precision, StepPart};
@@ -191,6 +191,12 @@ pub struct TrainConfig {
     /// none: each one's default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub augment_interpolation: Option<Interpolation>,
+    /// AugMix's severity (`--augmix-severity`).
+    #[serde(
+        default = "default_augmix_severity",
+        skip_serializing_if = "is_default_augmix_severity"
+    )]
+    pub augmix_severity: i64,
     /// RandAugment's magnitude bin (`--ra-magnitude`).
     #[serde(
         default = "default_ra_magnitude",
@@ -243,6 +249,14 @@ fn default_step_size() -> usize {
 
 fn is_default_step_size(v: &usize) -> bool {
     *v == DEFAULT_STEP_SIZE
+}
+
+fn default_augmix_severity() -> i64 {
+    AUGMIX_SEVERITY
+}
+
+fn is_default_augmix_severity(v: &i64) -> bool {
+    *v == AUGMIX_SEVERITY
 }
 
 fn default_ra_magnitude() -> i64 {
@@ -397,6 +411,7 @@ mod tests {
             mixing: Mixing::default(),
             auto_augment: None,
             ra_magnitude: RA_MAGNITUDE,
+            augmix_severity: AUGMIX_SEVERITY,
             augment_interpolation: None,
             random_erase: 0.0,
             accum_steps: 1,

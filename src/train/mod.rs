@@ -35,6 +35,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::Interrupted;
 use crate::data::augment::{Normalizer, Preprocess};
+use crate::data::auto_augment::AutoAugment;
 use crate::data::mix::random_erase;
 use crate::data::{Dataset, Images};
 use crate::dist::World;
@@ -89,9 +90,12 @@ fn preprocess(config: &TrainConfig, data: &Dataset, device: Device) -> Preproces
         Normalizer::new(data.mean, data.std, device),
     );
     pre.plain_training = config.no_augment;
-    pre.auto_augment = config.auto_augment;
-    pre.ra_magnitude = config.ra_magnitude;
-    pre.augment_interpolation = config.augment_interpolation;
+    pre.auto_augment = config.auto_augment.map(|policy| AutoAugment {
+        policy,
+        ra_magnitude: config.ra_magnitude,
+        augmix_severity: config.augmix_severity,
+        interpolation: config.augment_interpolation,
+    });
     pre
 }
 

@@ -11,7 +11,7 @@ use super::config::TrainConfig;
 use super::profile::StepProfile;
 use crate::checkpoint::ModelMeta;
 use crate::data::augment::Augment;
-use crate::data::auto_augment::RA_BINS;
+use crate::data::auto_augment::{AUGMIX_BINS, RA_BINS};
 use crate::optim::LossScaler;
 
 /// One line of `metrics.jsonl`.
@@ -167,6 +167,12 @@ impl TrainState {
                 "ra_magnitude {} is not one of RandAugment's bins 0 to {}",
                 c.ra_magnitude,
                 RA_BINS - 1
+            );
+        }
+        if !(1..=AUGMIX_BINS).contains(&c.augmix_severity) {
+            bail!(
+                "augmix_severity {} is not 1 to {AUGMIX_BINS}",
+                c.augmix_severity
             );
         }
         if self.epoch > c.epochs {
