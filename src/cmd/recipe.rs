@@ -67,8 +67,8 @@ pub struct RecipeOpts {
     pub cutmix_alpha: f64,
     /// Augment each training image automatically, as torchvision's
     /// reference train.py --auto-augment: AutoAugment with the policy
-    /// searched on a dataset, RandAugment or TrivialAugment Wide (after the
-    /// crop and flip, before normalization).
+    /// searched on a dataset, RandAugment, TrivialAugment Wide or AugMix
+    /// (after the crop and flip, before normalization).
     #[arg(long, value_name = "POLICY", value_parser = choice::<Policy>(), help_heading = "Data")]
     pub auto_augment: Option<Policy>,
     /// The augmentations' shears, translations and rotations: nearest or

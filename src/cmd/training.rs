@@ -78,15 +78,20 @@ pub struct HyperOpts {
     #[arg(long, value_name = "N", default_value_t = DEFAULT_STEP_SIZE, help_heading = "Schedule", value_parser = whole::<usize>)]
     pub step_size: usize,
     /// Cosine annealing's floor (CosineAnnealingLR's eta_min).
-    #[arg(long, default_value_t = 0.0, help_heading = "Schedule")]
+    #[arg(
+        long,
+        value_name = "LR",
+        default_value_t = 0.0,
+        help_heading = "Schedule"
+    )]
     pub lr_min: f64,
     /// Epochs of warm-up: alone, a linear ramp lr*(epoch+1)/N; with
     /// --warmup-method or --warmup-decay, torchvision's warm-up.
-    #[arg(long, default_value_t = 0, help_heading = "Schedule", value_parser = whole::<usize>)]
+    #[arg(long, value_name = "N", default_value_t = 0, help_heading = "Schedule", value_parser = whole::<usize>)]
     pub warmup_epochs: usize,
     /// torchvision's warm-up (its train.py's --lr-warmup-method), then the
     /// schedule counts its epochs from the warm-up's end, as SequentialLR.
-    #[arg(long, value_parser = choice::<WarmupMethod>(), help_heading = "Schedule")]
+    #[arg(long, value_name = "METHOD", value_parser = choice::<WarmupMethod>(), help_heading = "Schedule")]
     pub warmup_method: Option<WarmupMethod>,
     /// The warm-up's factor of --lr (--lr-warmup-decay) [default: 0.01].
     #[arg(long, value_name = "F", help_heading = "Schedule")]
