@@ -36,8 +36,7 @@ pub struct ModelMeta {
     pub accuracy: Option<f64>,
 }
 
-/// The largest input side a model file may ask for.
-pub const MAX_INPUT: i64 = 4096;
+pub use crate::model::MAX_INPUT;
 
 const FORMAT_KEY: &str = "format";
 const FORMAT: &str = "vggctl-1";

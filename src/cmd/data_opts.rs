@@ -178,7 +178,7 @@ impl DataOpts {
             c.val_dir.as_deref().map(Path::new),
             c.val_split,
             c.seed,
-            c.input_size * 256 / 224,
+            c.val_resize(),
             Reading {
                 quiet,
                 streamed: c.streamed,

@@ -7,13 +7,13 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use vggctl::checkpoint::Build;
 use vggctl::data::augment::Augment;
-use vggctl::model::{Head, SpecRequest, check_input};
+use vggctl::model::{Head, SpecRequest};
 
 use super::checks::warn_unused_options;
 use super::data_opts::DataOpts;
 use super::launch::run_local_ranks;
 use super::opts::ModelOpts;
-use super::output::{as_usage, usage, whole};
+use super::output::{usage, whole};
 use super::training::{HyperOpts, Start, execute, resume};
 
 #[derive(clap::Args, Debug)]
@@ -29,9 +29,6 @@ pub struct Args {
     /// Freeze only `features.0` .. `features.{INDEX-1}` (torchvision's module index).
     #[arg(long, value_parser = whole::<usize>)]
     freeze_until: Option<usize>,
-    /// Input side [default: 224].
-    #[arg(long, value_parser = whole::<i64>)]
-    input: Option<i64>,
     #[command(flatten)]
     model: ModelOpts,
     #[command(flatten)]
@@ -51,13 +48,16 @@ pub fn run(args: Args) -> Result<()> {
     if let Start::Resume(path) = &start {
         return resume(path, h, &args.data, device, args.model.json, &world, None);
     }
+    let augment = match args.data.dataset() {
+        "folder" | "imagenet" => Augment::ResizedCrop,
+        _ => Augment::CropFlip { padding: 4 },
+    };
+    h.recipe.check_sides(augment, 224, args.data.dataset())?;
     if args.model.head.is_some_and(|hd| hd != Head::Imagenet) {
         return Err(usage(
             "--head: fine-tuning starts from torchvision's imagenet head",
         ));
     }
-    let input = args.input.unwrap_or(224);
-    check_input(input).map_err(as_usage)?;
     let request = args.model.request()?;
     let mut data = args.data.clone();
     let classes = data.class_count(args.model.classes)?;
@@ -93,11 +93,8 @@ pub fn run(args: Args) -> Result<()> {
         )));
     }
     let mut config = h.config(model.spec, &data, device, 10);
-    config.input_size = input;
-    config.augment = match data.dataset() {
-        "folder" | "imagenet" => Augment::ResizedCrop,
-        _ => Augment::CropFlip { padding: 4 },
-    };
+    config.input_size = h.recipe.input.unwrap_or(224);
+    config.augment = augment;
     config.imagenet_normalization = true;
     config.freeze_prefix = freeze;
     config.weights = Some(path.display().to_string());

@@ -35,6 +35,8 @@ Examples:
   vggctl train --arch vgg11_bn --head cifar -e 30 -o runs/v11
   vggctl train --dataset folder --data-dir photos --arch vgg11 --head gap
   vggctl train --dataset imagenet --data-dir /data/imagenet --arch vgg16    torchvision's recipe
+  vggctl train --dataset imagenet --data-dir /data/imagenet --train-crop-size 176 --val-resize-size 232
+  vggctl train --dataset folder --data-dir icons --arch vgg11 --input 64     trained and evaluated at 64x64
   vggctl train --resume runs/v11 -e 60             continue a run (Ctrl-C saves), or extend it
   vggctl train --arch vgg11_bn --model-ema --mixup-alpha 0.2 --cutmix-alpha 1.0 --tensorboard
   vggctl train --auto-augment ta_wide --scheduler cosine --warmup-epochs 5 --warmup-method linear

@@ -299,7 +299,7 @@ pub fn print_header(trainer: &Trainer, dataset: &vggctl::data::Dataset, world: &
         ),
     };
     super::output::say(&format!(
-        "training {} ({} head, {} classes, {} trainable parameters) on {} ({} train / {} val images, {}x{}) on {} ({}), {} epoch{}{}, {batch}, writing {}",
+        "training {} ({} head, {} classes, {} trainable parameters) on {} ({} train / {} val images, {}) on {} ({}), {} epoch{}{}, {batch}, writing {}",
         c.model.model_name(),
         c.model.head.name(),
         c.model.classes,
@@ -307,8 +307,7 @@ pub fn print_header(trainer: &Trainer, dataset: &vggctl::data::Dataset, world: &
         c.dataset,
         dataset.train.len(),
         dataset.test.len(),
-        c.input_size,
-        c.input_size,
+        image_sides(c),
         c.device,
         trainer.ran_as(),
         c.epochs,
@@ -323,6 +322,21 @@ pub fn print_header(trainer: &Trainer, dataset: &vggctl::data::Dataset, world: &
     ));
     warn_small_val(c, dataset.test.len());
     warn_short_run(c, steps);
+}
+
+/// The sides of a run's images: `32x32`, or where training crops another
+/// side or evaluation resizes to other than torchvision's 256/224,
+/// `176x176 training, 224x224 evaluation (resized to 232 first)`.
+fn image_sides(c: &TrainConfig) -> String {
+    let (train, eval) = (c.train_crop(), c.input_size);
+    let mut sides = match train == eval {
+        true => format!("{eval}x{eval}"),
+        false => format!("{train}x{train} training, {eval}x{eval} evaluation"),
+    };
+    if c.val_resize_size.is_some() {
+        sides += &format!(" (resized to {} first)", c.val_resize());
+    }
+    sides
 }
 
 /// Warns where the run is too short for what its options ask: a warm-up

@@ -10,6 +10,7 @@ use vggctl::data::auto_augment::{
     AUGMIX_BINS, AUGMIX_SEVERITY, Interpolation, Policy, RA_BINS, RA_MAGNITUDE,
 };
 use vggctl::data::mix::Mixing;
+use vggctl::model::{MAX_INPUT, check_side};
 use vggctl::train::config::TrainConfig;
 use vggctl::train::ema::EmaConfig;
 
@@ -19,6 +20,20 @@ use super::progress::LogInterval;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct RecipeOpts {
+    /// The model's input side: training crops and evaluation's centre crop
+    /// (torchvision's --val-crop-size) [default: 32; 224 with --dataset
+    /// imagenet and for finetune].
+    #[arg(long, alias = "val-crop-size", value_name = "H", value_parser = whole::<i64>, help_heading = "Data")]
+    pub input: Option<i64>,
+    /// RandomResizedCrop's side for training images, where it is not
+    /// --input (torchvision's --train-crop-size; ImageNet-style training).
+    #[arg(long, value_name = "H", value_parser = whole::<i64>, help_heading = "Data")]
+    pub train_crop_size: Option<i64>,
+    /// Evaluation resizes the shorter side to this before the --input crop
+    /// (torchvision's --val-resize-size; ImageNet-style training) [default:
+    /// --input x 256/224].
+    #[arg(long, value_name = "R", value_parser = whole::<i64>, help_heading = "Data")]
+    pub val_resize_size: Option<i64>,
     /// Keep an exponential moving average of the weights (torchvision's
     /// reference --model-ema): evaluated after every epoch beside the
     /// weights and saved as ema.safetensors.
@@ -128,6 +143,20 @@ impl RecipeOpts {
                 RA_BINS - 1
             )));
         }
+        for (flag, side) in [
+            ("--input", self.input),
+            ("--train-crop-size", self.train_crop_size),
+            ("--val-resize-size", self.val_resize_size),
+        ] {
+            if let Some(side) = side {
+                check_side(flag, side).map_err(|e| usage(e.to_string()))?;
+                if side > MAX_INPUT {
+                    return Err(usage(format!(
+                        "{flag} {side} is too large: a checkpoint records sides up to {MAX_INPUT}"
+                    )));
+                }
+            }
+        }
         non_negative("--mixup-alpha", self.mixup_alpha)?;
         non_negative("--cutmix-alpha", self.cutmix_alpha)?;
         if !(0.0..=1.0).contains(&self.random_erase) {
@@ -139,9 +168,41 @@ impl RecipeOpts {
         Ok(())
     }
 
+    /// A usage error for image sides a new run cannot go with, before
+    /// anything is read: `--train-crop-size` and `--val-resize-size` are
+    /// RandomResizedCrop training's (`augment`; CIFAR-style training crops
+    /// a padded square at `--input`), and evaluation's centre crop (`--input`,
+    /// else `default_input`) must fit in its resize.
+    pub fn check_sides(&self, augment: Augment, default_input: i64, dataset: &str) -> Result<()> {
+        if augment != Augment::ResizedCrop {
+            for (flag, given) in [
+                ("--train-crop-size", self.train_crop_size),
+                ("--val-resize-size", self.val_resize_size),
+            ] {
+                if given.is_some() {
+                    return Err(usage(format!(
+                        "{flag} applies to ImageNet-style training (RandomResizedCrop: --dataset imagenet, or finetune on a folder); {dataset} training crops and evaluates at --input"
+                    )));
+                }
+            }
+        }
+        let crop = self.input.unwrap_or(default_input);
+        match self.val_resize_size {
+            Some(r) if r < crop => Err(usage(format!(
+                "--val-resize-size {r} is smaller than evaluation's centre crop, --input {crop}"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// Writes these options into a new run's configuration; the average's
     /// decay is settled by [`settle_ema`] once the ranks are known.
     pub fn configure(&self, config: &mut TrainConfig) {
+        if let Some(side) = self.input {
+            config.input_size = side;
+        }
+        config.train_crop_size = self.train_crop_size;
+        config.val_resize_size = self.val_resize_size;
         config.accum_steps = self.accum_steps;
         config.model_ema = self.model_ema.then(|| {
             EmaConfig::new(
@@ -198,7 +259,9 @@ pub fn imagenet_recipe(typed: &[String], config: &mut TrainConfig) {
     if !typed("epochs") {
         config.epochs = 90;
     }
-    config.input_size = 224;
+    if !typed("input") {
+        config.input_size = 224;
+    }
     config.augment = Augment::ResizedCrop;
     config.imagenet_normalization = true;
 }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use vggctl::checkpoint::load_weights;
+use vggctl::data::augment::Augment;
 use vggctl::model::{Head, ModelSpec, Vgg};
 
 use super::checks::warn_unused_options;
@@ -48,6 +49,11 @@ pub fn run(args: Args) -> Result<()> {
     // The classes are the dataset's (a folder's class folders): --classes
     // may repeat them.
     let imagenet = args.data.dataset() == "imagenet";
+    let (augment, input) = match imagenet {
+        true => (Augment::ResizedCrop, 224),
+        false => (Augment::CropFlip { padding: 4 }, 32),
+    };
+    h.recipe.check_sides(augment, input, args.data.dataset())?;
     let spec = args.model.spec(match imagenet {
         true => Head::Imagenet,
         false => Head::Cifar,

@@ -268,6 +268,8 @@ impl HyperOpts {
             device: device_name(device),
             out,
             input_size: 32,
+            train_crop_size: None,
+            val_resize_size: None,
             augment: Augment::CropFlip { padding: 4 },
             no_augment: self.no_augment,
             sync_bn: self.sync_bn,

@@ -275,7 +275,12 @@ pub enum Augment {
 /// `numerics`' and `infer`'s.
 pub struct Preprocess {
     pub augment: Augment,
+    /// The model's input side: evaluation's centre crop (and CIFAR-style
+    /// training's).
     pub input: i64,
+    /// RandomResizedCrop's side for training images (`ResizedCrop`);
+    /// `input` unless `--train-crop-size` says otherwise.
+    pub train_side: i64,
     pub norm: Normalizer,
     /// Training batches get the evaluation transform (`--no-augment`).
     pub plain_training: bool,
@@ -290,6 +295,7 @@ impl Preprocess {
         Preprocess {
             augment,
             input,
+            train_side: input,
             norm,
             plain_training: false,
             auto_augment: None,
@@ -338,7 +344,7 @@ impl Preprocess {
                         &whole
                     }
                 };
-                let x = self.auto(random_canvas_crop_flip(x, layout, self.input));
+                let x = self.auto(random_canvas_crop_flip(x, layout, self.train_side));
                 self.norm.apply(&x)
             }
         }
@@ -377,9 +383,9 @@ impl Preprocess {
     pub fn stream_transform(&self, train: bool) -> Transform {
         match self.augment {
             Augment::CropFlip { .. } => Transform::Square,
-            Augment::ResizedCrop if train && !self.plain_training => {
-                Transform::Random { size: self.input }
-            }
+            Augment::ResizedCrop if train && !self.plain_training => Transform::Random {
+                size: self.train_side,
+            },
             Augment::ResizedCrop => Transform::Eval { size: self.input },
         }
     }
@@ -403,5 +409,33 @@ impl Preprocess {
         } else {
             self.eval(&batch.images, layout)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--train-crop-size`: RandomResizedCrop training batches (in memory
+    /// and streamed) come out at the training side, evaluation batches at
+    /// the input side; CIFAR-style training stays at the input side.
+    #[test]
+    fn training_crops_take_their_own_side() {
+        let norm = || Normalizer::new([0.5; 3], [0.25; 3], Device::Cpu);
+        let x = Tensor::randint(256, [2, 3, 80, 100], (Kind::Uint8, Device::Cpu));
+        let mut pre = Preprocess::new(Augment::ResizedCrop, 64, norm());
+        pre.train_side = 48;
+        assert_eq!(pre.train(&x, None).size(), [2, 3, 48, 48]);
+        assert_eq!(pre.eval(&x, None).size(), [2, 3, 64, 64]);
+        assert_eq!(pre.stream_transform(true), Transform::Random { size: 48 });
+        assert_eq!(pre.stream_transform(false), Transform::Eval { size: 64 });
+        // --no-augment trains on the evaluation transform.
+        pre.plain_training = true;
+        assert_eq!(pre.train(&x, None).size(), [2, 3, 64, 64]);
+        assert_eq!(pre.stream_transform(true), Transform::Eval { size: 64 });
+
+        let square = Tensor::randint(256, [2, 3, 36, 36], (Kind::Uint8, Device::Cpu));
+        let pre = Preprocess::new(Augment::CropFlip { padding: 4 }, 40, norm());
+        assert_eq!(pre.train(&square, None).size(), [2, 3, 40, 40]);
     }
 }

@@ -13,6 +13,9 @@ use crate::choice::Choice;
 /// VGG's five 2x2/stride-2 poolings need at least this many pixels per side.
 pub const MIN_INPUT: i64 = 32;
 
+/// The largest input side a model file may record (and training takes).
+pub const MAX_INPUT: i64 = 4096;
+
 /// The most classes a head may have: 1,000,000 (ImageNet-21k has 21,841;
 /// a million already makes VGG's last layer 16 GB in fp32).
 pub const MAX_CLASSES: i64 = 1_000_000;
@@ -27,9 +30,16 @@ pub fn check_classes(classes: i64) -> Result<()> {
 
 /// The one check of a model input side (`--input`), for every subcommand.
 pub fn check_input(input: i64) -> Result<()> {
-    if input < MIN_INPUT {
+    check_side("--input", input)
+}
+
+/// The check of an image side the model is given, by the option (`flag`)
+/// that sets it (any side from 32 up: `params` counts for huge ones;
+/// training takes up to [`MAX_INPUT`], what its checkpoints may record).
+pub fn check_side(flag: &str, side: i64) -> Result<()> {
+    if side < MIN_INPUT {
         bail!(
-            "--input {input} is too small: --input must be at least {MIN_INPUT} for VGG's five 2x2 poolings"
+            "{flag} {side} is too small: {flag} must be at least {MIN_INPUT} for VGG's five 2x2 poolings"
         );
     }
     Ok(())

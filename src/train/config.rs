@@ -126,8 +126,17 @@ pub struct TrainConfig {
     pub limit_test: Option<i64>,
     pub device: String,
     pub out: PathBuf,
-    /// Side of the (square) model input.
+    /// Side of the (square) model input: evaluation's centre crop, and
+    /// training's unless `train_crop_size` says otherwise.
     pub input_size: i64,
+    /// RandomResizedCrop's side for training images where it is not
+    /// `input_size` (`--train-crop-size`, torchvision's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_crop_size: Option<i64>,
+    /// Evaluation's resize of the shorter side before the centre crop where
+    /// it is not `input_size · 256/224` (`--val-resize-size`, torchvision's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_resize_size: Option<i64>,
     pub augment: Augment,
     /// Training sees the evaluation transform: no random crops or flips.
     #[serde(default)]
@@ -282,6 +291,18 @@ impl TrainConfig {
         }
     }
 
+    /// The side training images are cropped to.
+    pub fn train_crop(&self) -> i64 {
+        self.train_crop_size.unwrap_or(self.input_size)
+    }
+
+    /// The shorter side images are resized to before evaluation's centre
+    /// crop (and image folders' in-memory copies are kept at), as
+    /// torchvision's reference resizes to 256 for a 224 crop.
+    pub fn val_resize(&self) -> i64 {
+        self.val_resize_size.unwrap_or(self.input_size * 256 / 224)
+    }
+
     /// MultiStepLR milestones at or past the last epoch, which never apply
     /// (the CIFAR defaults 50,80 with a short run), as `--milestones` lists them.
     pub fn unreached_milestones(&self) -> Option<String> {
@@ -390,6 +411,8 @@ mod tests {
             device: "cpu".into(),
             out: "runs/x".into(),
             input_size: 32,
+            train_crop_size: None,
+            val_resize_size: None,
             augment: Augment::CropFlip { padding: 4 },
             no_augment: false,
             sync_bn: false,

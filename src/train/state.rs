@@ -210,7 +210,7 @@ impl TrainState {
             input_size: c.input_size,
             dataset: c.dataset.clone(),
             resize: match c.augment {
-                Augment::ResizedCrop => Some(c.input_size * 256 / 224),
+                Augment::ResizedCrop => Some(c.val_resize()),
                 Augment::CropFlip { .. } => None,
             },
             epoch,
