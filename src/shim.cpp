@@ -390,37 +390,50 @@ int vggctl_cuda_capability(int device, int *out, char *err, size_t len) {
   });
 }
 
+// The tensors `ts[0..n]` as the list a multi-tensor kernel takes.
+static std::vector<at::Tensor> tensor_list(at::Tensor *const *ts, size_t n) {
+  std::vector<at::Tensor> out;
+  out.reserve(n);
+  for (size_t i = 0; i < n; ++i) out.push_back(*ts[i]);
+  return out;
+}
+
 // libtorch's fused SGD (`_fused_sgd_`, the learning rate a tensor on the
 // parameters' device so a captured graph reads its current value): one pass
-// over parameters, gradients and momentum buffer. `buf` is null without
-// momentum; with `found_inf` (a float that is 1 on an overflowed fp16 step)
-// the kernel leaves everything untouched.
-int vggctl_fused_sgd(at::Tensor *param, at::Tensor *grad, at::Tensor *buf, double weight_decay,
-                     double momentum, at::Tensor *lr, int nesterov, at::Tensor *found_inf,
-                     char *err, size_t len) {
+// over the `n` parameters, gradients and momentum buffers (one parameter
+// group: one weight decay). `bufs` is null without momentum; with
+// `found_inf` (a float that is 1 on an overflowed fp16 step) the kernel
+// leaves everything untouched.
+int vggctl_fused_sgd(at::Tensor *const *params, at::Tensor *const *grads, at::Tensor *const *bufs,
+                     size_t n, double weight_decay, double momentum, at::Tensor *lr, int nesterov,
+                     at::Tensor *found_inf, char *err, size_t len) {
   return guarded(err, len, [&] {
-    std::vector<at::Tensor> bufs;
-    if (buf != nullptr) bufs.push_back(*buf);
+    std::vector<at::Tensor> momentum_bufs;
+    if (bufs != nullptr) momentum_bufs = tensor_list(bufs, n);
     std::optional<at::Tensor> found;
     if (found_inf != nullptr) found = *found_inf;
-    at::_fused_sgd_({*param}, {*grad}, bufs, weight_decay, momentum, *lr, /*dampening=*/0.0,
-                    nesterov != 0, /*maximize=*/false, /*is_first_step=*/false,
-                    /*grad_scale=*/std::nullopt, found);
+    at::_fused_sgd_(tensor_list(params, n), tensor_list(grads, n), momentum_bufs, weight_decay,
+                    momentum, *lr, /*dampening=*/0.0, nesterov != 0, /*maximize=*/false,
+                    /*is_first_step=*/false, /*grad_scale=*/std::nullopt, found);
   });
 }
 
-// libtorch's fused AdamW (`_fused_adamw_`): `step` is the float count of
-// updates taken, this one included, on the parameters' device.
-int vggctl_fused_adamw(at::Tensor *param, at::Tensor *grad, at::Tensor *exp_avg,
-                       at::Tensor *exp_avg_sq, at::Tensor *step, at::Tensor *lr, double beta1,
-                       double beta2, double weight_decay, double eps, at::Tensor *found_inf,
-                       char *err, size_t len) {
+// libtorch's fused AdamW (`_fused_adamw_`) over `n` tensors of one
+// parameter group: `step` is the float count of updates taken, this one
+// included, on the parameters' device, shared by all of them.
+int vggctl_fused_adamw(at::Tensor *const *params, at::Tensor *const *grads,
+                       at::Tensor *const *exp_avgs, at::Tensor *const *exp_avg_sqs, size_t n,
+                       at::Tensor *step, at::Tensor *lr, double beta1, double beta2,
+                       double weight_decay, double eps, at::Tensor *found_inf, char *err,
+                       size_t len) {
   return guarded(err, len, [&] {
     std::optional<at::Tensor> found;
     if (found_inf != nullptr) found = *found_inf;
-    at::_fused_adamw_({*param}, {*grad}, {*exp_avg}, {*exp_avg_sq}, /*max_exp_avg_sqs=*/{}, {*step},
-                      *lr, beta1, beta2, weight_decay, eps, /*amsgrad=*/false,
-                      /*maximize=*/false, /*grad_scale=*/std::nullopt, found);
+    std::vector<at::Tensor> steps(n, *step);
+    at::_fused_adamw_(tensor_list(params, n), tensor_list(grads, n), tensor_list(exp_avgs, n),
+                      tensor_list(exp_avg_sqs, n), /*max_exp_avg_sqs=*/{}, steps, *lr, beta1,
+                      beta2, weight_decay, eps, /*amsgrad=*/false, /*maximize=*/false,
+                      /*grad_scale=*/std::nullopt, found);
   });
 }
 

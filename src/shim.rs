@@ -18,6 +18,9 @@ use torch_sys::C_tensor;
 pub mod dist;
 pub mod profiler;
 pub mod step;
+mod update;
+
+pub use update::{AdamwHyper, Group, SgdHyper, fused_adamw, fused_sgd};
 
 const ERR_LEN: usize = 1024;
 
@@ -70,33 +73,6 @@ unsafe extern "C" {
     fn vggctl_graph_capture_begin(g: *mut c_void, err: *mut c_char, len: usize) -> c_int;
     fn vggctl_graph_capture_end(g: *mut c_void, err: *mut c_char, len: usize) -> c_int;
     fn vggctl_graph_replay(g: *mut c_void, err: *mut c_char, len: usize) -> c_int;
-    fn vggctl_fused_sgd(
-        param: *mut C_tensor,
-        grad: *mut C_tensor,
-        buf: *mut C_tensor,
-        weight_decay: f64,
-        momentum: f64,
-        lr: *mut C_tensor,
-        nesterov: c_int,
-        found_inf: *mut C_tensor,
-        err: *mut c_char,
-        len: usize,
-    ) -> c_int;
-    fn vggctl_fused_adamw(
-        param: *mut C_tensor,
-        grad: *mut C_tensor,
-        exp_avg: *mut C_tensor,
-        exp_avg_sq: *mut C_tensor,
-        step: *mut C_tensor,
-        lr: *mut C_tensor,
-        beta1: f64,
-        beta2: f64,
-        weight_decay: f64,
-        eps: f64,
-        found_inf: *mut C_tensor,
-        err: *mut c_char,
-        len: usize,
-    ) -> c_int;
 }
 
 /// A tensor handle for the shim. libtorch's in-place kernels write through
@@ -107,86 +83,6 @@ fn ptr(t: &Tensor) -> *mut C_tensor {
 
 fn opt_ptr(t: Option<&Tensor>) -> *mut C_tensor {
     t.map_or(std::ptr::null_mut(), ptr)
-}
-
-/// SGD's hyper-parameters for `fused_sgd`.
-pub struct SgdHyper {
-    pub weight_decay: f64,
-    pub momentum: f64,
-    pub nesterov: bool,
-}
-
-/// One SGD update by libtorch's fused kernel (`_fused_sgd_`), in place:
-/// `param`, `grad` and `buf` (the momentum buffer; None without momentum)
-/// are dense tensors of one dtype and shape on one device, `lr` a 0-dim
-/// float tensor there. With `found_inf` (a 0-dim float, 1 when an fp16
-/// step overflowed) the kernel changes nothing on such a step.
-pub fn fused_sgd(
-    param: &Tensor,
-    grad: &Tensor,
-    buf: Option<&Tensor>,
-    lr: &Tensor,
-    hyper: &SgdHyper,
-    found_inf: Option<&Tensor>,
-) -> Result<()> {
-    // SAFETY: every pointer is a live tch tensor (or null where the C++
-    // side accepts null) that outlives the call; err/len as above.
-    call("the fused SGD update", |err, len| unsafe {
-        vggctl_fused_sgd(
-            ptr(param),
-            ptr(grad),
-            opt_ptr(buf),
-            hyper.weight_decay,
-            hyper.momentum,
-            ptr(lr),
-            c_int::from(hyper.nesterov),
-            opt_ptr(found_inf),
-            err,
-            len,
-        )
-    })
-}
-
-/// AdamW's hyper-parameters for `fused_adamw`.
-pub struct AdamwHyper {
-    pub beta1: f64,
-    pub beta2: f64,
-    pub weight_decay: f64,
-    pub eps: f64,
-}
-
-/// One AdamW update by libtorch's fused kernel (`_fused_adamw_`), in place;
-/// `step` counts the updates, this one included (a 0-dim float tensor on
-/// the parameters' device). Otherwise as `fused_sgd`.
-#[allow(clippy::too_many_arguments)]
-pub fn fused_adamw(
-    param: &Tensor,
-    grad: &Tensor,
-    exp_avg: &Tensor,
-    exp_avg_sq: &Tensor,
-    step: &Tensor,
-    lr: &Tensor,
-    hyper: &AdamwHyper,
-    found_inf: Option<&Tensor>,
-) -> Result<()> {
-    // SAFETY: as in `fused_sgd`.
-    call("the fused AdamW update", |err, len| unsafe {
-        vggctl_fused_adamw(
-            ptr(param),
-            ptr(grad),
-            ptr(exp_avg),
-            ptr(exp_avg_sq),
-            ptr(step),
-            ptr(lr),
-            hyper.beta1,
-            hyper.beta2,
-            hyper.weight_decay,
-            hyper.eps,
-            opt_ptr(found_inf),
-            err,
-            len,
-        )
-    })
 }
 
 /// Runs one shim call with an error buffer; a non-zero status becomes an error.

@@ -23,7 +23,8 @@ the batch), --accum-steps K (the gradients of K batches, each loss / K, per
 optimizer step) and --model-ema-steps N (torchvision's
 ExponentialMovingAverage updated after every N-th optimizer step of an
 epoch, its decay adjusted as train.py does, reset during --warmup-epochs;
-written to --ema-out).
+written to --ema-out); --norm-weight-decay and --bias-weight-decay group
+the parameters as train.py's utils.set_weight_decay does (below).
 """
 import argparse
 import os
@@ -85,6 +86,41 @@ def normalize(images, mean, std):
     return images.float() * scale.view(1, 3, 1, 1) + shift.view(1, 3, 1, 1)
 
 
+def set_weight_decay(model, weight_decay, norm_weight_decay=None, custom_keys_weight_decay=None):
+    """The parameter groups of torchvision's references/classification/utils.py
+    (which pip's torchvision does not ship), as its train.py calls it: a
+    parameter named by a custom key ("bias") takes that key's decay, a norm
+    layer's the norm decay where given, any other `weight_decay`."""
+    norm_classes = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm, torch.nn.GroupNorm,
+                    torch.nn.modules.instancenorm._InstanceNorm, torch.nn.LocalResponseNorm)
+    params = {"other": [], "norm": []}
+    decays = {"other": weight_decay, "norm": norm_weight_decay}
+    keys = []
+    for key, decay in custom_keys_weight_decay or []:
+        params[key], decays[key] = [], decay
+        keys.append(key)
+
+    def add(module, prefix=""):
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            for key in keys:
+                target = f"{prefix}.{name}" if prefix != "" and "." in key else name
+                if key == target:
+                    params[key].append(p)
+                    break
+            else:
+                if norm_weight_decay is not None and isinstance(module, norm_classes):
+                    params["norm"].append(p)
+                else:
+                    params["other"].append(p)
+        for child_name, child in module.named_children():
+            add(child, f"{prefix}.{child_name}" if prefix != "" else child_name)
+
+    add(model)
+    return [{"params": params[k], "weight_decay": decays[k]} for k in params if params[k]]
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--data", required=True)
@@ -115,6 +151,8 @@ def main():
     p.add_argument("--model-ema-decay", type=float, default=0.99998)
     p.add_argument("--warmup-epochs", type=int, default=0)
     p.add_argument("--ema-out")
+    p.add_argument("--norm-weight-decay", type=float, default=None)
+    p.add_argument("--bias-weight-decay", type=float, default=None)
     a = p.parse_args()
 
     one = a.as_one_process > 0
@@ -126,7 +164,9 @@ def main():
     model = vgg_reference.build(a.arch, a.bn, a.head, 10)
     model.load_state_dict(load_file(a.init))
     ddp = model if one else DistributedDataParallel(model)
-    opt = torch.optim.SGD(model.parameters(), lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay)
+    custom = [("bias", a.bias_weight_decay)] if a.bias_weight_decay is not None else None
+    groups = set_weight_decay(model, a.weight_decay, a.norm_weight_decay, custom)
+    opt = torch.optim.SGD(groups, lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay)
     images, labels = train_split(a.data, a.limit_train)
     x_all = normalize(images, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
     n = len(labels)

@@ -66,6 +66,8 @@ fn sgd() -> OptimizerConfig {
         nesterov: false,
         betas: (0.9, 0.999),
         eps: 1e-8,
+        norm_weight_decay: None,
+        bias_weight_decay: None,
     }
 }
 

@@ -191,6 +191,8 @@ fn loss_scaling_runs_on_the_device() {
             nesterov: true,
             betas: (0.9, 0.999),
             eps: 1e-8,
+            norm_weight_decay: None,
+            bias_weight_decay: None,
         };
         // The same steps on the CPU and on the GPU.
         let run = |dev: Device| {

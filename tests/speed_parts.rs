@@ -19,6 +19,8 @@ fn sgd(nesterov: bool) -> OptimizerConfig {
         nesterov,
         betas: (0.9, 0.999),
         eps: 1e-8,
+        norm_weight_decay: None,
+        bias_weight_decay: None,
     }
 }
 
@@ -30,6 +32,8 @@ fn adamw() -> OptimizerConfig {
         nesterov: false,
         betas: (0.9, 0.999),
         eps: 1e-8,
+        norm_weight_decay: None,
+        bias_weight_decay: None,
     }
 }
 
@@ -132,7 +136,8 @@ fn linear_loss(params: &[(String, &Tensor)], grads: &[Tensor]) -> Tensor {
         .fold(Tensor::from(0f32), |a, b| a + b)
 }
 
-/// Three updates of the same model with the same gradients, two ways.
+/// Three updates of the same model with the same gradients, two ways,
+/// each parameter with the weight decay `cfg` gives it.
 fn compare(cfg: OptimizerConfig, channels_last: bool) {
     let spec = ModelSpec::new(Arch::Vgg11, true, Head::Cifar, 10);
     // Copies, not equal seeds: tests run in parallel threads that share
@@ -148,6 +153,10 @@ fn compare(cfg: OptimizerConfig, channels_last: bool) {
     let flat = b.flatten_trainable(channels_last, None);
     let mut plain = Optimizer::new(cfg.clone(), a.trainable_parameters());
     let mut fused = Optimizer::fused(cfg.clone(), b.trainable_parameters(), flat);
+    let norms = a.norm_parameter_names();
+    for opt in [&mut plain, &mut fused] {
+        opt.decay_by(|name| cfg.decay_of(name, norms.iter().any(|n| n == name)));
+    }
     for _ in 0..3 {
         let grads: Vec<Tensor> = a
             .trainable_parameters()
@@ -197,6 +206,39 @@ fn fused_sgd_matches_per_parameter_sgd() {
 #[test]
 fn fused_adamw_matches_per_parameter_adamw() {
     compare(adamw(), false);
+}
+
+/// torchvision's parameter groups (`--norm-weight-decay`,
+/// `--bias-weight-decay`): the fused update runs one kernel per group over
+/// runs of the flat buffer that interleave, and equals the per-parameter
+/// update (the SGD kernel given the base decay for every group fails it).
+#[test]
+fn fused_updates_by_weight_decay_group_match_per_parameter_ones() {
+    for base in [sgd(true), adamw()] {
+        let grouped = OptimizerConfig {
+            weight_decay: 0.05,
+            norm_weight_decay: Some(0.0),
+            bias_weight_decay: Some(0.5),
+            ..base
+        };
+        compare(grouped.clone(), false);
+        compare(grouped, true);
+    }
+    let cfg = OptimizerConfig {
+        norm_weight_decay: Some(0.0),
+        bias_weight_decay: Some(0.5),
+        ..sgd(false)
+    };
+    assert_eq!(cfg.decay_of("features.1.weight", true), 0.0);
+    assert_eq!(cfg.decay_of("features.1.bias", true), 0.5);
+    assert_eq!(cfg.decay_of("features.0.bias", false), 0.5);
+    assert_eq!(cfg.decay_of("features.0.weight", false), 5e-4);
+    let norm_only = OptimizerConfig {
+        bias_weight_decay: None,
+        ..cfg
+    };
+    assert_eq!(norm_only.decay_of("features.1.bias", true), 0.0);
+    assert_eq!(norm_only.decay_of("classifier.0.bias", false), 5e-4);
 }
 
 #[test]

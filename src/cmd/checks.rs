@@ -44,6 +44,14 @@ impl HyperOpts {
         // torch.optim.SGD's checks (AdamW's take the same values).
         non_negative("--momentum", self.momentum)?;
         non_negative("--weight-decay", self.weight_decay)?;
+        for (flag, decay) in [
+            ("--norm-weight-decay", self.norm_weight_decay),
+            ("--bias-weight-decay", self.bias_weight_decay),
+        ] {
+            if let Some(decay) = decay {
+                non_negative(flag, decay)?;
+            }
+        }
         if self.nesterov && self.momentum == 0.0 {
             return Err(usage("--nesterov needs a --momentum above 0"));
         }
@@ -106,7 +114,7 @@ fn unused_options(typed: &[String], config: &TrainConfig) -> Vec<String> {
     let step = config.scheduler == SchedulerKind::Step;
     let ra = config.auto_augment == Some(Policy::Ra);
     let augmix = config.auto_augment == Some(Policy::Augmix);
-    let rules: [(&[&str], bool, &str); 11] = [
+    let rules: [(&[&str], bool, &str); 12] = [
         (&["ra_magnitude"], ra, "applies to --auto-augment ra only"),
         (
             &["augmix_severity"],
@@ -139,6 +147,11 @@ fn unused_options(typed: &[String], config: &TrainConfig) -> Vec<String> {
             &["milestones"],
             multistep,
             "applies to --scheduler multistep only",
+        ),
+        (
+            &["norm_weight_decay"],
+            config.model.bn,
+            "applies to BatchNorm's parameters, and the model has none (--bn adds them)",
         ),
         (&["val_dir"], folder, "applies to --dataset folder only"),
         (

@@ -47,6 +47,14 @@ pub struct HyperOpts {
     /// L2 penalty (SGD) or decoupled weight decay (AdamW).
     #[arg(long, default_value_t = 5e-4, help_heading = "Optimizer")]
     pub weight_decay: f64,
+    /// The weight decay of BatchNorm's weights and biases (torchvision's
+    /// --norm-weight-decay; often 0) [default: --weight-decay].
+    #[arg(long, value_name = "WD", help_heading = "Optimizer")]
+    pub norm_weight_decay: Option<f64>,
+    /// The weight decay of every bias, BatchNorm's too (torchvision's
+    /// --bias-weight-decay) [default: --weight-decay, or --norm-weight-decay].
+    #[arg(long, value_name = "WD", help_heading = "Optimizer")]
+    pub bias_weight_decay: Option<f64>,
     /// Scale each step's gradients so their global 2-norm is at most this
     /// (torch.nn.utils.clip_grad_norm_; after the data-parallel average and
     /// fp16 unscaling).
@@ -252,6 +260,8 @@ impl HyperOpts {
                 nesterov: self.nesterov,
                 betas: (0.9, 0.999),
                 eps: 1e-8,
+                norm_weight_decay: self.norm_weight_decay,
+                bias_weight_decay: self.bias_weight_decay,
             },
             lr: self.lr,
             scheduler: self.scheduler,

@@ -196,6 +196,17 @@ impl Vgg {
             .collect()
     }
 
+    /// The state-dict names of the normalization layers' parameters
+    /// (BatchNorm's weight and bias), which `--norm-weight-decay` decays.
+    pub fn norm_parameter_names(&self) -> Vec<String> {
+        self.features
+            .layers
+            .iter()
+            .filter(|(_, layer)| matches!(layer, Layer::BatchNorm { .. }))
+            .flat_map(|(name, _)| [format!("{name}.weight"), format!("{name}.bias")])
+            .collect()
+    }
+
     /// `features.{i}.num_batches_tracked` for every BatchNorm layer.
     pub fn num_batches_tracked(&self) -> Vec<(String, i64)> {
         self.features

@@ -13,6 +13,10 @@
 //!   ~130 chains of optimizer kernels to one kernel, and there is no zeroing
 //!   of gradients.
 //!
+//! Parameters may take different weight decays, grouped as torchvision's
+//! reference recipe groups them (`groups`): the fused kernel then runs
+//! once per group.
+//!
 //! fp16's dynamic loss scaling (tch has no GradScaler) runs on the device
 //! inside the fused update; [`LossScaler`] is its saved form.
 //!
@@ -22,16 +26,18 @@
 //! (`Vgg::flatten_trainable`), autograd differentiates the copy and the
 //! update applies its gradients to the fp32 parameters.
 
+mod groups;
 mod saved;
 
 pub use saved::LossScaler;
+
+use groups::{DecayGroup, decay_groups};
 
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use crate::choice::Choice;
-use crate::shim;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -64,6 +70,14 @@ pub struct OptimizerConfig {
     pub nesterov: bool,
     pub betas: (f64, f64),
     pub eps: f64,
+    /// The weight decay of BatchNorm's weights and biases where it is not
+    /// `weight_decay` (torchvision's `--norm-weight-decay`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub norm_weight_decay: Option<f64>,
+    /// The weight decay of every bias where it is not the others'
+    /// (torchvision's `--bias-weight-decay`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bias_weight_decay: Option<f64>,
 }
 
 /// Where one parameter lives in the flat buffers.
@@ -78,6 +92,8 @@ struct Slot {
     zeros: Option<Tensor>,
     offset: i64,
     numel: i64,
+    /// Its weight decay (see [`OptimizerConfig::decay_of`]).
+    decay: f64,
     /// A 4-d parameter stored channels-last (NHWC strides): its flat segment
     /// holds the elements in that order.
     nhwc: bool,
@@ -108,6 +124,8 @@ pub struct Optimizer {
     buffer_order: Vec<usize>,
     /// The flat parameter buffer the parameters are views of (fused mode).
     flat: Option<Tensor>,
+    /// The parameters by weight decay (fused mode's kernel calls).
+    groups: Vec<DecayGroup>,
     /// SGD: momentum buffer. AdamW: first moment. Flat, all parameters.
     buf1: Tensor,
     /// AdamW: second moment (empty for SGD).
@@ -210,6 +228,7 @@ impl Optimizer {
                     zeros: None,
                     offset: flat.as_ref().map_or(offset, |f| offset_in(f, p)),
                     numel,
+                    decay: cfg.weight_decay,
                     nhwc: is_nhwc(p),
                 };
                 offset += numel;
@@ -227,11 +246,13 @@ impl Optimizer {
         } else {
             Tensor::zeros([0], opts)
         };
+        let groups = decay_groups(&slots, &buffer_order);
         Optimizer {
             cfg,
             slots,
             buffer_order,
             flat,
+            groups,
             buf1,
             buf2,
             lr: Tensor::zeros([], opts),
@@ -482,36 +503,9 @@ impl Optimizer {
             Some(found) => self.step.g_add_(&(-found + 1.0)),
             None => self.step.g_add_scalar_(1.0),
         };
-        let cfg = &self.cfg;
-        tch::no_grad(|| match cfg.kind {
-            OptimizerKind::Sgd => shim::fused_sgd(
-                flat,
-                &g,
-                (cfg.momentum != 0.0).then_some(&self.buf1),
-                &self.lr,
-                &shim::SgdHyper {
-                    weight_decay: cfg.weight_decay,
-                    momentum: cfg.momentum,
-                    nesterov: cfg.nesterov,
-                },
-                found_inf.as_ref(),
-            ),
-            OptimizerKind::Adamw => shim::fused_adamw(
-                flat,
-                &g,
-                &self.buf1,
-                &self.buf2,
-                &self.step,
-                &self.lr,
-                &shim::AdamwHyper {
-                    beta1: cfg.betas.0,
-                    beta2: cfg.betas.1,
-                    weight_decay: cfg.weight_decay,
-                    eps: cfg.eps,
-                },
-                found_inf.as_ref(),
-            ),
-        })?;
+        for group in &self.groups {
+            self.update_group(group, flat, &g, found_inf.as_ref())?;
+        }
         if let (Some(s), Some(found)) = (&mut self.scaler, found_inf) {
             let _ = s.skipped.g_add_(&found.to_kind(Kind::Int64));
             let _ = s.scale.internal_amp_update_scale_(
@@ -549,6 +543,10 @@ impl Optimizer {
                     self.buf2.shallow_clone()
                 };
                 let mut p = s.param.shallow_clone();
+                let cfg = OptimizerConfig {
+                    weight_decay: s.decay,
+                    ..cfg.clone()
+                };
                 apply_update(&cfg, &self.lr, &self.step, &mut p, &g, &mut b1, &mut b2);
             }
         });

@@ -395,6 +395,8 @@ mod tests {
                 nesterov: false,
                 betas: (0.9, 0.999),
                 eps: 1e-8,
+                norm_weight_decay: None,
+                bias_weight_decay: None,
             },
             lr: 0.1,
             scheduler,

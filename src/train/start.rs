@@ -382,6 +382,9 @@ pub fn build_optimizer(model: &mut Vgg, numerics: &Numerics, config: &TrainConfi
         }
         Optimizer::new(ocfg, model.trainable_parameters())
     };
+    let norms = model.norm_parameter_names();
+    let ocfg = &config.optimizer;
+    opt.decay_by(|name| ocfg.decay_of(name, norms.iter().any(|n| n == name)));
     opt.clip_grad_norm(config.clip_grad_norm);
     opt
 }
