@@ -46,6 +46,19 @@ impl ModelMeta {
         ModelSpec::new(self.arch, self.bn, self.head, self.classes)
     }
 
+    /// The evaluation transform scaled to the input side `input`
+    /// (`--input` of eval and predict): the resize keeps its ratio to the
+    /// crop (256/224 stays 256/224: 342 for a 300 crop), so the crop always
+    /// fits in it.
+    pub fn at_input(self, input: i64) -> ModelMeta {
+        let resize = self.resize.map(|r| input * r / self.input_size);
+        ModelMeta {
+            input_size: input,
+            resize,
+            ..self
+        }
+    }
+
     /// Flat string pairs, as safetensors metadata must be.
     pub fn to_metadata(&self) -> HashMap<String, String> {
         let mut m = HashMap::new();

@@ -9,7 +9,9 @@
   the saved weights (and vggctl's `gap` head) under `Resize(80) +
   CenterCrop(64)` (within 1e-5
   relative); `eval` of the checkpoint takes the same transform from its
-  metadata and gets the same loss. (That training batches are 48x48 is a
+  metadata and gets the same loss; `eval --input 96` and `predict --input
+  96` scale the resize with the crop (Resize(120) + CenterCrop(96): loss
+  within 1e-5 relative, probabilities within 1e-5). (That training batches are 48x48 is a
   unit test of `Preprocess`, for the in-memory and the streamed path.)
 - `train --dataset digits --input 40` trains CIFAR-style at 40 and records it.
 - Sides that cannot work are one usage line each, before anything is
@@ -57,23 +59,37 @@ def imagenet_layout(root):
     return root
 
 
-def torchvision_loss(weights, val, resize, crop):
-    # vggctl's `gap` head: global average pooling, then one Linear.
+def torchvision_model(weights):
+    """torchvision's VGG11 with vggctl's `gap` head (global average
+    pooling, then one Linear) and the saved weights."""
     model = torchvision.models.vgg11()
     model.avgpool = torch.nn.AdaptiveAvgPool2d(1)
     model.classifier = torch.nn.Linear(512, len(WNIDS))
     model.load_state_dict(load_file(weights))
-    model.eval()
+    return model.eval()
+
+
+def eval_input(path, resize, crop):
+    img = decode_image(str(path), mode=ImageReadMode.RGB)
+    img = F.center_crop(F.resize(img, resize, antialias=True), crop).float() / 255
+    return F.normalize(img, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+
+
+def torchvision_loss(weights, val, resize, crop):
     xs, ys = [], []
     for i, wnid in enumerate(sorted(WNIDS.values())):
         for name in sorted(os.listdir(val / wnid)):
-            img = decode_image(str(val / wnid / name), mode=ImageReadMode.RGB)
-            img = F.center_crop(F.resize(img, resize, antialias=True), crop).float() / 255
-            xs.append(F.normalize(img, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]))
+            xs.append(eval_input(val / wnid / name, resize, crop))
             ys.append(i)
     with torch.no_grad():
-        logits = model(torch.stack(xs))
+        logits = torchvision_model(weights)(torch.stack(xs))
     return torch.nn.functional.cross_entropy(logits, torch.tensor(ys)).item(), len(ys)
+
+
+def torchvision_probabilities(weights, image, resize, crop):
+    with torch.no_grad():
+        logits = torchvision_model(weights)(eval_input(image, resize, crop)[None])
+    return logits.softmax(1)[0].tolist()
 
 
 def test_imagenet_style_sides_equal_torchvisions_transforms(tmp_path):
@@ -96,6 +112,19 @@ def test_imagenet_style_sides_equal_torchvisions_transforms(tmp_path):
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert report["images"] == images and abs(report["loss"] - loss) <= 1e-5 * loss, (report["loss"], loss)
+
+    # eval and predict at another --input: the resize keeps its ratio to
+    # the crop (80/64), so 96 is Resize(120) + CenterCrop(96).
+    loss, _ = torchvision_loss(out / "last.safetensors", data / "val", 120, 96)
+    r = vggctl("eval", "--checkpoint", str(out / "last.safetensors"), "--input", "96", "--json")
+    assert r.returncode == 0, r.stderr
+    assert abs(json.loads(r.stdout)["loss"] - loss) <= 1e-5 * loss, (r.stdout, loss)
+    image = next(iter(sorted((data / "val" / WNIDS["cat"]).iterdir())))
+    r = vggctl("predict", "--checkpoint", str(out / "last.safetensors"), "--input", "96", "--json", str(image))
+    assert r.returncode == 0, r.stderr
+    ours = {t["index"]: t["probability"] for t in json.loads(r.stdout)[0]["top"]}
+    want = torchvision_probabilities(out / "last.safetensors", image, 120, 96)
+    assert all(abs(ours[i] - want[i]) <= 1e-5 for i in ours), (ours, want)
 
     # --resume auto continues only the same run: other sides are named.
     r = vggctl("train", "--arch", "vgg11", "--head", "gap", "--dataset", "imagenet", "--data-dir", str(data),

@@ -41,7 +41,8 @@ pub struct Args {
     /// folder datasets split by --val-split: the training run's --seed.
     #[arg(long, default_value_t = 0, value_parser = whole::<u64>)]
     seed: u64,
-    /// Input side for the model [default: the checkpoint's, else 32].
+    /// Input side for the model; a centre crop's resize keeps its ratio to
+    /// it (256/224) [default: the checkpoint's, else 32].
     #[arg(long, value_parser = whole::<i64>)]
     input: Option<i64>,
     /// Data with some of the model's classes (by name; ImageNet's layout by
@@ -323,7 +324,7 @@ fn load_data(
     let input = args
         .input
         .unwrap_or_else(|| meta.map_or(32, |m| m.input_size));
-    let resize = meta.and_then(|m| m.resize);
+    let resize = meta.and_then(|m| m.clone().at_input(input).resize);
     let dataset = data.load_test(args.seed, resize.unwrap_or(input * 256 / 224))?;
     let (mean, std) = meta.map_or((dataset.mean, dataset.std), |m| (m.mean, m.std));
     let augment = match resize {

@@ -34,7 +34,8 @@ pub struct Args {
     /// How many classes to list per image.
     #[arg(long, default_value_t = 5, value_parser = whole::<i64>)]
     topk: i64,
-    /// Input side for --weights [default: 224].
+    /// Input side; the resize before the centre crop keeps its ratio to it
+    /// (256/224) [default: the checkpoint's; 224 for --weights].
     #[arg(long, value_parser = whole::<i64>)]
     input: Option<i64>,
     /// Images read and classified at a time.
@@ -84,20 +85,20 @@ fn expand_dirs(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
 
 /// The model and its metadata from --checkpoint or --weights.
 fn load_model(args: &Args, device: Device) -> Result<(Vgg, ModelMeta)> {
-    match (&args.checkpoint, &args.weights) {
-        (Some(path), _) => load_checkpoint(path, device, args.model.values()),
+    let (model, meta) = match (&args.checkpoint, &args.weights) {
+        (Some(path), _) => load_checkpoint(path, device, args.model.values())?,
         (None, Some(w)) => {
             let (model, _) =
                 args.model
                     .load_weights(w, args.model.request()?, (device, Build::Blank), false)?;
-            let mut meta = meta_for_weights(model.spec);
-            if let Some(input) = args.input {
-                meta.input_size = input;
-                meta.resize = Some(input * 256 / 224);
-            }
-            Ok((model, meta))
+            let meta = meta_for_weights(model.spec);
+            (model, meta)
         }
-        (None, None) => Err(usage("give --checkpoint PATH or --weights imagenet|PATH")),
+        (None, None) => return Err(usage("give --checkpoint PATH or --weights imagenet|PATH")),
+    };
+    match args.input {
+        Some(input) => Ok((model, meta.at_input(input))),
+        None => Ok((model, meta)),
     }
 }
 
