@@ -16,7 +16,8 @@ Gloo ranks on 127.0.0.1, against the real thing:
   a rank killed or stopped mid-run (the survivors name it, in a world of
   two and of three), `--nproc-per-node` under a
   launcher, `--nproc-per-node 2` whose ranks fail (the launcher names
-  the first and exits as it did), several ranks without `--out`, a
+  the first and exits as it did), `--max-restarts` without
+  `--nproc-per-node` or without `--resume`, several ranks without `--out`, a
   one-process run resumed on two ranks, `--resume auto` with another
   `--lr`.
 
@@ -308,6 +309,34 @@ def test_bad_launches_fail_with_one_line_and_no_hang(tmp_path):
         "of 2 failed (exit status 1); its error is above"), lines
     assert any(l.startswith("vggctl [rank 0/2]: error: ") for l in lines), lines
 
+    # Ranks that fail every time are started again --max-restarts times,
+    # then the launcher gives up as without restarts.
+    out = subprocess.run([BIN, "train", "--dataset", "cifar10", "--data-dir", str(tmp_path / "none"),
+                          "--no-download", "--nproc-per-node", "2", "--max-restarts", "1", "--resume", "auto",
+                          "--dist-timeout", "10", "--out", str(tmp_path / "f")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stderr
+    lines = out.stderr.strip().splitlines()
+    restarts = [l for l in lines if l.startswith("warning: rank ")]
+    assert len(restarts) == 1 and restarts[0].endswith(
+        "starting the 2 ranks again from the last checkpoint (restart 1 of 1)"), lines
+    assert lines[-1].startswith("vggctl: error: rank ") and lines[-1].endswith(
+        "of 2 failed (exit status 1); its error is above"), lines
+
+    # --max-restarts is --nproc-per-node's, and continues a run: one usage
+    # line each, before any rank starts.
+    for extra, message in [
+            (["--max-restarts", "1"], "--max-restarts restarts the ranks --nproc-per-node starts (under "
+                                      "torchrun, give torchrun --max-restarts)"),
+            (["--nproc-per-node", "2", "--max-restarts", "1"],
+             "--max-restarts continues the restarted ranks from the run's last checkpoint: give "
+             "--resume auto with --out DIR (or --resume DIR)"),
+            (["--nproc-per-node", "2", "--max-restarts", "1", "--resume", "auto"],
+             "--resume auto needs --out DIR: the run to continue, or to start")]:
+        out = subprocess.run([BIN, *TRAIN, *extra], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        assert (out.returncode, out.stderr) == (2, f"vggctl: error: {message}\n"), (extra, out.stderr)
+    assert not (tmp_path / "runs").exists()
+
     # Several ranks need one run directory named on the command line.
     out = subprocess.run([BIN, *TRAIN, "--nproc-per-node", "2", "--dist-timeout", "10"],
                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
@@ -391,22 +420,35 @@ def test_a_lost_rank_is_named_by_the_survivors_within_the_timeout(tmp_path, faul
                 p.wait()
 
 
-def test_a_restarted_group_continues_to_the_same_weights(tmp_path):
-    """torchrun --max-restarts 1 with --resume auto: rank 1 killed in the
-    second epoch, the restarted group continues from the last checkpoint
-    and ends with the uninterrupted run's weights and moving average
-    (restored from ema.safetensors at the epoch's end), bit for bit."""
-    common = ["--no-python", BIN, *TRAIN, "--arch", "vgg11", "--limit-train", "320", "--limit-test", "16",
-              "--batch-size", "16", "--epochs", "3", "--dist-timeout", "20", "--resume", "auto",
-              "--model-ema", "--model-ema-steps", "4"]
-    straight = torchrun(*common, "--out", str(tmp_path / "straight"))
-    assert straight.returncode == 0, straight.stderr[-3000:]
+RESTARTED = [*TRAIN, "--arch", "vgg11", "--limit-train", "320", "--limit-test", "16", "--batch-size", "16",
+             "--epochs", "3", "--dist-timeout", "20", "--resume", "auto", "--model-ema", "--model-ema-steps", "4"]
 
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The uninterrupted 2-rank run the restarted ones must end as."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    r = torchrun("--no-python", BIN, *RESTARTED, "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "vggctl"])
+def test_a_restarted_group_continues_to_the_same_weights(tmp_path, straight, launcher):
+    """torchrun --max-restarts 1 with --resume auto, and vggctl's own
+    launcher with the same (`--nproc-per-node 2 --max-restarts 1`): rank 1
+    killed in the second epoch, the restarted group continues from the last
+    checkpoint and ends with the uninterrupted run's weights and moving
+    average (restored from ema.safetensors at the epoch's end), bit for
+    bit."""
     run = tmp_path / "restarted"
-    p = subprocess.Popen(
-        [TORCHRUN, "--nproc-per-node", "2", "--max-restarts", "1", "--master-addr", "127.0.0.1",
-         "--master-port", str(free_port()), *common, "--out", str(run)],
-        stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    if launcher == "torchrun":
+        cmd = [TORCHRUN, "--nproc-per-node", "2", "--max-restarts", "1", "--master-addr", "127.0.0.1",
+               "--master-port", str(free_port()), "--no-python", BIN, *RESTARTED, "--out", str(run)]
+    else:
+        cmd = [BIN, *RESTARTED, "--nproc-per-node", "2", "--max-restarts", "1", "--out", str(run)]
+    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
     try:
         deadline = time.monotonic() + 240
         seen = ""
@@ -425,12 +467,15 @@ def test_a_restarted_group_continues_to_the_same_weights(tmp_path):
             p.wait()
     assert p.returncode == 0, (seen + err)[-3000:]
     assert "lost contact with rank 1" in err, err[-3000:]
+    if launcher == "vggctl":
+        assert ("warning: rank 1 of 2 failed (exit status 137); its error is above; starting the 2 ranks "
+                "again from the last checkpoint (restart 1 of 1)") in err, err[-3000:]
     assert out.count("trained 3 epochs") == 1, out
     metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2, 3]
     for name in ["last.safetensors", "ema.safetensors"]:
         a = load_file(str(run / name))
-        b = load_file(str(tmp_path / "straight" / name))
+        b = load_file(str(straight / name))
         assert set(a) == set(b)
         for k in a:
             assert torch.equal(a[k], b[k]), f"{name}: {k}"

@@ -35,6 +35,7 @@ impl HyperOpts {
                 )));
             }
         }
+        self.dist.validate(self.resume.is_some())?;
         if self.batch_size < 1 || self.test_batch_size < 1 {
             return Err(usage(
                 "--batch-size and --test-batch-size must be at least 1",

@@ -7,7 +7,9 @@
 //! every rank through the terminal's process group; a SIGTERM sent to the
 //! launcher is passed on to them. The launcher waits for all ranks (a lost
 //! rank makes the others stop within `--dist-timeout`) and exits as the
-//! first rank that failed.
+//! first rank that failed; with `--max-restarts K` it instead starts all
+//! ranks again, up to K times, and they continue from the run's last
+//! checkpoint (`--resume`), as torchrun's restarts do.
 
 use std::ffi::OsString;
 use std::process::{Child, Command};
@@ -15,7 +17,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use super::output::usage;
+use super::output::{usage, warn};
 
 /// How the launcher ends when a rank failed: that rank's exit status, and
 /// the line to print (none when the ranks were interrupted: rank 0 has
@@ -34,15 +36,26 @@ impl std::fmt::Display for RanksFailed {
 
 impl std::error::Error for RanksFailed {}
 
-/// This process's arguments without `--nproc-per-node N` (or `=N`).
+impl RanksFailed {
+    /// A failure a restart may get past: not an interruption (Ctrl-C, a
+    /// SIGTERM), which the user asked for, nor a command line that cannot
+    /// work (exit status 2), which would fail again.
+    fn restartable(&self) -> bool {
+        self.message.is_some() && self.code != 2 && vggctl::shim::stop_signal().is_none()
+    }
+}
+
+/// This process's arguments without the launcher's own options,
+/// `--nproc-per-node N` and `--max-restarts K` (or `=N`, `=K`).
 fn rank_arguments() -> Vec<OsString> {
+    const LAUNCHER: [&str; 2] = ["--nproc-per-node", "--max-restarts"];
     let mut out = Vec::new();
     let mut args = std::env::args_os().skip(1);
     while let Some(a) = args.next() {
         let text = a.to_string_lossy();
-        if text == "--nproc-per-node" {
+        if LAUNCHER.contains(&text.as_ref()) {
             args.next();
-        } else if !text.starts_with("--nproc-per-node=") {
+        } else if !LAUNCHER.iter().any(|l| text.starts_with(&format!("{l}="))) {
             out.push(a);
         }
     }
@@ -57,8 +70,9 @@ fn free_port() -> Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
-/// Starts `n` local ranks of this command line and waits for them.
-pub fn run_local_ranks(n: usize) -> Result<()> {
+/// Starts `n` local ranks of this command line and waits for them; after
+/// a rank failed, starts them all again, up to `restarts` times.
+pub fn run_local_ranks(n: usize, restarts: usize) -> Result<()> {
     if n == 0 {
         return Err(usage("--nproc-per-node must be at least 1"));
     }
@@ -70,19 +84,45 @@ pub fn run_local_ranks(n: usize) -> Result<()> {
         }
     }
     let exe = std::env::current_exe().context("finding vggctl's own executable")?;
-    let port = free_port()?.to_string();
     let args = rank_arguments();
     vggctl::shim::install_stop_signals();
+    for restart in 0.. {
+        let failed = match wait_for(start_ranks(&exe, &args, n, restart)?) {
+            Err(e) => e,
+            Ok(()) => return Ok(()),
+        };
+        match failed.downcast_ref::<RanksFailed>() {
+            Some(f) if restart < restarts && f.restartable() => warn(format!(
+                "{f}; starting the {n} ranks again from the last checkpoint (restart {} of {restarts})",
+                restart + 1
+            )),
+            _ => return Err(failed),
+        }
+    }
+    unreachable!("the restarts are counted")
+}
+
+/// Starts the ranks, on a fresh port (rank 0 serves the store there);
+/// `restart` counts the groups started before, as torchrun's
+/// `TORCHELASTIC_RESTART_COUNT` does.
+fn start_ranks(
+    exe: &std::path::Path,
+    args: &[OsString],
+    n: usize,
+    restart: usize,
+) -> Result<Vec<Child>> {
+    let port = free_port()?.to_string();
     let mut ranks: Vec<Child> = Vec::with_capacity(n);
     for rank in 0..n {
-        let child = Command::new(&exe)
-            .args(&args)
+        let child = Command::new(exe)
+            .args(args)
             .env("RANK", rank.to_string())
             .env("LOCAL_RANK", rank.to_string())
             .env("WORLD_SIZE", n.to_string())
             .env("LOCAL_WORLD_SIZE", n.to_string())
             .env("MASTER_ADDR", "127.0.0.1")
             .env("MASTER_PORT", &port)
+            .env("TORCHELASTIC_RESTART_COUNT", restart.to_string())
             .env_remove("TORCHELASTIC_USE_AGENT_STORE")
             .spawn()
             .with_context(|| format!("starting rank {rank} ({})", exe.display()));
@@ -97,7 +137,7 @@ pub fn run_local_ranks(n: usize) -> Result<()> {
             }
         }
     }
-    wait_for(ranks)
+    Ok(ranks)
 }
 
 /// Waits for every rank, passing a SIGTERM on once; the first rank to fail

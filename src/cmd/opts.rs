@@ -141,9 +141,34 @@ pub struct DistOpts {
     /// (torchrun --standalone --nproc-per-node N); not under torchrun or srun.
     #[arg(long, value_name = "N", value_parser = whole::<usize>)]
     pub nproc_per_node: Option<usize>,
+    /// With --nproc-per-node: after a rank fails, start all ranks again, up
+    /// to K times, each continuing from the run's last checkpoint (needs
+    /// --resume auto with --out, or --resume DIR), as torchrun --max-restarts.
+    #[arg(long, value_name = "K", default_value_t = 0, value_parser = whole::<usize>)]
+    pub max_restarts: usize,
 }
 
 impl DistOpts {
+    /// A usage error for launcher options that cannot work: `--max-restarts`
+    /// restarts `--nproc-per-node`'s ranks, which continue a run only with
+    /// `--resume` (`resumes`).
+    pub fn validate(&self, resumes: bool) -> Result<()> {
+        if self.max_restarts == 0 {
+            return Ok(());
+        }
+        if self.nproc_per_node.is_none() {
+            return Err(usage(
+                "--max-restarts restarts the ranks --nproc-per-node starts (under torchrun, give torchrun --max-restarts)",
+            ));
+        }
+        if !resumes {
+            return Err(usage(
+                "--max-restarts continues the restarted ranks from the run's last checkpoint: give --resume auto with --out DIR (or --resume DIR)",
+            ));
+        }
+        Ok(())
+    }
+
     /// The world the launcher's environment describes, joined with the
     /// backend for `device`, or a world of one without a launcher; and the
     /// device this rank runs on: its own GPU (cuda:LOCAL_RANK) when the

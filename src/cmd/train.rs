@@ -34,7 +34,9 @@ pub fn run(args: Args) -> Result<()> {
     let h = &args.hyper;
     h.validate(&args.data)?;
     if let Some(n) = h.dist.nproc_per_node {
-        return run_local_ranks(n);
+        // What --resume needs is said once here, not by every rank.
+        h.start()?;
+        return run_local_ranks(n, h.dist.max_restarts);
     }
     let (world, device) = h.dist.join(args.model.device()?)?;
     let start = h.start()?;
