@@ -120,7 +120,7 @@ impl TempFile {
                         Some(d) if !d.as_os_str().is_empty() => d,
                         _ => Path::new("."),
                     };
-                    if e.kind() == std::io::ErrorKind::NotFound {
+                    if e.kind() == std::io::ErrorKind::NotFound && !dir.is_dir() {
                         bail!(
                             "{}: directory {} does not exist",
                             target.display(),
@@ -207,6 +207,8 @@ pub fn write_atomic_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
 /// Fails when an output `path` exists and `force` is off, or when its
 /// directory is missing: checked before the work that makes its content.
 pub fn check_target(path: &Path, force: bool) -> Result<()> {
+    // What --force could not replace is said as such, without offering it.
+    check_replaceable(path)?;
     if path.exists() && !force {
         bail!(
             "{} already exists (use --force to overwrite)",
@@ -283,6 +285,30 @@ mod tests {
             3,
             "no temporary file left"
         );
+    }
+
+    /// An output that is a directory is refused as one, with or without
+    /// --force (which could not replace it either); an existing file
+    /// without --force is refused, offering it.
+    #[test]
+    fn a_directory_target_is_named_as_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let want = format!(
+            "{}: a directory; vggctl only replaces regular files, so choose another path",
+            dir.path().display()
+        );
+        for force in [false, true] {
+            let err = check_target(dir.path(), force).unwrap_err().to_string();
+            assert_eq!(err, want);
+        }
+        let file = dir.path().join("model.onnx");
+        std::fs::write(&file, b"x").unwrap();
+        let err = check_target(&file, false).unwrap_err().to_string();
+        assert!(
+            err.ends_with("already exists (use --force to overwrite)"),
+            "{err}"
+        );
+        assert!(check_target(&file, true).is_ok());
     }
 
     /// A file that cannot be created is named as asked, with its directory,
