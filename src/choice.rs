@@ -12,11 +12,19 @@ pub trait Choice: Copy + PartialEq + Send + Sync + 'static {
     fn name(self) -> &'static str;
     /// One line for `--help`.
     fn help(self) -> &'static str;
+    /// Other names it is known by (PyTorch's, where they differ), taken
+    /// as the name but never shown or recorded.
+    fn aliases(self) -> &'static [&'static str] {
+        &[]
+    }
 }
 
 /// The value of `T` named `s`; `what` names the set in the error.
 pub fn parse<T: Choice>(what: &str, s: &str) -> Result<T> {
-    if let Some(v) = T::ALL.iter().find(|v| v.name() == s) {
+    if let Some(v) = T::ALL
+        .iter()
+        .find(|v| v.name() == s || v.aliases().contains(&s))
+    {
         return Ok(*v);
     }
     let names: Vec<&str> = T::ALL.iter().map(|v| v.name()).collect();

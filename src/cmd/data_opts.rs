@@ -30,7 +30,7 @@ pub struct DataOpts {
     /// cifar-10-batches-bin/; folder: the class folders; imagenet: the
     /// directory holding train/ and val/; folder, imagenet: or the file
     /// `vggctl prepare` made of them [default: ./data].
-    #[arg(long)]
+    #[arg(long, alias = "data-path")]
     pub data_dir: Option<PathBuf>,
     /// Where to download the binary CIFAR-10 archive from when it is missing.
     #[arg(long, env = "VGGCTL_CIFAR10_URL", default_value = cifar::URL)]
@@ -64,7 +64,7 @@ pub struct DataOpts {
     pub cache_mem: Option<u64>,
     /// folder, imagenet: threads decoding streamed images [default: the cores,
     /// shared among the machine's ranks].
-    #[arg(long, value_name = "N", value_parser = whole::<usize>)]
+    #[arg(long, short_alias = 'j', value_name = "N", value_parser = whole::<usize>)]
     pub workers: Option<usize>,
 }
 

@@ -14,7 +14,8 @@ use super::data_opts::DataOpts;
 use super::launch::run_local_ranks;
 use super::opts::ModelOpts;
 use super::output::{usage, whole};
-use super::training::{HyperOpts, Start, execute, resume};
+use super::resume::{Start, resume};
+use super::training::{HyperOpts, execute};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {

@@ -40,7 +40,8 @@ Examples:
   vggctl train --resume runs/v11 -e 60             continue a run (Ctrl-C saves), or extend it
   vggctl train --arch vgg11_bn --model-ema --mixup-alpha 0.2 --cutmix-alpha 1.0 --tensorboard
   vggctl train --auto-augment ta_wide --scheduler cosine --warmup-epochs 5 --warmup-method linear
-  torchrun --no-python --nproc-per-node 8 vggctl train -o runs/big --resume auto";
+  torchrun --no-python --nproc-per-node 8 vggctl train -o runs/big --resume auto
+  vggctl train --nproc-per-node 4 -o runs/dp --resume auto --max-restarts 3    restarted after a failure";
 
 pub const EVAL: &str = "\
 Examples:

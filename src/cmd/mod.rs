@@ -22,6 +22,7 @@ mod predict;
 mod prepare;
 mod progress;
 mod recipe;
+mod resume;
 mod train;
 mod training;
 
@@ -161,6 +162,85 @@ pub fn run(cli: Cli) -> Result<()> {
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    /// clap's own checks of the definitions (which a release build skips),
+    /// and what they leave out: no two options of a subcommand share a
+    /// name or a hidden alias, long or short (torchvision's names are
+    /// hidden aliases: `--model`, `--wd`, `-j`, ...).
+    #[test]
+    fn the_definitions_pass_claps_checks() {
+        let cli = Cli::command();
+        cli.clone().debug_assert();
+        for sub in cli.get_subcommands() {
+            let mut seen = std::collections::HashSet::new();
+            for arg in sub.get_arguments() {
+                let longs = arg
+                    .get_long()
+                    .into_iter()
+                    .chain(arg.get_all_aliases().into_iter().flatten());
+                let shorts = arg
+                    .get_short()
+                    .into_iter()
+                    .chain(arg.get_all_short_aliases().into_iter().flatten());
+                let names = longs
+                    .map(|l| format!("--{l}"))
+                    .chain(shorts.map(|c| format!("-{c}")));
+                for name in names {
+                    assert!(
+                        seen.insert(name.clone()),
+                        "{} {name}: twice",
+                        sub.get_name()
+                    );
+                }
+            }
+        }
+    }
+
+    /// torchvision's reference train.py names reach the same options.
+    #[test]
+    fn torchvisions_option_names_are_taken() {
+        let tv = Cli::try_parse_from([
+            "vggctl",
+            "train",
+            "--model",
+            "vgg11_bn",
+            "--opt",
+            "adamw",
+            "--wd",
+            "0.05",
+            "--lr-scheduler",
+            "cosineannealinglr",
+            "--lr-warmup-epochs",
+            "2",
+            "--lr-warmup-method",
+            "linear",
+            "--lr-warmup-decay",
+            "0.1",
+            "--lr-gamma",
+            "0.5",
+            "--lr-step-size",
+            "7",
+            "-j",
+            "3",
+            "--data-path",
+            "d",
+            "--output-dir",
+            "o",
+        ])
+        .unwrap();
+        let Some(Command::Train(a)) = tv.command else {
+            panic!("not train: {:?}", tv.command)
+        };
+        let h = &a.hyper;
+        assert_eq!(a.model.arch.as_deref(), Some("vgg11_bn"));
+        assert_eq!(h.optimizer, vggctl::optim::OptimizerKind::Adamw);
+        assert_eq!((h.weight_decay, h.gamma, h.step_size), (0.05, 0.5, 7));
+        assert_eq!(h.scheduler, vggctl::train::SchedulerKind::Cosine);
+        assert_eq!((h.warmup_epochs, h.warmup_decay), (2, Some(0.1)));
+        assert_eq!(a.data.workers, Some(3));
+        assert_eq!(a.data.data_dir.as_deref(), Some(std::path::Path::new("d")));
+        assert_eq!(h.out.as_deref(), Some(std::path::Path::new("o")));
+    }
 
     /// The list the usage errors use to name a subcommand's help is clap's own.
     #[test]

@@ -24,7 +24,7 @@ use super::progress::download_bar;
 pub struct ModelOpts {
     /// vgg11, vgg13, vgg16 or vgg19 (a `_bn` suffix implies --bn)
     /// [default: vgg16; with a plain state dict: what its weights are].
-    #[arg(long, help_heading = "Model")]
+    #[arg(long, alias = "model", help_heading = "Model")]
     pub arch: Option<String>,
     /// With BatchNorm after every convolution.
     #[arg(long, help_heading = "Model")]
@@ -270,10 +270,10 @@ impl NumericsOpts {
 /// clap's parser for one of the library's named value sets: their names,
 /// with their help, are the possible values.
 pub fn choice<T: Choice>() -> impl TypedValueParser<Value = T> {
-    PossibleValuesParser::new(
-        T::ALL
-            .iter()
-            .map(|v| PossibleValue::new(v.name()).help(v.help())),
-    )
+    PossibleValuesParser::new(T::ALL.iter().map(|v| {
+        PossibleValue::new(v.name())
+            .help(v.help())
+            .aliases(v.aliases().iter().copied())
+    }))
     .try_map(|s| vggctl::choice::parse::<T>("value", &s))
 }

@@ -14,7 +14,8 @@ use super::launch::run_local_ranks;
 use super::opts::ModelOpts;
 use super::output::usage;
 use super::recipe::imagenet_recipe;
-use super::training::{HyperOpts, Start, execute, resume};
+use super::resume::{Start, resume};
+use super::training::{HyperOpts, execute};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {

@@ -1,6 +1,6 @@
 //! The training run that `train` and `finetune` share: the recipe's
-//! options, a new run's configuration, resuming a saved one, and running
-//! the loop with progress on stderr and the summary on stdout.
+//! options, a new run's configuration, and running the loop with progress
+//! on stderr and the summary on stdout (`resume` continues a saved one).
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,8 +15,7 @@ use vggctl::numerics::{Activity, Numerics, StepPart};
 use vggctl::optim::{OptimizerConfig, OptimizerKind};
 use vggctl::train::config::{Keep, TrainConfig};
 use vggctl::train::schedule::{DEFAULT_STEP_SIZE, DEFAULT_WARMUP_DECAY, Warmup, WarmupMethod};
-use vggctl::train::state::{TrainState, stopped_early};
-use vggctl::train::{Resume, RunDir, SchedulerKind, Trainer, read_resume};
+use vggctl::train::{Resume, RunDir, SchedulerKind, Trainer};
 
 use super::data_opts::{DataOpts, streamed_as_rank0};
 use super::opts::{DistOpts, GraphOpts, NumericsOpts, choice};
@@ -36,7 +35,7 @@ pub struct HyperOpts {
     #[arg(long, default_value_t = 100, help_heading = "Data", value_parser = whole::<i64>)]
     pub test_batch_size: i64,
     /// The update rule.
-    #[arg(long, value_parser = choice::<OptimizerKind>(), default_value = "sgd", help_heading = "Optimizer")]
+    #[arg(long, alias = "opt", value_parser = choice::<OptimizerKind>(), default_value = "sgd", help_heading = "Optimizer")]
     pub optimizer: OptimizerKind,
     /// Peak learning rate (after --warmup-epochs).
     #[arg(long, default_value_t = 0.01, help_heading = "Optimizer")]
@@ -45,7 +44,7 @@ pub struct HyperOpts {
     #[arg(long, default_value_t = 0.9, help_heading = "Optimizer")]
     pub momentum: f64,
     /// L2 penalty (SGD) or decoupled weight decay (AdamW).
-    #[arg(long, default_value_t = 5e-4, help_heading = "Optimizer")]
+    #[arg(long, alias = "wd", default_value_t = 5e-4, help_heading = "Optimizer")]
     pub weight_decay: f64,
     /// The weight decay of BatchNorm's weights and biases (torchvision's
     /// --norm-weight-decay; often 0) [default: --weight-decay].
@@ -67,7 +66,7 @@ pub struct HyperOpts {
     /// Nesterov momentum (SGD).
     #[arg(long, help_heading = "Optimizer")]
     pub nesterov: bool,
-    #[arg(long, value_parser = choice::<SchedulerKind>(), default_value = "multistep", help_heading = "Schedule")]
+    #[arg(long, alias = "lr-scheduler", value_parser = choice::<SchedulerKind>(), default_value = "multistep", help_heading = "Schedule")]
     pub scheduler: SchedulerKind,
     /// Epochs at which MultiStepLR multiplies the LR by --gamma.
     #[arg(
@@ -80,10 +79,15 @@ pub struct HyperOpts {
     pub milestones: Vec<usize>,
     /// What MultiStepLR and StepLR multiply the LR by at each step, and
     /// ExponentialLR every epoch.
-    #[arg(long, default_value_t = 0.1, help_heading = "Schedule")]
+    #[arg(
+        long,
+        alias = "lr-gamma",
+        default_value_t = 0.1,
+        help_heading = "Schedule"
+    )]
     pub gamma: f64,
     /// StepLR's period in epochs.
-    #[arg(long, value_name = "N", default_value_t = DEFAULT_STEP_SIZE, help_heading = "Schedule", value_parser = whole::<usize>)]
+    #[arg(long, alias = "lr-step-size", value_name = "N", default_value_t = DEFAULT_STEP_SIZE, help_heading = "Schedule", value_parser = whole::<usize>)]
     pub step_size: usize,
     /// Cosine annealing's floor (CosineAnnealingLR's eta_min).
     #[arg(
@@ -95,14 +99,19 @@ pub struct HyperOpts {
     pub lr_min: f64,
     /// Epochs of warm-up: alone, a linear ramp lr*(epoch+1)/N; with
     /// --warmup-method or --warmup-decay, torchvision's warm-up.
-    #[arg(long, value_name = "N", default_value_t = 0, help_heading = "Schedule", value_parser = whole::<usize>)]
+    #[arg(long, alias = "lr-warmup-epochs", value_name = "N", default_value_t = 0, help_heading = "Schedule", value_parser = whole::<usize>)]
     pub warmup_epochs: usize,
     /// torchvision's warm-up (its train.py's --lr-warmup-method), then the
     /// schedule counts its epochs from the warm-up's end, as SequentialLR.
-    #[arg(long, value_name = "METHOD", value_parser = choice::<WarmupMethod>(), help_heading = "Schedule")]
+    #[arg(long, alias = "lr-warmup-method", value_name = "METHOD", value_parser = choice::<WarmupMethod>(), help_heading = "Schedule")]
     pub warmup_method: Option<WarmupMethod>,
     /// The warm-up's factor of --lr (--lr-warmup-decay) [default: 0.01].
-    #[arg(long, value_name = "F", help_heading = "Schedule")]
+    #[arg(
+        long,
+        alias = "lr-warmup-decay",
+        value_name = "F",
+        help_heading = "Schedule"
+    )]
     pub warmup_decay: Option<f64>,
     /// Cross-entropy label smoothing, in [0, 1).
     #[arg(long, default_value_t = 0.0, help_heading = "Optimizer")]
@@ -111,7 +120,7 @@ pub struct HyperOpts {
     #[arg(long, default_value_t = 0, help_heading = "Data", value_parser = whole::<u64>)]
     pub seed: u64,
     /// Output directory [default: runs/<arch>[_bn]-<dataset>-<timestamp>].
-    #[arg(short, long, help_heading = "Output")]
+    #[arg(short, long, alias = "output-dir", help_heading = "Output")]
     pub out: Option<PathBuf>,
     /// Continue a run: its resume.safetensors, or its directory; `auto` (with
     /// --out) continues the run in --out if it has a resume point and
@@ -167,36 +176,6 @@ pub struct HyperOpts {
     pub typed: Vec<String>,
 }
 
-/// What `--resume` lets a command line say: how long, where and how
-/// visibly to go on, and where the data now is; nothing the run's
-/// results depend on (any other flag is ignored with a warning).
-const KEPT_ON_RESUME: &[&str] = &[
-    "resume",
-    "epochs",
-    "keep",
-    "early_stop",
-    "device",
-    "quiet",
-    "json",
-    "profile",
-    "cuda_graphs",
-    "no_cuda_graphs",
-    "no_fused_step",
-    "deterministic",
-    "data_dir",
-    "data_url",
-    "data_md5",
-    "no_download",
-    "cache_dir",
-    "cache_mem",
-    "workers",
-    "allow_nonfinite",
-    "dist_backend",
-    "dist_timeout",
-    "tensorboard",
-    "log_interval",
-];
-
 static STOP: AtomicBool = AtomicBool::new(false);
 
 /// Ctrl-C or SIGTERM (what torchrun and Slurm send) asks the loop to stop
@@ -215,7 +194,7 @@ pub fn install_stop_signals() {
 
 /// A path as config.json records it: absolute, so that `eval` and
 /// `--resume` find the data from any directory.
-fn absolute(path: &std::path::Path) -> String {
+pub(super) fn absolute(path: &std::path::Path) -> String {
     std::path::absolute(path)
         .unwrap_or_else(|_| path.to_path_buf())
         .display()
@@ -223,6 +202,13 @@ fn absolute(path: &std::path::Path) -> String {
 }
 
 impl HyperOpts {
+    /// Whether the fused step may run (a bare `--no-fused-step` says no).
+    pub(super) fn fused_step(&self) -> bool {
+        self.no_fused_step
+            .as_ref()
+            .is_none_or(|parts| !parts.is_empty())
+    }
+
     /// torchvision's warm-up, where --warmup-method or --warmup-decay asks for it.
     pub fn warmup(&self) -> Option<Warmup> {
         (self.warmup_method.is_some() || self.warmup_decay.is_some()).then(|| Warmup {
@@ -311,181 +297,6 @@ impl HyperOpts {
         self.recipe.configure(&mut config);
         config
     }
-}
-
-/// Where a training command starts.
-pub enum Start {
-    Fresh,
-    /// `--resume PATH`: the command line may only change what
-    /// `KEPT_ON_RESUME` lists.
-    Resume(PathBuf),
-    /// `--resume auto` found a resume point in `--out`: the command line
-    /// must describe the same run.
-    AutoResume(PathBuf),
-}
-
-/// The run settings `--resume auto` lets differ from the recorded ones
-/// (those `KEPT_ON_RESUME` allows, as config.json names them).
-const FREE_ON_AUTO_RESUME: &[&str] = &[
-    "epochs",
-    "keep",
-    "early_stop",
-    "device",
-    "profile",
-    "cuda_graphs",
-    "fused_step",
-    "fused_step_without",
-    "channels_last",
-    "data_dir",
-    "out",
-    "world_size",
-    "tensorboard",
-    "streamed",
-];
-
-impl HyperOpts {
-    /// Whether the fused step may run (a bare `--no-fused-step` says no).
-    fn fused_step(&self) -> bool {
-        self.no_fused_step
-            .as_ref()
-            .is_none_or(|parts| !parts.is_empty())
-    }
-
-    pub fn start(&self) -> Result<Start> {
-        match &self.resume {
-            None => Ok(Start::Fresh),
-            Some(p) if p.as_os_str() == "auto" => {
-                let Some(out) = &self.out else {
-                    return Err(usage(
-                        "--resume auto needs --out DIR: the run to continue, or to start",
-                    ));
-                };
-                let dir = RunDir { dir: out.clone() };
-                Ok(match dir.resume().exists() {
-                    true => Start::AutoResume(out.clone()),
-                    false => Start::Fresh,
-                })
-            }
-            Some(p) => Ok(Start::Resume(p.clone())),
-        }
-    }
-}
-
-/// Continues the run saved at `path` (written by train or finetune). With
-/// `fresh` (`--resume auto`), the configuration this command line would
-/// start must be the run's.
-pub fn resume(
-    path: &std::path::Path,
-    h: &HyperOpts,
-    data: &DataOpts,
-    device: Device,
-    json: bool,
-    world: &World,
-    fresh: Option<&TrainConfig>,
-) -> Result<()> {
-    let ignored: Vec<String> = h
-        .typed
-        .iter()
-        .filter(|id| fresh.is_none() && !KEPT_ON_RESUME.contains(&id.as_str()))
-        .map(|id| format!("--{}", id.replace('_', "-")))
-        .collect();
-    let (saved, tensors) = read_resume(path)?;
-    if world.is_main() {
-        for flag in &ignored {
-            warn(format!(
-                "{flag} is ignored: --resume {} continues the run with the settings it recorded (only --epochs, --early-stop, --keep, --device, --data-dir, --tensorboard and display options apply); start a new run with --out for different settings",
-                path.display()
-            ));
-        }
-    }
-    if let Some(fresh) = fresh {
-        // What this launch would have started: its ranks, and (--epochs
-        // being free) the average's decay for the recorded length.
-        let mut fresh = fresh.clone();
-        (fresh.world_size, fresh.epochs) = (world.size, saved.config.epochs);
-        settle_ema(&mut fresh);
-        let differ = saved.config.differing(&fresh, FREE_ON_AUTO_RESUME);
-        if !differ.is_empty() {
-            bail!(
-                "{}: --resume auto would continue this run, but its recorded {} differ from this command line's; give another --out for a new run",
-                path.display(),
-                differ.join(", ")
-            );
-        }
-    }
-    if saved.config.world_size != world.size {
-        bail!(
-            "{}: the run was trained on {} rank{} and continues only on as many (each rank's place in an epoch depends on the number of ranks); this launch has {}",
-            path.display(),
-            saved.config.world_size,
-            if saved.config.world_size == 1 {
-                ""
-            } else {
-                "s"
-            },
-            world.size
-        );
-    }
-    let config = continued_config(path, &saved, h, data, device)?;
-    let model = Vgg::new(config.model, device);
-    execute(config, h, data, model, Some((saved, tensors)), json, world)
-}
-
-/// The configuration a resumed run continues with: the recorded one, with
-/// what the command line may change (length, patience, files kept, device,
-/// data directory); refused if the run has nothing left to do.
-fn continued_config(
-    path: &std::path::Path,
-    saved: &TrainState,
-    h: &HyperOpts,
-    data: &DataOpts,
-    device: Device,
-) -> Result<TrainConfig> {
-    let mut config = saved.config.clone();
-    if let Some(e) = h.epochs {
-        config.epochs = e;
-    }
-    if let Some(k) = h.keep {
-        config.keep = k;
-    }
-    if h.early_stop.is_some() {
-        config.early_stop = h.early_stop;
-    }
-    if let Some(best) = stopped_early(config.early_stop, &saved.history) {
-        bail!(
-            "{}: the run stopped early after epoch {} (no better val top-1 than epoch {best}'s in --early-stop {}); give a larger --early-stop to train further",
-            path.display(),
-            saved.history.len(),
-            config.early_stop.unwrap_or(0)
-        );
-    }
-    if saved.epoch >= config.epochs {
-        bail!(
-            "{}: the run is finished (epoch {} of {}); give a larger --epochs to train further",
-            path.display(),
-            saved.epoch,
-            config.epochs
-        );
-    }
-    config.device = device_name(device);
-    config.profile = h.profile;
-    config.tensorboard |= h.recipe.tensorboard;
-    config.fused_step = h.fused_step();
-    config.fused_step_without = h.no_fused_step.clone().unwrap_or_default();
-    config.cuda_graphs = h
-        .numerics
-        .request(Some(&h.graphs), config.fused)
-        .cuda_graphs_on(device);
-    if let Some(dir) = &data.data_dir {
-        config.data_dir = absolute(dir);
-    }
-    // A resumed run continues in the directory its checkpoint is in.
-    config.out = if path.is_dir() {
-        path.to_path_buf()
-    } else {
-        path.parent().map(PathBuf::from).unwrap_or_default()
-    };
-    Ok(config)
 }
 
 /// Refuses to resume a run on data whose classes are not those it

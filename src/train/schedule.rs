@@ -44,6 +44,15 @@ impl Choice for SchedulerKind {
             SchedulerKind::Exponential => "ExponentialLR: the LR times --gamma every epoch",
         }
     }
+    /// torchvision's reference `--lr-scheduler` names.
+    fn aliases(self) -> &'static [&'static str] {
+        match self {
+            SchedulerKind::Multistep => &["multisteplr"],
+            SchedulerKind::Cosine => &["cosineannealinglr"],
+            SchedulerKind::Step => &["steplr"],
+            SchedulerKind::Exponential => &["exponentiallr"],
+        }
+    }
 }
 
 /// StepLR's period, as torchvision's reference `--lr-step-size`.
