@@ -244,7 +244,8 @@ pub fn settle_ema(config: &mut TrainConfig) {
 /// for VGG (SGD 0.01, momentum 0.9, weight decay 1e-4, the LR times
 /// 0.1 every 30 epochs, 90 epochs, batch 32 per GPU; RandomResizedCrop
 /// 224 and flips, evaluation at Resize 256 + CenterCrop 224) for what
-/// the command line leaves out (`typed`: the options it gives).
+/// the command line leaves out (`typed`: the options it gives); the
+/// crops and their side are `train`'s, decided before the data is read.
 pub fn imagenet_recipe(typed: &[String], config: &mut TrainConfig) {
     let typed = |id: &str| typed.iter().any(|t| t == id);
     if !typed("weight_decay") {
@@ -259,9 +260,5 @@ pub fn imagenet_recipe(typed: &[String], config: &mut TrainConfig) {
     if !typed("epochs") {
         config.epochs = 90;
     }
-    if !typed("input") {
-        config.input_size = 224;
-    }
-    config.augment = Augment::ResizedCrop;
     config.imagenet_normalization = true;
 }

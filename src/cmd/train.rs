@@ -52,6 +52,8 @@ pub fn run(args: Args) -> Result<()> {
     // The classes are the dataset's (a folder's class folders): --classes
     // may repeat them.
     let imagenet = args.data.dataset() == "imagenet";
+    // torchvision's RandomResizedCrop at 224 for ImageNet, else the CIFAR
+    // recipe's padded crop at 32 (--input may give another side).
     let (augment, input) = match imagenet {
         true => (Augment::ResizedCrop, 224),
         false => (Augment::CropFlip { padding: 4 }, 32),
@@ -68,6 +70,8 @@ pub fn run(args: Args) -> Result<()> {
     if imagenet {
         imagenet_recipe(&h.typed, &mut config);
     }
+    config.augment = augment;
+    config.input_size = h.recipe.input.unwrap_or(input);
     if let Start::AutoResume(path) = &start {
         config.weights = args
             .initial_checkpoint
