@@ -44,18 +44,55 @@ pub struct EvalResult {
     /// Streamed images that could not be read (not in `images`).
     #[serde(default)]
     pub skipped: i64,
+    /// Each image's prediction, in the split's order, when the scoring
+    /// asks for them (`Scoring::each_image`).
+    #[serde(skip)]
+    pub each: Vec<ImagePrediction>,
+}
+
+/// One evaluated image: its index in the split, its label, the data's
+/// class predicted (over some of the model's classes, `Scoring::classes()`
+/// stands for another of the model's), the model's own index of that class,
+/// and the softmax probabilities of the prediction and of the label.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ImagePrediction {
+    pub index: i64,
+    pub label: i64,
+    pub predicted: i64,
+    pub model_class: i64,
+    pub probability: f64,
+    pub label_probability: f64,
+}
+
+/// An [`ImagePrediction`]'s figures after its index, as one row of
+/// [`ROW`] f64 on the device.
+const ROW: i64 = 5;
+
+impl ImagePrediction {
+    fn from_row(index: i64, row: &[f64]) -> Self {
+        ImagePrediction {
+            index,
+            label: row[0] as i64,
+            predicted: row[1] as i64,
+            model_class: row[2] as i64,
+            probability: row[3],
+            label_probability: row[4],
+        }
+    }
 }
 
 /// What a model's outputs are scored against: the data's classes, which
 /// are the model's own, or some of them (`subset`: the model's index of
 /// each of the data's classes, in the data's order). Over a subset, the
 /// loss and top-k are the whole model's, and the confusion matrix has one
-/// more column: predicted as one of the model's other classes.
+/// more column: predicted as one of the model's other classes. With
+/// `each_image`, every image's prediction is kept too.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Scoring {
     /// The model's outputs.
     pub outputs: i64,
     pub subset: Option<Vec<i64>>,
+    pub each_image: bool,
 }
 
 impl From<i64> for Scoring {
@@ -63,6 +100,7 @@ impl From<i64> for Scoring {
         Scoring {
             outputs,
             subset: None,
+            each_image: false,
         }
     }
 }
@@ -116,6 +154,7 @@ struct EvalSums {
     loss: Tensor,
     top5: Tensor,
     confusion: Tensor,
+    each_image: bool,
 }
 
 impl EvalSums {
@@ -140,6 +179,7 @@ impl EvalSums {
             loss: Tensor::zeros([], (Kind::Double, dev)),
             top5: Tensor::zeros([], (Kind::Int64, dev)),
             confusion: Tensor::zeros([scoring.classes() * columns], (Kind::Int64, dev)),
+            each_image: scoring.each_image,
         }
     }
 
@@ -150,8 +190,9 @@ impl EvalSums {
     }
 
     /// Adds one uint8 batch's figures: device work only, in place, no host
-    /// synchronization (so a CUDA graph can capture it).
-    fn add(&mut self, net: &dyn Logits, pre: &Preprocess, batch: &Split) {
+    /// synchronization (so a CUDA graph can capture it). Returns each
+    /// image's figures (`ROW` f64 a row) when the scoring keeps them.
+    fn add(&mut self, net: &dyn Logits, pre: &Preprocess, batch: &Split) -> Option<Tensor> {
         let y = &batch.labels;
         let as_model = |t: &Tensor| match &self.to_model {
             Some(m) => m.index_select(0, t),
@@ -161,10 +202,10 @@ impl EvalSums {
         let target = as_model(y);
         let loss = logits.cross_entropy_loss::<Tensor>(&target, None, Reduction::Sum, -100, 0.0);
         self.loss += loss.to_kind(Kind::Double);
-        let pred = logits.argmax(-1, false);
+        let model_class = logits.argmax(-1, false);
         let pred = match &self.to_data {
-            Some(d) => d.index_select(0, &pred),
-            None => pred,
+            Some(d) => d.index_select(0, &model_class),
+            None => model_class.shallow_clone(),
         };
         // index_add_, not bincount: bincount's output size is read on the host.
         let cell = y * self.columns + &pred;
@@ -176,6 +217,21 @@ impl EvalSums {
             .eq_tensor(&target.unsqueeze(1))
             .any_dim(1, false)
             .sum(Kind::Int64);
+        self.each_image.then(|| {
+            let p = logits.softmax(-1, Kind::Double);
+            let at = |i: &Tensor| p.gather(1, &i.unsqueeze(1), false).squeeze_dim(1);
+            let as_f64 = |t: &Tensor| t.to_kind(Kind::Double);
+            Tensor::stack(
+                &[
+                    as_f64(y),
+                    as_f64(&pred),
+                    as_f64(&model_class),
+                    at(&model_class),
+                    at(&target),
+                ],
+                1,
+            )
+        })
     }
 
     /// The figures for `n` images, read from the device.
@@ -217,6 +273,7 @@ impl EvalSums {
             confusion: rows,
             images_per_s,
             skipped: 0,
+            each: Vec::new(),
         }
     }
 }
@@ -229,6 +286,8 @@ pub struct EvalGraph {
     /// The static input batch, and the sums the graph adds into.
     io: Option<Split>,
     sums: EvalSums,
+    /// The captured batch's per-image figures (`Scoring::each_image`).
+    rows: Option<Tensor>,
 }
 
 impl EvalGraph {
@@ -237,27 +296,33 @@ impl EvalGraph {
             graph: CudaGraph::new(device)?,
             io: None,
             sums: EvalSums::new(scoring, device),
+            rows: None,
         })
     }
 
-    fn batch(&mut self, net: &dyn Logits, pre: &Preprocess, batch: &Split) -> Result<()> {
+    /// One full batch; its per-image figures are a copy of the graph's.
+    fn batch(
+        &mut self,
+        net: &dyn Logits,
+        pre: &Preprocess,
+        batch: &Split,
+    ) -> Result<Option<Tensor>> {
         let sums = &mut self.sums;
         if self.graph.warming_up() {
-            return self.graph.on_side_stream(|_| {
-                sums.add(net, pre, batch);
-                Ok(())
-            });
+            return self.graph.on_side_stream(|_| Ok(sums.add(net, pre, batch)));
         }
         match &mut self.io {
             Some(io) => io.fill(batch),
             None => {
                 let io = batch.copy();
-                self.graph
+                self.rows = self
+                    .graph
                     .on_side_stream(|g| g.capture(|| sums.add(net, pre, &io)))?;
                 self.io = Some(io);
             }
         }
-        self.graph.replay()
+        self.graph.replay()?;
+        Ok(self.rows.as_ref().map(Tensor::copy))
     }
 }
 
@@ -284,7 +349,7 @@ pub fn evaluate(
         if let Some(g) = graph.as_mut() {
             g.sums.zero();
         }
-        let mut seen = 0;
+        let (mut seen, mut each) = (0, Each::default());
         let mut clock: Option<(Instant, i64)> = None;
         while let Some(b) = batches.next_batch()? {
             if seen > 0 && clock.is_none() {
@@ -292,11 +357,15 @@ pub fn evaluate(
                 clock = Some((Instant::now(), seen));
             }
             let len = b.len();
-            match graph.as_mut() {
+            let rows = match graph.as_mut() {
                 Some(g) if len == batch => g.batch(net, pre, &b)?,
                 Some(g) => g.sums.add(net, pre, &b),
                 None if len > 0 => own.add(net, pre, &b),
-                None => {}
+                None => None,
+            };
+            if let Some(rows) = rows {
+                each.rows.push(rows);
+                each.indices.extend_from_slice(batches.indices());
             }
             seen += len;
         }
@@ -312,6 +381,40 @@ pub fn evaluate(
         world.sum_f64(&mut total)?;
         let mut result = sums.result(total[0] as i64, images_per_s);
         result.skipped = total[1] as i64;
+        if scoring.each_image {
+            result.each = each.gathered(data.len(), dev, world)?;
+        }
         Ok(result)
     })
+}
+
+/// The per-image figures of a rank's part, as evaluated: rows on the
+/// device, and each row's index in the split.
+#[derive(Default)]
+struct Each {
+    rows: Vec<Tensor>,
+    indices: Vec<i64>,
+}
+
+impl Each {
+    /// Every rank's images of a split of `n`, in the split's order: each
+    /// rank writes its rows into its places of one table, a column saying
+    /// which places hold an image, and the tables are summed.
+    fn gathered(self, n: i64, dev: Device, world: &World) -> Result<Vec<ImagePrediction>> {
+        let mut table = Tensor::zeros([n, ROW + 1], (Kind::Double, dev));
+        if !self.rows.is_empty() {
+            let rows = Tensor::cat(&self.rows, 0);
+            let held = rows.ones_like().narrow(1, 0, 1);
+            let at = Tensor::from_slice(&self.indices).to_device(dev);
+            let _ = table.index_copy_(0, &at, &Tensor::cat(&[held, rows], 1));
+        }
+        world.sum(&table)?;
+        let flat = Vec::<f64>::try_from(table.to_device(Device::Cpu).view([-1]))?;
+        Ok(flat
+            .chunks((ROW + 1) as usize)
+            .enumerate()
+            .filter(|(_, row)| row[0] == 1.0)
+            .map(|(i, row)| ImagePrediction::from_row(i as i64, &row[1..]))
+            .collect())
+    }
 }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use tch::{Kind, Tensor};
 use vggctl::data::Images;
-use vggctl::data::augment::{Transform, canvas_centre, center_crop, random_canvas_crop_flip};
+use vggctl::data::augment::{Transform, canvas_centre_crop, random_canvas_crop_flip};
 use vggctl::data::folder::{FolderOptions, load};
 use vggctl::data::image::{eval_transform, read_image};
 use vggctl::data::resized_crop::draw_resized_crops;
@@ -143,10 +143,7 @@ fn streamed_evaluation_crops_are_predicts() {
     let memory = load(&options(tmp.path(), u64::MAX, true), warn).unwrap();
     let stream = load(&options(tmp.path(), 0, true), warn).unwrap();
     let split = memory.test.as_resident().unwrap();
-    let canvas = center_crop(
-        &canvas_centre(&split.images, split.layout.as_ref().unwrap()),
-        56,
-    );
+    let canvas = canvas_centre_crop(&split.images, split.layout.as_ref().unwrap(), 56);
     let mut batches = InOrder::new(
         streamed(&stream.test),
         0,

@@ -918,6 +918,41 @@ fn a_streamed_folder_trains_on_the_gpu_and_evaluates_as_in_memory() {
         "streamed eval on the GPU: {} images, top-1 {}",
         streamed["images"], streamed["top1"]
     );
+
+    // Each image's prediction through the evaluation's CUDA graph (three
+    // warm-up batches, then replays, the partial last batch eager) is the
+    // eager evaluation's: the same rows, probabilities within 1e-5.
+    let rows = |name: &str, graphs: &str| -> Vec<Vec<String>> {
+        eval(&[
+            "--val-split",
+            "0.6",
+            "--batch-size",
+            "4",
+            "--precision",
+            "fp32",
+            graphs,
+            "--predictions",
+            name,
+        ]);
+        let text = std::fs::read_to_string(tmp.path().join(name)).unwrap();
+        text.lines()
+            .skip(1)
+            .map(|l| l.split(',').map(String::from).collect())
+            .collect()
+    };
+    let (graphed, eager) = (
+        rows("graphed.csv", "--cuda-graphs"),
+        rows("eager.csv", "--no-cuda-graphs"),
+    );
+    assert_eq!(graphed.len(), 22);
+    assert_eq!(graphed.len(), eager.len());
+    for (g, e) in graphed.iter().zip(&eager) {
+        assert_eq!(g[..5], e[..5], "{g:?} {e:?}");
+        for col in [5, 6] {
+            let (a, b): (f64, f64) = (g[col].parse().unwrap(), e[col].parse().unwrap());
+            assert!((a - b).abs() <= 1e-5, "{g:?} {e:?}");
+        }
+    }
 }
 
 /// `WORLD_SIZE=1` under NCCL (what one lent GPU can run of the NCCL path):

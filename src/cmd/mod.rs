@@ -2,7 +2,8 @@
 //! its `Args` and `run`. What several share has a module of its own, which
 //! no subcommand module is: `opts` (model, numerics and CUDA-graph
 //! options), `data_opts` (datasets), `training` (the run train and finetune
-//! share), `recipe` (its torchvision-recipe options), `launch`
+//! share), `recipe` (its torchvision-recipe options), `eval_report`
+//! (eval's table and per-image CSV), `launch`
 //! (`--nproc-per-node`'s local ranks), `progress` (bars on stderr),
 //! `output` (stdout and warnings).
 //! No subcommand imports another, and none imports this module.
@@ -10,6 +11,7 @@
 mod checks;
 mod data_opts;
 mod eval;
+mod eval_report;
 mod export;
 mod finetune;
 mod help;

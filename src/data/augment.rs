@@ -127,11 +127,14 @@ pub fn resized_crop_flip(x: &Tensor, boxes: &CropBoxes, flip: &Tensor, size: i64
 /// of its width visible, none transposed.
 fn whole_images(x: &Tensor) -> Tensor {
     let (b, _, _, w) = x.size4().expect("a 4-d batch");
-    Tensor::from_slice(&[0, w, 0])
+    Tensor::from_slice(&[0, w, 0, w])
         .to_device(x.device())
-        .view([1, 3])
+        .view([1, LAYOUT])
         .repeat([b, 1])
 }
+
+/// The columns of a canvas' layout row (see [`canvas_width`]).
+pub const LAYOUT: i64 = 4;
 
 /// Image-folder datasets keep each image whole, at a fixed batch shape, in
 /// a canvas of `side x canvas_width(side)` (3:2): resized so its shorter
@@ -139,16 +142,18 @@ fn whole_images(x: &Tensor) -> Tensor {
 /// that side runs down, and placed so that the eval transform's centre
 /// square fills the canvas' middle `side` columns. A longer side beyond 3:2
 /// is cut to the canvas around that square. Per image, `layout` (int64
-/// `[N, 3]`) holds the first canvas column of the image, its visible width
-/// and whether it is transposed (1) or not (0). Random resized crops draw
-/// their boxes in the whole (visible) image, as torchvision does.
+/// `[N, 4]`) holds the first canvas column of the image, its visible width,
+/// whether it is transposed (1) or not (0), and the resized image's longer
+/// side (its visible width unless it was cut). Random resized crops draw
+/// their boxes in the whole (visible) image, as torchvision does; the
+/// evaluation's centre crop is placed by the longer side.
 pub fn canvas_width(side: i64) -> i64 {
     side * 3 / 2
 }
 
 /// Lays a resized uint8 image (`3 x H x W`, its shorter side the canvas
 /// side) into its canvas; returns the canvas and its layout row.
-pub fn pack_canvas(resized: &Tensor) -> (Tensor, [i64; 3]) {
+pub fn pack_canvas(resized: &Tensor) -> (Tensor, [i64; 4]) {
     let (c, h, w) = resized
         .size3()
         .expect("pack_canvas expects a 3 x H x W image");
@@ -173,14 +178,35 @@ pub fn pack_canvas(resized: &Tensor) -> (Tensor, [i64; 3]) {
         canvas.copy_(&img.narrow(2, centre - middle, width));
         (0, width)
     };
-    (canvas, [first, visible, transposed as i64])
+    (canvas, [first, visible, transposed as i64, long])
 }
 
 /// The eval transform's centre square (`side x side`, uint8) of each canvas
 /// of a batch, in the image's own orientation.
-pub fn canvas_centre(x: &Tensor, layout: &Tensor) -> Tensor {
+fn canvas_centre(x: &Tensor, layout: &Tensor) -> Tensor {
     let (b, _, side, width) = x.size4().expect("canvas_centre expects a 4-d batch");
     let square = x.narrow(3, centre_offset(width, side), side);
+    let transposed = layout.select(1, 2).gt(0).view([b, 1, 1, 1]);
+    square.transpose(2, 3).where_self(&transposed, &square)
+}
+
+/// torchvision's `CenterCrop(crop)` of each resized image of a batch of
+/// canvases (`crop` at most their side), in the image's own orientation.
+/// Along the longer side the crop starts at `round((long - crop) / 2)`,
+/// rounded half to even, which a centre crop of the centre square would
+/// round twice (a column off where `side - crop` is odd): so each image's
+/// start is found from its longer side, and its columns gathered.
+pub fn canvas_centre_crop(x: &Tensor, layout: &Tensor, crop: i64) -> Tensor {
+    let (b, c, side, width) = x.size4().expect("canvas_centre_crop expects a 4-d batch");
+    let long = layout.select(1, 3);
+    // torch's round is half to even, as `centre_offset` is.
+    let half = |n: Tensor| (n.to_kind(Kind::Double) / 2.0).round().to_kind(Kind::Int64);
+    // The canvas column of the image's column 0 (negative where it was cut).
+    let origin = half(&long - side).neg() + centre_offset(width, side);
+    let start = origin + half(&long - crop);
+    let columns = start.view([b, 1, 1, 1]) + Tensor::arange(crop, (Kind::Int64, x.device()));
+    let rows = x.narrow(2, centre_offset(side, crop), crop);
+    let square = rows.gather(3, &columns.expand([b, c, crop, crop], false), false);
     let transposed = layout.select(1, 2).gt(0).view([b, 1, 1, 1]);
     square.transpose(2, 3).where_self(&transposed, &square)
 }
@@ -365,9 +391,9 @@ impl Preprocess {
             (Augment::CropFlip { .. }, _) => {
                 self.resize(self.norm.apply(&auto(squares(x, layout))))
             }
-            (Augment::ResizedCrop, Some(l)) => self
-                .norm
-                .apply(&auto(center_crop(&canvas_centre(x, l), self.input))),
+            (Augment::ResizedCrop, Some(l)) => {
+                self.norm.apply(&auto(canvas_centre_crop(x, l, self.input)))
+            }
             (Augment::ResizedCrop, None) => self.norm.apply(&auto(center_crop(x, self.input))),
         }
     }

@@ -242,6 +242,7 @@ fn dataset(
         std: STD,
         source: dir.display().to_string(),
         wnids: None,
+        test_names: None,
     })
 }
 

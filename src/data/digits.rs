@@ -108,6 +108,11 @@ pub fn load() -> Result<Dataset> {
         std: STD,
         source: "the embedded digits".into(),
         wnids: None,
+        test_names: Some(
+            test.iter()
+                .map(|d| format!("load_digits()[{}]", d.index))
+                .collect(),
+        ),
     })
 }
 

@@ -2,27 +2,25 @@
 //! `ImageFolder` reads them: the same files, classes and order): each image is decoded once, in parallel on all cores,
 //! resized so its shorter side is the cache size and kept whole as uint8 in
 //! a 3:2 canvas (`augment::canvas_width`); the result is cached on disk
-//! (keyed by the file list, sizes, modification times and the cache size)
-//! for the next run. Folders whose canvases would not fit `cache_mem` are
+//! (`folder_cache`: keyed by the file list, sizes, modification times and
+//! the cache size) for the next run. Folders whose canvases would not fit `cache_mem` are
 //! streamed from their files instead (`stream`).
 
-use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::UNIX_EPOCH;
 
 use anyhow::{Context, Result, bail};
 use rayon::prelude::*;
-use sha2::{Digest, Sha256};
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
-use super::augment::{canvas_width, pack_canvas};
+use super::augment::{LAYOUT, canvas_width, pack_canvas};
+use super::folder_cache;
+pub use super::folder_cache::default_cache_dir;
 use super::image::{resized_window, shorter_size};
 use super::resize::Resize;
 use super::stream::{Item, Streamed};
 use super::{Dataset, Images, Split};
-use crate::formats::safetensors::{read_safetensors, write_safetensors};
 
 pub struct FolderOptions {
     pub dir: PathBuf,
@@ -174,7 +172,7 @@ fn is_image_name(name: &[u8]) -> bool {
 /// code as `predict`'s eval transform (torchvision's antialiased bilinear
 /// `Resize`), so the centre crop of a cached image is exactly what
 /// `predict` feeds the model for that file.
-pub fn decode_canvas(path: &Path, side: i64) -> Result<(Vec<u8>, [i64; 3])> {
+pub fn decode_canvas(path: &Path, side: i64) -> Result<(Vec<u8>, [i64; 4])> {
     let img = super::image::decode_rgb(path)?;
     let (w, h) = (img.width() as usize, img.height() as usize);
     let (nh, nw) = shorter_size(h as i64, w as i64, side);
@@ -187,156 +185,46 @@ pub fn decode_canvas(path: &Path, side: i64) -> Result<(Vec<u8>, [i64; 3])> {
     Ok((Vec::<u8>::try_from(canvas.view([-1]))?, layout))
 }
 
-/// The cache a folder's images are kept in by default: under the user's
-/// cache directory (`$XDG_CACHE_HOME/vggctl/folders`), not in the data.
-pub fn default_cache_dir() -> Option<PathBuf> {
-    Some(
-        crate::fsutil::user_cache_dir()?
-            .join("vggctl")
-            .join("folders"),
-    )
-}
-
-fn cache_key(files: &[(PathBuf, i64)], side: i64) -> String {
-    let mut h = Sha256::new();
-    // v5: absolute paths, as one cache directory serves every folder (v4:
-    // whole images in canvases; v3: centre squares; v2's 4:3 squares were
-    // a column off).
-    h.update(format!("vggctl-folder-v5 {side}\n"));
-    for (p, label) in files {
-        let p = fs::canonicalize(p).unwrap_or_else(|_| p.clone());
-        let meta = fs::metadata(&p).ok();
-        let size = meta.as_ref().map(|m| m.len()).unwrap_or(0);
-        let mtime = meta
-            .and_then(|m| m.modified().ok())
-            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        h.update(format!("{} {label} {size} {mtime}\n", p.display()));
-    }
-    h.finalize()
-        .iter()
-        .take(16)
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-/// Whether a cache's tensors can be what [`load_dir`] built for `files`:
-/// uint8 canvases of the side's shape, one label (of the files' labels)
-/// and one layout row inside the canvas per image, at most one per file.
-fn cache_fits(
-    images: &Tensor,
-    labels: &Tensor,
-    layout: &Tensor,
-    files: &[(PathBuf, i64)],
-    side: i64,
-) -> bool {
-    let width = canvas_width(side);
-    let n = labels.numel() as i64;
-    let classes = files.iter().map(|(_, l)| l + 1).max().unwrap_or(0);
-    let in_range = |t: &Tensor, lo: i64, hi: i64| {
-        t.numel() == 0 || (t.min().int64_value(&[]) >= lo && t.max().int64_value(&[]) <= hi)
-    };
-    if !(1..=files.len() as i64).contains(&n)
-        || images.kind() != Kind::Uint8
-        || images.size() != [n, 3, side, width]
-        || labels.kind() != Kind::Int64
-        || labels.size() != [n]
-        || layout.kind() != Kind::Int64
-        || layout.size() != [n, 3]
-    {
-        return false;
-    }
-    let (first, visible, transposed) = (
-        layout.select(1, 0),
-        layout.select(1, 1),
-        layout.select(1, 2),
-    );
-    in_range(labels, 0, classes - 1)
-        && in_range(&first, 0, width - 1)
-        && in_range(&visible, 1, width)
-        && in_range(&(&first + &visible), 1, width)
-        && in_range(&transposed, 0, 1)
-}
-
-/// The cached split for `files`, with its count of unreadable files, if
-/// `cache` describes them. A cache that does not (damaged, or edited) is
-/// rebuilt: labels, shapes and layout rows are checked before use.
-fn read_cache(cache: &Path, files: &[(PathBuf, i64)], side: i64) -> Option<(Split, usize)> {
-    let sd = read_safetensors(cache).ok()?;
-    let (images, labels, layout) = (
-        sd.tensors.get("images")?,
-        sd.tensors.get("labels")?,
-        sd.tensors.get("layout")?,
-    );
-    if !cache_fits(images, labels, layout, files, side) {
-        return None;
-    }
-    let skipped = sd.metadata.get("skipped").and_then(|s| s.parse().ok());
-    let split = Split {
-        images: images.shallow_clone(),
-        labels: labels.shallow_clone(),
-        layout: Some(layout.shallow_clone()),
-    };
-    Some((split, skipped.unwrap_or(0)))
-}
-
-/// Keeps `split` in `cache` for the next run. The cache is an
-/// optimization: failing to write it is not an error.
-fn write_cache(cache: &Path, split: &Split, skipped: usize) {
-    if cache
-        .parent()
-        .is_none_or(|d| fs::create_dir_all(d).is_err())
-    {
-        return;
-    }
-    let meta = HashMap::from([("skipped".to_string(), skipped.to_string())]);
-    let mut tensors = vec![
-        ("images".to_string(), split.images.shallow_clone()),
-        ("labels".to_string(), split.labels.shallow_clone()),
-    ];
-    if let Some(layout) = &split.layout {
-        tensors.push(("layout".to_string(), layout.shallow_clone()));
-    }
-    let _ = write_safetensors(cache, &tensors, &meta);
-}
-
 /// Loads (or builds and caches) every image of `dir`. Returns the split and
-/// how many files could not be read.
+/// the indices of the files it holds (those that could be read).
 fn load_dir(
     dir: &Path,
     files: &[(PathBuf, i64)],
     side: i64,
     opts: &FolderOptions,
-) -> Result<(Split, usize)> {
+) -> Result<(Split, Vec<usize>)> {
     let strict = opts.strict;
     let cache = opts
         .cache_dir
         .as_ref()
-        .map(|d| d.join(format!("{}.safetensors", cache_key(files, side))));
-    if let Some(found) = cache.as_deref().and_then(|c| read_cache(c, files, side)) {
+        .map(|d| d.join(format!("{}.safetensors", folder_cache::key(files, side))));
+    if let Some(found) = cache
+        .as_deref()
+        .and_then(|c| folder_cache::read(c, files, side))
+    {
         // --strict must name the unreadable file, so it decodes again.
-        if !(strict && found.1 > 0) {
+        if !(strict && found.1.len() < files.len()) {
             return Ok(found);
         }
     }
-    let decoded: Vec<Result<(Vec<u8>, [i64; 3])>> = files
+    let decoded: Vec<Result<(Vec<u8>, [i64; 4])>> = files
         .par_iter()
         .map(|(p, _)| decode_canvas(p, side))
         .collect();
     let mut pixels = Vec::new();
     let mut labels = Vec::new();
     let mut layout = Vec::new();
-    let mut skipped = 0;
-    for (r, (_, label)) in decoded.into_iter().zip(files) {
+    let mut kept = Vec::new();
+    for (i, (r, (_, label))) in decoded.into_iter().zip(files).enumerate() {
         match r {
             Ok((px, row)) => {
                 pixels.extend_from_slice(&px);
                 labels.push(*label);
                 layout.extend_from_slice(&row);
+                kept.push(i);
             }
             Err(e) if strict => return Err(e.context("unreadable image (--strict)")),
-            Err(_) => skipped += 1,
+            Err(_) => {}
         }
     }
     if labels.is_empty() {
@@ -350,12 +238,12 @@ fn load_dir(
     let split = Split {
         images: Tensor::from_slice(&pixels).view([n, 3, side, canvas_width(side)]),
         labels: Tensor::from_slice(&labels),
-        layout: Some(Tensor::from_slice(&layout).view([n, 3])),
+        layout: Some(Tensor::from_slice(&layout).view([n, LAYOUT])),
     };
     if let Some(cache) = &cache {
-        write_cache(cache, &split, skipped);
+        folder_cache::write(cache, &split, &kept);
     }
-    Ok((split, skipped))
+    Ok((split, kept))
 }
 
 /// A seeded shuffle (splitmix64-driven Fisher-Yates), independent of libtorch.
@@ -418,7 +306,7 @@ pub fn load(opts: &FolderOptions, warn: &mut dyn FnMut(String)) -> Result<Datase
     }
     let (classes, wnids) = named(opts, &opts.dir, folders)?;
     let total = files.len() + val.as_ref().map_or(0, Vec::len);
-    let (train, test) = match canvas_bytes(total, opts.cache_size) > opts.cache_mem {
+    let (train, test, test_names) = match canvas_bytes(total, opts.cache_size) > opts.cache_mem {
         true => streamed(opts, files, val)?,
         false => resident(opts, files, val, warn)?,
     };
@@ -431,6 +319,7 @@ pub fn load(opts: &FolderOptions, warn: &mut dyn FnMut(String)) -> Result<Datase
         std: super::imagenet::STD,
         source: opts.dir.display().to_string(),
         wnids,
+        test_names,
     })
 }
 
@@ -439,17 +328,11 @@ pub fn load(opts: &FolderOptions, warn: &mut dyn FnMut(String)) -> Result<Datase
 fn load_test(opts: &FolderOptions, vdir: &Path, warn: &mut dyn FnMut(String)) -> Result<Dataset> {
     let (folders, files) = scan(vdir)?;
     let (classes, wnids) = named(opts, vdir, folders)?;
-    let test = match canvas_bytes(files.len(), opts.cache_size) > opts.cache_mem {
-        true => streamed_split(opts, files),
+    let (test, test_names) = match canvas_bytes(files.len(), opts.cache_size) > opts.cache_mem {
+        true => (streamed_split(opts, files), None),
         false => {
-            let (split, skipped) = load_dir(vdir, &files, opts.cache_size, opts)?;
-            if skipped > 0 {
-                warn(format!(
-                    "skipped {skipped} unreadable image(s) in {} (--strict makes this an error)",
-                    vdir.display()
-                ));
-            }
-            Images::Resident(split)
+            let (split, kept) = load_resident(vdir, &files, opts, warn)?;
+            (Images::Resident(split), Some(kept))
         }
     };
     Ok(Dataset {
@@ -461,6 +344,7 @@ fn load_test(opts: &FolderOptions, vdir: &Path, warn: &mut dyn FnMut(String)) ->
         std: super::imagenet::STD,
         source: vdir.display().to_string(),
         wnids,
+        test_names,
     })
 }
 
@@ -496,13 +380,17 @@ pub fn held_out(opts: &FolderOptions, n: usize) -> Result<usize> {
     Ok(((n as f64 * opts.val_split).round() as usize).clamp(1, n - 1))
 }
 
+/// A folder's training and test splits, and the test images' files where
+/// the split does not name them (`Dataset::test_names`).
+type Splits = (Images, Images, Option<Vec<String>>);
+
 /// Both splits streamed from their files; without a validation folder,
 /// the held-out files are drawn as the in-memory path draws its images.
 fn streamed(
     opts: &FolderOptions,
     files: LabeledFiles,
     val: Option<LabeledFiles>,
-) -> Result<(Images, Images)> {
+) -> Result<Splits> {
     let (train, val) = match val {
         Some(v) => (files, v),
         None => {
@@ -512,7 +400,7 @@ fn streamed(
             (pick(&idx[n_val..]), pick(&idx[..n_val]))
         }
     };
-    Ok((streamed_split(opts, train), streamed_split(opts, val)))
+    Ok((streamed_split(opts, train), streamed_split(opts, val), None))
 }
 
 /// A split read from its files as it goes.
@@ -527,37 +415,50 @@ fn streamed_split(opts: &FolderOptions, files: LabeledFiles) -> Images {
     })
 }
 
+/// The readable images of `files` (in `dir`) in memory, or from the
+/// cache, with their files' names; `warn` hears how many were skipped.
+fn load_resident(
+    dir: &Path,
+    files: &[(PathBuf, i64)],
+    opts: &FolderOptions,
+    warn: &mut dyn FnMut(String),
+) -> Result<(Split, Vec<String>)> {
+    let (split, kept) = load_dir(dir, files, opts.cache_size, opts)?;
+    let skipped = files.len() - kept.len();
+    if skipped > 0 {
+        warn(format!(
+            "skipped {skipped} unreadable image(s) in {} (--strict makes this an error)",
+            dir.display()
+        ));
+    }
+    let names = kept.iter().map(|&i| files[i].0.display().to_string());
+    Ok((split, names.collect()))
+}
+
 /// Both splits decoded into memory (or read from the cache).
 fn resident(
     opts: &FolderOptions,
     files: LabeledFiles,
     val: Option<LabeledFiles>,
     warn: &mut dyn FnMut(String),
-) -> Result<(Images, Images)> {
-    let (all, skipped) = load_dir(&opts.dir, &files, opts.cache_size, opts)?;
-    if skipped > 0 {
-        warn(format!(
-            "skipped {skipped} unreadable image(s) in {} (--strict makes this an error)",
-            opts.dir.display()
-        ));
-    }
-    let (train, test) = match (val, &opts.val_dir) {
+) -> Result<Splits> {
+    let (all, all_files) = load_resident(&opts.dir, &files, opts, warn)?;
+    let (train, test, test_names) = match (val, &opts.val_dir) {
         (Some(vfiles), Some(vdir)) => {
-            let (val, vskipped) = load_dir(vdir, &vfiles, opts.cache_size, opts)?;
-            if vskipped > 0 {
-                warn(format!(
-                    "skipped {vskipped} unreadable image(s) in {}",
-                    vdir.display()
-                ));
-            }
-            (all, val)
+            let (val, val_files) = load_resident(vdir, &vfiles, opts, warn)?;
+            (all, val, val_files)
         }
         _ => {
             let n = all.len() as usize;
             let n_val = held_out(opts, n)?;
             let idx = shuffled(n, opts.seed);
-            (take(&all, &idx[n_val..]), take(&all, &idx[..n_val]))
+            let held = idx[..n_val].iter().map(|&i| all_files[i].clone()).collect();
+            (take(&all, &idx[n_val..]), take(&all, &idx[..n_val]), held)
         }
     };
-    Ok((Images::Resident(train), Images::Resident(test)))
+    Ok((
+        Images::Resident(train),
+        Images::Resident(test),
+        Some(test_names),
+    ))
 }

@@ -9,6 +9,7 @@ pub mod cifar;
 pub mod digits;
 pub mod download;
 pub mod folder;
+mod folder_cache;
 pub mod image;
 pub mod imagenet;
 pub mod mix;
@@ -166,6 +167,7 @@ impl Images {
                 next: first,
                 end: first + n,
                 batch,
+                last: Vec::new(),
             },
             Images::Streamed(s) => Batches::Streamed {
                 stream: InOrder::new(s, first, n, batch, transform)?,
@@ -182,6 +184,7 @@ pub enum Batches<'a> {
         next: i64,
         end: i64,
         batch: i64,
+        last: Vec<i64>,
     },
     Streamed {
         stream: InOrder,
@@ -199,18 +202,28 @@ impl Batches<'_> {
                 next,
                 end,
                 batch,
+                last,
             } => {
                 if next >= end {
                     return Ok(None);
                 }
                 let len = (*batch).min(*end - *next);
                 let b = split.narrow(*next, len);
+                *last = (*next..*next + len).collect();
                 *next += len;
                 Ok(Some(b))
             }
             Batches::Streamed { stream, device } => {
                 Ok(stream.next_batch()?.map(|b| b.to_device(*device)))
             }
+        }
+    }
+
+    /// The indices in the split of the last batch's images.
+    pub fn indices(&self) -> &[i64] {
+        match self {
+            Batches::Resident { last, .. } => last,
+            Batches::Streamed { stream, .. } => &stream.last,
         }
     }
 
@@ -237,6 +250,28 @@ pub struct Dataset {
     /// ImageNet's layout: each class's WordNet id (its folder), by which
     /// its index among ImageNet's 1,000 classes is known.
     pub wnids: Option<Vec<String>>,
+    /// What names each test image held in memory: its file (image
+    /// folders), or its index in scikit-learn's `load_digits()`; None where
+    /// its index in the test split does (CIFAR-10, as torchvision's
+    /// `CIFAR10(train=False)` indexes it). A streamed split's items name
+    /// theirs.
+    pub test_names: Option<Vec<String>>,
+}
+
+impl Dataset {
+    /// Test image `i` as a person finds it: its file (a prepared
+    /// dataset's `FILE:ENTRY`), or its index (see `test_names`).
+    pub fn test_image(&self, i: i64) -> String {
+        let name = match (&self.test, &self.test_names) {
+            (Images::Streamed(s), _) => s
+                .items
+                .get(i as usize)
+                .map(|t| t.path.display().to_string()),
+            (Images::Resident(_), Some(names)) => names.get(i as usize).cloned(),
+            (Images::Resident(_), None) => None,
+        };
+        name.unwrap_or_else(|| i.to_string())
+    }
 }
 
 #[cfg(test)]

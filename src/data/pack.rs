@@ -216,5 +216,6 @@ pub fn load(opts: &FolderOptions) -> Result<Dataset> {
         std: super::imagenet::STD,
         source: opts.dir.display().to_string(),
         wnids,
+        test_names: None,
     })
 }

@@ -112,10 +112,11 @@ pub struct Job {
     pub draws: Vec<ImageDraws>,
 }
 
-/// A prepared batch: the images that could be read, and the messages of
-/// those that could not.
+/// A prepared batch: the images that could be read, their indices in the
+/// split, and the messages of those that could not.
 pub struct Loaded {
     pub batch: Split,
+    pub kept: Vec<i64>,
     pub skipped: Vec<String>,
 }
 
@@ -236,10 +237,13 @@ impl Streamed {
                 }
             }
         })?;
-        let (mut labels, mut skipped) = (Vec::new(), Vec::new());
+        let (mut labels, mut kept, mut skipped) = (Vec::new(), Vec::new(), Vec::new());
         for (r, &i) in results.into_iter().zip(&job.indices) {
             match r {
-                Ok(()) => labels.push(self.items[i as usize].label),
+                Ok(()) => {
+                    labels.push(self.items[i as usize].label);
+                    kept.push(i);
+                }
                 Err(Missing::Damaged(e)) => return Err(e),
                 Err(Missing::Unreadable(e)) if self.strict => {
                     return Err(e.context("unreadable image (--strict)"));
@@ -257,7 +261,11 @@ impl Streamed {
             labels: Tensor::from_slice(&labels),
             layout: None,
         };
-        Ok(Loaded { batch, skipped })
+        Ok(Loaded {
+            batch,
+            kept,
+            skipped,
+        })
     }
 }
 
@@ -327,6 +335,8 @@ pub struct InOrder {
     batch: i64,
     next_job: i64,
     pub skipped: Vec<String>,
+    /// The indices of the last batch's images.
+    pub last: Vec<i64>,
 }
 
 impl InOrder {
@@ -337,6 +347,7 @@ impl InOrder {
             batch,
             next_job: first,
             skipped: Vec::new(),
+            last: Vec::new(),
         })
     }
 
@@ -355,6 +366,7 @@ impl InOrder {
         }
         let loaded = self.loader.take()?;
         self.skipped.extend(loaded.skipped);
+        self.last = loaded.kept;
         Ok(Some(loaded.batch))
     }
 }

@@ -1,0 +1,180 @@
+"""`vggctl eval --predictions FILE`: each test image's prediction as CSV.
+
+- Real photographs (PNG, so both sides decode the same pixels) in
+  ImageNet's layout, its validation folder holding an unreadable file and
+  a file whose name needs CSV quoting: one row per readable image, in
+  torchvision's ImageFolder order, named by its file; the predicted class
+  is the argmax of torchvision's VGG11 with the saved weights (and
+  vggctl's `gap` head) under the checkpoint's Resize + CenterCrop, and the
+  prediction's and the label's softmax probabilities equal torchvision's
+  within 1e-5. The rows' share of `correct` is `--json`'s top-1, exactly.
+  The same holds for the images held in memory, streamed (`--cache-mem 0`,
+  the unreadable file inside a batch) and over two ranks
+  (`--nproc-per-node 2`), whose rows are one process's.
+- The built-in digits name their images by scikit-learn's index: every
+  row's label is `load_digits().target` at that index.
+- An existing file needs --force (and is left alone without it), a
+  missing directory is refused before evaluating, and --force alone is a
+  usage error: one line each.
+"""
+import csv
+import json
+import os
+import re
+import struct
+import subprocess
+
+import torch
+import torchvision
+import torchvision.transforms.functional as F
+from safetensors.torch import load_file
+from sklearn.datasets import load_digits
+from torchvision.io import ImageReadMode, decode_image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.environ.get("VGGCTL_BIN", os.path.join(ROOT, "target", "release", "vggctl"))
+PHOTOS = os.path.join(ROOT, "tests", "fixtures", "photos")
+# The photographs' folders as three WordNet ids (sorted, as torchvision's
+# class indices are), so that training is ImageNet-style.
+WNIDS = {"astronaut": "n01440764", "cat": "n02123045", "coffee": "n03000134"}
+QUOTED = "a, \"quoted\" name.png"
+
+
+def vggctl(*args):
+    return subprocess.run([BIN, *args], capture_output=True, text=True, timeout=300)
+
+
+def metadata(path):
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        return json.loads(f.read(n))["__metadata__"]
+
+
+def imagenet_layout(root):
+    """ImageNet's layout with three PNG photographs per class in train/
+    and val/; the cat's val folder also holds an unreadable file and a
+    PNG whose name needs quoting."""
+    for folder, wnid in WNIDS.items():
+        pngs = sorted(n for n in os.listdir(os.path.join(PHOTOS, folder)) if n.endswith(".png"))
+        for split, names in [("train", pngs[:3]), ("val", pngs[3:6])]:
+            d = root / split / wnid
+            d.mkdir(parents=True)
+            for name in names:
+                (d / name).symlink_to(os.path.join(PHOTOS, folder, name))
+    cat = root / "val" / WNIDS["cat"]
+    (cat / "broken.png").symlink_to(os.path.join(PHOTOS, "cat", "broken.jpg"))
+    (cat / QUOTED).symlink_to(os.path.join(PHOTOS, "coffee", "coffee_01.png"))
+    return root
+
+
+def torchvision_rows(weights, val, resize, crop):
+    """(file, label, probabilities) of each readable image of `val`, in
+    ImageFolder's order, from torchvision's VGG11 with the saved weights."""
+    model = torchvision.models.vgg11()
+    model.avgpool = torch.nn.AdaptiveAvgPool2d(1)
+    model.classifier = torch.nn.Linear(512, len(WNIDS))
+    model.load_state_dict(load_file(weights))
+    model.eval()
+    folder = torchvision.datasets.ImageFolder(str(val), loader=lambda p: p)
+    assert folder.classes == sorted(WNIDS.values())
+    rows = []
+    for path, label in folder.samples:
+        try:
+            img = decode_image(path, mode=ImageReadMode.RGB)
+        except RuntimeError:
+            continue
+        x = F.center_crop(F.resize(img, resize, antialias=True), crop).float() / 255
+        x = F.normalize(x, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+        with torch.no_grad():
+            p = model(x[None]).double().softmax(1)[0]
+        rows.append((path, label, p))
+    return rows
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        r = csv.reader(f)
+        assert next(r) == ["image", "label_index", "label", "predicted_index", "predicted", "probability",
+                           "label_probability", "correct"]
+        return list(r)
+
+
+def check_rows(rows, want, classes, top1):
+    assert [r[0] for r in rows] == [w[0] for w in want]
+    for row, (path, label, p) in zip(rows, want):
+        predicted = int(p.argmax())
+        assert row[1:5] == [str(label), classes[label], str(predicted), classes[predicted]], (row, p)
+        assert abs(float(row[5]) - p[predicted].item()) <= 1e-5, (row, p)
+        assert abs(float(row[6]) - p[label].item()) <= 1e-5, (row, p)
+        assert row[7] == str(int(predicted == label)), row
+    correct = sum(int(r[7]) for r in rows)
+    assert abs(100.0 * correct / len(rows) - top1) <= 1e-9, (correct, len(rows), top1)
+
+
+def test_each_images_prediction_equals_torchvisions(tmp_path):
+    data = imagenet_layout(tmp_path / "imagenet")
+    out = tmp_path / "run"
+    r = vggctl("train", "--arch", "vgg11", "--head", "gap", "--dataset", "imagenet", "--data-dir", str(data),
+               "--input", "64", "--epochs", "1", "--batch-size", "3", "--keep", "last", "--out", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    checkpoint = out / "last.safetensors"
+    meta = metadata(checkpoint)
+    classes = json.loads(meta["class_names"])
+    want = torchvision_rows(checkpoint, data / "val", int(meta["resize"]), 64)
+    assert len(want) == 10 and want[3][0].endswith(QUOTED), [w[0] for w in want]
+
+    runs = {
+        "in memory": [],
+        "streamed": ["--cache-mem", "0", "--workers", "2"],
+        "two ranks": ["--nproc-per-node", "2"],
+    }
+    for name, extra in runs.items():
+        path = tmp_path / f"{name}.csv"
+        r = vggctl("eval", "--checkpoint", str(checkpoint), "--batch-size", "4", "--predictions", str(path),
+                   "--json", *extra)
+        assert r.returncode == 0, (name, r.stderr)
+        report = json.loads(r.stdout)
+        assert report["images"] == 10, (name, report["images"])
+        check_rows(read_csv(path), want, classes, report["top1"])
+    # RFC 4180: the field quoted, its quotes doubled.
+    assert '/a, ""quoted"" name.png",' in (tmp_path / "in memory.csv").read_text()
+
+
+def test_digits_are_named_by_scikit_learns_index(tmp_path):
+    out = tmp_path / "digits"
+    r = vggctl("train", "--arch", "vgg11", "--dataset", "digits", "--epochs", "1", "--limit-train", "32",
+               "--limit-test", "8", "--keep", "last", "--out", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    path = tmp_path / "digits.csv"
+    r = vggctl("eval", "--checkpoint", str(out / "last.safetensors"), "--predictions", str(path))
+    assert r.returncode == 0, r.stderr
+    rows = read_csv(path)
+    target = load_digits().target
+    assert len(rows) == 297
+    for row in rows:
+        index = int(re.fullmatch(r"load_digits\(\)\[(\d+)\]", row[0]).group(1))
+        assert row[1] == row[2] == str(target[index]), row
+
+
+def test_bad_prediction_files_are_refused_before_evaluating(tmp_path):
+    out = tmp_path / "digits"
+    r = vggctl("train", "--arch", "vgg11", "--dataset", "digits", "--epochs", "1", "--limit-train", "16",
+               "--limit-test", "8", "--keep", "last", "--out", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    checkpoint = str(out / "last.safetensors")
+    existing = tmp_path / "old.csv"
+    existing.write_text("keep me\n")
+    r = vggctl("eval", "--checkpoint", checkpoint, "--predictions", str(existing))
+    assert r.returncode == 1 and r.stderr.splitlines() == [
+        f"vggctl: error: {existing} already exists (use --force to overwrite)"], r.stderr
+    assert existing.read_text() == "keep me\n" and r.stdout == ""
+    missing = tmp_path / "nowhere" / "p.csv"
+    r = vggctl("eval", "--checkpoint", checkpoint, "--predictions", str(missing))
+    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert "does not exist" in r.stderr and r.stdout == "" and not missing.parent.exists()
+    r = vggctl("eval", "--checkpoint", checkpoint, "--force")
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "--predictions" in r.stderr, r.stderr
+    r = vggctl("eval", "--checkpoint", checkpoint, "--predictions", str(existing), "--force")
+    assert r.returncode == 0, r.stderr
+    assert len(read_csv(existing)) == 297
+    assert sorted(os.listdir(tmp_path)) == ["digits", "old.csv"]
