@@ -28,7 +28,8 @@ pub struct ModelMeta {
     pub dataset: String,
     /// Evaluation preprocessing: resize the shorter side to this, then take the
     /// central `input_size` square (torchvision's eval transform); `None`
-    /// resizes the whole image to `input_size` square (CIFAR-style models).
+    /// resizes the whole image to `input_size` square (CIFAR-10's and the
+    /// digits' models), or, for a CIFAR-style folder run, see `eval_square`.
     pub resize: Option<i64>,
     /// Epochs completed when written (0 for weights that were never trained here).
     pub epoch: usize,
@@ -44,6 +45,17 @@ const FORMAT: &str = "vggctl-1";
 impl ModelMeta {
     pub fn spec(&self) -> ModelSpec {
         ModelSpec::new(self.arch, self.bn, self.head, self.classes)
+    }
+
+    /// CIFAR-style training on an image folder (`train --dataset folder`)
+    /// evaluates each image's centre square at the input's default resize
+    /// (`input·256/224`, the side its images are kept at), bilinearly
+    /// resized to the input: that square's side. None for other models:
+    /// CIFAR-10's and the digits' images are squares of their own, and
+    /// ImageNet-style models say their `resize`.
+    pub fn eval_square(&self) -> Option<i64> {
+        (self.resize.is_none() && self.dataset == "folder")
+            .then(|| crate::data::image::default_resize(self.input_size))
     }
 
     /// The evaluation transform scaled to the input side `input`

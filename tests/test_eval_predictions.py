@@ -11,6 +11,9 @@
   The same holds for the images held in memory, streamed (`--cache-mem 0`,
   the unreadable file inside a batch) and over two ranks
   (`--nproc-per-node 2`), whose rows are one process's.
+- A CIFAR-style folder run (`train --dataset folder`): `eval`'s rows and
+  `predict`'s probabilities are torchvision's under the transform it
+  evaluated with (the centre square at 32·256/224, resized to 32).
 - The built-in digits name their images by scikit-learn's index: every
   row's label is `load_digits().target` at that index.
 - An existing file needs --force (and is left alone without it), a
@@ -138,6 +141,50 @@ def test_each_images_prediction_equals_torchvisions(tmp_path):
         check_rows(read_csv(path), want, classes, report["top1"])
     # RFC 4180: the field quoted, its quotes doubled.
     assert '/a, ""quoted"" name.png",' in (tmp_path / "in memory.csv").read_text()
+
+
+def test_cifar_style_folder_runs_predict_as_they_evaluate(tmp_path):
+    """`train --dataset folder` (CIFAR-style) evaluates each image's centre
+    square at 36 (32·256/224), bilinearly resized to 32: `eval`'s rows and
+    `predict`'s probabilities are torchvision's under that transform
+    (within 1e-5). Before, predict squeezed the whole image to 32x32."""
+    data = imagenet_layout(tmp_path / "photos")
+    out = tmp_path / "run"
+    r = vggctl("train", "--arch", "vgg11", "--head", "gap", "--dataset", "folder", "--data-dir", str(data / "train"),
+               "--val-dir", str(data / "val"), "--epochs", "1", "--batch-size", "3", "--keep", "last",
+               "--out", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    checkpoint = out / "last.safetensors"
+    meta = metadata(checkpoint)
+    assert meta["input_size"] == "32" and "resize" not in meta, meta
+    model = torchvision.models.vgg11()
+    model.avgpool = torch.nn.AdaptiveAvgPool2d(1)
+    model.classifier = torch.nn.Linear(512, len(WNIDS))
+    model.load_state_dict(load_file(checkpoint))
+    model.eval()
+    folder = torchvision.datasets.ImageFolder(str(data / "val"), loader=lambda p: p)
+    files = [p for p, _ in folder.samples if not p.endswith("broken.png")]
+    want = []
+    for path in files:
+        img = decode_image(path, mode=ImageReadMode.RGB)
+        x = F.center_crop(F.resize(img, 36, antialias=True), 36).float() / 255
+        x = F.normalize(x, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+        x = torch.nn.functional.interpolate(x[None], size=32, mode="bilinear", align_corners=False)
+        with torch.no_grad():
+            want.append(model(x).double().softmax(1)[0])
+
+    path = tmp_path / "p.csv"
+    r = vggctl("eval", "--checkpoint", str(checkpoint), "--predictions", str(path))
+    assert r.returncode == 0, r.stderr
+    rows = read_csv(path)
+    assert [row[0] for row in rows] == files
+    for row, p in zip(rows, want):
+        assert abs(float(row[6]) - p[int(row[1])].item()) <= 1e-5, (row, p)
+    r = vggctl("predict", "--checkpoint", str(checkpoint), "--json", *files)
+    assert r.returncode == 0, r.stderr
+    for got, p in zip(json.loads(r.stdout), want):
+        for t in got["top"]:
+            assert abs(t["probability"] - p[t["index"]].item()) <= 1e-5, (got, p)
 
 
 def test_digits_are_named_by_scikit_learns_index(tmp_path):

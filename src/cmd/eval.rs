@@ -8,6 +8,7 @@ use tch::Device;
 use vggctl::checkpoint::{ModelFile, ModelMeta, meta_for_weights, read_weights};
 use vggctl::data::Dataset;
 use vggctl::data::augment::{Augment, Normalizer, Preprocess};
+use vggctl::data::image::default_resize;
 use vggctl::data::imagenet;
 use vggctl::dist::World;
 use vggctl::eval::{AmongClasses, EvalGraph, Scoring, evaluate};
@@ -324,7 +325,7 @@ fn load_data(
         .input
         .unwrap_or_else(|| meta.map_or(32, |m| m.input_size));
     let resize = meta.and_then(|m| m.clone().at_input(input).resize);
-    let dataset = data.load_test(args.seed, resize.unwrap_or(input * 256 / 224))?;
+    let dataset = data.load_test(args.seed, resize.unwrap_or(default_resize(input)))?;
     let dataset = Dataset {
         test: dataset.test.limit(args.limit_test),
         ..dataset

@@ -117,9 +117,15 @@ pub fn run(args: Args) -> Result<()> {
     let (model, meta) = load_model(&args, device)?;
     check_input(meta.input_size)?;
     let k = args.topk.min(model.spec.classes);
-    // The images arrive resized and cropped (torchvision's eval transform).
+    // The images arrive resized and cropped (torchvision's eval transform),
+    // or as the squares a CIFAR-style folder run evaluated, which are then
+    // resized on the device as its evaluation resized them.
+    let augment = match meta.eval_square() {
+        Some(_) => Augment::CropFlip { padding: 0 },
+        None => Augment::ResizedCrop,
+    };
     let pre = Preprocess::new(
-        Augment::ResizedCrop,
+        augment,
         meta.input_size,
         Normalizer::new(meta.mean, meta.std, device),
     );
@@ -158,12 +164,16 @@ fn classify(
     device: Device,
 ) -> Result<Vec<Prediction>> {
     // Decoding and resizing dominate on the CPU: all cores, one image each.
+    let (resize, crop) = match meta.eval_square() {
+        Some(side) => (Some(side), side),
+        None => (meta.resize, meta.input_size),
+    };
     let batch: Vec<Tensor> = chunk
         .par_iter()
         .map(|p| {
             decode_rgb(p).map(|img| {
                 let size = (img.height() as usize, img.width() as usize);
-                eval_crop(img.as_raw(), size, meta.resize, meta.input_size)
+                eval_crop(img.as_raw(), size, resize, crop)
             })
         })
         .collect::<Vec<_>>()

@@ -308,6 +308,13 @@ pub fn centre_offset(len: i64, size: i64) -> i64 {
     ((len - size) as f64 / 2.0).round_ties_even() as i64
 }
 
+/// The shorter side torchvision's evaluation resizes to before its centre
+/// crop of `input` when nothing else is said: 256 for 224, the same ratio
+/// at other sides.
+pub const fn default_resize(input: i64) -> i64 {
+    input * 256 / 224
+}
+
 /// torchvision's eval transform up to `ToTensor`: `Resize(resize)` (shorter
 /// side) then `CenterCrop(size)`; with `resize` None, the whole image is
 /// resized to `size` x `size`. Returns uint8 `3 x size x size`.

@@ -300,7 +300,8 @@ impl TrainConfig {
     /// crop (and image folders' in-memory copies are kept at), as
     /// torchvision's reference resizes to 256 for a 224 crop.
     pub fn val_resize(&self) -> i64 {
-        self.val_resize_size.unwrap_or(self.input_size * 256 / 224)
+        self.val_resize_size
+            .unwrap_or(crate::data::image::default_resize(self.input_size))
     }
 
     /// MultiStepLR milestones at or past the last epoch, which never apply
