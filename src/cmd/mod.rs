@@ -228,6 +228,9 @@ mod tests {
             "d",
             "--output-dir",
             "o",
+            "--print-freq",
+            "10",
+            "--use-deterministic-algorithms",
         ])
         .unwrap();
         let Some(Command::Train(a)) = tv.command else {
@@ -242,6 +245,8 @@ mod tests {
         assert_eq!(a.data.workers, Some(3));
         assert_eq!(a.data.data_dir.as_deref(), Some(std::path::Path::new("d")));
         assert_eq!(h.out.as_deref(), Some(std::path::Path::new("o")));
+        assert_eq!(h.recipe.log_interval, progress::LogInterval::Steps(10));
+        assert!(h.numerics.deterministic);
     }
 
     /// The list the usage errors use to name a subcommand's help is clap's own.

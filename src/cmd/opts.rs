@@ -210,7 +210,7 @@ pub struct NumericsOpts {
     pub contiguous: bool,
     /// CUDA: deterministic cuDNN algorithms without autotuning
     /// (cudnn.deterministic), so a rerun gives the same numbers; slower.
-    #[arg(long)]
+    #[arg(long, alias = "use-deterministic-algorithms")]
     pub deterministic: bool,
 }
 

@@ -108,6 +108,7 @@ pub struct RecipeOpts {
     /// or every N seconds (`30s`).
     #[arg(
         long,
+        alias = "print-freq",
         default_value = "30s",
         value_name = "N|Ns",
         env = "VGGCTL_LOG_INTERVAL",
