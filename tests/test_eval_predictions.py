@@ -16,9 +16,10 @@
   evaluated with (the centre square at 32·256/224, resized to 32).
 - The built-in digits name their images by scikit-learn's index: every
   row's label is `load_digits().target` at that index.
+- `--predictions -` writes the same CSV on stdout, instead of the report.
 - An existing file needs --force (and is left alone without it), a
-  missing directory is refused before evaluating, and --force alone is a
-  usage error: one line each.
+  missing directory is refused before evaluating, and --force alone or
+  `--predictions -` with `--json` is a usage error: one line each.
 """
 import csv
 import json
@@ -198,6 +199,9 @@ def test_digits_are_named_by_scikit_learns_index(tmp_path):
     rows = read_csv(path)
     target = load_digits().target
     assert len(rows) == 297
+    # `-`: the same CSV on stdout, instead of the report.
+    r = vggctl("eval", "--checkpoint", str(out / "last.safetensors"), "--predictions", "-")
+    assert r.returncode == 0 and r.stdout == path.read_text(), r.stderr
     for row in rows:
         index = int(re.fullmatch(r"load_digits\(\)\[(\d+)\]", row[0]).group(1))
         assert row[1] == row[2] == str(target[index]), row
@@ -221,6 +225,9 @@ def test_bad_prediction_files_are_refused_before_evaluating(tmp_path):
     assert "does not exist" in r.stderr and r.stdout == "" and not missing.parent.exists()
     r = vggctl("eval", "--checkpoint", checkpoint, "--force")
     assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "--predictions" in r.stderr, r.stderr
+    r = vggctl("eval", "--checkpoint", checkpoint, "--predictions", "-", "--json")
+    assert r.returncode == 2 and r.stderr.splitlines() == [
+        "vggctl: error: --predictions - and --json both write to stdout: give --predictions a file"], r.stderr
     r = vggctl("eval", "--checkpoint", checkpoint, "--predictions", str(existing), "--force")
     assert r.returncode == 0, r.stderr
     assert len(read_csv(existing)) == 297

@@ -19,7 +19,7 @@ use vggctl::shim;
 use vggctl::train::run_dir::config_beside;
 
 use super::data_opts::DataOpts;
-use super::eval_report::{Report, SubsetOf, render, write_predictions};
+use super::eval_report::{Report, SubsetOf, predictions_csv, render};
 use super::opts::{DistOpts, GraphOpts, InferenceOpts, ModelOpts, NumericsOpts};
 use super::output::{as_usage, note, print_json, print_out, usage, warn, whole};
 
@@ -53,7 +53,8 @@ pub struct Args {
     only_data_classes: bool,
     /// Write each image's prediction to FILE as CSV: the image (its file,
     /// or its index in the test split), the label's and the prediction's
-    /// class, both classes' probabilities, and whether they agree.
+    /// class, both classes' probabilities, and whether they agree (`-`:
+    /// on stdout, instead of the report).
     #[arg(long, value_name = "FILE")]
     predictions: Option<PathBuf>,
     /// Overwrite an existing --predictions file.
@@ -74,6 +75,11 @@ fn check(args: &Args) -> Result<()> {
     if args.batch_size < 1 {
         return Err(usage("--batch-size must be at least 1"));
     }
+    if args.model.json && args.predictions.as_deref() == Some(Path::new("-")) {
+        return Err(usage(
+            "--predictions - and --json both write to stdout: give --predictions a file",
+        ));
+    }
     if let Some(n) = args.limit_test
         && n < 1
     {
@@ -86,7 +92,7 @@ pub fn run(args: Args) -> Result<()> {
     check(&args)?;
     // Under torchrun, each rank evaluates its part and rank 0 reports the sums.
     let (world, device) = args.dist.join(args.model.device()?)?;
-    if let Some(path) = args.predictions.as_deref().filter(|_| world.is_main()) {
+    if let Some(path) = to_file(&args).filter(|_| world.is_main()) {
         vggctl::fsutil::check_target(path, args.force)?;
     }
     let file = read_weights(&args.checkpoint)?;
@@ -145,15 +151,24 @@ pub fn run(args: Args) -> Result<()> {
         classes: dataset.classes.clone(),
         result,
     };
-    if let Some(path) = &args.predictions {
+    if args.predictions.is_some() {
         let names = meta.as_ref().map(|m| m.class_names.as_slice());
-        write_predictions(path, &report.result.each, &dataset, names)?;
+        let csv = predictions_csv(&report.result.each, &dataset, names);
+        match to_file(&args) {
+            Some(path) => vggctl::fsutil::write_atomic_bytes(path, csv.as_bytes())?,
+            None => return print_out(&csv),
+        }
     }
     if args.model.json {
         print_json(&report)
     } else {
         print_out(&render(&report))
     }
+}
+
+/// The file `--predictions` names (not `-`, stdout).
+fn to_file(args: &Args) -> Option<&Path> {
+    args.predictions.as_deref().filter(|p| *p != Path::new("-"))
 }
 
 /// The model a weights file holds and how to feed it: from vggctl's

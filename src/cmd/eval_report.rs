@@ -2,14 +2,11 @@
 //! confusion matrix on stdout, or `--json`), and each image's prediction
 //! in a CSV file (`--predictions`).
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::{Context, Result};
 use serde::Serialize;
 use vggctl::data::Dataset;
 use vggctl::eval::{EvalResult, ImagePrediction};
-use vggctl::fsutil::write_atomic;
 
 #[derive(Serialize, Clone)]
 pub(super) struct Report {
@@ -179,48 +176,38 @@ fn matrix(r: &Report, labels: Vec<String>, w: usize) -> String {
 const CSV_HEADER: &str =
     "image,label_index,label,predicted_index,predicted,probability,label_probability,correct";
 
-/// Writes each image's prediction to `path` as CSV, in the test split's
-/// order: the image (its file, or its index in the split), the label's
-/// and the prediction's class index and name, the softmax probabilities
-/// of the prediction and of the label, and 1 where they agree. Indices are
-/// the data's classes; a prediction of a class the data lacks (over some
-/// of the model's classes) has no index and the model's name for it
+/// Each image's prediction as CSV, in the test split's order: the image
+/// (its file, or its index in the split), the label's and the
+/// prediction's class index and name, the softmax probabilities of the
+/// prediction and of the label, and 1 where they agree. Indices are the
+/// data's classes; a prediction of a class the data lacks (over some of
+/// the model's classes) has no index and the model's name for it
 /// (`model_names`, else `model class N`).
-pub(super) fn write_predictions(
-    path: &Path,
+pub(super) fn predictions_csv(
     each: &[ImagePrediction],
     dataset: &Dataset,
     model_names: Option<&[String]>,
-) -> Result<()> {
+) -> String {
     let classes = &dataset.classes;
-    let shown = path.display().to_string();
-    write_atomic(path, |w| {
-        let mut text = format!("{CSV_HEADER}\n");
-        for p in each {
-            let (index, name) = match classes.get(p.predicted as usize) {
-                Some(name) => (p.predicted.to_string(), name.clone()),
-                None => (String::new(), model_class_name(p.model_class, model_names)),
-            };
-            let label = classes.get(p.label as usize).cloned().unwrap_or_default();
-            text += &format!(
-                "{},{},{},{index},{},{:.6},{:.6},{}\n",
-                csv_field(&dataset.test_image(p.index)),
-                p.label,
-                csv_field(&label),
-                csv_field(&name),
-                p.probability,
-                p.label_probability,
-                u8::from(p.predicted == p.label)
-            );
-            if text.len() > 1 << 16 {
-                w.write_all(text.as_bytes())
-                    .with_context(|| format!("writing {shown}"))?;
-                text.clear();
-            }
-        }
-        w.write_all(text.as_bytes())
-            .with_context(|| format!("writing {shown}"))
-    })
+    let mut text = format!("{CSV_HEADER}\n");
+    for p in each {
+        let (index, name) = match classes.get(p.predicted as usize) {
+            Some(name) => (p.predicted.to_string(), name.clone()),
+            None => (String::new(), model_class_name(p.model_class, model_names)),
+        };
+        let label = classes.get(p.label as usize).cloned().unwrap_or_default();
+        text += &format!(
+            "{},{},{},{index},{},{:.6},{:.6},{}\n",
+            csv_field(&dataset.test_image(p.index)),
+            p.label,
+            csv_field(&label),
+            csv_field(&name),
+            p.probability,
+            p.label_probability,
+            u8::from(p.predicted == p.label)
+        );
+    }
+    text
 }
 
 fn model_class_name(class: i64, names: Option<&[String]>) -> String {
