@@ -11,11 +11,15 @@ the same pixels) at torchvision's evaluation transform:
   `other` column (predicted as a class the data lacks) equal PyTorch's.
   `--only-data-classes` (ImageNet-A/-R's protocol, the others' logits left
   out): loss and confusion matrix equal PyTorch's on `logits[:, indices]`.
+  `--predictions`, both ways: each image's predicted class (a class the
+  data lacks by torchvision's name, without an index) and both
+  probabilities (within 1e-5) are PyTorch's.
 - eval reads DIR/val (or --val-dir) only: no train/ folder exists here.
 - A folder named by torchvision's names maps by name, in the folder's
   sorted order; a name the model does not have is one error line naming
   it, and a WordNet id says to read ImageNet's layout.
 """
+import csv
 import json
 import os
 import subprocess
@@ -80,6 +84,11 @@ def setting(tmp_path_factory):
     return root, weights, logits, torch.tensor(ys)
 
 
+def read_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def confusion(ys, preds, columns):
     m = torch.zeros(len(SUBSET), columns, dtype=torch.long)
     for y, p in zip(ys.tolist(), preds.tolist()):
@@ -91,7 +100,7 @@ def test_imagenet_ids_map_to_the_models_indices(setting):
     root, weights, logits, ys = setting
     indices = torch.tensor([i for _, i, _, _ in SUBSET])
     r = vggctl("eval", "--checkpoint", str(weights), "--dataset", "imagenet", "--data-dir", "imagenet",
-               "--device", "cpu", "--json", cwd=root)
+               "--device", "cpu", "--json", "--predictions", "all.csv", cwd=root)
     assert r.returncode == 0, r.stderr
     ours = json.loads(r.stdout)
     assert ours["classes"] == [n for _, _, n, _ in SUBSET]
@@ -109,10 +118,23 @@ def test_imagenet_ids_map_to_the_models_indices(setting):
     top5 = (logits.topk(5, 1).indices == indices[ys].unsqueeze(1)).any(1).sum().item()
     assert abs(ours["top5"] - 100 * top5 / len(ys)) < 1e-9
     assert abs(ours["top1"] - 100 * (preds == ys).sum().item() / len(ys)) < 1e-9
+    # Each image's row: a class the data lacks has no index and the
+    # model's (torchvision's) name.
+    names = torchvision.models.VGG11_Weights.IMAGENET1K_V1.meta["categories"]
+    probs = logits.double().softmax(1)
+    rows = read_rows(root / "all.csv")
+    assert len(rows) == len(ys)
+    for row, y, m, p in zip(rows, ys.tolist(), logits.argmax(1).tolist(), probs):
+        index = str(back[m]) if m in back else ""
+        assert row["label_index"] == str(y) and row["label"] == SUBSET[y][2], row
+        assert (row["predicted_index"], row["predicted"]) == (index, names[m]), (row, m)
+        assert abs(float(row["probability"]) - p[m].item()) <= 1e-5, (row, p[m])
+        assert abs(float(row["label_probability"]) - p[indices[y]].item()) <= 1e-5, row
+    assert any(row["predicted_index"] == "" for row in rows)
 
     # Among the data's classes only.
     r = vggctl("eval", "--checkpoint", str(weights), "--dataset", "imagenet", "--val-dir", "imagenet/val",
-               "--only-data-classes", "--device", "cpu", "--json", cwd=root)
+               "--only-data-classes", "--device", "cpu", "--json", "--predictions", "among.csv", cwd=root)
     assert r.returncode == 0, r.stderr
     ours = json.loads(r.stdout)
     assert ours["subset_of_model"]["predicted_among"] == "data"
@@ -120,6 +142,11 @@ def test_imagenet_ids_map_to_the_models_indices(setting):
     loss = torch.nn.functional.cross_entropy(among, ys).item()
     assert abs(ours["loss"] - loss) <= 1e-5 * loss, (ours["loss"], loss)
     assert ours["confusion"] == confusion(ys, among.argmax(1), len(SUBSET))
+    probs = among.double().softmax(1)
+    for row, y, m, p in zip(read_rows(root / "among.csv"), ys.tolist(), among.argmax(1).tolist(), probs):
+        assert (row["predicted_index"], row["predicted"]) == (str(m), SUBSET[m][2]), row
+        assert abs(float(row["probability"]) - p[m].item()) <= 1e-5, (row, p)
+        assert abs(float(row["label_probability"]) - p[y].item()) <= 1e-5, (row, p)
 
     # The table says how it was scored.
     r = vggctl("eval", "--checkpoint", str(weights), "--dataset", "imagenet", "--data-dir", "imagenet",
