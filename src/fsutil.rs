@@ -218,11 +218,11 @@ pub fn check_target(path: &Path, force: bool) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
         && !dir.is_dir()
     {
-        bail!(
-            "{}: directory {} does not exist",
-            path.display(),
-            dir.display()
-        );
+        let (shown, dir_shown) = (path.display(), dir.display());
+        match dir.exists() {
+            true => bail!("{shown}: {dir_shown} is not a directory"),
+            false => bail!("{shown}: directory {dir_shown} does not exist"),
+        }
     }
     Ok(())
 }

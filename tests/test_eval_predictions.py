@@ -18,7 +18,8 @@
   row's label is `load_digits().target` at that index.
 - `--predictions -` writes the same CSV on stdout, instead of the report.
 - An existing file needs --force (and is left alone without it), a
-  missing directory is refused before evaluating, and --force alone or
+  missing directory or a file as the directory is refused before
+  evaluating, and --force alone or
   `--predictions -` with `--json` is a usage error: one line each.
 """
 import csv
@@ -223,6 +224,9 @@ def test_bad_prediction_files_are_refused_before_evaluating(tmp_path):
     r = vggctl("eval", "--checkpoint", checkpoint, "--predictions", str(missing))
     assert r.returncode == 1 and len(r.stderr.splitlines()) == 1, r.stderr
     assert "does not exist" in r.stderr and r.stdout == "" and not missing.parent.exists()
+    r = vggctl("eval", "--checkpoint", checkpoint, "--predictions", str(existing / "p.csv"))
+    assert r.returncode == 1 and r.stderr.splitlines() == [
+        f"vggctl: error: {existing}/p.csv: {existing} is not a directory"], r.stderr
     r = vggctl("eval", "--checkpoint", checkpoint, "--force")
     assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "--predictions" in r.stderr, r.stderr
     r = vggctl("eval", "--checkpoint", checkpoint, "--predictions", "-", "--json")
