@@ -28,8 +28,7 @@ pub struct ModelMeta {
     pub dataset: String,
     /// Evaluation preprocessing: resize the shorter side to this, then take the
     /// central `input_size` square (torchvision's eval transform); `None`
-    /// resizes the whole image to `input_size` square (CIFAR-10's and the
-    /// digits' models), or, for a CIFAR-style folder run, see `eval_square`.
+    /// means a CIFAR-style model (see `host_crop`).
     pub resize: Option<i64>,
     /// Epochs completed when written (0 for weights that were never trained here).
     pub epoch: usize,
@@ -47,15 +46,26 @@ impl ModelMeta {
         ModelSpec::new(self.arch, self.bn, self.head, self.classes)
     }
 
-    /// CIFAR-style training on an image folder (`train --dataset folder`)
-    /// evaluates each image's centre square at the input's default resize
-    /// (`input·256/224`, the side its images are kept at), bilinearly
-    /// resized to the input: that square's side. None for other models:
-    /// CIFAR-10's and the digits' images are squares of their own, and
-    /// ImageNet-style models say their `resize`.
-    pub fn eval_square(&self) -> Option<i64> {
-        (self.resize.is_none() && self.dataset == "folder")
-            .then(|| crate::data::image::default_resize(self.input_size))
+    /// What an image becomes on the host before the device resizes it to
+    /// the input, as this model's evaluation saw its images: the shorter
+    /// side's resize (None: the whole image squeezed) and the centre crop's
+    /// side. ImageNet-style models: torchvision's `Resize` + `CenterCrop` at
+    /// the input. CIFAR-style training on an image folder (`train --dataset
+    /// folder`): the centre square at the input's default resize (the side
+    /// its images are kept at). CIFAR-10's and the digits' models: the
+    /// whole image at their 32x32, upsampled to the input as their
+    /// training images were.
+    pub fn host_crop(&self) -> (Option<i64>, i64) {
+        use crate::data::{cifar, digits, image::default_resize};
+        match (self.resize, self.dataset.as_str()) {
+            (Some(r), _) => (Some(r), self.input_size),
+            (None, "folder") => {
+                let side = default_resize(self.input_size);
+                (Some(side), side)
+            }
+            (None, "digits") => (None, digits::SIDE),
+            (None, _) => (None, cifar::SIDE),
+        }
     }
 
     /// The evaluation transform scaled to the input side `input`

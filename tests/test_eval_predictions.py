@@ -14,6 +14,9 @@
 - A CIFAR-style folder run (`train --dataset folder`): `eval`'s rows and
   `predict`'s probabilities are torchvision's under the transform it
   evaluated with (the centre square at 32·256/224, resized to 32).
+- A CIFAR-10 model at --input 64: `predict` squeezes an image to 32x32
+  and upsamples it as training did (CIFAR's test images: `eval`'s rows; a
+  photograph: torchvision's under that transform).
 - The built-in digits name their images by scikit-learn's index: every
   row's label is `load_digits().target` at that index.
 - `--predictions -` writes the same CSV on stdout, instead of the report.
@@ -25,6 +28,7 @@
 import csv
 import json
 import os
+import pickle
 import re
 import struct
 import subprocess
@@ -187,6 +191,54 @@ def test_cifar_style_folder_runs_predict_as_they_evaluate(tmp_path):
     for got, p in zip(json.loads(r.stdout), want):
         for t in got["top"]:
             assert abs(t["probability"] - p[t["index"]].item()) <= 1e-5, (got, p)
+
+
+def test_cifar_models_predict_at_their_32_pixels(tmp_path):
+    """A CIFAR-10 model trained at --input 64 saw 32x32 images upsampled
+    (bilinear) to 64: `predict` squeezes an image to 32x32 and upsamples it
+    the same way, so its probabilities for CIFAR's own test images (as PNG
+    files) are `eval`'s rows, and for a photograph torchvision's under
+    `Resize((32, 32))` + bilinear upsampling (within 1e-5). Before, it
+    resized straight to 64."""
+    out = tmp_path / "run"
+    r = vggctl("train", "--arch", "vgg11", "--head", "gap", "--dataset", "cifar10", "--data-dir",
+               os.path.join(ROOT, "tests", "fixtures", "digits-py"), "--input", "64", "--epochs", "1",
+               "--limit-train", "32", "--limit-test", "8", "--keep", "last", "--out", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    checkpoint = out / "last.safetensors"
+    path = tmp_path / "p.csv"
+    r = vggctl("eval", "--checkpoint", str(checkpoint), "--limit-test", "8", "--predictions", str(path))
+    assert r.returncode == 0, r.stderr
+    rows = read_csv(path)
+    assert [row[0] for row in rows] == [str(i) for i in range(8)]
+    with open(os.path.join(ROOT, "tests", "fixtures", "digits-py", "cifar-10-batches-py", "test_batch"), "rb") as f:
+        batch = pickle.load(f, encoding="latin1")
+    pngs = []
+    for i in range(8):
+        pngs.append(str(tmp_path / f"test_{i}.png"))
+        torchvision.io.write_png(torch.from_numpy(batch["data"][i].reshape(3, 32, 32)), pngs[-1])
+        assert batch["labels"][i] == int(rows[i][1])
+    photo = os.path.join(PHOTOS, "cat", "cat_01.png")
+    r = vggctl("predict", "--checkpoint", str(checkpoint), "--json", "--topk", "10", *pngs, photo)
+    assert r.returncode == 0, r.stderr
+    got = [{t["index"]: t["probability"] for t in p["top"]} for p in json.loads(r.stdout)]
+    for row, probs in zip(rows, got):
+        assert abs(probs[int(row[3])] - float(row[5])) <= 1e-5, (row, probs)
+        assert abs(probs[int(row[1])] - float(row[6])) <= 1e-5, (row, probs)
+
+    meta = metadata(checkpoint)
+    model = torchvision.models.vgg11()
+    model.avgpool = torch.nn.AdaptiveAvgPool2d(1)
+    model.classifier = torch.nn.Linear(512, 10)
+    model.load_state_dict(load_file(checkpoint))
+    model.eval()
+    img = decode_image(photo, mode=ImageReadMode.RGB)
+    x = F.resize(img, [32, 32], antialias=True).float() / 255
+    x = F.normalize(x, json.loads(meta["mean"]), json.loads(meta["std"]))
+    x = torch.nn.functional.interpolate(x[None], size=64, mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        want = model(x).double().softmax(1)[0]
+    assert all(abs(got[-1][i] - want[i].item()) <= 1e-5 for i in range(10)), (got[-1], want)
 
 
 def test_digits_are_named_by_scikit_learns_index(tmp_path):

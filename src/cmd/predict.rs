@@ -118,11 +118,11 @@ pub fn run(args: Args) -> Result<()> {
     check_input(meta.input_size)?;
     let k = args.topk.min(model.spec.classes);
     // The images arrive resized and cropped (torchvision's eval transform),
-    // or as the squares a CIFAR-style folder run evaluated, which are then
-    // resized on the device as its evaluation resized them.
-    let augment = match meta.eval_square() {
-        Some(_) => Augment::CropFlip { padding: 0 },
-        None => Augment::ResizedCrop,
+    // or, for CIFAR-style models, as the squares their evaluation read,
+    // which the device then resizes to the input as it did.
+    let augment = match meta.host_crop().1 == meta.input_size {
+        true => Augment::ResizedCrop,
+        false => Augment::CropFlip { padding: 0 },
     };
     let pre = Preprocess::new(
         augment,
@@ -164,10 +164,7 @@ fn classify(
     device: Device,
 ) -> Result<Vec<Prediction>> {
     // Decoding and resizing dominate on the CPU: all cores, one image each.
-    let (resize, crop) = match meta.eval_square() {
-        Some(side) => (Some(side), side),
-        None => (meta.resize, meta.input_size),
-    };
+    let (resize, crop) = meta.host_crop();
     let batch: Vec<Tensor> = chunk
         .par_iter()
         .map(|p| {

@@ -21,7 +21,8 @@ pub const STD: [f64; 3] = [0.2470, 0.2435, 0.2616];
 pub const PY_DIR: &str = "cifar-10-batches-py";
 pub const BIN_DIR: &str = "cifar-10-batches-bin";
 
-const SIDE: i64 = 32;
+/// The images' side.
+pub const SIDE: i64 = 32;
 const PIXELS: usize = 3 * 32 * 32;
 const RECORD: usize = 1 + PIXELS;
 const CLASSES: i64 = 10;
