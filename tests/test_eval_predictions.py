@@ -16,7 +16,8 @@
   evaluated with (the centre square at 32·256/224, resized to 32).
 - A CIFAR-10 model at --input 64: `predict` squeezes an image to 32x32
   and upsamples it as training did (CIFAR's test images: `eval`'s rows; a
-  photograph: torchvision's under that transform).
+  photograph: torchvision's under that transform), and `eval` on an
+  image folder reads photographs as `predict` does.
 - The built-in digits name their images by scikit-learn's index: every
   row's label is `load_digits().target` at that index.
 - `--predictions -` writes the same CSV on stdout, instead of the report.
@@ -199,7 +200,8 @@ def test_cifar_models_predict_at_their_32_pixels(tmp_path):
     the same way, so its probabilities for CIFAR's own test images (as PNG
     files) are `eval`'s rows, and for a photograph torchvision's under
     `Resize((32, 32))` + bilinear upsampling (within 1e-5). Before, it
-    resized straight to 64."""
+    resized straight to 64. `eval` of the model on an image folder reads
+    the photographs the same way: its rows are predict's."""
     out = tmp_path / "run"
     r = vggctl("train", "--arch", "vgg11", "--head", "gap", "--dataset", "cifar10", "--data-dir",
                os.path.join(ROOT, "tests", "fixtures", "digits-py"), "--input", "64", "--epochs", "1",
@@ -239,6 +241,26 @@ def test_cifar_models_predict_at_their_32_pixels(tmp_path):
     with torch.no_grad():
         want = model(x).double().softmax(1)[0]
     assert all(abs(got[-1][i] - want[i].item()) <= 1e-5 for i in range(10)), (got[-1], want)
+
+    # On an image folder (three of its classes, by name), eval reads each
+    # photograph as predict does: its rows' probabilities are predict's.
+    names = json.loads(meta["class_names"])
+    for cls, folder in zip(names[:3], ["astronaut", "cat", "coffee"]):
+        (tmp_path / "mine" / cls).mkdir(parents=True)
+        for name in sorted(n for n in os.listdir(os.path.join(PHOTOS, folder)) if n.endswith(".png"))[:3]:
+            (tmp_path / "mine" / cls / name).symlink_to(os.path.join(PHOTOS, folder, name))
+    path = tmp_path / "mine.csv"
+    r = vggctl("eval", "--checkpoint", str(checkpoint), "--dataset", "folder", "--val-dir", str(tmp_path / "mine"),
+               "--predictions", str(path))
+    assert r.returncode == 0, r.stderr
+    rows = read_csv(path)
+    assert len(rows) == 9
+    r = vggctl("predict", "--checkpoint", str(checkpoint), "--json", "--topk", "10", *[row[0] for row in rows])
+    assert r.returncode == 0, r.stderr
+    for row, p in zip(rows, json.loads(r.stdout)):
+        probs = {t["index"]: t["probability"] for t in p["top"]}
+        assert abs(probs[names.index(row[4])] - float(row[5])) <= 1e-5, (row, probs)
+        assert abs(probs[names.index(row[2])] - float(row[6])) <= 1e-5, (row, probs)
 
 
 def test_digits_are_named_by_scikit_learns_index(tmp_path):

@@ -340,6 +340,15 @@ fn load_data(
         .input
         .unwrap_or_else(|| meta.map_or(32, |m| m.input_size));
     let resize = meta.and_then(|m| m.clone().at_input(input).resize);
+    // A CIFAR-10 or digits model on an image folder reads each image as
+    // predict does, squeezed whole to its 32x32: only streaming can.
+    let squeeze = match meta.map(ModelMeta::host_crop) {
+        Some((None, side)) if matches!(data.dataset(), "folder" | "imagenet") => Some(side),
+        _ => None,
+    };
+    if squeeze.is_some() {
+        data.cache_mem = Some(0);
+    }
     let dataset = data.load_test(args.seed, resize.unwrap_or(default_resize(input)))?;
     let dataset = Dataset {
         test: dataset.test.limit(args.limit_test),
@@ -350,6 +359,7 @@ fn load_data(
         Some(_) => Augment::ResizedCrop,
         None => Augment::CropFlip { padding: 4 },
     };
-    let pre = Preprocess::new(augment, input, Normalizer::new(mean, std, device));
+    let mut pre = Preprocess::new(augment, input, Normalizer::new(mean, std, device));
+    pre.eval_squeeze = squeeze;
     Ok((dataset, pre))
 }

@@ -280,6 +280,9 @@ pub enum Transform {
     Eval { size: i64 },
     /// `RandomResizedCrop(size)` + `RandomHorizontalFlip` with the job's draws.
     Random { size: i64 },
+    /// `Resize((size, size))`: the whole image squeezed, as a CIFAR-10 or
+    /// digits model's own images are (evaluating one on an image folder).
+    Squeeze { size: i64 },
 }
 
 /// How a dataset's uint8 batches become the model's input.
@@ -314,6 +317,10 @@ pub struct Preprocess {
     /// AugMix after the crop and flip (or, with `plain_training`, after the
     /// evaluation crop), before normalization.
     pub auto_augment: Option<AutoAugment>,
+    /// Streamed evaluation reads each image whole, squeezed to this side
+    /// (a CIFAR-10 or digits model on an image folder), instead of its
+    /// centre square.
+    pub eval_squeeze: Option<i64>,
 }
 
 impl Preprocess {
@@ -325,6 +332,7 @@ impl Preprocess {
             norm,
             plain_training: false,
             auto_augment: None,
+            eval_squeeze: None,
         }
     }
 
@@ -408,6 +416,9 @@ impl Preprocess {
     /// in-memory batch would hold before [`Preprocess::batch`].
     pub fn stream_transform(&self, train: bool) -> Transform {
         match self.augment {
+            Augment::CropFlip { .. } if !train && let Some(size) = self.eval_squeeze => {
+                Transform::Squeeze { size }
+            }
             Augment::CropFlip { .. } => Transform::Square,
             Augment::ResizedCrop if train && !self.plain_training => Transform::Random {
                 size: self.train_side,

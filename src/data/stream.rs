@@ -185,6 +185,9 @@ impl Streamed {
                 }
                 (img, resize)
             }
+            (Transform::Squeeze { size }, _) => {
+                self.decode(i, |h, w| eval_window((h as usize, w as usize), None, size))?
+            }
             (Transform::Random { size }, Some(d)) => self.decode(i, |h, w| {
                 let s = size as usize;
                 let [top, left, h, w] = crop_box(d, h, w).map(|v| v as usize);
@@ -208,7 +211,9 @@ impl Streamed {
     fn out_side(&self, transform: Transform) -> i64 {
         match transform {
             Transform::Square => self.side,
-            Transform::Eval { size } | Transform::Random { size } => size,
+            Transform::Eval { size } | Transform::Random { size } | Transform::Squeeze { size } => {
+                size
+            }
         }
     }
 
