@@ -10,6 +10,8 @@ use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Tensor};
 
+use crate::choice::Choice;
+use crate::data::resize::Filter;
 use crate::formats::Sniffed;
 use crate::formats::safetensors::{read_safetensors, write_safetensors};
 use crate::model::{Arch, Head, ModelSpec, SpecRequest, Values, Vgg};
@@ -30,6 +32,10 @@ pub struct ModelMeta {
     /// central `input_size` square (torchvision's eval transform); `None`
     /// means a CIFAR-style model (see `host_crop`).
     pub resize: Option<i64>,
+    /// The filter of those resizes (`--interpolation`; recorded only when
+    /// not bilinear, which files without it were).
+    #[serde(default)]
+    pub interpolation: Filter,
     /// Epochs completed when written (0 for weights that were never trained here).
     pub epoch: usize,
     /// Test top-1 accuracy (percent) at that epoch, if evaluated.
@@ -106,6 +112,9 @@ impl ModelMeta {
         if let Some(r) = self.resize {
             m.insert("resize".into(), r.to_string());
         }
+        if self.interpolation != Filter::Bilinear {
+            m.insert("interpolation".into(), self.interpolation.name().into());
+        }
         m.insert("epoch".into(), self.epoch.to_string());
         if let Some(a) = self.accuracy {
             m.insert("accuracy".into(), format!("{a}"));
@@ -138,6 +147,10 @@ impl ModelMeta {
             input_size: num("input_size")?,
             dataset: get("dataset")?.clone(),
             resize: m.get("resize").and_then(|r| r.parse().ok()),
+            interpolation: match m.get("interpolation") {
+                Some(f) => crate::choice::parse("metadata 'interpolation'", f)?,
+                None => Filter::Bilinear,
+            },
             epoch: num("epoch")? as usize,
             accuracy: m.get("accuracy").and_then(|a| a.parse().ok()),
         };
@@ -340,6 +353,7 @@ pub fn meta_for_weights(spec: ModelSpec) -> ModelMeta {
         input_size: if imagenet { 224 } else { 32 },
         dataset: if imagenet { "imagenet" } else { "cifar10" }.into(),
         resize: imagenet.then_some(256),
+        interpolation: Filter::Bilinear,
         epoch: 0,
         accuracy: None,
     }

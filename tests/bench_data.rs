@@ -39,6 +39,7 @@ fn split(data: PathBuf, workers: usize) -> Streamed {
         val_split: 0.1,
         seed: 0,
         cache_size: 256,
+        filter: Default::default(),
         cache_dir: None,
         strict: false,
         cache_mem: 0,

@@ -15,6 +15,7 @@ use std::path::Path;
 use tch::{Device, Kind, Tensor};
 use vggctl::data::augment::{Normalizer, crop_flip, random_crop_flip, resized_crop_flip};
 use vggctl::data::cifar;
+use vggctl::data::resize::Filter;
 use vggctl::data::resized_crop::{CropBoxes, random_resized_boxes};
 use vggctl::formats::safetensors::read_safetensors;
 
@@ -385,11 +386,16 @@ fn resized_crops_match_torchvision() {
         width: boxes.select(1, 3),
     };
     let flip = refs["flip"].to_kind(Kind::Bool);
-    let got = resized_crop_flip(&refs["images"], &boxes, &flip, 32);
-    assert_eq!(got.size(), refs["expected"].size());
-    // Pixel values 0-255; float rounding of the source positions only.
-    let err = (&got - &refs["expected"]).abs().max().double_value(&[]);
-    assert!(err < 1e-3, "max abs error {err}");
+    for (filter, expected) in [
+        (Filter::Bilinear, "expected"),
+        (Filter::Bicubic, "expected_bicubic"),
+    ] {
+        let got = resized_crop_flip(&refs["images"], &boxes, &flip, (32, filter));
+        assert_eq!(got.size(), refs[expected].size());
+        // Pixel values 0-255; float rounding of the source positions only.
+        let err = (&got - &refs[expected]).abs().max().double_value(&[]);
+        assert!(err < 1e-3, "{filter:?}: max abs error {err}");
+    }
 }
 
 #[test]

@@ -18,6 +18,7 @@ use vggctl::data::Images;
 use vggctl::data::augment::{Transform, canvas_centre_crop, random_canvas_crop_flip};
 use vggctl::data::folder::{FolderOptions, load};
 use vggctl::data::image::{eval_transform, read_image};
+use vggctl::data::resize::Filter;
 use vggctl::data::resized_crop::draw_resized_crops;
 use vggctl::data::stream::{InOrder, Job, Loader, Streamed};
 
@@ -61,6 +62,10 @@ fn binary_hooks() {
 }
 
 fn options(root: &Path, cache_mem: u64, strict: bool) -> FolderOptions {
+    filtered(root, cache_mem, strict, Filter::Bilinear)
+}
+
+fn filtered(root: &Path, cache_mem: u64, strict: bool, filter: Filter) -> FolderOptions {
     binary_hooks();
     FolderOptions {
         dir: root.to_path_buf(),
@@ -69,6 +74,7 @@ fn options(root: &Path, cache_mem: u64, strict: bool) -> FolderOptions {
         val_split: 0.1,
         seed: 0,
         cache_size: SIDE,
+        filter,
         cache_dir: None,
         strict,
         cache_mem,
@@ -88,14 +94,20 @@ fn streamed(images: &Images) -> &Streamed {
 /// The same seed: each streamed crop (decoded, cropped, resized and
 /// flipped by a worker, rounded to uint8) is within half a level of the
 /// in-memory batch's float crop of the same image, and the generator goes
-/// on from the same state.
+/// on from the same state; bilinear and bicubic.
 #[test]
 fn streamed_crops_are_the_in_memory_crops_of_the_same_seed() {
     let tmp = common::tempdir();
     photo_folder(tmp.path());
+    for filter in [Filter::Bilinear, Filter::Bicubic] {
+        same_crops_streamed_and_in_memory(tmp.path(), filter);
+    }
+}
+
+fn same_crops_streamed_and_in_memory(root: &Path, filter: Filter) {
     let warn = &mut |w: String| panic!("{w}");
-    let memory = load(&options(tmp.path(), u64::MAX, true), warn).unwrap();
-    let stream = load(&options(tmp.path(), 0, true), warn).unwrap();
+    let memory = load(&filtered(root, u64::MAX, true, filter), warn).unwrap();
+    let stream = load(&filtered(root, 0, true, filter), warn).unwrap();
     let split = memory.train.as_resident().unwrap();
     let files = streamed(&stream.train);
     let n = split.len();
@@ -104,7 +116,8 @@ fn streamed_crops_are_the_in_memory_crops_of_the_same_seed() {
     let mut previous: Option<Tensor> = None;
     for seed in 0..6 {
         tch::manual_seed(seed);
-        let expected = random_canvas_crop_flip(&split.images, split.layout.as_ref().unwrap(), 56);
+        let layout = split.layout.as_ref().unwrap();
+        let expected = random_canvas_crop_flip(&split.images, layout, (56, filter));
         let next_in_memory = Tensor::rand([4], (Kind::Float, tch::Device::Cpu));
         tch::manual_seed(seed);
         let draws = draw_resized_crops(n);
@@ -124,7 +137,10 @@ fn streamed_crops_are_the_in_memory_crops_of_the_same_seed() {
             .abs()
             .max()
             .double_value(&[]);
-        assert!(diff <= 0.501, "seed {seed}: {diff} levels apart");
+        assert!(
+            diff <= 0.501,
+            "{filter:?}, seed {seed}: {diff} levels apart"
+        );
         // Different seeds, different crops.
         if let Some(p) = &previous {
             assert!(!p.equal(&images));
@@ -134,14 +150,21 @@ fn streamed_crops_are_the_in_memory_crops_of_the_same_seed() {
 }
 
 /// Streamed evaluation batches are `predict`'s transform of each file and
-/// the in-memory canvases' centre crops, bit for bit, in order.
+/// the in-memory canvases' centre crops, bit for bit, in order; bilinear
+/// and bicubic.
 #[test]
 fn streamed_evaluation_crops_are_predicts() {
     let tmp = common::tempdir();
     let paths = photo_folder(tmp.path());
+    for filter in [Filter::Bilinear, Filter::Bicubic] {
+        same_evaluation_crops(tmp.path(), &paths, filter);
+    }
+}
+
+fn same_evaluation_crops(root: &Path, paths: &[PathBuf], filter: Filter) {
     let warn = &mut |w: String| panic!("{w}");
-    let memory = load(&options(tmp.path(), u64::MAX, true), warn).unwrap();
-    let stream = load(&options(tmp.path(), 0, true), warn).unwrap();
+    let memory = load(&filtered(root, u64::MAX, true, filter), warn).unwrap();
+    let stream = load(&filtered(root, 0, true, filter), warn).unwrap();
     let split = memory.test.as_resident().unwrap();
     let canvas = canvas_centre_crop(&split.images, split.layout.as_ref().unwrap(), 56);
     let mut batches = InOrder::new(
@@ -162,11 +185,15 @@ fn streamed_evaluation_crops_are_predicts() {
     );
     let got = Tensor::cat(&got, 0);
     assert!(got.equal(&canvas));
-    let mut sorted = paths.clone();
+    let mut sorted = paths.to_vec();
     sorted.sort();
     for (i, p) in sorted.iter().enumerate() {
-        let predict = eval_transform(&read_image(p).unwrap(), Some(SIDE), 56);
-        assert!(got.get(i as i64).equal(&predict), "{}", p.display());
+        let predict = eval_transform(&read_image(p).unwrap(), Some(SIDE), 56, filter);
+        assert!(
+            got.get(i as i64).equal(&predict),
+            "{filter:?}: {}",
+            p.display()
+        );
     }
 }
 

@@ -384,20 +384,33 @@ fn cached_folder_images_are_exactly_what_predict_sees() {
     use vggctl::data::augment::{LAYOUT, canvas_centre_crop, canvas_width};
     use vggctl::data::folder::decode_canvas;
     use vggctl::data::image::{eval_transform, read_image};
+    use vggctl::data::resize::Filter;
     let tmp = common::tempdir();
     let mut paths = photos_of_every_shape(tmp.path());
     paths.push(PathBuf::from(fixture("photos/coffee/coffee_03.jpg")));
-    for (side, crop) in [(256, 224), (73, 64), (109, 96)] {
+    let sides = [
+        (256, 224, Filter::Bilinear),
+        (73, 64, Filter::Bilinear),
+        (109, 96, Filter::Bilinear),
+        (256, 224, Filter::Bicubic),
+        (73, 64, Filter::Bicubic),
+    ];
+    for (side, crop, filter) in sides {
         for path in &paths {
             // What fine-tuning and eval feed the model: the centre crop of
             // the cached canvas.
-            let (pixels, layout) = decode_canvas(path, side).unwrap();
+            let (pixels, layout) = decode_canvas(path, side, filter).unwrap();
             let canvas = Tensor::from_slice(&pixels).view([1, 3, side, canvas_width(side)]);
             let layout = Tensor::from_slice(&layout).view([1, LAYOUT]);
             let eval = canvas_centre_crop(&canvas, &layout, crop);
             // What predict feeds it: torchvision's Resize + CenterCrop.
-            let predict = eval_transform(&read_image(path).unwrap(), Some(side), crop).unsqueeze(0);
-            assert!(eval.equal(&predict), "{side}/{crop}: {}", path.display());
+            let image = read_image(path).unwrap();
+            let predict = eval_transform(&image, Some(side), crop, filter).unsqueeze(0);
+            assert!(
+                eval.equal(&predict),
+                "{side}/{crop} {filter:?}: {}",
+                path.display()
+            );
         }
     }
 }
@@ -413,13 +426,14 @@ fn canvas_crops_are_crops_of_the_whole_resized_image() {
     use vggctl::data::augment::{canvas_crop_flip, resized_crop_flip};
     use vggctl::data::folder::decode_canvas;
     use vggctl::data::image::{centre_offset, read_image, resize_shorter};
+    use vggctl::data::resize::Filter;
     use vggctl::data::resized_crop::{CropBoxes, random_resized_boxes};
     let tmp = common::tempdir();
     let paths = photos_of_every_shape(tmp.path());
     let side = 64;
     let (mut canvases, mut layouts, mut images) = (Vec::new(), Vec::new(), Vec::new());
     for path in &paths {
-        let (pixels, layout) = decode_canvas(path, side).unwrap();
+        let (pixels, layout) = decode_canvas(path, side, Filter::Bilinear).unwrap();
         let canvas = Tensor::from_slice(&pixels).view([3, side, 96]);
         let [first, visible, transposed, _] = layout;
         let unpacked = canvas.narrow(2, first, visible);
@@ -457,7 +471,8 @@ fn canvas_crops_are_crops_of_the_whole_resized_image() {
         };
         let boxes = random_resized_boxes(&dims(1), &dims(2));
         let flip = Tensor::rand([b], (Kind::Float, tch::Device::Cpu)).lt(0.5);
-        let got = canvas_crop_flip(&canvases, &layout, &boxes, &flip, 32);
+        let filter = [Filter::Bilinear, Filter::Bicubic][round % 2];
+        let got = canvas_crop_flip(&canvases, &layout, &boxes, &flip, (32, filter));
         for (i, img) in images.iter().enumerate() {
             let i = i as i64;
             let one = |t: &Tensor| t.narrow(0, i, 1);
@@ -467,7 +482,7 @@ fn canvas_crops_are_crops_of_the_whole_resized_image() {
                 height: one(&boxes.height),
                 width: one(&boxes.width),
             };
-            let want = resized_crop_flip(&img.unsqueeze(0), &own, &one(&flip), 32);
+            let want = resized_crop_flip(&img.unsqueeze(0), &own, &one(&flip), (32, filter));
             let err = (got.narrow(0, i, 1) - want).abs().max().double_value(&[]);
             assert!(
                 err < 1e-3,
@@ -486,13 +501,14 @@ fn canvas_crops_are_crops_of_the_whole_resized_image() {
 #[test]
 fn predicts_preprocessing_is_torchvisions_eval_transform() {
     use vggctl::data::image::eval_transform;
+    use vggctl::data::resize::Filter;
     let refs = read_safetensors(&common::fixtures().join("eval_transform.safetensors"))
         .unwrap()
         .tensors;
     for k in 0..5 {
         let source = &refs[&format!("source_{k}")];
         let theirs = &refs[&format!("expected_{k}")];
-        let ours = eval_transform(source, Some(256), 224);
+        let ours = eval_transform(source, Some(256), 224, Filter::Bilinear);
         assert_eq!(ours.size(), theirs.size(), "image {k}");
         let diff = (ours.to_kind(tch::Kind::Float) - theirs.to_kind(tch::Kind::Float)).abs();
         assert!(
@@ -501,6 +517,21 @@ fn predicts_preprocessing_is_torchvisions_eval_transform() {
             source.size(),
             diff.max().double_value(&[]),
             diff.mean(tch::Kind::Float).double_value(&[])
+        );
+    }
+    // Bicubic: the same but where libtorch's compiled kernel sums five or
+    // more taps in another order than ours (see `resize`): a pixel now
+    // and then rounds the other way, one level.
+    for k in 0..5 {
+        let source = &refs[&format!("source_{k}")];
+        let theirs = refs[&format!("bicubic_{k}")].to_kind(tch::Kind::Int);
+        let ours = eval_transform(source, Some(256), 224, Filter::Bicubic).to_kind(tch::Kind::Int);
+        let diff = (ours - &theirs).abs();
+        let off = diff.gt(0).sum(tch::Kind::Int64).int64_value(&[]);
+        assert!(
+            diff.max().int64_value(&[]) <= 1 && off * 1000 <= theirs.numel() as i64,
+            "image {k} bicubic: {off} pixels differ, by up to {}",
+            diff.max().int64_value(&[])
         );
     }
 }
@@ -533,6 +564,7 @@ fn the_folder_cache_is_reused_and_rebuilt_when_files_change() {
         val_split: 0.5,
         seed: 0,
         cache_size: 36,
+        filter: Default::default(),
         strict: true,
         cache_dir: Some(tmp.path().join("cache")),
         cache_mem: u64::MAX,

@@ -10,9 +10,10 @@
 - resized_crop.safetensors: 20,000 boxes from torchvision's
   RandomResizedCrop.get_params for each of three image shapes (square,
   landscape, portrait), and photographs cropped to given boxes, resized
-  (F.resized_crop, antialiased bilinear) and flipped.
+  (F.resized_crop, antialiased bilinear, and bicubic) and flipped.
 - eval_transform.safetensors: photographs of five sizes and torchvision's
-  Resize(256, antialias) + CenterCrop(224) of each, as uint8.
+  Resize(256, antialias) + CenterCrop(224) of each, bilinear and bicubic,
+  as uint8.
 
 Usage: make_datasets.py OUT_DIR"""
 import os
@@ -114,7 +115,7 @@ def write_resized_crop(path):
             .permute(2, 0, 1).contiguous() for p in photos]
     g = torch.Generator().manual_seed(1)
     n = 16
-    images, boxes, flips, expected = [], [], [], []
+    images, boxes, flips, expected, bicubic = [], [], [], [], []
     for k in range(n):
         img = imgs[k % len(imgs)]
         bh = int(torch.randint(4, 49, (1,), generator=g))
@@ -124,6 +125,9 @@ def write_resized_crop(path):
         flip = bool(torch.rand(1, generator=g) < 0.5)
         t = F.resized_crop(img.float(), top, left, bh, bw, [32, 32], antialias=True)
         expected.append(F.hflip(t) if flip else t)
+        t = F.resized_crop(img.float(), top, left, bh, bw, [32, 32],
+                           interpolation=F.InterpolationMode.BICUBIC, antialias=True)
+        bicubic.append(F.hflip(t) if flip else t)
         images.append(img)
         boxes.append([top, left, bh, bw])
         flips.append(flip)
@@ -131,6 +135,7 @@ def write_resized_crop(path):
     out["boxes"] = torch.tensor(boxes, dtype=torch.int64)
     out["flip"] = torch.tensor(flips, dtype=torch.uint8)
     out["expected"] = torch.stack(expected)
+    out["expected_bicubic"] = torch.stack(bicubic)
     save_file(out, path)
 
 
@@ -148,6 +153,8 @@ def write_eval_transform(path):
         img = img.permute(2, 0, 1).contiguous()
         out[f"source_{k}"] = img
         out[f"expected_{k}"] = F.center_crop(F.resize(img, 256, antialias=True), 224).contiguous()
+        bicubic = F.resize(img, 256, interpolation=F.InterpolationMode.BICUBIC, antialias=True)
+        out[f"bicubic_{k}"] = F.center_crop(bicubic, 224).contiguous()
     save_file(out, path)
 
 

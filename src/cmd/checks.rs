@@ -115,7 +115,8 @@ fn unused_options(typed: &[String], config: &TrainConfig) -> Vec<String> {
     let step = config.scheduler == SchedulerKind::Step;
     let ra = config.auto_augment == Some(Policy::Ra);
     let augmix = config.auto_augment == Some(Policy::Augmix);
-    let rules: [(&[&str], bool, &str); 12] = [
+    let images = matches!(config.dataset.as_str(), "folder" | "imagenet");
+    let rules: [(&[&str], bool, &str); 13] = [
         (&["ra_magnitude"], ra, "applies to --auto-augment ra only"),
         (
             &["augmix_severity"],
@@ -155,6 +156,11 @@ fn unused_options(typed: &[String], config: &TrainConfig) -> Vec<String> {
             "applies to BatchNorm's parameters, and the model has none (--bn adds them)",
         ),
         (&["val_dir"], folder, "applies to --dataset folder only"),
+        (
+            &["interpolation"],
+            images,
+            "applies to image folders only (--dataset folder or imagenet)",
+        ),
         (
             &["val_split"],
             folder && config.val_dir.is_none(),

@@ -10,6 +10,7 @@ use vggctl::data::folder::{self, FolderOptions};
 use vggctl::data::imagenet;
 use vggctl::data::pack;
 use vggctl::data::prepared::{self, Prepared};
+use vggctl::data::resize::Filter;
 use vggctl::dist::World;
 use vggctl::train::config::TrainConfig;
 
@@ -183,6 +184,7 @@ impl DataOpts {
                 quiet,
                 streamed: c.streamed,
                 test_only: false,
+                filter: c.interpolation,
             },
         )?;
         if c.imagenet_normalization {
@@ -193,8 +195,9 @@ impl DataOpts {
     }
 
     /// The dataset these options name, to evaluate on, images cached at
-    /// `cache_size` for folders: with --val-dir, only that folder is read.
-    pub fn load_test(&self, seed: u64, cache_size: i64) -> Result<Dataset> {
+    /// `cache_size` (resized by `filter`) for folders: with --val-dir, only
+    /// that folder is read.
+    pub fn load_test(&self, seed: u64, (cache_size, filter): (i64, Filter)) -> Result<Dataset> {
         self.load_named(
             self.dataset(),
             &self.dir(),
@@ -206,6 +209,7 @@ impl DataOpts {
                 quiet: false,
                 streamed: None,
                 test_only: true,
+                filter,
             },
         )
     }
@@ -225,6 +229,7 @@ impl DataOpts {
             quiet,
             streamed,
             test_only,
+            ..
         } = how;
         match name {
             "cifar10" => {
@@ -261,6 +266,7 @@ impl DataOpts {
                     val_split,
                     seed,
                     cache_size,
+                    filter: how.filter,
                     strict: self.strict,
                     cache_dir: self.cache_dir.clone().or_else(folder::default_cache_dir),
                     cache_mem,
@@ -281,11 +287,14 @@ impl DataOpts {
 
 /// How a dataset is read: `quiet` (no download bar), `streamed` (how a
 /// run recorded its folder; None: by --cache-mem), `test_only` (for
-/// evaluation: a validation folder alone).
+/// evaluation: a validation folder alone), `filter` (image folders'
+/// resizes).
+#[derive(Clone, Copy)]
 struct Reading {
     quiet: bool,
     streamed: Option<bool>,
     test_only: bool,
+    filter: Filter,
 }
 
 /// `DIR/train` or `DIR/val` of ImageNet's layout, or an error saying

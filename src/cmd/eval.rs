@@ -10,6 +10,7 @@ use vggctl::data::Dataset;
 use vggctl::data::augment::{Augment, Normalizer, Preprocess};
 use vggctl::data::image::default_resize;
 use vggctl::data::imagenet;
+use vggctl::data::resize::Filter;
 use vggctl::dist::World;
 use vggctl::eval::{AmongClasses, EvalGraph, Scoring, evaluate};
 use vggctl::infer::{Inference, Logits};
@@ -20,7 +21,7 @@ use vggctl::train::run_dir::config_beside;
 
 use super::data_opts::DataOpts;
 use super::eval_report::{Report, SubsetOf, predictions_csv, render};
-use super::opts::{DistOpts, GraphOpts, InferenceOpts, ModelOpts, NumericsOpts};
+use super::opts::{DistOpts, GraphOpts, InferenceOpts, ModelOpts, NumericsOpts, choice};
 use super::output::{as_usage, note, print_json, print_out, usage, warn, whole};
 
 #[derive(clap::Args, Debug)]
@@ -46,6 +47,11 @@ pub struct Args {
     /// it (256/224) [default: the checkpoint's, else 32].
     #[arg(long, value_parser = whole::<i64>)]
     input: Option<i64>,
+    /// How images are resized before the centre crop: bilinear or bicubic
+    /// (torchvision's --interpolation) [default: the checkpoint's, else
+    /// bilinear].
+    #[arg(long, value_name = "MODE", value_parser = choice::<Filter>())]
+    interpolation: Option<Filter>,
     /// Data with some of the model's classes (by name; ImageNet's layout by
     /// WordNet id): predict among those classes only, the others' logits
     /// left out (ImageNet-A/-R's protocol), instead of among all the model's.
@@ -102,11 +108,7 @@ pub fn run(args: Args) -> Result<()> {
         each_image: args.predictions.is_some(),
         ..match_classes(&args.checkpoint, spec.classes, meta.as_ref(), &dataset)?
     };
-    if args.only_data_classes && scoring.subset.is_none() {
-        warn(
-            "--only-data-classes: the data has all the model's classes; it changes nothing".into(),
-        );
-    }
+    warn_unused(&args, &dataset, &scoring);
     let source = args.checkpoint.display().to_string();
     let model = Vgg::from_state_dict(spec, device, &source, &file.tensors, args.model.values())?;
     let test = dataset.test.to_device(device);
@@ -309,6 +311,22 @@ fn scored_as(
     }
 }
 
+/// Options that change nothing for this data: an interpolation where no
+/// image is resized, a class subset the data does not make.
+fn warn_unused(args: &Args, dataset: &Dataset, scoring: &Scoring) {
+    if args.interpolation.is_some() && !matches!(dataset.name.as_str(), "folder" | "imagenet") {
+        warn(format!(
+            "--interpolation is ignored: it applies to image folders only, and {} images are not resized",
+            dataset.name
+        ));
+    }
+    if args.only_data_classes && scoring.subset.is_none() {
+        warn(
+            "--only-data-classes: the data has all the model's classes; it changes nothing".into(),
+        );
+    }
+}
+
 /// The dataset to evaluate on (`--dataset`, else the checkpoint's; its
 /// first `--limit-test` test images), and its evaluation transform at the
 /// model's input size.
@@ -349,7 +367,10 @@ fn load_data(
     if squeeze.is_some() {
         data.cache_mem = Some(0);
     }
-    let dataset = data.load_test(args.seed, resize.unwrap_or(default_resize(input)))?;
+    let filter = args
+        .interpolation
+        .unwrap_or_else(|| meta.map_or(Filter::Bilinear, |m| m.interpolation));
+    let dataset = data.load_test(args.seed, (resize.unwrap_or(default_resize(input)), filter))?;
     let dataset = Dataset {
         test: dataset.test.limit(args.limit_test),
         ..dataset

@@ -231,6 +231,8 @@ mod tests {
             "--print-freq",
             "10",
             "--use-deterministic-algorithms",
+            "--interpolation",
+            "bicubic",
         ])
         .unwrap();
         let Some(Command::Train(a)) = tv.command else {
@@ -247,6 +249,10 @@ mod tests {
         assert_eq!(h.out.as_deref(), Some(std::path::Path::new("o")));
         assert_eq!(h.recipe.log_interval, progress::LogInterval::Steps(10));
         assert!(h.numerics.deterministic);
+        assert_eq!(
+            h.recipe.interpolation,
+            vggctl::data::resize::Filter::Bicubic
+        );
     }
 
     /// The list the usage errors use to name a subcommand's help is clap's own.

@@ -11,11 +11,12 @@ use vggctl::checkpoint::{Build, ModelMeta, load_checkpoint, meta_for_weights};
 use vggctl::data::augment::{Augment, Normalizer, Preprocess};
 use vggctl::data::folder::{extension_list, image_files};
 use vggctl::data::image::{decode_rgb, eval_crop};
+use vggctl::data::resize::Filter;
 use vggctl::infer::{Inference, Logits};
 use vggctl::model::{Vgg, check_input};
 use vggctl::numerics::{Activity, Numerics};
 
-use super::opts::{InferenceOpts, ModelOpts, NumericsOpts};
+use super::opts::{InferenceOpts, ModelOpts, NumericsOpts, choice};
 use super::output::{as_usage, print_json, print_out, usage, warn, whole};
 
 #[derive(clap::Args, Debug)]
@@ -38,6 +39,11 @@ pub struct Args {
     /// (256/224) [default: the checkpoint's; 224 for --weights].
     #[arg(long, value_parser = whole::<i64>)]
     input: Option<i64>,
+    /// How images are resized before the centre crop: bilinear or bicubic
+    /// (torchvision's --interpolation) [default: the checkpoint's, else
+    /// bilinear].
+    #[arg(long, value_name = "MODE", value_parser = choice::<Filter>())]
+    interpolation: Option<Filter>,
     /// Images read and classified at a time.
     #[arg(long, default_value_t = 64, value_parser = whole::<usize>)]
     batch_size: usize,
@@ -95,6 +101,10 @@ fn load_model(args: &Args, device: Device) -> Result<(Vgg, ModelMeta)> {
             (model, meta)
         }
         (None, None) => return Err(usage("give --checkpoint PATH or --weights imagenet|PATH")),
+    };
+    let meta = ModelMeta {
+        interpolation: args.interpolation.unwrap_or(meta.interpolation),
+        ..meta
     };
     match args.input {
         Some(input) => Ok((model, meta.at_input(input))),
@@ -170,7 +180,7 @@ fn classify(
         .map(|p| {
             decode_rgb(p).map(|img| {
                 let size = (img.height() as usize, img.width() as usize);
-                eval_crop(img.as_raw(), size, resize, crop)
+                eval_crop(img.as_raw(), size, (resize, crop), meta.interpolation)
             })
         })
         .collect::<Vec<_>>()

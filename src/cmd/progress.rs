@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use vggctl::choice::Choice;
+use vggctl::data::resize::Filter;
 use vggctl::dist::World;
 use vggctl::train::config::TrainConfig;
 use vggctl::train::{Observer, Trainer};
@@ -326,7 +327,8 @@ pub fn print_header(trainer: &Trainer, dataset: &vggctl::data::Dataset, world: &
 
 /// The sides of a run's images: `32x32`, or where training crops another
 /// side or evaluation resizes to other than torchvision's 256/224,
-/// `176x176 training, 224x224 evaluation (resized to 232 first)`.
+/// `176x176 training, 224x224 evaluation (resized to 232 first)`, and
+/// the filter where it is not bilinear.
 fn image_sides(c: &TrainConfig) -> String {
     let (train, eval) = (c.train_crop(), c.input_size);
     let mut sides = match train == eval {
@@ -335,6 +337,9 @@ fn image_sides(c: &TrainConfig) -> String {
     };
     if c.val_resize_size.is_some() {
         sides += &format!(" (resized to {} first)", c.val_resize());
+    }
+    if c.interpolation != Filter::Bilinear {
+        sides += &format!(", resized {}", c.interpolation.name());
     }
     sides
 }

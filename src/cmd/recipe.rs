@@ -10,6 +10,7 @@ use vggctl::data::auto_augment::{
     AUGMIX_BINS, AUGMIX_SEVERITY, Interpolation, Policy, RA_BINS, RA_MAGNITUDE,
 };
 use vggctl::data::mix::Mixing;
+use vggctl::data::resize::Filter;
 use vggctl::model::{MAX_INPUT, check_side};
 use vggctl::train::config::TrainConfig;
 use vggctl::train::ema::EmaConfig;
@@ -34,6 +35,11 @@ pub struct RecipeOpts {
     /// --input x 256/224].
     #[arg(long, value_name = "R", value_parser = whole::<i64>, help_heading = "Data")]
     pub val_resize_size: Option<i64>,
+    /// How image folders' images are resized (torchvision's
+    /// --interpolation): the evaluation's Resize and RandomResizedCrop,
+    /// both antialiased; recorded in the checkpoint for eval and predict.
+    #[arg(long, value_name = "MODE", default_value = "bilinear", value_parser = choice::<Filter>(), help_heading = "Data")]
+    pub interpolation: Filter,
     /// Keep an exponential moving average of the weights (torchvision's
     /// reference --model-ema): evaluated after every epoch beside the
     /// weights and saved as ema.safetensors.
@@ -204,6 +210,7 @@ impl RecipeOpts {
         }
         config.train_crop_size = self.train_crop_size;
         config.val_resize_size = self.val_resize_size;
+        config.interpolation = self.interpolation;
         config.accum_steps = self.accum_steps;
         config.model_ema = self.model_ema.then(|| {
             EmaConfig::new(

@@ -266,6 +266,7 @@ impl HyperOpts {
             input_size: 32,
             train_crop_size: None,
             val_resize_size: None,
+            interpolation: Default::default(),
             augment: Augment::CropFlip { padding: 4 },
             no_augment: self.no_augment,
             sync_bn: self.sync_bn,

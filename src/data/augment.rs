@@ -7,6 +7,7 @@ use tch::{Device, Kind, Tensor};
 use super::Split;
 use super::auto_augment::AutoAugment;
 use super::image::centre_offset;
+use super::resize::Filter;
 use super::resized_crop::{CropBoxes, random_resized_boxes};
 
 /// Crops `x` (`B x C x H x W`, any dtype) after zero-padding it by `pad` on
@@ -79,11 +80,12 @@ impl Normalizer {
 
 /// Per image, the `[B, size, side]` matrix that resizes the crop
 /// `start..start + len` of an axis of `side` pixels to `size` pixels as
-/// `interpolate(mode="bilinear", antialias=True)` does: output pixel `i`
-/// centred at `start + (i + 0.5)·len/size` takes a triangle filter of the
-/// crop's pixels, as wide as the scale when shrinking (1 when enlarging,
-/// which is plain bilinear), its weights normalized to sum to 1.
-fn resize_weights(start: &Tensor, len: &Tensor, side: i64, size: i64) -> Tensor {
+/// `interpolate(mode="bilinear" or "bicubic", antialias=True)` does: output
+/// pixel `i` centred at `start + (i + 0.5)·len/size` takes a filter of the
+/// crop's pixels (a triangle, or Keys' cubic with a = -0.5 as wide again),
+/// stretched by the scale when shrinking (not when enlarging, which is
+/// plain interpolation), its weights normalized to sum to 1.
+fn resize_weights(start: &Tensor, len: &Tensor, side: i64, size: i64, filter: Filter) -> Tensor {
     let b = start.size()[0];
     let dev = start.device();
     let opts = (Kind::Float, dev);
@@ -92,7 +94,15 @@ fn resize_weights(start: &Tensor, len: &Tensor, side: i64, size: i64) -> Tensor 
     let centre = &start + (Tensor::arange(size, opts).view([1, size, 1]) + 0.5) * &scale;
     let pixel = Tensor::arange(side, opts).view([1, 1, side]);
     let width = scale.clamp_min(1.0);
-    let w = (-((&pixel + 0.5 - centre).abs() / width) + 1.0).clamp_min(0.0);
+    let d = (&pixel + 0.5 - centre).abs() / width;
+    let w = match filter {
+        Filter::Bilinear => (-d + 1.0).clamp_min(0.0),
+        Filter::Bicubic => {
+            let near = (&d * 1.5 - 2.5) * &d * &d + 1.0;
+            let far = ((&d * -0.5 + 2.5) * &d - 4.0) * &d + 2.0;
+            near.where_self(&d.lt(1.0), &far.where_self(&d.lt(2.0), &d.zeros_like()))
+        }
+    };
     let in_crop = pixel
         .ge_tensor(&start)
         .logical_and(&pixel.lt_tensor(&(&start + &len)));
@@ -115,12 +125,17 @@ fn flip_where(w: Tensor, flip: &Tensor) -> Tensor {
 }
 
 /// Crops each image of `x` (`B x C x H x W`, any dtype) to its box, resizes
-/// the crop to `size` x `size` with antialiased bilinear interpolation and
-/// mirrors it where `flip` is true: `F.resized_crop(img, ..., antialias=True)`
-/// (+ `F.hflip`) on float tensors, as two batched matrix products. The same
-/// code as for canvases, each image filling its own.
-pub fn resized_crop_flip(x: &Tensor, boxes: &CropBoxes, flip: &Tensor, size: i64) -> Tensor {
-    canvas_crop_flip(x, &whole_images(x), boxes, flip, size)
+/// the crop to `size` x `size` with antialiased interpolation by `filter`
+/// and mirrors it where `flip` is true: `F.resized_crop(img, ...,
+/// antialias=True)` (+ `F.hflip`) on float tensors, as two batched matrix
+/// products. The same code as for canvases, each image filling its own.
+pub fn resized_crop_flip(
+    x: &Tensor,
+    boxes: &CropBoxes,
+    flip: &Tensor,
+    (size, filter): (i64, Filter),
+) -> Tensor {
+    canvas_crop_flip(x, &whole_images(x), boxes, flip, (size, filter))
 }
 
 /// The canvas layout of a batch whose images fill it: from column 0, all
@@ -227,7 +242,7 @@ pub fn canvas_crop_flip(
     layout: &Tensor,
     boxes: &CropBoxes,
     flip: &Tensor,
-    size: i64,
+    (size, filter): (i64, Filter),
 ) -> Tensor {
     let (b, _, side, width) = x.size4().expect("canvas_crop_flip expects a 4-d batch");
     let first = layout.select(1, 0).to_kind(Kind::Float);
@@ -237,17 +252,23 @@ pub fn canvas_crop_flip(
     let row_len = boxes.width.where_self(&t, &boxes.height);
     let col_start = boxes.top.where_self(&t, &boxes.left) + first;
     let col_len = boxes.height.where_self(&t, &boxes.width);
-    let rows = resize_weights(&row_start, &row_len, side, size);
-    let cols = resize_weights(&col_start, &col_len, width, size);
+    let rows = resize_weights(&row_start, &row_len, side, size, filter);
+    let cols = resize_weights(&col_start, &col_len, width, size, filter);
     let rows = flip_where(rows, &flip.logical_and(&t));
     let cols = flip_where(cols, &flip.logical_and(&t.logical_not()));
     let out = resize_matmul(x, &rows, &cols);
     out.transpose(2, 3).where_self(&t.view([b, 1, 1, 1]), &out)
 }
 
-/// `RandomResizedCrop(size)` + `RandomHorizontalFlip` of canvases: boxes
-/// drawn in each whole (visible) image.
-pub fn random_canvas_crop_flip(x: &Tensor, layout: &Tensor, size: i64) -> Tensor {
+/// `RandomResizedCrop(size, interpolation)` + `RandomHorizontalFlip` of
+/// canvases: boxes drawn in each whole (visible) image. Bicubic crops of
+/// uint8 images are clamped to 0-255, as torchvision's are (its cubic
+/// overshoots at edges).
+pub fn random_canvas_crop_flip(
+    x: &Tensor,
+    layout: &Tensor,
+    (size, filter): (i64, Filter),
+) -> Tensor {
     let (b, _, side, _) = x
         .size4()
         .expect("random_canvas_crop_flip expects a 4-d batch");
@@ -260,7 +281,11 @@ pub fn random_canvas_crop_flip(x: &Tensor, layout: &Tensor, size: i64) -> Tensor
         &side.where_self(&t, &visible),
     );
     let flip = Tensor::rand([b], opts).lt(0.5);
-    canvas_crop_flip(x, layout, &boxes, &flip, size)
+    let out = canvas_crop_flip(x, layout, &boxes, &flip, (size, filter));
+    match (filter, x.kind()) {
+        (Filter::Bicubic, Kind::Uint8) => out.clamp(0.0, 255.0),
+        _ => out,
+    }
 }
 
 /// The central `size` x `size` window (torchvision's `CenterCrop`).
@@ -321,6 +346,9 @@ pub struct Preprocess {
     /// (a CIFAR-10 or digits model on an image folder), instead of its
     /// centre square.
     pub eval_squeeze: Option<i64>,
+    /// RandomResizedCrop's interpolation on the device (in-memory
+    /// folders; streamed crops are the loader's, with the split's filter).
+    pub filter: Filter,
 }
 
 impl Preprocess {
@@ -333,6 +361,7 @@ impl Preprocess {
             plain_training: false,
             auto_augment: None,
             eval_squeeze: None,
+            filter: Filter::Bilinear,
         }
     }
 
@@ -378,7 +407,11 @@ impl Preprocess {
                         &whole
                     }
                 };
-                let x = self.auto(random_canvas_crop_flip(x, layout, self.train_side));
+                let x = self.auto(random_canvas_crop_flip(
+                    x,
+                    layout,
+                    (self.train_side, self.filter),
+                ));
                 self.norm.apply(&x)
             }
         }

@@ -18,7 +18,7 @@ use super::augment::{LAYOUT, canvas_width, pack_canvas};
 use super::folder_cache;
 pub use super::folder_cache::default_cache_dir;
 use super::image::{resized_window, shorter_size};
-use super::resize::Resize;
+use super::resize::{Filter, Resize};
 use super::stream::{Item, Streamed};
 use super::{Dataset, Images, Split};
 
@@ -30,6 +30,9 @@ pub struct FolderOptions {
     pub seed: u64,
     /// Shorter side of the cached images (256 for a 224 input).
     pub cache_size: i64,
+    /// The filter of every resize on the host (`--interpolation`): the
+    /// cached images, streamed evaluation and random resized crops.
+    pub filter: Filter,
     /// Where decoded images are cached between runs (None: not at all).
     pub cache_dir: Option<PathBuf>,
     /// Fail on the first unreadable image instead of skipping it.
@@ -169,17 +172,17 @@ fn is_image_name(name: &[u8]) -> bool {
 
 /// Decodes an image into its canvas (`3 x side x canvas_width(side)`
 /// uint8) and layout row: the shorter side resized to `side` by the same
-/// code as `predict`'s eval transform (torchvision's antialiased bilinear
-/// `Resize`), so the centre crop of a cached image is exactly what
+/// code as `predict`'s eval transform (torchvision's antialiased `Resize`
+/// with `filter`), so the centre crop of a cached image is exactly what
 /// `predict` feeds the model for that file.
-pub fn decode_canvas(path: &Path, side: i64) -> Result<(Vec<u8>, [i64; 4])> {
+pub fn decode_canvas(path: &Path, side: i64, filter: Filter) -> Result<(Vec<u8>, [i64; 4])> {
     let img = super::image::decode_rgb(path)?;
     let (w, h) = (img.width() as usize, img.height() as usize);
     let (nh, nw) = shorter_size(h as i64, w as i64, side);
     let resized = resized_window(
         img.as_raw(),
         w,
-        &Resize::whole((h, w), (nh as usize, nw as usize)),
+        &Resize::whole((h, w), (nh as usize, nw as usize)).with(filter),
     );
     let (canvas, layout) = pack_canvas(&resized);
     Ok((Vec::<u8>::try_from(canvas.view([-1]))?, layout))
@@ -194,10 +197,12 @@ fn load_dir(
     opts: &FolderOptions,
 ) -> Result<(Split, Vec<usize>)> {
     let strict = opts.strict;
-    let cache = opts
-        .cache_dir
-        .as_ref()
-        .map(|d| d.join(format!("{}.safetensors", folder_cache::key(files, side))));
+    let cache = opts.cache_dir.as_ref().map(|d| {
+        d.join(format!(
+            "{}.safetensors",
+            folder_cache::key(files, side, opts.filter)
+        ))
+    });
     if let Some(found) = cache
         .as_deref()
         .and_then(|c| folder_cache::read(c, files, side))
@@ -209,7 +214,7 @@ fn load_dir(
     }
     let decoded: Vec<Result<(Vec<u8>, [i64; 4])>> = files
         .par_iter()
-        .map(|(p, _)| decode_canvas(p, side))
+        .map(|(p, _)| decode_canvas(p, side, opts.filter))
         .collect();
     let mut pixels = Vec::new();
     let mut labels = Vec::new();
@@ -409,6 +414,7 @@ fn streamed_split(opts: &FolderOptions, files: LabeledFiles) -> Images {
         items: Arc::new(files.into_iter().map(|(p, l)| Item::file(p, l)).collect()),
         store: None,
         side: opts.cache_size,
+        filter: opts.filter,
         strict: opts.strict,
         workers: opts.workers,
         pin: false,

@@ -15,6 +15,8 @@ use tch::{Kind, Tensor};
 
 use super::Split;
 use super::augment::{LAYOUT, canvas_width};
+use super::resize::Filter;
+use crate::choice::Choice;
 use crate::formats::safetensors::{read_safetensors, write_safetensors};
 
 /// The cache a folder's images are kept in by default: under the user's
@@ -27,12 +29,17 @@ pub fn default_cache_dir() -> Option<PathBuf> {
     )
 }
 
-pub(super) fn key(files: &[(PathBuf, i64)], side: i64) -> String {
+pub(super) fn key(files: &[(PathBuf, i64)], side: i64, filter: Filter) -> String {
     let mut h = Sha256::new();
     // v5: absolute paths, as one cache directory serves every folder (v4:
     // whole images in canvases; v3: centre squares; v2's 4:3 squares were
-    // a column off).
-    h.update(format!("vggctl-folder-v5 {side}\n"));
+    // a column off). Images resized bicubically are cached apart; the
+    // bilinear ones keep the key they had.
+    let filter = match filter {
+        Filter::Bilinear => String::new(),
+        other => format!(" {}", other.name()),
+    };
+    h.update(format!("vggctl-folder-v5 {side}{filter}\n"));
     for (p, label) in files {
         let p = fs::canonicalize(p).unwrap_or_else(|_| p.clone());
         let meta = fs::metadata(&p).ok();

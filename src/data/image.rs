@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use tch::Tensor;
 use zune_core::bytestream::ZCursor;
 
-use super::resize::{Resize, resize_window};
+use super::resize::{Filter, Resize, resize_window};
 
 /// The largest image file read.
 const MAX_IMAGE_FILE: u64 = 1 << 30;
@@ -315,23 +315,30 @@ pub const fn default_resize(input: i64) -> i64 {
     input * 256 / 224
 }
 
-/// torchvision's eval transform up to `ToTensor`: `Resize(resize)` (shorter
-/// side) then `CenterCrop(size)`; with `resize` None, the whole image is
-/// resized to `size` x `size`. Returns uint8 `3 x size x size`.
-pub fn eval_transform(img: &Tensor, resize: Option<i64>, size: i64) -> Tensor {
+/// torchvision's eval transform up to `ToTensor`: `Resize(resize,
+/// filter)` (shorter side) then `CenterCrop(size)`; with `resize` None, the
+/// whole image is resized to `size` x `size`. Returns uint8 `3 x size x
+/// size`.
+pub fn eval_transform(img: &Tensor, resize: Option<i64>, size: i64, filter: Filter) -> Tensor {
     let (rgb, h, w) = interleaved(img);
-    eval_crop(&rgb, (h, w), resize, size)
+    eval_crop(&rgb, (h, w), (resize, size), filter)
 }
 
-/// [`eval_transform`] of an interleaved RGB image of `(height, width)`:
-/// only the crop's pixels of the resized image are computed. A resize
-/// shorter than the crop (which checkpoints' metadata never has) crops
-/// the whole resized image.
-pub fn eval_crop(rgb: &[u8], (h, w): (usize, usize), resize: Option<i64>, size: i64) -> Tensor {
-    resized_window(rgb, w, &eval_window((h, w), resize, size))
+/// [`eval_transform`] of an interleaved RGB image of `(height, width)`
+/// with `filter`: only the crop's pixels of the resized image are
+/// computed. A resize shorter than the crop (which checkpoints' metadata
+/// never has) crops the whole resized image.
+pub fn eval_crop(
+    rgb: &[u8],
+    (h, w): (usize, usize),
+    (resize, size): (Option<i64>, i64),
+    filter: Filter,
+) -> Tensor {
+    resized_window(rgb, w, &eval_window((h, w), resize, size).with(filter))
 }
 
-/// The resize [`eval_crop`] makes of an image of `(height, width)`.
+/// The resize [`eval_crop`] makes of an image of `(height, width)`
+/// (bilinear; [`Resize::with`] another filter).
 pub fn eval_window((h, w): (usize, usize), resize: Option<i64>, size: i64) -> Resize {
     let (nh, nw) = match resize {
         Some(short) => shorter_size(h as i64, w as i64, short),

@@ -202,6 +202,7 @@ pub fn load(opts: &FolderOptions) -> Result<Dataset> {
             items: Arc::new(items),
             store: Some(store.clone()),
             side: opts.cache_size,
+            filter: opts.filter,
             strict: opts.strict,
             workers: opts.workers,
             pin: false,

@@ -21,7 +21,7 @@ use super::Split;
 use super::augment::Transform;
 use super::image::{decode_sized, eval_window, recycle};
 use super::prepared::{Entry, Prepared};
-use super::resize::{Resize, resize_window_into};
+use super::resize::{Filter, Resize, resize_window_into};
 use super::resized_crop::{ImageDraws, crop_box};
 
 /// Batches prepared ahead of the one in use.
@@ -97,6 +97,8 @@ pub struct Streamed {
     pub store: Option<Arc<Prepared>>,
     /// The evaluation transform's `Resize` (shorter side), 256 for 224.
     pub side: i64,
+    /// The filter of every resize (`--interpolation`).
+    pub filter: Filter,
     /// Stop on an unreadable image (naming it) instead of skipping it.
     pub strict: bool,
     /// Decoding threads.
@@ -175,7 +177,9 @@ impl Streamed {
         let (img, resize) = match (transform, draws) {
             (Transform::Square | Transform::Eval { .. }, _) => {
                 let size = self.out_side(transform);
-                let window = |h, w| eval_window((h as usize, w as usize), Some(self.side), size);
+                let window = |h, w| {
+                    eval_window((h as usize, w as usize), Some(self.side), size).with(self.filter)
+                };
                 let (img, resize) = self.decode(i, window)?;
                 if (resize.keep.2 as i64, resize.keep.3 as i64) != (size, size) {
                     return Err(Missing::Damaged(anyhow!(
@@ -185,9 +189,9 @@ impl Streamed {
                 }
                 (img, resize)
             }
-            (Transform::Squeeze { size }, _) => {
-                self.decode(i, |h, w| eval_window((h as usize, w as usize), None, size))?
-            }
+            (Transform::Squeeze { size }, _) => self.decode(i, |h, w| {
+                eval_window((h as usize, w as usize), None, size).with(self.filter)
+            })?,
             (Transform::Random { size }, Some(d)) => self.decode(i, |h, w| {
                 let s = size as usize;
                 let [top, left, h, w] = crop_box(d, h, w).map(|v| v as usize);
@@ -196,6 +200,7 @@ impl Streamed {
                     out: (s, s),
                     keep: (0, 0, s, s),
                     flip: d.flip,
+                    filter: self.filter,
                 }
             })?,
             (Transform::Random { .. }, None) => {

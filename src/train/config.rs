@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::augment::Augment;
 use crate::data::auto_augment::{AUGMIX_SEVERITY, Interpolation, Policy, RA_MAGNITUDE};
 use crate::data::mix::Mixing;
+use crate::data::resize::Filter;
 use crate::model::ModelSpec;
 use crate::numerics::{FusedStep, NumericsRequest, Precision, StepPart};
 use crate::optim::OptimizerConfig;
@@ -137,6 +138,11 @@ pub struct TrainConfig {
     /// it is not `input_size · 256/224` (`--val-resize-size`, torchvision's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub val_resize_size: Option<i64>,
+    /// The filter of every resize of an image folder's images: the
+    /// evaluation's `Resize`, RandomResizedCrop's (`--interpolation`,
+    /// torchvision's).
+    #[serde(default)]
+    pub interpolation: Filter,
     pub augment: Augment,
     /// Training sees the evaluation transform: no random crops or flips.
     #[serde(default)]
@@ -416,6 +422,7 @@ mod tests {
             input_size: 32,
             train_crop_size: None,
             val_resize_size: None,
+            interpolation: Filter::Bilinear,
             augment: Augment::CropFlip { padding: 4 },
             no_augment: false,
             sync_bn: false,

@@ -90,6 +90,7 @@ fn preprocess(config: &TrainConfig, data: &Dataset, device: Device) -> Preproces
         Normalizer::new(data.mean, data.std, device),
     );
     pre.train_side = config.train_crop();
+    pre.filter = config.interpolation;
     pre.plain_training = config.no_augment;
     pre.auto_augment = config.auto_augment.map(|policy| AutoAugment {
         policy,

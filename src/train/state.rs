@@ -213,6 +213,7 @@ impl TrainState {
                 Augment::ResizedCrop => Some(c.val_resize()),
                 Augment::CropFlip { .. } => None,
             },
+            interpolation: c.interpolation,
             epoch,
             accuracy,
         }
