@@ -8,7 +8,9 @@ tensor with NaN. Each goes to `vggctl export --weights`, and `/dev/zero` and
 a FIFO without a writer to `eval --checkpoint`. Every run must end with exit
 2 and one error line within 60 s, its peak resident memory (the child's own,
 from `wait4`) at most 1 GiB above a clean `export` of the same small model:
-what the file claims never becomes an allocation.
+what the file claims never becomes an allocation. And image folders
+holding a 1 x 60000 or 60000 x 1 image train (in memory and streamed) and
+predict at 224 within 256 MiB of a folder of ordinary photos.
 """
 import io
 import os
@@ -135,3 +137,48 @@ def test_hostile_inputs_stay_within_time_and_memory(tmp_path, baseline):
         assert rss - baseline < GIB_KIB, (args, rss, baseline)
         print(f"{args[2]}: {secs:.1f} s, peak +{max(rss - baseline, 0) // 1024} MiB over a clean export")
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def thin_folder(root, thin):
+    """Two classes of photos, one of them with `thin` (or a normal photo)
+    beside it: 1 x 60000 and 60000 x 1 PNGs resize (shorter side to 256)
+    to 256 x 15,360,000 pixels, 11 GiB, of which a canvas keeps 384 columns
+    and predict's crop 224."""
+    from PIL import Image
+
+    rng = torch.Generator().manual_seed(0)
+    for cls, shapes in [("a", [(60, 80), thin]), ("b", [(60, 80), (80, 60)])]:
+        (root / cls).mkdir(parents=True)
+        for i, (h, w) in enumerate(shapes):
+            px = torch.randint(0, 256, (h, w, 3), generator=rng, dtype=torch.uint8)
+            Image.fromarray(px.numpy()).save(root / cls / f"{i}.png")
+
+
+@pytest.mark.parametrize("thin", [(1, 60000), (60000, 1)])
+def test_thin_images_cost_what_is_kept(tmp_path, thin):
+    """Training (in memory and streamed) and predict at --input 224 on a
+    folder holding a 1 x 60000 (or 60000 x 1) image: each within 60 s and
+    256 MiB of the same on a folder of ordinary photos (before, the canvas
+    resized the whole image: 23 GiB and two minutes)."""
+    peaks = {}
+    for name, shape in [("plain", (70, 90)), ("thin", thin)]:
+        data = tmp_path / name
+        thin_folder(data, shape)
+        train = ["train", "--arch", "vgg11", "--head", "gap", "--dataset", "folder", "--data-dir", str(data),
+                 "--input", "224", "--epochs", "1", "--batch-size", "2", "--keep", "last", "--quiet",
+                 "--cache-dir", str(tmp_path / "cache")]
+        runs = {
+            "memory": [*train, "--out", str(tmp_path / f"{name}-memory")],
+            "streamed": [*train, "--cache-mem", "0", "--out", str(tmp_path / f"{name}-streamed")],
+            "predict": ["predict", "--checkpoint", str(tmp_path / f"{name}-memory" / "last.safetensors"),
+                        str(data / "a" / "1.png")],
+        }
+        for how, args in runs.items():
+            code, err, secs, rss = run(args, tmp_path)
+            assert code == 0, (name, how, err)
+            assert secs < 60, (name, how, secs)
+            peaks[name, how] = rss
+    for how in ["memory", "streamed", "predict"]:
+        more = peaks["thin", how] - peaks["plain", how]
+        assert more < 256 << 10, (how, thin, more >> 10, "MiB")
+        print(f"{thin} {how}: peak {peaks['thin', how] >> 10} MiB ({more >> 10:+} MiB)")

@@ -166,31 +166,50 @@ pub fn canvas_width(side: i64) -> i64 {
     side * 3 / 2
 }
 
-/// Lays a resized uint8 image (`3 x H x W`, its shorter side the canvas
-/// side) into its canvas; returns the canvas and its layout row.
-pub fn pack_canvas(resized: &Tensor) -> (Tensor, [i64; 4]) {
-    let (c, h, w) = resized
-        .size3()
-        .expect("pack_canvas expects a 3 x H x W image");
+/// The part of an image resized to `(height, width)` (its shorter side the
+/// canvas side) that its canvas keeps, along its longer side: all of it,
+/// or where it is longer than the canvas the canvas' window of it (start,
+/// length).
+pub fn canvas_keeps((h, w): (i64, i64)) -> (i64, i64) {
+    let (side, long) = (h.min(w), h.max(w));
+    let width = canvas_width(side);
+    match long <= width {
+        true => (0, long),
+        // Around the eval transform's square.
+        false => (
+            centre_offset(long, side) - centre_offset(width, side),
+            width,
+        ),
+    }
+}
+
+/// Lays a resized uint8 image into its canvas; returns the canvas and its
+/// layout row. `kept` is the image resized to `(height, width)` (its
+/// shorter side the canvas side), or of it only what [`canvas_keeps`].
+pub fn pack_canvas(kept: &Tensor, (h, w): (i64, i64)) -> (Tensor, [i64; 4]) {
+    let c = kept.size()[0];
     let transposed = h > w;
     let img = if transposed {
-        resized.transpose(1, 2)
+        kept.transpose(1, 2)
     } else {
-        resized.shallow_clone()
+        kept.shallow_clone()
     };
     let (side, long) = (h.min(w), h.max(w));
     let width = canvas_width(side);
-    let middle = centre_offset(width, side);
-    // Where the eval transform's square starts along the longer side.
-    let centre = centre_offset(long, side);
-    let mut canvas = Tensor::zeros([c, side, width], (resized.kind(), resized.device()));
+    let (start, len) = canvas_keeps((h, w));
+    let img = match img.size()[2] == len {
+        true => img,
+        false => img.narrow(2, start, len),
+    };
+    let mut canvas = Tensor::zeros([c, side, width], (kept.kind(), kept.device()));
     let (first, visible) = if long <= width {
-        // Fits (first >= 0 and first + long <= width for every side and long).
-        let first = middle - centre;
+        // Fits (first >= 0 and first + long <= width for every side and
+        // long): the eval transform's square in the canvas' middle.
+        let first = centre_offset(width, side) - centre_offset(long, side);
         canvas.narrow(2, first, long).copy_(&img);
         (first, long)
     } else {
-        canvas.copy_(&img.narrow(2, centre - middle, width));
+        canvas.copy_(&img);
         (0, width)
     };
     (canvas, [first, visible, transposed as i64, long])

@@ -14,7 +14,7 @@ use anyhow::{Context, Result, bail};
 use rayon::prelude::*;
 use tch::Tensor;
 
-use super::augment::{LAYOUT, canvas_width, pack_canvas};
+use super::augment::{LAYOUT, canvas_keeps, canvas_width, pack_canvas};
 use super::folder_cache;
 pub use super::folder_cache::default_cache_dir;
 use super::image::{resized_window, shorter_size};
@@ -174,17 +174,24 @@ fn is_image_name(name: &[u8]) -> bool {
 /// uint8) and layout row: the shorter side resized to `side` by the same
 /// code as `predict`'s eval transform (torchvision's antialiased `Resize`
 /// with `filter`), so the centre crop of a cached image is exactly what
-/// `predict` feeds the model for that file.
+/// `predict` feeds the model for that file. Only what the canvas keeps is
+/// computed (a 1 x 60000 image would resize to 256 x 15,360,000).
 pub fn decode_canvas(path: &Path, side: i64, filter: Filter) -> Result<(Vec<u8>, [i64; 4])> {
     let img = super::image::decode_rgb(path)?;
     let (w, h) = (img.width() as usize, img.height() as usize);
     let (nh, nw) = shorter_size(h as i64, w as i64, side);
-    let resized = resized_window(
-        img.as_raw(),
-        w,
-        &Resize::whole((h, w), (nh as usize, nw as usize)).with(filter),
-    );
-    let (canvas, layout) = pack_canvas(&resized);
+    let (start, len) = canvas_keeps((nh, nw));
+    let (start, len) = (start as usize, len as usize);
+    let keep = match nh > nw {
+        true => (start, 0, len, nw as usize),
+        false => (0, start, nh as usize, len),
+    };
+    let resize = Resize {
+        keep,
+        ..Resize::whole((h, w), (nh as usize, nw as usize)).with(filter)
+    };
+    let kept = resized_window(img.as_raw(), w, &resize);
+    let (canvas, layout) = pack_canvas(&kept, (nh, nw));
     Ok((Vec::<u8>::try_from(canvas.view([-1]))?, layout))
 }
 

@@ -14,8 +14,8 @@
 
 use crate::choice::Choice;
 
-/// One axis' taps: per output pixel the first input pixel, how many, and
-/// the weights (`per` slots each).
+/// One axis' taps: per kept output pixel (from the first kept one) the
+/// first input pixel, how many, and the weights (`per` slots each).
 struct Taps {
     first: Vec<usize>,
     count: Vec<usize>,
@@ -83,8 +83,9 @@ impl Filter {
 }
 
 /// libtorch's `_compute_indices_min_size_weights_aa`, input `len` pixels
-/// to `out` pixels.
-fn taps(len: usize, out: usize, filter: Filter) -> Taps {
+/// to `out` pixels, for the output pixels `kept` only (an image's thin
+/// side resized to thousands of times its length costs only what is kept).
+fn taps(len: usize, out: usize, filter: Filter, kept: std::ops::Range<usize>) -> Taps {
     let scale = len as f32 / out as f32;
     let support: f32 = filter.reach() * if scale >= 1.0 { scale } else { 1.0 };
     let per = (support.ceil() as usize) * 2 + 1;
@@ -93,19 +94,20 @@ fn taps(len: usize, out: usize, filter: Filter) -> Taps {
     } else {
         1.0
     };
+    let n = kept.len();
     let mut t = Taps {
-        first: Vec::with_capacity(out),
-        count: Vec::with_capacity(out),
-        weights: vec![0.0; out * per],
+        first: Vec::with_capacity(n),
+        count: Vec::with_capacity(n),
+        weights: vec![0.0; n * per],
         per,
         widest: 0,
     };
-    for i in 0..out {
+    for (k, i) in kept.enumerate() {
         let centre = (scale as f64 * (i as f64 + 0.5)) as f32;
         let first = (((centre - support) as f64 + 0.5) as i64).max(0);
         let end = (((centre + support) as f64 + 0.5) as i64).min(len as i64);
         let count = (end - first).clamp(0, per as i64) as usize;
-        let w = &mut t.weights[i * per..(i + 1) * per];
+        let w = &mut t.weights[k * per..(k + 1) * per];
         let mut total = 0.0f32;
         for (j, wj) in w.iter_mut().enumerate().take(count) {
             let x = ((((j as i64 + first) as f32 - centre) as f64 + 0.5) * invscale as f64) as f32;
@@ -163,8 +165,9 @@ impl Resize {
     /// what its kept rows read in the window.
     pub fn rows_read(&self) -> usize {
         let (top, _, h, _) = self.src;
-        let down = (h != self.out.0).then(|| taps(h, self.out.0, self.filter));
-        top + rows_read(down.as_ref(), self.keep.0, self.keep.2).1
+        let (ky, kh) = (self.keep.0, self.keep.2);
+        let down = (h != self.out.0).then(|| taps(h, self.out.0, self.filter, ky..ky + kh));
+        top + rows_read(down.as_ref(), ky, kh).1
     }
 
     /// The bytes of its `3 x h x w` result (`keep`'s size).
@@ -174,16 +177,14 @@ impl Resize {
 }
 
 /// The window's rows (from its top, end exclusive) that the kept output
-/// rows `ky..ky + kh` read, with `down` the rows' taps (None: not resized).
+/// rows `ky..ky + kh` read, with `down` the kept rows' taps (None: not
+/// resized).
 fn rows_read(down: Option<&Taps>, ky: usize, kh: usize) -> (usize, usize) {
     match down {
         None => (ky, ky + kh),
         Some(t) => (
-            t.first[ky],
-            (ky..ky + kh)
-                .map(|y| t.first[y] + t.count[y])
-                .max()
-                .unwrap_or(0),
+            t.first[0],
+            (0..kh).map(|y| t.first[y] + t.count[y]).max().unwrap_or(0),
         ),
     }
 }
@@ -207,8 +208,8 @@ pub fn resize_window_into(rgb: &[u8], width: usize, r: &Resize, planes: &mut [u8
     } = *r;
     let (top, left, h, w) = src;
     let (ky, kx, kh, kw) = keep;
-    let cols = (w != out.1).then(|| taps(w, out.1, filter));
-    let down = (h != out.0).then(|| taps(h, out.0, filter));
+    let cols = (w != out.1).then(|| taps(w, out.1, filter, kx..kx + kw));
+    let down = (h != out.0).then(|| taps(h, out.0, filter, ky..ky + kh));
     let (y_from, y_to) = rows_read(down.as_ref(), ky, kh);
     // Pixels as four floats (R, G, B and an unused lane), so that a
     // pixel's three sums are one vector operation; each lane's sum keeps
@@ -234,12 +235,11 @@ pub fn resize_window_into(rgb: &[u8], width: usize, r: &Resize, planes: &mut [u8
     }
     let plane = kh * kw;
     for y in 0..kh {
-        let yi = ky + y;
         let line = match &down {
-            None => &rows[(yi - y_from) * kw..(yi - y_from + 1) * kw],
+            None => &rows[(ky + y - y_from) * kw..(ky + y - y_from + 1) * kw],
             Some(t) => {
-                let (f, n) = (t.first[yi] - y_from, t.count[yi]);
-                let weights = &t.weights[yi * t.per..yi * t.per + n];
+                let (f, n) = (t.first[y] - y_from, t.count[y]);
+                let weights = &t.weights[y * t.per..y * t.per + n];
                 column_pass(&rows[f * kw..(f + n) * kw], weights, &mut line[..kw]);
                 &line[..kw]
             }
@@ -297,7 +297,8 @@ fn store(line: &[[f32; 4]], planes: [&mut [u8]; 3], flip: bool) {
     }
 }
 
-/// One row of pixels to the kept output columns `kx..kx + dst.len()`:
+/// One row of pixels to the kept output columns `kx..kx + dst.len()`
+/// (`cols`: their taps):
 /// per output pixel the first tap's product, then each further tap
 /// fused-multiply-added, as libtorch's kernel (compiled with FMA) sums
 /// them. Every pixel takes as many taps as the widest (`N`, a constant
@@ -310,7 +311,7 @@ fn row_pass(row: &[[f32; 4]], dst: &mut [[f32; 4]], cols: Option<&Taps>, kx: usi
         dst.copy_from_slice(&row[kx..kx + dst.len()]);
         return;
     };
-    let taps = (t, kx, dst.len());
+    let taps = (t, dst.len());
     match t.widest {
         1 => taps_n::<1>(row, dst, taps),
         2 => taps_n::<2>(row, dst, taps),
@@ -326,13 +327,9 @@ fn row_pass(row: &[[f32; 4]], dst: &mut [[f32; 4]], cols: Option<&Taps>, kx: usi
 
 /// [`row_pass`] with `N` taps a pixel.
 #[inline(always)]
-fn taps_n<const N: usize>(
-    row: &[[f32; 4]],
-    dst: &mut [[f32; 4]],
-    (t, kx, n): (&Taps, usize, usize),
-) {
-    let weights = t.weights[kx * t.per..].chunks_exact(t.per);
-    for ((px, &f), w) in dst.iter_mut().zip(&t.first[kx..kx + n]).zip(weights) {
+fn taps_n<const N: usize>(row: &[[f32; 4]], dst: &mut [[f32; 4]], (t, n): (&Taps, usize)) {
+    let weights = t.weights.chunks_exact(t.per);
+    for ((px, &f), w) in dst.iter_mut().zip(&t.first[..n]).zip(weights) {
         let src: &[[f32; 4]; N] = row[f..f + N].try_into().expect("N pixels");
         let w: &[f32; N] = w[..N].try_into().expect("N weights");
         let mut acc = src[0].map(|v| v * w[0]);
@@ -347,11 +344,10 @@ fn taps_n<const N: usize>(
 
 /// [`row_pass`] with any number of taps (a strong reduction).
 #[inline(always)]
-fn taps_any(row: &[[f32; 4]], dst: &mut [[f32; 4]], (t, kx, _): (&Taps, usize, usize)) {
+fn taps_any(row: &[[f32; 4]], dst: &mut [[f32; 4]], (t, _): (&Taps, usize)) {
     for (x, px) in dst.iter_mut().enumerate() {
-        let xi = kx + x;
-        let (f, n) = (t.first[xi], t.count[xi]);
-        let w = &t.weights[xi * t.per..xi * t.per + n];
+        let (f, n) = (t.first[x], t.count[x]);
+        let w = &t.weights[x * t.per..x * t.per + n];
         let src = &row[f..f + n];
         let mut acc = src[0].map(|v| v * w[0]);
         for k in 1..n {
@@ -460,7 +456,7 @@ mod tests {
                 let diff = (ours.to_kind(Kind::Int) - theirs.to_kind(Kind::Int)).abs();
                 let off = diff.gt(0).sum(Kind::Int64).int64_value(&[]);
                 let widest = [(h, oh), (w, ow)]
-                    .map(|(len, out)| taps(len, out, filter).widest)
+                    .map(|(len, out)| taps(len, out, filter, 0..out).widest)
                     .into_iter()
                     .max();
                 let allowed = match widest {
