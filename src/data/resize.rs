@@ -338,7 +338,9 @@ fn row_pass(row: &[[f32; 4]], dst: &mut [[f32; 4]], cols: Option<&Taps>, kx: usi
 /// 2.11 wheel, read with objdump): after the first tap's product, taps
 /// come in groups of four whose products are rounded and then added one
 /// by one, and the remaining one to three are fused multiply-adds. Up to
-/// four taps, then, every tap after the first is fused.
+/// four taps, then, every tap after the first is fused. (That is the
+/// kernel libtorch runs on a CPU with AVX2; on one without, its SSE build
+/// fuses nothing, and a sum may differ in its last bit.)
 fn fused_from(count: usize) -> usize {
     1 + count.saturating_sub(1) / 4 * 4
 }
