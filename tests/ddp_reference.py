@@ -7,6 +7,10 @@ final state dict.
 
     torchrun --nproc-per-node 2 tests/ddp_reference.py --data DIR --init FILE --out FILE ...
 
+With --ra-reps K each epoch's order is split by timm's RepeatAugSampler
+(num_repeats=K; repeated augmentation, torchvision train.py's
+--ra-sampler) instead.
+
 With --as-one-process N it is instead one process that trains on what N
 ranks would see together: each step's batch is the concatenation of the N
 ranks' batches (what SyncBatchNorm over N ranks computes, for a model
@@ -27,6 +31,7 @@ written to --ema-out); --norm-weight-decay and --bias-weight-decay group
 the parameters as train.py's utils.set_weight_decay does (below).
 """
 import argparse
+import importlib.util
 import os
 
 import torch
@@ -64,6 +69,17 @@ class ExponentialMovingAverage(torch.optim.swa_utils.AveragedModel):
             return decay * avg_model_param + (1 - decay) * model_param
 
         super().__init__(model, device, ema_avg, use_buffers=True)
+
+
+def repeat_aug_sampler():
+    """timm's RepeatAugSampler, from its own file: importing the timm
+    package would load all of its models (seconds per rank)."""
+    timm = importlib.util.find_spec("timm")
+    path = os.path.join(os.path.dirname(timm.origin), "data", "distributed_sampler.py")
+    spec = importlib.util.spec_from_file_location("timm_distributed_sampler", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.RepeatAugSampler
 
 
 def read_cifar_bin(path):
@@ -153,6 +169,7 @@ def main():
     p.add_argument("--ema-out")
     p.add_argument("--norm-weight-decay", type=float, default=None)
     p.add_argument("--bias-weight-decay", type=float, default=None)
+    p.add_argument("--ra-reps", type=int, default=0)
     a = p.parse_args()
 
     one = a.as_one_process > 0
@@ -192,12 +209,19 @@ def main():
         adjust = world * a.batch_size * a.accum_steps * a.model_ema_steps / a.epochs
         alpha = min(1.0, (1.0 - a.model_ema_decay) * adjust)
         ema = ExponentialMovingAverage(model, decay=1.0 - alpha)
+    if a.ra_reps:
+        ra = repeat_aug_sampler()
+
+        def sampler(data, size, rank):
+            return ra(data, num_replicas=size, rank=rank, shuffle=False, num_repeats=a.ra_reps)
+    else:
+        def sampler(data, size, rank):
+            return DistributedSampler(data, num_replicas=size, rank=rank, shuffle=False)
     k = a.accum_steps
     for epoch in range(a.epochs):
         torch.manual_seed(position_seed(a.seed, epoch, PERMUTATION_STEP))
         perm = torch.randperm(n)
-        shards = [perm[list(DistributedSampler(range(n), num_replicas=world, rank=r, shuffle=False))]
-                  for r in ranks]
+        shards = [perm[list(sampler(range(n), world, r))] for r in ranks]
         model.train()
         starts = list(range(0, len(shards[0]), a.batch_size))
         opt.zero_grad()

@@ -8,6 +8,8 @@ Gloo ranks on 127.0.0.1, against the real thing:
   final weights within 1e-5; the run's metrics count every image once;
   the VGG11 run is launched by vggctl itself (`--nproc-per-node 2`), the
   VGG11-BN one by torchrun;
+- repeated augmentation (`--ra-sampler`): the same, each epoch split by
+  timm's RepeatAugSampler, on 2 ranks and in one process;
 - evaluation: `vggctl eval` over 2 ranks reports exactly one process's
   counts, accuracies and confusion matrix (loss within 1e-6 relative: the
   ranks' partial sums are added in another order);
@@ -179,6 +181,48 @@ def test_a_world_of_one_joins_its_group_and_trains_as_one_process(tmp_path):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(
         "vggctl: error: could not join the group of 1 ranks at 127.0.0.1:"), lines
+
+
+@pytest.mark.parametrize("limit,ranks", [(300, 2), (40, 1)], ids=["300-on-2-ranks", "40-in-one"])
+def test_repeated_augmentation_splits_epochs_as_timm(tmp_path, limit, ranks):
+    """--ra-sampler --ra-reps 3 trains as PyTorch DDP whose epochs are split
+    by timm's RepeatAugSampler (torchvision's RASampler, which pip's
+    torchvision does not ship, lists the same from 256 images on): 300
+    images on 2 ranks keep floor(300/256)*256/2 = 128 a rank an epoch,
+    each image on 3 ranks in turn; 40 in one process keep 40 (ceil(N /
+    ranks) below 256, as timm; torchvision's would keep none). Weights
+    within 1e-5 after 2 epochs, dropout drawn alike."""
+    init = str(tmp_path / "init.safetensors")
+    initial_weights(init, False)
+    run = tmp_path / "run"
+    train = [BIN, "train", "--dataset", "cifar10", "--data-dir", DATA, "--no-download",
+             "--arch", "vgg11", "--initial-checkpoint", init, "--no-augment",
+             "--limit-train", str(limit), "--limit-test", "16", "--epochs", "2",
+             "--batch-size", "32", "--device", "cpu", "--out", str(run),
+             "--ra-sampler", "--ra-reps", "3"]
+    common = ["--data", os.path.join(DATA, "cifar-10-batches-bin"), "--init", init,
+              "--limit-train", str(limit), "--epochs", "2", "--batch-size", "32", "--ra-reps", "3"]
+    reference = os.path.join(ROOT, "tests", "ddp_reference.py")
+    ref = str(tmp_path / "ra.safetensors")
+    if ranks == 2:
+        ours = torchrun("--no-python", *train)
+        theirs = torchrun(reference, *common, "--out", ref)
+    else:
+        ours = subprocess.run(train, capture_output=True, text=True, timeout=300,
+                              env=dict(os.environ, OMP_NUM_THREADS="1"))
+        theirs = subprocess.run([sys.executable, reference, *common, "--out", ref,
+                                 "--as-one-process", "1"], capture_output=True, text=True, timeout=300)
+    assert ours.returncode == 0, ours.stderr[-3000:]
+    assert theirs.returncode == 0, theirs.stderr[-3000:]
+    kept = {2: "128 images an epoch per rank", 1: "40 images an epoch"}[ranks]
+    assert f"repeated augmentation x3 ({kept})" in ours.stderr, ours.stderr
+    a, b = load_file(str(run / "last.safetensors")), load_file(ref)
+    assert set(a) == set(b)
+    for k in b:
+        diff = (a[k].double() - b[k].double()).abs().max().item()
+        assert diff < 1e-5, f"{k}: {diff}"
+    start = load_file(init)
+    assert max((b[k] - start[k]).abs().max().item() for k in b) > 1e-3
 
 
 def noise_cifar(root, per_batch=20, seed=0):

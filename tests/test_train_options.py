@@ -220,7 +220,7 @@ def test_options_a_run_has_no_use_for_are_named_once_each(tmp_path):
     """Options typed for a new run that would change what it computes but
     that it cannot use (an SGD option with AdamW, a MultiStepLR option with
     cosine, a folder's validation options with the digits, RandAugment's
-    magnitude without it, a warm-up's factor without a warm-up, a norm
+    magnitude without it, repeated augmentation's copies without it, a warm-up's factor without a warm-up, a norm
     layer's weight decay without BatchNorm) each get one
     warning saying what they apply to; the run goes on. Where they apply,
     no warning; resource and policy options (--workers, --no-download,
@@ -231,7 +231,7 @@ def test_options_a_run_has_no_use_for_are_named_once_each(tmp_path):
     unused = ["--optimizer", "adamw", "--momentum", "0.5", "--nesterov", "--scheduler", "cosine",
               "--milestones", "3", "--gamma", "0.5", "--val-dir", str(tmp_path), "--val-split", "0.2",
               "--ra-magnitude", "5", "--warmup-decay", "0.1", "--augment-interpolation", "bilinear",
-              "--augmix-severity", "5", "--norm-weight-decay", "0"]
+              "--augmix-severity", "5", "--norm-weight-decay", "0", "--ra-reps", "2"]
     r = subprocess.run([BIN, *common, *unused, "--out", str(tmp_path / "a")],
                        capture_output=True, text=True, timeout=120, env=ENV)
     assert r.returncode == 0, r.stderr
@@ -239,6 +239,7 @@ def test_options_a_run_has_no_use_for_are_named_once_each(tmp_path):
     sgd, step = "applies to --optimizer sgd only", "applies to --scheduler multistep only"
     assert warned == [f"warning: {flag} is ignored: it {why}" for flag, why in [
         ("--ra-magnitude", "applies to --auto-augment ra only"),
+        ("--ra-reps", "applies with --ra-sampler only"),
         ("--augmix-severity", "applies to --auto-augment augmix only"),
         ("--augment-interpolation", "applies with --auto-augment only"),
         ("--gamma", "applies to --scheduler multistep, step or exponential only"),
@@ -248,7 +249,7 @@ def test_options_a_run_has_no_use_for_are_named_once_each(tmp_path):
         ("--val-dir", "applies to --dataset folder only"),
         ("--val-split", "applies to --dataset folder without --val-dir only")]], r.stderr
     used = ["--momentum", "0.5", "--nesterov", "--milestones", "3", "--gamma", "0.5", "--auto-augment", "ra",
-            "--ra-magnitude", "5"]
+            "--ra-magnitude", "5", "--ra-sampler", "--ra-reps", "2"]
     r = subprocess.run([BIN, *common, *used, "--out", str(tmp_path / "b")],
                        capture_output=True, text=True, timeout=120, env=ENV)
     assert r.returncode == 0 and "is ignored" not in r.stderr, r.stderr

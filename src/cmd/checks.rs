@@ -116,8 +116,13 @@ fn unused_options(typed: &[String], config: &TrainConfig) -> Vec<String> {
     let ra = config.auto_augment == Some(Policy::Ra);
     let augmix = config.auto_augment == Some(Policy::Augmix);
     let images = matches!(config.dataset.as_str(), "folder" | "imagenet");
-    let rules: [(&[&str], bool, &str); 13] = [
+    let rules: [(&[&str], bool, &str); 14] = [
         (&["ra_magnitude"], ra, "applies to --auto-augment ra only"),
+        (
+            &["ra_reps"],
+            config.ra_reps.is_some(),
+            "applies with --ra-sampler only",
+        ),
         (
             &["augmix_severity"],
             augmix,

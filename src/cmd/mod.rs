@@ -233,6 +233,9 @@ mod tests {
             "--use-deterministic-algorithms",
             "--interpolation",
             "bicubic",
+            "--ra-sampler",
+            "--ra-reps",
+            "4",
         ])
         .unwrap();
         let Some(Command::Train(a)) = tv.command else {
@@ -253,6 +256,8 @@ mod tests {
             h.recipe.interpolation,
             vggctl::data::resize::Filter::Bicubic
         );
+        assert!(h.recipe.ra_sampler);
+        assert_eq!(h.recipe.ra_reps, 4);
     }
 
     /// The list the usage errors use to name a subcommand's help is clap's own.

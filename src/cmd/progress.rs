@@ -260,9 +260,9 @@ pub fn download_bar(quiet: bool) -> impl FnMut(u64, Option<u64>) {
 pub fn print_header(trainer: &Trainer, dataset: &vggctl::data::Dataset, world: &World) {
     let c = &trainer.state.config;
     let st = &trainer.state;
-    // Steps per epoch as each rank takes them (DistributedSampler's split).
-    let per_rank = (dataset.train.len() as usize).div_ceil(world.size);
-    let steps = per_rank.div_ceil(c.batch_size as usize);
+    // Steps per epoch as each rank takes them.
+    let per_rank = world.sampler(c.ra_reps).len(dataset.train.len());
+    let steps = (per_rank as usize).div_ceil(c.batch_size as usize);
     if st.epoch > 0 || st.step > 0 {
         super::output::say(&format!(
             "resuming {} at epoch {}/{}, step {}/{steps}{}",
@@ -285,7 +285,7 @@ pub fn print_header(trainer: &Trainer, dataset: &vggctl::data::Dataset, world: &
         .iter()
         .map(|(_, t)| t.numel() as i64)
         .sum();
-    let batch = match world.size {
+    let mut batch = match world.size {
         1 if world.has_group() => format!(
             "batch {} on 1 rank ({})",
             c.batch_size,
@@ -299,6 +299,12 @@ pub fn print_header(trainer: &Trainer, dataset: &vggctl::data::Dataset, world: &
             c.batch_size * n as i64
         ),
     };
+    if let Some(k) = c.ra_reps {
+        batch += &format!(
+            ", repeated augmentation x{k} ({per_rank} images an epoch{})",
+            if world.size > 1 { " per rank" } else { "" }
+        );
+    }
     super::output::say(&format!(
         "training {} ({} head, {} classes, {} trainable parameters) on {} ({} train / {} val images, {}) on {} ({}), {} epoch{}{}, {batch}, writing {}",
         c.model.model_name(),

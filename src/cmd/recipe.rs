@@ -1,8 +1,8 @@
 //! The training options of torchvision's reference recipe and timm beyond
 //! the CIFAR basics (`train` and `finetune` share them): the weights'
 //! moving average, AutoAugment, MixUp/CutMix, random erasing, gradient
-//! accumulation,
-//! and the run's TensorBoard events and log lines.
+//! accumulation, repeated augmentation, and the run's TensorBoard events
+//! and log lines.
 
 use anyhow::Result;
 use vggctl::data::augment::Augment;
@@ -11,6 +11,7 @@ use vggctl::data::auto_augment::{
 };
 use vggctl::data::mix::Mixing;
 use vggctl::data::resize::Filter;
+use vggctl::dist::sampler::MAX_REPEATS;
 use vggctl::model::{MAX_INPUT, check_side};
 use vggctl::train::config::TrainConfig;
 use vggctl::train::ema::EmaConfig;
@@ -68,6 +69,23 @@ pub struct RecipeOpts {
         value_parser = whole::<usize>
     )]
     pub accum_steps: usize,
+    /// Repeated augmentation (torchvision's --ra-sampler, its RASampler):
+    /// each epoch takes about 1/--ra-reps of the images, each --ra-reps
+    /// times in a row, dealt to the ranks in turn, every copy with its own
+    /// augmentation; a rank's epoch keeps floor(N/256)*256/ranks images
+    /// (ceil(N/ranks) below 256, as timm's). One process is a world of one
+    /// (torchvision's train.py applies it only when distributed).
+    #[arg(long, help_heading = "Data")]
+    pub ra_sampler: bool,
+    /// The copies of each image in an epoch of --ra-sampler.
+    #[arg(
+        long,
+        default_value_t = 3,
+        value_name = "K",
+        help_heading = "Data",
+        value_parser = whole::<usize>
+    )]
+    pub ra_reps: usize,
     /// MixUp: blend each training batch with itself rolled by one, in a
     /// Beta(alpha, alpha) proportion, labels alike (torchvision's v2.MixUp); 0 is off.
     #[arg(
@@ -136,6 +154,12 @@ impl RecipeOpts {
         }
         if self.accum_steps < 1 {
             return Err(usage("--accum-steps must be at least 1"));
+        }
+        if !(1..=MAX_REPEATS).contains(&self.ra_reps) {
+            return Err(usage(format!(
+                "--ra-reps {} must be 1 to {MAX_REPEATS}",
+                self.ra_reps
+            )));
         }
         if !(1..=AUGMIX_BINS).contains(&self.augmix_severity) {
             return Err(usage(format!(
@@ -212,6 +236,7 @@ impl RecipeOpts {
         config.val_resize_size = self.val_resize_size;
         config.interpolation = self.interpolation;
         config.accum_steps = self.accum_steps;
+        config.ra_reps = self.ra_sampler.then_some(self.ra_reps);
         config.model_ema = self.model_ema.then(|| {
             EmaConfig::new(
                 self.model_ema_steps,

@@ -292,6 +292,7 @@ impl HyperOpts {
             augment_interpolation: None,
             random_erase: 0.0,
             accum_steps: 1,
+            ra_reps: None,
             tensorboard: false,
             streamed: None,
         };

@@ -7,8 +7,10 @@
 //! special case.
 
 mod launch;
+pub mod sampler;
 
 pub use launch::Launch;
+pub use sampler::Sampler;
 
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -356,24 +358,15 @@ impl World {
         Ok(())
     }
 
-    /// This rank's part of the `n` examples of an epoch whose order is
-    /// `perm` (the same on every rank), as PyTorch's `DistributedSampler`
-    /// takes it: the order padded with its own first examples to a multiple
-    /// of the world size, then every `size`-th example from `rank` on. Every
-    /// rank gets the same number of examples.
-    pub fn shard_of(&self, perm: &Tensor) -> Tensor {
-        if self.size == 1 {
-            return perm.shallow_clone();
+    /// How this rank takes its part of each epoch's order: PyTorch's
+    /// DistributedSampler's split, or with `repeats` (`--ra-sampler`)
+    /// RASampler's.
+    pub fn sampler(&self, repeats: Option<usize>) -> Sampler {
+        Sampler {
+            rank: self.rank,
+            size: self.size,
+            repeats,
         }
-        let n = perm.size()[0];
-        let size = self.size as i64;
-        let total = (n + size - 1) / size * size;
-        let mut padded = perm.shallow_clone();
-        while padded.size()[0] < total {
-            let more = (total - padded.size()[0]).min(n);
-            padded = Tensor::cat(&[&padded, &perm.narrow(0, 0, more)], 0);
-        }
-        padded.slice(0, self.rank as i64, total, size)
     }
 
     /// This rank's contiguous part (start, length) of `n` evaluation
@@ -442,26 +435,9 @@ mod tests {
         assert_eq!(missing_ranks(&[]), "", "the store was out of reach");
     }
 
-    /// DistributedSampler's split (the expected values are what
-    /// `DistributedSampler(range(5), num_replicas, rank, shuffle=False)`
-    /// picks from the order): padding from the start, then strided.
+    /// Evaluation splits contiguously, without padding.
     #[test]
-    fn shards_are_distributed_samplers() {
-        let perm = Tensor::from_slice(&[4i64, 0, 3, 1, 2]);
-        let shard = |rank, size| {
-            let w = World {
-                rank,
-                size,
-                ..World::single()
-            };
-            Vec::<i64>::try_from(w.shard_of(&perm)).unwrap()
-        };
-        assert_eq!(shard(0, 2), vec![4, 3, 2]);
-        assert_eq!(shard(1, 2), vec![0, 1, 4]);
-        assert_eq!(shard(2, 3), vec![3, 4]);
-        assert_eq!(shard(0, 1), vec![4, 0, 3, 1, 2]);
-        // More ranks than examples: the order repeats.
-        assert_eq!(shard(6, 7), vec![0]);
+    fn evaluation_ranges_are_contiguous() {
         let w = World {
             rank: 1,
             size: 3,

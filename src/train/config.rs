@@ -224,6 +224,10 @@ pub struct TrainConfig {
     /// Batches whose gradients make one optimizer step.
     #[serde(default = "default_one", skip_serializing_if = "is_one")]
     pub accum_steps: usize,
+    /// Repeated augmentation (`--ra-sampler`, `--ra-reps`): each example
+    /// this many times per epoch, on different ranks (`dist::Sampler`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ra_reps: Option<usize>,
     /// TensorBoard event files in the run directory.
     #[serde(default, skip_serializing_if = "is_false")]
     pub tensorboard: bool,
@@ -448,6 +452,7 @@ mod tests {
             augment_interpolation: None,
             random_erase: 0.0,
             accum_steps: 1,
+            ra_reps: None,
             tensorboard: false,
             streamed: None,
         }

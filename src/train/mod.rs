@@ -185,6 +185,13 @@ impl<'a> Trainer<'a> {
         };
         model.freeze_features(config.freeze_prefix);
         let (mut state, resume_tensors) = start_state(config, data, &mut model, resume, &run_dir)?;
+        if world.sampler(state.config.ra_reps).len(train.len()) == 0 {
+            bail!(
+                "--ra-sampler: {} training images over {} ranks leave none to a rank (an epoch keeps floor(N/256)*256/ranks each); use fewer ranks or leave out --ra-sampler",
+                train.len(),
+                world.size
+            );
+        }
         join_world(
             world,
             &mut model,
@@ -290,9 +297,8 @@ impl<'a> Trainer<'a> {
         };
         tch::manual_seed(position_seed(cfg.seed, epoch, PERMUTATION_STEP));
         // Every rank draws the same order and takes its own part of it.
-        let perm = self
-            .world
-            .shard_of(&Tensor::randperm(self.train.len(), (Kind::Int64, perm_dev)));
+        let order = Tensor::randperm(self.train.len(), (Kind::Int64, perm_dev));
+        let perm = self.world.sampler(cfg.ra_reps).shard(&order);
         let seed = self.world.seed_for(cfg.seed);
         let mut feed = Feed::new(
             &self.train,

@@ -7,7 +7,7 @@ use anyhow::{Result, bail};
 use tch::{Kind, Tensor};
 
 use crate::data::Dataset;
-use crate::dist::World;
+use crate::dist::{Sampler, World};
 use crate::model::{BN_EPS, BN_MOMENTUM, Layer, PAD_CHANNELS, Values, Vgg, batch_norm};
 use crate::numerics::{FusedStep, Numerics, StepPart};
 use crate::optim::Optimizer;
@@ -55,7 +55,12 @@ pub fn start_state(
     };
     let source = run_dir.resume().display().to_string();
     let b = saved.config.batch_size as u128;
-    let n = (data.train.len() as u128).div_ceil(saved.config.world_size.max(1) as u128);
+    let sampler = Sampler {
+        rank: 0,
+        size: saved.config.world_size.max(1),
+        repeats: saved.config.ra_reps,
+    };
+    let n = sampler.len(data.train.len()).max(0) as u128;
     if saved.step as u128 * b > n {
         bail!(
             "{source}: step {} of epoch {} is past the end of an epoch of {n} images at batch {b}; the file does not belong to this data",

@@ -12,6 +12,7 @@ use super::profile::StepProfile;
 use crate::checkpoint::ModelMeta;
 use crate::data::augment::Augment;
 use crate::data::auto_augment::{AUGMIX_BINS, RA_BINS};
+use crate::dist::sampler::MAX_REPEATS;
 use crate::optim::LossScaler;
 
 /// One line of `metrics.jsonl`.
@@ -168,6 +169,9 @@ impl TrainState {
                 c.ra_magnitude,
                 RA_BINS - 1
             );
+        }
+        if let Some(k) = c.ra_reps.filter(|k| !(1..=MAX_REPEATS).contains(k)) {
+            bail!("ra_reps {k} is not 1 to {MAX_REPEATS}");
         }
         if !(1..=AUGMIX_BINS).contains(&c.augmix_severity) {
             bail!(
