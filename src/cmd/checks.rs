@@ -6,6 +6,7 @@
 
 use anyhow::Result;
 use vggctl::data::auto_augment::Policy;
+use vggctl::data::is_image_folder;
 use vggctl::dist::World;
 use vggctl::optim::OptimizerKind;
 use vggctl::train::SchedulerKind;
@@ -115,7 +116,7 @@ fn unused_options(typed: &[String], config: &TrainConfig) -> Vec<String> {
     let step = config.scheduler == SchedulerKind::Step;
     let ra = config.auto_augment == Some(Policy::Ra);
     let augmix = config.auto_augment == Some(Policy::Augmix);
-    let images = matches!(config.dataset.as_str(), "folder" | "imagenet");
+    let images = is_image_folder(&config.dataset);
     let rules: [(&[&str], bool, &str); 14] = [
         (&["ra_magnitude"], ra, "applies to --auto-augment ra only"),
         (

@@ -6,23 +6,23 @@ use std::path::{Path, PathBuf};
 use anyhow::{Result, bail};
 use tch::Device;
 use vggctl::checkpoint::{ModelFile, ModelMeta, meta_for_weights, read_weights};
-use vggctl::data::Dataset;
 use vggctl::data::augment::{Augment, Normalizer, Preprocess};
 use vggctl::data::image::default_resize;
 use vggctl::data::imagenet;
 use vggctl::data::resize::Filter;
+use vggctl::data::{Dataset, is_image_folder};
 use vggctl::dist::World;
 use vggctl::eval::{AmongClasses, EvalGraph, Scoring, evaluate};
 use vggctl::infer::{Inference, Logits};
-use vggctl::model::{Head, ModelSpec, Vgg, check_input};
+use vggctl::model::{Head, ModelSpec, Vgg};
 use vggctl::numerics::{Activity, Numerics};
 use vggctl::shim;
 use vggctl::train::run_dir::config_beside;
 
 use super::data_opts::DataOpts;
 use super::eval_report::{Report, SubsetOf, predictions_csv, render};
-use super::opts::{DistOpts, GraphOpts, InferenceOpts, ModelOpts, NumericsOpts, choice};
-use super::output::{as_usage, note, print_json, print_out, usage, warn, whole};
+use super::opts::{DistOpts, GraphOpts, InferenceOpts, ModelOpts, NumericsOpts, ReadOpts};
+use super::output::{note, print_json, print_out, usage, warn, whole};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -43,15 +43,8 @@ pub struct Args {
     /// folder datasets split by --val-split: the training run's --seed.
     #[arg(long, default_value_t = 0, value_parser = whole::<u64>)]
     seed: u64,
-    /// Input side for the model; a centre crop's resize keeps its ratio to
-    /// it (256/224) [default: the checkpoint's, else 32].
-    #[arg(long, value_parser = whole::<i64>)]
-    input: Option<i64>,
-    /// How images are resized before the centre crop: bilinear or bicubic
-    /// (torchvision's --interpolation) [default: the checkpoint's, else
-    /// bilinear].
-    #[arg(long, value_name = "MODE", value_parser = choice::<Filter>())]
-    interpolation: Option<Filter>,
+    #[command(flatten)]
+    read: ReadOpts,
     /// Data with some of the model's classes (by name; ImageNet's layout by
     /// WordNet id): predict among those classes only, the others' logits
     /// left out (ImageNet-A/-R's protocol), instead of among all the model's.
@@ -213,7 +206,7 @@ fn match_classes(
 ) -> Result<Scoring> {
     // A folder's labels are its class names' places in sorted order (a
     // CIFAR file stores its labels; its names are only shown).
-    let by_name = matches!(dataset.name.as_str(), "folder" | "imagenet");
+    let by_name = is_image_folder(&dataset.name);
     let unnamed = |names: &[String]| {
         names
             .iter()
@@ -314,7 +307,7 @@ fn scored_as(
 /// Options that change nothing for this data: an interpolation where no
 /// image is resized, a class subset the data does not make.
 fn warn_unused(args: &Args, dataset: &Dataset, scoring: &Scoring) {
-    if args.interpolation.is_some() && !matches!(dataset.name.as_str(), "folder" | "imagenet") {
+    if args.read.interpolation.is_some() && !is_image_folder(&dataset.name) {
         warn(format!(
             "--interpolation is ignored: it applies to image folders only, and {} images are not resized",
             dataset.name
@@ -351,25 +344,27 @@ fn load_data(
             data.val_split = run.val_split;
         }
     }
-    if let Some(input) = args.input {
-        check_input(input).map_err(as_usage)?;
-    }
-    let input = args
-        .input
-        .unwrap_or_else(|| meta.map_or(32, |m| m.input_size));
-    let resize = meta.and_then(|m| m.clone().at_input(input).resize);
+    args.read.check()?;
+    // The checkpoint's evaluation transform as this command line reads.
+    let read = meta.map(|m| args.read.apply(m.clone()));
+    let input = read
+        .as_ref()
+        .map_or(args.read.input.unwrap_or(32), |m| m.input_size);
+    let resize = read.as_ref().and_then(|m| m.resize);
     // A CIFAR-10 or digits model on an image folder reads each image as
     // predict does, squeezed whole to its 32x32: only streaming can.
     let squeeze = match meta.map(ModelMeta::host_crop) {
-        Some((None, side)) if matches!(data.dataset(), "folder" | "imagenet") => Some(side),
+        Some((None, side)) if is_image_folder(data.dataset()) => Some(side),
         _ => None,
     };
     if squeeze.is_some() {
         data.cache_mem = Some(0);
     }
-    let filter = args
-        .interpolation
-        .unwrap_or_else(|| meta.map_or(Filter::Bilinear, |m| m.interpolation));
+    let filter = read
+        .as_ref()
+        .map_or(args.read.interpolation.unwrap_or(Filter::Bilinear), |m| {
+            m.interpolation
+        });
     let dataset = data.load_test(args.seed, (resize.unwrap_or(default_resize(input)), filter))?;
     let dataset = Dataset {
         test: dataset.test.limit(args.limit_test),

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use vggctl::checkpoint::Build;
 use vggctl::data::augment::Augment;
+use vggctl::data::is_image_folder;
 use vggctl::model::{Head, SpecRequest};
 
 use super::checks::warn_unused_options;
@@ -51,9 +52,9 @@ pub fn run(args: Args) -> Result<()> {
     if let Start::Resume(path) = &start {
         return resume(path, h, &args.data, device, args.model.json, &world, None);
     }
-    let augment = match args.data.dataset() {
-        "folder" | "imagenet" => Augment::ResizedCrop,
-        _ => Augment::CropFlip { padding: 4 },
+    let augment = match is_image_folder(args.data.dataset()) {
+        true => Augment::ResizedCrop,
+        false => Augment::CropFlip { padding: 4 },
     };
     h.recipe.check_sides(augment, 224, args.data.dataset())?;
     if args.model.head.is_some_and(|hd| hd != Head::Imagenet) {

@@ -8,12 +8,13 @@ use anyhow::Result;
 use clap::Args;
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use tch::Device;
-use vggctl::checkpoint::{Build, load_resolved};
+use vggctl::checkpoint::{Build, ModelMeta, load_resolved};
 use vggctl::choice::Choice;
+use vggctl::data::resize::Filter;
 use vggctl::device::parse_device;
 use vggctl::dist::{Backend, DEFAULT_TIMEOUT, Launch, World};
 use vggctl::hub::weights_file;
-use vggctl::model::{Arch, Head, ModelSpec, SpecRequest, Values, Vgg};
+use vggctl::model::{Arch, Head, ModelSpec, SpecRequest, Values, Vgg, check_input};
 use vggctl::numerics::{FusedStep, NumericsRequest, Precision};
 
 use super::output::{as_usage, note, usage, whole};
@@ -212,6 +213,46 @@ pub struct NumericsOpts {
     /// (cudnn.deterministic), so a rerun gives the same numbers; slower.
     #[arg(long, alias = "use-deterministic-algorithms")]
     pub deterministic: bool,
+}
+
+/// How eval and predict read an image for the model, where the command
+/// line overrides the checkpoint's evaluation transform.
+#[derive(Args, Debug, Clone, Copy)]
+pub struct ReadOpts {
+    /// Input side for the model; the resize before the centre crop keeps
+    /// its ratio to it (256/224) [default: the checkpoint's; 224 for
+    /// weights with the ImageNet head, else 32].
+    #[arg(long, value_parser = whole::<i64>)]
+    pub input: Option<i64>,
+    /// How images are resized before the centre crop: bilinear or bicubic
+    /// (torchvision's --interpolation) [default: the checkpoint's, else
+    /// bilinear].
+    #[arg(long, value_name = "MODE", value_parser = choice::<Filter>())]
+    pub interpolation: Option<Filter>,
+}
+
+impl ReadOpts {
+    /// A usage error for an --input no model takes.
+    pub fn check(&self) -> Result<()> {
+        match self.input {
+            Some(input) => check_input(input).map_err(as_usage),
+            None => Ok(()),
+        }
+    }
+
+    /// `meta`'s evaluation transform as this command line reads images:
+    /// at --input (the resize scaled alike) and with --interpolation,
+    /// where given.
+    pub fn apply(&self, meta: ModelMeta) -> ModelMeta {
+        let meta = ModelMeta {
+            interpolation: self.interpolation.unwrap_or(meta.interpolation),
+            ..meta
+        };
+        match self.input {
+            Some(input) => meta.at_input(input),
+            None => meta,
+        }
+    }
 }
 
 /// How eval and predict run the model.

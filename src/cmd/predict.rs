@@ -11,13 +11,12 @@ use vggctl::checkpoint::{Build, ModelMeta, load_checkpoint, meta_for_weights};
 use vggctl::data::augment::{Augment, Normalizer, Preprocess};
 use vggctl::data::folder::{extension_list, image_files};
 use vggctl::data::image::{decode_rgb, eval_crop};
-use vggctl::data::resize::Filter;
 use vggctl::infer::{Inference, Logits};
 use vggctl::model::{Vgg, check_input};
 use vggctl::numerics::{Activity, Numerics};
 
-use super::opts::{InferenceOpts, ModelOpts, NumericsOpts, choice};
-use super::output::{as_usage, print_json, print_out, usage, warn, whole};
+use super::opts::{InferenceOpts, ModelOpts, NumericsOpts, ReadOpts};
+use super::output::{print_json, print_out, usage, warn, whole};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -35,15 +34,8 @@ pub struct Args {
     /// How many classes to list per image.
     #[arg(long, default_value_t = 5, value_parser = whole::<i64>)]
     topk: i64,
-    /// Input side; the resize before the centre crop keeps its ratio to it
-    /// (256/224) [default: the checkpoint's; 224 for --weights].
-    #[arg(long, value_parser = whole::<i64>)]
-    input: Option<i64>,
-    /// How images are resized before the centre crop: bilinear or bicubic
-    /// (torchvision's --interpolation) [default: the checkpoint's, else
-    /// bilinear].
-    #[arg(long, value_name = "MODE", value_parser = choice::<Filter>())]
-    interpolation: Option<Filter>,
+    #[command(flatten)]
+    read: ReadOpts,
     /// Images read and classified at a time.
     #[arg(long, default_value_t = 64, value_parser = whole::<usize>)]
     batch_size: usize,
@@ -102,14 +94,7 @@ fn load_model(args: &Args, device: Device) -> Result<(Vgg, ModelMeta)> {
         }
         (None, None) => return Err(usage("give --checkpoint PATH or --weights imagenet|PATH")),
     };
-    let meta = ModelMeta {
-        interpolation: args.interpolation.unwrap_or(meta.interpolation),
-        ..meta
-    };
-    match args.input {
-        Some(input) => Ok((model, meta.at_input(input))),
-        None => Ok((model, meta)),
-    }
+    Ok((model, args.read.apply(meta)))
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -120,9 +105,7 @@ pub fn run(args: Args) -> Result<()> {
     if args.batch_size < 1 {
         return Err(usage("--batch-size must be at least 1"));
     }
-    if let Some(input) = args.input {
-        check_input(input).map_err(as_usage)?;
-    }
+    args.read.check()?;
     let images = expand_dirs(&args.images)?;
     let (model, meta) = load_model(&args, device)?;
     check_input(meta.input_size)?;

@@ -366,7 +366,7 @@ pub fn execute(
             }
         },
     )?;
-    let folder = matches!(config.dataset.as_str(), "folder" | "imagenet");
+    let folder = vggctl::data::is_image_folder(&config.dataset);
     if folder && resume.is_some() && config.streamed.is_none() {
         // A run started before streaming existed held its images in memory.
         config.streamed = Some(false);

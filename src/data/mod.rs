@@ -26,6 +26,13 @@ use tch::{Device, Tensor};
 use augment::Transform;
 use stream::{InOrder, Streamed};
 
+/// Whether the dataset named `name` (a run's `dataset`, a [`Dataset`]'s
+/// name) is an image folder (`folder`, `imagenet`): images of any size,
+/// resized as they are read, unlike CIFAR-10's and the digits' fixed sides.
+pub fn is_image_folder(name: &str) -> bool {
+    matches!(name, "folder" | "imagenet")
+}
+
 /// One split, or a batch of one: images `N x 3 x H x W` uint8 and labels
 /// `N` int64, loaded on the CPU and moved to the device in one copy.
 pub struct Split {
