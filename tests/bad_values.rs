@@ -473,7 +473,7 @@ fn resume_refuses_changes_and_bad_states() {
     let resume = dir.join("run/resume.safetensors");
     let original = std::fs::read(&resume).unwrap();
     type Edit = fn(&mut serde_json::Value);
-    let bad_states: [(Edit, &str); 5] = [
+    let bad_states: [(Edit, &str); 6] = [
         (
             |s| s["config"]["batch_size"] = 0.into(),
             "bad training state: epochs 2, batch_size 0",
@@ -481,6 +481,10 @@ fn resume_refuses_changes_and_bad_states() {
         (
             |s| s["config"]["ra_magnitude"] = 31.into(),
             "bad training state: ra_magnitude 31 is not one of RandAugment's bins 0 to 30",
+        ),
+        (
+            |s| s["config"]["dropout"] = 2.into(),
+            "bad training state: dropout 2 is not a probability in [0, 1]",
         ),
         (
             |s| s["config"]["ra_reps"] = 0.into(),

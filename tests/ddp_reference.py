@@ -7,6 +7,9 @@ final state dict.
 
     torchrun --nproc-per-node 2 tests/ddp_reference.py --data DIR --init FILE --out FILE ...
 
+--dropout P builds the model with that dropout probability
+(torchvision's `vgg11(dropout=P)`).
+
 With --ra-reps K each epoch's order is split by timm's RepeatAugSampler
 (num_repeats=K; repeated augmentation, torchvision train.py's
 --ra-sampler) instead.
@@ -170,6 +173,7 @@ def main():
     p.add_argument("--norm-weight-decay", type=float, default=None)
     p.add_argument("--bias-weight-decay", type=float, default=None)
     p.add_argument("--ra-reps", type=int, default=0)
+    p.add_argument("--dropout", type=float, default=0.5)
     a = p.parse_args()
 
     one = a.as_one_process > 0
@@ -178,7 +182,7 @@ def main():
     else:
         dist.init_process_group("gloo")
         ranks, world = [dist.get_rank()], dist.get_world_size()
-    model = vgg_reference.build(a.arch, a.bn, a.head, 10)
+    model = vgg_reference.build(a.arch, a.bn, a.head, 10, dropout=a.dropout)
     model.load_state_dict(load_file(a.init))
     ddp = model if one else DistributedDataParallel(model)
     custom = [("bias", a.bias_weight_decay)] if a.bias_weight_decay is not None else None

@@ -134,6 +134,28 @@ def test_random_erase_mixup_and_cutmix_equal_torchvision(runs):
     assert apart(free, want) > 1e-3, "the options changed nothing: the comparison proves nothing"
 
 
+def test_dropout_equals_torchvisions(runs):
+    """--dropout 0.2 is torchvision's `dropout=0.2` (the classifier's
+    Dropout layers) with the same draws: weights within 1e-5 after 2
+    epochs; the default 0.5 ends more than 1e-3 away."""
+    tmp, init, _, free = runs
+    want = reference(tmp, init, str(tmp / "dropout-ref.safetensors"), "--dropout", "0.2")
+    ours = vggctl_train(tmp / "dropout", init, "--batch-size", str(BATCH), "--dropout", "0.2")
+    assert apart(ours, want) < 1e-5, apart(ours, want)
+    assert apart(free, want) > 1e-3, "the dropout changed nothing: the comparison proves nothing"
+    # What torch.nn.Dropout refuses, and NaN (which it lets through), is one
+    # usage line before anything is written.
+    for p in ["1.5", "-0.1", "nan"]:
+        if p != "nan":
+            with pytest.raises(ValueError):
+                torch.nn.Dropout(float(p))
+        r = subprocess.run([BIN, "train", "--dataset", "digits", "--dropout", p, "--out", str(tmp / "bad")],
+                           capture_output=True, text=True, timeout=60)
+        shown = "NaN" if p == "nan" else p
+        assert (r.returncode, r.stderr) == (2, f"vggctl: error: --dropout {shown} must be a probability in [0, 1]\n")
+        assert not (tmp / "bad").exists()
+
+
 @pytest.mark.parametrize("policy, ours_extra, ref_extra", [
     ("cifar10", [], []), ("imagenet", [], []), ("ra", ["--ra-magnitude", "17"], ["--ra-magnitude", "17"]),
     ("ta_wide", [], []), ("augmix", [], []), ("augmix", ["--augmix-severity", "7"], ["--augmix-severity", "7"]),
@@ -221,17 +243,18 @@ def test_options_a_run_has_no_use_for_are_named_once_each(tmp_path):
     that it cannot use (an SGD option with AdamW, a MultiStepLR option with
     cosine, a folder's validation options with the digits, RandAugment's
     magnitude without it, repeated augmentation's copies without it, a warm-up's factor without a warm-up, a norm
-    layer's weight decay without BatchNorm) each get one
+    layer's weight decay without BatchNorm, a dropout without Dropout layers) each get one
     warning saying what they apply to; the run goes on. Where they apply,
     no warning; resource and policy options (--workers, --no-download,
     --strict) pass without one."""
-    common = ["train", "--dataset", "digits", "--arch", "vgg11", "--head", "cifar", "--epochs", "1",
+    common = ["train", "--dataset", "digits", "--arch", "vgg11", "--epochs", "1",
               "--limit-train", "16", "--limit-test", "100", "--quiet", "--workers", "2", "--no-download",
               "--strict"]
     unused = ["--optimizer", "adamw", "--momentum", "0.5", "--nesterov", "--scheduler", "cosine",
               "--milestones", "3", "--gamma", "0.5", "--val-dir", str(tmp_path), "--val-split", "0.2",
               "--ra-magnitude", "5", "--warmup-decay", "0.1", "--augment-interpolation", "bilinear",
-              "--augmix-severity", "5", "--norm-weight-decay", "0", "--ra-reps", "2"]
+              "--augmix-severity", "5", "--norm-weight-decay", "0", "--ra-reps", "2", "--head", "gap",
+              "--dropout", "0.2"]
     r = subprocess.run([BIN, *common, *unused, "--out", str(tmp_path / "a")],
                        capture_output=True, text=True, timeout=120, env=ENV)
     assert r.returncode == 0, r.stderr
@@ -246,10 +269,11 @@ def test_options_a_run_has_no_use_for_are_named_once_each(tmp_path):
         ("--warmup-decay", "applies with --warmup-epochs only"),
         ("--momentum", sgd), ("--nesterov", sgd), ("--milestones", step),
         ("--norm-weight-decay", "applies to BatchNorm's parameters, and the model has none (--bn adds them)"),
+        ("--dropout", "applies to the classifier's Dropout layers, and the gap head has none"),
         ("--val-dir", "applies to --dataset folder only"),
         ("--val-split", "applies to --dataset folder without --val-dir only")]], r.stderr
     used = ["--momentum", "0.5", "--nesterov", "--milestones", "3", "--gamma", "0.5", "--auto-augment", "ra",
-            "--ra-magnitude", "5", "--ra-sampler", "--ra-reps", "2"]
+            "--ra-magnitude", "5", "--ra-sampler", "--ra-reps", "2", "--head", "cifar", "--dropout", "0.2"]
     r = subprocess.run([BIN, *common, *used, "--out", str(tmp_path / "b")],
                        capture_output=True, text=True, timeout=120, env=ENV)
     assert r.returncode == 0 and "is ignored" not in r.stderr, r.stderr

@@ -36,15 +36,15 @@ class SmallHeadVGG(nn.Module):
         return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
 
 
-def build(arch, bn, head, classes, device=None):
+def build(arch, bn, head, classes, device=None, dropout=0.5):
     name = arch + ("_bn" if bn else "")
     with torch.device(device or "cpu"):
         if head == "imagenet":
-            return getattr(tv, name)(weights=None, num_classes=classes)
+            return getattr(tv, name)(weights=None, num_classes=classes, dropout=dropout)
         features = tv.make_layers(tv.cfgs[CFG_KEY[arch]], batch_norm=bn)
         if head == "cifar":
             classifier = nn.Sequential(
-                nn.Linear(512, 512), nn.ReLU(True), nn.Dropout(0.5), nn.Linear(512, classes)
+                nn.Linear(512, 512), nn.ReLU(True), nn.Dropout(dropout), nn.Linear(512, classes)
             )
         elif head == "gap":
             classifier = nn.Linear(512, classes)

@@ -8,6 +8,7 @@ use anyhow::Result;
 use vggctl::data::auto_augment::Policy;
 use vggctl::data::is_image_folder;
 use vggctl::dist::World;
+use vggctl::model::Head;
 use vggctl::optim::OptimizerKind;
 use vggctl::train::SchedulerKind;
 use vggctl::train::config::TrainConfig;
@@ -106,9 +107,25 @@ pub fn warn_unused_options(h: &HyperOpts, config: &TrainConfig, world: &World) {
 /// The options typed for a new run (`typed`: their ids) that `config`'s
 /// run has no use for, each with what it applies to.
 fn unused_options(typed: &[String], config: &TrainConfig) -> Vec<String> {
-    // Only options that change what a run computes: a resource or policy
-    // option (--workers, --no-download, --strict) set out of habit is no
-    // surprise when it has nothing to do.
+    let mut unused = Vec::new();
+    for (ids, applies, why) in option_rules(config) {
+        for id in ids
+            .iter()
+            .filter(|id| !applies && typed.iter().any(|t| t == *id))
+        {
+            let flag = format!("--{}", id.replace('_', "-"));
+            unused.push(format!("{flag} is ignored: it {why}"));
+        }
+    }
+    unused
+}
+
+/// Which options (their ids) `config`'s run has a use for: each group
+/// with whether it applies and what it applies to. Only options that
+/// change what a run computes: a resource or policy option (--workers,
+/// --no-download, --strict) set out of habit is no surprise when it has
+/// nothing to do.
+fn option_rules(config: &TrainConfig) -> [(&'static [&'static str], bool, &'static str); 15] {
     let folder = config.dataset == "folder";
     let sgd = config.optimizer.kind == OptimizerKind::Sgd;
     let multistep = config.scheduler == SchedulerKind::Multistep;
@@ -117,7 +134,7 @@ fn unused_options(typed: &[String], config: &TrainConfig) -> Vec<String> {
     let ra = config.auto_augment == Some(Policy::Ra);
     let augmix = config.auto_augment == Some(Policy::Augmix);
     let images = is_image_folder(&config.dataset);
-    let rules: [(&[&str], bool, &str); 14] = [
+    [
         (&["ra_magnitude"], ra, "applies to --auto-augment ra only"),
         (
             &["ra_reps"],
@@ -161,6 +178,11 @@ fn unused_options(typed: &[String], config: &TrainConfig) -> Vec<String> {
             config.model.bn,
             "applies to BatchNorm's parameters, and the model has none (--bn adds them)",
         ),
+        (
+            &["dropout"],
+            config.model.head != Head::Gap,
+            "applies to the classifier's Dropout layers, and the gap head has none",
+        ),
         (&["val_dir"], folder, "applies to --dataset folder only"),
         (
             &["interpolation"],
@@ -172,16 +194,5 @@ fn unused_options(typed: &[String], config: &TrainConfig) -> Vec<String> {
             folder && config.val_dir.is_none(),
             "applies to --dataset folder without --val-dir only",
         ),
-    ];
-    let mut unused = Vec::new();
-    for (ids, applies, why) in rules {
-        for id in ids
-            .iter()
-            .filter(|id| !applies && typed.iter().any(|t| t == *id))
-        {
-            let flag = format!("--{}", id.replace('_', "-"));
-            unused.push(format!("{flag} is ignored: it {why}"));
-        }
-    }
-    unused
+    ]
 }

@@ -13,7 +13,7 @@ use vggctl::data::mix::Mixing;
 use vggctl::data::resize::Filter;
 use vggctl::dist::sampler::MAX_REPEATS;
 use vggctl::model::{MAX_INPUT, check_side};
-use vggctl::train::config::TrainConfig;
+use vggctl::train::config::{DROPOUT, TrainConfig};
 use vggctl::train::ema::EmaConfig;
 
 use super::opts::choice;
@@ -69,6 +69,10 @@ pub struct RecipeOpts {
         value_parser = whole::<usize>
     )]
     pub accum_steps: usize,
+    /// The probability of the classifier's Dropout layers while training
+    /// (torchvision's `vgg16(dropout=P)`, timm's --drop).
+    #[arg(long, alias = "drop", value_name = "P", default_value_t = DROPOUT, help_heading = "Model")]
+    pub dropout: f64,
     /// Repeated augmentation (torchvision's --ra-sampler, its RASampler):
     /// each epoch takes about 1/--ra-reps of the images, each --ra-reps
     /// times in a row, dealt to the ranks in turn, every copy with its own
@@ -155,6 +159,12 @@ impl RecipeOpts {
         if self.accum_steps < 1 {
             return Err(usage("--accum-steps must be at least 1"));
         }
+        if !(0.0..=1.0).contains(&self.dropout) {
+            return Err(usage(format!(
+                "--dropout {} must be a probability in [0, 1]",
+                self.dropout
+            )));
+        }
         if !(1..=MAX_REPEATS).contains(&self.ra_reps) {
             return Err(usage(format!(
                 "--ra-reps {} must be 1 to {MAX_REPEATS}",
@@ -237,6 +247,7 @@ impl RecipeOpts {
         config.interpolation = self.interpolation;
         config.accum_steps = self.accum_steps;
         config.ra_reps = self.ra_sampler.then_some(self.ra_reps);
+        config.dropout = self.dropout;
         config.model_ema = self.model_ema.then(|| {
             EmaConfig::new(
                 self.model_ema_steps,

@@ -217,6 +217,21 @@ impl HyperOpts {
         })
     }
 
+    /// The optimizer these options describe (Adam's betas and eps are
+    /// PyTorch's defaults).
+    fn optimizer(&self) -> OptimizerConfig {
+        OptimizerConfig {
+            kind: self.optimizer,
+            momentum: self.momentum,
+            weight_decay: self.weight_decay,
+            nesterov: self.nesterov,
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            norm_weight_decay: self.norm_weight_decay,
+            bias_weight_decay: self.bias_weight_decay,
+        }
+    }
+
     /// A new run's configuration from these options; the caller fills in
     /// what differs between training from scratch and fine-tuning.
     pub fn config(
@@ -239,16 +254,7 @@ impl HyperOpts {
             epochs: self.epochs.unwrap_or(default_epochs),
             batch_size: self.batch_size,
             test_batch_size: self.test_batch_size,
-            optimizer: OptimizerConfig {
-                kind: self.optimizer,
-                momentum: self.momentum,
-                weight_decay: self.weight_decay,
-                nesterov: self.nesterov,
-                betas: (0.9, 0.999),
-                eps: 1e-8,
-                norm_weight_decay: self.norm_weight_decay,
-                bias_weight_decay: self.bias_weight_decay,
-            },
+            optimizer: self.optimizer(),
             lr: self.lr,
             scheduler: self.scheduler,
             milestones: self.milestones.clone(),
@@ -292,6 +298,7 @@ impl HyperOpts {
             augment_interpolation: None,
             random_erase: 0.0,
             accum_steps: 1,
+            dropout: vggctl::train::config::DROPOUT,
             ra_reps: None,
             tensorboard: false,
             streamed: None,

@@ -309,6 +309,16 @@ impl Vgg {
         self
     }
 
+    /// Sets the probability of every Dropout layer of the classifier
+    /// (torchvision's `vgg16(dropout=p)`; 0.5 as built).
+    pub fn set_dropout(&mut self, p: f64) {
+        for (_, layer) in &mut self.classifier.layers {
+            if let Layer::Dropout(q) = layer {
+                *q = p;
+            }
+        }
+    }
+
     /// Replaces the last linear layer (`classifier.6`, `classifier.3` or
     /// `classifier`) by a new one with `classes` outputs and torchvision's
     /// init (normal(0, 0.01), bias 0), on the model's device.
@@ -368,5 +378,38 @@ impl Vgg {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `set_dropout` reaches every Dropout layer of the ImageNet head (two,
+    /// as torchvision's `vgg11(dropout=p)` sets) and nothing else.
+    #[test]
+    fn dropout_is_set_on_every_dropout_layer() {
+        let spec = ModelSpec {
+            arch: Arch::Vgg11,
+            bn: false,
+            head: Head::Imagenet,
+            classes: 2,
+        };
+        let mut model = Vgg::new(spec, Device::Cpu);
+        let dropouts = |m: &Vgg| -> Vec<f64> {
+            m.classifier
+                .layers
+                .iter()
+                .filter_map(|(_, l)| match l {
+                    Layer::Dropout(p) => Some(*p),
+                    _ => None,
+                })
+                .collect()
+        };
+        assert_eq!(dropouts(&model), vec![0.5, 0.5]);
+        let layers = model.classifier.layers.len();
+        model.set_dropout(0.2);
+        assert_eq!(dropouts(&model), vec![0.2, 0.2]);
+        assert_eq!(model.classifier.layers.len(), layers);
     }
 }

@@ -224,6 +224,13 @@ pub struct TrainConfig {
     /// Batches whose gradients make one optimizer step.
     #[serde(default = "default_one", skip_serializing_if = "is_one")]
     pub accum_steps: usize,
+    /// The classifier's dropout probability (`--dropout`; torchvision's
+    /// `dropout` argument of its VGG builders).
+    #[serde(
+        default = "default_dropout",
+        skip_serializing_if = "is_default_dropout"
+    )]
+    pub dropout: f64,
     /// Repeated augmentation (`--ra-sampler`, `--ra-reps`): each example
     /// this many times per epoch, on different ranks (`dist::Sampler`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -236,6 +243,17 @@ pub struct TrainConfig {
     /// and kept on resume, as the two differ in rounding.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub streamed: Option<bool>,
+}
+
+/// torchvision's VGG dropout probability.
+pub const DROPOUT: f64 = 0.5;
+
+fn default_dropout() -> f64 {
+    DROPOUT
+}
+
+fn is_default_dropout(v: &f64) -> bool {
+    *v == DROPOUT
 }
 
 fn is_zero(v: &f64) -> bool {
@@ -452,6 +470,7 @@ mod tests {
             augment_interpolation: None,
             random_erase: 0.0,
             accum_steps: 1,
+            dropout: DROPOUT,
             ra_reps: None,
             tensorboard: false,
             streamed: None,

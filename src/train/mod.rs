@@ -184,6 +184,7 @@ impl<'a> Trainer<'a> {
             dir: config.out.clone(),
         };
         model.freeze_features(config.freeze_prefix);
+        model.set_dropout(config.dropout);
         let (mut state, resume_tensors) = start_state(config, data, &mut model, resume, &run_dir)?;
         if world.sampler(state.config.ra_reps).len(train.len()) == 0 {
             bail!(

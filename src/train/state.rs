@@ -170,6 +170,9 @@ impl TrainState {
                 RA_BINS - 1
             );
         }
+        if !(0.0..=1.0).contains(&c.dropout) {
+            bail!("dropout {} is not a probability in [0, 1]", c.dropout);
+        }
         if let Some(k) = c.ra_reps.filter(|k| !(1..=MAX_REPEATS).contains(k)) {
             bail!("ra_reps {k} is not 1 to {MAX_REPEATS}");
         }
