@@ -428,18 +428,21 @@ def test_ranks_with_different_models_refuse_to_start(tmp_path):
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 
 
-@pytest.mark.parametrize("world", [2, 3], ids=["of-2", "of-3"])
-@pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP], ids=["dies", "hangs"])
-def test_a_lost_rank_is_named_by_the_survivors_within_the_timeout(tmp_path, fault, world):
-    """Rank 1 killed (its sockets close) or stopped (it stays silent):
+@pytest.mark.parametrize("fault,world,lost", [
+    (signal.SIGKILL, 2, 1), (signal.SIGSTOP, 2, 1), (signal.SIGKILL, 3, 1), (signal.SIGSTOP, 3, 1),
+    (signal.SIGKILL, 3, 0)], ids=["dies-of-2", "hangs-of-2", "dies-of-3", "hangs-of-3", "rank-0-dies-of-3"])
+def test_a_lost_rank_is_named_by_the_survivors_within_the_timeout(tmp_path, fault, world, lost):
+    """A rank killed (its sockets close) or stopped (it stays silent):
     every other rank ends with one line naming it, at once or after
     --dist-timeout; in a world of three, after the roll call through the
-    store (at most 3 s) that finds who is missing."""
+    store (at most 3 s) that finds who is missing, or, when rank 0 is lost
+    with the store it served (no torchrun agent), because the store is out
+    of reach."""
     port = free_port()
     args = [BIN, *TRAIN, "--arch", "vgg11", "--limit-train", "4000", "--limit-test", "16",
             "--batch-size", "8", "--epochs", "5", "--dist-timeout", "5", "--out", str(tmp_path / "run")]
     ranks = [subprocess.Popen(args, env=rank_env(r, port, WORLD_SIZE=str(world)), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL if r == 1 else subprocess.PIPE, text=True)
+                              stderr=subprocess.DEVNULL if r == lost != 0 else subprocess.PIPE, text=True)
              for r in range(world)]
     try:
         # The header comes after the ranks joined and agreed on the model.
@@ -449,14 +452,14 @@ def test_a_lost_rank_is_named_by_the_survivors_within_the_timeout(tmp_path, faul
             seen += ranks[0].stderr.readline()
         assert "training vgg11" in seen, seen
         time.sleep(1)
-        ranks[1].send_signal(fault)
+        ranks[lost].send_signal(fault)
         start = time.monotonic()
-        for r in [r for r in range(world) if r != 1]:
+        for r in [r for r in range(world) if r != lost]:
             _, err = ranks[r].communicate(timeout=60)
             assert ranks[r].returncode not in (0, None)
             assert time.monotonic() - start < 5 + 3 * (world > 2) + 10
             last = err.strip().splitlines()[-1]
-            assert last.startswith(f"vggctl [rank {r}/{world}]: error: lost contact with rank 1 "), last
+            assert last.startswith(f"vggctl [rank {r}/{world}]: error: lost contact with rank {lost} "), last
     finally:
         for p in ranks:
             if p.poll() is None:

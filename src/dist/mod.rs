@@ -106,6 +106,9 @@ pub struct World {
     failure: Arc<Mutex<Option<String>>>,
     /// Who a failed collective lost (see [`World::lost`]), found once.
     lost: OnceLock<String>,
+    /// Rank 0 serves the group's store (no torchrun agent does): a store
+    /// out of reach then means rank 0 is gone.
+    store_on_rank0: bool,
 }
 
 /// How long the survivors of a failed collective wait for each other at
@@ -152,6 +155,7 @@ impl World {
             timeout: DEFAULT_TIMEOUT,
             failure: Arc::default(),
             lost: OnceLock::new(),
+            store_on_rank0: true,
         }
     }
 
@@ -205,6 +209,7 @@ impl World {
             timeout,
             failure: Arc::default(),
             lost: OnceLock::new(),
+            store_on_rank0: !launch.agent_store,
         })
     }
 
@@ -273,14 +278,18 @@ impl World {
     /// What a failed collective means to the user: a peer died, hung or
     /// disagreed. In a world of two the peer is the other rank; in a
     /// larger one, the ranks that miss the roll call through the store
-    /// (every survivor answers it within `ROLL_CALL`).
+    /// (every survivor answers it within `ROLL_CALL`), or rank 0 when the
+    /// store it served is out of reach.
     fn lost(&self, e: anyhow::Error) -> anyhow::Error {
         let who = self.lost.get_or_init(|| match (self.size, &self.group) {
             (2, _) => format!("rank {}", 1 - self.rank),
             (_, Some(g)) => {
                 let wait = ROLL_CALL.min(self.timeout);
-                let present = g.roll_call(self.rank, self.size, wait).unwrap_or_default();
-                missing_ranks(&present)
+                match g.roll_call(self.rank, self.size, wait) {
+                    Ok(present) => missing_ranks(&present),
+                    Err(_) if self.store_on_rank0 && self.rank != 0 => "rank 0".into(),
+                    Err(_) => String::new(),
+                }
             }
             (_, None) => String::new(),
         });
