@@ -10,8 +10,8 @@
 
 use tch::{Kind, Tensor};
 
-/// The images an epoch of repeated augmentation keeps per rank are a
-/// multiple of this many over all ranks (RASampler's rounding).
+/// Repeated augmentation keeps floor(N / this) · this examples an epoch
+/// over all ranks (RASampler's rounding; a rank's share is rounded down).
 const RA_ROUND: i64 = 256;
 
 /// The most copies `--ra-reps` takes (torchvision's recipes use 3 or 4;
@@ -23,8 +23,8 @@ pub const MAX_REPEATS: usize = 1000;
 pub struct Sampler {
     pub rank: usize,
     pub size: usize,
-    /// Repeated augmentation: each example this many times per epoch, the
-    /// copies on different ranks (None: DistributedSampler's split).
+    /// Repeated augmentation: each example this many times in a row, the
+    /// copies dealt to the ranks in turn (None: DistributedSampler's split).
     pub repeats: Option<usize>,
 }
 
