@@ -253,7 +253,7 @@ fn files_are_named_by_what_they_are() {
 fn impossible_flags_are_refused() {
     let tmp = common::tempdir();
     let dir = tmp.path();
-    let cases: [(&[&str], &str); 15] = [
+    let cases: [(&[&str], &str); 17] = [
         (
             &["params", "--classes", "100000000000"],
             "--classes 100000000000: a classifier needs between 1 and 1000000 classes",
@@ -321,6 +321,28 @@ fn impossible_flags_are_refused() {
         (
             &["train", "--dataset", "digits", "--random-erase", "1.5"],
             "--random-erase 1.5 must be a probability in [0, 1]",
+        ),
+        (
+            &[
+                "train",
+                "--dataset",
+                "digits",
+                "--ra-sampler",
+                "--ra-reps",
+                "0",
+            ],
+            "--ra-reps 0 must be 1 to 1000",
+        ),
+        (
+            &[
+                "train",
+                "--dataset",
+                "digits",
+                "--ra-sampler",
+                "--ra-reps",
+                "5000",
+            ],
+            "--ra-reps 5000 must be 1 to 1000",
         ),
         (
             &["train", "--dataset", "digits", "--auto-augment", "mnist"],

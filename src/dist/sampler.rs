@@ -116,5 +116,13 @@ mod tests {
         assert_eq!(kept.len(300), 85);
         assert_eq!(kept.len(255), 85);
         assert_eq!(kept.len(2), 1);
+        // A world larger than the kept examples leaves a rank none.
+        let wide = Sampler {
+            rank: 0,
+            size: 512,
+            repeats: Some(3),
+        };
+        assert_eq!(wide.len(300), 0);
+        assert_eq!(wide.shard(&Tensor::from_slice(&long)).size(), vec![0]);
     }
 }

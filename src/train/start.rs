@@ -60,7 +60,7 @@ pub fn start_state(
         size: saved.config.world_size.max(1),
         repeats: saved.config.ra_reps,
     };
-    let n = sampler.len(data.train.len()).max(0) as u128;
+    let n = sampler.len(data.train.len()) as u128;
     if saved.step as u128 * b > n {
         bail!(
             "{source}: step {} of epoch {} is past the end of an epoch of {n} images at batch {b}; the file does not belong to this data",
