@@ -18,6 +18,12 @@ Data: a generated folder of JPEGs with ImageNet-like sizes and quality
       decode; crops of the smaller image), and with --raw as decoded pixels
       (nothing to decode; about ten times the size).
 
+Then `--auto-augment` alone (no files): each policy on batches of 128
+random uint8 32x32 images, vggctl's batched ops (one CPU thread; on CUDA
+too where there is a GPU) against torchvision's transform applied to each
+image in turn on one thread (what one DataLoader worker does; N workers
+would run N such loops side by side). --augment-only runs just this.
+
 Peak RSS: vggctl's process; torchvision's main process plus its workers
 (sampled). Streaming is measured at two folder sizes, so that its memory
 can be seen not to grow with the folder.
@@ -136,6 +142,51 @@ def vggctl_run(args, data, mode, workers, limit=None):
     return json.loads(next(l for l in out.splitlines() if l.startswith("{")))
 
 
+AUGMENT_POLICIES = ["cifar10", "imagenet", "ra", "ta_wide", "augmix"]
+
+
+def torchvision_augment(policy, batch=128, side=32, steps=5):
+    import torch
+    import torchvision.transforms as T
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    tf = {"ra": T.RandAugment(), "ta_wide": T.TrivialAugmentWide(), "augmix": T.AugMix()}.get(policy)
+    tf = tf or T.AutoAugment(T.AutoAugmentPolicy(policy))
+    x = torch.randint(0, 256, (batch, 3, side, side), dtype=torch.uint8)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        torch.stack([tf(img) for img in x])
+    seconds = time.perf_counter() - t0
+    return {"images": batch * steps, "seconds": seconds, "images_per_s": batch * steps / seconds}
+
+
+def vggctl_augment(args, policy, device):
+    env = dict(os.environ, BENCH_POLICY=policy, BENCH_DEVICE=device)
+    cmd = ([args.bench_bin] if args.bench_bin else
+           ["cargo", "test", "--release", "-q", "--test", "bench_data", "--"])
+    out = subprocess.run(cmd + ["--ignored", "--nocapture", "--exact", "augment"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
+    return json.loads(next(l for l in out.splitlines() if l.startswith("{")))
+
+
+def augment_table(args):
+    import torch
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    tv_ok = has_torchvision()
+    print("\n--auto-augment alone, images/s on batches of 128 uint8 32x32 images"
+          " (vggctl batched; torchvision image by image, one thread):")
+    for policy in AUGMENT_POLICIES:
+        tv = torchvision_augment(policy) if tv_ok else None
+        cells = [f"torchvision {tv['images_per_s']:8.0f}" if tv else "torchvision        -"]
+        for dev in devices:
+            r = vggctl_augment(args, policy, dev)
+            ratio = f" ({r['images_per_s'] / tv['images_per_s']:5.2f}x)" if tv else ""
+            cells.append(f"vggctl {dev} {r['images_per_s']:8.0f}{ratio}")
+        print(f"  {policy:9s} " + "   ".join(cells))
+
+
 def has_torchvision():
     try:
         import torchvision  # noqa: F401
@@ -153,7 +204,11 @@ def main():
     ap.add_argument("--vggctl", default=os.path.join(ROOT, "scripts", "vggctl"))
     ap.add_argument("--bench-bin", default=None, help="tests/bench_data.rs built (else cargo runs it)")
     ap.add_argument("--make-only", action="store_true")
+    ap.add_argument("--augment-only", action="store_true", help="only the --auto-augment table")
     args = ap.parse_args()
+    if args.augment_only:
+        augment_table(args)
+        return
     folder = os.path.join(args.dir, f"jpeg-{args.images}")
     t0 = time.perf_counter()
     make_folder(folder, args.images)
@@ -193,6 +248,7 @@ def main():
             ratio = f"{r['images_per_s'] / tv['images_per_s']:5.2f}x" if tv else "    -"
             print(f"  {name:44s} {r['images_per_s']:8.0f} img/s  {ratio}"
                   f"  {r['peak_rss_mb']:7.0f} MB  ({r['images']} images, {r['seconds']:.1f} s)")
+    augment_table(args)
 
 
 if __name__ == "__main__":

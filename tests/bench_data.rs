@@ -9,6 +9,10 @@
 //! (train, eval, or decode: the decoder alone), BENCH_LIMIT (images), BENCH_BATCH (256),
 //! BENCH_WORKERS (the cores), BENCH_EPOCHS (passes over the data, 1: a
 //! small folder read several times, as on a GPU machine's kit).
+//!
+//! `augment`: `--auto-augment` alone on a batch of uint8 images in memory
+//! (BENCH_POLICY, BENCH_DEVICE cpu or cuda, BENCH_BATCH 128, BENCH_SIDE
+//! 32, BENCH_STEPS 20; one CPU thread), one JSON line likewise.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -107,6 +111,53 @@ fn bench() {
         "{{\"images\": {images}, \"seconds\": {seconds:.3}, \"images_per_s\": {:.1}, \"peak_rss_mb\": {:.1}, \"workers\": {workers}}}",
         images as f64 / seconds,
         peak_rss_mb()
+    );
+}
+
+#[test]
+#[ignore = "a measurement for scripts/bench-data"]
+fn augment() {
+    use tch::{Device, Kind, Tensor};
+    use vggctl::data::auto_augment::{AUGMIX_SEVERITY, AutoAugment, Policy, RA_MAGNITUDE};
+    tch::set_num_threads(1);
+    let policy: Policy = vggctl::choice::parse(
+        "BENCH_POLICY",
+        &env("BENCH_POLICY").unwrap_or_else(|| "ta_wide".into()),
+    )
+    .unwrap();
+    let device = vggctl::device::parse_device(&env("BENCH_DEVICE").unwrap_or_else(|| "cpu".into()))
+        .expect("BENCH_DEVICE");
+    let arg = |name: &str, default: i64| env(name).map_or(default, |v| v.parse().unwrap());
+    let (batch, side, steps) = (
+        arg("BENCH_BATCH", 128),
+        arg("BENCH_SIDE", 32),
+        arg("BENCH_STEPS", 20),
+    );
+    tch::manual_seed(0);
+    let x = Tensor::randint(256, [batch, 3, side, side], (Kind::Uint8, device));
+    let a = AutoAugment {
+        policy,
+        ra_magnitude: RA_MAGNITUDE,
+        augmix_severity: AUGMIX_SEVERITY,
+        interpolation: None,
+    };
+    let sync = || {
+        if let Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+    };
+    let _ = a.apply(&x);
+    sync();
+    let t0 = Instant::now();
+    for _ in 0..steps {
+        let _ = a.apply(&x);
+    }
+    sync();
+    let seconds = t0.elapsed().as_secs_f64();
+    let images = batch * steps;
+    println!(
+        "{{\"images\": {images}, \"seconds\": {seconds:.3}, \"images_per_s\": {:.1}}}",
+        images as f64 / seconds
     );
 }
 

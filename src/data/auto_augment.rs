@@ -11,13 +11,18 @@
 //! `grid_sample`, `_blend`, the grayscale weights, the 13-tap sharpness
 //! kernel, the equalization LUT), with their draws in torchvision's order on
 //! the CPU generator, so that the same generator state gives torchvision's
-//! images. Each image of a batch is augmented in turn, as a DataLoader's
-//! workers would.
+//! images. Each image gets its own draws, as in a DataLoader's workers;
+//! the ops then run a batch at a time, the images that drew the same op
+//! together, each at its own magnitude (an image comes out as it would
+//! alone).
 
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use super::uint8_ops::{auto_contrast, blend, blurred, equalize, grayscale, warp};
+use super::auto_augment_tables::{AUGMIX_OPS, CIFAR10, IMAGENET, Op, SPACE_OPS, SVHN, Step};
+use super::uint8_ops::{
+    auto_contrast, blend, blurred, equalize, grayscale, inverse_affine, per_image, warp,
+};
 use crate::choice::Choice;
 
 /// `--auto-augment`: `AutoAugmentPolicy` (the sub-policies learned on a
@@ -112,147 +117,6 @@ impl Interpolation {
 pub const RA_BINS: i64 = 31;
 /// torchvision's default `--ra-magnitude` (`RandAugment(magnitude=9)`).
 pub const RA_MAGNITUDE: i64 = 9;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Op {
-    ShearX,
-    ShearY,
-    TranslateX,
-    TranslateY,
-    Rotate,
-    Brightness,
-    Color,
-    Contrast,
-    Sharpness,
-    Posterize,
-    Solarize,
-    AutoContrast,
-    Equalize,
-    Invert,
-    Identity,
-}
-
-/// RandAugment's and TrivialAugment's ops, in their `_augmentation_space`'s order.
-const SPACE_OPS: [Op; 14] = [
-    Op::Identity,
-    Op::ShearX,
-    Op::ShearY,
-    Op::TranslateX,
-    Op::TranslateY,
-    Op::Rotate,
-    Op::Brightness,
-    Op::Color,
-    Op::Contrast,
-    Op::Sharpness,
-    Op::Posterize,
-    Op::Solarize,
-    Op::AutoContrast,
-    Op::Equalize,
-];
-
-/// An op, its probability and its magnitude bin (-1: none).
-type Step = (Op, f32, i8);
-
-const IMAGENET: [[Step; 2]; 25] = [
-    [(Op::Posterize, 0.4, 8), (Op::Rotate, 0.6, 9)],
-    [(Op::Solarize, 0.6, 5), (Op::AutoContrast, 0.6, -1)],
-    [(Op::Equalize, 0.8, -1), (Op::Equalize, 0.6, -1)],
-    [(Op::Posterize, 0.6, 7), (Op::Posterize, 0.6, 6)],
-    [(Op::Equalize, 0.4, -1), (Op::Solarize, 0.2, 4)],
-    [(Op::Equalize, 0.4, -1), (Op::Rotate, 0.8, 8)],
-    [(Op::Solarize, 0.6, 3), (Op::Equalize, 0.6, -1)],
-    [(Op::Posterize, 0.8, 5), (Op::Equalize, 1.0, -1)],
-    [(Op::Rotate, 0.2, 3), (Op::Solarize, 0.6, 8)],
-    [(Op::Equalize, 0.6, -1), (Op::Posterize, 0.4, 6)],
-    [(Op::Rotate, 0.8, 8), (Op::Color, 0.4, 0)],
-    [(Op::Rotate, 0.4, 9), (Op::Equalize, 0.6, -1)],
-    [(Op::Equalize, 0.0, -1), (Op::Equalize, 0.8, -1)],
-    [(Op::Invert, 0.6, -1), (Op::Equalize, 1.0, -1)],
-    [(Op::Color, 0.6, 4), (Op::Contrast, 1.0, 8)],
-    [(Op::Rotate, 0.8, 8), (Op::Color, 1.0, 2)],
-    [(Op::Color, 0.8, 8), (Op::Solarize, 0.8, 7)],
-    [(Op::Sharpness, 0.4, 7), (Op::Invert, 0.6, -1)],
-    [(Op::ShearX, 0.6, 5), (Op::Equalize, 1.0, -1)],
-    [(Op::Color, 0.4, 0), (Op::Equalize, 0.6, -1)],
-    [(Op::Equalize, 0.4, -1), (Op::Solarize, 0.2, 4)],
-    [(Op::Solarize, 0.6, 5), (Op::AutoContrast, 0.6, -1)],
-    [(Op::Invert, 0.6, -1), (Op::Equalize, 1.0, -1)],
-    [(Op::Color, 0.6, 4), (Op::Contrast, 1.0, 8)],
-    [(Op::Equalize, 0.8, -1), (Op::Equalize, 0.6, -1)],
-];
-
-const CIFAR10: [[Step; 2]; 25] = [
-    [(Op::Invert, 0.1, -1), (Op::Contrast, 0.2, 6)],
-    [(Op::Rotate, 0.7, 2), (Op::TranslateX, 0.3, 9)],
-    [(Op::Sharpness, 0.8, 1), (Op::Sharpness, 0.9, 3)],
-    [(Op::ShearY, 0.5, 8), (Op::TranslateY, 0.7, 9)],
-    [(Op::AutoContrast, 0.5, -1), (Op::Equalize, 0.9, -1)],
-    [(Op::ShearY, 0.2, 7), (Op::Posterize, 0.3, 7)],
-    [(Op::Color, 0.4, 3), (Op::Brightness, 0.6, 7)],
-    [(Op::Sharpness, 0.3, 9), (Op::Brightness, 0.7, 9)],
-    [(Op::Equalize, 0.6, -1), (Op::Equalize, 0.5, -1)],
-    [(Op::Contrast, 0.6, 7), (Op::Sharpness, 0.6, 5)],
-    [(Op::Color, 0.7, 7), (Op::TranslateX, 0.5, 8)],
-    [(Op::Equalize, 0.3, -1), (Op::AutoContrast, 0.4, -1)],
-    [(Op::TranslateY, 0.4, 3), (Op::Sharpness, 0.2, 6)],
-    [(Op::Brightness, 0.9, 6), (Op::Color, 0.2, 8)],
-    [(Op::Solarize, 0.5, 2), (Op::Invert, 0.0, -1)],
-    [(Op::Equalize, 0.2, -1), (Op::AutoContrast, 0.6, -1)],
-    [(Op::Equalize, 0.2, -1), (Op::Equalize, 0.6, -1)],
-    [(Op::Color, 0.9, 9), (Op::Equalize, 0.6, -1)],
-    [(Op::AutoContrast, 0.8, -1), (Op::Solarize, 0.2, 8)],
-    [(Op::Brightness, 0.1, 3), (Op::Color, 0.7, 0)],
-    [(Op::Solarize, 0.4, 5), (Op::AutoContrast, 0.9, -1)],
-    [(Op::TranslateY, 0.9, 9), (Op::TranslateY, 0.7, 9)],
-    [(Op::AutoContrast, 0.9, -1), (Op::Solarize, 0.8, 3)],
-    [(Op::Equalize, 0.8, -1), (Op::Invert, 0.1, -1)],
-    [(Op::TranslateY, 0.7, 9), (Op::AutoContrast, 0.9, -1)],
-];
-
-const SVHN: [[Step; 2]; 25] = [
-    [(Op::ShearX, 0.9, 4), (Op::Invert, 0.2, -1)],
-    [(Op::ShearY, 0.9, 8), (Op::Invert, 0.7, -1)],
-    [(Op::Equalize, 0.6, -1), (Op::Solarize, 0.6, 6)],
-    [(Op::Invert, 0.9, -1), (Op::Equalize, 0.6, -1)],
-    [(Op::Equalize, 0.6, -1), (Op::Rotate, 0.9, 3)],
-    [(Op::ShearX, 0.9, 4), (Op::AutoContrast, 0.8, -1)],
-    [(Op::ShearY, 0.9, 8), (Op::Invert, 0.4, -1)],
-    [(Op::ShearY, 0.9, 5), (Op::Solarize, 0.2, 6)],
-    [(Op::Invert, 0.9, -1), (Op::AutoContrast, 0.8, -1)],
-    [(Op::Equalize, 0.6, -1), (Op::Rotate, 0.9, 3)],
-    [(Op::ShearX, 0.9, 4), (Op::Solarize, 0.3, 3)],
-    [(Op::ShearY, 0.8, 8), (Op::Invert, 0.7, -1)],
-    [(Op::Equalize, 0.9, -1), (Op::TranslateY, 0.6, 6)],
-    [(Op::Invert, 0.9, -1), (Op::Equalize, 0.6, -1)],
-    [(Op::Contrast, 0.3, 3), (Op::Rotate, 0.8, 4)],
-    [(Op::Invert, 0.8, -1), (Op::TranslateY, 0.0, 2)],
-    [(Op::ShearY, 0.7, 6), (Op::Solarize, 0.4, 8)],
-    [(Op::Invert, 0.6, -1), (Op::Rotate, 0.8, 4)],
-    [(Op::ShearY, 0.3, 7), (Op::TranslateX, 0.9, 3)],
-    [(Op::ShearX, 0.1, 6), (Op::Invert, 0.6, -1)],
-    [(Op::Solarize, 0.7, 2), (Op::TranslateY, 0.6, 7)],
-    [(Op::ShearY, 0.8, 4), (Op::Invert, 0.8, -1)],
-    [(Op::ShearX, 0.7, 9), (Op::TranslateY, 0.8, 3)],
-    [(Op::ShearY, 0.8, 5), (Op::AutoContrast, 0.7, -1)],
-    [(Op::ShearX, 0.7, 2), (Op::Invert, 0.1, -1)],
-];
-
-/// AugMix's ops (`all_ops`), in its `_augmentation_space`'s order.
-const AUGMIX_OPS: [Op; 13] = [
-    Op::ShearX,
-    Op::ShearY,
-    Op::TranslateX,
-    Op::TranslateY,
-    Op::Rotate,
-    Op::Posterize,
-    Op::Solarize,
-    Op::AutoContrast,
-    Op::Equalize,
-    Op::Brightness,
-    Op::Color,
-    Op::Contrast,
-    Op::Sharpness,
-];
 
 /// AugMix's default `severity` (torchvision's): its magnitudes are drawn
 /// from the first 3 of its 10 bins; `--augmix-severity` is 1 to
@@ -356,50 +220,82 @@ pub struct AutoAugment {
 }
 
 impl AutoAugment {
-    /// Applied to each uint8 image of the NCHW batch `x` in turn (on `x`'s
-    /// device; the draws on the CPU generator).
+    /// Applied to each uint8 image of the NCHW batch `x` (on `x`'s device):
+    /// every image's draws first, image by image in torchvision's order on
+    /// the CPU generator, then the ops a batch at a time (see [`run`]).
     pub fn apply(&self, x: &Tensor) -> Tensor {
         let (b, _, h, w) = x.size4().expect("a batch of images");
         let default = match self.policy {
             Policy::Augmix => BILINEAR,
             _ => NEAREST,
         };
-        let frame = (
-            h,
-            w,
-            self.interpolation.map_or(default, Interpolation::mode),
-        );
-        let images: Vec<Tensor> = (0..b)
-            .map(|i| {
-                let img = x.get(i);
-                match self.policy {
-                    Policy::Imagenet => searched(img, &IMAGENET, frame),
-                    Policy::Cifar10 => searched(img, &CIFAR10, frame),
-                    Policy::Svhn => searched(img, &SVHN, frame),
-                    Policy::Ra => rand_augment(img, self.ra_magnitude, frame),
-                    Policy::TaWide => trivial_augment(img, frame),
-                    Policy::Augmix => aug_mix(img, self.augmix_severity, frame),
-                }
-            })
-            .collect();
-        Tensor::stack(&images, 0)
+        let mode = self.interpolation.map_or(default, Interpolation::mode);
+        let draws = |draw: &dyn Fn() -> Vec<Draw>| (0..b).map(|_| draw()).collect::<Vec<_>>();
+        let drawn = match self.policy {
+            Policy::Imagenet => draws(&|| searched(&IMAGENET, (h, w))),
+            Policy::Cifar10 => draws(&|| searched(&CIFAR10, (h, w))),
+            Policy::Svhn => draws(&|| searched(&SVHN, (h, w))),
+            Policy::Ra => draws(&|| rand_augment(self.ra_magnitude, (h, w))),
+            Policy::TaWide => draws(&|| trivial_augment((h, w))),
+            Policy::Augmix => return aug_mix(x, self.augmix_severity, (h, w), mode),
+        };
+        run(x, &drawn, mode)
     }
 }
 
-/// An image's height and width, and the grid_sample mode of its ops.
-type Frame = (i64, i64, i64);
+/// An op as drawn for one image, with its (signed) magnitude.
+type Draw = (Op, f64);
 
 /// A draw of `torch.randint(high, (1,))`.
 fn randint(high: i64) -> i64 {
     Tensor::randint(high, [1], (Kind::Int64, Device::Cpu)).int64_value(&[0])
 }
 
+/// Each image's drawn ops applied in turn, a batch at a time: at each
+/// position of the lists, the images that drew the same op go through it
+/// together, each with its own magnitude (about a dozen groups of a few
+/// kernels each, where image by image would be some 30 kernels an image).
+fn run(x: &Tensor, drawn: &[Vec<Draw>], mode: i64) -> Tensor {
+    let depth = drawn.iter().map(Vec::len).max().unwrap_or(0);
+    let mut x = x.copy();
+    for k in 0..depth {
+        let mut groups: Vec<(Op, Vec<i64>, Vec<f64>)> = Vec::new();
+        for (i, &(op, m)) in drawn
+            .iter()
+            .enumerate()
+            .filter_map(|(i, d)| Some((i, d.get(k)?)))
+        {
+            if op == Op::Identity {
+                continue;
+            }
+            match groups.iter_mut().find(|g| g.0 == op) {
+                Some(g) => {
+                    g.1.push(i as i64);
+                    g.2.push(m);
+                }
+                None => groups.push((op, vec![i as i64], vec![m])),
+            }
+        }
+        for (op, at, ms) in groups {
+            if at.len() == drawn.len() {
+                x = apply(&x, op, &ms, mode);
+                continue;
+            }
+            let at = Tensor::from_slice(&at).to_device(x.device());
+            let out = apply(&x.index_select(0, &at), op, &ms, mode);
+            let _ = x.index_copy_(0, &at, &out);
+        }
+    }
+    x
+}
+
 /// `AutoAugment.forward`: a sub-policy, two probabilities and two signs
 /// drawn, each op applied if its probability says so (negated on a 0).
-fn searched(mut img: Tensor, table: &[[Step; 2]], (h, w, mode): Frame) -> Tensor {
+fn searched(table: &[[Step; 2]], (h, w): (i64, i64)) -> Vec<Draw> {
     let id = randint(table.len() as i64) as usize;
     let probs = Tensor::rand([2], (Kind::Float, Device::Cpu));
     let signs = Tensor::randint(2, [2], (Kind::Int64, Device::Cpu));
+    let mut ops = Vec::with_capacity(2);
     for (k, &(op, p, bin)) in table[id].iter().enumerate() {
         if probs.double_value(&[k as i64]) as f32 > p {
             continue;
@@ -411,125 +307,195 @@ fn searched(mut img: Tensor, table: &[[Step; 2]], (h, w, mode): Frame) -> Tensor
         if signed && signs.int64_value(&[k as i64]) == 0 {
             m = -m;
         }
-        img = apply(&img, op, m, mode);
+        ops.push((op, m));
     }
-    img
+    ops
 }
 
-/// `RandAugment.forward`: two ops drawn in turn, each at the bin
-/// `magnitude_bin`, a sign drawn for the signed ones (negated on a 1).
-fn rand_augment(mut img: Tensor, magnitude_bin: i64, (h, w, mode): Frame) -> Tensor {
-    for _ in 0..2 {
-        let op = SPACE_OPS[randint(SPACE_OPS.len() as i64) as usize];
-        let (mut m, signed) = magnitude(RAND, op, magnitude_bin, h, w).unwrap_or((0.0, false));
-        if signed && randint(2) != 0 {
-            m = -m;
-        }
-        img = apply(&img, op, m, mode);
-    }
-    img
-}
-
-/// `TrivialAugmentWide.forward`: one op drawn, then its bin (ops with
-/// magnitudes), then its sign (signed ops; negated on a 1).
-fn trivial_augment(img: Tensor, (h, w, mode): Frame) -> Tensor {
-    let op = SPACE_OPS[randint(SPACE_OPS.len() as i64) as usize];
+/// An op of `ops` drawn, then (where it has magnitudes) its bin of
+/// `space` from `bin`, then its sign (signed ops; negated on a 1).
+fn one_op(ops: &[Op], space: Space, bin: &dyn Fn() -> i64, (h, w): (i64, i64)) -> Draw {
+    let op = ops[randint(ops.len() as i64) as usize];
     let without = matches!(op, Op::Identity | Op::AutoContrast | Op::Equalize);
     let (mut m, signed) = match without {
         true => (0.0, false),
-        false => magnitude(WIDE, op, randint(WIDE.bins), h, w).unwrap_or((0.0, false)),
+        false => magnitude(space, op, bin(), h, w).unwrap_or((0.0, false)),
     };
     if signed && randint(2) != 0 {
         m = -m;
     }
-    apply(&img, op, m, mode)
+    (op, m)
 }
 
-/// `AugMix.forward` (width 3, depth 1-3, alpha 1, all ops):
+/// `RandAugment.forward`: two ops drawn in turn, each at the bin
+/// `magnitude_bin`, a sign drawn for the signed ones (negated on a 1).
+fn rand_augment(magnitude_bin: i64, frame: (i64, i64)) -> Vec<Draw> {
+    (0..2)
+        .map(|_| one_op(&SPACE_OPS, RAND, &|| magnitude_bin, frame))
+        .collect()
+}
+
+/// `TrivialAugmentWide.forward`: one op drawn, then its bin (ops with
+/// magnitudes), then its sign (signed ops; negated on a 1).
+fn trivial_augment(frame: (i64, i64)) -> Vec<Draw> {
+    vec![one_op(&SPACE_OPS, WIDE, &|| randint(WIDE.bins), frame)]
+}
+
+/// `AugMix.forward` (width 3, depth 1-3, alpha 1, all ops) on each image:
 /// the blend weights drawn (Beta as a 2-way Dirichlet, then a
 /// 3-way one), then each chain's depth, and per op its index, bin and sign
 /// (negated on a 1); the image times its weight plus each chain's times
 /// its own, in float32, truncated to uint8 as `.to(torch.uint8)` does.
-fn aug_mix(img: Tensor, severity: i64, (h, w, mode): Frame) -> Tensor {
-    const WIDTH: i64 = 3;
-    let dirichlet = |n: i64| {
-        Tensor::ones([1, n], (Kind::Float, Device::Cpu))
-            .internal_sample_dirichlet()
-            .to_device(img.device())
-    };
-    let beta = dirichlet(2);
-    let weights = dirichlet(WIDTH) * beta.select(1, 1).view([1, -1]);
-    let mut mix = beta.select(1, 0) * &img;
-    for i in 0..WIDTH {
-        let depth = Tensor::randint_low(1, 4, [1], (Kind::Int64, Device::Cpu)).int64_value(&[0]);
-        let mut aug = img.shallow_clone();
-        for _ in 0..depth {
-            let op = AUGMIX_OPS[randint(AUGMIX_OPS.len() as i64) as usize];
-            let without = matches!(op, Op::AutoContrast | Op::Equalize);
-            let (mut m, signed) = match without {
-                true => (0.0, false),
-                false => magnitude(AUGMIX, op, randint(severity), h, w).unwrap_or((0.0, false)),
-            };
-            if signed && randint(2) != 0 {
-                m = -m;
-            }
-            aug = apply(&aug, op, m, mode);
+fn aug_mix(x: &Tensor, severity: i64, frame: (i64, i64), mode: i64) -> Tensor {
+    const WIDTH: usize = 3;
+    let b = x.size()[0];
+    let dirichlet =
+        |n: i64| Tensor::ones([1, n], (Kind::Float, Device::Cpu)).internal_sample_dirichlet();
+    // Per image: the image's weight, then each chain's.
+    let mut weights: [Vec<f32>; WIDTH + 1] = Default::default();
+    let mut chains: [Vec<Vec<Draw>>; WIDTH] = Default::default();
+    for _ in 0..b {
+        let beta = dirichlet(2);
+        let mixed = dirichlet(WIDTH as i64) * beta.select(1, 1).view([1, -1]);
+        weights[0].push(beta.double_value(&[0, 0]) as f32);
+        for (i, chain) in chains.iter_mut().enumerate() {
+            weights[i + 1].push(mixed.double_value(&[0, i as i64]) as f32);
+            let depth =
+                Tensor::randint_low(1, 4, [1], (Kind::Int64, Device::Cpu)).int64_value(&[0]);
+            chain.push(
+                (0..depth)
+                    .map(|_| one_op(&AUGMIX_OPS, AUGMIX, &|| randint(severity), frame))
+                    .collect(),
+            );
         }
-        mix += weights.select(1, i) * aug;
+    }
+    let weights = Tensor::from_slice(&weights.concat())
+        .to_device(x.device())
+        .view([WIDTH as i64 + 1, b, 1, 1, 1]);
+    let mut mix = weights.get(0) * x;
+    for (i, chain) in chains.iter().enumerate() {
+        mix += weights.get(i as i64 + 1) * run(x, chain, mode);
     }
     mix.to_kind(Kind::Uint8)
 }
 
-/// `_apply_op` on one uint8 CHW image (`mode`: grid_sample's interpolation).
-fn apply(img: &Tensor, op: Op, m: f64, mode: i64) -> Tensor {
-    let (h, w) = (img.size()[1], img.size()[2]);
+/// `_apply_op` on uint8 NCHW images, image i at magnitude `ms[i]` (`mode`:
+/// grid_sample's interpolation).
+fn apply(img: &Tensor, op: Op, ms: &[f64], mode: i64) -> Tensor {
+    let (_, c, h, w) = img.size4().expect("a batch of images");
     // F.affine with center [0, 0] (the shears) or None (the rest): the
     // centre relative to the image centre, as torchvision's tensor path has it.
     let corner = [-(w as f64) * 0.5, -(h as f64) * 0.5];
+    let zero = [0.0, 0.0];
+    let affine = |matrix: &dyn Fn(f64) -> [f64; 6]| {
+        let matrices: Vec<[f64; 6]> = ms.iter().map(|&m| matrix(m)).collect();
+        warp(img, &matrices, mode)
+    };
+    let ratios: Vec<f64> = ms.iter().map(|m| 1.0 + m).collect();
     match op {
-        Op::ShearX => warp(
-            img,
-            corner,
-            0.0,
-            [0.0, 0.0],
-            [m.atan().to_degrees(), 0.0],
-            mode,
-        ),
-        Op::ShearY => warp(
-            img,
-            corner,
-            0.0,
-            [0.0, 0.0],
-            [0.0, m.atan().to_degrees()],
-            mode,
-        ),
-        Op::TranslateX => warp(img, [0.0, 0.0], 0.0, [m.trunc(), 0.0], [0.0, 0.0], mode),
-        Op::TranslateY => warp(img, [0.0, 0.0], 0.0, [0.0, m.trunc()], [0.0, 0.0], mode),
+        Op::ShearX => affine(&|m| inverse_affine(corner, 0.0, zero, [m.atan().to_degrees(), 0.0])),
+        Op::ShearY => affine(&|m| inverse_affine(corner, 0.0, zero, [0.0, m.atan().to_degrees()])),
+        Op::TranslateX => affine(&|m| inverse_affine(zero, 0.0, [m.trunc(), 0.0], zero)),
+        Op::TranslateY => affine(&|m| inverse_affine(zero, 0.0, [0.0, m.trunc()], zero)),
         // F.rotate: the inverse matrix of -angle.
-        Op::Rotate => warp(img, [0.0, 0.0], -m, [0.0, 0.0], [0.0, 0.0], mode),
-        Op::Brightness => blend(img, &img.zeros_like(), 1.0 + m),
-        Op::Color => match img.size()[0] {
-            1 => img.shallow_clone(),
-            _ => blend(img, &grayscale(img), 1.0 + m),
-        },
+        Op::Rotate => affine(&|m| inverse_affine(zero, -m, zero, zero)),
+        Op::Brightness => blend(img, &img.zeros_like(), &ratios),
+        Op::Color if c == 1 => img.shallow_clone(),
+        Op::Color => blend(img, &grayscale(img), &ratios),
         Op::Contrast => {
-            let gray = match img.size()[0] {
+            let gray = match c {
                 3 => grayscale(img),
                 _ => img.shallow_clone(),
             };
             let mean = gray
                 .to_kind(Kind::Float)
                 .mean_dim(&[-3i64, -2, -1][..], true, None::<Kind>);
-            blend(img, &mean, 1.0 + m)
+            blend(img, &mean, &ratios)
         }
-        Op::Sharpness if h > 2 && w > 2 => blend(img, &blurred(img), 1.0 + m),
+        Op::Sharpness if h > 2 && w > 2 => blend(img, &blurred(img), &ratios),
         Op::Sharpness => img.shallow_clone(),
-        // img & -int(2 ** (8 - bits))
-        Op::Posterize => img.bitwise_and(-(1i64 << (8 - m as i64))),
-        Op::Solarize => img.bitwise_not().where_self(&img.ge(m), img),
+        // img & -int(2 ** (8 - bits)), as uint8.
+        Op::Posterize => {
+            let masks: Vec<u8> = ms
+                .iter()
+                .map(|&m| (-(1i64 << (8 - m as i64))) as u8)
+                .collect();
+            let masks = Tensor::from_slice(&masks)
+                .to_device(img.device())
+                .view([-1, 1, 1, 1]);
+            img.bitwise_and_tensor(&masks)
+        }
+        Op::Solarize => {
+            let [at] = per_image([ms.iter().map(|&m| m as f32).collect()], img.device());
+            img.bitwise_not().where_self(&img.ge_tensor(&at), img)
+        }
         Op::AutoContrast => auto_contrast(img),
         Op::Equalize => equalize(img),
         Op::Invert => img.bitwise_not(),
         Op::Identity => img.shallow_clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ops of every kind, two an image, each image at its own magnitude
+    /// (some images none, some only one op; every op but Identity in
+    /// groups of several images).
+    fn drawn(n: usize) -> Vec<Vec<Draw>> {
+        // Every op: RandAugment's 14 and Invert.
+        let ops: Vec<Op> = SPACE_OPS.into_iter().chain([Op::Invert]).collect();
+        let magnitude = |op: Op, i: usize| {
+            let t = (i % 7) as f64 / 3.0 - 1.0; // -1 to 1
+            match op {
+                Op::ShearX | Op::ShearY => 0.3 * t,
+                Op::TranslateX | Op::TranslateY => 9.7 * t,
+                Op::Rotate => 30.0 * t,
+                Op::Posterize => (i % 9) as f64,
+                Op::Solarize => (i * 37 % 256) as f64,
+                _ => 0.9 * t,
+            }
+        };
+        (0..n)
+            .map(|i| {
+                (0..i % 3)
+                    .map(|k| {
+                        let op = ops[(i / 3 + 5 * k) % ops.len()];
+                        (op, magnitude(op, i + k))
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// An image augmented in a batch comes out as it does alone (a batch
+    /// of one): each image takes its own magnitude, and no op mixes images
+    /// (colour, grey and odd-sized images, low-contrast and flat ones;
+    /// nearest and bilinear).
+    #[test]
+    fn an_image_is_augmented_as_it_would_be_alone() {
+        tch::manual_seed(3);
+        for (c, h, w) in [(3, 24, 24), (1, 20, 30), (3, 2, 5)] {
+            let n = 90;
+            let x = Tensor::randint(256, [n, c, h, w], (Kind::Uint8, Device::Cpu));
+            // Low-contrast images (which equalization and autocontrast
+            // change: a few hundred pixels over 16 values) and a flat one.
+            let mut low = x.slice(0, 0, n, 2);
+            low.copy_(&(low.floor_divide_scalar(16) + 100));
+            let _ = x.get(5).fill_(77);
+            let d = drawn(n as usize);
+            for mode in [NEAREST, BILINEAR] {
+                let batched = run(&x, &d, mode);
+                for (i, draws) in d.iter().enumerate() {
+                    let alone = run(&x.narrow(0, i as i64, 1), std::slice::from_ref(draws), mode);
+                    assert!(
+                        batched.get(i as i64).equal(&alone.get(0)),
+                        "image {i} ({draws:?}, {c}x{h}x{w}, mode {mode})"
+                    );
+                }
+                assert!(!batched.equal(&x), "the ops changed nothing");
+            }
+        }
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod augment;
 pub mod auto_augment;
+mod auto_augment_tables;
 pub mod cifar;
 pub mod digits;
 pub mod download;

@@ -1,44 +1,61 @@
-//! torchvision's `transforms._functional_tensor` image ops on uint8 CHW
-//! tensors, as its tensor path computes them (the automatic augmentations'
-//! building blocks): `_blend`, the grayscale weights, the 13-tap sharpness
-//! kernel, autocontrast, the equalization LUT, and the affine warp (its
-//! grid and `grid_sample`).
+//! torchvision's `transforms._functional_tensor` image ops on uint8 NCHW
+//! batches, as its tensor path computes them on one image (the automatic
+//! augmentations' building blocks): `_blend`, the grayscale weights, the
+//! 13-tap sharpness kernel, autocontrast, the equalization LUT, and the
+//! affine warp (its grid and `grid_sample`). Each image of a batch takes
+//! its own magnitude; what an image gets does not depend on the others
+//! (the same arithmetic, element for element, as on that image alone).
 
 use tch::{Device, Kind, Tensor};
 
-/// `_blend`: `(r·a + (1 − r)·b).clamp(0, 255)`, truncated to uint8.
-pub fn blend(a: &Tensor, b: &Tensor, ratio: f64) -> Tensor {
-    (a.g_mul_scalar(ratio) + b.g_mul_scalar(1.0 - ratio))
-        .clamp(0.0, 255.0)
-        .to_kind(Kind::Uint8)
+/// Per-image float32 factors `[n, 1, 1, 1]` on `dev`, one row per list.
+pub fn per_image<const K: usize>(rows: [Vec<f32>; K], dev: Device) -> [Tensor; K] {
+    let n = rows[0].len() as i64;
+    let all = Tensor::from_slice(&rows.concat())
+        .to_device(dev)
+        .view([K as i64, n, 1, 1, 1]);
+    std::array::from_fn(|k| all.get(k as i64))
 }
 
-/// `rgb_to_grayscale`: `0.2989 r + 0.587 g + 0.114 b`, truncated, 1×H×W.
+/// `_blend` with image i's `ratios[i]`: `(r·a + (1 − r)·b).clamp(0, 255)`,
+/// truncated to uint8 (r and 1 − r rounded to float32, as torch rounds a
+/// Python float it multiplies a uint8 tensor by).
+pub fn blend(a: &Tensor, b: &Tensor, ratios: &[f64]) -> Tensor {
+    let [r, s] = per_image(
+        [
+            ratios.iter().map(|&r| r as f32).collect(),
+            ratios.iter().map(|&r| (1.0 - r) as f32).collect(),
+        ],
+        a.device(),
+    );
+    (a * r + b * s).clamp(0.0, 255.0).to_kind(Kind::Uint8)
+}
+
+/// `rgb_to_grayscale`: `0.2989 r + 0.587 g + 0.114 b`, truncated, N×1×H×W.
 pub fn grayscale(img: &Tensor) -> Tensor {
-    let c = img.unbind(0);
+    let c = img.unbind(1);
     (c[0].g_mul_scalar(0.2989) + c[1].g_mul_scalar(0.587) + c[2].g_mul_scalar(0.114))
         .to_kind(Kind::Uint8)
-        .unsqueeze(0)
+        .unsqueeze(1)
 }
 
 /// `_blurred_degenerate_image`: the 3×3 kernel (1s around a 5, / 13) per
-/// channel inside a one-pixel border that stays as it was.
+/// channel inside a one-pixel border that stays as it was. (A blurred value
+/// is a whole number / 13, never halfway between two integers, so its
+/// rounding does not depend on the convolution's order of summation.)
 pub fn blurred(img: &Tensor) -> Tensor {
-    let c = img.size()[0];
+    let (_, c, h, w) = img.size4().expect("a batch of images");
     let mut kernel = Tensor::ones([3, 3], (Kind::Float, img.device()));
     let _ = kernel.get(1).get(1).fill_(5.0);
     kernel = &kernel / kernel.sum(None::<Kind>);
     let kernel = kernel.expand([c, 1, 3, 3], false);
     let inner = img
-        .unsqueeze(0)
         .to_kind(Kind::Float)
         .conv2d(&kernel, None::<Tensor>, [1, 1], [0, 0], [1, 1], c)
         .round()
-        .to_kind(Kind::Uint8)
-        .squeeze_dim(0);
+        .to_kind(Kind::Uint8);
     let out = img.copy();
-    let (h, w) = (img.size()[1], img.size()[2]);
-    out.narrow(1, 1, h - 2).narrow(2, 1, w - 2).copy_(&inner);
+    out.narrow(2, 1, h - 2).narrow(3, 1, w - 2).copy_(&inner);
     out
 }
 
@@ -54,59 +71,60 @@ pub fn auto_contrast(img: &Tensor) -> Tensor {
     ((img - lo) * scale).clamp(0.0, 255.0).to_kind(Kind::Uint8)
 }
 
-/// `equalize`: each channel through the LUT of its cumulative histogram
-/// (integer arithmetic, on the host).
+/// `equalize`: each channel of each image through the LUT of its
+/// cumulative histogram (integer arithmetic, on the host; one histogram
+/// pass and one copy each way for the batch).
 pub fn equalize(img: &Tensor) -> Tensor {
-    let channels: Vec<Tensor> = img
-        .unbind(0)
-        .iter()
-        .map(|chan| {
-            let hist: Vec<i64> = Vec::try_from(
-                chan.reshape([-1])
-                    .bincount(None::<Tensor>, 256)
-                    .to_device(Device::Cpu),
-            )
-            .unwrap_or_default();
-            let nonzero: Vec<i64> = hist.iter().copied().filter(|&v| v != 0).collect();
-            let step = nonzero[..nonzero.len().saturating_sub(1)]
-                .iter()
-                .sum::<i64>()
-                / 255;
-            if step == 0 {
-                return chan.shallow_clone();
-            }
-            let mut lut = vec![0i64; 256];
-            let mut cum = 0;
-            for (i, v) in hist.iter().enumerate().take(255) {
-                cum += v;
-                lut[i + 1] = ((cum + step / 2) / step).clamp(0, 255);
-            }
-            let lut = Tensor::from_slice(&lut).to_device(chan.device());
-            lut.index_select(0, &chan.reshape([-1]).to_kind(Kind::Int64))
-                .view_as(chan)
-                .to_kind(Kind::Uint8)
-        })
-        .collect();
-    Tensor::stack(&channels, 0)
+    let (n, c, h, w) = img.size4().expect("a batch of images");
+    let dev = img.device();
+    let at = img.reshape([n * c, h * w]).to_kind(Kind::Int64)
+        + Tensor::arange(n * c, (Kind::Int64, dev)).unsqueeze(1) * 256;
+    let at = at.reshape([-1]);
+    let hist = at
+        .bincount(None::<Tensor>, n * c * 256)
+        .to_device(Device::Cpu);
+    let hist = Vec::<i64>::try_from(hist).unwrap_or_default();
+    let lut: Vec<i64> = hist.chunks_exact(256).flat_map(channel_lut).collect();
+    if lut.len() as i64 != n * c * 256 {
+        return img.shallow_clone();
+    }
+    Tensor::from_slice(&lut)
+        .to_device(dev)
+        .index_select(0, &at)
+        .view_as(img)
+        .to_kind(Kind::Uint8)
 }
 
-/// `F.affine`/`F.rotate` on a tensor with nearest interpolation and no
-/// fill: `_get_inverse_affine_matrix`, `_gen_affine_grid` and
-/// `grid_sample` (zeros outside), rounded back to uint8.
-pub fn warp(
-    img: &Tensor,
-    center: [f64; 2],
-    angle: f64,
-    translate: [f64; 2],
-    shear: [f64; 2],
-    mode: i64,
-) -> Tensor {
-    let (h, w) = (img.size()[1], img.size()[2]);
-    let matrix = inverse_affine(center, angle, translate, shear);
+/// `_scale_channel`'s LUT for one channel's histogram (the identity where
+/// its step is 0: the channel is left as it was).
+fn channel_lut(hist: &[i64]) -> [i64; 256] {
+    let mut lut: [i64; 256] = std::array::from_fn(|i| i as i64);
+    let nonzero: Vec<i64> = hist.iter().copied().filter(|&v| v != 0).collect();
+    let step = nonzero[..nonzero.len().saturating_sub(1)]
+        .iter()
+        .sum::<i64>()
+        / 255;
+    if step == 0 {
+        return lut;
+    }
+    lut[0] = 0;
+    let mut cum = 0;
+    for (i, v) in hist.iter().enumerate().take(255) {
+        cum += v;
+        lut[i + 1] = ((cum + step / 2) / step).clamp(0, 255);
+    }
+    lut
+}
+
+/// `F.affine`/`F.rotate` on each image with no fill, image i by the
+/// inverse matrix `matrices[i]` (from [`inverse_affine`]):
+/// `_gen_affine_grid` and `grid_sample` (`mode`; zeros outside), rounded
+/// back to uint8.
+pub fn warp(img: &Tensor, matrices: &[[f64; 6]], mode: i64) -> Tensor {
+    let (n, _, h, w) = img.size4().expect("a batch of images");
     let dev = img.device();
-    let theta = Tensor::from_slice(&matrix.map(|v| v as f32))
-        .to_device(dev)
-        .view([1, 2, 3]);
+    let flat: Vec<f32> = matrices.iter().flatten().map(|&v| v as f32).collect();
+    let theta = Tensor::from_slice(&flat).to_device(dev).view([n, 2, 3]);
     let opts = (Kind::Float, dev);
     let base = Tensor::empty([1, h, w, 3], opts);
     let d = 0.5;
@@ -120,19 +138,26 @@ pub fn warp(
         .to_kind(Kind::Float)
         .to_device(dev);
     let rescaled = theta.transpose(1, 2) / half;
-    let grid = base.view([1, h * w, 3]).bmm(&rescaled).view([1, h, w, 2]);
+    let grid = base
+        .view([1, h * w, 3])
+        .expand([n, h * w, 3], false)
+        .bmm(&rescaled)
+        .view([n, h, w, 2]);
     // padding 0 = zeros; rounded back to uint8 (`_cast_squeeze_out`).
-    img.unsqueeze(0)
-        .to_kind(Kind::Float)
+    img.to_kind(Kind::Float)
         .grid_sampler(&grid, mode, 0, false)
         .round()
         .to_kind(Kind::Uint8)
-        .squeeze_dim(0)
 }
 
 /// torchvision's `_get_inverse_affine_matrix` (scale 1, inverted), in
 /// degrees as it takes them.
-fn inverse_affine(center: [f64; 2], angle: f64, translate: [f64; 2], shear: [f64; 2]) -> [f64; 6] {
+pub fn inverse_affine(
+    center: [f64; 2],
+    angle: f64,
+    translate: [f64; 2],
+    shear: [f64; 2],
+) -> [f64; 6] {
     let rot = angle.to_radians();
     let (sx, sy) = (shear[0].to_radians(), shear[1].to_radians());
     let [cx, cy] = center;

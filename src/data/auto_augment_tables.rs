@@ -1,0 +1,146 @@
+//! The automatic augmentations' ops and tables (`--auto-augment`): the
+//! ops of torchvision's `_apply_op`, RandAugment's and TrivialAugment's
+//! space, AugMix's, and AutoAugment's sub-policies searched on ImageNet,
+//! CIFAR-10 and SVHN (`AutoAugmentPolicy`), as torchvision lists them.
+
+/// An op of `_apply_op`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    ShearX,
+    ShearY,
+    TranslateX,
+    TranslateY,
+    Rotate,
+    Brightness,
+    Color,
+    Contrast,
+    Sharpness,
+    Posterize,
+    Solarize,
+    AutoContrast,
+    Equalize,
+    Invert,
+    Identity,
+}
+
+/// RandAugment's and TrivialAugment's ops, in their `_augmentation_space`'s order.
+pub const SPACE_OPS: [Op; 14] = [
+    Op::Identity,
+    Op::ShearX,
+    Op::ShearY,
+    Op::TranslateX,
+    Op::TranslateY,
+    Op::Rotate,
+    Op::Brightness,
+    Op::Color,
+    Op::Contrast,
+    Op::Sharpness,
+    Op::Posterize,
+    Op::Solarize,
+    Op::AutoContrast,
+    Op::Equalize,
+];
+
+/// An op, its probability and its magnitude bin (-1: none).
+pub type Step = (Op, f32, i8);
+
+pub const IMAGENET: [[Step; 2]; 25] = [
+    [(Op::Posterize, 0.4, 8), (Op::Rotate, 0.6, 9)],
+    [(Op::Solarize, 0.6, 5), (Op::AutoContrast, 0.6, -1)],
+    [(Op::Equalize, 0.8, -1), (Op::Equalize, 0.6, -1)],
+    [(Op::Posterize, 0.6, 7), (Op::Posterize, 0.6, 6)],
+    [(Op::Equalize, 0.4, -1), (Op::Solarize, 0.2, 4)],
+    [(Op::Equalize, 0.4, -1), (Op::Rotate, 0.8, 8)],
+    [(Op::Solarize, 0.6, 3), (Op::Equalize, 0.6, -1)],
+    [(Op::Posterize, 0.8, 5), (Op::Equalize, 1.0, -1)],
+    [(Op::Rotate, 0.2, 3), (Op::Solarize, 0.6, 8)],
+    [(Op::Equalize, 0.6, -1), (Op::Posterize, 0.4, 6)],
+    [(Op::Rotate, 0.8, 8), (Op::Color, 0.4, 0)],
+    [(Op::Rotate, 0.4, 9), (Op::Equalize, 0.6, -1)],
+    [(Op::Equalize, 0.0, -1), (Op::Equalize, 0.8, -1)],
+    [(Op::Invert, 0.6, -1), (Op::Equalize, 1.0, -1)],
+    [(Op::Color, 0.6, 4), (Op::Contrast, 1.0, 8)],
+    [(Op::Rotate, 0.8, 8), (Op::Color, 1.0, 2)],
+    [(Op::Color, 0.8, 8), (Op::Solarize, 0.8, 7)],
+    [(Op::Sharpness, 0.4, 7), (Op::Invert, 0.6, -1)],
+    [(Op::ShearX, 0.6, 5), (Op::Equalize, 1.0, -1)],
+    [(Op::Color, 0.4, 0), (Op::Equalize, 0.6, -1)],
+    [(Op::Equalize, 0.4, -1), (Op::Solarize, 0.2, 4)],
+    [(Op::Solarize, 0.6, 5), (Op::AutoContrast, 0.6, -1)],
+    [(Op::Invert, 0.6, -1), (Op::Equalize, 1.0, -1)],
+    [(Op::Color, 0.6, 4), (Op::Contrast, 1.0, 8)],
+    [(Op::Equalize, 0.8, -1), (Op::Equalize, 0.6, -1)],
+];
+
+pub const CIFAR10: [[Step; 2]; 25] = [
+    [(Op::Invert, 0.1, -1), (Op::Contrast, 0.2, 6)],
+    [(Op::Rotate, 0.7, 2), (Op::TranslateX, 0.3, 9)],
+    [(Op::Sharpness, 0.8, 1), (Op::Sharpness, 0.9, 3)],
+    [(Op::ShearY, 0.5, 8), (Op::TranslateY, 0.7, 9)],
+    [(Op::AutoContrast, 0.5, -1), (Op::Equalize, 0.9, -1)],
+    [(Op::ShearY, 0.2, 7), (Op::Posterize, 0.3, 7)],
+    [(Op::Color, 0.4, 3), (Op::Brightness, 0.6, 7)],
+    [(Op::Sharpness, 0.3, 9), (Op::Brightness, 0.7, 9)],
+    [(Op::Equalize, 0.6, -1), (Op::Equalize, 0.5, -1)],
+    [(Op::Contrast, 0.6, 7), (Op::Sharpness, 0.6, 5)],
+    [(Op::Color, 0.7, 7), (Op::TranslateX, 0.5, 8)],
+    [(Op::Equalize, 0.3, -1), (Op::AutoContrast, 0.4, -1)],
+    [(Op::TranslateY, 0.4, 3), (Op::Sharpness, 0.2, 6)],
+    [(Op::Brightness, 0.9, 6), (Op::Color, 0.2, 8)],
+    [(Op::Solarize, 0.5, 2), (Op::Invert, 0.0, -1)],
+    [(Op::Equalize, 0.2, -1), (Op::AutoContrast, 0.6, -1)],
+    [(Op::Equalize, 0.2, -1), (Op::Equalize, 0.6, -1)],
+    [(Op::Color, 0.9, 9), (Op::Equalize, 0.6, -1)],
+    [(Op::AutoContrast, 0.8, -1), (Op::Solarize, 0.2, 8)],
+    [(Op::Brightness, 0.1, 3), (Op::Color, 0.7, 0)],
+    [(Op::Solarize, 0.4, 5), (Op::AutoContrast, 0.9, -1)],
+    [(Op::TranslateY, 0.9, 9), (Op::TranslateY, 0.7, 9)],
+    [(Op::AutoContrast, 0.9, -1), (Op::Solarize, 0.8, 3)],
+    [(Op::Equalize, 0.8, -1), (Op::Invert, 0.1, -1)],
+    [(Op::TranslateY, 0.7, 9), (Op::AutoContrast, 0.9, -1)],
+];
+
+pub const SVHN: [[Step; 2]; 25] = [
+    [(Op::ShearX, 0.9, 4), (Op::Invert, 0.2, -1)],
+    [(Op::ShearY, 0.9, 8), (Op::Invert, 0.7, -1)],
+    [(Op::Equalize, 0.6, -1), (Op::Solarize, 0.6, 6)],
+    [(Op::Invert, 0.9, -1), (Op::Equalize, 0.6, -1)],
+    [(Op::Equalize, 0.6, -1), (Op::Rotate, 0.9, 3)],
+    [(Op::ShearX, 0.9, 4), (Op::AutoContrast, 0.8, -1)],
+    [(Op::ShearY, 0.9, 8), (Op::Invert, 0.4, -1)],
+    [(Op::ShearY, 0.9, 5), (Op::Solarize, 0.2, 6)],
+    [(Op::Invert, 0.9, -1), (Op::AutoContrast, 0.8, -1)],
+    [(Op::Equalize, 0.6, -1), (Op::Rotate, 0.9, 3)],
+    [(Op::ShearX, 0.9, 4), (Op::Solarize, 0.3, 3)],
+    [(Op::ShearY, 0.8, 8), (Op::Invert, 0.7, -1)],
+    [(Op::Equalize, 0.9, -1), (Op::TranslateY, 0.6, 6)],
+    [(Op::Invert, 0.9, -1), (Op::Equalize, 0.6, -1)],
+    [(Op::Contrast, 0.3, 3), (Op::Rotate, 0.8, 4)],
+    [(Op::Invert, 0.8, -1), (Op::TranslateY, 0.0, 2)],
+    [(Op::ShearY, 0.7, 6), (Op::Solarize, 0.4, 8)],
+    [(Op::Invert, 0.6, -1), (Op::Rotate, 0.8, 4)],
+    [(Op::ShearY, 0.3, 7), (Op::TranslateX, 0.9, 3)],
+    [(Op::ShearX, 0.1, 6), (Op::Invert, 0.6, -1)],
+    [(Op::Solarize, 0.7, 2), (Op::TranslateY, 0.6, 7)],
+    [(Op::ShearY, 0.8, 4), (Op::Invert, 0.8, -1)],
+    [(Op::ShearX, 0.7, 9), (Op::TranslateY, 0.8, 3)],
+    [(Op::ShearY, 0.8, 5), (Op::AutoContrast, 0.7, -1)],
+    [(Op::ShearX, 0.7, 2), (Op::Invert, 0.1, -1)],
+];
+
+/// AugMix's ops (`all_ops`), in its `_augmentation_space`'s order.
+pub const AUGMIX_OPS: [Op; 13] = [
+    Op::ShearX,
+    Op::ShearY,
+    Op::TranslateX,
+    Op::TranslateY,
+    Op::Rotate,
+    Op::Posterize,
+    Op::Solarize,
+    Op::AutoContrast,
+    Op::Equalize,
+    Op::Brightness,
+    Op::Color,
+    Op::Contrast,
+    Op::Sharpness,
+];
