@@ -253,7 +253,7 @@ fn files_are_named_by_what_they_are() {
 fn impossible_flags_are_refused() {
     let tmp = common::tempdir();
     let dir = tmp.path();
-    let cases: [(&[&str], &str); 17] = [
+    let cases: [(&[&str], &str); 19] = [
         (
             &["params", "--classes", "100000000000"],
             "--classes 100000000000: a classifier needs between 1 and 1000000 classes",
@@ -317,6 +317,24 @@ fn impossible_flags_are_refused() {
                 "1.5",
             ],
             "--val-split 1.5 must be between 0 and 1 (or give --val-dir)",
+        ),
+        (
+            &["train", "--dataset", "digits", "--lr", "1e39"],
+            "--lr: the learning rate reaches 1.000e39 at epoch 1 of its schedule, beyond float32's largest value 3.403e38",
+        ),
+        (
+            &[
+                "train",
+                "--dataset",
+                "digits",
+                "--gamma",
+                "1e30",
+                "--milestones",
+                "1,2",
+                "--epochs",
+                "3",
+            ],
+            "--lr: the learning rate reaches 1.000e58 at epoch 3 of its schedule",
         ),
         (
             &["train", "--dataset", "digits", "--random-erase", "1.5"],
@@ -495,7 +513,7 @@ fn resume_refuses_changes_and_bad_states() {
     let resume = dir.join("run/resume.safetensors");
     let original = std::fs::read(&resume).unwrap();
     type Edit = fn(&mut serde_json::Value);
-    let bad_states: [(Edit, &str); 6] = [
+    let bad_states: [(Edit, &str); 12] = [
         (
             |s| s["config"]["batch_size"] = 0.into(),
             "bad training state: epochs 2, batch_size 0",
@@ -517,6 +535,33 @@ fn resume_refuses_changes_and_bad_states() {
             "bad training state: augmix_severity 0 is not 1 to 10",
         ),
         (
+            |s| s["config"]["lr"] = 1e39.into(),
+            "bad training state: the learning rate reaches 1.000e39 at epoch 1 of its schedule, beyond float32's largest value 3.403e38",
+        ),
+        (
+            |s| {
+                s["config"]["gamma"] = 1e30.into();
+                s["config"]["milestones"] = serde_json::json!([0, 1]);
+            },
+            "bad training state: the learning rate reaches 1.000e58 at epoch 2 of its schedule",
+        ),
+        (
+            |s| s["config"]["optimizer"]["momentum"] = (-0.5).into(),
+            "bad training state: momentum -0.5 must be a finite number, 0 or more",
+        ),
+        (
+            |s| s["config"]["optimizer"]["betas"] = serde_json::json!([0.9, 1.0]),
+            "bad training state: betas (0.9, 1) must each be in [0, 1)",
+        ),
+        (
+            |s| s["config"]["augment"]["crop_flip"]["padding"] = (-1).into(),
+            "bad training state: augment padding -1 is not 0 to the input size 32",
+        ),
+        (
+            |s| s["config"]["clip_grad_norm"] = 0.into(),
+            "bad training state: clip_grad_norm 0 must be a positive number",
+        ),
+        (
             |s| s["step"] = 1_000_000_000.into(),
             "step 1000000000 of epoch 3 is past the end of an epoch of 64 images at batch 32",
         ),
@@ -531,6 +576,21 @@ fn resume_refuses_changes_and_bad_states() {
         assert_one_line_error(&r, 1, needle);
         assert!(r.stderr.contains("run/resume.safetensors"), "{}", r.stderr);
     }
+    // A schedule that fits its epochs but not the more asked for now.
+    std::fs::write(&resume, &original).unwrap();
+    rewrite_state(&resume, |s| {
+        s["config"]["gamma"] = 1e30.into();
+        s["config"]["milestones"] = serde_json::json!([1, 2]);
+    });
+    let r = run_in(
+        dir,
+        &["train", "--resume", "run", "--epochs", "3", "--quiet"],
+    );
+    assert_one_line_error(
+        &r,
+        1,
+        "run: the learning rate reaches 1.000e58 at epoch 3 of its schedule",
+    );
 }
 
 /// Usage errors keep what clap knows, on one line: the missing arguments'
@@ -577,4 +637,42 @@ fn another_vggs_weights_are_named() {
         1,
         "the weights are a vgg11 with the imagenet head and 1000 classes, but --arch says vgg16",
     );
+}
+
+/// A batch larger than the data (up to i64::MAX, which torch's
+/// DataLoader takes too) is the whole set in one step an epoch, not an
+/// overflow in the count of steps.
+#[test]
+fn a_batch_larger_than_the_data_is_one_step() {
+    let tmp = common::tempdir();
+    let dir = tmp.path();
+    let most = i64::MAX.to_string();
+    let r = run_in(
+        dir,
+        &[
+            "train",
+            "--dataset",
+            "digits",
+            "--arch",
+            "vgg11",
+            "--epochs",
+            "2",
+            "--limit-train",
+            "48",
+            "--limit-test",
+            "32",
+            "--batch-size",
+            &most,
+            "--test-batch-size",
+            &most,
+            "--out",
+            "run",
+            "--quiet",
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let sd = read_safetensors(&dir.join("run/resume.safetensors")).unwrap();
+    let state: serde_json::Value =
+        serde_json::from_str(&sd.metadata["vggctl_train_state"]).unwrap();
+    assert_eq!(state["optimizer_steps"], 2, "one step an epoch");
 }

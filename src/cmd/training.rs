@@ -337,6 +337,32 @@ fn same_classes_as_run(
 
 /// Decides the run's numerics, loads the data its configuration names,
 /// then trains (rank 0 of a data-parallel run prints and writes).
+/// A new run's settings that depend on the launch (its world size, the
+/// average's schedule); then, new or resumed, a schedule whose learning
+/// rate float32 cannot hold is refused.
+fn settle_new_run(
+    config: &mut TrainConfig,
+    h: &HyperOpts,
+    resumed: bool,
+    world: &World,
+) -> Result<()> {
+    if !resumed {
+        if world.size > 1 && h.out.is_none() {
+            return Err(usage(
+                "a data-parallel run needs --out: every rank must name the same run directory",
+            ));
+        }
+        config.world_size = world.size;
+        settle_ema(config);
+    }
+    match config.lr_problem() {
+        // Its state passed; the epochs asked for now reach further.
+        Some(problem) if resumed => bail!("{}: {problem}", config.out.display()),
+        Some(problem) => Err(usage(format!("--lr: {problem}"))),
+        None => Ok(()),
+    }
+}
+
 pub fn execute(
     mut config: TrainConfig,
     h: &HyperOpts,
@@ -347,15 +373,7 @@ pub fn execute(
     world: &World,
 ) -> Result<()> {
     let quiet = h.quiet || !world.is_main();
-    if resume.is_none() {
-        if world.size > 1 && h.out.is_none() {
-            return Err(usage(
-                "a data-parallel run needs --out: every rank must name the same run directory",
-            ));
-        }
-        config.world_size = world.size;
-        settle_ema(&mut config);
-    }
+    settle_new_run(&mut config, h, resume.is_some(), world)?;
     let run_dir = RunDir {
         dir: config.out.clone(),
     };

@@ -80,6 +80,34 @@ pub struct OptimizerConfig {
     pub bias_weight_decay: Option<f64>,
 }
 
+impl OptimizerConfig {
+    /// Why torch.optim would refuse these values, or could not train with
+    /// them: a momentum or weight decay below 0 or not finite, Nesterov
+    /// without momentum, Adam's betas outside [0, 1), its eps below 0.
+    pub fn problem(&self) -> Option<String> {
+        let values = [
+            ("momentum", Some(self.momentum)),
+            ("weight_decay", Some(self.weight_decay)),
+            ("norm_weight_decay", self.norm_weight_decay),
+            ("bias_weight_decay", self.bias_weight_decay),
+            ("eps", Some(self.eps)),
+        ];
+        let (b1, b2) = self.betas;
+        if let Some((name, v)) = values
+            .into_iter()
+            .find_map(|(name, v)| Some((name, v.filter(|v| !(*v >= 0.0 && v.is_finite()))?)))
+        {
+            Some(format!("{name} {v} must be a finite number, 0 or more"))
+        } else if self.nesterov && self.momentum == 0.0 {
+            Some("nesterov needs a momentum above 0".into())
+        } else if !((0.0..1.0).contains(&b1) && (0.0..1.0).contains(&b2)) {
+            Some(format!("betas ({b1}, {b2}) must each be in [0, 1)"))
+        } else {
+            None
+        }
+    }
+}
+
 /// Where one parameter lives in the flat buffers.
 struct Slot {
     name: String,

@@ -384,6 +384,28 @@ impl TrainConfig {
         }
     }
 
+    /// Why the schedule cannot run: the largest learning rate it reaches
+    /// (the warm-up's, each milestone's, the first and last epoch's: every
+    /// schedule is monotone between them) beyond float32's range, which the
+    /// update computes in (libtorch refuses to convert it).
+    pub fn lr_problem(&self) -> Option<String> {
+        let last = self.epochs.max(1) - 1;
+        let w = self.warmup_epochs;
+        let (epoch, lr) = [0, w.saturating_sub(1), w, last]
+            .into_iter()
+            .chain(self.milestones.iter().copied())
+            .filter(|&e| e <= last)
+            .map(|e| (e, self.lr_at(e)))
+            .reduce(|a, b| if b.1 > a.1 { b } else { a })?;
+        (lr > f32::MAX as f64 || lr.is_nan()).then(|| {
+            format!(
+                "the learning rate reaches {lr:.3e} at epoch {} of its schedule, beyond float32's largest value {:.3e}, in which the weights are updated",
+                epoch + 1,
+                f32::MAX
+            )
+        })
+    }
+
     /// The numerics this configuration asks for (its layout and CUDA-graph
     /// choices were settled when the run started or resumed).
     pub fn numerics_request(&self, deterministic: bool) -> NumericsRequest {

@@ -64,7 +64,9 @@ impl Feed {
 
     /// The steps of the epoch.
     pub fn steps(&self) -> usize {
-        (self.len() + self.batch - 1).div_euclid(self.batch) as usize
+        // Not (len + batch - 1) / batch: a batch near i64::MAX overflows.
+        let len = self.len();
+        (len / self.batch + i64::from(len % self.batch != 0)) as usize
     }
 
     /// The examples of `step`.

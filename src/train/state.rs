@@ -108,80 +108,14 @@ pub struct TrainState {
 
 impl TrainState {
     /// What a saved state must say to be continued: a usable model file's
-    /// metadata, at least one epoch and one image per batch, a positive
-    /// finite learning rate, and a position inside the run.
+    /// metadata, at least one epoch and one image per batch, a schedule,
+    /// optimizer and recipe torch and the update can run, and a position
+    /// inside the run.
     pub fn check(&self) -> Result<()> {
         let c = &self.config;
         self.meta(0, None).check()?;
-        if c.epochs < 1 || c.batch_size < 1 || c.test_batch_size < 1 {
-            bail!(
-                "epochs {}, batch_size {} and test_batch_size {} must each be at least 1",
-                c.epochs,
-                c.batch_size,
-                c.test_batch_size
-            );
-        }
-        if !(c.lr > 0.0 && c.lr.is_finite() && c.gamma.is_finite()) {
-            bail!(
-                "lr {} and gamma {} must be finite, lr positive",
-                c.lr,
-                c.gamma
-            );
-        }
-        if !(0.0..1.0).contains(&c.label_smoothing) {
-            bail!("label_smoothing {} is not in [0, 1)", c.label_smoothing);
-        }
-        if c.accum_steps < 1 {
-            bail!("accum_steps {} must be at least 1", c.accum_steps);
-        }
-        if let Some(e) = &c.model_ema
-            && !(e.steps >= 1 && (0.0..=1.0).contains(&e.update_decay))
-        {
-            bail!(
-                "model_ema steps {} must be at least 1 and its decay {} in [0, 1]",
-                e.steps,
-                e.update_decay
-            );
-        }
-        let m = &c.mixing;
-        let finite = m.mixup_alpha.is_finite() && m.cutmix_alpha.is_finite();
-        if !(finite && (0.0..=1.0).contains(&c.random_erase)) {
-            bail!(
-                "mixup/cutmix alphas {} and {} must be finite, random_erase {} in [0, 1]",
-                m.mixup_alpha,
-                m.cutmix_alpha,
-                c.random_erase
-            );
-        }
-        if let Some(problem) = c.warmup.and_then(|w| w.problem()) {
-            bail!("{problem}");
-        }
-        if !(c.lr_min >= 0.0 && c.lr_min.is_finite() && c.step_size >= 1) {
-            bail!(
-                "lr_min {} must be finite and 0 or more, step_size {} at least 1",
-                c.lr_min,
-                c.step_size
-            );
-        }
-        if !(0..RA_BINS).contains(&c.ra_magnitude) {
-            bail!(
-                "ra_magnitude {} is not one of RandAugment's bins 0 to {}",
-                c.ra_magnitude,
-                RA_BINS - 1
-            );
-        }
-        if !(0.0..=1.0).contains(&c.dropout) {
-            bail!("dropout {} is not a probability in [0, 1]", c.dropout);
-        }
-        if let Some(k) = c.ra_reps.filter(|k| !(1..=MAX_REPEATS).contains(k)) {
-            bail!("ra_reps {k} is not 1 to {MAX_REPEATS}");
-        }
-        if !(1..=AUGMIX_BINS).contains(&c.augmix_severity) {
-            bail!(
-                "augmix_severity {} is not 1 to {AUGMIX_BINS}",
-                c.augmix_severity
-            );
-        }
+        check_schedule(c)?;
+        check_recipe(c)?;
         if self.epoch > c.epochs {
             bail!("epoch {} is past the run's {} epochs", self.epoch, c.epochs);
         }
@@ -225,6 +159,107 @@ impl TrainState {
             accuracy,
         }
     }
+}
+
+/// The sizes, the learning rate's schedule and the optimizer's values of a
+/// saved configuration (what torch.optim and the update can run).
+fn check_schedule(c: &TrainConfig) -> Result<()> {
+    if c.epochs < 1 || c.batch_size < 1 || c.test_batch_size < 1 {
+        bail!(
+            "epochs {}, batch_size {} and test_batch_size {} must each be at least 1",
+            c.epochs,
+            c.batch_size,
+            c.test_batch_size
+        );
+    }
+    if !(c.lr > 0.0 && c.lr.is_finite() && c.gamma > 0.0 && c.gamma.is_finite()) {
+        bail!(
+            "lr {} and gamma {} must be positive and finite",
+            c.lr,
+            c.gamma
+        );
+    }
+    if let Some(problem) = c.warmup.and_then(|w| w.problem()) {
+        bail!("{problem}");
+    }
+    if let Some(problem) = c.lr_problem() {
+        bail!("{problem}");
+    }
+    if let Some(problem) = c.optimizer.problem() {
+        bail!("{problem}");
+    }
+    if let Some(n) = c.clip_grad_norm.filter(|n| !(*n > 0.0 && n.is_finite())) {
+        bail!("clip_grad_norm {n} must be a positive number");
+    }
+    if !(c.lr_min >= 0.0 && c.lr_min.is_finite() && c.step_size >= 1) {
+        bail!(
+            "lr_min {} must be finite and 0 or more, step_size {} at least 1",
+            c.lr_min,
+            c.step_size
+        );
+    }
+    Ok(())
+}
+
+/// The recipe's values of a saved configuration (augmentation, mixing,
+/// the average, the sampler, the launch).
+fn check_recipe(c: &TrainConfig) -> Result<()> {
+    if !(0.0..1.0).contains(&c.label_smoothing) {
+        bail!("label_smoothing {} is not in [0, 1)", c.label_smoothing);
+    }
+    if c.accum_steps < 1 {
+        bail!("accum_steps {} must be at least 1", c.accum_steps);
+    }
+    if let Some(e) = &c.model_ema
+        && !(e.steps >= 1 && (0.0..=1.0).contains(&e.update_decay))
+    {
+        bail!(
+            "model_ema steps {} must be at least 1 and its decay {} in [0, 1]",
+            e.steps,
+            e.update_decay
+        );
+    }
+    let m = &c.mixing;
+    let finite = m.mixup_alpha.is_finite() && m.cutmix_alpha.is_finite();
+    if !(finite && (0.0..=1.0).contains(&c.random_erase)) {
+        bail!(
+            "mixup/cutmix alphas {} and {} must be finite, random_erase {} in [0, 1]",
+            m.mixup_alpha,
+            m.cutmix_alpha,
+            c.random_erase
+        );
+    }
+    if let Augment::CropFlip { padding } = c.augment
+        && !(0..=c.input_size).contains(&padding)
+    {
+        bail!(
+            "augment padding {padding} is not 0 to the input size {}",
+            c.input_size
+        );
+    }
+    if c.world_size < 1 {
+        bail!("world_size 0 must be at least 1");
+    }
+    if !(0..RA_BINS).contains(&c.ra_magnitude) {
+        bail!(
+            "ra_magnitude {} is not one of RandAugment's bins 0 to {}",
+            c.ra_magnitude,
+            RA_BINS - 1
+        );
+    }
+    if !(0.0..=1.0).contains(&c.dropout) {
+        bail!("dropout {} is not a probability in [0, 1]", c.dropout);
+    }
+    if let Some(k) = c.ra_reps.filter(|k| !(1..=MAX_REPEATS).contains(k)) {
+        bail!("ra_reps {k} is not 1 to {MAX_REPEATS}");
+    }
+    if !(1..=AUGMIX_BINS).contains(&c.augmix_severity) {
+        bail!(
+            "augmix_severity {} is not 1 to {AUGMIX_BINS}",
+            c.augmix_severity
+        );
+    }
+    Ok(())
 }
 
 /// What a finished run reports.
