@@ -253,7 +253,7 @@ fn files_are_named_by_what_they_are() {
 fn impossible_flags_are_refused() {
     let tmp = common::tempdir();
     let dir = tmp.path();
-    let cases: [(&[&str], &str); 19] = [
+    let cases: [(&[&str], &str); 21] = [
         (
             &["params", "--classes", "100000000000"],
             "--classes 100000000000: a classifier needs between 1 and 1000000 classes",
@@ -335,6 +335,26 @@ fn impossible_flags_are_refused() {
                 "3",
             ],
             "--lr: the learning rate reaches 1.000e58 at epoch 3 of its schedule",
+        ),
+        (
+            &[
+                "train",
+                "--dataset",
+                "folder",
+                "--workers",
+                "9223372036854775807",
+            ],
+            "invalid value '9223372036854775807' for '--workers <N>': expected at most 1024",
+        ),
+        (
+            &[
+                "train",
+                "--dataset",
+                "digits",
+                "--nproc-per-node",
+                "4294967296",
+            ],
+            "invalid value '4294967296' for '--nproc-per-node <N>': expected at most 1024",
         ),
         (
             &["train", "--dataset", "digits", "--random-erase", "1.5"],
@@ -641,7 +661,8 @@ fn another_vggs_weights_are_named() {
 
 /// A batch larger than the data (up to i64::MAX, which torch's
 /// DataLoader takes too) is the whole set in one step an epoch, not an
-/// overflow in the count of steps.
+/// overflow in the count of steps; a clipping norm beyond float32 (which
+/// clips nothing) is not a libtorch conversion error.
 #[test]
 fn a_batch_larger_than_the_data_is_one_step() {
     let tmp = common::tempdir();
@@ -665,6 +686,8 @@ fn a_batch_larger_than_the_data_is_one_step() {
             &most,
             "--test-batch-size",
             &most,
+            "--clip-grad-norm",
+            "1e308",
             "--out",
             "run",
             "--quiet",

@@ -14,7 +14,7 @@ use vggctl::data::resize::Filter;
 use vggctl::dist::World;
 use vggctl::train::config::TrainConfig;
 
-use super::output::{usage, warn, whole};
+use super::output::{started, usage, warn};
 use super::progress::download_bar;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -65,7 +65,7 @@ pub struct DataOpts {
     pub cache_mem: Option<u64>,
     /// folder, imagenet: threads decoding streamed images [default: the cores,
     /// shared among the machine's ranks].
-    #[arg(long, short_alias = 'j', value_name = "N", value_parser = whole::<usize>)]
+    #[arg(long, short_alias = 'j', value_name = "N", value_parser = started)]
     pub workers: Option<usize>,
 }
 

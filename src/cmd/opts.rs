@@ -17,7 +17,7 @@ use vggctl::hub::weights_file;
 use vggctl::model::{Arch, Head, ModelSpec, SpecRequest, Values, Vgg, check_input};
 use vggctl::numerics::{FusedStep, NumericsRequest, Precision};
 
-use super::output::{as_usage, note, usage, whole};
+use super::output::{as_usage, note, started, usage, whole};
 use super::progress::download_bar;
 
 /// Options every model-building subcommand shares.
@@ -140,7 +140,7 @@ pub struct DistOpts {
     pub dist_timeout: u64,
     /// Start N ranks of this command on this machine and wait for them
     /// (torchrun --standalone --nproc-per-node N); not under torchrun or srun.
-    #[arg(long, value_name = "N", value_parser = whole::<usize>)]
+    #[arg(long, value_name = "N", value_parser = started)]
     pub nproc_per_node: Option<usize>,
     /// With --nproc-per-node: after a rank fails, start all ranks again, up
     /// to K times, each continuing from the run's last checkpoint (needs

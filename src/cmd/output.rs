@@ -60,6 +60,20 @@ pub fn whole<T: TryFrom<i128>>(s: &str) -> std::result::Result<T, String> {
     })
 }
 
+/// clap's parser for a count of things a process starts (`--workers`
+/// threads, `--nproc-per-node` ranks): a whole number up to [`MAX_STARTED`]
+/// (a count in the billions would exhaust memory or hang the machine
+/// starting them).
+pub fn started(s: &str) -> std::result::Result<usize, String> {
+    match whole::<usize>(s)? {
+        n if n <= MAX_STARTED => Ok(n),
+        _ => Err(format!("expected at most {MAX_STARTED}")),
+    }
+}
+
+/// The most threads or ranks one option starts.
+pub const MAX_STARTED: usize = 1024;
+
 /// The library's verdict on a typed value (an arch, a device, an input
 /// size) as a usage error.
 pub fn as_usage(e: anyhow::Error) -> anyhow::Error {

@@ -304,6 +304,9 @@ impl Optimizer {
         let max_norm = self.clip?;
         let norms: Vec<Tensor> = grads.iter().map(|g| g.norm()).collect();
         let total = Tensor::stack(&norms, 0).norm();
+        // Beyond float32's largest value a max norm changes nothing (a
+        // finite norm is below it), and libtorch would refuse to convert it.
+        let max_norm = max_norm.min(f32::MAX as f64);
         let max = Tensor::full([], max_norm, (total.kind(), total.device()));
         Some((max / (total + 1e-6)).clamp_max(1.0))
     }
