@@ -529,11 +529,38 @@ fn resume_refuses_changes_and_bad_states() {
         "run/last.safetensors: class \"nine\" of ten is not one of the model's classes (0, 1, 2, 3, … 10 in all)",
     );
 
+    // A run's config.json beside its checkpoint gives eval the folder and
+    // the fraction it held out; a fraction no run can hold out names the file.
+    let config_path = dir.join("run/config.json");
+    let recorded = std::fs::read_to_string(&config_path).unwrap();
+    let mut edited: serde_json::Value = serde_json::from_str(&recorded).unwrap();
+    edited["dataset"] = "folder".into();
+    edited["data_dir"] = dir.join("ten").to_str().unwrap().into();
+    edited["val_dir"] = serde_json::Value::Null;
+    edited["val_split"] = 1.5.into();
+    std::fs::write(&config_path, edited.to_string()).unwrap();
+    let r = run_in(
+        dir,
+        &[
+            "eval",
+            "--checkpoint",
+            "run/last.safetensors",
+            "--dataset",
+            "folder",
+        ],
+    );
+    assert_one_line_error(
+        &r,
+        1,
+        "run/config.json: val_split 1.5 must be between 0 and 1",
+    );
+    std::fs::write(&config_path, recorded).unwrap();
+
     // States no run can continue: one error line each, naming the file.
     let resume = dir.join("run/resume.safetensors");
     let original = std::fs::read(&resume).unwrap();
     type Edit = fn(&mut serde_json::Value);
-    let bad_states: [(Edit, &str); 12] = [
+    let bad_states: [(Edit, &str); 15] = [
         (
             |s| s["config"]["batch_size"] = 0.into(),
             "bad training state: epochs 2, batch_size 0",
@@ -580,6 +607,18 @@ fn resume_refuses_changes_and_bad_states() {
         (
             |s| s["config"]["clip_grad_norm"] = 0.into(),
             "bad training state: clip_grad_norm 0 must be a positive number",
+        ),
+        (
+            |s| s["config"]["optimizer"]["eps"] = (-1e-8).into(),
+            "bad training state: eps -0.00000001 must be a finite number, 0 or more",
+        ),
+        (
+            |s| s["config"]["gamma"] = 0.into(),
+            "bad training state: lr 0.01 and gamma 0 must be positive and finite",
+        ),
+        (
+            |s| s["config"]["world_size"] = 0.into(),
+            "bad training state: world_size 0 must be at least 1",
         ),
         (
             |s| s["step"] = 1_000_000_000.into(),

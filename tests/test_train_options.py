@@ -242,7 +242,8 @@ def test_options_a_run_has_no_use_for_are_named_once_each(tmp_path):
     """Options typed for a new run that would change what it computes but
     that it cannot use (an SGD option with AdamW, a MultiStepLR option with
     cosine, a folder's validation options with the digits, RandAugment's
-    magnitude without it, repeated augmentation's copies without it, a warm-up's factor without a warm-up, a norm
+    magnitude without it, repeated augmentation's copies without it, the memory an image
+    folder may take in memory rather than streamed (their crops differ), a warm-up's factor without a warm-up, a norm
     layer's weight decay without BatchNorm, a dropout without Dropout layers) each get one
     warning saying what they apply to; the run goes on. Where they apply,
     no warning; resource and policy options (--workers, --no-download,
@@ -254,7 +255,7 @@ def test_options_a_run_has_no_use_for_are_named_once_each(tmp_path):
               "--milestones", "3", "--gamma", "0.5", "--val-dir", str(tmp_path), "--val-split", "0.2",
               "--ra-magnitude", "5", "--warmup-decay", "0.1", "--augment-interpolation", "bilinear",
               "--augmix-severity", "5", "--norm-weight-decay", "0", "--ra-reps", "2", "--head", "gap",
-              "--dropout", "0.2"]
+              "--dropout", "0.2", "--cache-mem", "1G"]
     r = subprocess.run([BIN, *common, *unused, "--out", str(tmp_path / "a")],
                        capture_output=True, text=True, timeout=120, env=ENV)
     assert r.returncode == 0, r.stderr
@@ -271,6 +272,7 @@ def test_options_a_run_has_no_use_for_are_named_once_each(tmp_path):
         ("--norm-weight-decay", "applies to BatchNorm's parameters, and the model has none (--bn adds them)"),
         ("--dropout", "applies to the classifier's Dropout layers, and the gap head has none"),
         ("--val-dir", "applies to --dataset folder only"),
+        ("--cache-mem", "applies to image folders only (--dataset folder or imagenet)"),
         ("--val-split", "applies to --dataset folder without --val-dir only")]], r.stderr
     used = ["--momentum", "0.5", "--nesterov", "--milestones", "3", "--gamma", "0.5", "--auto-augment", "ra",
             "--ra-magnitude", "5", "--ra-sampler", "--ra-reps", "2", "--head", "cifar", "--dropout", "0.2"]

@@ -185,7 +185,8 @@ fn option_rules(config: &TrainConfig) -> [(&'static [&'static str], bool, &'stat
         ),
         (&["val_dir"], folder, "applies to --dataset folder only"),
         (
-            &["interpolation"],
+            // --cache-mem: in memory or streamed, whose crops differ.
+            &["interpolation", "cache_mem"],
             images,
             "applies to image folders only (--dataset folder or imagenet)",
         ),

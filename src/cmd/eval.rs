@@ -8,9 +8,8 @@ use tch::Device;
 use vggctl::checkpoint::{ModelFile, ModelMeta, meta_for_weights, read_weights};
 use vggctl::data::augment::{Augment, Normalizer, Preprocess};
 use vggctl::data::image::default_resize;
-use vggctl::data::imagenet;
 use vggctl::data::resize::Filter;
-use vggctl::data::{Dataset, is_image_folder};
+use vggctl::data::{Dataset, folder, imagenet, is_image_folder};
 use vggctl::dist::World;
 use vggctl::eval::{AmongClasses, EvalGraph, Scoring, evaluate};
 use vggctl::infer::{Inference, Logits};
@@ -342,6 +341,14 @@ fn load_data(
         if data.val_dir.is_none() {
             data.val_dir = run.val_dir.map(PathBuf::from);
             data.val_split = run.val_split;
+            // The fraction the run held out, as its file records it.
+            if run.dataset == "folder"
+                && data.val_dir.is_none()
+                && let Some(problem) = folder::val_split_problem(run.val_split)
+            {
+                let config = args.checkpoint.with_file_name("config.json");
+                bail!("{}: val_split {problem}", config.display());
+            }
         }
     }
     args.read.check()?;

@@ -375,10 +375,17 @@ fn named(
 
 /// A fraction to hold out for validation.
 pub fn check_val_split(val_split: f64) -> Result<()> {
-    if !(val_split > 0.0 && val_split < 1.0) {
-        bail!("--val-split {val_split} must be between 0 and 1 (or give --val-dir)");
+    if let Some(problem) = val_split_problem(val_split) {
+        bail!("--val-split {problem} (or give --val-dir)");
     }
     Ok(())
+}
+
+/// What is wrong with `val_split` as a fraction to hold out, if anything
+/// (e.g. "1.5 must be between 0 and 1").
+pub fn val_split_problem(val_split: f64) -> Option<String> {
+    let fraction = val_split > 0.0 && val_split < 1.0;
+    (!fraction).then(|| format!("{val_split} must be between 0 and 1"))
 }
 
 /// The number of held-out images of `n`, or an error if `n` cannot be split.
