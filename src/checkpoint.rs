@@ -248,8 +248,14 @@ pub fn read_weights(path: &Path) -> Result<ModelFile> {
 }
 
 /// A vggctl checkpoint's model, loaded, and its metadata; a file without
-/// vggctl metadata is an error that points to `--weights`.
-pub fn load_checkpoint(path: &Path, device: Device, values: Values) -> Result<(Vgg, ModelMeta)> {
+/// vggctl metadata is an error that points to `--weights`, and so is a
+/// `request` (the model flags) that contradicts the metadata.
+pub fn load_checkpoint(
+    path: &Path,
+    request: SpecRequest,
+    device: Device,
+    values: Values,
+) -> Result<(Vgg, ModelMeta)> {
     if Sniffed::of_file(path).is_torch_save() {
         bail!(
             "{}: a torch.save file, not a vggctl checkpoint (safetensors); pass it as --weights {}",
@@ -266,6 +272,7 @@ pub fn load_checkpoint(path: &Path, device: Device, values: Values) -> Result<(V
         );
     };
     let source = path.display().to_string();
+    request.check_against(&source, meta.spec())?;
     let model = Vgg::from_state_dict(meta.spec(), device, &source, &file.tensors, values)?;
     Ok((model, meta))
 }

@@ -181,6 +181,56 @@ fn impossible_metadata_is_named() {
     }
 }
 
+/// A vggctl checkpoint says what model it is: eval, predict and export
+/// refuse a model flag that contradicts its metadata (one line naming
+/// both, nothing written), as they refuse one that contradicts a plain
+/// state dict's weights, and take flags that agree; an --input beyond
+/// what a checkpoint records is a usage line, not libtorch's overflow.
+#[test]
+fn a_checkpoints_model_flags_must_agree() {
+    let tmp = common::tempdir();
+    let dir = tmp.path();
+    write_safetensors(&dir.join("c.safetensors"), &vgg11_tensors(), &vgg11_meta()).unwrap();
+    let is = "c.safetensors: the weights are a vgg11 with the cifar head and 10 classes, but";
+    let cases: [(&[&str], &str); 5] = [
+        (&["--arch", "vgg13"], "--arch says vgg13"),
+        (&["--bn"], "--arch/--bn ask for vgg11_bn"),
+        (&["--arch", "vgg11_bn"], "--arch/--bn ask for vgg11_bn"),
+        (&["--head", "gap"], "--head says gap"),
+        (&["--classes", "5"], "--classes says 5"),
+    ];
+    let commands: [&[&str]; 3] = [
+        &[
+            "eval",
+            "--checkpoint",
+            "c.safetensors",
+            "--dataset",
+            "digits",
+        ],
+        &["predict", "--checkpoint", "c.safetensors", "photo.png"],
+        &["export", "--checkpoint", "c.safetensors", "--out", "m.onnx"],
+    ];
+    for (flags, said) in cases {
+        for command in commands {
+            let r = run_in(dir, &[command, flags].concat());
+            assert_one_line_error(&r, 1, &format!("{is} {said}"));
+            assert!(!dir.join("m.onnx").exists());
+        }
+    }
+    let agree = ["--arch", "vgg11", "--head", "cifar", "--classes", "10"];
+    let r = run_in(dir, &[commands[2], &agree].concat());
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(dir.join("m.onnx").exists());
+    for command in &commands[..2] {
+        let r = run_in(dir, &[command, &["--input", "4097"][..]].concat());
+        assert_one_line_error(
+            &r,
+            2,
+            "--input 4097 is too large: sides go up to 4096, what a checkpoint records",
+        );
+    }
+}
+
 /// A JPEG cut to a third of its bytes is refused by `predict`, as PIL
 /// refuses it; the whole file is classified.
 #[test]

@@ -157,7 +157,7 @@ def test_sides_that_cannot_work_are_usage_errors(tmp_path):
         ([*imagenet, "--val-resize-size", "200"],
          "--val-resize-size 200 is smaller than evaluation's centre crop, --input 224"),
         ([*imagenet, "--val-crop-size", "16"], "--input 16 is too small"),
-        ([*imagenet, "--train-crop-size", "5000"], "--train-crop-size 5000 is too large: a checkpoint records sides up to 4096"),
+        ([*imagenet, "--train-crop-size", "5000"], "--train-crop-size 5000 is too large: sides go up to 4096, what a checkpoint records"),
     ]
     for args, message in cases:
         r = vggctl("train", *args, "--out", str(out))

@@ -174,14 +174,13 @@ fn model_of(
     file: &ModelFile,
     world: &World,
 ) -> Result<(ModelSpec, Option<ModelMeta>)> {
+    let source = args.checkpoint.display().to_string();
+    let request = args.model.request()?;
     if let Some(meta) = &file.meta {
+        request.check_against(&source, meta.spec())?;
         return Ok((meta.spec(), Some(meta.clone())));
     }
-    let source = args.checkpoint.display().to_string();
-    let resolved = args
-        .model
-        .request()?
-        .resolve(&source, &file.tensors, Head::Cifar)?;
+    let resolved = request.resolve(&source, &file.tensors, Head::Cifar)?;
     if let Some(line) = resolved.inferred.filter(|_| world.is_main()) {
         note(line);
     }

@@ -71,7 +71,7 @@ struct Written {
 fn load(args: &Args) -> Result<(Vgg, ModelMeta)> {
     let device = Device::Cpu;
     if let Some(path) = &args.checkpoint {
-        return load_checkpoint(path, device, args.model.values());
+        return load_checkpoint(path, args.model.request()?, device, args.model.values());
     }
     let Some(w) = &args.weights else {
         return Err(usage("give --checkpoint PATH or --weights imagenet|PATH"));

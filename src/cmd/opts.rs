@@ -14,7 +14,7 @@ use vggctl::data::resize::Filter;
 use vggctl::device::parse_device;
 use vggctl::dist::{Backend, DEFAULT_TIMEOUT, Launch, World};
 use vggctl::hub::weights_file;
-use vggctl::model::{Arch, Head, ModelSpec, SpecRequest, Values, Vgg, check_input};
+use vggctl::model::{Arch, Head, ModelSpec, SpecRequest, Values, Vgg, check_run_side};
 use vggctl::numerics::{FusedStep, NumericsRequest, Precision};
 
 use super::output::{as_usage, note, started, usage, whole};
@@ -232,10 +232,10 @@ pub struct ReadOpts {
 }
 
 impl ReadOpts {
-    /// A usage error for an --input no model takes.
+    /// A usage error for an --input no model runs at.
     pub fn check(&self) -> Result<()> {
         match self.input {
-            Some(input) => check_input(input).map_err(as_usage),
+            Some(input) => check_run_side("--input", input).map_err(as_usage),
             None => Ok(()),
         }
     }

@@ -84,7 +84,9 @@ fn expand_dirs(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
 /// The model and its metadata from --checkpoint or --weights.
 fn load_model(args: &Args, device: Device) -> Result<(Vgg, ModelMeta)> {
     let (model, meta) = match (&args.checkpoint, &args.weights) {
-        (Some(path), _) => load_checkpoint(path, device, args.model.values())?,
+        (Some(path), _) => {
+            load_checkpoint(path, args.model.request()?, device, args.model.values())?
+        }
         (None, Some(w)) => {
             let (model, _) =
                 args.model

@@ -12,7 +12,7 @@ use vggctl::data::auto_augment::{
 use vggctl::data::mix::Mixing;
 use vggctl::data::resize::Filter;
 use vggctl::dist::sampler::MAX_REPEATS;
-use vggctl::model::{MAX_INPUT, check_side};
+use vggctl::model::check_run_side;
 use vggctl::train::config::{DROPOUT, TrainConfig};
 use vggctl::train::ema::EmaConfig;
 
@@ -190,12 +190,7 @@ impl RecipeOpts {
             ("--val-resize-size", self.val_resize_size),
         ] {
             if let Some(side) = side {
-                check_side(flag, side).map_err(|e| usage(e.to_string()))?;
-                if side > MAX_INPUT {
-                    return Err(usage(format!(
-                        "{flag} {side} is too large: a checkpoint records sides up to {MAX_INPUT}"
-                    )));
-                }
+                check_run_side(flag, side).map_err(|e| usage(e.to_string()))?;
             }
         }
         non_negative("--mixup-alpha", self.mixup_alpha)?;

@@ -25,7 +25,7 @@ pub use layer::{BN_EPS, BN_MOMENTUM, Layer, PAD_CHANNELS, Sequential, batch_norm
 pub use recognize::{Resolved, SpecRequest, recognize};
 pub use spec::{
     Arch, Cfg, Head, LayerKind, LayerSpec, MAX_CLASSES, MAX_INPUT, MIN_INPUT, ModelSpec,
-    check_classes, check_input, check_side,
+    check_classes, check_input, check_run_side, check_side,
 };
 pub use state_dict::{Values, check_finite, check_state_dict};
 

@@ -63,6 +63,17 @@ pub fn recognize(dict: &BTreeMap<String, Tensor>) -> Option<ModelSpec> {
         .then(|| ModelSpec::new(arch, bn, head, classes))
 }
 
+/// A model as the messages name it: "vgg11_bn with the cifar head and 10
+/// classes".
+fn described(spec: &ModelSpec) -> String {
+    format!(
+        "{} with the {} head and {} classes",
+        spec.model_name(),
+        spec.head.name(),
+        spec.classes
+    )
+}
+
 impl SpecRequest {
     /// The model the request names, `default_head` and its class count
     /// where it names none (no weights to look at).
@@ -95,47 +106,47 @@ impl SpecRequest {
                 inferred: None,
             });
         };
-        let what = format!(
-            "{} with the {} head and {} classes",
-            found.model_name(),
-            found.head.name(),
-            found.classes
-        );
-        let conflict = |flag: &str, said: String| -> Result<Resolved> {
-            bail!("{source}: the weights are a {what}, but {flag} {said}")
-        };
-        match self {
-            SpecRequest { arch: Some(a), .. } if a != found.arch => {
-                return conflict("--arch", format!("says {}", a.name()));
-            }
-            // BatchNorm is said by --bn or by --arch with or without `_bn`.
-            SpecRequest { bn: Some(true), .. } if !found.bn => {
-                return conflict("--arch/--bn", format!("ask for {}_bn", found.arch.name()));
-            }
-            SpecRequest {
-                bn: Some(false), ..
-            } if found.bn => {
-                return conflict(
-                    "--arch",
-                    format!("says {} (no BatchNorm)", found.arch.name()),
-                );
-            }
-            SpecRequest { head: Some(h), .. } if h != found.head => {
-                return conflict("--head", format!("says {}", h.name()));
-            }
-            SpecRequest {
-                classes: Some(c), ..
-            } if c != found.classes => return conflict("--classes", format!("says {c}")),
-            _ => {}
-        }
+        self.check_against(source, found)?;
         // Said only where the weights gave another model than the flags
         // and defaults alone would have.
         let by_default = self.spec(default_head).ok();
         Ok(Resolved {
             spec: found,
             inferred: (by_default != Some(found))
-                .then(|| format!("{source}: inferred {what} from its weights")),
+                .then(|| format!("{source}: inferred {} from its weights", described(&found))),
         })
+    }
+
+    /// An error naming both where the request contradicts `found`, the
+    /// model the weights read from `source` are (by their vggctl metadata,
+    /// or recognized from their names and shapes).
+    pub fn check_against(self, source: &str, found: ModelSpec) -> Result<()> {
+        let (flag, said) = match self {
+            SpecRequest { arch: Some(a), .. } if a != found.arch => {
+                ("--arch", format!("says {}", a.name()))
+            }
+            // BatchNorm is said by --bn or by --arch with or without `_bn`.
+            SpecRequest { bn: Some(true), .. } if !found.bn => {
+                ("--arch/--bn", format!("ask for {}_bn", found.arch.name()))
+            }
+            SpecRequest {
+                bn: Some(false), ..
+            } if found.bn => (
+                "--arch",
+                format!("says {} (no BatchNorm)", found.arch.name()),
+            ),
+            SpecRequest { head: Some(h), .. } if h != found.head => {
+                ("--head", format!("says {}", h.name()))
+            }
+            SpecRequest {
+                classes: Some(c), ..
+            } if c != found.classes => ("--classes", format!("says {c}")),
+            _ => return Ok(()),
+        };
+        bail!(
+            "{source}: the weights are a {}, but {flag} {said}",
+            described(&found)
+        )
     }
 }
 

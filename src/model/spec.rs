@@ -45,6 +45,17 @@ pub fn check_side(flag: &str, side: i64) -> Result<()> {
     Ok(())
 }
 
+/// The check of a side images are read at to run the model (training's
+/// crops and resizes, eval's and predict's input): [`check_side`], and at
+/// most [`MAX_INPUT`], what a checkpoint records.
+pub fn check_run_side(flag: &str, side: i64) -> Result<()> {
+    check_side(flag, side)?;
+    if side > MAX_INPUT {
+        bail!("{flag} {side} is too large: sides go up to {MAX_INPUT}, what a checkpoint records");
+    }
+    Ok(())
+}
+
 /// One entry of a cfg: a 3x3 convolution with this many output channels, or a
 /// 2x2/stride-2 max pooling.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
