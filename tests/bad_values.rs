@@ -303,10 +303,20 @@ fn files_are_named_by_what_they_are() {
 fn impossible_flags_are_refused() {
     let tmp = common::tempdir();
     let dir = tmp.path();
-    let cases: [(&[&str], &str); 21] = [
+    let cases: [(&[&str], &str); 22] = [
         (
             &["params", "--classes", "100000000000"],
             "--classes 100000000000: a classifier needs between 1 and 1000000 classes",
+        ),
+        (
+            &[
+                "eval",
+                "--checkpoint",
+                "c.safetensors",
+                "--max-restarts",
+                "1",
+            ],
+            "--max-restarts restarts the ranks --nproc-per-node starts",
         ),
         (
             &["train", "--dataset", "digits", "--resume", "auto"],

@@ -131,9 +131,15 @@ def test_two_ranks_train_as_pytorch_ddp_and_evaluate_as_one_process(tmp_path, bn
     two = torchrun("--no-python", BIN, "eval", "--checkpoint", str(run / "last.safetensors"),
                    "--limit-test", "37", "--batch-size", "8", "--device", "cpu", "--json")
     assert two.returncode == 0, two.stderr[-3000:]
-    r1, r2 = json.loads(one.stdout), json.loads(two.stdout)
+    # vggctl eval as its own launcher: the same two ranks, one report.
+    own = subprocess.run([BIN, "eval", "--checkpoint", str(run / "last.safetensors"), "--limit-test", "37",
+                          "--batch-size", "8", "--device", "cpu", "--json", "--nproc-per-node", "2"],
+                         capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert own.returncode == 0, own.stderr[-3000:]
+    r1, r2, r3 = json.loads(one.stdout), json.loads(two.stdout), json.loads(own.stdout)
     for key in ("images", "top1", "top5", "per_class", "precision", "f1", "support", "confusion"):
-        assert r1[key] == r2[key], key
+        assert r1[key] == r2[key] == r3[key], key
+    assert abs(r1["loss"] - r3["loss"]) <= 1e-6 * abs(r1["loss"])
     assert r1["images"] == 37
     # Per-class recall, precision and F1 are scikit-learn's for the same
     # predictions (rebuilt from the confusion matrix), undefined ones null.

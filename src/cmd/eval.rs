@@ -20,6 +20,7 @@ use vggctl::train::run_dir::config_beside;
 
 use super::data_opts::DataOpts;
 use super::eval_report::{Report, SubsetOf, predictions_csv, render};
+use super::launch::run_local_ranks;
 use super::opts::{DistOpts, GraphOpts, InferenceOpts, ModelOpts, NumericsOpts, ReadOpts};
 use super::output::{note, print_json, print_out, usage, warn, whole};
 
@@ -83,11 +84,19 @@ fn check(args: &Args) -> Result<()> {
     {
         return Err(usage(format!("--limit-test {n} must be at least 1")));
     }
-    Ok(())
+    // A restarted evaluation starts again from its first image.
+    args.dist.validate(true)
 }
 
 pub fn run(args: Args) -> Result<()> {
     check(&args)?;
+    if let Some(n) = args.dist.nproc_per_node {
+        // What the ranks would all refuse is said once here.
+        if let Some(path) = to_file(&args) {
+            vggctl::fsutil::check_target(path, args.force)?;
+        }
+        return run_local_ranks(n, args.dist.max_restarts);
+    }
     // Under torchrun, each rank evaluates its part and rank 0 reports the sums.
     let (world, device) = args.dist.join(args.model.device()?)?;
     if let Some(path) = to_file(&args).filter(|_| world.is_main()) {
