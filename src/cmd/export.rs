@@ -7,7 +7,7 @@ use tch::Device;
 use vggctl::checkpoint::{Build, ModelMeta, load_checkpoint, meta_for_weights};
 use vggctl::export::{export_onnx, export_pt2, export_safetensors, export_torchscript};
 use vggctl::infer::fold_bn;
-use vggctl::model::{Head, Vgg, check_input};
+use vggctl::model::{Head, Vgg, check_input, check_run_side};
 
 use super::opts::ModelOpts;
 use super::output::{as_usage, print_json, print_out, usage, warn, whole};
@@ -141,7 +141,7 @@ fn run_as(args: &Args, format: Format) -> Result<()> {
         ));
     }
     if let Some(input) = args.input {
-        check_input(input).map_err(as_usage)?;
+        check_run_side("--input", input).map_err(as_usage)?;
     }
     vggctl::fsutil::check_target(&args.out, args.force)?;
     let (model, meta) = load(args)?;
