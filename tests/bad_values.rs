@@ -713,12 +713,25 @@ fn resume_refuses_changes_and_bad_states() {
     );
 }
 
-/// Usage errors keep what clap knows, on one line: the missing arguments'
+/// Usage errors keep what clap knows, on one line (an option a subcommand
+/// has no use for, as export's --device, is not offered): the missing arguments'
 /// names, "did you mean", and the subcommand's own help to read.
 #[test]
 fn usage_errors_name_what_is_missing_and_suggest() {
     let tmp = common::tempdir();
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &[
+                "export",
+                "--checkpoint",
+                "c",
+                "--out",
+                "m.onnx",
+                "--device",
+                "cuda",
+            ],
+            "unexpected argument '--device' found; see 'vggctl export --help'",
+        ),
         (
             &["eval"],
             "the following required arguments were not provided: --checkpoint <CHECKPOINT>; see 'vggctl eval --help'",

@@ -21,7 +21,9 @@ use vggctl::train::run_dir::config_beside;
 use super::data_opts::DataOpts;
 use super::eval_report::{Report, SubsetOf, predictions_csv, render};
 use super::launch::run_local_ranks;
-use super::opts::{DistOpts, GraphOpts, InferenceOpts, ModelOpts, NumericsOpts, ReadOpts};
+use super::opts::{
+    DeviceOpts, DistOpts, GraphOpts, InferenceOpts, ModelOpts, NumericsOpts, ReadOpts,
+};
 use super::output::{note, print_json, print_out, usage, warn, whole};
 
 #[derive(clap::Args, Debug)]
@@ -33,6 +35,8 @@ pub struct Args {
     checkpoint: PathBuf,
     #[command(flatten)]
     model: ModelOpts,
+    #[command(flatten)]
+    device: DeviceOpts,
     #[command(flatten)]
     data: DataOpts,
     #[arg(long, default_value_t = 100, value_parser = whole::<i64>)]
@@ -98,7 +102,7 @@ pub fn run(args: Args) -> Result<()> {
         return run_local_ranks(n, args.dist.max_restarts);
     }
     // Under torchrun, each rank evaluates its part and rank 0 reports the sums.
-    let (world, device) = args.dist.join(args.model.device()?)?;
+    let (world, device) = args.dist.join(args.device.get()?)?;
     if let Some(path) = to_file(&args).filter(|_| world.is_main()) {
         vggctl::fsutil::check_target(path, args.force)?;
     }

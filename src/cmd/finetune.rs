@@ -13,7 +13,7 @@ use vggctl::model::{Head, SpecRequest};
 use super::checks::warn_unused_options;
 use super::data_opts::DataOpts;
 use super::launch::run_local_ranks;
-use super::opts::ModelOpts;
+use super::opts::{DeviceOpts, ModelOpts};
 use super::output::{usage, whole};
 use super::resume::{Start, resume};
 use super::training::{HyperOpts, execute};
@@ -34,6 +34,8 @@ pub struct Args {
     #[command(flatten)]
     model: ModelOpts,
     #[command(flatten)]
+    device: DeviceOpts,
+    #[command(flatten)]
     data: DataOpts,
     #[command(flatten)]
     pub hyper: HyperOpts,
@@ -47,7 +49,7 @@ pub fn run(args: Args) -> Result<()> {
         h.start()?;
         return run_local_ranks(n, h.dist.max_restarts);
     }
-    let (world, device) = h.dist.join(args.model.device()?)?;
+    let (world, device) = h.dist.join(args.device.get()?)?;
     let start = h.start()?;
     if let Start::Resume(path) = &start {
         return resume(path, h, &args.data, device, args.model.json, &world, None);

@@ -39,9 +39,6 @@ pub struct ModelOpts {
     /// with a plain state dict: what its weights are].
     #[arg(long, help_heading = "Model", value_parser = whole::<i64>)]
     pub classes: Option<i64>,
-    /// auto, cpu, cuda or cuda:N.
-    #[arg(long, default_value = "auto")]
-    pub device: String,
     /// Print one JSON document on stdout instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -119,8 +116,20 @@ impl ModelOpts {
             Values::FiniteOnly
         }
     }
+}
 
-    pub fn device(&self) -> Result<Device> {
+/// Where the model runs (train, finetune, eval, predict; export and params
+/// work on the CPU's copy).
+#[derive(Args, Debug, Clone)]
+pub struct DeviceOpts {
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+}
+
+impl DeviceOpts {
+    /// The device `--device` names, or a usage error.
+    pub fn get(&self) -> Result<Device> {
         parse_device(&self.device).map_err(as_usage)
     }
 }

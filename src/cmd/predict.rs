@@ -15,7 +15,7 @@ use vggctl::infer::{Inference, Logits};
 use vggctl::model::{Vgg, check_input};
 use vggctl::numerics::{Activity, Numerics};
 
-use super::opts::{InferenceOpts, ModelOpts, NumericsOpts, ReadOpts};
+use super::opts::{DeviceOpts, InferenceOpts, ModelOpts, NumericsOpts, ReadOpts};
 use super::output::{print_json, print_out, usage, warn, whole};
 
 #[derive(clap::Args, Debug)]
@@ -41,6 +41,8 @@ pub struct Args {
     batch_size: usize,
     #[command(flatten)]
     model: ModelOpts,
+    #[command(flatten)]
+    device: DeviceOpts,
     #[command(flatten)]
     numerics: NumericsOpts,
     #[command(flatten)]
@@ -100,7 +102,7 @@ fn load_model(args: &Args, device: Device) -> Result<(Vgg, ModelMeta)> {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let device = args.model.device()?;
+    let device = args.device.get()?;
     if args.topk < 1 {
         return Err(usage("--topk must be at least 1"));
     }

@@ -11,7 +11,7 @@ use vggctl::model::{Head, ModelSpec, Vgg};
 use super::checks::warn_unused_options;
 use super::data_opts::DataOpts;
 use super::launch::run_local_ranks;
-use super::opts::ModelOpts;
+use super::opts::{DeviceOpts, ModelOpts};
 use super::output::usage;
 use super::recipe::imagenet_recipe;
 use super::resume::{Start, resume};
@@ -21,6 +21,8 @@ use super::training::{HyperOpts, execute};
 pub struct Args {
     #[command(flatten)]
     pub model: ModelOpts,
+    #[command(flatten)]
+    pub device: DeviceOpts,
     #[command(flatten)]
     pub data: DataOpts,
     /// Start from these weights instead of a fresh initialization (a state
@@ -39,7 +41,7 @@ pub fn run(args: Args) -> Result<()> {
         h.start()?;
         return run_local_ranks(n, h.dist.max_restarts);
     }
-    let (world, device) = h.dist.join(args.model.device()?)?;
+    let (world, device) = h.dist.join(args.device.get()?)?;
     let start = h.start()?;
     if let Start::Resume(path) = &start {
         if args.initial_checkpoint.is_some() {
