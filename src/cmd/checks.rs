@@ -44,19 +44,12 @@ impl HyperOpts {
             ));
         }
         positive("--lr", self.lr)?;
-        // torch.optim.SGD's checks (AdamW's take the same values).
-        non_negative("--momentum", self.momentum)?;
-        non_negative("--weight-decay", self.weight_decay)?;
-        for (flag, decay) in [
-            ("--norm-weight-decay", self.norm_weight_decay),
-            ("--bias-weight-decay", self.bias_weight_decay),
-        ] {
-            if let Some(decay) = decay {
-                non_negative(flag, decay)?;
-            }
-        }
-        if self.nesterov && self.momentum == 0.0 {
-            return Err(usage("--nesterov needs a --momentum above 0"));
+        // torch.optim's checks, as a resume state's are checked.
+        if let Some(problem) = self
+            .optimizer()
+            .problem(|f| format!("--{}", f.replace('_', "-")))
+        {
+            return Err(usage(problem));
         }
         positive("--gamma", self.gamma)?;
         non_negative("--lr-min", self.lr_min)?;

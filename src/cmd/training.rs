@@ -219,7 +219,7 @@ impl HyperOpts {
 
     /// The optimizer these options describe (Adam's betas and eps are
     /// PyTorch's defaults).
-    fn optimizer(&self) -> OptimizerConfig {
+    pub fn optimizer(&self) -> OptimizerConfig {
         OptimizerConfig {
             kind: self.optimizer,
             momentum: self.momentum,

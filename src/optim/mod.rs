@@ -83,8 +83,9 @@ pub struct OptimizerConfig {
 impl OptimizerConfig {
     /// Why torch.optim would refuse these values, or could not train with
     /// them: a momentum or weight decay below 0 or not finite, Nesterov
-    /// without momentum, Adam's betas outside [0, 1), its eps below 0.
-    pub fn problem(&self) -> Option<String> {
+    /// without momentum, Adam's betas outside [0, 1), its eps below 0;
+    /// `name` says how a field is named (a state file's key, a flag).
+    pub fn problem(&self, name: impl Fn(&str) -> String) -> Option<String> {
         let values = [
             ("momentum", Some(self.momentum)),
             ("weight_decay", Some(self.weight_decay)),
@@ -93,15 +94,25 @@ impl OptimizerConfig {
             ("eps", Some(self.eps)),
         ];
         let (b1, b2) = self.betas;
-        if let Some((name, v)) = values
+        if let Some((field, v)) = values
             .into_iter()
-            .find_map(|(name, v)| Some((name, v.filter(|v| !(*v >= 0.0 && v.is_finite()))?)))
+            .find_map(|(field, v)| Some((field, v.filter(|v| !(*v >= 0.0 && v.is_finite()))?)))
         {
-            Some(format!("{name} {v} must be a finite number, 0 or more"))
+            Some(format!(
+                "{} {v} must be a finite number, 0 or more",
+                name(field)
+            ))
         } else if self.nesterov && self.momentum == 0.0 {
-            Some("nesterov needs a momentum above 0".into())
+            Some(format!(
+                "{} needs a {} above 0",
+                name("nesterov"),
+                name("momentum")
+            ))
         } else if !((0.0..1.0).contains(&b1) && (0.0..1.0).contains(&b2)) {
-            Some(format!("betas ({b1}, {b2}) must each be in [0, 1)"))
+            Some(format!(
+                "{} ({b1}, {b2}) must each be in [0, 1)",
+                name("betas")
+            ))
         } else {
             None
         }

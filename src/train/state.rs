@@ -185,7 +185,7 @@ fn check_schedule(c: &TrainConfig) -> Result<()> {
     if let Some(problem) = c.lr_problem() {
         bail!("{problem}");
     }
-    if let Some(problem) = c.optimizer.problem() {
+    if let Some(problem) = c.optimizer.problem(str::to_string) {
         bail!("{problem}");
     }
     if let Some(n) = c.clip_grad_norm.filter(|n| !(*n > 0.0 && n.is_finite())) {
