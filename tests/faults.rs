@@ -314,3 +314,58 @@ fn a_second_ctrl_c_exits_130_without_crashing() {
     }
     assert!(unsaved >= 1, "no try saw the second Ctrl-C");
 }
+
+/// A run killed before it saved its first resume point (SIGKILL in its
+/// first epoch, as a rank lost under torchrun) leaves its config.json and
+/// nothing to continue: `--resume run` says so in one line, and
+/// `--resume auto` (what torchrun's restarted group runs) starts it over
+/// there with a warning naming what it replaced. It used to refuse the
+/// directory as holding a run, pointing to a --resume that could not read it.
+#[test]
+fn a_run_killed_before_its_first_resume_point_starts_over() {
+    let tmp = common::tempdir();
+    let dir = tmp.path();
+    let mut args = digits_run("run");
+    args.extend(["--epochs", "50", "--resume", "auto", "--quiet"].map(String::from));
+    let first = spawn(dir, &args);
+    let t0 = Instant::now();
+    while !dir.join("run/config.json").exists() {
+        assert!(t0.elapsed() < Duration::from_secs(60), "run never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    kill(&first, "-KILL");
+    finish(first);
+    assert!(
+        !dir.join("run/resume.safetensors").exists(),
+        "the first epoch ended already"
+    );
+    let r = run_in(dir, &["train", "--resume", "run", "--quiet"]);
+    assert_one_line_error(
+        &r,
+        1,
+        "run: the run saved no resume point (it stopped before writing its first; it left config.json",
+    );
+    let mut again = digits_run("run");
+    again.extend(
+        [
+            "--epochs",
+            "1",
+            "--limit-train",
+            "64",
+            "--resume",
+            "auto",
+            "--quiet",
+        ]
+        .map(String::from),
+    );
+    let again: Vec<&str> = again.iter().map(String::as_str).collect();
+    let r = run_in(dir, &again);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    common::assert_warned(
+        &r,
+        &["run held a run that saved no resume point (config.json); --resume auto started it over"],
+    );
+    let metrics = std::fs::read_to_string(dir.join("run/metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 1);
+    assert!(dir.join("run/resume.safetensors").is_file());
+}

@@ -14,6 +14,7 @@ use vggctl::model::{ModelSpec, Vgg};
 use vggctl::numerics::{Activity, Numerics, StepPart};
 use vggctl::optim::{OptimizerConfig, OptimizerKind};
 use vggctl::train::config::{Keep, TrainConfig};
+use vggctl::train::run_dir::RunLock;
 use vggctl::train::schedule::{DEFAULT_STEP_SIZE, DEFAULT_WARMUP_DECAY, Warmup, WarmupMethod};
 use vggctl::train::{Resume, RunDir, SchedulerKind, Trainer};
 
@@ -363,6 +364,32 @@ fn settle_new_run(
     }
 }
 
+/// Rank 0's lock on the run directory ([`RunDir::claim`]; `fresh`: a new
+/// run). `--resume auto` over a run that saved no resume point (it stopped
+/// in its first epoch, as when a rank is lost before torchrun restarts the
+/// group) starts it over there, saying what it replaced: nothing of it can
+/// be continued.
+fn claim_run(
+    h: &HyperOpts,
+    run_dir: &RunDir,
+    fresh: bool,
+    world: &World,
+) -> Result<Option<RunLock>> {
+    if !world.is_main() {
+        return Ok(None);
+    }
+    let auto = h.resume.as_deref() == Some(std::path::Path::new("auto"));
+    let left = run_dir.leftovers().filter(|_| auto && fresh);
+    let lock = run_dir.claim(fresh, h.force || left.is_some())?;
+    if let Some(left) = left {
+        warn(format!(
+            "{} held a run that saved no resume point ({left}); --resume auto started it over",
+            run_dir.dir.display()
+        ));
+    }
+    Ok(Some(lock))
+}
+
 pub fn execute(
     mut config: TrainConfig,
     h: &HyperOpts,
@@ -377,10 +404,7 @@ pub fn execute(
     let run_dir = RunDir {
         dir: config.out.clone(),
     };
-    let _lock = match world.is_main() {
-        true => Some(run_dir.claim(resume.is_none(), h.force)?),
-        false => None,
-    };
+    let _lock = claim_run(h, &run_dir, resume.is_none(), world)?;
     let numerics = Numerics::decide(
         &config.numerics_request(h.numerics.deterministic),
         model.device(),

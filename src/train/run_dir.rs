@@ -159,6 +159,23 @@ impl RunDir {
         files
     }
 
+    /// The run files the directory holds.
+    fn held(&self) -> Vec<PathBuf> {
+        self.run_files()
+            .into_iter()
+            .filter(|p| p.exists())
+            .collect()
+    }
+
+    /// What a run that saved no resume point left here (it stopped before
+    /// the end of its first epoch, by a crash or a lost rank), by name:
+    /// nothing of it can be continued. Empty where there is a resume point
+    /// or no run.
+    pub fn leftovers(&self) -> Option<String> {
+        let held = self.held();
+        (!self.resume().exists() && !held.is_empty()).then(|| file_names(&held))
+    }
+
     /// Creates the directory and locks it for this process's life (the
     /// lock is the returned file; the kernel drops it when the process
     /// ends, however it ends). A directory another run holds is refused
@@ -207,22 +224,13 @@ impl RunDir {
             .and_then(|()| file.rewind())
             .and_then(|()| write!(file, "{}", std::process::id()))
             .with_context(|| format!("writing {}", path.display()))?;
-        let held: Vec<PathBuf> = self
-            .run_files()
-            .into_iter()
-            .filter(|p| p.exists())
-            .collect();
+        let held = self.held();
         if fresh && !held.is_empty() {
             if !force {
-                let names: Vec<String> = held
-                    .iter()
-                    .filter_map(|p| p.file_name())
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .collect();
                 bail!(
                     "{} already holds a run ({}); continue it with --resume {}, or pass --force to start over there",
                     dir.display(),
-                    names.join(", "),
+                    file_names(&held),
                     dir.display()
                 );
             }
@@ -348,12 +356,32 @@ impl Drop for RunLock {
     }
 }
 
+/// The file names of `paths`, comma-separated.
+fn file_names(paths: &[PathBuf]) -> String {
+    let names: Vec<String> = paths
+        .iter()
+        .filter_map(|p| p.file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .collect();
+    names.join(", ")
+}
+
 /// Reads a resume point: `resume.safetensors` or the run directory holding
 /// it; the weights of an epoch's end come from the `last.safetensors` beside
 /// it (or the pending one a killed save left, then put in place).
 pub fn read_resume(path: &Path) -> Result<(TrainState, BTreeMap<String, Tensor>)> {
     let file = if path.is_dir() {
-        path.join("resume.safetensors")
+        let run = RunDir {
+            dir: path.to_path_buf(),
+        };
+        if let Some(left) = run.leftovers() {
+            bail!(
+                "{}: the run saved no resume point (it stopped before writing its first; it left {left}); start it over with --out {} --force, or --resume auto",
+                path.display(),
+                path.display()
+            );
+        }
+        run.resume()
     } else {
         path.to_path_buf()
     };
