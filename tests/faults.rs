@@ -319,7 +319,8 @@ fn a_second_ctrl_c_exits_130_without_crashing() {
 /// first epoch, as a rank lost under torchrun) leaves its config.json and
 /// nothing to continue: `--resume run` says so in one line, and
 /// `--resume auto` (what torchrun's restarted group runs) starts it over
-/// there with a warning naming what it replaced. It used to refuse the
+/// there with a warning naming what it replaced; a new run there without
+/// it is refused naming --force, not --resume. It used to refuse the
 /// directory as holding a run, pointing to a --resume that could not read it.
 #[test]
 fn a_run_killed_before_its_first_resume_point_starts_over() {
@@ -344,6 +345,14 @@ fn a_run_killed_before_its_first_resume_point_starts_over() {
         &r,
         1,
         "run: the run saved no resume point (it stopped before writing its first; it left config.json",
+    );
+    let mut again = digits_run("run");
+    again.extend(["--epochs", "1", "--quiet"].map(String::from));
+    let again: Vec<&str> = again.iter().map(String::as_str).collect();
+    assert_one_line_error(
+        &run_in(dir, &again),
+        1,
+        "run already holds a run that saved no resume point (config.json); pass --force (or --resume auto) to start over there",
     );
     let mut again = digits_run("run");
     again.extend(

@@ -226,6 +226,13 @@ impl RunDir {
             .with_context(|| format!("writing {}", path.display()))?;
         let held = self.held();
         if fresh && !held.is_empty() {
+            if !force && !self.resume().exists() {
+                bail!(
+                    "{} already holds a run that saved no resume point ({}); pass --force (or --resume auto) to start over there",
+                    dir.display(),
+                    file_names(&held)
+                );
+            }
             if !force {
                 bail!(
                     "{} already holds a run ({}); continue it with --resume {}, or pass --force to start over there",
