@@ -714,12 +714,17 @@ fn resume_refuses_changes_and_bad_states() {
 }
 
 /// Usage errors keep what clap knows, on one line (an option a subcommand
-/// has no use for, as export's --device, is not offered): the missing arguments'
+/// has no use for, as export's --device or params' --allow-nonfinite, is
+/// not offered): the missing arguments'
 /// names, "did you mean", and the subcommand's own help to read.
 #[test]
 fn usage_errors_name_what_is_missing_and_suggest() {
     let tmp = common::tempdir();
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 6] = [
+        (
+            &["params", "--allow-nonfinite"],
+            "unexpected argument '--allow-nonfinite' found; see 'vggctl params --help'",
+        ),
         (
             &[
                 "export",

@@ -22,7 +22,7 @@ use super::data_opts::DataOpts;
 use super::eval_report::{Report, SubsetOf, predictions_csv, render};
 use super::launch::run_local_ranks;
 use super::opts::{
-    DeviceOpts, DistOpts, GraphOpts, InferenceOpts, ModelOpts, NumericsOpts, ReadOpts,
+    DeviceOpts, DistOpts, GraphOpts, InferenceOpts, LoadOpts, ModelOpts, NumericsOpts, ReadOpts,
 };
 use super::output::{note, print_json, print_out, usage, warn, whole};
 
@@ -35,6 +35,8 @@ pub struct Args {
     checkpoint: PathBuf,
     #[command(flatten)]
     model: ModelOpts,
+    #[command(flatten)]
+    load: LoadOpts,
     #[command(flatten)]
     device: DeviceOpts,
     #[command(flatten)]
@@ -115,7 +117,7 @@ pub fn run(args: Args) -> Result<()> {
     };
     warn_unused(&args, &dataset, &scoring);
     let source = args.checkpoint.display().to_string();
-    let model = Vgg::from_state_dict(spec, device, &source, &file.tensors, args.model.values())?;
+    let model = Vgg::from_state_dict(spec, device, &source, &file.tensors, args.load.values())?;
     let test = dataset.test.to_device(device);
     // The training run's precision and layout choices, for the same speed.
     let request = args.numerics.request(Some(&args.graphs), true);

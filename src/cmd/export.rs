@@ -9,7 +9,7 @@ use vggctl::export::{export_onnx, export_pt2, export_safetensors, export_torchsc
 use vggctl::infer::fold_bn;
 use vggctl::model::{Head, Vgg, check_input, check_run_side};
 
-use super::opts::ModelOpts;
+use super::opts::{LoadOpts, ModelOpts};
 use super::output::{as_usage, print_json, print_out, usage, warn, whole};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -51,6 +51,8 @@ pub struct Args {
     force: bool,
     #[command(flatten)]
     model: ModelOpts,
+    #[command(flatten)]
+    load: LoadOpts,
 }
 
 #[derive(serde::Serialize)]
@@ -71,14 +73,17 @@ struct Written {
 fn load(args: &Args) -> Result<(Vgg, ModelMeta)> {
     let device = Device::Cpu;
     if let Some(path) = &args.checkpoint {
-        return load_checkpoint(path, args.model.request()?, device, args.model.values());
+        return load_checkpoint(path, args.model.request()?, device, args.load.values());
     }
     let Some(w) = &args.weights else {
         return Err(usage("give --checkpoint PATH or --weights imagenet|PATH"));
     };
-    let (model, _) =
-        args.model
-            .load_weights(w, args.model.request()?, (device, Build::Blank), false)?;
+    let (model, _) = args.model.load_weights(
+        w,
+        args.model.request()?,
+        (device, args.load.values(), Build::Blank),
+        false,
+    )?;
     let meta = meta_for_weights(model.spec);
     Ok((model, meta))
 }

@@ -13,7 +13,7 @@ use vggctl::model::{Head, SpecRequest};
 use super::checks::warn_unused_options;
 use super::data_opts::DataOpts;
 use super::launch::run_local_ranks;
-use super::opts::{DeviceOpts, ModelOpts};
+use super::opts::{DeviceOpts, LoadOpts, ModelOpts};
 use super::output::{usage, whole};
 use super::resume::{Start, resume};
 use super::training::{HyperOpts, execute};
@@ -33,6 +33,8 @@ pub struct Args {
     freeze_until: Option<usize>,
     #[command(flatten)]
     model: ModelOpts,
+    #[command(flatten)]
+    load: LoadOpts,
     #[command(flatten)]
     device: DeviceOpts,
     #[command(flatten)]
@@ -76,7 +78,7 @@ pub fn run(args: Args) -> Result<()> {
     let (mut model, path) = args.model.load_weights(
         &args.weights,
         request,
-        (device, Build::Initialized),
+        (device, args.load.values(), Build::Initialized),
         h.quiet,
     )?;
     if model.spec.head != Head::Imagenet {

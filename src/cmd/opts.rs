@@ -42,9 +42,26 @@ pub struct ModelOpts {
     /// Print one JSON document on stdout instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// How weights are read (every subcommand that reads them; `params` reads
+/// none).
+#[derive(Args, Debug, Clone)]
+pub struct LoadOpts {
     /// Load weights that hold NaN or infinite values (refused by default).
     #[arg(long, help_heading = "Model")]
     pub allow_nonfinite: bool,
+}
+
+impl LoadOpts {
+    /// What weight values loading accepts.
+    pub fn values(&self) -> Values {
+        if self.allow_nonfinite {
+            Values::Any
+        } else {
+            Values::FiniteOnly
+        }
+    }
 }
 
 impl ModelOpts {
@@ -85,10 +102,9 @@ impl ModelOpts {
         &self,
         weights: &str,
         request: SpecRequest,
-        (device, build): (Device, Build),
+        how: (Device, Values, Build),
         quiet: bool,
     ) -> Result<(Vgg, PathBuf)> {
-        let how = (device, self.values(), build);
         if weights != "imagenet" {
             let path = PathBuf::from(weights);
             let (model, inferred) = load_resolved(&path, request, Head::Imagenet, how)?;
@@ -106,15 +122,6 @@ impl ModelOpts {
         };
         let (model, _) = load_resolved(&path, request, Head::Imagenet, how)?;
         Ok((model, path))
-    }
-
-    /// What weight values loading accepts.
-    pub fn values(&self) -> Values {
-        if self.allow_nonfinite {
-            Values::Any
-        } else {
-            Values::FiniteOnly
-        }
     }
 }
 

@@ -15,7 +15,7 @@ use vggctl::infer::{Inference, Logits};
 use vggctl::model::{Vgg, check_input};
 use vggctl::numerics::{Activity, Numerics};
 
-use super::opts::{DeviceOpts, InferenceOpts, ModelOpts, NumericsOpts, ReadOpts};
+use super::opts::{DeviceOpts, InferenceOpts, LoadOpts, ModelOpts, NumericsOpts, ReadOpts};
 use super::output::{print_json, print_out, usage, warn, whole};
 
 #[derive(clap::Args, Debug)]
@@ -41,6 +41,8 @@ pub struct Args {
     batch_size: usize,
     #[command(flatten)]
     model: ModelOpts,
+    #[command(flatten)]
+    load: LoadOpts,
     #[command(flatten)]
     device: DeviceOpts,
     #[command(flatten)]
@@ -87,12 +89,15 @@ fn expand_dirs(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
 fn load_model(args: &Args, device: Device) -> Result<(Vgg, ModelMeta)> {
     let (model, meta) = match (&args.checkpoint, &args.weights) {
         (Some(path), _) => {
-            load_checkpoint(path, args.model.request()?, device, args.model.values())?
+            load_checkpoint(path, args.model.request()?, device, args.load.values())?
         }
         (None, Some(w)) => {
-            let (model, _) =
-                args.model
-                    .load_weights(w, args.model.request()?, (device, Build::Blank), false)?;
+            let (model, _) = args.model.load_weights(
+                w,
+                args.model.request()?,
+                (device, args.load.values(), Build::Blank),
+                false,
+            )?;
             let meta = meta_for_weights(model.spec);
             (model, meta)
         }

@@ -11,7 +11,7 @@ use vggctl::model::{Head, ModelSpec, Vgg};
 use super::checks::warn_unused_options;
 use super::data_opts::DataOpts;
 use super::launch::run_local_ranks;
-use super::opts::{DeviceOpts, ModelOpts};
+use super::opts::{DeviceOpts, LoadOpts, ModelOpts};
 use super::output::usage;
 use super::recipe::imagenet_recipe;
 use super::resume::{Start, resume};
@@ -21,6 +21,8 @@ use super::training::{HyperOpts, execute};
 pub struct Args {
     #[command(flatten)]
     pub model: ModelOpts,
+    #[command(flatten)]
+    pub load: LoadOpts,
     #[command(flatten)]
     pub device: DeviceOpts,
     #[command(flatten)]
@@ -86,7 +88,7 @@ pub fn run(args: Args) -> Result<()> {
     let model = match &args.initial_checkpoint {
         Some(path) => {
             config.weights = Some(path.display().to_string());
-            load_weights(path, config.model, device, args.model.values())?
+            load_weights(path, config.model, device, args.load.values())?
         }
         None => Vgg::new(config.model, device),
     };
