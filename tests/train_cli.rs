@@ -257,11 +257,19 @@ fn digits_reach_90_percent_and_eval_agrees() {
     assert_eq!(e["images"].as_i64().unwrap(), 297);
     let r = eval_at("16", &[]);
     common::assert_one_line_error(&r, 2, "--input must be at least 32");
+    let r = eval_at("4097", &[]);
+    common::assert_one_line_error(&r, 2, "--input 4097 is too large: sides go up to 4096");
     // Memory running out inside libtorch (tch panics on it) is one line
-    // with libtorch's reason, not a panic with a C++ backtrace: here a
-    // 3,000,000-pixel side, over 400 TB for the first batch, more than any
-    // address space holds.
-    let r = eval_at("3000000", &["--batch-size", "4"]);
+    // with libtorch's reason, not a panic with a C++ backtrace: here the
+    // largest side, whose first convolution's output at batch 4 (17 GB)
+    // is more than an address space of 8 GB (ulimit -v) holds.
+    let script =
+        "ulimit -v 8000000; exec \"$0\" eval --checkpoint \"$1\" --input 4096 --batch-size 4";
+    let o = Command::new("bash")
+        .args(["-c", script, &common::bin(), ckpt.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let r = common::Run::from(o);
     common::assert_one_line_error(
         &r,
         1,
