@@ -378,3 +378,34 @@ fn a_run_killed_before_its_first_resume_point_starts_over() {
     assert_eq!(metrics.lines().count(), 1);
     assert!(dir.join("run/resume.safetensors").is_file());
 }
+
+/// A directory where a run writes one of its files (best.safetensors,
+/// curves.svg) is named when the run starts, before it trains: it used to
+/// fail writing best.safetensors after an epoch (and draw no curves with
+/// a warning).
+#[test]
+fn a_directory_in_place_of_a_run_file_is_named_at_the_start() {
+    let tmp = common::tempdir();
+    let dir = tmp.path();
+    let r = common::tiny_run(dir, &["--dataset", "digits"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    for file in ["best.safetensors", "curves.svg"] {
+        let path = dir.join("run").join(file);
+        let kept = std::fs::read(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        std::fs::create_dir(&path).unwrap();
+        let r = run_in(
+            dir,
+            &["train", "--resume", "run", "--epochs", "2", "--quiet"],
+        );
+        assert_one_line_error(
+            &r,
+            1,
+            &format!("run/{file}: a directory; vggctl only replaces regular files"),
+        );
+        let metrics = std::fs::read_to_string(dir.join("run/metrics.jsonl")).unwrap();
+        assert_eq!(metrics.lines().count(), 1, "{file}: it trained");
+        std::fs::remove_dir(&path).unwrap();
+        std::fs::write(&path, kept).unwrap();
+    }
+}

@@ -224,6 +224,11 @@ impl RunDir {
             .and_then(|()| file.rewind())
             .and_then(|()| write!(file, "{}", std::process::id()))
             .with_context(|| format!("writing {}", path.display()))?;
+        // Every file the run writes is one it may replace: a directory or
+        // a link in its place is named now, not when the first epoch ends.
+        for p in self.run_files() {
+            crate::fsutil::check_replaceable(&p)?;
+        }
         let held = self.held();
         if fresh && !held.is_empty() {
             if !force && !self.resume().exists() {
