@@ -67,6 +67,7 @@ fn build_shim(lib: &Path, cuda: bool) {
     println!("cargo:rerun-if-changed=src/shim_dist.cpp");
     println!("cargo:rerun-if-changed=src/shim_step.cpp");
     println!("cargo:rerun-if-changed=src/shim_kernels.cpp");
+    println!("cargo:rerun-if-changed=src/shim_signals.cpp");
     println!("cargo:rerun-if-changed=src/shim_kernels.h");
     println!("cargo:rerun-if-changed=src/kernels.cu");
     println!("cargo:rerun-if-changed=src/shim.h");
@@ -91,6 +92,7 @@ fn build_shim(lib: &Path, cuda: bool) {
         .file("src/shim_dist.cpp")
         .file("src/shim_step.cpp")
         .file("src/shim_kernels.cpp")
+        .file("src/shim_signals.cpp")
         .include(kernels_source())
         .include(include.join("include"))
         // c10d's Gloo backend is declared only under USE_C10D_GLOO; its

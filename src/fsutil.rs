@@ -99,6 +99,9 @@ pub fn check_replaceable(target: &Path) -> Result<()> {
 pub struct TempFile {
     path: PathBuf,
     file: Option<File>,
+    /// Dropped after the file is removed or renamed (fields drop after
+    /// `Drop::drop`): a signal until then removes the file.
+    _on_signal: crate::shim::RemovedOnSignal,
 }
 
 impl TempFile {
@@ -109,6 +112,7 @@ impl TempFile {
             match OpenOptions::new().write(true).create_new(true).open(&path) {
                 Ok(file) => {
                     return Ok(TempFile {
+                        _on_signal: crate::shim::remove_on_signal(&path),
                         path,
                         file: Some(file),
                     });

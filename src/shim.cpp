@@ -78,46 +78,9 @@ void stream_wait(const c10::Stream &waiter, const c10::Stream &on) {
 }
 #endif
 
-// The first SIGINT or SIGTERM asks a training run to stop after its step
-// (the run polls `vggctl_stop_signal`); a second one ends the process at
-// once with _exit, which runs no exit handlers and no static destructors,
-// so libtorch's threads are never torn down under their feet. Only
-// async-signal-safe calls (write, _exit) are made here.
-volatile sig_atomic_t g_stop_signal = 0;
-
-void say(const char *msg) {
-  ssize_t ignored = write(2, msg, std::strlen(msg));
-  (void)ignored;
-}
-
-void on_stop_signal(int sig) {
-  if (g_stop_signal != 0) {
-    say("\nvggctl: stopped without saving\n");
-    _exit(128 + sig);
-  }
-  g_stop_signal = sig;
-  say(sig == SIGTERM ? "\nterminated: stopping after this step...\n"
-                     : "\nstopping after this step (Ctrl-C again to quit without saving)...\n");
-}
-
 }  // namespace
 
 extern "C" {
-
-void vggctl_install_stop_signals() {
-  struct sigaction sa;
-  std::memset(&sa, 0, sizeof sa);
-  sa.sa_handler = on_stop_signal;
-  sigemptyset(&sa.sa_mask);
-  sa.sa_flags = SA_RESTART;
-  sigaction(SIGINT, &sa, nullptr);
-  sigaction(SIGTERM, &sa, nullptr);
-}
-
-int vggctl_stop_signal() { return g_stop_signal; }
-
-// Sends `sig` to process `pid` (the ranks `--nproc-per-node` started).
-int vggctl_send_signal(int pid, int sig) { return kill(static_cast<pid_t>(pid), sig); }
 
 // libtorch's CPU operators on the calling thread run on that thread alone
 // (a data-loading worker): OpenMP's thread count is a per-thread setting,

@@ -28,6 +28,8 @@ unsafe extern "C" {
     fn vggctl_install_stop_signals();
     fn vggctl_stop_signal() -> c_int;
     fn vggctl_send_signal(pid: c_int, sig: c_int) -> c_int;
+    fn vggctl_temp_add(path: *const c_char) -> c_int;
+    fn vggctl_temp_remove(slot: c_int);
     fn vggctl_one_cpu_thread_here() -> c_int;
     fn vggctl_map_big_blocks(bytes: usize) -> c_int;
     fn vggctl_pooled_bytes(
@@ -114,6 +116,31 @@ pub fn stop_signal() -> Option<i32> {
     // SAFETY: reads a sig_atomic_t.
     let sig = unsafe { vggctl_stop_signal() };
     (sig != 0).then_some(sig)
+}
+
+/// A file being written that a signal ending the process (SIGINT, SIGTERM,
+/// SIGHUP, where nothing else handles them; a training run's second
+/// Ctrl-C) removes first, until this is dropped.
+pub struct RemovedOnSignal(c_int);
+
+/// Registers `path`, a file being written, to be removed should a signal
+/// end the process before the returned guard is dropped (a path with a NUL
+/// byte, or over 4,095 bytes, is not registered).
+pub fn remove_on_signal(path: &std::path::Path) -> RemovedOnSignal {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return RemovedOnSignal(-1);
+    };
+    // SAFETY: `c` is a NUL-terminated string the shim copies before
+    // returning; the handlers it installs make only async-signal-safe calls.
+    RemovedOnSignal(unsafe { vggctl_temp_add(c.as_ptr()) })
+}
+
+impl Drop for RemovedOnSignal {
+    fn drop(&mut self) {
+        // SAFETY: releases this guard's slot (-1 is ignored).
+        unsafe { vggctl_temp_remove(self.0) }
+    }
 }
 
 /// Sends signal `sig` to process `pid` (a child this process started);

@@ -409,3 +409,45 @@ fn a_directory_in_place_of_a_run_file_is_named_at_the_start() {
         std::fs::write(&path, kept).unwrap();
     }
 }
+
+/// A signal that ends an export mid-write (SIGTERM from a launcher or
+/// `kill`, Ctrl-C's SIGINT) removes its temporary file before the process
+/// ends by that signal: it used to leave hundreds of MB beside the target.
+#[test]
+fn a_signal_mid_export_leaves_nothing() {
+    use std::os::unix::process::ExitStatusExt;
+    let tmp = common::tempdir();
+    let dir = tmp.path();
+    for (sig, number) in [("-TERM", 15), ("-INT", 2)] {
+        // The largest side makes a 420 MB archive: seconds of writing.
+        let mut child = Command::new(common::bin())
+            .args([
+                "export",
+                "--weights",
+                &vgg11(),
+                "--arch",
+                "vgg11",
+                "--head",
+                "cifar",
+            ])
+            .args(["--input", "4096", "--out", "m.pt2"])
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let t0 = Instant::now();
+        while !entries(dir).iter().any(|e| e.contains(".tmp-")) {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "the export ended first"
+            );
+            assert!(t0.elapsed() < Duration::from_secs(60), "no temporary file");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        kill(&child, sig);
+        let status = child.wait().unwrap();
+        assert_eq!(status.signal(), Some(number), "{status:?}");
+        assert!(entries(dir).is_empty(), "{sig}: left {:?}", entries(dir));
+    }
+}
