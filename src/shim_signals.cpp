@@ -27,6 +27,16 @@ void remove_temp_files() {
   }
 }
 
+// Sets `handler` (or SIG_DFL) for `sig`, restarting interrupted calls.
+void handle(int sig, void (*handler)(int)) {
+  struct sigaction sa;
+  std::memset(&sa, 0, sizeof sa);
+  sa.sa_handler = handler;
+  sigemptyset(&sa.sa_mask);
+  sa.sa_flags = SA_RESTART;
+  sigaction(sig, &sa, nullptr);
+}
+
 void say(const char *msg) {
   ssize_t ignored = write(2, msg, std::strlen(msg));
   (void)ignored;
@@ -54,11 +64,7 @@ void on_stop_signal(int sig) {
 // ends the process as it would have (its default action, re-raised).
 void on_ending_signal(int sig) {
   remove_temp_files();
-  struct sigaction dfl;
-  std::memset(&dfl, 0, sizeof dfl);
-  dfl.sa_handler = SIG_DFL;
-  sigemptyset(&dfl.sa_mask);
-  sigaction(sig, &dfl, nullptr);
+  handle(sig, SIG_DFL);
   raise(sig);
 }
 
@@ -69,15 +75,9 @@ void install_ending_signals() {
   const int ending[] = {SIGINT, SIGTERM, SIGHUP};
   for (int sig : ending) {
     struct sigaction old;
-    if (sigaction(sig, nullptr, &old) != 0 || old.sa_handler != SIG_DFL) {
-      continue;
+    if (sigaction(sig, nullptr, &old) == 0 && old.sa_handler == SIG_DFL) {
+      handle(sig, on_ending_signal);
     }
-    struct sigaction sa;
-    std::memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_ending_signal;
-    sigemptyset(&sa.sa_mask);
-    sa.sa_flags = SA_RESTART;
-    sigaction(sig, &sa, nullptr);
   }
 }
 
@@ -88,13 +88,8 @@ std::atomic<bool> g_ending_installed{false};
 extern "C" {
 
 void vggctl_install_stop_signals() {
-  struct sigaction sa;
-  std::memset(&sa, 0, sizeof sa);
-  sa.sa_handler = on_stop_signal;
-  sigemptyset(&sa.sa_mask);
-  sa.sa_flags = SA_RESTART;
-  sigaction(SIGINT, &sa, nullptr);
-  sigaction(SIGTERM, &sa, nullptr);
+  handle(SIGINT, on_stop_signal);
+  handle(SIGTERM, on_stop_signal);
 }
 
 int vggctl_stop_signal() { return g_stop_signal; }
