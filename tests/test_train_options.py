@@ -238,6 +238,31 @@ def test_optimizer_values_torch_refuses_are_usage_errors(tmp_path):
         assert not (tmp_path / "r").exists()
 
 
+def test_torchvision_train_py_options_in_vggctls_form(tmp_path):
+    """torchvision's train.py options: --amp is --precision fp16 (recorded
+    as such); those vggctl has in another form (--test-only, --start-epoch,
+    --cache-dataset, train's --weights) are one usage line naming that form,
+    where clap suggested unrelated options (--ra-sampler for --amp)."""
+    common = ["train", "--dataset", "digits", "--arch", "vgg11", "--epochs", "1", "--limit-train", "32",
+              "--limit-test", "32", "--quiet"]
+    r = subprocess.run([BIN, *common, "--amp", "--out", str(tmp_path / "amp")],
+                       capture_output=True, text=True, timeout=120, env=ENV)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "amp" / "config.json").read_text())["precision"] == "fp16"
+    forms = [
+        (["--test-only"], "--test-only: evaluation is a command of its own, vggctl eval --checkpoint FILE"),
+        (["--start-epoch", "3"], "--start-epoch: a run continues from where it stopped with --resume DIR"),
+        (["--cache-dataset"], "--cache-dataset: image folders are cached without asking (--cache-dir, --cache-mem)"),
+        (["--weights", "imagenet"], "--weights: train starts from weights with --initial-checkpoint FILE; "
+                                    "vggctl finetune --weights imagenet fine-tunes torchvision's"),
+    ]
+    for args, message in forms:
+        r = subprocess.run([BIN, *common, *args, "--out", str(tmp_path / "r")],
+                           capture_output=True, text=True, timeout=60)
+        assert (r.returncode, r.stderr) == (2, f"vggctl: error: {message}\n"), args
+        assert not (tmp_path / "r").exists()
+
+
 def test_options_a_run_has_no_use_for_are_named_once_each(tmp_path):
     """Options typed for a new run that would change what it computes but
     that it cannot use (an SGD option with AdamW, a MultiStepLR option with

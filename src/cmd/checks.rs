@@ -21,6 +21,7 @@ impl HyperOpts {
     /// A usage error for the first value here (or in `data`'s paths) that
     /// no run can use; checked before anything is written.
     pub fn validate(&self, data: &DataOpts) -> Result<()> {
+        self.other_forms.check()?;
         // A run records its paths in config.json, as text.
         for (flag, path) in [
             ("--out", &self.out),

@@ -219,6 +219,9 @@ pub struct NumericsOpts {
     /// with a warning.
     #[arg(long, value_parser = choice::<Precision>(), default_value = "auto")]
     pub precision: Precision,
+    /// torchvision's --amp: --precision fp16.
+    #[arg(long, conflicts_with = "precision")]
+    pub amp: bool,
     /// NHWC inputs and convolution weights [default: on with CUDA, and with bf16 on a CPU].
     #[arg(long, conflicts_with = "contiguous")]
     pub channels_last: bool,
@@ -309,9 +312,17 @@ fn either(yes: bool, no: bool) -> Option<bool> {
 impl NumericsOpts {
     /// What these flags ask for; `graphs` None where the subcommand has no
     /// CUDA graphs (predict), `fused` false where it has no optimizer.
+    /// The precision asked for (`--amp` is fp16).
+    pub fn precision(&self) -> Precision {
+        match self.amp {
+            true => Precision::Fp16,
+            false => self.precision,
+        }
+    }
+
     pub fn request(&self, graphs: Option<&GraphOpts>, fused: bool) -> NumericsRequest {
         NumericsRequest {
-            precision: self.precision,
+            precision: self.precision(),
             channels_last: either(self.channels_last, self.contiguous),
             cuda_graphs: match graphs {
                 Some(g) => either(g.cuda_graphs, g.no_cuda_graphs),
@@ -333,4 +344,41 @@ pub fn choice<T: Choice>() -> impl TypedValueParser<Value = T> {
             .aliases(v.aliases().iter().copied())
     }))
     .try_map(|s| vggctl::choice::parse::<T>("value", &s))
+}
+
+/// torchvision's train.py options vggctl offers in another form: hidden,
+/// each one usage line pointing to that form (clap would suggest an
+/// unrelated option) (train, finetune).
+#[derive(Args, Debug, Clone)]
+pub struct OtherForms {
+    #[arg(long, hide = true)]
+    test_only: bool,
+    #[arg(long, hide = true, value_name = "N")]
+    start_epoch: Option<String>,
+    #[arg(long, hide = true)]
+    cache_dataset: bool,
+}
+
+impl OtherForms {
+    /// A usage error naming vggctl's form of the first one given.
+    pub fn check(&self) -> Result<()> {
+        let forms = [
+            (
+                self.test_only,
+                "--test-only: evaluation is a command of its own, vggctl eval --checkpoint FILE",
+            ),
+            (
+                self.start_epoch.is_some(),
+                "--start-epoch: a run continues from where it stopped with --resume DIR",
+            ),
+            (
+                self.cache_dataset,
+                "--cache-dataset: image folders are cached without asking (--cache-dir, --cache-mem)",
+            ),
+        ];
+        match forms.into_iter().find(|(given, _)| *given) {
+            Some((_, form)) => Err(usage(form)),
+            None => Ok(()),
+        }
+    }
 }

@@ -31,12 +31,21 @@ pub struct Args {
     /// dict of the same model: .safetensors, .pth/.pt or a vggctl checkpoint).
     #[arg(long, help_heading = "Model")]
     pub initial_checkpoint: Option<PathBuf>,
+    /// torchvision's train.py --weights (hidden: one line points to
+    /// --initial-checkpoint and finetune).
+    #[arg(long, hide = true)]
+    weights: Option<String>,
     #[command(flatten)]
     pub hyper: HyperOpts,
 }
 
 pub fn run(args: Args) -> Result<()> {
     let h = &args.hyper;
+    if args.weights.is_some() {
+        return Err(usage(
+            "--weights: train starts from weights with --initial-checkpoint FILE; vggctl finetune --weights imagenet fine-tunes torchvision's",
+        ));
+    }
     h.validate(&args.data)?;
     if let Some(n) = h.dist.nproc_per_node {
         // What --resume needs is said once here, not by every rank.

@@ -19,7 +19,7 @@ use vggctl::train::schedule::{DEFAULT_STEP_SIZE, DEFAULT_WARMUP_DECAY, Warmup, W
 use vggctl::train::{Resume, RunDir, SchedulerKind, Trainer};
 
 use super::data_opts::{DataOpts, streamed_as_rank0};
-use super::opts::{DistOpts, GraphOpts, NumericsOpts, choice};
+use super::opts::{DistOpts, GraphOpts, NumericsOpts, OtherForms, choice};
 use super::output::{usage, warn, whole};
 use super::progress::{EpochBars, print_header};
 use super::recipe::{RecipeOpts, settle_ema};
@@ -172,6 +172,8 @@ pub struct HyperOpts {
     pub dist: DistOpts,
     #[command(flatten)]
     pub recipe: RecipeOpts,
+    #[command(flatten)]
+    pub other_forms: OtherForms,
     /// The options typed on the command line (set by `cmd::parse`).
     #[arg(skip)]
     pub typed: Vec<String>,
