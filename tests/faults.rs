@@ -320,7 +320,8 @@ fn a_second_ctrl_c_exits_130_without_crashing() {
 /// nothing to continue: `--resume run` says so in one line, and
 /// `--resume auto` (what torchrun's restarted group runs) starts it over
 /// there with a warning naming what it replaced; a new run there without
-/// it is refused naming --force, not --resume. It used to refuse the
+/// it is refused naming --force, not --resume. A run with weights but no
+/// resume point (deleted) is not started over. It used to refuse the
 /// directory as holding a run, pointing to a --resume that could not read it.
 #[test]
 fn a_run_killed_before_its_first_resume_point_starts_over() {
@@ -377,6 +378,12 @@ fn a_run_killed_before_its_first_resume_point_starts_over() {
     let metrics = std::fs::read_to_string(dir.join("run/metrics.jsonl")).unwrap();
     assert_eq!(metrics.lines().count(), 1);
     assert!(dir.join("run/resume.safetensors").is_file());
+    // A finished run whose resume point was deleted keeps its weights:
+    // --resume auto does not start over on them.
+    std::fs::remove_file(dir.join("run/resume.safetensors")).unwrap();
+    let r = run_in(dir, &again);
+    assert_one_line_error(&r, 1, "run already holds a run (");
+    assert!(dir.join("run/last.safetensors").is_file());
 }
 
 /// A directory where a run writes one of its files (best.safetensors,

@@ -169,11 +169,14 @@ impl RunDir {
 
     /// What a run that saved no resume point left here (it stopped before
     /// the end of its first epoch, by a crash or a lost rank), by name:
-    /// nothing of it can be continued. Empty where there is a resume point
+    /// nothing of it can be continued. None where there is a resume point,
+    /// weights (a finished run whose resume point was deleted keeps them)
     /// or no run.
     pub fn leftovers(&self) -> Option<String> {
+        let mut weights = vec![self.resume(), self.last(), self.best(), self.ema()];
+        weights.extend(self.kept_epochs().into_iter().map(|e| self.epoch_file(e)));
         let held = self.held();
-        (!self.resume().exists() && !held.is_empty()).then(|| file_names(&held))
+        (!weights.iter().any(|w| w.exists()) && !held.is_empty()).then(|| file_names(&held))
     }
 
     /// Creates the directory and locks it for this process's life (the
@@ -231,7 +234,7 @@ impl RunDir {
         }
         let held = self.held();
         if fresh && !held.is_empty() {
-            if !force && !self.resume().exists() {
+            if !force && self.leftovers().is_some() {
                 bail!(
                     "{} already holds a run that saved no resume point ({}); pass --force (or --resume auto) to start over there",
                     dir.display(),
