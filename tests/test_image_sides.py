@@ -11,7 +11,10 @@
   relative); `eval` of the checkpoint takes the same transform from its
   metadata and gets the same loss; `eval --input 96` and `predict --input
   96` scale the resize with the crop (Resize(120) + CenterCrop(96): loss
-  within 1e-5 relative, probabilities within 1e-5). (That training batches are 48x48 is a
+  within 1e-5 relative, probabilities within 1e-5); `eval` and `predict`
+  take torchvision's `--val-resize-size 72 --val-crop-size 64` as
+  Resize(72) + CenterCrop(64) (the same tolerances), and a resize under
+  the crop is a usage line. (That training batches are 48x48 is a
   unit test of `Preprocess`, for the in-memory and the streamed path.)
 - `train --dataset digits --input 40` trains CIFAR-style at 40 and records it.
 - Sides that cannot work are one usage line each, before anything is
@@ -125,6 +128,24 @@ def test_imagenet_style_sides_equal_torchvisions_transforms(tmp_path):
     ours = {t["index"]: t["probability"] for t in json.loads(r.stdout)[0]["top"]}
     want = torchvision_probabilities(out / "last.safetensors", image, 120, 96)
     assert all(abs(ours[i] - want[i]) <= 1e-5 for i in ours), (ours, want)
+
+    # torchvision's names for eval's sides: --val-resize-size and
+    # --val-crop-size set Resize(R) + CenterCrop(H) whatever the checkpoint
+    # records (here 72 for its 80).
+    loss, _ = torchvision_loss(out / "last.safetensors", data / "val", 72, 64)
+    r = vggctl("eval", "--checkpoint", str(out / "last.safetensors"), "--val-resize-size", "72",
+               "--val-crop-size", "64", "-b", "4", "--json")
+    assert r.returncode == 0, r.stderr
+    assert abs(json.loads(r.stdout)["loss"] - loss) <= 1e-5 * loss, (r.stdout, loss)
+    r = vggctl("predict", "--checkpoint", str(out / "last.safetensors"), "--val-resize-size", "72", "--json",
+               str(image))
+    assert r.returncode == 0, r.stderr
+    ours = {t["index"]: t["probability"] for t in json.loads(r.stdout)[0]["top"]}
+    want = torchvision_probabilities(out / "last.safetensors", image, 72, 64)
+    assert all(abs(ours[i] - want[i]) <= 1e-5 for i in ours), (ours, want)
+    r = vggctl("eval", "--checkpoint", str(out / "last.safetensors"), "--val-resize-size", "60")
+    assert (r.returncode, r.stderr) == (2, "vggctl: error: --val-resize-size 60 is under the crop 64: "
+                                           "give 64 or more\n"), r.stderr
 
     # --resume auto continues only the same run: other sides are named.
     r = vggctl("train", "--arch", "vgg11", "--head", "gap", "--dataset", "imagenet", "--data-dir", str(data),

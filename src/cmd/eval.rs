@@ -41,7 +41,8 @@ pub struct Args {
     device: DeviceOpts,
     #[command(flatten)]
     data: DataOpts,
-    #[arg(long, default_value_t = 100, value_parser = whole::<i64>)]
+    /// Images per evaluation batch.
+    #[arg(short, long, default_value_t = 100, value_parser = whole::<i64>)]
     batch_size: i64,
     /// Evaluate on the first N test images only.
     #[arg(long, value_parser = whole::<i64>)]
@@ -367,7 +368,12 @@ fn load_data(
     }
     args.read.check()?;
     // The checkpoint's evaluation transform as this command line reads.
-    let read = meta.map(|m| args.read.apply(m.clone()));
+    let read = meta.map(|m| args.read.apply(m.clone())).transpose()?;
+    if read.is_none() && args.read.val_resize_size.is_some() {
+        return Err(usage(
+            "--val-resize-size: this model (a state dict without vggctl's metadata, not torchvision's ImageNet head) reads its images whole, with no resize before a crop",
+        ));
+    }
     let input = read
         .as_ref()
         .map_or(args.read.input.unwrap_or(32), |m| m.input_size);

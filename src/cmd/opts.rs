@@ -241,8 +241,13 @@ pub struct ReadOpts {
     /// Input side for the model; the resize before the centre crop keeps
     /// its ratio to it (256/224) [default: the checkpoint's; 224 for
     /// weights with the ImageNet head, else 32].
-    #[arg(long, value_parser = whole::<i64>)]
+    #[arg(long, alias = "val-crop-size", value_parser = whole::<i64>)]
     pub input: Option<i64>,
+    /// The side the shorter one is resized to before the centre crop
+    /// (torchvision's --val-resize-size) [default: the checkpoint's, scaled
+    /// with --input].
+    #[arg(long, value_name = "R", value_parser = whole::<i64>)]
+    pub val_resize_size: Option<i64>,
     /// How images are resized before the centre crop: bilinear or bicubic
     /// (torchvision's --interpolation) [default: the checkpoint's, else
     /// bilinear].
@@ -260,17 +265,39 @@ impl ReadOpts {
     }
 
     /// `meta`'s evaluation transform as this command line reads images:
-    /// at --input (the resize scaled alike) and with --interpolation,
-    /// where given.
-    pub fn apply(&self, meta: ModelMeta) -> ModelMeta {
+    /// at --input (the resize scaled alike), resized to --val-resize-size
+    /// and with --interpolation, where given. A resize for a model that
+    /// reads its images whole (a CIFAR-10 or digits run), or under the
+    /// crop, is a usage error.
+    pub fn apply(&self, meta: ModelMeta) -> Result<ModelMeta> {
         let meta = ModelMeta {
             interpolation: self.interpolation.unwrap_or(meta.interpolation),
             ..meta
         };
-        match self.input {
+        let meta = match self.input {
             Some(input) => meta.at_input(input),
             None => meta,
+        };
+        let Some(r) = self.val_resize_size else {
+            return Ok(meta);
+        };
+        if meta.host_crop().0.is_none() {
+            return Err(usage(format!(
+                "--val-resize-size: this {} model reads its images whole, squeezed to {}x{}, with no resize before a crop",
+                meta.dataset, meta.input_size, meta.input_size
+            )));
         }
+        if r < meta.input_size {
+            return Err(usage(format!(
+                "--val-resize-size {r} is under the crop {}: give {} or more",
+                meta.input_size, meta.input_size
+            )));
+        }
+        check_run_side("--val-resize-size", r).map_err(as_usage)?;
+        Ok(ModelMeta {
+            resize: Some(r),
+            ..meta
+        })
     }
 }
 

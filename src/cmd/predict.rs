@@ -37,7 +37,7 @@ pub struct Args {
     #[command(flatten)]
     read: ReadOpts,
     /// Images read and classified at a time.
-    #[arg(long, default_value_t = 64, value_parser = whole::<usize>)]
+    #[arg(short, long, default_value_t = 64, value_parser = whole::<usize>)]
     batch_size: usize,
     #[command(flatten)]
     model: ModelOpts,
@@ -103,7 +103,7 @@ fn load_model(args: &Args, device: Device) -> Result<(Vgg, ModelMeta)> {
         }
         (None, None) => return Err(usage("give --checkpoint PATH or --weights imagenet|PATH")),
     };
-    Ok((model, args.read.apply(meta)))
+    Ok((model, args.read.apply(meta)?))
 }
 
 pub fn run(args: Args) -> Result<()> {
