@@ -37,7 +37,9 @@ def test_every_option_is_described_and_every_example_parses(sub, tmp_path):
     assert options
     for i in options:
         inline = re.match(r"^  \S.*?\S {2,}\S", lines[i])  # a one-line help: "  -h, --help  Print help"
-        assert inline or lines[i + 1].startswith(" " * 10) and lines[i + 1].strip(), lines[i]
+        # A description, not only clap's "[default: ...]" or value list.
+        described = lines[i + 1].startswith(" " * 10) and lines[i + 1].strip()[:1] not in ("", "[")
+        assert inline or described, lines[i]
     if sub == "info":
         return
     examples = text[text.index("\nExamples:\n"):].split("\n")[2:]
