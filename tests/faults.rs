@@ -384,6 +384,15 @@ fn a_run_killed_before_its_first_resume_point_starts_over() {
     let r = run_in(dir, &again);
     assert_one_line_error(&r, 1, "run already holds a run (");
     assert!(dir.join("run/last.safetensors").is_file());
+    let r = run_in(
+        dir,
+        &["train", "--resume", "run", "--epochs", "2", "--quiet"],
+    );
+    assert_one_line_error(
+        &r,
+        1,
+        "run: no resume point (resume.safetensors is gone); the weights of its last epoch are in run/last.safetensors: start a new run from them with --initial-checkpoint run/last.safetensors",
+    );
 }
 
 /// A directory where a run writes one of its files (best.safetensors,

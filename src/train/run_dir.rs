@@ -396,6 +396,14 @@ pub fn read_resume(path: &Path) -> Result<(TrainState, BTreeMap<String, Tensor>)
                 path.display()
             );
         }
+        if !run.resume().exists() && run.last().is_file() {
+            bail!(
+                "{}: no resume point (resume.safetensors is gone); the weights of its last epoch are in {}: start a new run from them with --initial-checkpoint {}",
+                path.display(),
+                run.last().display(),
+                run.last().display()
+            );
+        }
         run.resume()
     } else {
         path.to_path_buf()
