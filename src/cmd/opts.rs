@@ -281,10 +281,10 @@ impl ReadOpts {
         let Some(r) = self.val_resize_size else {
             return Ok(meta);
         };
-        if meta.host_crop().0.is_none() {
+        if let (None, side) = meta.host_crop() {
             return Err(usage(format!(
-                "--val-resize-size: this {} model reads its images whole, squeezed to {}x{}, with no resize before a crop",
-                meta.dataset, meta.input_size, meta.input_size
+                "--val-resize-size: this {} model reads its images whole, squeezed to {side}x{side}, with no resize before a crop",
+                meta.dataset
             )));
         }
         if r < meta.input_size {
@@ -337,8 +337,6 @@ fn either(yes: bool, no: bool) -> Option<bool> {
 }
 
 impl NumericsOpts {
-    /// What these flags ask for; `graphs` None where the subcommand has no
-    /// CUDA graphs (predict), `fused` false where it has no optimizer.
     /// The precision asked for (`--amp` is fp16).
     pub fn precision(&self) -> Precision {
         match self.amp {
@@ -347,6 +345,8 @@ impl NumericsOpts {
         }
     }
 
+    /// What these flags ask for; `graphs` None where the subcommand has no
+    /// CUDA graphs (predict), `fused` false where it has no optimizer.
     pub fn request(&self, graphs: Option<&GraphOpts>, fused: bool) -> NumericsRequest {
         NumericsRequest {
             precision: self.precision(),
