@@ -1,6 +1,6 @@
 // The libtorch calls tch does not bind: the autocast dtype, CPU autocast, the TF32
 // switches, CUDA memory statistics, bf16 support, CUDA graphs and the fused
-// (multi-tensor) SGD and AdamW updates. Compiled
+// (multi-tensor) SGD, Adam and AdamW updates. Compiled
 // by build.rs against the libtorch that tch links; the CUDA parts only when
 // that libtorch has CUDA and the CUDA runtime headers are found
 // (VGGCTL_CUDA). The one Rust caller is src/shim.rs.
@@ -13,6 +13,7 @@
 #include <ATen/Context.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/_fused_adam.h>
 #include <ATen/ops/_fused_adamw.h>
 #include <ATen/ops/_fused_sgd.h>
 #include <ATen/ops/from_blob.h>
@@ -381,22 +382,31 @@ int vggctl_fused_sgd(at::Tensor *const *params, at::Tensor *const *grads, at::Te
   });
 }
 
-// libtorch's fused AdamW (`_fused_adamw_`) over `n` tensors of one
-// parameter group: `step` is the float count of updates taken, this one
-// included, on the parameters' device, shared by all of them.
-int vggctl_fused_adamw(at::Tensor *const *params, at::Tensor *const *grads,
-                       at::Tensor *const *exp_avgs, at::Tensor *const *exp_avg_sqs, size_t n,
-                       at::Tensor *step, at::Tensor *lr, double beta1, double beta2,
-                       double weight_decay, double eps, at::Tensor *found_inf, char *err,
-                       size_t len) {
+// libtorch's fused Adam over `n` tensors of one parameter group: AdamW's
+// decoupled weight decay (`_fused_adamw_`) when `decoupled`, else Adam's L2
+// term added to the gradient (`_fused_adam_`). `step` is the float count of
+// updates taken, this one included, on the parameters' device, shared by
+// all of them.
+int vggctl_fused_adam(at::Tensor *const *params, at::Tensor *const *grads,
+                      at::Tensor *const *exp_avgs, at::Tensor *const *exp_avg_sqs, size_t n,
+                      at::Tensor *step, at::Tensor *lr, double beta1, double beta2,
+                      double weight_decay, double eps, int decoupled, at::Tensor *found_inf,
+                      char *err, size_t len) {
   return guarded(err, len, [&] {
     std::optional<at::Tensor> found;
     if (found_inf != nullptr) found = *found_inf;
     std::vector<at::Tensor> steps(n, *step);
-    at::_fused_adamw_(tensor_list(params, n), tensor_list(grads, n), tensor_list(exp_avgs, n),
-                      tensor_list(exp_avg_sqs, n), /*max_exp_avg_sqs=*/{}, steps, *lr, beta1,
-                      beta2, weight_decay, eps, /*amsgrad=*/false, /*maximize=*/false,
-                      /*grad_scale=*/std::nullopt, found);
+    auto ps = tensor_list(params, n), gs = tensor_list(grads, n);
+    auto m1 = tensor_list(exp_avgs, n), m2 = tensor_list(exp_avg_sqs, n);
+    if (decoupled != 0) {
+      at::_fused_adamw_(ps, gs, m1, m2, /*max_exp_avg_sqs=*/{}, steps, *lr, beta1, beta2,
+                        weight_decay, eps, /*amsgrad=*/false, /*maximize=*/false,
+                        /*grad_scale=*/std::nullopt, found);
+    } else {
+      at::_fused_adam_(ps, gs, m1, m2, /*max_exp_avg_sqs=*/{}, steps, *lr, beta1, beta2,
+                       weight_decay, eps, /*amsgrad=*/false, /*maximize=*/false,
+                       /*grad_scale=*/std::nullopt, found);
+    }
   });
 }
 

@@ -1,6 +1,6 @@
 //! Safe wrappers over src/shim.cpp: the libtorch calls tch does not bind
 //! (autocast dtype, CPU autocast, TF32, bf16 support, CUDA memory statistics, CUDA
-//! graphs, the fused SGD and AdamW updates; c10d's process group in `dist`,
+//! graphs, the fused SGD, Adam and AdamW updates; c10d's process group in `dist`,
 //! over src/shim_dist.cpp; the fused step's operations in `step`, over
 //! src/shim_step.cpp). This module and those under it are the only ones
 //! with `unsafe` code of vggctl's own.
@@ -20,7 +20,7 @@ pub mod profiler;
 pub mod step;
 mod update;
 
-pub use update::{AdamwHyper, Group, SgdHyper, fused_adamw, fused_sgd};
+pub use update::{AdamHyper, Group, SgdHyper, fused_adam, fused_sgd};
 
 const ERR_LEN: usize = 1024;
 

@@ -659,7 +659,7 @@ fn resume_refuses_changes_and_bad_states() {
         ),
         (
             |s| s["config"]["optimizer"]["betas"] = serde_json::json!([0.9, 1.0]),
-            "bad training state: betas (0.9, 1) must each be in [0, 1)",
+            "bad training state: betas 0.9,1 must each be in [0, 1)",
         ),
         (
             |s| s["config"]["augment"]["crop_flip"]["padding"] = (-1).into(),

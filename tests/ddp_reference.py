@@ -1,7 +1,8 @@
 """PyTorch's own data-parallel training of the run test_dist.py gives vggctl,
 launched by torchrun like vggctl: DistributedDataParallel over Gloo, each
 epoch's order split by torch.utils.data.DistributedSampler, SGD with
-momentum and weight decay, and the same per-rank random draws (dropout)
+momentum and weight decay (or --optimizer adam|adamw: torch.optim.Adam or
+AdamW with --betas B1,B2 and --eps), and the same per-rank random draws (dropout)
 because every step seeds the generator as vggctl does. Rank 0 writes the
 final state dict.
 
@@ -174,6 +175,9 @@ def main():
     p.add_argument("--bias-weight-decay", type=float, default=None)
     p.add_argument("--ra-reps", type=int, default=0)
     p.add_argument("--dropout", type=float, default=0.5)
+    p.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default="sgd")
+    p.add_argument("--betas", default="0.9,0.999")
+    p.add_argument("--eps", type=float, default=1e-8)
     a = p.parse_args()
 
     one = a.as_one_process > 0
@@ -187,7 +191,12 @@ def main():
     ddp = model if one else DistributedDataParallel(model)
     custom = [("bias", a.bias_weight_decay)] if a.bias_weight_decay is not None else None
     groups = set_weight_decay(model, a.weight_decay, a.norm_weight_decay, custom)
-    opt = torch.optim.SGD(groups, lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay)
+    if a.optimizer == "sgd":
+        opt = torch.optim.SGD(groups, lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay)
+    else:
+        adam = torch.optim.Adam if a.optimizer == "adam" else torch.optim.AdamW
+        betas = tuple(float(b) for b in a.betas.split(","))
+        opt = adam(groups, lr=a.lr, betas=betas, eps=a.eps, weight_decay=a.weight_decay)
     images, labels = train_split(a.data, a.limit_train)
     x_all = normalize(images, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
     n = len(labels)

@@ -183,7 +183,11 @@ fn waits_for_the_gpu_are_bounded() {
 #[ignore = "needs a CUDA GPU (scripts/gpu-check runs it)"]
 fn loss_scaling_runs_on_the_device() {
     assert!(tch::Cuda::is_available(), "{GPU}");
-    for kind in [OptimizerKind::Sgd, OptimizerKind::Adamw] {
+    for kind in [
+        OptimizerKind::Sgd,
+        OptimizerKind::Adam,
+        OptimizerKind::Adamw,
+    ] {
         let cfg = OptimizerConfig {
             kind,
             momentum: 0.9,

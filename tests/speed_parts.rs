@@ -1,9 +1,10 @@
 //! The CPU-testable parts of the GPU speed work: dynamic loss scaling skips
 //! overflowing steps and adapts its scale; channels-last keeps values and
-//! shapes; the fused flat-buffer optimizer matches the per-parameter SGD and
-//! AdamW updates to 1e-6 (also channels-last) and its state round-trips;
-//! both follow PyTorch's documented SGD (momentum, Nesterov, weight decay)
-//! and AdamW updates, computed independently in f64, to 1e-6 (relative).
+//! shapes; the fused flat-buffer optimizer matches the per-parameter SGD,
+//! Adam and AdamW updates to 1e-6 (also channels-last) and its state
+//! round-trips; both follow PyTorch's documented SGD (momentum, Nesterov,
+//! weight decay), Adam and AdamW updates, computed independently in f64, to
+//! 1e-6 (relative).
 
 use tch::{Device, Kind, Tensor};
 use vggctl::model::{Arch, Head, ModelSpec, Vgg};
@@ -25,13 +26,26 @@ fn sgd(nesterov: bool) -> OptimizerConfig {
 }
 
 fn adamw() -> OptimizerConfig {
+    adam(OptimizerKind::Adamw)
+}
+
+/// Adam (L2 weight decay) or AdamW (decoupled weight decay). Adam's
+/// `eps` is 1e-3: its step is `g'/(|g'| + eps)` of a gradient `g' = g +
+/// wd·p` that cancels to near zero for some of VGG's millions of weights,
+/// where the last bit of `p` (which two ways of rounding an update leave
+/// different) would move the step by up to `lr·1e-10/eps`, 5e-4 at 1e-8.
+fn adam(kind: OptimizerKind) -> OptimizerConfig {
     OptimizerConfig {
-        kind: OptimizerKind::Adamw,
+        kind,
         momentum: 0.0,
         weight_decay: 0.05,
         nesterov: false,
         betas: (0.9, 0.999),
-        eps: 1e-8,
+        eps: if kind == OptimizerKind::Adam {
+            1e-3
+        } else {
+            1e-8
+        },
         norm_weight_decay: None,
         bias_weight_decay: None,
     }
@@ -204,7 +218,8 @@ fn fused_sgd_matches_per_parameter_sgd() {
 }
 
 #[test]
-fn fused_adamw_matches_per_parameter_adamw() {
+fn fused_adam_and_adamw_match_per_parameter_ones() {
+    compare(adam(OptimizerKind::Adam), false);
     compare(adamw(), false);
 }
 
@@ -214,7 +229,7 @@ fn fused_adamw_matches_per_parameter_adamw() {
 /// update (the SGD kernel given the base decay for every group fails it).
 #[test]
 fn fused_updates_by_weight_decay_group_match_per_parameter_ones() {
-    for base in [sgd(true), adamw()] {
+    for base in [sgd(true), adam(OptimizerKind::Adam), adamw()] {
         let grouped = OptimizerConfig {
             weight_decay: 0.05,
             norm_weight_decay: Some(0.0),
@@ -246,7 +261,8 @@ fn fused_channels_last_matches_contiguous() {
     compare(sgd(true), true);
 }
 
-/// PyTorch's documented SGD and AdamW updates, in f64, for one parameter vector.
+/// PyTorch's documented SGD, Adam and AdamW updates, in f64, for one
+/// parameter vector.
 fn reference_update(cfg: &OptimizerConfig, p0: &[f64], grads: &[Vec<f64>], lr: f64) -> Vec<f64> {
     let mut p = p0.to_vec();
     let (mut m, mut v) = (vec![0.0; p.len()], vec![0.0; p.len()]);
@@ -264,11 +280,16 @@ fn reference_update(cfg: &OptimizerConfig, p0: &[f64], grads: &[Vec<f64>], lr: f
                     };
                     p[i] -= lr * step;
                 }
-                OptimizerKind::Adamw => {
+                OptimizerKind::Adam | OptimizerKind::Adamw => {
                     let (b1, b2) = cfg.betas;
-                    p[i] *= 1.0 - lr * cfg.weight_decay;
-                    m[i] = b1 * m[i] + (1.0 - b1) * g[i];
-                    v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
+                    let mut g = g[i];
+                    if cfg.kind == OptimizerKind::Adamw {
+                        p[i] *= 1.0 - lr * cfg.weight_decay;
+                    } else {
+                        g += cfg.weight_decay * p[i];
+                    }
+                    m[i] = b1 * m[i] + (1.0 - b1) * g;
+                    v[i] = b2 * v[i] + (1.0 - b2) * g * g;
                     let (bc1, bc2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
                     let denom = v[i].sqrt() / bc2.sqrt() + cfg.eps;
                     p[i] -= lr / bc1 * m[i] / denom;
@@ -280,7 +301,7 @@ fn reference_update(cfg: &OptimizerConfig, p0: &[f64], grads: &[Vec<f64>], lr: f
 }
 
 #[test]
-fn updates_follow_pytorchs_sgd_and_adamw() {
+fn updates_follow_pytorchs_sgd_adam_and_adamw() {
     let p0 = [0.5, -1.25, 2.0, 0.0, 3.5, -0.75];
     let grads: Vec<Vec<f64>> = (0..4)
         .map(|t| {
@@ -289,7 +310,7 @@ fn updates_follow_pytorchs_sgd_and_adamw() {
                 .collect()
         })
         .collect();
-    for cfg in [sgd(false), sgd(true), adamw()] {
+    for cfg in [sgd(false), sgd(true), adam(OptimizerKind::Adam), adamw()] {
         let want = reference_update(&cfg, &p0, &grads, 0.05);
         for fused in [false, true] {
             let flat = Tensor::from_slice(&p0.map(|x| x as f32));
@@ -322,7 +343,7 @@ fn updates_follow_pytorchs_sgd_and_adamw() {
 fn a_skipped_step_leaves_parameters_and_state_bit_for_bit() {
     // After clean steps the state is not zero (a momentum buffer of zeros
     // would hide a decay applied on a skipped step); weight decay is on.
-    for cfg in [sgd(false), sgd(true), adamw()] {
+    for cfg in [sgd(false), sgd(true), adam(OptimizerKind::Adam), adamw()] {
         let flat = Tensor::from_slice(&[0.5f32, -1.0, 2.0, 0.25, 3.0, -0.75]);
         let p = flat.view([2, 3]).detach().set_requires_grad(true);
         let mut opt = Optimizer::fused(cfg.clone(), vec![("w".into(), &p)], flat.shallow_clone());
@@ -356,10 +377,10 @@ fn a_skipped_step_leaves_parameters_and_state_bit_for_bit() {
 }
 
 #[test]
-fn a_skipped_step_does_not_count_for_adamw_either() {
-    // 3 clean steps after an overflow equal 3 steps without scaling (AdamW's
+fn a_skipped_step_does_not_count_for_adam_either() {
+    // 3 clean steps after an overflow equal 3 steps without scaling (Adam's
     // bias correction would differ if the skipped step were counted).
-    for cfg in [sgd(true), adamw()] {
+    for cfg in [sgd(true), adam(OptimizerKind::Adam), adamw()] {
         let run = |scaled: bool| {
             let flat = Tensor::from_slice(&[0.5f32, -1.0, 2.0, 0.25]);
             let p = flat.view([2, 2]).detach().set_requires_grad(true);

@@ -119,7 +119,7 @@ fn unused_options(typed: &[String], config: &TrainConfig) -> Vec<String> {
 /// change what a run computes: a resource or policy option (--workers,
 /// --no-download, --strict) set out of habit is no surprise when it has
 /// nothing to do.
-fn option_rules(config: &TrainConfig) -> [(&'static [&'static str], bool, &'static str); 15] {
+fn option_rules(config: &TrainConfig) -> [(&'static [&'static str], bool, &'static str); 16] {
     let folder = config.dataset == "folder";
     let sgd = config.optimizer.kind == OptimizerKind::Sgd;
     let multistep = config.scheduler == SchedulerKind::Multistep;
@@ -161,6 +161,11 @@ fn option_rules(config: &TrainConfig) -> [(&'static [&'static str], bool, &'stat
             &["momentum", "nesterov"],
             sgd,
             "applies to --optimizer sgd only",
+        ),
+        (
+            &["betas", "eps"],
+            config.optimizer.kind.is_adam(),
+            "applies to --optimizer adam or adamw only",
         ),
         (
             &["milestones"],

@@ -60,6 +60,16 @@ pub fn whole<T: TryFrom<i128>>(s: &str) -> std::result::Result<T, String> {
     })
 }
 
+/// clap's parser for a pair of numbers typed `A,B` (Adam's `--betas`);
+/// their range is the option's own check.
+pub fn pair(s: &str) -> std::result::Result<(f64, f64), String> {
+    let parsed = s.split_once(',').and_then(|(a, b)| {
+        let a: f64 = a.trim().parse().ok()?;
+        Some((a, b.trim().parse().ok()?))
+    });
+    parsed.ok_or_else(|| "expected two numbers A,B".to_string())
+}
+
 /// clap's parser for a count of things a process starts (`--workers`
 /// threads, `--nproc-per-node` ranks): a whole number up to [`MAX_STARTED`]
 /// (a count in the billions would exhaust memory or hang the machine

@@ -20,7 +20,7 @@ use vggctl::train::{Resume, RunDir, SchedulerKind, Trainer};
 
 use super::data_opts::{DataOpts, streamed_as_rank0};
 use super::opts::{DistOpts, GraphOpts, NumericsOpts, OtherForms, choice};
-use super::output::{usage, warn, whole};
+use super::output::{pair, usage, warn, whole};
 use super::progress::{EpochBars, print_header};
 use super::recipe::{RecipeOpts, settle_ema};
 
@@ -44,7 +44,19 @@ pub struct HyperOpts {
     /// SGD momentum.
     #[arg(long, default_value_t = 0.9, help_heading = "Optimizer")]
     pub momentum: f64,
-    /// L2 penalty (SGD) or decoupled weight decay (AdamW).
+    /// Adam's and AdamW's coefficients of the running averages of the
+    /// gradient and its square (torch.optim's betas).
+    #[arg(long, alias = "opt-betas", value_name = "B1,B2", default_value = "0.9,0.999", value_parser = pair, help_heading = "Optimizer")]
+    pub betas: (f64, f64),
+    /// Adam's and AdamW's term added to the denominator (torch.optim's eps).
+    #[arg(
+        long,
+        alias = "opt-eps",
+        default_value = "1e-8",
+        help_heading = "Optimizer"
+    )]
+    pub eps: f64,
+    /// L2 penalty (SGD, Adam) or decoupled weight decay (AdamW).
     #[arg(long, alias = "wd", default_value_t = 5e-4, help_heading = "Optimizer")]
     pub weight_decay: f64,
     /// The weight decay of BatchNorm's weights and biases (torchvision's
@@ -220,16 +232,15 @@ impl HyperOpts {
         })
     }
 
-    /// The optimizer these options describe (Adam's betas and eps are
-    /// PyTorch's defaults).
+    /// The optimizer these options describe.
     pub fn optimizer(&self) -> OptimizerConfig {
         OptimizerConfig {
             kind: self.optimizer,
             momentum: self.momentum,
             weight_decay: self.weight_decay,
             nesterov: self.nesterov,
-            betas: (0.9, 0.999),
-            eps: 1e-8,
+            betas: self.betas,
+            eps: self.eps,
             norm_weight_decay: self.norm_weight_decay,
             bias_weight_decay: self.bias_weight_decay,
         }

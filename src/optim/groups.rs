@@ -104,7 +104,7 @@ impl Optimizer {
                     found_inf,
                 )
             }
-            OptimizerKind::Adamw => shim::fused_adamw(
+            OptimizerKind::Adam | OptimizerKind::Adamw => shim::fused_adam(
                 &shim::Group {
                     params: &params,
                     grads: &grads,
@@ -112,11 +112,12 @@ impl Optimizer {
                 },
                 &self.step,
                 &self.lr,
-                &shim::AdamwHyper {
+                &shim::AdamHyper {
                     beta1: cfg.betas.0,
                     beta2: cfg.betas.1,
                     weight_decay: group.decay,
                     eps: cfg.eps,
+                    decoupled: cfg.kind == OptimizerKind::Adamw,
                 },
                 found_inf,
             ),

@@ -1,6 +1,7 @@
 //! SGD (PyTorch's semantics: weight decay added to the gradient, momentum
-//! buffer, optional Nesterov) and AdamW, with their state in tensors this
-//! module owns, so that a checkpoint can save and restore it exactly.
+//! buffer, optional Nesterov), Adam (the same L2 term) and AdamW (decoupled
+//! weight decay), with their state in tensors this module owns, so that a
+//! checkpoint can save and restore it exactly.
 //!
 //! Two ways to run the same arithmetic:
 //! - per parameter: gradients from `backward()` in each parameter's `.grad`,
@@ -8,10 +9,10 @@
 //! - fused (multi-tensor): the trainable parameters live in one flat buffer
 //!   (each parameter a view of it), gradients come back from
 //!   `run_backward` and are concatenated, and libtorch's fused kernel
-//!   (`_fused_sgd_` / `_fused_adamw_`, through `shim`) updates the whole
-//!   model in one pass. This is what the GPU wants: a VGG16 step drops from
-//!   ~130 chains of optimizer kernels to one kernel, and there is no zeroing
-//!   of gradients.
+//!   (`_fused_sgd_` / `_fused_adam_` / `_fused_adamw_`, through `shim`)
+//!   updates the whole model in one pass. This is what the GPU wants: a
+//!   VGG16 step drops from ~130 chains of optimizer kernels to one kernel,
+//!   and there is no zeroing of gradients.
 //!
 //! Parameters may take different weight decays, grouped as torchvision's
 //! reference recipe groups them (`groups`): the fused kernel then runs
@@ -26,98 +27,17 @@
 //! (`Vgg::flatten_trainable`), autograd differentiates the copy and the
 //! update applies its gradients to the fp32 parameters.
 
+mod config;
 mod groups;
 mod saved;
 
+pub use config::{OptimizerConfig, OptimizerKind};
 pub use saved::LossScaler;
 
 use groups::{DecayGroup, decay_groups};
 
 use anyhow::Result;
-use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
-
-use crate::choice::Choice;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OptimizerKind {
-    Sgd,
-    Adamw,
-}
-
-impl Choice for OptimizerKind {
-    const ALL: &'static [Self] = &[OptimizerKind::Sgd, OptimizerKind::Adamw];
-    fn name(self) -> &'static str {
-        match self {
-            OptimizerKind::Sgd => "sgd",
-            OptimizerKind::Adamw => "adamw",
-        }
-    }
-    fn help(self) -> &'static str {
-        match self {
-            OptimizerKind::Sgd => "SGD with momentum (PyTorch's semantics), optionally Nesterov",
-            OptimizerKind::Adamw => "AdamW (decoupled weight decay)",
-        }
-    }
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct OptimizerConfig {
-    pub kind: OptimizerKind,
-    pub momentum: f64,
-    pub weight_decay: f64,
-    pub nesterov: bool,
-    pub betas: (f64, f64),
-    pub eps: f64,
-    /// The weight decay of BatchNorm's weights and biases where it is not
-    /// `weight_decay` (torchvision's `--norm-weight-decay`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub norm_weight_decay: Option<f64>,
-    /// The weight decay of every bias where it is not the others'
-    /// (torchvision's `--bias-weight-decay`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub bias_weight_decay: Option<f64>,
-}
-
-impl OptimizerConfig {
-    /// Why torch.optim would refuse these values, or could not train with
-    /// them: a momentum or weight decay below 0 or not finite, Nesterov
-    /// without momentum, Adam's betas outside [0, 1), its eps below 0;
-    /// `name` says how a field is named (a state file's key, a flag).
-    pub fn problem(&self, name: impl Fn(&str) -> String) -> Option<String> {
-        let values = [
-            ("momentum", Some(self.momentum)),
-            ("weight_decay", Some(self.weight_decay)),
-            ("norm_weight_decay", self.norm_weight_decay),
-            ("bias_weight_decay", self.bias_weight_decay),
-            ("eps", Some(self.eps)),
-        ];
-        let (b1, b2) = self.betas;
-        if let Some((field, v)) = values
-            .into_iter()
-            .find_map(|(field, v)| Some((field, v.filter(|v| !(*v >= 0.0 && v.is_finite()))?)))
-        {
-            Some(format!(
-                "{} {v} must be a finite number, 0 or more",
-                name(field)
-            ))
-        } else if self.nesterov && self.momentum == 0.0 {
-            Some(format!(
-                "{} needs a {} above 0",
-                name("nesterov"),
-                name("momentum")
-            ))
-        } else if !((0.0..1.0).contains(&b1) && (0.0..1.0).contains(&b2)) {
-            Some(format!(
-                "{} ({b1}, {b2}) must each be in [0, 1)",
-                name("betas")
-            ))
-        } else {
-            None
-        }
-    }
-}
 
 /// Where one parameter lives in the flat buffers.
 struct Slot {
@@ -165,12 +85,12 @@ pub struct Optimizer {
     flat: Option<Tensor>,
     /// The parameters by weight decay (fused mode's kernel calls).
     groups: Vec<DecayGroup>,
-    /// SGD: momentum buffer. AdamW: first moment. Flat, all parameters.
+    /// SGD: momentum buffer. Adam(W): first moment. Flat, all parameters.
     buf1: Tensor,
-    /// AdamW: second moment (empty for SGD).
+    /// Adam(W): second moment (empty for SGD).
     buf2: Tensor,
     /// The learning rate of the update in progress and the number of
-    /// updates taken (AdamW's bias correction), 0-dim on the parameters'
+    /// updates taken (Adam's bias correction), 0-dim on the parameters'
     /// device: a captured CUDA graph reads their current values, and a
     /// skipped fp16 step is not counted, without the host looking.
     lr: Tensor,
@@ -224,11 +144,16 @@ fn apply_update(
             }
             let _ = p.g_sub_(&(d * lr));
         }
-        OptimizerKind::Adamw => {
+        OptimizerKind::Adam | OptimizerKind::Adamw => {
             let (beta1, beta2) = cfg.betas;
-            let _ = p.g_mul_(&(lr * -cfg.weight_decay + 1.0));
-            let _ = b1.g_mul_scalar_(beta1).g_add_(&(g * (1.0 - beta1)));
-            let _ = b2.g_mul_scalar_(beta2).g_add_(&(g * g * (1.0 - beta2)));
+            let g = if cfg.kind == OptimizerKind::Adamw {
+                let _ = p.g_mul_(&(lr * -cfg.weight_decay + 1.0));
+                g.shallow_clone()
+            } else {
+                g + &*p * cfg.weight_decay
+            };
+            let _ = b1.g_mul_scalar_(beta1).g_add_(&(&g * (1.0 - beta1)));
+            let _ = b2.g_mul_scalar_(beta2).g_add_(&(&g * &g * (1.0 - beta2)));
             // The bias corrections in f64, as libtorch's kernels compute
             // them: in f32, 1 - 0.999 loses five digits to cancellation.
             let t = step.to_kind(Kind::Double);
@@ -280,7 +205,7 @@ impl Optimizer {
             (s.param.kind(), s.param.device())
         });
         let buf1 = Tensor::zeros([offset], opts);
-        let buf2 = if cfg.kind == OptimizerKind::Adamw {
+        let buf2 = if cfg.kind.is_adam() {
             Tensor::zeros([offset], opts)
         } else {
             Tensor::zeros([0], opts)

@@ -14,7 +14,7 @@ impl Optimizer {
     fn names(&self) -> (&'static str, Option<&'static str>) {
         match self.cfg.kind {
             OptimizerKind::Sgd => ("momentum_buffer", None),
-            OptimizerKind::Adamw => ("exp_avg", Some("exp_avg_sq")),
+            OptimizerKind::Adam | OptimizerKind::Adamw => ("exp_avg", Some("exp_avg_sq")),
         }
     }
 

@@ -1,4 +1,4 @@
-//! libtorch's fused optimizer kernels (`_fused_sgd_`, `_fused_adamw_`)
+//! libtorch's fused optimizer kernels (`_fused_sgd_`, `_fused_adam_`, `_fused_adamw_`)
 //! over src/shim.cpp: one multi-tensor update of a parameter group.
 
 use std::ffi::{c_char, c_int};
@@ -23,7 +23,7 @@ unsafe extern "C" {
         err: *mut c_char,
         len: usize,
     ) -> c_int;
-    fn vggctl_fused_adamw(
+    fn vggctl_fused_adam(
         params: *const *mut C_tensor,
         grads: *const *mut C_tensor,
         exp_avgs: *const *mut C_tensor,
@@ -35,6 +35,7 @@ unsafe extern "C" {
         beta2: f64,
         weight_decay: f64,
         eps: f64,
+        decoupled: c_int,
         found_inf: *mut C_tensor,
         err: *mut c_char,
         len: usize,
@@ -55,7 +56,7 @@ pub struct SgdHyper {
 pub struct Group<'a> {
     pub params: &'a [Tensor],
     pub grads: &'a [Tensor],
-    /// SGD: the momentum buffers (none without momentum). AdamW: the first
+    /// SGD: the momentum buffers (none without momentum). Adam(W): the first
     /// and second moments.
     pub state: [&'a [Tensor]; 2],
 }
@@ -112,23 +113,25 @@ pub fn fused_sgd(
     })
 }
 
-/// AdamW's hyper-parameters for `fused_adamw`.
-pub struct AdamwHyper {
+/// Adam's hyper-parameters for `fused_adam`.
+pub struct AdamHyper {
     pub beta1: f64,
     pub beta2: f64,
     pub weight_decay: f64,
     pub eps: f64,
+    /// AdamW's decoupled weight decay, else Adam's L2 term.
+    pub decoupled: bool,
 }
 
-/// One AdamW update of `group` by libtorch's fused kernel (`_fused_adamw_`),
-/// in place, its moments `group.state`; `step` counts the updates, this one
-/// included (a 0-dim float tensor on the parameters' device). Otherwise as
-/// `fused_sgd`.
-pub fn fused_adamw(
+/// One Adam or AdamW update of `group` by libtorch's fused kernel
+/// (`_fused_adam_` / `_fused_adamw_`), in place, its moments
+/// `group.state`; `step` counts the updates, this one included (a 0-dim
+/// float tensor on the parameters' device). Otherwise as `fused_sgd`.
+pub fn fused_adam(
     group: &Group,
     step: &Tensor,
     lr: &Tensor,
-    hyper: &AdamwHyper,
+    hyper: &AdamHyper,
     found_inf: Option<&Tensor>,
 ) -> Result<()> {
     let n = group.params.len();
@@ -137,8 +140,8 @@ pub fn fused_adamw(
     let exp_avgs = Group::pointers(group.state[0], n, "first moments")?;
     let exp_avg_sqs = Group::pointers(group.state[1], n, "second moments")?;
     // SAFETY: as in `fused_sgd`.
-    call("the fused AdamW update", |err, len| unsafe {
-        vggctl_fused_adamw(
+    call("the fused Adam update", |err, len| unsafe {
+        vggctl_fused_adam(
             params.as_ptr(),
             grads.as_ptr(),
             exp_avgs.as_ptr(),
@@ -150,6 +153,7 @@ pub fn fused_adamw(
             hyper.beta2,
             hyper.weight_decay,
             hyper.eps,
+            c_int::from(hyper.decoupled),
             opt_ptr(found_inf),
             err,
             len,

@@ -1,0 +1,102 @@
+//! What the update rule is and its hyper-parameters, as a run's
+//! configuration records them, and the values torch.optim would refuse.
+
+use serde::{Deserialize, Serialize};
+
+use crate::choice::Choice;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    Sgd,
+    Adam,
+    Adamw,
+}
+
+impl Choice for OptimizerKind {
+    const ALL: &'static [Self] = &[
+        OptimizerKind::Sgd,
+        OptimizerKind::Adam,
+        OptimizerKind::Adamw,
+    ];
+    fn name(self) -> &'static str {
+        match self {
+            OptimizerKind::Sgd => "sgd",
+            OptimizerKind::Adam => "adam",
+            OptimizerKind::Adamw => "adamw",
+        }
+    }
+    fn help(self) -> &'static str {
+        match self {
+            OptimizerKind::Sgd => "SGD with momentum (PyTorch's semantics), optionally Nesterov",
+            OptimizerKind::Adam => {
+                "Adam (torch.optim.Adam: the weight decay is an L2 term added to the gradient)"
+            }
+            OptimizerKind::Adamw => "AdamW (decoupled weight decay)",
+        }
+    }
+}
+
+impl OptimizerKind {
+    /// Adam or AdamW: first and second moments, --betas and --eps.
+    pub fn is_adam(self) -> bool {
+        matches!(self, OptimizerKind::Adam | OptimizerKind::Adamw)
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct OptimizerConfig {
+    pub kind: OptimizerKind,
+    pub momentum: f64,
+    pub weight_decay: f64,
+    pub nesterov: bool,
+    pub betas: (f64, f64),
+    pub eps: f64,
+    /// The weight decay of BatchNorm's weights and biases where it is not
+    /// `weight_decay` (torchvision's `--norm-weight-decay`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub norm_weight_decay: Option<f64>,
+    /// The weight decay of every bias where it is not the others'
+    /// (torchvision's `--bias-weight-decay`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bias_weight_decay: Option<f64>,
+}
+
+impl OptimizerConfig {
+    /// Why torch.optim would refuse these values, or could not train with
+    /// them: a momentum or weight decay below 0 or not finite, Nesterov
+    /// without momentum, Adam's betas outside [0, 1), its eps below 0;
+    /// `name` says how a field is named (a state file's key, a flag).
+    pub fn problem(&self, name: impl Fn(&str) -> String) -> Option<String> {
+        let values = [
+            ("momentum", Some(self.momentum)),
+            ("weight_decay", Some(self.weight_decay)),
+            ("norm_weight_decay", self.norm_weight_decay),
+            ("bias_weight_decay", self.bias_weight_decay),
+            ("eps", Some(self.eps)),
+        ];
+        let (b1, b2) = self.betas;
+        if let Some((field, v)) = values
+            .into_iter()
+            .find_map(|(field, v)| Some((field, v.filter(|v| !(*v >= 0.0 && v.is_finite()))?)))
+        {
+            Some(format!(
+                "{} {v} must be a finite number, 0 or more",
+                name(field)
+            ))
+        } else if self.nesterov && self.momentum == 0.0 {
+            Some(format!(
+                "{} needs a {} above 0",
+                name("nesterov"),
+                name("momentum")
+            ))
+        } else if !((0.0..1.0).contains(&b1) && (0.0..1.0).contains(&b2)) {
+            Some(format!(
+                "{} {b1},{b2} must each be in [0, 1)",
+                name("betas")
+            ))
+        } else {
+            None
+        }
+    }
+}
