@@ -621,7 +621,7 @@ fn resume_refuses_changes_and_bad_states() {
     let resume = dir.join("run/resume.safetensors");
     let original = std::fs::read(&resume).unwrap();
     type Edit = fn(&mut serde_json::Value);
-    let bad_states: [(Edit, &str); 15] = [
+    let bad_states: [(Edit, &str); 17] = [
         (
             |s| s["config"]["batch_size"] = 0.into(),
             "bad training state: epochs 2, batch_size 0",
@@ -680,6 +680,20 @@ fn resume_refuses_changes_and_bad_states() {
         (
             |s| s["config"]["world_size"] = 0.into(),
             "bad training state: world_size 0 must be at least 1",
+        ),
+        (
+            |s| {
+                s["config"]["scheduler"] = "plateau".into();
+                s["config"]["gamma"] = 1.into();
+            },
+            "bad training state: the plateau scheduler takes a gamma below 1 (1) and no warmup_epochs (0)",
+        ),
+        (
+            |s| {
+                s["config"]["scheduler"] = "plateau".into();
+                s["config"]["warmup_epochs"] = 1.into();
+            },
+            "bad training state: the plateau scheduler takes a gamma below 1 (0.1) and no warmup_epochs (1)",
         ),
         (
             |s| s["step"] = 1_000_000_000.into(),

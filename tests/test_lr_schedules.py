@@ -12,6 +12,10 @@ vggctl's closed forms):
 - `--warmup-epochs W` alone, vggctl's ramp lr·(e+1)/W: SequentialLR of
   LinearLR(start_factor=1/W, total_iters=W-1) and the main scheduler.
 
+`--scheduler plateau` is ReduceLROnPlateau stepped after each epoch with
+that epoch's validation loss (metrics.jsonl's `test_loss`), also across a
+`--resume` from inside a cooldown.
+
 Impossible values are one usage error each.
 """
 import json
@@ -20,6 +24,7 @@ import subprocess
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.environ.get("VGGCTL_BIN", os.path.join(ROOT, "target", "release", "vggctl"))
@@ -61,10 +66,10 @@ CASES = {
 }
 
 
-def train(tmp_path, name, flags):
+def train(tmp_path, name, flags, epochs=EPOCHS):
     out = tmp_path / name
     r = subprocess.run(
-        [BIN, "train", "--dataset", "digits", "--arch", "vgg11", "--head", "cifar", "--epochs", str(EPOCHS),
+        [BIN, "train", "--dataset", "digits", "--arch", "vgg11", "--head", "cifar", "--epochs", str(epochs),
          "--lr", str(LR), "--limit-train", "8", "--limit-test", "8", "--batch-size", "8", "--keep", "last",
          "--quiet", "--out", str(out), *flags],
         capture_output=True, text=True, timeout=300)
@@ -85,6 +90,52 @@ def test_each_epochs_lr_is_pytorchs(tmp_path, name):
     assert len(set(round(v, 12) for v in want)) > 2, "a schedule that hardly changes proves little"
 
 
+PLATEAU = ["--scheduler", "plateau", "--patience", "0", "--cooldown", "1", "--gamma", "0.5", "--lr-min", "0.02"]
+
+
+def metrics(out):
+    with open(out / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_plateau_is_reducelronplateau_on_the_validation_loss(tmp_path):
+    """Each epoch's LR equals PyTorch's ReduceLROnPlateau(factor=0.5,
+    patience=0, cooldown=1, min_lr=0.02) stepped with the epochs' validation
+    losses so far, exactly. The run reduces the LR, sits out a cooldown and
+    reaches the floor (checked: else the comparison proves little). A run
+    stopped after epoch 8, whose loss starts the first cooldown, and resumed
+    to 16 has the same LRs and weights: the schedule's state is the losses
+    in the resume point's history. A factor of 1 or more, which torch
+    refuses, is a usage error (test_impossible_values_are_usage_errors)."""
+    epochs = 16
+    r, out = train(tmp_path, "straight", PLATEAU, epochs)
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+    ms = metrics(out)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=LR)
+    sched = S.ReduceLROnPlateau(opt, factor=0.5, patience=0, cooldown=1, min_lr=0.02)
+    want = []
+    for m in ms:
+        want.append(opt.param_groups[0]["lr"])
+        sched.step(m["test_loss"])
+    assert [m["lr"] for m in ms] == want
+    assert want[-1] == 0.02 and len(set(want)) >= 4, want
+    cooled = [e for e in range(2, epochs) if want[e] == want[e - 1] < want[e - 2]]
+    assert cooled, f"no cooldown kept an LR after a reduction: {want}"
+
+    with pytest.raises(ValueError):
+        S.ReduceLROnPlateau(opt, factor=1.0)
+    stop = 8
+    assert want[stop] < want[stop - 1], f"epoch {stop + 1} should start the first cooldown: {want}"
+    r, split = train(tmp_path, "split", PLATEAU, stop)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([BIN, "train", "--resume", str(split), "--epochs", str(epochs), "--quiet"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert [m["lr"] for m in metrics(split)] == want
+    a, b = load_file(str(out / "last.safetensors")), load_file(str(split / "last.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_impossible_values_are_usage_errors(tmp_path):
     for flags, message in [
         (["--warmup-epochs", "2", "--warmup-decay", "0"],
@@ -93,6 +144,10 @@ def test_impossible_values_are_usage_errors(tmp_path):
          "--warmup-decay: warm-up decay 1.5 must be in [0, 1] for the constant warm-up"),
         (["--scheduler", "step", "--step-size", "0"], "--step-size must be at least 1"),
         (["--scheduler", "cosine", "--lr-min", "-1"], "--lr-min"),
+        (["--scheduler", "plateau", "--gamma", "1"],
+         "--gamma 1 must be below 1 for --scheduler plateau (ReduceLROnPlateau's factor)"),
+        (["--scheduler", "plateau", "--warmup-epochs", "2"],
+         "--warmup-epochs does not combine with --scheduler plateau"),
     ]:
         r, out = train(tmp_path, "bad", flags)
         lines = r.stderr.strip().splitlines()

@@ -320,7 +320,7 @@ def test_options_a_run_has_no_use_for_are_named_once_each(tmp_path):
               "--milestones", "3", "--gamma", "0.5", "--val-dir", str(tmp_path), "--val-split", "0.2",
               "--ra-magnitude", "5", "--warmup-decay", "0.1", "--augment-interpolation", "bilinear",
               "--augmix-severity", "5", "--norm-weight-decay", "0", "--ra-reps", "2", "--head", "gap",
-              "--dropout", "0.2", "--cache-mem", "1G"]
+              "--dropout", "0.2", "--cache-mem", "1G", "--patience", "3"]
     r = subprocess.run([BIN, *common, *unused, "--out", str(tmp_path / "a")],
                        capture_output=True, text=True, timeout=120, env=ENV)
     assert r.returncode == 0, r.stderr
@@ -331,7 +331,8 @@ def test_options_a_run_has_no_use_for_are_named_once_each(tmp_path):
         ("--ra-reps", "applies with --ra-sampler only"),
         ("--augmix-severity", "applies to --auto-augment augmix only"),
         ("--augment-interpolation", "applies with --auto-augment only"),
-        ("--gamma", "applies to --scheduler multistep, step or exponential only"),
+        ("--gamma", "applies to --scheduler multistep, step, exponential or plateau only"),
+        ("--patience", "applies to --scheduler plateau only"),
         ("--warmup-decay", "applies with --warmup-epochs only"),
         ("--momentum", sgd), ("--nesterov", sgd), ("--milestones", step),
         ("--norm-weight-decay", "applies to BatchNorm's parameters, and the model has none (--bn adds them)"),

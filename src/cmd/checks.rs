@@ -52,14 +52,7 @@ impl HyperOpts {
         {
             return Err(usage(problem));
         }
-        positive("--gamma", self.gamma)?;
-        non_negative("--lr-min", self.lr_min)?;
-        if self.step_size < 1 {
-            return Err(usage("--step-size must be at least 1"));
-        }
-        if let Some(problem) = self.warmup().and_then(|w| w.problem()) {
-            return Err(usage(format!("--warmup-decay: {problem}")));
-        }
+        self.validate_schedule()?;
         if !(0.0..1.0).contains(&self.label_smoothing) {
             return Err(usage(format!(
                 "--label-smoothing {} must be in [0, 1)",
@@ -85,6 +78,32 @@ impl HyperOpts {
             {
                 return Err(usage(format!("{name} {v} must be at least 1")));
             }
+        }
+        Ok(())
+    }
+
+    /// The LR schedule's values, as `validate` checks the others.
+    fn validate_schedule(&self) -> Result<()> {
+        positive("--gamma", self.gamma)?;
+        if self.scheduler == SchedulerKind::Plateau {
+            if self.gamma >= 1.0 {
+                return Err(usage(format!(
+                    "--gamma {} must be below 1 for --scheduler plateau (ReduceLROnPlateau's factor)",
+                    self.gamma
+                )));
+            }
+            if self.warmup_epochs > 0 {
+                return Err(usage(
+                    "--warmup-epochs does not combine with --scheduler plateau (torch's SequentialLR cannot chain ReduceLROnPlateau either)",
+                ));
+            }
+        }
+        non_negative("--lr-min", self.lr_min)?;
+        if self.step_size < 1 {
+            return Err(usage("--step-size must be at least 1"));
+        }
+        if let Some(problem) = self.warmup().and_then(|w| w.problem()) {
+            return Err(usage(format!("--warmup-decay: {problem}")));
         }
         Ok(())
     }
@@ -114,20 +133,26 @@ fn unused_options(typed: &[String], config: &TrainConfig) -> Vec<String> {
     unused
 }
 
-/// Which options (their ids) `config`'s run has a use for: each group
-/// with whether it applies and what it applies to. Only options that
-/// change what a run computes: a resource or policy option (--workers,
+/// An option group (the options' ids), whether a run uses it, and what
+/// it applies to.
+type Rule = (&'static [&'static str], bool, &'static str);
+
+/// Which options `config`'s run has a use for. Only options that change
+/// what a run computes: a resource or policy option (--workers,
 /// --no-download, --strict) set out of habit is no surprise when it has
 /// nothing to do.
-fn option_rules(config: &TrainConfig) -> [(&'static [&'static str], bool, &'static str); 16] {
-    let folder = config.dataset == "folder";
-    let sgd = config.optimizer.kind == OptimizerKind::Sgd;
-    let multistep = config.scheduler == SchedulerKind::Multistep;
-    let cosine = config.scheduler == SchedulerKind::Cosine;
-    let step = config.scheduler == SchedulerKind::Step;
+fn option_rules(config: &TrainConfig) -> Vec<Rule> {
+    [
+        &augment_rules(config)[..],
+        &schedule_rules(config),
+        &model_and_data_rules(config),
+    ]
+    .concat()
+}
+
+fn augment_rules(config: &TrainConfig) -> [Rule; 4] {
     let ra = config.auto_augment == Some(Policy::Ra);
     let augmix = config.auto_augment == Some(Policy::Augmix);
-    let images = is_image_folder(&config.dataset);
     [
         (&["ra_magnitude"], ra, "applies to --auto-augment ra only"),
         (
@@ -145,13 +170,33 @@ fn option_rules(config: &TrainConfig) -> [(&'static [&'static str], bool, &'stat
             config.auto_augment.is_some(),
             "applies with --auto-augment only",
         ),
+    ]
+}
+
+/// The LR schedule's and the optimizer's.
+fn schedule_rules(config: &TrainConfig) -> [Rule; 8] {
+    let sgd = config.optimizer.kind == OptimizerKind::Sgd;
+    let multistep = config.scheduler == SchedulerKind::Multistep;
+    let cosine = config.scheduler == SchedulerKind::Cosine;
+    let step = config.scheduler == SchedulerKind::Step;
+    let plateau = config.scheduler == SchedulerKind::Plateau;
+    [
         (
             &["gamma"],
             !cosine,
-            "applies to --scheduler multistep, step or exponential only",
+            "applies to --scheduler multistep, step, exponential or plateau only",
         ),
         (&["step_size"], step, "applies to --scheduler step only"),
-        (&["lr_min"], cosine, "applies to --scheduler cosine only"),
+        (
+            &["lr_min"],
+            cosine || plateau,
+            "applies to --scheduler cosine or plateau only",
+        ),
+        (
+            &["patience", "cooldown"],
+            plateau,
+            "applies to --scheduler plateau only",
+        ),
         (
             &["warmup_method", "warmup_decay"],
             config.warmup_epochs > 0,
@@ -172,6 +217,12 @@ fn option_rules(config: &TrainConfig) -> [(&'static [&'static str], bool, &'stat
             multistep,
             "applies to --scheduler multistep only",
         ),
+    ]
+}
+
+fn model_and_data_rules(config: &TrainConfig) -> [Rule; 5] {
+    let folder = config.dataset == "folder";
+    [
         (
             &["norm_weight_decay"],
             config.model.bn,
@@ -186,7 +237,7 @@ fn option_rules(config: &TrainConfig) -> [(&'static [&'static str], bool, &'stat
         (
             // --cache-mem: in memory or streamed, whose crops differ.
             &["interpolation", "cache_mem"],
-            images,
+            is_image_folder(&config.dataset),
             "applies to image folders only (--dataset folder or imagenet)",
         ),
         (

@@ -361,7 +361,7 @@ fn warn_short_run(c: &TrainConfig, steps: usize) {
             c.epochs,
             if c.epochs == 1 { "" } else { "s" },
             c.lr,
-            c.lr_at(c.epochs - 1)
+            c.lr_at(c.epochs - 1, &[])
         ));
     }
     if c.accum_steps > steps {

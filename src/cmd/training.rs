@@ -15,7 +15,9 @@ use vggctl::numerics::{Activity, Numerics, StepPart};
 use vggctl::optim::{OptimizerConfig, OptimizerKind};
 use vggctl::train::config::{Keep, TrainConfig};
 use vggctl::train::run_dir::RunLock;
-use vggctl::train::schedule::{DEFAULT_STEP_SIZE, DEFAULT_WARMUP_DECAY, Warmup, WarmupMethod};
+use vggctl::train::schedule::{
+    DEFAULT_PATIENCE, DEFAULT_STEP_SIZE, DEFAULT_WARMUP_DECAY, Warmup, WarmupMethod,
+};
 use vggctl::train::{Resume, RunDir, SchedulerKind, Trainer};
 
 use super::data_opts::{DataOpts, streamed_as_rank0};
@@ -102,7 +104,8 @@ pub struct HyperOpts {
     /// StepLR's period in epochs.
     #[arg(long, alias = "lr-step-size", value_name = "N", default_value_t = DEFAULT_STEP_SIZE, help_heading = "Schedule", value_parser = whole::<usize>)]
     pub step_size: usize,
-    /// Cosine annealing's floor (CosineAnnealingLR's eta_min).
+    /// Cosine annealing's floor (CosineAnnealingLR's eta_min), and
+    /// ReduceLROnPlateau's (its min_lr).
     #[arg(
         long,
         value_name = "LR",
@@ -110,6 +113,13 @@ pub struct HyperOpts {
         help_heading = "Schedule"
     )]
     pub lr_min: f64,
+    /// ReduceLROnPlateau: epochs without a better validation loss it
+    /// accepts before reducing the LR.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_PATIENCE, help_heading = "Schedule", value_parser = whole::<usize>)]
+    pub patience: usize,
+    /// ReduceLROnPlateau: epochs after a reduction before it counts again.
+    #[arg(long, value_name = "N", default_value_t = 0, help_heading = "Schedule", value_parser = whole::<usize>)]
+    pub cooldown: usize,
     /// Epochs of warm-up: alone, a linear ramp lr*(epoch+1)/N; with
     /// --warmup-method or --warmup-decay, torchvision's warm-up.
     #[arg(long, alias = "lr-warmup-epochs", value_name = "N", default_value_t = 0, help_heading = "Schedule", value_parser = whole::<usize>)]
@@ -275,6 +285,8 @@ impl HyperOpts {
             gamma: self.gamma,
             step_size: self.step_size,
             lr_min: self.lr_min,
+            patience: self.patience,
+            cooldown: self.cooldown,
             warmup_epochs: self.warmup_epochs,
             warmup: self.warmup(),
             label_smoothing: self.label_smoothing,

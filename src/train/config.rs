@@ -1,5 +1,5 @@
-//! A training run's options as `config.json` records them, and the learning
-//! rate schedule they define.
+//! A training run's options as `config.json` records them (the learning
+//! rate schedule they define is in `schedule`).
 
 use std::path::PathBuf;
 
@@ -14,7 +14,9 @@ use crate::numerics::{FusedStep, NumericsRequest, Precision, StepPart};
 use crate::optim::OptimizerConfig;
 
 use super::ema::EmaConfig;
-pub use super::schedule::{DEFAULT_STEP_SIZE, SchedulerKind, Warmup, WarmupMethod};
+pub use super::schedule::{
+    DEFAULT_PATIENCE, DEFAULT_STEP_SIZE, SchedulerKind, Warmup, WarmupMethod,
+};
 
 /// Which weight files a run keeps beside `last.safetensors` (which the
 /// resume point needs): `best.safetensors` (`best`, the default), nothing
@@ -113,9 +115,18 @@ pub struct TrainConfig {
         skip_serializing_if = "is_default_step_size"
     )]
     pub step_size: usize,
-    /// Cosine annealing's floor (`eta_min`).
+    /// Cosine annealing's floor (`eta_min`), ReduceLROnPlateau's `min_lr`.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub lr_min: f64,
+    /// ReduceLROnPlateau's epochs without improvement it waits for, and
+    /// the epochs after a reduction it does not count.
+    #[serde(
+        default = "default_patience",
+        skip_serializing_if = "is_default_patience"
+    )]
+    pub patience: usize,
+    #[serde(default, skip_serializing_if = "is_zero_count")]
+    pub cooldown: usize,
     pub warmup_epochs: usize,
     /// torchvision's warm-up (LinearLR or ConstantLR from a factor); none:
     /// vggctl's ramp `lr · (epoch + 1) / warmup_epochs`.
@@ -280,6 +291,18 @@ fn default_one() -> usize {
     1
 }
 
+fn default_patience() -> usize {
+    DEFAULT_PATIENCE
+}
+
+fn is_default_patience(v: &usize) -> bool {
+    *v == DEFAULT_PATIENCE
+}
+
+fn is_zero_count(v: &usize) -> bool {
+    *v == 0
+}
+
 fn default_step_size() -> usize {
     DEFAULT_STEP_SIZE
 }
@@ -332,80 +355,6 @@ impl TrainConfig {
             .unwrap_or(crate::data::image::default_resize(self.input_size))
     }
 
-    /// MultiStepLR milestones at or past the last epoch, which never apply
-    /// (the CIFAR defaults 50,80 with a short run), as `--milestones` lists them.
-    pub fn unreached_milestones(&self) -> Option<String> {
-        if self.scheduler != SchedulerKind::Multistep {
-            return None;
-        }
-        let late: Vec<String> = self
-            .milestones
-            .iter()
-            .filter(|&&m| m >= self.epochs)
-            .map(|m| m.to_string())
-            .collect();
-        (!late.is_empty()).then(|| late.join(","))
-    }
-
-    /// The learning rate of `epoch` (0-based): the warm-up, then the main
-    /// schedule, each a pure function of the epoch. After a warm-up of `w`
-    /// epochs the main schedule counts its own epochs from `w`, as
-    /// SequentialLR steps it; MultiStepLR's milestones stay epochs of the
-    /// run.
-    pub fn lr_at(&self, epoch: usize) -> f64 {
-        let w = self.warmup_epochs;
-        if epoch < w {
-            let e = epoch as f64;
-            return match self.warmup {
-                None => self.lr * (e + 1.0) / w as f64,
-                Some(Warmup {
-                    method: WarmupMethod::Linear,
-                    decay,
-                }) => self.lr * (decay + (1.0 - decay) * e / w as f64),
-                Some(Warmup {
-                    method: WarmupMethod::Constant,
-                    decay,
-                }) => self.lr * decay,
-            };
-        }
-        let t = epoch - w;
-        match self.scheduler {
-            SchedulerKind::Multistep => {
-                let passed = self.milestones.iter().filter(|&&m| epoch >= m).count();
-                self.lr * self.gamma.powi(passed as i32)
-            }
-            SchedulerKind::Cosine => {
-                let span = (self.epochs - w).max(1) as f64;
-                let cos = (std::f64::consts::PI * t as f64 / span).cos();
-                self.lr_min + (self.lr - self.lr_min) * 0.5 * (1.0 + cos)
-            }
-            SchedulerKind::Step => self.lr * self.gamma.powi((t / self.step_size.max(1)) as i32),
-            SchedulerKind::Exponential => self.lr * self.gamma.powi(t as i32),
-        }
-    }
-
-    /// Why the schedule cannot run: the largest learning rate it reaches
-    /// (the warm-up's, each milestone's, the first and last epoch's: every
-    /// schedule is monotone between them) beyond float32's range, which the
-    /// update computes in (libtorch refuses to convert it).
-    pub fn lr_problem(&self) -> Option<String> {
-        let last = self.epochs.max(1) - 1;
-        let w = self.warmup_epochs;
-        let (epoch, lr) = [0, w.saturating_sub(1), w, last]
-            .into_iter()
-            .chain(self.milestones.iter().copied())
-            .filter(|&e| e <= last)
-            .map(|e| (e, self.lr_at(e)))
-            .reduce(|a, b| if b.1 > a.1 { b } else { a })?;
-        (lr > f32::MAX as f64 || lr.is_nan()).then(|| {
-            format!(
-                "the learning rate reaches {lr:.3e} at epoch {} of its schedule, beyond float32's largest value {:.3e}, in which the weights are updated",
-                epoch + 1,
-                f32::MAX
-            )
-        })
-    }
-
     /// The numerics this configuration asks for (its layout and CUDA-graph
     /// choices were settled when the run started or resumed).
     pub fn numerics_request(&self, deterministic: bool) -> NumericsRequest {
@@ -424,12 +373,13 @@ impl TrainConfig {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::model::{Arch, Head};
     use crate::optim::OptimizerKind;
 
-    fn config(scheduler: SchedulerKind, epochs: usize, warmup: usize) -> TrainConfig {
+    /// The CIFAR recipe's configuration with this schedule.
+    pub(crate) fn config(scheduler: SchedulerKind, epochs: usize, warmup: usize) -> TrainConfig {
         TrainConfig {
             model: ModelSpec::new(Arch::Vgg11, false, Head::Cifar, 10),
             dataset: "cifar10".into(),
@@ -455,6 +405,8 @@ mod tests {
             gamma: 0.1,
             step_size: DEFAULT_STEP_SIZE,
             lr_min: 0.0,
+            patience: DEFAULT_PATIENCE,
+            cooldown: 0,
             warmup_epochs: warmup,
             warmup: None,
             label_smoothing: 0.0,
@@ -499,8 +451,6 @@ mod tests {
         }
     }
 
-    /// PyTorch's MultiStepLR(milestones=[50, 80], gamma=0.1) stepped once
-    /// per epoch: lr for epochs 0-49, lr·0.1 for 50-79, lr·0.01 from 80.
     /// top-K ranks by accuracy, ties to the earlier epoch; the names
     /// parse back from what they print.
     #[test]
@@ -515,57 +465,6 @@ mod tests {
             assert_eq!(k.to_string().parse::<Keep>().unwrap(), k);
         }
         assert!("top-0".parse::<Keep>().is_err() && "top".parse::<Keep>().is_err());
-    }
-
-    #[test]
-    fn multistep_decays_at_each_milestone() {
-        let c = config(SchedulerKind::Multistep, 100, 0);
-        for (epoch, want) in [
-            (0, 0.1),
-            (49, 0.1),
-            (50, 0.01),
-            (79, 0.01),
-            (80, 0.001),
-            (99, 0.001),
-        ] {
-            assert!(
-                (c.lr_at(epoch) - want).abs() < 1e-15,
-                "epoch {epoch}: {}",
-                c.lr_at(epoch)
-            );
-        }
-    }
-
-    /// Milestones at or past the last epoch are named (they never apply:
-    /// the LR of the last epoch, 0-based epochs - 1, is undecayed).
-    #[test]
-    fn milestones_past_the_run_are_named() {
-        let c = config(SchedulerKind::Multistep, 100, 0);
-        assert_eq!(c.unreached_milestones(), None);
-        let c = config(SchedulerKind::Multistep, 50, 0);
-        assert_eq!(c.unreached_milestones().as_deref(), Some("50,80"));
-        assert!((c.lr_at(49) - c.lr).abs() < 1e-15);
-        let c = config(SchedulerKind::Multistep, 60, 0);
-        assert_eq!(c.unreached_milestones().as_deref(), Some("80"));
-        assert_eq!(
-            config(SchedulerKind::Cosine, 3, 0).unreached_milestones(),
-            None
-        );
-    }
-
-    /// CosineAnnealingLR(T_max = epochs - warmup, eta_min 0) after a linear
-    /// warm-up of 2 epochs: lr/2, lr, then lr·(1 + cos(π t / 8)) / 2.
-    #[test]
-    fn cosine_follows_the_closed_form_after_warm_up() {
-        let c = config(SchedulerKind::Cosine, 10, 2);
-        assert!((c.lr_at(0) - 0.05).abs() < 1e-15);
-        assert!((c.lr_at(1) - 0.1).abs() < 1e-15);
-        for epoch in 2..10 {
-            let t = (epoch - 2) as f64;
-            let want = 0.1 * 0.5 * (1.0 + (std::f64::consts::PI * t / 8.0).cos());
-            assert!((c.lr_at(epoch) - want).abs() < 1e-15, "epoch {epoch}");
-        }
-        assert!((c.lr_at(6) - 0.05).abs() < 1e-15, "half-way is lr/2");
     }
 
     /// A resumed run continues with the very floats it started with:

@@ -149,7 +149,7 @@ impl Trainer<'_> {
         let p = self.global_partial()?;
         let m = EpochMetrics {
             epoch: epoch + 1,
-            lr: self.state.config.lr_at(epoch),
+            lr: self.state.lr_at(epoch),
             train_loss: p.mean_loss(),
             train_acc: p.accuracy(),
             test_loss: eval.loss,

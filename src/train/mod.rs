@@ -20,6 +20,7 @@ pub mod ema;
 mod epoch_end;
 mod feed;
 pub mod graphed;
+mod lr;
 pub mod profile;
 pub mod run_dir;
 pub mod schedule;
@@ -394,7 +395,7 @@ impl<'a> Trainer<'a> {
         updates: bool,
     ) -> Result<(Tensor, Tensor, i64)> {
         let cfg = &self.state.config;
-        let lr = cfg.lr_at(self.state.epoch);
+        let lr = self.state.lr_at(self.state.epoch);
         let dev = self.model.device();
         let warm = self.graph.as_ref().is_none_or(|g| g.warmed_up());
         self.ops.before_step(warm)?;

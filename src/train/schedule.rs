@@ -1,8 +1,9 @@
-//! The learning-rate schedule's choices (`TrainConfig::lr_at` gives each
-//! epoch's LR from them): a warm-up over `warmup_epochs` (vggctl's ramp, or
-//! torchvision's LinearLR / ConstantLR from a factor, joined to the main
-//! schedule by SequentialLR as torchvision's reference `train.py` joins
-//! them), then MultiStepLR, cosine annealing, StepLR or ExponentialLR.
+//! The learning-rate schedule's choices (`TrainConfig::lr_at`, in `lr`,
+//! gives each epoch's LR from them): a warm-up over `warmup_epochs` (vggctl's ramp, or torchvision's
+//! LinearLR / ConstantLR from a factor, joined to the main schedule by
+//! SequentialLR as torchvision's reference `train.py` joins them), then
+//! MultiStepLR, cosine annealing, StepLR or ExponentialLR; or
+//! ReduceLROnPlateau on the validation loss, which no warm-up precedes.
 
 use serde::{Deserialize, Serialize};
 
@@ -15,6 +16,7 @@ pub enum SchedulerKind {
     Cosine,
     Step,
     Exponential,
+    Plateau,
 }
 
 impl Choice for SchedulerKind {
@@ -23,6 +25,7 @@ impl Choice for SchedulerKind {
         SchedulerKind::Cosine,
         SchedulerKind::Step,
         SchedulerKind::Exponential,
+        SchedulerKind::Plateau,
     ];
     fn name(self) -> &'static str {
         match self {
@@ -30,6 +33,7 @@ impl Choice for SchedulerKind {
             SchedulerKind::Cosine => "cosine",
             SchedulerKind::Step => "step",
             SchedulerKind::Exponential => "exponential",
+            SchedulerKind::Plateau => "plateau",
         }
     }
     fn help(self) -> &'static str {
@@ -42,6 +46,9 @@ impl Choice for SchedulerKind {
             }
             SchedulerKind::Step => "StepLR: the LR times --gamma every --step-size epochs",
             SchedulerKind::Exponential => "ExponentialLR: the LR times --gamma every epoch",
+            SchedulerKind::Plateau => {
+                "ReduceLROnPlateau: the LR times --gamma (below 1) once the validation loss has not improved for more than --patience epochs, then --cooldown epochs before counting again; never below --lr-min"
+            }
         }
     }
     /// torchvision's reference `--lr-scheduler` names.
@@ -51,12 +58,54 @@ impl Choice for SchedulerKind {
             SchedulerKind::Cosine => &["cosineannealinglr"],
             SchedulerKind::Step => &["steplr"],
             SchedulerKind::Exponential => &["exponentiallr"],
+            SchedulerKind::Plateau => &["reducelronplateau"],
         }
     }
 }
 
 /// StepLR's period, as torchvision's reference `--lr-step-size`.
 pub const DEFAULT_STEP_SIZE: usize = 30;
+
+/// ReduceLROnPlateau's default patience (PyTorch's).
+pub const DEFAULT_PATIENCE: usize = 10;
+
+/// `ReduceLROnPlateau(mode="min", factor, patience, threshold=1e-4,
+/// threshold_mode="rel", cooldown, min_lr)` stepped with each of `losses`
+/// (the validation losses of the epochs so far, in order): the LR it leaves
+/// for the next epoch, starting from `lr`. PyTorch's own arithmetic, in
+/// f64 as Python's floats: a loss improves on the best below `best · (1 −
+/// 1e-4)`; more than `patience` epochs without one (not counting those in
+/// a cooldown) multiply the LR by `factor`, down to `min_lr`, unless that
+/// changes it by 1e-8 or less; then `cooldown` epochs are not counted.
+pub fn plateau_lr(
+    lr: f64,
+    factor: f64,
+    min_lr: f64,
+    (patience, cooldown): (usize, usize),
+    losses: &[f64],
+) -> f64 {
+    const THRESHOLD: f64 = 1e-4;
+    const EPS: f64 = 1e-8;
+    let (mut lr, mut best, mut bad, mut cooling) = (lr, f64::INFINITY, 0, 0);
+    for &loss in losses {
+        if loss < best * (1.0 - THRESHOLD) {
+            (best, bad) = (loss, 0);
+        } else {
+            bad += 1;
+        }
+        if cooling > 0 {
+            (cooling, bad) = (cooling - 1, 0);
+        }
+        if bad > patience {
+            let reduced = (lr * factor).max(min_lr);
+            if lr - reduced > EPS {
+                lr = reduced;
+            }
+            (cooling, bad) = (cooldown, 0);
+        }
+    }
+    lr
+}
 
 /// torchvision's `--lr-warmup-method`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

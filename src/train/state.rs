@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
 
-use super::config::TrainConfig;
+use super::config::{SchedulerKind, TrainConfig};
 use super::profile::StepProfile;
 use crate::checkpoint::ModelMeta;
 use crate::data::augment::Augment;
@@ -107,6 +107,14 @@ pub struct TrainState {
 }
 
 impl TrainState {
+    /// The learning rate of `epoch` (0-based): the schedule's, which for
+    /// ReduceLROnPlateau follows the validation losses of the epochs
+    /// before it in `history`.
+    pub fn lr_at(&self, epoch: usize) -> f64 {
+        let losses: Vec<f64> = self.history.iter().map(|m| m.test_loss).collect();
+        self.config.lr_at(epoch, &losses)
+    }
+
     /// What a saved state must say to be continued: a usable model file's
     /// metadata, at least one epoch and one image per batch, a schedule,
     /// optimizer and recipe torch and the update can run, and a position
@@ -181,6 +189,13 @@ fn check_schedule(c: &TrainConfig) -> Result<()> {
     }
     if let Some(problem) = c.warmup.and_then(|w| w.problem()) {
         bail!("{problem}");
+    }
+    if c.scheduler == SchedulerKind::Plateau && !(c.gamma < 1.0 && c.warmup_epochs == 0) {
+        bail!(
+            "the plateau scheduler takes a gamma below 1 ({}) and no warmup_epochs ({})",
+            c.gamma,
+            c.warmup_epochs
+        );
     }
     if let Some(problem) = c.lr_problem() {
         bail!("{problem}");

@@ -1,0 +1,148 @@
+//! The learning rate of each epoch of a run, from its configuration's
+//! schedule (`schedule`) and, for ReduceLROnPlateau, the validation losses
+//! of the epochs before it; and the schedules no run can follow.
+
+use super::config::TrainConfig;
+use super::schedule::{SchedulerKind, Warmup, WarmupMethod, plateau_lr};
+
+impl TrainConfig {
+    /// MultiStepLR milestones at or past the last epoch, which never apply
+    /// (the CIFAR defaults 50,80 with a short run), as `--milestones` lists them.
+    pub fn unreached_milestones(&self) -> Option<String> {
+        if self.scheduler != SchedulerKind::Multistep {
+            return None;
+        }
+        let late: Vec<String> = self
+            .milestones
+            .iter()
+            .filter(|&&m| m >= self.epochs)
+            .map(|m| m.to_string())
+            .collect();
+        (!late.is_empty()).then(|| late.join(","))
+    }
+
+    /// The learning rate of `epoch` (0-based): the warm-up, then the main
+    /// schedule, each a pure function of the epoch; ReduceLROnPlateau's is
+    /// a function of `val_losses`, the validation losses of the epochs
+    /// before it (any others are not read), so that a resumed run's
+    /// history gives it back. After a warm-up of `w` epochs the main
+    /// schedule counts its own epochs from `w`, as SequentialLR steps it;
+    /// MultiStepLR's milestones stay epochs of the run.
+    pub fn lr_at(&self, epoch: usize, val_losses: &[f64]) -> f64 {
+        let w = self.warmup_epochs;
+        if epoch < w {
+            let e = epoch as f64;
+            return match self.warmup {
+                None => self.lr * (e + 1.0) / w as f64,
+                Some(Warmup {
+                    method: WarmupMethod::Linear,
+                    decay,
+                }) => self.lr * (decay + (1.0 - decay) * e / w as f64),
+                Some(Warmup {
+                    method: WarmupMethod::Constant,
+                    decay,
+                }) => self.lr * decay,
+            };
+        }
+        let t = epoch - w;
+        match self.scheduler {
+            SchedulerKind::Multistep => {
+                let passed = self.milestones.iter().filter(|&&m| epoch >= m).count();
+                self.lr * self.gamma.powi(passed as i32)
+            }
+            SchedulerKind::Cosine => {
+                let span = (self.epochs - w).max(1) as f64;
+                let cos = (std::f64::consts::PI * t as f64 / span).cos();
+                self.lr_min + (self.lr - self.lr_min) * 0.5 * (1.0 + cos)
+            }
+            SchedulerKind::Step => self.lr * self.gamma.powi((t / self.step_size.max(1)) as i32),
+            SchedulerKind::Exponential => self.lr * self.gamma.powi(t as i32),
+            SchedulerKind::Plateau => {
+                let seen = &val_losses[..epoch.min(val_losses.len())];
+                let waits = (self.patience, self.cooldown);
+                plateau_lr(self.lr, self.gamma, self.lr_min, waits, seen)
+            }
+        }
+    }
+
+    /// Why the schedule cannot run: the largest learning rate it reaches
+    /// (the warm-up's, each milestone's, the first and last epoch's: every
+    /// schedule is monotone between them; ReduceLROnPlateau never rises) beyond float32's range, which the
+    /// update computes in (libtorch refuses to convert it).
+    pub fn lr_problem(&self) -> Option<String> {
+        let last = self.epochs.max(1) - 1;
+        let w = self.warmup_epochs;
+        let (epoch, lr) = [0, w.saturating_sub(1), w, last]
+            .into_iter()
+            .chain(self.milestones.iter().copied())
+            .filter(|&e| e <= last)
+            .map(|e| (e, self.lr_at(e, &[])))
+            .reduce(|a, b| if b.1 > a.1 { b } else { a })?;
+        (lr > f32::MAX as f64 || lr.is_nan()).then(|| {
+            format!(
+                "the learning rate reaches {lr:.3e} at epoch {} of its schedule, beyond float32's largest value {:.3e}, in which the weights are updated",
+                epoch + 1,
+                f32::MAX
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::config::tests::config;
+
+    /// PyTorch's MultiStepLR(milestones=[50, 80], gamma=0.1) stepped once
+    /// per epoch: lr for epochs 0-49, lr·0.1 for 50-79, lr·0.01 from 80.
+    #[test]
+    fn multistep_decays_at_each_milestone() {
+        let c = config(SchedulerKind::Multistep, 100, 0);
+        for (epoch, want) in [
+            (0, 0.1),
+            (49, 0.1),
+            (50, 0.01),
+            (79, 0.01),
+            (80, 0.001),
+            (99, 0.001),
+        ] {
+            assert!(
+                (c.lr_at(epoch, &[]) - want).abs() < 1e-15,
+                "epoch {epoch}: {}",
+                c.lr_at(epoch, &[])
+            );
+        }
+    }
+
+    /// Milestones at or past the last epoch are named (they never apply:
+    /// the LR of the last epoch, 0-based epochs - 1, is undecayed).
+    #[test]
+    fn milestones_past_the_run_are_named() {
+        let c = config(SchedulerKind::Multistep, 100, 0);
+        assert_eq!(c.unreached_milestones(), None);
+        let c = config(SchedulerKind::Multistep, 50, 0);
+        assert_eq!(c.unreached_milestones().as_deref(), Some("50,80"));
+        assert!((c.lr_at(49, &[]) - c.lr).abs() < 1e-15);
+        let c = config(SchedulerKind::Multistep, 60, 0);
+        assert_eq!(c.unreached_milestones().as_deref(), Some("80"));
+        assert_eq!(
+            config(SchedulerKind::Cosine, 3, 0).unreached_milestones(),
+            None
+        );
+    }
+
+    /// CosineAnnealingLR(T_max = epochs - warmup, eta_min 0) after a linear
+    /// warm-up of 2 epochs: lr/2, lr, then lr·(1 + cos(π t / 8)) / 2.
+    #[test]
+    fn cosine_follows_the_closed_form_after_warm_up() {
+        let c = config(SchedulerKind::Cosine, 10, 2);
+        assert!((c.lr_at(0, &[]) - 0.05).abs() < 1e-15);
+        assert!((c.lr_at(1, &[]) - 0.1).abs() < 1e-15);
+        for epoch in 2..10 {
+            let t = (epoch - 2) as f64;
+            let want = 0.1 * 0.5 * (1.0 + (std::f64::consts::PI * t / 8.0).cos());
+            assert!((c.lr_at(epoch, &[]) - want).abs() < 1e-15, "epoch {epoch}");
+        }
+        assert!((c.lr_at(6, &[]) - 0.05).abs() < 1e-15, "half-way is lr/2");
+    }
+}
