@@ -812,6 +812,34 @@ fn eval_finds_the_runs_data_from_anywhere() {
         (top1 - trained).abs() < 1e-9,
         "eval {top1} vs trained {trained}"
     );
+    // The run directory itself: its best.safetensors, else (a run kept
+    // with --keep last) its last.safetensors, said in a note; a directory
+    // with neither is one error line.
+    let elsewhere = tmp.path().join("elsewhere");
+    let eval_dir = |dir: &str| {
+        let args = ["eval", "--checkpoint", dir, "--limit-test", "32", "--json"];
+        common::run_in(&elsewhere, &args)
+    };
+    let figures = |r: &common::Run| {
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+        (v["top1"].clone(), v["confusion"].clone())
+    };
+    for kept in ["best", "last"] {
+        let r = eval_dir("../work/run");
+        let file = format!("../work/run/{kept}.safetensors");
+        let note = format!("note: ../work/run is a run directory: using {file}");
+        assert!(r.stderr.contains(&note), "{}", r.stderr);
+        assert_eq!(figures(&r), figures(&eval_dir(&file)));
+        std::fs::remove_file(work.join("run/best.safetensors")).ok();
+    }
+    std::fs::remove_file(work.join("run/last.safetensors")).unwrap();
+    let r = eval_dir("../work/run");
+    assert_eq!(r.code, 1);
+    assert_eq!(
+        r.stderr,
+        "vggctl: error: ../work/run: a directory without best.safetensors or last.safetensors (a run directory's checkpoints); name the checkpoint file\n"
+    );
 }
 
 /// On a stderr that is not a terminal, a running epoch says where it is

@@ -23,14 +23,16 @@ use super::eval_report::{Report, SubsetOf, predictions_csv, render};
 use super::launch::run_local_ranks;
 use super::opts::{
     DeviceOpts, DistOpts, GraphOpts, InferenceOpts, LoadOpts, ModelOpts, NumericsOpts, ReadOpts,
+    checkpoint_in,
 };
 use super::output::{note, print_json, print_out, usage, warn, whole};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// A vggctl checkpoint (last/best.safetensors), or a torchvision state
-    /// dict (.pth or safetensors: its architecture, head and classes
-    /// inferred; with the ImageNet head, torchvision's evaluation transform).
+    /// A vggctl checkpoint (last/best.safetensors; a run directory means its
+    /// best), or a torchvision state dict (.pth or safetensors: its
+    /// architecture, head and classes inferred; with the ImageNet head,
+    /// torchvision's evaluation transform).
     #[arg(long)]
     checkpoint: PathBuf,
     #[command(flatten)]
@@ -95,7 +97,8 @@ fn check(args: &Args) -> Result<()> {
     args.dist.validate(true)
 }
 
-pub fn run(args: Args) -> Result<()> {
+pub fn run(mut args: Args) -> Result<()> {
+    args.checkpoint = checkpoint_in(&args.checkpoint)?;
     check(&args)?;
     if let Some(n) = args.dist.nproc_per_node {
         // What the ranks would all refuse is said once here.

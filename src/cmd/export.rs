@@ -9,7 +9,7 @@ use vggctl::export::{export_onnx, export_pt2, export_safetensors, export_torchsc
 use vggctl::infer::fold_bn;
 use vggctl::model::{Head, Vgg, check_input, check_run_side};
 
-use super::opts::{LoadOpts, ModelOpts};
+use super::opts::{LoadOpts, ModelOpts, checkpoint_in};
 use super::output::{as_usage, print_json, print_out, usage, warn, whole};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -24,7 +24,8 @@ pub enum Format {
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// A vggctl checkpoint (last/best.safetensors).
+    /// A vggctl checkpoint (last/best.safetensors; a run directory means its
+    /// best).
     #[arg(long, conflicts_with = "weights")]
     checkpoint: Option<PathBuf>,
     /// `imagenet` (torchvision's weights for --arch/--bn) or a state dict file
@@ -118,7 +119,10 @@ impl Format {
     }
 }
 
-pub fn run(args: Args) -> Result<()> {
+pub fn run(mut args: Args) -> Result<()> {
+    if let Some(path) = &args.checkpoint {
+        args.checkpoint = Some(checkpoint_in(path)?);
+    }
     let format = match args.format {
         Some(f) => f,
         None => Format::of(&args.out)?,

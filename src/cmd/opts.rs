@@ -2,7 +2,7 @@
 //! CUDA graphs), each turned into the library's plain request once, and
 //! clap's parser for the library's named value sets.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use clap::Args;
@@ -16,6 +16,7 @@ use vggctl::dist::{Backend, DEFAULT_TIMEOUT, Launch, World};
 use vggctl::hub::weights_file;
 use vggctl::model::{Arch, Head, ModelSpec, SpecRequest, Values, Vgg, check_run_side};
 use vggctl::numerics::{FusedStep, NumericsRequest, Precision};
+use vggctl::train::RunDir;
 
 use super::output::{as_usage, note, started, usage, whole};
 use super::progress::download_bar;
@@ -408,4 +409,35 @@ impl OtherForms {
             None => Ok(()),
         }
     }
+}
+
+/// `--checkpoint DIR` for a run directory: the checkpoint its report
+/// names, `best.safetensors`, else `last.safetensors` (a run kept with
+/// `--keep last`), said in a note (by rank 0 of a launched group); any
+/// other path as it is.
+pub fn checkpoint_in(path: &Path) -> Result<PathBuf> {
+    if !path.is_dir() {
+        return Ok(path.to_path_buf());
+    }
+    let run = RunDir {
+        dir: path.to_path_buf(),
+    };
+    let Some(file) = [run.best(), run.last()].into_iter().find(|f| f.is_file()) else {
+        anyhow::bail!(
+            "{}: a directory without best.safetensors or last.safetensors (a run directory's checkpoints); name the checkpoint file",
+            path.display()
+        );
+    };
+    let rank = Launch::from_env(|v| std::env::var(v).ok())
+        .ok()
+        .flatten()
+        .map_or(0, |l| l.rank);
+    if rank == 0 {
+        note(format!(
+            "{} is a run directory: using {}",
+            path.display(),
+            file.display()
+        ));
+    }
+    Ok(file)
 }

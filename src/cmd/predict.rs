@@ -15,7 +15,9 @@ use vggctl::infer::{Inference, Logits};
 use vggctl::model::{Vgg, check_input};
 use vggctl::numerics::{Activity, Numerics};
 
-use super::opts::{DeviceOpts, InferenceOpts, LoadOpts, ModelOpts, NumericsOpts, ReadOpts};
+use super::opts::{
+    DeviceOpts, InferenceOpts, LoadOpts, ModelOpts, NumericsOpts, ReadOpts, checkpoint_in,
+};
 use super::output::{print_json, print_out, usage, warn, whole};
 
 #[derive(clap::Args, Debug)]
@@ -24,7 +26,8 @@ pub struct Args {
     /// images in them and their subfolders, in ImageFolder's order.
     #[arg(required = true)]
     images: Vec<PathBuf>,
-    /// A vggctl checkpoint (architecture, class names and preprocessing from its metadata).
+    /// A vggctl checkpoint (architecture, class names and preprocessing from
+    /// its metadata; a run directory means its best.safetensors).
     #[arg(long, conflicts_with = "weights")]
     checkpoint: Option<PathBuf>,
     /// `imagenet` (torchvision's weights for --arch/--bn) or a state dict file
@@ -106,7 +109,10 @@ fn load_model(args: &Args, device: Device) -> Result<(Vgg, ModelMeta)> {
     Ok((model, args.read.apply(meta)?))
 }
 
-pub fn run(args: Args) -> Result<()> {
+pub fn run(mut args: Args) -> Result<()> {
+    if let Some(path) = &args.checkpoint {
+        args.checkpoint = Some(checkpoint_in(path)?);
+    }
     let device = args.device.get()?;
     if args.topk < 1 {
         return Err(usage("--topk must be at least 1"));
