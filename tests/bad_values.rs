@@ -621,7 +621,7 @@ fn resume_refuses_changes_and_bad_states() {
     let resume = dir.join("run/resume.safetensors");
     let original = std::fs::read(&resume).unwrap();
     type Edit = fn(&mut serde_json::Value);
-    let bad_states: [(Edit, &str); 17] = [
+    let bad_states: [(Edit, &str); 18] = [
         (
             |s| s["config"]["batch_size"] = 0.into(),
             "bad training state: epochs 2, batch_size 0",
@@ -660,6 +660,10 @@ fn resume_refuses_changes_and_bad_states() {
         (
             |s| s["config"]["optimizer"]["betas"] = serde_json::json!([0.9, 1.0]),
             "bad training state: betas 0.9,1 must each be in [0, 1)",
+        ),
+        (
+            |s| s["config"]["optimizer"]["alpha"] = 1.5.into(),
+            "bad training state: alpha 1.5 must be in [0, 1]",
         ),
         (
             |s| s["config"]["augment"]["crop_flip"]["padding"] = (-1).into(),

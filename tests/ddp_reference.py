@@ -2,7 +2,8 @@
 launched by torchrun like vggctl: DistributedDataParallel over Gloo, each
 epoch's order split by torch.utils.data.DistributedSampler, SGD with
 momentum and weight decay (or --optimizer adam|adamw: torch.optim.Adam or
-AdamW with --betas B1,B2 and --eps), and the same per-rank random draws (dropout)
+AdamW with --betas B1,B2 and --eps; rmsprop: torch.optim.RMSprop with
+--alpha, --eps and --momentum), and the same per-rank random draws (dropout)
 because every step seeds the generator as vggctl does. Rank 0 writes the
 final state dict.
 
@@ -175,7 +176,8 @@ def main():
     p.add_argument("--bias-weight-decay", type=float, default=None)
     p.add_argument("--ra-reps", type=int, default=0)
     p.add_argument("--dropout", type=float, default=0.5)
-    p.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default="sgd")
+    p.add_argument("--optimizer", choices=["sgd", "adam", "adamw", "rmsprop"], default="sgd")
+    p.add_argument("--alpha", type=float, default=0.99)
     p.add_argument("--betas", default="0.9,0.999")
     p.add_argument("--eps", type=float, default=1e-8)
     a = p.parse_args()
@@ -193,6 +195,9 @@ def main():
     groups = set_weight_decay(model, a.weight_decay, a.norm_weight_decay, custom)
     if a.optimizer == "sgd":
         opt = torch.optim.SGD(groups, lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay)
+    elif a.optimizer == "rmsprop":
+        opt = torch.optim.RMSprop(groups, lr=a.lr, alpha=a.alpha, eps=a.eps, momentum=a.momentum,
+                                  weight_decay=a.weight_decay)
     else:
         adam = torch.optim.Adam if a.optimizer == "adam" else torch.optim.AdamW
         betas = tuple(float(b) for b in a.betas.split(","))

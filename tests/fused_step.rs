@@ -10,7 +10,7 @@
 
 use tch::{Device, Kind, Tensor};
 use vggctl::model::{Arch, Head, Layer, ModelSpec, Vgg};
-use vggctl::optim::{Optimizer, OptimizerConfig, OptimizerKind};
+use vggctl::optim::{DEFAULT_ALPHA, Optimizer, OptimizerConfig, OptimizerKind};
 
 /// libtorch's generator is the process's: each test holds this while it
 /// seeds and draws, so that tests running side by side draw alike.
@@ -66,6 +66,7 @@ fn sgd() -> OptimizerConfig {
         nesterov: false,
         betas: (0.9, 0.999),
         eps: 1e-8,
+        alpha: DEFAULT_ALPHA,
         norm_weight_decay: None,
         bias_weight_decay: None,
     }

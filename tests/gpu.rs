@@ -40,7 +40,7 @@ use std::path::Path;
 use tch::{Device, Kind, Tensor};
 use vggctl::formats::safetensors::read_safetensors;
 use vggctl::optim::LossScaler;
-use vggctl::optim::{Optimizer, OptimizerConfig, OptimizerKind};
+use vggctl::optim::{DEFAULT_ALPHA, Optimizer, OptimizerConfig, OptimizerKind};
 use vggctl::shim::{self, CudaGraph};
 use vggctl::train::state::EpochMetrics;
 
@@ -187,6 +187,7 @@ fn loss_scaling_runs_on_the_device() {
         OptimizerKind::Sgd,
         OptimizerKind::Adam,
         OptimizerKind::Adamw,
+        OptimizerKind::Rmsprop,
     ] {
         let cfg = OptimizerConfig {
             kind,
@@ -195,6 +196,7 @@ fn loss_scaling_runs_on_the_device() {
             nesterov: true,
             betas: (0.9, 0.999),
             eps: 1e-8,
+            alpha: DEFAULT_ALPHA,
             norm_weight_decay: None,
             bias_weight_decay: None,
         };

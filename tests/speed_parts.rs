@@ -1,16 +1,16 @@
 //! The CPU-testable parts of the GPU speed work: dynamic loss scaling skips
 //! overflowing steps and adapts its scale; channels-last keeps values and
 //! shapes; the fused flat-buffer optimizer matches the per-parameter SGD,
-//! Adam and AdamW updates to 1e-6 (also channels-last) and its state
-//! round-trips; both follow PyTorch's documented SGD (momentum, Nesterov,
-//! weight decay), Adam and AdamW updates, computed independently in f64, to
-//! 1e-6 (relative).
+//! Adam, AdamW and RMSprop updates to 1e-6 (also channels-last) and its
+//! state round-trips; both follow PyTorch's documented SGD (momentum,
+//! Nesterov, weight decay), Adam, AdamW and RMSprop updates, computed
+//! independently in f64, to 1e-6 (relative).
 
 use tch::{Device, Kind, Tensor};
 use vggctl::model::{Arch, Head, ModelSpec, Vgg};
 use vggctl::model::{is_channels_last, to_channels_last};
 use vggctl::optim::LossScaler;
-use vggctl::optim::{Optimizer, OptimizerConfig, OptimizerKind};
+use vggctl::optim::{DEFAULT_ALPHA, Optimizer, OptimizerConfig, OptimizerKind};
 
 fn sgd(nesterov: bool) -> OptimizerConfig {
     OptimizerConfig {
@@ -20,6 +20,7 @@ fn sgd(nesterov: bool) -> OptimizerConfig {
         nesterov,
         betas: (0.9, 0.999),
         eps: 1e-8,
+        alpha: DEFAULT_ALPHA,
         norm_weight_decay: None,
         bias_weight_decay: None,
     }
@@ -46,6 +47,7 @@ fn adam(kind: OptimizerKind) -> OptimizerConfig {
         } else {
             1e-8
         },
+        alpha: DEFAULT_ALPHA,
         norm_weight_decay: None,
         bias_weight_decay: None,
     }
@@ -217,6 +219,26 @@ fn fused_sgd_matches_per_parameter_sgd() {
     compare(sgd(true), false);
 }
 
+/// RMSprop with momentum, a smoothing constant and an eps of its own; as
+/// Adam's, its step `g'/(sqrt(v) + eps)` wants an eps well above the last
+/// bit of a cancelled L2 gradient (see `adam`).
+fn rmsprop(momentum: f64) -> OptimizerConfig {
+    OptimizerConfig {
+        kind: OptimizerKind::Rmsprop,
+        momentum,
+        alpha: 0.9,
+        eps: 1e-3,
+        ..adam(OptimizerKind::Adam)
+    }
+}
+
+#[test]
+fn fused_rmsprop_matches_per_parameter_rmsprop() {
+    compare(rmsprop(0.9), false);
+    compare(rmsprop(0.0), false);
+    compare(rmsprop(0.9), true);
+}
+
 #[test]
 fn fused_adam_and_adamw_match_per_parameter_ones() {
     compare(adam(OptimizerKind::Adam), false);
@@ -229,7 +251,7 @@ fn fused_adam_and_adamw_match_per_parameter_ones() {
 /// update (the SGD kernel given the base decay for every group fails it).
 #[test]
 fn fused_updates_by_weight_decay_group_match_per_parameter_ones() {
-    for base in [sgd(true), adam(OptimizerKind::Adam), adamw()] {
+    for base in [sgd(true), adam(OptimizerKind::Adam), adamw(), rmsprop(0.9)] {
         let grouped = OptimizerConfig {
             weight_decay: 0.05,
             norm_weight_decay: Some(0.0),
@@ -261,8 +283,8 @@ fn fused_channels_last_matches_contiguous() {
     compare(sgd(true), true);
 }
 
-/// PyTorch's documented SGD, Adam and AdamW updates, in f64, for one
-/// parameter vector.
+/// PyTorch's documented SGD, Adam, AdamW and RMSprop updates, in f64, for
+/// one parameter vector.
 fn reference_update(cfg: &OptimizerConfig, p0: &[f64], grads: &[Vec<f64>], lr: f64) -> Vec<f64> {
     let mut p = p0.to_vec();
     let (mut m, mut v) = (vec![0.0; p.len()], vec![0.0; p.len()]);
@@ -279,6 +301,13 @@ fn reference_update(cfg: &OptimizerConfig, p0: &[f64], grads: &[Vec<f64>], lr: f
                         m[i]
                     };
                     p[i] -= lr * step;
+                }
+                OptimizerKind::Rmsprop => {
+                    let g = g[i] + cfg.weight_decay * p[i];
+                    v[i] = cfg.alpha * v[i] + (1.0 - cfg.alpha) * g * g;
+                    let step = g / (v[i].sqrt() + cfg.eps);
+                    m[i] = cfg.momentum * m[i] + step;
+                    p[i] -= lr * if cfg.momentum != 0.0 { m[i] } else { step };
                 }
                 OptimizerKind::Adam | OptimizerKind::Adamw => {
                     let (b1, b2) = cfg.betas;
@@ -301,7 +330,7 @@ fn reference_update(cfg: &OptimizerConfig, p0: &[f64], grads: &[Vec<f64>], lr: f
 }
 
 #[test]
-fn updates_follow_pytorchs_sgd_adam_and_adamw() {
+fn updates_follow_pytorchs_sgd_adam_adamw_and_rmsprop() {
     let p0 = [0.5, -1.25, 2.0, 0.0, 3.5, -0.75];
     let grads: Vec<Vec<f64>> = (0..4)
         .map(|t| {
@@ -310,7 +339,14 @@ fn updates_follow_pytorchs_sgd_adam_and_adamw() {
                 .collect()
         })
         .collect();
-    for cfg in [sgd(false), sgd(true), adam(OptimizerKind::Adam), adamw()] {
+    for cfg in [
+        sgd(false),
+        sgd(true),
+        adam(OptimizerKind::Adam),
+        adamw(),
+        rmsprop(0.9),
+        rmsprop(0.0),
+    ] {
         let want = reference_update(&cfg, &p0, &grads, 0.05);
         for fused in [false, true] {
             let flat = Tensor::from_slice(&p0.map(|x| x as f32));
@@ -343,7 +379,14 @@ fn updates_follow_pytorchs_sgd_adam_and_adamw() {
 fn a_skipped_step_leaves_parameters_and_state_bit_for_bit() {
     // After clean steps the state is not zero (a momentum buffer of zeros
     // would hide a decay applied on a skipped step); weight decay is on.
-    for cfg in [sgd(false), sgd(true), adam(OptimizerKind::Adam), adamw()] {
+    for cfg in [
+        sgd(false),
+        sgd(true),
+        adam(OptimizerKind::Adam),
+        adamw(),
+        rmsprop(0.9),
+        rmsprop(0.0),
+    ] {
         let flat = Tensor::from_slice(&[0.5f32, -1.0, 2.0, 0.25, 3.0, -0.75]);
         let p = flat.view([2, 3]).detach().set_requires_grad(true);
         let mut opt = Optimizer::fused(cfg.clone(), vec![("w".into(), &p)], flat.shallow_clone());

@@ -409,39 +409,43 @@ fn train_small(out: &Path, extra: &[&str]) -> common::Run {
 }
 
 /// Adam's state (both moments, by parameter name) and its step count, which
-/// its bias correction reads, survive a resume: 1 epoch then `--resume` to
-/// 2 ends with the weights of 2 in one go, bit for bit.
+/// its bias correction reads, survive a resume, and so do RMSprop's
+/// squared average and momentum buffer: 1 epoch then `--resume` to 2 ends
+/// with the weights of 2 in one go, bit for bit.
 #[test]
-fn an_adam_run_resumes_exactly() {
+fn adam_and_rmsprop_runs_resume_exactly() {
     let tmp = common::tempdir();
-    let adam = [
-        "--arch",
-        "vgg11",
-        "--batch-size",
-        "16",
-        "--limit-train",
-        "64",
-        "--limit-test",
-        "16",
-        "--optimizer",
-        "adam",
-        "--lr",
-        "0.001",
-        "--quiet",
-    ];
-    let (straight, split) = (tmp.path().join("straight"), tmp.path().join("split"));
-    assert_eq!(
-        train_on_digits(&adam, &straight, &["--epochs", "2"]).code,
-        0
-    );
-    assert_eq!(train_on_digits(&adam, &split, &["--epochs", "1"]).code, 0);
-    let dir = split.to_str().unwrap();
-    let r = vggctl(&["train", "--resume", dir, "--epochs", "2", "--quiet"]);
-    assert_eq!(r.code, 0, "{}", r.stderr);
-    assert_same_weights(
-        &straight.join("last.safetensors"),
-        &split.join("last.safetensors"),
-    );
+    for kind in ["adam", "rmsprop"] {
+        let args = [
+            "--arch",
+            "vgg11",
+            "--batch-size",
+            "16",
+            "--limit-train",
+            "64",
+            "--limit-test",
+            "16",
+            "--optimizer",
+            kind,
+            "--lr",
+            "0.001",
+            "--quiet",
+        ];
+        let straight = tmp.path().join(format!("{kind}-straight"));
+        let split = tmp.path().join(format!("{kind}-split"));
+        assert_eq!(
+            train_on_digits(&args, &straight, &["--epochs", "2"]).code,
+            0
+        );
+        assert_eq!(train_on_digits(&args, &split, &["--epochs", "1"]).code, 0);
+        let dir = split.to_str().unwrap();
+        let r = vggctl(&["train", "--resume", dir, "--epochs", "2", "--quiet"]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        assert_same_weights(
+            &straight.join("last.safetensors"),
+            &split.join("last.safetensors"),
+        );
+    }
 }
 
 #[test]

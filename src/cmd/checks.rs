@@ -174,8 +174,9 @@ fn augment_rules(config: &TrainConfig) -> [Rule; 4] {
 }
 
 /// The LR schedule's and the optimizer's.
-fn schedule_rules(config: &TrainConfig) -> [Rule; 8] {
-    let sgd = config.optimizer.kind == OptimizerKind::Sgd;
+fn schedule_rules(config: &TrainConfig) -> [Rule; 11] {
+    let kind = config.optimizer.kind;
+    let (sgd, rmsprop) = (kind == OptimizerKind::Sgd, kind == OptimizerKind::Rmsprop);
     let multistep = config.scheduler == SchedulerKind::Multistep;
     let cosine = config.scheduler == SchedulerKind::Cosine;
     let step = config.scheduler == SchedulerKind::Step;
@@ -203,15 +204,22 @@ fn schedule_rules(config: &TrainConfig) -> [Rule; 8] {
             "applies with --warmup-epochs only",
         ),
         (
-            &["momentum", "nesterov"],
-            sgd,
-            "applies to --optimizer sgd only",
+            &["momentum"],
+            kind.has_momentum(),
+            "applies to --optimizer sgd or rmsprop only",
         ),
+        (&["nesterov"], sgd, "applies to --optimizer sgd only"),
         (
-            &["betas", "eps"],
-            config.optimizer.kind.is_adam(),
+            &["betas"],
+            kind.is_adam(),
             "applies to --optimizer adam or adamw only",
         ),
+        (
+            &["eps"],
+            kind.is_adam() || rmsprop,
+            "applies to --optimizer adam, adamw or rmsprop only",
+        ),
+        (&["alpha"], rmsprop, "applies to --optimizer rmsprop only"),
         (
             &["milestones"],
             multistep,

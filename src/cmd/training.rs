@@ -12,7 +12,7 @@ use vggctl::device::device_name;
 use vggctl::dist::World;
 use vggctl::model::{ModelSpec, Vgg};
 use vggctl::numerics::{Activity, Numerics, StepPart};
-use vggctl::optim::{OptimizerConfig, OptimizerKind};
+use vggctl::optim::{DEFAULT_ALPHA, OptimizerConfig, OptimizerKind};
 use vggctl::train::config::{Keep, TrainConfig};
 use vggctl::train::run_dir::RunLock;
 use vggctl::train::schedule::{
@@ -43,14 +43,19 @@ pub struct HyperOpts {
     /// Peak learning rate (after --warmup-epochs).
     #[arg(long, default_value_t = 0.01, help_heading = "Optimizer")]
     pub lr: f64,
-    /// SGD momentum.
+    /// SGD's and RMSprop's momentum.
     #[arg(long, default_value_t = 0.9, help_heading = "Optimizer")]
     pub momentum: f64,
     /// Adam's and AdamW's coefficients of the running averages of the
     /// gradient and its square (torch.optim's betas).
     #[arg(long, alias = "opt-betas", value_name = "B1,B2", default_value = "0.9,0.999", value_parser = pair, help_heading = "Optimizer")]
     pub betas: (f64, f64),
-    /// Adam's and AdamW's term added to the denominator (torch.optim's eps).
+    /// RMSprop's smoothing constant of the squared gradients' average
+    /// (torch.optim.RMSprop's alpha).
+    #[arg(long, default_value_t = DEFAULT_ALPHA, help_heading = "Optimizer")]
+    pub alpha: f64,
+    /// Adam's, AdamW's and RMSprop's term added to the denominator
+    /// (torch.optim's eps).
     #[arg(
         long,
         alias = "opt-eps",
@@ -58,7 +63,7 @@ pub struct HyperOpts {
         help_heading = "Optimizer"
     )]
     pub eps: f64,
-    /// L2 penalty (SGD, Adam) or decoupled weight decay (AdamW).
+    /// L2 penalty (SGD, Adam, RMSprop) or decoupled weight decay (AdamW).
     #[arg(long, alias = "wd", default_value_t = 5e-4, help_heading = "Optimizer")]
     pub weight_decay: f64,
     /// The weight decay of BatchNorm's weights and biases (torchvision's
@@ -251,6 +256,7 @@ impl HyperOpts {
             nesterov: self.nesterov,
             betas: self.betas,
             eps: self.eps,
+            alpha: self.alpha,
             norm_weight_decay: self.norm_weight_decay,
             bias_weight_decay: self.bias_weight_decay,
         }

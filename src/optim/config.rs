@@ -11,6 +11,7 @@ pub enum OptimizerKind {
     Sgd,
     Adam,
     Adamw,
+    Rmsprop,
 }
 
 impl Choice for OptimizerKind {
@@ -18,12 +19,14 @@ impl Choice for OptimizerKind {
         OptimizerKind::Sgd,
         OptimizerKind::Adam,
         OptimizerKind::Adamw,
+        OptimizerKind::Rmsprop,
     ];
     fn name(self) -> &'static str {
         match self {
             OptimizerKind::Sgd => "sgd",
             OptimizerKind::Adam => "adam",
             OptimizerKind::Adamw => "adamw",
+            OptimizerKind::Rmsprop => "rmsprop",
         }
     }
     fn help(self) -> &'static str {
@@ -33,6 +36,9 @@ impl Choice for OptimizerKind {
                 "Adam (torch.optim.Adam: the weight decay is an L2 term added to the gradient)"
             }
             OptimizerKind::Adamw => "AdamW (decoupled weight decay)",
+            OptimizerKind::Rmsprop => {
+                "RMSprop (torch.optim.RMSprop: --alpha, --eps, --momentum; weight decay as an L2 term)"
+            }
         }
     }
 }
@@ -41,6 +47,11 @@ impl OptimizerKind {
     /// Adam or AdamW: first and second moments, --betas and --eps.
     pub fn is_adam(self) -> bool {
         matches!(self, OptimizerKind::Adam | OptimizerKind::Adamw)
+    }
+
+    /// Whether it has a momentum (SGD's and RMSprop's).
+    pub fn has_momentum(self) -> bool {
+        matches!(self, OptimizerKind::Sgd | OptimizerKind::Rmsprop)
     }
 }
 
@@ -52,6 +63,9 @@ pub struct OptimizerConfig {
     pub nesterov: bool,
     pub betas: (f64, f64),
     pub eps: f64,
+    /// RMSprop's smoothing constant of the squared gradients' average.
+    #[serde(default = "default_alpha", skip_serializing_if = "is_default_alpha")]
+    pub alpha: f64,
     /// The weight decay of BatchNorm's weights and biases where it is not
     /// `weight_decay` (torchvision's `--norm-weight-decay`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -62,10 +76,22 @@ pub struct OptimizerConfig {
     pub bias_weight_decay: Option<f64>,
 }
 
+/// RMSprop's default `alpha` (PyTorch's).
+pub const DEFAULT_ALPHA: f64 = 0.99;
+
+fn default_alpha() -> f64 {
+    DEFAULT_ALPHA
+}
+
+fn is_default_alpha(v: &f64) -> bool {
+    *v == DEFAULT_ALPHA
+}
+
 impl OptimizerConfig {
     /// Why torch.optim would refuse these values, or could not train with
     /// them: a momentum or weight decay below 0 or not finite, Nesterov
-    /// without momentum, Adam's betas outside [0, 1), its eps below 0;
+    /// without momentum, Adam's betas outside [0, 1), its eps below 0,
+    /// RMSprop's alpha outside [0, 1] (above 1 its average goes negative);
     /// `name` says how a field is named (a state file's key, a flag).
     pub fn problem(&self, name: impl Fn(&str) -> String) -> Option<String> {
         let values = [
@@ -94,6 +120,12 @@ impl OptimizerConfig {
             Some(format!(
                 "{} {b1},{b2} must each be in [0, 1)",
                 name("betas")
+            ))
+        } else if !(0.0..=1.0).contains(&self.alpha) {
+            Some(format!(
+                "{} {} must be in [0, 1]",
+                name("alpha"),
+                self.alpha
             ))
         } else {
             None

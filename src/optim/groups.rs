@@ -104,6 +104,8 @@ impl Optimizer {
                     found_inf,
                 )
             }
+            // RMSprop has no fused kernel: `update_rmsprop`.
+            OptimizerKind::Rmsprop => Ok(()),
             OptimizerKind::Adam | OptimizerKind::Adamw => shim::fused_adam(
                 &shim::Group {
                     params: &params,
@@ -121,6 +123,42 @@ impl Optimizer {
                 },
                 found_inf,
             ),
+        })
+    }
+
+    /// RMSprop over the flat buffers, which libtorch has no fused kernel
+    /// for: each weight-decay group's L2 term added to its runs of the
+    /// gradient `g` (in place: the update consumes it), then the per-parameter arithmetic (`apply_update`) once
+    /// over the whole buffers. A step with non-finite gradients (fp16's
+    /// `found_inf` set) puts parameters and state back as they were, on the
+    /// device.
+    pub(super) fn update_rmsprop(&self, flat: &Tensor, g: Tensor, found_inf: Option<&Tensor>) {
+        tch::no_grad(|| {
+            for group in self.groups.iter().filter(|gr| gr.decay != 0.0) {
+                for &(at, n) in &group.runs {
+                    let _ = g
+                        .narrow(0, at, n)
+                        .g_add_(&(flat.narrow(0, at, n) * group.decay));
+                }
+            }
+            let before = found_inf.map(|_| [flat.copy(), self.buf1.copy(), self.buf2.copy()]);
+            let cfg = OptimizerConfig {
+                weight_decay: 0.0,
+                ..self.cfg.clone()
+            };
+            let (mut p, mut b1, mut b2) = (
+                flat.shallow_clone(),
+                self.buf1.shallow_clone(),
+                self.buf2.shallow_clone(),
+            );
+            super::apply_update(&cfg, &self.lr, &self.step, &mut p, &g, &mut b1, &mut b2);
+            if let (Some(found), Some(before)) = (found_inf, before) {
+                let clean = found.eq(0.0);
+                for (mut now, was) in [p, b1, b2].into_iter().zip(before) {
+                    let kept = now.where_self(&clean, &was);
+                    now.copy_(&kept);
+                }
+            }
         })
     }
 }

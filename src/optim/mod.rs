@@ -1,7 +1,8 @@
 //! SGD (PyTorch's semantics: weight decay added to the gradient, momentum
-//! buffer, optional Nesterov), Adam (the same L2 term) and AdamW (decoupled
-//! weight decay), with their state in tensors this module owns, so that a
-//! checkpoint can save and restore it exactly.
+//! buffer, optional Nesterov), Adam (the same L2 term), AdamW (decoupled
+//! weight decay) and RMSprop (L2, optional momentum), with their state in
+//! tensors this module owns, so that a checkpoint can save and restore it
+//! exactly.
 //!
 //! Two ways to run the same arithmetic:
 //! - per parameter: gradients from `backward()` in each parameter's `.grad`,
@@ -10,7 +11,8 @@
 //!   (each parameter a view of it), gradients come back from
 //!   `run_backward` and are concatenated, and libtorch's fused kernel
 //!   (`_fused_sgd_` / `_fused_adam_` / `_fused_adamw_`, through `shim`)
-//!   updates the whole model in one pass. This is what the GPU wants: a
+//!   updates the whole model in one pass (RMSprop, which has no such
+//!   kernel: a few kernels over the whole flat buffers). This is what the GPU wants: a
 //!   VGG16 step drops from ~130 chains of optimizer kernels to one kernel,
 //!   and there is no zeroing of gradients.
 //!
@@ -31,7 +33,7 @@ mod config;
 mod groups;
 mod saved;
 
-pub use config::{OptimizerConfig, OptimizerKind};
+pub use config::{DEFAULT_ALPHA, OptimizerConfig, OptimizerKind};
 pub use saved::LossScaler;
 
 use groups::{DecayGroup, decay_groups};
@@ -85,9 +87,11 @@ pub struct Optimizer {
     flat: Option<Tensor>,
     /// The parameters by weight decay (fused mode's kernel calls).
     groups: Vec<DecayGroup>,
-    /// SGD: momentum buffer. Adam(W): first moment. Flat, all parameters.
+    /// SGD: momentum buffer. Adam(W): first moment. RMSprop: the squared
+    /// gradients' average. Flat, all parameters.
     buf1: Tensor,
-    /// Adam(W): second moment (empty for SGD).
+    /// Adam(W): second moment. RMSprop: its momentum buffer (empty without
+    /// momentum, and for SGD).
     buf2: Tensor,
     /// The learning rate of the update in progress and the number of
     /// updates taken (Adam's bias correction), 0-dim on the parameters'
@@ -142,6 +146,23 @@ fn apply_update(
                     b1.shallow_clone()
                 };
             }
+            let _ = p.g_sub_(&(d * lr));
+        }
+        OptimizerKind::Rmsprop => {
+            let g = match cfg.weight_decay {
+                0.0 => g.shallow_clone(),
+                wd => g + &*p * wd,
+            };
+            let _ = b1
+                .g_mul_scalar_(cfg.alpha)
+                .g_add_(&(&g * &g * (1.0 - cfg.alpha)));
+            let avg = b1.sqrt() + cfg.eps;
+            let d = if cfg.momentum != 0.0 {
+                let _ = b2.g_mul_scalar_(cfg.momentum).g_add_(&(&g / &avg));
+                b2.shallow_clone()
+            } else {
+                &g / &avg
+            };
             let _ = p.g_sub_(&(d * lr));
         }
         OptimizerKind::Adam | OptimizerKind::Adamw => {
@@ -205,7 +226,8 @@ impl Optimizer {
             (s.param.kind(), s.param.device())
         });
         let buf1 = Tensor::zeros([offset], opts);
-        let buf2 = if cfg.kind.is_adam() {
+        let rmsprop_momentum = cfg.kind == OptimizerKind::Rmsprop && cfg.momentum != 0.0;
+        let buf2 = if cfg.kind.is_adam() || rmsprop_momentum {
             Tensor::zeros([offset], opts)
         } else {
             Tensor::zeros([0], opts)
@@ -470,8 +492,12 @@ impl Optimizer {
             Some(found) => self.step.g_add_(&(-found + 1.0)),
             None => self.step.g_add_scalar_(1.0),
         };
-        for group in &self.groups {
-            self.update_group(group, flat, &g, found_inf.as_ref())?;
+        if self.cfg.kind == OptimizerKind::Rmsprop {
+            self.update_rmsprop(flat, g, found_inf.as_ref());
+        } else {
+            for group in &self.groups {
+                self.update_group(group, flat, &g, found_inf.as_ref())?;
+            }
         }
         if let (Some(s), Some(found)) = (&mut self.scaler, found_inf) {
             let _ = s.skipped.g_add_(&found.to_kind(Kind::Int64));

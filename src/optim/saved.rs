@@ -15,6 +15,10 @@ impl Optimizer {
         match self.cfg.kind {
             OptimizerKind::Sgd => ("momentum_buffer", None),
             OptimizerKind::Adam | OptimizerKind::Adamw => ("exp_avg", Some("exp_avg_sq")),
+            OptimizerKind::Rmsprop if self.buf2.numel() > 0 => {
+                ("square_avg", Some("momentum_buffer"))
+            }
+            OptimizerKind::Rmsprop => ("square_avg", None),
         }
     }
 

@@ -376,7 +376,7 @@ impl TrainConfig {
 pub(crate) mod tests {
     use super::*;
     use crate::model::{Arch, Head};
-    use crate::optim::OptimizerKind;
+    use crate::optim::{DEFAULT_ALPHA, OptimizerKind};
 
     /// The CIFAR recipe's configuration with this schedule.
     pub(crate) fn config(scheduler: SchedulerKind, epochs: usize, warmup: usize) -> TrainConfig {
@@ -396,6 +396,7 @@ pub(crate) mod tests {
                 nesterov: false,
                 betas: (0.9, 0.999),
                 eps: 1e-8,
+                alpha: DEFAULT_ALPHA,
                 norm_weight_decay: None,
                 bias_weight_decay: None,
             },
