@@ -164,18 +164,29 @@ pub fn run(mut args: Args) -> Result<()> {
         classes: dataset.classes.clone(),
         result,
     };
+    let names = meta.as_ref().map(|m| m.class_names.as_slice());
+    write_report(&args, &report, &dataset, names)
+}
+
+/// The report on stdout (text or `--json`), and with `--predictions` each
+/// image's row: to its file, or on stdout in the report's place.
+fn write_report(
+    args: &Args,
+    report: &Report,
+    dataset: &Dataset,
+    names: Option<&[String]>,
+) -> Result<()> {
     if args.predictions.is_some() {
-        let names = meta.as_ref().map(|m| m.class_names.as_slice());
-        let csv = predictions_csv(&report.result.each, &dataset, names);
-        match to_file(&args) {
+        let csv = predictions_csv(&report.result.each, dataset, names);
+        match to_file(args) {
             Some(path) => vggctl::fsutil::write_atomic_bytes(path, csv.as_bytes())?,
             None => return print_out(&csv),
         }
     }
     if args.model.json {
-        print_json(&report)
+        print_json(report)
     } else {
-        print_out(&render(&report))
+        print_out(&render(report))
     }
 }
 
