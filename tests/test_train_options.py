@@ -282,13 +282,17 @@ def test_optimizer_values_torch_refuses_are_usage_errors(tmp_path):
     cannot train (NaN, infinite values; a schedule's gamma of 0 or less;
     RMSprop's alpha above 1, which makes its average negative). A
     negative number given as its own word reaches the option's check
-    (`--lr -1`), not clap's "unexpected argument"."""
+    (`--lr -1`, `--lr -1e-3`, `--betas -0.1,0.5`), not clap's "unexpected
+    argument"."""
     param = [torch.zeros(1, requires_grad=True)]
     cases = [
         (["--momentum", "-0.5"], "--momentum -0.5 must be a finite number, 0 or more", dict(momentum=-0.5)),
         (["--weight-decay", "-1"], "--weight-decay -1 must be a finite number, 0 or more", dict(weight_decay=-1.0)),
         (["--nesterov", "--momentum", "0"], "--nesterov needs a --momentum above 0", dict(nesterov=True)),
         (["--lr", "-1"], "--lr -1 must be a positive number", dict(lr=-1.0)),
+        (["--lr", "-1e-3"], "--lr -0.001 must be a positive number", dict(lr=-1e-3)),
+        (["--optimizer", "adam", "--betas", "-0.1,0.5"], "--betas -0.1,0.5 must each be in [0, 1)",
+         dict(betas=(-0.1, 0.5))),
         (["--momentum", "nan"], "--momentum NaN must be a finite number, 0 or more", None),
         (["--weight-decay", "inf"], "--weight-decay inf must be a finite number, 0 or more", None),
         (["--gamma", "0"], "--gamma 0 must be a positive number", None),

@@ -28,6 +28,8 @@ mod resume;
 mod train;
 mod training;
 
+use std::ffi::OsString;
+
 use anyhow::Result;
 
 use clap::{Parser, Subcommand};
@@ -104,7 +106,8 @@ pub fn parse() -> Result<Cli, clap::Error> {
     use clap::parser::ValueSource;
     use clap::{CommandFactory, FromArgMatches};
     let command = negative_numbers(Cli::command());
-    let matches = command.clone().try_get_matches()?;
+    let args = joined_negatives(std::env::args_os().collect(), &command);
+    let matches = command.clone().try_get_matches_from(args)?;
     let mut cli = Cli::from_arg_matches(&matches)?;
     if let Some((name, sub)) = matches.subcommand() {
         // Options only: the matches also hold the flattened groups' ids.
@@ -137,6 +140,45 @@ fn negative_numbers(command: clap::Command) -> clap::Command {
         .mut_subcommands(negative_numbers)
 }
 
+/// The command line with each negative number typed as an option's value
+/// (a word of a hyphen and a digit or a dot, after a long option that
+/// takes a value, given without `=`) joined to its option, `--lr=-1e-3`:
+/// clap's own test for a number knows no signed exponent (`-1e-3`) and no
+/// pairs (`--betas -0.1,0.5`).
+fn joined_negatives(args: Vec<OsString>, command: &clap::Command) -> Vec<OsString> {
+    fn valued(c: &clap::Command, names: &mut Vec<String>) {
+        for a in c.get_arguments().filter(|a| a.get_action().takes_values()) {
+            let longs = a
+                .get_long()
+                .into_iter()
+                .chain(a.get_all_aliases().unwrap_or_default());
+            names.extend(longs.map(|l| format!("--{l}")));
+        }
+        c.get_subcommands().for_each(|s| valued(s, names));
+    }
+    let mut names = Vec::new();
+    valued(command, &mut names);
+    let mut out: Vec<OsString> = Vec::with_capacity(args.len());
+    for arg in args {
+        let negative = arg
+            .to_str()
+            .and_then(|a| a.strip_prefix('-'))
+            .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit() || c == '.'));
+        let after = out
+            .last()
+            .and_then(|o| o.to_str())
+            .filter(|o| names.iter().any(|n| n == o));
+        match (negative, after) {
+            (true, Some(option)) => {
+                let joined = format!("{option}={}", arg.to_string_lossy());
+                *out.last_mut().expect("an option before it") = joined.into();
+            }
+            _ => out.push(arg),
+        }
+    }
+    out
+}
+
 pub fn run(cli: Cli) -> Result<()> {
     if cli.version {
         return info::print_version(false);
@@ -164,6 +206,19 @@ pub fn run(cli: Cli) -> Result<()> {
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    /// Negative numbers after an option that takes a value are joined to
+    /// it, whatever their form; other words are left as they are.
+    #[test]
+    fn negative_numbers_join_their_option() {
+        let words = |s: &str| s.split(' ').map(OsString::from).collect::<Vec<_>>();
+        let command = Cli::command();
+        let line =
+            "vggctl train --lr -1e-3 --betas -0.1,0.5 --opt-eps -.5 --quiet -3 --lr --epochs 2";
+        let want =
+            "vggctl train --lr=-1e-3 --betas=-0.1,0.5 --opt-eps=-.5 --quiet -3 --lr --epochs 2";
+        assert_eq!(joined_negatives(words(line), &command), words(want));
+    }
 
     /// clap's own checks of the definitions (which a release build skips),
     /// and what they leave out: no two options of a subcommand share a
