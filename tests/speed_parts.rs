@@ -232,6 +232,19 @@ fn rmsprop(momentum: f64) -> OptimizerConfig {
     }
 }
 
+/// Each update rule, SGD with and without Nesterov, RMSprop with and
+/// without momentum.
+fn every_rule() -> [OptimizerConfig; 6] {
+    [
+        sgd(false),
+        sgd(true),
+        adam(OptimizerKind::Adam),
+        adamw(),
+        rmsprop(0.9),
+        rmsprop(0.0),
+    ]
+}
+
 #[test]
 fn fused_rmsprop_matches_per_parameter_rmsprop() {
     compare(rmsprop(0.9), false);
@@ -339,14 +352,7 @@ fn updates_follow_pytorchs_sgd_adam_adamw_and_rmsprop() {
                 .collect()
         })
         .collect();
-    for cfg in [
-        sgd(false),
-        sgd(true),
-        adam(OptimizerKind::Adam),
-        adamw(),
-        rmsprop(0.9),
-        rmsprop(0.0),
-    ] {
+    for cfg in every_rule() {
         let want = reference_update(&cfg, &p0, &grads, 0.05);
         for fused in [false, true] {
             let flat = Tensor::from_slice(&p0.map(|x| x as f32));
@@ -379,14 +385,7 @@ fn updates_follow_pytorchs_sgd_adam_adamw_and_rmsprop() {
 fn a_skipped_step_leaves_parameters_and_state_bit_for_bit() {
     // After clean steps the state is not zero (a momentum buffer of zeros
     // would hide a decay applied on a skipped step); weight decay is on.
-    for cfg in [
-        sgd(false),
-        sgd(true),
-        adam(OptimizerKind::Adam),
-        adamw(),
-        rmsprop(0.9),
-        rmsprop(0.0),
-    ] {
+    for cfg in every_rule() {
         let flat = Tensor::from_slice(&[0.5f32, -1.0, 2.0, 0.25, 3.0, -0.75]);
         let p = flat.view([2, 3]).detach().set_requires_grad(true);
         let mut opt = Optimizer::fused(cfg.clone(), vec![("w".into(), &p)], flat.shallow_clone());
