@@ -24,6 +24,7 @@ pub mod fsutil;
 pub mod hub;
 pub mod infer;
 pub mod model;
+pub mod num;
 pub mod numerics;
 pub mod optim;
 pub mod report;

@@ -304,7 +304,7 @@ fn files_are_named_by_what_they_are() {
 fn impossible_flags_are_refused() {
     let tmp = common::tempdir();
     let dir = tmp.path();
-    let cases: [(&[&str], &str); 22] = [
+    let cases: [(&[&str], &str); 24] = [
         (
             &["params", "--classes", "100000000000"],
             "--classes 100000000000: a classifier needs between 1 and 1000000 classes",
@@ -378,6 +378,14 @@ fn impossible_flags_are_refused() {
                 "1.5",
             ],
             "--val-split 1.5 must be between 0 and 1 (or give --val-dir)",
+        ),
+        (
+            &["train", "--dataset", "digits", "--betas", "1e300,0.5"],
+            "--betas 1e300,0.5 must each be in [0, 1)",
+        ),
+        (
+            &["train", "--dataset", "digits", "--momentum", "1e300"],
+            "--momentum 1e300 is beyond float32's largest value 3.403e38, in which the update computes",
         ),
         (
             &["train", "--dataset", "digits", "--lr", "1e39"],
@@ -621,7 +629,7 @@ fn resume_refuses_changes_and_bad_states() {
     let resume = dir.join("run/resume.safetensors");
     let original = std::fs::read(&resume).unwrap();
     type Edit = fn(&mut serde_json::Value);
-    let bad_states: [(Edit, &str); 18] = [
+    let bad_states: [(Edit, &str); 19] = [
         (
             |s| s["config"]["batch_size"] = 0.into(),
             "bad training state: epochs 2, batch_size 0",
@@ -658,6 +666,10 @@ fn resume_refuses_changes_and_bad_states() {
             "bad training state: momentum -0.5 must be a finite number, 0 or more",
         ),
         (
+            |s| s["config"]["optimizer"]["weight_decay"] = 1e300.into(),
+            "bad training state: weight_decay 1e300 is beyond float32's largest value 3.403e38",
+        ),
+        (
             |s| s["config"]["optimizer"]["betas"] = serde_json::json!([0.9, 1.0]),
             "bad training state: betas 0.9,1 must each be in [0, 1)",
         ),
@@ -675,7 +687,7 @@ fn resume_refuses_changes_and_bad_states() {
         ),
         (
             |s| s["config"]["optimizer"]["eps"] = (-1e-8).into(),
-            "bad training state: eps -0.00000001 must be a finite number, 0 or more",
+            "bad training state: eps -1e-8 must be a finite number, 0 or more",
         ),
         (
             |s| s["config"]["gamma"] = 0.into(),

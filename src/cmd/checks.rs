@@ -9,6 +9,7 @@ use vggctl::data::auto_augment::Policy;
 use vggctl::data::is_image_folder;
 use vggctl::dist::World;
 use vggctl::model::Head;
+use vggctl::num::Num;
 use vggctl::optim::OptimizerKind;
 use vggctl::train::SchedulerKind;
 use vggctl::train::config::TrainConfig;
@@ -56,7 +57,7 @@ impl HyperOpts {
         if !(0.0..1.0).contains(&self.label_smoothing) {
             return Err(usage(format!(
                 "--label-smoothing {} must be in [0, 1)",
-                self.label_smoothing
+                Num(self.label_smoothing)
             )));
         }
         if self.epochs == Some(0) {
@@ -89,7 +90,7 @@ impl HyperOpts {
             if self.gamma >= 1.0 {
                 return Err(usage(format!(
                     "--gamma {} must be below 1 for --scheduler plateau (ReduceLROnPlateau's factor)",
-                    self.gamma
+                    Num(self.gamma)
                 )));
             }
             if self.warmup_epochs > 0 {

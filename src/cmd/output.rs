@@ -6,6 +6,7 @@
 use std::io::Write;
 
 use anyhow::Result;
+use vggctl::num::Num;
 
 /// A command line that cannot work as typed, whatever the files and data:
 /// a value out of range, options that contradict each other. main exits
@@ -30,7 +31,10 @@ pub fn usage(message: impl Into<String>) -> anyhow::Error {
 pub fn positive(flag: &str, v: f64) -> Result<()> {
     match v > 0.0 && v.is_finite() {
         true => Ok(()),
-        false => Err(usage(format!("{flag} {v} must be a positive number"))),
+        false => Err(usage(format!(
+            "{flag} {} must be a positive number",
+            Num(v)
+        ))),
     }
 }
 
@@ -39,7 +43,8 @@ pub fn non_negative(flag: &str, v: f64) -> Result<()> {
     match v >= 0.0 && v.is_finite() {
         true => Ok(()),
         false => Err(usage(format!(
-            "{flag} {v} must be a finite number, 0 or more"
+            "{flag} {} must be a finite number, 0 or more",
+            Num(v)
         ))),
     }
 }

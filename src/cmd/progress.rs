@@ -9,6 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use vggctl::choice::Choice;
 use vggctl::data::resize::Filter;
 use vggctl::dist::World;
+use vggctl::num::Num;
 use vggctl::train::config::TrainConfig;
 use vggctl::train::{Observer, Trainer};
 
@@ -360,8 +361,8 @@ fn warn_short_run(c: &TrainConfig, steps: usize) {
             c.warmup_epochs,
             c.epochs,
             if c.epochs == 1 { "" } else { "s" },
-            c.lr,
-            c.lr_at(c.epochs - 1, &[])
+            Num(c.lr),
+            Num(c.lr_at(c.epochs - 1, &[]))
         ));
     }
     if c.accum_steps > steps {

@@ -13,6 +13,7 @@ use vggctl::data::mix::Mixing;
 use vggctl::data::resize::Filter;
 use vggctl::dist::sampler::MAX_REPEATS;
 use vggctl::model::check_run_side;
+use vggctl::num::Num;
 use vggctl::train::config::{DROPOUT, TrainConfig};
 use vggctl::train::ema::EmaConfig;
 
@@ -153,7 +154,7 @@ impl RecipeOpts {
         if !(self.model_ema_decay > 0.0 && self.model_ema_decay < 1.0) {
             return Err(usage(format!(
                 "--model-ema-decay {} must be between 0 and 1",
-                self.model_ema_decay
+                Num(self.model_ema_decay)
             )));
         }
         if self.accum_steps < 1 {
@@ -162,7 +163,7 @@ impl RecipeOpts {
         if !(0.0..=1.0).contains(&self.dropout) {
             return Err(usage(format!(
                 "--dropout {} must be a probability in [0, 1]",
-                self.dropout
+                Num(self.dropout)
             )));
         }
         if !(1..=MAX_REPEATS).contains(&self.ra_reps) {
@@ -198,7 +199,7 @@ impl RecipeOpts {
         if !(0.0..=1.0).contains(&self.random_erase) {
             return Err(usage(format!(
                 "--random-erase {} must be a probability in [0, 1]",
-                self.random_erase
+                Num(self.random_erase)
             )));
         }
         Ok(())

@@ -10,6 +10,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::num::Num;
 use anyhow::{Context, Result, bail};
 use rayon::prelude::*;
 use tch::Tensor;
@@ -385,7 +386,7 @@ pub fn check_val_split(val_split: f64) -> Result<()> {
 /// (e.g. "1.5 must be between 0 and 1").
 pub fn val_split_problem(val_split: f64) -> Option<String> {
     let fraction = val_split > 0.0 && val_split < 1.0;
-    (!fraction).then(|| format!("{val_split} must be between 0 and 1"))
+    (!fraction).then(|| format!("{} must be between 0 and 1", Num(val_split)))
 }
 
 /// The number of held-out images of `n`, or an error if `n` cannot be split.

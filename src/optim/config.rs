@@ -1,6 +1,7 @@
 //! What the update rule is and its hyper-parameters, as a run's
 //! configuration records them, and the values torch.optim would refuse.
 
+use crate::num::Num;
 use serde::{Deserialize, Serialize};
 
 use crate::choice::Choice;
@@ -89,9 +90,10 @@ fn is_default_alpha(v: &f64) -> bool {
 
 impl OptimizerConfig {
     /// Why torch.optim would refuse these values, or could not train with
-    /// them: a momentum or weight decay below 0 or not finite, Nesterov
-    /// without momentum, Adam's betas outside [0, 1), its eps below 0,
-    /// RMSprop's alpha outside [0, 1] (above 1 its average goes negative);
+    /// them: a momentum, weight decay or eps below 0, not finite or beyond
+    /// float32's range (the update's), Nesterov without momentum, Adam's
+    /// betas outside [0, 1), RMSprop's alpha outside [0, 1] (above 1 its
+    /// average goes negative);
     /// `name` says how a field is named (a state file's key, a flag).
     pub fn problem(&self, name: impl Fn(&str) -> String) -> Option<String> {
         let values = [
@@ -107,8 +109,19 @@ impl OptimizerConfig {
             .find_map(|(field, v)| Some((field, v.filter(|v| !(*v >= 0.0 && v.is_finite()))?)))
         {
             Some(format!(
-                "{} {v} must be a finite number, 0 or more",
-                name(field)
+                "{} {} must be a finite number, 0 or more",
+                name(field),
+                Num(v)
+            ))
+        } else if let Some((field, v)) = values
+            .into_iter()
+            .find_map(|(field, v)| Some((field, v.filter(|v| *v > f32::MAX as f64)?)))
+        {
+            Some(format!(
+                "{} {} is beyond float32's largest value {:.3e}, in which the update computes",
+                name(field),
+                Num(v),
+                f32::MAX
             ))
         } else if self.nesterov && self.momentum == 0.0 {
             Some(format!(
@@ -118,14 +131,16 @@ impl OptimizerConfig {
             ))
         } else if !((0.0..1.0).contains(&b1) && (0.0..1.0).contains(&b2)) {
             Some(format!(
-                "{} {b1},{b2} must each be in [0, 1)",
-                name("betas")
+                "{} {},{} must each be in [0, 1)",
+                name("betas"),
+                Num(b1),
+                Num(b2)
             ))
         } else if !(0.0..=1.0).contains(&self.alpha) {
             Some(format!(
                 "{} {} must be in [0, 1]",
                 name("alpha"),
-                self.alpha
+                Num(self.alpha)
             ))
         } else {
             None

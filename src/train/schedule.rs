@@ -5,6 +5,7 @@
 //! MultiStepLR, cosine annealing, StepLR or ExponentialLR; or
 //! ReduceLROnPlateau on the validation loss, which no warm-up precedes.
 
+use crate::num::Num;
 use serde::{Deserialize, Serialize};
 
 use crate::choice::Choice;
@@ -157,7 +158,7 @@ impl Warmup {
         (!ok).then(|| {
             format!(
                 "warm-up decay {} must be in {range} for the {} warm-up",
-                self.decay,
+                Num(self.decay),
                 self.method.name()
             )
         })

@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 
+use crate::num::Num;
 use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
 
@@ -109,9 +110,13 @@ pub struct TrainState {
 impl TrainState {
     /// The learning rate of `epoch` (0-based): the schedule's, which for
     /// ReduceLROnPlateau follows the validation losses of the epochs
-    /// before it in `history`.
+    /// before it in `history` (gathered for that scheduler only: this runs
+    /// every step).
     pub fn lr_at(&self, epoch: usize) -> f64 {
-        let losses: Vec<f64> = self.history.iter().map(|m| m.test_loss).collect();
+        let losses: Vec<f64> = match self.config.scheduler {
+            SchedulerKind::Plateau => self.history.iter().map(|m| m.test_loss).collect(),
+            _ => Vec::new(),
+        };
         self.config.lr_at(epoch, &losses)
     }
 
@@ -183,8 +188,8 @@ fn check_schedule(c: &TrainConfig) -> Result<()> {
     if !(c.lr > 0.0 && c.lr.is_finite() && c.gamma > 0.0 && c.gamma.is_finite()) {
         bail!(
             "lr {} and gamma {} must be positive and finite",
-            c.lr,
-            c.gamma
+            Num(c.lr),
+            Num(c.gamma)
         );
     }
     if let Some(problem) = c.warmup.and_then(|w| w.problem()) {
@@ -193,7 +198,7 @@ fn check_schedule(c: &TrainConfig) -> Result<()> {
     if c.scheduler == SchedulerKind::Plateau && !(c.gamma < 1.0 && c.warmup_epochs == 0) {
         bail!(
             "the plateau scheduler takes a gamma below 1 ({}) and no warmup_epochs ({})",
-            c.gamma,
+            Num(c.gamma),
             c.warmup_epochs
         );
     }
@@ -204,12 +209,12 @@ fn check_schedule(c: &TrainConfig) -> Result<()> {
         bail!("{problem}");
     }
     if let Some(n) = c.clip_grad_norm.filter(|n| !(*n > 0.0 && n.is_finite())) {
-        bail!("clip_grad_norm {n} must be a positive number");
+        bail!("clip_grad_norm {} must be a positive number", Num(n));
     }
     if !(c.lr_min >= 0.0 && c.lr_min.is_finite() && c.step_size >= 1) {
         bail!(
             "lr_min {} must be finite and 0 or more, step_size {} at least 1",
-            c.lr_min,
+            Num(c.lr_min),
             c.step_size
         );
     }
@@ -220,7 +225,10 @@ fn check_schedule(c: &TrainConfig) -> Result<()> {
 /// the average, the sampler, the launch).
 fn check_recipe(c: &TrainConfig) -> Result<()> {
     if !(0.0..1.0).contains(&c.label_smoothing) {
-        bail!("label_smoothing {} is not in [0, 1)", c.label_smoothing);
+        bail!(
+            "label_smoothing {} is not in [0, 1)",
+            Num(c.label_smoothing)
+        );
     }
     if c.accum_steps < 1 {
         bail!("accum_steps {} must be at least 1", c.accum_steps);
@@ -231,7 +239,7 @@ fn check_recipe(c: &TrainConfig) -> Result<()> {
         bail!(
             "model_ema steps {} must be at least 1 and its decay {} in [0, 1]",
             e.steps,
-            e.update_decay
+            Num(e.update_decay)
         );
     }
     let m = &c.mixing;
@@ -239,9 +247,9 @@ fn check_recipe(c: &TrainConfig) -> Result<()> {
     if !(finite && (0.0..=1.0).contains(&c.random_erase)) {
         bail!(
             "mixup/cutmix alphas {} and {} must be finite, random_erase {} in [0, 1]",
-            m.mixup_alpha,
-            m.cutmix_alpha,
-            c.random_erase
+            Num(m.mixup_alpha),
+            Num(m.cutmix_alpha),
+            Num(c.random_erase)
         );
     }
     if let Augment::CropFlip { padding } = c.augment
