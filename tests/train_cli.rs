@@ -846,6 +846,98 @@ fn eval_finds_the_runs_data_from_anywhere() {
     );
 }
 
+/// A run directory given where a weights file is expected (train's
+/// --initial-checkpoint, predict's and export's --weights) stands for its
+/// best.safetensors, as eval's --checkpoint DIR does: the new run starts
+/// from exactly those weights (its last weights equal, bit for bit, those
+/// of a run given the file) and records the file it took.
+#[test]
+fn a_run_directory_stands_for_its_best_checkpoint() {
+    let tmp = common::tempdir();
+    let r = common::tiny_run(tmp.path(), &["--dataset", "digits"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let again = |from: &str, out: &str| {
+        let args = [
+            "train",
+            "--dataset",
+            "digits",
+            "--arch",
+            "vgg11",
+            "--epochs",
+            "1",
+            "-b",
+            "32",
+            "--limit-train",
+            "64",
+            "--limit-test",
+            "32",
+            "--quiet",
+            "--initial-checkpoint",
+            from,
+            "--out",
+            out,
+        ];
+        let r = common::run_in(tmp.path(), &args);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        r
+    };
+    let r = again("run", "from-dir");
+    assert!(
+        r.stderr
+            .contains("note: run is a run directory: using run/best.safetensors"),
+        "{}",
+        r.stderr
+    );
+    again("run/best.safetensors", "from-file");
+    let read = |p: &str| std::fs::read(tmp.path().join(p)).unwrap();
+    let t = tmp.path();
+    assert_same_weights(
+        &t.join("from-dir/last.safetensors"),
+        &t.join("from-file/last.safetensors"),
+    );
+    let config: serde_json::Value = serde_json::from_slice(&read("from-dir/config.json")).unwrap();
+    assert_eq!(config["weights"], "run/best.safetensors");
+    // export --weights DIR writes what the file gives.
+    for (from, to) in [
+        ("run", "dir.safetensors"),
+        ("run/best.safetensors", "file.safetensors"),
+    ] {
+        let args = [
+            "export",
+            "--weights",
+            from,
+            "--arch",
+            "vgg11",
+            "--head",
+            "cifar",
+            "--out",
+            to,
+        ];
+        let r = common::run_in(tmp.path(), &args);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+    }
+    assert_same_weights(&t.join("dir.safetensors"), &t.join("file.safetensors"));
+    std::fs::create_dir(tmp.path().join("empty")).unwrap();
+    let r = common::run_in(
+        tmp.path(),
+        &[
+            "train",
+            "--dataset",
+            "digits",
+            "--initial-checkpoint",
+            "empty",
+            "--out",
+            "x",
+        ],
+    );
+    common::assert_one_line_error(
+        &r,
+        1,
+        "empty: a directory without best.safetensors or last.safetensors",
+    );
+    assert!(!tmp.path().join("x").exists());
+}
+
 /// On a stderr that is not a terminal, a running epoch says where it is
 /// every `--log-interval` steps (or seconds, 30 s by default), indented
 /// under the per-epoch lines, with an ETA; once an epoch has finished and

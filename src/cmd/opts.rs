@@ -107,7 +107,7 @@ impl ModelOpts {
         quiet: bool,
     ) -> Result<(Vgg, PathBuf)> {
         if weights != "imagenet" {
-            let path = PathBuf::from(weights);
+            let path = checkpoint_in(Path::new(weights))?;
             let (model, inferred) = load_resolved(&path, request, Head::Imagenet, how)?;
             if let Some(line) = inferred {
                 note(line);
@@ -411,8 +411,8 @@ impl OtherForms {
     }
 }
 
-/// `--checkpoint DIR` for a run directory: the checkpoint its report
-/// names, `best.safetensors`, else `last.safetensors` (a run kept with
+/// `--checkpoint DIR` (`--weights DIR`, `--initial-checkpoint DIR`) for a
+/// run directory: the checkpoint its report names, `best.safetensors`, else `last.safetensors` (a run kept with
 /// `--keep last`), said in a note (by rank 0 of a launched group); any
 /// other path as it is.
 pub fn checkpoint_in(path: &Path) -> Result<PathBuf> {

@@ -11,7 +11,7 @@ use vggctl::model::{Head, ModelSpec, Vgg};
 use super::checks::warn_unused_options;
 use super::data_opts::DataOpts;
 use super::launch::run_local_ranks;
-use super::opts::{DeviceOpts, LoadOpts, ModelOpts};
+use super::opts::{DeviceOpts, LoadOpts, ModelOpts, checkpoint_in};
 use super::output::usage;
 use super::recipe::imagenet_recipe;
 use super::resume::{Start, resume};
@@ -62,6 +62,11 @@ pub fn run(args: Args) -> Result<()> {
         }
         return resume(path, h, &args.data, device, args.model.json, &world, None);
     }
+    let initial = args
+        .initial_checkpoint
+        .as_deref()
+        .map(checkpoint_in)
+        .transpose()?;
     // The classes are the dataset's (a folder's class folders): --classes
     // may repeat them.
     let imagenet = args.data.dataset() == "imagenet";
@@ -86,15 +91,12 @@ pub fn run(args: Args) -> Result<()> {
     config.augment = augment;
     config.input_size = h.recipe.input.unwrap_or(input);
     if let Start::AutoResume(path) = &start {
-        config.weights = args
-            .initial_checkpoint
-            .as_ref()
-            .map(|p| p.display().to_string());
+        config.weights = initial.as_ref().map(|p| p.display().to_string());
         let json = args.model.json;
         return resume(path, h, &data, device, json, &world, Some(&config));
     }
     tch::manual_seed(config.seed as i64);
-    let model = match &args.initial_checkpoint {
+    let model = match &initial {
         Some(path) => {
             config.weights = Some(path.display().to_string());
             load_weights(path, config.model, device, args.load.values())?
