@@ -629,7 +629,7 @@ fn resume_refuses_changes_and_bad_states() {
     let resume = dir.join("run/resume.safetensors");
     let original = std::fs::read(&resume).unwrap();
     type Edit = fn(&mut serde_json::Value);
-    let bad_states: [(Edit, &str); 19] = [
+    let bad_states: [(Edit, &str); 22] = [
         (
             |s| s["config"]["batch_size"] = 0.into(),
             "bad training state: epochs 2, batch_size 0",
@@ -710,6 +710,28 @@ fn resume_refuses_changes_and_bad_states() {
                 s["config"]["warmup_epochs"] = 1.into();
             },
             "bad training state: the plateau scheduler takes a gamma below 1 (0.1) and no warmup_epochs (1)",
+        ),
+        (
+            |s| s["config"]["scheduler"] = "onecycle".into(),
+            "bad training state: the onecycle scheduler takes its onecycle values and no warmup_epochs, and no other scheduler takes them",
+        ),
+        (
+            |s| {
+                s["config"]["scheduler"] = "onecycle".into();
+                s["config"]["onecycle"] = serde_json::json!({"pct_start": 2.0, "div_factor": 25.0,
+                    "final_div_factor": 1e4, "anneal": "cos", "three_phase": false, "momentum": [0.85, 0.95]});
+            },
+            "bad training state: pct_start 2 must be in [0, 1]",
+        ),
+        (
+            // The tiny run's 64 images at batch 32 are 2 updates an epoch.
+            |s| {
+                s["config"]["scheduler"] = "onecycle".into();
+                s["config"]["onecycle"] = serde_json::json!({"pct_start": 0.3, "div_factor": 25.0,
+                    "final_div_factor": 1e4, "anneal": "cos", "three_phase": false, "momentum": null,
+                    "steps_per_epoch": 3});
+            },
+            "the run's onecycle schedule counts 3 updates per epoch, and its data now gives 2: continue it with the data and ranks it started with",
         ),
         (
             |s| s["step"] = 1_000_000_000.into(),

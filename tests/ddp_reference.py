@@ -33,10 +33,15 @@ optimizer step) and --model-ema-steps N (torchvision's
 ExponentialMovingAverage updated after every N-th optimizer step of an
 epoch, its decay adjusted as train.py does, reset during --warmup-epochs;
 written to --ema-out); --norm-weight-decay and --bias-weight-decay group
-the parameters as train.py's utils.set_weight_decay does (below).
+the parameters as train.py's utils.set_weight_decay does (below);
+--scheduler onecycle steps torch.optim.lr_scheduler.OneCycleLR (max_lr
+--lr, its --pct-start, --div-factor, --final-div-factor, --anneal-strategy,
+--three-phase, --cycle-momentum BASE,MAX or `off`) after every optimizer
+step, over a rank's updates per epoch.
 """
 import argparse
 import importlib.util
+import math
 import os
 
 import torch
@@ -180,6 +185,13 @@ def main():
     p.add_argument("--alpha", type=float, default=0.99)
     p.add_argument("--betas", default="0.9,0.999")
     p.add_argument("--eps", type=float, default=1e-8)
+    p.add_argument("--scheduler", choices=["none", "onecycle"], default="none")
+    p.add_argument("--pct-start", type=float, default=0.3)
+    p.add_argument("--div-factor", type=float, default=25.0)
+    p.add_argument("--final-div-factor", type=float, default=1e4)
+    p.add_argument("--anneal-strategy", default="cos")
+    p.add_argument("--three-phase", action="store_true")
+    p.add_argument("--cycle-momentum", default="0.85,0.95", help="BASE,MAX or off")
     a = p.parse_args()
 
     one = a.as_one_process > 0
@@ -236,6 +248,17 @@ def main():
         def sampler(data, size, rank):
             return DistributedSampler(data, num_replicas=size, rank=rank, shuffle=False)
     k = a.accum_steps
+    sched = None
+    if a.scheduler == "onecycle":
+        # OneCycleLR stepped after every optimizer step, over the updates
+        # one rank takes per epoch.
+        steps = math.ceil(len(list(sampler(range(n), world, ranks[0]))) / a.batch_size)
+        cycle = a.cycle_momentum != "off"
+        base, top = (float(v) for v in (a.cycle_momentum if cycle else "0.85,0.95").split(","))
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=a.lr, epochs=a.epochs, steps_per_epoch=math.ceil(steps / k), pct_start=a.pct_start,
+            anneal_strategy=a.anneal_strategy, cycle_momentum=cycle, base_momentum=base, max_momentum=top,
+            div_factor=a.div_factor, final_div_factor=a.final_div_factor, three_phase=a.three_phase)
     for epoch in range(a.epochs):
         torch.manual_seed(position_seed(a.seed, epoch, PERMUTATION_STEP))
         perm = torch.randperm(n)
@@ -262,6 +285,8 @@ def main():
                 torch.nn.utils.clip_grad_norm_(model.parameters(), a.clip_grad_norm)
             opt.step()
             opt.zero_grad()
+            if sched is not None:
+                sched.step()
             if ema is not None and (step // k) % a.model_ema_steps == 0:
                 ema.update_parameters(model)
                 if epoch < a.warmup_epochs:

@@ -99,6 +99,11 @@ fn train_run(
     if extra.contains(&"--arch") {
         args.drain(1..4);
     }
+    // And a `--scheduler` the cosine one.
+    if extra.contains(&"--scheduler") {
+        let at = args.iter().position(|a| *a == "--scheduler").unwrap();
+        args.drain(at..at + 2);
+    }
     args.extend_from_slice(extra);
     let dir = common::tempdir();
     let r = common::Run::from(
@@ -671,6 +676,42 @@ fn the_convolution_on_two_streams_gives_one_streams_gradients() {
             );
         }
     }
+}
+
+/// OneCycleLR changes the LR every update, which the CUDA graph reads
+/// from its tensor at each replay: without momentum cycling the graphed
+/// run follows the eager one; with it (a momentum the captured kernel
+/// would keep at its first value) the training step runs eagerly, and
+/// `ran_as` says the graphs are evaluation's only.
+#[test]
+#[ignore = "needs a CUDA GPU (scripts/gpu-check runs it)"]
+fn onecycle_runs_on_the_device() {
+    let tmp = common::tempdir();
+    let det = [
+        "--precision",
+        "fp32",
+        "--deterministic",
+        "--scheduler",
+        "onecycle",
+    ];
+    let t = tmp.path();
+    let plain = ["--no-cycle-momentum", "--no-cuda-graphs"];
+    let eager = train(&t.join("eager"), 2, &[&det[..], &plain].concat());
+    let plain = ["--no-cycle-momentum", "--cuda-graphs"];
+    let graph = train(&t.join("graph"), 2, &[&det[..], &plain].concat());
+    let rel = |x: f64, y: f64| (x - y).abs() / x.abs().max(1e-9);
+    for (e, g) in eager.iter().zip(&graph) {
+        println!(
+            "onecycle epoch {}: train loss eager {} graphed {}, test loss {} / {}",
+            e.epoch, e.train_loss, g.train_loss, e.test_loss, g.test_loss
+        );
+        assert!(rel(e.train_loss, g.train_loss) <= 1e-3 && rel(e.test_loss, g.test_loss) <= 1e-3);
+        assert_eq!(g.profile.as_ref().unwrap().graphed_steps, 10);
+    }
+    let cycled = train(&t.join("cycled"), 1, &det);
+    let ran_as = &cycled[0].ran_as;
+    assert!(ran_as.ends_with("CUDA graph (evaluation only)"), "{ran_as}");
+    assert_eq!(cycled[0].profile.as_ref().unwrap().graphed_steps, 0);
 }
 
 #[test]

@@ -12,6 +12,9 @@ vggctl's closed forms):
 - `--warmup-epochs W` alone, vggctl's ramp lr·(e+1)/W: SequentialLR of
   LinearLR(start_factor=1/W, total_iters=W-1) and the main scheduler.
 
+`--scheduler onecycle` is OneCycleLR stepped after every update (its
+weights against PyTorch's in test_train_options.py).
+
 `--scheduler plateau` is ReduceLROnPlateau stepped after each epoch with
 that epoch's validation loss (metrics.jsonl's `test_loss`), also across a
 `--resume` from inside a cooldown.
@@ -20,7 +23,9 @@ Impossible values are one usage error each.
 """
 import json
 import os
+import signal
 import subprocess
+import time
 
 import pytest
 import torch
@@ -136,6 +141,55 @@ def test_plateau_is_reducelronplateau_on_the_validation_loss(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def onecycle_run(out, epochs, *extra):
+    return [BIN, "train", "--dataset", "digits", "--arch", "vgg11", "--head", "cifar", "--epochs", str(epochs),
+            "--lr", str(LR), "--limit-train", "64", "--limit-test", "8", "--batch-size", "8", "--keep", "last",
+            "--scheduler", "onecycle", "--three-phase", "--pct-start", "0.25", "--out", str(out), *extra]
+
+
+def test_onecycle_steps_every_update_and_resumes_mid_epoch(tmp_path):
+    """--scheduler onecycle is OneCycleLR(max_lr=--lr, epochs,
+    steps_per_epoch=an epoch's updates) stepped after every update: each
+    epoch's `lr` in metrics.jsonl is the LR of its first update, within
+    1e-12 relative, here over 5 epochs of 8 updates in three phases, and
+    config.json records the 8. Ctrl-C in the middle of the run, then
+    --resume: the weights of the run in one go, bit for bit (the LR and the
+    momentum are functions of the update's position in the run)."""
+    epochs = 5
+    straight = tmp_path / "straight"
+    r = subprocess.run(onecycle_run(straight, epochs, "--quiet"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "ignored" not in r.stderr, r.stderr
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=LR, momentum=0.9)
+    sched = S.OneCycleLR(opt, max_lr=LR, epochs=epochs, steps_per_epoch=8, pct_start=0.25, three_phase=True)
+    want = []
+    for _ in range(epochs):
+        want.append(opt.param_groups[0]["lr"])
+        for _ in range(8):
+            opt.step()
+            sched.step()
+    ours = [m["lr"] for m in metrics(straight)]
+    assert len(ours) == epochs and all(abs(a - b) <= 1e-12 * b for a, b in zip(ours, want)), (ours, want)
+    assert len(set(round(v, 12) for v in want)) == epochs, want
+    with open(straight / "config.json") as f:
+        assert json.load(f)["onecycle"]["steps_per_epoch"] == 8
+
+    stopped = tmp_path / "stopped"
+    p = subprocess.Popen(onecycle_run(stopped, epochs), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    t0 = time.monotonic()
+    while not (stopped / "metrics.jsonl").exists() or not metrics(stopped):
+        assert time.monotonic() - t0 < 120 and p.poll() is None, "the run never finished an epoch"
+        time.sleep(0.02)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert len(metrics(stopped)) < epochs, "the run ended before the stop: nothing was resumed"
+    r = subprocess.run([BIN, "train", "--resume", str(stopped), "--quiet"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    a, b = load_file(str(straight / "last.safetensors")), load_file(str(stopped / "last.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_impossible_values_are_usage_errors(tmp_path):
     for flags, message in [
         (["--warmup-epochs", "2", "--warmup-decay", "0"],
@@ -148,6 +202,12 @@ def test_impossible_values_are_usage_errors(tmp_path):
          "--gamma 1 must be below 1 for --scheduler plateau (ReduceLROnPlateau's factor)"),
         (["--scheduler", "plateau", "--warmup-epochs", "2"],
          "--warmup-epochs does not combine with --scheduler plateau"),
+        (["--scheduler", "onecycle", "--warmup-epochs", "2"],
+         "--warmup-epochs does not combine with --scheduler onecycle"),
+        (["--scheduler", "onecycle", "--pct-start", "1.5"], "--pct-start 1.5 must be in [0, 1]"),
+        (["--scheduler", "onecycle", "--div-factor", "0"], "--div-factor 0 must be a positive number"),
+        (["--scheduler", "onecycle", "--cycle-momentum", "0.9,0.8"],
+         "--cycle-momentum 0.9,0.8 must be a base and a maximum in [0, 1), the base not above the maximum"),
     ]:
         r, out = train(tmp_path, "bad", flags)
         lines = r.stderr.strip().splitlines()

@@ -99,6 +99,14 @@ impl HyperOpts {
                 ));
             }
         }
+        if self.scheduler == SchedulerKind::Onecycle {
+            if self.warmup_epochs > 0 {
+                return Err(usage(
+                    "--warmup-epochs does not combine with --scheduler onecycle (its rise over --pct-start of the run is its warm-up)",
+                ));
+            }
+            self.onecycle.get()?;
+        }
         non_negative("--lr-min", self.lr_min)?;
         if self.step_size < 1 {
             return Err(usage("--step-size must be at least 1"));
@@ -175,17 +183,18 @@ fn augment_rules(config: &TrainConfig) -> [Rule; 4] {
 }
 
 /// The LR schedule's and the optimizer's.
-fn schedule_rules(config: &TrainConfig) -> [Rule; 11] {
+fn schedule_rules(config: &TrainConfig) -> [Rule; 12] {
     let kind = config.optimizer.kind;
     let (sgd, rmsprop) = (kind == OptimizerKind::Sgd, kind == OptimizerKind::Rmsprop);
     let multistep = config.scheduler == SchedulerKind::Multistep;
     let cosine = config.scheduler == SchedulerKind::Cosine;
     let step = config.scheduler == SchedulerKind::Step;
     let plateau = config.scheduler == SchedulerKind::Plateau;
+    let cycled = config.cycles_momentum();
     [
         (
             &["gamma"],
-            !cosine,
+            !cosine && config.onecycle.is_none(),
             "applies to --scheduler multistep, step, exponential or plateau only",
         ),
         (&["step_size"], step, "applies to --scheduler step only"),
@@ -205,9 +214,27 @@ fn schedule_rules(config: &TrainConfig) -> [Rule; 11] {
             "applies with --warmup-epochs only",
         ),
         (
+            &[
+                "pct_start",
+                "div_factor",
+                "final_div_factor",
+                "anneal_strategy",
+                "three_phase",
+                "cycle_momentum",
+                "no_cycle_momentum",
+            ],
+            config.onecycle.is_some(),
+            "applies to --scheduler onecycle only",
+        ),
+        (
             &["momentum"],
-            kind.has_momentum(),
-            "applies to --optimizer sgd or rmsprop only",
+            kind.has_momentum() && !cycled,
+            match kind.has_momentum() {
+                true => {
+                    "is replaced by --cycle-momentum's cycle with --scheduler onecycle (--no-cycle-momentum keeps it)"
+                }
+                false => "applies to --optimizer sgd or rmsprop only",
+            },
         ),
         (&["nesterov"], sgd, "applies to --optimizer sgd only"),
         (

@@ -17,6 +17,7 @@ mod finetune;
 mod help;
 mod info;
 mod launch;
+mod onecycle;
 mod opts;
 mod output;
 mod params;

@@ -21,6 +21,7 @@ use vggctl::train::schedule::{
 use vggctl::train::{Resume, RunDir, SchedulerKind, Trainer};
 
 use super::data_opts::{DataOpts, streamed_as_rank0};
+use super::onecycle::OneCycleOpts;
 use super::opts::{DistOpts, GraphOpts, NumericsOpts, OtherForms, choice};
 use super::output::{pair, usage, warn, whole};
 use super::progress::{EpochBars, print_header};
@@ -141,6 +142,8 @@ pub struct HyperOpts {
         help_heading = "Schedule"
     )]
     pub warmup_decay: Option<f64>,
+    #[command(flatten)]
+    pub onecycle: OneCycleOpts,
     /// Cross-entropy label smoothing, in [0, 1).
     #[arg(long, default_value_t = 0.0, help_heading = "Optimizer")]
     pub label_smoothing: f64,
@@ -295,6 +298,7 @@ impl HyperOpts {
             cooldown: self.cooldown,
             warmup_epochs: self.warmup_epochs,
             warmup: self.warmup(),
+            onecycle: None,
             label_smoothing: self.label_smoothing,
             seed: self.seed,
             limit_train: self.limit_train,
@@ -336,6 +340,7 @@ impl HyperOpts {
             streamed: None,
         };
         self.recipe.configure(&mut config);
+        self.onecycle.configure(&mut config);
         config
     }
 }

@@ -89,6 +89,16 @@ fn is_default_alpha(v: &f64) -> bool {
 }
 
 impl OptimizerConfig {
+    /// Sets what OneCycleLR's momentum cycling moves: Adam's and AdamW's
+    /// beta1, else the momentum (as PyTorch's scheduler picks `betas` when
+    /// the optimizer has them).
+    pub fn set_cycled_momentum(&mut self, m: f64) {
+        match self.kind.is_adam() {
+            true => self.betas.0 = m,
+            false => self.momentum = m,
+        }
+    }
+
     /// Why torch.optim would refuse these values, or could not train with
     /// them: a momentum, weight decay or eps below 0, not finite or beyond
     /// float32's range (the update's), Nesterov without momentum, Adam's

@@ -248,6 +248,13 @@ impl Optimizer {
         }
     }
 
+    /// The momentum (Adam's beta1) of the updates from now on: OneCycleLR's
+    /// cycled one. Not for a captured CUDA graph, which keeps the value it
+    /// was captured with.
+    pub fn set_cycled_momentum(&mut self, m: f64) {
+        self.cfg.set_cycled_momentum(m);
+    }
+
     /// Scales every step's gradients so their global 2-norm is at most
     /// `max_norm`, as `torch.nn.utils.clip_grad_norm_` does before
     /// `optimizer.step()` (after unscaling, with fp16).

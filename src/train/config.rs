@@ -14,6 +14,7 @@ use crate::numerics::{FusedStep, NumericsRequest, Precision, StepPart};
 use crate::optim::OptimizerConfig;
 
 use super::ema::EmaConfig;
+use super::onecycle::OneCycle;
 pub use super::schedule::{
     DEFAULT_PATIENCE, DEFAULT_STEP_SIZE, SchedulerKind, Warmup, WarmupMethod,
 };
@@ -132,6 +133,9 @@ pub struct TrainConfig {
     /// vggctl's ramp `lr · (epoch + 1) / warmup_epochs`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warmup: Option<Warmup>,
+    /// `--scheduler onecycle`'s values (none with another scheduler).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub onecycle: Option<OneCycle>,
     pub label_smoothing: f64,
     pub seed: u64,
     pub limit_train: Option<i64>,
@@ -410,6 +414,7 @@ pub(crate) mod tests {
             cooldown: 0,
             warmup_epochs: warmup,
             warmup: None,
+            onecycle: None,
             label_smoothing: 0.0,
             seed: 0,
             limit_train: None,

@@ -2,6 +2,8 @@
 //! schedule (`schedule`) and, for ReduceLROnPlateau, the validation losses
 //! of the epochs before it; and the schedules no run can follow.
 
+use anyhow::{Result, bail};
+
 use super::config::TrainConfig;
 use super::schedule::{SchedulerKind, Warmup, WarmupMethod, plateau_lr};
 
@@ -27,7 +29,8 @@ impl TrainConfig {
     /// before it (any others are not read), so that a resumed run's
     /// history gives it back. After a warm-up of `w` epochs the main
     /// schedule counts its own epochs from `w`, as SequentialLR steps it;
-    /// MultiStepLR's milestones stay epochs of the run.
+    /// MultiStepLR's milestones stay epochs of the run. OneCycleLR's is
+    /// that of the epoch's first update (`update_hypers` gives each).
     pub fn lr_at(&self, epoch: usize, val_losses: &[f64]) -> f64 {
         let w = self.warmup_epochs;
         if epoch < w {
@@ -62,6 +65,57 @@ impl TrainConfig {
                 let waits = (self.patience, self.cooldown);
                 plateau_lr(self.lr, self.gamma, self.lr_min, waits, seen)
             }
+            SchedulerKind::Onecycle => {
+                self.onecycle
+                    .unwrap_or_default()
+                    .lr_of_epoch(self.lr, epoch, self.epochs)
+            }
+        }
+    }
+
+    /// Whether the optimizer's momentum changes every update (OneCycleLR's
+    /// cycling): a captured CUDA graph could not follow it.
+    pub fn cycles_momentum(&self) -> bool {
+        self.onecycle.is_some_and(|c| c.momentum.is_some())
+    }
+
+    /// Fixes OneCycleLR's updates per epoch from `images` per rank (a new
+    /// run's), or checks that a resumed run's data gives the number it
+    /// recorded; then that the run's updates make a schedule.
+    pub fn settle_onecycle(&mut self, images: i64) -> Result<()> {
+        let Some(c) = &mut self.onecycle else {
+            return Ok(());
+        };
+        let steps = (images / self.batch_size + i64::from(images % self.batch_size != 0)) as usize;
+        let updates = steps.div_ceil(self.accum_steps.max(1));
+        match c.steps_per_epoch {
+            0 => c.steps_per_epoch = updates,
+            s if s != updates => bail!(
+                "the run's onecycle schedule counts {s} updates per epoch, and its data now gives {updates}: continue it with the data and ranks it started with"
+            ),
+            _ => {}
+        }
+        if let Some(problem) = c.total_problem(self.epochs * updates) {
+            bail!("{problem}");
+        }
+        Ok(())
+    }
+
+    /// The LR and the cycled momentum (OneCycleLR's; none for the other
+    /// schedules, whose momentum is the optimizer's) of the `update`-th
+    /// optimizer update of `epoch`.
+    pub fn update_hypers(
+        &self,
+        epoch: usize,
+        update: usize,
+        val_losses: &[f64],
+    ) -> (f64, Option<f64>) {
+        match (self.scheduler, self.onecycle) {
+            (SchedulerKind::Onecycle, Some(c)) => {
+                let s = c.steps_per_epoch;
+                c.at(self.lr, epoch * s + update, self.epochs * s)
+            }
+            _ => (self.lr_at(epoch, val_losses), None),
         }
     }
 
@@ -70,6 +124,16 @@ impl TrainConfig {
     /// schedule is monotone between them; ReduceLROnPlateau never rises) beyond float32's range, which the
     /// update computes in (libtorch refuses to convert it).
     pub fn lr_problem(&self) -> Option<String> {
+        if self.scheduler == SchedulerKind::Onecycle {
+            // OneCycleLR peaks at --lr, its max_lr.
+            return (self.lr > f32::MAX as f64).then(|| {
+                format!(
+                    "the learning rate reaches {:.3e} at its peak, beyond float32's largest value {:.3e}, in which the weights are updated",
+                    self.lr,
+                    f32::MAX
+                )
+            });
+        }
         let last = self.epochs.max(1) - 1;
         let w = self.warmup_epochs;
         let (epoch, lr) = [0, w.saturating_sub(1), w, last]

@@ -21,6 +21,7 @@ mod epoch_end;
 mod feed;
 pub mod graphed;
 mod lr;
+pub mod onecycle;
 pub mod profile;
 pub mod run_dir;
 pub mod schedule;
@@ -137,8 +138,9 @@ pub struct Trainer<'a> {
 }
 
 /// The CUDA graphs a run replays, where its numerics graph: the training
-/// step (not with accumulation, whose steps update every few batches),
-/// evaluation, and the moving average's evaluation.
+/// step (not with accumulation, whose steps update every few batches, nor
+/// with OneCycleLR's momentum, which changes every update), evaluation,
+/// and the moving average's evaluation.
 type Graphs = (Option<GraphedStep>, Option<EvalGraph>, Option<EvalGraph>);
 
 fn graphs(numerics: &Numerics, config: &TrainConfig, device: Device) -> Result<Graphs> {
@@ -150,7 +152,7 @@ fn graphs(numerics: &Numerics, config: &TrainConfig, device: Device) -> Result<G
         })
     };
     Ok((
-        match numerics.cuda_graphs && config.accum_steps <= 1 {
+        match numerics.cuda_graphs && config.accum_steps <= 1 && !config.cycles_momentum() {
             true => Some(GraphedStep::new(device)?),
             false => None,
         },
@@ -395,7 +397,10 @@ impl<'a> Trainer<'a> {
         updates: bool,
     ) -> Result<(Tensor, Tensor, i64)> {
         let cfg = &self.state.config;
-        let lr = self.state.lr_at(self.state.epoch);
+        let (lr, momentum) = self.state.update_hypers(step / cfg.accum_steps.max(1));
+        if let Some(m) = momentum {
+            self.opt.set_cycled_momentum(m);
+        }
         let dev = self.model.device();
         let warm = self.graph.as_ref().is_none_or(|g| g.warmed_up());
         self.ops.before_step(warm)?;
@@ -483,9 +488,15 @@ impl<'a> Trainer<'a> {
         Ok((loss.detach(), correct))
     }
 
-    /// What this run computes with, for `metrics.jsonl` and the log.
+    /// What this run computes with, for `metrics.jsonl` and the log; CUDA
+    /// graphs for evaluation only where the training step runs eagerly
+    /// (accumulation, OneCycleLR's cycled momentum).
     pub fn ran_as(&self) -> String {
-        self.numerics.ran_as(None)
+        let s = self.numerics.ran_as(None);
+        match self.numerics.cuda_graphs && self.graph.is_none() {
+            true => format!("{s} (evaluation only)"),
+            false => s,
+        }
     }
 
     /// Reads the pending per-step values, stops on a non-finite loss (naming

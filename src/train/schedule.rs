@@ -3,7 +3,8 @@
 //! LinearLR / ConstantLR from a factor, joined to the main schedule by
 //! SequentialLR as torchvision's reference `train.py` joins them), then
 //! MultiStepLR, cosine annealing, StepLR or ExponentialLR; or
-//! ReduceLROnPlateau on the validation loss, which no warm-up precedes.
+//! ReduceLROnPlateau on the validation loss, or OneCycleLR over the run's
+//! updates (`onecycle`), which no warm-up precedes.
 
 use crate::num::Num;
 use serde::{Deserialize, Serialize};
@@ -18,6 +19,7 @@ pub enum SchedulerKind {
     Step,
     Exponential,
     Plateau,
+    Onecycle,
 }
 
 impl Choice for SchedulerKind {
@@ -27,6 +29,7 @@ impl Choice for SchedulerKind {
         SchedulerKind::Step,
         SchedulerKind::Exponential,
         SchedulerKind::Plateau,
+        SchedulerKind::Onecycle,
     ];
     fn name(self) -> &'static str {
         match self {
@@ -35,6 +38,7 @@ impl Choice for SchedulerKind {
             SchedulerKind::Step => "step",
             SchedulerKind::Exponential => "exponential",
             SchedulerKind::Plateau => "plateau",
+            SchedulerKind::Onecycle => "onecycle",
         }
     }
     fn help(self) -> &'static str {
@@ -50,6 +54,9 @@ impl Choice for SchedulerKind {
             SchedulerKind::Plateau => {
                 "ReduceLROnPlateau: the LR times --gamma (below 1) once the validation loss has not improved for more than --patience epochs, then --cooldown epochs before counting again; never below --lr-min"
             }
+            SchedulerKind::Onecycle => {
+                "OneCycleLR, stepped after every update: from --lr/--div-factor up to --lr over the first --pct-start of the run, then down to that over --final-div-factor, the momentum (Adam's beta1) cycled the other way (--cycle-momentum)"
+            }
         }
     }
     /// torchvision's reference `--lr-scheduler` names.
@@ -60,6 +67,7 @@ impl Choice for SchedulerKind {
             SchedulerKind::Step => &["steplr"],
             SchedulerKind::Exponential => &["exponentiallr"],
             SchedulerKind::Plateau => &["reducelronplateau"],
+            SchedulerKind::Onecycle => &["onecyclelr"],
         }
     }
 }

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::{Result, bail};
+use anyhow::{Result, anyhow, bail};
 use tch::{Kind, Tensor};
 
 use crate::data::Dataset;
@@ -25,16 +25,26 @@ pub type Resume = (TrainState, BTreeMap<String, Tensor>);
 pub type OptimizerState = (String, BTreeMap<String, Tensor>);
 
 /// The first state of a run: a fresh one, or the saved one (with `config`'s
-/// changes) after loading its weights into `model`. Returns the optimizer
+/// changes) after loading its weights into `model`, OneCycleLR's updates
+/// per epoch settled from the data. Returns the optimizer
 /// tensors still to load, with the file they came from.
 pub fn start_state(
-    config: TrainConfig,
+    mut config: TrainConfig,
     data: &Dataset,
     model: &mut Vgg,
     resume: Option<Resume>,
     run_dir: &RunDir,
 ) -> Result<(TrainState, Option<OptimizerState>)> {
+    let per_rank = |c: &TrainConfig| {
+        let sampler = Sampler {
+            rank: 0,
+            size: c.world_size.max(1),
+            repeats: c.ra_reps,
+        };
+        sampler.len(data.train.len())
+    };
     let Some((saved, tensors)) = resume else {
+        config.settle_onecycle(per_rank(&config))?;
         let state = TrainState {
             config,
             class_names: data.classes.clone(),
@@ -55,12 +65,7 @@ pub fn start_state(
     };
     let source = run_dir.resume().display().to_string();
     let b = saved.config.batch_size as u128;
-    let sampler = Sampler {
-        rank: 0,
-        size: saved.config.world_size.max(1),
-        repeats: saved.config.ra_reps,
-    };
-    let n = sampler.len(data.train.len()) as u128;
+    let n = per_rank(&saved.config) as u128;
     if saved.step as u128 * b > n {
         bail!(
             "{source}: step {} of epoch {} is past the end of an epoch of {n} images at batch {b}; the file does not belong to this data",
@@ -74,6 +79,9 @@ pub fn start_state(
         .map(|(k, v)| (k.clone(), v.shallow_clone()))
         .collect();
     model.load_state_dict(&source, &weights, Values::FiniteOnly)?;
+    config
+        .settle_onecycle(n as i64)
+        .map_err(|e| anyhow!("{source}: {e}"))?;
     Ok((TrainState { config, ..saved }, Some((source, tensors))))
 }
 

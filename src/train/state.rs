@@ -113,11 +113,21 @@ impl TrainState {
     /// before it in `history` (gathered for that scheduler only: this runs
     /// every step).
     pub fn lr_at(&self, epoch: usize) -> f64 {
-        let losses: Vec<f64> = match self.config.scheduler {
+        self.config.lr_at(epoch, &self.val_losses())
+    }
+
+    /// The LR and the cycled momentum (OneCycleLR's) of the `update`-th
+    /// optimizer update of the epoch in progress.
+    pub fn update_hypers(&self, update: usize) -> (f64, Option<f64>) {
+        self.config
+            .update_hypers(self.epoch, update, &self.val_losses())
+    }
+
+    fn val_losses(&self) -> Vec<f64> {
+        match self.config.scheduler {
             SchedulerKind::Plateau => self.history.iter().map(|m| m.test_loss).collect(),
             _ => Vec::new(),
-        };
-        self.config.lr_at(epoch, &losses)
+        }
     }
 
     /// What a saved state must say to be continued: a usable model file's
@@ -201,6 +211,15 @@ fn check_schedule(c: &TrainConfig) -> Result<()> {
             Num(c.gamma),
             c.warmup_epochs
         );
+    }
+    let onecycle = c.scheduler == SchedulerKind::Onecycle;
+    if onecycle != c.onecycle.is_some() || (onecycle && c.warmup_epochs > 0) {
+        bail!(
+            "the onecycle scheduler takes its onecycle values and no warmup_epochs, and no other scheduler takes them"
+        );
+    }
+    if let Some(problem) = c.onecycle.and_then(|o| o.problem(str::to_string)) {
+        bail!("{problem}");
     }
     if let Some(problem) = c.lr_problem() {
         bail!("{problem}");
