@@ -384,28 +384,30 @@ int vggctl_fused_sgd(at::Tensor *const *params, at::Tensor *const *grads, at::Te
 
 // libtorch's fused Adam over `n` tensors of one parameter group: AdamW's
 // decoupled weight decay (`_fused_adamw_`) when `decoupled`, else Adam's L2
-// term added to the gradient (`_fused_adam_`). `step` is the float count of
-// updates taken, this one included, on the parameters' device, shared by
-// all of them.
+// term added to the gradient (`_fused_adam_`); AMSGrad where
+// `max_exp_avg_sqs` is not null (the largest second moments so far). `step`
+// is the float count of updates taken, this one included, on the
+// parameters' device, shared by all of them.
 int vggctl_fused_adam(at::Tensor *const *params, at::Tensor *const *grads,
-                      at::Tensor *const *exp_avgs, at::Tensor *const *exp_avg_sqs, size_t n,
-                      at::Tensor *step, at::Tensor *lr, double beta1, double beta2,
-                      double weight_decay, double eps, int decoupled, at::Tensor *found_inf,
-                      char *err, size_t len) {
+                      at::Tensor *const *exp_avgs, at::Tensor *const *exp_avg_sqs,
+                      at::Tensor *const *max_exp_avg_sqs, size_t n, at::Tensor *step,
+                      at::Tensor *lr, double beta1, double beta2, double weight_decay,
+                      double eps, int decoupled, at::Tensor *found_inf, char *err, size_t len) {
   return guarded(err, len, [&] {
     std::optional<at::Tensor> found;
     if (found_inf != nullptr) found = *found_inf;
     std::vector<at::Tensor> steps(n, *step);
     auto ps = tensor_list(params, n), gs = tensor_list(grads, n);
     auto m1 = tensor_list(exp_avgs, n), m2 = tensor_list(exp_avg_sqs, n);
+    bool amsgrad = max_exp_avg_sqs != nullptr;
+    std::vector<at::Tensor> maxes;
+    if (amsgrad) maxes = tensor_list(max_exp_avg_sqs, n);
     if (decoupled != 0) {
-      at::_fused_adamw_(ps, gs, m1, m2, /*max_exp_avg_sqs=*/{}, steps, *lr, beta1, beta2,
-                        weight_decay, eps, /*amsgrad=*/false, /*maximize=*/false,
-                        /*grad_scale=*/std::nullopt, found);
+      at::_fused_adamw_(ps, gs, m1, m2, maxes, steps, *lr, beta1, beta2, weight_decay, eps,
+                        amsgrad, /*maximize=*/false, /*grad_scale=*/std::nullopt, found);
     } else {
-      at::_fused_adam_(ps, gs, m1, m2, /*max_exp_avg_sqs=*/{}, steps, *lr, beta1, beta2,
-                       weight_decay, eps, /*amsgrad=*/false, /*maximize=*/false,
-                       /*grad_scale=*/std::nullopt, found);
+      at::_fused_adam_(ps, gs, m1, m2, maxes, steps, *lr, beta1, beta2, weight_decay, eps,
+                       amsgrad, /*maximize=*/false, /*grad_scale=*/std::nullopt, found);
     }
   });
 }

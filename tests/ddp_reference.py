@@ -2,8 +2,8 @@
 launched by torchrun like vggctl: DistributedDataParallel over Gloo, each
 epoch's order split by torch.utils.data.DistributedSampler, SGD with
 momentum and weight decay (or --optimizer adam|adamw: torch.optim.Adam or
-AdamW with --betas B1,B2 and --eps; rmsprop: torch.optim.RMSprop with
---alpha, --eps and --momentum), and the same per-rank random draws (dropout)
+AdamW with --betas B1,B2, --eps and --amsgrad; rmsprop: torch.optim.RMSprop
+with --alpha, --eps, --momentum and --centered), and the same per-rank random draws (dropout)
 because every step seeds the generator as vggctl does. Rank 0 writes the
 final state dict.
 
@@ -185,6 +185,8 @@ def main():
     p.add_argument("--alpha", type=float, default=0.99)
     p.add_argument("--betas", default="0.9,0.999")
     p.add_argument("--eps", type=float, default=1e-8)
+    p.add_argument("--amsgrad", action="store_true")
+    p.add_argument("--centered", action="store_true")
     p.add_argument("--scheduler", choices=["none", "onecycle"], default="none")
     p.add_argument("--pct-start", type=float, default=0.3)
     p.add_argument("--div-factor", type=float, default=25.0)
@@ -209,11 +211,11 @@ def main():
         opt = torch.optim.SGD(groups, lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay)
     elif a.optimizer == "rmsprop":
         opt = torch.optim.RMSprop(groups, lr=a.lr, alpha=a.alpha, eps=a.eps, momentum=a.momentum,
-                                  weight_decay=a.weight_decay)
+                                  weight_decay=a.weight_decay, centered=a.centered)
     else:
         adam = torch.optim.Adam if a.optimizer == "adam" else torch.optim.AdamW
         betas = tuple(float(b) for b in a.betas.split(","))
-        opt = adam(groups, lr=a.lr, betas=betas, eps=a.eps, weight_decay=a.weight_decay)
+        opt = adam(groups, lr=a.lr, betas=betas, eps=a.eps, weight_decay=a.weight_decay, amsgrad=a.amsgrad)
     images, labels = train_split(a.data, a.limit_train)
     x_all = normalize(images, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
     n = len(labels)

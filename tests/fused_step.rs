@@ -69,6 +69,8 @@ fn sgd() -> OptimizerConfig {
         alpha: DEFAULT_ALPHA,
         norm_weight_decay: None,
         bias_weight_decay: None,
+        amsgrad: false,
+        centered: false,
     }
 }
 

@@ -188,11 +188,14 @@ fn waits_for_the_gpu_are_bounded() {
 #[ignore = "needs a CUDA GPU (scripts/gpu-check runs it)"]
 fn loss_scaling_runs_on_the_device() {
     assert!(tch::Cuda::is_available(), "{GPU}");
-    for kind in [
-        OptimizerKind::Sgd,
-        OptimizerKind::Adam,
-        OptimizerKind::Adamw,
-        OptimizerKind::Rmsprop,
+    // The variants: AMSGrad (Adam, AdamW), centered (RMSprop).
+    for (kind, variant) in [
+        (OptimizerKind::Sgd, false),
+        (OptimizerKind::Adam, false),
+        (OptimizerKind::Adam, true),
+        (OptimizerKind::Adamw, true),
+        (OptimizerKind::Rmsprop, false),
+        (OptimizerKind::Rmsprop, true),
     ] {
         let cfg = OptimizerConfig {
             kind,
@@ -204,6 +207,8 @@ fn loss_scaling_runs_on_the_device() {
             alpha: DEFAULT_ALPHA,
             norm_weight_decay: None,
             bias_weight_decay: None,
+            amsgrad: variant,
+            centered: variant,
         };
         // The same steps on the CPU and on the GPU.
         let run = |dev: Device| {

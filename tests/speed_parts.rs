@@ -23,6 +23,8 @@ fn sgd(nesterov: bool) -> OptimizerConfig {
         alpha: DEFAULT_ALPHA,
         norm_weight_decay: None,
         bias_weight_decay: None,
+        amsgrad: false,
+        centered: false,
     }
 }
 
@@ -50,6 +52,8 @@ fn adam(kind: OptimizerKind) -> OptimizerConfig {
         alpha: DEFAULT_ALPHA,
         norm_weight_decay: None,
         bias_weight_decay: None,
+        amsgrad: false,
+        centered: false,
     }
 }
 
@@ -232,16 +236,28 @@ fn rmsprop(momentum: f64) -> OptimizerConfig {
     }
 }
 
-/// Each update rule, SGD with and without Nesterov, RMSprop with and
-/// without momentum.
-fn every_rule() -> [OptimizerConfig; 6] {
+/// Each update rule, SGD with and without Nesterov, Adam and AdamW with
+/// and without AMSGrad, RMSprop with and without momentum, and centered.
+fn every_rule() -> [OptimizerConfig; 9] {
     [
         sgd(false),
         sgd(true),
         adam(OptimizerKind::Adam),
         adamw(),
+        OptimizerConfig {
+            amsgrad: true,
+            ..adam(OptimizerKind::Adam)
+        },
+        OptimizerConfig {
+            amsgrad: true,
+            ..adamw()
+        },
         rmsprop(0.9),
         rmsprop(0.0),
+        OptimizerConfig {
+            centered: true,
+            ..rmsprop(0.9)
+        },
     ]
 }
 
@@ -301,6 +317,8 @@ fn fused_channels_last_matches_contiguous() {
 fn reference_update(cfg: &OptimizerConfig, p0: &[f64], grads: &[Vec<f64>], lr: f64) -> Vec<f64> {
     let mut p = p0.to_vec();
     let (mut m, mut v) = (vec![0.0; p.len()], vec![0.0; p.len()]);
+    // AMSGrad's largest second moment; centered RMSprop's gradient average.
+    let mut third = vec![0.0; p.len()];
     for (t, g) in grads.iter().enumerate() {
         let t = (t + 1) as i32;
         for i in 0..p.len() {
@@ -318,7 +336,12 @@ fn reference_update(cfg: &OptimizerConfig, p0: &[f64], grads: &[Vec<f64>], lr: f
                 OptimizerKind::Rmsprop => {
                     let g = g[i] + cfg.weight_decay * p[i];
                     v[i] = cfg.alpha * v[i] + (1.0 - cfg.alpha) * g * g;
-                    let step = g / (v[i].sqrt() + cfg.eps);
+                    let mut avg = v[i];
+                    if cfg.centered {
+                        third[i] = cfg.alpha * third[i] + (1.0 - cfg.alpha) * g;
+                        avg -= third[i] * third[i];
+                    }
+                    let step = g / (avg.sqrt() + cfg.eps);
                     m[i] = cfg.momentum * m[i] + step;
                     p[i] -= lr * if cfg.momentum != 0.0 { m[i] } else { step };
                 }
@@ -333,7 +356,9 @@ fn reference_update(cfg: &OptimizerConfig, p0: &[f64], grads: &[Vec<f64>], lr: f
                     m[i] = b1 * m[i] + (1.0 - b1) * g;
                     v[i] = b2 * v[i] + (1.0 - b2) * g * g;
                     let (bc1, bc2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
-                    let denom = v[i].sqrt() / bc2.sqrt() + cfg.eps;
+                    third[i] = third[i].max(v[i]);
+                    let second = if cfg.amsgrad { third[i] } else { v[i] };
+                    let denom = second.sqrt() / bc2.sqrt() + cfg.eps;
                     p[i] -= lr / bc1 * m[i] / denom;
                 }
             }

@@ -190,6 +190,41 @@ def test_rmsprop_equals_torch_optim(runs, rmsprops, momentum, update):
     assert apart(rmsprops["0.9"], rmsprops["0"]) > 1e-3, "the momentum changed nothing: the test proves nothing"
 
 
+# AdamW over 4 steps (AMSGrad's largest second moment takes a few to
+# differ from the last); RMSprop with momentum, centered.
+AMSGRAD = ["--optimizer", "adamw", "--lr", "0.001", "--betas", "0.8,0.99", "--eps", "1e-6", "--weight-decay", "0.5",
+           "--batch-size", "16"]
+CENTERED = [*RMSPROP, "--momentum", "0.9", "--centered"]
+
+
+@pytest.fixture(scope="module")
+def variants(runs):
+    """torch.optim.AdamW(amsgrad=True) and without, and
+    torch.optim.RMSprop(centered=True), on the same run."""
+    tmp, init, _, _ = runs
+    return {"amsgrad": reference(tmp, init, str(tmp / "amsgrad-ref.safetensors"), *AMSGRAD, "--amsgrad", epochs=1),
+            "adamw": reference(tmp, init, str(tmp / "adamw16-ref.safetensors"), *AMSGRAD, epochs=1),
+            "centered": reference(tmp, init, str(tmp / "centered-ref.safetensors"), *CENTERED, epochs=1)}
+
+
+@pytest.mark.parametrize("variant, update", [("amsgrad", "fused"), ("amsgrad", "per-parameter"),
+                                             ("centered", "fused"), ("centered", "per-parameter")])
+def test_amsgrad_and_centered_rmsprop_equal_torch_optim(runs, rmsprops, variants, variant, update):
+    """--amsgrad is torch.optim's amsgrad (AdamW here: libtorch's fused
+    kernel with its largest second moments, and per parameter), --centered
+    RMSprop's centered form (the squared average less the square of the
+    gradients' average): the weights within 1e-5 relative, each variant
+    more than 1e-4 from the plain rule."""
+    tmp, init, _, _ = runs
+    flags = [*AMSGRAD, "--amsgrad"] if variant == "amsgrad" else CENTERED
+    extra = ["--no-fused"] if update == "per-parameter" else []
+    ours = vggctl_train(tmp / f"{variant}-{update}", init, *flags, *extra, epochs=1)
+    assert set(ours) == set(variants[variant])
+    assert apart(ours, variants[variant]) < 1e-5, apart(ours, variants[variant])
+    plain = variants["adamw"] if variant == "amsgrad" else rmsprops["0.9"]
+    assert apart(variants[variant], plain) > 1e-4, "the variant changed nothing: the test proves nothing"
+
+
 # name: (vggctl's flags, the reference's, epochs). SGD over 2 epochs of 4
 # updates with the momentum cycled (OneCycleLR's defaults); three linear
 # phases without cycling, 2 updates an epoch through accumulation; Adam
@@ -428,8 +463,8 @@ def test_options_a_run_has_no_use_for_are_named_once_each(tmp_path):
         ("--warmup-decay", "applies with --warmup-epochs only"),
         ("--pct-start", "applies to --scheduler onecycle only"),
         ("--three-phase", "applies to --scheduler onecycle only"),
-        ("--momentum", "applies to --optimizer sgd or rmsprop only"), ("--nesterov", sgd),
         ("--milestones", step),
+        ("--momentum", "applies to --optimizer sgd or rmsprop only"), ("--nesterov", sgd),
         ("--norm-weight-decay", "applies to BatchNorm's parameters, and the model has none (--bn adds them)"),
         ("--dropout", "applies to the classifier's Dropout layers, and the gap head has none"),
         ("--val-dir", "applies to --dataset folder only"),
@@ -442,14 +477,14 @@ def test_options_a_run_has_no_use_for_are_named_once_each(tmp_path):
     assert r.returncode == 0 and "is ignored" not in r.stderr, r.stderr
     # Adam's and RMSprop's own options with SGD (the default); with each,
     # only the other's (and Nesterov) are unused.
-    own = ["--betas", "0.8,0.9", "--eps", "1e-6", "--alpha", "0.9", "--momentum", "0.5"]
-    for kind, flags in [("sgd", ["--betas", "--eps", "--alpha"]), ("adam", ["--momentum", "--alpha"]),
-                        ("rmsprop", ["--betas"])]:
+    own = ["--betas", "0.8,0.9", "--eps", "1e-6", "--alpha", "0.9", "--momentum", "0.5", "--amsgrad", "--centered"]
+    for kind, flags in [("sgd", ["--betas", "--eps", "--alpha", "--centered", "--amsgrad"]),
+                        ("adam", ["--momentum", "--alpha", "--centered"]), ("rmsprop", ["--betas", "--amsgrad"])]:
         r = subprocess.run([BIN, *common, *own, "--optimizer", kind, "--out", str(tmp_path / kind)],
                            capture_output=True, text=True, timeout=120, env=ENV)
         assert r.returncode == 0, r.stderr
         why = {"--betas": "adam or adamw", "--eps": "adam, adamw or rmsprop", "--alpha": "rmsprop",
-               "--momentum": "sgd or rmsprop"}
+               "--momentum": "sgd or rmsprop", "--centered": "rmsprop", "--amsgrad": "adam or adamw"}
         assert [line for line in r.stderr.splitlines() if "is ignored" in line] == [
             f"warning: {flag} is ignored: it applies to --optimizer {why[flag]} only" for flag in flags], kind
     # OneCycleLR has no gamma, and its cycle replaces SGD's momentum unless

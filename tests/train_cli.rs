@@ -408,14 +408,15 @@ fn train_small(out: &Path, extra: &[&str]) -> common::Run {
     train_on_digits(&SMALL, out, &args)
 }
 
-/// Adam's state (both moments, by parameter name) and its step count, which
-/// its bias correction reads, survive a resume, and so do RMSprop's
-/// squared average and momentum buffer: 1 epoch then `--resume` to 2 ends
+/// Adam's state (both moments and AMSGrad's largest second moments, by
+/// parameter name) and its step count, which its bias correction reads,
+/// survive a resume, and so do centered RMSprop's squared average,
+/// gradient average and momentum buffer: 1 epoch then `--resume` to 2 ends
 /// with the weights of 2 in one go, bit for bit.
 #[test]
 fn adam_and_rmsprop_runs_resume_exactly() {
     let tmp = common::tempdir();
-    for kind in ["adam", "rmsprop"] {
+    for (kind, variant) in [("adam", "--amsgrad"), ("rmsprop", "--centered")] {
         let args = [
             "--arch",
             "vgg11",
@@ -427,6 +428,7 @@ fn adam_and_rmsprop_runs_resume_exactly() {
             "16",
             "--optimizer",
             kind,
+            variant,
             "--lr",
             "0.001",
             "--quiet",

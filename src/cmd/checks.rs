@@ -154,6 +154,7 @@ fn option_rules(config: &TrainConfig) -> Vec<Rule> {
     [
         &augment_rules(config)[..],
         &schedule_rules(config),
+        &optimizer_rules(config),
         &model_and_data_rules(config),
     ]
     .concat()
@@ -182,15 +183,12 @@ fn augment_rules(config: &TrainConfig) -> [Rule; 4] {
     ]
 }
 
-/// The LR schedule's and the optimizer's.
-fn schedule_rules(config: &TrainConfig) -> [Rule; 12] {
-    let kind = config.optimizer.kind;
-    let (sgd, rmsprop) = (kind == OptimizerKind::Sgd, kind == OptimizerKind::Rmsprop);
+/// The LR schedule's.
+fn schedule_rules(config: &TrainConfig) -> [Rule; 7] {
     let multistep = config.scheduler == SchedulerKind::Multistep;
     let cosine = config.scheduler == SchedulerKind::Cosine;
     let step = config.scheduler == SchedulerKind::Step;
     let plateau = config.scheduler == SchedulerKind::Plateau;
-    let cycled = config.cycles_momentum();
     [
         (
             &["gamma"],
@@ -227,6 +225,20 @@ fn schedule_rules(config: &TrainConfig) -> [Rule; 12] {
             "applies to --scheduler onecycle only",
         ),
         (
+            &["milestones"],
+            multistep,
+            "applies to --scheduler multistep only",
+        ),
+    ]
+}
+
+/// The optimizer's (the momentum's too, which OneCycleLR may cycle).
+fn optimizer_rules(config: &TrainConfig) -> [Rule; 6] {
+    let kind = config.optimizer.kind;
+    let (sgd, rmsprop) = (kind == OptimizerKind::Sgd, kind == OptimizerKind::Rmsprop);
+    let cycled = config.cycles_momentum();
+    [
+        (
             &["momentum"],
             kind.has_momentum() && !cycled,
             match kind.has_momentum() {
@@ -247,11 +259,15 @@ fn schedule_rules(config: &TrainConfig) -> [Rule; 12] {
             kind.is_adam() || rmsprop,
             "applies to --optimizer adam, adamw or rmsprop only",
         ),
-        (&["alpha"], rmsprop, "applies to --optimizer rmsprop only"),
         (
-            &["milestones"],
-            multistep,
-            "applies to --scheduler multistep only",
+            &["alpha", "centered"],
+            rmsprop,
+            "applies to --optimizer rmsprop only",
+        ),
+        (
+            &["amsgrad"],
+            kind.is_adam(),
+            "applies to --optimizer adam or adamw only",
         ),
     ]
 }

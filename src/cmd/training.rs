@@ -64,6 +64,13 @@ pub struct HyperOpts {
         help_heading = "Optimizer"
     )]
     pub eps: f64,
+    /// Adam, AdamW: the AMSGrad variant (torch.optim's amsgrad).
+    #[arg(long, help_heading = "Optimizer")]
+    pub amsgrad: bool,
+    /// RMSprop: the centered variant, normalized by the gradients'
+    /// estimated variance (torch.optim's centered).
+    #[arg(long, help_heading = "Optimizer")]
+    pub centered: bool,
     /// L2 penalty (SGD, Adam, RMSprop) or decoupled weight decay (AdamW).
     #[arg(long, alias = "wd", default_value_t = 5e-4, help_heading = "Optimizer")]
     pub weight_decay: f64,
@@ -262,6 +269,8 @@ impl HyperOpts {
             alpha: self.alpha,
             norm_weight_decay: self.norm_weight_decay,
             bias_weight_decay: self.bias_weight_decay,
+            amsgrad: self.amsgrad,
+            centered: self.centered,
         }
     }
 

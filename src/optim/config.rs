@@ -75,6 +75,18 @@ pub struct OptimizerConfig {
     /// (torchvision's `--bias-weight-decay`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bias_weight_decay: Option<f64>,
+    /// Adam's and AdamW's AMSGrad: the denominator from the largest second
+    /// moment so far (torch.optim's `amsgrad`).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub amsgrad: bool,
+    /// RMSprop's centered form: the squared average less the square of
+    /// the gradients' average (torch.optim's `centered`).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub centered: bool,
+}
+
+fn is_false(v: &bool) -> bool {
+    !*v
 }
 
 /// RMSprop's default `alpha` (PyTorch's).

@@ -93,7 +93,7 @@ impl Optimizer {
                     &shim::Group {
                         params: &params,
                         grads: &grads,
-                        state: [&momentum, &[]],
+                        state: [&momentum, &[], &[]],
                     },
                     &self.lr,
                     &shim::SgdHyper {
@@ -110,7 +110,15 @@ impl Optimizer {
                 &shim::Group {
                     params: &params,
                     grads: &grads,
-                    state: [&runs(&self.buf1), &runs(&self.buf2)],
+                    state: [
+                        &runs(&self.buf1),
+                        &runs(&self.buf2),
+                        // AMSGrad's (empty without).
+                        &match self.buf3.numel() {
+                            0 => Vec::new(),
+                            _ => runs(&self.buf3),
+                        },
+                    ],
                 },
                 &self.step,
                 &self.lr,
@@ -141,20 +149,19 @@ impl Optimizer {
                         .g_add_(&(flat.narrow(0, at, n) * group.decay));
                 }
             }
-            let before = found_inf.map(|_| [flat.copy(), self.buf1.copy(), self.buf2.copy()]);
+            let mut now = [&self.buf1, &self.buf2, &self.buf3].map(Tensor::shallow_clone);
+            let before =
+                found_inf.map(|_| [flat.copy(), now[0].copy(), now[1].copy(), now[2].copy()]);
             let cfg = OptimizerConfig {
                 weight_decay: 0.0,
                 ..self.cfg.clone()
             };
-            let (mut p, mut b1, mut b2) = (
-                flat.shallow_clone(),
-                self.buf1.shallow_clone(),
-                self.buf2.shallow_clone(),
-            );
-            super::apply_update(&cfg, &self.lr, &self.step, &mut p, &g, &mut b1, &mut b2);
+            let mut p = flat.shallow_clone();
+            super::apply_update(&cfg, &self.lr, &self.step, &mut p, &g, &mut now);
             if let (Some(found), Some(before)) = (found_inf, before) {
                 let clean = found.eq(0.0);
-                for (mut now, was) in [p, b1, b2].into_iter().zip(before) {
+                let [b1, b2, b3] = now;
+                for (mut now, was) in [p, b1, b2, b3].into_iter().zip(before) {
                     let kept = now.where_self(&clean, &was);
                     now.copy_(&kept);
                 }

@@ -1,6 +1,7 @@
 //! SGD (PyTorch's semantics: weight decay added to the gradient, momentum
 //! buffer, optional Nesterov), Adam (the same L2 term), AdamW (decoupled
-//! weight decay) and RMSprop (L2, optional momentum), with their state in
+//! weight decay), both optionally AMSGrad, and RMSprop (L2, optional
+//! momentum, optionally centered), with their state in
 //! tensors this module owns, so that a checkpoint can save and restore it
 //! exactly.
 //!
@@ -93,6 +94,9 @@ pub struct Optimizer {
     /// Adam(W): second moment. RMSprop: its momentum buffer (empty without
     /// momentum, and for SGD).
     buf2: Tensor,
+    /// Adam(W) with AMSGrad: the largest second moment so far. Centered
+    /// RMSprop: the gradients' average. Empty otherwise.
+    buf3: Tensor,
     /// The learning rate of the update in progress and the number of
     /// updates taken (Adam's bias correction), 0-dim on the parameters'
     /// device: a captured CUDA graph reads their current values, and a
@@ -118,19 +122,19 @@ struct DeviceScaler {
     growth_interval: i64,
 }
 
-/// One update of `p` with gradient `g` and its state `b1`, `b2`, op by op:
-/// the per-parameter reference the fused kernels are tested against. The
-/// learning rate and the step number are 0-dim tensors on the parameters'
-/// device.
+/// One update of `p` with gradient `g` and its state (`buf1`, `buf2`,
+/// `buf3` of [`Optimizer`], or views of them), op by op: the per-parameter
+/// reference the fused kernels are tested against. The learning rate and
+/// the step number are 0-dim tensors on the parameters' device.
 fn apply_update(
     cfg: &OptimizerConfig,
     lr: &Tensor,
     step: &Tensor,
     p: &mut Tensor,
     g: &Tensor,
-    b1: &mut Tensor,
-    b2: &mut Tensor,
+    state: &mut [Tensor; 3],
 ) {
+    let [b1, b2, b3] = state;
     match cfg.kind {
         OptimizerKind::Sgd => {
             let mut d = if cfg.weight_decay != 0.0 {
@@ -156,7 +160,15 @@ fn apply_update(
             let _ = b1
                 .g_mul_scalar_(cfg.alpha)
                 .g_add_(&(&g * &g * (1.0 - cfg.alpha)));
-            let avg = b1.sqrt() + cfg.eps;
+            let avg = match cfg.centered {
+                true => {
+                    let _ = b3
+                        .g_mul_scalar_(cfg.alpha)
+                        .g_add_(&(&g * (1.0 - cfg.alpha)));
+                    (&*b1 - &*b3 * &*b3).sqrt() + cfg.eps
+                }
+                false => b1.sqrt() + cfg.eps,
+            };
             let d = if cfg.momentum != 0.0 {
                 let _ = b2.g_mul_scalar_(cfg.momentum).g_add_(&(&g / &avg));
                 b2.shallow_clone()
@@ -181,7 +193,15 @@ fn apply_update(
             let bc1 = -Tensor::pow_scalar(beta1, &t) + 1.0;
             let bc2 = -Tensor::pow_scalar(beta2, &t) + 1.0;
             let step_size = (lr.to_kind(Kind::Double) / bc1).to_kind(p.kind());
-            let denom = b2.sqrt() / bc2.sqrt().to_kind(p.kind()) + cfg.eps;
+            let second = match cfg.amsgrad {
+                true => {
+                    let largest = b3.maximum(b2);
+                    b3.copy_(&largest);
+                    b3.shallow_clone()
+                }
+                false => b2.shallow_clone(),
+            };
+            let denom = second.sqrt() / bc2.sqrt().to_kind(p.kind()) + cfg.eps;
             let _ = p.g_sub_(&(&*b1 / denom * step_size));
         }
     }
@@ -232,6 +252,9 @@ impl Optimizer {
         } else {
             Tensor::zeros([0], opts)
         };
+        let third = (cfg.kind.is_adam() && cfg.amsgrad)
+            || (cfg.kind == OptimizerKind::Rmsprop && cfg.centered);
+        let buf3 = Tensor::zeros([if third { offset } else { 0 }], opts);
         let groups = decay_groups(&slots, &buffer_order);
         Optimizer {
             cfg,
@@ -241,6 +264,7 @@ impl Optimizer {
             groups,
             buf1,
             buf2,
+            buf3,
             lr: Tensor::zeros([], opts),
             step: Tensor::zeros([], opts),
             clip: None,
@@ -536,18 +560,16 @@ impl Optimizer {
                 if !g.defined() {
                     continue;
                 }
-                let mut b1 = Self::view(&self.buf1, s);
-                let mut b2 = if self.buf2.numel() > 0 {
-                    Self::view(&self.buf2, s)
-                } else {
-                    self.buf2.shallow_clone()
-                };
+                let mut state = [&self.buf1, &self.buf2, &self.buf3].map(|b| match b.numel() {
+                    0 => b.shallow_clone(),
+                    _ => Self::view(b, s),
+                });
                 let mut p = s.param.shallow_clone();
                 let cfg = OptimizerConfig {
                     weight_decay: s.decay,
                     ..cfg.clone()
                 };
-                apply_update(&cfg, &self.lr, &self.step, &mut p, &g, &mut b1, &mut b2);
+                apply_update(&cfg, &self.lr, &self.step, &mut p, &g, &mut state);
             }
         });
     }

@@ -11,30 +11,32 @@ use tch::Tensor;
 use super::{Optimizer, OptimizerKind};
 
 impl Optimizer {
-    fn names(&self) -> (&'static str, Option<&'static str>) {
-        match self.cfg.kind {
-            OptimizerKind::Sgd => ("momentum_buffer", None),
-            OptimizerKind::Adam | OptimizerKind::Adamw => ("exp_avg", Some("exp_avg_sq")),
-            OptimizerKind::Rmsprop if self.buf2.numel() > 0 => {
-                ("square_avg", Some("momentum_buffer"))
+    /// The state's buffers (those in use) with the names torch.optim gives
+    /// them.
+    fn named_buffers(&self) -> Vec<(&'static str, &Tensor)> {
+        let names = match self.cfg.kind {
+            OptimizerKind::Sgd => ["momentum_buffer", "", ""],
+            OptimizerKind::Adam | OptimizerKind::Adamw => {
+                ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"]
             }
-            OptimizerKind::Rmsprop => ("square_avg", None),
-        }
+            OptimizerKind::Rmsprop => ["square_avg", "momentum_buffer", "grad_avg"],
+        };
+        names
+            .into_iter()
+            .zip([&self.buf1, &self.buf2, &self.buf3])
+            .filter(|(name, b)| !name.is_empty() && (b.numel() > 0 || *name == names[0]))
+            .collect()
     }
 
     /// The state as named tensors (`optimizer.momentum_buffer.<param>`, ...), on the CPU.
     pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
-        let (n1, n2) = self.names();
+        let buffers = self.named_buffers();
         let mut out = Vec::new();
         for s in &self.slots {
-            out.push((
-                format!("optimizer.{n1}.{}", s.name),
-                Self::view(&self.buf1, s).to_device(tch::Device::Cpu),
-            ));
-            if let Some(n2) = n2 {
+            for (name, buf) in &buffers {
                 out.push((
-                    format!("optimizer.{n2}.{}", s.name),
-                    Self::view(&self.buf2, s).to_device(tch::Device::Cpu),
+                    format!("optimizer.{name}.{}", s.name),
+                    Self::view(buf, s).to_device(tch::Device::Cpu),
                 ));
             }
         }
@@ -47,19 +49,10 @@ impl Optimizer {
         tensors: &BTreeMap<String, Tensor>,
         steps: i64,
     ) -> Result<()> {
-        let (n1, n2) = self.names();
         for s in &self.slots {
-            let mut pairs = vec![(
-                format!("optimizer.{n1}.{}", s.name),
-                Self::view(&self.buf1, s),
-            )];
-            if let Some(n2) = n2 {
-                pairs.push((
-                    format!("optimizer.{n2}.{}", s.name),
-                    Self::view(&self.buf2, s),
-                ));
-            }
-            for (key, mut buf) in pairs {
+            for (name, buf) in self.named_buffers() {
+                let key = format!("optimizer.{name}.{}", s.name);
+                let mut buf = Self::view(buf, s);
                 let Some(t) = tensors.get(&key) else {
                     bail!("{source}: optimizer state lacks {key}");
                 };

@@ -28,6 +28,7 @@ unsafe extern "C" {
         grads: *const *mut C_tensor,
         exp_avgs: *const *mut C_tensor,
         exp_avg_sqs: *const *mut C_tensor,
+        max_exp_avg_sqs: *const *mut C_tensor,
         n: usize,
         step: *mut C_tensor,
         lr: *mut C_tensor,
@@ -57,8 +58,9 @@ pub struct Group<'a> {
     pub params: &'a [Tensor],
     pub grads: &'a [Tensor],
     /// SGD: the momentum buffers (none without momentum). Adam(W): the first
-    /// and second moments.
-    pub state: [&'a [Tensor]; 2],
+    /// and second moments, and AMSGrad's largest second moments (none
+    /// without).
+    pub state: [&'a [Tensor]; 3],
 }
 
 impl Group<'_> {
@@ -125,7 +127,7 @@ pub struct AdamHyper {
 
 /// One Adam or AdamW update of `group` by libtorch's fused kernel
 /// (`_fused_adam_` / `_fused_adamw_`), in place, its moments
-/// `group.state`; `step` counts the updates, this one included (a 0-dim
+/// `group.state` (AMSGrad with a third list); `step` counts the updates, this one included (a 0-dim
 /// float tensor on the parameters' device). Otherwise as `fused_sgd`.
 pub fn fused_adam(
     group: &Group,
@@ -139,6 +141,10 @@ pub fn fused_adam(
     let grads = Group::pointers(group.grads, n, "gradients")?;
     let exp_avgs = Group::pointers(group.state[0], n, "first moments")?;
     let exp_avg_sqs = Group::pointers(group.state[1], n, "second moments")?;
+    let maxes = match group.state[2] {
+        [] => None,
+        maxes => Some(Group::pointers(maxes, n, "largest second moments")?),
+    };
     // SAFETY: as in `fused_sgd`.
     call("the fused Adam update", |err, len| unsafe {
         vggctl_fused_adam(
@@ -146,6 +152,7 @@ pub fn fused_adam(
             grads.as_ptr(),
             exp_avgs.as_ptr(),
             exp_avg_sqs.as_ptr(),
+            maxes.as_ref().map_or(std::ptr::null(), |m| m.as_ptr()),
             n,
             ptr(step),
             ptr(lr),

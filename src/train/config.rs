@@ -403,6 +403,8 @@ pub(crate) mod tests {
                 alpha: DEFAULT_ALPHA,
                 norm_weight_decay: None,
                 bias_weight_decay: None,
+                amsgrad: false,
+                centered: false,
             },
             lr: 0.1,
             scheduler,
