@@ -6,8 +6,9 @@ Gloo ranks on 127.0.0.1, against the real thing:
   DistributedSampler) and dropout draws, trained two epochs by PyTorch's
   DistributedDataParallel (tests/ddp_reference.py, also under torchrun):
   final weights within 1e-5; the run's metrics count every image once;
-  the VGG11 run is launched by vggctl itself (`--nproc-per-node 2`), the
-  VGG11-BN one by torchrun;
+  the VGG11 run is launched by vggctl itself (`--nproc-per-node 2`) and
+  follows OneCycleLR (`--scheduler onecycle`, stepped after every update
+  over a rank's updates), the VGG11-BN one is launched by torchrun;
 - repeated augmentation (`--ra-sampler`): the same, each epoch split by
   timm's RepeatAugSampler, on 2 ranks and in one process;
 - evaluation: `vggctl eval` over 2 ranks reports exactly one process's
@@ -84,11 +85,14 @@ def test_two_ranks_train_as_pytorch_ddp_and_evaluate_as_one_process(tmp_path, bn
     init = str(tmp_path / "init.safetensors")
     initial_weights(init, bn)
     with_bn = ["--bn"] if bn else []
+    # The VGG11 run with OneCycleLR, stepped after every update over the
+    # updates one rank takes (3 an epoch here).
+    schedule = [] if bn else ["--scheduler", "onecycle", "--lr", "0.05"]
     run = tmp_path / "run"
     train = [BIN, "train", "--dataset", "cifar10", "--data-dir", DATA, "--no-download",
              "--arch", "vgg11", *with_bn, "--initial-checkpoint", init, "--no-augment",
              "--limit-train", str(LIMIT), "--limit-test", "37", "--epochs", str(EPOCHS),
-             "--batch-size", str(BATCH), "--device", "cpu", "--out", str(run)]
+             "--batch-size", str(BATCH), "--device", "cpu", "--out", str(run), *schedule]
     if bn:
         ours = torchrun("--no-python", *train)
     else:
@@ -107,7 +111,7 @@ def test_two_ranks_train_as_pytorch_ddp_and_evaluate_as_one_process(tmp_path, bn
     theirs = torchrun(
         os.path.join(ROOT, "tests", "ddp_reference.py"), "--data",
         os.path.join(DATA, "cifar-10-batches-bin"), "--init", init, "--out", ref,
-        "--limit-train", str(LIMIT), "--epochs", str(EPOCHS), "--batch-size", str(BATCH), *with_bn,
+        "--limit-train", str(LIMIT), "--epochs", str(EPOCHS), "--batch-size", str(BATCH), *with_bn, *schedule,
     )
     assert theirs.returncode == 0, theirs.stderr[-3000:]
     a, b = load_file(str(run / "last.safetensors")), load_file(ref)
