@@ -64,9 +64,7 @@ impl Feed {
 
     /// The steps of the epoch.
     pub fn steps(&self) -> usize {
-        // Not (len + batch - 1) / batch: a batch near i64::MAX overflows.
-        let len = self.len();
-        (len / self.batch + i64::from(len % self.batch != 0)) as usize
+        batches(self.len(), self.batch)
     }
 
     /// The examples of `step`.
@@ -149,4 +147,10 @@ impl Feed {
             (Images::Streamed(_), None) => bail!("a streamed split without its loader"),
         }
     }
+}
+
+/// The batches of `batch` that `len` examples make, the last one short.
+pub fn batches(len: i64, batch: i64) -> usize {
+    // Not (len + batch - 1) / batch: a batch near i64::MAX overflows.
+    (len / batch + i64::from(len % batch != 0)) as usize
 }

@@ -5,6 +5,7 @@
 use anyhow::{Result, bail};
 
 use super::config::TrainConfig;
+use super::feed::batches;
 use super::schedule::{SchedulerKind, Warmup, WarmupMethod, plateau_lr};
 
 impl TrainConfig {
@@ -86,8 +87,7 @@ impl TrainConfig {
         let Some(c) = &mut self.onecycle else {
             return Ok(());
         };
-        let steps = (images / self.batch_size + i64::from(images % self.batch_size != 0)) as usize;
-        let updates = steps.div_ceil(self.accum_steps.max(1));
+        let updates = batches(images, self.batch_size).div_ceil(self.accum_steps.max(1));
         match c.steps_per_epoch {
             0 => c.steps_per_epoch = updates,
             s if s != updates => bail!(
