@@ -629,7 +629,7 @@ fn resume_refuses_changes_and_bad_states() {
     let resume = dir.join("run/resume.safetensors");
     let original = std::fs::read(&resume).unwrap();
     type Edit = fn(&mut serde_json::Value);
-    let bad_states: [(Edit, &str); 22] = [
+    let bad_states: [(Edit, &str); 25] = [
         (
             |s| s["config"]["batch_size"] = 0.into(),
             "bad training state: epochs 2, batch_size 0",
@@ -732,6 +732,24 @@ fn resume_refuses_changes_and_bad_states() {
                     "steps_per_epoch": 3});
             },
             "the run's onecycle schedule counts 3 updates per epoch, and its data now gives 2: continue it with the data and ranks it started with",
+        ),
+        (
+            |s| s["config"]["scheduler"] = "cosine-restarts".into(),
+            "bad training state: the cosine-restarts scheduler takes its restarts values, and no other scheduler takes them",
+        ),
+        (
+            |s| {
+                s["config"]["scheduler"] = "cosine-restarts".into();
+                s["config"]["restarts"] = serde_json::json!({"epochs": 2, "mult": 0});
+            },
+            "bad training state: restart epochs 2 and restart mult 0 must each be at least 1",
+        ),
+        (
+            |s| {
+                s["config"]["scheduler"] = "poly".into();
+                s["config"]["power"] = (-1.0).into();
+            },
+            "bad training state: power -1 must be finite and 0 or more",
         ),
         (
             |s| s["step"] = 1_000_000_000.into(),

@@ -8,7 +8,10 @@ vggctl's closed forms):
   `--warmup-decay F`: SequentialLR of LinearLR(start_factor=F) or
   ConstantLR(factor=F) over W epochs and the main scheduler, which then
   counts its own epochs: CosineAnnealingLR(T_max=epochs-W, eta_min=--lr-min),
-  StepLR(--step-size, --gamma), ExponentialLR(--gamma);
+  StepLR(--step-size, --gamma), ExponentialLR(--gamma),
+  PolynomialLR(total_iters=epochs-W, power=--power),
+  CosineAnnealingWarmRestarts(T_0=--restart-epochs, T_mult=--restart-mult,
+  eta_min=--lr-min);
 - `--warmup-epochs W` alone, vggctl's ramp lr·(e+1)/W: SequentialLR of
   LinearLR(start_factor=1/W, total_iters=W-1) and the main scheduler.
 
@@ -65,6 +68,21 @@ CASES = {
                                    "--warmup-method", "linear"],
                                   lambda: pytorch_lrs(lambda o: S.ExponentialLR(o, 0.7),
                                                       lambda o: S.LinearLR(o, start_factor=0.01, total_iters=3), 3)),
+    "poly-linear": (["--scheduler", "poly", "--power", "0.9", "--warmup-epochs", "2", "--warmup-method", "linear",
+                     "--warmup-decay", "0.1"],
+                    lambda: pytorch_lrs(lambda o: S.PolynomialLR(o, total_iters=EPOCHS - 2, power=0.9),
+                                        lambda o: S.LinearLR(o, start_factor=0.1, total_iters=2), 2)),
+    "poly-default-power": (["--scheduler", "polynomiallr"],
+                           lambda: pytorch_lrs(lambda o: S.PolynomialLR(o, total_iters=EPOCHS))),
+    # Cycles of 1 and 2 epochs after a constant warm-up of 1: restarts at 2 and 4.
+    "restarts-constant": (["--scheduler", "cosine-restarts", "--restart-epochs", "1", "--restart-mult", "2",
+                           "--lr-min", "0.001", "--warmup-epochs", "1", "--warmup-method", "constant",
+                           "--warmup-decay", "0.5"],
+                          lambda: pytorch_lrs(lambda o: S.CosineAnnealingWarmRestarts(o, 1, 2, eta_min=0.001),
+                                              lambda o: S.ConstantLR(o, factor=0.5, total_iters=1), 1)),
+    # Cycles of 3 epochs: restarts at 3 and 6.
+    "restarts": (["--scheduler", "sgdr", "--restart-epochs", "3"],
+                 lambda: pytorch_lrs(lambda o: S.CosineAnnealingWarmRestarts(o, 3))),
     "cosine-ramp": (["--scheduler", "cosine", "--warmup-epochs", "3"],
                     lambda: pytorch_lrs(lambda o: S.CosineAnnealingLR(o, EPOCHS - 3),
                                         lambda o: S.LinearLR(o, start_factor=1 / 3, total_iters=2), 3)),
@@ -141,6 +159,38 @@ def test_plateau_is_reducelronplateau_on_the_validation_loss(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_longer_resume_re_spans_cosine_and_says_so(tmp_path):
+    """A cosine run of 2 epochs resumed with --epochs 4: one note says the
+    schedule now spans 4 epochs from epoch 3 on, and epochs 3 and 4 take
+    CosineAnnealingLR(T_max=4)'s LRs within 1e-12 (the first two keep
+    T_max=2's). A resume to the same length, or a schedule that does not
+    span the run (step), says nothing."""
+    r, out = train(tmp_path, "short", ["--scheduler", "cosine"], 2)
+    assert r.returncode == 0, r.stderr
+    resume = [BIN, "train", "--resume", str(out), "--epochs", "4", "--quiet"]
+    r = subprocess.run(resume, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.splitlines() == [
+        "note: --epochs 4 re-spans the run's cosine schedule, which spanned 2 epochs: the LR from epoch 3 on "
+        "follows the new length"], r.stderr
+    lrs = [m["lr"] for m in metrics(out)]
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=LR)
+    sched, want = S.CosineAnnealingLR(opt, 4), []
+    for _ in range(4):
+        want.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert len(lrs) == 4 and abs(lrs[0] - LR) + abs(lrs[1] - LR / 2) <= 1e-15 and all(
+        abs(a - b) <= 1e-12 * b for a, b in zip(lrs[2:], want[2:])), (lrs, want)
+    r = subprocess.run([*resume[:-2], "5", "--quiet"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "note: --epochs 5 re-spans" in r.stderr, r.stderr
+    r, step = train(tmp_path, "step", ["--scheduler", "step", "--step-size", "1", "--gamma", "0.5"], 1)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([BIN, "train", "--resume", str(step), "--epochs", "2", "--quiet"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
 def onecycle_run(out, epochs, *extra):
     return [BIN, "train", "--dataset", "digits", "--arch", "vgg11", "--head", "cifar", "--epochs", str(epochs),
             "--lr", str(LR), "--limit-train", "64", "--limit-test", "8", "--batch-size", "8", "--keep", "last",
@@ -205,6 +255,11 @@ def test_impossible_values_are_usage_errors(tmp_path):
         (["--scheduler", "onecycle", "--warmup-epochs", "2"],
          "--warmup-epochs does not combine with --scheduler onecycle"),
         (["--scheduler", "onecycle", "--pct-start", "1.5"], "--pct-start 1.5 must be in [0, 1]"),
+        (["--scheduler", "poly", "--power", "-0.5"], "--power -0.5 must be a finite number, 0 or more"),
+        (["--scheduler", "cosine-restarts"], "--scheduler cosine-restarts needs --restart-epochs N"),
+        (["--scheduler", "cosine-restarts", "--restart-epochs", "0"], "--restart-epochs must be at least 1"),
+        (["--scheduler", "cosine-restarts", "--restart-epochs", "2", "--restart-mult", "0"],
+         "--restart-mult must be at least 1"),
         (["--scheduler", "onecycle", "--div-factor", "0"], "--div-factor 0 must be a positive number"),
         (["--scheduler", "onecycle", "--cycle-momentum", "0.9,0.8"],
          "--cycle-momentum 0.9,0.8 must be a base and a maximum in [0, 1), the base not above the maximum"),

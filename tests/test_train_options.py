@@ -435,7 +435,7 @@ def test_options_a_run_has_no_use_for_are_named_once_each(tmp_path):
     cosine, a folder's validation options with the digits, RandAugment's
     magnitude without it, repeated augmentation's copies without it, the memory an image
     folder may take in memory rather than streamed (their crops differ), a warm-up's factor without a warm-up,
-    OneCycleLR's options with another schedule, the momentum OneCycleLR cycles, a norm
+    OneCycleLR's, PolynomialLR's and CosineAnnealingWarmRestarts' options with another schedule, the momentum OneCycleLR cycles, a norm
     layer's weight decay without BatchNorm, a dropout without Dropout layers) each get one
     warning saying what they apply to; the run goes on. Where they apply,
     no warning; resource and policy options (--workers, --no-download,
@@ -447,7 +447,8 @@ def test_options_a_run_has_no_use_for_are_named_once_each(tmp_path):
               "--milestones", "3", "--gamma", "0.5", "--val-dir", str(tmp_path), "--val-split", "0.2",
               "--ra-magnitude", "5", "--warmup-decay", "0.1", "--augment-interpolation", "bilinear",
               "--augmix-severity", "5", "--norm-weight-decay", "0", "--ra-reps", "2", "--head", "gap",
-              "--dropout", "0.2", "--cache-mem", "1G", "--patience", "3", "--three-phase", "--pct-start", "0.5"]
+              "--dropout", "0.2", "--cache-mem", "1G", "--patience", "3", "--three-phase", "--pct-start", "0.5",
+              "--power", "2", "--restart-mult", "2"]
     r = subprocess.run([BIN, *common, *unused, "--out", str(tmp_path / "a")],
                        capture_output=True, text=True, timeout=120, env=ENV)
     assert r.returncode == 0, r.stderr
@@ -459,6 +460,8 @@ def test_options_a_run_has_no_use_for_are_named_once_each(tmp_path):
         ("--augmix-severity", "applies to --auto-augment augmix only"),
         ("--augment-interpolation", "applies with --auto-augment only"),
         ("--gamma", "applies to --scheduler multistep, step, exponential or plateau only"),
+        ("--power", "applies to --scheduler poly only"),
+        ("--restart-mult", "applies to --scheduler cosine-restarts only"),
         ("--patience", "applies to --scheduler plateau only"),
         ("--warmup-decay", "applies with --warmup-epochs only"),
         ("--pct-start", "applies to --scheduler onecycle only"),

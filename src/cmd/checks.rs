@@ -108,6 +108,21 @@ impl HyperOpts {
             self.onecycle.get()?;
         }
         non_negative("--lr-min", self.lr_min)?;
+        non_negative("--power", self.power)?;
+        if self.scheduler == SchedulerKind::CosineRestarts {
+            match self.restart_epochs {
+                None => {
+                    return Err(usage(
+                        "--scheduler cosine-restarts needs --restart-epochs N, its first cycle's epochs (CosineAnnealingWarmRestarts' T_0)",
+                    ));
+                }
+                Some(0) => return Err(usage("--restart-epochs must be at least 1")),
+                Some(_) => {}
+            }
+            if self.restart_mult < 1 {
+                return Err(usage("--restart-mult must be at least 1"));
+            }
+        }
         if self.step_size < 1 {
             return Err(usage("--step-size must be at least 1"));
         }
@@ -184,22 +199,29 @@ fn augment_rules(config: &TrainConfig) -> [Rule; 4] {
 }
 
 /// The LR schedule's.
-fn schedule_rules(config: &TrainConfig) -> [Rule; 7] {
-    let multistep = config.scheduler == SchedulerKind::Multistep;
-    let cosine = config.scheduler == SchedulerKind::Cosine;
-    let step = config.scheduler == SchedulerKind::Step;
-    let plateau = config.scheduler == SchedulerKind::Plateau;
+fn schedule_rules(config: &TrainConfig) -> [Rule; 9] {
+    use SchedulerKind::*;
+    let kind = config.scheduler;
+    let multistep = kind == Multistep;
+    let step = kind == Step;
+    let plateau = kind == Plateau;
     [
         (
             &["gamma"],
-            !cosine && config.onecycle.is_none(),
+            matches!(kind, Multistep | Step | Exponential | Plateau),
             "applies to --scheduler multistep, step, exponential or plateau only",
         ),
         (&["step_size"], step, "applies to --scheduler step only"),
         (
             &["lr_min"],
-            cosine || plateau,
-            "applies to --scheduler cosine or plateau only",
+            matches!(kind, Cosine | CosineRestarts | Plateau),
+            "applies to --scheduler cosine, cosine-restarts or plateau only",
+        ),
+        (&["power"], kind == Poly, "applies to --scheduler poly only"),
+        (
+            &["restart_epochs", "restart_mult"],
+            kind == CosineRestarts,
+            "applies to --scheduler cosine-restarts only",
         ),
         (
             &["patience", "cooldown"],

@@ -16,14 +16,15 @@ use vggctl::optim::{DEFAULT_ALPHA, OptimizerConfig, OptimizerKind};
 use vggctl::train::config::{Keep, TrainConfig};
 use vggctl::train::run_dir::RunLock;
 use vggctl::train::schedule::{
-    DEFAULT_PATIENCE, DEFAULT_STEP_SIZE, DEFAULT_WARMUP_DECAY, Warmup, WarmupMethod,
+    DEFAULT_PATIENCE, DEFAULT_POWER, DEFAULT_STEP_SIZE, DEFAULT_WARMUP_DECAY, Restarts, Warmup,
+    WarmupMethod,
 };
 use vggctl::train::{Resume, RunDir, SchedulerKind, Trainer};
 
 use super::data_opts::{DataOpts, streamed_as_rank0};
 use super::onecycle::OneCycleOpts;
 use super::opts::{DistOpts, GraphOpts, NumericsOpts, OtherForms, choice};
-use super::output::{pair, usage, warn, whole};
+use super::output::{note, pair, usage, warn, whole};
 use super::progress::{EpochBars, print_header};
 use super::recipe::{RecipeOpts, settle_ema};
 
@@ -133,6 +134,18 @@ pub struct HyperOpts {
     /// ReduceLROnPlateau: epochs after a reduction before it counts again.
     #[arg(long, value_name = "N", default_value_t = 0, help_heading = "Schedule", value_parser = whole::<usize>)]
     pub cooldown: usize,
+    /// PolynomialLR's power: 1 decays linearly (torch's default), 0.9 as
+    /// torchvision's segmentation reference.
+    #[arg(long, value_name = "P", default_value_t = DEFAULT_POWER, help_heading = "Schedule")]
+    pub power: f64,
+    /// CosineAnnealingWarmRestarts: the first cycle's epochs (its T_0),
+    /// counted after the warm-up; needed by --scheduler cosine-restarts.
+    #[arg(long, value_name = "N", help_heading = "Schedule", value_parser = whole::<usize>)]
+    pub restart_epochs: Option<usize>,
+    /// CosineAnnealingWarmRestarts: what each cycle's epochs are
+    /// multiplied by for the next (its T_mult).
+    #[arg(long, value_name = "M", default_value_t = 1, help_heading = "Schedule", value_parser = whole::<usize>)]
+    pub restart_mult: usize,
     /// Epochs of warm-up: alone, a linear ramp lr*(epoch+1)/N; with
     /// --warmup-method or --warmup-decay, torchvision's warm-up.
     #[arg(long, alias = "lr-warmup-epochs", value_name = "N", default_value_t = 0, help_heading = "Schedule", value_parser = whole::<usize>)]
@@ -257,6 +270,14 @@ impl HyperOpts {
         })
     }
 
+    /// CosineAnnealingWarmRestarts' cycles, with that scheduler.
+    pub fn restarts(&self) -> Option<Restarts> {
+        (self.scheduler == SchedulerKind::CosineRestarts).then(|| Restarts {
+            epochs: self.restart_epochs.unwrap_or(0),
+            mult: self.restart_mult,
+        })
+    }
+
     /// The optimizer these options describe.
     pub fn optimizer(&self) -> OptimizerConfig {
         OptimizerConfig {
@@ -308,6 +329,8 @@ impl HyperOpts {
             warmup_epochs: self.warmup_epochs,
             warmup: self.warmup(),
             onecycle: None,
+            power: self.power,
+            restarts: self.restarts(),
             label_smoothing: self.label_smoothing,
             seed: self.seed,
             limit_train: self.limit_train,
@@ -494,7 +517,13 @@ pub fn execute(
         ..dataset
     };
     install_stop_signals();
+    let respan = resume
+        .as_ref()
+        .and_then(|(s, _)| config.respan_note(&s.config, s.epoch));
     let mut trainer = Trainer::new(config, &dataset, model, resume, numerics, &STOP, world)?;
+    if let Some(line) = respan.filter(|_| world.is_main()) {
+        note(line);
+    }
     if !quiet {
         print_header(&trainer, &dataset, world);
     }

@@ -16,7 +16,8 @@ use crate::optim::OptimizerConfig;
 use super::ema::EmaConfig;
 use super::onecycle::OneCycle;
 pub use super::schedule::{
-    DEFAULT_PATIENCE, DEFAULT_STEP_SIZE, SchedulerKind, Warmup, WarmupMethod,
+    DEFAULT_PATIENCE, DEFAULT_POWER, DEFAULT_STEP_SIZE, Restarts, SchedulerKind, Warmup,
+    WarmupMethod,
 };
 
 /// Which weight files a run keeps beside `last.safetensors` (which the
@@ -136,6 +137,12 @@ pub struct TrainConfig {
     /// `--scheduler onecycle`'s values (none with another scheduler).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub onecycle: Option<OneCycle>,
+    /// PolynomialLR's power.
+    #[serde(default = "default_power", skip_serializing_if = "is_default_power")]
+    pub power: f64,
+    /// `--scheduler cosine-restarts`' cycles (none with another scheduler).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restarts: Option<Restarts>,
     pub label_smoothing: f64,
     pub seed: u64,
     pub limit_train: Option<i64>,
@@ -307,6 +314,14 @@ fn is_zero_count(v: &usize) -> bool {
     *v == 0
 }
 
+fn default_power() -> f64 {
+    DEFAULT_POWER
+}
+
+fn is_default_power(v: &f64) -> bool {
+    *v == DEFAULT_POWER
+}
+
 fn default_step_size() -> usize {
     DEFAULT_STEP_SIZE
 }
@@ -417,6 +432,8 @@ pub(crate) mod tests {
             warmup_epochs: warmup,
             warmup: None,
             onecycle: None,
+            power: DEFAULT_POWER,
+            restarts: None,
             label_smoothing: 0.0,
             seed: 0,
             limit_train: None,

@@ -6,7 +6,8 @@ use anyhow::{Result, bail};
 
 use super::config::TrainConfig;
 use super::feed::batches;
-use super::schedule::{SchedulerKind, Warmup, WarmupMethod, plateau_lr};
+use super::schedule::{Restarts, SchedulerKind, Warmup, WarmupMethod, plateau_lr};
+use crate::choice::Choice;
 
 impl TrainConfig {
     /// MultiStepLR milestones at or past the last epoch, which never apply
@@ -71,7 +72,37 @@ impl TrainConfig {
                     .unwrap_or_default()
                     .lr_of_epoch(self.lr, epoch, self.epochs)
             }
+            SchedulerKind::Poly => {
+                let span = (self.epochs - w).max(1) as f64;
+                self.lr * (1.0 - (t as f64).min(span) / span).powf(self.power)
+            }
+            SchedulerKind::CosineRestarts => {
+                let restarts = self.restarts.unwrap_or(Restarts { epochs: 1, mult: 1 });
+                let (cur, len) = restarts.position(t);
+                let cos = (std::f64::consts::PI * cur as f64 / len as f64).cos();
+                self.lr_min + (self.lr - self.lr_min) * 0.5 * (1.0 + cos)
+            }
         }
+    }
+
+    /// What a run resumed after `epoch` epochs says when its length differs
+    /// from `before`'s (the run's as saved) and its schedule anneals over
+    /// the run's epochs (cosine, poly, onecycle): the LRs from there on
+    /// follow the new length.
+    pub fn respan_note(&self, before: &TrainConfig, epoch: usize) -> Option<String> {
+        let spans = matches!(
+            self.scheduler,
+            SchedulerKind::Cosine | SchedulerKind::Poly | SchedulerKind::Onecycle
+        );
+        (spans && self.epochs != before.epochs).then(|| {
+            format!(
+                "--epochs {} re-spans the run's {} schedule, which spanned {} epochs: the LR from epoch {} on follows the new length",
+                self.epochs,
+                self.scheduler.name(),
+                before.epochs,
+                epoch + 1
+            )
+        })
     }
 
     /// Whether the optimizer's momentum changes every update (OneCycleLR's
@@ -208,5 +239,41 @@ mod tests {
             assert!((c.lr_at(epoch, &[]) - want).abs() < 1e-15, "epoch {epoch}");
         }
         assert!((c.lr_at(6, &[]) - 0.05).abs() < 1e-15, "half-way is lr/2");
+    }
+
+    /// PolynomialLR(total_iters = epochs - warmup, power 2) after a
+    /// ramp of 2 epochs: lr·(1 − t/8)², never reaching 0 inside the run.
+    #[test]
+    fn poly_decays_over_the_epochs_after_warm_up() {
+        let mut c = config(SchedulerKind::Poly, 10, 2);
+        c.power = 2.0;
+        for epoch in 2..10 {
+            let t = (epoch - 2) as f64;
+            let want = 0.1 * (1.0 - t / 8.0) * (1.0 - t / 8.0);
+            assert!((c.lr_at(epoch, &[]) - want).abs() < 1e-15, "epoch {epoch}");
+        }
+        assert!(c.lr_at(9, &[]) > 0.0);
+    }
+
+    /// CosineAnnealingWarmRestarts(T_0 = 2, T_mult = 3): cycles of 2, 6
+    /// and 18 epochs, restarting at 2 and 8; each epoch's place in its
+    /// cycle by hand.
+    #[test]
+    fn restarts_lengthen_each_cycle() {
+        let r = Restarts { epochs: 2, mult: 3 };
+        let want = [(0, 2), (1, 2), (0, 6), (5, 6), (0, 18), (17, 18), (0, 54)];
+        for (t, w) in [0, 1, 2, 7, 8, 25, 26].into_iter().zip(want) {
+            assert_eq!(r.position(t), w, "epoch {t}");
+        }
+        let same = Restarts { epochs: 3, mult: 1 };
+        assert_eq!(same.position(7), (1, 3));
+        let mut c = config(SchedulerKind::CosineRestarts, 12, 0);
+        (c.restarts, c.lr_min) = (Some(r), 0.01);
+        assert!(
+            (c.lr_at(2, &[]) - 0.1).abs() < 1e-15,
+            "a restart is back at lr"
+        );
+        let half = 0.01 + 0.09 * 0.5 * (1.0 + (std::f64::consts::PI * 3.0 / 6.0).cos());
+        assert!((c.lr_at(5, &[]) - half).abs() < 1e-15);
     }
 }

@@ -2,7 +2,8 @@
 //! gives each epoch's LR from them): a warm-up over `warmup_epochs` (vggctl's ramp, or torchvision's
 //! LinearLR / ConstantLR from a factor, joined to the main schedule by
 //! SequentialLR as torchvision's reference `train.py` joins them), then
-//! MultiStepLR, cosine annealing, StepLR or ExponentialLR; or
+//! MultiStepLR, cosine annealing (with warm restarts too), StepLR,
+//! ExponentialLR or PolynomialLR; or
 //! ReduceLROnPlateau on the validation loss, or OneCycleLR over the run's
 //! updates (`onecycle`), which no warm-up precedes.
 
@@ -20,6 +21,9 @@ pub enum SchedulerKind {
     Exponential,
     Plateau,
     Onecycle,
+    Poly,
+    #[serde(rename = "cosine-restarts")]
+    CosineRestarts,
 }
 
 impl Choice for SchedulerKind {
@@ -30,6 +34,8 @@ impl Choice for SchedulerKind {
         SchedulerKind::Exponential,
         SchedulerKind::Plateau,
         SchedulerKind::Onecycle,
+        SchedulerKind::Poly,
+        SchedulerKind::CosineRestarts,
     ];
     fn name(self) -> &'static str {
         match self {
@@ -39,6 +45,8 @@ impl Choice for SchedulerKind {
             SchedulerKind::Exponential => "exponential",
             SchedulerKind::Plateau => "plateau",
             SchedulerKind::Onecycle => "onecycle",
+            SchedulerKind::Poly => "poly",
+            SchedulerKind::CosineRestarts => "cosine-restarts",
         }
     }
     fn help(self) -> &'static str {
@@ -57,6 +65,12 @@ impl Choice for SchedulerKind {
             SchedulerKind::Onecycle => {
                 "OneCycleLR, stepped after every update: from --lr/--div-factor up to --lr over the first --pct-start of the run, then down to that over --final-div-factor, the momentum (Adam's beta1) cycled the other way (--cycle-momentum)"
             }
+            SchedulerKind::Poly => {
+                "PolynomialLR: from --lr towards 0 as (1 - t/T)^--power, T the epochs after the warm-up"
+            }
+            SchedulerKind::CosineRestarts => {
+                "CosineAnnealingWarmRestarts (SGDR): cosine annealing from --lr to --lr-min over --restart-epochs epochs, then again from --lr, each cycle --restart-mult times the one before"
+            }
         }
     }
     /// torchvision's reference `--lr-scheduler` names.
@@ -68,12 +82,52 @@ impl Choice for SchedulerKind {
             SchedulerKind::Exponential => &["exponentiallr"],
             SchedulerKind::Plateau => &["reducelronplateau"],
             SchedulerKind::Onecycle => &["onecyclelr"],
+            SchedulerKind::Poly => &["polynomiallr", "polynomial"],
+            SchedulerKind::CosineRestarts => &["cosineannealingwarmrestarts", "sgdr"],
         }
     }
 }
 
 /// StepLR's period, as torchvision's reference `--lr-step-size`.
 pub const DEFAULT_STEP_SIZE: usize = 30;
+
+/// PolynomialLR's default power (PyTorch's).
+pub const DEFAULT_POWER: f64 = 1.0;
+
+/// CosineAnnealingWarmRestarts' cycles: the first's epochs (`T_0`) and
+/// what each next one's are multiplied by (`T_mult`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Restarts {
+    pub epochs: usize,
+    pub mult: usize,
+}
+
+impl Restarts {
+    /// Where epoch `t` of the schedule (counted from the warm-up's end) is
+    /// in its cycle: epochs since the last restart, and the cycle's
+    /// length. PyTorch's `T_cur += 1; if T_cur >= T_i: T_cur -= T_i;
+    /// T_i *= T_mult`, in whole numbers (its closed form for an explicit
+    /// epoch goes through a floating-point logarithm).
+    pub fn position(&self, t: usize) -> (usize, usize) {
+        let (mut cur, mut len) = (t, self.epochs.max(1));
+        while cur >= len {
+            cur -= len;
+            len = len.saturating_mul(self.mult.max(1));
+        }
+        (cur, len)
+    }
+
+    /// Why these cannot be CosineAnnealingWarmRestarts' cycles (torch
+    /// wants a positive `T_0` and a whole `T_mult` of 1 or more).
+    pub fn problem(&self) -> Option<String> {
+        (self.epochs < 1 || self.mult < 1).then(|| {
+            format!(
+                "restart epochs {} and restart mult {} must each be at least 1",
+                self.epochs, self.mult
+            )
+        })
+    }
+}
 
 /// ReduceLROnPlateau's default patience (PyTorch's).
 pub const DEFAULT_PATIENCE: usize = 10;

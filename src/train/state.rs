@@ -221,6 +221,18 @@ fn check_schedule(c: &TrainConfig) -> Result<()> {
     if let Some(problem) = c.onecycle.and_then(|o| o.problem(str::to_string)) {
         bail!("{problem}");
     }
+    let restarts = c.scheduler == SchedulerKind::CosineRestarts;
+    if restarts != c.restarts.is_some() {
+        bail!(
+            "the cosine-restarts scheduler takes its restarts values, and no other scheduler takes them"
+        );
+    }
+    if let Some(problem) = c.restarts.and_then(|r| r.problem()) {
+        bail!("{problem}");
+    }
+    if !(c.power >= 0.0 && c.power.is_finite()) {
+        bail!("power {} must be finite and 0 or more", Num(c.power));
+    }
     if let Some(problem) = c.lr_problem() {
         bail!("{problem}");
     }
