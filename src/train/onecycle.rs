@@ -87,6 +87,7 @@ impl Default for OneCycle {
 
 /// One phase: the last update it covers, and its LR's and momentum's
 /// start and end values.
+#[derive(Clone, Copy)]
 struct Phase {
     end: f64,
     lr: (f64, f64),
@@ -94,7 +95,9 @@ struct Phase {
 }
 
 impl OneCycle {
-    fn phases(&self, max_lr: f64, total: usize) -> Vec<Phase> {
+    /// The schedule's two or three phases (a fixed array and how many of
+    /// it are used: `at` runs every update, and allocates nothing).
+    fn phases(&self, max_lr: f64, total: usize) -> ([Phase; 3], usize) {
         let initial = max_lr / self.div_factor;
         let min = initial / self.final_div_factor;
         let (base, max) = self.momentum.unwrap_or_default();
@@ -105,27 +108,30 @@ impl OneCycle {
             momentum: (max, base),
         };
         match self.three_phase {
-            true => vec![
-                rise,
-                Phase {
-                    end: 2.0 * p * t - 2.0,
-                    lr: (max_lr, initial),
-                    momentum: (base, max),
-                },
-                Phase {
-                    end: t - 1.0,
-                    lr: (initial, min),
-                    momentum: (max, max),
-                },
-            ],
-            false => vec![
-                rise,
-                Phase {
+            true => (
+                [
+                    rise,
+                    Phase {
+                        end: 2.0 * p * t - 2.0,
+                        lr: (max_lr, initial),
+                        momentum: (base, max),
+                    },
+                    Phase {
+                        end: t - 1.0,
+                        lr: (initial, min),
+                        momentum: (max, max),
+                    },
+                ],
+                3,
+            ),
+            false => {
+                let fall = Phase {
                     end: t - 1.0,
                     lr: (max_lr, min),
                     momentum: (base, max),
-                },
-            ],
+                };
+                ([rise, fall, fall], 2)
+            }
         }
     }
 
@@ -133,7 +139,8 @@ impl OneCycle {
     /// `update` (0-based) of `total`, peaking at `max_lr`: PyTorch's
     /// `get_lr` after `update` scheduler steps.
     pub fn at(&self, max_lr: f64, update: usize, total: usize) -> (f64, Option<f64>) {
-        let phases = self.phases(max_lr, total);
+        let (all, n) = self.phases(max_lr, total);
+        let phases = &all[..n];
         let s = update as f64;
         let mut start = 0.0;
         for (i, ph) in phases.iter().enumerate() {
