@@ -629,7 +629,7 @@ fn resume_refuses_changes_and_bad_states() {
     let resume = dir.join("run/resume.safetensors");
     let original = std::fs::read(&resume).unwrap();
     type Edit = fn(&mut serde_json::Value);
-    let bad_states: [(Edit, &str); 25] = [
+    let bad_states: [(Edit, &str); 27] = [
         (
             |s| s["config"]["batch_size"] = 0.into(),
             "bad training state: epochs 2, batch_size 0",
@@ -684,6 +684,17 @@ fn resume_refuses_changes_and_bad_states() {
         (
             |s| s["config"]["clip_grad_norm"] = 0.into(),
             "bad training state: clip_grad_norm 0 must be a positive number",
+        ),
+        (
+            |s| s["config"]["clip_grad_value"] = (-1).into(),
+            "bad training state: clip_grad_value -1 must be a positive number",
+        ),
+        (
+            |s| {
+                s["config"]["clip_grad_value"] = 1.into();
+                s["config"]["clip_grad_norm"] = 1.into();
+            },
+            "bad training state: clip_grad_norm and clip_grad_value exclude each other",
         ),
         (
             |s| s["config"]["optimizer"]["eps"] = (-1e-8).into(),
@@ -849,8 +860,8 @@ fn another_vggs_weights_are_named() {
 
 /// A batch larger than the data (up to i64::MAX, which torch's
 /// DataLoader takes too) is the whole set in one step an epoch, not an
-/// overflow in the count of steps; a clipping norm beyond float32 (which
-/// clips nothing) is not a libtorch conversion error.
+/// overflow in the count of steps; a clipping norm or value beyond
+/// float32 (which clips nothing) is not a libtorch conversion error.
 #[test]
 fn a_batch_larger_than_the_data_is_one_step() {
     let tmp = common::tempdir();
@@ -886,4 +897,26 @@ fn a_batch_larger_than_the_data_is_one_step() {
     let state: serde_json::Value =
         serde_json::from_str(&sd.metadata["vggctl_train_state"]).unwrap();
     assert_eq!(state["optimizer_steps"], 2, "one step an epoch");
+    let r = run_in(
+        dir,
+        &[
+            "train",
+            "--dataset",
+            "digits",
+            "--arch",
+            "vgg11",
+            "--epochs",
+            "1",
+            "--limit-train",
+            "16",
+            "--limit-test",
+            "16",
+            "--clip-grad-value",
+            "1e308",
+            "--out",
+            "value",
+            "--quiet",
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
 }

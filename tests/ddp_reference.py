@@ -20,7 +20,8 @@ With --as-one-process N it is instead one process that trains on what N
 ranks would see together: each step's batch is the concatenation of the N
 ranks' batches (what SyncBatchNorm over N ranks computes, for a model
 without dropout); with N = 1, vggctl's one-process run. --clip-grad-norm
-clips with torch.nn.utils.clip_grad_norm_ before each step.
+clips with torch.nn.utils.clip_grad_norm_ before each step,
+--clip-grad-value with torch.nn.utils.clip_grad_value_.
 
 The options of torchvision's reference recipe, as its train.py applies
 them: --auto-augment POLICY (transforms.AutoAugment on each uint8 image,
@@ -164,6 +165,7 @@ def main():
     p.add_argument("--head", default="cifar")
     p.add_argument("--as-one-process", type=int, default=0, metavar="N")
     p.add_argument("--clip-grad-norm", type=float, default=None)
+    p.add_argument("--clip-grad-value", type=float, default=None)
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--auto-augment", default=None)
     p.add_argument("--ra-magnitude", type=int, default=9)
@@ -285,6 +287,8 @@ def main():
                 continue
             if a.clip_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), a.clip_grad_norm)
+            if a.clip_grad_value is not None:
+                torch.nn.utils.clip_grad_value_(model.parameters(), a.clip_grad_value)
             opt.step()
             opt.zero_grad()
             if sched is not None:

@@ -1,10 +1,11 @@
 """Training options PyTorch users reach for, against PyTorch itself on the
 same data, initial weights, order and dropout draws (tests/ddp_reference.py
 as one process): `--clip-grad-norm` equals `torch.nn.utils.clip_grad_norm_`
+and `--clip-grad-value` `torch.nn.utils.clip_grad_value_`
 before each SGD step, with the fused flat-buffer update and with the
 per-parameter one, within 1e-5 relative after 2 epochs; the clipping binds
-(the unclipped reference ends elsewhere): measured bit-identical fused,
-1.3e-8 per-parameter. A norm that is not positive is a usage error.
+(the unclipped reference ends 5e-3 and 1.8e-2 away): measured 7e-9 and
+3e-11 fused, 1.3e-8 per-parameter. A bound that is not positive, or both, is a usage error.
 
 The recipe's other options against torchvision's own code with the same
 draws (vggctl draws on the generator state torchvision would see):
@@ -32,7 +33,8 @@ import vgg_reference  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.environ.get("VGGCTL_BIN", os.path.join(ROOT, "target", "release", "vggctl"))
 DATA = os.path.join(ROOT, "tests", "fixtures", "digits-bin")
-LIMIT, BATCH, EPOCHS, CLIP = 64, 16, 2, 0.25
+LIMIT, BATCH, EPOCHS = 64, 16, 2
+CLIPS = {"norm": 0.25, "value": 2e-3}
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
@@ -58,21 +60,24 @@ def runs(tmp_path_factory):
     torch.manual_seed(0)
     model = vgg_reference.build("vgg11", False, "cifar", 10)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, init)
-    clipped = reference(tmp, init, str(tmp / "clipped.safetensors"), "--clip-grad-norm", str(CLIP))
+    clipped = {mode: reference(tmp, init, str(tmp / f"clipped-{mode}.safetensors"), f"--clip-grad-{mode}", str(v))
+               for mode, v in CLIPS.items()}
     free = reference(tmp, init, str(tmp / "free.safetensors"))
     return tmp, init, clipped, free
 
 
+@pytest.mark.parametrize("mode", CLIPS)
 @pytest.mark.parametrize("update", ["fused", "per-parameter"])
-def test_clip_grad_norm_equals_pytorch(runs, update):
+def test_clip_grad_norm_and_value_equal_pytorch(runs, update, mode):
     tmp, init, clipped, free = runs
-    out = tmp / update
+    clipped = clipped[mode]
+    out = tmp / f"{update}-{mode}"
     extra = ["--no-fused"] if update == "per-parameter" else []
     r = subprocess.run(
         [BIN, "train", "--dataset", "cifar10", "--data-dir", DATA, "--no-download", "--arch", "vgg11",
          "--head", "cifar", "--initial-checkpoint", init, "--no-augment", "--limit-train", str(LIMIT),
          "--limit-test", "16", "--epochs", str(EPOCHS), "--batch-size", str(BATCH), "--device", "cpu",
-         "--clip-grad-norm", str(CLIP), "--quiet", "--out", str(out), *extra],
+         f"--clip-grad-{mode}", str(CLIPS[mode]), "--quiet", "--out", str(out), *extra],
         capture_output=True, text=True, timeout=300, env=ENV)
     assert r.returncode == 0, r.stderr
     ours = load_file(str(out / "last.safetensors"))
@@ -350,13 +355,19 @@ def test_model_ema_with_accumulation_equals_torchvision_average(tmp_path):
     assert apart(ours_ema, ours) > 1e-3, "the average equals the weights: the comparison proves little"
 
 
-def test_a_clip_norm_must_be_positive(tmp_path):
-    for bad, shown in [("0", "0"), ("-1", "-1"), ("nan", "NaN")]:
-        r = subprocess.run([BIN, "train", "--dataset", "digits", f"--clip-grad-norm={bad}", "--out", str(tmp_path / "r")],
-                           capture_output=True, text=True, timeout=60)
-        assert r.returncode == 2
-        assert r.stderr == f"vggctl: error: --clip-grad-norm {shown} must be a positive number\n"
-        assert not (tmp_path / "r").exists()
+def test_a_clip_bound_must_be_positive_and_one_of_two(tmp_path):
+    for mode in CLIPS:
+        for bad, shown in [("0", "0"), ("-1", "-1"), ("nan", "NaN")]:
+            r = subprocess.run([BIN, "train", "--dataset", "digits", f"--clip-grad-{mode}={bad}",
+                                "--out", str(tmp_path / "r")], capture_output=True, text=True, timeout=60)
+            assert r.returncode == 2
+            assert r.stderr == f"vggctl: error: --clip-grad-{mode} {shown} must be a positive number\n"
+            assert not (tmp_path / "r").exists()
+    r = subprocess.run([BIN, "train", "--dataset", "digits", "--clip-grad-norm", "1", "--clip-grad-value", "1",
+                        "--out", str(tmp_path / "r")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr == (
+        "vggctl: error: --clip-grad-value and --clip-grad-norm exclude each other (timm's --clip-mode picks one)\n")
+    assert not (tmp_path / "r").exists()
 
 
 def test_optimizer_values_torch_refuses_are_usage_errors(tmp_path):

@@ -69,6 +69,14 @@ impl HyperOpts {
         if let Some(c) = self.clip_grad_norm {
             positive("--clip-grad-norm", c)?;
         }
+        if let Some(c) = self.clip_grad_value {
+            positive("--clip-grad-value", c)?;
+            if self.clip_grad_norm.is_some() {
+                return Err(usage(
+                    "--clip-grad-value and --clip-grad-norm exclude each other (timm's --clip-mode picks one)",
+                ));
+            }
+        }
         self.recipe.validate()?;
         for (name, v) in [
             ("--limit-train", self.limit_train),

@@ -88,6 +88,12 @@ pub struct HyperOpts {
     /// fp16 unscaling).
     #[arg(long, help_heading = "Optimizer")]
     pub clip_grad_norm: Option<f64>,
+    /// Clamp every element of each step's gradients to [-V, V]
+    /// (torch.nn.utils.clip_grad_value_, timm's --clip-mode value; after
+    /// the data-parallel average and fp16 unscaling); not with
+    /// --clip-grad-norm.
+    #[arg(long, value_name = "V", help_heading = "Optimizer")]
+    pub clip_grad_value: Option<f64>,
     /// Stop once the validation top-1 has not beaten the best for N epochs in
     /// a row (Keras' EarlyStopping patience); may change on --resume.
     #[arg(long, value_name = "N", help_heading = "Schedule", value_parser = whole::<usize>)]
@@ -346,6 +352,7 @@ impl HyperOpts {
             sync_bn: self.sync_bn,
             keep: self.keep.unwrap_or_default(),
             clip_grad_norm: self.clip_grad_norm,
+            clip_grad_value: self.clip_grad_value,
             early_stop: self.early_stop,
             world_size: 1,
             imagenet_normalization: false,

@@ -105,6 +105,8 @@ pub struct Optimizer {
     step: Tensor,
     /// `--clip-grad-norm`: the most the gradients' global 2-norm may be.
     clip: Option<f64>,
+    /// `--clip-grad-value`: the bound on every gradient element.
+    clip_value: Option<f64>,
     scaler: Option<DeviceScaler>,
 }
 
@@ -268,6 +270,7 @@ impl Optimizer {
             lr: Tensor::zeros([], opts),
             step: Tensor::zeros([], opts),
             clip: None,
+            clip_value: None,
             scaler: None,
         }
     }
@@ -284,6 +287,15 @@ impl Optimizer {
     /// `optimizer.step()` (after unscaling, with fp16).
     pub fn clip_grad_norm(&mut self, max_norm: Option<f64>) {
         self.clip = max_norm;
+    }
+
+    /// Clamps every element of each step's gradients to `[-value, value]`,
+    /// as `torch.nn.utils.clip_grad_value_` does before `optimizer.step()`
+    /// (after unscaling, with fp16).
+    pub fn clip_grad_value(&mut self, value: Option<f64>) {
+        // Beyond float32's largest value a bound clamps nothing finite, and
+        // libtorch would refuse to convert it.
+        self.clip_value = value.map(|v| v.min(f32::MAX as f64));
     }
 
     /// `clip_grad_norm_`'s factor for `grads` (one tensor per parameter),
@@ -501,6 +513,9 @@ impl Optimizer {
             if let Some(f) = self.clip_factor(&gs) {
                 tch::no_grad(|| gs.iter().for_each(|g| _ = g.shallow_clone().g_mul_(&f)));
             }
+            if let Some(v) = self.clip_value {
+                tch::no_grad(|| gs.iter().for_each(|g| _ = g.shallow_clone().clamp_(-v, v)));
+            }
             self.step_per_parameter();
             return Ok(());
         };
@@ -518,6 +533,9 @@ impl Optimizer {
         };
         if let Some(f) = self.clip_factor(&per_parameter) {
             let _ = g.g_mul_(&f);
+        }
+        if let Some(v) = self.clip_value {
+            let _ = g.clamp_(-v, v);
         }
         let _ = match &found_inf {
             Some(found) => self.step.g_add_(&(-found + 1.0)),

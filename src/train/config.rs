@@ -211,6 +211,9 @@ pub struct TrainConfig {
     /// The most the gradients' global 2-norm may be (clip_grad_norm_).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clip_grad_norm: Option<f64>,
+    /// The bound on every gradient element (clip_grad_value_).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clip_grad_value: Option<f64>,
     /// Stop once the validation top-1 has not beaten the best for this many
     /// epochs in a row.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -460,6 +463,7 @@ pub(crate) mod tests {
             profile: false,
             keep: Keep::Best,
             clip_grad_norm: None,
+            clip_grad_value: None,
             early_stop: None,
             model_ema: None,
             mixing: Mixing::default(),

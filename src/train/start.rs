@@ -399,6 +399,7 @@ pub fn build_optimizer(model: &mut Vgg, numerics: &Numerics, config: &TrainConfi
     let ocfg = &config.optimizer;
     opt.decay_by(|name| ocfg.decay_of(name, norms.iter().any(|n| n == name)));
     opt.clip_grad_norm(config.clip_grad_norm);
+    opt.clip_grad_value(config.clip_grad_value);
     opt
 }
 

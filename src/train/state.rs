@@ -239,8 +239,16 @@ fn check_schedule(c: &TrainConfig) -> Result<()> {
     if let Some(problem) = c.optimizer.problem(str::to_string) {
         bail!("{problem}");
     }
-    if let Some(n) = c.clip_grad_norm.filter(|n| !(*n > 0.0 && n.is_finite())) {
-        bail!("clip_grad_norm {} must be a positive number", Num(n));
+    for (name, clip) in [
+        ("clip_grad_norm", c.clip_grad_norm),
+        ("clip_grad_value", c.clip_grad_value),
+    ] {
+        if let Some(n) = clip.filter(|n| !(*n > 0.0 && n.is_finite())) {
+            bail!("{name} {} must be a positive number", Num(n));
+        }
+    }
+    if c.clip_grad_norm.is_some() && c.clip_grad_value.is_some() {
+        bail!("clip_grad_norm and clip_grad_value exclude each other");
     }
     if !(c.lr_min >= 0.0 && c.lr_min.is_finite() && c.step_size >= 1) {
         bail!(
