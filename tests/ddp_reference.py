@@ -38,7 +38,9 @@ the parameters as train.py's utils.set_weight_decay does (below);
 --scheduler onecycle steps torch.optim.lr_scheduler.OneCycleLR (max_lr
 --lr, its --pct-start, --div-factor, --final-div-factor, --anneal-strategy,
 --three-phase, --cycle-momentum BASE,MAX or `off`) after every optimizer
-step, over a rank's updates per epoch.
+step, over a rank's updates per epoch; --scheduler cyclic steps CyclicLR
+(base_lr --lr-min, max_lr --lr, --cycle-steps UP,DOWN, --cyclic-mode,
+--gamma, --cycle-momentum) likewise.
 """
 import argparse
 import importlib.util
@@ -189,13 +191,17 @@ def main():
     p.add_argument("--eps", type=float, default=1e-8)
     p.add_argument("--amsgrad", action="store_true")
     p.add_argument("--centered", action="store_true")
-    p.add_argument("--scheduler", choices=["none", "onecycle"], default="none")
+    p.add_argument("--scheduler", choices=["none", "onecycle", "cyclic"], default="none")
+    p.add_argument("--lr-min", type=float, default=0.0)
+    p.add_argument("--cycle-steps", default="2000,2000")
+    p.add_argument("--cyclic-mode", default="triangular")
+    p.add_argument("--gamma", type=float, default=1.0)
     p.add_argument("--pct-start", type=float, default=0.3)
     p.add_argument("--div-factor", type=float, default=25.0)
     p.add_argument("--final-div-factor", type=float, default=1e4)
     p.add_argument("--anneal-strategy", default="cos")
     p.add_argument("--three-phase", action="store_true")
-    p.add_argument("--cycle-momentum", default="0.85,0.95", help="BASE,MAX or off")
+    p.add_argument("--cycle-momentum", default=None, help="BASE,MAX or off [0.85,0.95; cyclic 0.8,0.9]")
     a = p.parse_args()
 
     one = a.as_one_process > 0
@@ -258,11 +264,18 @@ def main():
         # one rank takes per epoch.
         steps = math.ceil(len(list(sampler(range(n), world, ranks[0]))) / a.batch_size)
         cycle = a.cycle_momentum != "off"
-        base, top = (float(v) for v in (a.cycle_momentum if cycle else "0.85,0.95").split(","))
+        base, top = (float(v) for v in (a.cycle_momentum if cycle and a.cycle_momentum else "0.85,0.95").split(","))
         sched = torch.optim.lr_scheduler.OneCycleLR(
             opt, max_lr=a.lr, epochs=a.epochs, steps_per_epoch=math.ceil(steps / k), pct_start=a.pct_start,
             anneal_strategy=a.anneal_strategy, cycle_momentum=cycle, base_momentum=base, max_momentum=top,
             div_factor=a.div_factor, final_div_factor=a.final_div_factor, three_phase=a.three_phase)
+    if a.scheduler == "cyclic":
+        cycle = a.cycle_momentum != "off"
+        base, top = (float(v) for v in (a.cycle_momentum if cycle and a.cycle_momentum else "0.8,0.9").split(","))
+        up, down = (int(v) for v in a.cycle_steps.split(","))
+        sched = torch.optim.lr_scheduler.CyclicLR(
+            opt, base_lr=a.lr_min, max_lr=a.lr, step_size_up=up, step_size_down=down, mode=a.cyclic_mode,
+            gamma=a.gamma, cycle_momentum=cycle, base_momentum=base, max_momentum=top)
     for epoch in range(a.epochs):
         torch.manual_seed(position_seed(a.seed, epoch, PERMUTATION_STEP))
         perm = torch.randperm(n)

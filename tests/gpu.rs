@@ -687,7 +687,8 @@ fn the_convolution_on_two_streams_gives_one_streams_gradients() {
 /// from its tensor at each replay: without momentum cycling the graphed
 /// run follows the eager one; with it (a momentum the captured kernel
 /// would keep at its first value) the training step runs eagerly, and
-/// `ran_as` says the graphs are evaluation's only.
+/// `ran_as` says the graphs are evaluation's only. CyclicLR without
+/// cycling graphs as OneCycleLR does.
 #[test]
 #[ignore = "needs a CUDA GPU (scripts/gpu-check runs it)"]
 fn onecycle_runs_on_the_device() {
@@ -717,6 +718,36 @@ fn onecycle_runs_on_the_device() {
     let ran_as = &cycled[0].ran_as;
     assert!(ran_as.ends_with("CUDA graph (evaluation only)"), "{ran_as}");
     assert_eq!(cycled[0].profile.as_ref().unwrap().graphed_steps, 0);
+    // CyclicLR takes the same path: its LR through the graph's tensor.
+    let cyclic = [
+        "--precision",
+        "fp32",
+        "--deterministic",
+        "--scheduler",
+        "cyclic",
+        "--lr-min",
+        "0.001",
+        "--cycle-steps",
+        "3,2",
+        "--no-cycle-momentum",
+    ];
+    let eager = train(
+        &t.join("cyclic-eager"),
+        1,
+        &[&cyclic[..], &["--no-cuda-graphs"]].concat(),
+    );
+    let graph = train(
+        &t.join("cyclic-graph"),
+        1,
+        &[&cyclic[..], &["--cuda-graphs"]].concat(),
+    );
+    let (e, g) = (&eager[0], &graph[0]);
+    println!(
+        "cyclic: train loss eager {} graphed {}",
+        e.train_loss, g.train_loss
+    );
+    assert!(rel(e.train_loss, g.train_loss) <= 1e-3 && rel(e.test_loss, g.test_loss) <= 1e-3);
+    assert_eq!(g.profile.as_ref().unwrap().graphed_steps, 10);
 }
 
 #[test]

@@ -16,7 +16,8 @@ vggctl's closed forms):
   LinearLR(start_factor=1/W, total_iters=W-1) and the main scheduler.
 
 `--scheduler onecycle` is OneCycleLR stepped after every update (its
-weights against PyTorch's in test_train_options.py).
+weights against PyTorch's in test_train_options.py), `--scheduler cyclic`
+CyclicLR likewise.
 
 `--scheduler plateau` is ReduceLROnPlateau stepped after each epoch with
 that epoch's validation loss (metrics.jsonl's `test_loss`), also across a
@@ -191,6 +192,26 @@ def test_a_longer_resume_re_spans_cosine_and_says_so(tmp_path):
     assert r.returncode == 0 and r.stderr == "", r.stderr
 
 
+def check_first_updates(out, epochs, key, scheduler):
+    """The run in `out` recorded, for each of its `epochs` of 8 updates,
+    the LR of its first update as `scheduler(optimizer)` stepped after
+    every update gives it (within 1e-12 relative, every epoch's another),
+    and config.json's `key` values the 8."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=LR, momentum=0.9)
+    sched = scheduler(opt)
+    want = []
+    for _ in range(epochs):
+        want.append(opt.param_groups[0]["lr"])
+        for _ in range(8):
+            opt.step()
+            sched.step()
+    ours = [m["lr"] for m in metrics(out)]
+    assert len(ours) == epochs and all(abs(a - b) <= 1e-12 * b for a, b in zip(ours, want)), (ours, want)
+    assert len(set(round(v, 12) for v in want)) == epochs, want
+    with open(out / "config.json") as f:
+        assert json.load(f)[key]["steps_per_epoch"] == 8
+
+
 def onecycle_run(out, epochs, *extra):
     return [BIN, "train", "--dataset", "digits", "--arch", "vgg11", "--head", "cifar", "--epochs", str(epochs),
             "--lr", str(LR), "--limit-train", "64", "--limit-test", "8", "--batch-size", "8", "--keep", "last",
@@ -209,19 +230,8 @@ def test_onecycle_steps_every_update_and_resumes_mid_epoch(tmp_path):
     straight = tmp_path / "straight"
     r = subprocess.run(onecycle_run(straight, epochs, "--quiet"), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "ignored" not in r.stderr, r.stderr
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=LR, momentum=0.9)
-    sched = S.OneCycleLR(opt, max_lr=LR, epochs=epochs, steps_per_epoch=8, pct_start=0.25, three_phase=True)
-    want = []
-    for _ in range(epochs):
-        want.append(opt.param_groups[0]["lr"])
-        for _ in range(8):
-            opt.step()
-            sched.step()
-    ours = [m["lr"] for m in metrics(straight)]
-    assert len(ours) == epochs and all(abs(a - b) <= 1e-12 * b for a, b in zip(ours, want)), (ours, want)
-    assert len(set(round(v, 12) for v in want)) == epochs, want
-    with open(straight / "config.json") as f:
-        assert json.load(f)["onecycle"]["steps_per_epoch"] == 8
+    check_first_updates(straight, epochs, "onecycle", lambda o: S.OneCycleLR(
+        o, max_lr=LR, epochs=epochs, steps_per_epoch=8, pct_start=0.25, three_phase=True))
 
     stopped = tmp_path / "stopped"
     p = subprocess.Popen(onecycle_run(stopped, epochs), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -240,6 +250,23 @@ def test_onecycle_steps_every_update_and_resumes_mid_epoch(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_cyclic_records_each_epochs_first_update(tmp_path):
+    """--scheduler cyclic is CyclicLR(base_lr=--lr-min, max_lr=--lr)
+    stepped after every update: each epoch's `lr` in metrics.jsonl is its
+    first update's, within 1e-12 relative, over 4 epochs of 8 updates in
+    cycles of 3 up and 2 down (triangular2: each half the one before)."""
+    epochs = 4
+    out = tmp_path / "cyclic"
+    r = subprocess.run(
+        [BIN, "train", "--dataset", "digits", "--arch", "vgg11", "--head", "cifar", "--epochs", str(epochs),
+         "--lr", str(LR), "--lr-min", "0.01", "--limit-train", "64", "--limit-test", "8", "--batch-size", "8",
+         "--keep", "last", "--scheduler", "cycliclr", "--cycle-steps", "3,2", "--cyclic-mode", "triangular2",
+         "--quiet", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "ignored" not in r.stderr, r.stderr
+    check_first_updates(out, epochs, "cyclic", lambda o: S.CyclicLR(
+        o, base_lr=0.01, max_lr=LR, step_size_up=3, step_size_down=2, mode="triangular2"))
+
+
 def test_impossible_values_are_usage_errors(tmp_path):
     for flags, message in [
         (["--warmup-epochs", "2", "--warmup-decay", "0"],
@@ -256,6 +283,17 @@ def test_impossible_values_are_usage_errors(tmp_path):
          "--warmup-epochs does not combine with --scheduler onecycle"),
         (["--scheduler", "onecycle", "--pct-start", "1.5"], "--pct-start 1.5 must be in [0, 1]"),
         (["--scheduler", "poly", "--power", "-0.5"], "--power -0.5 must be a finite number, 0 or more"),
+        (["--scheduler", "cyclic", "--warmup-epochs", "2"], "--warmup-epochs does not combine with --scheduler cyclic"),
+        (["--scheduler", "cyclic", "--cyclic-mode", "exp_range"],
+         "--cyclic-mode exp_range needs --gamma, its factor per update (e.g. 0.9999)"),
+        (["--scheduler", "cyclic", "--cyclic-mode", "exp_range", "--gamma", "1.5"],
+         "--gamma 1.5 must be in (0, 1] (exp_range's factor per update)"),
+        (["--scheduler", "cyclic", "--cycle-steps", "0,4"],
+         "--cycle-steps 0,4 must rise over 1 update or more (a fall of 0 is a sawtooth)"),
+        (["--scheduler", "cyclic", "--cycle-steps", "3,x"],
+         "--cycle-steps 3,x must be UP or UP,DOWN: whole numbers of updates"),
+        (["--scheduler", "cyclic", "--cycle-momentum", "0.95,0.9"],
+         "--cycle-momentum 0.95,0.9 must be a base and a maximum in [0, 1), the base not above the maximum"),
         (["--scheduler", "cosine-restarts"], "--scheduler cosine-restarts needs --restart-epochs N"),
         (["--scheduler", "cosine-restarts", "--restart-epochs", "0"], "--restart-epochs must be at least 1"),
         (["--scheduler", "cosine-restarts", "--restart-epochs", "2", "--restart-mult", "0"],

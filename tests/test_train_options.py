@@ -281,6 +281,44 @@ def test_onecycle_equals_torch_onecyclelr(runs, onecycles, name, update):
     assert apart(onecycles["adam"], onecycles["adam-uncycled"]) > 1e-4, "cycling changed nothing: proves nothing"
 
 
+# name: (flags of vggctl and the reference alike, epochs, update). SGD over
+# 2 epochs of 4 updates in cycles of 3 up and 2 down, each half the one
+# before, the momentum cycled (CyclicLR's defaults); Adam's beta1 cycled
+# over 4 updates of exp_range, per parameter: this tiny Adam run is
+# chaotic at its fourth update (a beta1 range of 0.59 or 0.7 instead of
+# 0.6 ends 1.2e-3 apart between torch's own fused and single-tensor Adam),
+# and vggctl's per-parameter update is torch's single-tensor arithmetic.
+CYCLIC = {
+    "sgd-triangular2": (["--lr", "0.05", "--lr-min", "0.005", "--batch-size", "16", "--cycle-steps", "3,2",
+                         "--cyclic-mode", "triangular2"], 2, "fused"),
+    "adam-exp-range": (["--optimizer", "adam", "--lr", "0.001", "--lr-min", "0.0001", "--batch-size", "16",
+                        "--cycle-steps", "2,1", "--cyclic-mode", "exp_range", "--gamma", "0.9",
+                        "--cycle-momentum", "0.7,0.9"], 1, "per-parameter"),
+}
+
+
+@pytest.mark.parametrize("name", CYCLIC)
+def test_cyclic_equals_torch_cycliclr(runs, name):
+    """--scheduler cyclic is torch.optim.lr_scheduler.CyclicLR(base_lr=
+    --lr-min, max_lr=--lr, step_size_up, step_size_down, mode, gamma)
+    stepped after every optimizer step, the momentum (SGD's, Adam's beta1)
+    cycled: the weights within 1e-5 relative of PyTorch's run. Cycling the
+    SGD run's momentum moves it by more than 1e-3, so the comparison sees
+    the momentum."""
+    tmp, init, _, _ = runs
+    flags, epochs, update = CYCLIC[name]
+    want = reference(tmp, init, str(tmp / f"cyclic-{name}-ref.safetensors"), "--scheduler", "cyclic", *flags,
+                     epochs=epochs)
+    extra = ["--no-fused"] if update == "per-parameter" else []
+    ours = vggctl_train(tmp / f"cyclic-{name}", init, "--scheduler", "cyclic", *flags, *extra, epochs=epochs)
+    assert set(ours) == set(want)
+    assert apart(ours, want) < 1e-5, apart(ours, want)
+    if name.startswith("sgd"):
+        uncycled = reference(tmp, init, str(tmp / f"cyclic-{name}-uncycled.safetensors"), "--scheduler", "cyclic",
+                             *flags, "--cycle-momentum", "off", epochs=epochs)
+        assert apart(want, uncycled) > 1e-3, "cycling changed nothing: proves nothing"
+
+
 def test_random_erase_mixup_and_cutmix_equal_torchvision(runs):
     tmp, init, _, free = runs
     opts = ["--random-erase", "0.5", "--mixup-alpha", "0.4", "--cutmix-alpha", "1.0", "--label-smoothing", "0.1"]
@@ -459,7 +497,7 @@ def test_options_a_run_has_no_use_for_are_named_once_each(tmp_path):
               "--ra-magnitude", "5", "--warmup-decay", "0.1", "--augment-interpolation", "bilinear",
               "--augmix-severity", "5", "--norm-weight-decay", "0", "--ra-reps", "2", "--head", "gap",
               "--dropout", "0.2", "--cache-mem", "1G", "--patience", "3", "--three-phase", "--pct-start", "0.5",
-              "--power", "2", "--restart-mult", "2"]
+              "--power", "2", "--restart-mult", "2", "--cycle-steps", "4"]
     r = subprocess.run([BIN, *common, *unused, "--out", str(tmp_path / "a")],
                        capture_output=True, text=True, timeout=120, env=ENV)
     assert r.returncode == 0, r.stderr
@@ -470,13 +508,14 @@ def test_options_a_run_has_no_use_for_are_named_once_each(tmp_path):
         ("--ra-reps", "applies with --ra-sampler only"),
         ("--augmix-severity", "applies to --auto-augment augmix only"),
         ("--augment-interpolation", "applies with --auto-augment only"),
-        ("--gamma", "applies to --scheduler multistep, step, exponential or plateau only"),
+        ("--gamma", "applies to --scheduler multistep, step, exponential, plateau or cyclic's exp_range only"),
         ("--power", "applies to --scheduler poly only"),
         ("--restart-mult", "applies to --scheduler cosine-restarts only"),
         ("--patience", "applies to --scheduler plateau only"),
         ("--warmup-decay", "applies with --warmup-epochs only"),
         ("--pct-start", "applies to --scheduler onecycle only"),
         ("--three-phase", "applies to --scheduler onecycle only"),
+        ("--cycle-steps", "applies to --scheduler cyclic only"),
         ("--milestones", step),
         ("--momentum", "applies to --optimizer sgd or rmsprop only"), ("--nesterov", sgd),
         ("--norm-weight-decay", "applies to BatchNorm's parameters, and the model has none (--bn adds them)"),
@@ -505,7 +544,7 @@ def test_options_a_run_has_no_use_for_are_named_once_each(tmp_path):
     # --no-cycle-momentum keeps it.
     replaced = ("warning: --momentum is ignored: it is replaced by --cycle-momentum's cycle with --scheduler onecycle"
                 " (--no-cycle-momentum keeps it)")
-    gamma = "warning: --gamma is ignored: it applies to --scheduler multistep, step, exponential or plateau only"
+    gamma = "warning: --gamma is ignored: it applies to --scheduler multistep, step, exponential, plateau or cyclic's exp_range only"
     for extra, want in [([], [gamma, replaced]), (["--no-cycle-momentum"], [gamma])]:
         r = subprocess.run([BIN, *common, "--scheduler", "onecycle", "--gamma", "0.5", "--momentum", "0.5", *extra,
                             "--out", str(tmp_path / f"onecycle{len(extra)}")],

@@ -13,6 +13,7 @@ use vggctl::num::Num;
 use vggctl::optim::OptimizerKind;
 use vggctl::train::SchedulerKind;
 use vggctl::train::config::TrainConfig;
+use vggctl::train::cyclic::CyclicMode;
 
 use super::data_opts::DataOpts;
 use super::output::{non_negative, positive, usage, warn};
@@ -91,6 +92,25 @@ impl HyperOpts {
         Ok(())
     }
 
+    /// CyclicLR's values, with --scheduler cyclic.
+    fn validate_cyclic(&self) -> Result<()> {
+        if self.scheduler != SchedulerKind::Cyclic {
+            return Ok(());
+        }
+        if self.warmup_epochs > 0 {
+            return Err(usage(
+                "--warmup-epochs does not combine with --scheduler cyclic (stepped after every update, it starts at --lr-min)",
+            ));
+        }
+        let typed = |id: &str| self.typed.iter().any(|t| t == id);
+        if self.cycles.cyclic_mode == CyclicMode::ExpRange && !typed("gamma") {
+            return Err(usage(
+                "--cyclic-mode exp_range needs --gamma, its factor per update (e.g. 0.9999)",
+            ));
+        }
+        self.cycles.cyclic(self.gamma).map(|_| ())
+    }
+
     /// The LR schedule's values, as `validate` checks the others.
     fn validate_schedule(&self) -> Result<()> {
         positive("--gamma", self.gamma)?;
@@ -113,8 +133,9 @@ impl HyperOpts {
                     "--warmup-epochs does not combine with --scheduler onecycle (its rise over --pct-start of the run is its warm-up)",
                 ));
             }
-            self.onecycle.get()?;
+            self.cycles.get()?;
         }
+        self.validate_cyclic()?;
         non_negative("--lr-min", self.lr_min)?;
         non_negative("--power", self.power)?;
         if self.scheduler == SchedulerKind::CosineRestarts {
@@ -207,23 +228,27 @@ fn augment_rules(config: &TrainConfig) -> [Rule; 4] {
 }
 
 /// The LR schedule's.
-fn schedule_rules(config: &TrainConfig) -> [Rule; 9] {
+fn schedule_rules(config: &TrainConfig) -> [Rule; 11] {
     use SchedulerKind::*;
     let kind = config.scheduler;
-    let multistep = kind == Multistep;
-    let step = kind == Step;
-    let plateau = kind == Plateau;
+    let exp_range = config
+        .cyclic
+        .is_some_and(|c| c.mode == CyclicMode::ExpRange);
     [
         (
             &["gamma"],
-            matches!(kind, Multistep | Step | Exponential | Plateau),
-            "applies to --scheduler multistep, step, exponential or plateau only",
+            matches!(kind, Multistep | Step | Exponential | Plateau) || exp_range,
+            "applies to --scheduler multistep, step, exponential, plateau or cyclic's exp_range only",
         ),
-        (&["step_size"], step, "applies to --scheduler step only"),
+        (
+            &["step_size"],
+            kind == Step,
+            "applies to --scheduler step only",
+        ),
         (
             &["lr_min"],
-            matches!(kind, Cosine | CosineRestarts | Plateau),
-            "applies to --scheduler cosine, cosine-restarts or plateau only",
+            matches!(kind, Cosine | CosineRestarts | Plateau | Cyclic),
+            "applies to --scheduler cosine, cosine-restarts, plateau or cyclic only",
         ),
         (&["power"], kind == Poly, "applies to --scheduler poly only"),
         (
@@ -233,7 +258,7 @@ fn schedule_rules(config: &TrainConfig) -> [Rule; 9] {
         ),
         (
             &["patience", "cooldown"],
-            plateau,
+            kind == Plateau,
             "applies to --scheduler plateau only",
         ),
         (
@@ -248,15 +273,23 @@ fn schedule_rules(config: &TrainConfig) -> [Rule; 9] {
                 "final_div_factor",
                 "anneal_strategy",
                 "three_phase",
-                "cycle_momentum",
-                "no_cycle_momentum",
             ],
-            config.onecycle.is_some(),
+            kind == Onecycle,
             "applies to --scheduler onecycle only",
         ),
         (
+            &["cycle_steps", "cyclic_mode"],
+            kind == Cyclic,
+            "applies to --scheduler cyclic only",
+        ),
+        (
+            &["cycle_momentum", "no_cycle_momentum"],
+            matches!(kind, Onecycle | Cyclic),
+            "applies to --scheduler onecycle or cyclic only",
+        ),
+        (
             &["milestones"],
-            multistep,
+            kind == Multistep,
             "applies to --scheduler multistep only",
         ),
     ]
@@ -271,11 +304,14 @@ fn optimizer_rules(config: &TrainConfig) -> [Rule; 6] {
         (
             &["momentum"],
             kind.has_momentum() && !cycled,
-            match kind.has_momentum() {
-                true => {
+            match (kind.has_momentum(), config.scheduler) {
+                (true, SchedulerKind::Cyclic) => {
+                    "is replaced by --cycle-momentum's cycle with --scheduler cyclic (--no-cycle-momentum keeps it)"
+                }
+                (true, _) => {
                     "is replaced by --cycle-momentum's cycle with --scheduler onecycle (--no-cycle-momentum keeps it)"
                 }
-                false => "applies to --optimizer sgd or rmsprop only",
+                (false, _) => "applies to --optimizer sgd or rmsprop only",
             },
         ),
         (&["nesterov"], sgd, "applies to --optimizer sgd only"),

@@ -9,6 +9,7 @@
 //! No subcommand imports another, and none imports this module.
 
 mod checks;
+mod cycles;
 mod data_opts;
 mod eval;
 mod eval_report;
@@ -17,7 +18,6 @@ mod finetune;
 mod help;
 mod info;
 mod launch;
-mod onecycle;
 mod opts;
 mod output;
 mod params;

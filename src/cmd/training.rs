@@ -21,8 +21,8 @@ use vggctl::train::schedule::{
 };
 use vggctl::train::{Resume, RunDir, SchedulerKind, Trainer};
 
+use super::cycles::CycleOpts;
 use super::data_opts::{DataOpts, streamed_as_rank0};
-use super::onecycle::OneCycleOpts;
 use super::opts::{DistOpts, GraphOpts, NumericsOpts, OtherForms, choice};
 use super::output::{note, pair, usage, warn, whole};
 use super::progress::{EpochBars, print_header};
@@ -112,8 +112,9 @@ pub struct HyperOpts {
         value_parser = whole::<usize>
     )]
     pub milestones: Vec<usize>,
-    /// What MultiStepLR and StepLR multiply the LR by at each step, and
-    /// ExponentialLR every epoch.
+    /// What MultiStepLR and StepLR multiply the LR by at each step,
+    /// ExponentialLR every epoch, ReduceLROnPlateau at a plateau, and
+    /// CyclicLR's exp_range the amplitude every update.
     #[arg(
         long,
         alias = "lr-gamma",
@@ -124,8 +125,9 @@ pub struct HyperOpts {
     /// StepLR's period in epochs.
     #[arg(long, alias = "lr-step-size", value_name = "N", default_value_t = DEFAULT_STEP_SIZE, help_heading = "Schedule", value_parser = whole::<usize>)]
     pub step_size: usize,
-    /// Cosine annealing's floor (CosineAnnealingLR's eta_min), and
-    /// ReduceLROnPlateau's (its min_lr).
+    /// Cosine annealing's floor (CosineAnnealingLR's and
+    /// CosineAnnealingWarmRestarts' eta_min), ReduceLROnPlateau's (its
+    /// min_lr), and CyclicLR's lowest LR (its base_lr).
     #[arg(
         long,
         value_name = "LR",
@@ -169,7 +171,7 @@ pub struct HyperOpts {
     )]
     pub warmup_decay: Option<f64>,
     #[command(flatten)]
-    pub onecycle: OneCycleOpts,
+    pub cycles: CycleOpts,
     /// Cross-entropy label smoothing, in [0, 1).
     #[arg(long, default_value_t = 0.0, help_heading = "Optimizer")]
     pub label_smoothing: f64,
@@ -335,6 +337,7 @@ impl HyperOpts {
             warmup_epochs: self.warmup_epochs,
             warmup: self.warmup(),
             onecycle: None,
+            cyclic: None,
             power: self.power,
             restarts: self.restarts(),
             label_smoothing: self.label_smoothing,
@@ -379,7 +382,7 @@ impl HyperOpts {
             streamed: None,
         };
         self.recipe.configure(&mut config);
-        self.onecycle.configure(&mut config);
+        self.cycles.configure(&mut config);
         config
     }
 }

@@ -13,6 +13,7 @@ use crate::model::ModelSpec;
 use crate::numerics::{FusedStep, NumericsRequest, Precision, StepPart};
 use crate::optim::OptimizerConfig;
 
+use super::cyclic::Cyclic;
 use super::ema::EmaConfig;
 use super::onecycle::OneCycle;
 pub use super::schedule::{
@@ -137,6 +138,9 @@ pub struct TrainConfig {
     /// `--scheduler onecycle`'s values (none with another scheduler).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub onecycle: Option<OneCycle>,
+    /// `--scheduler cyclic`'s values (none with another scheduler).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cyclic: Option<Cyclic>,
     /// PolynomialLR's power.
     #[serde(default = "default_power", skip_serializing_if = "is_default_power")]
     pub power: f64,
@@ -435,6 +439,7 @@ pub(crate) mod tests {
             warmup_epochs: warmup,
             warmup: None,
             onecycle: None,
+            cyclic: None,
             power: DEFAULT_POWER,
             restarts: None,
             label_smoothing: 0.0,

@@ -76,6 +76,9 @@ impl TrainConfig {
                 let span = (self.epochs - w).max(1) as f64;
                 self.lr * (1.0 - (t as f64).min(span) / span).powf(self.power)
             }
+            SchedulerKind::Cyclic => self
+                .cyclic
+                .map_or(self.lr, |c| c.lr_of_epoch(self.lr_min, self.lr, epoch)),
             SchedulerKind::CosineRestarts => {
                 let restarts = self.restarts.unwrap_or(Restarts { epochs: 1, mult: 1 });
                 let (cur, len) = restarts.position(t);
@@ -106,45 +109,56 @@ impl TrainConfig {
     }
 
     /// Whether the optimizer's momentum changes every update (OneCycleLR's
-    /// cycling): a captured CUDA graph could not follow it.
+    /// or CyclicLR's cycling): a captured CUDA graph could not follow it.
     pub fn cycles_momentum(&self) -> bool {
         self.onecycle.is_some_and(|c| c.momentum.is_some())
+            || self.cyclic.is_some_and(|c| c.momentum.is_some())
     }
 
-    /// Fixes OneCycleLR's updates per epoch from `images` per rank (a new
-    /// run's), or checks that a resumed run's data gives the number it
-    /// recorded; then that the run's updates make a schedule.
-    pub fn settle_onecycle(&mut self, images: i64) -> Result<()> {
-        let Some(c) = &mut self.onecycle else {
-            return Ok(());
-        };
+    /// Fixes the updates per epoch of a schedule stepped after every
+    /// update (OneCycleLR, CyclicLR) from `images` per rank (a new run's),
+    /// or checks that a resumed run's data gives the number it recorded;
+    /// then that OneCycleLR's updates make a schedule.
+    pub fn settle_updates(&mut self, images: i64) -> Result<()> {
         let updates = batches(images, self.batch_size).div_ceil(self.accum_steps.max(1));
-        match c.steps_per_epoch {
-            0 => c.steps_per_epoch = updates,
+        let name = self.scheduler.name();
+        let recorded = match (&mut self.onecycle, &mut self.cyclic) {
+            (Some(c), _) => &mut c.steps_per_epoch,
+            (_, Some(c)) => &mut c.steps_per_epoch,
+            _ => return Ok(()),
+        };
+        match *recorded {
+            0 => *recorded = updates,
             s if s != updates => bail!(
-                "the run's onecycle schedule counts {s} updates per epoch, and its data now gives {updates}: continue it with the data and ranks it started with"
+                "the run's {name} schedule counts {s} updates per epoch, and its data now gives {updates}: continue it with the data and ranks it started with"
             ),
             _ => {}
         }
-        if let Some(problem) = c.total_problem(self.epochs * updates) {
+        if let Some(problem) = self
+            .onecycle
+            .and_then(|c| c.total_problem(self.epochs * updates))
+        {
             bail!("{problem}");
         }
         Ok(())
     }
 
-    /// The LR and the cycled momentum (OneCycleLR's; none for the other
-    /// schedules, whose momentum is the optimizer's) of the `update`-th
-    /// optimizer update of `epoch`.
+    /// The LR and the cycled momentum (OneCycleLR's or CyclicLR's; none
+    /// for the other schedules, whose momentum is the optimizer's) of the
+    /// `update`-th optimizer update of `epoch`.
     pub fn update_hypers(
         &self,
         epoch: usize,
         update: usize,
         val_losses: &[f64],
     ) -> (f64, Option<f64>) {
-        match (self.scheduler, self.onecycle) {
-            (SchedulerKind::Onecycle, Some(c)) => {
+        match (self.scheduler, self.onecycle, self.cyclic) {
+            (SchedulerKind::Onecycle, Some(c), _) => {
                 let s = c.steps_per_epoch;
                 c.at(self.lr, epoch * s + update, self.epochs * s)
+            }
+            (SchedulerKind::Cyclic, _, Some(c)) => {
+                c.at(self.lr_min, self.lr, epoch * c.steps_per_epoch + update)
             }
             _ => (self.lr_at(epoch, val_losses), None),
         }
@@ -155,12 +169,17 @@ impl TrainConfig {
     /// schedule is monotone between them; ReduceLROnPlateau never rises) beyond float32's range, which the
     /// update computes in (libtorch refuses to convert it).
     pub fn lr_problem(&self) -> Option<String> {
-        if self.scheduler == SchedulerKind::Onecycle {
-            // OneCycleLR peaks at --lr, its max_lr.
-            return (self.lr > f32::MAX as f64).then(|| {
+        if matches!(
+            self.scheduler,
+            SchedulerKind::Onecycle | SchedulerKind::Cyclic
+        ) {
+            // OneCycleLR peaks at --lr, its max_lr; CyclicLR between
+            // --lr-min and --lr (either may be the higher, as in torch).
+            let peak = self.lr.max(self.lr_min);
+            return (peak > f32::MAX as f64).then(|| {
                 format!(
                     "the learning rate reaches {:.3e} at its peak, beyond float32's largest value {:.3e}, in which the weights are updated",
-                    self.lr,
+                    peak,
                     f32::MAX
                 )
             });

@@ -16,6 +16,7 @@
 pub mod config;
 pub mod confusion;
 pub mod curves;
+pub mod cyclic;
 pub mod ema;
 mod epoch_end;
 mod feed;

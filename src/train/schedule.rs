@@ -5,7 +5,8 @@
 //! MultiStepLR, cosine annealing (with warm restarts too), StepLR,
 //! ExponentialLR or PolynomialLR; or
 //! ReduceLROnPlateau on the validation loss, or OneCycleLR over the run's
-//! updates (`onecycle`), which no warm-up precedes.
+//! updates (`onecycle`) or CyclicLR's cycles of updates (`cyclic`), which
+//! no warm-up precedes.
 
 use crate::num::Num;
 use serde::{Deserialize, Serialize};
@@ -24,6 +25,7 @@ pub enum SchedulerKind {
     Poly,
     #[serde(rename = "cosine-restarts")]
     CosineRestarts,
+    Cyclic,
 }
 
 impl Choice for SchedulerKind {
@@ -36,6 +38,7 @@ impl Choice for SchedulerKind {
         SchedulerKind::Onecycle,
         SchedulerKind::Poly,
         SchedulerKind::CosineRestarts,
+        SchedulerKind::Cyclic,
     ];
     fn name(self) -> &'static str {
         match self {
@@ -47,6 +50,7 @@ impl Choice for SchedulerKind {
             SchedulerKind::Onecycle => "onecycle",
             SchedulerKind::Poly => "poly",
             SchedulerKind::CosineRestarts => "cosine-restarts",
+            SchedulerKind::Cyclic => "cyclic",
         }
     }
     fn help(self) -> &'static str {
@@ -71,6 +75,9 @@ impl Choice for SchedulerKind {
             SchedulerKind::CosineRestarts => {
                 "CosineAnnealingWarmRestarts (SGDR): cosine annealing from --lr to --lr-min over --restart-epochs epochs, then again from --lr, each cycle --restart-mult times the one before"
             }
+            SchedulerKind::Cyclic => {
+                "CyclicLR, stepped after every update: from --lr-min up to --lr over --cycle-steps UP updates and back over DOWN, again and again (--cyclic-mode), the momentum (Adam's beta1) cycled the other way (--cycle-momentum)"
+            }
         }
     }
     /// torchvision's reference `--lr-scheduler` names.
@@ -84,6 +91,7 @@ impl Choice for SchedulerKind {
             SchedulerKind::Onecycle => &["onecyclelr"],
             SchedulerKind::Poly => &["polynomiallr", "polynomial"],
             SchedulerKind::CosineRestarts => &["cosineannealingwarmrestarts", "sgdr"],
+            SchedulerKind::Cyclic => &["cycliclr"],
         }
     }
 }

@@ -44,7 +44,7 @@ pub fn start_state(
         sampler.len(data.train.len())
     };
     let Some((saved, tensors)) = resume else {
-        config.settle_onecycle(per_rank(&config))?;
+        config.settle_updates(per_rank(&config))?;
         let state = TrainState {
             config,
             class_names: data.classes.clone(),
@@ -80,7 +80,7 @@ pub fn start_state(
         .collect();
     model.load_state_dict(&source, &weights, Values::FiniteOnly)?;
     config
-        .settle_onecycle(n as i64)
+        .settle_updates(n as i64)
         .map_err(|e| anyhow!("{source}: {e}"))?;
     Ok((TrainState { config, ..saved }, Some((source, tensors))))
 }

@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 
+use crate::choice::Choice;
 use crate::num::Num;
 use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
@@ -212,27 +213,7 @@ fn check_schedule(c: &TrainConfig) -> Result<()> {
             c.warmup_epochs
         );
     }
-    let onecycle = c.scheduler == SchedulerKind::Onecycle;
-    if onecycle != c.onecycle.is_some() || (onecycle && c.warmup_epochs > 0) {
-        bail!(
-            "the onecycle scheduler takes its onecycle values and no warmup_epochs, and no other scheduler takes them"
-        );
-    }
-    if let Some(problem) = c.onecycle.and_then(|o| o.problem(str::to_string)) {
-        bail!("{problem}");
-    }
-    let restarts = c.scheduler == SchedulerKind::CosineRestarts;
-    if restarts != c.restarts.is_some() {
-        bail!(
-            "the cosine-restarts scheduler takes its restarts values, and no other scheduler takes them"
-        );
-    }
-    if let Some(problem) = c.restarts.and_then(|r| r.problem()) {
-        bail!("{problem}");
-    }
-    if !(c.power >= 0.0 && c.power.is_finite()) {
-        bail!("power {} must be finite and 0 or more", Num(c.power));
-    }
+    check_scheduler_values(c)?;
     if let Some(problem) = c.lr_problem() {
         bail!("{problem}");
     }
@@ -256,6 +237,43 @@ fn check_schedule(c: &TrainConfig) -> Result<()> {
             Num(c.lr_min),
             c.step_size
         );
+    }
+    Ok(())
+}
+
+/// Each scheduler with values of its own (OneCycleLR's, CyclicLR's,
+/// the restarts') has them and no other has; those stepped after every
+/// update take no warm-up; the values make a schedule.
+fn check_scheduler_values(c: &TrainConfig) -> Result<()> {
+    use SchedulerKind::*;
+    for (kind, has, field, warms_up) in [
+        (Onecycle, c.onecycle.is_some(), "onecycle", false),
+        (Cyclic, c.cyclic.is_some(), "cyclic", false),
+        (CosineRestarts, c.restarts.is_some(), "restarts", true),
+    ] {
+        let this = c.scheduler == kind;
+        if this != has || (this && !warms_up && c.warmup_epochs > 0) {
+            let warm = if warms_up {
+                ""
+            } else {
+                " and no warmup_epochs"
+            };
+            bail!(
+                "the {} scheduler takes its {field} values{warm}, and no other scheduler takes them",
+                kind.name()
+            );
+        }
+    }
+    let problems = [
+        c.onecycle.and_then(|o| o.problem(str::to_string)),
+        c.cyclic.and_then(|o| o.problem(str::to_string)),
+        c.restarts.and_then(|r| r.problem()),
+    ];
+    if let Some(problem) = problems.into_iter().flatten().next() {
+        bail!("{problem}");
+    }
+    if !(c.power >= 0.0 && c.power.is_finite()) {
+        bail!("power {} must be finite and 0 or more", Num(c.power));
     }
     Ok(())
 }
