@@ -17,7 +17,7 @@
 //! is run first, each time. A crash that kills the process (a stack
 //! overflow) leaves the input in `target/fuzz/<target>.input`.
 //!
-//! `VGGCTL_FUZZ_SECS` (default 45, spread over the targets) and
+//! `VGGCTL_FUZZ_SECS` (default 30, spread over the targets) and
 //! `VGGCTL_FUZZ_SEED` set the run, `VGGCTL_FUZZ_TARGETS` (names, comma
 //! separated) limits it to some targets; `scripts/fuzz` runs it longer
 //! with a fresh seed and prints the figures.
@@ -425,7 +425,7 @@ fn readers_survive_fuzzing() {
     let secs: f64 = std::env::var("VGGCTL_FUZZ_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(45.0);
+        .unwrap_or(30.0);
     let seed: u64 = std::env::var("VGGCTL_FUZZ_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
