@@ -629,7 +629,7 @@ fn resume_refuses_changes_and_bad_states() {
     let resume = dir.join("run/resume.safetensors");
     let original = std::fs::read(&resume).unwrap();
     type Edit = fn(&mut serde_json::Value);
-    let bad_states: [(Edit, &str); 29] = [
+    let bad_states: [(Edit, &str); 30] = [
         (
             |s| s["config"]["batch_size"] = 0.into(),
             "bad training state: epochs 2, batch_size 0",
@@ -755,6 +755,14 @@ fn resume_refuses_changes_and_bad_states() {
                     "mode": "triangular", "gamma": 1.0, "momentum": null});
             },
             "bad training state: cycle_steps 0,2 must rise over 1 update or more",
+        ),
+        (
+            |s| {
+                s["config"]["scheduler"] = "cyclic".into();
+                s["config"]["cyclic"] = serde_json::json!({"step_size_up": 2, "step_size_down": 2,
+                    "mode": "triangular", "gamma": 1.0, "momentum": null, "steps_per_epoch": 5});
+            },
+            "the run's cyclic schedule counts 5 updates per epoch, and its data now gives 2: continue it with the data and ranks it started with",
         ),
         (
             |s| s["config"]["scheduler"] = "cosine-restarts".into(),
