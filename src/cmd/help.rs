@@ -40,6 +40,7 @@ Examples:
   vggctl train --resume runs/v11 -e 60             continue a run (Ctrl-C saves), or extend it
   vggctl train --arch vgg11_bn --model-ema --mixup-alpha 0.2 --cutmix-alpha 1.0 --tensorboard
   vggctl train --auto-augment ta_wide --scheduler cosine --warmup-epochs 5 --warmup-method linear
+  vggctl train --scheduler cosine-restarts --restart-epochs 10 --restart-mult 2 -e 70     SGDR: cycles of 10, 20, 40
   torchrun --no-python --nproc-per-node 8 vggctl train -o runs/big --resume auto
   vggctl train --nproc-per-node 4 -o runs/dp --resume auto --max-restarts 3    restarted after a failure";
 
