@@ -41,6 +41,14 @@ the parameters as train.py's utils.set_weight_decay does (below);
 step, over a rank's updates per epoch; --scheduler cyclic steps CyclicLR
 (base_lr --lr-min, max_lr --lr, --cycle-steps UP,DOWN, --cyclic-mode,
 --gamma, --cycle-momentum) likewise.
+
+--epoch-scheduler cosine steps CosineAnnealingLR(T_max=--epochs) after
+every epoch. --swa-start E is PyTorch's documented SWA loop
+(torch.optim.swa_utils): from the end of epoch E (1-based) on, the weights
+join an AveragedModel and SWALR(swa_lr=--swa-lr, --swa-anneal-epochs,
+--swa-anneal-strategy) is stepped in place of the epoch scheduler; after
+the last epoch update_bn runs over the training images in order, in
+batches of --batch-size, and the average is written to --swa-out.
 """
 import argparse
 import importlib.util
@@ -202,6 +210,12 @@ def main():
     p.add_argument("--anneal-strategy", default="cos")
     p.add_argument("--three-phase", action="store_true")
     p.add_argument("--cycle-momentum", default=None, help="BASE,MAX or off [0.85,0.95; cyclic 0.8,0.9]")
+    p.add_argument("--epoch-scheduler", choices=["none", "cosine"], default="none")
+    p.add_argument("--swa-start", type=int, default=0)
+    p.add_argument("--swa-lr", type=float, default=None)
+    p.add_argument("--swa-anneal-epochs", type=int, default=10)
+    p.add_argument("--swa-anneal-strategy", default="cos")
+    p.add_argument("--swa-out")
     a = p.parse_args()
 
     one = a.as_one_process > 0
@@ -276,6 +290,13 @@ def main():
         sched = torch.optim.lr_scheduler.CyclicLR(
             opt, base_lr=a.lr_min, max_lr=a.lr, step_size_up=up, step_size_down=down, mode=a.cyclic_mode,
             gamma=a.gamma, cycle_momentum=cycle, base_momentum=base, max_momentum=top)
+    epoch_sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=a.epochs) \
+        if a.epoch_scheduler == "cosine" else None
+    swa_model = swa_sched = None
+    if a.swa_start:
+        swa_model = torch.optim.swa_utils.AveragedModel(model)
+        swa_sched = torch.optim.swa_utils.SWALR(opt, swa_lr=a.swa_lr, anneal_epochs=a.swa_anneal_epochs,
+                                                anneal_strategy=a.swa_anneal_strategy)
     for epoch in range(a.epochs):
         torch.manual_seed(position_seed(a.seed, epoch, PERMUTATION_STEP))
         perm = torch.randperm(n)
@@ -310,6 +331,15 @@ def main():
                 ema.update_parameters(model)
                 if epoch < a.warmup_epochs:
                     ema.n_averaged.fill_(0)
+        if swa_model is not None and epoch >= a.swa_start - 1:
+            swa_model.update_parameters(model)
+            swa_sched.step()
+        elif epoch_sched is not None:
+            epoch_sched.step()
+    if swa_model is not None and ranks[0] == 0:
+        loader = [x_all[i:i + a.batch_size] for i in range(0, n, a.batch_size)]
+        torch.optim.swa_utils.update_bn(loader, swa_model)
+        save_file({k: v.contiguous() for k, v in swa_model.module.state_dict().items()}, a.swa_out)
     if ema is not None and ranks[0] == 0:
         save_file({k: v.contiguous() for k, v in ema.module.state_dict().items()}, a.ema_out)
     if ranks[0] == 0:

@@ -136,6 +136,7 @@ impl HyperOpts {
             self.cycles.get()?;
         }
         self.validate_cyclic()?;
+        self.swa.get(self.scheduler)?;
         non_negative("--lr-min", self.lr_min)?;
         non_negative("--power", self.power)?;
         if self.scheduler == SchedulerKind::CosineRestarts {
@@ -228,7 +229,7 @@ fn augment_rules(config: &TrainConfig) -> [Rule; 4] {
 }
 
 /// The LR schedule's.
-fn schedule_rules(config: &TrainConfig) -> [Rule; 11] {
+fn schedule_rules(config: &TrainConfig) -> [Rule; 12] {
     use SchedulerKind::*;
     let kind = config.scheduler;
     let exp_range = config
@@ -291,6 +292,11 @@ fn schedule_rules(config: &TrainConfig) -> [Rule; 11] {
             &["milestones"],
             kind == Multistep,
             "applies to --scheduler multistep only",
+        ),
+        (
+            &["swa_lr", "swa_anneal_epochs", "swa_anneal_strategy"],
+            config.swa.is_some(),
+            "applies with --swa-start only",
         ),
     ]
 }

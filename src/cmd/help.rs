@@ -41,6 +41,7 @@ Examples:
   vggctl train --arch vgg11_bn --model-ema --mixup-alpha 0.2 --cutmix-alpha 1.0 --tensorboard
   vggctl train --auto-augment ta_wide --scheduler cosine --warmup-epochs 5 --warmup-method linear
   vggctl train --scheduler cosine-restarts --restart-epochs 10 --restart-mult 2 -e 70     SGDR: cycles of 10, 20, 40
+  vggctl train --arch vgg11_bn --scheduler cosine --swa-start 76 --swa-lr 0.005 -e 100     SWA: average epochs 76-100
   torchrun --no-python --nproc-per-node 8 vggctl train -o runs/big --resume auto
   vggctl train --nproc-per-node 4 -o runs/dp --resume auto --max-restarts 3    restarted after a failure";
 

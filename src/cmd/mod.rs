@@ -26,6 +26,7 @@ mod prepare;
 mod progress;
 mod recipe;
 mod resume;
+mod swa;
 mod train;
 mod training;
 

@@ -188,7 +188,7 @@ impl Observer for EpochBars {
         }
         if !self.quiet {
             super::output::say(&format!(
-                "epoch {:>3}  lr {:.5}  train loss {:.4} acc {:.2}%  val loss {:.4} top-1 {:.2}% top-5 {:.2}%{}  {:.0} img/s  {:.1}s",
+                "epoch {:>3}  lr {:.5}  train loss {:.4} acc {:.2}%  val loss {:.4} top-1 {:.2}% top-5 {:.2}%{}{}  {:.0} img/s  {:.1}s",
                 m.epoch,
                 m.lr,
                 m.train_loss,
@@ -198,6 +198,10 @@ impl Observer for EpochBars {
                 m.test_top5,
                 match &m.ema {
                     Some(e) => format!("  EMA top-1 {:.2}%", e.top1),
+                    None => String::new(),
+                },
+                match &m.swa {
+                    Some(s) => format!("  SWA top-1 {:.2}%", s.top1),
                     None => String::new(),
                 },
                 m.images_per_s,
@@ -428,6 +432,16 @@ pub fn report(s: &TrainSummary, json: bool) -> Result<()> {
     }
     if let (Some(b), Some(path)) = (s.best_top1, &s.best) {
         text += &format!("best val top-1 {b:.2}% -> {}\n", path.display());
+    }
+    let swa = s.final_metrics.as_ref().and_then(|m| m.swa.as_ref());
+    if let (Some(a), Some(path)) = (swa, &s.swa) {
+        text += &format!(
+            "weight average (SWA): val top-1 {:.2}%  top-5 {:.2}%  loss {:.4} -> {}\n",
+            a.top1,
+            a.top5,
+            a.loss,
+            path.display()
+        );
     }
     print_out(&text)
 }

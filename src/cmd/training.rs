@@ -27,6 +27,7 @@ use super::opts::{DistOpts, GraphOpts, NumericsOpts, OtherForms, choice};
 use super::output::{note, pair, usage, warn, whole};
 use super::progress::{EpochBars, print_header};
 use super::recipe::{RecipeOpts, settle_ema};
+use super::swa::{SwaOpts, swa_past_the_end};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct HyperOpts {
@@ -172,6 +173,8 @@ pub struct HyperOpts {
     pub warmup_decay: Option<f64>,
     #[command(flatten)]
     pub cycles: CycleOpts,
+    #[command(flatten)]
+    pub swa: SwaOpts,
     /// Cross-entropy label smoothing, in [0, 1).
     #[arg(long, default_value_t = 0.0, help_heading = "Optimizer")]
     pub label_smoothing: f64,
@@ -305,6 +308,13 @@ impl HyperOpts {
 
     /// A new run's configuration from these options; the caller fills in
     /// what differs between training from scratch and fine-tuning.
+    /// `--out`, or a new run's directory under runs/.
+    fn out_dir(&self, spec: &ModelSpec, data: &DataOpts) -> PathBuf {
+        self.out.clone().unwrap_or_else(|| {
+            PathBuf::from("runs").join(RunDir::default_name(&spec.model_name(), data.dataset()))
+        })
+    }
+
     pub fn config(
         &self,
         spec: ModelSpec,
@@ -313,9 +323,6 @@ impl HyperOpts {
         default_epochs: usize,
     ) -> TrainConfig {
         let numerics = self.numerics.request(Some(&self.graphs), !self.no_fused);
-        let out = self.out.clone().unwrap_or_else(|| {
-            PathBuf::from("runs").join(RunDir::default_name(&spec.model_name(), data.dataset()))
-        });
         let mut config = TrainConfig {
             model: spec,
             dataset: data.dataset().to_string(),
@@ -345,7 +352,7 @@ impl HyperOpts {
             limit_train: self.limit_train,
             limit_test: self.limit_test,
             device: device_name(device),
-            out,
+            out: self.out_dir(&spec, data),
             input_size: 32,
             train_crop_size: None,
             val_resize_size: None,
@@ -369,6 +376,7 @@ impl HyperOpts {
             cuda_graphs: numerics.cuda_graphs_on(device),
             profile: self.profile,
             model_ema: None,
+            swa: self.swa.get(self.scheduler).ok().flatten(),
             mixing: Default::default(),
             auto_augment: None,
             ra_magnitude: vggctl::data::auto_augment::RA_MAGNITUDE,
@@ -433,6 +441,12 @@ fn settle_new_run(
         }
         config.world_size = world.size;
         settle_ema(config);
+    }
+    if let Some(problem) = swa_past_the_end(config) {
+        if resumed {
+            bail!("{}: {problem}", config.out.display());
+        }
+        return Err(usage(problem));
     }
     match config.lr_problem() {
         // Its state passed; the epochs asked for now reach further.

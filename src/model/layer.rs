@@ -142,7 +142,7 @@ impl Layer {
 
     /// The layer on `x`; `conv_bias` false runs a convolution without its
     /// bias (see [`Sequential::bias_free`]).
-    pub(super) fn forward(
+    pub(crate) fn forward(
         &self,
         x: &Tensor,
         train: bool,
@@ -196,6 +196,20 @@ pub fn batch_norm(
     running_var: &Tensor,
     train: bool,
 ) -> Tensor {
+    let stats = [running_mean, running_var];
+    batch_norm_moving(x, [weight, bias], stats, train, BN_MOMENTUM)
+}
+
+/// [`batch_norm`] whose running statistics move by `momentum` toward the
+/// batch's in training mode (torch's cumulative average is 1/n at the
+/// n-th batch).
+pub fn batch_norm_moving(
+    x: &Tensor,
+    [weight, bias]: [&Tensor; 2],
+    [running_mean, running_var]: [&Tensor; 2],
+    train: bool,
+    momentum: f64,
+) -> Tensor {
     Tensor::batch_norm(
         x,
         Some(weight),
@@ -203,7 +217,7 @@ pub fn batch_norm(
         Some(running_mean),
         Some(running_var),
         train,
-        BN_MOMENTUM,
+        momentum,
         BN_EPS,
         true,
     )

@@ -21,7 +21,9 @@ mod spec;
 mod state_dict;
 
 pub use flat::ComputeCopy;
-pub use layer::{BN_EPS, BN_MOMENTUM, Layer, PAD_CHANNELS, Sequential, batch_norm};
+pub use layer::{
+    BN_EPS, BN_MOMENTUM, Layer, PAD_CHANNELS, Sequential, batch_norm, batch_norm_moving,
+};
 pub use recognize::{Resolved, SpecRequest, recognize};
 pub use spec::{
     Arch, Cfg, Head, LayerKind, LayerSpec, MAX_CLASSES, MAX_INPUT, MIN_INPUT, ModelSpec,

@@ -17,7 +17,7 @@ use super::cyclic::Cyclic;
 use super::ema::EmaConfig;
 use super::onecycle::OneCycle;
 pub use super::schedule::{
-    DEFAULT_PATIENCE, DEFAULT_POWER, DEFAULT_STEP_SIZE, Restarts, SchedulerKind, Warmup,
+    DEFAULT_PATIENCE, DEFAULT_POWER, DEFAULT_STEP_SIZE, Restarts, SchedulerKind, SwaConfig, Warmup,
     WarmupMethod,
 };
 
@@ -225,6 +225,9 @@ pub struct TrainConfig {
     /// An exponential moving average of the weights (`--model-ema`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_ema: Option<EmaConfig>,
+    /// Stochastic weight averaging (`--swa-start`), and its SWALR schedule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swa: Option<SwaConfig>,
     /// Batch mixing (`--mixup-alpha`, `--cutmix-alpha`; 0 is off).
     #[serde(default, skip_serializing_if = "Mixing::is_off")]
     pub mixing: Mixing,
@@ -471,6 +474,7 @@ pub(crate) mod tests {
             clip_grad_value: None,
             early_stop: None,
             model_ema: None,
+            swa: None,
             mixing: Mixing::default(),
             auto_augment: None,
             ra_magnitude: RA_MAGNITUDE,

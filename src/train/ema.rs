@@ -51,16 +51,8 @@ pub const PREFIX: &str = "ema.";
 impl Ema {
     /// A copy of `model` (same layout) that has averaged nothing yet.
     pub fn new(model: &Vgg, config: EmaConfig) -> Ema {
-        let mut copy = Vgg::new(model.spec, model.device());
-        let sources: BTreeMap<String, &Tensor> = model
-            .entries()
-            .into_iter()
-            .map(|e| (e.name, e.tensor))
-            .collect();
-        copy.map_tensors(|name, _| sources[name].detach().copy());
         Ema {
-            // Plain tensors: the average is computed, never differentiated.
-            model: copy.into_inference(),
+            model: copy_of(model),
             config,
             n_averaged: 0,
         }
@@ -116,11 +108,7 @@ impl Ema {
 
     /// The average's tensors for a resume point, under [`PREFIX`].
     pub fn resume_tensors(&self) -> Vec<(String, Tensor)> {
-        self.model
-            .state_dict()
-            .into_iter()
-            .map(|(k, v)| (format!("{PREFIX}{k}"), v))
-            .collect()
+        prefixed(&self.model, PREFIX)
     }
 
     /// Takes the average's tensors (under [`PREFIX`]) out of a resume
@@ -131,34 +119,68 @@ impl Ema {
         model: &Vgg,
         tensors: &mut BTreeMap<String, Tensor>,
     ) -> Result<()> {
-        let keys: Vec<String> = tensors
-            .keys()
-            .filter(|k| k.starts_with(PREFIX))
-            .cloned()
-            .collect();
-        let dict: BTreeMap<String, Tensor> = keys
-            .into_iter()
-            .filter_map(|k| {
-                let t = tensors.remove(&k)?;
-                Some((k[PREFIX.len()..].to_string(), t))
-            })
-            .collect();
-        if dict.is_empty() {
-            return Err(anyhow!(
-                "{source}: the run averages its weights (--model-ema) but the resume point holds no average"
-            ));
-        }
-        self.model
-            .load_state_dict(source, &dict, crate::model::Values::Any)?;
-        let nhwc: BTreeMap<String, bool> = model
-            .entries()
-            .into_iter()
-            .map(|e| (e.name, is_channels_last(e.tensor)))
-            .collect();
-        self.model.map_tensors(|name, t| match nhwc[name] {
-            true => to_channels_last(t).detach(),
-            false => t.detach(),
-        });
-        Ok(())
+        let missing =
+            "the run averages its weights (--model-ema) but the resume point holds no average";
+        load_prefixed(&mut self.model, (source, missing), model, tensors, PREFIX)
     }
+}
+
+/// A copy of `model`'s tensors in its layout, as plain tensors (an average
+/// is computed, never differentiated): what an `AveragedModel` starts from.
+pub fn copy_of(model: &Vgg) -> Vgg {
+    let mut copy = Vgg::new(model.spec, model.device());
+    let sources: BTreeMap<String, &Tensor> = model
+        .entries()
+        .into_iter()
+        .map(|e| (e.name, e.tensor))
+        .collect();
+    copy.map_tensors(|name, _| sources[name].detach().copy());
+    copy.into_inference()
+}
+
+/// An average's state dict under `prefix`, for a resume point.
+pub fn prefixed(average: &Vgg, prefix: &str) -> Vec<(String, Tensor)> {
+    average
+        .state_dict()
+        .into_iter()
+        .map(|(k, v)| (format!("{prefix}{k}"), v))
+        .collect()
+}
+
+/// Takes an average's tensors (under `prefix`) out of a resume point's
+/// and loads them into `average`, in `model`'s layout; `missing` is the
+/// error where the point holds none.
+pub fn load_prefixed(
+    average: &mut Vgg,
+    (source, missing): (&str, &str),
+    model: &Vgg,
+    tensors: &mut BTreeMap<String, Tensor>,
+    prefix: &str,
+) -> Result<()> {
+    let keys: Vec<String> = tensors
+        .keys()
+        .filter(|k| k.starts_with(prefix))
+        .cloned()
+        .collect();
+    let dict: BTreeMap<String, Tensor> = keys
+        .into_iter()
+        .filter_map(|k| {
+            let t = tensors.remove(&k)?;
+            Some((k[prefix.len()..].to_string(), t))
+        })
+        .collect();
+    if dict.is_empty() {
+        return Err(anyhow!("{source}: {missing}"));
+    }
+    average.load_state_dict(source, &dict, crate::model::Values::Any)?;
+    let nhwc: BTreeMap<String, bool> = model
+        .entries()
+        .into_iter()
+        .map(|e| (e.name, is_channels_last(e.tensor)))
+        .collect();
+    average.map_tensors(|name, t| match nhwc[name] {
+        true => to_channels_last(t).detach(),
+        false => t.detach(),
+    });
+    Ok(())
 }

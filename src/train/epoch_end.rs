@@ -10,10 +10,11 @@ use tch::Tensor;
 
 use super::config::Keep;
 use super::run_dir::RunDir;
-use super::state::{EmaMetrics, EpochMetrics, Partial, TrainState};
+use super::state::{EmaMetrics, EpochMetrics, Partial, TrainState, stopped_early};
 use super::{Observer, Trainer};
 use super::{confusion, curves};
 use crate::eval::{EvalGraph, EvalResult, evaluate};
+use crate::formats::safetensors::write_safetensors;
 use crate::formats::tfevents::EventWriter;
 use crate::infer::Layerwise;
 use crate::model::Vgg;
@@ -38,6 +39,7 @@ impl Trainer<'_> {
         state.partial = partial;
         state.optimizer_steps = self.opt.steps();
         state.ema_averaged = self.ema.as_ref().map(|e| e.n_averaged);
+        state.swa_averaged = self.swa.as_ref().map(|s| s.n_averaged);
         if let Some(scaler) = self.opt.loss_scaler() {
             state.scaler = Some(scaler);
         }
@@ -62,13 +64,17 @@ impl Trainer<'_> {
         if let Some(ema) = &self.ema {
             tensors.extend(ema.resume_tensors());
         }
+        if let Some(swa) = &self.swa {
+            tensors.extend(swa.resume_tensors());
+        }
         self.run_dir.save_resume(&tensors, parts.meta, &parts.state)
     }
 
     /// An epoch's weight files (rank 0; every rank calls it): the weights
     /// into `last.safetensors` (the average into `ema.safetensors`), the
-    /// rest of the resume point beside them, then the files `--keep` asks
-    /// for. Their values are taken now (copies of the live tensors); they
+    /// rest of the resume point beside them (with `--swa-start`'s average),
+    /// then the files `--keep` asks for, and at the run's end the weight
+    /// average into `swa.safetensors`. Their values are taken now (copies of the live tensors); they
     /// are written on a thread of their own while the next epoch trains
     /// (the next write, and the end of the run, wait for them and report
     /// their failure).
@@ -78,6 +84,10 @@ impl Trainer<'_> {
             return Ok(());
         };
         let mut ema = self.ema.as_ref().map(|e| e.model.state_dict());
+        if let Some(swa) = &self.swa {
+            parts.optimizer.extend(swa.resume_tensors());
+        }
+        let mut swa_out = self.swa_weights();
         // Copied off a GPU they are already the writer's own; on the CPU
         // they are the live tensors the next epoch changes.
         if self.model.device() == tch::Device::Cpu {
@@ -85,6 +95,7 @@ impl Trainer<'_> {
             own(&mut parts.weights);
             own(&mut parts.optimizer);
             ema.iter_mut().for_each(own);
+            swa_out.iter_mut().for_each(|(t, _)| own(t));
         }
         let run = self.run_dir.clone();
         let keep = self.state.config.keep;
@@ -97,6 +108,9 @@ impl Trainer<'_> {
                 state,
             } = parts;
             run.save_epoch_point(&weights, ema.as_deref(), meta, &optimizer, &state)?;
+            if let Some((swa, meta)) = swa_out {
+                write_safetensors(&run.swa(), &swa, &meta)?;
+            }
             keep_files(&run, keep, &top1, best)
         })
     }
@@ -104,7 +118,11 @@ impl Trainer<'_> {
     /// Evaluates `model` on the validation split with the run's numerics,
     /// every rank on its part, after making its running statistics rank
     /// 0's (as DDP broadcasts buffers: rank 0 saves those).
-    fn validate(&self, model: &Vgg, graph: Option<&mut EvalGraph>) -> Result<EvalResult> {
+    pub(super) fn validate(
+        &self,
+        model: &Vgg,
+        graph: Option<&mut EvalGraph>,
+    ) -> Result<EvalResult> {
         let buffers = model.entries();
         self.world
             .broadcast_all(buffers.iter().filter(|e| !e.is_param).map(|e| e.tensor))?;
@@ -156,6 +174,7 @@ impl Trainer<'_> {
             test_top1: eval.top1,
             test_top5: eval.top5,
             ema,
+            swa: None,
             images_per_s: p.images_per_s(),
             seconds: p.seconds,
             profile: self
@@ -167,7 +186,18 @@ impl Trainer<'_> {
             ran_as: self.ran_as(),
             peak_gpu_bytes: shim::peak_memory(self.model.device(), false)?,
         };
-        self.state.history.push(m.clone());
+        self.state.history.push(m);
+        let c = &self.state.config;
+        let ends =
+            epoch + 1 >= c.epochs || stopped_early(c.early_stop, &self.state.history).is_some();
+        let swa = self.swa_after_epoch(epoch, ends)?;
+        let m = self
+            .state
+            .history
+            .last_mut()
+            .context("an epoch was just recorded")?;
+        m.swa = swa;
+        let m = m.clone();
         self.state.epoch += 1;
         self.state.step = 0;
         self.state.partial = Partial::default();
@@ -244,6 +274,13 @@ impl Trainer<'_> {
                 ("loss/val_ema", e.loss),
                 ("accuracy/val_ema_top1", e.top1),
                 ("accuracy/val_ema_top5", e.top5),
+            ]);
+        }
+        if let Some(s) = &m.swa {
+            values.extend([
+                ("loss/val_swa", s.loss),
+                ("accuracy/val_swa_top1", s.top1),
+                ("accuracy/val_swa_top5", s.top5),
             ]);
         }
         events.scalars(m.epoch as i64, &values)

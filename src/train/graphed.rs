@@ -9,8 +9,10 @@
 use anyhow::Result;
 use tch::{Device, Tensor};
 
+use super::config::TrainConfig;
 use super::step::{Forward, forward_loss};
 use crate::dist::World;
+use crate::eval::EvalGraph;
 use crate::model::Vgg;
 use crate::numerics::Numerics;
 use crate::optim::Optimizer;
@@ -130,4 +132,28 @@ fn counts(model: &Vgg) -> Vec<i64> {
         .into_iter()
         .map(|(_, n)| n)
         .collect()
+}
+
+/// The CUDA graphs a run replays, where its numerics graph: the training
+/// step (not with accumulation, whose steps update every few batches, nor
+/// with OneCycleLR's momentum, which changes every update), evaluation,
+/// and the moving average's evaluation.
+pub(super) type Graphs = (Option<GraphedStep>, Option<EvalGraph>, Option<EvalGraph>);
+
+pub(super) fn graphs(numerics: &Numerics, config: &TrainConfig, device: Device) -> Result<Graphs> {
+    let classes = config.model.classes;
+    let eval_graph = |on: bool| -> Result<Option<EvalGraph>> {
+        Ok(match on && numerics.cuda_graphs {
+            true => Some(EvalGraph::new(device, &classes.into())?),
+            false => None,
+        })
+    };
+    Ok((
+        match numerics.cuda_graphs && config.accum_steps <= 1 && !config.cycles_momentum() {
+            true => Some(GraphedStep::new(device)?),
+            false => None,
+        },
+        eval_graph(true)?,
+        eval_graph(config.model_ema.is_some())?,
+    ))
 }

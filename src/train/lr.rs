@@ -33,7 +33,21 @@ impl TrainConfig {
     /// schedule counts its own epochs from `w`, as SequentialLR steps it;
     /// MultiStepLR's milestones stay epochs of the run. OneCycleLR's is
     /// that of the epoch's first update (`update_hypers` gives each).
+    /// With `--swa-start`, the epochs after the first average follow SWALR
+    /// from the LR of that epoch.
     pub fn lr_at(&self, epoch: usize, val_losses: &[f64]) -> f64 {
+        match self.swa {
+            Some(s) if epoch >= s.start => s.lr_at(
+                epoch,
+                self.schedule_lr_at(s.start.saturating_sub(1), val_losses),
+            ),
+            _ => self.schedule_lr_at(epoch, val_losses),
+        }
+    }
+
+    /// The learning rate of `epoch` by the warm-up and the main schedule
+    /// alone (see [`TrainConfig::lr_at`]).
+    fn schedule_lr_at(&self, epoch: usize, val_losses: &[f64]) -> f64 {
         let w = self.warmup_epochs;
         if epoch < w {
             let e = epoch as f64;
@@ -190,7 +204,7 @@ impl TrainConfig {
             .into_iter()
             .chain(self.milestones.iter().copied())
             .filter(|&e| e <= last)
-            .map(|e| (e, self.lr_at(e, &[])))
+            .map(|e| (e, self.schedule_lr_at(e, &[])))
             .reduce(|a, b| if b.1 > a.1 { b } else { a })?;
         (lr > f32::MAX as f64 || lr.is_nan()).then(|| {
             format!(
@@ -206,6 +220,8 @@ impl TrainConfig {
 mod tests {
     use super::*;
     use crate::train::config::tests::config;
+    use crate::train::onecycle::Anneal;
+    use crate::train::schedule::SwaConfig;
 
     /// PyTorch's MultiStepLR(milestones=[50, 80], gamma=0.1) stepped once
     /// per epoch: lr for epochs 0-49, lr·0.1 for 50-79, lr·0.01 from 80.
@@ -294,5 +310,35 @@ mod tests {
         );
         let half = 0.01 + 0.09 * 0.5 * (1.0 + (std::f64::consts::PI * 3.0 / 6.0).cos());
         assert!((c.lr_at(5, &[]) - half).abs() < 1e-15);
+    }
+
+    /// SWALR by hand: the first averaged epoch keeps the schedule's LR,
+    /// then α(k/anneal_epochs) of the way to swa_lr, then swa_lr.
+    #[test]
+    fn swalr_anneals_from_the_schedules_lr() {
+        let c = SwaConfig {
+            start: 3,
+            lr: 0.01,
+            anneal_epochs: 2,
+            anneal: Anneal::Linear,
+        };
+        assert!(!c.averages(1) && c.averages(2));
+        let lr_then = 0.05;
+        assert!((c.lr_at(3, lr_then) - 0.03).abs() < 1e-15);
+        assert!((c.lr_at(4, lr_then) - 0.01).abs() < 1e-15);
+        assert!((c.lr_at(9, lr_then) - 0.01).abs() < 1e-15);
+        let cos = SwaConfig {
+            anneal: Anneal::Cos,
+            anneal_epochs: 4,
+            ..c
+        };
+        // α(1/4) = (1 − cos(π/4))/2
+        let a = (1.0 - (std::f64::consts::PI / 4.0).cos()) / 2.0;
+        assert!((cos.lr_at(3, lr_then) - (0.01 * a + 0.05 * (1.0 - a))).abs() < 1e-15);
+        let none = SwaConfig {
+            anneal_epochs: 0,
+            ..c
+        };
+        assert!((none.lr_at(3, lr_then) - 0.01).abs() < 1e-15);
     }
 }

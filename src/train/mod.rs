@@ -5,6 +5,7 @@
 //! - `step`: the forward-loss-accuracy computation both steps share;
 //!   `graphed`: the CUDA-graph step; `profile`: `--profile`'s timings;
 //!   `curves`: `curves.svg`; `confusion`: `confusion.svg`; `ema`: `--model-ema`'s average;
+//!   `swa`: `--swa-start`'s average and its schedule;
 //!   `epoch_end`: evaluation and the files of each finished epoch.
 //!
 //! Exact resume comes from the randomness being a function of the position:
@@ -29,6 +30,7 @@ pub mod schedule;
 pub mod start;
 pub mod state;
 pub mod step;
+pub mod swa;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -51,11 +53,12 @@ use crate::shim;
 use config::{Keep, TrainConfig};
 use ema::Ema;
 use feed::Feed;
-use graphed::{GraphedStep, StepParts};
+use graphed::{GraphedStep, StepParts, graphs};
 use profile::{OpsRecorder, StepProfile, StepTimer};
 use start::{build_optimizer, fuse_step, join_world, start_state};
 use state::{EpochMetrics, Partial, TrainState, TrainSummary};
 use step::{Forward, forward_loss};
+use swa::Swa;
 
 pub use config::SchedulerKind;
 use run_dir::Background;
@@ -104,6 +107,31 @@ fn preprocess(config: &TrainConfig, data: &Dataset, device: Device) -> Preproces
     pre
 }
 
+/// The run's averages of the weights (`--model-ema`'s, `--swa-start`'s),
+/// and with the optimizer's state, a resumed run's (`resumed`: where from,
+/// and the resume point's tensors).
+fn averages(
+    state: &TrainState,
+    model: &Vgg,
+    opt: &mut Optimizer,
+    resumed: Option<(String, std::collections::BTreeMap<String, Tensor>)>,
+) -> Result<(Option<Ema>, Option<Swa>)> {
+    let mut ema = state.config.model_ema.map(|c| Ema::new(model, c));
+    let mut swa = state.config.swa.map(|_| Swa::new(model));
+    if let Some((source, mut tensors)) = resumed {
+        opt.load_state(&source, &tensors, state.optimizer_steps)?;
+        if let Some(ema) = &mut ema {
+            ema.load(&source, model, &mut tensors)?;
+            ema.n_averaged = state.ema_averaged.unwrap_or(0);
+        }
+        if let Some(swa) = &mut swa {
+            let n = state.swa_averaged.unwrap_or(0);
+            swa.load(&source, model, &mut tensors, n)?;
+        }
+    }
+    Ok((ema, swa))
+}
+
 /// The step position whose seed draws an epoch's permutation.
 const PERMUTATION_STEP: usize = usize::MAX;
 
@@ -122,6 +150,8 @@ pub struct Trainer<'a> {
     /// evaluation graph (CUDA graphs).
     ema: Option<Ema>,
     ema_eval_graph: Option<EvalGraph>,
+    /// `--swa-start`: the equal average of the epochs' weights.
+    swa: Option<Swa>,
     /// Gradient accumulation: the gradients of the batches so far of the
     /// optimizer step under way.
     accumulated: Option<Gradients>,
@@ -136,30 +166,6 @@ pub struct Trainer<'a> {
     stop: &'a AtomicBool,
     /// The ranks of a data-parallel run (a world of one otherwise).
     world: &'a World,
-}
-
-/// The CUDA graphs a run replays, where its numerics graph: the training
-/// step (not with accumulation, whose steps update every few batches, nor
-/// with OneCycleLR's momentum, which changes every update), evaluation,
-/// and the moving average's evaluation.
-type Graphs = (Option<GraphedStep>, Option<EvalGraph>, Option<EvalGraph>);
-
-fn graphs(numerics: &Numerics, config: &TrainConfig, device: Device) -> Result<Graphs> {
-    let classes = config.model.classes;
-    let eval_graph = |on: bool| -> Result<Option<EvalGraph>> {
-        Ok(match on && numerics.cuda_graphs {
-            true => Some(EvalGraph::new(device, &classes.into())?),
-            false => None,
-        })
-    };
-    Ok((
-        match numerics.cuda_graphs && config.accum_steps <= 1 && !config.cycles_momentum() {
-            true => Some(GraphedStep::new(device)?),
-            false => None,
-        },
-        eval_graph(true)?,
-        eval_graph(config.model_ema.is_some())?,
-    ))
 }
 
 impl<'a> Trainer<'a> {
@@ -207,14 +213,7 @@ impl<'a> Trainer<'a> {
         fuse_step(&mut model, &mut numerics);
         let mut opt = build_optimizer(&mut model, &numerics, &state.config);
         let (graph, eval_graph, ema_eval_graph) = graphs(&numerics, &state.config, device)?;
-        let mut ema = state.config.model_ema.map(|c| Ema::new(&model, c));
-        if let Some((source, mut tensors)) = resume_tensors {
-            opt.load_state(&source, &tensors, state.optimizer_steps)?;
-            if let Some(ema) = &mut ema {
-                ema.load(&source, &model, &mut tensors)?;
-                ema.n_averaged = state.ema_averaged.unwrap_or(0);
-            }
-        }
+        let (ema, swa) = averages(&state, &model, &mut opt, resume_tensors)?;
         if numerics.precision == Precision::Fp16 {
             opt.enable_loss_scaling(state.scaler.get_or_insert_with(LossScaler::default));
         }
@@ -231,6 +230,7 @@ impl<'a> Trainer<'a> {
             eval_graph,
             ema,
             ema_eval_graph,
+            swa,
             accumulated: None,
             events: None,
             profile: StepProfile::default(),
@@ -287,6 +287,7 @@ impl<'a> Trainer<'a> {
             last: self.run_dir.last(),
             best: (self.state.config.keep != Keep::Last).then(|| self.run_dir.best()),
             stopped_early,
+            swa: self.swa_file(),
         })
     }
 

@@ -30,7 +30,7 @@ impl Choice for Anneal {
     }
     fn help(self) -> &'static str {
         match self {
-            Anneal::Cos => "half a cosine (OneCycleLR's default)",
+            Anneal::Cos => "half a cosine (OneCycleLR's and SWALR's default)",
             Anneal::Linear => "a straight line",
         }
     }

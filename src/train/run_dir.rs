@@ -97,6 +97,11 @@ impl RunDir {
     fn ema_pending(&self) -> PathBuf {
         self.dir.join("ema.pending.safetensors")
     }
+    /// `--swa-start`: the weight average, its BatchNorm statistics
+    /// recomputed, as the run's last epoch left it.
+    pub fn swa(&self) -> PathBuf {
+        self.dir.join("swa.safetensors")
+    }
     /// TensorBoard's event files (`--tensorboard`), one per process.
     fn event_files(&self) -> Vec<PathBuf> {
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
@@ -153,6 +158,7 @@ impl RunDir {
             self.confusion(),
             self.ema(),
             self.ema_pending(),
+            self.swa(),
         ];
         files.extend(self.kept_epochs().into_iter().map(|e| self.epoch_file(e)));
         files.extend(self.event_files());

@@ -6,11 +6,13 @@
 //! ExponentialLR or PolynomialLR; or
 //! ReduceLROnPlateau on the validation loss, or OneCycleLR over the run's
 //! updates (`onecycle`) or CyclicLR's cycles of updates (`cyclic`), which
-//! no warm-up precedes.
+//! no warm-up precedes; and SWALR, which takes over from the epoch after
+//! the weight average starts (`SwaConfig`).
 
 use crate::num::Num;
 use serde::{Deserialize, Serialize};
 
+use super::onecycle::Anneal;
 use crate::choice::Choice;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -230,6 +232,60 @@ impl Warmup {
                 "warm-up decay {} must be in {range} for the {} warm-up",
                 Num(self.decay),
                 self.method.name()
+            )
+        })
+    }
+}
+
+/// SWALR's `anneal_epochs` default.
+pub const ANNEAL_EPOCHS: usize = 10;
+
+/// What `config.json` records of `--swa-start` and its options.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
+pub struct SwaConfig {
+    /// The first epoch (1-based) whose end the average takes.
+    pub start: usize,
+    /// The learning rate the schedule anneals to (SWALR's `swa_lr`).
+    pub lr: f64,
+    /// The epochs the annealing takes (SWALR's `anneal_epochs`).
+    pub anneal_epochs: usize,
+    /// Its shape (SWALR's `anneal_strategy`).
+    pub anneal: Anneal,
+}
+
+impl SwaConfig {
+    /// Whether the weights at the end of `epoch` (0-based) join the average.
+    pub fn averages(&self, epoch: usize) -> bool {
+        epoch + 1 >= self.start
+    }
+
+    /// SWALR's learning rate for `epoch` (0-based), an epoch after the
+    /// first average (`epoch >= start`): `lr_then`, the LR of the first
+    /// averaged epoch, moved toward `lr` by α(min(1, k/anneal_epochs))
+    /// after k averages, α(t) = (1 − cos πt)/2 or t; torch recovers
+    /// `lr_then` from the LR it set the epoch before, to the same value.
+    pub fn lr_at(&self, epoch: usize, lr_then: f64) -> f64 {
+        let k = (epoch + 1).saturating_sub(self.start);
+        let t = (k as f64 / self.anneal_epochs.max(1) as f64).min(1.0);
+        let alpha = match self.anneal {
+            Anneal::Cos => (1.0 - (std::f64::consts::PI * t).cos()) / 2.0,
+            Anneal::Linear => t,
+        };
+        self.lr * alpha + lr_then * (1.0 - alpha)
+    }
+
+    /// Why these values make no schedule (`flag` names a field as the
+    /// command line or config.json does).
+    pub fn problem(&self, flag: impl Fn(&str) -> String) -> Option<String> {
+        if self.start < 1 {
+            return Some(format!("{} must be at least 1", flag("swa_start")));
+        }
+        let lr = self.lr;
+        (!(lr >= 0.0 && lr <= f32::MAX as f64)).then(|| {
+            format!(
+                "{} {} must be 0 or more and within float32's range, in which the weights are updated",
+                flag("swa_lr"),
+                Num(lr)
             )
         })
     }

@@ -60,6 +60,7 @@ pub fn start_state(
             run_id: TrainState::new_run_id(),
             weights_in_last: None,
             ema_averaged: None,
+            swa_averaged: None,
         };
         return Ok((state, None));
     };
@@ -75,7 +76,11 @@ pub fn start_state(
     }
     let weights: BTreeMap<String, Tensor> = tensors
         .iter()
-        .filter(|(k, _)| !k.starts_with("optimizer.") && !k.starts_with(super::ema::PREFIX))
+        .filter(|(k, _)| {
+            !k.starts_with("optimizer.")
+                && !k.starts_with(super::ema::PREFIX)
+                && !k.starts_with(super::swa::PREFIX)
+        })
         .map(|(k, v)| (k.clone(), v.shallow_clone()))
         .collect();
     model.load_state_dict(&source, &weights, Values::FiniteOnly)?;

@@ -31,6 +31,9 @@ pub struct EpochMetrics {
     /// `--model-ema`: the moving average's validation figures.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ema: Option<EmaMetrics>,
+    /// `--swa-start`, the run's last epoch: the weight average's figures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swa: Option<EmaMetrics>,
     pub images_per_s: f64,
     pub seconds: f64,
     /// With `--profile`: where the training steps' time went.
@@ -47,7 +50,8 @@ pub struct EpochMetrics {
     pub peak_gpu_bytes: Option<i64>,
 }
 
-/// The validation figures of the weights' moving average.
+/// The validation figures of an average of the weights (`--model-ema`'s,
+/// `--swa-start`'s).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct EmaMetrics {
     pub loss: f64,
@@ -106,6 +110,9 @@ pub struct TrainState {
     /// `--model-ema`: how many updates the average has had.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ema_averaged: Option<i64>,
+    /// `--swa-start`: how many epochs' weights the average holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swa_averaged: Option<i64>,
 }
 
 impl TrainState {
@@ -272,6 +279,17 @@ fn check_scheduler_values(c: &TrainConfig) -> Result<()> {
     if let Some(problem) = problems.into_iter().flatten().next() {
         bail!("{problem}");
     }
+    if let Some(s) = &c.swa {
+        if let Some(problem) = s.problem(str::to_string) {
+            bail!("{problem}");
+        }
+        if matches!(c.scheduler, Onecycle | Cyclic) {
+            bail!(
+                "swa takes the place of a scheduler stepped every epoch, not of {}",
+                c.scheduler.name()
+            );
+        }
+    }
     if !(c.power >= 0.0 && c.power.is_finite()) {
         bail!("power {} must be finite and 0 or more", Num(c.power));
     }
@@ -356,6 +374,9 @@ pub struct TrainSummary {
     /// a better one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stopped_early: Option<usize>,
+    /// `--swa-start`: the average's weights, once the run has averaged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swa: Option<PathBuf>,
 }
 
 /// The epoch (1-based) with the highest validation top-1, the first of
