@@ -6,6 +6,7 @@
 //! BatchNorm statistics are computed afresh over the training images
 //! (`update_bn`); it is then evaluated and saved as `swa.safetensors`.
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
 
 use anyhow::Result;
@@ -130,13 +131,15 @@ impl Trainer<'_> {
     /// (`momentum=None`), as evaluation preprocesses the images (no
     /// augmentation), in their order, in batches of `--batch-size`. Over
     /// ranks, each takes its share of those batches and the means are
-    /// combined by their counts: the same batches as one process.
+    /// combined by their counts: the same batches as one process. Layers
+    /// `finetune` keeps frozen keep theirs (they never trained: the head
+    /// learnt on the features they give).
     fn update_bn(&self, average: &Vgg) -> Result<()> {
-        let layers = &average.features;
-        if !layers.layers.iter().any(|(_, l)| is_bn(l)) {
+        let (layers, from) = (&average.features, self.model.frozen_prefix);
+        if trained_bn(layers, from).next().is_none() {
             return Ok(());
         }
-        reset_running_stats(layers);
+        reset_running_stats(layers, from);
         let b = self.state.config.batch_size;
         let n = self.train.len();
         let (first, count) = self.world.range_of((n + b - 1) / b);
@@ -151,7 +154,7 @@ impl Trainer<'_> {
             while let Some(batch) = batches.next_batch()? {
                 if !batch.is_empty() {
                     let x = self.numerics.input(&self.pre.batch(&batch, false));
-                    cumulative_bn_pass(layers, &x);
+                    cumulative_bn_pass(layers, &x, from);
                     seen += 1;
                 }
             }
@@ -161,18 +164,15 @@ impl Trainer<'_> {
             let mut total = [seen as f64];
             self.world.sum_f64(&mut total)?;
             let total = total[0].max(1.0);
-            for e in average.entries().iter().filter(|e| !e.is_param) {
-                let mut t = e.tensor.shallow_clone();
-                let _ = t.g_mul_scalar_(seen as f64);
-                self.world.sum(&t)?;
-                let _ = t.g_div_scalar_(total);
+            for (mean, var, count) in trained_bn(layers, from) {
+                for t in [mean, var] {
+                    let mut t = t.shallow_clone();
+                    let _ = t.g_mul_scalar_(seen as f64);
+                    self.world.sum(&t)?;
+                    let _ = t.g_div_scalar_(total);
+                }
+                count.set(total as i64);
             }
-            let set: Vec<i64> = average
-                .num_batches_tracked()
-                .iter()
-                .map(|(_, c)| total as i64 - c)
-                .collect();
-            average.add_batches_tracked(&set);
         }
         Ok(())
     }
@@ -197,36 +197,47 @@ impl Trainer<'_> {
     }
 }
 
-fn is_bn(layer: &Layer) -> bool {
-    matches!(layer, Layer::BatchNorm { .. })
+/// A BatchNorm layer's running mean, variance and counter.
+type BnStats<'a> = (&'a Tensor, &'a Tensor, &'a Cell<i64>);
+
+/// The running statistics of the BatchNorm layers from index `from` on.
+fn trained_bn(layers: &Sequential, from: usize) -> impl Iterator<Item = BnStats<'_>> {
+    layers
+        .layers
+        .iter()
+        .skip(from)
+        .filter_map(|(_, layer)| match layer {
+            Layer::BatchNorm {
+                running_mean,
+                running_var,
+                num_batches_tracked,
+                ..
+            } => Some((running_mean, running_var, num_batches_tracked)),
+            _ => None,
+        })
 }
 
-/// BatchNorm's `reset_running_stats`: means 0, variances 1, counters 0.
-fn reset_running_stats(layers: &Sequential) {
-    for (_, layer) in &layers.layers {
-        if let Layer::BatchNorm {
-            running_mean,
-            running_var,
-            num_batches_tracked,
-            ..
-        } = layer
-        {
-            let _ = running_mean.shallow_clone().zero_();
-            let _ = running_var.shallow_clone().fill_(1.0);
-            num_batches_tracked.set(0);
-        }
+/// BatchNorm's `reset_running_stats` from layer `from` on: means 0,
+/// variances 1, counters 0.
+fn reset_running_stats(layers: &Sequential, from: usize) {
+    for (mean, var, count) in trained_bn(layers, from) {
+        let _ = mean.shallow_clone().zero_();
+        let _ = var.shallow_clone().fill_(1.0);
+        count.set(0);
     }
 }
 
-/// The layers up to the last BatchNorm on `x` in training mode, each
-/// BatchNorm's running statistics moved by 1/n toward the batch's at its
-/// n-th batch (torch's cumulative average, `momentum=None`).
-fn cumulative_bn_pass(layers: &Sequential, x: &Tensor) {
+/// The layers up to the last BatchNorm on `x`, each BatchNorm from index
+/// `from` on in training mode with its running statistics moved by 1/n
+/// toward the batch's at its n-th batch (torch's cumulative average,
+/// `momentum=None`), those before it in evaluation mode.
+fn cumulative_bn_pass(layers: &Sequential, x: &Tensor, from: usize) {
+    let is_bn = |l: &Layer| matches!(l, Layer::BatchNorm { .. });
     let Some(last) = layers.layers.iter().rposition(|(_, l)| is_bn(l)) else {
         return;
     };
     let mut x = x.shallow_clone();
-    for (_, layer) in &layers.layers[..=last] {
+    for (i, (_, layer)) in layers.layers[..=last].iter().enumerate() {
         x = match layer {
             Layer::BatchNorm {
                 weight,
@@ -234,13 +245,63 @@ fn cumulative_bn_pass(layers: &Sequential, x: &Tensor) {
                 running_mean,
                 running_var,
                 num_batches_tracked,
-            } => {
+            } if i >= from => {
                 let n = num_batches_tracked.get() + 1;
                 num_batches_tracked.set(n);
                 let stats = [running_mean, running_var];
                 batch_norm_moving(&x, [weight, bias], stats, true, 1.0 / n as f64)
             }
-            l => l.forward(&x, true, None, true),
+            l => l.forward(&x, false, None, true),
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Arch, Head, ModelSpec};
+    use tch::{Device, Kind};
+
+    /// update_bn's pass over two batches: each trained BatchNorm's running
+    /// mean and variance are the plain means of the two batches' (the
+    /// variance unbiased), its counter 2; the layers before `from` (frozen
+    /// by `finetune`) keep theirs and run in evaluation mode.
+    #[test]
+    fn the_pass_averages_the_batches_and_keeps_frozen_layers() {
+        let spec = ModelSpec::new(Arch::Vgg11, true, Head::Cifar, 10);
+        let model = copy_of(&Vgg::new(spec, Device::Cpu));
+        let layers = &model.features;
+        let (from, first_trained) = (8, 9);
+        let frozen = |i: usize| match &layers.layers[i].1 {
+            Layer::BatchNorm { running_mean, .. } => running_mean.copy(),
+            _ => unreachable!("features.{i} is a BatchNorm"),
+        };
+        let _ = frozen(5).shallow_clone().fill_(0.25);
+        let kept = [frozen(1), frozen(5)];
+        reset_running_stats(layers, from);
+        tch::manual_seed(0);
+        let xs = [
+            Tensor::randn([4, 3, 32, 32], (Kind::Float, Device::Cpu)),
+            Tensor::randn([3, 3, 32, 32], (Kind::Float, Device::Cpu)) * 2.0 + 1.0,
+        ];
+        let (mut means, mut vars) = (Vec::new(), Vec::new());
+        tch::no_grad(|| {
+            for x in &xs {
+                let input = layers.forward_prefix(x, first_trained, false);
+                let dims = &[0i64, 2, 3][..];
+                means.push(input.mean_dim(dims, false, Kind::Float));
+                vars.push(input.var_dim(dims, true, false));
+                cumulative_bn_pass(layers, x, from);
+            }
+        });
+        let (mean, var, count) = trained_bn(layers, from).next().unwrap();
+        let want_mean = (&means[0] + &means[1]) / 2.0;
+        let want_var = (&vars[0] + &vars[1]) / 2.0;
+        assert!((mean - want_mean).abs().max().double_value(&[]) < 1e-5);
+        assert!((var - want_var).abs().max().double_value(&[]) < 1e-5);
+        assert!(trained_bn(layers, from).all(|(_, _, c)| c.get() == 2) && count.get() == 2);
+        for (i, k) in [1, 5].into_iter().zip(&kept) {
+            assert!(frozen(i).equal(k), "features.{i} changed");
+        }
     }
 }
