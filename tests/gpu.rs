@@ -750,6 +750,61 @@ fn onecycle_runs_on_the_device() {
     assert_eq!(g.profile.as_ref().unwrap().graphed_steps, 10);
 }
 
+/// `--swa-start` on the device (the run's numerics: mixed precision,
+/// channels-last, CUDA graphs): the average is evaluated at the end, its
+/// BatchNorm statistics recomputed over 320 images in batches of 32 (10
+/// batches a layer), and `eval` of `swa.safetensors` reports the run's own
+/// figures (one image and 1e-2 of the loss apart at most: the inference
+/// form may round otherwise than the run's evaluation).
+#[test]
+#[ignore = "needs a CUDA GPU (scripts/gpu-check runs it)"]
+fn swa_runs_on_the_device() {
+    let tmp = common::tempdir();
+    let out = tmp.path().join("swa");
+    let m = train(&out, 2, &["--swa-start", "1", "--swa-lr", "0.005"]);
+    assert!(m[0].swa.is_none());
+    let swa = m[1]
+        .swa
+        .as_ref()
+        .expect("the last epoch evaluates the average");
+    let file = out.join("swa.safetensors");
+    let sd = read_safetensors(&file).unwrap();
+    let counts: Vec<i64> = sd
+        .tensors
+        .iter()
+        .filter(|(k, _)| k.ends_with("num_batches_tracked"))
+        .map(|(_, t)| t.int64_value(&[]))
+        .collect();
+    assert!(
+        !counts.is_empty() && counts.iter().all(|&c| c == 10),
+        "{counts:?}"
+    );
+    let file = file.display().to_string();
+    let args = [
+        "eval",
+        "--checkpoint",
+        &file,
+        "--dataset",
+        "digits",
+        "--limit-test",
+        "64",
+        "--device",
+        "cuda",
+        "--json",
+    ];
+    let report: serde_json::Value = serde_json::from_str(&ok(tmp.path(), &args)).unwrap();
+    let (top1, loss) = (
+        report["top1"].as_f64().unwrap(),
+        report["loss"].as_f64().unwrap(),
+    );
+    println!(
+        "swa: the run's top-1 {} loss {}; eval's {top1} {loss}",
+        swa.top1, swa.loss
+    );
+    assert!((top1 - swa.top1).abs() <= 100.0 / 64.0 + 1e-9);
+    assert!((loss - swa.loss).abs() <= 1e-2 * swa.loss.abs());
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU (scripts/gpu-check runs it)"]
 fn graphed_training_follows_eager_training() {
