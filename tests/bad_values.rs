@@ -629,7 +629,7 @@ fn resume_refuses_changes_and_bad_states() {
     let resume = dir.join("run/resume.safetensors");
     let original = std::fs::read(&resume).unwrap();
     type Edit = fn(&mut serde_json::Value);
-    let bad_states: [(Edit, &str); 34] = [
+    let bad_states: [(Edit, &str); 35] = [
         (
             |s| s["config"]["batch_size"] = 0.into(),
             "bad training state: epochs 2, batch_size 0",
@@ -641,6 +641,10 @@ fn resume_refuses_changes_and_bad_states() {
         (
             |s| s["config"]["dropout"] = 2.into(),
             "bad training state: dropout 2 is not a probability in [0, 1]",
+        ),
+        (
+            |s| s["config"]["bn_momentum"] = 1.5.into(),
+            "bad training state: bn_momentum 1.5 is not in [0, 1]",
         ),
         (
             |s| s["config"]["ra_reps"] = 0.into(),

@@ -10,7 +10,8 @@ final state dict.
     torchrun --nproc-per-node 2 tests/ddp_reference.py --data DIR --init FILE --out FILE ...
 
 --dropout P builds the model with that dropout probability
-(torchvision's `vgg11(dropout=P)`).
+(torchvision's `vgg11(dropout=P)`), --bn-momentum M sets every
+BatchNorm2d's momentum.
 
 With --ra-reps K each epoch's order is split by timm's RepeatAugSampler
 (num_repeats=K; repeated augmentation, torchvision train.py's
@@ -165,6 +166,7 @@ def main():
     p.add_argument("--out", required=True)
     p.add_argument("--arch", default="vgg11")
     p.add_argument("--bn", action="store_true")
+    p.add_argument("--bn-momentum", type=float, default=0.1)
     p.add_argument("--limit-train", type=int, required=True)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, required=True)
@@ -225,6 +227,9 @@ def main():
         dist.init_process_group("gloo")
         ranks, world = [dist.get_rank()], dist.get_world_size()
     model = vgg_reference.build(a.arch, a.bn, a.head, 10, dropout=a.dropout)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = a.bn_momentum
     model.load_state_dict(load_file(a.init))
     ddp = model if one else DistributedDataParallel(model)
     custom = [("bias", a.bias_weight_decay)] if a.bias_weight_decay is not None else None

@@ -374,6 +374,27 @@ def test_auto_augment_equals_torchvision(runs, policy, ours_extra, ref_extra):
     assert apart(free, want) > 1e-3, "the policy changed nothing: the comparison proves nothing"
 
 
+def test_bn_momentum_equals_batchnorm2ds(tmp_path):
+    """--bn-momentum 0.5 is every BatchNorm2d's momentum=0.5: weights and
+    running statistics within 1e-5 after 2 epochs; torch's default 0.1
+    leaves the statistics more than 1e-3 away."""
+    init = str(tmp_path / "init.safetensors")
+    torch.manual_seed(4)
+    model = vgg_reference.build("vgg11", True, "cifar", 10)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, init)
+    want = reference(tmp_path, init, str(tmp_path / "ref.safetensors"), "--bn", "--bn-momentum", "0.5")
+    usual = reference(tmp_path, init, str(tmp_path / "usual.safetensors"), "--bn")
+    ours = vggctl_train(tmp_path / "run", init, "--batch-size", str(BATCH), "--bn-momentum", "0.5", bn=True)
+    assert apart(ours, want) < 1e-5
+    stats = [k for k in want if "running_" in k]
+    assert max((usual[k] - want[k]).abs().max().item() for k in stats) > 1e-3
+    r = subprocess.run([BIN, "train", "--dataset", "digits", "--bn", "--bn-momentum", "1.5",
+                        "--out", str(tmp_path / "bad")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "vggctl: error: --bn-momentum 1.5 must be in [0, 1]"], r.stderr
+    assert not (tmp_path / "bad").exists()
+
+
 def test_model_ema_with_accumulation_equals_torchvision_average(tmp_path):
     init = str(tmp_path / "init.safetensors")
     torch.manual_seed(1)
@@ -485,7 +506,7 @@ def test_options_a_run_has_no_use_for_are_named_once_each(tmp_path):
     magnitude without it, repeated augmentation's copies without it, the memory an image
     folder may take in memory rather than streamed (their crops differ), a warm-up's factor without a warm-up,
     OneCycleLR's, PolynomialLR's and CosineAnnealingWarmRestarts' options with another schedule, the momentum OneCycleLR cycles, a norm
-    layer's weight decay without BatchNorm, a dropout without Dropout layers) each get one
+    layer's weight decay or momentum without BatchNorm, a dropout without Dropout layers) each get one
     warning saying what they apply to; the run goes on. Where they apply,
     no warning; resource and policy options (--workers, --no-download,
     --strict) pass without one."""
@@ -495,7 +516,8 @@ def test_options_a_run_has_no_use_for_are_named_once_each(tmp_path):
     unused = ["--optimizer", "adamw", "--momentum", "0.5", "--nesterov", "--scheduler", "cosine",
               "--milestones", "3", "--gamma", "0.5", "--val-dir", str(tmp_path), "--val-split", "0.2",
               "--ra-magnitude", "5", "--warmup-decay", "0.1", "--augment-interpolation", "bilinear",
-              "--augmix-severity", "5", "--norm-weight-decay", "0", "--ra-reps", "2", "--head", "gap",
+              "--augmix-severity", "5", "--norm-weight-decay", "0", "--bn-momentum", "0.2", "--ra-reps", "2",
+              "--head", "gap",
               "--dropout", "0.2", "--cache-mem", "1G", "--patience", "3", "--three-phase", "--pct-start", "0.5",
               "--power", "2", "--restart-mult", "2", "--cycle-steps", "4"]
     r = subprocess.run([BIN, *common, *unused, "--out", str(tmp_path / "a")],
@@ -519,6 +541,7 @@ def test_options_a_run_has_no_use_for_are_named_once_each(tmp_path):
         ("--milestones", step),
         ("--momentum", "applies to --optimizer sgd or rmsprop only"), ("--nesterov", sgd),
         ("--norm-weight-decay", "applies to BatchNorm's parameters, and the model has none (--bn adds them)"),
+        ("--bn-momentum", "applies to BatchNorm's running statistics, and the model has none (--bn adds them)"),
         ("--dropout", "applies to the classifier's Dropout layers, and the gap head has none"),
         ("--val-dir", "applies to --dataset folder only"),
         ("--cache-mem", "applies to image folders only (--dataset folder or imagenet)"),

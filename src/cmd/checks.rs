@@ -344,13 +344,18 @@ fn optimizer_rules(config: &TrainConfig) -> [Rule; 6] {
     ]
 }
 
-fn model_and_data_rules(config: &TrainConfig) -> [Rule; 5] {
+fn model_and_data_rules(config: &TrainConfig) -> [Rule; 6] {
     let folder = config.dataset == "folder";
     [
         (
             &["norm_weight_decay"],
             config.model.bn,
             "applies to BatchNorm's parameters, and the model has none (--bn adds them)",
+        ),
+        (
+            &["bn_momentum"],
+            config.model.bn,
+            "applies to BatchNorm's running statistics, and the model has none (--bn adds them)",
         ),
         (
             &["dropout"],

@@ -12,7 +12,7 @@ use vggctl::data::auto_augment::{
 use vggctl::data::mix::Mixing;
 use vggctl::data::resize::Filter;
 use vggctl::dist::sampler::MAX_REPEATS;
-use vggctl::model::check_run_side;
+use vggctl::model::{BN_MOMENTUM, check_run_side};
 use vggctl::num::Num;
 use vggctl::train::config::{DROPOUT, TrainConfig};
 use vggctl::train::ema::EmaConfig;
@@ -74,6 +74,10 @@ pub struct RecipeOpts {
     /// (torchvision's `vgg16(dropout=P)`, timm's --drop).
     #[arg(long, alias = "drop", value_name = "P", default_value_t = DROPOUT, help_heading = "Model")]
     pub dropout: f64,
+    /// How far BatchNorm moves its running statistics toward each training
+    /// batch's (BatchNorm2d's momentum; timm's --bn-momentum).
+    #[arg(long, value_name = "M", default_value_t = BN_MOMENTUM, help_heading = "Model")]
+    pub bn_momentum: f64,
     /// Repeated augmentation (torchvision's --ra-sampler, its RASampler):
     /// each epoch takes about 1/--ra-reps of the images, each --ra-reps
     /// times in a row, dealt to the ranks in turn, every copy with its own
@@ -166,6 +170,12 @@ impl RecipeOpts {
                 Num(self.dropout)
             )));
         }
+        if !(0.0..=1.0).contains(&self.bn_momentum) {
+            return Err(usage(format!(
+                "--bn-momentum {} must be in [0, 1]",
+                Num(self.bn_momentum)
+            )));
+        }
         if !(1..=MAX_REPEATS).contains(&self.ra_reps) {
             return Err(usage(format!(
                 "--ra-reps {} must be 1 to {MAX_REPEATS}",
@@ -244,6 +254,7 @@ impl RecipeOpts {
         config.accum_steps = self.accum_steps;
         config.ra_reps = self.ra_sampler.then_some(self.ra_reps);
         config.dropout = self.dropout;
+        config.bn_momentum = self.bn_momentum;
         config.model_ema = self.model_ema.then(|| {
             EmaConfig::new(
                 self.model_ema_steps,

@@ -385,6 +385,7 @@ impl HyperOpts {
             random_erase: 0.0,
             accum_steps: 1,
             dropout: vggctl::train::config::DROPOUT,
+            bn_momentum: vggctl::model::BN_MOMENTUM,
             ra_reps: None,
             tensorboard: false,
             streamed: None,

@@ -141,12 +141,13 @@ impl Layer {
     }
 
     /// The layer on `x`; `conv_bias` false runs a convolution without its
-    /// bias (see [`Sequential::bias_free`]).
+    /// bias (see [`Sequential::bias_free`]); in training, BatchNorm moves
+    /// its running statistics by `momentum` (over the ranks with `sync`).
     pub(crate) fn forward(
         &self,
         x: &Tensor,
         train: bool,
-        sync: Option<&SumAcross>,
+        (sync, momentum): (Option<&SumAcross>, f64),
         conv_bias: bool,
     ) -> Tensor {
         match self {
@@ -164,10 +165,11 @@ impl Layer {
                 if train {
                     num_batches_tracked.set(num_batches_tracked.get() + 1);
                 }
+                let stats = [running_mean, running_var];
                 if let (true, Some(sum)) = (train, sync) {
-                    return sync_batch_norm(x, weight, bias, running_mean, running_var, sum);
+                    return sync_batch_norm(x, [weight, bias], stats, sum, momentum);
                 }
-                batch_norm(x, weight, bias, running_mean, running_var, train)
+                batch_norm_moving(x, [weight, bias], stats, train, momentum)
             }
             Layer::Relu => x.relu(),
             Layer::MaxPool => x.max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false),
@@ -229,15 +231,14 @@ pub type SumAcross = std::sync::Arc<dyn Fn(&Tensor) -> Tensor + Send + Sync>;
 
 /// Training-mode BatchNorm over all ranks' batches together (PyTorch's
 /// SyncBatchNorm): mean and biased variance from sums taken across the
-/// ranks by `sum` (two passes, in fp32), the running statistics updated
-/// with them (the variance unbiased over the global count).
+/// ranks by `sum` (two passes, in fp32), the running statistics moved by
+/// `m` toward them (the variance unbiased over the global count).
 fn sync_batch_norm(
     x: &Tensor,
-    weight: &Tensor,
-    bias: &Tensor,
-    running_mean: &Tensor,
-    running_var: &Tensor,
+    [weight, bias]: [&Tensor; 2],
+    [running_mean, running_var]: [&Tensor; 2],
     sum: &SumAcross,
+    m: f64,
 ) -> Tensor {
     let c = x.size()[1];
     let per_channel = |t: &Tensor| t.sum_dim_intlist(&[0i64, 2, 3][..], false, Kind::Float);
@@ -252,7 +253,6 @@ fn sync_batch_norm(
     let y = centered * scale.view([1, c, 1, 1]) + bias.view([1, c, 1, 1]);
     tch::no_grad(|| {
         let unbiased = var.detach() * &n / (&n - 1.0);
-        let m = BN_MOMENTUM;
         let _ = running_mean
             .shallow_clone()
             .g_mul_scalar_(1.0 - m)
@@ -304,6 +304,9 @@ pub struct Sequential {
     /// own, fp16 channels-last, 1-byte pool indices; not with
     /// SyncBatchNorm); the plain ops if it fails.
     pub bn_relu_pool: bool,
+    /// In training mode, how far each BatchNorm moves its running
+    /// statistics toward the batch's (BatchNorm2d's `momentum`).
+    pub bn_momentum: f64,
     /// In training mode, the first convolution's input channels (3) and its
     /// weight's are zero-padded to [`PAD_CHANNELS`], in this dtype:
     /// cuDNN's tensor-core kernels want channels in multiples of 8. The
@@ -344,6 +347,7 @@ impl Sequential {
             two_streams: false,
             bn_relu: None,
             bn_relu_pool: false,
+            bn_momentum: BN_MOMENTUM,
             pad_input: None,
             stand_ins: BTreeMap::new(),
             fusion_failed: Cell::new(false),
@@ -373,7 +377,7 @@ impl Sequential {
             let bias = !(self.bias_free && train && self.bn_follows(i));
             x = match self.on_two_streams(layer, &x, train, bias) {
                 Some(y) => y,
-                None => layer.forward(&x, train, self.sync.as_ref(), bias),
+                None => layer.forward(&x, train, (self.sync.as_ref(), self.bn_momentum), bias),
             };
             i += 1;
         }
@@ -442,7 +446,7 @@ impl Sequential {
                 num_batches_tracked,
             } if self.sync.is_none() => {
                 let stats = [running_mean, running_var];
-                let y = bn_op?.run(x, [weight, bias], stats, BN_MOMENTUM, BN_EPS);
+                let y = bn_op?.run(x, [weight, bias], stats, self.bn_momentum, BN_EPS);
                 if y.is_ok() {
                     num_batches_tracked.set(num_batches_tracked.get() + 1);
                 }

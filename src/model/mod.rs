@@ -311,6 +311,12 @@ impl Vgg {
         self
     }
 
+    /// How far BatchNorm moves its running statistics in training
+    /// (torchvision's BatchNorm2d's `momentum`, 0.1 by default).
+    pub fn set_bn_momentum(&mut self, m: f64) {
+        self.features.bn_momentum = m;
+    }
+
     /// Sets the probability of every Dropout layer of the classifier
     /// (torchvision's `vgg16(dropout=p)`; 0.5 as built).
     pub fn set_dropout(&mut self, p: f64) {

@@ -9,7 +9,7 @@ use crate::data::augment::Augment;
 use crate::data::auto_augment::{AUGMIX_SEVERITY, Interpolation, Policy, RA_MAGNITUDE};
 use crate::data::mix::Mixing;
 use crate::data::resize::Filter;
-use crate::model::ModelSpec;
+use crate::model::{BN_MOMENTUM, ModelSpec};
 use crate::numerics::{FusedStep, NumericsRequest, Precision, StepPart};
 use crate::optim::OptimizerConfig;
 
@@ -263,6 +263,13 @@ pub struct TrainConfig {
         skip_serializing_if = "is_default_dropout"
     )]
     pub dropout: f64,
+    /// How far BatchNorm moves its running statistics in training
+    /// (`--bn-momentum`; BatchNorm2d's `momentum`).
+    #[serde(
+        default = "default_bn_momentum",
+        skip_serializing_if = "is_default_bn_momentum"
+    )]
+    pub bn_momentum: f64,
     /// Repeated augmentation (`--ra-sampler`, `--ra-reps`): each example
     /// this many times per epoch, on different ranks (`dist::Sampler`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -286,6 +293,14 @@ fn default_dropout() -> f64 {
 
 fn is_default_dropout(v: &f64) -> bool {
     *v == DROPOUT
+}
+
+fn default_bn_momentum() -> f64 {
+    BN_MOMENTUM
+}
+
+fn is_default_bn_momentum(v: &f64) -> bool {
+    *v == BN_MOMENTUM
 }
 
 fn is_zero(v: &f64) -> bool {
@@ -407,6 +422,23 @@ pub(crate) mod tests {
     use crate::model::{Arch, Head};
     use crate::optim::{DEFAULT_ALPHA, OptimizerKind};
 
+    /// The CIFAR recipe's optimizer: SGD, momentum 0.9, weight decay 5e-4.
+    fn sgd() -> OptimizerConfig {
+        OptimizerConfig {
+            kind: OptimizerKind::Sgd,
+            momentum: 0.9,
+            weight_decay: 5e-4,
+            nesterov: false,
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            alpha: DEFAULT_ALPHA,
+            norm_weight_decay: None,
+            bias_weight_decay: None,
+            amsgrad: false,
+            centered: false,
+        }
+    }
+
     /// The CIFAR recipe's configuration with this schedule.
     pub(crate) fn config(scheduler: SchedulerKind, epochs: usize, warmup: usize) -> TrainConfig {
         TrainConfig {
@@ -418,19 +450,7 @@ pub(crate) mod tests {
             epochs,
             batch_size: 128,
             test_batch_size: 100,
-            optimizer: OptimizerConfig {
-                kind: OptimizerKind::Sgd,
-                momentum: 0.9,
-                weight_decay: 5e-4,
-                nesterov: false,
-                betas: (0.9, 0.999),
-                eps: 1e-8,
-                alpha: DEFAULT_ALPHA,
-                norm_weight_decay: None,
-                bias_weight_decay: None,
-                amsgrad: false,
-                centered: false,
-            },
+            optimizer: sgd(),
             lr: 0.1,
             scheduler,
             milestones: vec![50, 80],
@@ -483,6 +503,7 @@ pub(crate) mod tests {
             random_erase: 0.0,
             accum_steps: 1,
             dropout: DROPOUT,
+            bn_momentum: BN_MOMENTUM,
             ra_reps: None,
             tensorboard: false,
             streamed: None,

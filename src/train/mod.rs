@@ -195,6 +195,7 @@ impl<'a> Trainer<'a> {
         };
         model.freeze_features(config.freeze_prefix);
         model.set_dropout(config.dropout);
+        model.set_bn_momentum(config.bn_momentum);
         let (mut state, resume_tensors) = start_state(config, data, &mut model, resume, &run_dir)?;
         if world.sampler(state.config.ra_reps).len(train.len()) == 0 {
             bail!(

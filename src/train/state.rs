@@ -348,6 +348,9 @@ fn check_recipe(c: &TrainConfig) -> Result<()> {
     if !(0.0..=1.0).contains(&c.dropout) {
         bail!("dropout {} is not a probability in [0, 1]", c.dropout);
     }
+    if !(0.0..=1.0).contains(&c.bn_momentum) {
+        bail!("bn_momentum {} is not in [0, 1]", Num(c.bn_momentum));
+    }
     if let Some(k) = c.ra_reps.filter(|k| !(1..=MAX_REPEATS).contains(k)) {
         bail!("ra_reps {k} is not 1 to {MAX_REPEATS}");
     }

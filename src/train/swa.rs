@@ -251,7 +251,7 @@ fn cumulative_bn_pass(layers: &Sequential, x: &Tensor, from: usize) {
                 let stats = [running_mean, running_var];
                 batch_norm_moving(&x, [weight, bias], stats, true, 1.0 / n as f64)
             }
-            l => l.forward(&x, false, None, true),
+            l => l.forward(&x, false, (None, layers.bn_momentum), true),
         };
     }
 }
