@@ -629,7 +629,7 @@ fn resume_refuses_changes_and_bad_states() {
     let resume = dir.join("run/resume.safetensors");
     let original = std::fs::read(&resume).unwrap();
     type Edit = fn(&mut serde_json::Value);
-    let bad_states: [(Edit, &str); 35] = [
+    let bad_states: [(Edit, &str); 36] = [
         (
             |s| s["config"]["batch_size"] = 0.into(),
             "bad training state: epochs 2, batch_size 0",
@@ -641,6 +641,13 @@ fn resume_refuses_changes_and_bad_states() {
         (
             |s| s["config"]["dropout"] = 2.into(),
             "bad training state: dropout 2 is not a probability in [0, 1]",
+        ),
+        (
+            |s| {
+                s["config"]["crop_range"] =
+                    serde_json::json!({"scale": [0.0, 1.0], "ratio": [0.75, 1.33]})
+            },
+            "bad training state: crop_range scale 0,1 must be LOW,HIGH area fractions",
         ),
         (
             |s| s["config"]["bn_momentum"] = 1.5.into(),

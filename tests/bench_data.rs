@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use vggctl::data::augment::Transform;
 use vggctl::data::folder::FolderOptions;
-use vggctl::data::resized_crop::draw_resized_crops;
+use vggctl::data::resized_crop::{CropRange, draw_resized_crops};
 use vggctl::data::stream::{AHEAD, InOrder, Job, Loader, Streamed};
 use vggctl::data::{Images, folder, pack, prepared};
 
@@ -175,7 +175,7 @@ fn pass(s: &Streamed, mode: &str, limit: i64, batch: i64) -> i64 {
                 tch::manual_seed(step);
                 loader.submit(Job {
                     indices: (next..next + len).collect(),
-                    draws: draw_resized_crops(len),
+                    draws: draw_resized_crops(len, CropRange::default()),
                 });
                 (next, step) = (next + len, step + 1);
             }

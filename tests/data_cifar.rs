@@ -8,6 +8,7 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::net::TcpListener;
 use std::path::Path;
@@ -16,7 +17,7 @@ use tch::{Device, Kind, Tensor};
 use vggctl::data::augment::{Normalizer, crop_flip, random_crop_flip, resized_crop_flip};
 use vggctl::data::cifar;
 use vggctl::data::resize::Filter;
-use vggctl::data::resized_crop::{CropBoxes, random_resized_boxes};
+use vggctl::data::resized_crop::{CropBoxes, CropRange, random_resized_boxes};
 use vggctl::formats::safetensors::read_safetensors;
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -299,7 +300,7 @@ fn augmentation_matches_torchvision() {
     assert!(err < 1e-5, "max abs error {err}");
 }
 
-fn resized_crop_refs() -> std::collections::BTreeMap<String, Tensor> {
+fn resized_crop_refs() -> BTreeMap<String, Tensor> {
     read_safetensors(&common::fixtures().join("resized_crop.safetensors"))
         .unwrap()
         .tensors
@@ -325,21 +326,33 @@ fn ks_distance(a: &[i64], b: &[i64]) -> f64 {
     d
 }
 
+/// With torchvision's ranges, and with scale (0.25, 0.75) and ratio
+/// (0.5, 2) (`--scale`, `--ratio`), where the clamped fallback is frequent.
 #[test]
 fn resized_crop_boxes_follow_torchvisions_distribution() {
     let refs = resized_crop_refs();
+    let other = CropRange {
+        scale: (0.25, 0.75),
+        ratio: (0.5, 2.0),
+    };
+    for (prefix, range) in [("", CropRange::default()), ("wide_", other)] {
+        boxes_follow_torchvision(&refs, prefix, range);
+    }
+}
+
+fn boxes_follow_torchvision(refs: &BTreeMap<String, Tensor>, prefix: &str, range: CropRange) {
     tch::manual_seed(5);
     // One batch of all three shapes, interleaved: each image's own size counts.
     let shapes = [(73, 73), (40, 100), (100, 40)];
-    let n = refs["boxes_73x73"].size()[0];
+    let n = refs[&format!("boxes_{prefix}73x73")].size()[0];
     let dims = |k: usize| {
         let one = |s: [i64; 3]| Tensor::from_slice(&s.map(|v| v as f32)).repeat([n]);
         one(shapes.map(|s| if k == 0 { s.0 } else { s.1 }))
     };
-    let b = random_resized_boxes(&dims(0), &dims(1));
+    let b = random_resized_boxes(&dims(0), &dims(1), range);
     let all = Tensor::stack(&[&b.top, &b.left, &b.height, &b.width], 1);
     for (k, (h, w)) in shapes.into_iter().enumerate() {
-        let theirs = &refs[&format!("boxes_{h}x{w}")];
+        let theirs = &refs[&format!("boxes_{prefix}{h}x{w}")];
         assert_eq!(theirs.size()[0], n);
         let ours = all.slice(0, k as i64, None, 3);
         assert!(ours.equal(&ours.round()), "{h}x{w}: boxes are whole pixels");
@@ -361,7 +374,7 @@ fn resized_crop_boxes_follow_torchvisions_distribution() {
             let d = ks_distance(&a, &t);
             assert!(
                 d < critical,
-                "{h}x{w} {what}: KS distance {d:.4} >= {critical:.4}"
+                "{prefix}{h}x{w} {what}: KS distance {d:.4} >= {critical:.4}"
             );
         }
         // Area fraction: the joint of height and width.
@@ -370,7 +383,7 @@ fn resized_crop_boxes_follow_torchvisions_distribution() {
         let d = ks_distance(&area(&ours), &area(theirs));
         assert!(
             d < critical,
-            "{h}x{w} area: KS distance {d:.4} >= {critical:.4}"
+            "{prefix}{h}x{w} area: KS distance {d:.4} >= {critical:.4}"
         );
     }
 }

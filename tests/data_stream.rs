@@ -19,7 +19,7 @@ use vggctl::data::augment::{Transform, canvas_centre_crop, random_canvas_crop_fl
 use vggctl::data::folder::{FolderOptions, load};
 use vggctl::data::image::{eval_transform, read_image};
 use vggctl::data::resize::Filter;
-use vggctl::data::resized_crop::draw_resized_crops;
+use vggctl::data::resized_crop::{CropRange, draw_resized_crops};
 use vggctl::data::stream::{InOrder, Job, Loader, Streamed};
 
 /// The canvases' side: the folder's photos have it as their shorter side,
@@ -114,13 +114,19 @@ fn same_crops_streamed_and_in_memory(root: &Path, filter: Filter) {
     assert_eq!(n, 10);
     let mut loader = Loader::new(files, Transform::Random { size: 56 }).unwrap();
     let mut previous: Option<Tensor> = None;
+    // torchvision's ranges, and timm-style others (odd seeds).
+    let other = CropRange {
+        scale: (0.3, 0.6),
+        ratio: (0.5, 2.0),
+    };
     for seed in 0..6 {
+        let range = [CropRange::default(), other][seed as usize % 2];
         tch::manual_seed(seed);
         let layout = split.layout.as_ref().unwrap();
-        let expected = random_canvas_crop_flip(&split.images, layout, (56, filter));
+        let expected = random_canvas_crop_flip(&split.images, layout, (56, filter), range);
         let next_in_memory = Tensor::rand([4], (Kind::Float, tch::Device::Cpu));
         tch::manual_seed(seed);
-        let draws = draw_resized_crops(n);
+        let draws = draw_resized_crops(n, range);
         let next_streamed = Tensor::rand([4], (Kind::Float, tch::Device::Cpu));
         assert!(next_in_memory.equal(&next_streamed));
         loader.submit(Job {
@@ -379,7 +385,7 @@ fn batch_of(data: &Images, t: Transform, seed: i64) -> Tensor {
     tch::manual_seed(seed);
     let n = s.len();
     let draws = match t {
-        Transform::Random { .. } => draw_resized_crops(n),
+        Transform::Random { .. } => draw_resized_crops(n, CropRange::default()),
         _ => Vec::new(),
     };
     loader.submit(Job {
@@ -548,7 +554,7 @@ fn memory_child() {
             tch::manual_seed(step as i64);
             loader.submit(Job {
                 indices: (start..start + len).collect(),
-                draws: draw_resized_crops(len),
+                draws: draw_resized_crops(len, CropRange::default()),
             });
             if loader.pending > 2 {
                 seen += loader.take().unwrap().batch.len();

@@ -427,7 +427,7 @@ fn canvas_crops_are_crops_of_the_whole_resized_image() {
     use vggctl::data::folder::decode_canvas;
     use vggctl::data::image::{centre_offset, read_image, resize_shorter};
     use vggctl::data::resize::Filter;
-    use vggctl::data::resized_crop::{CropBoxes, random_resized_boxes};
+    use vggctl::data::resized_crop::{CropBoxes, CropRange, random_resized_boxes};
     let tmp = common::tempdir();
     let paths = photos_of_every_shape(tmp.path());
     let side = 64;
@@ -469,7 +469,7 @@ fn canvas_crops_are_crops_of_the_whole_resized_image() {
             let v: Vec<f32> = images.iter().map(|i| i.size()[axis] as f32).collect();
             Tensor::from_slice(&v)
         };
-        let boxes = random_resized_boxes(&dims(1), &dims(2));
+        let boxes = random_resized_boxes(&dims(1), &dims(2), CropRange::default());
         let flip = Tensor::rand([b], (Kind::Float, tch::Device::Cpu)).lt(0.5);
         let filter = [Filter::Bilinear, Filter::Bicubic][round % 2];
         let got = canvas_crop_flip(&canvases, &layout, &boxes, &flip, (32, filter));

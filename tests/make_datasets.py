@@ -97,6 +97,9 @@ def write_augment(path):
 
 RRC_SHAPES = [(73, 73), (40, 100), (100, 40)]
 RRC_DRAWS = 20000
+# RandomResizedCrop's (scale, ratio): torchvision's defaults, and a
+# timm-style other range whose fallback (no candidate fits) is frequent.
+RRC_RANGES = {"": ((0.08, 1.0), (3 / 4, 4 / 3)), "wide_": ((0.25, 0.75), (0.5, 2.0))}
 
 
 def write_resized_crop(path):
@@ -104,10 +107,11 @@ def write_resized_crop(path):
 
     out = {}
     torch.manual_seed(0)
-    for h, w in RRC_SHAPES:
-        img = torch.empty(3, h, w)
-        boxes = [RandomResizedCrop.get_params(img, (0.08, 1.0), (3 / 4, 4 / 3)) for _ in range(RRC_DRAWS)]
-        out[f"boxes_{h}x{w}"] = torch.tensor(boxes, dtype=torch.int64)
+    for prefix, (scale, ratio) in RRC_RANGES.items():
+        for h, w in RRC_SHAPES:
+            img = torch.empty(3, h, w)
+            boxes = [RandomResizedCrop.get_params(img, scale, ratio) for _ in range(RRC_DRAWS)]
+            out[f"boxes_{prefix}{h}x{w}"] = torch.tensor(boxes, dtype=torch.int64)
     # Explicit boxes on real photographs (48 high, 40 wide), crops smaller and
     # larger than the 32x32 output, some at the image's edges.
     photos = [skdata.astronaut(), skdata.chelsea(), skdata.coffee(), skdata.rocket()]

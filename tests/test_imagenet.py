@@ -105,9 +105,12 @@ def test_training_imagenet_from_scratch_takes_torchvisions_recipe(imagenet, tmp_
     out = tmp_path / "scratch"
     r = vggctl("train", "--arch", "vgg11", "--dataset", "imagenet", "--data-dir", str(imagenet),
                "--epochs", "1", "--lr", "0.02", "--limit-train", "2", "--limit-test", "2",
-               "--keep", "last", "--out", str(out), "--quiet")
+               "--keep", "last", "--out", str(out), "--quiet", "--scale", "0.35,1", "--ratio", "0.5,2")
     assert r.returncode == 0, r.stderr
+    assert "is ignored" not in r.stderr, r.stderr
     c = json.loads((out / "config.json").read_text())
+    # timm's RandomResizedCrop ranges, recorded for the run's resume.
+    assert c["crop_range"] == {"scale": [0.35, 1.0], "ratio": [0.5, 2.0]}
     assert c["optimizer"]["weight_decay"] == 1e-4 and c["optimizer"]["momentum"] == 0.9
     assert (c["milestones"], c["batch_size"], c["input_size"]) == ([30, 60], 32, 224)
     assert (c["epochs"], c["lr"], c["augment"]) == (1, 0.02, "resized_crop")

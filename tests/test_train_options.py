@@ -395,6 +395,20 @@ def test_bn_momentum_equals_batchnorm2ds(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--scale", "0.9,0.5", "--scale 0.9,0.5 must be LOW,HIGH area fractions with 0 < LOW <= HIGH <= 1"),
+    ("--scale", "0.5,1.5", "--scale 0.5,1.5 must be LOW,HIGH area fractions"),
+    ("--ratio", "0,1", "--ratio 0,1 must be LOW,HIGH aspect ratios (width / height) with 0 < LOW <= HIGH"),
+    ("--ratio", "2,1", "--ratio 2,1 must be LOW,HIGH aspect ratios"),
+])
+def test_crop_ranges_no_box_can_come_from_are_usage_errors(tmp_path, flag, value, message):
+    r = subprocess.run([BIN, "train", "--dataset", "digits", flag, value, "--out", str(tmp_path / "run")],
+                       capture_output=True, text=True, timeout=60)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"vggctl: error: {message}"), r.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_model_ema_with_accumulation_equals_torchvision_average(tmp_path):
     init = str(tmp_path / "init.safetensors")
     torch.manual_seed(1)
@@ -517,6 +531,7 @@ def test_options_a_run_has_no_use_for_are_named_once_each(tmp_path):
               "--milestones", "3", "--gamma", "0.5", "--val-dir", str(tmp_path), "--val-split", "0.2",
               "--ra-magnitude", "5", "--warmup-decay", "0.1", "--augment-interpolation", "bilinear",
               "--augmix-severity", "5", "--norm-weight-decay", "0", "--bn-momentum", "0.2", "--ra-reps", "2",
+              "--scale", "0.5,1",
               "--head", "gap",
               "--dropout", "0.2", "--cache-mem", "1G", "--patience", "3", "--three-phase", "--pct-start", "0.5",
               "--power", "2", "--restart-mult", "2", "--cycle-steps", "4"]
@@ -530,6 +545,8 @@ def test_options_a_run_has_no_use_for_are_named_once_each(tmp_path):
         ("--ra-reps", "applies with --ra-sampler only"),
         ("--augmix-severity", "applies to --auto-augment augmix only"),
         ("--augment-interpolation", "applies with --auto-augment only"),
+        ("--scale", "applies to RandomResizedCrop's training (--dataset imagenet, or finetune on a folder;"
+                    " not with --no-augment) only"),
         ("--gamma", "applies to --scheduler multistep, step, exponential, plateau or cyclic's exp_range only"),
         ("--power", "applies to --scheduler poly only"),
         ("--restart-mult", "applies to --scheduler cosine-restarts only"),

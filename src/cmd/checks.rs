@@ -5,6 +5,7 @@
 //! silently).
 
 use anyhow::Result;
+use vggctl::data::augment::Augment;
 use vggctl::data::auto_augment::Policy;
 use vggctl::data::is_image_folder;
 use vggctl::dist::World;
@@ -205,8 +206,9 @@ fn option_rules(config: &TrainConfig) -> Vec<Rule> {
     .concat()
 }
 
-fn augment_rules(config: &TrainConfig) -> [Rule; 4] {
+fn augment_rules(config: &TrainConfig) -> [Rule; 5] {
     let ra = config.auto_augment == Some(Policy::Ra);
+    let resized_crop = config.augment == Augment::ResizedCrop && !config.no_augment;
     let augmix = config.auto_augment == Some(Policy::Augmix);
     [
         (&["ra_magnitude"], ra, "applies to --auto-augment ra only"),
@@ -224,6 +226,11 @@ fn augment_rules(config: &TrainConfig) -> [Rule; 4] {
             &["augment_interpolation"],
             config.auto_augment.is_some(),
             "applies with --auto-augment only",
+        ),
+        (
+            &["scale", "ratio"],
+            resized_crop,
+            "applies to RandomResizedCrop's training (--dataset imagenet, or finetune on a folder; not with --no-augment) only",
         ),
     ]
 }

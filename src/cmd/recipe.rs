@@ -11,6 +11,7 @@ use vggctl::data::auto_augment::{
 };
 use vggctl::data::mix::Mixing;
 use vggctl::data::resize::Filter;
+use vggctl::data::resized_crop::CropRange;
 use vggctl::dist::sampler::MAX_REPEATS;
 use vggctl::model::{BN_MOMENTUM, check_run_side};
 use vggctl::num::Num;
@@ -18,7 +19,7 @@ use vggctl::train::config::{DROPOUT, TrainConfig};
 use vggctl::train::ema::EmaConfig;
 
 use super::opts::choice;
-use super::output::{non_negative, usage, whole};
+use super::output::{non_negative, pair, usage, whole};
 use super::progress::LogInterval;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -37,6 +38,15 @@ pub struct RecipeOpts {
     /// --input x 256/224].
     #[arg(long, value_name = "R", value_parser = whole::<i64>, help_heading = "Data")]
     pub val_resize_size: Option<i64>,
+    /// RandomResizedCrop's range of box areas, as fractions of the image's
+    /// (timm's --scale; torchvision's scale) [default: 0.08,1].
+    #[arg(long, value_name = "LOW,HIGH", value_parser = pair, help_heading = "Data")]
+    pub scale: Option<(f64, f64)>,
+    /// RandomResizedCrop's range of box aspect ratios, width over height,
+    /// drawn log-uniformly (timm's --ratio; torchvision's ratio) [default:
+    /// 0.75,1.3333333333333333].
+    #[arg(long, value_name = "LOW,HIGH", value_parser = pair, help_heading = "Data")]
+    pub ratio: Option<(f64, f64)>,
     /// How image folders' images are resized (torchvision's
     /// --interpolation): the evaluation's Resize and RandomResizedCrop,
     /// both antialiased; recorded in the checkpoint for eval and predict.
@@ -204,6 +214,9 @@ impl RecipeOpts {
                 check_run_side(flag, side).map_err(|e| usage(e.to_string()))?;
             }
         }
+        if let Some(problem) = self.crop_range().problem(|f| format!("--{f}")) {
+            return Err(usage(problem));
+        }
         non_negative("--mixup-alpha", self.mixup_alpha)?;
         non_negative("--cutmix-alpha", self.cutmix_alpha)?;
         if !(0.0..=1.0).contains(&self.random_erase) {
@@ -242,6 +255,15 @@ impl RecipeOpts {
         }
     }
 
+    /// RandomResizedCrop's ranges, torchvision's where not given.
+    fn crop_range(&self) -> CropRange {
+        let d = CropRange::default();
+        CropRange {
+            scale: self.scale.unwrap_or(d.scale),
+            ratio: self.ratio.unwrap_or(d.ratio),
+        }
+    }
+
     /// Writes these options into a new run's configuration; the average's
     /// decay is settled by [`settle_ema`] once the ranks are known.
     pub fn configure(&self, config: &mut TrainConfig) {
@@ -251,6 +273,7 @@ impl RecipeOpts {
         config.train_crop_size = self.train_crop_size;
         config.val_resize_size = self.val_resize_size;
         config.interpolation = self.interpolation;
+        config.crop_range = self.crop_range();
         config.accum_steps = self.accum_steps;
         config.ra_reps = self.ra_sampler.then_some(self.ra_reps);
         config.dropout = self.dropout;

@@ -386,6 +386,7 @@ impl HyperOpts {
             accum_steps: 1,
             dropout: vggctl::train::config::DROPOUT,
             bn_momentum: vggctl::model::BN_MOMENTUM,
+            crop_range: Default::default(),
             ra_reps: None,
             tensorboard: false,
             streamed: None,

@@ -8,7 +8,7 @@ use super::Split;
 use super::auto_augment::AutoAugment;
 use super::image::centre_offset;
 use super::resize::Filter;
-use super::resized_crop::{CropBoxes, random_resized_boxes};
+use super::resized_crop::{CropBoxes, CropRange, random_resized_boxes};
 
 /// Crops `x` (`B x C x H x W`, any dtype) after zero-padding it by `pad` on
 /// every side, at per-image offsets `oy`, `ox` in `0..=2*pad`, and mirrors
@@ -279,14 +279,16 @@ pub fn canvas_crop_flip(
     out.transpose(2, 3).where_self(&t.view([b, 1, 1, 1]), &out)
 }
 
-/// `RandomResizedCrop(size, interpolation)` + `RandomHorizontalFlip` of
-/// canvases: boxes drawn in each whole (visible) image. Bicubic crops of
+/// `RandomResizedCrop(size, scale, ratio, interpolation)` (`range`: scale
+/// and ratio) + `RandomHorizontalFlip` of canvases: boxes drawn in each
+/// whole (visible) image. Bicubic crops of
 /// uint8 images are clamped to 0-255, as torchvision's are (its cubic
 /// overshoots at edges).
 pub fn random_canvas_crop_flip(
     x: &Tensor,
     layout: &Tensor,
     (size, filter): (i64, Filter),
+    range: CropRange,
 ) -> Tensor {
     let (b, _, side, _) = x
         .size4()
@@ -298,6 +300,7 @@ pub fn random_canvas_crop_flip(
     let boxes = random_resized_boxes(
         &visible.where_self(&t, &side),
         &side.where_self(&t, &visible),
+        range,
     );
     let flip = Tensor::rand([b], opts).lt(0.5);
     let out = canvas_crop_flip(x, layout, &boxes, &flip, (size, filter));
@@ -368,6 +371,8 @@ pub struct Preprocess {
     /// RandomResizedCrop's interpolation on the device (in-memory
     /// folders; streamed crops are the loader's, with the split's filter).
     pub filter: Filter,
+    /// RandomResizedCrop's scale and ratio (`--scale`, `--ratio`).
+    pub crop: CropRange,
 }
 
 impl Preprocess {
@@ -381,6 +386,7 @@ impl Preprocess {
             auto_augment: None,
             eval_squeeze: None,
             filter: Filter::Bilinear,
+            crop: CropRange::default(),
         }
     }
 
@@ -430,6 +436,7 @@ impl Preprocess {
                     x,
                     layout,
                     (self.train_side, self.filter),
+                    self.crop,
                 ));
                 self.norm.apply(&x)
             }

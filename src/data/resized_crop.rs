@@ -2,9 +2,59 @@
 //! image needs (`CropDraws`, or `ImageDraws` for one image), and the boxes
 //! they make in images of given sizes, for a batch on its device
 //! (`crop_boxes`) or for one image on the host (`crop_box`, what a
-//! streaming worker uses), with the same arithmetic.
+//! streaming worker uses), with the same arithmetic; its `scale` and
+//! `ratio` ranges (`CropRange`).
 
+use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
+
+/// RandomResizedCrop's ranges: of the candidate boxes' area, as a fraction
+/// of the image's (`scale`), and of their aspect ratio, width over height,
+/// drawn log-uniformly (`ratio`); torchvision's defaults (0.08, 1) and
+/// (3/4, 4/3), timm's `--scale` and `--ratio`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CropRange {
+    pub scale: (f64, f64),
+    pub ratio: (f64, f64),
+}
+
+impl Default for CropRange {
+    fn default() -> Self {
+        CropRange {
+            scale: (0.08, 1.0),
+            ratio: (3.0 / 4.0, 4.0 / 3.0),
+        }
+    }
+}
+
+impl CropRange {
+    pub fn is_default(&self) -> bool {
+        *self == CropRange::default()
+    }
+
+    /// Why these ranges make no boxes (`flag` names each as the command
+    /// line or config.json does): a scale in (0, 1], a positive finite
+    /// ratio, each low to high.
+    pub fn problem(&self, flag: impl Fn(&str) -> String) -> Option<String> {
+        let (s, r) = (self.scale, self.ratio);
+        if !(s.0 > 0.0 && s.0 <= s.1 && s.1 <= 1.0) {
+            return Some(format!(
+                "{} {},{} must be LOW,HIGH area fractions with 0 < LOW <= HIGH <= 1",
+                flag("scale"),
+                crate::num::Num(s.0),
+                crate::num::Num(s.1)
+            ));
+        }
+        (!(r.0 > 0.0 && r.0 <= r.1 && r.1.is_finite())).then(|| {
+            format!(
+                "{} {},{} must be LOW,HIGH aspect ratios (width / height) with 0 < LOW <= HIGH",
+                flag("ratio"),
+                crate::num::Num(r.0),
+                crate::num::Num(r.1)
+            )
+        })
+    }
+}
 
 /// Crop boxes in pixels, one per image of a batch (float tensors of shape
 /// `[B]` holding whole numbers).
@@ -19,29 +69,33 @@ pub struct CropBoxes {
 const CROP_ATTEMPTS: usize = 10;
 
 /// The random numbers `RandomResizedCrop` needs for a batch, drawn on
-/// `device` in this order: per image 10 area fractions (uniform in
-/// 0.08..1), 10 aspect ratios (log-uniform in 3/4..4/3), then one uniform
-/// for the top offset and one for the left. The boxes follow from them and
-/// each image's size ([`crop_boxes`], or [`crop_box`] for one image).
+/// `device` in this order: per image 10 area fractions (uniform in the
+/// range's scale, 0.08..1 by default), 10 aspect ratios (log-uniform in its
+/// ratio, 3/4..4/3), then one uniform for the top offset and one for the
+/// left. The boxes follow from them and each image's size ([`crop_boxes`],
+/// or [`crop_box`] for one image); the ratio's bounds decide the fallback.
 pub struct CropDraws {
     pub area: Tensor,
     pub ratio: Tensor,
     pub top: Tensor,
     pub left: Tensor,
+    pub ratio_bounds: (f64, f64),
 }
 
 impl CropDraws {
-    pub fn draw(b: i64, device: Device) -> Self {
+    pub fn draw(b: i64, device: Device, range: CropRange) -> Self {
         let opts = (Kind::Float, device);
         let n = CROP_ATTEMPTS as i64;
-        let area = Tensor::rand([b, n], opts) * 0.92 + 0.08;
-        let (lo, hi) = ((3.0f64 / 4.0).ln(), (4.0f64 / 3.0).ln());
+        let (s0, s1) = range.scale;
+        let area = Tensor::rand([b, n], opts) * (s1 - s0) + s0;
+        let (lo, hi) = (range.ratio.0.ln(), range.ratio.1.ln());
         let ratio = (Tensor::rand([b, n], opts) * (hi - lo) + lo).exp();
         CropDraws {
             area,
             ratio,
             top: Tensor::rand([b], opts),
             left: Tensor::rand([b], opts),
+            ratio_bounds: range.ratio,
         }
     }
 }
@@ -55,13 +109,15 @@ pub struct ImageDraws {
     pub top: f32,
     pub left: f32,
     pub flip: bool,
+    /// The range's aspect ratios, which decide the fallback.
+    pub ratio_bounds: (f64, f64),
 }
 
 /// The draws of a training batch of `b` images on the CPU generator, as
 /// `augment::random_canvas_crop_flip` makes them on a CPU batch: the crop draws,
 /// then one uniform per image for the flip (below 0.5 mirrors).
-pub fn draw_resized_crops(b: i64) -> Vec<ImageDraws> {
-    let d = CropDraws::draw(b, Device::Cpu);
+pub fn draw_resized_crops(b: i64, range: CropRange) -> Vec<ImageDraws> {
+    let d = CropDraws::draw(b, Device::Cpu, range);
     let flip = Tensor::rand([b], (Kind::Float, Device::Cpu)).lt(0.5);
     let floats = |t: &Tensor| Vec::<f32>::try_from(t.reshape([-1])).expect("float draws");
     let (area, ratio, top, left) = (
@@ -83,26 +139,24 @@ pub fn draw_resized_crops(b: i64) -> Vec<ImageDraws> {
             top: top[i],
             left: left[i],
             flip: flip[i],
+            ratio_bounds: range.ratio,
         })
         .collect()
 }
 
-/// torchvision's `RandomResizedCrop.get_params(img, scale=(0.08, 1),
-/// ratio=(3/4, 4/3))` for images of `height[i]` x `width[i]` pixels (float
-/// tensors `[B]`), drawn on their device for the whole batch at once.
-pub fn random_resized_boxes(height: &Tensor, width: &Tensor) -> CropBoxes {
-    crop_boxes(
-        &CropDraws::draw(height.size()[0], height.device()),
-        height,
-        width,
-    )
+/// torchvision's `RandomResizedCrop.get_params(img, scale, ratio)` (the
+/// range's) for images of `height[i]` x `width[i]` pixels (float tensors
+/// `[B]`), drawn on their device for the whole batch at once.
+pub fn random_resized_boxes(height: &Tensor, width: &Tensor, range: CropRange) -> CropBoxes {
+    let d = CropDraws::draw(height.size()[0], height.device(), range);
+    crop_boxes(&d, height, width)
 }
 
 /// The boxes of [`CropDraws`] in images of `height[i]` x `width[i]`: per
 /// image, the first of the 10 candidates (area fraction times the image's
 /// area, aspect ratio; sides rounded half to even like Python's `round`)
 /// that fits, at its drawn integer offset; if none fits, the centre crop
-/// with the ratio clamped. Only exactly rounded operations, so
+/// with the ratio clamped to the range's. Only exactly rounded operations, so
 /// [`crop_box`] finds the same boxes one image at a time.
 pub fn crop_boxes(d: &CropDraws, height: &Tensor, width: &Tensor) -> CropBoxes {
     let b = height.size()[0];
@@ -122,19 +176,16 @@ pub fn crop_boxes(d: &CropDraws, height: &Tensor, width: &Tensor) -> CropBoxes {
     let first = fits.to_kind(Kind::Int).argmax(1, true);
     let any = fits.any_dim(1, false);
     // No candidate fits: torchvision's fallback, the centre crop of the
-    // whole image with its aspect ratio clamped to 3/4-4/3 (in f64, as
-    // Python computes it).
+    // whole image with its aspect ratio clamped to the range's (3/4-4/3 by
+    // default; in f64, as Python computes it).
     let (hd, wd) = (
         hf.view([b]).to_kind(Kind::Double),
         wf.view([b]).to_kind(Kind::Double),
     );
+    let (lo, hi) = d.ratio_bounds;
     let in_ratio = &wd / &hd;
-    let fw = (&hd * (4.0 / 3.0))
-        .round()
-        .where_self(&in_ratio.gt(4.0 / 3.0), &wd);
-    let fh = (&wd / (3.0 / 4.0))
-        .round()
-        .where_self(&in_ratio.lt(3.0 / 4.0), &hd);
+    let fw = (&hd * hi).round().where_self(&in_ratio.gt(hi), &wd);
+    let fh = (&wd / lo).round().where_self(&in_ratio.lt(lo), &hd);
     let pick = |t: &Tensor, fallback: Tensor| {
         t.gather(1, &first, false)
             .squeeze_dim(1)
@@ -171,13 +222,14 @@ pub fn crop_box(d: &ImageDraws, height: i64, width: i64) -> [i64; 4] {
         Some((h, w)) => (offset(d.top, hf - h), offset(d.left, wf - w), h, w),
         None => {
             let (hd, wd) = (height as f64, width as f64);
+            let (lo, hi) = d.ratio_bounds;
             let in_ratio = wd / hd;
-            let w = match in_ratio > 4.0 / 3.0 {
-                true => (hd * (4.0 / 3.0)).round_ties_even(),
+            let w = match in_ratio > hi {
+                true => (hd * hi).round_ties_even(),
                 false => wd,
             } as f32;
-            let h = match in_ratio < 3.0 / 4.0 {
-                true => (wd / (3.0 / 4.0)).round_ties_even(),
+            let h = match in_ratio < lo {
+                true => (wd / lo).round_ties_even(),
                 false => hd,
             } as f32;
             (((hf - h) / 2.0).floor(), ((wf - w) / 2.0).floor(), h, w)
@@ -192,10 +244,22 @@ mod tests {
 
     /// One image at a time (a streaming worker), the boxes are the batch's
     /// exactly, for every kind of image: square, wide, tall, tiny (where
-    /// no candidate fits and the fallback decides), and beyond 4:3.
+    /// no candidate fits and the fallback decides), and beyond 4:3; with
+    /// torchvision's ranges and with others (where the fallback clamps to
+    /// the other ratios).
     #[test]
     fn one_image_boxes_are_the_batch_boxes() {
         let _seeded = crate::seeded();
+        let other = CropRange {
+            scale: (0.5, 0.9),
+            ratio: (0.5, 2.0),
+        };
+        for range in [CropRange::default(), other] {
+            boxes_of_one_and_of_the_batch(range);
+        }
+    }
+
+    fn boxes_of_one_and_of_the_batch(range: CropRange) {
         let sizes: [(i64, i64); 8] = [
             (256, 256),
             (256, 384),
@@ -208,9 +272,9 @@ mod tests {
         ];
         tch::manual_seed(7);
         let b = 4000;
-        let draws = draw_resized_crops(b);
+        let draws = draw_resized_crops(b, range);
         tch::manual_seed(7);
-        let d = CropDraws::draw(b, Device::Cpu);
+        let d = CropDraws::draw(b, Device::Cpu, range);
         let dims = |k: usize| -> Tensor {
             let v: Vec<f32> = (0..b as usize)
                 .map(|i| [sizes[i % 8].0, sizes[i % 8].1][k] as f32)
@@ -232,8 +296,13 @@ mod tests {
             assert_eq!(one, batch, "image {i} of {sh}x{sw}");
             assert!(one[0] + one[2] <= sh && one[1] + one[3] <= sw && one[2] > 0 && one[3] > 0);
             if (sh, sw) == (37, 1000) {
-                // No candidate fits: the centred 4:3 crop, 37 x round(49.33).
-                assert_eq!(one, [0, 475, 37, 49]);
+                // No candidate fits: the centred crop at the highest ratio,
+                // 37 x round(49.33) (4:3) or 37 x 74 (2:1).
+                let w = match range.is_default() {
+                    true => 49,
+                    false => 74,
+                };
+                assert_eq!(one, [0, (1000 - w) / 2, 37, w]);
             }
         }
     }

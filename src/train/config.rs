@@ -9,6 +9,7 @@ use crate::data::augment::Augment;
 use crate::data::auto_augment::{AUGMIX_SEVERITY, Interpolation, Policy, RA_MAGNITUDE};
 use crate::data::mix::Mixing;
 use crate::data::resize::Filter;
+use crate::data::resized_crop::CropRange;
 use crate::model::{BN_MOMENTUM, ModelSpec};
 use crate::numerics::{FusedStep, NumericsRequest, Precision, StepPart};
 use crate::optim::OptimizerConfig;
@@ -263,6 +264,10 @@ pub struct TrainConfig {
         skip_serializing_if = "is_default_dropout"
     )]
     pub dropout: f64,
+    /// RandomResizedCrop's area and aspect ratio ranges (`--scale`,
+    /// `--ratio`).
+    #[serde(default, skip_serializing_if = "CropRange::is_default")]
+    pub crop_range: CropRange,
     /// How far BatchNorm moves its running statistics in training
     /// (`--bn-momentum`; BatchNorm2d's `momentum`).
     #[serde(
@@ -504,6 +509,7 @@ pub(crate) mod tests {
             accum_steps: 1,
             dropout: DROPOUT,
             bn_momentum: BN_MOMENTUM,
+            crop_range: CropRange::default(),
             ra_reps: None,
             tensorboard: false,
             streamed: None,

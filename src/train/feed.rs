@@ -14,7 +14,7 @@ use tch::{Device, Kind, Tensor};
 use super::position_seed;
 use crate::data::Images;
 use crate::data::augment::{Preprocess, Transform};
-use crate::data::resized_crop::{ImageDraws, draw_resized_crops};
+use crate::data::resized_crop::{CropRange, ImageDraws, draw_resized_crops};
 use crate::data::stream::{AHEAD, Job, Loader};
 
 /// One epoch's batches (of this rank's part of the permutation).
@@ -24,6 +24,8 @@ pub(super) struct Feed {
     seed: u64,
     epoch: usize,
     loader: Option<(Loader, Transform)>,
+    /// RandomResizedCrop's scale and ratio.
+    crop: CropRange,
     /// Streamed: the next step whose job is not given yet.
     next_job: usize,
     /// Streamed: the images skipped so far this epoch (their messages).
@@ -53,6 +55,7 @@ impl Feed {
             seed,
             epoch,
             loader,
+            crop: pre.crop,
             next_job: first,
             skipped: Vec::new(),
         })
@@ -80,7 +83,7 @@ impl Feed {
         match transform {
             Transform::Random { .. } => {
                 tch::manual_seed(position_seed(self.seed, self.epoch, step));
-                draw_resized_crops(self.indices(step).size()[0])
+                draw_resized_crops(self.indices(step).size()[0], self.crop)
             }
             _ => Vec::new(),
         }
@@ -127,7 +130,7 @@ impl Feed {
             }
             (Images::Streamed(_), Some((loader, t))) => {
                 if let Transform::Random { .. } = t {
-                    draw_resized_crops(len);
+                    draw_resized_crops(len, self.crop);
                 }
                 let t = *t;
                 let loaded = loader.take()?;
