@@ -317,6 +317,66 @@ mod tests {
         assert_eq!(h.recipe.ra_reps, 4);
     }
 
+    /// timm's train.py names (where they mean what vggctl's option means)
+    /// reach the same options; its `--drop`, `--opt-betas`, `--opt-eps`,
+    /// `--bn-momentum`, `--scale`, `--ratio`, `--sync-bn`,
+    /// `--initial-checkpoint` and `--log-interval` are vggctl's own names
+    /// or aliases already.
+    #[test]
+    fn timms_option_names_are_taken() {
+        let timm = Cli::try_parse_from([
+            "vggctl",
+            "train",
+            "--sched",
+            "step",
+            "--decay-epochs",
+            "7",
+            "--decay-rate",
+            "0.5",
+            "--decay-milestones",
+            "3,9",
+            "--min-lr",
+            "1e-5",
+            "--patience-epochs",
+            "4",
+            "--smoothing",
+            "0.1",
+            "--no-aug",
+            "--validation-batch-size",
+            "64",
+            "--clip-grad",
+            "2",
+            "--img-size",
+            "48",
+            "--num-classes",
+            "7",
+        ])
+        .unwrap();
+        let Some(Command::Train(a)) = timm.command else {
+            panic!("not train: {:?}", timm.command)
+        };
+        let h = &a.hyper;
+        assert_eq!(h.scheduler, vggctl::train::SchedulerKind::Step);
+        assert_eq!(
+            (h.step_size, h.gamma, h.milestones.clone()),
+            (7, 0.5, vec![3, 9])
+        );
+        assert_eq!((h.lr_min, h.patience, h.label_smoothing), (1e-5, 4, 0.1));
+        assert!(h.no_augment);
+        assert_eq!((h.test_batch_size, h.clip_grad_norm), (64, Some(2.0)));
+        assert_eq!((h.recipe.input, a.model.classes), (Some(48), Some(7)));
+        let eval = [
+            "--checkpoint",
+            "c.safetensors",
+            "--img-size",
+            "40",
+            "--num-classes",
+            "3",
+        ];
+        let eval = Cli::try_parse_from(["vggctl", "eval"].into_iter().chain(eval));
+        assert!(eval.is_ok(), "{eval:?}");
+    }
+
     /// The list the usage errors use to name a subcommand's help is clap's own.
     #[test]
     fn subcommand_names_are_clap_s() {

@@ -38,7 +38,7 @@ pub struct ModelOpts {
     pub head: Option<Head>,
     /// Number of classes [default: 1000 for the imagenet head, 10 otherwise;
     /// with a plain state dict: what its weights are].
-    #[arg(long, help_heading = "Model", value_parser = whole::<i64>)]
+    #[arg(long, alias = "num-classes", help_heading = "Model", value_parser = whole::<i64>)]
     pub classes: Option<i64>,
     /// Print one JSON document on stdout instead of a table.
     #[arg(long)]
@@ -242,7 +242,7 @@ pub struct ReadOpts {
     /// Input side for the model; the resize before the centre crop keeps
     /// its ratio to it (256/224) [default: the checkpoint's; 224 for
     /// weights with the ImageNet head, else 32].
-    #[arg(long, alias = "val-crop-size", value_parser = whole::<i64>)]
+    #[arg(long, aliases = ["val-crop-size", "img-size"], value_parser = whole::<i64>)]
     pub input: Option<i64>,
     /// The side the shorter one is resized to before the centre crop
     /// (torchvision's --val-resize-size) [default: the checkpoint's, scaled

@@ -27,7 +27,7 @@ pub struct RecipeOpts {
     /// The model's input side: training crops and evaluation's centre crop
     /// (torchvision's --val-crop-size) [default: 32; 224 with --dataset
     /// imagenet and for finetune].
-    #[arg(long, alias = "val-crop-size", value_name = "H", value_parser = whole::<i64>, help_heading = "Data")]
+    #[arg(long, aliases = ["val-crop-size", "img-size"], value_name = "H", value_parser = whole::<i64>, help_heading = "Data")]
     pub input: Option<i64>,
     /// RandomResizedCrop's side for training images, where it is not
     /// --input (torchvision's --train-crop-size; ImageNet-style training).

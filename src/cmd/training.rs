@@ -38,7 +38,7 @@ pub struct HyperOpts {
     #[arg(short, long, default_value_t = 128, help_heading = "Optimizer", value_parser = whole::<i64>)]
     pub batch_size: i64,
     /// Images per evaluation batch (after each epoch).
-    #[arg(long, default_value_t = 100, help_heading = "Data", value_parser = whole::<i64>)]
+    #[arg(long, alias = "validation-batch-size", default_value_t = 100, help_heading = "Data", value_parser = whole::<i64>)]
     pub test_batch_size: i64,
     /// The update rule.
     #[arg(long, alias = "opt", value_parser = choice::<OptimizerKind>(), default_value = "sgd", help_heading = "Optimizer")]
@@ -87,7 +87,7 @@ pub struct HyperOpts {
     /// Scale each step's gradients so their global 2-norm is at most this
     /// (torch.nn.utils.clip_grad_norm_; after the data-parallel average and
     /// fp16 unscaling).
-    #[arg(long, help_heading = "Optimizer")]
+    #[arg(long, alias = "clip-grad", help_heading = "Optimizer")]
     pub clip_grad_norm: Option<f64>,
     /// Clamp every element of each step's gradients to [-V, V]
     /// (torch.nn.utils.clip_grad_value_, timm's --clip-mode value; after
@@ -102,11 +102,12 @@ pub struct HyperOpts {
     /// Nesterov momentum (SGD).
     #[arg(long, help_heading = "Optimizer")]
     pub nesterov: bool,
-    #[arg(long, alias = "lr-scheduler", value_parser = choice::<SchedulerKind>(), default_value = "multistep", help_heading = "Schedule")]
+    #[arg(long, aliases = ["lr-scheduler", "sched"], value_parser = choice::<SchedulerKind>(), default_value = "multistep", help_heading = "Schedule")]
     pub scheduler: SchedulerKind,
     /// Epochs at which MultiStepLR multiplies the LR by --gamma.
     #[arg(
         long,
+        alias = "decay-milestones",
         value_delimiter = ',',
         default_value = "50,80",
         help_heading = "Schedule",
@@ -118,19 +119,20 @@ pub struct HyperOpts {
     /// CyclicLR's exp_range the amplitude every update.
     #[arg(
         long,
-        alias = "lr-gamma",
+        aliases = ["lr-gamma", "decay-rate"],
         default_value_t = 0.1,
         help_heading = "Schedule"
     )]
     pub gamma: f64,
     /// StepLR's period in epochs.
-    #[arg(long, alias = "lr-step-size", value_name = "N", default_value_t = DEFAULT_STEP_SIZE, help_heading = "Schedule", value_parser = whole::<usize>)]
+    #[arg(long, aliases = ["lr-step-size", "decay-epochs"], value_name = "N", default_value_t = DEFAULT_STEP_SIZE, help_heading = "Schedule", value_parser = whole::<usize>)]
     pub step_size: usize,
     /// Cosine annealing's floor (CosineAnnealingLR's and
     /// CosineAnnealingWarmRestarts' eta_min), ReduceLROnPlateau's (its
     /// min_lr), and CyclicLR's lowest LR (its base_lr).
     #[arg(
         long,
+        alias = "min-lr",
         value_name = "LR",
         default_value_t = 0.0,
         help_heading = "Schedule"
@@ -138,7 +140,7 @@ pub struct HyperOpts {
     pub lr_min: f64,
     /// ReduceLROnPlateau: epochs without a better validation loss it
     /// accepts before reducing the LR.
-    #[arg(long, value_name = "N", default_value_t = DEFAULT_PATIENCE, help_heading = "Schedule", value_parser = whole::<usize>)]
+    #[arg(long, alias = "patience-epochs", value_name = "N", default_value_t = DEFAULT_PATIENCE, help_heading = "Schedule", value_parser = whole::<usize>)]
     pub patience: usize,
     /// ReduceLROnPlateau: epochs after a reduction before it counts again.
     #[arg(long, value_name = "N", default_value_t = 0, help_heading = "Schedule", value_parser = whole::<usize>)]
@@ -176,7 +178,12 @@ pub struct HyperOpts {
     #[command(flatten)]
     pub swa: SwaOpts,
     /// Cross-entropy label smoothing, in [0, 1).
-    #[arg(long, default_value_t = 0.0, help_heading = "Optimizer")]
+    #[arg(
+        long,
+        alias = "smoothing",
+        default_value_t = 0.0,
+        help_heading = "Optimizer"
+    )]
     pub label_smoothing: f64,
     /// Seeds initialization, the epoch order and every augmentation.
     #[arg(long, default_value_t = 0, help_heading = "Data", value_parser = whole::<u64>)]
@@ -223,7 +230,7 @@ pub struct HyperOpts {
     #[arg(long, help_heading = "Speed")]
     pub profile: bool,
     /// Train on the evaluation transform: no random crops or flips.
-    #[arg(long, help_heading = "Data")]
+    #[arg(long, alias = "no-aug", help_heading = "Data")]
     pub no_augment: bool,
     /// Data-parallel runs: BatchNorm statistics over all ranks' batches
     /// (PyTorch's SyncBatchNorm) instead of each rank's own (DDP's default).
