@@ -1,5 +1,7 @@
 //! `curves.svg`: loss, accuracy and learning rate per epoch, drawn with
-//! plotters, under a title naming the run, with the best epoch marked.
+//! plotters, under a title naming the run, with the best epoch marked; the
+//! weights' averages where the run keeps them (`--model-ema`'s line, the
+//! point `--swa-start`'s average makes at the run's end).
 
 use std::path::Path;
 
@@ -7,7 +9,7 @@ use anyhow::{Result, anyhow};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-use super::state::{EpochMetrics, best_epoch};
+use super::state::{EmaMetrics, EpochMetrics, best_epoch};
 use crate::fsutil::write_atomic_bytes;
 
 /// A named line: its label, its (epoch, value) points and its colour.
@@ -65,8 +67,10 @@ fn panel(
     }
     for (name, points, color) in series {
         let color = *color;
+        // A series of one point (the weight average's) is a dot.
+        let dot = if points.len() == 1 { 4 } else { 0 };
         chart
-            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
+            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)).point_size(dot))
             .map_err(err)?
             .label(*name)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
@@ -97,16 +101,18 @@ pub fn curves(path: &Path, title: &str, history: &[EpochMetrics]) -> Result<()> 
         let pts = |f: fn(&EpochMetrics) -> f64| -> Vec<(f64, f64)> {
             history.iter().map(|m| (m.epoch as f64, f(m))).collect()
         };
-        let loss = [
+        let mut loss = vec![
             ("train", pts(|m| m.train_loss), BLUE),
             ("val", pts(|m| m.test_loss), RED),
         ];
+        loss.extend(averages(history, |a| a.loss));
         let upper = || SeriesLabelPosition::UpperRight;
         panel(&panels[0], "loss", &loss, epochs, best, upper())?;
-        let accuracy = [
+        let mut accuracy = vec![
             ("train", pts(|m| m.train_acc), BLUE),
             ("val", pts(|m| m.test_top1), RED),
         ];
+        accuracy.extend(averages(history, |a| a.top1));
         let lower = SeriesLabelPosition::LowerRight;
         panel(
             &panels[1],
@@ -121,4 +127,69 @@ pub fn curves(path: &Path, title: &str, history: &[EpochMetrics]) -> Result<()> 
         root.present().map_err(err)?;
     }
     write_atomic_bytes(path, svg.as_bytes())
+}
+
+/// The averages' validation `figure` per epoch, where the run has them:
+/// `--model-ema`'s every epoch, `--swa-start`'s at the run's end.
+fn averages(history: &[EpochMetrics], figure: fn(&EmaMetrics) -> f64) -> Vec<Series<'static>> {
+    let of = |average: fn(&EpochMetrics) -> Option<&EmaMetrics>| -> Vec<(f64, f64)> {
+        history
+            .iter()
+            .filter_map(|m| average(m).map(|a| (m.epoch as f64, figure(a))))
+            .collect()
+    };
+    [
+        ("val (EMA)", of(|m| m.ema.as_ref()), MAGENTA),
+        ("val (SWA)", of(|m| m.swa.as_ref()), BLACK),
+    ]
+    .into_iter()
+    .filter(|s| !s.1.is_empty())
+    .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn epoch(epoch: usize, ema: Option<f64>, swa: Option<f64>) -> EpochMetrics {
+        let figures = |v: f64| EmaMetrics {
+            loss: v / 100.0,
+            top1: v,
+            top5: v,
+        };
+        EpochMetrics {
+            epoch,
+            lr: 0.1,
+            train_loss: 2.0,
+            train_acc: 10.0 * epoch as f64,
+            test_loss: 1.5,
+            test_top1: 12.0 * epoch as f64,
+            test_top5: 50.0,
+            ema: ema.map(figures),
+            swa: swa.map(figures),
+            images_per_s: 1.0,
+            seconds: 1.0,
+            profile: None,
+            loss_scale: None,
+            ran_as: String::new(),
+            peak_gpu_bytes: None,
+        }
+    }
+
+    /// The averages get a legend entry in the loss and accuracy panels each
+    /// where the run has them, none where it does not.
+    #[test]
+    fn averages_are_drawn_where_the_run_keeps_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("curves.svg");
+        let labels = |history: &[EpochMetrics]| -> [usize; 2] {
+            curves(&path, "run", history).unwrap();
+            let svg = std::fs::read_to_string(&path).unwrap();
+            ["val (EMA)", "val (SWA)"].map(|l| svg.matches(l).count())
+        };
+        let plain = [epoch(1, None, None), epoch(2, None, None)];
+        assert_eq!(labels(&plain), [0, 0]);
+        let both = [epoch(1, Some(20.0), None), epoch(2, Some(30.0), Some(40.0))];
+        assert_eq!(labels(&both), [2, 2]);
+    }
 }
