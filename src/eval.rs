@@ -50,6 +50,33 @@ pub struct EvalResult {
     pub each: Vec<ImagePrediction>,
 }
 
+impl EvalResult {
+    /// The 95 % Wilson score interval of the top-1 accuracy, in percent:
+    /// how far the accuracy on this many images may be from the model's
+    /// on the population they were drawn from (`scipy.stats.binomtest(k,
+    /// n).proportion_ci(method="wilson")`).
+    pub fn top1_interval(&self) -> [f64; 2] {
+        let n = self.images as f64;
+        if self.images <= 0 {
+            return [0.0, 100.0];
+        }
+        let k = (self.top1 * n / 100.0).round();
+        wilson_interval(k, n).map(|v| 100.0 * v)
+    }
+}
+
+/// The two-sided 95 % Wilson score interval of `k` successes in `n` trials,
+/// as scipy computes it.
+pub fn wilson_interval(k: f64, n: f64) -> [f64; 2] {
+    // The normal distribution's 97.5 % quantile (scipy's ndtri(0.975)).
+    const Z: f64 = 1.959_963_984_540_054;
+    let p = k / n;
+    let denom = 2.0 * (n + Z * Z);
+    let centre = (2.0 * n * p + Z * Z) / denom;
+    let half = Z * (Z * Z + 4.0 * n * p * (1.0 - p)).sqrt() / denom;
+    [(centre - half).max(0.0), (centre + half).min(1.0)]
+}
+
 /// One evaluated image: its index in the split, its label, the data's
 /// class predicted (over some of the model's classes, `Scoring::classes()`
 /// stands for another of the model's), the model's own index of that class,
@@ -416,5 +443,39 @@ impl Each {
             .filter(|(_, row)| row[0] == 1.0)
             .map(|(i, row)| ImagePrediction::from_row(i as i64, &row[1..]))
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The interval holds the observed rate, stays in [0, 1], is the
+    /// mirror image for failures, narrows with more trials, and at 0 or n
+    /// successes touches 0 or 1.
+    #[test]
+    fn wilson_intervals_behave() {
+        for (k, n) in [
+            (0.0, 10.0),
+            (3.0, 10.0),
+            (93.0, 100.0),
+            (9312.0, 10000.0),
+            (10.0, 10.0),
+        ] {
+            let [lo, hi] = wilson_interval(k, n);
+            assert!(
+                (0.0..=k / n).contains(&lo) && (k / n..=1.0).contains(&hi),
+                "{k}/{n}"
+            );
+            let [mlo, mhi] = wilson_interval(n - k, n);
+            assert!((lo - (1.0 - mhi)).abs() < 1e-12 && (hi - (1.0 - mlo)).abs() < 1e-12);
+        }
+        assert_eq!(wilson_interval(0.0, 10.0)[0], 0.0);
+        assert_eq!(wilson_interval(10.0, 10.0)[1], 1.0);
+        let width = |n: f64| {
+            let [lo, hi] = wilson_interval(0.9 * n, n);
+            hi - lo
+        };
+        assert!(width(10000.0) < width(100.0));
     }
 }

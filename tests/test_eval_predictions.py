@@ -7,7 +7,9 @@
   is the argmax of torchvision's VGG11 with the saved weights (and
   vggctl's `gap` head) under the checkpoint's Resize + CenterCrop, and the
   prediction's and the label's softmax probabilities equal torchvision's
-  within 1e-5. The rows' share of `correct` is `--json`'s top-1, exactly.
+  within 1e-5. The rows' share of `correct` is `--json`'s top-1, exactly,
+  and its `top1_ci95` is scipy's Wilson interval for that count
+  (`binomtest(k, n).proportion_ci(method="wilson")`) within 1e-9.
   The same holds for the images held in memory, streamed (`--cache-mem 0`,
   the unreadable file inside a batch) and over two ranks
   (`--nproc-per-node 2`), whose rows are one process's.
@@ -38,6 +40,7 @@ import torch
 import torchvision
 import torchvision.transforms.functional as F
 from safetensors.torch import load_file
+from scipy.stats import binomtest
 from sklearn.datasets import load_digits
 from torchvision.io import ImageReadMode, decode_image
 
@@ -146,6 +149,9 @@ def test_each_images_prediction_equals_torchvisions(tmp_path):
         report = json.loads(r.stdout)
         assert report["images"] == 10, (name, report["images"])
         check_rows(read_csv(path), want, classes, report["top1"])
+        correct = round(report["top1"] * report["images"] / 100)
+        ci = binomtest(correct, report["images"]).proportion_ci(method="wilson")
+        assert max(abs(a - 100 * b) for a, b in zip(report["top1_ci95"], [ci.low, ci.high])) < 1e-9, report
     # RFC 4180: the field quoted, its quotes doubled.
     assert '/a, ""quoted"" name.png",' in (tmp_path / "in memory.csv").read_text()
 

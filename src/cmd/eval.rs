@@ -162,6 +162,7 @@ pub fn run(mut args: Args) -> Result<()> {
         model: spec.model_name(),
         dataset: dataset.name.clone(),
         classes: dataset.classes.clone(),
+        top1_ci95: result.top1_interval(),
         result,
     };
     let names = meta.as_ref().map(|m| m.class_names.as_slice());

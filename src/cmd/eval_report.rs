@@ -19,6 +19,8 @@ pub(super) struct Report {
     pub(super) subset_of_model: Option<SubsetOf>,
     #[serde(flatten)]
     pub(super) result: EvalResult,
+    /// The top-1 accuracy's 95 % Wilson interval, in percent.
+    pub(super) top1_ci95: [f64; 2],
     /// What ran: precision, layout, the model's form, CUDA graph.
     pub(super) ran_as: String,
     /// CUDA: the most memory tensors held during the evaluation.
@@ -63,8 +65,9 @@ pub(super) fn render(r: &Report) -> String {
         true => format!("{:.0} img/s; ", e.images_per_s),
         false => String::new(),
     };
+    let [lo, hi] = r.top1_ci95;
     let mut s = format!(
-        "{} on {} test ({} images): top-1 {:.2}%  {top5}  loss {:.4}  ({speed}{})\n\n",
+        "{} on {} test ({} images): top-1 {:.2}% (95% CI {lo:.2}-{hi:.2})  {top5}  loss {:.4}  ({speed}{})\n\n",
         r.model, r.dataset, e.images, e.top1, e.loss, r.ran_as
     );
     if let Some(sub) = &r.subset_of_model {
@@ -255,6 +258,7 @@ mod tests {
             },
             ran_as: "fp32".into(),
             peak_gpu_bytes: None,
+            top1_ci95: [15.0, 85.0],
         }
     }
 
@@ -264,7 +268,10 @@ mod tests {
     fn the_table_shows_dashes_for_undefined_figures() {
         let report = report();
         let text = render(&report);
-        assert!(text.contains("top-1 50.00%  top-3 —  loss"), "{text}");
+        assert!(
+            text.contains("top-1 50.00% (95% CI 15.00-85.00)  top-3 —  loss"),
+            "{text}"
+        );
         assert!(text.contains("loss 0.5000  (10 img/s; fp32)"), "{text}");
         // One batch: no throughput measured, none shown (not "0 img/s").
         let mut one_batch = report.clone();
@@ -316,7 +323,10 @@ mod tests {
         let e = &mut subset.result;
         e.confusion = vec![vec![1, 0, 0, 1], vec![0, 0, 0, 2], vec![0, 0, 0, 0]];
         let text = render(&subset);
-        assert!(text.contains("top-1 50.00%  top-5 100.00%  loss"), "{text}");
+        assert!(
+            text.contains("top-1 50.00% (95% CI 15.00-85.00)  top-5 100.00%  loss"),
+            "{text}"
+        );
         assert!(
             text.contains("The data has 3 of the model's 1000 classes; predicted among all 1000"),
             "{text}"
