@@ -9,7 +9,8 @@
   prediction's and the label's softmax probabilities equal torchvision's
   within 1e-5. The rows' share of `correct` is `--json`'s top-1, exactly,
   and its `top1_ci95` is scipy's Wilson interval for that count
-  (`binomtest(k, n).proportion_ci(method="wilson")`) within 1e-9.
+  (`binomtest(k, n).proportion_ci(method="wilson")`) within 1e-9, as the
+  training summary's final line is for its last epoch's.
   The same holds for the images held in memory, streamed (`--cache-mem 0`,
   the unreadable file inside a batch) and over two ranks
   (`--nproc-per-node 2`), whose rows are one process's.
@@ -130,6 +131,11 @@ def test_each_images_prediction_equals_torchvisions(tmp_path):
     r = vggctl("train", "--arch", "vgg11", "--head", "gap", "--dataset", "imagenet", "--data-dir", str(data),
                "--input", "64", "--epochs", "1", "--batch-size", "3", "--keep", "last", "--out", str(out), "--quiet")
     assert r.returncode == 0, r.stderr
+    # The summary's interval is the Wilson interval of the last epoch's count.
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    n = last["test_images"]
+    ci = binomtest(round(last["test_top1"] * n / 100), n).proportion_ci(method="wilson")
+    assert n == 10 and f"(95% CI {100 * ci.low:.2f}-{100 * ci.high:.2f})" in r.stdout, r.stdout
     checkpoint = out / "last.safetensors"
     meta = metadata(checkpoint)
     classes = json.loads(meta["class_names"])

@@ -425,8 +425,12 @@ pub fn report(s: &TrainSummary, json: bool) -> Result<()> {
         );
     }
     if let Some(m) = &s.final_metrics {
+        let ci = match m.top1_interval() {
+            Some([lo, hi]) => format!(" (95% CI {lo:.2}-{hi:.2})"),
+            None => String::new(),
+        };
         text += &format!(
-            "final: val top-1 {:.2}%  top-5 {:.2}%  loss {:.4}  (train acc {:.2}%)\n",
+            "final: val top-1 {:.2}%{ci}  top-5 {:.2}%  loss {:.4}  (train acc {:.2}%)\n",
             m.test_top1, m.test_top5, m.test_loss, m.train_acc
         );
     }

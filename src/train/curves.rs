@@ -165,6 +165,7 @@ mod tests {
             test_loss: 1.5,
             test_top1: 12.0 * epoch as f64,
             test_top5: 50.0,
+            test_images: 10,
             ema: ema.map(figures),
             swa: swa.map(figures),
             images_per_s: 1.0,

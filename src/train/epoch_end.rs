@@ -173,6 +173,7 @@ impl Trainer<'_> {
             test_loss: eval.loss,
             test_top1: eval.top1,
             test_top5: eval.top5,
+            test_images: eval.images,
             ema,
             swa: None,
             images_per_s: p.images_per_s(),

@@ -28,6 +28,9 @@ pub struct EpochMetrics {
     pub test_loss: f64,
     pub test_top1: f64,
     pub test_top5: f64,
+    /// The validation images evaluated (0 in files written before it was).
+    #[serde(default)]
+    pub test_images: i64,
     /// `--model-ema`: the moving average's validation figures.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ema: Option<EmaMetrics>,
@@ -66,6 +69,18 @@ pub struct Partial {
     pub correct: i64,
     pub seen: i64,
     pub seconds: f64,
+}
+
+impl EpochMetrics {
+    /// The validation top-1's 95 % Wilson interval, in percent (None where
+    /// the count of images was not recorded).
+    pub fn top1_interval(&self) -> Option<[f64; 2]> {
+        let n = self.test_images as f64;
+        (self.test_images > 0).then(|| {
+            let k = (self.test_top1 * n / 100.0).round();
+            crate::eval::wilson_interval(k, n).map(|v| 100.0 * v)
+        })
+    }
 }
 
 impl Partial {
