@@ -13,12 +13,14 @@ use super::output::{usage, whole};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct SwaOpts {
-    /// Stochastic weight averaging: the weights at the end of epoch E and
-    /// of every later one are averaged equally (AveragedModel); from epoch
-    /// E+1 the LR anneals to --swa-lr (SWALR) in place of the schedule; at
-    /// the run's end the average's BatchNorm statistics are recomputed
-    /// over the training images (update_bn), and it is evaluated and saved
-    /// as swa.safetensors.
+    /// Stochastic weight averaging from epoch E on (torch.optim.swa_utils),
+    /// saved as swa.safetensors.
+    ///
+    /// The weights at the end of epoch E and of every later one are
+    /// averaged equally (AveragedModel); from epoch E+1 the LR anneals to
+    /// --swa-lr (SWALR) in place of the schedule; at the run's end the
+    /// average's BatchNorm statistics are recomputed over the training
+    /// images (update_bn), and it is evaluated.
     #[arg(long, value_name = "E", value_parser = whole::<usize>, help_heading = "Schedule")]
     pub swa_start: Option<usize>,
     /// The LR the averaged epochs anneal to and keep (SWALR's swa_lr);
