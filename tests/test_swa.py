@@ -14,7 +14,8 @@ process, same data, initial weights, order and dropout draws):
   swa.safetensors and weights as the uninterrupted run, bit for bit.
 - Over 2 ranks the recomputed statistics are one process's update_bn on
   the same average.
-- The usage errors and the figures in metrics.jsonl and the summary."""
+- The usage errors, the figures in metrics.jsonl and the summary, and
+  the warning of a run stopped early before the average began."""
 import json
 import os
 import subprocess
@@ -122,6 +123,18 @@ def test_swa_values_no_run_can_use_are_usage_errors(tmp_path, extra, message):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_stopped_early_before_the_average_says_so(tmp_path):
+    """At an LR too small to change a prediction the validation top-1
+    never improves: --early-stop 1 ends the run after epoch 2, before
+    --swa-start 3; one warning says nothing was averaged."""
+    r = vggctl(tmp_path / "run", "--epochs", "4", "--lr", "1e-12", "--early-stop", "1", "--swa-start", "3",
+               "--swa-lr", "0.01", "--quiet")
+    assert "stopped early" in r.stdout, r.stdout
+    assert r.stderr.count("warning: the run stopped at epoch 2 before --swa-start 3: nothing was averaged") == 1, \
+        r.stderr
+    assert not (tmp_path / "run" / "swa.safetensors").exists()
 
 
 def test_swa_options_without_swa_start_are_named(tmp_path):

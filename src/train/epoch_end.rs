@@ -192,6 +192,16 @@ impl Trainer<'_> {
         let ends =
             epoch + 1 >= c.epochs || stopped_early(c.early_stop, &self.state.history).is_some();
         let swa = self.swa_after_epoch(epoch, ends)?;
+        if let Some(start) = self.state.config.swa.map(|s| s.start)
+            && ends
+            && swa.is_none()
+            && self.world.is_main()
+        {
+            obs.warn(&format!(
+                "the run stopped at epoch {} before --swa-start {start}: nothing was averaged (no swa.safetensors)",
+                epoch + 1
+            ));
+        }
         let m = self
             .state
             .history
