@@ -10,7 +10,7 @@
 
 use tch::{Device, Kind, Tensor};
 use vggctl::model::{Arch, Head, Layer, ModelSpec, Vgg};
-use vggctl::optim::{DEFAULT_ALPHA, Optimizer, OptimizerConfig, OptimizerKind};
+use vggctl::optim::{Optimizer, OptimizerConfig};
 
 /// libtorch's generator is the process's: each test holds this while it
 /// seeds and draws, so that tests running side by side draw alike.
@@ -57,27 +57,10 @@ fn gradients(m: &Vgg, x: &Tensor, y: &Tensor) -> (Tensor, Vec<Tensor>) {
     (logits, grads)
 }
 
-/// SGD with momentum 0.9 and weight decay 5e-4 (the recipe's).
-fn sgd() -> OptimizerConfig {
-    OptimizerConfig {
-        kind: OptimizerKind::Sgd,
-        momentum: 0.9,
-        weight_decay: 5e-4,
-        nesterov: false,
-        betas: (0.9, 0.999),
-        eps: 1e-8,
-        alpha: DEFAULT_ALPHA,
-        norm_weight_decay: None,
-        bias_weight_decay: None,
-        amsgrad: false,
-        centered: false,
-    }
-}
-
 /// `m` after five steps of the fused SGD update (momentum 0.9, weight
 /// decay 5e-4, lr 0.05) on the test batch.
 fn five_steps(mut m: Vgg) -> Vgg {
-    let cfg = sgd();
+    let cfg = OptimizerConfig::recipe_sgd();
     let (x, y) = batch();
     let flat = m.flatten_trainable(false, None);
     let mut opt = Optimizer::fused(cfg, m.trainable_parameters(), flat);
@@ -396,7 +379,7 @@ fn batch_in(channels_last: bool) -> (Tensor, Tensor) {
 /// update over them.
 fn flattened(compute: Option<Kind>, channels_last: bool) -> (Vgg, Optimizer) {
     let mut m = model();
-    let cfg = sgd();
+    let cfg = OptimizerConfig::recipe_sgd();
     let flat = m.flatten_trainable(channels_last, compute);
     let mut opt = Optimizer::fused(cfg, m.trainable_parameters(), flat);
     opt.differentiate(m.compute_views());

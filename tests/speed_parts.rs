@@ -14,17 +14,8 @@ use vggctl::optim::{DEFAULT_ALPHA, Optimizer, OptimizerConfig, OptimizerKind};
 
 fn sgd(nesterov: bool) -> OptimizerConfig {
     OptimizerConfig {
-        kind: OptimizerKind::Sgd,
-        momentum: 0.9,
-        weight_decay: 5e-4,
         nesterov,
-        betas: (0.9, 0.999),
-        eps: 1e-8,
-        alpha: DEFAULT_ALPHA,
-        norm_weight_decay: None,
-        bias_weight_decay: None,
-        amsgrad: false,
-        centered: false,
+        ..OptimizerConfig::recipe_sgd()
     }
 }
 

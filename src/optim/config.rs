@@ -101,6 +101,25 @@ fn is_default_alpha(v: &f64) -> bool {
 }
 
 impl OptimizerConfig {
+    /// The CIFAR recipe's SGD: momentum 0.9, weight decay 5e-4, no
+    /// Nesterov, one group; torch's defaults for the other optimizers'
+    /// values.
+    pub fn recipe_sgd() -> OptimizerConfig {
+        OptimizerConfig {
+            kind: OptimizerKind::Sgd,
+            momentum: 0.9,
+            weight_decay: 5e-4,
+            nesterov: false,
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            alpha: DEFAULT_ALPHA,
+            norm_weight_decay: None,
+            bias_weight_decay: None,
+            amsgrad: false,
+            centered: false,
+        }
+    }
+
     /// Sets what OneCycleLR's momentum cycling moves: Adam's and AdamW's
     /// beta1, else the momentum (as PyTorch's scheduler picks `betas` when
     /// the optimizer has them).

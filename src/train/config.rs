@@ -425,24 +425,6 @@ impl TrainConfig {
 pub(crate) mod tests {
     use super::*;
     use crate::model::{Arch, Head};
-    use crate::optim::{DEFAULT_ALPHA, OptimizerKind};
-
-    /// The CIFAR recipe's optimizer: SGD, momentum 0.9, weight decay 5e-4.
-    fn sgd() -> OptimizerConfig {
-        OptimizerConfig {
-            kind: OptimizerKind::Sgd,
-            momentum: 0.9,
-            weight_decay: 5e-4,
-            nesterov: false,
-            betas: (0.9, 0.999),
-            eps: 1e-8,
-            alpha: DEFAULT_ALPHA,
-            norm_weight_decay: None,
-            bias_weight_decay: None,
-            amsgrad: false,
-            centered: false,
-        }
-    }
 
     /// The CIFAR recipe's configuration with this schedule.
     pub(crate) fn config(scheduler: SchedulerKind, epochs: usize, warmup: usize) -> TrainConfig {
@@ -455,7 +437,7 @@ pub(crate) mod tests {
             epochs,
             batch_size: 128,
             test_batch_size: 100,
-            optimizer: sgd(),
+            optimizer: OptimizerConfig::recipe_sgd(),
             lr: 0.1,
             scheduler,
             milestones: vec![50, 80],
