@@ -31,7 +31,9 @@
 //!   trains as a plain run does;
 //! - fp16 loss scaling on the device (CUDA's `_amp_update_scale_` and the
 //!   skip): an overflowing step leaves parameters and state bit for bit and
-//!   halves the scale, clean steps grow it, and the updates equal the CPU's.
+//!   halves the scale, clean steps grow it, and the updates equal the CPU's;
+//! - `vggctl features` on the device equals the CPU's rows (fp32 within
+//!   1e-4, fp16 autocast within 2e-2 of the largest value).
 
 mod common;
 
@@ -1140,5 +1142,53 @@ fn nccl_world_of_one_trains_as_one_process_in_the_graph() {
         assert!(n.ran_as.ends_with("CUDA graph"), "{}", n.ran_as);
         assert_eq!(n.profile.as_ref().unwrap().graphed_steps, 10);
         assert_eq!((p.train_loss, p.test_loss), (n.train_loss, n.test_loss));
+    }
+}
+
+/// `vggctl features` on the device: in fp32 (`--deterministic`) the rows
+/// equal the CPU's within 1e-4 of their largest value, in the default fp16
+/// autocast (channels-last) within 2e-2; a conv layer's map and fc7-like
+/// vectors both.
+#[test]
+#[ignore = "needs a CUDA GPU (scripts/gpu-check runs it)"]
+fn features_on_the_device_equal_the_cpus() {
+    let tmp = common::tempdir();
+    let run = tmp.path().join("run");
+    train(&run, 1, &[]);
+    let (ckpt, photos) = (
+        run.join("last.safetensors").display().to_string(),
+        common::fixtures()
+            .join("photos")
+            .join("cat")
+            .join("cat_01.png"),
+    );
+    let photos = photos.display().to_string();
+    let rows = |name: &str, extra: &[&str]| {
+        let out = tmp.path().join(name).display().to_string();
+        let mut args = vec![
+            "features",
+            "--checkpoint",
+            &ckpt,
+            "--layer",
+            "features.10,classifier.1",
+        ];
+        args.extend_from_slice(&["-o", &out, &photos, &photos]);
+        args.extend_from_slice(extra);
+        ok(tmp.path(), &args);
+        read_safetensors(Path::new(&out)).unwrap().tensors
+    };
+    let cpu = rows("cpu.safetensors", &["--device", "cpu"]);
+    let fp32 = rows(
+        "fp32.safetensors",
+        &["--device", "cuda", "--precision", "fp32", "--deterministic"],
+    );
+    let fp16 = rows("fp16.safetensors", &["--device", "cuda"]);
+    for (name, want) in &cpu {
+        let scale = want.abs().max().double_value(&[]).max(1e-12);
+        for (what, got, tolerance) in [("fp32", &fp32[name], 1e-4), ("fp16", &fp16[name], 2e-2)] {
+            let err = (got - want).abs().max().double_value(&[]) / scale;
+            println!("features {name} {what}: {err:.2e} of the largest value");
+            assert!(err <= tolerance, "{name} {what}: {err}");
+        }
     }
 }

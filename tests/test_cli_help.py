@@ -12,7 +12,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.environ.get("VGGCTL_BIN", os.path.join(ROOT, "target", "release", "vggctl"))
-SUBCOMMANDS = ["info", "params", "train", "eval", "finetune", "export", "predict", "prepare", "completions", "man"]
+SUBCOMMANDS = ["info", "params", "train", "eval", "finetune", "export", "predict", "features", "prepare",
+               "completions", "man"]
 
 
 def vggctl(*args, check=True, cwd=None):

@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 
 SRC = Path(os.environ.get("VGGCTL_LAYOUT_SRC", Path(__file__).resolve().parent.parent / "src"))
-SUBCOMMANDS = {"info", "params", "train", "eval", "finetune", "export", "predict", "prepare"}
+SUBCOMMANDS = {"info", "params", "train", "eval", "finetune", "export", "predict", "features", "prepare"}
 MAX_FILE_LINES = 600
 MAX_FN_LINES = 80
 

@@ -4,10 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use tch::Device;
-use vggctl::checkpoint::{Build, ModelMeta, load_checkpoint, meta_for_weights};
 use vggctl::export::{export_onnx, export_pt2, export_safetensors, export_torchscript};
 use vggctl::infer::fold_bn;
-use vggctl::model::{Head, Vgg, check_input, check_run_side};
+use vggctl::model::{Head, check_input, check_run_side};
 
 use super::opts::{LoadOpts, ModelOpts, checkpoint_in};
 use super::output::{as_usage, print_json, print_out, usage, warn, whole};
@@ -68,25 +67,6 @@ struct Written {
     input_shape: [Option<i64>; 4],
     folded_bn: bool,
     half: bool,
-}
-
-/// The model and its metadata from --checkpoint or --weights.
-fn load(args: &Args) -> Result<(Vgg, ModelMeta)> {
-    let device = Device::Cpu;
-    if let Some(path) = &args.checkpoint {
-        return load_checkpoint(path, args.model.request()?, device, args.load.values());
-    }
-    let Some(w) = &args.weights else {
-        return Err(usage("give --checkpoint PATH or --weights imagenet|PATH"));
-    };
-    let (model, _) = args.model.load_weights(
-        w,
-        args.model.request()?,
-        (device, args.load.values(), Build::Blank),
-        false,
-    )?;
-    let meta = meta_for_weights(model.spec);
-    Ok((model, meta))
 }
 
 impl Format {
@@ -153,7 +133,8 @@ fn run_as(args: &Args, format: Format) -> Result<()> {
         check_run_side("--input", input).map_err(as_usage)?;
     }
     vggctl::fsutil::check_target(&args.out, args.force)?;
-    let (model, meta) = load(args)?;
+    let source = (args.checkpoint.as_deref(), args.weights.as_deref());
+    let (model, meta) = args.model.load_either(source, &args.load, Device::Cpu)?;
     let input = args.input.unwrap_or(meta.input_size);
     check_input(input)?;
     let folded = args.fold_bn && model.spec.bn;

@@ -68,6 +68,12 @@ Examples:
   vggctl predict --weights imagenet --arch vgg16 cat.jpg dog.jpg
   vggctl predict --checkpoint runs/v11/best.safetensors --topk 3 photos/";
 
+pub const FEATURES: &str = "\
+Examples:
+  vggctl features --weights imagenet --arch vgg16 photos/ -o fc7.npy > rows.txt     4096 values an image
+  vggctl features --checkpoint runs/v11 --layer features.20 --pool avg photos/ -o conv.npy
+  vggctl features --weights imagenet --arch vgg16 --layer classifier.1,classifier.4 photos/ -o fc.safetensors";
+
 pub const PREPARE: &str = "\
 Examples:
   vggctl prepare --dataset imagenet --data-dir /data/imagenet --out imagenet.vggdata

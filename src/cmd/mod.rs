@@ -3,7 +3,8 @@
 //! no subcommand module is: `opts` (model, numerics and CUDA-graph
 //! options), `data_opts` (datasets), `training` (the run train and finetune
 //! share), `recipe` (its torchvision-recipe options), `eval_report`
-//! (eval's table and per-image CSV), `launch`
+//! (eval's table and per-image CSV), `images` (the images and model
+//! predict and features read), `launch`
 //! (`--nproc-per-node`'s local ranks), `progress` (bars on stderr),
 //! `output` (stdout and warnings).
 //! No subcommand imports another, and none imports this module.
@@ -14,8 +15,10 @@ mod data_opts;
 mod eval;
 mod eval_report;
 mod export;
+mod features;
 mod finetune;
 mod help;
+mod images;
 mod info;
 mod launch;
 mod opts;
@@ -76,6 +79,9 @@ enum Command {
     /// Classify images with a checkpoint or torchvision's weights.
     #[command(after_help = help::PREDICT)]
     Predict(predict::Args),
+    /// Save images' embeddings: the outputs of named layers (torchvision's create_feature_extractor) as .npy or .safetensors.
+    #[command(after_help = help::FEATURES)]
+    Features(features::Args),
     /// Pack an image folder (or ImageNet's layout) into one file that training reads through memory mapping.
     #[command(after_help = help::PREPARE)]
     Prepare(prepare::Args),
@@ -96,6 +102,7 @@ pub const SUBCOMMANDS: &[&str] = &[
     "finetune",
     "export",
     "predict",
+    "features",
     "prepare",
     "completions",
     "man",
@@ -196,6 +203,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Finetune(args) => finetune::run(args),
         Command::Export(args) => export::run(args),
         Command::Predict(args) => predict::run(args),
+        Command::Features(args) => features::run(args),
         Command::Prepare(args) => prepare::run(args),
         Command::Completions(args) => {
             help::completions(args, <Cli as clap::CommandFactory>::command())

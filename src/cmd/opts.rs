@@ -8,7 +8,7 @@ use anyhow::Result;
 use clap::Args;
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use tch::Device;
-use vggctl::checkpoint::{Build, ModelMeta, load_resolved};
+use vggctl::checkpoint::{Build, ModelMeta, load_checkpoint, load_resolved, meta_for_weights};
 use vggctl::choice::Choice;
 use vggctl::data::resize::Filter;
 use vggctl::device::parse_device;
@@ -123,6 +123,26 @@ impl ModelOpts {
         };
         let (model, _) = load_resolved(&path, request, Head::Imagenet, how)?;
         Ok((model, path))
+    }
+
+    /// The model of `--checkpoint` (with its metadata) or of `--weights`
+    /// (with the metadata a state dict implies), on `device`.
+    pub fn load_either(
+        &self,
+        (checkpoint, weights): (Option<&Path>, Option<&str>),
+        load: &LoadOpts,
+        device: Device,
+    ) -> Result<(Vgg, ModelMeta)> {
+        if let Some(path) = checkpoint {
+            return load_checkpoint(path, self.request()?, device, load.values());
+        }
+        let Some(w) = weights else {
+            return Err(usage("give --checkpoint PATH or --weights imagenet|PATH"));
+        };
+        let how = (device, load.values(), Build::Blank);
+        let (model, _) = self.load_weights(w, self.request()?, how, false)?;
+        let meta = meta_for_weights(model.spec);
+        Ok((model, meta))
     }
 }
 

@@ -3,53 +3,23 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Result, bail};
-use rayon::prelude::*;
+use anyhow::Result;
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
-use vggctl::checkpoint::{Build, ModelMeta, load_checkpoint, meta_for_weights};
-use vggctl::data::augment::{Augment, Normalizer, Preprocess};
-use vggctl::data::folder::{extension_list, image_files};
-use vggctl::data::image::{decode_rgb, eval_crop};
+use vggctl::checkpoint::ModelMeta;
 use vggctl::infer::{Inference, Logits};
-use vggctl::model::{Vgg, check_input};
-use vggctl::numerics::{Activity, Numerics};
 
-use super::opts::{
-    DeviceOpts, InferenceOpts, LoadOpts, ModelOpts, NumericsOpts, ReadOpts, checkpoint_in,
-};
-use super::output::{print_json, print_out, usage, warn, whole};
+use super::images::{ImagesIn, Opened};
+use super::opts::InferenceOpts;
+use super::output::{print_json, print_out, usage, whole};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Images (JPEG, PNG, BMP, PPM/PGM, TIFF or WebP), or directories: the
-    /// images in them and their subfolders, in ImageFolder's order.
-    #[arg(required = true)]
-    images: Vec<PathBuf>,
-    /// A vggctl checkpoint (architecture, class names and preprocessing from
-    /// its metadata; a run directory means its best.safetensors).
-    #[arg(long, conflicts_with = "weights")]
-    checkpoint: Option<PathBuf>,
-    /// `imagenet` (torchvision's weights for --arch/--bn) or a state dict file
-    /// (.pth/.pt/.safetensors; its architecture, head and classes inferred).
-    #[arg(long)]
-    weights: Option<String>,
+    #[command(flatten)]
+    input: ImagesIn,
     /// How many classes to list per image.
     #[arg(long, default_value_t = 5, value_parser = whole::<i64>)]
     topk: i64,
-    #[command(flatten)]
-    read: ReadOpts,
-    /// Images read and classified at a time.
-    #[arg(short, long, default_value_t = 64, value_parser = whole::<usize>)]
-    batch_size: usize,
-    #[command(flatten)]
-    model: ModelOpts,
-    #[command(flatten)]
-    load: LoadOpts,
-    #[command(flatten)]
-    device: DeviceOpts,
-    #[command(flatten)]
-    numerics: NumericsOpts,
     #[command(flatten)]
     inference: InferenceOpts,
 }
@@ -67,84 +37,26 @@ struct Prediction {
     top: Vec<Guess>,
 }
 
-/// The image files `paths` name: files as given, directories as their images.
-fn expand_dirs(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
-    let mut files = Vec::new();
-    for p in paths {
-        if p.is_dir() {
-            let found = image_files(p)?;
-            if found.is_empty() {
-                bail!(
-                    "{}: no images in this directory or its subfolders (images are {})",
-                    p.display(),
-                    extension_list()
-                );
-            }
-            files.extend(found);
-        } else {
-            files.push(p.clone());
-        }
-    }
-    Ok(files)
-}
-
-/// The model and its metadata from --checkpoint or --weights.
-fn load_model(args: &Args, device: Device) -> Result<(Vgg, ModelMeta)> {
-    let (model, meta) = match (&args.checkpoint, &args.weights) {
-        (Some(path), _) => {
-            load_checkpoint(path, args.model.request()?, device, args.load.values())?
-        }
-        (None, Some(w)) => {
-            let (model, _) = args.model.load_weights(
-                w,
-                args.model.request()?,
-                (device, args.load.values(), Build::Blank),
-                false,
-            )?;
-            let meta = meta_for_weights(model.spec);
-            (model, meta)
-        }
-        (None, None) => return Err(usage("give --checkpoint PATH or --weights imagenet|PATH")),
-    };
-    Ok((model, args.read.apply(meta)?))
-}
-
-pub fn run(mut args: Args) -> Result<()> {
-    if let Some(path) = &args.checkpoint {
-        args.checkpoint = Some(checkpoint_in(path)?);
-    }
-    let device = args.device.get()?;
+pub fn run(args: Args) -> Result<()> {
     if args.topk < 1 {
         return Err(usage("--topk must be at least 1"));
     }
-    if args.batch_size < 1 {
-        return Err(usage("--batch-size must be at least 1"));
-    }
-    args.read.check()?;
-    let images = expand_dirs(&args.images)?;
-    let (model, meta) = load_model(&args, device)?;
-    check_input(meta.input_size)?;
-    let k = args.topk.min(model.spec.classes);
-    // The images arrive resized and cropped (torchvision's eval transform),
-    // or, for CIFAR-style models, as the squares their evaluation read,
-    // which the device then resizes to the input as it did.
-    let augment = match meta.host_crop().1 == meta.input_size {
-        true => Augment::ResizedCrop,
-        false => Augment::CropFlip { padding: 0 },
-    };
-    let pre = Preprocess::new(
-        augment,
-        meta.input_size,
-        Normalizer::new(meta.mean, meta.std, device),
-    );
-    let request = args.numerics.request(None, false);
-    let numerics = Numerics::decide(&request, device, Activity::Predicting, &mut warn)?;
+    let opened = args.input.open()?;
+    let k = args.topk.min(opened.model.spec.classes);
+    let Opened {
+        files,
+        model,
+        meta,
+        numerics,
+        reader,
+    } = opened;
     let net = Inference::new(model, numerics, args.inference.layerwise);
-    let mut preds = Vec::with_capacity(images.len());
-    for chunk in images.chunks(args.batch_size) {
-        preds.extend(classify(chunk, &meta, &pre, &net, k, device)?);
+    let mut preds = Vec::with_capacity(files.len());
+    for chunk in files.chunks(args.input.batch_size) {
+        let x = reader.read(chunk)?;
+        preds.extend(classify(chunk, &x, &meta, &net, k)?);
     }
-    if args.model.json {
+    if args.input.model.json {
         return print_json(&preds);
     }
     let mut s = String::new();
@@ -162,30 +74,15 @@ pub fn run(mut args: Args) -> Result<()> {
     print_out(&s)
 }
 
-/// The top `k` classes of each image in `chunk`.
+/// The top `k` classes of each image in `chunk`, read as `x`.
 fn classify(
     chunk: &[PathBuf],
+    x: &Tensor,
     meta: &ModelMeta,
-    pre: &Preprocess,
     net: &Inference,
     k: i64,
-    device: Device,
 ) -> Result<Vec<Prediction>> {
-    // Decoding and resizing dominate on the CPU: all cores, one image each.
-    let (resize, crop) = meta.host_crop();
-    let batch: Vec<Tensor> = chunk
-        .par_iter()
-        .map(|p| {
-            decode_rgb(p).map(|img| {
-                let size = (img.height() as usize, img.width() as usize);
-                eval_crop(img.as_raw(), size, (resize, crop), meta.interpolation)
-            })
-        })
-        .collect::<Vec<_>>()
-        .into_iter()
-        .collect::<Result<_>>()?; // the first unreadable file in order
-    let x = Tensor::stack(&batch, 0).to_device(device);
-    let probs = tch::no_grad(|| net.logits(&pre.eval(&x, None)).softmax(-1, Kind::Float));
+    let probs = tch::no_grad(|| net.logits(x).softmax(-1, Kind::Float));
     let (p, idx) = probs.topk(k, -1, true, true);
     let p: Vec<f32> = Vec::try_from(p.to_device(Device::Cpu).flatten(0, -1))?;
     let idx: Vec<i64> = Vec::try_from(idx.to_device(Device::Cpu).flatten(0, -1))?;

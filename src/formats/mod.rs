@@ -8,6 +8,7 @@
 pub mod numpy;
 pub mod pickle;
 pub mod pth;
+pub mod rows;
 pub mod safetensors;
 pub mod tfevents;
 

@@ -523,6 +523,11 @@ impl Sequential {
     pub fn forward_prefix(&self, x: &Tensor, n: usize, train: bool) -> Tensor {
         self.run(x, 0..n.min(self.layers.len()), train)
     }
+
+    /// Runs layer `i` alone.
+    pub fn forward_one(&self, x: &Tensor, i: usize, train: bool) -> Tensor {
+        self.run(x, i..i + 1, train)
+    }
 }
 
 #[cfg(test)]

@@ -159,6 +159,33 @@ impl Vgg {
         self.head_forward_t(&f, train)
     }
 
+    /// The outputs of the modules at `positions` (indices into
+    /// `spec.layers()`: `features.*`, `avgpool`, `flatten`, `classifier*`),
+    /// in evaluation mode and in the order asked, each as its module
+    /// returns it (torchvision's `create_feature_extractor`); the network
+    /// runs only as far as the last of them.
+    pub fn forward_to(&self, x: &Tensor, positions: &[usize]) -> Vec<Tensor> {
+        let last = positions.iter().copied().max();
+        let nf = self.features.layers.len();
+        let mut outputs = BTreeMap::new();
+        let mut x = x.shallow_clone();
+        for p in 0..last.map_or(0, |l| l + 1) {
+            x = match p {
+                _ if p < nf => self.features.forward_one(&x, p, false),
+                _ if p == nf => x.adaptive_avg_pool2d([self.pool_size, self.pool_size]),
+                _ if p == nf + 1 => x.flatten(1, -1),
+                _ => self.classifier.forward_one(&x, p - nf - 2, false),
+            };
+            if positions.contains(&p) {
+                outputs.insert(p, x.shallow_clone());
+            }
+        }
+        positions
+            .iter()
+            .map(|p| outputs[p].shallow_clone())
+            .collect()
+    }
+
     fn sections(&self) -> [&Sequential; 2] {
         [&self.features, &self.classifier]
     }

@@ -368,6 +368,19 @@ impl ModelSpec {
         layers
     }
 
+    /// The position in [`ModelSpec::layers`] of the module named `name`.
+    pub fn position(&self, name: &str) -> Option<usize> {
+        self.layers().iter().position(|l| l.name == name)
+    }
+
+    /// The module whose output the last linear layer classifies: the
+    /// classifier's last ReLU (`classifier.4`, VGG's fc7), or `flatten`.
+    pub fn penultimate(&self) -> String {
+        let head = self.head_layers();
+        let relu = head.iter().rev().find(|l| l.kind == LayerKind::Relu);
+        relu.map_or("flatten".into(), |l| l.name.clone())
+    }
+
     pub fn layers(&self) -> Vec<LayerSpec> {
         let mut all = self.feature_layers();
         all.extend(self.head_layers());

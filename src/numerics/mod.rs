@@ -247,23 +247,27 @@ impl Numerics {
     /// Float32 logits of `model` on the fp32 batch `x`, in the run's layout
     /// and precision (`train`: training mode, else evaluation mode).
     pub fn forward(&self, model: &Vgg, x: &Tensor, train: bool) -> Tensor {
+        self.within(x, |x| model.forward_t(x, train))
+            .to_kind(Kind::Float)
+    }
+
+    /// `f` of the fp32 batch `x` in the run's layout, under its autocast.
+    pub fn within<T>(&self, x: &Tensor, f: impl Fn(&Tensor) -> T) -> T {
         let x = self.input(x);
-        let out = match self.precision.autocast() {
+        match self.precision.autocast() {
             // decide has checked that CPU autocast starts and ends, so the
-            // plain forward here is a fallback that cannot happen.
+            // plain call here is a fallback that cannot happen.
             Some(_) if x.device() == Device::Cpu => {
-                shim::cpu_autocast(|| model.forward_t(&x, train))
-                    .unwrap_or_else(|_| model.forward_t(&x, train))
+                shim::cpu_autocast(|| f(&x)).unwrap_or_else(|_| f(&x))
             }
             Some(dtype) => {
                 // Autocast's dtype is per thread; decide has checked that
                 // setting it works, so a failure here cannot happen.
                 let _ = shim::set_autocast_dtype(dtype);
-                tch::autocast(true, || model.forward_t(&x, train))
+                tch::autocast(true, || f(&x))
             }
-            None => model.forward_t(&x, train),
-        };
-        out.to_kind(Kind::Float)
+            None => f(&x),
+        }
     }
 
     /// What the run computes with, for `metrics.jsonl`, eval's report and

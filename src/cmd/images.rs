@@ -1,0 +1,154 @@
+//! What `predict` and `features` share: image arguments (files, or
+//! directories standing for their images), the model from --checkpoint or
+//! --weights, and batches of images read as the model's evaluation reads
+//! them (torchvision's eval transform, or a CIFAR-style model's squares).
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use rayon::prelude::*;
+use tch::{Device, Tensor};
+use vggctl::checkpoint::ModelMeta;
+use vggctl::data::augment::{Augment, Normalizer, Preprocess};
+use vggctl::data::folder::{extension_list, image_files};
+use vggctl::data::image::{decode_rgb, eval_crop};
+use vggctl::data::resize::Filter;
+use vggctl::model::{Vgg, check_input};
+use vggctl::numerics::{Activity, Numerics};
+
+use super::opts::{DeviceOpts, LoadOpts, ModelOpts, NumericsOpts, ReadOpts, checkpoint_in};
+use super::output::{usage, warn, whole};
+
+#[derive(clap::Args, Debug)]
+pub struct ImagesIn {
+    /// Images (JPEG, PNG, BMP, PPM/PGM, TIFF or WebP), or directories: the
+    /// images in them and their subfolders, in ImageFolder's order.
+    #[arg(required = true)]
+    pub images: Vec<PathBuf>,
+    /// A vggctl checkpoint (architecture, class names and preprocessing from
+    /// its metadata; a run directory means its best.safetensors).
+    #[arg(long, conflicts_with = "weights")]
+    pub checkpoint: Option<PathBuf>,
+    /// `imagenet` (torchvision's weights for --arch/--bn) or a state dict file
+    /// (.pth/.pt/.safetensors; its architecture, head and classes inferred).
+    #[arg(long)]
+    pub weights: Option<String>,
+    #[command(flatten)]
+    pub read: ReadOpts,
+    /// Images read and run through the model at a time.
+    #[arg(short, long, default_value_t = 64, value_parser = whole::<usize>)]
+    pub batch_size: usize,
+    #[command(flatten)]
+    pub model: ModelOpts,
+    #[command(flatten)]
+    pub load: LoadOpts,
+    #[command(flatten)]
+    pub device: DeviceOpts,
+    #[command(flatten)]
+    pub numerics: NumericsOpts,
+}
+
+/// The images, model and reading that [`ImagesIn`] asked for.
+pub struct Opened {
+    /// The image files, in order.
+    pub files: Vec<PathBuf>,
+    pub model: Vgg,
+    pub meta: ModelMeta,
+    pub numerics: Numerics,
+    pub reader: Reader,
+}
+
+/// How images are read for the model: its evaluation transform.
+pub struct Reader {
+    /// The host's resize and crop sides, and the resize's filter.
+    host_crop: (Option<i64>, i64),
+    interpolation: Filter,
+    pre: Preprocess,
+    device: Device,
+}
+
+impl ImagesIn {
+    /// Checks the options, lists the images and loads the model.
+    pub fn open(&self) -> Result<Opened> {
+        let checkpoint = self.checkpoint.as_deref().map(checkpoint_in).transpose()?;
+        let device = self.device.get()?;
+        if self.batch_size < 1 {
+            return Err(usage("--batch-size must be at least 1"));
+        }
+        self.read.check()?;
+        let files = expand_dirs(&self.images)?;
+        let source = (checkpoint.as_deref(), self.weights.as_deref());
+        let (model, meta) = self.model.load_either(source, &self.load, device)?;
+        let meta = self.read.apply(meta)?;
+        check_input(meta.input_size)?;
+        // The images arrive resized and cropped (torchvision's eval
+        // transform), or, for CIFAR-style models, as the squares their
+        // evaluation read, which the device then resizes to the input as
+        // it did.
+        let augment = match meta.host_crop().1 == meta.input_size {
+            true => Augment::ResizedCrop,
+            false => Augment::CropFlip { padding: 0 },
+        };
+        let normalizer = Normalizer::new(meta.mean, meta.std, device);
+        let pre = Preprocess::new(augment, meta.input_size, normalizer);
+        let request = self.numerics.request(None, false);
+        let numerics = Numerics::decide(&request, device, Activity::Predicting, &mut warn)?;
+        let reader = Reader {
+            host_crop: meta.host_crop(),
+            interpolation: meta.interpolation,
+            pre,
+            device,
+        };
+        Ok(Opened {
+            files,
+            model,
+            meta,
+            numerics,
+            reader,
+        })
+    }
+}
+
+impl Reader {
+    /// `chunk`'s images decoded, resized, cropped and normalized on the
+    /// device: the model's fp32 input. The first unreadable file (in
+    /// order) is the error.
+    pub fn read(&self, chunk: &[PathBuf]) -> Result<Tensor> {
+        // Decoding and resizing dominate on the CPU: all cores, one image each.
+        let ((resize, crop), interpolation) = (self.host_crop, self.interpolation);
+        let batch: Vec<Tensor> = chunk
+            .par_iter()
+            .map(|p| {
+                decode_rgb(p).map(|img| {
+                    let size = (img.height() as usize, img.width() as usize);
+                    eval_crop(img.as_raw(), size, (resize, crop), interpolation)
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .collect::<Result<_>>()?;
+        let x = Tensor::stack(&batch, 0).to_device(self.device);
+        Ok(self.pre.eval(&x, None))
+    }
+}
+
+/// The image files `paths` name: files as given, directories as their images.
+fn expand_dirs(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            let found = image_files(p)?;
+            if found.is_empty() {
+                bail!(
+                    "{}: no images in this directory or its subfolders (images are {})",
+                    p.display(),
+                    extension_list()
+                );
+            }
+            files.extend(found);
+        } else {
+            files.push(p.clone());
+        }
+    }
+    Ok(files)
+}

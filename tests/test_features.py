@@ -1,0 +1,155 @@
+"""`vggctl features` against torchvision's `create_feature_extractor` on the
+same weights and the same input: real photographs (scikit-image's, from the
+fixtures) cut to 224x224 PNGs, read with `--val-resize-size 224` so that
+the resize and the centre crop leave every pixel as it is and both sides
+normalize the same bytes. Each saved module's rows equal torchvision's
+node outputs within 1e-5 of their largest value (the same libtorch CPU
+kernels; measured up to 1.7e-6), also with `--channels-last`: VGG11 (features after a pool, avgpool,
+flatten, fc6 after its ReLU, the logits, and the default, fc7 =
+`classifier.4`) in one safetensors file over batches of 2 (rows land in
+their place across batches: 5 images = 2 + 2 + 1), the images' order in
+its metadata and on stdout; VGG16-BN's BatchNorm output into a .npy
+file that numpy loads; `--pool avg`/`max` equal the mean/amax over
+height and width. Bad requests get one line each, exit 2 or 1, and leave
+no file behind."""
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+from safetensors import safe_open
+from safetensors.numpy import load_file
+from torchvision.models.feature_extraction import create_feature_extractor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.environ.get("VGGCTL_BIN", os.path.join(ROOT, "target", "release", "vggctl"))
+FIX = os.path.join(ROOT, "tests", "fixtures")
+PHOTOS = ["cat/cat_01.png", "astronaut/astronaut_02.png", "coffee/coffee_04.png",
+          "cat/cat_05.png", "astronaut/astronaut_07.png"]
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def squares(tmp_path):
+    """The photos' central 224x224 squares as PNGs, in the order given."""
+    out = []
+    for i, rel in enumerate(PHOTOS):
+        img = Image.open(os.path.join(FIX, "photos", rel)).convert("RGB")
+        w, h = img.size
+        s = min(w, h, 224)
+        box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)
+        img = img.crop(box).resize((224, 224), Image.BILINEAR) if s < 224 else img.crop(box)
+        path = tmp_path / f"{i}.png"
+        img.save(path)
+        out.append(str(path))
+    return out
+
+
+def batch_of(paths):
+    x = torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1)
+                     for p in paths])
+    return torchvision.transforms.functional.normalize(x.float() / 255.0, MEAN, STD)
+
+
+def vggctl(*args, cwd):
+    return subprocess.run([BIN, "features", "--device", "cpu", "--input", "224",
+                           "--val-resize-size", "224", *args],
+                          capture_output=True, text=True, cwd=cwd)
+
+
+def close(ours, theirs, name):
+    theirs = theirs.numpy()
+    assert ours.shape == theirs.shape, name
+    err = np.abs(ours - theirs).max() / max(np.abs(theirs).max(), 1e-12)
+    assert err <= 1e-5, f"{name}: {err}"
+
+
+def reference(arch, weights):
+    model = getattr(torchvision.models, arch)()
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    return model.eval()
+
+
+def test_features_equal_torchvisions_feature_extractor(tmp_path):
+    images = squares(tmp_path)
+    weights = os.path.join(FIX, "pth", "vgg11.legacy.pth")
+    nodes = ["features.5", "avgpool", "flatten", "classifier.1", "classifier.6", "classifier.4"]
+    out = vggctl("--weights", weights, "--layer", ",".join(nodes[:3]), "--layer", ",".join(nodes[3:]),
+                 "--batch-size", "2", "-o", "f.safetensors", *images, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == images
+    assert out.stderr.splitlines()[-1] == (
+        "wrote f.safetensors (features.5 5x128x56x56, avgpool 5x512x7x7, flatten 5x25088, "
+        "classifier.1 5x4096, classifier.6 5x1000, classifier.4 5x4096 of vgg11; "
+        "row i is the i-th image listed on stdout)")
+    ours = load_file(tmp_path / "f.safetensors")
+    meta = safe_open(tmp_path / "f.safetensors", "np").metadata()
+    assert json.loads(meta["images"]) == images and meta["model"] == "vgg11"
+    with torch.no_grad():
+        theirs = create_feature_extractor(reference("vgg11", weights), return_nodes=nodes)(batch_of(images))
+    assert list(ours) != [] and sorted(ours) == sorted(nodes)
+    for name in nodes:
+        close(ours[name], theirs[name], name)
+
+    # The default is what the last linear layer reads (fc7), the same rows.
+    out = vggctl("--weights", weights, "-o", "fc7.npy", "--json", *images, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert doc["arrays"] == {"classifier.4": [5, 4096]} and doc["images"] == images
+    close(np.load(tmp_path / "fc7.npy"), theirs["classifier.4"], "default")
+
+    # NHWC on the CPU computes the same (the rows come out in NCHW order).
+    out = vggctl("--weights", weights, "--layer", "features.5", "--channels-last", "-o", "nhwc.npy",
+                 *images, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    close(np.load(tmp_path / "nhwc.npy"), theirs["features.5"], "channels_last")
+
+    # Global pooling of a feature map.
+    for pool, f in [("avg", lambda t: t.mean((2, 3))), ("max", lambda t: t.amax((2, 3)))]:
+        out = vggctl("--weights", weights, "--layer", "features.5", "--pool", pool, "-o", f"{pool}.npy",
+                     *images, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        close(np.load(tmp_path / f"{pool}.npy"), f(theirs["features.5"]), pool)
+
+
+def test_batchnorm_features_in_npy_equal_torchvisions(tmp_path):
+    images = squares(tmp_path)[:3]
+    weights = os.path.join(FIX, "pth", "vgg16_bn.zip.pth")
+    out = vggctl("--weights", weights, "--layer", "features.1", "-o", "bn.npy", *images, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    ours = np.load(tmp_path / "bn.npy")
+    with torch.no_grad():
+        theirs = create_feature_extractor(reference("vgg16_bn", weights),
+                                          return_nodes=["features.1"])(batch_of(images))
+    close(ours, theirs["features.1"], "features.1")
+
+
+@pytest.mark.parametrize("args,code,line", [
+    (["--layer", "classifier.9", "-o", "x.npy"], 2,
+     "vggctl: error: --layer classifier.9: vgg11 (imagenet head) has no module of that name; "
+     "its modules are features.0, features.1,"),
+    (["--layer", "avgpool,flatten", "-o", "x.npy"], 2,
+     "vggctl: error: --out x.npy: a .npy file holds one array; save 2 layers to a .safetensors file"),
+    (["--layer", "avgpool,avgpool", "-o", "x.safetensors"], 2,
+     "vggctl: error: --layer avgpool is named twice"),
+    (["--layer", "classifier.4", "--pool", "avg", "-o", "x.npy"], 2,
+     "vggctl: error: --pool: classifier.4 gives a vector per image, with no height and width to pool"),
+    (["-o", "x.csv"], 2, "vggctl: error: --out x.csv: the extension names the format: .npy or .safetensors"),
+    (["-o", "taken.npy"], 1, "vggctl: error: taken.npy already exists (use --force to overwrite)"),
+    (["-o", "x.npy", "BROKEN"], 1, "vggctl: error: BROKEN: not a readable image: truncated JPEG"),
+])
+def test_bad_requests_say_why_and_leave_nothing(tmp_path, args, code, line):
+    images = squares(tmp_path)[:1]
+    (tmp_path / "taken.npy").write_bytes(b"mine")
+    args = [os.path.join(FIX, "photos", "cat", "broken.jpg") if a == "BROKEN" else a for a in args]
+    before = sorted(os.listdir(tmp_path))
+    out = vggctl("--weights", os.path.join(FIX, "pth", "vgg11.legacy.pth"), *args, *images, cwd=tmp_path)
+    assert out.returncode == code, out.stderr
+    errors = [l for l in out.stderr.splitlines() if l.startswith("vggctl: error")]
+    assert len(errors) == 1 and errors[0].startswith(line.replace("BROKEN", args[-1])), out.stderr
+    assert sorted(os.listdir(tmp_path)) == before
+    assert (tmp_path / "taken.npy").read_bytes() == b"mine"
+    assert out.stdout == ""
