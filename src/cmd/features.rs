@@ -29,21 +29,26 @@ pub struct Args {
     /// The file to write, row i for the i-th image (the order stdout lists
     /// them in): .npy (NumPy, one --layer) or .safetensors (an array per
     /// --layer, named by it; the images in its metadata).
-    #[arg(short, long)]
+    #[arg(short, long, help_heading = "Output")]
     out: PathBuf,
     /// The modules whose outputs are saved, by torchvision's names
     /// (`features.N`, `avgpool`, `flatten`, `classifier.N`: what
     /// create_feature_extractor's return_nodes take), comma-separated or
     /// repeated [default: what the last linear layer reads: `classifier.4`
     /// (VGG's fc7) with the ImageNet head].
-    #[arg(long, value_name = "NAME", value_delimiter = ',')]
+    #[arg(
+        long,
+        value_name = "NAME",
+        value_delimiter = ',',
+        help_heading = "Output"
+    )]
     layer: Vec<String>,
     /// Pool each feature map over its height and width, one value per
     /// channel: avg (global average pooling) or max.
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, help_heading = "Output")]
     pool: Option<Pool>,
     /// Overwrite an existing --out.
-    #[arg(long)]
+    #[arg(long, help_heading = "Output")]
     force: bool,
 }
 
