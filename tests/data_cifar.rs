@@ -1,4 +1,5 @@
-//! CIFAR-10 loading: both layouts give the same real images; malformed files
+//! CIFAR-10 and CIFAR-100 loading: both layouts give the same real images
+//! (CIFAR-100: its fine labels, none of its coarse ones); malformed files
 //! give one error line naming the file; the download is fetched from a local
 //! HTTP server, verified, extracted, and rejected without leftovers when bad;
 //! the augmentation equals torchvision's transforms: RandomCrop + flip
@@ -35,8 +36,12 @@ fn copy_dir(from: &Path, to: &Path) {
 #[test]
 fn both_layouts_hold_the_same_images() {
     let f = common::fixtures();
-    let bin = cifar::load(&f.join("digits-bin"), None, &mut |_, _| {}).unwrap();
-    let py = cifar::load(&f.join("digits-py"), None, &mut |_, _| {}).unwrap();
+    let bin = cifar::CIFAR10
+        .load(&f.join("digits-bin"), None, &mut |_, _| {})
+        .unwrap();
+    let py = cifar::CIFAR10
+        .load(&f.join("digits-py"), None, &mut |_, _| {})
+        .unwrap();
     assert_eq!(bin.train.len(), 1500);
     assert_eq!(bin.test.len(), 297);
     let (bin_train, bin_test, py_train, py_test) = (
@@ -61,6 +66,69 @@ fn both_layouts_hold_the_same_images() {
             .std(true)
             .double_value(&[])
             > 30.0
+    );
+}
+
+/// The fixtures' CIFAR-100 (the same digits, fine label 10*d + 3, coarse
+/// d / 2) in both layouts: the same images as the CIFAR-10 fixtures, the
+/// fine labels, 100 class names; a fine label of 100 is named, a coarse
+/// byte is never read as the label.
+#[test]
+fn cifar100_reads_its_fine_labels_in_both_layouts() {
+    let f = common::fixtures();
+    let ten = cifar::CIFAR10
+        .load(&f.join("digits-bin"), None, &mut |_, _| {})
+        .unwrap();
+    let (bin, py) = (
+        cifar::CIFAR100
+            .load(&f.join("digits-bin"), None, &mut |_, _| {})
+            .unwrap(),
+        cifar::CIFAR100
+            .load(&f.join("digits-py"), None, &mut |_, _| {})
+            .unwrap(),
+    );
+    assert_eq!((bin.name.as_str(), bin.classes.len()), ("cifar100", 100));
+    assert_eq!(bin.classes, py.classes);
+    assert_eq!(bin.classes[13], "fine_13");
+    assert_eq!(bin.mean, cifar::CIFAR100.mean);
+    for (a, b) in [
+        (&bin.train, &ten.train),
+        (&bin.test, &ten.test),
+        (&py.train, &ten.train),
+    ] {
+        let (a, b) = (a.as_resident().unwrap(), b.as_resident().unwrap());
+        assert!(a.images.equal(&b.images));
+        assert!(a.labels.equal(&(&b.labels * 10 + 3)));
+    }
+    let py_test = py.test.as_resident().unwrap();
+    assert!(
+        py_test
+            .labels
+            .equal(&bin.test.as_resident().unwrap().labels)
+    );
+
+    let tmp = common::tempdir();
+    let root = tmp.path();
+    copy_dir(&f.join("digits-bin"), root);
+    let p = root.join("cifar-100-binary/test.bin");
+    let mut bytes = fs::read(&p).unwrap();
+    bytes[3074 * 7] = 250; // a coarse label: not read
+    fs::write(&p, &bytes).unwrap();
+    let loaded = cifar::CIFAR100.load(root, None, &mut |_, _| {}).unwrap();
+    let labels = &loaded.test.as_resident().unwrap().labels;
+    assert!(labels.equal(&bin.test.as_resident().unwrap().labels));
+    bytes[3074 * 7 + 1] = 100; // a fine label out of range
+    fs::write(&p, &bytes).unwrap();
+    common::assert_one_line_error(
+        &load_error(&["--dataset", "cifar100"], root),
+        1,
+        "test.bin: record 7 has label 100, outside 0..99",
+    );
+    fs::remove_file(&p).unwrap();
+    common::assert_one_line_error(
+        &load_error(&["--dataset", "cifar100"], root),
+        1,
+        "test.bin: missing (CIFAR-100's folder holds train.bin, test.bin",
     );
 }
 
@@ -186,7 +254,7 @@ fn serve(body: Vec<u8>) -> String {
 fn archive_of(dir: &Path, extra_evil: bool) -> Vec<u8> {
     let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     let mut tar = tar::Builder::new(gz);
-    tar.append_dir_all("cifar-10-batches-bin", dir).unwrap();
+    tar.append_dir_all(dir.file_name().unwrap(), dir).unwrap();
     if extra_evil {
         // A member outside the expected folder must never be written.
         let data = b"pwned";
@@ -284,6 +352,68 @@ fn download_verifies_extracts_and_cleans_up() {
     let r = train_with_download(&dead, "0", data.path());
     common::assert_one_line_error(&r, 1, &dead);
     assert!(r.stderr.contains("by hand"));
+}
+
+/// `--dataset cifar100` downloads CIFAR-100's own archive: from
+/// `VGGCTL_CIFAR100_URL` (CIFAR-10's variable is not read for it), or from
+/// `--data-url`, which wins over the variable; all four members extracted.
+#[test]
+fn cifar100_downloads_its_own_archive() {
+    let src = common::fixtures().join("digits-bin/cifar-100-binary");
+    let good = archive_of(&src, false);
+    let url = format!(
+        "http://{}/cifar-100-binary.tar.gz",
+        common::serve(good.clone())
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = format!("http://{}/x.tar.gz", listener.local_addr().unwrap());
+    drop(listener);
+    for (env_url, flag) in [(url.as_str(), None), (dead.as_str(), Some(url.as_str()))] {
+        let (data, out) = (common::tempdir(), common::tempdir());
+        let mut cmd = std::process::Command::new(common::bin());
+        cmd.args([
+            "train",
+            "--dataset",
+            "cifar100",
+            "--arch",
+            "vgg11",
+            "--epochs",
+            "1",
+        ])
+        .args([
+            "--limit-train",
+            "16",
+            "--limit-test",
+            "8",
+            "--batch-size",
+            "8",
+            "--quiet",
+        ])
+        .arg("--data-dir")
+        .arg(data.path())
+        .arg("--out")
+        .arg(out.path().join("run"))
+        .env("VGGCTL_CIFAR100_URL", env_url)
+        .env("VGGCTL_CIFAR100_MD5", md5_hex(&good))
+        .env("VGGCTL_CIFAR10_URL", &dead);
+        if let Some(u) = flag {
+            cmd.args(["--data-url", u]);
+        }
+        let r = common::Run::from(cmd.output().unwrap());
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let got = data.path().join("cifar-100-binary");
+        for name in [
+            "train.bin",
+            "test.bin",
+            "fine_label_names.txt",
+            "coarse_label_names.txt",
+        ] {
+            assert_eq!(
+                fs::read(got.join(name)).unwrap(),
+                fs::read(src.join(name)).unwrap()
+            );
+        }
+    }
 }
 
 #[test]

@@ -50,14 +50,22 @@ join an AveragedModel and SWALR(swa_lr=--swa-lr, --swa-anneal-epochs,
 --swa-anneal-strategy) is stepped in place of the epoch scheduler; after
 the last epoch update_bn runs over the training images in order, in
 batches of --batch-size, and the average is written to --swa-out.
+
+--cifar100 reads --data (the directory holding cifar-100-python/) through
+torchvision.datasets.CIFAR100 itself (its fine labels and class names; its
+integrity check against the files' own MD5s, since the fixtures are made
+here), for a model of 100 classes, normalized with CIFAR-100's mean and
+deviation.
 """
 import argparse
+import hashlib
 import importlib.util
 import math
 import os
 
 import torch
 import torch.distributed as dist
+import torchvision
 import torchvision.transforms as transforms
 import torchvision.transforms.v2 as v2
 from safetensors.torch import load_file, save_file
@@ -115,6 +123,30 @@ def train_split(data_dir, limit):
     images = torch.cat([p[0] for p in parts])[:limit]
     labels = torch.cat([p[1] for p in parts])[:limit]
     return images, labels
+
+
+CIFAR10_NORM = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+CIFAR100_NORM = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+
+
+def cifar100(root, train=True):
+    """torchvision's CIFAR100 over the Python layout in `root`, its MD5s the files' own."""
+    def md5(name):
+        with open(os.path.join(root, "cifar-100-python", name), "rb") as f:
+            return hashlib.md5(f.read()).hexdigest()
+
+    class Local(torchvision.datasets.CIFAR100):
+        train_list = [["train", md5("train")]]
+        test_list = [["test", md5("test")]]
+        meta = {"filename": "meta", "key": "fine_label_names", "md5": md5("meta")}
+
+    return Local(root, train=train, download=False)
+
+
+def cifar100_train_split(root, limit):
+    ds = cifar100(root)
+    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()[:limit]
+    return images, torch.tensor(ds.targets)[:limit]
 
 
 def normalize(images, mean, std):
@@ -218,6 +250,7 @@ def main():
     p.add_argument("--swa-anneal-epochs", type=int, default=10)
     p.add_argument("--swa-anneal-strategy", default="cos")
     p.add_argument("--swa-out")
+    p.add_argument("--cifar100", action="store_true")
     a = p.parse_args()
 
     one = a.as_one_process > 0
@@ -226,7 +259,8 @@ def main():
     else:
         dist.init_process_group("gloo")
         ranks, world = [dist.get_rank()], dist.get_world_size()
-    model = vgg_reference.build(a.arch, a.bn, a.head, 10, dropout=a.dropout)
+    classes = 100 if a.cifar100 else 10
+    model = vgg_reference.build(a.arch, a.bn, a.head, classes, dropout=a.dropout)
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.momentum = a.bn_momentum
@@ -243,8 +277,12 @@ def main():
         adam = torch.optim.Adam if a.optimizer == "adam" else torch.optim.AdamW
         betas = tuple(float(b) for b in a.betas.split(","))
         opt = adam(groups, lr=a.lr, betas=betas, eps=a.eps, weight_decay=a.weight_decay, amsgrad=a.amsgrad)
-    images, labels = train_split(a.data, a.limit_train)
-    x_all = normalize(images, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+    if a.cifar100:
+        images, labels = cifar100_train_split(a.data, a.limit_train)
+    else:
+        images, labels = train_split(a.data, a.limit_train)
+    norm = CIFAR100_NORM if a.cifar100 else CIFAR10_NORM
+    x_all = normalize(images, *norm)
     n = len(labels)
     erase = transforms.RandomErasing(p=a.random_erase) if a.random_erase > 0 else None
     auto = None
@@ -258,8 +296,8 @@ def main():
         auto = transforms.AugMix(severity=a.augmix_severity, **interp)
     elif a.auto_augment:
         auto = transforms.AutoAugment(transforms.AutoAugmentPolicy(a.auto_augment), **interp)
-    mixes = [v2.MixUp(alpha=a.mixup_alpha, num_classes=10)] if a.mixup_alpha > 0 else []
-    mixes += [v2.CutMix(alpha=a.cutmix_alpha, num_classes=10)] if a.cutmix_alpha > 0 else []
+    mixes = [v2.MixUp(alpha=a.mixup_alpha, num_classes=classes)] if a.mixup_alpha > 0 else []
+    mixes += [v2.CutMix(alpha=a.cutmix_alpha, num_classes=classes)] if a.cutmix_alpha > 0 else []
     mix = v2.RandomChoice(mixes) if mixes else None
     ema = None
     if a.model_ema_steps:
@@ -315,7 +353,7 @@ def main():
             x, y = x_all[idx], labels[idx]
             if auto is not None:
                 augmented = torch.stack([auto(img) for img in images[idx]])
-                x = normalize(augmented, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+                x = normalize(augmented, *norm)
             if erase is not None:
                 x = torch.stack([erase(img) for img in x])
             if mix is not None:

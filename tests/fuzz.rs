@@ -1,7 +1,8 @@
 //! Fuzzing of every reader of untrusted bytes: the pickle machine (through
 //! its own entry point and inside a legacy `.pth` container, where the
 //! storage walk runs over what it built), both `.pth` layouts, safetensors
-//! with vggctl's metadata check, both CIFAR-10 layouts, the image
+//! with vggctl's metadata check, both CIFAR layouts (as CIFAR-10's and
+//! CIFAR-100's files), the image
 //! decoder and prepared datasets (index, checksums, the images in them).
 //!
 //! Inputs are mutations of real files (the fixtures) and, for pickles,
@@ -82,12 +83,18 @@ fn read_safetensors(_: &Path, bytes: &[u8]) -> Result<()> {
     vggctl::checkpoint::ModelMeta::from_metadata(&sd.metadata).map(drop)
 }
 
+/// As CIFAR-10's file and as CIFAR-100's (other record size and label bytes).
 fn read_cifar_bin(path: &Path, _: &[u8]) -> Result<()> {
-    vggctl::data::cifar::read_bin_batch(path).map(drop)
+    use vggctl::data::cifar::{CIFAR10, CIFAR100};
+    let ten = CIFAR10.read_bin_batch(path).map(drop);
+    ten.and(CIFAR100.read_bin_batch(path).map(drop))
 }
 
+/// As CIFAR-10's pickle and as CIFAR-100's (`fine_labels`).
 fn read_cifar_py(path: &Path, _: &[u8]) -> Result<()> {
-    vggctl::data::cifar::read_py_batch(path).map(drop)
+    use vggctl::data::cifar::{CIFAR10, CIFAR100};
+    let ten = CIFAR10.read_py_batch(path).map(drop);
+    ten.and(CIFAR100.read_py_batch(path).map(drop))
 }
 
 fn read_image(path: &Path, _: &[u8]) -> Result<()> {
@@ -152,11 +159,15 @@ fn safetensors_seeds() -> Vec<Vec<u8>> {
 fn cifar_bin_seeds() -> Vec<Vec<u8>> {
     // Four records of the test batch keep each read short.
     let b = fixture("digits-bin/cifar-10-batches-bin/test_batch.bin");
-    vec![b[..4 * 3073].to_vec()]
+    let c = fixture("digits-bin/cifar-100-binary/test.bin");
+    vec![b[..4 * 3073].to_vec(), c[..4 * 3074].to_vec()]
 }
 
 fn cifar_py_seeds() -> Vec<Vec<u8>> {
-    vec![fixture("digits-py/cifar-10-batches-py/test_batch")]
+    vec![
+        fixture("digits-py/cifar-10-batches-py/test_batch"),
+        fixture("digits-py/cifar-100-python/test"),
+    ]
 }
 
 fn image_seeds() -> Vec<Vec<u8>> {

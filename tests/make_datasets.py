@@ -4,6 +4,10 @@
   scikit-learn's 1,797 real 8x8 handwritten digits, upscaled to 32x32 RGB,
   as a CIFAR-10 dataset in both published layouts (binary records; Python
   pickles with protocol 2, like the originals), with one fixed train/test split;
+- digits-bin/cifar-100-binary/ and digits-py/cifar-100-python/: the same
+  images and split as a CIFAR-100 dataset in both layouts (one training
+  file; digit d's fine label 10*d + 3, its coarse label d // 2; 100 fine and
+  20 coarse class names);
 - photos/<class>/*.png|jpg: scikit-image photographs as a 3-class image folder;
 - augment.safetensors: scikit-image photographs at 32x32 with explicit crop
   offsets and flip decisions, and what torchvision's transforms make of them;
@@ -70,6 +74,38 @@ def write_py(root, batches, test):
             pickle.dump(entry, f, protocol=2)
     with open(os.path.join(d, "batches.meta"), "wb") as f:
         pickle.dump({"label_names": NAMES, "num_cases_per_batch": 300, "num_vis": 3072}, f, protocol=2)
+
+
+FINE = [f"fine_{i:02d}" for i in range(100)]
+COARSE = [f"coarse_{i:02d}" for i in range(20)]
+
+
+def write_bin100(root, train, test):
+    d = os.path.join(root, "cifar-100-binary")
+    os.makedirs(d, exist_ok=True)
+    for name, (x, y) in [("train.bin", train), ("test.bin", test)]:
+        labels = np.stack([y // 2, 10 * y + 3], axis=1).astype(np.uint8)
+        np.concatenate([labels, x], axis=1).tofile(os.path.join(d, name))
+    for name, names in [("fine_label_names.txt", FINE), ("coarse_label_names.txt", COARSE)]:
+        with open(os.path.join(d, name), "w") as f:
+            f.write("\n".join(names) + "\n\n")
+
+
+def write_py100(root, train, test):
+    d = os.path.join(root, "cifar-100-python")
+    os.makedirs(d, exist_ok=True)
+    for name, (x, y) in [("train", train), ("test", test)]:
+        entry = {
+            "filenames": [f"digit_{i}.png" for i in range(len(y))],
+            "batch_label": f"{name} of digits",
+            "fine_labels": [int(10 * v + 3) for v in y],
+            "coarse_labels": [int(v // 2) for v in y],
+            "data": np.ascontiguousarray(x),
+        }
+        with open(os.path.join(d, name), "wb") as f:
+            pickle.dump(entry, f, protocol=2)
+    with open(os.path.join(d, "meta"), "wb") as f:
+        pickle.dump({"fine_label_names": FINE, "coarse_label_names": COARSE}, f, protocol=2)
 
 
 def write_augment(path):
@@ -189,6 +225,8 @@ def main(out):
     batches = [(xtr[i * 300:(i + 1) * 300], ytr[i * 300:(i + 1) * 300]) for i in range(5)]
     write_bin(os.path.join(out, "digits-bin"), batches, test)
     write_py(os.path.join(out, "digits-py"), batches, test)
+    write_bin100(os.path.join(out, "digits-bin"), (xtr, ytr), test)
+    write_py100(os.path.join(out, "digits-py"), (xtr, ytr), test)
     write_augment(os.path.join(out, "augment.safetensors"))
     write_resized_crop(os.path.join(out, "resized_crop.safetensors"))
     write_eval_transform(os.path.join(out, "eval_transform.safetensors"))

@@ -23,7 +23,7 @@ def vggctl(*args, check=True, cwd=None):
 def test_top_level_help_names_the_environment_and_exit_codes():
     text = vggctl("--help").stdout
     for name in ["VGGCTL_WEIGHTS_DIR", "VGGCTL_WEIGHTS_URL", "TORCH_HOME", "VGGCTL_CIFAR10_URL",
-                 "VGGCTL_HTTP_TIMEOUT", "VGGCTL_LOG_INTERVAL", "MASTER_ADDR"]:
+                 "VGGCTL_HTTP_TIMEOUT", "VGGCTL_LOG_INTERVAL", "MASTER_ADDR", "VGGCTL_CIFAR100_URL"]:
         assert re.search(rf"^  (\S+, )*{name}\b", text, re.M), name
     assert "0 success, 1 a failure while running, 2 a command line that cannot work" in text
     for sub in SUBCOMMANDS:

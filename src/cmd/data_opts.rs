@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 use vggctl::data::Dataset;
-use vggctl::data::cifar::{self, DownloadSource};
+use vggctl::data::cifar::{self, Cifar, DownloadSource};
 use vggctl::data::digits;
 use vggctl::data::folder::{self, FolderOptions};
 use vggctl::data::imagenet;
@@ -20,7 +20,8 @@ use super::progress::download_bar;
 #[derive(clap::Args, Debug, Clone)]
 #[command(next_help_heading = "Data")]
 pub struct DataOpts {
-    /// Dataset: cifar10, digits (scikit-learn's handwritten digits, built
+    /// Dataset: cifar10, cifar100 (its 100 fine classes), digits
+    /// (scikit-learn's handwritten digits, built
     /// into vggctl: no download), folder (one subfolder of images per
     /// class, read as torchvision's ImageFolder reads it) or imagenet
     /// (DIR/train/<wnid>/ and DIR/val/<wnid>/, torchvision's ImageFolder
@@ -28,17 +29,21 @@ pub struct DataOpts {
     #[arg(long)]
     pub dataset: Option<String>,
     /// cifar10: the directory holding cifar-10-batches-py/ (torchvision's) or
-    /// cifar-10-batches-bin/; folder: the class folders; imagenet: the
+    /// cifar-10-batches-bin/; cifar100: cifar-100-python/ or
+    /// cifar-100-binary/; folder: the class folders; imagenet: the
     /// directory holding train/ and val/; folder, imagenet: or the file
     /// `vggctl prepare` made of them [default: ./data].
     #[arg(long, alias = "data-path")]
     pub data_dir: Option<PathBuf>,
-    /// Where to download the binary CIFAR-10 archive from when it is missing.
-    #[arg(long, env = "VGGCTL_CIFAR10_URL", default_value = cifar::URL)]
-    pub data_url: String,
-    /// MD5 the downloaded archive must have (the official archive's by default).
-    #[arg(long, env = "VGGCTL_CIFAR10_MD5", default_value = cifar::MD5, hide = true)]
-    pub data_md5: String,
+    /// Where to download the binary CIFAR-10 or CIFAR-100 archive from
+    /// when it is missing [default: $VGGCTL_CIFAR10_URL or
+    /// $VGGCTL_CIFAR100_URL, else the dataset's own at www.cs.toronto.edu].
+    #[arg(long)]
+    pub data_url: Option<String>,
+    /// MD5 the downloaded archive must have [default: $VGGCTL_CIFAR10_MD5
+    /// or $VGGCTL_CIFAR100_MD5, else the official archive's].
+    #[arg(long, hide = true)]
+    pub data_md5: Option<String>,
     /// Never download; fail if the data is not in --data-dir.
     #[arg(long)]
     pub no_download: bool,
@@ -118,6 +123,20 @@ fn default_cache_mem() -> u64 {
 }
 
 impl DataOpts {
+    /// Where `c` is downloaded from: --data-url, else its environment
+    /// variable (`VGGCTL_CIFAR100_URL`), else its own; the MD5 alike.
+    fn download_source(&self, c: &Cifar) -> DownloadSource {
+        let env = |what: &str| std::env::var(format!("VGGCTL_{}_{what}", c.name.to_uppercase()));
+        DownloadSource {
+            url: (self.data_url.clone())
+                .or_else(|| env("URL").ok())
+                .unwrap_or_else(|| c.url.into()),
+            md5: (self.data_md5.clone())
+                .or_else(|| env("MD5").ok())
+                .unwrap_or_else(|| c.md5.into()),
+        }
+    }
+
     /// The dataset named, cifar10 if none.
     pub fn dataset(&self) -> &str {
         self.dataset.as_deref().unwrap_or("cifar10")
@@ -151,8 +170,11 @@ impl DataOpts {
             "imagenet" => folder::scan(&imagenet_split(&self.dir(), "train")?)?
                 .0
                 .len() as i64,
-            "cifar10" | "digits" => 10,
-            other => return Err(usage(unknown(other))),
+            "digits" => 10,
+            other => match cifar::named(other) {
+                Some(c) => c.classes,
+                None => return Err(usage(unknown(other))),
+            },
         };
         if found < 2 {
             bail!(
@@ -232,13 +254,15 @@ impl DataOpts {
             ..
         } = how;
         match name {
-            "cifar10" => {
-                let src = DownloadSource {
-                    url: self.data_url.clone(),
-                    md5: self.data_md5.clone(),
+            "cifar10" | "cifar100" => {
+                let c = if name == "cifar10" {
+                    &cifar::CIFAR10
+                } else {
+                    &cifar::CIFAR100
                 };
+                let src = self.download_source(c);
                 let src = (!self.no_download).then_some(&src);
-                cifar::load(dir, src, &mut download_bar(quiet))
+                c.load(dir, src, &mut download_bar(quiet))
             }
             "folder" | "imagenet" => {
                 let imagenet = name == "imagenet";
@@ -311,7 +335,7 @@ pub fn imagenet_split(dir: &Path, split: &str) -> Result<PathBuf> {
 }
 
 fn unknown(name: &str) -> String {
-    format!("unknown dataset '{name}' (expected cifar10, digits, folder or imagenet)")
+    format!("unknown dataset '{name}' (expected cifar10, cifar100, digits, folder or imagenet)")
 }
 
 /// Rank 0 tells the other ranks (after loading the data, so it also

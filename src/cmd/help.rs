@@ -14,6 +14,7 @@ Environment:
   VGGCTL_WEIGHTS_URL    where to download them from [default: https://download.pytorch.org/models]
   TORCH_HOME            torch hub's cache: $TORCH_HOME/hub/checkpoints [default: ~/.cache/torch]
   VGGCTL_CIFAR10_URL    where to download CIFAR-10 from (also --data-url)
+  VGGCTL_CIFAR100_URL   where to download CIFAR-100 from (also --data-url)
   VGGCTL_CACHE_DIR      where image folders' decoded images are cached (also --cache-dir)
                         [default: $XDG_CACHE_HOME/vggctl/folders, i.e. ~/.cache/vggctl/folders]
   VGGCTL_HTTP_TIMEOUT   seconds a download may stall [default: 60]
@@ -33,6 +34,7 @@ pub const TRAIN: &str = "\
 Examples:
   vggctl train                                     CIFAR-10's recipe (VGG16, 100 epochs; downloads to ./data)
   vggctl train --arch vgg11_bn --head cifar -e 30 -o runs/v11
+  vggctl train --dataset cifar100 --arch vgg16_bn     CIFAR-100's 100 classes (downloads to ./data)
   vggctl train --dataset folder --data-dir photos --arch vgg11 --head gap
   vggctl train --dataset imagenet --data-dir /data/imagenet --arch vgg16    torchvision's recipe
   vggctl train --dataset imagenet --data-dir /data/imagenet --train-crop-size 176 --val-resize-size 232

@@ -64,7 +64,7 @@ enum Command {
     /// Parameters, shapes, multiply-adds and receptive fields per layer.
     #[command(after_help = help::PARAMS)]
     Params(params::Args),
-    /// Train a VGG from scratch: CIFAR-10's recipe by default (SGD 0.01, momentum 0.9, wd 5e-4, 100 epochs), or the built-in digits or an image folder.
+    /// Train a VGG from scratch: CIFAR-10's recipe by default (SGD 0.01, momentum 0.9, wd 5e-4, 100 epochs), or CIFAR-100, the built-in digits or an image folder.
     #[command(after_help = help::TRAIN)]
     Train(train::Args),
     /// Evaluate a checkpoint: top-1/top-5, per-class accuracy, confusion matrix.

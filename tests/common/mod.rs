@@ -57,6 +57,7 @@ pub fn run_within(dir: &Path, args: &[&str], limit: Duration) -> Run {
         .args(args)
         .current_dir(dir)
         .env_remove("VGGCTL_CIFAR10_URL")
+        .env_remove("VGGCTL_CIFAR100_URL")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
