@@ -275,7 +275,8 @@ fn md5_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
-fn train_with_download(url: &str, md5: &str, data_dir: &Path) -> common::Run {
+/// A short training run on the data in `data_dir`, or on what it downloads.
+fn download_train(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> common::Run {
     let out = common::tempdir();
     let r = std::process::Command::new(common::bin())
         .args([
@@ -286,21 +287,22 @@ fn train_with_download(url: &str, md5: &str, data_dir: &Path) -> common::Run {
             "1",
             "--limit-train",
             "16",
-            "--limit-test",
-            "8",
-            "--batch-size",
-            "8",
-            "--quiet",
         ])
+        .args(["--limit-test", "8", "--batch-size", "8", "--quiet"])
+        .args(extra)
         .arg("--data-dir")
         .arg(data_dir)
         .arg("--out")
         .arg(out.path().join("run"))
-        .env("VGGCTL_CIFAR10_URL", url)
-        .env("VGGCTL_CIFAR10_MD5", md5)
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     common::Run::from(r)
+}
+
+fn train_with_download(url: &str, md5: &str, data_dir: &Path) -> common::Run {
+    let env = [("VGGCTL_CIFAR10_URL", url), ("VGGCTL_CIFAR10_MD5", md5)];
+    download_train(data_dir, &[], &env)
 }
 
 #[test]
@@ -368,38 +370,17 @@ fn cifar100_downloads_its_own_archive() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let dead = format!("http://{}/x.tar.gz", listener.local_addr().unwrap());
     drop(listener);
+    let md5 = md5_hex(&good);
     for (env_url, flag) in [(url.as_str(), None), (dead.as_str(), Some(url.as_str()))] {
-        let (data, out) = (common::tempdir(), common::tempdir());
-        let mut cmd = std::process::Command::new(common::bin());
-        cmd.args([
-            "train",
-            "--dataset",
-            "cifar100",
-            "--arch",
-            "vgg11",
-            "--epochs",
-            "1",
-        ])
-        .args([
-            "--limit-train",
-            "16",
-            "--limit-test",
-            "8",
-            "--batch-size",
-            "8",
-            "--quiet",
-        ])
-        .arg("--data-dir")
-        .arg(data.path())
-        .arg("--out")
-        .arg(out.path().join("run"))
-        .env("VGGCTL_CIFAR100_URL", env_url)
-        .env("VGGCTL_CIFAR100_MD5", md5_hex(&good))
-        .env("VGGCTL_CIFAR10_URL", &dead);
-        if let Some(u) = flag {
-            cmd.args(["--data-url", u]);
-        }
-        let r = common::Run::from(cmd.output().unwrap());
+        let data = common::tempdir();
+        let mut extra = vec!["--dataset", "cifar100"];
+        extra.extend(flag.iter().flat_map(|u| ["--data-url", u]));
+        let env = [
+            ("VGGCTL_CIFAR100_URL", env_url),
+            ("VGGCTL_CIFAR100_MD5", md5.as_str()),
+            ("VGGCTL_CIFAR10_URL", dead.as_str()),
+        ];
+        let r = download_train(data.path(), &extra, &env);
         assert_eq!(r.code, 0, "{}", r.stderr);
         let got = data.path().join("cifar-100-binary");
         for name in [
