@@ -271,12 +271,14 @@ pub fn fold_bn(model: &Vgg) -> Vgg {
         .iter()
         .map(|(n, l)| (n.clone(), l.shallow()))
         .collect();
-    Vgg::of(
+    let mut folded = Vgg::of(
         spec,
         Sequential::new(layers),
         model.pool_size,
         Sequential::new(classifier),
-    )
+    );
+    folded.tail = model.tail;
+    folded
 }
 
 #[cfg(test)]

@@ -126,3 +126,63 @@ def test_half_safetensors_load_into_torchvision(tmp_path):
     again.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
     for k, v in model.state_dict().items():
         assert torch.equal(again.state_dict()[k], v.half().float())
+
+
+def test_a_model_cut_at_a_module_exports_that_modules_output(tmp_path):
+    """`--layer NAME`: the model up to that module, its output the graph's,
+    for VGG11-BN (cifar head, random BN statistics) cut at a BatchNorm,
+    a convolution before its BatchNorm, avgpool, flatten and fc1's ReLU:
+    TorchScript, ONNX (output `features`, its shape, batch 1 and 3; with
+    --fold-bn too) and pt2 (the call targets and state dict
+    `torch.export.export` gives of torchvision's `create_feature_extractor`
+    with that one node) equal that extractor's output within 1e-5. A node
+    alone: torchvision's extractor with later nodes too lets the in-place
+    ReLU after a BatchNorm overwrite its output (checked here, so the
+    comparison is not that)."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+    src = str(tmp_path / "src.safetensors")
+    model, classes = source_model("vgg11", True, "cifar", src)
+    common = ["--weights", src, "--input", "32"]
+    torch.manual_seed(2)
+    x3 = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        both = create_feature_extractor(model, return_nodes=["features.5", "classifier.1"])(x3)
+        assert both["features.5"].min().item() == 0.0, "the in-place ReLU no longer overwrites: revise"
+    for node in ["features.5", "features.4", "avgpool", "flatten", "classifier.1"]:
+        extractor = create_feature_extractor(model, return_nodes={node: "out"})
+        with torch.no_grad():
+            want = extractor(x3)["out"]
+        assert node != "features.5" or want.min().item() < 0, "a BatchNorm output with negatives"
+        ts = str(tmp_path / "cut.pt")
+        vggctl("export", *common, "--layer", node, "--out", ts, "--force")
+        with torch.no_grad():
+            assert (torch.jit.load(ts)(x3) - want).abs().max().item() <= 1e-5, node
+        for fold in ([], ["--fold-bn"]):
+            path = str(tmp_path / "cut.onnx")
+            out = json.loads(vggctl("export", *common, "--layer", node, "--out", path, "--force", "--json",
+                                    *fold).stdout)
+            assert out["layer"] == node and out["output_shape"] == [None, *want.shape[1:]]
+            proto = onnx.load(path)
+            onnx.checker.check_model(proto, full_check=True)
+            assert [o.name for o in proto.graph.output] == ["features"]
+            session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+            for n in (1, 3):
+                got = session.run(["features"], {"input": x3[:n].numpy()})[0]
+                assert np.abs(got - want[:n].numpy()).max() <= 1e-5, (node, fold, n)
+        pt2 = str(tmp_path / "cut.pt2")
+        vggctl("export", *common, "--layer", node, "--out", pt2, "--force")
+        ep = torch.export.load(pt2)
+        with torch.no_grad():
+            assert (ep.module()(x3) - want).abs().max().item() <= 1e-5, node
+        batch = torch.export.Dim("batch")
+        ref = torch.export.export(extractor, (torch.randn(2, 3, 32, 32),), dynamic_shapes=({0: batch},))
+        targets = [[str(n.target) for n in e.graph.nodes if n.op == "call_function"] for e in (ep, ref)]
+        assert targets[0] == targets[1], node
+        assert list(ep.state_dict) == list(ref.state_dict), node
+    for args, line in [(["--format", "safetensors"], "--layer applies to torchscript, onnx and pt2"),
+                       (["--layer", "features.99"], "--layer features.99: vgg11_bn (cifar head) has no module")]:
+        extra = [] if "--layer" in args else ["--layer", "features.5"]
+        r = subprocess.run([BIN, "export", *common, *extra, *args, "--out", str(tmp_path / "bad.onnx")],
+                           capture_output=True, text=True)
+        assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(f"vggctl: error: {line}"), r.stderr
+        assert not (tmp_path / "bad.onnx").exists()

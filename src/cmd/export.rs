@@ -8,7 +8,7 @@ use vggctl::export::{export_onnx, export_pt2, export_safetensors, export_torchsc
 use vggctl::infer::fold_bn;
 use vggctl::model::{Head, check_input, check_run_side};
 
-use super::opts::{LoadOpts, ModelOpts, checkpoint_in};
+use super::opts::{LoadOpts, ModelOpts, checkpoint_in, module_position};
 use super::output::{as_usage, print_json, print_out, usage, warn, whole};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -43,6 +43,12 @@ pub struct Args {
     /// Fold BatchNorm into the preceding convolution (torchscript, onnx, pt2).
     #[arg(long)]
     fold_bn: bool,
+    /// Export the model up to this module only, its output the graph's
+    /// (torchscript, onnx, pt2): an embedding model, as
+    /// create_feature_extractor with one return node (`classifier.4`: VGG's
+    /// fc7; `features.N`, `avgpool`, `flatten`, `classifier.N`).
+    #[arg(long, value_name = "NAME")]
+    layer: Option<String>,
     /// Store float16 weights (safetensors).
     #[arg(long)]
     half: bool,
@@ -65,6 +71,10 @@ struct Written {
     classes: i64,
     /// `[null, 3, H, W]`: the batch dimension is dynamic.
     input_shape: [Option<i64>; 4],
+    /// The module the model was cut at (--layer), and the output's shape
+    /// (`[null, ...]`).
+    layer: Option<String>,
+    output_shape: Vec<Option<i64>>,
     folded_bn: bool,
     half: bool,
 }
@@ -124,6 +134,11 @@ fn run_as(args: &Args, format: Format) -> Result<()> {
     if args.half && format != Format::Safetensors {
         return Err(usage("--half applies to --format safetensors only"));
     }
+    if args.layer.is_some() && format == Format::Safetensors {
+        return Err(usage(
+            "--layer applies to torchscript, onnx and pt2 (a safetensors file holds the whole state dict)",
+        ));
+    }
     if args.fold_bn && format == Format::Safetensors {
         return Err(usage(
             "--fold-bn applies to torchscript, onnx and pt2 (a folded state dict is no longer torchvision's)",
@@ -137,8 +152,16 @@ fn run_as(args: &Args, format: Format) -> Result<()> {
     let (model, meta) = args.model.load_either(source, &args.load, Device::Cpu)?;
     let input = args.input.unwrap_or(meta.input_size);
     check_input(input)?;
+    // Cut before folding: a convolution whose BatchNorm is cut off keeps
+    // its own output.
+    let model = match &args.layer {
+        Some(name) => model.cut(module_position(&model.spec, name)?),
+        None => model,
+    };
     let folded = args.fold_bn && model.spec.bn;
     let model = if folded { fold_bn(&model) } else { model }.into_inference();
+    let mut output_shape = vec![None];
+    output_shape.extend(model.output_shape(input).into_iter().map(Some));
     match format {
         Format::Safetensors => export_safetensors(&model, &meta, &args.out, args.half)?,
         Format::Torchscript => export_torchscript(&model, input, &args.out)?,
@@ -155,12 +178,24 @@ fn run_as(args: &Args, format: Format) -> Result<()> {
         input_shape: [None, Some(3), Some(input), Some(input)],
         folded_bn: folded,
         half: args.half,
+        layer: args.layer.clone(),
+        output_shape,
     };
     if args.model.json {
         return print_json(&written);
     }
+    let cut = match &written.layer {
+        Some(name) => {
+            let dims: Vec<String> = written.output_shape[1..]
+                .iter()
+                .map(|d| d.unwrap_or(0).to_string())
+                .collect();
+            format!(", up to {name}: output N x {}", dims.join(" x "))
+        }
+        None => String::new(),
+    };
     print_out(&format!(
-        "wrote {} ({:.1} MiB, {}, {} with {} classes, input N x 3 x {input} x {input}{}{})\n",
+        "wrote {} ({:.1} MiB, {}, {} with {} classes, input N x 3 x {input} x {input}{cut}{}{})\n",
         written.path.display(),
         written.bytes as f64 / (1024.0 * 1024.0),
         format.name(),

@@ -13,6 +13,7 @@ use vggctl::fsutil::check_target;
 use vggctl::model::ModelSpec;
 
 use super::images::{ImagesIn, Opened};
+use super::opts::module_position;
 use super::output::{print_json, print_out, say, usage};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -69,15 +70,7 @@ fn positions(spec: &ModelSpec, names: &[String]) -> Result<Vec<usize>> {
         if names[..i].contains(name) {
             return Err(usage(format!("--layer {name} is named twice")));
         }
-        let Some(p) = spec.position(name) else {
-            let known: Vec<String> = spec.layers().into_iter().map(|l| l.name).collect();
-            return Err(usage(format!(
-                "--layer {name}: {} ({} head) has no module of that name; its modules are {}",
-                spec.model_name(),
-                spec.head.name(),
-                known.join(", ")
-            )));
-        };
+        let p = module_position(spec, name)?;
         out.push(p);
     }
     Ok(out)

@@ -63,7 +63,8 @@ pub const EXPORT: &str = "\
 Examples:
   vggctl export --checkpoint runs/v11/best.safetensors --out v11.onnx
   vggctl export --weights imagenet --arch vgg16_bn --out vgg16_bn.pt2
-  vggctl export --weights vgg11.pth --out vgg11.safetensors          (the model is inferred)";
+  vggctl export --weights vgg11.pth --out vgg11.safetensors          (the model is inferred)
+  vggctl export --weights imagenet --arch vgg16 --layer classifier.4 --out fc7.onnx    an embedding model";
 
 pub const PREDICT: &str = "\
 Examples:

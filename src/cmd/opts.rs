@@ -146,6 +146,20 @@ impl ModelOpts {
     }
 }
 
+/// The position in `spec.layers()` of the module `--layer` names by
+/// torchvision's name; a usage error listing the model's names otherwise.
+pub fn module_position(spec: &ModelSpec, name: &str) -> Result<usize> {
+    spec.position(name).ok_or_else(|| {
+        let known: Vec<String> = spec.layers().into_iter().map(|l| l.name).collect();
+        usage(format!(
+            "--layer {name}: {} ({} head) has no module of that name; its modules are {}",
+            spec.model_name(),
+            spec.head.name(),
+            known.join(", ")
+        ))
+    })
+}
+
 /// Where the model runs (train, finetune, eval, predict; export and params
 /// work on the CPU's copy).
 #[derive(Args, Debug, Clone)]

@@ -1,7 +1,8 @@
 //! The VGG graph in ONNX: Conv, BatchNormalization (or folded), Relu,
 //! MaxPool, the head's pooling, Flatten, Gemm. Inputs `input` (N x 3 x H x W,
-//! N dynamic), output `logits`; class names and the rest of the model's
-//! metadata go into `metadata_props`.
+//! N dynamic), output `logits` (a model cut at a module, `export --layer`:
+//! `features`, that module's output); class names and the rest of the
+//! model's metadata go into `metadata_props`.
 
 use anyhow::{Result, bail};
 use prost::Message;
@@ -10,7 +11,7 @@ use tch::{Kind, Tensor};
 use super::onnx_proto::*;
 use crate::checkpoint::ModelMeta;
 use crate::formats::safetensors::tensor_bytes;
-use crate::model::{BN_EPS, Layer, Vgg, check_input};
+use crate::model::{BN_EPS, Layer, Tail, Vgg, check_input};
 
 pub const OPSET: i64 = 17;
 pub const IR_VERSION: i64 = 8;
@@ -237,13 +238,26 @@ pub fn model_bytes(model: &Vgg, meta: &ModelMeta, input: i64, folded: bool) -> R
         current: "input".into(),
     };
     let side = features(&mut b, model, input)?;
-    avgpool(&mut b, side, model.pool_size);
-    b.node("Flatten", "flatten", vec![], vec![attr_int("axis", 1)]);
-    classifier(&mut b, model)?;
-    // The last node's output is the graph's `logits`.
-    if let Some(last) = b.nodes.last_mut() {
-        last.output = vec!["logits".into()];
+    if model.tail >= Tail::Avgpool {
+        avgpool(&mut b, side, model.pool_size);
     }
+    if model.tail >= Tail::Flatten {
+        b.node("Flatten", "flatten", vec![], vec![attr_int("axis", 1)]);
+    }
+    if model.tail == Tail::Classifier {
+        classifier(&mut b, model)?;
+    }
+    // The last node's output is the graph's.
+    let output = if model.is_whole() {
+        "logits"
+    } else {
+        "features"
+    };
+    if let Some(last) = b.nodes.last_mut() {
+        last.output = vec![output.into()];
+    }
+    let mut dims = vec![None];
+    dims.extend(model.output_shape(input).into_iter().map(Some));
     let mut props: Vec<(String, String)> = meta.to_metadata().into_iter().collect();
     props.push(("folded_bn".into(), folded.to_string()));
     props.sort();
@@ -256,7 +270,7 @@ pub fn model_bytes(model: &Vgg, meta: &ModelMeta, input: i64, folded: bool) -> R
             "input",
             &[None, Some(3), Some(input), Some(input)],
         )],
-        output: vec![value_info("logits", &[None, Some(model.spec.classes)])],
+        output: vec![value_info(output, &dims)],
     };
     let model = ModelProto {
         ir_version: Some(IR_VERSION),

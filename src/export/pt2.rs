@@ -23,7 +23,7 @@ use zip::write::SimpleFileOptions;
 use crate::checkpoint::ModelMeta;
 use crate::device::LIBTORCH_VERSION;
 use crate::formats::safetensors::tensor_bytes;
-use crate::model::{BN_EPS, BN_MOMENTUM, Layer, Vgg, check_input};
+use crate::model::{BN_EPS, BN_MOMENTUM, Layer, Tail, Vgg, check_input};
 
 /// The serialized ExportedProgram's schema version that torch 2.11 writes
 /// and reads (`torch._export.serde.schema.SCHEMA_VERSION`).
@@ -270,16 +270,23 @@ fn build_graph(model: &Vgg, input: i64) -> Result<Builder> {
         }
         b.layer(name, layer)?;
     }
+    // A model cut at a module (`export --layer`) ends there.
     let p = model.pool_size;
-    let shape = b.with_channels(512);
-    let pooled = vec![shape[0], shape[1], Dim::Fixed(p), Dim::Fixed(p)];
-    let args = vec![("output_size", json!({"as_ints": [p, p]}))];
-    b.node("adaptive_avg_pool2d.default", "self", args, pooled);
-    let flat = vec![Dim::Batch, Dim::Fixed(512 * p * p)];
-    let args = vec![("start_dim", json!({"as_int": 1}))];
-    b.node("flatten.using_ints", "self", args, flat);
-    for (name, layer) in &model.classifier.layers {
-        b.layer(name, layer)?;
+    if model.tail >= Tail::Avgpool {
+        let shape = b.with_channels(512);
+        let pooled = vec![shape[0], shape[1], Dim::Fixed(p), Dim::Fixed(p)];
+        let args = vec![("output_size", json!({"as_ints": [p, p]}))];
+        b.node("adaptive_avg_pool2d.default", "self", args, pooled);
+    }
+    if model.tail >= Tail::Flatten {
+        let flat = vec![Dim::Batch, Dim::Fixed(512 * p * p)];
+        let args = vec![("start_dim", json!({"as_int": 1}))];
+        b.node("flatten.using_ints", "self", args, flat);
+    }
+    if model.tail == Tail::Classifier {
+        for (name, layer) in &model.classifier.layers {
+            b.layer(name, layer)?;
+        }
     }
     // Parameters before buffers; each group in the model's order.
     b.lifted.sort_by_key(|l| !l.is_param);

@@ -51,6 +51,17 @@ pub fn is_channels_last(t: &Tensor) -> bool {
     size.len() == 4 && stride[1] == 1 && stride[3] == size[1]
 }
 
+/// How far a model's head runs: all of it, or, for a model cut at a
+/// module ([`Vgg::cut`]), up to `features`' last layer kept, `avgpool` or
+/// `flatten`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Tail {
+    Features,
+    Avgpool,
+    Flatten,
+    Classifier,
+}
+
 /// A VGG network: `features`, then the head's pooling, flattening and `classifier`.
 pub struct Vgg {
     pub spec: ModelSpec,
@@ -61,6 +72,8 @@ pub struct Vgg {
     /// parameters get no gradient and their BatchNorm layers stay in eval
     /// mode while the rest trains.
     pub frozen_prefix: usize,
+    /// How far the head runs (all of it but in a cut model).
+    pub tail: Tail,
     /// Training in half precision with the fused step: the trained
     /// convolution and linear weights' compute-dtype copy (see
     /// [`Vgg::flatten_trainable`]).
@@ -128,6 +141,7 @@ impl Vgg {
             pool_size,
             classifier,
             frozen_prefix: 0,
+            tail: Tail::Classifier,
             compute: None,
         }
     }
@@ -139,10 +153,78 @@ impl Vgg {
     /// The head: adaptive pooling, flatten, classifier. `flatten(1, -1)`
     /// keeps the batch dimension symbolic when traced.
     pub fn head_forward_t(&self, x: &Tensor, train: bool) -> Tensor {
-        let x = x
-            .adaptive_avg_pool2d([self.pool_size, self.pool_size])
-            .flatten(1, -1);
-        self.classifier.forward_t(&x, train)
+        if self.tail == Tail::Features {
+            return x.shallow_clone();
+        }
+        let x = x.adaptive_avg_pool2d([self.pool_size, self.pool_size]);
+        if self.tail == Tail::Avgpool {
+            return x;
+        }
+        let x = x.flatten(1, -1);
+        match self.tail {
+            Tail::Classifier => self.classifier.forward_t(&x, train),
+            _ => x,
+        }
+    }
+
+    /// The model up to and including the module at `position` (an index
+    /// into `spec.layers()`), sharing its tensors: what torchvision's
+    /// `create_feature_extractor` with that one return node computes.
+    pub fn cut(&self, position: usize) -> Vgg {
+        let nf = self.features.layers.len();
+        let kept = |s: &Sequential, n: usize| {
+            let layers = s.layers.iter().take(n);
+            Sequential::new(layers.map(|(k, l)| (k.clone(), l.shallow())).collect())
+        };
+        let (features, tail, classifier) = match position {
+            p if p < nf => (kept(&self.features, p + 1), Tail::Features, 0),
+            p if p == nf => (kept(&self.features, nf), Tail::Avgpool, 0),
+            p if p == nf + 1 => (kept(&self.features, nf), Tail::Flatten, 0),
+            p => (kept(&self.features, nf), Tail::Classifier, p - nf - 1),
+        };
+        let mut cut = Vgg::of(
+            self.spec,
+            features,
+            self.pool_size,
+            kept(&self.classifier, classifier),
+        );
+        cut.tail = tail;
+        cut
+    }
+
+    /// Whether this is the whole model, not one [`Vgg::cut`] short of its logits.
+    pub fn is_whole(&self) -> bool {
+        let classifier = self.spec.head_layers().len() - 2;
+        self.tail == Tail::Classifier && self.classifier.layers.len() == classifier
+    }
+
+    /// The shape of one input's output (batch dimension left out) for
+    /// `input` x `input` images.
+    pub fn output_shape(&self, input: i64) -> Vec<i64> {
+        let (mut channels, mut side) = (3, input);
+        for (_, layer) in &self.features.layers {
+            match layer {
+                Layer::Conv { weight, .. } => channels = weight.size()[0],
+                Layer::MaxPool => side /= 2,
+                _ => {}
+            }
+        }
+        let p = self.pool_size;
+        let linear = self
+            .classifier
+            .layers
+            .iter()
+            .rev()
+            .find_map(|(_, l)| match l {
+                Layer::Linear { weight, .. } => Some(weight.size()[0]),
+                _ => None,
+            });
+        match self.tail {
+            Tail::Features => vec![channels, side, side],
+            Tail::Avgpool => vec![channels, p, p],
+            Tail::Flatten => vec![channels * p * p],
+            Tail::Classifier => vec![linear.unwrap_or(channels * p * p)],
+        }
     }
 
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
