@@ -529,4 +529,24 @@ mod tests {
         assert_eq!(dropouts(&model), vec![0.2, 0.2]);
         assert_eq!(model.classifier.layers.len(), layers);
     }
+
+    /// A model cut at every module computes what `forward_to` gives for
+    /// it, of the shape `output_shape` says; only the last cut is whole.
+    #[test]
+    fn a_cut_model_computes_its_modules_output() {
+        let _seeded = crate::seeded();
+        tch::manual_seed(5);
+        let spec = ModelSpec::new(Arch::Vgg11, true, Head::Cifar, 4);
+        let model = Vgg::new(spec, Device::Cpu);
+        let x = Tensor::randn([2, 3, 32, 32], (Kind::Float, Device::Cpu));
+        let positions: Vec<usize> = (0..spec.layers().len()).collect();
+        let outputs = tch::no_grad(|| model.forward_to(&x, &positions));
+        for (p, want) in positions.iter().zip(&outputs) {
+            let cut = model.cut(*p);
+            let got = tch::no_grad(|| cut.forward_t(&x, false));
+            assert!(got.allclose(want, 1e-6, 1e-6, false), "{p}");
+            assert_eq!(got.size()[1..], cut.output_shape(32)[..], "{p}");
+            assert_eq!(cut.is_whole(), *p == positions.len() - 1, "{p}");
+        }
+    }
 }
