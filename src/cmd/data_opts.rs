@@ -253,17 +253,12 @@ impl DataOpts {
             test_only,
             ..
         } = how;
+        if let Some(c) = cifar::named(name) {
+            let src = self.download_source(c);
+            let src = (!self.no_download).then_some(&src);
+            return c.load(dir, src, &mut download_bar(quiet));
+        }
         match name {
-            "cifar10" | "cifar100" => {
-                let c = if name == "cifar10" {
-                    &cifar::CIFAR10
-                } else {
-                    &cifar::CIFAR100
-                };
-                let src = self.download_source(c);
-                let src = (!self.no_download).then_some(&src);
-                c.load(dir, src, &mut download_bar(quiet))
-            }
             "folder" | "imagenet" => {
                 let imagenet = name == "imagenet";
                 let file = prepared::is_prepared(dir);
