@@ -42,11 +42,11 @@ pub struct Cifar {
     py_labels: &'static str,
     py_names: &'static str,
     /// The binary version's training files, test file, class list, and
-    /// every member its archive must hold.
+    /// the other members its archive must hold.
     bin_train: &'static [&'static str],
     bin_test: &'static str,
     bin_names: &'static str,
-    bin_members: &'static [&'static str],
+    bin_extra: &'static [&'static str],
     /// A binary record's label bytes before its pixels, and which is the label.
     label_bytes: usize,
     label_at: usize,
@@ -82,15 +82,7 @@ pub const CIFAR10: Cifar = Cifar {
     ],
     bin_test: "test_batch.bin",
     bin_names: "batches.meta.txt",
-    bin_members: &[
-        "data_batch_1.bin",
-        "data_batch_2.bin",
-        "data_batch_3.bin",
-        "data_batch_4.bin",
-        "data_batch_5.bin",
-        "test_batch.bin",
-        "batches.meta.txt",
-    ],
+    bin_extra: &[],
     label_bytes: 1,
     label_at: 0,
 };
@@ -115,12 +107,7 @@ pub const CIFAR100: Cifar = Cifar {
     bin_train: &["train.bin"],
     bin_test: "test.bin",
     bin_names: "fine_label_names.txt",
-    bin_members: &[
-        "train.bin",
-        "test.bin",
-        "fine_label_names.txt",
-        "coarse_label_names.txt",
-    ],
+    bin_extra: &["coarse_label_names.txt"],
     // A coarse label, then the fine one.
     label_bytes: 2,
     label_at: 1,
@@ -142,6 +129,12 @@ pub struct DownloadSource {
 }
 
 impl Cifar {
+    /// Every file of the binary version's folder, as its archive holds them.
+    fn bin_members(&self) -> Vec<&'static str> {
+        let named = [self.bin_test, self.bin_names];
+        [self.bin_train, &named, self.bin_extra].concat()
+    }
+
     /// Loads the dataset from `dir`, downloading the binary version first
     /// when neither layout is there and `download_from` allows it.
     pub fn load(
@@ -202,7 +195,7 @@ impl Cifar {
             let in_py = path.parent().and_then(Path::file_name) == Some(self.py_dir.as_ref());
             let files = match in_py {
                 true => [self.py_train, &[self.py_test, self.py_meta]].concat(),
-                false => self.bin_members.to_vec(),
+                false => self.bin_members(),
             };
             bail!(
                 "{}: missing ({}'s folder holds {})",
@@ -397,7 +390,7 @@ impl Cifar {
                 }
                 _ => continue,
             };
-            let Some(known) = self.bin_members.iter().find(|f| **f == name) else {
+            let Some(known) = self.bin_members().into_iter().find(|f| *f == name) else {
                 continue;
             };
             if !entry.header().entry_type().is_file() {
@@ -410,7 +403,7 @@ impl Cifar {
                 .with_context(|| format!("extracting {}", path.display()))?;
             found.push(known);
         }
-        let missing: Vec<String> = (self.bin_members.iter())
+        let missing: Vec<String> = (self.bin_members().into_iter())
             .filter(|f| !found.contains(f))
             .map(|m| format!("{}/{m}", self.bin_dir))
             .collect();
