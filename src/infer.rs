@@ -278,6 +278,7 @@ pub fn fold_bn(model: &Vgg) -> Vgg {
         Sequential::new(classifier),
     );
     folded.tail = model.tail;
+    folded.pool = model.pool;
     folded
 }
 

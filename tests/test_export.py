@@ -186,3 +186,66 @@ def test_a_model_cut_at_a_module_exports_that_modules_output(tmp_path):
                            capture_output=True, text=True)
         assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(f"vggctl: error: {line}"), r.stderr
         assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_a_cut_model_pools_its_feature_maps(tmp_path):
+    """`--layer NAME --pool avg|max`: VGG11-BN (cifar head) cut at a
+    BatchNorm (negative values, so max is not the ReLU's) and at a ReLU, at
+    input 64, its maps pooled to N x C. TorchScript, ONNX (with and without
+    --fold-bn, batch 1 and 3) and pt2 equal torchvision's single-node
+    extractor followed by `y.mean((2, 3))` or `y.amax((2, 3))` within 1e-5;
+    pt2's call targets and state dict are those `torch.export.export` gives
+    of that module. --pool on a vector (flatten) or without --layer is one
+    usage line and writes nothing."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+    src = str(tmp_path / "src.safetensors")
+    model, _ = source_model("vgg11", True, "cifar", src)
+    common = ["--weights", src, "--input", "64"]
+    torch.manual_seed(4)
+    x3 = torch.randn(3, 3, 64, 64)
+
+    class Pooled(torch.nn.Module):
+        def __init__(self, extractor, how):
+            super().__init__()
+            self.extractor, self.how = extractor, how
+
+        def forward(self, x):
+            y = self.extractor(x)["out"]
+            return y.mean((2, 3)) if self.how == "avg" else y.amax((2, 3))
+
+    for node, how in [("features.9", "max"), ("features.9", "avg"), ("features.17", "avg")]:
+        ref = Pooled(create_feature_extractor(model, return_nodes={node: "out"}), how)
+        with torch.no_grad():
+            want = ref(x3)
+        assert want.shape == (3, 256 if node == "features.9" else 512)
+        args = [*common, "--layer", node, "--pool", how, "--force"]
+        ts = str(tmp_path / "p.pt")
+        vggctl("export", *args, "--out", ts)
+        with torch.no_grad():
+            assert (torch.jit.load(ts)(x3) - want).abs().max().item() <= 1e-5, (node, how)
+        for fold in ([], ["--fold-bn"]):
+            path = str(tmp_path / "p.onnx")
+            out = json.loads(vggctl("export", *args, "--out", path, "--json", *fold).stdout)
+            assert out["pool"] == how and out["output_shape"] == [None, want.shape[1]]
+            proto = onnx.load(path)
+            onnx.checker.check_model(proto, full_check=True)
+            session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+            for n in (1, 3):
+                got = session.run(["features"], {"input": x3[:n].numpy()})[0]
+                assert np.abs(got - want[:n].numpy()).max() <= 1e-5, (node, how, fold, n)
+        pt2 = str(tmp_path / "p.pt2")
+        vggctl("export", *args, "--out", pt2)
+        ep = torch.export.load(pt2)
+        with torch.no_grad():
+            assert (ep.module()(x3) - want).abs().max().item() <= 1e-5, (node, how)
+        batch = torch.export.Dim("batch")
+        theirs = torch.export.export(ref, (torch.randn(2, 3, 64, 64),), dynamic_shapes=({0: batch},))
+        targets = [[str(n.target) for n in e.graph.nodes if n.op == "call_function"] for e in (ep, theirs)]
+        assert targets[0] == targets[1], (node, how)
+        assert [k.removeprefix("extractor.") for k in theirs.state_dict] == list(ep.state_dict)
+    for extra, line in [(["--layer", "flatten", "--pool", "avg"], "--pool: flatten gives a vector per image"),
+                        (["--pool", "max"], "the following required arguments were not provided")]:
+        r = subprocess.run([BIN, "export", *common, *extra, "--out", str(tmp_path / "bad.onnx")],
+                           capture_output=True, text=True)
+        assert r.returncode == 2 and line in r.stderr.strip().splitlines()[-1], r.stderr
+        assert not (tmp_path / "bad.onnx").exists()

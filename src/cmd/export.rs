@@ -4,11 +4,13 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use tch::Device;
+use vggctl::checkpoint::ModelMeta;
+use vggctl::choice::Choice;
 use vggctl::export::{export_onnx, export_pt2, export_safetensors, export_torchscript};
 use vggctl::infer::fold_bn;
-use vggctl::model::{Head, check_input, check_run_side};
+use vggctl::model::{Head, Pool, Vgg, check_input, check_run_side};
 
-use super::opts::{LoadOpts, ModelOpts, checkpoint_in, module_position};
+use super::opts::{LoadOpts, ModelOpts, checkpoint_in, choice, module_position};
 use super::output::{as_usage, print_json, print_out, usage, warn, whole};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -49,6 +51,10 @@ pub struct Args {
     /// fc7; `features.N`, `avgpool`, `flatten`, `classifier.N`).
     #[arg(long, value_name = "NAME")]
     layer: Option<String>,
+    /// Pool the --layer's feature maps over their height and width, one
+    /// value per channel (an N x C embedding): avg or max.
+    #[arg(long, value_name = "POOL", requires = "layer", value_parser = choice::<Pool>())]
+    pool: Option<Pool>,
     /// Store float16 weights (safetensors).
     #[arg(long)]
     half: bool,
@@ -74,6 +80,7 @@ struct Written {
     /// The module the model was cut at (--layer), and the output's shape
     /// (`[null, ...]`).
     layer: Option<String>,
+    pool: Option<Pool>,
     output_shape: Vec<Option<i64>>,
     folded_bn: bool,
     half: bool,
@@ -148,16 +155,7 @@ fn run_as(args: &Args, format: Format) -> Result<()> {
         check_run_side("--input", input).map_err(as_usage)?;
     }
     vggctl::fsutil::check_target(&args.out, args.force)?;
-    let source = (args.checkpoint.as_deref(), args.weights.as_deref());
-    let (model, meta) = args.model.load_either(source, &args.load, Device::Cpu)?;
-    let input = args.input.unwrap_or(meta.input_size);
-    check_input(input)?;
-    // Cut before folding: a convolution whose BatchNorm is cut off keeps
-    // its own output.
-    let model = match &args.layer {
-        Some(name) => model.cut(module_position(&model.spec, name)?),
-        None => model,
-    };
+    let (model, meta, input) = exported_model(args)?;
     let folded = args.fold_bn && model.spec.bn;
     let model = if folded { fold_bn(&model) } else { model }.into_inference();
     let mut output_shape = vec![None];
@@ -179,18 +177,51 @@ fn run_as(args: &Args, format: Format) -> Result<()> {
         folded_bn: folded,
         half: args.half,
         layer: args.layer.clone(),
+        pool: args.pool,
         output_shape,
     };
-    if args.model.json {
-        return print_json(&written);
+    report(&written, args.model.json)
+}
+
+/// The model the options name, cut at --layer and pooled by --pool (not
+/// yet folded), its metadata, and the graph's input side.
+fn exported_model(args: &Args) -> Result<(Vgg, ModelMeta, i64)> {
+    let source = (args.checkpoint.as_deref(), args.weights.as_deref());
+    let (model, meta) = args.model.load_either(source, &args.load, Device::Cpu)?;
+    let input = args.input.unwrap_or(meta.input_size);
+    check_input(input)?;
+    // Cut before folding: a convolution whose BatchNorm is cut off keeps
+    // its own output.
+    let model = match &args.layer {
+        Some(name) => model.cut(module_position(&model.spec, name)?),
+        None => model,
+    };
+    let model = match (args.pool, &args.layer) {
+        (Some(pool), Some(name)) => model
+            .pooled(pool)
+            .map_err(|e| usage(format!("--pool: {name} {e}")))?,
+        _ => model,
+    };
+    Ok((model, meta, input))
+}
+
+/// What was written, as JSON or one line.
+fn report(written: &Written, json: bool) -> Result<()> {
+    if json {
+        return print_json(written);
     }
+    let input = written.input_shape[2].unwrap_or(0);
     let cut = match &written.layer {
         Some(name) => {
             let dims: Vec<String> = written.output_shape[1..]
                 .iter()
                 .map(|d| d.unwrap_or(0).to_string())
                 .collect();
-            format!(", up to {name}: output N x {}", dims.join(" x "))
+            let pooled = match written.pool {
+                Some(p) => format!(" ({} pooled)", p.name()),
+                None => String::new(),
+            };
+            format!(", up to {name}{pooled}: output N x {}", dims.join(" x "))
         }
         None => String::new(),
     };
@@ -198,10 +229,14 @@ fn run_as(args: &Args, format: Format) -> Result<()> {
         "wrote {} ({:.1} MiB, {}, {} with {} classes, input N x 3 x {input} x {input}{cut}{}{})\n",
         written.path.display(),
         written.bytes as f64 / (1024.0 * 1024.0),
-        format.name(),
+        written.format.name(),
         written.model,
-        meta.classes,
-        if folded { ", BatchNorm folded" } else { "" },
-        if args.half { ", float16" } else { "" },
+        written.classes,
+        if written.folded_bn {
+            ", BatchNorm folded"
+        } else {
+            ""
+        },
+        if written.half { ", float16" } else { "" },
     ))
 }

@@ -10,18 +10,11 @@ use serde::Serialize;
 use tch::Tensor;
 use vggctl::formats::rows::{RowArray, RowFormat, RowWriter};
 use vggctl::fsutil::check_target;
-use vggctl::model::ModelSpec;
+use vggctl::model::{ModelSpec, Pool};
 
 use super::images::{ImagesIn, Opened};
-use super::opts::module_position;
+use super::opts::{choice, module_position};
 use super::output::{print_json, print_out, say, usage};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Pool {
-    Avg,
-    Max,
-}
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -46,7 +39,7 @@ pub struct Args {
     layer: Vec<String>,
     /// Pool each feature map over its height and width, one value per
     /// channel: avg (global average pooling) or max.
-    #[arg(long, value_enum, help_heading = "Output")]
+    #[arg(long, value_name = "POOL", value_parser = choice::<Pool>(), help_heading = "Output")]
     pool: Option<Pool>,
     /// Overwrite an existing --out.
     #[arg(long, help_heading = "Output")]
@@ -80,8 +73,7 @@ fn positions(spec: &ModelSpec, names: &[String]) -> Result<Vec<usize>> {
 fn pooled(y: Tensor, pool: Option<Pool>) -> Tensor {
     match pool {
         None => y,
-        Some(Pool::Avg) => y.mean_dim([2, 3].as_slice(), false, y.kind()),
-        Some(Pool::Max) => y.amax([2, 3], false),
+        Some(p) => p.apply(&y),
     }
 }
 

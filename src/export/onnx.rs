@@ -11,7 +11,7 @@ use tch::{Kind, Tensor};
 use super::onnx_proto::*;
 use crate::checkpoint::ModelMeta;
 use crate::formats::safetensors::tensor_bytes;
-use crate::model::{BN_EPS, Layer, Tail, Vgg, check_input};
+use crate::model::{BN_EPS, Layer, Pool, Tail, Vgg, check_input};
 
 pub const OPSET: i64 = 17;
 pub const IR_VERSION: i64 = 8;
@@ -240,6 +240,14 @@ pub fn model_bytes(model: &Vgg, meta: &ModelMeta, input: i64, folded: bool) -> R
     let side = features(&mut b, model, input)?;
     if model.tail >= Tail::Avgpool {
         avgpool(&mut b, side, model.pool_size);
+    }
+    if let Some(pool) = model.pool {
+        let op = match pool {
+            Pool::Avg => "ReduceMean",
+            Pool::Max => "ReduceMax",
+        };
+        let attrs = vec![attr_ints("axes", &[2, 3]), attr_int("keepdims", 0)];
+        b.node(op, "pool", vec![], attrs);
     }
     if model.tail >= Tail::Flatten {
         b.node("Flatten", "flatten", vec![], vec![attr_int("axis", 1)]);

@@ -23,7 +23,7 @@ use zip::write::SimpleFileOptions;
 use crate::checkpoint::ModelMeta;
 use crate::device::LIBTORCH_VERSION;
 use crate::formats::safetensors::tensor_bytes;
-use crate::model::{BN_EPS, BN_MOMENTUM, Layer, Tail, Vgg, check_input};
+use crate::model::{BN_EPS, BN_MOMENTUM, Layer, Pool, Tail, Vgg, check_input};
 
 /// The serialized ExportedProgram's schema version that torch 2.11 writes
 /// and reads (`torch._export.serde.schema.SCHEMA_VERSION`).
@@ -277,6 +277,15 @@ fn build_graph(model: &Vgg, input: i64) -> Result<Builder> {
         let pooled = vec![shape[0], shape[1], Dim::Fixed(p), Dim::Fixed(p)];
         let args = vec![("output_size", json!({"as_ints": [p, p]}))];
         b.node("adaptive_avg_pool2d.default", "self", args, pooled);
+    }
+    if let Some(pool) = model.pool {
+        let op = match pool {
+            Pool::Avg => "mean.dim",
+            Pool::Max => "amax.default",
+        };
+        let pooled = vec![Dim::Batch, b.shape[1]];
+        let args = vec![("dim", json!({"as_ints": [2, 3]}))];
+        b.node(op, "self", args, pooled);
     }
     if model.tail >= Tail::Flatten {
         let flat = vec![Dim::Batch, Dim::Fixed(512 * p * p)];

@@ -6,6 +6,7 @@
 //! It has no modes: how it is run (precision, the inference form) is
 //! decided above it, in `numerics` and `infer`.
 //! - `spec`: what fixes the structure (cfgs, heads, layer list, input size);
+//! - `cut`: a model cut at a module (an embedding model) and its output;
 //! - `layer`: the modules and their tensors;
 //! - `flat`: the trained parameters as views of one flat buffer (the fused
 //!   optimizer's), and the fused step's half-precision copy of the weights;
@@ -14,12 +15,14 @@
 //! - `recognize`: which VGG a state dict is, and the model a request leaves
 //!   open resolved from it.
 
+mod cut;
 mod flat;
 mod layer;
 mod recognize;
 mod spec;
 mod state_dict;
 
+pub use cut::{Pool, Tail};
 pub use flat::ComputeCopy;
 pub use layer::{
     BN_EPS, BN_MOMENTUM, Layer, PAD_CHANNELS, Sequential, batch_norm, batch_norm_moving,
@@ -51,17 +54,6 @@ pub fn is_channels_last(t: &Tensor) -> bool {
     size.len() == 4 && stride[1] == 1 && stride[3] == size[1]
 }
 
-/// How far a model's head runs: all of it, or, for a model cut at a
-/// module ([`Vgg::cut`]), up to `features`' last layer kept, `avgpool` or
-/// `flatten`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Tail {
-    Features,
-    Avgpool,
-    Flatten,
-    Classifier,
-}
-
 /// A VGG network: `features`, then the head's pooling, flattening and `classifier`.
 pub struct Vgg {
     pub spec: ModelSpec,
@@ -74,6 +66,9 @@ pub struct Vgg {
     pub frozen_prefix: usize,
     /// How far the head runs (all of it but in a cut model).
     pub tail: Tail,
+    /// A cut model's feature maps pooled to one value per channel
+    /// ([`Vgg::pooled`]).
+    pub pool: Option<Pool>,
     /// Training in half precision with the fused step: the trained
     /// convolution and linear weights' compute-dtype copy (see
     /// [`Vgg::flatten_trainable`]).
@@ -142,6 +137,7 @@ impl Vgg {
             classifier,
             frozen_prefix: 0,
             tail: Tail::Classifier,
+            pool: None,
             compute: None,
         }
     }
@@ -153,77 +149,21 @@ impl Vgg {
     /// The head: adaptive pooling, flatten, classifier. `flatten(1, -1)`
     /// keeps the batch dimension symbolic when traced.
     pub fn head_forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        let end = |x: Tensor| match self.pool {
+            Some(pool) => pool.apply(&x),
+            None => x,
+        };
         if self.tail == Tail::Features {
-            return x.shallow_clone();
+            return end(x.shallow_clone());
         }
         let x = x.adaptive_avg_pool2d([self.pool_size, self.pool_size]);
         if self.tail == Tail::Avgpool {
-            return x;
+            return end(x);
         }
         let x = x.flatten(1, -1);
         match self.tail {
             Tail::Classifier => self.classifier.forward_t(&x, train),
             _ => x,
-        }
-    }
-
-    /// The model up to and including the module at `position` (an index
-    /// into `spec.layers()`), sharing its tensors: what torchvision's
-    /// `create_feature_extractor` with that one return node computes.
-    pub fn cut(&self, position: usize) -> Vgg {
-        let nf = self.features.layers.len();
-        let kept = |s: &Sequential, n: usize| {
-            let layers = s.layers.iter().take(n);
-            Sequential::new(layers.map(|(k, l)| (k.clone(), l.shallow())).collect())
-        };
-        let (features, tail, classifier) = match position {
-            p if p < nf => (kept(&self.features, p + 1), Tail::Features, 0),
-            p if p == nf => (kept(&self.features, nf), Tail::Avgpool, 0),
-            p if p == nf + 1 => (kept(&self.features, nf), Tail::Flatten, 0),
-            p => (kept(&self.features, nf), Tail::Classifier, p - nf - 1),
-        };
-        let mut cut = Vgg::of(
-            self.spec,
-            features,
-            self.pool_size,
-            kept(&self.classifier, classifier),
-        );
-        cut.tail = tail;
-        cut
-    }
-
-    /// Whether this is the whole model, not one [`Vgg::cut`] short of its logits.
-    pub fn is_whole(&self) -> bool {
-        let classifier = self.spec.head_layers().len() - 2;
-        self.tail == Tail::Classifier && self.classifier.layers.len() == classifier
-    }
-
-    /// The shape of one input's output (batch dimension left out) for
-    /// `input` x `input` images.
-    pub fn output_shape(&self, input: i64) -> Vec<i64> {
-        let (mut channels, mut side) = (3, input);
-        for (_, layer) in &self.features.layers {
-            match layer {
-                Layer::Conv { weight, .. } => channels = weight.size()[0],
-                Layer::MaxPool => side /= 2,
-                _ => {}
-            }
-        }
-        let p = self.pool_size;
-        let linear = self
-            .classifier
-            .layers
-            .iter()
-            .rev()
-            .find_map(|(_, l)| match l {
-                Layer::Linear { weight, .. } => Some(weight.size()[0]),
-                _ => None,
-            });
-        match self.tail {
-            Tail::Features => vec![channels, side, side],
-            Tail::Avgpool => vec![channels, p, p],
-            Tail::Flatten => vec![channels * p * p],
-            Tail::Classifier => vec![linear.unwrap_or(channels * p * p)],
         }
     }
 
