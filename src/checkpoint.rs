@@ -58,8 +58,8 @@ impl ModelMeta {
     /// side. ImageNet-style models: torchvision's `Resize` + `CenterCrop` at
     /// the input. CIFAR-style training on an image folder (`train --dataset
     /// folder`): the centre square at the input's default resize (the side
-    /// its images are kept at). CIFAR-10's and the digits' models: the
-    /// whole image at their 32x32, upsampled to the input as their
+    /// its images are kept at). CIFAR's, MNIST's and the digits' models:
+    /// the whole image at their 32x32, upsampled to the input as their
     /// training images were.
     pub fn host_crop(&self) -> (Option<i64>, i64) {
         use crate::data::{cifar, digits, image::default_resize};

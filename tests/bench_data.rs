@@ -175,7 +175,7 @@ fn pass(s: &Streamed, mode: &str, limit: i64, batch: i64) -> i64 {
                 tch::manual_seed(step);
                 loader.submit(Job {
                     indices: (next..next + len).collect(),
-                    draws: draw_resized_crops(len, CropRange::default()),
+                    draws: draw_resized_crops(len, CropRange::default(), 0.5),
                 });
                 (next, step) = (next + len, step + 1);
             }

@@ -530,7 +530,7 @@ fn random_crops_stay_in_bounds_and_flips_flip() {
         .view([1, 3, 32, 32])
         .repeat([64, 1, 1, 1])
         + 1;
-    let out = random_crop_flip(&x, 4);
+    let out = random_crop_flip(&x, 4, 0.5);
     let padded = x.constant_pad_nd([4, 4, 4, 4]);
     let mut flips = 0;
     for i in 0..64 {

@@ -123,10 +123,10 @@ fn same_crops_streamed_and_in_memory(root: &Path, filter: Filter) {
         let range = [CropRange::default(), other][seed as usize % 2];
         tch::manual_seed(seed);
         let layout = split.layout.as_ref().unwrap();
-        let expected = random_canvas_crop_flip(&split.images, layout, (56, filter), range);
+        let expected = random_canvas_crop_flip(&split.images, layout, (56, filter), range, 0.5);
         let next_in_memory = Tensor::rand([4], (Kind::Float, tch::Device::Cpu));
         tch::manual_seed(seed);
-        let draws = draw_resized_crops(n, range);
+        let draws = draw_resized_crops(n, range, 0.5);
         let next_streamed = Tensor::rand([4], (Kind::Float, tch::Device::Cpu));
         assert!(next_in_memory.equal(&next_streamed));
         loader.submit(Job {
@@ -385,7 +385,7 @@ fn batch_of(data: &Images, t: Transform, seed: i64) -> Tensor {
     tch::manual_seed(seed);
     let n = s.len();
     let draws = match t {
-        Transform::Random { .. } => draw_resized_crops(n, CropRange::default()),
+        Transform::Random { .. } => draw_resized_crops(n, CropRange::default(), 0.5),
         _ => Vec::new(),
     };
     loader.submit(Job {
@@ -554,7 +554,7 @@ fn memory_child() {
             tch::manual_seed(step as i64);
             loader.submit(Job {
                 indices: (start..start + len).collect(),
-                draws: draw_resized_crops(len, CropRange::default()),
+                draws: draw_resized_crops(len, CropRange::default(), 0.5),
             });
             if loader.pending > 2 {
                 seen += loader.take().unwrap().batch.len();

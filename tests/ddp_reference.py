@@ -56,6 +56,18 @@ torchvision.datasets.CIFAR100 itself (its fine labels and class names; its
 integrity check against the files' own MD5s, since the fixtures are made
 here), for a model of 100 classes, normalized with CIFAR-100's mean and
 deviation.
+
+--mnist mnist|fashion-mnist reads --data (the directory holding MNIST/raw/
+or FashionMNIST/raw/) through torchvision.datasets.MNIST or FashionMNIST
+itself: each 28x28 image resized to 32x32 by torchvision's
+`F.resize(antialias=True)` on the uint8 tensor, repeated in three channels,
+normalized with the dataset's usual mean and deviation.
+
+--crop-flip P is the CIFAR recipe's augmentation of each training image,
+RandomCrop(32, padding=4) then RandomHorizontalFlip(P), made by
+torchvision's F.pad, F.crop and F.hflip with vggctl's draws (drawn from the
+step's seed before anything else: row offsets, column offsets, then one
+uniform per image, below P mirrors).
 """
 import argparse
 import hashlib
@@ -127,6 +139,28 @@ def train_split(data_dir, limit):
 
 CIFAR10_NORM = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 CIFAR100_NORM = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+MNIST_NORM = {"mnist": ((0.1307,) * 3, (0.3081,) * 3), "fashion-mnist": ((0.2860,) * 3, (0.3530,) * 3)}
+
+
+def mnist(root, name, train=True):
+    """torchvision's MNIST or FashionMNIST over `root`."""
+    cls = torchvision.datasets.MNIST if name == "mnist" else torchvision.datasets.FashionMNIST
+    return cls(root, train=train, download=False)
+
+
+def mnist_images(ds):
+    """The dataset's images as the model reads them: 32x32, three channels, uint8."""
+    x = torchvision.transforms.functional.resize(ds.data[:, None], [32, 32], antialias=True)
+    return x.repeat(1, 3, 1, 1).contiguous()
+
+
+def crop_flip(images, p):
+    """RandomCrop(32, padding=4) + RandomHorizontalFlip(p) with vggctl's draws."""
+    n = len(images)
+    oy, ox, flip = torch.randint(9, (n,)), torch.randint(9, (n,)), torch.rand(n) < p
+    F = torchvision.transforms.functional
+    out = [F.crop(F.pad(img, 4, fill=0), int(a), int(b), 32, 32) for img, a, b in zip(images, oy, ox)]
+    return torch.stack([F.hflip(o) if f else o for o, f in zip(out, flip)])
 
 
 def cifar100(root, train=True):
@@ -251,6 +285,8 @@ def main():
     p.add_argument("--swa-anneal-strategy", default="cos")
     p.add_argument("--swa-out")
     p.add_argument("--cifar100", action="store_true")
+    p.add_argument("--mnist", choices=["mnist", "fashion-mnist"])
+    p.add_argument("--crop-flip", type=float, default=None, metavar="P")
     a = p.parse_args()
 
     one = a.as_one_process > 0
@@ -279,9 +315,14 @@ def main():
         opt = adam(groups, lr=a.lr, betas=betas, eps=a.eps, weight_decay=a.weight_decay, amsgrad=a.amsgrad)
     if a.cifar100:
         images, labels = cifar100_train_split(a.data, a.limit_train)
+        norm = CIFAR100_NORM
+    elif a.mnist:
+        ds = mnist(a.data, a.mnist)
+        images, labels = mnist_images(ds)[:a.limit_train], ds.targets[:a.limit_train]
+        norm = MNIST_NORM[a.mnist]
     else:
         images, labels = train_split(a.data, a.limit_train)
-    norm = CIFAR100_NORM if a.cifar100 else CIFAR10_NORM
+        norm = CIFAR10_NORM
     x_all = normalize(images, *norm)
     n = len(labels)
     erase = transforms.RandomErasing(p=a.random_erase) if a.random_erase > 0 else None
@@ -351,6 +392,8 @@ def main():
             idx = torch.cat([mine[start : start + a.batch_size] for mine in shards])
             torch.manual_seed(position_seed(rank_seed(a.seed, ranks[0]), epoch, step))
             x, y = x_all[idx], labels[idx]
+            if a.crop_flip is not None:
+                x = normalize(crop_flip(images[idx], a.crop_flip), *norm)
             if auto is not None:
                 augmented = torch.stack([auto(img) for img in images[idx]])
                 x = normalize(augmented, *norm)

@@ -2,7 +2,7 @@
 //! its own entry point and inside a legacy `.pth` container, where the
 //! storage walk runs over what it built), both `.pth` layouts, safetensors
 //! with vggctl's metadata check, both CIFAR layouts (as CIFAR-10's and
-//! CIFAR-100's files), the image
+//! CIFAR-100's files), MNIST's IDX files (plain and gzipped), the image
 //! decoder and prepared datasets (index, checksums, the images in them).
 //!
 //! Inputs are mutations of real files (the fixtures) and, for pickles,
@@ -97,6 +97,21 @@ fn read_cifar_py(path: &Path, _: &[u8]) -> Result<()> {
     ten.and(CIFAR100.read_py_batch(path).map(drop))
 }
 
+/// As MNIST's images file and labels file, then the same as their `.gz`.
+fn read_mnist(path: &Path, bytes: &[u8]) -> Result<()> {
+    use vggctl::data::mnist::{MNIST, read_images};
+    let plain = read_images(path).map(drop);
+    let plain = plain.and(MNIST.read_labels(path).map(drop));
+    let base = path.with_extension("idx");
+    let gz = path.with_extension("idx.gz");
+    std::fs::write(&gz, bytes)?;
+    let packed = read_images(&base)
+        .map(drop)
+        .and(MNIST.read_labels(&base).map(drop));
+    std::fs::remove_file(&gz)?;
+    plain.and(packed)
+}
+
 fn read_image(path: &Path, _: &[u8]) -> Result<()> {
     // Whole, then as far as a crop of its top third needs (a sequential
     // JPEG's header is then rewritten to fewer rows).
@@ -168,6 +183,22 @@ fn cifar_py_seeds() -> Vec<Vec<u8>> {
         fixture("digits-py/cifar-10-batches-py/test_batch"),
         fixture("digits-py/cifar-100-python/test"),
     ]
+}
+
+/// Four images of the test file (its count rewritten), its labels, and
+/// both gzipped.
+fn mnist_seeds() -> Vec<Vec<u8>> {
+    use std::io::Write;
+    let mut images =
+        fixture("digits-bin/MNIST/raw/t10k-images-idx3-ubyte")[..16 + 4 * 784].to_vec();
+    images[4..8].copy_from_slice(&4u32.to_be_bytes());
+    let labels = fixture("digits-bin/MNIST/raw/t10k-labels-idx1-ubyte");
+    let gz = |b: &[u8]| {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(b).unwrap();
+        e.finish().unwrap()
+    };
+    vec![gz(&images), gz(&labels), images, labels]
 }
 
 fn image_seeds() -> Vec<Vec<u8>> {
@@ -245,6 +276,12 @@ const TARGETS: &[Target] = &[
         read: read_cifar_py,
         seeds: cifar_py_seeds,
         pickles: true,
+    },
+    Target {
+        name: "mnist",
+        read: read_mnist,
+        seeds: mnist_seeds,
+        pickles: false,
     },
     Target {
         name: "image",

@@ -8,6 +8,10 @@
   images and split as a CIFAR-100 dataset in both layouts (one training
   file; digit d's fine label 10*d + 3, its coarse label d // 2; 100 fine and
   20 coarse class names);
+- digits-bin/MNIST/raw/ and digits-bin/FashionMNIST/raw/: the same digits
+  and split at 28x28 gray as torchvision's MNIST and FashionMNIST folders
+  (the four IDX files; Fashion-MNIST's label of digit d is 9 - d), and in
+  digits-py/ the same files only as their .gz;
 - photos/<class>/*.png|jpg: scikit-image photographs as a 3-class image folder;
 - augment.safetensors: scikit-image photographs at 32x32 with explicit crop
   offsets and flip decisions, and what torchvision's transforms make of them;
@@ -20,6 +24,7 @@
   as uint8.
 
 Usage: make_datasets.py OUT_DIR"""
+import gzip
 import os
 import pickle
 import sys
@@ -106,6 +111,37 @@ def write_py100(root, train, test):
             pickle.dump(entry, f, protocol=2)
     with open(os.path.join(d, "meta"), "wb") as f:
         pickle.dump({"fine_label_names": FINE, "coarse_label_names": COARSE}, f, protocol=2)
+
+
+def digits_28():
+    """The digits at 28x28 gray in the CIFAR fixtures' split order."""
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32)[:, None] * (255.0 / 16.0)
+    x = tnf.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False)
+    x = x.round().clamp(0, 255).to(torch.uint8)[:, 0].numpy()
+    y = np.asarray(d.target, dtype=np.uint8)
+    order = np.random.RandomState(0).permutation(len(y))
+    x, y = x[order], y[order]
+    return (x[TEST:], y[TEST:]), (x[:TEST], y[:TEST])
+
+
+def idx_bytes(a):
+    """An IDX file of unsigned bytes: magic 0x0000080N, big-endian sizes."""
+    header = bytes([0, 0, 8, a.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in a.shape)
+    return header + np.ascontiguousarray(a, dtype=np.uint8).tobytes()
+
+
+def write_mnist(root, folder, train, test, gz):
+    d = os.path.join(root, folder, "raw")
+    os.makedirs(d, exist_ok=True)
+    for prefix, (x, y) in [("train", train), ("t10k", test)]:
+        for name, a in [(f"{prefix}-images-idx3-ubyte", x), (f"{prefix}-labels-idx1-ubyte", y)]:
+            if gz:
+                with gzip.open(os.path.join(d, name + ".gz"), "wb") as f:
+                    f.write(idx_bytes(a))
+            else:
+                with open(os.path.join(d, name), "wb") as f:
+                    f.write(idx_bytes(a))
 
 
 def write_augment(path):
@@ -227,6 +263,10 @@ def main(out):
     write_py(os.path.join(out, "digits-py"), batches, test)
     write_bin100(os.path.join(out, "digits-bin"), (xtr, ytr), test)
     write_py100(os.path.join(out, "digits-py"), (xtr, ytr), test)
+    (x28, y28), (t28, u28) = digits_28()
+    for layout, gz in [("digits-bin", False), ("digits-py", True)]:
+        write_mnist(os.path.join(out, layout), "MNIST", (x28, y28), (t28, u28), gz)
+        write_mnist(os.path.join(out, layout), "FashionMNIST", (x28, 9 - y28), (t28, 9 - u28), gz)
     write_augment(os.path.join(out, "augment.safetensors"))
     write_resized_crop(os.path.join(out, "resized_crop.safetensors"))
     write_eval_transform(os.path.join(out, "eval_transform.safetensors"))

@@ -206,7 +206,7 @@ fn option_rules(config: &TrainConfig) -> Vec<Rule> {
     .concat()
 }
 
-fn augment_rules(config: &TrainConfig) -> [Rule; 5] {
+fn augment_rules(config: &TrainConfig) -> [Rule; 6] {
     let ra = config.auto_augment == Some(Policy::Ra);
     let resized_crop = config.augment == Augment::ResizedCrop && !config.no_augment;
     let augmix = config.auto_augment == Some(Policy::Augmix);
@@ -231,6 +231,11 @@ fn augment_rules(config: &TrainConfig) -> [Rule; 5] {
             &["scale", "ratio"],
             resized_crop,
             "applies to RandomResizedCrop's training (--dataset imagenet, or finetune on a folder; not with --no-augment) only",
+        ),
+        (
+            &["hflip"],
+            !config.no_augment,
+            "applies to augmented training only (not with --no-augment)",
         ),
     ]
 }

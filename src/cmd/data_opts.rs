@@ -4,10 +4,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 use vggctl::data::Dataset;
-use vggctl::data::cifar::{self, Cifar, DownloadSource};
+use vggctl::data::cifar::{self, DownloadSource};
 use vggctl::data::digits;
 use vggctl::data::folder::{self, FolderOptions};
 use vggctl::data::imagenet;
+use vggctl::data::mnist;
 use vggctl::data::pack;
 use vggctl::data::prepared::{self, Prepared};
 use vggctl::data::resize::Filter;
@@ -20,7 +21,8 @@ use super::progress::download_bar;
 #[derive(clap::Args, Debug, Clone)]
 #[command(next_help_heading = "Data")]
 pub struct DataOpts {
-    /// Dataset: cifar10, cifar100 (its 100 fine classes), digits
+    /// Dataset: cifar10, cifar100 (its 100 fine classes), mnist,
+    /// fashion-mnist (their 28x28 gray images read as 32x32 RGB), digits
     /// (scikit-learn's handwritten digits, built
     /// into vggctl: no download), folder (one subfolder of images per
     /// class, read as torchvision's ImageFolder reads it) or imagenet
@@ -30,18 +32,22 @@ pub struct DataOpts {
     pub dataset: Option<String>,
     /// cifar10: the directory holding cifar-10-batches-py/ (torchvision's) or
     /// cifar-10-batches-bin/; cifar100: cifar-100-python/ or
-    /// cifar-100-binary/; folder: the class folders; imagenet: the
+    /// cifar-100-binary/; mnist, fashion-mnist: the directory holding
+    /// MNIST/raw/ or FashionMNIST/raw/ (torchvision's); folder: the class folders; imagenet: the
     /// directory holding train/ and val/; folder, imagenet: or the file
     /// `vggctl prepare` made of them [default: ./data].
     #[arg(long, alias = "data-path")]
     pub data_dir: Option<PathBuf>,
     /// Where to download the binary CIFAR-10 or CIFAR-100 archive from
-    /// when it is missing [default: $VGGCTL_CIFAR10_URL or
-    /// $VGGCTL_CIFAR100_URL, else the dataset's own at www.cs.toronto.edu].
+    /// when it is missing; mnist, fashion-mnist: the mirror (or
+    /// comma-separated mirrors) serving their four .gz files [default:
+    /// $VGGCTL_CIFAR10_URL, $VGGCTL_CIFAR100_URL, $VGGCTL_MNIST_URL or
+    /// $VGGCTL_FASHION_MNIST_URL, else the dataset's own, as torchvision's].
     #[arg(long)]
     pub data_url: Option<String>,
-    /// MD5 the downloaded archive must have [default: $VGGCTL_CIFAR10_MD5
-    /// or $VGGCTL_CIFAR100_MD5, else the official archive's].
+    /// MD5 the downloaded archive must have (mnist, fashion-mnist: four,
+    /// comma-separated, for train-images, train-labels, t10k-images,
+    /// t10k-labels) [default: $VGGCTL_<DATASET>_MD5, else the official files'].
     #[arg(long, hide = true)]
     pub data_md5: Option<String>,
     /// Never download; fail if the data is not in --data-dir.
@@ -123,18 +129,20 @@ fn default_cache_mem() -> u64 {
 }
 
 impl DataOpts {
-    /// Where `c` is downloaded from: --data-url, else its environment
-    /// variable (`VGGCTL_CIFAR100_URL`), else its own; the MD5 alike.
-    fn download_source(&self, c: &Cifar) -> DownloadSource {
-        let env = |what: &str| std::env::var(format!("VGGCTL_{}_{what}", c.name.to_uppercase()));
-        DownloadSource {
+    /// Where the dataset `name` is downloaded from: --data-url, else its
+    /// environment variable (`VGGCTL_CIFAR100_URL`, `VGGCTL_FASHION_MNIST_URL`),
+    /// else `own`; the MD5 alike. None with --no-download.
+    fn download_source(&self, name: &str, own: DownloadSource) -> Option<DownloadSource> {
+        let var = name.to_uppercase().replace('-', "_");
+        let env = |what: &str| std::env::var(format!("VGGCTL_{var}_{what}"));
+        (!self.no_download).then(|| DownloadSource {
             url: (self.data_url.clone())
                 .or_else(|| env("URL").ok())
-                .unwrap_or_else(|| c.url.into()),
+                .unwrap_or(own.url),
             md5: (self.data_md5.clone())
                 .or_else(|| env("MD5").ok())
-                .unwrap_or_else(|| c.md5.into()),
-        }
+                .unwrap_or(own.md5),
+        })
     }
 
     /// The dataset named, cifar10 if none.
@@ -171,9 +179,10 @@ impl DataOpts {
                 .0
                 .len() as i64,
             "digits" => 10,
-            other => match cifar::named(other) {
-                Some(c) => c.classes,
-                None => return Err(usage(unknown(other))),
+            other => match (cifar::named(other), mnist::named(other)) {
+                (Some(c), _) => c.classes,
+                (_, Some(m)) => m.classes.len() as i64,
+                _ => return Err(usage(unknown(other))),
             },
         };
         if found < 2 {
@@ -254,9 +263,20 @@ impl DataOpts {
             ..
         } = how;
         if let Some(c) = cifar::named(name) {
-            let src = self.download_source(c);
-            let src = (!self.no_download).then_some(&src);
-            return c.load(dir, src, &mut download_bar(quiet));
+            let own = DownloadSource {
+                url: c.url.into(),
+                md5: c.md5.into(),
+            };
+            let src = self.download_source(name, own);
+            return c.load(dir, src.as_ref(), &mut download_bar(quiet));
+        }
+        if let Some(m) = mnist::named(name) {
+            let own = DownloadSource {
+                url: m.mirrors.join(","),
+                md5: m.md5s.join(","),
+            };
+            let src = self.download_source(name, own);
+            return m.load(dir, src.as_ref(), &mut download_bar(quiet));
         }
         match name {
             "folder" | "imagenet" => {
@@ -330,7 +350,9 @@ pub fn imagenet_split(dir: &Path, split: &str) -> Result<PathBuf> {
 }
 
 fn unknown(name: &str) -> String {
-    format!("unknown dataset '{name}' (expected cifar10, cifar100, digits, folder or imagenet)")
+    format!(
+        "unknown dataset '{name}' (expected cifar10, cifar100, mnist, fashion-mnist, digits, folder or imagenet)"
+    )
 }
 
 /// Rank 0 tells the other ranks (after loading the data, so it also

@@ -9,6 +9,7 @@ use vggctl::data::augment::Augment;
 use vggctl::data::auto_augment::{
     AUGMIX_BINS, AUGMIX_SEVERITY, Interpolation, Policy, RA_BINS, RA_MAGNITUDE,
 };
+use vggctl::data::default_hflip;
 use vggctl::data::mix::Mixing;
 use vggctl::data::resize::Filter;
 use vggctl::data::resized_crop::CropRange;
@@ -52,6 +53,11 @@ pub struct RecipeOpts {
     /// both antialiased; recorded in the checkpoint for eval and predict.
     #[arg(long, value_name = "MODE", default_value = "bilinear", value_parser = choice::<Filter>(), help_heading = "Data")]
     pub interpolation: Filter,
+    /// The probability that a training image is mirrored left-right
+    /// (torchvision's RandomHorizontalFlip(p), timm's --hflip) [default:
+    /// 0.5; mnist, digits: 0, as a mirrored digit is no digit].
+    #[arg(long, value_name = "P", help_heading = "Data")]
+    pub hflip: Option<f64>,
     /// Keep an exponential moving average of the weights (torchvision's
     /// reference --model-ema): evaluated after every epoch beside the
     /// weights and saved as ema.safetensors.
@@ -219,6 +225,12 @@ impl RecipeOpts {
         }
         non_negative("--mixup-alpha", self.mixup_alpha)?;
         non_negative("--cutmix-alpha", self.cutmix_alpha)?;
+        if let Some(p) = self.hflip.filter(|p| !(0.0..=1.0).contains(p)) {
+            return Err(usage(format!(
+                "--hflip {} must be a probability in [0, 1]",
+                Num(p)
+            )));
+        }
         if !(0.0..=1.0).contains(&self.random_erase) {
             return Err(usage(format!(
                 "--random-erase {} must be a probability in [0, 1]",
@@ -274,6 +286,7 @@ impl RecipeOpts {
         config.val_resize_size = self.val_resize_size;
         config.interpolation = self.interpolation;
         config.crop_range = self.crop_range();
+        config.hflip = (self.hflip).unwrap_or_else(|| default_hflip(&config.dataset));
         config.accum_steps = self.accum_steps;
         config.ra_reps = self.ra_sampler.then_some(self.ra_reps);
         config.dropout = self.dropout;

@@ -313,8 +313,6 @@ impl HyperOpts {
         }
     }
 
-    /// A new run's configuration from these options; the caller fills in
-    /// what differs between training from scratch and fine-tuning.
     /// `--out`, or a new run's directory under runs/.
     fn out_dir(&self, spec: &ModelSpec, data: &DataOpts) -> PathBuf {
         self.out.clone().unwrap_or_else(|| {
@@ -322,6 +320,8 @@ impl HyperOpts {
         })
     }
 
+    /// A new run's configuration from these options; the caller fills in
+    /// what differs between training from scratch and fine-tuning.
     pub fn config(
         &self,
         spec: ModelSpec,
@@ -329,8 +329,23 @@ impl HyperOpts {
         device: Device,
         default_epochs: usize,
     ) -> TrainConfig {
+        let mut config = self.plain_config(spec, data, device, default_epochs);
+        self.recipe.configure(&mut config);
+        self.cycles.configure(&mut config);
+        config
+    }
+
+    /// [`Self::config`] before the recipe's and the cycles' options: their
+    /// fields at their defaults.
+    fn plain_config(
+        &self,
+        spec: ModelSpec,
+        data: &DataOpts,
+        device: Device,
+        default_epochs: usize,
+    ) -> TrainConfig {
         let numerics = self.numerics.request(Some(&self.graphs), !self.no_fused);
-        let mut config = TrainConfig {
+        TrainConfig {
             model: spec,
             dataset: data.dataset().to_string(),
             data_dir: absolute(&data.dir()),
@@ -394,13 +409,11 @@ impl HyperOpts {
             dropout: vggctl::train::config::DROPOUT,
             bn_momentum: vggctl::model::BN_MOMENTUM,
             crop_range: Default::default(),
+            hflip: vggctl::data::augment::HFLIP,
             ra_reps: None,
             tensorboard: false,
             streamed: None,
-        };
-        self.recipe.configure(&mut config);
-        self.cycles.configure(&mut config);
-        config
+        }
     }
 }
 

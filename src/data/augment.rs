@@ -10,6 +10,10 @@ use super::image::centre_offset;
 use super::resize::Filter;
 use super::resized_crop::{CropBoxes, CropRange, random_resized_boxes};
 
+/// torchvision's `RandomHorizontalFlip` probability: training's `--hflip`
+/// unless the dataset's images change class when mirrored.
+pub const HFLIP: f64 = 0.5;
+
 /// Crops `x` (`B x C x H x W`, any dtype) after zero-padding it by `pad` on
 /// every side, at per-image offsets `oy`, `ox` in `0..=2*pad`, and mirrors
 /// the images where `flip` is true: torchvision's `RandomCrop(H, padding=pad)`
@@ -34,13 +38,15 @@ pub fn crop_flip(x: &Tensor, oy: &Tensor, ox: &Tensor, flip: &Tensor, pad: i64) 
 }
 
 /// The random draws for one batch, from libtorch's (seeded) generator on the
-/// batch's device.
-pub fn random_crop_flip(x: &Tensor, pad: i64) -> Tensor {
+/// batch's device; an image is mirrored with probability `hflip` (its
+/// uniform draw below it, as `RandomHorizontalFlip(p)`: the draws are the
+/// same whatever `hflip` is).
+pub fn random_crop_flip(x: &Tensor, pad: i64, hflip: f64) -> Tensor {
     let b = x.size()[0];
     let dev = x.device();
     let oy = Tensor::randint(2 * pad + 1, [b], (Kind::Int64, dev));
     let ox = Tensor::randint(2 * pad + 1, [b], (Kind::Int64, dev));
-    let flip = Tensor::rand([b], (Kind::Float, dev)).lt(0.5);
+    let flip = Tensor::rand([b], (Kind::Float, dev)).lt(hflip);
     crop_flip(x, &oy, &ox, &flip, pad)
 }
 
@@ -280,7 +286,7 @@ pub fn canvas_crop_flip(
 }
 
 /// `RandomResizedCrop(size, scale, ratio, interpolation)` (`range`: scale
-/// and ratio) + `RandomHorizontalFlip` of canvases: boxes drawn in each
+/// and ratio) + `RandomHorizontalFlip(hflip)` of canvases: boxes drawn in each
 /// whole (visible) image. Bicubic crops of
 /// uint8 images are clamped to 0-255, as torchvision's are (its cubic
 /// overshoots at edges).
@@ -289,6 +295,7 @@ pub fn random_canvas_crop_flip(
     layout: &Tensor,
     (size, filter): (i64, Filter),
     range: CropRange,
+    hflip: f64,
 ) -> Tensor {
     let (b, _, side, _) = x
         .size4()
@@ -302,7 +309,7 @@ pub fn random_canvas_crop_flip(
         &side.where_self(&t, &visible),
         range,
     );
-    let flip = Tensor::rand([b], opts).lt(0.5);
+    let flip = Tensor::rand([b], opts).lt(hflip);
     let out = canvas_crop_flip(x, layout, &boxes, &flip, (size, filter));
     match (filter, x.kind()) {
         (Filter::Bicubic, Kind::Uint8) => out.clamp(0.0, 255.0),
@@ -373,6 +380,8 @@ pub struct Preprocess {
     pub filter: Filter,
     /// RandomResizedCrop's scale and ratio (`--scale`, `--ratio`).
     pub crop: CropRange,
+    /// The probability that a training image is mirrored (`--hflip`).
+    pub hflip: f64,
 }
 
 impl Preprocess {
@@ -387,6 +396,7 @@ impl Preprocess {
             eval_squeeze: None,
             filter: Filter::Bilinear,
             crop: CropRange::default(),
+            hflip: HFLIP,
         }
     }
 
@@ -420,7 +430,7 @@ impl Preprocess {
         match (self.augment, layout) {
             (Augment::CropFlip { padding }, _) => {
                 let x = squares(x, layout);
-                let x = self.auto(random_crop_flip(&x, padding));
+                let x = self.auto(random_crop_flip(&x, padding, self.hflip));
                 self.resize(self.norm.apply(&x))
             }
             (Augment::ResizedCrop, layout) => {
@@ -437,6 +447,7 @@ impl Preprocess {
                     layout,
                     (self.train_side, self.filter),
                     self.crop,
+                    self.hflip,
                 ));
                 self.norm.apply(&x)
             }

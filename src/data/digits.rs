@@ -6,7 +6,8 @@
 //! `tests/test_digits.py`) holds them in split order: 297 test examples,
 //! then 1,500 training examples (numpy's `RandomState(0).permutation`). The
 //! model sees them as 32x32 RGB like CIFAR-10 (and through the same
-//! crop/flip/normalize pipeline, with the digits' own mean and std).
+//! crop/normalize pipeline, with the digits' own mean and std; not
+//! mirrored, see `data::default_hflip`).
 
 use std::io::Read;
 

@@ -14,6 +14,7 @@ mod folder_cache;
 pub mod image;
 pub mod imagenet;
 pub mod mix;
+pub mod mnist;
 pub mod pack;
 pub mod prepared;
 pub mod resize;
@@ -29,9 +30,21 @@ use stream::{InOrder, Streamed};
 
 /// Whether the dataset named `name` (a run's `dataset`, a [`Dataset`]'s
 /// name) is an image folder (`folder`, `imagenet`): images of any size,
-/// resized as they are read, unlike CIFAR-10's and the digits' fixed sides.
+/// resized as they are read, unlike CIFAR's, MNIST's and the digits' fixed sides.
 pub fn is_image_folder(name: &str) -> bool {
     matches!(name, "folder" | "imagenet")
+}
+
+/// The probability with which training mirrors the images of the dataset
+/// named `name` unless `--hflip` says otherwise: torchvision's 0.5, or 0
+/// where a mirrored image is of no class (handwritten digits: the built-in
+/// ones, MNIST's).
+pub fn default_hflip(name: &str) -> f64 {
+    let digits = name == "digits" || mnist::named(name).is_some_and(|m| !m.mirrors_keep_class);
+    match digits {
+        true => 0.0,
+        false => augment::HFLIP,
+    }
 }
 
 /// One split, or a batch of one: images `N x 3 x H x W` uint8 and labels

@@ -115,10 +115,10 @@ pub struct ImageDraws {
 
 /// The draws of a training batch of `b` images on the CPU generator, as
 /// `augment::random_canvas_crop_flip` makes them on a CPU batch: the crop draws,
-/// then one uniform per image for the flip (below 0.5 mirrors).
-pub fn draw_resized_crops(b: i64, range: CropRange) -> Vec<ImageDraws> {
+/// then one uniform per image for the flip (below `hflip` mirrors).
+pub fn draw_resized_crops(b: i64, range: CropRange, hflip: f64) -> Vec<ImageDraws> {
     let d = CropDraws::draw(b, Device::Cpu, range);
-    let flip = Tensor::rand([b], (Kind::Float, Device::Cpu)).lt(0.5);
+    let flip = Tensor::rand([b], (Kind::Float, Device::Cpu)).lt(hflip);
     let floats = |t: &Tensor| Vec::<f32>::try_from(t.reshape([-1])).expect("float draws");
     let (area, ratio, top, left) = (
         floats(&d.area),
@@ -272,7 +272,7 @@ mod tests {
         ];
         tch::manual_seed(7);
         let b = 4000;
-        let draws = draw_resized_crops(b, range);
+        let draws = draw_resized_crops(b, range, 0.5);
         tch::manual_seed(7);
         let d = CropDraws::draw(b, Device::Cpu, range);
         let dims = |k: usize| -> Tensor {

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::data::augment::Augment;
+use crate::data::augment::{Augment, HFLIP};
 use crate::data::auto_augment::{AUGMIX_SEVERITY, Interpolation, Policy, RA_MAGNITUDE};
 use crate::data::mix::Mixing;
 use crate::data::resize::Filter;
@@ -268,6 +268,10 @@ pub struct TrainConfig {
     /// `--ratio`).
     #[serde(default, skip_serializing_if = "CropRange::is_default")]
     pub crop_range: CropRange,
+    /// The probability that a training image is mirrored left-right
+    /// (`--hflip`; 0.5 for runs that predate it).
+    #[serde(default = "default_hflip", skip_serializing_if = "is_default_hflip")]
+    pub hflip: f64,
     /// How far BatchNorm moves its running statistics in training
     /// (`--bn-momentum`; BatchNorm2d's `momentum`).
     #[serde(
@@ -291,6 +295,14 @@ pub struct TrainConfig {
 
 /// torchvision's VGG dropout probability.
 pub const DROPOUT: f64 = 0.5;
+
+fn default_hflip() -> f64 {
+    HFLIP
+}
+
+fn is_default_hflip(v: &f64) -> bool {
+    *v == HFLIP
+}
 
 fn default_dropout() -> f64 {
     DROPOUT
@@ -492,6 +504,7 @@ pub(crate) mod tests {
             dropout: DROPOUT,
             bn_momentum: BN_MOMENTUM,
             crop_range: CropRange::default(),
+            hflip: HFLIP,
             ra_reps: None,
             tensorboard: false,
             streamed: None,

@@ -24,8 +24,8 @@ pub(super) struct Feed {
     seed: u64,
     epoch: usize,
     loader: Option<(Loader, Transform)>,
-    /// RandomResizedCrop's scale and ratio.
-    crop: CropRange,
+    /// RandomResizedCrop's scale and ratio, and the flip's probability.
+    crop: (CropRange, f64),
     /// Streamed: the next step whose job is not given yet.
     next_job: usize,
     /// Streamed: the images skipped so far this epoch (their messages).
@@ -55,7 +55,7 @@ impl Feed {
             seed,
             epoch,
             loader,
-            crop: pre.crop,
+            crop: (pre.crop, pre.hflip),
             next_job: first,
             skipped: Vec::new(),
         })
@@ -83,7 +83,7 @@ impl Feed {
         match transform {
             Transform::Random { .. } => {
                 tch::manual_seed(position_seed(self.seed, self.epoch, step));
-                draw_resized_crops(self.indices(step).size()[0], self.crop)
+                draw_resized_crops(self.indices(step).size()[0], self.crop.0, self.crop.1)
             }
             _ => Vec::new(),
         }
@@ -130,7 +130,7 @@ impl Feed {
             }
             (Images::Streamed(_), Some((loader, t))) => {
                 if let Transform::Random { .. } = t {
-                    draw_resized_crops(len, self.crop);
+                    draw_resized_crops(len, self.crop.0, self.crop.1);
                 }
                 let t = *t;
                 let loaded = loader.take()?;

@@ -98,6 +98,7 @@ fn preprocess(config: &TrainConfig, data: &Dataset, device: Device) -> Preproces
     pre.train_side = config.train_crop();
     pre.filter = config.interpolation;
     pre.crop = config.crop_range;
+    pre.hflip = config.hflip;
     pre.plain_training = config.no_augment;
     pre.auto_augment = config.auto_augment.map(|policy| AutoAugment {
         policy,

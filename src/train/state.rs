@@ -366,6 +366,9 @@ fn check_recipe(c: &TrainConfig) -> Result<()> {
     if let Some(problem) = c.crop_range.problem(|f| format!("crop_range {f}")) {
         bail!("{problem}");
     }
+    if !(0.0..=1.0).contains(&c.hflip) {
+        bail!("hflip {} is not a probability in [0, 1]", Num(c.hflip));
+    }
     if !(0.0..=1.0).contains(&c.bn_momentum) {
         bail!("bn_momentum {} is not in [0, 1]", Num(c.bn_momentum));
     }

@@ -1,0 +1,208 @@
+"""`--dataset mnist` and `fashion-mnist` against torchvision's own `MNIST` and
+`FashionMNIST` classes, on the fixtures' real digits written in their
+layout (`make_datasets.py`: 28x28 gray IDX files under MNIST/raw/ and
+FashionMNIST/raw/, Fashion-MNIST's label of digit d being 9 - d; digits-bin
+holds the files, digits-py only their .gz).
+
+- VGG11 trained by vggctl for 2 epochs from each layout equals PyTorch's
+  loop over torchvision's images (`ddp_reference.py --mnist`: resized to
+  32x32 by `F.resize(antialias=True)`, three channels, the dataset's
+  normalization) within 1e-5, with the recipe's default augmentation made
+  by torchvision's transforms from vggctl's draws: RandomCrop(32,
+  padding=4), then RandomHorizontalFlip with p 0 for MNIST (a mirrored digit
+  is no digit), 0.5 for Fashion-MNIST, and `--hflip 1` mirroring every image.
+- The checkpoint names torchvision's classes; `eval` of the reference's
+  weights gives PyTorch's test loss (within 1e-5) and its exact top-1 count;
+  `predict` on test images saved as 28x28 gray PNGs gives PyTorch's
+  probabilities within 1e-5 (the PNG is resized as training's images were).
+- A download from a mirror on 127.0.0.1 leaves the folder torchvision's
+  `MNIST(root)` reads (the .gz files and each extracted), with its images;
+  a file whose MD5 differs leaves nothing behind, with one error line.
+- The built-in digits are not mirrored by default either."""
+import functools
+import hashlib
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import vgg_reference  # noqa: E402
+from ddp_reference import MNIST_NORM, mnist, mnist_images, normalize  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.environ.get("VGGCTL_BIN", os.path.join(ROOT, "target", "release", "vggctl"))
+FIX = os.path.join(ROOT, "tests", "fixtures")
+LIMIT, BATCH, EPOCHS = 48, 16, 2
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def apart(a, b):
+    return max(((a[k].double() - b[k].double()).abs() / (1 + b[k].double().abs())).max().item() for k in b)
+
+
+def reference(tmp_path, name, init, flip):
+    out = str(tmp_path / f"ref-{name}-{flip}.safetensors")
+    subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tests", "ddp_reference.py"), "--as-one-process", "1",
+         "--mnist", name, "--crop-flip", str(flip), "--data", os.path.join(FIX, "digits-bin"), "--init", init,
+         "--out", out, "--limit-train", str(LIMIT), "--epochs", str(EPOCHS), "--batch-size", str(BATCH)],
+        check=True, timeout=300, env=ENV)
+    return out
+
+
+def train(out, name, layout, init, *extra):
+    r = subprocess.run(
+        [BIN, "train", "--dataset", name, "--data-dir", os.path.join(FIX, layout), "--no-download",
+         "--arch", "vgg11", "--head", "cifar", "--initial-checkpoint", init, "--limit-train", str(LIMIT),
+         "--limit-test", "16", "--epochs", str(EPOCHS), "--batch-size", str(BATCH), "--device", "cpu",
+         "--quiet", "--out", str(out), *extra],
+        capture_output=True, text=True, timeout=300, env=ENV)
+    assert r.returncode == 0, r.stderr
+    return load_file(str(out / "last.safetensors"))
+
+
+@pytest.mark.parametrize("name,flip", [("mnist", 0.0), ("fashion-mnist", 0.5)])
+def test_mnist_trains_and_evaluates_as_torchvision_reads_it(tmp_path, name, flip):
+    init = str(tmp_path / "init.safetensors")
+    torch.manual_seed(5)
+    model = vgg_reference.build("vgg11", False, "cifar", 10)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, init)
+    want_path = reference(tmp_path, name, init, flip)
+    want = load_file(want_path)
+    assert apart(want, load_file(init)) > 1e-3, "the reference did not train"
+
+    test = mnist(os.path.join(FIX, "digits-bin"), name, train=False)
+    for layout in ["digits-bin", "digits-py"]:
+        out = tmp_path / layout
+        ours = train(out, name, layout, init)
+        assert apart(ours, want) < 1e-5, layout
+        meta = safe_open(str(out / "last.safetensors"), "pt").metadata()
+        assert json.loads(meta["class_names"]) == test.classes and meta["dataset"] == name
+        assert json.loads(meta["mean"]) == list(MNIST_NORM[name][0])
+
+    # The flip is the only difference between the two probabilities' runs.
+    other = 1.0 if flip == 0.0 else 0.0
+    mirrored = train(tmp_path / "other", name, "digits-bin", init, "--hflip", str(other))
+    assert apart(mirrored, want) > 1e-4
+    assert apart(mirrored, load_file(reference(tmp_path, name, init, other))) < 1e-5
+
+    # The reference's weights evaluated on the whole test split.
+    model.load_state_dict(want)
+    model.eval()
+    x = normalize(mnist_images(test), *MNIST_NORM[name])
+    with torch.no_grad():
+        logits = model(x)
+    loss = torch.nn.functional.cross_entropy(logits, test.targets).item()
+    correct = (logits.argmax(1) == test.targets).sum().item()
+    r = subprocess.run(
+        [BIN, "eval", "--checkpoint", want_path, "--dataset", name, "--data-dir", os.path.join(FIX, "digits-py"),
+         "--no-download", "--device", "cpu", "--json"],
+        capture_output=True, text=True, timeout=300, env=ENV)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["images"] == len(test.targets) == 297
+    assert round(report["top1"] * 297 / 100) == correct
+    assert abs(report["loss"] - loss) <= 1e-5 * max(1.0, abs(loss))
+
+    # `predict` on test images saved as 28x28 gray PNGs sees what training
+    # saw: the probabilities of PyTorch's logits within 1e-5.
+    pngs = []
+    for i in range(4):
+        pngs.append(str(tmp_path / f"t{i}.png"))
+        Image.fromarray(test.data[i].numpy(), mode="L").save(pngs[-1])
+    trained = str(tmp_path / "digits-py" / "last.safetensors")
+    r = subprocess.run([BIN, "predict", "--checkpoint", trained, "--device", "cpu", "--json", "--topk", "10", *pngs],
+                       capture_output=True, text=True, timeout=300, env=ENV)
+    assert r.returncode == 0, r.stderr
+    model.load_state_dict(load_file(trained))
+    with torch.no_grad():
+        probs = model(x[:4]).softmax(1)
+    for i, got in enumerate(json.loads(r.stdout)):
+        assert got["top"][0]["label"] == test.classes[int(probs[i].argmax())]
+        assert max(abs(g["probability"] - probs[i, g["index"]].item()) for g in got["top"]) < 1e-5
+
+
+class Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def mirror():
+    """The fixtures' .gz files served on 127.0.0.1, as a mirror serves MNIST's."""
+    raw = os.path.join(FIX, "digits-py", "MNIST", "raw")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=raw))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/", raw
+    server.shutdown()
+
+
+FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+
+
+def md5(path):
+    with open(path, "rb") as f:
+        return hashlib.md5(f.read()).hexdigest()
+
+
+def test_a_download_leaves_what_torchvision_reads(tmp_path, mirror):
+    url, raw = mirror
+    sums = [md5(os.path.join(raw, f + ".gz")) for f in FILES]
+    data = tmp_path / "data"
+    # A mirror that does not answer comes first: the next one is tried.
+    env = dict(ENV, VGGCTL_MNIST_URL=f"http://127.0.0.1:9/,{url}", VGGCTL_MNIST_MD5=",".join(sums),
+               VGGCTL_HTTP_TIMEOUT="5")
+    r = subprocess.run(
+        [BIN, "train", "--dataset", "mnist", "--data-dir", str(data), "--arch", "vgg11", "--epochs", "1",
+         "--limit-train", "16", "--limit-test", "8", "--batch-size", "8", "--device", "cpu", "--quiet",
+         "--out", str(tmp_path / "ok")],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    got = sorted(os.listdir(data / "MNIST" / "raw"))
+    assert got == sorted(FILES + [f + ".gz" for f in FILES])
+    for split in [True, False]:
+        ours, theirs = mnist(str(data), "mnist", split), mnist(os.path.join(FIX, "digits-bin"), "mnist", split)
+        assert torch.equal(ours.data, theirs.data) and torch.equal(ours.targets, theirs.targets)
+
+    # One wrong MD5: an error line naming it, and no folder left behind.
+    bad = tmp_path / "bad"
+    env["VGGCTL_MNIST_MD5"] = ",".join(sums[:3] + ["0" * 32])
+    r = subprocess.run(
+        [BIN, "train", "--dataset", "mnist", "--data-dir", str(bad), "--epochs", "1", "--device", "cpu",
+         "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "t10k-labels-idx1-ubyte.gz" in lines[0] and "MD5" in lines[0].upper(), r.stderr
+    left = sorted(os.listdir(bad / "MNIST" / "raw")) if bad.exists() else []
+    assert all(not f.startswith("t10k-labels") for f in left), left
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_built_in_digits_are_not_mirrored_by_default(tmp_path):
+    """`--dataset digits` trains as with `--hflip 0` (weights equal bit for
+    bit) and not as with torchvision's 0.5; the run records its 0."""
+    def run(name, *extra):
+        out = tmp_path / name
+        r = subprocess.run(
+            [BIN, "train", "--dataset", "digits", "--arch", "vgg11", "--epochs", "1", "--limit-train", "32",
+             "--limit-test", "8", "--batch-size", "16", "--device", "cpu", "--quiet", "--out", str(out), *extra],
+            capture_output=True, text=True, timeout=300, env=ENV)
+        assert r.returncode == 0, r.stderr
+        return out, load_file(str(out / "last.safetensors"))
+
+    out, default = run("default")
+    assert json.loads((out / "config.json").read_text())["hflip"] == 0.0
+    _, never = run("never", "--hflip", "0")
+    _, half = run("half", "--hflip", "0.5")
+    assert all(torch.equal(default[k], never[k]) for k in default)
+    assert apart(default, half) > 1e-4
