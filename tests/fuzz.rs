@@ -2,7 +2,8 @@
 //! its own entry point and inside a legacy `.pth` container, where the
 //! storage walk runs over what it built), both `.pth` layouts, safetensors
 //! with vggctl's metadata check, both CIFAR layouts (as CIFAR-10's and
-//! CIFAR-100's files), MNIST's IDX files (plain and gzipped), the image
+//! CIFAR-100's files), MNIST's IDX files (plain and gzipped), SVHN's
+//! MAT-files (plain and compressed), the image
 //! decoder and prepared datasets (index, checksums, the images in them).
 //!
 //! Inputs are mutations of real files (the fixtures) and, for pickles,
@@ -112,6 +113,11 @@ fn read_mnist(path: &Path, bytes: &[u8]) -> Result<()> {
     plain.and(packed)
 }
 
+/// As an SVHN split's MAT-file.
+fn read_svhn(path: &Path, _: &[u8]) -> Result<()> {
+    vggctl::data::svhn::read_split(path).map(drop)
+}
+
 fn read_image(path: &Path, _: &[u8]) -> Result<()> {
     // Whole, then as far as a crop of its top third needs (a sequential
     // JPEG's header is then rewritten to fewer rows).
@@ -201,6 +207,62 @@ fn mnist_seeds() -> Vec<Vec<u8>> {
     vec![gz(&images), gz(&labels), images, labels]
 }
 
+/// One level 5 MAT-file variable: a uint8 or double matrix, its name in
+/// a small element, its values in a padded one.
+fn mat_variable(name: &str, dims: &[i32], (ty, class, data): (u32, u32, &[u8])) -> Vec<u8> {
+    let element = |ty: u32, bytes: &[u8]| {
+        let mut e = ty.to_le_bytes().to_vec();
+        e.extend((bytes.len() as u32).to_le_bytes());
+        e.extend_from_slice(bytes);
+        e.resize(e.len().div_ceil(8) * 8, 0);
+        e
+    };
+    let mut body = element(6, &[class.to_le_bytes(), [0; 4]].concat());
+    body.extend(element(
+        5,
+        &dims
+            .iter()
+            .flat_map(|d| d.to_le_bytes())
+            .collect::<Vec<_>>(),
+    ));
+    let mut name_bytes = [0u8; 8];
+    name_bytes[..4].copy_from_slice(&(1 | (name.len() as u32) << 16).to_le_bytes());
+    name_bytes[4..4 + name.len()].copy_from_slice(name.as_bytes());
+    body.extend(name_bytes);
+    body.extend(element(ty, data));
+    let mut var = 14u32.to_le_bytes().to_vec();
+    var.extend((body.len() as u32).to_le_bytes());
+    var.extend(body);
+    var
+}
+
+/// Two SVHN images and their labels (a double `y`), plain and with each
+/// variable zlib-compressed.
+fn svhn_seeds() -> Vec<Vec<u8>> {
+    use std::io::Write;
+    let mut header = b"MATLAB 5.0 MAT-file, written by vggctl's fuzz seeds".to_vec();
+    header.resize(124, b' ');
+    header.extend([0, 1, b'I', b'M']);
+    let pixels: Vec<u8> = (0..2 * 3072).map(|i| (i * 7 % 256) as u8).collect();
+    let labels: Vec<u8> = [10.0f64, 3.0]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    let x = mat_variable("X", &[32, 32, 3, 2], (2, 9, &pixels));
+    let y = mat_variable("y", &[2, 1], (9, 6, &labels));
+    let plain = [header.clone(), x.clone(), y.clone()].concat();
+    let mut packed = header;
+    for var in [x, y] {
+        let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+        z.write_all(&var).unwrap();
+        let z = z.finish().unwrap();
+        packed.extend(15u32.to_le_bytes());
+        packed.extend((z.len() as u32).to_le_bytes());
+        packed.extend(z);
+    }
+    vec![plain, packed]
+}
+
 fn image_seeds() -> Vec<Vec<u8>> {
     let img = image::RgbImage::from_fn(40, 30, |x, y| image::Rgb([x as u8 * 6, y as u8 * 8, 90]));
     let mut out = Vec::new();
@@ -281,6 +343,12 @@ const TARGETS: &[Target] = &[
         name: "mnist",
         read: read_mnist,
         seeds: mnist_seeds,
+        pickles: false,
+    },
+    Target {
+        name: "svhn",
+        read: read_svhn,
+        seeds: svhn_seeds,
         pickles: false,
     },
     Target {
@@ -507,4 +575,31 @@ fn readers_survive_fuzzing() {
         grown / 1024
     );
     assert!(grown < 1 << 20, "peak memory grew by {grown} KiB");
+}
+
+/// The seeds are what the readers take (so mutations start from files
+/// that get past the first checks): each MNIST and SVHN seed reads.
+#[test]
+fn the_dataset_seeds_read() {
+    let dir = common::tempdir();
+    for (i, seed) in svhn_seeds().iter().enumerate() {
+        let path = dir.path().join(format!("s{i}.mat"));
+        std::fs::write(&path, seed).unwrap();
+        let split = vggctl::data::svhn::read_split(&path).unwrap();
+        assert_eq!(Vec::<i64>::try_from(&split.labels).unwrap(), [0, 3]);
+        // Row 0, column 1 of image 0's red plane: X[0, 1, 0, 0], the 33rd byte.
+        assert_eq!(split.images.int64_value(&[0, 0, 0, 1]), 32 * 7);
+    }
+    for (i, seed) in mnist_seeds().iter().enumerate() {
+        let path = dir.path().join(format!("m{i}"));
+        std::fs::write(&path, seed).unwrap();
+        let gz = path.with_extension("gz");
+        let name = if i < 2 { &gz } else { &path };
+        std::fs::rename(&path, name).unwrap();
+        let images = vggctl::data::mnist::read_images(&path).map(|t| t.size()[0]);
+        let labels = vggctl::data::mnist::MNIST
+            .read_labels(&path)
+            .map(|l| l.len());
+        assert!(images.is_ok() || labels.is_ok(), "seed {i}");
+    }
 }

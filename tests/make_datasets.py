@@ -12,6 +12,10 @@
   and split at 28x28 gray as torchvision's MNIST and FashionMNIST folders
   (the four IDX files; Fashion-MNIST's label of digit d is 9 - d), and in
   digits-py/ the same files only as their .gz;
+- digits-bin/{train,test}_32x32.mat and the same in digits-py/: the 32x32
+  digits as torchvision's SVHN files (X 32x32x3xN uint8, y N x 1 with the
+  digit 0 labelled 10; y stored as double and uncompressed in digits-bin,
+  as uint8 and zlib-compressed, MATLAB's -v7, in digits-py);
 - photos/<class>/*.png|jpg: scikit-image photographs as a 3-class image folder;
 - augment.safetensors: scikit-image photographs at 32x32 with explicit crop
   offsets and flip decisions, and what torchvision's transforms make of them;
@@ -144,6 +148,15 @@ def write_mnist(root, folder, train, test, gz):
                     f.write(idx_bytes(a))
 
 
+def write_svhn(root, train, test, compressed):
+    import scipy.io
+    for name, (x, y) in [("train_32x32.mat", train), ("test_32x32.mat", test)]:
+        X = np.ascontiguousarray(x.reshape(-1, 3, 32, 32).transpose(2, 3, 1, 0))  # 32 x 32 x 3 x N
+        labels = np.where(y == 0, 10, y).reshape(-1, 1)
+        labels = labels.astype(np.uint8 if compressed else np.float64)
+        scipy.io.savemat(os.path.join(root, name), {"X": X, "y": labels}, do_compression=compressed)
+
+
 def write_augment(path):
     photos = [skdata.astronaut(), skdata.chelsea(), skdata.coffee(), skdata.rocket()]
     imgs = [Image.fromarray(p).convert("RGB").resize((32, 32), Image.BILINEAR) for p in photos]
@@ -263,6 +276,9 @@ def main(out):
     write_py(os.path.join(out, "digits-py"), batches, test)
     write_bin100(os.path.join(out, "digits-bin"), (xtr, ytr), test)
     write_py100(os.path.join(out, "digits-py"), (xtr, ytr), test)
+    (xall, yall) = (xtr, ytr)
+    write_svhn(os.path.join(out, "digits-bin"), (xall, yall), test, False)
+    write_svhn(os.path.join(out, "digits-py"), (xall, yall), test, True)
     (x28, y28), (t28, u28) = digits_28()
     for layout, gz in [("digits-bin", False), ("digits-py", True)]:
         write_mnist(os.path.join(out, layout), "MNIST", (x28, y28), (t28, u28), gz)

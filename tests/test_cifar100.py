@@ -20,17 +20,10 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import vgg_reference  # noqa: E402
+from dataset_helpers import BIN, ENV, FIX, ROOT, apart  # noqa: E402
 from ddp_reference import CIFAR100_NORM, cifar100, normalize  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.environ.get("VGGCTL_BIN", os.path.join(ROOT, "target", "release", "vggctl"))
-FIX = os.path.join(ROOT, "tests", "fixtures")
 LIMIT, BATCH, EPOCHS = 64, 16, 2
-ENV = dict(os.environ, OMP_NUM_THREADS="1")
-
-
-def apart(a, b):
-    return max(((a[k].double() - b[k].double()).abs() / (1 + b[k].double().abs())).max().item() for k in b)
 
 
 def test_cifar100_trains_and_evaluates_as_torchvision_reads_it(tmp_path):

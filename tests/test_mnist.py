@@ -19,14 +19,10 @@ holds the files, digits-py only their .gz).
   `MNIST(root)` reads (the .gz files and each extracted), with its images;
   a file whose MD5 differs leaves nothing behind, with one error line.
 - The built-in digits are not mirrored by default either."""
-import functools
-import hashlib
-import http.server
 import json
 import os
 import subprocess
 import sys
-import threading
 
 import pytest
 import torch
@@ -36,17 +32,10 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import vgg_reference  # noqa: E402
+from dataset_helpers import BIN, ENV, FIX, ROOT, apart, md5, mirror  # noqa: E402
 from ddp_reference import MNIST_NORM, mnist, mnist_images, normalize  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.environ.get("VGGCTL_BIN", os.path.join(ROOT, "target", "release", "vggctl"))
-FIX = os.path.join(ROOT, "tests", "fixtures")
 LIMIT, BATCH, EPOCHS = 48, 16, 2
-ENV = dict(os.environ, OMP_NUM_THREADS="1")
-
-
-def apart(a, b):
-    return max(((a[k].double() - b[k].double()).abs() / (1 + b[k].double().abs())).max().item() for k in b)
 
 
 def reference(tmp_path, name, init, flip):
@@ -131,31 +120,19 @@ def test_mnist_trains_and_evaluates_as_torchvision_reads_it(tmp_path, name, flip
         assert max(abs(g["probability"] - probs[i, g["index"]].item()) for g in got["top"]) < 1e-5
 
 
-class Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def mirror():
-    """The fixtures' .gz files served on 127.0.0.1, as a mirror serves MNIST's."""
-    raw = os.path.join(FIX, "digits-py", "MNIST", "raw")
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=raw))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/", raw
-    server.shutdown()
-
-
 FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
 
 
-def md5(path):
-    with open(path, "rb") as f:
-        return hashlib.md5(f.read()).hexdigest()
+@pytest.fixture
+def served():
+    """The fixtures' .gz files served on 127.0.0.1, as a mirror serves MNIST's."""
+    raw = os.path.join(FIX, "digits-py", "MNIST", "raw")
+    with mirror(raw) as url:
+        yield url, raw
 
 
-def test_a_download_leaves_what_torchvision_reads(tmp_path, mirror):
-    url, raw = mirror
+def test_a_download_leaves_what_torchvision_reads(tmp_path, served):
+    url, raw = served
     sums = [md5(os.path.join(raw, f + ".gz")) for f in FILES]
     data = tmp_path / "data"
     # A mirror that does not answer comes first: the next one is tried.

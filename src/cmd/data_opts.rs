@@ -4,14 +4,16 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 use vggctl::data::Dataset;
-use vggctl::data::cifar::{self, DownloadSource};
+use vggctl::data::cifar;
 use vggctl::data::digits;
+use vggctl::data::download::DownloadSource;
 use vggctl::data::folder::{self, FolderOptions};
 use vggctl::data::imagenet;
 use vggctl::data::mnist;
 use vggctl::data::pack;
 use vggctl::data::prepared::{self, Prepared};
 use vggctl::data::resize::Filter;
+use vggctl::data::svhn;
 use vggctl::dist::World;
 use vggctl::train::config::TrainConfig;
 
@@ -22,7 +24,8 @@ use super::progress::download_bar;
 #[command(next_help_heading = "Data")]
 pub struct DataOpts {
     /// Dataset: cifar10, cifar100 (its 100 fine classes), mnist,
-    /// fashion-mnist (their 28x28 gray images read as 32x32 RGB), digits
+    /// fashion-mnist (their 28x28 gray images read as 32x32 RGB), svhn
+    /// (its train and test splits), digits
     /// (scikit-learn's handwritten digits, built
     /// into vggctl: no download), folder (one subfolder of images per
     /// class, read as torchvision's ImageFolder reads it) or imagenet
@@ -33,21 +36,23 @@ pub struct DataOpts {
     /// cifar10: the directory holding cifar-10-batches-py/ (torchvision's) or
     /// cifar-10-batches-bin/; cifar100: cifar-100-python/ or
     /// cifar-100-binary/; mnist, fashion-mnist: the directory holding
-    /// MNIST/raw/ or FashionMNIST/raw/ (torchvision's); folder: the class folders; imagenet: the
+    /// MNIST/raw/ or FashionMNIST/raw/ (torchvision's); svhn: the
+    /// directory holding train_32x32.mat and test_32x32.mat; folder: the class folders; imagenet: the
     /// directory holding train/ and val/; folder, imagenet: or the file
     /// `vggctl prepare` made of them [default: ./data].
     #[arg(long, alias = "data-path")]
     pub data_dir: Option<PathBuf>,
     /// Where to download the binary CIFAR-10 or CIFAR-100 archive from
-    /// when it is missing; mnist, fashion-mnist: the mirror (or
-    /// comma-separated mirrors) serving their four .gz files [default:
-    /// $VGGCTL_CIFAR10_URL, $VGGCTL_CIFAR100_URL, $VGGCTL_MNIST_URL or
-    /// $VGGCTL_FASHION_MNIST_URL, else the dataset's own, as torchvision's].
+    /// when it is missing; mnist, fashion-mnist, svhn: the mirror (or
+    /// comma-separated mirrors) serving their files [default:
+    /// $VGGCTL_<DATASET>_URL (e.g. $VGGCTL_FASHION_MNIST_URL), else the
+    /// dataset's own, as torchvision's].
     #[arg(long)]
     pub data_url: Option<String>,
     /// MD5 the downloaded archive must have (mnist, fashion-mnist: four,
     /// comma-separated, for train-images, train-labels, t10k-images,
-    /// t10k-labels) [default: $VGGCTL_<DATASET>_MD5, else the official files'].
+    /// t10k-labels; svhn: two, train and test) [default:
+    /// $VGGCTL_<DATASET>_MD5, else the official files'].
     #[arg(long, hide = true)]
     pub data_md5: Option<String>,
     /// Never download; fail if the data is not in --data-dir.
@@ -178,7 +183,7 @@ impl DataOpts {
             "imagenet" => folder::scan(&imagenet_split(&self.dir(), "train")?)?
                 .0
                 .len() as i64,
-            "digits" => 10,
+            "digits" | "svhn" => 10,
             other => match (cifar::named(other), mnist::named(other)) {
                 (Some(c), _) => c.classes,
                 (_, Some(m)) => m.classes.len() as i64,
@@ -262,21 +267,8 @@ impl DataOpts {
             test_only,
             ..
         } = how;
-        if let Some(c) = cifar::named(name) {
-            let own = DownloadSource {
-                url: c.url.into(),
-                md5: c.md5.into(),
-            };
-            let src = self.download_source(name, own);
-            return c.load(dir, src.as_ref(), &mut download_bar(quiet));
-        }
-        if let Some(m) = mnist::named(name) {
-            let own = DownloadSource {
-                url: m.mirrors.join(","),
-                md5: m.md5s.join(","),
-            };
-            let src = self.download_source(name, own);
-            return m.load(dir, src.as_ref(), &mut download_bar(quiet));
+        if let Some(d) = self.load_downloadable(name, dir, quiet) {
+            return d;
         }
         match name {
             "folder" | "imagenet" => {
@@ -322,6 +314,26 @@ impl DataOpts {
             other => Err(usage(unknown(other))),
         }
     }
+
+    /// The dataset `name` if it is one vggctl downloads when it is missing
+    /// from `dir` (CIFAR, MNIST, SVHN), else None.
+    fn load_downloadable(&self, name: &str, dir: &Path, quiet: bool) -> Option<Result<Dataset>> {
+        let bar = &mut download_bar(quiet);
+        let source =
+            |url: String, md5: String| self.download_source(name, DownloadSource { url, md5 });
+        if let Some(c) = cifar::named(name) {
+            let src = source(c.url.into(), c.md5.into());
+            return Some(c.load(dir, src.as_ref(), bar));
+        }
+        if let Some(m) = mnist::named(name) {
+            let src = source(m.mirrors.join(","), m.md5s.join(","));
+            return Some(m.load(dir, src.as_ref(), bar));
+        }
+        (name == "svhn").then(|| {
+            let src = source(svhn::MIRROR.into(), svhn::MD5S.join(","));
+            svhn::load(dir, src.as_ref(), bar)
+        })
+    }
 }
 
 /// How a dataset is read: `quiet` (no download bar), `streamed` (how a
@@ -351,7 +363,7 @@ pub fn imagenet_split(dir: &Path, split: &str) -> Result<PathBuf> {
 
 fn unknown(name: &str) -> String {
     format!(
-        "unknown dataset '{name}' (expected cifar10, cifar100, mnist, fashion-mnist, digits, folder or imagenet)"
+        "unknown dataset '{name}' (expected cifar10, cifar100, mnist, fashion-mnist, svhn, digits, folder or imagenet)"
     )
 }
 

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, anyhow, bail};
 use tch::Tensor;
 
-use super::download::{Checksum, download};
+use super::download::{Checksum, DownloadSource, download};
 use super::{Dataset, Images, Split};
 use crate::formats::numpy::{NUMPY_GLOBALS, ndarray};
 use crate::formats::pickle::{Allowlist, Unpickler, Value};
@@ -120,12 +120,6 @@ pub const STD: [f64; 3] = CIFAR10.std;
 /// The dataset `--dataset` names, if it is one of these.
 pub fn named(name: &str) -> Option<&'static Cifar> {
     [&CIFAR10, &CIFAR100].into_iter().find(|c| c.name == name)
-}
-
-/// Where to fetch the archive from when the data is missing.
-pub struct DownloadSource {
-    pub url: String,
-    pub md5: String,
 }
 
 impl Cifar {

@@ -14,6 +14,73 @@ use sha2::{Digest, Sha256};
 
 use crate::fsutil::TempFile;
 
+/// Where a dataset's missing files are fetched from: a URL (CIFAR's
+/// archive) or comma-separated mirrors serving its files by name (MNIST,
+/// SVHN), and the MD5 of each file (comma-separated, in the dataset's order).
+pub struct DownloadSource {
+    pub url: String,
+    pub md5: String,
+}
+
+/// `names` (some of `all`, whose MD5s `src.md5` lists in that order)
+/// downloaded into `dir`, each from the first of `src.url`'s mirrors that
+/// serves it, then handed to `then` (MNIST extracts its `.gz`). The
+/// folders made for them are removed again if that fails and they are
+/// empty; the files already checked stay, so a next run fetches the rest.
+pub fn fetch_files(
+    dir: &Path,
+    (all, names): (&[&str], &[&str]),
+    src: &DownloadSource,
+    progress: &mut dyn FnMut(u64, Option<u64>),
+    then: &mut dyn FnMut(&Path) -> Result<()>,
+) -> Result<()> {
+    let mirrors: Vec<&str> = src.url.split(',').map(str::trim).collect();
+    let md5s: Vec<&str> = src.md5.split(',').map(str::trim).collect();
+    if md5s.len() != all.len() {
+        bail!(
+            "{} MD5s given, one for each of {} expected",
+            md5s.len(),
+            all.join(", ")
+        );
+    }
+    let made: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
+    let result = std::fs::create_dir_all(dir)
+        .with_context(|| format!("creating {}", dir.display()))
+        .and_then(|()| {
+            names.iter().try_for_each(|f| {
+                let md5 = md5s[all.iter().position(|k| k == f).expect("one of all")];
+                let dest = dir.join(f);
+                from_mirrors(&mirrors, f, &dest, md5, progress)?;
+                then(&dest)
+            })
+        });
+    if result.is_err() {
+        for d in made {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+    result
+}
+
+/// `file` from the first of `mirrors` (base URLs) that serves it.
+fn from_mirrors(
+    mirrors: &[&str],
+    file: &str,
+    dest: &Path,
+    md5: &str,
+    progress: &mut dyn FnMut(u64, Option<u64>),
+) -> Result<()> {
+    let mut errors = Vec::new();
+    for mirror in mirrors {
+        let url = format!("{}/{file}", mirror.trim_end_matches('/'));
+        match download(&url, dest, &Checksum::Md5(md5.into()), progress) {
+            Ok(()) => return Ok(()),
+            Err(e) => errors.push(format!("{e:#}")),
+        }
+    }
+    bail!("{}", errors.join("; "))
+}
+
 /// Which digest to check a download against.
 pub enum Checksum {
     Md5(String),

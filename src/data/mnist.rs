@@ -21,8 +21,7 @@ use flate2::read::GzDecoder;
 use rayon::prelude::*;
 use tch::Tensor;
 
-use super::cifar::DownloadSource;
-use super::download::{Checksum, download};
+use super::download::{DownloadSource, fetch_files};
 use super::resize::{Resize, resize_window_into};
 use super::{Dataset, Images, Split};
 use crate::fsutil::{TempFile, read_regular};
@@ -264,10 +263,8 @@ impl Mnist {
         Ok(y.data.iter().map(|&l| l as i64).collect())
     }
 
-    /// Downloads the `missing` files' `.gz` into `raw` (the first mirror
-    /// that serves each, checked by its MD5) and extracts each beside it.
-    /// A folder made for a download that fails is removed again if empty;
-    /// the files already checked stay, so the next run fetches only the rest.
+    /// Downloads the `missing` files' `.gz` into `raw` and extracts each
+    /// beside it (see [`fetch_files`]).
     fn fetch(
         &self,
         raw: &Path,
@@ -275,66 +272,21 @@ impl Mnist {
         src: &DownloadSource,
         progress: &mut dyn FnMut(u64, Option<u64>),
     ) -> Result<()> {
-        let mirrors: Vec<&str> = src.url.split(',').map(str::trim).collect();
-        let md5s: Vec<&str> = src.md5.split(',').map(str::trim).collect();
-        if md5s.len() != FILES.len() {
-            bail!(
-                "{} MD5s given, one for each of {} expected",
-                md5s.len(),
-                FILES.join(", ")
-            );
-        }
-        let made: Vec<PathBuf> = raw
-            .ancestors()
-            .take(3)
-            .filter(|d| !d.exists())
-            .map(Path::to_path_buf)
-            .collect();
-        let result = fs::create_dir_all(raw)
-            .with_context(|| format!("creating {}", raw.display()))
-            .and_then(|()| {
-                missing.iter().try_for_each(|f| {
-                    let md5 = md5s[FILES.iter().position(|k| k == f).expect("one of FILES")];
-                    fetch_one(raw, f, &mirrors, md5, progress)
-                })
-            });
-        if result.is_err() {
-            for d in &made {
-                let _ = fs::remove_dir(d);
-            }
-        }
-        result
+        let all = FILES.map(|f| format!("{f}.gz"));
+        let names: Vec<String> = missing.iter().map(|f| format!("{f}.gz")).collect();
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        fetch_files(raw, (&all, &names), src, progress, &mut extract)
     }
 }
 
-/// `file.gz` from the first of `mirrors` that serves it, then extracted
-/// to `file` beside it.
-fn fetch_one(
-    raw: &Path,
-    file: &str,
-    mirrors: &[&str],
-    md5: &str,
-    progress: &mut dyn FnMut(u64, Option<u64>),
-) -> Result<()> {
-    let gz = raw.join(format!("{file}.gz"));
-    let mut errors = Vec::new();
-    for mirror in mirrors {
-        let url = format!("{}/{file}.gz", mirror.trim_end_matches('/'));
-        match download(&url, &gz, &Checksum::Md5(md5.into()), progress) {
-            Ok(()) => {
-                errors.clear();
-                break;
-            }
-            Err(e) => errors.push(format!("{e:#}")),
-        }
-    }
-    if !errors.is_empty() {
-        bail!("{}", errors.join("; "));
-    }
-    let bytes = gunzip(&gz).inspect_err(|_| {
-        let _ = fs::remove_file(&gz);
+/// A downloaded `FILE.gz` extracted to `FILE` beside it (removed if it
+/// does not unpack).
+fn extract(gz: &Path) -> Result<()> {
+    let bytes = gunzip(gz).inspect_err(|_| {
+        let _ = fs::remove_file(gz);
     })?;
-    let target = raw.join(file);
+    let target = gz.with_extension("");
     let mut out = TempFile::beside(&target)?;
     std::io::Write::write_all(out.file(), &bytes)
         .with_context(|| format!("writing {}", target.display()))?;

@@ -20,6 +20,7 @@ pub mod prepared;
 pub mod resize;
 pub mod resized_crop;
 pub mod stream;
+pub mod svhn;
 pub mod uint8_ops;
 
 use anyhow::Result;
@@ -37,10 +38,11 @@ pub fn is_image_folder(name: &str) -> bool {
 
 /// The probability with which training mirrors the images of the dataset
 /// named `name` unless `--hflip` says otherwise: torchvision's 0.5, or 0
-/// where a mirrored image is of no class (handwritten digits: the built-in
-/// ones, MNIST's).
+/// where a mirrored image is of no class (digits: the built-in ones,
+/// MNIST's, SVHN's house numbers).
 pub fn default_hflip(name: &str) -> f64 {
-    let digits = name == "digits" || mnist::named(name).is_some_and(|m| !m.mirrors_keep_class);
+    let digits = matches!(name, "digits" | "svhn")
+        || mnist::named(name).is_some_and(|m| !m.mirrors_keep_class);
     match digits {
         true => 0.0,
         false => augment::HFLIP,

@@ -1,0 +1,178 @@
+//! `--dataset svhn`: the Street View House Numbers' cropped digits
+//! (Netzer et al., 2011) as torchvision's `SVHN` reads them: the MAT-files
+//! `train_32x32.mat` and `test_32x32.mat` in the data directory, `X` the
+//! 32x32x3xN uint8 images (column-major) and `y` the labels 1..10, the
+//! digit 0 being labelled 10 (torchvision's label 0). The `extra` split is
+//! not read.
+
+use std::fs::File;
+use std::io::BufReader;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use tch::Tensor;
+
+use super::download::{DownloadSource, fetch_files};
+use super::{Dataset, Images, Split};
+use crate::formats::mat::{MatArray, Values, read_mat};
+
+/// The two files, in the order of [`MD5S`].
+pub const FILES: [&str; 2] = ["train_32x32.mat", "test_32x32.mat"];
+pub const MD5S: [&str; 2] = [
+    "e26dedcc434d2e4c54c9b2d4a06d8373",
+    "eb5a983be6a315427106f1b164d9cef3",
+];
+pub const MIRROR: &str = "http://ufldl.stanford.edu/housenumbers/";
+/// The usual normalization (of the training images).
+pub const MEAN: [f64; 3] = [0.4377, 0.4438, 0.4728];
+pub const STD: [f64; 3] = [0.1980, 0.2010, 0.1970];
+/// The most bytes one array may unpack to (the training images are 225 MB).
+const MAX_BYTES: u64 = 256 << 20;
+const SIDE: usize = 32;
+
+/// Loads the dataset from `dir`, first downloading the files that are
+/// missing when `download_from` allows it.
+pub fn load(
+    dir: &Path,
+    download_from: Option<&DownloadSource>,
+    progress: &mut dyn FnMut(u64, Option<u64>),
+) -> Result<Dataset> {
+    let missing: Vec<&str> = FILES
+        .into_iter()
+        .filter(|f| !dir.join(f).exists())
+        .collect();
+    if !missing.is_empty() {
+        let how = format!(
+            "put {} (torchvision's SVHN files) into {} by hand, or point --data-dir at a copy (--data-url names a mirror)",
+            FILES.join(" and "),
+            dir.display()
+        );
+        let Some(src) = download_from else {
+            bail!(
+                "no SVHN in {}: {} missing and downloading is off; {how}",
+                dir.display(),
+                missing.join(", ")
+            );
+        };
+        fetch_files(dir, (&FILES, &missing), src, progress, &mut |_| Ok(()))
+            .with_context(|| format!("could not download SVHN; {how}"))?;
+    }
+    let [train, test] = FILES.map(|f| dir.join(f));
+    Ok(Dataset {
+        name: "svhn".into(),
+        train: Images::Resident(read_split(&train)?),
+        test: Images::Resident(read_split(&test)?),
+        classes: (0..10).map(|c| c.to_string()).collect(),
+        mean: MEAN,
+        std: STD,
+        source: dir.display().to_string(),
+        wnids: None,
+        test_names: None,
+    })
+}
+
+/// One split's file: its images as `N x 3 x 32 x 32` and labels 0..9.
+pub fn read_split(path: &Path) -> Result<Split> {
+    // Checked before opening: a FIFO would block the open.
+    let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+    if !meta.is_file() {
+        bail!("{}: not a regular file", path.display());
+    }
+    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let vars = read_mat(&mut BufReader::new(file), &["X", "y"], MAX_BYTES)
+        .with_context(|| format!("{}: not an SVHN MAT-file", path.display()))?;
+    let get = |name: &str| {
+        (vars.iter().find(|(n, _)| n == name).map(|(_, a)| a)).with_context(|| {
+            format!(
+                "{}: no '{name}' array (SVHN's files hold X and y)",
+                path.display()
+            )
+        })
+    };
+    let (x, y) = (get("X")?, get("y")?);
+    let images = images(x).with_context(|| format!("{}: 'X'", path.display()))?;
+    let labels = labels(y, images.len() / (3 * SIDE * SIDE))
+        .with_context(|| format!("{}: 'y'", path.display()))?;
+    let n = labels.len() as i64;
+    Ok(Split {
+        images: Tensor::from_slice(&images).view([n, 3, SIDE as i64, SIDE as i64]),
+        labels: Tensor::from_slice(&labels),
+        layout: None,
+    })
+}
+
+/// `X` (32x32x3xN, column-major: row fastest) as N images of 3 row-major
+/// planes, as torchvision's `np.transpose(X, (3, 2, 0, 1))`.
+fn images(x: &MatArray) -> Result<Vec<u8>> {
+    let Values::Bytes(raw) = &x.values else {
+        bail!("not stored as uint8");
+    };
+    match x.dims[..] {
+        [SIDE, SIDE, 3, _] | [SIDE, SIDE, 3] => {}
+        _ => bail!("dimensions {:?}, expected 32 x 32 x 3 x N", x.dims),
+    }
+    let plane = SIDE * SIDE;
+    let mut out = vec![0u8; raw.len()];
+    for (src, dst) in raw.chunks_exact(plane).zip(out.chunks_exact_mut(plane)) {
+        for (c, column) in src.chunks_exact(SIDE).enumerate() {
+            for (r, &v) in column.iter().enumerate() {
+                dst[r * SIDE + c] = v;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `y` (N x 1 or 1 x N) as labels 0..9: 10 is the digit 0.
+fn labels(y: &MatArray, n: usize) -> Result<Vec<i64>> {
+    if y.len() != n || y.dims.iter().filter(|&&d| d != 1).count() > 1 {
+        bail!("dimensions {:?} for {n} images", y.dims);
+    }
+    let values: Vec<f64> = match &y.values {
+        Values::Bytes(b) => b.iter().map(|&v| v as f64).collect(),
+        Values::Numbers(v) => v.clone(),
+    };
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| match v {
+            10.0 => Ok(0),
+            v if v.fract() == 0.0 && (0.0..10.0).contains(&v) => Ok(v as i64),
+            v => bail!("label {i} is {v}, not one of 0..10"),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Column-major planes become row-major; 10 is the label 0.
+    #[test]
+    fn planes_are_transposed_and_ten_is_zero() {
+        let raw: Vec<u8> = (0..2 * 3 * 1024).map(|i| (i % 251) as u8).collect();
+        let x = MatArray {
+            dims: vec![32, 32, 3, 2],
+            values: Values::Bytes(raw.clone()),
+        };
+        let out = images(&x).unwrap();
+        // Image 1, channel 2, row 5, column 7.
+        assert_eq!(out[3072 + 2048 + 5 * 32 + 7], raw[3072 + 2048 + 7 * 32 + 5]);
+        let y = MatArray {
+            dims: vec![3, 1],
+            values: Values::Numbers(vec![10.0, 1.0, 9.0]),
+        };
+        assert_eq!(labels(&y, 3).unwrap(), [0, 1, 9]);
+        let bad = MatArray {
+            dims: vec![1, 1],
+            values: Values::Numbers(vec![11.0]),
+        };
+        assert!(
+            labels(&bad, 1)
+                .unwrap_err()
+                .to_string()
+                .contains("label 0 is 11")
+        );
+        assert!(labels(&y, 2).is_err());
+    }
+}

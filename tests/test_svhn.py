@@ -1,0 +1,104 @@
+"""`--dataset svhn` against torchvision's own `SVHN` class, on the fixtures'
+real digits written as its MAT-files (`make_datasets.py`: X 32x32x3xN, y
+with the digit 0 labelled 10; y stored as double in an uncompressed file in
+digits-bin, as uint8 in a zlib-compressed -v7 file in digits-py).
+
+- VGG11 trained by vggctl for 2 epochs from each file equals PyTorch's loop
+  over torchvision's images and labels (`ddp_reference.py --svhn`, SVHN's
+  normalization) within 1e-5, with the recipe's crop and no flip (digits).
+- `eval` of the reference's weights gives PyTorch's test loss (within 1e-5)
+  and its exact top-1 count.
+- A download from a mirror on 127.0.0.1 leaves the two files torchvision
+  reads; a file cut short or without `y` is one error line naming it."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import vgg_reference  # noqa: E402
+from dataset_helpers import BIN, ENV, FIX, ROOT, apart, md5, mirror  # noqa: E402
+from ddp_reference import SVHN_NORM, normalize, svhn  # noqa: E402
+
+LIMIT, BATCH, EPOCHS = 48, 16, 2
+FILES = ["train_32x32.mat", "test_32x32.mat"]
+
+
+def vggctl(*args, env=ENV):
+    return subprocess.run([BIN, *args], capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_svhn_trains_and_evaluates_as_torchvision_reads_it(tmp_path):
+    init = str(tmp_path / "init.safetensors")
+    torch.manual_seed(6)
+    model = vgg_reference.build("vgg11", False, "cifar", 10)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, init)
+    want_path = str(tmp_path / "ref.safetensors")
+    subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tests", "ddp_reference.py"), "--as-one-process", "1", "--svhn",
+         "--crop-flip", "0", "--data", os.path.join(FIX, "digits-bin"), "--init", init, "--out", want_path,
+         "--limit-train", str(LIMIT), "--epochs", str(EPOCHS), "--batch-size", str(BATCH)],
+        check=True, timeout=300, env=ENV)
+    want = load_file(want_path)
+    assert apart(want, load_file(init)) > 1e-3, "the reference did not train"
+    for layout in ["digits-bin", "digits-py"]:
+        out = tmp_path / layout
+        r = vggctl("train", "--dataset", "svhn", "--data-dir", os.path.join(FIX, layout), "--no-download",
+                   "--arch", "vgg11", "--head", "cifar", "--initial-checkpoint", init, "--limit-train", str(LIMIT),
+                   "--limit-test", "16", "--epochs", str(EPOCHS), "--batch-size", str(BATCH), "--device", "cpu",
+                   "--quiet", "--out", str(out))
+        assert r.returncode == 0, r.stderr
+        assert apart(load_file(str(out / "last.safetensors")), want) < 1e-5, layout
+        meta = safe_open(str(out / "last.safetensors"), "pt").metadata()
+        assert json.loads(meta["class_names"]) == [str(d) for d in range(10)] and meta["dataset"] == "svhn"
+
+    test = svhn(os.path.join(FIX, "digits-py"), "test")
+    model.load_state_dict(want)
+    model.eval()
+    x, y = normalize(torch.from_numpy(test.data), *SVHN_NORM), torch.from_numpy(test.labels)
+    with torch.no_grad():
+        logits = model(x)
+    loss = torch.nn.functional.cross_entropy(logits, y).item()
+    correct = (logits.argmax(1) == y).sum().item()
+    r = vggctl("eval", "--checkpoint", want_path, "--dataset", "svhn", "--data-dir", os.path.join(FIX, "digits-bin"),
+               "--no-download", "--device", "cpu", "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["images"] == len(y) == 297 and round(report["top1"] * 297 / 100) == correct
+    assert abs(report["loss"] - loss) <= 1e-5 * max(1.0, abs(loss))
+
+
+def test_svhn_downloads_and_bad_files_are_one_line(tmp_path):
+    served = os.path.join(FIX, "digits-py")
+    with mirror(served) as url:
+        env = dict(ENV, VGGCTL_SVHN_URL=url, VGGCTL_SVHN_MD5=",".join(md5(os.path.join(served, f)) for f in FILES))
+        data = tmp_path / "data"
+        r = vggctl("train", "--dataset", "svhn", "--data-dir", str(data), "--epochs", "1", "--limit-train", "16",
+                   "--limit-test", "8", "--batch-size", "8", "--device", "cpu", "--quiet", "--out",
+                   str(tmp_path / "ok"), env=env)
+        assert r.returncode == 0, r.stderr
+        assert sorted(os.listdir(data)) == sorted(FILES)
+        ours, theirs = svhn(str(data), "train"), svhn(served, "train")
+        assert (ours.data == theirs.data).all() and (ours.labels == theirs.labels).all()
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    shutil.copy(os.path.join(FIX, "digits-bin", "test_32x32.mat"), bad / "test_32x32.mat")
+    whole = open(os.path.join(FIX, "digits-bin", "train_32x32.mat"), "rb").read()
+    import scipy.io
+    for name, content in [("cut", whole[: len(whole) // 2]), ("no y", None)]:
+        if content is None:
+            scipy.io.savemat(str(bad / "train_32x32.mat"), {"X": scipy.io.loadmat(str(bad / "test_32x32.mat"))["X"]})
+        else:
+            (bad / "train_32x32.mat").write_bytes(content)
+        r = vggctl("train", "--dataset", "svhn", "--data-dir", str(bad), "--no-download", "--device", "cpu",
+                   "--out", str(tmp_path / "run"))
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 1 and len(lines) == 1 and "train_32x32.mat" in lines[0], (name, r.stderr)
+        assert ("cut short" in lines[0]) if content else ("no 'y' array" in lines[0]), lines[0]
+        assert not (tmp_path / "run").exists()
