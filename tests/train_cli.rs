@@ -759,9 +759,9 @@ fn bad_training_arguments() {
             "invalid value 'pool' for '--no-fused-step",
         ),
         (
-            &["train", "--dataset", "mnist", "--data-dir", &d],
+            &["train", "--dataset", "cifar-10", "--data-dir", &d],
             2,
-            "unknown dataset 'mnist'",
+            "unknown dataset 'cifar-10' (expected cifar10, cifar100, mnist, fashion-mnist, svhn, digits, folder or imagenet)",
         ),
         (
             &["train", "--batch-size", "0", "--data-dir", &d],
