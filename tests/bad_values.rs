@@ -304,7 +304,7 @@ fn files_are_named_by_what_they_are() {
 fn impossible_flags_are_refused() {
     let tmp = common::tempdir();
     let dir = tmp.path();
-    let cases: [(&[&str], &str); 24] = [
+    let cases: [(&[&str], &str); 26] = [
         (
             &["params", "--classes", "100000000000"],
             "--classes 100000000000: a classifier needs between 1 and 1000000 classes",
@@ -428,6 +428,14 @@ fn impossible_flags_are_refused() {
         (
             &["train", "--dataset", "digits", "--random-erase", "1.5"],
             "--random-erase 1.5 must be a probability in [0, 1]",
+        ),
+        (
+            &["train", "--dataset", "digits", "--hflip", "1.5"],
+            "--hflip 1.5 must be a probability in [0, 1]",
+        ),
+        (
+            &["train", "--dataset", "digits", "--hflip=-0.1"],
+            "--hflip -0.1 must be a probability in [0, 1]",
         ),
         (
             &[

@@ -183,3 +183,42 @@ def test_the_built_in_digits_are_not_mirrored_by_default(tmp_path):
     _, half = run("half", "--hflip", "0.5")
     assert all(torch.equal(default[k], never[k]) for k in default)
     assert apart(default, half) > 1e-4
+
+
+def idx(a):
+    """An IDX file of unsigned bytes (make_datasets.py's layout)."""
+    return bytes([0, 0, 8, a.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in a.shape) + a.tobytes()
+
+
+def test_bad_mnist_files_are_one_line_naming_the_file(tmp_path):
+    """A label outside 0..9, fewer labels than images, a file cut short, a
+    damaged .gz and a missing file: one error line naming the file, exit 1,
+    no run directory."""
+    import gzip
+    import numpy as np
+    src = os.path.join(FIX, "digits-bin", "MNIST", "raw")
+    labels = np.fromfile(os.path.join(src, "t10k-labels-idx1-ubyte"), dtype=np.uint8)[8:]
+    images = open(os.path.join(src, "t10k-images-idx3-ubyte"), "rb").read()
+    cases = [
+        ("t10k-labels-idx1-ubyte", idx(np.where(np.arange(len(labels)) == 5, 10, labels).astype(np.uint8)),
+         "label 5 is 10, outside 0..9"),
+        ("t10k-labels-idx1-ubyte", idx(labels[:-1]), "296 labels for the 297 images"),
+        ("t10k-images-idx3-ubyte", images[:-100], "bytes follow it (truncated?)"),
+        ("t10k-images-idx3-ubyte.gz", gzip.compress(images)[:-50], "not a gzip file, or a damaged one"),
+        ("t10k-images-idx3-ubyte", None, "downloading is off"),
+    ]
+    for k, (name, content, needle) in enumerate(cases):
+        raw = tmp_path / f"d{k}" / "MNIST" / "raw"
+        raw.mkdir(parents=True)
+        for f in FILES:
+            os.symlink(os.path.join(src, f), raw / f)
+        plain = raw / name.removesuffix(".gz")
+        os.unlink(plain)
+        if content is not None:
+            (raw / name).write_bytes(content)
+        r = subprocess.run([BIN, "train", "--dataset", "mnist", "--data-dir", str(tmp_path / f"d{k}"), "--no-download",
+                            "--device", "cpu", "--out", str(tmp_path / "run")],
+                           capture_output=True, text=True, timeout=120, env=ENV)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 1 and len(lines) == 1 and needle in lines[0], (name, r.stderr)
+        assert name.removesuffix(".gz") in lines[0] and not (tmp_path / "run").exists()

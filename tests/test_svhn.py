@@ -102,3 +102,32 @@ def test_svhn_downloads_and_bad_files_are_one_line(tmp_path):
         assert r.returncode == 1 and len(lines) == 1 and "train_32x32.mat" in lines[0], (name, r.stderr)
         assert ("cut short" in lines[0]) if content else ("no 'y' array" in lines[0]), lines[0]
         assert not (tmp_path / "run").exists()
+
+
+def test_svhn_files_of_another_shape_or_version_are_one_line(tmp_path):
+    """Images of 28x28, a label 11, a MAT-file of version 7.3 (HDF5) and a
+    big-endian one: one error line naming the file, exit 1."""
+    import numpy as np
+    import scipy.io
+    mat = scipy.io.loadmat(os.path.join(FIX, "digits-bin", "test_32x32.mat"))
+    X, y = mat["X"], mat["y"]
+    header = open(os.path.join(FIX, "digits-bin", "test_32x32.mat"), "rb").read()
+    cases = [
+        ({"X": X[2:30, 2:30], "y": y}, "dimensions [28, 28, 3, 297], expected 32 x 32 x 3 x N"),
+        ({"X": X, "y": np.where(np.arange(len(y))[:, None] == 3, 11.0, y)}, "label 3 is 11, not one of 0..10"),
+        (b"MATLAB 7.3 MAT-file, Platform: GLNXA64, Created on: HDF5 schema 1.00".ljust(128, b" "), "version 7.3"),
+        (header[:126] + b"MI" + header[128:], "big-endian"),
+    ]
+    for k, (content, needle) in enumerate(cases):
+        d = tmp_path / f"d{k}"
+        d.mkdir()
+        shutil.copy(os.path.join(FIX, "digits-bin", "train_32x32.mat"), d / "train_32x32.mat")
+        if isinstance(content, dict):
+            scipy.io.savemat(str(d / "test_32x32.mat"), content)
+        else:
+            (d / "test_32x32.mat").write_bytes(content)
+        r = vggctl("train", "--dataset", "svhn", "--data-dir", str(d), "--no-download", "--device", "cpu",
+                   "--out", str(tmp_path / "run"))
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 1 and len(lines) == 1 and "test_32x32.mat" in lines[0] and needle in lines[0], r.stderr
+        assert not (tmp_path / "run").exists()
