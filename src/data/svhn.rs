@@ -79,48 +79,43 @@ pub fn read_split(path: &Path) -> Result<Split> {
         bail!("{}: not a regular file", path.display());
     }
     let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let vars = read_mat(&mut BufReader::new(file), &["X", "y"], MAX_BYTES)
+    let mut vars = read_mat(&mut BufReader::new(file), &["X", "y"], MAX_BYTES)
         .with_context(|| format!("{}: not an SVHN MAT-file", path.display()))?;
-    let get = |name: &str| {
-        (vars.iter().find(|(n, _)| n == name).map(|(_, a)| a)).with_context(|| {
+    let mut take = |name: &str| {
+        let at = vars.iter().position(|(n, _)| n == name).with_context(|| {
             format!(
                 "{}: no '{name}' array (SVHN's files hold X and y)",
                 path.display()
             )
-        })
+        })?;
+        Ok::<_, anyhow::Error>(vars.swap_remove(at).1)
     };
-    let (x, y) = (get("X")?, get("y")?);
+    let (x, y) = (take("X")?, take("y")?);
     let images = images(x).with_context(|| format!("{}: 'X'", path.display()))?;
-    let labels = labels(y, images.len() / (3 * SIDE * SIDE))
+    let labels = labels(&y, images.size()[0] as usize)
         .with_context(|| format!("{}: 'y'", path.display()))?;
-    let n = labels.len() as i64;
     Ok(Split {
-        images: Tensor::from_slice(&images).view([n, 3, SIDE as i64, SIDE as i64]),
+        images,
         labels: Tensor::from_slice(&labels),
         layout: None,
     })
 }
 
-/// `X` (32x32x3xN, column-major: row fastest) as N images of 3 row-major
-/// planes, as torchvision's `np.transpose(X, (3, 2, 0, 1))`.
-fn images(x: &MatArray) -> Result<Vec<u8>> {
-    let Values::Bytes(raw) = &x.values else {
-        bail!("not stored as uint8");
-    };
+/// `X` (32x32x3xN, column-major: row fastest) as `N x 3 x 32 x 32`, as
+/// torchvision's `np.transpose(X, (3, 2, 0, 1))`: each plane transposed.
+/// The file's bytes are let go before the transposed copy is made.
+fn images(x: MatArray) -> Result<Tensor> {
     match x.dims[..] {
         [SIDE, SIDE, 3, _] | [SIDE, SIDE, 3] => {}
         _ => bail!("dimensions {:?}, expected 32 x 32 x 3 x N", x.dims),
     }
-    let plane = SIDE * SIDE;
-    let mut out = vec![0u8; raw.len()];
-    for (src, dst) in raw.chunks_exact(plane).zip(out.chunks_exact_mut(plane)) {
-        for (c, column) in src.chunks_exact(SIDE).enumerate() {
-            for (r, &v) in column.iter().enumerate() {
-                dst[r * SIDE + c] = v;
-            }
-        }
-    }
-    Ok(out)
+    let Values::Bytes(raw) = x.values else {
+        bail!("not stored as uint8");
+    };
+    let (n, side) = ((raw.len() / (3 * SIDE * SIDE)) as i64, SIDE as i64);
+    let stored = Tensor::from_slice(&raw).view([n, 3, side, side]);
+    drop(raw);
+    Ok(stored.transpose(2, 3).contiguous())
 }
 
 /// `y` (N x 1 or 1 x N) as labels 0..9: 10 is the digit 0.
@@ -155,9 +150,11 @@ mod tests {
             dims: vec![32, 32, 3, 2],
             values: Values::Bytes(raw.clone()),
         };
-        let out = images(&x).unwrap();
+        let out = images(x).unwrap();
+        assert_eq!(out.size(), [2, 3, 32, 32]);
         // Image 1, channel 2, row 5, column 7.
-        assert_eq!(out[3072 + 2048 + 5 * 32 + 7], raw[3072 + 2048 + 7 * 32 + 5]);
+        let want = raw[3072 + 2048 + 7 * 32 + 5] as i64;
+        assert_eq!(out.int64_value(&[1, 2, 5, 7]), want);
         let y = MatArray {
             dims: vec![3, 1],
             values: Values::Numbers(vec![10.0, 1.0, 9.0]),
