@@ -38,3 +38,31 @@ def mirror(directory):
         yield f"http://127.0.0.1:{server.server_address[1]}/"
     finally:
         server.shutdown()
+
+
+def initial_model(path, seed, classes=10):
+    """VGG11 (cifar head, no BN) initialized from `seed`, its weights saved
+    to `path`: the model, as the start of both sides' training."""
+    import torch
+    from safetensors.torch import save_file
+
+    import vgg_reference
+
+    torch.manual_seed(seed)
+    model = vgg_reference.build("vgg11", False, "cifar", classes)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return model
+
+
+def reference(out, init, data, *args, limit, batch, epochs):
+    """PyTorch's one-process training (`ddp_reference.py`) from `init` on
+    `data` with the dataset's `args`, its weights written to `out`."""
+    import subprocess
+    import sys
+
+    subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tests", "ddp_reference.py"), "--as-one-process", "1", *args,
+         "--data", data, "--init", str(init), "--out", str(out), "--limit-train", str(limit),
+         "--epochs", str(epochs), "--batch-size", str(batch)],
+        check=True, timeout=300, env=ENV)
+    return str(out)

@@ -16,11 +16,10 @@ import sys
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import vgg_reference  # noqa: E402
-from dataset_helpers import BIN, ENV, FIX, ROOT, apart  # noqa: E402
+from dataset_helpers import BIN, ENV, FIX, apart, initial_model, reference  # noqa: E402
 from ddp_reference import CIFAR100_NORM, cifar100, normalize  # noqa: E402
 
 LIMIT, BATCH, EPOCHS = 64, 16, 2
@@ -28,15 +27,9 @@ LIMIT, BATCH, EPOCHS = 64, 16, 2
 
 def test_cifar100_trains_and_evaluates_as_torchvision_reads_it(tmp_path):
     init = str(tmp_path / "init.safetensors")
-    torch.manual_seed(3)
-    model = vgg_reference.build("vgg11", False, "cifar", 100)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, init)
-    want_path = str(tmp_path / "ref.safetensors")
-    subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tests", "ddp_reference.py"), "--as-one-process", "1", "--cifar100",
-         "--data", os.path.join(FIX, "digits-py"), "--init", init, "--out", want_path,
-         "--limit-train", str(LIMIT), "--epochs", str(EPOCHS), "--batch-size", str(BATCH)],
-        check=True, timeout=300, env=ENV)
+    model = initial_model(init, 3, classes=100)
+    want_path = reference(tmp_path / "ref.safetensors", init, os.path.join(FIX, "digits-py"), "--cifar100",
+                          limit=LIMIT, batch=BATCH, epochs=EPOCHS)
     want = load_file(want_path)
     assert apart(want, load_file(init)) > 1e-3, "the reference did not train"
 

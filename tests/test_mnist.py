@@ -28,24 +28,18 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import vgg_reference  # noqa: E402
-from dataset_helpers import BIN, ENV, FIX, ROOT, apart, md5, mirror  # noqa: E402
+from dataset_helpers import BIN, ENV, FIX, apart, initial_model, md5, mirror, reference  # noqa: E402
 from ddp_reference import MNIST_NORM, mnist, mnist_images, normalize  # noqa: E402
 
 LIMIT, BATCH, EPOCHS = 48, 16, 2
 
 
-def reference(tmp_path, name, init, flip):
-    out = str(tmp_path / f"ref-{name}-{flip}.safetensors")
-    subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tests", "ddp_reference.py"), "--as-one-process", "1",
-         "--mnist", name, "--crop-flip", str(flip), "--data", os.path.join(FIX, "digits-bin"), "--init", init,
-         "--out", out, "--limit-train", str(LIMIT), "--epochs", str(EPOCHS), "--batch-size", str(BATCH)],
-        check=True, timeout=300, env=ENV)
-    return out
+def trained_by_pytorch(tmp_path, name, init, flip):
+    return reference(tmp_path / f"ref-{name}-{flip}.safetensors", init, os.path.join(FIX, "digits-bin"),
+                     "--mnist", name, "--crop-flip", str(flip), limit=LIMIT, batch=BATCH, epochs=EPOCHS)
 
 
 def train(out, name, layout, init, *extra):
@@ -62,10 +56,8 @@ def train(out, name, layout, init, *extra):
 @pytest.mark.parametrize("name,flip", [("mnist", 0.0), ("fashion-mnist", 0.5)])
 def test_mnist_trains_and_evaluates_as_torchvision_reads_it(tmp_path, name, flip):
     init = str(tmp_path / "init.safetensors")
-    torch.manual_seed(5)
-    model = vgg_reference.build("vgg11", False, "cifar", 10)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, init)
-    want_path = reference(tmp_path, name, init, flip)
+    model = initial_model(init, 5)
+    want_path = trained_by_pytorch(tmp_path, name, init, flip)
     want = load_file(want_path)
     assert apart(want, load_file(init)) > 1e-3, "the reference did not train"
 
@@ -82,7 +74,7 @@ def test_mnist_trains_and_evaluates_as_torchvision_reads_it(tmp_path, name, flip
     other = 1.0 if flip == 0.0 else 0.0
     mirrored = train(tmp_path / "other", name, "digits-bin", init, "--hflip", str(other))
     assert apart(mirrored, want) > 1e-4
-    assert apart(mirrored, load_file(reference(tmp_path, name, init, other))) < 1e-5
+    assert apart(mirrored, load_file(trained_by_pytorch(tmp_path, name, init, other))) < 1e-5
 
     # The reference's weights evaluated on the whole test split.
     model.load_state_dict(want)

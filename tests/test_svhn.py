@@ -18,11 +18,10 @@ import sys
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import vgg_reference  # noqa: E402
-from dataset_helpers import BIN, ENV, FIX, ROOT, apart, md5, mirror  # noqa: E402
+from dataset_helpers import BIN, ENV, FIX, apart, initial_model, md5, mirror, reference  # noqa: E402
 from ddp_reference import SVHN_NORM, normalize, svhn  # noqa: E402
 
 LIMIT, BATCH, EPOCHS = 48, 16, 2
@@ -35,15 +34,9 @@ def vggctl(*args, env=ENV):
 
 def test_svhn_trains_and_evaluates_as_torchvision_reads_it(tmp_path):
     init = str(tmp_path / "init.safetensors")
-    torch.manual_seed(6)
-    model = vgg_reference.build("vgg11", False, "cifar", 10)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, init)
-    want_path = str(tmp_path / "ref.safetensors")
-    subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tests", "ddp_reference.py"), "--as-one-process", "1", "--svhn",
-         "--crop-flip", "0", "--data", os.path.join(FIX, "digits-bin"), "--init", init, "--out", want_path,
-         "--limit-train", str(LIMIT), "--epochs", str(EPOCHS), "--batch-size", str(BATCH)],
-        check=True, timeout=300, env=ENV)
+    model = initial_model(init, 6)
+    want_path = reference(tmp_path / "ref.safetensors", init, os.path.join(FIX, "digits-bin"), "--svhn",
+                          "--crop-flip", "0", limit=LIMIT, batch=BATCH, epochs=EPOCHS)
     want = load_file(want_path)
     assert apart(want, load_file(init)) > 1e-3, "the reference did not train"
     for layout in ["digits-bin", "digits-py"]:
