@@ -22,9 +22,16 @@ def vggctl(*args, check=True, cwd=None):
 
 def test_top_level_help_names_the_environment_and_exit_codes():
     text = vggctl("--help").stdout
-    for name in ["VGGCTL_WEIGHTS_DIR", "VGGCTL_WEIGHTS_URL", "TORCH_HOME", "VGGCTL_CIFAR10_URL",
-                 "VGGCTL_HTTP_TIMEOUT", "VGGCTL_LOG_INTERVAL", "MASTER_ADDR", "VGGCTL_CIFAR100_URL"]:
-        assert re.search(rf"^  (\S+, )*{name}\b", text, re.M), name
+    # Every dataset vggctl downloads has its URL variable: the names come from
+    # train --help's --dataset, less those read from local folders or built in.
+    datasets = re.search(r"Dataset: (.*?) \[default", vggctl("train", "--help").stdout, re.S).group(1)
+    downloaded = [d for d in re.findall(r"(?:^|, | or )([a-z0-9-]+)(?= \(|,| or |$)", datasets)
+                  if d not in ("digits", "folder", "imagenet")]
+    assert len(downloaded) == 5, downloaded
+    urls = [f"VGGCTL_{d.upper().replace('-', '_')}_URL" for d in downloaded]
+    for name in ["VGGCTL_WEIGHTS_DIR", "VGGCTL_WEIGHTS_URL", "TORCH_HOME", "VGGCTL_HTTP_TIMEOUT",
+                 "VGGCTL_LOG_INTERVAL", "MASTER_ADDR", "VGGCTL_<DATASET>_MD5", *urls]:
+        assert re.search(rf"^  (\S+, )*{re.escape(name)}(,|\s)", text, re.M), name
     assert "0 success, 1 a failure while running, 2 a command line that cannot work" in text
     for sub in SUBCOMMANDS:
         assert re.search(rf"^  {sub} +\S", text, re.M), sub
