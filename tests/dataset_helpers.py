@@ -57,12 +57,8 @@ def initial_model(path, seed, classes=10):
 def reference(out, init, data, *args, limit, batch, epochs):
     """PyTorch's one-process training (`ddp_reference.py`) from `init` on
     `data` with the dataset's `args`, its weights written to `out`."""
-    import subprocess
-    import sys
+    import ddp_reference
 
-    subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tests", "ddp_reference.py"), "--as-one-process", "1", *args,
-         "--data", data, "--init", str(init), "--out", str(out), "--limit-train", str(limit),
-         "--epochs", str(epochs), "--batch-size", str(batch)],
-        check=True, timeout=300, env=ENV)
+    ddp_reference.in_process("--as-one-process", "1", *args, "--data", data, "--init", init, "--out", out,
+                             "--limit-train", limit, "--epochs", epochs, "--batch-size", batch)
     return str(out)

@@ -245,7 +245,7 @@ def set_weight_decay(model, weight_decay, norm_weight_decay=None, custom_keys_we
     return [{"params": params[k], "weight_decay": decays[k]} for k in params if params[k]]
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--data", required=True)
     p.add_argument("--init", required=True)
@@ -308,7 +308,7 @@ def main():
     p.add_argument("--mnist", choices=["mnist", "fashion-mnist"])
     p.add_argument("--svhn", action="store_true")
     p.add_argument("--crop-flip", type=float, default=None, metavar="P")
-    a = p.parse_args()
+    a = p.parse_args(argv)
 
     one = a.as_one_process > 0
     if one:
@@ -458,6 +458,22 @@ def main():
         save_file(state, a.out)
     if not one:
         dist.destroy_process_group()
+
+
+def in_process(*argv):
+    """Runs an `--as-one-process` reference in the test's own process, as a
+    subprocess under OMP_NUM_THREADS=1 would run it (one intra-op thread),
+    leaving the caller's thread count and random state as they were: the
+    tests call this dozens of times, and each new Python process would
+    spend about 2.5 s importing torch and torchvision."""
+    assert "--as-one-process" in argv, "distributed references run under torchrun"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            main([str(a) for a in argv])
+    finally:
+        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

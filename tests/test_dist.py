@@ -42,6 +42,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import ddp_reference  # noqa: E402
 import vgg_reference  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -217,13 +218,12 @@ def test_repeated_augmentation_splits_epochs_as_timm(tmp_path, limit, ranks):
     if ranks == 2:
         ours = torchrun("--no-python", *train)
         theirs = torchrun(reference, *common, "--out", ref)
+        assert theirs.returncode == 0, theirs.stderr[-3000:]
     else:
         ours = subprocess.run(train, capture_output=True, text=True, timeout=300,
                               env=dict(os.environ, OMP_NUM_THREADS="1"))
-        theirs = subprocess.run([sys.executable, reference, *common, "--out", ref,
-                                 "--as-one-process", "1"], capture_output=True, text=True, timeout=300)
+        ddp_reference.in_process(*common, "--out", ref, "--as-one-process", "1")
     assert ours.returncode == 0, ours.stderr[-3000:]
-    assert theirs.returncode == 0, theirs.stderr[-3000:]
     kept = {2: "128 images an epoch per rank", 1: "40 images an epoch"}[ranks]
     assert f"repeated augmentation x3 ({kept})" in ours.stderr, ours.stderr
     a, b = load_file(str(run / "last.safetensors")), load_file(ref)
@@ -270,12 +270,9 @@ def test_sync_bn_equals_one_process_with_the_global_batch(tmp_path):
     ours = torchrun(*common, "--sync-bn", "--out", str(tmp_path / "run"))
     assert ours.returncode == 0, ours.stderr[-3000:]
     ref = str(tmp_path / "one.safetensors")
-    subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tests", "ddp_reference.py"), "--as-one-process", "2",
-         "--data", os.path.join(data, "cifar-10-batches-bin"), "--init", init, "--out", ref,
-         "--bn", "--head", "gap", "--limit-train", "64", "--epochs", "2", "--lr", "0.001",
-         "--batch-size", str(BATCH)],
-        check=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    ddp_reference.in_process(
+        "--as-one-process", "2", "--data", os.path.join(data, "cifar-10-batches-bin"), "--init", init, "--out", ref,
+        "--bn", "--head", "gap", "--limit-train", 64, "--epochs", 2, "--lr", 0.001, "--batch-size", BATCH)
     a, b = load_file(str(tmp_path / "run" / "last.safetensors")), load_file(ref)
     assert set(a) == set(b)
     for k in b:

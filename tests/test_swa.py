@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import ddp_reference  # noqa: E402
 import vgg_reference  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,12 +68,10 @@ def test_swa_equals_torch_swa_utils(tmp_path, name):
     model = vgg_reference.build("vgg11", bn, "cifar", 10)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, init)
     ref_out, ref_swa = str(tmp_path / "ref.safetensors"), str(tmp_path / "ref-swa.safetensors")
-    subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tests", "ddp_reference.py"), "--as-one-process", "1",
-         "--data", os.path.join(DATA, "cifar-10-batches-bin"), "--init", init, "--out", ref_out,
-         "--limit-train", str(LIMIT), "--epochs", str(EPOCHS), "--batch-size", str(BATCH),
-         "--epoch-scheduler", "cosine", "--swa-out", ref_swa, *(["--bn"] if bn else []), *swa],
-        check=True, timeout=300, env=ENV)
+    ddp_reference.in_process(
+        "--as-one-process", "1", "--data", os.path.join(DATA, "cifar-10-batches-bin"), "--init", init,
+        "--out", ref_out, "--limit-train", LIMIT, "--epochs", EPOCHS, "--batch-size", BATCH,
+        "--epoch-scheduler", "cosine", "--swa-out", ref_swa, *(["--bn"] if bn else []), *swa)
     run = tmp_path / "run"
     r = vggctl(run, "--initial-checkpoint", init, "--epochs", str(EPOCHS), "--scheduler", "cosine",
                *(["--bn"] if bn else []), *swa)
@@ -149,7 +148,6 @@ def test_two_ranks_recompute_the_statistics_over_one_process_batches(tmp_path):
     (72 images in batches of 16: 2 and 3, the last one of 8) and the means
     are combined by their counts: update_bn in one process on the same
     average gives the same statistics within 1e-5, and counts 5 batches."""
-    import ddp_reference
     limit, run = 72, tmp_path / "run"
     r = subprocess.run(
         [BIN, "train", "--dataset", "cifar10", "--data-dir", DATA, "--no-download", "--arch", "vgg11", "--bn",

@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import ddp_reference  # noqa: E402
 import vgg_reference  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,11 +42,9 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1")
 def reference(tmp_path, init, out, *extra, epochs=EPOCHS):
     if "--batch-size" not in extra:
         extra = ("--batch-size", str(BATCH), *extra)
-    subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tests", "ddp_reference.py"), "--as-one-process", "1",
-         "--data", os.path.join(DATA, "cifar-10-batches-bin"), "--init", init, "--out", out,
-         "--limit-train", str(LIMIT), "--epochs", str(epochs), *extra],
-        check=True, timeout=300, env=ENV)
+    ddp_reference.in_process(
+        "--as-one-process", "1", "--data", os.path.join(DATA, "cifar-10-batches-bin"), "--init", init, "--out", out,
+        "--limit-train", LIMIT, "--epochs", epochs, *extra)
     return load_file(out)
 
 
