@@ -74,6 +74,12 @@ impl ModelMeta {
         }
     }
 
+    /// Whether the model was trained on gray images and reads every image
+    /// as gray (see [`crate::data::is_gray`]).
+    pub fn gray(&self) -> bool {
+        crate::data::is_gray(&self.dataset)
+    }
+
     /// The evaluation transform scaled to the input side `input`
     /// (`--input` of eval and predict): the resize keeps its ratio to the
     /// crop (256/224 stays 256/224: 342 for a 300 crop), so the crop always

@@ -28,7 +28,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from dataset_helpers import BIN, ENV, FIX, apart, initial_model, md5, mirror, reference  # noqa: E402
@@ -175,6 +175,81 @@ def test_the_built_in_digits_are_not_mirrored_by_default(tmp_path):
     _, half = run("half", "--hflip", "0.5")
     assert all(torch.equal(default[k], never[k]) for k in default)
     assert apart(default, half) > 1e-4
+
+
+def test_a_gray_model_reads_colour_images_as_pil_makes_them_gray(tmp_path):
+    """A model trained on MNIST reads a colour image as PIL's
+    `convert("L")` makes it gray (then as its training images: 32x32,
+    three channels): `predict` gives PyTorch's probabilities of those
+    images within 1e-5, and `eval` of a folder of them (streamed, each
+    squeezed whole) PyTorch's loss (1e-5) and top-1 count. The images are
+    the test digits drawn in colour over a real photograph; read in colour
+    they would score otherwise (by more than 1e-3)."""
+    import numpy as np
+    from skimage import data as photos
+    from types import SimpleNamespace
+    from torchvision.transforms.functional import resize
+
+    out = tmp_path / "run"
+    r = subprocess.run(
+        [BIN, "train", "--dataset", "mnist", "--data-dir", os.path.join(FIX, "digits-bin"), "--no-download",
+         "--arch", "vgg11", "--head", "cifar", "--epochs", "1", "--limit-train", "32", "--limit-test", "8",
+         "--batch-size", "16", "--device", "cpu", "--quiet", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, env=ENV)
+    assert r.returncode == 0, r.stderr
+    # The run's metadata (an MNIST model) over weights whose last layer is
+    # scaled up: a run this short scores every image near 1/10, where
+    # inputs hardly show in the probabilities.
+    weights = load_file(str(out / "last.safetensors"))
+    last = max((k for k in weights if k.startswith("classifier.") and k.endswith(".weight")),
+               key=lambda k: int(k.split(".")[1]))
+    weights[last] = weights[last] * 200
+    checkpoint = str(tmp_path / "sharp.safetensors")
+    save_file(weights, checkpoint, metadata=safe_open(str(out / "last.safetensors"), "pt").metadata())
+
+    test = mnist(os.path.join(FIX, "digits-bin"), "mnist", train=False)
+    picked = [i for c in range(10) for i in (test.targets == c).nonzero().flatten()[:2].tolist()]
+    background = np.asarray(Image.fromarray(photos.astronaut()).resize((28, 28), Image.BILINEAR), dtype=np.float64)
+    files, gray, colour = [], [], []
+    for k, i in enumerate(picked):
+        ink = test.data[i].numpy()[..., None] / 255.0
+        pen = np.array([[255, 40, 0], [20, 200, 60], [30, 60, 255], [250, 220, 30]][k % 4], dtype=np.float64)
+        rgb = Image.fromarray(np.round(background * (1 - ink) + pen * ink).astype(np.uint8), mode="RGB")
+        path = tmp_path / "colour" / test.classes[int(test.targets[i])] / f"{k}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rgb.save(path)
+        files.append(str(path))
+        gray.append(torch.from_numpy(np.array(rgb.convert("L"))))
+        colour.append(torch.from_numpy(np.array(rgb)).permute(2, 0, 1))
+    labels = test.targets[picked]
+
+    model = initial_model(tmp_path / "unused.safetensors", 0)
+    model.load_state_dict(load_file(checkpoint))
+    model.eval()
+    x = normalize(mnist_images(SimpleNamespace(data=torch.stack(gray))), *MNIST_NORM["mnist"])
+    x_colour = normalize(resize(torch.stack(colour), [32, 32], antialias=True), *MNIST_NORM["mnist"])
+    with torch.no_grad():
+        logits = model(x)
+        in_colour = model(x_colour).softmax(1)
+    probs = logits.softmax(1)
+    assert (probs - in_colour).abs().max() > 1e-3, "colour and gray score alike: proves nothing"
+    assert probs.max(1).values.min() > 0.2, "near-uniform scores: the comparisons would see little"
+
+    r = subprocess.run([BIN, "predict", "--checkpoint", checkpoint, "--device", "cpu", "--json", "--topk", "10",
+                        *files], capture_output=True, text=True, timeout=300, env=ENV)
+    assert r.returncode == 0, r.stderr
+    for i, got in enumerate(json.loads(r.stdout)):
+        assert max(abs(g["probability"] - probs[i, g["index"]].item()) for g in got["top"]) < 1e-5, i
+
+    r = subprocess.run([BIN, "eval", "--checkpoint", checkpoint, "--dataset", "folder", "--val-dir",
+                        str(tmp_path / "colour"), "--device", "cpu", "--json"],
+                       capture_output=True, text=True, timeout=300, env=ENV)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    loss = torch.nn.functional.cross_entropy(logits, labels).item()
+    assert report["images"] == 20
+    assert round(report["top1"] * 20 / 100) == (logits.argmax(1) == labels).sum().item()
+    assert abs(report["loss"] - loss) <= 1e-5 * max(1.0, abs(loss)), (report["loss"], loss)
 
 
 def idx(a):

@@ -419,5 +419,6 @@ fn load_data(
     };
     let mut pre = Preprocess::new(augment, input, Normalizer::new(mean, std, device));
     pre.eval_squeeze = squeeze;
+    pre.eval_gray = meta.is_some_and(ModelMeta::gray);
     Ok((dataset, pre))
 }

@@ -1,7 +1,8 @@
 //! What `predict` and `features` share: image arguments (files, or
 //! directories standing for their images), the model from --checkpoint or
 //! --weights, and batches of images read as the model's evaluation reads
-//! them (torchvision's eval transform, or a CIFAR-style model's squares).
+//! them (torchvision's eval transform, or a CIFAR-style model's squares;
+//! gray for a model of gray images).
 
 use std::path::PathBuf;
 
@@ -11,7 +12,7 @@ use tch::{Device, Tensor};
 use vggctl::checkpoint::ModelMeta;
 use vggctl::data::augment::{Augment, Normalizer, Preprocess};
 use vggctl::data::folder::{extension_list, image_files};
-use vggctl::data::image::{decode_rgb, eval_crop};
+use vggctl::data::image::{decode_rgb, eval_crop, to_luma};
 use vggctl::data::resize::Filter;
 use vggctl::model::{Vgg, check_input};
 use vggctl::numerics::{Activity, Numerics};
@@ -63,6 +64,8 @@ pub struct Reader {
     /// The host's resize and crop sides, and the resize's filter.
     host_crop: (Option<i64>, i64),
     interpolation: Filter,
+    /// Each image made gray first (a model of gray images).
+    gray: bool,
     pre: Preprocess,
     device: Device,
 }
@@ -96,6 +99,7 @@ impl ImagesIn {
         let reader = Reader {
             host_crop: meta.host_crop(),
             interpolation: meta.interpolation,
+            gray: meta.gray(),
             pre,
             device,
         };
@@ -116,10 +120,14 @@ impl Reader {
     pub fn read(&self, chunk: &[PathBuf]) -> Result<Tensor> {
         // Decoding and resizing dominate on the CPU: all cores, one image each.
         let ((resize, crop), interpolation) = (self.host_crop, self.interpolation);
+        let gray = self.gray;
         let batch: Vec<Tensor> = chunk
             .par_iter()
             .map(|p| {
-                decode_rgb(p).map(|img| {
+                decode_rgb(p).map(|mut img| {
+                    if gray {
+                        to_luma(&mut img);
+                    }
                     let size = (img.height() as usize, img.width() as usize);
                     eval_crop(img.as_raw(), size, (resize, crop), interpolation)
                 })

@@ -335,8 +335,10 @@ pub enum Transform {
     /// `RandomResizedCrop(size)` + `RandomHorizontalFlip` with the job's draws.
     Random { size: i64 },
     /// `Resize((size, size))`: the whole image squeezed, as a CIFAR-10 or
-    /// digits model's own images are (evaluating one on an image folder).
-    Squeeze { size: i64 },
+    /// digits model's own images are (evaluating one on an image folder);
+    /// `gray`: made gray first, as PIL's `convert("L")` (an MNIST or
+    /// digits model's).
+    Squeeze { size: i64, gray: bool },
 }
 
 /// How a dataset's uint8 batches become the model's input.
@@ -375,6 +377,8 @@ pub struct Preprocess {
     /// (a CIFAR-10 or digits model on an image folder), instead of its
     /// centre square.
     pub eval_squeeze: Option<i64>,
+    /// Those images are made gray first (a model of gray images).
+    pub eval_gray: bool,
     /// RandomResizedCrop's interpolation on the device (in-memory
     /// folders; streamed crops are the loader's, with the split's filter).
     pub filter: Filter,
@@ -394,6 +398,7 @@ impl Preprocess {
             plain_training: false,
             auto_augment: None,
             eval_squeeze: None,
+            eval_gray: false,
             filter: Filter::Bilinear,
             crop: CropRange::default(),
             hflip: HFLIP,
@@ -487,7 +492,10 @@ impl Preprocess {
     pub fn stream_transform(&self, train: bool) -> Transform {
         match self.augment {
             Augment::CropFlip { .. } if !train && let Some(size) = self.eval_squeeze => {
-                Transform::Squeeze { size }
+                Transform::Squeeze {
+                    size,
+                    gray: self.eval_gray,
+                }
             }
             Augment::CropFlip { .. } => Transform::Square,
             Augment::ResizedCrop if train && !self.plain_training => Transform::Random {

@@ -215,6 +215,18 @@ fn decode_any<T>(
     Ok((rgb8(img), told))
 }
 
+/// `img` made gray in place, as a model trained on gray images reads it:
+/// each pixel's luminance as PIL's `convert("L")` computes it (ITU-R 601-2
+/// in 16-bit fixed point, rounded: `(19595 r + 38470 g + 7471 b + 2^15) >>
+/// 16`), in all three channels. A gray image is left as it is.
+pub fn to_luma(img: &mut image::RgbImage) {
+    for p in img.pixels_mut() {
+        let [r, g, b] = p.0.map(u32::from);
+        let l = ((19595 * r + 38470 * g + 7471 * b + 0x8000) >> 16) as u8;
+        p.0 = [l; 3];
+    }
+}
+
 /// An image in 8-bit RGB as PIL's `convert("RGB")` gives it: alpha
 /// dropped, gray repeated, and 16 bits per sample cut to their high byte,
 /// as PIL reads 16-bit colour (PIL clips 16-bit grayscale at 255 instead,
@@ -389,6 +401,22 @@ pub fn recycle(img: image::RgbImage) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every gray level stays as it is; pure red, green and blue and one
+    /// mixed pixel get PIL's `convert("L")` values (76, 150, 29 and 124).
+    #[test]
+    fn luma_is_pils_and_keeps_gray() {
+        let gray: Vec<u8> = (0..=255u8).flat_map(|v| [v; 3]).collect();
+        let mut img = image::RgbImage::from_raw(256, 1, gray.clone()).unwrap();
+        to_luma(&mut img);
+        assert_eq!(img.as_raw(), &gray);
+        let colours = vec![255, 0, 0, 0, 255, 0, 0, 0, 255, 200, 100, 50];
+        let mut img = image::RgbImage::from_raw(4, 1, colours).unwrap();
+        to_luma(&mut img);
+        let luma: Vec<u8> = img.pixels().map(|p| p.0[0]).collect();
+        assert_eq!(luma, [76, 150, 29, 124]);
+        assert!(img.pixels().all(|p| p.0 == [p.0[0]; 3]));
+    }
 
     /// A JPEG or PNG cut to a third of its bytes is refused (the JPEG
     /// decoder alone would fill the missing rows with grey); whole files decode.

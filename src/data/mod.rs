@@ -49,6 +49,13 @@ pub fn default_hflip(name: &str) -> f64 {
     }
 }
 
+/// Whether the dataset `name`'s images are gray (the built-in digits,
+/// MNIST's and Fashion-MNIST's): a model trained on them reads any image
+/// as gray ([`image::to_luma`]).
+pub fn is_gray(name: &str) -> bool {
+    name == "digits" || mnist::named(name).is_some()
+}
+
 /// One split, or a batch of one: images `N x 3 x H x W` uint8 and labels
 /// `N` int64, loaded on the CPU and moved to the device in one copy.
 pub struct Split {

@@ -19,7 +19,7 @@ use tch::{Device, Tensor};
 
 use super::Split;
 use super::augment::Transform;
-use super::image::{decode_sized, eval_window, recycle};
+use super::image::{decode_sized, eval_window, recycle, to_luma};
 use super::prepared::{Entry, Prepared};
 use super::resize::{Filter, Resize, resize_window_into};
 use super::resized_crop::{ImageDraws, crop_box};
@@ -189,9 +189,15 @@ impl Streamed {
                 }
                 (img, resize)
             }
-            (Transform::Squeeze { size }, _) => self.decode(i, |h, w| {
-                eval_window((h as usize, w as usize), None, size).with(self.filter)
-            })?,
+            (Transform::Squeeze { size, gray }, _) => {
+                let (mut img, resize) = self.decode(i, |h, w| {
+                    eval_window((h as usize, w as usize), None, size).with(self.filter)
+                })?;
+                if gray {
+                    to_luma(&mut img);
+                }
+                (img, resize)
+            }
             (Transform::Random { size }, Some(d)) => self.decode(i, |h, w| {
                 let s = size as usize;
                 let [top, left, h, w] = crop_box(d, h, w).map(|v| v as usize);
@@ -216,9 +222,9 @@ impl Streamed {
     fn out_side(&self, transform: Transform) -> i64 {
         match transform {
             Transform::Square => self.side,
-            Transform::Eval { size } | Transform::Random { size } | Transform::Squeeze { size } => {
-                size
-            }
+            Transform::Eval { size }
+            | Transform::Random { size }
+            | Transform::Squeeze { size, .. } => size,
         }
     }
 
