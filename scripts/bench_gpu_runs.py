@@ -302,8 +302,9 @@ def vggctl_ops(binary, data_dir, out, batch, extra=()):
 
 def vggctl_eval(binary, data_dir, weights, batch, n, extra=()):
     """images/s, peak bytes, what it ran as."""
+    # --dataset: a state dict with the ImageNet head would default to ImageNet's layout.
     r = run([binary, "eval", "--checkpoint", weights, "--arch", "vgg16", "--head", "imagenet", "--classes", "10",
-             "--data-dir", data_dir, "--no-download", "--input", "224", "--batch-size", str(batch),
+             "--dataset", "cifar10", "--data-dir", data_dir, "--no-download", "--input", "224", "--batch-size", str(batch),
              "--limit-test", str(n), "--device", DEV.type, "--json", *extra])
     report = json.loads(r.stdout)
     return report["images_per_s"], report.get("peak_gpu_bytes", 0), report.get("ran_as", "?")

@@ -127,3 +127,46 @@ def test_eval_takes_torchvisions_pth_and_its_eval_transform(tmp_path):
     assert (r.returncode, r.stderr) == (
         1, f"vggctl: error: {pth}: a torch.save file, not a vggctl checkpoint (safetensors); "
            f"pass it as --weights {pth}\n")
+
+
+def test_an_imagenet_head_reads_cifar_images_whole_at_its_input(tmp_path):
+    """A plain state dict with the ImageNet head evaluated on CIFAR-10 (32x32
+    images, read whole) at --input 64: each image bilinearly resized to
+    64x64 and normalized with ImageNet's mean and std, as
+    `F.interpolate` does it in PyTorch (loss within 1e-5 relative, the same
+    confusion matrix); its eval transform's resize before a crop is for
+    image files (it once cropped 64 out of 32 and failed in libtorch).
+    --val-resize-size with CIFAR-10 is one usage line."""
+    torch.manual_seed(0)
+    model = torchvision.models.vgg11(num_classes=10).eval()
+    with torch.no_grad():
+        model.classifier[6].weight.mul_(300)
+    pth = tmp_path / "w.pth"
+    torch.save(model.state_dict(), pth)
+    data = os.path.join(ROOT, "tests", "fixtures", "digits-bin")
+    n = 24
+    raw = open(os.path.join(data, "cifar-10-batches-bin", "test_batch.bin"), "rb").read()[:n * 3073]
+    records = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(n, 3073)
+    ys, images = records[:, 0].long(), records[:, 1:].reshape(n, 3, 32, 32)
+    x = torch.nn.functional.interpolate(images.float() / 255, size=(64, 64), mode="bilinear", align_corners=False)
+    x = F.normalize(x, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    with torch.no_grad():
+        logits = model(x)
+    loss = torch.nn.functional.cross_entropy(logits, ys).item()
+    confusion = torch.zeros(10, 10, dtype=torch.long)
+    for y, p in zip(ys.tolist(), logits.argmax(1).tolist()):
+        confusion[y, p] += 1
+
+    common = ("eval", "--checkpoint", str(pth), "--dataset", "cifar10", "--data-dir", data, "--no-download",
+              "--input", "64", "--device", "cpu")
+    r = run(*common, "--limit-test", str(n), "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    ours = json.loads(r.stdout)
+    assert ours["images"] == n
+    assert abs(ours["loss"] - loss) <= 1e-5 * loss, (ours["loss"], loss)
+    assert ours["confusion"] == confusion.tolist()
+
+    r = run(*common, "--val-resize-size", "80", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.endswith(
+        "vggctl: error: --val-resize-size: cifar10's images are read whole, resized to the input, "
+        "with no resize before a crop\n"), r.stderr

@@ -392,7 +392,17 @@ fn load_data(
     let input = read
         .as_ref()
         .map_or(args.read.input.unwrap_or(32), |m| m.input_size);
-    let resize = read.as_ref().and_then(|m| m.resize);
+    // CIFAR's, MNIST's, SVHN's and the digits' images are read whole and
+    // resized to the input, as their own models read them: a resize before
+    // a centre crop (an ImageNet head's, a folder run's) is for image files.
+    let whole = !is_image_folder(data.dataset());
+    if whole && args.read.val_resize_size.is_some() {
+        return Err(usage(format!(
+            "--val-resize-size: {}'s images are read whole, resized to the input, with no resize before a crop",
+            data.dataset()
+        )));
+    }
+    let resize = read.as_ref().and_then(|m| m.resize).filter(|_| !whole);
     // A CIFAR-10 or digits model on an image folder reads each image as
     // predict does, squeezed whole to its 32x32: only streaming can.
     let squeeze = match meta.map(ModelMeta::host_crop) {
