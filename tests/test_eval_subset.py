@@ -28,7 +28,7 @@ import pytest
 import torch
 import torchvision
 import torchvision.transforms.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torchvision.io import ImageReadMode, decode_image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -185,3 +185,42 @@ def test_folders_map_by_name_or_fail_naming_the_class(setting):
     assert r.returncode == 1 and lines[-1].startswith(
         f"vggctl: error: {weights}: class \"zebra crossing\" of named is not one of the model's classes "
         "(tench, goldfish, great white shark, tiger shark, … 1000 in all)"), r.stderr
+
+
+def test_weights_imagenet_is_torchvisions_file_as_predict_finds_it(setting, tmp_path):
+    """`eval --weights imagenet --arch vgg11` evaluates torchvision's file
+    for VGG11 (here the setting's model, saved by torch.save under
+    torchvision's name in $TORCH_HOME/hub/checkpoints, with no server to
+    download from) on ImageNet's layout by default: the same report as
+    `--checkpoint` on that file, whose loss is PyTorch's. A model whose
+    file is neither there nor downloadable is one line naming the file."""
+    root, weights, logits, ys = setting
+    hub = tmp_path / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    model = torchvision.models.vgg11()
+    model.load_state_dict(load_file(weights))
+    torch.save(model.state_dict(), hub / "vgg11-8a719046.pth")
+    env = dict(os.environ, TORCH_HOME=str(tmp_path), VGGCTL_WEIGHTS_URL="http://127.0.0.1:9/none")
+
+    def run(*args):
+        return subprocess.run([BIN, "eval", *args, "--data-dir", "imagenet", "--device", "cpu", "--json"],
+                              capture_output=True, text=True, timeout=300, cwd=root, env=env)
+
+    r = run("--weights", "imagenet", "--arch", "vgg11")
+    assert r.returncode == 0, r.stderr
+    ours = json.loads(r.stdout)
+    assert ours["checkpoint"] == str(hub / "vgg11-8a719046.pth")
+    assert ours["dataset"] == "imagenet" and ours["images"] == len(ys)
+    indices = torch.tensor([i for _, i, _, _ in SUBSET])
+    loss = torch.nn.functional.cross_entropy(logits, indices[ys]).item()
+    assert abs(ours["loss"] - loss) <= 1e-5 * loss, (ours["loss"], loss)
+    by_file = run("--checkpoint", str(hub / "vgg11-8a719046.pth"))
+    assert by_file.returncode == 0, by_file.stderr
+    assert json.loads(by_file.stdout) == ours
+
+    r = run("--weights", "imagenet", "--arch", "vgg13")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    assert lines[0].startswith(
+        "vggctl: error: could not download vgg13-19584684.pth from http://127.0.0.1:9/none; "
+        f"put vgg13-19584684.pth into ./weights/ or {hub}/"), r.stderr

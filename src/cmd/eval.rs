@@ -15,8 +15,8 @@ use vggctl::eval::{AmongClasses, EvalGraph, Scoring, evaluate};
 use vggctl::infer::{Inference, Logits};
 use vggctl::model::{Head, ModelSpec, Vgg};
 use vggctl::numerics::{Activity, Numerics};
-use vggctl::shim;
 use vggctl::train::run_dir::config_beside;
+use vggctl::{hub, shim};
 
 use super::data_opts::DataOpts;
 use super::eval_report::{Report, SubsetOf, predictions_csv, render};
@@ -26,15 +26,26 @@ use super::opts::{
     checkpoint_in,
 };
 use super::output::{note, print_json, print_out, usage, warn, whole};
+use super::progress::download_bar;
 
 #[derive(clap::Args, Debug)]
+#[command(group(clap::ArgGroup::new("model_file").required(true).args(["checkpoint", "weights"])))]
 pub struct Args {
     /// A vggctl checkpoint (last/best.safetensors; a run directory means its
     /// best), or a torchvision state dict (.pth or safetensors: its
     /// architecture, head and classes inferred; with the ImageNet head,
     /// torchvision's evaluation transform).
     #[arg(long)]
-    checkpoint: PathBuf,
+    checkpoint: Option<PathBuf>,
+    /// `imagenet`: torchvision's published weights for --arch/--bn (found
+    /// or downloaded as predict's are), evaluated with torchvision's
+    /// evaluation transform on ImageNet's layout by default; or a weights
+    /// file, as --checkpoint takes it.
+    #[arg(long)]
+    weights: Option<String>,
+    /// The weights file evaluated: --checkpoint's or --weights'.
+    #[arg(skip)]
+    file: PathBuf,
     #[command(flatten)]
     model: ModelOpts,
     #[command(flatten)]
@@ -98,8 +109,8 @@ fn check(args: &Args) -> Result<()> {
 }
 
 pub fn run(mut args: Args) -> Result<()> {
-    args.checkpoint = checkpoint_in(&args.checkpoint)?;
     check(&args)?;
+    args.file = weights_file(&args)?;
     if let Some(n) = args.dist.nproc_per_node {
         // What the ranks would all refuse is said once here.
         if let Some(path) = to_file(&args) {
@@ -112,15 +123,15 @@ pub fn run(mut args: Args) -> Result<()> {
     if let Some(path) = to_file(&args).filter(|_| world.is_main()) {
         vggctl::fsutil::check_target(path, args.force)?;
     }
-    let file = read_weights(&args.checkpoint)?;
+    let file = read_weights(&args.file)?;
     let (spec, meta) = model_of(&args, &file, &world)?;
     let (dataset, pre) = load_data(&args, meta.as_ref(), device)?;
     let scoring = Scoring {
         each_image: args.predictions.is_some(),
-        ..match_classes(&args.checkpoint, spec.classes, meta.as_ref(), &dataset)?
+        ..match_classes(&args.file, spec.classes, meta.as_ref(), &dataset)?
     };
     warn_unused(&args, &dataset, &scoring);
-    let source = args.checkpoint.display().to_string();
+    let source = args.file.display().to_string();
     let model = Vgg::from_state_dict(spec, device, &source, &file.tensors, args.load.values())?;
     let test = dataset.test.to_device(device);
     // The training run's precision and layout choices, for the same speed.
@@ -158,7 +169,7 @@ pub fn run(mut args: Args) -> Result<()> {
             },
         }),
         peak_gpu_bytes: shim::peak_memory(device, false)?,
-        checkpoint: args.checkpoint.clone(),
+        checkpoint: args.file.clone(),
         model: spec.model_name(),
         dataset: dataset.name.clone(),
         classes: dataset.classes.clone(),
@@ -191,6 +202,21 @@ fn write_report(
     }
 }
 
+/// The file to evaluate: `--checkpoint`'s (a run directory's best), or
+/// `--weights`' (`imagenet`: torchvision's file for the model, found or
+/// downloaded once, before any rank starts).
+fn weights_file(args: &Args) -> Result<PathBuf> {
+    match (&args.checkpoint, args.weights.as_deref()) {
+        (Some(path), _) => checkpoint_in(path),
+        (None, Some("imagenet")) => {
+            let spec = args.model.spec(Head::Imagenet)?;
+            hub::weights_file("imagenet", spec.arch, spec.bn, &mut download_bar(false))
+        }
+        (None, Some(path)) => checkpoint_in(Path::new(path)),
+        (None, None) => Err(usage("give --checkpoint PATH or --weights imagenet|PATH")),
+    }
+}
+
 /// The file `--predictions` names (not `-`, stdout).
 fn to_file(args: &Args) -> Option<&Path> {
     args.predictions.as_deref().filter(|p| *p != Path::new("-"))
@@ -205,7 +231,7 @@ fn model_of(
     file: &ModelFile,
     world: &World,
 ) -> Result<(ModelSpec, Option<ModelMeta>)> {
-    let source = args.checkpoint.display().to_string();
+    let source = args.file.display().to_string();
     let request = args.model.request()?;
     if let Some(meta) = &file.meta {
         request.check_against(&source, meta.spec())?;
@@ -364,7 +390,7 @@ fn load_data(
     // A checkpoint in its run directory: the data the run trained on, from
     // wherever eval is started (unless --data-dir says otherwise).
     if data.data_dir.is_none()
-        && let Some(run) = config_beside(&args.checkpoint)
+        && let Some(run) = config_beside(&args.file)
         && run.dataset == data.dataset()
     {
         data.data_dir = Some(PathBuf::from(run.data_dir));
@@ -376,7 +402,7 @@ fn load_data(
                 && data.val_dir.is_none()
                 && let Some(problem) = folder::val_split_problem(run.val_split)
             {
-                let config = args.checkpoint.with_file_name("config.json");
+                let config = args.file.with_file_name("config.json");
                 bail!("{}: val_split {problem}", config.display());
             }
         }

@@ -56,6 +56,7 @@ Examples:
   vggctl eval --checkpoint runs/v11/best.safetensors        the run's own data and split
   vggctl eval --checkpoint model.safetensors --dataset folder --val-dir test --json   every image of test/
   vggctl eval --checkpoint runs/v11/best.safetensors --predictions - | grep ',0$'   the images it got wrong
+  vggctl eval --weights imagenet --arch vgg16 --data-dir ~/imagenet    torchvision's VGG16 on ImageNet's val/
   vggctl eval --checkpoint vgg16-397923af.pth --dataset imagenet --val-dir imagenet-r --only-data-classes";
 
 pub const FINETUNE: &str = "\

@@ -67,7 +67,7 @@ enum Command {
     /// Train a VGG from scratch: CIFAR-10's recipe by default (SGD 0.01, momentum 0.9, wd 5e-4, 100 epochs), or CIFAR-100, the built-in digits or an image folder.
     #[command(after_help = help::TRAIN)]
     Train(train::Args),
-    /// Evaluate a checkpoint: top-1/top-5, per-class accuracy, confusion matrix.
+    /// Evaluate a checkpoint or torchvision's weights: top-1/top-5, per-class accuracy, confusion matrix.
     #[command(after_help = help::EVAL)]
     Eval(eval::Args),
     /// Fine-tune torchvision's ImageNet weights on your classes.
