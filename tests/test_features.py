@@ -127,6 +127,61 @@ def test_batchnorm_features_in_npy_equal_torchvisions(tmp_path):
     close(ours, theirs["features.1"], "features.1")
 
 
+def test_class_folders_give_imagefolders_labels(tmp_path):
+    """One directory of class folders (no images of its own) is read as
+    torchvision's ImageFolder reads it: its rows in ImageFolder's order
+    (a class's nested folder before a class whose name extends it), a
+    safetensors `labels` int64 array equal to its `targets` and its
+    `classes` in the metadata, the rows bit for bit those of the same
+    files given one by one. A .npy file holds the rows only (the labels in
+    --json); a directory with images of its own, or a class folder without
+    images (a warning), gives no labels."""
+    images = squares(tmp_path)
+    weights = os.path.join(FIX, "pth", "vgg11.legacy.pth")
+    lab = tmp_path / "lab"
+    places = ["cat/a.png", "coffee/sub/b.png", "coffee-b/c.png", "cat/d.png", "coffee/e.png"]
+    for image, place in zip(images, places):
+        (lab / place).parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(image, lab / place)
+    folder = torchvision.datasets.ImageFolder(str(lab))
+    order = [p for p, _ in folder.samples]
+    assert order != sorted(order), "the layout does not tell ImageFolder's order from the paths'"
+    out = vggctl("--weights", weights, "--batch-size", "2", "-o", "lab.safetensors", str(lab), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == order
+    assert out.stderr.splitlines()[-1] == (
+        "wrote lab.safetensors (classifier.4 5x4096 of vgg11, and the labels of 3 class folders; "
+        "row i is the i-th image listed on stdout)")
+    ours = load_file(tmp_path / "lab.safetensors")
+    meta = safe_open(tmp_path / "lab.safetensors", "np").metadata()
+    assert ours["labels"].dtype == np.int64 and ours["labels"].tolist() == folder.targets
+    assert json.loads(meta["classes"]) == folder.classes and json.loads(meta["images"]) == order
+    out = vggctl("--weights", weights, "--batch-size", "2", "-o", "flat.safetensors", *order, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    flat = load_file(tmp_path / "flat.safetensors")
+    assert sorted(flat) == ["classifier.4"] and "classes" not in safe_open(tmp_path / "flat.safetensors", "np").metadata()
+    assert np.array_equal(flat["classifier.4"], ours["classifier.4"])
+
+    out = vggctl("--weights", weights, "-o", "lab.npy", "--json", str(lab), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert doc["arrays"] == {"classifier.4": [5, 4096]}
+    assert (doc["images"], doc["labels"], doc["classes"]) == (order, folder.targets, folder.classes)
+    assert np.load(tmp_path / "lab.npy").shape == (5, 4096)
+
+    os.symlink(images[0], lab / "loose.png")
+    out = vggctl("--weights", weights, "-o", "loose.safetensors", "--json", str(lab), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "labels" not in json.loads(out.stdout) and "labels" not in load_file(tmp_path / "loose.safetensors")
+    os.remove(lab / "loose.png")
+    (lab / "empty").mkdir()
+    out = vggctl("--weights", weights, "-o", "empty.safetensors", str(lab), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert f"warning: no labels saved: {lab}: no images in class folder(s) empty: every class needs one" \
+        in out.stderr, out.stderr
+    assert "labels" not in load_file(tmp_path / "empty.safetensors")
+
+
 @pytest.mark.parametrize("args,code,line", [
     (["--layer", "classifier.9", "-o", "x.npy"], 2,
      "vggctl: error: --layer classifier.9: vgg11 (imagenet head) has no module of that name; "

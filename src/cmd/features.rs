@@ -8,13 +8,14 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use serde::Serialize;
 use tch::Tensor;
+use vggctl::data::folder;
 use vggctl::formats::rows::{RowArray, RowFormat, RowWriter};
 use vggctl::fsutil::check_target;
 use vggctl::model::{ModelSpec, Pool};
 
 use super::images::{ImagesIn, Opened};
 use super::opts::{choice, module_position};
-use super::output::{print_json, print_out, say, usage};
+use super::output::{print_json, print_out, say, usage, warn};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -22,7 +23,8 @@ pub struct Args {
     input: ImagesIn,
     /// The file to write, row i for the i-th image (the order stdout lists
     /// them in): .npy (NumPy, one --layer) or .safetensors (an array per
-    /// --layer, named by it; the images in its metadata).
+    /// --layer, named by it; the images in its metadata; for one directory
+    /// of class folders, `labels`: ImageFolder's targets).
     #[arg(short, long, help_heading = "Output")]
     out: PathBuf,
     /// The modules whose outputs are saved, by torchvision's names
@@ -54,6 +56,41 @@ struct Written {
     arrays: serde_json::Map<String, serde_json::Value>,
     pool: Option<Pool>,
     images: Vec<PathBuf>,
+    /// Class folders: their names, and each image's class.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    labels: Option<Labels>,
+}
+
+/// The classes of images read from class folders, as ImageFolder gives
+/// them: `classes` (the folders, sorted) and each image's index in them.
+#[derive(Serialize)]
+struct Labels {
+    classes: Vec<String>,
+    labels: Vec<i64>,
+}
+
+/// One directory argument laid out as ImageFolder reads it (class folders,
+/// no images of its own): its classes and each image's label, the images
+/// put in ImageFolder's order. None otherwise, or, said in a warning,
+/// where a folder is no class ImageFolder takes (one without images).
+fn class_labels(images: &[PathBuf], files: &mut Vec<PathBuf>) -> Result<Option<Labels>> {
+    let [dir] = images else {
+        return Ok(None);
+    };
+    if !dir.is_dir() || !folder::is_class_layout(dir)? {
+        return Ok(None);
+    }
+    match folder::scan(dir) {
+        Ok((classes, labeled)) => {
+            let (order, labels) = labeled.into_iter().unzip();
+            *files = order;
+            Ok(Some(Labels { classes, labels }))
+        }
+        Err(e) => {
+            warn(format!("no labels saved: {e:#}"));
+            Ok(None)
+        }
+    }
 }
 
 /// Each of `names` as its position in `spec.layers()`.
@@ -115,29 +152,33 @@ pub fn run(args: Args) -> Result<()> {
     };
     check_target(&args.out, args.force)?;
     let mut opened = args.input.open()?;
+    let labels = class_labels(&args.input.images, &mut opened.files)?;
     let spec = opened.model.spec;
     let (names, wanted) = requested(&args, &spec, format)?;
     if opened.numerics.channels_last {
         opened.model.to_channels_last();
     }
-    let arrays = save(&args, format, &opened, (&names, &wanted))?;
+    let arrays = save(&args, format, &opened, (&names, &wanted), labels.as_ref())?;
     let written = Written {
         path: args.out.clone(),
         model: spec.model_name(),
         arrays,
         pool: args.pool,
         images: opened.files,
+        labels,
     };
     report(&written, args.input.model.json)
 }
 
 /// Writes the outputs of the modules `names` (at positions `wanted`) for
-/// every image, a batch at a time; the arrays' shapes by name.
+/// every image, a batch at a time, and into safetensors the `labels`
+/// (int64) and their classes (metadata); the arrays' shapes by name.
 fn save(
     args: &Args,
     format: RowFormat,
     opened: &Opened,
     (names, wanted): (&[String], &[usize]),
+    labels: Option<&Labels>,
 ) -> Result<serde_json::Map<String, serde_json::Value>> {
     let Opened {
         files,
@@ -147,11 +188,15 @@ fn save(
         ..
     } = opened;
     let images: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
-    let metadata = BTreeMap::from([
+    let mut metadata = BTreeMap::from([
         ("format".to_string(), "pt".to_string()),
         ("model".to_string(), model.spec.model_name()),
         ("images".to_string(), serde_json::to_string(&images)?),
     ]);
+    let labels = labels.filter(|_| format == RowFormat::Safetensors);
+    if let Some(l) = labels {
+        metadata.insert("classes".into(), serde_json::to_string(&l.classes)?);
+    }
     let mut writer = None;
     let mut shapes = serde_json::Map::new();
     for (k, chunk) in files.chunks(args.input.batch_size).enumerate() {
@@ -159,17 +204,24 @@ fn save(
         let ys = tch::no_grad(|| numerics.within(&x, |x| model.forward_to(x, wanted)));
         let ys: Vec<Tensor> = ys.into_iter().map(|y| pooled(y, args.pool)).collect();
         if writer.is_none() {
-            let arrays: Vec<RowArray> = (ys.iter().zip(names))
-                .map(|(y, name)| RowArray {
-                    name: name.clone(),
-                    row_shape: y.size()[1..].to_vec(),
-                })
+            let mut arrays: Vec<RowArray> = (ys.iter().zip(names))
+                .map(|(y, name)| RowArray::float(name.clone(), y.size()[1..].to_vec()))
                 .collect();
+            if labels.is_some() {
+                arrays.push(RowArray {
+                    name: "labels".into(),
+                    row_shape: vec![],
+                    int64: true,
+                });
+            }
             for a in &arrays {
                 let shape = [&[files.len() as i64], &a.row_shape[..]].concat();
                 shapes.insert(a.name.clone(), shape.into());
             }
-            let w = RowWriter::create(&args.out, format, &arrays, files.len(), &metadata)?;
+            let mut w = RowWriter::create(&args.out, format, &arrays, files.len(), &metadata)?;
+            if let Some(l) = labels {
+                w.write_array(names.len(), 0, &Tensor::from_slice(&l.labels), &args.out)?;
+            }
             writer = Some(w);
         }
         if let Some(w) = writer.as_mut() {
@@ -190,6 +242,7 @@ fn report(written: &Written, json: bool) -> Result<()> {
         return print_json(written);
     }
     let arrays: Vec<String> = (written.arrays.iter())
+        .filter(|(name, _)| *name != "labels")
         .map(|(name, shape)| {
             let dims: Vec<String> = (shape.as_array().into_iter().flatten())
                 .map(|d| d.to_string())
@@ -197,8 +250,12 @@ fn report(written: &Written, json: bool) -> Result<()> {
             format!("{name} {}", dims.join("x"))
         })
         .collect();
+    let labels = match (&written.labels, written.arrays.contains_key("labels")) {
+        (Some(l), true) => format!(", and the labels of {} class folders", l.classes.len()),
+        _ => String::new(),
+    };
     say(&format!(
-        "wrote {} ({} of {}; row i is the i-th image listed on stdout)",
+        "wrote {} ({} of {}{labels}; row i is the i-th image listed on stdout)",
         written.path.display(),
         arrays.join(", "),
         written.model

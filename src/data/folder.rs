@@ -161,6 +161,25 @@ pub fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(folders.into_iter().flat_map(|(_, files)| files).collect())
 }
 
+/// Whether `dir` is laid out as ImageFolder reads it: subfolders (those
+/// whose names start with a dot left out) and no images of its own.
+pub fn is_class_layout(dir: &Path) -> Result<bool> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut folders = false;
+    for entry in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry
+            .with_context(|| format!("reading {}", dir.display()))?
+            .path();
+        let name = path.file_name().unwrap_or_default().as_bytes();
+        if path.is_dir() {
+            folders |= !name.starts_with(b".");
+        } else if is_image_name(name) {
+            return Ok(false);
+        }
+    }
+    Ok(folders)
+}
+
 /// Whether a file name ends in one of [`EXTENSIONS`] (any case).
 fn is_image_name(name: &[u8]) -> bool {
     let name = name.to_ascii_lowercase();

@@ -1,4 +1,4 @@
-//! Files of float32 rows written a batch at a time, for `vggctl features`:
+//! Files of float32 rows (and int64 labels) written a batch at a time, for `vggctl features`:
 //! NumPy's `.npy` (one array, `numpy.load`) or safetensors (arrays by
 //! name with string metadata, `safetensors.numpy.load_file`). Row i of
 //! every array is the i-th item; the file's size is fixed when it is
@@ -32,15 +32,33 @@ impl RowFormat {
     }
 }
 
-/// One array of a rows file: its name and the shape of one row.
+/// One array of a rows file: its name, the shape of one row, and whether
+/// it holds int64 values (labels) rather than float32 ones.
 pub struct RowArray {
     pub name: String,
     pub row_shape: Vec<i64>,
+    pub int64: bool,
 }
 
 impl RowArray {
+    /// A float32 array.
+    pub fn float(name: String, row_shape: Vec<i64>) -> RowArray {
+        RowArray {
+            name,
+            row_shape,
+            int64: false,
+        }
+    }
+
+    fn kind(&self) -> Kind {
+        match self.int64 {
+            true => Kind::Int64,
+            false => Kind::Float,
+        }
+    }
+
     fn row_bytes(&self) -> u64 {
-        4 * self.row_shape.iter().product::<i64>() as u64
+        self.kind().elt_size_in_bytes() as u64 * self.row_shape.iter().product::<i64>() as u64
     }
 }
 
@@ -48,8 +66,9 @@ impl RowArray {
 /// [`RowWriter::commit`]).
 pub struct RowWriter {
     file: TempFile,
-    /// Each array's first byte in the file and the bytes of one of its rows.
-    arrays: Vec<(u64, u64)>,
+    /// Each array's first byte in the file, the bytes of one of its rows
+    /// and its values' kind.
+    arrays: Vec<(u64, u64, Kind)>,
     rows: usize,
 }
 
@@ -73,7 +92,7 @@ fn npy_header(shape: &[i64]) -> Vec<u8> {
 }
 
 /// safetensors' header (length, then JSON padded with spaces to a multiple
-/// of 8) for float32 arrays of `rows` rows, stored one after another.
+/// of 8) for arrays of `rows` rows, stored one after another.
 fn safetensors_header(
     arrays: &[RowArray],
     rows: usize,
@@ -88,7 +107,8 @@ fn safetensors_header(
         let end = at + rows as u64 * a.row_bytes();
         let mut shape = vec![rows as i64];
         shape.extend(&a.row_shape);
-        let entry = serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [at, end]});
+        let dtype = if a.int64 { "I64" } else { "F32" };
+        let entry = serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [at, end]});
         json.insert(a.name.clone(), entry);
         at = end;
     }
@@ -114,6 +134,9 @@ impl RowWriter {
                 let [one] = arrays else {
                     bail!("{}: a .npy file holds one array", target.display());
                 };
+                if one.int64 {
+                    bail!("{}: rows of int64 go into safetensors", target.display());
+                }
                 let mut shape = vec![rows as i64];
                 shape.extend(&one.row_shape);
                 npy_header(&shape)
@@ -123,7 +146,7 @@ impl RowWriter {
         let mut at = header.len() as u64;
         let mut starts = Vec::new();
         for a in arrays {
-            starts.push((at, a.row_bytes()));
+            starts.push((at, a.row_bytes(), a.kind()));
             at += rows as u64 * a.row_bytes();
         }
         let mut file = TempFile::beside(target)?;
@@ -139,21 +162,29 @@ impl RowWriter {
         })
     }
 
-    /// Rows `first..` of every array: `batches[k]` holds array k's rows
-    /// (any float dtype and device, the row shape the file was made for).
+    /// Rows `first..` of the first arrays: `batches[k]` holds array k's
+    /// rows (any dtype and device, the row shape the file was made for).
     pub fn write(&mut self, first: usize, batches: &[Tensor], target: &Path) -> Result<()> {
-        for (&(start, row_bytes), t) in self.arrays.iter().zip(batches) {
-            let n = t.size()[0] as usize;
-            let bytes = tensor_bytes(&t.to_kind(Kind::Float));
-            if first + n > self.rows || bytes.len() as u64 != n as u64 * row_bytes {
-                bail!("{}: rows that do not fit the file", target.display());
-            }
-            let f = self.file.file();
-            f.seek(SeekFrom::Start(start + first as u64 * row_bytes))
-                .and_then(|_| f.write_all(&bytes))
-                .with_context(|| format!("writing {}", target.display()))?;
+        for (k, t) in batches.iter().enumerate() {
+            self.write_array(k, first, t, target)?;
         }
         Ok(())
+    }
+
+    /// Rows `first..` of array `k`.
+    pub fn write_array(&mut self, k: usize, first: usize, t: &Tensor, target: &Path) -> Result<()> {
+        let Some(&(start, row_bytes, kind)) = self.arrays.get(k) else {
+            bail!("{}: no array {k} in the file", target.display());
+        };
+        let n = t.size()[0] as usize;
+        let bytes = tensor_bytes(&t.to_kind(kind));
+        if first + n > self.rows || bytes.len() as u64 != n as u64 * row_bytes {
+            bail!("{}: rows that do not fit the file", target.display());
+        }
+        let f = self.file.file();
+        f.seek(SeekFrom::Start(start + first as u64 * row_bytes))
+            .and_then(|_| f.write_all(&bytes))
+            .with_context(|| format!("writing {}", target.display()))
     }
 
     /// The finished file, renamed over `target`.
