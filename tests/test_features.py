@@ -135,7 +135,8 @@ def test_class_folders_give_imagefolders_labels(tmp_path):
     `classes` in the metadata, the rows bit for bit those of the same
     files given one by one. A .npy file holds the rows only (the labels in
     --json); a directory with images of its own, or a class folder without
-    images (a warning), gives no labels."""
+    images (a warning), gives no labels. `predict` lists the directory in
+    the same order."""
     images = squares(tmp_path)
     weights = os.path.join(FIX, "pth", "vgg11.legacy.pth")
     lab = tmp_path / "lab"
@@ -161,6 +162,11 @@ def test_class_folders_give_imagefolders_labels(tmp_path):
     flat = load_file(tmp_path / "flat.safetensors")
     assert sorted(flat) == ["classifier.4"] and "classes" not in safe_open(tmp_path / "flat.safetensors", "np").metadata()
     assert np.array_equal(flat["classifier.4"], ours["classifier.4"])
+    # predict lists a directory of class folders in the same order.
+    out = subprocess.run([BIN, "predict", "--device", "cpu", "--weights", weights, "--json", str(lab)],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert [p["image"] for p in json.loads(out.stdout)] == order
 
     out = vggctl("--weights", weights, "-o", "lab.npy", "--json", str(lab), cwd=tmp_path)
     assert out.returncode == 0, out.stderr

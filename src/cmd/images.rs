@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use tch::{Device, Tensor};
 use vggctl::checkpoint::ModelMeta;
 use vggctl::data::augment::{Augment, Normalizer, Preprocess};
-use vggctl::data::folder::{extension_list, image_files};
+use vggctl::data::folder::{extension_list, image_files, is_class_layout, scan};
 use vggctl::data::image::{decode_rgb, eval_crop, to_luma};
 use vggctl::data::resize::Filter;
 use vggctl::model::{Vgg, check_input};
@@ -140,11 +140,18 @@ impl Reader {
     }
 }
 
-/// The image files `paths` name: files as given, directories as their images.
+/// The image files `paths` name: files as given, directories as their
+/// images (a directory of class folders in ImageFolder's order: class by
+/// class, where sorted paths could interleave `cat/sub/` with `cat-2/`).
 fn expand_dirs(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for p in paths {
-        if p.is_dir() {
+        if p.is_dir()
+            && is_class_layout(p)?
+            && let Ok((_, labeled)) = scan(p)
+        {
+            files.extend(labeled.into_iter().map(|(f, _)| f));
+        } else if p.is_dir() {
             let found = image_files(p)?;
             if found.is_empty() {
                 bail!(
