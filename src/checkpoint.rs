@@ -62,7 +62,7 @@ impl ModelMeta {
     /// the whole image at their 32x32, upsampled to the input as their
     /// training images were.
     pub fn host_crop(&self) -> (Option<i64>, i64) {
-        use crate::data::{cifar, digits, image::default_resize};
+        use crate::data::{digits, image::default_resize, native_side};
         match (self.resize, self.dataset.as_str()) {
             (Some(r), _) => (Some(r), self.input_size),
             (None, "folder") => {
@@ -70,7 +70,7 @@ impl ModelMeta {
                 (Some(side), side)
             }
             (None, "digits") => (None, digits::SIDE),
-            (None, _) => (None, cifar::SIDE),
+            (None, dataset) => (None, native_side(dataset)),
         }
     }
 

@@ -67,8 +67,13 @@ normalized with the dataset's usual mean and deviation.
 torchvision.datasets.SVHN itself (its integrity check fed the files' own
 MD5s), normalized with SVHN's usual mean and deviation.
 
+--stl10 reads --data (the directory holding stl10_binary/) through
+torchvision.datasets.STL10 itself (its integrity check fed the files' own
+MD5s), 96x96, normalized with the training images' own mean and deviation
+per channel (over every pixel of the whole split, the population's).
+
 --crop-flip P is the CIFAR recipe's augmentation of each training image,
-RandomCrop(32, padding=4) then RandomHorizontalFlip(P), made by
+RandomCrop(side, padding=4) then RandomHorizontalFlip(P), made by
 torchvision's F.pad, F.crop and F.hflip with vggctl's draws (drawn from the
 step's seed before anything else: row offsets, column offsets, then one
 uniform per image, below P mirrors).
@@ -174,12 +179,31 @@ def mnist_images(ds):
     return x.repeat(1, 3, 1, 1).contiguous()
 
 
+def stl10(root, split="train"):
+    """torchvision's STL10 over `root`, its MD5s the files' own."""
+    def md5(name):
+        with open(os.path.join(root, "stl10_binary", name), "rb") as f:
+            return hashlib.md5(f.read()).hexdigest()
+
+    class Local(torchvision.datasets.STL10):
+        train_list = [[f, md5(f)] for f, _ in torchvision.datasets.STL10.train_list]
+        test_list = [[f, md5(f)] for f, _ in torchvision.datasets.STL10.test_list]
+
+    return Local(root, split=split, download=False)
+
+
+def stl10_norm(ds):
+    """The training images' mean and deviation per channel (of value / 255)."""
+    x = torch.from_numpy(ds.data).double() / 255
+    return tuple(x.mean((0, 2, 3)).tolist()), tuple(x.std((0, 2, 3), correction=0).tolist())
+
+
 def crop_flip(images, p):
-    """RandomCrop(32, padding=4) + RandomHorizontalFlip(p) with vggctl's draws."""
-    n = len(images)
+    """RandomCrop(side, padding=4) + RandomHorizontalFlip(p) with vggctl's draws."""
+    n, side = len(images), images.shape[-1]
     oy, ox, flip = torch.randint(9, (n,)), torch.randint(9, (n,)), torch.rand(n) < p
     F = torchvision.transforms.functional
-    out = [F.crop(F.pad(img, 4, fill=0), int(a), int(b), 32, 32) for img, a, b in zip(images, oy, ox)]
+    out = [F.crop(F.pad(img, 4, fill=0), int(a), int(b), side, side) for img, a, b in zip(images, oy, ox)]
     return torch.stack([F.hflip(o) if f else o for o, f in zip(out, flip)])
 
 
@@ -307,6 +331,7 @@ def main(argv=None):
     p.add_argument("--cifar100", action="store_true")
     p.add_argument("--mnist", choices=["mnist", "fashion-mnist"])
     p.add_argument("--svhn", action="store_true")
+    p.add_argument("--stl10", action="store_true")
     p.add_argument("--crop-flip", type=float, default=None, metavar="P")
     a = p.parse_args(argv)
 
@@ -341,6 +366,10 @@ def main(argv=None):
         ds = svhn(a.data)
         images, labels = torch.from_numpy(ds.data)[:a.limit_train], torch.from_numpy(ds.labels)[:a.limit_train]
         norm = SVHN_NORM
+    elif a.stl10:
+        ds = stl10(a.data)
+        images, labels = torch.from_numpy(ds.data)[:a.limit_train], torch.from_numpy(ds.labels).long()[:a.limit_train]
+        norm = stl10_norm(ds)
     elif a.mnist:
         ds = mnist(a.data, a.mnist)
         images, labels = mnist_images(ds)[:a.limit_train], ds.targets[:a.limit_train]

@@ -13,7 +13,7 @@ use vggctl::data::mnist;
 use vggctl::data::pack;
 use vggctl::data::prepared::{self, Prepared};
 use vggctl::data::resize::Filter;
-use vggctl::data::svhn;
+use vggctl::data::{stl10, svhn};
 use vggctl::dist::World;
 use vggctl::train::config::TrainConfig;
 
@@ -25,7 +25,8 @@ use super::progress::download_bar;
 pub struct DataOpts {
     /// Dataset: cifar10, cifar100 (its 100 fine classes), mnist,
     /// fashion-mnist (their 28x28 gray images read as 32x32 RGB), svhn
-    /// (its train and test splits), digits
+    /// (its train and test splits), stl10 (its 5,000 labelled training and
+    /// 8,000 test images, 96x96), digits
     /// (scikit-learn's handwritten digits, built
     /// into vggctl: no download), folder (one subfolder of images per
     /// class, read as torchvision's ImageFolder reads it) or imagenet
@@ -37,12 +38,14 @@ pub struct DataOpts {
     /// cifar-10-batches-bin/; cifar100: cifar-100-python/ or
     /// cifar-100-binary/; mnist, fashion-mnist: the directory holding
     /// MNIST/raw/ or FashionMNIST/raw/ (torchvision's); svhn: the
-    /// directory holding train_32x32.mat and test_32x32.mat; folder: the class folders; imagenet: the
+    /// directory holding train_32x32.mat and test_32x32.mat; stl10: the
+    /// directory holding stl10_binary/; folder: the class folders; imagenet: the
     /// directory holding train/ and val/; folder, imagenet: or the file
     /// `vggctl prepare` made of them [default: ./data].
     #[arg(long, alias = "data-path")]
     pub data_dir: Option<PathBuf>,
-    /// Where to download the binary CIFAR-10 or CIFAR-100 archive from
+    /// Where to download the binary CIFAR-10 or CIFAR-100 archive (or
+    /// STL-10's) from
     /// when it is missing; mnist, fashion-mnist, svhn: the mirror (or
     /// comma-separated mirrors) serving their files [default:
     /// $VGGCTL_<DATASET>_URL (e.g. $VGGCTL_FASHION_MNIST_URL), else the
@@ -183,7 +186,7 @@ impl DataOpts {
             "imagenet" => folder::scan(&imagenet_split(&self.dir(), "train")?)?
                 .0
                 .len() as i64,
-            "digits" | "svhn" => 10,
+            "digits" | "svhn" | "stl10" => 10,
             other => match (cifar::named(other), mnist::named(other)) {
                 (Some(c), _) => c.classes,
                 (_, Some(m)) => m.classes.len() as i64,
@@ -316,7 +319,7 @@ impl DataOpts {
     }
 
     /// The dataset `name` if it is one vggctl downloads when it is missing
-    /// from `dir` (CIFAR, MNIST, SVHN), else None.
+    /// from `dir` (CIFAR, MNIST, SVHN, STL-10), else None.
     fn load_downloadable(&self, name: &str, dir: &Path, quiet: bool) -> Option<Result<Dataset>> {
         let bar = &mut download_bar(quiet);
         let source =
@@ -329,10 +332,17 @@ impl DataOpts {
             let src = source(m.mirrors.join(","), m.md5s.join(","));
             return Some(m.load(dir, src.as_ref(), bar));
         }
-        (name == "svhn").then(|| {
-            let src = source(svhn::MIRROR.into(), svhn::MD5S.join(","));
-            svhn::load(dir, src.as_ref(), bar)
-        })
+        match name {
+            "svhn" => {
+                let src = source(svhn::MIRROR.into(), svhn::MD5S.join(","));
+                Some(svhn::load(dir, src.as_ref(), bar))
+            }
+            "stl10" => {
+                let src = source(stl10::URL.into(), stl10::MD5.into());
+                Some(stl10::load(dir, src.as_ref(), bar))
+            }
+            _ => None,
+        }
     }
 }
 
@@ -363,7 +373,7 @@ pub fn imagenet_split(dir: &Path, split: &str) -> Result<PathBuf> {
 
 fn unknown(name: &str) -> String {
     format!(
-        "unknown dataset '{name}' (expected cifar10, cifar100, mnist, fashion-mnist, svhn, digits, folder or imagenet)"
+        "unknown dataset '{name}' (expected cifar10, cifar100, mnist, fashion-mnist, svhn, stl10, digits, folder or imagenet)"
     )
 }
 

@@ -9,7 +9,7 @@ use vggctl::checkpoint::{ModelFile, ModelMeta, meta_for_weights, read_weights};
 use vggctl::data::augment::{Augment, Normalizer, Preprocess};
 use vggctl::data::image::default_resize;
 use vggctl::data::resize::Filter;
-use vggctl::data::{Dataset, folder, imagenet, is_image_folder};
+use vggctl::data::{Dataset, folder, imagenet, is_image_folder, native_side};
 use vggctl::dist::World;
 use vggctl::eval::{AmongClasses, EvalGraph, Scoring, evaluate};
 use vggctl::infer::{Inference, Logits};
@@ -387,26 +387,7 @@ fn load_data(
     if data.dataset.is_none() {
         data.dataset = meta.map(|m| m.dataset.clone());
     }
-    // A checkpoint in its run directory: the data the run trained on, from
-    // wherever eval is started (unless --data-dir says otherwise).
-    if data.data_dir.is_none()
-        && let Some(run) = config_beside(&args.file)
-        && run.dataset == data.dataset()
-    {
-        data.data_dir = Some(PathBuf::from(run.data_dir));
-        if data.val_dir.is_none() {
-            data.val_dir = run.val_dir.map(PathBuf::from);
-            data.val_split = run.val_split;
-            // The fraction the run held out, as its file records it.
-            if run.dataset == "folder"
-                && data.val_dir.is_none()
-                && let Some(problem) = folder::val_split_problem(run.val_split)
-            {
-                let config = args.file.with_file_name("config.json");
-                bail!("{}: val_split {problem}", config.display());
-            }
-        }
-    }
+    from_run_dir(&args.file, &mut data)?;
     args.read.check()?;
     // The checkpoint's evaluation transform as this command line reads.
     let read = meta.map(|m| args.read.apply(m.clone())).transpose()?;
@@ -415,9 +396,10 @@ fn load_data(
             "--val-resize-size: this model (a state dict without vggctl's metadata, not torchvision's ImageNet head) reads its images whole, with no resize before a crop",
         ));
     }
-    let input = read
-        .as_ref()
-        .map_or(args.read.input.unwrap_or(32), |m| m.input_size);
+    let input = read.as_ref().map_or(
+        args.read.input.unwrap_or(native_side(data.dataset())),
+        |m| m.input_size,
+    );
     // CIFAR's, MNIST's, SVHN's and the digits' images are read whole and
     // resized to the input, as their own models read them: a resize before
     // a centre crop (an ImageNet head's, a folder run's) is for image files.
@@ -457,4 +439,29 @@ fn load_data(
     pre.eval_squeeze = squeeze;
     pre.eval_gray = meta.is_some_and(ModelMeta::gray);
     Ok((dataset, pre))
+}
+
+/// A checkpoint in its run directory: the data the run trained on (its
+/// directory, validation folder or held-out fraction), from wherever eval
+/// is started, where the command line does not say otherwise.
+fn from_run_dir(file: &Path, data: &mut DataOpts) -> Result<()> {
+    if data.data_dir.is_none()
+        && let Some(run) = config_beside(file)
+        && run.dataset == data.dataset()
+    {
+        data.data_dir = Some(PathBuf::from(run.data_dir));
+        if data.val_dir.is_none() {
+            data.val_dir = run.val_dir.map(PathBuf::from);
+            data.val_split = run.val_split;
+            // The fraction the run held out, as its file records it.
+            if run.dataset == "folder"
+                && data.val_dir.is_none()
+                && let Some(problem) = folder::val_split_problem(run.val_split)
+            {
+                let config = file.with_file_name("config.json");
+                bail!("{}: val_split {problem}", config.display());
+            }
+        }
+    }
+    Ok(())
 }

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use vggctl::checkpoint::load_weights;
 use vggctl::data::augment::Augment;
+use vggctl::data::native_side;
 use vggctl::model::{Head, ModelSpec, Vgg};
 
 use super::checks::warn_unused_options;
@@ -71,10 +72,13 @@ pub fn run(args: Args) -> Result<()> {
     // may repeat them.
     let imagenet = args.data.dataset() == "imagenet";
     // torchvision's RandomResizedCrop at 224 for ImageNet, else the CIFAR
-    // recipe's padded crop at 32 (--input may give another side).
+    // recipe's padded crop at 32 (STL-10's 96; --input may give another side).
     let (augment, input) = match imagenet {
         true => (Augment::ResizedCrop, 224),
-        false => (Augment::CropFlip { padding: 4 }, 32),
+        false => (
+            Augment::CropFlip { padding: 4 },
+            native_side(args.data.dataset()),
+        ),
     };
     h.recipe.check_sides(augment, input, args.data.dataset())?;
     let spec = args.model.spec(match imagenet {

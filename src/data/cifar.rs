@@ -6,13 +6,13 @@
 //! downloads when neither is present. CIFAR-100's labels are its 100 fine
 //! classes, as torchvision's.
 
-use std::fs::{self, File};
-use std::path::{Path, PathBuf};
+use std::fs;
+use std::path::Path;
 
 use anyhow::{Context, Result, anyhow, bail};
 use tch::Tensor;
 
-use super::download::{Checksum, DownloadSource, download};
+use super::download::{Archive, DownloadSource, fetch_archive};
 use super::{Dataset, Images, Split};
 use crate::formats::numpy::{NUMPY_GLOBALS, ndarray};
 use crate::formats::pickle::{Allowlist, Unpickler, Value};
@@ -338,73 +338,20 @@ impl Cifar {
         })
     }
 
-    /// Downloads the binary archive into `dir`, verifies it, and extracts
-    /// only the expected members of its folder through a temporary
-    /// directory, so an interrupted or rejected download leaves nothing
-    /// behind.
+    /// Downloads the binary version's archive into `dir` and extracts its
+    /// folder ([`fetch_archive`]).
     fn fetch_binary(
         &self,
         dir: &Path,
         src: &DownloadSource,
         progress: &mut dyn FnMut(u64, Option<u64>),
     ) -> Result<()> {
-        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let file = self.url.rsplit('/').next().unwrap_or("cifar.tar.gz");
-        let archive = dir.join(file);
-        let checksum = Checksum::Md5(src.md5.clone());
-        download(&src.url, &archive, &checksum, progress)?;
-        // A fresh directory of an unguessable name: `create_dir` never follows
-        // or reuses what is already there.
-        let tmp = crate::fsutil::temp_name(&dir.join(self.bin_dir));
-        fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        let result = self.extract(&archive, &tmp).and_then(|()| {
-            fs::rename(&tmp, dir.join(self.bin_dir))
-                .with_context(|| format!("moving {} into place", tmp.display()))
-        });
-        if result.is_err() {
-            let _ = fs::remove_dir_all(&tmp);
-            let _ = fs::remove_file(&archive);
-        }
-        result
-    }
-
-    fn extract(&self, archive: &Path, into: &Path) -> Result<()> {
-        let file = File::open(archive).with_context(|| format!("opening {}", archive.display()))?;
-        let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(file));
-        let mut found: Vec<&str> = Vec::new();
-        let reading = || format!("reading {}", archive.display());
-        for entry in tar.entries().with_context(reading)? {
-            let mut entry = entry.with_context(reading)?;
-            let path: PathBuf = entry.path()?.into_owned();
-            // Only `<folder>/<known name>`, as a regular file: no other
-            // paths (and so no traversal) are ever written.
-            let name = match (path.parent(), path.file_name()) {
-                (Some(p), Some(n)) if p == Path::new(self.bin_dir) => {
-                    n.to_string_lossy().into_owned()
-                }
-                _ => continue,
-            };
-            let Some(known) = self.bin_members().into_iter().find(|f| *f == name) else {
-                continue;
-            };
-            if !entry.header().entry_type().is_file() {
-                continue;
-            }
-            let dest = into.join(known);
-            let mut out =
-                File::create(&dest).with_context(|| format!("creating {}", dest.display()))?;
-            std::io::copy(&mut entry, &mut out)
-                .with_context(|| format!("extracting {}", path.display()))?;
-            found.push(known);
-        }
-        let missing: Vec<String> = (self.bin_members().into_iter())
-            .filter(|f| !found.contains(f))
-            .map(|m| format!("{}/{m}", self.bin_dir))
-            .collect();
-        if !missing.is_empty() {
-            bail!("{} lacks {}", archive.display(), missing.join(", "));
-        }
-        Ok(())
+        let archive = Archive {
+            file: self.url.rsplit('/').next().unwrap_or("cifar.tar.gz"),
+            folder: self.bin_dir,
+            members: &self.bin_members(),
+        };
+        fetch_archive(dir, src, &archive, progress)
     }
 }
 

@@ -3,8 +3,9 @@
 //! never answers or stalls is given up on after a timeout (a couple of
 //! tries), with the URL named.
 
+use std::fs::{self, File};
 use std::io::{Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -79,6 +80,84 @@ fn from_mirrors(
         }
     }
     bail!("{}", errors.join("; "))
+}
+
+/// A `.tar.gz` of one folder of files (CIFAR's binary version, STL-10):
+/// its file name as published, the folder it holds, and the members of
+/// that folder that are extracted (all must be there).
+pub struct Archive<'a> {
+    pub file: &'a str,
+    pub folder: &'a str,
+    pub members: &'a [&'a str],
+}
+
+/// Downloads `archive` from `src.url` into `dir` (kept there, as
+/// torchvision keeps it), checks its MD5 and extracts only the expected
+/// members of its folder into `dir/folder` through a temporary directory,
+/// so an interrupted or rejected download leaves nothing behind.
+pub fn fetch_archive(
+    dir: &Path,
+    src: &DownloadSource,
+    archive: &Archive,
+    progress: &mut dyn FnMut(u64, Option<u64>),
+) -> Result<()> {
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(archive.file);
+    download(&src.url, &path, &Checksum::Md5(src.md5.clone()), progress)?;
+    // A fresh directory of an unguessable name: `create_dir` never follows
+    // or reuses what is already there.
+    let tmp = crate::fsutil::temp_name(&dir.join(archive.folder));
+    fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let result = extract(&path, archive, &tmp).and_then(|()| {
+        fs::rename(&tmp, dir.join(archive.folder))
+            .with_context(|| format!("moving {} into place", tmp.display()))
+    });
+    if result.is_err() {
+        let _ = fs::remove_dir_all(&tmp);
+        let _ = fs::remove_file(&path);
+    }
+    result
+}
+
+/// The members of `archive`'s folder in the `.tar.gz` at `path`, written
+/// into `into`.
+fn extract(path: &Path, archive: &Archive, into: &Path) -> Result<()> {
+    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(file));
+    let mut found: Vec<&str> = Vec::new();
+    let reading = || format!("reading {}", path.display());
+    for entry in tar.entries().with_context(reading)? {
+        let mut entry = entry.with_context(reading)?;
+        let member: PathBuf = entry.path()?.into_owned();
+        // Only `<folder>/<known name>`, as a regular file: no other
+        // paths (and so no traversal) are ever written.
+        let name = match (member.parent(), member.file_name()) {
+            (Some(p), Some(n)) if p == Path::new(archive.folder) => {
+                n.to_string_lossy().into_owned()
+            }
+            _ => continue,
+        };
+        let Some(&known) = archive.members.iter().find(|f| **f == name) else {
+            continue;
+        };
+        if !entry.header().entry_type().is_file() {
+            continue;
+        }
+        let dest = into.join(known);
+        let mut out =
+            File::create(&dest).with_context(|| format!("creating {}", dest.display()))?;
+        std::io::copy(&mut entry, &mut out)
+            .with_context(|| format!("extracting {}", member.display()))?;
+        found.push(known);
+    }
+    let missing: Vec<String> = (archive.members.iter())
+        .filter(|f| !found.contains(f))
+        .map(|m| format!("{}/{m}", archive.folder))
+        .collect();
+    if !missing.is_empty() {
+        bail!("{} lacks {}", path.display(), missing.join(", "));
+    }
+    Ok(())
 }
 
 /// Which digest to check a download against.

@@ -19,6 +19,7 @@ pub mod pack;
 pub mod prepared;
 pub mod resize;
 pub mod resized_crop;
+pub mod stl10;
 pub mod stream;
 pub mod svhn;
 pub mod uint8_ops;
@@ -54,6 +55,16 @@ pub fn default_hflip(name: &str) -> f64 {
 /// as gray ([`image::to_luma`]).
 pub fn is_gray(name: &str) -> bool {
     name == "digits" || mnist::named(name).is_some()
+}
+
+/// The side of the dataset `name`'s images as it keeps them, at which its
+/// models read an image whole: STL-10's 96; CIFAR's, MNIST's, SVHN's and
+/// the digits' 32 (and the CIFAR-style side of folder training).
+pub fn native_side(name: &str) -> i64 {
+    match name {
+        "stl10" => stl10::SIDE,
+        _ => cifar::SIDE,
+    }
 }
 
 /// One split, or a batch of one: images `N x 3 x H x W` uint8 and labels
