@@ -873,7 +873,7 @@ fn usage_errors_name_what_is_missing_and_suggest() {
         ),
         (
             &["eval"],
-            "the following required arguments were not provided: --checkpoint <CHECKPOINT>; see 'vggctl eval --help'",
+            "the following required arguments were not provided: <--checkpoint <CHECKPOINT>|--weights <WEIGHTS>>; see 'vggctl eval --help'",
         ),
         (
             &["parms"],

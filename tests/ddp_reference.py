@@ -70,7 +70,8 @@ MD5s), normalized with SVHN's usual mean and deviation.
 --stl10 reads --data (the directory holding stl10_binary/) through
 torchvision.datasets.STL10 itself (its integrity check fed the files' own
 MD5s), 96x96, normalized with the training images' own mean and deviation
-per channel (over every pixel of the whole split, the population's).
+per channel (over every pixel of the whole split, the population's);
+--stl10-fold K trains on torchvision's `STL10(folds=K)`.
 
 --crop-flip P is the CIFAR recipe's augmentation of each training image,
 RandomCrop(side, padding=4) then RandomHorizontalFlip(P), made by
@@ -179,8 +180,8 @@ def mnist_images(ds):
     return x.repeat(1, 3, 1, 1).contiguous()
 
 
-def stl10(root, split="train"):
-    """torchvision's STL10 over `root`, its MD5s the files' own."""
+def stl10(root, split="train", folds=None):
+    """torchvision's STL10 over `root` (`folds`: one training fold), its MD5s the files' own."""
     def md5(name):
         with open(os.path.join(root, "stl10_binary", name), "rb") as f:
             return hashlib.md5(f.read()).hexdigest()
@@ -189,7 +190,7 @@ def stl10(root, split="train"):
         train_list = [[f, md5(f)] for f, _ in torchvision.datasets.STL10.train_list]
         test_list = [[f, md5(f)] for f, _ in torchvision.datasets.STL10.test_list]
 
-    return Local(root, split=split, download=False)
+    return Local(root, split=split, folds=folds, download=False)
 
 
 def stl10_norm(ds):
@@ -332,6 +333,7 @@ def main(argv=None):
     p.add_argument("--mnist", choices=["mnist", "fashion-mnist"])
     p.add_argument("--svhn", action="store_true")
     p.add_argument("--stl10", action="store_true")
+    p.add_argument("--stl10-fold", type=int, default=None)
     p.add_argument("--crop-flip", type=float, default=None, metavar="P")
     a = p.parse_args(argv)
 
@@ -367,9 +369,10 @@ def main(argv=None):
         images, labels = torch.from_numpy(ds.data)[:a.limit_train], torch.from_numpy(ds.labels)[:a.limit_train]
         norm = SVHN_NORM
     elif a.stl10:
-        ds = stl10(a.data)
+        # Normalized by the whole training split's statistics, fold or not.
+        norm = stl10_norm(stl10(a.data))
+        ds = stl10(a.data, folds=a.stl10_fold)
         images, labels = torch.from_numpy(ds.data)[:a.limit_train], torch.from_numpy(ds.labels).long()[:a.limit_train]
-        norm = stl10_norm(ds)
     elif a.mnist:
         ds = mnist(a.data, a.mnist)
         images, labels = mnist_images(ds)[:a.limit_train], ds.targets[:a.limit_train]

@@ -16,7 +16,8 @@ file; it is fed the files' own MD5s).
 - A download of the archive from 127.0.0.1 leaves the folder torchvision
   reads (every member) beside the archive; a file cut short, a label 0, a
   label count that is not the image count and a class list of nine names
-  are one error line naming the file, exit 1, and no run directory."""
+  are one error line naming the file, exit 1, and no run directory.
+- `--fold K` trains on torchvision's `STL10(folds=K)`."""
 import io
 import json
 import os
@@ -118,6 +119,39 @@ def test_stl10_trains_and_evaluates_as_torchvision_reads_it(tmp_path):
     report = json.loads(r.stdout)
     assert report["images"] == len(y) == 10 * TEST and round(report["top1"] * len(y) / 100) == correct
     assert abs(report["loss"] - loss) <= 1e-5 * max(1.0, abs(loss))
+
+
+def test_a_fold_trains_on_torchvisions_fold(tmp_path):
+    """`--fold 3` trains on line 3 of fold_indices.txt as torchvision's
+    `STL10(folds=3)` holds it (normalized by the whole split, as without a
+    fold), recorded in config.json; fold 10, and a fold naming an image
+    that is not there, are one line each."""
+    data = tmp_path / "data"
+    folder = write_stl10(data)
+    init = str(tmp_path / "init.safetensors")
+    initial_model(init, 8)
+    want = load_file(reference(tmp_path / "ref.safetensors", init, str(data), "--stl10", "--stl10-fold", "3",
+                               "--crop-flip", "0.5", limit=LIMIT, batch=2, epochs=EPOCHS))
+    assert apart(want, load_file(init)) > 1e-3, "the reference did not train"
+    assert len(stl10(str(data), folds=3).labels) == 4
+    out = tmp_path / "run"
+    args = ["train", "--dataset", "stl10", "--data-dir", str(data), "--no-download", "--arch", "vgg11", "--head",
+            "cifar", "--initial-checkpoint", init, "--limit-test", "4", "--epochs", str(EPOCHS), "--batch-size", "2",
+            "--device", "cpu", "--quiet"]
+    r = vggctl(*args, "--fold", "3", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert apart(load_file(str(out / "last.safetensors")), want) < 1e-5
+    assert json.loads((out / "config.json").read_text())["fold"] == 3
+
+    r = vggctl(*args, "--fold", "10", "--out", str(tmp_path / "r10"))
+    assert r.returncode == 2 and r.stderr.strip() == "vggctl: error: --fold 10: STL-10's folds are 0 to 9", r.stderr
+    (folder / "fold_indices.txt").write_text("0 1\n2 40\n")
+    r = vggctl(*args, "--fold", "1", "--out", str(tmp_path / "r1"))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and lines == [
+        f"vggctl: error: {folder}/fold_indices.txt: fold 1 lists \"40\", not one of the 40 training images' indices"
+    ], r.stderr
+    assert not (tmp_path / "r10").exists() and not (tmp_path / "r1").exists()
 
 
 def test_stl10_downloads_and_bad_files_are_one_line(tmp_path):

@@ -356,7 +356,7 @@ fn optimizer_rules(config: &TrainConfig) -> [Rule; 6] {
     ]
 }
 
-fn model_and_data_rules(config: &TrainConfig) -> [Rule; 6] {
+fn model_and_data_rules(config: &TrainConfig) -> [Rule; 7] {
     let folder = config.dataset == "folder";
     [
         (
@@ -375,6 +375,11 @@ fn model_and_data_rules(config: &TrainConfig) -> [Rule; 6] {
             "applies to the classifier's Dropout layers, and the gap head has none",
         ),
         (&["val_dir"], folder, "applies to --dataset folder only"),
+        (
+            &["fold"],
+            config.dataset == "stl10",
+            "applies to --dataset stl10 only",
+        ),
         (
             // --cache-mem: in memory or streamed, whose crops differ.
             &["interpolation", "cache_mem"],

@@ -17,7 +17,7 @@ use vggctl::data::{stl10, svhn};
 use vggctl::dist::World;
 use vggctl::train::config::TrainConfig;
 
-use super::output::{started, usage, warn};
+use super::output::{started, usage, warn, whole};
 use super::progress::download_bar;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -58,6 +58,11 @@ pub struct DataOpts {
     /// $VGGCTL_<DATASET>_MD5, else the official files'].
     #[arg(long, hide = true)]
     pub data_md5: Option<String>,
+    /// stl10: train on its predefined training fold K (0 to 9: 1,000 of the
+    /// 5,000 labelled images, line K of fold_indices.txt), as torchvision's
+    /// STL10(folds=K) and STL-10's protocol [default: all 5,000].
+    #[arg(long, value_name = "K", value_parser = whole::<usize>)]
+    pub fold: Option<usize>,
     /// Never download; fail if the data is not in --data-dir.
     #[arg(long)]
     pub no_download: bool,
@@ -174,6 +179,12 @@ impl DataOpts {
                 "--dataset folder needs --data-dir DIR (one subfolder of images per class)",
             ));
         }
+        if let Some(k) = self.fold.filter(|&k| k >= stl10::FOLDS) {
+            return Err(usage(format!(
+                "--fold {k}: STL-10's folds are 0 to {}",
+                stl10::FOLDS - 1
+            )));
+        }
         if dataset == "folder" && self.val_dir.is_none() {
             folder::check_val_split(self.val_split).map_err(|e| usage(e.to_string()))?;
         }
@@ -224,6 +235,7 @@ impl DataOpts {
                 streamed: c.streamed,
                 test_only: false,
                 filter: c.interpolation,
+                fold: c.fold,
             },
         )?;
         if c.imagenet_normalization {
@@ -249,6 +261,7 @@ impl DataOpts {
                 streamed: None,
                 test_only: true,
                 filter,
+                fold: None,
             },
         )
     }
@@ -270,7 +283,7 @@ impl DataOpts {
             test_only,
             ..
         } = how;
-        if let Some(d) = self.load_downloadable(name, dir, quiet) {
+        if let Some(d) = self.load_downloadable(name, dir, (quiet, how.fold)) {
             return d;
         }
         match name {
@@ -320,7 +333,12 @@ impl DataOpts {
 
     /// The dataset `name` if it is one vggctl downloads when it is missing
     /// from `dir` (CIFAR, MNIST, SVHN, STL-10), else None.
-    fn load_downloadable(&self, name: &str, dir: &Path, quiet: bool) -> Option<Result<Dataset>> {
+    fn load_downloadable(
+        &self,
+        name: &str,
+        dir: &Path,
+        (quiet, fold): (bool, Option<usize>),
+    ) -> Option<Result<Dataset>> {
         let bar = &mut download_bar(quiet);
         let source =
             |url: String, md5: String| self.download_source(name, DownloadSource { url, md5 });
@@ -339,7 +357,7 @@ impl DataOpts {
             }
             "stl10" => {
                 let src = source(stl10::URL.into(), stl10::MD5.into());
-                Some(stl10::load(dir, src.as_ref(), bar))
+                Some(stl10::load(dir, fold, src.as_ref(), bar))
             }
             _ => None,
         }
@@ -349,13 +367,14 @@ impl DataOpts {
 /// How a dataset is read: `quiet` (no download bar), `streamed` (how a
 /// run recorded its folder; None: by --cache-mem), `test_only` (for
 /// evaluation: a validation folder alone), `filter` (image folders'
-/// resizes).
+/// resizes), `fold` (STL-10's training fold).
 #[derive(Clone, Copy)]
 struct Reading {
     quiet: bool,
     streamed: Option<bool>,
     test_only: bool,
     filter: Filter,
+    fold: Option<usize>,
 }
 
 /// `DIR/train` or `DIR/val` of ImageNet's layout, or an error saying

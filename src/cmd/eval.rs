@@ -362,6 +362,9 @@ fn scored_as(
 /// Options that change nothing for this data: an interpolation where no
 /// image is resized, a class subset the data does not make.
 fn warn_unused(args: &Args, dataset: &Dataset, scoring: &Scoring) {
+    if args.data.fold.is_some() {
+        warn("--fold is ignored: evaluation reads the test split, which has no folds".into());
+    }
     if args.read.interpolation.is_some() && !is_image_folder(&dataset.name) {
         warn(format!(
             "--interpolation is ignored: it applies to image folders only, and {} images are not resized",

@@ -351,6 +351,7 @@ impl HyperOpts {
             data_dir: absolute(&data.dir()),
             val_dir: data.val_dir.as_deref().map(absolute),
             val_split: data.val_split,
+            fold: data.fold,
             epochs: self.epochs.unwrap_or(default_epochs),
             batch_size: self.batch_size,
             test_batch_size: self.test_batch_size,

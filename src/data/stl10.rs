@@ -6,7 +6,9 @@
 //! the labels are bytes 1..10 (torchvision's 0..9). What vggctl downloads
 //! is torchvision's archive, extracted whole (the 100,000 unlabelled images
 //! and the folds too), so either tool reads the other's folder; the
-//! unlabelled images and the ten predefined folds are not read.
+//! unlabelled images are not read. A training fold (`--fold K`) is line K
+//! of `fold_indices.txt`: the zero-based indices of its 1,000 training
+//! images, as torchvision's `STL10(folds=K)` takes them.
 //!
 //! STL-10 has no customary normalization: the training images' own mean
 //! and standard deviation per channel (over every pixel, the population's)
@@ -44,6 +46,8 @@ const MEMBERS: [&str; 7] = [
 pub const CLASSES: [&str; 10] = [
     "airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck",
 ];
+/// STL-10's predefined training folds (`fold_indices.txt`'s lines).
+pub const FOLDS: usize = 10;
 /// The most images a split's file may hold (the test split has 8,000:
 /// 221 MB).
 const MAX_IMAGES: usize = 10_000;
@@ -51,10 +55,12 @@ const MAX_IMAGES: usize = 10_000;
 /// Counts of each byte value in each colour channel.
 type Histograms = [[u64; 256]; 3];
 
-/// Loads the dataset from `dir`, first downloading and extracting the
-/// archive when the folder is missing and `download_from` allows it.
+/// Loads the dataset from `dir` (the training images of `fold` only, if
+/// given), first downloading and extracting the archive when the folder is
+/// missing and `download_from` allows it.
 pub fn load(
     dir: &Path,
+    fold: Option<usize>,
     download_from: Option<&DownloadSource>,
     progress: &mut dyn FnMut(u64, Option<u64>),
 ) -> Result<Dataset> {
@@ -90,6 +96,10 @@ pub fn load(
     let (test, _) = read_split(&folder, "test")?;
     let (mean, std) =
         mean_std(&counts).with_context(|| format!("{}", folder.join("train_X.bin").display()))?;
+    let train = match fold {
+        Some(k) => train.select(&Tensor::from_slice(&fold_indices(&folder, k, train.len())?)),
+        None => train,
+    };
     Ok(Dataset {
         name: "stl10".into(),
         train: Images::Resident(train),
@@ -185,6 +195,37 @@ fn mean_std(counts: &Histograms) -> Result<([f64; 3], [f64; 3])> {
         (mean[c], std[c]) = (m, var.sqrt());
     }
     Ok((mean, std))
+}
+
+/// Line `k` of `fold_indices.txt`: the indices of fold `k`'s training
+/// images, each one of the `n`.
+fn fold_indices(folder: &Path, k: usize, n: i64) -> Result<Vec<i64>> {
+    let path = folder.join("fold_indices.txt");
+    if !path.exists() {
+        bail!(
+            "{}: missing (--fold reads STL-10's training folds from it)",
+            path.display()
+        );
+    }
+    let bytes = read_regular(&path, "a list of folds", 1 << 20)?;
+    let text =
+        String::from_utf8(bytes).with_context(|| format!("{}: not UTF-8 text", path.display()))?;
+    let Some(line) = text.lines().nth(k) else {
+        bail!("{}: no line for fold {k}", path.display());
+    };
+    let indices = (line.split_whitespace())
+        .map(|w| match w.parse::<i64>() {
+            Ok(i) if (0..n).contains(&i) => Ok(i),
+            _ => bail!(
+                "{}: fold {k} lists {w:?}, not one of the {n} training images' indices",
+                path.display()
+            ),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if indices.is_empty() {
+        bail!("{}: fold {k} lists no images", path.display());
+    }
+    Ok(indices)
 }
 
 /// `class_names.txt`'s ten names (one a line), or STL-10's own where the

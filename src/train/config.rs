@@ -105,6 +105,9 @@ pub struct TrainConfig {
     /// Image folders: the validation folder, or the fraction held out.
     pub val_dir: Option<String>,
     pub val_split: f64,
+    /// STL-10: the predefined training fold trained on (None: all images).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fold: Option<usize>,
     pub epochs: usize,
     pub batch_size: i64,
     pub test_batch_size: i64,
@@ -446,6 +449,7 @@ pub(crate) mod tests {
             data_dir: "data".into(),
             val_dir: None,
             val_split: 0.1,
+            fold: None,
             epochs,
             batch_size: 128,
             test_batch_size: 100,
