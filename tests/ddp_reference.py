@@ -57,11 +57,12 @@ integrity check against the files' own MD5s, since the fixtures are made
 here), for a model of 100 classes, normalized with CIFAR-100's mean and
 deviation.
 
---mnist mnist|fashion-mnist reads --data (the directory holding MNIST/raw/
-or FashionMNIST/raw/) through torchvision.datasets.MNIST or FashionMNIST
-itself: each 28x28 image resized to 32x32 by torchvision's
+--mnist mnist|fashion-mnist|kmnist reads --data (the directory holding
+MNIST/raw/, FashionMNIST/raw/ or KMNIST/raw/) through
+torchvision.datasets.MNIST, FashionMNIST or KMNIST itself: each 28x28 image resized to 32x32 by torchvision's
 `F.resize(antialias=True)` on the uint8 tensor, repeated in three channels,
-normalized with the dataset's usual mean and deviation.
+normalized with the dataset's usual mean and deviation (KMNIST's, which
+has none, from its training images).
 
 --svhn reads --data (the directory holding train_32x32.mat) through
 torchvision.datasets.SVHN itself (its integrity check fed the files' own
@@ -169,9 +170,19 @@ MNIST_NORM = {"mnist": ((0.1307,) * 3, (0.3081,) * 3), "fashion-mnist": ((0.2860
 
 
 def mnist(root, name, train=True):
-    """torchvision's MNIST or FashionMNIST over `root`."""
-    cls = torchvision.datasets.MNIST if name == "mnist" else torchvision.datasets.FashionMNIST
+    """torchvision's MNIST, FashionMNIST or KMNIST over `root`."""
+    cls = {"mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST,
+           "kmnist": torchvision.datasets.KMNIST}[name]
     return cls(root, train=train, download=False)
+
+
+def mnist_norm(ds, name):
+    """The dataset's usual normalization; KMNIST's, which has none, from
+    its training images as stored (28x28, value / 255, the population's)."""
+    if name in MNIST_NORM:
+        return MNIST_NORM[name]
+    x = ds.data.double() / 255
+    return (x.mean().item(),) * 3, (x.std(correction=0).item(),) * 3
 
 
 def mnist_images(ds):
@@ -330,7 +341,7 @@ def main(argv=None):
     p.add_argument("--swa-anneal-strategy", default="cos")
     p.add_argument("--swa-out")
     p.add_argument("--cifar100", action="store_true")
-    p.add_argument("--mnist", choices=["mnist", "fashion-mnist"])
+    p.add_argument("--mnist", choices=["mnist", "fashion-mnist", "kmnist"])
     p.add_argument("--svhn", action="store_true")
     p.add_argument("--stl10", action="store_true")
     p.add_argument("--stl10-fold", type=int, default=None)
@@ -376,7 +387,7 @@ def main(argv=None):
     elif a.mnist:
         ds = mnist(a.data, a.mnist)
         images, labels = mnist_images(ds)[:a.limit_train], ds.targets[:a.limit_train]
-        norm = MNIST_NORM[a.mnist]
+        norm = mnist_norm(ds, a.mnist)
     else:
         images, labels = train_split(a.data, a.limit_train)
         norm = CIFAR10_NORM

@@ -18,9 +18,14 @@ holds the files, digits-py only their .gz).
 - A download from a mirror on 127.0.0.1 leaves the folder torchvision's
   `MNIST(root)` reads (the .gz files and each extracted), with its images;
   a file whose MD5 differs leaves nothing behind, with one error line.
-- The built-in digits are not mirrored by default either."""
+- The built-in digits are not mirrored by default either.
+- `--dataset kmnist` (the fixtures' MNIST files under KMNIST/raw/) trains
+  as PyTorch does on torchvision's `KMNIST`, not mirrored, normalized by
+  the training images' own mean and deviation (recorded within 1e-12 of
+  torch's in float64), with KMNIST's class names."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -32,7 +37,7 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from dataset_helpers import BIN, ENV, FIX, apart, initial_model, md5, mirror, reference  # noqa: E402
-from ddp_reference import MNIST_NORM, mnist, mnist_images, normalize  # noqa: E402
+from ddp_reference import MNIST_NORM, mnist, mnist_images, mnist_norm, normalize  # noqa: E402
 
 LIMIT, BATCH, EPOCHS = 48, 16, 2
 
@@ -289,3 +294,29 @@ def test_bad_mnist_files_are_one_line_naming_the_file(tmp_path):
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 1 and len(lines) == 1 and needle in lines[0], (name, r.stderr)
         assert name.removesuffix(".gz") in lines[0] and not (tmp_path / "run").exists()
+
+
+def test_kmnist_is_normalized_by_its_own_training_images(tmp_path):
+    raw = tmp_path / "data" / "KMNIST" / "raw"
+    shutil.copytree(os.path.join(FIX, "digits-bin", "MNIST", "raw"), raw)
+    init = str(tmp_path / "init.safetensors")
+    initial_model(init, 9)
+    want = load_file(reference(tmp_path / "ref.safetensors", init, str(tmp_path / "data"), "--mnist", "kmnist",
+                               "--crop-flip", "0", limit=LIMIT, batch=BATCH, epochs=EPOCHS))
+    assert apart(want, load_file(init)) > 1e-3, "the reference did not train"
+    out = tmp_path / "run"
+    r = subprocess.run(
+        [BIN, "train", "--dataset", "kmnist", "--data-dir", str(tmp_path / "data"), "--no-download",
+         "--arch", "vgg11", "--head", "cifar", "--initial-checkpoint", init, "--limit-train", str(LIMIT),
+         "--limit-test", "16", "--epochs", str(EPOCHS), "--batch-size", str(BATCH), "--device", "cpu",
+         "--quiet", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, env=ENV)
+    assert r.returncode == 0, r.stderr
+    assert apart(load_file(str(out / "last.safetensors")), want) < 1e-5
+    ds = mnist(str(tmp_path / "data"), "kmnist")
+    meta = safe_open(str(out / "last.safetensors"), "pt").metadata()
+    assert json.loads(meta["class_names"]) == ds.classes and meta["dataset"] == "kmnist"
+    mean, std = mnist_norm(ds, "kmnist")
+    assert max(abs(a - b) for a, b in zip(json.loads(meta["mean"]), mean)) < 1e-12
+    assert max(abs(a - b) for a, b in zip(json.loads(meta["std"]), std)) < 1e-12
+    assert abs(mean[0] - MNIST_NORM["mnist"][0][0]) > 0.01, "the test cannot tell the images' own mean from MNIST's"

@@ -761,7 +761,7 @@ fn bad_training_arguments() {
         (
             &["train", "--dataset", "cifar-10", "--data-dir", &d],
             2,
-            "unknown dataset 'cifar-10' (expected cifar10, cifar100, mnist, fashion-mnist, svhn, digits, folder or imagenet)",
+            "unknown dataset 'cifar-10' (expected cifar10, cifar100, mnist, fashion-mnist, kmnist, svhn, stl10, digits, folder or imagenet)",
         ),
         (
             &["train", "--batch-size", "0", "--data-dir", &d],

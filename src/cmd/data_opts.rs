@@ -24,7 +24,7 @@ use super::progress::download_bar;
 #[command(next_help_heading = "Data")]
 pub struct DataOpts {
     /// Dataset: cifar10, cifar100 (its 100 fine classes), mnist,
-    /// fashion-mnist (their 28x28 gray images read as 32x32 RGB), svhn
+    /// fashion-mnist, kmnist (their 28x28 gray images read as 32x32 RGB), svhn
     /// (its train and test splits), stl10 (its 5,000 labelled training and
     /// 8,000 test images, 96x96), digits
     /// (scikit-learn's handwritten digits, built
@@ -36,8 +36,8 @@ pub struct DataOpts {
     pub dataset: Option<String>,
     /// cifar10: the directory holding cifar-10-batches-py/ (torchvision's) or
     /// cifar-10-batches-bin/; cifar100: cifar-100-python/ or
-    /// cifar-100-binary/; mnist, fashion-mnist: the directory holding
-    /// MNIST/raw/ or FashionMNIST/raw/ (torchvision's); svhn: the
+    /// cifar-100-binary/; mnist, fashion-mnist, kmnist: the directory holding
+    /// MNIST/raw/, FashionMNIST/raw/ or KMNIST/raw/ (torchvision's); svhn: the
     /// directory holding train_32x32.mat and test_32x32.mat; stl10: the
     /// directory holding stl10_binary/; folder: the class folders; imagenet: the
     /// directory holding train/ and val/; folder, imagenet: or the file
@@ -46,13 +46,13 @@ pub struct DataOpts {
     pub data_dir: Option<PathBuf>,
     /// Where to download the binary CIFAR-10 or CIFAR-100 archive (or
     /// STL-10's) from
-    /// when it is missing; mnist, fashion-mnist, svhn: the mirror (or
+    /// when it is missing; mnist, fashion-mnist, kmnist, svhn: the mirror (or
     /// comma-separated mirrors) serving their files [default:
     /// $VGGCTL_<DATASET>_URL (e.g. $VGGCTL_FASHION_MNIST_URL), else the
     /// dataset's own, as torchvision's].
     #[arg(long)]
     pub data_url: Option<String>,
-    /// MD5 the downloaded archive must have (mnist, fashion-mnist: four,
+    /// MD5 the downloaded archive must have (mnist, fashion-mnist, kmnist: four,
     /// comma-separated, for train-images, train-labels, t10k-images,
     /// t10k-labels; svhn: two, train and test) [default:
     /// $VGGCTL_<DATASET>_MD5, else the official files'].
@@ -392,7 +392,7 @@ pub fn imagenet_split(dir: &Path, split: &str) -> Result<PathBuf> {
 
 fn unknown(name: &str) -> String {
     format!(
-        "unknown dataset '{name}' (expected cifar10, cifar100, mnist, fashion-mnist, svhn, stl10, digits, folder or imagenet)"
+        "unknown dataset '{name}' (expected cifar10, cifar100, mnist, fashion-mnist, kmnist, svhn, stl10, digits, folder or imagenet)"
     )
 }
 

@@ -1,5 +1,5 @@
-//! MNIST and Fashion-MNIST in torchvision's layout: `DIR/MNIST/raw/` (or
-//! `DIR/FashionMNIST/raw/`) holding the four IDX files
+//! MNIST, Fashion-MNIST and KMNIST in torchvision's layout: `DIR/MNIST/raw/`
+//! (or `DIR/FashionMNIST/raw/`, `DIR/KMNIST/raw/`) holding the four IDX files
 //! (`train-images-idx3-ubyte`, `train-labels-idx1-ubyte`,
 //! `t10k-images-idx3-ubyte`, `t10k-labels-idx1-ubyte`), each also read
 //! from its `.gz`. What vggctl downloads is what torchvision's
@@ -23,7 +23,7 @@ use tch::Tensor;
 
 use super::download::{DownloadSource, fetch_files};
 use super::resize::{Resize, resize_window_into};
-use super::{Dataset, Images, Split};
+use super::{Dataset, Images, Split, mean_std};
 use crate::fsutil::{TempFile, read_regular};
 
 /// The images' side as the model sees them.
@@ -59,9 +59,9 @@ pub struct Mnist {
     /// torchvision's `classes`.
     pub classes: &'static [&'static str],
     /// The usual normalization of the gray values (`Normalize((m,), (s,))`),
-    /// in each channel.
-    pub mean: [f64; 3],
-    pub std: [f64; 3],
+    /// in each channel: mean and deviation; None where there is no usual
+    /// one (the training images' own, computed as they are loaded).
+    pub norm: Option<([f64; 3], [f64; 3])>,
     /// Whether a mirrored image is still one of its class, so that
     /// training flips images by default (clothes are; digits are not).
     pub mirrors_keep_class: bool,
@@ -93,8 +93,7 @@ pub const MNIST: Mnist = Mnist {
         "8 - eight",
         "9 - nine",
     ],
-    mean: [0.1307; 3],
-    std: [0.3081; 3],
+    norm: Some(([0.1307; 3], [0.3081; 3])),
     mirrors_keep_class: false,
 };
 
@@ -121,14 +120,31 @@ pub const FASHION_MNIST: Mnist = Mnist {
         "Bag",
         "Ankle boot",
     ],
-    mean: [0.2860; 3],
-    std: [0.3530; 3],
+    norm: Some(([0.2860; 3], [0.3530; 3])),
     mirrors_keep_class: true,
+};
+
+/// Kuzushiji-MNIST: ten cursive hiragana in MNIST's format. Its sources
+/// publish no agreed normalization, so the training images' own is used.
+pub const KMNIST: Mnist = Mnist {
+    name: "kmnist",
+    title: "KMNIST",
+    folder: "KMNIST",
+    mirrors: &["http://codh.rois.ac.jp/kmnist/dataset/kmnist/"],
+    md5s: [
+        "bdb82020997e1d708af4cf47b453dcf7",
+        "e144d726b3acfaa3e44228e80efcd344",
+        "5c965bf0a639b31b8f53240b1b52f4d7",
+        "7320c461ea6c1c855c0b718fb2a4b134",
+    ],
+    classes: &["o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"],
+    norm: None,
+    mirrors_keep_class: false,
 };
 
 /// The dataset `--dataset` names, if it is one of these.
 pub fn named(name: &str) -> Option<&'static Mnist> {
-    [&MNIST, &FASHION_MNIST]
+    [&MNIST, &FASHION_MNIST, &KMNIST]
         .into_iter()
         .find(|m| m.name == name)
 }
@@ -213,24 +229,29 @@ impl Mnist {
                 .with_context(|| format!("could not download {}; {how}", self.title))?;
         }
         let [train_x, train_y, test_x, test_y] = FILES.map(|f| raw.join(f));
-        let train = self.split(&train_x, &train_y)?;
-        let test = self.split(&test_x, &test_y)?;
+        let (train, counts) = self.split(&train_x, &train_y)?;
+        let (test, _) = self.split(&test_x, &test_y)?;
+        let (mean, std) = match self.norm {
+            Some(norm) => norm,
+            None => mean_std(&[counts; 3]).with_context(|| format!("{}", train_x.display()))?,
+        };
         Ok(Dataset {
             name: self.name.into(),
             train: Images::Resident(train),
             test: Images::Resident(test),
             classes: self.classes.iter().map(|c| c.to_string()).collect(),
-            mean: self.mean,
-            std: self.std,
+            mean,
+            std,
             source: raw.display().to_string(),
             wnids: None,
             test_names: None,
         })
     }
 
-    /// One split: its images file and labels file, as 32x32 RGB.
-    fn split(&self, images: &Path, labels: &Path) -> Result<Split> {
-        let x = read_images(images)?;
+    /// One split: its images file and labels file, as 32x32 RGB, and the
+    /// count of each gray value in its images as they are stored.
+    fn split(&self, images: &Path, labels: &Path) -> Result<(Split, [u64; 256])> {
+        let (x, counts) = read_images_counted(images)?;
         let y = self.read_labels(labels)?;
         let n = x.size()[0];
         if y.len() as i64 != n {
@@ -241,11 +262,12 @@ impl Mnist {
                 images.display()
             );
         }
-        Ok(Split {
+        let split = Split {
             images: x,
             labels: Tensor::from_slice(&y),
             layout: None,
-        })
+        };
+        Ok((split, counts))
     }
 
     /// A labels file (or its `.gz`), each label one of the classes.
@@ -295,6 +317,11 @@ fn extract(gz: &Path) -> Result<()> {
 
 /// An images file (or its `.gz`) as `N x 3 x 32 x 32` uint8.
 pub fn read_images(path: &Path) -> Result<Tensor> {
+    read_images_counted(path).map(|(x, _)| x)
+}
+
+/// [`read_images`], and the count of each gray value in the file.
+fn read_images_counted(path: &Path) -> Result<(Tensor, [u64; 256])> {
     let x = parse_idx(read(path)?, 3, path)?;
     let (n, h, w) = (x.dims[0], x.dims[1], x.dims[2]);
     if !(1..=MAX_SIDE).contains(&h) || !(1..=MAX_SIDE).contains(&w) {
@@ -303,7 +330,11 @@ pub fn read_images(path: &Path) -> Result<Tensor> {
             path.display()
         );
     }
-    Ok(rgb32(&x.data, n, (h, w)))
+    let mut counts = [0u64; 256];
+    for &v in &x.data {
+        counts[v as usize] += 1;
+    }
+    Ok((rgb32(&x.data, n, (h, w)), counts))
 }
 
 /// A file's bytes: `path` itself, else its `.gz` decompressed.

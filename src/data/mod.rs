@@ -24,7 +24,7 @@ pub mod stream;
 pub mod svhn;
 pub mod uint8_ops;
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use tch::{Device, Tensor};
 
 use augment::Transform;
@@ -65,6 +65,36 @@ pub fn native_side(name: &str) -> i64 {
         "stl10" => stl10::SIDE,
         _ => cifar::SIDE,
     }
+}
+
+/// Counts of each byte value in each colour channel of a set of images.
+pub type Histograms = [[u64; 256]; 3];
+
+/// Each channel's mean and standard deviation of `value / 255` over the
+/// pixels `counts` counts (the population's): the normalization of a
+/// dataset without customary constants, from its training images
+/// (STL-10's, KMNIST's).
+pub fn mean_std(counts: &Histograms) -> Result<([f64; 3], [f64; 3])> {
+    let (mut mean, mut std) = ([0.0; 3], [0.0; 3]);
+    for (c, h) in counts.iter().enumerate() {
+        let n: u64 = h.iter().sum();
+        if n == 0 {
+            bail!("no training images to normalize by");
+        }
+        let at = |v: usize| v as f64 / 255.0;
+        let m = (0..256).map(|v| at(v) * h[v] as f64).sum::<f64>() / n as f64;
+        let var = (0..256)
+            .map(|v| (at(v) - m).powi(2) * h[v] as f64)
+            .sum::<f64>()
+            / n as f64;
+        if var <= 0.0 {
+            bail!(
+                "every training pixel of channel {c} has the same value: nothing to normalize by"
+            );
+        }
+        (mean[c], std[c]) = (m, var.sqrt());
+    }
+    Ok((mean, std))
 }
 
 /// One split, or a batch of one: images `N x 3 x H x W` uint8 and labels

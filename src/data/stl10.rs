@@ -22,7 +22,7 @@ use anyhow::{Context, Result, bail};
 use tch::Tensor;
 
 use super::download::{Archive, DownloadSource, fetch_archive};
-use super::{Dataset, Images, Split};
+use super::{Dataset, Histograms, Images, Split, mean_std};
 use crate::fsutil::read_regular;
 
 pub const URL: &str = "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz";
@@ -51,9 +51,6 @@ pub const FOLDS: usize = 10;
 /// The most images a split's file may hold (the test split has 8,000:
 /// 221 MB).
 const MAX_IMAGES: usize = 10_000;
-
-/// Counts of each byte value in each colour channel.
-type Histograms = [[u64; 256]; 3];
 
 /// Loads the dataset from `dir` (the training images of `fold` only, if
 /// given), first downloading and extracting the archive when the folder is
@@ -173,28 +170,6 @@ fn histograms(x: &[u8]) -> Histograms {
         }
     }
     counts
-}
-
-/// Each channel's mean and standard deviation of `value / 255` (over every
-/// pixel, the population's): what the images are normalized by.
-fn mean_std(counts: &Histograms) -> Result<([f64; 3], [f64; 3])> {
-    let (mut mean, mut std) = ([0.0; 3], [0.0; 3]);
-    for (c, h) in counts.iter().enumerate() {
-        let n: u64 = h.iter().sum();
-        let at = |v: usize| v as f64 / 255.0;
-        let m = (0..256).map(|v| at(v) * h[v] as f64).sum::<f64>() / n as f64;
-        let var = (0..256)
-            .map(|v| (at(v) - m).powi(2) * h[v] as f64)
-            .sum::<f64>()
-            / n as f64;
-        if var <= 0.0 {
-            bail!(
-                "every training pixel of channel {c} has the same value: nothing to normalize by"
-            );
-        }
-        (mean[c], std[c]) = (m, var.sqrt());
-    }
-    Ok((mean, std))
 }
 
 /// Line `k` of `fold_indices.txt`: the indices of fold `k`'s training
