@@ -54,9 +54,9 @@ def batch_of(paths):
     return torchvision.transforms.functional.normalize(x.float() / 255.0, MEAN, STD)
 
 
-def vggctl(*args, cwd):
-    return subprocess.run([BIN, "features", "--device", "cpu", "--input", "224",
-                           "--val-resize-size", "224", *args],
+def vggctl(*args, cwd, side=224):
+    return subprocess.run([BIN, "features", "--device", "cpu", "--input", str(side),
+                           "--val-resize-size", str(side), *args],
                           capture_output=True, text=True, cwd=cwd)
 
 
@@ -133,7 +133,8 @@ def test_class_folders_give_imagefolders_labels(tmp_path):
     (a class's nested folder before a class whose name extends it), a
     safetensors `labels` int64 array equal to its `targets` and its
     `classes` in the metadata, the rows bit for bit those of the same
-    files given one by one. A .npy file holds the rows only (the labels in
+    files given one by one (read at 64x64, which is all the order and the
+    labels need). A .npy file holds the rows only (the labels in
     --json); a directory with images of its own, or a class folder without
     images (a warning), gives no labels. `predict` lists the directory in
     the same order."""
@@ -147,7 +148,7 @@ def test_class_folders_give_imagefolders_labels(tmp_path):
     folder = torchvision.datasets.ImageFolder(str(lab))
     order = [p for p, _ in folder.samples]
     assert order != sorted(order), "the layout does not tell ImageFolder's order from the paths'"
-    out = vggctl("--weights", weights, "--batch-size", "2", "-o", "lab.safetensors", str(lab), cwd=tmp_path)
+    out = vggctl("--weights", weights, "--batch-size", "2", "-o", "lab.safetensors", str(lab), cwd=tmp_path, side=64)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == order
     assert out.stderr.splitlines()[-1] == (
@@ -157,18 +158,18 @@ def test_class_folders_give_imagefolders_labels(tmp_path):
     meta = safe_open(tmp_path / "lab.safetensors", "np").metadata()
     assert ours["labels"].dtype == np.int64 and ours["labels"].tolist() == folder.targets
     assert json.loads(meta["classes"]) == folder.classes and json.loads(meta["images"]) == order
-    out = vggctl("--weights", weights, "--batch-size", "2", "-o", "flat.safetensors", *order, cwd=tmp_path)
+    out = vggctl("--weights", weights, "--batch-size", "2", "-o", "flat.safetensors", *order, cwd=tmp_path, side=64)
     assert out.returncode == 0, out.stderr
     flat = load_file(tmp_path / "flat.safetensors")
     assert sorted(flat) == ["classifier.4"] and "classes" not in safe_open(tmp_path / "flat.safetensors", "np").metadata()
     assert np.array_equal(flat["classifier.4"], ours["classifier.4"])
     # predict lists a directory of class folders in the same order.
-    out = subprocess.run([BIN, "predict", "--device", "cpu", "--weights", weights, "--json", str(lab)],
+    out = subprocess.run([BIN, "predict", "--device", "cpu", "--input", "64", "--weights", weights, "--json", str(lab)],
                          capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert [p["image"] for p in json.loads(out.stdout)] == order
 
-    out = vggctl("--weights", weights, "-o", "lab.npy", "--json", str(lab), cwd=tmp_path)
+    out = vggctl("--weights", weights, "-o", "lab.npy", "--json", str(lab), cwd=tmp_path, side=64)
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
     assert doc["arrays"] == {"classifier.4": [5, 4096]}
@@ -176,12 +177,12 @@ def test_class_folders_give_imagefolders_labels(tmp_path):
     assert np.load(tmp_path / "lab.npy").shape == (5, 4096)
 
     os.symlink(images[0], lab / "loose.png")
-    out = vggctl("--weights", weights, "-o", "loose.safetensors", "--json", str(lab), cwd=tmp_path)
+    out = vggctl("--weights", weights, "-o", "loose.safetensors", "--json", str(lab), cwd=tmp_path, side=64)
     assert out.returncode == 0, out.stderr
     assert "labels" not in json.loads(out.stdout) and "labels" not in load_file(tmp_path / "loose.safetensors")
     os.remove(lab / "loose.png")
     (lab / "empty").mkdir()
-    out = vggctl("--weights", weights, "-o", "empty.safetensors", str(lab), cwd=tmp_path)
+    out = vggctl("--weights", weights, "-o", "empty.safetensors", str(lab), cwd=tmp_path, side=64)
     assert out.returncode == 0, out.stderr
     assert f"warning: no labels saved: {lab}: no images in class folder(s) empty: every class needs one" \
         in out.stderr, out.stderr

@@ -39,7 +39,7 @@ PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immu
           "colorwheel", "retina", "stereo_motorcycle", "grass"]
 NAMES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
 TRAIN, TEST = 4, 2  # images per class
-LIMIT, BATCH, EPOCHS = 32, 16, 2
+LIMIT, BATCH, EPOCHS = 16, 8, 2
 
 
 def photo(name):
