@@ -8,12 +8,11 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use serde::Serialize;
 use tch::Tensor;
-use vggctl::data::folder;
 use vggctl::formats::rows::{RowArray, RowFormat, RowWriter};
 use vggctl::fsutil::check_target;
 use vggctl::model::{ModelSpec, Pool};
 
-use super::images::{ImagesIn, Opened};
+use super::images::{ClassFolders, ImagesIn, Opened};
 use super::opts::{choice, module_position};
 use super::output::{print_json, print_out, say, usage, warn};
 
@@ -69,27 +68,16 @@ struct Labels {
     labels: Vec<i64>,
 }
 
-/// One directory argument laid out as ImageFolder reads it (class folders,
-/// no images of its own): its classes and each image's label, the images
-/// put in ImageFolder's order. None otherwise, or, said in a warning,
-/// where a folder is no class ImageFolder takes (one without images).
-fn class_labels(images: &[PathBuf], files: &mut Vec<PathBuf>) -> Result<Option<Labels>> {
-    let [dir] = images else {
-        return Ok(None);
-    };
-    if !dir.is_dir() || !folder::is_class_layout(dir)? {
-        return Ok(None);
-    }
-    match folder::scan(dir) {
-        Ok((classes, labeled)) => {
-            let (order, labels) = labeled.into_iter().unzip();
-            *files = order;
-            Ok(Some(Labels { classes, labels }))
-        }
-        Err(e) => {
+/// The labels to save from what the image arguments said of their
+/// classes; a class-folder layout without them said in a warning.
+fn class_labels(classes: &mut ClassFolders) -> Option<Labels> {
+    match std::mem::replace(classes, ClassFolders::None) {
+        ClassFolders::Labeled { classes, labels } => Some(Labels { classes, labels }),
+        ClassFolders::Unlabeled(e) => {
             warn(format!("no labels saved: {e:#}"));
-            Ok(None)
+            None
         }
+        ClassFolders::None => None,
     }
 }
 
@@ -152,7 +140,7 @@ pub fn run(args: Args) -> Result<()> {
     };
     check_target(&args.out, args.force)?;
     let mut opened = args.input.open()?;
-    let labels = class_labels(&args.input.images, &mut opened.files)?;
+    let labels = class_labels(&mut opened.classes);
     let spec = opened.model.spec;
     let (names, wanted) = requested(&args, &spec, format)?;
     if opened.numerics.channels_last {

@@ -4,7 +4,7 @@
 //! them (torchvision's eval transform, or a CIFAR-style model's squares;
 //! gray for a model of gray images).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 use rayon::prelude::*;
@@ -53,10 +53,27 @@ pub struct ImagesIn {
 pub struct Opened {
     /// The image files, in order.
     pub files: Vec<PathBuf>,
+    /// What the one directory argument says of the files' classes.
+    pub classes: ClassFolders,
     pub model: Vgg,
     pub meta: ModelMeta,
     pub numerics: Numerics,
     pub reader: Reader,
+}
+
+/// The classes of the images where the only argument is a directory laid
+/// out as ImageFolder reads it (class folders, no images of its own).
+pub enum ClassFolders {
+    /// Not that layout: files, several arguments, or a plain directory.
+    None,
+    /// The folders (sorted) and each file's index in them.
+    Labeled {
+        classes: Vec<String>,
+        labels: Vec<i64>,
+    },
+    /// That layout, but no classes ImageFolder takes (a folder without
+    /// images): the files are all the images in it, and this is why.
+    Unlabeled(anyhow::Error),
 }
 
 /// How images are read for the model: its evaluation transform.
@@ -79,7 +96,7 @@ impl ImagesIn {
             return Err(usage("--batch-size must be at least 1"));
         }
         self.read.check()?;
-        let files = expand_dirs(&self.images)?;
+        let (files, classes) = expand_dirs(&self.images)?;
         let source = (checkpoint.as_deref(), self.weights.as_deref());
         let (model, meta) = self.model.load_either(source, &self.load, device)?;
         let meta = self.read.apply(meta)?;
@@ -105,6 +122,7 @@ impl ImagesIn {
         };
         Ok(Opened {
             files,
+            classes,
             model,
             meta,
             numerics,
@@ -142,28 +160,49 @@ impl Reader {
 
 /// The image files `paths` name: files as given, directories as their
 /// images (a directory of class folders in ImageFolder's order: class by
-/// class, where sorted paths could interleave `cat/sub/` with `cat-2/`).
-fn expand_dirs(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
+/// class, where sorted paths could interleave `cat/sub/` with `cat-2/`),
+/// and, for one such directory alone, the files' classes.
+fn expand_dirs(paths: &[PathBuf]) -> Result<(Vec<PathBuf>, ClassFolders)> {
     let mut files = Vec::new();
+    let mut classes = ClassFolders::None;
     for p in paths {
-        if p.is_dir()
-            && is_class_layout(p)?
-            && let Ok((_, labeled)) = scan(p)
-        {
-            files.extend(labeled.into_iter().map(|(f, _)| f));
-        } else if p.is_dir() {
-            let found = image_files(p)?;
-            if found.is_empty() {
-                bail!(
-                    "{}: no images in this directory or its subfolders (images are {})",
-                    p.display(),
-                    extension_list()
-                );
+        let scanned = match p.is_dir() && is_class_layout(p)? {
+            true => Some(scan(p)),
+            false => None,
+        };
+        match scanned {
+            Some(Ok((names, labeled))) => {
+                let (found, labels): (Vec<_>, _) = labeled.into_iter().unzip();
+                files.extend(found);
+                if paths.len() == 1 {
+                    classes = ClassFolders::Labeled {
+                        classes: names,
+                        labels,
+                    };
+                }
             }
-            files.extend(found);
-        } else {
-            files.push(p.clone());
+            Some(Err(e)) => {
+                files.extend(dir_images(p)?);
+                if paths.len() == 1 {
+                    classes = ClassFolders::Unlabeled(e);
+                }
+            }
+            None if p.is_dir() => files.extend(dir_images(p)?),
+            None => files.push(p.clone()),
         }
     }
-    Ok(files)
+    Ok((files, classes))
+}
+
+/// The images in `dir` and its subfolders, sorted by path; none is an error.
+fn dir_images(dir: &Path) -> Result<Vec<PathBuf>> {
+    let found = image_files(dir)?;
+    if found.is_empty() {
+        bail!(
+            "{}: no images in this directory or its subfolders (images are {})",
+            dir.display(),
+            extension_list()
+        );
+    }
+    Ok(found)
 }

@@ -49,6 +49,7 @@ pub fn run(args: Args) -> Result<()> {
         meta,
         numerics,
         reader,
+        ..
     } = opened;
     let net = Inference::new(model, numerics, args.inference.layerwise);
     let mut preds = Vec::with_capacity(files.len());
