@@ -157,7 +157,7 @@ fn impossible_metadata_is_named() {
         let mut meta = vgg11_meta();
         meta.insert(key.into(), value.into());
         write_safetensors(&dir.join(file), &vgg11_tensors(), &meta).unwrap();
-        for cmd in [
+        let commands = [
             vec!["eval", "--checkpoint", file, "--dataset", "digits"],
             vec!["predict", "--checkpoint", file, "photo.png"],
             vec![
@@ -169,15 +169,16 @@ fn impossible_metadata_is_named() {
                 "--out",
                 "m.onnx",
             ],
-        ] {
-            let r = run_in(dir, &cmd);
+        ];
+        common::on_two_cores(&commands, |cmd| {
+            let r = run_in(dir, cmd);
             assert_one_line_error(&r, 1, needle);
             assert!(
                 r.stderr.contains(&format!("{file}: bad vggctl metadata")),
                 "{}",
                 r.stderr
             );
-        }
+        });
     }
 }
 
@@ -211,13 +212,15 @@ fn a_checkpoints_model_flags_must_agree() {
         &["predict", "--checkpoint", "c.safetensors", "photo.png"],
         &["export", "--checkpoint", "c.safetensors", "--out", "m.onnx"],
     ];
-    for (flags, said) in cases {
-        for command in commands {
-            let r = run_in(dir, &[command, flags].concat());
-            assert_one_line_error(&r, 1, &format!("{is} {said}"));
-            assert!(!dir.join("m.onnx").exists());
-        }
-    }
+    let runs: Vec<_> = cases
+        .iter()
+        .flat_map(|case| commands.iter().map(move |command| (case, command)))
+        .collect();
+    common::on_two_cores(&runs, |((flags, said), command)| {
+        let r = run_in(dir, &[command, *flags].concat());
+        assert_one_line_error(&r, 1, &format!("{is} {said}"));
+    });
+    assert!(!dir.join("m.onnx").exists());
     let agree = ["--arch", "vgg11", "--head", "cifar", "--classes", "10"];
     let r = run_in(dir, &[commands[2], &agree].concat());
     assert_eq!(r.code, 0, "{}", r.stderr);
@@ -468,9 +471,9 @@ fn impossible_flags_are_refused() {
             "0: expected a number of steps (50) or of seconds (30s)",
         ),
     ];
-    for (args, needle) in cases {
-        assert_one_line_error(&run_in(dir, args), 2, needle);
-    }
+    common::on_two_cores(&cases, |(args, needle)| {
+        assert_one_line_error(&run_in(dir, args), 2, needle)
+    });
     // A path that is not UTF-8 cannot be recorded in config.json.
     use std::os::unix::ffi::OsStrExt;
     let bad = std::ffi::OsStr::from_bytes(b"data-\xff");
@@ -834,16 +837,32 @@ fn resume_refuses_changes_and_bad_states() {
             "step 1000000000 of epoch 3 is past the end of an epoch of 64 images at batch 32",
         ),
     ];
-    for (edit, needle) in bad_states {
-        std::fs::write(&resume, &original).unwrap();
-        rewrite_state(&resume, edit);
+    // Each state in a copy of the run of its own, two at a time.
+    let cases: Vec<_> = bad_states.iter().enumerate().collect();
+    common::on_two_cores(&cases, |(i, (edit, needle))| {
+        let case = dir.join(format!("state{i}"));
+        copy_run(&dir.join("run"), &case.join("run"));
+        std::fs::write(case.join("run/resume.safetensors"), &original).unwrap();
+        rewrite_state(&case.join("run/resume.safetensors"), edit);
         let r = run_in(
-            dir,
+            &case,
             &["train", "--resume", "run", "--epochs", "3", "--quiet"],
         );
         assert_one_line_error(&r, 1, needle);
         let named = needle.starts_with("run:") || r.stderr.contains("run/resume.safetensors");
         assert!(named, "{}", r.stderr);
+    });
+}
+
+/// The files of the run directory `from` linked into a new directory `to`,
+/// but for its lock and its resume state (which the caller writes).
+fn copy_run(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let name = entry.unwrap().file_name();
+        if name != ".lock" && name != "resume.safetensors" {
+            std::fs::hard_link(from.join(&name), to.join(&name)).unwrap();
+        }
     }
 }
 

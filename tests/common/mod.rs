@@ -133,6 +133,18 @@ pub fn export_vgg11_args<'a>(weights: &'a str, out: &'a str) -> Vec<&'a str> {
     ]
 }
 
+/// `check` of each of `items`, on two threads (one per core of the test
+/// machine): for loops of runs of the binary that share no files they write.
+/// A failed check fails the caller.
+pub fn on_two_cores<T: Sync>(items: &[T], check: impl Fn(&T) + Sync) {
+    let check = &check;
+    std::thread::scope(|scope| {
+        for half in items.chunks(items.len().div_ceil(2).max(1)) {
+            scope.spawn(move || half.iter().for_each(check));
+        }
+    });
+}
+
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::tempdir().expect("temp dir")
 }
