@@ -742,7 +742,21 @@ fn nan_loss_stops_with_epoch_and_step() {
 fn bad_training_arguments() {
     let d = digits("bin");
     // Exit 2 for a command line that cannot work, 1 for what failed running.
-    let cases: [(&[&str], i32, &str); 6] = [
+    let file = format!("{d}/cifar-10-batches-bin/test_batch.bin");
+    let not_dir = format!(
+        "{file}: not a directory (--data-dir names the folder stl10 is read from or downloaded into)"
+    );
+    let cases: [(&[&str], i32, &str); 8] = [
+        (
+            &["train", "--dataset", "stl10", "--data-dir", &file],
+            1,
+            &not_dir,
+        ),
+        (
+            &["train", "--dataset", "mnist", "--data-dir", &file],
+            1,
+            &not_dir.replace("stl10", "mnist"),
+        ),
         (
             &["train", "--classes", "7", "--data-dir", &d],
             1,

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Result, bail};
+use anyhow::{Result, anyhow, bail};
 use vggctl::data::Dataset;
 use vggctl::data::cifar;
 use vggctl::data::digits;
@@ -339,6 +339,15 @@ impl DataOpts {
         dir: &Path,
         (quiet, fold): (bool, Option<usize>),
     ) -> Option<Result<Dataset>> {
+        let downloaded = cifar::named(name).is_some()
+            || mnist::named(name).is_some()
+            || matches!(name, "svhn" | "stl10");
+        if downloaded && dir.exists() && !dir.is_dir() {
+            return Some(Err(anyhow!(
+                "{}: not a directory (--data-dir names the folder {name} is read from or downloaded into)",
+                dir.display()
+            )));
+        }
         let bar = &mut download_bar(quiet);
         let source =
             |url: String, md5: String| self.download_source(name, DownloadSource { url, md5 });
