@@ -868,12 +868,16 @@ fn copy_run(from: &Path, to: &Path) {
 
 /// Usage errors keep what clap knows, on one line (an option a subcommand
 /// has no use for, as export's --device or params' --allow-nonfinite, is
-/// not offered): the missing arguments'
+/// not offered; an empty --weights is none): the missing arguments'
 /// names, "did you mean", and the subcommand's own help to read.
 #[test]
 fn usage_errors_name_what_is_missing_and_suggest() {
     let tmp = common::tempdir();
-    let cases: [(&[&str], &str); 6] = [
+    let cases: [(&[&str], &str); 7] = [
+        (
+            &["features", "--weights", "", "a.png", "--out", "f.npy"],
+            "a value is required for '--weights <WEIGHTS>' but none was supplied; see 'vggctl features --help'",
+        ),
         (
             &["params", "--allow-nonfinite"],
             "unexpected argument '--allow-nonfinite' found; see 'vggctl params --help'",
@@ -907,9 +911,9 @@ fn usage_errors_name_what_is_missing_and_suggest() {
             "invalid value 'x' for '--precision <PRECISION>' (possible values: auto, fp32, tf32, fp16, bf16); see 'vggctl eval --help'",
         ),
     ];
-    for (args, needle) in cases {
-        assert_one_line_error(&run_in(tmp.path(), args), 2, needle);
-    }
+    common::on_two_cores(&cases, |(args, needle)| {
+        assert_one_line_error(&run_in(tmp.path(), args), 2, needle)
+    });
 }
 
 /// torchvision's vgg11 weights given to `predict` with --arch vgg16: the

@@ -41,7 +41,7 @@ pub struct Args {
     /// or downloaded as predict's are), evaluated with torchvision's
     /// evaluation transform on ImageNet's layout by default; or a weights
     /// file, as --checkpoint takes it.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
     weights: Option<String>,
     /// The weights file evaluated: --checkpoint's or --weights'.
     #[arg(skip)]

@@ -31,7 +31,7 @@ pub struct Args {
     checkpoint: Option<PathBuf>,
     /// `imagenet` (torchvision's weights for --arch/--bn) or a state dict file
     /// (.pth/.pt/.safetensors; its architecture, head and classes inferred).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
     weights: Option<String>,
     /// [default: from --out's extension: .safetensors, .pt (TorchScript), .onnx, .pt2]
     #[arg(long, value_enum)]

@@ -23,7 +23,7 @@ pub struct Args {
     /// `imagenet` (torchvision's file for --arch/--bn: ./weights/, the torch hub
     /// cache, or a verified download), or a state dict: .pth/.pt (either
     /// torch.save format), .safetensors, or a vggctl checkpoint.
-    #[arg(long, default_value = "imagenet")]
+    #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new(), default_value = "imagenet")]
     weights: String,
     /// Train all of `features` too (by default they are frozen).
     #[arg(long, conflicts_with = "freeze_until")]

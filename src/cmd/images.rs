@@ -32,7 +32,7 @@ pub struct ImagesIn {
     pub checkpoint: Option<PathBuf>,
     /// `imagenet` (torchvision's weights for --arch/--bn) or a state dict file
     /// (.pth/.pt/.safetensors; its architecture, head and classes inferred).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::builder::NonEmptyStringValueParser::new())]
     pub weights: Option<String>,
     #[command(flatten)]
     pub read: ReadOpts,
