@@ -868,12 +868,23 @@ fn copy_run(from: &Path, to: &Path) {
 
 /// Usage errors keep what clap knows, on one line (an option a subcommand
 /// has no use for, as export's --device or params' --allow-nonfinite, is
-/// not offered; an empty --weights is none): the missing arguments'
+/// not offered; an empty --weights is none; a --data-url mirror is http
+/// or https): the missing arguments'
 /// names, "did you mean", and the subcommand's own help to read.
 #[test]
 fn usage_errors_name_what_is_missing_and_suggest() {
     let tmp = common::tempdir();
-    let cases: [(&[&str], &str); 7] = [
+    let cases: [(&[&str], &str); 8] = [
+        (
+            &[
+                "train",
+                "--dataset",
+                "mnist",
+                "--data-url",
+                "http://a/,ftp://b/",
+            ],
+            r#"invalid value 'http://a/,ftp://b/' for '--data-url <DATA_URL>': "ftp://b/" is not an http:// or https:// URL"#,
+        ),
         (
             &["features", "--weights", "", "a.png", "--out", "f.npy"],
             "a value is required for '--weights <WEIGHTS>' but none was supplied; see 'vggctl features --help'",

@@ -17,7 +17,7 @@ use vggctl::data::{stl10, svhn};
 use vggctl::dist::World;
 use vggctl::train::config::TrainConfig;
 
-use super::output::{started, usage, warn, whole};
+use super::output::{http_urls, started, usage, warn, whole};
 use super::progress::download_bar;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -50,7 +50,7 @@ pub struct DataOpts {
     /// comma-separated mirrors) serving their files [default:
     /// $VGGCTL_<DATASET>_URL (e.g. $VGGCTL_FASHION_MNIST_URL), else the
     /// dataset's own, as torchvision's].
-    #[arg(long)]
+    #[arg(long, value_parser = http_urls)]
     pub data_url: Option<String>,
     /// MD5 the downloaded archive must have (mnist, fashion-mnist, kmnist: four,
     /// comma-separated, for train-images, train-labels, t10k-images,

@@ -65,6 +65,18 @@ pub fn whole<T: TryFrom<i128>>(s: &str) -> std::result::Result<T, String> {
     })
 }
 
+/// clap's parser for `--data-url`: an http:// or https:// URL, or several,
+/// comma-separated (mirrors tried in order).
+pub fn http_urls(s: &str) -> std::result::Result<String, String> {
+    for url in s.split(',').map(str::trim) {
+        let rest = (url.strip_prefix("http://")).or_else(|| url.strip_prefix("https://"));
+        if rest.is_none_or(str::is_empty) {
+            return Err(format!("{url:?} is not an http:// or https:// URL"));
+        }
+    }
+    Ok(s.to_string())
+}
+
 /// clap's parser for a pair of numbers typed `A,B` (Adam's `--betas`);
 /// their range is the option's own check.
 pub fn pair(s: &str) -> std::result::Result<(f64, f64), String> {
