@@ -247,8 +247,13 @@ impl DataOpts {
 
     /// The dataset these options name, to evaluate on, images cached at
     /// `cache_size` (resized by `filter`) for folders: with --val-dir, only
-    /// that folder is read.
-    pub fn load_test(&self, seed: u64, (cache_size, filter): (i64, Filter)) -> Result<Dataset> {
+    /// that folder is read; STL-10's training images those of `fold`.
+    pub fn load_test(
+        &self,
+        seed: u64,
+        (cache_size, filter): (i64, Filter),
+        fold: Option<usize>,
+    ) -> Result<Dataset> {
         self.load_named(
             self.dataset(),
             &self.dir(),
@@ -261,7 +266,7 @@ impl DataOpts {
                 streamed: None,
                 test_only: true,
                 filter,
-                fold: None,
+                fold,
             },
         )
     }

@@ -6,19 +6,16 @@ use std::path::{Path, PathBuf};
 use anyhow::{Result, bail};
 use tch::Device;
 use vggctl::checkpoint::{ModelFile, ModelMeta, meta_for_weights, read_weights};
-use vggctl::data::augment::{Augment, Normalizer, Preprocess};
-use vggctl::data::image::default_resize;
-use vggctl::data::resize::Filter;
-use vggctl::data::{Dataset, folder, imagenet, is_image_folder, native_side};
+use vggctl::data::{Dataset, imagenet, is_image_folder};
 use vggctl::dist::World;
 use vggctl::eval::{AmongClasses, EvalGraph, Scoring, evaluate};
 use vggctl::infer::{Inference, Logits};
 use vggctl::model::{Head, ModelSpec, Vgg};
 use vggctl::numerics::{Activity, Numerics};
-use vggctl::train::run_dir::config_beside;
 use vggctl::{hub, shim};
 
 use super::data_opts::DataOpts;
+use super::eval_data::{EvalData, load_data};
 use super::eval_report::{Report, SubsetOf, predictions_csv, render};
 use super::launch::run_local_ranks;
 use super::opts::{
@@ -125,7 +122,18 @@ pub fn run(mut args: Args) -> Result<()> {
     }
     let file = read_weights(&args.file)?;
     let (spec, meta) = model_of(&args, &file, &world)?;
-    let (dataset, pre) = load_data(&args, meta.as_ref(), device)?;
+    let how = EvalData {
+        data: &args.data,
+        read: &args.read,
+        file: &args.file,
+        seed: args.seed,
+        fold: None,
+    };
+    let (dataset, pre) = load_data(&how, meta.as_ref(), device)?;
+    let dataset = Dataset {
+        test: dataset.test.limit(args.limit_test),
+        ..dataset
+    };
     let scoring = Scoring {
         each_image: args.predictions.is_some(),
         ..match_classes(&args.file, spec.classes, meta.as_ref(), &dataset)?
@@ -376,95 +384,4 @@ fn warn_unused(args: &Args, dataset: &Dataset, scoring: &Scoring) {
             "--only-data-classes: the data has all the model's classes; it changes nothing".into(),
         );
     }
-}
-
-/// The dataset to evaluate on (`--dataset`, else the checkpoint's; its
-/// first `--limit-test` test images), and its evaluation transform at the
-/// model's input size.
-fn load_data(
-    args: &Args,
-    meta: Option<&ModelMeta>,
-    device: Device,
-) -> Result<(Dataset, Preprocess)> {
-    let mut data = args.data.clone();
-    if data.dataset.is_none() {
-        data.dataset = meta.map(|m| m.dataset.clone());
-    }
-    from_run_dir(&args.file, &mut data)?;
-    args.read.check()?;
-    // The checkpoint's evaluation transform as this command line reads.
-    let read = meta.map(|m| args.read.apply(m.clone())).transpose()?;
-    if read.is_none() && args.read.val_resize_size.is_some() {
-        return Err(usage(
-            "--val-resize-size: this model (a state dict without vggctl's metadata, not torchvision's ImageNet head) reads its images whole, with no resize before a crop",
-        ));
-    }
-    let input = read.as_ref().map_or(
-        args.read.input.unwrap_or(native_side(data.dataset())),
-        |m| m.input_size,
-    );
-    // CIFAR's, MNIST's, SVHN's and the digits' images are read whole and
-    // resized to the input, as their own models read them: a resize before
-    // a centre crop (an ImageNet head's, a folder run's) is for image files.
-    let whole = !is_image_folder(data.dataset());
-    if whole && args.read.val_resize_size.is_some() {
-        return Err(usage(format!(
-            "--val-resize-size: {}'s images are read whole, resized to the input, with no resize before a crop",
-            data.dataset()
-        )));
-    }
-    let resize = read.as_ref().and_then(|m| m.resize).filter(|_| !whole);
-    // A CIFAR-10 or digits model on an image folder reads each image as
-    // predict does, squeezed whole to its 32x32: only streaming can.
-    let squeeze = match meta.map(ModelMeta::host_crop) {
-        Some((None, side)) if is_image_folder(data.dataset()) => Some(side),
-        _ => None,
-    };
-    if squeeze.is_some() {
-        data.cache_mem = Some(0);
-    }
-    let filter = read
-        .as_ref()
-        .map_or(args.read.interpolation.unwrap_or(Filter::Bilinear), |m| {
-            m.interpolation
-        });
-    let dataset = data.load_test(args.seed, (resize.unwrap_or(default_resize(input)), filter))?;
-    let dataset = Dataset {
-        test: dataset.test.limit(args.limit_test),
-        ..dataset
-    };
-    let (mean, std) = meta.map_or((dataset.mean, dataset.std), |m| (m.mean, m.std));
-    let augment = match resize {
-        Some(_) => Augment::ResizedCrop,
-        None => Augment::CropFlip { padding: 4 },
-    };
-    let mut pre = Preprocess::new(augment, input, Normalizer::new(mean, std, device));
-    pre.eval_squeeze = squeeze;
-    pre.eval_gray = meta.is_some_and(ModelMeta::gray);
-    Ok((dataset, pre))
-}
-
-/// A checkpoint in its run directory: the data the run trained on (its
-/// directory, validation folder or held-out fraction), from wherever eval
-/// is started, where the command line does not say otherwise.
-fn from_run_dir(file: &Path, data: &mut DataOpts) -> Result<()> {
-    if data.data_dir.is_none()
-        && let Some(run) = config_beside(file)
-        && run.dataset == data.dataset()
-    {
-        data.data_dir = Some(PathBuf::from(run.data_dir));
-        if data.val_dir.is_none() {
-            data.val_dir = run.val_dir.map(PathBuf::from);
-            data.val_split = run.val_split;
-            // The fraction the run held out, as its file records it.
-            if run.dataset == "folder"
-                && data.val_dir.is_none()
-                && let Some(problem) = folder::val_split_problem(run.val_split)
-            {
-                let config = file.with_file_name("config.json");
-                bail!("{}: val_split {problem}", config.display());
-            }
-        }
-    }
-    Ok(())
 }

@@ -13,6 +13,7 @@ mod checks;
 mod cycles;
 mod data_opts;
 mod eval;
+mod eval_data;
 mod eval_report;
 mod export;
 mod features;
