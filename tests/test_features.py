@@ -12,9 +12,11 @@ its metadata and on stdout; VGG16-BN's BatchNorm output into a .npy
 file that numpy loads; `--pool avg`/`max` equal the mean/amax over
 height and width. Bad requests get one line each, exit 2 or 1, and leave
 no file behind."""
+import hashlib
 import json
 import os
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -23,7 +25,12 @@ import torchvision
 from PIL import Image
 from safetensors import safe_open
 from safetensors.numpy import load_file
+from safetensors.torch import load_file as load_tensors
 from torchvision.models.feature_extraction import create_feature_extractor
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import ddp_reference  # noqa: E402
+import vgg_reference  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.environ.get("VGGCTL_BIN", os.path.join(ROOT, "target", "release", "vggctl"))
@@ -127,6 +134,76 @@ def test_batchnorm_features_in_npy_equal_torchvisions(tmp_path):
     close(ours, theirs["features.1"], "features.1")
 
 
+def cifar10(root, train):
+    """torchvision's CIFAR10 over the Python layout in `root`, its MD5s the files' own."""
+    def md5(name):
+        with open(os.path.join(root, "cifar-10-batches-py", name), "rb") as f:
+            return hashlib.md5(f.read()).hexdigest()
+
+    base = torchvision.datasets.CIFAR10
+
+    class Local(base):
+        train_list = [[f, md5(f)] for f, _ in base.train_list]
+        test_list = [[f, md5(f)] for f, _ in base.test_list]
+        meta = {**base.meta, "md5": md5(base.meta["filename"])}
+
+    return Local(root, train=train, download=False)
+
+
+def test_a_datasets_split_is_read_as_torchvision_and_eval_read_it(tmp_path):
+    """`--dataset NAME --split S` saves the rows of torchvision's dataset in
+    its order, read as eval reads it, and its targets as `labels`: CIFAR-10's
+    training split (the fixture's 1,500 images) through a vggctl checkpoint,
+    normalized by the mean and std its metadata records; MNIST's test split
+    through a plain state dict, normalized as the dataset is (MNIST's
+    constants), its 28x28 images resized to 32x32 RGB. Rows within 1e-5 of
+    the reference's largest value, labels exactly; the metadata and --json
+    name the dataset and split; no images are listed on stdout."""
+    run = tmp_path / "run"
+    r = subprocess.run([BIN, "train", "--dataset", "digits", "--arch", "vgg11", "--epochs", "1", "--limit-train", "32",
+                        "--limit-test", "32", "--device", "cpu", "--quiet", "--out", str(run)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    ckpt = str(run / "last.safetensors")
+    meta = safe_open(ckpt, "pt").metadata()
+    mean, std = json.loads(meta["mean"]), json.loads(meta["std"])
+    assert meta["dataset"] == "digits"
+    plain = os.path.join(FIX, "models", "vgg11-cifar.safetensors")
+    cases = [
+        (["--checkpoint", ckpt, "--dataset", "cifar10", "--data-dir", os.path.join(FIX, "digits-py"),
+          "--split", "train"], ckpt, "cifar10", "train"),
+        (["--weights", plain, "--dataset", "mnist", "--data-dir", os.path.join(FIX, "digits-bin"), "--split", "test",
+          "--json"], plain, "mnist", "test"),
+    ]
+    for args, weights, name, split in cases:
+        out = tmp_path / f"{name}.safetensors"
+        r = subprocess.run([BIN, "features", *args, "--no-download", "--device", "cpu", "-o", str(out)],
+                           capture_output=True, text=True, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        if name == "cifar10":
+            ds = cifar10(os.path.join(FIX, "digits-py"), train=True)
+            images = torch.from_numpy(ds.data).permute(0, 3, 1, 2)
+            assert r.stdout == "" and f"row i is image i of the train split of cifar10" in r.stderr, r.stderr
+        else:
+            ds = ddp_reference.mnist(os.path.join(FIX, "digits-bin"), "mnist", train=False)
+            images = ddp_reference.mnist_images(ds)
+            mean, std = ddp_reference.MNIST_NORM["mnist"]
+            said = json.loads(r.stdout)
+            assert said["dataset"] == {"name": "mnist", "split": "test"} and "images" not in said
+            assert said["arrays"] == {"classifier.1": [len(ds), 512], "labels": [len(ds)]}
+            assert said["labels"] == list(map(int, ds.targets))
+        model = vgg_reference.build("vgg11", False, "cifar", 10)
+        model.load_state_dict(load_tensors(weights))
+        with torch.no_grad():
+            theirs = create_feature_extractor(model.eval(), return_nodes=["classifier.1"])(
+                ddp_reference.normalize(images, mean, std))
+        saved = load_file(str(out))
+        close(saved["classifier.1"], theirs["classifier.1"], f"{name} classifier.1")
+        assert saved["labels"].dtype == np.int64 and saved["labels"].tolist() == list(map(int, ds.targets))
+        said = safe_open(str(out), "np").metadata()
+        assert (said["dataset"], said["split"]) == (name, split) and json.loads(said["classes"]) == ds.classes
+
+
 def test_class_folders_give_imagefolders_labels(tmp_path):
     """One directory of class folders (no images of its own) is read as
     torchvision's ImageFolder reads it: its rows in ImageFolder's order
@@ -202,9 +279,19 @@ def test_class_folders_give_imagefolders_labels(tmp_path):
     (["-o", "x.csv"], 2, "vggctl: error: --out x.csv: the extension names the format: .npy or .safetensors"),
     (["-o", "taken.npy"], 1, "vggctl: error: taken.npy already exists (use --force to overwrite)"),
     (["-o", "x.npy", "BROKEN"], 1, "vggctl: error: BROKEN: not a readable image: truncated JPEG"),
+    (["--split", "test", "-o", "x.npy"], 2, "vggctl: error: --split reads a split of a --dataset, not image files"),
+    (["--dataset", "digits", "--split", "test", "-o", "x.npy"], 2,
+     "vggctl: error: the argument '--dataset <DATASET>' cannot be used with '[IMAGES]...'"),
+    (["--dataset", "digits", "-o", "x.npy", "NOIMAGES"], 2,
+     "vggctl: error: --dataset digits: name the split to read with --split train or --split test"),
+    (["--dataset", "folder", "--split", "test", "-o", "x.npy", "NOIMAGES"], 2,
+     "vggctl: error: --dataset folder: give the folder itself as the images argument"),
+    (["--dataset", "stl10", "--split", "train", "--fold", "10", "-o", "x.npy", "NOIMAGES"], 2,
+     "vggctl: error: --fold 10: STL-10's folds are 0 to 9"),
 ])
 def test_bad_requests_say_why_and_leave_nothing(tmp_path, args, code, line):
-    images = squares(tmp_path)[:1]
+    images = squares(tmp_path)[:1] if "NOIMAGES" not in args else []
+    args = [a for a in args if a != "NOIMAGES"]
     (tmp_path / "taken.npy").write_bytes(b"mine")
     args = [os.path.join(FIX, "photos", "cat", "broken.jpg") if a == "BROKEN" else a for a in args]
     before = sorted(os.listdir(tmp_path))

@@ -17,7 +17,8 @@ file; it is fed the files' own MD5s).
   reads (every member) beside the archive; a file cut short, a label 0, a
   label count that is not the image count and a class list of nine names
   are one error line naming the file, exit 1, and no run directory.
-- `--fold K` trains on torchvision's `STL10(folds=K)`."""
+- `--fold K` trains on torchvision's `STL10(folds=K)`, and `features
+  --split train --fold K` saves that fold's rows and labels."""
 import io
 import json
 import os
@@ -34,6 +35,7 @@ from safetensors.torch import load_file
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from dataset_helpers import BIN, ENV, apart, initial_model, md5, mirror, reference  # noqa: E402
 from ddp_reference import normalize, stl10, stl10_norm  # noqa: E402
+import vgg_reference  # noqa: E402
 
 PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
           "colorwheel", "retina", "stereo_motorcycle", "grass"]
@@ -142,6 +144,20 @@ def test_a_fold_trains_on_torchvisions_fold(tmp_path):
     assert r.returncode == 0, r.stderr
     assert apart(load_file(str(out / "last.safetensors")), want) < 1e-5
     assert json.loads((out / "config.json").read_text())["fold"] == 3
+    # `features --split train --fold 3`: the fold's rows (logits of the
+    # run's weights, as eval reads the images) and labels, in its order.
+    feats = tmp_path / "fold.safetensors"
+    r = vggctl("features", "--checkpoint", str(out / "last.safetensors"), "--dataset", "stl10", "--data-dir",
+               str(data), "--no-download", "--split", "train", "--fold", "3", "--layer", "classifier.3",
+               "--device", "cpu", "-o", str(feats))
+    assert r.returncode == 0, r.stderr
+    fold, rows = stl10(str(data), folds=3), load_file(str(feats))
+    model = vgg_reference.build("vgg11", False, "cifar", 10)
+    model.load_state_dict(load_file(str(out / "last.safetensors")))
+    with torch.no_grad():
+        logits = model.eval()(normalize(torch.from_numpy(fold.data), *stl10_norm(stl10(str(data), "train"))))
+    assert rows["labels"].tolist() == fold.labels.tolist()
+    assert (rows["classifier.3"] - logits).abs().max() <= 1e-5 * logits.abs().max()
 
     r = vggctl(*args, "--fold", "10", "--out", str(tmp_path / "r10"))
     assert r.returncode == 2 and r.stderr.strip() == "vggctl: error: --fold 10: STL-10's folds are 0 to 9", r.stderr

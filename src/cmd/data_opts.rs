@@ -179,12 +179,7 @@ impl DataOpts {
                 "--dataset folder needs --data-dir DIR (one subfolder of images per class)",
             ));
         }
-        if let Some(k) = self.fold.filter(|&k| k >= stl10::FOLDS) {
-            return Err(usage(format!(
-                "--fold {k}: STL-10's folds are 0 to {}",
-                stl10::FOLDS - 1
-            )));
-        }
+        self.check_fold()?;
         if dataset == "folder" && self.val_dir.is_none() {
             folder::check_val_split(self.val_split).map_err(|e| usage(e.to_string()))?;
         }
@@ -219,6 +214,17 @@ impl DataOpts {
             bail!("--classes {classes} does not match {data}, which has {found} classes");
         }
         Ok(classes)
+    }
+
+    /// `--fold` names one of STL-10's folds.
+    pub fn check_fold(&self) -> Result<()> {
+        match self.fold.filter(|&k| k >= stl10::FOLDS) {
+            Some(k) => Err(usage(format!(
+                "--fold {k}: STL-10's folds are 0 to {}",
+                stl10::FOLDS - 1
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// The dataset a training configuration names.

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Result, bail};
 use tch::Device;
 use vggctl::checkpoint::{ModelFile, ModelMeta, meta_for_weights, read_weights};
+use vggctl::data::augment::Preprocess;
 use vggctl::data::{Dataset, imagenet, is_image_folder};
 use vggctl::dist::World;
 use vggctl::eval::{AmongClasses, EvalGraph, Scoring, evaluate};
@@ -122,18 +123,7 @@ pub fn run(mut args: Args) -> Result<()> {
     }
     let file = read_weights(&args.file)?;
     let (spec, meta) = model_of(&args, &file, &world)?;
-    let how = EvalData {
-        data: &args.data,
-        read: &args.read,
-        file: &args.file,
-        seed: args.seed,
-        fold: None,
-    };
-    let (dataset, pre) = load_data(&how, meta.as_ref(), device)?;
-    let dataset = Dataset {
-        test: dataset.test.limit(args.limit_test),
-        ..dataset
-    };
+    let (dataset, pre) = test_data(&args, meta.as_ref(), device)?;
     let scoring = Scoring {
         each_image: args.predictions.is_some(),
         ..match_classes(&args.file, spec.classes, meta.as_ref(), &dataset)?
@@ -223,6 +213,25 @@ fn weights_file(args: &Args) -> Result<PathBuf> {
         (None, Some(path)) => checkpoint_in(Path::new(path)),
         (None, None) => Err(usage("give --checkpoint PATH or --weights imagenet|PATH")),
     }
+}
+
+/// The data to evaluate on, as [`load_data`] reads it for the model: its
+/// first `--limit-test` test images.
+fn test_data(
+    args: &Args,
+    meta: Option<&ModelMeta>,
+    device: Device,
+) -> Result<(Dataset, Preprocess)> {
+    let how = EvalData {
+        data: &args.data,
+        read: &args.read,
+        file: Some(&args.file),
+        seed: args.seed,
+        fold: None,
+    };
+    let (dataset, pre) = load_data(&how, meta, device)?;
+    let test = dataset.test.limit(args.limit_test);
+    Ok((Dataset { test, ..dataset }, pre))
 }
 
 /// The file `--predictions` names (not `-`, stdout).

@@ -19,12 +19,13 @@ use super::opts::ReadOpts;
 use super::output::usage;
 
 /// What a dataset is read for a model by: the data options, the reading
-/// options, the weights file (a run directory's data is found from it),
+/// options, the weights file (a run directory's data is found from it;
+/// None for torchvision's published weights),
 /// the seed of a folder's split, and STL-10's training fold.
 pub struct EvalData<'a> {
     pub data: &'a DataOpts,
     pub read: &'a ReadOpts,
-    pub file: &'a Path,
+    pub file: Option<&'a Path>,
     pub seed: u64,
     pub fold: Option<usize>,
 }
@@ -43,7 +44,9 @@ pub fn load_data(
     if data.dataset.is_none() {
         data.dataset = meta.map(|m| m.dataset.clone());
     }
-    from_run_dir(how.file, &mut data)?;
+    if let Some(file) = how.file {
+        from_run_dir(file, &mut data)?;
+    }
     opts.check()?;
     // The checkpoint's evaluation transform as this command line reads.
     let read = meta.map(|m| opts.apply(m.clone())).transpose()?;
@@ -52,10 +55,11 @@ pub fn load_data(
             "--val-resize-size: this model (a state dict without vggctl's metadata, not torchvision's ImageNet head) reads its images whole, with no resize before a crop",
         ));
     }
-    let input = read.as_ref().map_or(
-        opts.input.unwrap_or(native_side(data.dataset())),
-        |m| m.input_size,
-    );
+    let input = read
+        .as_ref()
+        .map_or(opts.input.unwrap_or(native_side(data.dataset())), |m| {
+            m.input_size
+        });
     // CIFAR's, MNIST's, SVHN's and the digits' images are read whole and
     // resized to the input, as their own models read them: a resize before
     // a centre crop (an ImageNet head's, a folder run's) is for image files.

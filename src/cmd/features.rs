@@ -8,22 +8,36 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use serde::Serialize;
 use tch::Tensor;
+use vggctl::data::augment::Preprocess;
+use vggctl::data::{Split, is_image_folder};
 use vggctl::formats::rows::{RowArray, RowFormat, RowWriter};
 use vggctl::fsutil::check_target;
-use vggctl::model::{ModelSpec, Pool};
+use vggctl::model::{ModelSpec, Pool, Vgg};
+use vggctl::numerics::Numerics;
 
-use super::images::{ClassFolders, ImagesIn, Opened};
+use super::data_opts::DataOpts;
+use super::eval_data::{EvalData, load_data};
+use super::images::{ClassFolders, ImagesIn, Reader};
 use super::opts::{choice, module_position};
 use super::output::{print_json, print_out, say, usage, warn};
 
 #[derive(clap::Args, Debug)]
+#[command(group(clap::ArgGroup::new("inputs").required(true).args(["images", "dataset"])))]
 pub struct Args {
     #[command(flatten)]
     input: ImagesIn,
+    #[command(flatten)]
+    data: DataOpts,
+    /// With --dataset: the split whose images are read, in the dataset's
+    /// order (torchvision's `train=True`/`False`, `split=`), as eval reads
+    /// images (the rows with the split's `labels`).
+    #[arg(long, value_parser = ["train", "test"])]
+    split: Option<String>,
     /// The file to write, row i for the i-th image (the order stdout lists
-    /// them in): .npy (NumPy, one --layer) or .safetensors (an array per
-    /// --layer, named by it; the images in its metadata; for one directory
-    /// of class folders, `labels`: ImageFolder's targets).
+    /// them in; with --dataset, the split's image i): .npy (NumPy, one
+    /// --layer) or .safetensors (an array per --layer, named by it; the
+    /// images in its metadata; for one directory of class folders or a
+    /// dataset's split, `labels`: ImageFolder's or the dataset's targets).
     #[arg(short, long, help_heading = "Output")]
     out: PathBuf,
     /// The modules whose outputs are saved, by torchvision's names
@@ -54,14 +68,52 @@ struct Written {
     /// Each saved module and the shape of its array (rows first).
     arrays: serde_json::Map<String, serde_json::Value>,
     pool: Option<Pool>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     images: Vec<PathBuf>,
-    /// Class folders: their names, and each image's class.
+    /// With --dataset: which dataset and split the rows are.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dataset: Option<DatasetSplit>,
+    /// Class folders or a dataset: the classes' names, and each image's class.
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     labels: Option<Labels>,
 }
 
+#[derive(Serialize)]
+struct DatasetSplit {
+    name: String,
+    split: String,
+}
+
+/// Where the rows' images come from: files, read as the model reads
+/// them, or a split of a dataset held in memory, read as eval reads it.
+enum Source<'a> {
+    Files(&'a [PathBuf], &'a Reader),
+    Split(&'a Split, &'a Preprocess),
+}
+
+impl Source<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Source::Files(files, _) => files.len(),
+            Source::Split(split, _) => split.len() as usize,
+        }
+    }
+
+    /// The model's inputs for rows `start..start + len`.
+    fn inputs(&self, start: usize, len: usize) -> Result<Tensor> {
+        match self {
+            Source::Files(files, reader) => reader.read(&files[start..start + len]),
+            Source::Split(split, pre) => {
+                let x = split.images.narrow(0, start as i64, len as i64);
+                Ok(pre.eval(&x.to_device(pre.device()), None))
+            }
+        }
+    }
+}
+
 /// The classes of images read from class folders, as ImageFolder gives
-/// them: `classes` (the folders, sorted) and each image's index in them.
+/// them (`classes`: the folders, sorted; each image's index in them), or
+/// a dataset's split's.
 #[derive(Serialize)]
 struct Labels {
     classes: Vec<String>,
@@ -139,6 +191,14 @@ pub fn run(args: Args) -> Result<()> {
         )));
     };
     check_target(&args.out, args.force)?;
+    if args.data.dataset.is_some() {
+        return run_on_dataset(&args, format);
+    }
+    if args.split.is_some() {
+        return Err(usage(
+            "--split reads a split of a --dataset, not image files",
+        ));
+    }
     let mut opened = args.input.open()?;
     let labels = class_labels(&mut opened.classes);
     let spec = opened.model.spec;
@@ -146,49 +206,136 @@ pub fn run(args: Args) -> Result<()> {
     if opened.numerics.channels_last {
         opened.model.to_channels_last();
     }
-    let arrays = save(&args, format, &opened, (&names, &wanted), labels.as_ref())?;
+    let images: Vec<String> = (opened.files.iter())
+        .map(|f| f.display().to_string())
+        .collect();
+    let rows = Rows {
+        source: Source::Files(&opened.files, &opened.reader),
+        labels: labels.as_ref(),
+        metadata: BTreeMap::from([("images".into(), serde_json::to_string(&images)?)]),
+    };
+    let model = (&opened.model, &opened.numerics);
+    let arrays = save(&args, format, model, &rows, (&names, &wanted))?;
     let written = Written {
         path: args.out.clone(),
         model: spec.model_name(),
         arrays,
         pool: args.pool,
         images: opened.files,
+        dataset: None,
         labels,
     };
     report(&written, args.input.model.json)
 }
 
+/// `--dataset NAME --split S`: the rows of the split's images, read as
+/// eval reads them, with the split's labels.
+fn run_on_dataset(args: &Args, format: RowFormat) -> Result<()> {
+    let name = args.data.dataset().to_string();
+    if is_image_folder(&name) {
+        return Err(usage(format!(
+            "--dataset {name}: give the folder itself as the images argument (its class folders give ImageFolder's labels)"
+        )));
+    }
+    let Some(split) = args.split.clone() else {
+        return Err(usage(format!(
+            "--dataset {name}: name the split to read with --split train or --split test"
+        )));
+    };
+    args.data.check_fold()?;
+    let fold = args
+        .data
+        .fold
+        .filter(|_| name == "stl10" && split == "train");
+    if args.data.fold.is_some() && fold.is_none() {
+        warn("--fold is ignored: it selects a fold of --dataset stl10's training split".into());
+    }
+    let mut loaded = args.input.open_model()?;
+    let spec = loaded.model.spec;
+    let (names, wanted) = requested(args, &spec, format)?;
+    let how = EvalData {
+        data: &args.data,
+        read: &args.input.read,
+        file: loaded.file.as_deref(),
+        seed: 0,
+        fold,
+    };
+    let meta = loaded.described.then_some(&loaded.meta);
+    let (dataset, pre) = load_data(&how, meta, loaded.device)?;
+    let images = match split.as_str() {
+        "train" => &dataset.train,
+        _ => &dataset.test,
+    };
+    let Some(images) = images.as_resident() else {
+        bail!(
+            "{}: the {split} split is not held in memory",
+            dataset.source
+        );
+    };
+    let labels = Labels {
+        classes: dataset.classes.clone(),
+        labels: Vec::<i64>::try_from(&images.labels)?,
+    };
+    if loaded.numerics.channels_last {
+        loaded.model.to_channels_last();
+    }
+    let rows = Rows {
+        source: Source::Split(images, &pre),
+        labels: Some(&labels),
+        metadata: BTreeMap::from([
+            ("dataset".into(), dataset.name.clone()),
+            ("split".into(), split.clone()),
+        ]),
+    };
+    let model = (&loaded.model, &loaded.numerics);
+    let arrays = save(args, format, model, &rows, (&names, &wanted))?;
+    let written = Written {
+        path: args.out.clone(),
+        model: spec.model_name(),
+        arrays,
+        pool: args.pool,
+        images: Vec::new(),
+        dataset: Some(DatasetSplit {
+            name: dataset.name,
+            split,
+        }),
+        labels: Some(labels),
+    };
+    report(&written, args.input.model.json)
+}
+
+/// The rows to save: where their images come from, their labels, and
+/// what the file's metadata says of them.
+struct Rows<'a> {
+    source: Source<'a>,
+    labels: Option<&'a Labels>,
+    metadata: BTreeMap<String, String>,
+}
+
 /// Writes the outputs of the modules `names` (at positions `wanted`) for
-/// every image, a batch at a time, and into safetensors the `labels`
+/// every row, a batch at a time, and into safetensors the `labels`
 /// (int64) and their classes (metadata); the arrays' shapes by name.
 fn save(
     args: &Args,
     format: RowFormat,
-    opened: &Opened,
+    (model, numerics): (&Vgg, &Numerics),
+    rows: &Rows,
     (names, wanted): (&[String], &[usize]),
-    labels: Option<&Labels>,
 ) -> Result<serde_json::Map<String, serde_json::Value>> {
-    let Opened {
-        files,
-        model,
-        numerics,
-        reader,
-        ..
-    } = opened;
-    let images: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+    let total = rows.source.len();
     let mut metadata = BTreeMap::from([
         ("format".to_string(), "pt".to_string()),
         ("model".to_string(), model.spec.model_name()),
-        ("images".to_string(), serde_json::to_string(&images)?),
     ]);
-    let labels = labels.filter(|_| format == RowFormat::Safetensors);
+    metadata.extend(rows.metadata.clone());
+    let labels = rows.labels.filter(|_| format == RowFormat::Safetensors);
     if let Some(l) = labels {
         metadata.insert("classes".into(), serde_json::to_string(&l.classes)?);
     }
     let mut writer = None;
     let mut shapes = serde_json::Map::new();
-    for (k, chunk) in files.chunks(args.input.batch_size).enumerate() {
-        let x = reader.read(chunk)?;
+    for start in (0..total).step_by(args.input.batch_size) {
+        let x = (rows.source).inputs(start, args.input.batch_size.min(total - start))?;
         let ys = tch::no_grad(|| numerics.within(&x, |x| model.forward_to(x, wanted)));
         let ys: Vec<Tensor> = ys.into_iter().map(|y| pooled(y, args.pool)).collect();
         if writer.is_none() {
@@ -203,17 +350,17 @@ fn save(
                 });
             }
             for a in &arrays {
-                let shape = [&[files.len() as i64], &a.row_shape[..]].concat();
+                let shape = [&[total as i64], &a.row_shape[..]].concat();
                 shapes.insert(a.name.clone(), shape.into());
             }
-            let mut w = RowWriter::create(&args.out, format, &arrays, files.len(), &metadata)?;
+            let mut w = RowWriter::create(&args.out, format, &arrays, total, &metadata)?;
             if let Some(l) = labels {
                 w.write_array(names.len(), 0, &Tensor::from_slice(&l.labels), &args.out)?;
             }
             writer = Some(w);
         }
         if let Some(w) = writer.as_mut() {
-            w.write(k * args.input.batch_size, &ys, &args.out)?;
+            w.write(start, &ys, &args.out)?;
         }
     }
     let Some(w) = writer else {
@@ -223,8 +370,8 @@ fn save(
     Ok(shapes)
 }
 
-/// The summary on stderr and the images in row order on stdout (or all
-/// of it as JSON).
+/// The summary on stderr and the images in row order on stdout (none for
+/// a dataset's split), or all of it as JSON.
 fn report(written: &Written, json: bool) -> Result<()> {
     if json {
         return print_json(written);
@@ -238,12 +385,19 @@ fn report(written: &Written, json: bool) -> Result<()> {
             format!("{name} {}", dims.join("x"))
         })
         .collect();
+    let (of, rows) = match &written.dataset {
+        Some(d) => (
+            "classes",
+            format!("image i of the {} split of {}", d.split, d.name),
+        ),
+        None => ("class folders", "the i-th image listed on stdout".into()),
+    };
     let labels = match (&written.labels, written.arrays.contains_key("labels")) {
-        (Some(l), true) => format!(", and the labels of {} class folders", l.classes.len()),
+        (Some(l), true) => format!(", and the labels of {} {of}", l.classes.len()),
         _ => String::new(),
     };
     say(&format!(
-        "wrote {} ({} of {}{labels}; row i is the i-th image listed on stdout)",
+        "wrote {} ({} of {}{labels}; row i is {rows})",
         written.path.display(),
         arrays.join(", "),
         written.model

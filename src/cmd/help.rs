@@ -81,7 +81,8 @@ pub const FEATURES: &str = "\
 Examples:
   vggctl features --weights imagenet --arch vgg16 photos/ -o fc7.npy > rows.txt     4096 values an image
   vggctl features --checkpoint runs/v11 --layer features.20 --pool avg photos/ -o conv.npy
-  vggctl features --weights imagenet --arch vgg16 --layer classifier.1,classifier.4 photos/ -o fc.safetensors";
+  vggctl features --weights imagenet --arch vgg16 --layer classifier.1,classifier.4 photos/ -o fc.safetensors
+  vggctl features --checkpoint runs/v11 --dataset cifar10 --split train -o train.safetensors   rows and labels";
 
 pub const PREPARE: &str = "\
 Examples:

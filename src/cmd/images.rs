@@ -14,7 +14,7 @@ use vggctl::data::augment::{Augment, Normalizer, Preprocess};
 use vggctl::data::folder::{extension_list, image_files, is_class_layout, scan};
 use vggctl::data::image::{decode_rgb, eval_crop, to_luma};
 use vggctl::data::resize::Filter;
-use vggctl::model::{Vgg, check_input};
+use vggctl::model::{Head, Vgg, check_input};
 use vggctl::numerics::{Activity, Numerics};
 
 use super::opts::{DeviceOpts, LoadOpts, ModelOpts, NumericsOpts, ReadOpts, checkpoint_in};
@@ -24,7 +24,6 @@ use super::output::{usage, warn, whole};
 pub struct ImagesIn {
     /// Images (JPEG, PNG, BMP, PPM/PGM, TIFF or WebP), or directories: the
     /// images in them and their subfolders, in ImageFolder's order.
-    #[arg(required = true)]
     pub images: Vec<PathBuf>,
     /// A vggctl checkpoint (architecture, class names and preprocessing from
     /// its metadata; a run directory means its best.safetensors).
@@ -87,18 +86,32 @@ pub struct Reader {
     device: Device,
 }
 
+/// The model [`ImagesIn`] names, and how it computes.
+pub struct Loaded {
+    pub model: Vgg,
+    pub meta: ModelMeta,
+    /// Whether `meta` is the model's own description (a checkpoint's, or
+    /// torchvision's for the ImageNet head), not the defaults for a plain
+    /// state dict's head.
+    pub described: bool,
+    /// The weights file: --checkpoint's (a run directory's), or --weights'
+    /// (None for `imagenet`).
+    pub file: Option<PathBuf>,
+    pub numerics: Numerics,
+    pub device: Device,
+}
+
 impl ImagesIn {
     /// Checks the options, lists the images and loads the model.
     pub fn open(&self) -> Result<Opened> {
-        let checkpoint = self.checkpoint.as_deref().map(checkpoint_in).transpose()?;
-        let device = self.device.get()?;
-        if self.batch_size < 1 {
-            return Err(usage("--batch-size must be at least 1"));
-        }
-        self.read.check()?;
+        let (checkpoint, device) = self.checked()?;
         let (files, classes) = expand_dirs(&self.images)?;
-        let source = (checkpoint.as_deref(), self.weights.as_deref());
-        let (model, meta) = self.model.load_either(source, &self.load, device)?;
+        let Loaded {
+            model,
+            meta,
+            numerics,
+            ..
+        } = self.load(checkpoint.as_deref(), device)?;
         let meta = self.read.apply(meta)?;
         check_input(meta.input_size)?;
         // The images arrive resized and cropped (torchvision's eval
@@ -111,8 +124,6 @@ impl ImagesIn {
         };
         let normalizer = Normalizer::new(meta.mean, meta.std, device);
         let pre = Preprocess::new(augment, meta.input_size, normalizer);
-        let request = self.numerics.request(None, false);
-        let numerics = Numerics::decide(&request, device, Activity::Predicting, &mut warn)?;
         let reader = Reader {
             host_crop: meta.host_crop(),
             interpolation: meta.interpolation,
@@ -127,6 +138,44 @@ impl ImagesIn {
             meta,
             numerics,
             reader,
+        })
+    }
+
+    /// Checks the options and loads the model, for data other than image
+    /// files (its description as the file gives it, before --input and
+    /// the other reading options).
+    pub fn open_model(&self) -> Result<Loaded> {
+        let (checkpoint, device) = self.checked()?;
+        self.load(checkpoint.as_deref(), device)
+    }
+
+    /// The options' own checks; the checkpoint file (a run directory's)
+    /// and the device.
+    fn checked(&self) -> Result<(Option<PathBuf>, Device)> {
+        let checkpoint = self.checkpoint.as_deref().map(checkpoint_in).transpose()?;
+        let device = self.device.get()?;
+        if self.batch_size < 1 {
+            return Err(usage("--batch-size must be at least 1"));
+        }
+        self.read.check()?;
+        Ok((checkpoint, device))
+    }
+
+    fn load(&self, checkpoint: Option<&Path>, device: Device) -> Result<Loaded> {
+        let source = (checkpoint, self.weights.as_deref());
+        let (model, meta) = self.model.load_either(source, &self.load, device)?;
+        let request = self.numerics.request(None, false);
+        let numerics = Numerics::decide(&request, device, Activity::Predicting, &mut warn)?;
+        let weights = self.weights.as_deref().filter(|w| *w != "imagenet");
+        Ok(Loaded {
+            described: checkpoint.is_some() || model.spec.head == Head::Imagenet,
+            file: checkpoint
+                .map(Path::to_path_buf)
+                .or(weights.map(PathBuf::from)),
+            model,
+            meta,
+            numerics,
+            device,
         })
     }
 }

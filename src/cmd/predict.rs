@@ -14,6 +14,7 @@ use super::opts::InferenceOpts;
 use super::output::{print_json, print_out, usage, whole};
 
 #[derive(clap::Args, Debug)]
+#[command(group(clap::ArgGroup::new("inputs").required(true).args(["images"])))]
 pub struct Args {
     #[command(flatten)]
     input: ImagesIn,
