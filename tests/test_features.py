@@ -156,7 +156,8 @@ def test_a_datasets_split_is_read_as_torchvision_and_eval_read_it(tmp_path):
     training split (the fixture's 1,500 images) through a vggctl checkpoint,
     normalized by the mean and std its metadata records; MNIST's test split
     through a plain state dict, normalized as the dataset is (MNIST's
-    constants), its 28x28 images resized to 32x32 RGB. Rows within 1e-5 of
+    constants), its 28x28 images resized to 32x32 RGB, the first 100 only
+    (`--limit`). Rows within 1e-5 of
     the reference's largest value, labels exactly; the metadata and --json
     name the dataset and split; no images are listed on stdout."""
     run = tmp_path / "run"
@@ -173,7 +174,7 @@ def test_a_datasets_split_is_read_as_torchvision_and_eval_read_it(tmp_path):
         (["--checkpoint", ckpt, "--dataset", "cifar10", "--data-dir", os.path.join(FIX, "digits-py"),
           "--split", "train"], ckpt, "cifar10", "train"),
         (["--weights", plain, "--dataset", "mnist", "--data-dir", os.path.join(FIX, "digits-bin"), "--split", "test",
-          "--json"], plain, "mnist", "test"),
+          "--json", "--limit", "100"], plain, "mnist", "test"),
     ]
     for args, weights, name, split in cases:
         out = tmp_path / f"{name}.safetensors"
@@ -186,11 +187,13 @@ def test_a_datasets_split_is_read_as_torchvision_and_eval_read_it(tmp_path):
             assert r.stdout == "" and f"row i is image i of the train split of cifar10" in r.stderr, r.stderr
         else:
             ds = ddp_reference.mnist(os.path.join(FIX, "digits-bin"), "mnist", train=False)
+            assert len(ds) > 100
+            ds.data, ds.targets = ds.data[:100], ds.targets[:100]
             images = ddp_reference.mnist_images(ds)
             mean, std = ddp_reference.MNIST_NORM["mnist"]
             said = json.loads(r.stdout)
             assert said["dataset"] == {"name": "mnist", "split": "test"} and "images" not in said
-            assert said["arrays"] == {"classifier.1": [len(ds), 512], "labels": [len(ds)]}
+            assert said["arrays"] == {"classifier.1": [100, 512], "labels": [100]}
             assert said["labels"] == list(map(int, ds.targets))
         model = vgg_reference.build("vgg11", False, "cifar", 10)
         model.load_state_dict(load_tensors(weights))
@@ -246,12 +249,13 @@ def test_class_folders_give_imagefolders_labels(tmp_path):
     assert out.returncode == 0, out.stderr
     assert [p["image"] for p in json.loads(out.stdout)] == order
 
-    out = vggctl("--weights", weights, "-o", "lab.npy", "--json", str(lab), cwd=tmp_path, side=64)
+    # --limit 3: the first three, in that order, and their labels.
+    out = vggctl("--weights", weights, "-o", "lab.npy", "--json", "--limit", "3", str(lab), cwd=tmp_path, side=64)
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
-    assert doc["arrays"] == {"classifier.4": [5, 4096]}
-    assert (doc["images"], doc["labels"], doc["classes"]) == (order, folder.targets, folder.classes)
-    assert np.load(tmp_path / "lab.npy").shape == (5, 4096)
+    assert doc["arrays"] == {"classifier.4": [3, 4096]}
+    assert (doc["images"], doc["labels"], doc["classes"]) == (order[:3], folder.targets[:3], folder.classes)
+    assert np.load(tmp_path / "lab.npy").shape == (3, 4096)
 
     os.symlink(images[0], lab / "loose.png")
     out = vggctl("--weights", weights, "-o", "loose.safetensors", "--json", str(lab), cwd=tmp_path, side=64)
@@ -280,6 +284,7 @@ def test_class_folders_give_imagefolders_labels(tmp_path):
     (["-o", "taken.npy"], 1, "vggctl: error: taken.npy already exists (use --force to overwrite)"),
     (["-o", "x.npy", "BROKEN"], 1, "vggctl: error: BROKEN: not a readable image: truncated JPEG"),
     (["--split", "test", "-o", "x.npy"], 2, "vggctl: error: --split reads a split of a --dataset, not image files"),
+    (["--limit", "0", "-o", "x.npy"], 2, "vggctl: error: --limit must be at least 1"),
     (["--dataset", "digits", "--split", "test", "-o", "x.npy"], 2,
      "vggctl: error: the argument '--dataset <DATASET>' cannot be used with '[IMAGES]...'"),
     (["--dataset", "digits", "-o", "x.npy", "NOIMAGES"], 2,

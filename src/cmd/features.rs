@@ -19,7 +19,7 @@ use super::data_opts::DataOpts;
 use super::eval_data::{EvalData, load_data};
 use super::images::{ClassFolders, ImagesIn, Reader};
 use super::opts::{choice, module_position};
-use super::output::{print_json, print_out, say, usage, warn};
+use super::output::{print_json, print_out, say, usage, warn, whole};
 
 #[derive(clap::Args, Debug)]
 #[command(group(clap::ArgGroup::new("inputs").required(true).args(["images", "dataset"])))]
@@ -59,6 +59,9 @@ pub struct Args {
     /// Overwrite an existing --out.
     #[arg(long, help_heading = "Output")]
     force: bool,
+    /// Read the first N images only (of those listed, or of the split).
+    #[arg(long, value_name = "N", value_parser = whole::<usize>)]
+    limit: Option<usize>,
 }
 
 #[derive(Serialize)]
@@ -191,6 +194,9 @@ pub fn run(args: Args) -> Result<()> {
         )));
     };
     check_target(&args.out, args.force)?;
+    if args.limit == Some(0) {
+        return Err(usage("--limit must be at least 1"));
+    }
     if args.data.dataset.is_some() {
         return run_on_dataset(&args, format);
     }
@@ -200,7 +206,13 @@ pub fn run(args: Args) -> Result<()> {
         ));
     }
     let mut opened = args.input.open()?;
-    let labels = class_labels(&mut opened.classes);
+    let mut labels = class_labels(&mut opened.classes);
+    if let Some(n) = args.limit {
+        opened.files.truncate(n);
+        if let Some(l) = labels.as_mut() {
+            l.labels.truncate(n);
+        }
+    }
     let spec = opened.model.spec;
     let (names, wanted) = requested(&args, &spec, format)?;
     if opened.numerics.channels_last {
@@ -272,6 +284,10 @@ fn run_on_dataset(args: &Args, format: RowFormat) -> Result<()> {
             dataset.source
         );
     };
+    let images = images.narrow(
+        0,
+        images.len().min(args.limit.map_or(i64::MAX, |n| n as i64)),
+    );
     let labels = Labels {
         classes: dataset.classes.clone(),
         labels: Vec::<i64>::try_from(&images.labels)?,
@@ -280,7 +296,7 @@ fn run_on_dataset(args: &Args, format: RowFormat) -> Result<()> {
         loaded.model.to_channels_last();
     }
     let rows = Rows {
-        source: Source::Split(images, &pre),
+        source: Source::Split(&images, &pre),
         labels: Some(&labels),
         metadata: BTreeMap::from([
             ("dataset".into(), dataset.name.clone()),
