@@ -31,7 +31,8 @@ pub struct DataOpts {
     /// into vggctl: no download), folder (one subfolder of images per
     /// class, read as torchvision's ImageFolder reads it) or imagenet
     /// (DIR/train/<wnid>/ and DIR/val/<wnid>/, torchvision's ImageFolder
-    /// layout, classes named by their WordNet ids) [default: cifar10; eval: the checkpoint's].
+    /// layout, classes named by their WordNet ids) [default: cifar10; eval: the
+    /// checkpoint's; features: none, the images given instead].
     #[arg(long)]
     pub dataset: Option<String>,
     /// cifar10: the directory holding cifar-10-batches-py/ (torchvision's) or
