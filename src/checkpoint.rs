@@ -65,7 +65,7 @@ impl ModelMeta {
         use crate::data::{digits, image::default_resize, native_side};
         match (self.resize, self.dataset.as_str()) {
             (Some(r), _) => (Some(r), self.input_size),
-            (None, "folder") => {
+            (None, dataset) if crate::data::is_image_folder(dataset) => {
                 let side = default_resize(self.input_size);
                 (Some(side), side)
             }

@@ -7,13 +7,13 @@ use vggctl::data::Dataset;
 use vggctl::data::cifar;
 use vggctl::data::digits;
 use vggctl::data::download::DownloadSource;
-use vggctl::data::folder::{self, FolderOptions};
+use vggctl::data::folder::{self, FolderOptions, Listed};
 use vggctl::data::imagenet;
 use vggctl::data::mnist;
 use vggctl::data::pack;
 use vggctl::data::prepared::{self, Prepared};
 use vggctl::data::resize::Filter;
-use vggctl::data::{stl10, svhn};
+use vggctl::data::{pets, stl10, svhn};
 use vggctl::dist::World;
 use vggctl::train::config::TrainConfig;
 
@@ -31,7 +31,9 @@ pub struct DataOpts {
     /// into vggctl: no download), folder (one subfolder of images per
     /// class, read as torchvision's ImageFolder reads it) or imagenet
     /// (DIR/train/<wnid>/ and DIR/val/<wnid>/, torchvision's ImageFolder
-    /// layout, classes named by their WordNet ids) [default: cifar10; eval: the
+    /// layout, classes named by their WordNet ids) or oxford-pets (Oxford-IIIT
+    /// Pet's 37 breeds: its trainval split to train on, its test split to
+    /// validate on, photographs read as a folder's) [default: cifar10; eval: the
     /// checkpoint's; features: none, the images given instead].
     #[arg(long)]
     pub dataset: Option<String>,
@@ -42,20 +44,22 @@ pub struct DataOpts {
     /// directory holding train_32x32.mat and test_32x32.mat; stl10: the
     /// directory holding stl10_binary/; folder: the class folders; imagenet: the
     /// directory holding train/ and val/; folder, imagenet: or the file
-    /// `vggctl prepare` made of them [default: ./data].
+    /// `vggctl prepare` made of them; oxford-pets: the directory holding
+    /// oxford-iiit-pet/ (torchvision's) [default: ./data].
     #[arg(long, alias = "data-path")]
     pub data_dir: Option<PathBuf>,
     /// Where to download the binary CIFAR-10 or CIFAR-100 archive (or
     /// STL-10's) from
-    /// when it is missing; mnist, fashion-mnist, kmnist, svhn: the mirror (or
-    /// comma-separated mirrors) serving their files [default:
+    /// when it is missing; mnist, fashion-mnist, kmnist, svhn, oxford-pets: the
+    /// mirror (or comma-separated mirrors) serving their files [default:
     /// $VGGCTL_<DATASET>_URL (e.g. $VGGCTL_FASHION_MNIST_URL), else the
     /// dataset's own, as torchvision's].
     #[arg(long, value_parser = http_urls)]
     pub data_url: Option<String>,
     /// MD5 the downloaded archive must have (mnist, fashion-mnist, kmnist: four,
     /// comma-separated, for train-images, train-labels, t10k-images,
-    /// t10k-labels; svhn: two, train and test) [default:
+    /// t10k-labels; svhn: two, train and test; oxford-pets: two, images.tar.gz
+    /// and annotations.tar.gz) [default:
     /// $VGGCTL_<DATASET>_MD5, else the official files'].
     #[arg(long, hide = true)]
     pub data_md5: Option<String>,
@@ -194,6 +198,7 @@ impl DataOpts {
                 .0
                 .len() as i64,
             "digits" | "svhn" | "stl10" => 10,
+            pets::NAME => pets::CLASSES,
             other => match (cifar::named(other), mnist::named(other)) {
                 (Some(c), _) => c.classes,
                 (_, Some(m)) => m.classes.len() as i64,
@@ -254,12 +259,14 @@ impl DataOpts {
 
     /// The dataset these options name, to evaluate on, images cached at
     /// `cache_size` (resized by `filter`) for folders: with --val-dir, only
-    /// that folder is read; STL-10's training images those of `fold`.
+    /// that folder is read, and Oxford-IIIT Pet's test split alone unless
+    /// `train` (features of the training split) asks for it too; STL-10's
+    /// training images those of `fold`.
     pub fn load_test(
         &self,
         seed: u64,
         (cache_size, filter): (i64, Filter),
-        fold: Option<usize>,
+        (train, fold): (bool, Option<usize>),
     ) -> Result<Dataset> {
         self.load_named(
             self.dataset(),
@@ -271,7 +278,7 @@ impl DataOpts {
             Reading {
                 quiet: false,
                 streamed: None,
-                test_only: true,
+                test_only: !train,
                 filter,
                 fold,
             },
@@ -290,10 +297,7 @@ impl DataOpts {
         how: Reading,
     ) -> Result<Dataset> {
         let Reading {
-            quiet,
-            streamed,
-            test_only,
-            ..
+            quiet, test_only, ..
         } = how;
         if let Some(d) = self.load_downloadable(name, dir, (quiet, how.fold)) {
             return d;
@@ -314,32 +318,66 @@ impl DataOpts {
                     },
                     _ => (dir.to_path_buf(), val_dir.map(Path::to_path_buf)),
                 };
-                let cache_mem = match streamed {
-                    Some(true) => 0,
-                    Some(false) => u64::MAX,
-                    None => self.cache_mem.unwrap_or_else(default_cache_mem),
-                };
-                let opts = FolderOptions {
-                    dir,
-                    val_dir,
-                    val_split,
-                    seed,
-                    cache_size,
-                    filter: how.filter,
-                    strict: self.strict,
-                    cache_dir: self.cache_dir.clone().or_else(folder::default_cache_dir),
-                    cache_mem,
-                    workers: self.workers.unwrap_or_else(default_workers),
-                    imagenet,
-                    test_only,
-                };
+                let opts = self.folder_options((dir, val_dir), (val_split, seed, cache_size), how);
+                let opts = FolderOptions { imagenet, ..opts };
                 match file {
                     true => pack::load(&opts),
                     false => folder::load(&opts, &mut warn),
                 }
             }
+            pets::NAME => {
+                let own = DownloadSource {
+                    url: pets::MIRROR.into(),
+                    md5: pets::MD5S.join(","),
+                };
+                let src = self.download_source(name, own);
+                let listing = pets::open(dir, src.as_ref(), &mut download_bar(quiet))?;
+                let images = listing.base.join("images");
+                let paths = (images.clone(), Some(images));
+                let opts = self.folder_options(paths, (val_split, seed, cache_size), how);
+                let listed = Listed {
+                    classes: listing.classes,
+                    wnids: None,
+                    train: if test_only {
+                        Vec::new()
+                    } else {
+                        listing.trainval
+                    },
+                    val: Some(listing.test),
+                };
+                folder::load_listed(&opts, name, listed, &mut warn)
+            }
             "digits" => digits::load(),
             other => Err(usage(unknown(other))),
+        }
+    }
+
+    /// How an image folder (or the photographs of a dataset read as one)
+    /// at `dir` is read, its validation images in `val_dir`.
+    fn folder_options(
+        &self,
+        (dir, val_dir): (PathBuf, Option<PathBuf>),
+        (val_split, seed, cache_size): (f64, u64, i64),
+        how: Reading,
+    ) -> FolderOptions {
+        let cache_mem = match how.streamed {
+            Some(true) => 0,
+            Some(false) => u64::MAX,
+            None => self.cache_mem.unwrap_or_else(default_cache_mem),
+        };
+        FolderOptions {
+            dir,
+            val_dir,
+            val_split,
+            seed,
+            cache_size,
+            filter: how.filter,
+            strict: self.strict,
+            cache_dir: self.cache_dir.clone().or_else(folder::default_cache_dir),
+            cache_mem,
+            workers: self.workers.unwrap_or_else(default_workers),
+            imagenet: false,
+            test_only: how.test_only,
         }
     }
 
@@ -353,7 +391,7 @@ impl DataOpts {
     ) -> Option<Result<Dataset>> {
         let downloaded = cifar::named(name).is_some()
             || mnist::named(name).is_some()
-            || matches!(name, "svhn" | "stl10");
+            || matches!(name, "svhn" | "stl10" | pets::NAME);
         if downloaded && dir.exists() && !dir.is_dir() {
             return Some(Err(anyhow!(
                 "{}: not a directory (--data-dir names the folder {name} is read from or downloaded into)",
@@ -413,7 +451,7 @@ pub fn imagenet_split(dir: &Path, split: &str) -> Result<PathBuf> {
 
 fn unknown(name: &str) -> String {
     format!(
-        "unknown dataset '{name}' (expected cifar10, cifar100, mnist, fashion-mnist, kmnist, svhn, stl10, digits, folder or imagenet)"
+        "unknown dataset '{name}' (expected cifar10, cifar100, mnist, fashion-mnist, kmnist, svhn, stl10, digits, folder, imagenet or oxford-pets)"
     )
 }
 

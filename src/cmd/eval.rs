@@ -227,6 +227,7 @@ fn test_data(
         read: &args.read,
         file: Some(&args.file),
         seed: args.seed,
+        train: false,
         fold: None,
     };
     let (dataset, pre) = load_data(&how, meta, device)?;

@@ -21,12 +21,14 @@ use super::output::usage;
 /// What a dataset is read for a model by: the data options, the reading
 /// options, the weights file (a run directory's data is found from it;
 /// None for torchvision's published weights),
-/// the seed of a folder's split, and STL-10's training fold.
+/// the seed of a folder's split, whether the training split is read too
+/// (features of it), and STL-10's training fold.
 pub struct EvalData<'a> {
     pub data: &'a DataOpts,
     pub read: &'a ReadOpts,
     pub file: Option<&'a Path>,
     pub seed: u64,
+    pub train: bool,
     pub fold: Option<usize>,
 }
 
@@ -86,7 +88,7 @@ pub fn load_data(
             m.interpolation
         });
     let cache = (resize.unwrap_or(default_resize(input)), filter);
-    let dataset = data.load_test(how.seed, cache, how.fold)?;
+    let dataset = data.load_test(how.seed, cache, (how.train, how.fold))?;
     let (mean, std) = meta.map_or((dataset.mean, dataset.std), |m| (m.mean, m.std));
     let augment = match resize {
         Some(_) => Augment::ResizedCrop,

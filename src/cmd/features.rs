@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use serde::Serialize;
 use tch::Tensor;
+use vggctl::data::Split;
 use vggctl::data::augment::Preprocess;
-use vggctl::data::{Split, is_image_folder};
 use vggctl::formats::rows::{RowArray, RowFormat, RowWriter};
 use vggctl::fsutil::check_target;
 use vggctl::model::{ModelSpec, Pool, Vgg};
@@ -29,8 +29,9 @@ pub struct Args {
     #[command(flatten)]
     data: DataOpts,
     /// With --dataset: the split whose images are read, in the dataset's
-    /// order (torchvision's `train=True`/`False`, `split=`), as eval reads
-    /// images (the rows with the split's `labels`).
+    /// order (torchvision's `train=True`/`False`, `split=`; oxford-pets:
+    /// train is its trainval list), as eval reads images (the rows with
+    /// the split's `labels`).
     #[arg(long, value_parser = ["train", "test"])]
     split: Option<String>,
     /// The file to write, row i for the i-th image (the order stdout lists
@@ -244,7 +245,7 @@ pub fn run(args: Args) -> Result<()> {
 /// eval reads them, with the split's labels.
 fn run_on_dataset(args: &Args, format: RowFormat) -> Result<()> {
     let name = args.data.dataset().to_string();
-    if is_image_folder(&name) {
+    if matches!(name.as_str(), "folder" | "imagenet") {
         return Err(usage(format!(
             "--dataset {name}: give the folder itself as the images argument (its class folders give ImageFolder's labels)"
         )));
@@ -270,24 +271,22 @@ fn run_on_dataset(args: &Args, format: RowFormat) -> Result<()> {
         read: &args.input.read,
         file: loaded.file.as_deref(),
         seed: 0,
+        train: split == "train",
         fold,
     };
     let meta = loaded.described.then_some(&loaded.meta);
     let (dataset, pre) = load_data(&how, meta, loaded.device)?;
     let images = match split.as_str() {
-        "train" => &dataset.train,
-        _ => &dataset.test,
+        "train" => dataset.train,
+        _ => dataset.test,
     };
+    let images = images.limit(args.limit.map(|n| n as i64));
     let Some(images) = images.as_resident() else {
         bail!(
             "{}: the {split} split is not held in memory",
             dataset.source
         );
     };
-    let images = images.narrow(
-        0,
-        images.len().min(args.limit.map_or(i64::MAX, |n| n as i64)),
-    );
     let labels = Labels {
         classes: dataset.classes.clone(),
         labels: Vec::<i64>::try_from(&images.labels)?,
@@ -296,7 +295,7 @@ fn run_on_dataset(args: &Args, format: RowFormat) -> Result<()> {
         loaded.model.to_channels_last();
     }
     let rows = Rows {
-        source: Source::Split(&images, &pre),
+        source: Source::Split(images, &pre),
         labels: Some(&labels),
         metadata: BTreeMap::from([
             ("dataset".into(), dataset.name.clone()),

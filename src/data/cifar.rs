@@ -12,7 +12,7 @@ use std::path::Path;
 use anyhow::{Context, Result, anyhow, bail};
 use tch::Tensor;
 
-use super::download::{Archive, DownloadSource, fetch_archive};
+use super::download::{Archive, DownloadSource, fetch_archive, none_else};
 use super::{Dataset, Images, Split};
 use crate::formats::numpy::{NUMPY_GLOBALS, ndarray};
 use crate::formats::pickle::{Allowlist, Unpickler, Value};
@@ -350,6 +350,7 @@ impl Cifar {
             file: self.url.rsplit('/').next().unwrap_or("cifar.tar.gz"),
             folder: self.bin_dir,
             members: &self.bin_members(),
+            also: none_else,
         };
         fetch_archive(dir, src, &archive, progress)
     }

@@ -82,13 +82,20 @@ fn from_mirrors(
     bail!("{}", errors.join("; "))
 }
 
-/// A `.tar.gz` of one folder of files (CIFAR's binary version, STL-10):
-/// its file name as published, the folder it holds, and the members of
-/// that folder that are extracted (all must be there).
+/// A `.tar.gz` of one folder of files (CIFAR's binary version, STL-10,
+/// Oxford-IIIT Pet's two): its file name as published, the folder it
+/// holds, and the members of that folder that are extracted (all must be
+/// there), with any others whose names `also` accepts.
 pub struct Archive<'a> {
     pub file: &'a str,
     pub folder: &'a str,
     pub members: &'a [&'a str],
+    pub also: fn(&str) -> bool,
+}
+
+/// For [`Archive::also`]: no members but the named ones.
+pub fn none_else(_: &str) -> bool {
+    false
 }
 
 /// Downloads `archive` from `src.url` into `dir` (kept there, as
@@ -104,6 +111,13 @@ pub fn fetch_archive(
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let path = dir.join(archive.file);
     download(&src.url, &path, &Checksum::Md5(src.md5.clone()), progress)?;
+    unpack(dir, archive)
+}
+
+/// Extracts `archive`, downloaded into `dir`, into `dir/folder` through a
+/// temporary directory; the archive is removed if that fails.
+pub fn unpack(dir: &Path, archive: &Archive) -> Result<()> {
+    let path = dir.join(archive.file);
     // A fresh directory of an unguessable name: `create_dir` never follows
     // or reuses what is already there.
     let tmp = crate::fsutil::temp_name(&dir.join(archive.folder));
@@ -137,18 +151,16 @@ fn extract(path: &Path, archive: &Archive, into: &Path) -> Result<()> {
             }
             _ => continue,
         };
-        let Some(&known) = archive.members.iter().find(|f| **f == name) else {
-            continue;
-        };
-        if !entry.header().entry_type().is_file() {
+        let known = archive.members.iter().find(|f| **f == name);
+        if known.is_none() && !(archive.also)(&name) || !entry.header().entry_type().is_file() {
             continue;
         }
-        let dest = into.join(known);
+        let dest = into.join(&name);
         let mut out =
             File::create(&dest).with_context(|| format!("creating {}", dest.display()))?;
         std::io::copy(&mut entry, &mut out)
             .with_context(|| format!("extracting {}", member.display()))?;
-        found.push(known);
+        found.extend(known);
     }
     let missing: Vec<String> = (archive.members.iter())
         .filter(|f| !found.contains(f))

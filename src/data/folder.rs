@@ -326,58 +326,103 @@ pub fn scan_splits(
 }
 
 /// Loads an image-folder dataset; `warn` hears about skipped images.
+/// For evaluation with a `val_dir`, only that folder is read.
 pub fn load(opts: &FolderOptions, warn: &mut dyn FnMut(String)) -> Result<Dataset> {
+    let name = if opts.imagenet { "imagenet" } else { "folder" };
     if opts.test_only
         && let Some(vdir) = &opts.val_dir
     {
-        return load_test(opts, vdir, warn);
+        let (folders, files) = scan(vdir)?;
+        let (classes, wnids) = named(opts, vdir, folders)?;
+        let listed = Listed {
+            classes,
+            wnids,
+            train: Vec::new(),
+            val: Some(files),
+        };
+        return load_listed(opts, name, listed, warn);
     }
     let (folders, files, val) = scan_splits(&opts.dir, opts.val_dir.as_deref())?;
     if val.is_none() {
         check_val_split(opts.val_split)?;
     }
     let (classes, wnids) = named(opts, &opts.dir, folders)?;
-    let total = files.len() + val.as_ref().map_or(0, Vec::len);
-    let (train, test, test_names) = match canvas_bytes(total, opts.cache_size) > opts.cache_mem {
-        true => streamed(opts, files, val)?,
-        false => resident(opts, files, val, warn)?,
+    let listed = Listed {
+        classes,
+        wnids,
+        train: files,
+        val,
+    };
+    load_listed(opts, name, listed, warn)
+}
+
+/// A dataset's image files: its class names (and ImageNet's WordNet
+/// ids), the training images, and the validation images (those of
+/// `FolderOptions::val_dir`; None: a held-out fraction of the training images).
+pub struct Listed {
+    pub classes: Vec<String>,
+    pub wnids: Option<Vec<String>>,
+    pub train: LabeledFiles,
+    pub val: Option<LabeledFiles>,
+}
+
+/// The dataset `name` of the files `listed` names, decoded into memory
+/// (or read from the cache) if they fit `cache_mem`, else streamed; for
+/// evaluation (`test_only`) its validation images alone.
+pub fn load_listed(
+    opts: &FolderOptions,
+    name: &str,
+    listed: Listed,
+    warn: &mut dyn FnMut(String),
+) -> Result<Dataset> {
+    let Listed {
+        classes,
+        wnids,
+        train,
+        val,
+    } = listed;
+    let (dir, (train, test, test_names)) = match (opts.test_only, val, &opts.val_dir) {
+        (true, Some(files), Some(vdir)) => (vdir, test_split(opts, vdir, files, warn)?),
+        (_, val, _) => {
+            let total = train.len() + val.as_ref().map_or(0, Vec::len);
+            let splits = match canvas_bytes(total, opts.cache_size) > opts.cache_mem {
+                true => streamed(opts, train, val)?,
+                false => resident(opts, train, val, warn)?,
+            };
+            (&opts.dir, splits)
+        }
     };
     Ok(Dataset {
-        name: if opts.imagenet { "imagenet" } else { "folder" }.into(),
+        name: name.into(),
         train,
         test,
         classes,
         mean: super::imagenet::MEAN,
         std: super::imagenet::STD,
-        source: opts.dir.display().to_string(),
+        source: dir.display().to_string(),
         wnids,
         test_names,
     })
 }
 
-/// Evaluation's dataset: every image of the folder `vdir` a test image,
+/// Evaluation's splits: every image of `files` (in `vdir`) a test image,
 /// no training split.
-fn load_test(opts: &FolderOptions, vdir: &Path, warn: &mut dyn FnMut(String)) -> Result<Dataset> {
-    let (folders, files) = scan(vdir)?;
-    let (classes, wnids) = named(opts, vdir, folders)?;
-    let (test, test_names) = match canvas_bytes(files.len(), opts.cache_size) > opts.cache_mem {
-        true => (streamed_split(opts, files), None),
-        false => {
-            let (split, kept) = load_resident(vdir, &files, opts, warn)?;
-            (Images::Resident(split), Some(kept))
-        }
-    };
-    Ok(Dataset {
-        name: if opts.imagenet { "imagenet" } else { "folder" }.into(),
-        train: streamed_split(opts, Vec::new()),
-        test,
-        classes,
-        mean: super::imagenet::MEAN,
-        std: super::imagenet::STD,
-        source: vdir.display().to_string(),
-        wnids,
-        test_names,
-    })
+fn test_split(
+    opts: &FolderOptions,
+    vdir: &Path,
+    files: LabeledFiles,
+    warn: &mut dyn FnMut(String),
+) -> Result<Splits> {
+    let train = streamed_split(opts, Vec::new());
+    Ok(
+        match canvas_bytes(files.len(), opts.cache_size) > opts.cache_mem {
+            true => (train, streamed_split(opts, files), None),
+            false => {
+                let (split, kept) = load_resident(vdir, &files, opts, warn)?;
+                (train, Images::Resident(split), Some(kept))
+            }
+        },
+    )
 }
 
 /// A folder's class names, and for ImageNet's layout, torchvision's names

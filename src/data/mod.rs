@@ -16,6 +16,7 @@ pub mod imagenet;
 pub mod mix;
 pub mod mnist;
 pub mod pack;
+pub mod pets;
 pub mod prepared;
 pub mod resize;
 pub mod resized_crop;
@@ -31,10 +32,11 @@ use augment::Transform;
 use stream::{InOrder, Streamed};
 
 /// Whether the dataset named `name` (a run's `dataset`, a [`Dataset`]'s
-/// name) is an image folder (`folder`, `imagenet`): images of any size,
-/// resized as they are read, unlike CIFAR's, MNIST's and the digits' fixed sides.
+/// name) is read as an image folder is (`folder`, `imagenet`, and
+/// Oxford-IIIT Pet's listed photographs): images of any size, resized as
+/// they are read, unlike CIFAR's, MNIST's and the digits' fixed sides.
 pub fn is_image_folder(name: &str) -> bool {
-    matches!(name, "folder" | "imagenet")
+    matches!(name, "folder" | "imagenet" | pets::NAME)
 }
 
 /// The probability with which training mirrors the images of the dataset

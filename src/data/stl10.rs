@@ -21,7 +21,7 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use tch::Tensor;
 
-use super::download::{Archive, DownloadSource, fetch_archive};
+use super::download::{Archive, DownloadSource, fetch_archive, none_else};
 use super::{Dataset, Histograms, Images, Split, mean_std};
 use crate::fsutil::read_regular;
 
@@ -78,6 +78,7 @@ pub fn load(
             file: "stl10_binary.tar.gz",
             folder: FOLDER,
             members: &MEMBERS,
+            also: none_else,
         };
         // A data directory made for a download that failed is not left behind.
         let made = !dir.exists();
