@@ -15,7 +15,8 @@ test, all real photographs (scikit-image's) cut into distinct 64x64 windows.
   train` is the trainval list. Nothing but the two folders and the archives
   is left in the data directory.
 - `finetune` trains on trainval and validates on test (74 / 37 images); the
-  checkpoint names torchvision's classes and `eval` of it counts the 37.
+  checkpoint names torchvision's classes and `eval` of it counts the 37. A
+  --val-dir given is ignored with a warning and left out of the run's files.
 - Bad lists, a missing dataset, a --data-dir that is a file and a wrong MD5
   get one line each and leave nothing behind.
 """
@@ -149,9 +150,13 @@ def test_finetuning_trains_on_trainval_and_validates_on_test(pets, tmp_path):
     r = vggctl("finetune", "--weights", WEIGHTS, "--arch", "vgg11", "--dataset", "oxford-pets",
                "--data-dir", str(pets), "--no-download", "--input", "32", "--epochs", "1",
                "--batch-size", "16", "--keep", "last", "--cache-dir", str(tmp_path / "cache"),
-               "--out", str(out))
+               "--val-dir", str(pets), "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert "on oxford-pets (74 train / 37 val images" in r.stderr, r.stderr
+    # --val-dir is a folder's: ignored, and not recorded or suggested.
+    assert "--val-dir is ignored: it applies to --dataset folder only" in r.stderr
+    assert "holds only 37 images" in r.stderr and "more validation images help" in r.stderr, r.stderr
+    assert json.loads((out / "config.json").read_text())["val_dir"] is None
     classes = torchvision.datasets.OxfordIIITPet(str(pets), split="test").classes
     assert json.loads(safe_open(str(out / "last.safetensors"), "np").metadata()["class_names"]) == classes
     assert json.loads((out / "config.json").read_text())["dataset"] == "oxford-pets"
