@@ -775,7 +775,7 @@ fn bad_training_arguments() {
         (
             &["train", "--dataset", "cifar-10", "--data-dir", &d],
             2,
-            "unknown dataset 'cifar-10' (expected cifar10, cifar100, mnist, fashion-mnist, kmnist, svhn, stl10, digits, folder, imagenet or oxford-pets)",
+            "unknown dataset 'cifar-10' (expected cifar10, cifar100, mnist, fashion-mnist, kmnist, svhn, stl10, digits, folder, imagenet, oxford-pets or flowers102)",
         ),
         (
             &["train", "--batch-size", "0", "--data-dir", &d],

@@ -7,13 +7,13 @@ use vggctl::data::Dataset;
 use vggctl::data::cifar;
 use vggctl::data::digits;
 use vggctl::data::download::DownloadSource;
-use vggctl::data::folder::{self, FolderOptions, Listed};
+use vggctl::data::folder::{self, FolderOptions};
 use vggctl::data::imagenet;
 use vggctl::data::mnist;
 use vggctl::data::pack;
 use vggctl::data::prepared::{self, Prepared};
 use vggctl::data::resize::Filter;
-use vggctl::data::{pets, stl10, svhn};
+use vggctl::data::{flowers, pets, stl10, svhn};
 use vggctl::dist::World;
 use vggctl::train::config::TrainConfig;
 
@@ -31,9 +31,11 @@ pub struct DataOpts {
     /// into vggctl: no download), folder (one subfolder of images per
     /// class, read as torchvision's ImageFolder reads it) or imagenet
     /// (DIR/train/<wnid>/ and DIR/val/<wnid>/, torchvision's ImageFolder
-    /// layout, classes named by their WordNet ids) or oxford-pets (Oxford-IIIT
+    /// layout, classes named by their WordNet ids), oxford-pets (Oxford-IIIT
     /// Pet's 37 breeds: its trainval split to train on, its test split to
-    /// validate on, photographs read as a folder's) [default: cifar10; eval: the
+    /// validate on) or flowers102 (Oxford 102 Flowers: its train and val
+    /// splits to train on, its test split to validate on); their photographs
+    /// are read as a folder's [default: cifar10; eval: the
     /// checkpoint's; features: none, the images given instead].
     #[arg(long)]
     pub dataset: Option<String>,
@@ -44,14 +46,15 @@ pub struct DataOpts {
     /// directory holding train_32x32.mat and test_32x32.mat; stl10: the
     /// directory holding stl10_binary/; folder: the class folders; imagenet: the
     /// directory holding train/ and val/; folder, imagenet: or the file
-    /// `vggctl prepare` made of them; oxford-pets: the directory holding
-    /// oxford-iiit-pet/ (torchvision's) [default: ./data].
+    /// `vggctl prepare` made of them; oxford-pets, flowers102: the directory
+    /// holding oxford-iiit-pet/ or flowers-102/ (torchvision's) [default: ./data].
     #[arg(long, alias = "data-path")]
     pub data_dir: Option<PathBuf>,
     /// Where to download the binary CIFAR-10 or CIFAR-100 archive (or
     /// STL-10's) from
-    /// when it is missing; mnist, fashion-mnist, kmnist, svhn, oxford-pets: the
-    /// mirror (or comma-separated mirrors) serving their files [default:
+    /// when it is missing; mnist, fashion-mnist, kmnist, svhn, oxford-pets,
+    /// flowers102: the mirror (or comma-separated mirrors) serving their
+    /// files [default:
     /// $VGGCTL_<DATASET>_URL (e.g. $VGGCTL_FASHION_MNIST_URL), else the
     /// dataset's own, as torchvision's].
     #[arg(long, value_parser = http_urls)]
@@ -59,7 +62,8 @@ pub struct DataOpts {
     /// MD5 the downloaded archive must have (mnist, fashion-mnist, kmnist: four,
     /// comma-separated, for train-images, train-labels, t10k-images,
     /// t10k-labels; svhn: two, train and test; oxford-pets: two, images.tar.gz
-    /// and annotations.tar.gz) [default:
+    /// and annotations.tar.gz; flowers102: three, 102flowers.tgz,
+    /// imagelabels.mat and setid.mat) [default:
     /// $VGGCTL_<DATASET>_MD5, else the official files'].
     #[arg(long, hide = true)]
     pub data_md5: Option<String>,
@@ -163,6 +167,21 @@ impl DataOpts {
         })
     }
 
+    /// [`Self::download_source`] of a dataset whose own mirror and MD5s
+    /// are `own`.
+    fn source_of(&self, name: &str, (url, md5): (&str, String)) -> Option<DownloadSource> {
+        let url = url.to_string();
+        self.download_source(name, DownloadSource { url, md5 })
+    }
+
+    /// --val-dir as a run records it: only a folder's training reads it
+    /// (elsewhere it is ignored, with a warning).
+    pub fn training_val_dir(&self) -> Option<&Path> {
+        self.val_dir
+            .as_deref()
+            .filter(|_| self.dataset() == "folder")
+    }
+
     /// The dataset named, cifar10 if none.
     pub fn dataset(&self) -> &str {
         self.dataset.as_deref().unwrap_or("cifar10")
@@ -199,6 +218,7 @@ impl DataOpts {
                 .len() as i64,
             "digits" | "svhn" | "stl10" => 10,
             pets::NAME => pets::CLASSES,
+            flowers::NAME => flowers::CLASSES,
             other => match (cifar::named(other), mnist::named(other)) {
                 (Some(c), _) => c.classes,
                 (_, Some(m)) => m.classes.len() as i64,
@@ -325,26 +345,23 @@ impl DataOpts {
                     false => folder::load(&opts, &mut warn),
                 }
             }
-            pets::NAME => {
-                let own = DownloadSource {
-                    url: pets::MIRROR.into(),
-                    md5: pets::MD5S.join(","),
+            pets::NAME | flowers::NAME => {
+                let bar = &mut download_bar(quiet);
+                let (images, mut listed) = match name {
+                    pets::NAME => {
+                        let own = (pets::MIRROR, pets::MD5S.join(","));
+                        pets::open(dir, self.source_of(name, own).as_ref(), bar)?
+                    }
+                    _ => {
+                        let own = (flowers::MIRROR, flowers::MD5S.join(","));
+                        flowers::open(dir, self.source_of(name, own).as_ref(), bar)?
+                    }
                 };
-                let src = self.download_source(name, own);
-                let listing = pets::open(dir, src.as_ref(), &mut download_bar(quiet))?;
-                let images = listing.base.join("images");
+                if test_only {
+                    listed.train.clear();
+                }
                 let paths = (images.clone(), Some(images));
                 let opts = self.folder_options(paths, (val_split, seed, cache_size), how);
-                let listed = Listed {
-                    classes: listing.classes,
-                    wnids: None,
-                    train: if test_only {
-                        Vec::new()
-                    } else {
-                        listing.trainval
-                    },
-                    val: Some(listing.test),
-                };
                 folder::load_listed(&opts, name, listed, &mut warn)
             }
             "digits" => digits::load(),
@@ -391,7 +408,7 @@ impl DataOpts {
     ) -> Option<Result<Dataset>> {
         let downloaded = cifar::named(name).is_some()
             || mnist::named(name).is_some()
-            || matches!(name, "svhn" | "stl10" | pets::NAME);
+            || matches!(name, "svhn" | "stl10" | pets::NAME | flowers::NAME);
         if downloaded && dir.exists() && !dir.is_dir() {
             return Some(Err(anyhow!(
                 "{}: not a directory (--data-dir names the folder {name} is read from or downloaded into)",
@@ -451,7 +468,7 @@ pub fn imagenet_split(dir: &Path, split: &str) -> Result<PathBuf> {
 
 fn unknown(name: &str) -> String {
     format!(
-        "unknown dataset '{name}' (expected cifar10, cifar100, mnist, fashion-mnist, kmnist, svhn, stl10, digits, folder, imagenet or oxford-pets)"
+        "unknown dataset '{name}' (expected cifar10, cifar100, mnist, fashion-mnist, kmnist, svhn, stl10, digits, folder, imagenet, oxford-pets or flowers102)"
     )
 }
 

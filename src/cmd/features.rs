@@ -30,8 +30,8 @@ pub struct Args {
     data: DataOpts,
     /// With --dataset: the split whose images are read, in the dataset's
     /// order (torchvision's `train=True`/`False`, `split=`; oxford-pets:
-    /// train is its trainval list), as eval reads images (the rows with
-    /// the split's `labels`).
+    /// train is its trainval list; flowers102: its train split, then val),
+    /// as eval reads images (the rows with the split's `labels`).
     #[arg(long, value_parser = ["train", "test"])]
     split: Option<String>,
     /// The file to write, row i for the i-th image (the order stdout lists

@@ -14,13 +14,15 @@ Environment:
   VGGCTL_WEIGHTS_URL    where to download them from [default: https://download.pytorch.org/models]
   TORCH_HOME            torch hub's cache: $TORCH_HOME/hub/checkpoints [default: ~/.cache/torch]
   VGGCTL_CIFAR10_URL, VGGCTL_CIFAR100_URL, VGGCTL_MNIST_URL, VGGCTL_FASHION_MNIST_URL,
-  VGGCTL_KMNIST_URL, VGGCTL_SVHN_URL, VGGCTL_STL10_URL, VGGCTL_OXFORD_PETS_URL
+  VGGCTL_KMNIST_URL, VGGCTL_SVHN_URL, VGGCTL_STL10_URL, VGGCTL_OXFORD_PETS_URL,
+  VGGCTL_FLOWERS102_URL
                         where to download each dataset from (also --data-url; mnist,
-                        fashion-mnist, kmnist, svhn, oxford-pets: comma-separated mirrors,
-                        tried in turn) [default: the dataset's own, as torchvision's]
+                        fashion-mnist, kmnist, svhn, oxford-pets, flowers102:
+                        comma-separated mirrors, tried in turn) [default: the dataset's
+                        own, as torchvision's]
   VGGCTL_<DATASET>_MD5  the MD5 its download must have (mnist, fashion-mnist, kmnist: four,
-                        comma-separated; svhn, oxford-pets: two) [default: the official
-                        files']
+                        comma-separated; svhn, oxford-pets: two; flowers102: three)
+                        [default: the official files']
   VGGCTL_CACHE_DIR      where image folders' decoded images are cached (also --cache-dir)
                         [default: $XDG_CACHE_HOME/vggctl/folders, i.e. ~/.cache/vggctl/folders]
   VGGCTL_HTTP_TIMEOUT   seconds a download may stall [default: 60]

@@ -349,11 +349,7 @@ impl HyperOpts {
             model: spec,
             dataset: data.dataset().to_string(),
             data_dir: absolute(&data.dir()),
-            // Only a folder's training reads it (it is ignored, with a
-            // warning, elsewhere).
-            val_dir: (data.val_dir.as_deref())
-                .filter(|_| data.dataset() == "folder")
-                .map(absolute),
+            val_dir: data.training_val_dir().map(absolute),
             val_split: data.val_split,
             fold: data.fold,
             epochs: self.epochs.unwrap_or(default_epochs),

@@ -9,6 +9,7 @@ mod auto_augment_tables;
 pub mod cifar;
 pub mod digits;
 pub mod download;
+pub mod flowers;
 pub mod folder;
 mod folder_cache;
 pub mod image;
@@ -32,11 +33,12 @@ use augment::Transform;
 use stream::{InOrder, Streamed};
 
 /// Whether the dataset named `name` (a run's `dataset`, a [`Dataset`]'s
-/// name) is read as an image folder is (`folder`, `imagenet`, and
-/// Oxford-IIIT Pet's listed photographs): images of any size, resized as
-/// they are read, unlike CIFAR's, MNIST's and the digits' fixed sides.
+/// name) is read as an image folder is (`folder`, `imagenet`, and the
+/// listed photographs of Oxford-IIIT Pet and Oxford 102 Flowers): images
+/// of any size, resized as they are read, unlike CIFAR's, MNIST's and the
+/// digits' fixed sides.
 pub fn is_image_folder(name: &str) -> bool {
-    matches!(name, "folder" | "imagenet" | pets::NAME)
+    matches!(name, "folder" | "imagenet" | pets::NAME | flowers::NAME)
 }
 
 /// The probability with which training mirrors the images of the dataset

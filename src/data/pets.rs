@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 
 use super::download::{Archive, DownloadSource, fetch_files, none_else, unpack};
-use super::folder::LabeledFiles;
+use super::folder::{LabeledFiles, Listed};
 use crate::fsutil::read_regular;
 
 /// The dataset's name on the command line and in a run's files.
@@ -30,23 +30,16 @@ pub const CLASSES: i64 = 37;
 /// The most bytes a split's list may have (trainval.txt has 100 KB).
 const MAX_LIST: u64 = 16 << 20;
 
-/// The dataset's files: the breeds' names (torchvision's `classes`) and
-/// each split's images with their labels, in the lists' order.
-pub struct Listing {
-    pub classes: Vec<String>,
-    pub trainval: LabeledFiles,
-    pub test: LabeledFiles,
-    /// `ROOT/oxford-iiit-pet`.
-    pub base: PathBuf,
-}
-
 /// The dataset under `root` (`--data-dir`), its missing folders first
-/// downloaded from the mirrors `src` names (None: downloading is off).
+/// downloaded from the mirrors `src` names (None: downloading is off): the
+/// folder of its images, and the breeds' names (torchvision's `classes`)
+/// with the images of trainval (to train on) and test (to validate on),
+/// in the lists' order.
 pub fn open(
     root: &Path,
     src: Option<&DownloadSource>,
     progress: &mut dyn FnMut(u64, Option<u64>),
-) -> Result<Listing> {
+) -> Result<(PathBuf, Listed)> {
     let base = root.join(FOLDER);
     let missing: Vec<usize> = (0..ARCHIVES.len())
         .filter(|&i| !base.join(folder(i)).is_dir())
@@ -98,8 +91,9 @@ fn is_jpg(name: &str) -> bool {
 }
 
 /// The lists of the dataset in `base` (`ROOT/oxford-iiit-pet`), read as
-/// torchvision reads them; the breeds are named from trainval's images.
-pub fn listing(base: &Path) -> Result<Listing> {
+/// torchvision reads them (see [`open`]); the breeds are named from
+/// trainval's images.
+fn listing(base: &Path) -> Result<(PathBuf, Listed)> {
     let trainval = read_list(base, "trainval")?;
     let test = read_list(base, "test")?;
     let classes = class_names(base, &trainval)?;
@@ -117,17 +111,19 @@ pub fn listing(base: &Path) -> Result<Listing> {
             );
         }
     }
+    let images = base.join("images");
     let files = |entries: Vec<Entry>| -> LabeledFiles {
         (entries.into_iter())
-            .map(|e| (base.join("images").join(format!("{}.jpg", e.id)), e.label))
+            .map(|e| (images.join(format!("{}.jpg", e.id)), e.label))
             .collect()
     };
-    Ok(Listing {
+    let listed = Listed {
         classes,
-        trainval: files(trainval),
-        test: files(test),
-        base: base.to_path_buf(),
-    })
+        wnids: None,
+        train: files(trainval),
+        val: Some(files(test)),
+    };
+    Ok((images, listed))
 }
 
 fn annotations(base: &Path, split: &str) -> PathBuf {

@@ -1,0 +1,342 @@
+"""The Oxford VGG group's two fine-tuning datasets against torchvision's own
+readers on the same folders: `--dataset oxford-pets` against
+`OxfordIIITPet`, `--dataset flowers102` against `Flowers102`. Each is a copy
+of the dataset's layout made of real photographs (scikit-image's) cut into
+distinct 64x64 windows; the images to validate on are stored losslessly
+(PNG data in .jpg files, as a few real pets are), so that both sides
+normalize the same bytes, the others as JPEG.
+
+- Oxford-IIIT Pet: `oxford-iiit-pet/images/<id>.jpg` listed by
+  `annotations/trainval.txt` and `test.txt` with its 37 breeds, named and
+  numbered as the real lists number them (cats capitalized, dogs not, the
+  labels in case-blind order, so that neither Python's sort nor the ids'
+  order gives the classes), two images of each breed to train on and one
+  to test.
+- Oxford 102 Flowers: `flowers-102/jpg/image_NNNNN.jpg`, 30 images whose
+  classes (1 and 102 among them) `imagelabels.mat` gives and whose splits
+  `setid.mat` gives in shuffled order, both compressed MAT-files as
+  scipy writes them; vggctl trains on train + val and validates on test.
+
+For each:
+- Downloaded from a mirror on 127.0.0.1 (the archives the test makes, with
+  members vggctl does not need), then read: `features --dataset NAME
+  --split test` saves torchvision's classes, targets in its order, and rows
+  equal to torchvision's VGG11 on the reader's images within 1e-5; `--split
+  train` is trainval (pets) or train then val (flowers). Nothing but the
+  dataset's files is left in the data directory.
+- `finetune` trains on the training images and validates on the test
+  images; the checkpoint names torchvision's classes and `eval` of it
+  counts the test images. A --val-dir given is ignored with a warning and
+  left out of the run's files.
+- Bad lists and MAT-files, a missing dataset, a --data-dir that is a file
+  and a wrong MD5 get one line each and leave nothing behind.
+"""
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+import scipy.io
+import torch
+import torchvision
+from PIL import Image
+from safetensors import safe_open
+from safetensors.numpy import load_file
+from skimage import data as skdata
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from dataset_helpers import BIN, FIX, md5, mirror  # noqa: E402
+
+WEIGHTS = os.path.join(FIX, "pth", "vgg11.legacy.pth")
+CATS = ["Abyssinian", "Bengal", "Birman", "Bombay", "British_Shorthair", "Egyptian_Mau", "Maine_Coon",
+        "Persian", "Ragdoll", "Russian_Blue", "Siamese", "Sphynx"]
+DOGS = ["american_bulldog", "american_pit_bull_terrier", "basset_hound", "beagle", "boxer", "chihuahua",
+        "english_cocker_spaniel", "english_setter", "german_shorthaired", "great_pyrenees", "havanese",
+        "japanese_chin", "keeshond", "leonberger", "miniature_pinscher", "newfoundland", "pomeranian", "pug",
+        "saint_bernard", "samoyed", "scottish_terrier", "shiba_inu", "staffordshire_bull_terrier",
+        "wheaten_terrier", "yorkshire_terrier"]
+BREEDS = sorted(CATS + DOGS, key=str.lower)
+PHOTOS = [np.asarray(Image.fromarray(getattr(skdata, p)()).convert("RGB"))
+          for p in ["astronaut", "coffee", "chelsea", "rocket"]]
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+# Flowers: 30 images, their classes, and setid.mat's shuffled splits.
+FLOWER_LABELS = np.random.default_rng(5).integers(1, 103, 30).astype(np.uint8)
+FLOWER_LABELS[:2] = [1, 102]
+FLOWER_IDS = np.random.default_rng(6).permutation(np.arange(1, 31)).astype(np.uint16)
+SETID = {"trnid": FLOWER_IDS[:10], "valid": FLOWER_IDS[10:20], "tstid": FLOWER_IDS[20:]}
+
+
+def vggctl(*args, cwd=None, env=None):
+    return subprocess.run([BIN, *args], capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
+
+
+def errors(r):
+    """stderr's lines but the note on the weights' architecture."""
+    return [line for line in r.stderr.splitlines() if not line.startswith("note: ")]
+
+
+def save_window(path, k, lossless):
+    """The k-th distinct 64x64 window of the photographs, as JPEG or
+    (`lossless`) as PNG data, into `path`."""
+    img = PHOTOS[k % len(PHOTOS)]
+    y, x = (k * 37) % (img.shape[0] - 64), (k * 53) % (img.shape[1] - 64)
+    Image.fromarray(img[y:y + 64, x:x + 64]).save(path, format="PNG" if lossless else "JPEG")
+
+
+def make_pets(base):
+    """Oxford-IIIT Pet's layout in `base` (`ROOT/oxford-iiit-pet`)."""
+    (base / "images").mkdir(parents=True)
+    (base / "annotations").mkdir()
+    lists = {"trainval": [], "test": []}
+    k = 0
+    for label, breed in enumerate(BREEDS, 1):
+        species = 1 if breed in CATS else 2
+        for number, split in [(101, "trainval"), (102, "trainval"), (103, "test")]:
+            image_id = f"{breed}_{number}"
+            save_window(base / "images" / f"{image_id}.jpg", k, split == "test")
+            lists[split].append(f"{image_id} {label} {species} {label}")
+            k += 1
+    for split, lines in lists.items():
+        (base / "annotations" / f"{split}.txt").write_text("\n".join(sorted(lines)) + "\n")
+
+
+def make_flowers(base):
+    """Oxford 102 Flowers' layout in `base` (`ROOT/flowers-102`)."""
+    (base / "jpg").mkdir(parents=True)
+    for i in range(1, 31):
+        save_window(base / "jpg" / f"image_{i:05d}.jpg", 200 + i, i in SETID["tstid"])
+    scipy.io.savemat(base / "imagelabels.mat", {"labels": FLOWER_LABELS[None]}, do_compression=True)
+    scipy.io.savemat(base / "setid.mat", {k: v[None] for k, v in SETID.items()}, do_compression=True)
+
+
+@pytest.fixture(scope="module")
+def pets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pets")
+    make_pets(root / "oxford-iiit-pet")
+    return root
+
+
+@pytest.fixture(scope="module")
+def flowers(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flowers")
+    make_flowers(root / "flowers-102")
+    return root
+
+
+def tar_folder(path, folder, name, extras):
+    """`folder` as the archive `path` holds it (named `name`), with the
+    extra members `extras` (names in it, a subfolder's too)."""
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(folder, arcname=name)
+        for extra in extras:
+            info = tarfile.TarInfo(f"{name}/{extra}")
+            info.size = 5
+            tar.addfile(info, io.BytesIO(b"extra"))
+
+
+def serve_pets(base, out):
+    """Oxford-IIIT Pet's two archives as published (`images/`,
+    `annotations/`, with members no reader needs) in `out`; their MD5s."""
+    out.mkdir()
+    tar_folder(out / "images.tar.gz", base / "images", "images", ["Abyssinian_100.mat", "sub/x.jpg"])
+    tar_folder(out / "annotations.tar.gz", base / "annotations", "annotations", ["list.txt", "xmls/a.xml"])
+    return [md5(str(out / f"{f}.tar.gz")) for f in ["images", "annotations"]]
+
+
+def serve_flowers(base, out):
+    """Oxford 102 Flowers' three files as published in `out`; their MD5s."""
+    out.mkdir()
+    tar_folder(out / "102flowers.tgz", base / "jpg", "jpg", ["README.txt", "sub/image_00001.jpg"])
+    for f in ["imagelabels.mat", "setid.mat"]:
+        (out / f).write_bytes((base / f).read_bytes())
+    return [md5(str(out / f)) for f in ["102flowers.tgz", "imagelabels.mat", "setid.mat"]]
+
+
+def flowers102(root, split):
+    """torchvision's Flowers102, trusting the test's MAT-files (it checks
+    them against the real files' MD5s)."""
+    class Ours(torchvision.datasets.Flowers102):
+        _file_dict = {k: (f, md5(os.path.join(root, "flowers-102", f)) if k != "image" else s)
+                      for k, (f, s) in torchvision.datasets.Flowers102._file_dict.items()}
+    return Ours(str(root), split=split)
+
+
+def features(*args, cwd, env=None):
+    return vggctl("features", "--device", "cpu", "--weights", WEIGHTS, *args, cwd=cwd, env=env)
+
+
+def assert_rows_are_torchvisions(path, ds, name):
+    """The rows `features` saved at `path` (classifier.6 at 64x64) are
+    torchvision's VGG11 on `ds`'s images, with its classes and targets."""
+    saved = load_file(path)
+    meta = safe_open(str(path), "np").metadata()
+    assert json.loads(meta["classes"]) == ds.classes
+    assert (meta["dataset"], meta["split"]) == (name, "test")
+    assert saved["labels"].tolist() == ds._labels
+    model = torchvision.models.vgg11()
+    model.load_state_dict(torch.load(WEIGHTS, weights_only=True))
+    x = torch.stack([torch.from_numpy(np.array(ds[i][0])).permute(2, 0, 1) for i in range(len(ds))])
+    with torch.no_grad():
+        theirs = model.eval()(torchvision.transforms.functional.normalize(x.float() / 255, MEAN, STD)).numpy()
+    ours = saved["classifier.6"]
+    assert ours.shape == theirs.shape == (len(ds), 1000)
+    err = np.abs(ours - theirs).max() / np.abs(theirs).max()
+    assert err <= 1e-5, err
+
+
+@pytest.mark.parametrize("name", ["oxford-pets", "flowers102"])
+def test_downloads_are_read_as_torchvision_reads_them(pets, flowers, tmp_path, name):
+    served, data = tmp_path / "served", tmp_path / "data"
+    if name == "oxford-pets":
+        sums, folder = serve_pets(pets / "oxford-iiit-pet", served), "oxford-iiit-pet"
+        files = ["annotations", "annotations.tar.gz", "images", "images.tar.gz"]
+    else:
+        sums, folder = serve_flowers(flowers / "flowers-102", served), "flowers-102"
+        files = ["102flowers.tgz", "imagelabels.mat", "jpg", "setid.mat"]
+    env = dict(os.environ, **{f"VGGCTL_{name.upper().replace('-', '_')}_MD5": ",".join(sums)})
+    with mirror(str(served)) as url:
+        r = features("--dataset", name, "--split", "test", "--data-dir", str(data), "--data-url", url,
+                     "--input", "64", "--val-resize-size", "64", "--layer", "classifier.6",
+                     "-o", "test.safetensors", cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(data)) == [folder] and sorted(os.listdir(data / folder)) == files
+    if name == "oxford-pets":
+        assert sorted(os.listdir(data / folder / "annotations")) == ["test.txt", "trainval.txt"]
+        ds = torchvision.datasets.OxfordIIITPet(str(data), split="test")
+        assert ds.classes[:3] == ["Abyssinian", "American Bulldog", "American Pit Bull Terrier"]
+        train = torchvision.datasets.OxfordIIITPet(str(data), split="trainval")._labels
+    else:
+        assert sorted(os.listdir(data / folder / "jpg")) == sorted(os.listdir(flowers / folder / "jpg"))
+        ds = flowers102(data, "test")
+        train = flowers102(data, "train")._labels + flowers102(data, "val")._labels
+    assert_rows_are_torchvisions(tmp_path / "test.safetensors", ds, name)
+
+    # --split train: trainval (pets), train then val (flowers), read from
+    # the folder now there.
+    r = features("--dataset", name, "--split", "train", "--data-dir", str(data), "--no-download",
+                 "--input", "64", "--layer", "features.0", "--pool", "avg", "-o", "train.safetensors",
+                 cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert load_file(tmp_path / "train.safetensors")["labels"].tolist() == train
+
+
+@pytest.mark.parametrize("name", ["oxford-pets", "flowers102"])
+def test_finetuning_trains_on_the_training_images_and_validates_on_the_test_images(pets, flowers, tmp_path, name):
+    root, (n_train, n_val) = (pets, (74, 37)) if name == "oxford-pets" else (flowers, (20, 10))
+    out = tmp_path / "ft"
+    r = vggctl("finetune", "--weights", WEIGHTS, "--arch", "vgg11", "--dataset", name,
+               "--data-dir", str(root), "--no-download", "--input", "32", "--epochs", "1",
+               "--batch-size", "16", "--keep", "last", "--cache-dir", str(tmp_path / "cache"),
+               "--val-dir", str(root), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert f"on {name} ({n_train} train / {n_val} val images" in r.stderr, r.stderr
+    # --val-dir is a folder's: ignored, and not recorded or suggested.
+    assert "--val-dir is ignored: it applies to --dataset folder only" in r.stderr
+    assert f"holds only {n_val} images" in r.stderr and "more validation images help" in r.stderr, r.stderr
+    assert json.loads((out / "config.json").read_text())["val_dir"] is None
+    classes = (torchvision.datasets.OxfordIIITPet(str(root), split="test") if name == "oxford-pets"
+               else flowers102(root, "test")).classes
+    assert json.loads(safe_open(str(out / "last.safetensors"), "np").metadata()["class_names"]) == classes
+    assert json.loads((out / "config.json").read_text())["dataset"] == name
+    r = vggctl("eval", "--checkpoint", str(out / "last.safetensors"), "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["dataset"] == name and report["classes"] == classes
+    assert report["images"] == n_val and sum(report["support"]) == n_val, report
+
+
+def edited_pets(pets, tmp_path, split, edit):
+    """A copy of the pets (images linked) with `split`'s list edited."""
+    root = tmp_path / "edited"
+    base = root / "oxford-iiit-pet"
+    (base / "annotations").mkdir(parents=True)
+    os.symlink(pets / "oxford-iiit-pet" / "images", base / "images")
+    for s in ["trainval", "test"]:
+        lines = (pets / "oxford-iiit-pet" / "annotations" / f"{s}.txt").read_text().splitlines()
+        (base / "annotations" / f"{s}.txt").write_text("\n".join(edit(lines) if s == split else lines) + "\n")
+    return root
+
+
+@pytest.mark.parametrize("split, edit, line", [
+    ("trainval", lambda ls: ls[:1] + ["Bengal_7 6 1"] + ls[1:], "trainval.txt: line 2: 3 fields, expected 4"),
+    ("trainval", lambda ls: ls[:2] + ["Bengal_7 38 1 6"] + ls[2:], "line 3: breed '38' is not a number from 1 to 37"),
+    ("test", lambda ls: ["../../x_1 1 1 1"] + ls, "test.txt: line 1: image id '../../x_1' is not a file name"),
+    ("trainval", lambda ls: [l for l in ls if l.split()[1] != "5"], "trainval.txt: no images of breed(s) 5: "),
+    ("test", lambda ls: ["beagle_9 1 2 1"] + ls, "test.txt: line 1: beagle_9 has label 1, which trainval.txt gives to Abyssinian"),
+    ("trainval", lambda ls: ls + ["boxer_9 1 2 1"], "line 75: boxer_9 has label 1, which earlier lines give to Abyssinian"),
+    ("test", lambda ls: [], "test.txt: lists no images"),
+])
+def test_bad_pet_lists_are_one_line_each(pets, tmp_path, split, edit, line):
+    root = edited_pets(pets, tmp_path, split, edit)
+    r = features("--dataset", "oxford-pets", "--split", "test", "--data-dir", str(root), "--no-download",
+                 "-o", "x.npy", cwd=tmp_path)
+    lines = errors(r)
+    assert r.returncode == 1 and len(lines) == 1 and line in lines[0], r.stderr
+    assert not (tmp_path / "x.npy").exists()
+
+
+@pytest.mark.parametrize("file, arrays, line", [
+    ("imagelabels.mat", {"labels": np.array([[3, 0, 7] + [1] * 27], np.uint8)},
+     "imagelabels.mat: 'labels': value 1 is 0, not a whole number from 1 to 102"),
+    ("imagelabels.mat", {"labels": np.full((2, 15), 3, np.uint8)},
+     "imagelabels.mat: 'labels': dimensions [2, 15], expected a vector"),
+    ("setid.mat", {"trnid": SETID["trnid"][None], "valid": np.array([[31]], np.uint16), "tstid": SETID["tstid"][None]},
+     "setid.mat: 'valid': value 0 is 31, not a whole number from 1 to 30"),
+    ("setid.mat", {"trnid": SETID["trnid"][None], "valid": SETID["valid"][None]}, "setid.mat: no 'tstid' array"),
+    ("setid.mat", None, "setid.mat: not Oxford 102 Flowers' trnid"),
+])
+def test_bad_flower_files_are_one_line_each(flowers, tmp_path, file, arrays, line):
+    base = tmp_path / "edited" / "flowers-102"
+    base.mkdir(parents=True)
+    os.symlink(flowers / "flowers-102" / "jpg", base / "jpg")
+    for f in ["imagelabels.mat", "setid.mat"]:
+        (base / f).write_bytes((flowers / "flowers-102" / f).read_bytes())
+    if arrays is None:
+        (base / file).write_text("not a MAT-file")
+    else:
+        scipy.io.savemat(base / file, arrays, do_compression=True)
+    r = features("--dataset", "flowers102", "--split", "test", "--data-dir", str(tmp_path / "edited"),
+                 "--no-download", "-o", "x.npy", cwd=tmp_path)
+    lines = errors(r)
+    assert r.returncode == 1 and len(lines) == 1 and line in lines[0], r.stderr
+    assert not (tmp_path / "x.npy").exists()
+
+
+@pytest.mark.parametrize("name", ["oxford-pets", "flowers102"])
+def test_missing_data_and_wrong_downloads_are_refused(pets, flowers, tmp_path, name):
+    def run(*args, env=None):
+        return features("--dataset", name, "--split", "test", "-o", "x.npy", *args, cwd=tmp_path, env=env)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = run("--data-dir", str(empty), "--no-download")
+    first = "oxford-iiit-pet/images/" if name == "oxford-pets" else "flowers-102/jpg/"
+    title = "Oxford-IIIT Pet" if name == "oxford-pets" else "Oxford 102 Flowers"
+    assert r.returncode == 1 and len(errors(r)) == 1, r.stderr
+    assert f"no {title} in {empty}: expected {empty}/{first} and downloading is off" in r.stderr
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    r = run("--data-dir", str(a_file))
+    assert r.returncode == 1 and errors(r) == [
+        f"vggctl: error: {a_file}: not a directory (--data-dir names the folder {name} is read from or downloaded into)"
+    ], r.stderr
+
+    # A wrong MD5 for the last file: it is refused, the others (checked)
+    # stay for the next run, as a partial MNIST does.
+    served, data = tmp_path / "served", tmp_path / "data"
+    if name == "oxford-pets":
+        sums, kept = serve_pets(pets / "oxford-iiit-pet", served), ["images", "images.tar.gz"]
+    else:
+        sums, kept = serve_flowers(flowers / "flowers-102", served), ["102flowers.tgz", "imagelabels.mat", "jpg"]
+    env = dict(os.environ, **{f"VGGCTL_{name.upper().replace('-', '_')}_MD5": ",".join(sums[:-1] + ["0" * 32])})
+    with mirror(str(served)) as url:
+        r = run("--data-dir", str(data), "--data-url", url, env=env)
+    assert r.returncode == 1 and len(errors(r)) == 1, r.stderr
+    assert f"could not download {title}" in r.stderr and "MD5" in r.stderr, r.stderr
+    assert sorted(os.listdir(data / (first.split("/")[0]))) == kept
+    assert not (tmp_path / "x.npy").exists()
