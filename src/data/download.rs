@@ -63,6 +63,69 @@ pub fn fetch_files(
     result
 }
 
+/// A dataset published as files at a mirror (some of them archives of
+/// folders), downloaded into one folder as torchvision downloads it.
+pub struct Published<'a> {
+    /// Its name in messages ("Oxford-IIIT Pet").
+    pub title: &'a str,
+    /// The folder under `--data-dir` its files go into.
+    pub folder: &'a str,
+    /// Its files, in the order of the MD5s a [`DownloadSource`] lists.
+    pub files: &'a [&'a str],
+    /// Those of the files that are archives, and what of each is extracted.
+    pub archives: &'a [Archive<'a>],
+    /// The mirror torchvision downloads from, for messages.
+    pub mirror: &'a str,
+}
+
+impl Published<'_> {
+    /// `root/folder`, its missing files first downloaded from the mirrors
+    /// `src` names (None: downloading is off) and its archives extracted.
+    /// A file is missing where it is not there, an archive where the
+    /// folder it holds is not.
+    pub fn fetch_missing(
+        &self,
+        root: &Path,
+        src: Option<&DownloadSource>,
+        progress: &mut dyn FnMut(u64, Option<u64>),
+    ) -> Result<PathBuf> {
+        let base = root.join(self.folder);
+        let archive = |f: &str| self.archives.iter().find(|a| a.file == f);
+        // What each file gives: the archive's folder, or the file.
+        let gives = |f: &str| archive(f).map_or(f.to_string(), |a| format!("{}/", a.folder));
+        let missing: Vec<&str> = (self.files.iter().copied())
+            .filter(|f| !base.join(gives(f)).exists())
+            .collect();
+        let Some(first) = missing.first() else {
+            return Ok(base);
+        };
+        let listed: Vec<String> = self.files.iter().map(|f| gives(f)).collect();
+        let (title, folder) = (self.title, self.folder);
+        let how = format!(
+            "put torchvision's {folder}/ ({}, from {}) into {} by hand, or point --data-dir at a copy (--data-url names a mirror)",
+            listed.join(", "),
+            self.mirror,
+            root.display()
+        );
+        let Some(src) = src else {
+            bail!(
+                "no {title} in {}: expected {} and downloading is off; {how}",
+                root.display(),
+                base.join(gives(first)).display()
+            );
+        };
+        fetch_files(&base, (self.files, &missing), src, progress, &mut |path| {
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+            match name.as_deref().and_then(archive) {
+                Some(a) => unpack(&base, a),
+                None => Ok(()),
+            }
+        })
+        .with_context(|| format!("could not download {title}; {how}"))?;
+        Ok(base)
+    }
+}
+
 /// `file` from the first of `mirrors` (base URLs) that serves it.
 fn from_mirrors(
     mirrors: &[&str],

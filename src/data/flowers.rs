@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
-use super::download::{Archive, DownloadSource, fetch_files, unpack};
+use super::download::{Archive, DownloadSource, Published};
 use super::folder::{LabeledFiles, Listed};
 use crate::formats::mat::{MatArray, Values, read_mat};
 
@@ -53,51 +53,19 @@ pub fn open(
     src: Option<&DownloadSource>,
     progress: &mut dyn FnMut(u64, Option<u64>),
 ) -> Result<(PathBuf, Listed)> {
-    let base = root.join(FOLDER);
-    let present = [
-        base.join(IMAGES).is_dir(),
-        base.join(FILES[1]).exists(),
-        base.join(FILES[2]).exists(),
-    ];
-    let missing: Vec<&str> = (0..FILES.len())
-        .filter(|&i| !present[i])
-        .map(|i| FILES[i])
-        .collect();
-    if !missing.is_empty() {
-        let how = format!(
-            "put torchvision's {FOLDER}/ (jpg/, imagelabels.mat and setid.mat, from {MIRROR}) into {} by hand, or point --data-dir at a copy (--data-url names a mirror)",
-            root.display()
-        );
-        let Some(src) = src else {
-            let first = match present[0] {
-                true => missing[0].to_string(),
-                false => format!("{IMAGES}/"),
-            };
-            bail!(
-                "no Oxford 102 Flowers in {}: expected {} and downloading is off; {how}",
-                root.display(),
-                base.join(first).display()
-            );
-        };
-        let archive = Archive {
+    let published = Published {
+        title: "Oxford 102 Flowers",
+        folder: FOLDER,
+        files: &FILES,
+        archives: &[Archive {
             file: FILES[0],
             folder: IMAGES,
             members: &[],
             also: |name| name.ends_with(".jpg"),
-        };
-        fetch_files(
-            &base,
-            (&FILES, &missing),
-            src,
-            progress,
-            &mut |path| match path.ends_with(FILES[0]) {
-                true => unpack(&base, &archive),
-                false => Ok(()),
-            },
-        )
-        .with_context(|| format!("could not download Oxford 102 Flowers; {how}"))?;
-    }
-    listing(&base)
+        }],
+        mirror: MIRROR,
+    };
+    listing(&published.fetch_missing(root, src, progress)?)
 }
 
 /// The lists of the dataset in `base` (`ROOT/flowers-102`), read as

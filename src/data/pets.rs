@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
-use super::download::{Archive, DownloadSource, fetch_files, none_else, unpack};
+use super::download::{Archive, DownloadSource, Published, none_else};
 use super::folder::{LabeledFiles, Listed};
 use crate::fsutil::read_regular;
 
@@ -40,49 +40,27 @@ pub fn open(
     src: Option<&DownloadSource>,
     progress: &mut dyn FnMut(u64, Option<u64>),
 ) -> Result<(PathBuf, Listed)> {
-    let base = root.join(FOLDER);
-    let missing: Vec<usize> = (0..ARCHIVES.len())
-        .filter(|&i| !base.join(folder(i)).is_dir())
-        .collect();
-    if !missing.is_empty() {
-        let how = format!(
-            "put torchvision's {FOLDER}/ (images/ and annotations/, from {MIRROR}) into {} by hand, or point --data-dir at a copy (--data-url names a mirror)",
-            root.display()
-        );
-        let Some(src) = src else {
-            bail!(
-                "no Oxford-IIIT Pet in {}: expected {}/ and downloading is off; {how}",
-                root.display(),
-                base.join(folder(missing[0])).display()
-            );
-        };
-        let names: Vec<&str> = missing.iter().map(|&i| ARCHIVES[i]).collect();
-        fetch_files(&base, (&ARCHIVES, &names), src, progress, &mut |path| {
-            let i = (0..ARCHIVES.len()).find(|&i| path.ends_with(ARCHIVES[i]));
-            unpack(&base, &archive(i.expect("one of the archives")))
-        })
-        .with_context(|| format!("could not download Oxford-IIIT Pet; {how}"))?;
-    }
-    listing(&base)
-}
-
-/// The folder archive `i` holds.
-fn folder(i: usize) -> &'static str {
-    ARCHIVES[i].trim_end_matches(".tar.gz")
-}
-
-/// Archive `i`: the folder it holds, and what of it is extracted.
-fn archive(i: usize) -> Archive<'static> {
-    Archive {
-        file: ARCHIVES[i],
-        folder: folder(i),
-        members: if i == 0 {
-            &[]
-        } else {
-            &["trainval.txt", "test.txt"]
-        },
-        also: if i == 0 { is_jpg } else { none_else },
-    }
+    let published = Published {
+        title: "Oxford-IIIT Pet",
+        folder: FOLDER,
+        files: &ARCHIVES,
+        archives: &[
+            Archive {
+                file: ARCHIVES[0],
+                folder: "images",
+                members: &[],
+                also: is_jpg,
+            },
+            Archive {
+                file: ARCHIVES[1],
+                folder: "annotations",
+                members: &["trainval.txt", "test.txt"],
+                also: none_else,
+            },
+        ],
+        mirror: MIRROR,
+    };
+    listing(&published.fetch_missing(root, src, progress)?)
 }
 
 /// The images archive's members that are extracted: its `.jpg` files.
