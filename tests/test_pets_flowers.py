@@ -1,6 +1,7 @@
-"""The Oxford VGG group's two fine-tuning datasets against torchvision's own
+"""The fine-tuning datasets read from lists against torchvision's own
 readers on the same folders: `--dataset oxford-pets` against
-`OxfordIIITPet`, `--dataset flowers102` against `Flowers102`. Each is a copy
+`OxfordIIITPet`, `--dataset flowers102` against `Flowers102`, `--dataset
+food101` against `Food101`. Each is a copy
 of the dataset's layout made of real photographs (scikit-image's) cut into
 distinct 64x64 windows; the images to validate on are stored losslessly
 (PNG data in .jpg files, as a few real pets are), so that both sides
@@ -16,6 +17,11 @@ normalize the same bytes, the others as JPEG.
   classes (1 and 102 among them) `imagelabels.mat` gives and whose splits
   `setid.mat` gives in shuffled order, both compressed MAT-files as
   scipy writes them; vggctl trains on train + val and validates on test.
+- Food-101: `food-101/images/<class>/<id>.jpg` listed by `meta/train.json`
+  and `test.json` with 101 classes in shuffled order (the classes are
+  sorted, the images in the lists' order), one image each to train on and
+  one to test; its archive holds the folder itself, and a member trying to
+  leave it (`../../../evil.jpg`) is not written anywhere.
 
 For each:
 - Downloaded from a mirror on 127.0.0.1 (the archives the test makes, with
@@ -28,7 +34,7 @@ For each:
   images; the checkpoint names torchvision's classes and `eval` of it
   counts the test images. A --val-dir given is ignored with a warning and
   left out of the run's files.
-- Bad lists and MAT-files, a missing dataset, a --data-dir that is a file
+- Bad lists (pets' text, food's JSON) and MAT-files, a missing dataset, a --data-dir that is a file
   and a wrong MD5 get one line each and leave nothing behind.
 """
 import io
@@ -68,6 +74,9 @@ FLOWER_LABELS = np.random.default_rng(5).integers(1, 103, 30).astype(np.uint8)
 FLOWER_LABELS[:2] = [1, 102]
 FLOWER_IDS = np.random.default_rng(6).permutation(np.arange(1, 31)).astype(np.uint16)
 SETID = {"trnid": FLOWER_IDS[:10], "valid": FLOWER_IDS[10:20], "tstid": FLOWER_IDS[20:]}
+# Food-101: 101 classes, listed in shuffled order (the classes are sorted).
+DISHES = [f"dish_{i:03d}" for i in np.random.default_rng(7).permutation(101)]
+TITLES = {"oxford-pets": "Oxford-IIIT Pet", "flowers102": "Oxford 102 Flowers", "food101": "Food-101"}
 
 
 def vggctl(*args, cwd=None, env=None):
@@ -113,6 +122,33 @@ def make_flowers(base):
     scipy.io.savemat(base / "setid.mat", {k: v[None] for k, v in SETID.items()}, do_compression=True)
 
 
+def make_food(base):
+    """Food-101's layout in `base` (`ROOT/food-101`): one image of each
+    class to train on, one to test."""
+    (base / "meta").mkdir(parents=True)
+    lists = {"train": {}, "test": {}}
+    for k, dish in enumerate(DISHES):
+        (base / "images" / dish).mkdir(parents=True)
+        for number, split in [(11, "train"), (12, "test")]:
+            save_window(base / "images" / dish / f"{number}.jpg", 400 + 2 * k + number, split == "test")
+            lists[split][dish] = [f"{dish}/{number}"]
+    for split, classes in lists.items():
+        (base / "meta" / f"{split}.json").write_text(json.dumps(classes))
+    (base / "meta" / "classes.txt").write_text("\n".join(sorted(DISHES)))
+
+
+@pytest.fixture(scope="module")
+def food(tmp_path_factory):
+    root = tmp_path_factory.mktemp("food")
+    make_food(root / "food-101")
+    return root
+
+
+@pytest.fixture(scope="module")
+def datasets(pets, flowers, food):
+    return {"oxford-pets": pets, "flowers102": flowers, "food101": food}
+
+
 @pytest.fixture(scope="module")
 def pets(tmp_path_factory):
     root = tmp_path_factory.mktemp("pets")
@@ -156,6 +192,25 @@ def serve_flowers(base, out):
     return [md5(str(out / f)) for f in ["102flowers.tgz", "imagelabels.mat", "setid.mat"]]
 
 
+def serve_food(base, out):
+    """Food-101's archive as published (holding `food-101/`, with members
+    no reader needs, one trying to leave the folder) in `out`; its MD5."""
+    out.mkdir()
+    tar_folder(out / "food-101.tar.gz", base, "food-101",
+               ["README.txt", "images/x.jpg", "images/dish_000/../../../evil.jpg"])
+    return [md5(str(out / "food-101.tar.gz"))]
+
+
+def torchvision_split(name, root, split):
+    """torchvision's reader of the dataset `name` in `root`: its split
+    `split` ("train": what vggctl trains on)."""
+    if name == "oxford-pets":
+        return torchvision.datasets.OxfordIIITPet(str(root), split="trainval" if split == "train" else split)
+    if name == "food101":
+        return torchvision.datasets.Food101(str(root), split=split)
+    return flowers102(root, split)
+
+
 def flowers102(root, split):
     """torchvision's Flowers102, trusting the test's MAT-files (it checks
     them against the real files' MD5s)."""
@@ -188,31 +243,41 @@ def assert_rows_are_torchvisions(path, ds, name):
     assert err <= 1e-5, err
 
 
-@pytest.mark.parametrize("name", ["oxford-pets", "flowers102"])
-def test_downloads_are_read_as_torchvision_reads_them(pets, flowers, tmp_path, name):
-    served, data = tmp_path / "served", tmp_path / "data"
+@pytest.mark.parametrize("name", ["oxford-pets", "flowers102", "food101"])
+def test_downloads_are_read_as_torchvision_reads_them(datasets, tmp_path, name):
+    served, data, root = tmp_path / "served", tmp_path / "data", datasets[name]
     if name == "oxford-pets":
-        sums, folder = serve_pets(pets / "oxford-iiit-pet", served), "oxford-iiit-pet"
+        sums, folder = serve_pets(root / "oxford-iiit-pet", served), "oxford-iiit-pet"
         files = ["annotations", "annotations.tar.gz", "images", "images.tar.gz"]
-    else:
-        sums, folder = serve_flowers(flowers / "flowers-102", served), "flowers-102"
+    elif name == "flowers102":
+        sums, folder = serve_flowers(root / "flowers-102", served), "flowers-102"
         files = ["102flowers.tgz", "imagelabels.mat", "jpg", "setid.mat"]
+    else:
+        sums, folder = serve_food(root / "food-101", served), "food-101"
+        files = ["images", "meta"]
     env = dict(os.environ, **{f"VGGCTL_{name.upper().replace('-', '_')}_MD5": ",".join(sums)})
     with mirror(str(served)) as url:
         r = features("--dataset", name, "--split", "test", "--data-dir", str(data), "--data-url", url,
                      "--input", "64", "--val-resize-size", "64", "--layer", "classifier.6",
                      "-o", "test.safetensors", cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr
-    assert sorted(os.listdir(data)) == [folder] and sorted(os.listdir(data / folder)) == files
+    # torchvision keeps Food-101's archive beside its folder, the others' in it.
+    beside = ["food-101.tar.gz"] if name == "food101" else []
+    assert sorted(os.listdir(data)) == [folder, *beside] and sorted(os.listdir(data / folder)) == files
+    ds = torchvision_split(name, data, "test")
     if name == "oxford-pets":
         assert sorted(os.listdir(data / folder / "annotations")) == ["test.txt", "trainval.txt"]
-        ds = torchvision.datasets.OxfordIIITPet(str(data), split="test")
         assert ds.classes[:3] == ["Abyssinian", "American Bulldog", "American Pit Bull Terrier"]
-        train = torchvision.datasets.OxfordIIITPet(str(data), split="trainval")._labels
-    else:
-        assert sorted(os.listdir(data / folder / "jpg")) == sorted(os.listdir(flowers / folder / "jpg"))
-        ds = flowers102(data, "test")
+        train = torchvision_split(name, data, "train")._labels
+    elif name == "flowers102":
+        assert sorted(os.listdir(data / folder / "jpg")) == sorted(os.listdir(root / folder / "jpg"))
         train = flowers102(data, "train")._labels + flowers102(data, "val")._labels
+    else:
+        assert sorted(os.listdir(data / folder / "meta")) == ["test.json", "train.json"]
+        assert sorted(os.listdir(data / folder / "images")) == sorted(DISHES)
+        assert ds.classes == sorted(DISHES) and ds._labels != sorted(ds._labels)
+        assert not (tmp_path / "evil.jpg").exists() and not (served / "evil.jpg").exists()
+        train = torchvision_split(name, data, "train")._labels
     assert_rows_are_torchvisions(tmp_path / "test.safetensors", ds, name)
 
     # --split train: trainval (pets), train then val (flowers), read from
@@ -224,9 +289,11 @@ def test_downloads_are_read_as_torchvision_reads_them(pets, flowers, tmp_path, n
     assert load_file(tmp_path / "train.safetensors")["labels"].tolist() == train
 
 
-@pytest.mark.parametrize("name", ["oxford-pets", "flowers102"])
-def test_finetuning_trains_on_the_training_images_and_validates_on_the_test_images(pets, flowers, tmp_path, name):
-    root, (n_train, n_val) = (pets, (74, 37)) if name == "oxford-pets" else (flowers, (20, 10))
+@pytest.mark.parametrize("name, n_train, n_val", [("oxford-pets", 74, 37), ("flowers102", 20, 10),
+                                                  ("food101", 101, 101)])
+def test_finetuning_trains_on_the_training_images_and_validates_on_the_test_images(
+        datasets, tmp_path, name, n_train, n_val):
+    root = datasets[name]
     out = tmp_path / "ft"
     r = vggctl("finetune", "--weights", WEIGHTS, "--arch", "vgg11", "--dataset", name,
                "--data-dir", str(root), "--no-download", "--input", "32", "--epochs", "1",
@@ -236,10 +303,11 @@ def test_finetuning_trains_on_the_training_images_and_validates_on_the_test_imag
     assert f"on {name} ({n_train} train / {n_val} val images" in r.stderr, r.stderr
     # --val-dir is a folder's: ignored, and not recorded or suggested.
     assert "--val-dir is ignored: it applies to --dataset folder only" in r.stderr
-    assert f"holds only {n_val} images" in r.stderr and "more validation images help" in r.stderr, r.stderr
+    assert "--val-dir help" not in r.stderr
+    if n_val < 100:
+        assert f"holds only {n_val} images" in r.stderr and "more validation images help" in r.stderr, r.stderr
     assert json.loads((out / "config.json").read_text())["val_dir"] is None
-    classes = (torchvision.datasets.OxfordIIITPet(str(root), split="test") if name == "oxford-pets"
-               else flowers102(root, "test")).classes
+    classes = torchvision_split(name, root, "test").classes
     assert json.loads(safe_open(str(out / "last.safetensors"), "np").metadata()["class_names"]) == classes
     assert json.loads((out / "config.json").read_text())["dataset"] == name
     r = vggctl("eval", "--checkpoint", str(out / "last.safetensors"), "--json", cwd=tmp_path)
@@ -306,16 +374,17 @@ def test_bad_flower_files_are_one_line_each(flowers, tmp_path, file, arrays, lin
     assert not (tmp_path / "x.npy").exists()
 
 
-@pytest.mark.parametrize("name", ["oxford-pets", "flowers102"])
-def test_missing_data_and_wrong_downloads_are_refused(pets, flowers, tmp_path, name):
+@pytest.mark.parametrize("name", ["oxford-pets", "flowers102", "food101"])
+def test_missing_data_and_wrong_downloads_are_refused(datasets, tmp_path, name):
     def run(*args, env=None):
         return features("--dataset", name, "--split", "test", "-o", "x.npy", *args, cwd=tmp_path, env=env)
 
     empty = tmp_path / "empty"
     empty.mkdir()
     r = run("--data-dir", str(empty), "--no-download")
-    first = "oxford-iiit-pet/images/" if name == "oxford-pets" else "flowers-102/jpg/"
-    title = "Oxford-IIIT Pet" if name == "oxford-pets" else "Oxford 102 Flowers"
+    first = {"oxford-pets": "oxford-iiit-pet/images/", "flowers102": "flowers-102/jpg/",
+             "food101": "food-101/"}[name]
+    title = TITLES[name]
     assert r.returncode == 1 and len(errors(r)) == 1, r.stderr
     assert f"no {title} in {empty}: expected {empty}/{first} and downloading is off" in r.stderr
 
@@ -327,16 +396,51 @@ def test_missing_data_and_wrong_downloads_are_refused(pets, flowers, tmp_path, n
     ], r.stderr
 
     # A wrong MD5 for the last file: it is refused, the others (checked)
-    # stay for the next run, as a partial MNIST does.
-    served, data = tmp_path / "served", tmp_path / "data"
+    # stay for the next run, as a partial MNIST does; a data directory
+    # made for nothing is removed.
+    served, data, root = tmp_path / "served", tmp_path / "data", datasets[name]
     if name == "oxford-pets":
-        sums, kept = serve_pets(pets / "oxford-iiit-pet", served), ["images", "images.tar.gz"]
+        sums, kept = serve_pets(root / "oxford-iiit-pet", served), ["images", "images.tar.gz"]
+    elif name == "flowers102":
+        sums, kept = serve_flowers(root / "flowers-102", served), ["102flowers.tgz", "imagelabels.mat", "jpg"]
     else:
-        sums, kept = serve_flowers(flowers / "flowers-102", served), ["102flowers.tgz", "imagelabels.mat", "jpg"]
+        sums, kept = serve_food(root / "food-101", served), None
     env = dict(os.environ, **{f"VGGCTL_{name.upper().replace('-', '_')}_MD5": ",".join(sums[:-1] + ["0" * 32])})
     with mirror(str(served)) as url:
         r = run("--data-dir", str(data), "--data-url", url, env=env)
     assert r.returncode == 1 and len(errors(r)) == 1, r.stderr
     assert f"could not download {title}" in r.stderr and "MD5" in r.stderr, r.stderr
-    assert sorted(os.listdir(data / (first.split("/")[0]))) == kept
+    if kept is None:
+        assert not data.exists()
+    else:
+        assert sorted(os.listdir(data / (first.split("/")[0]))) == kept
+    assert not (tmp_path / "x.npy").exists()
+
+
+@pytest.mark.parametrize("split, edit, line", [
+    ("train", lambda d: d.pop("dish_005"), "train.json: 100 classes, where Food-101 has 101"),
+    ("test", lambda d: d.update(soup=["soup/1"]), "test.json: class 'soup' is not one of train.json's"),
+    ("test", lambda d: d.update(dish_005=["../../../etc/x"]), "test.json: class 'dish_005': '../../../etc/x' is not a path inside images/"),
+    ("test", lambda d: d.update(dish_005="dish_005/12"), "test.json: class 'dish_005': not a list of image paths"),
+    ("test", lambda d: d.clear(), "test.json: lists no images"),
+    ("train", None, "train.json: not JSON"),
+])
+def test_bad_food_lists_are_one_line_each(food, tmp_path, split, edit, line):
+    base = tmp_path / "edited" / "food-101"
+    (base / "meta").mkdir(parents=True)
+    os.symlink(food / "food-101" / "images", base / "images")
+    for s in ["train", "test"]:
+        text = (food / "food-101" / "meta" / f"{s}.json").read_text()
+        if s == split:
+            if edit is None:
+                text = text[:-5]
+            else:
+                doc = json.loads(text)
+                edit(doc)
+                text = json.dumps(doc)
+        (base / "meta" / f"{s}.json").write_text(text)
+    r = features("--dataset", "food101", "--split", "test", "--data-dir", str(tmp_path / "edited"),
+                 "--no-download", "-o", "x.npy", cwd=tmp_path)
+    lines = errors(r)
+    assert r.returncode == 1 and len(lines) == 1 and line in lines[0], r.stderr
     assert not (tmp_path / "x.npy").exists()

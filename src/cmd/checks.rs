@@ -384,7 +384,7 @@ fn model_and_data_rules(config: &TrainConfig) -> [Rule; 7] {
             // --cache-mem: in memory or streamed, whose crops differ.
             &["interpolation", "cache_mem"],
             is_image_folder(&config.dataset),
-            "applies to image folders only (--dataset folder, imagenet, oxford-pets or flowers102)",
+            "applies to image folders only (--dataset folder, imagenet, oxford-pets, flowers102 or food101)",
         ),
         (
             &["val_split"],

@@ -13,7 +13,7 @@ use vggctl::data::mnist;
 use vggctl::data::pack;
 use vggctl::data::prepared::{self, Prepared};
 use vggctl::data::resize::Filter;
-use vggctl::data::{flowers, pets, stl10, svhn};
+use vggctl::data::{flowers, food101, pets, stl10, svhn};
 use vggctl::dist::World;
 use vggctl::train::config::TrainConfig;
 
@@ -33,8 +33,9 @@ pub struct DataOpts {
     /// (DIR/train/<wnid>/ and DIR/val/<wnid>/, torchvision's ImageFolder
     /// layout, classes named by their WordNet ids), oxford-pets (Oxford-IIIT
     /// Pet's 37 breeds: its trainval split to train on, its test split to
-    /// validate on) or flowers102 (Oxford 102 Flowers: its train and val
-    /// splits to train on, its test split to validate on); their photographs
+    /// validate on), flowers102 (Oxford 102 Flowers: its train and val
+    /// splits to train on, its test split to validate on) or food101
+    /// (Food-101: its train and test splits); their photographs
     /// are read as a folder's [default: cifar10; eval: the
     /// checkpoint's; features: none, the images given instead].
     #[arg(long)]
@@ -46,15 +47,16 @@ pub struct DataOpts {
     /// directory holding train_32x32.mat and test_32x32.mat; stl10: the
     /// directory holding stl10_binary/; folder: the class folders; imagenet: the
     /// directory holding train/ and val/; folder, imagenet: or the file
-    /// `vggctl prepare` made of them; oxford-pets, flowers102: the directory
-    /// holding oxford-iiit-pet/ or flowers-102/ (torchvision's) [default: ./data].
+    /// `vggctl prepare` made of them; oxford-pets, flowers102, food101: the
+    /// directory holding oxford-iiit-pet/, flowers-102/ or food-101/
+    /// (torchvision's) [default: ./data].
     #[arg(long, alias = "data-path")]
     pub data_dir: Option<PathBuf>,
     /// Where to download the binary CIFAR-10 or CIFAR-100 archive (or
     /// STL-10's) from
     /// when it is missing; mnist, fashion-mnist, kmnist, svhn, oxford-pets,
-    /// flowers102: the mirror (or comma-separated mirrors) serving their
-    /// files [default:
+    /// flowers102, food101: the mirror (or comma-separated mirrors) serving
+    /// their files [default:
     /// $VGGCTL_<DATASET>_URL (e.g. $VGGCTL_FASHION_MNIST_URL), else the
     /// dataset's own, as torchvision's].
     #[arg(long, value_parser = http_urls)]
@@ -219,6 +221,7 @@ impl DataOpts {
             "digits" | "svhn" | "stl10" => 10,
             pets::NAME => pets::CLASSES,
             flowers::NAME => flowers::CLASSES,
+            food101::NAME => food101::CLASSES,
             other => match (cifar::named(other), mnist::named(other)) {
                 (Some(c), _) => c.classes,
                 (_, Some(m)) => m.classes.len() as i64,
@@ -345,16 +348,20 @@ impl DataOpts {
                     false => folder::load(&opts, &mut warn),
                 }
             }
-            pets::NAME | flowers::NAME => {
+            pets::NAME | flowers::NAME | food101::NAME => {
                 let bar = &mut download_bar(quiet);
                 let (images, mut listed) = match name {
                     pets::NAME => {
                         let own = (pets::MIRROR, pets::MD5S.join(","));
                         pets::open(dir, self.source_of(name, own).as_ref(), bar)?
                     }
-                    _ => {
+                    flowers::NAME => {
                         let own = (flowers::MIRROR, flowers::MD5S.join(","));
                         flowers::open(dir, self.source_of(name, own).as_ref(), bar)?
+                    }
+                    _ => {
+                        let own = (food101::MIRROR, food101::MD5S.join(","));
+                        food101::open(dir, self.source_of(name, own).as_ref(), bar)?
                     }
                 };
                 if test_only {
@@ -408,7 +415,8 @@ impl DataOpts {
     ) -> Option<Result<Dataset>> {
         let downloaded = cifar::named(name).is_some()
             || mnist::named(name).is_some()
-            || matches!(name, "svhn" | "stl10" | pets::NAME | flowers::NAME);
+            || matches!(name, "svhn" | "stl10")
+            || matches!(name, pets::NAME | flowers::NAME | food101::NAME);
         if downloaded && dir.exists() && !dir.is_dir() {
             return Some(Err(anyhow!(
                 "{}: not a directory (--data-dir names the folder {name} is read from or downloaded into)",
@@ -468,7 +476,7 @@ pub fn imagenet_split(dir: &Path, split: &str) -> Result<PathBuf> {
 
 fn unknown(name: &str) -> String {
     format!(
-        "unknown dataset '{name}' (expected cifar10, cifar100, mnist, fashion-mnist, kmnist, svhn, stl10, digits, folder, imagenet, oxford-pets or flowers102)"
+        "unknown dataset '{name}' (expected cifar10, cifar100, mnist, fashion-mnist, kmnist, svhn, stl10, digits, folder, imagenet, oxford-pets, flowers102 or food101)"
     )
 }
 

@@ -68,7 +68,8 @@ pub fn fetch_files(
 pub struct Published<'a> {
     /// Its name in messages ("Oxford-IIIT Pet").
     pub title: &'a str,
-    /// The folder under `--data-dir` its files go into.
+    /// The folder under `--data-dir` its files go into ("": `--data-dir`
+    /// itself, where an archive holds the dataset's folder).
     pub folder: &'a str,
     /// Its files, in the order of the MD5s a [`DownloadSource`] lists.
     pub files: &'a [&'a str],
@@ -100,10 +101,13 @@ impl Published<'_> {
             return Ok(base);
         };
         let listed: Vec<String> = self.files.iter().map(|f| gives(f)).collect();
-        let (title, folder) = (self.title, self.folder);
+        let title = self.title;
+        let what = match self.folder {
+            "" => listed.join(", "),
+            folder => format!("{folder}/ ({})", listed.join(", ")),
+        };
         let how = format!(
-            "put torchvision's {folder}/ ({}, from {}) into {} by hand, or point --data-dir at a copy (--data-url names a mirror)",
-            listed.join(", "),
+            "put torchvision's {what} (from {}) into {} by hand, or point --data-dir at a copy (--data-url names a mirror)",
             self.mirror,
             root.display()
         );
@@ -146,9 +150,10 @@ fn from_mirrors(
 }
 
 /// A `.tar.gz` of one folder of files (CIFAR's binary version, STL-10,
-/// Oxford-IIIT Pet's two): its file name as published, the folder it
-/// holds, and the members of that folder that are extracted (all must be
-/// there), with any others whose names `also` accepts.
+/// Oxford-IIIT Pet's two, Food-101's): its file name as published, the
+/// folder it holds, and the members of that folder that are extracted
+/// (their paths in it; all must be there), with any others whose paths
+/// `also` accepts (`images/a.jpg`; subfolders are made as needed).
 pub struct Archive<'a> {
     pub file: &'a str,
     pub folder: &'a str,
@@ -206,19 +211,19 @@ fn extract(path: &Path, archive: &Archive, into: &Path) -> Result<()> {
     for entry in tar.entries().with_context(reading)? {
         let mut entry = entry.with_context(reading)?;
         let member: PathBuf = entry.path()?.into_owned();
-        // Only `<folder>/<known name>`, as a regular file: no other
+        // Only `<folder>/<known path>`, as a regular file: no other
         // paths (and so no traversal) are ever written.
-        let name = match (member.parent(), member.file_name()) {
-            (Some(p), Some(n)) if p == Path::new(archive.folder) => {
-                n.to_string_lossy().into_owned()
-            }
-            _ => continue,
+        let Some(name) = inside(&member, archive.folder) else {
+            continue;
         };
         let known = archive.members.iter().find(|f| **f == name);
         if known.is_none() && !(archive.also)(&name) || !entry.header().entry_type().is_file() {
             continue;
         }
         let dest = into.join(&name);
+        if let Some(parent) = dest.parent().filter(|_| name.contains('/')) {
+            fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        }
         let mut out =
             File::create(&dest).with_context(|| format!("creating {}", dest.display()))?;
         std::io::copy(&mut entry, &mut out)
@@ -233,6 +238,19 @@ fn extract(path: &Path, archive: &Archive, into: &Path) -> Result<()> {
         bail!("{} lacks {}", path.display(), missing.join(", "));
     }
     Ok(())
+}
+
+/// `member`'s path inside `folder` (`a/b.jpg`), where it is inside it
+/// and every part of that path is a plain UTF-8 name (no `..`).
+fn inside(member: &Path, folder: &str) -> Option<String> {
+    use std::path::Component;
+    let rest = member.strip_prefix(folder).ok()?;
+    let parts = rest.components().map(|c| match c {
+        Component::Normal(name) => name.to_str(),
+        _ => None,
+    });
+    let parts: Vec<&str> = parts.collect::<Option<_>>()?;
+    (!parts.is_empty()).then(|| parts.join("/"))
 }
 
 /// Which digest to check a download against.

@@ -61,7 +61,7 @@ pub fn open(
             file: FILES[0],
             folder: IMAGES,
             members: &[],
-            also: |name| name.ends_with(".jpg"),
+            also: |name| name.ends_with(".jpg") && !name.contains('/'),
         }],
         mirror: MIRROR,
     };

@@ -12,6 +12,7 @@ pub mod download;
 pub mod flowers;
 pub mod folder;
 mod folder_cache;
+pub mod food101;
 pub mod image;
 pub mod imagenet;
 pub mod mix;
@@ -34,11 +35,15 @@ use stream::{InOrder, Streamed};
 
 /// Whether the dataset named `name` (a run's `dataset`, a [`Dataset`]'s
 /// name) is read as an image folder is (`folder`, `imagenet`, and the
-/// listed photographs of Oxford-IIIT Pet and Oxford 102 Flowers): images
+/// listed photographs of Oxford-IIIT Pet, Oxford 102 Flowers and
+/// Food-101): images
 /// of any size, resized as they are read, unlike CIFAR's, MNIST's and the
 /// digits' fixed sides.
 pub fn is_image_folder(name: &str) -> bool {
-    matches!(name, "folder" | "imagenet" | pets::NAME | flowers::NAME)
+    matches!(
+        name,
+        "folder" | "imagenet" | pets::NAME | flowers::NAME | food101::NAME
+    )
 }
 
 /// The probability with which training mirrors the images of the dataset

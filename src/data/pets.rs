@@ -65,7 +65,7 @@ pub fn open(
 
 /// The images archive's members that are extracted: its `.jpg` files.
 fn is_jpg(name: &str) -> bool {
-    name.ends_with(".jpg")
+    name.ends_with(".jpg") && !name.contains('/')
 }
 
 /// The lists of the dataset in `base` (`ROOT/oxford-iiit-pet`), read as
