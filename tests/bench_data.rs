@@ -52,11 +52,14 @@ fn split(data: PathBuf, workers: usize) -> Streamed {
         test_only: false,
     };
     let d = match prepared::is_prepared(&data) {
-        true => pack::load(&FolderOptions {
-            val_dir: None,
-            val_split: 1e-9,
-            ..opts
-        }),
+        true => pack::load(
+            &FolderOptions {
+                val_dir: None,
+                val_split: 1e-9,
+                ..opts
+            },
+            "folder",
+        ),
         false => folder::load(&opts, &mut |w| eprintln!("{w}")),
     }
     .expect("the benchmark's data");

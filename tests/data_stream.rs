@@ -422,7 +422,7 @@ fn a_prepared_file_gives_the_folders_batches_and_refuses_damage() {
     let folder = load(&opts, &mut |w| panic!("{w}")).unwrap();
     for path in [&raw_file, &file] {
         opts.dir = path.to_path_buf();
-        let packed = pack::load(&opts).unwrap();
+        let packed = pack::load(&opts, "folder").unwrap();
         assert_eq!(packed.classes, folder.classes);
         for (a, b) in [(&folder.train, &packed.train), (&folder.test, &packed.test)] {
             assert_eq!(a.len(), b.len());
@@ -455,7 +455,7 @@ fn a_prepared_file_gives_the_folders_batches_and_refuses_damage() {
     bytes[first.offset as usize + 100] ^= 0x40;
     std::fs::write(&file, &bytes).unwrap();
     opts.strict = false;
-    let damaged = pack::load(&opts).unwrap();
+    let damaged = pack::load(&opts, "folder").unwrap();
     let s = streamed(&damaged.train);
     let mut loader = Loader::new(s, Transform::Eval { size: 48 }).unwrap();
     loader.submit(Job {

@@ -316,6 +316,20 @@ def test_finetuning_trains_on_the_training_images_and_validates_on_the_test_imag
     assert report["dataset"] == name and report["classes"] == classes
     assert report["images"] == n_val and sum(report["support"]) == n_val, report
 
+    # `prepare` packs the dataset into one file, read (streamed) exactly as
+    # its folder is streamed.
+    packed = tmp_path / "packed.vggctl"
+    r = vggctl("prepare", "--dataset", name, "--data-dir", str(root), "-o", str(packed))
+    assert r.returncode == 0 and f"prepared {n_train + n_val} images" in r.stdout, r.stderr
+    reports = []
+    for data in [root, packed]:
+        r = vggctl("eval", "--checkpoint", str(out / "last.safetensors"), "--dataset", name, "--data-dir",
+                   str(data), "--cache-mem", "0", "--json", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        reports.append(json.loads(r.stdout))
+    assert reports[0]["images"] == reports[1]["images"] == n_val
+    assert reports[0]["loss"] == reports[1]["loss"] and reports[0]["top1"] == reports[1]["top1"], reports
+
 
 def edited_pets(pets, tmp_path, split, edit):
     """A copy of the pets (images linked) with `split`'s list edited."""

@@ -7,7 +7,7 @@ use vggctl::data::Dataset;
 use vggctl::data::cifar;
 use vggctl::data::digits;
 use vggctl::data::download::DownloadSource;
-use vggctl::data::folder::{self, FolderOptions};
+use vggctl::data::folder::{self, FolderOptions, Listed};
 use vggctl::data::imagenet;
 use vggctl::data::mnist;
 use vggctl::data::pack;
@@ -157,23 +157,11 @@ impl DataOpts {
     /// environment variable (`VGGCTL_CIFAR100_URL`, `VGGCTL_FASHION_MNIST_URL`),
     /// else `own`; the MD5 alike. None with --no-download.
     fn download_source(&self, name: &str, own: DownloadSource) -> Option<DownloadSource> {
-        let var = name.to_uppercase().replace('-', "_");
-        let env = |what: &str| std::env::var(format!("VGGCTL_{var}_{what}"));
+        let env = source_from_env(name, own);
         (!self.no_download).then(|| DownloadSource {
-            url: (self.data_url.clone())
-                .or_else(|| env("URL").ok())
-                .unwrap_or(own.url),
-            md5: (self.data_md5.clone())
-                .or_else(|| env("MD5").ok())
-                .unwrap_or(own.md5),
+            url: self.data_url.clone().unwrap_or(env.url),
+            md5: self.data_md5.clone().unwrap_or(env.md5),
         })
-    }
-
-    /// [`Self::download_source`] of a dataset whose own mirror and MD5s
-    /// are `own`.
-    fn source_of(&self, name: &str, (url, md5): (&str, String)) -> Option<DownloadSource> {
-        let url = url.to_string();
-        self.download_source(name, DownloadSource { url, md5 })
     }
 
     /// --val-dir as a run records it: only a folder's training reads it
@@ -344,31 +332,22 @@ impl DataOpts {
                 let opts = self.folder_options((dir, val_dir), (val_split, seed, cache_size), how);
                 let opts = FolderOptions { imagenet, ..opts };
                 match file {
-                    true => pack::load(&opts),
+                    true => pack::load(&opts, name),
                     false => folder::load(&opts, &mut warn),
                 }
             }
-            pets::NAME | flowers::NAME | food101::NAME => {
-                let bar = &mut download_bar(quiet);
-                let (images, mut listed) = match name {
-                    pets::NAME => {
-                        let own = (pets::MIRROR, pets::MD5S.join(","));
-                        pets::open(dir, self.source_of(name, own).as_ref(), bar)?
-                    }
-                    flowers::NAME => {
-                        let own = (flowers::MIRROR, flowers::MD5S.join(","));
-                        flowers::open(dir, self.source_of(name, own).as_ref(), bar)?
-                    }
-                    _ => {
-                        let own = (food101::MIRROR, food101::MD5S.join(","));
-                        food101::open(dir, self.source_of(name, own).as_ref(), bar)?
-                    }
-                };
+            name if is_listed(name) => {
+                let numbers = (val_split, seed, cache_size);
+                if prepared::is_prepared(dir) {
+                    let opts = self.folder_options((dir.to_path_buf(), None), numbers, how);
+                    return pack::load(&opts, name);
+                }
+                let source = |n: &str, own| self.download_source(n, own);
+                let (images, mut listed) = open_listed(name, dir, &source, quiet)?;
                 if test_only {
                     listed.train.clear();
                 }
-                let paths = (images.clone(), Some(images));
-                let opts = self.folder_options(paths, (val_split, seed, cache_size), how);
+                let opts = self.folder_options((images.clone(), Some(images)), numbers, how);
                 folder::load_listed(&opts, name, listed, &mut warn)
             }
             "digits" => digits::load(),
@@ -416,7 +395,7 @@ impl DataOpts {
         let downloaded = cifar::named(name).is_some()
             || mnist::named(name).is_some()
             || matches!(name, "svhn" | "stl10")
-            || matches!(name, pets::NAME | flowers::NAME | food101::NAME);
+            || is_listed(name) && !prepared::is_prepared(dir);
         if downloaded && dir.exists() && !dir.is_dir() {
             return Some(Err(anyhow!(
                 "{}: not a directory (--data-dir names the folder {name} is read from or downloaded into)",
@@ -459,6 +438,50 @@ struct Reading {
     test_only: bool,
     filter: Filter,
     fold: Option<usize>,
+}
+
+/// Where the dataset `name` is downloaded from where no option says:
+/// its environment variables (`VGGCTL_FOOD101_URL`, `VGGCTL_FOOD101_MD5`),
+/// else `own`.
+pub fn source_from_env(name: &str, own: DownloadSource) -> DownloadSource {
+    let var = name.to_uppercase().replace('-', "_");
+    let env = |what: &str| std::env::var(format!("VGGCTL_{var}_{what}")).ok();
+    DownloadSource {
+        url: env("URL").unwrap_or(own.url),
+        md5: env("MD5").unwrap_or(own.md5),
+    }
+}
+
+/// Whether `name` is a dataset of listed photographs (Oxford-IIIT Pet,
+/// Oxford 102 Flowers, Food-101): read as an image folder, or from the
+/// file `vggctl prepare` made of it.
+pub fn is_listed(name: &str) -> bool {
+    matches!(name, pets::NAME | flowers::NAME | food101::NAME)
+}
+
+/// The listed dataset `name` (see [`is_listed`]) under `dir`, its missing
+/// files first downloaded from where `source(name, own)` says (None:
+/// downloading is off): the folder of its images and its lists.
+pub fn open_listed(
+    name: &str,
+    dir: &Path,
+    source: &dyn Fn(&str, DownloadSource) -> Option<DownloadSource>,
+    quiet: bool,
+) -> Result<(PathBuf, Listed)> {
+    let bar = &mut download_bar(quiet);
+    let own = |url: &str, md5s: &[&str]| {
+        let own = DownloadSource {
+            url: url.into(),
+            md5: md5s.join(","),
+        };
+        source(name, own)
+    };
+    match name {
+        pets::NAME => pets::open(dir, own(pets::MIRROR, &pets::MD5S).as_ref(), bar),
+        flowers::NAME => flowers::open(dir, own(flowers::MIRROR, &flowers::MD5S).as_ref(), bar),
+        food101::NAME => food101::open(dir, own(food101::MIRROR, &food101::MD5S).as_ref(), bar),
+        other => Err(usage(unknown(other))),
+    }
 }
 
 /// `DIR/train` or `DIR/val` of ImageNet's layout, or an error saying

@@ -66,6 +66,7 @@ Examples:
 pub const FINETUNE: &str = "\
 Examples:
   vggctl finetune --dataset folder --data-dir photos --arch vgg16
+  vggctl finetune --dataset oxford-pets --arch vgg16 -e 10     37 breeds, downloaded on first use
   vggctl finetune --weights mine.pth --dataset folder --data-dir photos --train-features -e 20";
 
 pub const EXPORT: &str = "\

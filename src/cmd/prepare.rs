@@ -1,21 +1,25 @@
 //! `vggctl prepare`: an image folder (or ImageNet's layout) as one file
-//! that training, eval and fine-tuning read through memory mapping.
+//! that training, eval and fine-tuning read (positioned reads, no mapping).
 
 use std::path::PathBuf;
 
 use anyhow::Result;
-use vggctl::data::pack::{PrepareOptions, prepare};
+use vggctl::data::pack::{Prepare, PrepareOptions, prepare, prepare_listed};
 
-use super::data_opts::imagenet_split;
+use super::data_opts::{imagenet_split, is_listed, open_listed, source_from_env};
 use super::output::{usage, warn, whole};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// folder (one subfolder of images per class) or imagenet (DIR/train/<wnid>/
-    /// and DIR/val/<wnid>/).
+    /// folder (one subfolder of images per class), imagenet (DIR/train/<wnid>/
+    /// and DIR/val/<wnid>/), or oxford-pets, flowers102 or food101 (their
+    /// training and test images, as train reads them; downloaded first if
+    /// missing).
     #[arg(long, default_value = "folder")]
     dataset: String,
-    /// folder: the class folders; imagenet: the directory holding train/ and val/.
+    /// folder: the class folders; imagenet: the directory holding train/ and
+    /// val/; oxford-pets, flowers102, food101: the directory holding
+    /// oxford-iiit-pet/, flowers-102/ or food-101/.
     #[arg(long)]
     data_dir: PathBuf,
     /// folder: validation images in their own class folders.
@@ -57,6 +61,25 @@ pub fn run(args: Args) -> Result<()> {
             args.quality
         )));
     }
+    let opts = PrepareOptions {
+        max_side: args.max_side,
+        quality: args.quality,
+        raw: args.raw,
+        strict: args.strict,
+    };
+    if is_listed(&args.dataset) {
+        if args.val_dir.is_some() {
+            return Err(usage(format!(
+                "--val-dir: {} validates on its own test split",
+                args.dataset
+            )));
+        }
+        vggctl::fsutil::check_target(&args.out, args.force)?;
+        let source = |name: &str, own| Some(source_from_env(name, own));
+        let (images, listed) = open_listed(&args.dataset, &args.data_dir, &source, false)?;
+        let done = prepare_listed((&images, Some(&images)), listed, &args.out, opts)?;
+        return report(&args, &done);
+    }
     let (dir, val_dir) = match args.dataset.as_str() {
         "folder" => (args.data_dir.clone(), args.val_dir.clone()),
         "imagenet" if args.val_dir.is_none() => (
@@ -66,18 +89,17 @@ pub fn run(args: Args) -> Result<()> {
         "imagenet" => return Err(usage("--val-dir: imagenet's validation images are DIR/val")),
         other => {
             return Err(usage(format!(
-                "--dataset {other}: prepare takes folder or imagenet"
+                "--dataset {other}: prepare takes folder, imagenet, oxford-pets, flowers102 or food101"
             )));
         }
     };
     vggctl::fsutil::check_target(&args.out, args.force)?;
-    let opts = PrepareOptions {
-        max_side: args.max_side,
-        quality: args.quality,
-        raw: args.raw,
-        strict: args.strict,
-    };
     let done = prepare(&dir, val_dir.as_deref(), &args.out, opts)?;
+    report(&args, &done)
+}
+
+/// What `prepare` did, on stderr (skipped images) and stdout.
+fn report(args: &Args, done: &Prepare) -> Result<()> {
     if let Some(first) = done.skipped.first() {
         warn(format!(
             "skipped {} unreadable image(s) (--strict makes this an error), e.g. {first}",

@@ -102,13 +102,13 @@ impl Published<'_> {
         };
         let listed: Vec<String> = self.files.iter().map(|f| gives(f)).collect();
         let title = self.title;
+        let (listed, mirror) = (listed.join(", "), self.mirror);
         let what = match self.folder {
-            "" => listed.join(", "),
-            folder => format!("{folder}/ ({})", listed.join(", ")),
+            "" => format!("{listed} (from {mirror})"),
+            folder => format!("{folder}/ ({listed}, from {mirror})"),
         };
         let how = format!(
-            "put torchvision's {what} (from {}) into {} by hand, or point --data-dir at a copy (--data-url names a mirror)",
-            self.mirror,
+            "put torchvision's {what} into {} by hand, or point --data-dir at a copy (--data-url names a mirror)",
             root.display()
         );
         let Some(src) = src else {

@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use rayon::prelude::*;
 
 use super::folder::{
-    FolderOptions, LabeledFiles, check_val_split, held_out, scan_splits, shuffled,
+    FolderOptions, LabeledFiles, Listed, check_val_split, held_out, scan_splits, shuffled,
 };
 use super::image::shorter_size;
 use super::prepared::{END, Entry, Index, MAGIC, MAX_IMAGE_BYTES, Prepared};
@@ -135,6 +135,29 @@ pub fn prepare(
     opts: PrepareOptions,
 ) -> Result<Prepare> {
     let (classes, files, val) = scan_splits(dir, val_dir)?;
+    let listed = Listed {
+        classes,
+        wnids: None,
+        train: files,
+        val,
+    };
+    prepare_listed((dir, val_dir), listed, out, opts)
+}
+
+/// `vggctl prepare` of the files `listed` names (in `dir`, and the
+/// validation images in `val_dir`; names in the file are relative to them).
+pub fn prepare_listed(
+    (dir, val_dir): (&Path, Option<&Path>),
+    listed: Listed,
+    out: &Path,
+    opts: PrepareOptions,
+) -> Result<Prepare> {
+    let Listed {
+        classes,
+        train: files,
+        val,
+        ..
+    } = listed;
     let val = val_dir.zip(val);
     let mut done = Prepare {
         images: 0,
@@ -168,10 +191,10 @@ pub fn prepare(
     Ok(done)
 }
 
-/// A prepared dataset (`opts.dir`) as `folder::load` gives its folder,
-/// streamed: its own validation split, or the same held-out part (of the
-/// images it holds) for the same seed.
-pub fn load(opts: &FolderOptions) -> Result<Dataset> {
+/// A prepared dataset (`opts.dir`) as `folder::load` gives its folder
+/// (the dataset `name`), streamed: its own validation split, or the same
+/// held-out part (of the images it holds) for the same seed.
+pub fn load(opts: &FolderOptions, name: &str) -> Result<Dataset> {
     let store = Prepared::open(&opts.dir)?;
     let idx = &store.index;
     let classes = match opts.imagenet {
@@ -209,7 +232,7 @@ pub fn load(opts: &FolderOptions) -> Result<Dataset> {
         })
     };
     Ok(Dataset {
-        name: if opts.imagenet { "imagenet" } else { "folder" }.into(),
+        name: name.into(),
         train: split(train),
         test: split(val),
         classes,
