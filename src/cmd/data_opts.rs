@@ -6,7 +6,7 @@ use anyhow::{Result, anyhow, bail};
 use vggctl::data::Dataset;
 use vggctl::data::cifar;
 use vggctl::data::digits;
-use vggctl::data::download::DownloadSource;
+use vggctl::data::download::{DownloadSource, Published};
 use vggctl::data::folder::{self, FolderOptions, Listed};
 use vggctl::data::imagenet;
 use vggctl::data::mnist;
@@ -270,7 +270,7 @@ impl DataOpts {
 
     /// The dataset these options name, to evaluate on, images cached at
     /// `cache_size` (resized by `filter`) for folders: with --val-dir, only
-    /// that folder is read, and Oxford-IIIT Pet's test split alone unless
+    /// that folder is read, and a listed dataset's test split alone unless
     /// `train` (features of the training split) asks for it too; STL-10's
     /// training images those of `fold`.
     pub fn load_test(
@@ -468,20 +468,16 @@ pub fn open_listed(
     source: &dyn Fn(&str, DownloadSource) -> Option<DownloadSource>,
     quiet: bool,
 ) -> Result<(PathBuf, Listed)> {
-    let bar = &mut download_bar(quiet);
-    let own = |url: &str, md5s: &[&str]| {
-        let own = DownloadSource {
-            url: url.into(),
-            md5: md5s.join(","),
-        };
-        source(name, own)
+    type Listing = fn(&Path) -> Result<(PathBuf, Listed)>;
+    let (published, listing): (&Published, Listing) = match name {
+        pets::NAME => (&pets::PUBLISHED, pets::listing),
+        flowers::NAME => (&flowers::PUBLISHED, flowers::listing),
+        food101::NAME => (&food101::PUBLISHED, food101::listing),
+        other => return Err(usage(unknown(other))),
     };
-    match name {
-        pets::NAME => pets::open(dir, own(pets::MIRROR, &pets::MD5S).as_ref(), bar),
-        flowers::NAME => flowers::open(dir, own(flowers::MIRROR, &flowers::MD5S).as_ref(), bar),
-        food101::NAME => food101::open(dir, own(food101::MIRROR, &food101::MD5S).as_ref(), bar),
-        other => Err(usage(unknown(other))),
-    }
+    let src = source(name, published.own_source());
+    let base = published.fetch_missing(dir, src.as_ref(), &mut download_bar(quiet))?;
+    listing(&base)
 }
 
 /// `DIR/train` or `DIR/val` of ImageNet's layout, or an error saying

@@ -71,15 +71,24 @@ pub struct Published<'a> {
     /// The folder under `--data-dir` its files go into ("": `--data-dir`
     /// itself, where an archive holds the dataset's folder).
     pub folder: &'a str,
-    /// Its files, in the order of the MD5s a [`DownloadSource`] lists.
+    /// Its files, and their MD5s (the official ones, in the same order).
     pub files: &'a [&'a str],
+    pub md5s: &'a [&'a str],
     /// Those of the files that are archives, and what of each is extracted.
     pub archives: &'a [Archive<'a>],
-    /// The mirror torchvision downloads from, for messages.
+    /// The mirror torchvision downloads from.
     pub mirror: &'a str,
 }
 
 impl Published<'_> {
+    /// Where it is downloaded from unless the command line says otherwise.
+    pub fn own_source(&self) -> DownloadSource {
+        DownloadSource {
+            url: self.mirror.into(),
+            md5: self.md5s.join(","),
+        }
+    }
+
     /// `root/folder`, its missing files first downloaded from the mirrors
     /// `src` names (None: downloading is off) and its archives extracted.
     /// A file is missing where it is not there, an archive where the

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
-use super::download::{Archive, DownloadSource, Published};
+use super::download::{Archive, Published};
 use super::folder::{LabeledFiles, Listed};
 use crate::formats::mat::{MatArray, Values, read_mat};
 
@@ -44,33 +44,30 @@ pub fn class_names() -> Vec<String> {
         .collect()
 }
 
-/// The dataset under `root` (`--data-dir`), its missing files first
-/// downloaded from the mirrors `src` names (None: downloading is off):
-/// the folder of its images, and its classes with the images of train
-/// and val (to train on) and of test (to validate on), in `setid.mat`'s order.
-pub fn open(
-    root: &Path,
-    src: Option<&DownloadSource>,
-    progress: &mut dyn FnMut(u64, Option<u64>),
-) -> Result<(PathBuf, Listed)> {
-    let published = Published {
-        title: "Oxford 102 Flowers",
-        folder: FOLDER,
-        files: &FILES,
-        archives: &[Archive {
-            file: FILES[0],
-            folder: IMAGES,
-            members: &[],
-            also: |name| name.ends_with(".jpg") && !name.contains('/'),
-        }],
-        mirror: MIRROR,
-    };
-    listing(&published.fetch_missing(root, src, progress)?)
+/// Where the dataset comes from, as torchvision downloads it.
+pub const PUBLISHED: Published<'static> = Published {
+    title: "Oxford 102 Flowers",
+    folder: FOLDER,
+    files: &FILES,
+    md5s: &MD5S,
+    archives: &[Archive {
+        file: FILES[0],
+        folder: IMAGES,
+        members: &[],
+        also: is_jpg,
+    }],
+    mirror: MIRROR,
+};
+
+/// The archive's members that are extracted: the `.jpg` files of `jpg/`.
+fn is_jpg(name: &str) -> bool {
+    name.ends_with(".jpg") && !name.contains('/')
 }
 
-/// The lists of the dataset in `base` (`ROOT/flowers-102`), read as
-/// torchvision reads them (see [`open`]).
-fn listing(base: &Path) -> Result<(PathBuf, Listed)> {
+/// The dataset in `base` (`ROOT/flowers-102`), read as torchvision reads
+/// it: the folder of its images, and its classes with the images of train
+/// and val (to train on) and of test (to validate on), in `setid.mat`'s order.
+pub fn listing(base: &Path) -> Result<(PathBuf, Listed)> {
     let labels_file = base.join(FILES[1]);
     let labels = whole_numbers(&labels_file, "labels", 1..=CLASSES)?;
     let n = labels.len() as i64;

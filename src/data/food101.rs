@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
-use super::download::{Archive, DownloadSource, Published};
+use super::download::{Archive, Published};
 use super::folder::{LabeledFiles, Listed};
 use crate::fsutil::read_regular;
 
@@ -31,34 +31,27 @@ fn wanted(path: &str) -> bool {
     matches!(parts[..], ["images", _, file] if file.ends_with(".jpg"))
 }
 
-/// The dataset under `root` (`--data-dir`), first downloaded from the
-/// mirrors `src` names if it is missing (None: downloading is off): the
+/// Where the dataset comes from, as torchvision downloads it.
+pub const PUBLISHED: Published<'static> = Published {
+    title: "Food-101",
+    // The archive holds the folder itself.
+    folder: "",
+    files: &FILES,
+    md5s: &MD5S,
+    archives: &[Archive {
+        file: FILES[0],
+        folder: FOLDER,
+        members: &["meta/train.json", "meta/test.json"],
+        also: wanted,
+    }],
+    mirror: MIRROR,
+};
+
+/// The dataset in `root/food-101`, read as torchvision reads it: the
 /// folder of its images, and its classes with the images of train (to
 /// train on) and of test (to validate on), in the lists' order.
-pub fn open(
-    root: &Path,
-    src: Option<&DownloadSource>,
-    progress: &mut dyn FnMut(u64, Option<u64>),
-) -> Result<(PathBuf, Listed)> {
-    let published = Published {
-        title: "Food-101",
-        // The archive holds the folder itself.
-        folder: "",
-        files: &FILES,
-        archives: &[Archive {
-            file: FILES[0],
-            folder: FOLDER,
-            members: &["meta/train.json", "meta/test.json"],
-            also: wanted,
-        }],
-        mirror: MIRROR,
-    };
-    listing(&published.fetch_missing(root, src, progress)?.join(FOLDER))
-}
-
-/// The lists of the dataset in `base` (`ROOT/food-101`), read as
-/// torchvision reads them (see [`open`]).
-fn listing(base: &Path) -> Result<(PathBuf, Listed)> {
+pub fn listing(root: &Path) -> Result<(PathBuf, Listed)> {
+    let base = &root.join(FOLDER);
     let images = base.join("images");
     let train = read_list(base, "train")?;
     let test = read_list(base, "test")?;

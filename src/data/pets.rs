@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
-use super::download::{Archive, DownloadSource, Published, none_else};
+use super::download::{Archive, Published, none_else};
 use super::folder::{LabeledFiles, Listed};
 use crate::fsutil::read_regular;
 
@@ -30,48 +30,39 @@ pub const CLASSES: i64 = 37;
 /// The most bytes a split's list may have (trainval.txt has 100 KB).
 const MAX_LIST: u64 = 16 << 20;
 
-/// The dataset under `root` (`--data-dir`), its missing folders first
-/// downloaded from the mirrors `src` names (None: downloading is off): the
-/// folder of its images, and the breeds' names (torchvision's `classes`)
-/// with the images of trainval (to train on) and test (to validate on),
-/// in the lists' order.
-pub fn open(
-    root: &Path,
-    src: Option<&DownloadSource>,
-    progress: &mut dyn FnMut(u64, Option<u64>),
-) -> Result<(PathBuf, Listed)> {
-    let published = Published {
-        title: "Oxford-IIIT Pet",
-        folder: FOLDER,
-        files: &ARCHIVES,
-        archives: &[
-            Archive {
-                file: ARCHIVES[0],
-                folder: "images",
-                members: &[],
-                also: is_jpg,
-            },
-            Archive {
-                file: ARCHIVES[1],
-                folder: "annotations",
-                members: &["trainval.txt", "test.txt"],
-                also: none_else,
-            },
-        ],
-        mirror: MIRROR,
-    };
-    listing(&published.fetch_missing(root, src, progress)?)
-}
+/// Where the dataset comes from, as torchvision downloads it.
+pub const PUBLISHED: Published<'static> = Published {
+    title: "Oxford-IIIT Pet",
+    folder: FOLDER,
+    files: &ARCHIVES,
+    md5s: &MD5S,
+    archives: &[
+        Archive {
+            file: ARCHIVES[0],
+            folder: "images",
+            members: &[],
+            also: is_jpg,
+        },
+        Archive {
+            file: ARCHIVES[1],
+            folder: "annotations",
+            members: &["trainval.txt", "test.txt"],
+            also: none_else,
+        },
+    ],
+    mirror: MIRROR,
+};
 
 /// The images archive's members that are extracted: its `.jpg` files.
 fn is_jpg(name: &str) -> bool {
     name.ends_with(".jpg") && !name.contains('/')
 }
 
-/// The lists of the dataset in `base` (`ROOT/oxford-iiit-pet`), read as
-/// torchvision reads them (see [`open`]); the breeds are named from
-/// trainval's images.
-fn listing(base: &Path) -> Result<(PathBuf, Listed)> {
+/// The dataset in `base` (`ROOT/oxford-iiit-pet`), read as torchvision
+/// reads it: the folder of its images, and the breeds' names
+/// (torchvision's `classes`, named from trainval's images) with the images
+/// of trainval (to train on) and test (to validate on), in the lists' order.
+pub fn listing(base: &Path) -> Result<(PathBuf, Listed)> {
     let trainval = read_list(base, "trainval")?;
     let test = read_list(base, "test")?;
     let classes = class_names(base, &trainval)?;
