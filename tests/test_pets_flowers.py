@@ -402,6 +402,11 @@ def test_missing_data_and_wrong_downloads_are_refused(datasets, tmp_path, name):
     assert r.returncode == 1 and len(errors(r)) == 1, r.stderr
     assert f"no {title} in {empty}: expected {empty}/{first} and downloading is off" in r.stderr
 
+    # features reads a split from memory; a streamed one is refused.
+    r = run("--data-dir", str(datasets[name]), "--no-download", "--cache-mem", "0")
+    assert r.returncode == 1 and len(errors(r)) == 1, r.stderr
+    assert "features reads a split held in memory, and the test split is streamed" in r.stderr
+
     a_file = tmp_path / "a_file"
     a_file.write_text("")
     r = run("--data-dir", str(a_file))

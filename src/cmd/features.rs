@@ -283,7 +283,7 @@ fn run_on_dataset(args: &Args, format: RowFormat) -> Result<()> {
     let images = images.limit(args.limit.map(|n| n as i64));
     let Some(images) = images.as_resident() else {
         bail!(
-            "{}: the {split} split is not held in memory",
+            "{}: features reads a split held in memory, and the {split} split is streamed (a prepared file always is; a folder is where its images need more than --cache-mem)",
             dataset.source
         );
     };
