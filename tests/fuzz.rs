@@ -3,8 +3,9 @@
 //! storage walk runs over what it built), both `.pth` layouts, safetensors
 //! with vggctl's metadata check, both CIFAR layouts (as CIFAR-10's and
 //! CIFAR-100's files), MNIST's IDX files (plain and gzipped), SVHN's
-//! MAT-files (plain and compressed), the image
-//! decoder and prepared datasets (index, checksums, the images in them).
+//! MAT-files (plain and compressed), Oxford-IIIT Pet's and Food-101's
+//! lists, the image decoder and prepared datasets (index, checksums, the
+//! images in them).
 //!
 //! Inputs are mutations of real files (the fixtures) and, for pickles,
 //! programs drawn from a grammar of the opcodes hostile files use: deep
@@ -116,6 +117,26 @@ fn read_mnist(path: &Path, bytes: &[u8]) -> Result<()> {
 /// As an SVHN split's MAT-file.
 fn read_svhn(path: &Path, _: &[u8]) -> Result<()> {
     vggctl::data::svhn::read_split(path).map(drop)
+}
+
+/// As Oxford-IIIT Pet's lists: the bytes as trainval.txt and as test.txt.
+fn read_pet_lists(path: &Path, bytes: &[u8]) -> Result<()> {
+    let base = path.with_extension("pets");
+    let annotations = base.join("annotations");
+    std::fs::create_dir_all(&annotations)?;
+    std::fs::write(annotations.join("trainval.txt"), bytes)?;
+    std::fs::write(annotations.join("test.txt"), bytes)?;
+    vggctl::data::pets::listing(&base).map(drop)
+}
+
+/// As Food-101's lists: the bytes as meta/train.json and meta/test.json.
+fn read_food_lists(path: &Path, bytes: &[u8]) -> Result<()> {
+    let root = path.with_extension("food");
+    let meta = root.join("food-101").join("meta");
+    std::fs::create_dir_all(&meta)?;
+    std::fs::write(meta.join("train.json"), bytes)?;
+    std::fs::write(meta.join("test.json"), bytes)?;
+    vggctl::data::food101::listing(&root).map(drop)
 }
 
 fn read_image(path: &Path, _: &[u8]) -> Result<()> {
@@ -275,6 +296,32 @@ fn image_seeds() -> Vec<Vec<u8>> {
     out
 }
 
+/// Oxford-IIIT Pet's list of two images of each of its 37 breeds (cats'
+/// names capitalized, dogs' not, as the real lists have them).
+fn pet_list_seeds() -> Vec<Vec<u8>> {
+    let lines = (1..=37).flat_map(|b| {
+        let breed = match b % 3 {
+            0 => format!("Breed{b}"),
+            _ => format!("dog_breed_{b}"),
+        };
+        [1, 2].map(|n| format!("{breed}_{n} {b} {} {b}\n", 1 + b % 2))
+    });
+    vec![lines.collect::<String>().into_bytes()]
+}
+
+/// Food-101's list of one image of each of its 101 classes, and of two.
+fn food_list_seeds() -> Vec<Vec<u8>> {
+    [1, 2]
+        .map(|n| {
+            let classes = (0..101).map(|c| {
+                let ids = (0..n).map(|i| format!("\"dish_{c}/{i}\""));
+                format!("\"dish_{c}\": [{}]", ids.collect::<Vec<_>>().join(", "))
+            });
+            format!("{{{}}}", classes.collect::<Vec<_>>().join(", ")).into_bytes()
+        })
+        .to_vec()
+}
+
 /// Prepared datasets of two classes of the image seeds, resized (to 24)
 /// and stored as files or raw.
 fn prepared_seeds() -> Vec<Vec<u8>> {
@@ -349,6 +396,18 @@ const TARGETS: &[Target] = &[
         name: "svhn",
         read: read_svhn,
         seeds: svhn_seeds,
+        pickles: false,
+    },
+    Target {
+        name: "pet-lists",
+        read: read_pet_lists,
+        seeds: pet_list_seeds,
+        pickles: false,
+    },
+    Target {
+        name: "food-lists",
+        read: read_food_lists,
+        seeds: food_list_seeds,
         pickles: false,
     },
     Target {
@@ -578,10 +637,19 @@ fn readers_survive_fuzzing() {
 }
 
 /// The seeds are what the readers take (so mutations start from files
-/// that get past the first checks): each MNIST and SVHN seed reads.
+/// that get past the first checks): each MNIST, SVHN, pet list and food
+/// list seed reads.
 #[test]
 fn the_dataset_seeds_read() {
     let dir = common::tempdir();
+    for (i, seed) in pet_list_seeds().iter().enumerate() {
+        let path = dir.path().join(format!("p{i}"));
+        read_pet_lists(&path, seed).unwrap();
+    }
+    for (i, seed) in food_list_seeds().iter().enumerate() {
+        let path = dir.path().join(format!("f{i}"));
+        read_food_lists(&path, seed).unwrap();
+    }
     for (i, seed) in svhn_seeds().iter().enumerate() {
         let path = dir.path().join(format!("s{i}.mat"));
         std::fs::write(&path, seed).unwrap();
