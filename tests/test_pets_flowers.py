@@ -401,6 +401,13 @@ def test_missing_data_and_wrong_downloads_are_refused(datasets, tmp_path, name):
     assert r.returncode == 1 and len(errors(r)) == 1, r.stderr
     assert f"no {title} in {empty}: expected {empty}/{first} and downloading is off" in r.stderr
 
+    # Its validation images are its test split: prepare takes no --val-dir.
+    r = vggctl("prepare", "--dataset", name, "--data-dir", str(datasets[name]), "--val-dir", str(empty),
+               "-o", str(tmp_path / "p.vggdata"))
+    assert r.returncode == 2 and errors(r) == [
+        f"vggctl: error: --val-dir: {name} validates on its own test split"], r.stderr
+    assert not (tmp_path / "p.vggdata").exists()
+
     # features reads a split from memory; a streamed one is refused.
     r = run("--data-dir", str(datasets[name]), "--no-download", "--cache-mem", "0")
     assert r.returncode == 1 and len(errors(r)) == 1, r.stderr
