@@ -175,6 +175,12 @@ pub fn none_else(_: &str) -> bool {
     false
 }
 
+/// For [`Archive::also`]: the `.jpg` files directly in the folder (the
+/// photographs of Oxford's Pet and Flowers archives).
+pub fn jpg_files(name: &str) -> bool {
+    name.ends_with(".jpg") && !name.contains('/')
+}
+
 /// Downloads `archive` from `src.url` into `dir` (kept there, as
 /// torchvision keeps it), checks its MD5 and extracts only the expected
 /// members of its folder into `dir/folder` through a temporary directory,

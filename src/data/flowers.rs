@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
-use super::download::{Archive, Published};
+use super::download::{Archive, Published, jpg_files};
 use super::folder::{LabeledFiles, Listed};
 use crate::formats::mat::{MatArray, Values, read_mat};
 
@@ -54,25 +54,20 @@ pub const PUBLISHED: Published<'static> = Published {
         file: FILES[0],
         folder: IMAGES,
         members: &[],
-        also: is_jpg,
+        also: jpg_files,
     }],
     mirror: MIRROR,
 };
-
-/// The archive's members that are extracted: the `.jpg` files of `jpg/`.
-fn is_jpg(name: &str) -> bool {
-    name.ends_with(".jpg") && !name.contains('/')
-}
 
 /// The dataset in `base` (`ROOT/flowers-102`), read as torchvision reads
 /// it: the folder of its images, and its classes with the images of train
 /// and val (to train on) and of test (to validate on), in `setid.mat`'s order.
 pub fn listing(base: &Path) -> Result<(PathBuf, Listed)> {
     let labels_file = base.join(FILES[1]);
-    let labels = whole_numbers(&labels_file, "labels", 1..=CLASSES)?;
+    let [labels] = whole_numbers(&labels_file, ["labels"], 1..=CLASSES)?;
     let n = labels.len() as i64;
     let setid = base.join(FILES[2]);
-    let [train, val, test] = ["trnid", "valid", "tstid"].map(|s| whole_numbers(&setid, s, 1..=n));
+    let [train, val, test] = whole_numbers(&setid, ["trnid", "valid", "tstid"], 1..=n)?;
     let images = base.join(IMAGES);
     let files = |ids: &[i64]| -> LabeledFiles {
         (ids.iter())
@@ -82,7 +77,6 @@ pub fn listing(base: &Path) -> Result<(PathBuf, Listed)> {
             })
             .collect()
     };
-    let (train, val, test) = (train?, val?, test?);
     let listed = Listed {
         classes: class_names(),
         wnids: None,
@@ -92,25 +86,35 @@ pub fn listing(base: &Path) -> Result<(PathBuf, Listed)> {
     Ok((images, listed))
 }
 
-/// The array `name` of the MAT-file `path`: whole numbers in `range`, as
-/// many as its one dimension other than 1 says.
-fn whole_numbers(
+/// The arrays `names` of the MAT-file `path`, read in one pass: whole
+/// numbers in `range`, as many as each one's one dimension other than 1 says.
+fn whole_numbers<const N: usize>(
     path: &Path,
-    name: &str,
+    names: [&str; N],
     range: std::ops::RangeInclusive<i64>,
-) -> Result<Vec<i64>> {
-    let what = || format!("{}: not Oxford 102 Flowers' {name}", path.display());
+) -> Result<[Vec<i64>; N]> {
+    let what = || {
+        format!(
+            "{}: not Oxford 102 Flowers' {}",
+            path.display(),
+            names.join(", ")
+        )
+    };
     // Checked before opening: a FIFO would block the open.
     let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
     if !meta.is_file() {
         bail!("{}: not a regular file", path.display());
     }
     let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut vars = read_mat(&mut BufReader::new(file), &[name], MAX_VALUES).with_context(what)?;
-    let Some((_, array)) = vars.pop() else {
-        bail!("{}: no '{name}' array", path.display());
+    let vars = read_mat(&mut BufReader::new(file), &names, MAX_VALUES).with_context(what)?;
+    let one = |name: &str| -> Result<Vec<i64>> {
+        let Some((_, array)) = vars.iter().find(|(n, _)| n == name) else {
+            bail!("{}: no '{name}' array", path.display());
+        };
+        numbers(array, range.clone()).with_context(|| format!("{}: '{name}'", path.display()))
     };
-    numbers(&array, range).with_context(|| format!("{}: '{name}'", path.display()))
+    let out = names.iter().map(|n| one(n)).collect::<Result<Vec<_>>>()?;
+    Ok(out.try_into().expect("one array per name"))
 }
 
 /// A vector's values (a 1 x N or N x 1 array), each a whole number in `range`.

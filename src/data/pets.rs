@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
-use super::download::{Archive, Published, none_else};
+use super::download::{Archive, Published, jpg_files, none_else};
 use super::folder::{LabeledFiles, Listed};
 use crate::fsutil::read_regular;
 
@@ -41,7 +41,7 @@ pub const PUBLISHED: Published<'static> = Published {
             file: ARCHIVES[0],
             folder: "images",
             members: &[],
-            also: is_jpg,
+            also: jpg_files,
         },
         Archive {
             file: ARCHIVES[1],
@@ -52,11 +52,6 @@ pub const PUBLISHED: Published<'static> = Published {
     ],
     mirror: MIRROR,
 };
-
-/// The images archive's members that are extracted: its `.jpg` files.
-fn is_jpg(name: &str) -> bool {
-    name.ends_with(".jpg") && !name.contains('/')
-}
 
 /// The dataset in `base` (`ROOT/oxford-iiit-pet`), read as torchvision
 /// reads it: the folder of its images, and the breeds' names
