@@ -40,6 +40,12 @@ pub fn read_regular(path: &Path, what: &str, max: u64) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// [`read_regular`]'s bytes as text: UTF-8, or an error naming the file.
+pub fn read_text(path: &Path, what: &str, max: u64) -> Result<String> {
+    let bytes = read_regular(path, what, max)?;
+    String::from_utf8(bytes).with_context(|| format!("{}: not UTF-8 text", path.display()))
+}
+
 /// What kind of file `meta` describes, for messages.
 fn kind(meta: &fs::Metadata) -> &'static str {
     let t = meta.file_type();

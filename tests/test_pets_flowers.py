@@ -1,7 +1,7 @@
 """The fine-tuning datasets read from lists against torchvision's own
 readers on the same folders: `--dataset oxford-pets` against
 `OxfordIIITPet`, `--dataset flowers102` against `Flowers102`, `--dataset
-food101` against `Food101`. Each is a copy
+food101` against `Food101`, `--dataset dtd` against `DTD`. Each is a copy
 of the dataset's layout made of real photographs (scikit-image's) cut into
 distinct 64x64 windows; the images to validate on are stored losslessly
 (PNG data in .jpg files, as a few real pets are), so that both sides
@@ -22,19 +22,25 @@ normalize the same bytes, the others as JPEG.
   sorted, the images in the lists' order), one image each to train on and
   one to test; its archive holds the folder itself, and a member trying to
   leave it (`../../../evil.jpg`) is not written anywhere.
+- DTD: `dtd/dtd/images/<class>/<image>.jpg` of 47 classes (in shuffled
+  order), three or four images each, listed by the ten partitions'
+  `labels/{train,val,test}<K>.txt`, each partition putting each image in
+  another split, so that partition 1 tests 47 images and partition 2
+  tests 70; `--fold K` reads partition K, and eval of a run reads the
+  run's.
 
 For each:
 - Downloaded from a mirror on 127.0.0.1 (the archives the test makes, with
   members vggctl does not need), then read: `features --dataset NAME
   --split test` saves torchvision's classes, targets in its order, and rows
   equal to torchvision's VGG11 on the reader's images within 1e-5; `--split
-  train` is trainval (pets) or train then val (flowers). Nothing but the
+  train` is trainval (pets) or train then val (flowers, DTD). Nothing but the
   dataset's files is left in the data directory.
 - `finetune` trains on the training images and validates on the test
   images; the checkpoint names torchvision's classes and `eval` of it
   counts the test images. A --val-dir given is ignored with a warning and
   left out of the run's files.
-- Bad lists (pets' text, food's JSON) and MAT-files, a missing dataset, a --data-dir that is a file
+- Bad lists (pets' and DTD's text, food's JSON) and MAT-files, a missing dataset, a --data-dir that is a file
   and a wrong MD5 get one line each and leave nothing behind.
 """
 import io
@@ -76,7 +82,11 @@ FLOWER_IDS = np.random.default_rng(6).permutation(np.arange(1, 31)).astype(np.ui
 SETID = {"trnid": FLOWER_IDS[:10], "valid": FLOWER_IDS[10:20], "tstid": FLOWER_IDS[20:]}
 # Food-101: 101 classes, listed in shuffled order (the classes are sorted).
 DISHES = [f"dish_{i:03d}" for i in np.random.default_rng(7).permutation(101)]
-TITLES = {"oxford-pets": "Oxford-IIIT Pet", "flowers102": "Oxford 102 Flowers", "food101": "Food-101"}
+# DTD: 47 classes in shuffled order, three images of each but every
+# other one, which has four.
+TEXTURES = [f"texture_{i:02d}" for i in np.random.default_rng(8).permutation(47)]
+TITLES = {"oxford-pets": "Oxford-IIIT Pet", "flowers102": "Oxford 102 Flowers", "food101": "Food-101",
+          "dtd": "DTD"}
 
 
 def vggctl(*args, cwd=None, env=None):
@@ -137,6 +147,35 @@ def make_food(base):
     (base / "meta" / "classes.txt").write_text("\n".join(sorted(DISHES)))
 
 
+def dtd_split(j, k):
+    """The split partition `k` puts a class's `j`-th image in."""
+    return ["train", "val", "test"][(j + k) % 3]
+
+
+def make_dtd(data, partitions=range(1, 11)):
+    """DTD's layout in `data` (`ROOT/dtd/dtd`), with the lists of
+    `partitions`; the images partition 1 tests stored losslessly."""
+    lists = {(s, k): [] for s in ["train", "val", "test"] for k in partitions}
+    for c, texture in enumerate(TEXTURES):
+        (data / "images" / texture).mkdir(parents=True)
+        for j in range(3 + c % 2):
+            image = f"{texture}_{j:04d}.jpg"
+            save_window(data / "images" / texture / image, 600 + 4 * c + j, dtd_split(j, 1) == "test")
+            for k in partitions:
+                lists[dtd_split(j, k), k].append(f"{texture}/{image}")
+    (data / "labels").mkdir()
+    rng = np.random.default_rng(9)
+    for (s, k), lines in lists.items():
+        (data / "labels" / f"{s}{k}.txt").write_text("\n".join(rng.permutation(lines)) + "\n")
+
+
+@pytest.fixture(scope="module")
+def dtd(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dtd")
+    make_dtd(root / "dtd" / "dtd")
+    return root
+
+
 @pytest.fixture(scope="module")
 def food(tmp_path_factory):
     root = tmp_path_factory.mktemp("food")
@@ -145,8 +184,8 @@ def food(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def datasets(pets, flowers, food):
-    return {"oxford-pets": pets, "flowers102": flowers, "food101": food}
+def datasets(pets, flowers, food, dtd):
+    return {"oxford-pets": pets, "flowers102": flowers, "food101": food, "dtd": dtd}
 
 
 @pytest.fixture(scope="module")
@@ -201,9 +240,20 @@ def serve_food(base, out):
     return [md5(str(out / "food-101.tar.gz"))]
 
 
-def torchvision_split(name, root, split):
+def serve_dtd(base, out):
+    """DTD's archive as published (holding `dtd/`, with members no reader
+    needs) in `out`; its MD5."""
+    out.mkdir()
+    tar_folder(out / "dtd-r1.0.1.tar.gz", base, "dtd",
+               ["imdb/imdb.mat", "labels/labels_joint_anno.txt", "images/texture_00/.directory"])
+    return [md5(str(out / "dtd-r1.0.1.tar.gz"))]
+
+
+def torchvision_split(name, root, split, partition=1):
     """torchvision's reader of the dataset `name` in `root`: its split
-    `split` ("train": what vggctl trains on)."""
+    `split` ("train": what vggctl trains on; DTD's of `partition`)."""
+    if name == "dtd":
+        return torchvision.datasets.DTD(str(root), split=split, partition=partition)
     if name == "oxford-pets":
         return torchvision.datasets.OxfordIIITPet(str(root), split="trainval" if split == "train" else split)
     if name == "food101":
@@ -243,7 +293,7 @@ def assert_rows_are_torchvisions(path, ds, name):
     assert err <= 1e-5, err
 
 
-@pytest.mark.parametrize("name", ["oxford-pets", "flowers102", "food101"])
+@pytest.mark.parametrize("name", ["oxford-pets", "flowers102", "food101", "dtd"])
 def test_downloads_are_read_as_torchvision_reads_them(datasets, tmp_path, name):
     served, data, root = tmp_path / "served", tmp_path / "data", datasets[name]
     if name == "oxford-pets":
@@ -252,9 +302,12 @@ def test_downloads_are_read_as_torchvision_reads_them(datasets, tmp_path, name):
     elif name == "flowers102":
         sums, folder = serve_flowers(root / "flowers-102", served), "flowers-102"
         files = ["102flowers.tgz", "imagelabels.mat", "jpg", "setid.mat"]
-    else:
+    elif name == "food101":
         sums, folder = serve_food(root / "food-101", served), "food-101"
         files = ["images", "meta"]
+    else:
+        sums, folder = serve_dtd(root / "dtd" / "dtd", served), "dtd"
+        files = ["dtd", "dtd-r1.0.1.tar.gz"]
     env = dict(os.environ, **{f"VGGCTL_{name.upper().replace('-', '_')}_MD5": ",".join(sums)})
     with mirror(str(served)) as url:
         r = features("--dataset", name, "--split", "test", "--data-dir", str(data), "--data-url", url,
@@ -272,6 +325,17 @@ def test_downloads_are_read_as_torchvision_reads_them(datasets, tmp_path, name):
     elif name == "flowers102":
         assert sorted(os.listdir(data / folder / "jpg")) == sorted(os.listdir(root / folder / "jpg"))
         train = flowers102(data, "train")._labels + flowers102(data, "val")._labels
+    elif name == "dtd":
+        # Every partition's lists, the images of the class folders only.
+        assert sorted(os.listdir(data / "dtd" / "dtd")) == ["images", "labels"]
+        assert sorted(os.listdir(data / "dtd" / "dtd" / "labels")) == sorted(
+            f"{s}{k}.txt" for s in ["train", "val", "test"] for k in range(1, 11))
+        assert sorted(os.listdir(data / "dtd" / "dtd" / "images" / "texture_00")) == sorted(
+            os.listdir(root / "dtd" / "dtd" / "images" / "texture_00"))
+        assert ds.classes == sorted(TEXTURES) and len(ds) == 47
+        # --split train --fold 2 below: partition 2's train then val.
+        train = (torchvision_split(name, data, "train", 2)._labels
+                 + torchvision_split(name, data, "val", 2)._labels)
     else:
         assert sorted(os.listdir(data / folder / "meta")) == ["test.json", "train.json"]
         assert sorted(os.listdir(data / folder / "images")) == sorted(DISHES)
@@ -280,9 +344,10 @@ def test_downloads_are_read_as_torchvision_reads_them(datasets, tmp_path, name):
         train = torchvision_split(name, data, "train")._labels
     assert_rows_are_torchvisions(tmp_path / "test.safetensors", ds, name)
 
-    # --split train: trainval (pets), train then val (flowers), read from
-    # the folder now there.
-    r = features("--dataset", name, "--split", "train", "--data-dir", str(data), "--no-download",
+    # --split train: trainval (pets), train then val (flowers, DTD's
+    # partition 2), read from the folder now there.
+    fold = ["--fold", "2"] if name == "dtd" else []
+    r = features("--dataset", name, "--split", "train", "--data-dir", str(data), "--no-download", *fold,
                  "--input", "64", "--layer", "features.0", "--pool", "avg", "-o", "train.safetensors",
                  cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -290,12 +355,14 @@ def test_downloads_are_read_as_torchvision_reads_them(datasets, tmp_path, name):
 
 
 @pytest.mark.parametrize("name, n_train, n_val", [("oxford-pets", 74, 37), ("flowers102", 20, 10),
-                                                  ("food101", 101, 101)])
+                                                  ("food101", 101, 101), ("dtd", 94, 70)])
 def test_finetuning_trains_on_the_training_images_and_validates_on_the_test_images(
         datasets, tmp_path, name, n_train, n_val):
     root = datasets[name]
     out = tmp_path / "ft"
-    r = vggctl("finetune", "--weights", WEIGHTS, "--arch", "vgg11", "--dataset", name,
+    # DTD: partition 2 (which tests 70 images; partition 1, 47).
+    fold = ["--fold", "2"] if name == "dtd" else []
+    r = vggctl("finetune", "--weights", WEIGHTS, "--arch", "vgg11", "--dataset", name, *fold,
                "--data-dir", str(root), "--no-download", "--input", "32", "--epochs", "1",
                "--batch-size", "128", "--keep", "last", "--cache-dir", str(tmp_path / "cache"),
                "--val-dir", str(root), "--out", str(out))
@@ -316,11 +383,16 @@ def test_finetuning_trains_on_the_training_images_and_validates_on_the_test_imag
     report = json.loads(r.stdout)
     assert report["dataset"] == name and report["classes"] == classes
     assert report["images"] == n_val and sum(report["support"]) == n_val, report
+    if name == "dtd":
+        # The run's partition, recorded; --fold reads another.
+        assert json.loads((out / "config.json").read_text())["fold"] == 2
+        r = vggctl("eval", "--checkpoint", str(out / "last.safetensors"), "--fold", "1", "--json", cwd=tmp_path)
+        assert r.returncode == 0 and json.loads(r.stdout)["images"] == 47, r.stderr
 
     # `prepare` packs the dataset into one file, read (streamed) exactly as
     # its folder is streamed.
     packed = tmp_path / "packed.vggctl"
-    r = vggctl("prepare", "--dataset", name, "--data-dir", str(root), "-o", str(packed))
+    r = vggctl("prepare", "--dataset", name, "--data-dir", str(root), *fold, "-o", str(packed))
     assert r.returncode == 0 and f"prepared {n_train + n_val} images" in r.stdout, r.stderr
     r = vggctl("eval", "--checkpoint", str(out / "last.safetensors"), "--data-dir", str(packed), "--json",
                cwd=tmp_path)
@@ -328,6 +400,13 @@ def test_finetuning_trains_on_the_training_images_and_validates_on_the_test_imag
     from_file = json.loads(r.stdout)
     assert from_file["images"] == n_val and from_file["dataset"] == name
     assert (from_file["loss"], from_file["top1"]) == (report["loss"], report["top1"]), (from_file, report)
+    if name == "dtd":
+        # The file packs partition 2: training on it asks for that one.
+        r = vggctl("train", "--dataset", "dtd", "--data-dir", str(packed), "--input", "32", "--out",
+                   str(tmp_path / "p1"))
+        assert r.returncode == 2 and errors(r) == [
+            f"vggctl: error: {packed}: packs DTD's partition 2, not 1: give --fold 2 (or prepare --fold 1 another file)"
+        ], r.stderr
 
 
 def edited_pets(pets, tmp_path, split, edit):
@@ -387,7 +466,7 @@ def test_bad_flower_files_are_one_line_each(flowers, tmp_path, file, arrays, lin
     assert not (tmp_path / "x.npy").exists()
 
 
-@pytest.mark.parametrize("name", ["oxford-pets", "flowers102", "food101"])
+@pytest.mark.parametrize("name", ["oxford-pets", "flowers102", "food101", "dtd"])
 def test_missing_data_and_wrong_downloads_are_refused(datasets, tmp_path, name):
     def run(*args, env=None):
         return features("--dataset", name, "--split", "test", "-o", "x.npy", *args, cwd=tmp_path, env=env)
@@ -396,7 +475,7 @@ def test_missing_data_and_wrong_downloads_are_refused(datasets, tmp_path, name):
     empty.mkdir()
     r = run("--data-dir", str(empty), "--no-download")
     first = {"oxford-pets": "oxford-iiit-pet/images/", "flowers102": "flowers-102/jpg/",
-             "food101": "food-101/"}[name]
+             "food101": "food-101/", "dtd": "dtd/dtd/"}[name]
     title = TITLES[name]
     assert r.returncode == 1 and len(errors(r)) == 1, r.stderr
     assert f"no {title} in {empty}: expected {empty}/{first} and downloading is off" in r.stderr
@@ -428,8 +507,10 @@ def test_missing_data_and_wrong_downloads_are_refused(datasets, tmp_path, name):
         sums, kept = serve_pets(root / "oxford-iiit-pet", served), ["images", "images.tar.gz"]
     elif name == "flowers102":
         sums, kept = serve_flowers(root / "flowers-102", served), ["102flowers.tgz", "imagelabels.mat", "jpg"]
-    else:
+    elif name == "food101":
         sums, kept = serve_food(root / "food-101", served), None
+    else:
+        sums, kept = serve_dtd(root / "dtd" / "dtd", served), None
     env = dict(os.environ, **{f"VGGCTL_{name.upper().replace('-', '_')}_MD5": ",".join(sums[:-1] + ["0" * 32])})
     with mirror(str(served)) as url:
         r = run("--data-dir", str(data), "--data-url", url, env=env)
@@ -468,4 +549,29 @@ def test_bad_food_lists_are_one_line_each(food, tmp_path, split, edit, line):
                  "--no-download", "-o", "x.npy", cwd=tmp_path)
     lines = errors(r)
     assert r.returncode == 1 and len(lines) == 1 and line in lines[0], r.stderr
+    assert not (tmp_path / "x.npy").exists()
+
+
+@pytest.mark.parametrize("split, edit, line", [
+    ("test", lambda ls: ["texture_00/a/b.jpg"] + ls, "test1.txt: line 1: 'texture_00/a/b.jpg' is not <class>/<image>"),
+    ("train", lambda ls: ls[:2] + ["../x.jpg"] + ls[2:],
+     "train1.txt: line 3: '../x.jpg' is not <class>/<image> of plain file names"),
+    ("test", lambda ls: ["stone/stone_0001.jpg"] + ls,
+     "test1.txt: line 1: class 'stone' is not one of train1.txt's and val1.txt's"),
+    ("train", lambda ls: ls + ["stone/stone_0001.jpg"], "train1.txt and val1.txt: 48 classes, where DTD has 47"),
+    ("val", lambda ls: [], "val1.txt: lists no images"),
+    (None, None, "vggctl: error: --fold 11: DTD's partitions are 1 to 10"),
+])
+def test_bad_dtd_lists_and_partitions_are_one_line_each(dtd, tmp_path, split, edit, line):
+    data = tmp_path / "edited" / "dtd" / "dtd"
+    (data / "labels").mkdir(parents=True)
+    os.symlink(dtd / "dtd" / "dtd" / "images", data / "images")
+    for s in ["train", "val", "test"]:
+        lines = (dtd / "dtd" / "dtd" / "labels" / f"{s}1.txt").read_text().splitlines()
+        (data / "labels" / f"{s}1.txt").write_text("\n".join(edit(lines) if s == split else lines) + "\n")
+    fold = ["--fold", "11"] if split is None else []
+    r = features("--dataset", "dtd", "--split", "test", "--data-dir", str(tmp_path / "edited"),
+                 "--no-download", *fold, "-o", "x.npy", cwd=tmp_path)
+    lines = errors(r)
+    assert r.returncode == (2 if split is None else 1) and len(lines) == 1 and line in lines[0], r.stderr
     assert not (tmp_path / "x.npy").exists()

@@ -7,7 +7,7 @@
 use anyhow::Result;
 use vggctl::data::augment::Augment;
 use vggctl::data::auto_augment::Policy;
-use vggctl::data::is_image_folder;
+use vggctl::data::{dtd, is_image_folder};
 use vggctl::dist::World;
 use vggctl::model::Head;
 use vggctl::num::Num;
@@ -377,14 +377,14 @@ fn model_and_data_rules(config: &TrainConfig) -> [Rule; 7] {
         (&["val_dir"], folder, "applies to --dataset folder only"),
         (
             &["fold"],
-            config.dataset == "stl10",
-            "applies to --dataset stl10 only",
+            matches!(config.dataset.as_str(), "stl10" | dtd::NAME),
+            "applies to --dataset stl10 and dtd only",
         ),
         (
             // --cache-mem: in memory or streamed, whose crops differ.
             &["interpolation", "cache_mem"],
             is_image_folder(&config.dataset),
-            "applies to image folders only (--dataset folder, imagenet, oxford-pets, flowers102 or food101)",
+            "applies to image folders only (--dataset folder, imagenet, oxford-pets, flowers102, food101 or dtd)",
         ),
         (
             &["val_split"],

@@ -6,14 +6,14 @@ use anyhow::{Result, anyhow, bail};
 use vggctl::data::Dataset;
 use vggctl::data::cifar;
 use vggctl::data::digits;
-use vggctl::data::download::{DownloadSource, Published};
+use vggctl::data::download::DownloadSource;
 use vggctl::data::folder::{self, FolderOptions, Listed};
 use vggctl::data::imagenet;
 use vggctl::data::mnist;
 use vggctl::data::pack;
 use vggctl::data::prepared::{self, Prepared};
 use vggctl::data::resize::Filter;
-use vggctl::data::{flowers, food101, pets, stl10, svhn};
+use vggctl::data::{dtd, flowers, food101, pets, stl10, svhn};
 use vggctl::dist::World;
 use vggctl::train::config::TrainConfig;
 
@@ -34,8 +34,10 @@ pub struct DataOpts {
     /// layout, classes named by their WordNet ids), oxford-pets (Oxford-IIIT
     /// Pet's 37 breeds: its trainval split to train on, its test split to
     /// validate on), flowers102 (Oxford 102 Flowers: its train and val
-    /// splits to train on, its test split to validate on) or food101
-    /// (Food-101: its train and test splits); their photographs
+    /// splits to train on, its test split to validate on), food101
+    /// (Food-101: its train and test splits) or dtd (the Describable
+    /// Textures Dataset's 47 classes: a partition's train and val lists to
+    /// train on, its test list to validate on); their photographs
     /// are read as a folder's [default: cifar10; eval: the
     /// checkpoint's; features: none, the images given instead].
     #[arg(long)]
@@ -47,15 +49,16 @@ pub struct DataOpts {
     /// directory holding train_32x32.mat and test_32x32.mat; stl10: the
     /// directory holding stl10_binary/; folder: the class folders; imagenet: the
     /// directory holding train/ and val/; folder, imagenet: or the file
-    /// `vggctl prepare` made of them; oxford-pets, flowers102, food101: the
-    /// directory holding oxford-iiit-pet/, flowers-102/ or food-101/
-    /// (torchvision's) [default: ./data].
+    /// `vggctl prepare` made of them; oxford-pets, flowers102, food101, dtd:
+    /// the directory holding oxford-iiit-pet/, flowers-102/, food-101/ or
+    /// dtd/ (torchvision's), or the file `vggctl prepare` made of it
+    /// [default: ./data].
     #[arg(long, alias = "data-path")]
     pub data_dir: Option<PathBuf>,
     /// Where to download the binary CIFAR-10 or CIFAR-100 archive (or
     /// STL-10's) from
     /// when it is missing; mnist, fashion-mnist, kmnist, svhn, oxford-pets,
-    /// flowers102, food101: the mirror (or comma-separated mirrors) serving
+    /// flowers102, food101, dtd: the mirror (or comma-separated mirrors) serving
     /// their files [default:
     /// $VGGCTL_<DATASET>_URL (e.g. $VGGCTL_FASHION_MNIST_URL), else the
     /// dataset's own, as torchvision's].
@@ -65,13 +68,16 @@ pub struct DataOpts {
     /// comma-separated, for train-images, train-labels, t10k-images,
     /// t10k-labels; svhn: two, train and test; oxford-pets: two, images.tar.gz
     /// and annotations.tar.gz; flowers102: three, 102flowers.tgz,
-    /// imagelabels.mat and setid.mat) [default:
+    /// imagelabels.mat and setid.mat; food101, dtd: one) [default:
     /// $VGGCTL_<DATASET>_MD5, else the official files'].
     #[arg(long, hide = true)]
     pub data_md5: Option<String>,
     /// stl10: train on its predefined training fold K (0 to 9: 1,000 of the
     /// 5,000 labelled images, line K of fold_indices.txt), as torchvision's
-    /// STL10(folds=K) and STL-10's protocol [default: all 5,000].
+    /// STL10(folds=K) and STL-10's protocol [default: all 5,000]; dtd: read
+    /// its partition K (1 to 10: labels/train<K>.txt, val<K>.txt and
+    /// test<K>.txt), as torchvision's DTD(partition=K) [default: 1; eval:
+    /// the run's].
     #[arg(long, value_name = "K", value_parser = whole::<usize>)]
     pub fold: Option<usize>,
     /// Never download; fail if the data is not in --data-dir.
@@ -210,6 +216,7 @@ impl DataOpts {
             pets::NAME => pets::CLASSES,
             flowers::NAME => flowers::CLASSES,
             food101::NAME => food101::CLASSES,
+            dtd::NAME => dtd::CLASSES,
             other => match (cifar::named(other), mnist::named(other)) {
                 (Some(c), _) => c.classes,
                 (_, Some(m)) => m.classes.len() as i64,
@@ -233,15 +240,9 @@ impl DataOpts {
         Ok(classes)
     }
 
-    /// `--fold` names one of STL-10's folds.
+    /// `--fold` names one of STL-10's folds, or of DTD's partitions.
     pub fn check_fold(&self) -> Result<()> {
-        match self.fold.filter(|&k| k >= stl10::FOLDS) {
-            Some(k) => Err(usage(format!(
-                "--fold {k}: STL-10's folds are 0 to {}",
-                stl10::FOLDS - 1
-            ))),
-            None => Ok(()),
-        }
+        check_fold(self.dataset(), self.fold)
     }
 
     /// The dataset a training configuration names.
@@ -339,11 +340,14 @@ impl DataOpts {
             name if is_listed(name) => {
                 let numbers = (val_split, seed, cache_size);
                 if prepared::is_prepared(dir) {
+                    if name == dtd::NAME {
+                        check_packed_partition(dir, how.fold)?;
+                    }
                     let opts = self.folder_options((dir.to_path_buf(), None), numbers, how);
                     return pack::load(&opts, name);
                 }
                 let source = |n: &str, own| self.download_source(n, own);
-                let (images, mut listed) = open_listed(name, dir, &source, quiet)?;
+                let (images, mut listed) = open_listed((name, how.fold), dir, &source, quiet)?;
                 if test_only {
                     listed.train.clear();
                 }
@@ -430,7 +434,7 @@ impl DataOpts {
 /// How a dataset is read: `quiet` (no download bar), `streamed` (how a
 /// run recorded its folder; None: by --cache-mem), `test_only` (for
 /// evaluation: a validation folder alone), `filter` (image folders'
-/// resizes), `fold` (STL-10's training fold).
+/// resizes), `fold` (STL-10's training fold, DTD's partition).
 #[derive(Clone, Copy)]
 struct Reading {
     quiet: bool,
@@ -438,6 +442,41 @@ struct Reading {
     test_only: bool,
     filter: Filter,
     fold: Option<usize>,
+}
+
+/// `--fold K` for `dataset`: one of DTD's partitions (1 to 10), else of
+/// STL-10's folds (0 to 9; other datasets ignore or refuse it).
+pub fn check_fold(dataset: &str, fold: Option<usize>) -> Result<()> {
+    let (folds, what) = match dataset {
+        dtd::NAME => (dtd::PARTITIONS, "DTD's partitions"),
+        _ => (0..=stl10::FOLDS - 1, "STL-10's folds"),
+    };
+    match fold.filter(|k| !folds.contains(k)) {
+        Some(k) => Err(usage(format!(
+            "--fold {k}: {what} are {} to {}",
+            folds.start(),
+            folds.end()
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// The DTD file `vggctl prepare` made at `file` packs partition `fold`
+/// (None: the default): a run records the partition it trained on, and
+/// evaluating it reads that partition's test images, packed or not.
+fn check_packed_partition(file: &Path, fold: Option<usize>) -> Result<()> {
+    let want = fold.unwrap_or(dtd::DEFAULT_PARTITION);
+    match Prepared::open(file)?.index.partition {
+        Some(k) if k == want => Ok(()),
+        Some(k) => Err(usage(format!(
+            "{}: packs DTD's partition {k}, not {want}: give --fold {k} (or prepare --fold {want} another file)",
+            file.display()
+        ))),
+        None => bail!(
+            "{}: not a file of DTD (vggctl prepare --dataset dtd makes one)",
+            file.display()
+        ),
+    }
 }
 
 /// Where the dataset `name` is downloaded from where no option says:
@@ -453,31 +492,37 @@ pub fn source_from_env(name: &str, own: DownloadSource) -> DownloadSource {
 }
 
 /// Whether `name` is a dataset of listed photographs (Oxford-IIIT Pet,
-/// Oxford 102 Flowers, Food-101): read as an image folder, or from the
-/// file `vggctl prepare` made of it.
+/// Oxford 102 Flowers, Food-101, DTD): read as an image folder, or from
+/// the file `vggctl prepare` made of it.
 pub fn is_listed(name: &str) -> bool {
-    matches!(name, pets::NAME | flowers::NAME | food101::NAME)
+    matches!(name, pets::NAME | flowers::NAME | food101::NAME | dtd::NAME)
 }
 
-/// The listed dataset `name` (see [`is_listed`]) under `dir`, its missing
-/// files first downloaded from where `source(name, own)` says (None:
-/// downloading is off): the folder of its images and its lists.
+/// The listed dataset `name` (see [`is_listed`]) under `dir`, DTD's
+/// partition `fold`, its missing files first downloaded from where
+/// `source(name, own)` says (None: downloading is off): the folder of its
+/// images and its lists.
 pub fn open_listed(
-    name: &str,
+    (name, fold): (&str, Option<usize>),
     dir: &Path,
     source: &dyn Fn(&str, DownloadSource) -> Option<DownloadSource>,
     quiet: bool,
 ) -> Result<(PathBuf, Listed)> {
-    type Listing = fn(&Path) -> Result<(PathBuf, Listed)>;
-    let (published, listing): (&Published, Listing) = match name {
-        pets::NAME => (&pets::PUBLISHED, pets::listing),
-        flowers::NAME => (&flowers::PUBLISHED, flowers::listing),
-        food101::NAME => (&food101::PUBLISHED, food101::listing),
+    let published = match name {
+        pets::NAME => &pets::PUBLISHED,
+        flowers::NAME => &flowers::PUBLISHED,
+        food101::NAME => &food101::PUBLISHED,
+        dtd::NAME => &dtd::PUBLISHED,
         other => return Err(usage(unknown(other))),
     };
     let src = source(name, published.own_source());
     let base = published.fetch_missing(dir, src.as_ref(), &mut download_bar(quiet))?;
-    listing(&base)
+    match name {
+        pets::NAME => pets::listing(&base),
+        flowers::NAME => flowers::listing(&base),
+        food101::NAME => food101::listing(&base),
+        _ => dtd::listing(&base, fold),
+    }
 }
 
 /// `DIR/train` or `DIR/val` of ImageNet's layout, or an error saying
@@ -495,7 +540,7 @@ pub fn imagenet_split(dir: &Path, split: &str) -> Result<PathBuf> {
 
 fn unknown(name: &str) -> String {
     format!(
-        "unknown dataset '{name}' (expected cifar10, cifar100, mnist, fashion-mnist, kmnist, svhn, stl10, digits, folder, imagenet, oxford-pets, flowers102 or food101)"
+        "unknown dataset '{name}' (expected cifar10, cifar100, mnist, fashion-mnist, kmnist, svhn, stl10, digits, folder, imagenet, oxford-pets, flowers102, food101 or dtd)"
     )
 }
 

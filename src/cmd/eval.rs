@@ -7,7 +7,7 @@ use anyhow::{Result, bail};
 use tch::Device;
 use vggctl::checkpoint::{ModelFile, ModelMeta, meta_for_weights, read_weights};
 use vggctl::data::augment::Preprocess;
-use vggctl::data::{Dataset, imagenet, is_image_folder};
+use vggctl::data::{Dataset, dtd, imagenet, is_image_folder};
 use vggctl::dist::World;
 use vggctl::eval::{AmongClasses, EvalGraph, Scoring, evaluate};
 use vggctl::infer::{Inference, Logits};
@@ -380,7 +380,7 @@ fn scored_as(
 /// Options that change nothing for this data: an interpolation where no
 /// image is resized, a class subset the data does not make.
 fn warn_unused(args: &Args, dataset: &Dataset, scoring: &Scoring) {
-    if args.data.fold.is_some() {
+    if args.data.fold.is_some() && dataset.name != dtd::NAME {
         warn("--fold is ignored: evaluation reads the test split, which has no folds".into());
     }
     if args.read.interpolation.is_some() && !is_image_folder(&dataset.name) {

@@ -11,7 +11,7 @@ use vggctl::checkpoint::ModelMeta;
 use vggctl::data::augment::{Augment, Normalizer, Preprocess};
 use vggctl::data::image::default_resize;
 use vggctl::data::resize::Filter;
-use vggctl::data::{Dataset, folder, is_image_folder, native_side};
+use vggctl::data::{Dataset, dtd, folder, is_image_folder, native_side};
 use vggctl::train::run_dir::config_beside;
 
 use super::data_opts::DataOpts;
@@ -22,7 +22,8 @@ use super::output::usage;
 /// options, the weights file (a run directory's data is found from it;
 /// None for torchvision's published weights),
 /// the seed of a folder's split, whether the training split is read too
-/// (features of it), and STL-10's training fold.
+/// (features of it), and STL-10's training fold (DTD's partition is
+/// `data.fold`, else the run's).
 pub struct EvalData<'a> {
     pub data: &'a DataOpts,
     pub read: &'a ReadOpts,
@@ -88,7 +89,11 @@ pub fn load_data(
             m.interpolation
         });
     let cache = (resize.unwrap_or(default_resize(input)), filter);
-    let dataset = data.load_test(how.seed, cache, (how.train, how.fold))?;
+    let fold = match data.dataset() {
+        dtd::NAME => data.fold,
+        _ => how.fold,
+    };
+    let dataset = data.load_test(how.seed, cache, (how.train, fold))?;
     let (mean, std) = meta.map_or((dataset.mean, dataset.std), |m| (m.mean, m.std));
     let augment = match resize {
         Some(_) => Augment::ResizedCrop,
@@ -101,13 +106,17 @@ pub fn load_data(
 }
 
 /// A checkpoint in its run directory: the data the run trained on (its
-/// directory, validation folder or held-out fraction), from wherever eval
-/// is started, where the command line does not say otherwise.
+/// directory, validation folder or held-out fraction, DTD's partition),
+/// from wherever eval is started, where the command line does not say
+/// otherwise.
 fn from_run_dir(file: &Path, data: &mut DataOpts) -> Result<()> {
-    if data.data_dir.is_none()
-        && let Some(run) = config_beside(file)
-        && run.dataset == data.dataset()
-    {
+    let Some(run) = config_beside(file).filter(|r| r.dataset == data.dataset()) else {
+        return Ok(());
+    };
+    if run.dataset == dtd::NAME && data.fold.is_none() {
+        data.fold = run.fold;
+    }
+    if data.data_dir.is_none() {
         data.data_dir = Some(PathBuf::from(run.data_dir));
         if data.val_dir.is_none() {
             data.val_dir = run.val_dir.map(PathBuf::from);

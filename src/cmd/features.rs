@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use serde::Serialize;
 use tch::Tensor;
-use vggctl::data::Split;
 use vggctl::data::augment::Preprocess;
+use vggctl::data::{Split, dtd};
 use vggctl::formats::rows::{RowArray, RowFormat, RowWriter};
 use vggctl::fsutil::check_target;
 use vggctl::model::{ModelSpec, Pool, Vgg};
@@ -259,9 +259,12 @@ fn run_on_dataset(args: &Args, format: RowFormat) -> Result<()> {
     let fold = args
         .data
         .fold
-        .filter(|_| name == "stl10" && split == "train");
+        .filter(|_| name == "stl10" && split == "train" || name == dtd::NAME);
     if args.data.fold.is_some() && fold.is_none() {
-        warn("--fold is ignored: it selects a fold of --dataset stl10's training split".into());
+        warn(
+            "--fold is ignored: it selects a fold of --dataset stl10's training split, or dtd's partition"
+                .into(),
+        );
     }
     let mut loaded = args.input.open_model()?;
     let spec = loaded.model.spec;

@@ -83,7 +83,7 @@ enum Command {
     /// Save images' embeddings: the outputs of named layers (torchvision's create_feature_extractor) as .npy or .safetensors.
     #[command(after_help = help::FEATURES)]
     Features(features::Args),
-    /// Pack an image folder (ImageNet's layout, Oxford-IIIT Pet, Oxford 102 Flowers or Food-101 too) into one file that training reads with positioned reads
+    /// Pack an image folder (ImageNet's layout, Oxford-IIIT Pet, Oxford 102 Flowers, Food-101 or DTD too) into one file that training reads with positioned reads
     #[command(after_help = help::PREPARE)]
     Prepare(prepare::Args),
     /// Shell completions (bash, zsh, fish, powershell, elvish) on stdout.

@@ -4,24 +4,29 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
+use vggctl::data::dtd;
 use vggctl::data::pack::{Prepare, PrepareOptions, prepare, prepare_listed};
 
-use super::data_opts::{imagenet_split, is_listed, open_listed, source_from_env};
+use super::data_opts::{check_fold, imagenet_split, is_listed, open_listed, source_from_env};
 use super::output::{usage, warn, whole};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// folder (one subfolder of images per class), imagenet (DIR/train/<wnid>/
-    /// and DIR/val/<wnid>/), or oxford-pets, flowers102 or food101 (their
+    /// and DIR/val/<wnid>/), or oxford-pets, flowers102, food101 or dtd (their
     /// training and test images, as train reads them; downloaded first if
     /// missing).
     #[arg(long, default_value = "folder")]
     dataset: String,
     /// folder: the class folders; imagenet: the directory holding train/ and
-    /// val/; oxford-pets, flowers102, food101: the directory holding
-    /// oxford-iiit-pet/, flowers-102/ or food-101/.
+    /// val/; oxford-pets, flowers102, food101, dtd: the directory holding
+    /// oxford-iiit-pet/, flowers-102/, food-101/ or dtd/.
     #[arg(long)]
     data_dir: PathBuf,
+    /// dtd: the partition packed (1 to 10), as torchvision's
+    /// DTD(partition=K) [default: 1].
+    #[arg(long, value_name = "K", value_parser = whole::<usize>)]
+    fold: Option<usize>,
     /// folder: validation images in their own class folders.
     #[arg(long)]
     val_dir: Option<PathBuf>,
@@ -67,6 +72,12 @@ pub fn run(args: Args) -> Result<()> {
         raw: args.raw,
         strict: args.strict,
     };
+    if args.fold.is_some() && args.dataset != dtd::NAME {
+        return Err(usage(
+            "--fold: prepare packs a partition of --dataset dtd only",
+        ));
+    }
+    check_fold(&args.dataset, args.fold)?;
     if is_listed(&args.dataset) {
         if args.val_dir.is_some() {
             return Err(usage(format!(
@@ -76,7 +87,8 @@ pub fn run(args: Args) -> Result<()> {
         }
         vggctl::fsutil::check_target(&args.out, args.force)?;
         let source = |name: &str, own| Some(source_from_env(name, own));
-        let (images, listed) = open_listed(&args.dataset, &args.data_dir, &source, false)?;
+        let (images, listed) =
+            open_listed((&args.dataset, args.fold), &args.data_dir, &source, false)?;
         let done = prepare_listed((&images, Some(&images)), listed, &args.out, opts)?;
         return report(&args, &done);
     }
@@ -89,7 +101,7 @@ pub fn run(args: Args) -> Result<()> {
         "imagenet" => return Err(usage("--val-dir: imagenet's validation images are DIR/val")),
         other => {
             return Err(usage(format!(
-                "--dataset {other}: prepare takes folder, imagenet, oxford-pets, flowers102 or food101"
+                "--dataset {other}: prepare takes folder, imagenet, oxford-pets, flowers102, food101 or dtd"
             )));
         }
     };

@@ -233,9 +233,7 @@ impl Cifar {
             .collect::<Result<Vec<_>>>()?;
         let test = self.read_bin_batch(&dir.join(self.bin_test))?;
         let meta = dir.join(self.bin_names);
-        let bytes = crate::fsutil::read_regular(&meta, "a class list", 1 << 20)?;
-        let text = String::from_utf8(bytes)
-            .with_context(|| format!("{}: not UTF-8 text", meta.display()))?;
+        let text = crate::fsutil::read_text(&meta, "a class list", 1 << 20)?;
         let classes: Vec<String> = text
             .lines()
             .map(str::trim)

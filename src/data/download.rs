@@ -109,7 +109,12 @@ impl Published<'_> {
         let Some(first) = missing.first() else {
             return Ok(base);
         };
-        let listed: Vec<String> = self.files.iter().map(|f| gives(f)).collect();
+        let listed: Vec<String> = (self.files.iter())
+            .map(|f| match archive(f) {
+                Some(a) => format!("{}/ of {f}", a.folder),
+                None => f.to_string(),
+            })
+            .collect();
         let title = self.title;
         let (listed, mirror) = (listed.join(", "), self.mirror);
         let what = match self.folder {
@@ -179,6 +184,19 @@ pub fn none_else(_: &str) -> bool {
 /// photographs of Oxford's Pet and Flowers archives).
 pub fn jpg_files(name: &str) -> bool {
     name.ends_with(".jpg") && !name.contains('/')
+}
+
+/// For [`Archive::also`]: the `.jpg` files of the class folders in
+/// `images/` (Food-101's and DTD's photographs: `images/<class>/<id>.jpg`).
+pub fn class_folder_jpgs(path: &str) -> bool {
+    let parts: Vec<&str> = path.split('/').collect();
+    matches!(parts[..], ["images", _, file] if file.ends_with(".jpg"))
+}
+
+/// Whether `s` is a plain name in a list of files: not empty, `.` or `..`,
+/// and without a path separator.
+pub fn is_plain_name(s: &str) -> bool {
+    !s.is_empty() && s != "." && s != ".." && !s.contains(['/', '\\'])
 }
 
 /// Downloads `archive` from `src.url` into `dir` (kept there, as

@@ -82,6 +82,7 @@ pub fn listing(base: &Path) -> Result<(PathBuf, Listed)> {
         wnids: None,
         train: [files(&train), files(&val)].concat(),
         val: Some(files(&test)),
+        partition: None,
     };
     Ok((images, listed))
 }

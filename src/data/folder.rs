@@ -339,6 +339,7 @@ pub fn load(opts: &FolderOptions, warn: &mut dyn FnMut(String)) -> Result<Datase
             wnids,
             train: Vec::new(),
             val: Some(files),
+            partition: None,
         };
         return load_listed(opts, name, listed, warn);
     }
@@ -352,18 +353,21 @@ pub fn load(opts: &FolderOptions, warn: &mut dyn FnMut(String)) -> Result<Datase
         wnids,
         train: files,
         val,
+        partition: None,
     };
     load_listed(opts, name, listed, warn)
 }
 
 /// A dataset's image files: its class names (and ImageNet's WordNet
-/// ids), the training images, and the validation images (those of
-/// `FolderOptions::val_dir`; None: a held-out fraction of the training images).
+/// ids), the training images, the validation images (those of
+/// `FolderOptions::val_dir`; None: a held-out fraction of the training
+/// images), and the partition they are (DTD's; None elsewhere).
 pub struct Listed {
     pub classes: Vec<String>,
     pub wnids: Option<Vec<String>>,
     pub train: LabeledFiles,
     pub val: Option<LabeledFiles>,
+    pub partition: Option<usize>,
 }
 
 /// The dataset `name` of the files `listed` names, decoded into memory
@@ -380,6 +384,7 @@ pub fn load_listed(
         wnids,
         train,
         val,
+        ..
     } = listed;
     let (dir, (train, test, test_names)) = match (opts.test_only, val, &opts.val_dir) {
         (true, Some(files), Some(vdir)) => (vdir, test_split(opts, vdir, files, warn)?),

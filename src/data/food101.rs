@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
-use super::download::{Archive, Published};
+use super::download::{Archive, Published, class_folder_jpgs, is_plain_name};
 use super::folder::{LabeledFiles, Listed};
 use crate::fsutil::read_regular;
 
@@ -25,12 +25,6 @@ pub const CLASSES: i64 = 101;
 /// The most bytes a split's list may have (train.json has 1.5 MB).
 const MAX_LIST: u64 = 64 << 20;
 
-/// The archive's members that are extracted: the images and the two lists.
-fn wanted(path: &str) -> bool {
-    let parts: Vec<&str> = path.split('/').collect();
-    matches!(parts[..], ["images", _, file] if file.ends_with(".jpg"))
-}
-
 /// Where the dataset comes from, as torchvision downloads it.
 pub const PUBLISHED: Published<'static> = Published {
     title: "Food-101",
@@ -42,7 +36,7 @@ pub const PUBLISHED: Published<'static> = Published {
         file: FILES[0],
         folder: FOLDER,
         members: &["meta/train.json", "meta/test.json"],
-        also: wanted,
+        also: class_folder_jpgs,
     }],
     mirror: MIRROR,
 };
@@ -83,6 +77,7 @@ pub fn listing(root: &Path) -> Result<(PathBuf, Listed)> {
         val: Some(files("test", test)?),
         classes,
         wnids: None,
+        partition: None,
     };
     Ok((images, listed))
 }
@@ -125,8 +120,7 @@ fn read_list(base: &Path, split: &str) -> Result<Vec<(String, Vec<String>)>> {
 /// Whether `id` is a path of plain names (`apple_pie/1005649`: no `..`,
 /// no leading `/`).
 fn is_relative(id: &str) -> bool {
-    id.split('/')
-        .all(|part| !part.is_empty() && part != "." && part != "..")
+    id.split('/').all(is_plain_name)
 }
 
 #[cfg(test)]
@@ -135,6 +129,7 @@ mod tests {
 
     #[test]
     fn only_images_of_class_folders_and_plain_paths_are_taken() {
+        let wanted = class_folder_jpgs;
         assert!(wanted("images/apple_pie/1005649.jpg"));
         assert!(!wanted("images/1005649.jpg") && !wanted("images/a/b/c.jpg"));
         assert!(!wanted("meta/classes.txt") && !wanted("images/a/b.png"));

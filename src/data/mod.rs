@@ -9,6 +9,7 @@ mod auto_augment_tables;
 pub mod cifar;
 pub mod digits;
 pub mod download;
+pub mod dtd;
 pub mod flowers;
 pub mod folder;
 mod folder_cache;
@@ -35,14 +36,13 @@ use stream::{InOrder, Streamed};
 
 /// Whether the dataset named `name` (a run's `dataset`, a [`Dataset`]'s
 /// name) is read as an image folder is (`folder`, `imagenet`, and the
-/// listed photographs of Oxford-IIIT Pet, Oxford 102 Flowers and
-/// Food-101): images
-/// of any size, resized as they are read, unlike CIFAR's, MNIST's and the
-/// digits' fixed sides.
+/// listed photographs of Oxford-IIIT Pet, Oxford 102 Flowers, Food-101
+/// and DTD): images of any size, resized as they are read, unlike CIFAR's,
+/// MNIST's and the digits' fixed sides.
 pub fn is_image_folder(name: &str) -> bool {
     matches!(
         name,
-        "folder" | "imagenet" | pets::NAME | flowers::NAME | food101::NAME
+        "folder" | "imagenet" | pets::NAME | flowers::NAME | food101::NAME | dtd::NAME
     )
 }
 

@@ -140,6 +140,7 @@ pub fn prepare(
         wnids: None,
         train: files,
         val,
+        partition: None,
     };
     prepare_listed((dir, val_dir), listed, out, opts)
 }
@@ -156,6 +157,7 @@ pub fn prepare_listed(
         classes,
         train: files,
         val,
+        partition,
         ..
     } = listed;
     let val = val_dir.zip(val);
@@ -180,6 +182,7 @@ pub fn prepare_listed(
             max_side: opts.max_side,
             train,
             val,
+            partition,
         })?;
         w.write_all(&index)?;
         w.write_all(&at.to_le_bytes())?;

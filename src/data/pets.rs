@@ -7,11 +7,11 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 
 use super::download::{Archive, Published, jpg_files, none_else};
 use super::folder::{LabeledFiles, Listed};
-use crate::fsutil::read_regular;
+use crate::fsutil::read_text;
 
 /// The dataset's name on the command line and in a run's files.
 pub const NAME: &str = "oxford-pets";
@@ -86,6 +86,7 @@ pub fn listing(base: &Path) -> Result<(PathBuf, Listed)> {
         wnids: None,
         train: files(trainval),
         val: Some(files(test)),
+        partition: None,
     };
     Ok((images, listed))
 }
@@ -104,10 +105,7 @@ struct Entry {
 /// `annotations/<split>.txt`: lines `<id> <breed 1-37> <species> <breed id>`.
 fn read_list(base: &Path, split: &str) -> Result<Vec<Entry>> {
     let path = annotations(base, split);
-    let bytes = read_regular(&path, "an Oxford-IIIT Pet list", MAX_LIST)?;
-    let text = String::from_utf8(bytes)
-        .ok()
-        .with_context(|| format!("{}: not text (UTF-8)", path.display()))?;
+    let text = read_text(&path, "an Oxford-IIIT Pet list", MAX_LIST)?;
     let mut entries = Vec::new();
     for (n, line) in text.lines().enumerate() {
         let fields: Vec<&str> = line.split_whitespace().collect();

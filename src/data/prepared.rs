@@ -56,6 +56,9 @@ pub struct Index {
     /// `train`, and `val` when the folder had a validation folder.
     pub train: Vec<Entry>,
     pub val: Option<Vec<Entry>>,
+    /// The partition packed (DTD's; None for other data).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition: Option<usize>,
 }
 
 /// An opened prepared dataset: the open file and its index.

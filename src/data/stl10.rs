@@ -23,7 +23,7 @@ use tch::Tensor;
 
 use super::download::{Archive, DownloadSource, fetch_archive, none_else};
 use super::{Dataset, Histograms, Images, Split, mean_std};
-use crate::fsutil::read_regular;
+use crate::fsutil::{read_regular, read_text};
 
 pub const URL: &str = "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz";
 pub const MD5: &str = "91f7769df0f17e558f3565bffb0c7dfb";
@@ -183,9 +183,7 @@ fn fold_indices(folder: &Path, k: usize, n: i64) -> Result<Vec<i64>> {
             path.display()
         );
     }
-    let bytes = read_regular(&path, "a list of folds", 1 << 20)?;
-    let text =
-        String::from_utf8(bytes).with_context(|| format!("{}: not UTF-8 text", path.display()))?;
+    let text = read_text(&path, "a list of folds", 1 << 20)?;
     let Some(line) = text.lines().nth(k) else {
         bail!("{}: no line for fold {k}", path.display());
     };
@@ -211,9 +209,7 @@ fn class_names(folder: &Path) -> Result<Vec<String>> {
     if !path.exists() {
         return Ok(CLASSES.map(String::from).to_vec());
     }
-    let bytes = read_regular(&path, "a class list", 1 << 20)?;
-    let text =
-        String::from_utf8(bytes).with_context(|| format!("{}: not UTF-8 text", path.display()))?;
+    let text = read_text(&path, "a class list", 1 << 20)?;
     let names: Vec<String> = (text.lines().map(str::trim))
         .filter(|l| !l.is_empty())
         .map(String::from)

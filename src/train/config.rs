@@ -105,7 +105,8 @@ pub struct TrainConfig {
     /// Image folders: the validation folder, or the fraction held out.
     pub val_dir: Option<String>,
     pub val_split: f64,
-    /// STL-10: the predefined training fold trained on (None: all images).
+    /// STL-10: the predefined training fold trained on (None: all images);
+    /// DTD: the partition read, for training and evaluation (None: 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fold: Option<usize>,
     pub epochs: usize,
