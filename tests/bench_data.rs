@@ -50,6 +50,7 @@ fn split(data: PathBuf, workers: usize) -> Streamed {
         workers,
         imagenet: false,
         test_only: false,
+        own_val: false,
     };
     let d = match prepared::is_prepared(&data) {
         true => pack::load(

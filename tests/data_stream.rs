@@ -81,6 +81,7 @@ fn filtered(root: &Path, cache_mem: u64, strict: bool, filter: Filter) -> Folder
         workers: 2,
         imagenet: false,
         test_only: false,
+        own_val: false,
     }
 }
 

@@ -563,6 +563,7 @@ fn the_folder_cache_is_reused_and_rebuilt_when_files_change() {
         workers: 1,
         imagenet: false,
         test_only: false,
+        own_val: false,
     };
     let caches = || -> Vec<PathBuf> {
         let mut v: Vec<PathBuf> = std::fs::read_dir(tmp.path().join("cache"))

@@ -575,3 +575,35 @@ def test_bad_dtd_lists_and_partitions_are_one_line_each(dtd, tmp_path, split, ed
     lines = errors(r)
     assert r.returncode == (2 if split is None else 1) and len(lines) == 1 and line in lines[0], r.stderr
     assert not (tmp_path / "x.npy").exists()
+
+
+def test_val_on_val_trains_on_train_and_validates_on_val(flowers, tmp_path):
+    """--val-on val: Oxford 102 Flowers trains on its train split alone and
+    validates on its val split; eval of the run reads test, and with
+    --val-on val the val split, from the folder and from the packed file."""
+    out = tmp_path / "ft"
+    r = vggctl("finetune", "--weights", WEIGHTS, "--arch", "vgg11", "--dataset", "flowers102", "--val-on", "val",
+               "--data-dir", str(flowers), "--no-download", "--input", "32", "--epochs", "1", "--batch-size", "128",
+               "--cache-dir", str(tmp_path / "cache"), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "on flowers102 (10 train / 10 val images" in r.stderr, r.stderr
+    assert json.loads((out / "config.json").read_text())["val_on"] == "val"
+    logged = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    packed = tmp_path / "packed.vggctl"
+    assert vggctl("prepare", "--dataset", "flowers102", "--data-dir", str(flowers), "-o", str(packed)).returncode == 0
+    for data in [[], ["--data-dir", str(packed)]]:
+        for split, val_on in [("test", []), ("val", ["--val-on", "val"])]:
+            r = vggctl("eval", "--checkpoint", str(out / "last.safetensors"), *val_on, *data, "--json", cwd=tmp_path)
+            assert r.returncode == 0, r.stderr
+            report = json.loads(r.stdout)
+            labels = flowers102(flowers, split)._labels
+            assert report["split"] == split and report["support"] == np.bincount(labels, minlength=102).tolist()
+            if split == "val" and not data:
+                # The images the run validated on, read as it read them.
+                assert abs(report["loss"] - logged["test_loss"]) <= 1e-5 * logged["test_loss"], (report, logged)
+
+    # Datasets without a val split of their own refuse it.
+    r = vggctl("train", "--dataset", "oxford-pets", "--val-on", "val", "--data-dir", str(tmp_path))
+    assert r.returncode == 2 and errors(r) == [
+        "vggctl: error: --val-on val: oxford-pets has no val split of its own (only flowers102 and dtd have one); "
+        "it validates on its test split"], r.stderr

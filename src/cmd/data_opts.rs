@@ -80,6 +80,13 @@ pub struct DataOpts {
     /// the run's].
     #[arg(long, value_name = "K", value_parser = whole::<usize>)]
     pub fold: Option<usize>,
+    /// flowers102, dtd: the split validated on after each epoch (and
+    /// best.safetensors chosen on): test (training on train and val
+    /// together, as benchmarks report) or val (training on train alone,
+    /// the test split left unseen until eval); eval: the split evaluated
+    /// [default: test].
+    #[arg(long, value_name = "SPLIT", value_parser = ["test", "val"])]
+    pub val_on: Option<String>,
     /// Never download; fail if the data is not in --data-dir.
     #[arg(long)]
     pub no_download: bool,
@@ -200,6 +207,7 @@ impl DataOpts {
             ));
         }
         self.check_fold()?;
+        self.check_val_on()?;
         if dataset == "folder" && self.val_dir.is_none() {
             folder::check_val_split(self.val_split).map_err(|e| usage(e.to_string()))?;
         }
@@ -240,6 +248,20 @@ impl DataOpts {
         Ok(classes)
     }
 
+    /// `--val-on val`: a listed dataset's own val split, not its test split.
+    pub fn own_val(&self) -> bool {
+        self.val_on.as_deref() == Some("val")
+    }
+
+    /// `--val-on val` names a dataset with a val split of its own.
+    fn check_val_on(&self) -> Result<()> {
+        match self.dataset() {
+            flowers::NAME | dtd::NAME => Ok(()),
+            _ if self.own_val() => Err(usage(folder::no_own_val(self.dataset()))),
+            _ => Ok(()),
+        }
+    }
+
     /// `--fold` names one of STL-10's folds, or of DTD's partitions.
     pub fn check_fold(&self) -> Result<()> {
         check_fold(self.dataset(), self.fold)
@@ -260,6 +282,7 @@ impl DataOpts {
                 test_only: false,
                 filter: c.interpolation,
                 fold: c.fold,
+                own_val: c.val_on.as_deref() == Some("val"),
             },
         )?;
         if c.imagenet_normalization {
@@ -280,6 +303,7 @@ impl DataOpts {
         (cache_size, filter): (i64, Filter),
         (train, fold): (bool, Option<usize>),
     ) -> Result<Dataset> {
+        self.check_val_on()?;
         self.load_named(
             self.dataset(),
             &self.dir(),
@@ -293,6 +317,7 @@ impl DataOpts {
                 test_only: !train,
                 filter,
                 fold,
+                own_val: self.own_val(),
             },
         )
     }
@@ -348,6 +373,9 @@ impl DataOpts {
                 }
                 let source = |n: &str, own| self.download_source(n, own);
                 let (images, mut listed) = open_listed((name, how.fold), dir, &source, quiet)?;
+                if how.own_val {
+                    listed = listed.on_own_val(name)?;
+                }
                 if test_only {
                     listed.train.clear();
                 }
@@ -385,6 +413,7 @@ impl DataOpts {
             workers: self.workers.unwrap_or_else(default_workers),
             imagenet: false,
             test_only: how.test_only,
+            own_val: how.own_val,
         }
     }
 
@@ -434,7 +463,8 @@ impl DataOpts {
 /// How a dataset is read: `quiet` (no download bar), `streamed` (how a
 /// run recorded its folder; None: by --cache-mem), `test_only` (for
 /// evaluation: a validation folder alone), `filter` (image folders'
-/// resizes), `fold` (STL-10's training fold, DTD's partition).
+/// resizes), `fold` (STL-10's training fold, DTD's partition), `own_val`
+/// (a listed dataset's own val split validated on, `--val-on val`).
 #[derive(Clone, Copy)]
 struct Reading {
     quiet: bool,
@@ -442,6 +472,7 @@ struct Reading {
     test_only: bool,
     filter: Filter,
     fold: Option<usize>,
+    own_val: bool,
 }
 
 /// `--fold K` for `dataset`: one of DTD's partitions (1 to 10), else of

@@ -170,6 +170,7 @@ pub fn run(mut args: Args) -> Result<()> {
         checkpoint: args.file.clone(),
         model: spec.model_name(),
         dataset: dataset.name.clone(),
+        split: if args.data.own_val() { "val" } else { "test" },
         classes: dataset.classes.clone(),
         top1_ci95: result.top1_interval(),
         result,

@@ -13,6 +13,8 @@ pub(super) struct Report {
     pub(super) checkpoint: PathBuf,
     pub(super) model: String,
     pub(super) dataset: String,
+    /// The split evaluated: "test", or "val" (`--val-on val`).
+    pub(super) split: &'static str,
     pub(super) classes: Vec<String>,
     /// Data with some of the model's classes: which, and how scored.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -67,8 +69,8 @@ pub(super) fn render(r: &Report) -> String {
     };
     let [lo, hi] = r.top1_ci95;
     let mut s = format!(
-        "{} on {} test ({} images): top-1 {:.2}% (95% CI {lo:.2}-{hi:.2})  {top5}  loss {:.4}  ({speed}{})\n\n",
-        r.model, r.dataset, e.images, e.top1, e.loss, r.ran_as
+        "{} on {} {} ({} images): top-1 {:.2}% (95% CI {lo:.2}-{hi:.2})  {top5}  loss {:.4}  ({speed}{})\n\n",
+        r.model, r.dataset, r.split, e.images, e.top1, e.loss, r.ran_as
     );
     if let Some(sub) = &r.subset_of_model {
         s += &match sub.predicted_among {
@@ -240,6 +242,7 @@ mod tests {
             checkpoint: PathBuf::from("m.safetensors"),
             model: "vgg11".into(),
             dataset: "folder".into(),
+            split: "test",
             classes: vec!["cat".into(), "dog".into(), "a long name".into()],
             subset_of_model: None,
             result: EvalResult {

@@ -256,6 +256,11 @@ fn run_on_dataset(args: &Args, format: RowFormat) -> Result<()> {
         )));
     };
     args.data.check_fold()?;
+    if args.data.val_on.is_some() {
+        return Err(usage(
+            "--val-on: features reads the split --split names (flowers102's and dtd's train split is train then val)",
+        ));
+    }
     let fold = args
         .data
         .fold

@@ -352,6 +352,7 @@ impl HyperOpts {
             val_dir: data.training_val_dir().map(absolute),
             val_split: data.val_split,
             fold: data.fold,
+            val_on: data.own_val().then(|| "val".into()),
             epochs: self.epochs.unwrap_or(default_epochs),
             batch_size: self.batch_size,
             test_batch_size: self.test_batch_size,

@@ -108,12 +108,14 @@ pub fn listing(base: &Path, partition: Option<usize>) -> Result<(PathBuf, Listed
         }
         Ok(files)
     };
+    let own_val = val.len();
     let listed = Listed {
         train: [files(train, "train")?, files(val, "val")?].concat(),
         val: Some(files(test, "test")?),
         classes,
         wnids: None,
         partition: Some(k),
+        own_val,
     };
     Ok((images, listed))
 }

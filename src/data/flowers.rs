@@ -83,6 +83,7 @@ pub fn listing(base: &Path) -> Result<(PathBuf, Listed)> {
         train: [files(&train), files(&val)].concat(),
         val: Some(files(&test)),
         partition: None,
+        own_val: val.len(),
     };
     Ok((images, listed))
 }

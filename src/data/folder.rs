@@ -49,6 +49,9 @@ pub struct FolderOptions {
     /// Evaluation only: with a `val_dir`, that folder alone is read (every
     /// image of it a test image; `dir` is not needed).
     pub test_only: bool,
+    /// A prepared listed dataset validated (or evaluated) on its own val
+    /// split instead of its test split (`--val-on val`).
+    pub own_val: bool,
 }
 
 /// The memory the canvases of `n` images of `side` take.
@@ -340,6 +343,7 @@ pub fn load(opts: &FolderOptions, warn: &mut dyn FnMut(String)) -> Result<Datase
             train: Vec::new(),
             val: Some(files),
             partition: None,
+            own_val: 0,
         };
         return load_listed(opts, name, listed, warn);
     }
@@ -354,6 +358,7 @@ pub fn load(opts: &FolderOptions, warn: &mut dyn FnMut(String)) -> Result<Datase
         train: files,
         val,
         partition: None,
+        own_val: 0,
     };
     load_listed(opts, name, listed, warn)
 }
@@ -368,6 +373,30 @@ pub struct Listed {
     pub train: LabeledFiles,
     pub val: Option<LabeledFiles>,
     pub partition: Option<usize>,
+    /// How many of `train`'s last images are the dataset's own val split
+    /// (Oxford 102 Flowers', DTD's; 0 elsewhere).
+    pub own_val: usize,
+}
+
+impl Listed {
+    /// The dataset `name` validated on its own val split (`--val-on val`):
+    /// trained on the images before it, its test images left out.
+    pub fn on_own_val(mut self, name: &str) -> Result<Listed> {
+        if self.own_val == 0 {
+            bail!(no_own_val(name));
+        }
+        let at = self.train.len() - self.own_val;
+        self.val = Some(self.train.split_off(at));
+        self.own_val = 0;
+        Ok(self)
+    }
+}
+
+/// The error of `--val-on val` for a dataset `name` without a val split.
+pub fn no_own_val(name: &str) -> String {
+    format!(
+        "--val-on val: {name} has no val split of its own (only flowers102 and dtd have one); it validates on its test split"
+    )
 }
 
 /// The dataset `name` of the files `listed` names, decoded into memory

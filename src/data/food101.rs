@@ -78,6 +78,7 @@ pub fn listing(root: &Path) -> Result<(PathBuf, Listed)> {
         classes,
         wnids: None,
         partition: None,
+        own_val: 0,
     };
     Ok((images, listed))
 }

@@ -9,7 +9,8 @@ use anyhow::{Context, Result, bail};
 use rayon::prelude::*;
 
 use super::folder::{
-    FolderOptions, LabeledFiles, Listed, check_val_split, held_out, scan_splits, shuffled,
+    FolderOptions, LabeledFiles, Listed, check_val_split, held_out, no_own_val, scan_splits,
+    shuffled,
 };
 use super::image::shorter_size;
 use super::prepared::{END, Entry, Index, MAGIC, MAX_IMAGE_BYTES, Prepared};
@@ -141,6 +142,7 @@ pub fn prepare(
         train: files,
         val,
         partition: None,
+        own_val: 0,
     };
     prepare_listed((dir, val_dir), listed, out, opts)
 }
@@ -158,6 +160,7 @@ pub fn prepare_listed(
         train: files,
         val,
         partition,
+        own_val,
         ..
     } = listed;
     let val = val_dir.zip(val);
@@ -183,6 +186,7 @@ pub fn prepare_listed(
             train,
             val,
             partition,
+            own_val: (own_val > 0).then_some(own_val),
         })?;
         w.write_all(&index)?;
         w.write_all(&at.to_le_bytes())?;
@@ -211,6 +215,16 @@ pub fn load(opts: &FolderOptions, name: &str) -> Result<Dataset> {
         stored: Some(e.clone()),
     };
     let (train, val): (Vec<Item>, Vec<Item>) = match &idx.val {
+        _ if opts.own_val => {
+            let Some(n) = idx.own_val.filter(|&n| n > 0 && n <= idx.train.len()) else {
+                bail!("{}: {}", opts.dir.display(), no_own_val(name));
+            };
+            let (train, val) = idx.train.split_at(idx.train.len() - n);
+            (
+                train.iter().map(item).collect(),
+                val.iter().map(item).collect(),
+            )
+        }
         Some(v) => (
             idx.train.iter().map(item).collect(),
             v.iter().map(item).collect(),

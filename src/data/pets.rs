@@ -87,6 +87,7 @@ pub fn listing(base: &Path) -> Result<(PathBuf, Listed)> {
         train: files(trainval),
         val: Some(files(test)),
         partition: None,
+        own_val: 0,
     };
     Ok((images, listed))
 }

@@ -59,6 +59,10 @@ pub struct Index {
     /// The partition packed (DTD's; None for other data).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partition: Option<usize>,
+    /// How many of `train`'s last images are the dataset's own val split
+    /// (Oxford 102 Flowers', DTD's; None for other data).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub own_val: Option<usize>,
 }
 
 /// An opened prepared dataset: the open file and its index.

@@ -109,6 +109,10 @@ pub struct TrainConfig {
     /// DTD: the partition read, for training and evaluation (None: 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fold: Option<usize>,
+    /// Oxford 102 Flowers, DTD: `val` where the run validates on the
+    /// dataset's own val split (trained on train alone; None: on test).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_on: Option<String>,
     pub epochs: usize,
     pub batch_size: i64,
     pub test_batch_size: i64,
@@ -451,6 +455,7 @@ pub(crate) mod tests {
             val_dir: None,
             val_split: 0.1,
             fold: None,
+            val_on: None,
             epochs,
             batch_size: 128,
             test_batch_size: 100,
