@@ -228,3 +228,35 @@ def test_a_run_resumes_on_its_own_classes(tmp_path):
     (tree / "dogs").rename(tree / "dog")
     r = run("train", "--resume", "run", "--epochs", "2", "--quiet", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
+
+
+def test_eval_of_a_run_reads_the_part_the_run_held_out(tmp_path):
+    """A folder split by --val-split: eval of the run's checkpoint reads the
+    images the run validated on (its seed and fraction, from its
+    config.json), with or without --data-dir, not another draw."""
+    tree = tmp_path / "photos"
+    for c, name in [("cat", "chelsea"), ("dog", "astronaut"), ("cup", "coffee")]:
+        (tree / c).mkdir(parents=True)
+        for i in range(8):
+            photo(name, (40 + i, 40 + 2 * i)).save(tree / c / f"{i}.png")
+    r = run("train", "--dataset", "folder", "--data-dir", str(tree), "--arch", "vgg11", "--input", "32",
+            "--epochs", "1", "--seed", "5", "--val-split", "0.25", "--cache-dir", str(tmp_path / "cache"),
+            "--out", "run", "--quiet", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    logged = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert logged["test_images"] == 6
+
+    def evaluated(*args):
+        out = tmp_path / f"p{len(os.listdir(tmp_path))}.csv"
+        r = run("eval", "--checkpoint", "run/best.safetensors", "--cache-dir", str(tmp_path / "cache"),
+                "--predictions", str(out), "--json", *args, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        images = [line.split(",")[0] for line in out.read_text().splitlines()[1:]]
+        return images, json.loads(r.stdout)["loss"]
+
+    held, loss = evaluated()
+    assert abs(loss - logged["test_loss"]) <= 1e-5 * logged["test_loss"], (loss, logged)
+    assert evaluated("--data-dir", str(tree)) == (held, loss)
+    assert evaluated("--seed", "5", "--val-split", "0.25")[0] == held
+    # Another seed or fraction draws other images.
+    assert evaluated("--seed", "0")[0] != held and len(evaluated("--val-split", "0.5")[0]) == 12

@@ -95,9 +95,10 @@ pub struct DataOpts {
     /// (no --data-dir needed).
     #[arg(long)]
     pub val_dir: Option<PathBuf>,
-    /// folder without --val-dir: the fraction of images held out (seeded by --seed).
-    #[arg(long, default_value_t = 0.1)]
-    pub val_split: f64,
+    /// folder without --val-dir: the fraction of images held out (seeded by
+    /// --seed) [default: 0.1; eval: the run's].
+    #[arg(long)]
+    pub val_split: Option<f64>,
     /// folder: fail on an unreadable image instead of skipping it.
     #[arg(long)]
     pub strict: bool,
@@ -185,6 +186,11 @@ impl DataOpts {
             .filter(|_| self.dataset() == "folder")
     }
 
+    /// The fraction of a folder held out (`--val-split`, 0.1 if none).
+    pub fn held_fraction(&self) -> f64 {
+        self.val_split.unwrap_or(folder::DEFAULT_VAL_SPLIT)
+    }
+
     /// The dataset named, cifar10 if none.
     pub fn dataset(&self) -> &str {
         self.dataset.as_deref().unwrap_or("cifar10")
@@ -209,7 +215,7 @@ impl DataOpts {
         self.check_fold()?;
         self.check_val_on()?;
         if dataset == "folder" && self.val_dir.is_none() {
-            folder::check_val_split(self.val_split).map_err(|e| usage(e.to_string()))?;
+            folder::check_val_split(self.held_fraction()).map_err(|e| usage(e.to_string()))?;
         }
         self.data_dir.get_or_insert_with(|| PathBuf::from("./data"));
         let found = match dataset.as_str() {
@@ -308,7 +314,7 @@ impl DataOpts {
             self.dataset(),
             &self.dir(),
             self.val_dir.as_deref(),
-            self.val_split,
+            self.held_fraction(),
             seed,
             cache_size,
             Reading {

@@ -58,9 +58,11 @@ pub struct Args {
     /// Evaluate on the first N test images only.
     #[arg(long, value_parser = whole::<i64>)]
     limit_test: Option<i64>,
-    /// folder datasets split by --val-split: the training run's --seed.
-    #[arg(long, default_value_t = 0, value_parser = whole::<u64>)]
-    seed: u64,
+    /// folder datasets split by --val-split: the training run's --seed
+    /// [default: the run's, from the config.json beside --checkpoint;
+    /// else 0].
+    #[arg(long, value_parser = whole::<u64>)]
+    seed: Option<u64>,
     #[command(flatten)]
     read: ReadOpts,
     /// Data with some of the model's classes (by name; ImageNet's layout by

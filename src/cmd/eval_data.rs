@@ -21,14 +21,15 @@ use super::output::usage;
 /// What a dataset is read for a model by: the data options, the reading
 /// options, the weights file (a run directory's data is found from it;
 /// None for torchvision's published weights),
-/// the seed of a folder's split, whether the training split is read too
+/// the seed of a folder's split (None: the run's, else 0), whether the
+/// training split is read too
 /// (features of it), and STL-10's training fold (DTD's partition is
 /// `data.fold`, else the run's).
 pub struct EvalData<'a> {
     pub data: &'a DataOpts,
     pub read: &'a ReadOpts,
     pub file: Option<&'a Path>,
-    pub seed: u64,
+    pub seed: Option<u64>,
     pub train: bool,
     pub fold: Option<usize>,
 }
@@ -47,8 +48,9 @@ pub fn load_data(
     if data.dataset.is_none() {
         data.dataset = meta.map(|m| m.dataset.clone());
     }
+    let mut seed = how.seed;
     if let Some(file) = how.file {
-        from_run_dir(file, &mut data)?;
+        from_run_dir(file, &mut data, &mut seed)?;
     }
     opts.check()?;
     // The checkpoint's evaluation transform as this command line reads.
@@ -93,7 +95,7 @@ pub fn load_data(
         dtd::NAME => data.fold,
         _ => how.fold,
     };
-    let dataset = data.load_test(how.seed, cache, (how.train, fold))?;
+    let dataset = data.load_test(seed.unwrap_or(0), cache, (how.train, fold))?;
     let (mean, std) = meta.map_or((dataset.mean, dataset.std), |m| (m.mean, m.std));
     let augment = match resize {
         Some(_) => Augment::ResizedCrop,
@@ -106,13 +108,14 @@ pub fn load_data(
 }
 
 /// A checkpoint in its run directory: the data the run trained on (its
-/// directory, validation folder or held-out fraction, DTD's partition),
-/// from wherever eval is started, where the command line does not say
-/// otherwise.
-fn from_run_dir(file: &Path, data: &mut DataOpts) -> Result<()> {
+/// directory, validation folder or held-out fraction, DTD's partition)
+/// and the seed that drew a held-out part, from wherever eval is started,
+/// where the command line does not say otherwise.
+fn from_run_dir(file: &Path, data: &mut DataOpts, seed: &mut Option<u64>) -> Result<()> {
     let Some(run) = config_beside(file).filter(|r| r.dataset == data.dataset()) else {
         return Ok(());
     };
+    seed.get_or_insert(run.seed);
     if run.dataset == dtd::NAME && data.fold.is_none() {
         data.fold = run.fold;
     }
@@ -120,15 +123,17 @@ fn from_run_dir(file: &Path, data: &mut DataOpts) -> Result<()> {
         data.data_dir = Some(PathBuf::from(run.data_dir));
         if data.val_dir.is_none() {
             data.val_dir = run.val_dir.map(PathBuf::from);
-            data.val_split = run.val_split;
-            // The fraction the run held out, as its file records it.
-            if run.dataset == "folder"
-                && data.val_dir.is_none()
-                && let Some(problem) = folder::val_split_problem(run.val_split)
-            {
-                let config = file.with_file_name("config.json");
-                bail!("{}: val_split {problem}", config.display());
-            }
+        }
+    }
+    if data.val_split.is_none() {
+        data.val_split = Some(run.val_split);
+        // The fraction the run held out, as its file records it.
+        if run.dataset == "folder"
+            && data.val_dir.is_none()
+            && let Some(problem) = folder::val_split_problem(run.val_split)
+        {
+            let config = file.with_file_name("config.json");
+            bail!("{}: val_split {problem}", config.display());
         }
     }
     Ok(())

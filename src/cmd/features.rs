@@ -278,7 +278,7 @@ fn run_on_dataset(args: &Args, format: RowFormat) -> Result<()> {
         data: &args.data,
         read: &args.input.read,
         file: loaded.file.as_deref(),
-        seed: 0,
+        seed: None,
         train: split == "train",
         fold,
     };

@@ -350,7 +350,7 @@ impl HyperOpts {
             dataset: data.dataset().to_string(),
             data_dir: absolute(&data.dir()),
             val_dir: data.training_val_dir().map(absolute),
-            val_split: data.val_split,
+            val_split: data.held_fraction(),
             fold: data.fold,
             val_on: data.own_val().then(|| "val".into()),
             epochs: self.epochs.unwrap_or(default_epochs),

@@ -472,6 +472,10 @@ fn named(
     })
 }
 
+/// The fraction of a folder held out for validation where nothing says
+/// otherwise (`--val-split`).
+pub const DEFAULT_VAL_SPLIT: f64 = 0.1;
+
 /// A fraction to hold out for validation.
 pub fn check_val_split(val_split: f64) -> Result<()> {
     if let Some(problem) = val_split_problem(val_split) {
