@@ -577,10 +577,13 @@ def test_bad_dtd_lists_and_partitions_are_one_line_each(dtd, tmp_path, split, ed
     assert not (tmp_path / "x.npy").exists()
 
 
-def test_val_on_val_trains_on_train_and_validates_on_val(flowers, tmp_path):
+def test_val_on_val_trains_on_train_and_validates_on_val(flowers, pets, tmp_path):
     """--val-on val: Oxford 102 Flowers trains on its train split alone and
     validates on its val split; eval of the run reads test, and with
-    --val-on val the val split, from the folder and from the packed file."""
+    --val-on val the val split, from the folder and from the packed file.
+    Oxford-IIIT Pet, without a val split, validates on the part
+    --val-split holds out of trainval (seeded), which eval of the run
+    reads again."""
     out = tmp_path / "ft"
     r = vggctl("finetune", "--weights", WEIGHTS, "--arch", "vgg11", "--dataset", "flowers102", "--val-on", "val",
                "--data-dir", str(flowers), "--no-download", "--input", "32", "--epochs", "1", "--batch-size", "128",
@@ -602,8 +605,20 @@ def test_val_on_val_trains_on_train_and_validates_on_val(flowers, tmp_path):
                 # The images the run validated on, read as it read them.
                 assert abs(report["loss"] - logged["test_loss"]) <= 1e-5 * logged["test_loss"], (report, logged)
 
-    # Datasets without a val split of their own refuse it.
-    r = vggctl("train", "--dataset", "oxford-pets", "--val-on", "val", "--data-dir", str(tmp_path))
+    out = tmp_path / "pets"
+    r = vggctl("finetune", "--weights", WEIGHTS, "--arch", "vgg11", "--dataset", "oxford-pets", "--val-on", "val",
+               "--seed", "3", "--data-dir", str(pets), "--no-download", "--input", "32", "--epochs", "1",
+               "--batch-size", "128", "--cache-dir", str(tmp_path / "cache"), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "on oxford-pets (67 train / 7 val images" in r.stderr, r.stderr
+    logged = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    r = vggctl("eval", "--checkpoint", str(out / "last.safetensors"), "--val-on", "val", "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["images"] == 7 and abs(report["loss"] - logged["test_loss"]) <= 1e-5 * logged["test_loss"]
+
+    # A folder holds out its validation images already.
+    r = vggctl("train", "--dataset", "folder", "--val-on", "val", "--data-dir", str(tmp_path))
     assert r.returncode == 2 and errors(r) == [
-        "vggctl: error: --val-on val: oxford-pets has no val split of its own (only flowers102 and dtd have one); "
-        "it validates on its test split"], r.stderr
+        "vggctl: error: --val-on val: --dataset folder validates on --val-dir, or the part --val-split holds out; "
+        "leave --val-on out"], r.stderr

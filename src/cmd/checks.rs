@@ -7,7 +7,7 @@
 use anyhow::Result;
 use vggctl::data::augment::Augment;
 use vggctl::data::auto_augment::Policy;
-use vggctl::data::{dtd, is_image_folder};
+use vggctl::data::{dtd, flowers, is_image_folder};
 use vggctl::dist::World;
 use vggctl::model::Head;
 use vggctl::num::Num;
@@ -356,6 +356,16 @@ fn optimizer_rules(config: &TrainConfig) -> [Rule; 6] {
     ]
 }
 
+/// Whether the run validates on a part `--val-split` holds out of a
+/// dataset's training split (`--val-on val` without a val split of its own).
+fn held_out_val(config: &TrainConfig) -> bool {
+    let own = matches!(
+        config.dataset.as_str(),
+        flowers::NAME | dtd::NAME | "imagenet"
+    );
+    config.val_on.as_deref() == Some("val") && !own
+}
+
 fn model_and_data_rules(config: &TrainConfig) -> [Rule; 7] {
     let folder = config.dataset == "folder";
     [
@@ -388,8 +398,8 @@ fn model_and_data_rules(config: &TrainConfig) -> [Rule; 7] {
         ),
         (
             &["val_split"],
-            folder && config.val_dir.is_none(),
-            "applies to --dataset folder without --val-dir only",
+            folder && config.val_dir.is_none() || held_out_val(config),
+            "applies to a held-out part only (--dataset folder without --val-dir, or --val-on val)",
         ),
     ]
 }

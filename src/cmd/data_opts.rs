@@ -7,7 +7,7 @@ use vggctl::data::Dataset;
 use vggctl::data::cifar;
 use vggctl::data::digits;
 use vggctl::data::download::DownloadSource;
-use vggctl::data::folder::{self, FolderOptions, Listed};
+use vggctl::data::folder::{self, FolderOptions};
 use vggctl::data::imagenet;
 use vggctl::data::mnist;
 use vggctl::data::pack;
@@ -17,6 +17,7 @@ use vggctl::data::{dtd, flowers, food101, pets, stl10, svhn};
 use vggctl::dist::World;
 use vggctl::train::config::TrainConfig;
 
+use super::listed::{check_packed_partition, is_listed, open_listed, source_from_env};
 use super::output::{http_urls, started, usage, warn, whole};
 use super::progress::download_bar;
 
@@ -80,11 +81,13 @@ pub struct DataOpts {
     /// the run's].
     #[arg(long, value_name = "K", value_parser = whole::<usize>)]
     pub fold: Option<usize>,
-    /// flowers102, dtd: the split validated on after each epoch (and
-    /// best.safetensors chosen on): test (training on train and val
-    /// together, as benchmarks report) or val (training on train alone,
-    /// the test split left unseen until eval); eval: the split evaluated
-    /// [default: test].
+    /// The split validated on after each epoch (and best.safetensors chosen
+    /// on): test, or val, leaving the test split unseen until eval: for
+    /// flowers102 and dtd their own val split (training on train alone
+    /// instead of train and val, as benchmarks do), for the others but
+    /// folder and imagenet (which hold out --val-dir or DIR/val already)
+    /// the part --val-split (0.1) of the training split drawn by --seed;
+    /// eval: the split evaluated [default: test].
     #[arg(long, value_name = "SPLIT", value_parser = ["test", "val"])]
     pub val_on: Option<String>,
     /// Never download; fail if the data is not in --data-dir.
@@ -259,12 +262,20 @@ impl DataOpts {
         self.val_on.as_deref() == Some("val")
     }
 
-    /// `--val-on val` names a dataset with a val split of its own.
+    /// `--val-on val` names a dataset whose validation images are its test
+    /// split (not a folder's held-out part or ImageNet's DIR/val).
     fn check_val_on(&self) -> Result<()> {
-        match self.dataset() {
-            flowers::NAME | dtd::NAME => Ok(()),
-            _ if self.own_val() => Err(usage(folder::no_own_val(self.dataset()))),
-            _ => Ok(()),
+        let already = match self.dataset() {
+            "folder" => "--val-dir, or the part --val-split holds out",
+            "imagenet" => "DIR/val (ImageNet's val split)",
+            _ => return Ok(()),
+        };
+        match self.own_val() {
+            true => Err(usage(format!(
+                "--val-on val: --dataset {} validates on {already}; leave --val-on out",
+                self.dataset()
+            ))),
+            false => Ok(()),
         }
     }
 
@@ -342,6 +353,16 @@ impl DataOpts {
         let Reading {
             quiet, test_only, ..
         } = how;
+        if how.own_val && !matches!(name, flowers::NAME | dtd::NAME) {
+            // Validated on a seeded part of its training split.
+            let whole = Reading {
+                own_val: false,
+                test_only: false,
+                ..how
+            };
+            let d = self.load_named(name, dir, val_dir, val_split, seed, cache_size, whole)?;
+            return d.hold_out(val_split, seed);
+        }
         if let Some(d) = self.load_downloadable(name, dir, (quiet, how.fold)) {
             return d;
         }
@@ -495,70 +516,6 @@ pub fn check_fold(dataset: &str, fold: Option<usize>) -> Result<()> {
             folds.end()
         ))),
         None => Ok(()),
-    }
-}
-
-/// The DTD file `vggctl prepare` made at `file` packs partition `fold`
-/// (None: the default): a run records the partition it trained on, and
-/// evaluating it reads that partition's test images, packed or not.
-fn check_packed_partition(file: &Path, fold: Option<usize>) -> Result<()> {
-    let want = fold.unwrap_or(dtd::DEFAULT_PARTITION);
-    match Prepared::open(file)?.index.partition {
-        Some(k) if k == want => Ok(()),
-        Some(k) => Err(usage(format!(
-            "{}: packs DTD's partition {k}, not {want}: give --fold {k} (or prepare --fold {want} another file)",
-            file.display()
-        ))),
-        None => bail!(
-            "{}: not a file of DTD (vggctl prepare --dataset dtd makes one)",
-            file.display()
-        ),
-    }
-}
-
-/// Where the dataset `name` is downloaded from where no option says:
-/// its environment variables (`VGGCTL_FOOD101_URL`, `VGGCTL_FOOD101_MD5`),
-/// else `own`.
-pub fn source_from_env(name: &str, own: DownloadSource) -> DownloadSource {
-    let var = name.to_uppercase().replace('-', "_");
-    let env = |what: &str| std::env::var(format!("VGGCTL_{var}_{what}")).ok();
-    DownloadSource {
-        url: env("URL").unwrap_or(own.url),
-        md5: env("MD5").unwrap_or(own.md5),
-    }
-}
-
-/// Whether `name` is a dataset of listed photographs (Oxford-IIIT Pet,
-/// Oxford 102 Flowers, Food-101, DTD): read as an image folder, or from
-/// the file `vggctl prepare` made of it.
-pub fn is_listed(name: &str) -> bool {
-    matches!(name, pets::NAME | flowers::NAME | food101::NAME | dtd::NAME)
-}
-
-/// The listed dataset `name` (see [`is_listed`]) under `dir`, DTD's
-/// partition `fold`, its missing files first downloaded from where
-/// `source(name, own)` says (None: downloading is off): the folder of its
-/// images and its lists.
-pub fn open_listed(
-    (name, fold): (&str, Option<usize>),
-    dir: &Path,
-    source: &dyn Fn(&str, DownloadSource) -> Option<DownloadSource>,
-    quiet: bool,
-) -> Result<(PathBuf, Listed)> {
-    let published = match name {
-        pets::NAME => &pets::PUBLISHED,
-        flowers::NAME => &flowers::PUBLISHED,
-        food101::NAME => &food101::PUBLISHED,
-        dtd::NAME => &dtd::PUBLISHED,
-        other => return Err(usage(unknown(other))),
-    };
-    let src = source(name, published.own_source());
-    let base = published.fetch_missing(dir, src.as_ref(), &mut download_bar(quiet))?;
-    match name {
-        pets::NAME => pets::listing(&base),
-        flowers::NAME => flowers::listing(&base),
-        food101::NAME => food101::listing(&base),
-        _ => dtd::listing(&base, fold),
     }
 }
 

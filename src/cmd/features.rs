@@ -241,20 +241,9 @@ pub fn run(args: Args) -> Result<()> {
     report(&written, args.input.model.json)
 }
 
-/// `--dataset NAME --split S`: the rows of the split's images, read as
-/// eval reads them, with the split's labels.
-fn run_on_dataset(args: &Args, format: RowFormat) -> Result<()> {
-    let name = args.data.dataset().to_string();
-    if matches!(name.as_str(), "folder" | "imagenet") {
-        return Err(usage(format!(
-            "--dataset {name}: give the folder itself as the images argument (its class folders give ImageFolder's labels)"
-        )));
-    }
-    let Some(split) = args.split.clone() else {
-        return Err(usage(format!(
-            "--dataset {name}: name the split to read with --split train or --split test"
-        )));
-    };
+/// The fold `--fold` selects for `--dataset NAME --split SPLIT`: STL-10's
+/// training fold, or DTD's partition (else ignored, with a warning).
+fn split_fold(args: &Args, name: &str, split: &str) -> Result<Option<usize>> {
     args.data.check_fold()?;
     if args.data.val_on.is_some() {
         return Err(usage(
@@ -271,6 +260,24 @@ fn run_on_dataset(args: &Args, format: RowFormat) -> Result<()> {
                 .into(),
         );
     }
+    Ok(fold)
+}
+
+/// `--dataset NAME --split S`: the rows of the split's images, read as
+/// eval reads them, with the split's labels.
+fn run_on_dataset(args: &Args, format: RowFormat) -> Result<()> {
+    let name = args.data.dataset().to_string();
+    if matches!(name.as_str(), "folder" | "imagenet") {
+        return Err(usage(format!(
+            "--dataset {name}: give the folder itself as the images argument (its class folders give ImageFolder's labels)"
+        )));
+    }
+    let Some(split) = args.split.clone() else {
+        return Err(usage(format!(
+            "--dataset {name}: name the split to read with --split train or --split test"
+        )));
+    };
+    let fold = split_fold(args, &name, &split)?;
     let mut loaded = args.input.open_model()?;
     let spec = loaded.model.spec;
     let (names, wanted) = requested(args, &spec, format)?;

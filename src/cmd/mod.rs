@@ -22,6 +22,7 @@ mod help;
 mod images;
 mod info;
 mod launch;
+mod listed;
 mod opts;
 mod output;
 mod params;

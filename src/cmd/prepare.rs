@@ -7,7 +7,8 @@ use anyhow::Result;
 use vggctl::data::dtd;
 use vggctl::data::pack::{Prepare, PrepareOptions, prepare, prepare_listed};
 
-use super::data_opts::{check_fold, imagenet_split, is_listed, open_listed, source_from_env};
+use super::data_opts::{check_fold, imagenet_split};
+use super::listed::{is_listed, open_listed, source_from_env};
 use super::output::{usage, warn, whole};
 
 #[derive(clap::Args, Debug)]

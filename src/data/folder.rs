@@ -392,11 +392,10 @@ impl Listed {
     }
 }
 
-/// The error of `--val-on val` for a dataset `name` without a val split.
+/// The error of `--val-on val` where the dataset `name`'s val split is
+/// missing (a file packed without it).
 pub fn no_own_val(name: &str) -> String {
-    format!(
-        "--val-on val: {name} has no val split of its own (only flowers102 and dtd have one); it validates on its test split"
-    )
+    format!("--val-on val: no val split of {name} listed (prepare the file again)")
 }
 
 /// The dataset `name` of the files `listed` names, decoded into memory
@@ -493,13 +492,18 @@ pub fn val_split_problem(val_split: f64) -> Option<String> {
 
 /// The number of held-out images of `n`, or an error if `n` cannot be split.
 pub fn held_out(opts: &FolderOptions, n: usize) -> Result<usize> {
-    if n < 2 {
-        bail!(
+    held_out_count(n, opts.val_split).with_context(|| {
+        format!(
             "{}: {n} readable image(s) cannot be split into training and validation",
             opts.dir.display()
-        );
-    }
-    Ok(((n as f64 * opts.val_split).round() as usize).clamp(1, n - 1))
+        )
+    })
+}
+
+/// How many of `n` images the fraction `val_split` holds out: at least
+/// one, leaving at least one (None where `n` is under 2).
+pub fn held_out_count(n: usize, val_split: f64) -> Option<usize> {
+    (n >= 2).then(|| ((n as f64 * val_split).round() as usize).clamp(1, n - 1))
 }
 
 /// A folder's training and test splits, and the test images' files where

@@ -219,6 +219,22 @@ impl Images {
         }
     }
 
+    /// The examples at `idx`, in that order.
+    pub fn select(&self, idx: &[i64]) -> Images {
+        match self {
+            Images::Resident(s) => {
+                let at = Tensor::from_slice(idx).to_device(s.labels.device());
+                Images::Resident(s.select(&at))
+            }
+            Images::Streamed(s) => Images::Streamed(Streamed {
+                items: std::sync::Arc::new(
+                    idx.iter().map(|&i| s.items[i as usize].clone()).collect(),
+                ),
+                ..s.clone()
+            }),
+        }
+    }
+
     /// The same split for `device`: resident images move there; streamed
     /// ones are copied through pinned memory when it is a GPU.
     pub fn to_device(&self, device: Device) -> Images {
@@ -339,6 +355,31 @@ pub struct Dataset {
 }
 
 impl Dataset {
+    /// The dataset validated on a part of its training split
+    /// (`--val-on val` where it has no val split of its own): the fraction
+    /// `val_split` of it drawn by `seed`, as a folder's `--val-split` part
+    /// is drawn, the rest trained on. Held-out image `i` is named by its
+    /// index in the training split (`train 1234`).
+    pub fn hold_out(self, val_split: f64, seed: u64) -> Result<Dataset> {
+        let n = self.train.len() as usize;
+        let Some(k) = folder::held_out_count(n, val_split) else {
+            bail!(
+                "{}: {n} training image(s) cannot be split into training and validation",
+                self.source
+            );
+        };
+        let order: Vec<i64> = (folder::shuffled(n, seed).into_iter())
+            .map(|i| i as i64)
+            .collect();
+        let names = order[..k].iter().map(|i| format!("train {i}")).collect();
+        Ok(Dataset {
+            test: self.train.select(&order[..k]),
+            train: self.train.select(&order[k..]),
+            test_names: Some(names),
+            ..self
+        })
+    }
+
     /// Test image `i` as a person finds it: its file (a prepared
     /// dataset's `FILE:ENTRY`), or its index (see `test_names`).
     pub fn test_image(&self, i: i64) -> String {
@@ -397,5 +438,39 @@ mod tests {
         assert_eq!(labels(&s.to_device(Device::Cpu)), [0, 1, 2, 3, 4]);
         assert_eq!(split(5).limit(Some(2)).len(), 2);
         assert_eq!(split(5).limit(Some(9)).len(), 5);
+    }
+
+    /// A held-out part is the seeded draw's first images, named by their
+    /// index in the training split; the rest are trained on; none is lost.
+    #[test]
+    fn a_held_out_part_is_drawn_from_the_training_split() {
+        let d = Dataset {
+            name: "digits".into(),
+            train: Images::Resident(split(10)),
+            test: Images::Resident(split(2)),
+            classes: Vec::new(),
+            mean: [0.0; 3],
+            std: [1.0; 3],
+            source: "x".into(),
+            wnids: None,
+            test_names: None,
+        };
+        let h = d.hold_out(0.3, 7).unwrap();
+        let order = folder::shuffled(10, 7);
+        let (train, test) = (
+            h.train.as_resident().unwrap(),
+            h.test.as_resident().unwrap(),
+        );
+        let want = |ids: &[usize]| ids.iter().map(|&i| i as i64).collect::<Vec<_>>();
+        assert_eq!(labels(test), want(&order[..3]));
+        assert_eq!(labels(train), want(&order[3..]));
+        assert_eq!(h.test_image(1), format!("train {}", order[1]));
+        assert!(
+            test.layout
+                .as_ref()
+                .unwrap()
+                .get(0)
+                .equal(&split(10).layout.unwrap().get(order[0] as i64))
+        );
     }
 }

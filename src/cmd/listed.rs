@@ -1,0 +1,79 @@
+//! The datasets read from lists of photographs (Oxford-IIIT Pet, Oxford
+//! 102 Flowers, Food-101, DTD): which they are, where they are downloaded
+//! from, and how a prepared file of DTD names its partition. `train`,
+//! `eval`, `finetune` and `prepare` open them here.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Result, bail};
+use vggctl::data::download::DownloadSource;
+use vggctl::data::folder::Listed;
+use vggctl::data::prepared::Prepared;
+use vggctl::data::{dtd, flowers, food101, pets};
+
+use super::output::usage;
+use super::progress::download_bar;
+
+/// The DTD file `vggctl prepare` made at `file` packs partition `fold`
+/// (None: the default): a run records the partition it trained on, and
+/// evaluating it reads that partition's test images, packed or not.
+pub fn check_packed_partition(file: &Path, fold: Option<usize>) -> Result<()> {
+    let want = fold.unwrap_or(dtd::DEFAULT_PARTITION);
+    match Prepared::open(file)?.index.partition {
+        Some(k) if k == want => Ok(()),
+        Some(k) => Err(usage(format!(
+            "{}: packs DTD's partition {k}, not {want}: give --fold {k} (or prepare --fold {want} another file)",
+            file.display()
+        ))),
+        None => bail!(
+            "{}: not a file of DTD (vggctl prepare --dataset dtd makes one)",
+            file.display()
+        ),
+    }
+}
+
+/// Where the dataset `name` is downloaded from where no option says:
+/// its environment variables (`VGGCTL_FOOD101_URL`, `VGGCTL_FOOD101_MD5`),
+/// else `own`.
+pub fn source_from_env(name: &str, own: DownloadSource) -> DownloadSource {
+    let var = name.to_uppercase().replace('-', "_");
+    let env = |what: &str| std::env::var(format!("VGGCTL_{var}_{what}")).ok();
+    DownloadSource {
+        url: env("URL").unwrap_or(own.url),
+        md5: env("MD5").unwrap_or(own.md5),
+    }
+}
+
+/// Whether `name` is a dataset of listed photographs (Oxford-IIIT Pet,
+/// Oxford 102 Flowers, Food-101, DTD): read as an image folder, or from
+/// the file `vggctl prepare` made of it.
+pub fn is_listed(name: &str) -> bool {
+    matches!(name, pets::NAME | flowers::NAME | food101::NAME | dtd::NAME)
+}
+
+/// The listed dataset `name` (see [`is_listed`]) under `dir`, DTD's
+/// partition `fold`, its missing files first downloaded from where
+/// `source(name, own)` says (None: downloading is off): the folder of its
+/// images and its lists.
+pub fn open_listed(
+    (name, fold): (&str, Option<usize>),
+    dir: &Path,
+    source: &dyn Fn(&str, DownloadSource) -> Option<DownloadSource>,
+    quiet: bool,
+) -> Result<(PathBuf, Listed)> {
+    let published = match name {
+        pets::NAME => &pets::PUBLISHED,
+        flowers::NAME => &flowers::PUBLISHED,
+        food101::NAME => &food101::PUBLISHED,
+        dtd::NAME => &dtd::PUBLISHED,
+        other => bail!("{other}: not a dataset read from lists"),
+    };
+    let src = source(name, published.own_source());
+    let base = published.fetch_missing(dir, src.as_ref(), &mut download_bar(quiet))?;
+    match name {
+        pets::NAME => pets::listing(&base),
+        flowers::NAME => flowers::listing(&base),
+        food101::NAME => food101::listing(&base),
+        _ => dtd::listing(&base, fold),
+    }
+}
