@@ -64,6 +64,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from dataset_helpers import BIN, FIX, md5, mirror  # noqa: E402
 
 WEIGHTS = os.path.join(FIX, "pth", "vgg11.legacy.pth")
+SMALL = os.path.join(FIX, "pth", "vgg11-cifar.legacy.pth")
 CATS = ["Abyssinian", "Bengal", "Birman", "Bombay", "British_Shorthair", "Egyptian_Mau", "Maine_Coon",
         "Persian", "Ragdoll", "Russian_Blue", "Siamese", "Sphynx"]
 DOGS = ["american_bulldog", "american_pit_bull_terrier", "basset_hound", "beagle", "boxer", "chihuahua",
@@ -270,8 +271,14 @@ def flowers102(root, split):
     return Ours(str(root), split=split)
 
 
-def features(*args, cwd, env=None):
-    return vggctl("features", "--device", "cpu", "--weights", WEIGHTS, *args, cwd=cwd, env=env)
+def features(*args, cwd, env=None, weights=WEIGHTS):
+    return vggctl("features", "--device", "cpu", "--weights", weights, *args, cwd=cwd, env=env)
+
+
+def refused_features(*args, cwd):
+    """`features` where the data is refused: a small model's weights (no
+    ImageNet head to load before the data is read)."""
+    return features(*args, cwd=cwd, weights=SMALL)
 
 
 def assert_rows_are_torchvisions(path, ds, name):
@@ -432,7 +439,7 @@ def edited_pets(pets, tmp_path, split, edit):
 ])
 def test_bad_pet_lists_are_one_line_each(pets, tmp_path, split, edit, line):
     root = edited_pets(pets, tmp_path, split, edit)
-    r = features("--dataset", "oxford-pets", "--split", "test", "--data-dir", str(root), "--no-download",
+    r = refused_features("--dataset", "oxford-pets", "--split", "test", "--data-dir", str(root), "--no-download",
                  "-o", "x.npy", cwd=tmp_path)
     lines = errors(r)
     assert r.returncode == 1 and len(lines) == 1 and line in lines[0], r.stderr
@@ -459,7 +466,7 @@ def test_bad_flower_files_are_one_line_each(flowers, tmp_path, file, arrays, lin
         (base / file).write_text("not a MAT-file")
     else:
         scipy.io.savemat(base / file, arrays, do_compression=True)
-    r = features("--dataset", "flowers102", "--split", "test", "--data-dir", str(tmp_path / "edited"),
+    r = refused_features("--dataset", "flowers102", "--split", "test", "--data-dir", str(tmp_path / "edited"),
                  "--no-download", "-o", "x.npy", cwd=tmp_path)
     lines = errors(r)
     assert r.returncode == 1 and len(lines) == 1 and line in lines[0], r.stderr
@@ -545,7 +552,7 @@ def test_bad_food_lists_are_one_line_each(food, tmp_path, split, edit, line):
                 edit(doc)
                 text = json.dumps(doc)
         (base / "meta" / f"{s}.json").write_text(text)
-    r = features("--dataset", "food101", "--split", "test", "--data-dir", str(tmp_path / "edited"),
+    r = refused_features("--dataset", "food101", "--split", "test", "--data-dir", str(tmp_path / "edited"),
                  "--no-download", "-o", "x.npy", cwd=tmp_path)
     lines = errors(r)
     assert r.returncode == 1 and len(lines) == 1 and line in lines[0], r.stderr
@@ -570,7 +577,7 @@ def test_bad_dtd_lists_and_partitions_are_one_line_each(dtd, tmp_path, split, ed
         lines = (dtd / "dtd" / "dtd" / "labels" / f"{s}1.txt").read_text().splitlines()
         (data / "labels" / f"{s}1.txt").write_text("\n".join(edit(lines) if s == split else lines) + "\n")
     fold = ["--fold", "11"] if split is None else []
-    r = features("--dataset", "dtd", "--split", "test", "--data-dir", str(tmp_path / "edited"),
+    r = refused_features("--dataset", "dtd", "--split", "test", "--data-dir", str(tmp_path / "edited"),
                  "--no-download", *fold, "-o", "x.npy", cwd=tmp_path)
     lines = errors(r)
     assert r.returncode == (2 if split is None else 1) and len(lines) == 1 and line in lines[0], r.stderr
