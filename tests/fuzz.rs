@@ -139,6 +139,17 @@ fn read_food_lists(path: &Path, bytes: &[u8]) -> Result<()> {
     vggctl::data::food101::listing(&root).map(drop)
 }
 
+/// As DTD's lists: the bytes as partition 1's train, val and test lists.
+fn read_dtd_lists(path: &Path, bytes: &[u8]) -> Result<()> {
+    let base = path.with_extension("dtd");
+    let labels = base.join("dtd").join("labels");
+    std::fs::create_dir_all(&labels)?;
+    for split in ["train", "val", "test"] {
+        std::fs::write(labels.join(format!("{split}1.txt")), bytes)?;
+    }
+    vggctl::data::dtd::listing(&base, None).map(drop)
+}
+
 fn read_image(path: &Path, _: &[u8]) -> Result<()> {
     // Whole, then as far as a crop of its top third needs (a sequential
     // JPEG's header is then rewritten to fewer rows).
@@ -322,6 +333,17 @@ fn food_list_seeds() -> Vec<Vec<u8>> {
         .to_vec()
 }
 
+/// DTD's list of one image of each of its 47 classes, and of two.
+fn dtd_list_seeds() -> Vec<Vec<u8>> {
+    [1, 2]
+        .map(|n| {
+            let lines =
+                (0..47).flat_map(|c| (0..n).map(move |i| format!("tex_{c}/tex_{c}_{i:04}.jpg\n")));
+            lines.collect::<String>().into_bytes()
+        })
+        .to_vec()
+}
+
 /// Prepared datasets of two classes of the image seeds, resized (to 24)
 /// and stored as files or raw.
 fn prepared_seeds() -> Vec<Vec<u8>> {
@@ -408,6 +430,12 @@ const TARGETS: &[Target] = &[
         name: "food-lists",
         read: read_food_lists,
         seeds: food_list_seeds,
+        pickles: false,
+    },
+    Target {
+        name: "dtd-lists",
+        read: read_dtd_lists,
+        seeds: dtd_list_seeds,
         pickles: false,
     },
     Target {
@@ -637,7 +665,7 @@ fn readers_survive_fuzzing() {
 }
 
 /// The seeds are what the readers take (so mutations start from files
-/// that get past the first checks): each MNIST, SVHN, pet list and food
+/// that get past the first checks): each MNIST, SVHN, pet, food and DTD
 /// list seed reads.
 #[test]
 fn the_dataset_seeds_read() {
@@ -649,6 +677,10 @@ fn the_dataset_seeds_read() {
     for (i, seed) in food_list_seeds().iter().enumerate() {
         let path = dir.path().join(format!("f{i}"));
         read_food_lists(&path, seed).unwrap();
+    }
+    for (i, seed) in dtd_list_seeds().iter().enumerate() {
+        let path = dir.path().join(format!("d{i}"));
+        read_dtd_lists(&path, seed).unwrap();
     }
     for (i, seed) in svhn_seeds().iter().enumerate() {
         let path = dir.path().join(format!("s{i}.mat"));

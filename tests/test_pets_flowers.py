@@ -486,6 +486,11 @@ def test_missing_data_and_wrong_downloads_are_refused(datasets, tmp_path, name):
     title = TITLES[name]
     assert r.returncode == 1 and len(errors(r)) == 1, r.stderr
     assert f"no {title} in {empty}: expected {empty}/{first} and downloading is off" in r.stderr
+    r = vggctl("prepare", "--dataset", name, "--data-dir", str(empty), "--no-download",
+               "-o", str(tmp_path / "p.vggdata"))
+    assert r.returncode == 1 and len(errors(r)) == 1, r.stderr
+    assert f"no {title} in {empty}: expected {empty}/{first} and downloading is off" in r.stderr
+    assert not (tmp_path / "p.vggdata").exists() and os.listdir(empty) == []
 
     # Its validation images are its test split: prepare takes no --val-dir.
     r = vggctl("prepare", "--dataset", name, "--data-dir", str(datasets[name]), "--val-dir", str(empty),

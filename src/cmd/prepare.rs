@@ -49,6 +49,10 @@ pub struct Args {
     /// Fail on an unreadable image instead of skipping it.
     #[arg(long)]
     strict: bool,
+    /// oxford-pets, flowers102, food101, dtd: never download; fail if the
+    /// dataset is not in --data-dir.
+    #[arg(long)]
+    no_download: bool,
     /// Overwrite an existing --out.
     #[arg(long)]
     force: bool,
@@ -87,7 +91,8 @@ pub fn run(args: Args) -> Result<()> {
             )));
         }
         vggctl::fsutil::check_target(&args.out, args.force)?;
-        let source = |name: &str, own| Some(source_from_env(name, own));
+        let download = !args.no_download;
+        let source = |name: &str, own| download.then(|| source_from_env(name, own));
         let (images, listed) =
             open_listed((&args.dataset, args.fold), &args.data_dir, &source, false)?;
         let done = prepare_listed((&images, Some(&images)), listed, &args.out, opts)?;
