@@ -629,6 +629,16 @@ def test_val_on_val_trains_on_train_and_validates_on_val(flowers, pets, tmp_path
     report = json.loads(r.stdout)
     assert report["images"] == 7 and abs(report["loss"] - logged["test_loss"]) <= 1e-5 * logged["test_loss"]
 
+    # features reads the split --split names; a file of flowers is no DTD.
+    r = refused_features("--dataset", "flowers102", "--split", "test", "--val-on", "val", "--data-dir",
+                         str(flowers), "-o", "x.npy", cwd=tmp_path)
+    assert r.returncode == 2 and errors(r) == [
+        "vggctl: error: --val-on: features reads the split --split names (flowers102's and dtd's train split is "
+        "train then val)"], r.stderr
+    r = vggctl("eval", "--checkpoint", str(out / "last.safetensors"), "--dataset", "dtd", "--data-dir", str(packed))
+    assert r.returncode == 1 and errors(r) == [
+        f"vggctl: error: {packed}: not a file of DTD (vggctl prepare --dataset dtd makes one)"], r.stderr
+
     # A folder holds out its validation images already.
     r = vggctl("train", "--dataset", "folder", "--val-on", "val", "--data-dir", str(tmp_path))
     assert r.returncode == 2 and errors(r) == [
