@@ -7,7 +7,7 @@
 use anyhow::Result;
 use vggctl::data::augment::Augment;
 use vggctl::data::auto_augment::Policy;
-use vggctl::data::{dtd, flowers, is_image_folder};
+use vggctl::data::{dtd, has_own_val, is_image_folder};
 use vggctl::dist::World;
 use vggctl::model::Head;
 use vggctl::num::Num;
@@ -359,11 +359,8 @@ fn optimizer_rules(config: &TrainConfig) -> [Rule; 6] {
 /// Whether the run validates on a part `--val-split` holds out of a
 /// dataset's training split (`--val-on val` without a val split of its own).
 fn held_out_val(config: &TrainConfig) -> bool {
-    let own = matches!(
-        config.dataset.as_str(),
-        flowers::NAME | dtd::NAME | "imagenet"
-    );
-    config.val_on.as_deref() == Some("val") && !own
+    let own = has_own_val(&config.dataset) || config.dataset == "imagenet";
+    config.validates_on_val() && !own
 }
 
 fn model_and_data_rules(config: &TrainConfig) -> [Rule; 7] {

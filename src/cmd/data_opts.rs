@@ -13,7 +13,7 @@ use vggctl::data::mnist;
 use vggctl::data::pack;
 use vggctl::data::prepared::{self, Prepared};
 use vggctl::data::resize::Filter;
-use vggctl::data::{dtd, flowers, food101, pets, stl10, svhn};
+use vggctl::data::{dtd, flowers, food101, has_own_val, pets, stl10, svhn};
 use vggctl::dist::World;
 use vggctl::train::config::TrainConfig;
 
@@ -299,7 +299,7 @@ impl DataOpts {
                 test_only: false,
                 filter: c.interpolation,
                 fold: c.fold,
-                own_val: c.val_on.as_deref() == Some("val"),
+                own_val: c.validates_on_val(),
             },
         )?;
         if c.imagenet_normalization {
@@ -353,7 +353,7 @@ impl DataOpts {
         let Reading {
             quiet, test_only, ..
         } = how;
-        if how.own_val && !matches!(name, flowers::NAME | dtd::NAME) {
+        if how.own_val && !has_own_val(name) {
             // Validated on a seeded part of its training split.
             let whole = Reading {
                 own_val: false,

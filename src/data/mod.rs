@@ -46,6 +46,14 @@ pub fn is_image_folder(name: &str) -> bool {
     )
 }
 
+/// Whether the dataset `name` has a val split of its own besides its
+/// training and test splits (Oxford 102 Flowers', DTD's), which
+/// `--val-on val` validates on; the others hold out part of their training
+/// split for it.
+pub fn has_own_val(name: &str) -> bool {
+    matches!(name, flowers::NAME | dtd::NAME)
+}
+
 /// The probability with which training mirrors the images of the dataset
 /// named `name` unless `--hflip` says otherwise: torchvision's 0.5, or 0
 /// where a mirrored image is of no class (digits: the built-in ones,

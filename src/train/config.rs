@@ -397,6 +397,12 @@ fn is_default_ra_magnitude(v: &i64) -> bool {
 }
 
 impl TrainConfig {
+    /// Whether the run validates on a val split (`--val-on val`: the
+    /// dataset's own, or a held-out part of its training split).
+    pub fn validates_on_val(&self) -> bool {
+        self.val_on.as_deref() == Some("val")
+    }
+
     /// The settings (`config.json` keys) in which `self` and `other`
     /// differ, leaving out those named in `free`.
     pub fn differing(&self, other: &TrainConfig, free: &[&str]) -> Vec<String> {
