@@ -644,3 +644,12 @@ def test_val_on_val_trains_on_train_and_validates_on_val(flowers, pets, tmp_path
     assert r.returncode == 2 and errors(r) == [
         "vggctl: error: --val-on val: --dataset folder validates on --val-dir, or the part --val-split holds out; "
         "leave --val-on out"], r.stderr
+    r = vggctl("eval", "--checkpoint", str(out / "last.safetensors"), "--dataset", "imagenet", "--val-on", "val")
+    assert r.returncode == 2 and errors(r) == [
+        "vggctl: error: --val-on val: --dataset imagenet validates on DIR/val (ImageNet's val split); "
+        "leave --val-on out"], r.stderr
+    # Only DTD has partitions to pack.
+    r = vggctl("prepare", "--dataset", "oxford-pets", "--fold", "2", "--data-dir", str(pets), "-o", str(tmp_path / "f"))
+    assert r.returncode == 2 and errors(r) == [
+        "vggctl: error: --fold: prepare packs a partition of --dataset dtd only"], r.stderr
+    assert not (tmp_path / "f").exists()
