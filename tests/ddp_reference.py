@@ -161,7 +161,7 @@ def svhn(root, split="train"):
 
     class Local(torchvision.datasets.SVHN):
         split_list = {k: [u, f, md5(f)] for k, (u, f, _) in torchvision.datasets.SVHN.split_list.items()
-                      if k != "extra"}
+                      if os.path.exists(os.path.join(root, f))}
 
     return Local(root, split=split, download=False)
 

@@ -363,7 +363,7 @@ fn held_out_val(config: &TrainConfig) -> bool {
     config.validates_on_val() && !own
 }
 
-fn model_and_data_rules(config: &TrainConfig) -> [Rule; 7] {
+fn model_and_data_rules(config: &TrainConfig) -> [Rule; 8] {
     let folder = config.dataset == "folder";
     [
         (
@@ -382,6 +382,11 @@ fn model_and_data_rules(config: &TrainConfig) -> [Rule; 7] {
             "applies to the classifier's Dropout layers, and the gap head has none",
         ),
         (&["val_dir"], folder, "applies to --dataset folder only"),
+        (
+            &["extra"],
+            config.dataset == "svhn",
+            "applies to --dataset svhn only",
+        ),
         (
             &["fold"],
             matches!(config.dataset.as_str(), "stl10" | dtd::NAME),

@@ -108,7 +108,8 @@ pub fn load_data(
 }
 
 /// A checkpoint in its run directory: the data the run trained on (its
-/// directory, validation folder or held-out fraction, DTD's partition)
+/// directory, validation folder or held-out fraction, DTD's partition,
+/// SVHN's extra split)
 /// and the seed that drew a held-out part, from wherever eval is started,
 /// where the command line does not say otherwise.
 fn from_run_dir(file: &Path, data: &mut DataOpts, seed: &mut Option<u64>) -> Result<()> {
@@ -119,6 +120,8 @@ fn from_run_dir(file: &Path, data: &mut DataOpts, seed: &mut Option<u64>) -> Res
     if run.dataset == dtd::NAME && data.fold.is_none() {
         data.fold = run.fold;
     }
+    // The images a run held out of SVHN's train + extra (--val-on val).
+    data.extra |= run.extra;
     if data.data_dir.is_none() {
         data.data_dir = Some(PathBuf::from(run.data_dir));
         if data.val_dir.is_none() {

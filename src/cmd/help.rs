@@ -21,7 +21,7 @@ Environment:
                         dtd: comma-separated mirrors, tried in turn) [default: the
                         dataset's own, as torchvision's]
   VGGCTL_<DATASET>_MD5  the MD5 its download must have (mnist, fashion-mnist, kmnist: four,
-                        comma-separated; svhn, oxford-pets: two; flowers102: three)
+                        comma-separated; oxford-pets: two; svhn, flowers102: three)
                         [default: the official files']
   VGGCTL_CACHE_DIR      where image folders' decoded images are cached (also --cache-dir)
                         [default: $XDG_CACHE_HOME/vggctl/folders, i.e. ~/.cache/vggctl/folders]

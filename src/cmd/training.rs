@@ -329,7 +329,7 @@ impl HyperOpts {
         device: Device,
         default_epochs: usize,
     ) -> TrainConfig {
-        let mut config = self.plain_config(spec, data, device, default_epochs);
+        let mut config = self.plain_config(spec, data, (device, default_epochs));
         self.recipe.configure(&mut config);
         self.cycles.configure(&mut config);
         config
@@ -341,8 +341,7 @@ impl HyperOpts {
         &self,
         spec: ModelSpec,
         data: &DataOpts,
-        device: Device,
-        default_epochs: usize,
+        (device, default_epochs): (Device, usize),
     ) -> TrainConfig {
         let numerics = self.numerics.request(Some(&self.graphs), !self.no_fused);
         TrainConfig {
@@ -352,6 +351,7 @@ impl HyperOpts {
             val_dir: data.training_val_dir().map(absolute),
             val_split: data.held_fraction(),
             fold: data.fold,
+            extra: data.extra,
             val_on: data.own_val().then(|| "val".into()),
             epochs: self.epochs.unwrap_or(default_epochs),
             batch_size: self.batch_size,

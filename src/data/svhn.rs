@@ -2,8 +2,9 @@
 //! (Netzer et al., 2011) as torchvision's `SVHN` reads them: the MAT-files
 //! `train_32x32.mat` and `test_32x32.mat` in the data directory, `X` the
 //! 32x32x3xN uint8 images (column-major) and `y` the labels 1..10, the
-//! digit 0 being labelled 10 (torchvision's label 0). The `extra` split is
-//! not read.
+//! digit 0 being labelled 10 (torchvision's label 0). With `--extra` its
+//! `extra_32x32.mat` (531,131 images more) is trained on too, after
+//! `train`'s images, as `ConcatDataset([SVHN("train"), SVHN("extra")])`.
 
 use std::fs::File;
 use std::io::BufReader;
@@ -16,35 +17,40 @@ use super::download::{DownloadSource, fetch_files};
 use super::{Dataset, Images, Split};
 use crate::formats::mat::{MatArray, Values, read_mat};
 
-/// The two files, in the order of [`MD5S`].
-pub const FILES: [&str; 2] = ["train_32x32.mat", "test_32x32.mat"];
-pub const MD5S: [&str; 2] = [
+/// The three files (train, test, extra), in the order of [`MD5S`].
+pub const FILES: [&str; 3] = ["train_32x32.mat", "test_32x32.mat", "extra_32x32.mat"];
+pub const MD5S: [&str; 3] = [
     "e26dedcc434d2e4c54c9b2d4a06d8373",
     "eb5a983be6a315427106f1b164d9cef3",
+    "a93ce644f1a588dc4d68dda5feec44a7",
 ];
 pub const MIRROR: &str = "http://ufldl.stanford.edu/housenumbers/";
 /// The usual normalization (of the training images).
 pub const MEAN: [f64; 3] = [0.4377, 0.4438, 0.4728];
 pub const STD: [f64; 3] = [0.1980, 0.2010, 0.1970];
-/// The most bytes one array may unpack to (the training images are 225 MB).
+/// The most bytes one array may unpack to: the training images are 225 MB,
+/// the extra split's 1.63 GB (531,131 x 3,072).
 const MAX_BYTES: u64 = 256 << 20;
+const EXTRA_MAX_BYTES: u64 = 1664 << 20;
 const SIDE: usize = 32;
 
-/// Loads the dataset from `dir`, first downloading the files that are
+/// Loads the dataset from `dir`, its training split with the extra split
+/// after it where `extra` asks, first downloading the files that are
 /// missing when `download_from` allows it.
 pub fn load(
     dir: &Path,
+    extra: bool,
     download_from: Option<&DownloadSource>,
     progress: &mut dyn FnMut(u64, Option<u64>),
 ) -> Result<Dataset> {
-    let missing: Vec<&str> = FILES
-        .into_iter()
+    let needed = &FILES[..if extra { 3 } else { 2 }];
+    let missing: Vec<&str> = (needed.iter().copied())
         .filter(|f| !dir.join(f).exists())
         .collect();
     if !missing.is_empty() {
         let how = format!(
             "put {} (torchvision's SVHN files) into {} by hand, or point --data-dir at a copy (--data-url names a mirror)",
-            FILES.join(" and "),
+            needed.join(", "),
             dir.display()
         );
         let Some(src) = download_from else {
@@ -57,10 +63,19 @@ pub fn load(
         fetch_files(dir, (&FILES, &missing), src, progress, &mut |_| Ok(()))
             .with_context(|| format!("could not download SVHN; {how}"))?;
     }
-    let [train, test] = FILES.map(|f| dir.join(f));
+    let [train, test, more] = FILES.map(|f| dir.join(f));
+    let mut train = read_split(&train)?;
+    if extra {
+        let more = read_mat_split(&more, EXTRA_MAX_BYTES)?;
+        train = Split {
+            images: Tensor::cat(&[train.images, more.images], 0),
+            labels: Tensor::cat(&[train.labels, more.labels], 0),
+            layout: None,
+        };
+    }
     Ok(Dataset {
         name: "svhn".into(),
-        train: Images::Resident(read_split(&train)?),
+        train: Images::Resident(train),
         test: Images::Resident(read_split(&test)?),
         classes: (0..10).map(|c| c.to_string()).collect(),
         mean: MEAN,
@@ -71,15 +86,21 @@ pub fn load(
     })
 }
 
-/// One split's file: its images as `N x 3 x 32 x 32` and labels 0..9.
+/// The training or test split's file: its images as `N x 3 x 32 x 32` and
+/// labels 0..9.
 pub fn read_split(path: &Path) -> Result<Split> {
+    read_mat_split(path, MAX_BYTES)
+}
+
+/// One split's file, each array at most `max` bytes unpacked.
+fn read_mat_split(path: &Path, max: u64) -> Result<Split> {
     // Checked before opening: a FIFO would block the open.
     let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
     if !meta.is_file() {
         bail!("{}: not a regular file", path.display());
     }
     let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut vars = read_mat(&mut BufReader::new(file), &["X", "y"], MAX_BYTES)
+    let mut vars = read_mat(&mut BufReader::new(file), &["X", "y"], max)
         .with_context(|| format!("{}: not an SVHN MAT-file", path.display()))?;
     let mut take = |name: &str| {
         let at = vars.iter().position(|(n, _)| n == name).with_context(|| {

@@ -109,6 +109,9 @@ pub struct TrainConfig {
     /// DTD: the partition read, for training and evaluation (None: 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fold: Option<usize>,
+    /// SVHN: whether its extra split is trained on too.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub extra: bool,
     /// Oxford 102 Flowers, DTD: `val` where the run validates on the
     /// dataset's own val split (trained on train alone; None: on test).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -461,6 +464,7 @@ pub(crate) mod tests {
             val_dir: None,
             val_split: 0.1,
             fold: None,
+            extra: false,
             val_on: None,
             epochs,
             batch_size: 128,
