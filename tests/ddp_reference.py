@@ -57,12 +57,14 @@ integrity check against the files' own MD5s, since the fixtures are made
 here), for a model of 100 classes, normalized with CIFAR-100's mean and
 deviation.
 
---mnist mnist|fashion-mnist|kmnist reads --data (the directory holding
-MNIST/raw/, FashionMNIST/raw/ or KMNIST/raw/) through
-torchvision.datasets.MNIST, FashionMNIST or KMNIST itself: each 28x28 image resized to 32x32 by torchvision's
+--mnist mnist|fashion-mnist|kmnist|emnist-SPLIT reads --data (the directory holding
+MNIST/raw/, FashionMNIST/raw/, KMNIST/raw/ or EMNIST/raw/) through
+torchvision.datasets.MNIST, FashionMNIST, KMNIST or EMNIST(split=SPLIT) itself: each 28x28 image (EMNIST's
+transposed, turned upright) resized to 32x32 by torchvision's
 `F.resize(antialias=True)` on the uint8 tensor, repeated in three channels,
-normalized with the dataset's usual mean and deviation (KMNIST's, which
-has none, from its training images).
+normalized with the dataset's usual mean and deviation (KMNIST's and
+EMNIST's, which have none, from their training images), for a model of
+the dataset's classes (EMNIST letters: 27).
 
 --svhn reads --data (the directory holding train_32x32.mat) through
 torchvision.datasets.SVHN itself (its integrity check fed the files' own
@@ -169,8 +171,14 @@ def svhn(root, split="train"):
 MNIST_NORM = {"mnist": ((0.1307,) * 3, (0.3081,) * 3), "fashion-mnist": ((0.2860,) * 3, (0.3530,) * 3)}
 
 
+EMNIST_SPLITS = [f"emnist-{s}" for s in torchvision.datasets.EMNIST.splits]
+
+
 def mnist(root, name, train=True):
-    """torchvision's MNIST, FashionMNIST or KMNIST over `root`."""
+    """torchvision's MNIST, FashionMNIST, KMNIST or EMNIST (`emnist-SPLIT`)
+    over `root`."""
+    if name in EMNIST_SPLITS:
+        return torchvision.datasets.EMNIST(root, name.removeprefix("emnist-"), train=train, download=False)
     cls = {"mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST,
            "kmnist": torchvision.datasets.KMNIST}[name]
     return cls(root, train=train, download=False)
@@ -186,8 +194,10 @@ def mnist_norm(ds, name):
 
 
 def mnist_images(ds):
-    """The dataset's images as the model reads them: 32x32, three channels, uint8."""
-    x = torchvision.transforms.functional.resize(ds.data[:, None], [32, 32], antialias=True)
+    """The dataset's images as the model reads them: 32x32, three channels,
+    uint8; EMNIST's, which it stores transposed, turned upright first."""
+    x = ds.data.transpose(1, 2) if isinstance(ds, torchvision.datasets.EMNIST) else ds.data
+    x = torchvision.transforms.functional.resize(x[:, None], [32, 32], antialias=True)
     return x.repeat(1, 3, 1, 1).contiguous()
 
 
@@ -341,7 +351,7 @@ def main(argv=None):
     p.add_argument("--swa-anneal-strategy", default="cos")
     p.add_argument("--swa-out")
     p.add_argument("--cifar100", action="store_true")
-    p.add_argument("--mnist", choices=["mnist", "fashion-mnist", "kmnist"])
+    p.add_argument("--mnist", choices=["mnist", "fashion-mnist", "kmnist", *EMNIST_SPLITS])
     p.add_argument("--svhn", action="store_true")
     p.add_argument("--stl10", action="store_true")
     p.add_argument("--stl10-fold", type=int, default=None)
@@ -354,7 +364,7 @@ def main(argv=None):
     else:
         dist.init_process_group("gloo")
         ranks, world = [dist.get_rank()], dist.get_world_size()
-    classes = 100 if a.cifar100 else 10
+    classes = 100 if a.cifar100 else len(mnist(a.data, a.mnist).classes) if a.mnist else 10
     model = vgg_reference.build(a.arch, a.bn, a.head, classes, dropout=a.dropout)
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):

@@ -22,7 +22,14 @@ holds the files, digits-py only their .gz).
 - `--dataset kmnist` (the fixtures' MNIST files under KMNIST/raw/) trains
   as PyTorch does on torchvision's `KMNIST`, not mirrored, normalized by
   the training images' own mean and deviation (recorded within 1e-12 of
-  torch's in float64), with KMNIST's class names."""
+  torch's in float64), with KMNIST's class names.
+- `--dataset emnist-letters` (a gzip.zip in EMNIST's layout, of the
+  fixtures' digits stored transposed, labelled 1..10) downloads the zip,
+  leaves the folder torchvision's `EMNIST(split="letters")` reads, and
+  trains as PyTorch does on its images turned upright, for torchvision's 27
+  classes ("N/A" first), normalized by its own training images;
+  `emnist-byclass` is then extracted from the zip kept there, with
+  torchvision's 62 classes; a split the zip lacks is one line naming it."""
 import json
 import os
 import shutil
@@ -320,3 +327,77 @@ def test_kmnist_is_normalized_by_its_own_training_images(tmp_path):
     assert max(abs(a - b) for a, b in zip(json.loads(meta["mean"]), mean)) < 1e-12
     assert max(abs(a - b) for a, b in zip(json.loads(meta["std"]), std)) < 1e-12
     assert abs(mean[0] - MNIST_NORM["mnist"][0][0]) > 0.01, "the test cannot tell the images' own mean from MNIST's"
+
+
+def emnist_zip(path, splits):
+    """EMNIST's gzip.zip made of the fixtures' MNIST files: for each split,
+    its four files' .gz under gzip/, the images stored transposed (as
+    EMNIST's are), the labels `splits[split](digit)`."""
+    import gzip
+    import zipfile
+
+    import numpy as np
+    raw = os.path.join(FIX, "digits-bin", "MNIST", "raw")
+    with zipfile.ZipFile(path, "w") as z:
+        for split, label in splits.items():
+            for part, prefix in [("train", "train"), ("test", "t10k")]:
+                images = open(os.path.join(raw, f"{prefix}-images-idx3-ubyte"), "rb").read()
+                x = np.frombuffer(images[16:], np.uint8).reshape(-1, 28, 28).transpose(0, 2, 1)
+                labels = open(os.path.join(raw, f"{prefix}-labels-idx1-ubyte"), "rb").read()
+                y = label(np.frombuffer(labels[8:], np.uint8)).astype(np.uint8)
+                for kind, content in [("images-idx3", images[:16] + x.tobytes()), ("labels-idx1", labels[:8] + y.tobytes())]:
+                    z.writestr(f"gzip/emnist-{split}-{part}-{kind}-ubyte.gz", gzip.compress(content))
+
+
+def test_emnist_downloads_its_zip_and_trains_upright_as_pytorch_does(tmp_path):
+    import torchvision
+    served = tmp_path / "served"
+    served.mkdir()
+    emnist_zip(served / "gzip.zip", {"letters": lambda y: y + 1, "byclass": lambda y: y})
+    data = tmp_path / "data"
+    init = str(tmp_path / "init.safetensors")
+    initial_model(init, 11, classes=27)
+    out = tmp_path / "run"
+    with mirror(str(served)) as url:
+        env = dict(ENV, VGGCTL_EMNIST_URL=url, VGGCTL_EMNIST_MD5=md5(served / "gzip.zip"))
+        r = subprocess.run(
+            [BIN, "train", "--dataset", "emnist-letters", "--data-dir", str(data), "--arch", "vgg11", "--head",
+             "cifar", "--initial-checkpoint", init, "--limit-train", str(LIMIT), "--limit-test", "16", "--epochs",
+             str(EPOCHS), "--batch-size", str(BATCH), "--device", "cpu", "--quiet", "--out", str(out)],
+            capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    raw = data / "EMNIST" / "raw"
+    files = [f"emnist-letters-{p}-{k}-ubyte" for p in ["train", "test"] for k in ["images-idx3", "labels-idx1"]]
+    assert sorted(os.listdir(raw)) == sorted(["gzip.zip", *files])
+    # torchvision reads what vggctl left; PyTorch trains on its images upright.
+    want = load_file(reference(tmp_path / "ref.safetensors", init, str(data), "--mnist", "emnist-letters",
+                               "--crop-flip", "0", limit=LIMIT, batch=BATCH, epochs=EPOCHS))
+    assert apart(want, load_file(init)) > 1e-3, "the reference did not train"
+    assert apart(load_file(str(out / "last.safetensors")), want) < 1e-5
+    ds = mnist(str(data), "emnist-letters")
+    assert int(ds.targets.min()) == 1 and len(ds.classes) == 27
+    meta = safe_open(str(out / "last.safetensors"), "pt").metadata()
+    assert json.loads(meta["class_names"]) == ds.classes and meta["dataset"] == "emnist-letters"
+    mean, std = mnist_norm(ds, "emnist-letters")
+    assert max(abs(a - b) for a, b in zip(json.loads(meta["std"]), std)) < 1e-12
+
+    def train_offline(dataset):
+        return subprocess.run(
+            [BIN, "train", "--dataset", dataset, "--data-dir", str(data), "--no-download", "--arch", "vgg11",
+             "--head", "gap", "--epochs", "1", "--limit-train", "8", "--limit-test", "8", "--batch-size", "8",
+             "--device", "cpu", "--quiet", "--out", str(tmp_path / dataset)],
+            capture_output=True, text=True, timeout=300, env=ENV)
+
+    # Another split comes out of the zip kept there.
+    r = train_offline("emnist-byclass")
+    assert r.returncode == 0, r.stderr
+    meta = safe_open(str(tmp_path / "emnist-byclass" / "last.safetensors"), "pt").metadata()
+    assert json.loads(meta["class_names"]) == torchvision.datasets.EMNIST.classes_split_dict["byclass"]
+    # A split the zip lacks, and no split named: one line each.
+    r = train_offline("emnist-digits")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    assert "gzip.zip: no gzip/emnist-digits-train-images-idx3-ubyte.gz in it" in lines[0], lines[0]
+    assert not (tmp_path / "emnist-digits").exists() and not (raw / "emnist-digits-train-images-idx3-ubyte").exists()
+    r = train_offline("emnist")
+    assert r.returncode == 2 and "--dataset emnist: name the split, one of emnist-byclass," in r.stderr, r.stderr

@@ -25,7 +25,10 @@ use super::progress::download_bar;
 #[command(next_help_heading = "Data")]
 pub struct DataOpts {
     /// Dataset: cifar10, cifar100 (its 100 fine classes), mnist,
-    /// fashion-mnist, kmnist (their 28x28 gray images read as 32x32 RGB), svhn
+    /// fashion-mnist, kmnist, emnist-byclass, emnist-bymerge,
+    /// emnist-balanced, emnist-letters, emnist-digits, emnist-mnist (EMNIST's
+    /// splits, their characters turned upright; their 28x28 gray images read
+    /// as 32x32 RGB), svhn
     /// (its train and test splits), stl10 (its 5,000 labelled training and
     /// 8,000 test images, 96x96), digits
     /// (scikit-learn's handwritten digits, built
@@ -45,8 +48,9 @@ pub struct DataOpts {
     pub dataset: Option<String>,
     /// cifar10: the directory holding cifar-10-batches-py/ (torchvision's) or
     /// cifar-10-batches-bin/; cifar100: cifar-100-python/ or
-    /// cifar-100-binary/; mnist, fashion-mnist, kmnist: the directory holding
-    /// MNIST/raw/, FashionMNIST/raw/ or KMNIST/raw/ (torchvision's); svhn: the
+    /// cifar-100-binary/; mnist, fashion-mnist, kmnist, emnist-*: the
+    /// directory holding MNIST/raw/, FashionMNIST/raw/, KMNIST/raw/ or
+    /// EMNIST/raw/ (torchvision's); svhn: the
     /// directory holding train_32x32.mat and test_32x32.mat; stl10: the
     /// directory holding stl10_binary/; folder: the class folders; imagenet: the
     /// directory holding train/ and val/; folder, imagenet: or the file
@@ -60,12 +64,13 @@ pub struct DataOpts {
     /// STL-10's) from
     /// when it is missing; mnist, fashion-mnist, kmnist, svhn, oxford-pets,
     /// flowers102, food101, dtd: the mirror (or comma-separated mirrors) serving
-    /// their files [default:
+    /// their files (emnist-*: gzip.zip, every split's) [default:
     /// $VGGCTL_<DATASET>_URL (e.g. $VGGCTL_FASHION_MNIST_URL), else the
     /// dataset's own, as torchvision's].
     #[arg(long, value_parser = http_urls)]
     pub data_url: Option<String>,
-    /// MD5 the downloaded archive must have (mnist, fashion-mnist, kmnist: four,
+    /// MD5 the downloaded archive must have (emnist-*: gzip.zip's;
+    /// mnist, fashion-mnist, kmnist: four,
     /// comma-separated, for train-images, train-labels, t10k-images,
     /// t10k-labels; svhn: three, train, test and extra; oxford-pets: two, images.tar.gz
     /// and annotations.tar.gz; flowers102: three, 102flowers.tgz,
@@ -474,7 +479,8 @@ impl DataOpts {
             return Some(c.load(dir, src.as_ref(), bar));
         }
         if let Some(m) = mnist::named(name) {
-            let src = source(m.mirrors.join(","), m.md5s.join(","));
+            let (url, md5) = (m.mirrors.join(","), m.md5s.join(","));
+            let src = self.download_source(m.env_name(), DownloadSource { url, md5 });
             return Some(m.load(dir, src.as_ref(), bar));
         }
         match name {
@@ -541,9 +547,13 @@ pub fn imagenet_split(dir: &Path, split: &str) -> Result<PathBuf> {
 }
 
 fn unknown(name: &str) -> String {
-    format!(
-        "unknown dataset '{name}' (expected cifar10, cifar100, mnist, fashion-mnist, kmnist, svhn, stl10, digits, folder, imagenet, oxford-pets, flowers102, food101 or dtd)"
-    )
+    let emnist = mnist::EMNIST_SPLITS.map(|m| m.name).join(", ");
+    match name {
+        "emnist" => format!("--dataset emnist: name the split, one of {emnist}"),
+        _ => format!(
+            "unknown dataset '{name}' (expected cifar10, cifar100, mnist, fashion-mnist, kmnist, {emnist}, svhn, stl10, digits, folder, imagenet, oxford-pets, flowers102, food101 or dtd)"
+        ),
+    }
 }
 
 /// Rank 0 tells the other ranks (after loading the data, so it also

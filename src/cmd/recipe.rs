@@ -55,8 +55,8 @@ pub struct RecipeOpts {
     pub interpolation: Filter,
     /// The probability that a training image is mirrored left-right
     /// (torchvision's RandomHorizontalFlip(p), timm's --hflip) [default:
-    /// 0.5; mnist, kmnist, svhn, digits: 0, as a mirrored digit or
-    /// character is none].
+    /// 0.5; mnist, kmnist, emnist-*, svhn, digits: 0, as a mirrored digit
+    /// or character is none].
     #[arg(long, value_name = "P", help_heading = "Data")]
     pub hflip: Option<f64>,
     /// Keep an exponential moving average of the weights (torchvision's

@@ -5,7 +5,8 @@
 //! from its `.gz`. What vggctl downloads is what torchvision's
 //! `MNIST(root, download=True)` leaves: the four `.gz` files, checked by
 //! their MD5s, and each extracted beside it, so either tool reads the
-//! other's folder.
+//! other's folder. EMNIST's splits are of the family too (see
+//! [`super::emnist`]: their own file names, one zip, images transposed).
 //!
 //! The 28x28 gray images become what the VGG family reads: 32x32 RGB,
 //! resized bilinearly with antialiasing (torchvision's `Resize(32)` of the
@@ -19,9 +20,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use flate2::read::GzDecoder;
 use rayon::prelude::*;
-use tch::Tensor;
+use tch::{Device, Kind, Tensor};
 
 use super::download::{DownloadSource, fetch_files};
+use super::emnist;
 use super::resize::{Resize, resize_window_into};
 use super::{Dataset, Images, Split, mean_std};
 use crate::fsutil::{TempFile, read_regular};
@@ -35,12 +37,20 @@ pub const FILES: [&str; 4] = [
     "t10k-images-idx3-ubyte",
     "t10k-labels-idx1-ubyte",
 ];
-/// The largest IDX file read, packed or not (MNIST's training images
-/// are 47 MB).
-const MAX_BYTES: u64 = 64 << 20;
-/// The most images one file may hold (MNIST's training file has 60,000):
-/// 307 MB as the model reads them.
-const MAX_IMAGES: usize = 100_000;
+/// How large a file of the dataset may be: the most entries it may hold,
+/// and the most bytes, packed or not.
+#[derive(Clone, Copy)]
+pub struct Caps {
+    pub images: usize,
+    pub bytes: u64,
+}
+
+/// MNIST's training file has 60,000 images (47 MB; 184 MB as the model
+/// reads them).
+const CAPS: Caps = Caps {
+    images: 100_000,
+    bytes: 64 << 20,
+};
 /// The largest image side read.
 const MAX_SIDE: usize = 1024;
 
@@ -52,10 +62,11 @@ pub struct Mnist {
     pub title: &'static str,
     /// The folder under the data directory: torchvision's class name.
     pub folder: &'static str,
-    /// Where the `.gz` files lie, tried in order.
+    /// Where the `.gz` files (EMNIST's zip) lie, tried in order.
     pub mirrors: &'static [&'static str],
-    /// The MD5 of each `.gz` file, in the order of [`FILES`].
-    pub md5s: [&'static str; 4],
+    /// The MD5 of each `.gz` file, in the order of [`FILES`] (EMNIST's
+    /// zip's).
+    pub md5s: &'static [&'static str],
     /// torchvision's `classes`.
     pub classes: &'static [&'static str],
     /// The usual normalization of the gray values (`Normalize((m,), (s,))`),
@@ -65,6 +76,9 @@ pub struct Mnist {
     /// Whether a mirrored image is still one of its class, so that
     /// training flips images by default (clothes are; digits are not).
     pub mirrors_keep_class: bool,
+    /// EMNIST: the split, whose files come out of one zip, their images
+    /// stored transposed.
+    pub emnist: Option<&'static str>,
 }
 
 pub const MNIST: Mnist = Mnist {
@@ -75,7 +89,7 @@ pub const MNIST: Mnist = Mnist {
         "https://ossci-datasets.s3.amazonaws.com/mnist/",
         "http://yann.lecun.com/exdb/mnist/",
     ],
-    md5s: [
+    md5s: &[
         "f68b3c2dcbeaaa9fbdd348bbdeb94873",
         "d53e105ee54ea40749a09fcbcd1e9432",
         "9fb629c4189551a2d022fa330f9573f3",
@@ -95,6 +109,7 @@ pub const MNIST: Mnist = Mnist {
     ],
     norm: Some(([0.1307; 3], [0.3081; 3])),
     mirrors_keep_class: false,
+    emnist: None,
 };
 
 pub const FASHION_MNIST: Mnist = Mnist {
@@ -102,7 +117,7 @@ pub const FASHION_MNIST: Mnist = Mnist {
     title: "Fashion-MNIST",
     folder: "FashionMNIST",
     mirrors: &["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
-    md5s: [
+    md5s: &[
         "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
         "25c81989df183df01b3e8a0aad5dffbe",
         "bef4ecab320f06d8554ea6380940ec79",
@@ -122,6 +137,7 @@ pub const FASHION_MNIST: Mnist = Mnist {
     ],
     norm: Some(([0.2860; 3], [0.3530; 3])),
     mirrors_keep_class: true,
+    emnist: None,
 };
 
 /// Kuzushiji-MNIST: ten cursive hiragana in MNIST's format. Its sources
@@ -131,7 +147,7 @@ pub const KMNIST: Mnist = Mnist {
     title: "KMNIST",
     folder: "KMNIST",
     mirrors: &["http://codh.rois.ac.jp/kmnist/dataset/kmnist/"],
-    md5s: [
+    md5s: &[
         "bdb82020997e1d708af4cf47b453dcf7",
         "e144d726b3acfaa3e44228e80efcd344",
         "5c965bf0a639b31b8f53240b1b52f4d7",
@@ -140,12 +156,44 @@ pub const KMNIST: Mnist = Mnist {
     classes: &["o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"],
     norm: None,
     mirrors_keep_class: false,
+    emnist: None,
 };
 
-/// The dataset `--dataset` names, if it is one of these.
+const fn emnist(
+    name: &'static str,
+    split: &'static str,
+    classes: &'static [&'static str],
+) -> Mnist {
+    Mnist {
+        name,
+        title: "EMNIST",
+        folder: "EMNIST",
+        mirrors: &[emnist::MIRROR],
+        md5s: &[emnist::MD5],
+        classes,
+        // No agreed normalization: the split's training images' own.
+        norm: None,
+        mirrors_keep_class: false,
+        emnist: Some(split),
+    }
+}
+
+/// EMNIST's six splits, as `--dataset emnist-<split>` names them.
+pub const EMNIST_SPLITS: [Mnist; 6] = [
+    emnist("emnist-byclass", "byclass", &emnist::BYCLASS),
+    emnist("emnist-bymerge", "bymerge", &emnist::BYMERGE),
+    emnist("emnist-balanced", "balanced", &emnist::BYMERGE),
+    emnist("emnist-letters", "letters", &emnist::LETTERS),
+    emnist("emnist-digits", "digits", &emnist::DIGITS),
+    emnist("emnist-mnist", "mnist", &emnist::DIGITS),
+];
+
+/// The dataset `--dataset` names, if it is one of these (or an EMNIST
+/// split).
 pub fn named(name: &str) -> Option<&'static Mnist> {
     [&MNIST, &FASHION_MNIST, &KMNIST]
         .into_iter()
+        .chain(&EMNIST_SPLITS)
         .find(|m| m.name == name)
 }
 
@@ -156,8 +204,9 @@ pub struct Idx {
 }
 
 /// Parses an IDX file of unsigned bytes with `rank` dimensions (3:
-/// images, 1: labels), whose bytes must be exactly what its header says.
-pub fn parse_idx(mut bytes: Vec<u8>, rank: usize, path: &Path) -> Result<Idx> {
+/// images, 1: labels), whose bytes must be exactly what its header says,
+/// of at most `caps.images` entries.
+pub fn parse_idx(mut bytes: Vec<u8>, rank: usize, path: &Path, caps: Caps) -> Result<Idx> {
     let what = match rank {
         3 => "an IDX file of images (magic 0x00000803)",
         _ => "an IDX file of labels (magic 0x00000801)",
@@ -180,11 +229,12 @@ pub fn parse_idx(mut bytes: Vec<u8>, rank: usize, path: &Path) -> Result<Idx> {
             size.map_or("too many".into(), |s| s.to_string()),
         );
     }
-    if dims[0] > MAX_IMAGES {
+    if dims[0] > caps.images {
         bail!(
-            "{}: {} entries, more than the {MAX_IMAGES} read from one file",
+            "{}: {} entries, more than the {} read from one file",
             path.display(),
-            dims[0]
+            dims[0],
+            caps.images
         );
     }
     bytes.drain(..header);
@@ -197,6 +247,33 @@ impl Mnist {
         dir.join(self.folder).join("raw")
     }
 
+    /// Its four files, in [`FILES`]' order (EMNIST's are named by split).
+    pub fn files(&self) -> [String; 4] {
+        match self.emnist {
+            Some(split) => emnist::files(split),
+            None => FILES.map(String::from),
+        }
+    }
+
+    /// The name of its environment variables (`VGGCTL_EMNIST_URL`: one
+    /// zip serves every EMNIST split).
+    pub fn env_name(&self) -> &str {
+        match self.emnist {
+            Some(_) => "emnist",
+            None => self.name,
+        }
+    }
+
+    fn caps(&self) -> Caps {
+        match self.emnist {
+            Some(_) => Caps {
+                images: emnist::MAX_IMAGES,
+                bytes: emnist::MAX_BYTES,
+            },
+            None => CAPS,
+        }
+    }
+
     /// Loads the dataset from `dir`, first downloading the files that are
     /// missing when `download_from` allows it.
     pub fn load(
@@ -206,29 +283,14 @@ impl Mnist {
         progress: &mut dyn FnMut(u64, Option<u64>),
     ) -> Result<Dataset> {
         let raw = self.raw_dir(dir);
-        let missing: Vec<&str> = FILES
-            .into_iter()
+        let files = self.files();
+        let missing: Vec<&str> = (files.iter().map(String::as_str))
             .filter(|f| !raw.join(f).exists() && !raw.join(format!("{f}.gz")).exists())
             .collect();
         if !missing.is_empty() {
-            let how = format!(
-                "put torchvision's {}/raw/ (its four IDX files, or their .gz) into {} by hand, or point --data-dir at a copy (--data-url names a mirror)",
-                self.folder,
-                dir.display()
-            );
-            let Some(src) = download_from else {
-                bail!(
-                    "no {} in {}: {} lacks {} and downloading is off; {how}",
-                    self.title,
-                    dir.display(),
-                    raw.display(),
-                    missing.join(", ")
-                );
-            };
-            self.fetch(&raw, &missing, src, progress)
-                .with_context(|| format!("could not download {}; {how}", self.title))?;
+            self.fetch(dir, &missing, download_from, progress)?;
         }
-        let [train_x, train_y, test_x, test_y] = FILES.map(|f| raw.join(f));
+        let [train_x, train_y, test_x, test_y] = files.map(|f| raw.join(f));
         let (train, counts) = self.split(&train_x, &train_y)?;
         let (test, _) = self.split(&test_x, &test_y)?;
         let (mean, std) = match self.norm {
@@ -251,7 +313,8 @@ impl Mnist {
     /// One split: its images file and labels file, as 32x32 RGB, and the
     /// count of each gray value in its images as they are stored.
     fn split(&self, images: &Path, labels: &Path) -> Result<(Split, [u64; 256])> {
-        let (x, counts) = read_images_counted(images)?;
+        let upright = self.emnist.is_some();
+        let (x, counts) = read_images_counted(images, self.caps(), upright)?;
         let y = self.read_labels(labels)?;
         let n = x.size()[0];
         if y.len() as i64 != n {
@@ -272,7 +335,7 @@ impl Mnist {
 
     /// A labels file (or its `.gz`), each label one of the classes.
     pub fn read_labels(&self, path: &Path) -> Result<Vec<i64>> {
-        let y = parse_idx(read(path)?, 1, path)?;
+        let y = parse_idx(read(path, self.caps())?, 1, path, self.caps())?;
         let classes = self.classes.len();
         if let Some(i) = y.data.iter().position(|&l| l as usize >= classes) {
             bail!(
@@ -285,27 +348,57 @@ impl Mnist {
         Ok(y.data.iter().map(|&l| l as i64).collect())
     }
 
-    /// Downloads the `missing` files' `.gz` into `raw` and extracts each
-    /// beside it (see [`fetch_files`]).
+    /// The `missing` files fetched into `dir`'s raw folder: their `.gz`
+    /// downloaded and each extracted beside it (see [`fetch_files`]), or
+    /// EMNIST's extracted from its zip.
     fn fetch(
         &self,
-        raw: &Path,
+        dir: &Path,
         missing: &[&str],
-        src: &DownloadSource,
+        src: Option<&DownloadSource>,
         progress: &mut dyn FnMut(u64, Option<u64>),
     ) -> Result<()> {
+        let raw = self.raw_dir(dir);
+        let how = match self.emnist {
+            Some(split) => format!(
+                "put torchvision's {}/raw/ (its emnist-{split}-* IDX files, or {}) into {} by hand",
+                self.folder,
+                emnist::ZIP,
+                dir.display()
+            ),
+            None => format!(
+                "put torchvision's {}/raw/ (its four IDX files, or their .gz) into {} by hand",
+                self.folder,
+                dir.display()
+            ),
+        };
+        let how = format!("{how}, or point --data-dir at a copy (--data-url names a mirror)");
+        if self.emnist.is_some() {
+            return emnist::fetch(&raw, missing, src, progress)
+                .with_context(|| format!("no {} split in {}; {how}", self.name, dir.display()));
+        }
+        let Some(src) = src else {
+            bail!(
+                "no {} in {}: {} lacks {} and downloading is off; {how}",
+                self.title,
+                dir.display(),
+                raw.display(),
+                missing.join(", ")
+            );
+        };
         let all = FILES.map(|f| format!("{f}.gz"));
         let names: Vec<String> = missing.iter().map(|f| format!("{f}.gz")).collect();
         let all: Vec<&str> = all.iter().map(String::as_str).collect();
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
-        fetch_files(raw, (&all, &names), src, progress, &mut extract)
+        fetch_files(&raw, (&all, &names), src, progress, &mut extract)
+            .with_context(|| format!("could not download {}; {how}", self.title))
     }
 }
 
 /// A downloaded `FILE.gz` extracted to `FILE` beside it (removed if it
 /// does not unpack).
 fn extract(gz: &Path) -> Result<()> {
-    let bytes = gunzip(gz).inspect_err(|_| {
+    let bytes = gunzip(gz, CAPS).inspect_err(|_| {
         let _ = fs::remove_file(gz);
     })?;
     let target = gz.with_extension("");
@@ -315,14 +408,15 @@ fn extract(gz: &Path) -> Result<()> {
     out.commit(&target)
 }
 
-/// An images file (or its `.gz`) as `N x 3 x 32 x 32` uint8.
+/// An images file (or its `.gz`) of MNIST's as `N x 3 x 32 x 32` uint8.
 pub fn read_images(path: &Path) -> Result<Tensor> {
-    read_images_counted(path).map(|(x, _)| x)
+    read_images_counted(path, CAPS, false).map(|(x, _)| x)
 }
 
-/// [`read_images`], and the count of each gray value in the file.
-fn read_images_counted(path: &Path) -> Result<(Tensor, [u64; 256])> {
-    let x = parse_idx(read(path)?, 3, path)?;
+/// [`read_images`] within `caps`, each image transposed where `upright`
+/// (EMNIST's), and the count of each gray value in the file.
+fn read_images_counted(path: &Path, caps: Caps, upright: bool) -> Result<(Tensor, [u64; 256])> {
+    let x = parse_idx(read(path, caps)?, 3, path, caps)?;
     let (n, h, w) = (x.dims[0], x.dims[1], x.dims[2]);
     if !(1..=MAX_SIDE).contains(&h) || !(1..=MAX_SIDE).contains(&w) {
         bail!(
@@ -334,61 +428,91 @@ fn read_images_counted(path: &Path) -> Result<(Tensor, [u64; 256])> {
     for &v in &x.data {
         counts[v as usize] += 1;
     }
-    Ok((rgb32(&x.data, n, (h, w)), counts))
+    Ok((rgb32(&x.data, n, (h, w), upright), counts))
+}
+
+/// An image of `h` x `w` transposed (to `w` x `h`).
+fn transposed(image: &[u8], (h, w): (usize, usize)) -> Vec<u8> {
+    let mut out = vec![0u8; image.len()];
+    for (r, row) in out.chunks_mut(h).enumerate() {
+        row.iter_mut()
+            .enumerate()
+            .for_each(|(c, v)| *v = image[c * w + r]);
+    }
+    out
 }
 
 /// A file's bytes: `path` itself, else its `.gz` decompressed.
-fn read(path: &Path) -> Result<Vec<u8>> {
+fn read(path: &Path, caps: Caps) -> Result<Vec<u8>> {
     if path.exists() {
-        return read_regular(path, "an IDX file", MAX_BYTES);
+        return read_regular(path, "an IDX file", caps.bytes);
     }
     let gz = path.with_file_name(format!(
         "{}.gz",
         path.file_name().unwrap_or_default().to_string_lossy()
     ));
     if gz.exists() {
-        return gunzip(&gz);
+        return gunzip(&gz, caps);
     }
     bail!(
-        "{}: missing (neither it nor its .gz is there; the folder holds {})",
-        path.display(),
-        FILES.join(", ")
+        "{}: missing (neither it nor its .gz is there)",
+        path.display()
     )
 }
 
-/// A `.gz` file decompressed, refused beyond [`MAX_BYTES`].
-fn gunzip(gz: &Path) -> Result<Vec<u8>> {
-    let packed = read_regular(gz, "a gzip file", MAX_BYTES)?;
+/// A `.gz` file decompressed, refused beyond `caps.bytes`.
+fn gunzip(gz: &Path, caps: Caps) -> Result<Vec<u8>> {
+    let max = caps.bytes;
+    let packed = read_regular(gz, "a gzip file", max)?;
     let mut bytes = Vec::new();
     GzDecoder::new(packed.as_slice())
-        .take(MAX_BYTES + 1)
+        .take(max + 1)
         .read_to_end(&mut bytes)
         .with_context(|| format!("{}: not a gzip file, or a damaged one", gz.display()))?;
-    if bytes.len() as u64 > MAX_BYTES {
-        bail!("{}: unpacks to more than {MAX_BYTES} bytes", gz.display());
+    if bytes.len() as u64 > max {
+        bail!("{}: unpacks to more than {max} bytes", gz.display());
     }
     Ok(bytes)
 }
 
-/// `n` gray images of `h` x `w` as `n x 3 x 32 x 32` uint8: resized as
-/// torchvision's antialiased bilinear `Resize` rounds them, then repeated
-/// in the three channels.
-fn rgb32(gray: &[u8], n: usize, (h, w): (usize, usize)) -> Tensor {
+/// Images converted a chunk at a time, so that converting EMNIST's
+/// 697,932 needs no second copy of the 2.1 GB result.
+const CHUNK: usize = 16_384;
+
+/// `n` gray images of `h` x `w` (each transposed first where `upright`) as
+/// `n x 3 x 32 x 32` uint8: resized as torchvision's antialiased bilinear
+/// `Resize` rounds them, then repeated in the three channels.
+fn rgb32(gray: &[u8], n: usize, (h, w): (usize, usize), upright: bool) -> Tensor {
     let side = SIDE as usize;
     let plane = side * side;
-    let resize = Resize::whole((h, w), (side, side));
-    let mut out = vec![0u8; n * 3 * plane];
-    out.par_chunks_mut(3 * plane)
-        .zip(gray.par_chunks(h * w))
-        .for_each(|(dst, src)| {
-            if (h, w) == (side, side) {
-                dst.chunks_mut(plane).for_each(|p| p.copy_from_slice(src));
-            } else {
-                let rgb: Vec<u8> = src.iter().flat_map(|&v| [v, v, v]).collect();
-                resize_window_into(&rgb, w, &resize, dst);
-            }
-        });
-    Tensor::from_slice(&out).view([n as i64, 3, SIDE, SIDE])
+    let (rows, cols) = if upright { (w, h) } else { (h, w) };
+    let resize = Resize::whole((rows, cols), (side, side));
+    let out = Tensor::zeros([n as i64, 3, SIDE, SIDE], (Kind::Uint8, Device::Cpu));
+    for (k, images) in gray.chunks(CHUNK * h * w).enumerate() {
+        let m = images.len() / (h * w);
+        let mut buf = vec![0u8; m * 3 * plane];
+        buf.par_chunks_mut(3 * plane)
+            .zip(images.par_chunks(h * w))
+            .for_each(|(dst, src)| {
+                let turned;
+                let src = match upright {
+                    true => {
+                        turned = transposed(src, (h, w));
+                        &turned[..]
+                    }
+                    false => src,
+                };
+                if (rows, cols) == (side, side) {
+                    dst.chunks_mut(plane).for_each(|p| p.copy_from_slice(src));
+                } else {
+                    let rgb: Vec<u8> = src.iter().flat_map(|&v| [v, v, v]).collect();
+                    resize_window_into(&rgb, cols, &resize, dst);
+                }
+            });
+        let part = Tensor::from_slice(&buf).view([m as i64, 3, SIDE, SIDE]);
+        out.narrow(0, (k * CHUNK) as i64, m as i64).copy_(&part);
+    }
+    out
 }
 
 #[cfg(test)]
@@ -407,9 +531,14 @@ mod tests {
     #[test]
     fn idx_files_hold_exactly_what_their_header_says() {
         let p = Path::new("f");
-        let ok = parse_idx(idx(3, &[2, 2, 3], &[7; 12]), 3, p).unwrap();
+        let ok = parse_idx(idx(3, &[2, 2, 3], &[7; 12]), 3, p, CAPS).unwrap();
         assert_eq!((ok.dims, ok.data), (vec![2, 2, 3], vec![7; 12]));
-        let err = |b: &[u8], rank| parse_idx(b.to_vec(), rank, p).err().unwrap().to_string();
+        let err = |b: &[u8], rank| {
+            parse_idx(b.to_vec(), rank, p, CAPS)
+                .err()
+                .unwrap()
+                .to_string()
+        };
         assert!(err(&idx(3, &[2, 2, 3], &[7; 11]), 3).contains("11 bytes follow"));
         assert!(err(&idx(3, &[2, 2, 3], &[7; 13]), 3).contains("13 bytes follow"));
         assert!(err(&idx(1, &[12], &[7; 12]), 3).contains("not an IDX file of images"));
@@ -418,7 +547,7 @@ mod tests {
         int32[2] = 0x0c;
         assert!(err(&int32, 1).contains("not an IDX file of labels"));
         assert!(err(&[0, 0, 8], 1).contains("not an IDX"));
-        let many = (MAX_IMAGES + 1) as u32;
+        let many = (CAPS.images + 1) as u32;
         assert!(err(&idx(1, &[many], &vec![0; many as usize]), 1).contains("more than"));
     }
 
@@ -426,12 +555,18 @@ mod tests {
     /// constant image stays constant.
     #[test]
     fn gray_images_become_32x32_rgb() {
-        let t = rgb32(&[200u8; 2 * 28 * 28], 2, (28, 28));
+        let t = rgb32(&[200u8; 2 * 28 * 28], 2, (28, 28), false);
         assert_eq!(t.size(), [2, 3, 32, 32]);
         assert_eq!(t.min().int64_value(&[]), 200);
         assert_eq!(t.max().int64_value(&[]), 200);
         let ramp: Vec<u8> = (0..28 * 28).map(|i| (i % 251) as u8).collect();
-        let t = rgb32(&ramp, 1, (28, 28));
+        let t = rgb32(&ramp, 1, (28, 28), false);
         assert!(t.get(0).get(0).equal(&t.get(0).get(2)));
+        // Upright: the transposed image's resize is the resize's transpose.
+        let square: Vec<u8> = (0..32 * 32).map(|i| (i % 253) as u8).collect();
+        let turned = rgb32(&square, 1, (32, 32), true);
+        let plain = rgb32(&square, 1, (32, 32), false);
+        assert!(turned.equal(&plain.transpose(2, 3)));
+        assert_eq!(transposed(&[1, 2, 3, 4, 5, 6], (2, 3)), [1, 4, 2, 5, 3, 6]);
     }
 }

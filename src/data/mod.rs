@@ -10,6 +10,7 @@ pub mod cifar;
 pub mod digits;
 pub mod download;
 pub mod dtd;
+pub mod emnist;
 pub mod flowers;
 pub mod folder;
 mod folder_cache;
