@@ -57,9 +57,10 @@ integrity check against the files' own MD5s, since the fixtures are made
 here), for a model of 100 classes, normalized with CIFAR-100's mean and
 deviation.
 
---mnist mnist|fashion-mnist|kmnist|emnist-SPLIT reads --data (the directory holding
-MNIST/raw/, FashionMNIST/raw/, KMNIST/raw/ or EMNIST/raw/) through
-torchvision.datasets.MNIST, FashionMNIST, KMNIST or EMNIST(split=SPLIT) itself: each 28x28 image (EMNIST's
+--mnist mnist|fashion-mnist|kmnist|qmnist|emnist-SPLIT reads --data (the directory holding
+MNIST/raw/, FashionMNIST/raw/, KMNIST/raw/, QMNIST/raw/ or EMNIST/raw/) through
+torchvision.datasets.MNIST, FashionMNIST, KMNIST, QMNIST (its labels' first column) or EMNIST(split=SPLIT)
+itself: each 28x28 image (EMNIST's
 transposed, turned upright) resized to 32x32 by torchvision's
 `F.resize(antialias=True)` on the uint8 tensor, repeated in three channels,
 normalized with the dataset's usual mean and deviation (KMNIST's and
@@ -168,20 +169,26 @@ def svhn(root, split="train"):
     return Local(root, split=split, download=False)
 
 
-MNIST_NORM = {"mnist": ((0.1307,) * 3, (0.3081,) * 3), "fashion-mnist": ((0.2860,) * 3, (0.3530,) * 3)}
+MNIST_NORM = {"mnist": ((0.1307,) * 3, (0.3081,) * 3), "fashion-mnist": ((0.2860,) * 3, (0.3530,) * 3),
+              "qmnist": ((0.1307,) * 3, (0.3081,) * 3)}
 
 
 EMNIST_SPLITS = [f"emnist-{s}" for s in torchvision.datasets.EMNIST.splits]
 
 
 def mnist(root, name, train=True):
-    """torchvision's MNIST, FashionMNIST, KMNIST or EMNIST (`emnist-SPLIT`)
-    over `root`."""
+    """torchvision's MNIST, FashionMNIST, KMNIST, QMNIST or EMNIST
+    (`emnist-SPLIT`) over `root`."""
     if name in EMNIST_SPLITS:
         return torchvision.datasets.EMNIST(root, name.removeprefix("emnist-"), train=train, download=False)
     cls = {"mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST,
-           "kmnist": torchvision.datasets.KMNIST}[name]
+           "kmnist": torchvision.datasets.KMNIST, "qmnist": torchvision.datasets.QMNIST}[name]
     return cls(root, train=train, download=False)
+
+
+def mnist_targets(ds):
+    """Each image's class: QMNIST's first column (its `compat=True`)."""
+    return ds.targets[:, 0] if ds.targets.ndim == 2 else ds.targets
 
 
 def mnist_norm(ds, name):
@@ -351,7 +358,7 @@ def main(argv=None):
     p.add_argument("--swa-anneal-strategy", default="cos")
     p.add_argument("--swa-out")
     p.add_argument("--cifar100", action="store_true")
-    p.add_argument("--mnist", choices=["mnist", "fashion-mnist", "kmnist", *EMNIST_SPLITS])
+    p.add_argument("--mnist", choices=["mnist", "fashion-mnist", "kmnist", "qmnist", *EMNIST_SPLITS])
     p.add_argument("--svhn", action="store_true")
     p.add_argument("--stl10", action="store_true")
     p.add_argument("--stl10-fold", type=int, default=None)
@@ -396,7 +403,7 @@ def main(argv=None):
         images, labels = torch.from_numpy(ds.data)[:a.limit_train], torch.from_numpy(ds.labels).long()[:a.limit_train]
     elif a.mnist:
         ds = mnist(a.data, a.mnist)
-        images, labels = mnist_images(ds)[:a.limit_train], ds.targets[:a.limit_train]
+        images, labels = mnist_images(ds)[:a.limit_train], mnist_targets(ds)[:a.limit_train]
         norm = mnist_norm(ds, a.mnist)
     else:
         images, labels = train_split(a.data, a.limit_train)

@@ -29,7 +29,12 @@ holds the files, digits-py only their .gz).
   trains as PyTorch does on its images turned upright, for torchvision's 27
   classes ("N/A" first), normalized by its own training images;
   `emnist-byclass` is then extracted from the zip kept there, with
-  torchvision's 62 classes; a split the zip lacks is one line naming it."""
+  torchvision's 62 classes; a split the zip lacks is one line naming it.
+- `--dataset qmnist` (the fixtures' digits as QMNIST's files, labels as
+  int32 rows of eight whose other columns are not the digit) downloads the
+  four .gz, leaves the folder torchvision's `QMNIST` reads, and trains as
+  PyTorch does on its images and first label column; labels in MNIST's
+  one-byte file instead are one line naming it."""
 import json
 import os
 import shutil
@@ -401,3 +406,54 @@ def test_emnist_downloads_its_zip_and_trains_upright_as_pytorch_does(tmp_path):
     assert not (tmp_path / "emnist-digits").exists() and not (raw / "emnist-digits-train-images-idx3-ubyte").exists()
     r = train_offline("emnist")
     assert r.returncode == 2 and "--dataset emnist: name the split, one of emnist-byclass," in r.stderr, r.stderr
+
+
+def test_qmnist_downloads_and_trains_on_its_first_label_column(tmp_path):
+    import gzip
+
+    import numpy as np
+    src = os.path.join(FIX, "digits-bin", "MNIST", "raw")
+    served = tmp_path / "served"
+    served.mkdir()
+    files = []
+    for part, prefix in [("train", "train"), ("test", "t10k")]:
+        images = open(os.path.join(src, f"{prefix}-images-idx3-ubyte"), "rb").read()
+        digits = np.frombuffer(open(os.path.join(src, f"{prefix}-labels-idx1-ubyte"), "rb").read()[8:], np.uint8)
+        digits = digits.astype(np.int64)
+        # QMNIST's rows: the class, then NIST's ids (here anything but it).
+        rows = np.stack([digits, *[(digits + k) % 7 + 100 * k for k in range(1, 8)]], 1).astype(">i4")
+        labels = b"\0\0\x0c\x02" + len(rows).to_bytes(4, "big") + (8).to_bytes(4, "big") + rows.tobytes()
+        for name, content in [(f"qmnist-{part}-images-idx3-ubyte", images), (f"qmnist-{part}-labels-idx2-int", labels)]:
+            (served / f"{name}.gz").write_bytes(gzip.compress(content))
+            files.append(name)
+    data = tmp_path / "data"
+    init = str(tmp_path / "init.safetensors")
+    initial_model(init, 13)
+    out = tmp_path / "run"
+    with mirror(str(served)) as url:
+        env = dict(ENV, VGGCTL_QMNIST_URL=url, VGGCTL_QMNIST_MD5=",".join(md5(served / f"{f}.gz") for f in files))
+        r = subprocess.run(
+            [BIN, "train", "--dataset", "qmnist", "--data-dir", str(data), "--arch", "vgg11", "--head", "cifar",
+             "--initial-checkpoint", init, "--limit-train", str(LIMIT), "--limit-test", "16", "--epochs",
+             str(EPOCHS), "--batch-size", str(BATCH), "--device", "cpu", "--quiet", "--out", str(out)],
+            capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    raw = data / "QMNIST" / "raw"
+    assert sorted(os.listdir(raw)) == sorted(files + [f"{f}.gz" for f in files])
+    want = load_file(reference(tmp_path / "ref.safetensors", init, str(data), "--mnist", "qmnist",
+                               "--crop-flip", "0", limit=LIMIT, batch=BATCH, epochs=EPOCHS))
+    assert apart(want, load_file(init)) > 1e-3, "the reference did not train"
+    assert apart(load_file(str(out / "last.safetensors")), want) < 1e-5
+    meta = safe_open(str(out / "last.safetensors"), "pt").metadata()
+    assert json.loads(meta["class_names"]) == mnist(str(data), "qmnist").classes and meta["dataset"] == "qmnist"
+    assert json.loads(meta["mean"]) == list(MNIST_NORM["qmnist"][0])
+
+    # MNIST's one-byte labels where QMNIST's rows belong: one line.
+    os.remove(raw / "qmnist-test-labels-idx2-int")
+    shutil.copy(os.path.join(src, "t10k-labels-idx1-ubyte"), raw / "qmnist-test-labels-idx2-int")
+    r = subprocess.run([BIN, "train", "--dataset", "qmnist", "--data-dir", str(data), "--no-download", "--device",
+                        "cpu", "--out", str(tmp_path / "bad")], capture_output=True, text=True, timeout=120, env=ENV)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    assert "qmnist-test-labels-idx2-int: not an IDX file of int32 labels" in lines[0], lines[0]
+    assert not (tmp_path / "bad").exists()

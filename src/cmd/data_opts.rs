@@ -25,7 +25,8 @@ use super::progress::download_bar;
 #[command(next_help_heading = "Data")]
 pub struct DataOpts {
     /// Dataset: cifar10, cifar100 (its 100 fine classes), mnist,
-    /// fashion-mnist, kmnist, emnist-byclass, emnist-bymerge,
+    /// fashion-mnist, kmnist, qmnist (its 60,000 training and 60,000 test
+    /// digits), emnist-byclass, emnist-bymerge,
     /// emnist-balanced, emnist-letters, emnist-digits, emnist-mnist (EMNIST's
     /// splits, their characters turned upright; their 28x28 gray images read
     /// as 32x32 RGB), svhn
@@ -48,9 +49,9 @@ pub struct DataOpts {
     pub dataset: Option<String>,
     /// cifar10: the directory holding cifar-10-batches-py/ (torchvision's) or
     /// cifar-10-batches-bin/; cifar100: cifar-100-python/ or
-    /// cifar-100-binary/; mnist, fashion-mnist, kmnist, emnist-*: the
-    /// directory holding MNIST/raw/, FashionMNIST/raw/, KMNIST/raw/ or
-    /// EMNIST/raw/ (torchvision's); svhn: the
+    /// cifar-100-binary/; mnist, fashion-mnist, kmnist, qmnist, emnist-*:
+    /// the directory holding MNIST/raw/, FashionMNIST/raw/, KMNIST/raw/,
+    /// QMNIST/raw/ or EMNIST/raw/ (torchvision's); svhn: the
     /// directory holding train_32x32.mat and test_32x32.mat; stl10: the
     /// directory holding stl10_binary/; folder: the class folders; imagenet: the
     /// directory holding train/ and val/; folder, imagenet: or the file
@@ -62,7 +63,7 @@ pub struct DataOpts {
     pub data_dir: Option<PathBuf>,
     /// Where to download the binary CIFAR-10 or CIFAR-100 archive (or
     /// STL-10's) from
-    /// when it is missing; mnist, fashion-mnist, kmnist, svhn, oxford-pets,
+    /// when it is missing; mnist, fashion-mnist, kmnist, qmnist, svhn, oxford-pets,
     /// flowers102, food101, dtd: the mirror (or comma-separated mirrors) serving
     /// their files (emnist-*: gzip.zip, every split's) [default:
     /// $VGGCTL_<DATASET>_URL (e.g. $VGGCTL_FASHION_MNIST_URL), else the
@@ -70,7 +71,7 @@ pub struct DataOpts {
     #[arg(long, value_parser = http_urls)]
     pub data_url: Option<String>,
     /// MD5 the downloaded archive must have (emnist-*: gzip.zip's;
-    /// mnist, fashion-mnist, kmnist: four,
+    /// mnist, fashion-mnist, kmnist, qmnist: four,
     /// comma-separated, for train-images, train-labels, t10k-images,
     /// t10k-labels; svhn: three, train, test and extra; oxford-pets: two, images.tar.gz
     /// and annotations.tar.gz; flowers102: three, 102flowers.tgz,
@@ -551,7 +552,7 @@ fn unknown(name: &str) -> String {
     match name {
         "emnist" => format!("--dataset emnist: name the split, one of {emnist}"),
         _ => format!(
-            "unknown dataset '{name}' (expected cifar10, cifar100, mnist, fashion-mnist, kmnist, {emnist}, svhn, stl10, digits, folder, imagenet, oxford-pets, flowers102, food101 or dtd)"
+            "unknown dataset '{name}' (expected cifar10, cifar100, mnist, fashion-mnist, kmnist, qmnist, {emnist}, svhn, stl10, digits, folder, imagenet, oxford-pets, flowers102, food101 or dtd)"
         ),
     }
 }

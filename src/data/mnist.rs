@@ -5,8 +5,9 @@
 //! from its `.gz`. What vggctl downloads is what torchvision's
 //! `MNIST(root, download=True)` leaves: the four `.gz` files, checked by
 //! their MD5s, and each extracted beside it, so either tool reads the
-//! other's folder. EMNIST's splits are of the family too (see
-//! [`super::emnist`]: their own file names, one zip, images transposed).
+//! other's folder. QMNIST is of the family too (its own file names, its
+//! labels int32 rows), and so are EMNIST's splits (see [`super::emnist`]:
+//! their own file names, one zip, images transposed).
 //!
 //! The 28x28 gray images become what the VGG family reads: 32x32 RGB,
 //! resized bilinearly with antialiasing (torchvision's `Resize(32)` of the
@@ -14,11 +15,9 @@
 //! three channels (`Grayscale(3)`).
 
 use std::fs;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use flate2::read::GzDecoder;
 use rayon::prelude::*;
 use tch::{Device, Kind, Tensor};
 
@@ -26,7 +25,8 @@ use super::download::{DownloadSource, fetch_files};
 use super::emnist;
 use super::resize::{Resize, resize_window_into};
 use super::{Dataset, Images, Split, mean_std};
-use crate::fsutil::{TempFile, read_regular};
+use crate::formats::idx::{self, Caps, Kind as Idx};
+use crate::fsutil::TempFile;
 
 /// The images' side as the model sees them.
 pub const SIDE: i64 = 32;
@@ -37,14 +37,13 @@ pub const FILES: [&str; 4] = [
     "t10k-images-idx3-ubyte",
     "t10k-labels-idx1-ubyte",
 ];
-/// How large a file of the dataset may be: the most entries it may hold,
-/// and the most bytes, packed or not.
-#[derive(Clone, Copy)]
-pub struct Caps {
-    pub images: usize,
-    pub bytes: u64,
-}
-
+/// QMNIST's four files, in the same order.
+const QMNIST_FILES: [&str; 4] = [
+    "qmnist-train-images-idx3-ubyte",
+    "qmnist-train-labels-idx2-int",
+    "qmnist-test-images-idx3-ubyte",
+    "qmnist-test-labels-idx2-int",
+];
 /// MNIST's training file has 60,000 images (47 MB; 184 MB as the model
 /// reads them).
 const CAPS: Caps = Caps {
@@ -76,9 +75,20 @@ pub struct Mnist {
     /// Whether a mirrored image is still one of its class, so that
     /// training flips images by default (clothes are; digits are not).
     pub mirrors_keep_class: bool,
-    /// EMNIST: the split, whose files come out of one zip, their images
-    /// stored transposed.
-    pub emnist: Option<&'static str>,
+    pub layout: Layout,
+}
+
+/// How a dataset of the family keeps its files.
+#[derive(Clone, Copy, PartialEq)]
+pub enum Layout {
+    /// MNIST's four files ([`FILES`]), each downloaded as its `.gz`.
+    Mnist,
+    /// QMNIST's: its own names, labels as rows of eight int32 (the class
+    /// first, then NIST's writer and character ids).
+    Qmnist,
+    /// EMNIST's split: files named by it, out of one zip, images stored
+    /// transposed.
+    Emnist(&'static str),
 }
 
 pub const MNIST: Mnist = Mnist {
@@ -109,7 +119,7 @@ pub const MNIST: Mnist = Mnist {
     ],
     norm: Some(([0.1307; 3], [0.3081; 3])),
     mirrors_keep_class: false,
-    emnist: None,
+    layout: Layout::Mnist,
 };
 
 pub const FASHION_MNIST: Mnist = Mnist {
@@ -137,7 +147,7 @@ pub const FASHION_MNIST: Mnist = Mnist {
     ],
     norm: Some(([0.2860; 3], [0.3530; 3])),
     mirrors_keep_class: true,
-    emnist: None,
+    layout: Layout::Mnist,
 };
 
 /// Kuzushiji-MNIST: ten cursive hiragana in MNIST's format. Its sources
@@ -156,7 +166,7 @@ pub const KMNIST: Mnist = Mnist {
     classes: &["o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"],
     norm: None,
     mirrors_keep_class: false,
-    emnist: None,
+    layout: Layout::Mnist,
 };
 
 const fn emnist(
@@ -174,7 +184,7 @@ const fn emnist(
         // No agreed normalization: the split's training images' own.
         norm: None,
         mirrors_keep_class: false,
-        emnist: Some(split),
+        layout: Layout::Emnist(split),
     }
 }
 
@@ -188,57 +198,34 @@ pub const EMNIST_SPLITS: [Mnist; 6] = [
     emnist("emnist-mnist", "mnist", &emnist::DIGITS),
 ];
 
+/// QMNIST (Yadav and Bottou, 2019): MNIST's 60,000 training images as
+/// reconstructed from NIST's, and 60,000 test images, the first 10,000 of
+/// them MNIST's test split (torchvision's `QMNIST(train=...)`, its `train`
+/// and `test`). Its labels are MNIST's digits, normalized as MNIST is.
+pub const QMNIST: Mnist = Mnist {
+    name: "qmnist",
+    title: "QMNIST",
+    folder: "QMNIST",
+    mirrors: &["https://raw.githubusercontent.com/facebookresearch/qmnist/master/"],
+    md5s: &[
+        "ed72d4157d28c017586c42bc6afe6370",
+        "0058f8dd561b90ffdd0f734c6a30e5e4",
+        "1394631089c404de565df7b7aeaf9412",
+        "5b5b05890a5e13444e108efe57b788aa",
+    ],
+    classes: MNIST.classes,
+    norm: MNIST.norm,
+    mirrors_keep_class: false,
+    layout: Layout::Qmnist,
+};
+
 /// The dataset `--dataset` names, if it is one of these (or an EMNIST
 /// split).
 pub fn named(name: &str) -> Option<&'static Mnist> {
-    [&MNIST, &FASHION_MNIST, &KMNIST]
+    [&MNIST, &FASHION_MNIST, &KMNIST, &QMNIST]
         .into_iter()
         .chain(&EMNIST_SPLITS)
         .find(|m| m.name == name)
-}
-
-/// An IDX file's content: its dimensions and its bytes after the header.
-pub struct Idx {
-    pub dims: Vec<usize>,
-    pub data: Vec<u8>,
-}
-
-/// Parses an IDX file of unsigned bytes with `rank` dimensions (3:
-/// images, 1: labels), whose bytes must be exactly what its header says,
-/// of at most `caps.images` entries.
-pub fn parse_idx(mut bytes: Vec<u8>, rank: usize, path: &Path, caps: Caps) -> Result<Idx> {
-    let what = match rank {
-        3 => "an IDX file of images (magic 0x00000803)",
-        _ => "an IDX file of labels (magic 0x00000801)",
-    };
-    let header = 4 + 4 * rank;
-    match bytes.get(..4) {
-        Some(&[0, 0, 8, r]) if r as usize == rank && bytes.len() >= header => {}
-        _ => bail!("{}: not {what}", path.display()),
-    }
-    let dims: Vec<usize> = bytes[4..header]
-        .chunks_exact(4)
-        .map(|d| u32::from_be_bytes(d.try_into().expect("4 bytes")) as usize)
-        .collect();
-    let size = dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
-    let data = bytes.len() - header;
-    if size != Some(data) {
-        bail!(
-            "{}: its header says {dims:?} ({} bytes) but {data} bytes follow it (truncated?)",
-            path.display(),
-            size.map_or("too many".into(), |s| s.to_string()),
-        );
-    }
-    if dims[0] > caps.images {
-        bail!(
-            "{}: {} entries, more than the {} read from one file",
-            path.display(),
-            dims[0],
-            caps.images
-        );
-    }
-    bytes.drain(..header);
-    Ok(Idx { dims, data: bytes })
 }
 
 impl Mnist {
@@ -249,28 +236,29 @@ impl Mnist {
 
     /// Its four files, in [`FILES`]' order (EMNIST's are named by split).
     pub fn files(&self) -> [String; 4] {
-        match self.emnist {
-            Some(split) => emnist::files(split),
-            None => FILES.map(String::from),
+        match self.layout {
+            Layout::Mnist => FILES.map(String::from),
+            Layout::Qmnist => QMNIST_FILES.map(String::from),
+            Layout::Emnist(split) => emnist::files(split),
         }
     }
 
     /// The name of its environment variables (`VGGCTL_EMNIST_URL`: one
     /// zip serves every EMNIST split).
     pub fn env_name(&self) -> &str {
-        match self.emnist {
-            Some(_) => "emnist",
-            None => self.name,
+        match self.layout {
+            Layout::Emnist(_) => "emnist",
+            _ => self.name,
         }
     }
 
     fn caps(&self) -> Caps {
-        match self.emnist {
-            Some(_) => Caps {
+        match self.layout {
+            Layout::Emnist(_) => Caps {
                 images: emnist::MAX_IMAGES,
                 bytes: emnist::MAX_BYTES,
             },
-            None => CAPS,
+            _ => CAPS,
         }
     }
 
@@ -313,7 +301,7 @@ impl Mnist {
     /// One split: its images file and labels file, as 32x32 RGB, and the
     /// count of each gray value in its images as they are stored.
     fn split(&self, images: &Path, labels: &Path) -> Result<(Split, [u64; 256])> {
-        let upright = self.emnist.is_some();
+        let upright = matches!(self.layout, Layout::Emnist(_));
         let (x, counts) = read_images_counted(images, self.caps(), upright)?;
         let y = self.read_labels(labels)?;
         let n = x.size()[0];
@@ -335,17 +323,34 @@ impl Mnist {
 
     /// A labels file (or its `.gz`), each label one of the classes.
     pub fn read_labels(&self, path: &Path) -> Result<Vec<i64>> {
-        let y = parse_idx(read(path, self.caps())?, 1, path, self.caps())?;
-        let classes = self.classes.len();
-        if let Some(i) = y.data.iter().position(|&l| l as usize >= classes) {
+        let bytes = idx::read(path, self.caps())?;
+        let labels: Vec<i64> = match self.layout {
+            // torchvision's QMNIST(compat=True): each row's first column.
+            Layout::Qmnist => {
+                let y = idx::parse(bytes, Idx::IntLabels, path, self.caps())?;
+                let row = 4 * y.dims[1];
+                if row == 0 {
+                    bail!("{}: rows of no columns, so no labels", path.display());
+                }
+                (y.data.chunks_exact(row))
+                    .map(|r| i32::from_be_bytes(r[..4].try_into().expect("4 bytes")) as i64)
+                    .collect()
+            }
+            _ => (idx::parse(bytes, Idx::Labels, path, self.caps())?.data)
+                .into_iter()
+                .map(i64::from)
+                .collect(),
+        };
+        let classes = self.classes.len() as i64;
+        if let Some(i) = labels.iter().position(|l| !(0..classes).contains(l)) {
             bail!(
                 "{}: label {i} is {}, outside 0..{}",
                 path.display(),
-                y.data[i],
+                labels[i],
                 classes - 1
             );
         }
-        Ok(y.data.iter().map(|&l| l as i64).collect())
+        Ok(labels)
     }
 
     /// The `missing` files fetched into `dir`'s raw folder: their `.gz`
@@ -359,21 +364,21 @@ impl Mnist {
         progress: &mut dyn FnMut(u64, Option<u64>),
     ) -> Result<()> {
         let raw = self.raw_dir(dir);
-        let how = match self.emnist {
-            Some(split) => format!(
+        let how = match self.layout {
+            Layout::Emnist(split) => format!(
                 "put torchvision's {}/raw/ (its emnist-{split}-* IDX files, or {}) into {} by hand",
                 self.folder,
                 emnist::ZIP,
                 dir.display()
             ),
-            None => format!(
+            _ => format!(
                 "put torchvision's {}/raw/ (its four IDX files, or their .gz) into {} by hand",
                 self.folder,
                 dir.display()
             ),
         };
         let how = format!("{how}, or point --data-dir at a copy (--data-url names a mirror)");
-        if self.emnist.is_some() {
+        if matches!(self.layout, Layout::Emnist(_)) {
             return emnist::fetch(&raw, missing, src, progress)
                 .with_context(|| format!("no {} split in {}; {how}", self.name, dir.display()));
         }
@@ -386,7 +391,7 @@ impl Mnist {
                 missing.join(", ")
             );
         };
-        let all = FILES.map(|f| format!("{f}.gz"));
+        let all = self.files().map(|f| format!("{f}.gz"));
         let names: Vec<String> = missing.iter().map(|f| format!("{f}.gz")).collect();
         let all: Vec<&str> = all.iter().map(String::as_str).collect();
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
@@ -398,7 +403,7 @@ impl Mnist {
 /// A downloaded `FILE.gz` extracted to `FILE` beside it (removed if it
 /// does not unpack).
 fn extract(gz: &Path) -> Result<()> {
-    let bytes = gunzip(gz, CAPS).inspect_err(|_| {
+    let bytes = idx::gunzip(gz, CAPS).inspect_err(|_| {
         let _ = fs::remove_file(gz);
     })?;
     let target = gz.with_extension("");
@@ -416,7 +421,7 @@ pub fn read_images(path: &Path) -> Result<Tensor> {
 /// [`read_images`] within `caps`, each image transposed where `upright`
 /// (EMNIST's), and the count of each gray value in the file.
 fn read_images_counted(path: &Path, caps: Caps, upright: bool) -> Result<(Tensor, [u64; 256])> {
-    let x = parse_idx(read(path, caps)?, 3, path, caps)?;
+    let x = idx::parse(idx::read(path, caps)?, Idx::Images, path, caps)?;
     let (n, h, w) = (x.dims[0], x.dims[1], x.dims[2]);
     if !(1..=MAX_SIDE).contains(&h) || !(1..=MAX_SIDE).contains(&w) {
         bail!(
@@ -440,39 +445,6 @@ fn transposed(image: &[u8], (h, w): (usize, usize)) -> Vec<u8> {
             .for_each(|(c, v)| *v = image[c * w + r]);
     }
     out
-}
-
-/// A file's bytes: `path` itself, else its `.gz` decompressed.
-fn read(path: &Path, caps: Caps) -> Result<Vec<u8>> {
-    if path.exists() {
-        return read_regular(path, "an IDX file", caps.bytes);
-    }
-    let gz = path.with_file_name(format!(
-        "{}.gz",
-        path.file_name().unwrap_or_default().to_string_lossy()
-    ));
-    if gz.exists() {
-        return gunzip(&gz, caps);
-    }
-    bail!(
-        "{}: missing (neither it nor its .gz is there)",
-        path.display()
-    )
-}
-
-/// A `.gz` file decompressed, refused beyond `caps.bytes`.
-fn gunzip(gz: &Path, caps: Caps) -> Result<Vec<u8>> {
-    let max = caps.bytes;
-    let packed = read_regular(gz, "a gzip file", max)?;
-    let mut bytes = Vec::new();
-    GzDecoder::new(packed.as_slice())
-        .take(max + 1)
-        .read_to_end(&mut bytes)
-        .with_context(|| format!("{}: not a gzip file, or a damaged one", gz.display()))?;
-    if bytes.len() as u64 > max {
-        bail!("{}: unpacks to more than {max} bytes", gz.display());
-    }
-    Ok(bytes)
 }
 
 /// Images converted a chunk at a time, so that converting EMNIST's
@@ -518,38 +490,6 @@ fn rgb32(gray: &[u8], n: usize, (h, w): (usize, usize), upright: bool) -> Tensor
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn idx(rank: u8, dims: &[u32], data: &[u8]) -> Vec<u8> {
-        let mut b = vec![0, 0, 8, rank];
-        dims.iter().for_each(|d| b.extend(d.to_be_bytes()));
-        b.extend_from_slice(data);
-        b
-    }
-
-    /// The header's dimensions must account for every byte; the magic
-    /// must be unsigned bytes of the asked rank.
-    #[test]
-    fn idx_files_hold_exactly_what_their_header_says() {
-        let p = Path::new("f");
-        let ok = parse_idx(idx(3, &[2, 2, 3], &[7; 12]), 3, p, CAPS).unwrap();
-        assert_eq!((ok.dims, ok.data), (vec![2, 2, 3], vec![7; 12]));
-        let err = |b: &[u8], rank| {
-            parse_idx(b.to_vec(), rank, p, CAPS)
-                .err()
-                .unwrap()
-                .to_string()
-        };
-        assert!(err(&idx(3, &[2, 2, 3], &[7; 11]), 3).contains("11 bytes follow"));
-        assert!(err(&idx(3, &[2, 2, 3], &[7; 13]), 3).contains("13 bytes follow"));
-        assert!(err(&idx(1, &[12], &[7; 12]), 3).contains("not an IDX file of images"));
-        assert!(err(&idx(3, &[u32::MAX; 3], &[]), 3).contains("too many"));
-        let mut int32 = idx(1, &[1], &[0; 4]);
-        int32[2] = 0x0c;
-        assert!(err(&int32, 1).contains("not an IDX file of labels"));
-        assert!(err(&[0, 0, 8], 1).contains("not an IDX"));
-        let many = (CAPS.images + 1) as u32;
-        assert!(err(&idx(1, &[many], &vec![0; many as usize]), 1).contains("more than"));
-    }
 
     /// A 28x28 image becomes 32x32 with its gray in every channel; a
     /// constant image stays constant.

@@ -1,10 +1,11 @@
 //! Every file format vggctl reads or writes for weights and data, side by
 //! side: the safe pickle machine and its numpy part (CIFAR-10's Python
 //! batches, `torch.save`'s object graph), the `.pth` reader for both
-//! `torch.save` layouts, safetensors (vggctl's checkpoints), MATLAB's MAT-files (SVHN), and TensorBoard's event files.
+//! `torch.save` layouts, safetensors (vggctl's checkpoints), MATLAB's MAT-files (SVHN), IDX files (MNIST's family), and TensorBoard's event files.
 //! Nothing here knows about models or training: readers return named
 //! tensors, writers take them.
 
+pub mod idx;
 pub mod mat;
 pub mod numpy;
 pub mod pickle;
