@@ -2,7 +2,8 @@
 //! its own entry point and inside a legacy `.pth` container, where the
 //! storage walk runs over what it built), both `.pth` layouts, safetensors
 //! with vggctl's metadata check, both CIFAR layouts (as CIFAR-10's and
-//! CIFAR-100's files), MNIST's IDX files (plain and gzipped), SVHN's
+//! CIFAR-100's files), MNIST's IDX files (plain and gzipped), EMNIST's
+//! zip of gzipped IDX files, SVHN's
 //! MAT-files (plain and compressed), Oxford-IIIT Pet's and Food-101's
 //! lists, the image decoder and prepared datasets (index, checksums, the
 //! images in them).
@@ -112,6 +113,19 @@ fn read_mnist(path: &Path, bytes: &[u8]) -> Result<()> {
         .and(MNIST.read_labels(&base).map(drop));
     std::fs::remove_file(&gz)?;
     plain.and(packed)
+}
+
+/// As EMNIST's gzip.zip, from which its `digits` split is extracted
+/// and read.
+fn read_emnist_zip(path: &Path, bytes: &[u8]) -> Result<()> {
+    let base = path.with_extension("emnist");
+    let raw = base.join("EMNIST").join("raw");
+    // Each input extracts afresh.
+    let _ = std::fs::remove_dir_all(&raw);
+    std::fs::create_dir_all(&raw)?;
+    std::fs::write(raw.join("gzip.zip"), bytes)?;
+    let digits = vggctl::data::mnist::named("emnist-digits").expect("an EMNIST split");
+    digits.load(&base, None, &mut |_, _| {}).map(drop)
 }
 
 /// As an SVHN split's MAT-file.
@@ -237,6 +251,36 @@ fn mnist_seeds() -> Vec<Vec<u8>> {
         e.finish().unwrap()
     };
     vec![gz(&images), gz(&labels), images, labels]
+}
+
+/// EMNIST's zip of the `digits` split's four `.gz` files, made of
+/// [`mnist_seeds`]' four images and their labels, deflated and stored.
+fn emnist_zip_seeds() -> Vec<Vec<u8>> {
+    use std::io::Write;
+    let images = mnist_seeds().swap_remove(0);
+    let mut labels = fixture("digits-bin/MNIST/raw/t10k-labels-idx1-ubyte")[..8 + 4].to_vec();
+    labels[4..8].copy_from_slice(&4u32.to_be_bytes());
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(&labels).unwrap();
+    let labels = e.finish().unwrap();
+    let methods = [
+        zip::CompressionMethod::Deflated,
+        zip::CompressionMethod::Stored,
+    ];
+    methods
+        .map(|method| {
+            let mut z = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+            let options = zip::write::SimpleFileOptions::default().compression_method(method);
+            for part in ["train", "test"] {
+                for (kind, gz) in [("images-idx3", &images), ("labels-idx1", &labels)] {
+                    let name = format!("gzip/emnist-digits-{part}-{kind}-ubyte.gz");
+                    z.start_file(name, options).unwrap();
+                    z.write_all(gz).unwrap();
+                }
+            }
+            z.finish().unwrap().into_inner()
+        })
+        .to_vec()
 }
 
 /// One level 5 MAT-file variable: a uint8 or double matrix, its name in
@@ -412,6 +456,12 @@ const TARGETS: &[Target] = &[
         name: "mnist",
         read: read_mnist,
         seeds: mnist_seeds,
+        pickles: false,
+    },
+    Target {
+        name: "emnist-zip",
+        read: read_emnist_zip,
+        seeds: emnist_zip_seeds,
         pickles: false,
     },
     Target {
@@ -665,8 +715,8 @@ fn readers_survive_fuzzing() {
 }
 
 /// The seeds are what the readers take (so mutations start from files
-/// that get past the first checks): each MNIST, SVHN, pet, food and DTD
-/// list seed reads.
+/// that get past the first checks): each MNIST, EMNIST, SVHN, pet, food
+/// and DTD list seed reads.
 #[test]
 fn the_dataset_seeds_read() {
     let dir = common::tempdir();
@@ -689,6 +739,10 @@ fn the_dataset_seeds_read() {
         assert_eq!(Vec::<i64>::try_from(&split.labels).unwrap(), [0, 3]);
         // Row 0, column 1 of image 0's red plane: X[0, 1, 0, 0], the 33rd byte.
         assert_eq!(split.images.int64_value(&[0, 0, 0, 1]), 32 * 7);
+    }
+    for (i, seed) in emnist_zip_seeds().iter().enumerate() {
+        let path = dir.path().join(format!("e{i}"));
+        read_emnist_zip(&path, seed).unwrap();
     }
     for (i, seed) in mnist_seeds().iter().enumerate() {
         let path = dir.path().join(format!("m{i}"));
