@@ -1,7 +1,8 @@
 """The fine-tuning datasets read from lists against torchvision's own
 readers on the same folders: `--dataset oxford-pets` against
 `OxfordIIITPet`, `--dataset flowers102` against `Flowers102`, `--dataset
-food101` against `Food101`, `--dataset dtd` against `DTD`. Each is a copy
+food101` against `Food101`, `--dataset dtd` against `DTD`, `--dataset
+fgvc-aircraft` against `FGVCAircraft`. Each is a copy
 of the dataset's layout made of real photographs (scikit-image's) cut into
 distinct 64x64 windows; the images to validate on are stored losslessly
 (PNG data in .jpg files, as a few real pets are), so that both sides
@@ -28,6 +29,12 @@ normalize the same bytes, the others as JPEG.
   another split, so that partition 1 tests 47 images and partition 2
   tests 70; `--fold K` reads partition K, and eval of a run reads the
   run's.
+- FGVC-Aircraft: `fgvc-aircraft-2013b/data/images/<id>.jpg` listed by
+  `data/images_variant_{train,val,trainval,test}.txt` (`<id> <variant>`,
+  variants with spaces and slashes), its 100 variants in
+  `data/variants.txt` in shuffled order (torchvision's classes, unsorted),
+  ten of them with an image in each split; it publishes no MD5, so a
+  download without one is refused before anything is fetched.
 
 For each:
 - Downloaded from a mirror on 127.0.0.1 (the archives the test makes, with
@@ -86,8 +93,12 @@ DISHES = [f"dish_{i:03d}" for i in np.random.default_rng(7).permutation(101)]
 # DTD: 47 classes in shuffled order, three images of each but every
 # other one, which has four.
 TEXTURES = [f"texture_{i:02d}" for i in np.random.default_rng(8).permutation(47)]
+# FGVC-Aircraft: 100 variants in shuffled order (names with spaces and
+# slashes, as the real ones have), the first ten with images.
+VARIANTS = [f"{['A', 'Cessna ', 'F/A-'][i % 3]}{i:02d}" for i in np.random.default_rng(10).permutation(100)]
 TITLES = {"oxford-pets": "Oxford-IIIT Pet", "flowers102": "Oxford 102 Flowers", "food101": "Food-101",
-          "dtd": "DTD"}
+          "dtd": "DTD", "fgvc-aircraft": "FGVC-Aircraft"}
+NAMES = ["oxford-pets", "flowers102", "food101", "dtd", "fgvc-aircraft"]
 
 
 def vggctl(*args, cwd=None, env=None):
@@ -170,6 +181,31 @@ def make_dtd(data, partitions=range(1, 11)):
         (data / "labels" / f"{s}{k}.txt").write_text("\n".join(rng.permutation(lines)) + "\n")
 
 
+def make_aircraft(base):
+    """FGVC-Aircraft's layout in `base` (`ROOT/fgvc-aircraft-2013b`): two
+    images of each of the first ten variants to train on (train, val), one
+    to test; trainval is train and val by id, as its lists are sorted."""
+    data = base / "data"
+    (data / "images").mkdir(parents=True)
+    lists = {"train": [], "val": [], "test": []}
+    for c, variant in enumerate(VARIANTS[:10]):
+        for j, split in enumerate(["train", "val", "test"]):
+            image_id = f"{1000000 + 37 * (3 * c + j) % 1000:07d}"
+            save_window(data / "images" / f"{image_id}.jpg", 700 + 3 * c + j, split == "test")
+            lists[split].append(f"{image_id} {variant}")
+    lists["trainval"] = sorted(lists["train"] + lists["val"])
+    for split, lines in lists.items():
+        (data / f"images_variant_{split}.txt").write_text("\n".join(sorted(lines)) + "\n")
+    (data / "variants.txt").write_text("\n".join(VARIANTS) + "\n")
+
+
+@pytest.fixture(scope="module")
+def aircraft(tmp_path_factory):
+    root = tmp_path_factory.mktemp("aircraft")
+    make_aircraft(root / "fgvc-aircraft-2013b")
+    return root
+
+
 @pytest.fixture(scope="module")
 def dtd(tmp_path_factory):
     root = tmp_path_factory.mktemp("dtd")
@@ -185,8 +221,8 @@ def food(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def datasets(pets, flowers, food, dtd):
-    return {"oxford-pets": pets, "flowers102": flowers, "food101": food, "dtd": dtd}
+def datasets(pets, flowers, food, dtd, aircraft):
+    return {"oxford-pets": pets, "flowers102": flowers, "food101": food, "dtd": dtd, "fgvc-aircraft": aircraft}
 
 
 @pytest.fixture(scope="module")
@@ -250,6 +286,15 @@ def serve_dtd(base, out):
     return [md5(str(out / "dtd-r1.0.1.tar.gz"))]
 
 
+def serve_aircraft(base, out):
+    """FGVC-Aircraft's archive as published (holding
+    `fgvc-aircraft-2013b/`, with members no reader needs) in `out`; its MD5."""
+    out.mkdir()
+    tar_folder(out / "fgvc-aircraft-2013b.tar.gz", base, "fgvc-aircraft-2013b",
+               ["README.html", "evaluation.m", "data/images/sub/x.jpg", "data/images/a.png"])
+    return [md5(str(out / "fgvc-aircraft-2013b.tar.gz"))]
+
+
 def torchvision_split(name, root, split, partition=1):
     """torchvision's reader of the dataset `name` in `root`: its split
     `split` ("train": what vggctl trains on; DTD's of `partition`)."""
@@ -259,6 +304,8 @@ def torchvision_split(name, root, split, partition=1):
         return torchvision.datasets.OxfordIIITPet(str(root), split="trainval" if split == "train" else split)
     if name == "food101":
         return torchvision.datasets.Food101(str(root), split=split)
+    if name == "fgvc-aircraft":
+        return torchvision.datasets.FGVCAircraft(str(root), split=split)
     return flowers102(root, split)
 
 
@@ -300,7 +347,7 @@ def assert_rows_are_torchvisions(path, ds, name):
     assert err <= 1e-5, err
 
 
-@pytest.mark.parametrize("name", ["oxford-pets", "flowers102", "food101", "dtd"])
+@pytest.mark.parametrize("name", NAMES)
 def test_downloads_are_read_as_torchvision_reads_them(datasets, tmp_path, name):
     served, data, root = tmp_path / "served", tmp_path / "data", datasets[name]
     if name == "oxford-pets":
@@ -312,6 +359,9 @@ def test_downloads_are_read_as_torchvision_reads_them(datasets, tmp_path, name):
     elif name == "food101":
         sums, folder = serve_food(root / "food-101", served), "food-101"
         files = ["images", "meta"]
+    elif name == "fgvc-aircraft":
+        sums, folder = serve_aircraft(root / "fgvc-aircraft-2013b", served), "fgvc-aircraft-2013b"
+        files = ["data"]
     else:
         sums, folder = serve_dtd(root / "dtd" / "dtd", served), "dtd"
         files = ["dtd", "dtd-r1.0.1.tar.gz"]
@@ -321,8 +371,9 @@ def test_downloads_are_read_as_torchvision_reads_them(datasets, tmp_path, name):
                      "--input", "64", "--val-resize-size", "64", "--layer", "classifier.6",
                      "-o", "test.safetensors", cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr
-    # torchvision keeps Food-101's archive beside its folder, the others' in it.
-    beside = ["food-101.tar.gz"] if name == "food101" else []
+    # torchvision keeps Food-101's and FGVC-Aircraft's archive beside its
+    # folder, the others' in it.
+    beside = {"food101": ["food-101.tar.gz"], "fgvc-aircraft": ["fgvc-aircraft-2013b.tar.gz"]}.get(name, [])
     assert sorted(os.listdir(data)) == [folder, *beside] and sorted(os.listdir(data / folder)) == files
     ds = torchvision_split(name, data, "test")
     if name == "oxford-pets":
@@ -343,6 +394,14 @@ def test_downloads_are_read_as_torchvision_reads_them(datasets, tmp_path, name):
         # --split train --fold 2 below: partition 2's train then val.
         train = (torchvision_split(name, data, "train", 2)._labels
                  + torchvision_split(name, data, "val", 2)._labels)
+    elif name == "fgvc-aircraft":
+        # The lists and the photographs of data/, nothing else.
+        listed = sorted(os.listdir(root / folder / "data"))
+        assert sorted(os.listdir(data / folder / "data")) == listed and "images" in listed
+        assert sorted(os.listdir(data / folder / "data" / "images")) == sorted(
+            os.listdir(root / folder / "data" / "images"))
+        assert ds.classes == VARIANTS and len(ds) == 10
+        train = (torchvision_split(name, data, "train")._labels + torchvision_split(name, data, "val")._labels)
     else:
         assert sorted(os.listdir(data / folder / "meta")) == ["test.json", "train.json"]
         assert sorted(os.listdir(data / folder / "images")) == sorted(DISHES)
@@ -362,7 +421,8 @@ def test_downloads_are_read_as_torchvision_reads_them(datasets, tmp_path, name):
 
 
 @pytest.mark.parametrize("name, n_train, n_val", [("oxford-pets", 74, 37), ("flowers102", 20, 10),
-                                                  ("food101", 101, 101), ("dtd", 94, 70)])
+                                                  ("food101", 101, 101), ("dtd", 94, 70),
+                                                  ("fgvc-aircraft", 20, 10)])
 def test_finetuning_trains_on_the_training_images_and_validates_on_the_test_images(
         datasets, tmp_path, name, n_train, n_val):
     root = datasets[name]
@@ -395,6 +455,12 @@ def test_finetuning_trains_on_the_training_images_and_validates_on_the_test_imag
         assert json.loads((out / "config.json").read_text())["fold"] == 2
         r = vggctl("eval", "--checkpoint", str(out / "last.safetensors"), "--fold", "1", "--json", cwd=tmp_path)
         assert r.returncode == 0 and json.loads(r.stdout)["images"] == 47, r.stderr
+    if name == "fgvc-aircraft":
+        # Its own val split: the ten images of images_variant_val.txt.
+        r = vggctl("eval", "--checkpoint", str(out / "last.safetensors"), "--val-on", "val", "--json", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        val, labels = json.loads(r.stdout), torchvision_split(name, root, "val")._labels
+        assert (val["split"], val["support"]) == ("val", np.bincount(labels, minlength=100).tolist()), val
 
     # `prepare` packs the dataset into one file, read (streamed) exactly as
     # its folder is streamed.
@@ -473,7 +539,7 @@ def test_bad_flower_files_are_one_line_each(flowers, tmp_path, file, arrays, lin
     assert not (tmp_path / "x.npy").exists()
 
 
-@pytest.mark.parametrize("name", ["oxford-pets", "flowers102", "food101", "dtd"])
+@pytest.mark.parametrize("name", NAMES)
 def test_missing_data_and_wrong_downloads_are_refused(datasets, tmp_path, name):
     def run(*args, env=None):
         return features("--dataset", name, "--split", "test", "-o", "x.npy", *args, cwd=tmp_path, env=env)
@@ -482,7 +548,7 @@ def test_missing_data_and_wrong_downloads_are_refused(datasets, tmp_path, name):
     empty.mkdir()
     r = run("--data-dir", str(empty), "--no-download")
     first = {"oxford-pets": "oxford-iiit-pet/images/", "flowers102": "flowers-102/jpg/",
-             "food101": "food-101/", "dtd": "dtd/dtd/"}[name]
+             "food101": "food-101/", "dtd": "dtd/dtd/", "fgvc-aircraft": "fgvc-aircraft-2013b/"}[name]
     title = TITLES[name]
     assert r.returncode == 1 and len(errors(r)) == 1, r.stderr
     assert f"no {title} in {empty}: expected {empty}/{first} and downloading is off" in r.stderr
@@ -521,6 +587,16 @@ def test_missing_data_and_wrong_downloads_are_refused(datasets, tmp_path, name):
         sums, kept = serve_flowers(root / "flowers-102", served), ["102flowers.tgz", "imagelabels.mat", "jpg"]
     elif name == "food101":
         sums, kept = serve_food(root / "food-101", served), None
+    elif name == "fgvc-aircraft":
+        # No MD5 is published: without one, nothing is fetched.
+        sums, kept = serve_aircraft(root / "fgvc-aircraft-2013b", served), None
+        with mirror(str(served)) as url:
+            r = run("--data-dir", str(data), "--data-url", url)
+        assert r.returncode == 1 and len(errors(r)) == 1, r.stderr
+        assert (f"no FGVC-Aircraft in {data}: {data}/fgvc-aircraft-2013b/ is not there, and its publisher gives no "
+                "checksum of fgvc-aircraft-2013b.tar.gz (torchvision checks none), so vggctl downloads it only with "
+                "the MD5 you trust, in $VGGCTL_FGVC_AIRCRAFT_MD5") in r.stderr, r.stderr
+        assert not data.exists()
     else:
         sums, kept = serve_dtd(root / "dtd" / "dtd", served), None
     env = dict(os.environ, **{f"VGGCTL_{name.upper().replace('-', '_')}_MD5": ",".join(sums[:-1] + ["0" * 32])})
@@ -589,6 +665,30 @@ def test_bad_dtd_lists_and_partitions_are_one_line_each(dtd, tmp_path, split, ed
     assert not (tmp_path / "x.npy").exists()
 
 
+@pytest.mark.parametrize("file, edit, line", [
+    ("test", lambda ls: ls + ["1000999 Boeing 999"], "images_variant_test.txt: line 11: variant 'Boeing 999' is not "
+                                                     "one of variants.txt's"),
+    ("train", lambda ls: ["1000998"] + ls, "images_variant_train.txt: line 1: '1000998' is not '<image id> <variant>'"),
+    ("val", lambda ls: [f"../x {VARIANTS[0]}"] + ls, "images_variant_val.txt: line 1: '../x' is not a plain file name"),
+    ("variants", lambda ls: ls[:-1], "variants.txt: 99 variants, where FGVC-Aircraft has 100"),
+    ("variants", lambda ls: ls[:-1] + ls[:1], f"variants.txt: '{VARIANTS[0]}' is listed twice"),
+])
+def test_bad_aircraft_lists_are_one_line_each(aircraft, tmp_path, file, edit, line):
+    data = tmp_path / "edited" / "fgvc-aircraft-2013b" / "data"
+    data.mkdir(parents=True)
+    source = aircraft / "fgvc-aircraft-2013b" / "data"
+    os.symlink(source / "images", data / "images")
+    for f in ["variants", "images_variant_train", "images_variant_val", "images_variant_test"]:
+        lines = (source / f"{f}.txt").read_text().splitlines()
+        edited = edit(lines) if f.endswith(file) else lines
+        (data / f"{f}.txt").write_text("\n".join(edited) + "\n")
+    r = refused_features("--dataset", "fgvc-aircraft", "--split", "test", "--data-dir", str(tmp_path / "edited"),
+                         "--no-download", "-o", "x.npy", cwd=tmp_path)
+    lines = errors(r)
+    assert r.returncode == 1 and len(lines) == 1 and line in lines[0], r.stderr
+    assert not (tmp_path / "x.npy").exists()
+
+
 def test_val_on_val_trains_on_train_and_validates_on_val(flowers, pets, tmp_path):
     """--val-on val: Oxford 102 Flowers trains on its train split alone and
     validates on its val split; eval of the run reads test, and with
@@ -633,8 +733,8 @@ def test_val_on_val_trains_on_train_and_validates_on_val(flowers, pets, tmp_path
     r = refused_features("--dataset", "flowers102", "--split", "test", "--val-on", "val", "--data-dir",
                          str(flowers), "-o", "x.npy", cwd=tmp_path)
     assert r.returncode == 2 and errors(r) == [
-        "vggctl: error: --val-on: features reads the split --split names (flowers102's and dtd's train split is "
-        "train then val)"], r.stderr
+        "vggctl: error: --val-on: features reads the split --split names (flowers102's, dtd's and "
+        "fgvc-aircraft's train split is train then val)"], r.stderr
     r = vggctl("eval", "--checkpoint", str(out / "last.safetensors"), "--dataset", "dtd", "--data-dir", str(packed))
     assert r.returncode == 1 and errors(r) == [
         f"vggctl: error: {packed}: not a file of DTD (vggctl prepare --dataset dtd makes one)"], r.stderr

@@ -13,7 +13,7 @@ use vggctl::data::mnist;
 use vggctl::data::pack;
 use vggctl::data::prepared::{self, Prepared};
 use vggctl::data::resize::Filter;
-use vggctl::data::{dtd, flowers, food101, has_own_val, pets, stl10, svhn};
+use vggctl::data::{aircraft, dtd, flowers, food101, has_own_val, pets, stl10, svhn};
 use vggctl::dist::World;
 use vggctl::train::config::TrainConfig;
 
@@ -40,9 +40,11 @@ pub struct DataOpts {
     /// Pet's 37 breeds: its trainval split to train on, its test split to
     /// validate on), flowers102 (Oxford 102 Flowers: its train and val
     /// splits to train on, its test split to validate on), food101
-    /// (Food-101: its train and test splits) or dtd (the Describable
+    /// (Food-101: its train and test splits), dtd (the Describable
     /// Textures Dataset's 47 classes: a partition's train and val lists to
-    /// train on, its test list to validate on); their photographs
+    /// train on, its test list to validate on) or fgvc-aircraft
+    /// (FGVC-Aircraft's 100 variants: its train and val splits to train on,
+    /// its test split to validate on); their photographs
     /// are read as a folder's [default: cifar10; eval: the
     /// checkpoint's; features: none, the images given instead].
     #[arg(long)]
@@ -55,16 +57,17 @@ pub struct DataOpts {
     /// directory holding train_32x32.mat and test_32x32.mat; stl10: the
     /// directory holding stl10_binary/; folder: the class folders; imagenet: the
     /// directory holding train/ and val/; folder, imagenet: or the file
-    /// `vggctl prepare` made of them; oxford-pets, flowers102, food101, dtd:
-    /// the directory holding oxford-iiit-pet/, flowers-102/, food-101/ or
-    /// dtd/ (torchvision's), or the file `vggctl prepare` made of it
+    /// `vggctl prepare` made of them; oxford-pets, flowers102, food101, dtd,
+    /// fgvc-aircraft: the directory holding oxford-iiit-pet/, flowers-102/,
+    /// food-101/, dtd/ or fgvc-aircraft-2013b/ (torchvision's), or the file
+    /// `vggctl prepare` made of it
     /// [default: ./data].
     #[arg(long, alias = "data-path")]
     pub data_dir: Option<PathBuf>,
     /// Where to download the binary CIFAR-10 or CIFAR-100 archive (or
     /// STL-10's) from
     /// when it is missing; mnist, fashion-mnist, kmnist, qmnist, svhn, oxford-pets,
-    /// flowers102, food101, dtd: the mirror (or comma-separated mirrors) serving
+    /// flowers102, food101, dtd, fgvc-aircraft: the mirror (or comma-separated mirrors) serving
     /// their files (emnist-*: gzip.zip, every split's) [default:
     /// $VGGCTL_<DATASET>_URL (e.g. $VGGCTL_FASHION_MNIST_URL), else the
     /// dataset's own, as torchvision's].
@@ -75,7 +78,8 @@ pub struct DataOpts {
     /// comma-separated, for train-images, train-labels, t10k-images,
     /// t10k-labels; svhn: three, train, test and extra; oxford-pets: two, images.tar.gz
     /// and annotations.tar.gz; flowers102: three, 102flowers.tgz,
-    /// imagelabels.mat and setid.mat; food101, dtd: one) [default:
+    /// imagelabels.mat and setid.mat; food101, dtd, fgvc-aircraft: one, which
+    /// for fgvc-aircraft must be given: its publisher gives none) [default:
     /// $VGGCTL_<DATASET>_MD5, else the official files'].
     #[arg(long, hide = true)]
     pub data_md5: Option<String>,
@@ -95,7 +99,7 @@ pub struct DataOpts {
     pub extra: bool,
     /// The split validated on after each epoch (and best.safetensors chosen
     /// on): test, or val, leaving the test split unseen until eval: for
-    /// flowers102 and dtd their own val split (training on train alone
+    /// flowers102, dtd and fgvc-aircraft their own val split (training on train alone
     /// instead of train and val, as benchmarks do), for the others but
     /// folder and imagenet (which hold out --val-dir or DIR/val already)
     /// the part --val-split (0.1) of the training split drawn by --seed;
@@ -246,6 +250,7 @@ impl DataOpts {
             flowers::NAME => flowers::CLASSES,
             food101::NAME => food101::CLASSES,
             dtd::NAME => dtd::CLASSES,
+            aircraft::NAME => aircraft::CLASSES,
             other => match (cifar::named(other), mnist::named(other)) {
                 (Some(c), _) => c.classes,
                 (_, Some(m)) => m.classes.len() as i64,
@@ -552,7 +557,7 @@ fn unknown(name: &str) -> String {
     match name {
         "emnist" => format!("--dataset emnist: name the split, one of {emnist}"),
         _ => format!(
-            "unknown dataset '{name}' (expected cifar10, cifar100, mnist, fashion-mnist, kmnist, qmnist, {emnist}, svhn, stl10, digits, folder, imagenet, oxford-pets, flowers102, food101 or dtd)"
+            "unknown dataset '{name}' (expected cifar10, cifar100, mnist, fashion-mnist, kmnist, qmnist, {emnist}, svhn, stl10, digits, folder, imagenet, oxford-pets, flowers102, food101, dtd or fgvc-aircraft)"
         ),
     }
 }

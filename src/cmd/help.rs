@@ -16,13 +16,15 @@ Environment:
   VGGCTL_CIFAR10_URL, VGGCTL_CIFAR100_URL, VGGCTL_MNIST_URL, VGGCTL_FASHION_MNIST_URL,
   VGGCTL_KMNIST_URL, VGGCTL_QMNIST_URL, VGGCTL_EMNIST_URL, VGGCTL_SVHN_URL,
   VGGCTL_STL10_URL, VGGCTL_OXFORD_PETS_URL, VGGCTL_FLOWERS102_URL, VGGCTL_FOOD101_URL,
-  VGGCTL_DTD_URL        where to download each dataset from (also --data-url; mnist,
+  VGGCTL_DTD_URL, VGGCTL_FGVC_AIRCRAFT_URL
+                        where to download each dataset from (also --data-url; mnist,
                         fashion-mnist, kmnist, qmnist, emnist-*, svhn, oxford-pets,
-                        flowers102, food101, dtd: comma-separated mirrors, tried in turn)
-                        [default: the dataset's own, as torchvision's]
+                        flowers102, food101, dtd, fgvc-aircraft: comma-separated mirrors,
+                        tried in turn) [default: the dataset's own, as torchvision's]
   VGGCTL_<DATASET>_MD5  the MD5 its download must have (mnist, fashion-mnist, kmnist, qmnist: four,
                         comma-separated; oxford-pets: two; svhn, flowers102: three)
-                        [default: the official files']
+                        [default: the official files'; fgvc-aircraft: none is
+                        published, so its download needs this]
   VGGCTL_CACHE_DIR      where image folders' decoded images are cached (also --cache-dir)
                         [default: $XDG_CACHE_HOME/vggctl/folders, i.e. ~/.cache/vggctl/folders]
   VGGCTL_HTTP_TIMEOUT   seconds a download may stall [default: 60]

@@ -9,7 +9,7 @@ use anyhow::{Result, bail};
 use vggctl::data::download::DownloadSource;
 use vggctl::data::folder::Listed;
 use vggctl::data::prepared::Prepared;
-use vggctl::data::{dtd, flowers, food101, pets};
+use vggctl::data::{aircraft, dtd, flowers, food101, pets};
 
 use super::output::usage;
 use super::progress::download_bar;
@@ -36,19 +36,26 @@ pub fn check_packed_partition(file: &Path, fold: Option<usize>) -> Result<()> {
 /// its environment variables (`VGGCTL_FOOD101_URL`, `VGGCTL_FOOD101_MD5`),
 /// else `own`.
 pub fn source_from_env(name: &str, own: DownloadSource) -> DownloadSource {
-    let var = name.to_uppercase().replace('-', "_");
-    let env = |what: &str| std::env::var(format!("VGGCTL_{var}_{what}")).ok();
+    let env = |what: &str| std::env::var(env_var(name, what)).ok();
     DownloadSource {
         url: env("URL").unwrap_or(own.url),
         md5: env("MD5").unwrap_or(own.md5),
     }
 }
 
+/// The dataset `name`'s environment variable `what` (`VGGCTL_FOOD101_MD5`).
+fn env_var(name: &str, what: &str) -> String {
+    format!("VGGCTL_{}_{what}", name.to_uppercase().replace('-', "_"))
+}
+
 /// Whether `name` is a dataset of listed photographs (Oxford-IIIT Pet,
-/// Oxford 102 Flowers, Food-101, DTD): read as an image folder, or from
-/// the file `vggctl prepare` made of it.
+/// Oxford 102 Flowers, Food-101, DTD, FGVC-Aircraft): read as an image
+/// folder, or from the file `vggctl prepare` made of it.
 pub fn is_listed(name: &str) -> bool {
-    matches!(name, pets::NAME | flowers::NAME | food101::NAME | dtd::NAME)
+    matches!(
+        name,
+        pets::NAME | flowers::NAME | food101::NAME | dtd::NAME | aircraft::NAME
+    )
 }
 
 /// The listed dataset `name` (see [`is_listed`]) under `dir`, DTD's
@@ -66,14 +73,32 @@ pub fn open_listed(
         flowers::NAME => &flowers::PUBLISHED,
         food101::NAME => &food101::PUBLISHED,
         dtd::NAME => &dtd::PUBLISHED,
+        aircraft::NAME => &aircraft::PUBLISHED,
         other => bail!("{other}: not a dataset read from lists"),
     };
     let src = source(name, published.own_source());
+    // A download is always checked: one whose publisher gives no checksum
+    // (FGVC-Aircraft's) waits for the MD5 its user trusts.
+    let unchecked = src
+        .as_ref()
+        .is_some_and(|s| s.md5.split(',').any(|m| m.trim().is_empty()));
+    if unchecked && let Some(file) = published.missing(dir).first() {
+        let (base, gives) = (dir.join(published.folder), published.gives(file));
+        bail!(
+            "no {} in {}: {} is not there, and its publisher gives no checksum of {file} (torchvision checks none), so vggctl downloads it only with the MD5 you trust, in ${}; or put torchvision's {gives} into {} by hand",
+            published.title,
+            dir.display(),
+            base.join(&gives).display(),
+            env_var(name, "MD5"),
+            base.display()
+        );
+    }
     let base = published.fetch_missing(dir, src.as_ref(), &mut download_bar(quiet))?;
     match name {
         pets::NAME => pets::listing(&base),
         flowers::NAME => flowers::listing(&base),
         food101::NAME => food101::listing(&base),
+        aircraft::NAME => aircraft::listing(&base),
         _ => dtd::listing(&base, fold),
     }
 }

@@ -80,13 +80,28 @@ pub struct Published<'a> {
     pub mirror: &'a str,
 }
 
-impl Published<'_> {
+impl<'a> Published<'a> {
     /// Where it is downloaded from unless the command line says otherwise.
     pub fn own_source(&self) -> DownloadSource {
         DownloadSource {
             url: self.mirror.into(),
             md5: self.md5s.join(","),
         }
+    }
+
+    /// What the file `f` gives: the archive's folder (`name/`), or the file.
+    pub fn gives(&self, f: &str) -> String {
+        let archive = self.archives.iter().find(|a| a.file == f);
+        archive.map_or(f.to_string(), |a| format!("{}/", a.folder))
+    }
+
+    /// The files not in `root/folder` (an archive's where the folder it
+    /// holds is not).
+    pub fn missing(&self, root: &Path) -> Vec<&'a str> {
+        let base = root.join(self.folder);
+        (self.files.iter().copied())
+            .filter(|f| !base.join(self.gives(f)).exists())
+            .collect()
     }
 
     /// `root/folder`, its missing files first downloaded from the mirrors
@@ -101,11 +116,7 @@ impl Published<'_> {
     ) -> Result<PathBuf> {
         let base = root.join(self.folder);
         let archive = |f: &str| self.archives.iter().find(|a| a.file == f);
-        // What each file gives: the archive's folder, or the file.
-        let gives = |f: &str| archive(f).map_or(f.to_string(), |a| format!("{}/", a.folder));
-        let missing: Vec<&str> = (self.files.iter().copied())
-            .filter(|f| !base.join(gives(f)).exists())
-            .collect();
+        let missing = self.missing(root);
         let Some(first) = missing.first() else {
             return Ok(base);
         };
@@ -129,7 +140,7 @@ impl Published<'_> {
             bail!(
                 "no {title} in {}: expected {} and downloading is off; {how}",
                 root.display(),
-                base.join(gives(first)).display()
+                base.join(self.gives(first)).display()
             );
         };
         fetch_files(&base, (self.files, &missing), src, progress, &mut |path| {

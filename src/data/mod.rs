@@ -3,6 +3,7 @@
 //! augmentation that runs on the training device. Nothing here knows about
 //! the model: `augment` turns uint8 batches into the model's fp32 input.
 
+pub mod aircraft;
 pub mod augment;
 pub mod auto_augment;
 mod auto_augment_tables;
@@ -37,22 +38,29 @@ use stream::{InOrder, Streamed};
 
 /// Whether the dataset named `name` (a run's `dataset`, a [`Dataset`]'s
 /// name) is read as an image folder is (`folder`, `imagenet`, and the
-/// listed photographs of Oxford-IIIT Pet, Oxford 102 Flowers, Food-101
-/// and DTD): images of any size, resized as they are read, unlike CIFAR's,
+/// listed photographs of Oxford-IIIT Pet, Oxford 102 Flowers, Food-101,
+/// DTD and FGVC-Aircraft): images of any size, resized as they are read, unlike CIFAR's,
 /// MNIST's and the digits' fixed sides.
 pub fn is_image_folder(name: &str) -> bool {
     matches!(
         name,
-        "folder" | "imagenet" | pets::NAME | flowers::NAME | food101::NAME | dtd::NAME
+        "folder"
+            | "imagenet"
+            | pets::NAME
+            | flowers::NAME
+            | food101::NAME
+            | dtd::NAME
+            | aircraft::NAME
     )
 }
 
 /// Whether the dataset `name` has a val split of its own besides its
-/// training and test splits (Oxford 102 Flowers', DTD's), which
+/// training and test splits (Oxford 102 Flowers', DTD's, FGVC-Aircraft's),
+/// which
 /// `--val-on val` validates on; the others hold out part of their training
 /// split for it.
 pub fn has_own_val(name: &str) -> bool {
-    matches!(name, flowers::NAME | dtd::NAME)
+    matches!(name, flowers::NAME | dtd::NAME | aircraft::NAME)
 }
 
 /// The probability with which training mirrors the images of the dataset

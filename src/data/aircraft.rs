@@ -1,0 +1,156 @@
+//! FGVC-Aircraft (Maji et al., 2013), as torchvision's `FGVCAircraft`
+//! reads it at its default annotation level, the variant:
+//! `ROOT/fgvc-aircraft-2013b/data/images/<id>.jpg`, the 100 variants in
+//! `data/variants.txt` (one a line, in that order: torchvision's classes),
+//! each split listed by `data/images_variant_<split>.txt` (`<id> <variant>`
+//! a line; a variant may hold spaces). vggctl trains on train then val
+//! (trainval's 6,667 images; `--val-on val` trains on train and validates
+//! on val, as benchmarks tune) and validates on test (3,333). The
+//! photographs are read as an image folder's: this module only lists them,
+//! and downloads the archive torchvision downloads.
+//!
+//! Its publisher gives no checksum of the archive, and torchvision checks
+//! none; since every download vggctl makes is checked, this one needs the
+//! MD5 its user trusts ([`MD5S`] is empty).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Result, bail};
+
+use super::download::{Archive, Published, is_plain_name};
+use super::folder::{LabeledFiles, Listed};
+use crate::fsutil::read_text;
+
+/// The dataset's name on the command line and in a run's files.
+pub const NAME: &str = "fgvc-aircraft";
+/// The folder under `--data-dir` the archive holds and torchvision reads.
+pub const FOLDER: &str = "fgvc-aircraft-2013b";
+pub const FILES: [&str; 1] = ["fgvc-aircraft-2013b.tar.gz"];
+/// None known: see the module's note.
+pub const MD5S: [&str; 1] = [""];
+pub const MIRROR: &str = "https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/archives/";
+/// The variants `data/variants.txt` names.
+pub const CLASSES: i64 = 100;
+/// The most bytes a list may have (trainval's has about 100 KB).
+const MAX_LIST: u64 = 16 << 20;
+
+/// The lists the archive must hold (trainval's too: torchvision reads it).
+const LISTS: [&str; 5] = [
+    "data/variants.txt",
+    "data/images_variant_train.txt",
+    "data/images_variant_val.txt",
+    "data/images_variant_trainval.txt",
+    "data/images_variant_test.txt",
+];
+
+/// Where the dataset comes from, as torchvision downloads it.
+pub const PUBLISHED: Published<'static> = Published {
+    title: "FGVC-Aircraft",
+    // The archive holds the folder itself.
+    folder: "",
+    files: &FILES,
+    md5s: &MD5S,
+    archives: &[Archive {
+        file: FILES[0],
+        folder: FOLDER,
+        members: &LISTS,
+        also: data_files,
+    }],
+    mirror: MIRROR,
+};
+
+/// For [`Archive::also`]: the photographs (`data/images/<id>.jpg`) and the
+/// other lists of `data/` (the family and manufacturer levels'), which
+/// torchvision reads at those levels.
+fn data_files(path: &str) -> bool {
+    let parts: Vec<&str> = path.split('/').collect();
+    match parts[..] {
+        ["data", "images", file] => file.ends_with(".jpg"),
+        ["data", file] => file.ends_with(".txt"),
+        _ => false,
+    }
+}
+
+/// The dataset in `root/fgvc-aircraft-2013b`, read as torchvision reads
+/// it: the folder of its images, and its variants with the images of train
+/// then val (to train on) and of test (to validate on), in the lists' order.
+pub fn listing(root: &Path) -> Result<(PathBuf, Listed)> {
+    let data = root.join(FOLDER).join("data");
+    let classes = read_variants(&data)?;
+    let [train, val, test] = ["train", "val", "test"].map(|s| read_list(&data, s, &classes));
+    let (train, val, test) = (train?, val?, test?);
+    let own_val = val.len();
+    let listed = Listed {
+        train: [train, val].concat(),
+        val: Some(test),
+        classes,
+        wnids: None,
+        partition: None,
+        own_val,
+    };
+    Ok((data.join("images"), listed))
+}
+
+/// `data/variants.txt`: one variant a line, each stripped of surrounding
+/// space (torchvision's `line.strip()`), all different.
+fn read_variants(data: &Path) -> Result<Vec<String>> {
+    let path = data.join("variants.txt");
+    let text = read_text(&path, "FGVC-Aircraft's list of variants", MAX_LIST)?;
+    let classes: Vec<String> = text.lines().map(|l| l.trim().to_string()).collect();
+    if let Some(n) = classes.iter().position(String::is_empty) {
+        bail!("{}: line {} is blank", path.display(), n + 1);
+    }
+    if classes.len() as i64 != CLASSES {
+        bail!(
+            "{}: {} variants, where FGVC-Aircraft has {CLASSES}",
+            path.display(),
+            classes.len()
+        );
+    }
+    let mut sorted = classes.clone();
+    sorted.sort();
+    if let Some(twice) = sorted.windows(2).find(|w| w[0] == w[1]) {
+        bail!("{}: '{}' is listed twice", path.display(), twice[0]);
+    }
+    Ok(classes)
+}
+
+/// `data/images_variant_<split>.txt`: each line's image and its variant's
+/// index among `classes`, in order.
+fn read_list(data: &Path, split: &str, classes: &[String]) -> Result<LabeledFiles> {
+    let path = data.join(format!("images_variant_{split}.txt"));
+    let text = read_text(&path, "an FGVC-Aircraft list", MAX_LIST)?;
+    let images = data.join("images");
+    let mut files = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let at = || format!("{}: line {}", path.display(), n + 1);
+        let Some((id, variant)) = line.trim().split_once(' ') else {
+            bail!("{}: '{line}' is not '<image id> <variant>'", at());
+        };
+        if !is_plain_name(id) {
+            bail!("{}: '{id}' is not a plain file name", at());
+        }
+        let Some(label) = classes.iter().position(|c| c == variant) else {
+            bail!("{}: variant '{variant}' is not one of variants.txt's", at());
+        };
+        files.push((images.join(format!("{id}.jpg")), label as i64));
+    }
+    if files.is_empty() {
+        bail!("{}: lists no images", path.display());
+    }
+    Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_photographs_and_lists_of_data_are_taken() {
+        assert!(data_files("data/images/0034309.jpg"));
+        assert!(data_files("data/families.txt"));
+        assert!(!data_files("data/images/a/b.jpg") && !data_files("README.html"));
+        assert!(!data_files("data/images/0034309.png") && !data_files("evaluation.m"));
+        assert!(LISTS.iter().all(|l| data_files(l)));
+    }
+}
