@@ -125,7 +125,7 @@ fn read_emnist_zip(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::create_dir_all(&raw)?;
     std::fs::write(raw.join("gzip.zip"), bytes)?;
     let digits = vggctl::data::mnist::named("emnist-digits").expect("an EMNIST split");
-    digits.load(&base, None, &mut |_, _| {}).map(drop)
+    digits.load(&base, false, None, &mut |_, _| {}).map(drop)
 }
 
 /// As an SVHN split's MAT-file.

@@ -487,7 +487,7 @@ impl DataOpts {
         if let Some(m) = mnist::named(name) {
             let (url, md5) = (m.mirrors.join(","), m.md5s.join(","));
             let src = self.download_source(m.env_name(), DownloadSource { url, md5 });
-            return Some(m.load(dir, src.as_ref(), bar));
+            return Some(m.load(dir, how.test_only, src.as_ref(), bar));
         }
         match name {
             "svhn" => {

@@ -263,10 +263,13 @@ impl Mnist {
     }
 
     /// Loads the dataset from `dir`, first downloading the files that are
-    /// missing when `download_from` allows it.
+    /// missing when `download_from` allows it; for evaluation
+    /// (`test_only`) its test split alone, the training images only counted
+    /// where they give the normalization.
     pub fn load(
         &self,
         dir: &Path,
+        test_only: bool,
         download_from: Option<&DownloadSource>,
         progress: &mut dyn FnMut(u64, Option<u64>),
     ) -> Result<Dataset> {
@@ -279,7 +282,11 @@ impl Mnist {
             self.fetch(dir, &missing, download_from, progress)?;
         }
         let [train_x, train_y, test_x, test_y] = files.map(|f| raw.join(f));
-        let (train, counts) = self.split(&train_x, &train_y)?;
+        let (train, counts) = match (test_only, self.norm) {
+            (false, _) => self.split(&train_x, &train_y)?,
+            (true, Some(_)) => (no_images(), [0; 256]),
+            (true, None) => (no_images(), read_gray(&train_x, self.caps())?.1),
+        };
         let (test, _) = self.split(&test_x, &test_y)?;
         let (mean, std) = match self.norm {
             Some(norm) => norm,
@@ -400,6 +407,16 @@ impl Mnist {
     }
 }
 
+/// A split of no images (evaluation's training split).
+fn no_images() -> Split {
+    let cpu = Device::Cpu;
+    Split {
+        images: Tensor::zeros([0, 3, SIDE, SIDE], (Kind::Uint8, cpu)),
+        labels: Tensor::zeros([0], (Kind::Int64, cpu)),
+        layout: None,
+    }
+}
+
 /// A downloaded `FILE.gz` extracted to `FILE` beside it (removed if it
 /// does not unpack).
 fn extract(gz: &Path) -> Result<()> {
@@ -421,8 +438,16 @@ pub fn read_images(path: &Path) -> Result<Tensor> {
 /// [`read_images`] within `caps`, each image transposed where `upright`
 /// (EMNIST's), and the count of each gray value in the file.
 fn read_images_counted(path: &Path, caps: Caps, upright: bool) -> Result<(Tensor, [u64; 256])> {
-    let x = idx::parse(idx::read(path, caps)?, Idx::Images, path, caps)?;
+    let (x, counts) = read_gray(path, caps)?;
     let (n, h, w) = (x.dims[0], x.dims[1], x.dims[2]);
+    Ok((rgb32(&x.data, n, (h, w), upright), counts))
+}
+
+/// An images file's gray values as stored, within `caps`, and the count
+/// of each value.
+fn read_gray(path: &Path, caps: Caps) -> Result<(idx::Idx, [u64; 256])> {
+    let x = idx::parse(idx::read(path, caps)?, Idx::Images, path, caps)?;
+    let (h, w) = (x.dims[1], x.dims[2]);
     if !(1..=MAX_SIDE).contains(&h) || !(1..=MAX_SIDE).contains(&w) {
         bail!(
             "{}: images of {h}x{w} pixels (1 to {MAX_SIDE} a side expected)",
@@ -433,7 +458,7 @@ fn read_images_counted(path: &Path, caps: Caps, upright: bool) -> Result<(Tensor
     for &v in &x.data {
         counts[v as usize] += 1;
     }
-    Ok((rgb32(&x.data, n, (h, w), upright), counts))
+    Ok((x, counts))
 }
 
 /// An image of `h` x `w` transposed (to `w` x `h`).
