@@ -37,10 +37,10 @@ fn copy_dir(from: &Path, to: &Path) {
 fn both_layouts_hold_the_same_images() {
     let f = common::fixtures();
     let bin = cifar::CIFAR10
-        .load(&f.join("digits-bin"), None, &mut |_, _| {})
+        .load(&f.join("digits-bin"), false, None, &mut |_, _| {})
         .unwrap();
     let py = cifar::CIFAR10
-        .load(&f.join("digits-py"), None, &mut |_, _| {})
+        .load(&f.join("digits-py"), false, None, &mut |_, _| {})
         .unwrap();
     assert_eq!(bin.train.len(), 1500);
     assert_eq!(bin.test.len(), 297);
@@ -56,6 +56,23 @@ fn both_layouts_hold_the_same_images() {
     assert!(bin_test.labels.equal(&py_test.labels));
     assert_eq!(bin.classes, py.classes);
     assert_eq!(bin.classes[3], "three");
+    // Evaluation's read: the same test split, no training images.
+    for layout in ["digits-bin", "digits-py"] {
+        let eval = cifar::CIFAR10
+            .load(&f.join(layout), true, None, &mut |_, _| {})
+            .unwrap();
+        assert_eq!(
+            (eval.train.len(), eval.classes.clone()),
+            (0, py.classes.clone())
+        );
+        assert!(
+            eval.test
+                .as_resident()
+                .unwrap()
+                .images
+                .equal(&py_test.images)
+        );
+    }
     // Real digits: all ten classes, and images that are not blank.
     let per_class = bin_train.labels.bincount::<Tensor>(None, 10);
     assert!(per_class.min().int64_value(&[]) > 100, "{per_class:?}");
@@ -77,14 +94,14 @@ fn both_layouts_hold_the_same_images() {
 fn cifar100_reads_its_fine_labels_in_both_layouts() {
     let f = common::fixtures();
     let ten = cifar::CIFAR10
-        .load(&f.join("digits-bin"), None, &mut |_, _| {})
+        .load(&f.join("digits-bin"), false, None, &mut |_, _| {})
         .unwrap();
     let (bin, py) = (
         cifar::CIFAR100
-            .load(&f.join("digits-bin"), None, &mut |_, _| {})
+            .load(&f.join("digits-bin"), false, None, &mut |_, _| {})
             .unwrap(),
         cifar::CIFAR100
-            .load(&f.join("digits-py"), None, &mut |_, _| {})
+            .load(&f.join("digits-py"), false, None, &mut |_, _| {})
             .unwrap(),
     );
     assert_eq!((bin.name.as_str(), bin.classes.len()), ("cifar100", 100));
@@ -114,7 +131,9 @@ fn cifar100_reads_its_fine_labels_in_both_layouts() {
     let mut bytes = fs::read(&p).unwrap();
     bytes[3074 * 7] = 250; // a coarse label: not read
     fs::write(&p, &bytes).unwrap();
-    let loaded = cifar::CIFAR100.load(root, None, &mut |_, _| {}).unwrap();
+    let loaded = cifar::CIFAR100
+        .load(root, false, None, &mut |_, _| {})
+        .unwrap();
     let labels = &loaded.test.as_resident().unwrap().labels;
     assert!(labels.equal(&bin.test.as_resident().unwrap().labels));
     bytes[3074 * 7 + 1] = 100; // a fine label out of range

@@ -482,7 +482,7 @@ impl DataOpts {
             |url: String, md5: String| self.download_source(name, DownloadSource { url, md5 });
         if let Some(c) = cifar::named(name) {
             let src = source(c.url.into(), c.md5.into());
-            return Some(c.load(dir, src.as_ref(), bar));
+            return Some(c.load(dir, how.test_only, src.as_ref(), bar));
         }
         if let Some(m) = mnist::named(name) {
             let (url, md5) = (m.mirrors.join(","), m.md5s.join(","));
@@ -492,9 +492,8 @@ impl DataOpts {
         match name {
             "svhn" => {
                 let src = source(svhn::MIRROR.into(), svhn::MD5S.join(","));
-                // Evaluation reads the test split alone.
-                let extra = how.extra && !how.test_only;
-                Some(svhn::load(dir, extra, src.as_ref(), bar))
+                let splits = (how.test_only, how.extra);
+                Some(svhn::load(dir, splits, src.as_ref(), bar))
             }
             "stl10" => {
                 let src = source(stl10::URL.into(), stl10::MD5.into());

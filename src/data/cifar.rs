@@ -130,16 +130,18 @@ impl Cifar {
     }
 
     /// Loads the dataset from `dir`, downloading the binary version first
-    /// when neither layout is there and `download_from` allows it.
+    /// when neither layout is there and `download_from` allows it; for
+    /// evaluation (`test_only`) its test split alone.
     pub fn load(
         &self,
         dir: &Path,
+        test_only: bool,
         download_from: Option<&DownloadSource>,
         progress: &mut dyn FnMut(u64, Option<u64>),
     ) -> Result<Dataset> {
         let (py, bin) = (dir.join(self.py_dir), dir.join(self.bin_dir));
         if py.is_dir() {
-            return self.load_py(&py);
+            return self.load_py(&py, !test_only);
         }
         if !bin.is_dir() {
             let how = format!(
@@ -170,7 +172,7 @@ impl Cifar {
                     format!("could not download {} from {}; {how}", self.title, src.url)
                 })?;
         }
-        self.load_bin(&bin)
+        self.load_bin(&bin, !test_only)
     }
 
     fn check_label(&self, path: &Path, index: usize, label: i64) -> Result<()> {
@@ -227,8 +229,11 @@ impl Cifar {
         Ok((images, labels))
     }
 
-    fn load_bin(&self, dir: &Path) -> Result<Dataset> {
-        let train = (self.bin_train.iter())
+    /// The binary version's files in `dir` (the training batches where
+    /// `train` asks).
+    fn load_bin(&self, dir: &Path, train: bool) -> Result<Dataset> {
+        let files = if train { self.bin_train } else { &[] };
+        let train = (files.iter())
             .map(|f| self.read_bin_batch(&dir.join(f)))
             .collect::<Result<Vec<_>>>()?;
         let test = self.read_bin_batch(&dir.join(self.bin_test))?;
@@ -290,8 +295,11 @@ impl Cifar {
         Ok((arr.data.to_vec(), labels))
     }
 
-    fn load_py(&self, dir: &Path) -> Result<Dataset> {
-        let train = (self.py_train.iter())
+    /// torchvision's pickled files in `dir` (the training batches where
+    /// `train` asks).
+    fn load_py(&self, dir: &Path, train: bool) -> Result<Dataset> {
+        let files = if train { self.py_train } else { &[] };
+        let train = (files.iter())
             .map(|f| self.read_py_batch(&dir.join(f)))
             .collect::<Result<Vec<_>>>()?;
         let test = self.read_py_batch(&dir.join(self.py_test))?;

@@ -284,8 +284,8 @@ impl Mnist {
         let [train_x, train_y, test_x, test_y] = files.map(|f| raw.join(f));
         let (train, counts) = match (test_only, self.norm) {
             (false, _) => self.split(&train_x, &train_y)?,
-            (true, Some(_)) => (no_images(), [0; 256]),
-            (true, None) => (no_images(), read_gray(&train_x, self.caps())?.1),
+            (true, Some(_)) => (Split::empty(SIDE), [0; 256]),
+            (true, None) => (Split::empty(SIDE), read_gray(&train_x, self.caps())?.1),
         };
         let (test, _) = self.split(&test_x, &test_y)?;
         let (mean, std) = match self.norm {
@@ -404,16 +404,6 @@ impl Mnist {
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         fetch_files(&raw, (&all, &names), src, progress, &mut extract)
             .with_context(|| format!("could not download {}; {how}", self.title))
-    }
-}
-
-/// A split of no images (evaluation's training split).
-fn no_images() -> Split {
-    let cpu = Device::Cpu;
-    Split {
-        images: Tensor::zeros([0, 3, SIDE, SIDE], (Kind::Uint8, cpu)),
-        labels: Tensor::zeros([0], (Kind::Int64, cpu)),
-        layout: None,
     }
 }
 

@@ -35,15 +35,20 @@ const EXTRA_MAX_BYTES: u64 = 1664 << 20;
 const SIDE: usize = 32;
 
 /// Loads the dataset from `dir`, its training split with the extra split
-/// after it where `extra` asks, first downloading the files that are
-/// missing when `download_from` allows it.
+/// after it where `extra` asks (for evaluation, `test_only`, its test split
+/// alone), first downloading the files that are missing when
+/// `download_from` allows it.
 pub fn load(
     dir: &Path,
-    extra: bool,
+    (test_only, extra): (bool, bool),
     download_from: Option<&DownloadSource>,
     progress: &mut dyn FnMut(u64, Option<u64>),
 ) -> Result<Dataset> {
-    let needed = &FILES[..if extra { 3 } else { 2 }];
+    let needed = match (test_only, extra) {
+        (true, _) => &FILES[1..2],
+        (false, false) => &FILES[..2],
+        (false, true) => &FILES[..],
+    };
     let missing: Vec<&str> = (needed.iter().copied())
         .filter(|f| !dir.join(f).exists())
         .collect();
@@ -64,8 +69,11 @@ pub fn load(
             .with_context(|| format!("could not download SVHN; {how}"))?;
     }
     let [train, test, more] = FILES.map(|f| dir.join(f));
-    let mut train = read_split(&train)?;
-    if extra {
+    let mut train = match test_only {
+        true => Split::empty(SIDE as i64),
+        false => read_split(&train)?,
+    };
+    if extra && !test_only {
         let more = read_mat_split(&more, EXTRA_MAX_BYTES)?;
         train = Split {
             images: Tensor::cat(&[train.images, more.images], 0),
