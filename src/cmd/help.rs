@@ -45,6 +45,8 @@ Examples:
   vggctl train                                     CIFAR-10's recipe (VGG16, 100 epochs; downloads to ./data)
   vggctl train --arch vgg11_bn --head cifar -e 30 -o runs/v11
   vggctl train --dataset cifar100 --arch vgg16_bn     CIFAR-100's 100 classes (downloads to ./data)
+  vggctl train --dataset svhn --extra --arch vgg16_bn     SVHN's train and extra splits (604,388 digits)
+  vggctl train --dataset emnist-balanced --arch vgg11_bn    EMNIST's 47 balanced classes
   vggctl train --dataset folder --data-dir photos --arch vgg11 --head gap
   vggctl train --dataset imagenet --data-dir /data/imagenet --arch vgg16    torchvision's recipe
   vggctl train --dataset imagenet --data-dir /data/imagenet --train-crop-size 176 --val-resize-size 232
@@ -69,6 +71,7 @@ pub const FINETUNE: &str = "\
 Examples:
   vggctl finetune --dataset folder --data-dir photos --arch vgg16
   vggctl finetune --dataset oxford-pets --arch vgg16 -e 10     37 breeds, downloaded on first use
+  vggctl finetune --dataset dtd --fold 3 --val-on val --arch vgg16    DTD's partition 3, chosen on its val split
   vggctl finetune --weights mine.pth --dataset folder --data-dir photos --train-features -e 20";
 
 pub const EXPORT: &str = "\
