@@ -13,7 +13,9 @@ Gloo ranks on 127.0.0.1, against the real thing:
   timm's RepeatAugSampler, on 2 ranks and in one process;
 - evaluation: `vggctl eval` over 2 ranks reports exactly one process's
   counts, accuracies and confusion matrix (loss within 1e-6 relative: the
-  ranks' partial sums are added in another order);
+  ranks' partial sums are added in another order), on the test split and
+  on the part `--val-on val` holds out of the training split (which every
+  rank draws alike);
 - launches that cannot work end with one line each, promptly: WORLD_SIZE
   without RANK, a store nobody serves, ranks started with different models,
   a rank killed or stopped mid-run (the survivors name it, in a world of
@@ -158,6 +160,18 @@ def test_two_ranks_train_as_pytorch_ddp_and_evaluate_as_one_process(tmp_path, bn
     assert abs(r1["loss"] - r2["loss"]) <= 1e-6 * abs(r1["loss"])
     # The training run's last evaluation was the same sharded computation.
     assert abs(metrics[-1]["test_top1"] - r1["top1"]) < 1e-9
+    # --val-on val: every rank draws the same held-out part of the training
+    # split (150 of 1,500), so two ranks score what one process scores.
+    held = [BIN, "eval", "--checkpoint", str(run / "last.safetensors"), "--val-on", "val", "--batch-size", "32",
+            "--device", "cpu", "--json"]
+    one = subprocess.run(held, capture_output=True, text=True, timeout=120, check=True)
+    own = subprocess.run([*held, "--nproc-per-node", "2"], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert own.returncode == 0, own.stderr[-3000:]
+    r1, r3 = json.loads(one.stdout), json.loads(own.stdout)
+    assert r1["split"] == r3["split"] == "val" and r1["images"] == 150
+    for key in ("images", "top1", "support", "confusion"):
+        assert r1[key] == r3[key], key
 
 
 def test_a_world_of_one_joins_its_group_and_trains_as_one_process(tmp_path):
