@@ -697,7 +697,7 @@ def test_val_on_val_trains_on_train_and_validates_on_val(flowers, pets, tmp_path
     --val-split holds out of trainval (seeded), which eval of the run
     reads again."""
     out = tmp_path / "ft"
-    r = vggctl("finetune", "--weights", WEIGHTS, "--arch", "vgg11", "--dataset", "flowers102", "--val-on", "val",
+    r = vggctl("train", "--arch", "vgg11", "--head", "gap", "--dataset", "flowers102", "--val-on", "val",
                "--data-dir", str(flowers), "--no-download", "--input", "32", "--epochs", "1", "--batch-size", "128",
                "--cache-dir", str(tmp_path / "cache"), "--out", str(out))
     assert r.returncode == 0, r.stderr
@@ -718,7 +718,7 @@ def test_val_on_val_trains_on_train_and_validates_on_val(flowers, pets, tmp_path
                 assert abs(report["loss"] - logged["test_loss"]) <= 1e-5 * logged["test_loss"], (report, logged)
 
     out = tmp_path / "pets"
-    r = vggctl("finetune", "--weights", WEIGHTS, "--arch", "vgg11", "--dataset", "oxford-pets", "--val-on", "val",
+    r = vggctl("train", "--arch", "vgg11", "--head", "gap", "--dataset", "oxford-pets", "--val-on", "val",
                "--seed", "3", "--data-dir", str(pets), "--no-download", "--input", "32", "--epochs", "1",
                "--batch-size", "128", "--cache-dir", str(tmp_path / "cache"), "--out", str(out))
     assert r.returncode == 0, r.stderr
