@@ -406,6 +406,15 @@ def test_emnist_downloads_its_zip_and_trains_upright_as_pytorch_does(tmp_path):
     assert not (tmp_path / "emnist-digits").exists() and not (raw / "emnist-digits-train-images-idx3-ubyte").exists()
     r = train_offline("emnist")
     assert r.returncode == 2 and "--dataset emnist: name the split, one of emnist-byclass," in r.stderr, r.stderr
+    # Neither the split's files nor the zip, and no download: one line.
+    data = tmp_path / "none"
+    r = train_offline("emnist-letters")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    assert (f"no emnist-letters in {data}: {data}/EMNIST/raw lacks emnist-letters-train-images-idx3-ubyte, "
+            "emnist-letters-train-labels-idx1-ubyte, emnist-letters-test-images-idx3-ubyte, "
+            "emnist-letters-test-labels-idx1-ubyte, gzip.zip and downloading is off") in lines[0], lines[0]
+    assert not data.exists()
 
 
 def test_qmnist_downloads_and_trains_on_its_first_label_column(tmp_path):

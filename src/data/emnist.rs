@@ -71,7 +71,8 @@ pub fn files(split: &str) -> [String; 4] {
 }
 
 /// The `missing` files of a split extracted into `raw` from its
-/// `gzip.zip`, which is first downloaded from `src` where it is not there.
+/// `gzip.zip`, which is first downloaded from `src` where it is not there
+/// (without `src`, it must be).
 pub fn fetch(
     raw: &Path,
     missing: &[&str],
@@ -79,10 +80,7 @@ pub fn fetch(
     progress: &mut dyn FnMut(u64, Option<u64>),
 ) -> Result<()> {
     let zip = raw.join(ZIP);
-    if !zip.exists() {
-        let Some(src) = src else {
-            bail!("{}: missing and downloading is off", zip.display());
-        };
+    if let (false, Some(src)) = (zip.exists(), src) {
         fetch_files(raw, (&[ZIP], &[ZIP]), src, progress, &mut |_| Ok(()))?;
     }
     let file = File::open(&zip).with_context(|| format!("opening {}", zip.display()))?;

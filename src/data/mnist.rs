@@ -385,17 +385,25 @@ impl Mnist {
             ),
         };
         let how = format!("{how}, or point --data-dir at a copy (--data-url names a mirror)");
-        if matches!(self.layout, Layout::Emnist(_)) {
-            return emnist::fetch(&raw, missing, src, progress)
-                .with_context(|| format!("no {} split in {}; {how}", self.name, dir.display()));
+        // EMNIST's split comes out of its zip, downloaded only if missing.
+        let emnist = matches!(self.layout, Layout::Emnist(_));
+        if emnist && (src.is_some() || raw.join(emnist::ZIP).exists()) {
+            return emnist::fetch(&raw, missing, src, progress).with_context(|| {
+                format!(
+                    "could not get {}'s files from {}; {how}",
+                    self.name,
+                    emnist::ZIP
+                )
+            });
         }
         let Some(src) = src else {
+            let zip = if emnist { vec![emnist::ZIP] } else { vec![] };
             bail!(
                 "no {} in {}: {} lacks {} and downloading is off; {how}",
-                self.title,
+                if emnist { self.name } else { self.title },
                 dir.display(),
                 raw.display(),
-                missing.join(", ")
+                [missing, &zip].concat().join(", ")
             );
         };
         let all = self.files().map(|f| format!("{f}.gz"));
