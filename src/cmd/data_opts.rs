@@ -497,7 +497,7 @@ impl DataOpts {
             }
             "stl10" => {
                 let src = source(stl10::URL.into(), stl10::MD5.into());
-                Some(stl10::load(dir, fold, src.as_ref(), bar))
+                Some(stl10::load(dir, (fold, how.test_only), src.as_ref(), bar))
             }
             _ => None,
         }

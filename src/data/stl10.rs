@@ -53,11 +53,12 @@ pub const FOLDS: usize = 10;
 const MAX_IMAGES: usize = 10_000;
 
 /// Loads the dataset from `dir` (the training images of `fold` only, if
-/// given), first downloading and extracting the archive when the folder is
-/// missing and `download_from` allows it.
+/// given; for evaluation, `test_only`, none: their pixels only counted for
+/// the normalization), first downloading and extracting the archive when
+/// the folder is missing and `download_from` allows it.
 pub fn load(
     dir: &Path,
-    fold: Option<usize>,
+    (fold, test_only): (Option<usize>, bool),
     download_from: Option<&DownloadSource>,
     progress: &mut dyn FnMut(u64, Option<u64>),
 ) -> Result<Dataset> {
@@ -90,11 +91,17 @@ pub fn load(
             })
             .with_context(|| format!("could not download STL-10 from {}; {how}", src.url))?;
     }
-    let (train, counts) = read_split(&folder, "train")?;
+    let (train, counts) = match test_only {
+        false => read_split(&folder, "train")?,
+        true => (
+            Split::empty(SIDE),
+            histograms(&read_images(&folder, "train")?),
+        ),
+    };
     let (test, _) = read_split(&folder, "test")?;
     let (mean, std) =
         mean_std(&counts).with_context(|| format!("{}", folder.join("train_X.bin").display()))?;
-    let train = match fold {
+    let train = match fold.filter(|_| !test_only) {
         Some(k) => train.select(&Tensor::from_slice(&fold_indices(&folder, k, train.len())?)),
         None => train,
     };
@@ -115,24 +122,9 @@ pub fn load(
 /// first, as torchvision's `np.transpose(images, (0, 1, 3, 2))`), labels
 /// 0..9, and its pixels' histograms.
 pub fn read_split(folder: &Path, split: &str) -> Result<(Split, Histograms)> {
-    let [xp, yp] = ["X", "y"].map(|k| folder.join(format!("{split}_{k}.bin")));
-    for p in [&xp, &yp] {
-        if !p.exists() {
-            bail!(
-                "{}: missing (STL-10's folder holds {})",
-                p.display(),
-                MEMBERS[..4].join(", ")
-            );
-        }
-    }
-    let x = read_regular(&xp, "an STL-10 images file", (MAX_IMAGES * PIXELS) as u64)?;
-    if x.is_empty() || x.len() % PIXELS != 0 {
-        bail!(
-            "{}: {} bytes is not a whole number of {PIXELS}-byte images (3 x 96 x 96)",
-            xp.display(),
-            x.len()
-        );
-    }
+    let x = read_images(folder, split)?;
+    let yp = folder.join(format!("{split}_y.bin"));
+    missing(&yp)?;
     let n = x.len() / PIXELS;
     let y = read_regular(&yp, "an STL-10 labels file", MAX_IMAGES as u64)?;
     if y.len() != n {
@@ -140,7 +132,7 @@ pub fn read_split(folder: &Path, split: &str) -> Result<(Split, Histograms)> {
             "{}: {} labels for the {n} images of {}",
             yp.display(),
             y.len(),
-            xp.display()
+            folder.join(format!("{split}_X.bin")).display()
         );
     }
     let labels = (y.iter().enumerate())
@@ -158,6 +150,33 @@ pub fn read_split(folder: &Path, split: &str) -> Result<(Split, Histograms)> {
         layout: None,
     };
     Ok((split, counts))
+}
+
+/// A split's images file, as stored (a whole number of images).
+fn read_images(folder: &Path, split: &str) -> Result<Vec<u8>> {
+    let xp = folder.join(format!("{split}_X.bin"));
+    missing(&xp)?;
+    let x = read_regular(&xp, "an STL-10 images file", (MAX_IMAGES * PIXELS) as u64)?;
+    if x.is_empty() || x.len() % PIXELS != 0 {
+        bail!(
+            "{}: {} bytes is not a whole number of {PIXELS}-byte images (3 x 96 x 96)",
+            xp.display(),
+            x.len()
+        );
+    }
+    Ok(x)
+}
+
+/// An error where a split's file `p` is missing.
+fn missing(p: &Path) -> Result<()> {
+    if !p.exists() {
+        bail!(
+            "{}: missing (STL-10's folder holds {})",
+            p.display(),
+            MEMBERS[..4].join(", ")
+        );
+    }
+    Ok(())
 }
 
 /// The byte counts of each channel's planes (the images' order and the
