@@ -415,6 +415,15 @@ def test_emnist_downloads_its_zip_and_trains_upright_as_pytorch_does(tmp_path):
             "emnist-letters-train-labels-idx1-ubyte, emnist-letters-test-images-idx3-ubyte, "
             "emnist-letters-test-labels-idx1-ubyte, gzip.zip and downloading is off") in lines[0], lines[0]
     assert not data.exists()
+    # A damaged zip: one line naming it, no split file and no run left.
+    data = tmp_path / "damaged"
+    (data / "EMNIST" / "raw").mkdir(parents=True)
+    (data / "EMNIST" / "raw" / "gzip.zip").write_bytes((served / "gzip.zip").read_bytes()[:-100])
+    r = train_offline("emnist-letters")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    assert f"{data}/EMNIST/raw/gzip.zip: not a zip archive, or a damaged one" in lines[0], lines[0]
+    assert os.listdir(data / "EMNIST" / "raw") == ["gzip.zip"] and not (tmp_path / "emnist-letters").exists()
 
 
 def test_qmnist_downloads_and_trains_on_its_first_label_column(tmp_path):
