@@ -13,7 +13,7 @@ use vggctl::data::mnist;
 use vggctl::data::pack;
 use vggctl::data::prepared::{self, Prepared};
 use vggctl::data::resize::Filter;
-use vggctl::data::{aircraft, dtd, flowers, food101, has_own_val, pets, stl10, svhn};
+use vggctl::data::{aircraft, dtd, flowers, food101, gtsrb, has_own_val, pets, stl10, svhn};
 use vggctl::dist::World;
 use vggctl::train::config::TrainConfig;
 
@@ -42,9 +42,11 @@ pub struct DataOpts {
     /// splits to train on, its test split to validate on), food101
     /// (Food-101: its train and test splits), dtd (the Describable
     /// Textures Dataset's 47 classes: a partition's train and val lists to
-    /// train on, its test list to validate on) or fgvc-aircraft
+    /// train on, its test list to validate on), fgvc-aircraft
     /// (FGVC-Aircraft's 100 variants: its train and val splits to train on,
-    /// its test split to validate on); their photographs
+    /// its test split to validate on) or gtsrb (the German Traffic Sign
+    /// Recognition Benchmark's 43 signs: its train and test splits, not
+    /// mirrored in training); their photographs
     /// are read as a folder's [default: cifar10; eval: the
     /// checkpoint's; features: none, the images given instead].
     #[arg(long)]
@@ -58,8 +60,9 @@ pub struct DataOpts {
     /// directory holding stl10_binary/; folder: the class folders; imagenet: the
     /// directory holding train/ and val/; folder, imagenet: or the file
     /// `vggctl prepare` made of them; oxford-pets, flowers102, food101, dtd,
-    /// fgvc-aircraft: the directory holding oxford-iiit-pet/, flowers-102/,
-    /// food-101/, dtd/ or fgvc-aircraft-2013b/ (torchvision's), or the file
+    /// fgvc-aircraft, gtsrb: the directory holding oxford-iiit-pet/,
+    /// flowers-102/, food-101/, dtd/, fgvc-aircraft-2013b/ or gtsrb/
+    /// (torchvision's), or the file
     /// `vggctl prepare` made of it
     /// [default: ./data].
     #[arg(long, alias = "data-path")]
@@ -67,7 +70,7 @@ pub struct DataOpts {
     /// Where to download the binary CIFAR-10 or CIFAR-100 archive (or
     /// STL-10's) from
     /// when it is missing; mnist, fashion-mnist, kmnist, qmnist, svhn, oxford-pets,
-    /// flowers102, food101, dtd, fgvc-aircraft: the mirror (or comma-separated mirrors) serving
+    /// flowers102, food101, dtd, fgvc-aircraft, gtsrb: the mirror (or comma-separated mirrors) serving
     /// their files (emnist-*: gzip.zip, every split's) [default:
     /// $VGGCTL_<DATASET>_URL (e.g. $VGGCTL_FASHION_MNIST_URL), else the
     /// dataset's own, as torchvision's].
@@ -78,7 +81,8 @@ pub struct DataOpts {
     /// comma-separated, for train-images, train-labels, t10k-images,
     /// t10k-labels; svhn: three, train, test and extra; oxford-pets: two, images.tar.gz
     /// and annotations.tar.gz; flowers102: three, 102flowers.tgz,
-    /// imagelabels.mat and setid.mat; food101, dtd, fgvc-aircraft: one, which
+    /// imagelabels.mat and setid.mat; gtsrb: three, the training images',
+    /// the test images' and their classes' zips; food101, dtd, fgvc-aircraft: one, which
     /// for fgvc-aircraft must be given: its publisher gives none) [default:
     /// $VGGCTL_<DATASET>_MD5, else the official files'].
     #[arg(long, hide = true)]
@@ -251,6 +255,7 @@ impl DataOpts {
             food101::NAME => food101::CLASSES,
             dtd::NAME => dtd::CLASSES,
             aircraft::NAME => aircraft::CLASSES,
+            gtsrb::NAME => gtsrb::CLASSES,
             other => match (cifar::named(other), mnist::named(other)) {
                 (Some(c), _) => c.classes,
                 (_, Some(m)) => m.classes.len() as i64,
@@ -556,7 +561,7 @@ fn unknown(name: &str) -> String {
     match name {
         "emnist" => format!("--dataset emnist: name the split, one of {emnist}"),
         _ => format!(
-            "unknown dataset '{name}' (expected cifar10, cifar100, mnist, fashion-mnist, kmnist, qmnist, {emnist}, svhn, stl10, digits, folder, imagenet, oxford-pets, flowers102, food101, dtd or fgvc-aircraft)"
+            "unknown dataset '{name}' (expected cifar10, cifar100, mnist, fashion-mnist, kmnist, qmnist, {emnist}, svhn, stl10, digits, folder, imagenet, oxford-pets, flowers102, food101, dtd, fgvc-aircraft or gtsrb)"
         ),
     }
 }

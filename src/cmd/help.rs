@@ -16,13 +16,13 @@ Environment:
   VGGCTL_CIFAR10_URL, VGGCTL_CIFAR100_URL, VGGCTL_MNIST_URL, VGGCTL_FASHION_MNIST_URL,
   VGGCTL_KMNIST_URL, VGGCTL_QMNIST_URL, VGGCTL_EMNIST_URL, VGGCTL_SVHN_URL,
   VGGCTL_STL10_URL, VGGCTL_OXFORD_PETS_URL, VGGCTL_FLOWERS102_URL, VGGCTL_FOOD101_URL,
-  VGGCTL_DTD_URL, VGGCTL_FGVC_AIRCRAFT_URL
+  VGGCTL_DTD_URL, VGGCTL_FGVC_AIRCRAFT_URL, VGGCTL_GTSRB_URL
                         where to download each dataset from (also --data-url; mnist,
                         fashion-mnist, kmnist, qmnist, emnist-*, svhn, oxford-pets,
-                        flowers102, food101, dtd, fgvc-aircraft: comma-separated mirrors,
-                        tried in turn) [default: the dataset's own, as torchvision's]
+                        flowers102, food101, dtd, fgvc-aircraft, gtsrb: comma-separated
+                        mirrors, tried in turn) [default: the dataset's own, as torchvision's]
   VGGCTL_<DATASET>_MD5  the MD5 its download must have (mnist, fashion-mnist, kmnist, qmnist: four,
-                        comma-separated; oxford-pets: two; svhn, flowers102: three)
+                        comma-separated; oxford-pets: two; svhn, flowers102, gtsrb: three)
                         [default: the official files'; fgvc-aircraft: none is
                         published, so its download needs this]
   VGGCTL_CACHE_DIR      where image folders' decoded images are cached (also --cache-dir)
@@ -47,6 +47,7 @@ Examples:
   vggctl train --dataset cifar100 --arch vgg16_bn     CIFAR-100's 100 classes (downloads to ./data)
   vggctl train --dataset svhn --extra --arch vgg16_bn     SVHN's train and extra splits (604,388 digits)
   vggctl train --dataset emnist-balanced --arch vgg11_bn    EMNIST's 47 balanced classes
+  vggctl train --dataset gtsrb --arch vgg11_bn -e 30     GTSRB's 43 traffic signs (never mirrored)
   vggctl train --dataset folder --data-dir photos --arch vgg11 --head gap
   vggctl train --dataset imagenet --data-dir /data/imagenet --arch vgg16    torchvision's recipe
   vggctl train --dataset imagenet --data-dir /data/imagenet --train-crop-size 176 --val-resize-size 232

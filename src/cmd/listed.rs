@@ -9,7 +9,7 @@ use anyhow::{Result, bail};
 use vggctl::data::download::DownloadSource;
 use vggctl::data::folder::Listed;
 use vggctl::data::prepared::Prepared;
-use vggctl::data::{aircraft, dtd, flowers, food101, pets};
+use vggctl::data::{aircraft, dtd, flowers, food101, gtsrb, pets};
 
 use super::output::usage;
 use super::progress::download_bar;
@@ -49,12 +49,12 @@ fn env_var(name: &str, what: &str) -> String {
 }
 
 /// Whether `name` is a dataset of listed photographs (Oxford-IIIT Pet,
-/// Oxford 102 Flowers, Food-101, DTD, FGVC-Aircraft): read as an image
+/// Oxford 102 Flowers, Food-101, DTD, FGVC-Aircraft, GTSRB): read as an image
 /// folder, or from the file `vggctl prepare` made of it.
 pub fn is_listed(name: &str) -> bool {
     matches!(
         name,
-        pets::NAME | flowers::NAME | food101::NAME | dtd::NAME | aircraft::NAME
+        pets::NAME | flowers::NAME | food101::NAME | dtd::NAME | aircraft::NAME | gtsrb::NAME
     )
 }
 
@@ -74,6 +74,7 @@ pub fn open_listed(
         food101::NAME => &food101::PUBLISHED,
         dtd::NAME => &dtd::PUBLISHED,
         aircraft::NAME => &aircraft::PUBLISHED,
+        gtsrb::NAME => &gtsrb::PUBLISHED,
         other => bail!("{other}: not a dataset read from lists"),
     };
     let src = source(name, published.own_source());
@@ -99,6 +100,7 @@ pub fn open_listed(
         flowers::NAME => flowers::listing(&base),
         food101::NAME => food101::listing(&base),
         aircraft::NAME => aircraft::listing(&base),
+        gtsrb::NAME => gtsrb::listing(&base),
         _ => dtd::listing(&base, fold),
     }
 }

@@ -16,6 +16,7 @@ pub mod flowers;
 pub mod folder;
 mod folder_cache;
 pub mod food101;
+pub mod gtsrb;
 pub mod image;
 pub mod imagenet;
 pub mod mix;
@@ -39,7 +40,7 @@ use stream::{InOrder, Streamed};
 /// Whether the dataset named `name` (a run's `dataset`, a [`Dataset`]'s
 /// name) is read as an image folder is (`folder`, `imagenet`, and the
 /// listed photographs of Oxford-IIIT Pet, Oxford 102 Flowers, Food-101,
-/// DTD and FGVC-Aircraft): images of any size, resized as they are read, unlike CIFAR's,
+/// DTD, FGVC-Aircraft and GTSRB): images of any size, resized as they are read, unlike CIFAR's,
 /// MNIST's and the digits' fixed sides.
 pub fn is_image_folder(name: &str) -> bool {
     matches!(
@@ -51,6 +52,7 @@ pub fn is_image_folder(name: &str) -> bool {
             | food101::NAME
             | dtd::NAME
             | aircraft::NAME
+            | gtsrb::NAME
     )
 }
 
@@ -65,12 +67,13 @@ pub fn has_own_val(name: &str) -> bool {
 
 /// The probability with which training mirrors the images of the dataset
 /// named `name` unless `--hflip` says otherwise: torchvision's 0.5, or 0
-/// where a mirrored image is of no class (digits: the built-in ones,
-/// MNIST's, SVHN's house numbers).
+/// where a mirrored image is of no class or of another (digits: the
+/// built-in ones, MNIST's, SVHN's house numbers; GTSRB's signs, where
+/// "Keep right" mirrored is "Keep left").
 pub fn default_hflip(name: &str) -> f64 {
-    let digits = matches!(name, "digits" | "svhn")
+    let unmirrored = matches!(name, "digits" | "svhn" | gtsrb::NAME)
         || mnist::named(name).is_some_and(|m| !m.mirrors_keep_class);
-    match digits {
+    match unmirrored {
         true => 0.0,
         false => augment::HFLIP,
     }
