@@ -8,12 +8,15 @@ use vggctl::data::cifar;
 use vggctl::data::digits;
 use vggctl::data::download::DownloadSource;
 use vggctl::data::folder::{self, FolderOptions};
+use vggctl::data::folder_scan;
 use vggctl::data::imagenet;
 use vggctl::data::mnist;
 use vggctl::data::pack;
 use vggctl::data::prepared::{self, Prepared};
 use vggctl::data::resize::Filter;
-use vggctl::data::{aircraft, dtd, flowers, food101, gtsrb, has_own_val, pets, stl10, svhn};
+use vggctl::data::{
+    aircraft, dtd, flowers, food101, gtsrb, has_own_val, imagenette, pets, stl10, svhn,
+};
 use vggctl::dist::World;
 use vggctl::train::config::TrainConfig;
 
@@ -36,7 +39,10 @@ pub struct DataOpts {
     /// into vggctl: no download), folder (one subfolder of images per
     /// class, read as torchvision's ImageFolder reads it) or imagenet
     /// (DIR/train/<wnid>/ and DIR/val/<wnid>/, torchvision's ImageFolder
-    /// layout, classes named by their WordNet ids), oxford-pets (Oxford-IIIT
+    /// layout, classes named by their WordNet ids), imagenette,
+    /// imagenette-320px, imagenette-160px (Imagenette's ten ImageNet
+    /// classes in ImageNet's layout, as published or resized to a shorter
+    /// side of 320 or 160: its train and val splits), oxford-pets (Oxford-IIIT
     /// Pet's 37 breeds: its trainval split to train on, its test split to
     /// validate on), flowers102 (Oxford 102 Flowers: its train and val
     /// splits to train on, its test split to validate on), food101
@@ -59,10 +65,11 @@ pub struct DataOpts {
     /// directory holding train_32x32.mat and test_32x32.mat; stl10: the
     /// directory holding stl10_binary/; folder: the class folders; imagenet: the
     /// directory holding train/ and val/; folder, imagenet: or the file
-    /// `vggctl prepare` made of them; oxford-pets, flowers102, food101, dtd,
-    /// fgvc-aircraft, gtsrb: the directory holding oxford-iiit-pet/,
-    /// flowers-102/, food-101/, dtd/, fgvc-aircraft-2013b/ or gtsrb/
-    /// (torchvision's), or the file
+    /// `vggctl prepare` made of them; imagenette*, oxford-pets, flowers102,
+    /// food101, dtd, fgvc-aircraft, gtsrb: the directory holding
+    /// imagenette2/ (-320/, -160/), oxford-iiit-pet/, flowers-102/,
+    /// food-101/, dtd/, fgvc-aircraft-2013b/ or gtsrb/ (torchvision's), or
+    /// the file
     /// `vggctl prepare` made of it
     /// [default: ./data].
     #[arg(long, alias = "data-path")]
@@ -70,7 +77,7 @@ pub struct DataOpts {
     /// Where to download the binary CIFAR-10 or CIFAR-100 archive (or
     /// STL-10's) from
     /// when it is missing; mnist, fashion-mnist, kmnist, qmnist, svhn, oxford-pets,
-    /// flowers102, food101, dtd, fgvc-aircraft, gtsrb: the mirror (or comma-separated mirrors) serving
+    /// flowers102, food101, dtd, fgvc-aircraft, gtsrb, imagenette*: the mirror (or comma-separated mirrors) serving
     /// their files (emnist-*: gzip.zip, every split's) [default:
     /// $VGGCTL_<DATASET>_URL (e.g. $VGGCTL_FASHION_MNIST_URL), else the
     /// dataset's own, as torchvision's].
@@ -82,7 +89,8 @@ pub struct DataOpts {
     /// t10k-labels; svhn: three, train, test and extra; oxford-pets: two, images.tar.gz
     /// and annotations.tar.gz; flowers102: three, 102flowers.tgz,
     /// imagelabels.mat and setid.mat; gtsrb: three, the training images',
-    /// the test images' and their classes' zips; food101, dtd, fgvc-aircraft: one, which
+    /// the test images' and their classes' zips; food101, dtd, fgvc-aircraft,
+    /// imagenette*: one, which
     /// for fgvc-aircraft must be given: its publisher gives none) [default:
     /// $VGGCTL_<DATASET>_MD5, else the official files'].
     #[arg(long, hide = true)]
@@ -245,8 +253,8 @@ impl DataOpts {
             "folder" | "imagenet" if prepared::is_prepared(&self.dir()) => {
                 Prepared::open(&self.dir())?.index.classes.len() as i64
             }
-            "folder" => folder::scan(&self.dir())?.0.len() as i64,
-            "imagenet" => folder::scan(&imagenet_split(&self.dir(), "train")?)?
+            "folder" => folder_scan::scan(&self.dir())?.0.len() as i64,
+            "imagenet" => folder_scan::scan(&imagenet_split(&self.dir(), "train")?)?
                 .0
                 .len() as i64,
             "digits" | "svhn" | "stl10" => 10,
@@ -259,6 +267,7 @@ impl DataOpts {
             other => match (cifar::named(other), mnist::named(other)) {
                 (Some(c), _) => c.classes,
                 (_, Some(m)) => m.classes.len() as i64,
+                _ if imagenette::named(other).is_some() => imagenette::CLASSES,
                 _ => return Err(usage(unknown(other))),
             },
         };
@@ -420,7 +429,9 @@ impl DataOpts {
                         check_packed_partition(dir, how.fold)?;
                     }
                     let opts = self.folder_options((dir.to_path_buf(), None), numbers, how);
-                    return pack::load(&opts, name);
+                    // Imagenette's file holds its WordNet ids, as ImageNet's does.
+                    let imagenet = imagenette::named(name).is_some();
+                    return pack::load(&FolderOptions { imagenet, ..opts }, name);
                 }
                 let source = |n: &str, own| self.download_source(n, own);
                 let (images, mut listed) = open_listed((name, how.fold), dir, &source, quiet)?;
@@ -561,7 +572,8 @@ fn unknown(name: &str) -> String {
     match name {
         "emnist" => format!("--dataset emnist: name the split, one of {emnist}"),
         _ => format!(
-            "unknown dataset '{name}' (expected cifar10, cifar100, mnist, fashion-mnist, kmnist, qmnist, {emnist}, svhn, stl10, digits, folder, imagenet, oxford-pets, flowers102, food101, dtd, fgvc-aircraft or gtsrb)"
+            "unknown dataset '{name}' (expected cifar10, cifar100, mnist, fashion-mnist, kmnist, qmnist, {emnist}, svhn, stl10, digits, folder, imagenet, {imagenette}, oxford-pets, flowers102, food101, dtd, fgvc-aircraft or gtsrb)",
+            imagenette = imagenette::names()
         ),
     }
 }

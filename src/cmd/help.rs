@@ -16,11 +16,13 @@ Environment:
   VGGCTL_CIFAR10_URL, VGGCTL_CIFAR100_URL, VGGCTL_MNIST_URL, VGGCTL_FASHION_MNIST_URL,
   VGGCTL_KMNIST_URL, VGGCTL_QMNIST_URL, VGGCTL_EMNIST_URL, VGGCTL_SVHN_URL,
   VGGCTL_STL10_URL, VGGCTL_OXFORD_PETS_URL, VGGCTL_FLOWERS102_URL, VGGCTL_FOOD101_URL,
-  VGGCTL_DTD_URL, VGGCTL_FGVC_AIRCRAFT_URL, VGGCTL_GTSRB_URL
+  VGGCTL_DTD_URL, VGGCTL_FGVC_AIRCRAFT_URL, VGGCTL_GTSRB_URL, VGGCTL_IMAGENETTE_URL,
+  VGGCTL_IMAGENETTE_320PX_URL, VGGCTL_IMAGENETTE_160PX_URL
                         where to download each dataset from (also --data-url; mnist,
                         fashion-mnist, kmnist, qmnist, emnist-*, svhn, oxford-pets,
-                        flowers102, food101, dtd, fgvc-aircraft, gtsrb: comma-separated
-                        mirrors, tried in turn) [default: the dataset's own, as torchvision's]
+                        flowers102, food101, dtd, fgvc-aircraft, gtsrb, imagenette*:
+                        comma-separated mirrors, tried in turn) [default: the dataset's
+                        own, as torchvision's]
   VGGCTL_<DATASET>_MD5  the MD5 its download must have (mnist, fashion-mnist, kmnist, qmnist: four,
                         comma-separated; oxford-pets: two; svhn, flowers102, gtsrb: three)
                         [default: the official files'; fgvc-aircraft: none is
@@ -50,6 +52,7 @@ Examples:
   vggctl train --dataset gtsrb --arch vgg11_bn -e 30     GTSRB's 43 traffic signs (never mirrored)
   vggctl train --dataset folder --data-dir photos --arch vgg11 --head gap
   vggctl train --dataset imagenet --data-dir /data/imagenet --arch vgg16    torchvision's recipe
+  vggctl train --dataset imagenette-160px --arch vgg11_bn --input 128 --val-resize-size 146 -e 40
   vggctl train --dataset imagenet --data-dir /data/imagenet --train-crop-size 176 --val-resize-size 232
   vggctl train --dataset folder --data-dir icons --arch vgg11 --input 64     trained and evaluated at 64x64
   vggctl train --resume runs/v11 -e 60             continue a run (Ctrl-C saves), or extend it
@@ -66,6 +69,7 @@ Examples:
   vggctl eval --checkpoint model.safetensors --dataset folder --val-dir test --json   every image of test/
   vggctl eval --checkpoint runs/v11/best.safetensors --predictions - | grep ',0$'   the images it got wrong
   vggctl eval --weights imagenet --arch vgg16 --data-dir ~/imagenet    torchvision's VGG16 on ImageNet's val/
+  vggctl eval --weights imagenet --arch vgg16 --dataset imagenette-320px    on Imagenette's ten classes
   vggctl eval --checkpoint vgg16-397923af.pth --dataset imagenet --val-dir imagenet-r --only-data-classes";
 
 pub const FINETUNE: &str = "\

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use tch::{Device, Tensor};
 use vggctl::checkpoint::ModelMeta;
 use vggctl::data::augment::{Augment, Normalizer, Preprocess};
-use vggctl::data::folder::{extension_list, image_files, is_class_layout, scan};
+use vggctl::data::folder_scan::{extension_list, image_files, is_class_layout, scan};
 use vggctl::data::image::{decode_rgb, eval_crop, to_luma};
 use vggctl::data::resize::Filter;
 use vggctl::model::{Head, Vgg, check_input};

@@ -9,7 +9,7 @@ use anyhow::{Result, bail};
 use vggctl::data::download::DownloadSource;
 use vggctl::data::folder::Listed;
 use vggctl::data::prepared::Prepared;
-use vggctl::data::{aircraft, dtd, flowers, food101, gtsrb, pets};
+use vggctl::data::{aircraft, dtd, flowers, food101, gtsrb, imagenette, pets};
 
 use super::output::usage;
 use super::progress::download_bar;
@@ -48,14 +48,16 @@ fn env_var(name: &str, what: &str) -> String {
     format!("VGGCTL_{}_{what}", name.to_uppercase().replace('-', "_"))
 }
 
-/// Whether `name` is a dataset of listed photographs (Oxford-IIIT Pet,
-/// Oxford 102 Flowers, Food-101, DTD, FGVC-Aircraft, GTSRB): read as an image
-/// folder, or from the file `vggctl prepare` made of it.
+/// Whether `name` is a dataset of listed photographs (Imagenette,
+/// Oxford-IIIT Pet, Oxford 102 Flowers, Food-101, DTD, FGVC-Aircraft,
+/// GTSRB): read as an image folder, or from the file `vggctl prepare` made
+/// of it.
 pub fn is_listed(name: &str) -> bool {
-    matches!(
-        name,
-        pets::NAME | flowers::NAME | food101::NAME | dtd::NAME | aircraft::NAME | gtsrb::NAME
-    )
+    imagenette::named(name).is_some()
+        || matches!(
+            name,
+            pets::NAME | flowers::NAME | food101::NAME | dtd::NAME | aircraft::NAME | gtsrb::NAME
+        )
 }
 
 /// The listed dataset `name` (see [`is_listed`]) under `dir`, DTD's
@@ -75,7 +77,10 @@ pub fn open_listed(
         dtd::NAME => &dtd::PUBLISHED,
         aircraft::NAME => &aircraft::PUBLISHED,
         gtsrb::NAME => &gtsrb::PUBLISHED,
-        other => bail!("{other}: not a dataset read from lists"),
+        other => match imagenette::named(other) {
+            Some(size) => &size.published,
+            None => bail!("{other}: not a dataset read from lists"),
+        },
     };
     let src = source(name, published.own_source());
     // A download is always checked: one whose publisher gives no checksum
@@ -101,6 +106,7 @@ pub fn open_listed(
         food101::NAME => food101::listing(&base),
         aircraft::NAME => aircraft::listing(&base),
         gtsrb::NAME => gtsrb::listing(&base),
+        other if let Some(size) = imagenette::named(other) => size.listing(&base),
         _ => dtd::listing(&base, fold),
     }
 }

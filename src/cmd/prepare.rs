@@ -14,16 +14,17 @@ use super::output::{usage, warn, whole};
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// folder (one subfolder of images per class), imagenet (DIR/train/<wnid>/
-    /// and DIR/val/<wnid>/), or oxford-pets, flowers102, food101, dtd,
-    /// fgvc-aircraft or gtsrb (their
+    /// and DIR/val/<wnid>/), or imagenette (-320px, -160px), oxford-pets,
+    /// flowers102, food101, dtd, fgvc-aircraft or gtsrb (their
     /// training and test images, as train reads them; downloaded first if
     /// missing).
     #[arg(long, default_value = "folder")]
     dataset: String,
     /// folder: the class folders; imagenet: the directory holding train/ and
-    /// val/; oxford-pets, flowers102, food101, dtd, fgvc-aircraft, gtsrb:
-    /// the directory holding oxford-iiit-pet/, flowers-102/, food-101/,
-    /// dtd/, fgvc-aircraft-2013b/ or gtsrb/.
+    /// val/; imagenette*, oxford-pets, flowers102, food101, dtd,
+    /// fgvc-aircraft, gtsrb: the directory holding imagenette2/ (-320/,
+    /// -160/), oxford-iiit-pet/, flowers-102/, food-101/, dtd/,
+    /// fgvc-aircraft-2013b/ or gtsrb/.
     #[arg(long)]
     data_dir: PathBuf,
     /// dtd: the partition packed (1 to 10), as torchvision's
@@ -51,7 +52,7 @@ pub struct Args {
     /// Fail on an unreadable image instead of skipping it.
     #[arg(long)]
     strict: bool,
-    /// oxford-pets, flowers102, food101, dtd, fgvc-aircraft, gtsrb: never download; fail if the
+    /// The datasets read from lists: never download; fail if the
     /// dataset is not in --data-dir.
     #[arg(long)]
     no_download: bool,
@@ -109,7 +110,7 @@ pub fn run(args: Args) -> Result<()> {
         "imagenet" => return Err(usage("--val-dir: imagenet's validation images are DIR/val")),
         other => {
             return Err(usage(format!(
-                "--dataset {other}: prepare takes folder, imagenet, oxford-pets, flowers102, food101, dtd, fgvc-aircraft or gtsrb"
+                "--dataset {other}: prepare takes folder, imagenet, imagenette (-320px, -160px), oxford-pets, flowers102, food101, dtd, fgvc-aircraft or gtsrb"
             )));
         }
     };

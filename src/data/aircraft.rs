@@ -18,7 +18,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Result, bail};
 
 use super::download::{Archive, Published, is_plain_name};
-use super::folder::{LabeledFiles, Listed};
+use super::folder::Listed;
+use super::folder_scan::LabeledFiles;
 use crate::fsutil::read_text;
 
 /// The dataset's name on the command line and in a run's files.

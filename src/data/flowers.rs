@@ -14,7 +14,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 
 use super::download::{Archive, Published, jpg_files};
-use super::folder::{LabeledFiles, Listed};
+use super::folder::Listed;
+use super::folder_scan::LabeledFiles;
 use crate::formats::mat::{MatArray, Values, read_mat};
 
 /// The dataset's name on the command line and in a run's files.

@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 
 use super::download::{Archive, Published, class_folder_jpgs, is_plain_name};
-use super::folder::{LabeledFiles, Listed};
+use super::folder::Listed;
+use super::folder_scan::LabeledFiles;
 use crate::fsutil::read_regular;
 
 /// The dataset's name on the command line and in a run's files.

@@ -17,7 +17,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Result, bail};
 
 use super::download::{Archive, Published, is_plain_name, none_else};
-use super::folder::{LabeledFiles, Listed, scan};
+use super::folder::Listed;
+use super::folder_scan::LabeledFiles;
+use super::folder_scan::scan_only;
 use crate::fsutil::read_text;
 
 /// The dataset's name on the command line and in a run's files.
@@ -156,7 +158,7 @@ pub fn listing(base: &Path) -> Result<(PathBuf, Listed)> {
 /// The `.ppm` images of the class folders `00000` to `00042` in `dir`, in
 /// ImageFolder's order, each labelled by its folder.
 fn training(dir: &Path) -> Result<LabeledFiles> {
-    let (folders, files) = scan(dir)?;
+    let (folders, files) = scan_only(dir, "ppm")?;
     let numbered = |f: &String| f.len() == 5 && f.parse::<usize>().is_ok_and(|n| n < SIGNS.len());
     if let Some(odd) = folders.iter().find(|f| !numbered(f)) {
         bail!(
@@ -171,21 +173,6 @@ fn training(dir: &Path) -> Result<LabeledFiles> {
             folders.len()
         );
     }
-    let name = |p: &PathBuf| p.file_name().map(|n| n.to_string_lossy().into_owned());
-    let files: LabeledFiles = (files.into_iter())
-        .filter(|(p, _)| name(p).is_some_and(|n| is_ppm(&n)))
-        .collect();
-    let empty: Vec<&str> = (folders.iter().enumerate())
-        .filter(|&(c, _)| !files.iter().any(|f| f.1 == c as i64))
-        .map(|(_, f)| f.as_str())
-        .collect();
-    if !empty.is_empty() {
-        bail!(
-            "{}: no .ppm images in class folder(s) {}",
-            dir.display(),
-            empty.join(", ")
-        );
-    }
     Ok(files)
 }
 
@@ -193,7 +180,7 @@ fn training(dir: &Path) -> Result<LabeledFiles> {
 /// classes, in its order: `;`-separated rows under a header naming the
 /// columns, of which `Filename` and `ClassId` are read (as Python's
 /// `csv.DictReader` with `skipinitialspace` reads them).
-fn test_list(base: &Path) -> Result<LabeledFiles> {
+pub fn test_list(base: &Path) -> Result<LabeledFiles> {
     let path = base.join(TEST_LIST);
     let text = read_text(&path, "GTSRB's list of test images", MAX_LIST)?;
     let mut lines = (text.lines().enumerate()).filter(|(_, l)| !l.trim().is_empty());

@@ -15,10 +15,12 @@ pub mod emnist;
 pub mod flowers;
 pub mod folder;
 mod folder_cache;
+pub mod folder_scan;
 pub mod food101;
 pub mod gtsrb;
 pub mod image;
 pub mod imagenet;
+pub mod imagenette;
 pub mod mix;
 pub mod mnist;
 pub mod pack;
@@ -39,21 +41,29 @@ use stream::{InOrder, Streamed};
 
 /// Whether the dataset named `name` (a run's `dataset`, a [`Dataset`]'s
 /// name) is read as an image folder is (`folder`, `imagenet`, and the
-/// listed photographs of Oxford-IIIT Pet, Oxford 102 Flowers, Food-101,
-/// DTD, FGVC-Aircraft and GTSRB): images of any size, resized as they are read, unlike CIFAR's,
-/// MNIST's and the digits' fixed sides.
+/// listed photographs of Imagenette, Oxford-IIIT Pet, Oxford 102 Flowers,
+/// Food-101, DTD, FGVC-Aircraft and GTSRB): images of any size, resized as
+/// they are read, unlike CIFAR's, MNIST's and the digits' fixed sides.
 pub fn is_image_folder(name: &str) -> bool {
-    matches!(
-        name,
-        "folder"
-            | "imagenet"
-            | pets::NAME
-            | flowers::NAME
-            | food101::NAME
-            | dtd::NAME
-            | aircraft::NAME
-            | gtsrb::NAME
-    )
+    imagenette::named(name).is_some()
+        || matches!(
+            name,
+            "folder"
+                | "imagenet"
+                | pets::NAME
+                | flowers::NAME
+                | food101::NAME
+                | dtd::NAME
+                | aircraft::NAME
+                | gtsrb::NAME
+        )
+}
+
+/// Whether the dataset `name` is of ImageNet's photographs and classes
+/// (`imagenet`, Imagenette's sizes): `train` trains it by torchvision's
+/// ImageNet recipe (random resized crops at 224, the ImageNet head).
+pub fn is_imagenet_photos(name: &str) -> bool {
+    name == "imagenet" || imagenette::named(name).is_some()
 }
 
 /// Whether the dataset `name` has a val split of its own besides its

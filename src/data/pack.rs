@@ -9,9 +9,9 @@ use anyhow::{Context, Result, bail};
 use rayon::prelude::*;
 
 use super::folder::{
-    FolderOptions, LabeledFiles, Listed, check_val_split, held_out, no_own_val, scan_splits,
-    shuffled,
+    FolderOptions, Listed, check_val_split, held_out, no_own_val, scan_splits, shuffled,
 };
+use super::folder_scan::LabeledFiles;
 use super::image::shorter_size;
 use super::prepared::{END, Entry, Index, MAGIC, MAX_IMAGE_BYTES, Prepared};
 use super::resize::{Resize, resize_window};
@@ -157,12 +157,15 @@ pub fn prepare_listed(
 ) -> Result<Prepare> {
     let Listed {
         classes,
+        wnids,
         train: files,
         val,
         partition,
         own_val,
-        ..
     } = listed;
+    // Classes of ImageNet (Imagenette's) are kept as their WordNet ids, as
+    // ImageNet's layout's are, and named again when read.
+    let classes = wnids.unwrap_or(classes);
     let val = val_dir.zip(val);
     let mut done = Prepare {
         images: 0,
