@@ -128,6 +128,26 @@ fn read_emnist_zip(path: &Path, bytes: &[u8]) -> Result<()> {
     digits.load(&base, false, None, &mut |_, _| {}).map(drop)
 }
 
+/// As GTSRB's list of test images (`GT-final_test.csv`).
+fn read_gtsrb_list(path: &Path, bytes: &[u8]) -> Result<()> {
+    let base = path.with_extension("gtsrb");
+    std::fs::create_dir_all(&base)?;
+    std::fs::write(base.join("GT-final_test.csv"), bytes)?;
+    vggctl::data::gtsrb::test_list(&base).map(drop)
+}
+
+/// As GTSRB's zip of training images, extracted (its class folders'
+/// images only) into a fresh folder.
+fn read_zip_archive(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.with_extension("zipped");
+    // Each input extracts afresh.
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let archive = &vggctl::data::gtsrb::PUBLISHED.archives[0];
+    std::fs::write(dir.join(archive.file), bytes)?;
+    vggctl::data::download::unpack(&dir, archive)
+}
+
 /// As an SVHN split's MAT-file.
 fn read_svhn(path: &Path, _: &[u8]) -> Result<()> {
     vggctl::data::svhn::read_split(path).map(drop)
@@ -277,6 +297,48 @@ fn emnist_zip_seeds() -> Vec<Vec<u8>> {
                     z.start_file(name, options).unwrap();
                     z.write_all(gz).unwrap();
                 }
+            }
+            z.finish().unwrap().into_inner()
+        })
+        .to_vec()
+}
+
+/// GT-final_test.csv as published (CRLF, its eight columns), and with
+/// the columns reordered and spaces after the separators.
+fn gtsrb_list_seeds() -> Vec<Vec<u8>> {
+    let rows = (0..6).map(|i| format!("{i:05}.ppm;53;54;6;5;48;49;{}\r\n", i * 7 % 43));
+    let published = format!(
+        "Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId\r\n{}",
+        rows.collect::<String>()
+    );
+    let reordered = "ClassId; Width; Filename\n16; 53; 00000.ppm\n1; 30;00001.ppm\n\n".to_string();
+    vec![published.into_bytes(), reordered.into_bytes()]
+}
+
+/// GTSRB's training zip in small: two class folders' images (a PPM each),
+/// their annotations, a readme and a member naming a path outside the
+/// folder; deflated and stored.
+fn zip_archive_seeds() -> Vec<Vec<u8>> {
+    use std::io::Write;
+    let ppm = b"P6\n2 2\n255\n\x00\x10\x20\x30\x40\x50\x60\x70\x80\x90\xa0\xb0";
+    let members: [(&str, &[u8]); 5] = [
+        ("GTSRB/Readme-Images.txt", b"readme"),
+        ("GTSRB/Training/00000/00000_00000.ppm", ppm),
+        ("GTSRB/Training/00000/GT-00000.csv", b"Filename;ClassId\n"),
+        ("GTSRB/Training/00001/00000_00001.ppm", ppm),
+        ("GTSRB/Training/00000/../../../evil.ppm", ppm),
+    ];
+    let methods = [
+        zip::CompressionMethod::Deflated,
+        zip::CompressionMethod::Stored,
+    ];
+    methods
+        .map(|method| {
+            let mut z = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+            let options = zip::write::SimpleFileOptions::default().compression_method(method);
+            for (name, data) in members {
+                z.start_file(name, options).unwrap();
+                z.write_all(data).unwrap();
             }
             z.finish().unwrap().into_inner()
         })
@@ -462,6 +524,18 @@ const TARGETS: &[Target] = &[
         name: "emnist-zip",
         read: read_emnist_zip,
         seeds: emnist_zip_seeds,
+        pickles: false,
+    },
+    Target {
+        name: "gtsrb-list",
+        read: read_gtsrb_list,
+        seeds: gtsrb_list_seeds,
+        pickles: false,
+    },
+    Target {
+        name: "zip-archive",
+        read: read_zip_archive,
+        seeds: zip_archive_seeds,
         pickles: false,
     },
     Target {
