@@ -1,17 +1,54 @@
-"""What the dataset tests (test_cifar100.py, test_mnist.py, test_svhn.py)
-share: where things are, how far two state dicts are apart, and a local
-mirror serving a folder's files on 127.0.0.1."""
+"""What the dataset tests (test_cifar100.py, test_mnist.py, test_svhn.py,
+the listed datasets') share: where things are, running vggctl, how far two
+state dicts are apart, a local mirror serving a folder's files on
+127.0.0.1, and windows of real photographs to make datasets of."""
 import contextlib
 import functools
 import hashlib
 import http.server
 import os
+import subprocess
 import threading
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.environ.get("VGGCTL_BIN", os.path.join(ROOT, "target", "release", "vggctl"))
 FIX = os.path.join(ROOT, "tests", "fixtures")
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def vggctl(*args, cwd=None, env=None):
+    return subprocess.run([BIN, *args], capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
+
+
+def errors(r):
+    """stderr's lines but the note on the weights' architecture."""
+    return [line for line in r.stderr.splitlines() if not line.startswith("note: ")]
+
+
+@functools.cache
+def photos():
+    """scikit-image's real photographs, as RGB arrays."""
+    import numpy as np
+    from PIL import Image
+    from skimage import data as skdata
+
+    return [np.asarray(Image.fromarray(getattr(skdata, p)()).convert("RGB"))
+            for p in ["astronaut", "coffee", "chelsea", "rocket"]]
+
+
+def window(k, h=64, w=64):
+    """The k-th distinct h x w window of the photographs."""
+    img = photos()[k % len(photos())]
+    y, x = (k * 37) % (img.shape[0] - h), (k * 53) % (img.shape[1] - w)
+    return img[y:y + h, x:x + w]
+
+
+def save_window(path, k, lossless):
+    """The k-th distinct 64x64 window of the photographs, as JPEG or
+    (`lossless`) as PNG data, into `path`."""
+    from PIL import Image
+
+    Image.fromarray(window(k)).save(path, format="PNG" if lossless else "JPEG")
 
 
 def apart(a, b):

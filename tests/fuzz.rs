@@ -283,6 +283,19 @@ fn emnist_zip_seeds() -> Vec<Vec<u8>> {
     let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     e.write_all(&labels).unwrap();
     let labels = e.finish().unwrap();
+    let mut members = Vec::new();
+    for part in ["train", "test"] {
+        for (kind, gz) in [("images-idx3", &images), ("labels-idx1", &labels)] {
+            let name = format!("gzip/emnist-digits-{part}-{kind}-ubyte.gz");
+            members.push((name, gz.as_slice()));
+        }
+    }
+    zips(&members)
+}
+
+/// A zip of `members` (names and contents), deflated and stored.
+fn zips<S: AsRef<str>>(members: &[(S, &[u8])]) -> Vec<Vec<u8>> {
+    use std::io::Write;
     let methods = [
         zip::CompressionMethod::Deflated,
         zip::CompressionMethod::Stored,
@@ -291,12 +304,9 @@ fn emnist_zip_seeds() -> Vec<Vec<u8>> {
         .map(|method| {
             let mut z = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
             let options = zip::write::SimpleFileOptions::default().compression_method(method);
-            for part in ["train", "test"] {
-                for (kind, gz) in [("images-idx3", &images), ("labels-idx1", &labels)] {
-                    let name = format!("gzip/emnist-digits-{part}-{kind}-ubyte.gz");
-                    z.start_file(name, options).unwrap();
-                    z.write_all(gz).unwrap();
-                }
+            for (name, data) in members {
+                z.start_file(name.as_ref(), options).unwrap();
+                z.write_all(data).unwrap();
             }
             z.finish().unwrap().into_inner()
         })
@@ -319,7 +329,6 @@ fn gtsrb_list_seeds() -> Vec<Vec<u8>> {
 /// their annotations, a readme and a member naming a path outside the
 /// folder; deflated and stored.
 fn zip_archive_seeds() -> Vec<Vec<u8>> {
-    use std::io::Write;
     let ppm = b"P6\n2 2\n255\n\x00\x10\x20\x30\x40\x50\x60\x70\x80\x90\xa0\xb0";
     let members: [(&str, &[u8]); 5] = [
         ("GTSRB/Readme-Images.txt", b"readme"),
@@ -328,21 +337,7 @@ fn zip_archive_seeds() -> Vec<Vec<u8>> {
         ("GTSRB/Training/00001/00000_00001.ppm", ppm),
         ("GTSRB/Training/00000/../../../evil.ppm", ppm),
     ];
-    let methods = [
-        zip::CompressionMethod::Deflated,
-        zip::CompressionMethod::Stored,
-    ];
-    methods
-        .map(|method| {
-            let mut z = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-            let options = zip::write::SimpleFileOptions::default().compression_method(method);
-            for (name, data) in members {
-                z.start_file(name, options).unwrap();
-                z.write_all(data).unwrap();
-            }
-            z.finish().unwrap().into_inner()
-        })
-        .to_vec()
+    zips(&members)
 }
 
 /// One level 5 MAT-file variable: a uint8 or double matrix, its name in

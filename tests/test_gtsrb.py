@@ -27,7 +27,6 @@ GTSRB's are):
 import json
 import os
 import shutil
-import subprocess
 import sys
 import zipfile
 
@@ -38,37 +37,23 @@ import torchvision
 from PIL import Image
 from safetensors import safe_open
 from safetensors.numpy import load_file
-from skimage import data as skdata
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dataset_helpers import BIN, FIX, md5, mirror  # noqa: E402
+from dataset_helpers import FIX, errors, md5, mirror, vggctl, window  # noqa: E402
 
 WEIGHTS = os.path.join(FIX, "pth", "vgg11.legacy.pth")
 # For runs refused before the data is read: no ImageNet head to load.
 SMALL = os.path.join(FIX, "pth", "vgg11-cifar.legacy.pth")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-PHOTOS = [np.asarray(Image.fromarray(getattr(skdata, p)()).convert("RGB"))
-          for p in ["astronaut", "chelsea", "coffee", "rocket"]]
 # The test images' classes, in the list's (shuffled) order.
 TEST_CLASSES = np.random.default_rng(11).permutation(43).tolist()
 FILES = ["GTSRB-Training_fixed.zip", "GTSRB_Final_Test_Images.zip", "GTSRB_Final_Test_GT.zip"]
 HEADER = "Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId"
 
 
-def vggctl(*args, cwd=None, env=None):
-    return subprocess.run([BIN, *args], capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
-
-
-def errors(r):
-    """stderr's lines but the note on the weights' architecture."""
-    return [line for line in r.stderr.splitlines() if not line.startswith("note: ")]
-
-
 def save_window(path, k, h, w):
     """The k-th distinct h x w window of the photographs, as PPM."""
-    img = PHOTOS[k % len(PHOTOS)]
-    y, x = (k * 37) % (img.shape[0] - h), (k * 53) % (img.shape[1] - w)
-    Image.fromarray(img[y:y + h, x:x + w]).save(path, format="PPM")
+    Image.fromarray(window(k, h, w)).save(path, format="PPM")
 
 
 def make_gtsrb(base):

@@ -25,7 +25,6 @@ import io
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tarfile
 
@@ -33,36 +32,15 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from PIL import Image
-from skimage import data as skdata
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dataset_helpers import BIN, FIX, md5, mirror  # noqa: E402
+from dataset_helpers import FIX, errors, md5, mirror, save_window, vggctl  # noqa: E402
 
 WEIGHTS = os.path.join(FIX, "pth", "vgg11.legacy.pth")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-PHOTOS = [np.asarray(Image.fromarray(getattr(skdata, p)()).convert("RGB"))
-          for p in ["astronaut", "chelsea", "coffee", "rocket"]]
 WNIDS = ["n01440764", "n02102040", "n02979186", "n03000684", "n03028079", "n03394916", "n03417042",
          "n03425413", "n03445777", "n03888257"]
 FOLDER = "imagenette2-160"
-
-
-def vggctl(*args, cwd=None, env=None):
-    return subprocess.run([BIN, *args], capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
-
-
-def errors(r):
-    """stderr's lines but the note on the weights' architecture."""
-    return [line for line in r.stderr.splitlines() if not line.startswith("note: ")]
-
-
-def save_window(path, k, lossless):
-    """The k-th distinct 64x64 window of the photographs, as JPEG or
-    (`lossless`) as PNG data, into `path`."""
-    img = PHOTOS[k % len(PHOTOS)]
-    y, x = (k * 37) % (img.shape[0] - 64), (k * 53) % (img.shape[1] - 64)
-    Image.fromarray(img[y:y + 64, x:x + 64]).save(path, format="PNG" if lossless else "JPEG")
 
 
 def make_imagenette(base):

@@ -53,7 +53,6 @@ For each:
 import io
 import json
 import os
-import subprocess
 import sys
 import tarfile
 
@@ -62,13 +61,11 @@ import pytest
 import scipy.io
 import torch
 import torchvision
-from PIL import Image
 from safetensors import safe_open
 from safetensors.numpy import load_file
-from skimage import data as skdata
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dataset_helpers import BIN, FIX, md5, mirror  # noqa: E402
+from dataset_helpers import FIX, errors, md5, mirror, save_window, vggctl  # noqa: E402
 
 WEIGHTS = os.path.join(FIX, "pth", "vgg11.legacy.pth")
 SMALL = os.path.join(FIX, "pth", "vgg11-cifar.legacy.pth")
@@ -80,8 +77,6 @@ DOGS = ["american_bulldog", "american_pit_bull_terrier", "basset_hound", "beagle
         "saint_bernard", "samoyed", "scottish_terrier", "shiba_inu", "staffordshire_bull_terrier",
         "wheaten_terrier", "yorkshire_terrier"]
 BREEDS = sorted(CATS + DOGS, key=str.lower)
-PHOTOS = [np.asarray(Image.fromarray(getattr(skdata, p)()).convert("RGB"))
-          for p in ["astronaut", "coffee", "chelsea", "rocket"]]
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 # Flowers: 30 images, their classes, and setid.mat's shuffled splits.
 FLOWER_LABELS = np.random.default_rng(5).integers(1, 103, 30).astype(np.uint8)
@@ -99,23 +94,6 @@ VARIANTS = [f"{['A', 'Cessna ', 'F/A-'][i % 3]}{i:02d}" for i in np.random.defau
 TITLES = {"oxford-pets": "Oxford-IIIT Pet", "flowers102": "Oxford 102 Flowers", "food101": "Food-101",
           "dtd": "DTD", "fgvc-aircraft": "FGVC-Aircraft"}
 NAMES = ["oxford-pets", "flowers102", "food101", "dtd", "fgvc-aircraft"]
-
-
-def vggctl(*args, cwd=None, env=None):
-    return subprocess.run([BIN, *args], capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
-
-
-def errors(r):
-    """stderr's lines but the note on the weights' architecture."""
-    return [line for line in r.stderr.splitlines() if not line.startswith("note: ")]
-
-
-def save_window(path, k, lossless):
-    """The k-th distinct 64x64 window of the photographs, as JPEG or
-    (`lossless`) as PNG data, into `path`."""
-    img = PHOTOS[k % len(PHOTOS)]
-    y, x = (k * 37) % (img.shape[0] - 64), (k * 53) % (img.shape[1] - 64)
-    Image.fromarray(img[y:y + 64, x:x + 64]).save(path, format="PNG" if lossless else "JPEG")
 
 
 def make_pets(base):
