@@ -14,13 +14,13 @@ use vggctl::data::mnist;
 use vggctl::data::pack;
 use vggctl::data::prepared::{self, Prepared};
 use vggctl::data::resize::Filter;
-use vggctl::data::{
-    aircraft, dtd, flowers, food101, gtsrb, has_own_val, imagenette, pets, stl10, svhn,
-};
+use vggctl::data::{dtd, eurosat, has_own_val, imagenette, stl10, svhn};
 use vggctl::dist::World;
 use vggctl::train::config::TrainConfig;
 
-use super::listed::{check_packed_partition, is_listed, open_listed, source_from_env};
+use super::listed::{
+    check_packed_partition, is_listed, listed_classes, open_listed, source_from_env,
+};
 use super::output::{http_urls, started, usage, warn, whole};
 use super::progress::download_bar;
 
@@ -50,9 +50,11 @@ pub struct DataOpts {
     /// Textures Dataset's 47 classes: a partition's train and val lists to
     /// train on, its test list to validate on), fgvc-aircraft
     /// (FGVC-Aircraft's 100 variants: its train and val splits to train on,
-    /// its test split to validate on) or gtsrb (the German Traffic Sign
+    /// its test split to validate on), gtsrb (the German Traffic Sign
     /// Recognition Benchmark's 43 signs: its train and test splits, not
-    /// mirrored in training); their photographs
+    /// mirrored in training) or eurosat (EuroSAT's 27,000 satellite images
+    /// of 10 land uses: no splits, the part --val-split holds out validated
+    /// on, as a folder's); their photographs
     /// are read as a folder's [default: cifar10; eval: the
     /// checkpoint's; features: none, the images given instead].
     #[arg(long)]
@@ -66,10 +68,10 @@ pub struct DataOpts {
     /// directory holding stl10_binary/; folder: the class folders; imagenet: the
     /// directory holding train/ and val/; folder, imagenet: or the file
     /// `vggctl prepare` made of them; imagenette*, oxford-pets, flowers102,
-    /// food101, dtd, fgvc-aircraft, gtsrb: the directory holding
+    /// food101, dtd, fgvc-aircraft, gtsrb, eurosat: the directory holding
     /// imagenette2/ (-320/, -160/), oxford-iiit-pet/, flowers-102/,
-    /// food-101/, dtd/, fgvc-aircraft-2013b/ or gtsrb/ (torchvision's), or
-    /// the file
+    /// food-101/, dtd/, fgvc-aircraft-2013b/, gtsrb/ or eurosat/
+    /// (torchvision's), or the file
     /// `vggctl prepare` made of it
     /// [default: ./data].
     #[arg(long, alias = "data-path")]
@@ -77,7 +79,7 @@ pub struct DataOpts {
     /// Where to download the binary CIFAR-10 or CIFAR-100 archive (or
     /// STL-10's) from
     /// when it is missing; mnist, fashion-mnist, kmnist, qmnist, svhn, oxford-pets,
-    /// flowers102, food101, dtd, fgvc-aircraft, gtsrb, imagenette*: the mirror (or comma-separated mirrors) serving
+    /// flowers102, food101, dtd, fgvc-aircraft, gtsrb, eurosat, imagenette*: the mirror (or comma-separated mirrors) serving
     /// their files (emnist-*: gzip.zip, every split's) [default:
     /// $VGGCTL_<DATASET>_URL (e.g. $VGGCTL_FASHION_MNIST_URL), else the
     /// dataset's own, as torchvision's].
@@ -90,7 +92,7 @@ pub struct DataOpts {
     /// and annotations.tar.gz; flowers102: three, 102flowers.tgz,
     /// imagelabels.mat and setid.mat; gtsrb: three, the training images',
     /// the test images' and their classes' zips; food101, dtd, fgvc-aircraft,
-    /// imagenette*: one, which
+    /// eurosat, imagenette*: one, which
     /// for fgvc-aircraft must be given: its publisher gives none) [default:
     /// $VGGCTL_<DATASET>_MD5, else the official files'].
     #[arg(long, hide = true)]
@@ -113,7 +115,8 @@ pub struct DataOpts {
     /// on): test, or val, leaving the test split unseen until eval: for
     /// flowers102, dtd and fgvc-aircraft their own val split (training on train alone
     /// instead of train and val, as benchmarks do), for the others but
-    /// folder and imagenet (which hold out --val-dir or DIR/val already)
+    /// folder, imagenet and eurosat (which hold out --val-dir, DIR/val or
+    /// a --val-split part already)
     /// the part --val-split (0.1) of the training split drawn by --seed;
     /// eval: the split evaluated [default: test].
     #[arg(long, value_name = "SPLIT", value_parser = ["test", "val"])]
@@ -245,7 +248,7 @@ impl DataOpts {
         }
         self.check_fold()?;
         self.check_val_on()?;
-        if dataset == "folder" && self.val_dir.is_none() {
+        if dataset == "folder" && self.val_dir.is_none() || dataset == eurosat::NAME {
             folder::check_val_split(self.held_fraction()).map_err(|e| usage(e.to_string()))?;
         }
         self.data_dir.get_or_insert_with(|| PathBuf::from("./data"));
@@ -258,16 +261,14 @@ impl DataOpts {
                 .0
                 .len() as i64,
             "digits" | "svhn" | "stl10" => 10,
-            pets::NAME => pets::CLASSES,
-            flowers::NAME => flowers::CLASSES,
-            food101::NAME => food101::CLASSES,
-            dtd::NAME => dtd::CLASSES,
-            aircraft::NAME => aircraft::CLASSES,
-            gtsrb::NAME => gtsrb::CLASSES,
-            other => match (cifar::named(other), mnist::named(other)) {
-                (Some(c), _) => c.classes,
-                (_, Some(m)) => m.classes.len() as i64,
-                _ if imagenette::named(other).is_some() => imagenette::CLASSES,
+            other => match (
+                cifar::named(other),
+                mnist::named(other),
+                listed_classes(other),
+            ) {
+                (Some(c), _, _) => c.classes,
+                (_, Some(m), _) => m.classes.len() as i64,
+                (_, _, Some(n)) => n,
                 _ => return Err(usage(unknown(other))),
             },
         };
@@ -299,6 +300,7 @@ impl DataOpts {
         let already = match self.dataset() {
             "folder" => "--val-dir, or the part --val-split holds out",
             "imagenet" => "DIR/val (ImageNet's val split)",
+            eurosat::NAME => "the part --val-split holds out (it has no test split)",
             _ => return Ok(()),
         };
         match self.own_val() {
@@ -438,7 +440,8 @@ impl DataOpts {
                 if how.own_val {
                     listed = listed.on_own_val(name)?;
                 }
-                if test_only {
+                // Evaluation reads the test split alone, where there is one.
+                if test_only && listed.val.is_some() {
                     listed.train.clear();
                 }
                 let opts = self.folder_options((images.clone(), Some(images)), numbers, how);
@@ -572,7 +575,7 @@ fn unknown(name: &str) -> String {
     match name {
         "emnist" => format!("--dataset emnist: name the split, one of {emnist}"),
         _ => format!(
-            "unknown dataset '{name}' (expected cifar10, cifar100, mnist, fashion-mnist, kmnist, qmnist, {emnist}, svhn, stl10, digits, folder, imagenet, {imagenette}, oxford-pets, flowers102, food101, dtd, fgvc-aircraft or gtsrb)",
+            "unknown dataset '{name}' (expected cifar10, cifar100, mnist, fashion-mnist, kmnist, qmnist, {emnist}, svhn, stl10, digits, folder, imagenet, {imagenette}, oxford-pets, flowers102, food101, dtd, fgvc-aircraft, gtsrb or eurosat)",
             imagenette = imagenette::names()
         ),
     }

@@ -16,11 +16,11 @@ Environment:
   VGGCTL_CIFAR10_URL, VGGCTL_CIFAR100_URL, VGGCTL_MNIST_URL, VGGCTL_FASHION_MNIST_URL,
   VGGCTL_KMNIST_URL, VGGCTL_QMNIST_URL, VGGCTL_EMNIST_URL, VGGCTL_SVHN_URL,
   VGGCTL_STL10_URL, VGGCTL_OXFORD_PETS_URL, VGGCTL_FLOWERS102_URL, VGGCTL_FOOD101_URL,
-  VGGCTL_DTD_URL, VGGCTL_FGVC_AIRCRAFT_URL, VGGCTL_GTSRB_URL, VGGCTL_IMAGENETTE_URL,
-  VGGCTL_IMAGENETTE_320PX_URL, VGGCTL_IMAGENETTE_160PX_URL
+  VGGCTL_DTD_URL, VGGCTL_FGVC_AIRCRAFT_URL, VGGCTL_GTSRB_URL, VGGCTL_EUROSAT_URL,
+  VGGCTL_IMAGENETTE_URL, VGGCTL_IMAGENETTE_320PX_URL, VGGCTL_IMAGENETTE_160PX_URL
                         where to download each dataset from (also --data-url; mnist,
                         fashion-mnist, kmnist, qmnist, emnist-*, svhn, oxford-pets,
-                        flowers102, food101, dtd, fgvc-aircraft, gtsrb, imagenette*:
+                        flowers102, food101, dtd, fgvc-aircraft, gtsrb, eurosat, imagenette*:
                         comma-separated mirrors, tried in turn) [default: the dataset's
                         own, as torchvision's]
   VGGCTL_<DATASET>_MD5  the MD5 its download must have (mnist, fashion-mnist, kmnist, qmnist: four,
@@ -77,6 +77,7 @@ Examples:
   vggctl finetune --dataset folder --data-dir photos --arch vgg16
   vggctl finetune --dataset oxford-pets --arch vgg16 -e 10     37 breeds, downloaded on first use
   vggctl finetune --dataset dtd --fold 3 --val-on val --arch vgg16    DTD's partition 3, chosen on its val split
+  vggctl finetune --dataset eurosat --val-split 0.2 --arch vgg16 -e 5    EuroSAT, validated on a held-out 20 %
   vggctl finetune --weights mine.pth --dataset folder --data-dir photos --train-features -e 20";
 
 pub const EXPORT: &str = "\

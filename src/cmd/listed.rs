@@ -9,7 +9,7 @@ use anyhow::{Result, bail};
 use vggctl::data::download::DownloadSource;
 use vggctl::data::folder::Listed;
 use vggctl::data::prepared::Prepared;
-use vggctl::data::{aircraft, dtd, flowers, food101, gtsrb, imagenette, pets};
+use vggctl::data::{aircraft, dtd, eurosat, flowers, food101, gtsrb, imagenette, pets};
 
 use super::output::usage;
 use super::progress::download_bar;
@@ -50,14 +50,24 @@ fn env_var(name: &str, what: &str) -> String {
 
 /// Whether `name` is a dataset of listed photographs (Imagenette,
 /// Oxford-IIIT Pet, Oxford 102 Flowers, Food-101, DTD, FGVC-Aircraft,
-/// GTSRB): read as an image folder, or from the file `vggctl prepare` made
-/// of it.
+/// GTSRB, EuroSAT): read as an image folder, or from the file `vggctl
+/// prepare` made of it.
 pub fn is_listed(name: &str) -> bool {
-    imagenette::named(name).is_some()
-        || matches!(
-            name,
-            pets::NAME | flowers::NAME | food101::NAME | dtd::NAME | aircraft::NAME | gtsrb::NAME
-        )
+    listed_classes(name).is_some()
+}
+
+/// The number of classes of the listed dataset `name` (see [`is_listed`]).
+pub fn listed_classes(name: &str) -> Option<i64> {
+    Some(match name {
+        pets::NAME => pets::CLASSES,
+        flowers::NAME => flowers::CLASSES,
+        food101::NAME => food101::CLASSES,
+        dtd::NAME => dtd::CLASSES,
+        aircraft::NAME => aircraft::CLASSES,
+        gtsrb::NAME => gtsrb::CLASSES,
+        eurosat::NAME => eurosat::CLASSES,
+        other => imagenette::named(other).map(|_| imagenette::CLASSES)?,
+    })
 }
 
 /// The listed dataset `name` (see [`is_listed`]) under `dir`, DTD's
@@ -77,6 +87,7 @@ pub fn open_listed(
         dtd::NAME => &dtd::PUBLISHED,
         aircraft::NAME => &aircraft::PUBLISHED,
         gtsrb::NAME => &gtsrb::PUBLISHED,
+        eurosat::NAME => &eurosat::PUBLISHED,
         other => match imagenette::named(other) {
             Some(size) => &size.published,
             None => bail!("{other}: not a dataset read from lists"),
@@ -106,6 +117,7 @@ pub fn open_listed(
         food101::NAME => food101::listing(&base),
         aircraft::NAME => aircraft::listing(&base),
         gtsrb::NAME => gtsrb::listing(&base),
+        eurosat::NAME => eurosat::listing(&base),
         other if let Some(size) = imagenette::named(other) => size.listing(&base),
         _ => dtd::listing(&base, fold),
     }

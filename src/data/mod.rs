@@ -12,6 +12,7 @@ pub mod digits;
 pub mod download;
 pub mod dtd;
 pub mod emnist;
+pub mod eurosat;
 pub mod flowers;
 pub mod folder;
 mod folder_cache;
@@ -42,7 +43,7 @@ use stream::{InOrder, Streamed};
 /// Whether the dataset named `name` (a run's `dataset`, a [`Dataset`]'s
 /// name) is read as an image folder is (`folder`, `imagenet`, and the
 /// listed photographs of Imagenette, Oxford-IIIT Pet, Oxford 102 Flowers,
-/// Food-101, DTD, FGVC-Aircraft and GTSRB): images of any size, resized as
+/// Food-101, DTD, FGVC-Aircraft, GTSRB and EuroSAT): images of any size, resized as
 /// they are read, unlike CIFAR's, MNIST's and the digits' fixed sides.
 pub fn is_image_folder(name: &str) -> bool {
     imagenette::named(name).is_some()
@@ -56,6 +57,7 @@ pub fn is_image_folder(name: &str) -> bool {
                 | dtd::NAME
                 | aircraft::NAME
                 | gtsrb::NAME
+                | eurosat::NAME
         )
 }
 
@@ -97,11 +99,13 @@ pub fn is_gray(name: &str) -> bool {
 }
 
 /// The side of the dataset `name`'s images as it keeps them, at which its
-/// models read an image whole: STL-10's 96; CIFAR's, MNIST's, SVHN's and
-/// the digits' 32 (and the CIFAR-style side of folder training).
+/// models read an image whole: STL-10's 96; EuroSAT's 64; CIFAR's,
+/// MNIST's, SVHN's and the digits' 32 (and the CIFAR-style side of folder
+/// training).
 pub fn native_side(name: &str) -> i64 {
     match name {
         "stl10" => stl10::SIDE,
+        eurosat::NAME => eurosat::SIDE,
         _ => cifar::SIDE,
     }
 }
