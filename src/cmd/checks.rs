@@ -7,7 +7,7 @@
 use anyhow::Result;
 use vggctl::data::augment::Augment;
 use vggctl::data::auto_augment::Policy;
-use vggctl::data::{dtd, eurosat, has_own_val, is_image_folder};
+use vggctl::data::{dtd, has_own_val, is_image_folder, is_unsplit};
 use vggctl::dist::World;
 use vggctl::model::Head;
 use vggctl::num::Num;
@@ -396,14 +396,14 @@ fn model_and_data_rules(config: &TrainConfig) -> [Rule; 8] {
             // --cache-mem: in memory or streamed, whose crops differ.
             &["interpolation", "cache_mem"],
             is_image_folder(&config.dataset),
-            "applies to image folders only (--dataset folder, imagenet, imagenette*, oxford-pets, flowers102, food101, dtd, fgvc-aircraft, gtsrb or eurosat)",
+            "applies to image folders only (--dataset folder, imagenet, imagenette*, oxford-pets, flowers102, food101, dtd, fgvc-aircraft, gtsrb, eurosat or caltech256)",
         ),
         (
             &["val_split"],
             folder && config.val_dir.is_none()
-                || config.dataset == eurosat::NAME
+                || is_unsplit(&config.dataset)
                 || held_out_val(config),
-            "applies to a held-out part only (--dataset folder without --val-dir, eurosat, or --val-on val)",
+            "applies to a held-out part only (--dataset folder without --val-dir, eurosat, caltech256, or --val-on val)",
         ),
     ]
 }

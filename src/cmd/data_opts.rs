@@ -14,7 +14,7 @@ use vggctl::data::mnist;
 use vggctl::data::pack;
 use vggctl::data::prepared::{self, Prepared};
 use vggctl::data::resize::Filter;
-use vggctl::data::{dtd, eurosat, has_own_val, imagenette, stl10, svhn};
+use vggctl::data::{dtd, has_own_val, imagenette, is_unsplit, stl10, svhn};
 use vggctl::dist::World;
 use vggctl::train::config::TrainConfig;
 
@@ -52,9 +52,10 @@ pub struct DataOpts {
     /// (FGVC-Aircraft's 100 variants: its train and val splits to train on,
     /// its test split to validate on), gtsrb (the German Traffic Sign
     /// Recognition Benchmark's 43 signs: its train and test splits, not
-    /// mirrored in training) or eurosat (EuroSAT's 27,000 satellite images
-    /// of 10 land uses: no splits, the part --val-split holds out validated
-    /// on, as a folder's); their photographs
+    /// mirrored in training), eurosat (EuroSAT's 27,000 satellite images
+    /// of 10 land uses) or caltech256 (Caltech-256's 256 objects and
+    /// clutter); these two have no splits: the part --val-split holds out
+    /// is validated on, as a folder's; their photographs
     /// are read as a folder's [default: cifar10; eval: the
     /// checkpoint's; features: none, the images given instead].
     #[arg(long)]
@@ -68,10 +69,10 @@ pub struct DataOpts {
     /// directory holding stl10_binary/; folder: the class folders; imagenet: the
     /// directory holding train/ and val/; folder, imagenet: or the file
     /// `vggctl prepare` made of them; imagenette*, oxford-pets, flowers102,
-    /// food101, dtd, fgvc-aircraft, gtsrb, eurosat: the directory holding
-    /// imagenette2/ (-320/, -160/), oxford-iiit-pet/, flowers-102/,
-    /// food-101/, dtd/, fgvc-aircraft-2013b/, gtsrb/ or eurosat/
-    /// (torchvision's), or the file
+    /// food101, dtd, fgvc-aircraft, gtsrb, eurosat, caltech256: the
+    /// directory holding imagenette2/ (-320/, -160/), oxford-iiit-pet/,
+    /// flowers-102/, food-101/, dtd/, fgvc-aircraft-2013b/, gtsrb/,
+    /// eurosat/ or caltech256/ (torchvision's), or the file
     /// `vggctl prepare` made of it
     /// [default: ./data].
     #[arg(long, alias = "data-path")]
@@ -79,7 +80,7 @@ pub struct DataOpts {
     /// Where to download the binary CIFAR-10 or CIFAR-100 archive (or
     /// STL-10's) from
     /// when it is missing; mnist, fashion-mnist, kmnist, qmnist, svhn, oxford-pets,
-    /// flowers102, food101, dtd, fgvc-aircraft, gtsrb, eurosat, imagenette*: the mirror (or comma-separated mirrors) serving
+    /// flowers102, food101, dtd, fgvc-aircraft, gtsrb, eurosat, caltech256, imagenette*: the mirror (or comma-separated mirrors) serving
     /// their files (emnist-*: gzip.zip, every split's) [default:
     /// $VGGCTL_<DATASET>_URL (e.g. $VGGCTL_FASHION_MNIST_URL), else the
     /// dataset's own, as torchvision's].
@@ -92,7 +93,7 @@ pub struct DataOpts {
     /// and annotations.tar.gz; flowers102: three, 102flowers.tgz,
     /// imagelabels.mat and setid.mat; gtsrb: three, the training images',
     /// the test images' and their classes' zips; food101, dtd, fgvc-aircraft,
-    /// eurosat, imagenette*: one, which
+    /// eurosat, caltech256, imagenette*: one, which
     /// for fgvc-aircraft must be given: its publisher gives none) [default:
     /// $VGGCTL_<DATASET>_MD5, else the official files'].
     #[arg(long, hide = true)]
@@ -115,8 +116,8 @@ pub struct DataOpts {
     /// on): test, or val, leaving the test split unseen until eval: for
     /// flowers102, dtd and fgvc-aircraft their own val split (training on train alone
     /// instead of train and val, as benchmarks do), for the others but
-    /// folder, imagenet and eurosat (which hold out --val-dir, DIR/val or
-    /// a --val-split part already)
+    /// folder, imagenet, eurosat and caltech256 (which hold out --val-dir,
+    /// DIR/val or a --val-split part already)
     /// the part --val-split (0.1) of the training split drawn by --seed;
     /// eval: the split evaluated [default: test].
     #[arg(long, value_name = "SPLIT", value_parser = ["test", "val"])]
@@ -248,7 +249,7 @@ impl DataOpts {
         }
         self.check_fold()?;
         self.check_val_on()?;
-        if dataset == "folder" && self.val_dir.is_none() || dataset == eurosat::NAME {
+        if dataset == "folder" && self.val_dir.is_none() || is_unsplit(&dataset) {
             folder::check_val_split(self.held_fraction()).map_err(|e| usage(e.to_string()))?;
         }
         self.data_dir.get_or_insert_with(|| PathBuf::from("./data"));
@@ -300,7 +301,7 @@ impl DataOpts {
         let already = match self.dataset() {
             "folder" => "--val-dir, or the part --val-split holds out",
             "imagenet" => "DIR/val (ImageNet's val split)",
-            eurosat::NAME => "the part --val-split holds out (it has no test split)",
+            other if is_unsplit(other) => "the part --val-split holds out (it has no test split)",
             _ => return Ok(()),
         };
         match self.own_val() {
@@ -575,7 +576,7 @@ fn unknown(name: &str) -> String {
     match name {
         "emnist" => format!("--dataset emnist: name the split, one of {emnist}"),
         _ => format!(
-            "unknown dataset '{name}' (expected cifar10, cifar100, mnist, fashion-mnist, kmnist, qmnist, {emnist}, svhn, stl10, digits, folder, imagenet, {imagenette}, oxford-pets, flowers102, food101, dtd, fgvc-aircraft, gtsrb or eurosat)",
+            "unknown dataset '{name}' (expected cifar10, cifar100, mnist, fashion-mnist, kmnist, qmnist, {emnist}, svhn, stl10, digits, folder, imagenet, {imagenette}, oxford-pets, flowers102, food101, dtd, fgvc-aircraft, gtsrb, eurosat or caltech256)",
             imagenette = imagenette::names()
         ),
     }

@@ -9,7 +9,7 @@ use anyhow::{Result, bail};
 use vggctl::data::download::DownloadSource;
 use vggctl::data::folder::Listed;
 use vggctl::data::prepared::Prepared;
-use vggctl::data::{aircraft, dtd, eurosat, flowers, food101, gtsrb, imagenette, pets};
+use vggctl::data::{aircraft, caltech256, dtd, eurosat, flowers, food101, gtsrb, imagenette, pets};
 
 use super::output::usage;
 use super::progress::download_bar;
@@ -50,8 +50,8 @@ fn env_var(name: &str, what: &str) -> String {
 
 /// Whether `name` is a dataset of listed photographs (Imagenette,
 /// Oxford-IIIT Pet, Oxford 102 Flowers, Food-101, DTD, FGVC-Aircraft,
-/// GTSRB, EuroSAT): read as an image folder, or from the file `vggctl
-/// prepare` made of it.
+/// GTSRB, EuroSAT, Caltech-256): read as an image folder, or from the file
+/// `vggctl prepare` made of it.
 pub fn is_listed(name: &str) -> bool {
     listed_classes(name).is_some()
 }
@@ -66,6 +66,7 @@ pub fn listed_classes(name: &str) -> Option<i64> {
         aircraft::NAME => aircraft::CLASSES,
         gtsrb::NAME => gtsrb::CLASSES,
         eurosat::NAME => eurosat::CLASSES,
+        caltech256::NAME => caltech256::CLASSES,
         other => imagenette::named(other).map(|_| imagenette::CLASSES)?,
     })
 }
@@ -88,6 +89,7 @@ pub fn open_listed(
         aircraft::NAME => &aircraft::PUBLISHED,
         gtsrb::NAME => &gtsrb::PUBLISHED,
         eurosat::NAME => &eurosat::PUBLISHED,
+        caltech256::NAME => &caltech256::PUBLISHED,
         other => match imagenette::named(other) {
             Some(size) => &size.published,
             None => bail!("{other}: not a dataset read from lists"),
@@ -118,6 +120,7 @@ pub fn open_listed(
         aircraft::NAME => aircraft::listing(&base),
         gtsrb::NAME => gtsrb::listing(&base),
         eurosat::NAME => eurosat::listing(&base),
+        caltech256::NAME => caltech256::listing(&base),
         other if let Some(size) = imagenette::named(other) => size.listing(&base),
         _ => dtd::listing(&base, fold),
     }

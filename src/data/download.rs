@@ -174,8 +174,9 @@ fn from_mirrors(
     bail!("{}", errors.join("; "))
 }
 
-/// A `.tar.gz` or `.zip` of one folder of files (CIFAR's binary version,
-/// STL-10, Oxford-IIIT Pet's two, Food-101's, GTSRB's images): its file
+/// A `.tar.gz`, `.tar` or `.zip` of one folder of files (CIFAR's binary
+/// version, STL-10, Oxford-IIIT Pet's two, Food-101's, GTSRB's images,
+/// Caltech-256's): its file
 /// name as published, the folder it holds (a path: `GTSRB/Training`; or
 /// "", where its members lie at its top and are extracted beside it, as
 /// GTSRB's ground-truth zip's `GT-final_test.csv`), and the members of
@@ -286,7 +287,7 @@ fn place(tmp: &Path, dir: &Path, archive: &Archive) -> Result<()> {
 }
 
 /// The members of `archive`'s folder in the archive at `path` (a `.zip`
-/// by its name, else a `.tar.gz`), written into `into`.
+/// or a plain `.tar` by its name, else a `.tar.gz`), written into `into`.
 fn extract(path: &Path, archive: &Archive, into: &Path) -> Result<()> {
     let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut taken = Taken {
@@ -308,7 +309,11 @@ fn extract(path: &Path, archive: &Archive, into: &Path) -> Result<()> {
             taken.write(&member, &mut entry)?;
         }
     } else {
-        let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(file));
+        let file: Box<dyn Read> = match archive.file.ends_with(".tar") {
+            true => Box::new(std::io::BufReader::new(file)),
+            false => Box::new(flate2::read::GzDecoder::new(file)),
+        };
+        let mut tar = tar::Archive::new(file);
         for entry in tar.entries().with_context(reading)? {
             let mut entry = entry.with_context(reading)?;
             let member: PathBuf = entry.path()?.into_owned();

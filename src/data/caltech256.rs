@@ -1,0 +1,114 @@
+//! Caltech-256 (Griffin et al., 2007), as torchvision's `Caltech256` reads
+//! it: `ROOT/caltech256/256_ObjectCategories/<NNN.name>/`, 30,607 images of
+//! 256 object classes and a clutter class (257 in all: `001.ak47` …
+//! `257.clutter`, sorted). torchvision counts the `.jpg` entries of each
+//! class folder and reads `NNN_0001.jpg` up to that count (`NNN` the
+//! class's position, from 1), so a class folder's subfolders (`056.dog/
+//! greg/`) and other files are not read; vggctl lists the same files in the
+//! same order. It has no splits: as a folder without `--val-dir`, the part
+//! `--val-split` draws by `--seed` is validated on. The photographs are
+//! read as an image folder's: this module only lists them, and downloads
+//! the archive torchvision downloads.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+
+use super::download::{Archive, Published};
+use super::folder::Listed;
+
+/// The dataset's name on the command line and in a run's files.
+pub const NAME: &str = "caltech256";
+/// The folder under `--data-dir` its archive goes into (torchvision's).
+pub const FOLDER: &str = "caltech256";
+const IMAGES: &str = "256_ObjectCategories";
+pub const FILES: [&str; 1] = ["256_ObjectCategories.tar"];
+pub const MD5S: [&str; 1] = ["67b4f42ca05d46448c6bb8ecd2220f6d"];
+pub const MIRROR: &str = "https://data.caltech.edu/records/nyy15-4j048/files/";
+/// Its 256 object classes and the clutter class.
+pub const CLASSES: i64 = 257;
+
+/// Where the dataset comes from, as torchvision downloads it.
+pub const PUBLISHED: Published<'static> = Published {
+    title: "Caltech-256",
+    folder: FOLDER,
+    files: &FILES,
+    md5s: &MD5S,
+    archives: &[Archive {
+        file: FILES[0],
+        folder: IMAGES,
+        members: &[],
+        also: class_jpgs,
+    }],
+    mirror: MIRROR,
+};
+
+/// For [`Archive::also`]: the `.jpg` files of the class folders
+/// (`<class>/<image>.jpg`), the only ones read.
+fn class_jpgs(path: &str) -> bool {
+    let parts: Vec<&str> = path.split('/').collect();
+    matches!(parts[..], [_, file] if file.ends_with(".jpg"))
+}
+
+/// The dataset in `base` (`ROOT/caltech256`), read as torchvision reads
+/// it: the folder of its images, and its classes with every image, to be
+/// held out from.
+pub fn listing(base: &Path) -> Result<(PathBuf, Listed)> {
+    let dir = base.join(IMAGES);
+    let reading = |d: &Path| format!("reading {}", d.display());
+    let mut classes = Vec::new();
+    for entry in fs::read_dir(&dir).with_context(|| reading(&dir))? {
+        let path = entry.with_context(|| reading(&dir))?.path();
+        if path.is_dir() {
+            let name = path.file_name().and_then(|n| n.to_str());
+            let Some(name) = name else {
+                bail!("{}: a class folder's name is not UTF-8", path.display());
+            };
+            classes.push(name.to_string());
+        }
+    }
+    classes.sort();
+    if classes.len() as i64 != CLASSES {
+        bail!(
+            "{}: {} class folders, where Caltech-256 has {CLASSES}",
+            dir.display(),
+            classes.len()
+        );
+    }
+    let mut train = Vec::new();
+    for (c, class) in classes.iter().enumerate() {
+        let folder = dir.join(class);
+        let mut jpgs = 0;
+        for entry in fs::read_dir(&folder).with_context(|| reading(&folder))? {
+            let entry = entry.with_context(|| reading(&folder))?;
+            jpgs += entry.file_name().to_string_lossy().ends_with(".jpg") as usize;
+        }
+        if jpgs == 0 {
+            bail!("{}: no .jpg images", folder.display());
+        }
+        let file = |i: usize| folder.join(format!("{:03}_{i:04}.jpg", c + 1));
+        train.extend((1..=jpgs).map(|i| (file(i), c as i64)));
+    }
+    let listed = Listed {
+        classes,
+        wnids: None,
+        train,
+        val: None,
+        partition: None,
+        own_val: 0,
+    };
+    Ok((dir, listed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_jpgs_of_the_class_folders_are_taken() {
+        assert!(class_jpgs("001.ak47/001_0001.jpg"));
+        assert!(!class_jpgs("056.dog/greg/a.jpg") && !class_jpgs("198.spider/RENAME2"));
+        assert!(!class_jpgs("a.jpg") && !class_jpgs("001.ak47/001_0001.JPG"));
+    }
+}
