@@ -9,7 +9,9 @@ use anyhow::{Result, bail};
 use vggctl::data::download::DownloadSource;
 use vggctl::data::folder::Listed;
 use vggctl::data::prepared::Prepared;
-use vggctl::data::{aircraft, caltech256, dtd, eurosat, flowers, food101, gtsrb, imagenette, pets};
+use vggctl::data::{
+    aircraft, caltech101, caltech256, dtd, eurosat, flowers, food101, gtsrb, imagenette, pets,
+};
 
 use super::output::usage;
 use super::progress::download_bar;
@@ -50,8 +52,8 @@ fn env_var(name: &str, what: &str) -> String {
 
 /// Whether `name` is a dataset of listed photographs (Imagenette,
 /// Oxford-IIIT Pet, Oxford 102 Flowers, Food-101, DTD, FGVC-Aircraft,
-/// GTSRB, EuroSAT, Caltech-256): read as an image folder, or from the file
-/// `vggctl prepare` made of it.
+/// GTSRB, EuroSAT, Caltech-101 and -256): read as an image folder, or from
+/// the file `vggctl prepare` made of it.
 pub fn is_listed(name: &str) -> bool {
     listed_classes(name).is_some()
 }
@@ -67,6 +69,7 @@ pub fn listed_classes(name: &str) -> Option<i64> {
         gtsrb::NAME => gtsrb::CLASSES,
         eurosat::NAME => eurosat::CLASSES,
         caltech256::NAME => caltech256::CLASSES,
+        caltech101::NAME => caltech101::CLASSES,
         other => imagenette::named(other).map(|_| imagenette::CLASSES)?,
     })
 }
@@ -90,6 +93,7 @@ pub fn open_listed(
         gtsrb::NAME => &gtsrb::PUBLISHED,
         eurosat::NAME => &eurosat::PUBLISHED,
         caltech256::NAME => &caltech256::PUBLISHED,
+        caltech101::NAME => &caltech101::PUBLISHED,
         other => match imagenette::named(other) {
             Some(size) => &size.published,
             None => bail!("{other}: not a dataset read from lists"),
@@ -112,7 +116,12 @@ pub fn open_listed(
             base.display()
         );
     }
-    let base = published.fetch_missing(dir, src.as_ref(), &mut download_bar(quiet))?;
+    let bar = &mut download_bar(quiet);
+    let base = match name {
+        // Its images are an archive inside the zip.
+        caltech101::NAME => caltech101::fetch(dir, src.as_ref(), bar)?,
+        _ => published.fetch_missing(dir, src.as_ref(), bar)?,
+    };
     match name {
         pets::NAME => pets::listing(&base),
         flowers::NAME => flowers::listing(&base),
@@ -121,6 +130,7 @@ pub fn open_listed(
         gtsrb::NAME => gtsrb::listing(&base),
         eurosat::NAME => eurosat::listing(&base),
         caltech256::NAME => caltech256::listing(&base),
+        caltech101::NAME => caltech101::listing(&base),
         other if let Some(size) = imagenette::named(other) => size.listing(&base),
         _ => dtd::listing(&base, fold),
     }

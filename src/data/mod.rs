@@ -7,6 +7,7 @@ pub mod aircraft;
 pub mod augment;
 pub mod auto_augment;
 mod auto_augment_tables;
+pub mod caltech101;
 pub mod caltech256;
 pub mod cifar;
 pub mod digits;
@@ -44,7 +45,7 @@ use stream::{InOrder, Streamed};
 /// Whether the dataset named `name` (a run's `dataset`, a [`Dataset`]'s
 /// name) is read as an image folder is (`folder`, `imagenet`, and the
 /// listed photographs of Imagenette, Oxford-IIIT Pet, Oxford 102 Flowers,
-/// Food-101, DTD, FGVC-Aircraft, GTSRB, EuroSAT and Caltech-256): images of any size, resized as
+/// Food-101, DTD, FGVC-Aircraft, GTSRB, EuroSAT, Caltech-101 and -256): images of any size, resized as
 /// they are read, unlike CIFAR's, MNIST's and the digits' fixed sides.
 pub fn is_image_folder(name: &str) -> bool {
     imagenette::named(name).is_some()
@@ -60,14 +61,15 @@ pub fn is_image_folder(name: &str) -> bool {
                 | gtsrb::NAME
                 | eurosat::NAME
                 | caltech256::NAME
+                | caltech101::NAME
         )
 }
 
-/// Whether the dataset `name` has no splits (EuroSAT, Caltech-256): as a
+/// Whether the dataset `name` has no splits (EuroSAT, Caltech-101 and -256): as a
 /// folder without `--val-dir`, it validates on the part `--val-split`
 /// holds out, and has no test split that `--val-on val` could keep unseen.
 pub fn is_unsplit(name: &str) -> bool {
-    matches!(name, eurosat::NAME | caltech256::NAME)
+    matches!(name, eurosat::NAME | caltech101::NAME | caltech256::NAME)
 }
 
 /// Whether the dataset `name` is of ImageNet's photographs and classes
