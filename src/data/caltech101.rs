@@ -17,6 +17,7 @@ use anyhow::{Context, Result, bail};
 
 use super::download::{Archive, DownloadSource, Published, unpack};
 use super::folder::Listed;
+use super::folder_scan::counted_classes;
 
 /// The dataset's name on the command line and in a run's files.
 pub const NAME: &str = "caltech101";
@@ -95,19 +96,12 @@ pub fn fetch(
 /// held out from.
 pub fn listing(base: &Path) -> Result<(PathBuf, Listed)> {
     let dir = base.join(IMAGES);
-    let reading = |d: &Path| format!("reading {}", d.display());
-    let mut classes = Vec::new();
-    for entry in fs::read_dir(&dir).with_context(|| reading(&dir))? {
-        let path = entry.with_context(|| reading(&dir))?.path();
-        let name = path.file_name().and_then(|n| n.to_str());
-        match name {
-            Some(BACKGROUND) => {}
-            Some(name) if path.is_dir() => classes.push(name.to_string()),
-            Some(_) => {}
-            None => bail!("{}: a name that is not UTF-8", path.display()),
-        }
-    }
-    classes.sort();
+    let (classes, train) = counted_classes(
+        &dir,
+        BACKGROUND,
+        |_| true,
+        |_, k| format!("image_{k:04}.jpg"),
+    )?;
     if classes.len() as i64 != CLASSES {
         bail!(
             "{}: {} class folders (but {BACKGROUND}), where Caltech-101 has {CLASSES}",
@@ -115,27 +109,7 @@ pub fn listing(base: &Path) -> Result<(PathBuf, Listed)> {
             classes.len()
         );
     }
-    let mut train = Vec::new();
-    for (c, class) in classes.iter().enumerate() {
-        let folder = dir.join(class);
-        let n = fs::read_dir(&folder)
-            .with_context(|| reading(&folder))?
-            .count();
-        if n == 0 {
-            bail!("{}: no images", folder.display());
-        }
-        let file = |i: usize| folder.join(format!("image_{i:04}.jpg"));
-        train.extend((1..=n).map(|i| (file(i), c as i64)));
-    }
-    let listed = Listed {
-        classes,
-        wnids: None,
-        train,
-        val: None,
-        partition: None,
-        own_val: 0,
-    };
-    Ok((dir, listed))
+    Ok((dir, Listed::unsplit(classes, train)))
 }
 
 #[cfg(test)]

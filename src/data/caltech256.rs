@@ -10,13 +10,13 @@
 //! read as an image folder's: this module only lists them, and downloads
 //! the archive torchvision downloads.
 
-use std::fs;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 
 use super::download::{Archive, Published};
 use super::folder::Listed;
+use super::folder_scan::counted_classes;
 
 /// The dataset's name on the command line and in a run's files.
 pub const NAME: &str = "caltech256";
@@ -56,19 +56,12 @@ fn class_jpgs(path: &str) -> bool {
 /// held out from.
 pub fn listing(base: &Path) -> Result<(PathBuf, Listed)> {
     let dir = base.join(IMAGES);
-    let reading = |d: &Path| format!("reading {}", d.display());
-    let mut classes = Vec::new();
-    for entry in fs::read_dir(&dir).with_context(|| reading(&dir))? {
-        let path = entry.with_context(|| reading(&dir))?.path();
-        if path.is_dir() {
-            let name = path.file_name().and_then(|n| n.to_str());
-            let Some(name) = name else {
-                bail!("{}: a class folder's name is not UTF-8", path.display());
-            };
-            classes.push(name.to_string());
-        }
-    }
-    classes.sort();
+    let (classes, train) = counted_classes(
+        &dir,
+        "",
+        |f| f.ends_with(".jpg"),
+        |c, k| format!("{:03}_{k:04}.jpg", c + 1),
+    )?;
     if classes.len() as i64 != CLASSES {
         bail!(
             "{}: {} class folders, where Caltech-256 has {CLASSES}",
@@ -76,29 +69,7 @@ pub fn listing(base: &Path) -> Result<(PathBuf, Listed)> {
             classes.len()
         );
     }
-    let mut train = Vec::new();
-    for (c, class) in classes.iter().enumerate() {
-        let folder = dir.join(class);
-        let mut jpgs = 0;
-        for entry in fs::read_dir(&folder).with_context(|| reading(&folder))? {
-            let entry = entry.with_context(|| reading(&folder))?;
-            jpgs += entry.file_name().to_string_lossy().ends_with(".jpg") as usize;
-        }
-        if jpgs == 0 {
-            bail!("{}: no .jpg images", folder.display());
-        }
-        let file = |i: usize| folder.join(format!("{:03}_{i:04}.jpg", c + 1));
-        train.extend((1..=jpgs).map(|i| (file(i), c as i64)));
-    }
-    let listed = Listed {
-        classes,
-        wnids: None,
-        train,
-        val: None,
-        partition: None,
-        own_val: 0,
-    };
-    Ok((dir, listed))
+    Ok((dir, Listed::unsplit(classes, train)))
 }
 
 #[cfg(test)]

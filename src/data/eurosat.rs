@@ -64,15 +64,7 @@ pub fn listing(base: &Path) -> Result<(PathBuf, Listed)> {
             classes.len()
         );
     }
-    let listed = Listed {
-        classes,
-        wnids: None,
-        train,
-        val: None,
-        partition: None,
-        own_val: 0,
-    };
-    Ok((dir, listed))
+    Ok((dir, Listed::unsplit(classes, train)))
 }
 
 #[cfg(test)]

@@ -245,6 +245,19 @@ pub struct Listed {
 }
 
 impl Listed {
+    /// A dataset without splits (EuroSAT's, the Caltechs'): every image,
+    /// for `--val-split` to hold a part out of.
+    pub fn unsplit(classes: Vec<String>, train: LabeledFiles) -> Listed {
+        Listed {
+            classes,
+            wnids: None,
+            train,
+            val: None,
+            partition: None,
+            own_val: 0,
+        }
+    }
+
     /// The dataset `name` validated on its own val split (`--val-on val`):
     /// trained on the images before it, its test images left out.
     pub fn on_own_val(mut self, name: &str) -> Result<Listed> {

@@ -75,6 +75,46 @@ pub fn scan(dir: &Path) -> Result<(Vec<String>, LabeledFiles)> {
     Ok((classes, files))
 }
 
+/// The listing of torchvision's Caltech readers: the sorted class folders
+/// of `dir` but `skip`, and for the class at index `c` the files `name(c,
+/// k)` for `k` from 1 to the number of its entries whose names `counted`
+/// accepts; the files named, not those found, as torchvision reads them.
+pub fn counted_classes(
+    dir: &Path,
+    skip: &str,
+    counted: fn(&str) -> bool,
+    name: fn(usize, usize) -> String,
+) -> Result<(Vec<String>, LabeledFiles)> {
+    let reading = |d: &Path| format!("reading {}", d.display());
+    let mut classes = Vec::new();
+    for entry in fs::read_dir(dir).with_context(|| reading(dir))? {
+        let path = entry.with_context(|| reading(dir))?.path();
+        if !path.is_dir() {
+            continue;
+        }
+        match path.file_name().and_then(|n| n.to_str()) {
+            Some(n) if n == skip => {}
+            Some(n) => classes.push(n.to_string()),
+            None => bail!("{}: a class folder's name is not UTF-8", path.display()),
+        }
+    }
+    classes.sort();
+    let mut files = Vec::new();
+    for (c, class) in classes.iter().enumerate() {
+        let folder = dir.join(class);
+        let mut n = 0;
+        for entry in fs::read_dir(&folder).with_context(|| reading(&folder))? {
+            let entry = entry.with_context(|| reading(&folder))?;
+            n += counted(&entry.file_name().to_string_lossy()) as usize;
+        }
+        if n == 0 {
+            bail!("{}: no images", folder.display());
+        }
+        files.extend((1..=n).map(|k| (folder.join(name(c, k)), c as i64)));
+    }
+    Ok((classes, files))
+}
+
 /// [`scan`] with one extension only (`ppm`: torchvision's
 /// `make_dataset(dir, extensions=(".ppm",))`, GTSRB's and Imagenette's
 /// readers), compared without regard to case; a class folder without such
