@@ -307,7 +307,7 @@ fn files_are_named_by_what_they_are() {
 fn impossible_flags_are_refused() {
     let tmp = common::tempdir();
     let dir = tmp.path();
-    let cases: [(&[&str], &str); 26] = [
+    let cases: [(&[&str], &str); 27] = [
         (
             &["params", "--classes", "100000000000"],
             "--classes 100000000000: a classifier needs between 1 and 1000000 classes",
@@ -381,6 +381,20 @@ fn impossible_flags_are_refused() {
                 "1.5",
             ],
             "--val-split 1.5 must be between 0 and 1 (or give --val-dir)",
+        ),
+        (
+            // Held out of the training split: one image, or all but one,
+            // would be no split at all.
+            &[
+                "train",
+                "--dataset",
+                "digits",
+                "--val-on",
+                "val",
+                "--val-split",
+                "0",
+            ],
+            "--val-split 0 must be between 0 and 1",
         ),
         (
             &["train", "--dataset", "digits", "--betas", "1e300,0.5"],

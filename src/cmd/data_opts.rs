@@ -250,9 +250,7 @@ impl DataOpts {
         }
         self.check_fold()?;
         self.check_val_on()?;
-        if dataset == "folder" && self.val_dir.is_none() || is_unsplit(&dataset) {
-            folder::check_val_split(self.held_fraction()).map_err(|e| usage(e.to_string()))?;
-        }
+        self.check_val_split()?;
         self.data_dir.get_or_insert_with(|| PathBuf::from("./data"));
         let found = match dataset.as_str() {
             "folder" | "imagenet" if prepared::is_prepared(&self.dir()) => {
@@ -314,6 +312,22 @@ impl DataOpts {
         }
     }
 
+    /// `--val-split` is a fraction a part can be held out by (checked even
+    /// where it is ignored).
+    fn check_val_split(&self) -> Result<()> {
+        match self.val_split.and_then(folder::val_split_problem) {
+            Some(problem) => {
+                let hint = if self.dataset() == "folder" {
+                    " (or give --val-dir)"
+                } else {
+                    ""
+                };
+                Err(usage(format!("--val-split {problem}{hint}")))
+            }
+            None => Ok(()),
+        }
+    }
+
     /// `--fold` names one of STL-10's folds, or of DTD's partitions.
     pub fn check_fold(&self) -> Result<()> {
         check_fold(self.dataset(), self.fold)
@@ -357,6 +371,7 @@ impl DataOpts {
         (train, fold): (bool, Option<usize>),
     ) -> Result<Dataset> {
         self.check_val_on()?;
+        self.check_val_split()?;
         self.load_named(
             self.dataset(),
             &self.dir(),

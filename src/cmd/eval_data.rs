@@ -131,10 +131,7 @@ fn from_run_dir(file: &Path, data: &mut DataOpts, seed: &mut Option<u64>) -> Res
     if data.val_split.is_none() {
         data.val_split = Some(run.val_split);
         // The fraction the run held out, as its file records it.
-        if run.dataset == "folder"
-            && data.val_dir.is_none()
-            && let Some(problem) = folder::val_split_problem(run.val_split)
-        {
+        if let Some(problem) = folder::val_split_problem(run.val_split) {
             let config = file.with_file_name("config.json");
             bail!("{}: val_split {problem}", config.display());
         }
