@@ -77,6 +77,29 @@ pub fn http_urls(s: &str) -> std::result::Result<String, String> {
     Ok(s.to_string())
 }
 
+/// clap's parser for a size in bytes (`--cache-mem`): `4G`, `512M`, `64K`
+/// or a number of bytes.
+pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let (digits, unit) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => t.split_at(i),
+        None => (t, ""),
+    };
+    let shift = match unit.to_ascii_uppercase().trim_end_matches(['B', 'I']) {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return Err(format!("'{s}' is not a size (e.g. 4G, 512M or bytes)")),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .ok_or_else(|| format!("'{s}' is not a size (e.g. 4G, 512M or bytes)"))
+}
+
 /// clap's parser for a pair of numbers typed `A,B` (Adam's `--betas`);
 /// their range is the option's own check.
 pub fn pair(s: &str) -> std::result::Result<(f64, f64), String> {
