@@ -56,6 +56,18 @@ def apart(a, b):
     return max(((a[k].double() - b[k].double()).abs() / (1 + b[k].double().abs())).max().item() for k in b)
 
 
+def packed_index(path):
+    """The index of the file `vggctl prepare` wrote: its JSON, which the
+    file's trailer (offset, length, CRC, end mark) locates."""
+    import json
+    import struct
+
+    data = path.read_bytes()
+    at, length = struct.unpack("<QQ", data[-28:-12])
+    assert data[-8:] == b"VGGCTLPX"
+    return json.loads(data[at:at + length])
+
+
 def md5(path):
     with open(path, "rb") as f:
         return hashlib.md5(f.read()).hexdigest()

@@ -25,8 +25,7 @@ import torchvision
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dataset_helpers import errors, md5, mirror, vggctl, window  # noqa: E402
-from test_caltech256 import packed_index  # noqa: E402
+from dataset_helpers import errors, md5, mirror, packed_index, vggctl, window  # noqa: E402
 
 CLASSES = sorted([f"class{c:03d}" for c in range(97)] + ["Faces", "Faces_easy", "Motorbikes", "airplanes"])
 

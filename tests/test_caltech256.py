@@ -17,7 +17,6 @@ named `.jpg` (`198.spider/RENAME2`) and a `.JPG`.
 import json
 import os
 import shutil
-import struct
 import sys
 import tarfile
 
@@ -25,7 +24,7 @@ import torchvision
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dataset_helpers import errors, md5, mirror, vggctl, window  # noqa: E402
+from dataset_helpers import errors, md5, mirror, packed_index, vggctl, window  # noqa: E402
 
 CLASSES = [f"{c:03d}.class{c}" for c in range(1, 257)] + ["257.clutter"]
 CLASSES[55], CLASSES[197] = "056.dog", "198.spider"
@@ -54,15 +53,6 @@ def serve(base, out):
         tar.add(base / "256_ObjectCategories" / "001.class1" / "001_0001.jpg",
                 arcname="256_ObjectCategories/001.class1/../../evil.jpg")
     return md5(str(path))
-
-
-def packed_index(path):
-    """The index of the file `prepare` wrote: its JSON, which the file's
-    trailer (offset, length, CRC, end mark) locates."""
-    data = path.read_bytes()
-    at, length = struct.unpack("<QQ", data[-28:-12])
-    assert data[-8:] == b"VGGCTLPX"
-    return json.loads(data[at:at + length])
 
 
 def test_a_download_lists_torchvisions_samples(tmp_path):
