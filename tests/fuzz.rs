@@ -340,51 +340,57 @@ fn zip_archive_seeds() -> Vec<Vec<u8>> {
     zips(&members)
 }
 
-/// One level 5 MAT-file variable: a uint8 or double matrix, its name in
-/// a small element, its values in a padded one.
-fn mat_variable(name: &str, dims: &[i32], (ty, class, data): (u32, u32, &[u8])) -> Vec<u8> {
-    let element = |ty: u32, bytes: &[u8]| {
-        let mut e = ty.to_le_bytes().to_vec();
-        e.extend((bytes.len() as u32).to_le_bytes());
-        e.extend_from_slice(bytes);
-        e.resize(e.len().div_ceil(8) * 8, 0);
-        e
-    };
-    let mut body = element(6, &[class.to_le_bytes(), [0; 4]].concat());
-    body.extend(element(
-        5,
-        &dims
-            .iter()
-            .flat_map(|d| d.to_le_bytes())
-            .collect::<Vec<_>>(),
-    ));
-    let mut name_bytes = [0u8; 8];
-    name_bytes[..4].copy_from_slice(&(1 | (name.len() as u32) << 16).to_le_bytes());
-    name_bytes[4..4 + name.len()].copy_from_slice(name.as_bytes());
-    body.extend(name_bytes);
-    body.extend(element(ty, data));
-    let mut var = 14u32.to_le_bytes().to_vec();
-    var.extend((body.len() as u32).to_le_bytes());
-    var.extend(body);
-    var
+/// A level 5 MAT-file's data element: its tag, then its bytes padded to 8.
+fn mat_element(ty: u32, data: &[u8]) -> Vec<u8> {
+    let mut e = [ty.to_le_bytes(), (data.len() as u32).to_le_bytes()].concat();
+    e.extend_from_slice(data);
+    e.resize(e.len().div_ceil(8) * 8, 0);
+    e
+}
+
+/// A matrix of MATLAB class `class` (6: double, 9: uint8, 1: cell, 2:
+/// struct, 4: char) named `name`: its flags, dimensions and name, then
+/// `contents`.
+fn mat_matrix(class: u8, dims: &[i32], name: &str, contents: &[u8]) -> Vec<u8> {
+    let dims: Vec<u8> = dims.iter().flat_map(|d| d.to_le_bytes()).collect();
+    let body = [
+        mat_element(6, &[class, 0, 0, 0, 0, 0, 0, 0]),
+        mat_element(5, &dims),
+        mat_element(1, name.as_bytes()),
+        contents.to_vec(),
+    ];
+    mat_element(14, &body.concat())
+}
+
+/// A MAT-file's 128-byte header (little-endian, version 0x0100), then
+/// `variables`.
+fn mat_file(variables: &[Vec<u8>]) -> Vec<u8> {
+    let mut header = b"MATLAB 5.0 MAT-file, written by vggctl's fuzz seeds".to_vec();
+    header.resize(124, b' ');
+    header.extend([0, 1, b'I', b'M']);
+    [header, variables.concat()].concat()
+}
+
+/// Text as MATLAB writes it: 16-bit characters, one row.
+fn mat_text(s: &str) -> Vec<u8> {
+    let units: Vec<u8> = s.encode_utf16().flat_map(|u| u.to_le_bytes()).collect();
+    let n = s.encode_utf16().count() as i32;
+    mat_matrix(4, &[1, n], "", &mat_element(4, &units))
 }
 
 /// Two SVHN images and their labels (a double `y`), plain and with each
 /// variable zlib-compressed.
 fn svhn_seeds() -> Vec<Vec<u8>> {
     use std::io::Write;
-    let mut header = b"MATLAB 5.0 MAT-file, written by vggctl's fuzz seeds".to_vec();
-    header.resize(124, b' ');
-    header.extend([0, 1, b'I', b'M']);
     let pixels: Vec<u8> = (0..2 * 3072).map(|i| (i * 7 % 256) as u8).collect();
     let labels: Vec<u8> = [10.0f64, 3.0]
         .iter()
         .flat_map(|v| v.to_le_bytes())
         .collect();
-    let x = mat_variable("X", &[32, 32, 3, 2], (2, 9, &pixels));
-    let y = mat_variable("y", &[2, 1], (9, 6, &labels));
-    let plain = [header.clone(), x.clone(), y.clone()].concat();
-    let mut packed = header;
+    let x = mat_matrix(9, &[32, 32, 3, 2], "X", &mat_element(2, &pixels));
+    let y = mat_matrix(6, &[2, 1], "y", &mat_element(9, &labels));
+    let plain = mat_file(&[x.clone(), y.clone()]);
+    let mut packed = mat_file(&[]);
     for var in [x, y] {
         let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
         z.write_all(&var).unwrap();
@@ -394,6 +400,56 @@ fn svhn_seeds() -> Vec<Vec<u8>> {
         packed.extend(z);
     }
     vec![plain, packed]
+}
+
+/// Stanford Cars' annotations as its devkit's MAT-files hold them (a 1xN
+/// struct array; MATLAB's 16-bit text, a double class stored as uint8),
+/// for `(class, fname)` each.
+fn cars_annotations(rows: &[(u8, &str)]) -> Vec<u8> {
+    let mut fields = mat_element(5, &8u32.to_le_bytes());
+    fields.extend(mat_element(1, b"bbox_x1\0class\0\0\0fname\0\0\0"));
+    for &(class, fname) in rows {
+        fields.extend(mat_matrix(6, &[1, 1], "", &mat_element(2, &[39])));
+        fields.extend(mat_matrix(6, &[1, 1], "", &mat_element(2, &[class])));
+        fields.extend(mat_text(fname));
+    }
+    let n = rows.len() as i32;
+    mat_file(&[mat_matrix(2, &[1, n], "annotations", &fields)])
+}
+
+/// Training annotations: two images, one named with a character beyond
+/// ASCII.
+fn cars_seeds() -> Vec<Vec<u8>> {
+    vec![cars_annotations(&[(3, "00001.jpg"), (196, "Citroën.jpg")])]
+}
+
+/// As Stanford Cars' training annotations, beside a class list (its
+/// 196 names, a cell array of text) and one test annotation.
+fn read_cars_annotations(path: &Path, bytes: &[u8]) -> Result<Vec<(String, i64)>> {
+    let base = path.with_extension("cars");
+    if !base.exists() {
+        std::fs::create_dir_all(base.join("devkit"))?;
+        let names: Vec<u8> = (0..196)
+            .flat_map(|c| mat_text(&format!("Model {c}")))
+            .collect();
+        let meta = mat_file(&[mat_matrix(1, &[1, 196], "class_names", &names)]);
+        std::fs::write(base.join("devkit/cars_meta.mat"), meta)?;
+        let test = cars_annotations(&[(1, "00001.jpg")]);
+        std::fs::write(base.join("cars_test_annos_withlabels.mat"), test)?;
+    }
+    std::fs::write(base.join("devkit/cars_train_annos.mat"), bytes)?;
+    // Errors without the folder's long name, which would hide their
+    // differences from the outcome's signature.
+    let at = format!("{}/", base.display());
+    let listing = vggctl::data::cars::listing(&base);
+    let (_, listed) = listing.map_err(|e| anyhow::anyhow!(format!("{e:#}").replace(&at, "")))?;
+    let named =
+        |(p, label): (PathBuf, i64)| (p.strip_prefix(&base).unwrap().display().to_string(), label);
+    Ok(listed.train.into_iter().map(named).collect())
+}
+
+fn read_cars(path: &Path, bytes: &[u8]) -> Result<()> {
+    read_cars_annotations(path, bytes).map(drop)
 }
 
 fn image_seeds() -> Vec<Vec<u8>> {
@@ -531,6 +587,12 @@ const TARGETS: &[Target] = &[
         name: "zip-archive",
         read: read_zip_archive,
         seeds: zip_archive_seeds,
+        pickles: false,
+    },
+    Target {
+        name: "cars-annotations",
+        read: read_cars,
+        seeds: cars_seeds,
         pickles: false,
     },
     Target {
@@ -784,8 +846,8 @@ fn readers_survive_fuzzing() {
 }
 
 /// The seeds are what the readers take (so mutations start from files
-/// that get past the first checks): each MNIST, EMNIST, SVHN, pet, food
-/// and DTD list seed reads.
+/// that get past the first checks): each MNIST, EMNIST, SVHN, Stanford
+/// Cars, pet, food and DTD list seed reads.
 #[test]
 fn the_dataset_seeds_read() {
     let dir = common::tempdir();
@@ -801,6 +863,9 @@ fn the_dataset_seeds_read() {
         let path = dir.path().join(format!("d{i}"));
         read_dtd_lists(&path, seed).unwrap();
     }
+    let cars = read_cars_annotations(&dir.path().join("c"), &cars_seeds()[0]).unwrap();
+    let files = [("cars_train/00001.jpg", 2), ("cars_train/Citroën.jpg", 195)];
+    assert_eq!(cars, files.map(|(f, c)| (f.to_string(), c)));
     for (i, seed) in svhn_seeds().iter().enumerate() {
         let path = dir.path().join(format!("s{i}.mat"));
         std::fs::write(&path, seed).unwrap();
@@ -825,4 +890,28 @@ fn the_dataset_seeds_read() {
             .map(|l| l.len());
         assert!(images.is_ok() || labels.is_ok(), "seed {i}");
     }
+}
+
+/// Cells nested past the reader's depth, and a million cells claimed in a
+/// few bytes, are errors before anything is allocated for them.
+#[test]
+fn mat_nesting_and_element_counts_are_bounded() {
+    let read = |bytes: Vec<u8>| {
+        let err = vggctl::formats::mat::read_mat_values(&mut bytes.as_slice(), &["c"], 1 << 30);
+        format!("{:#}", err.unwrap_err())
+    };
+    let mut inner = mat_matrix(6, &[0, 0], "", &mat_element(9, &[]));
+    for _ in 0..9 {
+        inner = mat_matrix(1, &[1, 1], "", &inner);
+    }
+    let nested = read(mat_file(&[mat_matrix(1, &[1, 1], "c", &inner)]));
+    assert!(
+        nested.contains("cells or structs nested more than 8 deep"),
+        "{nested}"
+    );
+    let many = read(mat_file(&[mat_matrix(1, &[1000, 1000], "c", &[])]));
+    assert!(
+        many.contains("'c' has dimensions [1000, 1000], more than its"),
+        "{many}"
+    );
 }

@@ -21,7 +21,7 @@ use vggctl::train::config::TrainConfig;
 use super::listed::{
     check_packed_partition, is_listed, listed_classes, open_listed, source_from_env,
 };
-use super::output::{http_urls, started, usage, warn, whole};
+use super::output::{http_urls, parse_size, started, usage, warn, whole};
 use super::progress::download_bar;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -50,7 +50,9 @@ pub struct DataOpts {
     /// Textures Dataset's 47 classes: a partition's train and val lists to
     /// train on, its test list to validate on), fgvc-aircraft
     /// (FGVC-Aircraft's 100 variants: its train and val splits to train on,
-    /// its test split to validate on), gtsrb (the German Traffic Sign
+    /// its test split to validate on), stanford-cars (Stanford Cars' 196
+    /// models: its train and test splits; never downloaded, its files put
+    /// in place by hand), gtsrb (the German Traffic Sign
     /// Recognition Benchmark's 43 signs: its train and test splits, not
     /// mirrored in training), eurosat (EuroSAT's 27,000 satellite images
     /// of 10 land uses), caltech101 (Caltech-101's 101 objects) or
@@ -70,10 +72,11 @@ pub struct DataOpts {
     /// directory holding stl10_binary/; folder: the class folders; imagenet: the
     /// directory holding train/ and val/; folder, imagenet: or the file
     /// `vggctl prepare` made of them; imagenette*, oxford-pets, flowers102,
-    /// food101, dtd, fgvc-aircraft, gtsrb, eurosat, caltech101, caltech256:
-    /// the directory holding imagenette2/ (-320/, -160/), oxford-iiit-pet/,
-    /// flowers-102/, food-101/, dtd/, fgvc-aircraft-2013b/, gtsrb/,
-    /// eurosat/, caltech101/ or caltech256/ (torchvision's), or the file
+    /// food101, dtd, fgvc-aircraft, stanford-cars, gtsrb, eurosat, caltech101,
+    /// caltech256: the directory holding imagenette2/ (-320/, -160/),
+    /// oxford-iiit-pet/, flowers-102/, food-101/, dtd/, fgvc-aircraft-2013b/,
+    /// stanford_cars/, gtsrb/, eurosat/, caltech101/ or caltech256/
+    /// (torchvision's), or the file
     /// `vggctl prepare` made of it
     /// [default: ./data].
     #[arg(long, alias = "data-path")]
@@ -152,28 +155,6 @@ pub struct DataOpts {
     /// shared among the machine's ranks].
     #[arg(long, short_alias = 'j', value_name = "N", value_parser = started)]
     pub workers: Option<usize>,
-}
-
-/// `4G`, `512M`, `64K` or a number of bytes.
-fn parse_size(s: &str) -> std::result::Result<u64, String> {
-    let t = s.trim();
-    let (digits, unit) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
-        Some((i, _)) => t.split_at(i),
-        None => (t, ""),
-    };
-    let shift = match unit.to_ascii_uppercase().trim_end_matches(['B', 'I']) {
-        "" => 0,
-        "K" => 10,
-        "M" => 20,
-        "G" => 30,
-        "T" => 40,
-        _ => return Err(format!("'{s}' is not a size (e.g. 4G, 512M or bytes)")),
-    };
-    digits
-        .parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(1 << shift))
-        .ok_or_else(|| format!("'{s}' is not a size (e.g. 4G, 512M or bytes)"))
 }
 
 /// The cores, shared among this machine's ranks (torchrun's
@@ -592,7 +573,7 @@ fn unknown(name: &str) -> String {
     match name {
         "emnist" => format!("--dataset emnist: name the split, one of {emnist}"),
         _ => format!(
-            "unknown dataset '{name}' (expected cifar10, cifar100, mnist, fashion-mnist, kmnist, qmnist, {emnist}, svhn, stl10, digits, folder, imagenet, {imagenette}, oxford-pets, flowers102, food101, dtd, fgvc-aircraft, gtsrb, eurosat, caltech101 or caltech256)",
+            "unknown dataset '{name}' (expected cifar10, cifar100, mnist, fashion-mnist, kmnist, qmnist, {emnist}, svhn, stl10, digits, folder, imagenet, {imagenette}, oxford-pets, flowers102, food101, dtd, fgvc-aircraft, stanford-cars, gtsrb, eurosat, caltech101 or caltech256)",
             imagenette = imagenette::names()
         ),
     }

@@ -10,7 +10,7 @@ use vggctl::data::download::DownloadSource;
 use vggctl::data::folder::Listed;
 use vggctl::data::prepared::Prepared;
 use vggctl::data::{
-    aircraft, caltech101, caltech256, dtd, eurosat, flowers, food101, gtsrb, imagenette, pets,
+    aircraft, caltech101, caltech256, cars, dtd, eurosat, flowers, food101, gtsrb, imagenette, pets,
 };
 
 use super::output::usage;
@@ -52,7 +52,7 @@ fn env_var(name: &str, what: &str) -> String {
 
 /// Whether `name` is a dataset of listed photographs (Imagenette,
 /// Oxford-IIIT Pet, Oxford 102 Flowers, Food-101, DTD, FGVC-Aircraft,
-/// GTSRB, EuroSAT, Caltech-101 and -256): read as an image folder, or from
+/// Stanford Cars, GTSRB, EuroSAT, Caltech-101 and -256): read as an image folder, or from
 /// the file `vggctl prepare` made of it.
 pub fn is_listed(name: &str) -> bool {
     listed_classes(name).is_some()
@@ -70,6 +70,7 @@ pub fn listed_classes(name: &str) -> Option<i64> {
         eurosat::NAME => eurosat::CLASSES,
         caltech256::NAME => caltech256::CLASSES,
         caltech101::NAME => caltech101::CLASSES,
+        cars::NAME => cars::CLASSES,
         other => imagenette::named(other).map(|_| imagenette::CLASSES)?,
     })
 }
@@ -84,6 +85,10 @@ pub fn open_listed(
     source: &dyn Fn(&str, DownloadSource) -> Option<DownloadSource>,
     quiet: bool,
 ) -> Result<(PathBuf, Listed)> {
+    if name == cars::NAME {
+        // Nothing to download: its files are put in place by hand.
+        return cars::listing(&cars::base(dir)?);
+    }
     let published = match name {
         pets::NAME => &pets::PUBLISHED,
         flowers::NAME => &flowers::PUBLISHED,

@@ -9,6 +9,7 @@ pub mod auto_augment;
 mod auto_augment_tables;
 pub mod caltech101;
 pub mod caltech256;
+pub mod cars;
 pub mod cifar;
 pub mod digits;
 pub mod download;
@@ -45,7 +46,8 @@ use stream::{InOrder, Streamed};
 /// Whether the dataset named `name` (a run's `dataset`, a [`Dataset`]'s
 /// name) is read as an image folder is (`folder`, `imagenet`, and the
 /// listed photographs of Imagenette, Oxford-IIIT Pet, Oxford 102 Flowers,
-/// Food-101, DTD, FGVC-Aircraft, GTSRB, EuroSAT, Caltech-101 and -256): images of any size, resized as
+/// Food-101, DTD, FGVC-Aircraft, Stanford Cars, GTSRB, EuroSAT, Caltech-101
+/// and -256): images of any size, resized as
 /// they are read, unlike CIFAR's, MNIST's and the digits' fixed sides.
 pub fn is_image_folder(name: &str) -> bool {
     imagenette::named(name).is_some()
@@ -61,6 +63,7 @@ pub fn is_image_folder(name: &str) -> bool {
                 | gtsrb::NAME
                 | eurosat::NAME
                 | caltech256::NAME
+                | cars::NAME
                 | caltech101::NAME
         )
 }

@@ -1,10 +1,11 @@
 //! MATLAB's level 5 MAT-files (`save -v6` and the compressed `-v7` that
-//! SVHN's `train_32x32.mat` is): the numeric arrays a file holds, by name,
-//! as `scipy.io.loadmat` reads them. Read as a stream, one variable at a
-//! time, so a file is never held whole in memory: variables not asked
-//! for are skipped, compressed ones without being unpacked. Little-endian
-//! files only (what MATLAB on x86 and scipy write); no complex, sparse,
-//! cell, struct or character arrays.
+//! SVHN's `train_32x32.mat` is): the variables a file holds, by name, as
+//! `scipy.io.loadmat` reads them: numeric arrays, and the text, cell and
+//! struct arrays of Stanford Cars' annotations. Read as a stream, one
+//! variable at a time, so a file is never held whole in memory: variables
+//! not asked for are skipped, compressed ones without being unpacked.
+//! Little-endian files only (what MATLAB on x86 and scipy write); no
+//! complex, sparse, logical-of-objects or function arrays.
 
 use std::io::{self, Read};
 
@@ -24,11 +25,18 @@ const MI_INT64: u32 = 12;
 const MI_UINT64: u32 = 13;
 const MI_MATRIX: u32 = 14;
 const MI_COMPRESSED: u32 = 15;
+const MI_UTF8: u32 = 16;
+const MI_UTF16: u32 = 17;
 /// An array's class (its flags' low byte): the numeric ones, `mxDOUBLE`
 /// (6) to `mxUINT64` (15).
 const MX_NUMERIC: std::ops::RangeInclusive<u8> = 6..=15;
+const MX_CELL: u8 = 1;
+const MX_STRUCT: u8 = 2;
+const MX_CHAR: u8 = 4;
 const MX_UINT8: u8 = 9;
 const COMPLEX: u32 = 0x800;
+/// How deep cells and structs may nest (Stanford Cars' files: one level).
+const MAX_DEPTH: usize = 8;
 
 /// One numeric array: its dimensions (MATLAB's order, column-major) and
 /// its values, stored bytes kept where the array is uint8 and stored so.
@@ -44,6 +52,53 @@ pub enum Values {
     Numbers(Vec<f64>),
 }
 
+/// One variable, or one element of a cell or struct array.
+#[derive(Debug, PartialEq)]
+pub enum MatValue {
+    Numeric(MatArray),
+    /// A character array of one row (or none: `''`).
+    Text(String),
+    /// A cell array: its dimensions and its elements, column-major.
+    Cell(Vec<usize>, Vec<MatValue>),
+    /// A struct array: its dimensions, its field names, and each element's
+    /// fields in that order (the elements column-major).
+    Struct(Vec<usize>, Vec<String>, Vec<Vec<MatValue>>),
+}
+
+impl MatValue {
+    /// The value of the field `name` of element `i` of a struct array.
+    pub fn field(&self, i: usize, name: &str) -> Option<&MatValue> {
+        match self {
+            MatValue::Struct(_, fields, items) => {
+                let f = fields.iter().position(|n| n == name)?;
+                items.get(i)?.get(f)
+            }
+            _ => None,
+        }
+    }
+
+    /// The single number of a 1x1 numeric array.
+    pub fn scalar(&self) -> Option<f64> {
+        match self {
+            MatValue::Numeric(a) if a.len() == 1 => Some(match &a.values {
+                Values::Bytes(b) => b[0] as f64,
+                Values::Numbers(n) => n[0],
+            }),
+            _ => None,
+        }
+    }
+
+    /// What the value is, in a person's words ("a struct array").
+    pub fn kind(&self) -> &'static str {
+        match self {
+            MatValue::Numeric(_) => "a numeric array",
+            MatValue::Text(_) => "text",
+            MatValue::Cell(..) => "a cell array",
+            MatValue::Struct(..) => "a struct array",
+        }
+    }
+}
+
 impl MatArray {
     pub fn len(&self) -> usize {
         match &self.values {
@@ -57,10 +112,26 @@ impl MatArray {
     }
 }
 
+/// The numeric variables named in `wanted` that `r` holds (see
+/// [`read_mat_values`]); a wanted one of another kind is an error.
+pub fn read_mat(r: &mut impl Read, wanted: &[&str], max: u64) -> Result<Vec<(String, MatArray)>> {
+    let values = read_mat_values(r, wanted, max)?;
+    (values.into_iter())
+        .map(|(name, value)| match value {
+            MatValue::Numeric(a) => Ok((name, a)),
+            other => bail!("'{name}' is {}, not a real numeric array", other.kind()),
+        })
+        .collect()
+}
+
 /// The variables named in `wanted` that `r` holds (a MAT-file from its
 /// first byte), each at most `max` bytes unpacked; a wanted name that is
 /// missing is not an error here (the caller says what it needed).
-pub fn read_mat(r: &mut impl Read, wanted: &[&str], max: u64) -> Result<Vec<(String, MatArray)>> {
+pub fn read_mat_values(
+    r: &mut impl Read,
+    wanted: &[&str],
+    max: u64,
+) -> Result<Vec<(String, MatValue)>> {
     let mut header = [0u8; 128];
     r.read_exact(&mut header)
         .context("not a MAT-file: shorter than its 128-byte header")?;
@@ -109,7 +180,7 @@ fn matrix(
     wanted: &[&str],
     max: u64,
     compressed: bool,
-) -> Result<Option<(String, MatArray)>> {
+) -> Result<Option<(String, MatValue)>> {
     let what = || match compressed {
         true => "a compressed variable (damaged zlib data?)",
         false => "a variable",
@@ -133,7 +204,24 @@ fn variable(
     size: u64,
     wanted: &[&str],
     max: u64,
-) -> Result<Option<(String, MatArray)>> {
+) -> Result<Option<(String, MatValue)>> {
+    let head = header(r)?;
+    if !wanted.contains(&head.name.as_str()) {
+        return Ok(None);
+    }
+    let value = contents(r, size, &head, max, 0)?;
+    Ok(Some((head.name, value)))
+}
+
+/// A matrix's flags, dimensions and name.
+struct Head {
+    class: u8,
+    complex: bool,
+    dims: Vec<usize>,
+    name: String,
+}
+
+fn header(r: &mut dyn Read) -> Result<Head> {
     let (_, flags) = element(r, 8)?;
     if flags.len() != 8 {
         bail!("a matrix whose flags are not 8 bytes");
@@ -148,23 +236,66 @@ fn variable(
         .collect();
     let (_, name) = element(r, 64)?;
     let name = String::from_utf8_lossy(&name).into_owned();
-    if !wanted.contains(&name.as_str()) {
-        return Ok(None);
-    }
-    if !MX_NUMERIC.contains(&class) || complex {
-        bail!("'{name}' is not a real numeric array (class {class})");
-    }
-    let count = dims.iter().try_fold(1u64, |n, &d| n.checked_mul(d as u64));
+    Ok(Head {
+        class,
+        complex,
+        dims,
+        name,
+    })
+}
+
+/// What follows a matrix's header, by its class: numbers, text, or the
+/// elements of a cell or struct array (`depth` levels down).
+fn contents(r: &mut dyn Read, size: u64, head: &Head, max: u64, depth: usize) -> Result<MatValue> {
+    let name = &head.name;
+    let count = head
+        .dims
+        .iter()
+        .try_fold(1u64, |n, &d| n.checked_mul(d as u64));
+    // Every value takes a byte at least, every element of a cell or struct
+    // its tag's 8.
     let count = count.filter(|&n| n <= max && n <= size);
     let Some(count) = count else {
-        bail!("'{name}' has dimensions {dims:?}, more than its {size} bytes or {max} values hold");
+        bail!(
+            "'{name}' has dimensions {:?}, more than its {size} bytes or {max} values hold",
+            head.dims
+        );
     };
+    if head.complex {
+        bail!("'{name}' is a complex array, which is not read");
+    }
+    match head.class {
+        MX_CHAR => text(r, head, max.min(size)).map(MatValue::Text),
+        MX_CELL | MX_STRUCT if depth >= MAX_DEPTH => {
+            bail!("'{name}': cells or structs nested more than {MAX_DEPTH} deep")
+        }
+        MX_CELL => {
+            if count * 8 > size {
+                bail!("'{name}' has {count} cells, more than its {size} bytes hold");
+            }
+            let cells = (0..count)
+                .map(|i| nested(r, max, depth).with_context(|| format!("'{name}' cell {i}")))
+                .collect::<Result<_>>()?;
+            Ok(MatValue::Cell(head.dims.clone(), cells))
+        }
+        MX_STRUCT => structs(r, size, head, (count, max), depth),
+        c if MX_NUMERIC.contains(&c) => numeric(r, size, head, (count, max)),
+        c => bail!("'{name}' is an array of class {c}, which is not read"),
+    }
+}
+
+/// A numeric array's values: `count` of them.
+fn numeric(r: &mut dyn Read, size: u64, head: &Head, (count, max): (u64, u64)) -> Result<MatValue> {
+    let name = &head.name;
     let (ty, data) = element(r, max.min(size).max(8))?;
-    let values = match (class, ty) {
+    let values = match (head.class, ty) {
         (MX_UINT8, MI_UINT8) => Values::Bytes(data),
         _ => Values::Numbers(numbers(ty, &data).with_context(|| format!("'{name}'"))?),
     };
-    let array = MatArray { dims, values };
+    let array = MatArray {
+        dims: head.dims.clone(),
+        values,
+    };
     if array.len() as u64 != count {
         bail!(
             "'{name}' holds {} values for its dimensions {:?}",
@@ -172,13 +303,130 @@ fn variable(
             array.dims
         );
     }
-    Ok(Some((name, array)))
+    Ok(MatValue::Numeric(array))
+}
+
+/// A character array of one row (or an empty one): its text, stored as
+/// UTF-8, UTF-16 or the 8- or 16-bit code units scipy and MATLAB write.
+fn text(r: &mut dyn Read, head: &Head, max: u64) -> Result<String> {
+    let name = &head.name;
+    if head.dims.len() != 2 || head.dims[0] > 1 && head.dims[1] > 0 {
+        bail!(
+            "'{name}' is text of dimensions {:?}, not one row",
+            head.dims
+        );
+    }
+    let (ty, data) = element(r, max.max(8))?;
+    let units = |n: usize| data.len() / n;
+    let text = match ty {
+        MI_UTF8 | MI_UINT8 | MI_INT8 => String::from_utf8(data.clone()).ok(),
+        MI_UTF16 | MI_UINT16 => {
+            let units: Vec<u16> = (data.chunks_exact(2))
+                .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                .collect();
+            (data.len() % 2 == 0)
+                .then(|| String::from_utf16(&units).ok())
+                .flatten()
+        }
+        _ => bail!("'{name}': text stored as type {ty}"),
+    };
+    let Some(text) = text else {
+        bail!("'{name}': text that is not valid UTF-8 or UTF-16");
+    };
+    // A row's length counts characters (code units, as MATLAB's 16-bit
+    // chars), the bytes its type gives them.
+    let per = match ty {
+        MI_UTF16 | MI_UINT16 => 2,
+        _ => 1,
+    };
+    let want = head.dims.iter().product::<usize>();
+    if units(per) != want && !matches!(ty, MI_UTF8) {
+        bail!(
+            "'{name}' holds {} characters for its dimensions {:?}",
+            units(per),
+            head.dims
+        );
+    }
+    Ok(text)
+}
+
+/// A struct array: its field names, then each element's fields, each a
+/// matrix of its own.
+fn structs(
+    r: &mut dyn Read,
+    size: u64,
+    head: &Head,
+    (count, max): (u64, u64),
+    depth: usize,
+) -> Result<MatValue> {
+    let name = &head.name;
+    let (ty, len) = element(r, 8)?;
+    let len = match (ty, len.len()) {
+        (MI_INT32, 4) => word(&len) as usize,
+        _ => bail!("'{name}': a struct without its field names' length"),
+    };
+    let (_, names) = element(r, max.min(size))?;
+    if len == 0 || !names.len().is_multiple_of(len) {
+        bail!(
+            "'{name}': field names of {} bytes, not a whole number of {len}",
+            names.len()
+        );
+    }
+    let fields: Vec<String> = (names.chunks(len))
+        .map(|n| {
+            let end = n.iter().position(|&b| b == 0).unwrap_or(n.len());
+            String::from_utf8_lossy(&n[..end]).into_owned()
+        })
+        .collect();
+    if count * fields.len() as u64 * 8 > size {
+        bail!(
+            "'{name}' has {count} elements of {} fields, more than its {size} bytes hold",
+            fields.len()
+        );
+    }
+    let mut items = Vec::with_capacity(count as usize);
+    for i in 0..count {
+        let item = (fields.iter())
+            .map(|f| {
+                nested(r, max, depth).with_context(|| format!("'{name}' element {i} field '{f}'"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        items.push(item);
+    }
+    Ok(MatValue::Struct(head.dims.clone(), fields, items))
+}
+
+/// An element of a cell or struct array: a matrix with its own tag (of no
+/// bytes for an empty one).
+fn nested(r: &mut dyn Read, max: u64, depth: usize) -> Result<MatValue> {
+    let mut tag = [0u8; 8];
+    r.read_exact(&mut tag)
+        .context("cut short inside a matrix")?;
+    let (ty, size) = (word(&tag[..4]), word(&tag[4..]) as u64);
+    if ty != MI_MATRIX {
+        bail!("an element of type {ty}, not a matrix (14)");
+    }
+    if size == 0 {
+        let empty = MatArray {
+            dims: vec![0, 0],
+            values: Values::Numbers(Vec::new()),
+        };
+        return Ok(MatValue::Numeric(empty));
+    }
+    let mut body = (&mut *r).take(size);
+    let head = header(&mut body)?;
+    let value = contents(&mut body, size, &head, max, depth + 1)?;
+    io::copy(&mut body, &mut io::sink()).context("reading the MAT-file")?;
+    if body.limit() > 0 {
+        bail!("cut short inside a matrix ({} bytes missing)", body.limit());
+    }
+    Ok(value)
 }
 
 /// One data element of at most `max` bytes: its type and its bytes, the
 /// padding to 8 bytes read past (a small element packs up to 4 bytes
 /// into its tag).
-fn element(r: &mut impl Read, max: u64) -> Result<(u32, Vec<u8>)> {
+fn element(r: &mut dyn Read, max: u64) -> Result<(u32, Vec<u8>)> {
     let mut tag = [0u8; 8];
     r.read_exact(&mut tag)
         .context("cut short inside a matrix")?;
