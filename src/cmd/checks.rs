@@ -396,14 +396,14 @@ fn model_and_data_rules(config: &TrainConfig) -> [Rule; 8] {
             // --cache-mem: in memory or streamed, whose crops differ.
             &["interpolation", "cache_mem"],
             is_image_folder(&config.dataset),
-            "applies to image folders only (--dataset folder, imagenet, imagenette*, oxford-pets, flowers102, food101, dtd, fgvc-aircraft, stanford-cars, gtsrb, eurosat, caltech101 or caltech256)",
+            "applies to image folders only (--dataset folder, imagenet, imagenette*, oxford-pets, flowers102, food101, dtd, fgvc-aircraft, stanford-cars, gtsrb, eurosat, caltech101, caltech256 or sun397)",
         ),
         (
             &["val_split"],
             folder && config.val_dir.is_none()
                 || is_unsplit(&config.dataset)
                 || held_out_val(config),
-            "applies to a held-out part only (--dataset folder without --val-dir, eurosat, caltech101, caltech256, or --val-on val)",
+            "applies to a held-out part only (--dataset folder without --val-dir, eurosat, caltech101, caltech256, sun397, or --val-on val)",
         ),
     ]
 }

@@ -55,8 +55,9 @@ pub struct DataOpts {
     /// in place by hand), gtsrb (the German Traffic Sign
     /// Recognition Benchmark's 43 signs: its train and test splits, not
     /// mirrored in training), eurosat (EuroSAT's 27,000 satellite images
-    /// of 10 land uses), caltech101 (Caltech-101's 101 objects) or
-    /// caltech256 (Caltech-256's 256 objects and clutter); these three have
+    /// of 10 land uses), caltech101 (Caltech-101's 101 objects),
+    /// caltech256 (Caltech-256's 256 objects and clutter) or sun397
+    /// (SUN397's 397 scenes); these four have
     /// no splits: the part --val-split holds out is validated on, as a
     /// folder's; their photographs
     /// are read as a folder's [default: cifar10; eval: the
@@ -73,9 +74,9 @@ pub struct DataOpts {
     /// directory holding train/ and val/; folder, imagenet: or the file
     /// `vggctl prepare` made of them; imagenette*, oxford-pets, flowers102,
     /// food101, dtd, fgvc-aircraft, stanford-cars, gtsrb, eurosat, caltech101,
-    /// caltech256: the directory holding imagenette2/ (-320/, -160/),
+    /// caltech256, sun397: the directory holding imagenette2/ (-320/, -160/),
     /// oxford-iiit-pet/, flowers-102/, food-101/, dtd/, fgvc-aircraft-2013b/,
-    /// stanford_cars/, gtsrb/, eurosat/, caltech101/ or caltech256/
+    /// stanford_cars/, gtsrb/, eurosat/, caltech101/, caltech256/ or SUN397/
     /// (torchvision's), or the file
     /// `vggctl prepare` made of it
     /// [default: ./data].
@@ -84,7 +85,7 @@ pub struct DataOpts {
     /// Where to download the binary CIFAR-10 or CIFAR-100 archive (or
     /// STL-10's) from
     /// when it is missing; mnist, fashion-mnist, kmnist, qmnist, svhn, oxford-pets,
-    /// flowers102, food101, dtd, fgvc-aircraft, gtsrb, eurosat, caltech101, caltech256, imagenette*: the mirror (or comma-separated mirrors) serving
+    /// flowers102, food101, dtd, fgvc-aircraft, gtsrb, eurosat, caltech101, caltech256, sun397, imagenette*: the mirror (or comma-separated mirrors) serving
     /// their files (emnist-*: gzip.zip, every split's) [default:
     /// $VGGCTL_<DATASET>_URL (e.g. $VGGCTL_FASHION_MNIST_URL), else the
     /// dataset's own, as torchvision's].
@@ -97,7 +98,7 @@ pub struct DataOpts {
     /// and annotations.tar.gz; flowers102: three, 102flowers.tgz,
     /// imagelabels.mat and setid.mat; gtsrb: three, the training images',
     /// the test images' and their classes' zips; food101, dtd, fgvc-aircraft,
-    /// eurosat, caltech101, caltech256, imagenette*: one, which
+    /// eurosat, caltech101, caltech256, sun397, imagenette*: one, which
     /// for fgvc-aircraft must be given: its publisher gives none) [default:
     /// $VGGCTL_<DATASET>_MD5, else the official files'].
     #[arg(long, hide = true)]
@@ -120,7 +121,7 @@ pub struct DataOpts {
     /// on): test, or val, leaving the test split unseen until eval: for
     /// flowers102, dtd and fgvc-aircraft their own val split (training on train alone
     /// instead of train and val, as benchmarks do), for the others but
-    /// folder, imagenet, eurosat, caltech101 and caltech256 (which hold out
+    /// folder, imagenet, eurosat, caltech101, caltech256 and sun397 (which hold out
     /// --val-dir, DIR/val or a --val-split part already)
     /// the part --val-split (0.1) of the training split drawn by --seed;
     /// eval: the split evaluated [default: test].
@@ -573,7 +574,7 @@ fn unknown(name: &str) -> String {
     match name {
         "emnist" => format!("--dataset emnist: name the split, one of {emnist}"),
         _ => format!(
-            "unknown dataset '{name}' (expected cifar10, cifar100, mnist, fashion-mnist, kmnist, qmnist, {emnist}, svhn, stl10, digits, folder, imagenet, {imagenette}, oxford-pets, flowers102, food101, dtd, fgvc-aircraft, stanford-cars, gtsrb, eurosat, caltech101 or caltech256)",
+            "unknown dataset '{name}' (expected cifar10, cifar100, mnist, fashion-mnist, kmnist, qmnist, {emnist}, svhn, stl10, digits, folder, imagenet, {imagenette}, oxford-pets, flowers102, food101, dtd, fgvc-aircraft, stanford-cars, gtsrb, eurosat, caltech101, caltech256 or sun397)",
             imagenette = imagenette::names()
         ),
     }

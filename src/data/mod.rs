@@ -34,6 +34,7 @@ pub mod resize;
 pub mod resized_crop;
 pub mod stl10;
 pub mod stream;
+pub mod sun397;
 pub mod svhn;
 pub mod uint8_ops;
 
@@ -47,7 +48,7 @@ use stream::{InOrder, Streamed};
 /// name) is read as an image folder is (`folder`, `imagenet`, and the
 /// listed photographs of Imagenette, Oxford-IIIT Pet, Oxford 102 Flowers,
 /// Food-101, DTD, FGVC-Aircraft, Stanford Cars, GTSRB, EuroSAT, Caltech-101
-/// and -256): images of any size, resized as
+/// and -256, SUN397): images of any size, resized as
 /// they are read, unlike CIFAR's, MNIST's and the digits' fixed sides.
 pub fn is_image_folder(name: &str) -> bool {
     imagenette::named(name).is_some()
@@ -64,15 +65,20 @@ pub fn is_image_folder(name: &str) -> bool {
                 | eurosat::NAME
                 | caltech256::NAME
                 | cars::NAME
+                | sun397::NAME
                 | caltech101::NAME
         )
 }
 
-/// Whether the dataset `name` has no splits (EuroSAT, Caltech-101 and -256): as a
+/// Whether the dataset `name` has no splits (EuroSAT, Caltech-101 and -256,
+/// SUN397): as a
 /// folder without `--val-dir`, it validates on the part `--val-split`
 /// holds out, and has no test split that `--val-on val` could keep unseen.
 pub fn is_unsplit(name: &str) -> bool {
-    matches!(name, eurosat::NAME | caltech101::NAME | caltech256::NAME)
+    matches!(
+        name,
+        eurosat::NAME | caltech101::NAME | caltech256::NAME | sun397::NAME
+    )
 }
 
 /// Whether the dataset `name` is of ImageNet's photographs and classes
