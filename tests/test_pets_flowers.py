@@ -711,8 +711,8 @@ def test_val_on_val_trains_on_train_and_validates_on_val(flowers, pets, tmp_path
     r = refused_features("--dataset", "flowers102", "--split", "test", "--val-on", "val", "--data-dir",
                          str(flowers), "-o", "x.npy", cwd=tmp_path)
     assert r.returncode == 2 and errors(r) == [
-        "vggctl: error: --val-on: features reads the split --split names (flowers102's, dtd's and "
-        "fgvc-aircraft's train split is train then val)"], r.stderr
+        "vggctl: error: --val-on: features reads the split --split names (flowers102's, dtd's, "
+        "fgvc-aircraft's and country211's train split is train then val)"], r.stderr
     r = vggctl("eval", "--checkpoint", str(out / "last.safetensors"), "--dataset", "dtd", "--data-dir", str(packed))
     assert r.returncode == 1 and errors(r) == [
         f"vggctl: error: {packed}: not a file of DTD (vggctl prepare --dataset dtd makes one)"], r.stderr

@@ -56,10 +56,12 @@ pub struct DataOpts {
     /// Recognition Benchmark's 43 signs: its train and test splits, not
     /// mirrored in training), eurosat (EuroSAT's 27,000 satellite images
     /// of 10 land uses), caltech101 (Caltech-101's 101 objects),
-    /// caltech256 (Caltech-256's 256 objects and clutter) or sun397
-    /// (SUN397's 397 scenes); these four have
+    /// caltech256 (Caltech-256's 256 objects and clutter), sun397
+    /// (SUN397's 397 scenes; these four have
     /// no splits: the part --val-split holds out is validated on, as a
-    /// folder's; their photographs
+    /// folder's) or country211 (Country211's 211 countries: its train and
+    /// valid splits to train on, its test split to validate on); their
+    /// photographs
     /// are read as a folder's [default: cifar10; eval: the
     /// checkpoint's; features: none, the images given instead].
     #[arg(long)]
@@ -74,10 +76,10 @@ pub struct DataOpts {
     /// directory holding train/ and val/; folder, imagenet: or the file
     /// `vggctl prepare` made of them; imagenette*, oxford-pets, flowers102,
     /// food101, dtd, fgvc-aircraft, stanford-cars, gtsrb, eurosat, caltech101,
-    /// caltech256, sun397: the directory holding imagenette2/ (-320/, -160/),
-    /// oxford-iiit-pet/, flowers-102/, food-101/, dtd/, fgvc-aircraft-2013b/,
-    /// stanford_cars/, gtsrb/, eurosat/, caltech101/, caltech256/ or SUN397/
-    /// (torchvision's), or the file
+    /// caltech256, sun397, country211: the directory holding imagenette2/
+    /// (-320/, -160/), oxford-iiit-pet/, flowers-102/, food-101/, dtd/,
+    /// fgvc-aircraft-2013b/, stanford_cars/, gtsrb/, eurosat/, caltech101/,
+    /// caltech256/, SUN397/ or country211/ (torchvision's), or the file
     /// `vggctl prepare` made of it
     /// [default: ./data].
     #[arg(long, alias = "data-path")]
@@ -85,7 +87,7 @@ pub struct DataOpts {
     /// Where to download the binary CIFAR-10 or CIFAR-100 archive (or
     /// STL-10's) from
     /// when it is missing; mnist, fashion-mnist, kmnist, qmnist, svhn, oxford-pets,
-    /// flowers102, food101, dtd, fgvc-aircraft, gtsrb, eurosat, caltech101, caltech256, sun397, imagenette*: the mirror (or comma-separated mirrors) serving
+    /// flowers102, food101, dtd, fgvc-aircraft, gtsrb, eurosat, caltech101, caltech256, sun397, country211, imagenette*: the mirror (or comma-separated mirrors) serving
     /// their files (emnist-*: gzip.zip, every split's) [default:
     /// $VGGCTL_<DATASET>_URL (e.g. $VGGCTL_FASHION_MNIST_URL), else the
     /// dataset's own, as torchvision's].
@@ -98,7 +100,7 @@ pub struct DataOpts {
     /// and annotations.tar.gz; flowers102: three, 102flowers.tgz,
     /// imagelabels.mat and setid.mat; gtsrb: three, the training images',
     /// the test images' and their classes' zips; food101, dtd, fgvc-aircraft,
-    /// eurosat, caltech101, caltech256, sun397, imagenette*: one, which
+    /// eurosat, caltech101, caltech256, sun397, country211, imagenette*: one, which
     /// for fgvc-aircraft must be given: its publisher gives none) [default:
     /// $VGGCTL_<DATASET>_MD5, else the official files'].
     #[arg(long, hide = true)]
@@ -119,7 +121,7 @@ pub struct DataOpts {
     pub extra: bool,
     /// The split validated on after each epoch (and best.safetensors chosen
     /// on): test, or val, leaving the test split unseen until eval: for
-    /// flowers102, dtd and fgvc-aircraft their own val split (training on train alone
+    /// flowers102, dtd, fgvc-aircraft and country211 their own val split (training on train alone
     /// instead of train and val, as benchmarks do), for the others but
     /// folder, imagenet, eurosat, caltech101, caltech256 and sun397 (which hold out
     /// --val-dir, DIR/val or a --val-split part already)
@@ -574,7 +576,7 @@ fn unknown(name: &str) -> String {
     match name {
         "emnist" => format!("--dataset emnist: name the split, one of {emnist}"),
         _ => format!(
-            "unknown dataset '{name}' (expected cifar10, cifar100, mnist, fashion-mnist, kmnist, qmnist, {emnist}, svhn, stl10, digits, folder, imagenet, {imagenette}, oxford-pets, flowers102, food101, dtd, fgvc-aircraft, stanford-cars, gtsrb, eurosat, caltech101, caltech256 or sun397)",
+            "unknown dataset '{name}' (expected cifar10, cifar100, mnist, fashion-mnist, kmnist, qmnist, {emnist}, svhn, stl10, digits, folder, imagenet, {imagenette}, oxford-pets, flowers102, food101, dtd, fgvc-aircraft, stanford-cars, gtsrb, eurosat, caltech101, caltech256, sun397 or country211)",
             imagenette = imagenette::names()
         ),
     }

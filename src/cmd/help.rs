@@ -18,11 +18,13 @@ Environment:
   VGGCTL_STL10_URL, VGGCTL_OXFORD_PETS_URL, VGGCTL_FLOWERS102_URL, VGGCTL_FOOD101_URL,
   VGGCTL_DTD_URL, VGGCTL_FGVC_AIRCRAFT_URL, VGGCTL_GTSRB_URL, VGGCTL_EUROSAT_URL,
   VGGCTL_CALTECH101_URL, VGGCTL_CALTECH256_URL, VGGCTL_SUN397_URL,
-  VGGCTL_IMAGENETTE_URL, VGGCTL_IMAGENETTE_320PX_URL, VGGCTL_IMAGENETTE_160PX_URL
+  VGGCTL_COUNTRY211_URL, VGGCTL_IMAGENETTE_URL, VGGCTL_IMAGENETTE_320PX_URL,
+  VGGCTL_IMAGENETTE_160PX_URL
                         where to download each dataset from (also --data-url; mnist,
                         fashion-mnist, kmnist, qmnist, emnist-*, svhn, oxford-pets,
                         flowers102, food101, dtd, fgvc-aircraft, gtsrb, eurosat, caltech101,
-                        caltech256, sun397, imagenette*: comma-separated mirrors, tried in turn)
+                        caltech256, sun397, country211, imagenette*: comma-separated
+                        mirrors, tried in turn)
                         [default: the dataset's own, as torchvision's]
   VGGCTL_<DATASET>_MD5  the MD5 its download must have (mnist, fashion-mnist, kmnist, qmnist: four,
                         comma-separated; oxford-pets: two; svhn, flowers102, gtsrb: three)

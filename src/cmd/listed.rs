@@ -10,8 +10,8 @@ use vggctl::data::download::DownloadSource;
 use vggctl::data::folder::Listed;
 use vggctl::data::prepared::Prepared;
 use vggctl::data::{
-    aircraft, caltech101, caltech256, cars, dtd, eurosat, flowers, food101, gtsrb, imagenette,
-    pets, sun397,
+    aircraft, caltech101, caltech256, cars, country211, dtd, eurosat, flowers, food101, gtsrb,
+    imagenette, pets, sun397,
 };
 
 use super::output::usage;
@@ -53,7 +53,8 @@ fn env_var(name: &str, what: &str) -> String {
 
 /// Whether `name` is a dataset of listed photographs (Imagenette,
 /// Oxford-IIIT Pet, Oxford 102 Flowers, Food-101, DTD, FGVC-Aircraft,
-/// Stanford Cars, GTSRB, EuroSAT, Caltech-101 and -256, SUN397): read as an image folder, or from
+/// Stanford Cars, GTSRB, EuroSAT, Caltech-101 and -256, SUN397,
+/// Country211): read as an image folder, or from
 /// the file `vggctl prepare` made of it.
 pub fn is_listed(name: &str) -> bool {
     listed_classes(name).is_some()
@@ -73,6 +74,7 @@ pub fn listed_classes(name: &str) -> Option<i64> {
         caltech101::NAME => caltech101::CLASSES,
         cars::NAME => cars::CLASSES,
         sun397::NAME => sun397::CLASSES,
+        country211::NAME => country211::CLASSES,
         other => imagenette::named(other).map(|_| imagenette::CLASSES)?,
     })
 }
@@ -102,6 +104,7 @@ pub fn open_listed(
         caltech256::NAME => &caltech256::PUBLISHED,
         caltech101::NAME => &caltech101::PUBLISHED,
         sun397::NAME => &sun397::PUBLISHED,
+        country211::NAME => &country211::PUBLISHED,
         other => match imagenette::named(other) {
             Some(size) => &size.published,
             None => bail!("{other}: not a dataset read from lists"),
@@ -140,6 +143,7 @@ pub fn open_listed(
         caltech256::NAME => caltech256::listing(&base),
         caltech101::NAME => caltech101::listing(&base),
         sun397::NAME => sun397::listing(&base),
+        country211::NAME => country211::listing(&base),
         other if let Some(size) = imagenette::named(other) => size.listing(&base),
         _ => dtd::listing(&base, fold),
     }

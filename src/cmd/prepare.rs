@@ -16,7 +16,7 @@ pub struct Args {
     /// folder (one subfolder of images per class), imagenet (DIR/train/<wnid>/
     /// and DIR/val/<wnid>/), or imagenette (-320px, -160px), oxford-pets,
     /// flowers102, food101, dtd, fgvc-aircraft, stanford-cars, gtsrb, eurosat,
-    /// caltech101, caltech256 or sun397 (their
+    /// caltech101, caltech256, sun397 or country211 (their
     /// training and test images, as train reads them; downloaded first if
     /// missing, but Stanford Cars').
     #[arg(long, default_value = "folder")]
@@ -24,9 +24,10 @@ pub struct Args {
     /// folder: the class folders; imagenet: the directory holding train/ and
     /// val/; imagenette*, oxford-pets, flowers102, food101, dtd,
     /// fgvc-aircraft, stanford-cars, gtsrb, eurosat, caltech101, caltech256,
-    /// sun397: the directory holding imagenette2/ (-320/, -160/),
+    /// sun397, country211: the directory holding imagenette2/ (-320/, -160/),
     /// oxford-iiit-pet/, flowers-102/, food-101/, dtd/, fgvc-aircraft-2013b/,
-    /// stanford_cars/, gtsrb/, eurosat/, caltech101/, caltech256/ or SUN397/.
+    /// stanford_cars/, gtsrb/, eurosat/, caltech101/, caltech256/, SUN397/ or
+    /// country211/.
     #[arg(long)]
     data_dir: PathBuf,
     /// dtd: the partition packed (1 to 10), as torchvision's
@@ -112,7 +113,7 @@ pub fn run(args: Args) -> Result<()> {
         "imagenet" => return Err(usage("--val-dir: imagenet's validation images are DIR/val")),
         other => {
             return Err(usage(format!(
-                "--dataset {other}: prepare takes folder, imagenet, imagenette (-320px, -160px), oxford-pets, flowers102, food101, dtd, fgvc-aircraft, stanford-cars, gtsrb, eurosat, caltech101, caltech256 or sun397"
+                "--dataset {other}: prepare takes folder, imagenet, imagenette (-320px, -160px), oxford-pets, flowers102, food101, dtd, fgvc-aircraft, stanford-cars, gtsrb, eurosat, caltech101, caltech256, sun397 or country211"
             )));
         }
     };

@@ -11,6 +11,7 @@ pub mod caltech101;
 pub mod caltech256;
 pub mod cars;
 pub mod cifar;
+pub mod country211;
 pub mod digits;
 pub mod download;
 pub mod dtd;
@@ -48,7 +49,7 @@ use stream::{InOrder, Streamed};
 /// name) is read as an image folder is (`folder`, `imagenet`, and the
 /// listed photographs of Imagenette, Oxford-IIIT Pet, Oxford 102 Flowers,
 /// Food-101, DTD, FGVC-Aircraft, Stanford Cars, GTSRB, EuroSAT, Caltech-101
-/// and -256, SUN397): images of any size, resized as
+/// and -256, SUN397, Country211): images of any size, resized as
 /// they are read, unlike CIFAR's, MNIST's and the digits' fixed sides.
 pub fn is_image_folder(name: &str) -> bool {
     imagenette::named(name).is_some()
@@ -66,6 +67,7 @@ pub fn is_image_folder(name: &str) -> bool {
                 | caltech256::NAME
                 | cars::NAME
                 | sun397::NAME
+                | country211::NAME
                 | caltech101::NAME
         )
 }
@@ -89,12 +91,16 @@ pub fn is_imagenet_photos(name: &str) -> bool {
 }
 
 /// Whether the dataset `name` has a val split of its own besides its
-/// training and test splits (Oxford 102 Flowers', DTD's, FGVC-Aircraft's),
+/// training and test splits (Oxford 102 Flowers', DTD's, FGVC-Aircraft's,
+/// Country211's),
 /// which
 /// `--val-on val` validates on; the others hold out part of their training
 /// split for it.
 pub fn has_own_val(name: &str) -> bool {
-    matches!(name, flowers::NAME | dtd::NAME | aircraft::NAME)
+    matches!(
+        name,
+        flowers::NAME | dtd::NAME | aircraft::NAME | country211::NAME
+    )
 }
 
 /// The probability with which training mirrors the images of the dataset
