@@ -25,6 +25,19 @@ def errors(r):
     return [line for line in r.stderr.splitlines() if not line.startswith("note: ")]
 
 
+def missing_dataset_error(name, tmp_path, *args):
+    """The one error line of `prepare --dataset name --no-download` on an
+    empty `--data-dir` (`tmp_path/empty`), after checking that the exit is 1
+    and that nothing was written there or as the output; and the folder."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "missing.vggdata"
+    r = vggctl("prepare", "--dataset", name, "--data-dir", str(empty), "--no-download", "-o", str(out), *args)
+    assert r.returncode == 1 and len(errors(r)) == 1, r.stderr
+    assert os.listdir(empty) == [] and not out.exists()
+    return errors(r)[0], empty
+
+
 @functools.cache
 def photos():
     """scikit-image's real photographs, as RGB arrays."""

@@ -184,7 +184,7 @@ def test_a_datasets_split_is_read_as_torchvision_and_eval_read_it(tmp_path):
         if name == "cifar10":
             ds = cifar10(os.path.join(FIX, "digits-py"), train=True)
             images = torch.from_numpy(ds.data).permute(0, 3, 1, 2)
-            assert r.stdout == "" and f"row i is image i of the train split of cifar10" in r.stderr, r.stderr
+            assert r.stdout == "" and "row i is image i of the train split of cifar10" in r.stderr, r.stderr
         else:
             ds = ddp_reference.mnist(os.path.join(FIX, "digits-bin"), "mnist", train=False)
             assert len(ds) > 100

@@ -24,7 +24,7 @@ import torchvision
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dataset_helpers import errors, packed_index, vggctl, window  # noqa: E402
+from dataset_helpers import errors, missing_dataset_error, packed_index, vggctl, window  # noqa: E402
 
 CLASSES = [f"Make{c} Model {c % 7} {2000 + c % 13}" for c in range(196)]
 CLASSES[0], CLASSES[195] = "AM General Hummer SUV 2000", "smart fortwo Convertible 2012"
@@ -88,14 +88,11 @@ def test_prepare_lists_torchvisions_samples_and_training_validates_on_test(tmp_p
 
 
 def test_a_missing_dataset_and_damaged_annotations_are_one_line_each(tmp_path):
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    r = vggctl("prepare", "--dataset", "stanford-cars", "--data-dir", str(empty), "-o", str(tmp_path / "p.vggdata"))
-    assert r.returncode == 1 and errors(r) == [
+    line, empty = missing_dataset_error("stanford-cars", tmp_path)
+    assert line == (
         f"vggctl: error: no Stanford Cars in {empty}: {empty}/stanford_cars/devkit/cars_meta.mat is not there, and "
         "the dataset cannot be downloaded (its site is gone; torchvision no longer downloads it either): put its "
-        f"devkit/, cars_train/, cars_test/ and cars_test_annos_withlabels.mat into {empty}/stanford_cars"], r.stderr
-    assert os.listdir(empty) == []
+        f"devkit/, cars_train/, cars_test/ and cars_test_annos_withlabels.mat into {empty}/stanford_cars"), line
 
     cases = [
         ("class", dict(train=TRAIN[:-1] + [197]), "devkit/cars_train_annos.mat: annotation 11: class 197 is not "

@@ -24,7 +24,7 @@ import torchvision
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dataset_helpers import errors, md5, mirror, packed_index, vggctl, window  # noqa: E402
+from dataset_helpers import errors, md5, mirror, missing_dataset_error, packed_index, vggctl, window  # noqa: E402
 
 FOLDERS = ["/a/abbey", "/a/apartment_building/outdoor"] + [f"/{chr(97 + c % 26)}/scene_{c}" for c in range(2, 397)]
 
@@ -100,12 +100,8 @@ def test_training_validates_on_the_part_val_split_holds_out(tmp_path):
                    str(tmp_path / "p.vggdata"))
         assert r.returncode == 1 and len(errors(r)) == 1 and f"{tmp_path / name}/{message}" in r.stderr, r.stderr
         assert not (tmp_path / "p.vggdata").exists()
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    r = vggctl("prepare", "--dataset", "sun397", "--data-dir", str(empty), "--no-download", "-o",
-               str(tmp_path / "p.vggdata"))
-    assert r.returncode == 1 and errors(r) == [
+    line, empty = missing_dataset_error("sun397", tmp_path)
+    assert line == (
         f"vggctl: error: no SUN397 in {empty}: expected {empty}/SUN397/ and downloading is off; put torchvision's "
         "SUN397/ of SUN397.tar.gz (from http://vision.princeton.edu/projects/2010/SUN/) into "
-        f"{empty} by hand, or point --data-dir at a copy (--data-url names a mirror)"], r.stderr
-    assert os.listdir(empty) == []
+        f"{empty} by hand, or point --data-dir at a copy (--data-url names a mirror)"), line
