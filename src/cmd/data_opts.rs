@@ -19,7 +19,8 @@ use vggctl::dist::World;
 use vggctl::train::config::TrainConfig;
 
 use super::listed::{
-    check_packed_partition, is_listed, listed_classes, open_listed, source_from_env,
+    check_fold, check_packed_partition, is_listed, listed_classes, open_listed, source_from_env,
+    unknown_dataset,
 };
 use super::output::{http_urls, parse_size, started, usage, warn, whole};
 use super::progress::download_bar;
@@ -59,8 +60,11 @@ pub struct DataOpts {
     /// caltech256 (Caltech-256's 256 objects and clutter), sun397
     /// (SUN397's 397 scenes; these four have
     /// no splits: the part --val-split holds out is validated on, as a
-    /// folder's) or country211 (Country211's 211 countries: its train and
-    /// valid splits to train on, its test split to validate on); their
+    /// folder's), country211 (Country211's 211 countries: its train and
+    /// valid splits to train on, its test split to validate on) or
+    /// places365, places365-256 (Places365-Standard's 365 scenes, as
+    /// published or at 256x256: its train-standard split to train on, its
+    /// val split to validate on; trained as ImageNet is); their
     /// photographs
     /// are read as a folder's [default: cifar10; eval: the
     /// checkpoint's; features: none, the images given instead].
@@ -79,7 +83,9 @@ pub struct DataOpts {
     /// caltech256, sun397, country211: the directory holding imagenette2/
     /// (-320/, -160/), oxford-iiit-pet/, flowers-102/, food-101/, dtd/,
     /// fgvc-aircraft-2013b/, stanford_cars/, gtsrb/, eurosat/, caltech101/,
-    /// caltech256/, SUN397/ or country211/ (torchvision's), or the file
+    /// caltech256/, SUN397/ or country211/ (torchvision's); places365*: the
+    /// directory holding its lists and image folders (torchvision's root);
+    /// or the file
     /// `vggctl prepare` made of it
     /// [default: ./data].
     #[arg(long, alias = "data-path")]
@@ -87,7 +93,7 @@ pub struct DataOpts {
     /// Where to download the binary CIFAR-10 or CIFAR-100 archive (or
     /// STL-10's) from
     /// when it is missing; mnist, fashion-mnist, kmnist, qmnist, svhn, oxford-pets,
-    /// flowers102, food101, dtd, fgvc-aircraft, gtsrb, eurosat, caltech101, caltech256, sun397, country211, imagenette*: the mirror (or comma-separated mirrors) serving
+    /// flowers102, food101, dtd, fgvc-aircraft, gtsrb, eurosat, caltech101, caltech256, sun397, country211, imagenette*, places365*: the mirror (or comma-separated mirrors) serving
     /// their files (emnist-*: gzip.zip, every split's) [default:
     /// $VGGCTL_<DATASET>_URL (e.g. $VGGCTL_FASHION_MNIST_URL), else the
     /// dataset's own, as torchvision's].
@@ -98,7 +104,8 @@ pub struct DataOpts {
     /// comma-separated, for train-images, train-labels, t10k-images,
     /// t10k-labels; svhn: three, train, test and extra; oxford-pets: two, images.tar.gz
     /// and annotations.tar.gz; flowers102: three, 102flowers.tgz,
-    /// imagelabels.mat and setid.mat; gtsrb: three, the training images',
+    /// imagelabels.mat and setid.mat; places365*: three, the lists', the
+    /// training images' and the val images' archives; gtsrb: three, the training images',
     /// the test images' and their classes' zips; food101, dtd, fgvc-aircraft,
     /// eurosat, caltech101, caltech256, sun397, country211, imagenette*: one, which
     /// for fgvc-aircraft must be given: its publisher gives none) [default:
@@ -253,7 +260,7 @@ impl DataOpts {
                 (Some(c), _, _) => c.classes,
                 (_, Some(m), _) => m.classes.len() as i64,
                 (_, _, Some(n)) => n,
-                _ => return Err(usage(unknown(other))),
+                _ => return Err(usage(unknown_dataset(other))),
             },
         };
         if found < 2 {
@@ -449,7 +456,7 @@ impl DataOpts {
                 folder::load_listed(&opts, name, listed, &mut warn)
             }
             "digits" => digits::load(),
-            other => Err(usage(unknown(other))),
+            other => Err(usage(unknown_dataset(other))),
         }
     }
 
@@ -541,23 +548,6 @@ struct Reading {
     extra: bool,
 }
 
-/// `--fold K` for `dataset`: one of DTD's partitions (1 to 10), else of
-/// STL-10's folds (0 to 9; other datasets ignore or refuse it).
-pub fn check_fold(dataset: &str, fold: Option<usize>) -> Result<()> {
-    let (folds, what) = match dataset {
-        dtd::NAME => (dtd::PARTITIONS, "DTD's partitions"),
-        _ => (0..=stl10::FOLDS - 1, "STL-10's folds"),
-    };
-    match fold.filter(|k| !folds.contains(k)) {
-        Some(k) => Err(usage(format!(
-            "--fold {k}: {what} are {} to {}",
-            folds.start(),
-            folds.end()
-        ))),
-        None => Ok(()),
-    }
-}
-
 /// `DIR/train` or `DIR/val` of ImageNet's layout, or an error saying
 /// what the layout is.
 pub fn imagenet_split(dir: &Path, split: &str) -> Result<PathBuf> {
@@ -569,17 +559,6 @@ pub fn imagenet_split(dir: &Path, split: &str) -> Result<PathBuf> {
         );
     }
     Ok(path)
-}
-
-fn unknown(name: &str) -> String {
-    let emnist = mnist::EMNIST_SPLITS.map(|m| m.name).join(", ");
-    match name {
-        "emnist" => format!("--dataset emnist: name the split, one of {emnist}"),
-        _ => format!(
-            "unknown dataset '{name}' (expected cifar10, cifar100, mnist, fashion-mnist, kmnist, qmnist, {emnist}, svhn, stl10, digits, folder, imagenet, {imagenette}, oxford-pets, flowers102, food101, dtd, fgvc-aircraft, stanford-cars, gtsrb, eurosat, caltech101, caltech256, sun397 or country211)",
-            imagenette = imagenette::names()
-        ),
-    }
 }
 
 /// Rank 0 tells the other ranks (after loading the data, so it also

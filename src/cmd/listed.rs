@@ -1,7 +1,10 @@
-//! The datasets read from lists of photographs (Oxford-IIIT Pet, Oxford
-//! 102 Flowers, Food-101, DTD): which they are, where they are downloaded
-//! from, and how a prepared file of DTD names its partition. `train`,
-//! `eval`, `finetune` and `prepare` open them here.
+//! The datasets read from lists of photographs (Imagenette, Oxford-IIIT
+//! Pet, Oxford 102 Flowers, Food-101, DTD, FGVC-Aircraft, Stanford Cars,
+//! GTSRB, EuroSAT, the Caltechs, SUN397, Country211, Places365): which they
+//! are, where they are downloaded from, and how a prepared file of DTD
+//! names its partition. `train`, `eval`, `finetune` and `prepare` open
+//! them here. Also what `--fold` may name, and the one list of every
+//! dataset's name an unknown `--dataset` is answered with.
 
 use std::path::{Path, PathBuf};
 
@@ -11,7 +14,7 @@ use vggctl::data::folder::Listed;
 use vggctl::data::prepared::Prepared;
 use vggctl::data::{
     aircraft, caltech101, caltech256, cars, country211, dtd, eurosat, flowers, food101, gtsrb,
-    imagenette, pets, sun397,
+    imagenette, mnist, pets, places365, stl10, sun397,
 };
 
 use super::output::usage;
@@ -54,7 +57,7 @@ fn env_var(name: &str, what: &str) -> String {
 /// Whether `name` is a dataset of listed photographs (Imagenette,
 /// Oxford-IIIT Pet, Oxford 102 Flowers, Food-101, DTD, FGVC-Aircraft,
 /// Stanford Cars, GTSRB, EuroSAT, Caltech-101 and -256, SUN397,
-/// Country211): read as an image folder, or from
+/// Country211, Places365): read as an image folder, or from
 /// the file `vggctl prepare` made of it.
 pub fn is_listed(name: &str) -> bool {
     listed_classes(name).is_some()
@@ -75,6 +78,7 @@ pub fn listed_classes(name: &str) -> Option<i64> {
         cars::NAME => cars::CLASSES,
         sun397::NAME => sun397::CLASSES,
         country211::NAME => country211::CLASSES,
+        other if places365::named(other).is_some() => places365::CLASSES,
         other => imagenette::named(other).map(|_| imagenette::CLASSES)?,
     })
 }
@@ -92,6 +96,11 @@ pub fn open_listed(
     if name == cars::NAME {
         // Nothing to download: its files are put in place by hand.
         return cars::listing(&cars::base(dir)?);
+    }
+    if let Some(size) = places365::named(name) {
+        let src = source(name, size.own_source());
+        let root = size.fetch(dir, src.as_ref(), &mut download_bar(quiet))?;
+        return size.listing(&root);
     }
     let published = match name {
         pets::NAME => &pets::PUBLISHED,
@@ -146,5 +155,35 @@ pub fn open_listed(
         country211::NAME => country211::listing(&base),
         other if let Some(size) = imagenette::named(other) => size.listing(&base),
         _ => dtd::listing(&base, fold),
+    }
+}
+
+/// `--fold K` for `dataset`: one of DTD's partitions (1 to 10), else of
+/// STL-10's folds (0 to 9; other datasets ignore or refuse it).
+pub fn check_fold(dataset: &str, fold: Option<usize>) -> Result<()> {
+    let (folds, what) = match dataset {
+        dtd::NAME => (dtd::PARTITIONS, "DTD's partitions"),
+        _ => (0..=stl10::FOLDS - 1, "STL-10's folds"),
+    };
+    match fold.filter(|k| !folds.contains(k)) {
+        Some(k) => Err(usage(format!(
+            "--fold {k}: {what} are {} to {}",
+            folds.start(),
+            folds.end()
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// The error of an unknown `--dataset` (or of `emnist` without its
+/// split), naming every dataset.
+pub fn unknown_dataset(name: &str) -> String {
+    let emnist = mnist::EMNIST_SPLITS.map(|m| m.name).join(", ");
+    match name {
+        "emnist" => format!("--dataset emnist: name the split, one of {emnist}"),
+        _ => format!(
+            "unknown dataset '{name}' (expected cifar10, cifar100, mnist, fashion-mnist, kmnist, qmnist, {emnist}, svhn, stl10, digits, folder, imagenet, {imagenette}, oxford-pets, flowers102, food101, dtd, fgvc-aircraft, stanford-cars, gtsrb, eurosat, caltech101, caltech256, sun397, country211, places365 or places365-256)",
+            imagenette = imagenette::names()
+        ),
     }
 }

@@ -7,8 +7,8 @@ use anyhow::Result;
 use vggctl::data::dtd;
 use vggctl::data::pack::{Prepare, PrepareOptions, prepare, prepare_listed};
 
-use super::data_opts::{check_fold, imagenet_split};
-use super::listed::{is_listed, open_listed, source_from_env};
+use super::data_opts::imagenet_split;
+use super::listed::{check_fold, is_listed, open_listed, source_from_env};
 use super::output::{usage, warn, whole};
 
 #[derive(clap::Args, Debug)]
@@ -16,7 +16,8 @@ pub struct Args {
     /// folder (one subfolder of images per class), imagenet (DIR/train/<wnid>/
     /// and DIR/val/<wnid>/), or imagenette (-320px, -160px), oxford-pets,
     /// flowers102, food101, dtd, fgvc-aircraft, stanford-cars, gtsrb, eurosat,
-    /// caltech101, caltech256, sun397 or country211 (their
+    /// caltech101, caltech256, sun397, country211, places365 or places365-256
+    /// (their
     /// training and test images, as train reads them; downloaded first if
     /// missing, but Stanford Cars').
     #[arg(long, default_value = "folder")]
@@ -27,7 +28,8 @@ pub struct Args {
     /// sun397, country211: the directory holding imagenette2/ (-320/, -160/),
     /// oxford-iiit-pet/, flowers-102/, food-101/, dtd/, fgvc-aircraft-2013b/,
     /// stanford_cars/, gtsrb/, eurosat/, caltech101/, caltech256/, SUN397/ or
-    /// country211/.
+    /// country211/; places365*: the directory holding Places365's lists and
+    /// image folders.
     #[arg(long)]
     data_dir: PathBuf,
     /// dtd: the partition packed (1 to 10), as torchvision's
@@ -113,7 +115,7 @@ pub fn run(args: Args) -> Result<()> {
         "imagenet" => return Err(usage("--val-dir: imagenet's validation images are DIR/val")),
         other => {
             return Err(usage(format!(
-                "--dataset {other}: prepare takes folder, imagenet, imagenette (-320px, -160px), oxford-pets, flowers102, food101, dtd, fgvc-aircraft, stanford-cars, gtsrb, eurosat, caltech101, caltech256, sun397 or country211"
+                "--dataset {other}: prepare takes folder, imagenet, imagenette (-320px, -160px), oxford-pets, flowers102, food101, dtd, fgvc-aircraft, stanford-cars, gtsrb, eurosat, caltech101, caltech256, sun397, country211, places365 or places365-256"
             )));
         }
     };

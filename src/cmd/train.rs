@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use vggctl::checkpoint::load_weights;
 use vggctl::data::augment::Augment;
-use vggctl::data::{is_imagenet_photos, native_side};
+use vggctl::data::{native_side, trains_by_imagenet_recipe};
 use vggctl::model::{Head, ModelSpec, Vgg};
 
 use super::checks::warn_unused_options;
@@ -70,7 +70,7 @@ pub fn run(args: Args) -> Result<()> {
         .transpose()?;
     // The classes are the dataset's (a folder's class folders): --classes
     // may repeat them.
-    let imagenet = is_imagenet_photos(args.data.dataset());
+    let imagenet = trains_by_imagenet_recipe(args.data.dataset());
     // torchvision's RandomResizedCrop at 224 for ImageNet, else the CIFAR
     // recipe's padded crop at 32 (STL-10's 96; --input may give another side).
     let (augment, input) = match imagenet {

@@ -52,15 +52,9 @@ pub fn base(root: &Path) -> Result<PathBuf> {
 /// it: its classes, the training images to train on and the test images
 /// to validate on, in the annotations' order.
 pub fn listing(base: &Path) -> Result<(PathBuf, Listed)> {
-    let listed = Listed {
-        classes: class_names(&base.join(META))?,
-        wnids: None,
-        train: annotations(base, TRAIN)?,
-        val: Some(annotations(base, TEST)?),
-        partition: None,
-        own_val: 0,
-    };
-    Ok((base.to_path_buf(), listed))
+    let classes = class_names(&base.join(META))?;
+    let (train, test) = (annotations(base, TRAIN)?, annotations(base, TEST)?);
+    Ok((base.to_path_buf(), Listed::split(classes, train, test)))
 }
 
 /// The variable `name` of the MAT-file at `path`.

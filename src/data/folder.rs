@@ -258,6 +258,15 @@ impl Listed {
         }
     }
 
+    /// A dataset of a training split and a test split validated on, without
+    /// a val split of its own.
+    pub fn split(classes: Vec<String>, train: LabeledFiles, test: LabeledFiles) -> Listed {
+        Listed {
+            val: Some(test),
+            ..Listed::unsplit(classes, train)
+        }
+    }
+
     /// The dataset `name` validated on its own val split (`--val-on val`):
     /// trained on the images before it, its test images left out.
     pub fn on_own_val(mut self, name: &str) -> Result<Listed> {

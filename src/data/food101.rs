@@ -73,15 +73,8 @@ pub fn listing(root: &Path) -> Result<(PathBuf, Listed)> {
         }
         Ok(files)
     };
-    let listed = Listed {
-        train: files("train", train)?,
-        val: Some(files("test", test)?),
-        classes,
-        wnids: None,
-        partition: None,
-        own_val: 0,
-    };
-    Ok((images, listed))
+    let (train, test) = (files("train", train)?, files("test", test)?);
+    Ok((images, Listed::split(classes, train, test)))
 }
 
 fn list_path(base: &Path, split: &str) -> PathBuf {

@@ -144,15 +144,9 @@ fn ppms(path: &str) -> bool {
 /// the folder of its images, and its signs with the training images (to
 /// train on) and the listed test images (to validate on).
 pub fn listing(base: &Path) -> Result<(PathBuf, Listed)> {
-    let listed = Listed {
-        train: training(&base.join(TRAINING))?,
-        val: Some(test_list(base)?),
-        classes: SIGNS.map(String::from).to_vec(),
-        wnids: None,
-        partition: None,
-        own_val: 0,
-    };
-    Ok((base.join("GTSRB"), listed))
+    let (train, test) = (training(&base.join(TRAINING))?, test_list(base)?);
+    let classes = SIGNS.map(String::from).to_vec();
+    Ok((base.join("GTSRB"), Listed::split(classes, train, test)))
 }
 
 /// The `.ppm` images of the class folders `00000` to `00042` in `dir`, in

@@ -30,6 +30,7 @@ pub mod mix;
 pub mod mnist;
 pub mod pack;
 pub mod pets;
+pub mod places365;
 pub mod prepared;
 pub mod resize;
 pub mod resized_crop;
@@ -49,10 +50,11 @@ use stream::{InOrder, Streamed};
 /// name) is read as an image folder is (`folder`, `imagenet`, and the
 /// listed photographs of Imagenette, Oxford-IIIT Pet, Oxford 102 Flowers,
 /// Food-101, DTD, FGVC-Aircraft, Stanford Cars, GTSRB, EuroSAT, Caltech-101
-/// and -256, SUN397, Country211): images of any size, resized as
+/// and -256, SUN397, Country211, Places365): images of any size, resized as
 /// they are read, unlike CIFAR's, MNIST's and the digits' fixed sides.
 pub fn is_image_folder(name: &str) -> bool {
     imagenette::named(name).is_some()
+        || places365::named(name).is_some()
         || matches!(
             name,
             "folder"
@@ -83,11 +85,11 @@ pub fn is_unsplit(name: &str) -> bool {
     )
 }
 
-/// Whether the dataset `name` is of ImageNet's photographs and classes
-/// (`imagenet`, Imagenette's sizes): `train` trains it by torchvision's
-/// ImageNet recipe (random resized crops at 224, the ImageNet head).
-pub fn is_imagenet_photos(name: &str) -> bool {
-    name == "imagenet" || imagenette::named(name).is_some()
+/// Whether the dataset `name` is trained by torchvision's ImageNet recipe
+/// (random resized crops at 224, the ImageNet head): ImageNet's
+/// photographs (`imagenet`, Imagenette's sizes) and Places365's.
+pub fn trains_by_imagenet_recipe(name: &str) -> bool {
+    name == "imagenet" || imagenette::named(name).is_some() || places365::named(name).is_some()
 }
 
 /// Whether the dataset `name` has a val split of its own besides its

@@ -82,15 +82,8 @@ pub fn listing(base: &Path) -> Result<(PathBuf, Listed)> {
             .map(|e| (images.join(format!("{}.jpg", e.id)), e.label))
             .collect()
     };
-    let listed = Listed {
-        classes,
-        wnids: None,
-        train: files(trainval),
-        val: Some(files(test)),
-        partition: None,
-        own_val: 0,
-    };
-    Ok((images, listed))
+    let (train, test) = (files(trainval), files(test));
+    Ok((images, Listed::split(classes, train, test)))
 }
 
 fn annotations(base: &Path, split: &str) -> PathBuf {
