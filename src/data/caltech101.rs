@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
-use super::download::{Archive, DownloadSource, Published, unpack};
+use super::download::{Archive, DownloadSource, Published, class_jpgs, unpack};
 use super::folder::Listed;
 use super::folder_scan::counted_classes;
 
@@ -55,12 +55,6 @@ const IMAGES_ARCHIVE: Archive<'static> = Archive {
     members: &[],
     also: class_jpgs,
 };
-
-/// For [`Archive::also`]: the `.jpg` files of the class folders.
-fn class_jpgs(path: &str) -> bool {
-    let parts: Vec<&str> = path.split('/').collect();
-    matches!(parts[..], [_, file] if file.ends_with(".jpg"))
-}
 
 /// `root/caltech101`, where its `101_ObjectCategories/` is (as torchvision
 /// leaves it), else downloaded from the mirrors `src` names (None:

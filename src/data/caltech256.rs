@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 
-use super::download::{Archive, Published};
+use super::download::{Archive, Published, class_jpgs};
 use super::folder::Listed;
 use super::folder_scan::counted_classes;
 
@@ -43,13 +43,6 @@ pub const PUBLISHED: Published<'static> = Published {
     }],
     mirror: MIRROR,
 };
-
-/// For [`Archive::also`]: the `.jpg` files of the class folders
-/// (`<class>/<image>.jpg`), the only ones read.
-fn class_jpgs(path: &str) -> bool {
-    let parts: Vec<&str> = path.split('/').collect();
-    matches!(parts[..], [_, file] if file.ends_with(".jpg"))
-}
 
 /// The dataset in `base` (`ROOT/caltech256`), read as torchvision reads
 /// it: the folder of its images, and its classes with every image, to be

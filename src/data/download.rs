@@ -212,6 +212,14 @@ pub fn jpg_files(name: &str) -> bool {
     name.ends_with(".jpg") && !name.contains('/')
 }
 
+/// For [`Archive::also`]: the `.jpg` files (that case only) of the class
+/// folders at the archive folder's top (`<class>/<image>.jpg`: the
+/// Caltechs').
+pub fn class_jpgs(path: &str) -> bool {
+    let parts: Vec<&str> = path.split('/').collect();
+    matches!(parts[..], [_, file] if file.ends_with(".jpg"))
+}
+
 /// For [`Archive::also`]: the `.jpg` files of the class folders in
 /// `images/` (Food-101's and DTD's photographs: `images/<class>/<id>.jpg`).
 pub fn class_folder_jpgs(path: &str) -> bool {
