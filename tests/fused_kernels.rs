@@ -25,11 +25,14 @@ fn seeded(seed: i64) -> std::sync::MutexGuard<'static, ()> {
 
 const F32: (Kind, Device) = (Kind::Float, Device::Cpu);
 
+/// `max|t|`, in fp32.
+fn max_abs(t: &Tensor) -> f64 {
+    t.to_kind(Kind::Float).abs().max().double_value(&[])
+}
+
 /// `max|a - b| / max|b|`, in fp32.
 fn rel(a: &Tensor, b: &Tensor) -> f64 {
-    let (a, b) = (a.to_kind(Kind::Float), b.to_kind(Kind::Float));
-    let diff = (&a - &b).abs().max().double_value(&[]);
-    diff / b.abs().max().double_value(&[]).max(1e-30)
+    max_abs(&(a.to_kind(Kind::Float) - b.to_kind(Kind::Float))) / max_abs(b).max(1e-30)
 }
 
 /// What one BatchNorm+ReLU (+max-pool for `FusedBn::OwnPool`) computes on a
@@ -149,9 +152,14 @@ fn batchnorm_relu_pool_breaks_ties_as_max_pool_does() {
 /// pool) with `bn_relu_pool` and vggctl's BatchNorm+ReLU where no pool
 /// follows: training-mode output and every parameter's
 /// gradient are the plain layers' within 1e-3 (an fp16 ulp; measured: up
-/// to 1.7e-4, a convolution bias's fp16 gradient), the running statistics
-/// within 1e-5, each BatchNorm is counted once, and no fused operation
-/// failed (a silent fallback to the plain ops would pass the rest).
+/// to 2.6e-7), the running statistics within 1e-5, each BatchNorm is
+/// counted once, and no fused operation failed (a silent fallback to the
+/// plain ops would pass the rest). A convolution's bias before BatchNorm
+/// has gradient 0 in exact arithmetic (the normalization removes it): its
+/// fp16 gradient is rounding noise, whose digits change with libtorch's
+/// reduction order (its thread count: 2.2e-3 of itself apart at one
+/// thread, 0 at two), so it is measured against its convolution's weight
+/// gradient instead.
 #[test]
 fn layers_fused_with_the_pool_train_as_the_plain_layers() {
     let _seeded = seeded(5);
@@ -216,7 +224,11 @@ fn layers_fused_with_the_pool_train_as_the_plain_layers() {
     assert_eq!(fused.take_fusion_failure(), None);
     assert!(rel(&y, &want_y) <= 1e-3, "output: {}", rel(&y, &want_y));
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-        assert!(rel(g, w) <= 1e-3, "gradient {i}: {}", rel(g, w));
+        // Per block: the convolution's weight and bias, BatchNorm's weight and bias.
+        let scale = if i % 4 == 1 { &want[i - 1] } else { w };
+        let err =
+            max_abs(&(g.to_kind(Kind::Float) - w.to_kind(Kind::Float))) / max_abs(scale).max(1e-30);
+        assert!(err <= 1e-3, "gradient {i}: {err}");
     }
     for ((_, a), (_, b)) in fused.layers.iter().zip(&plain.layers) {
         if let (

@@ -22,7 +22,7 @@ holds the files, digits-py only their .gz).
 - `--dataset kmnist` (the fixtures' MNIST files under KMNIST/raw/) trains
   as PyTorch does on torchvision's `KMNIST`, not mirrored, normalized by
   the training images' own mean and deviation (recorded within 1e-12 of
-  torch's in float64), with KMNIST's class names.
+  numpy's in float64), with KMNIST's class names.
 - `--dataset emnist-letters` (a gzip.zip in EMNIST's layout, of the
   fixtures' digits stored transposed, labelled 1..10) downloads the zip,
   leaves the folder torchvision's `EMNIST(split="letters")` reads, and
