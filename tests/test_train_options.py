@@ -512,6 +512,10 @@ def test_torchvision_train_py_options_in_vggctls_form(tmp_path):
         assert not (tmp_path / "r").exists()
 
 
+DOWNLOADED_ONLY = ("applies to the datasets vggctl downloads only (not --dataset folder, imagenet, digits or"
+                   " stanford-cars)")
+
+
 def test_options_a_run_has_no_use_for_are_named_once_each(tmp_path):
     """Options typed for a new run that would change what it computes but
     that it cannot use (an SGD option with AdamW, a MultiStepLR option with
@@ -519,8 +523,9 @@ def test_options_a_run_has_no_use_for_are_named_once_each(tmp_path):
     magnitude without it, repeated augmentation's copies without it, the memory an image
     folder may take in memory rather than streamed (their crops differ), a warm-up's factor without a warm-up,
     OneCycleLR's, PolynomialLR's and CosineAnnealingWarmRestarts' options with another schedule, the momentum OneCycleLR cycles, a norm
-    layer's weight decay or momentum without BatchNorm, a dropout without Dropout layers) each get one
-    warning saying what they apply to; the run goes on. Where they apply,
+    layer's weight decay or momentum without BatchNorm, a dropout without Dropout layers, a download's
+    source for data never downloaded) each get one warning saying what they apply to, as eval's
+    download source does; the run goes on. Where they apply,
     no warning; resource and policy options (--workers, --no-download,
     --strict) pass without one."""
     common = ["train", "--dataset", "digits", "--arch", "vgg11", "--epochs", "1",
@@ -533,7 +538,7 @@ def test_options_a_run_has_no_use_for_are_named_once_each(tmp_path):
               "--scale", "0.5,1",
               "--head", "gap",
               "--dropout", "0.2", "--cache-mem", "1G", "--patience", "3", "--three-phase", "--pct-start", "0.5",
-              "--power", "2", "--restart-mult", "2", "--cycle-steps", "4"]
+              "--power", "2", "--restart-mult", "2", "--cycle-steps", "4", "--data-url", "http://127.0.0.1:9/"]
     r = subprocess.run([BIN, *common, *unused, "--out", str(tmp_path / "a")],
                        capture_output=True, text=True, timeout=120, env=ENV)
     assert r.returncode == 0, r.stderr
@@ -561,7 +566,15 @@ def test_options_a_run_has_no_use_for_are_named_once_each(tmp_path):
         ("--dropout", "applies to the classifier's Dropout layers, and the gap head has none"),
         ("--val-dir", "applies to --dataset folder only"),
         ("--cache-mem", "applies to image folders only (--dataset folder, imagenet, imagenette*, oxford-pets, flowers102, food101, dtd, fgvc-aircraft, stanford-cars, gtsrb, eurosat, caltech101, caltech256, sun397, country211 or places365*)"),
-        ("--val-split", "applies to a held-out part only (--dataset folder without --val-dir, eurosat, caltech101, caltech256, sun397, or --val-on val)")]], r.stderr
+        ("--val-split", "applies to a held-out part only (--dataset folder without --val-dir, eurosat, caltech101, caltech256, sun397, or --val-on val)"),
+        ("--data-url", DOWNLOADED_ONLY)]], r.stderr
+    # eval of a dataset never downloaded names a download's source too.
+    r = subprocess.run([BIN, "eval", "--checkpoint", str(tmp_path / "a" / "last.safetensors"), "--data-url",
+                        "http://127.0.0.1:9/", "--data-md5", "0" * 32], capture_output=True, text=True, timeout=120,
+                       env=ENV)
+    assert r.returncode == 0, r.stderr
+    assert [line for line in r.stderr.splitlines() if "is ignored" in line] == [
+        f"warning: {flag} is ignored: it {DOWNLOADED_ONLY}" for flag in ["--data-url", "--data-md5"]], r.stderr
     used = ["--momentum", "0.5", "--nesterov", "--milestones", "3", "--gamma", "0.5", "--auto-augment", "ra",
             "--ra-magnitude", "5", "--ra-sampler", "--ra-reps", "2", "--head", "cifar", "--dropout", "0.2"]
     r = subprocess.run([BIN, *common, *used, "--out", str(tmp_path / "b")],

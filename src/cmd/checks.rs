@@ -7,7 +7,7 @@
 use anyhow::Result;
 use vggctl::data::augment::Augment;
 use vggctl::data::auto_augment::Policy;
-use vggctl::data::{dtd, has_own_val, is_image_folder, is_unsplit};
+use vggctl::data::{DOWNLOADED_ONLY, dtd, has_own_val, is_downloaded, is_image_folder, is_unsplit};
 use vggctl::dist::World;
 use vggctl::model::Head;
 use vggctl::num::Num;
@@ -363,7 +363,7 @@ fn held_out_val(config: &TrainConfig) -> bool {
     config.validates_on_val() && !own
 }
 
-fn model_and_data_rules(config: &TrainConfig) -> [Rule; 8] {
+fn model_and_data_rules(config: &TrainConfig) -> [Rule; 9] {
     let folder = config.dataset == "folder";
     [
         (
@@ -404,6 +404,11 @@ fn model_and_data_rules(config: &TrainConfig) -> [Rule; 8] {
                 || is_unsplit(&config.dataset)
                 || held_out_val(config),
             "applies to a held-out part only (--dataset folder without --val-dir, eurosat, caltech101, caltech256, sun397, or --val-on val)",
+        ),
+        (
+            &["data_url", "data_md5"],
+            is_downloaded(&config.dataset),
+            DOWNLOADED_ONLY,
         ),
     ]
 }

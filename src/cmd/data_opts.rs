@@ -3,7 +3,6 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Result, anyhow, bail};
-use vggctl::data::Dataset;
 use vggctl::data::cifar;
 use vggctl::data::digits;
 use vggctl::data::download::DownloadSource;
@@ -14,7 +13,9 @@ use vggctl::data::mnist;
 use vggctl::data::pack;
 use vggctl::data::prepared::{self, Prepared};
 use vggctl::data::resize::Filter;
-use vggctl::data::{dtd, has_own_val, imagenette, is_unsplit, stl10, svhn};
+use vggctl::data::{
+    DOWNLOADED_ONLY, Dataset, dtd, has_own_val, imagenette, is_downloaded, is_unsplit, stl10, svhn,
+};
 use vggctl::dist::World;
 use vggctl::train::config::TrainConfig;
 
@@ -203,6 +204,20 @@ impl DataOpts {
             url: self.data_url.clone().unwrap_or(env.url),
             md5: self.data_md5.clone().unwrap_or(env.md5),
         })
+    }
+
+    /// The warnings that --data-url and --data-md5 are ignored, where they
+    /// are given and the dataset `name` is never downloaded.
+    pub fn unused_source(&self, name: &str) -> Vec<String> {
+        let given = [
+            ("--data-url", self.data_url.is_some()),
+            ("--data-md5", self.data_md5.is_some()),
+        ];
+        given
+            .into_iter()
+            .filter(|&(_, given)| given && !is_downloaded(name))
+            .map(|(flag, _)| format!("{flag} is ignored: it {DOWNLOADED_ONLY}"))
+            .collect()
     }
 
     /// --val-dir as a run records it: only a folder's training reads it

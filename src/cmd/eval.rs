@@ -381,7 +381,8 @@ fn scored_as(
 }
 
 /// Options that change nothing for this data: an interpolation where no
-/// image is resized, a class subset the data does not make.
+/// image is resized, a download's source where nothing is downloaded, a
+/// class subset the data does not make.
 fn warn_unused(args: &Args, dataset: &Dataset, scoring: &Scoring) {
     if args.data.fold.is_some() && dataset.name != dtd::NAME {
         warn("--fold is ignored: evaluation reads the test split, which has no folds".into());
@@ -392,6 +393,10 @@ fn warn_unused(args: &Args, dataset: &Dataset, scoring: &Scoring) {
             dataset.name
         ));
     }
+    args.data
+        .unused_source(&dataset.name)
+        .into_iter()
+        .for_each(warn);
     if args.only_data_classes && scoring.subset.is_none() {
         warn(
             "--only-data-classes: the data has all the model's classes; it changes nothing".into(),

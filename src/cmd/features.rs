@@ -279,6 +279,7 @@ fn run_on_dataset(args: &Args, format: RowFormat) -> Result<()> {
         )));
     };
     let fold = split_fold(args, &name, &split)?;
+    args.data.unused_source(&name).into_iter().for_each(warn);
     let mut loaded = args.input.open_model()?;
     let spec = loaded.model.spec;
     let (names, wanted) = requested(args, &spec, format)?;

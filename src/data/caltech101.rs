@@ -90,20 +90,14 @@ pub fn fetch(
 /// held out from.
 pub fn listing(base: &Path) -> Result<(PathBuf, Listed)> {
     let dir = base.join(IMAGES);
-    let (classes, train) = counted_classes(
+    let found = counted_classes(
         &dir,
         BACKGROUND,
         |_| true,
         |_, k| format!("image_{k:04}.jpg"),
     )?;
-    if classes.len() as i64 != CLASSES {
-        bail!(
-            "{}: {} class folders (but {BACKGROUND}), where Caltech-101 has {CLASSES}",
-            dir.display(),
-            classes.len()
-        );
-    }
-    Ok((dir, Listed::unsplit(classes, train)))
+    let counted = format!("class folders (but {BACKGROUND})");
+    Listed::unsplit_in(dir, found, ("Caltech-101", CLASSES), &counted)
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 
 use super::download::{Archive, Published, class_jpgs};
 use super::folder::Listed;
@@ -49,20 +49,13 @@ pub const PUBLISHED: Published<'static> = Published {
 /// held out from.
 pub fn listing(base: &Path) -> Result<(PathBuf, Listed)> {
     let dir = base.join(IMAGES);
-    let (classes, train) = counted_classes(
+    let found = counted_classes(
         &dir,
         "",
         |f| f.ends_with(".jpg"),
         |c, k| format!("{:03}_{k:04}.jpg", c + 1),
     )?;
-    if classes.len() as i64 != CLASSES {
-        bail!(
-            "{}: {} class folders, where Caltech-256 has {CLASSES}",
-            dir.display(),
-            classes.len()
-        );
-    }
-    Ok((dir, Listed::unsplit(classes, train)))
+    Listed::unsplit_in(dir, found, ("Caltech-256", CLASSES), "class folders")
 }
 
 #[cfg(test)]

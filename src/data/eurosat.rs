@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 
 use super::download::{Archive, Published};
 use super::folder::Listed;
@@ -56,15 +56,8 @@ fn class_images(path: &str) -> bool {
 /// out from.
 pub fn listing(base: &Path) -> Result<(PathBuf, Listed)> {
     let dir = base.join(IMAGES);
-    let (classes, train) = scan(&dir)?;
-    if classes.len() as i64 != CLASSES {
-        bail!(
-            "{}: {} class folders, where EuroSAT has {CLASSES}",
-            dir.display(),
-            classes.len()
-        );
-    }
-    Ok((dir, Listed::unsplit(classes, train)))
+    let found = scan(&dir)?;
+    Listed::unsplit_in(dir, found, ("EuroSAT", CLASSES), "class folders")
 }
 
 #[cfg(test)]

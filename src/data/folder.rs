@@ -258,6 +258,27 @@ impl Listed {
         }
     }
 
+    /// An unsplit dataset whose images are the class folders of `dir`
+    /// (EuroSAT's, the Caltechs'): `found` (its classes with every image)
+    /// if it has the `want` classes the dataset `title` has, else an error
+    /// naming `dir` and the number of `counted` ("class folders") found.
+    pub fn unsplit_in(
+        dir: PathBuf,
+        found: (Vec<String>, LabeledFiles),
+        (title, want): (&str, i64),
+        counted: &str,
+    ) -> Result<(PathBuf, Listed)> {
+        let (classes, train) = found;
+        if classes.len() as i64 != want {
+            bail!(
+                "{}: {} {counted}, where {title} has {want}",
+                dir.display(),
+                classes.len()
+            );
+        }
+        Ok((dir, Listed::unsplit(classes, train)))
+    }
+
     /// A dataset of a training split and a test split validated on, without
     /// a val split of its own.
     pub fn split(classes: Vec<String>, train: LabeledFiles, test: LabeledFiles) -> Listed {

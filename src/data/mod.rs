@@ -85,6 +85,18 @@ pub fn is_unsplit(name: &str) -> bool {
     )
 }
 
+/// Whether vggctl downloads the dataset `name` when its files are missing
+/// (what `--data-url` and `--data-md5` apply to): every dataset but image
+/// folders, ImageNet, the built-in digits and Stanford Cars (whose files
+/// are put in place by hand).
+pub fn is_downloaded(name: &str) -> bool {
+    !matches!(name, "folder" | "imagenet" | "digits" | cars::NAME)
+}
+
+/// What `--data-url` and `--data-md5` apply to (see [`is_downloaded`]), as
+/// the warning that they are ignored says it.
+pub const DOWNLOADED_ONLY: &str = "applies to the datasets vggctl downloads only (not --dataset folder, imagenet, digits or stanford-cars)";
+
 /// Whether the dataset `name` is trained by torchvision's ImageNet recipe
 /// (random resized crops at 224, the ImageNet head): ImageNet's
 /// photographs (`imagenet`, Imagenette's sizes) and Places365's.
