@@ -175,15 +175,126 @@ pub fn check_fold(dataset: &str, fold: Option<usize>) -> Result<()> {
     }
 }
 
+/// Every `--dataset` name, in the order errors list them.
+fn dataset_names() -> Vec<&'static str> {
+    let mut names = vec![
+        "cifar10",
+        "cifar100",
+        "mnist",
+        "fashion-mnist",
+        "kmnist",
+        "qmnist",
+    ];
+    names.extend(mnist::EMNIST_SPLITS.map(|m| m.name));
+    names.extend(["svhn", "stl10", "digits", "folder", "imagenet"]);
+    names.extend(imagenette::SIZES.map(|s| s.name));
+    names.extend([
+        pets::NAME,
+        flowers::NAME,
+        food101::NAME,
+        dtd::NAME,
+        aircraft::NAME,
+        cars::NAME,
+        gtsrb::NAME,
+        eurosat::NAME,
+        caltech101::NAME,
+        caltech256::NAME,
+        sun397::NAME,
+        country211::NAME,
+    ]);
+    names.extend(places365::SIZES.map(|s| s.name));
+    names
+}
+
+/// torchvision's names for datasets vggctl names otherwise (its class
+/// names, which match vggctl's once case and punctuation are dropped,
+/// need none).
+const TORCHVISION_NAMES: [(&str, &str); 3] = [
+    ("oxfordiiitpet", pets::NAME),
+    ("imagefolder", "folder"),
+    ("imagenet1k", "imagenet"),
+];
+
 /// The error of an unknown `--dataset` (or of `emnist` without its
-/// split), naming every dataset.
+/// split), naming every dataset, and the one meant where a name is
+/// torchvision's spelling or a slip of one or two letters.
 pub fn unknown_dataset(name: &str) -> String {
-    let emnist = mnist::EMNIST_SPLITS.map(|m| m.name).join(", ");
-    match name {
-        "emnist" => format!("--dataset emnist: name the split, one of {emnist}"),
-        _ => format!(
-            "unknown dataset '{name}' (expected cifar10, cifar100, mnist, fashion-mnist, kmnist, qmnist, {emnist}, svhn, stl10, digits, folder, imagenet, {imagenette}, oxford-pets, flowers102, food101, dtd, fgvc-aircraft, stanford-cars, gtsrb, eurosat, caltech101, caltech256, sun397, country211, places365 or places365-256)",
-            imagenette = imagenette::names()
-        ),
+    if name == "emnist" {
+        let emnist = mnist::EMNIST_SPLITS.map(|m| m.name).join(", ");
+        return format!("--dataset emnist: name the split, one of {emnist}");
+    }
+    let names = dataset_names();
+    let (last, rest) = names.split_last().expect("datasets");
+    let guess = meant(name, &names).map_or(String::new(), |m| format!(": did you mean {m}?"));
+    format!(
+        "unknown dataset '{name}'{guess} (expected {} or {last})",
+        rest.join(", ")
+    )
+}
+
+/// The dataset `name` stands for: the one whose name it is once case and
+/// punctuation are dropped (`CIFAR-10`, `FashionMNIST`, torchvision's
+/// `OxfordIIITPet`), else the one within two letters of it.
+fn meant(name: &str, names: &[&'static str]) -> Option<&'static str> {
+    let key = |s: &str| -> Vec<char> {
+        (s.chars().filter(char::is_ascii_alphanumeric))
+            .map(|c| c.to_ascii_lowercase())
+            .collect()
+    };
+    let typed = key(name);
+    let known = names.iter().map(|n| (key(n), *n));
+    let aliases = TORCHVISION_NAMES.iter().map(|(a, n)| (key(a), *n));
+    let all: Vec<(Vec<char>, &str)> = known.chain(aliases).collect();
+    if let Some((_, n)) = all.iter().find(|(k, _)| *k == typed) {
+        return Some(n);
+    }
+    let (distance, n) =
+        (all.iter().map(|(k, n)| (edits(&typed, k), *n))).min_by_key(|(d, _)| *d)?;
+    (distance <= 2 && typed.len() > 3).then_some(n)
+}
+
+/// Levenshtein's distance: the fewest insertions, deletions and
+/// substitutions that turn `a` into `b`.
+fn edits(a: &[char], b: &[char]) -> usize {
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let substituted = diagonal + usize::from(ca != cb);
+            diagonal = row[j + 1];
+            row[j + 1] = substituted.min(row[j] + 1).min(diagonal + 1);
+        }
+    }
+    row[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dataset_is_guessed_from_torchvisions_spelling_or_a_slip() {
+        let names = dataset_names();
+        assert_eq!(names.len(), 34);
+        for (typed, want) in [
+            ("CIFAR-10", Some("cifar10")),
+            ("FashionMNIST", Some("fashion-mnist")),
+            ("OxfordIIITPet", Some(pets::NAME)),
+            ("ImageFolder", Some("folder")),
+            ("Places365", Some("places365")),
+            ("digit", Some("digits")),
+            ("cifar", Some("cifar10")),
+            ("flowers-101", Some(flowers::NAME)),
+            ("places", None),
+            ("abc", None),
+            ("cifar-1000", Some("cifar100")),
+        ] {
+            assert_eq!(meant(typed, &names), want, "{typed}");
+        }
+        let chars = |s: &str| s.chars().collect::<Vec<_>>();
+        assert_eq!(edits(&chars("kitten"), &chars("sitting")), 3);
+        assert_eq!(edits(&chars(""), &chars("abc")), 3);
+        assert_eq!(edits(&chars("flaw"), &chars("lawn")), 2);
     }
 }
