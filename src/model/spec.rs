@@ -140,9 +140,20 @@ impl Arch {
         match Arch::ALL.iter().find(|a| a.name() == base) {
             Some(a) => Ok((*a, bn)),
             None => bail!(
-                "unknown architecture '{s}' (expected vgg11, vgg13, vgg16 or vgg19, optionally with _bn)"
+                "unknown architecture '{s}'{} (expected vgg11, vgg13, vgg16 or vgg19, optionally with _bn)",
+                Arch::meant(&lower).map_or(String::new(), |m| format!(": did you mean {m}?"))
             ),
         }
+    }
+
+    /// The architecture `lower` spells otherwise (`vgg-16`, `vgg16bn`,
+    /// `vgg 16-bn`): the same letters and digits as one of the names.
+    fn meant(lower: &str) -> Option<String> {
+        let key: String = lower.chars().filter(char::is_ascii_alphanumeric).collect();
+        let names = Arch::ALL.iter().map(|a| a.name());
+        names
+            .flat_map(|n| [n.to_string(), format!("{n}_bn")])
+            .find(|n| n.replace('_', "") == key)
     }
 }
 
@@ -421,6 +432,23 @@ impl ModelSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn another_spelling_of_an_architecture_is_named() {
+        for (typed, meant) in [
+            ("vgg-16", Some("vgg16")),
+            ("VGG16BN", Some("vgg16_bn")),
+            ("vgg 19-bn", Some("vgg19_bn")),
+            ("vgg15", None),
+        ] {
+            let err = Arch::parse_with_bn(typed).unwrap_err().to_string();
+            let guess = meant.map_or(String::new(), |m| format!(": did you mean {m}?"));
+            assert!(
+                err.starts_with(&format!("unknown architecture '{typed}'{guess} (expected")),
+                "{err}"
+            );
+        }
+    }
 
     #[test]
     fn input_check_takes_32_and_refuses_31_with_one_wording() {
