@@ -19,7 +19,7 @@ use anyhow::{Result, bail};
 
 use super::download::{Archive, Published, is_plain_name};
 use super::folder::Listed;
-use super::folder_scan::LabeledFiles;
+use super::folder_scan::{LabeledFiles, some_listed};
 use crate::fsutil::read_text;
 
 /// The dataset's name on the command line and in a run's files.
@@ -136,10 +136,7 @@ fn read_list(data: &Path, split: &str, classes: &[String]) -> Result<LabeledFile
         };
         files.push((images.join(format!("{id}.jpg")), label as i64));
     }
-    if files.is_empty() {
-        bail!("{}: lists no images", path.display());
-    }
-    Ok(files)
+    some_listed(&path, files)
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use anyhow::{Result, bail};
 
 use super::download::{Archive, Published, class_folder_jpgs, is_plain_name};
 use super::folder::Listed;
-use super::folder_scan::LabeledFiles;
+use super::folder_scan::{LabeledFiles, some_listed};
 use crate::fsutil::read_text;
 
 /// The dataset's name on the command line and in a run's files.
@@ -157,10 +157,7 @@ fn read_list(data: &Path, split: &str, k: usize) -> Result<Vec<Entry>> {
             image: image.to_string(),
         });
     }
-    if entries.is_empty() {
-        bail!("{}: lists no images", path.display());
-    }
-    Ok(entries)
+    some_listed(&path, entries)
 }
 
 #[cfg(test)]

@@ -11,6 +11,15 @@ use anyhow::{Context, Result, bail};
 /// Image files with their class index.
 pub type LabeledFiles = Vec<(PathBuf, i64)>;
 
+/// What the list file at `path` lists, or an error saying it lists no
+/// images: the one wording every dataset's list reader ends with.
+pub fn some_listed<T>(path: &Path, listed: Vec<T>) -> Result<Vec<T>> {
+    if listed.is_empty() {
+        bail!("{}: lists no images", path.display());
+    }
+    Ok(listed)
+}
+
 /// The file extensions torchvision's `ImageFolder` takes (its
 /// `IMG_EXTENSIONS`), compared without regard to case.
 pub const EXTENSIONS: [&str; 9] = [

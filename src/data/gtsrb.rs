@@ -18,8 +18,8 @@ use anyhow::{Result, bail};
 
 use super::download::{Archive, Published, is_plain_name, none_else};
 use super::folder::Listed;
-use super::folder_scan::LabeledFiles;
 use super::folder_scan::scan_only;
+use super::folder_scan::{LabeledFiles, some_listed};
 use crate::fsutil::read_text;
 
 /// The dataset's name on the command line and in a run's files.
@@ -209,10 +209,7 @@ pub fn test_list(base: &Path) -> Result<LabeledFiles> {
         };
         files.push((images.join(file), label as i64));
     }
-    if files.is_empty() {
-        bail!("{}: lists no images", path.display());
-    }
-    Ok(files)
+    some_listed(&path, files)
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use anyhow::{Result, bail};
 
 use super::download::{Archive, Published, jpg_files, none_else};
 use super::folder::Listed;
-use super::folder_scan::LabeledFiles;
+use super::folder_scan::{LabeledFiles, some_listed};
 use crate::fsutil::read_text;
 
 /// The dataset's name on the command line and in a run's files.
@@ -132,10 +132,7 @@ fn read_list(base: &Path, split: &str) -> Result<Vec<Entry>> {
             line: n + 1,
         });
     }
-    if entries.is_empty() {
-        bail!("{}: lists no images", path.display());
-    }
-    Ok(entries)
+    some_listed(&path, entries)
 }
 
 /// An image id's breed as torchvision names it: the part before the last

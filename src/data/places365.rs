@@ -18,7 +18,7 @@ use anyhow::{Context, Result, bail};
 
 use super::download::{Archive, DownloadSource, fetch_files, is_plain_name, none_else, unpack};
 use super::folder::Listed;
-use super::folder_scan::LabeledFiles;
+use super::folder_scan::{LabeledFiles, some_listed};
 use crate::fsutil::read_text;
 
 /// Its scene classes.
@@ -249,10 +249,7 @@ fn list(root: &Path, name: &str, images: &Path) -> Result<LabeledFiles> {
             _ => return Err(bad(&format!("class index '{label}' is not from 0 to 364"))),
         }
     }
-    if files.is_empty() {
-        bail!("{}: lists no images", path.display());
-    }
-    Ok(files)
+    some_listed(&path, files)
 }
 
 #[cfg(test)]
