@@ -884,11 +884,12 @@ fn copy_run(from: &Path, to: &Path) {
 /// has no use for, as export's --device or params' --allow-nonfinite, is
 /// not offered; an empty --weights is none; a --data-url mirror is http
 /// or https): the missing arguments'
-/// names, "did you mean", and the subcommand's own help to read.
+/// names, "did you mean" (`--device gpu:1`: cuda:1), and the subcommand's
+/// own help to read.
 #[test]
 fn usage_errors_name_what_is_missing_and_suggest() {
     let tmp = common::tempdir();
-    let cases: [(&[&str], &str); 8] = [
+    let cases: [(&[&str], &str); 9] = [
         (
             &[
                 "train",
@@ -934,6 +935,10 @@ fn usage_errors_name_what_is_missing_and_suggest() {
         (
             &["eval", "--checkpoint", "a", "--precision", "x"],
             "invalid value 'x' for '--precision <PRECISION>' (possible values: auto, fp32, tf32, fp16, bf16); see 'vggctl eval --help'",
+        ),
+        (
+            &["eval", "--checkpoint", "a", "--device", "gpu:1"],
+            "unknown device 'gpu:1': did you mean cuda:1? (expected auto, cpu, cuda or cuda:N)",
         ),
     ];
     common::on_two_cores(&cases, |(args, needle)| {
