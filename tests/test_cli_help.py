@@ -25,8 +25,9 @@ def test_top_level_help_names_the_environment_and_exit_codes():
     # Every dataset vggctl downloads has its URL variable: the names come from
     # train --help's --dataset, less those read from local folders or built in.
     datasets = re.search(r"Dataset: (.*?) \[default", vggctl("train", "--help").stdout, re.S).group(1)
-    # EMNIST's six splits share one zip, and so one variable.
-    downloaded = {re.sub(r"^emnist-.*", "emnist", d)
+    # EMNIST's six splits share one zip, and so one variable; FGVC-Aircraft's
+    # three annotation levels one archive.
+    downloaded = {re.sub(r"^(emnist)-.*|^(fgvc-aircraft)-.*", r"\1\2", d)
                   for d in re.findall(r"(?:^|, | or )([a-z0-9-]+)(?= \(|,| or |$)", datasets)
                   if d not in ("digits", "folder", "imagenet", "stanford-cars")}
     assert len(downloaded) == 25 and {"oxford-pets", "flowers102", "food101", "dtd", "emnist"} < downloaded, downloaded

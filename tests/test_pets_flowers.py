@@ -2,7 +2,8 @@
 readers on the same folders: `--dataset oxford-pets` against
 `OxfordIIITPet`, `--dataset flowers102` against `Flowers102`, `--dataset
 food101` against `Food101`, `--dataset dtd` against `DTD`, `--dataset
-fgvc-aircraft` against `FGVCAircraft`. Each is a copy
+fgvc-aircraft` (and its `-family` and `-manufacturer` levels) against
+`FGVCAircraft` (at each `annotation_level`). Each is a copy
 of the dataset's layout made of real photographs (scikit-image's) cut into
 distinct 64x64 windows; the images to validate on are stored losslessly
 (PNG data in .jpg files, as a few real pets are), so that both sides
@@ -33,8 +34,13 @@ normalize the same bytes, the others as JPEG.
   `data/images_variant_{train,val,trainval,test}.txt` (`<id> <variant>`,
   variants with spaces and slashes), its 100 variants in
   `data/variants.txt` in shuffled order (torchvision's classes, unsorted),
-  ten of them with an image in each split; it publishes no MD5, so a
-  download without one is refused before anything is fetched.
+  ten of them with an image in each split; the same images listed by
+  family (70 in `families.txt`, the ten variants of five) and by
+  manufacturer (30, of three) in `images_family_*.txt` and
+  `images_manufacturer_*.txt`. It publishes no MD5, so a download without
+  one is refused before anything is fetched. Each level is a dataset of
+  its own: torchvision's classes and labels at that level, a run's head of
+  as many classes, and a file prepared at one level is refused at another.
 
 For each:
 - Downloaded from a mirror on 127.0.0.1 (the archives the test makes, with
@@ -91,6 +97,13 @@ TEXTURES = [f"texture_{i:02d}" for i in np.random.default_rng(8).permutation(47)
 # FGVC-Aircraft: 100 variants in shuffled order (names with spaces and
 # slashes, as the real ones have), the first ten with images.
 VARIANTS = [f"{['A', 'Cessna ', 'F/A-'][i % 3]}{i:02d}" for i in np.random.default_rng(10).permutation(100)]
+# Its other annotation levels: 70 families and 30 manufacturers in shuffled
+# order; the ten variants with images are of five families (two each) of
+# three manufacturers.
+FAMILIES = [f"{['Boeing ', 'A', 'DC-'][i % 3]}{i:02d}" for i in np.random.default_rng(11).permutation(70)]
+MANUFACTURERS = [f"Maker {i:02d}" for i in np.random.default_rng(12).permutation(30)]
+AIRCRAFT = {"variant": ("variants", lambda c: VARIANTS[c]), "family": ("families", lambda c: FAMILIES[c // 2]),
+            "manufacturer": ("manufacturers", lambda c: MANUFACTURERS[c // 4])}
 TITLES = {"oxford-pets": "Oxford-IIIT Pet", "flowers102": "Oxford 102 Flowers", "food101": "Food-101",
           "dtd": "DTD", "fgvc-aircraft": "FGVC-Aircraft"}
 NAMES = ["oxford-pets", "flowers102", "food101", "dtd", "fgvc-aircraft"]
@@ -162,19 +175,23 @@ def make_dtd(data, partitions=range(1, 11)):
 def make_aircraft(base):
     """FGVC-Aircraft's layout in `base` (`ROOT/fgvc-aircraft-2013b`): two
     images of each of the first ten variants to train on (train, val), one
-    to test; trainval is train and val by id, as its lists are sorted."""
+    to test, listed at each annotation level; trainval is train and val by
+    id, as its lists are sorted."""
     data = base / "data"
     (data / "images").mkdir(parents=True)
-    lists = {"train": [], "val": [], "test": []}
-    for c, variant in enumerate(VARIANTS[:10]):
+    lists = {(level, split): [] for level in AIRCRAFT for split in ["train", "val", "test"]}
+    for c in range(10):
         for j, split in enumerate(["train", "val", "test"]):
             image_id = f"{1000000 + 37 * (3 * c + j) % 1000:07d}"
             save_window(data / "images" / f"{image_id}.jpg", 700 + 3 * c + j, split == "test")
-            lists[split].append(f"{image_id} {variant}")
-    lists["trainval"] = sorted(lists["train"] + lists["val"])
-    for split, lines in lists.items():
-        (data / f"images_variant_{split}.txt").write_text("\n".join(sorted(lines)) + "\n")
-    (data / "variants.txt").write_text("\n".join(VARIANTS) + "\n")
+            for level, (_, class_of) in AIRCRAFT.items():
+                lists[level, split].append(f"{image_id} {class_of(c)}")
+    for level, (plural, _) in AIRCRAFT.items():
+        lists[level, "trainval"] = sorted(lists[level, "train"] + lists[level, "val"])
+        classes = {"variant": VARIANTS, "family": FAMILIES, "manufacturer": MANUFACTURERS}[level]
+        (data / f"{plural}.txt").write_text("\n".join(classes) + "\n")
+    for (level, split), lines in lists.items():
+        (data / f"images_{level}_{split}.txt").write_text("\n".join(sorted(lines)) + "\n")
 
 
 @pytest.fixture(scope="module")
@@ -643,28 +660,84 @@ def test_bad_dtd_lists_and_partitions_are_one_line_each(dtd, tmp_path, split, ed
     assert not (tmp_path / "x.npy").exists()
 
 
-@pytest.mark.parametrize("file, edit, line", [
-    ("test", lambda ls: ls + ["1000999 Boeing 999"], "images_variant_test.txt: line 11: variant 'Boeing 999' is not "
-                                                     "one of variants.txt's"),
-    ("train", lambda ls: ["1000998"] + ls, "images_variant_train.txt: line 1: '1000998' is not '<image id> <variant>'"),
-    ("val", lambda ls: [f"../x {VARIANTS[0]}"] + ls, "images_variant_val.txt: line 1: '../x' is not a plain file name"),
-    ("variants", lambda ls: ls[:-1], "variants.txt: 99 variants, where FGVC-Aircraft has 100"),
-    ("variants", lambda ls: ls[:-1] + ls[:1], f"variants.txt: '{VARIANTS[0]}' is listed twice"),
+@pytest.mark.parametrize("level, file, edit, line", [
+    ("variant", "test", lambda ls: ls + ["1000999 Boeing 999"],
+     "images_variant_test.txt: line 11: variant 'Boeing 999' is not one of variants.txt's"),
+    ("variant", "train", lambda ls: ["1000998"] + ls,
+     "images_variant_train.txt: line 1: '1000998' is not '<image id> <variant>'"),
+    ("variant", "val", lambda ls: [f"../x {VARIANTS[0]}"] + ls,
+     "images_variant_val.txt: line 1: '../x' is not a plain file name"),
+    ("variant", "variants", lambda ls: ls[:-1], "variants.txt: 99 variants, where FGVC-Aircraft has 100"),
+    ("variant", "variants", lambda ls: ls[:-1] + ls[:1], f"variants.txt: '{VARIANTS[0]}' is listed twice"),
+    # A variant is no family; the families are 70.
+    ("family", "test", lambda ls: ls + [f"1000999 {VARIANTS[0]}"],
+     f"images_family_test.txt: line 11: family '{VARIANTS[0]}' is not one of families.txt's"),
+    ("family", "families", lambda ls: ls + ["Boeing 999"], "families.txt: 71 families, where FGVC-Aircraft has 70"),
+    ("manufacturer", "manufacturers", lambda ls: ls[:-1],
+     "manufacturers.txt: 29 manufacturers, where FGVC-Aircraft has 30"),
 ])
-def test_bad_aircraft_lists_are_one_line_each(aircraft, tmp_path, file, edit, line):
+def test_bad_aircraft_lists_are_one_line_each(aircraft, tmp_path, level, file, edit, line):
     data = tmp_path / "edited" / "fgvc-aircraft-2013b" / "data"
     data.mkdir(parents=True)
     source = aircraft / "fgvc-aircraft-2013b" / "data"
     os.symlink(source / "images", data / "images")
-    for f in ["variants", "images_variant_train", "images_variant_val", "images_variant_test"]:
+    for f in [AIRCRAFT[level][0], f"images_{level}_train", f"images_{level}_val", f"images_{level}_test"]:
         lines = (source / f"{f}.txt").read_text().splitlines()
         edited = edit(lines) if f.endswith(file) else lines
         (data / f"{f}.txt").write_text("\n".join(edited) + "\n")
-    r = refused_features("--dataset", "fgvc-aircraft", "--split", "test", "--data-dir", str(tmp_path / "edited"),
+    name = "fgvc-aircraft" if level == "variant" else f"fgvc-aircraft-{level}"
+    r = refused_features("--dataset", name, "--split", "test", "--data-dir", str(tmp_path / "edited"),
                          "--no-download", "-o", "x.npy", cwd=tmp_path)
     lines = errors(r)
     assert r.returncode == 1 and len(lines) == 1 and line in lines[0], r.stderr
     assert not (tmp_path / "x.npy").exists()
+
+
+@pytest.mark.parametrize("level", ["family", "manufacturer"])
+def test_aircraft_levels_are_torchvisions(aircraft, tmp_path, level):
+    """`--dataset fgvc-aircraft-LEVEL` reads torchvision's
+    `FGVCAircraft(annotation_level=LEVEL)`: its classes and labels (test;
+    train then val), a run's head of as many classes, eval of the run, and
+    a file prepared at that level, refused at another."""
+    name = f"fgvc-aircraft-{level}"
+    ds = {s: torchvision.datasets.FGVCAircraft(str(aircraft), split=s, annotation_level=level)
+          for s in ["train", "val", "test"]}
+    assert len(ds["test"].classes) == {"family": 70, "manufacturer": 30}[level]
+    for split, labels in [("test", ds["test"]._labels), ("train", ds["train"]._labels + ds["val"]._labels)]:
+        r = refused_features("--dataset", name, "--split", split, "--data-dir", str(aircraft), "--no-download",
+                             "--input", "32", "--layer", "features.0", "--pool", "avg", "-o", f"{split}.safetensors",
+                             cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        meta = safe_open(str(tmp_path / f"{split}.safetensors"), "np").metadata()
+        assert json.loads(meta["classes"]) == ds["test"].classes and meta["dataset"] == name
+        assert load_file(tmp_path / f"{split}.safetensors")["labels"].tolist() == labels
+
+    out = tmp_path / "run"
+    r = vggctl("train", "--arch", "vgg11", "--head", "gap", "--dataset", name, "--data-dir", str(aircraft),
+               "--no-download", "--input", "32", "--epochs", "1", "--batch-size", "128", "--cache-dir",
+               str(tmp_path / "cache"), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert f"on {name} (20 train / 10 val images" in r.stderr, r.stderr
+    meta = safe_open(str(out / "last.safetensors"), "np").metadata()
+    assert json.loads(meta["class_names"]) == ds["test"].classes
+    assert load_file(out / "last.safetensors")["classifier.weight"].shape[0] == len(ds["test"].classes)
+    packed = tmp_path / "packed.vggctl"
+    r = vggctl("prepare", "--dataset", name, "--data-dir", str(aircraft), "-o", str(packed))
+    assert r.returncode == 0 and "prepared 30 images" in r.stdout, r.stderr
+    for data in [[], ["--data-dir", str(packed)]]:
+        r = vggctl("eval", "--checkpoint", str(out / "last.safetensors"), *data, "--json", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        report = json.loads(r.stdout)
+        assert report["dataset"] == name and report["classes"] == ds["test"].classes
+        assert report["support"] == np.bincount(ds["test"]._labels, minlength=len(ds["test"].classes)).tolist()
+    # The file packs this level's classes: another level's run is refused.
+    r = vggctl("train", "--dataset", "fgvc-aircraft", "--data-dir", str(packed), "--input", "32",
+               "--out", str(tmp_path / "other"))
+    classes = len(ds["test"].classes)
+    assert r.returncode == 2 and errors(r) == [
+        f"vggctl: error: {packed}: packs {classes} classes, where fgvc-aircraft has 100: give the --dataset it was "
+        "prepared from (or prepare --dataset fgvc-aircraft another file)"], r.stderr
+    assert not (tmp_path / "other").exists()
 
 
 def test_val_on_val_trains_on_train_and_validates_on_val(flowers, pets, tmp_path):
@@ -711,8 +784,8 @@ def test_val_on_val_trains_on_train_and_validates_on_val(flowers, pets, tmp_path
     r = refused_features("--dataset", "flowers102", "--split", "test", "--val-on", "val", "--data-dir",
                          str(flowers), "-o", "x.npy", cwd=tmp_path)
     assert r.returncode == 2 and errors(r) == [
-        "vggctl: error: --val-on: features reads the split --split names (flowers102's, dtd's, "
-        "fgvc-aircraft's and country211's train split is train then val)"], r.stderr
+        "vggctl: error: --val-on: features reads the split --split names (the train split of flowers102, dtd, "
+        "fgvc-aircraft* and country211 is train then val)"], r.stderr
     r = vggctl("eval", "--checkpoint", str(out / "last.safetensors"), "--dataset", "dtd", "--data-dir", str(packed))
     assert r.returncode == 1 and errors(r) == [
         f"vggctl: error: {packed}: not a file of DTD (vggctl prepare --dataset dtd makes one)"], r.stderr

@@ -565,7 +565,7 @@ def test_options_a_run_has_no_use_for_are_named_once_each(tmp_path):
         ("--bn-momentum", "applies to BatchNorm's running statistics, and the model has none (--bn adds them)"),
         ("--dropout", "applies to the classifier's Dropout layers, and the gap head has none"),
         ("--val-dir", "applies to --dataset folder only"),
-        ("--cache-mem", "applies to image folders only (--dataset folder, imagenet, imagenette*, oxford-pets, flowers102, food101, dtd, fgvc-aircraft, stanford-cars, gtsrb, eurosat, caltech101, caltech256, sun397, country211 or places365*)"),
+        ("--cache-mem", "applies to image folders only (--dataset folder, imagenet, imagenette*, oxford-pets, flowers102, food101, dtd, fgvc-aircraft*, stanford-cars, gtsrb, eurosat, caltech101, caltech256, sun397, country211 or places365*)"),
         ("--val-split", "applies to a held-out part only (--dataset folder without --val-dir, eurosat, caltech101, caltech256, sun397, or --val-on val)"),
         ("--data-url", DOWNLOADED_ONLY)]], r.stderr
     # eval of a dataset never downloaded names a download's source too.

@@ -396,7 +396,7 @@ fn model_and_data_rules(config: &TrainConfig) -> [Rule; 9] {
             // --cache-mem: in memory or streamed, whose crops differ.
             &["interpolation", "cache_mem"],
             is_image_folder(&config.dataset),
-            "applies to image folders only (--dataset folder, imagenet, imagenette*, oxford-pets, flowers102, food101, dtd, fgvc-aircraft, stanford-cars, gtsrb, eurosat, caltech101, caltech256, sun397, country211 or places365*)",
+            "applies to image folders only (--dataset folder, imagenet, imagenette*, oxford-pets, flowers102, food101, dtd, fgvc-aircraft*, stanford-cars, gtsrb, eurosat, caltech101, caltech256, sun397, country211 or places365*)",
         ),
         (
             &["val_split"],

@@ -14,13 +14,13 @@ use vggctl::data::pack;
 use vggctl::data::prepared::{self, Prepared};
 use vggctl::data::resize::Filter;
 use vggctl::data::{
-    DOWNLOADED_ONLY, Dataset, dtd, has_own_val, imagenette, is_downloaded, is_unsplit, stl10, svhn,
+    DOWNLOADED_ONLY, Dataset, has_own_val, imagenette, is_downloaded, is_unsplit, stl10, svhn,
 };
 use vggctl::dist::World;
 use vggctl::train::config::TrainConfig;
 
 use super::listed::{
-    check_fold, check_packed_partition, is_listed, listed_classes, open_listed, source_from_env,
+    check_fold, check_packed, is_listed, listed_classes, open_listed, source_from_env,
     unknown_dataset,
 };
 use super::output::{http_urls, parse_size, started, usage, warn, whole};
@@ -50,9 +50,11 @@ pub struct DataOpts {
     /// splits to train on, its test split to validate on), food101
     /// (Food-101: its train and test splits), dtd (the Describable
     /// Textures Dataset's 47 classes: a partition's train and val lists to
-    /// train on, its test list to validate on), fgvc-aircraft
-    /// (FGVC-Aircraft's 100 variants: its train and val splits to train on,
-    /// its test split to validate on), stanford-cars (Stanford Cars' 196
+    /// train on, its test list to validate on), fgvc-aircraft,
+    /// fgvc-aircraft-family, fgvc-aircraft-manufacturer (FGVC-Aircraft's
+    /// 100 variants, 70 families or 30 manufacturers, torchvision's
+    /// annotation levels: its train and val splits to train on, its test
+    /// split to validate on), stanford-cars (Stanford Cars' 196
     /// models: its train and test splits; never downloaded, its files put
     /// in place by hand), gtsrb (the German Traffic Sign
     /// Recognition Benchmark's 43 signs: its train and test splits, not
@@ -80,7 +82,7 @@ pub struct DataOpts {
     /// directory holding stl10_binary/; folder: the class folders; imagenet: the
     /// directory holding train/ and val/; folder, imagenet: or the file
     /// `vggctl prepare` made of them; imagenette*, oxford-pets, flowers102,
-    /// food101, dtd, fgvc-aircraft, stanford-cars, gtsrb, eurosat, caltech101,
+    /// food101, dtd, fgvc-aircraft*, stanford-cars, gtsrb, eurosat, caltech101,
     /// caltech256, sun397, country211: the directory holding imagenette2/
     /// (-320/, -160/), oxford-iiit-pet/, flowers-102/, food-101/, dtd/,
     /// fgvc-aircraft-2013b/, stanford_cars/, gtsrb/, eurosat/, caltech101/,
@@ -94,7 +96,7 @@ pub struct DataOpts {
     /// Where to download the binary CIFAR-10 or CIFAR-100 archive (or
     /// STL-10's) from
     /// when it is missing; mnist, fashion-mnist, kmnist, qmnist, svhn, oxford-pets,
-    /// flowers102, food101, dtd, fgvc-aircraft, gtsrb, eurosat, caltech101, caltech256, sun397, country211, imagenette*, places365*: the mirror (or comma-separated mirrors) serving
+    /// flowers102, food101, dtd, fgvc-aircraft*, gtsrb, eurosat, caltech101, caltech256, sun397, country211, imagenette*, places365*: the mirror (or comma-separated mirrors) serving
     /// their files (emnist-*: gzip.zip, every split's) [default:
     /// $VGGCTL_<DATASET>_URL (e.g. $VGGCTL_FASHION_MNIST_URL), else the
     /// dataset's own, as torchvision's].
@@ -107,9 +109,9 @@ pub struct DataOpts {
     /// and annotations.tar.gz; flowers102: three, 102flowers.tgz,
     /// imagelabels.mat and setid.mat; places365*: three, the lists', the
     /// training images' and the val images' archives; gtsrb: three, the training images',
-    /// the test images' and their classes' zips; food101, dtd, fgvc-aircraft,
+    /// the test images' and their classes' zips; food101, dtd, fgvc-aircraft*,
     /// eurosat, caltech101, caltech256, sun397, country211, imagenette*: one, which
-    /// for fgvc-aircraft must be given: its publisher gives none) [default:
+    /// for fgvc-aircraft* must be given: its publisher gives none) [default:
     /// $VGGCTL_<DATASET>_MD5, else the official files'].
     #[arg(long, hide = true)]
     pub data_md5: Option<String>,
@@ -129,7 +131,7 @@ pub struct DataOpts {
     pub extra: bool,
     /// The split validated on after each epoch (and best.safetensors chosen
     /// on): test, or val, leaving the test split unseen until eval: for
-    /// flowers102, dtd, fgvc-aircraft and country211 their own val split (training on train alone
+    /// flowers102, dtd, fgvc-aircraft* and country211 their own val split (training on train alone
     /// instead of train and val, as benchmarks do), for the others but
     /// folder, imagenet, eurosat, caltech101, caltech256 and sun397 (which hold out
     /// --val-dir, DIR/val or a --val-split part already)
@@ -450,9 +452,7 @@ impl DataOpts {
             name if is_listed(name) => {
                 let numbers = (val_split, seed, cache_size);
                 if prepared::is_prepared(dir) {
-                    if name == dtd::NAME {
-                        check_packed_partition(dir, how.fold)?;
-                    }
+                    check_packed(dir, name, how.fold)?;
                     let opts = self.folder_options((dir.to_path_buf(), None), numbers, how);
                     // Imagenette's file holds its WordNet ids, as ImageNet's does.
                     let imagenet = imagenette::named(name).is_some();

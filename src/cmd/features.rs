@@ -30,7 +30,7 @@ pub struct Args {
     data: DataOpts,
     /// With --dataset: the split whose images are read, in the dataset's
     /// order (torchvision's `train=True`/`False`, `split=`; oxford-pets:
-    /// train is its trainval list; flowers102, dtd, fgvc-aircraft,
+    /// train is its trainval list; flowers102, dtd, fgvc-aircraft*,
     /// country211: its train split, then val),
     /// as eval reads images (the rows with the split's `labels`).
     #[arg(long, value_parser = ["train", "test"])]
@@ -248,7 +248,7 @@ fn split_fold(args: &Args, name: &str, split: &str) -> Result<Option<usize>> {
     args.data.check_fold()?;
     if args.data.val_on.is_some() {
         return Err(usage(
-            "--val-on: features reads the split --split names (flowers102's, dtd's, fgvc-aircraft's and country211's train split is train then val)",
+            "--val-on: features reads the split --split names (the train split of flowers102, dtd, fgvc-aircraft* and country211 is train then val)",
         ));
     }
     let fold = args

@@ -22,13 +22,13 @@ Environment:
   VGGCTL_IMAGENETTE_160PX_URL, VGGCTL_PLACES365_URL, VGGCTL_PLACES365_256_URL
                         where to download each dataset from (also --data-url; mnist,
                         fashion-mnist, kmnist, qmnist, emnist-*, svhn, oxford-pets,
-                        flowers102, food101, dtd, fgvc-aircraft, gtsrb, eurosat, caltech101,
+                        flowers102, food101, dtd, fgvc-aircraft*, gtsrb, eurosat, caltech101,
                         caltech256, sun397, country211, imagenette*, places365*:
                         comma-separated mirrors, tried in turn)
                         [default: the dataset's own, as torchvision's]
   VGGCTL_<DATASET>_MD5  the MD5 its download must have (mnist, fashion-mnist, kmnist, qmnist: four,
                         comma-separated; oxford-pets: two; svhn, flowers102, gtsrb,
-                        places365*: three) [default: the official files'; fgvc-aircraft:
+                        places365*: three) [default: the official files'; fgvc-aircraft*:
                         none is published, so its download needs this]
   VGGCTL_CACHE_DIR      where image folders' decoded images are cached (also --cache-dir)
                         [default: $XDG_CACHE_HOME/vggctl/folders, i.e. ~/.cache/vggctl/folders]

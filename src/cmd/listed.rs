@@ -20,21 +20,36 @@ use vggctl::data::{
 use super::output::usage;
 use super::progress::download_bar;
 
-/// The DTD file `vggctl prepare` made at `file` packs partition `fold`
-/// (None: the default): a run records the partition it trained on, and
-/// evaluating it reads that partition's test images, packed or not.
-pub fn check_packed_partition(file: &Path, fold: Option<usize>) -> Result<()> {
+/// The file `vggctl prepare` made at `file` packs the listed dataset
+/// `name`: as many classes as it has (FGVC-Aircraft's levels differ in
+/// theirs), and DTD's partition `fold` (None: the default; a run records
+/// the partition it trained on, and evaluating it reads that partition's
+/// test images, packed or not).
+pub fn check_packed(file: &Path, name: &str, fold: Option<usize>) -> Result<()> {
+    let prepared = Prepared::open(file)?;
+    let index = &prepared.index;
     let want = fold.unwrap_or(dtd::DEFAULT_PARTITION);
-    match Prepared::open(file)?.index.partition {
-        Some(k) if k == want => Ok(()),
-        Some(k) => Err(usage(format!(
-            "{}: packs DTD's partition {k}, not {want}: give --fold {k} (or prepare --fold {want} another file)",
-            file.display()
-        ))),
+    match index.partition {
+        _ if name != dtd::NAME => {}
+        Some(k) if k == want => {}
+        Some(k) => {
+            return Err(usage(format!(
+                "{}: packs DTD's partition {k}, not {want}: give --fold {k} (or prepare --fold {want} another file)",
+                file.display()
+            )));
+        }
         None => bail!(
             "{}: not a file of DTD (vggctl prepare --dataset dtd makes one)",
             file.display()
         ),
+    }
+    let (packed, classes) = (index.classes.len() as i64, listed_classes(name));
+    match classes.filter(|&n| n != packed) {
+        Some(n) => Err(usage(format!(
+            "{}: packs {packed} classes, where {name} has {n}: give the --dataset it was prepared from (or prepare --dataset {name} another file)",
+            file.display()
+        ))),
+        None => Ok(()),
     }
 }
 
@@ -70,7 +85,6 @@ pub fn listed_classes(name: &str) -> Option<i64> {
         flowers::NAME => flowers::CLASSES,
         food101::NAME => food101::CLASSES,
         dtd::NAME => dtd::CLASSES,
-        aircraft::NAME => aircraft::CLASSES,
         gtsrb::NAME => gtsrb::CLASSES,
         eurosat::NAME => eurosat::CLASSES,
         caltech256::NAME => caltech256::CLASSES,
@@ -79,6 +93,7 @@ pub fn listed_classes(name: &str) -> Option<i64> {
         sun397::NAME => sun397::CLASSES,
         country211::NAME => country211::CLASSES,
         other if places365::named(other).is_some() => places365::CLASSES,
+        other if let Some(level) = aircraft::named(other) => level.classes,
         other => imagenette::named(other).map(|_| imagenette::CLASSES)?,
     })
 }
@@ -102,6 +117,9 @@ pub fn open_listed(
         let root = size.fetch(dir, src.as_ref(), &mut download_bar(quiet))?;
         return size.listing(&root);
     }
+    // FGVC-Aircraft's levels are read from one archive.
+    let level = aircraft::named(name);
+    let name = level.map_or(name, |_| aircraft::NAME);
     let published = match name {
         pets::NAME => &pets::PUBLISHED,
         flowers::NAME => &flowers::PUBLISHED,
@@ -146,7 +164,7 @@ pub fn open_listed(
         pets::NAME => pets::listing(&base),
         flowers::NAME => flowers::listing(&base),
         food101::NAME => food101::listing(&base),
-        aircraft::NAME => aircraft::listing(&base),
+        _ if let Some(level) = level => level.listing(&base),
         gtsrb::NAME => gtsrb::listing(&base),
         eurosat::NAME => eurosat::listing(&base),
         caltech256::NAME => caltech256::listing(&base),
@@ -188,12 +206,9 @@ fn dataset_names() -> Vec<&'static str> {
     names.extend(mnist::EMNIST_SPLITS.map(|m| m.name));
     names.extend(["svhn", "stl10", "digits", "folder", "imagenet"]);
     names.extend(imagenette::SIZES.map(|s| s.name));
+    names.extend([pets::NAME, flowers::NAME, food101::NAME, dtd::NAME]);
+    names.extend(aircraft::LEVELS.map(|l| l.name));
     names.extend([
-        pets::NAME,
-        flowers::NAME,
-        food101::NAME,
-        dtd::NAME,
-        aircraft::NAME,
         cars::NAME,
         gtsrb::NAME,
         eurosat::NAME,
@@ -208,9 +223,10 @@ fn dataset_names() -> Vec<&'static str> {
 
 /// torchvision's names for datasets vggctl names otherwise (its class
 /// names, which match vggctl's once case and punctuation are dropped,
-/// need none).
-const TORCHVISION_NAMES: [(&str, &str); 3] = [
+/// need none; FGVC-Aircraft's variant level is its default).
+const TORCHVISION_NAMES: [(&str, &str); 4] = [
     ("oxfordiiitpet", pets::NAME),
+    ("fgvcaircraftvariant", aircraft::NAME),
     ("imagefolder", "folder"),
     ("imagenet1k", "imagenet"),
 ];
@@ -276,7 +292,7 @@ mod tests {
     #[test]
     fn a_dataset_is_guessed_from_torchvisions_spelling_or_a_slip() {
         let names = dataset_names();
-        assert_eq!(names.len(), 34);
+        assert_eq!(names.len(), 36);
         for (typed, want) in [
             ("CIFAR-10", Some("cifar10")),
             ("FashionMNIST", Some("fashion-mnist")),
@@ -289,6 +305,12 @@ mod tests {
             ("places", None),
             ("abc", None),
             ("cifar-1000", Some("cifar100")),
+            ("FGVCAircraft", Some(aircraft::NAME)),
+            ("fgvc-aircraft-variant", Some(aircraft::NAME)),
+            (
+                "fgvc-aircraft-manufacturers",
+                Some("fgvc-aircraft-manufacturer"),
+            ),
         ] {
             assert_eq!(meant(typed, &names), want, "{typed}");
         }

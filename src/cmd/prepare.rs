@@ -15,7 +15,8 @@ use super::output::{usage, warn, whole};
 pub struct Args {
     /// folder (one subfolder of images per class), imagenet (DIR/train/<wnid>/
     /// and DIR/val/<wnid>/), or imagenette (-320px, -160px), oxford-pets,
-    /// flowers102, food101, dtd, fgvc-aircraft, stanford-cars, gtsrb, eurosat,
+    /// flowers102, food101, dtd, fgvc-aircraft (-family, -manufacturer),
+    /// stanford-cars, gtsrb, eurosat,
     /// caltech101, caltech256, sun397, country211, places365 or places365-256
     /// (their
     /// training and test images, as train reads them; downloaded first if
@@ -24,7 +25,7 @@ pub struct Args {
     dataset: String,
     /// folder: the class folders; imagenet: the directory holding train/ and
     /// val/; imagenette*, oxford-pets, flowers102, food101, dtd,
-    /// fgvc-aircraft, stanford-cars, gtsrb, eurosat, caltech101, caltech256,
+    /// fgvc-aircraft*, stanford-cars, gtsrb, eurosat, caltech101, caltech256,
     /// sun397, country211: the directory holding imagenette2/ (-320/, -160/),
     /// oxford-iiit-pet/, flowers-102/, food-101/, dtd/, fgvc-aircraft-2013b/,
     /// stanford_cars/, gtsrb/, eurosat/, caltech101/, caltech256/, SUN397/ or
@@ -115,7 +116,7 @@ pub fn run(args: Args) -> Result<()> {
         "imagenet" => return Err(usage("--val-dir: imagenet's validation images are DIR/val")),
         other => {
             return Err(usage(format!(
-                "--dataset {other}: prepare takes folder, imagenet, imagenette (-320px, -160px), oxford-pets, flowers102, food101, dtd, fgvc-aircraft, stanford-cars, gtsrb, eurosat, caltech101, caltech256, sun397, country211, places365 or places365-256"
+                "--dataset {other}: prepare takes folder, imagenet, imagenette (-320px, -160px), oxford-pets, flowers102, food101, dtd, fgvc-aircraft (-family, -manufacturer), stanford-cars, gtsrb, eurosat, caltech101, caltech256, sun397, country211, places365 or places365-256"
             )));
         }
     };

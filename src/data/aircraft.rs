@@ -1,9 +1,13 @@
 //! FGVC-Aircraft (Maji et al., 2013), as torchvision's `FGVCAircraft`
-//! reads it at its default annotation level, the variant:
-//! `ROOT/fgvc-aircraft-2013b/data/images/<id>.jpg`, the 100 variants in
-//! `data/variants.txt` (one a line, in that order: torchvision's classes),
-//! each split listed by `data/images_variant_<split>.txt` (`<id> <variant>`
-//! a line; a variant may hold spaces). vggctl trains on train then val
+//! reads it at each of its annotation levels: the variant (the default,
+//! `--dataset fgvc-aircraft`), the family (`fgvc-aircraft-family`) and the
+//! manufacturer (`fgvc-aircraft-manufacturer`).
+//! `ROOT/fgvc-aircraft-2013b/data/images/<id>.jpg`, the level's 100
+//! variants in `data/variants.txt` (70 families in `families.txt`, 30
+//! manufacturers in `manufacturers.txt`; one a line, in that order:
+//! torchvision's classes), each split listed by
+//! `data/images_<level>_<split>.txt` (`<id> <class>` a line; a class may
+//! hold spaces). vggctl trains on train then val
 //! (trainval's 6,667 images; `--val-on val` trains on train and validates
 //! on val, as benchmarks tune) and validates on test (3,333). The
 //! photographs are read as an image folder's: this module only lists them,
@@ -22,7 +26,8 @@ use super::folder::Listed;
 use super::folder_scan::{LabeledFiles, some_listed};
 use crate::fsutil::read_text;
 
-/// The dataset's name on the command line and in a run's files.
+/// The dataset's name on the command line and in a run's files (at the
+/// variant level; [`LEVELS`] names the others).
 pub const NAME: &str = "fgvc-aircraft";
 /// The folder under `--data-dir` the archive holds and torchvision reads.
 pub const FOLDER: &str = "fgvc-aircraft-2013b";
@@ -30,18 +35,68 @@ pub const FILES: [&str; 1] = ["fgvc-aircraft-2013b.tar.gz"];
 /// None known: see the module's note.
 pub const MD5S: [&str; 1] = [""];
 pub const MIRROR: &str = "https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/archives/";
-/// The variants `data/variants.txt` names.
-pub const CLASSES: i64 = 100;
 /// The most bytes a list may have (trainval's has about 100 KB).
 const MAX_LIST: u64 = 16 << 20;
 
-/// The lists the archive must hold (trainval's too: torchvision reads it).
-const LISTS: [&str; 5] = [
+/// One of the annotation levels torchvision's `FGVCAircraft` reads, a
+/// dataset of its own to vggctl.
+pub struct Level {
+    /// The dataset's name on the command line and in a run's files.
+    pub name: &'static str,
+    /// torchvision's `annotation_level`, which names its lists.
+    pub level: &'static str,
+    /// Its classes, in the plural ("families"), whose list is
+    /// `data/<plural>.txt`.
+    pub plural: &'static str,
+    /// How many classes that list names.
+    pub classes: i64,
+}
+
+/// The variant (torchvision's default), the family and the manufacturer.
+pub const LEVELS: [Level; 3] = [
+    Level {
+        name: NAME,
+        level: "variant",
+        plural: "variants",
+        classes: 100,
+    },
+    Level {
+        name: "fgvc-aircraft-family",
+        level: "family",
+        plural: "families",
+        classes: 70,
+    },
+    Level {
+        name: "fgvc-aircraft-manufacturer",
+        level: "manufacturer",
+        plural: "manufacturers",
+        classes: 30,
+    },
+];
+
+/// The annotation level the dataset `name` reads.
+pub fn named(name: &str) -> Option<&'static Level> {
+    LEVELS.iter().find(|l| l.name == name)
+}
+
+/// The lists the archive must hold: every level's, trainval's too
+/// (torchvision reads them).
+const LISTS: [&str; 15] = [
     "data/variants.txt",
     "data/images_variant_train.txt",
     "data/images_variant_val.txt",
     "data/images_variant_trainval.txt",
     "data/images_variant_test.txt",
+    "data/families.txt",
+    "data/images_family_train.txt",
+    "data/images_family_val.txt",
+    "data/images_family_trainval.txt",
+    "data/images_family_test.txt",
+    "data/manufacturers.txt",
+    "data/images_manufacturer_train.txt",
+    "data/images_manufacturer_val.txt",
+    "data/images_manufacturer_trainval.txt",
+    "data/images_manufacturer_test.txt",
 ];
 
 /// Where the dataset comes from, as torchvision downloads it.
@@ -61,8 +116,8 @@ pub const PUBLISHED: Published<'static> = Published {
 };
 
 /// For [`Archive::also`]: the photographs (`data/images/<id>.jpg`) and the
-/// other lists of `data/` (the family and manufacturer levels'), which
-/// torchvision reads at those levels.
+/// other lists of `data/` (the archive's images_box.txt, images.txt and
+/// images_<level>_<split>.txt).
 fn data_files(path: &str) -> bool {
     let parts: Vec<&str> = path.split('/').collect();
     match parts[..] {
@@ -72,71 +127,78 @@ fn data_files(path: &str) -> bool {
     }
 }
 
-/// The dataset in `root/fgvc-aircraft-2013b`, read as torchvision reads
-/// it: the folder of its images, and its variants with the images of train
-/// then val (to train on) and of test (to validate on), in the lists' order.
-pub fn listing(root: &Path) -> Result<(PathBuf, Listed)> {
-    let data = root.join(FOLDER).join("data");
-    let classes = read_variants(&data)?;
-    let [train, val, test] = ["train", "val", "test"].map(|s| read_list(&data, s, &classes));
-    let (train, val, test) = (train?, val?, test?);
-    let own_val = val.len();
-    let listed = Listed {
-        train: [train, val].concat(),
-        val: Some(test),
-        classes,
-        wnids: None,
-        partition: None,
-        own_val,
-    };
-    Ok((data.join("images"), listed))
-}
-
-/// `data/variants.txt`: one variant a line, each stripped of surrounding
-/// space (torchvision's `line.strip()`), all different.
-fn read_variants(data: &Path) -> Result<Vec<String>> {
-    let path = data.join("variants.txt");
-    let text = read_text(&path, "FGVC-Aircraft's list of variants", MAX_LIST)?;
-    let classes: Vec<String> = text.lines().map(|l| l.trim().to_string()).collect();
-    if let Some(n) = classes.iter().position(String::is_empty) {
-        bail!("{}: line {} is blank", path.display(), n + 1);
-    }
-    if classes.len() as i64 != CLASSES {
-        bail!(
-            "{}: {} variants, where FGVC-Aircraft has {CLASSES}",
-            path.display(),
-            classes.len()
-        );
-    }
-    let mut sorted = classes.clone();
-    sorted.sort();
-    if let Some(twice) = sorted.windows(2).find(|w| w[0] == w[1]) {
-        bail!("{}: '{}' is listed twice", path.display(), twice[0]);
-    }
-    Ok(classes)
-}
-
-/// `data/images_variant_<split>.txt`: each line's image and its variant's
-/// index among `classes`, in order.
-fn read_list(data: &Path, split: &str, classes: &[String]) -> Result<LabeledFiles> {
-    let path = data.join(format!("images_variant_{split}.txt"));
-    let text = read_text(&path, "an FGVC-Aircraft list", MAX_LIST)?;
-    let images = data.join("images");
-    let mut files = Vec::new();
-    for (n, line) in text.lines().enumerate() {
-        let at = || format!("{}: line {}", path.display(), n + 1);
-        let Some((id, variant)) = line.trim().split_once(' ') else {
-            bail!("{}: '{line}' is not '<image id> <variant>'", at());
+impl Level {
+    /// The dataset in `root/fgvc-aircraft-2013b`, read as torchvision
+    /// reads it at this level: the folder of its images, and its classes
+    /// with the images of train then val (to train on) and of test (to
+    /// validate on), in the lists' order.
+    pub fn listing(&self, root: &Path) -> Result<(PathBuf, Listed)> {
+        let data = root.join(FOLDER).join("data");
+        let classes = self.read_classes(&data)?;
+        let [train, val, test] =
+            ["train", "val", "test"].map(|s| self.read_list(&data, s, &classes));
+        let (train, val, test) = (train?, val?, test?);
+        let own_val = val.len();
+        let listed = Listed {
+            train: [train, val].concat(),
+            val: Some(test),
+            classes,
+            wnids: None,
+            partition: None,
+            own_val,
         };
-        if !is_plain_name(id) {
-            bail!("{}: '{id}' is not a plain file name", at());
+        Ok((data.join("images"), listed))
+    }
+
+    /// `data/<plural>.txt`: one class a line, each stripped of surrounding
+    /// space (torchvision's `line.strip()`), all different.
+    fn read_classes(&self, data: &Path) -> Result<Vec<String>> {
+        let (plural, expected) = (self.plural, self.classes);
+        let path = data.join(format!("{plural}.txt"));
+        let what = format!("FGVC-Aircraft's list of {plural}");
+        let text = read_text(&path, &what, MAX_LIST)?;
+        let classes: Vec<String> = text.lines().map(|l| l.trim().to_string()).collect();
+        if let Some(n) = classes.iter().position(String::is_empty) {
+            bail!("{}: line {} is blank", path.display(), n + 1);
         }
-        let Some(label) = classes.iter().position(|c| c == variant) else {
-            bail!("{}: variant '{variant}' is not one of variants.txt's", at());
-        };
-        files.push((images.join(format!("{id}.jpg")), label as i64));
+        if classes.len() as i64 != expected {
+            bail!(
+                "{}: {} {plural}, where FGVC-Aircraft has {expected}",
+                path.display(),
+                classes.len()
+            );
+        }
+        let mut sorted = classes.clone();
+        sorted.sort();
+        if let Some(twice) = sorted.windows(2).find(|w| w[0] == w[1]) {
+            bail!("{}: '{}' is listed twice", path.display(), twice[0]);
+        }
+        Ok(classes)
     }
-    some_listed(&path, files)
+
+    /// `data/images_<level>_<split>.txt`: each line's image and its
+    /// class's index among `classes`, in order.
+    fn read_list(&self, data: &Path, split: &str, classes: &[String]) -> Result<LabeledFiles> {
+        let (level, plural) = (self.level, self.plural);
+        let path = data.join(format!("images_{level}_{split}.txt"));
+        let text = read_text(&path, "an FGVC-Aircraft list", MAX_LIST)?;
+        let images = data.join("images");
+        let mut files = Vec::new();
+        for (n, line) in text.lines().enumerate() {
+            let at = || format!("{}: line {}", path.display(), n + 1);
+            let Some((id, class)) = line.trim().split_once(' ') else {
+                bail!("{}: '{line}' is not '<image id> <{level}>'", at());
+            };
+            if !is_plain_name(id) {
+                bail!("{}: '{id}' is not a plain file name", at());
+            }
+            let Some(label) = classes.iter().position(|c| c == class) else {
+                bail!("{}: {level} '{class}' is not one of {plural}.txt's", at());
+            };
+            files.push((images.join(format!("{id}.jpg")), label as i64));
+        }
+        some_listed(&path, files)
+    }
 }
 
 #[cfg(test)]
@@ -150,5 +212,17 @@ mod tests {
         assert!(!data_files("data/images/a/b.jpg") && !data_files("README.html"));
         assert!(!data_files("data/images/0034309.png") && !data_files("evaluation.m"));
         assert!(LISTS.iter().all(|l| data_files(l)));
+    }
+
+    #[test]
+    fn every_level_names_its_lists() {
+        for level in &LEVELS {
+            assert_eq!(named(level.name).map(|l| l.level), Some(level.level));
+            let listed = |split: &str| format!("data/images_{}_{split}.txt", level.level);
+            assert!(LISTS.contains(&format!("data/{}.txt", level.plural).as_str()));
+            let splits = ["train", "val", "trainval", "test"];
+            assert!(splits.iter().all(|s| LISTS.contains(&listed(s).as_str())));
+        }
+        assert!(named("fgvc-aircraft-model").is_none());
     }
 }

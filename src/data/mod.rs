@@ -55,6 +55,7 @@ use stream::{InOrder, Streamed};
 pub fn is_image_folder(name: &str) -> bool {
     imagenette::named(name).is_some()
         || places365::named(name).is_some()
+        || aircraft::named(name).is_some()
         || matches!(
             name,
             "folder"
@@ -63,7 +64,6 @@ pub fn is_image_folder(name: &str) -> bool {
                 | flowers::NAME
                 | food101::NAME
                 | dtd::NAME
-                | aircraft::NAME
                 | gtsrb::NAME
                 | eurosat::NAME
                 | caltech256::NAME
@@ -105,16 +105,13 @@ pub fn trains_by_imagenet_recipe(name: &str) -> bool {
 }
 
 /// Whether the dataset `name` has a val split of its own besides its
-/// training and test splits (Oxford 102 Flowers', DTD's, FGVC-Aircraft's,
-/// Country211's),
+/// training and test splits (Oxford 102 Flowers', DTD's, FGVC-Aircraft's
+/// at each level, Country211's),
 /// which
 /// `--val-on val` validates on; the others hold out part of their training
 /// split for it.
 pub fn has_own_val(name: &str) -> bool {
-    matches!(
-        name,
-        flowers::NAME | dtd::NAME | aircraft::NAME | country211::NAME
-    )
+    aircraft::named(name).is_some() || matches!(name, flowers::NAME | dtd::NAME | country211::NAME)
 }
 
 /// The probability with which training mirrors the images of the dataset
