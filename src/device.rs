@@ -60,7 +60,6 @@ fn unknown_device(s: &str) -> String {
     format!("unknown device '{s}'{hint} (expected auto, cpu, cuda or cuda:N)")
 }
 
-
 pub fn device_name(d: Device) -> String {
     match d {
         Device::Cpu => "cpu".into(),

@@ -67,6 +67,11 @@ normalized with the dataset's usual mean and deviation (KMNIST's and
 EMNIST's, which have none, from their training images), for a model of
 the dataset's classes (EMNIST letters: 27).
 
+--usps reads --data (the directory holding usps.bz2) through
+torchvision.datasets.USPS itself: each 16x16 image resized to 32x32 and
+made three channels as MNIST's are, normalized with the training images'
+own mean and deviation (USPS has no usual one).
+
 --svhn reads --data (the directory holding train_32x32.mat) through
 torchvision.datasets.SVHN itself (its integrity check fed the files' own
 MD5s), normalized with SVHN's usual mean and deviation.
@@ -207,8 +212,25 @@ def mnist_images(ds):
     """The dataset's images as the model reads them: 32x32, three channels,
     uint8; EMNIST's, which it stores transposed, turned upright first."""
     x = ds.data.transpose(1, 2) if isinstance(ds, torchvision.datasets.EMNIST) else ds.data
+    return gray32(x)
+
+
+def gray32(x):
+    """`N x H x W` uint8 gray images as the model reads them: resized to
+    32x32 by torchvision's antialiased `F.resize`, in three channels."""
     x = torchvision.transforms.functional.resize(x[:, None], [32, 32], antialias=True)
     return x.repeat(1, 3, 1, 1).contiguous()
+
+
+def usps(root, train=True):
+    """torchvision's USPS over `root`, its images as the model reads them
+    (`N x 3 x 32 x 32` uint8), its targets, and its normalization: the
+    training images' own mean and deviation as stored (16x16, value / 255,
+    the population's), by numpy in float64."""
+    ds = torchvision.datasets.USPS(root, train=train, download=False)
+    stored = torchvision.datasets.USPS(root, train=True, download=False).data.astype(np.float64) / 255
+    norm = (float(stored.mean()),) * 3, (float(stored.std()),) * 3
+    return gray32(torch.from_numpy(ds.data)), torch.tensor(ds.targets), norm
 
 
 def stl10(root, split="train", folds=None):
@@ -363,6 +385,7 @@ def main(argv=None):
     p.add_argument("--cifar100", action="store_true")
     p.add_argument("--mnist", choices=["mnist", "fashion-mnist", "kmnist", "qmnist", *EMNIST_SPLITS])
     p.add_argument("--svhn", action="store_true")
+    p.add_argument("--usps", action="store_true")
     p.add_argument("--stl10", action="store_true")
     p.add_argument("--stl10-fold", type=int, default=None)
     p.add_argument("--crop-flip", type=float, default=None, metavar="P")
@@ -399,6 +422,9 @@ def main(argv=None):
         ds = svhn(a.data)
         images, labels = torch.from_numpy(ds.data)[:a.limit_train], torch.from_numpy(ds.labels)[:a.limit_train]
         norm = SVHN_NORM
+    elif a.usps:
+        images, labels, norm = usps(a.data)
+        images, labels = images[:a.limit_train], labels[:a.limit_train]
     elif a.stl10:
         # Normalized by the whole training split's statistics, fold or not.
         norm = stl10_norm(stl10(a.data))

@@ -14,7 +14,7 @@ use vggctl::data::pack;
 use vggctl::data::prepared::{self, Prepared};
 use vggctl::data::resize::Filter;
 use vggctl::data::{
-    DOWNLOADED_ONLY, Dataset, has_own_val, imagenette, is_downloaded, is_unsplit, stl10, svhn,
+    DOWNLOADED_ONLY, Dataset, has_own_val, imagenette, is_downloaded, is_unsplit, stl10, svhn, usps,
 };
 use vggctl::dist::World;
 use vggctl::train::config::TrainConfig;
@@ -35,7 +35,8 @@ pub struct DataOpts {
     /// emnist-balanced, emnist-letters, emnist-digits, emnist-mnist (EMNIST's
     /// splits, their characters turned upright; their 28x28 gray images read
     /// as 32x32 RGB), svhn
-    /// (its train and test splits), stl10 (its 5,000 labelled training and
+    /// (its train and test splits), usps (USPS's 7,291 training and 2,007
+    /// test digits, 16x16 gray read as 32x32 RGB), stl10 (its 5,000 labelled training and
     /// 8,000 test images, 96x96), digits
     /// (scikit-learn's handwritten digits, built
     /// into vggctl: no download), folder (one subfolder of images per
@@ -78,7 +79,8 @@ pub struct DataOpts {
     /// cifar-100-binary/; mnist, fashion-mnist, kmnist, qmnist, emnist-*:
     /// the directory holding MNIST/raw/, FashionMNIST/raw/, KMNIST/raw/,
     /// QMNIST/raw/ or EMNIST/raw/ (torchvision's); svhn: the
-    /// directory holding train_32x32.mat and test_32x32.mat; stl10: the
+    /// directory holding train_32x32.mat and test_32x32.mat; usps: the
+    /// directory holding usps.bz2 and usps.t.bz2; stl10: the
     /// directory holding stl10_binary/; folder: the class folders; imagenet: the
     /// directory holding train/ and val/; folder, imagenet: or the file
     /// `vggctl prepare` made of them; imagenette*, oxford-pets, flowers102,
@@ -95,7 +97,7 @@ pub struct DataOpts {
     pub data_dir: Option<PathBuf>,
     /// Where to download the binary CIFAR-10 or CIFAR-100 archive (or
     /// STL-10's) from
-    /// when it is missing; mnist, fashion-mnist, kmnist, qmnist, svhn, oxford-pets,
+    /// when it is missing; mnist, fashion-mnist, kmnist, qmnist, svhn, usps, oxford-pets,
     /// flowers102, food101, dtd, fgvc-aircraft*, gtsrb, eurosat, caltech101, caltech256, sun397, country211, imagenette*, places365*: the mirror (or comma-separated mirrors) serving
     /// their files (emnist-*: gzip.zip, every split's) [default:
     /// $VGGCTL_<DATASET>_URL (e.g. $VGGCTL_FASHION_MNIST_URL), else the
@@ -105,7 +107,8 @@ pub struct DataOpts {
     /// MD5 the downloaded archive must have (emnist-*: gzip.zip's;
     /// mnist, fashion-mnist, kmnist, qmnist: four,
     /// comma-separated, for train-images, train-labels, t10k-images,
-    /// t10k-labels; svhn: three, train, test and extra; oxford-pets: two, images.tar.gz
+    /// t10k-labels; svhn: three, train, test and extra; usps: two, usps.bz2
+    /// and usps.t.bz2; oxford-pets: two, images.tar.gz
     /// and annotations.tar.gz; flowers102: three, 102flowers.tgz,
     /// imagelabels.mat and setid.mat; places365*: three, the lists', the
     /// training images' and the val images' archives; gtsrb: three, the training images',
@@ -268,7 +271,7 @@ impl DataOpts {
             "imagenet" => folder_scan::scan(&imagenet_split(&self.dir(), "train")?)?
                 .0
                 .len() as i64,
-            "digits" | "svhn" | "stl10" => 10,
+            "digits" | "svhn" | "stl10" | usps::NAME => 10,
             other => match (
                 cifar::named(other),
                 mnist::named(other),
@@ -506,12 +509,12 @@ impl DataOpts {
     }
 
     /// The dataset `name` if it is one vggctl downloads when it is missing
-    /// from `dir` (CIFAR, MNIST, SVHN, STL-10), else None.
+    /// from `dir` (CIFAR, MNIST, SVHN, USPS, STL-10), else None.
     fn load_downloadable(&self, name: &str, dir: &Path, how: Reading) -> Option<Result<Dataset>> {
         let Reading { quiet, fold, .. } = how;
         let downloaded = cifar::named(name).is_some()
             || mnist::named(name).is_some()
-            || matches!(name, "svhn" | "stl10")
+            || matches!(name, "svhn" | "stl10" | usps::NAME)
             || is_listed(name) && !prepared::is_prepared(dir);
         if downloaded && dir.exists() && !dir.is_dir() {
             return Some(Err(anyhow!(
@@ -536,6 +539,10 @@ impl DataOpts {
                 let src = source(svhn::MIRROR.into(), svhn::MD5S.join(","));
                 let splits = (how.test_only, how.extra);
                 Some(svhn::load(dir, splits, src.as_ref(), bar))
+            }
+            usps::NAME => {
+                let src = source(usps::MIRROR.into(), usps::MD5S.join(","));
+                Some(usps::load(dir, how.test_only, src.as_ref(), bar))
             }
             "stl10" => {
                 let src = source(stl10::URL.into(), stl10::MD5.into());

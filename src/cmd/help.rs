@@ -15,19 +15,19 @@ Environment:
   TORCH_HOME            torch hub's cache: $TORCH_HOME/hub/checkpoints [default: ~/.cache/torch]
   VGGCTL_CIFAR10_URL, VGGCTL_CIFAR100_URL, VGGCTL_MNIST_URL, VGGCTL_FASHION_MNIST_URL,
   VGGCTL_KMNIST_URL, VGGCTL_QMNIST_URL, VGGCTL_EMNIST_URL, VGGCTL_SVHN_URL,
-  VGGCTL_STL10_URL, VGGCTL_OXFORD_PETS_URL, VGGCTL_FLOWERS102_URL, VGGCTL_FOOD101_URL,
-  VGGCTL_DTD_URL, VGGCTL_FGVC_AIRCRAFT_URL, VGGCTL_GTSRB_URL, VGGCTL_EUROSAT_URL,
+  VGGCTL_USPS_URL, VGGCTL_STL10_URL, VGGCTL_OXFORD_PETS_URL, VGGCTL_FLOWERS102_URL,
+  VGGCTL_FOOD101_URL, VGGCTL_DTD_URL, VGGCTL_FGVC_AIRCRAFT_URL, VGGCTL_GTSRB_URL, VGGCTL_EUROSAT_URL,
   VGGCTL_CALTECH101_URL, VGGCTL_CALTECH256_URL, VGGCTL_SUN397_URL,
   VGGCTL_COUNTRY211_URL, VGGCTL_IMAGENETTE_URL, VGGCTL_IMAGENETTE_320PX_URL,
   VGGCTL_IMAGENETTE_160PX_URL, VGGCTL_PLACES365_URL, VGGCTL_PLACES365_256_URL
                         where to download each dataset from (also --data-url; mnist,
-                        fashion-mnist, kmnist, qmnist, emnist-*, svhn, oxford-pets,
+                        fashion-mnist, kmnist, qmnist, emnist-*, svhn, usps, oxford-pets,
                         flowers102, food101, dtd, fgvc-aircraft*, gtsrb, eurosat, caltech101,
                         caltech256, sun397, country211, imagenette*, places365*:
                         comma-separated mirrors, tried in turn)
                         [default: the dataset's own, as torchvision's]
   VGGCTL_<DATASET>_MD5  the MD5 its download must have (mnist, fashion-mnist, kmnist, qmnist: four,
-                        comma-separated; oxford-pets: two; svhn, flowers102, gtsrb,
+                        comma-separated; oxford-pets, usps: two; svhn, flowers102, gtsrb,
                         places365*: three) [default: the official files'; fgvc-aircraft*:
                         none is published, so its download needs this]
   VGGCTL_CACHE_DIR      where image folders' decoded images are cached (also --cache-dir)

@@ -55,7 +55,7 @@ pub struct RecipeOpts {
     pub interpolation: Filter,
     /// The probability that a training image is mirrored left-right
     /// (torchvision's RandomHorizontalFlip(p), timm's --hflip) [default:
-    /// 0.5; mnist, kmnist, qmnist, emnist-*, svhn, digits: 0, as a mirrored digit
+    /// 0.5; mnist, kmnist, qmnist, emnist-*, svhn, usps, digits: 0, as a mirrored digit
     /// or character is none].
     #[arg(long, value_name = "P", help_heading = "Data")]
     pub hflip: Option<f64>,

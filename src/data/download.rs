@@ -63,6 +63,36 @@ pub fn fetch_files(
     result
 }
 
+/// [`fetch_files`] of the files of `needed` missing from `dir`, kept as they
+/// are (SVHN's, USPS's); without `src`, an error naming them (`title`'s).
+pub fn fetch_kept_files(
+    dir: &Path,
+    title: &str,
+    (all, needed): (&[&str], &[&str]),
+    src: Option<&DownloadSource>,
+    progress: &mut dyn FnMut(u64, Option<u64>),
+) -> Result<()> {
+    let mut missing = needed.to_vec();
+    missing.retain(|f| !dir.join(f).exists());
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let how = format!(
+        "put {} (torchvision's {title} files) into {} by hand, or point --data-dir at a copy (--data-url names a mirror)",
+        needed.join(", "),
+        dir.display()
+    );
+    let Some(src) = src else {
+        bail!(
+            "no {title} in {}: {} missing and downloading is off; {how}",
+            dir.display(),
+            missing.join(", ")
+        );
+    };
+    fetch_files(dir, (all, &missing), src, progress, &mut |_| Ok(()))
+        .with_context(|| format!("could not download {title}; {how}"))
+}
+
 /// A dataset published as files at a mirror (some of them archives of
 /// folders), downloaded into one folder as torchvision downloads it.
 pub struct Published<'a> {
@@ -176,13 +206,12 @@ fn from_mirrors(
 
 /// A `.tar.gz`, `.tar` or `.zip` of one folder of files (CIFAR's binary
 /// version, STL-10, Oxford-IIIT Pet's two, Food-101's, GTSRB's images,
-/// Caltech-256's): its file
-/// name as published, the folder it holds (a path: `GTSRB/Training`; or
-/// "", where its members lie at its top and are extracted beside it, as
-/// GTSRB's ground-truth zip's `GT-final_test.csv`), and the members of
-/// that folder that are extracted (their paths in it; all must be there),
-/// with any others whose paths `also` accepts (`images/a.jpg`; subfolders
-/// are made as needed).
+/// Caltech-256's): its file name as published, the folder it holds (a
+/// path: `GTSRB/Training`; or "", where its members lie at its top and are
+/// extracted beside it, as GTSRB's ground-truth zip's `GT-final_test.csv`),
+/// and the members of that folder that are extracted (their paths in it;
+/// all must be there), with any others whose paths `also` accepts
+/// (`images/a.jpg`; subfolders are made as needed).
 pub struct Archive<'a> {
     pub file: &'a str,
     pub folder: &'a str,

@@ -477,7 +477,7 @@ const CHUNK: usize = 16_384;
 /// `n` gray images of `h` x `w` (each transposed first where `upright`) as
 /// `n x 3 x 32 x 32` uint8: resized as torchvision's antialiased bilinear
 /// `Resize` rounds them, then repeated in the three channels.
-fn rgb32(gray: &[u8], n: usize, (h, w): (usize, usize), upright: bool) -> Tensor {
+pub(super) fn rgb32(gray: &[u8], n: usize, (h, w): (usize, usize), upright: bool) -> Tensor {
     let side = SIDE as usize;
     let plane = side * side;
     let (rows, cols) = if upright { (w, h) } else { (h, w) };

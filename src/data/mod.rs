@@ -39,6 +39,7 @@ pub mod stream;
 pub mod sun397;
 pub mod svhn;
 pub mod uint8_ops;
+pub mod usps;
 
 use anyhow::{Result, bail};
 use tch::{Device, Tensor};
@@ -117,10 +118,10 @@ pub fn has_own_val(name: &str) -> bool {
 /// The probability with which training mirrors the images of the dataset
 /// named `name` unless `--hflip` says otherwise: torchvision's 0.5, or 0
 /// where a mirrored image is of no class or of another (digits: the
-/// built-in ones, MNIST's, SVHN's house numbers; GTSRB's signs, where
+/// built-in ones, MNIST's, USPS's, SVHN's house numbers; GTSRB's signs, where
 /// "Keep right" mirrored is "Keep left").
 pub fn default_hflip(name: &str) -> f64 {
-    let unmirrored = matches!(name, "digits" | "svhn" | gtsrb::NAME)
+    let unmirrored = matches!(name, "digits" | "svhn" | usps::NAME | gtsrb::NAME)
         || mnist::named(name).is_some_and(|m| !m.mirrors_keep_class);
     match unmirrored {
         true => 0.0,
@@ -129,15 +130,15 @@ pub fn default_hflip(name: &str) -> f64 {
 }
 
 /// Whether the dataset `name`'s images are gray (the built-in digits,
-/// MNIST's and Fashion-MNIST's): a model trained on them reads any image
+/// MNIST's family's, USPS's): a model trained on them reads any image
 /// as gray ([`image::to_luma`]).
 pub fn is_gray(name: &str) -> bool {
-    name == "digits" || mnist::named(name).is_some()
+    matches!(name, "digits" | usps::NAME) || mnist::named(name).is_some()
 }
 
 /// The side of the dataset `name`'s images as it keeps them, at which its
 /// models read an image whole: STL-10's 96; EuroSAT's 64; CIFAR's,
-/// MNIST's, SVHN's and the digits' 32 (and the CIFAR-style side of folder
+/// MNIST's, USPS's, SVHN's and the digits' 32 (and the CIFAR-style side of folder
 /// training).
 pub fn native_side(name: &str) -> i64 {
     match name {

@@ -13,7 +13,7 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use tch::Tensor;
 
-use super::download::{DownloadSource, fetch_files};
+use super::download::{DownloadSource, fetch_kept_files};
 use super::{Dataset, Images, Split};
 use crate::formats::mat::{MatArray, Values, read_mat};
 
@@ -49,25 +49,7 @@ pub fn load(
         (false, false) => &FILES[..2],
         (false, true) => &FILES[..],
     };
-    let missing: Vec<&str> = (needed.iter().copied())
-        .filter(|f| !dir.join(f).exists())
-        .collect();
-    if !missing.is_empty() {
-        let how = format!(
-            "put {} (torchvision's SVHN files) into {} by hand, or point --data-dir at a copy (--data-url names a mirror)",
-            needed.join(", "),
-            dir.display()
-        );
-        let Some(src) = download_from else {
-            bail!(
-                "no SVHN in {}: {} missing and downloading is off; {how}",
-                dir.display(),
-                missing.join(", ")
-            );
-        };
-        fetch_files(dir, (&FILES, &missing), src, progress, &mut |_| Ok(()))
-            .with_context(|| format!("could not download SVHN; {how}"))?;
-    }
+    fetch_kept_files(dir, "SVHN", (&FILES, needed), download_from, progress)?;
     let [train, test, more] = FILES.map(|f| dir.join(f));
     let mut train = match test_only {
         true => Split::empty(SIDE as i64),
