@@ -4,7 +4,7 @@
 //! with vggctl's metadata check, both CIFAR layouts (as CIFAR-10's and
 //! CIFAR-100's files), MNIST's IDX files (plain and gzipped), EMNIST's
 //! zip of gzipped IDX files, SVHN's
-//! MAT-files (plain and compressed), Oxford-IIIT Pet's and Food-101's
+//! MAT-files (plain and compressed), USPS's bzip2 files and their text, Oxford-IIIT Pet's and Food-101's
 //! lists, the image decoder and prepared datasets (index, checksums, the
 //! images in them).
 //!
@@ -151,6 +151,12 @@ fn read_zip_archive(path: &Path, bytes: &[u8]) -> Result<()> {
 /// As an SVHN split's MAT-file.
 fn read_svhn(path: &Path, _: &[u8]) -> Result<()> {
     vggctl::data::svhn::read_split(path).map(drop)
+}
+
+/// As a USPS file (bzip2), and as its text (LIBSVM's lines).
+fn read_usps(path: &Path, bytes: &[u8]) -> Result<()> {
+    let text = vggctl::data::usps::parse(&String::from_utf8_lossy(bytes)).map(drop);
+    vggctl::data::usps::read_file(path).map(drop).or(text)
 }
 
 /// As Oxford-IIIT Pet's lists: the bytes as trainval.txt and as test.txt.
@@ -380,6 +386,21 @@ fn mat_text(s: &str) -> Vec<u8> {
 
 /// Two SVHN images and their labels (a double `y`), plain and with each
 /// variable zlib-compressed.
+/// Two images of USPS's lines, as text and compressed by bzip2.
+fn usps_seeds() -> Vec<Vec<u8>> {
+    use std::io::Write;
+    let line = |label: usize| {
+        let values: Vec<String> = (1..=256)
+            .map(|i| format!("{i}:{}", (i * 37 % 200) as f64 / 100.0 - 1.0))
+            .collect();
+        format!("{label} {}\n", values.join(" "))
+    };
+    let text = format!("{}{}", line(10), line(1)).into_bytes();
+    let mut packed = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::default());
+    packed.write_all(&text).unwrap();
+    vec![packed.finish().unwrap(), text]
+}
+
 fn svhn_seeds() -> Vec<Vec<u8>> {
     use std::io::Write;
     let pixels: Vec<u8> = (0..2 * 3072).map(|i| (i * 7 % 256) as u8).collect();
@@ -599,6 +620,12 @@ const TARGETS: &[Target] = &[
         name: "svhn",
         read: read_svhn,
         seeds: svhn_seeds,
+        pickles: false,
+    },
+    Target {
+        name: "usps",
+        read: read_usps,
+        seeds: usps_seeds,
         pickles: false,
     },
     Target {
@@ -874,6 +901,15 @@ fn the_dataset_seeds_read() {
         // Row 0, column 1 of image 0's red plane: X[0, 1, 0, 0], the 33rd byte.
         assert_eq!(split.images.int64_value(&[0, 0, 0, 1]), 32 * 7);
     }
+    let [packed, text] = &usps_seeds()[..] else {
+        panic!("two USPS seeds")
+    };
+    let path = dir.path().join("usps.bz2");
+    std::fs::write(&path, packed).unwrap();
+    let (gray, labels) = vggctl::data::usps::read_file(&path).unwrap();
+    assert_eq!((gray.len(), &labels[..]), (512, &[9, 0][..]));
+    let text = vggctl::data::usps::parse(std::str::from_utf8(text).unwrap()).unwrap();
+    assert_eq!(text, (gray, labels));
     for (i, seed) in emnist_zip_seeds().iter().enumerate() {
         let path = dir.path().join(format!("e{i}"));
         read_emnist_zip(&path, seed).unwrap();

@@ -84,7 +84,7 @@ fn split(gray: &[u8], labels: &[i64]) -> Split {
 
 /// One of the files: its images' bytes (16x16 each, in order) and their
 /// labels (0 to 9).
-fn read_file(path: &Path) -> Result<(Vec<u8>, Vec<i64>)> {
+pub fn read_file(path: &Path) -> Result<(Vec<u8>, Vec<i64>)> {
     let packed = read_regular(path, "a USPS file", MAX_FILE)?;
     let mut text = Vec::new();
     MultiBzDecoder::new(packed.as_slice())
@@ -100,7 +100,7 @@ fn read_file(path: &Path) -> Result<(Vec<u8>, Vec<i64>)> {
 }
 
 /// LIBSVM's lines of USPS: `<label 1-10> 1:<v> 2:<v> ... 256:<v>`.
-fn parse(text: &str) -> Result<(Vec<u8>, Vec<i64>)> {
+pub fn parse(text: &str) -> Result<(Vec<u8>, Vec<i64>)> {
     let (mut gray, mut labels) = (Vec::new(), Vec::new());
     for (n, line) in text.lines().enumerate() {
         let at = n + 1;
