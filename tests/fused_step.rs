@@ -8,6 +8,8 @@
 //! fused update equals the reference step (the bias-free parameters'
 //! gradients are zero-filled) and the biases stay exactly zero.
 
+use std::collections::BTreeMap;
+
 use tch::{Device, Kind, Tensor};
 use vggctl::model::{Arch, Head, Layer, ModelSpec, Vgg};
 use vggctl::optim::{Optimizer, OptimizerConfig};
@@ -93,8 +95,9 @@ fn reference_and_fused(make: fn() -> Vgg, fuse: fn(&mut Vgg)) -> [Vgg; 2] {
 }
 
 /// Every parameter of `fused` but those named in `skip` within 1e-5 of
-/// `reference`'s, and training moved them away from `start`'s.
-fn assert_trained_alike(reference: &Vgg, fused: &Vgg, start: &Vgg, skip: &[String]) {
+/// `reference`'s, and (where `travelled`) training moved them away from
+/// `start`'s.
+fn assert_trained_alike(reference: &Vgg, fused: &Vgg, start: &Vgg, skip: &[String], moved: bool) {
     let mut travelled = 0.0f64;
     for (((name, a), (_, b)), (_, s)) in reference
         .parameters()
@@ -109,7 +112,7 @@ fn assert_trained_alike(reference: &Vgg, fused: &Vgg, start: &Vgg, skip: &[Strin
         travelled = travelled.max(rel(a, s));
     }
     assert!(
-        travelled > 1e-3,
+        !moved || travelled > 1e-3,
         "training did not move the weights: {travelled}"
     );
 }
@@ -132,7 +135,13 @@ fn conv_biases(m: &Vgg) -> Vec<Tensor> {
         .collect()
 }
 
+/// Copies of the BatchNorm layers' running means or variances.
 fn running(m: &Vgg, which: &str) -> Vec<Tensor> {
+    running_tensors(m, which).iter().map(Tensor::copy).collect()
+}
+
+/// The BatchNorm layers' running means or variances themselves.
+fn running_tensors(m: &Vgg, which: &str) -> Vec<Tensor> {
     m.features
         .layers
         .iter()
@@ -142,8 +151,8 @@ fn running(m: &Vgg, which: &str) -> Vec<Tensor> {
                 running_var,
                 ..
             } => Some(match which {
-                "mean" => running_mean.copy(),
-                _ => running_var.copy(),
+                "mean" => running_mean.shallow_clone(),
+                _ => running_var.shallow_clone(),
             }),
             _ => None,
         })
@@ -218,28 +227,88 @@ fn a_bias_before_training_batchnorm_cancels() {
 }
 
 /// Five steps of the fused SGD update (momentum, weight decay) from
-/// torchvision's zero biases: the bias-free model follows the reference
-/// within 1e-5 and its biases stay exactly zero.
+/// torchvision's zero biases, each bias-free step taken from the
+/// reference's state before it (weights, running statistics and momentum;
+/// its own biases and their momentum, zero): every update follows the
+/// reference's within 1e-5, and the biases stay exactly zero. Stepping
+/// from the reference's state keeps the check about the step: two
+/// trajectories that drift apart by rounding meet a max-pool's near-tie
+/// or a ReLU's zero sooner or later and part by 1e-3 (seen after five
+/// free-running steps on one CPU and not on another).
 #[test]
 fn from_zero_biases_the_fused_step_trains_as_the_reference() {
     let _seeded = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
-    let runs = reference_and_fused(model, |m| m.features.bias_free = true);
-    let (reference, fused) = (&runs[0], &runs[1]);
-    for b in conv_biases(fused) {
-        assert_eq!(b.abs().max().double_value(&[]), 0.0, "a bias moved");
-    }
-    let moved = conv_biases(reference)
-        .iter()
-        .map(|b| b.abs().max().double_value(&[]))
-        .fold(0.0, f64::max);
-    assert!(moved < 1e-6, "the reference's biases moved by {moved}");
-    // The biases are checked above.
-    assert_trained_alike(reference, fused, &model(), &conv_bias_names(reference));
-    for which in ["mean", "var"] {
-        for (a, b) in running(reference, which).iter().zip(running(fused, which)) {
-            assert!(rel(&b, a) < 1e-5, "running {which}: {}", rel(&b, a));
+    let (mut reference, mut fused) = (model(), model());
+    fused.features.bias_free = true;
+    let (x, y) = batch();
+    let biases = conv_bias_names(&reference);
+    let optimizer = |m: &mut Vgg| {
+        let flat = m.flatten_trainable(false, None);
+        Optimizer::fused(
+            OptimizerConfig::recipe_sgd(),
+            m.trainable_parameters(),
+            flat,
+        )
+    };
+    let (mut ref_opt, mut fused_opt) = (optimizer(&mut reference), optimizer(&mut fused));
+    for step in 1..=5 {
+        take_state(&fused, &reference, &biases);
+        let mut momentum: BTreeMap<String, Tensor> = ref_opt.state_tensors().into_iter().collect();
+        for (key, t) in fused_opt.state_tensors() {
+            if biases.iter().any(|b| key.ends_with(&format!(".{b}"))) {
+                momentum.insert(key, t);
+            }
+        }
+        fused_opt
+            .load_state("the reference", &momentum, step - 1)
+            .unwrap();
+        for (m, opt) in [(&reference, &mut ref_opt), (&fused, &mut fused_opt)] {
+            let loss = m.forward_t(&x, true).cross_entropy_for_logits(&y);
+            opt.backward_step(&loss, 0.05).unwrap();
+        }
+        for b in conv_biases(&fused) {
+            assert_eq!(
+                b.abs().max().double_value(&[]),
+                0.0,
+                "step {step}: a bias moved"
+            );
+        }
+        let moved = conv_biases(&reference)
+            .iter()
+            .map(|b| b.abs().max().double_value(&[]))
+            .fold(0.0, f64::max);
+        assert!(moved < 1e-6, "the reference's biases moved by {moved}");
+        assert_trained_alike(&reference, &fused, &model(), &biases, step == 5);
+        for which in ["mean", "var"] {
+            for (a, b) in running(&reference, which)
+                .iter()
+                .zip(running(&fused, which))
+            {
+                assert!(
+                    rel(&b, a) < 1e-5,
+                    "step {step}: running {which}: {}",
+                    rel(&b, a)
+                );
+            }
         }
     }
+}
+
+/// `to` takes `from`'s parameters (but those named in `skip`) and running
+/// statistics, in place (its optimizer's flat buffer stays its own).
+fn take_state(to: &Vgg, from: &Vgg, skip: &[String]) {
+    tch::no_grad(|| {
+        for ((name, t), (_, f)) in to.parameters().into_iter().zip(from.parameters()) {
+            if !skip.contains(&name) {
+                t.shallow_clone().copy_(f);
+            }
+        }
+        for which in ["mean", "var"] {
+            for (t, f) in running_tensors(to, which).iter().zip(running(from, which)) {
+                t.shallow_clone().copy_(&f);
+            }
+        }
+    });
 }
 
 /// Without BatchNorm nothing is left out: every bias is used.
@@ -270,8 +339,10 @@ fn plain_model() -> Vgg {
 /// Convolution, bias and ReLU as one operation with its own backward
 /// (the shim's; on the CPU its forward is the plain ops, so the backward is
 /// what this checks): the logits equal the plain model's, every gradient
-/// within 1e-6 of the largest, in fp32 and under bf16 autocast (1e-2, each
-/// side rounding in its own order).
+/// within 1e-5 of its largest value in fp32 (a bias's gradient sums the
+/// 8,192 positions of the batch in another order than libtorch's: the
+/// first one's 1.2e-6 apart on one CPU, below 1e-6 on another) and 1e-2
+/// under bf16 autocast, each side rounding in its own order.
 #[test]
 fn conv_bias_relu_is_the_plain_ops_with_their_gradients() {
     let _seeded = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
@@ -280,7 +351,7 @@ fn conv_bias_relu_is_the_plain_ops_with_their_gradients() {
     fused.features.conv_relu = true;
     same_random_conv_biases(&reference, &fused);
     let (x, y) = batch();
-    for (autocast, tolerance) in [(false, 1e-6), (true, 1e-2)] {
+    for (autocast, tolerance) in [(false, 1e-5), (true, 1e-2)] {
         let run = |m: &Vgg| match autocast {
             true => vggctl::shim::cpu_autocast(|| gradients(m, &x, &y)).unwrap(),
             false => gradients(m, &x, &y),
@@ -309,7 +380,7 @@ fn conv_bias_relu_is_the_plain_ops_with_their_gradients() {
 fn conv_bias_relu_trains_as_the_plain_ops() {
     let _seeded = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
     let runs = reference_and_fused(plain_model, |m| m.features.conv_relu = true);
-    assert_trained_alike(&runs[0], &runs[1], &plain_model(), &[]);
+    assert_trained_alike(&runs[0], &runs[1], &plain_model(), &[], true);
 }
 
 /// The shim's convolution itself (the model falls back to the plain ops if
@@ -465,7 +536,7 @@ fn weights_cast_once_per_step_train_as_autocast_casts() {
                 rel(&dict[&name], &a)
             );
         }
-        assert_trained_alike(reference, cast, &model(), &[]);
+        assert_trained_alike(reference, cast, &model(), &[], true);
         assert_eq!(ref_state.len(), cast_state.len());
         for ((na, a), (nb, b)) in ref_state.iter().zip(cast_state.iter()) {
             assert_eq!(na, nb);
@@ -574,7 +645,7 @@ fn a_first_convolution_padded_to_8_channels_computes_the_plain_one() {
         }
     }
     let [reference, fused] = reference_and_fused(plain_model, pad);
-    assert_trained_alike(&reference, &fused, &plain_model(), &[]);
+    assert_trained_alike(&reference, &fused, &plain_model(), &[], true);
 }
 
 /// Every convolution run as the shim's operation (`Sequential::two_streams`;
@@ -618,5 +689,5 @@ fn convolutions_as_the_shims_operation_compute_the_plain_ones() {
         }
     }
     let [reference, fused] = reference_and_fused(plain_model, |m| m.features.two_streams = true);
-    assert_trained_alike(&reference, &fused, &plain_model(), &[]);
+    assert_trained_alike(&reference, &fused, &plain_model(), &[], true);
 }
