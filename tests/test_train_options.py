@@ -181,16 +181,19 @@ def test_rmsprop_equals_torch_optim(runs, rmsprops, momentum, update):
     decay an L2 term) with --alpha, --eps and --momentum; libtorch has no
     fused kernel for it, so the fused update is a few kernels over the flat
     buffers, each weight-decay group's term added to its runs first: the
-    weights after two steps within 1e-5 relative (measured 1.7e-7 with
-    momentum, 8e-8 without; 1e-7 of noise on the initial weights moves
-    PyTorch's own by 1e-5 and 2e-6). With and without momentum they end
-    2.8e-3 apart."""
+    weights after two steps within 5e-5 relative (measured 1.7e-7 with
+    momentum, 8e-8 without on one CPU, 1.1e-5 without on an AMD EPYC:
+    RMSprop divides a gradient by its own root mean square, so a gradient
+    that is rounding noise, of a unit the batch leaves nearly dead, still
+    moves its weight by about lr; 1e-7 of noise on the initial weights
+    moves PyTorch's own by 1e-5 and 2e-6). With and without momentum they
+    end 2.8e-3 apart."""
     tmp, init, _, _ = runs
     extra = ["--no-fused"] if update == "per-parameter" else []
     ours = vggctl_train(tmp / f"rmsprop-{momentum}-{update}", init, *RMSPROP, "--momentum", momentum, *extra,
                         epochs=1)
     assert set(ours) == set(rmsprops[momentum])
-    assert apart(ours, rmsprops[momentum]) < 1e-5, apart(ours, rmsprops[momentum])
+    assert apart(ours, rmsprops[momentum]) < 5e-5, apart(ours, rmsprops[momentum])
     assert apart(rmsprops["0.9"], rmsprops["0"]) > 1e-3, "the momentum changed nothing: the test proves nothing"
 
 
