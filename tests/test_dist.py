@@ -266,9 +266,9 @@ def noise_cifar(root, per_batch=20, seed=0):
 def test_sync_bn_equals_one_process_with_the_global_batch(tmp_path):
     """--sync-bn over 2 ranks of 16 = one process on their 32 images
     together (VGG11-BN, GAP head: no dropout): weights and running
-    statistics within 3e-5 (relative to 1 + |value|; measured below 1e-5
-    on one CPU, 1.2e-5 on an AMD EPYC; per-rank statistics are over 1e-4
-    away).
+    statistics within 1e-4 (relative to 1 + |value|; measured below 1e-5
+    on one CPU, up to 3.2e-5 on an AMD EPYC, a running mean; per-rank
+    statistics end 2.2e-2 away, asserted over 1e-3).
 
     Why random images and lr 0.001: a VGG with BatchNorm trained from
     scratch at batch 16 is chaotic at lr 0.01 (measured with this
@@ -293,13 +293,13 @@ def test_sync_bn_equals_one_process_with_the_global_batch(tmp_path):
     assert set(a) == set(b)
     for k in b:
         diff = ((a[k].double() - b[k].double()).abs() / (1 + b[k].double().abs())).max().item()
-        assert diff < 3e-5, f"{k}: {diff}"
+        assert diff < 1e-4, f"{k}: {diff}"
     # Without --sync-bn each rank normalizes by its own 16 images: not the same.
     plain = torchrun(*common, "--out", str(tmp_path / "per_rank"))
     assert plain.returncode == 0, plain.stderr[-3000:]
     c = load_file(str(tmp_path / "per_rank" / "last.safetensors"))
     apart = max(((c[k].double() - b[k].double()).abs() / (1 + b[k].double().abs())).max().item() for k in b)
-    assert apart > 1e-4, apart
+    assert apart > 1e-3, apart
 
 
 def rank_env(rank, port, **extra):
