@@ -72,6 +72,11 @@ torchvision.datasets.USPS itself: each 16x16 image resized to 32x32 and
 made three channels as MNIST's are, normalized with the training images'
 own mean and deviation (USPS has no usual one).
 
+--fer2013 reads --data (the directory holding fer2013/) through
+torchvision.datasets.FER2013 itself (its integrity check fed the file's own
+MD5): each 48x48 face read at 48x48 in three channels, normalized with the
+training faces' own mean and deviation, for a model of 7 emotions.
+
 --svhn reads --data (the directory holding train_32x32.mat) through
 torchvision.datasets.SVHN itself (its integrity check fed the files' own
 MD5s), normalized with SVHN's usual mean and deviation.
@@ -233,6 +238,34 @@ def usps(root, train=True):
     return gray32(torch.from_numpy(ds.data)), torch.tensor(ds.targets), norm
 
 
+def fer2013(root, train=True):
+    """torchvision's FER2013 over `root` (its integrity check fed the
+    files' own MD5s), its faces as the model reads them (`N x 3 x 48 x 48`
+    uint8, the gray in each channel), its targets, and its normalization:
+    the training faces' own mean and deviation (value / 255, the
+    population's), by numpy in float64."""
+    def md5(name):
+        path = os.path.join(root, "fer2013", name)
+        if not os.path.exists(path):
+            return None
+        with open(path, "rb") as f:
+            return hashlib.md5(f.read()).hexdigest()
+
+    class Local(torchvision.datasets.FER2013):
+        _RESOURCES = {k: (f, md5(f)) for k, (f, _) in torchvision.datasets.FER2013._RESOURCES.items()}
+
+    def faces(split):
+        pairs = list(Local(root, split=split))
+        gray = torch.from_numpy(np.stack([np.asarray(img) for img, _ in pairs]))
+        return gray, torch.tensor([t for _, t in pairs])
+
+    stored, _ = faces("train")
+    gray, targets = faces("train" if train else "test")
+    x = stored.numpy().astype(np.float64) / 255
+    norm = (float(x.mean()),) * 3, (float(x.std()),) * 3
+    return gray[:, None].repeat(1, 3, 1, 1).contiguous(), targets, norm
+
+
 def stl10(root, split="train", folds=None):
     """torchvision's STL10 over `root` (`folds`: one training fold), its MD5s the files' own."""
     def md5(name):
@@ -386,6 +419,7 @@ def main(argv=None):
     p.add_argument("--mnist", choices=["mnist", "fashion-mnist", "kmnist", "qmnist", *EMNIST_SPLITS])
     p.add_argument("--svhn", action="store_true")
     p.add_argument("--usps", action="store_true")
+    p.add_argument("--fer2013", action="store_true")
     p.add_argument("--stl10", action="store_true")
     p.add_argument("--stl10-fold", type=int, default=None)
     p.add_argument("--crop-flip", type=float, default=None, metavar="P")
@@ -397,7 +431,7 @@ def main(argv=None):
     else:
         dist.init_process_group("gloo")
         ranks, world = [dist.get_rank()], dist.get_world_size()
-    classes = 100 if a.cifar100 else len(mnist(a.data, a.mnist).classes) if a.mnist else 10
+    classes = 100 if a.cifar100 else len(mnist(a.data, a.mnist).classes) if a.mnist else 7 if a.fer2013 else 10
     model = vgg_reference.build(a.arch, a.bn, a.head, classes, dropout=a.dropout)
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
@@ -424,6 +458,9 @@ def main(argv=None):
         norm = SVHN_NORM
     elif a.usps:
         images, labels, norm = usps(a.data)
+        images, labels = images[:a.limit_train], labels[:a.limit_train]
+    elif a.fer2013:
+        images, labels, norm = fer2013(a.data)
         images, labels = images[:a.limit_train], labels[:a.limit_train]
     elif a.stl10:
         # Normalized by the whole training split's statistics, fold or not.

@@ -159,6 +159,11 @@ fn read_usps(path: &Path, bytes: &[u8]) -> Result<()> {
     vggctl::data::usps::read_file(path).map(drop).or(text)
 }
 
+/// As FER2013's CSV text.
+fn read_fer2013(_: &Path, bytes: &[u8]) -> Result<()> {
+    vggctl::data::fer2013::parse(&String::from_utf8_lossy(bytes)).map(drop)
+}
+
 /// As Oxford-IIIT Pet's lists: the bytes as trainval.txt and as test.txt.
 fn read_pet_lists(path: &Path, bytes: &[u8]) -> Result<()> {
     let base = path.with_extension("pets");
@@ -401,6 +406,25 @@ fn usps_seeds() -> Vec<Vec<u8>> {
     vec![packed.finish().unwrap(), text]
 }
 
+/// FER2013's CSV (a training and a test face) and icml_face_data.csv's.
+fn fer2013_seeds() -> Vec<Vec<u8>> {
+    let face = |k: usize| {
+        let v: Vec<String> = (0..2304).map(|i| ((i * k) % 256).to_string()).collect();
+        v.join(" ")
+    };
+    let fer = format!(
+        "emotion,pixels,Usage\n3,\"{}\",Training\n6,\"{}\",PrivateTest\n",
+        face(7),
+        face(11)
+    );
+    let icml = format!(
+        "emotion, Usage, pixels\r\n3,Training,{}\r\n6,PublicTest,{}\r\n",
+        face(7),
+        face(11)
+    );
+    vec![fer.into_bytes(), icml.into_bytes()]
+}
+
 fn svhn_seeds() -> Vec<Vec<u8>> {
     use std::io::Write;
     let pixels: Vec<u8> = (0..2 * 3072).map(|i| (i * 7 % 256) as u8).collect();
@@ -626,6 +650,12 @@ const TARGETS: &[Target] = &[
         name: "usps",
         read: read_usps,
         seeds: usps_seeds,
+        pickles: false,
+    },
+    Target {
+        name: "fer2013",
+        read: read_fer2013,
+        seeds: fer2013_seeds,
         pickles: false,
     },
     Target {
@@ -910,6 +940,12 @@ fn the_dataset_seeds_read() {
     assert_eq!((gray.len(), &labels[..]), (512, &[9, 0][..]));
     let text = vggctl::data::usps::parse(std::str::from_utf8(text).unwrap()).unwrap();
     assert_eq!(text, (gray, labels));
+    for seed in fer2013_seeds() {
+        let (train, test) =
+            vggctl::data::fer2013::parse(std::str::from_utf8(&seed).unwrap()).unwrap();
+        assert_eq!((&train.labels[..], &test.labels[..]), (&[3][..], &[6][..]));
+        assert_eq!((train.gray[1], test.gray[1]), (7, 11));
+    }
     for (i, seed) in emnist_zip_seeds().iter().enumerate() {
         let path = dir.path().join(format!("e{i}"));
         read_emnist_zip(&path, seed).unwrap();

@@ -775,7 +775,7 @@ fn bad_training_arguments() {
         (
             &["train", "--dataset", "cifar-10", "--data-dir", &d],
             2,
-            "unknown dataset 'cifar-10': did you mean cifar10? (expected cifar10, cifar100, mnist, fashion-mnist, kmnist, qmnist, emnist-byclass, emnist-bymerge, emnist-balanced, emnist-letters, emnist-digits, emnist-mnist, svhn, usps, stl10, digits, folder, imagenet, imagenette, imagenette-320px, imagenette-160px, oxford-pets, flowers102, food101, dtd, fgvc-aircraft, fgvc-aircraft-family, fgvc-aircraft-manufacturer, stanford-cars, gtsrb, eurosat, caltech101, caltech256, sun397, country211, places365 or places365-256)",
+            "unknown dataset 'cifar-10': did you mean cifar10? (expected cifar10, cifar100, mnist, fashion-mnist, kmnist, qmnist, emnist-byclass, emnist-bymerge, emnist-balanced, emnist-letters, emnist-digits, emnist-mnist, svhn, usps, stl10, fer2013, digits, folder, imagenet, imagenette, imagenette-320px, imagenette-160px, oxford-pets, flowers102, food101, dtd, fgvc-aircraft, fgvc-aircraft-family, fgvc-aircraft-manufacturer, stanford-cars, gtsrb, eurosat, caltech101, caltech256, sun397, country211, places365 or places365-256)",
         ),
         (
             &["train", "--batch-size", "0", "--data-dir", &d],

@@ -14,7 +14,8 @@ use vggctl::data::pack;
 use vggctl::data::prepared::{self, Prepared};
 use vggctl::data::resize::Filter;
 use vggctl::data::{
-    DOWNLOADED_ONLY, Dataset, has_own_val, imagenette, is_downloaded, is_unsplit, stl10, svhn, usps,
+    DOWNLOADED_ONLY, Dataset, fer2013, has_own_val, imagenette, is_downloaded, is_unsplit, stl10,
+    svhn, usps,
 };
 use vggctl::dist::World;
 use vggctl::train::config::TrainConfig;
@@ -37,7 +38,9 @@ pub struct DataOpts {
     /// as 32x32 RGB), svhn
     /// (its train and test splits), usps (USPS's 7,291 training and 2,007
     /// test digits, 16x16 gray read as 32x32 RGB), stl10 (its 5,000 labelled training and
-    /// 8,000 test images, 96x96), digits
+    /// 8,000 test images, 96x96), fer2013 (FER2013's 28,709 training and
+    /// 7,178 test faces, 48x48 gray, 7 emotions; never downloaded, its file
+    /// put in place by hand), digits
     /// (scikit-learn's handwritten digits, built
     /// into vggctl: no download), folder (one subfolder of images per
     /// class, read as torchvision's ImageFolder reads it) or imagenet
@@ -81,7 +84,9 @@ pub struct DataOpts {
     /// QMNIST/raw/ or EMNIST/raw/ (torchvision's); svhn: the
     /// directory holding train_32x32.mat and test_32x32.mat; usps: the
     /// directory holding usps.bz2 and usps.t.bz2; stl10: the
-    /// directory holding stl10_binary/; folder: the class folders; imagenet: the
+    /// directory holding stl10_binary/; fer2013: the directory holding
+    /// fer2013/ (fer2013.csv or icml_face_data.csv in it, torchvision's);
+    /// folder: the class folders; imagenet: the
     /// directory holding train/ and val/; folder, imagenet: or the file
     /// `vggctl prepare` made of them; imagenette*, oxford-pets, flowers102,
     /// food101, dtd, fgvc-aircraft*, stanford-cars, gtsrb, eurosat, caltech101,
@@ -268,10 +273,11 @@ impl DataOpts {
                 Prepared::open(&self.dir())?.index.classes.len() as i64
             }
             "folder" => folder_scan::scan(&self.dir())?.0.len() as i64,
-            "imagenet" => folder_scan::scan(&imagenet_split(&self.dir(), "train")?)?
+            "imagenet" => folder_scan::scan(&imagenet::split_dir(&self.dir(), "train")?)?
                 .0
                 .len() as i64,
             "digits" | "svhn" | "stl10" | usps::NAME => 10,
+            fer2013::NAME => fer2013::CLASSES.len() as i64,
             other => match (
                 cifar::named(other),
                 mnist::named(other),
@@ -437,10 +443,10 @@ impl DataOpts {
                     // Evaluation reads DIR/val (or --val-dir) only.
                     (true, false) => match (test_only, val_dir) {
                         (true, Some(v)) => (dir.join("train"), Some(v.to_path_buf())),
-                        (true, None) => (dir.join("train"), Some(imagenet_split(dir, "val")?)),
+                        (true, None) => (dir.join("train"), Some(imagenet::split_dir(dir, "val")?)),
                         (false, _) => (
-                            imagenet_split(dir, "train")?,
-                            Some(imagenet_split(dir, "val")?),
+                            imagenet::split_dir(dir, "train")?,
+                            Some(imagenet::split_dir(dir, "val")?),
                         ),
                     },
                     _ => (dir.to_path_buf(), val_dir.map(Path::to_path_buf)),
@@ -474,6 +480,7 @@ impl DataOpts {
                 folder::load_listed(&opts, name, listed, &mut warn)
             }
             "digits" => digits::load(),
+            fer2013::NAME => fer2013::load(dir, test_only),
             other => Err(usage(unknown_dataset(other))),
         }
     }
@@ -568,19 +575,6 @@ struct Reading {
     fold: Option<usize>,
     own_val: bool,
     extra: bool,
-}
-
-/// `DIR/train` or `DIR/val` of ImageNet's layout, or an error saying
-/// what the layout is.
-pub fn imagenet_split(dir: &Path, split: &str) -> Result<PathBuf> {
-    let path = dir.join(split);
-    if !path.is_dir() {
-        bail!(
-            "{}: no {split}/ folder: --dataset imagenet reads DIR/train/<wnid>/ and DIR/val/<wnid>/ (eval reads DIR/val, or with --val-dir any folder of WordNet-id class folders)",
-            dir.display()
-        );
-    }
-    Ok(path)
 }
 
 /// Rank 0 tells the other ranks (after loading the data, so it also

@@ -204,7 +204,9 @@ fn dataset_names() -> Vec<&'static str> {
         "qmnist",
     ];
     names.extend(mnist::EMNIST_SPLITS.map(|m| m.name));
-    names.extend(["svhn", "usps", "stl10", "digits", "folder", "imagenet"]);
+    names.extend([
+        "svhn", "usps", "stl10", "fer2013", "digits", "folder", "imagenet",
+    ]);
     names.extend(imagenette::SIZES.map(|s| s.name));
     names.extend([pets::NAME, flowers::NAME, food101::NAME, dtd::NAME]);
     names.extend(aircraft::LEVELS.map(|l| l.name));
@@ -292,7 +294,7 @@ mod tests {
     #[test]
     fn a_dataset_is_guessed_from_torchvisions_spelling_or_a_slip() {
         let names = dataset_names();
-        assert_eq!(names.len(), 37);
+        assert_eq!(names.len(), 38);
         for (typed, want) in [
             ("CIFAR-10", Some("cifar10")),
             ("FashionMNIST", Some("fashion-mnist")),

@@ -5,9 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use vggctl::data::dtd;
+use vggctl::data::imagenet;
 use vggctl::data::pack::{Prepare, PrepareOptions, prepare, prepare_listed};
 
-use super::data_opts::imagenet_split;
 use super::listed::{check_fold, is_listed, open_listed, source_from_env};
 use super::output::{usage, warn, whole};
 
@@ -110,8 +110,8 @@ pub fn run(args: Args) -> Result<()> {
     let (dir, val_dir) = match args.dataset.as_str() {
         "folder" => (args.data_dir.clone(), args.val_dir.clone()),
         "imagenet" if args.val_dir.is_none() => (
-            imagenet_split(&args.data_dir, "train")?,
-            Some(imagenet_split(&args.data_dir, "val")?),
+            imagenet::split_dir(&args.data_dir, "train")?,
+            Some(imagenet::split_dir(&args.data_dir, "val")?),
         ),
         "imagenet" => return Err(usage("--val-dir: imagenet's validation images are DIR/val")),
         other => {

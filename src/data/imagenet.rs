@@ -2,7 +2,7 @@
 //! and their WordNet ids (the class folders of ImageNet's layout; sorted,
 //! they are torchvision's class indices).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 
@@ -20,6 +20,19 @@ pub fn classes() -> Vec<String> {
 /// The classes' WordNet ids, index by index (sorted).
 pub fn wnids() -> Vec<&'static str> {
     include_str!("imagenet_wnids.txt").lines().collect()
+}
+
+/// `DIR/train` or `DIR/val` of ImageNet's layout, or an error saying
+/// what the layout is.
+pub fn split_dir(dir: &Path, split: &str) -> Result<PathBuf> {
+    let path = dir.join(split);
+    if !path.is_dir() {
+        bail!(
+            "{}: no {split}/ folder: --dataset imagenet reads DIR/train/<wnid>/ and DIR/val/<wnid>/ (eval reads DIR/val, or with --val-dir any folder of WordNet-id class folders)",
+            dir.display()
+        );
+    }
+    Ok(path)
 }
 
 /// The names of ImageNet class folders (WordNet ids) in `dir`.

@@ -17,6 +17,7 @@ pub mod download;
 pub mod dtd;
 pub mod emnist;
 pub mod eurosat;
+pub mod fer2013;
 pub mod flowers;
 pub mod folder;
 mod folder_cache;
@@ -88,15 +89,18 @@ pub fn is_unsplit(name: &str) -> bool {
 
 /// Whether vggctl downloads the dataset `name` when its files are missing
 /// (what `--data-url` and `--data-md5` apply to): every dataset but image
-/// folders, ImageNet, the built-in digits and Stanford Cars (whose files
-/// are put in place by hand).
+/// folders, ImageNet, the built-in digits, Stanford Cars and FER2013 (whose
+/// files are put in place by hand).
 pub fn is_downloaded(name: &str) -> bool {
-    !matches!(name, "folder" | "imagenet" | "digits" | cars::NAME)
+    !matches!(
+        name,
+        "folder" | "imagenet" | "digits" | cars::NAME | fer2013::NAME
+    )
 }
 
 /// What `--data-url` and `--data-md5` apply to (see [`is_downloaded`]), as
 /// the warning that they are ignored says it.
-pub const DOWNLOADED_ONLY: &str = "applies to the datasets vggctl downloads only (not --dataset folder, imagenet, digits or stanford-cars)";
+pub const DOWNLOADED_ONLY: &str = "applies to the datasets vggctl downloads only (not --dataset folder, imagenet, digits, stanford-cars or fer2013)";
 
 /// Whether the dataset `name` is trained by torchvision's ImageNet recipe
 /// (random resized crops at 224, the ImageNet head): ImageNet's
@@ -130,20 +134,21 @@ pub fn default_hflip(name: &str) -> f64 {
 }
 
 /// Whether the dataset `name`'s images are gray (the built-in digits,
-/// MNIST's family's, USPS's): a model trained on them reads any image
-/// as gray ([`image::to_luma`]).
+/// MNIST's family's, USPS's, FER2013's faces): a model trained on them
+/// reads any image as gray ([`image::to_luma`]).
 pub fn is_gray(name: &str) -> bool {
-    matches!(name, "digits" | usps::NAME) || mnist::named(name).is_some()
+    matches!(name, "digits" | usps::NAME | fer2013::NAME) || mnist::named(name).is_some()
 }
 
 /// The side of the dataset `name`'s images as it keeps them, at which its
-/// models read an image whole: STL-10's 96; EuroSAT's 64; CIFAR's,
+/// models read an image whole: STL-10's 96; EuroSAT's 64; FER2013's 48; CIFAR's,
 /// MNIST's, USPS's, SVHN's and the digits' 32 (and the CIFAR-style side of folder
 /// training).
 pub fn native_side(name: &str) -> i64 {
     match name {
         "stl10" => stl10::SIDE,
         eurosat::NAME => eurosat::SIDE,
+        fer2013::NAME => fer2013::SIDE,
         _ => cifar::SIDE,
     }
 }
