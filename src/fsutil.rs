@@ -40,6 +40,23 @@ pub fn read_regular(path: &Path, what: &str, max: u64) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// Copies what `decoder` unpacks into `out`, refusing more than `max`
+/// bytes (a small archive can unpack to any size): the bytes copied, or
+/// an error naming `name`, a `format` file that is damaged or too large.
+pub fn unpack_capped(
+    decoder: impl Read,
+    out: &mut impl Write,
+    max: u64,
+    (name, format): (&str, &str),
+) -> Result<u64> {
+    let n = std::io::copy(&mut decoder.take(max + 1), out)
+        .with_context(|| format!("{name}: not a {format} file, or a damaged one"))?;
+    if n > max {
+        bail!("{name}: unpacks to more than {max} bytes");
+    }
+    Ok(n)
+}
+
 /// [`read_regular`]'s bytes as text: UTF-8, or an error naming the file.
 pub fn read_text(path: &Path, what: &str, max: u64) -> Result<String> {
     let bytes = read_regular(path, what, max)?;
@@ -240,6 +257,27 @@ pub fn check_target(path: &Path, force: bool) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A decoder's output up to the cap is copied; a byte more, or a
+    /// damaged stream, is one error naming the file and the format.
+    #[test]
+    fn an_unpacked_stream_is_capped() {
+        use flate2::{Compression, read::GzDecoder, write::GzEncoder};
+        let mut gz = GzEncoder::new(Vec::new(), Compression::default());
+        gz.write_all(&[7u8; 1000]).unwrap();
+        let packed = gz.finish().unwrap();
+        let unpack = |bytes: &[u8], max| {
+            let mut out = Vec::new();
+            unpack_capped(GzDecoder::new(bytes), &mut out, max, ("f.gz", "gzip")).map(|n| (n, out))
+        };
+        assert_eq!(unpack(&packed, 1000).unwrap(), (1000, vec![7u8; 1000]));
+        let e = unpack(&packed, 999).unwrap_err().to_string();
+        assert_eq!(e, "f.gz: unpacks to more than 999 bytes");
+        let e = unpack(&packed[..packed.len() / 2], 1000)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "f.gz: not a gzip file, or a damaged one");
+    }
 
     /// A write that fails leaves the old file and no temporary file; one
     /// that succeeds replaces the file whole.

@@ -15,14 +15,14 @@
 //! extracts every split; vggctl the ones it reads).
 
 use std::fs::File;
-use std::io::{self, Read};
+use std::io;
 use std::path::Path;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use flate2::read::GzDecoder;
 
 use super::download::{DownloadSource, fetch_files};
-use crate::fsutil::TempFile;
+use crate::fsutil::{TempFile, unpack_capped};
 
 /// The archive of every split, as published and as torchvision keeps it.
 pub const ZIP: &str = "gzip.zip";
@@ -96,15 +96,13 @@ pub fn fetch(
         })?;
         let target = raw.join(name);
         let mut out = TempFile::beside(&target)?;
-        let mut unpacked = GzDecoder::new(entry).take(MAX_BYTES + 1);
-        let n = io::copy(&mut unpacked, out.file())
-            .with_context(|| format!("{}: {member} does not unpack", zip.display()))?;
-        if n > MAX_BYTES {
-            bail!(
-                "{}: {member} unpacks to more than {MAX_BYTES} bytes",
-                zip.display()
-            );
-        }
+        let name = format!("{}: {member}", zip.display());
+        unpack_capped(
+            GzDecoder::new(entry),
+            out.file(),
+            MAX_BYTES,
+            (&name, "gzip"),
+        )?;
         out.commit(&target)?;
     }
     Ok(())

@@ -9,7 +9,6 @@
 //! bilinear `Resize(32)`, the gray in the three channels), normalized by
 //! the training images' own mean and deviation (USPS has no usual one).
 
-use std::io::Read;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
@@ -19,7 +18,7 @@ use tch::Tensor;
 use super::download::{DownloadSource, fetch_kept_files};
 use super::mnist::{SIDE, rgb32};
 use super::{Dataset, Images, Split, mean_std};
-use crate::fsutil::read_regular;
+use crate::fsutil::{read_regular, unpack_capped};
 
 /// The dataset's name on the command line and in a run's files.
 pub const NAME: &str = "usps";
@@ -87,13 +86,9 @@ fn split(gray: &[u8], labels: &[i64]) -> Split {
 pub fn read_file(path: &Path) -> Result<(Vec<u8>, Vec<i64>)> {
     let packed = read_regular(path, "a USPS file", MAX_FILE)?;
     let mut text = Vec::new();
-    MultiBzDecoder::new(packed.as_slice())
-        .take(MAX_TEXT + 1)
-        .read_to_end(&mut text)
-        .with_context(|| format!("{}: not a bzip2 file, or a damaged one", path.display()))?;
-    if text.len() as u64 > MAX_TEXT {
-        bail!("{}: unpacks to more than {MAX_TEXT} bytes", path.display());
-    }
+    let name = path.display().to_string();
+    let bz = MultiBzDecoder::new(&packed[..]);
+    unpack_capped(bz, &mut text, MAX_TEXT, (&name, "bzip2"))?;
     let text = String::from_utf8(text)
         .with_context(|| format!("{}: not LIBSVM's text", path.display()))?;
     parse(&text).with_context(|| format!("{}", path.display()))

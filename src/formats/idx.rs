@@ -5,13 +5,12 @@
 //! bytes; QMNIST its labels as big-endian int32 rows. A file may lie
 //! beside its `.gz` or only as that.
 
-use std::io::Read;
 use std::path::Path;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use flate2::read::GzDecoder;
 
-use crate::fsutil::read_regular;
+use crate::fsutil::{read_regular, unpack_capped};
 
 /// How large a file may be: the most entries (its first dimension) and
 /// the most bytes, packed or not.
@@ -112,13 +111,13 @@ pub fn gunzip(gz: &Path, caps: Caps) -> Result<Vec<u8>> {
     let max = caps.bytes;
     let packed = read_regular(gz, "a gzip file", max)?;
     let mut bytes = Vec::new();
-    GzDecoder::new(packed.as_slice())
-        .take(max + 1)
-        .read_to_end(&mut bytes)
-        .with_context(|| format!("{}: not a gzip file, or a damaged one", gz.display()))?;
-    if bytes.len() as u64 > max {
-        bail!("{}: unpacks to more than {max} bytes", gz.display());
-    }
+    let name = gz.display().to_string();
+    unpack_capped(
+        GzDecoder::new(&packed[..]),
+        &mut bytes,
+        max,
+        (&name, "gzip"),
+    )?;
     Ok(bytes)
 }
 
