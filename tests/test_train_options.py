@@ -515,8 +515,8 @@ def test_torchvision_train_py_options_in_vggctls_form(tmp_path):
         assert not (tmp_path / "r").exists()
 
 
-DOWNLOADED_ONLY = ("applies to the datasets vggctl downloads only (not --dataset folder, imagenet, digits or"
-                   " stanford-cars)")
+DOWNLOADED_ONLY = ("applies to the datasets vggctl downloads only (not --dataset folder, imagenet, digits,"
+                   " stanford-cars or fer2013)")
 
 
 def test_options_a_run_has_no_use_for_are_named_once_each(tmp_path):
