@@ -116,6 +116,22 @@ def initial_model(path, seed, classes=10):
     return model
 
 
+def reference_scores(model, weights, images, targets, norm):
+    """`model` with `weights` in eval mode on the whole test split
+    (`images` normalized by `norm`): PyTorch's mean cross-entropy and the
+    number of top-1 hits, what `vggctl eval` must report."""
+    import torch
+
+    from ddp_reference import normalize
+
+    model.load_state_dict(weights)
+    model.eval()
+    with torch.no_grad():
+        logits = model(normalize(images, *norm))
+    loss = torch.nn.functional.cross_entropy(logits, targets).item()
+    return loss, (logits.argmax(1) == targets).sum().item()
+
+
 def reference(out, init, data, *args, limit, batch, epochs):
     """PyTorch's one-process training (`ddp_reference.py`) from `init` on
     `data` with the dataset's `args`, its weights written to `out`."""

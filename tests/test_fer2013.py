@@ -26,13 +26,12 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dataset_helpers import BIN, ENV, apart, errors, initial_model, reference  # noqa: E402
-from ddp_reference import fer2013, normalize  # noqa: E402
+from dataset_helpers import BIN, ENV, apart, errors, initial_model, reference, reference_scores  # noqa: E402
+from ddp_reference import fer2013  # noqa: E402
 
 LIMIT, BATCH, EPOCHS = 48, 16, 2
 EMOTIONS = ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]
@@ -93,12 +92,7 @@ def test_fer2013_trains_and_evaluates_as_torchvision_reads_it(data, tmp_path):
     # The reference's weights evaluated on the whole test split, read from
     # either file.
     images, targets, norm = fer2013(fer, train=False)
-    model.load_state_dict(want)
-    model.eval()
-    with torch.no_grad():
-        logits = model(normalize(images, *norm))
-    loss = torch.nn.functional.cross_entropy(logits, targets).item()
-    correct = (logits.argmax(1) == targets).sum().item()
+    loss, correct = reference_scores(model, want, images, targets, norm)
     for root in (fer, str(data / "icml")):
         r = vggctl("eval", "--checkpoint", want_path, "--dataset", "fer2013", "--data-dir", root,
                    "--device", "cpu", "--json")

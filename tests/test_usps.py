@@ -26,13 +26,12 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dataset_helpers import BIN, ENV, apart, errors, initial_model, md5, mirror, reference  # noqa: E402
-from ddp_reference import normalize, usps  # noqa: E402
+from dataset_helpers import BIN, ENV, apart, errors, initial_model, md5, mirror, reference, reference_scores  # noqa: E402
+from ddp_reference import usps  # noqa: E402
 
 LIMIT, BATCH, EPOCHS = 48, 16, 2
 FILES = ["usps.bz2", "usps.t.bz2"]
@@ -85,12 +84,7 @@ def test_usps_trains_and_evaluates_as_torchvision_reads_it(data, tmp_path):
 
     # The reference's weights evaluated on the whole test split.
     images, targets, norm = usps(str(data), train=False)
-    model.load_state_dict(want)
-    model.eval()
-    with torch.no_grad():
-        logits = model(normalize(images, *norm))
-    loss = torch.nn.functional.cross_entropy(logits, targets).item()
-    correct = (logits.argmax(1) == targets).sum().item()
+    loss, correct = reference_scores(model, want, images, targets, norm)
     r = vggctl("eval", "--checkpoint", want_path, "--dataset", "usps", "--data-dir", str(data), "--no-download",
                "--device", "cpu", "--json")
     assert r.returncode == 0, r.stderr
