@@ -137,6 +137,7 @@ pub fn parse(text: &str) -> Result<(Faces, Faces)> {
     let mut lines = text.lines().map(|l| l.strip_suffix('\r').unwrap_or(l));
     let header = lines.next().unwrap_or_default();
     let [emotion, pixels, usage] = columns(header)?;
+    let width = fields(header).len();
     let (mut train, mut test) = (Faces::default(), Faces::default());
     for (n, line) in lines.enumerate() {
         let at = n + 2;
@@ -144,11 +145,10 @@ pub fn parse(text: &str) -> Result<(Faces, Faces)> {
             continue; // as Python's csv reader skips it
         }
         let row = fields(line);
-        if row.len() != fields(header).len() {
+        if row.len() != width {
             bail!(
-                "line {at}: {} fields, where the header names {}",
-                row.len(),
-                fields(header).len()
+                "line {at}: {} fields, where the header names {width}",
+                row.len()
             );
         }
         let faces = match row[usage].trim() {
