@@ -15,10 +15,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
-/// Reads the whole regular file `path` (symbolic links followed) after
-/// checking, before opening it, that it is one and holds at most `max`
-/// bytes; `what` names the kind of file in the error.
-pub fn read_regular(path: &Path, what: &str, max: u64) -> Result<Vec<u8>> {
+/// Opens the regular file `path` (symbolic links followed) after checking,
+/// before opening it, that it is one and holds at most `max` bytes; `what`
+/// names the kind of file in the error. The reader stops one byte past
+/// `max`, so a file that grows while it is read is caught by counting.
+pub fn open_regular(path: &Path, what: &str, max: u64) -> Result<(std::io::Take<File>, u64)> {
     let meta = fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
     if !meta.is_file() {
         bail!("{}: {}, not {what}", path.display(), kind(&meta));
@@ -30,10 +31,15 @@ pub fn read_regular(path: &Path, what: &str, max: u64) -> Result<Vec<u8>> {
             meta.len()
         );
     }
-    let mut bytes = Vec::with_capacity(meta.len() as usize);
-    File::open(path)
-        .and_then(|f| f.take(max + 1).read_to_end(&mut bytes))
-        .with_context(|| format!("reading {}", path.display()))?;
+    let file = File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok((file.take(max + 1), meta.len()))
+}
+
+/// Reads the whole regular file `path` (see [`open_regular`]).
+pub fn read_regular(path: &Path, what: &str, max: u64) -> Result<Vec<u8>> {
+    let (mut file, len) = open_regular(path, what, max)?;
+    let mut bytes = Vec::with_capacity(len as usize);
+    (file.read_to_end(&mut bytes)).with_context(|| format!("reading {}", path.display()))?;
     if bytes.len() as u64 > max {
         bail!("{}: grew past {max} bytes while being read", path.display());
     }

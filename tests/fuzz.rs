@@ -161,7 +161,7 @@ fn read_usps(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// As FER2013's CSV text.
 fn read_fer2013(_: &Path, bytes: &[u8]) -> Result<()> {
-    vggctl::data::fer2013::parse(&String::from_utf8_lossy(bytes)).map(drop)
+    vggctl::data::fer2013::parse(bytes).map(drop)
 }
 
 /// As Oxford-IIIT Pet's lists: the bytes as trainval.txt and as test.txt.
@@ -941,8 +941,7 @@ fn the_dataset_seeds_read() {
     let text = vggctl::data::usps::parse(std::str::from_utf8(text).unwrap()).unwrap();
     assert_eq!(text, (gray, labels));
     for seed in fer2013_seeds() {
-        let (train, test) =
-            vggctl::data::fer2013::parse(std::str::from_utf8(&seed).unwrap()).unwrap();
+        let (train, test) = vggctl::data::fer2013::parse(&seed[..]).unwrap();
         assert_eq!((&train.labels[..], &test.labels[..]), (&[3][..], &[6][..]));
         assert_eq!((train.gray[1], test.gray[1]), (7, 11));
     }

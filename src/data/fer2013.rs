@@ -14,13 +14,14 @@
 //! are None there). Kaggle hands the files out to its users only: they
 //! are put in place by hand.
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use tch::Tensor;
 
-use super::{Dataset, Images, Split, mean_std};
-use crate::fsutil::read_text;
+use super::{Dataset, Images, Split, gray_histograms, mean_std};
+use crate::fsutil::open_regular;
 
 /// The dataset's name on the command line and in a run's files.
 pub const NAME: &str = "fer2013";
@@ -53,11 +54,17 @@ pub struct Faces {
 /// normalization only.
 pub fn load(dir: &Path, test_only: bool) -> Result<Dataset> {
     let file = find(dir)?;
-    let text = read_text(&file, "a CSV file", MAX_FILE)?;
-    let (train, test) = parse(&text).with_context(|| format!("{}", file.display()))?;
-    let mut counts = [0u64; 256];
-    train.gray.iter().for_each(|&v| counts[v as usize] += 1);
-    let (mean, std) = mean_std(&[counts; 3]).with_context(|| format!("{}", file.display()))?;
+    let (reader, _) = open_regular(&file, "a CSV file", MAX_FILE)?;
+    let mut reader = BufReader::new(reader);
+    let (train, test) = parse(&mut reader).with_context(|| format!("{}", file.display()))?;
+    if reader.get_ref().limit() == 0 {
+        bail!(
+            "{}: grew past {MAX_FILE} bytes while being read",
+            file.display()
+        );
+    }
+    let (mean, std) =
+        mean_std(&gray_histograms(&train.gray)).with_context(|| format!("{}", file.display()))?;
     let train = match test_only {
         true => Split::empty(SIDE),
         false => split(&train),
@@ -132,19 +139,29 @@ fn unquote(field: &str) -> &str {
         .unwrap_or(field)
 }
 
-/// A file's text as its training and test faces.
-pub fn parse(text: &str) -> Result<(Faces, Faces)> {
-    let mut lines = text.lines().map(|l| l.strip_suffix('\r').unwrap_or(l));
-    let header = lines.next().unwrap_or_default();
-    let [emotion, pixels, usage] = columns(header)?;
-    let width = fields(header).len();
+/// A file's text, read line by line (the faces' bytes are kept, not the
+/// text), as its training and test faces.
+pub fn parse(mut input: impl BufRead) -> Result<(Faces, Faces)> {
+    let mut buf = Vec::new();
+    let mut next = |at: usize| -> Result<Option<String>> {
+        buf.clear();
+        if input.read_until(b'\n', &mut buf)? == 0 {
+            return Ok(None);
+        }
+        let line = std::str::from_utf8(&buf).map_err(|_| anyhow!("line {at}: not UTF-8 text"))?;
+        let line = line.strip_suffix('\n').unwrap_or(line);
+        Ok(Some(line.strip_suffix('\r').unwrap_or(line).to_string()))
+    };
+    let header = next(1)?.unwrap_or_default();
+    let [emotion, pixels, usage] = columns(&header)?;
+    let width = fields(&header).len();
     let (mut train, mut test) = (Faces::default(), Faces::default());
-    for (n, line) in lines.enumerate() {
-        let at = n + 2;
+    for at in 2.. {
+        let Some(line) = next(at)? else { break };
         if line.is_empty() {
             continue; // as Python's csv reader skips it
         }
-        let row = fields(line);
+        let row = fields(&line);
         if row.len() != width {
             bail!(
                 "line {at}: {} fields, where the header names {width}",
@@ -202,7 +219,7 @@ mod tests {
             row("5", &face(4), "Training"),
         ]
         .join("\r\n");
-        let (train, test) = parse(&text).unwrap();
+        let (train, test) = parse(text.as_bytes()).unwrap();
         assert_eq!((train.labels, test.labels), (vec![3, 5], vec![6, 0]));
         assert_eq!((train.gray[0], train.gray[PIXELS]), (1, 4));
         assert_eq!((test.gray[0], test.gray[PIXELS]), (2, 3));
@@ -212,7 +229,7 @@ mod tests {
             vec!["7"; PIXELS].join(" "),
             vec!["8"; PIXELS].join(" ")
         );
-        let (train, test) = parse(&icml).unwrap();
+        let (train, test) = parse(icml.as_bytes()).unwrap();
         assert_eq!((train.labels, test.labels), (vec![2], vec![1]));
         assert_eq!((train.gray[5], test.gray[5]), (7, 8));
     }
@@ -254,8 +271,14 @@ mod tests {
             ),
             (String::new(), "line 1: the header '' does not name"),
         ];
+        let mut cases: Vec<(Vec<u8>, &str)> = (cases.into_iter())
+            .map(|(text, want)| (text.into_bytes(), want))
+            .collect();
+        let mut latin1 = format!("emotion,pixels,Usage\n{ok}\n").into_bytes();
+        latin1.extend(b"1,\"\xe9\",Training\n");
+        cases.push((latin1, "line 3: not UTF-8 text"));
         for (text, want) in cases {
-            let e = parse(&text).unwrap_err().to_string();
+            let e = parse(&text[..]).unwrap_err().to_string();
             assert!(e.contains(want), "{e} lacks {want}");
         }
     }

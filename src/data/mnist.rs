@@ -24,7 +24,7 @@ use tch::{Device, Kind, Tensor};
 use super::download::{DownloadSource, fetch_files};
 use super::emnist;
 use super::resize::{Resize, resize_window_into};
-use super::{Dataset, Images, Split, mean_std};
+use super::{Dataset, Histograms, Images, Split, gray_histograms, mean_std};
 use crate::formats::idx::{self, Caps, Kind as Idx};
 use crate::fsutil::TempFile;
 
@@ -284,13 +284,13 @@ impl Mnist {
         let [train_x, train_y, test_x, test_y] = files.map(|f| raw.join(f));
         let (train, counts) = match (test_only, self.norm) {
             (false, _) => self.split(&train_x, &train_y)?,
-            (true, Some(_)) => (Split::empty(SIDE), [0; 256]),
+            (true, Some(_)) => (Split::empty(SIDE), [[0; 256]; 3]),
             (true, None) => (Split::empty(SIDE), read_gray(&train_x, self.caps())?.1),
         };
         let (test, _) = self.split(&test_x, &test_y)?;
         let (mean, std) = match self.norm {
             Some(norm) => norm,
-            None => mean_std(&[counts; 3]).with_context(|| format!("{}", train_x.display()))?,
+            None => mean_std(&counts).with_context(|| format!("{}", train_x.display()))?,
         };
         Ok(Dataset {
             name: self.name.into(),
@@ -306,8 +306,8 @@ impl Mnist {
     }
 
     /// One split: its images file and labels file, as 32x32 RGB, and the
-    /// count of each gray value in its images as they are stored.
-    fn split(&self, images: &Path, labels: &Path) -> Result<(Split, [u64; 256])> {
+    /// histograms of its images' gray values as they are stored.
+    fn split(&self, images: &Path, labels: &Path) -> Result<(Split, Histograms)> {
         let upright = matches!(self.layout, Layout::Emnist(_));
         let (x, counts) = read_images_counted(images, self.caps(), upright)?;
         let y = self.read_labels(labels)?;
@@ -434,16 +434,16 @@ pub fn read_images(path: &Path) -> Result<Tensor> {
 }
 
 /// [`read_images`] within `caps`, each image transposed where `upright`
-/// (EMNIST's), and the count of each gray value in the file.
-fn read_images_counted(path: &Path, caps: Caps, upright: bool) -> Result<(Tensor, [u64; 256])> {
+/// (EMNIST's), and the histograms of the file's gray values.
+fn read_images_counted(path: &Path, caps: Caps, upright: bool) -> Result<(Tensor, Histograms)> {
     let (x, counts) = read_gray(path, caps)?;
     let (n, h, w) = (x.dims[0], x.dims[1], x.dims[2]);
     Ok((rgb32(&x.data, n, (h, w), upright), counts))
 }
 
-/// An images file's gray values as stored, within `caps`, and the count
-/// of each value.
-fn read_gray(path: &Path, caps: Caps) -> Result<(idx::Idx, [u64; 256])> {
+/// An images file's gray values as stored, within `caps`, and their
+/// histograms.
+fn read_gray(path: &Path, caps: Caps) -> Result<(idx::Idx, Histograms)> {
     let x = idx::parse(idx::read(path, caps)?, Idx::Images, path, caps)?;
     let (h, w) = (x.dims[1], x.dims[2]);
     if !(1..=MAX_SIDE).contains(&h) || !(1..=MAX_SIDE).contains(&w) {
@@ -452,10 +452,7 @@ fn read_gray(path: &Path, caps: Caps) -> Result<(idx::Idx, [u64; 256])> {
             path.display()
         );
     }
-    let mut counts = [0u64; 256];
-    for &v in &x.data {
-        counts[v as usize] += 1;
-    }
+    let counts = gray_histograms(&x.data);
     Ok((x, counts))
 }
 

@@ -156,6 +156,14 @@ pub fn native_side(name: &str) -> i64 {
 /// Counts of each byte value in each colour channel of a set of images.
 pub type Histograms = [[u64; 256]; 3];
 
+/// The histograms of gray images' bytes `pixels` (one per channel, the
+/// three equal: gray images are read as RGB).
+pub fn gray_histograms(pixels: &[u8]) -> Histograms {
+    let mut counts = [0u64; 256];
+    pixels.iter().for_each(|&v| counts[v as usize] += 1);
+    [counts; 3]
+}
+
 /// Each channel's mean and standard deviation of `value / 255` over the
 /// pixels `counts` counts (the population's): the normalization of a
 /// dataset without customary constants, from its training images

@@ -17,7 +17,7 @@ use tch::Tensor;
 
 use super::download::{DownloadSource, fetch_kept_files};
 use super::mnist::{SIDE, rgb32};
-use super::{Dataset, Images, Split, mean_std};
+use super::{Dataset, Images, Split, gray_histograms, mean_std};
 use crate::fsutil::{read_regular, unpack_capped};
 
 /// The dataset's name on the command line and in a run's files.
@@ -51,10 +51,8 @@ pub fn load(
     fetch_kept_files(dir, "USPS", (&FILES, &FILES), download_from, progress)?;
     let [train, test] = FILES.map(|f| read_file(&dir.join(f)));
     let ((train_gray, train_labels), test) = (train?, test?);
-    let mut counts = [0u64; 256];
-    train_gray.iter().for_each(|&v| counts[v as usize] += 1);
-    let (mean, std) =
-        mean_std(&[counts; 3]).with_context(|| format!("{}", dir.join(FILES[0]).display()))?;
+    let (mean, std) = mean_std(&gray_histograms(&train_gray))
+        .with_context(|| format!("{}", dir.join(FILES[0]).display()))?;
     let train = match test_only {
         true => Split::empty(SIDE),
         false => split(&train_gray, &train_labels),
