@@ -28,7 +28,7 @@ fn torchscript_runs_in_libtorch_with_vggctl_logits() {
             "cifar",
             "--format",
             "torchscript",
-            "--out",
+            "-o", // as train's, features' and prepare's
             out.to_str().unwrap(),
         ],
     );

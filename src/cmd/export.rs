@@ -37,7 +37,7 @@ pub struct Args {
     #[arg(long, value_enum)]
     format: Option<Format>,
     /// The file to write.
-    #[arg(long)]
+    #[arg(short, long)]
     out: PathBuf,
     /// Input side the TorchScript/ONNX/pt2 graph is built for [default: the checkpoint's, else 224 / 32].
     #[arg(long, value_parser = whole::<i64>)]
