@@ -157,7 +157,7 @@ impl Optimizer {
                 ..self.cfg.clone()
             };
             let mut p = flat.shallow_clone();
-            super::apply_update(&cfg, &self.lr, &self.step, &mut p, &g, &mut now);
+            super::rules::apply_update(&cfg, &self.lr, &self.step, &mut p, &g, &mut now);
             if let (Some(found), Some(before)) = (found_inf, before) {
                 let clean = found.eq(0.0);
                 let [b1, b2, b3] = now;
