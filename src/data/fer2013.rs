@@ -139,29 +139,40 @@ fn unquote(field: &str) -> &str {
         .unwrap_or(field)
 }
 
+/// Line `at` of `input` (read into `buf`, which it borrows: no copy), without
+/// its line ending; `None` at the end.
+fn next_line<'b>(
+    input: &mut impl BufRead,
+    buf: &'b mut Vec<u8>,
+    at: usize,
+) -> Result<Option<&'b str>> {
+    buf.clear();
+    if input.read_until(b'\n', buf)? == 0 {
+        return Ok(None);
+    }
+    let line = std::str::from_utf8(buf).map_err(|_| anyhow!("line {at}: not UTF-8 text"))?;
+    let line = line.strip_suffix('\n').unwrap_or(line);
+    Ok(Some(line.strip_suffix('\r').unwrap_or(line)))
+}
+
 /// A file's text, read line by line (the faces' bytes are kept, not the
 /// text), as its training and test faces.
 pub fn parse(mut input: impl BufRead) -> Result<(Faces, Faces)> {
     let mut buf = Vec::new();
-    let mut next = |at: usize| -> Result<Option<String>> {
-        buf.clear();
-        if input.read_until(b'\n', &mut buf)? == 0 {
-            return Ok(None);
-        }
-        let line = std::str::from_utf8(&buf).map_err(|_| anyhow!("line {at}: not UTF-8 text"))?;
-        let line = line.strip_suffix('\n').unwrap_or(line);
-        Ok(Some(line.strip_suffix('\r').unwrap_or(line).to_string()))
-    };
-    let header = next(1)?.unwrap_or_default();
+    let header = next_line(&mut input, &mut buf, 1)?
+        .unwrap_or_default()
+        .to_string();
     let [emotion, pixels, usage] = columns(&header)?;
     let width = fields(&header).len();
     let (mut train, mut test) = (Faces::default(), Faces::default());
     for at in 2.. {
-        let Some(line) = next(at)? else { break };
+        let Some(line) = next_line(&mut input, &mut buf, at)? else {
+            break;
+        };
         if line.is_empty() {
             continue; // as Python's csv reader skips it
         }
-        let row = fields(&line);
+        let row = fields(line);
         if row.len() != width {
             bail!(
                 "line {at}: {} fields, where the header names {width}",

@@ -5,6 +5,7 @@
 use anyhow::Result;
 use tch::Tensor;
 
+use super::rules::apply_update;
 use super::{Optimizer, OptimizerConfig, OptimizerKind, Slot};
 use crate::shim;
 
@@ -157,7 +158,7 @@ impl Optimizer {
                 ..self.cfg.clone()
             };
             let mut p = flat.shallow_clone();
-            super::rules::apply_update(&cfg, &self.lr, &self.step, &mut p, &g, &mut now);
+            apply_update(&cfg, &self.lr, &self.step, &mut p, &g, &mut now);
             if let (Some(found), Some(before)) = (found_inf, before) {
                 let clean = found.eq(0.0);
                 let [b1, b2, b3] = now;
