@@ -42,7 +42,9 @@ use std::path::Path;
 use tch::{Device, Kind, Tensor};
 use vggctl::formats::safetensors::read_safetensors;
 use vggctl::optim::LossScaler;
-use vggctl::optim::{DEFAULT_ALPHA, Optimizer, OptimizerConfig, OptimizerKind};
+use vggctl::optim::{
+    DEFAULT_ALPHA, DEFAULT_MOMENTUM_DECAY, Optimizer, OptimizerConfig, OptimizerKind,
+};
 use vggctl::shim::{self, CudaGraph};
 use vggctl::train::state::EpochMetrics;
 
@@ -198,6 +200,8 @@ fn loss_scaling_runs_on_the_device() {
         (OptimizerKind::Adamw, true),
         (OptimizerKind::Rmsprop, false),
         (OptimizerKind::Rmsprop, true),
+        (OptimizerKind::Nadam, false),
+        (OptimizerKind::Radam, false),
     ] {
         let cfg = OptimizerConfig {
             kind,
@@ -211,6 +215,7 @@ fn loss_scaling_runs_on_the_device() {
             bias_weight_decay: None,
             amsgrad: variant,
             centered: variant,
+            momentum_decay: DEFAULT_MOMENTUM_DECAY,
         };
         // The same steps on the CPU and on the GPU.
         let run = |dev: Device| {

@@ -45,6 +45,7 @@ fn adam(kind: OptimizerKind) -> OptimizerConfig {
         bias_weight_decay: None,
         amsgrad: false,
         centered: false,
+        momentum_decay: 4e-3,
     }
 }
 
@@ -227,9 +228,22 @@ fn rmsprop(momentum: f64) -> OptimizerConfig {
     }
 }
 
+/// NAdam or RAdam with Adam's eps of 1e-3 (see `adam`), betas of their
+/// own (RAdam's rectified steps start at the 7th: 10 steps take both
+/// branches), NAdam a momentum decay of its own.
+fn adam_family(kind: OptimizerKind) -> OptimizerConfig {
+    OptimizerConfig {
+        kind,
+        betas: (0.8, 0.95),
+        momentum_decay: 0.01,
+        ..adam(OptimizerKind::Adam)
+    }
+}
+
 /// Each update rule, SGD with and without Nesterov, Adam and AdamW with
-/// and without AMSGrad, RMSprop with and without momentum, and centered.
-fn every_rule() -> [OptimizerConfig; 9] {
+/// and without AMSGrad, RMSprop with and without momentum, and centered,
+/// NAdam and RAdam.
+fn every_rule() -> [OptimizerConfig; 11] {
     [
         sgd(false),
         sgd(true),
@@ -249,6 +263,8 @@ fn every_rule() -> [OptimizerConfig; 9] {
             centered: true,
             ..rmsprop(0.9)
         },
+        adam_family(OptimizerKind::Nadam),
+        adam_family(OptimizerKind::Radam),
     ]
 }
 
@@ -265,13 +281,28 @@ fn fused_adam_and_adamw_match_per_parameter_ones() {
     compare(adamw(), false);
 }
 
+/// NAdam and RAdam, which have no libtorch kernel: the flat update equals
+/// the per-parameter one, the state (NAdam's product of momenta too)
+/// saves and loads back.
+#[test]
+fn flat_nadam_and_radam_match_per_parameter_ones() {
+    compare(adam_family(OptimizerKind::Nadam), false);
+    compare(adam_family(OptimizerKind::Radam), true);
+}
+
 /// torchvision's parameter groups (`--norm-weight-decay`,
 /// `--bias-weight-decay`): the fused update runs one kernel per group over
 /// runs of the flat buffer that interleave, and equals the per-parameter
 /// update (the SGD kernel given the base decay for every group fails it).
 #[test]
 fn fused_updates_by_weight_decay_group_match_per_parameter_ones() {
-    for base in [sgd(true), adam(OptimizerKind::Adam), adamw(), rmsprop(0.9)] {
+    for base in [
+        sgd(true),
+        adam(OptimizerKind::Adam),
+        adamw(),
+        rmsprop(0.9),
+        adam_family(OptimizerKind::Nadam),
+    ] {
         let grouped = OptimizerConfig {
             weight_decay: 0.05,
             norm_weight_decay: Some(0.0),
@@ -303,15 +334,19 @@ fn fused_channels_last_matches_contiguous() {
     compare(sgd(true), true);
 }
 
-/// PyTorch's documented SGD, Adam, AdamW and RMSprop updates, in f64, for
-/// one parameter vector.
+/// PyTorch's documented SGD, Adam, AdamW, RMSprop, NAdam and RAdam
+/// updates, in f64, for one parameter vector.
 fn reference_update(cfg: &OptimizerConfig, p0: &[f64], grads: &[Vec<f64>], lr: f64) -> Vec<f64> {
     let mut p = p0.to_vec();
     let (mut m, mut v) = (vec![0.0; p.len()], vec![0.0; p.len()]);
     // AMSGrad's largest second moment; centered RMSprop's gradient average.
     let mut third = vec![0.0; p.len()];
+    // NAdam's momentum of step t, and the product of those so far.
+    let mu = |t: i32| cfg.betas.0 * (1.0 - 0.5 * 0.96f64.powf(t as f64 * cfg.momentum_decay));
+    let mut mu_product = 1.0;
     for (t, g) in grads.iter().enumerate() {
         let t = (t + 1) as i32;
+        mu_product *= mu(t);
         for i in 0..p.len() {
             match cfg.kind {
                 OptimizerKind::Sgd => {
@@ -352,6 +387,31 @@ fn reference_update(cfg: &OptimizerConfig, p0: &[f64], grads: &[Vec<f64>], lr: f
                     let denom = second.sqrt() / bc2.sqrt() + cfg.eps;
                     p[i] -= lr / bc1 * m[i] / denom;
                 }
+                OptimizerKind::Nadam | OptimizerKind::Radam => {
+                    let (b1, b2) = cfg.betas;
+                    let g = g[i] + cfg.weight_decay * p[i];
+                    m[i] = b1 * m[i] + (1.0 - b1) * g;
+                    v[i] = b2 * v[i] + (1.0 - b2) * g * g;
+                    let (bc1, bc2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
+                    p[i] -= if cfg.kind == OptimizerKind::Nadam {
+                        let denom = (v[i] / bc2).sqrt() + cfg.eps;
+                        let next = mu(t + 1);
+                        lr * (1.0 - mu(t)) / (1.0 - mu_product) * g / denom
+                            + lr * next / (1.0 - mu_product * next) * m[i] / denom
+                    } else {
+                        let rho_inf = 2.0 / (1.0 - b2) - 1.0;
+                        let rho = rho_inf - 2.0 * t as f64 * b2.powi(t) / bc2;
+                        let rect = ((rho - 4.0) * (rho - 2.0) * rho_inf
+                            / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho))
+                            .sqrt();
+                        let adaptive = if rho > 5.0 {
+                            rect * bc2.sqrt() / (v[i].sqrt() + cfg.eps)
+                        } else {
+                            1.0
+                        };
+                        lr * m[i] / bc1 * adaptive
+                    };
+                }
             }
         }
     }
@@ -359,9 +419,9 @@ fn reference_update(cfg: &OptimizerConfig, p0: &[f64], grads: &[Vec<f64>], lr: f
 }
 
 #[test]
-fn updates_follow_pytorchs_sgd_adam_adamw_and_rmsprop() {
+fn updates_follow_pytorchs_documented_rules() {
     let p0 = [0.5, -1.25, 2.0, 0.0, 3.5, -0.75];
-    let grads: Vec<Vec<f64>> = (0..4)
+    let grads: Vec<Vec<f64>> = (0..10)
         .map(|t| {
             (0..p0.len())
                 .map(|i| ((i * 7 + t * 3) % 11) as f64 / 10.0 - 0.5)

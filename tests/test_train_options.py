@@ -197,6 +197,48 @@ def test_rmsprop_equals_torch_optim(runs, rmsprops, momentum, update):
     assert apart(rmsprops["0.9"], rmsprops["0"]) > 1e-3, "the momentum changed nothing: the test proves nothing"
 
 
+# NAdam over 2 steps of 32 with a momentum decay of its own; RAdam over 8
+# steps of 8, of which the last two are rectified (rho_t > 5 from the 7th
+# step at beta2 0.95). An eps of 1e-3 keeps their normalized steps of
+# gradients that are rounding noise from deciding the result: at 1e-6, 1e-7
+# of noise on the initial weights moves PyTorch's own NAdam by 2e-3, at
+# 1e-3 by 5.6e-6 (RAdam 1.8e-4 and 6.9e-6).
+ADAM_FAMILY = ["--lr", "0.001", "--betas", "0.8,0.95", "--eps", "1e-3", "--weight-decay", "0.5"]
+NADAM = ["--optimizer", "nadam", *ADAM_FAMILY, "--momentum-decay", "0.01", "--batch-size", "32"]
+RADAM = ["--optimizer", "radam", *ADAM_FAMILY, "--batch-size", "8"]
+
+
+@pytest.fixture(scope="module")
+def adam_family(runs):
+    """torch.optim.NAdam and RAdam over the same run."""
+    tmp, init, _, _ = runs
+    return {kind: reference(tmp, init, str(tmp / f"{kind}-ref.safetensors"), *flags, epochs=1)
+            for kind, flags in [("nadam", NADAM), ("radam", RADAM)]}
+
+
+@pytest.mark.parametrize("kind, update", [("nadam", "fused"), ("nadam", "per-parameter"), ("radam", "fused"),
+                                          ("radam", "per-parameter")])
+def test_nadam_and_radam_equal_torch_optim(runs, adam_family, kind, update):
+    """--optimizer nadam is torch.optim.NAdam (--momentum-decay its
+    momentum_decay), radam torch.optim.RAdam, both with --betas, --eps and
+    the weight decay an L2 term; libtorch has no fused kernel for either,
+    so the fused update is a few kernels over the flat buffers: the weights
+    within 1e-5 relative (measured 1.3e-8 NAdam, 7e-9 RAdam, either way;
+    1e-7 of noise on the initial weights moves PyTorch's own by 5.6e-6 and
+    6.9e-6). RAdam's run reaches its rectified steps (rho_t > 5; checked
+    below from its step count). The two rules end 1.9e-3 apart."""
+    tmp, init, _, _ = runs
+    flags = NADAM if kind == "nadam" else RADAM
+    extra = ["--no-fused"] if update == "per-parameter" else []
+    ours = vggctl_train(tmp / f"{kind}-{update}", init, *flags, *extra, epochs=1)
+    assert set(ours) == set(adam_family[kind])
+    assert apart(ours, adam_family[kind]) < 1e-5, apart(ours, adam_family[kind])
+    beta2, steps = 0.95, LIMIT // 8
+    rho_inf = 2 / (1 - beta2) - 1
+    assert rho_inf - 2 * steps * beta2**steps / (1 - beta2**steps) > 5, "RAdam's run never rectifies"
+    assert apart(adam_family["nadam"], adam_family["radam"]) > 1e-3, "the rules agree: the test proves nothing"
+
+
 # AdamW over 4 steps (AMSGrad's largest second moment takes a few to
 # differ from the last); RMSprop with momentum, centered.
 AMSGRAD = ["--optimizer", "adamw", "--lr", "0.001", "--betas", "0.8,0.99", "--eps", "1e-6", "--weight-decay", "0.5",
@@ -448,7 +490,8 @@ def test_a_clip_bound_must_be_positive_and_one_of_two(tmp_path):
 def test_optimizer_values_torch_refuses_are_usage_errors(tmp_path):
     """What torch.optim.SGD refuses (a negative momentum or weight decay,
     Nesterov without momentum), torch.optim.Adam (betas outside [0, 1), a
-    negative eps) and torch.optim.RMSprop (a negative alpha), vggctl refuses
+    negative eps), torch.optim.RMSprop (a negative alpha), torch.optim.NAdam
+    (a negative momentum decay) and torch.optim.RAdam (betas), vggctl refuses
     before anything is written,
     with one line naming the option, exit 2; also what torch lets through but
     cannot train (NaN, infinite values; a schedule's gamma of 0 or less;
@@ -477,10 +520,14 @@ def test_optimizer_values_torch_refuses_are_usage_errors(tmp_path):
         (["--optimizer", "adam", "--eps", "-0.5"], "--eps -0.5 must be a finite number, 0 or more", dict(eps=-0.5)),
         (["--optimizer", "rmsprop", "--alpha", "-0.5"], "--alpha -0.5 must be in [0, 1]", dict(alpha=-0.5)),
         (["--optimizer", "rmsprop", "--alpha", "1.5"], "--alpha 1.5 must be in [0, 1]", None),
+        (["--optimizer", "nadam", "--momentum-decay", "-0.1"],
+         "--momentum-decay -0.1 must be a finite number, 0 or more", dict(momentum_decay=-0.1)),
+        (["--optimizer", "radam", "--betas", "0.9,1"], "--betas 0.9,1 must each be in [0, 1)", dict(betas=(0.9, 1.0))),
     ]
     for args, message, torch_args in cases:
         if torch_args is not None:
-            make = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "rmsprop": torch.optim.RMSprop}.get(
+            make = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "rmsprop": torch.optim.RMSprop,
+                    "nadam": torch.optim.NAdam, "radam": torch.optim.RAdam}.get(
                 args[1] if args[0] == "--optimizer" else None, torch.optim.SGD)
             with pytest.raises(ValueError):
                 make(param, **{"lr": 0.1, **torch_args})
@@ -583,16 +630,20 @@ def test_options_a_run_has_no_use_for_are_named_once_each(tmp_path):
     r = subprocess.run([BIN, *common, *used, "--out", str(tmp_path / "b")],
                        capture_output=True, text=True, timeout=120, env=ENV)
     assert r.returncode == 0 and "is ignored" not in r.stderr, r.stderr
-    # Adam's and RMSprop's own options with SGD (the default); with each,
-    # only the other's (and Nesterov) are unused.
-    own = ["--betas", "0.8,0.9", "--eps", "1e-6", "--alpha", "0.9", "--momentum", "0.5", "--amsgrad", "--centered"]
-    for kind, flags in [("sgd", ["--betas", "--eps", "--alpha", "--centered", "--amsgrad"]),
-                        ("adam", ["--momentum", "--alpha", "--centered"]), ("rmsprop", ["--betas", "--amsgrad"])]:
+    # Adam's, RMSprop's and NAdam's own options with SGD (the default); with
+    # each, only the others' (and Nesterov) are unused.
+    own = ["--betas", "0.8,0.9", "--eps", "1e-6", "--alpha", "0.9", "--momentum", "0.5", "--amsgrad", "--centered",
+           "--momentum-decay", "0.01"]
+    for kind, flags in [("sgd", ["--betas", "--eps", "--alpha", "--centered", "--amsgrad", "--momentum-decay"]),
+                        ("adam", ["--momentum", "--alpha", "--centered", "--momentum-decay"]),
+                        ("rmsprop", ["--betas", "--amsgrad", "--momentum-decay"]),
+                        ("nadam", ["--momentum", "--alpha", "--centered", "--amsgrad"])]:
         r = subprocess.run([BIN, *common, *own, "--optimizer", kind, "--out", str(tmp_path / kind)],
                            capture_output=True, text=True, timeout=120, env=ENV)
         assert r.returncode == 0, r.stderr
-        why = {"--betas": "adam or adamw", "--eps": "adam, adamw or rmsprop", "--alpha": "rmsprop",
-               "--momentum": "sgd or rmsprop", "--centered": "rmsprop", "--amsgrad": "adam or adamw"}
+        why = {"--betas": "adam, adamw, nadam or radam", "--eps": "adam, adamw, nadam, radam or rmsprop",
+               "--alpha": "rmsprop", "--momentum": "sgd or rmsprop", "--centered": "rmsprop",
+               "--amsgrad": "adam or adamw", "--momentum-decay": "nadam"}
         assert [line for line in r.stderr.splitlines() if "is ignored" in line] == [
             f"warning: {flag} is ignored: it applies to --optimizer {why[flag]} only" for flag in flags], kind
     # OneCycleLR has no gamma, and its cycle replaces SGD's momentum unless

@@ -411,12 +411,18 @@ fn train_small(out: &Path, extra: &[&str]) -> common::Run {
 /// Adam's state (both moments and AMSGrad's largest second moments, by
 /// parameter name) and its step count, which its bias correction reads,
 /// survive a resume, and so do centered RMSprop's squared average,
-/// gradient average and momentum buffer: 1 epoch then `--resume` to 2 ends
-/// with the weights of 2 in one go, bit for bit.
+/// gradient average and momentum buffer, and NAdam's moments and product
+/// of momenta: 1 epoch then `--resume` to 2 ends with the weights of 2 in
+/// one go, bit for bit.
 #[test]
-fn adam_and_rmsprop_runs_resume_exactly() {
+fn adam_rmsprop_and_nadam_runs_resume_exactly() {
     let tmp = common::tempdir();
-    for (kind, variant) in [("adam", "--amsgrad"), ("rmsprop", "--centered")] {
+    // NAdam's product of momenta is state of its own.
+    for (kind, variant) in [
+        ("adam", "--amsgrad"),
+        ("rmsprop", "--centered"),
+        ("nadam", "--momentum-decay=0.01"),
+    ] {
         let args = [
             "--arch",
             "vgg11",

@@ -314,7 +314,7 @@ fn schedule_rules(config: &TrainConfig) -> [Rule; 12] {
 }
 
 /// The optimizer's (the momentum's too, which OneCycleLR may cycle).
-fn optimizer_rules(config: &TrainConfig) -> [Rule; 6] {
+fn optimizer_rules(config: &TrainConfig) -> [Rule; 7] {
     let kind = config.optimizer.kind;
     let (sgd, rmsprop) = (kind == OptimizerKind::Sgd, kind == OptimizerKind::Rmsprop);
     let cycled = config.cycles_momentum();
@@ -335,13 +335,13 @@ fn optimizer_rules(config: &TrainConfig) -> [Rule; 6] {
         (&["nesterov"], sgd, "applies to --optimizer sgd only"),
         (
             &["betas"],
-            kind.is_adam(),
-            "applies to --optimizer adam or adamw only",
+            kind.has_betas(),
+            "applies to --optimizer adam, adamw, nadam or radam only",
         ),
         (
             &["eps"],
-            kind.is_adam() || rmsprop,
-            "applies to --optimizer adam, adamw or rmsprop only",
+            kind.has_betas() || rmsprop,
+            "applies to --optimizer adam, adamw, nadam, radam or rmsprop only",
         ),
         (
             &["alpha", "centered"],
@@ -352,6 +352,11 @@ fn optimizer_rules(config: &TrainConfig) -> [Rule; 6] {
             &["amsgrad"],
             kind.is_adam(),
             "applies to --optimizer adam or adamw only",
+        ),
+        (
+            &["momentum_decay"],
+            kind == OptimizerKind::Nadam,
+            "applies to --optimizer nadam only",
         ),
     ]
 }

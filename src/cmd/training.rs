@@ -12,7 +12,7 @@ use vggctl::device::device_name;
 use vggctl::dist::World;
 use vggctl::model::{ModelSpec, Vgg};
 use vggctl::numerics::{Activity, Numerics, StepPart};
-use vggctl::optim::{DEFAULT_ALPHA, OptimizerConfig, OptimizerKind};
+use vggctl::optim::{DEFAULT_ALPHA, DEFAULT_MOMENTUM_DECAY, OptimizerConfig, OptimizerKind};
 use vggctl::train::config::{Keep, TrainConfig};
 use vggctl::train::run_dir::RunLock;
 use vggctl::train::schedule::{
@@ -49,15 +49,15 @@ pub struct HyperOpts {
     /// SGD's and RMSprop's momentum.
     #[arg(long, default_value_t = 0.9, help_heading = "Optimizer")]
     pub momentum: f64,
-    /// Adam's and AdamW's coefficients of the running averages of the
-    /// gradient and its square (torch.optim's betas).
+    /// Adam's, AdamW's, NAdam's and RAdam's coefficients of the running
+    /// averages of the gradient and its square (torch.optim's betas).
     #[arg(long, alias = "opt-betas", value_name = "B1,B2", default_value = "0.9,0.999", value_parser = pair, help_heading = "Optimizer")]
     pub betas: (f64, f64),
     /// RMSprop's smoothing constant of the squared gradients' average
     /// (torch.optim.RMSprop's alpha).
     #[arg(long, default_value_t = DEFAULT_ALPHA, help_heading = "Optimizer")]
     pub alpha: f64,
-    /// Adam's, AdamW's and RMSprop's term added to the denominator
+    /// The Adam family's and RMSprop's term added to the denominator
     /// (torch.optim's eps).
     #[arg(
         long,
@@ -73,7 +73,11 @@ pub struct HyperOpts {
     /// estimated variance (torch.optim's centered).
     #[arg(long, help_heading = "Optimizer")]
     pub centered: bool,
-    /// L2 penalty (SGD, Adam, RMSprop) or decoupled weight decay (AdamW).
+    /// NAdam's momentum decay: step t's momentum is
+    /// beta1*(1 - 0.96^(t*PSI)/2) (torch.optim.NAdam's momentum_decay).
+    #[arg(long, value_name = "PSI", default_value_t = DEFAULT_MOMENTUM_DECAY, help_heading = "Optimizer")]
+    pub momentum_decay: f64,
+    /// L2 penalty (SGD, Adam, RMSprop, NAdam, RAdam) or decoupled weight decay (AdamW).
     #[arg(long, alias = "wd", default_value_t = 5e-4, help_heading = "Optimizer")]
     pub weight_decay: f64,
     /// The weight decay of BatchNorm's weights and biases (torchvision's
@@ -310,6 +314,7 @@ impl HyperOpts {
             bias_weight_decay: self.bias_weight_decay,
             amsgrad: self.amsgrad,
             centered: self.centered,
+            momentum_decay: self.momentum_decay,
         }
     }
 

@@ -13,6 +13,8 @@ pub enum OptimizerKind {
     Adam,
     Adamw,
     Rmsprop,
+    Nadam,
+    Radam,
 }
 
 impl Choice for OptimizerKind {
@@ -21,6 +23,8 @@ impl Choice for OptimizerKind {
         OptimizerKind::Adam,
         OptimizerKind::Adamw,
         OptimizerKind::Rmsprop,
+        OptimizerKind::Nadam,
+        OptimizerKind::Radam,
     ];
     fn name(self) -> &'static str {
         match self {
@@ -28,6 +32,8 @@ impl Choice for OptimizerKind {
             OptimizerKind::Adam => "adam",
             OptimizerKind::Adamw => "adamw",
             OptimizerKind::Rmsprop => "rmsprop",
+            OptimizerKind::Nadam => "nadam",
+            OptimizerKind::Radam => "radam",
         }
     }
     fn help(self) -> &'static str {
@@ -40,14 +46,30 @@ impl Choice for OptimizerKind {
             OptimizerKind::Rmsprop => {
                 "RMSprop (torch.optim.RMSprop: --alpha, --eps, --momentum; weight decay as an L2 term)"
             }
+            OptimizerKind::Nadam => {
+                "NAdam, Adam with Nesterov momentum (torch.optim.NAdam: --betas, --eps, --momentum-decay; weight decay as an L2 term)"
+            }
+            OptimizerKind::Radam => {
+                "RAdam, Adam with its early steps' variance rectified (torch.optim.RAdam: --betas, --eps; weight decay as an L2 term)"
+            }
         }
     }
 }
 
 impl OptimizerKind {
-    /// Adam or AdamW: first and second moments, --betas and --eps.
+    /// Adam or AdamW (libtorch's fused kernels; AMSGrad).
     pub fn is_adam(self) -> bool {
         matches!(self, OptimizerKind::Adam | OptimizerKind::Adamw)
+    }
+
+    /// Whether libtorch has a fused (multi-tensor) kernel for it.
+    pub fn is_fused(self) -> bool {
+        matches!(self, OptimizerKind::Sgd) || self.is_adam()
+    }
+
+    /// Adam's family: first and second moments, --betas and --eps.
+    pub fn has_betas(self) -> bool {
+        self.is_adam() || matches!(self, OptimizerKind::Nadam | OptimizerKind::Radam)
     }
 
     /// Whether it has a momentum (SGD's and RMSprop's).
@@ -83,6 +105,13 @@ pub struct OptimizerConfig {
     /// the gradients' average (torch.optim's `centered`).
     #[serde(default, skip_serializing_if = "is_false")]
     pub centered: bool,
+    /// NAdam's momentum decay ψ: the momentum of step t is
+    /// `beta1·(1 − 0.96^(tψ)/2)` (torch.optim.NAdam's `momentum_decay`).
+    #[serde(
+        default = "default_momentum_decay",
+        skip_serializing_if = "is_default_momentum_decay"
+    )]
+    pub momentum_decay: f64,
 }
 
 fn is_false(v: &bool) -> bool {
@@ -98,6 +127,17 @@ fn default_alpha() -> f64 {
 
 fn is_default_alpha(v: &f64) -> bool {
     *v == DEFAULT_ALPHA
+}
+
+/// NAdam's default `momentum_decay` (PyTorch's).
+pub const DEFAULT_MOMENTUM_DECAY: f64 = 4e-3;
+
+fn default_momentum_decay() -> f64 {
+    DEFAULT_MOMENTUM_DECAY
+}
+
+fn is_default_momentum_decay(v: &f64) -> bool {
+    *v == DEFAULT_MOMENTUM_DECAY
 }
 
 impl OptimizerConfig {
@@ -117,14 +157,15 @@ impl OptimizerConfig {
             bias_weight_decay: None,
             amsgrad: false,
             centered: false,
+            momentum_decay: DEFAULT_MOMENTUM_DECAY,
         }
     }
 
-    /// Sets what OneCycleLR's momentum cycling moves: Adam's and AdamW's
+    /// Sets what OneCycleLR's momentum cycling moves: the Adam family's
     /// beta1, else the momentum (as PyTorch's scheduler picks `betas` when
     /// the optimizer has them).
     pub fn set_cycled_momentum(&mut self, m: f64) {
-        match self.kind.is_adam() {
+        match self.kind.has_betas() {
             true => self.betas.0 = m,
             false => self.momentum = m,
         }
@@ -132,8 +173,8 @@ impl OptimizerConfig {
 
     /// Why torch.optim would refuse these values, or could not train with
     /// them: a momentum, weight decay or eps below 0, not finite or beyond
-    /// float32's range (the update's), Nesterov without momentum, Adam's
-    /// betas outside [0, 1), RMSprop's alpha outside [0, 1] (above 1 its
+    /// float32's range (the update's), NAdam's momentum decay too, Nesterov
+    /// without momentum, Adam's betas outside [0, 1), RMSprop's alpha outside [0, 1] (above 1 its
     /// average goes negative);
     /// `name` says how a field is named (a state file's key, a flag).
     pub fn problem(&self, name: impl Fn(&str) -> String) -> Option<String> {
@@ -143,6 +184,7 @@ impl OptimizerConfig {
             ("norm_weight_decay", self.norm_weight_decay),
             ("bias_weight_decay", self.bias_weight_decay),
             ("eps", Some(self.eps)),
+            ("momentum_decay", Some(self.momentum_decay)),
         ];
         let (b1, b2) = self.betas;
         if let Some((field, v)) = values

@@ -105,8 +105,8 @@ impl Optimizer {
                     found_inf,
                 )
             }
-            // RMSprop has no fused kernel: `update_rmsprop`.
-            OptimizerKind::Rmsprop => Ok(()),
+            // No fused kernel: `update_flat`.
+            OptimizerKind::Rmsprop | OptimizerKind::Nadam | OptimizerKind::Radam => Ok(()),
             OptimizerKind::Adam | OptimizerKind::Adamw => shim::fused_adam(
                 &shim::Group {
                     params: &params,
@@ -135,13 +135,13 @@ impl Optimizer {
         })
     }
 
-    /// RMSprop over the flat buffers, which libtorch has no fused kernel
-    /// for: each weight-decay group's L2 term added to its runs of the
+    /// RMSprop, NAdam or RAdam over the flat buffers, which libtorch has
+    /// no fused kernel for: each weight-decay group's L2 term added to its runs of the
     /// gradient `g` (in place: the update consumes it), then the per-parameter arithmetic (`apply_update`) once
     /// over the whole buffers. A step with non-finite gradients (fp16's
     /// `found_inf` set) puts parameters and state back as they were, on the
     /// device.
-    pub(super) fn update_rmsprop(&self, flat: &Tensor, g: Tensor, found_inf: Option<&Tensor>) {
+    pub(super) fn update_flat(&self, flat: &Tensor, g: Tensor, found_inf: Option<&Tensor>) {
         tch::no_grad(|| {
             for group in self.groups.iter().filter(|gr| gr.decay != 0.0) {
                 for &(at, n) in &group.runs {
@@ -158,7 +158,7 @@ impl Optimizer {
                 ..self.cfg.clone()
             };
             let mut p = flat.shallow_clone();
-            apply_update(&cfg, &self.lr, &self.step, &mut p, &g, &mut now);
+            apply_update(&cfg, &self.counters(), &mut p, &g, &mut now);
             if let (Some(found), Some(before)) = (found_inf, before) {
                 let clean = found.eq(0.0);
                 let [b1, b2, b3] = now;

@@ -1,7 +1,7 @@
 //! SGD (PyTorch's semantics: weight decay added to the gradient, momentum
 //! buffer, optional Nesterov), Adam (the same L2 term), AdamW (decoupled
-//! weight decay), both optionally AMSGrad, and RMSprop (L2, optional
-//! momentum, optionally centered), with their state in
+//! weight decay), both optionally AMSGrad, RMSprop (L2, optional
+//! momentum, optionally centered), NAdam and RAdam (L2), with their state in
 //! tensors this module owns, so that a checkpoint can save and restore it
 //! exactly.
 //!
@@ -12,8 +12,8 @@
 //!   (each parameter a view of it), gradients come back from
 //!   `run_backward` and are concatenated, and libtorch's fused kernel
 //!   (`_fused_sgd_` / `_fused_adam_` / `_fused_adamw_`, through `shim`)
-//!   updates the whole model in one pass (RMSprop, which has no such
-//!   kernel: a few kernels over the whole flat buffers). This is what the GPU wants: a
+//!   updates the whole model in one pass (RMSprop, NAdam and RAdam, which
+//!   have no such kernel: a few kernels over the whole flat buffers). This is what the GPU wants: a
 //!   VGG16 step drops from ~130 chains of optimizer kernels to one kernel,
 //!   and there is no zeroing of gradients.
 //!
@@ -35,11 +35,11 @@ mod groups;
 mod rules;
 mod saved;
 
-pub use config::{DEFAULT_ALPHA, OptimizerConfig, OptimizerKind};
+pub use config::{DEFAULT_ALPHA, DEFAULT_MOMENTUM_DECAY, OptimizerConfig, OptimizerKind};
 pub use saved::LossScaler;
 
 use groups::{DecayGroup, decay_groups};
-use rules::apply_update;
+use rules::{Counters, apply_update};
 
 use anyhow::Result;
 use tch::{Kind, Tensor};
@@ -105,6 +105,9 @@ pub struct Optimizer {
     /// skipped fp16 step is not counted, without the host looking.
     lr: Tensor,
     step: Tensor,
+    /// NAdam: the product of the momenta of the updates taken (float32, as
+    /// torch.optim.NAdam's `mu_product`), on the device for the same reason.
+    mu_product: Tensor,
     /// `--clip-grad-norm`: the most the gradients' global 2-norm may be.
     clip: Option<f64>,
     /// `--clip-grad-value`: the bound on every gradient element.
@@ -166,7 +169,7 @@ impl Optimizer {
         });
         let buf1 = Tensor::zeros([offset], opts);
         let rmsprop_momentum = cfg.kind == OptimizerKind::Rmsprop && cfg.momentum != 0.0;
-        let buf2 = if cfg.kind.is_adam() || rmsprop_momentum {
+        let buf2 = if cfg.kind.has_betas() || rmsprop_momentum {
             Tensor::zeros([offset], opts)
         } else {
             Tensor::zeros([0], opts)
@@ -186,6 +189,7 @@ impl Optimizer {
             buf3,
             lr: Tensor::zeros([], opts),
             step: Tensor::zeros([], opts),
+            mu_product: Tensor::ones([], (Kind::Float, opts.1)),
             clip: None,
             clip_value: None,
             scaler: None,
@@ -425,6 +429,7 @@ impl Optimizer {
     pub fn update(&mut self, grads: Gradients) -> Result<()> {
         let (Some(flat), Some(mut g)) = (&self.flat, grads.0) else {
             let _ = self.step.g_add_scalar_(1.0);
+            self.advance_mu_product(None);
             let gs: Vec<Tensor> = self.slots.iter().map(|s| s.param.grad()).collect();
             let gs: Vec<Tensor> = gs.into_iter().filter(|g| g.defined()).collect();
             if let Some(f) = self.clip_factor(&gs) {
@@ -458,8 +463,9 @@ impl Optimizer {
             Some(found) => self.step.g_add_(&(-found + 1.0)),
             None => self.step.g_add_scalar_(1.0),
         };
-        if self.cfg.kind == OptimizerKind::Rmsprop {
-            self.update_rmsprop(flat, g, found_inf.as_ref());
+        self.advance_mu_product(found_inf.as_ref());
+        if !self.cfg.kind.is_fused() {
+            self.update_flat(flat, g, found_inf.as_ref());
         } else {
             for group in &self.groups {
                 self.update_group(group, flat, &g, found_inf.as_ref())?;
@@ -476,6 +482,29 @@ impl Optimizer {
             );
         }
         Ok(())
+    }
+
+    fn counters(&self) -> Counters<'_> {
+        Counters {
+            lr: &self.lr,
+            step: &self.step,
+            mu_product: &self.mu_product,
+        }
+    }
+
+    /// NAdam: multiplies in the momentum of the step just counted, unless
+    /// fp16's `found_inf` says the step is skipped.
+    fn advance_mu_product(&self, found_inf: Option<&Tensor>) {
+        if self.cfg.kind != OptimizerKind::Nadam {
+            return;
+        }
+        let mu = rules::nadam_mu(&self.cfg, &self.step.to_kind(Kind::Double));
+        let next = &self.mu_product * mu.to_kind(Kind::Float);
+        let next = match found_inf {
+            Some(found) => next.where_self(&found.eq(0.0), &self.mu_product),
+            None => next,
+        };
+        self.mu_product.shallow_clone().copy_(&next);
     }
 
     fn zero_grad(&mut self) {
@@ -504,7 +533,7 @@ impl Optimizer {
                     weight_decay: s.decay,
                     ..cfg.clone()
                 };
-                apply_update(&cfg, &self.lr, &self.step, &mut p, &g, &mut state);
+                apply_update(&cfg, &self.counters(), &mut p, &g, &mut state);
             }
         });
     }

@@ -19,6 +19,7 @@ impl Optimizer {
             OptimizerKind::Adam | OptimizerKind::Adamw => {
                 ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"]
             }
+            OptimizerKind::Nadam | OptimizerKind::Radam => ["exp_avg", "exp_avg_sq", ""],
             OptimizerKind::Rmsprop => ["square_avg", "momentum_buffer", "grad_avg"],
         };
         names
@@ -29,6 +30,8 @@ impl Optimizer {
     }
 
     /// The state as named tensors (`optimizer.momentum_buffer.<param>`, ...), on the CPU.
+    /// NAdam's product of momenta is saved with each parameter, as
+    /// torch.optim.NAdam keeps it (`optimizer.mu_product.<param>`, 0-dim).
     pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
         let buffers = self.named_buffers();
         let mut out = Vec::new();
@@ -38,6 +41,10 @@ impl Optimizer {
                     format!("optimizer.{name}.{}", s.name),
                     Self::view(buf, s).to_device(tch::Device::Cpu),
                 ));
+            }
+            if self.cfg.kind == OptimizerKind::Nadam {
+                let product = self.mu_product.to_device(tch::Device::Cpu);
+                out.push((format!("optimizer.mu_product.{}", s.name), product));
             }
         }
         out
@@ -64,6 +71,14 @@ impl Optimizer {
                     );
                 }
                 tch::no_grad(|| buf.copy_(t));
+            }
+            if self.cfg.kind == OptimizerKind::Nadam {
+                let key = format!("optimizer.mu_product.{}", s.name);
+                match tensors.get(&key) {
+                    Some(t) if t.numel() == 1 => self.mu_product.copy_(&t.reshape([])),
+                    Some(t) => bail!("{source}: {key} has shape {:?}, expected []", t.size()),
+                    None => bail!("{source}: optimizer state lacks {key}"),
+                }
             }
         }
         let _ = self.step.fill_(steps as f64);
