@@ -192,7 +192,8 @@ fn waits_for_the_gpu_are_bounded() {
 #[ignore = "needs a CUDA GPU (scripts/gpu-check runs it)"]
 fn loss_scaling_runs_on_the_device() {
     assert!(tch::Cuda::is_available(), "{GPU}");
-    // The variants: AMSGrad (Adam, AdamW), centered (RMSprop).
+    // The variants: AMSGrad (Adam, AdamW), centered (RMSprop), decoupled
+    // weight decay (RAdam).
     for (kind, variant) in [
         (OptimizerKind::Sgd, false),
         (OptimizerKind::Adam, false),
@@ -201,7 +202,7 @@ fn loss_scaling_runs_on_the_device() {
         (OptimizerKind::Rmsprop, false),
         (OptimizerKind::Rmsprop, true),
         (OptimizerKind::Nadam, false),
-        (OptimizerKind::Radam, false),
+        (OptimizerKind::Radam, true),
     ] {
         let cfg = OptimizerConfig {
             kind,
@@ -216,6 +217,7 @@ fn loss_scaling_runs_on_the_device() {
             amsgrad: variant,
             centered: variant,
             momentum_decay: DEFAULT_MOMENTUM_DECAY,
+            decoupled_weight_decay: variant,
         };
         // The same steps on the CPU and on the GPU.
         let run = |dev: Device| {

@@ -46,6 +46,7 @@ fn adam(kind: OptimizerKind) -> OptimizerConfig {
         amsgrad: false,
         centered: false,
         momentum_decay: 4e-3,
+        decoupled_weight_decay: false,
     }
 }
 
@@ -242,8 +243,8 @@ fn adam_family(kind: OptimizerKind) -> OptimizerConfig {
 
 /// Each update rule, SGD with and without Nesterov, Adam and AdamW with
 /// and without AMSGrad, RMSprop with and without momentum, and centered,
-/// NAdam and RAdam.
-fn every_rule() -> [OptimizerConfig; 11] {
+/// NAdam and RAdam, both also with decoupled weight decay.
+fn every_rule() -> [OptimizerConfig; 13] {
     [
         sgd(false),
         sgd(true),
@@ -265,7 +266,18 @@ fn every_rule() -> [OptimizerConfig; 11] {
         },
         adam_family(OptimizerKind::Nadam),
         adam_family(OptimizerKind::Radam),
+        decoupled(OptimizerKind::Nadam),
+        decoupled(OptimizerKind::Radam),
     ]
+}
+
+/// NAdam or RAdam with decoupled weight decay (torch.optim's
+/// `decoupled_weight_decay=True`).
+fn decoupled(kind: OptimizerKind) -> OptimizerConfig {
+    OptimizerConfig {
+        decoupled_weight_decay: true,
+        ..adam_family(kind)
+    }
 }
 
 #[test]
@@ -281,13 +293,14 @@ fn fused_adam_and_adamw_match_per_parameter_ones() {
     compare(adamw(), false);
 }
 
-/// NAdam and RAdam, which have no libtorch kernel: the flat update equals
-/// the per-parameter one, the state (NAdam's product of momenta too)
-/// saves and loads back.
+/// NAdam and RAdam, which have no libtorch kernel (NAdam also with
+/// decoupled weight decay): the flat update equals the per-parameter one,
+/// the state (NAdam's product of momenta too) saves and loads back.
 #[test]
 fn flat_nadam_and_radam_match_per_parameter_ones() {
     compare(adam_family(OptimizerKind::Nadam), false);
     compare(adam_family(OptimizerKind::Radam), true);
+    compare(decoupled(OptimizerKind::Nadam), false);
 }
 
 /// torchvision's parameter groups (`--norm-weight-decay`,
@@ -302,6 +315,7 @@ fn fused_updates_by_weight_decay_group_match_per_parameter_ones() {
         adamw(),
         rmsprop(0.9),
         adam_family(OptimizerKind::Nadam),
+        decoupled(OptimizerKind::Radam),
     ] {
         let grouped = OptimizerConfig {
             weight_decay: 0.05,
@@ -389,7 +403,12 @@ fn reference_update(cfg: &OptimizerConfig, p0: &[f64], grads: &[Vec<f64>], lr: f
                 }
                 OptimizerKind::Nadam | OptimizerKind::Radam => {
                     let (b1, b2) = cfg.betas;
-                    let g = g[i] + cfg.weight_decay * p[i];
+                    let mut g = g[i];
+                    if cfg.decoupled_weight_decay {
+                        p[i] *= 1.0 - lr * cfg.weight_decay;
+                    } else {
+                        g += cfg.weight_decay * p[i];
+                    }
                     m[i] = b1 * m[i] + (1.0 - b1) * g;
                     v[i] = b2 * v[i] + (1.0 - b2) * g * g;
                     let (bc1, bc2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));

@@ -210,33 +210,43 @@ RADAM = ["--optimizer", "radam", *ADAM_FAMILY, "--batch-size", "8"]
 
 @pytest.fixture(scope="module")
 def adam_family(runs):
-    """torch.optim.NAdam and RAdam over the same run."""
+    """torch.optim.NAdam and RAdam over the same run, with the weight decay
+    an L2 term and decoupled (`decoupled_weight_decay=True`)."""
     tmp, init, _, _ = runs
-    return {kind: reference(tmp, init, str(tmp / f"{kind}-ref.safetensors"), *flags, epochs=1)
-            for kind, flags in [("nadam", NADAM), ("radam", RADAM)]}
+    return {f"{kind}{w}": reference(tmp, init, str(tmp / f"{kind}{w}-ref.safetensors"), *flags, *decoupled, epochs=1)
+            for kind, flags in [("nadam", NADAM), ("radam", RADAM)]
+            for w, decoupled in [("", []), ("w", ["--decoupled-weight-decay"])]}
 
 
 @pytest.mark.parametrize("kind, update", [("nadam", "fused"), ("nadam", "per-parameter"), ("radam", "fused"),
-                                          ("radam", "per-parameter")])
+                                          ("radam", "per-parameter"), ("nadamw", "fused"),
+                                          ("radamw", "per-parameter")])
 def test_nadam_and_radam_equal_torch_optim(runs, adam_family, kind, update):
     """--optimizer nadam is torch.optim.NAdam (--momentum-decay its
     momentum_decay), radam torch.optim.RAdam, both with --betas, --eps and
-    the weight decay an L2 term; libtorch has no fused kernel for either,
+    the weight decay an L2 term, or decoupled with --decoupled-weight-decay
+    (`nadamw`, `radamw` here); libtorch has no fused kernel for either,
     so the fused update is a few kernels over the flat buffers: the weights
-    within 1e-5 relative (measured 1.3e-8 NAdam, 7e-9 RAdam, either way;
-    1e-7 of noise on the initial weights moves PyTorch's own by 5.6e-6 and
-    6.9e-6). RAdam's run reaches its rectified steps (rho_t > 5; checked
-    below from its step count). The two rules end 1.9e-3 apart."""
+    within 1e-5 relative (measured 1.3e-8 NAdam, 7e-9 RAdam and both
+    decoupled, either way; 1e-7 of noise on the initial weights moves
+    PyTorch's own by 5.6e-6 and 6.9e-6, decoupled by 3e-5 and 2.5e-5).
+    RAdam's run reaches its rectified steps (rho_t > 5; checked below from
+    its step count). The two rules end 1.9e-3 apart, each decoupled form
+    3.3e-3 and 9.3e-4 from its L2 form."""
     tmp, init, _, _ = runs
-    flags = NADAM if kind == "nadam" else RADAM
+    flags = NADAM if kind.startswith("nadam") else RADAM
+    decoupled = ["--decoupled-weight-decay"] if kind.endswith("w") else []
     extra = ["--no-fused"] if update == "per-parameter" else []
-    ours = vggctl_train(tmp / f"{kind}-{update}", init, *flags, *extra, epochs=1)
-    assert set(ours) == set(adam_family[kind])
-    assert apart(ours, adam_family[kind]) < 1e-5, apart(ours, adam_family[kind])
+    ours = vggctl_train(tmp / f"{kind}-{update}", init, *flags, *decoupled, *extra, epochs=1)
+    want = adam_family[kind]
+    assert set(ours) == set(want)
+    assert apart(ours, want) < 1e-5, apart(ours, want)
     beta2, steps = 0.95, LIMIT // 8
     rho_inf = 2 / (1 - beta2) - 1
     assert rho_inf - 2 * steps * beta2**steps / (1 - beta2**steps) > 5, "RAdam's run never rectifies"
     assert apart(adam_family["nadam"], adam_family["radam"]) > 1e-3, "the rules agree: the test proves nothing"
+    if decoupled:
+        assert apart(want, adam_family[kind.rstrip("w")]) > 5e-4, "decoupling changed nothing"
 
 
 # AdamW over 4 steps (AMSGrad's largest second moment takes a few to
@@ -633,17 +643,19 @@ def test_options_a_run_has_no_use_for_are_named_once_each(tmp_path):
     # Adam's, RMSprop's and NAdam's own options with SGD (the default); with
     # each, only the others' (and Nesterov) are unused.
     own = ["--betas", "0.8,0.9", "--eps", "1e-6", "--alpha", "0.9", "--momentum", "0.5", "--amsgrad", "--centered",
-           "--momentum-decay", "0.01"]
-    for kind, flags in [("sgd", ["--betas", "--eps", "--alpha", "--centered", "--amsgrad", "--momentum-decay"]),
-                        ("adam", ["--momentum", "--alpha", "--centered", "--momentum-decay"]),
-                        ("rmsprop", ["--betas", "--amsgrad", "--momentum-decay"]),
+           "--momentum-decay", "0.01", "--decoupled-weight-decay"]
+    nadam_radam = ["--momentum-decay", "--decoupled-weight-decay"]
+    for kind, flags in [("sgd", ["--betas", "--eps", "--alpha", "--centered", "--amsgrad", *nadam_radam]),
+                        ("adam", ["--momentum", "--alpha", "--centered", *nadam_radam]),
+                        ("rmsprop", ["--betas", "--amsgrad", *nadam_radam]),
                         ("nadam", ["--momentum", "--alpha", "--centered", "--amsgrad"])]:
         r = subprocess.run([BIN, *common, *own, "--optimizer", kind, "--out", str(tmp_path / kind)],
                            capture_output=True, text=True, timeout=120, env=ENV)
         assert r.returncode == 0, r.stderr
         why = {"--betas": "adam, adamw, nadam or radam", "--eps": "adam, adamw, nadam, radam or rmsprop",
                "--alpha": "rmsprop", "--momentum": "sgd or rmsprop", "--centered": "rmsprop",
-               "--amsgrad": "adam or adamw", "--momentum-decay": "nadam"}
+               "--amsgrad": "adam or adamw", "--momentum-decay": "nadam",
+               "--decoupled-weight-decay": "nadam or radam"}
         assert [line for line in r.stderr.splitlines() if "is ignored" in line] == [
             f"warning: {flag} is ignored: it applies to --optimizer {why[flag]} only" for flag in flags], kind
     # OneCycleLR has no gamma, and its cycle replaces SGD's momentum unless

@@ -314,7 +314,7 @@ fn schedule_rules(config: &TrainConfig) -> [Rule; 12] {
 }
 
 /// The optimizer's (the momentum's too, which OneCycleLR may cycle).
-fn optimizer_rules(config: &TrainConfig) -> [Rule; 7] {
+fn optimizer_rules(config: &TrainConfig) -> [Rule; 8] {
     let kind = config.optimizer.kind;
     let (sgd, rmsprop) = (kind == OptimizerKind::Sgd, kind == OptimizerKind::Rmsprop);
     let cycled = config.cycles_momentum();
@@ -357,6 +357,11 @@ fn optimizer_rules(config: &TrainConfig) -> [Rule; 7] {
             &["momentum_decay"],
             kind == OptimizerKind::Nadam,
             "applies to --optimizer nadam only",
+        ),
+        (
+            &["decoupled_weight_decay"],
+            matches!(kind, OptimizerKind::Nadam | OptimizerKind::Radam),
+            "applies to --optimizer nadam or radam only",
         ),
     ]
 }

@@ -77,7 +77,12 @@ pub struct HyperOpts {
     /// beta1*(1 - 0.96^(t*PSI)/2) (torch.optim.NAdam's momentum_decay).
     #[arg(long, value_name = "PSI", default_value_t = DEFAULT_MOMENTUM_DECAY, help_heading = "Optimizer")]
     pub momentum_decay: f64,
-    /// L2 penalty (SGD, Adam, RMSprop, NAdam, RAdam) or decoupled weight decay (AdamW).
+    /// NAdam, RAdam: the weight decay decoupled, as AdamW's (torch.optim's
+    /// decoupled_weight_decay; NAdam so is timm's nadamw).
+    #[arg(long, help_heading = "Optimizer")]
+    pub decoupled_weight_decay: bool,
+    /// L2 penalty (SGD, Adam, RMSprop, NAdam, RAdam) or decoupled weight
+    /// decay (AdamW; NAdam and RAdam with --decoupled-weight-decay).
     #[arg(long, alias = "wd", default_value_t = 5e-4, help_heading = "Optimizer")]
     pub weight_decay: f64,
     /// The weight decay of BatchNorm's weights and biases (torchvision's
@@ -315,6 +320,7 @@ impl HyperOpts {
             amsgrad: self.amsgrad,
             centered: self.centered,
             momentum_decay: self.momentum_decay,
+            decoupled_weight_decay: self.decoupled_weight_decay,
         }
     }
 

@@ -112,6 +112,11 @@ pub struct OptimizerConfig {
         skip_serializing_if = "is_default_momentum_decay"
     )]
     pub momentum_decay: f64,
+    /// NAdam's and RAdam's weight decay decoupled, as AdamW's: the weights
+    /// shrink by `lr·wd` before the step (torch.optim's
+    /// `decoupled_weight_decay`; timm's NAdamW).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub decoupled_weight_decay: bool,
 }
 
 fn is_false(v: &bool) -> bool {
@@ -158,6 +163,7 @@ impl OptimizerConfig {
             amsgrad: false,
             centered: false,
             momentum_decay: DEFAULT_MOMENTUM_DECAY,
+            decoupled_weight_decay: false,
         }
     }
 

@@ -136,23 +136,27 @@ impl Optimizer {
     }
 
     /// RMSprop, NAdam or RAdam over the flat buffers, which libtorch has
-    /// no fused kernel for: each weight-decay group's L2 term added to its runs of the
-    /// gradient `g` (in place: the update consumes it), then the per-parameter arithmetic (`apply_update`) once
-    /// over the whole buffers. A step with non-finite gradients (fp16's
+    /// no fused kernel for: each weight-decay group's L2 term added to its
+    /// runs of the gradient `g` (in place: the update consumes it), or its
+    /// decoupled decay applied to its runs of the parameters, then the
+    /// per-parameter arithmetic (`apply_update`) once over the whole
+    /// buffers. A step with non-finite gradients (fp16's
     /// `found_inf` set) puts parameters and state back as they were, on the
     /// device.
     pub(super) fn update_flat(&self, flat: &Tensor, g: Tensor, found_inf: Option<&Tensor>) {
         tch::no_grad(|| {
-            for group in self.groups.iter().filter(|gr| gr.decay != 0.0) {
-                for &(at, n) in &group.runs {
-                    let _ = g
-                        .narrow(0, at, n)
-                        .g_add_(&(flat.narrow(0, at, n) * group.decay));
-                }
-            }
             let mut now = [&self.buf1, &self.buf2, &self.buf3].map(Tensor::shallow_clone);
             let before =
                 found_inf.map(|_| [flat.copy(), now[0].copy(), now[1].copy(), now[2].copy()]);
+            for group in self.groups.iter().filter(|gr| gr.decay != 0.0) {
+                for &(at, n) in &group.runs {
+                    let mut p = flat.narrow(0, at, n);
+                    let _ = match self.cfg.decoupled_weight_decay {
+                        true => p.g_mul_(&(&self.lr * -group.decay + 1.0)),
+                        false => g.narrow(0, at, n).g_add_(&(p * group.decay)),
+                    };
+                }
+            }
             let cfg = OptimizerConfig {
                 weight_decay: 0.0,
                 ..self.cfg.clone()

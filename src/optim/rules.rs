@@ -69,7 +69,13 @@ pub(super) fn apply_update(
         OptimizerKind::Nadam | OptimizerKind::Radam => {
             // Adam's moments (as torch.optim's NAdam and RAdam update
             // them), then each rule's step.
-            let g = with_l2(g, p, cfg.weight_decay);
+            let g = match cfg.decoupled_weight_decay {
+                true => {
+                    let _ = p.g_mul_(&(lr * -cfg.weight_decay + 1.0));
+                    g.shallow_clone()
+                }
+                false => with_l2(g, p, cfg.weight_decay),
+            };
             let (beta1, beta2) = cfg.betas;
             let _ = b1.lerp_(&g, 1.0 - beta1);
             let _ = b2.g_mul_scalar_(beta2).g_add_(&(&g * &g * (1.0 - beta2)));
