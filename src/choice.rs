@@ -17,6 +17,12 @@ pub trait Choice: Copy + PartialEq + Send + Sync + 'static {
     fn aliases(self) -> &'static [&'static str] {
         &[]
     }
+    /// Names other tools give to one of these values with an option of its
+    /// own (torchvision's `sgd_nesterov`), each with vggctl's form of it:
+    /// refused, naming that form.
+    fn other_forms() -> &'static [(&'static str, &'static str)] {
+        &[]
+    }
 }
 
 /// The value of `T` named `s`; `what` names the set in the error.
@@ -26,6 +32,9 @@ pub fn parse<T: Choice>(what: &str, s: &str) -> Result<T> {
         .find(|v| v.name() == s || v.aliases().contains(&s))
     {
         return Ok(*v);
+    }
+    if let Some((_, form)) = T::other_forms().iter().find(|(name, _)| *name == s) {
+        bail!("that is {form} in vggctl");
     }
     let names: Vec<&str> = T::ALL.iter().map(|v| v.name()).collect();
     let expected = match names.split_last() {
@@ -59,6 +68,9 @@ mod tests {
         fn help(self) -> &'static str {
             ""
         }
+        fn other_forms() -> &'static [(&'static str, &'static str)] {
+            &[("crimson", "red --dark")]
+        }
     }
 
     #[test]
@@ -66,5 +78,7 @@ mod tests {
         assert_eq!(parse::<Colour>("colour", "green").unwrap(), Colour::Green);
         let err = parse::<Colour>("colour", "Green").unwrap_err().to_string();
         assert_eq!(err, "unknown colour 'Green' (expected red, green or blue)");
+        let err = parse::<Colour>("colour", "crimson").unwrap_err().to_string();
+        assert_eq!(err, "that is red --dark in vggctl");
     }
 }

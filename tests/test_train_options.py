@@ -551,8 +551,9 @@ def test_optimizer_values_torch_refuses_are_usage_errors(tmp_path):
 def test_torchvision_train_py_options_in_vggctls_form(tmp_path):
     """torchvision's train.py options: --amp is --precision fp16 (recorded
     as such); those vggctl has in another form (--test-only, --start-epoch,
-    --cache-dataset, train's --weights) are one usage line naming that form,
-    where clap suggested unrelated options (--ra-sampler for --amp)."""
+    --cache-dataset, train's --weights; --opt sgd_nesterov, and timm's
+    nadamw) are one usage line naming that form, where clap suggested
+    unrelated options (--ra-sampler for --amp)."""
     common = ["train", "--dataset", "digits", "--arch", "vgg11", "--epochs", "1", "--limit-train", "32",
               "--limit-test", "32", "--quiet"]
     r = subprocess.run([BIN, *common, "--amp", "--out", str(tmp_path / "amp")],
@@ -565,6 +566,11 @@ def test_torchvision_train_py_options_in_vggctls_form(tmp_path):
         (["--cache-dataset"], "--cache-dataset: image folders are cached without asking (--cache-dir, --cache-mem)"),
         (["--weights", "imagenet"], "--weights: train starts from weights with --initial-checkpoint FILE; "
                                     "vggctl finetune --weights imagenet fine-tunes torchvision's"),
+        # torchvision's --opt sgd_nesterov, timm's nadamw.
+        (["--opt", "sgd_nesterov"], "invalid value 'sgd_nesterov' for '--optimizer <OPTIMIZER>': that is "
+                                    "--optimizer sgd --nesterov in vggctl; see 'vggctl train --help'"),
+        (["--opt", "nadamw"], "invalid value 'nadamw' for '--optimizer <OPTIMIZER>': that is --optimizer nadam "
+                              "--decoupled-weight-decay in vggctl; see 'vggctl train --help'"),
     ]
     for args, message in forms:
         r = subprocess.run([BIN, *common, *args, "--out", str(tmp_path / "r")],

@@ -400,11 +400,18 @@ impl NumericsOpts {
 /// clap's parser for one of the library's named value sets: their names,
 /// with their help, are the possible values.
 pub fn choice<T: Choice>() -> impl TypedValueParser<Value = T> {
-    PossibleValuesParser::new(T::ALL.iter().map(|v| {
-        PossibleValue::new(v.name())
-            .help(v.help())
-            .aliases(v.aliases().iter().copied())
-    }))
+    let other_forms = T::other_forms().iter();
+    PossibleValuesParser::new(
+        T::ALL
+            .iter()
+            .map(|v| {
+                PossibleValue::new(v.name())
+                    .help(v.help())
+                    .aliases(v.aliases().iter().copied())
+            })
+            // Taken, never shown, so that `parse` names vggctl's form.
+            .chain(other_forms.map(|(name, _)| PossibleValue::new(*name).hide(true))),
+    )
     .try_map(|s| vggctl::choice::parse::<T>("value", &s))
 }
 

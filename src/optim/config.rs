@@ -54,9 +54,20 @@ impl Choice for OptimizerKind {
             }
         }
     }
+    fn other_forms() -> &'static [(&'static str, &'static str)] {
+        Self::OTHER_FORMS
+    }
 }
 
 impl OptimizerKind {
+    /// torchvision's and timm's names for a rule with an option.
+    const OTHER_FORMS: &[(&str, &str)] = &[
+        ("sgd_nesterov", "--optimizer sgd --nesterov"),
+        ("nesterov", "--optimizer sgd --nesterov"),
+        ("nadamw", "--optimizer nadam --decoupled-weight-decay"),
+        ("radamw", "--optimizer radam --decoupled-weight-decay"),
+    ];
+
     /// Adam or AdamW (libtorch's fused kernels; AMSGrad).
     pub fn is_adam(self) -> bool {
         matches!(self, OptimizerKind::Adam | OptimizerKind::Adamw)
