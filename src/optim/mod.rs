@@ -1,7 +1,7 @@
 //! SGD (PyTorch's semantics: weight decay added to the gradient, momentum
 //! buffer, optional Nesterov), Adam (the same L2 term), AdamW (decoupled
 //! weight decay), both optionally AMSGrad, RMSprop (L2, optional
-//! momentum, optionally centered), NAdam and RAdam (L2), with their state in
+//! momentum, optionally centered), NAdam and RAdam (L2 or decoupled), with their state in
 //! tensors this module owns, so that a checkpoint can save and restore it
 //! exactly.
 //!
