@@ -78,7 +78,9 @@ mod tests {
         assert_eq!(parse::<Colour>("colour", "green").unwrap(), Colour::Green);
         let err = parse::<Colour>("colour", "Green").unwrap_err().to_string();
         assert_eq!(err, "unknown colour 'Green' (expected red, green or blue)");
-        let err = parse::<Colour>("colour", "crimson").unwrap_err().to_string();
+        let err = parse::<Colour>("colour", "crimson")
+            .unwrap_err()
+            .to_string();
         assert_eq!(err, "that is red --dark in vggctl");
     }
 }

@@ -285,12 +285,26 @@ fn fused_rmsprop_matches_per_parameter_rmsprop() {
     compare(rmsprop(0.9), false);
     compare(rmsprop(0.0), false);
     compare(rmsprop(0.9), true);
+    compare(
+        OptimizerConfig {
+            centered: true,
+            ..rmsprop(0.9)
+        },
+        false,
+    );
 }
 
 #[test]
 fn fused_adam_and_adamw_match_per_parameter_ones() {
     compare(adam(OptimizerKind::Adam), false);
     compare(adamw(), false);
+    compare(
+        OptimizerConfig {
+            amsgrad: true,
+            ..adamw()
+        },
+        false,
+    );
 }
 
 /// NAdam and RAdam, which have no libtorch kernel (NAdam also with
