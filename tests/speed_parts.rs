@@ -399,10 +399,13 @@ fn reference_update(cfg: &OptimizerConfig, p0: &[f64], grads: &[Vec<f64>], lr: f
                     m[i] = cfg.momentum * m[i] + step;
                     p[i] -= lr * if cfg.momentum != 0.0 { m[i] } else { step };
                 }
-                OptimizerKind::Adam | OptimizerKind::Adamw => {
+                OptimizerKind::Adam
+                | OptimizerKind::Adamw
+                | OptimizerKind::Nadam
+                | OptimizerKind::Radam => {
                     let (b1, b2) = cfg.betas;
                     let mut g = g[i];
-                    if cfg.kind == OptimizerKind::Adamw {
+                    if cfg.kind == OptimizerKind::Adamw || cfg.decoupled_weight_decay {
                         p[i] *= 1.0 - lr * cfg.weight_decay;
                     } else {
                         g += cfg.weight_decay * p[i];
@@ -410,39 +413,31 @@ fn reference_update(cfg: &OptimizerConfig, p0: &[f64], grads: &[Vec<f64>], lr: f
                     m[i] = b1 * m[i] + (1.0 - b1) * g;
                     v[i] = b2 * v[i] + (1.0 - b2) * g * g;
                     let (bc1, bc2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
-                    third[i] = third[i].max(v[i]);
-                    let second = if cfg.amsgrad { third[i] } else { v[i] };
-                    let denom = second.sqrt() / bc2.sqrt() + cfg.eps;
-                    p[i] -= lr / bc1 * m[i] / denom;
-                }
-                OptimizerKind::Nadam | OptimizerKind::Radam => {
-                    let (b1, b2) = cfg.betas;
-                    let mut g = g[i];
-                    if cfg.decoupled_weight_decay {
-                        p[i] *= 1.0 - lr * cfg.weight_decay;
-                    } else {
-                        g += cfg.weight_decay * p[i];
-                    }
-                    m[i] = b1 * m[i] + (1.0 - b1) * g;
-                    v[i] = b2 * v[i] + (1.0 - b2) * g * g;
-                    let (bc1, bc2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
-                    p[i] -= if cfg.kind == OptimizerKind::Nadam {
-                        let denom = (v[i] / bc2).sqrt() + cfg.eps;
-                        let next = mu(t + 1);
-                        lr * (1.0 - mu(t)) / (1.0 - mu_product) * g / denom
-                            + lr * next / (1.0 - mu_product * next) * m[i] / denom
-                    } else {
-                        let rho_inf = 2.0 / (1.0 - b2) - 1.0;
-                        let rho = rho_inf - 2.0 * t as f64 * b2.powi(t) / bc2;
-                        let rect = ((rho - 4.0) * (rho - 2.0) * rho_inf
-                            / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho))
-                            .sqrt();
-                        let adaptive = if rho > 5.0 {
-                            rect * bc2.sqrt() / (v[i].sqrt() + cfg.eps)
-                        } else {
-                            1.0
-                        };
-                        lr * m[i] / bc1 * adaptive
+                    p[i] -= match cfg.kind {
+                        OptimizerKind::Nadam => {
+                            let denom = (v[i] / bc2).sqrt() + cfg.eps;
+                            let next = mu(t + 1);
+                            lr * (1.0 - mu(t)) / (1.0 - mu_product) * g / denom
+                                + lr * next / (1.0 - mu_product * next) * m[i] / denom
+                        }
+                        OptimizerKind::Radam => {
+                            let rho_inf = 2.0 / (1.0 - b2) - 1.0;
+                            let rho = rho_inf - 2.0 * t as f64 * b2.powi(t) / bc2;
+                            let rect = ((rho - 4.0) * (rho - 2.0) * rho_inf
+                                / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho))
+                                .sqrt();
+                            let adaptive = if rho > 5.0 {
+                                rect * bc2.sqrt() / (v[i].sqrt() + cfg.eps)
+                            } else {
+                                1.0
+                            };
+                            lr * m[i] / bc1 * adaptive
+                        }
+                        _ => {
+                            third[i] = third[i].max(v[i]);
+                            let second = if cfg.amsgrad { third[i] } else { v[i] };
+                            lr / bc1 * m[i] / (second.sqrt() / bc2.sqrt() + cfg.eps)
+                        }
                     };
                 }
             }
