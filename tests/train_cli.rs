@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use tch::{Device, Kind, Tensor};
 use vggctl::formats::safetensors::{read_safetensors, write_safetensors};
 use vggctl::train::read_resume;
 use vggctl::train::state::{EpochMetrics, TrainSummary};
@@ -447,12 +448,59 @@ fn adam_rmsprop_and_nadam_runs_resume_exactly() {
         );
         assert_eq!(train_on_digits(&args, &split, &["--epochs", "1"]).code, 0);
         let dir = split.to_str().unwrap();
+        if kind == "nadam" {
+            refuses_missing_or_misshaped_state(&split);
+        }
         let r = vggctl(&["train", "--resume", dir, "--epochs", "2", "--quiet"]);
         assert_eq!(r.code, 0, "{}", r.stderr);
         assert_same_weights(
             &straight.join("last.safetensors"),
             &split.join("last.safetensors"),
         );
+    }
+}
+
+/// A NAdam resume state without one of its tensors (a moment, the product
+/// of momenta), or with the product mis-shaped, is one line naming the
+/// file and the key; the state is left as it was.
+fn refuses_missing_or_misshaped_state(run: &Path) {
+    let sd = read_safetensors(&run.join("resume.safetensors")).unwrap();
+    let key = "optimizer.mu_product.features.0.weight";
+    let edits: [(&str, Option<Tensor>, String); 3] = [
+        (
+            "optimizer.exp_avg.classifier.3.bias",
+            None,
+            "optimizer state lacks optimizer.exp_avg.classifier.3.bias".into(),
+        ),
+        (key, None, format!("optimizer state lacks {key}")),
+        (
+            key,
+            Some(Tensor::zeros([2], (Kind::Float, Device::Cpu))),
+            format!("{key} has shape [2], expected []"),
+        ),
+    ];
+    for (name, replacement, needle) in edits {
+        let mut tensors: Vec<(String, Tensor)> = sd
+            .tensors
+            .iter()
+            .filter(|(k, _)| k.as_str() != name)
+            .map(|(k, t)| (k.clone(), t.shallow_clone()))
+            .collect();
+        assert_eq!(tensors.len() + 1, sd.tensors.len(), "{name} saved");
+        tensors.extend(replacement.map(|t| (name.to_string(), t)));
+        let tmp = common::tempdir();
+        let copy = tmp.path().join("run");
+        std::fs::create_dir(&copy).unwrap();
+        for file in ["config.json", "metrics.jsonl", "last.safetensors"] {
+            std::fs::copy(run.join(file), copy.join(file)).unwrap();
+        }
+        write_safetensors(&copy.join("resume.safetensors"), &tensors, &sd.metadata).unwrap();
+        let r = common::run_in(
+            tmp.path(),
+            &["train", "--resume", "run", "--epochs", "2", "--quiet"],
+        );
+        let needle = format!("run/resume.safetensors: {needle}");
+        common::assert_one_line_error(&r, 1, &needle);
     }
 }
 
