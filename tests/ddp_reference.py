@@ -5,7 +5,8 @@ momentum and weight decay (or --optimizer adam|adamw: torch.optim.Adam or
 AdamW with --betas B1,B2, --eps and --amsgrad; rmsprop: torch.optim.RMSprop
 with --alpha, --eps, --momentum and --centered; nadam: torch.optim.NAdam with
 --betas, --eps and --momentum-decay; radam: torch.optim.RAdam with --betas
-and --eps; both with --decoupled-weight-decay), and the same per-rank random draws (dropout)
+and --eps; both with --decoupled-weight-decay; adamax: torch.optim.Adamax
+with --betas and --eps), and the same per-rank random draws (dropout)
 because every step seeds the generator as vggctl does. Rank 0 writes the
 final state dict.
 
@@ -394,7 +395,7 @@ def main(argv=None):
     p.add_argument("--bias-weight-decay", type=float, default=None)
     p.add_argument("--ra-reps", type=int, default=0)
     p.add_argument("--dropout", type=float, default=0.5)
-    p.add_argument("--optimizer", choices=["sgd", "adam", "adamw", "rmsprop", "nadam", "radam"], default="sgd")
+    p.add_argument("--optimizer", choices=["sgd", "adam", "adamw", "rmsprop", "nadam", "radam", "adamax"], default="sgd")
     p.add_argument("--momentum-decay", type=float, default=4e-3)
     p.add_argument("--decoupled-weight-decay", action="store_true")
     p.add_argument("--alpha", type=float, default=0.99)
@@ -456,6 +457,9 @@ def main(argv=None):
     elif a.optimizer == "radam":
         opt = torch.optim.RAdam(groups, lr=a.lr, betas=tuple(float(b) for b in a.betas.split(",")), eps=a.eps,
                                 weight_decay=a.weight_decay, decoupled_weight_decay=a.decoupled_weight_decay)
+    elif a.optimizer == "adamax":
+        opt = torch.optim.Adamax(groups, lr=a.lr, betas=tuple(float(b) for b in a.betas.split(",")), eps=a.eps,
+                                 weight_decay=a.weight_decay)
     else:
         adam = torch.optim.Adam if a.optimizer == "adam" else torch.optim.AdamW
         betas = tuple(float(b) for b in a.betas.split(","))

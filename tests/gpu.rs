@@ -193,7 +193,7 @@ fn waits_for_the_gpu_are_bounded() {
 fn loss_scaling_runs_on_the_device() {
     assert!(tch::Cuda::is_available(), "{GPU}");
     // The variants: AMSGrad (Adam, AdamW), centered (RMSprop), decoupled
-    // weight decay (RAdam).
+    // weight decay (RAdam); Adamax too.
     for (kind, variant) in [
         (OptimizerKind::Sgd, false),
         (OptimizerKind::Adam, false),
@@ -203,6 +203,7 @@ fn loss_scaling_runs_on_the_device() {
         (OptimizerKind::Rmsprop, true),
         (OptimizerKind::Nadam, false),
         (OptimizerKind::Radam, true),
+        (OptimizerKind::Adamax, false),
     ] {
         let cfg = OptimizerConfig {
             kind,

@@ -229,7 +229,7 @@ fn rmsprop(momentum: f64) -> OptimizerConfig {
     }
 }
 
-/// NAdam or RAdam with Adam's eps of 1e-3 (see `adam`), betas of their
+/// NAdam, RAdam or Adamax with Adam's eps of 1e-3 (see `adam`), betas of their
 /// own (RAdam's rectified steps start at the 7th: 10 steps take both
 /// branches), NAdam a momentum decay of its own.
 fn adam_family(kind: OptimizerKind) -> OptimizerConfig {
@@ -243,8 +243,8 @@ fn adam_family(kind: OptimizerKind) -> OptimizerConfig {
 
 /// Each update rule, SGD with and without Nesterov, Adam and AdamW with
 /// and without AMSGrad, RMSprop with and without momentum, and centered,
-/// NAdam and RAdam, both also with decoupled weight decay.
-fn every_rule() -> [OptimizerConfig; 13] {
+/// NAdam and RAdam, both also with decoupled weight decay, and Adamax.
+fn every_rule() -> [OptimizerConfig; 14] {
     [
         sgd(false),
         sgd(true),
@@ -268,6 +268,7 @@ fn every_rule() -> [OptimizerConfig; 13] {
         adam_family(OptimizerKind::Radam),
         decoupled(OptimizerKind::Nadam),
         decoupled(OptimizerKind::Radam),
+        adam_family(OptimizerKind::Adamax),
     ]
 }
 
@@ -307,14 +308,15 @@ fn fused_adam_and_adamw_match_per_parameter_ones() {
     );
 }
 
-/// NAdam and RAdam, which have no libtorch kernel (NAdam also with
-/// decoupled weight decay): the flat update equals the per-parameter one,
-/// the state (NAdam's product of momenta too) saves and loads back.
+/// NAdam, RAdam and Adamax, which have no libtorch kernel (NAdam also
+/// with decoupled weight decay): the flat update equals the per-parameter
+/// one, the state (NAdam's product of momenta too) saves and loads back.
 #[test]
-fn flat_nadam_and_radam_match_per_parameter_ones() {
+fn flat_nadam_radam_and_adamax_match_per_parameter_ones() {
     compare(adam_family(OptimizerKind::Nadam), false);
     compare(adam_family(OptimizerKind::Radam), true);
     compare(decoupled(OptimizerKind::Nadam), false);
+    compare(adam_family(OptimizerKind::Adamax), true);
 }
 
 /// torchvision's parameter groups (`--norm-weight-decay`,
@@ -367,7 +369,8 @@ fn fused_channels_last_matches_contiguous() {
 fn reference_update(cfg: &OptimizerConfig, p0: &[f64], grads: &[Vec<f64>], lr: f64) -> Vec<f64> {
     let mut p = p0.to_vec();
     let (mut m, mut v) = (vec![0.0; p.len()], vec![0.0; p.len()]);
-    // AMSGrad's largest second moment; centered RMSprop's gradient average.
+    // AMSGrad's largest second moment; centered RMSprop's gradient average;
+    // Adamax's infinity norm.
     let mut third = vec![0.0; p.len()];
     // NAdam's momentum of step t, and the product of those so far.
     let mu = |t: i32| cfg.betas.0 * (1.0 - 0.5 * 0.96f64.powf(t as f64 * cfg.momentum_decay));
@@ -402,7 +405,8 @@ fn reference_update(cfg: &OptimizerConfig, p0: &[f64], grads: &[Vec<f64>], lr: f
                 OptimizerKind::Adam
                 | OptimizerKind::Adamw
                 | OptimizerKind::Nadam
-                | OptimizerKind::Radam => {
+                | OptimizerKind::Radam
+                | OptimizerKind::Adamax => {
                     let (b1, b2) = cfg.betas;
                     let mut g = g[i];
                     if cfg.kind == OptimizerKind::Adamw || cfg.decoupled_weight_decay {
@@ -432,6 +436,11 @@ fn reference_update(cfg: &OptimizerConfig, p0: &[f64], grads: &[Vec<f64>], lr: f
                                 1.0
                             };
                             lr * m[i] / bc1 * adaptive
+                        }
+                        OptimizerKind::Adamax => {
+                            // The infinity norm in place of the second moment.
+                            third[i] = (b2 * third[i]).max(g.abs() + cfg.eps);
+                            lr / bc1 * m[i] / third[i]
                         }
                         _ => {
                             third[i] = third[i].max(v[i]);

@@ -209,36 +209,39 @@ def test_rmsprop_equals_torch_optim(runs, rmsprops, momentum, update):
 ADAM_FAMILY = ["--lr", "0.001", "--betas", "0.8,0.95", "--eps", "1e-3", "--weight-decay", "0.5"]
 NADAM = ["--optimizer", "nadam", *ADAM_FAMILY, "--momentum-decay", "0.01", "--batch-size", "32"]
 RADAM = ["--optimizer", "radam", *ADAM_FAMILY, "--batch-size", "8"]
+ADAMAX = ["--optimizer", "adamax", *ADAM_FAMILY, "--batch-size", "32"]
 
 
 @pytest.fixture(scope="module")
 def adam_family(runs):
     """torch.optim.NAdam and RAdam over the same run, with the weight decay
-    an L2 term and decoupled (`decoupled_weight_decay=True`)."""
+    an L2 term and decoupled (`decoupled_weight_decay=True`), and
+    torch.optim.Adamax."""
     tmp, init, _, _ = runs
     return {f"{kind}{w}": reference(tmp, init, str(tmp / f"{kind}{w}-ref.safetensors"), *flags, *decoupled, epochs=1)
-            for kind, flags in [("nadam", NADAM), ("radam", RADAM)]
-            for w, decoupled in [("", []), ("w", ["--decoupled-weight-decay"])]}
+            for kind, flags, forms in [("nadam", NADAM, "lw"), ("radam", RADAM, "lw"), ("adamax", ADAMAX, "l")]
+            for w, decoupled in [("", []), ("w", ["--decoupled-weight-decay"])][:len(forms)]}
 
 
 # Each path once per rule (tests/speed_parts.rs checks the fused update
 # against the per-parameter one for every form).
 @pytest.mark.parametrize("kind, update", [("nadam", "fused"), ("radam", "per-parameter"), ("nadamw", "per-parameter"),
-                                          ("radamw", "fused")])
-def test_nadam_and_radam_equal_torch_optim(runs, adam_family, kind, update):
+                                          ("radamw", "fused"), ("adamax", "fused")])
+def test_nadam_radam_and_adamax_equal_torch_optim(runs, adam_family, kind, update):
     """--optimizer nadam is torch.optim.NAdam (--momentum-decay its
     momentum_decay), radam torch.optim.RAdam, both with --betas, --eps and
     the weight decay an L2 term, or decoupled with --decoupled-weight-decay
-    (`nadamw`, `radamw` here); libtorch has no fused kernel for either,
+    (`nadamw`, `radamw` here); adamax is torch.optim.Adamax (its second
+    moment the infinity norm). libtorch has no fused kernel for any,
     so the fused update is a few kernels over the flat buffers: the weights
     within 1e-5 relative (measured 1.3e-8 NAdam, 7e-9 RAdam and both
-    decoupled, fused and per parameter alike; 1e-7 of noise on the initial weights moves
+    decoupled, fused and per parameter alike, 1.4e-8 Adamax; 1e-7 of noise on the initial weights moves
     PyTorch's own by 5.6e-6 and 6.9e-6, decoupled by 3e-5 and 2.5e-5).
     RAdam's run reaches its rectified steps (rho_t > 5; checked below from
-    its step count). The two rules end 1.9e-3 apart, each decoupled form
-    3.3e-3 and 9.3e-4 from its L2 form."""
+    its step count). NAdam and RAdam end 1.9e-3 apart, Adamax 5.9e-4 from
+    NAdam, each decoupled form 3.3e-3 and 9.3e-4 from its L2 form."""
     tmp, init, _, _ = runs
-    flags = NADAM if kind.startswith("nadam") else RADAM
+    flags = {"nadam": NADAM, "radam": RADAM, "adamax": ADAMAX}[kind.rstrip("w")]
     decoupled = ["--decoupled-weight-decay"] if kind.endswith("w") else []
     extra = ["--no-fused"] if update == "per-parameter" else []
     ours = vggctl_train(tmp / f"{kind}-{update}", init, *flags, *decoupled, *extra, epochs=1)
@@ -249,6 +252,7 @@ def test_nadam_and_radam_equal_torch_optim(runs, adam_family, kind, update):
     rho_inf = 2 / (1 - beta2) - 1
     assert rho_inf - 2 * steps * beta2**steps / (1 - beta2**steps) > 5, "RAdam's run never rectifies"
     assert apart(adam_family["nadam"], adam_family["radam"]) > 1e-3, "the rules agree: the test proves nothing"
+    assert apart(adam_family["adamax"], adam_family["nadam"]) > 1e-4, "the rules agree: the test proves nothing"
     if decoupled:
         assert apart(want, adam_family[kind.rstrip("w")]) > 5e-4, "decoupling changed nothing"
 
@@ -536,11 +540,12 @@ def test_optimizer_values_torch_refuses_are_usage_errors(tmp_path):
         (["--optimizer", "nadam", "--momentum-decay", "-0.1"],
          "--momentum-decay -0.1 must be a finite number, 0 or more", dict(momentum_decay=-0.1)),
         (["--optimizer", "radam", "--betas", "0.9,1"], "--betas 0.9,1 must each be in [0, 1)", dict(betas=(0.9, 1.0))),
+        (["--optimizer", "adamax", "--eps", "-1e-8"], "--eps -1e-8 must be a finite number, 0 or more", dict(eps=-1e-8)),
     ]
     for args, message, torch_args in cases:
         if torch_args is not None:
             make = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "rmsprop": torch.optim.RMSprop,
-                    "nadam": torch.optim.NAdam, "radam": torch.optim.RAdam}.get(
+                    "nadam": torch.optim.NAdam, "radam": torch.optim.RAdam, "adamax": torch.optim.Adamax}.get(
                 args[1] if args[0] == "--optimizer" else None, torch.optim.SGD)
             with pytest.raises(ValueError):
                 make(param, **{"lr": 0.1, **torch_args})
@@ -657,11 +662,12 @@ def test_options_a_run_has_no_use_for_are_named_once_each(tmp_path):
     for kind, flags in [("sgd", ["--betas", "--eps", "--alpha", "--centered", "--amsgrad", *nadam_radam]),
                         ("adam", ["--momentum", "--alpha", "--centered", *nadam_radam]),
                         ("rmsprop", ["--betas", "--amsgrad", *nadam_radam]),
-                        ("nadam", ["--momentum", "--alpha", "--centered", "--amsgrad"])]:
+                        ("nadam", ["--momentum", "--alpha", "--centered", "--amsgrad"]),
+                        ("adamax", ["--momentum", "--alpha", "--centered", "--amsgrad", *nadam_radam])]:
         r = subprocess.run([BIN, *common, *own, "--optimizer", kind, "--out", str(tmp_path / kind)],
                            capture_output=True, text=True, timeout=120, env=ENV)
         assert r.returncode == 0, r.stderr
-        why = {"--betas": "adam, adamw, nadam or radam", "--eps": "adam, adamw, nadam, radam or rmsprop",
+        why = {"--betas": "adam, adamw, nadam, radam or adamax", "--eps": "adam, adamw, nadam, radam, adamax or rmsprop",
                "--alpha": "rmsprop", "--momentum": "sgd or rmsprop", "--centered": "rmsprop",
                "--amsgrad": "adam or adamw", "--momentum-decay": "nadam",
                "--decoupled-weight-decay": "nadam or radam"}

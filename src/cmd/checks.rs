@@ -336,12 +336,12 @@ fn optimizer_rules(config: &TrainConfig) -> [Rule; 8] {
         (
             &["betas"],
             kind.has_betas(),
-            "applies to --optimizer adam, adamw, nadam or radam only",
+            "applies to --optimizer adam, adamw, nadam, radam or adamax only",
         ),
         (
             &["eps"],
             kind.has_betas() || rmsprop,
-            "applies to --optimizer adam, adamw, nadam, radam or rmsprop only",
+            "applies to --optimizer adam, adamw, nadam, radam, adamax or rmsprop only",
         ),
         (
             &["alpha", "centered"],

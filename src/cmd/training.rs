@@ -49,8 +49,8 @@ pub struct HyperOpts {
     /// SGD's and RMSprop's momentum.
     #[arg(long, default_value_t = 0.9, help_heading = "Optimizer")]
     pub momentum: f64,
-    /// Adam's, AdamW's, NAdam's and RAdam's coefficients of the running
-    /// averages of the gradient and its square (torch.optim's betas).
+    /// The Adam family's coefficients of the running averages of the
+    /// gradient and its square (Adamax: its largest) (torch.optim's betas).
     #[arg(long, alias = "opt-betas", value_name = "B1,B2", default_value = "0.9,0.999", value_parser = pair, help_heading = "Optimizer")]
     pub betas: (f64, f64),
     /// RMSprop's smoothing constant of the squared gradients' average
@@ -58,7 +58,7 @@ pub struct HyperOpts {
     #[arg(long, default_value_t = DEFAULT_ALPHA, help_heading = "Optimizer")]
     pub alpha: f64,
     /// The Adam family's and RMSprop's term added to the denominator
-    /// (torch.optim's eps).
+    /// (Adamax's: to the gradient's magnitude) (torch.optim's eps).
     #[arg(
         long,
         alias = "opt-eps",
@@ -81,7 +81,7 @@ pub struct HyperOpts {
     /// decoupled_weight_decay; NAdam so is timm's nadamw).
     #[arg(long, help_heading = "Optimizer")]
     pub decoupled_weight_decay: bool,
-    /// L2 penalty (SGD, Adam, RMSprop, NAdam, RAdam) or decoupled weight
+    /// L2 penalty (SGD, Adam, RMSprop, NAdam, RAdam, Adamax) or decoupled weight
     /// decay (AdamW; NAdam and RAdam with --decoupled-weight-decay).
     #[arg(long, alias = "wd", default_value_t = 5e-4, help_heading = "Optimizer")]
     pub weight_decay: f64,

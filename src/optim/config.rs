@@ -15,6 +15,7 @@ pub enum OptimizerKind {
     Rmsprop,
     Nadam,
     Radam,
+    Adamax,
 }
 
 impl Choice for OptimizerKind {
@@ -25,6 +26,7 @@ impl Choice for OptimizerKind {
         OptimizerKind::Rmsprop,
         OptimizerKind::Nadam,
         OptimizerKind::Radam,
+        OptimizerKind::Adamax,
     ];
     fn name(self) -> &'static str {
         match self {
@@ -34,6 +36,7 @@ impl Choice for OptimizerKind {
             OptimizerKind::Rmsprop => "rmsprop",
             OptimizerKind::Nadam => "nadam",
             OptimizerKind::Radam => "radam",
+            OptimizerKind::Adamax => "adamax",
         }
     }
     fn help(self) -> &'static str {
@@ -51,6 +54,9 @@ impl Choice for OptimizerKind {
             }
             OptimizerKind::Radam => {
                 "RAdam, Adam with its early steps' variance rectified (torch.optim.RAdam: --betas, --eps; weight decay as an L2 term)"
+            }
+            OptimizerKind::Adamax => {
+                "Adamax, Adam with the infinity norm for the second moment (torch.optim.Adamax: --betas, --eps; weight decay as an L2 term)"
             }
         }
     }
@@ -80,7 +86,11 @@ impl OptimizerKind {
 
     /// Adam's family: first and second moments, --betas and --eps.
     pub fn has_betas(self) -> bool {
-        self.is_adam() || matches!(self, OptimizerKind::Nadam | OptimizerKind::Radam)
+        self.is_adam()
+            || matches!(
+                self,
+                OptimizerKind::Nadam | OptimizerKind::Radam | OptimizerKind::Adamax
+            )
     }
 
     /// Whether it has a momentum (SGD's and RMSprop's).

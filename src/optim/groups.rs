@@ -106,7 +106,10 @@ impl Optimizer {
                 )
             }
             // No fused kernel: `update_flat`.
-            OptimizerKind::Rmsprop | OptimizerKind::Nadam | OptimizerKind::Radam => Ok(()),
+            OptimizerKind::Rmsprop
+            | OptimizerKind::Nadam
+            | OptimizerKind::Radam
+            | OptimizerKind::Adamax => Ok(()),
             OptimizerKind::Adam | OptimizerKind::Adamw => shim::fused_adam(
                 &shim::Group {
                     params: &params,

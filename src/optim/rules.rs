@@ -1,5 +1,5 @@
 //! Each update rule's arithmetic, op by op, on one parameter or on a flat
-//! buffer of them: SGD, RMSprop, Adam, AdamW, NAdam and RAdam (see the module above for
+//! buffer of them: SGD, RMSprop, Adam, AdamW, NAdam, RAdam and Adamax (see the module above for
 //! where each runs). A new rule's formula goes here; its state's saved
 //! names in `saved`, its options' checks in `config`.
 
@@ -85,7 +85,29 @@ pub(super) fn apply_update(
                 _ => radam(cfg, c, &t, p, [b1, b2]),
             }
         }
+        OptimizerKind::Adamax => adamax(cfg, c, p, g, [b1, b2]),
     }
+}
+
+/// torch.optim.Adamax's step: the first moment as Adam's, the second the
+/// largest of the decayed last one and `|g| + eps` (the infinity norm),
+/// the step `lr / (1 - beta1^t)` along their quotient.
+fn adamax(
+    cfg: &OptimizerConfig,
+    c: &Counters,
+    p: &mut Tensor,
+    g: &Tensor,
+    [b1, b2]: [&mut Tensor; 2],
+) {
+    let g = with_l2(g, p, cfg.weight_decay);
+    let (beta1, beta2) = cfg.betas;
+    let _ = b1.lerp_(&g, 1.0 - beta1);
+    let largest = b2.g_mul_scalar_(beta2).maximum(&(g.abs() + cfg.eps));
+    b2.copy_(&largest);
+    // The bias correction in f64, as PyTorch's Python float.
+    let bc1 = -Tensor::pow_scalar(beta1, &c.step.to_kind(Kind::Double)) + 1.0;
+    let step_size = (c.lr.to_kind(Kind::Double) / bc1).to_kind(p.kind());
+    let _ = p.g_sub_(&(&*b1 / &*b2 * step_size));
 }
 
 /// torch.optim.Adam's step (the weight decay an L2 term) or AdamW's

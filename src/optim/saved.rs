@@ -20,6 +20,7 @@ impl Optimizer {
                 ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"]
             }
             OptimizerKind::Nadam | OptimizerKind::Radam => ["exp_avg", "exp_avg_sq", ""],
+            OptimizerKind::Adamax => ["exp_avg", "exp_inf", ""],
             OptimizerKind::Rmsprop => ["square_avg", "momentum_buffer", "grad_avg"],
         };
         names
