@@ -193,7 +193,7 @@ fn waits_for_the_gpu_are_bounded() {
 fn loss_scaling_runs_on_the_device() {
     assert!(tch::Cuda::is_available(), "{GPU}");
     // The variants: AMSGrad (Adam, AdamW), centered (RMSprop), decoupled
-    // weight decay (RAdam); Adamax too.
+    // weight decay (RAdam), LR decay and starting sums (Adagrad); Adamax too.
     for (kind, variant) in [
         (OptimizerKind::Sgd, false),
         (OptimizerKind::Adam, false),
@@ -204,6 +204,7 @@ fn loss_scaling_runs_on_the_device() {
         (OptimizerKind::Nadam, false),
         (OptimizerKind::Radam, true),
         (OptimizerKind::Adamax, false),
+        (OptimizerKind::Adagrad, true),
     ] {
         let cfg = OptimizerConfig {
             kind,
@@ -219,6 +220,8 @@ fn loss_scaling_runs_on_the_device() {
             centered: variant,
             momentum_decay: DEFAULT_MOMENTUM_DECAY,
             decoupled_weight_decay: variant,
+            lr_decay: if variant { 0.5 } else { 0.0 },
+            initial_accumulator_value: if variant { 0.1 } else { 0.0 },
         };
         // The same steps on the CPU and on the GPU.
         let run = |dev: Device| {

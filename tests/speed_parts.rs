@@ -47,6 +47,8 @@ fn adam(kind: OptimizerKind) -> OptimizerConfig {
         centered: false,
         momentum_decay: 4e-3,
         decoupled_weight_decay: false,
+        lr_decay: 0.0,
+        initial_accumulator_value: 0.0,
     }
 }
 
@@ -243,8 +245,9 @@ fn adam_family(kind: OptimizerKind) -> OptimizerConfig {
 
 /// Each update rule, SGD with and without Nesterov, Adam and AdamW with
 /// and without AMSGrad, RMSprop with and without momentum, and centered,
-/// NAdam and RAdam, both also with decoupled weight decay, and Adamax.
-fn every_rule() -> [OptimizerConfig; 14] {
+/// NAdam and RAdam, both also with decoupled weight decay, Adamax and
+/// Adagrad.
+fn every_rule() -> [OptimizerConfig; 15] {
     [
         sgd(false),
         sgd(true),
@@ -269,7 +272,19 @@ fn every_rule() -> [OptimizerConfig; 14] {
         decoupled(OptimizerKind::Nadam),
         decoupled(OptimizerKind::Radam),
         adam_family(OptimizerKind::Adamax),
+        adagrad(),
     ]
+}
+
+/// Adagrad with an LR decay and starting sums of its own, Adam's eps of
+/// 1e-3 (see `adam`).
+fn adagrad() -> OptimizerConfig {
+    OptimizerConfig {
+        kind: OptimizerKind::Adagrad,
+        lr_decay: 0.5,
+        initial_accumulator_value: 0.1,
+        ..adam(OptimizerKind::Adam)
+    }
 }
 
 /// NAdam or RAdam with decoupled weight decay (torch.optim's
@@ -308,15 +323,17 @@ fn fused_adam_and_adamw_match_per_parameter_ones() {
     );
 }
 
-/// NAdam, RAdam and Adamax, which have no libtorch kernel (NAdam also
-/// with decoupled weight decay): the flat update equals the per-parameter
-/// one, the state (NAdam's product of momenta too) saves and loads back.
+/// NAdam, RAdam, Adamax and Adagrad, which have no libtorch kernel for
+/// every device (NAdam also with decoupled weight decay): the flat update
+/// equals the per-parameter one, the state (NAdam's product of momenta
+/// too) saves and loads back.
 #[test]
-fn flat_nadam_radam_and_adamax_match_per_parameter_ones() {
+fn flat_updates_match_per_parameter_ones() {
     compare(adam_family(OptimizerKind::Nadam), false);
     compare(adam_family(OptimizerKind::Radam), true);
     compare(decoupled(OptimizerKind::Nadam), false);
     compare(adam_family(OptimizerKind::Adamax), true);
+    compare(adagrad(), false);
 }
 
 /// torchvision's parameter groups (`--norm-weight-decay`,
@@ -364,11 +381,16 @@ fn fused_channels_last_matches_contiguous() {
     compare(sgd(true), true);
 }
 
-/// PyTorch's documented SGD, Adam, AdamW, RMSprop, NAdam and RAdam
-/// updates, in f64, for one parameter vector.
+/// PyTorch's documented SGD, Adam, AdamW, RMSprop, NAdam, RAdam, Adamax
+/// and Adagrad updates, in f64, for one parameter vector.
 fn reference_update(cfg: &OptimizerConfig, p0: &[f64], grads: &[Vec<f64>], lr: f64) -> Vec<f64> {
     let mut p = p0.to_vec();
-    let (mut m, mut v) = (vec![0.0; p.len()], vec![0.0; p.len()]);
+    // Adagrad's sums start at its initial accumulator value.
+    let start = match cfg.kind {
+        OptimizerKind::Adagrad => cfg.initial_accumulator_value,
+        _ => 0.0,
+    };
+    let (mut m, mut v) = (vec![0.0; p.len()], vec![start; p.len()]);
     // AMSGrad's largest second moment; centered RMSprop's gradient average;
     // Adamax's infinity norm.
     let mut third = vec![0.0; p.len()];
@@ -401,6 +423,12 @@ fn reference_update(cfg: &OptimizerConfig, p0: &[f64], grads: &[Vec<f64>], lr: f
                     let step = g / (avg.sqrt() + cfg.eps);
                     m[i] = cfg.momentum * m[i] + step;
                     p[i] -= lr * if cfg.momentum != 0.0 { m[i] } else { step };
+                }
+                OptimizerKind::Adagrad => {
+                    let g = g[i] + cfg.weight_decay * p[i];
+                    v[i] += g * g;
+                    let clr = lr / (1.0 + (t - 1) as f64 * cfg.lr_decay);
+                    p[i] -= clr * g / (v[i].sqrt() + cfg.eps);
                 }
                 OptimizerKind::Adam
                 | OptimizerKind::Adamw

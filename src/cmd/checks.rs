@@ -5,6 +5,7 @@
 //! silently).
 
 use anyhow::Result;
+use vggctl::choice::Choice;
 use vggctl::data::augment::Augment;
 use vggctl::data::auto_augment::Policy;
 use vggctl::data::{DOWNLOADED_ONLY, dtd, has_own_val, is_downloaded, is_image_folder, is_unsplit};
@@ -137,6 +138,18 @@ impl HyperOpts {
             self.cycles.get()?;
         }
         self.validate_cyclic()?;
+        let cycled = matches!(
+            self.scheduler,
+            SchedulerKind::Onecycle | SchedulerKind::Cyclic
+        ) && !self.cycles.no_cycle_momentum;
+        if cycled && !(self.optimizer.has_momentum() || self.optimizer.has_betas()) {
+            // OneCycleLR and CyclicLR refuse it too.
+            return Err(usage(format!(
+                "--scheduler {} cycles the momentum, which --optimizer {} has none of: add --no-cycle-momentum",
+                self.scheduler.name(),
+                self.optimizer.name()
+            )));
+        }
         self.swa.get(self.scheduler)?;
         non_negative("--lr-min", self.lr_min)?;
         non_negative("--power", self.power)?;
@@ -314,9 +327,10 @@ fn schedule_rules(config: &TrainConfig) -> [Rule; 12] {
 }
 
 /// The optimizer's (the momentum's too, which OneCycleLR may cycle).
-fn optimizer_rules(config: &TrainConfig) -> [Rule; 8] {
+fn optimizer_rules(config: &TrainConfig) -> [Rule; 9] {
     let kind = config.optimizer.kind;
     let (sgd, rmsprop) = (kind == OptimizerKind::Sgd, kind == OptimizerKind::Rmsprop);
+    let adagrad = kind == OptimizerKind::Adagrad;
     let cycled = config.cycles_momentum();
     [
         (
@@ -340,8 +354,8 @@ fn optimizer_rules(config: &TrainConfig) -> [Rule; 8] {
         ),
         (
             &["eps"],
-            kind.has_betas() || rmsprop,
-            "applies to --optimizer adam, adamw, nadam, radam, adamax or rmsprop only",
+            kind.has_betas() || rmsprop || adagrad,
+            "applies to --optimizer adam, adamw, nadam, radam, adamax, rmsprop or adagrad only",
         ),
         (
             &["alpha", "centered"],
@@ -362,6 +376,11 @@ fn optimizer_rules(config: &TrainConfig) -> [Rule; 8] {
             &["decoupled_weight_decay"],
             matches!(kind, OptimizerKind::Nadam | OptimizerKind::Radam),
             "applies to --optimizer nadam or radam only",
+        ),
+        (
+            &["lr_decay", "initial_accumulator_value"],
+            adagrad,
+            "applies to --optimizer adagrad only",
         ),
     ]
 }

@@ -31,6 +31,7 @@ mod prepare;
 mod progress;
 mod recipe;
 mod resume;
+mod rule_opts;
 mod swa;
 mod train;
 mod training;
@@ -325,6 +326,22 @@ mod tests {
         );
         assert!(h.recipe.ra_sampler);
         assert_eq!(h.recipe.ra_reps, 4);
+    }
+
+    /// `--eps` defaults to torch.optim's own for the optimizer: Adagrad's
+    /// 1e-10, the others' 1e-8; given, it is taken as it is.
+    #[test]
+    fn eps_defaults_to_the_optimizers_own() {
+        let eps = |args: &[&str]| {
+            let cli = Cli::try_parse_from([&["vggctl", "train"], args].concat()).unwrap();
+            let Some(Command::Train(a)) = cli.command else {
+                panic!("not train")
+            };
+            a.hyper.optimizer().eps
+        };
+        assert_eq!(eps(&["--optimizer", "adagrad"]), 1e-10);
+        assert_eq!(eps(&["--optimizer", "adam"]), 1e-8);
+        assert_eq!(eps(&["--optimizer", "adagrad", "--eps", "1e-3"]), 1e-3);
     }
 
     /// timm's train.py names (where they mean what vggctl's option means)

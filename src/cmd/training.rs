@@ -12,7 +12,7 @@ use vggctl::device::device_name;
 use vggctl::dist::World;
 use vggctl::model::{ModelSpec, Vgg};
 use vggctl::numerics::{Activity, Numerics, StepPart};
-use vggctl::optim::{DEFAULT_ALPHA, DEFAULT_MOMENTUM_DECAY, OptimizerConfig, OptimizerKind};
+use vggctl::optim::{OptimizerConfig, OptimizerKind};
 use vggctl::train::config::{Keep, TrainConfig};
 use vggctl::train::run_dir::RunLock;
 use vggctl::train::schedule::{
@@ -24,9 +24,10 @@ use vggctl::train::{Resume, RunDir, SchedulerKind, Trainer};
 use super::cycles::CycleOpts;
 use super::data_opts::{DataOpts, streamed_as_rank0};
 use super::opts::{DistOpts, GraphOpts, NumericsOpts, OtherForms, choice};
-use super::output::{note, pair, usage, warn, whole};
+use super::output::{note, usage, warn, whole};
 use super::progress::{EpochBars, print_header};
 use super::recipe::{RecipeOpts, settle_ema};
+use super::rule_opts::RuleOpts;
 use super::swa::{SwaOpts, swa_past_the_end};
 
 #[derive(clap::Args, Debug, Clone)]
@@ -49,40 +50,10 @@ pub struct HyperOpts {
     /// SGD's and RMSprop's momentum.
     #[arg(long, default_value_t = 0.9, help_heading = "Optimizer")]
     pub momentum: f64,
-    /// The Adam family's coefficients of the running averages of the
-    /// gradient and its square (Adamax: its largest) (torch.optim's betas).
-    #[arg(long, alias = "opt-betas", value_name = "B1,B2", default_value = "0.9,0.999", value_parser = pair, help_heading = "Optimizer")]
-    pub betas: (f64, f64),
-    /// RMSprop's smoothing constant of the squared gradients' average
-    /// (torch.optim.RMSprop's alpha).
-    #[arg(long, default_value_t = DEFAULT_ALPHA, help_heading = "Optimizer")]
-    pub alpha: f64,
-    /// The Adam family's and RMSprop's term added to the denominator
-    /// (Adamax's: to the gradient's magnitude) (torch.optim's eps).
-    #[arg(
-        long,
-        alias = "opt-eps",
-        default_value = "1e-8",
-        help_heading = "Optimizer"
-    )]
-    pub eps: f64,
-    /// Adam, AdamW: the AMSGrad variant (torch.optim's amsgrad).
-    #[arg(long, help_heading = "Optimizer")]
-    pub amsgrad: bool,
-    /// RMSprop: the centered variant, normalized by the gradients'
-    /// estimated variance (torch.optim's centered).
-    #[arg(long, help_heading = "Optimizer")]
-    pub centered: bool,
-    /// NAdam's momentum decay: step t's momentum is
-    /// beta1*(1 - 0.96^(t*PSI)/2) (torch.optim.NAdam's momentum_decay).
-    #[arg(long, value_name = "PSI", default_value_t = DEFAULT_MOMENTUM_DECAY, help_heading = "Optimizer")]
-    pub momentum_decay: f64,
-    /// NAdam, RAdam: the weight decay decoupled, as AdamW's (torch.optim's
-    /// decoupled_weight_decay; NAdam so is timm's nadamw).
-    #[arg(long, help_heading = "Optimizer")]
-    pub decoupled_weight_decay: bool,
-    /// L2 penalty (SGD, Adam, RMSprop, NAdam, RAdam, Adamax) or decoupled weight
-    /// decay (AdamW; NAdam and RAdam with --decoupled-weight-decay).
+    #[command(flatten)]
+    pub rule: RuleOpts,
+    /// L2 penalty (SGD, Adam, RMSprop, NAdam, RAdam, Adamax, Adagrad) or
+    /// decoupled weight decay (AdamW; NAdam and RAdam with --decoupled-weight-decay).
     #[arg(long, alias = "wd", default_value_t = 5e-4, help_heading = "Optimizer")]
     pub weight_decay: f64,
     /// The weight decay of BatchNorm's weights and biases (torchvision's
@@ -108,9 +79,6 @@ pub struct HyperOpts {
     /// a row (Keras' EarlyStopping patience); may change on --resume.
     #[arg(long, value_name = "N", help_heading = "Schedule", value_parser = whole::<usize>)]
     pub early_stop: Option<usize>,
-    /// Nesterov momentum (SGD).
-    #[arg(long, help_heading = "Optimizer")]
-    pub nesterov: bool,
     #[arg(long, aliases = ["lr-scheduler", "sched"], value_parser = choice::<SchedulerKind>(), default_value = "multistep", help_heading = "Schedule")]
     pub scheduler: SchedulerKind,
     /// Epochs at which MultiStepLR multiplies the LR by --gamma.
@@ -311,16 +279,18 @@ impl HyperOpts {
             kind: self.optimizer,
             momentum: self.momentum,
             weight_decay: self.weight_decay,
-            nesterov: self.nesterov,
-            betas: self.betas,
-            eps: self.eps,
-            alpha: self.alpha,
+            nesterov: self.rule.nesterov,
+            betas: self.rule.betas,
+            eps: self.rule.eps.unwrap_or(self.optimizer.default_eps()),
+            alpha: self.rule.alpha,
             norm_weight_decay: self.norm_weight_decay,
             bias_weight_decay: self.bias_weight_decay,
-            amsgrad: self.amsgrad,
-            centered: self.centered,
-            momentum_decay: self.momentum_decay,
-            decoupled_weight_decay: self.decoupled_weight_decay,
+            amsgrad: self.rule.amsgrad,
+            centered: self.rule.centered,
+            momentum_decay: self.rule.momentum_decay,
+            decoupled_weight_decay: self.rule.decoupled_weight_decay,
+            lr_decay: self.rule.lr_decay,
+            initial_accumulator_value: self.rule.initial_accumulator_value,
         }
     }
 

@@ -16,6 +16,7 @@ pub enum OptimizerKind {
     Nadam,
     Radam,
     Adamax,
+    Adagrad,
 }
 
 impl Choice for OptimizerKind {
@@ -27,6 +28,7 @@ impl Choice for OptimizerKind {
         OptimizerKind::Nadam,
         OptimizerKind::Radam,
         OptimizerKind::Adamax,
+        OptimizerKind::Adagrad,
     ];
     fn name(self) -> &'static str {
         match self {
@@ -37,6 +39,7 @@ impl Choice for OptimizerKind {
             OptimizerKind::Nadam => "nadam",
             OptimizerKind::Radam => "radam",
             OptimizerKind::Adamax => "adamax",
+            OptimizerKind::Adagrad => "adagrad",
         }
     }
     fn help(self) -> &'static str {
@@ -57,6 +60,9 @@ impl Choice for OptimizerKind {
             }
             OptimizerKind::Adamax => {
                 "Adamax, Adam with the infinity norm for the second moment (torch.optim.Adamax: --betas, --eps; weight decay as an L2 term)"
+            }
+            OptimizerKind::Adagrad => {
+                "Adagrad, each weight's step over the root of its squared gradients' sum (torch.optim.Adagrad: --lr-decay, --initial-accumulator-value, --eps; weight decay as an L2 term)"
             }
         }
     }
@@ -91,6 +97,14 @@ impl OptimizerKind {
                 self,
                 OptimizerKind::Nadam | OptimizerKind::Radam | OptimizerKind::Adamax
             )
+    }
+
+    /// The default of `eps` (torch.optim's: Adagrad's is 1e-10).
+    pub fn default_eps(self) -> f64 {
+        match self {
+            OptimizerKind::Adagrad => 1e-10,
+            _ => 1e-8,
+        }
     }
 
     /// Whether it has a momentum (SGD's and RMSprop's).
@@ -138,6 +152,18 @@ pub struct OptimizerConfig {
     /// `decoupled_weight_decay`; timm's NAdamW).
     #[serde(default, skip_serializing_if = "is_false")]
     pub decoupled_weight_decay: bool,
+    /// Adagrad's decay of the learning rate: update t's is
+    /// `lr / (1 + (t − 1)·lr_decay)` (torch.optim.Adagrad's `lr_decay`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub lr_decay: f64,
+    /// Adagrad's starting value of the squared gradients' sum
+    /// (torch.optim.Adagrad's `initial_accumulator_value`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub initial_accumulator_value: f64,
+}
+
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
 }
 
 fn is_false(v: &bool) -> bool {
@@ -185,6 +211,8 @@ impl OptimizerConfig {
             centered: false,
             momentum_decay: DEFAULT_MOMENTUM_DECAY,
             decoupled_weight_decay: false,
+            lr_decay: 0.0,
+            initial_accumulator_value: 0.0,
         }
     }
 
@@ -200,7 +228,8 @@ impl OptimizerConfig {
 
     /// Why torch.optim would refuse these values, or could not train with
     /// them: a momentum, weight decay or eps below 0, not finite or beyond
-    /// float32's range (the update's), NAdam's momentum decay too, Nesterov
+    /// float32's range (the update's), NAdam's momentum decay and Adagrad's
+    /// LR decay and starting sum too, Nesterov
     /// without momentum, Adam's betas outside [0, 1), RMSprop's alpha outside [0, 1] (above 1 its
     /// average goes negative);
     /// `name` says how a field is named (a state file's key, a flag).
@@ -212,6 +241,11 @@ impl OptimizerConfig {
             ("bias_weight_decay", self.bias_weight_decay),
             ("eps", Some(self.eps)),
             ("momentum_decay", Some(self.momentum_decay)),
+            ("lr_decay", Some(self.lr_decay)),
+            (
+                "initial_accumulator_value",
+                Some(self.initial_accumulator_value),
+            ),
         ];
         let (b1, b2) = self.betas;
         if let Some((field, v)) = values

@@ -109,7 +109,8 @@ impl Optimizer {
             OptimizerKind::Rmsprop
             | OptimizerKind::Nadam
             | OptimizerKind::Radam
-            | OptimizerKind::Adamax => Ok(()),
+            | OptimizerKind::Adamax
+            | OptimizerKind::Adagrad => Ok(()),
             OptimizerKind::Adam | OptimizerKind::Adamw => shim::fused_adam(
                 &shim::Group {
                     params: &params,

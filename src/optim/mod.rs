@@ -12,8 +12,8 @@
 //!   (each parameter a view of it), gradients come back from
 //!   `run_backward` and are concatenated, and libtorch's fused kernel
 //!   (`_fused_sgd_` / `_fused_adam_` / `_fused_adamw_`, through `shim`)
-//!   updates the whole model in one pass (RMSprop, NAdam, RAdam and Adamax,
-//!   which have no such kernel: a few kernels over the whole flat buffers). This is what the GPU wants: a
+//!   updates the whole model in one pass (RMSprop, NAdam, RAdam, Adamax and
+//!   Adagrad, which have no such kernel: a few kernels over the whole flat buffers). This is what the GPU wants: a
 //!   VGG16 step drops from ~130 chains of optimizer kernels to one kernel,
 //!   and there is no zeroing of gradients.
 //!
@@ -167,7 +167,12 @@ impl Optimizer {
         let opts = slots.first().map_or((Kind::Float, tch::Device::Cpu), |s| {
             (s.param.kind(), s.param.device())
         });
-        let buf1 = Tensor::zeros([offset], opts);
+        // Adagrad's sum starts at its initial accumulator value.
+        let start = match cfg.kind {
+            OptimizerKind::Adagrad => cfg.initial_accumulator_value,
+            _ => 0.0,
+        };
+        let buf1 = Tensor::full([offset], start, opts);
         let rmsprop_momentum = cfg.kind == OptimizerKind::Rmsprop && cfg.momentum != 0.0;
         let buf2 = if cfg.kind.has_betas() || rmsprop_momentum {
             Tensor::zeros([offset], opts)

@@ -1,5 +1,5 @@
 //! Each update rule's arithmetic, op by op, on one parameter or on a flat
-//! buffer of them: SGD, RMSprop, Adam, AdamW, NAdam, RAdam and Adamax (see the module above for
+//! buffer of them: SGD, RMSprop, Adam, AdamW, NAdam, RAdam, Adamax and Adagrad (see the module above for
 //! where each runs). A new rule's formula goes here; its state's saved
 //! names in `saved`, its options' checks in `config`.
 
@@ -86,6 +86,16 @@ pub(super) fn apply_update(
             }
         }
         OptimizerKind::Adamax => adamax(cfg, c, p, g, [b1, b2]),
+        OptimizerKind::Adagrad => {
+            // torch.optim.Adagrad: the squared gradients' sum, and update
+            // t's learning rate `lr / (1 + (t − 1)·lr_decay)` in f64, as
+            // PyTorch's Python floats.
+            let g = with_l2(g, p, cfg.weight_decay);
+            let _ = b1.g_add_(&(&g * &g));
+            let t = c.step.to_kind(Kind::Double);
+            let clr = c.lr.to_kind(Kind::Double) / ((t - 1.0) * cfg.lr_decay + 1.0);
+            let _ = p.g_sub_(&(&g / (b1.sqrt() + cfg.eps) * clr.to_kind(p.kind())));
+        }
     }
 }
 

@@ -21,6 +21,7 @@ impl Optimizer {
             }
             OptimizerKind::Nadam | OptimizerKind::Radam => ["exp_avg", "exp_avg_sq", ""],
             OptimizerKind::Adamax => ["exp_avg", "exp_inf", ""],
+            OptimizerKind::Adagrad => ["sum", "", ""],
             OptimizerKind::Rmsprop => ["square_avg", "momentum_buffer", "grad_avg"],
         };
         names
