@@ -6,7 +6,10 @@
 //!   `graphed`: the CUDA-graph step; `profile`: `--profile`'s timings;
 //!   `curves`: `curves.svg`; `confusion`: `confusion.svg`; `ema`: `--model-ema`'s average;
 //!   `swa`: `--swa-start`'s average and its schedule;
-//!   `epoch_end`: evaluation and the files of each finished epoch.
+//!   `epoch_end`: evaluation and the files of each finished epoch;
+//! - `start`: a fresh or resumed start (the state, the ranks made alike,
+//!   the preprocessing, the optimizer and the averages); `feed`: an
+//!   epoch's batches, and the seed of each position (`position_seed`).
 //!
 //! Exact resume comes from the randomness being a function of the position:
 //! each epoch's permutation is drawn after seeding with (seed, epoch), and
@@ -39,8 +42,7 @@ use anyhow::{Result, bail};
 use tch::{Device, Kind, Tensor};
 
 use crate::Interrupted;
-use crate::data::augment::{Normalizer, Preprocess};
-use crate::data::auto_augment::AutoAugment;
+use crate::data::augment::Preprocess;
 use crate::data::mix::random_erase;
 use crate::data::{Dataset, Images};
 use crate::dist::World;
@@ -52,10 +54,10 @@ use crate::optim::{Gradients, LossScaler, Optimizer};
 use crate::shim;
 use config::{Keep, TrainConfig};
 use ema::Ema;
-use feed::Feed;
+use feed::{Feed, PERMUTATION_STEP, position_seed};
 use graphed::{GraphedStep, StepParts, graphs};
 use profile::{OpsRecorder, StepProfile, StepTimer};
-use start::{build_optimizer, fuse_step, join_world, start_state};
+use start::{averages, build_optimizer, fuse_step, join_world, preprocess, start_state};
 use state::{EpochMetrics, Partial, TrainState, TrainSummary};
 use step::{Forward, forward_loss};
 use swa::Swa;
@@ -75,67 +77,6 @@ pub trait Observer {
     /// Something the user should know that does not stop the run.
     fn warn(&mut self, _message: &str) {}
 }
-
-/// A seed for libtorch's generator from (seed, epoch, step), well mixed so
-/// that neighbouring positions get unrelated streams (splitmix64).
-pub fn position_seed(seed: u64, epoch: usize, step: usize) -> i64 {
-    let mut z = seed
-        ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        ^ (step as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    ((z ^ (z >> 31)) >> 1) as i64
-}
-
-/// How a run's batches become the model's input: the dataset's
-/// normalization, the run's augmentation.
-fn preprocess(config: &TrainConfig, data: &Dataset, device: Device) -> Preprocess {
-    let mut pre = Preprocess::new(
-        config.augment,
-        config.input_size,
-        Normalizer::new(data.mean, data.std, device),
-    );
-    pre.train_side = config.train_crop();
-    pre.filter = config.interpolation;
-    pre.crop = config.crop_range;
-    pre.hflip = config.hflip;
-    pre.plain_training = config.no_augment;
-    pre.auto_augment = config.auto_augment.map(|policy| AutoAugment {
-        policy,
-        ra_magnitude: config.ra_magnitude,
-        augmix_severity: config.augmix_severity,
-        interpolation: config.augment_interpolation,
-    });
-    pre
-}
-
-/// The run's averages of the weights (`--model-ema`'s, `--swa-start`'s),
-/// and with the optimizer's state, a resumed run's (`resumed`: where from,
-/// and the resume point's tensors).
-fn averages(
-    state: &TrainState,
-    model: &Vgg,
-    opt: &mut Optimizer,
-    resumed: Option<(String, std::collections::BTreeMap<String, Tensor>)>,
-) -> Result<(Option<Ema>, Option<Swa>)> {
-    let mut ema = state.config.model_ema.map(|c| Ema::new(model, c));
-    let mut swa = state.config.swa.map(|_| Swa::new(model));
-    if let Some((source, mut tensors)) = resumed {
-        opt.load_state(&source, &tensors, state.optimizer_steps)?;
-        if let Some(ema) = &mut ema {
-            ema.load(&source, model, &mut tensors)?;
-            ema.n_averaged = state.ema_averaged.unwrap_or(0);
-        }
-        if let Some(swa) = &mut swa {
-            let n = state.swa_averaged.unwrap_or(0);
-            swa.load(&source, model, &mut tensors, n)?;
-        }
-    }
-    Ok((ema, swa))
-}
-
-/// The step position whose seed draws an epoch's permutation.
-const PERMUTATION_STEP: usize = usize::MAX;
 
 /// Everything a training run holds.
 pub struct Trainer<'a> {
@@ -565,35 +506,4 @@ struct Pending {
     loss: Tensor,
     correct: Tensor,
     len: i64,
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Neighbouring positions get unrelated seeds, the same position the
-    /// same seed (which exact resume rests on), and every seed is a
-    /// non-negative i64 (libtorch's `manual_seed` takes those).
-    #[test]
-    fn position_seed_is_a_pure_well_mixed_function_of_the_position() {
-        assert_eq!(position_seed(7, 3, 11), position_seed(7, 3, 11));
-        let mut seen = std::collections::BTreeSet::new();
-        for seed in 0..3 {
-            for epoch in 0..20 {
-                for step in (0..50).chain([PERMUTATION_STEP]) {
-                    let s = position_seed(seed, epoch, step);
-                    assert!(s >= 0);
-                    assert!(
-                        seen.insert(s),
-                        "seed {seed} epoch {epoch} step {step} repeats"
-                    );
-                }
-            }
-        }
-        // One flipped input bit changes about half of the output bits.
-        let a = position_seed(0, 1, 2) as u64;
-        let b = position_seed(0, 1, 3) as u64;
-        let flipped = (a ^ b).count_ones();
-        assert!((16..=48).contains(&flipped), "{flipped} bits differ");
-    }
 }

@@ -1,12 +1,16 @@
 //! How a run starts: a fresh state or the saved one, the ranks of a
-//! data-parallel run made alike, and the optimizer the numerics ask for.
+//! data-parallel run made alike, the optimizer the numerics ask for, how
+//! batches are preprocessed, and the weight averages (with a resumed
+//! run's optimizer state).
 
 use std::collections::BTreeMap;
 
 use anyhow::{Result, anyhow, bail};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::data::Dataset;
+use crate::data::augment::{Normalizer, Preprocess};
+use crate::data::auto_augment::AutoAugment;
 use crate::dist::{Sampler, World};
 use crate::model::{BN_EPS, BN_MOMENTUM, Layer, PAD_CHANNELS, Values, Vgg, batch_norm};
 use crate::numerics::{FusedStep, Numerics, StepPart};
@@ -14,8 +18,10 @@ use crate::optim::Optimizer;
 use crate::shim::step::{ConvOptions, FusedBn, conv3x3};
 
 use super::config::TrainConfig;
+use super::ema::Ema;
 use super::run_dir::RunDir;
 use super::state::{Partial, TrainState};
+use super::swa::Swa;
 
 /// A saved run to continue: its state and its tensors (weights and
 /// optimizer state).
@@ -406,6 +412,53 @@ pub fn build_optimizer(model: &mut Vgg, numerics: &Numerics, config: &TrainConfi
     opt.clip_grad_norm(config.clip_grad_norm);
     opt.clip_grad_value(config.clip_grad_value);
     opt
+}
+
+/// How a run's batches become the model's input: the dataset's
+/// normalization, the run's augmentation.
+pub(super) fn preprocess(config: &TrainConfig, data: &Dataset, device: Device) -> Preprocess {
+    let mut pre = Preprocess::new(
+        config.augment,
+        config.input_size,
+        Normalizer::new(data.mean, data.std, device),
+    );
+    pre.train_side = config.train_crop();
+    pre.filter = config.interpolation;
+    pre.crop = config.crop_range;
+    pre.hflip = config.hflip;
+    pre.plain_training = config.no_augment;
+    pre.auto_augment = config.auto_augment.map(|policy| AutoAugment {
+        policy,
+        ra_magnitude: config.ra_magnitude,
+        augmix_severity: config.augmix_severity,
+        interpolation: config.augment_interpolation,
+    });
+    pre
+}
+
+/// The run's averages of the weights (`--model-ema`'s, `--swa-start`'s),
+/// and with the optimizer's state, a resumed run's (`resumed`: where from,
+/// and the resume point's tensors).
+pub(super) fn averages(
+    state: &TrainState,
+    model: &Vgg,
+    opt: &mut Optimizer,
+    resumed: Option<(String, std::collections::BTreeMap<String, Tensor>)>,
+) -> Result<(Option<Ema>, Option<Swa>)> {
+    let mut ema = state.config.model_ema.map(|c| Ema::new(model, c));
+    let mut swa = state.config.swa.map(|_| Swa::new(model));
+    if let Some((source, mut tensors)) = resumed {
+        opt.load_state(&source, &tensors, state.optimizer_steps)?;
+        if let Some(ema) = &mut ema {
+            ema.load(&source, model, &mut tensors)?;
+            ema.n_averaged = state.ema_averaged.unwrap_or(0);
+        }
+        if let Some(swa) = &mut swa {
+            let n = state.swa_averaged.unwrap_or(0);
+            swa.load(&source, model, &mut tensors, n)?;
+        }
+    }
+    Ok((ema, swa))
 }
 
 #[cfg(test)]
