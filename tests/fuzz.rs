@@ -145,7 +145,7 @@ fn read_zip_archive(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let archive = &vggctl::data::gtsrb::PUBLISHED.archives[0];
     std::fs::write(dir.join(archive.file), bytes)?;
-    vggctl::data::download::unpack(&dir, archive)
+    vggctl::data::archive::unpack(&dir, archive)
 }
 
 /// As an SVHN split's MAT-file.

@@ -21,7 +21,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 
-use super::download::{Archive, Published, is_plain_name};
+use super::archive::Archive;
+use super::download::{Published, is_plain_name};
 use super::folder::Listed;
 use super::folder_scan::{LabeledFiles, some_listed};
 use crate::fsutil::read_text;

@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
-use super::download::{Archive, DownloadSource, Published, class_jpgs, unpack};
+use super::archive::{Archive, class_jpgs, unpack};
+use super::download::{DownloadSource, Published};
 use super::folder::Listed;
 use super::folder_scan::counted_classes;
 
@@ -43,7 +44,7 @@ pub const PUBLISHED: Published<'static> = Published {
         file: FILES[0],
         folder: "caltech-101",
         members: &["101_ObjectCategories.tar.gz"],
-        also: super::download::none_else,
+        also: super::archive::none_else,
     }],
     mirror: MIRROR,
 };

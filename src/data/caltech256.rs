@@ -14,7 +14,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 
-use super::download::{Archive, Published, class_jpgs};
+use super::archive::{Archive, class_jpgs};
+use super::download::Published;
 use super::folder::Listed;
 use super::folder_scan::counted_classes;
 

@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 
-use super::download::{Archive, Published};
+use super::archive::Archive;
+use super::download::Published;
 use super::folder::Listed;
 use super::folder_scan::{LabeledFiles, scan};
 

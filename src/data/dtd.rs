@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 
-use super::download::{Archive, Published, class_folder_jpgs, is_plain_name};
+use super::archive::{Archive, class_folder_jpgs};
+use super::download::{Published, is_plain_name};
 use super::folder::Listed;
 use super::folder_scan::{LabeledFiles, some_listed};
 use crate::fsutil::read_text;

@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 
-use super::download::{Archive, Published};
+use super::archive::Archive;
+use super::download::Published;
 use super::folder::Listed;
 use super::folder_scan::scan;
 

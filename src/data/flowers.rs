@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
-use super::download::{Archive, Published, jpg_files};
+use super::archive::{Archive, jpg_files};
+use super::download::Published;
 use super::folder::Listed;
 use super::folder_scan::LabeledFiles;
 use crate::formats::mat::{MatArray, Values, read_mat};

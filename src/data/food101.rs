@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
-use super::download::{Archive, Published, class_folder_jpgs, is_plain_name};
+use super::archive::{Archive, class_folder_jpgs};
+use super::download::{Published, is_plain_name};
 use super::folder::Listed;
 use super::folder_scan::LabeledFiles;
 use crate::fsutil::read_regular;

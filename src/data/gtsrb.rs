@@ -16,7 +16,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 
-use super::download::{Archive, Published, is_plain_name, none_else};
+use super::archive::{Archive, none_else};
+use super::download::{Published, is_plain_name};
 use super::folder::Listed;
 use super::folder_scan::scan_only;
 use super::folder_scan::{LabeledFiles, some_listed};

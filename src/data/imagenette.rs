@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 
-use super::download::{Archive, Published};
+use super::archive::Archive;
+use super::download::Published;
 use super::folder::Listed;
 use super::folder_scan::scan_only;
 use super::imagenet;

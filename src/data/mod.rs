@@ -4,6 +4,7 @@
 //! the model: `augment` turns uint8 batches into the model's fp32 input.
 
 pub mod aircraft;
+pub mod archive;
 pub mod augment;
 pub mod auto_augment;
 mod auto_augment_tables;

@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 
-use super::download::{Archive, Published, jpg_files, none_else};
+use super::archive::{Archive, jpg_files, none_else};
+use super::download::Published;
 use super::folder::Listed;
 use super::folder_scan::{LabeledFiles, some_listed};
 use crate::fsutil::read_text;

@@ -16,7 +16,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
-use super::download::{Archive, DownloadSource, fetch_files, is_plain_name, none_else, unpack};
+use super::archive::{Archive, none_else, unpack};
+use super::download::{DownloadSource, fetch_files, is_plain_name};
 use super::folder::Listed;
 use super::folder_scan::{LabeledFiles, some_listed};
 use crate::fsutil::read_text;
@@ -67,7 +68,7 @@ pub const SIZES: [Size; 2] = [
             file: "val_large.tar",
             folder: "val_large",
             members: &[],
-            also: super::download::jpg_files,
+            also: super::archive::jpg_files,
         },
         md5s: [
             "35a0585fee1fa656440f3ab298f8479c",
@@ -88,7 +89,7 @@ pub const SIZES: [Size; 2] = [
             file: "val_256.tar",
             folder: "val_256",
             members: &[],
-            also: super::download::jpg_files,
+            also: super::archive::jpg_files,
         },
         md5s: [
             "35a0585fee1fa656440f3ab298f8479c",

@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
-use super::download::{Archive, Published, is_plain_name};
+use super::archive::Archive;
+use super::download::{Published, is_plain_name};
 use super::folder::Listed;
 use crate::fsutil::read_text;
 
