@@ -2,14 +2,13 @@
 //! which folder a dataset takes from one, and extracting exactly those
 //! through a temporary directory, so that no other path (and no path
 //! traversal) is ever written and a failure leaves nothing behind.
+//! (`download::fetch_archive` downloads one and extracts it here.)
 
 use std::fs::{self, File};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-
-use super::download::{Checksum, DownloadSource, download};
 
 /// A `.tar.gz`, `.tar` or `.zip` of one folder of files (CIFAR's binary
 /// version, STL-10, Oxford-IIIT Pet's two, Food-101's, GTSRB's images,
@@ -61,22 +60,6 @@ pub fn class_jpgs(path: &str) -> bool {
 pub fn class_folder_jpgs(path: &str) -> bool {
     let parts: Vec<&str> = path.split('/').collect();
     matches!(parts[..], ["images", _, file] if file.ends_with(".jpg"))
-}
-
-/// Downloads `archive` from `src.url` into `dir` (kept there, as
-/// torchvision keeps it), checks its MD5 and extracts only the expected
-/// members of its folder into `dir/folder` through a temporary directory,
-/// so an interrupted or rejected download leaves nothing behind.
-pub fn fetch_archive(
-    dir: &Path,
-    src: &DownloadSource,
-    archive: &Archive,
-    progress: &mut dyn FnMut(u64, Option<u64>),
-) -> Result<()> {
-    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let path = dir.join(archive.file);
-    download(&src.url, &path, &Checksum::Md5(src.md5.clone()), progress)?;
-    unpack(dir, archive)
 }
 
 /// Extracts `archive`, downloaded into `dir`, into `dir/folder` (the

@@ -12,8 +12,8 @@ use std::path::Path;
 use anyhow::{Context, Result, anyhow, bail};
 use tch::Tensor;
 
-use super::archive::{Archive, fetch_archive, none_else};
-use super::download::DownloadSource;
+use super::archive::{Archive, none_else};
+use super::download::{DownloadSource, fetch_archive};
 use super::{Dataset, Images, Split};
 use crate::formats::numpy::{NUMPY_GLOBALS, ndarray};
 use crate::formats::pickle::{Allowlist, Unpickler, Value};

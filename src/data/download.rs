@@ -210,6 +210,22 @@ pub fn is_plain_name(s: &str) -> bool {
     !s.is_empty() && s != "." && s != ".." && !s.contains(['/', '\\'])
 }
 
+/// Downloads `archive` from `src.url` into `dir` (kept there, as
+/// torchvision keeps it), checks its MD5 and extracts only the expected
+/// members of its folder into `dir/folder` through a temporary directory,
+/// so an interrupted or rejected download leaves nothing behind.
+pub fn fetch_archive(
+    dir: &Path,
+    src: &DownloadSource,
+    archive: &Archive,
+    progress: &mut dyn FnMut(u64, Option<u64>),
+) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(archive.file);
+    download(&src.url, &path, &Checksum::Md5(src.md5.clone()), progress)?;
+    unpack(dir, archive)
+}
+
 /// Which digest to check a download against.
 pub enum Checksum {
     Md5(String),

@@ -21,8 +21,8 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use tch::Tensor;
 
-use super::archive::{Archive, fetch_archive, none_else};
-use super::download::DownloadSource;
+use super::archive::{Archive, none_else};
+use super::download::{DownloadSource, fetch_archive};
 use super::{Dataset, Histograms, Images, Split, mean_std};
 use crate::fsutil::{read_regular, read_text};
 
