@@ -7,7 +7,8 @@ with --alpha, --eps, --momentum and --centered; nadam: torch.optim.NAdam with
 --betas, --eps and --momentum-decay; radam: torch.optim.RAdam with --betas
 and --eps; both with --decoupled-weight-decay; adamax: torch.optim.Adamax
 with --betas and --eps; adagrad: torch.optim.Adagrad with --lr-decay,
---initial-accumulator-value and --eps), and the same per-rank random draws (dropout)
+--initial-accumulator-value and --eps; adadelta: torch.optim.Adadelta with
+--rho and --eps), and the same per-rank random draws (dropout)
 because every step seeds the generator as vggctl does. Rank 0 writes the
 final state dict.
 
@@ -396,13 +397,14 @@ def main(argv=None):
     p.add_argument("--bias-weight-decay", type=float, default=None)
     p.add_argument("--ra-reps", type=int, default=0)
     p.add_argument("--dropout", type=float, default=0.5)
-    p.add_argument("--optimizer", choices=["sgd", "adam", "adamw", "rmsprop", "nadam", "radam", "adamax", "adagrad"], default="sgd")
+    p.add_argument("--optimizer", choices=["sgd", "adam", "adamw", "rmsprop", "nadam", "radam", "adamax", "adagrad", "adadelta"], default="sgd")
     p.add_argument("--momentum-decay", type=float, default=4e-3)
     p.add_argument("--decoupled-weight-decay", action="store_true")
     p.add_argument("--alpha", type=float, default=0.99)
     p.add_argument("--betas", default="0.9,0.999")
     p.add_argument("--eps", type=float, default=1e-8)
     p.add_argument("--lr-decay", type=float, default=0.0)
+    p.add_argument("--rho", type=float, default=0.9)
     p.add_argument("--initial-accumulator-value", type=float, default=0.0)
     p.add_argument("--amsgrad", action="store_true")
     p.add_argument("--centered", action="store_true")
@@ -463,6 +465,8 @@ def main(argv=None):
     elif a.optimizer == "adagrad":
         opt = torch.optim.Adagrad(groups, lr=a.lr, lr_decay=a.lr_decay, weight_decay=a.weight_decay, eps=a.eps,
                                   initial_accumulator_value=a.initial_accumulator_value)
+    elif a.optimizer == "adadelta":
+        opt = torch.optim.Adadelta(groups, lr=a.lr, rho=a.rho, eps=a.eps, weight_decay=a.weight_decay)
     elif a.optimizer == "adamax":
         opt = torch.optim.Adamax(groups, lr=a.lr, betas=tuple(float(b) for b in a.betas.split(",")), eps=a.eps,
                                  weight_decay=a.weight_decay)

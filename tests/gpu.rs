@@ -43,7 +43,7 @@ use tch::{Device, Kind, Tensor};
 use vggctl::formats::safetensors::read_safetensors;
 use vggctl::optim::LossScaler;
 use vggctl::optim::{
-    DEFAULT_ALPHA, DEFAULT_MOMENTUM_DECAY, Optimizer, OptimizerConfig, OptimizerKind,
+    DEFAULT_ALPHA, DEFAULT_MOMENTUM_DECAY, DEFAULT_RHO, Optimizer, OptimizerConfig, OptimizerKind,
 };
 use vggctl::shim::{self, CudaGraph};
 use vggctl::train::state::EpochMetrics;
@@ -193,7 +193,8 @@ fn waits_for_the_gpu_are_bounded() {
 fn loss_scaling_runs_on_the_device() {
     assert!(tch::Cuda::is_available(), "{GPU}");
     // The variants: AMSGrad (Adam, AdamW), centered (RMSprop), decoupled
-    // weight decay (RAdam), LR decay and starting sums (Adagrad); Adamax too.
+    // weight decay (RAdam), LR decay and starting sums (Adagrad); Adamax
+    // and Adadelta too.
     for (kind, variant) in [
         (OptimizerKind::Sgd, false),
         (OptimizerKind::Adam, false),
@@ -205,6 +206,7 @@ fn loss_scaling_runs_on_the_device() {
         (OptimizerKind::Radam, true),
         (OptimizerKind::Adamax, false),
         (OptimizerKind::Adagrad, true),
+        (OptimizerKind::Adadelta, false),
     ] {
         let cfg = OptimizerConfig {
             kind,
@@ -222,6 +224,7 @@ fn loss_scaling_runs_on_the_device() {
             decoupled_weight_decay: variant,
             lr_decay: if variant { 0.5 } else { 0.0 },
             initial_accumulator_value: if variant { 0.1 } else { 0.0 },
+            rho: DEFAULT_RHO,
         };
         // The same steps on the CPU and on the GPU.
         let run = |dev: Device| {

@@ -49,6 +49,7 @@ fn adam(kind: OptimizerKind) -> OptimizerConfig {
         decoupled_weight_decay: false,
         lr_decay: 0.0,
         initial_accumulator_value: 0.0,
+        rho: 0.9,
     }
 }
 
@@ -245,9 +246,9 @@ fn adam_family(kind: OptimizerKind) -> OptimizerConfig {
 
 /// Each update rule, SGD with and without Nesterov, Adam and AdamW with
 /// and without AMSGrad, RMSprop with and without momentum, and centered,
-/// NAdam and RAdam, both also with decoupled weight decay, Adamax and
-/// Adagrad.
-fn every_rule() -> [OptimizerConfig; 15] {
+/// NAdam and RAdam, both also with decoupled weight decay, Adamax, Adagrad
+/// and Adadelta.
+fn every_rule() -> [OptimizerConfig; 16] {
     [
         sgd(false),
         sgd(true),
@@ -273,7 +274,19 @@ fn every_rule() -> [OptimizerConfig; 15] {
         decoupled(OptimizerKind::Radam),
         adam_family(OptimizerKind::Adamax),
         adagrad(),
+        adadelta(),
     ]
+}
+
+/// Adadelta with a rho of its own, at torch's LR scale (the tests' LR of
+/// 0.05 times a step of about `sqrt(eps)`: a large eps so that it moves).
+fn adadelta() -> OptimizerConfig {
+    OptimizerConfig {
+        kind: OptimizerKind::Adadelta,
+        rho: 0.8,
+        eps: 1e-2,
+        ..adam(OptimizerKind::Adam)
+    }
 }
 
 /// Adagrad with an LR decay and starting sums of its own, Adam's eps of
@@ -334,6 +347,7 @@ fn flat_updates_match_per_parameter_ones() {
     compare(decoupled(OptimizerKind::Nadam), false);
     compare(adam_family(OptimizerKind::Adamax), true);
     compare(adagrad(), false);
+    compare(adadelta(), true);
 }
 
 /// torchvision's parameter groups (`--norm-weight-decay`,
@@ -381,8 +395,8 @@ fn fused_channels_last_matches_contiguous() {
     compare(sgd(true), true);
 }
 
-/// PyTorch's documented SGD, Adam, AdamW, RMSprop, NAdam, RAdam, Adamax
-/// and Adagrad updates, in f64, for one parameter vector.
+/// PyTorch's documented SGD, Adam, AdamW, RMSprop, NAdam, RAdam, Adamax,
+/// Adagrad and Adadelta updates, in f64, for one parameter vector.
 fn reference_update(cfg: &OptimizerConfig, p0: &[f64], grads: &[Vec<f64>], lr: f64) -> Vec<f64> {
     let mut p = p0.to_vec();
     // Adagrad's sums start at its initial accumulator value.
@@ -392,7 +406,7 @@ fn reference_update(cfg: &OptimizerConfig, p0: &[f64], grads: &[Vec<f64>], lr: f
     };
     let (mut m, mut v) = (vec![0.0; p.len()], vec![start; p.len()]);
     // AMSGrad's largest second moment; centered RMSprop's gradient average;
-    // Adamax's infinity norm.
+    // Adamax's infinity norm; Adadelta's steps' average.
     let mut third = vec![0.0; p.len()];
     // NAdam's momentum of step t, and the product of those so far.
     let mu = |t: i32| cfg.betas.0 * (1.0 - 0.5 * 0.96f64.powf(t as f64 * cfg.momentum_decay));
@@ -429,6 +443,13 @@ fn reference_update(cfg: &OptimizerConfig, p0: &[f64], grads: &[Vec<f64>], lr: f
                     v[i] += g * g;
                     let clr = lr / (1.0 + (t - 1) as f64 * cfg.lr_decay);
                     p[i] -= clr * g / (v[i].sqrt() + cfg.eps);
+                }
+                OptimizerKind::Adadelta => {
+                    let g = g[i] + cfg.weight_decay * p[i];
+                    v[i] = cfg.rho * v[i] + (1.0 - cfg.rho) * g * g;
+                    let delta = ((third[i] + cfg.eps) / (v[i] + cfg.eps)).sqrt() * g;
+                    third[i] = cfg.rho * third[i] + (1.0 - cfg.rho) * delta * delta;
+                    p[i] -= lr * delta;
                 }
                 OptimizerKind::Adam
                 | OptimizerKind::Adamw

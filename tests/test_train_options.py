@@ -262,20 +262,30 @@ def test_nadam_radam_and_adamax_equal_torch_optim(runs, adam_family, kind, updat
 # each normalized step as RMSprop's eps does not.
 ADAGRAD = ["--optimizer", "adagrad", "--lr", "0.01", "--lr-decay", "0.5", "--initial-accumulator-value", "0.1",
            "--eps", "1e-6", "--weight-decay", "0.5", "--batch-size", "16"]
+# Adadelta at torch's LR of 1, a rho of its own, an eps of 0.1: at 1e-5
+# its steps are normalized as Adam's are, and 1e-7 of noise on the initial
+# weights moves PyTorch's own result by 2e-4; at 0.1, by 6.6e-6.
+ADADELTA = ["--optimizer", "adadelta", "--lr", "1", "--rho", "0.8", "--eps", "0.1", "--weight-decay", "0.5",
+            "--batch-size", "16"]
 
 
-def test_adagrad_equals_torch_optim(runs):
+@pytest.mark.parametrize("kind", ["adagrad", "adadelta"])
+def test_adagrad_and_adadelta_equal_torch_optim(runs, kind):
     """--optimizer adagrad is torch.optim.Adagrad with --lr-decay,
-    --initial-accumulator-value, --eps and the weight decay an L2 term;
-    libtorch's fused Adagrad kernel is CPU-only, so the fused update is a
-    few kernels over the flat buffers (tests/speed_parts.rs checks it
-    against the per-parameter one): the weights after four steps within
-    1e-5 relative (measured 1.4e-8, fused and per parameter alike; without
-    the LR decay or the starting sums PyTorch's own ends 3.3e-3 and 1.8e-2
-    away, with 1e-7 of noise on the initial weights 1.6e-6)."""
+    --initial-accumulator-value, --eps and the weight decay an L2 term,
+    adadelta torch.optim.Adadelta with --rho, --eps and the L2 term;
+    libtorch's fused Adagrad kernel is CPU-only and Adadelta has none, so
+    the fused update is a few kernels over the flat buffers
+    (tests/speed_parts.rs checks it against the per-parameter one): the
+    weights after four steps within 1e-5 relative (Adagrad: measured
+    1.4e-8, fused and per parameter alike; without the LR decay or the
+    starting sums PyTorch's own ends 3.3e-3 and 1.8e-2 away, with 1e-7 of
+    noise on the initial weights 1.6e-6. Adadelta: measured 1.4e-9, fused
+    and per parameter alike; at rho 0.9 PyTorch's own ends 2.6e-3 away)."""
     tmp, init, _, _ = runs
-    want = reference(tmp, init, str(tmp / "adagrad-ref.safetensors"), *ADAGRAD, epochs=1)
-    ours = vggctl_train(tmp / "adagrad", init, *ADAGRAD, epochs=1)
+    flags = ADAGRAD if kind == "adagrad" else ADADELTA
+    want = reference(tmp, init, str(tmp / f"{kind}-ref.safetensors"), *flags, epochs=1)
+    ours = vggctl_train(tmp / kind, init, *flags, epochs=1)
     assert set(ours) == set(want)
     assert apart(ours, want) < 1e-5, apart(ours, want)
 
@@ -570,12 +580,13 @@ def test_optimizer_values_torch_refuses_are_usage_errors(tmp_path):
          dict(lr_decay=-0.1)),
         (["--optimizer", "adagrad", "--initial-accumulator-value", "-1"],
          "--initial-accumulator-value -1 must be a finite number, 0 or more", dict(initial_accumulator_value=-1.0)),
+        (["--optimizer", "adadelta", "--rho", "1.5"], "--rho 1.5 must be in [0, 1]", dict(rho=1.5)),
     ]
     for args, message, torch_args in cases:
         if torch_args is not None:
             make = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "rmsprop": torch.optim.RMSprop,
                     "nadam": torch.optim.NAdam, "radam": torch.optim.RAdam, "adamax": torch.optim.Adamax,
-                    "adagrad": torch.optim.Adagrad}.get(
+                    "adagrad": torch.optim.Adagrad, "adadelta": torch.optim.Adadelta}.get(
                 args[1] if args[0] == "--optimizer" else None, torch.optim.SGD)
             with pytest.raises(ValueError):
                 make(param, **{"lr": 0.1, **torch_args})
@@ -697,21 +708,25 @@ def test_options_a_run_has_no_use_for_are_named_once_each(tmp_path):
     # Adam's, RMSprop's and NAdam's own options with SGD (the default); with
     # each, only the others' (and Nesterov) are unused.
     own = ["--betas", "0.8,0.9", "--eps", "1e-6", "--alpha", "0.9", "--momentum", "0.5", "--amsgrad", "--centered",
-           "--momentum-decay", "0.01", "--decoupled-weight-decay", "--lr-decay", "0.1", "--initial-accumulator-value", "0.1"]
+           "--momentum-decay", "0.01", "--decoupled-weight-decay", "--lr-decay", "0.1", "--initial-accumulator-value", "0.1", "--rho", "0.8"]
     nadam_radam = ["--momentum-decay", "--decoupled-weight-decay"]
     adagrad = ["--lr-decay", "--initial-accumulator-value"]
-    for kind, flags in [("sgd", ["--betas", "--eps", "--alpha", "--centered", "--amsgrad", *nadam_radam, *adagrad]),
-                        ("adam", ["--momentum", "--alpha", "--centered", *nadam_radam, *adagrad]),
-                        ("rmsprop", ["--betas", "--amsgrad", *nadam_radam, *adagrad]),
-                        ("nadam", ["--momentum", "--alpha", "--centered", "--amsgrad", *adagrad]),
-                        ("adamax", ["--momentum", "--alpha", "--centered", "--amsgrad", *nadam_radam, *adagrad]),
-                        ("adagrad", ["--momentum", "--betas", "--alpha", "--centered", "--amsgrad", *nadam_radam])]:
+    for kind, flags in [("sgd", ["--betas", "--eps", "--alpha", "--centered", "--amsgrad", *nadam_radam, *adagrad,
+                                 "--rho"]),
+                        ("adam", ["--momentum", "--alpha", "--centered", *nadam_radam, *adagrad, "--rho"]),
+                        ("rmsprop", ["--betas", "--amsgrad", *nadam_radam, *adagrad, "--rho"]),
+                        ("nadam", ["--momentum", "--alpha", "--centered", "--amsgrad", *adagrad, "--rho"]),
+                        ("adamax", ["--momentum", "--alpha", "--centered", "--amsgrad", *nadam_radam, *adagrad, "--rho"]),
+                        ("adagrad", ["--momentum", "--betas", "--alpha", "--centered", "--amsgrad", *nadam_radam,
+                                     "--rho"]),
+                        ("adadelta", ["--momentum", "--betas", "--alpha", "--centered", "--amsgrad", *nadam_radam,
+                                      *adagrad])]:
         r = subprocess.run([BIN, *common, *own, "--optimizer", kind, "--out", str(tmp_path / kind)],
                            capture_output=True, text=True, timeout=120, env=ENV)
         assert r.returncode == 0, r.stderr
         why = {"--betas": "adam, adamw, nadam, radam or adamax",
-               "--eps": "adam, adamw, nadam, radam, adamax, rmsprop or adagrad", "--lr-decay": "adagrad",
-               "--initial-accumulator-value": "adagrad",
+               "--eps": "adam, adamw, nadam, radam, adamax, rmsprop, adagrad or adadelta", "--lr-decay": "adagrad",
+               "--initial-accumulator-value": "adagrad", "--rho": "adadelta",
                "--alpha": "rmsprop", "--momentum": "sgd or rmsprop", "--centered": "rmsprop",
                "--amsgrad": "adam or adamw", "--momentum-decay": "nadam",
                "--decoupled-weight-decay": "nadam or radam"}

@@ -327,10 +327,11 @@ fn schedule_rules(config: &TrainConfig) -> [Rule; 12] {
 }
 
 /// The optimizer's (the momentum's too, which OneCycleLR may cycle).
-fn optimizer_rules(config: &TrainConfig) -> [Rule; 9] {
+fn optimizer_rules(config: &TrainConfig) -> [Rule; 10] {
     let kind = config.optimizer.kind;
     let (sgd, rmsprop) = (kind == OptimizerKind::Sgd, kind == OptimizerKind::Rmsprop);
     let adagrad = kind == OptimizerKind::Adagrad;
+    let adadelta = kind == OptimizerKind::Adadelta;
     let cycled = config.cycles_momentum();
     [
         (
@@ -354,8 +355,8 @@ fn optimizer_rules(config: &TrainConfig) -> [Rule; 9] {
         ),
         (
             &["eps"],
-            kind.has_betas() || rmsprop || adagrad,
-            "applies to --optimizer adam, adamw, nadam, radam, adamax, rmsprop or adagrad only",
+            kind.has_betas() || rmsprop || adagrad || adadelta,
+            "applies to --optimizer adam, adamw, nadam, radam, adamax, rmsprop, adagrad or adadelta only",
         ),
         (
             &["alpha", "centered"],
@@ -382,6 +383,7 @@ fn optimizer_rules(config: &TrainConfig) -> [Rule; 9] {
             adagrad,
             "applies to --optimizer adagrad only",
         ),
+        (&["rho"], adadelta, "applies to --optimizer adadelta only"),
     ]
 }
 

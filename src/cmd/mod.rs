@@ -329,7 +329,7 @@ mod tests {
     }
 
     /// `--eps` defaults to torch.optim's own for the optimizer: Adagrad's
-    /// 1e-10, the others' 1e-8; given, it is taken as it is.
+    /// 1e-10, Adadelta's 1e-6, the others' 1e-8; given, it is taken as it is.
     #[test]
     fn eps_defaults_to_the_optimizers_own() {
         let eps = |args: &[&str]| {
@@ -340,6 +340,7 @@ mod tests {
             a.hyper.optimizer().eps
         };
         assert_eq!(eps(&["--optimizer", "adagrad"]), 1e-10);
+        assert_eq!(eps(&["--optimizer", "adadelta"]), 1e-6);
         assert_eq!(eps(&["--optimizer", "adam"]), 1e-8);
         assert_eq!(eps(&["--optimizer", "adagrad", "--eps", "1e-3"]), 1e-3);
     }

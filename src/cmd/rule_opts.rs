@@ -2,7 +2,7 @@
 //! besides the learning rate, SGD's momentum and the weight decay, which
 //! `HyperOpts` holds with `--optimizer`.
 
-use vggctl::optim::{DEFAULT_ALPHA, DEFAULT_MOMENTUM_DECAY};
+use vggctl::optim::{DEFAULT_ALPHA, DEFAULT_MOMENTUM_DECAY, DEFAULT_RHO};
 
 use super::output::pair;
 
@@ -19,9 +19,9 @@ pub struct RuleOpts {
     /// (torch.optim.RMSprop's alpha).
     #[arg(long, default_value_t = DEFAULT_ALPHA, help_heading = "Optimizer")]
     pub alpha: f64,
-    /// The Adam family's, RMSprop's and Adagrad's term added to the
-    /// denominator (Adamax's: to the gradient's magnitude) (torch.optim's
-    /// eps) [default: 1e-8; adagrad 1e-10, as torch's].
+    /// The Adam family's, RMSprop's, Adagrad's and Adadelta's term added to
+    /// the denominator (Adamax's: to the gradient's magnitude) (torch.optim's
+    /// eps) [default: 1e-8; adagrad 1e-10, adadelta 1e-6, as torch's].
     #[arg(long, alias = "opt-eps", help_heading = "Optimizer")]
     pub eps: Option<f64>,
     /// Adam, AdamW: the AMSGrad variant (torch.optim's amsgrad).
@@ -57,4 +57,8 @@ pub struct RuleOpts {
         help_heading = "Optimizer"
     )]
     pub initial_accumulator_value: f64,
+    /// Adadelta's coefficient of its running averages of the squared
+    /// gradients and steps (torch.optim.Adadelta's rho).
+    #[arg(long, default_value_t = DEFAULT_RHO, help_heading = "Optimizer")]
+    pub rho: f64,
 }

@@ -52,8 +52,9 @@ pub struct HyperOpts {
     pub momentum: f64,
     #[command(flatten)]
     pub rule: RuleOpts,
-    /// L2 penalty (SGD, Adam, RMSprop, NAdam, RAdam, Adamax, Adagrad) or
-    /// decoupled weight decay (AdamW; NAdam and RAdam with --decoupled-weight-decay).
+    /// L2 penalty (SGD, Adam, RMSprop, NAdam, RAdam, Adamax, Adagrad,
+    /// Adadelta) or decoupled weight decay (AdamW; NAdam and RAdam with
+    /// --decoupled-weight-decay).
     #[arg(long, alias = "wd", default_value_t = 5e-4, help_heading = "Optimizer")]
     pub weight_decay: f64,
     /// The weight decay of BatchNorm's weights and biases (torchvision's
@@ -291,6 +292,7 @@ impl HyperOpts {
             decoupled_weight_decay: self.rule.decoupled_weight_decay,
             lr_decay: self.rule.lr_decay,
             initial_accumulator_value: self.rule.initial_accumulator_value,
+            rho: self.rule.rho,
         }
     }
 

@@ -17,6 +17,7 @@ pub enum OptimizerKind {
     Radam,
     Adamax,
     Adagrad,
+    Adadelta,
 }
 
 impl Choice for OptimizerKind {
@@ -29,6 +30,7 @@ impl Choice for OptimizerKind {
         OptimizerKind::Radam,
         OptimizerKind::Adamax,
         OptimizerKind::Adagrad,
+        OptimizerKind::Adadelta,
     ];
     fn name(self) -> &'static str {
         match self {
@@ -40,6 +42,7 @@ impl Choice for OptimizerKind {
             OptimizerKind::Radam => "radam",
             OptimizerKind::Adamax => "adamax",
             OptimizerKind::Adagrad => "adagrad",
+            OptimizerKind::Adadelta => "adadelta",
         }
     }
     fn help(self) -> &'static str {
@@ -63,6 +66,9 @@ impl Choice for OptimizerKind {
             }
             OptimizerKind::Adagrad => {
                 "Adagrad, each weight's step over the root of its squared gradients' sum (torch.optim.Adagrad: --lr-decay, --initial-accumulator-value, --eps; weight decay as an L2 term)"
+            }
+            OptimizerKind::Adadelta => {
+                "Adadelta, each weight's step scaled by the root of its past steps' average over its gradients' (torch.optim.Adadelta: --rho, --eps; weight decay as an L2 term; torch's LR is 1.0, so give --lr 1)"
             }
         }
     }
@@ -99,10 +105,12 @@ impl OptimizerKind {
             )
     }
 
-    /// The default of `eps` (torch.optim's: Adagrad's is 1e-10).
+    /// The default of `eps` (torch.optim's: Adagrad's is 1e-10,
+    /// Adadelta's 1e-6).
     pub fn default_eps(self) -> f64 {
         match self {
             OptimizerKind::Adagrad => 1e-10,
+            OptimizerKind::Adadelta => 1e-6,
             _ => 1e-8,
         }
     }
@@ -160,6 +168,21 @@ pub struct OptimizerConfig {
     /// (torch.optim.Adagrad's `initial_accumulator_value`).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub initial_accumulator_value: f64,
+    /// Adadelta's coefficient of its running averages of the squared
+    /// gradients and steps (torch.optim.Adadelta's `rho`).
+    #[serde(default = "default_rho", skip_serializing_if = "is_default_rho")]
+    pub rho: f64,
+}
+
+/// Adadelta's default `rho` (PyTorch's).
+pub const DEFAULT_RHO: f64 = 0.9;
+
+fn default_rho() -> f64 {
+    DEFAULT_RHO
+}
+
+fn is_default_rho(v: &f64) -> bool {
+    *v == DEFAULT_RHO
 }
 
 fn is_zero(v: &f64) -> bool {
@@ -213,6 +236,7 @@ impl OptimizerConfig {
             decoupled_weight_decay: false,
             lr_decay: 0.0,
             initial_accumulator_value: 0.0,
+            rho: DEFAULT_RHO,
         }
     }
 
@@ -230,8 +254,8 @@ impl OptimizerConfig {
     /// them: a momentum, weight decay or eps below 0, not finite or beyond
     /// float32's range (the update's), NAdam's momentum decay and Adagrad's
     /// LR decay and starting sum too, Nesterov
-    /// without momentum, Adam's betas outside [0, 1), RMSprop's alpha outside [0, 1] (above 1 its
-    /// average goes negative);
+    /// without momentum, Adam's betas outside [0, 1), RMSprop's alpha and
+    /// Adadelta's rho outside [0, 1] (above 1 their averages go negative);
     /// `name` says how a field is named (a state file's key, a flag).
     pub fn problem(&self, name: impl Fn(&str) -> String) -> Option<String> {
         let values = [
@@ -280,12 +304,11 @@ impl OptimizerConfig {
                 Num(b1),
                 Num(b2)
             ))
-        } else if !(0.0..=1.0).contains(&self.alpha) {
-            Some(format!(
-                "{} {} must be in [0, 1]",
-                name("alpha"),
-                Num(self.alpha)
-            ))
+        } else if let Some((field, v)) = [("alpha", self.alpha), ("rho", self.rho)]
+            .into_iter()
+            .find(|(_, v)| !(0.0..=1.0).contains(v))
+        {
+            Some(format!("{} {} must be in [0, 1]", name(field), Num(v)))
         } else {
             None
         }

@@ -110,7 +110,8 @@ impl Optimizer {
             | OptimizerKind::Nadam
             | OptimizerKind::Radam
             | OptimizerKind::Adamax
-            | OptimizerKind::Adagrad => Ok(()),
+            | OptimizerKind::Adagrad
+            | OptimizerKind::Adadelta => Ok(()),
             OptimizerKind::Adam | OptimizerKind::Adamw => shim::fused_adam(
                 &shim::Group {
                     params: &params,

@@ -12,8 +12,8 @@
 //!   (each parameter a view of it), gradients come back from
 //!   `run_backward` and are concatenated, and libtorch's fused kernel
 //!   (`_fused_sgd_` / `_fused_adam_` / `_fused_adamw_`, through `shim`)
-//!   updates the whole model in one pass (RMSprop, NAdam, RAdam, Adamax and
-//!   Adagrad, which have no such kernel: a few kernels over the whole flat buffers). This is what the GPU wants: a
+//!   updates the whole model in one pass (RMSprop, NAdam, RAdam, Adamax,
+//!   Adagrad and Adadelta, which have no such kernel: a few kernels over the whole flat buffers). This is what the GPU wants: a
 //!   VGG16 step drops from ~130 chains of optimizer kernels to one kernel,
 //!   and there is no zeroing of gradients.
 //!
@@ -35,7 +35,9 @@ mod groups;
 mod rules;
 mod saved;
 
-pub use config::{DEFAULT_ALPHA, DEFAULT_MOMENTUM_DECAY, OptimizerConfig, OptimizerKind};
+pub use config::{
+    DEFAULT_ALPHA, DEFAULT_MOMENTUM_DECAY, DEFAULT_RHO, OptimizerConfig, OptimizerKind,
+};
 pub use saved::LossScaler;
 
 use groups::{DecayGroup, decay_groups};
@@ -174,7 +176,8 @@ impl Optimizer {
         };
         let buf1 = Tensor::full([offset], start, opts);
         let rmsprop_momentum = cfg.kind == OptimizerKind::Rmsprop && cfg.momentum != 0.0;
-        let buf2 = if cfg.kind.has_betas() || rmsprop_momentum {
+        let adadelta = cfg.kind == OptimizerKind::Adadelta;
+        let buf2 = if cfg.kind.has_betas() || rmsprop_momentum || adadelta {
             Tensor::zeros([offset], opts)
         } else {
             Tensor::zeros([0], opts)

@@ -1,5 +1,5 @@
 //! Each update rule's arithmetic, op by op, on one parameter or on a flat
-//! buffer of them: SGD, RMSprop, Adam, AdamW, NAdam, RAdam, Adamax and Adagrad (see the module above for
+//! buffer of them: SGD, RMSprop, Adam, AdamW, NAdam, RAdam, Adamax, Adagrad and Adadelta (see the module above for
 //! where each runs). A new rule's formula goes here; its state's saved
 //! names in `saved`, its options' checks in `config`.
 
@@ -86,16 +86,8 @@ pub(super) fn apply_update(
             }
         }
         OptimizerKind::Adamax => adamax(cfg, c, p, g, [b1, b2]),
-        OptimizerKind::Adagrad => {
-            // torch.optim.Adagrad: the squared gradients' sum, and update
-            // t's learning rate `lr / (1 + (t − 1)·lr_decay)` in f64, as
-            // PyTorch's Python floats.
-            let g = with_l2(g, p, cfg.weight_decay);
-            let _ = b1.g_add_(&(&g * &g));
-            let t = c.step.to_kind(Kind::Double);
-            let clr = c.lr.to_kind(Kind::Double) / ((t - 1.0) * cfg.lr_decay + 1.0);
-            let _ = p.g_sub_(&(&g / (b1.sqrt() + cfg.eps) * clr.to_kind(p.kind())));
-        }
+        OptimizerKind::Adagrad => adagrad(cfg, c, p, g, b1),
+        OptimizerKind::Adadelta => adadelta(cfg, c, p, g, [b1, b2]),
     }
 }
 
@@ -156,6 +148,40 @@ fn adam(
     };
     let denom = second.sqrt() / bc2.sqrt().to_kind(p.kind()) + cfg.eps;
     let _ = p.g_sub_(&(&*b1 / denom * step_size));
+}
+
+/// torch.optim.Adagrad's step: the squared gradients' `sum`, and update
+/// t's learning rate `lr / (1 + (t − 1)·lr_decay)` in f64, as PyTorch's
+/// Python floats.
+fn adagrad(cfg: &OptimizerConfig, c: &Counters, p: &mut Tensor, g: &Tensor, sum: &mut Tensor) {
+    let g = with_l2(g, p, cfg.weight_decay);
+    let _ = sum.g_add_(&(&g * &g));
+    let t = c.step.to_kind(Kind::Double);
+    let clr = c.lr.to_kind(Kind::Double) / ((t - 1.0) * cfg.lr_decay + 1.0);
+    let _ = p.g_sub_(&(&g / (sum.sqrt() + cfg.eps) * clr.to_kind(p.kind())));
+}
+
+/// torch.optim.Adadelta's step: the squared gradients' average, the step
+/// the gradient times the root of the past steps' average over the root
+/// of that one, then the steps' average.
+fn adadelta(
+    cfg: &OptimizerConfig,
+    c: &Counters,
+    p: &mut Tensor,
+    g: &Tensor,
+    [square_avg, acc_delta]: [&mut Tensor; 2],
+) {
+    let g = with_l2(g, p, cfg.weight_decay);
+    let rho = cfg.rho;
+    let _ = square_avg
+        .g_mul_scalar_(rho)
+        .g_add_(&(&g * &g * (1.0 - rho)));
+    let std = (&*square_avg + cfg.eps).sqrt();
+    let delta = (&*acc_delta + cfg.eps).sqrt() / std * &g;
+    let _ = acc_delta
+        .g_mul_scalar_(rho)
+        .g_add_(&(&delta * &delta * (1.0 - rho)));
+    let _ = p.g_sub_(&(delta * c.lr));
 }
 
 /// `g` plus the L2 term of weight decay `wd` (none at 0).

@@ -22,6 +22,7 @@ impl Optimizer {
             OptimizerKind::Nadam | OptimizerKind::Radam => ["exp_avg", "exp_avg_sq", ""],
             OptimizerKind::Adamax => ["exp_avg", "exp_inf", ""],
             OptimizerKind::Adagrad => ["sum", "", ""],
+            OptimizerKind::Adadelta => ["square_avg", "acc_delta", ""],
             OptimizerKind::Rmsprop => ["square_avg", "momentum_buffer", "grad_avg"],
         };
         names
