@@ -654,7 +654,7 @@ fn resume_refuses_changes_and_bad_states() {
     let resume = dir.join("run/resume.safetensors");
     let original = std::fs::read(&resume).unwrap();
     type Edit = fn(&mut serde_json::Value);
-    let bad_states: [(Edit, &str); 36] = [
+    let bad_states: [(Edit, &str); 37] = [
         (
             |s| s["config"]["batch_size"] = 0.into(),
             "bad training state: epochs 2, batch_size 0",
@@ -712,6 +712,10 @@ fn resume_refuses_changes_and_bad_states() {
         (
             |s| s["config"]["optimizer"]["alpha"] = 1.5.into(),
             "bad training state: alpha 1.5 must be in [0, 1]",
+        ),
+        (
+            |s| s["config"]["optimizer"]["rho"] = (-0.5).into(),
+            "bad training state: rho -0.5 must be in [0, 1]",
         ),
         (
             |s| s["config"]["augment"]["crop_flip"]["padding"] = (-1).into(),
