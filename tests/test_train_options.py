@@ -218,9 +218,9 @@ def adam_family(runs):
     an L2 term and decoupled (`decoupled_weight_decay=True`), and
     torch.optim.Adamax."""
     tmp, init, _, _ = runs
-    return {f"{kind}{w}": reference(tmp, init, str(tmp / f"{kind}{w}-ref.safetensors"), *flags, *decoupled, epochs=1)
-            for kind, flags, forms in [("nadam", NADAM, "lw"), ("radam", RADAM, "lw"), ("adamax", ADAMAX, "l")]
-            for w, decoupled in [("", []), ("w", ["--decoupled-weight-decay"])][:len(forms)]}
+    rules = [("nadam", NADAM), ("radam", RADAM), ("adamax", ADAMAX)]
+    rules += [(f"{kind}w", [*flags, "--decoupled-weight-decay"]) for kind, flags in rules[:2]]
+    return {kind: reference(tmp, init, str(tmp / f"{kind}-ref.safetensors"), *flags, epochs=1) for kind, flags in rules}
 
 
 # Each path once per rule (tests/speed_parts.rs checks the fused update
