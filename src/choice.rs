@@ -36,13 +36,31 @@ pub fn parse<T: Choice>(what: &str, s: &str) -> Result<T> {
     if let Some((_, form)) = T::other_forms().iter().find(|(name, _)| *name == s) {
         bail!("that is {form} in vggctl");
     }
-    let names: Vec<&str> = T::ALL.iter().map(|v| v.name()).collect();
-    let expected = match names.split_last() {
+    bail!(
+        "unknown {what} '{s}' (expected {})",
+        names_where::<T>(|_| true)
+    )
+}
+
+/// Names for a message: `a`, `a or b`, `a, b or c`.
+pub fn either<S: AsRef<str>>(names: &[S]) -> String {
+    let names: Vec<&str> = names.iter().map(AsRef::as_ref).collect();
+    match names.split_last() {
         Some((last, [])) => last.to_string(),
         Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
         None => String::new(),
-    };
-    bail!("unknown {what} '{s}' (expected {expected})")
+    }
+}
+
+/// The names of the values of `T` that `keep` keeps, in help's order, as
+/// [`either`] writes them.
+pub fn names_where<T: Choice>(keep: impl Fn(T) -> bool) -> String {
+    let names: Vec<&str> = T::ALL
+        .iter()
+        .filter(|v| keep(**v))
+        .map(|v| v.name())
+        .collect();
+    either(&names)
 }
 
 #[cfg(test)]
@@ -82,5 +100,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert_eq!(err, "that is red --dark in vggctl");
+    }
+
+    #[test]
+    fn names_are_listed_with_or_before_the_last() {
+        assert_eq!(either::<&str>(&[]), "");
+        assert_eq!(either(&["a"]), "a");
+        assert_eq!(either(&["a", "b"]), "a or b");
+        assert_eq!(either(&["a", "b", "c"]), "a, b or c");
+        assert_eq!(names_where::<Colour>(|c| c != Colour::Green), "red or blue");
     }
 }

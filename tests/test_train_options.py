@@ -725,7 +725,7 @@ def test_options_a_run_has_no_use_for_are_named_once_each(tmp_path):
                            capture_output=True, text=True, timeout=120, env=ENV)
         assert r.returncode == 0, r.stderr
         why = {"--betas": "adam, adamw, nadam, radam or adamax",
-               "--eps": "adam, adamw, nadam, radam, adamax, rmsprop, adagrad or adadelta", "--lr-decay": "adagrad",
+               "--eps": "adam, adamw, rmsprop, nadam, radam, adamax, adagrad or adadelta", "--lr-decay": "adagrad",
                "--initial-accumulator-value": "adagrad", "--rho": "adadelta",
                "--alpha": "rmsprop", "--momentum": "sgd or rmsprop", "--centered": "rmsprop",
                "--amsgrad": "adam or adamw", "--momentum-decay": "nadam",

@@ -5,14 +5,14 @@
 //! silently).
 
 use anyhow::Result;
-use vggctl::choice::Choice;
+use vggctl::choice::{Choice, names_where};
 use vggctl::data::augment::Augment;
 use vggctl::data::auto_augment::Policy;
 use vggctl::data::{DOWNLOADED_ONLY, dtd, has_own_val, is_downloaded, is_image_folder, is_unsplit};
 use vggctl::dist::World;
 use vggctl::model::Head;
 use vggctl::num::Num;
-use vggctl::optim::OptimizerKind;
+use vggctl::optim::RULE_OPTIONS;
 use vggctl::train::SchedulerKind;
 use vggctl::train::config::TrainConfig;
 use vggctl::train::cyclic::CyclicMode;
@@ -209,12 +209,18 @@ type Rule = (&'static [&'static str], bool, &'static str);
 /// what a run computes: a resource or policy option (--workers,
 /// --no-download, --strict) set out of habit is no surprise when it has
 /// nothing to do.
-fn option_rules(config: &TrainConfig) -> Vec<Rule> {
+fn option_rules(config: &TrainConfig) -> Vec<(&'static [&'static str], bool, String)> {
+    let fixed = |rules: &[Rule]| -> Vec<_> {
+        let owned = rules
+            .iter()
+            .map(|&(ids, used, why)| (ids, used, why.to_string()));
+        owned.collect()
+    };
     [
-        &augment_rules(config)[..],
-        &schedule_rules(config),
-        &optimizer_rules(config),
-        &model_and_data_rules(config),
+        fixed(&augment_rules(config)),
+        fixed(&schedule_rules(config)),
+        optimizer_rules(config),
+        fixed(&model_and_data_rules(config)),
     ]
     .concat()
 }
@@ -327,64 +333,25 @@ fn schedule_rules(config: &TrainConfig) -> [Rule; 12] {
 }
 
 /// The optimizer's (the momentum's too, which OneCycleLR may cycle).
-fn optimizer_rules(config: &TrainConfig) -> [Rule; 10] {
+fn optimizer_rules(config: &TrainConfig) -> Vec<(&'static [&'static str], bool, String)> {
     let kind = config.optimizer.kind;
-    let (sgd, rmsprop) = (kind == OptimizerKind::Sgd, kind == OptimizerKind::Rmsprop);
-    let adagrad = kind == OptimizerKind::Adagrad;
-    let adadelta = kind == OptimizerKind::Adadelta;
     let cycled = config.cycles_momentum();
-    [
-        (
-            &["momentum"],
-            kind.has_momentum() && !cycled,
-            match (kind.has_momentum(), config.scheduler) {
-                (true, SchedulerKind::Cyclic) => {
-                    "is replaced by --cycle-momentum's cycle with --scheduler cyclic (--no-cycle-momentum keeps it)"
-                }
-                (true, _) => {
-                    "is replaced by --cycle-momentum's cycle with --scheduler onecycle (--no-cycle-momentum keeps it)"
-                }
-                (false, _) => "applies to --optimizer sgd or rmsprop only",
-            },
-        ),
-        (&["nesterov"], sgd, "applies to --optimizer sgd only"),
-        (
-            &["betas"],
-            kind.has_betas(),
-            "applies to --optimizer adam, adamw, nadam, radam or adamax only",
-        ),
-        (
-            &["eps"],
-            kind.has_betas() || rmsprop || adagrad || adadelta,
-            "applies to --optimizer adam, adamw, nadam, radam, adamax, rmsprop, adagrad or adadelta only",
-        ),
-        (
-            &["alpha", "centered"],
-            rmsprop,
-            "applies to --optimizer rmsprop only",
-        ),
-        (
-            &["amsgrad"],
-            kind.is_adam(),
-            "applies to --optimizer adam or adamw only",
-        ),
-        (
-            &["momentum_decay"],
-            kind == OptimizerKind::Nadam,
-            "applies to --optimizer nadam only",
-        ),
-        (
-            &["decoupled_weight_decay"],
-            matches!(kind, OptimizerKind::Nadam | OptimizerKind::Radam),
-            "applies to --optimizer nadam or radam only",
-        ),
-        (
-            &["lr_decay", "initial_accumulator_value"],
-            adagrad,
-            "applies to --optimizer adagrad only",
-        ),
-        (&["rho"], adadelta, "applies to --optimizer adadelta only"),
-    ]
+    RULE_OPTIONS
+        .iter()
+        .map(|&(ids, takes)| match ids {
+            ["momentum"] if takes(kind) && cycled => {
+                let scheduler = config.scheduler.name();
+                let why = format!(
+                    "is replaced by --cycle-momentum's cycle with --scheduler {scheduler} (--no-cycle-momentum keeps it)"
+                );
+                (ids, false, why)
+            }
+            _ => {
+                let why = format!("applies to --optimizer {} only", names_where(takes));
+                (ids, takes(kind), why)
+            }
+        })
+        .collect()
 }
 
 /// Whether the run validates on a part `--val-split` holds out of a

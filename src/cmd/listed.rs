@@ -9,6 +9,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
+use vggctl::choice::either;
 use vggctl::data::download::DownloadSource;
 use vggctl::data::folder::Listed;
 use vggctl::data::prepared::Prepared;
@@ -242,11 +243,10 @@ pub fn unknown_dataset(name: &str) -> String {
         return format!("--dataset emnist: name the split, one of {emnist}");
     }
     let names = dataset_names();
-    let (last, rest) = names.split_last().expect("datasets");
     let guess = meant(name, &names).map_or(String::new(), |m| format!(": did you mean {m}?"));
     format!(
-        "unknown dataset '{name}'{guess} (expected {} or {last})",
-        rest.join(", ")
+        "unknown dataset '{name}'{guess} (expected {})",
+        either(&names)
     )
 }
 

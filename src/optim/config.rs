@@ -119,7 +119,32 @@ impl OptimizerKind {
     pub fn has_momentum(self) -> bool {
         matches!(self, OptimizerKind::Sgd | OptimizerKind::Rmsprop)
     }
+
+    /// Whether `eps` is in its denominator (all but SGD's).
+    pub fn has_eps(self) -> bool {
+        self != OptimizerKind::Sgd
+    }
 }
+
+/// The update rules' own options (ids: a flag's name without `--`, `_`
+/// for `-`), each with the rules that take it: the one list that says
+/// which options an optimizer has a use for.
+pub const RULE_OPTIONS: &[(&[&str], fn(OptimizerKind) -> bool)] = &[
+    (&["momentum"], OptimizerKind::has_momentum),
+    (&["nesterov"], |k| k == OptimizerKind::Sgd),
+    (&["betas"], OptimizerKind::has_betas),
+    (&["eps"], OptimizerKind::has_eps),
+    (&["alpha", "centered"], |k| k == OptimizerKind::Rmsprop),
+    (&["amsgrad"], OptimizerKind::is_adam),
+    (&["momentum_decay"], |k| k == OptimizerKind::Nadam),
+    (&["decoupled_weight_decay"], |k| {
+        matches!(k, OptimizerKind::Nadam | OptimizerKind::Radam)
+    }),
+    (&["lr_decay", "initial_accumulator_value"], |k| {
+        k == OptimizerKind::Adagrad
+    }),
+    (&["rho"], |k| k == OptimizerKind::Adadelta),
+];
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct OptimizerConfig {

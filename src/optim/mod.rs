@@ -37,6 +37,7 @@ mod saved;
 
 pub use config::{
     DEFAULT_ALPHA, DEFAULT_MOMENTUM_DECAY, DEFAULT_RHO, OptimizerConfig, OptimizerKind,
+    RULE_OPTIONS,
 };
 pub use saved::LossScaler;
 
