@@ -205,11 +205,14 @@ fn unused_options(typed: &[String], config: &TrainConfig) -> Vec<String> {
 /// it applies to.
 type Rule = (&'static [&'static str], bool, &'static str);
 
+/// A [`Rule`] whose text is made for the run.
+type OwnedRule = (&'static [&'static str], bool, String);
+
 /// Which options `config`'s run has a use for. Only options that change
 /// what a run computes: a resource or policy option (--workers,
 /// --no-download, --strict) set out of habit is no surprise when it has
 /// nothing to do.
-fn option_rules(config: &TrainConfig) -> Vec<(&'static [&'static str], bool, String)> {
+fn option_rules(config: &TrainConfig) -> Vec<OwnedRule> {
     let fixed = |rules: &[Rule]| -> Vec<_> {
         let owned = rules
             .iter()
@@ -333,7 +336,7 @@ fn schedule_rules(config: &TrainConfig) -> [Rule; 12] {
 }
 
 /// The optimizer's (the momentum's too, which OneCycleLR may cycle).
-fn optimizer_rules(config: &TrainConfig) -> Vec<(&'static [&'static str], bool, String)> {
+fn optimizer_rules(config: &TrainConfig) -> Vec<OwnedRule> {
     let kind = config.optimizer.kind;
     let cycled = config.cycles_momentum();
     RULE_OPTIONS

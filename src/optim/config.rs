@@ -126,10 +126,13 @@ impl OptimizerKind {
     }
 }
 
-/// The update rules' own options (ids: a flag's name without `--`, `_`
-/// for `-`), each with the rules that take it: the one list that says
-/// which options an optimizer has a use for.
-pub const RULE_OPTIONS: &[(&[&str], fn(OptimizerKind) -> bool)] = &[
+/// Option ids (a flag's name without `--`, `_` for `-`) and the update
+/// rules that take them.
+pub type RuleOption = (&'static [&'static str], fn(OptimizerKind) -> bool);
+
+/// The update rules' own options, each with the rules that take it: the
+/// one list that says which options an optimizer has a use for.
+pub const RULE_OPTIONS: &[RuleOption] = &[
     (&["momentum"], OptimizerKind::has_momentum),
     (&["nesterov"], |k| k == OptimizerKind::Sgd),
     (&["betas"], OptimizerKind::has_betas),
