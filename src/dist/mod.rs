@@ -19,6 +19,7 @@ use anyhow::{Result, bail};
 use tch::{Device, Kind, Tensor};
 
 use crate::choice::Choice;
+use crate::model::SumAcross;
 use crate::shim::dist::{ProcessGroup, ReduceOp, Rendezvous, await_device};
 
 /// The collective backend: Gloo (CPU tensors, any device through host
@@ -128,10 +129,6 @@ fn missing_ranks(present: &[bool]) -> String {
         _ => format!("ranks {}", missing.join(", ")),
     }
 }
-
-/// A differentiable sum over the ranks, for layers that compute across
-/// them (SyncBatchNorm).
-pub type SumAcross = Arc<dyn Fn(&Tensor) -> Tensor + Send + Sync>;
 
 /// (rank, world size) of this process once it joined a group of several,
 /// for the binary's error lines.

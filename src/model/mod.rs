@@ -15,6 +15,7 @@
 //! - `recognize`: which VGG a state dict is, and the model a request leaves
 //!   open resolved from it.
 
+mod batch_norm;
 mod cut;
 mod flat;
 mod layer;
@@ -22,11 +23,10 @@ mod recognize;
 mod spec;
 mod state_dict;
 
+pub use batch_norm::{BN_EPS, BN_MOMENTUM, SumAcross, batch_norm, batch_norm_moving};
 pub use cut::{Pool, Tail};
 pub use flat::ComputeCopy;
-pub use layer::{
-    BN_EPS, BN_MOMENTUM, Layer, PAD_CHANNELS, Sequential, batch_norm, batch_norm_moving,
-};
+pub use layer::{Layer, PAD_CHANNELS, Sequential};
 pub use recognize::{Resolved, SpecRequest, recognize};
 pub use spec::{
     Arch, Cfg, Head, LayerKind, LayerSpec, MAX_CLASSES, MAX_INPUT, MIN_INPUT, ModelSpec,
