@@ -11,6 +11,7 @@
 
 mod checks;
 mod cycles;
+mod data_load;
 mod data_opts;
 mod eval;
 mod eval_data;

@@ -22,7 +22,8 @@ use vggctl::train::schedule::{
 use vggctl::train::{Resume, RunDir, SchedulerKind, Trainer};
 
 use super::cycles::CycleOpts;
-use super::data_opts::{DataOpts, streamed_as_rank0};
+use super::data_load::streamed_as_rank0;
+use super::data_opts::DataOpts;
 use super::opts::{DistOpts, GraphOpts, NumericsOpts, OtherForms, choice};
 use super::output::{note, usage, warn, whole};
 use super::progress::{EpochBars, print_header};
