@@ -28,6 +28,7 @@ pub mod graphed;
 mod lr;
 pub mod onecycle;
 pub mod profile;
+mod resume_file;
 pub mod run_dir;
 pub mod schedule;
 pub mod start;
@@ -63,8 +64,9 @@ use step::{Forward, forward_loss};
 use swa::Swa;
 
 pub use config::SchedulerKind;
+pub use resume_file::read_resume;
 use run_dir::Background;
-pub use run_dir::{RunDir, read_resume};
+pub use run_dir::RunDir;
 pub use start::Resume;
 
 /// Hooks for whoever shows progress and warnings (the CLI's bars and lines).
