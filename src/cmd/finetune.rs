@@ -12,7 +12,6 @@ use vggctl::model::{Head, SpecRequest};
 
 use super::checks::warn_unused_options;
 use super::data_opts::DataOpts;
-use super::launch::run_local_ranks;
 use super::opts::{DeviceOpts, LoadOpts, ModelOpts};
 use super::output::{usage, whole};
 use super::resume::{Start, resume};
@@ -45,14 +44,9 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     let h = &args.hyper;
-    h.validate(&args.data)?;
-    if let Some(n) = h.dist.nproc_per_node {
-        // What --resume needs is said once here, not by every rank.
-        h.start()?;
-        return run_local_ranks(n, h.dist.max_restarts);
-    }
-    let (world, device) = h.dist.join(args.device.get()?)?;
-    let start = h.start()?;
+    let Some((world, device, start)) = h.begin(&args.data, &args.device)? else {
+        return Ok(());
+    };
     if let Start::Resume(path) = &start {
         return resume(path, h, &args.data, device, args.model.json, &world, None);
     }

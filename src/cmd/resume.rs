@@ -1,6 +1,6 @@
-//! Where a training command starts: a new run, `--resume DIR`, or
-//! `--resume auto`; continuing a saved run with what the command line may
-//! change.
+//! How a training command begins (its local ranks, or its rank joined)
+//! and where it starts: a new run, `--resume DIR`, or `--resume auto`;
+//! continuing a saved run with what the command line may change.
 
 use std::path::PathBuf;
 
@@ -14,6 +14,8 @@ use vggctl::train::state::{TrainState, stopped_early};
 use vggctl::train::{RunDir, read_resume};
 
 use super::data_opts::DataOpts;
+use super::launch::run_local_ranks;
+use super::opts::DeviceOpts;
 use super::output::{usage, warn};
 use super::recipe::settle_ema;
 use super::training::{HyperOpts, absolute, execute};
@@ -79,6 +81,26 @@ const FREE_ON_AUTO_RESUME: &[&str] = &[
 ];
 
 impl HyperOpts {
+    /// How `train` and `finetune` begin: the options checked, then either
+    /// `--nproc-per-node`'s local ranks run to their end (None), or this
+    /// process joined to its group on its device, with where its run
+    /// starts.
+    pub fn begin(
+        &self,
+        data: &DataOpts,
+        device: &DeviceOpts,
+    ) -> Result<Option<(World, Device, Start)>> {
+        self.validate(data)?;
+        if let Some(n) = self.dist.nproc_per_node {
+            // What --resume needs is said once here, not by every rank.
+            self.start()?;
+            run_local_ranks(n, self.dist.max_restarts)?;
+            return Ok(None);
+        }
+        let (world, device) = self.dist.join(device.get()?)?;
+        Ok(Some((world, device, self.start()?)))
+    }
+
     pub fn start(&self) -> Result<Start> {
         match &self.resume {
             None => Ok(Start::Fresh),

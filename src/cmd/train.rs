@@ -11,7 +11,6 @@ use vggctl::model::{Head, ModelSpec, Vgg};
 
 use super::checks::warn_unused_options;
 use super::data_opts::DataOpts;
-use super::launch::run_local_ranks;
 use super::opts::{DeviceOpts, LoadOpts, ModelOpts, checkpoint_in};
 use super::output::usage;
 use super::recipe::imagenet_recipe;
@@ -47,14 +46,9 @@ pub fn run(args: Args) -> Result<()> {
             "--weights: train starts from weights with --initial-checkpoint FILE; vggctl finetune --weights imagenet fine-tunes torchvision's",
         ));
     }
-    h.validate(&args.data)?;
-    if let Some(n) = h.dist.nproc_per_node {
-        // What --resume needs is said once here, not by every rank.
-        h.start()?;
-        return run_local_ranks(n, h.dist.max_restarts);
-    }
-    let (world, device) = h.dist.join(args.device.get()?)?;
-    let start = h.start()?;
+    let Some((world, device, start)) = h.begin(&args.data, &args.device)? else {
+        return Ok(());
+    };
     if let Start::Resume(path) = &start {
         if args.initial_checkpoint.is_some() {
             return Err(usage(
