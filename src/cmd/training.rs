@@ -13,7 +13,8 @@ use vggctl::dist::World;
 use vggctl::model::{ModelSpec, Vgg};
 use vggctl::numerics::{Activity, Numerics, StepPart};
 use vggctl::optim::{OptimizerConfig, OptimizerKind};
-use vggctl::train::config::{Keep, TrainConfig};
+use vggctl::train::config::TrainConfig;
+use vggctl::train::keep::Keep;
 use vggctl::train::run_dir::RunLock;
 use vggctl::train::schedule::{
     DEFAULT_PATIENCE, DEFAULT_POWER, DEFAULT_STEP_SIZE, DEFAULT_WARMUP_DECAY, Restarts, Warmup,

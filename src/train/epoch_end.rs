@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use anyhow::{Context, Result};
 use tch::Tensor;
 
-use super::config::Keep;
+use super::keep::Keep;
 use super::run_dir::RunDir;
 use super::state::{EmaMetrics, EpochMetrics, Partial, TrainState, stopped_early};
 use super::{Observer, Trainer};
