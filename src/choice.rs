@@ -52,15 +52,18 @@ pub fn either<S: AsRef<str>>(names: &[S]) -> String {
     }
 }
 
-/// The names of the values of `T` that `keep` keeps, in help's order, as
-/// [`either`] writes them.
-pub fn names_where<T: Choice>(keep: impl Fn(T) -> bool) -> String {
-    let names: Vec<&str> = T::ALL
+/// The names of the values of `T` that `keep` keeps, in help's order.
+pub fn names_of<T: Choice>(keep: impl Fn(T) -> bool) -> Vec<&'static str> {
+    T::ALL
         .iter()
         .filter(|v| keep(**v))
         .map(|v| v.name())
-        .collect();
-    either(&names)
+        .collect()
+}
+
+/// [`names_of`] as [`either`] writes them.
+pub fn names_where<T: Choice>(keep: impl Fn(T) -> bool) -> String {
+    either(&names_of(keep))
 }
 
 #[cfg(test)]

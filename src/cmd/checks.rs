@@ -5,7 +5,7 @@
 //! silently).
 
 use anyhow::Result;
-use vggctl::choice::{Choice, names_where};
+use vggctl::choice::{Choice, either, names_of, names_where};
 use vggctl::data::augment::Augment;
 use vggctl::data::auto_augment::Policy;
 use vggctl::data::{DOWNLOADED_ONLY, dtd, has_own_val, is_downloaded, is_image_folder, is_unsplit};
@@ -16,6 +16,7 @@ use vggctl::optim::RULE_OPTIONS;
 use vggctl::train::SchedulerKind;
 use vggctl::train::config::TrainConfig;
 use vggctl::train::cyclic::CyclicMode;
+use vggctl::train::schedule::SCHEDULE_OPTIONS;
 
 use super::data_opts::DataOpts;
 use super::output::{non_negative, positive, usage, warn};
@@ -213,19 +214,21 @@ type OwnedRule = (&'static [&'static str], bool, String);
 /// --no-download, --strict) set out of habit is no surprise when it has
 /// nothing to do.
 fn option_rules(config: &TrainConfig) -> Vec<OwnedRule> {
-    let fixed = |rules: &[Rule]| -> Vec<_> {
-        let owned = rules
-            .iter()
-            .map(|&(ids, used, why)| (ids, used, why.to_string()));
-        owned.collect()
-    };
     [
-        fixed(&augment_rules(config)),
-        fixed(&schedule_rules(config)),
+        owned(&augment_rules(config)),
+        schedule_rules(config),
         optimizer_rules(config),
-        fixed(&model_and_data_rules(config)),
+        owned(&model_and_data_rules(config)),
     ]
     .concat()
+}
+
+/// Fixed rules as [`OwnedRule`]s.
+fn owned(rules: &[Rule]) -> Vec<OwnedRule> {
+    let owned = rules
+        .iter()
+        .map(|&(ids, used, why)| (ids, used, why.into()));
+    owned.collect()
 }
 
 fn augment_rules(config: &TrainConfig) -> [Rule; 6] {
@@ -263,76 +266,39 @@ fn augment_rules(config: &TrainConfig) -> [Rule; 6] {
 }
 
 /// The LR schedule's.
-fn schedule_rules(config: &TrainConfig) -> [Rule; 12] {
-    use SchedulerKind::*;
+/// The schedules' options ([`SCHEDULE_OPTIONS`]), the warm-up's and
+/// SWA's.
+fn schedule_rules(config: &TrainConfig) -> Vec<OwnedRule> {
     let kind = config.scheduler;
     let exp_range = config
         .cyclic
         .is_some_and(|c| c.mode == CyclicMode::ExpRange);
-    [
-        (
-            &["gamma"],
-            matches!(kind, Multistep | Step | Exponential | Plateau) || exp_range,
-            "applies to --scheduler multistep, step, exponential, plateau or cyclic's exp_range only",
-        ),
-        (
-            &["step_size"],
-            kind == Step,
-            "applies to --scheduler step only",
-        ),
-        (
-            &["lr_min"],
-            matches!(kind, Cosine | CosineRestarts | Plateau | Cyclic),
-            "applies to --scheduler cosine, cosine-restarts, plateau or cyclic only",
-        ),
-        (&["power"], kind == Poly, "applies to --scheduler poly only"),
-        (
-            &["restart_epochs", "restart_mult"],
-            kind == CosineRestarts,
-            "applies to --scheduler cosine-restarts only",
-        ),
-        (
-            &["patience", "cooldown"],
-            kind == Plateau,
-            "applies to --scheduler plateau only",
-        ),
+    let mut rules: Vec<OwnedRule> = SCHEDULE_OPTIONS
+        .iter()
+        .map(|&(ids, takes)| {
+            let mut names = names_of(takes);
+            let gamma = ids == ["gamma"];
+            if gamma {
+                names.push("cyclic's exp_range");
+            }
+            let why = format!("applies to --scheduler {} only", either(&names));
+            (ids, takes(kind) || (gamma && exp_range), why)
+        })
+        .collect();
+    let fixed: [Rule; 2] = [
         (
             &["warmup_method", "warmup_decay"],
             config.warmup_epochs > 0,
             "applies with --warmup-epochs only",
         ),
         (
-            &[
-                "pct_start",
-                "div_factor",
-                "final_div_factor",
-                "anneal_strategy",
-                "three_phase",
-            ],
-            kind == Onecycle,
-            "applies to --scheduler onecycle only",
-        ),
-        (
-            &["cycle_steps", "cyclic_mode"],
-            kind == Cyclic,
-            "applies to --scheduler cyclic only",
-        ),
-        (
-            &["cycle_momentum", "no_cycle_momentum"],
-            matches!(kind, Onecycle | Cyclic),
-            "applies to --scheduler onecycle or cyclic only",
-        ),
-        (
-            &["milestones"],
-            kind == Multistep,
-            "applies to --scheduler multistep only",
-        ),
-        (
             &["swa_lr", "swa_anneal_epochs", "swa_anneal_strategy"],
             config.swa.is_some(),
             "applies with --swa-start only",
         ),
-    ]
+    ];
+    rules.extend(owned(&fixed));
+    rules
 }
 
 /// The optimizer's (the momentum's too, which OneCycleLR may cycle).

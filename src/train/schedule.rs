@@ -98,6 +98,57 @@ impl Choice for SchedulerKind {
     }
 }
 
+/// Option ids (a flag's name without `--`, `_` for `-`) and the
+/// schedules that take them.
+pub type ScheduleOption = (&'static [&'static str], fn(SchedulerKind) -> bool);
+
+/// The schedules' own options, each with the schedules that take it: the
+/// one list that says which options a schedule has a use for (CyclicLR's
+/// `exp_range` mode takes `gamma` too).
+pub const SCHEDULE_OPTIONS: &[ScheduleOption] = &[
+    (&["gamma"], |k| {
+        matches!(
+            k,
+            SchedulerKind::Multistep
+                | SchedulerKind::Step
+                | SchedulerKind::Exponential
+                | SchedulerKind::Plateau
+        )
+    }),
+    (&["step_size"], |k| k == SchedulerKind::Step),
+    (&["lr_min"], |k| {
+        matches!(
+            k,
+            SchedulerKind::Cosine
+                | SchedulerKind::CosineRestarts
+                | SchedulerKind::Plateau
+                | SchedulerKind::Cyclic
+        )
+    }),
+    (&["power"], |k| k == SchedulerKind::Poly),
+    (&["restart_epochs", "restart_mult"], |k| {
+        k == SchedulerKind::CosineRestarts
+    }),
+    (&["patience", "cooldown"], |k| k == SchedulerKind::Plateau),
+    (
+        &[
+            "pct_start",
+            "div_factor",
+            "final_div_factor",
+            "anneal_strategy",
+            "three_phase",
+        ],
+        |k| k == SchedulerKind::Onecycle,
+    ),
+    (&["cycle_steps", "cyclic_mode"], |k| {
+        k == SchedulerKind::Cyclic
+    }),
+    (&["cycle_momentum", "no_cycle_momentum"], |k| {
+        matches!(k, SchedulerKind::Onecycle | SchedulerKind::Cyclic)
+    }),
+    (&["milestones"], |k| k == SchedulerKind::Multistep),
+];
+
 /// StepLR's period, as torchvision's reference `--lr-step-size`.
 pub const DEFAULT_STEP_SIZE: usize = 30;
 
