@@ -379,3 +379,23 @@ fn model_and_data_rules(config: &TrainConfig) -> [Rule; 9] {
         ),
     ]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every option the update rules' and schedules' lists name is an
+    /// option of `train` (a misspelt id would never be warned of).
+    #[test]
+    fn the_option_lists_name_options_of_train() {
+        let cli = super::super::Cli::command();
+        let train = cli.find_subcommand("train").expect("train");
+        let ids: Vec<&str> = train.get_arguments().map(|a| a.get_id().as_str()).collect();
+        let listed = RULE_OPTIONS.iter().map(|(ids, _)| *ids);
+        let listed = listed.chain(SCHEDULE_OPTIONS.iter().map(|(ids, _)| *ids));
+        for id in listed.flatten() {
+            assert!(ids.contains(id), "{id} is no option of train");
+        }
+    }
+}
