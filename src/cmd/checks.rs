@@ -265,8 +265,7 @@ fn augment_rules(config: &TrainConfig) -> [Rule; 6] {
     ]
 }
 
-/// The LR schedule's.
-/// The schedules' options ([`SCHEDULE_OPTIONS`]), the warm-up's and
+/// The LR schedule's options ([`SCHEDULE_OPTIONS`]), the warm-up's and
 /// SWA's.
 fn schedule_rules(config: &TrainConfig) -> Vec<OwnedRule> {
     let kind = config.scheduler;
