@@ -52,6 +52,11 @@ pub fn either<S: AsRef<str>>(names: &[S]) -> String {
     }
 }
 
+/// Option ids (a flag's name without `--`, `_` for `-`) and the values of
+/// `T` that take them: a row of a table saying which options each
+/// optimizer or schedule has a use for.
+pub type Takers<T> = (&'static [&'static str], fn(T) -> bool);
+
 /// The names of the values of `T` that `keep` keeps, in help's order.
 pub fn names_of<T: Choice>(keep: impl Fn(T) -> bool) -> Vec<&'static str> {
     T::ALL

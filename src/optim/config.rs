@@ -4,7 +4,7 @@
 use crate::num::Num;
 use serde::{Deserialize, Serialize};
 
-use crate::choice::Choice;
+use crate::choice::{Choice, Takers};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -126,13 +126,9 @@ impl OptimizerKind {
     }
 }
 
-/// Option ids (a flag's name without `--`, `_` for `-`) and the update
-/// rules that take them.
-pub type RuleOption = (&'static [&'static str], fn(OptimizerKind) -> bool);
-
 /// The update rules' own options, each with the rules that take it: the
 /// one list that says which options an optimizer has a use for.
-pub const RULE_OPTIONS: &[RuleOption] = &[
+pub const RULE_OPTIONS: &[Takers<OptimizerKind>] = &[
     (&["momentum"], OptimizerKind::has_momentum),
     (&["nesterov"], |k| k == OptimizerKind::Sgd),
     (&["betas"], OptimizerKind::has_betas),

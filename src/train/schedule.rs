@@ -13,7 +13,7 @@ use crate::num::Num;
 use serde::{Deserialize, Serialize};
 
 use super::onecycle::Anneal;
-use crate::choice::Choice;
+use crate::choice::{Choice, Takers};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -98,14 +98,10 @@ impl Choice for SchedulerKind {
     }
 }
 
-/// Option ids (a flag's name without `--`, `_` for `-`) and the
-/// schedules that take them.
-pub type ScheduleOption = (&'static [&'static str], fn(SchedulerKind) -> bool);
-
 /// The schedules' own options, each with the schedules that take it: the
 /// one list that says which options a schedule has a use for (CyclicLR's
 /// `exp_range` mode takes `gamma` too).
-pub const SCHEDULE_OPTIONS: &[ScheduleOption] = &[
+pub const SCHEDULE_OPTIONS: &[Takers<SchedulerKind>] = &[
     (&["gamma"], |k| {
         matches!(
             k,
