@@ -8,12 +8,18 @@ mod cmd;
 use std::any::Any;
 use std::io;
 use std::panic;
-use std::process::ExitCode;
 use std::sync::Mutex;
 
 use clap::error::ErrorKind;
 
-fn main() -> ExitCode {
+fn main() {
+    let code = run();
+    vggctl::shim::exit_now(code)
+}
+
+/// The command's exit status: 0, 1 for a failure while running, 2 for a
+/// command line that cannot work, 128 + the signal that stopped a run.
+fn run() -> u8 {
     vggctl::data::stream::set_loader_hooks(vggctl::data::stream::LoaderHooks {
         worker_setup: vggctl::shim::data_worker_setup,
         new_batch: vggctl::shim::filled_u8,
@@ -40,14 +46,14 @@ fn main() -> ExitCode {
                 "vggctl: error: {}",
                 panic_line(payload.as_ref(), at)
             ));
-            return ExitCode::from(1);
+            return 1;
         }
     };
     match outcome {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => 0,
         Err(err) => {
             if is_broken_pipe(&err) {
-                return ExitCode::SUCCESS;
+                return 0;
             }
             // One of several ranks says which it is; only rank 0 tells how to resume.
             let joined = vggctl::dist::joined();
@@ -58,21 +64,21 @@ fn main() -> ExitCode {
                 }
                 // 128 + the signal, as a shell reports a process it killed.
                 let sig = vggctl::shim::stop_signal().unwrap_or(2);
-                return ExitCode::from(128 + sig as u8);
+                return 128 + sig as u8;
             }
             // --nproc-per-node: the ranks have spoken; exit as the failed one.
             if let Some(f) = err.downcast_ref::<cmd::RanksFailed>() {
                 if let Some(m) = &f.message {
                     cmd::say(&format!("vggctl: error: {m}"));
                 }
-                return ExitCode::from(f.code);
+                return f.code;
             }
             cmd::say(&format!("vggctl{who}: error: {}", one_line(&err)));
             // 2 for a command line that cannot work, as clap's own errors;
             // 1 for everything that failed while running.
             match err.downcast_ref::<cmd::Usage>() {
-                Some(_) => ExitCode::from(2),
-                None => ExitCode::from(1),
+                Some(_) => 2,
+                None => 1,
             }
         }
     }
@@ -134,7 +140,7 @@ fn one_line(err: &anyhow::Error) -> String {
 
 /// Help and version go to stdout as clap writes them; a usage error becomes
 /// one line (clap's own message spans several) and exit code 2.
-fn usage_error(e: clap::Error) -> ExitCode {
+fn usage_error(e: clap::Error) -> u8 {
     if matches!(
         e.kind(),
         ErrorKind::DisplayHelp
@@ -142,7 +148,7 @@ fn usage_error(e: clap::Error) -> ExitCode {
             | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
     ) {
         let _ = e.print();
-        return ExitCode::SUCCESS;
+        return 0;
     }
     let text = e.render().to_string();
     let mut lines = text.lines().map(str::trim_end);
@@ -181,5 +187,5 @@ fn usage_error(e: clap::Error) -> ExitCode {
         None => "vggctl --help".to_string(),
     };
     cmd::say(&format!("vggctl: error: {message}; see '{help}'"));
-    ExitCode::from(2)
+    2
 }
