@@ -11,7 +11,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use tch::{Device, Kind};
 use vggctl::formats::pth::{parse_pth, read_pth};
-use vggctl::formats::safetensors::read_safetensors;
+use vggctl::formats::safetensors::{read_safetensors, tensor_bytes};
 use vggctl::model::{Arch, Head, ModelSpec, Vgg};
 
 fn pth_dir() -> std::path::PathBuf {
@@ -427,4 +427,113 @@ fn zip_checksums_and_the_total_inflated_size_are_enforced() {
     );
     let e = err_of(&bomb);
     assert!(e.contains("with its other members"), "{e}");
+}
+
+/// `read_pth` reads a file a storage at a time (a zip member by member, a
+/// legacy file's storages after its pickles; pickles past the first MiB
+/// make it read the file whole): whatever the file, it gives what
+/// `parse_pth` gives for the same bytes — the same tensors, or the same
+/// error. Good files of both formats, a legacy file whose pickles end past
+/// 1 MiB, truncations, a storage claiming more than the file holds, and
+/// 300 mutations of each small file.
+#[test]
+fn a_file_read_a_storage_at_a_time_is_its_bytes_parsed() {
+    let tmp = common::tempdir();
+    let legacy = std::fs::read(pth_dir().join("views.legacy.pth")).unwrap();
+    let zipped = std::fs::read(pth_dir().join("views.zip.pth")).unwrap();
+    // The system-information pickle padded with a 2 MiB string.
+    let head = MAGIC.len() + PROTO_1001.len();
+    assert_eq!(&legacy[..head], [MAGIC, PROTO_1001].concat());
+    let sys_end = head + legacy[head..].iter().position(|&b| b == b'.').unwrap() + 1;
+    let pad = vec![b'p'; 2 << 20];
+    let mut sys = b"\x80\x02}(X\x0d\x00\x00\x00little_endian\x88X\x03\x00\x00\x00padX".to_vec();
+    sys.extend_from_slice(&(pad.len() as u32).to_le_bytes());
+    sys.extend_from_slice(&pad);
+    sys.extend_from_slice(b"u.");
+    let padded = [&legacy[..head], &sys, &legacy[sys_end..]].concat();
+    let mut cases: Vec<(String, Vec<u8>)> = vec![
+        ("legacy".into(), legacy.clone()),
+        ("zip".into(), zipped.clone()),
+        ("padded".into(), padded.clone()),
+        (
+            "cifar".into(),
+            std::fs::read(pth_dir().join("vgg11-cifar.legacy.pth")).unwrap(),
+        ),
+        (
+            "checkpoint".into(),
+            std::fs::read(pth_dir().join("checkpoint.legacy.pth")).unwrap(),
+        ),
+    ];
+    for (name, src) in [("legacy", &legacy), ("zip", &zipped), ("padded", &padded)] {
+        for cut in [10, 40, src.len() / 2, src.len() - 3] {
+            cases.push((format!("{name} cut at {cut}"), src[..cut].to_vec()));
+        }
+    }
+    let count48 = b"\x30\0\0\0\0\0\0\0\0\0\0\0\0\0\x80\x3f";
+    for (name, src) in [("legacy", &legacy), ("padded", &padded)] {
+        let at = src
+            .windows(count48.len())
+            .position(|w| w == count48)
+            .unwrap();
+        let mut huge = src.clone();
+        huge[at..at + 8].copy_from_slice(&(1u64 << 60).to_le_bytes());
+        cases.push((format!("{name} with a huge storage"), huge));
+    }
+    let mut rng = common::Rng(0x2545_F491_4F6C_DD1D);
+    for (name, src) in [("legacy", &legacy), ("zip", &zipped)] {
+        for i in 0..300 {
+            cases.push((
+                format!("{name} mutation {i}"),
+                common::mutate(&mut rng, src),
+            ));
+        }
+    }
+    let path = tmp.path().join("m.pth");
+    let (mut same_ok, mut same_err) = (0, 0);
+    for (name, bytes) in &cases {
+        std::fs::write(&path, bytes).unwrap();
+        match (parse_pth(bytes), read_pth(&path)) {
+            (Ok(want), Ok(got)) => {
+                assert_eq!(
+                    got.keys().collect::<Vec<_>>(),
+                    want.keys().collect::<Vec<_>>(),
+                    "{name}"
+                );
+                for (k, t) in &want {
+                    assert_eq!(got[k].kind(), t.kind(), "{name} {k}");
+                    // Bit for bit (a mutation may make NaNs).
+                    assert!(tensor_bytes(&got[k]) == tensor_bytes(t), "{name} {k}");
+                }
+                same_ok += 1;
+            }
+            (Err(want), Err(got)) => {
+                let (want, got) = (format!("{want:#}"), format!("{got:#}"));
+                let prefix = format!("reading {}: ", path.display());
+                assert_eq!(
+                    got.strip_prefix(&prefix),
+                    Some(want.as_str()),
+                    "{name}: {got}"
+                );
+                same_err += 1;
+            }
+            (want, got) => panic!(
+                "{name}: parse_pth {:?}, read_pth {:?}",
+                want.is_ok(),
+                got.is_ok()
+            ),
+        }
+    }
+    // The padded file is read (its pickles past the first MiB), and both
+    // outcomes occur among the mutations.
+    assert!(
+        read_pth(&{
+            std::fs::write(&path, &padded).unwrap();
+            path.clone()
+        })
+        .is_ok()
+    );
+    assert!(
+        same_ok > 5 && same_err > 12,
+        "ok {same_ok}, refused {same_err}"
+    );
 }

@@ -9,7 +9,7 @@
 //! bytes the file actually holds before anything is allocated.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{Cursor, Read};
+use std::io::{BufReader, Cursor, Read, Seek, SeekFrom};
 use std::path::Path;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -121,18 +121,57 @@ fn storage_ref(pid: &Value) -> Result<StorageRef> {
     })
 }
 
-/// Raw bytes of every storage, by key, already checked against the file.
-type Storages = HashMap<String, (Kind, Vec<u8>)>;
+/// Every storage, by key, as a flat tensor of its elements, already
+/// checked against the file.
+type Storages = HashMap<String, Tensor>;
 
-/// Reads a state dict (tensors by name) from a `torch.save` file of either format.
+const ZIP_MAGIC: &[u8] = b"PK\x03\x04";
+
+/// How much of a legacy file's start is read for its pickles at first.
+const LEGACY_HEAD_BYTES: u64 = 1 << 20;
+
+/// Reads a state dict (tensors by name) from a `torch.save` file of either
+/// format, a storage at a time, so that at most one storage's bytes are in
+/// memory beside the tensors (the whole file, then every storage's bytes,
+/// then the tensors were three copies of a 0.5 GB model): a zip archive
+/// member by member, a legacy file storage by storage after the pickles at
+/// its start (a file whose pickles do not fit its first MiB is read whole,
+/// as `parse_pth` reads bytes).
 pub fn read_pth(path: &Path) -> Result<BTreeMap<String, Tensor>> {
+    let (file, len) = crate::fsutil::open_regular(path, "a torch.save file", MAX_FILE)?;
+    let mut file = file.into_inner();
+    let read = || format!("reading {}", path.display());
+    let mut magic = Vec::with_capacity(ZIP_MAGIC.len());
+    (&mut file)
+        .take(ZIP_MAGIC.len() as u64)
+        .read_to_end(&mut magic)
+        .with_context(read)?;
+    file.seek(SeekFrom::Start(0)).with_context(read)?;
+    if magic == ZIP_MAGIC {
+        return parse_zip(BufReader::new(file), len).with_context(read);
+    }
+    // A legacy file's pickles are small: from its first MiB where they fit.
+    let mut start = Vec::new();
+    (&mut file)
+        .take(LEGACY_HEAD_BYTES)
+        .read_to_end(&mut start)
+        .with_context(read)?;
+    if start.starts_with(LEGACY_MAGIC)
+        && let Ok(head) = legacy_head(&start)
+    {
+        let at = head.storages_at as u64;
+        file.seek(SeekFrom::Start(at)).with_context(read)?;
+        return legacy_state_dict(head, &mut BufReader::new(file), len.saturating_sub(at))
+            .with_context(read);
+    }
+    drop(file);
     let bytes = crate::fsutil::read_regular(path, "a torch.save file", MAX_FILE)?;
-    parse_pth(&bytes).with_context(|| format!("reading {}", path.display()))
+    parse_pth(&bytes).with_context(read)
 }
 
 pub fn parse_pth(bytes: &[u8]) -> Result<BTreeMap<String, Tensor>> {
-    if bytes.starts_with(b"PK\x03\x04") {
-        parse_zip(bytes)
+    if bytes.starts_with(ZIP_MAGIC) {
+        parse_zip(Cursor::new(bytes), bytes.len() as u64)
     } else if bytes.starts_with(LEGACY_MAGIC) {
         parse_legacy(bytes)
     } else if bytes.starts_with(b"\x80") {
@@ -147,8 +186,10 @@ pub fn parse_pth(bytes: &[u8]) -> Result<BTreeMap<String, Tensor>> {
     }
 }
 
-fn parse_zip(bytes: &[u8]) -> Result<BTreeMap<String, Tensor>> {
-    let mut zip = zip::ZipArchive::new(Cursor::new(bytes)).context("not a valid zip archive")?;
+/// A zip archive of `len` bytes, as torch.save writes it.
+fn parse_zip<R: Read + Seek>(reader: R, len: u64) -> Result<BTreeMap<String, Tensor>> {
+    let archive_len = usize::try_from(len)?;
+    let mut zip = zip::ZipArchive::new(reader).context("not a valid zip archive")?;
     let pkl_name = zip
         .file_names()
         .filter_map(|n| n.ok().map(|n| n.into_owned()))
@@ -162,8 +203,8 @@ fn parse_zip(bytes: &[u8]) -> Result<BTreeMap<String, Tensor>> {
             bail!("big-endian torch.save files are not supported");
         }
     }
-    let mut budget = (bytes.len() as u64).saturating_mul(64);
-    let pkl = read_member(&mut zip, &pkl_name, bytes.len(), &mut budget)?;
+    let mut budget = len.saturating_mul(64);
+    let pkl = read_member(&mut zip, &pkl_name, archive_len, &mut budget)?;
     let obj = Unpickler::new(&pkl, &ALLOW).load().context("data.pkl")?;
     let mut refs = Vec::new();
     collect_refs(&obj, &mut refs)?;
@@ -173,7 +214,7 @@ fn parse_zip(bytes: &[u8]) -> Result<BTreeMap<String, Tensor>> {
             continue;
         }
         let name = format!("{prefix}data/{}", r.key);
-        let data = read_member(&mut zip, &name, bytes.len(), &mut budget)
+        let data = read_member(&mut zip, &name, archive_len, &mut budget)
             .with_context(|| format!("storage {} is missing", r.key))?;
         let need = r
             .numel
@@ -186,7 +227,10 @@ fn parse_zip(bytes: &[u8]) -> Result<BTreeMap<String, Tensor>> {
                 data.len()
             );
         }
-        storages.insert(r.key.clone(), (r.kind, data));
+        let n = data.len() / r.kind.elt_size_in_bytes();
+        let t =
+            Tensor::f_from_data_size(&data[..n * r.kind.elt_size_in_bytes()], &[n as i64], r.kind)?;
+        storages.insert(r.key.clone(), t);
     }
     state_dict(&obj, &storages)
 }
@@ -194,8 +238,8 @@ fn parse_zip(bytes: &[u8]) -> Result<BTreeMap<String, Tensor>> {
 /// Reads one zip member, refusing members that claim more than the archive
 /// holds, and more in all than `budget` (what is left of 64 times the
 /// archive's size: 40 members of 96 MiB of zeros each fit in 4 MB).
-fn read_member(
-    zip: &mut zip::ZipArchive<Cursor<&[u8]>>,
+fn read_member<R: Read + Seek>(
+    zip: &mut zip::ZipArchive<R>,
     name: &str,
     archive_len: usize,
     budget: &mut u64,
@@ -232,6 +276,23 @@ fn read_member(
 }
 
 fn parse_legacy(bytes: &[u8]) -> Result<BTreeMap<String, Tensor>> {
+    let head = legacy_head(bytes)?;
+    let rest = &bytes[head.storages_at..];
+    legacy_state_dict(head, &mut Cursor::new(rest), rest.len() as u64)
+}
+
+/// The legacy format's pickles: what a file holds before its storages.
+struct LegacyHead {
+    obj: Value,
+    keys: Vec<String>,
+    /// Where the storages begin, from the start of the file.
+    storages_at: usize,
+}
+
+/// The pickles at the start of `bytes`, a legacy file or as much of its
+/// start as holds them (they end before the first storage: a prefix that
+/// cuts them fails to parse, one that holds them parses as the whole file).
+fn legacy_head(bytes: &[u8]) -> Result<LegacyHead> {
     let rest = &bytes[LEGACY_MAGIC.len()..];
     let mut up = Unpickler::new(rest, &ALLOW);
     let protocol = up.load().context("legacy header")?;
@@ -251,40 +312,59 @@ fn parse_legacy(bytes: &[u8]) -> Result<BTreeMap<String, Tensor>> {
         .items()
         .and_then(|k| k.iter().map(|v| v.as_text()).collect())
         .ok_or_else(|| anyhow!("the storage key list is not a list of strings"))?;
+    Ok(LegacyHead {
+        obj,
+        keys,
+        storages_at: LEGACY_MAGIC.len() + up.position(),
+    })
+}
+
+/// The state dict of a legacy file whose storages `r` reads, `avail` bytes
+/// of them: each an element count (8 bytes) and the elements, in the order
+/// of the key list, each made a tensor as it is read.
+fn legacy_state_dict(
+    head: LegacyHead,
+    r: &mut impl Read,
+    mut avail: u64,
+) -> Result<BTreeMap<String, Tensor>> {
     let mut refs = Vec::new();
-    collect_refs(&obj, &mut refs)?;
+    collect_refs(&head.obj, &mut refs)?;
     let kinds: HashMap<&str, &StorageRef> = refs.iter().map(|r| (r.key.as_str(), r)).collect();
-    let mut pos = up.position();
     let mut storages: Storages = HashMap::new();
-    for key in &keys {
-        let r = kinds
+    let mut buf = Vec::new();
+    for key in &head.keys {
+        let sref = kinds
             .get(key.as_str())
             .ok_or_else(|| anyhow!("storage {key} is listed but never used"))?;
-        let count_bytes = rest
-            .get(pos..pos + 8)
-            .ok_or_else(|| anyhow!("file truncated before storage {key}"))?;
-        let count = u64::from_le_bytes(count_bytes.try_into()?);
-        pos += 8;
-        let elt = r.kind.elt_size_in_bytes() as u64;
-        let avail = (rest.len() - pos) as u64;
+        let mut count_bytes = [0u8; 8];
+        if avail < 8 || r.read_exact(&mut count_bytes).is_err() {
+            bail!("file truncated before storage {key}");
+        }
+        let count = u64::from_le_bytes(count_bytes);
+        avail -= 8;
+        let elt = sref.kind.elt_size_in_bytes() as u64;
         let need = count.checked_mul(elt).filter(|&n| n <= avail).ok_or_else(|| {
             anyhow!("storage {key} claims {count} elements, more than the {avail} bytes left in the file")
-        })? as usize;
-        if (count as usize) < r.numel {
+        })?;
+        if (count as usize) < sref.numel {
             bail!(
                 "storage {key} holds {count} elements, its tensors need {}",
-                r.numel
+                sref.numel
             );
         }
-        storages.insert(key.clone(), (r.kind, rest[pos..pos + need].to_vec()));
-        pos += need;
+        buf.resize(need as usize, 0);
+        r.read_exact(&mut buf)
+            .with_context(|| format!("file truncated in storage {key}"))?;
+        let t = Tensor::f_from_data_size(&buf, &[count as i64], sref.kind)?;
+        storages.insert(key.clone(), t);
+        avail -= need;
     }
     for r in &refs {
         if !storages.contains_key(&r.key) {
             bail!("storage {} is used but not stored", r.key);
         }
     }
-    state_dict(&obj, &storages)
+    state_dict(&head.obj, &storages)
 }
 
 /// Finds every storage a value refers to: an explicit stack, and each
@@ -314,7 +394,7 @@ fn sizes(v: &Value, what: &str) -> Result<Vec<i64>> {
 
 /// Rebuilds one tensor from `_rebuild_tensor_v2(storage, offset, size, stride, ...)`
 /// (or its wrappers), checking that every element lies inside the storage.
-fn tensor(v: &Value, storages: &Storages, cache: &mut HashMap<String, Tensor>) -> Result<Tensor> {
+fn tensor(v: &Value, storages: &Storages) -> Result<Tensor> {
     let call = v
         .call()
         .ok_or_else(|| anyhow!("expected a tensor, found {}", v.type_name()))?;
@@ -324,7 +404,7 @@ fn tensor(v: &Value, storages: &Storages, cache: &mut HashMap<String, Tensor>) -
                 .args
                 .first()
                 .ok_or_else(|| anyhow!("_rebuild_parameter without data"))?;
-            tensor(inner, storages, cache)
+            tensor(inner, storages)
         }
         "_rebuild_from_type_v2" => {
             // (func, type, args, state): func rebuilds the tensor from args.
@@ -340,7 +420,7 @@ fn tensor(v: &Value, storages: &Storages, cache: &mut HashMap<String, Tensor>) -
                     state: None,
                 },
             )));
-            tensor(&inner, storages, cache)
+            tensor(&inner, storages)
         }
         "_rebuild_tensor_v2" | "_rebuild_tensor" => {
             let [pid, offset, size, stride, ..] = call.args.as_slice() else {
@@ -349,7 +429,7 @@ fn tensor(v: &Value, storages: &Storages, cache: &mut HashMap<String, Tensor>) -
             let Value::PersistentId(pid) = pid else {
                 bail!("tensor without a storage")
             };
-            rebuild_view(&storage_ref(pid)?, offset, size, stride, storages, cache)
+            rebuild_view(&storage_ref(pid)?, offset, size, stride, storages)
         }
         other => bail!("expected a tensor, found {}.{}", call.module, other),
     }
@@ -363,22 +443,8 @@ fn rebuild_view(
     size: &Value,
     stride: &Value,
     storages: &Storages,
-    cache: &mut HashMap<String, Tensor>,
 ) -> Result<Tensor> {
-    let (kind, data) = &storages[&r.key];
-    let base = match cache.get(&r.key) {
-        Some(t) => t.shallow_clone(),
-        None => {
-            let n = (data.len() / kind.elt_size_in_bytes()) as i64;
-            let t = Tensor::f_from_data_size(
-                &data[..n as usize * kind.elt_size_in_bytes()],
-                &[n],
-                *kind,
-            )?;
-            cache.insert(r.key.clone(), t.shallow_clone());
-            t
-        }
-    };
+    let base = &storages[&r.key];
     let (view_off, view_len) = r.view.unwrap_or((0, r.numel));
     let offset = offset
         .as_int()
@@ -435,13 +501,12 @@ fn state_dict(obj: &Value, storages: &Storages) -> Result<BTreeMap<String, Tenso
             .collect();
         bail!("no state dict found (top-level keys: {})", keys.join(", "));
     }
-    let mut cache = HashMap::new();
     let mut out = BTreeMap::new();
     for (k, v) in &entries {
         let name = k
             .as_text()
             .ok_or_else(|| anyhow!("state-dict key is not a string"))?;
-        let t = tensor(v, storages, &mut cache).with_context(|| format!("tensor {name}"))?;
+        let t = tensor(v, storages).with_context(|| format!("tensor {name}"))?;
         out.insert(name, t);
     }
     Ok(out)
