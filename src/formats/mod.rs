@@ -60,7 +60,7 @@ impl Sniffed {
     }
 
     /// A file of `len` bytes that begins with `start`.
-    fn of_start(start: &[u8], len: u64) -> Sniffed {
+    pub fn of_start(start: &[u8], len: u64) -> Sniffed {
         let bytes = start;
         let header_len = bytes
             .get(..8)
