@@ -287,6 +287,41 @@ mod tests {
         Some((tensors, header.metadata().clone().unwrap_or_default()))
     }
 
+    /// `good`, one byte longer, truncated, and 3,000 mutations of it.
+    fn damaged(good: &[u8]) -> Vec<Vec<u8>> {
+        let header_end = 8 + u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
+        let mut cases: Vec<Vec<u8>> = vec![good.to_vec(), [good, b"x"].concat()];
+        cases.extend(
+            [0, 7, 8, 9, header_end - 1, header_end, good.len() - 1].map(|c| good[..c].to_vec()),
+        );
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = |below: usize| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % below as u64) as usize
+        };
+        for i in 0..3000 {
+            let mut m = good.to_vec();
+            for _ in 0..1 + next(3) {
+                let at = if i % 2 == 0 {
+                    next(header_end)
+                } else {
+                    next(m.len())
+                };
+                // In the data, only changed bytes: the file stays readable.
+                match next(if i % 2 == 0 { 4 } else { 2 }) {
+                    0 => m[at] ^= 1 << next(8),
+                    1 => m[at] = b"0123456789[]{},:\" \\"[next(17)],
+                    2 => _ = m.remove(at.min(m.len() - 1)),
+                    _ => m.insert(at, m[at]),
+                }
+            }
+            cases.push(m);
+        }
+        cases
+    }
+
     /// A file read a tensor at a time (from the file, and from its bytes)
     /// holds what the safetensors crate reads from the same bytes, and is
     /// refused where the crate refuses it (or where it holds a dtype vggctl
@@ -311,37 +346,7 @@ mod tests {
         let path = dir.path().join("t.safetensors");
         write_safetensors(&path, &tensors, &metadata).unwrap();
         let good = std::fs::read(&path).unwrap();
-        let header_end = 8 + u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
-
-        let mut cases: Vec<Vec<u8>> = vec![good.clone(), [&good[..], b"x"].concat()];
-        cases.extend(
-            [0, 7, 8, 9, header_end - 1, header_end, good.len() - 1].map(|c| good[..c].to_vec()),
-        );
-        let mut x = 0x9E37_79B9_7F4A_7C15u64;
-        let mut next = |below: usize| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x % below as u64) as usize
-        };
-        for i in 0..3000 {
-            let mut m = good.clone();
-            for _ in 0..1 + next(3) {
-                let at = if i % 2 == 0 {
-                    next(header_end)
-                } else {
-                    next(m.len())
-                };
-                // In the data, only changed bytes: the file stays readable.
-                match next(if i % 2 == 0 { 4 } else { 2 }) {
-                    0 => m[at] ^= 1 << next(8),
-                    1 => m[at] = b"0123456789[]{},:\" \\"[next(17)],
-                    2 => _ = m.remove(at.min(m.len() - 1)),
-                    _ => m.insert(at, m[at]),
-                }
-            }
-            cases.push(m);
-        }
+        let cases = damaged(&good);
         let (mut read, mut refused) = (0, 0);
         for bytes in &cases {
             let ours = parse_safetensors(bytes);
